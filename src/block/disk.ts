@@ -1,0 +1,236 @@
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { limits } from '../core/limits.js';
+import { ColoError, RestoreError, UsageError } from '../core/errors.js';
+import * as v from '../core/validate.js';
+
+const blockBytes = limits.diskBlockBytes;
+
+/** Errors the guest sees as errno values rather than as host failures. */
+export class DiskIoError extends ColoError {}
+
+/**
+ * Everything a thread needs to attach to a disk: file descriptors are process-wide and the
+ * maps are SharedArrayBuffers, so the vCPU worker, the main thread and migration workers all
+ * see one disk.
+ */
+export interface DiskSpec {
+  imagePath: string;
+  imageFd: number;
+  sizeBytes: number;
+  /** Writes go to a private overlay; the image is never written. */
+  snapshot: boolean;
+  overlayFd: number | null;
+  /** One byte per block: 1 = the block's current content is in the overlay. */
+  presentMap: SharedArrayBuffer;
+  /** One byte per block: 1 = written since the dirty log was last collected. */
+  dirtyMap: SharedArrayBuffer;
+}
+
+export interface DiskOverlayState {
+  sizeBytes: number;
+  blocks: number[];
+  data: Uint8Array;
+}
+
+/**
+ * The VM's disk (guest fd 4): a raw image of 4 KiB blocks. In snapshot mode the writes go to
+ * an unlinked temporary overlay file, so the image stays byte-for-byte unchanged and nothing
+ * is left behind when the process dies.
+ */
+export class Disk {
+  readonly spec: DiskSpec;
+  private readonly present: Uint8Array;
+  private readonly dirty: Uint8Array;
+  private readonly scratch = Buffer.alloc(blockBytes);
+
+  private constructor(spec: DiskSpec) {
+    this.spec = spec;
+    this.present = new Uint8Array(spec.presentMap);
+    this.dirty = new Uint8Array(spec.dirtyMap);
+  }
+
+  /** Open an image (main thread). */
+  static open(imagePath: string, opts: { snapshot: boolean }): Disk {
+    let imageFd: number;
+    try {
+      imageFd = fs.openSync(imagePath, opts.snapshot ? 'r' : 'r+');
+    } catch (err) {
+      throw new UsageError('DRIVE_OPEN', `cannot open drive '${imagePath}': ${(err as Error).message}`);
+    }
+    const sizeBytes = fs.fstatSync(imageFd).size;
+    if (sizeBytes > limits.diskBytesMax) {
+      fs.closeSync(imageFd);
+      throw new UsageError('DRIVE_SIZE', `drive '${imagePath}' is ${sizeBytes} bytes, above the limit of ${limits.diskBytesMax}`);
+    }
+    let overlayFd: number | null = null;
+    if (opts.snapshot) {
+      const overlayPath = path.join(os.tmpdir(), `colo-overlay-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
+      overlayFd = fs.openSync(overlayPath, 'w+');
+      fs.unlinkSync(overlayPath);
+    }
+    const blocks = Math.ceil(sizeBytes / blockBytes);
+    return new Disk({
+      imagePath,
+      imageFd,
+      sizeBytes,
+      snapshot: opts.snapshot,
+      overlayFd,
+      presentMap: new SharedArrayBuffer(Math.max(1, blocks)),
+      dirtyMap: new SharedArrayBuffer(Math.max(1, blocks)),
+    });
+  }
+
+  /** Attach to a disk opened by another thread of this process. */
+  static attach(spec: DiskSpec): Disk {
+    return new Disk(spec);
+  }
+
+  get sizeBytes(): number {
+    return this.spec.sizeBytes;
+  }
+
+  get blockCount(): number {
+    return Math.ceil(this.spec.sizeBytes / blockBytes);
+  }
+
+  /** Read at a byte offset; returns bytes read (short at the end of the disk). */
+  read(into: Uint8Array, offset: number): number {
+    const end = Math.min(offset + into.byteLength, this.spec.sizeBytes);
+    let at = offset;
+    while (at < end) {
+      const block = Math.floor(at / blockBytes);
+      const inBlock = at - block * blockBytes;
+      const n = Math.min(blockBytes - inBlock, end - at);
+      const fd = this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
+      readFull(fd, into.subarray(at - offset, at - offset + n), at);
+      at += n;
+    }
+    return Math.max(0, end - offset);
+  }
+
+  /** Write at a byte offset; the whole range must lie inside the disk. */
+  write(data: Uint8Array, offset: number): number {
+    if (offset + data.byteLength > this.spec.sizeBytes) {
+      throw new DiskIoError('DISK_BOUNDS', `write of ${data.byteLength} bytes at ${offset} goes past the end of the disk (${this.spec.sizeBytes} bytes)`);
+    }
+    let at = offset;
+    const end = offset + data.byteLength;
+    while (at < end) {
+      const block = Math.floor(at / blockBytes);
+      const inBlock = at - block * blockBytes;
+      const n = Math.min(blockBytes - inBlock, end - at);
+      const chunk = data.subarray(at - offset, at - offset + n);
+      if (this.spec.snapshot) {
+        if (this.present[block] !== 1 && n < blockBytes) {
+          // Partial write of a block not yet in the overlay: copy it up first.
+          this.readBlock(block, this.scratch);
+          this.scratch.set(chunk, inBlock);
+          writeFull(this.spec.overlayFd!, this.scratch.subarray(0, this.blockLength(block)), block * blockBytes);
+        } else {
+          writeFull(this.spec.overlayFd!, chunk, at);
+        }
+        this.present[block] = 1;
+      } else {
+        writeFull(this.spec.imageFd, chunk, at);
+      }
+      this.dirty[block] = 1;
+      at += n;
+    }
+    return data.byteLength;
+  }
+
+  sync(): void {
+    fs.fsyncSync(this.spec.snapshot ? this.spec.overlayFd! : this.spec.imageFd);
+  }
+
+  /** Bytes of this block inside the disk (the last block may be short). */
+  blockLength(block: number): number {
+    return Math.min(blockBytes, this.spec.sizeBytes - block * blockBytes);
+  }
+
+  readBlock(block: number, into: Uint8Array): void {
+    const len = this.blockLength(block);
+    const fd = this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
+    readFull(fd, into.subarray(0, len), block * blockBytes);
+  }
+
+  /** Write a whole block as received from a migration source or checkpoint (not marked dirty). */
+  writeBlock(block: number, data: Uint8Array): void {
+    if (block >= this.blockCount) throw new DiskIoError('DISK_BOUNDS', `block ${block} is past the end of the disk (${this.blockCount} blocks)`);
+    const len = this.blockLength(block);
+    if (this.spec.snapshot) {
+      writeFull(this.spec.overlayFd!, data.subarray(0, len), block * blockBytes);
+      this.present[block] = 1;
+    } else {
+      writeFull(this.spec.imageFd, data.subarray(0, len), block * blockBytes);
+    }
+  }
+
+  /** Blocks written since the last call; clears the log. */
+  collectDirty(): number[] {
+    const out: number[] = [];
+    const d = this.dirty;
+    for (let i = 0; i < d.length; i++) {
+      if (d[i] === 1) {
+        d[i] = 0;
+        out.push(i);
+      }
+    }
+    return out;
+  }
+
+  /** Mark every block dirty (the first round of a storage migration). */
+  markAllDirty(): void {
+    this.dirty.fill(1);
+  }
+
+  /** Blocks currently held in the overlay (snapshot mode). */
+  overlayBlocks(): number[] {
+    const out: number[] = [];
+    for (let i = 0; i < this.present.length; i++) if (this.present[i] === 1) out.push(i);
+    return out;
+  }
+
+  close(): void {
+    for (const fd of [this.spec.imageFd, this.spec.overlayFd]) {
+      if (fd === null) continue;
+      try {
+        fs.closeSync(fd);
+      } catch {
+        // already closed by another owner of the spec
+      }
+    }
+  }
+
+  /** Validate a saved overlay against this disk. */
+  checkOverlay(raw: unknown): { blocks: number[] } {
+    const s = v.record(raw, 'disk');
+    const size = v.uint(s.sizeBytes, 'disk.sizeBytes');
+    if (size !== this.spec.sizeBytes) {
+      throw new RestoreError('STATE_DISK', `disk size ${size} in the state differs from the drive's ${this.spec.sizeBytes} bytes`);
+    }
+    const blocks = v.array(s.blocks, 'disk.blocks', this.blockCount).map((b, i) => v.uint(b, `disk.blocks[${i}]`, this.blockCount - 1));
+    return { blocks };
+  }
+}
+
+function readFull(fd: number, into: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < into.byteLength) {
+    const n = fs.readSync(fd, into, done, into.byteLength - done, position + done);
+    if (n === 0) {
+      into.fill(0, done); // a sparse or short overlay/image reads as zeros
+      return;
+    }
+    done += n;
+  }
+}
+
+function writeFull(fd: number, data: Uint8Array, position: number): void {
+  let done = 0;
+  while (done < data.byteLength) {
+    done += fs.writeSync(fd, data, done, data.byteLength - done, position + done);
+  }
+}

@@ -1,0 +1,53 @@
+import { ColoError, errorMessage } from '../core/errors.js';
+import { logger, setLogNode } from '../core/log.js';
+import { QmpServer } from '../control/qmp-server.js';
+import { registerCommands } from '../control/commands.js';
+import { Vm } from '../control/vm.js';
+import { parseRunArgs } from './options.js';
+
+const log = logger('run');
+
+/** `colo run GUEST.wasm [options]`: one VM in this process, as one qemu-system process. */
+export async function runCommand(argv: string[]): Promise<number> {
+  const opts = parseRunArgs(argv);
+  if (opts.name !== null) setLogNode(opts.name);
+  let vm: Vm;
+  try {
+    vm = await Vm.create(opts);
+  } catch (err) {
+    if (err instanceof ColoError) {
+      process.stderr.write(`colo run: ${err.message}\n`);
+      return 1;
+    }
+    throw err;
+  }
+  let qmp: QmpServer | null = null;
+  let resolveExit!: (code: number) => void;
+  const exited = new Promise<number>((r) => (resolveExit = r));
+  const shutdown = async (code: number): Promise<void> => {
+    await qmp?.close();
+    await vm.destroy();
+    resolveExit(code);
+  };
+  vm.on('quit', (code: number) => void shutdown(code));
+  try {
+    if (opts.qmp !== null) {
+      qmp = new QmpServer();
+      registerCommands(qmp, vm);
+      vm.on('qmp-event', (name: string, data?: Record<string, unknown>) => qmp!.emit(name, data));
+      await qmp.listen(opts.qmp);
+    }
+    await vm.boot();
+  } catch (err) {
+    process.stderr.write(`colo run: ${errorMessage(err)}\n`);
+    await shutdown(1);
+    return exited;
+  }
+  const onSignal = (sig: string): void => {
+    log.info(`${sig} received, quitting`);
+    vm.quit(0);
+  };
+  process.once('SIGINT', () => onSignal('SIGINT'));
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  return exited;
+}

@@ -1,0 +1,197 @@
+/**
+ * Socket addresses of the control plane, written the way QEMU writes them:
+ * `unix:PATH`, `tcp:HOST:PORT`, `tcp:[V6ADDR]:PORT`, `tcp::PORT` (all interfaces / localhost).
+ * QEMU's chardev suffixes `,server`, `,server=on`, `,nowait` and `,wait=off` are accepted and
+ * ignored, so `-qmp unix:/run/vm.qmp,server,nowait` muscle memory works.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import { ChannelClosedError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
+
+export type SocketAddress =
+  | { readonly kind: 'unix'; readonly path: string }
+  | { readonly kind: 'tcp'; readonly host: string; readonly port: number };
+
+/** Longest unix socket path Linux accepts (sun_path is 108 bytes with the terminating NUL). */
+export const unixPathBytesMax = 107;
+
+const ignoredOptions = new Set(['server', 'server=on', 'nowait', 'wait=off']);
+
+function bad(text: string, why: string): UsageError {
+  return new UsageError('BAD_ADDRESS', `bad address '${text}': ${why}`);
+}
+
+/** Parses `unix:PATH` or `tcp:HOST:PORT`; anything else is a UsageError with one clear line. */
+export function parseAddress(text: string): SocketAddress {
+  if (text.startsWith('unix:')) {
+    const parts = text.slice('unix:'.length).split(',');
+    while (parts.length > 1 && ignoredOptions.has(parts[parts.length - 1]!)) parts.pop();
+    const path = parts.join(',');
+    if (path === '') throw bad(text, 'the socket path is empty (expected unix:PATH)');
+    if (path.includes('\0')) throw bad(text, 'the socket path contains a NUL byte');
+    const bytes = Buffer.byteLength(path);
+    if (bytes > unixPathBytesMax) {
+      throw bad(text, `the socket path is ${bytes} bytes, longer than the ${unixPathBytesMax} a unix socket allows`);
+    }
+    return { kind: 'unix', path };
+  }
+  if (text.startsWith('tcp:')) {
+    const [hostPort, ...options] = text.slice('tcp:'.length).split(',');
+    for (const option of options) {
+      if (!ignoredOptions.has(option)) throw bad(text, `option '${option}' is not supported`);
+    }
+    let host: string;
+    let portText: string;
+    const rest = hostPort!;
+    if (rest.startsWith('[')) {
+      const close = rest.indexOf(']');
+      if (close < 0) throw bad(text, "missing ']' after the IPv6 address");
+      host = rest.slice(1, close);
+      if (host === '' || !net.isIPv6(host)) throw bad(text, `'${host}' is not an IPv6 address`);
+      if (rest[close + 1] !== ':') throw bad(text, 'expected :PORT after the IPv6 address');
+      portText = rest.slice(close + 2);
+    } else {
+      const colon = rest.lastIndexOf(':');
+      if (colon < 0) throw bad(text, 'expected tcp:HOST:PORT');
+      host = rest.slice(0, colon);
+      portText = rest.slice(colon + 1);
+      if (host.includes(':')) throw bad(text, 'an IPv6 host must be in brackets, as in tcp:[::1]:PORT');
+    }
+    if (!/^[0-9]{1,5}$/.test(portText) || Number(portText) > 65535) {
+      throw bad(text, `port '${portText}' is not a number in 0..65535`);
+    }
+    return { kind: 'tcp', host, port: Number(portText) };
+  }
+  throw bad(text, 'expected unix:PATH or tcp:HOST:PORT');
+}
+
+/** The canonical text of an address, as used in every message about it. */
+export function formatAddress(address: SocketAddress): string {
+  if (address.kind === 'unix') return `unix:${address.path}`;
+  const host = address.host.includes(':') ? `[${address.host}]` : address.host;
+  return `tcp:${host}:${address.port}`;
+}
+
+export function toAddress(address: SocketAddress | string): SocketAddress {
+  return typeof address === 'string' ? parseAddress(address) : address;
+}
+
+export interface Listener {
+  readonly server: net.Server;
+  /** The address actually bound (the real port when tcp port 0 was asked for). */
+  readonly address: SocketAddress;
+  /** Stops listening (existing connections are not touched) and removes the unix socket file. */
+  close(): Promise<void>;
+}
+
+/**
+ * Listens on `address`. A unix socket file left behind by a dead process is removed first; a
+ * live one (something accepts connections on it) or a file that is not a socket is refused.
+ * The socket file is unlinked when the server closes, if it is still ours.
+ */
+export async function listenOn(addressIn: SocketAddress | string, options: net.ServerOpts = {}): Promise<Listener> {
+  const address = toAddress(addressIn);
+  const text = formatAddress(address);
+  if (address.kind === 'unix') await removeStaleSocket(address.path, text);
+
+  const server = net.createServer(options);
+  await new Promise<void>((resolve, reject) => {
+    const onError = (err: Error): void => {
+      reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: ${err.message}`));
+    };
+    server.once('error', onError);
+    const done = (): void => {
+      server.off('error', onError);
+      resolve();
+    };
+    if (address.kind === 'unix') server.listen(address.path, done);
+    else if (address.host === '') server.listen(address.port, done);
+    else server.listen(address.port, address.host, done);
+  });
+
+  let bound: SocketAddress = address;
+  if (address.kind === 'unix') {
+    const ours = fs.statSync(address.path);
+    server.once('close', () => {
+      try {
+        const now = fs.lstatSync(address.path);
+        if (now.ino === ours.ino && now.dev === ours.dev) fs.unlinkSync(address.path);
+      } catch {
+        // Already gone (libuv unlinks it too): nothing to clean up.
+      }
+    });
+  } else {
+    const info = server.address();
+    if (info !== null && typeof info === 'object') bound = { kind: 'tcp', host: address.host, port: info.port };
+  }
+
+  let closing: Promise<void> | undefined;
+  return {
+    server,
+    address: bound,
+    close(): Promise<void> {
+      // The callback also runs (with an error) when the server was already closed.
+      closing ??= new Promise<void>((resolve) => server.close(() => resolve()));
+      return closing;
+    },
+  };
+}
+
+async function removeStaleSocket(path: string, text: string): Promise<void> {
+  let stat: fs.Stats;
+  try {
+    stat = fs.lstatSync(path);
+  } catch {
+    return; // nothing there
+  }
+  if (!stat.isSocket()) {
+    throw new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: the path exists and is not a socket`);
+  }
+  let live = false;
+  try {
+    const probe = await connectTo({ kind: 'unix', path }, 1000);
+    probe.destroy();
+    live = true;
+  } catch {
+    // ECONNREFUSED (or a probe timeout): nobody serves it, so it is stale.
+  }
+  if (live) throw new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: another process is listening on it`);
+  try {
+    fs.unlinkSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') {
+      throw new UsageError('ADDRESS_UNAVAILABLE', `cannot remove the stale socket ${text}: ${errorMessage(err)}`);
+    }
+  }
+}
+
+/**
+ * Connects to `address`; rejects with TimeoutError after `timeoutMs`, or with
+ * ChannelClosedError when the peer refuses or is not there (the cause holds the system error).
+ */
+export function connectTo(addressIn: SocketAddress | string, timeoutMs: number): Promise<net.Socket> {
+  const address = toAddress(addressIn);
+  const text = formatAddress(address);
+  return new Promise<net.Socket>((resolve, reject) => {
+    const socket =
+      address.kind === 'unix'
+        ? net.connect({ path: address.path })
+        : net.connect({ host: address.host === '' ? 'localhost' : address.host, port: address.port });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting to ${text}`));
+    }, timeoutMs);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      if (address.kind === 'tcp') socket.setNoDelay(true);
+      socket.off('error', onError);
+      resolve(socket);
+    });
+    const onError = (err: Error): void => {
+      clearTimeout(timer);
+      socket.destroy();
+      reject(new ChannelClosedError(`cannot connect to ${text}: ${err.message}`, { cause: err }));
+    };
+    socket.once('error', onError);
+  });
+}

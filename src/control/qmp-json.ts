@@ -1,0 +1,335 @@
+/**
+ * The JSON dialect of QMP.
+ *
+ * Input: RFC 8259 JSON plus QEMU's extension of single-quoted strings (QEMU's own COLO
+ * documentation writes `{'execute': 'migrate', ...}`), with a nesting bound and duplicate keys
+ * refused. Output: QEMU's layout (`{"return": {}, "id": 1}`: ", " and ": " separators) in pure
+ * ASCII (anything else is written as \uXXXX), one object per line ending in CRLF.
+ */
+
+export class JsonSyntaxError extends Error {
+  override name = 'JsonSyntaxError';
+}
+
+/** Parses one QMP JSON text. Throws JsonSyntaxError whose message fits after "JSON parse error, ". */
+export function parseQmpJson(text: string, depthMax: number): unknown {
+  const parser = new Parser(text, depthMax);
+  parser.skipSpace();
+  const value = parser.value(0);
+  parser.skipSpace();
+  if (parser.at < text.length) parser.fail('unexpected text after the value');
+  return value;
+}
+
+class Parser {
+  at = 0;
+  constructor(
+    private readonly text: string,
+    private readonly depthMax: number,
+  ) {}
+
+  fail(what: string): never {
+    throw new JsonSyntaxError(`${what} at offset ${this.at}`);
+  }
+
+  skipSpace(): void {
+    const t = this.text;
+    while (this.at < t.length) {
+      const c = t.charCodeAt(this.at);
+      if (c === 0x20 || c === 0x09 || c === 0x0a || c === 0x0d) this.at++;
+      else break;
+    }
+  }
+
+  value(depth: number): unknown {
+    const t = this.text;
+    if (this.at >= t.length) this.fail('expecting a value but the input ended');
+    const c = t[this.at]!;
+    if (c === '{') return this.object(depth + 1);
+    if (c === '[') return this.array(depth + 1);
+    if (c === '"' || c === "'") return this.string();
+    if (c === '-' || (c >= '0' && c <= '9')) return this.number();
+    const word = /^[A-Za-z_][A-Za-z0-9_]*/.exec(t.slice(this.at, this.at + 32));
+    if (word !== null) {
+      const w = word[0];
+      if (w === 'true' || w === 'false' || w === 'null') {
+        this.at += w.length;
+        return w === 'true' ? true : w === 'false' ? false : null;
+      }
+      this.fail(`invalid keyword '${w}'`);
+    }
+    this.fail(`unexpected character '${printable(c)}'`);
+  }
+
+  private enter(depth: number): void {
+    if (depth > this.depthMax) this.fail(`nesting deeper than ${this.depthMax} levels`);
+  }
+
+  private object(depth: number): Record<string, unknown> {
+    this.enter(depth);
+    this.at++; // {
+    const out: Record<string, unknown> = {};
+    const seen = new Set<string>();
+    this.skipSpace();
+    if (this.text[this.at] === '}') {
+      this.at++;
+      return out;
+    }
+    for (;;) {
+      this.skipSpace();
+      const q = this.text[this.at];
+      if (q !== '"' && q !== "'") this.fail('expecting a string key in an object');
+      const key = this.string();
+      if (seen.has(key)) this.fail(`duplicate key '${key}'`);
+      seen.add(key);
+      this.skipSpace();
+      if (this.text[this.at] !== ':') this.fail("expecting ':' after an object key");
+      this.at++;
+      this.skipSpace();
+      const v = this.value(depth);
+      // defineProperty so that a key named "__proto__" stays an ordinary member.
+      Object.defineProperty(out, key, { value: v, enumerable: true, writable: true, configurable: true });
+      this.skipSpace();
+      const sep = this.text[this.at];
+      if (sep === ',') {
+        this.at++;
+        continue;
+      }
+      if (sep === '}') {
+        this.at++;
+        return out;
+      }
+      this.fail(sep === undefined ? "expecting ',' or '}' but the input ended" : "expecting ',' or '}' in an object");
+    }
+  }
+
+  private array(depth: number): unknown[] {
+    this.enter(depth);
+    this.at++; // [
+    const out: unknown[] = [];
+    this.skipSpace();
+    if (this.text[this.at] === ']') {
+      this.at++;
+      return out;
+    }
+    for (;;) {
+      this.skipSpace();
+      out.push(this.value(depth));
+      this.skipSpace();
+      const sep = this.text[this.at];
+      if (sep === ',') {
+        this.at++;
+        continue;
+      }
+      if (sep === ']') {
+        this.at++;
+        return out;
+      }
+      this.fail(sep === undefined ? "expecting ',' or ']' but the input ended" : "expecting ',' or ']' in an array");
+    }
+  }
+
+  private string(): string {
+    const t = this.text;
+    const quote = t[this.at]!;
+    this.at++;
+    let out = '';
+    let runStart = this.at;
+    for (;;) {
+      if (this.at >= t.length) this.fail('unterminated string');
+      const c = t.charCodeAt(this.at);
+      if (c === quote.charCodeAt(0)) {
+        out += t.slice(runStart, this.at);
+        this.at++;
+        return out;
+      }
+      if (c < 0x20) this.fail('control character in a string');
+      if (c !== 0x5c) {
+        this.at++;
+        continue;
+      }
+      out += t.slice(runStart, this.at);
+      const e = t[this.at + 1];
+      this.at += 2;
+      switch (e) {
+        case '"':
+        case "'":
+        case '\\':
+        case '/':
+          out += e;
+          break;
+        case 'b':
+          out += '\b';
+          break;
+        case 'f':
+          out += '\f';
+          break;
+        case 'n':
+          out += '\n';
+          break;
+        case 'r':
+          out += '\r';
+          break;
+        case 't':
+          out += '\t';
+          break;
+        case 'u': {
+          const hex = t.slice(this.at, this.at + 4);
+          if (!/^[0-9A-Fa-f]{4}$/.test(hex)) this.fail('invalid \\u escape in a string');
+          out += String.fromCharCode(parseInt(hex, 16));
+          this.at += 4;
+          break;
+        }
+        default:
+          this.at -= 2;
+          this.fail(e === undefined ? 'unterminated string' : `invalid escape '\\${printable(e)}' in a string`);
+      }
+      runStart = this.at;
+    }
+  }
+
+  private number(): number {
+    const m = /^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/.exec(this.text.slice(this.at, this.at + 400));
+    if (m === null) this.fail('invalid number');
+    const n = Number(m[0]);
+    if (!Number.isFinite(n)) this.fail(`number ${m[0]} is out of range`);
+    this.at += m[0].length;
+    const next = this.text[this.at];
+    if (next !== undefined && /[0-9A-Za-z_.]/.test(next)) this.fail('invalid number');
+    return n;
+  }
+}
+
+function printable(c: string): string {
+  const code = c.charCodeAt(0);
+  return code < 0x20 || code > 0x7e ? `\\u${code.toString(16).padStart(4, '0')}` : c;
+}
+
+/** Nesting bound of encodeQmpJson: deeper (or cyclic) values are refused, not overflowed. */
+const encodeDepthMax = 4096;
+
+/** Encodes `value` in QEMU's layout, ASCII only. Throws TypeError for what JSON cannot carry. */
+export function encodeQmpJson(value: unknown): string {
+  const out: string[] = [];
+  encode(value, out, 0);
+  return out.join('');
+}
+
+function encode(value: unknown, out: string[], depth: number): void {
+  if (depth > encodeDepthMax) throw new TypeError(`value nested deeper than ${encodeDepthMax} levels (or cyclic)`);
+  switch (typeof value) {
+    case 'string':
+      out.push(quoteAscii(value));
+      return;
+    case 'number':
+      if (!Number.isFinite(value)) throw new TypeError(`cannot encode the number ${value}`);
+      out.push(String(value));
+      return;
+    case 'boolean':
+      out.push(value ? 'true' : 'false');
+      return;
+    case 'object': {
+      if (value === null) {
+        out.push('null');
+        return;
+      }
+      if (Array.isArray(value)) {
+        out.push('[');
+        value.forEach((item, i) => {
+          if (i > 0) out.push(', ');
+          if (item === undefined || typeof item === 'function' || typeof item === 'symbol') out.push('null');
+          else encode(item, out, depth + 1);
+        });
+        out.push(']');
+        return;
+      }
+      const toJSON = (value as { toJSON?: unknown }).toJSON;
+      if (typeof toJSON === 'function') {
+        encode((toJSON as () => unknown).call(value), out, depth + 1);
+        return;
+      }
+      out.push('{');
+      let first = true;
+      for (const key of Object.keys(value)) {
+        const v = (value as Record<string, unknown>)[key];
+        if (v === undefined || typeof v === 'function' || typeof v === 'symbol') continue;
+        if (!first) out.push(', ');
+        first = false;
+        out.push(quoteAscii(key), ': ');
+        encode(v, out, depth + 1);
+      }
+      out.push('}');
+      return;
+    }
+    default:
+      throw new TypeError(`cannot encode a value of type ${typeof value}`);
+  }
+}
+
+function quoteAscii(s: string): string {
+  return JSON.stringify(s).replace(/[\u007f-\uffff]/g, (c) => '\\u' + c.charCodeAt(0).toString(16).padStart(4, '0'));
+}
+
+export const lineTooLong: unique symbol = Symbol('lineTooLong');
+
+/**
+ * Splits a byte stream into lines ("\n"-terminated, the "\n" removed) without copying a chunk
+ * more than once, and reports a line longer than `lineBytesMax` as soon as it is seen.
+ * Lines are pulled with shift(), so a reader that is busy can leave input unsplit.
+ */
+export class LineBuffer {
+  private backlog: Buffer[] = [];
+  private partial: Buffer[] = [];
+  private partialBytes = 0;
+  private unsplitBytes = 0;
+
+  constructor(readonly lineBytesMax: number) {}
+
+  push(chunk: Uint8Array): void {
+    if (chunk.byteLength === 0) return;
+    const buf = Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength);
+    this.backlog.push(buf);
+    this.unsplitBytes += buf.byteLength;
+  }
+
+  /** Bytes received and not yet returned as lines. */
+  get bufferedBytes(): number {
+    return this.unsplitBytes + this.partialBytes;
+  }
+
+  /** The next complete line, undefined when no complete line is buffered, or lineTooLong. */
+  shift(): Buffer | undefined | typeof lineTooLong {
+    while (this.backlog.length > 0) {
+      const chunk = this.backlog[0]!;
+      const nl = chunk.indexOf(0x0a);
+      if (nl < 0) {
+        this.backlog.shift();
+        this.unsplitBytes -= chunk.byteLength;
+        this.partial.push(chunk);
+        this.partialBytes += chunk.byteLength;
+        if (this.partialBytes > this.lineBytesMax) return lineTooLong;
+        continue;
+      }
+      if (this.partialBytes + nl > this.lineBytesMax) return lineTooLong;
+      const tail = chunk.subarray(0, nl);
+      const line = this.partial.length === 0 ? tail : Buffer.concat([...this.partial, tail]);
+      this.partial = [];
+      this.partialBytes = 0;
+      this.unsplitBytes -= nl + 1;
+      if (nl + 1 === chunk.byteLength) this.backlog.shift();
+      else this.backlog[0] = chunk.subarray(nl + 1);
+      return line;
+    }
+    return undefined;
+  }
+
+  /** At end of input: the unterminated last line, if any (call after shift() returned undefined). */
+  takeRest(): Buffer | undefined | typeof lineTooLong {
+    if (this.partialBytes === 0) return undefined;
+    if (this.partialBytes > this.lineBytesMax) return lineTooLong;
+    const rest = Buffer.concat(this.partial);
+    this.partial = [];
+    this.partialBytes = 0;
+    return rest;
+  }
+}

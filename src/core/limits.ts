@@ -1,0 +1,78 @@
+/**
+ * Every bound of colo-vm in one place (STYLE.md), named with the unit last.
+ * Code that loops over input, allocates from a length it read, or queues things checks one
+ * of these.
+ */
+export const limits = {
+  /** Guest page size used for dirty tracking, migration and checkpoints. */
+  pageBytes: 4096,
+  /** WebAssembly page size (memory.grow unit). */
+  wasmPageBytes: 65536,
+  /** Largest guest RAM accepted by --memory. */
+  guestMemoryBytesMax: 4 * 1024 * 1024 * 1024 - 65536,
+  /** Default guest RAM maximum when --memory is not given. */
+  guestMemoryBytesDefault: 256 * 1024 * 1024,
+  /** Largest guest module accepted. */
+  guestModuleBytesMax: 64 * 1024 * 1024,
+  /** Bytes reserved after the guest's initial memory for the asyncify unwind stack. */
+  asyncifyStackBytes: 64 * 1024,
+  /** Loop back-edges and function entries between two preemption checks. */
+  preemptBudget: 20000,
+  /** A paused vCPU must reach a safe point within this time or the pause fails. */
+  pauseTimeoutMs: 5000,
+
+  /** Disk block size (replication and migration unit). */
+  diskBlockBytes: 4096,
+  /** Largest disk image. */
+  diskBytesMax: 16 * 1024 * 1024 * 1024,
+
+  /** Largest single frame of a migration stream or state file. */
+  frameBytesMax: 8 * 1024 * 1024,
+  /** Largest device-state blob. */
+  deviceStateBytesMax: 64 * 1024 * 1024,
+  /** Pages per RAM frame / multifd packet. */
+  pagesPerPacketMax: 128,
+  /** Multifd channels. */
+  multifdChannelsMax: 16,
+  multifdChannelsDefault: 2,
+  /** Pre-copy rounds before stop-and-copy is forced. */
+  precopyRoundsMax: 30,
+  downtimeLimitMsDefault: 300,
+  /** COLO periodic checkpoint interval default (QEMU's default is 20000 ms). */
+  checkpointDelayMsDefault: 20000,
+
+  /** Open guest connections at once. */
+  nicConnectionsMax: 1024,
+  /** Unread input bytes queued for one guest connection before the host stops reading its socket. */
+  nicConnectionInputBytesMax: 4 * 1024 * 1024,
+  /** Pending input events not yet admitted by the guest. */
+  nicPendingEventsMax: 65536,
+  /** Bytes of one guest send (sock_send iovecs together). */
+  nicSendBytesMax: 1024 * 1024,
+
+  /** QMP: longest command line, and pending commands of one client. */
+  qmpLineBytesMax: 1024 * 1024,
+  qmpClientsMax: 16,
+
+  /** Serial output held in memory when writing to a slow sink. */
+  serialBufferBytesMax: 1024 * 1024,
+  /** Guest argv/environ total bytes. */
+  guestArgsBytesMax: 64 * 1024,
+  /** iovecs per fd_read/fd_write/sock_* call. */
+  iovecsMax: 1024,
+  /** poll_oneoff subscriptions per call. */
+  pollSubscriptionsMax: 4096,
+
+  /** QMP: in-band commands of one client queued or running before the server stops reading its socket (QEMU's QMP_REQ_QUEUE_LEN_MAX); the same bound applies to its out-of-band commands in flight. */
+  qmpPendingCommandsMax: 8,
+  /** QMP: deepest nesting of arrays and objects accepted in one command (QEMU's JSON parser allows 1024). */
+  qmpJsonDepthMax: 1024,
+  /** QMP: unread reply and event bytes queued for one client before the server drops it; also the longest line a QMP client accepts from a server. */
+  qmpOutputBytesMax: 16 * 1024 * 1024,
+  /** QMP client: events kept in its log for waitEvent (older ones are dropped first). */
+  qmpClientEventLogMax: 100000,
+  /** QMP client: default time allowed to connect, for a reply or for an event. */
+  qmpTimeoutMsDefault: 10000,
+} as const;
+
+export type Limits = typeof limits;

@@ -1,0 +1,38 @@
+/**
+ * One-line logs on stderr: `<iso time> <node> <level> <component>: <message>`.
+ * Levels mean something: `error` is a real fault (a passing run has none); expected events
+ * such as a failover closing its channels are `info` or `debug`. COLO_LOG=debug|info|warn|error
+ * sets the threshold (default info).
+ */
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+const order: Record<LogLevel, number> = { debug: 0, info: 1, warn: 2, error: 3 };
+
+let threshold: LogLevel = parseLevel(process.env.COLO_LOG);
+let nodeName = 'colo';
+
+function parseLevel(s: string | undefined): LogLevel {
+  return s === 'debug' || s === 'info' || s === 'warn' || s === 'error' ? s : 'info';
+}
+
+export function setLogNode(name: string): void {
+  nodeName = name;
+}
+
+export function setLogLevel(level: LogLevel): void {
+  threshold = level;
+}
+
+export interface Logger {
+  debug(msg: string): void;
+  info(msg: string): void;
+  warn(msg: string): void;
+  error(msg: string): void;
+}
+
+export function logger(component: string): Logger {
+  const at = (level: LogLevel) => (msg: string): void => {
+    if (order[level] < order[threshold]) return;
+    process.stderr.write(`${new Date().toISOString()} ${nodeName} ${level} ${component}: ${msg}\n`);
+  };
+  return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') };
+}

@@ -1,0 +1,316 @@
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import { MessageChannel, Worker } from 'node:worker_threads';
+import { limits } from '../core/limits.js';
+import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
+import { Disk } from '../block/disk.js';
+import type { NicInput, NicOutput } from '../net/nic.js';
+import type { InstrumentedGuest } from './instrument.js';
+import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+
+/** QEMU's run states, as `query-status` reports them. */
+export type RunState =
+  | 'prelaunch'
+  | 'running'
+  | 'paused'
+  | 'inmigrate'
+  | 'postmigrate'
+  | 'finish-migrate'
+  | 'colo'
+  | 'shutdown'
+  | 'guest-panicked'
+  | 'internal-error'
+  | 'restore-vm';
+
+export type SerialTarget = { kind: 'file'; path: string } | { kind: 'stdio' } | { kind: 'none' };
+
+export interface MachineConfig {
+  guest: InstrumentedGuest;
+  /** Guest RAM maximum in bytes (--memory). */
+  memoryBytesMax: number;
+  args: string[];
+  env: string[];
+  serial: SerialTarget;
+  drive: { path: string; snapshot: boolean } | null;
+}
+
+export class MachineError extends ColoError {}
+
+/** Events: 'stop' (runState), 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message). */
+export class Machine extends EventEmitter {
+  readonly guest: InstrumentedGuest;
+  readonly memory: WebAssembly.Memory;
+  readonly layout: GuestLayout;
+  readonly disk: Disk | null;
+  readonly maximumPages: number;
+  private readonly worker: Worker;
+  private readonly ctl: Int32Array;
+  private readonly inputPort: MessageChannel['port1'];
+  private readonly serialFd: number | null;
+  private state: RunState = 'prelaunch';
+  private waiters: { accept: (m: WorkerReply) => boolean; resolve: (m: WorkerReply) => void; reject: (e: Error) => void }[] = [];
+  private destroyed = false;
+  private vcpuRunning = false;
+  exitCode: number | null = null;
+
+  private constructor(cfg: MachineConfig, layout: GuestLayout, memory: WebAssembly.Memory, maximumPages: number, disk: Disk | null, serialFd: number | null) {
+    super();
+    this.guest = cfg.guest;
+    this.layout = layout;
+    this.memory = memory;
+    this.maximumPages = maximumPages;
+    this.disk = disk;
+    this.serialFd = serialFd;
+    const ctlBuffer = new SharedArrayBuffer(ctl.slots * 4);
+    this.ctl = new Int32Array(ctlBuffer);
+    const channel = new MessageChannel();
+    this.inputPort = channel.port1;
+    this.worker = new Worker(new URL('./vcpu-worker.js', import.meta.url));
+    this.worker.on('message', (m: WorkerReply) => this.onWorkerMessage(m));
+    this.worker.on('error', (err) => this.onWorkerFailure(err));
+    this.worker.on('exit', (code) => {
+      if (!this.destroyed) this.onWorkerFailure(new MachineError('VCPU_EXIT', `the vCPU thread exited unexpectedly (code ${code})`));
+    });
+    const init: WorkerRequest = {
+      type: 'init',
+      module: new WebAssembly.Module(cfg.guest.wasm),
+      memory,
+      ctl: ctlBuffer,
+      inputPort: channel.port2,
+      layout,
+      args: cfg.args,
+      env: cfg.env,
+      serialFd,
+      disk: disk?.spec ?? null,
+    };
+    this.worker.postMessage(init, [channel.port2]);
+  }
+
+  /** Load the guest into a new machine, paused before its first instruction (`prelaunch`). */
+  static async create(cfg: MachineConfig): Promise<Machine> {
+    const maximumPages = Math.floor(cfg.memoryBytesMax / limits.wasmPageBytes);
+    if (maximumPages < 1 || cfg.memoryBytesMax > limits.guestMemoryBytesMax) {
+      throw new UsageError('MEMORY_SIZE', `--memory must be between 64K and ${limits.guestMemoryBytesMax} bytes`);
+    }
+    const layout = computeLayout(cfg.guest, maximumPages);
+    const guestMax = cfg.guest.memory.maximumPages;
+    const maxPages = guestMax === null ? maximumPages : Math.min(maximumPages, guestMax + layout.reservedPages);
+    const initial = layout.initialPages + layout.reservedPages;
+    if (initial > maxPages) {
+      throw new UsageError(
+        'MEMORY_SIZE',
+        `the guest needs ${(initial * limits.wasmPageBytes) / 1048576} MiB of memory at start, above the --memory maximum of ${(maxPages * limits.wasmPageBytes) / 1048576} MiB`,
+      );
+    }
+    const memory = new WebAssembly.Memory({ initial, maximum: maxPages, shared: true });
+    const disk = cfg.drive === null ? null : Disk.open(cfg.drive.path, { snapshot: cfg.drive.snapshot });
+    let serialFd: number | null = null;
+    if (cfg.serial.kind === 'file') {
+      try {
+        serialFd = fs.openSync(cfg.serial.path, 'a');
+      } catch (err) {
+        disk?.close();
+        throw new UsageError('SERIAL_OPEN', `cannot open serial file '${cfg.serial.path}': ${(err as Error).message}`);
+      }
+    } else if (cfg.serial.kind === 'stdio') {
+      serialFd = 1;
+    }
+    const m = new Machine(cfg, layout, memory, maxPages, disk, serialFd);
+    try {
+      await m.expect((r) => r.type === 'ready', 'the vCPU to load the guest', 30000);
+    } catch (err) {
+      await m.destroy();
+      throw err;
+    }
+    return m;
+  }
+
+  get runState(): RunState {
+    return this.state;
+  }
+
+  /** Set a run state that is not tied to the vCPU (inmigrate, postmigrate, colo...). */
+  setRunState(s: RunState): void {
+    this.state = s;
+  }
+
+  get running(): boolean {
+    return this.vcpuRunning;
+  }
+
+  /** Current guest RAM (a view of the shared memory, valid until the next grow). */
+  ram(): Uint8Array {
+    return new Uint8Array(this.memory.buffer);
+  }
+
+  ramPages(): number {
+    return this.memory.buffer.byteLength / limits.wasmPageBytes;
+  }
+
+  /** Grow RAM to `pages` wasm pages (an incoming state may be larger than a fresh guest). */
+  growRamTo(pages: number): void {
+    const now = this.ramPages();
+    if (pages < now) throw new RestoreError('STATE_MEMORY', `the state has ${pages} memory pages, fewer than this guest's ${now}`);
+    if (pages > this.maximumPages) {
+      throw new RestoreError('STATE_MEMORY', `the state has ${pages * 64} KiB of memory, above this machine's maximum of ${this.maximumPages * 64} KiB (--memory)`);
+    }
+    if (pages > now) this.memory.grow(pages - now);
+  }
+
+  /** Start the guest, or continue it from where it was paused or restored. */
+  async cont(): Promise<void> {
+    this.assertAlive();
+    if (this.vcpuRunning) return;
+    if (this.state === 'shutdown' || this.state === 'guest-panicked') {
+      throw new MachineError('VM_DEAD', `the guest is in state ${this.state} and cannot run`);
+    }
+    Atomics.store(this.ctl, ctl.pauseRequest, 0);
+    this.worker.postMessage({ type: 'run' } satisfies WorkerRequest);
+    await this.expect((r) => r.type === 'running' || r.type === 'error' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to start', 10000);
+  }
+
+  /** Pause at the next safe point; resolves once the vCPU is stopped. */
+  async pause(next: RunState = 'paused'): Promise<void> {
+    this.assertAlive();
+    if (!this.vcpuRunning) {
+      if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
+      return;
+    }
+    const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
+    Atomics.store(this.ctl, ctl.pauseRequest, 1);
+    Atomics.add(this.ctl, ctl.wake, 1);
+    Atomics.notify(this.ctl, ctl.wake);
+    const r = await done;
+    if (r.type === 'paused') this.state = next;
+  }
+
+  /** Device and vCPU state (the machine must be paused). */
+  async saveVcpu(): Promise<VcpuState> {
+    this.assertAlive();
+    if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the machine must be paused to save its state');
+    this.worker.postMessage({ type: 'save' } satisfies WorkerRequest);
+    const r = await this.expect((x) => x.type === 'state' || x.type === 'error', 'the vCPU state', 10000);
+    if (r.type === 'error') throw new MachineError('SAVE_FAILED', r.message);
+    return (r as Extract<WorkerReply, { type: 'state' }>).state;
+  }
+
+  /** Load device and vCPU state into a paused machine; RAM must already hold the saved pages. */
+  async restoreVcpu(state: VcpuState): Promise<{ connections: number[]; maxConnId: number }> {
+    this.assertAlive();
+    if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the machine must be paused to load a state');
+    this.worker.postMessage({ type: 'restore', state } satisfies WorkerRequest);
+    const r = await this.expect((x) => x.type === 'restored' || x.type === 'error', 'the vCPU to load the state', 10000);
+    if (r.type === 'error') throw new RestoreError(r.code ?? 'STATE_INVALID', r.message);
+    const ok = r as Extract<WorkerReply, { type: 'restored' }>;
+    return { connections: ok.connections, maxConnId: ok.maxConnId };
+  }
+
+  /** Deliver a network input event to the guest NIC. */
+  injectInput(ev: NicInput): void {
+    if (this.destroyed) return;
+    this.inputPort.postMessage(ev);
+    Atomics.add(this.ctl, ctl.wake, 1);
+    Atomics.notify(this.ctl, ctl.wake);
+  }
+
+  async destroy(): Promise<void> {
+    if (this.destroyed) return;
+    this.destroyed = true;
+    for (const w of this.waiters.splice(0)) w.reject(new MachineError('VM_DESTROYED', 'the machine was destroyed'));
+    this.inputPort.close();
+    await this.worker.terminate();
+    this.disk?.close();
+    if (this.serialFd !== null && this.serialFd > 2) {
+      try {
+        fs.closeSync(this.serialFd);
+      } catch {
+        // already closed
+      }
+    }
+  }
+
+  private assertAlive(): void {
+    if (this.destroyed) throw new MachineError('VM_DESTROYED', 'the machine was destroyed');
+  }
+
+  private expect(accept: (m: WorkerReply) => boolean, what: string, timeoutMs: number): Promise<WorkerReply> {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== waiter);
+        reject(new TimeoutError(`timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      const waiter = {
+        accept,
+        resolve: (m: WorkerReply) => {
+          clearTimeout(timer);
+          resolve(m);
+        },
+        reject: (e: Error) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+      this.waiters.push(waiter);
+    });
+  }
+
+  private onWorkerMessage(m: WorkerReply): void {
+    switch (m.type) {
+      case 'out':
+        this.emit('output', m.out as NicOutput);
+        return;
+      case 'running':
+        this.vcpuRunning = true;
+        this.state = 'running';
+        this.emit('resume');
+        break;
+      case 'paused':
+        this.vcpuRunning = false;
+        this.emit('stop');
+        break;
+      case 'exited':
+        this.vcpuRunning = false;
+        this.state = 'shutdown';
+        this.exitCode = m.code;
+        this.emit('shutdown', m.code);
+        break;
+      case 'panicked':
+        this.vcpuRunning = false;
+        this.state = 'guest-panicked';
+        this.emit('panicked', m.message);
+        break;
+      default:
+        break;
+    }
+    const i = this.waiters.findIndex((w) => w.accept(m));
+    if (i >= 0) {
+      const [w] = this.waiters.splice(i, 1);
+      w!.resolve(m);
+    }
+  }
+
+  private onWorkerFailure(err: Error): void {
+    this.vcpuRunning = false;
+    this.state = 'internal-error';
+    for (const w of this.waiters.splice(0)) w.reject(err);
+    this.emit('panicked', err.message);
+  }
+}
+
+export function computeLayout(guest: InstrumentedGuest, maximumPages: number): GuestLayout {
+  const asyncifyBytes = limits.asyncifyStackBytes;
+  const dirtyLogBytes = guest.storeLog ? Math.ceil((maximumPages * limits.wasmPageBytes) / limits.pageBytes) : 0;
+  const reservedPages = Math.ceil((asyncifyBytes + dirtyLogBytes) / limits.wasmPageBytes);
+  const base = guest.memory.initialPages * limits.wasmPageBytes;
+  return {
+    globals: guest.globals.map((g) => ({ exportName: g.exportName, type: g.type })),
+    initialPages: guest.memory.initialPages,
+    reservedPages,
+    asyncifyBase: base,
+    asyncifyBytes,
+    storeLog: guest.storeLog,
+    dirtyLogBase: base + asyncifyBytes,
+    dirtyLogBytes,
+    preemptBudget: limits.preemptBudget,
+  };
+}

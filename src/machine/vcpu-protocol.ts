@@ -1,0 +1,75 @@
+import type { MessagePort } from 'node:worker_threads';
+import type { NicOutput, NicState } from '../net/nic.js';
+import type { DiskSpec } from '../block/disk.js';
+import type { WasiState } from './wasi-host.js';
+
+/** Int32 slots of the control block shared by the main thread and the vCPU. */
+export const ctl = {
+  /** Non-zero: the vCPU must reach a safe point and unwind. */
+  pauseRequest: 0,
+  /** Bumped (and notified) whenever input is posted or a pause is requested. */
+  wake: 1,
+  slots: 4,
+} as const;
+
+export interface GuestGlobalLayout {
+  exportName: string;
+  type: 'i32' | 'i64' | 'f32' | 'f64';
+}
+
+/**
+ * Where colo-vm keeps its own data inside guest memory: a region reserved just after the
+ * guest's initial memory, which a WASI guest never touches because its allocator takes new
+ * memory with memory.grow. It holds the asyncify unwind stack and, with store logging, the
+ * dirty byte map (one byte per 4 KiB page).
+ */
+export interface GuestLayout {
+  globals: GuestGlobalLayout[];
+  initialPages: number;
+  reservedPages: number;
+  asyncifyBase: number;
+  asyncifyBytes: number;
+  storeLog: boolean;
+  dirtyLogBase: number;
+  dirtyLogBytes: number;
+  preemptBudget: number;
+}
+
+export interface VcpuState {
+  started: boolean;
+  exited: boolean;
+  globals: Record<string, number | bigint>;
+  memoryPages: number;
+  clock: { monotonicNs: bigint };
+  serial: { bytesWritten: number };
+  nic: NicState;
+  wasi: WasiState;
+}
+
+export type WorkerRequest =
+  | {
+      type: 'init';
+      module: WebAssembly.Module;
+      memory: WebAssembly.Memory;
+      ctl: SharedArrayBuffer;
+      inputPort: MessagePort;
+      layout: GuestLayout;
+      args: string[];
+      env: string[];
+      serialFd: number | null;
+      disk: DiskSpec | null;
+    }
+  | { type: 'run' }
+  | { type: 'save' }
+  | { type: 'restore'; state: VcpuState };
+
+export type WorkerReply =
+  | { type: 'ready' }
+  | { type: 'running' }
+  | { type: 'paused' }
+  | { type: 'exited'; code: number }
+  | { type: 'panicked'; message: string }
+  | { type: 'out'; out: NicOutput }
+  | { type: 'state'; state: VcpuState }
+  | { type: 'restored'; connections: number[]; maxConnId: number }
+  | { type: 'error'; message: string; code?: string | undefined };

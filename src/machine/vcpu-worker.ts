@@ -1,0 +1,237 @@
+/**
+ * The vCPU: one worker thread that runs the instrumented guest on the shared guest memory.
+ *
+ * It never needs its event loop while the guest runs: device input is pulled with
+ * receiveMessageOnPort and waits are Atomics.wait on the control block. A pause request makes
+ * the guest unwind (asyncify) at its next safe point; `_start` then returns, and the worker is
+ * back in its event loop, answering save/restore/run messages.
+ */
+import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { Nic, type NicInput, type NicOutput } from '../net/nic.js';
+import { Disk, type DiskSpec } from '../block/disk.js';
+import { Clock } from './devices/clock.js';
+import { Serial } from './devices/serial.js';
+import { WasiHost } from './wasi-host.js';
+import { ProcExit } from './wasi-abi.js';
+import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+import { RestoreError } from '../core/errors.js';
+import * as v from '../core/validate.js';
+
+interface AsyncifyExports {
+  _start(): void;
+  asyncify_start_unwind(p: number): void;
+  asyncify_stop_unwind(): void;
+  asyncify_start_rewind(p: number): void;
+  asyncify_stop_rewind(): void;
+  asyncify_get_state(): number;
+}
+
+type Phase = 'fresh' | 'unwound' | 'running' | 'exited' | 'panicked';
+
+class Vcpu {
+  private readonly ctl: Int32Array;
+  private readonly nic = new Nic();
+  private readonly clock = new Clock();
+  private readonly serial: Serial;
+  private readonly disk: Disk | null;
+  private readonly host: WasiHost;
+  private readonly instance: WebAssembly.Instance;
+  private readonly exports: AsyncifyExports;
+  private readonly layout: GuestLayout;
+  private phase: Phase = 'fresh';
+  private lastWake = 0;
+  private logU8: Uint8Array | null = null;
+  private logBufferLength = -1;
+
+  constructor(private readonly memory: WebAssembly.Memory, private readonly inputPort: MessagePort, init: Extract<WorkerRequest, { type: 'init' }>) {
+    this.ctl = new Int32Array(init.ctl);
+    this.layout = init.layout;
+    this.serial = new Serial(init.serialFd);
+    this.disk = init.disk === null ? null : Disk.attach(init.disk as DiskSpec);
+    this.host = new WasiHost(memory, this, { clock: this.clock, serial: this.serial, nic: this.nic, disk: this.disk }, init.args, init.env);
+    this.instance = new WebAssembly.Instance(init.module, {
+      env: { memory },
+      colo: { preempt: () => this.preempt() },
+      wasi_snapshot_preview1: this.host.imports() as unknown as WebAssembly.ModuleImports,
+    });
+    this.exports = this.instance.exports as unknown as AsyncifyExports;
+    const budget = this.instance.exports['colo$budget'];
+    if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
+    const log = this.instance.exports['colo$dirtylog'];
+    if (log instanceof WebAssembly.Global) log.value = init.layout.dirtyLogBase;
+  }
+
+  // ---- hooks used by the WASI host ----
+  finishRewind(): void {
+    if (this.exports.asyncify_get_state() === 2) this.exports.asyncify_stop_rewind();
+  }
+
+  pauseRequested(): boolean {
+    return Atomics.load(this.ctl, ctl.pauseRequest) !== 0;
+  }
+
+  startUnwind(): void {
+    const p = this.layout.asyncifyBase;
+    const dv = new DataView(this.memory.buffer);
+    dv.setUint32(p, p + 8, true);
+    dv.setUint32(p + 4, p + this.layout.asyncifyBytes, true);
+    this.exports.asyncify_start_unwind(p);
+  }
+
+  drainInput(): void {
+    this.lastWake = Atomics.load(this.ctl, ctl.wake);
+    for (;;) {
+      const m = receiveMessageOnPort(this.inputPort);
+      if (m === undefined) return;
+      this.nic.enqueue(m.message as NicInput);
+    }
+  }
+
+  waitForInput(timeoutMs: number | null): void {
+    // Bounded so that a wake that raced with the drain costs latency, never a hang.
+    const t = timeoutMs === null ? 100 : Math.min(timeoutMs, 100);
+    Atomics.wait(this.ctl, ctl.wake, this.lastWake, t);
+  }
+
+  output(out: NicOutput): void {
+    post({ type: 'out', out });
+  }
+
+  markWrite(ptr: number, len: number): void {
+    if (!this.layout.storeLog || len === 0) return;
+    const buf = this.memory.buffer;
+    if (buf.byteLength !== this.logBufferLength) {
+      this.logU8 = new Uint8Array(buf);
+      this.logBufferLength = buf.byteLength;
+    }
+    const u8 = this.logU8!;
+    const first = ptr >>> 12;
+    const last = (ptr + len - 1) >>> 12;
+    for (let p = first; p <= last; p++) u8[this.layout.dirtyLogBase + p] = 1;
+  }
+
+  private preempt(): void {
+    this.finishRewind();
+    if (this.pauseRequested()) this.startUnwind();
+  }
+
+  // ---- run / pause ----
+  run(): void {
+    if (this.phase === 'exited' || this.phase === 'panicked') {
+      post({ type: 'error', message: `the guest has ${this.phase === 'exited' ? 'exited' : 'crashed'}; it cannot run` });
+      return;
+    }
+    if (this.phase === 'unwound') this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
+    this.phase = 'running';
+    this.clock.resume();
+    post({ type: 'running' });
+    try {
+      this.exports._start();
+    } catch (err) {
+      this.clock.pause();
+      if (err instanceof ProcExit) {
+        this.phase = 'exited';
+        post({ type: 'exited', code: err.code });
+      } else {
+        this.phase = 'panicked';
+        post({ type: 'panicked', message: err instanceof Error ? err.message : String(err) });
+      }
+      return;
+    }
+    this.clock.pause();
+    if (this.exports.asyncify_get_state() === 1) {
+      this.exports.asyncify_stop_unwind();
+      this.phase = 'unwound';
+      post({ type: 'paused' });
+    } else {
+      this.phase = 'exited';
+      post({ type: 'exited', code: 0 });
+    }
+  }
+
+  save(): VcpuState {
+    this.drainInput(); // input that reached the port belongs to the state (pending, not admitted)
+    const globals: Record<string, number | bigint> = {};
+    for (const g of this.layout.globals) {
+      const x = this.instance.exports[g.exportName];
+      if (!(x instanceof WebAssembly.Global)) throw new Error(`global export ${g.exportName} missing`);
+      globals[g.exportName] = x.value as number | bigint;
+    }
+    return {
+      started: this.phase !== 'fresh',
+      exited: this.phase === 'exited',
+      globals,
+      memoryPages: this.memory.buffer.byteLength / 65536,
+      clock: this.clock.save(),
+      serial: this.serial.save(),
+      nic: this.nic.save(),
+      wasi: this.host.save(),
+    };
+  }
+
+  restore(raw: VcpuState): void {
+    const s = v.record(raw, 'vcpu');
+    const started = v.bool(s.started, 'vcpu.started');
+    if (v.bool(s.exited, 'vcpu.exited')) throw new RestoreError('STATE_EXITED', 'the saved guest had exited; there is nothing to resume');
+    const globals = v.record(s.globals, 'vcpu.globals');
+    for (const g of this.layout.globals) {
+      const val = globals[g.exportName];
+      if (g.type === 'i64' ? typeof val !== 'bigint' : typeof val !== 'number') {
+        throw new RestoreError('STATE_INVALID', `vcpu.globals.${g.exportName}: expected a ${g.type}`);
+      }
+    }
+    const extra = Object.keys(globals).filter((k) => !this.layout.globals.some((g) => g.exportName === k));
+    if (extra.length > 0) throw new RestoreError('STATE_INVALID', `vcpu.globals: unknown global ${extra[0]}`);
+    // Validate every device before changing any.
+    const probeNic = new Nic();
+    probeNic.restore(s.nic);
+    new Clock().restore(s.clock);
+    new Serial(null).restore(s.serial);
+    this.host.restore(s.wasi); // validates everything before it changes anything
+    this.nic.restore(s.nic);
+    this.clock.restore(s.clock);
+    this.serial.restore(s.serial);
+    for (const g of this.layout.globals) {
+      (this.instance.exports[g.exportName] as WebAssembly.Global).value = globals[g.exportName];
+    }
+    this.phase = started ? 'unwound' : 'fresh';
+  }
+
+  /** Connections the guest knows (for a front end that must reset the ones it does not have). */
+  connections(): number[] {
+    return this.nic.connectionIds();
+  }
+
+  maxConnId(): number {
+    return this.nic.maxConnId();
+  }
+}
+
+function post(m: WorkerReply): void {
+  parentPort!.postMessage(m);
+}
+
+let vcpu: Vcpu | null = null;
+
+parentPort!.on('message', (m: WorkerRequest) => {
+  try {
+    switch (m.type) {
+      case 'init':
+        vcpu = new Vcpu(m.memory, m.inputPort, m);
+        post({ type: 'ready' });
+        return;
+      case 'run':
+        vcpu!.run();
+        return;
+      case 'save':
+        post({ type: 'state', state: vcpu!.save() });
+        return;
+      case 'restore':
+        vcpu!.restore(m.state);
+        post({ type: 'restored', connections: vcpu!.connections(), maxConnId: vcpu!.maxConnId() });
+        return;
+    }
+  } catch (err) {
+    post({ type: 'error', message: err instanceof Error ? err.message : String(err), code: (err as { code?: string }).code });
+  }
+});

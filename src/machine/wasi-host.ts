@@ -1,0 +1,628 @@
+import { randomFillSync } from 'node:crypto';
+import { limits } from '../core/limits.js';
+import { RestoreError } from '../core/errors.js';
+import * as v from '../core/validate.js';
+import type { Nic, NicOutput } from '../net/nic.js';
+import type { Disk } from '../block/disk.js';
+import { DiskIoError } from '../block/disk.js';
+import type { Clock } from './devices/clock.js';
+import type { Serial } from './devices/serial.js';
+import {
+  clockid, errno, eventBytes, eventrwflagsHangup, eventtype, fdflags, fdstatBytes, filestatBytes, filetype, ProcExit,
+  riflags, rightsAll, sdflags, subclockflagsAbstime, subscriptionBytes, whence,
+} from './wasi-abi.js';
+
+/** What the WASI host needs from the vCPU that runs it. */
+export interface VcpuHooks {
+  /** True (once) when this call is the re-entry of an import during an asyncify rewind. */
+  finishRewind(): void;
+  pauseRequested(): boolean;
+  /** Begin unwinding the guest at this import (the import's return value is then ignored). */
+  startUnwind(): void;
+  /** Move queued device input into the devices. */
+  drainInput(): void;
+  /** Block until input arrives, a pause is requested, or the timeout (ms, null = none) passes. */
+  waitForInput(timeoutMs: number | null): void;
+  output(out: NicOutput): void;
+  /** The host wrote guest memory (for the dirty log). */
+  markWrite(ptr: number, len: number): void;
+}
+
+export const nicFd = 3;
+export const diskFd = 4;
+
+type FdEntry =
+  | { fd: number; kind: 'stdin' | 'stdout' | 'stderr' }
+  | { fd: number; kind: 'listener'; nonblock: boolean }
+  | { fd: number; kind: 'disk'; pos: number }
+  | { fd: number; kind: 'conn'; conn: number; nonblock: boolean };
+
+export interface WasiState {
+  fds: FdEntry[];
+}
+
+/** Returned by a blocking import when it began an unwind; the value is ignored by asyncify. */
+const unwinding = 0;
+
+/**
+ * Our WASI preview1 host. It runs inside the vCPU worker, reads and writes the shared guest
+ * memory, and keeps every piece of host-side guest state (the fd table) as plain data so that
+ * a machine can be saved and resumed elsewhere. Blocking calls either complete, or wait for
+ * device input, or start an asyncify unwind when a pause is requested.
+ */
+export class WasiHost {
+  private fds = new Map<number, FdEntry>();
+  private view!: DataView;
+  private u8!: Uint8Array;
+  private bufferLength = -1;
+  private readonly argsBytes: Uint8Array[];
+  private readonly envBytes: Uint8Array[];
+
+  constructor(
+    private readonly memory: WebAssembly.Memory,
+    private readonly vcpu: VcpuHooks,
+    private readonly devices: { clock: Clock; serial: Serial; nic: Nic; disk: Disk | null },
+    args: string[],
+    env: string[],
+  ) {
+    const enc = new TextEncoder();
+    this.argsBytes = args.map((a) => enc.encode(a + '\0'));
+    this.envBytes = env.map((e) => enc.encode(e + '\0'));
+    this.fds.set(0, { fd: 0, kind: 'stdin' });
+    this.fds.set(1, { fd: 1, kind: 'stdout' });
+    this.fds.set(2, { fd: 2, kind: 'stderr' });
+    this.fds.set(nicFd, { fd: nicFd, kind: 'listener', nonblock: false });
+    if (devices.disk !== null) this.fds.set(diskFd, { fd: diskFd, kind: 'disk', pos: 0 });
+  }
+
+  private mem(): DataView {
+    const buf = this.memory.buffer;
+    if (buf.byteLength !== this.bufferLength) {
+      this.view = new DataView(buf);
+      this.u8 = new Uint8Array(buf);
+      this.bufferLength = buf.byteLength;
+    }
+    return this.view;
+  }
+
+  private bytes(): Uint8Array {
+    this.mem();
+    return this.u8;
+  }
+
+  private inBounds(ptr: number, len: number): boolean {
+    return ptr >= 0 && len >= 0 && ptr + len <= this.mem().byteLength;
+  }
+
+  /** Read iovecs into (ptr, len) pairs, checking them against memory. */
+  private iovecs(iovs: number, count: number): [number, number][] | null {
+    if (count > limits.iovecsMax || !this.inBounds(iovs, count * 8)) return null;
+    const dv = this.mem();
+    const out: [number, number][] = [];
+    for (let i = 0; i < count; i++) {
+      const ptr = dv.getUint32(iovs + i * 8, true);
+      const len = dv.getUint32(iovs + i * 8 + 4, true);
+      if (!this.inBounds(ptr, len)) return null;
+      out.push([ptr, len]);
+    }
+    return out;
+  }
+
+  private gather(iovs: [number, number][]): Uint8Array {
+    let total = 0;
+    for (const [, len] of iovs) total += len;
+    const out = new Uint8Array(total);
+    const u8 = this.bytes();
+    let at = 0;
+    for (const [ptr, len] of iovs) {
+      out.set(u8.subarray(ptr, ptr + len), at);
+      at += len;
+    }
+    return out;
+  }
+
+  private scatter(iovs: [number, number][], data: Uint8Array): void {
+    const u8 = this.bytes();
+    let at = 0;
+    for (const [ptr, len] of iovs) {
+      if (at >= data.byteLength) break;
+      const n = Math.min(len, data.byteLength - at);
+      u8.set(data.subarray(at, at + n), ptr);
+      this.vcpu.markWrite(ptr, n);
+      at += n;
+    }
+  }
+
+  private setU32(ptr: number, value: number): void {
+    this.mem().setUint32(ptr, value, true);
+    this.vcpu.markWrite(ptr, 4);
+  }
+
+  private setU64(ptr: number, value: bigint): void {
+    this.mem().setBigUint64(ptr, value, true);
+    this.vcpu.markWrite(ptr, 8);
+  }
+
+  private totalLen(iovs: [number, number][]): number {
+    let t = 0;
+    for (const [, l] of iovs) t += l;
+    return t;
+  }
+
+  /** The import table for `wasi_snapshot_preview1`. */
+  imports(): Record<string, (...args: never[]) => number | void> {
+    const h = this;
+    return {
+      args_sizes_get: (argcPtr: number, sizePtr: number) => h.sizes(h.argsBytes, argcPtr, sizePtr),
+      args_get: (argvPtr: number, bufPtr: number) => h.strings(h.argsBytes, argvPtr, bufPtr),
+      environ_sizes_get: (countPtr: number, sizePtr: number) => h.sizes(h.envBytes, countPtr, sizePtr),
+      environ_get: (envPtr: number, bufPtr: number) => h.strings(h.envBytes, envPtr, bufPtr),
+      clock_res_get: (id: number, resPtr: number) => {
+        if (!h.inBounds(resPtr, 8)) return errno.fault;
+        if (id > clockid.threadCputime) return errno.inval;
+        h.setU64(resPtr, 1000n);
+        return errno.success;
+      },
+      clock_time_get: (id: number, _precision: bigint, timePtr: number) => {
+        if (!h.inBounds(timePtr, 8)) return errno.fault;
+        if (id === clockid.realtime) h.setU64(timePtr, h.devices.clock.realtimeNs());
+        else if (id <= clockid.threadCputime) h.setU64(timePtr, h.devices.clock.monotonicNs());
+        else return errno.inval;
+        return errno.success;
+      },
+      random_get: (ptr: number, len: number) => {
+        if (!h.inBounds(ptr, len)) return errno.fault;
+        const tmp = Buffer.alloc(len);
+        randomFillSync(tmp);
+        h.bytes().set(tmp, ptr);
+        h.vcpu.markWrite(ptr, len);
+        return errno.success;
+      },
+      fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd, iovsPtr, iovsLen, nPtr),
+      fd_read: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdRead(fd, iovsPtr, iovsLen, nPtr),
+      fd_pread: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
+        h.fdPread(fd, iovsPtr, iovsLen, offset, nPtr),
+      fd_pwrite: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
+        h.fdPwrite(fd, iovsPtr, iovsLen, offset, nPtr),
+      fd_sync: (fd: number) => h.fdSync(fd),
+      fd_datasync: (fd: number) => h.fdSync(fd),
+      fd_seek: (fd: number, offset: bigint, wh: number, newPtr: number) => h.fdSeek(fd, offset, wh, newPtr),
+      fd_tell: (fd: number, newPtr: number) => h.fdSeek(fd, 0n, whence.cur, newPtr),
+      fd_filestat_get: (fd: number, ptr: number) => h.fdFilestat(fd, ptr),
+      fd_fdstat_get: (fd: number, ptr: number) => h.fdFdstat(fd, ptr),
+      fd_fdstat_set_flags: (fd: number, flags: number) => h.fdSetFlags(fd, flags),
+      fd_close: (fd: number) => h.fdClose(fd),
+      fd_prestat_get: () => errno.badf,
+      fd_prestat_dir_name: () => errno.badf,
+      sock_accept: (fd: number, flags: number, fdPtr: number) => h.sockAccept(fd, flags, fdPtr),
+      sock_recv: (fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number) =>
+        h.sockRecv(fd, iovsPtr, iovsLen, flags, nPtr, roFlagsPtr),
+      sock_send: (fd: number, iovsPtr: number, iovsLen: number, _flags: number, nPtr: number) =>
+        h.sockSend(fd, iovsPtr, iovsLen, nPtr),
+      sock_shutdown: (fd: number, how: number) => h.sockShutdown(fd, how),
+      poll_oneoff: (inPtr: number, outPtr: number, n: number, nPtr: number) => h.pollOneoff(inPtr, outPtr, n, nPtr),
+      sched_yield: () => {
+        h.vcpu.finishRewind();
+        if (h.vcpu.pauseRequested()) h.vcpu.startUnwind();
+        return errno.success;
+      },
+      proc_exit: (code: number) => {
+        throw new ProcExit(code);
+      },
+    };
+  }
+
+  private sizes(list: Uint8Array[], countPtr: number, sizePtr: number): number {
+    if (!this.inBounds(countPtr, 4) || !this.inBounds(sizePtr, 4)) return errno.fault;
+    this.setU32(countPtr, list.length);
+    this.setU32(sizePtr, list.reduce((a, b) => a + b.byteLength, 0));
+    return errno.success;
+  }
+
+  private strings(list: Uint8Array[], ptrsPtr: number, bufPtr: number): number {
+    const total = list.reduce((a, b) => a + b.byteLength, 0);
+    if (!this.inBounds(ptrsPtr, list.length * 4) || !this.inBounds(bufPtr, total)) return errno.fault;
+    let at = bufPtr;
+    list.forEach((s, i) => {
+      this.setU32(ptrsPtr + i * 4, at);
+      this.bytes().set(s, at);
+      this.vcpu.markWrite(at, s.byteLength);
+      at += s.byteLength;
+    });
+    return errno.success;
+  }
+
+  private fdWrite(fd: number, iovsPtr: number, iovsLen: number, nPtr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (e.kind === 'stdout' || e.kind === 'stderr') {
+      const data = this.gather(iovs);
+      this.devices.serial.write(data);
+      this.setU32(nPtr, data.byteLength);
+      return errno.success;
+    }
+    if (e.kind === 'disk') {
+      const r = this.diskWrite(this.gather(iovs), e.pos);
+      if (r.errno !== errno.success) return r.errno;
+      e.pos += r.n;
+      this.setU32(nPtr, r.n);
+      return errno.success;
+    }
+    if (e.kind === 'conn') return this.sockSend(fd, iovsPtr, iovsLen, nPtr);
+    return errno.badf;
+  }
+
+  private fdRead(fd: number, iovsPtr: number, iovsLen: number, nPtr: number): number {
+    this.vcpu.finishRewind();
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (e.kind === 'stdin') {
+      this.setU32(nPtr, 0);
+      return errno.success;
+    }
+    if (e.kind === 'disk') {
+      const data = new Uint8Array(this.totalLen(iovs));
+      const r = this.diskRead(data, e.pos);
+      if (r.errno !== errno.success) return r.errno;
+      this.scatter(iovs, data.subarray(0, r.n));
+      e.pos += r.n;
+      this.setU32(nPtr, r.n);
+      return errno.success;
+    }
+    if (e.kind === 'conn') return this.sockRecv(fd, iovsPtr, iovsLen, 0, nPtr, -1);
+    return errno.badf;
+  }
+
+  private diskRead(into: Uint8Array, offset: number): { errno: number; n: number } {
+    const disk = this.devices.disk;
+    if (disk === null) return { errno: errno.badf, n: 0 };
+    try {
+      return { errno: errno.success, n: disk.read(into, offset) };
+    } catch {
+      return { errno: errno.io, n: 0 };
+    }
+  }
+
+  private diskWrite(data: Uint8Array, offset: number): { errno: number; n: number } {
+    const disk = this.devices.disk;
+    if (disk === null) return { errno: errno.badf, n: 0 };
+    try {
+      return { errno: errno.success, n: disk.write(data, offset) };
+    } catch (err) {
+      if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0 };
+      return { errno: errno.io, n: 0 };
+    }
+  }
+
+  private fdPread(fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
+    const data = new Uint8Array(this.totalLen(iovs));
+    const r = this.diskRead(data, Number(offset));
+    if (r.errno !== errno.success) return r.errno;
+    this.scatter(iovs, data.subarray(0, r.n));
+    this.setU32(nPtr, r.n);
+    return errno.success;
+  }
+
+  private fdPwrite(fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
+    const r = this.diskWrite(this.gather(iovs), Number(offset));
+    if (r.errno !== errno.success) return r.errno;
+    this.setU32(nPtr, r.n);
+    return errno.success;
+  }
+
+  private fdSync(fd: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind === 'disk') {
+      try {
+        this.devices.disk?.sync();
+      } catch {
+        return errno.io;
+      }
+    }
+    return errno.success;
+  }
+
+  private fdSeek(fd: number, offset: bigint, wh: number, newPtr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'disk') return errno.spipe;
+    if (!this.inBounds(newPtr, 8)) return errno.fault;
+    const base = wh === whence.set ? 0n : wh === whence.cur ? BigInt(e.pos) : wh === whence.end ? BigInt(this.devices.disk!.sizeBytes) : -1n;
+    if (base < 0n) return errno.inval;
+    const next = base + offset;
+    if (next < 0n || next > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
+    e.pos = Number(next);
+    this.setU64(newPtr, next);
+    return errno.success;
+  }
+
+  private fdFilestat(fd: number, ptr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (!this.inBounds(ptr, filestatBytes)) return errno.fault;
+    const u8 = this.bytes();
+    u8.fill(0, ptr, ptr + filestatBytes);
+    const dv = this.mem();
+    const ft = e.kind === 'disk' ? filetype.regularFile : e.kind === 'conn' || e.kind === 'listener' ? filetype.socketStream : filetype.characterDevice;
+    dv.setBigUint64(ptr + 8, BigInt(fd), true);
+    dv.setUint8(ptr + 16, ft);
+    dv.setBigUint64(ptr + 24, 1n, true);
+    if (e.kind === 'disk') dv.setBigUint64(ptr + 32, BigInt(this.devices.disk!.sizeBytes), true);
+    this.vcpu.markWrite(ptr, filestatBytes);
+    return errno.success;
+  }
+
+  private fdFdstat(fd: number, ptr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (!this.inBounds(ptr, fdstatBytes)) return errno.fault;
+    const dv = this.mem();
+    this.bytes().fill(0, ptr, ptr + fdstatBytes);
+    const ft = e.kind === 'disk' ? filetype.regularFile : e.kind === 'conn' || e.kind === 'listener' ? filetype.socketStream : filetype.characterDevice;
+    dv.setUint8(ptr, ft);
+    const nonblock = (e.kind === 'conn' || e.kind === 'listener') && e.nonblock;
+    dv.setUint16(ptr + 2, nonblock ? fdflags.nonblock : 0, true);
+    dv.setBigUint64(ptr + 8, rightsAll, true);
+    dv.setBigUint64(ptr + 16, rightsAll, true);
+    this.vcpu.markWrite(ptr, fdstatBytes);
+    return errno.success;
+  }
+
+  private fdSetFlags(fd: number, flags: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind === 'conn' || e.kind === 'listener') {
+      e.nonblock = (flags & fdflags.nonblock) !== 0;
+      return errno.success;
+    }
+    return (flags & fdflags.nonblock) !== 0 ? errno.notsup : errno.success;
+  }
+
+  private fdClose(fd: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    this.fds.delete(fd);
+    if (e.kind === 'conn') {
+      const out = this.devices.nic.close(e.conn);
+      if (out !== null) this.vcpu.output(out);
+    }
+    return errno.success;
+  }
+
+  private allocFd(): number | null {
+    for (let fd = diskFd + 1; fd < diskFd + 1 + limits.nicConnectionsMax + 16; fd++) {
+      if (!this.fds.has(fd)) return fd;
+    }
+    return null;
+  }
+
+  /**
+   * The blocking discipline shared by accept, recv and poll: try, and when the call would
+   * block, admit one pending input event and try again; with nothing pending, either unwind
+   * for a pause or wait for input. Returns false when the guest is being unwound.
+   */
+  private blockUntil(ready: () => boolean, deadlineNs: bigint | null): boolean {
+    const nic = this.devices.nic;
+    for (;;) {
+      this.vcpu.drainInput();
+      if (ready()) return true;
+      if (deadlineNs !== null && this.devices.clock.monotonicNs() >= deadlineNs) return true;
+      if (nic.admitOne()) continue;
+      if (this.vcpu.pauseRequested()) {
+        this.vcpu.startUnwind();
+        return false;
+      }
+      let timeoutMs: number | null = null;
+      if (deadlineNs !== null) {
+        const left = deadlineNs - this.devices.clock.monotonicNs();
+        timeoutMs = Math.max(0, Math.ceil(Number(left) / 1e6));
+      }
+      this.vcpu.waitForInput(timeoutMs);
+    }
+  }
+
+  private sockAccept(fd: number, _flags: number, fdPtr: number): number {
+    this.vcpu.finishRewind();
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'listener') return errno.notsock;
+    if (!this.inBounds(fdPtr, 4)) return errno.fault;
+    const nic = this.devices.nic;
+    if (e.nonblock) {
+      this.vcpu.drainInput();
+      if (!nic.acceptReady()) return errno.again;
+    } else if (!this.blockUntil(() => nic.acceptReady(), null)) {
+      return unwinding;
+    }
+    const newFd = this.allocFd();
+    if (newFd === null) return errno.mfile;
+    const conn = nic.accept();
+    if (conn === null) return errno.again;
+    this.fds.set(newFd, { fd: newFd, kind: 'conn', conn, nonblock: false });
+    this.setU32(fdPtr, newFd);
+    return errno.success;
+  }
+
+  private sockRecv(fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number): number {
+    this.vcpu.finishRewind();
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'conn') return errno.notsock;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    const nic = this.devices.nic;
+    const max = this.totalLen(iovs);
+    if (e.nonblock) this.vcpu.drainInput();
+    else if (!this.blockUntil(() => nic.readReady(e.conn), null)) return unwinding;
+    const r = nic.recv(e.conn, max, (flags & riflags.peek) !== 0);
+    if (r === 'again') return errno.again;
+    const data = r === 'eof' ? new Uint8Array(0) : r;
+    this.scatter(iovs, data);
+    this.setU32(nPtr, data.byteLength);
+    if (roFlagsPtr >= 0 && this.inBounds(roFlagsPtr, 2)) {
+      this.mem().setUint16(roFlagsPtr, 0, true);
+      this.vcpu.markWrite(roFlagsPtr, 2);
+    }
+    return errno.success;
+  }
+
+  private sockSend(fd: number, iovsPtr: number, iovsLen: number, nPtr: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'conn') return errno.notsock;
+    const iovs = this.iovecs(iovsPtr, iovsLen);
+    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (this.totalLen(iovs) > limits.nicSendBytesMax) return errno.inval;
+    const data = this.gather(iovs);
+    const out = this.devices.nic.send(e.conn, data);
+    if (out === null) return errno.pipe;
+    if (data.byteLength > 0) this.vcpu.output(out);
+    this.setU32(nPtr, data.byteLength);
+    return errno.success;
+  }
+
+  private sockShutdown(fd: number, how: number): number {
+    const e = this.fds.get(fd);
+    if (e === undefined) return errno.badf;
+    if (e.kind !== 'conn') return errno.notsock;
+    if ((how & sdflags.wr) !== 0) {
+      const out = this.devices.nic.shutdownWrite(e.conn);
+      if (out !== null) this.vcpu.output(out);
+    }
+    return errno.success;
+  }
+
+  private pollOneoff(inPtr: number, outPtr: number, n: number, nPtr: number): number {
+    this.vcpu.finishRewind();
+    if (n === 0) return errno.inval;
+    if (n > limits.pollSubscriptionsMax) return errno.inval;
+    if (!this.inBounds(inPtr, n * subscriptionBytes) || !this.inBounds(outPtr, n * eventBytes) || !this.inBounds(nPtr, 4)) {
+      return errno.fault;
+    }
+    const dv = this.mem();
+    const now = this.devices.clock.monotonicNs();
+    let deadline: bigint | null = null;
+    interface Sub { userdata: bigint; tag: number; fd: number; deadline: bigint }
+    const subs: Sub[] = [];
+    for (let i = 0; i < n; i++) {
+      const p = inPtr + i * subscriptionBytes;
+      const userdata = dv.getBigUint64(p, true);
+      const tag = dv.getUint8(p + 8);
+      if (tag === eventtype.clock) {
+        const timeout = dv.getBigUint64(p + 24, true);
+        const flags = dv.getUint16(p + 40, true);
+        const id = dv.getUint32(p + 16, true);
+        // Absolute realtime deadlines are converted to our monotonic clock.
+        let d: bigint;
+        if ((flags & subclockflagsAbstime) !== 0) {
+          d = id === clockid.realtime ? now + (timeout - this.devices.clock.realtimeNs()) : timeout;
+        } else {
+          d = now + timeout;
+        }
+        subs.push({ userdata, tag, fd: -1, deadline: d });
+        if (deadline === null || d < deadline) deadline = d;
+      } else {
+        subs.push({ userdata, tag, fd: dv.getUint32(p + 16, true), deadline: 0n });
+      }
+    }
+    const events: { userdata: bigint; error: number; type: number; nbytes: bigint; flags: number }[] = [];
+    const collect = (): boolean => {
+      events.length = 0;
+      const t = this.devices.clock.monotonicNs();
+      for (const s of subs) {
+        if (s.tag === eventtype.clock) {
+          if (t >= s.deadline) events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 0n, flags: 0 });
+          continue;
+        }
+        const e = this.fds.get(s.fd);
+        if (e === undefined) {
+          events.push({ userdata: s.userdata, error: errno.badf, type: s.tag, nbytes: 0n, flags: 0 });
+        } else if (s.tag === eventtype.fdWrite) {
+          events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 65536n, flags: 0 });
+        } else if (e.kind === 'listener') {
+          if (this.devices.nic.acceptReady()) events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 1n, flags: 0 });
+        } else if (e.kind === 'conn') {
+          if (this.devices.nic.readReady(e.conn)) {
+            const nbytes = this.devices.nic.readableBytes(e.conn);
+            events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: BigInt(nbytes), flags: nbytes === 0 ? eventrwflagsHangup : 0 });
+          }
+        } else {
+          events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 0n, flags: 0 });
+        }
+      }
+      return events.length > 0;
+    };
+    if (!this.blockUntil(collect, deadline)) return unwinding;
+    collect();
+    for (const [i, ev] of events.entries()) {
+      const p = outPtr + i * eventBytes;
+      this.bytes().fill(0, p, p + eventBytes);
+      dv.setBigUint64(p, ev.userdata, true);
+      dv.setUint16(p + 8, ev.error, true);
+      dv.setUint8(p + 10, ev.type);
+      dv.setBigUint64(p + 16, ev.nbytes, true);
+      dv.setUint16(p + 24, ev.flags, true);
+    }
+    this.vcpu.markWrite(outPtr, events.length * eventBytes);
+    this.setU32(nPtr, events.length);
+    return errno.success;
+  }
+
+  /** Connections the guest holds fds for. */
+  connFds(): { fd: number; conn: number }[] {
+    const out: { fd: number; conn: number }[] = [];
+    for (const e of this.fds.values()) if (e.kind === 'conn') out.push({ fd: e.fd, conn: e.conn });
+    return out;
+  }
+
+  save(): WasiState {
+    return { fds: [...this.fds.values()].map((e) => ({ ...e })) };
+  }
+
+  restore(raw: unknown): void {
+    const s = v.record(raw, 'wasi');
+    const fds = new Map<number, FdEntry>();
+    for (const [i, x] of v.array(s.fds, 'wasi.fds', limits.nicConnectionsMax + 32).entries()) {
+      const e = v.record(x, `wasi.fds[${i}]`);
+      const fd = v.uint(e.fd, `wasi.fds[${i}].fd`, 0xffff);
+      switch (e.kind) {
+        case 'stdin':
+        case 'stdout':
+        case 'stderr':
+          fds.set(fd, { fd, kind: e.kind });
+          break;
+        case 'listener':
+          fds.set(fd, { fd, kind: 'listener', nonblock: v.bool(e.nonblock, `wasi.fds[${i}].nonblock`) });
+          break;
+        case 'disk':
+          if (this.devices.disk === null) throw new RestoreError('STATE_DISK', 'the saved machine has a disk but this one has none (--drive)');
+          fds.set(fd, { fd, kind: 'disk', pos: v.uint(e.pos, `wasi.fds[${i}].pos`) });
+          break;
+        case 'conn':
+          fds.set(fd, { fd, kind: 'conn', conn: v.uint(e.conn, `wasi.fds[${i}].conn`), nonblock: v.bool(e.nonblock, `wasi.fds[${i}].nonblock`) });
+          break;
+        default:
+          throw new RestoreError('STATE_INVALID', `wasi.fds[${i}].kind: unknown kind ${String(e.kind)}`);
+      }
+    }
+    this.fds = fds;
+  }
+}

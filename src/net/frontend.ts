@@ -1,0 +1,180 @@
+import net from 'node:net';
+import { EventEmitter } from 'node:events';
+import { limits } from '../core/limits.js';
+import { UsageError } from '../core/errors.js';
+import type { NicInput, NicOutput } from './nic.js';
+
+type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
+
+export interface ListenAddress {
+  host: string;
+  port: number;
+}
+
+export function parseListen(spec: string): ListenAddress {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(spec);
+  if (m === null) throw new UsageError('NET_ADDRESS', `bad listen address '${spec}': expected HOST:PORT`);
+  const port = Number(m[3]);
+  if (port > 65535) throw new UsageError('NET_ADDRESS', `bad port in '${spec}'`);
+  return { host: (m[1] ?? m[2])!, port };
+}
+
+interface ClientConn {
+  id: number;
+  socket: net.Socket;
+  /** Next output offset expected from the guest for this connection. */
+  outOffset: number;
+  /** The guest closed the connection. */
+  ended: boolean;
+  /** The guest was told the client went away. */
+  eofSent: boolean;
+}
+
+/**
+ * The service front end: the host side of the guest NIC. It owns the listening socket and the
+ * client sockets, numbers connections and input events, and writes guest output back to the
+ * clients. Input goes to `onInput` (the machine, or in COLO the primary and the mirror);
+ * output arrives through `deliver()` (from the machine, or from the COLO compare).
+ *
+ * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
+ */
+export class FrontEnd extends EventEmitter {
+  private server: net.Server | null = null;
+  private conns = new Map<number, ClientConn>();
+  private nextConn: number;
+  private nextSeq: number;
+  private readingPaused = false;
+
+  constructor(
+    readonly address: ListenAddress,
+    private readonly onInput: (ev: NicInput) => void,
+    start: { seq: number; conn: number } = { seq: 0, conn: 0 },
+  ) {
+    super();
+    this.nextSeq = start.seq + 1;
+    this.nextConn = start.conn + 1;
+  }
+
+  /** Continue numbering above a restored guest's state. */
+  renumberFrom(seq: number, conn: number): void {
+    this.nextSeq = Math.max(this.nextSeq, seq + 1);
+    this.nextConn = Math.max(this.nextConn, conn + 1);
+  }
+
+  get lastSeq(): number {
+    return this.nextSeq - 1;
+  }
+
+  listen(): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      server.maxConnections = limits.nicConnectionsMax;
+      const onError = (err: Error): void => {
+        server.close();
+        reject(new UsageError('NET_LISTEN', `cannot listen on ${this.address.host}:${this.address.port}: ${err.message}`));
+      };
+      server.once('error', onError);
+      server.listen({ host: this.address.host, port: this.address.port, exclusive: true }, () => {
+        server.off('error', onError);
+        server.on('error', (err) => this.emit('error', err));
+        this.server = server;
+        this.emit('listening');
+        resolve();
+      });
+    });
+  }
+
+  /** The port actually bound (for port 0). */
+  boundPort(): number {
+    const a = this.server?.address();
+    return a !== null && typeof a === 'object' ? a.port : this.address.port;
+  }
+
+  private input(ev: DistributiveOmit<NicInput, 'seq'>): void {
+    const full = { ...ev, seq: this.nextSeq++ } as NicInput;
+    this.onInput(full);
+    this.emit('input', full);
+  }
+
+  private accept(socket: net.Socket): void {
+    const id = this.nextConn++;
+    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false };
+    this.conns.set(id, c);
+    socket.setNoDelay(true);
+    if (this.readingPaused) socket.pause();
+    this.input({ kind: 'open', conn: id });
+    socket.on('data', (data: Buffer) => this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data) }));
+    const eof = (): void => {
+      if (c.eofSent || c.ended) return;
+      c.eofSent = true;
+      this.input({ kind: 'close', conn: id });
+    };
+    socket.on('end', eof);
+    socket.on('error', () => {
+      // A client that resets its connection is an ordinary event: the guest sees EOF.
+    });
+    socket.on('close', () => {
+      eof();
+      this.conns.delete(id);
+    });
+  }
+
+  /** Tell the guest that a connection it knows (from a restored state) is gone. */
+  resetGuestConnection(conn: number): void {
+    this.input({ kind: 'close', conn });
+  }
+
+  /** Write guest output to its client. Output for an unknown (gone) connection is dropped. */
+  deliver(out: NicOutput): void {
+    const c = this.conns.get(out.conn);
+    if (c === undefined) return;
+    switch (out.kind) {
+      case 'out': {
+        // Offsets make delivery idempotent: bytes already written are skipped.
+        const end = out.offset + out.bytes.byteLength;
+        if (end <= c.outOffset) return;
+        const from = Math.max(0, c.outOffset - out.offset);
+        if (out.offset > c.outOffset) return; // a gap: never write out of order
+        c.socket.write(out.bytes.subarray(from));
+        c.outOffset = end;
+        return;
+      }
+      case 'shut':
+        c.socket.end();
+        return;
+      case 'close':
+        c.ended = true;
+        this.conns.delete(out.conn);
+        c.socket.end();
+        return;
+    }
+  }
+
+  /** Stop reading client sockets (a paused front end keeps its connections). */
+  pauseReading(): void {
+    this.readingPaused = true;
+    for (const c of this.conns.values()) c.socket.pause();
+  }
+
+  resumeReading(): void {
+    this.readingPaused = false;
+    for (const c of this.conns.values()) c.socket.resume();
+  }
+
+  connectionIds(): number[] {
+    return [...this.conns.keys()];
+  }
+
+  /** Reset every client connection (the guest that served them is gone). */
+  resetAll(): void {
+    for (const c of this.conns.values()) c.socket.destroy();
+    this.conns.clear();
+  }
+
+  async close(): Promise<void> {
+    this.resetAll();
+    const s = this.server;
+    this.server = null;
+    if (s !== null) await new Promise<void>((r) => s.close(() => r()));
+  }
+}

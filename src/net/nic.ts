@@ -1,0 +1,261 @@
+import { assert } from '../core/assert.js';
+import { limits } from '../core/limits.js';
+import { RestoreError } from '../core/errors.js';
+import * as v from '../core/validate.js';
+
+/**
+ * The guest NIC (fd 3) as plain data, no I/O.
+ *
+ * Input arrives as numbered events from the service front end. Events wait in `pending`
+ * until the guest *admits* them, and the guest admits one event at a time, only when it
+ * would otherwise block (poll_oneoff with nothing ready, a blocking accept/recv with nothing
+ * queued). A guest that is a function of its input therefore sees the same sequence of
+ * states on the primary and on the secondary, however the bytes were batched on the wire:
+ * that is what makes COLO's output comparison agree without a checkpoint per request.
+ */
+export type NicInput =
+  | { seq: number; kind: 'open'; conn: number }
+  | { seq: number; kind: 'data'; conn: number; bytes: Uint8Array }
+  | { seq: number; kind: 'close'; conn: number };
+
+export type NicOutput =
+  | { kind: 'out'; conn: number; offset: number; bytes: Uint8Array }
+  | { kind: 'shut'; conn: number; offset: number }
+  | { kind: 'close'; conn: number; offset: number };
+
+interface Connection {
+  conn: number;
+  /** Admitted, unread input. */
+  rx: Uint8Array[];
+  rxBytes: number;
+  /** The client closed its side (admitted). */
+  eof: boolean;
+  /** Accepted by the guest. */
+  accepted: boolean;
+  /** Bytes the guest sent on this connection so far. */
+  outOffset: number;
+  /** The guest shut down its sending side or closed the fd. */
+  shutWr: boolean;
+  closed: boolean;
+}
+
+export interface NicState {
+  lastSeq: number;
+  admittedSeq: number;
+  pending: NicInput[];
+  backlog: number[];
+  conns: {
+    conn: number; rx: Uint8Array; eof: boolean; accepted: boolean; outOffset: number; shutWr: boolean; closed: boolean;
+  }[];
+}
+
+export class Nic {
+  private pending: NicInput[] = [];
+  private backlog: number[] = [];
+  private conns = new Map<number, Connection>();
+  /** Highest sequence number enqueued; older or repeated events are stale and dropped. */
+  lastSeq = 0;
+  admittedSeq = 0;
+
+  /** Queue an input event; returns false for a stale (already seen) one. */
+  enqueue(ev: NicInput): boolean {
+    if (ev.seq <= this.lastSeq) return false;
+    assert(this.pending.length < limits.nicPendingEventsMax, 'NIC pending queue overflow');
+    this.lastSeq = ev.seq;
+    this.pending.push(ev);
+    return true;
+  }
+
+  hasPending(): boolean {
+    return this.pending.length > 0;
+  }
+
+  /** Admit the next pending event into the guest-visible state. */
+  admitOne(): boolean {
+    const ev = this.pending.shift();
+    if (ev === undefined) return false;
+    this.admittedSeq = ev.seq;
+    switch (ev.kind) {
+      case 'open': {
+        if (this.conns.has(ev.conn)) return true;
+        this.conns.set(ev.conn, {
+          conn: ev.conn, rx: [], rxBytes: 0, eof: false, accepted: false, outOffset: 0, shutWr: false, closed: false,
+        });
+        this.backlog.push(ev.conn);
+        return true;
+      }
+      case 'data': {
+        const c = this.conns.get(ev.conn);
+        if (c === undefined || c.closed || c.eof) return true;
+        c.rx.push(ev.bytes);
+        c.rxBytes += ev.bytes.byteLength;
+        return true;
+      }
+      case 'close': {
+        const c = this.conns.get(ev.conn);
+        if (c !== undefined) c.eof = true;
+        return true;
+      }
+    }
+  }
+
+  acceptReady(): boolean {
+    return this.backlog.length > 0;
+  }
+
+  accept(): number | null {
+    const conn = this.backlog.shift();
+    if (conn === undefined) return null;
+    const c = this.conns.get(conn);
+    assert(c !== undefined, 'backlog names an unknown connection');
+    c.accepted = true;
+    return conn;
+  }
+
+  /** Readable: data queued, or EOF to report. */
+  readReady(conn: number): boolean {
+    const c = this.conns.get(conn);
+    if (c === undefined) return true;
+    return c.rxBytes > 0 || c.eof || c.closed;
+  }
+
+  readableBytes(conn: number): number {
+    return this.conns.get(conn)?.rxBytes ?? 0;
+  }
+
+  /** Read up to `max` bytes: bytes, or 'eof', or 'again' when nothing is admitted yet. */
+  recv(conn: number, max: number, peek: boolean): Uint8Array | 'eof' | 'again' {
+    const c = this.conns.get(conn);
+    if (c === undefined || c.closed) return 'eof';
+    if (c.rxBytes === 0) return c.eof ? 'eof' : 'again';
+    const out = new Uint8Array(Math.min(max, c.rxBytes));
+    let at = 0;
+    let i = 0;
+    while (at < out.byteLength) {
+      const chunk = c.rx[i];
+      assert(chunk !== undefined, 'rx accounting');
+      const n = Math.min(chunk.byteLength, out.byteLength - at);
+      out.set(chunk.subarray(0, n), at);
+      at += n;
+      if (!peek) {
+        if (n === chunk.byteLength) c.rx.shift();
+        else c.rx[0] = chunk.subarray(n);
+      } else {
+        i++;
+      }
+    }
+    if (!peek) c.rxBytes -= out.byteLength;
+    return out;
+  }
+
+  /** The guest sends bytes; returns the output event, or null when the connection is gone. */
+  send(conn: number, bytes: Uint8Array): NicOutput | null {
+    const c = this.conns.get(conn);
+    if (c === undefined || c.closed || c.shutWr) return null;
+    const out: NicOutput = { kind: 'out', conn, offset: c.outOffset, bytes };
+    c.outOffset += bytes.byteLength;
+    return out;
+  }
+
+  shutdownWrite(conn: number): NicOutput | null {
+    const c = this.conns.get(conn);
+    if (c === undefined || c.shutWr) return null;
+    c.shutWr = true;
+    return { kind: 'shut', conn, offset: c.outOffset };
+  }
+
+  /** The guest closed the fd: the connection is forgotten. */
+  close(conn: number): NicOutput | null {
+    const c = this.conns.get(conn);
+    if (c === undefined) return null;
+    this.conns.delete(conn);
+    this.backlog = this.backlog.filter((x) => x !== conn);
+    return { kind: 'close', conn, offset: c.outOffset };
+  }
+
+  isKnown(conn: number): boolean {
+    return this.conns.has(conn);
+  }
+
+  connectionIds(): number[] {
+    return [...this.conns.keys()];
+  }
+
+  /** Highest connection id the guest has seen (so a new front end numbers above it). */
+  maxConnId(): number {
+    let max = 0;
+    for (const c of this.conns.keys()) max = Math.max(max, c);
+    for (const ev of this.pending) max = Math.max(max, ev.conn);
+    return max;
+  }
+
+  save(): NicState {
+    return {
+      lastSeq: this.lastSeq,
+      admittedSeq: this.admittedSeq,
+      pending: this.pending.map((ev) => ({ ...ev })),
+      backlog: [...this.backlog],
+      conns: [...this.conns.values()].map((c) => ({
+        conn: c.conn,
+        rx: concat(c.rx, c.rxBytes),
+        eof: c.eof,
+        accepted: c.accepted,
+        outOffset: c.outOffset,
+        shutWr: c.shutWr,
+        closed: c.closed,
+      })),
+    };
+  }
+
+  restore(raw: unknown): void {
+    const s = v.record(raw, 'nic');
+    const lastSeq = v.uint(s.lastSeq, 'nic.lastSeq');
+    const admittedSeq = v.uint(s.admittedSeq, 'nic.admittedSeq', lastSeq);
+    const pending: NicInput[] = [];
+    for (const [i, e] of v.array(s.pending, 'nic.pending', limits.nicPendingEventsMax).entries()) {
+      const ev = v.record(e, `nic.pending[${i}]`);
+      const seq = v.uint(ev.seq, `nic.pending[${i}].seq`, lastSeq);
+      const conn = v.uint(ev.conn, `nic.pending[${i}].conn`);
+      if (ev.kind === 'open' || ev.kind === 'close') pending.push({ seq, kind: ev.kind, conn });
+      else if (ev.kind === 'data') {
+        pending.push({ seq, kind: 'data', conn, bytes: v.bytes(ev.bytes, `nic.pending[${i}].bytes`, limits.nicConnectionInputBytesMax) });
+      } else throw new RestoreError('STATE_INVALID', `nic.pending[${i}].kind: unknown kind ${String(ev.kind)}`);
+    }
+    const conns = new Map<number, Connection>();
+    for (const [i, e] of v.array(s.conns, 'nic.conns', limits.nicConnectionsMax).entries()) {
+      const c = v.record(e, `nic.conns[${i}]`);
+      const rx = v.bytes(c.rx, `nic.conns[${i}].rx`, limits.nicConnectionInputBytesMax * 4);
+      const conn = v.uint(c.conn, `nic.conns[${i}].conn`);
+      conns.set(conn, {
+        conn,
+        rx: rx.byteLength > 0 ? [rx] : [],
+        rxBytes: rx.byteLength,
+        eof: v.bool(c.eof, `nic.conns[${i}].eof`),
+        accepted: v.bool(c.accepted, `nic.conns[${i}].accepted`),
+        outOffset: v.uint(c.outOffset, `nic.conns[${i}].outOffset`),
+        shutWr: v.bool(c.shutWr, `nic.conns[${i}].shutWr`),
+        closed: v.bool(c.closed, `nic.conns[${i}].closed`),
+      });
+    }
+    const backlog = v.array(s.backlog, 'nic.backlog', limits.nicConnectionsMax).map((x, i) => {
+      const conn = v.uint(x, `nic.backlog[${i}]`);
+      if (!conns.has(conn)) throw new RestoreError('STATE_INVALID', `nic.backlog[${i}]: unknown connection ${conn}`);
+      return conn;
+    });
+    this.lastSeq = lastSeq;
+    this.admittedSeq = admittedSeq;
+    this.pending = pending;
+    this.conns = conns;
+    this.backlog = backlog;
+  }
+}
+
+function concat(chunks: Uint8Array[], total: number): Uint8Array {
+  const out = new Uint8Array(total);
+  let at = 0;
+  for (const c of chunks) {
+    out.set(c, at);
+    at += c.byteLength;
+  }
+  return out;
+}

@@ -1,0 +1,107 @@
+import assert from 'node:assert/strict';
+import { spawnSync } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { connectTo, formatAddress, listenOn, parseAddress } from '../../src/control/address.js';
+import { ChannelClosedError, UsageError } from '../../src/core/errors.js';
+import { tempDir, waitMs, within } from './helpers.js';
+
+test('address: parse unix and tcp forms', () => {
+  assert.deepEqual(parseAddress('unix:/tmp/x.qmp'), { kind: 'unix', path: '/tmp/x.qmp' });
+  assert.deepEqual(parseAddress('unix:rel/x.qmp'), { kind: 'unix', path: 'rel/x.qmp' });
+  assert.deepEqual(parseAddress('unix:/tmp/x.qmp,server,nowait'), { kind: 'unix', path: '/tmp/x.qmp' });
+  assert.deepEqual(parseAddress('unix:/tmp/x.qmp,server=on,wait=off'), { kind: 'unix', path: '/tmp/x.qmp' });
+  assert.deepEqual(parseAddress('unix:/tmp/a,b'), { kind: 'unix', path: '/tmp/a,b' });
+  assert.deepEqual(parseAddress('tcp:127.0.0.1:4444'), { kind: 'tcp', host: '127.0.0.1', port: 4444 });
+  assert.deepEqual(parseAddress('tcp:localhost:0'), { kind: 'tcp', host: 'localhost', port: 0 });
+  assert.deepEqual(parseAddress('tcp::4444'), { kind: 'tcp', host: '', port: 4444 });
+  assert.deepEqual(parseAddress('tcp:[::1]:65535'), { kind: 'tcp', host: '::1', port: 65535 });
+  assert.deepEqual(parseAddress('tcp:0.0.0.0:4444,server=on,wait=off'), { kind: 'tcp', host: '0.0.0.0', port: 4444 });
+  assert.equal(formatAddress(parseAddress('tcp:[::1]:1')), 'tcp:[::1]:1');
+  assert.equal(formatAddress(parseAddress('unix:/a,server')), 'unix:/a');
+});
+
+test('address: bad input is one clear UsageError line', () => {
+  const cases: [string, string][] = [
+    ['/tmp/x.qmp', "bad address '/tmp/x.qmp': expected unix:PATH or tcp:HOST:PORT"],
+    ['unix:', "bad address 'unix:': the socket path is empty (expected unix:PATH)"],
+    ['tcp:host', "bad address 'tcp:host': expected tcp:HOST:PORT"],
+    ['tcp:host:http', "bad address 'tcp:host:http': port 'http' is not a number in 0..65535"],
+    ['tcp:host:65536', "bad address 'tcp:host:65536': port '65536' is not a number in 0..65535"],
+    ['tcp:host:', "bad address 'tcp:host:': port '' is not a number in 0..65535"],
+    ['tcp:::1:4444', "bad address 'tcp:::1:4444': an IPv6 host must be in brackets, as in tcp:[::1]:PORT"],
+    ['tcp:[::1:4444', "bad address 'tcp:[::1:4444': missing ']' after the IPv6 address"],
+    ['tcp:[nope]:1', "bad address 'tcp:[nope]:1': 'nope' is not an IPv6 address"],
+    ['tcp:[::1]4444', "bad address 'tcp:[::1]4444': expected :PORT after the IPv6 address"],
+    ['tcp:h:1,reconnect=1', "bad address 'tcp:h:1,reconnect=1': option 'reconnect=1' is not supported"],
+    [`unix:/${'a'.repeat(120)}`, `bad address 'unix:/${'a'.repeat(120)}': the socket path is 121 bytes, longer than the 107 a unix socket allows`],
+  ];
+  for (const [text, message] of cases) {
+    assert.throws(
+      () => parseAddress(text),
+      (err: unknown) => {
+        assert.ok(err instanceof UsageError);
+        assert.equal(err.message, message);
+        assert.ok(!err.message.includes('\n'));
+        return true;
+      },
+    );
+  }
+});
+
+test('address: unix listen replaces a stale socket, refuses a live one or a plain file, unlinks on close', async (t) => {
+  const dir = tempDir(t);
+  const sock = path.join(dir, 's.qmp');
+
+  // a stale socket file: its server was SIGKILLed, so nobody unlinked it
+  const child = spawnSync(
+    process.execPath,
+    ['-e', `require('net').createServer().listen(${JSON.stringify(sock)}, () => process.kill(process.pid, 'SIGKILL'))`],
+    { timeout: waitMs },
+  );
+  assert.equal(child.signal, 'SIGKILL');
+  assert.ok(fs.lstatSync(sock).isSocket());
+
+  const listener = await listenOn(`unix:${sock}`);
+  try {
+    listener.server.on('connection', (s) => s.destroy());
+    const c = await connectTo(listener.address, waitMs);
+    c.destroy();
+    await assert.rejects(listenOn(`unix:${sock}`), {
+      name: 'UsageError',
+      message: `cannot listen on unix:${sock}: another process is listening on it`,
+    });
+  } finally {
+    await within(listener.close(), waitMs, 'listener close');
+  }
+  assert.equal(fs.existsSync(sock), false, 'socket file removed on close');
+
+  const plain = path.join(dir, 'plain');
+  fs.writeFileSync(plain, 'keep me');
+  await assert.rejects(listenOn(`unix:${plain}`), {
+    name: 'UsageError',
+    message: `cannot listen on unix:${plain}: the path exists and is not a socket`,
+  });
+  assert.equal(fs.readFileSync(plain, 'utf8'), 'keep me');
+});
+
+test('address: tcp listen on port 0 reports the bound port; connect refused is ChannelClosedError', async (t) => {
+  const listener = await listenOn('tcp:127.0.0.1:0');
+  t.after(() => listener.close());
+  assert.equal(listener.address.kind, 'tcp');
+  const port = listener.address.kind === 'tcp' ? listener.address.port : 0;
+  assert.ok(port > 0);
+  const sockets: net.Socket[] = [];
+  listener.server.on('connection', (s) => sockets.push(s));
+  const c = await connectTo(listener.address, waitMs);
+  c.destroy();
+  for (const s of sockets) s.destroy();
+  await listener.close();
+  await assert.rejects(connectTo(`tcp:127.0.0.1:${port}`, waitMs), (err: unknown) => {
+    assert.ok(err instanceof ChannelClosedError);
+    assert.match(err.message, new RegExp(`^cannot connect to tcp:127.0.0.1:${port}: .*ECONNREFUSED`));
+    return true;
+  });
+});

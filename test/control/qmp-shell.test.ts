@@ -1,0 +1,128 @@
+import assert from 'node:assert/strict';
+import * as path from 'node:path';
+import { test } from 'node:test';
+import { formatReply, parseShellCommand, parseShellValue, runQmpCommand } from '../../src/control/qmp-shell.js';
+import { QmpCommandError, UsageError } from '../../src/core/errors.js';
+import { startServer, tempDir } from './helpers.js';
+
+test('shell: values are JSON when they parse, else strings', () => {
+  assert.equal(parseShellValue('42'), 42);
+  assert.equal(parseShellValue('-1.5e3'), -1500);
+  assert.equal(parseShellValue('true'), true);
+  assert.equal(parseShellValue('False'), false);
+  assert.equal(parseShellValue('TRUE'), true);
+  assert.equal(parseShellValue('null'), null);
+  assert.equal(parseShellValue('"123"'), '123');
+  assert.equal(parseShellValue('tcp:10.0.0.2:4444'), 'tcp:10.0.0.2:4444');
+  assert.equal(parseShellValue('007'), '007');
+  assert.equal(parseShellValue('0x10'), '0x10');
+  assert.equal(parseShellValue(''), '');
+  assert.equal(parseShellValue('1e999'), '1e999');
+  assert.deepEqual(parseShellValue('[1,"a",{"b":null}]'), [1, 'a', { b: null }]);
+  assert.equal(parseShellValue('{not json'), '{not json');
+  assert.throws(() => parseShellValue('12345678901234567890'), UsageError);
+});
+
+test('shell: commands, nested keys and JSON arguments', () => {
+  assert.deepEqual(parseShellCommand(['query-status']), { execute: 'query-status', arguments: {} });
+  assert.deepEqual(parseShellCommand(['migrate', 'uri=tcp:10.0.0.2:4444', 'detach=true']), {
+    execute: 'migrate',
+    arguments: { uri: 'tcp:10.0.0.2:4444', detach: true },
+  });
+  assert.deepEqual(parseShellCommand(['migrate-set-capabilities', 'capabilities=[{"capability":"x-colo","state":true}]']), {
+    execute: 'migrate-set-capabilities',
+    arguments: { capabilities: [{ capability: 'x-colo', state: true }] },
+  });
+  assert.deepEqual(parseShellCommand(['migrate-set-parameters', 'x-checkpoint-delay=2000']), {
+    execute: 'migrate-set-parameters',
+    arguments: { 'x-checkpoint-delay': 2000 },
+  });
+  assert.deepEqual(parseShellCommand(['blockdev-add', 'a.b=1', 'a.c.d=x', 'e=x=y']), {
+    execute: 'blockdev-add',
+    arguments: { a: { b: 1, c: { d: 'x' } }, e: 'x=y' },
+  });
+  assert.deepEqual(parseShellCommand(['{"execute":"migrate","arguments":{"uri":"unix:/x"}}']), {
+    execute: 'migrate',
+    arguments: { uri: 'unix:/x' },
+  });
+  assert.deepEqual(parseShellCommand(['cmd', '__proto__.x=1']).arguments, JSON.parse('{"__proto__": {"x": 1}}'));
+});
+
+test('shell: syntax errors are UsageErrors with qmp-shell wording', () => {
+  const cases: [string[], string][] = [
+    [[], 'missing QMP command (e.g. query-status)'],
+    [['migrate', 'uri'], "Expected a key=value pair, got 'uri'"],
+    [['migrate', '=x'], "Expected a key=value pair, got '=x' (empty key)"],
+    [['migrate', 'a=1', 'a=2'], 'Cannot set "a" multiple times'],
+    [['x', 'a=1', 'a.b=2'], 'Cannot use "a" as both leaf and non-leaf key'],
+    [['x', 'a.b=1', 'a=2'], 'Cannot use "a" as both leaf and non-leaf key'],
+    [['x', 'a..b=1'], "bad key 'a..b': empty name between dots"],
+    [['uri=x'], "expected a QMP command name first, got 'uri=x'"],
+    [['{"execute":'], 'the request is not valid JSON: '],
+    [['{"arguments":{}}'], 'a JSON request needs an "execute" member with the command name'],
+  ];
+  for (const [words, message] of cases) {
+    assert.throws(
+      () => parseShellCommand(words),
+      (err: unknown) => {
+        assert.ok(err instanceof UsageError, String(err));
+        assert.ok(err.message.startsWith(message), `${JSON.stringify(words)}: ${err.message}`);
+        return true;
+      },
+    );
+  }
+});
+
+test('shell: formatReply is indented JSON', () => {
+  assert.equal(formatReply({ status: 'running', running: true }), '{\n  "status": "running",\n  "running": true\n}');
+  assert.equal(formatReply({}), '{}');
+  assert.equal(formatReply(undefined), '{}');
+});
+
+class Sink {
+  text = '';
+  write(s: string): void {
+    this.text += s;
+  }
+}
+
+test('shell: runQmpCommand prints the reply or the error and returns an exit code', async (t) => {
+  const { address } = await startServer(t, {}, (s) => {
+    s.register({ name: 'query-status', handler: () => ({ status: 'running', running: true }) });
+    s.register({
+      name: 'migrate',
+      args: { uri: 'str' },
+      handler: ({ uri }) => {
+        if (uri.startsWith('rdma:')) throw new QmpCommandError('GenericError', 'rdma is not supported');
+      },
+    });
+  });
+  const out = new Sink();
+  const err = new Sink();
+  assert.equal(await runQmpCommand(address, ['query-status'], out, { err, timeoutMs: 3000 }), 0);
+  assert.equal(out.text, '{\n  "status": "running",\n  "running": true\n}\n');
+  assert.equal(await runQmpCommand(address, ['migrate', 'uri=tcp:h:1'], out, { err }), 0);
+  assert.equal(out.text.endsWith('}\n{}\n'), true);
+  assert.equal(err.text, '');
+
+  assert.equal(await runQmpCommand(address, ['migrate', 'uri=rdma:h:1'], out, { err }), 1);
+  assert.equal(await runQmpCommand(address, ['migrate'], out, { err }), 1);
+  assert.equal(await runQmpCommand(address, ['nope'], out, { err }), 1);
+  assert.equal(
+    err.text,
+    'error: GenericError: rdma is not supported\n' +
+      "error: GenericError: Parameter 'uri' is missing\n" +
+      'error: CommandNotFound: The command nope has not been found\n',
+  );
+
+  const single = new Sink();
+  assert.equal(await runQmpCommand(address, ['migrate', 'uri'], single), 2);
+  assert.equal(single.text, "error: Expected a key=value pair, got 'uri'\n");
+  const badAddress = new Sink();
+  assert.equal(await runQmpCommand('/tmp/x.qmp', ['query-status'], badAddress), 2);
+  assert.equal(badAddress.text, "error: bad address '/tmp/x.qmp': expected unix:PATH or tcp:HOST:PORT\n");
+  const nobody = new Sink();
+  const missing = path.join(tempDir(t), 'none.qmp');
+  assert.equal(await runQmpCommand(`unix:${missing}`, ['query-status'], nobody), 1);
+  assert.match(nobody.text, new RegExp(`^error: cannot connect to unix:${missing}: .*ENOENT`));
+});

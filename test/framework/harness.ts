@@ -1,0 +1,289 @@
+/**
+ * The process harness for integration tests (ARCHITECTURE §6): real `colo run` processes
+ * with QMP sockets, temporary folders, serial files and disks. Everything a test starts is
+ * registered with its TestContext and torn down after the test, also when it fails.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import net from 'node:net';
+import { fileURLToPath } from 'node:url';
+import type { TestContext } from 'node:test';
+import { QmpClient } from '../../src/control/qmp-client.js';
+
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+export const coloBin = path.join(repoRoot, 'dist/src/cli/main.js');
+export const guests = {
+  memwalk: path.join(repoRoot, 'test/guests/memwalk.wasm'),
+  spin: path.join(repoRoot, 'test/guests/spin.wasm'),
+  kv: path.join(repoRoot, 'examples/kv/kv.wasm'),
+};
+
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/** Poll `check` until it returns a value other than undefined/false; fail naming `what`. */
+export async function waitFor<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs = 10000, everyMs = 20): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const v = await check();
+    if (v !== undefined && v !== false) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await sleep(everyMs);
+  }
+}
+
+export async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const s = net.createServer();
+    s.once('error', reject);
+    s.listen(0, '127.0.0.1', () => {
+      const a = s.address();
+      const port = typeof a === 'object' && a !== null ? a.port : 0;
+      s.close(() => resolve(port));
+    });
+  });
+}
+
+export interface VmSpec {
+  name: string;
+  guest: string;
+  args?: string[];
+  guestArgs?: string[];
+  /** Extra environment for the process. */
+  env?: Record<string, string>;
+  /** Skip the QMP connection (for tests of refusals that exit at once). */
+  noQmp?: boolean;
+}
+
+/** One `colo run` process. */
+export class VmProcess {
+  readonly qmpPath: string;
+  readonly serialPath: string;
+  stderr = '';
+  stdout = '';
+  exitCode: number | null = null;
+  exitSignal: NodeJS.Signals | null = null;
+  qmp!: QmpClient;
+  private readonly exited: Promise<void>;
+
+  constructor(readonly env: TestEnv, readonly spec: VmSpec, readonly child: ChildProcess) {
+    this.qmpPath = path.join(env.dir, `${spec.name}.qmp`);
+    this.serialPath = path.join(env.dir, `${spec.name}.serial`);
+    child.stdout?.on('data', (d: Buffer) => (this.stdout += d.toString()));
+    child.stderr?.on('data', (d: Buffer) => (this.stderr += d.toString()));
+    this.exited = new Promise((resolve) => {
+      child.once('exit', (code, signal) => {
+        this.exitCode = code;
+        this.exitSignal = signal;
+        resolve();
+      });
+    });
+  }
+
+  get alive(): boolean {
+    return this.exitCode === null && this.exitSignal === null;
+  }
+
+  serial(): string {
+    try {
+      return fs.readFileSync(this.serialPath, 'latin1');
+    } catch {
+      return '';
+    }
+  }
+
+  /** Wait until the serial output contains `marker` at least `count` times (counting from `fromOffset`). */
+  async waitSerial(marker: string, opts: { count?: number; fromOffset?: number; timeoutMs?: number } = {}): Promise<void> {
+    const count = opts.count ?? 1;
+    await waitFor(`${count}× '${marker}' on the serial console of ${this.spec.name}`, () => {
+      if (!this.alive) throw new Error(`${this.spec.name} exited (code ${this.exitCode}, signal ${this.exitSignal}) while waiting for '${marker}' on its serial: ${this.stderr.slice(-2000)}`);
+      const s = this.serial().slice(opts.fromOffset ?? 0);
+      return s.split(marker).length - 1 >= count;
+    }, opts.timeoutMs ?? 15000);
+  }
+
+  async waitExit(timeoutMs = 10000): Promise<number | null> {
+    let timer: NodeJS.Timeout | undefined;
+    const t = new Promise<'timeout'>((r) => (timer = setTimeout(() => r('timeout'), timeoutMs)));
+    const r = await Promise.race([this.exited.then(() => 'exited' as const), t]);
+    clearTimeout(timer);
+    if (r === 'timeout') throw new Error(`timed out after ${timeoutMs} ms waiting for ${this.spec.name} to exit`);
+    return this.exitCode;
+  }
+
+  kill(signal: NodeJS.Signals = 'SIGKILL'): void {
+    if (this.alive) this.child.kill(signal);
+  }
+
+  /** Lines logged at error level. */
+  errorLines(): string[] {
+    return this.stderr.split('\n').filter((l) => / error /.test(l) || /^colo(?: run)?: /.test(l));
+  }
+
+  /** Quit through QMP (or SIGTERM, then SIGKILL) and wait for the exit. */
+  async stop(): Promise<void> {
+    if (!this.alive) {
+      await this.qmp?.close().catch(() => undefined);
+      return;
+    }
+    try {
+      await this.qmp?.execute('quit', {}, { timeoutMs: 2000 });
+    } catch {
+      // fall through to signals
+    }
+    await this.qmp?.close().catch(() => undefined);
+    try {
+      await this.waitExit(3000);
+    } catch {
+      this.kill('SIGKILL');
+      await this.waitExit(3000).catch(() => undefined);
+    }
+  }
+
+  async pmem(addr: number, size: number): Promise<Buffer> {
+    const file = path.join(this.env.dir, `${this.spec.name}-pmem-${Date.now()}-${Math.random().toString(16).slice(2)}.bin`);
+    await this.qmp.execute('pmemsave', { val: addr, size, filename: file });
+    const b = fs.readFileSync(file);
+    fs.rmSync(file, { force: true });
+    return b;
+  }
+
+  async status(): Promise<string> {
+    const r = await this.qmp.execute<{ status: string }>('query-status');
+    return r.status;
+  }
+
+  async migrationStatus(): Promise<string> {
+    const r = await this.qmp.execute<{ status?: string }>('query-migrate');
+    return r.status ?? 'none';
+  }
+
+  async waitMigrationStatus(want: string | string[], timeoutMs = 30000): Promise<Record<string, unknown>> {
+    const wanted = Array.isArray(want) ? want : [want];
+    return waitFor(`migration status ${wanted.join('|')} on ${this.spec.name}`, async () => {
+      const r = await this.qmp.execute<Record<string, unknown>>('query-migrate');
+      const s = (r.status as string | undefined) ?? 'none';
+      if (wanted.includes(s)) return r;
+      if ((s === 'failed' || s === 'cancelled') && !wanted.includes(s)) {
+        throw new Error(`${this.spec.name}: migration ended in ${s}: ${String(r['error-desc'] ?? '')}`);
+      }
+      return undefined;
+    }, timeoutMs, 25);
+  }
+}
+
+/** A test's temporary folder and the processes it started. */
+export class TestEnv {
+  readonly dir: string;
+  private readonly vms: VmProcess[] = [];
+  private readonly cleanups: (() => Promise<void> | void)[] = [];
+
+  constructor(t: TestContext) {
+    this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-test-'));
+    t.after(() => this.cleanup());
+  }
+
+  file(name: string): string {
+    return path.join(this.dir, name);
+  }
+
+  onCleanup(fn: () => Promise<void> | void): void {
+    this.cleanups.push(fn);
+  }
+
+  /** A raw image of `bytes` filled by `fill` (default zeros). */
+  image(name: string, bytes: number, fill?: (b: Buffer) => void): string {
+    const p = this.file(name);
+    const b = Buffer.alloc(bytes);
+    fill?.(b);
+    fs.writeFileSync(p, b);
+    return p;
+  }
+
+  /** Start `colo run` with a QMP socket and a serial file; resolves once QMP answers. */
+  async startVm(spec: VmSpec): Promise<VmProcess> {
+    const qmpPath = path.join(this.dir, `${spec.name}.qmp`);
+    const serialPath = path.join(this.dir, `${spec.name}.serial`);
+    const args = [coloBin, 'run', spec.guest, '--name', spec.name, '--serial', `file:${serialPath}`];
+    if (!spec.noQmp) args.push('--qmp', `unix:${qmpPath}`);
+    args.push(...(spec.args ?? []));
+    if (spec.guestArgs !== undefined) args.push('--', ...spec.guestArgs);
+    const child = spawn(process.execPath, args, { cwd: this.dir, env: { ...process.env, ...spec.env }, stdio: ['ignore', 'pipe', 'pipe'] });
+    const vm = new VmProcess(this, spec, child);
+    this.vms.push(vm);
+    if (spec.noQmp) return vm;
+    vm.qmp = await waitFor(`the QMP socket of ${spec.name}`, async () => {
+      if (!vm.alive) throw new Error(`${spec.name} exited with code ${vm.exitCode} before its QMP socket came up: ${vm.stderr.trim()}`);
+      if (!fs.existsSync(qmpPath)) return undefined;
+      try {
+        return await QmpClient.connect(`unix:${qmpPath}`, { timeoutMs: 2000 });
+      } catch {
+        return undefined;
+      }
+    }, 30000, 25);
+    return vm;
+  }
+
+  async cleanup(): Promise<void> {
+    await Promise.all(this.vms.map((vm) => vm.stop().catch(() => vm.kill('SIGKILL'))));
+    for (const fn of this.cleanups.reverse()) await fn();
+    if (process.env.COLO_KEEP_TEST_DIR === undefined) fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+/** memwalk prints `memwalk start=0x<hex> size=<n>` once. */
+export function memwalkRegion(serial: string): { start: number; size: number } | undefined {
+  const m = /memwalk start=0x([0-9a-f]+) size=(\d+)/.exec(serial);
+  if (m === null) return undefined;
+  return { start: parseInt(m[1]!, 16), size: Number(m[2]) };
+}
+
+/**
+ * The memwalk invariant: the first byte of each 4 KiB page reads N+1 … N+1, N … N (mod 256),
+ * one step down at most. Returns null when the pattern holds, else a description.
+ */
+export function checkMemwalkPattern(region: Buffer): string | null {
+  const pages = Math.floor(region.byteLength / 4096);
+  if (pages === 0) return 'empty region';
+  const first = region[0]!;
+  let steps = 0;
+  for (let i = 1; i < pages; i++) {
+    const prev = region[(i - 1) * 4096]!;
+    const cur = region[i * 4096]!;
+    if (cur === prev) continue;
+    if (((prev - cur) & 0xff) === 1) {
+      steps++;
+      if (steps > 1) return `second step down at page ${i} (${prev} → ${cur})`;
+      continue;
+    }
+    return `page ${i} reads ${cur} after ${prev} (first page ${first})`;
+  }
+  return null;
+}
+
+/** Run a program to completion, with a timeout. */
+export function runProgram(cmd: string, args: string[], opts: { timeoutMs?: number; cwd?: string; input?: string } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    const timer = setTimeout(() => {
+      child.kill('SIGKILL');
+      reject(new Error(`timed out after ${opts.timeoutMs ?? 60000} ms waiting for ${cmd} ${args.join(' ')}: ${stderr.slice(-500)}`));
+    }, opts.timeoutMs ?? 60000);
+    child.once('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    child.once('exit', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
+    child.stdin.end(opts.input ?? '');
+  });
+}

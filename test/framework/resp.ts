@@ -1,0 +1,107 @@
+/** A minimal Redis-protocol client for tests: one connection, commands in order. */
+import net from 'node:net';
+
+export type RespValue = string | number | null | RespValue[] | Error;
+
+export class RespClient {
+  private buf = Buffer.alloc(0);
+  private waiting: { resolve: (v: RespValue) => void; reject: (e: Error) => void }[] = [];
+  private closedError: Error | null = null;
+
+  private constructor(private readonly socket: net.Socket) {
+    socket.on('data', (d: Buffer) => {
+      this.buf = Buffer.concat([this.buf, d]);
+      for (;;) {
+        const r = parse(this.buf, 0);
+        if (r === null) break;
+        this.buf = this.buf.subarray(r.end);
+        this.waiting.shift()?.resolve(r.value);
+      }
+    });
+    const fail = (e: Error): void => {
+      this.closedError = e;
+      for (const w of this.waiting.splice(0)) w.reject(e);
+    };
+    socket.on('error', fail);
+    socket.on('close', () => fail(new Error('connection closed')));
+  }
+
+  static connect(port: number, host = '127.0.0.1', timeoutMs = 5000): Promise<RespClient> {
+    return new Promise((resolve, reject) => {
+      const s = net.connect({ port, host });
+      const timer = setTimeout(() => {
+        s.destroy();
+        reject(new Error(`timed out after ${timeoutMs} ms connecting to ${host}:${port}`));
+      }, timeoutMs);
+      s.once('connect', () => {
+        clearTimeout(timer);
+        s.setNoDelay(true);
+        resolve(new RespClient(s));
+      });
+      s.once('error', (e) => {
+        clearTimeout(timer);
+        reject(e);
+      });
+    });
+  }
+
+  command(args: (string | number)[], timeoutMs = 5000): Promise<RespValue> {
+    if (this.closedError !== null) return Promise.reject(this.closedError);
+    const parts = args.map(String);
+    const wire = `*${parts.length}\r\n` + parts.map((p) => `$${Buffer.byteLength(p)}\r\n${p}\r\n`).join('');
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`timed out after ${timeoutMs} ms waiting for the reply to ${parts[0]}`)), timeoutMs);
+      this.waiting.push({
+        resolve: (v) => {
+          clearTimeout(timer);
+          resolve(v);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      });
+      this.socket.write(wire);
+    });
+  }
+
+  close(): void {
+    this.socket.destroy();
+  }
+}
+
+function parse(b: Buffer, at: number): { value: RespValue; end: number } | null {
+  const nl = b.indexOf('\r\n', at);
+  if (nl < 0) return null;
+  const line = b.toString('latin1', at + 1, nl);
+  const next = nl + 2;
+  switch (String.fromCharCode(b[at]!)) {
+    case '+':
+      return { value: line, end: next };
+    case '-':
+      return { value: new Error(line), end: next };
+    case ':':
+      return { value: Number(line), end: next };
+    case '$': {
+      const n = Number(line);
+      if (n < 0) return { value: null, end: next };
+      if (b.byteLength < next + n + 2) return null;
+      return { value: b.toString('utf8', next, next + n), end: next + n + 2 };
+    }
+    case '*': {
+      const n = Number(line);
+      if (n < 0) return { value: null, end: next };
+      const items: RespValue[] = [];
+      let p = next;
+      for (let i = 0; i < n; i++) {
+        const r = parse(b, p);
+        if (r === null) return null;
+        items.push(r.value);
+        p = r.end;
+      }
+      return { value: items, end: p };
+    }
+    default:
+      throw new Error(`bad RESP reply byte ${b[at]}`);
+  }
+}

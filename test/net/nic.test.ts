@@ -1,0 +1,63 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Nic } from '../../src/net/nic.js';
+
+const enc = (s: string) => new TextEncoder().encode(s);
+const dec = (b: Uint8Array | string) => (typeof b === 'string' ? b : new TextDecoder().decode(b));
+
+test('input is admitted one event at a time, in sequence order', () => {
+  const nic = new Nic();
+  nic.enqueue({ seq: 1, kind: 'open', conn: 7 });
+  nic.enqueue({ seq: 2, kind: 'data', conn: 7, bytes: enc('ab') });
+  nic.enqueue({ seq: 3, kind: 'data', conn: 7, bytes: enc('cd') });
+  assert.equal(nic.acceptReady(), false, 'nothing is visible before admission');
+  assert.equal(nic.admitOne(), true);
+  assert.equal(nic.accept(), 7);
+  assert.equal(nic.recv(7, 10, false), 'again');
+  nic.admitOne();
+  assert.equal(dec(nic.recv(7, 10, false) as Uint8Array), 'ab');
+  nic.admitOne();
+  assert.equal(dec(nic.recv(7, 1, true) as Uint8Array), 'c', 'peek does not consume');
+  assert.equal(dec(nic.recv(7, 10, false) as Uint8Array), 'cd');
+  assert.equal(nic.admitOne(), false);
+});
+
+test('stale and repeated events are dropped by sequence number', () => {
+  const nic = new Nic();
+  assert.equal(nic.enqueue({ seq: 5, kind: 'open', conn: 1 }), true);
+  assert.equal(nic.enqueue({ seq: 5, kind: 'open', conn: 1 }), false);
+  assert.equal(nic.enqueue({ seq: 3, kind: 'close', conn: 1 }), false);
+  assert.equal(nic.lastSeq, 5);
+});
+
+test('output offsets count bytes per connection; close reports EOF after data', () => {
+  const nic = new Nic();
+  nic.enqueue({ seq: 1, kind: 'open', conn: 2 });
+  nic.enqueue({ seq: 2, kind: 'data', conn: 2, bytes: enc('x') });
+  nic.enqueue({ seq: 3, kind: 'close', conn: 2 });
+  nic.admitOne(); nic.admitOne(); nic.admitOne();
+  nic.accept();
+  const a = nic.send(2, enc('hello'));
+  const b = nic.send(2, enc('!'));
+  assert.deepEqual([a?.kind === 'out' && a.offset, b?.kind === 'out' && b.offset], [0, 5]);
+  assert.equal(dec(nic.recv(2, 10, false) as Uint8Array), 'x');
+  assert.equal(nic.recv(2, 10, false), 'eof');
+  assert.deepEqual(nic.close(2), { kind: 'close', conn: 2, offset: 6 });
+});
+
+test('save/restore round-trips and restore validates', () => {
+  const nic = new Nic();
+  nic.enqueue({ seq: 1, kind: 'open', conn: 3 });
+  nic.enqueue({ seq: 2, kind: 'data', conn: 3, bytes: enc('abc') });
+  nic.enqueue({ seq: 3, kind: 'data', conn: 3, bytes: enc('def') });
+  nic.admitOne(); nic.admitOne();
+  const copy = new Nic();
+  copy.restore(structuredClone(nic.save()));
+  assert.deepEqual(copy.save(), nic.save());
+  copy.admitOne();
+  assert.equal(copy.accept(), 3);
+  assert.equal(dec(copy.recv(3, 10, false) as Uint8Array), 'abcdef');
+  assert.throws(() => new Nic().restore({ ...nic.save(), backlog: [99] }), /unknown connection 99/);
+  assert.throws(() => new Nic().restore({ ...nic.save(), lastSeq: -1 }), /nic.lastSeq/);
+  assert.throws(() => new Nic().restore({ ...nic.save(), pending: [{ seq: 9, kind: 'bogus', conn: 1 }] }), /nic.pending\[0\]/);
+});
