@@ -1,0 +1,128 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import net from 'node:net';
+import binaryen from 'binaryen';
+import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
+
+async function colo(args: string[], cwd?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return runProgram(process.execPath, [coloBin, ...args], { timeoutMs: 30000, ...(cwd === undefined ? {} : { cwd }) });
+}
+
+function watModule(text: string): Uint8Array {
+  const m = binaryen.parseText(text);
+  try {
+    return m.emitBinary();
+  } finally {
+    m.dispose();
+  }
+}
+
+test('a guest importing anything outside WASI is refused at load, naming the import', async (t) => {
+  const env = new TestEnv(t);
+  const file = env.file('bad.wasm');
+  fs.writeFileSync(file, watModule(`(module (import "env" "foo" (func $foo)) (memory 1) (export "memory" (memory 0)) (func (export "_start") (call $foo)))`));
+  const r = await colo(['run', file]);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /env\.foo/);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+  const garbage = env.file('garbage.wasm');
+  fs.writeFileSync(garbage, 'this is not wasm');
+  const g = await colo(['run', garbage]);
+  assert.notEqual(g.code, 0);
+  assert.match(g.stderr, /not a WebAssembly module|invalid|magic/i);
+});
+
+test('bad options get one clear line and a non-zero exit', async () => {
+  const cases: [string[], RegExp][] = [
+    [['run', guests.spin, '--memory', 'banana'], /--memory: 'banana' is not a size/],
+    [['run', guests.spin, '--serial', 'tcp:x'], /--serial/],
+    [['run', guests.spin, '--frobnicate'], /unknown option '--frobnicate'/],
+    [['run', guests.spin, '--drive', 'snapshot=on'], /file=PATH/],
+    [['run', guests.spin, '--net', 'listen=nowhere'], /bad listen address/],
+    [['run', guests.spin, '--incoming', 'ftp:x'], /--incoming/],
+    [['run'], /missing the guest module/],
+    [['run', '/nonexistent/guest.wasm'], /nonexistent/],
+    [['frobnicate'], /unknown command 'frobnicate'/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await colo(args);
+    assert.notEqual(r.code, 0, `colo ${args.join(' ')} exited 0`);
+    assert.match(r.stderr, re, `colo ${args.join(' ')}`);
+    assert.equal(r.stderr.trim().split('\n').length, 1, `colo ${args.join(' ')} printed more than one line: ${r.stderr}`);
+  }
+});
+
+test('corrupted, truncated and foreign state files are refused; nothing runs half-loaded', async (t) => {
+  const env = new TestEnv(t);
+  const state = env.file('mw.state');
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '32M'], guestArgs: ['4M'] });
+  await src.waitSerial('B');
+  await src.qmp.execute('migrate', { uri: `file:${state}` });
+  await src.waitMigrationStatus('completed');
+  await src.stop();
+  const good = fs.readFileSync(state);
+
+  const corrupt = env.file('corrupt.state');
+  const c = Buffer.from(good);
+  c[Math.floor(c.byteLength / 2)] ^= 0xff;
+  fs.writeFileSync(corrupt, c);
+  const truncated = env.file('truncated.state');
+  fs.writeFileSync(truncated, good.subarray(0, Math.floor(good.byteLength * 0.7)));
+
+  const cases: [string, string, RegExp][] = [
+    [guests.memwalk, corrupt, /checksum mismatch|corrupt/],
+    [guests.memwalk, truncated, /truncated/],
+    [guests.spin, state, /belongs to guest module/],
+  ];
+  for (const [guest, file, re] of cases) {
+    const serial = env.file(`serial-${Math.random()}`);
+    const r = await colo(['run', guest, '--memory', '32M', '--serial', `file:${serial}`, '--incoming', `file:${file}`]);
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, re);
+    assert.equal(fs.existsSync(serial) ? fs.readFileSync(serial, 'utf8') : '', '', 'the refused guest printed nothing (never ran)');
+  }
+  const other = await colo(['run', guests.memwalk, '--memory', '64M', '--incoming', `file:${state}`]);
+  assert.notEqual(other.code, 0);
+  assert.match(other.stderr, /memory layout|--memory/);
+});
+
+test('bad QMP input gets QEMU-style errors and the connection stays usable', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'vm', guest: guests.spin });
+  const sock = net.connect(vm.qmpPath);
+  t.after(() => sock.destroy());
+  let buf = '';
+  sock.on('data', (d) => (buf += d.toString()));
+  const next = async (): Promise<Record<string, unknown>> => {
+    const deadline = Date.now() + 5000;
+    for (;;) {
+      const nl = buf.indexOf('\n');
+      if (nl >= 0) {
+        const line = buf.slice(0, nl);
+        buf = buf.slice(nl + 1);
+        const msg = JSON.parse(line) as Record<string, unknown>;
+        if (!('event' in msg)) return msg;
+        continue;
+      }
+      if (Date.now() > deadline) throw new Error('timed out waiting for a QMP reply');
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  };
+  assert.ok('QMP' in (await next()));
+  sock.write('{"execute":"qmp_capabilities"}\n');
+  assert.deepEqual(await next(), { return: {} });
+  sock.write('{"execute": \n');
+  sock.write('}\n');
+  const bad = (await next()) as { error: { class: string; desc: string } };
+  assert.equal(bad.error.class, 'GenericError');
+  sock.write('{"execute":"no-such-command","id":7}\n');
+  assert.deepEqual(await next(), { error: { class: 'CommandNotFound', desc: 'The command no-such-command has not been found' }, id: 7 });
+  sock.write('{"execute":"pmemsave","arguments":{"val":0}}\n');
+  const missing = (await next()) as { error: { desc: string } };
+  assert.match(missing.error.desc, /Parameter 'size' is missing/);
+  sock.write('{"execute":"query-status","id":"x"}\n');
+  const st = (await next()) as { return: { status: string }; id: string };
+  assert.equal(st.id, 'x');
+  assert.equal(st.return.status, 'running');
+});

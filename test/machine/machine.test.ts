@@ -1,0 +1,83 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadGuest } from '../../src/machine/instrument.js';
+import { Machine } from '../../src/machine/machine.js';
+import { guests, waitFor } from '../framework/harness.js';
+
+async function machineFor(t: { after(fn: () => unknown): void }, guest: string, args: string[], memory = 64 * 1024 * 1024): Promise<{ m: Machine; serial: string }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
+  const serial = path.join(dir, 'serial');
+  const m = await Machine.create({
+    guest: await loadGuest(guest),
+    memoryBytesMax: memory,
+    args: ['guest', ...args],
+    env: [],
+    serial: { kind: 'file', path: serial },
+    drive: null,
+  });
+  t.after(async () => {
+    await m.destroy();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return { m, serial };
+}
+
+test('a guest in a tight loop with no host calls pauses within 20 ms', async (t) => {
+  const { m, serial } = await machineFor(t, guests.spin, []);
+  await m.cont();
+  await waitFor('spin to print its ready line', () => fs.readFileSync(serial, 'utf8').includes('spin ready'), 10000);
+  const times: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    await new Promise((r) => setTimeout(r, 30));
+    const t0 = performance.now();
+    await m.pause();
+    times.push(performance.now() - t0);
+    assert.equal(m.running, false);
+    await m.cont();
+  }
+  times.sort((a, b) => a - b);
+  t.diagnostic(`pause latency ms: ${times.map((x) => x.toFixed(2)).join(' ')}`);
+  assert.ok(times[8]! < 20, `90th percentile pause latency ${times[8]!.toFixed(2)} ms is above 20 ms`);
+  assert.ok(times[9]! < 100, `worst pause latency ${times[9]!.toFixed(2)} ms`);
+});
+
+test('pause, save and restore into a new machine continues the guest exactly', async (t) => {
+  const { m: a, serial: serialA } = await machineFor(t, guests.memwalk, ['1M']);
+  await a.cont();
+  await waitFor('memwalk passes', () => (fs.readFileSync(serialA, 'latin1').match(/B/g)?.length ?? 0) >= 3, 10000);
+  await a.pause();
+  const state = await a.saveVcpu();
+  const ramA = Buffer.from(a.ram());
+
+  const { m: b, serial: serialB } = await machineFor(t, guests.memwalk, ['1M']);
+  b.growRamTo(ramA.byteLength / 65536);
+  b.ram().set(ramA);
+  await b.restoreVcpu(state);
+  assert.ok(Buffer.from(b.ram()).equals(ramA), 'restored RAM equals the saved RAM');
+  await b.cont();
+  await waitFor('the restored memwalk to finish more passes', () => (fs.readFileSync(serialB, 'latin1').match(/B/g)?.length ?? 0) >= 2, 10000);
+  await b.pause();
+  const region = /memwalk start=0x([0-9a-f]+) size=(\d+)/.exec(fs.readFileSync(serialA, 'latin1'));
+  assert.ok(region, 'memwalk printed its region');
+  const start = parseInt(region[1]!, 16);
+  const before = ramA[start]!;
+  const after = Buffer.from(b.ram())[start]!;
+  assert.notEqual(after, before, 'the restored guest kept incrementing its pages');
+});
+
+test('restore refuses a state with a bad field and leaves the machine unchanged', async (t) => {
+  const { m: a } = await machineFor(t, guests.memwalk, ['1M']);
+  await a.cont();
+  await new Promise((r) => setTimeout(r, 50));
+  await a.pause();
+  const state = await a.saveVcpu();
+  const { m: b } = await machineFor(t, guests.memwalk, ['1M']);
+  const before = await b.saveVcpu();
+  await assert.rejects(b.restoreVcpu({ ...state, nic: { ...state.nic, backlog: [42] } }), /nic.backlog\[0\]: unknown connection 42/);
+  await assert.rejects(b.restoreVcpu({ ...state, globals: { ...state.globals, bogus: 1 } }), /unknown global bogus/);
+  const after = await b.saveVcpu();
+  assert.deepEqual(after, before, 'a refused restore changed nothing');
+});
