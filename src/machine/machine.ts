@@ -147,6 +147,18 @@ export class Machine extends EventEmitter {
     return this.memory.buffer.byteLength / limits.wasmPageBytes;
   }
 
+  /**
+   * The 4 KiB pages that make up the machine state: all of guest memory including colo's
+   * asyncify region, but not the dirty byte map (it describes the state, it is not part of it).
+   */
+  statePageRanges(): [number, number][] {
+    const total = this.ram().byteLength / limits.pageBytes;
+    if (!this.layout.storeLog) return [[0, total]];
+    const logStart = Math.floor(this.layout.dirtyLogBase / limits.pageBytes);
+    const logEnd = Math.ceil((this.layout.dirtyLogBase + this.layout.dirtyLogBytes) / limits.pageBytes);
+    return [[0, logStart], [logEnd, total]].filter(([a, b]) => b! > a!) as [number, number][];
+  }
+
   /** Grow RAM to `pages` wasm pages (an incoming state may be larger than a fresh guest). */
   growRamTo(pages: number): void {
     const now = this.ramPages();

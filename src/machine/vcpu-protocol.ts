@@ -19,9 +19,11 @@ export interface GuestGlobalLayout {
 
 /**
  * Where colo-vm keeps its own data inside guest memory: a region reserved just after the
- * guest's initial memory, which a WASI guest never touches because its allocator takes new
- * memory with memory.grow. It holds the asyncify unwind stack and, with store logging, the
- * dirty byte map (one byte per 4 KiB page).
+ * guest's initial memory. The instrumented guest's memory.size does not count it until the
+ * guest first grows memory (global colo$reserved), so an allocator that sizes its first heap
+ * from memory.size (wasi-libc's does) leaves it alone, and later growth lands above it. It
+ * holds the asyncify unwind stack and, with store logging, the dirty byte map (one byte per
+ * 4 KiB page).
  */
 export interface GuestLayout {
   globals: GuestGlobalLayout[];

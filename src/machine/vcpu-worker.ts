@@ -57,6 +57,10 @@ class Vcpu {
     this.exports = this.instance.exports as unknown as AsyncifyExports;
     const budget = this.instance.exports['colo$budget'];
     if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
+    // The guest's memory.size hides colo's reserved region until the guest first grows
+    // memory, so wasi-libc's malloc never claims it (see instrument-walk.ts).
+    const reserved = this.instance.exports['colo$reserved'];
+    if (reserved instanceof WebAssembly.Global) reserved.value = init.layout.reservedPages;
     const log = this.instance.exports['colo$dirtylog'];
     if (log instanceof WebAssembly.Global) log.value = init.layout.dirtyLogBase;
   }
