@@ -82,9 +82,9 @@ test('corrupted, truncated and foreign state files are refused; nothing runs hal
     assert.match(r.stderr, re);
     assert.equal(fs.existsSync(serial) ? fs.readFileSync(serial, 'utf8') : '', '', 'the refused guest printed nothing (never ran)');
   }
-  const other = await colo(['run', guests.memwalk, '--memory', '64M', '--incoming', `file:${state}`]);
-  assert.notEqual(other.code, 0);
-  assert.match(other.stderr, /memory layout|--memory/);
+  const small = await colo(['run', guests.memwalk, '--memory', '2M', '--incoming', `file:${state}`]);
+  assert.notEqual(small.code, 0);
+  assert.match(small.stderr, /above this machine's maximum .*--memory/);
 });
 
 test('bad QMP input gets QEMU-style errors and the connection stays usable', async (t) => {
@@ -112,8 +112,7 @@ test('bad QMP input gets QEMU-style errors and the connection stays usable', asy
   assert.ok('QMP' in (await next()));
   sock.write('{"execute":"qmp_capabilities"}\n');
   assert.deepEqual(await next(), { return: {} });
-  sock.write('{"execute": \n');
-  sock.write('}\n');
+  sock.write('{"execute": }\n');
   const bad = (await next()) as { error: { class: string; desc: string } };
   assert.equal(bad.error.class, 'GenericError');
   sock.write('{"execute":"no-such-command","id":7}\n');
