@@ -51,6 +51,7 @@ export class Machine extends EventEmitter {
   private waiters: { accept: (m: WorkerReply) => boolean; resolve: (m: WorkerReply) => void; reject: (e: Error) => void }[] = [];
   private destroyed = false;
   private vcpuRunning = false;
+  private pendingInput: NicInput[] = [];
   exitCode: number | null = null;
 
   private constructor(cfg: MachineConfig, layout: GuestLayout, memory: WebAssembly.Memory, maximumPages: number, disk: Disk | null, serialFd: number | null) {
@@ -200,6 +201,7 @@ export class Machine extends EventEmitter {
   async saveVcpu(): Promise<VcpuState> {
     this.assertAlive();
     if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the machine must be paused to save its state');
+    this.flushInput();
     this.worker.postMessage({ type: 'save' } satisfies WorkerRequest);
     const r = await this.expect((x) => x.type === 'state' || x.type === 'error', 'the vCPU state', 10000);
     if (r.type === 'error') throw new MachineError('SAVE_FAILED', r.message);
@@ -217,10 +219,20 @@ export class Machine extends EventEmitter {
     return { connections: ok.connections, maxConnId: ok.maxConnId };
   }
 
-  /** Deliver a network input event to the guest NIC. */
+  /**
+   * Deliver a network input event to the guest NIC. Events of one turn of the event loop go
+   * to the vCPU as one message (flushed at setImmediate, or at once before a save).
+   */
   injectInput(ev: NicInput): void {
     if (this.destroyed) return;
-    this.inputPort.postMessage(ev);
+    this.pendingInput.push(ev);
+    if (this.pendingInput.length === 1) setImmediate(() => this.flushInput());
+  }
+
+  private flushInput(): void {
+    if (this.pendingInput.length === 0 || this.destroyed) return;
+    this.inputPort.postMessage(this.pendingInput);
+    this.pendingInput = [];
     Atomics.add(this.ctl, ctl.wake, 1);
     Atomics.notify(this.ctl, ctl.wake);
   }
@@ -269,7 +281,7 @@ export class Machine extends EventEmitter {
   private onWorkerMessage(m: WorkerReply): void {
     switch (m.type) {
       case 'out':
-        this.emit('output', m.out as NicOutput);
+        for (const out of m.outs) this.emit('output', out as NicOutput);
         return;
       case 'running':
         this.vcpuRunning = true;

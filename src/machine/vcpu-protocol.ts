@@ -71,7 +71,7 @@ export type WorkerReply =
   | { type: 'paused' }
   | { type: 'exited'; code: number }
   | { type: 'panicked'; message: string }
-  | { type: 'out'; out: NicOutput }
+  | { type: 'out'; outs: NicOutput[] }
   | { type: 'state'; state: VcpuState }
   | { type: 'restored'; connections: number[]; maxConnId: number }
   | { type: 'error'; message: string; code?: string | undefined };

@@ -42,6 +42,7 @@ class Vcpu {
   private lastWake = 0;
   private logU8: Uint8Array | null = null;
   private logBufferLength = -1;
+  private pendingOut: NicOutput[] = [];
 
   constructor(private readonly memory: WebAssembly.Memory, private readonly inputPort: MessagePort, init: Extract<WorkerRequest, { type: 'init' }>) {
     this.ctl = new Int32Array(init.ctl);
@@ -75,6 +76,7 @@ class Vcpu {
   }
 
   startUnwind(): void {
+    this.flushOutput();
     const p = this.layout.asyncifyBase;
     const dv = new DataView(this.memory.buffer);
     dv.setUint32(p, p + 8, true);
@@ -87,18 +89,30 @@ class Vcpu {
     for (;;) {
       const m = receiveMessageOnPort(this.inputPort);
       if (m === undefined) return;
-      this.nic.enqueue(m.message as NicInput);
+      for (const ev of m.message as NicInput[]) this.nic.enqueue(ev);
     }
   }
 
   waitForInput(timeoutMs: number | null): void {
+    this.flushOutput();
     // Bounded so that a wake that raced with the drain costs latency, never a hang.
     const t = timeoutMs === null ? 100 : Math.min(timeoutMs, 100);
     Atomics.wait(this.ctl, ctl.wake, this.lastWake, t);
   }
 
+  /**
+   * Guest output is batched and handed to the main thread when the guest blocks, unwinds or
+   * exits (or the batch is large): one message per batch instead of one per send.
+   */
   output(out: NicOutput): void {
-    post({ type: 'out', out });
+    this.pendingOut.push(out);
+    if (this.pendingOut.length >= 64) this.flushOutput();
+  }
+
+  flushOutput(): void {
+    if (this.pendingOut.length === 0) return;
+    post({ type: 'out', outs: this.pendingOut });
+    this.pendingOut = [];
   }
 
   markWrite(ptr: number, len: number): void {
@@ -116,6 +130,7 @@ class Vcpu {
 
   private preempt(): void {
     this.finishRewind();
+    this.flushOutput();
     if (this.pauseRequested()) this.startUnwind();
   }
 
@@ -133,6 +148,7 @@ class Vcpu {
       this.exports._start();
     } catch (err) {
       this.clock.pause();
+      this.flushOutput();
       if (err instanceof ProcExit) {
         this.phase = 'exited';
         post({ type: 'exited', code: err.code });
@@ -143,6 +159,7 @@ class Vcpu {
       return;
     }
     this.clock.pause();
+    this.flushOutput();
     if (this.exports.asyncify_get_state() === 1) {
       this.exports.asyncify_stop_unwind();
       this.phase = 'unwound';
