@@ -74,8 +74,12 @@ export class ShadowDirtyTracker implements DirtyTracker {
 
 export class LogDirtyTracker implements DirtyTracker {
   readonly kind = 'log';
-  /** @param logBase guest address of the byte map (one byte per page). */
-  constructor(private readonly logBase: number) {}
+  /**
+   * @param logBase guest address of the byte map (one byte per page).
+   * @param always pages reported by every collect(): the asyncify unwind buffer, which the
+   *   engine writes without marking the map.
+   */
+  constructor(private readonly logBase: number, private readonly always: readonly [number, number] = [0, 0]) {}
 
   reset(ram: Uint8Array, ranges: PageRanges): void {
     for (const [a, b] of ranges) ram.fill(0, this.logBase + a, this.logBase + b);
@@ -89,11 +93,11 @@ export class LogDirtyTracker implements DirtyTracker {
       let p = a;
       const view = new DataView(ram.buffer, ram.byteOffset, ram.byteLength);
       while (p < b) {
-        if ((base + p) % 8 === 0 && p + 8 <= b && view.getBigUint64(base + p, true) === 0n) {
+        if ((base + p) % 8 === 0 && p + 8 <= b && view.getBigUint64(base + p, true) === 0n && (p + 8 <= this.always[0] || p >= this.always[1])) {
           p += 8;
           continue;
         }
-        if (ram[base + p] !== 0) {
+        if (ram[base + p] !== 0 || (p >= this.always[0] && p < this.always[1])) {
           // Clear before the page is read by the sender: a write after this is marked again.
           ram[base + p] = 0;
           out.push(p);

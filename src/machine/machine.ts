@@ -6,6 +6,7 @@ import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/error
 import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
+import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker } from './dirty.js';
 import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 
 /** QEMU's run states, as `query-status` reports them. */
@@ -158,6 +159,16 @@ export class Machine extends EventEmitter {
     const logStart = Math.floor(this.layout.dirtyLogBase / limits.pageBytes);
     const logEnd = Math.ceil((this.layout.dirtyLogBase + this.layout.dirtyLogBytes) / limits.pageBytes);
     return [[0, logStart], [logEnd, total]].filter(([a, b]) => b! > a!) as [number, number][];
+  }
+
+  /** The dirty-page tracker that fits this guest: the store log when it has one. */
+  dirtyTracker(): DirtyTracker {
+    if (this.layout.storeLog) {
+      const first = Math.floor(this.layout.asyncifyBase / limits.pageBytes);
+      const last = Math.ceil((this.layout.asyncifyBase + this.layout.asyncifyBytes) / limits.pageBytes);
+      return new LogDirtyTracker(this.layout.dirtyLogBase, [first, last]);
+    }
+    return new ShadowDirtyTracker(this.maximumPages * limits.wasmPageBytes);
   }
 
   /** Grow RAM to `pages` wasm pages (an incoming state may be larger than a fresh guest). */

@@ -1,0 +1,53 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { Disk, DiskIoError } from '../../src/block/disk.js';
+
+function image(t: { after(fn: () => void): void }, bytes: number): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const p = path.join(dir, 'disk.img');
+  fs.writeFileSync(p, crypto.randomBytes(bytes));
+  return p;
+}
+
+const sha = (p: string) => crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex');
+
+test('snapshot mode: reads see the writes, the image file never changes', (t) => {
+  const p = image(t, 64 * 1024 + 100);
+  const before = sha(p);
+  const original = fs.readFileSync(p);
+  const d = Disk.open(p, { snapshot: true });
+  t.after(() => d.close());
+  const data = Buffer.from('hello, overlay');
+  d.write(data, 4090); // straddles blocks 0 and 1
+  const out = Buffer.alloc(30);
+  d.read(out, 4080);
+  const want = Buffer.from(original.subarray(4080, 4110));
+  data.copy(want, 10);
+  assert.deepEqual(out, want);
+  assert.deepEqual(d.collectDirty(), [0, 1]);
+  assert.deepEqual(d.collectDirty(), []);
+  assert.deepEqual(d.overlayBlocks(), [0, 1]);
+  assert.equal(sha(p), before, 'the image is unchanged');
+  // The last, short block.
+  const tail = Buffer.alloc(200);
+  assert.equal(d.read(tail, 64 * 1024), 100);
+  assert.deepEqual(tail.subarray(0, 100), original.subarray(64 * 1024));
+});
+
+test('writes past the end are refused; plain mode writes through', (t) => {
+  const p = image(t, 8192);
+  const d = Disk.open(p, { snapshot: false });
+  t.after(() => d.close());
+  assert.throws(() => d.write(Buffer.alloc(10), 8190), (e: unknown) => e instanceof DiskIoError);
+  d.write(Buffer.from('xyz'), 100);
+  assert.equal(fs.readFileSync(p).subarray(100, 103).toString(), 'xyz');
+  const copy = Disk.attach(d.spec);
+  const b = Buffer.alloc(3);
+  copy.read(b, 100);
+  assert.equal(b.toString(), 'xyz', 'another thread attached to the spec sees the same disk');
+});

@@ -1,0 +1,107 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { LogDirtyTracker, ShadowDirtyTracker } from '../../src/machine/dirty.js';
+import { loadGuest } from '../../src/machine/instrument.js';
+import { Machine } from '../../src/machine/machine.js';
+import { guests, waitFor } from '../framework/harness.js';
+
+const pageBytes = 4096;
+
+/** A seeded PRNG so a failure names its seed. */
+function rng(seed: number): () => number {
+  let s = seed >>> 0 || 1;
+  return () => {
+    s ^= s << 13;
+    s ^= s >>> 17;
+    s ^= s << 5;
+    return (s >>> 0) / 2 ** 32;
+  };
+}
+
+test('property: both trackers report exactly the oracle\'s pages over random writes', () => {
+  for (let seed = 1; seed <= 40; seed++) {
+    const rand = rng(seed);
+    const pages = 64;
+    const logBase = pages * pageBytes;
+    const ram = new Uint8Array(new SharedArrayBuffer(logBase + pages));
+    const ranges = [[0, pages]] as const;
+    const log = new LogDirtyTracker(logBase);
+    const shadow = new ShadowDirtyTracker(ram.byteLength);
+    log.reset(ram, ranges);
+    shadow.reset(ram, ranges);
+    const target = new Uint8Array(logBase); // what a migration target would hold
+    for (let round = 0; round < 20; round++) {
+      const written = new Set<number>();
+      const writes = Math.floor(rand() * 30);
+      for (let w = 0; w < writes; w++) {
+        // A store of 1..8 bytes anywhere, possibly straddling a page boundary; sometimes
+        // writing the value already there (the log sees it, the shadow must not).
+        const len = 1 + Math.floor(rand() * 8);
+        const addr = Math.floor(rand() * (logBase - len));
+        const same = rand() < 0.2;
+        for (let i = 0; i < len; i++) ram[addr + i] = same ? ram[addr + i]! : Math.floor(rand() * 256);
+        for (const p of new Set([Math.floor(addr / pageBytes), Math.floor((addr + len - 1) / pageBytes)])) {
+          ram[logBase + p] = 1; // what the instrumented store does after writing
+          written.add(p);
+        }
+      }
+      const changed = new Set<number>();
+      for (let p = 0; p < pages; p++) {
+        const a = Buffer.from(ram.buffer, p * pageBytes, pageBytes);
+        if (!a.equals(Buffer.from(target.buffer, p * pageBytes, pageBytes))) changed.add(p);
+      }
+      const fromLog = [...log.collect(ram, ranges)];
+      const fromShadow = [...shadow.collect(ram, ranges)];
+      assert.deepEqual(fromLog, [...written].sort((a, b) => a - b), `seed ${seed} round ${round}: log tracker`);
+      assert.deepEqual(fromShadow, [...changed].sort((a, b) => a - b), `seed ${seed} round ${round}: shadow tracker`);
+      for (const p of fromShadow) {
+        const data = ram.slice(p * pageBytes, (p + 1) * pageBytes);
+        target.set(data, p * pageBytes);
+        shadow.noteSent(p, data);
+      }
+    }
+  }
+});
+
+test('on a real guest the store log and the shadow compare agree', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-dirty-'));
+  const serial = path.join(dir, 'serial');
+  const m = await Machine.create({
+    guest: await loadGuest(guests.memwalk, { storeLog: true }),
+    memoryBytesMax: 64 * 1024 * 1024,
+    args: ['memwalk', '4M'],
+    env: [],
+    serial: { kind: 'file', path: serial },
+    drive: null,
+  });
+  t.after(async () => {
+    await m.destroy();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  await m.cont();
+  await waitFor('memwalk to start', () => fs.readFileSync(serial, 'latin1').includes('B'), 20000);
+  await m.pause();
+  const log = m.dirtyTracker();
+  assert.equal(log.kind, 'log');
+  const shadow = new ShadowDirtyTracker(m.ram().byteLength + 64 * 1024 * 1024);
+  log.reset(m.ram(), m.statePageRanges());
+  shadow.reset(m.ram(), m.statePageRanges());
+  const region = /start=0x([0-9a-f]+) size=(\d+)/.exec(fs.readFileSync(serial, 'latin1'))!;
+  const first = parseInt(region[1]!, 16) / pageBytes;
+  const count = Number(region[2]) / pageBytes;
+  for (let i = 0; i < 3; i++) {
+    await m.cont();
+    await new Promise((r) => setTimeout(r, 20 + i * 30));
+    await m.pause();
+    const ram = m.ram();
+    const fromShadow = new Set(shadow.collect(ram, m.statePageRanges()));
+    const fromLog = new Set(log.collect(ram, m.statePageRanges()));
+    for (const p of fromShadow) assert.ok(fromLog.has(p), `page ${p} changed but the store log missed it`);
+    const walked = [...fromShadow].filter((p) => p >= first && p < first + count).length;
+    assert.ok(walked > 0, 'memwalk changed pages of its region');
+    t.diagnostic(`interval ${i}: shadow ${fromShadow.size} pages, log ${fromLog.size} pages`);
+  }
+});
