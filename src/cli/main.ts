@@ -10,7 +10,7 @@ usage:
   colo run GUEST.wasm [--memory SIZE] [--drive file=PATH[,snapshot=on]] [--snapshot]
                       [--net listen=HOST:PORT] [--serial file:PATH|stdio|none]
                       [--qmp unix:PATH|tcp:HOST:PORT] [-S] [--name NAME]
-                      [--incoming defer|tcp:HOST:PORT|file:PATH] [-- GUEST-ARGS...]
+                      [--incoming file:PATH] [--dirty-log store|shadow] [-- GUEST-ARGS...]
   colo qmp ADDRESS COMMAND [key=value ...]     run one QMP command (qmp-shell style)
   colo img create [--if-missing] FILE SIZE      create a raw disk image
   colo help                                    this text

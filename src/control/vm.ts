@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
-import { ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { ColoError, MigrationError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { limits } from '../core/limits.js';
 import { loadGuest } from '../machine/instrument.js';
@@ -94,7 +94,9 @@ export class Vm extends EventEmitter {
       log.info(`machine restored from ${inc.slice(5)}`);
       this.machine.setRunState('paused');
     } else if (inc !== null) {
-      this.machine.setRunState('inmigrate');
+      // Live migration over TCP is issue 3's engine; until it lands this is a clear refusal
+      // rather than a VM that waits forever.
+      throw new UsageError('INCOMING_UNSUPPORTED', `--incoming ${inc}: only file:PATH is supported by this build`);
     }
     if (inc === null || inc.startsWith('file:')) {
       await this.startFrontEnd();
