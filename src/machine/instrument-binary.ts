@@ -10,6 +10,7 @@
  * names the proposal.
  */
 import { GuestLoadError } from '../core/errors.js';
+import { concatBytes } from '../core/bytes.js';
 
 /** The import module of every function a guest may import. */
 export const wasiModule = 'wasi_snapshot_preview1';
@@ -670,15 +671,7 @@ export function memoryToImport(
     parts.push(bytes.subarray(s.headerStart, s.end));
   }
   flushBefore(100);
-  let total = 0;
-  for (const p of parts) total += p.length;
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
+  return concatBytes(parts);
 }
 
 /** Reads the imports of an (instrumented) module: used to check the final output. */

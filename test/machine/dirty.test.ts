@@ -1,12 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
 import { LogDirtyTracker, ShadowDirtyTracker } from '../../src/machine/dirty.js';
-import { loadGuest } from '../../src/machine/instrument.js';
-import { Machine } from '../../src/machine/machine.js';
 import { guests, waitFor } from '../framework/harness.js';
+import { machineFor } from '../framework/machine.js';
 
 const pageBytes = 4096;
 
@@ -67,29 +63,16 @@ test('property: both trackers report exactly the oracle\'s pages over random wri
 });
 
 test('on a real guest the store log and the shadow compare agree', async (t) => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-dirty-'));
-  const serial = path.join(dir, 'serial');
-  const m = await Machine.create({
-    guest: await loadGuest(guests.memwalk, { storeLog: true }),
-    memoryBytesMax: 64 * 1024 * 1024,
-    args: ['memwalk', '4M'],
-    env: [],
-    serial: { kind: 'file', path: serial },
-    drive: null,
-  });
-  t.after(async () => {
-    await m.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  const { m, serialText } = await machineFor(t, guests.memwalk, ['4M'], { storeLog: true });
   await m.cont();
-  await waitFor('memwalk to start', () => fs.readFileSync(serial, 'latin1').includes('B'), 20000);
+  await waitFor('memwalk to start', () => serialText().includes('B'), 20000);
   await m.pause();
   const log = m.dirtyTracker();
   assert.equal(log.kind, 'log');
   const shadow = new ShadowDirtyTracker(m.ram().byteLength + 64 * 1024 * 1024);
   log.reset(m.ram(), m.statePageRanges());
   shadow.reset(m.ram(), m.statePageRanges());
-  const region = /start=0x([0-9a-f]+) size=(\d+)/.exec(fs.readFileSync(serial, 'latin1'))!;
+  const region = /start=0x([0-9a-f]+) size=(\d+)/.exec(serialText())!;
   const first = parseInt(region[1]!, 16) / pageBytes;
   const count = Number(region[2]) / pageBytes;
   for (let i = 0; i < 3; i++) {

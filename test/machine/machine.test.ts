@@ -1,29 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import os from 'node:os';
-import path from 'node:path';
-import { loadGuest } from '../../src/machine/instrument.js';
-import { Machine } from '../../src/machine/machine.js';
 import { guests, waitFor } from '../framework/harness.js';
-
-async function machineFor(t: { after(fn: () => unknown): void }, guest: string, args: string[], memory = 64 * 1024 * 1024): Promise<{ m: Machine; serial: string }> {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
-  const serial = path.join(dir, 'serial');
-  const m = await Machine.create({
-    guest: await loadGuest(guest),
-    memoryBytesMax: memory,
-    args: ['guest', ...args],
-    env: [],
-    serial: { kind: 'file', path: serial },
-    drive: null,
-  });
-  t.after(async () => {
-    await m.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
-  return { m, serial };
-}
+import { machineFor } from '../framework/machine.js';
 
 test('a guest in a tight loop with no host calls pauses within 20 ms', async (t) => {
   const { m, serial } = await machineFor(t, guests.spin, []);

@@ -1,0 +1,29 @@
+/** An in-process Machine for tests, with a serial file; destroyed after the test. */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { loadGuest } from '../../src/machine/instrument.js';
+import { Machine } from '../../src/machine/machine.js';
+
+export async function machineFor(
+  t: { after(fn: () => unknown): void },
+  guest: string,
+  args: string[],
+  opts: { memoryBytes?: number; storeLog?: boolean } = {},
+): Promise<{ m: Machine; serial: string; serialText(): string }> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
+  const serial = path.join(dir, 'serial');
+  const m = await Machine.create({
+    guest: await loadGuest(guest, { storeLog: opts.storeLog ?? false }),
+    memoryBytesMax: opts.memoryBytes ?? 64 * 1024 * 1024,
+    args: ['guest', ...args],
+    env: [],
+    serial: { kind: 'file', path: serial },
+    drive: null,
+  });
+  t.after(async () => {
+    await m.destroy();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+  return { m, serial, serialText: () => fs.readFileSync(serial, 'latin1') };
+}
