@@ -3,6 +3,7 @@ import { ColoError, errorMessage } from '../core/errors.js';
 import { runCommand } from './run.js';
 import { qmpCommand } from './qmp.js';
 import { imgCommand } from './img.js';
+import { migrateCommand } from './migrate.js';
 
 const usage = `colo — COLO fault tolerance for WebAssembly virtual machines
 
@@ -10,7 +11,11 @@ usage:
   colo run GUEST.wasm [--memory SIZE] [--drive file=PATH[,snapshot=on]] [--snapshot]
                       [--net listen=HOST:PORT] [--serial file:PATH|stdio|none]
                       [--qmp unix:PATH|tcp:HOST:PORT] [-S] [--name NAME]
-                      [--incoming file:PATH] [--dirty-log store|shadow] [-- GUEST-ARGS...]
+                      [--incoming defer|tcp:HOST:PORT|file:PATH] [--dirty-log store|shadow]
+                      [-- GUEST-ARGS...]
+  colo migrate SOURCE-QMP tcp:HOST:PORT [--parallel] [--parallel-connections N]
+                      [--bandwidth MIB] [--downtime MS] [--target-qmp ADDRESS] [--quiet]
+                                               live-migrate a VM, with a progress bar
   colo qmp ADDRESS COMMAND [key=value ...]     run one QMP command (qmp-shell style)
   colo img create [--if-missing] FILE SIZE      create a raw disk image
   colo help                                    this text
@@ -25,6 +30,8 @@ async function main(argv: string[]): Promise<number> {
       return qmpCommand(rest);
     case 'img':
       return imgCommand(rest);
+    case 'migrate':
+      return migrateCommand(rest);
     case undefined:
     case 'help':
     case '--help':

@@ -49,6 +49,7 @@ export interface RunOptions {
   name: string | null;
   incoming: string | null;
   guestArgs: string[];
+  /** --dirty-log store|shadow; null: the default (store, see control/vm.ts). */
   storeLog: boolean | null;
 }
 

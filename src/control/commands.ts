@@ -1,4 +1,5 @@
 import { QmpCommandError } from '../core/errors.js';
+import { capabilityNames, parameterSchema } from '../migration/params.js';
 import type { QmpServer } from './qmp-server.js';
 import type { Vm } from './vm.js';
 
@@ -26,16 +27,58 @@ export function registerCommands(qmp: QmpServer, vm: Vm): void {
     handler: ({ val, size, filename }) => vm.pmemsave(val, size, filename),
   });
   qmp.register({
+    name: 'query-memory-size-summary',
+    handler: () => ({ 'base-memory': vm.machine.ram().byteLength }),
+  });
+  qmp.register({
     name: 'query-name',
     handler: () => (vm.opts.name === null ? {} : { name: vm.opts.name }),
   });
+  registerMigrationCommands(qmp, vm);
+}
+
+/** QEMU's migration commands (qapi/migration.json), on migration-control.ts. */
+function registerMigrationCommands(qmp: QmpServer, vm: Vm): void {
+  const mc = vm.migration;
   qmp.register({
     name: 'migrate',
     args: { uri: 'str', '*detach': 'bool', '*resume': 'bool' },
-    handler: ({ uri }) => {
-      if (uri.startsWith('file:') && uri.length > 5) return vm.startFileMigration(uri.slice(5));
-      throw new QmpCommandError('GenericError', `Invalid migration URI '${uri}' (expected file:PATH or tcp:HOST:PORT)`);
+    handler: ({ uri, resume }) => {
+      if (resume === true) throw new QmpCommandError('GenericError', 'postcopy recovery (resume) is not supported by colo-vm');
+      mc.migrate(uri);
     },
   });
-  qmp.register({ name: 'query-migrate', handler: () => vm.queryMigrate() });
+  qmp.register({
+    name: 'migrate-incoming',
+    args: { uri: 'str', '*exit-on-error': 'bool' },
+    handler: async ({ uri, 'exit-on-error': exitOnError }) => mc.migrateIncoming(uri, exitOnError),
+  });
+  qmp.register({ name: 'query-migrate', handler: () => mc.query() });
+  qmp.register({
+    name: 'migrate-set-capabilities',
+    args: { capabilities: [{ struct: { capability: { enum: capabilityNames }, state: 'bool' } }] },
+    handler: ({ capabilities }) => mc.setCapabilities(capabilities),
+  });
+  qmp.register({ name: 'query-migrate-capabilities', handler: () => mc.settings.queryCapabilities() });
+  qmp.register({
+    name: 'migrate-set-parameters',
+    args: parameterSchema,
+    handler: (update) => mc.setParameters(update),
+  });
+  qmp.register({ name: 'query-migrate-parameters', handler: () => mc.settings.queryParameters() });
+  for (const name of ['migrate_cancel', 'migrate-cancel']) {
+    qmp.register({ name, allowOob: true, handler: () => mc.cancel() });
+  }
+  qmp.register({
+    name: 'yank',
+    args: { instances: [{ struct: { type: { enum: ['migration', 'block-node', 'chardev'] }, '*node-name': 'str', '*id': 'str' } }] },
+    allowOob: true,
+    handler: ({ instances }) => {
+      for (const i of instances) {
+        if (i.type !== 'migration') throw new QmpCommandError('DeviceNotFound', `Instance '${i.type}' not found`);
+      }
+      if (instances.length > 0) mc.yank();
+    },
+  });
+  qmp.register({ name: 'query-yank', handler: () => mc.yankInstances() });
 }

@@ -1,43 +1,18 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
-import { ColoError, MigrationError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
+import { ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { logger } from '../core/log.js';
-import { limits } from '../core/limits.js';
 import { loadGuest } from '../machine/instrument.js';
 import { Machine, type RunState } from '../machine/machine.js';
 import { FrontEnd } from '../net/frontend.js';
 import type { NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
-import { loadMachineFromFile, saveMachineToFile } from '../migration/file.js';
+import { loadMachineFromFile } from '../migration/file.js';
+import { MigrationControl } from './migration-control.js';
 
 const log = logger('vm');
 
-/** QEMU's MigrationStatus values that colo-vm uses. */
-export type MigrationStatus =
-  | 'none'
-  | 'setup'
-  | 'cancelling'
-  | 'cancelled'
-  | 'active'
-  | 'postcopy-active'
-  | 'device'
-  | 'completed'
-  | 'failed'
-  | 'colo'
-  | 'pre-switchover';
-
-export interface MigrationInfo {
-  status: MigrationStatus;
-  startTimeMs: number;
-  endTimeMs: number | null;
-  setupTimeMs: number;
-  downtimeMs: number | null;
-  transferredBytes: number;
-  totalBytes: number;
-  normalPages: number;
-  zeroPages: number;
-  errorDesc: string | null;
-}
+export type { MigrationStatus } from '../migration/status.js';
 
 /**
  * One VM process: the machine, its network front end, and the state QMP reports. Emits
@@ -45,11 +20,13 @@ export interface MigrationInfo {
  */
 export class Vm extends EventEmitter {
   frontEnd: FrontEnd | null = null;
-  migration: MigrationInfo | null = null;
+  /** Migration settings, the current or last migration, query-migrate (migration-control.ts). */
+  readonly migration: MigrationControl;
   private quitting = false;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
+    this.migration = new MigrationControl(this);
     machine.on('stop', () => this.event('STOP'));
     machine.on('resume', () => this.event('RESUME'));
     machine.on('output', (out: NicOutput) => this.frontEnd?.deliver(out));
@@ -65,7 +42,10 @@ export class Vm extends EventEmitter {
   }
 
   static async create(opts: RunOptions): Promise<Vm> {
-    const guest = await loadGuest(opts.guestPath, { storeLog: opts.storeLog ?? false });
+    // The store log is the default dirty tracker: migration and checkpoints find dirty pages in
+    // O(dirty) and skip never-written memory; it costs the guest some speed on store-heavy
+    // loops (docs/benchmarks.md, "Migration"). --dirty-log shadow turns it off.
+    const guest = await loadGuest(opts.guestPath, { storeLog: opts.storeLog ?? true });
     const machine = await Machine.create({
       guest,
       memoryBytesMax: opts.memoryBytes,
@@ -94,9 +74,9 @@ export class Vm extends EventEmitter {
       log.info(`machine restored from ${inc.slice(5)}`);
       this.machine.setRunState('paused');
     } else if (inc !== null) {
-      // Live migration over TCP is issue 3's engine; until it lands this is a clear refusal
-      // rather than a VM that waits forever.
-      throw new UsageError('INCOMING_UNSUPPORTED', `--incoming ${inc}: only file:PATH is supported by this build`);
+      // The machine waits, never started, for the whole stream (migration/destination.ts).
+      this.machine.setRunState('inmigrate');
+      if (inc.startsWith('tcp:')) await this.migration.startIncoming(inc);
     }
     if (inc === null || inc.startsWith('file:')) {
       await this.startFrontEnd();
@@ -128,9 +108,7 @@ export class Vm extends EventEmitter {
     if (s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked' || s === 'internal-error') {
       throw new QmpCommandError('GenericError', `the VM cannot run in state ${s}`);
     }
-    if (this.migration !== null && (this.migration.status === 'active' || this.migration.status === 'setup' || this.migration.status === 'device')) {
-      throw new QmpCommandError('GenericError', 'a migration is in progress');
-    }
+    if (this.migration.busy) throw new QmpCommandError('GenericError', 'a migration is in progress');
     await this.machine.cont();
   }
 
@@ -147,90 +125,6 @@ export class Vm extends EventEmitter {
     }
   }
 
-  private setMigrationStatus(status: MigrationStatus): void {
-    if (this.migration === null) return;
-    this.migration.status = status;
-    this.event('MIGRATION', { status });
-  }
-
-  /** migrate uri=file:PATH — the whole machine into a file; the VM ends in postmigrate. */
-  startFileMigration(path: string): void {
-    if (this.migration !== null && ['setup', 'active', 'device', 'cancelling', 'colo'].includes(this.migration.status)) {
-      throw new QmpCommandError('GenericError', 'There is a migration process in progress');
-    }
-    const s = this.machine.runState;
-    if (s === 'inmigrate' || s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked') {
-      throw new QmpCommandError('GenericError', `cannot migrate a VM in state ${s}`);
-    }
-    const start = Date.now();
-    this.migration = {
-      status: 'none', startTimeMs: start, endTimeMs: null, setupTimeMs: 0, downtimeMs: null,
-      transferredBytes: 0, totalBytes: this.machine.ram().byteLength, normalPages: 0, zeroPages: 0, errorDesc: null,
-    };
-    this.setMigrationStatus('setup');
-    void this.runFileMigration(path, start);
-  }
-
-  private async runFileMigration(path: string, start: number): Promise<void> {
-    const info = this.migration!;
-    const wasRunning = this.machine.running;
-    try {
-      info.setupTimeMs = Date.now() - start;
-      this.setMigrationStatus('active');
-      await this.machine.pause('finish-migrate');
-      const stoppedAt = Date.now();
-      this.setMigrationStatus('device');
-      const vcpu = await this.machine.saveVcpu();
-      const stats = saveMachineToFile(this.machine, vcpu, path);
-      info.transferredBytes = stats.bytes;
-      info.normalPages = stats.normalPages;
-      info.zeroPages = stats.zeroPages;
-      info.downtimeMs = Date.now() - stoppedAt;
-      info.endTimeMs = Date.now();
-      this.machine.setRunState('postmigrate');
-      this.setMigrationStatus('completed');
-      log.info(`machine saved to ${path} (${stats.bytes} bytes, ${stats.normalPages} pages, ${stats.zeroPages} zero pages)`);
-    } catch (err) {
-      info.errorDesc = errorMessage(err);
-      info.endTimeMs = Date.now();
-      log.warn(`migration to ${path} failed: ${info.errorDesc}`);
-      this.setMigrationStatus('failed');
-      if (this.machine.runState === 'finish-migrate') this.machine.setRunState('paused');
-      if (wasRunning) {
-        try {
-          await this.machine.cont();
-        } catch (e) {
-          log.error(`could not resume the VM after a failed migration: ${errorMessage(e)}`);
-        }
-      }
-    }
-  }
-
-  queryMigrate(): Record<string, unknown> {
-    const m = this.migration;
-    if (m === null) return {};
-    const out: Record<string, unknown> = { status: m.status };
-    if (m.status === 'failed' && m.errorDesc !== null) out['error-desc'] = m.errorDesc;
-    const end = m.endTimeMs ?? Date.now();
-    out['total-time'] = end - m.startTimeMs;
-    out['setup-time'] = m.setupTimeMs;
-    if (m.downtimeMs !== null) out.downtime = m.downtimeMs;
-    const seconds = Math.max(0.001, (end - m.startTimeMs) / 1000);
-    out.ram = {
-      transferred: m.transferredBytes,
-      total: m.totalBytes,
-      remaining: m.status === 'completed' ? 0 : m.totalBytes,
-      duplicate: m.zeroPages,
-      normal: m.normalPages,
-      'normal-bytes': m.normalPages * limits.pageBytes,
-      'dirty-sync-count': 1,
-      mbps: (m.transferredBytes * 8) / 1e6 / seconds,
-      'dirty-pages-rate': 0,
-      'page-size': limits.pageBytes,
-    };
-    return out;
-  }
-
   quit(code = 0): void {
     if (this.quitting) return;
     this.quitting = true;
@@ -238,6 +132,7 @@ export class Vm extends EventEmitter {
   }
 
   async destroy(): Promise<void> {
+    await this.migration.close().catch((err: unknown) => log.debug(`closing the migration: ${errorMessage(err)}`));
     await this.frontEnd?.close();
     this.frontEnd = null;
     await this.machine.destroy();

@@ -35,9 +35,38 @@ export const limits = {
   /** Multifd channels. */
   multifdChannelsMax: 16,
   multifdChannelsDefault: 2,
+  /** Zero pages (offsets only) in one multifd packet. */
+  multifdZeroPagesPerPacketMax: 16384,
+  /** Packets a multifd sender prepares ahead of the socket (each slot holds one packet). */
+  multifdSendSlots: 8,
   /** Pre-copy rounds before stop-and-copy is forced. */
   precopyRoundsMax: 30,
   downtimeLimitMsDefault: 300,
+  /** Largest downtime-limit accepted (QEMU's bound: 2000 s). */
+  downtimeLimitMsMax: 2000 * 1000,
+  /** A round must move at least this many bytes for its rate to update the bandwidth estimate. */
+  bandwidthSampleBytesMin: 1024 * 1024,
+  /** Connecting a migration channel (main or multifd), TCP connect plus handshake. */
+  migrationConnectTimeoutMs: 10000,
+  /** The destination answers the source's hello and setup within this time. */
+  migrationHandshakeTimeoutMs: 30000,
+  /**
+   * The source's VM is paused from stop-and-copy until the destination confirms it loaded the
+   * state; past this the migration fails and the source runs again.
+   */
+  switchoverTimeoutMs: 30000,
+  /** After `go`, how long the source waits for the destination's `resumed` (for the downtime figure). */
+  resumedNoticeTimeoutMs: 5000,
+  /** Frames the destination's main channel has received but not yet applied, in bytes, before it stops reading. */
+  mainChannelQueueBytesMax: 64 * 1024 * 1024,
+  /** Bytes a main channel lets wait in its socket's buffer before a sender waits for it to drain. */
+  mainChannelWriteBufferBytesMax: 4 * 1024 * 1024,
+  /** Page ranges in one ramZeroRanges frame. */
+  ramZeroRangesPerFrameMax: 65536,
+  /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */
+  ramGrowWaitMs: 10000,
+  /** Blocks read from the disk at once when a migration round scans it. */
+  diskReadBlocksMax: 256,
   /** COLO periodic checkpoint interval default (QEMU's default is 20000 ms). */
   checkpointDelayMsDefault: 20000,
 

@@ -26,6 +26,24 @@ export interface DirtyTracker {
    * after the send began.
    */
   noteSent(page: number, data: Uint8Array | null): void;
+  /**
+   * A migration is about to send every page (and to noteSent() each): afterwards collect()
+   * reports pages that changed since they were sent.
+   */
+  beginFullSend(ram: Uint8Array, ranges: PageRanges): void;
+  /**
+   * True only for a page known not to have been written since the machine booted (so it
+   * holds zeros, unless the module's data segments or colo's reserved region put something
+   * there — the caller checks those). False when unknown.
+   */
+  neverWritten(page: number): boolean;
+  /**
+   * The same as a map (0 = never written, as neverWritten says; 1 = maybe; on a
+   * SharedArrayBuffer, so other threads can read it), or null when nothing is known.
+   */
+  writtenMap(): Uint8Array | null;
+  /** RAM now holds pages that nobody logged (a restore, an incoming migration): know nothing. */
+  forgetHistory(): void;
 }
 
 const pageBytes = limits.pageBytes;
@@ -67,44 +85,104 @@ export class ShadowDirtyTracker implements DirtyTracker {
 
   noteSent(page: number, data: Uint8Array | null): void {
     const off = page * pageBytes;
-    if (data === null) this.shadowBuf.fill(0, off, off + pageBytes);
-    else this.shadowBuf.set(data.subarray(0, pageBytes), off);
+    if (data === null) {
+      // Writing zeros into untouched shadow memory would allocate it: only where needed.
+      if (this.shadowBuf.compare(zeroPage, 0, pageBytes, off, off + pageBytes) !== 0) this.shadowBuf.fill(0, off, off + pageBytes);
+    } else {
+      this.shadowBuf.set(data.subarray(0, pageBytes), off);
+    }
+  }
+
+  beginFullSend(): void {
+    // Every page is about to be sent and noteSent(): the shadow follows from that.
+  }
+
+  neverWritten(_page: number): boolean {
+    return false;
+  }
+
+  writtenMap(): null {
+    return null;
+  }
+
+  forgetHistory(): void {
+    // A shadow compares contents; it keeps no history.
+  }
+}
+
+const zeroPage = Buffer.alloc(pageBytes);
+
+const zeroChunk = Buffer.alloc(4096);
+
+/** Call `f(i)` for every non-zero byte of map[from, to), skipping zero stretches 4 KiB at a time. */
+function forMarked(map: Buffer, from: number, to: number, f: (i: number) => void): void {
+  for (let c = from; c < to; c += zeroChunk.byteLength) {
+    const end = Math.min(to, c + zeroChunk.byteLength);
+    if (map.compare(zeroChunk, 0, end - c, c, end) === 0) continue;
+    for (let i = c; i < end; i++) if (map[i] !== 0) f(i);
   }
 }
 
 export class LogDirtyTracker implements DirtyTracker {
   readonly kind = 'log';
+  /** Pages written since boot, as far as collected (null: unknown). */
+  private ever: Uint8Array | null;
+
   /**
    * @param logBase guest address of the byte map (one byte per page).
    * @param always pages reported by every collect(): the asyncify unwind buffer, which the
    *   engine writes without marking the map.
+   * @param history.sinceBoot the map has run since the machine booted (nobody cleared it and
+   *   RAM holds nothing it did not see), so a page never marked was never written;
+   *   history.pagesMax is the size of guest RAM's maximum in pages.
    */
-  constructor(private readonly logBase: number, private readonly always: readonly [number, number] = [0, 0]) {}
+  constructor(
+    private readonly logBase: number,
+    private readonly always: readonly [number, number] = [0, 0],
+    history: { sinceBoot: boolean; pagesMax: number } = { sinceBoot: false, pagesMax: 0 },
+  ) {
+    // Shared: multifd sender threads read it to skip pages that were never written.
+    this.ever = history.sinceBoot ? new Uint8Array(new SharedArrayBuffer(Math.max(1, history.pagesMax))) : null;
+    if (this.ever !== null) this.ever.fill(1, always[0], always[1]);
+  }
 
   reset(ram: Uint8Array, ranges: PageRanges): void {
-    for (const [a, b] of ranges) ram.fill(0, this.logBase + a, this.logBase + b);
+    // Clear mark by mark, as collect does, never with one fill over the map: a mark the guest
+    // sets while we scan must survive (the page may already count as never written).
+    this.collect(ram, ranges);
+  }
+
+  writtenMap(): Uint8Array | null {
+    return this.ever;
+  }
+
+  beginFullSend(ram: Uint8Array, ranges: PageRanges): void {
+    this.reset(ram, ranges);
+  }
+
+  neverWritten(page: number): boolean {
+    return this.ever !== null && page < this.ever.length && this.ever[page] === 0 && !(page >= this.always[0] && page < this.always[1]);
+  }
+
+  forgetHistory(): void {
+    this.ever = null;
   }
 
   collect(ram: Uint8Array, ranges: PageRanges): Uint32Array {
     const out: number[] = [];
     const base = this.logBase;
+    const map = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
+    const [a0, a1] = this.always;
     for (const [a, b] of ranges) {
-      // Scan 8 bytes at a time where the map is aligned: most of it is zero.
-      let p = a;
-      const view = new DataView(ram.buffer, ram.byteOffset, ram.byteLength);
-      while (p < b) {
-        if ((base + p) % 8 === 0 && p + 8 <= b && view.getBigUint64(base + p, true) === 0n && (p + 8 <= this.always[0] || p >= this.always[1])) {
-          p += 8;
-          continue;
-        }
-        if (ram[base + p] !== 0 || (p >= this.always[0] && p < this.always[1])) {
-          // Clear before the page is read by the sender: a write after this is marked again.
-          ram[base + p] = 0;
-          out.push(p);
-        }
-        p++;
-      }
+      // The always-reported pages are marked here, so that one ascending scan reports all.
+      for (let p = Math.max(a, a0); p < Math.min(b, a1); p++) ram[base + p] = 1;
+      forMarked(map, base + a, base + b, (i) => {
+        // Clear before the page is read by the sender: a write after this is marked again.
+        ram[i] = 0;
+        out.push(i - base);
+      });
     }
+    if (this.ever !== null) for (const p of out) this.ever[p] = 1;
     return Uint32Array.from(out);
   }
 

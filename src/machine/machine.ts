@@ -161,12 +161,17 @@ export class Machine extends EventEmitter {
     return [[0, logStart], [logEnd, total]].filter(([a, b]) => b! > a!) as [number, number][];
   }
 
-  /** The dirty-page tracker that fits this guest: the store log when it has one. */
-  dirtyTracker(): DirtyTracker {
+  /**
+   * The dirty-page tracker that fits this guest: the store log when it has one. `sinceBoot`:
+   * the machine booted fresh and nothing but the guest wrote its RAM yet, so the log also tells
+   * which pages were never written (a migration sends those as zero pages without reading them).
+   */
+  dirtyTracker(opts: { sinceBoot?: boolean } = {}): DirtyTracker {
     if (this.layout.storeLog) {
       const first = Math.floor(this.layout.asyncifyBase / limits.pageBytes);
       const last = Math.ceil((this.layout.asyncifyBase + this.layout.asyncifyBytes) / limits.pageBytes);
-      return new LogDirtyTracker(this.layout.dirtyLogBase, [first, last]);
+      const pagesMax = (this.maximumPages * limits.wasmPageBytes) / limits.pageBytes;
+      return new LogDirtyTracker(this.layout.dirtyLogBase, [first, last], { sinceBoot: opts.sinceBoot ?? false, pagesMax });
     }
     return new ShadowDirtyTracker(this.maximumPages * limits.wasmPageBytes);
   }

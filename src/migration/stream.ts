@@ -23,14 +23,23 @@ export const FrameType = {
   ramPages: 0x10,
   ramZero: 0x11,
   roundEnd: 0x12,
+  /** Guest RAM grew: JSON {pages} in 64 KiB pages, sent before any page beyond the old size. */
+  ramSize: 0x13,
+  /** Ranges of pages that are all zero (never written since boot): [start, end) pairs, no data. */
+  ramZeroRanges: 0x14,
   diskBlocks: 0x20,
+  /** Disk blocks that are all zeros: an index list without data. */
+  diskZero: 0x21,
   deviceState: 0x30,
+  /** Source → destination: the destination confirmed it loaded the state; run now. */
+  switchover: 0x3d,
   abort: 0x3e,
   end: 0x3f,
-  /** Return path and COLO control messages (colo/). */
+  /** Destination → source messages on the return direction (ready, refuse, loaded, resumed, error). */
   reply: 0x40,
+  /** COLO control messages, both directions (colo/). */
   colo: 0x41,
-  /** Multifd channel packets. */
+  /** Reserved: multifd channels carry their own packet format (multifd-format.ts), not frames. */
   mfdPages: 0x50,
   mfdSync: 0x51,
 } as const;

@@ -10,13 +10,15 @@ import path from 'node:path';
 import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'node:test';
-import { QmpClient } from '../../src/control/qmp-client.js';
+import crypto from 'node:crypto';
+import { QmpClient, type QmpEvent } from '../../src/control/qmp-client.js';
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
 export const coloBin = path.join(repoRoot, 'dist/src/cli/main.js');
 export const guests = {
   memwalk: path.join(repoRoot, 'test/guests/memwalk.wasm'),
   spin: path.join(repoRoot, 'test/guests/spin.wasm'),
+  fill: path.join(repoRoot, 'test/guests/fill.wasm'),
   kv: path.join(repoRoot, 'examples/kv/kv.wasm'),
 };
 
@@ -161,6 +163,54 @@ export class VmProcess {
     return r.status ?? 'none';
   }
 
+  /** Wait for a QMP event (counting from `after`, an earlier `qmp.eventCount`; default: all since connect). */
+  async waitEvent(name: string, opts: { after?: number; where?: (e: QmpEvent) => boolean; nth?: number; timeoutMs?: number } = {}): Promise<QmpEvent> {
+    return this.qmp.waitEvent(name, { timeoutMs: 30000, ...opts });
+  }
+
+  /** Events of `name` received so far (since `after`). */
+  eventsOf(name: string, after = 0): QmpEvent[] {
+    return this.qmp.events.filter((e) => e.index >= after && e.event === name);
+  }
+
+  /** migrate-set-capabilities and migrate-set-parameters in one call. */
+  async setMigration(capabilities: Record<string, boolean>, parameters: Record<string, number> = {}): Promise<void> {
+    const caps = Object.entries(capabilities).map(([capability, state]) => ({ capability, state }));
+    if (caps.length > 0) await this.qmp.execute('migrate-set-capabilities', { capabilities: caps });
+    if (Object.keys(parameters).length > 0) await this.qmp.execute('migrate-set-parameters', parameters);
+  }
+
+  /** `migrate-incoming uri=tcp:127.0.0.1:0` on a `--incoming defer` VM; returns the bound port (query-migrate's socket-address). */
+  async listenIncoming(host = '127.0.0.1'): Promise<number> {
+    await this.qmp.execute('migrate-incoming', { uri: `tcp:${host}:0` });
+    const r = await this.qmp.execute<{ 'socket-address'?: { port: string }[] }>('query-migrate');
+    const port = Number(r['socket-address']?.[0]?.port);
+    if (!Number.isInteger(port) || port <= 0) throw new Error(`${this.spec.name}: query-migrate shows no listening port: ${JSON.stringify(r)}`);
+    return port;
+  }
+
+  /** yank the migration channels (QMP yank, instance type migration). */
+  async yankMigration(): Promise<void> {
+    await this.qmp.execute('yank', { instances: [{ type: 'migration' }] });
+  }
+
+  /**
+   * Pause the VM, read the memwalk region and check its pattern (ARCHITECTURE §6); returns
+   * null when it holds. The VM is left paused.
+   */
+  async memwalkCheck(regionIn?: { start: number; size: number }): Promise<string | null> {
+    const region = regionIn ?? memwalkRegion(this.serial());
+    if (region === undefined) throw new Error(`${this.spec.name}: memwalk has not printed its region`);
+    await this.qmp.execute('stop');
+    return checkMemwalkPattern(await this.pmem(region.start, region.size));
+  }
+
+  /** Number of memwalk passes ('B' markers) on the serial console so far. */
+  passes(): number {
+    const s = this.serial();
+    return s.length - s.lastIndexOf('\n') - 1;
+  }
+
   async waitMigrationStatus(want: string | string[], timeoutMs = 30000): Promise<Record<string, unknown>> {
     const wanted = Array.isArray(want) ? want : [want];
     return waitFor(`migration status ${wanted.join('|')} on ${this.spec.name}`, async () => {
@@ -192,6 +242,11 @@ export class TestEnv {
 
   onCleanup(fn: () => Promise<void> | void): void {
     this.cleanups.push(fn);
+  }
+
+  /** sha256 of a file. */
+  hashFile(p: string): string {
+    return crypto.createHash('sha256').update(fs.readFileSync(p)).digest('hex');
   }
 
   /** A raw image of `bytes` filled by `fill` (default zeros). */

@@ -1,0 +1,287 @@
+import net from 'node:net';
+import { assert } from '../core/assert.js';
+import { ChannelClosedError, ColoError, StreamError, UsageError, errorMessage } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import { limits } from '../core/limits.js';
+import type { Machine } from '../machine/machine.js';
+import { MainChannel } from './channel.js';
+import { DestinationCore, type DestinationAction, type DestinationEvent, type FrameSummary } from './destination-core.js';
+import { parseMigrationId } from './multifd-format.js';
+import type { MigrationCapabilities } from './params.js';
+import type { MultifdReceiver } from './multifd.js';
+import { IncomingSession } from './session.js';
+import type { MigrationStats } from './status.js';
+import { FrameType, frameTypeName, parseJsonPayload, streamVersion, type Frame } from './stream.js';
+import { decodeZeroRanges } from './ram.js';
+
+const log = logger('migration');
+
+/** What the destination driver needs from the VM process (control/vm.ts implements it). */
+export interface IncomingHost {
+  readonly machine: Machine;
+  /** After `go`: serve clients on the --net address and, if `run`, run the VM. */
+  startRunning(run: boolean): Promise<void>;
+  event(name: string, data?: Record<string, unknown>): void;
+  /** The migration ended without this VM running (failed or cancelled). */
+  ended(status: 'failed' | 'cancelled', message: string): void;
+}
+
+export interface IncomingOptions {
+  host: string;
+  port: number;
+  capabilities: MigrationCapabilities;
+  /** Multifd receiver threads started when listening began (see MultifdReceiver.spawn). */
+  receivers?: MultifdReceiver | null;
+  /**
+   * COLO hook (a), destination side: when the source asks for x-colo, the session is handed
+   * over once the state is loaded (the VM not started) instead of waiting for `go`.
+   */
+  onHandoff?: (session: IncomingSession, migration: IncomingMigration) => void;
+}
+
+/**
+ * `--incoming tcp:HOST:PORT` / `migrate-incoming`: listens, accepts one source, and runs
+ * DestinationCore over the frames of the main channel, one at a time: a frame is applied only
+ * after the core accepted it, and the machine starts only after `end` was verified, the device
+ * state loaded and the source said `go`.
+ */
+export class IncomingMigration {
+  readonly core: DestinationCore;
+  session: IncomingSession | null = null;
+  private server: net.Server | null = null;
+  private currentFrame: Frame | null = null;
+  private ended = false;
+
+  constructor(private readonly host: IncomingHost, private readonly opts: IncomingOptions) {
+    this.core = new DestinationCore({ capabilities: opts.capabilities, version: streamVersion, handoff: opts.onHandoff !== undefined });
+  }
+
+  get stats(): MigrationStats {
+    return this.core.stats;
+  }
+
+  /** Start listening; resolves with the bound address (port 0 picks one). */
+  async listen(): Promise<{ host: string; port: number }> {
+    const server = net.createServer({ noDelay: true });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', (err) => reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen for an incoming migration on ${this.opts.host}:${this.opts.port}: ${err.message}`)));
+      server.listen({ host: this.opts.host === '' ? undefined : this.opts.host, port: this.opts.port }, () => resolve());
+    });
+    this.server = server;
+    server.on('error', (err) => log.warn(`incoming migration listener: ${err.message}`));
+    server.on('connection', (s) => this.onConnection(s));
+    const a = server.address();
+    const port = typeof a === 'object' && a !== null ? a.port : this.opts.port;
+    log.info(`waiting for an incoming migration on ${this.opts.host}:${port}`);
+    await this.run({ type: 'listening', now: now(), host: this.opts.host, port });
+    return { host: this.opts.host, port };
+  }
+
+  private onConnection(socket: net.Socket): void {
+    if (this.session !== null || this.ended) {
+      socket.destroy(); // one migration per incoming VM, as in QEMU
+      return;
+    }
+    this.server?.close();
+    this.server = null;
+    const channel = new MainChannel(socket, `the source at ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`);
+    this.session = new IncomingSession(channel, { machine: this.host.machine, capabilities: this.opts.capabilities, receivers: this.opts.receivers ?? null });
+    log.info(`incoming migration from ${channel.peer.replace(/^the source at /, '')}`);
+    this.session.onFailure((err) => void this.run(failure(err)));
+    void this.pump(this.session);
+  }
+
+  private async pump(session: IncomingSession): Promise<void> {
+    await this.run({ type: 'connected', now: now() });
+    while (!this.core.finished) {
+      let f: Frame;
+      try {
+        f = await session.nextFrame();
+      } catch (err) {
+        if (this.core.finished) return;
+        // A multifd channel that failed first names the real cause (the source then closed).
+        if (session.receiverFailure !== null) await this.run(failure(session.receiverFailure));
+        else if (err instanceof ChannelClosedError) await this.run({ type: 'peerClosed', now: now() });
+        else await this.run(failure(err));
+        return;
+      }
+      this.currentFrame = f;
+      let summary: FrameSummary;
+      try {
+        summary = summarize(f);
+      } catch (err) {
+        await this.run(failure(err));
+        return;
+      }
+      await this.run({ type: 'frame', now: now(), frame: summary });
+    }
+  }
+
+  /** Step the core and perform its actions, in order; results feed back in. */
+  private async run(ev: DestinationEvent): Promise<void> {
+    for (const a of this.core.step(ev)) {
+      let next: DestinationEvent | null;
+      try {
+        next = await this.perform(a);
+      } catch (err) {
+        next = failure(err);
+      }
+      if (next !== null) await this.run(next);
+    }
+  }
+
+  private async perform(a: DestinationAction): Promise<DestinationEvent | null> {
+    const s = this.session;
+    switch (a.type) {
+      case 'status':
+        this.host.event('MIGRATION', { status: a.status });
+        return null;
+      case 'log':
+        log[a.level](a.message);
+        return null;
+      case 'apply':
+        assert(s !== null && this.currentFrame !== null, 'apply without a frame');
+        s.applyFrame(this.currentFrame);
+        this.stats.transferredBytes = s.channel.bytesReceived + this.multifdBytes;
+        return null;
+      case 'prepare': {
+        assert(s !== null && this.currentFrame !== null, 'prepare without a session');
+        parseMigrationId(a.migrationId);
+        const ready = await s.prepare(this.currentFrame, a.channels, a.migrationId);
+        this.stats.totalBytes = this.host.machine.ram().byteLength;
+        return { type: 'prepared', now: now(), channelPorts: ready.channelPorts, disk: ready.disk };
+      }
+      case 'reply':
+        s?.reply(a.message);
+        return null;
+      case 'barrier': {
+        assert(s !== null, 'barrier without a session');
+        const r = await s.barrier(a.round);
+        this.multifdBytes += r.bytes;
+        this.stats.transferredBytes = s.channel.bytesReceived + this.multifdBytes;
+        return { type: 'barrierDone', now: now(), round: a.round, multifdPages: r.pages, bytes: 0 };
+      }
+      case 'restore': {
+        assert(s !== null && s.device !== null, 'restore without device state');
+        await this.host.machine.restoreVcpu(s.device.vcpu);
+        this.host.machine.setRunState('paused');
+        log.info(`state loaded (${this.core.stats.dirtySyncCount} rounds, ${(this.stats.transferredBytes / 1048576).toFixed(1)} MiB); waiting for the source to switch over`);
+        return { type: 'restored', now: now() };
+      }
+      case 'run':
+        await this.host.startRunning(a.run);
+        return { type: 'running', now: now() };
+      case 'handoff':
+        assert(s !== null && this.opts.onHandoff !== undefined, 'handoff without a hook');
+        this.ended = true;
+        this.opts.onHandoff(s, this);
+        return null;
+      case 'close':
+        this.ended = true;
+        log.info('incoming migration completed; the VM runs here now');
+        void s?.close().catch(() => undefined);
+        return null;
+      case 'fail':
+        this.ended = true;
+        if (a.status === 'cancelled') log.info(`incoming migration cancelled: ${a.message}`);
+        else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
+        if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
+          try {
+            s?.reply({ kind: 'error', message: a.message });
+          } catch {
+            // the channel is gone
+          }
+        }
+        this.server?.close();
+        this.server = null;
+        if (s !== null) {
+          // Let a refusal or error reply reach the source before the connection goes.
+          await s.channel.flush().catch(() => undefined);
+          await s.destroy();
+        }
+        this.host.ended(a.status, a.code === 'MIGRATION_CANCELLED' ? a.message : `${a.message} [${a.code}]`);
+        return null;
+    }
+  }
+
+  private multifdBytes = 0;
+
+  /** yank: drop the channels; the migration fails (the VM never ran). */
+  yank(): void {
+    void this.run({ type: 'failure', now: now(), message: 'the migration channels were yanked', code: 'CHANNEL_CLOSED' });
+  }
+
+  /** Stop listening / drop a running migration (process exit). */
+  async close(): Promise<void> {
+    this.ended = true;
+    await new Promise<void>((r) => (this.server === null ? r() : this.server.close(() => r())));
+    this.server = null;
+    if (this.session !== null) await this.session.destroy();
+    else await this.opts.receivers?.destroy();
+  }
+}
+
+function now(): number {
+  return performance.now();
+}
+
+function failure(err: unknown): DestinationEvent {
+  const code = err instanceof ColoError ? err.code : 'MIGRATION_FAILED';
+  return { type: 'failure', now: now(), message: errorMessage(err), code };
+}
+
+/** What the core needs to know about a frame, with counts read before anything is applied. */
+function summarize(f: Frame): FrameSummary {
+  switch (f.type) {
+    case FrameType.hello: {
+      const h = parseJsonPayload(f);
+      const caps = h.capabilities;
+      if (typeof h.version !== 'number' || typeof h.migrationId !== 'string' || typeof h.channels !== 'number' || caps === null || typeof caps !== 'object') {
+        throw new StreamError('FRAME_INVALID', 'hello frame is missing version, migrationId, channels or capabilities');
+      }
+      return { kind: 'hello', hello: { version: h.version, migrationId: h.migrationId, channels: h.channels, capabilities: caps as Partial<MigrationCapabilities> } };
+    }
+    case FrameType.setup:
+      return { kind: 'setup' };
+    case FrameType.ramSize:
+      return { kind: 'ramSize', pages: 0 };
+    case FrameType.ramPages:
+    case FrameType.ramZero:
+      return { kind: 'pages', count: countOf(f) };
+    case FrameType.ramZeroRanges:
+      return { kind: 'pages', count: decodeZeroRanges(f, Math.ceil(limits.guestMemoryBytesMax / limits.pageBytes)).pages };
+    case FrameType.diskBlocks:
+    case FrameType.diskZero:
+      return { kind: 'disk', count: countOf(f) };
+    case FrameType.roundEnd: {
+      const r = parseJsonPayload(f);
+      return { kind: 'roundEnd', round: uintField(r.round, 'roundEnd.round'), pages: uintField(r.pages, 'roundEnd.pages'), blocks: uintField(r.blocks, 'roundEnd.blocks') };
+    }
+    case FrameType.deviceState:
+      return { kind: 'deviceState' };
+    case FrameType.end: {
+      const r = parseJsonPayload(f);
+      return { kind: 'end', rounds: uintField(r.rounds, 'end.rounds'), pages: uintField(r.pages, 'end.pages'), blocks: uintField(r.blocks, 'end.blocks') };
+    }
+    case FrameType.switchover: {
+      const r = parseJsonPayload(f);
+      return { kind: 'switchover', run: r.run !== false };
+    }
+    case FrameType.abort: {
+      const r = parseJsonPayload(f);
+      return { kind: 'abort', reason: typeof r.reason === 'string' ? r.reason : '' };
+    }
+    default:
+      return { kind: 'other', name: frameTypeName(f.type) };
+  }
+}
+
+function countOf(f: Frame): number {
+  if (f.payload.byteLength < 4) throw new StreamError('FRAME_INVALID', `${frameTypeName(f.type)} frame ${f.seq} is too short`);
+  return f.payload.readUInt32BE(0);
+}
+
+function uintField(x: unknown, what: string): number {
+  if (typeof x !== 'number' || !Number.isSafeInteger(x) || x < 0) throw new StreamError('FRAME_INVALID', `${what} must be a non-negative integer`);
+  return x;
+}

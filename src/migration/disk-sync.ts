@@ -1,0 +1,132 @@
+import fs from 'node:fs';
+import { limits } from '../core/limits.js';
+import { StreamError } from '../core/errors.js';
+import type { Disk } from '../block/disk.js';
+import type { MainChannel } from './channel.js';
+import { decodeIndexList, encodeIndexList, FrameType, type Frame } from './stream.js';
+
+/**
+ * Disk blocks travel with RAM (ARCHITECTURE §4 "storage"): the first round sends what the
+ * destination lacks, later rounds the blocks written since the round before.
+ *
+ * What the destination lacks depends on whether both ends open the same image file (one
+ * host, or the same inode): the destination decides and says so in its `ready` reply.
+ *   full     different images: every block (zero blocks as numbers only);
+ *   overlay  the same image and the source in snapshot mode: only the source's overlay blocks
+ *            (the base is shared and unchanged);
+ *   shared   the same image written directly by the source: nothing, the file is the disk;
+ *   none     no drive.
+ */
+export type DiskMode = 'full' | 'overlay' | 'shared' | 'none';
+
+const blockBytes = limits.diskBlockBytes;
+const zeroBlock = Buffer.alloc(blockBytes);
+
+export interface DiskIdentity {
+  dev: number;
+  ino: number;
+  snapshot: boolean;
+}
+
+export function diskIdentity(disk: Disk): DiskIdentity {
+  const st = fs.fstatSync(disk.spec.imageFd);
+  return { dev: st.dev, ino: st.ino, snapshot: disk.spec.snapshot };
+}
+
+/** The destination's choice, from the source's identity (setup) and its own disk. */
+export function chooseDiskMode(source: unknown, disk: Disk | null): DiskMode {
+  if (disk === null) return 'none';
+  const s = source as Partial<DiskIdentity> | null | undefined;
+  if (s === null || s === undefined || typeof s.dev !== 'number' || typeof s.ino !== 'number') return 'full';
+  const mine = diskIdentity(disk);
+  if (mine.dev !== s.dev || mine.ino !== s.ino) return 'full';
+  return s.snapshot === true ? 'overlay' : 'shared';
+}
+
+export class DiskSender {
+  constructor(private readonly disk: Disk | null, readonly mode: DiskMode) {}
+
+  /** Blocks of round 1; starts the dirty log from now. */
+  firstRound(): number[] {
+    if (this.disk === null || this.mode === 'none' || this.mode === 'shared') return [];
+    this.disk.collectDirty();
+    if (this.mode === 'overlay') return this.disk.overlayBlocks();
+    return Array.from({ length: this.disk.blockCount }, (_, i) => i);
+  }
+
+  /** Blocks written since the last call. */
+  nextRound(): number[] {
+    if (this.disk === null || this.mode === 'none' || this.mode === 'shared') return [];
+    return this.disk.collectDirty();
+  }
+
+  /** Send `blocks` as diskBlocks / diskZero frames; returns the count. */
+  async send(channel: MainChannel, blocks: readonly number[]): Promise<number> {
+    const disk = this.disk;
+    if (disk === null || blocks.length === 0) return 0;
+    const per = limits.pagesPerPacketMax;
+    const buf = Buffer.alloc(blockBytes);
+    let data: number[] = [];
+    let dataBuf = Buffer.allocUnsafe(per * blockBytes);
+    let zeros: number[] = [];
+    const flushData = (): void => {
+      if (data.length === 0) return;
+      channel.sendFrame(FrameType.diskBlocks, [encodeIndexList(data), dataBuf.subarray(0, data.length * blockBytes)]);
+      data = [];
+      dataBuf = Buffer.allocUnsafe(per * blockBytes);
+    };
+    const flushZero = (): void => {
+      if (zeros.length === 0) return;
+      channel.sendFrame(FrameType.diskZero, [encodeIndexList(zeros)]);
+      zeros = [];
+    };
+    for (let i = 0; i < blocks.length; i++) {
+      const b = blocks[i]!;
+      buf.fill(0);
+      disk.readBlock(b, buf);
+      if (buf.equals(zeroBlock)) {
+        zeros.push(b);
+        if (zeros.length >= limits.multifdZeroPagesPerPacketMax) flushZero();
+      } else {
+        buf.copy(dataBuf, data.length * blockBytes);
+        data.push(b);
+        if (data.length === per) flushData();
+      }
+      if (i % limits.diskReadBlocksMax === limits.diskReadBlocksMax - 1) await channel.drain();
+    }
+    flushData();
+    flushZero();
+    await channel.drain();
+    return blocks.length;
+  }
+}
+
+/** Writes received blocks to the destination's disk (or hands them to a COLO sink). */
+export type DiskBlockSink = (block: number, data: Uint8Array | null) => void;
+
+export function defaultDiskSink(disk: Disk): DiskBlockSink {
+  const current = Buffer.alloc(blockBytes);
+  return (block, data) => {
+    if (data === null) {
+      // A zero block: write only where the disk does not already read zeros.
+      current.fill(0);
+      disk.readBlock(block, current);
+      if (!current.equals(zeroBlock)) disk.writeBlock(block, zeroBlock);
+      return;
+    }
+    disk.writeBlock(block, data);
+  };
+}
+
+/** Apply a diskBlocks or diskZero frame through `sink`; returns the count. */
+export function applyDiskFrame(frame: Frame, blockCount: number, sink: DiskBlockSink): number {
+  if (frame.type === FrameType.diskZero) {
+    const { indices } = decodeIndexList(frame, 0, blockCount);
+    for (const b of indices) sink(b, null);
+    return indices.length;
+  }
+  if (frame.type !== FrameType.diskBlocks) throw new StreamError('FRAME_ORDER', 'not a disk frame');
+  const { indices, data } = decodeIndexList(frame, blockBytes, blockCount);
+  for (let i = 0; i < indices.length; i++) sink(indices[i]!, data.subarray(i * blockBytes, (i + 1) * blockBytes));
+  return indices.length;
+}

@@ -1,0 +1,449 @@
+import { Worker } from 'node:worker_threads';
+import { limits } from '../core/limits.js';
+import { ChannelClosedError, ColoError, MigrationError, StreamError } from '../core/errors.js';
+import { logger } from '../core/log.js';
+import { fl64Module, fl64SharedModule } from './checksum.js';
+import type { FullRound, SendWorkerData, SendWorkerReply, SendWorkerRequest } from './multifd-send-worker.js';
+
+export type { FullRound } from './multifd-send-worker.js';
+import type { PageTarget, RecvChannelConfig, RecvWorkerData, RecvWorkerReply, RecvWorkerRequest } from './multifd-recv-worker.js';
+
+export type { PageTarget } from './multifd-recv-worker.js';
+
+const log = logger('multifd');
+
+function workerError(r: { code: string; message: string }): ColoError {
+  if (r.code.startsWith('FRAME_') || r.code.startsWith('STREAM_')) return new StreamError(r.code, r.message);
+  if (r.code === 'CHANNEL_CLOSED') return new ChannelClosedError(r.message);
+  return new MigrationError(r.code, r.message);
+}
+
+export interface MultifdRoundStats {
+  normalPages: number;
+  zeroPages: number;
+  bytes: number;
+  packets: number;
+}
+
+/**
+ * The source's multifd channels: one worker thread and one TCP connection each
+ * (multifd-send-worker.ts). The page list of a round lives in shared memory; the workers take
+ * batches from a shared cursor, so a faster channel takes more of the round.
+ */
+export class MultifdSender {
+  private readonly workers: Worker[] = [];
+  private readonly list: SharedArrayBuffer;
+  private readonly listView: Uint32Array;
+  private readonly control: Int32Array;
+  private failure: Error | null = null;
+  private readonly failureListeners = new Set<(err: Error) => void>();
+  private roundWaiters: ((r: SendWorkerReply) => void)[] = [];
+  private closed = false;
+  private readonly progress: ({ round: number; bytes: number } | undefined)[] = [];
+
+  private constructor(readonly channels: number, pagesMax: number) {
+    this.list = new SharedArrayBuffer(Math.max(1, pagesMax) * 4);
+    this.listView = new Uint32Array(this.list);
+    this.control = new Int32Array(new SharedArrayBuffer(16));
+  }
+
+  /**
+   * Start the worker threads (they warm up and wait); `connect` later. Spawning early (when
+   * the multifd capability is set, or while the main channel handshakes) keeps thread
+   * start-up out of the migration.
+   */
+  static spawn(opts: { memory: WebAssembly.Memory; channels: number; pagesMax: number; shadow: SharedArrayBuffer | null }): MultifdSender {
+    const s = new MultifdSender(opts.channels, opts.pagesMax);
+    const module = fl64Module();
+    const ready: Promise<void>[] = [];
+    for (let ch = 0; ch < opts.channels; ch++) {
+      const data: SendWorkerData = {
+        memory: opts.memory,
+        shadow: opts.shadow,
+        list: s.list,
+        control: s.control.buffer as SharedArrayBuffer,
+        fl64: module,
+      };
+      const w = new Worker(new URL('./multifd-send-worker.js', import.meta.url), { workerData: data });
+      s.workers.push(w);
+      ready.push(
+        new Promise<void>((resolve, reject) => {
+          w.on('message', (m: SendWorkerReply) => {
+            if (m.type === 'ready') resolve();
+          });
+          w.once('error', (err) => reject(new MigrationError('MULTIFD_WORKER', `multifd sender ${ch} crashed: ${err.message}`)));
+          w.once('exit', () => reject(new MigrationError('MULTIFD_WORKER', `multifd sender ${ch} exited`)));
+        }),
+      );
+      w.on('message', (m: SendWorkerReply) => s.onMessage(ch, m));
+      w.on('error', (err) => s.fail(new MigrationError('MULTIFD_WORKER', `multifd sender ${ch} crashed: ${err.message}`)));
+      w.on('exit', () => {
+        if (!s.closed) s.fail(new MigrationError('MULTIFD_WORKER', `multifd sender ${ch} exited`));
+      });
+    }
+    s.ready = Promise.all(ready).then(() => undefined);
+    s.ready.catch(() => undefined);
+    return s;
+  }
+
+  /** Resolves when every worker started (and warmed up). */
+  ready: Promise<void> = Promise.resolve();
+
+  /** Connect every channel (handshake included) to the destination's ports. */
+  async connect(host: string, ports: number[], migrationId: Uint8Array): Promise<void> {
+    if (ports.length !== this.workers.length) throw new MigrationError('MULTIFD_CHANNELS', `${ports.length} ports for ${this.workers.length} channels`);
+    await this.ready;
+    await Promise.all(
+      this.workers.map(
+        (w, ch) =>
+          new Promise<void>((resolve, reject) => {
+            const onMessage = (m: SendWorkerReply): void => {
+              if (m.type === 'connected') {
+                w.off('message', onMessage);
+                resolve();
+              } else if (m.type === 'error') {
+                w.off('message', onMessage);
+                reject(workerError(m));
+              }
+            };
+            w.on('message', onMessage);
+            w.postMessage({ type: 'connect', host, port: ports[ch]!, migrationId, channel: ch, channels: ports.length } satisfies SendWorkerRequest);
+          }),
+      ),
+    );
+  }
+
+  /** spawn + connect. */
+  static async connect(opts: {
+    memory: WebAssembly.Memory;
+    host: string;
+    ports: number[];
+    migrationId: Uint8Array;
+    pagesMax: number;
+    shadow: SharedArrayBuffer | null;
+  }): Promise<MultifdSender> {
+    const s = MultifdSender.spawn({ memory: opts.memory, channels: opts.ports.length, pagesMax: opts.pagesMax, shadow: opts.shadow });
+    try {
+      await s.connect(opts.host, opts.ports, opts.migrationId);
+    } catch (err) {
+      await s.destroy();
+      throw err;
+    }
+    return s;
+  }
+
+  onFailure(listener: (err: Error) => void): void {
+    this.failureListeners.add(listener);
+  }
+
+  private onMessage(ch: number, m: SendWorkerReply): void {
+    if (m.type === 'error') this.fail(workerError(m));
+    else if (m.type === 'roundDone') for (const w of this.roundWaiters) w(m);
+    else if (m.type === 'progress') this.progress[ch] = { round: m.round, bytes: m.bytes };
+  }
+
+  /** Bytes the channels reported written so far in `round` (progress, not exact). */
+  roundBytes(round: number): number {
+    let n = 0;
+    for (const p of this.progress) if (p !== undefined && p.round === round) n += p.bytes;
+    return n;
+  }
+
+  private fail(err: Error): void {
+    if (this.failure !== null || this.closed) return;
+    this.failure = err;
+    for (const l of this.failureListeners) l(err);
+    for (const w of this.roundWaiters) w({ type: 'error', code: 'FAILED', message: err.message });
+  }
+
+  get failed(): Error | null {
+    return this.failure;
+  }
+
+  /**
+   * Send round `round` on all channels, each channel ending with SYNC(round); resolves when
+   * every channel has written its SYNC. `fill` writes the page list entries (ascending) into
+   * the shared list and returns their count — or, for a full round, names the ranges of pages
+   * and the maps that tell never-written pages (the workers make the entries themselves).
+   */
+  async sendRound(round: number, fill: ((list: Uint32Array) => number) | FullRound, bytesPerSecond: number): Promise<MultifdRoundStats> {
+    if (this.failure !== null) throw this.failure;
+    const full = typeof fill === 'function' ? null : fill;
+    const count = full === null ? (fill as (list: Uint32Array) => number)(this.listView) : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
+    Atomics.store(this.control, 0, 0);
+    const done = new Promise<MultifdRoundStats>((resolve, reject) => {
+      const stats: MultifdRoundStats = { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0 };
+      let left = this.workers.length;
+      const waiter = (m: SendWorkerReply): void => {
+        if (m.type === 'error') {
+          this.roundWaiters = this.roundWaiters.filter((w) => w !== waiter);
+          reject(this.failure ?? new MigrationError('MULTIFD_WORKER', m.message));
+          return;
+        }
+        if (m.type !== 'roundDone' || m.round !== round) return;
+        stats.normalPages += m.normal;
+        stats.zeroPages += m.zero;
+        stats.bytes += m.bytes;
+        stats.packets += m.packets;
+        if (--left === 0) {
+          this.roundWaiters = this.roundWaiters.filter((w) => w !== waiter);
+          resolve(stats);
+        }
+      };
+      this.roundWaiters.push(waiter);
+    });
+    const perChannel = bytesPerSecond > 0 ? bytesPerSecond / this.workers.length : 0;
+    for (const w of this.workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full } satisfies SendWorkerRequest);
+    return done;
+  }
+
+  /** End the connections after what was written (bounded), then stop the workers. */
+  async close(timeoutMs = 2000): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await Promise.all(
+      this.workers.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, timeoutMs);
+            w.on('message', (m: SendWorkerReply) => {
+              if (m.type === 'closed') {
+                clearTimeout(timer);
+                resolve();
+              }
+            });
+            w.postMessage({ type: 'close' } satisfies SendWorkerRequest);
+          }),
+      ),
+    );
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+
+  /** Stop at once (the sockets die with the workers). */
+  async destroy(): Promise<void> {
+    this.closed = true;
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}
+
+/**
+ * The destination's multifd channels: one worker per channel, each listening on its own port
+ * (announced to the source in the `ready` reply) and writing pages straight into guest RAM or
+ * the COLO cache. `barrier(round)` resolves once every channel delivered SYNC(round).
+ */
+export class MultifdReceiver {
+  private readonly workers: Worker[] = [];
+  readonly ports: number[] = [];
+  private readonly synced: Map<number, { channels: number; pages: number; bytes: number }> = new Map();
+  private failure: Error | null = null;
+  private barrierWaiter: { round: number; resolve: (r: { pages: number; bytes: number }) => void; reject: (e: Error) => void } | null = null;
+  private readonly failureListeners = new Set<(err: Error) => void>();
+  private targetId = 0;
+  private targetAcks = new Map<number, { left: number; resolve: () => void }>();
+  private closed = false;
+  private connectedCount = 0;
+
+  /** The RAM-size word the workers wait on (IncomingSession publishes guest RAM growth there). */
+  ramPages: SharedArrayBuffer = new SharedArrayBuffer(4);
+
+  private constructor(readonly channels: number) {
+  }
+
+  /**
+   * Start `channels` workers listening on `host` (ephemeral ports); `configure` them once the
+   * source said which migration it is. Spawned when the destination starts listening, so
+   * that thread start-up is not part of the migration.
+   */
+  static async spawn(opts: { memory: WebAssembly.Memory; host: string; channels: number; pagesMax: number; ramPages: SharedArrayBuffer }): Promise<MultifdReceiver> {
+    const r = new MultifdReceiver(opts.channels);
+    r.ramPages = opts.ramPages;
+    const listening: Promise<number>[] = [];
+    for (let ch = 0; ch < opts.channels; ch++) {
+      const data: RecvWorkerData = {
+        memory: opts.memory,
+        host: opts.host,
+        pagesMax: opts.pagesMax,
+        ramPages: opts.ramPages,
+        fl64: fl64Module(),
+        fl64Shared: fl64SharedModule(),
+        userBufferReads: process.env.COLO_MULTIFD_COPY_READS === undefined,
+      };
+      const w = new Worker(new URL('./multifd-recv-worker.js', import.meta.url), { workerData: data });
+      r.workers.push(w);
+      listening.push(
+        new Promise<number>((resolve, reject) => {
+          w.on('message', (m: RecvWorkerReply) => {
+            if (m.type === 'listening') resolve(m.port);
+            else if (m.type === 'error') reject(workerError(m));
+          });
+          w.once('exit', () => reject(new MigrationError('MULTIFD_WORKER', `multifd receiver ${ch} exited before listening`)));
+        }),
+      );
+      w.on('message', (m: RecvWorkerReply) => r.onMessage(ch, m));
+      w.on('error', (err) => r.fail(new MigrationError('MULTIFD_WORKER', `multifd receiver ${ch} crashed: ${err.message}`)));
+      w.on('exit', () => {
+        if (!r.closed) r.fail(new MigrationError('MULTIFD_WORKER', `multifd receiver ${ch} exited`));
+      });
+    }
+    try {
+      r.ports.push(...(await Promise.all(listening)));
+    } catch (err) {
+      await r.destroy();
+      throw err;
+    }
+    return r;
+  }
+
+  /** Tell every worker which migration and channel it serves and where pages go. */
+  async configure(migrationId: Uint8Array, target: PageTarget, ramMaybeNonZero: SharedArrayBuffer | null): Promise<void> {
+    await Promise.all(
+      this.workers.map(
+        (w, ch) =>
+          new Promise<void>((resolve) => {
+            const onMessage = (m: RecvWorkerReply): void => {
+              if (m.type === 'configured') {
+                w.off('message', onMessage);
+                resolve();
+              }
+            };
+            w.on('message', onMessage);
+            const config: RecvChannelConfig = { migrationId, channel: ch, channels: this.channels, target, ramMaybeNonZero };
+            w.postMessage({ type: 'configure', config } satisfies RecvWorkerRequest);
+          }),
+      ),
+    );
+  }
+
+  /** spawn + configure. */
+  static async start(opts: {
+    memory: WebAssembly.Memory;
+    host: string;
+    migrationId: Uint8Array;
+    channels: number;
+    pagesMax: number;
+    ramPages: SharedArrayBuffer;
+    ramMaybeNonZero: SharedArrayBuffer | null;
+    target: PageTarget;
+  }): Promise<MultifdReceiver> {
+    const r = await MultifdReceiver.spawn(opts);
+    await r.configure(opts.migrationId, opts.target, opts.ramMaybeNonZero);
+    return r;
+  }
+
+  onFailure(listener: (err: Error) => void): void {
+    this.failureListeners.add(listener);
+  }
+
+  /** Channels that completed their handshake. */
+  get connected(): number {
+    return this.connectedCount;
+  }
+
+  private onMessage(ch: number, m: RecvWorkerReply): void {
+    switch (m.type) {
+      case 'connected':
+        this.connectedCount++;
+        return;
+      case 'refused':
+        log.info(`multifd channel ${ch}: refused a connection (${m.status === 1 ? 'another migration' : `status ${m.status}`})`);
+        return;
+      case 'sync': {
+        const s = this.synced.get(m.round) ?? { channels: 0, pages: 0, bytes: 0 };
+        s.channels++;
+        s.pages += m.pages;
+        s.bytes += m.bytes;
+        this.synced.set(m.round, s);
+        this.checkBarrier();
+        return;
+      }
+      case 'targetSet': {
+        const a = this.targetAcks.get(m.id);
+        if (a !== undefined && --a.left === 0) {
+          this.targetAcks.delete(m.id);
+          a.resolve();
+        }
+        return;
+      }
+      case 'eof':
+        return; // the source closed a channel cleanly: the main channel says whether that was expected
+      case 'error':
+        this.fail(workerError(m));
+        return;
+      default:
+        return;
+    }
+  }
+
+  private checkBarrier(): void {
+    const b = this.barrierWaiter;
+    if (b === null) return;
+    const s = this.synced.get(b.round);
+    if (s === undefined || s.channels < this.channels) return;
+    this.synced.delete(b.round);
+    this.barrierWaiter = null;
+    b.resolve({ pages: s.pages, bytes: s.bytes });
+  }
+
+  private fail(err: Error): void {
+    if (this.failure !== null || this.closed) return;
+    this.failure = err;
+    for (const l of this.failureListeners) l(err);
+    const b = this.barrierWaiter;
+    this.barrierWaiter = null;
+    b?.reject(err);
+  }
+
+  /** Resolves with the pages and bytes of `round` once every channel delivered SYNC(round). */
+  barrier(round: number): Promise<{ pages: number; bytes: number }> {
+    if (this.failure !== null) return Promise.reject(this.failure);
+    if (this.barrierWaiter !== null) return Promise.reject(new MigrationError('MULTIFD_BARRIER', 'one barrier at a time'));
+    // Channels may be rounds ahead (the source does not wait for the barrier); each round's
+    // SYNCs are recorded, and the workers check that rounds come in order.
+    return new Promise((resolve, reject) => {
+      this.barrierWaiter = { round, resolve, reject };
+      this.checkBarrier();
+    });
+  }
+
+  /** Redirect received pages (COLO hook); resolves once every worker applies it. */
+  setTarget(target: PageTarget): Promise<void> {
+    const id = ++this.targetId;
+    return new Promise((resolve) => {
+      this.targetAcks.set(id, { left: this.workers.length, resolve });
+      for (const w of this.workers) w.postMessage({ type: 'target', target, id } satisfies RecvWorkerRequest);
+    });
+  }
+
+  async close(timeoutMs = 2000): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    const b = this.barrierWaiter;
+    this.barrierWaiter = null;
+    b?.reject(new ChannelClosedError('the multifd channels were closed'));
+    await Promise.all(
+      this.workers.map(
+        (w) =>
+          new Promise<void>((resolve) => {
+            const timer = setTimeout(resolve, timeoutMs);
+            w.on('message', (m: RecvWorkerReply) => {
+              if (m.type === 'closed') {
+                clearTimeout(timer);
+                resolve();
+              }
+            });
+            w.postMessage({ type: 'close' } satisfies RecvWorkerRequest);
+          }),
+      ),
+    );
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+
+  async destroy(): Promise<void> {
+    this.closed = true;
+    const b = this.barrierWaiter;
+    this.barrierWaiter = null;
+    b?.reject(new ChannelClosedError('the multifd channels were closed'));
+    await Promise.all(this.workers.map((w) => w.terminate()));
+  }
+}
+

@@ -1,0 +1,542 @@
+import crypto from 'node:crypto';
+import { limits } from '../core/limits.js';
+import { ChannelClosedError, MigrationError, StreamError, errorMessage } from '../core/errors.js';
+import * as v from '../core/validate.js';
+import type { DirtyTracker } from '../machine/dirty.js';
+import { ShadowDirtyTracker } from '../machine/dirty.js';
+import type { Machine } from '../machine/machine.js';
+import type { VcpuState } from '../machine/vcpu-protocol.js';
+import { MainChannel } from './channel.js';
+import { applyDiskFrame, chooseDiskMode, defaultDiskSink, diskIdentity, DiskSender, type DiskBlockSink, type DiskMode } from './disk-sync.js';
+import { migrationIdHex, parseMigrationId } from './multifd-format.js';
+import { MultifdReceiver, MultifdSender, type FullRound, type PageTarget } from './multifd.js';
+import { encodeZeroRanges, fillRanges, mergePages, PageSink, pagesOf, pagesWrittenAtBoot, sendPagesPlain, zeroRangesPerFrameMax } from './ram.js';
+import { splitKnownZero } from './zero.js';
+import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
+import type { RoundResult } from './source-core.js';
+import type { MigrationCapabilities } from './params.js';
+import { FrameType, frameTypeName, jsonPayload, parseJsonPayload, streamVersion, type Frame } from './stream.js';
+import type { HelloInfo, ReplyMessage } from './destination-core.js';
+
+/**
+ * The transport of one migration, for each end: the main channel, the multifd channels, the
+ * dirty tracker and the RAM/disk section writers. The precopy drivers (source.ts,
+ * destination.ts) run on it, and COLO (colo/) keeps using it after the hand-off:
+ *
+ *   source:       collectDirty(), sendRound(), sendDeviceState(), sendColo(), nextColo()
+ *   destination:  setPageTarget(), setDiskSink(), nextFrame() + applyFrame() / barrier(),
+ *                 sendColo(), reply()
+ */
+export interface SourceSessionOptions {
+  machine: Machine;
+  tracker: DirtyTracker;
+  host: string;
+  port: number;
+  /** Multifd channels, 0 for none. */
+  channels: number;
+  capabilities: MigrationCapabilities;
+  name: string;
+  /** Multifd senders spawned ahead of time (not connected), with `channels` workers; else spawned here. */
+  senders?: MultifdSender | null;
+}
+
+type ReplyKind = 'ready' | 'loaded' | 'resumed';
+
+export class SourceSession {
+  readonly migrationId = new Uint8Array(crypto.randomBytes(16));
+  channel: MainChannel | null = null;
+  multifd: MultifdSender | null = null;
+  disk: DiskSender;
+  /** The last round number sent. */
+  round = 0;
+  /** Totals since the start (for `end`). */
+  totals = { pages: 0, blocks: 0 };
+  private readonly bootPages: Uint8Array;
+  private announcedRamBytes = 0;
+  private pendingPages: Uint32Array = new Uint32Array(0);
+  private pendingBlocks: number[] = [];
+  private readonly replies = new Map<ReplyKind, Record<string, unknown>>();
+  private replyWaiter: { kind: ReplyKind; resolve: (r: Record<string, unknown>) => void; reject: (e: Error) => void } | null = null;
+  private readonly coloFrames: Frame[] = [];
+  private coloWaiter: { resolve: (f: Frame) => void; reject: (e: Error) => void } | null = null;
+  private failure: Error | null = null;
+  private readonly failureListeners = new Set<(err: Error) => void>();
+  private ending = false;
+  /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
+  private roundInFlight = 0;
+  private roundMainStart = 0;
+
+  constructor(readonly opts: SourceSessionOptions) {
+    this.bootPages = pagesWrittenAtBoot(opts.machine);
+    this.disk = new DiskSender(opts.machine.disk, 'none');
+  }
+
+  get failed(): Error | null {
+    return this.failure;
+  }
+
+  /** Called once, when a channel breaks or the destination reports an error. */
+  onFailure(listener: (err: Error) => void): void {
+    this.failureListeners.add(listener);
+  }
+
+  private fail(err: Error): void {
+    if (this.failure !== null || this.ending) return;
+    this.failure = err;
+    for (const l of this.failureListeners) l(err);
+    this.replyWaiter?.reject(err);
+    this.replyWaiter = null;
+    this.coloWaiter?.reject(err);
+    this.coloWaiter = null;
+  }
+
+  /** Connect the main channel, say hello and setup, connect the multifd channels. */
+  async connect(): Promise<void> {
+    const m = this.opts.machine;
+    if (this.opts.channels > 0) {
+      // Worker threads start while the main channel handshakes (or started long before).
+      const given = this.opts.senders ?? null;
+      this.multifd =
+        given !== null && given.channels === this.opts.channels && given.failed === null
+          ? given
+          : MultifdSender.spawn({
+              memory: m.memory,
+              channels: this.opts.channels,
+              pagesMax: pagesOf(m.maximumPages * limits.wasmPageBytes),
+              shadow: this.opts.tracker instanceof ShadowDirtyTracker ? this.opts.tracker.shadow : null,
+            });
+      if (given !== null && given !== this.multifd) void given.destroy();
+      this.multifd.onFailure((err) => this.fail(err));
+    }
+    const channel = await MainChannel.connect(this.opts.host, this.opts.port, `the destination at ${this.opts.host}:${this.opts.port}`);
+    this.channel = channel;
+    channel.onClose((err) => this.fail(err));
+    void this.pumpReplies(channel);
+    const hello: HelloInfo & { source: string } = {
+      version: streamVersion,
+      migrationId: migrationIdHex(this.migrationId),
+      channels: this.opts.channels,
+      capabilities: { ...this.opts.capabilities },
+      source: this.opts.name,
+    };
+    channel.sendJson(FrameType.hello, hello);
+    this.announcedRamBytes = m.ram().byteLength;
+    channel.sendJson(FrameType.setup, setupOf(m, { diskImage: m.disk === null ? null : diskIdentity(m.disk) }));
+    const ready = await this.waitReply('ready', limits.migrationHandshakeTimeoutMs, 'the destination to accept the setup');
+    const mode = ready.disk;
+    if (mode !== 'full' && mode !== 'overlay' && mode !== 'shared' && mode !== 'none') throw new StreamError('FRAME_INVALID', `ready: bad disk mode ${String(mode)}`);
+    this.disk = new DiskSender(m.disk, mode);
+    if (this.multifd !== null) {
+      const ports = ready.channelPorts;
+      if (!Array.isArray(ports) || ports.length !== this.opts.channels || !ports.every((p) => Number.isInteger(p) && p > 0 && p < 65536)) {
+        throw new StreamError('FRAME_INVALID', `ready: expected ${this.opts.channels} channel ports`);
+      }
+      await this.multifd.connect(this.opts.host, ports as number[], this.migrationId);
+    }
+  }
+
+  private async pumpReplies(channel: MainChannel): Promise<void> {
+    for (;;) {
+      let f: Frame;
+      try {
+        f = await channel.next();
+      } catch {
+        return; // onClose reports it
+      }
+      try {
+        if (f.type === FrameType.colo) {
+          if (this.coloWaiter !== null) {
+            const w = this.coloWaiter;
+            this.coloWaiter = null;
+            w.resolve(f);
+          } else this.coloFrames.push(f);
+          continue;
+        }
+        if (f.type !== FrameType.reply) throw new StreamError('FRAME_ORDER', `unexpected ${frameTypeName(f.type)} frame on the return direction`);
+        const r = parseJsonPayload(f);
+        const kind = r.kind;
+        if (kind === 'refuse') throw new MigrationError('DESTINATION_REFUSED', `the destination refused the migration: ${String(r.message)}`);
+        if (kind === 'error') throw new MigrationError('DESTINATION_FAILED', `the destination failed: ${String(r.message)}`);
+        if (kind !== 'ready' && kind !== 'loaded' && kind !== 'resumed') throw new StreamError('FRAME_INVALID', `unknown reply ${String(kind)}`);
+        if (this.replyWaiter !== null && this.replyWaiter.kind === kind) {
+          const w = this.replyWaiter;
+          this.replyWaiter = null;
+          w.resolve(r);
+        } else this.replies.set(kind, r);
+      } catch (err) {
+        this.fail(err instanceof Error ? err : new Error(String(err)));
+        channel.destroy();
+        return;
+      }
+    }
+  }
+
+  /** Wait for a reply of the destination. */
+  waitReply(kind: ReplyKind, timeoutMs: number, what: string): Promise<Record<string, unknown>> {
+    const have = this.replies.get(kind);
+    if (have !== undefined) {
+      this.replies.delete(kind);
+      return Promise.resolve(have);
+    }
+    if (this.failure !== null) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.replyWaiter = null;
+        reject(new MigrationError('DESTINATION_TIMEOUT', `timed out after ${timeoutMs} ms waiting for ${what}`));
+      }, timeoutMs);
+      this.replyWaiter = {
+        kind,
+        resolve: (r) => {
+          clearTimeout(timer);
+          resolve(r);
+        },
+        reject: (e) => {
+          clearTimeout(timer);
+          reject(e);
+        },
+      };
+    });
+  }
+
+  private requireChannel(): MainChannel {
+    if (this.failure !== null) throw this.failure;
+    if (this.channel === null) throw new ChannelClosedError('the migration is not connected');
+    return this.channel;
+  }
+
+  /**
+   * Collect the pages and disk blocks dirtied since the last collect (or round 1) and add
+   * them to what the next sendRound('dirty') sends. Returns the totals pending.
+   */
+  collectDirty(): { pages: number; blocks: number } {
+    const m = this.opts.machine;
+    const dirty = this.opts.tracker.collect(m.ram(), m.statePageRanges());
+    this.pendingPages = this.pendingPages.length === 0 ? dirty : mergePages(this.pendingPages, dirty);
+    const blocks = this.disk.nextRound();
+    if (blocks.length > 0) this.pendingBlocks = [...new Set([...this.pendingBlocks, ...blocks])].sort((a, b) => a - b);
+    return { pages: this.pendingPages.length, blocks: this.pendingBlocks.length };
+  }
+
+  /**
+   * Send one round: 'full' = every page of guest RAM and round 1's disk blocks (starts dirty
+   * tracking), 'dirty' = what collectDirty() gathered. Ends with roundEnd on the main channel
+   * after every multifd channel wrote its SYNC.
+   */
+  async sendRound(kind: 'full' | 'dirty', bytesPerSecond = 0): Promise<RoundResult> {
+    const channel = this.requireChannel();
+    const m = this.opts.machine;
+    const started = performance.now();
+    const round = this.round + 1;
+    const ramBytes = m.ram().byteLength;
+    if (ramBytes !== this.announcedRamBytes) {
+      channel.sendJson(FrameType.ramSize, { pages: ramBytes / limits.wasmPageBytes });
+      this.announcedRamBytes = ramBytes;
+    }
+    const tracker = this.opts.tracker;
+    let blocks: number[];
+    let fill: (list: Uint32Array) => number;
+    let full: FullRound | null = null;
+    let knownZeroPages = 0;
+    if (kind === 'full') {
+      tracker.beginFullSend(m.ram(), m.statePageRanges());
+      blocks = this.disk.firstRound();
+      // Pages the store log never saw written (and boot did not write) go as ranges on the
+      // main channel, unread; the channels take the rest.
+      const split = splitKnownZero(m.statePageRanges(), tracker.writtenMap(), this.bootPages);
+      for (let i = 0; i < split.zero.length; i += zeroRangesPerFrameMax) {
+        const part = split.zero.slice(i, i + zeroRangesPerFrameMax);
+        channel.sendFrame(FrameType.ramZeroRanges, [encodeZeroRanges(part)]);
+        for (const [a, b] of part) knownZeroPages += b - a;
+      }
+      fill = (list) => fillRanges(list, split.data);
+      full = { ranges: split.data };
+      this.pendingPages = new Uint32Array(0);
+    } else {
+      const pages = this.pendingPages;
+      blocks = this.pendingBlocks;
+      fill = (list) => {
+        list.set(pages);
+        return pages.length;
+      };
+      this.pendingPages = new Uint32Array(0);
+    }
+    this.pendingBlocks = [];
+    const mainBefore = channel.bytesSent;
+    this.roundInFlight = round;
+    this.roundMainStart = mainBefore;
+    let normalPages = 0;
+    let zeroPages = 0;
+    let multifdBytes = 0;
+    let count: number;
+    if (this.multifd !== null) {
+      let listCount = full === null ? 0 : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
+      const sending = this.multifd.sendRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond);
+      // Disk blocks go on the main channel while the workers send pages.
+      const diskSent = this.disk.send(channel, blocks);
+      const [r] = await Promise.all([sending, diskSent]);
+      count = listCount + knownZeroPages;
+      normalPages = r.normalPages;
+      zeroPages = r.zeroPages + knownZeroPages;
+      multifdBytes = r.bytes;
+    } else {
+      const list = new Uint32Array(pagesOf(m.maximumPages * limits.wasmPageBytes));
+      count = fill(list);
+      const noteSent = tracker.kind === 'shadow' ? (p: number, d: Uint8Array | null) => tracker.noteSent(p, d) : null;
+      const r = await sendPagesPlain(channel, m.memory, list, count, noteSent, bytesPerSecond);
+      count += knownZeroPages;
+      normalPages = r.normalPages;
+      zeroPages = r.zeroPages + knownZeroPages;
+      await this.disk.send(channel, blocks);
+    }
+    channel.sendJson(FrameType.roundEnd, { round, pages: count, blocks: blocks.length });
+    this.round = round;
+    this.roundInFlight = 0;
+    this.totals.pages += count;
+    this.totals.blocks += blocks.length;
+    return {
+      round,
+      bytes: channel.bytesSent - mainBefore + multifdBytes,
+      normalPages,
+      zeroPages,
+      diskBlocks: blocks.length,
+      durationMs: performance.now() - started,
+    };
+  }
+
+  /** Bytes of the round being sent, so far (query-migrate shows progress inside a round). */
+  bytesInFlight(): number {
+    if (this.roundInFlight === 0 || this.channel === null) return 0;
+    return this.channel.bytesSent - this.roundMainStart + (this.multifd?.roundBytes(this.roundInFlight) ?? 0);
+  }
+
+  sendDeviceState(vcpu: VcpuState): number {
+    const channel = this.requireChannel();
+    const frames = encodeDeviceState(channel.frames, { vcpu });
+    channel.write(frames);
+    return frames.reduce((n, b) => n + b.byteLength, 0);
+  }
+
+  sendEnd(): void {
+    this.requireChannel().sendJson(FrameType.end, { rounds: this.round, pages: this.totals.pages, blocks: this.totals.blocks });
+  }
+
+  /**
+   * The switchover: the destination takes over (and runs the guest if `run`, i.e. the VM was
+   * running here when the migration started — as QEMU carries the run state); the source must
+   * not run after this.
+   */
+  sendGo(run: boolean): void {
+    this.requireChannel().sendJson(FrameType.switchover, { run });
+  }
+
+  /** COLO: a control message to the destination. */
+  sendColo(value: Record<string, unknown>, data?: Uint8Array): void {
+    const parts: Uint8Array[] = [jsonPayload(value)];
+    if (data !== undefined) parts.push(data);
+    this.requireChannel().sendFrame(FrameType.colo, parts);
+  }
+
+  /** COLO: the next colo frame from the destination. */
+  nextColo(): Promise<Frame> {
+    const f = this.coloFrames.shift();
+    if (f !== undefined) return Promise.resolve(f);
+    if (this.failure !== null) return Promise.reject(this.failure);
+    return new Promise((resolve, reject) => (this.coloWaiter = { resolve, reject }));
+  }
+
+  /** Cancel: tell the destination (so it logs a cancel, not an error), then close. */
+  async abort(reason: string): Promise<void> {
+    this.ending = true;
+    try {
+      this.channel?.sendJson(FrameType.abort, { reason });
+    } catch {
+      // closing anyway
+    }
+    await Promise.all([this.channel?.close(1000), this.multifd?.destroy()]);
+  }
+
+  /** Close after everything was written (a finished migration). */
+  async close(): Promise<void> {
+    this.ending = true;
+    await Promise.all([this.multifd?.close(), this.channel?.close()]);
+  }
+
+  /** Drop every channel now (failure, yank). */
+  async destroy(err?: Error): Promise<void> {
+    if (err !== undefined) this.fail(err);
+    this.ending = true;
+    this.channel?.destroy();
+    await this.multifd?.destroy();
+  }
+}
+
+/** Options of the destination's transport. */
+export interface IncomingSessionOptions {
+  machine: Machine;
+  capabilities: MigrationCapabilities;
+  /** Multifd receivers spawned when the destination started listening (used if the source asks for as many channels). */
+  receivers?: MultifdReceiver | null;
+}
+
+export class IncomingSession {
+  receiver: MultifdReceiver | null = null;
+  readonly pageSink: PageSink;
+  /** Guest RAM size in 4 KiB pages, shared with the multifd receivers (they wait on it). */
+  readonly ramPagesWord: SharedArrayBuffer;
+  readonly maybeNonZero: SharedArrayBuffer;
+  private target: PageTarget = { ram: true, cache: null, received: null };
+  private diskSink: DiskBlockSink | null;
+  device: DeviceBlob | null = null;
+  diskMode: DiskMode = 'none';
+  private readonly pagesMax: number;
+  /** The first error of a multifd receiver (a corrupt packet names itself here). */
+  receiverFailure: Error | null = null;
+  private readonly failureListeners = new Set<(err: Error) => void>();
+
+  constructor(readonly channel: MainChannel, readonly opts: IncomingSessionOptions) {
+    const m = opts.machine;
+    this.ramPagesWord = opts.receivers?.ramPages ?? new SharedArrayBuffer(4);
+    this.pagesMax = pagesOf(m.maximumPages * limits.wasmPageBytes);
+    // Fresh destination RAM is zero except what boot wrote: zero pages there cost nothing.
+    this.maybeNonZero = new SharedArrayBuffer(this.pagesMax);
+    new Uint8Array(this.maybeNonZero).set(pagesWrittenAtBoot(m));
+    this.pageSink = new PageSink(m.memory, this.pagesMax, this.target, this.maybeNonZero);
+    this.diskSink = m.disk === null ? null : defaultDiskSink(m.disk);
+    this.publishRamSize();
+  }
+
+  private publishRamSize(): void {
+    const word = new Int32Array(this.ramPagesWord);
+    Atomics.store(word, 0, pagesOf(this.opts.machine.ram().byteLength));
+    Atomics.notify(word, 0);
+  }
+
+  /**
+   * Check the source's setup against this machine (module, layout, disk), grow RAM, choose
+   * the disk mode and start the multifd receivers. Returns what the `ready` reply carries.
+   */
+  async prepare(setup: Frame, channels: number, migrationId: string): Promise<{ channelPorts: number[]; disk: DiskMode }> {
+    const m = this.opts.machine;
+    const info = applySetup(m, setup);
+    this.publishRamSize();
+    this.diskMode = chooseDiskMode(info.diskImage, m.disk);
+    const ports: number[] = [];
+    const spare = this.opts.receivers ?? null;
+    if (channels > 0) {
+      if (spare !== null && spare.channels === channels && spare.ramPages === this.ramPagesWord) {
+        this.receiver = spare;
+        await spare.configure(parseMigrationId(migrationId), this.target, this.maybeNonZero);
+      } else {
+        if (spare !== null) void spare.destroy();
+        const host = this.channel.socket.localAddress ?? '127.0.0.1';
+        this.receiver = await MultifdReceiver.start({
+          memory: m.memory,
+          host: host.startsWith('::ffff:') ? host.slice(7) : host,
+          migrationId: parseMigrationId(migrationId),
+          channels,
+          pagesMax: this.pagesMax,
+          ramPages: this.ramPagesWord,
+          ramMaybeNonZero: this.maybeNonZero,
+          target: this.target,
+        });
+      }
+      this.receiver.onFailure((err) => {
+        this.receiverFailure ??= err;
+        for (const l of this.failureListeners) l(err);
+      });
+      ports.push(...this.receiver.ports);
+    } else if (spare !== null) {
+      void spare.destroy();
+    }
+    return { channelPorts: ports, disk: this.diskMode };
+  }
+
+  /** Called when a multifd channel fails (corrupt, truncated, reordered or closed). */
+  onFailure(listener: (err: Error) => void): void {
+    this.failureListeners.add(listener);
+  }
+
+  /** The next frame on the main channel. */
+  nextFrame(): Promise<Frame> {
+    return this.channel.next();
+  }
+
+  /**
+   * Apply a ramSize, page or disk frame; returns how many pages or blocks it held (0 for
+   * ramSize). Other frames are refused.
+   */
+  applyFrame(f: Frame): number {
+    switch (f.type) {
+      case FrameType.ramSize: {
+        const r = parseJsonPayload(f);
+        let pages: number;
+        try {
+          pages = v.uint(r.pages, 'ramSize.pages', 65536);
+        } catch (err) {
+          throw new StreamError('FRAME_INVALID', errorMessage(err));
+        }
+        this.opts.machine.growRamTo(pages);
+        this.publishRamSize();
+        return 0;
+      }
+      case FrameType.ramPages:
+      case FrameType.ramZero:
+      case FrameType.ramZeroRanges:
+        return this.pageSink.apply(f);
+      case FrameType.diskBlocks:
+      case FrameType.diskZero: {
+        const disk = this.opts.machine.disk;
+        if (disk === null || this.diskSink === null) throw new StreamError('FRAME_ORDER', 'disk blocks for a machine without a drive');
+        if (this.diskMode === 'shared') throw new StreamError('FRAME_ORDER', 'disk blocks although both ends share the image');
+        return applyDiskFrame(f, disk.blockCount, this.diskSink);
+      }
+      case FrameType.deviceState:
+        this.device = decodeDeviceState(f);
+        return 0;
+      default:
+        throw new StreamError('FRAME_ORDER', `${frameTypeName(f.type)} is not a section frame`);
+    }
+  }
+
+  /** Every multifd channel delivered SYNC(round); resolves with their pages and bytes. */
+  async barrier(round: number): Promise<{ pages: number; bytes: number }> {
+    if (this.receiver === null) return { pages: 0, bytes: 0 };
+    return this.receiver.barrier(round);
+  }
+
+  /**
+   * COLO hook (b): where received pages go from now on — guest RAM, a cache, and a byte map
+   * recording each page received (Atomics.store of 1). Applies to the main channel and to
+   * every multifd worker; resolves once all of them use it. Call it between rounds.
+   */
+  async setPageTarget(target: PageTarget): Promise<void> {
+    this.target = target;
+    this.pageSink.setTarget(target);
+    await this.receiver?.setTarget(target);
+  }
+
+  /** COLO: where received disk blocks go (null: the machine's disk). */
+  setDiskSink(sink: DiskBlockSink | null): void {
+    const disk = this.opts.machine.disk;
+    this.diskSink = sink ?? (disk === null ? null : defaultDiskSink(disk));
+  }
+
+  reply(message: ReplyMessage): void {
+    this.channel.sendJson(FrameType.reply, message);
+  }
+
+  sendColo(value: Record<string, unknown>, data?: Uint8Array): void {
+    const parts: Uint8Array[] = [jsonPayload(value)];
+    if (data !== undefined) parts.push(data);
+    this.channel.sendFrame(FrameType.colo, parts);
+  }
+
+  async close(): Promise<void> {
+    await Promise.all([this.receiver?.close(), this.channel.close()]);
+  }
+
+  async destroy(): Promise<void> {
+    this.channel.destroy();
+    await this.receiver?.destroy();
+  }
+}

@@ -1,0 +1,292 @@
+import { limits } from '../core/limits.js';
+import { newStats, type MigrationStats, type MigrationStatus } from './status.js';
+
+/**
+ * The migration source as a state machine (STYLE.md: protocol logic does no I/O). The driver
+ * (source.ts) feeds it events — results of the actions it asked for, a cancel, a broken
+ * channel — with the time, and performs the actions it returns.
+ *
+ *   setup ──connected──▶ active: round 1 (every page), then rounds of the pages dirtied during
+ *   the round before, until the rest fits in downtime-limit at the measured bandwidth (or
+ *   roundsMax) ──▶ stopping (pause the VM) ──▶ device: last round + device state + end ──▶
+ *   switchover: wait for the destination's `loaded` ──▶ go sent ──▶ completed (source paused,
+ *   postmigrate) — or, for COLO, handoff: the session is handed over instead of completing.
+ *
+ * Cancel or a failure before `go` tears the channels down and resumes the VM if the migration
+ * paused it; the status becomes cancelled/failed only once the VM runs again, so a client that
+ * sees either status can rely on a running source. After `go` nothing can be undone: the
+ * destination may be running, so the source stays paused whatever happens to the channels.
+ */
+export type SourcePhase =
+  | 'idle'
+  | 'setup'
+  | 'active'
+  | 'stopping'
+  | 'device'
+  | 'switchover'
+  | 'resuming-destination'
+  | 'completed'
+  | 'handoff'
+  | 'tearing-down'
+  | 'failed'
+  | 'cancelled';
+
+export interface RoundResult {
+  round: number;
+  /** Bytes put on the wire for this round, all channels. */
+  bytes: number;
+  normalPages: number;
+  zeroPages: number;
+  diskBlocks: number;
+  durationMs: number;
+}
+
+export type SourceEvent =
+  | { type: 'start'; now: number; vmRunning: boolean; ramBytes: number }
+  | { type: 'connected'; now: number }
+  | { type: 'roundSent'; now: number; result: RoundResult }
+  | { type: 'dirtyCollected'; now: number; pages: number; blocks: number }
+  | { type: 'vmPaused'; now: number }
+  | { type: 'vmPauseFailed'; now: number; message: string }
+  | { type: 'finalSent'; now: number; result: RoundResult }
+  | { type: 'destinationLoaded'; now: number }
+  | { type: 'goSent'; now: number }
+  | { type: 'destinationResumed'; now: number }
+  | { type: 'resumedNoticeTimeout'; now: number }
+  | { type: 'cancel'; now: number }
+  | { type: 'failure'; now: number; message: string }
+  | { type: 'tornDown'; now: number }
+  | { type: 'vmResumed'; now: number }
+  | { type: 'vmResumeFailed'; now: number; message: string }
+  | { type: 'setParameters'; downtimeLimitMs?: number };
+
+export type SourceAction =
+  | { type: 'status'; status: MigrationStatus }
+  | { type: 'connect' }
+  /** Send the pages (round 1: every page) and disk blocks of `round`; report roundSent. */
+  | { type: 'sendRound'; round: number; full: boolean }
+  /** Collect what was dirtied during the last round; report dirtyCollected. */
+  | { type: 'collectDirty' }
+  | { type: 'pauseVm' }
+  /** Collect again, send the last round, the device state and `end`; report finalSent. */
+  | { type: 'sendFinal'; round: number }
+  /** Wait (bounded) for the destination's `loaded`. */
+  | { type: 'awaitLoaded'; timeoutMs: number }
+  /** Close the service front end and send `go`; report goSent. */
+  | { type: 'switchover' }
+  /** Wait (bounded) for `resumed`; report destinationResumed or resumedNoticeTimeout. */
+  | { type: 'awaitResumed'; timeoutMs: number }
+  /** Give the open session to the hook (COLO) instead of completing. */
+  | { type: 'handoff' }
+  /** Close every channel (with an abort frame when cancelling); report tornDown. */
+  | { type: 'teardown'; reason: 'cancel' | 'failure'; message: string }
+  /** Continue the VM the migration paused; report vmResumed. */
+  | { type: 'resumeVm' }
+  /** Release the channels of a finished migration. */
+  | { type: 'close' }
+  | { type: 'pass'; pass: number }
+  | { type: 'log'; level: 'debug' | 'info' | 'warn' | 'error'; message: string };
+
+export interface SourceCoreOptions {
+  downtimeLimitMs: number;
+  roundsMax?: number;
+  /** COLO: hand the session over after the destination loaded the state. */
+  handoff?: boolean;
+}
+
+export class SourceCore {
+  phase: SourcePhase = 'idle';
+  stats: MigrationStats = newStats(0, 0);
+  round = 0;
+  private downtimeLimitMs: number;
+  private readonly roundsMax: number;
+  private readonly handoff: boolean;
+  private vmWasRunning = false;
+  /** The VM is paused because of this migration (or a pause is on its way). */
+  private vmPausedByUs = false;
+  private pausing = false;
+  private pausedAtMs = 0;
+  private goSentAtMs = 0;
+  private lastCollectMs = 0;
+  private endReason: 'cancel' | 'failure' | null = null;
+  private tornDown = false;
+  private resumeIssued = false;
+
+  constructor(opts: SourceCoreOptions) {
+    this.downtimeLimitMs = opts.downtimeLimitMs;
+    this.roundsMax = opts.roundsMax ?? limits.precopyRoundsMax;
+    this.handoff = opts.handoff ?? false;
+  }
+
+  get finished(): boolean {
+    return this.phase === 'completed' || this.phase === 'failed' || this.phase === 'cancelled' || this.phase === 'handoff';
+  }
+
+  step(ev: SourceEvent): SourceAction[] {
+    switch (ev.type) {
+      case 'start':
+        if (this.phase !== 'idle') return [];
+        this.stats = newStats(ev.now, ev.ramBytes);
+        this.vmWasRunning = ev.vmRunning;
+        this.phase = 'setup';
+        return [this.status('setup'), { type: 'connect' }];
+      case 'setParameters':
+        if (ev.downtimeLimitMs !== undefined) this.downtimeLimitMs = ev.downtimeLimitMs;
+        return [];
+      case 'connected':
+        if (this.phase !== 'setup') return [];
+        this.stats.setupTimeMs = ev.now - this.stats.startTimeMs;
+        this.phase = 'active';
+        this.round = 1;
+        this.lastCollectMs = ev.now;
+        return [this.status('active'), { type: 'pass', pass: 1 }, { type: 'sendRound', round: 1, full: true }];
+      case 'roundSent':
+        if (this.phase !== 'active') return [];
+        this.account(ev.result);
+        return [{ type: 'collectDirty' }];
+      case 'dirtyCollected':
+        return this.onDirtyCollected(ev);
+      case 'vmPaused':
+        this.pausing = false;
+        if (this.phase !== 'stopping') return this.afterTeardownProgress(ev.now);
+        this.pausedAtMs = ev.now;
+        this.phase = 'device';
+        return [this.status('device'), { type: 'sendFinal', round: this.round + 1 }];
+      case 'vmPauseFailed':
+        this.pausing = false;
+        this.vmPausedByUs = false;
+        return this.stop('failure', `the VM could not be paused for stop-and-copy: ${ev.message}`, ev.now);
+      case 'finalSent':
+        if (this.phase !== 'device') return [];
+        this.round += 1;
+        this.account(ev.result);
+        this.stats.remainingBytes = 0;
+        this.phase = 'switchover';
+        return [{ type: 'awaitLoaded', timeoutMs: limits.switchoverTimeoutMs }];
+      case 'destinationLoaded':
+        if (this.phase !== 'switchover') return [];
+        if (this.handoff) {
+          this.phase = 'handoff';
+          return [{ type: 'handoff' }];
+        }
+        this.phase = 'resuming-destination';
+        return [{ type: 'switchover' }];
+      case 'goSent':
+        if (this.phase !== 'resuming-destination') return [];
+        this.goSentAtMs = ev.now;
+        return [{ type: 'awaitResumed', timeoutMs: limits.resumedNoticeTimeoutMs }];
+      case 'destinationResumed':
+      case 'resumedNoticeTimeout':
+        if (this.phase !== 'resuming-destination' || this.goSentAtMs === 0) return [];
+        return this.complete(ev.type === 'destinationResumed' ? ev.now : this.goSentAtMs, ev.now);
+      case 'cancel':
+        return this.stop('cancel', 'migration cancelled', ev.now);
+      case 'failure':
+        if (this.phase === 'resuming-destination' && this.goSentAtMs > 0) {
+          // `go` went out: the destination may be running, so running here too could make
+          // two. Stay paused (postmigrate), as QEMU's source does; the operator decides.
+          return [
+            { type: 'log', level: 'warn', message: `the channel broke after go was sent (${ev.message}); the source stays paused` },
+            ...this.complete(this.goSentAtMs, ev.now),
+          ];
+        }
+        return this.stop('failure', ev.message, ev.now);
+      case 'tornDown':
+        this.tornDown = true;
+        return this.afterTeardownProgress(ev.now);
+      case 'vmResumed':
+        this.vmPausedByUs = false;
+        return this.afterTeardownProgress(ev.now);
+      case 'vmResumeFailed':
+        this.vmPausedByUs = false;
+        return [{ type: 'log', level: 'error', message: `could not resume the VM after the migration ended: ${ev.message}` }, ...this.afterTeardownProgress(ev.now)];
+    }
+  }
+
+  private status(s: MigrationStatus): SourceAction {
+    this.stats.status = s;
+    return { type: 'status', status: s };
+  }
+
+  private account(r: RoundResult): void {
+    const s = this.stats;
+    s.transferredBytes += r.bytes;
+    s.normalPages += r.normalPages;
+    s.zeroPages += r.zeroPages;
+    s.diskBlocks += r.diskBlocks;
+    // A round too small to measure the link keeps the estimate — unless there is none yet.
+    if (r.durationMs > 0 && (r.bytes >= limits.bandwidthSampleBytesMin || s.bandwidthBytesPerMs === 0)) s.bandwidthBytesPerMs = r.bytes / r.durationMs;
+  }
+
+  private onDirtyCollected(ev: Extract<SourceEvent, { type: 'dirtyCollected' }>): SourceAction[] {
+    if (this.phase !== 'active') return [];
+    const s = this.stats;
+    s.dirtySyncCount += 1;
+    const elapsed = Math.max(1, ev.now - this.lastCollectMs);
+    this.lastCollectMs = ev.now;
+    s.dirtyPagesRate = (ev.pages * 1000) / elapsed;
+    const bytes = ev.pages * limits.pageBytes + ev.blocks * limits.diskBlockBytes;
+    s.remainingBytes = bytes;
+    // Before any round moved enough to measure, assume a slow link rather than a fast one.
+    const bandwidth = s.bandwidthBytesPerMs > 0 ? s.bandwidthBytesPerMs : 1;
+    s.expectedDowntimeMs = bytes / bandwidth;
+    if (s.expectedDowntimeMs <= this.downtimeLimitMs || this.round >= this.roundsMax) {
+      this.phase = 'stopping';
+      this.vmPausedByUs = true;
+      this.pausing = true;
+      const why = s.expectedDowntimeMs <= this.downtimeLimitMs
+        ? `${ev.pages} dirty pages fit in the downtime limit (${s.expectedDowntimeMs.toFixed(1)} ms expected)`
+        : `round limit of ${this.roundsMax} reached with ${ev.pages} dirty pages (${s.expectedDowntimeMs.toFixed(1)} ms expected)`;
+      return [{ type: 'log', level: 'debug', message: `stop-and-copy after round ${this.round}: ${why}` }, { type: 'pauseVm' }];
+    }
+    this.round += 1;
+    return [{ type: 'pass', pass: this.round }, { type: 'sendRound', round: this.round, full: false }];
+  }
+
+  private stop(reason: 'cancel' | 'failure', message: string, now: number): SourceAction[] {
+    switch (this.phase) {
+      case 'idle':
+      case 'completed':
+      case 'failed':
+      case 'cancelled':
+      case 'handoff':
+      case 'tearing-down':
+        return [];
+      case 'resuming-destination':
+        // Before `go` was written the destination cannot run: undo. After, nothing can.
+        if (this.goSentAtMs > 0) return [];
+        break;
+      default:
+        break;
+    }
+    this.endReason = reason;
+    this.phase = 'tearing-down';
+    if (reason === 'failure') this.stats.errorDesc = message;
+    const out: SourceAction[] = [];
+    if (reason === 'cancel') out.push(this.status('cancelling'));
+    out.push({ type: 'teardown', reason, message });
+    this.stats.endTimeMs = now;
+    return out;
+  }
+
+  private afterTeardownProgress(now: number): SourceAction[] {
+    if (this.phase !== 'tearing-down' || !this.tornDown || this.pausing) return [];
+    if (this.vmPausedByUs && this.vmWasRunning) {
+      if (this.resumeIssued) return [];
+      this.resumeIssued = true;
+      return [{ type: 'resumeVm' }];
+    }
+    const reason = this.endReason!;
+    this.phase = reason === 'cancel' ? 'cancelled' : 'failed';
+    this.stats.endTimeMs = now;
+    return [this.status(reason === 'cancel' ? 'cancelled' : 'failed')];
+  }
+
+  private complete(resumedAtMs: number, now: number): SourceAction[] {
+    this.phase = 'completed';
+    this.stats.downtimeMs = resumedAtMs - this.pausedAtMs;
+    this.stats.endTimeMs = now;
+    this.stats.remainingBytes = 0;
+    return [this.status('completed'), { type: 'close' }];
+  }
+}

@@ -1,0 +1,185 @@
+/**
+ * Live migration between two `colo run` processes on loopback (issue 3's acceptance list):
+ * plain and multifd pre-copy of a memwalk guest running at full speed, kv.wasm under client
+ * writes, and a shared image in snapshot mode.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
+
+for (const channels of [0, 2, 4]) {
+  const name = channels === 0 ? 'plain' : `multifd ${channels} channels`;
+  test(`precopy ${name}: a memwalk guest at full speed arrives whole, runs on; the source stays paused`, async (t) => {
+    const env = new TestEnv(t);
+    const caps: Record<string, boolean> = channels === 0 ? {} : { multifd: true };
+    const params: Record<string, number> = channels === 0 ? {} : { 'multifd-channels': channels };
+    const { src, dst, port, region } = await memwalkPair(env, { region: '48M', memory: '128M', capabilities: caps, parameters: params });
+    const srcMark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    const info = await src.waitMigrationStatus('completed', 60000);
+    await dst.waitMigrationStatus('completed', 10000);
+
+    assert.equal(await src.status(), 'postmigrate');
+    assert.deepEqual(statuses(src, srcMark), ['setup', 'active', 'device', 'completed']);
+    assert.ok(src.eventsOf('MIGRATION_PASS', srcMark).length >= 1, 'MIGRATION_PASS events');
+    const ram = info.ram as Record<string, number>;
+    const regionPages = region.size / 4096;
+    // The guest dirtied its whole region during round 1, so later rounds resent it.
+    assert.ok(ram.normal! > regionPages, `${ram.normal} normal pages sent for a ${regionPages}-page region: rounds after the first had no dirty pages`);
+    assert.ok(typeof info.downtime === 'number' && typeof info['total-time'] === 'number' && typeof info['setup-time'] === 'number');
+    t.diagnostic(`total ${String(info['total-time'])} ms, downtime ${String(info.downtime)} ms, ${ram['dirty-sync-count']} dirty syncs, ${ram.normal} pages, ${ram.duplicate} zero pages`);
+
+    await dst.waitEvent('RESUME');
+    await assertAdvancing(dst);
+    await assertStill(src);
+    assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+    await dst.qmp.execute('cont');
+    await assertAdvancing(dst, 2);
+    assertNoErrors(src, dst);
+  });
+}
+
+test('kv.wasm migrated while a client writes: every acknowledged key reads back on the target, disks equal', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const srcDisk = env.image('src.img', 16 * 1024 * 1024);
+  const dstDisk = env.image('dst.img', 16 * 1024 * 1024);
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '256M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${srcDisk}`] }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ multifd: true }), dst.setMigration({ multifd: true })]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+
+  const acked = new Map<string, string>();
+  const writer = await RespClient.connect(port);
+  env.onCleanup(() => writer.close());
+  let stop = false;
+  const writing = (async () => {
+    for (let i = 0; !stop; i++) {
+      const key = `k:${i}`;
+      const value = `v-${i}-${'x'.repeat(i % 200)}`;
+      try {
+        if ((await writer.command(['SET', key, value])) === 'OK') acked.set(key, value);
+      } catch {
+        return; // the switchover resets the connection
+      }
+    }
+  })();
+  await waitFor('200 acknowledged writes', () => acked.size >= 200, 20000);
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 60000);
+  await writing;
+  stop = true;
+  const ackedAtSwitch = new Map(acked);
+  await dst.waitMigrationStatus('completed', 10000);
+
+  const reader = await waitFor('a connection to the target on the service address', async () => {
+    try {
+      return await RespClient.connect(port);
+    } catch {
+      return undefined;
+    }
+  }, 10000);
+  env.onCleanup(() => reader.close());
+  let missing = 0;
+  for (const [k, v] of ackedAtSwitch) if ((await reader.command(['GET', k])) !== v) missing++;
+  assert.equal(missing, 0, `${missing} of ${ackedAtSwitch.size} acknowledged keys are missing on the target`);
+  t.diagnostic(`${ackedAtSwitch.size} acknowledged keys read back`);
+  const info = await src.qmp.execute<{ disk: { blocks: number } }>('query-migrate');
+  assert.ok(info.disk.blocks >= 4096, `the whole disk travelled (${info.disk.blocks} blocks)`);
+
+  // Nothing wrote either disk since the switchover (the source is paused, the reader only
+  // read): the target's image now equals the source's.
+  reader.close();
+  await Promise.all([src.stop(), dst.stop()]);
+  assert.equal(env.hashFile(dstDisk), env.hashFile(srcDisk), 'the target disk equals the source disk');
+  assertNoErrors(src, dst);
+});
+
+test('--snapshot on both sides with one shared image: the image is unchanged, the overlay moved', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('shared.img', 16 * 1024 * 1024, (b) => b.fill(0x5a, 0, 1 << 20));
+  const hash = env.hashFile(image);
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '256M', '--drive', `file=${image}`, '--snapshot'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  for (let i = 0; i < 300; i++) assert.equal(await c.command(['SET', `s:${i}`, `value ${i}`]), 'OK');
+  c.close();
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  const info = await src.waitMigrationStatus('completed', 60000);
+  const blocks = (info.disk as { blocks: number }).blocks;
+  assert.ok(blocks > 0 && blocks < 4096, `only the overlay travelled (${blocks} blocks)`);
+  await dst.waitMigrationStatus('completed', 10000);
+  const r = await waitFor('a connection to the target', async () => {
+    try {
+      return await RespClient.connect(port);
+    } catch {
+      return undefined;
+    }
+  }, 10000);
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 's:299']), 'value 299');
+  assert.equal(await r.command(['SET', 'after', 'migration']), 'OK');
+  r.close();
+  await Promise.all([src.stop(), dst.stop()]);
+  assert.equal(env.hashFile(image), hash, 'the shared image is byte-for-byte unchanged');
+  assert.ok(fs.statSync(image).size === 16 * 1024 * 1024);
+  assertNoErrors(src, dst);
+});
+
+test('a guest paused on the source arrives paused with identical memory; cont runs it', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port, region } = await memwalkPair(env, { region: '16M', memory: '64M', capabilities: { multifd: true } });
+  // A listening destination has no migration channels to yank yet.
+  assert.deepEqual(await dst.qmp.execute('query-yank'), []);
+  await assert.rejects(dst.yankMigration(), /No yank instance of type migration/);
+  await src.qmp.execute('stop');
+  const before = await src.pmem(region.start, region.size);
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(await dst.status(), 'paused');
+  assert.ok((await dst.pmem(region.start, region.size)).equals(before), 'the target memory equals the source memory at the pause');
+  await dst.qmp.execute('cont');
+  await assertAdvancing(dst);
+  assertNoErrors(src, dst);
+});
+
+test('guest RAM that grows during the migration arrives whole (ramSize frames), byte for byte', async (t) => {
+  const env = new TestEnv(t);
+  // The shadow tracker (no dirty map in guest memory) so that the whole RAM must be equal.
+  const common = ['--memory', '128M', '--dirty-log', 'shadow'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.fill, args: common, guestArgs: ['64M', 'grow'] }),
+    env.startVm({ name: 'dst', guest: guests.fill, args: [...common, '-S', '--incoming', 'defer'], guestArgs: ['64M', 'grow'] }),
+  ]);
+  await Promise.all([src.setMigration({ multifd: true }, { 'max-bandwidth': 24 * 1024 * 1024 }), dst.setMigration({ multifd: true })]);
+  await src.waitSerial('fill ready');
+  const port = await dst.listenIncoming();
+  const size = async (vm: typeof src): Promise<number> => (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
+  // Start once the guest has grown a little, slowly enough that it grows on during the rounds.
+  await waitFor('the guest to grow its memory to 4 MiB', async () => (await size(src)) >= 4 * 1024 * 1024, 10000);
+  const atStart = await size(src);
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  const [srcSize, dstSize] = [await size(src), await size(dst)];
+  assert.equal(dstSize, srcSize);
+  assert.ok(srcSize > atStart + 4 * 1024 * 1024, `guest RAM grew during the migration (${atStart} → ${srcSize} bytes)`);
+  assert.equal(await dst.status(), 'paused');
+  const [a, b] = [await src.pmem(0, srcSize), await dst.pmem(0, dstSize)];
+  assert.ok(a.equals(b), 'source and target RAM are identical');
+  assertNoErrors(src, dst);
+});

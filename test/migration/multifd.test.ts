@@ -1,0 +1,186 @@
+/**
+ * Multifd channels in one process: real worker threads and loopback sockets, two guest RAMs
+ * as shared WebAssembly memories.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import crypto from 'node:crypto';
+import net from 'node:net';
+import { MultifdReceiver, MultifdSender, type PageTarget } from '../../src/migration/multifd.js';
+import {
+  ChannelStatus,
+  decodeChannelAnswer,
+  decodePacketHeader,
+  encodeChannelHello,
+  encodePacketHeader,
+  multifdVersion,
+  packetHeaderBytes,
+  payloadBytesOf,
+} from '../../src/migration/multifd-format.js';
+import { splitKnownZero } from '../../src/migration/zero.js';
+import { encodeZeroRanges, PageSink } from '../../src/migration/ram.js';
+import { FrameType } from '../../src/migration/stream.js';
+import { StreamError } from '../../src/core/errors.js';
+import { limits } from '../../src/core/limits.js';
+
+const pageBytes = 4096;
+const wasmPages = 64; // 4 MiB
+const pages = (wasmPages * 65536) / pageBytes;
+
+function memory(): WebAssembly.Memory {
+  return new WebAssembly.Memory({ initial: wasmPages, maximum: wasmPages, shared: true });
+}
+
+interface Pair {
+  src: WebAssembly.Memory;
+  dst: WebAssembly.Memory;
+  sender: MultifdSender;
+  receiver: MultifdReceiver;
+}
+
+async function pair(t: { after(fn: () => unknown): void }, channels: number, target: PageTarget = { ram: true, cache: null, received: null }, shadow: SharedArrayBuffer | null = null): Promise<Pair> {
+  const id = new Uint8Array(crypto.randomBytes(16));
+  const src = memory();
+  const dst = memory();
+  const ramPages = new SharedArrayBuffer(4);
+  new Int32Array(ramPages)[0] = pages;
+  const receiver = await MultifdReceiver.start({ memory: dst, host: '127.0.0.1', migrationId: id, channels, pagesMax: pages, ramPages, ramMaybeNonZero: null, target });
+  t.after(() => receiver.destroy());
+  const sender = await MultifdSender.connect({ memory: src, host: '127.0.0.1', ports: receiver.ports, migrationId: id, pagesMax: pages, shadow });
+  t.after(() => sender.destroy());
+  return { src, dst, sender, receiver };
+}
+
+/** Fill pages with a pattern: every third page zero, the others numbered. */
+function fillPattern(mem: WebAssembly.Memory, salt: number): void {
+  const b = Buffer.from(mem.buffer);
+  for (let p = 0; p < pages; p++) {
+    if (p % 3 === 0) b.fill(0, p * pageBytes, (p + 1) * pageBytes);
+    else b.fill((p * 7 + salt) & 0xff || 1, p * pageBytes, (p + 1) * pageBytes);
+  }
+}
+
+async function round(p: Pair, r: number, list: number[]): Promise<{ sent: { normalPages: number; zeroPages: number }; got: { pages: number } }> {
+  const barrier = p.receiver.barrier(r);
+  const sent = await p.sender.sendRound(r, (l) => {
+    l.set(list);
+    return list.length;
+  }, 0);
+  return { sent, got: await barrier };
+}
+
+for (const copyReads of [false, true]) {
+  test(`rounds move every page; the barrier counts them (${copyReads ? "'data' event reads" : 'user-buffer reads'})`, async (t) => {
+    if (copyReads) process.env.COLO_MULTIFD_COPY_READS = '1';
+    t.after(() => delete process.env.COLO_MULTIFD_COPY_READS);
+    const shadow = new SharedArrayBuffer(pages * pageBytes);
+    const p = await pair(t, 3, undefined, shadow);
+    Buffer.from(p.dst.buffer).fill(0xee); // stale content the zero pages must clear
+    fillPattern(p.src, 1);
+    const all = Array.from({ length: pages }, (_, i) => i);
+    const r1 = await round(p, 1, all);
+    assert.equal(r1.got.pages, pages);
+    assert.equal(r1.sent.normalPages + r1.sent.zeroPages, pages);
+    assert.equal(r1.sent.zeroPages, Math.ceil(pages / 3));
+    assert.ok(Buffer.from(p.src.buffer).equals(Buffer.from(p.dst.buffer)), 'destination RAM equals source RAM after round 1');
+    assert.ok(Buffer.from(shadow).equals(Buffer.from(p.src.buffer)), 'the shadow records what was sent');
+    // Round 2: a few pages changed.
+    const changed = [5, 6, 7, 100, 101, pages - 1];
+    for (const pg of changed) Buffer.from(p.src.buffer).fill(0x42, pg * pageBytes, (pg + 1) * pageBytes);
+    const r2 = await round(p, 2, changed);
+    assert.equal(r2.got.pages, changed.length);
+    assert.ok(Buffer.from(p.src.buffer).equals(Buffer.from(p.dst.buffer)));
+  });
+}
+
+test('pages never written since boot travel as ranges, unread, and cost the destination nothing', () => {
+  const pagesN = 20000;
+  const written = new Uint8Array(pagesN);
+  const boot = new Uint8Array(pagesN);
+  boot.fill(1, 0, 3); // data segments
+  written.fill(1, 5000, 5010);
+  written[9000] = 1;
+  written[9010] = 1; // a 9-page hole between two writes: too short for a range
+  const { zero, data } = splitKnownZero([[0, 12000], [12100, pagesN]], written, boot);
+  assert.deepEqual(zero, [[3, 5000], [5010, 9000], [9011, 12000], [12100, pagesN]]);
+  assert.deepEqual(data, [[0, 3], [5000, 5010], [9000, 9011]]);
+  assert.deepEqual(splitKnownZero([[0, 10]], null, boot), { zero: [], data: [[0, 10]] });
+
+  // The destination: RAM it never wrote is left alone; a page it wrote is cleared.
+  const mem = new WebAssembly.Memory({ initial: 2, maximum: 2, shared: true });
+  const ram = Buffer.from(mem.buffer);
+  const maybe = new SharedArrayBuffer(32);
+  ram.fill(9, 4 * pageBytes, 5 * pageBytes);
+  new Uint8Array(maybe)[4] = 1;
+  ram.fill(7, 6 * pageBytes, 7 * pageBytes); // not marked: the sink trusts the map and skips it
+  const sink = new PageSink(mem, 32, { ram: true, cache: null, received: null }, maybe);
+  const frame = { type: FrameType.ramZeroRanges, flags: 0, seq: 0, payload: encodeZeroRanges([[2, 8]]) };
+  assert.equal(sink.apply(frame), 6);
+  assert.ok(ram.subarray(4 * pageBytes, 5 * pageBytes).every((b) => b === 0));
+  assert.equal(ram[6 * pageBytes], 7);
+  assert.throws(() => sink.apply({ ...frame, payload: encodeZeroRanges([[8, 2]]) }), /bad range/);
+  assert.throws(() => sink.apply({ ...frame, payload: encodeZeroRanges([[30, 40]]) }), /bad range/);
+});
+
+test('COLO hook: pages redirected into a cache, recorded in the received map, guest RAM untouched', async (t) => {
+  const p = await pair(t, 2);
+  fillPattern(p.src, 3);
+  await round(p, 1, [1, 2, 3]);
+  const cache = new SharedArrayBuffer(pages * pageBytes);
+  const received = new SharedArrayBuffer(pages);
+  await p.receiver.setTarget({ ram: false, cache, received });
+  const before = Buffer.from(Buffer.from(p.dst.buffer));
+  Buffer.from(p.src.buffer).fill(0x99, 10 * pageBytes, 13 * pageBytes);
+  await round(p, 2, [10, 11, 12, 15]);
+  assert.ok(Buffer.from(p.dst.buffer).equals(before), 'guest RAM unchanged');
+  const c = Buffer.from(cache);
+  assert.ok(c.subarray(10 * pageBytes, 13 * pageBytes).every((b) => b === 0x99));
+  assert.equal(c[15 * pageBytes], 0); // page 15 is a zero page (15 % 3 === 0)
+  const rec = new Uint8Array(received);
+  assert.deepEqual([...rec.keys()].filter((i) => rec[i] === 1), [10, 11, 12, 15]);
+});
+
+test('a channel of another migration is refused; the right one is still accepted', async (t) => {
+  const id = new Uint8Array(crypto.randomBytes(16));
+  const ramPages = new SharedArrayBuffer(4);
+  new Int32Array(ramPages)[0] = pages;
+  const receiver = await MultifdReceiver.start({ memory: memory(), host: '127.0.0.1', migrationId: id, channels: 1, pagesMax: pages, ramPages, ramMaybeNonZero: null, target: { ram: true, cache: null, received: null } });
+  t.after(() => receiver.destroy());
+  const other = new Uint8Array(crypto.randomBytes(16));
+  const status = await new Promise<number>((resolve, reject) => {
+    const s = net.connect({ host: '127.0.0.1', port: receiver.ports[0]! }, () => s.write(encodeChannelHello({ version: multifdVersion, migrationId: other, channel: 0, channels: 1 })));
+    let got = Buffer.alloc(0);
+    s.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
+    s.on('close', () => (got.byteLength >= 16 ? resolve(decodeChannelAnswer(got)) : reject(new Error('no answer'))));
+    s.on('error', reject);
+  });
+  assert.equal(status, ChannelStatus.wrongMigration);
+  await assert.rejects(
+    MultifdSender.connect({ memory: memory(), host: '127.0.0.1', ports: receiver.ports, migrationId: other, pagesMax: pages, shadow: null }),
+    /refused multifd channel 0: the channel belongs to another migration/,
+  );
+  const good = await MultifdSender.connect({ memory: memory(), host: '127.0.0.1', ports: receiver.ports, migrationId: id, pagesMax: pages, shadow: null });
+  t.after(() => good.destroy());
+  const barrier = receiver.barrier(1);
+  await good.sendRound(1, () => 0, 0);
+  assert.deepEqual(await barrier, { pages: 0, bytes: packetHeaderBytes });
+});
+
+test('packet headers are checked against the limits before the payload is read', () => {
+  const b = Buffer.alloc(packetHeaderBytes);
+  const ok = { flags: 0, channel: 0, packet: 0, round: 1, normal: 1, zero: 1, payloadBytes: payloadBytesOf(1, 1), numbersChecksum: 5n, dataChecksum: 6n };
+  encodePacketHeader(b, 0, ok);
+  assert.deepEqual(decodePacketHeader(b, 0), ok);
+  const bad = (h: Partial<typeof ok>, code: string): void => {
+    encodePacketHeader(b, 0, { ...ok, ...h });
+    assert.throws(() => decodePacketHeader(b, 0), (e: unknown) => e instanceof StreamError && e.code === code, JSON.stringify(h));
+  };
+  bad({ normal: limits.pagesPerPacketMax + 1, payloadBytes: payloadBytesOf(limits.pagesPerPacketMax + 1, 1) }, 'FRAME_TOO_LARGE');
+  bad({ zero: limits.multifdZeroPagesPerPacketMax + 1 }, 'FRAME_TOO_LARGE');
+  bad({ payloadBytes: 12 }, 'FRAME_INVALID');
+  bad({ flags: 1 }, 'FRAME_INVALID'); // SYNC with pages
+  bad({ flags: 4 }, 'FRAME_INVALID');
+  encodePacketHeader(b, 0, ok);
+  b[20] = b[20]! ^ 1;
+  assert.throws(() => decodePacketHeader(b, 0), (e: unknown) => e instanceof StreamError && e.code === 'FRAME_CHECKSUM');
+});

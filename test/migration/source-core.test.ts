@@ -1,0 +1,219 @@
+/**
+ * SourceCore scenarios as data: each step is an event and the actions expected back
+ * (by type, with the fields that matter). A regression gets a scenario named after what broke.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { SourceCore, type RoundResult, type SourceAction, type SourceEvent } from '../../src/migration/source-core.js';
+
+type Expect = (string | Partial<SourceAction>)[];
+type Step = [SourceEvent, Expect];
+
+const mib = 1024 * 1024;
+
+function round(r: number, bytes: number, durationMs: number): RoundResult {
+  return { round: r, bytes, normalPages: Math.floor(bytes / 4096), zeroPages: 0, diskBlocks: 0, durationMs };
+}
+
+function play(core: SourceCore, steps: Step[]): void {
+  steps.forEach(([ev, want], i) => {
+    const got = core.step(ev);
+    const shape = got.map((a) => a.type);
+    const wantTypes = want.map((w) => (typeof w === 'string' ? w : w.type!));
+    assert.deepEqual(shape, wantTypes, `step ${i} (${ev.type}): actions ${JSON.stringify(got)}`);
+    want.forEach((w, j) => {
+      if (typeof w !== 'string') assert.deepEqual({ ...got[j], ...w }, got[j], `step ${i} (${ev.type}) action ${j}: ${JSON.stringify(got[j])} does not match ${JSON.stringify(w)}`);
+    });
+  });
+}
+
+const start = (now = 0, vmRunning = true): SourceEvent => ({ type: 'start', now, vmRunning, ramBytes: 64 * mib });
+
+/** Through round 1 and a first dirty collection that does not fit: round 2 starts. */
+function intoRound2(now = 0): Step[] {
+  return [
+    [start(now), [{ type: 'status', status: 'setup' }, 'connect']],
+    [{ type: 'connected', now: now + 10 }, [{ type: 'status', status: 'active' }, { type: 'pass', pass: 1 }, { type: 'sendRound', round: 1, full: true }]],
+    // 64 MiB in 100 ms: 671 bytes/µs... 671088 bytes/ms.
+    [{ type: 'roundSent', now: now + 110, result: round(1, 64 * mib, 100) }, ['collectDirty']],
+    // 16384 pages = 64 MiB: 100 ms at that bandwidth, above a 30 ms limit.
+    [{ type: 'dirtyCollected', now: now + 111, pages: 16384, blocks: 0 }, [{ type: 'pass', pass: 2 }, { type: 'sendRound', round: 2, full: false }]],
+  ];
+}
+
+test('happy path: rounds until the rest fits the downtime limit, then stop-and-copy and switchover', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
+    // 1000 pages ≈ 4 MiB ≈ 6 ms: fits.
+    [{ type: 'dirtyCollected', now: 201, pages: 1000, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 205 }, [{ type: 'status', status: 'device' }, { type: 'sendFinal', round: 3 }]],
+    [{ type: 'finalSent', now: 215, result: round(3, 4 * mib, 10) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 230 }, ['switchover']],
+    [{ type: 'goSent', now: 231 }, ['awaitResumed']],
+    [{ type: 'destinationResumed', now: 240 }, [{ type: 'status', status: 'completed' }, 'close']],
+  ]);
+  assert.equal(core.phase, 'completed');
+  assert.equal(core.stats.downtimeMs, 35);
+  assert.equal(core.stats.setupTimeMs, 10);
+  assert.equal(core.stats.transferredBytes, 132 * mib);
+  assert.equal(core.stats.dirtySyncCount, 2);
+  assert.ok(core.stats.expectedDowntimeMs! < 30);
+});
+
+test('stop-and-copy is forced after roundsMax rounds', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1, roundsMax: 2 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 201, pages: 16384, blocks: 0 }, ['log', 'pauseVm']],
+  ]);
+});
+
+test('a downtime-limit raised mid-migration applies at the next decision', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'setParameters', downtimeLimitMs: 1000 }, []],
+    [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 100) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 201, pages: 16384, blocks: 0 }, ['log', 'pauseVm']],
+  ]);
+});
+
+test('cancel while active: cancelling, teardown, then cancelled (the VM never paused)', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'cancel', now: 150 }, [{ type: 'status', status: 'cancelling' }, { type: 'teardown', reason: 'cancel' }]],
+    // The round in flight fails because the channels were closed: ignored.
+    [{ type: 'failure', now: 151, message: 'closed' }, []],
+    [{ type: 'roundSent', now: 152, result: round(2, mib, 1) }, []],
+    [{ type: 'tornDown', now: 160 }, [{ type: 'status', status: 'cancelled' }]],
+    [{ type: 'cancel', now: 170 }, []],
+  ]);
+  assert.equal(core.stats.errorDesc, null);
+});
+
+test('cancel while the pause is in flight: the VM is resumed before cancelled', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'cancel', now: 202 }, [{ type: 'status', status: 'cancelling' }, 'teardown']],
+    [{ type: 'tornDown', now: 203 }, []],
+    [{ type: 'vmPaused', now: 204 }, ['resumeVm']],
+    [{ type: 'vmResumed', now: 205 }, [{ type: 'status', status: 'cancelled' }]],
+  ]);
+});
+
+test('failure during device phase: teardown, resume, then failed with the error', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 204 }, [{ type: 'status', status: 'device' }, 'sendFinal']],
+    [{ type: 'failure', now: 210, message: 'the destination closed the connection' }, [{ type: 'teardown', reason: 'failure' }]],
+    [{ type: 'tornDown', now: 211 }, ['resumeVm']],
+    [{ type: 'vmResumed', now: 212 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+  assert.equal(core.stats.errorDesc, 'the destination closed the connection');
+});
+
+test('regression: a second failure after the migration failed does not start a new teardown', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'failure', now: 5, message: 'refused' }, ['teardown']],
+    [{ type: 'tornDown', now: 6 }, [{ type: 'status', status: 'failed' }]],
+    [{ type: 'failure', now: 7, message: 'refused, again' }, []],
+    [{ type: 'tornDown', now: 8 }, []],
+  ]);
+  assert.equal(core.stats.errorDesc, 'refused');
+});
+
+test('a VM paused before the migration is not started by a failed one', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  play(core, [
+    [start(0, false), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'failure', now: 53, message: 'x' }, ['teardown']],
+    [{ type: 'tornDown', now: 54 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+});
+
+test('before go the switchover can be undone; after go the source stays paused whatever happens', () => {
+  const undo = new SourceCore({ downtimeLimitMs: 1000 });
+  const upToLoaded: Step[] = [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
+  ];
+  play(undo, [
+    ...upToLoaded,
+    [{ type: 'failure', now: 71, message: 'closed while closing the front end' }, ['teardown']],
+    [{ type: 'tornDown', now: 72 }, ['resumeVm']],
+    [{ type: 'vmResumed', now: 73 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+  const keep = new SourceCore({ downtimeLimitMs: 1000 });
+  play(keep, [
+    ...upToLoaded,
+    [{ type: 'goSent', now: 71 }, ['awaitResumed']],
+    [{ type: 'failure', now: 72, message: 'closed after go' }, ['log', { type: 'status', status: 'completed' }, 'close']],
+    [{ type: 'cancel', now: 73 }, []],
+  ]);
+  assert.equal(keep.stats.downtimeMs, 71 - 52);
+});
+
+test('a lost resumed notice still completes, with the downtime up to go', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
+    [{ type: 'goSent', now: 75 }, ['awaitResumed']],
+    [{ type: 'resumedNoticeTimeout', now: 5075 }, [{ type: 'status', status: 'completed' }, 'close']],
+  ]);
+  assert.equal(core.stats.downtimeMs, 75 - 52);
+});
+
+test('COLO handoff: the session is handed over instead of completing', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000, handoff: true });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, ['handoff']],
+    [{ type: 'cancel', now: 71 }, []],
+  ]);
+  assert.equal(core.phase, 'handoff');
+});
+
+test('a pause that fails fails the migration and leaves the VM as it was', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPauseFailed', now: 52, message: 'timeout' }, ['teardown']],
+    [{ type: 'tornDown', now: 53 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+  assert.match(core.stats.errorDesc!, /could not be paused/);
+});
