@@ -238,11 +238,18 @@ export class SourceSession {
     let full: FullRound | null = null;
     let knownZeroPages = 0;
     if (kind === 'full') {
-      tracker.beginFullSend(m.ram(), m.statePageRanges());
+      // The guest may grow its memory while this runs: send exactly the RAM announced above,
+      // never a page the destination has not been told to make room for (its receive
+      // workers would wait for a growth announced only after this round's barrier).
+      const announcedPages = ramBytes / limits.pageBytes;
+      const ranges = m.statePageRanges()
+        .map(([a, b]) => [a, Math.min(b, announcedPages)] as [number, number])
+        .filter(([a, b]) => b > a);
+      tracker.beginFullSend(m.ram(), ranges);
       blocks = this.disk.firstRound();
       // Pages the store log never saw written (and boot did not write) go as ranges on the
       // main channel, unread; the channels take the rest.
-      const split = splitKnownZero(m.statePageRanges(), tracker.writtenMap(), this.bootPages);
+      const split = splitKnownZero(ranges, tracker.writtenMap(), this.bootPages);
       for (let i = 0; i < split.zero.length; i += zeroRangesPerFrameMax) {
         const part = split.zero.slice(i, i + zeroRangesPerFrameMax);
         channel.sendFrame(FrameType.ramZeroRanges, [encodeZeroRanges(part)]);

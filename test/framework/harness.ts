@@ -284,6 +284,12 @@ export class TestEnv {
 
   async cleanup(): Promise<void> {
     await Promise.all(this.vms.map((vm) => vm.stop().catch(() => vm.kill('SIGKILL'))));
+    // Warnings and errors of the processes go to the runner's stderr, so a failure in CI
+    // comes with what each node said about it.
+    for (const vm of this.vms) {
+      const notable = vm.stderr.split('\n').filter((l) => / (warn|error) /.test(l));
+      if (notable.length > 0) process.stderr.write(`[${vm.spec.name} in ${this.dir}]\n${notable.slice(-20).join('\n')}\n`);
+    }
     for (const fn of this.cleanups.reverse()) await fn();
     if (process.env.COLO_KEEP_TEST_DIR === undefined) fs.rmSync(this.dir, { recursive: true, force: true });
   }
