@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { TestEnv, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
-import { RespClient } from '../framework/resp.js';
+import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 
 test('kv.wasm serves redis-cli and redis-benchmark', async (t) => {
   const env = new TestEnv(t);
@@ -37,28 +37,15 @@ test('migrate to a file under load, restore in a new process: every acknowledged
   env.onCleanup(() => {
     bench.kill('SIGKILL');
   });
-  const writer = await RespClient.connect(port);
-  const acked = new Map<string, string>();
-  let stop = false;
-  const writing = (async () => {
-    for (let i = 0; !stop; i++) {
-      const key = `mig:${i}`;
-      try {
-        const r = await writer.command(['SET', key, `value-${i}`]);
-        if (r === 'OK') acked.set(key, `value-${i}`);
-      } catch {
-        return; // the connection ends with the migration
-      }
-    }
-  })();
+  const writer = await AckedWriter.start(port, 'mig:');
+  env.onCleanup(() => writer.stop());
+  const acked = writer.acked;
   await waitFor('some acknowledged writes', () => acked.size >= 200, 20000);
   await src.qmp.execute('migrate', { uri: `file:${stateFile}` });
   await src.waitMigrationStatus('completed', 60000);
   assert.equal(await src.status(), 'postmigrate');
   const ackedAtSwitch = new Map(acked);
-  stop = true;
-  writer.close();
-  await writing;
+  await writer.stop();
   bench.kill('SIGKILL');
   await src.stop();
 
@@ -72,10 +59,7 @@ test('migrate to a file under load, restore in a new process: every acknowledged
     }
   }, 10000);
   env.onCleanup(() => reader.close());
-  let missing = 0;
-  for (const [k, v] of ackedAtSwitch) {
-    if ((await reader.command(['GET', k])) !== v) missing++;
-  }
+  const missing = await countMissing(reader, ackedAtSwitch);
   assert.equal(missing, 0, `${missing} of ${ackedAtSwitch.size} acknowledged keys are missing after the restore`);
   assert.equal(await reader.command(['SET', 'after', 'restore']), 'OK');
   assert.equal(await reader.command(['GET', 'after']), 'restore');

@@ -105,3 +105,49 @@ function parse(b: Buffer, at: number): { value: RespValue; end: number } | null 
       throw new Error(`bad RESP reply byte ${b[at]}`);
   }
 }
+
+/**
+ * A client that SETs unique keys in a loop and records the ones acknowledged with OK, until
+ * stop() or until its connection goes away (a switchover or a failover resets it).
+ */
+export class AckedWriter {
+  readonly acked = new Map<string, string>();
+  private stopped = false;
+  private readonly loop: Promise<void>;
+
+  private constructor(private readonly client: RespClient, prefix: string, valueOf: (i: number) => string) {
+    this.loop = (async () => {
+      for (let i = 0; !this.stopped; i++) {
+        const key = `${prefix}${i}`;
+        const value = valueOf(i);
+        try {
+          if ((await client.command(['SET', key, value])) === 'OK') this.acked.set(key, value);
+        } catch {
+          return;
+        }
+      }
+    })();
+  }
+
+  static async start(port: number, prefix: string, valueOf: (i: number) => string = (i) => `value-${i}`): Promise<AckedWriter> {
+    return new AckedWriter(await RespClient.connect(port), prefix, valueOf);
+  }
+
+  /** Resolves when the loop ended by itself (its connection closed). */
+  ended(): Promise<void> {
+    return this.loop;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    this.client.close();
+    await this.loop;
+  }
+}
+
+/** How many of `expected` do not read back with their value on `client`. */
+export async function countMissing(client: RespClient, expected: ReadonlyMap<string, string>): Promise<number> {
+  let missing = 0;
+  for (const [k, v] of expected) if ((await client.command(['GET', k])) !== v) missing++;
+  return missing;
+}

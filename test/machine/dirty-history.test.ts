@@ -6,18 +6,10 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { LogDirtyTracker, ShadowDirtyTracker } from '../../src/machine/dirty.js';
+import { rng } from '../framework/rng.js';
 
 const pageBytes = 4096;
 
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 2 ** 32;
-  };
-}
 
 test('property: neverWritten and writtenMap match an oracle of every write since boot', () => {
   for (let seed = 1; seed <= 30; seed++) {

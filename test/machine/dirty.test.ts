@@ -1,21 +1,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { LogDirtyTracker, ShadowDirtyTracker } from '../../src/machine/dirty.js';
+import { rng } from '../framework/rng.js';
 import { guests, waitFor } from '../framework/harness.js';
 import { machineFor } from '../framework/machine.js';
 
 const pageBytes = 4096;
 
-/** A seeded PRNG so a failure names its seed. */
-function rng(seed: number): () => number {
-  let s = seed >>> 0 || 1;
-  return () => {
-    s ^= s << 13;
-    s ^= s >>> 17;
-    s ^= s << 5;
-    return (s >>> 0) / 2 ** 32;
-  };
-}
 
 test('property: both trackers report exactly the oracle\'s pages over random writes', () => {
   for (let seed = 1; seed <= 40; seed++) {

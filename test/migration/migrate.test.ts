@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
-import { RespClient } from '../framework/resp.js';
+import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
 
 for (const channels of [0, 2, 4]) {
@@ -56,26 +56,13 @@ test('kv.wasm migrated while a client writes: every acknowledged key reads back 
   await src.waitSerial('kv ready');
   const migPort = await dst.listenIncoming();
 
-  const acked = new Map<string, string>();
-  const writer = await RespClient.connect(port);
-  env.onCleanup(() => writer.close());
-  let stop = false;
-  const writing = (async () => {
-    for (let i = 0; !stop; i++) {
-      const key = `k:${i}`;
-      const value = `v-${i}-${'x'.repeat(i % 200)}`;
-      try {
-        if ((await writer.command(['SET', key, value])) === 'OK') acked.set(key, value);
-      } catch {
-        return; // the switchover resets the connection
-      }
-    }
-  })();
+  const writer = await AckedWriter.start(port, 'k:', (i) => `v-${i}-${'x'.repeat(i % 200)}`);
+  env.onCleanup(() => writer.stop());
+  const acked = writer.acked;
   await waitFor('200 acknowledged writes', () => acked.size >= 200, 20000);
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
   await src.waitMigrationStatus('completed', 60000);
-  await writing;
-  stop = true;
+  await writer.ended(); // the switchover resets the connection
   const ackedAtSwitch = new Map(acked);
   await dst.waitMigrationStatus('completed', 10000);
 
@@ -87,8 +74,7 @@ test('kv.wasm migrated while a client writes: every acknowledged key reads back 
     }
   }, 10000);
   env.onCleanup(() => reader.close());
-  let missing = 0;
-  for (const [k, v] of ackedAtSwitch) if ((await reader.command(['GET', k])) !== v) missing++;
+  const missing = await countMissing(reader, ackedAtSwitch);
   assert.equal(missing, 0, `${missing} of ${ackedAtSwitch.size} acknowledged keys are missing on the target`);
   t.diagnostic(`${ackedAtSwitch.size} acknowledged keys read back`);
   const info = await src.qmp.execute<{ disk: { blocks: number } }>('query-migrate');
