@@ -35,6 +35,13 @@ export function registerCommands(qmp: QmpServer, vm: Vm): void {
     handler: () => (vm.opts.name === null ? {} : { name: vm.opts.name }),
   });
   registerMigrationCommands(qmp, vm);
+  registerColoCommands(qmp, vm);
+}
+
+/** COLO's commands (QEMU's x-colo-lost-heartbeat, query-colo-status), on colo/controller.ts. */
+function registerColoCommands(qmp: QmpServer, vm: Vm): void {
+  qmp.register({ name: 'x-colo-lost-heartbeat', allowOob: true, handler: () => vm.colo.lostHeartbeat() });
+  qmp.register({ name: 'query-colo-status', handler: () => vm.colo.query() });
 }
 
 /** QEMU's migration commands (qapi/migration.json), on migration-control.ts. */
@@ -53,7 +60,14 @@ function registerMigrationCommands(qmp: QmpServer, vm: Vm): void {
     args: { uri: 'str', '*exit-on-error': 'bool' },
     handler: async ({ uri, 'exit-on-error': exitOnError }) => mc.migrateIncoming(uri, exitOnError),
   });
-  qmp.register({ name: 'query-migrate', handler: () => mc.query() });
+  qmp.register({
+    name: 'query-migrate',
+    handler: () => {
+      const info = mc.query();
+      const colo = vm.colo.counters();
+      return Object.keys(colo).length === 0 ? info : { ...info, 'x-colo': colo };
+    },
+  });
   qmp.register({
     name: 'migrate-set-capabilities',
     args: { capabilities: [{ struct: { capability: { enum: capabilityNames }, state: 'bool' } }] },

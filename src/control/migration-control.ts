@@ -21,6 +21,13 @@ export interface ColoMigrationHooks {
   onSourceHandoff?: (session: SourceSession, migration: OutgoingMigration) => void;
   /** Destination with x-colo: the initial state is loaded (VM not started); take the session over. */
   onDestinationHandoff?: (session: IncomingSession, migration: IncomingMigration) => void;
+  /**
+   * Destination with x-colo: the session of the initial migration was just created (nothing
+   * received yet); COLO sets its page target so that the RAM cache fills while it runs.
+   */
+  onDestinationSession?: (session: IncomingSession) => void;
+  /** yank {type: migration} while COLO owns the session: close its channels (false: not in COLO). */
+  yank?: () => boolean;
 }
 
 function tcpTarget(uri: string): { host: string; port: number } {
@@ -210,6 +217,7 @@ export class MigrationControl {
         capabilities: this.settings.capabilities,
         receivers,
         ...(colo === undefined ? {} : { onHandoff: colo }),
+        ...(colo === undefined || this.coloHooks.onDestinationSession === undefined ? {} : { onSession: this.coloHooks.onDestinationSession }),
       },
     );
     this.incoming = m;
@@ -306,6 +314,7 @@ export class MigrationControl {
   /** yank {type: migration}: drop the migration channels at once. */
   yank(): void {
     if (!this.hasChannels) throw new QmpCommandError('DeviceNotFound', 'No yank instance of type migration is registered');
+    if (this.coloHooks.yank?.() === true) return;
     if (this.outgoing !== null) this.outgoing.yank();
     else this.incoming?.yank();
   }

@@ -9,6 +9,7 @@ import type { NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
 import { loadMachineFromFile } from '../migration/file.js';
 import { MigrationControl } from './migration-control.js';
+import { ColoController } from '../colo/controller.js';
 
 const log = logger('vm');
 
@@ -22,11 +23,14 @@ export class Vm extends EventEmitter {
   frontEnd: FrontEnd | null = null;
   /** Migration settings, the current or last migration, query-migrate (migration-control.ts). */
   readonly migration: MigrationControl;
+  /** COLO (colo/): hooks into the migration, failover, query-colo-status. */
+  readonly colo: ColoController;
   private quitting = false;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
     this.migration = new MigrationControl(this);
+    this.colo = new ColoController(this);
     machine.on('stop', () => this.event('STOP'));
     machine.on('resume', () => this.event('RESUME'));
     machine.on('output', (out: NicOutput) => this.frontEnd?.deliver(out));
@@ -132,6 +136,7 @@ export class Vm extends EventEmitter {
   }
 
   async destroy(): Promise<void> {
+    this.colo.close();
     await this.migration.close().catch((err: unknown) => log.debug(`closing the migration: ${errorMessage(err)}`));
     await this.frontEnd?.close();
     this.frontEnd = null;

@@ -37,6 +37,8 @@ export interface IncomingOptions {
    * over once the state is loaded (the VM not started) instead of waiting for `go`.
    */
   onHandoff?: (session: IncomingSession, migration: IncomingMigration) => void;
+  /** COLO hook, destination side: the session was created, before any frame was read (the RAM cache attaches here). */
+  onSession?: (session: IncomingSession) => void;
 }
 
 /**
@@ -87,6 +89,7 @@ export class IncomingMigration {
     const channel = new MainChannel(socket, `the source at ${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`);
     this.session = new IncomingSession(channel, { machine: this.host.machine, capabilities: this.opts.capabilities, receivers: this.opts.receivers ?? null });
     log.info(`incoming migration from ${channel.peer.replace(/^the source at /, '')}`);
+    this.opts.onSession?.(this.session);
     this.session.onFailure((err) => void this.run(failure(err)));
     void this.pump(this.session);
   }

@@ -1,0 +1,118 @@
+import { QmpCommandError } from '../core/errors.js';
+import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
+import type { Vm } from '../control/vm.js';
+import type { IncomingSession, SourceSession } from '../migration/session.js';
+import type { ColoMode, ExitReason } from './core.js';
+import { PrimaryDriver, SecondaryDriver, type DriverHost } from './driver.js';
+
+const log = logger('colo');
+
+/**
+ * COLO on one VM process: installs the hand-off hooks into the migration engine, owns the
+ * primary or secondary driver, and answers x-colo-lost-heartbeat, yank and query-colo-status.
+ */
+export class ColoController implements DriverHost {
+  private driver: PrimaryDriver | SecondaryDriver | null = null;
+  mode: ColoMode | 'none' = 'none';
+  lastMode: ColoMode | 'none' = 'none';
+  reason: ExitReason | 'none' = 'none';
+  closing = false;
+
+  constructor(readonly vm: Vm) {
+    vm.migration.coloHooks = {
+      onSourceHandoff: (session) => this.startPrimary(session),
+      onDestinationHandoff: (session) => this.startSecondary(session),
+      onDestinationSession: (session) => this.attachCache(session),
+      yank: () => this.yank(),
+    };
+  }
+
+  private startPrimary(session: SourceSession): void {
+    log.info('the secondary loaded the state: entering COLO as the primary');
+    this.mode = 'primary';
+    this.lastMode = 'primary';
+    const d = new PrimaryDriver(this, session);
+    this.driver = d;
+    d.start();
+  }
+
+  /** The RAM cache, filled during the initial migration (every page goes to RAM and cache). */
+  private cache: SharedArrayBuffer | null = null;
+
+  private attachCache(session: IncomingSession): void {
+    const m = this.vm.machine;
+    const cache = new SharedArrayBuffer(m.maximumPages * limits.wasmPageBytes);
+    // The full round covers every page (data, zero or known-zero ranges), so at hand-off the
+    // cache equals guest RAM without a bulk copy.
+    this.cache = cache;
+    // No frame was read yet, so no receiver exists: this takes effect at once.
+    void session.setPageTarget({ ram: true, cache, received: null }).catch((err: unknown) => log.warn(`COLO cache: ${String(err)}`));
+  }
+
+  private startSecondary(session: IncomingSession): void {
+    log.info('the state is loaded: entering COLO as the secondary');
+    this.mode = 'secondary';
+    this.lastMode = 'secondary';
+    const d = new SecondaryDriver(this, session, this.cache, null);
+    this.cache = null;
+    this.driver = d;
+    d.start();
+  }
+
+  private get active(): boolean {
+    const d = this.driver;
+    return d !== null && d.core.phase !== 'done' && d.core.phase !== 'failover';
+  }
+
+  setStatus(status: 'colo' | 'completed'): void {
+    const stats = this.vm.migration.stats;
+    if (stats !== null) {
+      stats.status = status;
+      if (status === 'completed') stats.endTimeMs = performance.now();
+    }
+    this.vm.event('MIGRATION', { status });
+  }
+
+  exited(mode: ColoMode, reason: ExitReason): void {
+    this.mode = 'none';
+    this.reason = reason;
+    this.vm.event('COLO_EXIT', { mode, reason });
+  }
+
+  /** x-colo-lost-heartbeat: the peer is declared lost; this node continues alone. */
+  lostHeartbeat(): void {
+    if (this.driver === null || !this.active) {
+      if (this.driver !== null && this.driver.core.phase === 'failover') return; // already failing over
+      throw new QmpCommandError('GenericError', 'VM is not in COLO mode');
+    }
+    this.driver.lostHeartbeat();
+  }
+
+  /** yank {type: migration} while in COLO: close the channels. Returns false when not in COLO. */
+  yank(): boolean {
+    if (this.driver === null || this.driver.core.phase === 'done') return false;
+    this.driver.yank();
+    return true;
+  }
+
+  /** The process exits: stop timers; what fails from now on is expected. */
+  close(): void {
+    this.closing = true;
+    this.driver?.close();
+  }
+
+  query(): Record<string, unknown> {
+    const d = this.driver;
+    const reason = this.reason !== 'none' ? this.reason : d !== null && this.active ? 'processing' : 'none';
+    return { mode: this.mode, 'last-mode': this.lastMode, reason };
+  }
+
+  counters(): Record<string, unknown> {
+    const d = this.driver;
+    if (d === null) return {};
+    const out: Record<string, unknown> = { checkpoints: d.core.checkpoints, 'failover-state': d.core.failoverState };
+    if (d instanceof PrimaryDriver) Object.assign(out, { 'last-pause-ms': d.lastPauseMs, 'max-pause-ms': d.maxPauseMs });
+    return out;
+  }
+}

@@ -1,0 +1,275 @@
+/**
+ * COLO's pure state machines (ARCHITECTURE §5): events in, actions out, no I/O. The drivers
+ * (primary.ts, secondary.ts) perform the actions on the migration session and the machine
+ * and feed every result back as an event.
+ */
+
+/** The seven COLO control messages, in the order one checkpoint uses them. */
+export const coloMessages = [
+  'CHECKPOINT_READY',
+  'CHECKPOINT_REQUEST',
+  'CHECKPOINT_REPLY',
+  'VMSTATE_SEND',
+  'VMSTATE_SIZE',
+  'VMSTATE_RECEIVED',
+  'VMSTATE_LOADED',
+] as const;
+export type ColoMessage = (typeof coloMessages)[number];
+
+export function isColoMessage(x: unknown): x is ColoMessage {
+  return typeof x === 'string' && (coloMessages as readonly string[]).includes(x);
+}
+
+/** QEMU's FailoverStatus. */
+export type FailoverState = 'none' | 'require' | 'active' | 'completed' | 'relaunch';
+export type ExitReason = 'request' | 'error';
+export type ColoMode = 'primary' | 'secondary';
+
+export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
+
+/** Events common to both sides. */
+export type FailoverEvent =
+  /** x-colo-lost-heartbeat on this node. */
+  | { type: 'lostHeartbeat' }
+  /** A channel broke (yank, dead peer). The failover waits for lostHeartbeat or graceElapsed. */
+  | { type: 'linkLost'; message: string }
+  /** No heartbeat came within the grace period after the link broke. */
+  | { type: 'graceElapsed' }
+  | { type: 'failoverDone' };
+
+// ---------------------------------------------------------------- primary
+
+export type PrimaryPhase = 'idle' | 'waitReady' | 'resuming' | 'running' | 'requested' | 'pausing' | 'sending' | 'awaitReceived' | 'awaitLoaded' | 'failover' | 'done';
+
+export type PrimaryEvent =
+  | { type: 'handoff' }
+  | { type: 'message'; msg: ColoMessage }
+  | { type: 'timer' }
+  | { type: 'vmPaused' }
+  | { type: 'stateSent' }
+  | { type: 'vmResumed' }
+  | { type: 'protocolError'; message: string }
+  | FailoverEvent;
+
+export type PrimaryAction =
+  | { type: 'status'; status: 'colo' | 'completed' }
+  | { type: 'send'; msg: ColoMessage }
+  | { type: 'armTimer'; ms: number }
+  | { type: 'armGrace' }
+  | { type: 'pauseVm' }
+  | { type: 'sendState' }
+  | { type: 'resumeVm' }
+  | { type: 'checkpointDone' }
+  /** Close the channels, make sure the PVM runs, then feed failoverDone. */
+  | { type: 'failover'; reason: ExitReason }
+  | { type: 'exit'; reason: ExitReason }
+  | { type: 'log'; level: LogLevel; message: string };
+
+export class PrimaryCore {
+  phase: PrimaryPhase = 'idle';
+  failoverState: FailoverState = 'none';
+  exitReason: ExitReason | null = null;
+  checkpoints = 0;
+  private linkLost = false;
+
+  constructor(private readonly delayMs: () => number) {}
+
+  step(ev: PrimaryEvent): PrimaryAction[] {
+    switch (ev.type) {
+      case 'handoff':
+        if (this.phase !== 'idle') return [];
+        this.phase = 'waitReady';
+        return [{ type: 'status', status: 'colo' }];
+      case 'message':
+        return this.onMessage(ev.msg);
+      case 'timer':
+        if (this.phase !== 'running') return [];
+        this.phase = 'requested';
+        return [{ type: 'send', msg: 'CHECKPOINT_REQUEST' }];
+      case 'vmPaused':
+        if (this.phase !== 'pausing') return [];
+        this.phase = 'sending';
+        return [{ type: 'send', msg: 'VMSTATE_SEND' }, { type: 'sendState' }];
+      case 'stateSent':
+        if (this.phase !== 'sending') return [];
+        this.phase = 'awaitReceived';
+        return [];
+      case 'vmResumed':
+        if (this.phase !== 'resuming') return [];
+        this.phase = 'running';
+        return [{ type: 'armTimer', ms: this.delayMs() }];
+      case 'protocolError':
+        return this.startFailover('error', ev.message);
+      case 'lostHeartbeat':
+        return this.startFailover('request', 'x-colo-lost-heartbeat: the secondary is declared lost');
+      case 'linkLost':
+        if (this.finishing || this.linkLost) return [];
+        this.linkLost = true;
+        return [{ type: 'log', level: 'info', message: `COLO channel closed (${ev.message}); waiting for x-colo-lost-heartbeat` }, { type: 'armGrace' }];
+      case 'graceElapsed':
+        return this.startFailover('error', 'the link to the secondary broke');
+      case 'failoverDone':
+        if (this.phase !== 'failover') return [];
+        this.phase = 'done';
+        this.failoverState = 'completed';
+        return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
+    }
+  }
+
+  private get finishing(): boolean {
+    return this.phase === 'failover' || this.phase === 'done';
+  }
+
+  private onMessage(msg: ColoMessage): PrimaryAction[] {
+    if (this.finishing) return [];
+    const expect = (phase: PrimaryPhase, want: ColoMessage): boolean => this.phase === phase && msg === want;
+    if (expect('waitReady', 'CHECKPOINT_READY')) {
+      this.phase = 'resuming';
+      return [{ type: 'resumeVm' }];
+    }
+    if (expect('requested', 'CHECKPOINT_REPLY')) {
+      this.phase = 'pausing';
+      return [{ type: 'pauseVm' }];
+    }
+    if (expect('awaitReceived', 'VMSTATE_RECEIVED')) {
+      this.phase = 'awaitLoaded';
+      return [];
+    }
+    if (expect('awaitLoaded', 'VMSTATE_LOADED')) {
+      this.checkpoints += 1;
+      this.phase = 'resuming';
+      return [{ type: 'checkpointDone' }, { type: 'resumeVm' }];
+    }
+    return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
+  }
+
+  private startFailover(reason: ExitReason, message: string): PrimaryAction[] {
+    if (this.finishing || this.phase === 'idle') return [];
+    this.phase = 'failover';
+    this.failoverState = 'active';
+    this.exitReason = reason;
+    return [{ type: 'log', level: reason === 'request' ? 'info' : 'warn', message: `COLO failover on the primary: ${message}` }, { type: 'failover', reason }];
+  }
+}
+
+// ---------------------------------------------------------------- secondary
+
+export type SecondaryPhase = 'idle' | 'starting' | 'running' | 'pausing' | 'replied' | 'receiving' | 'applying' | 'failover' | 'done';
+
+export type SecondaryEvent =
+  | { type: 'handoff' }
+  | { type: 'started' }
+  | { type: 'message'; msg: ColoMessage }
+  | { type: 'vmPaused' }
+  /** Pages (after the barrier) and device blob of the checkpoint are all in. */
+  | { type: 'stateReceived' }
+  | { type: 'applied' }
+  | { type: 'protocolError'; message: string }
+  | FailoverEvent;
+
+export type SecondaryAction =
+  | { type: 'status'; status: 'colo' | 'completed' }
+  /** Prepare the RAM cache, reset own dirty tracking, send CHECKPOINT_READY, run the SVM, then feed started. */
+  | { type: 'start' }
+  | { type: 'send'; msg: ColoMessage }
+  | { type: 'pauseVm' }
+  | { type: 'beginCheckpoint' }
+  | { type: 'apply' }
+  | { type: 'armGrace' }
+  /** Close the channels, drop any partial checkpoint, run the SVM alone, start its front end, then feed failoverDone. */
+  | { type: 'failover'; reason: ExitReason }
+  | { type: 'exit'; reason: ExitReason }
+  | { type: 'log'; level: LogLevel; message: string };
+
+export class SecondaryCore {
+  phase: SecondaryPhase = 'idle';
+  failoverState: FailoverState = 'none';
+  exitReason: ExitReason | null = null;
+  checkpoints = 0;
+  private pending: { reason: ExitReason; message: string } | null = null;
+  private linkLost = false;
+
+  step(ev: SecondaryEvent): SecondaryAction[] {
+    switch (ev.type) {
+      case 'handoff':
+        if (this.phase !== 'idle') return [];
+        this.phase = 'starting';
+        return [{ type: 'status', status: 'colo' }, { type: 'start' }];
+      case 'started':
+        if (this.phase !== 'starting') return [];
+        this.phase = 'running';
+        return this.afterRelaunch();
+      case 'message':
+        return this.onMessage(ev.msg);
+      case 'vmPaused':
+        if (this.phase !== 'pausing') return [];
+        this.phase = 'replied';
+        return [{ type: 'send', msg: 'CHECKPOINT_REPLY' }];
+      case 'stateReceived':
+        if (this.phase !== 'receiving') return this.startFailover('error', 'checkpoint state outside a checkpoint');
+        this.phase = 'applying';
+        return [{ type: 'send', msg: 'VMSTATE_RECEIVED' }, { type: 'apply' }];
+      case 'applied':
+        if (this.phase !== 'applying') return [];
+        this.checkpoints += 1;
+        this.phase = 'running';
+        if (this.pending !== null) return this.afterRelaunch();
+        return [{ type: 'send', msg: 'VMSTATE_LOADED' }];
+      case 'protocolError':
+        return this.startFailover('error', ev.message);
+      case 'lostHeartbeat':
+        return this.startFailover('request', 'x-colo-lost-heartbeat: the primary is declared lost');
+      case 'linkLost':
+        if (this.finishing || this.linkLost) return [];
+        this.linkLost = true;
+        return [{ type: 'log', level: 'info', message: `COLO channel closed (${ev.message}); waiting for x-colo-lost-heartbeat` }, { type: 'armGrace' }];
+      case 'graceElapsed':
+        return this.startFailover('error', 'the link to the primary broke');
+      case 'failoverDone':
+        if (this.phase !== 'failover') return [];
+        this.phase = 'done';
+        this.failoverState = 'completed';
+        return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
+    }
+  }
+
+  private get finishing(): boolean {
+    return this.phase === 'failover' || this.phase === 'done';
+  }
+
+  private onMessage(msg: ColoMessage): SecondaryAction[] {
+    if (this.finishing || this.pending !== null) return [];
+    if (this.phase === 'running' && msg === 'CHECKPOINT_REQUEST') {
+      this.phase = 'pausing';
+      return [{ type: 'pauseVm' }];
+    }
+    if (this.phase === 'replied' && msg === 'VMSTATE_SEND') {
+      this.phase = 'receiving';
+      return [{ type: 'beginCheckpoint' }];
+    }
+    if (this.phase === 'receiving' && msg === 'VMSTATE_SIZE') return [];
+    return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
+  }
+
+  private startFailover(reason: ExitReason, message: string): SecondaryAction[] {
+    if (this.finishing || this.phase === 'idle') return [];
+    if (this.phase === 'applying' || this.phase === 'starting') {
+      // The apply (or the start) is one step a failover cannot split: finish it first.
+      if (this.pending === null) this.pending = { reason, message };
+      else if (reason === 'request') this.pending.reason = 'request';
+      this.failoverState = 'relaunch';
+      return [{ type: 'log', level: 'info', message: `COLO failover requested during the ${this.phase === 'applying' ? 'apply' : 'start'}; it runs when that finishes` }];
+    }
+    this.phase = 'failover';
+    this.failoverState = 'active';
+    this.exitReason = reason;
+    return [{ type: 'log', level: reason === 'request' ? 'info' : 'warn', message: `COLO failover on the secondary: ${message}` }, { type: 'failover', reason }];
+  }
+
+  private afterRelaunch(): SecondaryAction[] {
+    const p = this.pending;
+    if (p === null) return [];
+    this.pending = null;
+    return this.startFailover(p.reason, p.message);
+  }
+}

@@ -1,0 +1,432 @@
+import { ChannelClosedError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
+import type { IncomingSession, SourceSession } from '../migration/session.js';
+import { FrameType, parseJsonPayload, type Frame } from '../migration/stream.js';
+import type { Vm } from '../control/vm.js';
+import {
+  PrimaryCore,
+  SecondaryCore,
+  isColoMessage,
+  type ColoMessage,
+  type ColoMode,
+  type ExitReason,
+  type PrimaryAction,
+  type PrimaryEvent,
+  type SecondaryAction,
+  type SecondaryEvent,
+} from './core.js';
+
+const log = logger('colo');
+
+/** How long a broken link waits for x-colo-lost-heartbeat before failing over on its own. */
+export const linkLossGraceMs = 2000;
+
+/** What a driver reports to the controller. */
+export interface DriverHost {
+  readonly vm: Vm;
+  /** The process is shutting down: failures of the VM are expected, not errors. */
+  readonly closing: boolean;
+  setStatus(status: 'colo' | 'completed'): void;
+  exited(mode: ColoMode, reason: ExitReason): void;
+}
+
+function messageOf(f: Frame): ColoMessage {
+  const r = parseJsonPayload(f);
+  if (!isColoMessage(r.msg)) throw new ChannelClosedError(`unknown COLO message ${String(r.msg)}`);
+  return r.msg;
+}
+
+/** Runs VM operations one after the other (a failover waits for the one in flight). */
+class VmOps {
+  private tail: Promise<void> = Promise.resolve();
+  run(fn: () => Promise<void>): Promise<void> {
+    const next = this.tail.then(fn);
+    this.tail = next.catch(() => undefined);
+    return next;
+  }
+  settled(): Promise<void> {
+    return this.tail;
+  }
+}
+
+// ---------------------------------------------------------------- primary
+
+export class PrimaryDriver {
+  readonly core: PrimaryCore;
+  private timer: NodeJS.Timeout | null = null;
+  private grace: NodeJS.Timeout | null = null;
+  private readonly ops = new VmOps();
+  private pauseStartedAt = 0;
+  lastPauseMs = 0;
+  maxPauseMs = 0;
+
+  constructor(private readonly host: DriverHost, private readonly session: SourceSession) {
+    this.core = new PrimaryCore(() => host.vm.migration.settings.parameters['x-checkpoint-delay']);
+  }
+
+  start(): void {
+    this.session.onFailure((err) => this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    this.dispatch({ type: 'handoff' });
+    void this.pump();
+  }
+
+  lostHeartbeat(): void {
+    this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  yank(): void {
+    void this.session.destroy(new ChannelClosedError('the COLO channels were yanked'));
+  }
+
+  private async pump(): Promise<void> {
+    for (;;) {
+      let msg: ColoMessage;
+      try {
+        msg = messageOf(await this.session.nextColo());
+      } catch (err) {
+        if (err instanceof ChannelClosedError || this.session.failed !== null) this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        else this.dispatch({ type: 'protocolError', message: errorMessage(err) });
+        return;
+      }
+      log.debug(`primary: received ${msg}`);
+      this.dispatch({ type: 'message', msg });
+    }
+  }
+
+  dispatch(ev: PrimaryEvent): void {
+    for (const a of this.core.step(ev)) this.perform(a);
+  }
+
+  private task(work: () => Promise<PrimaryEvent | null>): void {
+    work().then(
+      (ev) => {
+        if (ev !== null) this.dispatch(ev);
+      },
+      (err: unknown) => {
+        if (this.core.phase === 'failover' || this.core.phase === 'done') {
+          log.debug(`primary: ${errorMessage(err)} (during failover)`);
+          return;
+        }
+        if (err instanceof ChannelClosedError || this.session.failed !== null) this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        else this.dispatch({ type: 'protocolError', message: errorMessage(err) });
+      },
+    );
+  }
+
+  private perform(a: PrimaryAction): void {
+    const m = this.host.vm.machine;
+    const s = this.session;
+    switch (a.type) {
+      case 'status':
+        this.host.setStatus(a.status);
+        return;
+      case 'log':
+        log[a.level](a.message);
+        return;
+      case 'send':
+        log.debug(`primary: sending ${a.msg}`);
+        try {
+          s.sendColo({ msg: a.msg });
+        } catch (err) {
+          this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        }
+        return;
+      case 'armTimer':
+        if (this.timer !== null) clearTimeout(this.timer);
+        this.timer = setTimeout(() => {
+          this.timer = null;
+          this.dispatch({ type: 'timer' });
+        }, a.ms);
+        return;
+      case 'armGrace':
+        this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
+        return;
+      case 'pauseVm':
+        this.task(async () => {
+          await this.ops.run(async () => {
+            this.pauseStartedAt = performance.now();
+            this.host.vm.frontEnd?.pauseReading();
+            await m.pause('colo');
+          });
+          return { type: 'vmPaused' };
+        });
+        return;
+      case 'sendState':
+        this.task(async () => {
+          s.collectDirty();
+          const r = await s.sendRound('dirty');
+          const vcpu = await m.saveVcpu();
+          s.sendColo({ msg: 'VMSTATE_SIZE' });
+          s.sendDeviceState(vcpu);
+          log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages in ${r.durationMs.toFixed(1)} ms`);
+          return { type: 'stateSent' };
+        });
+        return;
+      case 'checkpointDone':
+        return;
+      case 'resumeVm':
+        this.task(async () => {
+          await this.ops.run(async () => {
+            if (m.runState === 'finish-migrate') m.setRunState('paused');
+            if (!m.running) await m.cont();
+            this.host.vm.frontEnd?.resumeReading();
+            if (this.pauseStartedAt > 0) {
+              this.lastPauseMs = performance.now() - this.pauseStartedAt;
+              this.maxPauseMs = Math.max(this.maxPauseMs, this.lastPauseMs);
+              this.pauseStartedAt = 0;
+            }
+          });
+          return { type: 'vmResumed' };
+        });
+        return;
+      case 'failover':
+        this.clearTimers();
+        void (async () => {
+          await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+          await this.ops.settled();
+          try {
+            await this.ops.run(async () => {
+              if (m.runState === 'finish-migrate' || m.runState === 'colo') m.setRunState('paused');
+              if (!m.running) await m.cont();
+              const vm = this.host.vm;
+              if (vm.frontEnd === null) await vm.startFrontEnd();
+              else vm.frontEnd.resumeReading();
+            });
+          } catch (err) {
+            if (this.host.closing) log.debug(`the primary did not resume after the failover (shutting down): ${errorMessage(err)}`);
+            else log.error(`the primary could not resume after the failover: ${errorMessage(err)}`);
+          }
+          this.dispatch({ type: 'failoverDone' });
+        })();
+        return;
+      case 'exit':
+        log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
+        this.host.exited('primary', a.reason);
+        return;
+    }
+  }
+
+  /** Process exit: no more timers. */
+  close(): void {
+    this.clearTimers();
+  }
+
+  private clearTimers(): void {
+    if (this.timer !== null) clearTimeout(this.timer);
+    if (this.grace !== null) clearTimeout(this.grace);
+    this.timer = null;
+    this.grace = null;
+  }
+}
+
+// ---------------------------------------------------------------- secondary
+
+export class SecondaryDriver {
+  readonly core = new SecondaryCore();
+  private grace: NodeJS.Timeout | null = null;
+  private readonly ops = new VmOps();
+  private cache: SharedArrayBuffer | null = null;
+  private received: SharedArrayBuffer | null = null;
+  /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
+  private chain: Promise<void> = Promise.resolve();
+
+  constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
+    this.cache = cache;
+    this.received = received;
+  }
+
+  start(): void {
+    this.session.onFailure((err) => void this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    void this.dispatch({ type: 'handoff' });
+  }
+
+  lostHeartbeat(): void {
+    void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /** Process exit: no more timers. */
+  close(): void {
+    if (this.grace !== null) clearTimeout(this.grace);
+    this.grace = null;
+  }
+
+  yank(): void {
+    void this.session.destroy().catch(() => undefined);
+  }
+
+  private get finishing(): boolean {
+    return this.core.phase === 'failover' || this.core.phase === 'done';
+  }
+
+  private async pump(): Promise<void> {
+    const s = this.session;
+    for (;;) {
+      let f: Frame;
+      try {
+        f = await s.nextFrame();
+      } catch (err) {
+        await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        return;
+      }
+      if (this.finishing) return;
+      try {
+        if (f.type === FrameType.colo) {
+          const msg = messageOf(f);
+          log.debug(`secondary: received ${msg}`);
+          await this.dispatch({ type: 'message', msg });
+          continue;
+        }
+        if (this.core.phase !== 'receiving') throw new Error(`frame type ${f.type} outside a checkpoint`);
+        if (f.type === FrameType.roundEnd) {
+          const r = parseJsonPayload(f);
+          if (typeof r.round === 'number') await s.barrier(r.round);
+          continue;
+        }
+        s.applyFrame(f);
+        if (f.type === FrameType.deviceState) await this.dispatch({ type: 'stateReceived' });
+      } catch (err) {
+        if (this.finishing) return;
+        if (err instanceof ChannelClosedError || s.receiverFailure !== null) await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        else await this.dispatch({ type: 'protocolError', message: errorMessage(err) });
+        if (this.finishing) return;
+      }
+    }
+  }
+
+  /**
+   * Step the core and perform its actions in order; resolves when they (and what they fed
+   * back) are done. Frame-loop events queue behind each other (a checkpoint's pages must not
+   * outrun beginCheckpoint); `inline` events (failover triggers, results fed back) run at once.
+   */
+  dispatch(ev: SecondaryEvent, inline = ev.type === 'lostHeartbeat' || ev.type === 'linkLost' || ev.type === 'graceElapsed'): Promise<void> {
+    if (inline) return this.process(ev);
+    const p = this.chain.then(() => this.process(ev));
+    this.chain = p.catch(() => undefined);
+    return p;
+  }
+
+  private async process(ev: SecondaryEvent): Promise<void> {
+    for (const a of this.core.step(ev)) {
+      let next: SecondaryEvent | null;
+      try {
+        next = await this.perform(a);
+      } catch (err) {
+        if (this.finishing) {
+          log.debug(`secondary: ${errorMessage(err)} (during failover)`);
+          next = null;
+        } else next = err instanceof ChannelClosedError || this.session.receiverFailure !== null ? { type: 'linkLost', message: errorMessage(err) } : { type: 'protocolError', message: errorMessage(err) };
+      }
+      if (next !== null) await this.process(next);
+    }
+  }
+
+  private async perform(a: SecondaryAction): Promise<SecondaryEvent | null> {
+    const vm = this.host.vm;
+    const m = vm.machine;
+    const s = this.session;
+    switch (a.type) {
+      case 'status':
+        this.host.setStatus(a.status);
+        return null;
+      case 'log':
+        log[a.level](a.message);
+        return null;
+      case 'start': {
+        if (this.cache === null) {
+          // No cache was attached during the initial migration (x-colo turned on late): copy guest RAM now.
+          const bytes = m.maximumPages * limits.wasmPageBytes;
+          this.cache = new SharedArrayBuffer(bytes);
+          new Uint8Array(this.cache).set(m.ram());
+          log.info('COLO: RAM cache copied from guest RAM at COLO start');
+        }
+        this.received ??= new SharedArrayBuffer(Math.ceil((m.maximumPages * limits.wasmPageBytes) / limits.pageBytes));
+        await s.setPageTarget({ ram: false, cache: this.cache, received: this.received });
+        const tracker = vm.migration.dirtyTracker();
+        tracker.reset(m.ram(), m.statePageRanges());
+        s.sendColo({ msg: 'CHECKPOINT_READY' });
+        await this.ops.run(async () => {
+          if (!m.running) await m.cont();
+        });
+        void this.pump();
+        return { type: 'started' };
+      }
+      case 'send':
+        log.debug(`secondary: sending ${a.msg}`);
+        s.sendColo({ msg: a.msg });
+        return null;
+      case 'pauseVm':
+        await this.ops.run(async () => m.pause('colo'));
+        return { type: 'vmPaused' };
+      case 'beginCheckpoint':
+        // The received map was emptied by the last apply; a blob can only be this checkpoint's.
+        s.device = null;
+        return null;
+      case 'apply':
+        await this.ops.run(async () => this.apply());
+        return { type: 'applied' };
+      case 'armGrace':
+        this.grace ??= setTimeout(() => void this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
+        return null;
+      case 'failover':
+        if (this.grace !== null) clearTimeout(this.grace);
+        this.grace = null;
+        await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+        // The partial checkpoint (pages in the cache only, device blob) is dropped: nothing of it reached guest RAM.
+        s.device = null;
+        await this.ops.settled();
+        try {
+          await this.ops.run(async () => {
+            if (m.runState === 'colo' || m.runState === 'inmigrate') m.setRunState('paused');
+            if (!m.running) await m.cont();
+            await vm.startFrontEnd();
+          });
+        } catch (err) {
+          if (this.host.closing) log.debug(`the secondary did not take over (shutting down): ${errorMessage(err)}`);
+          else log.error(`the secondary could not take over: ${errorMessage(err)}`);
+        }
+        return { type: 'failoverDone' };
+      case 'exit':
+        log.info(`COLO ended on the secondary (${a.reason}); the VM runs here alone`);
+        this.host.exited('secondary', a.reason);
+        return null;
+    }
+  }
+
+  /** Copy received ∪ own-dirtied pages from the cache into guest RAM, load the device state, run. */
+  private async apply(): Promise<void> {
+    const vm = this.host.vm;
+    const m = vm.machine;
+    const s = this.session;
+    const device = s.device;
+    if (device === null || this.cache === null || this.received === null) throw new Error('apply without a complete checkpoint');
+    const started = performance.now();
+    const ram = m.ram();
+    const own = vm.migration.dirtyTracker().collect(ram, m.statePageRanges());
+    const cache = new Uint8Array(this.cache);
+    const received = new Uint8Array(this.received);
+    const pb = limits.pageBytes;
+    const pages = Math.min(ram.byteLength / pb, received.length);
+    let copied = 0;
+    const copy = (p: number): void => {
+      ram.set(cache.subarray(p * pb, (p + 1) * pb), p * pb);
+      copied += 1;
+    };
+    for (const p of own) {
+      if (p < pages && received[p] === 0) copy(p);
+    }
+    for (let p = 0; p < pages; p++) {
+      if (received[p] !== 0) {
+        received[p] = 0;
+        copy(p);
+      }
+    }
+    await m.restoreVcpu(device.vcpu);
+    s.device = null;
+    // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.
+    vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
+    m.setRunState('paused');
+    await m.cont();
+    log.debug(`secondary: checkpoint applied (${copied} pages, ${own.length} own) in ${(performance.now() - started).toFixed(1)} ms`);
+  }
+}

@@ -1,0 +1,91 @@
+/**
+ * The COLO state machines alone (colo/core.ts): one checkpoint in ARCHITECTURE §5's order, and
+ * failover on either side — between checkpoints, in the middle of one, during the apply.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { PrimaryCore, SecondaryCore, type PrimaryAction, type SecondaryAction } from '../../src/colo/core.js';
+
+const types = (as: readonly (PrimaryAction | SecondaryAction)[]): string[] => as.filter((a) => a.type !== 'log').map((a) => (a.type === 'send' ? `send ${a.msg}` : a.type));
+
+test('colo core: one checkpoint uses the seven messages in order on both sides', () => {
+  const p = new PrimaryCore(() => 300);
+  const s = new SecondaryCore();
+  const sent: string[] = [];
+  const note = (as: readonly (PrimaryAction | SecondaryAction)[]): string[] => {
+    for (const a of as) if (a.type === 'send') sent.push(a.msg);
+    return types(as);
+  };
+  assert.deepEqual(note(p.step({ type: 'handoff' })), ['status']);
+  assert.deepEqual(note(s.step({ type: 'handoff' })), ['status', 'start']);
+  sent.push('CHECKPOINT_READY'); // the start action sends it
+  assert.deepEqual(note(s.step({ type: 'started' })), []);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'CHECKPOINT_READY' })), ['resumeVm']);
+  assert.deepEqual(note(p.step({ type: 'vmResumed' })), ['armTimer']);
+  assert.deepEqual(note(p.step({ type: 'timer' })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(note(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
+  assert.deepEqual(note(s.step({ type: 'vmPaused' })), ['send CHECKPOINT_REPLY']);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' })), ['pauseVm']);
+  assert.deepEqual(note(p.step({ type: 'vmPaused' })), ['send VMSTATE_SEND', 'sendState']);
+  assert.deepEqual(note(s.step({ type: 'message', msg: 'VMSTATE_SEND' })), ['beginCheckpoint']);
+  sent.push('VMSTATE_SIZE'); // sendState sends it before the device blob
+  assert.deepEqual(note(s.step({ type: 'message', msg: 'VMSTATE_SIZE' })), []);
+  assert.deepEqual(note(p.step({ type: 'stateSent' })), []);
+  assert.deepEqual(note(s.step({ type: 'stateReceived' })), ['send VMSTATE_RECEIVED', 'apply']);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), []);
+  assert.deepEqual(note(s.step({ type: 'applied' })), ['send VMSTATE_LOADED']);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone', 'resumeVm']);
+  assert.deepEqual(note(p.step({ type: 'vmResumed' })), ['armTimer']);
+  assert.deepEqual(sent, ['CHECKPOINT_READY', 'CHECKPOINT_REQUEST', 'CHECKPOINT_REPLY', 'VMSTATE_SEND', 'VMSTATE_SIZE', 'VMSTATE_RECEIVED', 'VMSTATE_LOADED']);
+  assert.equal(p.checkpoints, 1);
+  assert.equal(s.checkpoints, 1);
+});
+
+test('colo core: a failover during the apply waits for it (relaunch), then runs', () => {
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  s.step({ type: 'vmPaused' });
+  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  s.step({ type: 'stateReceived' });
+  assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), []);
+  assert.equal(s.failoverState, 'relaunch');
+  assert.deepEqual(types(s.step({ type: 'applied' })), ['failover']);
+  assert.equal(s.failoverState, 'active');
+  assert.deepEqual(types(s.step({ type: 'failoverDone' })), ['status', 'exit']);
+  assert.equal(s.failoverState, 'completed');
+  assert.equal(s.exitReason, 'request');
+});
+
+test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  s.step({ type: 'vmPaused' });
+  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  assert.deepEqual(types(s.step({ type: 'linkLost', message: 'yanked' })), ['armGrace']);
+  assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), ['failover']);
+  // Late frames of the dropped checkpoint change nothing.
+  assert.deepEqual(types(s.step({ type: 'stateReceived' })), []);
+  assert.deepEqual(types(s.step({ type: 'failoverDone' })), ['status', 'exit']);
+  assert.equal(s.checkpoints, 0);
+
+  const p = new PrimaryCore(() => 300);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  p.step({ type: 'vmResumed' });
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  assert.deepEqual(types(p.step({ type: 'linkLost', message: 'yanked' })), ['armGrace']);
+  assert.deepEqual(types(p.step({ type: 'graceElapsed' })), ['failover']);
+  assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), []);
+  assert.deepEqual(types(p.step({ type: 'failoverDone' })), ['status', 'exit']);
+  assert.equal(p.exitReason, 'error');
+  // An unexpected message is a protocol error: failover with reason error.
+  const q = new PrimaryCore(() => 300);
+  q.step({ type: 'handoff' });
+  assert.deepEqual(types(q.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['failover']);
+  assert.equal(q.exitReason, 'error');
+});

@@ -1,0 +1,106 @@
+/**
+ * COLO failover (issue 4's acceptance, the seed's eight tests): a memwalk guest protected by a
+ * primary and a secondary process on loopback, plain or multifd checkpoints, then the primary
+ * or the secondary declared lost — between checkpoints or in the middle of one.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { TestEnv, guests, memwalkRegion } from '../framework/harness.js';
+import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
+
+for (const transport of ['plain', 'multifd'] as const) {
+  for (const side of ['primary', 'secondary'] as const) {
+    for (const midCheckpoint of [false, true]) {
+      const name = `colo/${transport}/${side}_failover${midCheckpoint ? '_checkpoint' : ''}`;
+      test(name, async (t) => {
+        const started = performance.now();
+        const env = new TestEnv(t);
+        const image = env.image('shared.img', 4 * 1024 * 1024);
+        const common = ['--memory', '64M', '--drive', `file=${image}`, '--snapshot'];
+        const guestArgs = ['8M'];
+        const [src, dst] = await Promise.all([
+          env.startVm({ name: 'src', guest: guests.memwalk, args: common, guestArgs }),
+          env.startVm({ name: 'dst', guest: guests.memwalk, args: [...common, '--incoming', 'defer'], guestArgs }),
+        ]);
+        const caps: Record<string, boolean> = transport === 'multifd' ? { 'x-colo': true, multifd: true } : { 'x-colo': true };
+        const params: Record<string, number> = transport === 'multifd' ? { 'multifd-channels': 2 } : {};
+        await Promise.all([src.setMigration(caps, { ...params, 'x-checkpoint-delay': 300 }), dst.setMigration(caps, params)]);
+        await src.waitSerial('B', { count: 3 });
+        const region = memwalkRegion(src.serial());
+        assert.ok(region, 'memwalk printed its region');
+        const port = await dst.listenIncoming();
+
+        await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+        await src.waitMigrationStatus('colo', 30000);
+        await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+        assert.equal(await dst.migrationStatus(), 'colo');
+        await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+
+        // Three checkpoints: three RESUME on the target after its first.
+        for (let i = 0; i < 3; i++) {
+          const mark = dst.qmp.eventCount;
+          await dst.waitEvent('RESUME', { after: mark, timeoutMs: 15000 });
+        }
+        await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+        if (midCheckpoint) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+
+        const survivor = side === 'primary' ? src : dst;
+        const other = side === 'primary' ? dst : src;
+        const mark = survivor.qmp.eventCount;
+        await survivor.yankMigration();
+        await survivor.qmp.execute('x-colo-lost-heartbeat');
+        const exit = await survivor.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+        assert.deepEqual(exit.data, { mode: side, reason: 'request' });
+        const status = await survivor.qmp.execute<Record<string, unknown>>('query-colo-status');
+        assert.deepEqual(status, { mode: 'none', 'last-mode': side, reason: 'request' });
+        await assertAdvancing(survivor, 3);
+        assert.equal(await survivor.status(), 'running');
+        if (side === 'secondary') {
+          await other.stop();
+          assert.equal(await survivor.memwalkCheck(region), null, 'the secondary memory passes the memwalk pattern check');
+        }
+        assertNoErrors(src, dst);
+        t.diagnostic(`${name}: ${Math.round(performance.now() - started)} ms`);
+      });
+    }
+  }
+}
+
+test('colo: the destination refuses COLO when its own x-colo is off; the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+  ]);
+  await src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 300 });
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  const info = await src.waitMigrationStatus('failed', 30000);
+  assert.match(String(info['error-desc']), /x-colo/);
+  await assertAdvancing(src, 2);
+  await assert.rejects(src.qmp.execute('x-colo-lost-heartbeat'), /not in COLO mode/);
+  assert.deepEqual(await src.qmp.execute('query-colo-status'), { mode: 'none', 'last-mode': 'none', reason: 'none' });
+});
+
+test('colo: a broken link without x-colo-lost-heartbeat fails over on its own with reason error', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  const [srcMark, dstMark] = [src.qmp.eventCount, dst.qmp.eventCount];
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { nth: 2, timeoutMs: 15000 });
+  await src.yankMigration();
+  const [pe, se] = await Promise.all([src.waitEvent('COLO_EXIT', { after: srcMark, timeoutMs: 10000 }), dst.waitEvent('COLO_EXIT', { after: dstMark, timeoutMs: 10000 })]);
+  assert.deepEqual(pe.data, { mode: 'primary', reason: 'error' });
+  assert.deepEqual(se.data, { mode: 'secondary', reason: 'error' });
+  await Promise.all([assertAdvancing(src, 2), assertAdvancing(dst, 2)]);
+  assert.equal(await src.migrationStatus(), 'completed');
+  assertNoErrors(src, dst);
+});
