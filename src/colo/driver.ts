@@ -19,7 +19,7 @@ import {
 
 const log = logger('colo');
 
-/** How long a broken link waits for x-colo-lost-heartbeat before failing over on its own. */
+/** How long a primary whose link broke waits for x-colo-lost-heartbeat before going on alone. */
 export const linkLossGraceMs = 2000;
 
 /** What a driver reports to the controller. */
@@ -366,7 +366,10 @@ export class SecondaryDriver {
         await this.ops.run(async () => this.apply());
         return { type: 'applied' };
       case 'armGrace':
-        this.grace ??= setTimeout(() => void this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
+        // A secondary never promotes itself: a broken link may be only a broken link, and
+        // two nodes serving would break invariant 4 (at most one node serves). It keeps its
+        // last consistent state and waits for x-colo-lost-heartbeat (an operator or `colo up`).
+        log.info('secondary: the COLO link is down; waiting for x-colo-lost-heartbeat to take over');
         return null;
       case 'failover':
         if (this.grace !== null) clearTimeout(this.grace);
