@@ -17,6 +17,8 @@ import {
   type SecondaryEvent,
 } from './core.js';
 
+import { defaultDiskSink } from '../migration/disk-sync.js';
+
 const log = logger('colo');
 
 /** How long a primary whose link broke waits for x-colo-lost-heartbeat before going on alone. */
@@ -228,6 +230,9 @@ export class SecondaryDriver {
   private readonly ops = new VmOps();
   private cache: SharedArrayBuffer | null = null;
   private received: SharedArrayBuffer | null = null;
+  /** Disk blocks of the checkpoint in flight (null: a zero block), written only by the apply. */
+  private readonly pendingBlocks = new Map<number, Uint8Array | null>();
+  private applyDiskBlocks: () => void = () => undefined;
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
 
@@ -342,6 +347,16 @@ export class SecondaryDriver {
         }
         this.received ??= new SharedArrayBuffer(Math.ceil((m.maximumPages * limits.wasmPageBytes) / limits.pageBytes));
         await s.setPageTarget({ ram: false, cache: this.cache, received: this.received });
+        // Disk blocks of a checkpoint wait in memory like its pages wait in the cache: they
+        // reach the disk only in the apply, so a failover mid-checkpoint leaves none behind.
+        if (m.disk !== null) {
+          const write = defaultDiskSink(m.disk);
+          this.applyDiskBlocks = () => {
+            for (const [block, data] of this.pendingBlocks) write(block, data);
+            this.pendingBlocks.clear();
+          };
+          s.setDiskSink((block, data) => this.pendingBlocks.set(block, data === null ? null : Uint8Array.from(data)));
+        }
         const tracker = vm.migration.dirtyTracker();
         tracker.reset(m.ram(), m.statePageRanges());
         s.sendColo({ msg: 'CHECKPOINT_READY' });
@@ -375,8 +390,10 @@ export class SecondaryDriver {
         if (this.grace !== null) clearTimeout(this.grace);
         this.grace = null;
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
-        // The partial checkpoint (pages in the cache only, device blob) is dropped: nothing of it reached guest RAM.
+        // The partial checkpoint (pages in the cache, disk blocks in memory, device blob) is
+        // dropped: nothing of it reached guest RAM or the disk.
         s.device = null;
+        this.pendingBlocks.clear();
         await this.ops.settled();
         try {
           await this.ops.run(async () => {
@@ -424,6 +441,7 @@ export class SecondaryDriver {
         copy(p);
       }
     }
+    this.applyDiskBlocks();
     await m.restoreVcpu(device.vcpu);
     s.device = null;
     // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.

@@ -91,7 +91,12 @@ export class Vm extends EventEmitter {
   /** Listen on the --net address and attach it to the guest NIC. */
   async startFrontEnd(): Promise<void> {
     if (this.opts.net === null || this.frontEnd !== null) return;
+    // The NIC state (numbering, known connections) is read from a stopped vCPU; a guest that
+    // is already running (a COLO secondary taking over) is stopped for that moment.
+    const wasRunning = this.machine.running;
+    if (wasRunning) await this.machine.pause('paused');
     const state = await this.machine.saveVcpu();
+    if (wasRunning) await this.machine.cont();
     const fe = new FrontEnd(this.opts.net, (ev) => this.machine.injectInput(ev), { seq: state.nic.lastSeq, conn: maxConn(state) });
     // Connections the guest knows belong to a front end that no longer exists: the guest
     // sees them reset.
