@@ -26,6 +26,13 @@ export interface DiskSpec {
   presentMap: SharedArrayBuffer;
   /** One byte per block: 1 = written since the dirty log was last collected. */
   dirtyMap: SharedArrayBuffer;
+  /**
+   * The COLO secondary's own-writes layer: an unlinked file, a map of the blocks it holds,
+   * and an Int32 flag (1 = the guest's writes go to the layer). See beginLayer().
+   */
+  layerFd: number;
+  layerMap: SharedArrayBuffer;
+  layerCtl: SharedArrayBuffer;
 }
 
 export interface DiskOverlayState {
@@ -43,12 +50,16 @@ export class Disk {
   readonly spec: DiskSpec;
   private readonly present: Uint8Array;
   private readonly dirty: Uint8Array;
+  private readonly layer: Uint8Array;
+  private readonly layerCtl: Int32Array;
   private readonly scratch = Buffer.alloc(blockBytes);
 
   private constructor(spec: DiskSpec) {
     this.spec = spec;
     this.present = new Uint8Array(spec.presentMap);
     this.dirty = new Uint8Array(spec.dirtyMap);
+    this.layer = new Uint8Array(spec.layerMap);
+    this.layerCtl = new Int32Array(spec.layerCtl);
   }
 
   /** Open an image (main thread). */
@@ -71,7 +82,13 @@ export class Disk {
       fs.unlinkSync(overlayPath);
     }
     const blocks = Math.ceil(sizeBytes / blockBytes);
+    const layerPath = path.join(os.tmpdir(), `colo-layer-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
+    const layerFd = fs.openSync(layerPath, 'w+');
+    fs.unlinkSync(layerPath);
     return new Disk({
+      layerFd,
+      layerMap: new SharedArrayBuffer(Math.max(1, blocks)),
+      layerCtl: new SharedArrayBuffer(4),
       imagePath,
       imageFd,
       sizeBytes,
@@ -103,7 +120,7 @@ export class Disk {
       const block = Math.floor(at / blockBytes);
       const inBlock = at - block * blockBytes;
       const n = Math.min(blockBytes - inBlock, end - at);
-      const fd = this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
+      const fd = this.layer[block] === 1 ? this.spec.layerFd : this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
       readFull(fd, into.subarray(at - offset, at - offset + n), at);
       at += n;
     }
@@ -122,7 +139,16 @@ export class Disk {
       const inBlock = at - block * blockBytes;
       const n = Math.min(blockBytes - inBlock, end - at);
       const chunk = data.subarray(at - offset, at - offset + n);
-      if (this.spec.snapshot) {
+      if (Atomics.load(this.layerCtl, 0) === 1) {
+        if (this.layer[block] !== 1 && n < blockBytes) {
+          this.readBlock(block, this.scratch);
+          this.scratch.set(chunk, inBlock);
+          writeFull(this.spec.layerFd, this.scratch.subarray(0, this.blockLength(block)), block * blockBytes);
+        } else {
+          writeFull(this.spec.layerFd, chunk, at);
+        }
+        this.layer[block] = 1;
+      } else if (this.spec.snapshot) {
         if (this.present[block] !== 1 && n < blockBytes) {
           // Partial write of a block not yet in the overlay: copy it up first.
           this.readBlock(block, this.scratch);
@@ -152,7 +178,7 @@ export class Disk {
 
   readBlock(block: number, into: Uint8Array): void {
     const len = this.blockLength(block);
-    const fd = this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
+    const fd = this.layer[block] === 1 ? this.spec.layerFd : this.present[block] === 1 ? this.spec.overlayFd! : this.spec.imageFd;
     readFull(fd, into.subarray(0, len), block * blockBytes);
   }
 
@@ -193,8 +219,43 @@ export class Disk {
     return out;
   }
 
+  /**
+   * COLO secondary: from now on the guest's writes go to a separate layer, so that its disk
+   * underneath keeps the primary's disk as of the last checkpoint (main thread, vCPU paused).
+   */
+  beginLayer(): void {
+    Atomics.store(this.layerCtl, 0, 1);
+  }
+
+  /** Checkpoint apply: forget the guest's own writes since the last checkpoint. */
+  dropLayer(): number {
+    let n = 0;
+    for (let b = 0; b < this.layer.length; b++) if (this.layer[b] === 1) {
+      this.layer[b] = 0;
+      n++;
+    }
+    return n;
+  }
+
+  /** Failover: the guest's own writes become the disk, and writes go there again. */
+  commitLayer(): number {
+    const buf = Buffer.alloc(blockBytes);
+    let n = 0;
+    for (let b = 0; b < this.layer.length; b++) {
+      if (this.layer[b] !== 1) continue;
+      const len = this.blockLength(b);
+      readFull(this.spec.layerFd, buf.subarray(0, len), b * blockBytes);
+      this.layer[b] = 0;
+      this.writeBlock(b, buf);
+      this.dirty[b] = 1;
+      n++;
+    }
+    Atomics.store(this.layerCtl, 0, 0);
+    return n;
+  }
+
   close(): void {
-    for (const fd of [this.spec.imageFd, this.spec.overlayFd]) {
+    for (const fd of [this.spec.imageFd, this.spec.overlayFd, this.spec.layerFd]) {
       if (fd === null) continue;
       try {
         fs.closeSync(fd);

@@ -359,6 +359,9 @@ export class SecondaryDriver {
         }
         const tracker = vm.migration.dirtyTracker();
         tracker.reset(m.ram(), m.statePageRanges());
+        // The SVM's own disk writes go to a layer dropped at every apply and committed at a
+        // takeover, so its disk underneath stays the PVM's as of the last checkpoint.
+        m.disk?.beginLayer();
         s.sendColo({ msg: 'CHECKPOINT_READY' });
         await this.ops.run(async () => {
           if (!m.running) await m.cont();
@@ -398,6 +401,11 @@ export class SecondaryDriver {
         try {
           await this.ops.run(async () => {
             if (m.runState === 'colo' || m.runState === 'inmigrate') m.setRunState('paused');
+            if (m.disk !== null) {
+              if (m.running) await m.pause('paused');
+              const n = m.disk.commitLayer();
+              log.info(`secondary: committed ${n} disk blocks the guest wrote since the last checkpoint`);
+            }
             if (!m.running) await m.cont();
             await vm.startFrontEnd();
           });
@@ -441,6 +449,7 @@ export class SecondaryDriver {
         copy(p);
       }
     }
+    const ownBlocks = m.disk?.dropLayer() ?? 0;
     this.applyDiskBlocks();
     await m.restoreVcpu(device.vcpu);
     s.device = null;
@@ -448,6 +457,6 @@ export class SecondaryDriver {
     vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
     m.setRunState('paused');
     await m.cont();
-    log.debug(`secondary: checkpoint applied (${copied} pages, ${own.length} own) in ${(performance.now() - started).toFixed(1)} ms`);
+    log.debug(`secondary: checkpoint applied (${copied} pages, ${own.length} own, ${ownBlocks} own disk blocks dropped) in ${(performance.now() - started).toFixed(1)} ms`);
   }
 }
