@@ -31,9 +31,9 @@ export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 export type FailoverEvent =
   /** x-colo-lost-heartbeat on this node. */
   | { type: 'lostHeartbeat' }
-  /** A channel broke (yank, dead peer). The failover waits for lostHeartbeat or graceElapsed. */
+  /** A channel broke (yank, dead peer). The primary fails over after a grace period; the secondary waits for lostHeartbeat. */
   | { type: 'linkLost'; message: string }
-  /** No heartbeat came within the grace period after the link broke. */
+  /** No heartbeat came within the grace period after the link broke (primary only). */
   | { type: 'graceElapsed' }
   | { type: 'failoverDone' };
 
@@ -175,7 +175,6 @@ export type SecondaryAction =
   | { type: 'pauseVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
-  | { type: 'armGrace' }
   /** Close the channels, drop any partial checkpoint, run the SVM alone, start its front end, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
@@ -222,9 +221,11 @@ export class SecondaryCore {
       case 'linkLost':
         if (this.finishing || this.linkLost) return [];
         this.linkLost = true;
-        return [{ type: 'log', level: 'info', message: `COLO channel closed (${ev.message}); waiting for x-colo-lost-heartbeat` }, { type: 'armGrace' }];
+        // A secondary never promotes itself: a broken link may be only a broken link, and two
+        // nodes serving would break invariant 4. It waits for x-colo-lost-heartbeat.
+        return [{ type: 'log', level: 'info', message: `COLO channel closed (${ev.message}); waiting for x-colo-lost-heartbeat to take over` }];
       case 'graceElapsed':
-        return this.startFailover('error', 'the link to the primary broke');
+        return [];
       case 'failoverDone':
         if (this.phase !== 'failover') return [];
         this.phase = 'done';

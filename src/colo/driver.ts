@@ -226,7 +226,6 @@ export class PrimaryDriver {
 
 export class SecondaryDriver {
   readonly core = new SecondaryCore();
-  private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private cache: SharedArrayBuffer | null = null;
   private received: SharedArrayBuffer | null = null;
@@ -252,8 +251,6 @@ export class SecondaryDriver {
 
   /** Process exit: no more timers. */
   close(): void {
-    if (this.grace !== null) clearTimeout(this.grace);
-    this.grace = null;
   }
 
   yank(): void {
@@ -304,7 +301,7 @@ export class SecondaryDriver {
    * back) are done. Frame-loop events queue behind each other (a checkpoint's pages must not
    * outrun beginCheckpoint); `inline` events (failover triggers, results fed back) run at once.
    */
-  dispatch(ev: SecondaryEvent, inline = ev.type === 'lostHeartbeat' || ev.type === 'linkLost' || ev.type === 'graceElapsed'): Promise<void> {
+  dispatch(ev: SecondaryEvent, inline = ev.type === 'lostHeartbeat' || ev.type === 'linkLost'): Promise<void> {
     if (inline) return this.process(ev);
     const p = this.chain.then(() => this.process(ev));
     this.chain = p.catch(() => undefined);
@@ -383,15 +380,7 @@ export class SecondaryDriver {
       case 'apply':
         await this.ops.run(async () => this.apply());
         return { type: 'applied' };
-      case 'armGrace':
-        // A secondary never promotes itself: a broken link may be only a broken link, and
-        // two nodes serving would break invariant 4 (at most one node serves). It keeps its
-        // last consistent state and waits for x-colo-lost-heartbeat (an operator or `colo up`).
-        log.info('secondary: the COLO link is down; waiting for x-colo-lost-heartbeat to take over');
-        return null;
       case 'failover':
-        if (this.grace !== null) clearTimeout(this.grace);
-        this.grace = null;
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
         // The partial checkpoint (pages in the cache, disk blocks in memory, device blob) is
         // dropped: nothing of it reached guest RAM or the disk.
