@@ -51,13 +51,7 @@ test('migrate to a file under load, restore in a new process: every acknowledged
 
   const dst = await env.startVm({ name: 'dst', guest: guests.kv, args: [...netArgs, '--incoming', `file:${stateFile}`] });
   await waitFor('the restored VM to run', async () => (await dst.status()) === 'running', 20000);
-  const reader = await waitFor('a connection to the restored VM', async () => {
-    try {
-      return await RespClient.connect(port);
-    } catch {
-      return undefined;
-    }
-  }, 10000);
+  const reader = await RespClient.whenServing(port, 'a connection to the restored VM');
   env.onCleanup(() => reader.close());
   const missing = await countMissing(reader, ackedAtSwitch);
   assert.equal(missing, 0, `${missing} of ${ackedAtSwitch.size} acknowledged keys are missing after the restore`);

@@ -36,13 +36,7 @@ test('colo: kv writes acknowledged before a checkpoint survive the primary, RAM 
   await dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
   await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
 
-  const reader = await waitFor('the secondary serving on the service address', async () => {
-    try {
-      return await RespClient.connect(port);
-    } catch {
-      return undefined;
-    }
-  }, 10000);
+  const reader = await RespClient.whenServing(port, 'the secondary serving on the service address');
   env.onCleanup(() => reader.close());
   assert.equal(await countMissing(reader, acked), 0, 'writes acknowledged before the checkpoint are in the secondary');
   assert.equal(await reader.command(['SET', 'after', 'takeover']), 'OK');

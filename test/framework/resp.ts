@@ -45,6 +45,22 @@ export class RespClient {
     });
   }
 
+  /**
+   * Connect once something serves on `port` (a restored or taken-over VM opens its address
+   * a moment after it is ready); fails after `timeoutMs` naming `what`.
+   */
+  static async whenServing(port: number, what: string, timeoutMs = 10000): Promise<RespClient> {
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        return await RespClient.connect(port);
+      } catch {
+        if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} on port ${port}`);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+  }
+
   command(args: (string | number)[], timeoutMs = 5000): Promise<RespValue> {
     if (this.closedError !== null) return Promise.reject(this.closedError);
     const parts = args.map(String);

@@ -66,13 +66,7 @@ test('kv.wasm migrated while a client writes: every acknowledged key reads back 
   const ackedAtSwitch = new Map(acked);
   await dst.waitMigrationStatus('completed', 10000);
 
-  const reader = await waitFor('a connection to the target on the service address', async () => {
-    try {
-      return await RespClient.connect(port);
-    } catch {
-      return undefined;
-    }
-  }, 10000);
+  const reader = await RespClient.whenServing(port, 'a connection to the target on the service address');
   env.onCleanup(() => reader.close());
   const missing = await countMissing(reader, ackedAtSwitch);
   assert.equal(missing, 0, `${missing} of ${ackedAtSwitch.size} acknowledged keys are missing on the target`);
@@ -108,13 +102,7 @@ test('--snapshot on both sides with one shared image: the image is unchanged, th
   const blocks = (info.disk as { blocks: number }).blocks;
   assert.ok(blocks > 0 && blocks < 4096, `only the overlay travelled (${blocks} blocks)`);
   await dst.waitMigrationStatus('completed', 10000);
-  const r = await waitFor('a connection to the target', async () => {
-    try {
-      return await RespClient.connect(port);
-    } catch {
-      return undefined;
-    }
-  }, 10000);
+  const r = await RespClient.whenServing(port, 'a connection to the target');
   env.onCleanup(() => r.close());
   assert.equal(await r.command(['GET', 's:299']), 'value 299');
   assert.equal(await r.command(['SET', 'after', 'migration']), 'OK');
