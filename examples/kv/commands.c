@@ -1,13 +1,14 @@
 /*
  * kv - command table and implementations.
  *
- * Every reply is a pure function of the data and the command: no clocks, no
- * randomness. SPOP removes the first member in the set's iteration order and
+ * Every reply is a pure function of the data and the command (no randomness),
+ * except TIME, which reads the wall clock (COLO's mismatch test uses it). SPOP removes the first member in the set's iteration order and
  * is logged as the equivalent SREM, so the log replays exactly.
  */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kv.h"
 
@@ -188,6 +189,20 @@ static void cmd_ping(cmdctx_t *c) {
     } else {
         buf_append(c->out, "+PONG\r\n", 7);
     }
+}
+
+/* TIME: the wall clock, as Redis answers it. The one command whose reply depends on more than
+ * the input: under COLO the primary's and the secondary's replies differ, and the compare asks
+ * for a checkpoint (a mismatch). */
+static void cmd_time(cmdctx_t *c) {
+    struct timespec ts;
+    char buf[32];
+    clock_gettime(CLOCK_REALTIME, &ts);
+    reply_array(c->out, 2);
+    int n = snprintf(buf, sizeof buf, "%lld", (long long)ts.tv_sec);
+    reply_bulk(c->out, buf, (size_t)n);
+    n = snprintf(buf, sizeof buf, "%ld", (long)(ts.tv_nsec / 1000));
+    reply_bulk(c->out, buf, (size_t)n);
 }
 
 static void cmd_echo(cmdctx_t *c) { reply_bulk(c->out, c->argv[1].p, c->argv[1].len); }
@@ -1006,6 +1021,7 @@ typedef struct {
 
 static const cmd_t commands[] = {
     {"ping", cmd_ping, -1, 0},
+    {"time", cmd_time, 1, 0},
     {"echo", cmd_echo, 2, 0},
     {"quit", cmd_quit, -1, 0},
     {"select", cmd_select, 2, 0},

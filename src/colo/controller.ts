@@ -103,6 +103,7 @@ export class ColoController implements DriverHost {
   }
 
   query(): Record<string, unknown> {
+    // QEMU's fields; the checkpoint counters are in query-migrate's x-colo entry (counters()).
     const d = this.driver;
     const reason = this.reason !== 'none' ? this.reason : d !== null && this.active ? 'processing' : 'none';
     return { mode: this.mode, 'last-mode': this.lastMode, reason };
@@ -112,7 +113,31 @@ export class ColoController implements DriverHost {
     const d = this.driver;
     if (d === null) return {};
     const out: Record<string, unknown> = { checkpoints: d.core.checkpoints, 'failover-state': d.core.failoverState };
-    if (d instanceof PrimaryDriver) Object.assign(out, { 'last-pause-ms': d.lastPauseMs, 'max-pause-ms': d.maxPauseMs });
+    if (d instanceof PrimaryDriver) {
+      const st = d.stats;
+      const sum = st.summary();
+      const by = d.core.checkpointsBy;
+      const cmp = d.net.compare;
+      Object.assign(out, {
+        'checkpoints-periodic': by.periodic,
+        'checkpoints-mismatch': by.mismatch,
+        'checkpoints-timeout': by.timeout,
+        'last-pause-ms': round3(st.lastPauseMs),
+        'max-pause-ms': round3(st.maxPauseMs),
+        'mean-pause-ms': round3(sum.mean),
+        'p99-pause-ms': round3(sum.p99),
+        'pause-samples': sum.samples,
+        'last-checkpoint-bytes': st.lastBytes,
+        'mean-checkpoint-bytes': Math.round(sum.meanBytes),
+        'compare-matched-bytes': cmp.matchedBytes,
+        'compare-checkpoint-released-bytes': cmp.checkpointReleasedBytes,
+        'compare-held-bytes': cmp.held,
+      });
+    }
     return out;
   }
+}
+
+function round3(x: number): number {
+  return Math.round(x * 1000) / 1000;
 }

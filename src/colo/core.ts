@@ -27,6 +27,9 @@ export type ColoMode = 'primary' | 'secondary';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 
+/** Why a checkpoint was taken: the periodic timer, or the compare (output differed, or waited too long). */
+export type CheckpointReason = 'periodic' | 'mismatch' | 'timeout';
+
 /** Events common to both sides. */
 export type FailoverEvent =
   /** x-colo-lost-heartbeat on this node. */
@@ -45,6 +48,8 @@ export type PrimaryEvent =
   | { type: 'handoff' }
   | { type: 'message'; msg: ColoMessage }
   | { type: 'timer' }
+  /** The compare asks for a checkpoint. */
+  | { type: 'trigger'; reason: 'mismatch' | 'timeout' }
   | { type: 'vmPaused' }
   | { type: 'stateSent' }
   | { type: 'vmResumed' }
@@ -59,8 +64,10 @@ export type PrimaryAction =
   | { type: 'pauseVm' }
   | { type: 'sendState' }
   | { type: 'resumeVm' }
-  | { type: 'checkpointDone' }
-  /** Close the channels, make sure the PVM runs, then feed failoverDone. */
+  /** VMSTATE_RECEIVED: the compare releases all held PVM output and starts a new epoch. */
+  | { type: 'releaseHeld' }
+  | { type: 'checkpointDone'; reason: CheckpointReason }
+  /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
   | { type: 'log'; level: LogLevel; message: string };
@@ -70,7 +77,12 @@ export class PrimaryCore {
   failoverState: FailoverState = 'none';
   exitReason: ExitReason | null = null;
   checkpoints = 0;
+  readonly checkpointsBy: Record<CheckpointReason, number> = { periodic: 0, mismatch: 0, timeout: 0 };
   private linkLost = false;
+  /** Reason of the checkpoint in flight. */
+  private reason: CheckpointReason = 'periodic';
+  /** A trigger that came while no checkpoint could start and none in flight covers it. */
+  private wanted: CheckpointReason | null = null;
 
   constructor(private readonly delayMs: () => number) {}
 
@@ -84,8 +96,14 @@ export class PrimaryCore {
         return this.onMessage(ev.msg);
       case 'timer':
         if (this.phase !== 'running') return [];
-        this.phase = 'requested';
-        return [{ type: 'send', msg: 'CHECKPOINT_REQUEST' }];
+        return this.request('periodic');
+      case 'trigger':
+        if (this.phase === 'running') return this.request(ev.reason);
+        // Before the first checkpoint, or once the one in flight passed VMSTATE_RECEIVED (the
+        // compare is in a new epoch), the trigger is about output the next checkpoint must
+        // cover. Between CHECKPOINT_REQUEST and VMSTATE_RECEIVED the checkpoint in flight covers it.
+        if (this.phase === 'waitReady' || this.phase === 'resuming' || this.phase === 'awaitLoaded') this.wanted ??= ev.reason;
+        return [];
       case 'vmPaused':
         if (this.phase !== 'pausing') return [];
         this.phase = 'sending';
@@ -94,10 +112,14 @@ export class PrimaryCore {
         if (this.phase !== 'sending') return [];
         this.phase = 'awaitReceived';
         return [];
-      case 'vmResumed':
+      case 'vmResumed': {
         if (this.phase !== 'resuming') return [];
         this.phase = 'running';
+        const wanted = this.wanted;
+        this.wanted = null;
+        if (wanted !== null) return this.request(wanted);
         return [{ type: 'armTimer', ms: this.delayMs() }];
+      }
       case 'protocolError':
         return this.startFailover('error', ev.message);
       case 'lostHeartbeat':
@@ -120,6 +142,12 @@ export class PrimaryCore {
     return this.phase === 'failover' || this.phase === 'done';
   }
 
+  private request(reason: CheckpointReason): PrimaryAction[] {
+    this.phase = 'requested';
+    this.reason = reason;
+    return [{ type: 'send', msg: 'CHECKPOINT_REQUEST' }];
+  }
+
   private onMessage(msg: ColoMessage): PrimaryAction[] {
     if (this.finishing) return [];
     const expect = (phase: PrimaryPhase, want: ColoMessage): boolean => this.phase === phase && msg === want;
@@ -133,12 +161,13 @@ export class PrimaryCore {
     }
     if (expect('awaitReceived', 'VMSTATE_RECEIVED')) {
       this.phase = 'awaitLoaded';
-      return [];
+      return [{ type: 'releaseHeld' }];
     }
     if (expect('awaitLoaded', 'VMSTATE_LOADED')) {
       this.checkpoints += 1;
+      this.checkpointsBy[this.reason] += 1;
       this.phase = 'resuming';
-      return [{ type: 'checkpointDone' }, { type: 'resumeVm' }];
+      return [{ type: 'checkpointDone', reason: this.reason }, { type: 'resumeVm' }];
     }
     return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
   }

@@ -18,6 +18,7 @@ import {
 } from './core.js';
 
 import { defaultDiskSink } from '../migration/disk-sync.js';
+import { PrimaryNet, SecondaryNet } from './network.js';
 
 const log = logger('colo');
 
@@ -60,15 +61,21 @@ export class PrimaryDriver {
   private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
-  lastPauseMs = 0;
-  maxPauseMs = 0;
+  readonly stats = new CheckpointStats();
+  readonly net: PrimaryNet;
 
   constructor(private readonly host: DriverHost, private readonly session: SourceSession) {
     this.core = new PrimaryCore(() => host.vm.migration.settings.parameters['x-checkpoint-delay']);
+    this.net = new PrimaryNet(host.vm, session, (reason) => {
+      log.debug(`primary: the compare asks for a checkpoint (${reason})`);
+      this.dispatch({ type: 'trigger', reason });
+    });
   }
 
   start(): void {
     this.session.onFailure((err) => this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    // The compare and the mirror start with COLO: from here on PVM output waits for the SVM's.
+    this.net.start();
     this.dispatch({ type: 'handoff' });
     void this.pump();
   }
@@ -85,7 +92,12 @@ export class PrimaryDriver {
     for (;;) {
       let msg: ColoMessage;
       try {
-        msg = messageOf(await this.session.nextColo());
+        const f = await this.session.nextColo();
+        if (f.type === FrameType.coloNet) {
+          this.net.onFrame(f);
+          continue;
+        }
+        msg = messageOf(f);
       } catch (err) {
         if (err instanceof ChannelClosedError || this.session.failed !== null) this.dispatch({ type: 'linkLost', message: errorMessage(err) });
         else this.dispatch({ type: 'protocolError', message: errorMessage(err) });
@@ -160,10 +172,13 @@ export class PrimaryDriver {
           const r = await s.sendRound('dirty');
           const vcpu = await m.saveVcpu();
           s.sendColo({ msg: 'VMSTATE_SIZE' });
-          s.sendDeviceState(vcpu);
+          this.stats.noteBytes(r.bytes + s.sendDeviceState(vcpu));
           log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages in ${r.durationMs.toFixed(1)} ms`);
           return { type: 'stateSent' };
         });
+        return;
+      case 'releaseHeld':
+        this.net.checkpoint();
         return;
       case 'checkpointDone':
         return;
@@ -174,8 +189,7 @@ export class PrimaryDriver {
             if (!m.running) await m.cont();
             this.host.vm.frontEnd?.resumeReading();
             if (this.pauseStartedAt > 0) {
-              this.lastPauseMs = performance.now() - this.pauseStartedAt;
-              this.maxPauseMs = Math.max(this.maxPauseMs, this.lastPauseMs);
+              this.stats.notePause(performance.now() - this.pauseStartedAt);
               this.pauseStartedAt = 0;
             }
           });
@@ -184,6 +198,8 @@ export class PrimaryDriver {
         return;
       case 'failover':
         this.clearTimers();
+        // Stop mirroring and release every held output: the PVM's output is all there is now.
+        this.net.stop();
         void (async () => {
           await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
           await this.ops.settled();
@@ -212,6 +228,7 @@ export class PrimaryDriver {
   /** Process exit: no more timers. */
   close(): void {
     this.clearTimers();
+    this.net.stop();
   }
 
   private clearTimers(): void {
@@ -234,10 +251,12 @@ export class SecondaryDriver {
   private applyDiskBlocks: () => void = () => undefined;
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
+  readonly net: SecondaryNet;
 
   constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
     this.cache = cache;
     this.received = received;
+    this.net = new SecondaryNet(host.vm, session);
   }
 
   start(): void {
@@ -249,8 +268,9 @@ export class SecondaryDriver {
     void this.dispatch({ type: 'lostHeartbeat' });
   }
 
-  /** Process exit: no more timers. */
+  /** Process exit: nothing more goes to the primary. */
   close(): void {
+    this.net.stop();
   }
 
   yank(): void {
@@ -273,6 +293,10 @@ export class SecondaryDriver {
       }
       if (this.finishing) return;
       try {
+        if (f.type === FrameType.coloNet) {
+          this.net.onFrame(f);
+          continue;
+        }
         if (f.type === FrameType.colo) {
           const msg = messageOf(f);
           log.debug(`secondary: received ${msg}`);
@@ -356,6 +380,8 @@ export class SecondaryDriver {
         }
         const tracker = vm.migration.dirtyTracker();
         tracker.reset(m.ram(), m.statePageRanges());
+        // SVM output goes to the primary's compare; mirrored input comes in through pump().
+        this.net.start();
         // The SVM's own disk writes go to a layer dropped at every apply and committed at a
         // takeover, so its disk underneath stays the PVM's as of the last checkpoint.
         m.disk?.beginLayer();
@@ -381,6 +407,7 @@ export class SecondaryDriver {
         await this.ops.run(async () => this.apply());
         return { type: 'applied' };
       case 'failover':
+        this.net.stop();
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
         // The partial checkpoint (pages in the cache, disk blocks in memory, device blob) is
         // dropped: nothing of it reached guest RAM or the disk.
@@ -444,8 +471,45 @@ export class SecondaryDriver {
     s.device = null;
     // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.
     vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
+    this.net.nextEpoch();
     m.setRunState('paused');
     await m.cont();
     log.debug(`secondary: checkpoint applied (${copied} pages, ${own.length} own, ${ownBlocks} own disk blocks dropped) in ${(performance.now() - started).toFixed(1)} ms`);
+  }
+}
+
+/** Pause times and sizes of the primary's checkpoints (query-migrate's x-colo entry). */
+export class CheckpointStats {
+  lastPauseMs = 0;
+  maxPauseMs = 0;
+  lastBytes = 0;
+  private totalBytes = 0;
+  private sized = 0;
+  private readonly pauses: number[] = [];
+  private next = 0;
+
+  notePause(ms: number): void {
+    this.lastPauseMs = ms;
+    this.maxPauseMs = Math.max(this.maxPauseMs, ms);
+    if (this.pauses.length < limits.coloPauseSamplesMax) this.pauses.push(ms);
+    else {
+      this.pauses[this.next] = ms;
+      this.next = (this.next + 1) % limits.coloPauseSamplesMax;
+    }
+  }
+
+  noteBytes(bytes: number): void {
+    this.lastBytes = bytes;
+    this.totalBytes += bytes;
+    this.sized += 1;
+  }
+
+  /** Mean and 99th percentile over the last limits.coloPauseSamplesMax pauses. */
+  summary(): { mean: number; p99: number; samples: number; meanBytes: number } {
+    const n = this.pauses.length;
+    const sorted = [...this.pauses].sort((a, b) => a - b);
+    const mean = n === 0 ? 0 : sorted.reduce((a, b) => a + b, 0) / n;
+    const p99 = n === 0 ? 0 : sorted[Math.min(n - 1, Math.ceil(n * 0.99) - 1)]!;
+    return { mean, p99, samples: n, meanBytes: this.sized === 0 ? 0 : this.totalBytes / this.sized };
   }
 }

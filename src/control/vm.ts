@@ -5,7 +5,7 @@ import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
 import { Machine, type RunState } from '../machine/machine.js';
 import { FrontEnd } from '../net/frontend.js';
-import type { NicOutput } from '../net/nic.js';
+import type { NicInput, NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
 import { loadMachineFromFile } from '../migration/file.js';
 import { MigrationControl } from './migration-control.js';
@@ -25,6 +25,13 @@ export class Vm extends EventEmitter {
   readonly migration: MigrationControl;
   /** COLO (colo/): hooks into the migration, failover, query-colo-status. */
   readonly colo: ColoController;
+  /**
+   * Where guest output goes: null = the front end (its clients). COLO routes it through the
+   * compare on the primary and back to the primary on the secondary (colo/network.ts).
+   */
+  outputSink: ((out: NicOutput) => void) | null = null;
+  /** Sees every client input event after the guest got it (COLO's mirror on the primary). */
+  inputTap: ((ev: NicInput) => void) | null = null;
   private quitting = false;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
@@ -33,7 +40,10 @@ export class Vm extends EventEmitter {
     this.colo = new ColoController(this);
     machine.on('stop', () => this.event('STOP'));
     machine.on('resume', () => this.event('RESUME'));
-    machine.on('output', (out: NicOutput) => this.frontEnd?.deliver(out));
+    machine.on('output', (out: NicOutput) => {
+      if (this.outputSink !== null) this.outputSink(out);
+      else this.frontEnd?.deliver(out);
+    });
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
       this.event('SHUTDOWN', { guest: true, reason: 'guest-shutdown' });
@@ -97,7 +107,10 @@ export class Vm extends EventEmitter {
     if (wasRunning) await this.machine.pause('paused');
     const state = await this.machine.saveVcpu();
     if (wasRunning) await this.machine.cont();
-    const fe = new FrontEnd(this.opts.net, (ev) => this.machine.injectInput(ev), { seq: state.nic.lastSeq, conn: maxConn(state) });
+    const fe = new FrontEnd(this.opts.net, (ev) => {
+      this.machine.injectInput(ev);
+      this.inputTap?.(ev);
+    }, { seq: state.nic.lastSeq, conn: maxConn(state) });
     // Connections the guest knows belong to a front end that no longer exists: the guest
     // sees them reset.
     for (const c of state.nic.conns) fe.resetGuestConnection(c.conn);

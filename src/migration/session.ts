@@ -144,7 +144,7 @@ export class SourceSession {
         return; // onClose reports it
       }
       try {
-        if (f.type === FrameType.colo) {
+        if (f.type === FrameType.colo || f.type === FrameType.coloNet) {
           if (this.coloWaiter !== null) {
             const w = this.coloWaiter;
             this.coloWaiter = null;
@@ -343,7 +343,12 @@ export class SourceSession {
     this.requireChannel().sendFrame(FrameType.colo, parts);
   }
 
-  /** COLO: the next colo frame from the destination. */
+  /** COLO: a network event batch (colo/net-wire.ts) to the destination. */
+  sendColoNet(payload: Uint8Array): void {
+    this.requireChannel().sendFrame(FrameType.coloNet, [payload]);
+  }
+
+  /** COLO: the next colo or coloNet frame from the destination. */
   nextColo(): Promise<Frame> {
     const f = this.coloFrames.shift();
     if (f !== undefined) return Promise.resolve(f);
@@ -536,6 +541,11 @@ export class IncomingSession {
     const parts: Uint8Array[] = [jsonPayload(value)];
     if (data !== undefined) parts.push(data);
     this.channel.sendFrame(FrameType.colo, parts);
+  }
+
+  /** COLO: a network event batch (colo/net-wire.ts) to the source. */
+  sendColoNet(payload: Uint8Array): void {
+    this.channel.sendFrame(FrameType.coloNet, [payload]);
   }
 
   async close(): Promise<void> {

@@ -39,6 +39,8 @@ export const FrameType = {
   reply: 0x40,
   /** COLO control messages, both directions (colo/). */
   colo: 0x41,
+  /** COLO network events: mirrored client input (P→S), SVM output (S→P); binary, colo/net-wire.ts. */
+  coloNet: 0x42,
   /** Reserved: multifd channels carry their own packet format (multifd-format.ts), not frames. */
   mfdPages: 0x50,
   mfdSync: 0x51,

@@ -32,13 +32,43 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.deepEqual(note(s.step({ type: 'message', msg: 'VMSTATE_SIZE' })), []);
   assert.deepEqual(note(p.step({ type: 'stateSent' })), []);
   assert.deepEqual(note(s.step({ type: 'stateReceived' })), ['send VMSTATE_RECEIVED', 'apply']);
-  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), []);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), ['releaseHeld']);
   assert.deepEqual(note(s.step({ type: 'applied' })), ['send VMSTATE_LOADED']);
   assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone', 'resumeVm']);
   assert.deepEqual(note(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(sent, ['CHECKPOINT_READY', 'CHECKPOINT_REQUEST', 'CHECKPOINT_REPLY', 'VMSTATE_SEND', 'VMSTATE_SIZE', 'VMSTATE_RECEIVED', 'VMSTATE_LOADED']);
   assert.equal(p.checkpoints, 1);
+  assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0 });
   assert.equal(s.checkpoints, 1);
+});
+
+test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight', () => {
+  const p = new PrimaryCore(() => 100);
+  const kinds = (acts: { type: string; msg?: string }[]): string[] => acts.map((a) => (a.msg !== undefined ? `${a.type} ${a.msg}` : a.type));
+  p.step({ type: 'handoff' });
+  // Before the first checkpoint (SVM not yet ready): remembered.
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'timeout' })), []);
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST'], 'a remembered trigger starts a checkpoint at once');
+  // In flight before VMSTATE_RECEIVED: the checkpoint covers it.
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), []);
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  // After VMSTATE_RECEIVED the compare is in a new epoch: this one needs the next checkpoint.
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), []);
+  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 0, timeout: 1 });
+  assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST']);
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 1, timeout: 1 });
+  assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['armTimer']);
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
 });
 
 test('colo core: a failover during the apply waits for it (relaunch), then runs', () => {

@@ -1,0 +1,200 @@
+/**
+ * The COLO compare (ARCHITECTURE §5 "Network"), as plain data: no sockets, no timers.
+ *
+ * Per connection it holds the output each guest produced since the last release, as a stream
+ * of items (bytes, shut, close), and releases the common prefix once both guests produced it
+ * identically. A difference is a mismatch; output that waits on one side longer than the
+ * timeout (or more held bytes than the limit) is a timeout. Both ask for a checkpoint. At a
+ * checkpoint everything the PVM produced is released and the SVM's output is dropped: the SVM
+ * is about to become the PVM. SVM output carries the checkpoint epoch it was produced in; output
+ * of an older epoch is stale and ignored.
+ */
+import type { NicOutput } from '../net/nic.js';
+
+export type CompareTrigger = 'mismatch' | 'timeout';
+
+type Item =
+  | { kind: 'data'; bytes: Uint8Array; at: number }
+  | { kind: 'shut' | 'close'; at: number };
+
+interface Conn {
+  /** Offset of the first held byte (= bytes released so far on this connection). */
+  released: number;
+  pvm: Item[];
+  svm: Item[];
+  /** The guests differ on this connection: nothing more is compared until the checkpoint. */
+  mismatched: boolean;
+}
+
+export interface CompareLimits {
+  /** Output waiting on one side longer than this asks for a checkpoint. */
+  timeoutMs: number;
+  /** Held bytes (both sides, all connections) above this ask for a checkpoint. */
+  heldBytesMax: number;
+}
+
+export interface CompareResult {
+  /** Output to write to the clients now, in order. */
+  release: NicOutput[];
+  trigger: CompareTrigger | null;
+}
+
+export class Compare {
+  epoch = 0;
+  private conns = new Map<number, Conn>();
+  private heldBytes = 0;
+  /** A trigger was reported in this epoch (report each kind once). */
+  private reported = new Set<CompareTrigger>();
+  /** Bytes released because both guests agreed, and at checkpoints (for statistics). */
+  matchedBytes = 0;
+  checkpointReleasedBytes = 0;
+
+  constructor(private readonly lim: CompareLimits) {}
+
+  /** Output of the PVM (always the current epoch: the PVM never rolls back). */
+  pvm(out: NicOutput, now: number): CompareResult {
+    const c = this.conn(out.conn);
+    this.push(c, c.pvm, out, now);
+    return this.match(out.conn, c);
+  }
+
+  /** Output of the SVM, produced in `epoch`. */
+  svm(epoch: number, out: NicOutput, now: number): CompareResult {
+    if (epoch !== this.epoch) return { release: [], trigger: null };
+    const c = this.conn(out.conn);
+    this.push(c, c.svm, out, now);
+    return this.match(out.conn, c);
+  }
+
+  /** Periodic scan: output held too long. */
+  check(now: number): CompareTrigger | null {
+    for (const c of this.conns.values()) {
+      const oldest = Math.min(c.pvm[0]?.at ?? Infinity, c.svm[0]?.at ?? Infinity);
+      if (now - oldest > this.lim.timeoutMs) return this.report('timeout');
+    }
+    return null;
+  }
+
+  /** A checkpoint: release all held PVM output, drop the SVM's, start the next epoch. */
+  checkpoint(): NicOutput[] {
+    const release = this.drainPvm();
+    this.epoch += 1;
+    this.reported.clear();
+    return release;
+  }
+
+  /** Failover on the primary: everything held is released; the compare is done. */
+  releaseAll(): NicOutput[] {
+    return this.drainPvm();
+  }
+
+  get held(): number {
+    return this.heldBytes;
+  }
+
+  connectionCount(): number {
+    return this.conns.size;
+  }
+
+  private drainPvm(): NicOutput[] {
+    const release: NicOutput[] = [];
+    for (const [id, c] of this.conns) {
+      let closed = false;
+      for (const it of c.pvm) {
+        if (it.kind === 'data') {
+          release.push({ kind: 'out', conn: id, offset: c.released, bytes: it.bytes });
+          c.released += it.bytes.byteLength;
+          this.checkpointReleasedBytes += it.bytes.byteLength;
+        } else {
+          release.push({ kind: it.kind, conn: id, offset: c.released });
+          if (it.kind === 'close') closed = true;
+        }
+      }
+      c.pvm = [];
+      c.svm = [];
+      c.mismatched = false;
+      if (closed) this.conns.delete(id);
+    }
+    this.heldBytes = 0;
+    return release;
+  }
+
+  private conn(id: number): Conn {
+    let c = this.conns.get(id);
+    if (c === undefined) {
+      c = { released: 0, pvm: [], svm: [], mismatched: false };
+      this.conns.set(id, c);
+    }
+    return c;
+  }
+
+  private push(c: Conn, side: Item[], out: NicOutput, now: number): void {
+    if (out.kind !== 'out') {
+      side.push({ kind: out.kind, at: now });
+      return;
+    }
+    // Offsets say where the bytes belong; skip what this side already produced (a repeat).
+    let end = c.released;
+    for (const it of side) if (it.kind === 'data') end += it.bytes.byteLength;
+    let bytes = out.bytes;
+    if (out.offset < end) bytes = bytes.subarray(Math.min(bytes.byteLength, end - out.offset));
+    else if (out.offset > end) {
+      // A gap cannot be compared: the guests disagree about what came before.
+      c.mismatched = true;
+    }
+    if (bytes.byteLength === 0) return;
+    side.push({ kind: 'data', bytes, at: now });
+    this.heldBytes += bytes.byteLength;
+  }
+
+  private match(id: number, c: Conn): CompareResult {
+    const release: NicOutput[] = [];
+    if (!c.mismatched) {
+      while (c.pvm.length > 0 && c.svm.length > 0) {
+        const a = c.pvm[0]!;
+        const b = c.svm[0]!;
+        if (a.kind !== b.kind) {
+          c.mismatched = true;
+          break;
+        }
+        if (a.kind === 'data' && b.kind === 'data') {
+          const n = Math.min(a.bytes.byteLength, b.bytes.byteLength);
+          if (!sameBytes(a.bytes, b.bytes, n)) {
+            c.mismatched = true;
+            break;
+          }
+          release.push({ kind: 'out', conn: id, offset: c.released, bytes: a.bytes.subarray(0, n) });
+          c.released += n;
+          this.matchedBytes += n;
+          this.heldBytes -= 2 * n;
+          if (n === a.bytes.byteLength) c.pvm.shift();
+          else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at };
+          if (n === b.bytes.byteLength) c.svm.shift();
+          else c.svm[0] = { kind: 'data', bytes: b.bytes.subarray(n), at: b.at };
+          continue;
+        }
+        release.push({ kind: a.kind as 'shut' | 'close', conn: id, offset: c.released });
+        c.pvm.shift();
+        c.svm.shift();
+        if (a.kind === 'close') {
+          this.conns.delete(id);
+          break;
+        }
+      }
+    }
+    let trigger: CompareTrigger | null = null;
+    if (c.mismatched) trigger = this.report('mismatch');
+    else if (this.heldBytes > this.lim.heldBytesMax) trigger = this.report('timeout');
+    return { release, trigger };
+  }
+
+  private report(t: CompareTrigger): CompareTrigger | null {
+    if (this.reported.has(t)) return null;
+    this.reported.add(t);
+    return t;
+  }
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array, n: number): boolean {
+  return Buffer.from(a.buffer, a.byteOffset, n).equals(Buffer.from(b.buffer, b.byteOffset, n));
+}

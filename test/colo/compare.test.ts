@@ -1,0 +1,104 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { Compare } from '../../src/colo/compare.js';
+import { decodeNetBatch, encodeInputs, encodeOutputs } from '../../src/colo/net-wire.js';
+import type { NicInput, NicOutput } from '../../src/net/nic.js';
+import { StreamError } from '../../src/core/errors.js';
+
+const enc = new TextEncoder();
+const out = (conn: number, offset: number, s: string): NicOutput => ({ kind: 'out', conn, offset, bytes: enc.encode(s) });
+const text = (outs: NicOutput[]): string => outs.map((o) => (o.kind === 'out' ? `${o.conn}@${o.offset}:${Buffer.from(o.bytes).toString()}` : `${o.conn}@${o.offset}:${o.kind}`)).join(' ');
+const lim = { timeoutMs: 100, heldBytesMax: 1000 };
+
+test('compare: releases only the common prefix of both guests, per connection, at the right offsets', () => {
+  const c = new Compare(lim);
+  assert.equal(text(c.pvm(out(1, 0, '+OK\r\n:1'), 0).release), '');
+  assert.equal(text(c.svm(0, out(1, 0, '+OK'), 1).release), '1@0:+OK');
+  assert.equal(text(c.svm(0, out(1, 3, '\r\n:1\r\n'), 2).release), '1@3:\r\n:1');
+  assert.equal(text(c.pvm(out(1, 7, '\r\n'), 3).release), '1@7:\r\n');
+  // Another connection is independent.
+  assert.equal(text(c.svm(0, out(2, 0, 'x'), 4).release), '');
+  assert.equal(c.held, 1);
+  assert.equal(text(c.pvm(out(2, 0, 'xy'), 5).release), '2@0:x');
+  assert.equal(c.matchedBytes, 10);
+});
+
+test('compare: a difference is a mismatch, reported once per epoch; the checkpoint releases the PVM output and drops the SVM output', () => {
+  const c = new Compare(lim);
+  c.pvm(out(1, 0, 'time 100'), 0);
+  const r = c.svm(0, out(1, 0, 'time 101'), 0);
+  assert.equal(r.trigger, 'mismatch');
+  assert.equal(text(r.release), '');
+  assert.equal(c.pvm(out(1, 8, '!'), 1).trigger, null, 'reported once');
+  assert.equal(text(c.checkpoint()), '1@0:time 100 1@8:!');
+  assert.equal(c.epoch, 1);
+  // Stale SVM output (epoch 0) is ignored; the new epoch compares from the released offset.
+  assert.equal(c.svm(0, out(1, 9, 'late'), 2).release.length, 0);
+  c.pvm(out(1, 9, 'ok'), 3);
+  assert.equal(text(c.svm(1, out(1, 9, 'ok'), 3).release), '1@9:ok');
+  // A mismatch in the new epoch is reported again.
+  c.pvm(out(1, 11, 'a'), 4);
+  assert.equal(c.svm(1, out(1, 11, 'b'), 4).trigger, 'mismatch');
+});
+
+test('compare: output waiting on one side past the timeout asks for a checkpoint; so does too much held output', () => {
+  const c = new Compare(lim);
+  c.pvm(out(1, 0, 'hello'), 1000);
+  assert.equal(c.check(1050), null);
+  assert.equal(c.check(1101), 'timeout');
+  assert.equal(c.check(1200), null, 'reported once per epoch');
+  c.checkpoint();
+  assert.equal(c.check(5000), null, 'nothing held after the checkpoint');
+  const big = 'x'.repeat(600);
+  c.svm(1, out(3, 0, big), 0);
+  assert.equal(c.svm(1, out(3, 600, big), 0).trigger, 'timeout', 'held bytes above the limit');
+});
+
+test('compare: shut and close are compared like bytes; a closed connection is forgotten once both closed', () => {
+  const c = new Compare(lim);
+  c.pvm(out(4, 0, 'bye'), 0);
+  c.pvm({ kind: 'close', conn: 4, offset: 3 }, 0);
+  assert.equal(text(c.svm(0, out(4, 0, 'bye'), 0).release), '4@0:bye');
+  assert.equal(text(c.svm(0, { kind: 'close', conn: 4, offset: 3 }, 0).release), '4@3:close');
+  assert.equal(c.connectionCount(), 0);
+  // The SVM closing where the PVM still sends is a mismatch.
+  c.pvm(out(5, 0, 'more'), 0);
+  assert.equal(c.svm(0, { kind: 'close', conn: 5, offset: 0 }, 0).trigger, 'mismatch');
+  assert.equal(text(c.releaseAll()), '5@0:more');
+});
+
+test('compare: repeated bytes (offsets already held) are not held twice', () => {
+  const c = new Compare(lim);
+  c.pvm(out(1, 0, 'abc'), 0);
+  c.pvm(out(1, 1, 'bcd'), 0);
+  assert.equal(text(c.svm(0, out(1, 0, 'abcd'), 0).release), '1@0:abc 1@3:d');
+});
+
+test('coloNet wire: input and output batches round-trip; corrupt payloads give a typed error', () => {
+  const inputs: NicInput[] = [
+    { seq: 1, kind: 'open', conn: 7 },
+    { seq: 2, kind: 'data', conn: 7, bytes: enc.encode('PING\r\n') },
+    { seq: 3, kind: 'close', conn: 7 },
+  ];
+  const [p] = encodeInputs(inputs);
+  const b = decodeNetBatch(p!);
+  assert.equal(b.type, 'input');
+  assert.deepEqual(b.type === 'input' ? b.events.map((e) => ({ ...e, ...(e.kind === 'data' ? { bytes: Buffer.from(e.bytes).toString() } : {}) })) : null, [
+    { seq: 1, kind: 'open', conn: 7 },
+    { seq: 2, kind: 'data', conn: 7, bytes: 'PING\r\n' },
+    { seq: 3, kind: 'close', conn: 7 },
+  ]);
+  const [q] = encodeOutputs(5, [out(7, 10, '+PONG\r\n'), { kind: 'shut', conn: 7, offset: 17 }]);
+  const o = decodeNetBatch(q!);
+  assert.equal(o.type === 'output' ? `${o.epoch} ${text(o.events)}` : '', '5 7@10:+PONG\r\n 7@17:shut');
+  assert.throws(() => decodeNetBatch(q!.subarray(0, q!.byteLength - 1)), StreamError);
+  const bad = Buffer.from(p!);
+  bad.writeUInt8(9, 5); // unknown kind of the first event
+  assert.throws(() => decodeNetBatch(bad), /unknown input kind/);
+  assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 0])), /unknown batch type/);
+  // Large batches split below the frame limit.
+  const many: NicInput[] = Array.from({ length: 40 }, (_, i) => ({ seq: i + 1, kind: 'data', conn: 1, bytes: new Uint8Array(64 * 1024) }));
+  const parts = encodeInputs(many);
+  assert.ok(parts.length >= 2);
+  assert.equal(parts.map((x) => (decodeNetBatch(x) as { events: unknown[] }).events.length).reduce((a, b) => a + b, 0), 40);
+});
