@@ -102,6 +102,32 @@ export const limits = {
   qmpClientEventLogMax: 100000,
   /** QMP client: default time allowed to connect, for a reply or for an event. */
   qmpTimeoutMsDefault: 10000,
+
+  /** colo up: a child's QMP socket must answer within this time after it is started. */
+  upChildStartTimeoutMs: 60000,
+  /** colo up: the initial migration into COLO (protecting the pair) must reach status colo within this time. */
+  upProtectTimeoutMs: 120000,
+  /** colo up: x-colo-lost-heartbeat and its COLO_EXIT on a survivor. */
+  upFailoverTimeoutMs: 10000,
+  /** colo up: consecutive failed attempts to protect the pair before it stays unprotected. */
+  upProtectAttemptsMax: 5,
+  /** colo up: pause before another attempt to protect the pair, times the failures so far. */
+  upProtectRetryDelayMs: 1000,
+  /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
+  upStopTimeoutMs: 5000,
+  /** colo up: default x-checkpoint-delay (shorter than QEMU's 20 s: a pair on one host checkpoints cheaply). */
+  upCheckpointDelayMsDefault: 1000,
+
+  /** COLO compare: output that waited this long on one side asks for a checkpoint (QEMU's compare_timeout, 3000 ms there). */
+  coloCompareTimeoutMs: 300,
+  /** COLO compare: how often held output is scanned for the timeout. */
+  coloCompareScanMs: 50,
+  /** COLO compare: held output bytes (both guests, all connections) above which a checkpoint is asked for. */
+  coloCompareHeldBytesMax: 64 * 1024 * 1024,
+  /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
+  coloNetBatchBytes: 1024 * 1024,
+  /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
+  coloPauseSamplesMax: 10000,
 } as const;
 
 export type Limits = typeof limits;
