@@ -109,7 +109,21 @@ export class PrimaryDriver {
   }
 
   dispatch(ev: PrimaryEvent): void {
+    this.notePhase(ev);
+    if (ev.type === 'vmResumed') this.pauseStartedAt = 0;
     for (const a of this.core.step(ev)) this.perform(a);
+  }
+
+  /** Where a checkpoint's pause goes (debug log): times since the pause started. */
+  private phaseMarks: string[] = [];
+  private notePhase(ev: PrimaryEvent): void {
+    if (this.pauseStartedAt === 0 || !log.enabled('debug')) return;
+    const name = ev.type === 'message' ? ev.msg : ev.type;
+    this.phaseMarks.push(`${name} +${(performance.now() - this.pauseStartedAt).toFixed(1)}`);
+    if (ev.type === 'vmResumed') {
+      log.debug(`primary: checkpoint pause: ${this.phaseMarks.join(', ')}`);
+      this.phaseMarks = [];
+    }
   }
 
   private task(work: () => Promise<PrimaryEvent | null>): void {
@@ -188,10 +202,7 @@ export class PrimaryDriver {
             if (m.runState === 'finish-migrate') m.setRunState('paused');
             if (!m.running) await m.cont();
             this.host.vm.frontEnd?.resumeReading();
-            if (this.pauseStartedAt > 0) {
-              this.stats.notePause(performance.now() - this.pauseStartedAt);
-              this.pauseStartedAt = 0;
-            }
+            if (this.pauseStartedAt > 0) this.stats.notePause(performance.now() - this.pauseStartedAt);
           });
           return { type: 'vmResumed' };
         });

@@ -27,6 +27,8 @@ export interface Logger {
   info(msg: string): void;
   warn(msg: string): void;
   error(msg: string): void;
+  /** Whether a line at this level would be written (to skip building costly messages). */
+  enabled(level: LogLevel): boolean;
 }
 
 export function logger(component: string): Logger {
@@ -34,5 +36,5 @@ export function logger(component: string): Logger {
     if (order[level] < order[threshold]) return;
     process.stderr.write(`${new Date().toISOString()} ${nodeName} ${level} ${component}: ${msg}\n`);
   };
-  return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error') };
+  return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error'), enabled: (level) => order[level] >= order[threshold] };
 }
