@@ -204,6 +204,8 @@ export type SecondaryAction =
   | { type: 'pauseVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
+  /** Close the channels (the stream from the primary cannot be trusted); feed nothing back. */
+  | { type: 'closeLink' }
   /** Close the channels, drop any partial checkpoint, run the SVM alone, start its front end, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
@@ -234,7 +236,7 @@ export class SecondaryCore {
         this.phase = 'replied';
         return [{ type: 'send', msg: 'CHECKPOINT_REPLY' }];
       case 'stateReceived':
-        if (this.phase !== 'receiving') return this.startFailover('error', 'checkpoint state outside a checkpoint');
+        if (this.phase !== 'receiving') return this.streamBroken('checkpoint state outside a checkpoint');
         this.phase = 'applying';
         return [{ type: 'send', msg: 'VMSTATE_RECEIVED' }, { type: 'apply' }];
       case 'applied':
@@ -244,7 +246,7 @@ export class SecondaryCore {
         if (this.pending !== null) return this.afterRelaunch();
         return [{ type: 'send', msg: 'VMSTATE_LOADED' }];
       case 'protocolError':
-        return this.startFailover('error', ev.message);
+        return this.streamBroken(ev.message);
       case 'lostHeartbeat':
         return this.startFailover('request', 'x-colo-lost-heartbeat: the primary is declared lost');
       case 'linkLost':
@@ -278,7 +280,21 @@ export class SecondaryCore {
       return [{ type: 'beginCheckpoint' }];
     }
     if (this.phase === 'receiving' && msg === 'VMSTATE_SIZE') return [];
-    return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
+    return this.streamBroken(`unexpected COLO message ${msg} in phase ${this.phase}`);
+  }
+
+  /**
+   * The primary's stream cannot be trusted (a protocol error). The primary may still be
+   * serving, so — as for a broken link — the secondary does not promote itself (invariant 4):
+   * it closes the channels (the primary sees the link break and goes on alone) and waits for
+   * x-colo-lost-heartbeat. Nothing of a partial checkpoint was applied.
+   */
+  private streamBroken(message: string): SecondaryAction[] {
+    if (this.finishing) return [];
+    const log: SecondaryAction = { type: 'log', level: 'warn', message: `COLO stream from the primary is broken (${message}); closing it and waiting for x-colo-lost-heartbeat to take over` };
+    if (this.linkLost) return [log];
+    this.linkLost = true;
+    return [log, { type: 'closeLink' }];
   }
 
   private startFailover(reason: ExitReason, message: string): SecondaryAction[] {

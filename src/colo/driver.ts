@@ -396,7 +396,13 @@ export class SecondaryDriver {
         // The SVM's own disk writes go to a layer dropped at every apply and committed at a
         // takeover, so its disk underneath stays the PVM's as of the last checkpoint.
         m.disk?.beginLayer();
-        s.sendColo({ msg: 'CHECKPOINT_READY' });
+        try {
+          s.sendColo({ msg: 'CHECKPOINT_READY' });
+        } catch (err) {
+          // The link broke before COLO started: the SVM still runs and the frame loop reports
+          // the break, so a failover (x-colo-lost-heartbeat) finds a started secondary.
+          log.debug(`secondary: CHECKPOINT_READY not sent: ${errorMessage(err)}`);
+        }
         await this.ops.run(async () => {
           if (!m.running) await m.cont();
         });
@@ -410,6 +416,9 @@ export class SecondaryDriver {
       case 'pauseVm':
         await this.ops.run(async () => m.pause('colo'));
         return { type: 'vmPaused' };
+      case 'closeLink':
+        await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+        return null;
       case 'beginCheckpoint':
         // The received map was emptied by the last apply; a blob can only be this checkpoint's.
         s.device = null;

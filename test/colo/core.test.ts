@@ -118,4 +118,14 @@ test('colo core: a failover mid-checkpoint before the apply drops the checkpoint
   q.step({ type: 'handoff' });
   assert.deepEqual(types(q.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['failover']);
   assert.equal(q.exitReason, 'error');
+  // On the secondary a protocol error closes the link but never promotes it (invariant 4):
+  // the primary may still serve. x-colo-lost-heartbeat does.
+  const sec = new SecondaryCore();
+  sec.step({ type: 'handoff' });
+  sec.step({ type: 'started' });
+  assert.deepEqual(types(sec.step({ type: 'message', msg: 'VMSTATE_SEND' })), ['closeLink']);
+  assert.equal(sec.phase, 'running');
+  assert.deepEqual(types(sec.step({ type: 'linkLost', message: 'closed' })), []);
+  assert.deepEqual(types(sec.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(sec.exitReason, 'request');
 });

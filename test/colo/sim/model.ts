@@ -1,0 +1,238 @@
+/**
+ * The simulated world's parts: the model guest (RAM pages, device state, disk blocks), its disk
+ * with the secondary's overlay layer, and the main COLO channel between the two nodes.
+ */
+import type { ColoMessage } from '../../../src/colo/core.js';
+import type { Owner, Sim } from './runtime.js';
+
+export const PAGES = 64;
+export const BLOCKS = 16;
+/** Guest time step while running (simulated ms). */
+export const TICK_MS = 4;
+
+/**
+ * A page's (or disk block's) content, tagged with where it came from: `I` the initial image,
+ * `P` a PVM write belonging to checkpoint `ck` (the checkpoint whose pause ends the epoch in
+ * which it was written), `S` an SVM write of its own. Values are immutable; copying a page
+ * copies the reference.
+ */
+export interface Val {
+  readonly v: number;
+  readonly src: 'I' | 'P' | 'S';
+  readonly ck: number;
+}
+
+export interface Device {
+  ticks: number;
+  acc: number;
+}
+
+export function sameVal(a: Val, b: Val): boolean {
+  return a.v === b.v && a.src === b.src && a.ck === b.ck;
+}
+
+export function showVal(a: Val): string {
+  return `${a.src}${a.src === 'P' ? `#${a.ck}` : ''}:${(a.v >>> 0).toString(16)}`;
+}
+
+export function mix(a: number, b: number): number {
+  let h = Math.imul(a ^ 0x9e3779b9, 0x85ebca6b) ^ b;
+  h = Math.imul(h ^ (h >>> 16), 0xc2b2ae35);
+  h ^= h >>> 13;
+  return h | 0;
+}
+
+/** A disk: a block array, plus (on the secondary) a layer holding the guest's own writes. */
+export class Disk {
+  layer: Map<number, Val> | null = null;
+  constructor(readonly base: Val[]) {}
+  read(b: number): Val {
+    return this.layer?.get(b) ?? this.base[b]!;
+  }
+  write(b: number, v: Val): void {
+    if (this.layer !== null) this.layer.set(b, v);
+    else this.base[b] = v;
+  }
+  beginLayer(): void {
+    this.layer ??= new Map();
+  }
+  dropLayer(): void {
+    this.layer?.clear();
+  }
+  commitLayer(): void {
+    if (this.layer === null) return;
+    for (const [b, v] of this.layer) this.base[b] = v;
+    this.layer = null;
+  }
+  view(): Val[] {
+    return this.base.map((_, b) => this.read(b));
+  }
+}
+
+export interface GuestHooks {
+  /** The tag a write gets now (the PVM's current checkpoint epoch, or the SVM's own). */
+  tag(): { src: 'P' | 'S'; ck: number };
+  page(p: number): void;
+  block(b: number): void;
+}
+
+/**
+ * The model guest. Each tick it advances its device state from its own state (device, one RAM
+ * page it reads, and the tick) plus a little node-local noise, then writes 1–3 pages and
+ * sometimes a disk block chosen from that state: so PVM and SVM diverge as real guests do
+ * (different timing, different inputs), and state loaded at a checkpoint steers what follows.
+ */
+export class Guest {
+  running = false;
+  private gen = 0;
+
+  constructor(
+    private readonly sim: Sim,
+    private readonly owner: Owner,
+    private readonly noise: () => number,
+    readonly ram: Val[],
+    public device: Device,
+    readonly disk: Disk,
+    private readonly hooks: GuestHooks,
+  ) {}
+
+  start(): void {
+    if (this.running) return;
+    this.running = true;
+    const gen = ++this.gen;
+    this.sim.after(TICK_MS, () => this.tick(gen), this.owner);
+  }
+
+  stop(): void {
+    this.running = false;
+    this.gen += 1;
+  }
+
+  private tick(gen: number): void {
+    if (!this.running || gen !== this.gen) return;
+    const d = this.device;
+    d.ticks += 1;
+    const seen = this.ram[(d.acc >>> 0) % PAGES]!.v;
+    d.acc = mix(mix(d.acc, d.ticks), seen ^ Math.floor(this.noise() * 16));
+    const tag = this.hooks.tag();
+    const n = 1 + ((d.acc >>> 3) % 3);
+    for (let i = 0; i < n; i++) {
+      const h = mix(d.acc, i);
+      const p = (h >>> 0) % PAGES;
+      this.ram[p] = { v: mix(h, d.ticks), src: tag.src, ck: tag.ck };
+      this.hooks.page(p);
+    }
+    if ((d.acc & 7) === 0) {
+      const h = mix(d.acc, 99);
+      const b = (h >>> 0) % BLOCKS;
+      this.disk.write(b, { v: mix(h, this.disk.read(b).v), src: tag.src, ck: tag.ck });
+      this.hooks.block(b);
+    }
+    this.sim.after(TICK_MS, () => this.tick(gen), this.owner);
+  }
+}
+
+// ---------------------------------------------------------------- the main channel
+
+export type Wire =
+  | { k: 'colo'; msg: ColoMessage }
+  | { k: 'pages'; ck: number; pages: [number, Val][] }
+  | { k: 'disk'; ck: number; blocks: [number, Val][] }
+  | { k: 'device'; ck: number; dev: Device };
+
+export function showWire(w: Wire): string {
+  switch (w.k) {
+    case 'colo':
+      return w.msg;
+    case 'pages':
+      return `pages#${w.ck}[${w.pages.map(([p]) => p).join(',')}]`;
+    case 'disk':
+      return `disk#${w.ck}[${w.blocks.map(([b]) => b).join(',')}]`;
+    case 'device':
+      return `device#${w.ck}`;
+  }
+}
+
+export class ChannelClosed extends Error {}
+
+export interface Endpoint {
+  readonly owner: Owner;
+  deliver(w: Wire): void;
+  linkLost(reason: string): void;
+}
+
+/**
+ * The main channel: in order per direction, each message with a random delay. A break loses
+ * every message not yet delivered — or, when the break is a peer's process exiting (`drain`),
+ * lets what was already sent arrive first, as TCP does before the FIN. Each end learns of a
+ * break (linkLost) after a random delay, or never (a host that vanished silently); an end that
+ * knows its channel is closed throws on send.
+ */
+export class Link {
+  broken = false;
+  private brokenAt = Infinity;
+  private drain = false;
+  readonly closed = [false, false];
+  private readonly lastArrival = [0, 0];
+  readonly ends: Endpoint[] = [];
+
+  constructor(private readonly sim: Sim, private readonly rnd: () => number, private readonly trace: (s: string) => void) {}
+
+  send(from: 0 | 1, w: Wire): void {
+    if (this.closed[from]) throw new ChannelClosed('the COLO channel is closed');
+    if (this.broken) return;
+    const sentAt = this.sim.now;
+    const delay = this.rnd() < 0.1 ? 2 + this.rnd() * 20 : 0.05 + this.rnd() * 1.5;
+    const t = Math.max(this.sim.now + delay, this.lastArrival[from]!);
+    this.lastArrival[from] = t;
+    const to = this.ends[1 - from]!;
+    this.sim.at(
+      t,
+      () => {
+        if (this.broken && !(this.drain && sentAt < this.brokenAt)) return;
+        this.trace(`${from === 0 ? 'P→S' : 'S→P'} ${showWire(w)}`);
+        to.deliver(w);
+      },
+      to.owner,
+    );
+  }
+
+  /** The link breaks; `notice[i]` says whether end i learns of it (and when). */
+  break(reason: string, notice: [number | null, number | null], drain = false): void {
+    if (this.broken) return;
+    this.broken = true;
+    this.brokenAt = this.sim.now;
+    this.drain = drain;
+    this.trace(`link breaks (${reason})${drain ? ', in-flight data drains' : ''}`);
+    for (const i of [0, 1] as const) {
+      const d = notice[i];
+      if (d === null) continue;
+      const end = this.ends[i]!;
+      // In drain mode an end sees the close only after the data sent towards it.
+      const t = drain ? Math.max(this.sim.now + d, this.lastArrival[1 - i]! + 0.01) : this.sim.now + d;
+      this.sim.at(
+        t,
+        () => {
+          this.closed[i] = true;
+          end.linkLost(reason);
+        },
+        end.owner,
+      );
+    }
+  }
+
+  /** A node closes its own channels (a failover): it sees it at once, the peer soon after. */
+  destroy(from: 0 | 1, reason: string): void {
+    this.closed[from] = true;
+    const peer = 1 - from;
+    const notice: [number | null, number | null] = [null, null];
+    notice[from] = 0;
+    notice[peer] = 0.1 + this.rnd() * 5;
+    if (this.broken) {
+      const end = this.ends[from]!;
+      this.sim.after(0, () => end.linkLost(reason), end.owner);
+      return;
+    }
+    this.break(reason, notice, true);
+  }
+}

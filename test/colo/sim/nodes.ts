@@ -1,0 +1,548 @@
+/**
+ * The two nodes of the simulation. Each runs the REAL state machine from src/colo/core.ts and
+ * performs its actions the way src/colo/driver.ts does, with coroutines in simulated time in
+ * place of promises: VM pause/resume/apply serialised through VmOps, the primary's tasks whose
+ * failures become linkLost or protocolError, the secondary's frame loop whose events queue
+ * behind each other while failover triggers run inline, its RAM cache and received set.
+ */
+import {
+  PrimaryCore,
+  SecondaryCore,
+  type PrimaryAction,
+  type PrimaryEvent,
+  type SecondaryAction,
+  type SecondaryEvent,
+} from '../../../src/colo/core.js';
+import { ChannelClosed, Disk, Guest, type Device, type Endpoint, type Link, type Val, type Wire } from './model.js';
+import { Signal, VmOps, settle, sleep, spawn, wait, type Co, type Handle, type Owner, type Sim } from './runtime.js';
+
+/** What the nodes need from the world around them. */
+export interface World {
+  readonly sim: Sim;
+  readonly link: Link;
+  rnd(): number;
+  /** Random simulated duration in [lo, hi) ms. */
+  ms(lo: number, hi: number): number;
+  trace(line: string): void;
+  /** A named point of the protocol was reached (fault triggers count these). */
+  hook(name: string): void;
+  readonly graceMs: number;
+  readonly boundMs: number;
+  /** The PVM's state at its pause for checkpoint ck (invariant 3's reference). */
+  snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void;
+  /** The secondary finished applying checkpoint ck (invariant 3 is checked now). */
+  applied(ck: number): void;
+  checkpointDone(): void;
+  /** VMSTATE_RECEIVED on the primary: the compare released the held output. */
+  released(): void;
+}
+
+/** Deliberately broken drivers, to show the checks can fail. */
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers';
+
+function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
+  if (ev.type === 'trigger') return `trigger (${ev.reason})`;
+  return ev.type === 'message' ? `message ${ev.msg}` : ev.type === 'linkLost' || ev.type === 'protocolError' ? `${ev.type} (${ev.message})` : ev.type;
+}
+
+function showActions(as: readonly (PrimaryAction | SecondaryAction)[]): string {
+  return as
+    .filter((a) => a.type !== 'log')
+    .map((a) => (a.type === 'send' ? `send ${a.msg}` : a.type === 'failover' || a.type === 'exit' ? `${a.type}(${a.reason})` : a.type))
+    .join(', ');
+}
+
+// ---------------------------------------------------------------- primary
+
+export class PrimaryNode implements Endpoint {
+  readonly owner: Owner = { dead: false };
+  readonly core: PrimaryCore;
+  readonly guest: Guest;
+  private readonly dirtyPages = new Set<number>();
+  private readonly dirtyBlocks = new Set<number>();
+  /** The checkpoint the PVM's current writes belong to. */
+  private epoch = 1;
+  private sentCk = 0;
+  private timer: Handle | null = null;
+  private grace: Handle | null = null;
+  private readonly ops: VmOps;
+  /** Invariant 5: by this time the primary must have finished its failover. */
+  deadline: number | null = null;
+  exits = 0;
+  /** The compare stopped (failover): no more triggers. */
+  compareStopped = false;
+
+  constructor(private readonly w: World, delayMs: number, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
+    this.core = new PrimaryCore(() => delayMs);
+    this.ops = new VmOps(w.sim, this.owner);
+    this.guest = new Guest(w.sim, this.owner, () => w.rnd(), ram, device, new Disk(disk), {
+      tag: () => ({ src: 'P', ck: this.epoch }),
+      page: (p) => this.dirtyPages.add(p),
+      block: (b) => this.dirtyBlocks.add(b),
+    });
+  }
+
+  private get finishing(): boolean {
+    return this.core.phase === 'failover' || this.core.phase === 'done';
+  }
+
+  /** The primary node runs the service front end from the start, and after a failover. */
+  get serving(): boolean {
+    return !this.owner.dead;
+  }
+
+  start(): void {
+    this.dispatch({ type: 'handoff' });
+  }
+
+  lostHeartbeat(): void {
+    this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /** The compare reports a mismatch or an output timeout. */
+  trigger(reason: 'mismatch' | 'timeout'): void {
+    if (this.compareStopped || this.broken === 'dropTriggers') return;
+    this.dispatch({ type: 'trigger', reason });
+  }
+
+  deliver(f: Wire): void {
+    if (f.k !== 'colo') {
+      this.dispatch({ type: 'protocolError', message: `unexpected ${f.k} frame on the primary` });
+      return;
+    }
+    this.w.hook(`P.recv.${f.msg}`);
+    this.dispatch({ type: 'message', msg: f.msg });
+  }
+
+  linkLost(reason: string): void {
+    this.dispatch({ type: 'linkLost', message: reason });
+  }
+
+  dispatch(ev: PrimaryEvent): void {
+    if (this.owner.dead) return;
+    const now = this.w.sim.now;
+    const bound = (ev.type === 'linkLost' ? this.w.graceMs : 0) + this.w.boundMs;
+    if (ev.type === 'lostHeartbeat' || ev.type === 'linkLost' || ev.type === 'protocolError' || ev.type === 'graceElapsed') {
+      this.deadline = Math.min(this.deadline ?? Infinity, now + bound);
+    }
+    const phase = this.core.phase;
+    const actions = this.core.step(ev);
+    this.w.trace(`P ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
+    for (const a of actions) this.perform(a);
+  }
+
+  /** driver.ts PrimaryDriver.task */
+  private task(work: Co<PrimaryEvent | null>): void {
+    const s: Signal<PrimaryEvent | null> = spawn(this.w.sim, this.owner, work);
+    s.onSettled(() => {
+      if (!s.failed) {
+        if (s.value !== null && s.value !== undefined) this.dispatch(s.value);
+        return;
+      }
+      if (this.finishing) return;
+      const message = s.error instanceof Error ? s.error.message : String(s.error);
+      if (s.error instanceof ChannelClosed || this.w.link.closed[0]) this.dispatch({ type: 'linkLost', message });
+      else this.dispatch({ type: 'protocolError', message });
+    }, this.owner);
+  }
+
+  private send(f: Wire): void {
+    this.w.link.send(0, f);
+  }
+
+  private perform(a: PrimaryAction): void {
+    const w = this.w;
+    const g = this.guest;
+    const self = this;
+    switch (a.type) {
+      case 'status':
+      case 'log':
+        return;
+      case 'send':
+        if (a.msg === 'CHECKPOINT_REQUEST') w.hook('P.send.CHECKPOINT_REQUEST');
+        try {
+          this.send({ k: 'colo', msg: a.msg });
+        } catch (err) {
+          this.dispatch({ type: 'linkLost', message: (err as Error).message });
+        }
+        return;
+      case 'armTimer':
+        this.timer?.cancel();
+        this.timer = w.sim.after(
+          a.ms,
+          () => {
+            this.timer = null;
+            this.dispatch({ type: 'timer' });
+          },
+          this.owner,
+        );
+        return;
+      case 'armGrace':
+        this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
+        return;
+      case 'pauseVm':
+        this.task(
+          (function* (): Co<PrimaryEvent> {
+            yield* wait(
+              self.ops.run(function* () {
+                yield* sleep(w.ms(0.2, 4));
+                g.stop();
+              }),
+            );
+            w.hook('P.vmPaused');
+            return { type: 'vmPaused' };
+          })(),
+        );
+        return;
+      case 'sendState':
+        this.task(
+          (function* (): Co<PrimaryEvent> {
+            // collectDirty: the PVM is paused, this is its state for the checkpoint.
+            const ck = ++self.sentCk;
+            self.epoch = ck + 1;
+            w.hook('P.sendState');
+            w.snapshot(ck, g.ram, g.device, g.disk.view());
+            const pages = [...self.dirtyPages].sort((x, y) => x - y);
+            const blocks = [...self.dirtyBlocks].sort((x, y) => x - y);
+            self.dirtyPages.clear();
+            self.dirtyBlocks.clear();
+            // The pages in several frames, read from RAM as they are sent (as sendRound does).
+            const chunk = 1 + Math.floor(w.rnd() * 12);
+            for (let i = 0; i < pages.length; i += chunk) {
+              yield* sleep(w.ms(0.05, 1.5));
+              self.send({ k: 'pages', ck, pages: pages.slice(i, i + chunk).map((p): [number, Val] => [p, g.ram[p]!]) });
+            }
+            if (blocks.length > 0) {
+              yield* sleep(w.ms(0.05, 1.5));
+              self.send({ k: 'disk', ck, blocks: blocks.map((b): [number, Val] => [b, g.disk.read(b)]) });
+            }
+            yield* sleep(w.ms(0.05, 2)); // saveVcpu
+            self.send({ k: 'colo', msg: 'VMSTATE_SIZE' });
+            self.send({ k: 'device', ck, dev: { ...g.device } });
+            return { type: 'stateSent' };
+          })(),
+        );
+        return;
+      case 'releaseHeld':
+        w.hook('P.releaseHeld');
+        w.released();
+        return;
+      case 'checkpointDone':
+        w.checkpointDone();
+        return;
+      case 'resumeVm':
+        this.task(
+          (function* (): Co<PrimaryEvent> {
+            yield* wait(
+              self.ops.run(function* () {
+                yield* sleep(w.ms(0.2, 4));
+                g.start();
+              }),
+            );
+            w.hook('P.vmResumed');
+            return { type: 'vmResumed' };
+          })(),
+        );
+        return;
+      case 'failover':
+        this.timer?.cancel();
+        this.grace?.cancel();
+        this.timer = null;
+        this.grace = null;
+        this.compareStopped = true;
+        w.hook('P.failover');
+        spawn(
+          w.sim,
+          this.owner,
+          (function* () {
+            w.link.destroy(0, 'the primary closed the COLO channels');
+            yield* settle(self.ops.settled());
+            yield* settle(
+              self.ops.run(function* () {
+                yield* sleep(w.ms(0.2, 4));
+                g.start();
+              }),
+            );
+            self.dispatch({ type: 'failoverDone' });
+          })(),
+        );
+        return;
+      case 'exit':
+        this.exits += 1;
+        return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- secondary
+
+export class SecondaryNode implements Endpoint {
+  readonly owner: Owner = { dead: false };
+  readonly core = new SecondaryCore();
+  readonly guest: Guest;
+  private readonly ops: VmOps;
+  /** The RAM cache (pages of the PVM as of the last checkpoint, plus the one being received). */
+  readonly cache: Val[];
+  private readonly received = new Set<number>();
+  private readonly ownDirty = new Set<number>();
+  private readonly pendingBlocks = new Map<number, Val>();
+  private device: { ck: number; dev: Device } | null = null;
+  /** The last checkpoint whose state (pages, blocks, device blob) arrived whole. */
+  fullyReceived = 0;
+  appliedCk = 0;
+  private readonly inbox: Wire[] = [];
+  private frameWaiter: Signal<void> | null = null;
+  private chain: Signal<void>;
+  serving = false;
+  deadline: number | null = null;
+  sawRelaunch = false;
+  exits = 0;
+
+  constructor(private readonly w: World, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
+    this.ops = new VmOps(w.sim, this.owner);
+    // The cache was filled by the initial migration: it equals guest RAM at COLO start.
+    this.cache = [...ram];
+    this.guest = new Guest(w.sim, this.owner, () => w.rnd(), ram, device, new Disk(disk), {
+      tag: () => ({ src: 'S', ck: -1 }),
+      page: (p) => this.ownDirty.add(p),
+      block: () => undefined,
+    });
+    this.chain = spawn(w.sim, this.owner, (function* () {})());
+  }
+
+  private get finishing(): boolean {
+    return this.core.phase === 'failover' || this.core.phase === 'done';
+  }
+
+  start(): void {
+    void this.dispatch({ type: 'handoff' });
+  }
+
+  lostHeartbeat(): void {
+    void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  deliver(f: Wire): void {
+    this.inbox.push(f);
+    this.wakePump();
+  }
+
+  linkLost(reason: string): void {
+    this.wakePump();
+    void this.dispatch({ type: 'linkLost', message: reason });
+    // A secondary that promotes itself when its link breaks: what the core must never do.
+    if (this.broken === 'selfPromote') void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  private wakePump(): void {
+    const s = this.frameWaiter;
+    this.frameWaiter = null;
+    s?.resolve();
+  }
+
+  private *nextFrame(): Co<Wire> {
+    for (;;) {
+      const f = this.inbox.shift();
+      if (f !== undefined) return f;
+      if (this.w.link.closed[1]) throw new ChannelClosed('the COLO channel is closed');
+      this.frameWaiter = new Signal<void>(this.w.sim);
+      yield* settle(this.frameWaiter);
+    }
+  }
+
+  /** driver.ts SecondaryDriver.pump */
+  private *pump(): Co<void> {
+    for (;;) {
+      let f: Wire;
+      try {
+        f = yield* this.nextFrame();
+      } catch (err) {
+        yield* settle(this.dispatch({ type: 'linkLost', message: (err as Error).message }));
+        return;
+      }
+      if (this.finishing) return;
+      try {
+        if (f.k === 'colo') {
+          this.w.hook(`S.recv.${f.msg}`);
+          yield* wait(this.dispatch({ type: 'message', msg: f.msg }));
+          continue;
+        }
+        if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
+        this.applyFrame(f);
+        this.w.hook(`S.frame.${f.k}`);
+        if (f.k === 'device') yield* wait(this.dispatch({ type: 'stateReceived' }));
+      } catch (err) {
+        if (this.finishing) return;
+        const message = (err as Error).message;
+        if (err instanceof ChannelClosed) yield* settle(this.dispatch({ type: 'linkLost', message }));
+        else yield* settle(this.dispatch({ type: 'protocolError', message }));
+        if (this.finishing) return;
+      }
+    }
+  }
+
+  /** session.applyFrame with the page target set to the cache (never guest RAM). */
+  private applyFrame(f: Wire): void {
+    switch (f.k) {
+      case 'pages':
+        for (const [p, v] of f.pages) {
+          this.cache[p] = v;
+          this.received.add(p);
+          if (this.broken === 'writeThrough') this.guest.ram[p] = v;
+        }
+        return;
+      case 'disk':
+        for (const [b, v] of f.blocks) this.pendingBlocks.set(b, v);
+        return;
+      case 'device':
+        this.device = { ck: f.ck, dev: { ...f.dev } };
+        this.fullyReceived = f.ck;
+        return;
+      case 'colo':
+        return;
+    }
+  }
+
+  dispatch(ev: SecondaryEvent, inline = ev.type === 'lostHeartbeat' || ev.type === 'linkLost'): Signal<void> {
+    const sim = this.w.sim;
+    if (inline) return spawn(sim, this.owner, this.process(ev));
+    const prev = this.chain;
+    const self = this;
+    const p = spawn(
+      sim,
+      this.owner,
+      (function* () {
+        yield* settle(prev);
+        yield* self.process(ev);
+      })(),
+    );
+    this.chain = p;
+    return p;
+  }
+
+  private *process(ev: SecondaryEvent): Co<void> {
+    if (this.owner.dead) return;
+    // A protocol error alone does not make a secondary take over (invariant 4): it waits for
+    // lostHeartbeat like after a broken link. Only lostHeartbeat starts the clock.
+    if (ev.type === 'lostHeartbeat') {
+      this.deadline = Math.min(this.deadline ?? Infinity, this.w.sim.now + this.w.boundMs);
+    }
+    const phase = this.core.phase;
+    const actions = this.core.step(ev);
+    if (this.core.failoverState === 'relaunch') this.sawRelaunch = true;
+    this.w.trace(`S ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
+    for (const a of actions) {
+      let next: SecondaryEvent | null;
+      try {
+        next = yield* this.perform(a);
+      } catch (err) {
+        const message = (err as Error).message;
+        if (this.finishing) next = null;
+        else next = err instanceof ChannelClosed ? { type: 'linkLost', message } : { type: 'protocolError', message };
+      }
+      if (next !== null) yield* this.process(next);
+    }
+  }
+
+  private *perform(a: SecondaryAction): Co<SecondaryEvent | null> {
+    const w = this.w;
+    const g = this.guest;
+    const self = this;
+    switch (a.type) {
+      case 'status':
+      case 'log':
+        return null;
+      case 'start': {
+        w.hook('S.start');
+        yield* sleep(w.ms(0.05, 2)); // await session.setPageTarget(...)
+        this.ownDirty.clear();
+        g.disk.beginLayer();
+        try {
+          w.link.send(1, { k: 'colo', msg: 'CHECKPOINT_READY' });
+        } catch (err) {
+          // As driver.ts: a link that broke before COLO started leaves a started SVM; the
+          // frame loop reports the break.
+          if (!(err instanceof ChannelClosed)) throw err;
+        }
+        yield* wait(
+          this.ops.run(function* () {
+            yield* sleep(w.ms(0.2, 4));
+            g.start();
+          }),
+        );
+        spawn(w.sim, this.owner, this.pump());
+        w.hook('S.started');
+        return { type: 'started' };
+      }
+      case 'send':
+        w.link.send(1, { k: 'colo', msg: a.msg });
+        return null;
+      case 'pauseVm':
+        yield* wait(
+          this.ops.run(function* () {
+            yield* sleep(w.ms(0.2, 4));
+            g.stop();
+          }),
+        );
+        w.hook('S.vmPaused');
+        return { type: 'vmPaused' };
+      case 'beginCheckpoint':
+        this.device = null;
+        return null;
+      case 'apply':
+        w.hook('S.apply');
+        yield* wait(this.ops.run(() => this.apply()));
+        w.hook('S.applied');
+        return { type: 'applied' };
+      case 'closeLink':
+        w.link.destroy(1, 'the secondary closed the COLO channels (protocol error)');
+        return null;
+      case 'failover':
+        w.hook('S.failover');
+        w.link.destroy(1, 'the secondary closed the COLO channels');
+        // The partial checkpoint is dropped: nothing of it reached guest RAM or the disk.
+        this.device = null;
+        this.pendingBlocks.clear();
+        yield* settle(this.ops.settled());
+        yield* settle(
+          this.ops.run(function* () {
+            if (g.running) {
+              yield* sleep(w.ms(0.2, 4));
+              g.stop();
+            }
+            g.disk.commitLayer();
+            yield* sleep(w.ms(0.2, 4));
+            if (self.broken !== 'takeoverPaused') g.start();
+            self.serving = true; // startFrontEnd
+            w.trace('S serves clients');
+          }),
+        );
+        return { type: 'failoverDone' };
+      case 'exit':
+        this.exits += 1;
+        return null;
+    }
+  }
+
+  /** driver.ts SecondaryDriver.apply: one step a failover cannot split. */
+  private *apply(): Co<void> {
+    const w = this.w;
+    if (this.device === null) throw new Error('apply without a complete checkpoint');
+    yield* sleep(w.ms(0.5, 8));
+    const g = this.guest;
+    const device = this.device;
+    const own = this.broken === 'noOwnDirty' ? [] : [...this.ownDirty];
+    for (const p of own) if (!this.received.has(p)) g.ram[p] = this.cache[p]!;
+    for (const p of this.received) g.ram[p] = this.cache[p]!;
+    this.received.clear();
+    g.disk.dropLayer();
+    for (const [b, v] of this.pendingBlocks) g.disk.base[b] = v;
+    this.pendingBlocks.clear();
+    g.device = { ...device.dev };
+    this.device = null;
+    this.ownDirty.clear();
+    this.appliedCk = device.ck;
+    w.applied(device.ck);
+    g.start();
+  }
+}

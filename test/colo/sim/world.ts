@@ -1,0 +1,430 @@
+/**
+ * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
+ * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
+ * 4 and 5 (and liveness before any fault) after every step.
+ */
+import type { ColoMessage } from '../../../src/colo/core.js';
+import { linkLossGraceMs } from '../../../src/colo/driver.js';
+import { rng } from '../../framework/rng.js';
+import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Val } from './model.js';
+import { PrimaryNode, SecondaryNode, type Broken, type World } from './nodes.js';
+import { Sim } from './runtime.js';
+
+/** After a failover starts (or the heartbeat is declared lost) it must be done within this. */
+const BOUND_MS = 500;
+/** Without faults, a checkpoint must complete within x-checkpoint-delay + this. */
+const LIVE_MS = 400;
+const BASE_MS = 1500;
+/** Without faults, a compare trigger must be answered (held output released) within this. */
+const TRIGGER_MS = 250;
+const HARD_STOP_MS = 30_000;
+
+/**
+ * crashP / crashS: a node's process dies; breakLink: the channel breaks, both nodes live;
+ * hbP: x-colo-lost-heartbeat on the primary with the secondary alive; stray: the primary's
+ * side of the channel emits a COLO message out of protocol order (a sender bug; only in
+ * hand-written scenarios, never drawn at random).
+ */
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray';
+
+/** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
+const hooks = [
+  'P.send.CHECKPOINT_REQUEST',
+  'S.recv.CHECKPOINT_REQUEST',
+  'S.vmPaused',
+  'P.recv.CHECKPOINT_REPLY',
+  'P.vmPaused',
+  'P.sendState',
+  'S.recv.VMSTATE_SEND',
+  'S.frame.pages',
+  'S.frame.disk',
+  'S.recv.VMSTATE_SIZE',
+  'S.frame.device',
+  'S.apply',
+  'P.recv.VMSTATE_RECEIVED',
+  'S.applied',
+  'P.recv.VMSTATE_LOADED',
+  'P.vmResumed',
+  'S.start',
+  'S.started',
+  'P.recv.CHECKPOINT_READY',
+] as const;
+
+export interface Fault {
+  kind: FaultKind;
+  trigger: { hook: string; nth: number } | { time: number };
+  delay: number;
+  /** After how long each end learns the link broke (null: never). */
+  noticeP: number | null;
+  noticeS: number | null;
+  /** A process exit: what was already sent still arrives. */
+  drain: boolean;
+  /** The management layer declares the peer lost on the survivor after this long (null: never). */
+  hb: number | null;
+  /** ... and says it twice. */
+  hbTwice: boolean;
+  /** stray: the message. */
+  msg?: ColoMessage;
+}
+
+export interface Scenario {
+  delayMs: number;
+  /** Mean interval of the compare's checkpoint triggers (mismatch / timeout); null: none. */
+  triggerMeanMs: number | null;
+  faults: Fault[];
+}
+
+export interface Violation {
+  inv: string;
+  detail: string;
+  at: number;
+}
+
+export interface RunStats {
+  triggers: number;
+  checkpoints: number;
+  /** Checkpoints the compare asked for (PrimaryCore.checkpointsBy mismatch + timeout). */
+  triggered: number;
+  faultsFired: number;
+  midCheckpointFaults: number;
+  relaunch: boolean;
+  failoverP: boolean;
+  failoverS: boolean;
+}
+
+export interface RunResult {
+  seed: number;
+  scenario: string;
+  violation: Violation | null;
+  endMs: number;
+  steps: number;
+  trace: string[];
+  stats: RunStats;
+}
+
+export interface RunOptions {
+  seed: number;
+  /** false: no faults at all (liveness). */
+  faults?: boolean;
+  broken?: Broken | null;
+  /** A hand-written scenario instead of the seed's. */
+  scenario?: Scenario;
+  /** Keep the whole trace, not only the last lines. */
+  fullTrace?: boolean;
+}
+
+function drawScenario(r: () => number, faults: boolean): Scenario {
+  // Long delays too, so that a trigger the primary ignored would not hide behind the timer.
+  const delayMs = Math.round(r() < 0.7 ? 20 + r() * 100 : 300 + r() * 700);
+  const triggerMeanMs = r() < 0.6 ? Math.round(10 + r() * 190) : null;
+  if (!faults || r() < 0.1) return { delayMs, triggerMeanMs, faults: [] };
+  const n = r() < 0.65 ? 1 : 2;
+  const out: Fault[] = [];
+  const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
+  for (let i = 0; i < n; i++) {
+    const x = r();
+    const kind: FaultKind = x < 0.3 ? 'crashP' : x < 0.55 ? 'crashS' : x < 0.8 ? 'breakLink' : 'hbP';
+    const trigger = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
+    const delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
+    const soon = (): number => Math.round((r() < 0.3 ? 0.01 + r() : 0.1 + r() * 50) * 100) / 100;
+    const notice = (): number | null => (r() < 0.8 ? soon() : null);
+    let noticeP: number | null = null;
+    let noticeS: number | null = null;
+    let hb: number | null = null;
+    const hbDelay = (): number => Math.round((r() < 0.35 ? r() * 4 : 5 + r() * 500) * 100) / 100;
+    switch (kind) {
+      case 'crashP':
+        noticeS = notice();
+        hb = r() < 0.85 ? hbDelay() : null;
+        break;
+      case 'crashS':
+        noticeP = notice();
+        hb = r() < 0.5 || noticeP === null ? hbDelay() : null;
+        break;
+      case 'breakLink':
+        noticeP = soon();
+        noticeS = soon();
+        hb = r() < 0.4 ? hbDelay() : null;
+        break;
+      case 'hbP':
+        break;
+    }
+    out.push({ kind, trigger, delay, noticeP, noticeS, drain: kind !== 'breakLink' && r() < 0.5, hb, hbTwice: r() < 0.2 });
+  }
+  return { delayMs, triggerMeanMs, faults: out };
+}
+
+export function showScenario(s: Scenario): string {
+  const f = s.faults.map((x) => {
+    const when = 'hook' in x.trigger ? `at ${x.trigger.hook} #${x.trigger.nth}` : `at t=${x.trigger.time}`;
+    const parts = [`${x.kind} ${when} +${x.delay}ms`];
+    if (x.kind === 'stray') parts.push(`message ${x.msg}`);
+    else if (x.kind !== 'hbP') parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain ? ' drain' : ''}`);
+    if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
+    return parts.join(', ');
+  });
+  return `x-checkpoint-delay=${s.delayMs}ms; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
+}
+
+class SimWorld implements World {
+  readonly sim = new Sim();
+  readonly link: Link;
+  readonly graceMs = linkLossGraceMs;
+  readonly boundMs = BOUND_MS;
+  readonly P: PrimaryNode;
+  readonly S: SecondaryNode;
+  private readonly r: () => number;
+  private readonly lines: string[] = [];
+  private readonly snaps = new Map<number, { ram: Val[]; device: Device; disk: Val[] }>();
+  private readonly hookCounts = new Map<string, number>();
+  private readonly pending: Fault[];
+  violation: Violation | null = null;
+  faultFired = false;
+  lastCheckpointAt = 0;
+  endAt: number;
+  /** The oldest compare trigger no VMSTATE_RECEIVED has answered yet. */
+  triggerAt: number | null = null;
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false };
+
+  constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
+    this.r = r;
+    this.endAt = Math.max(BASE_MS, 5 * scenario.delayMs + 500);
+    this.link = new Link(this.sim, r, (s) => this.trace(s));
+    // The state at COLO start: the initial migration made both sides equal.
+    const ram: Val[] = [];
+    for (let p = 0; p < PAGES; p++) ram.push({ v: mix(seed, p), src: 'I', ck: 0 });
+    const disk: Val[] = [];
+    for (let b = 0; b < BLOCKS; b++) disk.push({ v: mix(seed, 1000 + b), src: 'I', ck: 0 });
+    const device: Device = { ticks: 0, acc: seed | 0 };
+    this.P = new PrimaryNode(this, scenario.delayMs, [...ram], { ...device }, [...disk], broken);
+    this.S = new SecondaryNode(this, [...ram], { ...device }, [...disk], broken);
+    this.link.ends.push(this.P, this.S);
+    this.pending = [...scenario.faults];
+    for (const f of this.pending) if ('time' in f.trigger) this.sim.at(f.trigger.time + f.delay, () => this.fire(f));
+    const mean = scenario.triggerMeanMs;
+    if (mean !== null) {
+      const next = (): void => {
+        this.sim.after(-Math.log(1 - this.r()) * mean, () => {
+          if (this.P.compareStopped) return;
+          const reason = this.r() < 0.7 ? 'mismatch' : 'timeout';
+          this.stats.triggers += 1;
+          this.triggerAt ??= this.sim.now;
+          this.P.trigger(reason);
+          next();
+        }, this.P.owner);
+      };
+      next();
+    }
+  }
+
+  released(): void {
+    this.triggerAt = null;
+  }
+
+  rnd(): number {
+    return this.r();
+  }
+  ms(lo: number, hi: number): number {
+    return lo + this.r() * (hi - lo);
+  }
+  trace(line: string): void {
+    this.lines.push(`${this.sim.now.toFixed(3).padStart(10)}  ${line}`);
+    if (!this.fullTrace && this.lines.length > 80) this.lines.splice(0, this.lines.length - 60);
+  }
+  get traceLines(): string[] {
+    return this.lines;
+  }
+
+  hook(name: string): void {
+    const n = (this.hookCounts.get(name) ?? 0) + 1;
+    this.hookCounts.set(name, n);
+    for (const f of this.pending) {
+      if ('hook' in f.trigger && f.trigger.hook === name && f.trigger.nth === n) this.sim.after(f.delay, () => this.fire(f));
+    }
+  }
+
+  violate(inv: string, detail: string): void {
+    this.violation ??= { inv, detail, at: this.sim.now };
+  }
+
+  snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void {
+    this.snaps.set(ck, { ram: [...ram], device: { ...device }, disk: [...disk] });
+    this.snaps.delete(ck - 3);
+  }
+
+  /** Invariant 3: right after the apply of checkpoint ck, the SVM equals the PVM at its pause for ck. */
+  applied(ck: number): void {
+    const snap = this.snaps.get(ck);
+    this.trace(`S applied checkpoint ${ck}`);
+    if (snap === undefined) {
+      this.violate('3', `the secondary applied checkpoint ${ck}, which the primary never paused for`);
+      return;
+    }
+    const g = this.S.guest;
+    const bad: string[] = [];
+    for (let p = 0; p < PAGES; p++) if (!sameVal(g.ram[p]!, snap.ram[p]!)) bad.push(`page ${p}: SVM ${showVal(g.ram[p]!)} PVM ${showVal(snap.ram[p]!)}`);
+    const disk = g.disk.view();
+    for (let b = 0; b < BLOCKS; b++) if (!sameVal(disk[b]!, snap.disk[b]!)) bad.push(`disk block ${b}: SVM ${showVal(disk[b]!)} PVM ${showVal(snap.disk[b]!)}`);
+    if (g.device.ticks !== snap.device.ticks || g.device.acc !== snap.device.acc) bad.push(`device: SVM ${JSON.stringify(g.device)} PVM ${JSON.stringify(snap.device)}`);
+    if (bad.length > 0) this.violate('3', `after the apply of checkpoint ${ck} the SVM differs from the PVM at its pause: ${bad.slice(0, 4).join('; ')}${bad.length > 4 ? ` (+${bad.length - 4})` : ''}`);
+  }
+
+  checkpointDone(): void {
+    this.lastCheckpointAt = this.sim.now;
+    this.stats.checkpoints += 1;
+  }
+
+  private extendEnd(): void {
+    this.endAt = Math.max(this.endAt, this.sim.now + this.graceMs + 600 + BOUND_MS + 100);
+  }
+
+  private fire(f: Fault): void {
+    const { P, S, link, sim } = this;
+    const before = `P ${P.core.phase}, S ${S.core.phase}`;
+    const mid =
+      (!P.owner.dead && ['requested', 'pausing', 'sending', 'awaitReceived', 'awaitLoaded'].includes(P.core.phase)) ||
+      (!S.owner.dead && ['pausing', 'replied', 'receiving', 'applying'].includes(S.core.phase));
+    const hb = (node: PrimaryNode | SecondaryNode, who: string): void => {
+      if (f.hb === null) return;
+      const h = f.hb;
+      const say = (): void => {
+        this.trace(`management: x-colo-lost-heartbeat on ${who}`);
+        this.extendEnd();
+        node.lostHeartbeat();
+      };
+      sim.after(h, say, node.owner);
+      if (f.hbTwice) sim.after(h + this.ms(0, 20), say, node.owner);
+    };
+    switch (f.kind) {
+      case 'crashP':
+        if (P.owner.dead) return;
+        this.trace(`FAULT: the primary crashes (${before})`);
+        P.owner.dead = true;
+        P.guest.stop();
+        link.break('the primary crashed', [null, f.noticeS], f.drain);
+        hb(S, 'S');
+        break;
+      case 'crashS':
+        if (S.owner.dead) return;
+        this.trace(`FAULT: the secondary crashes (${before})`);
+        S.owner.dead = true;
+        S.guest.stop();
+        link.break('the secondary crashed', [f.noticeP, null], f.drain);
+        hb(P, 'P');
+        break;
+      case 'breakLink':
+        this.trace(`FAULT: the link breaks (${before})`);
+        link.break('the link broke', [f.noticeP, f.noticeS]);
+        hb(P, 'P');
+        break;
+      case 'stray':
+        if (P.owner.dead || link.broken) return;
+        this.trace(`FAULT: a stray ${f.msg} on the channel (${before})`);
+        link.send(0, { k: 'colo', msg: f.msg ?? 'VMSTATE_SEND' });
+        break;
+      case 'hbP':
+        if (P.owner.dead) return;
+        this.trace(`FAULT: x-colo-lost-heartbeat on P (${before})`);
+        P.lostHeartbeat();
+        break;
+    }
+    this.faultFired = true;
+    this.stats.faultsFired += 1;
+    if (mid) this.stats.midCheckpointFaults += 1;
+    this.extendEnd();
+  }
+
+  /** Invariants 2, 4, 5 and liveness: after every step. */
+  check(final: boolean): void {
+    const { P, S } = this;
+    const now = this.sim.now;
+    if (!S.owner.dead) {
+      // Invariant 2: no page (or disk block) of a checkpoint not fully received.
+      const ram = S.guest.ram;
+      for (let p = 0; p < PAGES; p++) {
+        const v = ram[p]!;
+        if (v.src === 'P' && v.ck > S.fullyReceived) {
+          this.violate('2', `SVM RAM page ${p} holds ${showVal(v)} from checkpoint ${v.ck}, but the secondary has fully received only up to checkpoint ${S.fullyReceived}`);
+          return;
+        }
+      }
+      const disk = S.guest.disk.base;
+      for (let b = 0; b < BLOCKS; b++) {
+        const v = disk[b]!;
+        if (v.src === 'P' && v.ck > S.fullyReceived) {
+          this.violate('2', `SVM disk block ${b} holds ${showVal(v)} from checkpoint ${v.ck}, but the secondary has fully received only up to checkpoint ${S.fullyReceived}`);
+          return;
+        }
+      }
+    }
+    // Invariant 4: at most one node serves clients.
+    if (P.serving && S.serving) {
+      this.violate('4', `both nodes serve clients (primary alive in phase ${P.core.phase}, secondary took over)`);
+      return;
+    }
+    // Invariant 5: a failover leaves the survivor running, done, completed, within the bound.
+    for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
+      if (n.owner.dead) continue;
+      if (n.core.phase === 'failover' || n.core.phase === 'done') {
+        if (name === 'primary') this.stats.failoverP = true;
+        else this.stats.failoverS = true;
+        if (n.deadline === null) n.deadline = now + BOUND_MS;
+      }
+      if (n.core.phase === 'done' && !n.guest.running) {
+        this.violate('5', `the ${name} finished its failover but its VM is not running`);
+        return;
+      }
+      if (n.deadline !== null) {
+        this.endAt = Math.max(this.endAt, n.deadline + 1);
+        if (now > n.deadline || final) {
+          const ok = n.core.phase === 'done' && n.core.failoverState === 'completed' && n.guest.running;
+          if (!ok && now >= n.deadline) {
+            this.violate('5', `the ${name} was due to finish its failover by t=${n.deadline.toFixed(3)}, but at t=${now.toFixed(3)} its phase is ${n.core.phase}, failover state ${n.core.failoverState}, VM ${n.guest.running ? 'running' : 'paused'}`);
+            return;
+          }
+        }
+      }
+    }
+    // Liveness: with no fault yet, checkpoints keep completing.
+    if (!this.faultFired && now - this.lastCheckpointAt > this.scenario.delayMs + LIVE_MS) {
+      this.violate('liveness', `no checkpoint completed since t=${this.lastCheckpointAt.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
+    }
+    if (!this.faultFired && this.triggerAt !== null && now - this.triggerAt > TRIGGER_MS) {
+      this.violate('liveness', `a compare trigger at t=${this.triggerAt.toFixed(3)} got no checkpoint (no VMSTATE_RECEIVED) by t=${now.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
+    }
+    if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
+    if (S.sawRelaunch) this.stats.relaunch = true;
+  }
+}
+
+export function runSeed(opts: RunOptions): RunResult {
+  const r = rng(opts.seed * 2654435761 + 12345);
+  const drawn = drawScenario(r, opts.faults ?? true);
+  const scenario = opts.scenario ?? drawn;
+  const w = new SimWorld(opts.seed, scenario, opts.broken ?? null, opts.fullTrace ?? false, r);
+  w.P.start();
+  w.S.start();
+  w.check(false);
+  while (w.violation === null && w.sim.now < HARD_STOP_MS) {
+    if (!w.sim.step(w.endAt)) break;
+    w.check(false);
+  }
+  if (w.violation === null) {
+    w.sim.now = Math.max(w.sim.now, w.endAt);
+    w.check(true);
+  }
+  w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
+  return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
+}
+
+export function describeFailure(res: RunResult): string {
+  const v = res.violation;
+  if (v === null) return `seed ${res.seed}: no violation`;
+  return [
+    `COLO simulation seed ${res.seed}: invariant ${v.inv} violated at t=${v.at.toFixed(3)} ms: ${v.detail}`,
+    `scenario: ${res.scenario}`,
+    `rerun: COLO_SIM_SEED=${res.seed} node --test dist/test/colo/simulation.test.js  (COLO_SIM_TRACE=1 for the whole trace)`,
+    'last events:',
+    ...res.trace.slice(-40),
+  ].join('\n');
+}
