@@ -4,6 +4,7 @@ import { runCommand } from './run.js';
 import { qmpCommand } from './qmp.js';
 import { imgCommand } from './img.js';
 import { migrateCommand } from './migrate.js';
+import { upCommand } from './up.js';
 
 const usage = `colo — COLO fault tolerance for WebAssembly virtual machines
 
@@ -16,6 +17,11 @@ usage:
   colo migrate SOURCE-QMP tcp:HOST:PORT [--parallel] [--parallel-connections N]
                       [--bandwidth MIB] [--downtime MS] [--target-qmp ADDRESS] [--quiet]
                                                live-migrate a VM, with a progress bar
+  colo up GUEST.wasm --net listen=HOST:PORT [--memory SIZE] [--drive file=PATH]
+                      [--parallel-connections N] [--checkpoint-delay MS] [--state-dir DIR]
+                      [-- GUEST-ARGS...]
+                                               a protected pair (primary + secondary) with
+                                               automatic failover and re-protection
   colo qmp ADDRESS COMMAND [key=value ...]     run one QMP command (qmp-shell style)
   colo img create [--if-missing] FILE SIZE      create a raw disk image
   colo help                                    this text
@@ -32,6 +38,8 @@ async function main(argv: string[]): Promise<number> {
       return imgCommand(rest);
     case 'migrate':
       return migrateCommand(rest);
+    case 'up':
+      return upCommand(rest);
     case undefined:
     case 'help':
     case '--help':

@@ -22,6 +22,8 @@ export class StreamError extends ColoError {}
 export class MigrationError extends ColoError {}
 /** A COLO protocol or failover failure. */
 export class ColoProtocolError extends ColoError {}
+/** `colo up`: a supervised pair that could not be started, protected or failed over. */
+export class PairError extends ColoError {}
 /** A command-line option that cannot be honoured. */
 export class UsageError extends ColoError {}
 /** A QMP command that failed; `errorClass` is QEMU's error class name. */

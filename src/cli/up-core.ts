@@ -1,0 +1,331 @@
+/**
+ * `colo up` supervision as plain data (like colo/core.ts): events in, actions out, no
+ * processes, no sockets, no timers. The driver (cli/up.ts) starts the `colo run` children,
+ * talks QMP to them and feeds back what happened.
+ *
+ * The pair's phases:
+ *   starting      the first primary and secondary are booting
+ *   reprotecting  a survivor runs alone; a new secondary is booting
+ *   protecting    the initial migration into COLO runs
+ *   protected     both are in status colo
+ *   failover      a child died; the survivor is being told (x-colo-lost-heartbeat)
+ *   unprotected   one node serves alone (waiting to retry, or given up)
+ *   stopping      SIGINT/SIGTERM or a lost service: children are being stopped
+ *   stopped       every child is gone; exit
+ */
+import { limits } from '../core/limits.js';
+
+export type Role = 'primary' | 'secondary';
+export type PairPhase = 'starting' | 'reprotecting' | 'protecting' | 'protected' | 'failover' | 'unprotected' | 'stopping' | 'stopped';
+
+export interface NodeInfo {
+  readonly id: number;
+  role: Role;
+  pid: number | null;
+  ready: boolean;
+  alive: boolean;
+  /** Why the driver gave up on it (startFailed), for the message about its death. */
+  failure?: string;
+}
+
+export type PairEvent =
+  | { type: 'start' }
+  /** The driver started the process of `node`. */
+  | { type: 'spawned'; node: number; pid: number }
+  /** `node` answers QMP and is configured (capabilities set; a secondary waits for migrate-incoming). */
+  | { type: 'ready'; node: number }
+  /** `node` could not be brought up (the driver kills it; its `exited` follows). */
+  | { type: 'startFailed'; node: number; error: string }
+  | { type: 'exited'; node: number; code: number | null; signal: string | null }
+  | { type: 'protected' }
+  | { type: 'protectFailed'; error: string }
+  /** The secondary `node` took over (COLO_EXIT) after its primary died. */
+  | { type: 'tookOver'; node: number }
+  /** The primary `node` left COLO after its secondary died. */
+  | { type: 'continued'; node: number }
+  | { type: 'failoverFailed'; node: number; error: string }
+  | { type: 'signal'; signal: string }
+  | { type: 'timer'; name: 'retry' | 'stopTimeout' };
+
+export type PairAction =
+  | { type: 'print'; line: string }
+  | { type: 'log'; level: 'debug' | 'info' | 'warn' | 'error'; msg: string }
+  /** Start a `colo run` child; a secondary gets `--incoming defer` and a fresh disk image. */
+  | { type: 'spawn'; node: number; role: Role }
+  /** Migrate from `primary` to `secondary` with x-colo until both are in status colo. */
+  | { type: 'protect'; primary: number; secondary: number }
+  /** x-colo-lost-heartbeat on the secondary `node`: it takes over the service. */
+  | { type: 'takeover'; node: number }
+  /** x-colo-lost-heartbeat on the primary `node`: it continues unprotected. */
+  | { type: 'continueAlone'; node: number }
+  | { type: 'kill'; node: number; signal: 'SIGTERM' | 'SIGKILL' }
+  /** The disk image of a dead node is stale: remove it if the supervisor created it. */
+  | { type: 'discardDisk'; node: number }
+  | { type: 'setTimer'; name: 'retry' | 'stopTimeout'; ms: number }
+  /** Every child is gone; `primary` is the node that served last (its disk is the current one). */
+  | { type: 'exit'; code: number; primary: number | null };
+
+export interface PairConfig {
+  /** The service address, for messages (`127.0.0.1:6379`). */
+  address: string;
+  /** Where the children's QMP sockets, serial files and disk copies are (for the first line). */
+  stateDir?: string;
+  /** Consecutive failed protection attempts before giving up (default limits.upProtectAttemptsMax). */
+  protectAttemptsMax?: number;
+  retryDelayMs?: number;
+  stopTimeoutMs?: number;
+}
+
+export class PairCore {
+  phase: PairPhase = 'starting';
+  primary: NodeInfo | null = null;
+  secondary: NodeInfo | null = null;
+  /** Every node ever started, by id (dead ones too, until they exited). */
+  private readonly nodes = new Map<number, NodeInfo>();
+  private nextId = 1;
+  private failures = 0;
+  private exitCode = 0;
+  /** What killed the node whose death started the current failover (`SIGKILL`, `exit code 1`). */
+  private cause = '';
+  private readonly attemptsMax: number;
+  private readonly retryDelayMs: number;
+  private readonly stopTimeoutMs: number;
+
+  constructor(private readonly cfg: PairConfig) {
+    this.attemptsMax = cfg.protectAttemptsMax ?? limits.upProtectAttemptsMax;
+    this.retryDelayMs = cfg.retryDelayMs ?? limits.upProtectRetryDelayMs;
+    this.stopTimeoutMs = cfg.stopTimeoutMs ?? limits.upStopTimeoutMs;
+  }
+
+  node(id: number): NodeInfo | undefined {
+    return this.nodes.get(id);
+  }
+
+  /** Nodes whose process has not exited yet. */
+  get living(): NodeInfo[] {
+    return [...this.nodes.values()].filter((n) => n.alive);
+  }
+
+  step(e: PairEvent): PairAction[] {
+    const out: PairAction[] = [];
+    switch (e.type) {
+      case 'start': {
+        this.primary = this.add('primary');
+        this.secondary = this.add('secondary');
+        this.phase = 'starting';
+        out.push({ type: 'print', line: this.cfg.stateDir === undefined ? 'pair: starting' : `pair: starting (state in ${this.cfg.stateDir})` });
+        out.push({ type: 'spawn', node: this.primary.id, role: 'primary' }, { type: 'spawn', node: this.secondary.id, role: 'secondary' });
+        break;
+      }
+      case 'spawned': {
+        const n = this.nodes.get(e.node);
+        if (n !== undefined) n.pid = e.pid;
+        break;
+      }
+      case 'ready': {
+        const n = this.nodes.get(e.node);
+        if (n === undefined || !n.alive) break;
+        n.ready = true;
+        this.maybeProtect(out);
+        break;
+      }
+      case 'startFailed': {
+        const n = this.nodes.get(e.node);
+        if (n !== undefined) n.failure = e.error;
+        out.push({ type: 'log', level: 'warn', msg: `${this.describe(e.node)} did not come up: ${e.error}` });
+        out.push({ type: 'kill', node: e.node, signal: 'SIGKILL' });
+        break;
+      }
+      case 'exited':
+        this.exited(e.node, e.code, e.signal, out);
+        break;
+      case 'protected': {
+        if (this.phase !== 'protecting') break;
+        this.phase = 'protected';
+        this.failures = 0;
+        out.push({ type: 'print', line: `pair: protected (primary pid ${this.primary!.pid}, secondary pid ${this.secondary!.pid})` });
+        break;
+      }
+      case 'protectFailed': {
+        if (this.phase !== 'protecting') break;
+        this.failures++;
+        out.push({ type: 'print', line: `pair: unprotected (attempt ${this.failures} to protect it failed: ${e.error})` });
+        this.phase = 'unprotected';
+        const s = this.secondary;
+        if (s !== null && s.alive) {
+          // Its exit brings the next attempt.
+          out.push({ type: 'kill', node: s.id, signal: 'SIGKILL' });
+        } else {
+          this.secondary = null;
+          this.retry(out);
+        }
+        break;
+      }
+      case 'tookOver': {
+        if (this.phase !== 'failover' || this.secondary?.id !== e.node) break;
+        const s = this.secondary;
+        s.role = 'primary';
+        this.primary = s;
+        this.secondary = null;
+        this.phase = 'unprotected';
+        out.push({ type: 'print', line: `pair: primary died (${this.cause}); secondary ${s.pid} took over on ${this.cfg.address}` });
+        this.reprotect(out);
+        break;
+      }
+      case 'continued': {
+        if (this.phase !== 'failover' || this.primary?.id !== e.node) break;
+        this.phase = 'unprotected';
+        out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
+        this.reprotect(out);
+        break;
+      }
+      case 'failoverFailed': {
+        if (this.phase !== 'failover') break;
+        if (this.primary?.id === e.node) {
+          // The primary still serves, whatever it said: go on and protect it again.
+          out.push({ type: 'log', level: 'warn', msg: `x-colo-lost-heartbeat on the primary failed: ${e.error}` });
+          this.phase = 'unprotected';
+          out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
+          this.reprotect(out);
+        } else {
+          this.lost(`the secondary could not take over: ${e.error}`, out);
+        }
+        break;
+      }
+      case 'signal':
+        if (this.phase === 'stopping' || this.phase === 'stopped') {
+          for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+          break;
+        }
+        out.push({ type: 'print', line: `pair: stopping (${e.signal})` });
+        this.stop(0, out);
+        break;
+      case 'timer':
+        if (e.name === 'retry') {
+          if (this.phase === 'unprotected' && this.secondary === null && this.primary?.alive === true) this.reprotect(out);
+        } else if (this.phase === 'stopping') {
+          for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+        }
+        break;
+    }
+    return out;
+  }
+
+  private add(role: Role): NodeInfo {
+    const n: NodeInfo = { id: this.nextId++, role, pid: null, ready: false, alive: true };
+    this.nodes.set(n.id, n);
+    return n;
+  }
+
+  private describe(id: number): string {
+    const n = this.nodes.get(id);
+    return n === undefined ? `node ${id}` : `${n.role} ${n.pid ?? `(node ${id})`}`;
+  }
+
+  private maybeProtect(out: PairAction[]): void {
+    if (this.phase !== 'starting' && this.phase !== 'reprotecting') return;
+    const p = this.primary;
+    const s = this.secondary;
+    if (p === null || s === null || !p.ready || !s.ready) return;
+    this.phase = 'protecting';
+    out.push({ type: 'log', level: 'info', msg: `protecting: migrating primary ${p.pid} into secondary ${s.pid} with x-colo` });
+    out.push({ type: 'protect', primary: p.id, secondary: s.id });
+  }
+
+  private reprotect(out: PairAction[]): void {
+    this.secondary = this.add('secondary');
+    this.phase = 'reprotecting';
+    out.push({ type: 'print', line: 'pair: re-protecting' });
+    out.push({ type: 'spawn', node: this.secondary.id, role: 'secondary' });
+  }
+
+  /** After a failed attempt (the secondary is gone): try again later, or give up. */
+  private retry(out: PairAction[]): void {
+    if (this.failures >= this.attemptsMax) {
+      out.push({ type: 'print', line: `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it)` });
+      return;
+    }
+    out.push({ type: 'setTimer', name: 'retry', ms: this.retryDelayMs * this.failures });
+  }
+
+  private exited(id: number, code: number | null, signal: string | null, out: PairAction[]): void {
+    const n = this.nodes.get(id);
+    if (n === undefined || !n.alive) return;
+    n.alive = false;
+    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : `exit code ${code}`;
+    if (this.phase === 'stopping') {
+      if (this.living.length === 0) {
+        this.phase = 'stopped';
+        out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code: this.exitCode, primary: this.primary?.id ?? null });
+      }
+      return;
+    }
+    if (this.primary?.id === id) {
+      if (this.phase === 'protected' && this.secondary?.alive === true) {
+        this.phase = 'failover';
+        this.cause = how;
+        out.push({ type: 'log', level: 'warn', msg: `primary ${n.pid} died (${how}); secondary ${this.secondary.pid} takes over` });
+        out.push({ type: 'takeover', node: this.secondary.id }, { type: 'discardDisk', node: id });
+      } else {
+        this.lost(`primary ${n.pid} died (${how}) while the pair was ${this.phase}`, out);
+      }
+      return;
+    }
+    if (this.secondary?.id === id) {
+      switch (this.phase) {
+        case 'protected':
+          this.phase = 'failover';
+          this.cause = how;
+          out.push({ type: 'log', level: 'warn', msg: `secondary ${n.pid} died (${how}); primary ${this.primary!.pid} continues alone` });
+          out.push({ type: 'continueAlone', node: this.primary!.id }, { type: 'discardDisk', node: id });
+          break;
+        case 'failover':
+          // It was taking over.
+          this.lost(`secondary ${n.pid} died (${how}) while taking over`, out);
+          break;
+        case 'protecting':
+          // The migration fails on the primary; protectFailed follows and retries.
+          out.push({ type: 'log', level: 'warn', msg: `secondary ${n.pid} died (${how}) during the initial migration` });
+          out.push({ type: 'discardDisk', node: id });
+          break;
+        case 'starting':
+        case 'reprotecting':
+          this.failures++;
+          out.push({ type: 'print', line: `pair: unprotected (secondary ${n.pid ?? `(node ${id})`} exited before it was ready: ${how})` });
+          out.push({ type: 'discardDisk', node: id });
+          this.secondary = null;
+          this.phase = 'unprotected';
+          this.retry(out);
+          break;
+        case 'unprotected':
+          // Killed after a failed attempt.
+          out.push({ type: 'discardDisk', node: id });
+          this.secondary = null;
+          this.retry(out);
+          break;
+      }
+      return;
+    }
+    // A node that was already replaced (e.g. a killed secondary): nothing to do.
+  }
+
+  /** The service cannot go on: stop whatever is left and exit with an error. */
+  private lost(why: string, out: PairAction[]): void {
+    out.push({ type: 'log', level: 'error', msg: `the service is lost: ${why}` });
+    out.push({ type: 'print', line: `pair: failed (${why})` });
+    this.stop(1, out);
+  }
+
+  private stop(code: number, out: PairAction[]): void {
+    this.phase = 'stopping';
+    this.exitCode = code;
+    const living = this.living;
+    if (living.length === 0) {
+      this.phase = 'stopped';
+      out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code, primary: this.primary?.id ?? null });
+      return;
+    }
+    for (const n of living) out.push({ type: 'kill', node: n.id, signal: 'SIGTERM' });
+    out.push({ type: 'setTimer', name: 'stopTimeout', ms: this.stopTimeoutMs });
+  }
+}

@@ -1,0 +1,378 @@
+/**
+ * `colo up GUEST.wasm --net listen=HOST:PORT [options]`: a protected pair on this host, with
+ * automatic failover and re-protection. The supervision decisions are in up-core.ts; this
+ * driver starts the `colo run` children, drives them over QMP and feeds the outcome back.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { QmpClient } from '../control/qmp-client.js';
+import { PairError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
+import { logger, setLogNode } from '../core/log.js';
+import { parseKeyValues, parseSize } from './options.js';
+import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
+
+const log = logger('up');
+
+export interface UpOptions {
+  guestPath: string;
+  net: { host: string; port: number };
+  memory: string;
+  drive: string | null;
+  channels: number | null;
+  checkpointDelayMs: number;
+  stateDir: string | null;
+  guestArgs: string[];
+}
+
+export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [options] [-- GUEST-ARGS...]
+  --memory SIZE               guest RAM of both nodes (default 256M)
+  --drive file=PATH           the primary's disk image; each secondary gets its own copy
+  --parallel-connections N    checkpoints over N multifd channels
+  --checkpoint-delay MS       x-checkpoint-delay (default ${limits.upCheckpointDelayMsDefault})
+  --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
+                              folder under the system's temporary directory)
+`;
+
+function intArg(v: string | undefined, flag: string, min: number, max: number): number {
+  const n = Number(v);
+  if (v === undefined || !Number.isInteger(n) || n < min || n > max) throw new UsageError('BAD_OPTION', `${flag}: expected an integer between ${min} and ${max}`);
+  return n;
+}
+
+export function parseUpArgs(argv: string[]): UpOptions {
+  let guestPath: string | null = null;
+  let net: UpOptions['net'] | null = null;
+  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, stateDir: null as string | null };
+  let guestArgs: string[] = [];
+  for (let i = 0; i < argv.length; i++) {
+    let a = argv[i]!;
+    if (a === '--') {
+      guestArgs = argv.slice(i + 1);
+      break;
+    }
+    let value: string | undefined;
+    const eq = a.startsWith('--') ? a.indexOf('=') : -1;
+    if (eq > 0) {
+      value = a.slice(eq + 1);
+      a = a.slice(0, eq);
+    }
+    const next = (): string => {
+      const v = value ?? argv[++i];
+      if (v === undefined) throw new UsageError('BAD_OPTION', `${a} needs a value`);
+      return v;
+    };
+    switch (a) {
+      case '--net': {
+        const kv = parseKeyValues(next(), '--net');
+        const listen = kv.get('listen');
+        const m = listen === undefined ? null : /^(.+):(\d+)$/.exec(listen);
+        if (m === null || kv.size !== 1) throw new UsageError('BAD_OPTION', '--net: expected listen=HOST:PORT');
+        net = { host: m[1]!, port: intArg(m[2], '--net listen port', 1, 65535) };
+        break;
+      }
+      case '--memory':
+      case '-m':
+        o.memory = next();
+        parseSize(o.memory, '--memory');
+        break;
+      case '--drive': {
+        const kv = parseKeyValues(next(), '--drive', 'file');
+        const file = kv.get('file');
+        if (file === undefined || kv.size !== 1) throw new UsageError('BAD_OPTION', '--drive: expected file=PATH');
+        o.drive = path.resolve(file);
+        break;
+      }
+      case '--parallel-connections':
+        o.channels = intArg(next(), a, 1, limits.multifdChannelsMax);
+        break;
+      case '--checkpoint-delay':
+        o.checkpointDelayMs = intArg(next(), a, 1, 24 * 3600 * 1000);
+        break;
+      case '--state-dir':
+        o.stateDir = path.resolve(next());
+        break;
+      default:
+        if (a.startsWith('-') || guestPath !== null) throw new UsageError('BAD_OPTION', `unexpected '${argv[i]}'\n${upUsage}`);
+        guestPath = path.resolve(a);
+    }
+  }
+  if (guestPath === null || net === null) throw new UsageError('BAD_OPTION', upUsage.trimEnd());
+  if (o.drive !== null && !fs.existsSync(o.drive)) throw new UsageError('BAD_OPTION', `--drive: '${o.drive}' does not exist (create it with colo img create)`);
+  return { guestPath, net, ...o, guestArgs };
+}
+
+interface Child {
+  readonly id: number;
+  readonly role: Role;
+  readonly proc: ChildProcess;
+  readonly qmpPath: string;
+  readonly disk: string | null;
+  /** Whether the supervisor created the disk (and may remove it). */
+  readonly ownDisk: boolean;
+  qmp: QmpClient | null;
+  exited: boolean;
+}
+
+const mainJs = fileURLToPath(new URL('./main.js', import.meta.url));
+
+class UpDriver {
+  private readonly core: PairCore;
+  private readonly children = new Map<number, Child>();
+  private readonly timers = new Set<NodeJS.Timeout>();
+  private readonly address: string;
+  private finish!: (code: number) => void;
+  readonly done = new Promise<number>((r) => (this.finish = r));
+
+  constructor(private readonly o: UpOptions, private readonly stateDir: string) {
+    this.address = `${o.net.host}:${o.net.port}`;
+    this.core = new PairCore({ address: this.address, stateDir });
+  }
+
+  dispatch(e: PairEvent): void {
+    for (const a of this.core.step(e)) this.perform(a);
+  }
+
+  private perform(a: PairAction): void {
+    switch (a.type) {
+      case 'print':
+        process.stdout.write(a.line + '\n');
+        break;
+      case 'log':
+        log[a.level](a.msg);
+        break;
+      case 'spawn':
+        this.spawnChild(a.node, a.role);
+        break;
+      case 'protect':
+        this.protect(this.children.get(a.primary)!, this.children.get(a.secondary)!).then(
+          () => this.dispatch({ type: 'protected' }),
+          (err: unknown) => this.dispatch({ type: 'protectFailed', error: errorMessage(err) }),
+        );
+        break;
+      case 'takeover':
+      case 'continueAlone': {
+        const c = this.children.get(a.node)!;
+        this.lostHeartbeat(c, a.type === 'takeover' ? 'secondary' : 'primary').then(
+          () => this.dispatch(a.type === 'takeover' ? { type: 'tookOver', node: a.node } : { type: 'continued', node: a.node }),
+          (err: unknown) => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) }),
+        );
+        break;
+      }
+      case 'kill': {
+        const c = this.children.get(a.node);
+        if (c !== undefined && !c.exited) c.proc.kill(a.signal);
+        break;
+      }
+      case 'discardDisk': {
+        const c = this.children.get(a.node);
+        if (c?.ownDisk === true && c.disk !== null) fs.rmSync(c.disk, { force: true });
+        break;
+      }
+      case 'setTimer': {
+        const t = setTimeout(() => {
+          this.timers.delete(t);
+          this.dispatch({ type: 'timer', name: a.name });
+        }, a.ms);
+        this.timers.add(t);
+        break;
+      }
+      case 'exit':
+        this.keepDisk(a.primary);
+        for (const t of this.timers) clearTimeout(t);
+        this.timers.clear();
+        for (const c of this.children.values()) void c.qmp?.close().catch(() => undefined);
+        this.finish(a.code);
+        break;
+    }
+  }
+
+  private spawnChild(id: number, role: Role): void {
+    const name = `vm${id}`;
+    const qmpPath = path.join(this.stateDir, `${name}.qmp`);
+    fs.rmSync(qmpPath, { force: true });
+    let disk: string | null = null;
+    let ownDisk = false;
+    if (this.o.drive !== null) {
+      if (id === 1) {
+        disk = this.o.drive;
+      } else {
+        // Its own image of the same size: the initial migration copies the whole disk.
+        disk = path.join(this.stateDir, `${name}.img`);
+        ownDisk = true;
+        const fd = fs.openSync(disk, 'w');
+        fs.ftruncateSync(fd, fs.statSync(this.o.drive).size);
+        fs.closeSync(fd);
+      }
+    }
+    const args = [mainJs, 'run', this.o.guestPath, '--name', name, '--memory', this.o.memory, '--net', `listen=${this.address}`];
+    args.push('--qmp', `unix:${qmpPath}`, '--serial', `file:${path.join(this.stateDir, `${name}.serial`)}`);
+    if (disk !== null) args.push('--drive', `file=${disk}`);
+    if (role === 'secondary') args.push('--incoming', 'defer');
+    if (this.o.guestArgs.length > 0) args.push('--', ...this.o.guestArgs);
+    // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
+    // children itself (else a child could exit first and be taken for a failure).
+    const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
+    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, exited: false };
+    this.children.set(id, c);
+    proc.once('error', (err) => log.warn(`${name}: ${err.message}`));
+    proc.once('exit', (code, signal) => {
+      c.exited = true;
+      void c.qmp?.close().catch(() => undefined);
+      this.dispatch({ type: 'exited', node: id, code, signal });
+    });
+    if (proc.pid === undefined) return; // 'error' and 'exit' follow
+    this.dispatch({ type: 'spawned', node: id, pid: proc.pid });
+    this.bringUp(c).then(
+      () => this.dispatch({ type: 'ready', node: id }),
+      (err: unknown) => {
+        if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
+      },
+    );
+  }
+
+  private async bringUp(c: Child): Promise<void> {
+    const deadline = Date.now() + limits.upChildStartTimeoutMs;
+    for (;;) {
+      if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`);
+      if (fs.existsSync(c.qmpPath)) {
+        try {
+          c.qmp = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: 2000 });
+          break;
+        } catch {
+          // not listening yet
+        }
+      }
+      if (Date.now() > deadline) throw new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`);
+      await new Promise((r) => setTimeout(r, 25));
+    }
+    if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
+    if (c.role === 'secondary') await this.configure(c, false);
+  }
+
+  /** Capabilities and parameters for COLO (the primary also gets x-checkpoint-delay). */
+  private async configure(c: Child, primary: boolean): Promise<void> {
+    const qmp = c.qmp!;
+    const caps = [{ capability: 'x-colo', state: true }, { capability: 'multifd', state: this.o.channels !== null }];
+    await qmp.execute('migrate-set-capabilities', { capabilities: caps });
+    const params: Record<string, number> = {};
+    if (this.o.channels !== null) params['multifd-channels'] = this.o.channels;
+    if (primary) params['x-checkpoint-delay'] = this.o.checkpointDelayMs;
+    if (Object.keys(params).length > 0) await qmp.execute('migrate-set-parameters', params);
+  }
+
+  private async protect(p: Child, s: Child): Promise<void> {
+    const pq = p.qmp!;
+    const sq = s.qmp!;
+    const deadline = Date.now() + limits.upProtectTimeoutMs;
+    await this.configure(p, true);
+    const sMark = sq.eventCount;
+    await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
+    const info = await sq.execute<{ 'socket-address'?: { port: string }[] }>('query-migrate');
+    const port = Number(info['socket-address']?.[0]?.port);
+    if (!Number.isInteger(port) || port <= 0) throw new PairError('NO_INCOMING_PORT', `vm${s.id}: query-migrate shows no listening port: ${JSON.stringify(info)}`);
+    try {
+      await pq.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+      for (;;) {
+        const r = await pq.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+        if (r.status === 'colo') break;
+        if (r.status === 'failed' || r.status === 'cancelled' || r.status === 'completed') {
+          throw new PairError('PROTECT_FAILED', `the migration into vm${s.id} ended in ${r.status}${r['error-desc'] !== undefined ? `: ${r['error-desc']}` : ''}`);
+        }
+        if (Date.now() > deadline) throw new PairError('PROTECT_TIMEOUT', `timed out after ${limits.upProtectTimeoutMs} ms waiting for migration status colo on vm${p.id} (status ${r.status ?? 'none'})`);
+        await new Promise((r2) => setTimeout(r2, 50));
+      }
+      await sq.waitEvent('MIGRATION', { after: sMark, where: (ev) => ev.data.status === 'colo', timeoutMs: Math.max(1, deadline - Date.now()) });
+    } catch (err) {
+      // Leave the primary running alone: cancel what is left of the migration.
+      if (!p.exited && !pq.closed) {
+        await pq.execute('migrate_cancel').catch(() => undefined);
+        await this.waitSettled(pq).catch(() => undefined);
+      }
+      throw err;
+    }
+  }
+
+  private async waitSettled(pq: QmpClient): Promise<void> {
+    const deadline = Date.now() + limits.upFailoverTimeoutMs;
+    for (;;) {
+      const r = await pq.execute<{ status?: string }>('query-migrate');
+      const st = r.status ?? 'none';
+      if (st === 'none' || st === 'failed' || st === 'cancelled' || st === 'completed') return;
+      if (Date.now() > deadline) throw new PairError('CANCEL_TIMEOUT', `migration status still ${st} after migrate_cancel`);
+      await new Promise((r2) => setTimeout(r2, 50));
+    }
+  }
+
+  /** x-colo-lost-heartbeat on the survivor; resolves once it left COLO (COLO_EXIT). */
+  private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
+    const q = c.qmp!;
+    const mark = q.eventCount;
+    try {
+      await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
+    } catch (err) {
+      // A primary whose channel broke leaves COLO by itself (reason error).
+      if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
+      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status');
+      if (st.mode === 'none' && st['last-mode'] === mode) return;
+      throw err;
+    }
+    await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
+  }
+
+  /**
+   * At the end, the disk of the node that served last becomes the --drive image again (after a
+   * failover it is one of the supervisor's copies); the other copies go.
+   */
+  private keepDisk(primary: number | null): void {
+    const drive = this.o.drive;
+    if (drive === null) return;
+    const p = primary === null ? undefined : this.children.get(primary);
+    try {
+      if (p?.disk != null && p.disk !== drive && fs.existsSync(p.disk)) {
+        fs.copyFileSync(p.disk, drive);
+        log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
+      }
+      for (const c of this.children.values()) if (c.ownDisk && c.disk !== null) fs.rmSync(c.disk, { force: true });
+    } catch (err) {
+      log.error(`could not copy the last primary's disk to ${drive}: ${errorMessage(err)}`);
+    }
+  }
+
+  /** SIGKILL every child still running (the supervisor itself is going away). */
+  killAll(): void {
+    for (const c of this.children.values()) if (!c.exited) c.proc.kill('SIGKILL');
+  }
+}
+
+export async function upCommand(argv: string[]): Promise<number> {
+  const o = parseUpArgs(argv);
+  setLogNode('up');
+  if (!fs.existsSync(o.guestPath)) throw new UsageError('BAD_OPTION', `'${o.guestPath}' does not exist`);
+  let stateDir: string;
+  if (o.stateDir !== null) {
+    fs.mkdirSync(o.stateDir, { recursive: true });
+    stateDir = o.stateDir;
+  } else {
+    stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-up-'));
+  }
+  const driver = new UpDriver(o, stateDir);
+  const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+  const onExit = (): void => driver.killAll();
+  process.on('exit', onExit);
+  try {
+    driver.dispatch({ type: 'start' });
+    const code = await driver.done;
+    if (o.stateDir === null) fs.rmSync(stateDir, { recursive: true, force: true });
+    return code;
+  } finally {
+    process.off('SIGINT', onSignal);
+    process.off('SIGTERM', onSignal);
+    process.off('exit', onExit);
+  }
+}

@@ -1,0 +1,115 @@
+/**
+ * `colo up` supervision alone (cli/up-core.ts): start, protect, failover on either side,
+ * re-protection, a failed protection attempt, a lost service, and stopping on a signal.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { PairCore, type PairAction, type PairEvent } from '../../src/cli/up-core.js';
+
+/** Actions as short strings, logs left out. */
+function run(core: PairCore, e: PairEvent): string[] {
+  return core.step(e).filter((a) => a.type !== 'log').map(show);
+}
+
+function show(a: PairAction): string {
+  switch (a.type) {
+    case 'print':
+      return a.line;
+    case 'spawn':
+      return `spawn ${a.node} ${a.role}`;
+    case 'protect':
+      return `protect ${a.primary}->${a.secondary}`;
+    case 'takeover':
+    case 'continueAlone':
+    case 'discardDisk':
+      return `${a.type} ${a.node}`;
+    case 'kill':
+      return `kill ${a.node} ${a.signal}`;
+    case 'setTimer':
+      return `timer ${a.name} ${a.ms}`;
+    case 'exit':
+      return `exit ${a.code} primary ${a.primary}`;
+    case 'log':
+      return 'log';
+  }
+}
+
+function protectedPair(): PairCore {
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500 });
+  assert.deepEqual(run(c, { type: 'start' }), ['pair: starting', 'spawn 1 primary', 'spawn 2 secondary']);
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  assert.deepEqual(run(c, { type: 'ready', node: 2 }), []);
+  assert.deepEqual(run(c, { type: 'ready', node: 1 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 102)']);
+  assert.equal(c.phase, 'protected');
+  return c;
+}
+
+test('colo up core: the primary dies: the secondary takes over, a new secondary protects it again', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.equal(c.phase, 'failover');
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }), [
+    'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 2->3']);
+  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 102, secondary pid 103)']);
+});
+
+test('colo up core: the secondary dies: the primary continues, then is protected again', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    'pair: secondary died (SIGKILL); primary 101 continues unprotected',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
+});
+
+test('colo up core: a failed protection kills the secondary and retries; then gives up', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(c, { type: 'continued', node: 1 });
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  run(c, { type: 'ready', node: 3 });
+  assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
+  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['discardDisk 3', 'timer retry 100']);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 4 secondary']);
+  run(c, { type: 'spawned', node: 4, pid: 104 });
+  // This one dies before it is ready: the second failure, and the last allowed.
+  assert.deepEqual(run(c, { type: 'exited', node: 4, code: 1, signal: null }), [
+    'pair: unprotected (secondary 104 exited before it was ready: exit code 1)',
+    'discardDisk 4',
+    'pair: unprotected (primary 101; gave up after 2 failed attempts to protect it)',
+  ]);
+  assert.equal(c.phase, 'unprotected');
+  // The primary still serves; a signal stops it.
+  assert.deepEqual(run(c, { type: 'signal', signal: 'SIGTERM' }), ['pair: stopping (SIGTERM)', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
+});
+
+test('colo up core: the primary dies while unprotected: the service is lost, exit 1', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  run(c, { type: 'tookOver', node: 2 });
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  const out = run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  assert.match(out[0]!, /^pair: failed \(primary 102 died \(SIGKILL\) while the pair was reprotecting\)$/);
+  assert.deepEqual(out.slice(1), ['kill 3 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'timer', name: 'stopTimeout' }), ['kill 3 SIGKILL']);
+  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['pair: stopped', 'exit 1 primary 2']);
+});
+
+test('colo up core: a signal stops both children; a death while stopping is no failover', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'signal', signal: 'SIGINT' }), ['pair: stopping (SIGINT)', 'kill 1 SIGTERM', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), []);
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
+});
