@@ -83,6 +83,8 @@ export class PrimaryCore {
   private reason: CheckpointReason = 'periodic';
   /** A trigger that came while no checkpoint could start and none in flight covers it. */
   private wanted: CheckpointReason | null = null;
+  /** The PVM runs again (it resumes at VMSTATE_RECEIVED, before VMSTATE_LOADED). */
+  private pvmResumed = false;
 
   constructor(private readonly delayMs: () => number) {}
 
@@ -112,14 +114,14 @@ export class PrimaryCore {
         if (this.phase !== 'sending') return [];
         this.phase = 'awaitReceived';
         return [];
-      case 'vmResumed': {
+      case 'vmResumed':
+        if (this.phase === 'awaitLoaded') {
+          this.pvmResumed = true;
+          return [];
+        }
         if (this.phase !== 'resuming') return [];
         this.phase = 'running';
-        const wanted = this.wanted;
-        this.wanted = null;
-        if (wanted !== null) return this.request(wanted);
-        return [{ type: 'armTimer', ms: this.delayMs() }];
-      }
+        return this.next();
       case 'protocolError':
         return this.startFailover('error', ev.message);
       case 'lostHeartbeat':
@@ -142,6 +144,14 @@ export class PrimaryCore {
     return this.phase === 'failover' || this.phase === 'done';
   }
 
+  /** Running again after a checkpoint (or COLO start): a remembered trigger, or the timer. */
+  private next(): PrimaryAction[] {
+    const wanted = this.wanted;
+    this.wanted = null;
+    if (wanted !== null) return this.request(wanted);
+    return [{ type: 'armTimer', ms: this.delayMs() }];
+  }
+
   private request(reason: CheckpointReason): PrimaryAction[] {
     this.phase = 'requested';
     this.reason = reason;
@@ -160,14 +170,23 @@ export class PrimaryCore {
       return [{ type: 'pauseVm' }];
     }
     if (expect('awaitReceived', 'VMSTATE_RECEIVED')) {
+      // The secondary holds the whole checkpoint and its apply is one step a failover cannot
+      // split: whichever node dies from here on, the survivor's state is this checkpoint's or
+      // later. So the PVM resumes now, while the SVM applies (QEMU waits for VMSTATE_LOADED).
       this.phase = 'awaitLoaded';
-      return [{ type: 'releaseHeld' }];
+      this.pvmResumed = false;
+      return [{ type: 'releaseHeld' }, { type: 'resumeVm' }];
     }
     if (expect('awaitLoaded', 'VMSTATE_LOADED')) {
       this.checkpoints += 1;
       this.checkpointsBy[this.reason] += 1;
-      this.phase = 'resuming';
-      return [{ type: 'checkpointDone', reason: this.reason }, { type: 'resumeVm' }];
+      const done: PrimaryAction = { type: 'checkpointDone', reason: this.reason };
+      if (!this.pvmResumed) {
+        this.phase = 'resuming';
+        return [done];
+      }
+      this.phase = 'running';
+      return [done, ...this.next()];
     }
     return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
   }

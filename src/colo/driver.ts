@@ -183,8 +183,11 @@ export class PrimaryDriver {
       case 'sendState':
         this.task(async () => {
           s.collectDirty();
+          // The vCPU state is read while the pages travel (the VM is paused: nothing changes).
+          const saving = m.saveVcpu();
+          saving.catch(() => undefined);
           const r = await s.sendRound('dirty');
-          const vcpu = await m.saveVcpu();
+          const vcpu = await saving;
           s.sendColo({ msg: 'VMSTATE_SIZE' });
           this.stats.noteBytes(r.bytes + s.sendDeviceState(vcpu));
           log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages in ${r.durationMs.toFixed(1)} ms`);

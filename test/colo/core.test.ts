@@ -32,14 +32,23 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.deepEqual(note(s.step({ type: 'message', msg: 'VMSTATE_SIZE' })), []);
   assert.deepEqual(note(p.step({ type: 'stateSent' })), []);
   assert.deepEqual(note(s.step({ type: 'stateReceived' })), ['send VMSTATE_RECEIVED', 'apply']);
-  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), ['releaseHeld']);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), ['releaseHeld', 'resumeVm']);
   assert.deepEqual(note(s.step({ type: 'applied' })), ['send VMSTATE_LOADED']);
-  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone', 'resumeVm']);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone']);
   assert.deepEqual(note(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(sent, ['CHECKPOINT_READY', 'CHECKPOINT_REQUEST', 'CHECKPOINT_REPLY', 'VMSTATE_SEND', 'VMSTATE_SIZE', 'VMSTATE_RECEIVED', 'VMSTATE_LOADED']);
   assert.equal(p.checkpoints, 1);
   assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0 });
   assert.equal(s.checkpoints, 1);
+  // The PVM resumes at VMSTATE_RECEIVED; when it runs before VMSTATE_LOADED comes, LOADED re-arms the timer.
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  assert.deepEqual(note(p.step({ type: 'vmResumed' })), []);
+  assert.deepEqual(note(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone', 'armTimer']);
+  assert.equal(p.phase, 'running');
 });
 
 test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight', () => {
