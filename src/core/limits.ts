@@ -76,6 +76,8 @@ export const limits = {
   nicConnectionInputBytesMax: 4 * 1024 * 1024,
   /** Pending input events not yet admitted by the guest. */
   nicPendingEventsMax: 65536,
+  /** Bytes of client input in flight from the main thread to the vCPU (a power of two; input beyond waits in the main thread). */
+  nicInputRingBytes: 8 * 1024 * 1024,
   /** Bytes of one guest send (sock_send iovecs together). */
   nicSendBytesMax: 1024 * 1024,
 

@@ -1,12 +1,14 @@
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
-import { MessageChannel, Worker } from 'node:worker_threads';
+import { Worker } from 'node:worker_threads';
 import { limits } from '../core/limits.js';
 import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
 import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
 import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker } from './dirty.js';
+import { InputRingWriter, createInputRing } from './input-ring.js';
+import { logger } from '../core/log.js';
 import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 
 /** QEMU's run states, as `query-status` reports them. */
@@ -37,6 +39,8 @@ export interface MachineConfig {
 
 export class MachineError extends ColoError {}
 
+const log = logger('machine');
+
 /** Events: 'stop' (runState), 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message). */
 export class Machine extends EventEmitter {
   readonly guest: InstrumentedGuest;
@@ -46,7 +50,8 @@ export class Machine extends EventEmitter {
   readonly maximumPages: number;
   private readonly worker: Worker;
   private readonly ctl: Int32Array;
-  private readonly inputPort: MessageChannel['port1'];
+  private readonly input: InputRingWriter;
+  private inputRetry: NodeJS.Timeout | null = null;
   private readonly serialFd: number | null;
   private state: RunState = 'prelaunch';
   private waiters: { accept: (m: WorkerReply) => boolean; resolve: (m: WorkerReply) => void; reject: (e: Error) => void }[] = [];
@@ -65,8 +70,8 @@ export class Machine extends EventEmitter {
     this.serialFd = serialFd;
     const ctlBuffer = new SharedArrayBuffer(ctl.slots * 4);
     this.ctl = new Int32Array(ctlBuffer);
-    const channel = new MessageChannel();
-    this.inputPort = channel.port1;
+    const ring = createInputRing(limits.nicInputRingBytes);
+    this.input = new InputRingWriter(ring);
     this.worker = new Worker(new URL('./vcpu-worker.js', import.meta.url));
     this.worker.on('message', (m: WorkerReply) => this.onWorkerMessage(m));
     this.worker.on('error', (err) => this.onWorkerFailure(err));
@@ -78,14 +83,14 @@ export class Machine extends EventEmitter {
       module: new WebAssembly.Module(cfg.guest.wasm),
       memory,
       ctl: ctlBuffer,
-      inputPort: channel.port2,
+      inputRing: ring,
       layout,
       args: cfg.args,
       env: cfg.env,
       serialFd,
       disk: disk?.spec ?? null,
     };
-    this.worker.postMessage(init, [channel.port2]);
+    this.worker.postMessage(init);
   }
 
   /** Load the guest into a new machine, paused before its first instruction (`prelaunch`). */
@@ -247,17 +252,33 @@ export class Machine extends EventEmitter {
 
   private flushInput(): void {
     if (this.pendingInput.length === 0 || this.destroyed) return;
-    this.inputPort.postMessage(this.pendingInput);
-    this.pendingInput = [];
-    Atomics.add(this.ctl, ctl.wake, 1);
-    Atomics.notify(this.ctl, ctl.wake);
+    const n = this.input.write(this.pendingInput);
+    if (n > 0) {
+      this.pendingInput = n === this.pendingInput.length ? [] : this.pendingInput.slice(n);
+      Atomics.add(this.ctl, ctl.wake, 1);
+      Atomics.notify(this.ctl, ctl.wake);
+    }
+    const first = this.pendingInput[0];
+    if (first === undefined) return;
+    if (!this.input.fits(first)) {
+      // Cannot happen with socket-sized chunks; never let it block the input behind it.
+      log.error(`dropping a ${first.kind} input event that does not fit the input ring (${limits.nicInputRingBytes} bytes)`);
+      this.pendingInput.shift();
+      this.flushInput();
+      return;
+    }
+    // The vCPU has not read enough yet (a paused guest reads nothing): try again shortly.
+    this.inputRetry ??= setTimeout(() => {
+      this.inputRetry = null;
+      this.flushInput();
+    }, 1);
   }
 
   async destroy(): Promise<void> {
     if (this.destroyed) return;
     this.destroyed = true;
     for (const w of this.waiters.splice(0)) w.reject(new MachineError('VM_DESTROYED', 'the machine was destroyed'));
-    this.inputPort.close();
+    if (this.inputRetry !== null) clearTimeout(this.inputRetry);
     await this.worker.terminate();
     this.disk?.close();
     if (this.serialFd !== null && this.serialFd > 2) {

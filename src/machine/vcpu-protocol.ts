@@ -1,4 +1,3 @@
-import type { MessagePort } from 'node:worker_threads';
 import type { NicOutput, NicState } from '../net/nic.js';
 import type { DiskSpec } from '../block/disk.js';
 import type { WasiState } from './wasi-host.js';
@@ -54,7 +53,8 @@ export type WorkerRequest =
       module: WebAssembly.Module;
       memory: WebAssembly.Memory;
       ctl: SharedArrayBuffer;
-      inputPort: MessagePort;
+      /** Client input, written by the main thread (input-ring.ts). */
+      inputRing: SharedArrayBuffer;
       layout: GuestLayout;
       args: string[];
       env: string[];

@@ -2,11 +2,12 @@
  * The vCPU: one worker thread that runs the instrumented guest on the shared guest memory.
  *
  * It never needs its event loop while the guest runs: device input is pulled with
- * receiveMessageOnPort and waits are Atomics.wait on the control block. A pause request makes
+ * read from a shared ring (input-ring.ts) and waits are Atomics.wait on the control block. A pause request makes
  * the guest unwind (asyncify) at its next safe point; `_start` then returns, and the worker is
  * back in its event loop, answering save/restore/run messages.
  */
-import { parentPort, receiveMessageOnPort, type MessagePort } from 'node:worker_threads';
+import { parentPort } from 'node:worker_threads';
+import { InputRingReader } from './input-ring.js';
 import { Nic, type NicInput, type NicOutput } from '../net/nic.js';
 import { Disk, type DiskSpec } from '../block/disk.js';
 import { Clock } from './devices/clock.js';
@@ -44,7 +45,13 @@ class Vcpu {
   private logBufferLength = -1;
   private pendingOut: NicOutput[] = [];
 
-  constructor(private readonly memory: WebAssembly.Memory, private readonly inputPort: MessagePort, init: Extract<WorkerRequest, { type: 'init' }>) {
+  private readonly input: InputRingReader;
+  private readonly enqueue = (ev: NicInput): void => {
+    this.nic.enqueue(ev);
+  };
+
+  constructor(private readonly memory: WebAssembly.Memory, init: Extract<WorkerRequest, { type: 'init' }>) {
+    this.input = new InputRingReader(init.inputRing);
     this.ctl = new Int32Array(init.ctl);
     this.layout = init.layout;
     this.serial = new Serial(init.serialFd);
@@ -86,11 +93,7 @@ class Vcpu {
 
   drainInput(): void {
     this.lastWake = Atomics.load(this.ctl, ctl.wake);
-    for (;;) {
-      const m = receiveMessageOnPort(this.inputPort);
-      if (m === undefined) return;
-      for (const ev of m.message as NicInput[]) this.nic.enqueue(ev);
-    }
+    this.input.read(this.enqueue);
   }
 
   waitForInput(timeoutMs: number | null): void {
@@ -238,7 +241,7 @@ parentPort!.on('message', (m: WorkerRequest) => {
   try {
     switch (m.type) {
       case 'init':
-        vcpu = new Vcpu(m.memory, m.inputPort, m);
+        vcpu = new Vcpu(m.memory, m);
         post({ type: 'ready' });
         return;
       case 'run':
