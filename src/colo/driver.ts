@@ -320,7 +320,7 @@ export class SecondaryDriver {
         if (this.core.phase !== 'receiving') throw new Error(`frame type ${f.type} outside a checkpoint`);
         if (f.type === FrameType.roundEnd) {
           const r = parseJsonPayload(f);
-          if (typeof r.round === 'number') await s.barrier(r.round);
+          if (typeof r.round === 'number') await s.barrier(r.round, typeof r.channels === 'number' ? r.channels : -1);
           continue;
         }
         s.applyFrame(f);

@@ -46,7 +46,7 @@ export type FrameSummary =
   | { kind: 'ramSize'; pages: number }
   | { kind: 'pages'; count: number }
   | { kind: 'disk'; count: number }
-  | { kind: 'roundEnd'; round: number; pages: number; blocks: number }
+  | { kind: 'roundEnd'; round: number; pages: number; blocks: number; channels: number }
   | { kind: 'deviceState' }
   | { kind: 'end'; rounds: number; pages: number; blocks: number }
   | { kind: 'switchover'; run: boolean }
@@ -79,7 +79,7 @@ export type DestinationAction =
   | { type: 'prepare'; channels: number; migrationId: string }
   | { type: 'reply'; message: ReplyMessage }
   /** Wait until every multifd channel delivered SYNC(round); report barrierDone. */
-  | { type: 'barrier'; round: number }
+  | { type: 'barrier'; round: number; channels: number }
   /** Load the held device state into the machine; report restored. */
   | { type: 'restore' }
   /** Start the service front end, and the vCPU when `run` (the guest ran on the source); report running. */
@@ -232,9 +232,14 @@ export class DestinationCore {
         if (f.blocks !== this.roundBlocks) {
           throw new ProtocolViolation(`round ${f.round} announces ${f.blocks} disk blocks but ${this.roundBlocks} arrived`);
         }
+        // The round's pages travelled on the first `channels` multifd channels (a small round
+        // wakes only the channels it needs); the barrier waits for their SYNCs.
+        if (f.channels > this.channels) {
+          throw new ProtocolViolation(`round ${f.round} names ${f.channels} multifd channels of ${this.channels}`);
+        }
         this.pendingRound = { round: f.round, pages: f.pages, blocks: f.blocks };
         this.phase = 'barrier';
-        return [{ type: 'barrier', round: f.round }];
+        return [{ type: 'barrier', round: f.round, channels: f.channels }];
       case 'deviceState':
         if (this.rounds === 0) throw new ProtocolViolation('device state arrived before any RAM round');
         if (this.roundPages !== 0 || this.roundBlocks !== 0) throw new ProtocolViolation('device state arrived inside an unfinished round');

@@ -159,7 +159,7 @@ export class IncomingMigration {
         return null;
       case 'barrier': {
         assert(s !== null, 'barrier without a session');
-        const r = await s.barrier(a.round);
+        const r = await s.barrier(a.round, a.channels);
         this.multifdBytes += r.bytes;
         this.stats.transferredBytes = s.channel.bytesReceived + this.multifdBytes;
         return { type: 'barrierDone', now: now(), round: a.round, multifdPages: r.pages, bytes: 0 };
@@ -258,7 +258,14 @@ function summarize(f: Frame): FrameSummary {
       return { kind: 'disk', count: countOf(f) };
     case FrameType.roundEnd: {
       const r = parseJsonPayload(f);
-      return { kind: 'roundEnd', round: uintField(r.round, 'roundEnd.round'), pages: uintField(r.pages, 'roundEnd.pages'), blocks: uintField(r.blocks, 'roundEnd.blocks') };
+      return {
+        kind: 'roundEnd',
+        round: uintField(r.round, 'roundEnd.round'),
+        pages: uintField(r.pages, 'roundEnd.pages'),
+        blocks: uintField(r.blocks, 'roundEnd.blocks'),
+        // Absent (older sources, plain migration): all channels, or none without multifd.
+        channels: r.channels === undefined ? -1 : uintField(r.channels, 'roundEnd.channels'),
+      };
     }
     case FrameType.deviceState:
       return { kind: 'deviceState' };

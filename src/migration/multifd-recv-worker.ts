@@ -119,8 +119,14 @@ let header: PacketHeader | null = null;
 /** Where the data section lands: staging (null) or guest RAM at this byte offset. */
 let dataInRamAt: number | null = null;
 let expectPacket = 0;
-/** Rounds are numbered 1, 2, 3...: every round ends with a SYNC on every channel, empty or not. */
-let expectRound = 1;
+/**
+ * Rounds are numbered 1, 2, 3...; a channel takes part in a round or skips it (a small round
+ * uses only the first channels), and every round it takes part in ends with its SYNC. So a
+ * channel's rounds only go up: the lowest round the next packet may start, and the round in
+ * progress (0 between rounds).
+ */
+let minRound = 1;
+let currentRound = 0;
 let roundPages = 0;
 let roundBytes = 0;
 
@@ -146,7 +152,8 @@ function resetParser(): void {
   header = null;
   dataInRamAt = null;
   expectPacket = 0;
-  expectRound = 1;
+  minRound = 1;
+  currentRound = 0;
   roundPages = 0;
   roundBytes = 0;
 }
@@ -201,7 +208,12 @@ function checkOrder(h: PacketHeader): void {
     throw new StreamError('FRAME_ORDER', `packet number ${h.packet} where ${expectPacket} was expected (reordered, dropped or repeated packet)`);
   }
   expectPacket = (expectPacket + 1) >>> 0;
-  if (h.round !== expectRound) throw new StreamError('FRAME_ORDER', `packet ${h.packet} belongs to round ${h.round} where round ${expectRound} was expected`);
+  if (currentRound === 0) {
+    if (h.round < minRound) throw new StreamError('FRAME_ORDER', `packet ${h.packet} belongs to round ${h.round}, below round ${minRound} (replayed round)`);
+    currentRound = h.round;
+  } else if (h.round !== currentRound) {
+    throw new StreamError('FRAME_ORDER', `packet ${h.packet} belongs to round ${h.round} where round ${currentRound} was in progress`);
+  }
 }
 
 /** The numbers are in staging: verify them, range-check them, wait for RAM to hold them. */
@@ -233,7 +245,8 @@ function finishPacket(h: PacketHeader): void {
   roundBytes += packetHeaderBytes + h.payloadBytes;
   if ((h.flags & PacketFlags.sync) !== 0) {
     post({ type: 'sync', round: h.round, pages: roundPages, bytes: roundBytes });
-    expectRound = h.round + 1;
+    minRound = h.round + 1;
+    currentRound = 0;
     roundPages = 0;
     roundBytes = 0;
     return;

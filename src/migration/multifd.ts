@@ -23,6 +23,8 @@ export interface MultifdRoundStats {
   zeroPages: number;
   bytes: number;
   packets: number;
+  /** Channels that took part (the first `channels`; each ended the round with a SYNC). */
+  channels: number;
 }
 
 /**
@@ -171,9 +173,15 @@ export class MultifdSender {
     const full = typeof fill === 'function' ? null : fill;
     const count = full === null ? (fill as (list: Uint32Array) => number)(this.listView) : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
     Atomics.store(this.control, 0, 0);
+    // A round wakes only the channels its pages fill (a checkpoint of a few dozen pages is one
+    // packet: handing it to every worker and waiting for every SYNC costs more than it
+    // carries); the destination learns the count from roundEnd. Full rounds use them all.
+    const k = full !== null ? this.workers.length : Math.min(this.workers.length, Math.ceil(count / limits.pagesPerPacketMax));
+    const workers = this.workers.slice(0, k);
+    if (k === 0) return { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0, channels: 0 };
     const done = new Promise<MultifdRoundStats>((resolve, reject) => {
-      const stats: MultifdRoundStats = { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0 };
-      let left = this.workers.length;
+      const stats: MultifdRoundStats = { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0, channels: k };
+      let left = workers.length;
       const waiter = (m: SendWorkerReply): void => {
         if (m.type === 'error') {
           this.roundWaiters = this.roundWaiters.filter((w) => w !== waiter);
@@ -192,8 +200,8 @@ export class MultifdSender {
       };
       this.roundWaiters.push(waiter);
     });
-    const perChannel = bytesPerSecond > 0 ? bytesPerSecond / this.workers.length : 0;
-    for (const w of this.workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full } satisfies SendWorkerRequest);
+    const perChannel = bytesPerSecond > 0 ? bytesPerSecond / workers.length : 0;
+    for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full } satisfies SendWorkerRequest);
     return done;
   }
 
@@ -236,7 +244,7 @@ export class MultifdReceiver {
   readonly ports: number[] = [];
   private readonly synced: Map<number, { channels: number; pages: number; bytes: number }> = new Map();
   private failure: Error | null = null;
-  private barrierWaiter: { round: number; resolve: (r: { pages: number; bytes: number }) => void; reject: (e: Error) => void } | null = null;
+  private barrierWaiter: { round: number; channels: number; resolve: (r: { pages: number; bytes: number }) => void; reject: (e: Error) => void } | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private targetId = 0;
   private targetAcks = new Map<number, { left: number; resolve: () => void }>();
@@ -377,8 +385,8 @@ export class MultifdReceiver {
   private checkBarrier(): void {
     const b = this.barrierWaiter;
     if (b === null) return;
-    const s = this.synced.get(b.round);
-    if (s === undefined || s.channels < this.channels) return;
+    const s = this.synced.get(b.round) ?? (b.channels === 0 ? { channels: 0, pages: 0, bytes: 0 } : undefined);
+    if (s === undefined || s.channels < b.channels) return;
     this.synced.delete(b.round);
     this.barrierWaiter = null;
     b.resolve({ pages: s.pages, bytes: s.bytes });
@@ -393,14 +401,14 @@ export class MultifdReceiver {
     b?.reject(err);
   }
 
-  /** Resolves with the pages and bytes of `round` once every channel delivered SYNC(round). */
-  barrier(round: number): Promise<{ pages: number; bytes: number }> {
+  /** Resolves with the pages and bytes of `round` once its channels (the first `channels`; -1: all) delivered SYNC(round). */
+  barrier(round: number, channels = -1): Promise<{ pages: number; bytes: number }> {
     if (this.failure !== null) return Promise.reject(this.failure);
     if (this.barrierWaiter !== null) return Promise.reject(new MigrationError('MULTIFD_BARRIER', 'one barrier at a time'));
     // Channels may be rounds ahead (the source does not wait for the barrier); each round's
     // SYNCs are recorded, and the workers check that rounds come in order.
     return new Promise((resolve, reject) => {
-      this.barrierWaiter = { round, resolve, reject };
+      this.barrierWaiter = { round, channels: channels < 0 ? this.channels : Math.min(channels, this.channels), resolve, reject };
       this.checkBarrier();
     });
   }

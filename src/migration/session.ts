@@ -275,6 +275,7 @@ export class SourceSession {
     let zeroPages = 0;
     let multifdBytes = 0;
     let count: number;
+    let roundChannels = 0;
     if (this.multifd !== null) {
       let listCount = full === null ? 0 : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
       const sending = this.multifd.sendRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond);
@@ -282,6 +283,7 @@ export class SourceSession {
       const diskSent = this.disk.send(channel, blocks);
       const [r] = await Promise.all([sending, diskSent]);
       count = listCount + knownZeroPages;
+      roundChannels = r.channels;
       normalPages = r.normalPages;
       zeroPages = r.zeroPages + knownZeroPages;
       multifdBytes = r.bytes;
@@ -295,7 +297,7 @@ export class SourceSession {
       zeroPages = r.zeroPages + knownZeroPages;
       await this.disk.send(channel, blocks);
     }
-    channel.sendJson(FrameType.roundEnd, { round, pages: count, blocks: blocks.length });
+    channel.sendJson(FrameType.roundEnd, { round, pages: count, blocks: blocks.length, channels: roundChannels });
     this.round = round;
     this.roundInFlight = 0;
     this.totals.pages += count;
@@ -510,10 +512,10 @@ export class IncomingSession {
     }
   }
 
-  /** Every multifd channel delivered SYNC(round); resolves with their pages and bytes. */
-  async barrier(round: number): Promise<{ pages: number; bytes: number }> {
+  /** The first `channels` multifd channels (all: -1) delivered SYNC(round); resolves with their pages and bytes. */
+  async barrier(round: number, channels = -1): Promise<{ pages: number; bytes: number }> {
     if (this.receiver === null) return { pages: 0, bytes: 0 };
-    return this.receiver.barrier(round);
+    return this.receiver.barrier(round, channels);
   }
 
   /**

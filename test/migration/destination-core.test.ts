@@ -34,10 +34,10 @@ const opening: Step[] = [
 const rounds: Step[] = [
   [frame({ kind: 'pages', count: 10 }), ['apply']],
   [frame({ kind: 'disk', count: 3 }), ['apply']],
-  [frame({ kind: 'roundEnd', round: 1, pages: 100, blocks: 3 }), [{ type: 'barrier', round: 1 }]],
+  [frame({ kind: 'roundEnd', round: 1, pages: 100, blocks: 3, channels: 0 }), [{ type: 'barrier', round: 1 }]],
   [{ type: 'barrierDone', now: 9, round: 1, multifdPages: 90, bytes: 0 }, []],
   [frame({ kind: 'ramSize', pages: 20 }), ['apply']],
-  [frame({ kind: 'roundEnd', round: 2, pages: 5, blocks: 0 }), ['barrier']],
+  [frame({ kind: 'roundEnd', round: 2, pages: 5, blocks: 0, channels: 0 }), ['barrier']],
   [{ type: 'barrierDone', now: 10, round: 2, multifdPages: 5, bytes: 0 }, []],
   [frame({ kind: 'deviceState' }), ['apply']],
 ];
@@ -61,7 +61,7 @@ test('a round whose pages do not add up fails (a dropped packet or frame)', () =
   play(c, [
     ...opening,
     [frame({ kind: 'pages', count: 10 }), ['apply']],
-    [frame({ kind: 'roundEnd', round: 1, pages: 100, blocks: 0 }), ['barrier']],
+    [frame({ kind: 'roundEnd', round: 1, pages: 100, blocks: 0, channels: 0 }), ['barrier']],
     [{ type: 'barrierDone', now: 9, round: 1, multifdPages: 89, bytes: 0 }, [{ type: 'status', status: 'failed' }, { type: 'fail', code: 'STREAM_INCOMPLETE' }]],
   ]);
   assert.match(c.stats.errorDesc!, /announces 100 pages but 99 arrived/);
@@ -71,11 +71,11 @@ test('frames out of order are refused before they are applied', () => {
   for (const [name, steps] of [
     ['pages before hello', [[{ type: 'listening', now: 0, host: 'h', port: 1 }, ['status']], [{ type: 'connected', now: 1 }, ['status']], [frame({ kind: 'pages', count: 1 }), ['status', { type: 'fail', code: 'FRAME_ORDER' }]]]],
     ['device state before any round', [...opening, [frame({ kind: 'deviceState' }), ['status', { type: 'fail', code: 'STREAM_INCOMPLETE' }]]]],
-    ['a skipped round number', [...opening, [frame({ kind: 'roundEnd', round: 2, pages: 0, blocks: 0 }), ['status', 'fail']]]],
+    ['a skipped round number', [...opening, [frame({ kind: 'roundEnd', round: 2, pages: 0, blocks: 0, channels: 0 }), ['status', 'fail']]]],
     ['go before the state is loaded', [...opening, ...rounds, [frame({ kind: 'switchover', run: true }), ['status', { type: 'fail', code: 'FRAME_ORDER' }]]]],
     ['pages after the device state', [...opening, ...rounds, [frame({ kind: 'pages', count: 1 }), ['status', { type: 'fail', code: 'FRAME_ORDER' }]]]],
     ['end with other totals', [...opening, ...rounds, [frame({ kind: 'end', rounds: 2, pages: 106, blocks: 3 }), ['status', 'fail']]]],
-    ['a disk count that does not match', [...opening, [frame({ kind: 'disk', count: 2 }), ['apply']], [frame({ kind: 'roundEnd', round: 1, pages: 0, blocks: 3 }), ['status', 'fail']]]],
+    ['a disk count that does not match', [...opening, [frame({ kind: 'disk', count: 2 }), ['apply']], [frame({ kind: 'roundEnd', round: 1, pages: 0, blocks: 3, channels: 0 }), ['status', 'fail']]]],
   ] as [string, Step[]][]) {
     const c = core();
     try {

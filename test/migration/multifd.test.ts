@@ -36,6 +36,7 @@ interface Pair {
   dst: WebAssembly.Memory;
   sender: MultifdSender;
   receiver: MultifdReceiver;
+  channels: number;
 }
 
 async function pair(t: { after(fn: () => unknown): void }, channels: number, target: PageTarget = { ram: true, cache: null, received: null }, shadow: SharedArrayBuffer | null = null): Promise<Pair> {
@@ -48,7 +49,7 @@ async function pair(t: { after(fn: () => unknown): void }, channels: number, tar
   t.after(() => receiver.destroy());
   const sender = await MultifdSender.connect({ memory: src, host: '127.0.0.1', ports: receiver.ports, migrationId: id, pagesMax: pages, shadow });
   t.after(() => sender.destroy());
-  return { src, dst, sender, receiver };
+  return { src, dst, sender, receiver, channels };
 }
 
 /** Fill pages with a pattern: every third page zero, the others numbered. */
@@ -60,13 +61,22 @@ function fillPattern(mem: WebAssembly.Memory, salt: number): void {
   }
 }
 
-async function round(p: Pair, r: number, list: number[]): Promise<{ sent: { normalPages: number; zeroPages: number }; got: { pages: number } }> {
-  const barrier = p.receiver.barrier(r);
+async function round(p: Pair, r: number, list: number[]): Promise<{ sent: { normalPages: number; zeroPages: number; channels: number }; got: { pages: number } }> {
   const sent = await p.sender.sendRound(r, (l) => {
     l.set(list);
     return list.length;
   }, 0);
-  return { sent, got: await barrier };
+  // A small round wakes only the channels it fills: the barrier waits for those (roundEnd says how many).
+  assert.equal(sent.channels, Math.min(p.channels, Math.ceil(list.length / limits.pagesPerPacketMax)), 'channels taking part in the round');
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`round ${r}: the barrier did not see SYNC from ${sent.channels} channels within 10 s`)), 10000);
+  });
+  try {
+    return { sent, got: await Promise.race([p.receiver.barrier(r, sent.channels), timeout]) };
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 for (const copyReads of [false, true]) {
@@ -161,9 +171,17 @@ test('a channel of another migration is refused; the right one is still accepted
   );
   const good = await MultifdSender.connect({ memory: memory(), host: '127.0.0.1', ports: receiver.ports, migrationId: id, pagesMax: pages, shadow: null });
   t.after(() => good.destroy());
-  const barrier = receiver.barrier(1);
-  await good.sendRound(1, () => 0, 0);
-  assert.deepEqual(await barrier, { pages: 0, bytes: packetHeaderBytes });
+  const barrier = receiver.barrier(1, 1);
+  const sent = await good.sendRound(1, (l) => {
+    l[0] = 3;
+    return 1;
+  }, 0);
+  assert.equal(sent.channels, 1);
+  const got = await barrier;
+  assert.equal(got.pages, 1, 'the accepted channel carried the round');
+  // An empty round wakes no channel; its barrier (0 channels) passes at once.
+  assert.equal((await good.sendRound(2, () => 0, 0)).channels, 0);
+  assert.deepEqual(await receiver.barrier(2, 0), { pages: 0, bytes: 0 });
 });
 
 test('packet headers are checked against the limits before the payload is read', () => {
