@@ -178,7 +178,9 @@ async function listenWithRetry(fe: FrontEnd): Promise<void> {
       return;
     } catch (err) {
       if (Date.now() > deadline || !(err instanceof ColoError) || !/EADDRINUSE/.test(err.message)) throw err;
-      await new Promise((r) => setTimeout(r, 50));
+      // A SIGKILLed primary on this host frees the address when the kernel reaps it, a few
+      // ms to tens of ms later: retry often, the service is down meanwhile.
+      await new Promise((r) => setTimeout(r, 5));
     }
   }
 }
