@@ -182,15 +182,26 @@ export class PrimaryDriver {
         return;
       case 'sendState':
         this.task(async () => {
+          const t0 = performance.now();
           s.collectDirty();
+          const t1 = performance.now();
           // The vCPU state is read while the pages travel (the VM is paused: nothing changes).
-          const saving = m.saveVcpu();
+          let savedAt = 0;
+          const saving = m.saveVcpu().then((v) => {
+            savedAt = performance.now();
+            return v;
+          });
           saving.catch(() => undefined);
           const r = await s.sendRound('dirty');
+          const t2 = performance.now();
           const vcpu = await saving;
           s.sendColo({ msg: 'VMSTATE_SIZE' });
-          this.stats.noteBytes(r.bytes + s.sendDeviceState(vcpu));
-          log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages in ${r.durationMs.toFixed(1)} ms`);
+          const deviceBytes = s.sendDeviceState(vcpu);
+          this.stats.noteBytes(r.bytes + deviceBytes);
+          if (log.enabled('debug')) {
+            const t3 = performance.now();
+            log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages; collect ${(t1 - t0).toFixed(1)} ms, round ${(t2 - t1).toFixed(1)} ms, vCPU saved at +${(savedAt - t1).toFixed(1)} ms, device ${deviceBytes} bytes sent at +${(t3 - t1).toFixed(1)} ms`);
+          }
           return { type: 'stateSent' };
         });
         return;
