@@ -288,8 +288,19 @@ export async function run(): Promise<void> {
 
 async function loadTables(dir: string): Promise<void> {
   process.stdout.write(`### kv.wasm (${memory} RAM, no disk) under redis-benchmark -n ${redisN} -c 50 -t set,get,incr; COLO at x-checkpoint-delay ${checkpointDelayMs}\n\n`);
-  const base = await unprotected(dir);
-  const results = [base, await protectedLoad(dir, 0), await protectedLoad(dir, 4)];
+  // The unprotected kv runs before and after the COLO cases; each test's denominator is the
+  // better of the two (a neighbour's burst during one run must not flatter COLO's ratio).
+  const before = await unprotected(dir);
+  const colo = [await protectedLoad(dir, 0), await protectedLoad(dir, 4)];
+  const after = await unprotected(dir);
+  const base: LoadResult = { ...before, label: 'unprotected (best of 2)', rows: new Map(), hwm: [Math.max(before.hwm[0], after.hwm[0]), undefined] };
+  for (const t of tests) {
+    const a = before.rows.get(t)!;
+    const b = after.rows.get(t)!;
+    base.rows.set(t, a.rps >= b.rps ? a : b);
+  }
+  process.stdout.write(`unprotected ops/s, before / after the COLO cases: ${tests.map((t) => `${t} ${Math.round(before.rows.get(t)!.rps)} / ${Math.round(after.rows.get(t)!.rps)}`).join(', ')}\n\n`);
+  const results = [base, ...colo];
 
   const rows: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ratio', 'p50 ratio', 'p99 ratio']];
   for (const r of results) {
