@@ -47,6 +47,8 @@ interface LoadResult {
   colo?: Record<string, unknown>;
   /** PVM STOP → RESUME from the primary's event timestamps, during the load. */
   eventPauses?: number[];
+  /** CPU seconds (user + system) each node used during the load: primary (or the lone VM), secondary. */
+  cpu: [number, number | undefined];
 }
 
 function freePort(): Promise<number> {
@@ -61,6 +63,18 @@ function freePort(): Promise<number> {
 }
 
 /** VmHWM (peak resident set) of a process, bytes. */
+/** utime + stime of a process in seconds (/proc/PID/stat, clock ticks of 10 ms). */
+function cpuSeconds(pid: number | undefined): number | undefined {
+  if (pid === undefined) return undefined;
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'latin1');
+    const f = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+    return (Number(f[11]) + Number(f[12])) / 100;
+  } catch {
+    return undefined;
+  }
+}
+
 function vmHwm(pid: number | undefined): number | undefined {
   if (pid === undefined) return undefined;
   try {
@@ -159,8 +173,10 @@ async function unprotected(dir: string): Promise<LoadResult> {
   const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], []);
   try {
     await vm.waitSerial('kv ready');
+    const c0 = cpuSeconds(vm.child.pid)!;
     const r = await redisBenchmark(port, redisN);
-    return { label: 'unprotected', ...r, hwm: [vmHwm(vm.child.pid)!, undefined] };
+    const cpu = cpuSeconds(vm.child.pid)! - c0;
+    return { label: 'unprotected', ...r, hwm: [vmHwm(vm.child.pid)!, undefined], cpu: [cpu, undefined] };
   } finally {
     await vm.stop();
   }
@@ -172,7 +188,9 @@ async function protectedLoad(dir: string, channels: number): Promise<LoadResult>
   try {
     await pvm.waitSerial('kv ready');
     const mark = pvm.qmp.eventCount;
+    const c0 = [cpuSeconds(pvm.child.pid)!, cpuSeconds(svm.child.pid)!];
     const r = await redisBenchmark(port, redisN);
+    const cpu: [number, number] = [cpuSeconds(pvm.child.pid)! - c0[0]!, cpuSeconds(svm.child.pid)! - c0[1]!];
     const info = await pvm.migrationInfo();
     const colo = info['x-colo'] as Record<string, unknown> | undefined;
     if (info.status !== 'colo') throw new Error(`the primary left COLO during the load: ${JSON.stringify(info)}`);
@@ -182,7 +200,7 @@ async function protectedLoad(dir: string, channels: number): Promise<LoadResult>
       fs.writeFileSync(path.join(os.tmpdir(), `colo-bench-${channels}-svm.log`), svm.stderr);
     }
     const eventPauses = pausesFromEvents(pvm.qmp.events, mark);
-    return { label: channels > 0 ? `COLO multifd ${channels}` : 'COLO plain', ...r, hwm, colo, eventPauses };
+    return { label: channels > 0 ? `COLO multifd ${channels}` : 'COLO plain', ...r, hwm, colo, eventPauses, cpu };
   } finally {
     await stopAll([pvm, svm]);
   }
@@ -301,6 +319,8 @@ async function loadTables(dir: string): Promise<void> {
   }
   process.stdout.write(`unprotected ops/s, before / after the COLO cases: ${tests.map((t) => `${t} ${Math.round(before.rows.get(t)!.rps)} / ${Math.round(after.rows.get(t)!.rps)}`).join(', ')}\n\n`);
   const results = [base, ...colo];
+  before.label = 'unprotected (before)';
+  after.label = 'unprotected (after)';
 
   const rows: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ratio', 'p50 ratio', 'p99 ratio']];
   for (const r of results) {
@@ -312,6 +332,17 @@ async function loadTables(dir: string): Promise<void> {
   }
   table(rows);
   process.stdout.write('Ratios = COLO ÷ unprotected, same run (goals: ops/s ≥ 0.7, latency ≤ 1.5).\n\n');
+
+  // Where the CPU goes: per request, per node (user + system time of the whole process).
+  const requests = redisN * tests.length;
+  const crow: (string | number)[][] = [['setup', 'wall s', 'primary CPU s', 'secondary CPU s', 'CPU µs per request (both nodes)', 'cores busy (both nodes)']];
+  for (const r of [before, after, ...colo]) {
+    const [p, q] = r.cpu;
+    const total = p + (q ?? 0);
+    crow.push([r.label, f1(r.wallMs / 1000), f2(p), q === undefined ? 'n/a' : f2(q), f1((total * 1e6) / requests), f2(total / (r.wallMs / 1000))]);
+  }
+  table(crow);
+  process.stdout.write('redis-benchmark itself runs on the same 2 cores and is not counted.\n\n');
 
   process.stdout.write('### Checkpoint pause (PVM stopped time) during the load\n\n');
   const prow: (string | number)[][] = [['setup', 'checkpoints', 'periodic', 'mismatch', 'timeout', 'mean ms', 'p99 ms', 'max ms', 'mean MiB/ckpt', 'compare matched MiB', 'released by ckpt MiB', 'events: n', 'events: mean ms', 'events: p99 ms', 'events: max ms', 'load s']];
