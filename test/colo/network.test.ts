@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests, sleep, waitFor, type VmProcess } from '../framework/harness.js';
-import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
+import { AckedWriter, Incrementer, RespClient, countMissing } from '../framework/resp.js';
 import { rng } from '../framework/rng.js';
 import { assertNoErrors } from '../migration/helpers.js';
 
@@ -40,42 +40,12 @@ async function coloCounters(vm: VmProcess): Promise<Record<string, number>> {
   return info['x-colo'];
 }
 
-/** INCR one counter in a loop; remembers the highest value acknowledged. */
-class Incrementer {
-  last = 0;
-  private stopped = false;
-  private readonly loop: Promise<void>;
-  constructor(private readonly client: RespClient, key: string) {
-    this.loop = (async () => {
-      while (!this.stopped) {
-        try {
-          const v = await client.command(['INCR', key]);
-          if (typeof v !== 'number') throw new Error(`INCR answered ${String(v)}`);
-          if (v <= this.last) throw new Error(`INCR went backwards: ${v} after ${this.last}`);
-          this.last = v;
-        } catch (err) {
-          if (err instanceof Error && /backwards|answered/.test(err.message)) throw err;
-          return;
-        }
-      }
-    })();
-  }
-  ended(): Promise<void> {
-    return this.loop;
-  }
-  async stop(): Promise<void> {
-    this.stopped = true;
-    this.client.close();
-    await this.loop;
-  }
-}
-
 test('colo/net: deterministic kv traffic takes only periodic checkpoints; replies holding the time cause mismatch checkpoints', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await startPair(env, 200);
   const writer = await AckedWriter.start(port, 'det:');
   env.onCleanup(() => writer.stop());
-  const inc = new Incrementer(await RespClient.connect(port), 'det-counter');
+  const inc = await Incrementer.start(port, 'det-counter');
   env.onCleanup(() => inc.stop());
   const mark = dst.qmp.eventCount;
   await dst.waitEvent('RESUME', { after: mark, nth: 4, timeoutMs: 20000 });
@@ -126,7 +96,7 @@ async function killDuringLoad(env: TestEnv, pair: Pair, seed: number, victim: 's
   const r = rng(seed * 7919 + (victim === 'src' ? 1 : 2));
   const writer = await AckedWriter.start(pair.port, `s${seed}:`);
   env.onCleanup(() => writer.stop());
-  const inc = new Incrementer(await RespClient.connect(pair.port), `counter-${seed}`);
+  const inc = await Incrementer.start(pair.port, `counter-${seed}`);
   env.onCleanup(() => inc.stop());
   await waitFor('the first acknowledgements', () => writer.acked.size > 0 && inc.last > 0, 10000);
   if (seed % 3 === 0) {

@@ -123,30 +123,21 @@ function parse(b: Buffer, at: number): { value: RespValue; end: number } | null 
 }
 
 /**
- * A client that SETs unique keys in a loop and records the ones acknowledged with OK, until
- * stop() or until its connection goes away (a switchover or a failover resets it).
+ * A client that sends one command after the other until stop() or until its connection goes
+ * away (a switchover or a failover resets it). `step` runs one command: it returns false when
+ * the connection failed (the loop ends quietly) and throws when the answer is wrong (the loop
+ * ends with that error, seen by ended() and stop()).
  */
-export class AckedWriter {
-  readonly acked = new Map<string, string>();
+abstract class ClientLoop {
   private stopped = false;
-  private readonly loop: Promise<void>;
+  private loop: Promise<void> = Promise.resolve();
 
-  private constructor(private readonly client: RespClient, prefix: string, valueOf: (i: number) => string) {
+  protected constructor(protected readonly client: RespClient) {}
+
+  protected begin(step: (i: number) => Promise<boolean>): void {
     this.loop = (async () => {
-      for (let i = 0; !this.stopped; i++) {
-        const key = `${prefix}${i}`;
-        const value = valueOf(i);
-        try {
-          if ((await client.command(['SET', key, value])) === 'OK') this.acked.set(key, value);
-        } catch {
-          return;
-        }
-      }
+      for (let i = 0; !this.stopped; i++) if (!(await step(i))) return;
     })();
-  }
-
-  static async start(port: number, prefix: string, valueOf: (i: number) => string = (i) => `value-${i}`): Promise<AckedWriter> {
-    return new AckedWriter(await RespClient.connect(port), prefix, valueOf);
   }
 
   /** Resolves when the loop ended by itself (its connection closed). */
@@ -158,6 +149,54 @@ export class AckedWriter {
     this.stopped = true;
     this.client.close();
     await this.loop;
+  }
+}
+
+/** SETs unique keys and records the ones acknowledged with OK. */
+export class AckedWriter extends ClientLoop {
+  readonly acked = new Map<string, string>();
+
+  private constructor(client: RespClient, prefix: string, valueOf: (i: number) => string) {
+    super(client);
+    this.begin(async (i) => {
+      const key = `${prefix}${i}`;
+      const value = valueOf(i);
+      try {
+        if ((await client.command(['SET', key, value])) === 'OK') this.acked.set(key, value);
+        return true;
+      } catch {
+        return false;
+      }
+    });
+  }
+
+  static async start(port: number, prefix: string, valueOf: (i: number) => string = (i) => `value-${i}`): Promise<AckedWriter> {
+    return new AckedWriter(await RespClient.connect(port), prefix, valueOf);
+  }
+}
+
+/** INCRs one counter; remembers the highest value acknowledged and fails if one goes backwards. */
+export class Incrementer extends ClientLoop {
+  last = 0;
+
+  private constructor(client: RespClient, key: string) {
+    super(client);
+    this.begin(async () => {
+      let v: unknown;
+      try {
+        v = await client.command(['INCR', key]);
+      } catch {
+        return false;
+      }
+      if (typeof v !== 'number') throw new Error(`INCR ${key} answered ${String(v)}`);
+      if (v <= this.last) throw new Error(`INCR ${key} went backwards: ${v} after ${this.last}`);
+      this.last = v;
+      return true;
+    });
+  }
+
+  static async start(port: number, key: string): Promise<Incrementer> {
+    return new Incrementer(await RespClient.connect(port), key);
   }
 }
 
