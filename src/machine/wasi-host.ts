@@ -44,6 +44,9 @@ export interface WasiState {
 /** Returned by a blocking import when it began an unwind; the value is ignored by asyncify. */
 const unwinding = 0;
 
+/** What a poll_oneoff subscription waits for, decoded once per call. */
+const pollKinds = { clock: 0, badf: 1, writable: 2, listener: 3, conn: 4, always: 5 } as const;
+
 /**
  * Our WASI preview1 host. It runs inside the vCPU worker, reads and writes the shared guest
  * memory, and keeps every piece of host-side guest state (the fd table) as plain data so that
@@ -510,6 +513,17 @@ export class WasiHost {
     return errno.success;
   }
 
+  // poll_oneoff runs for every request a server guest handles, over every connection it has:
+  // its subscriptions are decoded once per call into these reused arrays, without BigInts
+  // except for clock deadlines, and readiness is computed into `pollReady`.
+  private pollKind = new Uint8Array(0);
+  private pollArg = new Int32Array(0);
+  private pollUserdata = new Uint32Array(0);
+  private pollDeadline: bigint[] = [];
+  private pollReady = new Int32Array(0);
+  private pollNbytes = new Float64Array(0);
+  private pollCount = 0;
+
   private pollOneoff(inPtr: number, outPtr: number, n: number, nPtr: number): number {
     this.vcpu.finishRewind();
     if (n === 0) return errno.inval;
@@ -517,16 +531,28 @@ export class WasiHost {
     if (!this.inBounds(inPtr, n * subscriptionBytes) || !this.inBounds(outPtr, n * eventBytes) || !this.inBounds(nPtr, 4)) {
       return errno.fault;
     }
+    if (this.pollKind.length < n) {
+      const size = Math.max(n, 2 * this.pollKind.length, 16);
+      this.pollKind = new Uint8Array(size);
+      this.pollArg = new Int32Array(size);
+      this.pollUserdata = new Uint32Array(2 * size);
+      this.pollDeadline = new Array<bigint>(size).fill(0n);
+      this.pollReady = new Int32Array(size);
+      this.pollNbytes = new Float64Array(size);
+    }
     const dv = this.mem();
-    const now = this.devices.clock.monotonicNs();
+    const kind = this.pollKind;
+    const arg = this.pollArg;
+    const userdata = this.pollUserdata;
     let deadline: bigint | null = null;
-    interface Sub { userdata: bigint; tag: number; fd: number; deadline: bigint }
-    const subs: Sub[] = [];
+    let now = 0n;
     for (let i = 0; i < n; i++) {
       const p = inPtr + i * subscriptionBytes;
-      const userdata = dv.getBigUint64(p, true);
+      userdata[2 * i] = dv.getUint32(p, true);
+      userdata[2 * i + 1] = dv.getUint32(p + 4, true);
       const tag = dv.getUint8(p + 8);
       if (tag === eventtype.clock) {
+        if (deadline === null) now = this.devices.clock.monotonicNs();
         const timeout = dv.getBigUint64(p + 24, true);
         const flags = dv.getUint16(p + 40, true);
         const id = dv.getUint32(p + 16, true);
@@ -537,53 +563,82 @@ export class WasiHost {
         } else {
           d = now + timeout;
         }
-        subs.push({ userdata, tag, fd: -1, deadline: d });
+        kind[i] = pollKinds.clock;
+        this.pollDeadline[i] = d;
         if (deadline === null || d < deadline) deadline = d;
-      } else {
-        subs.push({ userdata, tag, fd: dv.getUint32(p + 16, true), deadline: 0n });
+        continue;
       }
+      const e = this.fds.get(dv.getUint32(p + 16, true));
+      if (e === undefined) kind[i] = pollKinds.badf;
+      else if (tag === eventtype.fdWrite) kind[i] = pollKinds.writable;
+      else if (e.kind === 'listener') kind[i] = pollKinds.listener;
+      else if (e.kind === 'conn') {
+        kind[i] = pollKinds.conn;
+        arg[i] = e.conn;
+      } else kind[i] = pollKinds.always;
+      // The event type echoes the subscription's (fd_read or fd_write).
+      if (tag === eventtype.fdWrite) arg[i] = tag;
+      else if (e?.kind !== 'conn') arg[i] = tag;
     }
-    const events: { userdata: bigint; error: number; type: number; nbytes: bigint; flags: number }[] = [];
-    const collect = (): boolean => {
-      events.length = 0;
-      const t = this.devices.clock.monotonicNs();
-      for (const s of subs) {
-        if (s.tag === eventtype.clock) {
-          if (t >= s.deadline) events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 0n, flags: 0 });
-          continue;
-        }
-        const e = this.fds.get(s.fd);
-        if (e === undefined) {
-          events.push({ userdata: s.userdata, error: errno.badf, type: s.tag, nbytes: 0n, flags: 0 });
-        } else if (s.tag === eventtype.fdWrite) {
-          events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 65536n, flags: 0 });
-        } else if (e.kind === 'listener') {
-          if (this.devices.nic.acceptReady()) events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 1n, flags: 0 });
-        } else if (e.kind === 'conn') {
-          if (this.devices.nic.readReady(e.conn)) {
-            const nbytes = this.devices.nic.readableBytes(e.conn);
-            events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: BigInt(nbytes), flags: nbytes === 0 ? eventrwflagsHangup : 0 });
-          }
-        } else {
-          events.push({ userdata: s.userdata, error: 0, type: s.tag, nbytes: 0n, flags: 0 });
-        }
-      }
-      return events.length > 0;
-    };
+    const hasClock = deadline !== null;
+    const collect = (): boolean => this.pollCollect(n, hasClock);
     if (!this.blockUntil(collect, deadline)) return unwinding;
-    collect();
-    for (const [i, ev] of events.entries()) {
-      const p = outPtr + i * eventBytes;
-      this.bytes().fill(0, p, p + eventBytes);
-      dv.setBigUint64(p, ev.userdata, true);
-      dv.setUint16(p + 8, ev.error, true);
-      dv.setUint8(p + 10, ev.type);
-      dv.setBigUint64(p + 16, ev.nbytes, true);
-      dv.setUint16(p + 24, ev.flags, true);
+    // blockUntil returns after a collect that found events, or at the deadline.
+    if (this.pollCount === 0) collect();
+    const u8 = this.bytes();
+    const count = this.pollCount;
+    for (let j = 0; j < count; j++) {
+      const i = this.pollReady[j]!;
+      const p = outPtr + j * eventBytes;
+      u8.fill(0, p, p + eventBytes);
+      dv.setUint32(p, userdata[2 * i]!, true);
+      dv.setUint32(p + 4, userdata[2 * i + 1]!, true);
+      const k = kind[i]!;
+      const nbytes = this.pollNbytes[j]!;
+      dv.setUint16(p + 8, k === pollKinds.badf ? errno.badf : 0, true);
+      dv.setUint8(p + 10, k === pollKinds.clock ? eventtype.clock : k === pollKinds.conn ? eventtype.fdRead : arg[i]!);
+      dv.setUint32(p + 16, nbytes, true);
+      dv.setUint16(p + 24, k === pollKinds.conn && nbytes === 0 ? eventrwflagsHangup : 0, true);
     }
-    this.vcpu.markWrite(outPtr, events.length * eventBytes);
-    this.setU32(nPtr, events.length);
+    this.vcpu.markWrite(outPtr, count * eventBytes);
+    this.setU32(nPtr, count);
     return errno.success;
+  }
+
+  /** Which of the call's `n` subscriptions are ready: indices into pollReady, nbytes into pollNbytes. */
+  private pollCollect(n: number, hasClock: boolean): boolean {
+    const nic = this.devices.nic;
+    const kind = this.pollKind;
+    const ready = this.pollReady;
+    const nbytes = this.pollNbytes;
+    const t = hasClock ? this.devices.clock.monotonicNs() : 0n;
+    let count = 0;
+    for (let i = 0; i < n; i++) {
+      switch (kind[i]) {
+        case pollKinds.clock:
+          if (t < this.pollDeadline[i]!) continue;
+          nbytes[count] = 0;
+          break;
+        case pollKinds.conn: {
+          const conn = this.pollArg[i]!;
+          if (!nic.readReady(conn)) continue;
+          nbytes[count] = nic.readableBytes(conn);
+          break;
+        }
+        case pollKinds.listener:
+          if (!nic.acceptReady()) continue;
+          nbytes[count] = 1;
+          break;
+        case pollKinds.writable:
+          nbytes[count] = 65536;
+          break;
+        default: // badf, always
+          nbytes[count] = 0;
+      }
+      ready[count++] = i;
+    }
+    this.pollCount = count;
+    return count > 0;
   }
 
   /** Connections the guest holds fds for. */
