@@ -10,7 +10,7 @@
  * 2. failover: SIGKILL the primary, `x-colo-lost-heartbeat` to the secondary at once, time to
  *    the first PING answered on the service address; COLO_BENCH_FAILOVERS (default 5) fresh pairs.
  *
- * Environment: COLO_BENCH_REDIS_N (requests per test, default 50000),
+ * Environment: COLO_BENCH_REDIS_N (requests per test, default 150000: ~250 checkpoints per COLO case, so the p99 pause is not just the worst one),
  * COLO_BENCH_FAILOVERS (default 5), COLO_BENCH_PARTS (load,failover; default both),
  * COLO_BENCH_DEBUG=1 (keep the stderr of both nodes of each load case in
  * $TMPDIR/colo-bench-CHANNELS-{pvm,svm}.log; with COLO_LOG=debug it has a per-checkpoint
@@ -28,7 +28,7 @@ const kvGuest = path.join(root, 'examples/kv/kv.wasm');
 const guestRam = 256 * 1024 * 1024;
 const memory = '256M';
 const checkpointDelayMs = 100;
-const redisN = Number(process.env.COLO_BENCH_REDIS_N ?? 50000);
+const redisN = Number(process.env.COLO_BENCH_REDIS_N ?? 150000);
 const failovers = Number(process.env.COLO_BENCH_FAILOVERS ?? 5);
 const tests = ['SET', 'GET', 'INCR'];
 
