@@ -192,12 +192,14 @@ export class PrimaryDriver {
             return v;
           });
           saving.catch(() => undefined);
-          const r = await s.sendRound('dirty');
+          const r = await s.sendRound('dirty', 0, true);
           const t2 = performance.now();
           const vcpu = await saving;
           s.sendColo({ msg: 'VMSTATE_SIZE' });
           const deviceBytes = s.sendDeviceState(vcpu);
-          this.stats.noteBytes(r.bytes + deviceBytes);
+          const bytes = r.bytes + deviceBytes;
+          if (r.multifdBytes === undefined) this.stats.noteBytes(bytes);
+          else r.multifdBytes.then((b) => this.stats.noteBytes(bytes + b), () => undefined);
           if (log.enabled('debug')) {
             const t3 = performance.now();
             log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages; collect ${(t1 - t0).toFixed(1)} ms, round ${(t2 - t1).toFixed(1)} ms, vCPU saved at +${(savedAt - t1).toFixed(1)} ms, device ${deviceBytes} bytes sent at +${(t3 - t1).toFixed(1)} ms`);

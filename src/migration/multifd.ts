@@ -169,6 +169,19 @@ export class MultifdSender {
    * and the maps that tell never-written pages (the workers make the entries themselves).
    */
   async sendRound(round: number, fill: ((list: Uint32Array) => number) | FullRound, bytesPerSecond: number): Promise<MultifdRoundStats> {
+    return (await this.startRound(round, fill, bytesPerSecond)).done;
+  }
+
+  /** The round being sent: the next one waits for it (the page list and cursor are shared). */
+  private lastRound: Promise<unknown> = Promise.resolve();
+
+  /**
+   * Hand round `round` to its channels and return at once with how many take part; `done`
+   * resolves when each wrote its SYNC. The caller may go on (a COLO checkpoint sends roundEnd
+   * and the device state meanwhile: the destination's barrier waits for the SYNCs anyway).
+   */
+  async startRound(round: number, fill: ((list: Uint32Array) => number) | FullRound, bytesPerSecond: number): Promise<{ channels: number; done: Promise<MultifdRoundStats> }> {
+    await this.lastRound.catch(() => undefined);
     if (this.failure !== null) throw this.failure;
     const full = typeof fill === 'function' ? null : fill;
     const count = full === null ? (fill as (list: Uint32Array) => number)(this.listView) : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
@@ -178,7 +191,7 @@ export class MultifdSender {
     // carries); the destination learns the count from roundEnd. Full rounds use them all.
     const k = full !== null ? this.workers.length : Math.min(this.workers.length, Math.ceil(count / limits.pagesPerPacketMax));
     const workers = this.workers.slice(0, k);
-    if (k === 0) return { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0, channels: 0 };
+    if (k === 0) return { channels: 0, done: Promise.resolve({ normalPages: 0, zeroPages: 0, bytes: 0, packets: 0, channels: 0 }) };
     const done = new Promise<MultifdRoundStats>((resolve, reject) => {
       const stats: MultifdRoundStats = { normalPages: 0, zeroPages: 0, bytes: 0, packets: 0, channels: k };
       let left = workers.length;
@@ -202,7 +215,10 @@ export class MultifdSender {
     });
     const perChannel = bytesPerSecond > 0 ? bytesPerSecond / workers.length : 0;
     for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full } satisfies SendWorkerRequest);
-    return done;
+    this.lastRound = done;
+    // A worker's failure also reaches the session through onFailure; whoever awaits done sees it too.
+    done.catch(() => undefined);
+    return { channels: k, done };
   }
 
   /** End the connections after what was written (bounded), then stop the workers. */

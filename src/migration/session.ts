@@ -222,7 +222,12 @@ export class SourceSession {
    * tracking), 'dirty' = what collectDirty() gathered. Ends with roundEnd on the main channel
    * after every multifd channel wrote its SYNC.
    */
-  async sendRound(kind: 'full' | 'dirty', bytesPerSecond = 0): Promise<RoundResult> {
+  /**
+   * One round. `pipelined` (COLO checkpoints): with multifd, roundEnd follows as soon as the
+   * channels have the round, without waiting for them to finish writing; the destination's
+   * barrier waits for their SYNCs anyway. The channels' bytes then come in `multifdBytes`.
+   */
+  async sendRound(kind: 'full' | 'dirty', bytesPerSecond = 0, pipelined = false): Promise<RoundResult & { multifdBytes?: Promise<number> }> {
     const channel = this.requireChannel();
     const m = this.opts.machine;
     const started = performance.now();
@@ -276,17 +281,25 @@ export class SourceSession {
     let multifdBytes = 0;
     let count: number;
     let roundChannels = 0;
+    let pendingMultifd: Promise<number> | undefined;
     if (this.multifd !== null) {
       let listCount = full === null ? 0 : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
-      const sending = this.multifd.sendRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond);
+      const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond);
+      roundChannels = handed.channels;
       // Disk blocks go on the main channel while the workers send pages.
       const diskSent = this.disk.send(channel, blocks);
-      const [r] = await Promise.all([sending, diskSent]);
       count = listCount + knownZeroPages;
-      roundChannels = r.channels;
-      normalPages = r.normalPages;
-      zeroPages = r.zeroPages + knownZeroPages;
-      multifdBytes = r.bytes;
+      if (pipelined) {
+        await diskSent;
+        pendingMultifd = handed.done.then((r) => r.bytes);
+        normalPages = listCount; // zero pages among them are counted by the workers, later
+        zeroPages = knownZeroPages;
+      } else {
+        const [r] = await Promise.all([handed.done, diskSent]);
+        normalPages = r.normalPages;
+        zeroPages = r.zeroPages + knownZeroPages;
+        multifdBytes = r.bytes;
+      }
     } else {
       const list = new Uint32Array(pagesOf(m.maximumPages * limits.wasmPageBytes));
       count = fill(list);
@@ -309,6 +322,7 @@ export class SourceSession {
       zeroPages,
       diskBlocks: blocks.length,
       durationMs: performance.now() - started,
+      ...(pendingMultifd !== undefined ? { multifdBytes: pendingMultifd } : {}),
     };
   }
 
