@@ -40,6 +40,31 @@ export type FailoverEvent =
   | { type: 'graceElapsed' }
   | { type: 'failoverDone' };
 
+/**
+ * What both sides' failovers share: the phase pair failover → done, QEMU's failover state,
+ * the exit reason, and the one rule for a failover that has finished.
+ */
+abstract class FailoverBook<Phase extends string> {
+  abstract phase: Phase | 'failover' | 'done';
+  failoverState: FailoverState = 'none';
+  exitReason: ExitReason | null = null;
+  checkpoints = 0;
+  /** A channel broke already (reported once). */
+  protected linkLost = false;
+
+  protected get finishing(): boolean {
+    return this.phase === 'failover' || this.phase === 'done';
+  }
+
+  /** failoverDone: the node runs alone; status completed, COLO_EXIT. */
+  protected completeFailover(): [{ type: 'status'; status: 'completed' }, { type: 'exit'; reason: ExitReason }] | [] {
+    if (this.phase !== 'failover') return [];
+    this.phase = 'done';
+    this.failoverState = 'completed';
+    return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
+  }
+}
+
 // ---------------------------------------------------------------- primary
 
 export type PrimaryPhase = 'idle' | 'waitReady' | 'resuming' | 'running' | 'requested' | 'pausing' | 'sending' | 'awaitReceived' | 'awaitLoaded' | 'failover' | 'done';
@@ -72,13 +97,9 @@ export type PrimaryAction =
   | { type: 'exit'; reason: ExitReason }
   | { type: 'log'; level: LogLevel; message: string };
 
-export class PrimaryCore {
+export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   phase: PrimaryPhase = 'idle';
-  failoverState: FailoverState = 'none';
-  exitReason: ExitReason | null = null;
-  checkpoints = 0;
   readonly checkpointsBy: Record<CheckpointReason, number> = { periodic: 0, mismatch: 0, timeout: 0 };
-  private linkLost = false;
   /** Reason of the checkpoint in flight. */
   private reason: CheckpointReason = 'periodic';
   /** A trigger that came while no checkpoint could start and none in flight covers it. */
@@ -86,7 +107,9 @@ export class PrimaryCore {
   /** The PVM runs again (it resumes at VMSTATE_RECEIVED, before VMSTATE_LOADED). */
   private pvmResumed = false;
 
-  constructor(private readonly delayMs: () => number) {}
+  constructor(private readonly delayMs: () => number) {
+    super();
+  }
 
   step(ev: PrimaryEvent): PrimaryAction[] {
     switch (ev.type) {
@@ -133,15 +156,8 @@ export class PrimaryCore {
       case 'graceElapsed':
         return this.startFailover('error', 'the link to the secondary broke');
       case 'failoverDone':
-        if (this.phase !== 'failover') return [];
-        this.phase = 'done';
-        this.failoverState = 'completed';
-        return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
+        return this.completeFailover();
     }
-  }
-
-  private get finishing(): boolean {
-    return this.phase === 'failover' || this.phase === 'done';
   }
 
   /** Running again after a checkpoint (or COLO start): a remembered trigger, or the timer. */
@@ -230,13 +246,9 @@ export type SecondaryAction =
   | { type: 'exit'; reason: ExitReason }
   | { type: 'log'; level: LogLevel; message: string };
 
-export class SecondaryCore {
+export class SecondaryCore extends FailoverBook<SecondaryPhase> {
   phase: SecondaryPhase = 'idle';
-  failoverState: FailoverState = 'none';
-  exitReason: ExitReason | null = null;
-  checkpoints = 0;
   private pending: { reason: ExitReason; message: string } | null = null;
-  private linkLost = false;
 
   step(ev: SecondaryEvent): SecondaryAction[] {
     switch (ev.type) {
@@ -277,15 +289,8 @@ export class SecondaryCore {
       case 'graceElapsed':
         return [];
       case 'failoverDone':
-        if (this.phase !== 'failover') return [];
-        this.phase = 'done';
-        this.failoverState = 'completed';
-        return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
+        return this.completeFailover();
     }
-  }
-
-  private get finishing(): boolean {
-    return this.phase === 'failover' || this.phase === 'done';
   }
 
   private onMessage(msg: ColoMessage): SecondaryAction[] {
