@@ -17,6 +17,15 @@ import { ChannelClosed, Disk, Guest, type Device, type Endpoint, type Link, type
 import { Signal, VmOps, settle, sleep, spawn, wait, type Co, type Handle, type Owner, type Sim } from './runtime.js';
 
 /** What the nodes need from the world around them. */
+/** A VM stop or start as the drivers do it: through the node's serial VM operations, taking a little time. */
+function switchVm(w: World, ops: VmOps, g: Guest, to: 'stop' | 'start'): ReturnType<VmOps['run']> {
+  return ops.run(function* () {
+    yield* sleep(w.ms(0.2, 4));
+    if (to === 'stop') g.stop();
+    else g.start();
+  });
+}
+
 export interface World {
   readonly sim: Sim;
   readonly link: Link;
@@ -183,12 +192,7 @@ export class PrimaryNode implements Endpoint {
       case 'pauseVm':
         this.task(
           (function* (): Co<PrimaryEvent> {
-            yield* wait(
-              self.ops.run(function* () {
-                yield* sleep(w.ms(0.2, 4));
-                g.stop();
-              }),
-            );
+            yield* wait(switchVm(w, self.ops, g, 'stop'));
             w.hook('P.vmPaused');
             return { type: 'vmPaused' };
           })(),
@@ -233,12 +237,7 @@ export class PrimaryNode implements Endpoint {
       case 'resumeVm':
         this.task(
           (function* (): Co<PrimaryEvent> {
-            yield* wait(
-              self.ops.run(function* () {
-                yield* sleep(w.ms(0.2, 4));
-                g.start();
-              }),
-            );
+            yield* wait(switchVm(w, self.ops, g, 'start'));
             w.hook('P.vmResumed');
             return { type: 'vmResumed' };
           })(),
@@ -257,12 +256,7 @@ export class PrimaryNode implements Endpoint {
           (function* () {
             w.link.destroy(0, 'the primary closed the COLO channels');
             yield* settle(self.ops.settled());
-            yield* settle(
-              self.ops.run(function* () {
-                yield* sleep(w.ms(0.2, 4));
-                g.start();
-              }),
-            );
+            yield* settle(switchVm(w, self.ops, g, 'start'));
             self.dispatch({ type: 'failoverDone' });
           })(),
         );
@@ -464,12 +458,7 @@ export class SecondaryNode implements Endpoint {
           // frame loop reports the break.
           if (!(err instanceof ChannelClosed)) throw err;
         }
-        yield* wait(
-          this.ops.run(function* () {
-            yield* sleep(w.ms(0.2, 4));
-            g.start();
-          }),
-        );
+        yield* wait(switchVm(w, this.ops, g, 'start'));
         spawn(w.sim, this.owner, this.pump());
         w.hook('S.started');
         return { type: 'started' };
@@ -478,12 +467,7 @@ export class SecondaryNode implements Endpoint {
         w.link.send(1, { k: 'colo', msg: a.msg });
         return null;
       case 'pauseVm':
-        yield* wait(
-          this.ops.run(function* () {
-            yield* sleep(w.ms(0.2, 4));
-            g.stop();
-          }),
-        );
+        yield* wait(switchVm(w, this.ops, g, 'stop'));
         w.hook('S.vmPaused');
         return { type: 'vmPaused' };
       case 'beginCheckpoint':
