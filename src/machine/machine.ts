@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
+import v8 from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { limits } from '../core/limits.js';
 import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
@@ -80,7 +81,7 @@ export class Machine extends EventEmitter {
     });
     const init: WorkerRequest = {
       type: 'init',
-      module: new WebAssembly.Module(cfg.guest.wasm),
+      module: compileGuest(cfg.guest.wasm),
       memory,
       ctl: ctlBuffer,
       inputRing: ring,
@@ -355,6 +356,26 @@ export class Machine extends EventEmitter {
     this.state = 'internal-error';
     for (const w of this.waiters.splice(0)) w.reject(err);
     this.emit('panicked', err.message);
+  }
+}
+
+/**
+ * Compile the guest with the optimizing tier from the start. V8 compiles WebAssembly with its
+ * baseline compiler (Liftoff) first and swaps in optimized code only for later calls; it has no
+ * on-stack replacement for WebAssembly. A guest's main loop is one call that never returns, so
+ * under the default it would run baseline code forever: kv.wasm served 31-34k GET/s so, 51k
+ * with the optimized tier (`npm run bench -- machine`, docs/benchmarks.md). The flag is
+ * process-wide and read while compiling (lazy compilation would compile each function at its
+ * first call, after the flag is back), so both are set for this synchronous, eager compile only.
+ */
+export function compileGuest(wasm: Uint8Array): WebAssembly.Module {
+  v8.setFlagsFromString('--no-liftoff');
+  v8.setFlagsFromString('--no-wasm-lazy-compilation');
+  try {
+    return new WebAssembly.Module(wasm);
+  } finally {
+    v8.setFlagsFromString('--liftoff');
+    v8.setFlagsFromString('--wasm-lazy-compilation');
   }
 }
 

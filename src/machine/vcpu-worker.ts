@@ -120,8 +120,9 @@ class Vcpu {
 
   markWrite(ptr: number, len: number): void {
     if (!this.layout.storeLog || len === 0) return;
-    const buf = this.memory.buffer;
-    if (buf.byteLength !== this.logBufferLength) {
+    // A cached view (see WasiHost.refresh): a new one only for a write beyond it.
+    if (ptr + len > this.logBufferLength) {
+      const buf = this.memory.buffer;
       this.logU8 = new Uint8Array(buf);
       this.logBufferLength = buf.byteLength;
     }

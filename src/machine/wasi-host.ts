@@ -78,23 +78,35 @@ export class WasiHost {
     if (devices.disk !== null) this.fds.set(diskFd, { fd: diskFd, kind: 'disk', pos: 0 });
   }
 
-  private mem(): DataView {
+  /**
+   * Views of guest memory are cached: reading `memory.buffer` of a shared memory makes a new
+   * SharedArrayBuffer object every time (an allocation and a GC-tracked backing-store entry),
+   * which cost more than the guest's own work per request. Memory never shrinks, so a view
+   * stays valid; inBounds() takes a new one only when an address lies beyond it (the guest grew
+   * its memory). Every access goes to an address inBounds() accepted.
+   */
+  private refresh(): void {
     const buf = this.memory.buffer;
-    if (buf.byteLength !== this.bufferLength) {
-      this.view = new DataView(buf);
-      this.u8 = new Uint8Array(buf);
-      this.bufferLength = buf.byteLength;
-    }
+    this.view = new DataView(buf);
+    this.u8 = new Uint8Array(buf);
+    this.bufferLength = buf.byteLength;
+  }
+
+  private mem(): DataView {
+    if (this.bufferLength < 0) this.refresh();
     return this.view;
   }
 
   private bytes(): Uint8Array {
-    this.mem();
+    if (this.bufferLength < 0) this.refresh();
     return this.u8;
   }
 
   private inBounds(ptr: number, len: number): boolean {
-    return ptr >= 0 && len >= 0 && ptr + len <= this.mem().byteLength;
+    if (ptr < 0 || len < 0) return false;
+    if (ptr + len <= this.bufferLength) return true;
+    this.refresh();
+    return ptr + len <= this.bufferLength;
   }
 
   /** Read iovecs into (ptr, len) pairs, checking them against memory. */
