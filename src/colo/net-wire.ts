@@ -18,67 +18,82 @@ const outputKinds = ['out', 'shut', 'close'] as const;
 
 export type NetBatch = { type: 'input'; events: NicInput[] } | { type: 'output'; epoch: number; events: NicOutput[] };
 
+const entryBytes = 17;
+
 /** Split events into payloads of at most limits.coloNetBatchBytes (one event may exceed it alone). */
 export function encodeInputs(events: readonly NicInput[]): Buffer[] {
-  return encodeBatches(events, (ev) => (ev.kind === 'data' ? ev.bytes : null), (count) => {
-    const h = Buffer.alloc(5);
-    h.writeUInt8(inputTag, 0);
-    h.writeUInt32BE(count, 1);
-    return h;
-  }, (ev, len) => {
-    const b = Buffer.alloc(17);
-    b.writeUInt8(inputKinds.indexOf(ev.kind), 0);
-    b.writeDoubleBE(ev.seq, 1);
-    b.writeUInt32BE(ev.conn, 9);
-    b.writeUInt32BE(len, 13);
-    return b;
-  });
+  return encodeBatches(
+    events,
+    (ev) => (ev.kind === 'data' ? ev.bytes : null),
+    5,
+    (b, count) => {
+      b.writeUInt8(inputTag, 0);
+      b.writeUInt32BE(count, 1);
+    },
+    (b, at, ev, len) => {
+      b.writeUInt8(inputKinds.indexOf(ev.kind), at);
+      b.writeDoubleBE(ev.seq, at + 1);
+      b.writeUInt32BE(ev.conn, at + 9);
+      b.writeUInt32BE(len, at + 13);
+    },
+  );
 }
 
 export function encodeOutputs(epoch: number, events: readonly NicOutput[]): Buffer[] {
-  return encodeBatches(events, (ev) => (ev.kind === 'out' ? ev.bytes : null), (count) => {
-    const h = Buffer.alloc(9);
-    h.writeUInt8(outputTag, 0);
-    h.writeUInt32BE(epoch, 1);
-    h.writeUInt32BE(count, 5);
-    return h;
-  }, (ev, len) => {
-    const b = Buffer.alloc(17);
-    b.writeUInt8(outputKinds.indexOf(ev.kind), 0);
-    b.writeUInt32BE(ev.conn, 1);
-    b.writeDoubleBE(ev.offset, 5);
-    b.writeUInt32BE(len, 13);
-    return b;
-  });
+  return encodeBatches(
+    events,
+    (ev) => (ev.kind === 'out' ? ev.bytes : null),
+    9,
+    (b, count) => {
+      b.writeUInt8(outputTag, 0);
+      b.writeUInt32BE(epoch, 1);
+      b.writeUInt32BE(count, 5);
+    },
+    (b, at, ev, len) => {
+      b.writeUInt8(outputKinds.indexOf(ev.kind), at);
+      b.writeUInt32BE(ev.conn, at + 1);
+      b.writeDoubleBE(ev.offset, at + 5);
+      b.writeUInt32BE(len, at + 13);
+    },
+  );
 }
 
+/**
+ * Each payload is sized first and written into one buffer (no buffer per event, no concat):
+ * this runs for every client request on both nodes. Every byte of it is written.
+ */
 function encodeBatches<E>(
   events: readonly E[],
   data: (ev: E) => Uint8Array | null,
-  header: (count: number) => Buffer,
-  entry: (ev: E, len: number) => Buffer,
+  headerBytes: number,
+  writeHeader: (b: Buffer, count: number) => void,
+  writeEntry: (b: Buffer, at: number, ev: E, len: number) => void,
 ): Buffer[] {
   const out: Buffer[] = [];
-  let parts: Uint8Array[] = [];
-  let count = 0;
-  let bytes = 0;
-  const flush = (): void => {
-    if (count === 0) return;
-    out.push(Buffer.concat([header(count), ...parts]));
-    parts = [];
-    count = 0;
-    bytes = 0;
-  };
-  for (const ev of events) {
-    const d = data(ev);
-    const len = d?.byteLength ?? 0;
-    if (count > 0 && bytes + len + 17 > limits.coloNetBatchBytes) flush();
-    parts.push(entry(ev, len));
-    if (d !== null && len > 0) parts.push(d);
-    count += 1;
-    bytes += len + 17;
+  let i = 0;
+  while (i < events.length) {
+    let j = i;
+    let bytes = 0;
+    while (j < events.length) {
+      const len = data(events[j]!)?.byteLength ?? 0;
+      if (j > i && bytes + len + entryBytes > limits.coloNetBatchBytes) break;
+      bytes += len + entryBytes;
+      j++;
+    }
+    const b = Buffer.allocUnsafe(headerBytes + bytes);
+    writeHeader(b, j - i);
+    let at = headerBytes;
+    for (let k = i; k < j; k++) {
+      const ev = events[k]!;
+      const d = data(ev);
+      const len = d?.byteLength ?? 0;
+      writeEntry(b, at, ev, len);
+      if (d !== null && len > 0) b.set(d, at + entryBytes);
+      at += entryBytes + len;
+    }
+    out.push(b);
+    i = j;
   }
-  flush();
   return out;
 }
 
@@ -102,11 +117,11 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   const inputs: NicInput[] = [];
   const outputs: NicOutput[] = [];
   for (let i = 0; i < count; i++) {
-    if (at + 17 > payload.byteLength) bad(`event ${i} truncated`);
+    if (at + entryBytes > payload.byteLength) bad(`event ${i} truncated`);
     const kind = payload.readUInt8(at);
     const len = payload.readUInt32BE(at + 13);
-    if (at + 17 + len > payload.byteLength) bad(`event ${i} data truncated`);
-    const bytes = payload.subarray(at + 17, at + 17 + len);
+    if (at + entryBytes + len > payload.byteLength) bad(`event ${i} data truncated`);
+    const bytes = payload.subarray(at + entryBytes, at + entryBytes + len);
     if (tag === inputTag) {
       const seq = payload.readDoubleBE(at + 1);
       const conn = payload.readUInt32BE(at + 9);
@@ -122,7 +137,7 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
       if (k !== 'out' && len !== 0) bad(`event ${i}: ${k} carries data`);
       outputs.push(k === 'out' ? { kind: k, conn, offset, bytes } : { kind: k, conn, offset });
     }
-    at += 17 + len;
+    at += entryBytes + len;
   }
   if (at !== payload.byteLength) bad('trailing bytes');
   return tag === inputTag ? { type: 'input', events: inputs } : { type: 'output', epoch, events: outputs };
