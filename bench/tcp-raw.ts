@@ -6,7 +6,12 @@
  * accepted handle, as the multifd receivers do) and throws the bytes away. The time is from
  * the first byte received to the last, over all sockets.
  *
- *   node dist/bench/tcp-raw.js recv N BYTES   → prints {"ports":[...]} then {"ms":...}
+ * Receive modes: `reuse` (the above), `fresh` (the receivers keep the bytes, in memory they
+ * never touched: the kernel zeroes and maps a page per 4 KiB, as on a migration destination),
+ * `touched` (they keep the bytes in memory written once before the clock starts: what the
+ * transfer costs once the destination's pages exist).
+ *
+ *   node dist/bench/tcp-raw.js recv N BYTES MODE   → prints {"ports":[...]} then {"ms":...}
  *   node dist/bench/tcp-raw.js send N BYTES PORTS-JSON
  */
 import { fork } from 'node:child_process';
@@ -16,21 +21,18 @@ import { Worker, isMainThread, parentPort, workerData } from 'node:worker_thread
 
 const self = fileURLToPath(import.meta.url);
 
+export type RecvMode = 'reuse' | 'fresh' | 'touched';
+
 interface WorkerJob {
   role: 'recv' | 'send';
   bytes: number;
   port?: number;
-  /** Receive into fresh (never touched) memory instead of one reused buffer. */
-  fresh?: boolean;
+  mode?: RecvMode;
 }
 
-/**
- * Raw throughput in bytes per ms for `sockets` sockets moving `bytes` in total. With `fresh`,
- * the receivers keep the bytes, in memory they never touched before (what a migration
- * destination pays: the kernel copy plus a page fault per 4 KiB).
- */
-export async function rawTcpThroughput(sockets: number, bytes: number, fresh = false): Promise<number> {
-  const recv = fork(self, ['recv', String(sockets), String(bytes), fresh ? 'fresh' : 'reuse'], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
+/** Raw throughput in bytes per ms for `sockets` sockets moving `bytes` in total, received as `mode` says. */
+export async function rawTcpThroughput(sockets: number, bytes: number, mode: RecvMode = 'reuse'): Promise<number> {
+  const recv = fork(self, ['recv', String(sockets), String(bytes), mode], { stdio: ['ignore', 'ignore', 'inherit', 'ipc'] });
   const ports = await new Promise<number[]>((resolve, reject) => {
     recv.once('message', (m: { ports: number[] }) => resolve(m.ports));
     recv.once('exit', (code) => reject(new Error(`tcp-raw receiver exited (${code})`)));
@@ -51,7 +53,7 @@ async function main(): Promise<void> {
     const workers: Worker[] = [];
     const ports: number[] = [];
     for (let i = 0; i < sockets; i++) {
-      const w = new Worker(self, { workerData: { role: 'recv', bytes: Math.floor(bytes / sockets), fresh: arg === 'fresh' } satisfies WorkerJob });
+      const w = new Worker(self, { workerData: { role: 'recv', bytes: Math.floor(bytes / sockets), mode: arg as RecvMode } satisfies WorkerJob });
       workers.push(w);
       ports.push(await new Promise<number>((r) => w.once('message', (m: number) => r(m))));
     }
@@ -68,7 +70,8 @@ async function main(): Promise<void> {
 
 function recvWorker(job: WorkerJob): void {
   const buf = Buffer.alloc(1 << 20);
-  const fresh = job.fresh === true ? new Uint8Array(new WebAssembly.Memory({ initial: Math.ceil(job.bytes / 65536), maximum: Math.ceil(job.bytes / 65536), shared: true }).buffer) : null;
+  const keep = job.mode === 'reuse' ? null : new Uint8Array(new WebAssembly.Memory({ initial: Math.ceil(job.bytes / 65536), maximum: Math.ceil(job.bytes / 65536), shared: true }).buffer);
+  if (keep !== null && job.mode === 'touched') for (let i = 0; i < keep.byteLength; i += 4096) keep[i] = 1;
   const srv = net.createServer();
   srv.listen(0, '127.0.0.1', () => {
     const a = srv.address();
@@ -86,7 +89,7 @@ function recvWorker(job: WorkerJob): void {
         readable: true,
         writable: true,
         onread: {
-          buffer: fresh === null ? buf : () => fresh.subarray(got, Math.min(got + (1 << 20), fresh.byteLength)),
+          buffer: keep === null ? buf : () => keep.subarray(got, Math.min(got + (1 << 20), keep.byteLength)),
           callback: (n: number) => {
             if (got === 0) start = performance.timeOrigin + performance.now();
             got += n;
