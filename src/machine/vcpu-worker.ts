@@ -121,7 +121,7 @@ class Vcpu {
   markWrite(ptr: number, len: number): void {
     if (!this.layout.storeLog || len === 0) return;
     // A cached view (see WasiHost.refresh): a new one only for a write beyond it.
-    if (ptr + len > this.logBufferLength) {
+    if (ptr + len > this.logBufferLength || this.logU8!.byteLength !== this.logBufferLength) {
       const buf = this.memory.buffer;
       this.logU8 = new Uint8Array(buf);
       this.logBufferLength = buf.byteLength;

@@ -81,9 +81,10 @@ export class WasiHost {
   /**
    * Views of guest memory are cached: reading `memory.buffer` of a shared memory makes a new
    * SharedArrayBuffer object every time (an allocation and a GC-tracked backing-store entry),
-   * which cost more than the guest's own work per request. Memory never shrinks, so a view
-   * stays valid; inBounds() takes a new one only when an address lies beyond it (the guest grew
-   * its memory). Every access goes to an address inBounds() accepted.
+   * which cost more than the guest's own work per request. Memory never shrinks, so a view of
+   * a shared memory stays valid; inBounds() takes a new one only when an address lies beyond
+   * it (the guest grew its memory) or the view was detached (a memory that is not shared,
+   * after a grow). Every access goes to an address inBounds() accepted.
    */
   private refresh(): void {
     const buf = this.memory.buffer;
@@ -104,7 +105,9 @@ export class WasiHost {
 
   private inBounds(ptr: number, len: number): boolean {
     if (ptr < 0 || len < 0) return false;
-    if (ptr + len <= this.bufferLength) return true;
+    // A memory that is not shared detaches its old buffer when it grows (the view's length
+    // drops to 0): that too needs a new view.
+    if (ptr + len <= this.bufferLength && this.u8.byteLength === this.bufferLength) return true;
     this.refresh();
     return ptr + len <= this.bufferLength;
   }
