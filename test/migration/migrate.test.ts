@@ -135,16 +135,20 @@ test('guest RAM that grows during the migration arrives whole (ramSize frames), 
   const env = new TestEnv(t);
   // The shadow tracker (no dirty map in guest memory) so that the whole RAM must be equal.
   const common = ['--memory', '128M', '--dirty-log', 'shadow'];
+  // The guest grows 1 MiB every 10 ms up to 96 MiB (about a second). The source starts
+  // paused (-S) and runs only once everything else is set up, so that the migration starts
+  // while it grows, however long the processes took to start.
   const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.fill, args: common, guestArgs: ['64M', 'grow'] }),
-    env.startVm({ name: 'dst', guest: guests.fill, args: [...common, '-S', '--incoming', 'defer'], guestArgs: ['64M', 'grow'] }),
+    env.startVm({ name: 'src', guest: guests.fill, args: [...common, '-S'], guestArgs: ['96M', 'grow'] }),
+    env.startVm({ name: 'dst', guest: guests.fill, args: [...common, '-S', '--incoming', 'defer'], guestArgs: ['96M', 'grow'] }),
   ]);
   await Promise.all([src.setMigration({ multifd: true }, { 'max-bandwidth': 24 * 1024 * 1024 }), dst.setMigration({ multifd: true })]);
-  await src.waitSerial('fill ready');
   const port = await dst.listenIncoming();
+  await src.qmp.execute('cont');
+  await src.waitSerial('fill ready');
   const size = async (vm: typeof src): Promise<number> => (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
   // Start once the guest has grown a little, slowly enough that it grows on during the rounds.
-  await waitFor('the guest to grow its memory to 4 MiB', async () => (await size(src)) >= 4 * 1024 * 1024, 10000);
+  await waitFor('the guest to grow its memory to 4 MiB', async () => (await size(src)) >= 4 * 1024 * 1024, 10000, 5);
   const atStart = await size(src);
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('completed', 60000);
