@@ -363,8 +363,9 @@ export class Machine extends EventEmitter {
  * Compile the guest with the optimizing tier from the start. V8 compiles WebAssembly with its
  * baseline compiler (Liftoff) first and swaps in optimized code only for later calls; it has no
  * on-stack replacement for WebAssembly. A guest's main loop is one call that never returns, so
- * under the default it would run baseline code forever: kv.wasm served 31-34k GET/s so, 51k
- * with the optimized tier (`npm run bench -- machine`, docs/benchmarks.md). The flag is
+ * under the default it would run baseline code forever (perf showed kv.wasm's `_start` in
+ * Liftoff code; `npm run bench -- machine`'s CPU-bound guest went from 1.58-1.90 to 1.35 times
+ * its original module, docs/benchmarks.md). Compiling kv.wasm so takes 35 ms. The flag is
  * process-wide and read while compiling (lazy compilation would compile each function at its
  * first call, after the flag is back), so both are set for this synchronous, eager compile only.
  */
