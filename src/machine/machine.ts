@@ -363,9 +363,10 @@ export class Machine extends EventEmitter {
  * Compile the guest with the optimizing tier from the start. V8 compiles WebAssembly with its
  * baseline compiler (Liftoff) first and swaps in optimized code only for later calls; it has no
  * on-stack replacement for WebAssembly. A guest's main loop is one call that never returns, so
- * under the default it would run baseline code forever (perf showed kv.wasm's `_start` in
- * Liftoff code; `npm run bench -- machine`'s CPU-bound guest went from 1.58-1.90 to 1.35 times
- * its original module, docs/benchmarks.md). Compiling kv.wasm so takes 35 ms. The flag is
+ * under the default its own body would run baseline code forever (perf showed kv.wasm's
+ * `_start` in Liftoff code). Functions it calls tier up anyway, so the measured effect is small
+ * (an A/B of the machine bench's CPU-bound guest: 1.47-1.55 times the original module either
+ * way); the cost is 35 ms of compiling for kv.wasm. The flag is
  * process-wide and read while compiling (lazy compilation would compile each function at its
  * first call, after the flag is back), so both are set for this synchronous, eager compile only.
  */
