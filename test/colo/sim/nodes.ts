@@ -16,7 +16,6 @@ import {
 import { ChannelClosed, Disk, Guest, type Device, type Endpoint, type Link, type Val, type Wire } from './model.js';
 import { Signal, VmOps, settle, sleep, spawn, wait, type Co, type Handle, type Owner, type Sim } from './runtime.js';
 
-/** What the nodes need from the world around them. */
 /** A VM stop or start as the drivers do it: through the node's serial VM operations, taking a little time. */
 function switchVm(w: World, ops: VmOps, g: Guest, to: 'stop' | 'start'): ReturnType<VmOps['run']> {
   return ops.run(function* () {
@@ -26,6 +25,7 @@ function switchVm(w: World, ops: VmOps, g: Guest, to: 'stop' | 'start'): ReturnT
   });
 }
 
+/** What the nodes need from the world around them. */
 export interface World {
   readonly sim: Sim;
   readonly link: Link;
@@ -159,6 +159,20 @@ export class PrimaryNode implements Endpoint {
     this.w.link.send(0, f);
   }
 
+  /** Stop or start the PVM as a task; at the end, the protocol point and the core's event. */
+  private switchTask(to: 'stop' | 'start', hook: string, type: 'vmPaused' | 'vmResumed'): void {
+    const w = this.w;
+    const ops = this.ops;
+    const g = this.guest;
+    this.task(
+      (function* (): Co<PrimaryEvent> {
+        yield* wait(switchVm(w, ops, g, to));
+        w.hook(hook);
+        return { type };
+      })(),
+    );
+  }
+
   private perform(a: PrimaryAction): void {
     const w = this.w;
     const g = this.guest;
@@ -190,13 +204,7 @@ export class PrimaryNode implements Endpoint {
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
         return;
       case 'pauseVm':
-        this.task(
-          (function* (): Co<PrimaryEvent> {
-            yield* wait(switchVm(w, self.ops, g, 'stop'));
-            w.hook('P.vmPaused');
-            return { type: 'vmPaused' };
-          })(),
-        );
+        this.switchTask('stop', 'P.vmPaused', 'vmPaused');
         return;
       case 'sendState':
         this.task(
@@ -235,13 +243,7 @@ export class PrimaryNode implements Endpoint {
         w.checkpointDone();
         return;
       case 'resumeVm':
-        this.task(
-          (function* (): Co<PrimaryEvent> {
-            yield* wait(switchVm(w, self.ops, g, 'start'));
-            w.hook('P.vmResumed');
-            return { type: 'vmResumed' };
-          })(),
-        );
+        this.switchTask('start', 'P.vmResumed', 'vmResumed');
         return;
       case 'failover':
         this.timer?.cancel();
