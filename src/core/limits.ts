@@ -63,6 +63,8 @@ export const limits = {
   mainChannelWriteBufferBytesMax: 4 * 1024 * 1024,
   /** Page ranges in one ramZeroRanges frame. */
   ramZeroRangesPerFrameMax: 65536,
+  /** When the main channel closes, the destination waits this long for the multifd channels to report how they ended. */
+  multifdEndWaitMs: 500,
   /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */
   ramGrowWaitMs: 10000,
   /** Blocks read from the disk at once when a migration round scans it. */

@@ -102,7 +102,10 @@ export class IncomingMigration {
         f = await session.nextFrame();
       } catch (err) {
         if (this.core.finished) return;
-        // A multifd channel that failed first names the real cause (the source then closed).
+        // A multifd channel's own error names the real cause (the source then closed the main
+        // channel); it may still be on its way from the channel's worker.
+        if (err instanceof ChannelClosedError && session.receiver !== null) await session.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
+        if (this.core.finished) return;
         if (session.receiverFailure !== null) await this.run(failure(session.receiverFailure));
         else if (err instanceof ChannelClosedError) await this.run({ type: 'peerClosed', now: now() });
         else await this.run(failure(err));

@@ -266,6 +266,11 @@ export class MultifdReceiver {
   private targetAcks = new Map<number, { left: number; resolve: () => void }>();
   private closed = false;
   private connectedCount = 0;
+  /** Channels that ended (clean EOF or an error), and whoever waits for all of them to. */
+  private readonly endedChannels = new Set<number>();
+  private endWaiters: (() => void)[] = [];
+  /** The first error that names a cause more precise than a closed connection. */
+  private preciseFailure: Error | null = null;
 
   /** The RAM-size word the workers wait on (IncomingSession publishes guest RAM growth there). */
   ramPages: SharedArrayBuffer = new SharedArrayBuffer(4);
@@ -389,13 +394,53 @@ export class MultifdReceiver {
         return;
       }
       case 'eof':
-        return; // the source closed a channel cleanly: the main channel says whether that was expected
-      case 'error':
-        this.fail(workerError(m));
+        // the source closed a channel cleanly: the main channel says whether that was expected
+        this.channelEnded(ch);
         return;
+      case 'error': {
+        const err = workerError(m);
+        if (m.code !== 'CHANNEL_CLOSED') this.preciseFailure ??= err;
+        this.channelEnded(ch);
+        this.fail(err);
+        return;
+      }
       default:
         return;
     }
+  }
+
+  private channelEnded(ch: number): void {
+    this.endedChannels.add(ch);
+    if (this.endedChannels.size < this.connectedCount) return;
+    const waiters = this.endWaiters;
+    this.endWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /**
+   * The cause of a failed migration, preferring a channel's own verdict (a corrupt, truncated
+   * or reordered packet) over "the connection closed", which is what every other channel sees
+   * once the source gives up.
+   */
+  get cause(): Error | null {
+    return this.preciseFailure ?? this.failure;
+  }
+
+  /**
+   * Resolves once every connected channel has ended (EOF or an error), or after `timeoutMs`.
+   * When the main channel closes, a multifd channel's own error may still be on its way from
+   * its worker; waiting for it lets the destination name the real cause.
+   */
+  whenChannelsEnded(timeoutMs: number): Promise<void> {
+    if (this.endedChannels.size >= this.connectedCount) return Promise.resolve();
+    return new Promise((resolve) => {
+      const timer = setTimeout(done, timeoutMs);
+      function done(): void {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.endWaiters.push(done);
+    });
   }
 
   private checkBarrier(): void {

@@ -417,8 +417,10 @@ export class IncomingSession {
   device: DeviceBlob | null = null;
   diskMode: DiskMode = 'none';
   private readonly pagesMax: number;
-  /** The first error of a multifd receiver (a corrupt packet names itself here). */
-  receiverFailure: Error | null = null;
+  /** The error of a multifd receiver, a corrupt, truncated or reordered packet before a closed channel. */
+  get receiverFailure(): Error | null {
+    return this.receiver?.cause ?? null;
+  }
   private readonly failureListeners = new Set<(err: Error) => void>();
 
   constructor(readonly channel: MainChannel, readonly opts: IncomingSessionOptions) {
@@ -469,7 +471,6 @@ export class IncomingSession {
         });
       }
       this.receiver.onFailure((err) => {
-        this.receiverFailure ??= err;
         for (const l of this.failureListeners) l(err);
       });
       ports.push(...this.receiver.ports);
