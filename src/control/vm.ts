@@ -5,7 +5,7 @@ import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
 import { Machine, type RunState } from '../machine/machine.js';
 import { FrontEnd } from '../net/frontend.js';
-import type { NicInput, NicOutput } from '../net/nic.js';
+import type { InputCredit, NicInput, NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
 import { loadMachineFromFile } from '../migration/file.js';
 import { MigrationControl } from './migration-control.js';
@@ -44,6 +44,7 @@ export class Vm extends EventEmitter {
       if (this.outputSink !== null) this.outputSink(out);
       else this.frontEnd?.deliver(out);
     });
+    machine.on('credit', (c: InputCredit) => this.frontEnd?.credit(c.conn, c.bytes));
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
       this.event('SHUTDOWN', { guest: true, reason: 'guest-shutdown' });

@@ -74,10 +74,26 @@ export const limits = {
 
   /** Open guest connections at once. */
   nicConnectionsMax: 1024,
-  /** Unread input bytes queued for one guest connection before the host stops reading its socket. */
+  /**
+   * Input one client connection may have on its way to the guest (bytes, plus nicInputEventCharge
+   * per data event) before the front end stops reading its socket; it reads again once the
+   * guest has consumed half of it. A client that floods a guest which does not read costs the
+   * host at most this much per connection.
+   */
+  nicConnectionInputWindowBytes: 1024 * 1024,
+  /** What one input data event counts against the window besides its bytes (bounds the events, not only the bytes). */
+  nicInputEventCharge: 1024,
+  /** The vCPU tells the front end what a connection's guest consumed in steps of this (at most half the window). */
+  nicInputCreditBytes: 256 * 1024,
+  /** Guest output a client has not read (bytes in its socket's buffer) before the front end stops reading that client's input. */
+  nicClientOutputBufferedBytesMax: 256 * 1024,
+  /** A state's unread input bytes of one connection or one event (restore validation; the window keeps real ones far below). */
   nicConnectionInputBytesMax: 4 * 1024 * 1024,
-  /** Pending input events not yet admitted by the guest. */
-  nicPendingEventsMax: 65536,
+  /**
+   * Pending input events not yet admitted by the guest: what the windows of all connections
+   * can hold (each event is charged nicInputEventCharge; a socket read adds up to 64 KiB past the window).
+   */
+  nicPendingEventsMax: 1024 * (Math.ceil((1024 * 1024 + 65536) / 1024) + 3),
   /** Bytes of client input in flight from the main thread to the vCPU (a power of two; input beyond waits in the main thread). */
   nicInputRingBytes: 8 * 1024 * 1024,
   /** Bytes of one guest send (sock_send iovecs together). */

@@ -320,6 +320,7 @@ export class Machine extends EventEmitter {
     switch (m.type) {
       case 'out':
         for (const out of m.outs) this.emit('output', out as NicOutput);
+        if (m.credits !== null) for (const c of m.credits) this.emit('credit', c);
         return;
       case 'running':
         this.vcpuRunning = true;

@@ -1,4 +1,4 @@
-import type { NicOutput, NicState } from '../net/nic.js';
+import type { InputCredit, NicOutput, NicState } from '../net/nic.js';
 import type { DiskSpec } from '../block/disk.js';
 import type { WasiState } from './wasi-host.js';
 
@@ -71,7 +71,7 @@ export type WorkerReply =
   | { type: 'paused' }
   | { type: 'exited'; code: number }
   | { type: 'panicked'; message: string }
-  | { type: 'out'; outs: NicOutput[] }
+  | { type: 'out'; outs: NicOutput[]; credits: InputCredit[] | null }
   | { type: 'state'; state: VcpuState }
   | { type: 'restored'; connections: number[]; maxConnId: number }
   | { type: 'error'; message: string; code?: string | undefined };

@@ -113,8 +113,9 @@ class Vcpu {
   }
 
   flushOutput(): void {
-    if (this.pendingOut.length === 0) return;
-    post({ type: 'out', outs: this.pendingOut });
+    const credits = this.nic.takeCredits();
+    if (this.pendingOut.length === 0 && credits === null) return;
+    post({ type: 'out', outs: this.pendingOut, credits });
     this.pendingOut = [];
   }
 

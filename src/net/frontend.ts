@@ -28,6 +28,11 @@ interface ClientConn {
   ended: boolean;
   /** The guest was told the client went away. */
   eofSent: boolean;
+  /** Input on its way to the guest and not yet consumed there (bytes plus event charges; flow control). */
+  inFlight: number;
+  /** Reading stopped: too much input in flight, or too much output the client has not read. */
+  inputHeld: boolean;
+  outputHeld: boolean;
 }
 
 /**
@@ -35,6 +40,12 @@ interface ClientConn {
  * client sockets, numbers connections and input events, and writes guest output back to the
  * clients. Input goes to `onInput` (the machine, or in COLO the primary and the mirror);
  * output arrives through `deliver()` (from the machine, or from the COLO compare).
+ *
+ * Flow control: a connection's socket stops being read while its input in flight to the guest
+ * (what the guest has not consumed yet, as the vCPU's credits tell) exceeds
+ * limits.nicConnectionInputWindowBytes, or while its client leaves more than
+ * limits.nicClientOutputBufferedBytesMax of output unread; TCP then pushes back on the client.
+ * Nothing is dropped, and other connections go on.
  *
  * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
  */
@@ -98,12 +109,24 @@ export class FrontEnd extends EventEmitter {
 
   private accept(socket: net.Socket): void {
     const id = this.nextConn++;
-    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false };
+    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
     this.conns.set(id, c);
     socket.setNoDelay(true);
     if (this.readingPaused) socket.pause();
     this.input({ kind: 'open', conn: id });
-    socket.on('data', (data: Buffer) => this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data) }));
+    socket.on('data', (data: Buffer) => {
+      c.inFlight += data.byteLength + limits.nicInputEventCharge;
+      if (!c.inputHeld && c.inFlight > limits.nicConnectionInputWindowBytes) {
+        c.inputHeld = true;
+        socket.pause();
+      }
+      this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data) });
+    });
+    socket.on('drain', () => {
+      if (!c.outputHeld) return;
+      c.outputHeld = false;
+      this.resumeIfFree(c);
+    });
     const eof = (): void => {
       if (c.eofSent || c.ended) return;
       c.eofSent = true;
@@ -137,6 +160,10 @@ export class FrontEnd extends EventEmitter {
         if (out.offset > c.outOffset) return; // a gap: never write out of order
         c.socket.write(out.bytes.subarray(from));
         c.outOffset = end;
+        if (!c.outputHeld && c.socket.writableLength > limits.nicClientOutputBufferedBytesMax) {
+          c.outputHeld = true;
+          c.socket.pause();
+        }
         return;
       }
       case 'shut':
@@ -150,6 +177,21 @@ export class FrontEnd extends EventEmitter {
     }
   }
 
+  /** The guest consumed `bytes` of a connection's input (a vCPU credit): read on once half the window is free. */
+  credit(conn: number, bytes: number): void {
+    const c = this.conns.get(conn);
+    if (c === undefined) return;
+    c.inFlight = Math.max(0, c.inFlight - bytes);
+    if (c.inputHeld && c.inFlight <= limits.nicConnectionInputWindowBytes / 2) {
+      c.inputHeld = false;
+      this.resumeIfFree(c);
+    }
+  }
+
+  private resumeIfFree(c: ClientConn): void {
+    if (!this.readingPaused && !c.inputHeld && !c.outputHeld) c.socket.resume();
+  }
+
   /** Stop reading client sockets (a paused front end keeps its connections). */
   pauseReading(): void {
     this.readingPaused = true;
@@ -158,7 +200,7 @@ export class FrontEnd extends EventEmitter {
 
   resumeReading(): void {
     this.readingPaused = false;
-    for (const c of this.conns.values()) c.socket.resume();
+    for (const c of this.conns.values()) this.resumeIfFree(c);
   }
 
   connectionIds(): number[] {

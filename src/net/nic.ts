@@ -37,6 +37,14 @@ interface Connection {
   /** The guest shut down its sending side or closed the fd. */
   shutWr: boolean;
   closed: boolean;
+  /** Input consumed (read, plus the charge of admitted events) not yet reported as credit. */
+  unreported: number;
+}
+
+/** Input a connection's guest consumed: the front end may read that much more from its client. */
+export interface InputCredit {
+  conn: number;
+  bytes: number;
 }
 
 export interface NicState {
@@ -56,6 +64,8 @@ export class Nic {
   /** Highest sequence number enqueued; older or repeated events are stale and dropped. */
   lastSeq = 0;
   admittedSeq = 0;
+  /** Credits due to the front end (flow control, see limits.nicConnectionInputWindowBytes); not part of the state. */
+  private credits: InputCredit[] = [];
 
   /** Queue an input event; returns false for a stale (already seen) one. */
   enqueue(ev: NicInput): boolean {
@@ -79,16 +89,21 @@ export class Nic {
       case 'open': {
         if (this.conns.has(ev.conn)) return true;
         this.conns.set(ev.conn, {
-          conn: ev.conn, rx: [], rxBytes: 0, eof: false, accepted: false, outOffset: 0, shutWr: false, closed: false,
+          conn: ev.conn, rx: [], rxBytes: 0, eof: false, accepted: false, outOffset: 0, shutWr: false, closed: false, unreported: 0,
         });
         this.backlog.push(ev.conn);
         return true;
       }
       case 'data': {
         const c = this.conns.get(ev.conn);
-        if (c === undefined || c.closed || c.eof) return true;
+        if (c === undefined) return true;
+        if (c.closed || c.eof) {
+          this.consumed(c, limits.nicInputEventCharge + ev.bytes.byteLength);
+          return true;
+        }
         c.rx.push(ev.bytes);
         c.rxBytes += ev.bytes.byteLength;
+        this.consumed(c, limits.nicInputEventCharge);
         return true;
       }
       case 'close': {
@@ -144,7 +159,25 @@ export class Nic {
         i++;
       }
     }
-    if (!peek) c.rxBytes -= out.byteLength;
+    if (!peek) {
+      c.rxBytes -= out.byteLength;
+      this.consumed(c, out.byteLength);
+    }
+    return out;
+  }
+
+  private consumed(c: Connection, n: number): void {
+    c.unreported += n;
+    if (c.unreported < limits.nicInputCreditBytes) return;
+    this.credits.push({ conn: c.conn, bytes: c.unreported });
+    c.unreported = 0;
+  }
+
+  /** Credits due since the last call (reported in steps of limits.nicInputCreditBytes per connection). */
+  takeCredits(): InputCredit[] | null {
+    if (this.credits.length === 0) return null;
+    const out = this.credits;
+    this.credits = [];
     return out;
   }
 
@@ -235,6 +268,7 @@ export class Nic {
         outOffset: v.uint(c.outOffset, `nic.conns[${i}].outOffset`),
         shutWr: v.bool(c.shutWr, `nic.conns[${i}].shutWr`),
         closed: v.bool(c.closed, `nic.conns[${i}].closed`),
+        unreported: 0,
       });
     }
     const backlog = v.array(s.backlog, 'nic.backlog', limits.nicConnectionsMax).map((x, i) => {
@@ -247,6 +281,7 @@ export class Nic {
     this.pending = pending;
     this.conns = conns;
     this.backlog = backlog;
+    this.credits = [];
   }
 }
 

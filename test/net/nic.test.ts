@@ -1,6 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Nic } from '../../src/net/nic.js';
+import { limits } from '../../src/core/limits.js';
 
 const enc = (s: string) => new TextEncoder().encode(s);
 const dec = (b: Uint8Array | string) => (typeof b === 'string' ? b : new TextDecoder().decode(b));
@@ -20,6 +21,35 @@ test('input is admitted one event at a time, in sequence order', () => {
   assert.equal(dec(nic.recv(7, 1, true) as Uint8Array), 'c', 'peek does not consume');
   assert.equal(dec(nic.recv(7, 10, false) as Uint8Array), 'cd');
   assert.equal(nic.admitOne(), false);
+});
+
+test('consumed input comes back as credits: event charges and bytes read, in steps, peeks excluded', () => {
+  const nic = new Nic();
+  const chunk = new Uint8Array(60 * 1024);
+  nic.enqueue({ seq: 1, kind: 'open', conn: 4 });
+  let seq = 2;
+  const events = 20;
+  for (let i = 0; i < events; i++) nic.enqueue({ seq: seq++, kind: 'data', conn: 4, bytes: chunk });
+  while (nic.admitOne());
+  nic.accept();
+  assert.equal(nic.takeCredits(), null, 'admission charges alone stay below one step');
+  nic.recv(4, 100, true);
+  assert.equal(nic.takeCredits(), null, 'a peek consumes nothing');
+  let total = 0;
+  let steps = 0;
+  for (;;) {
+    const r = nic.recv(4, 10000, false);
+    if (r === 'again') break;
+    for (const c of nic.takeCredits() ?? []) {
+      assert.equal(c.conn, 4);
+      assert.ok(c.bytes >= limits.nicInputCreditBytes, `a credit of ${c.bytes} bytes is below the step`);
+      total += c.bytes;
+      steps++;
+    }
+  }
+  const consumed = events * (chunk.byteLength + limits.nicInputEventCharge);
+  assert.ok(steps >= 4, `${steps} credits`);
+  assert.ok(total <= consumed && consumed - total < limits.nicInputCreditBytes, `credited ${total} of ${consumed}`);
 });
 
 test('stale and repeated events are dropped by sequence number', () => {
