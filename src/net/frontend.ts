@@ -2,7 +2,10 @@ import net from 'node:net';
 import { EventEmitter } from 'node:events';
 import { limits } from '../core/limits.js';
 import { UsageError } from '../core/errors.js';
+import { logger } from '../core/log.js';
 import type { NicInput, NicOutput } from './nic.js';
+
+const log = logger('net');
 
 type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
 
@@ -55,11 +58,18 @@ export class FrontEnd extends EventEmitter {
   private nextConn: number;
   private nextSeq: number;
   private readingPaused = false;
+  /**
+   * Connections the guest knows (told 'open', or known from a restored state) and has not
+   * closed yet; a client may be gone from `conns` while its guest connection lives on.
+   */
+  private readonly guestConns = new Set<number>();
 
   constructor(
     readonly address: ListenAddress,
     private readonly onInput: (ev: NicInput) => void,
     start: { seq: number; conn: number } = { seq: 0, conn: 0 },
+    /** Connections the guest may know at once; beyond it new clients are refused (a state holds at most limits.nicConnectionsMax). */
+    private readonly connectionsMax: number = limits.nicConnectionsMax,
   ) {
     super();
     this.nextSeq = start.seq + 1;
@@ -108,7 +118,14 @@ export class FrontEnd extends EventEmitter {
   }
 
   private accept(socket: net.Socket): void {
+    if (this.guestConns.size >= this.connectionsMax) {
+      // Like a server out of file descriptors: the client is reset, the guest never hears of it.
+      log.debug(`refused a client: the guest has ${this.guestConns.size} connections open`);
+      socket.destroy();
+      return;
+    }
     const id = this.nextConn++;
+    this.guestConns.add(id);
     const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
     this.conns.set(id, c);
     socket.setNoDelay(true);
@@ -144,11 +161,13 @@ export class FrontEnd extends EventEmitter {
 
   /** Tell the guest that a connection it knows (from a restored state) is gone. */
   resetGuestConnection(conn: number): void {
+    this.guestConns.add(conn);
     this.input({ kind: 'close', conn });
   }
 
   /** Write guest output to its client. Output for an unknown (gone) connection is dropped. */
   deliver(out: NicOutput): void {
+    if (out.kind === 'close') this.guestConns.delete(out.conn);
     const c = this.conns.get(out.conn);
     if (c === undefined) return;
     switch (out.kind) {

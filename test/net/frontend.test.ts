@@ -1,0 +1,55 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { FrontEnd } from '../../src/net/frontend.js';
+import type { NicInput } from '../../src/net/nic.js';
+import { waitFor } from '../framework/harness.js';
+
+/** A client connection, and whether it has ended (closed or reset by the front end). */
+function connect(port: number): Promise<{ socket: net.Socket; closed: () => boolean }> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ port, host: '127.0.0.1' });
+    let closed = false;
+    socket.once('close', () => (closed = true));
+    socket.on('error', () => undefined);
+    socket.once('connect', () => resolve({ socket, closed: () => closed }));
+    socket.once('error', reject);
+  });
+}
+
+test('front end: at most connectionsMax guest connections; a client gone is counted until the guest closes it', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 3);
+  await fe.listen();
+  const clients: net.Socket[] = [];
+  t.after(async () => {
+    for (const s of clients) s.destroy();
+    await fe.close();
+  });
+  const port = fe.boundPort();
+  const opens = (): number[] => events.filter((e) => e.kind === 'open').map((e) => e.conn);
+
+  for (let i = 0; i < 3; i++) clients.push((await connect(port)).socket);
+  await waitFor('three open events', () => opens().length === 3, 5000);
+  const [first, second] = opens();
+
+  // A fourth client is reset; the guest never hears of it.
+  const fourth = await connect(port);
+  clients.push(fourth.socket);
+  await waitFor('the fourth client to be closed by the front end', fourth.closed, 5000);
+  assert.equal(opens().length, 3);
+
+  // The first client goes away; the guest has not closed its connection: still no room.
+  clients[0]!.end();
+  await waitFor('the guest to be told client 1 closed', () => events.some((e) => e.kind === 'close' && e.conn === first), 5000);
+  const fifth = await connect(port);
+  clients.push(fifth.socket);
+  await waitFor('the fifth client to be closed by the front end', fifth.closed, 5000);
+  assert.equal(opens().length, 3);
+
+  // The guest closes connections 1 and 2: two new clients are taken.
+  fe.deliver({ kind: 'close', conn: first!, offset: 0 });
+  fe.deliver({ kind: 'close', conn: second!, offset: 0 });
+  clients.push((await connect(port)).socket, (await connect(port)).socket);
+  await waitFor('two more open events', () => opens().length === 5, 5000);
+});
