@@ -3,6 +3,12 @@
  * Code that loops over input, allocates from a length it read, or queues things checks one
  * of these.
  */
+const nicConnectionsMax = 1024;
+const nicConnectionInputWindowBytes = 1024 * 1024;
+const nicInputEventCharge = 1024;
+/** Bytes one socket read hands the front end at most (libuv's read buffer). */
+const socketReadBytesMax = 65536;
+
 export const limits = {
   /** Guest page size used for dirty tracking, migration and checkpoints. */
   pageBytes: 4096,
@@ -73,16 +79,16 @@ export const limits = {
   checkpointDelayMsDefault: 20000,
 
   /** Open guest connections at once. */
-  nicConnectionsMax: 1024,
+  nicConnectionsMax,
   /**
    * Input one client connection may have on its way to the guest (bytes, plus nicInputEventCharge
    * per data event) before the front end stops reading its socket; it reads again once the
    * guest has consumed half of it. A client that floods a guest which does not read costs the
    * host at most this much per connection.
    */
-  nicConnectionInputWindowBytes: 1024 * 1024,
+  nicConnectionInputWindowBytes,
   /** What one input data event counts against the window besides its bytes (bounds the events, not only the bytes). */
-  nicInputEventCharge: 1024,
+  nicInputEventCharge,
   /** The vCPU tells the front end what a connection's guest consumed in steps of this (at most half the window). */
   nicInputCreditBytes: 256 * 1024,
   /** Guest output a client has not read (bytes in its socket's buffer) before the front end stops reading that client's input. */
@@ -91,9 +97,10 @@ export const limits = {
   nicConnectionInputBytesMax: 4 * 1024 * 1024,
   /**
    * Pending input events not yet admitted by the guest: what the windows of all connections
-   * can hold (each event is charged nicInputEventCharge; a socket read adds up to 64 KiB past the window).
+   * can hold (each data event is charged nicInputEventCharge, one socket read may overshoot the
+   * window, and a connection adds its open and close).
    */
-  nicPendingEventsMax: 1024 * (Math.ceil((1024 * 1024 + 65536) / 1024) + 3),
+  nicPendingEventsMax: nicConnectionsMax * (Math.ceil((nicConnectionInputWindowBytes + socketReadBytesMax) / nicInputEventCharge) + 3),
   /** Bytes of client input in flight from the main thread to the vCPU (a power of two; input beyond waits in the main thread). */
   nicInputRingBytes: 8 * 1024 * 1024,
   /** Bytes of one guest send (sock_send iovecs together). */
