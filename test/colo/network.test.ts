@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests, sleep, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, Incrementer, RespClient, countMissing } from '../framework/resp.js';
+import { IncrFlood, rssBytes } from '../framework/flood.js';
 import { rng } from '../framework/rng.js';
 import { assertNoErrors } from '../migration/helpers.js';
 
@@ -80,6 +81,29 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assert.equal(after['checkpoints-periodic'], before['checkpoints-periodic'], 'no periodic checkpoint in the TIME phase');
   assert.ok(after['checkpoints-mismatch']! >= 1, `TIME replies differ between the guests (${JSON.stringify(after)})`);
   assert.equal(await c.command(['GET', 'after-time-4']), 'x');
+  assertNoErrors(src, dst);
+});
+
+test('colo/net: a client flooding the pair and reading no replies is pushed back; both nodes stay bounded and in step', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await startPair(env, 100);
+  const mib = 1024 * 1024;
+  const pids = [src.child.pid!, dst.child.pid!];
+  const before = pids.map(rssBytes);
+  const counters = await coloCounters(src);
+  const flood = await IncrFlood.start(env, port);
+  const growth = pids.map((p, i) => rssBytes(p) - before[i]!);
+  t.diagnostic(`flood stalled after ${(flood.written / mib).toFixed(1)} MiB; RSS grew ${growth.map((g) => (g / mib).toFixed(1)).join(' / ')} MiB (primary / secondary)`);
+  assert.ok(flood.written < flood.target / 2, `the flood was not pushed back: ${(flood.written / mib).toFixed(1)} MiB of ${flood.target / mib} accepted`);
+  for (const [i, g] of growth.entries()) assert.ok(g < 128 * mib, `${i === 0 ? 'primary' : 'secondary'} memory grew by ${(g / mib).toFixed(1)} MiB under the flood`);
+  await flood.readAllReplies();
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  assert.equal(await c.command(['GET', 'flood']), String(flood.commands));
+  const after = await coloCounters(src);
+  assert.equal(after['checkpoints-mismatch'], counters['checkpoints-mismatch'], 'the guests stayed in step: no mismatch checkpoint');
+  assert.equal(after['checkpoints-timeout'], counters['checkpoints-timeout'], 'the secondary kept up: no timeout checkpoint');
+  assert.equal(await src.qmp.execute('query-colo-status').then((r) => (r as { mode: string }).mode), 'primary');
   assertNoErrors(src, dst);
 });
 
