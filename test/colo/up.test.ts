@@ -29,6 +29,7 @@ class Supervisor {
       this.partial = parts.pop()!;
       for (const l of parts) {
         this.lines.push(l);
+        this.timeline.push(`${((performance.now() - this.startedAt) / 1000).toFixed(1)}s ${l}`);
         for (const m of l.matchAll(/pid (\d+)|(?:primary|secondary) (\d+)/g)) this.pids.add(Number(m[1] ?? m[2]));
       }
     });
@@ -41,6 +42,10 @@ class Supervisor {
       }),
     );
   }
+
+  private readonly startedAt = performance.now();
+  /** Every stdout line with the seconds since start, for the test's diagnostics (where a slow run spent its time). */
+  readonly timeline: string[] = [];
 
   get alive(): boolean {
     return this.exitCode === null && this.exitSignal === null;
@@ -199,6 +204,8 @@ for (const transport of ['plain', 'multifd'] as const) {
     const r2 = await RespClient.connect(port);
     clients.push(r2);
     assert.equal(await countMissing(r2, acked2), 0, 'every acknowledged key is still there');
+
+    t.diagnostic(`${transport}: ${sup.timeline.join(' | ')}`);
 
     // 3. SIGTERM: both children go, and so does colo up.
     sup.proc.kill('SIGTERM');
