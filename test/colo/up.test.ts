@@ -29,7 +29,7 @@ class Supervisor {
       this.partial = parts.pop()!;
       for (const l of parts) {
         this.lines.push(l);
-        this.timeline.push(`${((performance.now() - this.startedAt) / 1000).toFixed(1)}s ${l}`);
+        this.lineTimes.push(performance.now() - this.startedAt);
         for (const m of l.matchAll(/pid (\d+)|(?:primary|secondary) (\d+)/g)) this.pids.add(Number(m[1] ?? m[2]));
       }
     });
@@ -44,8 +44,13 @@ class Supervisor {
   }
 
   private readonly startedAt = performance.now();
+  /** When each of `lines` was printed, ms since start. */
+  private readonly lineTimes: number[] = [];
+
   /** Every stdout line with the seconds since start, for the test's diagnostics (where a slow run spent its time). */
-  readonly timeline: string[] = [];
+  timeline(): string {
+    return this.lines.map((l, i) => `${(this.lineTimes[i]! / 1000).toFixed(1)}s ${l}`).join(' | ');
+  }
 
   get alive(): boolean {
     return this.exitCode === null && this.exitSignal === null;
@@ -205,7 +210,7 @@ for (const transport of ['plain', 'multifd'] as const) {
     clients.push(r2);
     assert.equal(await countMissing(r2, acked2), 0, 'every acknowledged key is still there');
 
-    t.diagnostic(`${transport}: ${sup.timeline.join(' | ')}`);
+    t.diagnostic(`${transport}: ${sup.timeline()}`);
 
     // 3. SIGTERM: both children go, and so does colo up.
     sup.proc.kill('SIGTERM');
