@@ -328,11 +328,13 @@ export function checkMemwalkPattern(region: Buffer): string | null {
 /** Run a program to completion, with a timeout. */
 export function runProgram(cmd: string, args: string[], opts: { timeoutMs?: number; cwd?: string; input?: string } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
-    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: ['pipe', 'pipe', 'pipe'] });
+    // No input: stdin is /dev/null, so a program that exits at once (mount) cannot make our
+    // write to its stdin fail with EPIPE.
+    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.on('data', (d: Buffer) => (stdout += d.toString()));
-    child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+    child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+    child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     const timer = setTimeout(() => {
       child.kill('SIGKILL');
       reject(new Error(`timed out after ${opts.timeoutMs ?? 60000} ms waiting for ${cmd} ${args.join(' ')}: ${stderr.slice(-500)}`));
@@ -345,6 +347,10 @@ export function runProgram(cmd: string, args: string[], opts: { timeoutMs?: numb
       clearTimeout(timer);
       resolve({ code, stdout, stderr });
     });
-    child.stdin.end(opts.input ?? '');
+    if (child.stdin !== null) {
+      // A program may exit without reading its input; its exit status says what happened.
+      child.stdin.on('error', () => undefined);
+      child.stdin.end(opts.input);
+    }
   });
 }
