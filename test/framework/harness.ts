@@ -230,6 +230,12 @@ export class TestEnv {
   readonly dir: string;
   private readonly vms: VmProcess[] = [];
   private readonly cleanups: (() => Promise<void> | void)[] = [];
+  /**
+   * The test has ended and cleaned up. A test body that goes on after its test failed (an
+   * uncaught exception fails the test at once) must not start processes nobody would stop:
+   * they would keep the test file, and so the whole run, alive.
+   */
+  private ended = false;
 
   constructor(t: TestContext) {
     this.dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-test-'));
@@ -241,7 +247,8 @@ export class TestEnv {
   }
 
   onCleanup(fn: () => Promise<void> | void): void {
-    this.cleanups.push(fn);
+    if (this.ended) void Promise.resolve().then(fn);
+    else this.cleanups.push(fn);
   }
 
   /** sha256 of a file. */
@@ -260,6 +267,7 @@ export class TestEnv {
 
   /** Start `colo run` with a QMP socket and a serial file; resolves once QMP answers. */
   async startVm(spec: VmSpec): Promise<VmProcess> {
+    if (this.ended) throw new Error(`the test already ended; not starting ${spec.name}`);
     const qmpPath = path.join(this.dir, `${spec.name}.qmp`);
     const serialPath = path.join(this.dir, `${spec.name}.serial`);
     const args = [coloBin, 'run', spec.guest, '--name', spec.name, '--serial', `file:${serialPath}`];
@@ -283,6 +291,7 @@ export class TestEnv {
   }
 
   async cleanup(): Promise<void> {
+    this.ended = true;
     await Promise.all(this.vms.map((vm) => vm.stop().catch(() => vm.kill('SIGKILL'))));
     // Warnings and errors of the processes go to the runner's stderr, so a failure in CI
     // comes with what each node said about it.
