@@ -34,6 +34,24 @@ const failovers = Number(process.env.COLO_BENCH_FAILOVERS ?? 5);
 const rounds = Math.max(1, Number(process.env.COLO_BENCH_ROUNDS ?? 2));
 const tests = ['SET', 'GET', 'INCR'];
 
+/**
+ * Where the processes run. `shared`: anywhere on this machine's cores, so the secondary and
+ * the client take CPU from the primary. `two-host`: how COLO is deployed (the secondary on a
+ * host of its own), emulated on two cores: the primary (or the lone unprotected VM) and the
+ * client share CPU 0, the secondary has CPU 1. The baseline gets the same CPU 0 and nothing
+ * else, as if the second host sat idle.
+ */
+interface Placement {
+  name: string;
+  primary?: string;
+  secondary?: string;
+  client?: string;
+}
+const placementsKnown: Record<string, Placement> = {
+  shared: { name: 'shared' },
+  'two-host': { name: 'two-host', primary: '0', client: '0', secondary: '1' },
+};
+
 interface RedisRow {
   rps: number;
   p50: number;
@@ -102,10 +120,11 @@ function vmHwm(pid: number | undefined): number | undefined {
 }
 
 /** redis-benchmark 7.0 `--csv`: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms". */
-async function redisBenchmark(port: number, n: number): Promise<{ rows: Map<string, RedisRow>; wallMs: number }> {
+async function redisBenchmark(port: number, n: number, cpus: string | undefined): Promise<{ rows: Map<string, RedisRow>; wallMs: number }> {
   const args = ['-h', '127.0.0.1', '-p', String(port), '-n', String(n), '-c', '50', '-t', tests.map((t) => t.toLowerCase()).join(','), '--csv'];
+  const [cmd, ...argv] = cpus === undefined ? ['redis-benchmark', ...args] : ['taskset', '-c', cpus, 'redis-benchmark', ...args];
   const started = performance.now();
-  const child = spawn('redis-benchmark', args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  const child = spawn(cmd!, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   child.stdout.on('data', (d: Buffer) => (out += d.toString()));
@@ -140,9 +159,12 @@ interface Pair {
 }
 
 /** Primary and secondary kv.wasm on the same service address, in COLO state. */
-async function startPair(dir: string, channels: number, port: number): Promise<Pair> {
+async function startPair(dir: string, channels: number, port: number, where: Placement = placementsKnown.shared!): Promise<Pair> {
   const common = ['--memory', memory, '--net', `listen=127.0.0.1:${port}`];
-  const started = await Promise.allSettled([BenchVm.start(dir, 'pvm', kvGuest, common, []), BenchVm.start(dir, 'svm', kvGuest, [...common, '--incoming', 'defer'], [])]);
+  const started = await Promise.allSettled([
+    BenchVm.start(dir, 'pvm', kvGuest, common, [], where.primary),
+    BenchVm.start(dir, 'svm', kvGuest, [...common, '--incoming', 'defer'], [], where.secondary),
+  ]);
   const vms = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
   try {
     for (const r of started) if (r.status === 'rejected') throw r.reason;
@@ -184,14 +206,14 @@ function pausesFromEvents(events: readonly QmpEvent[], from: number): number[] {
   return out;
 }
 
-async function unprotected(dir: string): Promise<LoadResult> {
+async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
   const port = await freePort();
-  const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], []);
+  const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], [], where.primary);
   try {
     await vm.waitSerial('kv ready');
     const c0 = cpuSeconds(vm.child.pid)!;
     const v0 = vmTicks();
-    const r = await redisBenchmark(port, redisN);
+    const r = await redisBenchmark(port, redisN, where.client);
     const cpu = cpuSeconds(vm.child.pid)! - c0;
     return { label: 'unprotected', ...r, hwm: [vmHwm(vm.child.pid)!, undefined], cpu: [cpu, undefined], vmCpu: vmShare(v0) };
   } finally {
@@ -199,15 +221,15 @@ async function unprotected(dir: string): Promise<LoadResult> {
   }
 }
 
-async function protectedLoad(dir: string, channels: number): Promise<LoadResult> {
+async function protectedLoad(dir: string, channels: number, where: Placement): Promise<LoadResult> {
   const port = await freePort();
-  const { pvm, svm } = await startPair(dir, channels, port);
+  const { pvm, svm } = await startPair(dir, channels, port, where);
   try {
     await pvm.waitSerial('kv ready');
     const mark = pvm.qmp.eventCount;
     const c0 = [cpuSeconds(pvm.child.pid)!, cpuSeconds(svm.child.pid)!];
     const v0 = vmTicks();
-    const r = await redisBenchmark(port, redisN);
+    const r = await redisBenchmark(port, redisN, where.client);
     const cpu: [number, number] = [cpuSeconds(pvm.child.pid)! - c0[0]!, cpuSeconds(svm.child.pid)! - c0[1]!];
     const vmCpu = vmShare(v0);
     const info = await pvm.migrationInfo();
@@ -264,7 +286,7 @@ async function failoverOnce(dir: string, channels: number): Promise<Failover | n
   const { pvm, svm } = await startPair(dir, channels, port);
   try {
     // Some state: a short write burst, then two more checkpoints so it is on the secondary.
-    await redisBenchmark(port, 2000);
+    await redisBenchmark(port, 2000, undefined);
     const checkpoints = async (): Promise<number> => Number(((await pvm.migrationInfo())['x-colo'] as Record<string, unknown> | undefined)?.checkpoints ?? NaN);
     const c0 = await checkpoints();
     try {
@@ -316,21 +338,35 @@ export async function run(): Promise<void> {
   const parts = (process.env.COLO_BENCH_PARTS ?? 'load,failover').split(',');
   const dir = tempDir();
   try {
-    if (parts.includes('load')) await loadTables(dir);
+    if (parts.includes('load')) {
+      const names = (process.env.COLO_BENCH_PLACEMENTS ?? 'shared,two-host').split(',');
+      for (const name of names) {
+        const where = placementsKnown[name];
+        if (where === undefined) throw new Error(`COLO_BENCH_PLACEMENTS: unknown placement '${name}' (known: ${Object.keys(placementsKnown).join(', ')})`);
+        if (where.secondary !== undefined && os.availableParallelism() < 2) {
+          process.stdout.write(`Placement ${name} needs 2 CPUs; this machine has ${os.availableParallelism()}: skipped.\n\n`);
+          continue;
+        }
+        await loadTables(dir, where);
+      }
+    }
     if (parts.includes('failover')) await failoverTable(dir);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 }
 
-async function loadTables(dir: string): Promise<void> {
-  process.stdout.write(`### kv.wasm (${memory} RAM, no disk) under redis-benchmark -n ${redisN} -c 50 -t set,get,incr; COLO at x-checkpoint-delay ${checkpointDelayMs}\n\n`);
+async function loadTables(dir: string, where: Placement): Promise<void> {
+  const pin = where.secondary === undefined
+    ? 'all processes unpinned on the shared cores'
+    : `primary (or the lone VM) and redis-benchmark on CPU ${where.primary}, secondary on CPU ${where.secondary}`;
+  process.stdout.write(`### Placement ${where.name}: kv.wasm (${memory} RAM, no disk) under redis-benchmark -n ${redisN} -c 50 -t set,get,incr; COLO at x-checkpoint-delay ${checkpointDelayMs}; ${pin}\n\n`);
   // Rounds of the three setups in turn (unprotected, plain, multifd 4), so that a slow phase of
   // this shared VM hits every setup; each setup's figure per test is its best round (the
   // baseline gets the same treatment as COLO, so a neighbour's burst flatters neither).
   const runs: LoadResult[][] = [[], [], []];
   for (let round = 1; round <= rounds; round++) {
-    const r = [await unprotected(dir), await protectedLoad(dir, 0), await protectedLoad(dir, 4)];
+    const r = [await unprotected(dir, where), await protectedLoad(dir, 0, where), await protectedLoad(dir, 4, where)];
     r.forEach((x, i) => {
       x.label = `${x.label} (round ${round})`;
       runs[i]!.push(x);

@@ -28,13 +28,14 @@ export class BenchVm {
   exited = false;
   private constructor(readonly name: string, readonly child: ChildProcess, readonly qmp: QmpClient, readonly serialPath: string) {}
 
-  static async start(dir: string, name: string, guest: string, args: string[], guestArgs: string[]): Promise<BenchVm> {
+  /** `cpus`: a CPU list for taskset (e.g. "0"): the process and all its threads run only there. */
+  static async start(dir: string, name: string, guest: string, args: string[], guestArgs: string[], cpus?: string): Promise<BenchVm> {
     const qmpPath = path.join(dir, `${name}.qmp`);
     const serialPath = path.join(dir, `${name}.serial`);
     fs.rmSync(serialPath, { force: true });
-    const child = spawn(process.execPath, [coloBin, 'run', guest, '--name', name, '--serial', `file:${serialPath}`, '--qmp', `unix:${qmpPath}`, ...args, '--', ...guestArgs], {
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
+    const argv = [process.execPath, coloBin, 'run', guest, '--name', name, '--serial', `file:${serialPath}`, '--qmp', `unix:${qmpPath}`, ...args, '--', ...guestArgs];
+    const [cmd, ...rest] = cpus === undefined ? argv : ['taskset', '-c', cpus, ...argv];
+    const child = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     let exited = false;
