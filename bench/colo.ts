@@ -13,6 +13,7 @@
  * Environment: COLO_BENCH_REDIS_N (requests per test, default 150000: ~250 checkpoints per COLO case, so the p99 pause is not just the worst one),
  * COLO_BENCH_FAILOVERS (default 5), COLO_BENCH_ROUNDS (default 2: rounds of unprotected, plain,
  * multifd 4 in turn; each setup's figures are its best round), COLO_BENCH_PARTS (load,failover; default both),
+ * COLO_BENCH_PLACEMENTS (shared,two-host; default both: see Placement),
  * COLO_BENCH_DEBUG=1 (keep the stderr of both nodes of each load case in
  * $TMPDIR/colo-bench-CHANNELS-{pvm,svm}.log; with COLO_LOG=debug it has a per-checkpoint
  * breakdown of the pause).
