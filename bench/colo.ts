@@ -23,7 +23,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
-import { BenchVm, median, quantile, root, table, tempDir, waitFor } from './lib.js';
+import { BenchVm, median, pinnedArgv, quantile, root, table, tempDir, waitFor } from './lib.js';
 import type { QmpEvent } from '../src/control/qmp-client.js';
 
 const kvGuest = path.join(root, 'examples/kv/kv.wasm');
@@ -123,7 +123,7 @@ function vmHwm(pid: number | undefined): number | undefined {
 /** redis-benchmark 7.0 `--csv`: "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms","p95_latency_ms","p99_latency_ms","max_latency_ms". */
 async function redisBenchmark(port: number, n: number, cpus: string | undefined): Promise<{ rows: Map<string, RedisRow>; wallMs: number }> {
   const args = ['-h', '127.0.0.1', '-p', String(port), '-n', String(n), '-c', '50', '-t', tests.map((t) => t.toLowerCase()).join(','), '--csv'];
-  const [cmd, ...argv] = cpus === undefined ? ['redis-benchmark', ...args] : ['taskset', '-c', cpus, 'redis-benchmark', ...args];
+  const [cmd, ...argv] = pinnedArgv(['redis-benchmark', ...args], cpus);
   const started = performance.now();
   const child = spawn(cmd!, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';

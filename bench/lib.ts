@@ -23,6 +23,11 @@ export async function waitFor<T>(what: string, check: () => T | undefined | fals
   }
 }
 
+/** `argv` run through taskset on the CPU list `cpus` (e.g. "0"), or as it is without one. */
+export function pinnedArgv(argv: string[], cpus: string | undefined): string[] {
+  return cpus === undefined ? argv : ['taskset', '-c', cpus, ...argv];
+}
+
 export class BenchVm {
   stderr = '';
   exited = false;
@@ -34,7 +39,7 @@ export class BenchVm {
     const serialPath = path.join(dir, `${name}.serial`);
     fs.rmSync(serialPath, { force: true });
     const argv = [process.execPath, coloBin, 'run', guest, '--name', name, '--serial', `file:${serialPath}`, '--qmp', `unix:${qmpPath}`, ...args, '--', ...guestArgs];
-    const [cmd, ...rest] = cpus === undefined ? argv : ['taskset', '-c', cpus, ...argv];
+    const [cmd, ...rest] = pinnedArgv(argv, cpus);
     const child = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'] });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
