@@ -12,6 +12,11 @@
  *   unprotected   one node serves alone (waiting to retry, or given up)
  *   stopping      SIGINT/SIGTERM or a lost service: children are being stopped
  *   stopped       every child is gone; exit
+ *
+ * A hung child (its QMP heartbeat goes unanswered) is fenced with SIGKILL when a partner can
+ * carry on without it: a primary of a protected pair, or any secondary. Its death then runs the
+ * same failover as a crash. A hung node with no partner is only reported: killing it would turn
+ * a stall into an outage.
  */
 import { limits } from '../core/limits.js';
 
@@ -44,6 +49,10 @@ export type PairEvent =
   /** The primary `node` left COLO after its secondary died. */
   | { type: 'continued'; node: number }
   | { type: 'failoverFailed'; node: number; error: string }
+  /** `node` has not answered its heartbeat (query-status) for `ms`. */
+  | { type: 'unresponsive'; node: number; ms: number }
+  /** `node` answers its heartbeat again, after `ms` without. */
+  | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
   | { type: 'timer'; name: 'retry' | 'stopTimeout' };
 
@@ -192,6 +201,14 @@ export class PairCore {
         }
         break;
       }
+      case 'unresponsive':
+        this.unresponsive(e.node, e.ms, out);
+        break;
+      case 'responsive': {
+        const n = this.nodes.get(e.node);
+        if (n?.alive === true && n.failure === undefined) out.push({ type: 'log', level: 'info', msg: `${this.describe(e.node)} answers again after ${e.ms} ms` });
+        break;
+      }
       case 'signal':
         if (this.phase === 'stopping' || this.phase === 'stopped') {
           for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
@@ -307,6 +324,21 @@ export class PairCore {
       return;
     }
     // A node that was already replaced (e.g. a killed secondary): nothing to do.
+  }
+
+  private unresponsive(id: number, ms: number, out: PairAction[]): void {
+    const n = this.nodes.get(id);
+    if (n === undefined || !n.alive || n.failure !== undefined || this.phase === 'stopping' || this.phase === 'stopped') return;
+    const fence =
+      this.secondary?.id === id ||
+      (this.primary?.id === id && this.phase === 'protected' && this.secondary?.alive === true);
+    if (!fence) {
+      out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} has not answered QMP for ${ms} ms; left running: no partner can take over from it` });
+      return;
+    }
+    n.failure = `hung, no answer to QMP for ${ms} ms`;
+    out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} has not answered QMP for ${ms} ms: killing it (SIGKILL) so that it can never serve again` });
+    out.push({ type: 'kill', node: id, signal: 'SIGKILL' });
   }
 
   /** The service cannot go on: stop whatever is left and exit with an error. */

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../control/qmp-client.js';
-import { PairError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
+import { PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
 import { parseKeyValues, parseSize } from './options.js';
@@ -24,6 +24,8 @@ export interface UpOptions {
   drive: string | null;
   channels: number | null;
   checkpointDelayMs: number;
+  /** A child whose heartbeat (query-status) is this late is hung; 0: no heartbeat. */
+  heartbeatTimeoutMs: number;
   stateDir: string | null;
   guestArgs: string[];
 }
@@ -33,6 +35,9 @@ export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [option
   --drive file=PATH           the primary's disk image; each secondary gets its own copy
   --parallel-connections N    checkpoints over N multifd channels
   --checkpoint-delay MS       x-checkpoint-delay (default ${limits.upCheckpointDelayMsDefault})
+  --heartbeat-timeout MS      a child that does not answer QMP for this long is hung, and is
+                              killed when its partner can take over (default
+                              ${limits.upHeartbeatTimeoutMsDefault}; 0: no heartbeat)
   --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
                               folder under the system's temporary directory)
 `;
@@ -46,7 +51,7 @@ function intArg(v: string | undefined, flag: string, min: number, max: number): 
 export function parseUpArgs(argv: string[]): UpOptions {
   let guestPath: string | null = null;
   let net: UpOptions['net'] | null = null;
-  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, stateDir: null as string | null };
+  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, heartbeatTimeoutMs: limits.upHeartbeatTimeoutMsDefault as number, stateDir: null as string | null };
   let guestArgs: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i]!;
@@ -92,6 +97,12 @@ export function parseUpArgs(argv: string[]): UpOptions {
       case '--checkpoint-delay':
         o.checkpointDelayMs = intArg(next(), a, 1, 24 * 3600 * 1000);
         break;
+      case '--heartbeat-timeout': {
+        const ms = intArg(next(), a, 0, 24 * 3600 * 1000);
+        if (ms !== 0 && ms < 2 * limits.upHeartbeatIntervalMs) throw new UsageError('BAD_OPTION', `${a}: expected 0 (off) or at least ${2 * limits.upHeartbeatIntervalMs} ms`);
+        o.heartbeatTimeoutMs = ms;
+        break;
+      }
       case '--state-dir':
         o.stateDir = path.resolve(next());
         break;
@@ -114,6 +125,8 @@ interface Child {
   /** Whether the supervisor created the disk (and may remove it). */
   readonly ownDisk: boolean;
   qmp: QmpClient | null;
+  /** The heartbeat's own QMP connection (never queued behind the driver's commands). */
+  heartbeat: QmpClient | null;
   exited: boolean;
 }
 
@@ -125,6 +138,7 @@ class UpDriver {
   private readonly timers = new Set<NodeJS.Timeout>();
   private readonly address: string;
   private finish!: (code: number) => void;
+  private finished = false;
   readonly done = new Promise<number>((r) => (this.finish = r));
 
   constructor(private readonly o: UpOptions, private readonly stateDir: string) {
@@ -184,7 +198,11 @@ class UpDriver {
         this.keepDisk(a.primary);
         for (const t of this.timers) clearTimeout(t);
         this.timers.clear();
-        for (const c of this.children.values()) void c.qmp?.close().catch(() => undefined);
+        this.finished = true;
+        for (const c of this.children.values()) {
+          void c.qmp?.close().catch(() => undefined);
+          void c.heartbeat?.close().catch(() => undefined);
+        }
         this.finish(a.code);
         break;
     }
@@ -216,18 +234,22 @@ class UpDriver {
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
-    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, exited: false };
+    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, heartbeat: null, exited: false };
     this.children.set(id, c);
     proc.once('error', (err) => log.warn(`${name}: ${err.message}`));
     proc.once('exit', (code, signal) => {
       c.exited = true;
       void c.qmp?.close().catch(() => undefined);
+      void c.heartbeat?.close().catch(() => undefined);
       this.dispatch({ type: 'exited', node: id, code, signal });
     });
     if (proc.pid === undefined) return; // 'error' and 'exit' follow
     this.dispatch({ type: 'spawned', node: id, pid: proc.pid });
     this.bringUp(c).then(
-      () => this.dispatch({ type: 'ready', node: id }),
+      () => {
+        this.dispatch({ type: 'ready', node: id });
+        void this.heartbeat(c);
+      },
       (err: unknown) => {
         if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
       },
@@ -251,6 +273,82 @@ class UpDriver {
     }
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
     if (c.role === 'secondary') await this.configure(c, false);
+  }
+
+  /**
+   * Asks `c` query-status every limits.upHeartbeatIntervalMs on a QMP connection of its own.
+   * A reply later than the heartbeat timeout makes the child `unresponsive` (once per stall; the
+   * core decides whether to fence it), a reply after that `responsive` again. Ends when the
+   * child exits or the supervisor finishes.
+   */
+  private async heartbeat(c: Child): Promise<void> {
+    const timeoutMs = this.o.heartbeatTimeoutMs;
+    if (timeoutMs === 0) return;
+    const live = (): boolean => !c.exited && !this.finished;
+    let hb: QmpClient;
+    try {
+      hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: Math.max(timeoutMs, limits.qmpTimeoutMsDefault), oob: false });
+    } catch (err) {
+      if (live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+      log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
+      return;
+    }
+    c.heartbeat = hb;
+    if (!live()) {
+      void hb.close().catch(() => undefined);
+      return;
+    }
+    let stalledSince: number | null = null;
+    while (live()) {
+      const sent = performance.now();
+      try {
+        await hb.execute('query-status', {}, { timeoutMs });
+        if (stalledSince !== null && live()) this.dispatch({ type: 'responsive', node: c.id, ms: Math.round(performance.now() - stalledSince) });
+        stalledSince = null;
+      } catch (err) {
+        if (!live()) return;
+        if (!(err instanceof TimeoutError)) {
+          // The connection went away. A dying child closes it before its exit is seen: give
+          // the exit the heartbeat's time to arrive. A child that lives on without its QMP
+          // socket cannot be supervised.
+          log.debug(`vm${c.id}: heartbeat connection lost: ${errorMessage(err)}`);
+          const gone = await this.exitWithin(c, timeoutMs);
+          if (!gone && live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - sent) });
+          return;
+        }
+        if (stalledSince === null) {
+          stalledSince = sent;
+          this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+        }
+        continue; // ask again at once: the next reply tells when it is back
+      }
+      await new Promise<void>((resolve) => {
+        const t = setTimeout(() => {
+          this.timers.delete(t);
+          resolve();
+        }, limits.upHeartbeatIntervalMs);
+        this.timers.add(t);
+      });
+    }
+  }
+
+  /** Whether `c`'s process exits within `ms`. */
+  private exitWithin(c: Child, ms: number): Promise<boolean> {
+    if (c.exited) return Promise.resolve(true);
+    return new Promise((resolve) => {
+      const onExit = (): void => {
+        clearTimeout(t);
+        this.timers.delete(t);
+        resolve(true);
+      };
+      const t = setTimeout(() => {
+        this.timers.delete(t);
+        c.proc.off('exit', onExit);
+        resolve(c.exited);
+      }, ms);
+      this.timers.add(t);
+      c.proc.once('exit', onExit);
+    });
   }
 
   /** Capabilities and parameters for COLO (the primary also gets x-checkpoint-delay). */

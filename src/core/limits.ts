@@ -142,6 +142,15 @@ export const limits = {
   upProtectRetryDelayMs: 1000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
+  /** colo up: how often each child is asked `query-status` on a QMP connection of its own (the heartbeat). */
+  upHeartbeatIntervalMs: 100,
+  /**
+   * colo up: default for --heartbeat-timeout. A child whose QMP answer is this late is hung
+   * (stopped, deadlocked, starved): one that has a partner to fail over to is SIGKILLed, which
+   * fences it (it can never serve again) and runs the failover of a crash. Long enough for a
+   * checkpoint pause or a garbage collection (tens of ms) many times over.
+   */
+  upHeartbeatTimeoutMsDefault: 1000,
   /** colo up: default x-checkpoint-delay (shorter than QEMU's 20 s: a pair on one host checkpoints cheaply). */
   upCheckpointDelayMsDefault: 1000,
 

@@ -44,6 +44,8 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['run'], /missing the guest module/],
     [['run', '/nonexistent/guest.wasm'], /nonexistent/],
     [['frobnicate'], /unknown command 'frobnicate'/],
+    [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', '50'], /--heartbeat-timeout: expected 0 \(off\) or at least 200 ms/],
+    [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', 'soon'], /--heartbeat-timeout: expected an integer/],
   ];
   for (const [args, re] of cases) {
     const r = await colo(args);

@@ -113,3 +113,42 @@ test('colo up core: a signal stops both children; a death while stopping is no f
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), []);
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
 });
+
+test('colo up core: a hung primary is killed (fenced) and the secondary takes over, as after a crash', () => {
+  const c = protectedPair();
+  const out = c.step({ type: 'unresponsive', node: 1, ms: 1000 });
+  assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), ['kill 1 SIGKILL']);
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /primary 101 has not answered QMP for 1000 ms: killing it/.test(a.msg)), JSON.stringify(out));
+  // Reported once: a second report of the same stall does nothing more.
+  assert.deepEqual(run(c, { type: 'unresponsive', node: 1, ms: 1000 }), []);
+  assert.equal(c.phase, 'protected', 'the failover starts with its death, not before');
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }), [
+    'pair: primary died (killed: hung, no answer to QMP for 1000 ms); secondary 102 took over on 127.0.0.1:6379',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+});
+
+test('colo up core: a hung secondary is killed and the primary continues', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'unresponsive', node: 2, ms: 1500 }), ['kill 2 SIGKILL']);
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 })[0], 'pair: secondary died (killed: hung, no answer to QMP for 1500 ms); primary 101 continues unprotected');
+});
+
+test('colo up core: a hung node with no partner is reported, not killed; answering again is reported too', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(c, { type: 'continued', node: 1 });
+  assert.equal(c.phase, 'reprotecting');
+  const out = c.step({ type: 'unresponsive', node: 1, ms: 1000 });
+  assert.deepEqual(out.filter((a) => a.type !== 'log'), [], 'the only node serving is not killed');
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /left running: no partner/.test(a.msg)), JSON.stringify(out));
+  const back = c.step({ type: 'responsive', node: 1, ms: 2300 });
+  assert.ok(back.some((a) => a.type === 'log' && a.level === 'info' && /primary 101 answers again after 2300 ms/.test(a.msg)), JSON.stringify(back));
+  // A dead node's late report changes nothing.
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  run(c, { type: 'exited', node: 3, code: 1, signal: null });
+  assert.deepEqual(c.step({ type: 'unresponsive', node: 3, ms: 1000 }), []);
+});

@@ -1,0 +1,132 @@
+/**
+ * Helpers for tests of `colo up` (real processes): the supervisor process and its printed
+ * lines, its children, and timing the service's return after a failure.
+ */
+import assert from 'node:assert/strict';
+import type { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import { waitFor } from './harness.js';
+import { RespClient } from './resp.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
+
+/** The `colo up` process: its stdout lines, its stderr, the child pids it reported. */
+export class Supervisor {
+  lines: string[] = [];
+  stderr = '';
+  exitCode: number | null = null;
+  exitSignal: string | null = null;
+  readonly pids = new Set<number>();
+  private readonly exited: Promise<void>;
+  private partial = '';
+
+  constructor(readonly proc: ReturnType<typeof spawn>) {
+    proc.stdout!.on('data', (d: Buffer) => {
+      this.partial += d.toString();
+      const parts = this.partial.split('\n');
+      this.partial = parts.pop()!;
+      for (const l of parts) {
+        this.lines.push(l);
+        this.lineTimes.push(performance.now() - this.startedAt);
+        for (const m of l.matchAll(/pid (\d+)|(?:primary|secondary) (\d+)/g)) this.pids.add(Number(m[1] ?? m[2]));
+      }
+    });
+    proc.stderr!.on('data', (d: Buffer) => (this.stderr += d.toString()));
+    this.exited = new Promise((r) =>
+      proc.once('exit', (code, signal) => {
+        this.exitCode = code;
+        this.exitSignal = signal;
+        r();
+      }),
+    );
+  }
+
+  private readonly startedAt = performance.now();
+  /** When each of `lines` was printed, ms since start. */
+  private readonly lineTimes: number[] = [];
+
+  /** Every stdout line with the seconds since start, for the test's diagnostics (where a slow run spent its time). */
+  timeline(): string {
+    return this.lines.map((l, i) => `${(this.lineTimes[i]! / 1000).toFixed(1)}s ${l}`).join(' | ');
+  }
+
+  get alive(): boolean {
+    return this.exitCode === null && this.exitSignal === null;
+  }
+
+  /** Wait for a stdout line matching `re` at index >= `from`; returns its match and index. */
+  async line(re: RegExp, from: number, timeoutMs: number): Promise<{ m: RegExpExecArray; at: number }> {
+    return waitFor(`colo up to print a line matching ${re} (printed so far: ${JSON.stringify(this.lines)}; stderr tail: ${this.stderr.slice(-1500)})`, () => {
+      for (let i = from; i < this.lines.length; i++) {
+        const m = re.exec(this.lines[i]!);
+        if (m !== null) return { m, at: i };
+      }
+      if (!this.alive) throw new Error(`colo up exited (code ${this.exitCode}, signal ${this.exitSignal}): ${JSON.stringify(this.lines)} ${this.stderr.slice(-2000)}`);
+      return undefined;
+    }, timeoutMs);
+  }
+
+  waitExit(timeoutMs: number): Promise<void> {
+    return withTimeout(this.exited, timeoutMs, 'colo up to exit');
+  }
+}
+
+export async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms)));
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
+/** Processes whose command line mentions `dir`. */
+export function pidsUsing(dir: string): number[] {
+  const out: number[] = [];
+  for (const e of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
+    try {
+      if (fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(`unix:${dir}/`)) out.push(Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** The QMP socket a `colo run` child was given (from its command line). */
+export async function qmpOf(pid: number): Promise<QmpClient> {
+  const args = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  const i = args.indexOf('--qmp');
+  assert.ok(i > 0, `process ${pid} has a --qmp option`);
+  return QmpClient.connect(args[i + 1]!, { timeoutMs: 5000 });
+}
+
+/** Wait until a checkpoint that starts after now has been applied on the secondary (two RESUMEs). */
+export async function checkpointAfterNow(secondary: QmpClient): Promise<void> {
+  await secondary.waitEvent('RESUME', { after: secondary.eventCount, nth: 2, timeoutMs: 15000 });
+}
+
+/** Time from now until a fresh connection on `port` answers GET (polling every 10 ms). */
+export async function timeUntilServing(port: number, since: number, timeoutMs: number): Promise<number> {
+  const deadline = since + timeoutMs;
+  for (;;) {
+    try {
+      const c = await RespClient.connect(port, '127.0.0.1', 500);
+      try {
+        await c.command(['GET', 'probe'], 500);
+        return performance.now() - since;
+      } finally {
+        c.close();
+      }
+    } catch {
+      if (performance.now() > deadline) throw new Error(`nothing answered on port ${port} within ${timeoutMs} ms`);
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+}
