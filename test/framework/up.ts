@@ -3,9 +3,9 @@
  * lines, its children, and timing the service's return after a failure.
  */
 import assert from 'node:assert/strict';
-import type { spawn } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import { waitFor } from './harness.js';
+import { type TestEnv, coloBin, freePort, guests, waitFor } from './harness.js';
 import { RespClient } from './resp.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
@@ -129,4 +129,43 @@ export async function timeUntilServing(port: number, since: number, timeoutMs: n
       await new Promise((r) => setTimeout(r, 10));
     }
   }
+}
+
+/** A `colo up` of kv.wasm that reached `pair: protected`, with what the test must close. */
+export interface ProtectedPair {
+  sup: Supervisor;
+  port: number;
+  /** The --drive image (8 MiB). */
+  image: string;
+  /** The first `pair: protected` line. */
+  first: { m: RegExpExecArray; at: number };
+  primary: number;
+  secondary: number;
+  /** Closed at cleanup, before the supervisor is stopped. */
+  clients: { close(): unknown }[];
+}
+
+/**
+ * Starts `colo up` on kv.wasm (256M, a drive, --checkpoint-delay 200, state in env.dir, plus
+ * `extraArgs`) and waits for the pair to be protected. At cleanup: the clients, then SIGTERM to
+ * the supervisor, then SIGKILL to anything it left behind (also when it was killed itself; its
+ * children have their QMP sockets in the state folder).
+ */
+export async function startProtectedPair(env: TestEnv, extraArgs: string[] = []): Promise<ProtectedPair> {
+  const port = await freePort();
+  const image = env.image('kv.img', 8 * 1024 * 1024);
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M'];
+  args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extraArgs);
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  const clients: { close(): unknown }[] = [];
+  env.onCleanup(async () => {
+    for (const c of clients) await c.close();
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of [...sup.pids, ...pidsUsing(env.dir)]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  return { sup, port, image, first, primary: Number(first.m[1]), secondary: Number(first.m[2]), clients };
 }
