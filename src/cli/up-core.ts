@@ -13,6 +13,11 @@
  *   stopping      SIGINT/SIGTERM or a lost service: children are being stopped
  *   stopped       every child is gone; exit
  *
+ * A primary that leaves COLO by itself (COLO_EXIT while the pair is protected: its link to the
+ * secondary broke, or the stream was corrupt) serves on alone, and its secondary's state falls
+ * behind with every reply released from then on. That secondary must never take over: it is
+ * killed at once and a new one protects the primary again.
+ *
  * A hung child (its QMP heartbeat goes unanswered) is fenced with SIGKILL when a partner can
  * carry on without it: a primary of a protected pair, or any secondary. Its death then runs the
  * same failover as a crash. A hung node with no partner is only reported: killing it would turn
@@ -49,6 +54,8 @@ export type PairEvent =
   /** The primary `node` left COLO after its secondary died. */
   | { type: 'continued'; node: number }
   | { type: 'failoverFailed'; node: number; error: string }
+  /** `node` sent COLO_EXIT (also the ones the supervisor asked for with x-colo-lost-heartbeat). */
+  | { type: 'coloExit'; node: number; mode: string; reason: string }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
   | { type: 'unresponsive'; node: number; ms: number }
   /** `node` answers its heartbeat again, after `ms` without. */
@@ -204,6 +211,21 @@ export class PairCore {
       case 'unresponsive':
         this.unresponsive(e.node, e.ms, out);
         break;
+      case 'coloExit': {
+        // Only a primary leaving COLO on its own matters; in a failover the supervisor asked for it.
+        if (this.phase !== 'protected' || this.primary?.id !== e.node || e.mode !== 'primary') break;
+        const p = this.primary;
+        const s = this.secondary!;
+        out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });
+        out.push({ type: 'print', line: `pair: primary ${p.pid} left COLO (reason ${e.reason}); it continues unprotected` });
+        s.failure = `out of date: primary ${p.pid} left COLO`;
+        out.push({ type: 'kill', node: s.id, signal: 'SIGKILL' }, { type: 'discardDisk', node: s.id });
+        // Its exit, when it comes, is that of a replaced node.
+        this.secondary = null;
+        this.phase = 'unprotected';
+        this.reprotect(out);
+        break;
+      }
       case 'responsive': {
         const n = this.nodes.get(e.node);
         if (n?.alive === true && n.failure === undefined) out.push({ type: 'log', level: 'info', msg: `${this.describe(e.node)} answers again after ${e.ms} ms` });

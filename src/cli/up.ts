@@ -263,6 +263,9 @@ class UpDriver {
       if (fs.existsSync(c.qmpPath)) {
         try {
           c.qmp = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: 2000 });
+          c.qmp.on('event', (ev) => {
+            if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+          });
           break;
         } catch {
           // not listening yet

@@ -152,3 +152,33 @@ test('colo up core: a hung node with no partner is reported, not killed; answeri
   run(c, { type: 'exited', node: 3, code: 1, signal: null });
   assert.deepEqual(c.step({ type: 'unresponsive', node: 3, ms: 1000 }), []);
 });
+
+test('colo up core: a primary that leaves COLO by itself gets its out-of-date secondary killed and a new one', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [
+    'pair: primary 101 left COLO (reason error); it continues unprotected',
+    'kill 2 SIGKILL',
+    'discardDisk 2',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  assert.equal(c.secondary?.id, 3, 'the out-of-date secondary can no longer be told to take over');
+  // Its death is that of a replaced node: no failover.
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), []);
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
+  // The primary dies now: the new secondary, which has everything, takes over.
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3', 'discardDisk 1']);
+});
+
+test('colo up core: the COLO_EXIT of a failover the supervisor asked for changes nothing more', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  assert.equal(c.phase, 'failover');
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'request' }), []);
+  const c2 = protectedPair();
+  run(c2, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(run(c2, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'request' }), []);
+  assert.deepEqual(run(c2, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
+});

@@ -108,3 +108,42 @@ for (const { transport, signal, boundMs, cause } of cases) {
     assert.equal(fenced.length, signal === 'SIGSTOP' ? 2 : 0, `fencing warnings: ${JSON.stringify(fenced)}`);
   });
 }
+
+test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date secondary is replaced, and a later failover loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const { sup, port, first, primary: p1, secondary: s1, clients } = await startProtectedPair(env);
+  const p1q = await qmpOf(p1);
+  clients.push(p1q);
+  const w = await AckedWriter.start(port, 'k:');
+  clients.push({ close: () => w.stop() });
+  await waitFor('200 acknowledged writes', () => w.acked.size >= 200, 20000);
+
+  // The primary's COLO channels close under it. It waits for x-colo-lost-heartbeat, which
+  // nobody sends, then leaves COLO by itself (reason error) and serves on alone: from then on
+  // the secondary falls behind every reply the primary releases.
+  await p1q.execute('yank', { instances: [{ type: 'migration' }] });
+  const left = await sup.line(new RegExp(`^pair: primary ${p1} left COLO \\(reason error\\); it continues unprotected$`), first.at + 1, 15000);
+  await waitFor(`the out-of-date secondary ${s1} to be killed`, () => !pidAlive(s1), 5000);
+  const afterBreak = w.acked.size;
+  await waitFor('200 writes acknowledged by the primary alone', () => w.acked.size >= afterBreak + 200, 20000);
+  const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${p1}, secondary pid (\\d+)\\)$`), left.at + 1, 60000);
+  const s2 = Number(again.m[1]);
+  const s2q = await qmpOf(s2);
+  clients.push(s2q);
+  await checkpointAfterNow(s2q);
+
+  // The primary dies: the new secondary takes over with every write, also those of the time
+  // the primary served alone (the old secondary, told to take over, would have lost them).
+  process.kill(p1, 'SIGKILL');
+  await timeUntilServing(port, performance.now(), 5000);
+  await withTimeout(w.ended(), 5000, "the writer's connection to the dead primary to end");
+  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over on 127\\.0\\.0\\.1:${port}$`), again.at + 1, 5000);
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  const acked = new Map(w.acked);
+  assert.ok(acked.size >= afterBreak + 200);
+  assert.equal(await countMissing(r, acked), 0, 'every acknowledged key, before and after the link broke, is on the node that took over');
+  t.diagnostic(sup.timeline());
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
+});
