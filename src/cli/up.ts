@@ -289,10 +289,11 @@ class UpDriver {
     if (timeoutMs === 0) return;
     const live = (): boolean => !c.exited && !this.finished;
     let hb: QmpClient;
+    const connecting = performance.now();
     try {
       hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: Math.max(timeoutMs, limits.qmpTimeoutMsDefault), oob: false });
     } catch (err) {
-      if (live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+      if (live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - connecting) });
       log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
       return;
     }
