@@ -9,6 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../control/qmp-client.js';
+import { checkGuest } from '../machine/instrument.js';
 import { PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
@@ -454,6 +455,8 @@ export async function upCommand(argv: string[]): Promise<number> {
   const o = parseUpArgs(argv);
   setLogNode('up');
   if (!fs.existsSync(o.guestPath)) throw new UsageError('BAD_OPTION', `'${o.guestPath}' does not exist`);
+  // Refuse a bad guest once, here, rather than as two children that die at start.
+  checkGuest(fs.readFileSync(o.guestPath));
   let stateDir: string;
   if (o.stateDir !== null) {
     fs.mkdirSync(o.stateDir, { recursive: true });

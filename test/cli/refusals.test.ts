@@ -31,6 +31,12 @@ test('a guest importing anything outside WASI is refused at load, naming the imp
   const g = await colo(['run', garbage]);
   assert.notEqual(g.code, 0);
   assert.match(g.stderr, /not a WebAssembly module|invalid|magic/i);
+  // colo up refuses it once, before it starts any child.
+  const u = await colo(['up', file, '--net', 'listen=127.0.0.1:1', '--state-dir', env.file('up-state')]);
+  assert.equal(u.code, 2, u.stderr);
+  assert.match(u.stderr, /env\.foo/);
+  assert.equal(u.stderr.trim().split('\n').length, 1, `one clear line, got: ${u.stderr}`);
+  assert.equal(u.stdout, '', 'no pair was started');
 });
 
 test('bad options get one clear line and a non-zero exit', async () => {
