@@ -5,6 +5,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -451,12 +452,29 @@ class UpDriver {
   }
 }
 
+/**
+ * The service address must be free: the primary opens it only after it started, and a
+ * secondary when it takes over, so a pair started on a taken address would look protected and
+ * serve nothing.
+ */
+async function checkAddressFree(host: string, port: number): Promise<void> {
+  await new Promise<void>((resolve, reject) => {
+    const server = net.createServer();
+    server.once('error', (err: NodeJS.ErrnoException) => {
+      const why = err.code === 'EADDRINUSE' ? 'it is in use (another service, or a colo up still running?)' : err.message;
+      reject(new UsageError('BAD_OPTION', `--net listen=${host}:${port}: cannot listen there: ${why}`));
+    });
+    server.listen({ host, port, exclusive: true }, () => server.close(() => resolve()));
+  });
+}
+
 export async function upCommand(argv: string[]): Promise<number> {
   const o = parseUpArgs(argv);
   setLogNode('up');
   if (!fs.existsSync(o.guestPath)) throw new UsageError('BAD_OPTION', `'${o.guestPath}' does not exist`);
   // Refuse a bad guest once, here, rather than as two children that die at start.
   checkGuest(fs.readFileSync(o.guestPath));
+  await checkAddressFree(o.net.host, o.net.port);
   let stateDir: string;
   if (o.stateDir !== null) {
     fs.mkdirSync(o.stateDir, { recursive: true });

@@ -39,6 +39,19 @@ test('a guest importing anything outside WASI is refused at load, naming the imp
   assert.equal(u.stdout, '', 'no pair was started');
 });
 
+test('colo up on a service address that is in use: one clear line, no pair started', async (t) => {
+  const env = new TestEnv(t);
+  const taken = net.createServer();
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+  env.onCleanup(() => new Promise<void>((resolve) => taken.close(() => resolve())));
+  const port = (taken.address() as net.AddressInfo).port;
+  const r = await colo(['up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--state-dir', env.file('up-state')]);
+  assert.equal(r.code, 2, r.stderr);
+  assert.match(r.stderr, new RegExp(`--net listen=127\\.0\\.0\\.1:${port}: cannot listen there: it is in use`));
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+  assert.equal(r.stdout, '', 'no pair was started');
+});
+
 test('bad options get one clear line and a non-zero exit', async () => {
   const cases: [string[], RegExp][] = [
     [['run', guests.spin, '--memory', 'banana'], /--memory: 'banana' is not a size/],
