@@ -1,4 +1,5 @@
 import { assert } from '../core/assert.js';
+import { concatBytes } from '../core/bytes.js';
 import { limits } from '../core/limits.js';
 import { RestoreError } from '../core/errors.js';
 import * as v from '../core/validate.js';
@@ -230,7 +231,7 @@ export class Nic {
       backlog: [...this.backlog],
       conns: [...this.conns.values()].map((c) => ({
         conn: c.conn,
-        rx: concat(c.rx, c.rxBytes),
+        rx: concatBytes(c.rx),
         eof: c.eof,
         accepted: c.accepted,
         outOffset: c.outOffset,
@@ -283,14 +284,4 @@ export class Nic {
     this.backlog = backlog;
     this.credits = [];
   }
-}
-
-function concat(chunks: Uint8Array[], total: number): Uint8Array {
-  const out = new Uint8Array(total);
-  let at = 0;
-  for (const c of chunks) {
-    out.set(c, at);
-    at += c.byteLength;
-  }
-  return out;
 }
