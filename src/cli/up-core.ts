@@ -19,7 +19,7 @@
  * killed at once and a new one protects the primary again.
  *
  * A hung child (its QMP heartbeat goes unanswered) is fenced with SIGKILL when a partner can
- * carry on without it: a primary of a protected pair, or any secondary. Its death then runs the
+ * carry on without it: a primary of a protected pair, or a secondary that is not taking over. Its death runs the
  * same failover as a crash. A hung node with no partner is only reported: killing it would turn
  * a stall into an outage.
  */
@@ -351,8 +351,9 @@ export class PairCore {
   private unresponsive(id: number, ms: number, out: PairAction[]): void {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive || n.failure !== undefined || this.phase === 'stopping' || this.phase === 'stopped') return;
+    // A secondary that is taking over (phase failover) is the only copy of the service now.
     const fence =
-      this.secondary?.id === id ||
+      (this.secondary?.id === id && this.phase !== 'failover') ||
       (this.primary?.id === id && this.phase === 'protected' && this.secondary?.alive === true);
     if (!fence) {
       out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} has not answered QMP for ${ms} ms; left running: no partner can take over from it` });

@@ -182,3 +182,13 @@ test('colo up core: the COLO_EXIT of a failover the supervisor asked for changes
   assert.deepEqual(run(c2, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'request' }), []);
   assert.deepEqual(run(c2, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
 });
+
+test('colo up core: a secondary that is taking over is never killed for a slow heartbeat', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.equal(c.phase, 'failover');
+  const out = c.step({ type: 'unresponsive', node: 2, ms: 1000 });
+  assert.deepEqual(out.filter((a) => a.type !== 'log'), [], 'the only copy of the service is not killed');
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /no partner/.test(a.msg)), JSON.stringify(out));
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
+});
