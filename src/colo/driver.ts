@@ -459,7 +459,7 @@ export class SecondaryDriver {
               log.info(`secondary: committed ${n} disk blocks the guest wrote since the last checkpoint`);
             }
             if (!m.running) await m.cont();
-            await vm.startFrontEnd();
+            await vm.startFrontEnd({ untilFree: true });
           });
         } catch (err) {
           if (this.host.closing) log.debug(`the secondary did not take over (shutting down): ${errorMessage(err)}`);

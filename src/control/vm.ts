@@ -1,6 +1,7 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
 import { ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
 import { Machine, type RunState } from '../machine/machine.js';
@@ -33,6 +34,8 @@ export class Vm extends EventEmitter {
   /** Sees every client input event after the guest got it (COLO's mirror on the primary). */
   inputTap: ((ev: NicInput) => void) | null = null;
   private quitting = false;
+  /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
+  private listenRetry: NodeJS.Timeout | null = null;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
@@ -99,9 +102,14 @@ export class Vm extends EventEmitter {
     }
   }
 
-  /** Listen on the --net address and attach it to the guest NIC. */
-  async startFrontEnd(): Promise<void> {
-    if (this.opts.net === null || this.frontEnd !== null) return;
+  /**
+   * Listen on the --net address and attach it to the guest NIC. With `untilFree` (a COLO
+   * secondary taking over: it holds the only copy of the service), an address still in use
+   * after the short retry does not fail: the guest runs on and the front end keeps trying in
+   * the background, every limits.netTakeoverListenRetryMs, until it listens or the VM goes.
+   */
+  async startFrontEnd(opts: { untilFree?: boolean } = {}): Promise<void> {
+    if (this.opts.net === null || this.frontEnd !== null || this.listenRetry !== null) return;
     // The NIC state (numbering, known connections) is read from a stopped vCPU; a guest that
     // is already running (a COLO secondary taking over) is stopped for that moment.
     const wasRunning = this.machine.running;
@@ -116,9 +124,38 @@ export class Vm extends EventEmitter {
     // sees them reset.
     for (const c of state.nic.conns) fe.resetGuestConnection(c.conn);
     for (const ev of state.nic.pending) if (ev.kind === 'open') fe.resetGuestConnection(ev.conn);
-    await listenWithRetry(fe);
+    const where = `${this.opts.net.host}:${this.opts.net.port}`;
+    try {
+      await listenWithRetry(fe);
+    } catch (err) {
+      if (opts.untilFree !== true || !addressInUse(err)) throw err;
+      log.warn(`${errorMessage(err)}; the guest runs on, and the front end tries again every ${limits.netTakeoverListenRetryMs} ms until the address is free`);
+      this.retryListen(fe, where);
+      return;
+    }
     this.frontEnd = fe;
     log.info(`serving guest NIC on ${this.opts.net.host}:${fe.boundPort()}`);
+  }
+
+  private retryListen(fe: FrontEnd, where: string): void {
+    this.listenRetry = setTimeout(() => {
+      fe.listen().then(
+        () => {
+          if (this.listenRetry === null) {
+            void fe.close(); // destroyed meanwhile
+            return;
+          }
+          this.listenRetry = null;
+          this.frontEnd = fe;
+          log.info(`serving guest NIC on ${where} (the address is free again)`);
+        },
+        (err: unknown) => {
+          if (this.listenRetry === null) return; // destroyed meanwhile
+          if (!addressInUse(err)) log.warn(`still cannot listen on ${where}: ${errorMessage(err)}`);
+          this.retryListen(fe, where);
+        },
+      );
+    }, limits.netTakeoverListenRetryMs);
   }
 
   async stop(): Promise<void> {
@@ -155,6 +192,8 @@ export class Vm extends EventEmitter {
   }
 
   async destroy(): Promise<void> {
+    if (this.listenRetry !== null) clearTimeout(this.listenRetry);
+    this.listenRetry = null;
     this.colo.close();
     await this.migration.close().catch((err: unknown) => log.debug(`closing the migration: ${errorMessage(err)}`));
     await this.frontEnd?.close();
@@ -170,6 +209,10 @@ function maxConn(state: Awaited<ReturnType<Machine['saveVcpu']>>): number {
   return m;
 }
 
+function addressInUse(err: unknown): boolean {
+  return err instanceof ColoError && /EADDRINUSE/.test(err.message);
+}
+
 /** The previous owner of the address (a migration source) may still be closing it. */
 async function listenWithRetry(fe: FrontEnd): Promise<void> {
   const deadline = Date.now() + 5000;
@@ -178,7 +221,7 @@ async function listenWithRetry(fe: FrontEnd): Promise<void> {
       await fe.listen();
       return;
     } catch (err) {
-      if (Date.now() > deadline || !(err instanceof ColoError) || !/EADDRINUSE/.test(err.message)) throw err;
+      if (Date.now() > deadline || !addressInUse(err)) throw err;
       // A SIGKILLed primary on this host frees the address when the kernel reaps it, a few
       // ms to tens of ms later: retry often, the service is down meanwhile.
       await new Promise((r) => setTimeout(r, 5));

@@ -142,6 +142,8 @@ export const limits = {
   upProtectRetryDelayMs: 1000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
+  /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */
+  netTakeoverListenRetryMs: 1000,
   /** colo up: how often each child is asked `query-status` on a QMP connection of its own (the heartbeat). */
   upHeartbeatIntervalMs: 100,
   /**

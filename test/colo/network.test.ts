@@ -197,3 +197,34 @@ test(`colo/net: the secondary SIGKILLed under kv load (${onlySeed ?? seeds} seed
     });
   }
 });
+
+test('colo/net: a takeover while the hung primary still holds the address serves as soon as the address is free', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startPair(env, 100);
+  const writer = await AckedWriter.start(pair.port, 'held:');
+  env.onCleanup(() => writer.stop());
+  await waitFor('200 acknowledged writes', () => writer.acked.size >= 200, 20000);
+  // A manager without fencing: the primary hangs and the secondary is told to take over while
+  // the hung process still holds the service address.
+  pair.src.kill('SIGSTOP');
+  const mark = pair.dst.qmp.eventCount;
+  await pair.dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  await pair.dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000, where: (e) => e.data.mode === 'secondary' });
+  await waitFor('the secondary to report that it keeps trying the address', () => / warn .*tries again every \d+ ms until the address is free/.test(pair.dst.stderr), 15000);
+  assert.equal(pair.dst.alive, true, 'the secondary, the only copy of the service now, runs on');
+  const acked = new Map(writer.acked);
+  // The hung process goes: the address is free, and the secondary takes it.
+  const killedAt = performance.now();
+  pair.src.kill('SIGKILL');
+  await writer.stop();
+  // Until it is reaped, the kernel still completes connections to its listening socket.
+  await waitFor('the old primary to be reaped', () => !pair.src.alive, 5000);
+  const c = await RespClient.whenServing(pair.port, 'the secondary serving once the address is free', 5000);
+  env.onCleanup(() => c.close());
+  const ms = performance.now() - killedAt;
+  t.diagnostic(`served ${ms.toFixed(0)} ms after the old primary was killed`);
+  assert.ok(ms < 2500, `served within one retry period (+ slack) of the address becoming free: ${ms.toFixed(0)} ms`);
+  assert.equal(await countMissing(c, acked), 0, 'every acknowledged write is on the secondary');
+  assert.match(pair.dst.stderr, / info .*serving guest NIC on 127\.0\.0\.1:\d+ \(the address is free again\)/);
+  assertNoErrors(pair.dst);
+});
