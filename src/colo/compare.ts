@@ -49,7 +49,18 @@ export class Compare {
   matchedBytes = 0;
   checkpointReleasedBytes = 0;
 
-  constructor(private readonly lim: CompareLimits) {}
+  /**
+   * `delivered(conn)`: how many bytes of a connection's output its client has already
+   * received, for a connection the compare has not seen yet. A connection that existed before
+   * COLO started (the usual case when a pair is protected again after a failover, its clients
+   * still connected) has output before the compare's time, delivered directly: the compare's
+   * offsets go on from there. Without it they would restart at 0, and what the compare releases
+   * would land before what the client already has.
+   */
+  constructor(
+    private readonly lim: CompareLimits,
+    private readonly delivered: (conn: number) => number = () => 0,
+  ) {}
 
   /** Output of the PVM (always the current epoch: the PVM never rolls back). */
   pvm(out: NicOutput, now: number): CompareResult {
@@ -122,7 +133,7 @@ export class Compare {
   private conn(id: number): Conn {
     let c = this.conns.get(id);
     if (c === undefined) {
-      c = { released: 0, pvm: [], svm: [], mismatched: false };
+      c = { released: this.delivered(id), pvm: [], svm: [], mismatched: false };
       this.conns.set(id, c);
     }
     return c;

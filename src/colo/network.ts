@@ -44,7 +44,10 @@ class Batcher<E> {
 }
 
 export class PrimaryNet {
-  readonly compare = new Compare({ timeoutMs: limits.coloCompareTimeoutMs, heldBytesMax: limits.coloCompareHeldBytesMax });
+  readonly compare = new Compare(
+    { timeoutMs: limits.coloCompareTimeoutMs, heldBytesMax: limits.coloCompareHeldBytesMax },
+    (conn) => this.vm.frontEnd?.deliveredBytes(conn) ?? 0,
+  );
   private active = false;
   private scan: NodeJS.Timeout | null = null;
   private readonly mirror: Batcher<NicInput>;

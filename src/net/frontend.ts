@@ -196,6 +196,11 @@ export class FrontEnd extends EventEmitter {
     }
   }
 
+  /** Bytes of the guest's output on `conn` written to its client so far (0 for an unknown connection). */
+  deliveredBytes(conn: number): number {
+    return this.conns.get(conn)?.outOffset ?? 0;
+  }
+
   /** The guest consumed `bytes` of a connection's input (a vCPU credit): read on once half the window is free. */
   credit(conn: number, bytes: number): void {
     const c = this.conns.get(conn);

@@ -102,3 +102,26 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   assert.ok(parts.length >= 2);
   assert.equal(parts.map((x) => (decodeNetBatch(x) as { events: unknown[] }).events.length).reduce((a, b) => a + b, 0), 40);
 });
+
+test('compare: a connection older than the compare goes on from what its client already received', () => {
+  // Connection 7 delivered 500 bytes before COLO started.
+  const delivered = new Map([[7, 500]]);
+  const c = new Compare(lim, (conn) => delivered.get(conn) ?? 0);
+  assert.equal(text(c.pvm(out(7, 500, '+OK\r\n'), 0).release), '');
+  const r = c.svm(0, out(7, 500, '+OK\r\n'), 1);
+  assert.equal(r.trigger, null, 'no gap, no mismatch');
+  assert.equal(text(r.release), '7@500:+OK\r\n');
+  // A connection opened under COLO starts at 0.
+  c.pvm(out(8, 0, 'a'), 2);
+  assert.equal(text(c.svm(0, out(8, 0, 'a'), 3).release), '8@0:a');
+
+  // Output the PVM produced before the state was captured but handed over only after COLO
+  // started: the SVM's state already counts it, so the SVM goes on after it. The guests do not
+  // line up there; the checkpoint releases the PVM's bytes at the offset the client is at.
+  const d2 = new Map([[3, 100]]);
+  const c2 = new Compare(lim, (conn) => d2.get(conn) ?? 0);
+  c2.pvm(out(3, 100, 'late'), 0);
+  assert.equal(c2.svm(0, out(3, 104, 'next'), 1).trigger, 'mismatch');
+  c2.pvm(out(3, 104, 'next'), 2);
+  assert.equal(text(c2.checkpoint()), '3@100:late 3@104:next');
+});

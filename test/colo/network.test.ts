@@ -17,7 +17,7 @@ interface Pair {
   port: number;
 }
 
-async function startPair(env: TestEnv, delayMs: number, multifd = false): Promise<Pair> {
+async function startPair(env: TestEnv, delayMs: number, multifd = false, beforeColo?: (port: number) => Promise<void>): Promise<Pair> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
   const [src, dst] = await Promise.all([
@@ -28,6 +28,7 @@ async function startPair(env: TestEnv, delayMs: number, multifd = false): Promis
   const params: Record<string, number> = multifd ? { 'multifd-channels': 2 } : {};
   await Promise.all([src.setMigration(caps, { ...params, 'x-checkpoint-delay': delayMs }), dst.setMigration(caps, params)]);
   await src.waitSerial('kv ready');
+  await beforeColo?.(port);
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
   await src.waitMigrationStatus('colo', 30000);
@@ -227,4 +228,35 @@ test('colo/net: a takeover while the hung primary still holds the address serves
   assert.equal(await countMissing(c, acked), 0, 'every acknowledged write is on the secondary');
   assert.match(pair.dst.stderr, / info .*serving guest NIC on 127\.0\.0\.1:\d+ \(the address is free again\)/);
   assertNoErrors(pair.dst);
+});
+
+test('colo/net: clients connected before COLO starts are served on across its start, and nothing they were acknowledged is lost', async (t) => {
+  const env = new TestEnv(t);
+  let writer: AckedWriter | undefined;
+  let inc: Incrementer | undefined;
+  // As after every failover under colo up: the node serves clients alone, then is protected
+  // again while they go on. Their connections predate the compare.
+  const pair = await startPair(env, 100, false, async (port) => {
+    writer = await AckedWriter.start(port, 'pre:');
+    env.onCleanup(() => writer!.stop());
+    inc = await Incrementer.start(port, 'pre-counter');
+    env.onCleanup(() => inc!.stop());
+    await waitFor('200 acknowledged writes before COLO starts', () => writer!.acked.size >= 200 && inc!.last >= 100, 20000);
+  });
+  const [w, i] = [writer!, inc!];
+  const ackedAtStart = w.acked.size;
+  const counterAtStart = i.last;
+  await waitFor(`the clients of before COLO to be answered under COLO (acked ${w.acked.size} of ${ackedAtStart} + 300)`, () => w.acked.size >= ackedAtStart + 300 && i.last >= counterAtStart + 300, 15000);
+  const mark = pair.dst.qmp.eventCount;
+  await pair.dst.waitEvent('RESUME', { after: mark, nth: 2, timeoutMs: 10000 });
+  pair.src.kill('SIGKILL');
+  await Promise.all([w.ended(), i.ended()]);
+  const acked = new Map(w.acked);
+  const counter = i.last;
+  await pair.dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  const c = await RespClient.whenServing(pair.port, 'the secondary serving');
+  env.onCleanup(() => c.close());
+  assert.equal(await countMissing(c, acked), 0, `every acknowledged write is on the secondary (${acked.size} acked)`);
+  assert.ok(Number(await c.command(['GET', 'pre-counter'])) >= counter, 'the counter did not go backwards');
+  assertNoErrors(pair.src, pair.dst);
 });

@@ -131,6 +131,9 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
   const s2q = await qmpOf(s2);
   clients.push(s2q);
   await checkpointAfterNow(s2q);
+  // The writer's connection is older than this COLO session: it is answered on under it.
+  const atProtect = w.acked.size;
+  await waitFor(`the writer connected before the re-protection to be answered under COLO (${w.acked.size} of ${atProtect} + 100)`, () => w.acked.size >= atProtect + 100, 10000);
 
   // The primary dies: the new secondary takes over with every write, also those of the time
   // the primary served alone (the old secondary, told to take over, would have lost them).
@@ -142,7 +145,10 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
   clients.push(r);
   const acked = new Map(w.acked);
   assert.ok(acked.size >= afterBreak + 200);
-  assert.equal(await countMissing(r, acked), 0, 'every acknowledged key, before and after the link broke, is on the node that took over');
+  const missing = await countMissing(r, acked).catch((err: unknown) => {
+    throw new Error(`${err instanceof Error ? err.message : String(err)}; timeline: ${sup.timeline()}; stderr tail: ${sup.stderr.slice(-6000)}`);
+  });
+  assert.equal(missing, 0, 'every acknowledged key, before and after the link broke, is on the node that took over');
   t.diagnostic(sup.timeline());
   const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
   assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
