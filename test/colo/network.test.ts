@@ -253,7 +253,11 @@ test('colo/net: clients connected before COLO starts are served on across its st
   await Promise.all([w.ended(), i.ended()]);
   const acked = new Map(w.acked);
   const counter = i.last;
+  const exitMark = pair.dst.qmp.eventCount;
   await pair.dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  await pair.dst.waitEvent('COLO_EXIT', { after: exitMark, timeoutMs: 10000, where: (e) => e.data.mode === 'secondary' });
+  // Until it is reaped, the kernel may still complete connections to the old primary's socket.
+  await waitFor('the old primary to be reaped', () => !pair.src.alive, 5000);
   const c = await RespClient.whenServing(pair.port, 'the secondary serving');
   env.onCleanup(() => c.close());
   assert.equal(await countMissing(c, acked), 0, `every acknowledged write is on the secondary (${acked.size} acked)`);
