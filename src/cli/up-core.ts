@@ -19,9 +19,9 @@
  * killed at once and a new one protects the primary again.
  *
  * A hung child (its QMP heartbeat goes unanswered) is fenced with SIGKILL when a partner can
- * carry on without it: a primary of a protected pair, or a secondary that is not taking over. Its death runs the
- * same failover as a crash. A hung node with no partner is only reported: killing it would turn
- * a stall into an outage.
+ * carry on without it: a primary of a protected pair, or a secondary that is not taking over.
+ * Its death runs the same failover as a crash. A hung node with no partner is only reported:
+ * killing it would turn a stall into an outage.
  */
 import { limits } from '../core/limits.js';
 
