@@ -230,37 +230,39 @@ test('colo/net: a takeover while the hung primary still holds the address serves
   assertNoErrors(pair.dst);
 });
 
-test('colo/net: clients connected before COLO starts are served on across its start, and nothing they were acknowledged is lost', async (t) => {
-  const env = new TestEnv(t);
-  let writer: AckedWriter | undefined;
-  let inc: Incrementer | undefined;
-  // As after every failover under colo up: the node serves clients alone, then is protected
-  // again while they go on. Their connections predate the compare.
-  const pair = await startPair(env, 100, false, async (port) => {
-    writer = await AckedWriter.start(port, 'pre:');
-    env.onCleanup(() => writer!.stop());
-    inc = await Incrementer.start(port, 'pre-counter');
-    env.onCleanup(() => inc!.stop());
-    await waitFor('200 acknowledged writes before COLO starts', () => writer!.acked.size >= 200 && inc!.last >= 100, 20000);
+for (const multifd of [false, true]) {
+  test(`colo/net${multifd ? '/multifd' : ''}: clients connected before COLO starts are served on across its start, and nothing they were acknowledged is lost`, async (t) => {
+    const env = new TestEnv(t);
+    let writer: AckedWriter | undefined;
+    let inc: Incrementer | undefined;
+    // As after every failover under colo up: the node serves clients alone, then is protected
+    // again while they go on. Their connections predate the compare.
+    const pair = await startPair(env, 100, multifd, async (port) => {
+      writer = await AckedWriter.start(port, 'pre:');
+      env.onCleanup(() => writer!.stop());
+      inc = await Incrementer.start(port, 'pre-counter');
+      env.onCleanup(() => inc!.stop());
+      await waitFor('200 acknowledged writes before COLO starts', () => writer!.acked.size >= 200 && inc!.last >= 100, 20000);
+    });
+    const [w, i] = [writer!, inc!];
+    const ackedAtStart = w.acked.size;
+    const counterAtStart = i.last;
+    await waitFor(`the clients of before COLO to be answered under COLO (acked ${w.acked.size} of ${ackedAtStart} + 300)`, () => w.acked.size >= ackedAtStart + 300 && i.last >= counterAtStart + 300, 15000);
+    const mark = pair.dst.qmp.eventCount;
+    await pair.dst.waitEvent('RESUME', { after: mark, nth: 2, timeoutMs: 10000 });
+    pair.src.kill('SIGKILL');
+    await Promise.all([w.ended(), i.ended()]);
+    const acked = new Map(w.acked);
+    const counter = i.last;
+    const exitMark = pair.dst.qmp.eventCount;
+    await pair.dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+    await pair.dst.waitEvent('COLO_EXIT', { after: exitMark, timeoutMs: 10000, where: (e) => e.data.mode === 'secondary' });
+    // Until it is reaped, the kernel may still complete connections to the old primary's socket.
+    await waitFor('the old primary to be reaped', () => !pair.src.alive, 5000);
+    const c = await RespClient.whenServing(pair.port, 'the secondary serving');
+    env.onCleanup(() => c.close());
+    assert.equal(await countMissing(c, acked), 0, `every acknowledged write is on the secondary (${acked.size} acked)`);
+    assert.ok(Number(await c.command(['GET', 'pre-counter'])) >= counter, 'the counter did not go backwards');
+    assertNoErrors(pair.src, pair.dst);
   });
-  const [w, i] = [writer!, inc!];
-  const ackedAtStart = w.acked.size;
-  const counterAtStart = i.last;
-  await waitFor(`the clients of before COLO to be answered under COLO (acked ${w.acked.size} of ${ackedAtStart} + 300)`, () => w.acked.size >= ackedAtStart + 300 && i.last >= counterAtStart + 300, 15000);
-  const mark = pair.dst.qmp.eventCount;
-  await pair.dst.waitEvent('RESUME', { after: mark, nth: 2, timeoutMs: 10000 });
-  pair.src.kill('SIGKILL');
-  await Promise.all([w.ended(), i.ended()]);
-  const acked = new Map(w.acked);
-  const counter = i.last;
-  const exitMark = pair.dst.qmp.eventCount;
-  await pair.dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
-  await pair.dst.waitEvent('COLO_EXIT', { after: exitMark, timeoutMs: 10000, where: (e) => e.data.mode === 'secondary' });
-  // Until it is reaped, the kernel may still complete connections to the old primary's socket.
-  await waitFor('the old primary to be reaped', () => !pair.src.alive, 5000);
-  const c = await RespClient.whenServing(pair.port, 'the secondary serving');
-  env.onCleanup(() => c.close());
-  assert.equal(await countMissing(c, acked), 0, `every acknowledged write is on the secondary (${acked.size} acked)`);
-  assert.ok(Number(await c.command(['GET', 'pre-counter'])) >= counter, 'the counter did not go backwards');
-  assertNoErrors(pair.src, pair.dst);
-});
+}
