@@ -188,14 +188,9 @@ class UpDriver {
         if (c?.ownDisk === true && c.disk !== null) fs.rmSync(c.disk, { force: true });
         break;
       }
-      case 'setTimer': {
-        const t = setTimeout(() => {
-          this.timers.delete(t);
-          this.dispatch({ type: 'timer', name: a.name });
-        }, a.ms);
-        this.timers.add(t);
+      case 'setTimer':
+        this.later(a.ms, () => this.dispatch({ type: 'timer', name: a.name }));
         break;
-      }
       case 'exit':
         this.keepDisk(a.primary);
         for (const t of this.timers) clearTimeout(t);
@@ -328,13 +323,7 @@ class UpDriver {
         }
         continue; // ask again at once: the next reply tells when it is back
       }
-      await new Promise<void>((resolve) => {
-        const t = setTimeout(() => {
-          this.timers.delete(t);
-          resolve();
-        }, limits.upHeartbeatIntervalMs);
-        this.timers.add(t);
-      });
+      await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
     }
   }
 
@@ -347,14 +336,22 @@ class UpDriver {
         this.timers.delete(t);
         resolve(true);
       };
-      const t = setTimeout(() => {
-        this.timers.delete(t);
+      const t = this.later(ms, () => {
         c.proc.off('exit', onExit);
         resolve(c.exited);
-      }, ms);
-      this.timers.add(t);
+      });
       c.proc.once('exit', onExit);
     });
+  }
+
+  /** setTimeout that the supervisor clears when it exits. */
+  private later(ms: number, fn: () => void): NodeJS.Timeout {
+    const t = setTimeout(() => {
+      this.timers.delete(t);
+      fn();
+    }, ms);
+    this.timers.add(t);
+    return t;
   }
 
   /** Capabilities and parameters for COLO (the primary also gets x-checkpoint-delay). */
