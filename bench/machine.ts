@@ -42,6 +42,8 @@ function runOriginal(bytes: Uint8Array, args: string[]): { ms: number; out: stri
     },
     drainInput() {},
     waitForInput() {},
+    waitForDiskSpace: () => false,
+    diskWriteDone() {},
     output() {},
     markWrite() {},
   };

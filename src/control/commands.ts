@@ -10,7 +10,7 @@ import type { Vm } from './vm.js';
 export function registerCommands(qmp: QmpServer, vm: Vm): void {
   qmp.register({
     name: 'query-status',
-    handler: () => ({ running: vm.machine.running, singlestep: false, status: vm.runState }),
+    handler: () => ({ running: vm.machine.running && vm.runState !== 'io-error', singlestep: false, status: vm.runState }),
   });
   qmp.register({ name: 'stop', handler: async () => vm.stop() });
   qmp.register({ name: 'cont', handler: async () => vm.cont() });

@@ -4,7 +4,7 @@ import { ColoError, MigrationError, QmpCommandError, errorMessage } from '../cor
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
-import { Machine, type RunState } from '../machine/machine.js';
+import { Machine, type IoErrorReport, type RunState } from '../machine/machine.js';
 import { FrontEnd } from '../net/frontend.js';
 import type { InputCredit, NicInput, NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
@@ -36,6 +36,8 @@ export class Vm extends EventEmitter {
   private quitting = false;
   /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
   private listenRetry: NodeJS.Timeout | null = null;
+  /** Since when guest disk writes find the host filesystem full (null: they do not). */
+  private diskFullSince: number | null = null;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
@@ -43,6 +45,12 @@ export class Vm extends EventEmitter {
     this.colo = new ColoController(this);
     machine.on('stop', () => this.event('STOP'));
     machine.on('resume', () => this.event('RESUME'));
+    machine.on('io-error', (r: IoErrorReport) => this.onIoError(r));
+    machine.on('io-resumed', () => {
+      if (this.diskFullSince === null) return;
+      log.info(`the guest's disk write went through after ${Date.now() - this.diskFullSince} ms; the guest runs on`);
+      this.diskFullSince = null;
+    });
     machine.on('output', (out: NicOutput) => {
       if (this.outputSink !== null) this.outputSink(out);
       else this.frontEnd?.deliver(out);
@@ -156,6 +164,23 @@ export class Vm extends EventEmitter {
         },
       );
     }, limits.netTakeoverListenRetryMs);
+  }
+
+  /**
+   * QEMU's werror=enospc: the guest waits inside the write (machine state io-error), which is
+   * tried again every limits.diskFullRetryMs or at `cont`. One warning for the whole time the
+   * filesystem is full; BLOCK_IO_ERROR for each report (one per stop of the guest).
+   */
+  private onIoError(r: IoErrorReport): void {
+    this.event('BLOCK_IO_ERROR', { device: 'drive0', 'node-name': 'drive0', operation: r.operation, action: 'stop', nospace: r.nospace, reason: r.reason });
+    if (this.diskFullSince !== null) {
+      log.debug(`guest disk write still waiting for space: ${r.reason}`);
+      return;
+    }
+    this.diskFullSince = Date.now();
+    log.warn(
+      `guest disk write failed: ${r.reason}; the guest is stopped in it (state io-error) and it is tried again every ${limits.diskFullRetryMs} ms or at cont`,
+    );
   }
 
   async stop(): Promise<void> {

@@ -31,6 +31,11 @@ export const limits = {
   diskBlockBytes: 4096,
   /** Largest disk image. */
   diskBytesMax: 16 * 1024 * 1024 * 1024,
+  /**
+   * A guest write that found the host's filesystem full waits in its call (the VM is in state
+   * io-error) and is tried again this often, or at once on `cont`.
+   */
+  diskFullRetryMs: 1000,
 
   /** Largest single frame of a migration stream or state file. */
   frameBytesMax: 8 * 1024 * 1024,

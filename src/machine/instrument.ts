@@ -90,10 +90,12 @@ export const allowedWasiImports: readonly string[] = Object.freeze([
  */
 export const blockingWasiImports: readonly string[] = Object.freeze([
   'poll_oneoff', 'sock_accept', 'sock_recv', 'fd_read', 'sched_yield',
+  // A disk write that finds the host's filesystem full waits in the call (state io-error).
+  'fd_write', 'fd_pwrite',
 ]);
 
 /** Bump when the instrumented output changes; part of the cache key. */
-export const instrumentVersion = 2;
+export const instrumentVersion = 3;
 
 /** Import module and name of the preemption hook. */
 export const preemptImport = { module: 'colo', name: 'preempt' } as const;

@@ -21,6 +21,7 @@ export type RunState =
   | 'postmigrate'
   | 'finish-migrate'
   | 'colo'
+  | 'io-error'
   | 'shutdown'
   | 'guest-panicked'
   | 'internal-error'
@@ -40,9 +41,19 @@ export interface MachineConfig {
 
 export class MachineError extends ColoError {}
 
+/** A guest disk write the host could not do; the guest waits in it (state io-error). */
+export interface IoErrorReport {
+  operation: 'write';
+  nospace: boolean;
+  reason: string;
+}
+
 const log = logger('machine');
 
-/** Events: 'stop' (runState), 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message). */
+/**
+ * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message),
+ * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed'.
+ */
 export class Machine extends EventEmitter {
   readonly guest: InstrumentedGuest;
   readonly memory: WebAssembly.Memory;
@@ -59,6 +70,8 @@ export class Machine extends EventEmitter {
   private destroyed = false;
   private vcpuRunning = false;
   private pendingInput: NicInput[] = [];
+  /** The run state to go back to when a write that waited for disk space goes through. */
+  private stateBeforeIoError: RunState = 'running';
   exitCode: number | null = null;
 
   private constructor(cfg: MachineConfig, layout: GuestLayout, memory: WebAssembly.Memory, maximumPages: number, disk: Disk | null, serialFd: number | null) {
@@ -195,7 +208,11 @@ export class Machine extends EventEmitter {
   /** Start the guest, or continue it from where it was paused or restored. */
   async cont(): Promise<void> {
     this.assertAlive();
-    if (this.vcpuRunning) return;
+    if (this.vcpuRunning) {
+      // In io-error the vCPU waits inside the guest's write: try it again now, as QEMU's cont does.
+      if (this.state === 'io-error') this.signal(ctl.retryIo);
+      return;
+    }
     if (this.state === 'shutdown' || this.state === 'guest-panicked') {
       throw new MachineError('VM_DEAD', `the guest is in state ${this.state} and cannot run`);
     }
@@ -212,11 +229,16 @@ export class Machine extends EventEmitter {
       return;
     }
     const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
-    Atomics.store(this.ctl, ctl.pauseRequest, 1);
-    Atomics.add(this.ctl, ctl.wake, 1);
-    Atomics.notify(this.ctl, ctl.wake);
+    this.signal(ctl.pauseRequest);
     const r = await done;
     if (r.type === 'paused') this.state = next;
+  }
+
+  /** Raise a flag of the control block and wake the vCPU to look at it. */
+  private signal(slot: number): void {
+    Atomics.store(this.ctl, slot, 1);
+    Atomics.add(this.ctl, ctl.wake, 1);
+    Atomics.notify(this.ctl, ctl.wake);
   }
 
   /** Device and vCPU state (the machine must be paused). */
@@ -329,7 +351,23 @@ export class Machine extends EventEmitter {
         break;
       case 'paused':
         this.vcpuRunning = false;
-        this.emit('stop');
+        // A guest stopped by a disk error already said STOP (QEMU sends none for io-error → paused).
+        if (this.state !== 'io-error') this.emit('stop');
+        break;
+      case 'io-error':
+        if (this.state !== 'io-error') {
+          this.stateBeforeIoError = this.state;
+          this.state = 'io-error';
+          this.emit('stop');
+        }
+        this.emit('io-error', { operation: m.operation, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
+        break;
+      case 'io-resumed':
+        if (this.state === 'io-error') {
+          this.state = this.stateBeforeIoError;
+          this.emit('resume');
+        }
+        this.emit('io-resumed');
         break;
       case 'exited':
         this.vcpuRunning = false;

@@ -8,6 +8,8 @@ export const ctl = {
   pauseRequest: 0,
   /** Bumped (and notified) whenever input is posted or a pause is requested. */
   wake: 1,
+  /** Non-zero: a disk write waiting for space is to be tried again now (`cont` in io-error). */
+  retryIo: 2,
   slots: 4,
 } as const;
 
@@ -69,6 +71,10 @@ export type WorkerReply =
   | { type: 'ready' }
   | { type: 'running' }
   | { type: 'paused' }
+  /** A guest write found the host's filesystem full; the vCPU waits in the call. */
+  | { type: 'io-error'; operation: 'write'; nospace: boolean; reason: string }
+  /** The write that waited went through; the guest runs on. */
+  | { type: 'io-resumed' }
   | { type: 'exited'; code: number }
   | { type: 'panicked'; message: string }
   | { type: 'out'; outs: NicOutput[]; credits: InputCredit[] | null }

@@ -17,6 +17,7 @@ import { ProcExit } from './wasi-abi.js';
 import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 import { RestoreError } from '../core/errors.js';
 import * as v from '../core/validate.js';
+import { limits } from '../core/limits.js';
 
 interface AsyncifyExports {
   _start(): void;
@@ -44,6 +45,10 @@ class Vcpu {
   private logU8: Uint8Array | null = null;
   private logBufferLength = -1;
   private pendingOut: NicOutput[] = [];
+  /** Disk writes fail for want of space, from the first failure until one goes through. */
+  private diskFull = false;
+  /** This wait was reported to the main thread (io-error) and stopped the guest's clock. */
+  private ioReported = false;
 
   private readonly input: InputRingReader;
   private readonly enqueue = (ev: NicInput): void => {
@@ -131,6 +136,44 @@ class Vcpu {
     const first = ptr >>> 12;
     const last = (ptr + len - 1) >>> 12;
     for (let p = first; p <= last; p++) u8[this.layout.dirtyLogBase + p] = 1;
+  }
+
+  waitForDiskSpace(reason: string): boolean {
+    this.diskFull = true;
+    if (!this.ioReported) {
+      // The guest stops, as a VM in io-error does: its clock too, and its output so far goes out.
+      this.ioReported = true;
+      this.clock.pause();
+      this.flushOutput();
+      Atomics.store(this.ctl, ctl.retryIo, 0);
+      post({ type: 'io-error', operation: 'write', nospace: true, reason });
+    }
+    const deadline = Date.now() + limits.diskFullRetryMs;
+    for (;;) {
+      // Read the wake counter before the flags: a request that lands in between changes it,
+      // and the wait below returns at once.
+      const seen = Atomics.load(this.ctl, ctl.wake);
+      if (this.pauseRequested()) {
+        // The pause ends this wait (run() restarts the clock); a resumed guest that still finds
+        // no space reports io-error again.
+        this.ioReported = false;
+        return false;
+      }
+      if (Atomics.exchange(this.ctl, ctl.retryIo, 0) !== 0) return true;
+      const left = deadline - Date.now();
+      if (left <= 0) return true;
+      Atomics.wait(this.ctl, ctl.wake, seen, left);
+    }
+  }
+
+  diskWriteDone(): void {
+    if (!this.diskFull) return;
+    this.diskFull = false;
+    if (this.ioReported) {
+      this.ioReported = false;
+      this.clock.resume();
+    }
+    post({ type: 'io-resumed' });
   }
 
   private preempt(): void {

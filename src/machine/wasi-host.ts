@@ -26,6 +26,14 @@ export interface VcpuHooks {
   output(out: NicOutput): void;
   /** The host wrote guest memory (for the dirty log). */
   markWrite(ptr: number, len: number): void;
+  /**
+   * A disk write failed for want of space on the host (QEMU's werror=enospc): report it once
+   * per wait (the VM is in io-error), then block until it is time to try again (true) or a
+   * pause is requested (false: the caller unwinds, and tries again when rewound).
+   */
+  waitForDiskSpace(reason: string): boolean;
+  /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
+  diskWriteDone(): void;
 }
 
 export const nicFd = 3;
@@ -251,6 +259,7 @@ export class WasiHost {
   }
 
   private fdWrite(fd: number, iovsPtr: number, iovsLen: number, nPtr: number): number {
+    this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     const iovs = this.iovecs(iovsPtr, iovsLen);
@@ -262,7 +271,8 @@ export class WasiHost {
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const r = this.diskWrite(this.gather(iovs), e.pos);
+      const r = this.diskWriteOrWait(this.gather(iovs), e.pos);
+      if (r === null) return 0; // unwinding; the call is made again on resume
       if (r.errno !== errno.success) return r.errno;
       e.pos += r.n;
       this.setU32(nPtr, r.n);
@@ -305,15 +315,36 @@ export class WasiHost {
     }
   }
 
-  private diskWrite(data: Uint8Array, offset: number): { errno: number; n: number } {
+  private diskWrite(data: Uint8Array, offset: number): { errno: number; n: number; reason?: string } {
     const disk = this.devices.disk;
     if (disk === null) return { errno: errno.badf, n: 0 };
     try {
       return { errno: errno.success, n: disk.write(data, offset) };
     } catch (err) {
       if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
-      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0 };
+      if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0, reason: (err as Error).message };
       return { errno: errno.io, n: 0 };
+    }
+  }
+
+  /**
+   * A disk write as QEMU's default werror=enospc treats it: a full host filesystem stops the
+   * guest inside its write, which is tried again until it goes through, so the guest never sees
+   * the error and loses nothing. A retry writes the whole range again: Disk.write marks a block
+   * as written only after its bytes are, so a write cut short leaves nothing half-visible.
+   * Null: a pause came first, the guest is unwinding (and makes the call again on resume).
+   */
+  private diskWriteOrWait(data: Uint8Array, offset: number): { errno: number; n: number } | null {
+    for (;;) {
+      const r = this.diskWrite(data, offset);
+      if (r.errno !== errno.nospc) {
+        if (r.errno === errno.success) this.vcpu.diskWriteDone();
+        return r;
+      }
+      if (!this.vcpu.waitForDiskSpace(r.reason ?? 'no space left on device')) {
+        this.vcpu.startUnwind();
+        return null;
+      }
     }
   }
 
@@ -333,13 +364,15 @@ export class WasiHost {
   }
 
   private fdPwrite(fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number): number {
+    this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
     const iovs = this.iovecs(iovsPtr, iovsLen);
     if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const r = this.diskWrite(this.gather(iovs), Number(offset));
+    const r = this.diskWriteOrWait(this.gather(iovs), Number(offset));
+    if (r === null) return 0; // unwinding; the call is made again on resume
     if (r.errno !== errno.success) return r.errno;
     this.setU32(nPtr, r.n);
     return errno.success;

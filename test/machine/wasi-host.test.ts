@@ -22,6 +22,8 @@ function host(memory: WebAssembly.Memory, writes: [number, number][]): (name: st
     },
     drainInput() {},
     waitForInput() {},
+    waitForDiskSpace: () => false,
+    diskWriteDone() {},
     output() {},
     markWrite(ptr, len) {
       writes.push([ptr, len]);

@@ -1,0 +1,143 @@
+/**
+ * A full host filesystem under a running guest is QEMU's werror=enospc: the guest stops inside
+ * the write that failed (state io-error, BLOCK_IO_ERROR), keeps its clients, and the write is
+ * tried again every limits.diskFullRetryMs or at `cont`, so once there is room it goes through
+ * and nothing is lost. Before, kv.wasm saw ENOSPC and stopped for good.
+ *
+ * The drive is a sparse 16 MiB image on a 2 MiB tmpfs the test mounts (it runs as root, as CI
+ * does), next to a 1 MiB filler file that the test deletes to make room.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { TestEnv, freePort, guests, runProgram, sleep, waitFor } from '../framework/harness.js';
+import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
+import { limits } from '../../src/core/limits.js';
+
+async function smallFs(env: TestEnv, name: string, size: string): Promise<string> {
+  const mnt = env.file(name);
+  fs.mkdirSync(mnt);
+  // Registered first: whatever happens after the mount, the cleanup unmounts it.
+  env.onCleanup(async () => {
+    await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
+  });
+  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt], { timeoutMs: 10000 });
+  assert.equal(mount.code, 0, `mounting a ${size} tmpfs for the test (needs root): ${mount.stderr}`);
+  return mnt;
+}
+
+test('a full host filesystem stops the guest in its write (io-error); with room again it runs on and loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await smallFs(env, 'small-fs', '2m');
+  const image = path.join(mnt, 'kv.img');
+  fs.closeSync(fs.openSync(image, 'w'));
+  fs.truncateSync(image, 16 * 1024 * 1024); // sparse: blocks are allocated as the guest writes them
+  const filler = path.join(mnt, 'filler');
+  fs.writeFileSync(filler, Buffer.alloc(1024 * 1024, 1));
+
+  const port = await freePort();
+  const args = ['--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
+  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args });
+  await vm.waitSerial('kv ready');
+  const mark = vm.qmp.eventCount;
+
+  // 2000-byte values: the free megabyte is gone after about 500 acknowledged writes.
+  const writer = await AckedWriter.start(port, 'full:', (i) => `${i}:`.padEnd(2000, 'x'));
+  env.onCleanup(() => writer.stop());
+  const other = await RespClient.connect(port);
+  env.onCleanup(() => other.close());
+  await waitFor('the VM to stop in io-error', async () => (await vm.status()) === 'io-error', 30000);
+  const ev = await vm.waitEvent('BLOCK_IO_ERROR', { after: mark, timeoutMs: 5000 });
+  assert.equal(ev.data?.operation, 'write');
+  assert.equal(ev.data?.action, 'stop');
+  assert.equal(ev.data?.nospace, true);
+  assert.match(String(ev.data?.reason), /ENOSPC|no space/i);
+  const st = await vm.qmp.execute('query-status');
+  assert.deepEqual(st, { running: false, singlestep: false, status: 'io-error' });
+  assert.ok(vm.eventsOf('STOP', mark).length >= 1, 'entering io-error sends STOP');
+  const ackedWhenFull = writer.acked.size;
+  t.diagnostic(`io-error after ${ackedWhenFull} acknowledged writes`);
+  assert.ok(ackedWhenFull > 100, `only ${ackedWhenFull} writes were acknowledged before the disk was full`);
+
+  // Full for longer than a retry: the guest still waits, nothing answered, no client cut off.
+  await sleep(limits.diskFullRetryMs * 1.5);
+  assert.equal(await vm.status(), 'io-error');
+  assert.equal(writer.acked.size, ackedWhenFull, 'no write is acknowledged while the disk is full');
+
+  // stop / cont as in QEMU: paused, then cont tries the write again at once — still no room.
+  await vm.qmp.execute('stop');
+  assert.equal(await vm.status(), 'paused');
+  const contMark = vm.qmp.eventCount;
+  await vm.qmp.execute('cont');
+  await vm.waitEvent('BLOCK_IO_ERROR', { after: contMark, timeoutMs: 5000 });
+  assert.equal(await vm.status(), 'io-error');
+
+  // Room again: the waiting write goes through at its next try, the guest runs on.
+  const freedAt = Date.now();
+  fs.rmSync(filler);
+  await waitFor('the VM to run again after room was made', async () => (await vm.status()) === 'running', limits.diskFullRetryMs + 5000);
+  t.diagnostic(`running again ${Date.now() - freedAt} ms after room was made`);
+  await waitFor('100 more acknowledged writes', () => writer.acked.size >= ackedWhenFull + 100, 20000);
+  assert.equal(await other.command(['PING']), 'PONG', 'a client connected during io-error is still served');
+  await writer.stop();
+  const acked = new Map(writer.acked);
+  assert.deepEqual(vm.errorLines(), [], 'a full disk is a warning, not an error');
+  const warnings = vm.stderr.split('\n').filter((l) => / warn /.test(l));
+  assert.equal(warnings.length, 1, `one warning for the whole time the disk was full: ${warnings.join(' | ')}`);
+  assert.match(warnings[0]!, /io-error/);
+
+  // Every acknowledged write is on the image: a new VM replays it from the disk.
+  await vm.stop();
+  const again = await env.startVm({ name: 'kv2', guest: guests.kv, args });
+  await again.waitSerial('kv ready');
+  const reader = await RespClient.whenServing(port, 'the VM restarted from the image');
+  env.onCleanup(() => reader.close());
+  const missing = await countMissing(reader, acked);
+  assert.equal(missing, 0, `${missing} of ${acked.size} acknowledged writes are not on the image`);
+  assert.deepEqual(again.errorLines(), []);
+});
+
+test('a VM stopped by a full disk migrates to a host with room: the write it waited in goes through there', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await smallFs(env, 'small-fs', '2m');
+  const image = path.join(mnt, 'kv.img');
+  fs.closeSync(fs.openSync(image, 'w'));
+  fs.truncateSync(image, 16 * 1024 * 1024);
+  fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(1024 * 1024, 1));
+  const dstDisk = env.image('dst.img', 16 * 1024 * 1024);
+
+  const port = await freePort();
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${image}`] }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+  const value = (i: number): string => `${i}:`.padEnd(2000, 'y');
+  const writer = await AckedWriter.start(port, 'mig:', value);
+  env.onCleanup(() => writer.stop());
+  await waitFor('the source to stop in io-error', async () => (await src.status()) === 'io-error', 30000);
+  const ackedWhenFull = writer.acked.size;
+
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(await src.status(), 'postmigrate');
+  await writer.ended(); // the switchover resets the connection
+  assert.equal(writer.acked.size, ackedWhenFull, 'nothing was acknowledged while the source waited');
+  await waitFor('the target to run', async () => (await dst.status()) === 'running', 10000);
+
+  const reader = await RespClient.whenServing(port, 'the target on the service address');
+  env.onCleanup(() => reader.close());
+  assert.equal(await countMissing(reader, writer.acked), 0, 'every acknowledged write is on the target');
+  // The SET the source was stopped in (the writer sends one at a time, in key order) was carried
+  // in the machine state and its disk write finished on the target.
+  assert.equal(await reader.command(['GET', `mig:${ackedWhenFull}`]), value(ackedWhenFull));
+  assert.equal(await reader.command(['SET', 'after', 'move']), 'OK');
+  t.diagnostic(`${ackedWhenFull} writes acknowledged before the source's disk was full`);
+  assert.deepEqual(src.errorLines(), []);
+  assert.deepEqual(dst.errorLines(), []);
+  assert.equal(dst.eventsOf('BLOCK_IO_ERROR').length, 0, 'the target had room');
+});
