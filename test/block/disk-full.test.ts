@@ -141,3 +141,58 @@ test('a VM stopped by a full disk migrates to a host with room: the write it wai
   assert.deepEqual(dst.errorLines(), []);
   assert.equal(dst.eventsOf('BLOCK_IO_ERROR').length, 0, 'the target had room');
 });
+
+test('colo: the primary\'s disk fills up under load; the pair waits, runs on when there is room, and a failover after it loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await smallFs(env, 'small-fs', '2m');
+  const image = path.join(mnt, 'pvm.img');
+  fs.closeSync(fs.openSync(image, 'w'));
+  fs.truncateSync(image, 16 * 1024 * 1024);
+  const filler = path.join(mnt, 'filler');
+  fs.writeFileSync(filler, Buffer.alloc(1024 * 1024, 1));
+  const svmDisk = env.image('svm.img', 16 * 1024 * 1024);
+
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [pvm, svm] = await Promise.all([
+    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${image}`] }),
+    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmDisk}`, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), svm.setMigration({ 'x-colo': true })]);
+  await pvm.waitSerial('kv ready');
+  const migPort = await svm.listenIncoming();
+  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await pvm.waitMigrationStatus('colo', 30000);
+
+  const writer = await AckedWriter.start(port, 'colo-full:', (i) => `${i}:`.padEnd(2000, 'z'));
+  env.onCleanup(() => writer.stop());
+  await pvm.waitEvent('BLOCK_IO_ERROR', { timeoutMs: 30000 });
+  const ackedWhenFull = writer.acked.size;
+  t.diagnostic(`the primary's disk was full after ${ackedWhenFull} acknowledged writes`);
+
+  // Full for a while: checkpoints go on, nothing is acknowledged, the client stays connected.
+  const mark = svm.qmp.eventCount;
+  await svm.waitEvent('RESUME', { after: mark, nth: 3, timeoutMs: 10000 });
+  assert.equal(writer.acked.size, ackedWhenFull, 'nothing is acknowledged while the primary cannot write');
+
+  fs.rmSync(filler);
+  await waitFor('100 more acknowledged writes once there is room', () => writer.acked.size >= ackedWhenFull + 100, 20000);
+  await writer.stop();
+  const acked = new Map(writer.acked);
+  // A checkpoint that starts after the last acknowledgement and completes: two RESUMEs later.
+  const mark2 = svm.qmp.eventCount;
+  await svm.waitEvent('RESUME', { after: mark2, nth: 2, timeoutMs: 10000 });
+  assert.equal((await pvm.qmp.execute<{ status: string }>('query-migrate')).status, 'colo', 'the pair is still protected');
+
+  const failoverMark = svm.qmp.eventCount;
+  pvm.kill('SIGKILL');
+  await pvm.waitExit(10000); // so that no client reaches the dying primary's socket
+  await svm.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  await svm.waitEvent('COLO_EXIT', { after: failoverMark, timeoutMs: 10000 });
+  const reader = await RespClient.whenServing(port, 'the secondary serving on the service address');
+  env.onCleanup(() => reader.close());
+  const missing = await countMissing(reader, acked);
+  assert.equal(missing, 0, `${missing} of ${acked.size} acknowledged writes are missing on the secondary`);
+  assert.deepEqual(pvm.errorLines(), []);
+  assert.deepEqual(svm.errorLines(), []);
+});

@@ -226,7 +226,7 @@ const recursionWat = (depth: number, k: number) => `(module
 test('API constants', () => {
   assert.equal(allowedWasiImports.length, 28);
   for (const n of blockingWasiImports) assert.ok(allowedWasiImports.includes(n), n);
-  assert.deepEqual([...blockingWasiImports].sort(), ['fd_read', 'poll_oneoff', 'sched_yield', 'sock_accept', 'sock_recv']);
+  assert.deepEqual([...blockingWasiImports].sort(), ['fd_pwrite', 'fd_read', 'fd_write', 'poll_oneoff', 'sched_yield', 'sock_accept', 'sock_recv']);
 });
 
 test('instrumented module: imports, exports, globals, metadata', () => {
