@@ -65,7 +65,7 @@ export class ColoController implements DriverHost {
     return d !== null && d.core.phase !== 'done' && d.core.phase !== 'failover';
   }
 
-  setStatus(status: 'colo' | 'completed'): void {
+  setStatus(status: 'colo' | 'completed' | 'failed'): void {
     const stats = this.vm.migration.stats;
     if (stats !== null) {
       stats.status = status;

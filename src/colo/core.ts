@@ -228,11 +228,13 @@ export type SecondaryEvent =
   /** Pages (after the barrier) and device blob of the checkpoint are all in. */
   | { type: 'stateReceived' }
   | { type: 'applied' }
+  /** The apply broke off half-way (a full disk, a device state the machine refuses). */
+  | { type: 'applyFailed'; message: string }
   | { type: 'protocolError'; message: string }
   | FailoverEvent;
 
 export type SecondaryAction =
-  | { type: 'status'; status: 'colo' | 'completed' }
+  | { type: 'status'; status: 'colo' | 'completed' | 'failed' }
   /** Prepare the RAM cache, reset own dirty tracking, send CHECKPOINT_READY, run the SVM, then feed started. */
   | { type: 'start' }
   | { type: 'send'; msg: ColoMessage }
@@ -244,6 +246,8 @@ export type SecondaryAction =
   /** Close the channels, drop any partial checkpoint, run the SVM alone, start its front end, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
+  /** This node's state is not a checkpoint any more: keep the guest stopped for good, COLO_EXIT. */
+  | { type: 'abandon' }
   | { type: 'log'; level: LogLevel; message: string };
 
 export class SecondaryCore extends FailoverBook<SecondaryPhase> {
@@ -276,6 +280,9 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         this.phase = 'running';
         if (this.pending !== null) return this.afterRelaunch();
         return [{ type: 'send', msg: 'VMSTATE_LOADED' }];
+      case 'applyFailed':
+        if (this.phase !== 'applying') return [];
+        return this.applyFailed(ev.message);
       case 'protocolError':
         return this.streamBroken(ev.message);
       case 'lostHeartbeat':
@@ -319,6 +326,27 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     if (this.linkLost) return [log];
     this.linkLost = true;
     return [log, { type: 'closeLink' }];
+  }
+
+  /**
+   * The apply broke off half-way: guest RAM, disk and devices no longer hold one checkpoint, so
+   * this node can never take over (a takeover must start from a state the primary had). It
+   * leaves COLO, closes the link (the primary sees it break and goes on alone) and keeps its
+   * guest stopped; a failover that waited for the apply is refused.
+   */
+  private applyFailed(message: string): SecondaryAction[] {
+    const refused = this.pending !== null;
+    this.pending = null;
+    this.phase = 'done';
+    this.failoverState = 'none';
+    this.exitReason = 'error';
+    const why = `the checkpoint could not be applied (${message}): this node no longer holds a copy of the primary; it leaves COLO and will not take over`;
+    return [
+      { type: 'log', level: 'error', message: refused ? `${why} (the failover requested during the apply is refused)` : why },
+      { type: 'closeLink' },
+      { type: 'status', status: 'failed' },
+      { type: 'abandon' },
+    ];
   }
 
   private startFailover(reason: ExitReason, message: string): SecondaryAction[] {

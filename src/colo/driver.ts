@@ -30,7 +30,7 @@ export interface DriverHost {
   readonly vm: Vm;
   /** The process is shutting down: failures of the VM are expected, not errors. */
   readonly closing: boolean;
-  setStatus(status: 'colo' | 'completed'): void;
+  setStatus(status: 'colo' | 'completed' | 'failed'): void;
   exited(mode: ColoMode, reason: ExitReason): void;
 }
 
@@ -368,6 +368,10 @@ export class SecondaryDriver {
         if (this.finishing) {
           log.debug(`secondary: ${errorMessage(err)} (during failover)`);
           next = null;
+        } else if (a.type === 'apply') {
+          // Whatever stopped it (a full disk, a device state the machine refuses), the guest
+          // is now part old, part new.
+          next = { type: 'applyFailed', message: errorMessage(err) };
         } else next = err instanceof ChannelClosedError || this.session.receiverFailure !== null ? { type: 'linkLost', message: errorMessage(err) } : { type: 'protocolError', message: errorMessage(err) };
       }
       if (next !== null) await this.process(next);
@@ -466,6 +470,14 @@ export class SecondaryDriver {
           else log.error(`the secondary could not take over: ${errorMessage(err)}`);
         }
         return { type: 'failoverDone' };
+      case 'abandon':
+        this.net.stop();
+        this.pendingBlocks.clear();
+        s.device = null;
+        // Not a state to run from: cont is refused from now on (vm.cont).
+        m.setRunState('internal-error');
+        this.host.exited('secondary', 'error');
+        return null;
       case 'exit':
         log.info(`COLO ended on the secondary (${a.reason}); the VM runs here alone`);
         this.host.exited('secondary', a.reason);

@@ -196,3 +196,54 @@ test('colo: the primary\'s disk fills up under load; the pair waits, runs on whe
   assert.deepEqual(pvm.errorLines(), []);
   assert.deepEqual(svm.errorLines(), []);
 });
+
+test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over; the primary runs on unprotected and loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await smallFs(env, 'small-fs', '2m');
+  const svmImage = path.join(mnt, 'svm.img');
+  fs.closeSync(fs.openSync(svmImage, 'w'));
+  fs.truncateSync(svmImage, 16 * 1024 * 1024);
+  fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(1024 * 1024, 1));
+  const pvmDisk = env.image('pvm.img', 16 * 1024 * 1024);
+
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [pvm, svm] = await Promise.all([
+    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${pvmDisk}`] }),
+    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmImage}`, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), svm.setMigration({ 'x-colo': true })]);
+  await pvm.waitSerial('kv ready');
+  const migPort = await svm.listenIncoming();
+  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await pvm.waitMigrationStatus('colo', 30000);
+  const [pMark, sMark] = [pvm.qmp.eventCount, svm.qmp.eventCount];
+
+  // The primary's writes reach the secondary's disk in the checkpoints, until it is full.
+  const writer = await AckedWriter.start(port, 'svm-full:', (i) => `${i}:`.padEnd(2000, 'w'));
+  env.onCleanup(() => writer.stop());
+  const sExit = await svm.waitEvent('COLO_EXIT', { after: sMark, timeoutMs: 30000 });
+  assert.deepEqual(sExit.data, { mode: 'secondary', reason: 'error' });
+  const pExit = await pvm.waitEvent('COLO_EXIT', { after: pMark, timeoutMs: 10000 });
+  assert.deepEqual(pExit.data, { mode: 'primary', reason: 'error' });
+  const n = writer.acked.size;
+  await waitFor('200 more acknowledged writes on the primary alone', () => writer.acked.size >= n + 200, 20000);
+  t.diagnostic(`the secondary left COLO after ${n} acknowledged writes`);
+
+  // Its guest is part old checkpoint, part new: it must never serve.
+  await assert.rejects(svm.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true }), /not in COLO mode/);
+  await assert.rejects(svm.qmp.execute('cont'), /cannot run in state internal-error/);
+  assert.equal(await svm.status(), 'internal-error');
+  assert.deepEqual(await svm.qmp.execute('query-colo-status'), { mode: 'none', 'last-mode': 'secondary', reason: 'error' });
+  assert.equal(await svm.migrationStatus(), 'failed');
+  const svmErrors = svm.errorLines();
+  assert.equal(svmErrors.length, 1, `one error line on the secondary: ${svmErrors.join(' | ')}`);
+  assert.match(svmErrors[0]!, /could not be applied \(ENOSPC.*will not take over/);
+
+  await writer.stop();
+  const reader = await RespClient.connect(port);
+  env.onCleanup(() => reader.close());
+  const missing = await countMissing(reader, writer.acked);
+  assert.equal(missing, 0, `${missing} of ${writer.acked.size} acknowledged writes are missing on the primary`);
+  assert.deepEqual(pvm.errorLines(), []);
+});

@@ -97,6 +97,31 @@ test('colo core: a failover during the apply waits for it (relaunch), then runs'
   assert.equal(s.exitReason, 'request');
 });
 
+test('colo core: an apply that breaks off leaves COLO for good; a failover that waited for it is refused, later ones too', () => {
+  for (const waiting of [false, true]) {
+    const s = new SecondaryCore();
+    s.step({ type: 'handoff' });
+    s.step({ type: 'started' });
+    s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+    s.step({ type: 'vmPaused' });
+    s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+    s.step({ type: 'stateReceived' });
+    if (waiting) s.step({ type: 'lostHeartbeat' });
+    const out = s.step({ type: 'applyFailed', message: 'ENOSPC' });
+    assert.deepEqual(types(out), ['closeLink', 'status', 'abandon']);
+    assert.deepEqual(out.find((a) => a.type === 'status'), { type: 'status', status: 'failed' });
+    const line = out.find((a) => a.type === 'log');
+    assert.equal(line?.type === 'log' && line.level, 'error');
+    assert.equal(s.phase, 'done');
+    assert.equal(s.exitReason, 'error');
+    assert.equal(s.failoverState, 'none');
+    // Nothing brings it back: no takeover, no apply, no checkpoint.
+    assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), []);
+    assert.deepEqual(types(s.step({ type: 'applied' })), []);
+    assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), []);
+  }
+});
+
 test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
   const s = new SecondaryCore();
   s.step({ type: 'handoff' });

@@ -434,6 +434,7 @@ export class SecondaryNode implements Endpoint {
       } catch (err) {
         const message = (err as Error).message;
         if (this.finishing) next = null;
+        else if (a.type === 'apply') next = { type: 'applyFailed', message };
         else next = err instanceof ChannelClosed ? { type: 'linkLost', message } : { type: 'protocolError', message };
       }
       if (next !== null) yield* this.process(next);
@@ -505,6 +506,10 @@ export class SecondaryNode implements Endpoint {
         );
         return { type: 'failoverDone' };
       case 'exit':
+        this.exits += 1;
+        return null;
+      case 'abandon':
+        // driver.ts: the guest stays stopped for good (the simulated apply never fails).
         this.exits += 1;
         return null;
     }
