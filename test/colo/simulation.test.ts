@@ -4,8 +4,9 @@
  * with model guests; crashes, link breaks and x-colo-lost-heartbeat injected at random times
  * (often mid-checkpoint). After every step: invariant 2 (no page of a checkpoint not fully
  * received in SVM RAM), 3 (after an apply the SVM equals the PVM at its pause), 4 (one node
- * serves), 5 (the survivor of a failover runs, done and completed, in bounded time), and
- * liveness before any fault.
+ * serves), 5 (the survivor of a failover runs, done and completed, in bounded time; a lost
+ * heartbeat on a live secondary is carried out or refused), 1 as far as a secondary whose apply
+ * broke off (a full disk) never runs or serves, and liveness before any fault.
  *
  * COLO_SIM_SEED=n runs seed n alone (COLO_SIM_TRACE=1 prints its whole trace);
  * COLO_SIM_SEEDS=n runs n seeds (default 500).
@@ -19,7 +20,7 @@ const one = process.env['COLO_SIM_SEED'];
 const count = Number(process.env['COLO_SIM_SEEDS'] ?? 500);
 const seeds = one !== undefined ? [Number(one)] : Array.from({ length: count }, (_, i) => i + 1);
 
-test(`colo simulation: invariants 2, 3, 4, 5 on ${seeds.length} seeds with crashes, link breaks and lost heartbeats`, (t) => {
+test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.length} seeds with crashes, link breaks, lost heartbeats and broken applies`, (t) => {
   const started = performance.now();
   const failures: RunResult[] = [];
   let checkpoints = 0;
@@ -29,6 +30,7 @@ test(`colo simulation: invariants 2, 3, 4, 5 on ${seeds.length} seeds with crash
   let foS = 0;
   let steps = 0;
   let triggered = 0;
+  let abandoned = 0;
   for (const seed of seeds) {
     const res = runSeed({ seed, fullTrace: one !== undefined && process.env['COLO_SIM_TRACE'] === '1' });
     if (one !== undefined && process.env['COLO_SIM_TRACE'] === '1') console.log(`${res.scenario}\n${res.trace.join('\n')}`);
@@ -40,9 +42,10 @@ test(`colo simulation: invariants 2, 3, 4, 5 on ${seeds.length} seeds with crash
     if (res.stats.failoverS) foS += 1;
     steps += res.steps;
     triggered += res.stats.triggered;
+    if (res.stats.abandoned) abandoned += 1;
   }
   const ms = performance.now() - started;
-  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}`);
+  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}; a broken apply in ${abandoned}`);
   if (failures.length > 0) {
     assert.fail(`${failures.length} of ${seeds.length} seeds failed (seeds ${failures.map((f) => f.seed).slice(0, 20).join(', ')})\n\n${describeFailure(failures[0]!)}`);
   }
@@ -52,6 +55,7 @@ test(`colo simulation: invariants 2, 3, 4, 5 on ${seeds.length} seeds with crash
     assert.ok(foS >= seeds.length / 10, `only ${foS} seeds failed over to the secondary`);
     assert.ok(relaunch > 0, 'no seed failed over during an apply');
     assert.ok(triggered > 0, 'no checkpoint was asked for by the compare');
+    assert.ok(abandoned >= seeds.length / 50, `only ${abandoned} seeds broke an apply off`);
   }
 });
 
@@ -65,25 +69,28 @@ test('colo simulation: without faults, checkpoints keep completing (liveness)', 
 });
 
 /** The checks must be able to fail: deliberately broken drivers are caught. */
-const broken: [Broken, string, string][] = [
+const broken: [Broken, string, string, number?][] = [
   ['writeThrough', '2', 'a secondary that writes checkpoint pages straight into guest RAM'],
   ['noOwnDirty', '3', 'a secondary whose apply copies only the received pages, not the ones the SVM dirtied'],
   ['selfPromote', '4', 'a secondary that takes over when its link breaks'],
   ['takeoverPaused', '5', 'a secondary whose takeover leaves the SVM paused'],
   ['dropTriggers', 'liveness', "a primary that drops the compare's checkpoint triggers"],
+  // A broken apply is one fault in ten, so this one needs more seeds.
+  ['applyErrorAsStreamError', '5', 'a secondary that treats a broken apply as a broken stream (it then waits for ever to take over)', 300],
+  ['runAfterBrokenApply', '1', 'a secondary that runs its guest on after a broken apply', 300],
 ];
-for (const [kind, inv, what] of broken) {
+for (const [kind, inv, what, n = 60] of broken) {
   test(`colo simulation: invariant ${inv} catches ${what}`, { skip: one !== undefined }, () => {
     let caught = 0;
     const other: string[] = [];
-    for (let seed = 1; seed <= 60; seed++) {
+    for (let seed = 1; seed <= n; seed++) {
       const res = runSeed({ seed, broken: kind });
       if (res.violation === null) continue;
       if (res.violation.inv === inv) caught += 1;
       else other.push(describeFailure(res));
     }
     assert.deepEqual(other, [], `the broken model ${kind} should violate only invariant ${inv}`);
-    assert.ok(caught >= 5, `invariant ${inv} caught ${kind} in only ${caught} of 60 seeds`);
+    assert.ok(caught >= 5, `invariant ${inv} caught ${kind} in only ${caught} of ${n} seeds`);
   });
 }
 

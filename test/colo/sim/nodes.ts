@@ -47,7 +47,7 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -293,6 +293,12 @@ export class SecondaryNode implements Endpoint {
   deadline: number | null = null;
   sawRelaunch = false;
   exits = 0;
+  /** The next apply breaks off half-way (fault applyFails: a full disk). */
+  failNextApply = false;
+  /** The core gave this node up after a broken apply (action abandon). */
+  abandoned = false;
+  /** When x-colo-lost-heartbeat first reached this node (null: never). */
+  heartbeatLostAt: number | null = null;
 
   constructor(private readonly w: World, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
     this.ops = new VmOps(w.sim, this.owner);
@@ -315,6 +321,7 @@ export class SecondaryNode implements Endpoint {
   }
 
   lostHeartbeat(): void {
+    this.heartbeatLostAt ??= this.w.sim.now;
     void this.dispatch({ type: 'lostHeartbeat' });
   }
 
@@ -434,7 +441,8 @@ export class SecondaryNode implements Endpoint {
       } catch (err) {
         const message = (err as Error).message;
         if (this.finishing) next = null;
-        else if (a.type === 'apply') next = { type: 'applyFailed', message };
+        // applyErrorAsStreamError: the driver before it knew applyFailed.
+        else if (a.type === 'apply' && this.broken !== 'applyErrorAsStreamError') next = { type: 'applyFailed', message };
         else next = err instanceof ChannelClosed ? { type: 'linkLost', message } : { type: 'protocolError', message };
       }
       if (next !== null) yield* this.process(next);
@@ -509,8 +517,11 @@ export class SecondaryNode implements Endpoint {
         this.exits += 1;
         return null;
       case 'abandon':
-        // driver.ts: the guest stays stopped for good (the simulated apply never fails).
+        // driver.ts: the guest stays stopped for good (run state internal-error).
+        this.abandoned = true;
         this.exits += 1;
+        w.trace('S abandoned: its guest is half old, half new');
+        if (this.broken === 'runAfterBrokenApply') this.guest.start(); // as an 'exit' would: "the VM runs here alone"
         return null;
     }
   }
@@ -527,7 +538,18 @@ export class SecondaryNode implements Endpoint {
     for (const p of this.received) g.ram[p] = this.cache[p]!;
     this.received.clear();
     g.disk.dropLayer();
-    for (const [b, v] of this.pendingBlocks) g.disk.base[b] = v;
+    let written = 0;
+    const failAfter = this.failNextApply ? Math.floor(this.pendingBlocks.size / 2) : -1;
+    for (const [b, v] of this.pendingBlocks) {
+      if (written === failAfter) break;
+      g.disk.base[b] = v;
+      written += 1;
+    }
+    if (failAfter >= 0) {
+      // As a full disk stops driver.ts applyDiskBlocks: RAM copied, some blocks written.
+      this.failNextApply = false;
+      throw new Error(`simulated: no space left on device after ${written} of ${this.pendingBlocks.size} disk blocks`);
+    }
     this.pendingBlocks.clear();
     g.device = { ...device.dev };
     this.device = null;

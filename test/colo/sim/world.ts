@@ -23,9 +23,10 @@ const HARD_STOP_MS = 30_000;
  * crashP / crashS: a node's process dies; breakLink: the channel breaks, both nodes live;
  * hbP: x-colo-lost-heartbeat on the primary with the secondary alive; stray: the primary's
  * side of the channel emits a COLO message out of protocol order (a sender bug; only in
- * hand-written scenarios, never drawn at random).
+ * hand-written scenarios, never drawn at random); applyFails: the secondary's next apply breaks
+ * off half-way (its disk is full), and management may then declare the primary lost to it.
  */
-export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray';
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails';
 
 /** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
 const hooks = [
@@ -90,6 +91,8 @@ export interface RunStats {
   relaunch: boolean;
   failoverP: boolean;
   failoverS: boolean;
+  /** A secondary's apply was made to break off. */
+  abandoned: boolean;
 }
 
 export interface RunResult {
@@ -123,9 +126,11 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
   for (let i = 0; i < n; i++) {
     const x = r();
-    const kind: FaultKind = x < 0.3 ? 'crashP' : x < 0.55 ? 'crashS' : x < 0.8 ? 'breakLink' : 'hbP';
-    const trigger = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
-    const delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
+    const kind: FaultKind = x < 0.27 ? 'crashP' : x < 0.5 ? 'crashS' : x < 0.72 ? 'breakLink' : x < 0.9 ? 'hbP' : 'applyFails';
+    let trigger: Fault['trigger'] = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
+    let delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
+    // Armed when an apply begins, so that it breaks that apply.
+    if (kind === 'applyFails') [trigger, delay] = [{ hook: 'S.apply', nth: 1 + Math.floor(r() * 6) }, 0];
     const soon = (): number => Math.round((r() < 0.3 ? 0.01 + r() : 0.1 + r() * 50) * 100) / 100;
     const notice = (): number | null => (r() < 0.8 ? soon() : null);
     let noticeP: number | null = null;
@@ -148,6 +153,9 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
         break;
       case 'hbP':
         break;
+      case 'applyFails':
+        hb = r() < 0.6 ? hbDelay() : null;
+        break;
     }
     out.push({ kind, trigger, delay, noticeP, noticeS, drain: kind !== 'breakLink' && r() < 0.5, hb, hbTwice: r() < 0.2 });
   }
@@ -160,7 +168,7 @@ export function showScenario(s: Scenario): string {
     const parts = [`${x.kind} ${when} +${x.delay}ms`];
     if (x.kind === 'stray') parts.push(`message ${x.msg}`);
     else if (x.kind !== 'hbP') parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain ? ' drain' : ''}`);
-    if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
+    if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' || x.kind === 'applyFails' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
     return parts.join(', ');
   });
   return `x-checkpoint-delay=${s.delayMs}ms; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
@@ -184,7 +192,7 @@ class SimWorld implements World {
   endAt: number;
   /** The oldest compare trigger no VMSTATE_RECEIVED has answered yet. */
   triggerAt: number | null = null;
-  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false };
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
@@ -327,6 +335,14 @@ class SimWorld implements World {
         this.trace(`FAULT: x-colo-lost-heartbeat on P (${before})`);
         P.lostHeartbeat();
         break;
+      case 'applyFails':
+        if (S.owner.dead || S.core.phase !== 'applying') return;
+        this.trace(`FAULT: the secondary's apply will break off half-way (${before})`);
+        S.failNextApply = true;
+        this.stats.abandoned = true;
+        // Management sees the pair break and (wrongly, here) declares the primary lost to it.
+        hb(S, 'S');
+        break;
     }
     this.faultFired = true;
     this.stats.faultsFired += 1;
@@ -362,9 +378,23 @@ class SimWorld implements World {
       this.violate('4', `both nodes serve clients (primary alive in phase ${P.core.phase}, secondary took over)`);
       return;
     }
+    // A secondary whose apply broke off holds no checkpoint: running or serving from it would
+    // contradict output the clients got (invariant 1). A lost heartbeat must be refused.
+    if (!S.owner.dead && S.abandoned && (S.serving || S.guest.running)) {
+      this.violate('1', `the secondary ${S.serving ? 'serves' : 'runs its guest'} after its apply broke off`);
+      return;
+    }
+    // Invariant 5: a lost heartbeat on a live secondary is carried out or refused, in bounded time.
+    if (!S.owner.dead && S.heartbeatLostAt !== null && (now > S.heartbeatLostAt + BOUND_MS || final)) {
+      const settled = S.abandoned || (S.core.phase === 'done' && S.core.failoverState === 'completed' && S.guest.running);
+      if (!settled && now >= S.heartbeatLostAt + BOUND_MS) {
+        this.violate('5', `x-colo-lost-heartbeat reached the secondary at t=${S.heartbeatLostAt.toFixed(3)}, but at t=${now.toFixed(3)} it has neither taken over nor refused (phase ${S.core.phase}, failover state ${S.core.failoverState})`);
+        return;
+      }
+    }
     // Invariant 5: a failover leaves the survivor running, done, completed, within the bound.
     for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
-      if (n.owner.dead) continue;
+      if (n.owner.dead || (name === 'secondary' && S.abandoned)) continue;
       if (n.core.phase === 'failover' || n.core.phase === 'done') {
         if (name === 'primary') this.stats.failoverP = true;
         else this.stats.failoverS = true;
