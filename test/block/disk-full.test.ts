@@ -5,7 +5,8 @@
  * and nothing is lost. Before, kv.wasm saw ENOSPC and stopped for good.
  *
  * The drive is a sparse 16 MiB image on a 2 MiB tmpfs the test mounts (it runs as root, as CI
- * does), next to a 1 MiB filler file that the test deletes to make room.
+ * does), next to a 1 MiB filler file that the test deletes to make room. The COLO cases put
+ * the primary's or the secondary's image there.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -15,26 +16,30 @@ import { TestEnv, freePort, guests, runProgram, sleep, waitFor } from '../framew
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { limits } from '../../src/core/limits.js';
 
-async function smallFs(env: TestEnv, name: string, size: string): Promise<string> {
-  const mnt = env.file(name);
+/**
+ * A sparse 16 MiB image on a 2 MiB tmpfs, next to a 1 MiB filler: about a megabyte of guest
+ * writes fills the filesystem; deleting the filler makes room again.
+ */
+async function imageOnSmallFs(env: TestEnv, name: string): Promise<{ image: string; filler: string }> {
+  const mnt = env.file('small-fs');
   fs.mkdirSync(mnt);
   // Registered first: whatever happens after the mount, the cleanup unmounts it.
   env.onCleanup(async () => {
     await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
   });
-  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt], { timeoutMs: 10000 });
-  assert.equal(mount.code, 0, `mounting a ${size} tmpfs for the test (needs root): ${mount.stderr}`);
-  return mnt;
-}
-
-test('a full host filesystem stops the guest in its write (io-error); with room again it runs on and loses nothing', async (t) => {
-  const env = new TestEnv(t);
-  const mnt = await smallFs(env, 'small-fs', '2m');
-  const image = path.join(mnt, 'kv.img');
+  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { timeoutMs: 10000 });
+  assert.equal(mount.code, 0, `mounting a 2 MiB tmpfs for the test (needs root): ${mount.stderr}`);
+  const image = path.join(mnt, name);
   fs.closeSync(fs.openSync(image, 'w'));
   fs.truncateSync(image, 16 * 1024 * 1024); // sparse: blocks are allocated as the guest writes them
   const filler = path.join(mnt, 'filler');
   fs.writeFileSync(filler, Buffer.alloc(1024 * 1024, 1));
+  return { image, filler };
+}
+
+test('a full host filesystem stops the guest in its write (io-error); with room again it runs on and loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const { image, filler } = await imageOnSmallFs(env, 'kv.img');
 
   const port = await freePort();
   const args = ['--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
@@ -100,11 +105,7 @@ test('a full host filesystem stops the guest in its write (io-error); with room 
 
 test('a VM stopped by a full disk migrates to a host with room: the write it waited in goes through there', async (t) => {
   const env = new TestEnv(t);
-  const mnt = await smallFs(env, 'small-fs', '2m');
-  const image = path.join(mnt, 'kv.img');
-  fs.closeSync(fs.openSync(image, 'w'));
-  fs.truncateSync(image, 16 * 1024 * 1024);
-  fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(1024 * 1024, 1));
+  const { image } = await imageOnSmallFs(env, 'kv.img');
   const dstDisk = env.image('dst.img', 16 * 1024 * 1024);
 
   const port = await freePort();
@@ -144,12 +145,7 @@ test('a VM stopped by a full disk migrates to a host with room: the write it wai
 
 test('colo: the primary\'s disk fills up under load; the pair waits, runs on when there is room, and a failover after it loses nothing', async (t) => {
   const env = new TestEnv(t);
-  const mnt = await smallFs(env, 'small-fs', '2m');
-  const image = path.join(mnt, 'pvm.img');
-  fs.closeSync(fs.openSync(image, 'w'));
-  fs.truncateSync(image, 16 * 1024 * 1024);
-  const filler = path.join(mnt, 'filler');
-  fs.writeFileSync(filler, Buffer.alloc(1024 * 1024, 1));
+  const { image, filler } = await imageOnSmallFs(env, 'pvm.img');
   const svmDisk = env.image('svm.img', 16 * 1024 * 1024);
 
   const port = await freePort();
@@ -199,11 +195,7 @@ test('colo: the primary\'s disk fills up under load; the pair waits, runs on whe
 
 test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over; the primary runs on unprotected and loses nothing', async (t) => {
   const env = new TestEnv(t);
-  const mnt = await smallFs(env, 'small-fs', '2m');
-  const svmImage = path.join(mnt, 'svm.img');
-  fs.closeSync(fs.openSync(svmImage, 'w'));
-  fs.truncateSync(svmImage, 16 * 1024 * 1024);
-  fs.writeFileSync(path.join(mnt, 'filler'), Buffer.alloc(1024 * 1024, 1));
+  const { image: svmImage } = await imageOnSmallFs(env, 'svm.img');
   const pvmDisk = env.image('pvm.img', 16 * 1024 * 1024);
 
   const port = await freePort();
