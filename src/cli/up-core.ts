@@ -89,6 +89,8 @@ export interface PairConfig {
   /** Consecutive failed protection attempts before giving up (default limits.upProtectAttemptsMax). */
   protectAttemptsMax?: number;
   retryDelayMs?: number;
+  /** After giving up: the interval of the later attempts (default limits.upProtectRetryLaterMs). */
+  retryLaterMs?: number;
   stopTimeoutMs?: number;
 }
 
@@ -105,11 +107,13 @@ export class PairCore {
   private cause = '';
   private readonly attemptsMax: number;
   private readonly retryDelayMs: number;
+  private readonly retryLaterMs: number;
   private readonly stopTimeoutMs: number;
 
   constructor(private readonly cfg: PairConfig) {
     this.attemptsMax = cfg.protectAttemptsMax ?? limits.upProtectAttemptsMax;
     this.retryDelayMs = cfg.retryDelayMs ?? limits.upProtectRetryDelayMs;
+    this.retryLaterMs = cfg.retryLaterMs ?? limits.upProtectRetryLaterMs;
     this.stopTimeoutMs = cfg.stopTimeoutMs ?? limits.upStopTimeoutMs;
   }
 
@@ -278,10 +282,20 @@ export class PairCore {
     out.push({ type: 'spawn', node: this.secondary.id, role: 'secondary' });
   }
 
-  /** After a failed attempt (the secondary is gone): try again later, or give up. */
+  /**
+   * After a failed attempt (the secondary is gone): try again soon, with a growing pause; after
+   * attemptsMax failures in a row, say so once and keep trying every retryLaterMs, so that a
+   * cause that goes away (a full disk freed) ends with the pair protected again.
+   */
   private retry(out: PairAction[]): void {
     if (this.failures >= this.attemptsMax) {
-      out.push({ type: 'print', line: `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it)` });
+      if (this.failures === this.attemptsMax) {
+        out.push({
+          type: 'print',
+          line: `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it; trying again every ${this.retryLaterMs / 1000} s)`,
+        });
+      }
+      out.push({ type: 'setTimer', name: 'retry', ms: this.retryLaterMs });
       return;
     }
     out.push({ type: 'setTimer', name: 'retry', ms: this.retryDelayMs * this.failures });

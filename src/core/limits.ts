@@ -145,6 +145,11 @@ export const limits = {
   upProtectAttemptsMax: 5,
   /** colo up: pause before another attempt to protect the pair, times the failures so far. */
   upProtectRetryDelayMs: 1000,
+  /**
+   * colo up: after upProtectAttemptsMax failures in a row, the pair stays unprotected but is
+   * tried again this often (a full disk freed, a port released), quietly.
+   */
+  upProtectRetryLaterMs: 60000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */

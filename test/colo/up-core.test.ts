@@ -73,7 +73,7 @@ test('colo up core: the secondary dies: the primary continues, then is protected
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
 });
 
-test('colo up core: a failed protection kills the secondary and retries; then gives up', () => {
+test('colo up core: a failed protection kills the secondary and retries; after too many it says so and retries slowly until protected', () => {
   const c = protectedPair();
   run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
   run(c, { type: 'continued', node: 1 });
@@ -87,11 +87,27 @@ test('colo up core: a failed protection kills the secondary and retries; then gi
   assert.deepEqual(run(c, { type: 'exited', node: 4, code: 1, signal: null }), [
     'pair: unprotected (secondary 104 exited before it was ready: exit code 1)',
     'discardDisk 4',
-    'pair: unprotected (primary 101; gave up after 2 failed attempts to protect it)',
+    'pair: unprotected (primary 101; gave up after 2 failed attempts to protect it; trying again every 60 s)',
+    'timer retry 60000',
   ]);
   assert.equal(c.phase, 'unprotected');
-  // The primary still serves; a signal stops it.
-  assert.deepEqual(run(c, { type: 'signal', signal: 'SIGTERM' }), ['pair: stopping (SIGTERM)', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
+  // Later attempts are quiet about giving up; one that succeeds protects the pair again.
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 5 secondary']);
+  run(c, { type: 'spawned', node: 5, pid: 105 });
+  assert.deepEqual(run(c, { type: 'ready', node: 5 }), ['protect 1->5']);
+  assert.deepEqual(run(c, { type: 'protectFailed', error: 'still full' }), ['pair: unprotected (attempt 3 to protect it failed: still full)', 'kill 5 SIGKILL']);
+  assert.deepEqual(run(c, { type: 'exited', node: 5, code: null, signal: 'SIGKILL' }), ['discardDisk 5', 'timer retry 60000']);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 6 secondary']);
+  run(c, { type: 'spawned', node: 6, pid: 106 });
+  run(c, { type: 'ready', node: 6 });
+  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 106)']);
+  assert.equal(c.phase, 'protected');
+  // The next failure starts a new count.
+  assert.deepEqual(run(c, { type: 'exited', node: 6, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 6']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), ['pair: secondary died (SIGKILL); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 7 secondary']);
+  // A signal stops both.
+  assert.deepEqual(run(c, { type: 'signal', signal: 'SIGTERM' }), ['pair: stopping (SIGTERM)', 'kill 1 SIGTERM', 'kill 7 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'exited', node: 7, code: 0, signal: null }), []);
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
 });
 
