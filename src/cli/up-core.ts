@@ -216,8 +216,19 @@ export class PairCore {
         this.unresponsive(e.node, e.ms, out);
         break;
       case 'coloExit': {
-        // Only a primary leaving COLO on its own matters; in a failover the supervisor asked for it.
-        if (this.phase !== 'protected' || this.primary?.id !== e.node || e.mode !== 'primary') break;
+        // Only a node leaving COLO on its own matters; in a failover the supervisor asked for it.
+        if (this.phase !== 'protected') break;
+        if (this.secondary?.id === e.node && e.mode === 'secondary') {
+          // It gave up (its apply broke off: colo/core.ts applyFailed) and can never take over.
+          // Killing it now lets its exit run the usual failover, at once, instead of the
+          // primary's holding replies for the grace period before it goes on alone.
+          const s = this.secondary;
+          out.push({ type: 'log', level: 'warn', msg: `secondary ${s.pid} left COLO by itself (reason ${e.reason}); killing it` });
+          s.failure = `left COLO (reason ${e.reason})`;
+          out.push({ type: 'kill', node: s.id, signal: 'SIGKILL' });
+          break;
+        }
+        if (this.primary?.id !== e.node || e.mode !== 'primary') break;
         const p = this.primary;
         const s = this.secondary!;
         out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });

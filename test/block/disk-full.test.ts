@@ -15,20 +15,27 @@ import path from 'node:path';
 import { TestEnv, freePort, guests, runProgram, sleep, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { limits } from '../../src/core/limits.js';
+import { startProtectedPair } from '../framework/up.js';
+
+/** A 2 MiB tmpfs, unmounted at cleanup (after the processes that use it are gone). */
+async function smallFs(env: TestEnv): Promise<string> {
+  const mnt = env.file('small-fs');
+  fs.mkdirSync(mnt);
+  // Registered first, so it runs last: whatever happens after the mount, the cleanup unmounts it.
+  env.onCleanup(async () => {
+    await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
+  });
+  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { timeoutMs: 10000 });
+  assert.equal(mount.code, 0, `mounting a 2 MiB tmpfs for the test (needs root): ${mount.stderr}`);
+  return mnt;
+}
 
 /**
  * A sparse 16 MiB image on a 2 MiB tmpfs, next to a 1 MiB filler: about a megabyte of guest
  * writes fills the filesystem; deleting the filler makes room again.
  */
 async function imageOnSmallFs(env: TestEnv, name: string): Promise<{ image: string; filler: string }> {
-  const mnt = env.file('small-fs');
-  fs.mkdirSync(mnt);
-  // Registered first: whatever happens after the mount, the cleanup unmounts it.
-  env.onCleanup(async () => {
-    await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
-  });
-  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { timeoutMs: 10000 });
-  assert.equal(mount.code, 0, `mounting a 2 MiB tmpfs for the test (needs root): ${mount.stderr}`);
+  const mnt = await smallFs(env);
   const image = path.join(mnt, name);
   fs.closeSync(fs.openSync(image, 'w'));
   fs.truncateSync(image, 16 * 1024 * 1024); // sparse: blocks are allocated as the guest writes them
@@ -238,4 +245,25 @@ test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over;
   const missing = await countMissing(reader, writer.acked);
   assert.equal(missing, 0, `${missing} of ${writer.acked.size} acknowledged writes are missing on the primary`);
   assert.deepEqual(pvm.errorLines(), []);
+});
+
+test('colo up: the state folder with the secondary\'s disk fills up: the secondary is killed at once, the primary serves on and loses nothing', async (t) => {
+  const env = new TestEnv(t);
+  const stateDir = await smallFs(env);
+  const pair = await startProtectedPair(env, ['--state-dir', stateDir]);
+  const writer = await AckedWriter.start(pair.port, 'up-full:', (i) => `${i}:`.padEnd(2000, 'u'));
+  pair.clients.push({ close: () => writer.stop() });
+  const gone = await pair.sup.line(/^pair: secondary died \(killed: left COLO \(reason error\)\); primary (\d+) continues unprotected$/, pair.first.at, 30000);
+  assert.equal(Number(gone.m[1]), pair.primary);
+  // Not the primary going on alone after its grace period, with replies held until then.
+  assert.ok(!pair.sup.lines.some((l) => /left COLO/.test(l) && l.startsWith(`pair: primary ${pair.primary}`)), pair.sup.timeline());
+  assert.match(pair.sup.stderr, /could not be applied \(ENOSPC/);
+  const n = writer.acked.size;
+  t.diagnostic(`the secondary gave up after ${n} acknowledged writes; ${pair.sup.timeline()}`);
+  await waitFor('200 more acknowledged writes on the primary', () => writer.acked.size >= n + 200, 20000);
+  await writer.stop();
+  const reader = await RespClient.connect(pair.port);
+  pair.clients.push(reader);
+  const missing = await countMissing(reader, writer.acked);
+  assert.equal(missing, 0, `${missing} of ${writer.acked.size} acknowledged writes are missing on the primary`);
 });

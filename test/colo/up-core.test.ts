@@ -188,6 +188,18 @@ test('colo up core: a primary that leaves COLO by itself gets its out-of-date se
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3', 'discardDisk 1']);
 });
 
+test('colo up core: a secondary that leaves COLO by itself is killed, and its death is a failover to the primary', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'error' }), ['kill 2 SIGKILL']);
+  assert.equal(c.phase, 'protected', 'until it is gone');
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    'pair: secondary died (killed: left COLO (reason error)); primary 101 continues unprotected',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+});
+
 test('colo up core: the COLO_EXIT of a failover the supervisor asked for changes nothing more', () => {
   const c = protectedPair();
   run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });

@@ -299,8 +299,18 @@ export class TestEnv {
       const notable = vm.stderr.split('\n').filter((l) => / (warn|error) /.test(l));
       if (notable.length > 0) process.stderr.write(`[${vm.spec.name} in ${this.dir}]\n${notable.slice(-20).join('\n')}\n`);
     }
-    for (const fn of this.cleanups.reverse()) await fn();
+    // Every cleanup runs even when one before it fails (an unmount must not be skipped because
+    // closing a client threw); the first failure is reported after all of them.
+    let first: unknown = null;
+    for (const fn of this.cleanups.reverse()) {
+      try {
+        await fn();
+      } catch (err) {
+        first ??= err;
+      }
+    }
     if (process.env.COLO_KEEP_TEST_DIR === undefined) fs.rmSync(this.dir, { recursive: true, force: true });
+    if (first !== null) throw first;
   }
 }
 
