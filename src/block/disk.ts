@@ -227,13 +227,18 @@ export class Disk {
     Atomics.store(this.layerCtl, 0, 1);
   }
 
-  /** Checkpoint apply: forget the guest's own writes since the last checkpoint. */
+  /**
+   * Checkpoint apply: forget the guest's own writes since the last checkpoint. The layer file
+   * is emptied too, so that it holds one checkpoint interval's writes at most, not every block
+   * the guest ever wrote (an append-only guest would otherwise fill the secondary's $TMPDIR).
+   */
   dropLayer(): number {
     let n = 0;
     for (let b = 0; b < this.layer.length; b++) if (this.layer[b] === 1) {
       this.layer[b] = 0;
       n++;
     }
+    if (n > 0) fs.ftruncateSync(this.spec.layerFd, 0);
     return n;
   }
 
@@ -251,6 +256,7 @@ export class Disk {
       n++;
     }
     Atomics.store(this.layerCtl, 0, 0);
+    if (n > 0) fs.ftruncateSync(this.spec.layerFd, 0);
     return n;
   }
 

@@ -267,3 +267,35 @@ test('colo up: the state folder with the secondary\'s disk fills up: the seconda
   const missing = await countMissing(reader, writer.acked);
   assert.equal(missing, 0, `${missing} of ${writer.acked.size} acknowledged writes are missing on the primary`);
 });
+
+test('colo: the secondary\'s own writes go to a layer in $TMPDIR that each checkpoint empties, so a small $TMPDIR does not fill up', async (t) => {
+  const env = new TestEnv(t);
+  const tmp = await smallFs(env); // 2 MiB for the secondary's $TMPDIR
+  const [pvmDisk, svmDisk] = [env.image('pvm.img', 16 * 1024 * 1024), env.image('svm.img', 16 * 1024 * 1024)];
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [pvm, svm] = await Promise.all([
+    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${pvmDisk}`] }),
+    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmDisk}`, '--incoming', 'defer'], env: { TMPDIR: tmp } }),
+  ]);
+  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), svm.setMigration({ 'x-colo': true })]);
+  await pvm.waitSerial('kv ready');
+  const migPort = await svm.listenIncoming();
+  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await pvm.waitMigrationStatus('colo', 30000);
+
+  // 6 MiB of kv log, three times the secondary's $TMPDIR, written by both guests.
+  const value = (i: number): string => `${i}:`.padEnd(500, 'l');
+  const writer = await AckedWriter.start(port, 'layer:', value);
+  env.onCleanup(() => writer.stop());
+  await waitFor('12,000 acknowledged writes (6 MiB of log)', () => {
+    if (svm.eventsOf('BLOCK_IO_ERROR').length > 0) throw new Error(`the secondary's $TMPDIR filled up after ${writer.acked.size} writes`);
+    return writer.acked.size >= 12000;
+  }, 120000);
+  await writer.stop();
+  assert.equal((await svm.qmp.execute<{ mode: string }>('query-colo-status')).mode, 'secondary', 'the pair is still in COLO');
+  const stats = await pvm.qmp.execute<{ 'x-colo'?: { checkpoints?: number } }>('query-migrate');
+  t.diagnostic(`${writer.acked.size} writes, ${JSON.stringify(stats['x-colo'])}`);
+  assert.deepEqual(pvm.errorLines(), []);
+  assert.deepEqual(svm.errorLines(), []);
+});

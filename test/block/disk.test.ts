@@ -67,11 +67,14 @@ test('COLO layer: the guest\'s own writes are dropped at an apply and committed 
   assert.equal(read(5000, 8), 'svm-only', 'the guest reads its own write');
   assert.deepEqual(fs.readFileSync(p), original, 'the disk underneath is untouched');
   d.writeBlock(0, Buffer.alloc(4096, 0x41)); // a checkpoint's block from the primary
+  assert.ok(fs.fstatSync(d.spec.layerFd).size > 0);
   assert.equal(d.dropLayer(), 1);
+  assert.equal(fs.fstatSync(d.spec.layerFd).size, 0, 'the layer file is emptied: it never grows past one interval');
   assert.equal(read(5000, 8), original.subarray(5000, 5008).toString('latin1'), 'after the apply the own write is gone');
   assert.equal(read(0, 4), 'AAAA', 'the primary\'s block is there');
   d.write(Buffer.from('kept'), 9000);
   assert.equal(d.commitLayer(), 1);
+  assert.equal(fs.fstatSync(d.spec.layerFd).size, 0);
   assert.equal(fs.readFileSync(p).subarray(9000, 9004).toString(), 'kept', 'a takeover commits the own writes');
   d.write(Buffer.from('base'), 12000);
   assert.equal(fs.readFileSync(p).subarray(12000, 12004).toString(), 'base', 'after the commit writes go to the disk');
