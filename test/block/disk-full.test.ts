@@ -12,22 +12,25 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TestEnv, freePort, guests, runProgram, sleep, waitFor } from '../framework/harness.js';
+import { TestEnv, type VmProcess, freePort, guests, sleep, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { limits } from '../../src/core/limits.js';
 import { startProtectedPair } from '../framework/up.js';
 
-/** A 2 MiB tmpfs, unmounted at cleanup (after the processes that use it are gone). */
-async function smallFs(env: TestEnv): Promise<string> {
-  const mnt = env.file('small-fs');
-  fs.mkdirSync(mnt);
-  // Registered first, so it runs last: whatever happens after the mount, the cleanup unmounts it.
-  env.onCleanup(async () => {
-    await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
-  });
-  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { timeoutMs: 10000 });
-  assert.equal(mount.code, 0, `mounting a 2 MiB tmpfs for the test (needs root): ${mount.stderr}`);
-  return mnt;
+/** A pair of kv.wasm in COLO (x-checkpoint-delay `delayMs`), each on its own drive image. */
+async function coloPair(env: TestEnv, pvmDrive: string, svmDrive: string, opts: { delayMs: number; svmEnv?: Record<string, string> }): Promise<{ pvm: VmProcess; svm: VmProcess; port: number }> {
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [pvm, svm] = await Promise.all([
+    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${pvmDrive}`] }),
+    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmDrive}`, '--incoming', 'defer'], ...(opts.svmEnv === undefined ? {} : { env: opts.svmEnv }) }),
+  ]);
+  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': opts.delayMs }), svm.setMigration({ 'x-colo': true })]);
+  await pvm.waitSerial('kv ready');
+  const migPort = await svm.listenIncoming();
+  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await pvm.waitMigrationStatus('colo', 30000);
+  return { pvm, svm, port };
 }
 
 /**
@@ -35,7 +38,7 @@ async function smallFs(env: TestEnv): Promise<string> {
  * writes fills the filesystem; deleting the filler makes room again.
  */
 async function imageOnSmallFs(env: TestEnv, name: string): Promise<{ image: string; filler: string }> {
-  const mnt = await smallFs(env);
+  const mnt = await env.tmpfs('small-fs', '2m');
   const image = path.join(mnt, name);
   fs.closeSync(fs.openSync(image, 'w'));
   fs.truncateSync(image, 16 * 1024 * 1024); // sparse: blocks are allocated as the guest writes them
@@ -155,17 +158,7 @@ test('colo: the primary\'s disk fills up under load; the pair waits, runs on whe
   const { image, filler } = await imageOnSmallFs(env, 'pvm.img');
   const svmDisk = env.image('svm.img', 16 * 1024 * 1024);
 
-  const port = await freePort();
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [pvm, svm] = await Promise.all([
-    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${image}`] }),
-    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmDisk}`, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), svm.setMigration({ 'x-colo': true })]);
-  await pvm.waitSerial('kv ready');
-  const migPort = await svm.listenIncoming();
-  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await pvm.waitMigrationStatus('colo', 30000);
+  const { pvm, svm, port } = await coloPair(env, image, svmDisk, { delayMs: 200 });
 
   const writer = await AckedWriter.start(port, 'colo-full:', (i) => `${i}:`.padEnd(2000, 'z'));
   env.onCleanup(() => writer.stop());
@@ -205,17 +198,7 @@ test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over;
   const { image: svmImage } = await imageOnSmallFs(env, 'svm.img');
   const pvmDisk = env.image('pvm.img', 16 * 1024 * 1024);
 
-  const port = await freePort();
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [pvm, svm] = await Promise.all([
-    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${pvmDisk}`] }),
-    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmImage}`, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), svm.setMigration({ 'x-colo': true })]);
-  await pvm.waitSerial('kv ready');
-  const migPort = await svm.listenIncoming();
-  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await pvm.waitMigrationStatus('colo', 30000);
+  const { pvm, svm, port } = await coloPair(env, pvmDisk, svmImage, { delayMs: 200 });
   const [pMark, sMark] = [pvm.qmp.eventCount, svm.qmp.eventCount];
 
   // The primary's writes reach the secondary's disk in the checkpoints, until it is full.
@@ -249,7 +232,7 @@ test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over;
 
 test('colo up: the state folder with the secondary\'s disk fills up: the secondary is killed at once, the primary serves on and loses nothing', async (t) => {
   const env = new TestEnv(t);
-  const stateDir = await smallFs(env);
+  const stateDir = await env.tmpfs('small-fs', '2m');
   const pair = await startProtectedPair(env, ['--state-dir', stateDir]);
   const writer = await AckedWriter.start(pair.port, 'up-full:', (i) => `${i}:`.padEnd(2000, 'u'));
   pair.clients.push({ close: () => writer.stop() });
@@ -270,19 +253,9 @@ test('colo up: the state folder with the secondary\'s disk fills up: the seconda
 
 test('colo: the secondary\'s own writes go to a layer in $TMPDIR that each checkpoint empties, so a small $TMPDIR does not fill up', async (t) => {
   const env = new TestEnv(t);
-  const tmp = await smallFs(env); // 2 MiB for the secondary's $TMPDIR
+  const tmp = await env.tmpfs('small-fs', '2m'); // for the secondary's $TMPDIR
   const [pvmDisk, svmDisk] = [env.image('pvm.img', 16 * 1024 * 1024), env.image('svm.img', 16 * 1024 * 1024)];
-  const port = await freePort();
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [pvm, svm] = await Promise.all([
-    env.startVm({ name: 'pvm', guest: guests.kv, args: [...common, '--drive', `file=${pvmDisk}`] }),
-    env.startVm({ name: 'svm', guest: guests.kv, args: [...common, '--drive', `file=${svmDisk}`, '--incoming', 'defer'], env: { TMPDIR: tmp } }),
-  ]);
-  await Promise.all([pvm.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), svm.setMigration({ 'x-colo': true })]);
-  await pvm.waitSerial('kv ready');
-  const migPort = await svm.listenIncoming();
-  await pvm.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await pvm.waitMigrationStatus('colo', 30000);
+  const { pvm, svm, port } = await coloPair(env, pvmDisk, svmDisk, { delayMs: 100, svmEnv: { TMPDIR: tmp } });
 
   // 6 MiB of kv log, three times the secondary's $TMPDIR, written by both guests.
   const value = (i: number): string => `${i}:`.padEnd(500, 'l');

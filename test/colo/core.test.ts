@@ -80,7 +80,8 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
 });
 
-test('colo core: a failover during the apply waits for it (relaunch), then runs', () => {
+/** A secondary in the middle of applying its first checkpoint. */
+function applying(): SecondaryCore {
   const s = new SecondaryCore();
   s.step({ type: 'handoff' });
   s.step({ type: 'started' });
@@ -88,6 +89,12 @@ test('colo core: a failover during the apply waits for it (relaunch), then runs'
   s.step({ type: 'vmPaused' });
   s.step({ type: 'message', msg: 'VMSTATE_SEND' });
   s.step({ type: 'stateReceived' });
+  assert.equal(s.phase, 'applying');
+  return s;
+}
+
+test('colo core: a failover during the apply waits for it (relaunch), then runs', () => {
+  const s = applying();
   assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), []);
   assert.equal(s.failoverState, 'relaunch');
   assert.deepEqual(types(s.step({ type: 'applied' })), ['failover']);
@@ -99,13 +106,7 @@ test('colo core: a failover during the apply waits for it (relaunch), then runs'
 
 test('colo core: an apply that breaks off leaves COLO for good; a failover that waited for it is refused, later ones too', () => {
   for (const waiting of [false, true]) {
-    const s = new SecondaryCore();
-    s.step({ type: 'handoff' });
-    s.step({ type: 'started' });
-    s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
-    s.step({ type: 'vmPaused' });
-    s.step({ type: 'message', msg: 'VMSTATE_SEND' });
-    s.step({ type: 'stateReceived' });
+    const s = applying();
     if (waiting) s.step({ type: 'lostHeartbeat' });
     const out = s.step({ type: 'applyFailed', message: 'ENOSPC' });
     assert.deepEqual(types(out), ['closeLink', 'status', 'abandon']);

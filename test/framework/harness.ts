@@ -11,6 +11,7 @@ import net from 'node:net';
 import { fileURLToPath } from 'node:url';
 import type { TestContext } from 'node:test';
 import crypto from 'node:crypto';
+import assert from 'node:assert/strict';
 import { QmpClient, type QmpEvent } from '../../src/control/qmp-client.js';
 
 export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
@@ -249,6 +250,22 @@ export class TestEnv {
   onCleanup(fn: () => Promise<void> | void): void {
     if (this.ended) void Promise.resolve().then(fn);
     else this.cleanups.push(fn);
+  }
+
+  /**
+   * Mount a tmpfs of `size` (mount's syntax: `2m`) at `name` in the test folder, unmounted at
+   * cleanup after the processes that use it are gone (tests that need it run as root, as CI).
+   */
+  async tmpfs(name: string, size: string): Promise<string> {
+    const mnt = this.file(name);
+    fs.mkdirSync(mnt);
+    // Registered before the mount and before any process the test starts: it runs last.
+    this.onCleanup(async () => {
+      await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
+    });
+    const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', mnt], { timeoutMs: 10000 });
+    assert.equal(mount.code, 0, `mounting a ${size} tmpfs for the test (needs root): ${mount.stderr}`);
+    return mnt;
   }
 
   /** sha256 of a file. */

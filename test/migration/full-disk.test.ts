@@ -6,19 +6,12 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { TestEnv, guests, runProgram } from '../framework/harness.js';
+import { TestEnv, guests } from '../framework/harness.js';
 import { assertAdvancing, statuses } from './helpers.js';
 
 test('a migration to a file on a full filesystem fails with a typed error; the VM runs on, nothing is left behind', async (t) => {
   const env = new TestEnv(t);
-  const mnt = env.file('small-fs');
-  fs.mkdirSync(mnt);
-  // Registered first: whatever happens after the mount, the cleanup unmounts it.
-  env.onCleanup(async () => {
-    await runProgram('umount', ['-l', mnt], { timeoutMs: 10000 });
-  });
-  const mount = await runProgram('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', mnt], { timeoutMs: 10000 });
-  assert.equal(mount.code, 0, `mounting a 2 MiB tmpfs for the test (needs root): ${mount.stderr}`);
+  const mnt = await env.tmpfs('small-fs', '2m');
   const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['16M'] });
   await src.waitSerial('B', { count: 2 });
   const mark = src.qmp.eventCount;
