@@ -7,7 +7,9 @@
  * timeout (or more held bytes than the limit) is a timeout. Both ask for a checkpoint. At a
  * checkpoint everything the PVM produced is released and the SVM's output is dropped: the SVM
  * is about to become the PVM. SVM output carries the checkpoint epoch it was produced in; output
- * of an older epoch is stale and ignored.
+ * of an older epoch is stale and ignored. Output of the next epoch can arrive before the
+ * checkpoint that starts it is over on this side (it comes over its own channel, see
+ * output-channel.ts): it waits and is compared from the checkpoint on.
  */
 import type { NicOutput } from '../net/nic.js';
 
@@ -48,6 +50,9 @@ export class Compare {
   /** Bytes released because both guests agreed, and at checkpoints (for statistics). */
   matchedBytes = 0;
   checkpointReleasedBytes = 0;
+  /** SVM output of the next epoch, in arrival order, until checkpoint() starts that epoch. */
+  private early: { out: NicOutput; at: number }[] = [];
+  private earlyBytes = 0;
 
   /**
    * `delivered(conn)`: how many bytes of a connection's output its client has already
@@ -71,6 +76,15 @@ export class Compare {
 
   /** Output of the SVM, produced in `epoch`. */
   svm(epoch: number, out: NicOutput, now: number): CompareResult {
+    if (epoch === this.epoch + 1) {
+      // Past the limit it is dropped: the hole it leaves is a mismatch in that epoch.
+      const n = out.kind === 'out' ? out.bytes.byteLength : 0;
+      if (this.earlyBytes + n <= this.lim.heldBytesMax) {
+        this.early.push({ out, at: now });
+        this.earlyBytes += n;
+      }
+      return { release: [], trigger: null };
+    }
     if (epoch !== this.epoch) return { release: [], trigger: null };
     const c = this.conn(out.conn);
     this.push(c, c.svm, out, now);
@@ -86,11 +100,21 @@ export class Compare {
     return null;
   }
 
-  /** A checkpoint: release all held PVM output, drop the SVM's, start the next epoch. */
+  /**
+   * A checkpoint: release all held PVM output, drop the SVM's, start the next epoch with the
+   * SVM output of it that came early (the PVM has none yet: nothing more is released here).
+   */
   checkpoint(): NicOutput[] {
     const release = this.drainPvm();
     this.epoch += 1;
     this.reported.clear();
+    const early = this.early;
+    this.early = [];
+    this.earlyBytes = 0;
+    for (const e of early) {
+      const c = this.conn(e.out.conn);
+      this.push(c, c.svm, e.out, e.at);
+    }
     return release;
   }
 
@@ -99,8 +123,9 @@ export class Compare {
     return this.drainPvm();
   }
 
+  /** Bytes held for comparison (both sides), and SVM output waiting for its epoch. */
   get held(): number {
-    return this.heldBytes;
+    return this.heldBytes + this.earlyBytes;
   }
 
   connectionCount(): number {

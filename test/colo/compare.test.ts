@@ -41,6 +41,33 @@ test('compare: a difference is a mismatch, reported once per epoch; the checkpoi
   assert.equal(c.svm(1, out(1, 11, 'b'), 4).trigger, 'mismatch');
 });
 
+test('compare: SVM output of the next epoch that comes before the checkpoint waits for it, then is compared', () => {
+  const c = new Compare(lim);
+  c.pvm(out(1, 0, '+OK\r\n'), 0);
+  // The SVM already runs from the checkpoint: its output is epoch 1 while the primary is in 0.
+  assert.equal(c.svm(1, out(1, 5, ':2\r\n'), 1).release.length, 0);
+  assert.equal(c.held, 5 + 4);
+  assert.equal(text(c.checkpoint()), '1@0:+OK\r\n');
+  // An epoch further ahead cannot be: it is dropped like stale output.
+  assert.equal(c.svm(3, out(1, 9, 'x'), 2).release.length, 0);
+  assert.equal(c.held, 4);
+  assert.equal(text(c.pvm(out(1, 5, ':2\r\n'), 2).release), '1@5::2\r\n');
+  assert.equal(c.held, 0);
+  // Early output that differs from the PVM's is a mismatch of the new epoch.
+  c.svm(2, out(1, 9, 'a'), 3);
+  c.checkpoint();
+  assert.equal(c.pvm(out(1, 9, 'b'), 4).trigger, 'mismatch');
+  // Early output beyond the held limit is dropped; the hole is a mismatch once compared.
+  const d = new Compare({ timeoutMs: 100, heldBytesMax: 4 });
+  d.svm(1, out(1, 0, 'abc'), 0);
+  d.svm(1, out(1, 3, 'def'), 0);
+  d.svm(1, out(1, 6, 'g'), 0);
+  assert.equal(d.held, 4);
+  d.checkpoint();
+  const r = d.pvm(out(1, 0, 'abcdefg'), 1);
+  assert.equal(`${text(r.release)}|${r.trigger}`, '|mismatch');
+});
+
 test('compare: output waiting on one side past the timeout asks for a checkpoint; so does too much held output', () => {
   const c = new Compare(lim);
   c.pvm(out(1, 0, 'hello'), 1000);
