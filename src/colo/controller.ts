@@ -132,6 +132,8 @@ export class ColoController implements DriverHost {
         'compare-matched-bytes': cmp.matchedBytes,
         'compare-checkpoint-released-bytes': cmp.checkpointReleasedBytes,
         'compare-held-bytes': cmp.held,
+        'svm-output-channel': d.net.outputChannelOpen ? 'direct' : 'main',
+        'svm-output-channel-bytes': d.net.outputChannelBytes,
       });
     }
     return out;

@@ -66,10 +66,15 @@ export class PrimaryDriver {
 
   constructor(private readonly host: DriverHost, private readonly session: SourceSession) {
     this.core = new PrimaryCore(() => host.vm.migration.settings.parameters['x-checkpoint-delay']);
-    this.net = new PrimaryNet(host.vm, session, (reason) => {
-      log.debug(`primary: the compare asks for a checkpoint (${reason})`);
-      this.dispatch({ type: 'trigger', reason });
-    });
+    this.net = new PrimaryNet(
+      host.vm,
+      session,
+      (reason) => {
+        log.debug(`primary: the compare asks for a checkpoint (${reason})`);
+        this.dispatch({ type: 'trigger', reason });
+      },
+      (err) => this.dispatch({ type: 'protocolError', message: errorMessage(err) }),
+    );
   }
 
   start(): void {
@@ -98,6 +103,7 @@ export class PrimaryDriver {
           continue;
         }
         msg = messageOf(f);
+        if (msg === 'CHECKPOINT_READY') void this.net.openOutputChannel(parseJsonPayload(f).outputPort);
       } catch (err) {
         if (err instanceof ChannelClosedError || this.session.failed !== null) this.dispatch({ type: 'linkLost', message: errorMessage(err) });
         else this.dispatch({ type: 'protocolError', message: errorMessage(err) });
@@ -412,12 +418,12 @@ export class SecondaryDriver {
         const tracker = vm.migration.dirtyTracker();
         tracker.reset(m.ram(), m.statePageRanges());
         // SVM output goes to the primary's compare; mirrored input comes in through pump().
-        this.net.start();
+        const outputPort = await this.net.start();
         // The SVM's own disk writes go to a layer dropped at every apply and committed at a
         // takeover, so its disk underneath stays the PVM's as of the last checkpoint.
         m.disk?.beginLayer();
         try {
-          s.sendColo({ msg: 'CHECKPOINT_READY' });
+          s.sendColo(outputPort === null ? { msg: 'CHECKPOINT_READY' } : { msg: 'CHECKPOINT_READY', outputPort });
         } catch (err) {
           // The link broke before COLO started: the SVM still runs and the frame loop reports
           // the break, so a failover (x-colo-lost-heartbeat) finds a started secondary.

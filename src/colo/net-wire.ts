@@ -97,6 +97,49 @@ function encodeBatches<E>(
   return out;
 }
 
+/**
+ * SVM output for the output channel (output-channel.ts), written by the vCPU thread itself:
+ * each output batch after its length (u32), all in one buffer (one write).
+ */
+export function encodeOutputFrames(epoch: number, events: readonly NicOutput[]): Buffer {
+  const parts = encodeOutputs(epoch, events);
+  let total = 0;
+  for (const p of parts) total += 4 + p.byteLength;
+  const b = Buffer.allocUnsafe(total);
+  let at = 0;
+  for (const p of parts) {
+    b.writeUInt32BE(p.byteLength, at);
+    b.set(p, at + 4);
+    at += 4 + p.byteLength;
+  }
+  return b;
+}
+
+/** Splits the output channel's byte stream back into output batches (decodeNetBatch each). */
+export class OutputFrameReader {
+  private buf: Buffer = Buffer.alloc(0);
+
+  push(chunk: Buffer): Buffer[] {
+    this.buf = this.buf.byteLength === 0 ? chunk : Buffer.concat([this.buf, chunk]);
+    const frames: Buffer[] = [];
+    let at = 0;
+    while (this.buf.byteLength - at >= 4) {
+      const n = this.buf.readUInt32BE(at);
+      if (n > limits.frameBytesMax) throw new StreamError('FRAME_TOO_LARGE', `SVM output channel: a ${n}-byte batch (limit ${limits.frameBytesMax})`);
+      if (this.buf.byteLength - at - 4 < n) break;
+      frames.push(this.buf.subarray(at + 4, at + 4 + n));
+      at += 4 + n;
+    }
+    this.buf = this.buf.subarray(at);
+    return frames;
+  }
+
+  /** Bytes of a batch not complete yet. */
+  get partial(): number {
+    return this.buf.byteLength;
+  }
+}
+
 export function decodeNetBatch(payload: Buffer): NetBatch {
   const bad = (what: string): never => {
     throw new StreamError('FRAME_INVALID', `coloNet frame: ${what}`);

@@ -6,8 +6,10 @@
  * with the same sequence number, to the secondary; PVM output goes to the compare instead of
  * the clients; SVM output arrives from the secondary; what the compare releases goes to the
  * clients. Secondary: mirrored input goes to the SVM; SVM output goes back to the primary,
- * tagged with the checkpoint epoch it was produced in.
+ * tagged with the checkpoint epoch it was produced in: written by the SVM's vCPU thread on the
+ * output channel (output-channel.ts) once there is one, until then on the main channel.
  */
+import type * as net from 'node:net';
 import { StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
@@ -16,7 +18,8 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { decodeNetBatch, encodeInputs, encodeOutputs } from './net-wire.js';
+import { OutputFrameReader, decodeNetBatch, encodeInputs, encodeOutputs } from './net-wire.js';
+import { OutputListener, connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
 
@@ -51,11 +54,16 @@ export class PrimaryNet {
   private active = false;
   private scan: NodeJS.Timeout | null = null;
   private readonly mirror: Batcher<NicInput>;
+  private outputChannel: net.Socket | null = null;
+  /** Bytes that came over the SVM output channel. */
+  outputChannelBytes = 0;
 
   constructor(
     private readonly vm: Vm,
     private readonly session: SourceSession,
     private readonly onTrigger: (reason: CompareTrigger) => void,
+    /** SVM output that cannot be decoded: the secondary is not one to compare with. */
+    private readonly onBroken: (err: Error) => void,
   ) {
     this.mirror = new Batcher((events) => {
       if (!this.active) return;
@@ -78,9 +86,54 @@ export class PrimaryNet {
     }, limits.coloCompareScanMs);
   }
 
+  /** Whether SVM output comes over its own channel. */
+  get outputChannelOpen(): boolean {
+    return this.outputChannel !== null;
+  }
+
+  /**
+   * CHECKPOINT_READY named the secondary's output channel port: connect it. Without one (or if
+   * it cannot be had) SVM output keeps coming on the main channel.
+   */
+  async openOutputChannel(port: unknown): Promise<void> {
+    if (port === undefined || !this.active) return;
+    let s: net.Socket;
+    try {
+      s = await connectOutputChannel(this.session.opts.host, Number(port), this.session.migrationId);
+    } catch (err) {
+      if (this.active && this.session.failed === null) log.warn(`${errorMessage(err)}; SVM output comes on the main channel`);
+      return;
+    }
+    if (!this.active) {
+      s.destroy();
+      return;
+    }
+    this.outputChannel = s;
+    const reader = new OutputFrameReader();
+    s.on('data', (chunk: Buffer) => {
+      this.outputChannelBytes += chunk.byteLength;
+      try {
+        for (const p of reader.push(chunk)) this.onPayload(p);
+      } catch (err) {
+        s.destroy();
+        if (this.active) this.onBroken(err instanceof Error ? err : new Error(String(err)));
+      }
+    });
+    // Its end is the secondary's end or its switch back to the main channel: the main channel
+    // says which (a failover, or nothing).
+    s.on('error', (err) => log.debug(`SVM output channel: ${err.message}`));
+    s.on('close', () => {
+      if (this.outputChannel === s) this.outputChannel = null;
+    });
+  }
+
   /** A coloNet frame from the secondary: SVM output. */
   onFrame(f: Frame): void {
-    const batch = decodeNetBatch(f.payload);
+    this.onPayload(f.payload);
+  }
+
+  private onPayload(payload: Buffer): void {
+    const batch = decodeNetBatch(payload);
     if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', 'coloNet: the secondary sent input events');
     if (!this.active) return;
     const now = performance.now();
@@ -97,6 +150,8 @@ export class PrimaryNet {
   stop(): void {
     if (!this.active) return;
     this.active = false;
+    this.outputChannel?.destroy();
+    this.outputChannel = null;
     if (this.scan !== null) clearInterval(this.scan);
     this.scan = null;
     this.mirror.drop();
@@ -116,6 +171,10 @@ export class SecondaryNet {
   epoch = 0;
   private active = false;
   private readonly outputs: Batcher<NicOutput>;
+  private readonly onDirectFailed = (message: string): void => {
+    // The primary closed it, or is gone (then the main channel breaks too and a failover follows).
+    log.info(`the SVM output channel closed (${message}); SVM output goes on the main channel`);
+  };
 
   constructor(private readonly vm: Vm, private readonly session: IncomingSession) {
     this.outputs = new Batcher((events) => {
@@ -128,11 +187,26 @@ export class SecondaryNet {
     });
   }
 
-  start(): void {
+  /**
+   * The SVM is paused. Returns the port of the SVM output channel for CHECKPOINT_READY (null:
+   * there is none; output goes on the main channel).
+   */
+  async start(): Promise<number | null> {
     this.active = true;
     this.vm.outputSink = (out) => {
       if (this.active) this.outputs.push(out);
     };
+    const m = this.vm.machine;
+    m.on('direct-output-failed', this.onDirectFailed);
+    const id = this.session.migrationId;
+    if (id === null) return null;
+    m.setOutputEpoch(this.epoch);
+    try {
+      return await m.openOutputChannel(this.session.localHost, id);
+    } catch (err) {
+      log.warn(`${errorMessage(err)}; SVM output goes on the main channel`);
+      return null;
+    }
   }
 
   /** A coloNet frame from the primary: mirrored client input for the SVM. */
@@ -144,11 +218,15 @@ export class SecondaryNet {
     for (const ev of batch.events) this.vm.machine.injectInput(ev);
   }
 
-  /** The apply is about to run the SVM from the checkpoint: output from now on is a new epoch. */
+  /**
+   * The apply ran restoreVcpu and is about to run the SVM: output from now on is a new epoch
+   * (and goes on the output channel if the primary connected it since the last apply).
+   */
   nextEpoch(): void {
     // Output still batched was produced before the checkpoint: the primary drops it anyway.
     this.outputs.drop();
     this.epoch += 1;
+    this.vm.machine.setOutputEpoch(this.epoch);
   }
 
   /** Takeover: SVM output goes to this node's own front end. */
@@ -156,5 +234,7 @@ export class SecondaryNet {
     this.active = false;
     this.outputs.drop();
     this.vm.outputSink = null;
+    this.vm.machine.off('direct-output-failed', this.onDirectFailed);
+    this.vm.machine.stopDirectOutput();
   }
 }

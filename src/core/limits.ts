@@ -174,6 +174,8 @@ export const limits = {
   coloCompareHeldBytesMax: 64 * 1024 * 1024,
   /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
   coloNetBatchBytes: 1024 * 1024,
+  /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */
+  coloOutputChannelTimeoutMs: 5000,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
 } as const;

@@ -52,7 +52,8 @@ const log = logger('machine');
 
 /**
  * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message),
- * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed'.
+ * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
+ * 'direct-output-failed' (message: a write to the COLO output channel failed; output events again).
  */
 export class Machine extends EventEmitter {
   readonly guest: InstrumentedGuest;
@@ -235,6 +236,35 @@ export class Machine extends EventEmitter {
   }
 
   /** Raise a flag of the control block and wake the vCPU to look at it. */
+  /**
+   * COLO secondary: the vCPU listens for the SVM output channel (colo/output-channel.ts) on
+   * `host`; returns the port. Once the primary connected, the vCPU writes guest output there
+   * itself, tagged with the output epoch, from the next restoreVcpu on, instead of emitting
+   * 'output'. Only while the vCPU is paused.
+   */
+  async openOutputChannel(host: string, migrationId: Uint8Array): Promise<number> {
+    this.assertAlive();
+    if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the output channel can be opened only while the vCPU is paused');
+    this.worker.postMessage({ type: 'output-channel', host, migrationId } satisfies WorkerRequest);
+    const r = await this.expect((x) => x.type === 'output-channel' || x.type === 'error', 'the vCPU to listen for the output channel', 10000);
+    if (r.type === 'error') throw new MachineError('OUTPUT_CHANNEL', r.message);
+    return (r as Extract<WorkerReply, { type: 'output-channel' }>).port;
+  }
+
+  /** The epoch output on the output channel is tagged with (set while paused, before the vCPU runs). */
+  setOutputEpoch(epoch: number): void {
+    Atomics.store(this.ctl, ctl.outEpoch, epoch);
+  }
+
+  /**
+   * No more output on the output channel: 'output' events from the vCPU's next batch on (one
+   * already being written still goes there). The vCPU closes the channel.
+   */
+  stopDirectOutput(): void {
+    Atomics.store(this.ctl, ctl.directOff, 1);
+    Atomics.notify(this.ctl, ctl.directOff);
+  }
+
   private signal(slot: number): void {
     Atomics.store(this.ctl, slot, 1);
     Atomics.add(this.ctl, ctl.wake, 1);
@@ -343,6 +373,9 @@ export class Machine extends EventEmitter {
       case 'out':
         for (const out of m.outs) this.emit('output', out as NicOutput);
         if (m.credits !== null) for (const c of m.credits) this.emit('credit', c);
+        return;
+      case 'direct-output-failed':
+        this.emit('direct-output-failed', m.message);
         return;
       case 'running':
         this.vcpuRunning = true;

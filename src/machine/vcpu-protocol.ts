@@ -10,7 +10,11 @@ export const ctl = {
   wake: 1,
   /** Non-zero: a disk write waiting for space is to be tried again now (`cont` in io-error). */
   retryIo: 2,
-  slots: 4,
+  /** COLO secondary: non-zero: output no longer goes to the SVM output channel (a takeover). */
+  directOff: 3,
+  /** COLO secondary: the checkpoint epoch output on the SVM output channel is tagged with. */
+  outEpoch: 4,
+  slots: 6,
 } as const;
 
 export interface GuestGlobalLayout {
@@ -64,6 +68,8 @@ export type WorkerRequest =
       disk: DiskSpec | null;
     }
   | { type: 'run' }
+  /** COLO secondary: listen for the SVM output channel (colo/output-channel.ts). */
+  | { type: 'output-channel'; host: string; migrationId: Uint8Array }
   | { type: 'save' }
   | { type: 'restore'; state: VcpuState };
 
@@ -78,6 +84,9 @@ export type WorkerReply =
   | { type: 'exited'; code: number }
   | { type: 'panicked'; message: string }
   | { type: 'out'; outs: NicOutput[]; credits: InputCredit[] | null }
+  | { type: 'output-channel'; port: number }
+  /** A write to the SVM output channel failed: the vCPU closed it and posts its output again. */
+  | { type: 'direct-output-failed'; message: string }
   | { type: 'state'; state: VcpuState }
   | { type: 'restored'; connections: number[]; maxConnId: number }
   | { type: 'error'; message: string; code?: string | undefined };

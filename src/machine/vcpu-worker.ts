@@ -7,6 +7,10 @@
  * back in its event loop, answering save/restore/run messages.
  */
 import { parentPort } from 'node:worker_threads';
+import { writeSync } from 'node:fs';
+import type { Socket } from 'node:net';
+import { encodeOutputFrames } from '../colo/net-wire.js';
+import { OutputListener } from '../colo/output-channel.js';
 import { InputRingReader } from './input-ring.js';
 import { Nic, type NicInput, type NicOutput } from '../net/nic.js';
 import { Disk, type DiskSpec } from '../block/disk.js';
@@ -109,8 +113,9 @@ class Vcpu {
   }
 
   /**
-   * Guest output is batched and handed to the main thread when the guest blocks, unwinds or
-   * exits (or the batch is large): one message per batch instead of one per send.
+   * Guest output is batched and handed on when the guest blocks, unwinds or exits (or the batch
+   * is large): one message per batch instead of one per send. On a COLO secondary with an SVM
+   * output channel the vCPU writes the batch to the primary itself (writeDirect).
    */
   output(out: NicOutput): void {
     this.pendingOut.push(out);
@@ -120,8 +125,94 @@ class Vcpu {
   flushOutput(): void {
     const credits = this.nic.takeCredits();
     if (this.pendingOut.length === 0 && credits === null) return;
+    if (this.pendingOut.length > 0 && this.writeDirect(this.pendingOut)) {
+      this.pendingOut = [];
+      if (credits !== null) post({ type: 'out', outs: [], credits });
+      return;
+    }
     post({ type: 'out', outs: this.pendingOut, credits });
     this.pendingOut = [];
+  }
+
+  /** Write a batch to the SVM output channel, if there is one; false: post it to the main thread. */
+  private writeDirect(outs: NicOutput[]): boolean {
+    const ch = this.channel;
+    if (ch === null) return false;
+    if (Atomics.load(this.ctl, ctl.directOff) !== 0) {
+      this.closeChannel();
+      return false;
+    }
+    const b = encodeOutputFrames(Atomics.load(this.ctl, ctl.outEpoch), outs);
+    let at = 0;
+    while (at < b.byteLength) {
+      try {
+        at += writeSync(ch.fd, b, at, b.byteLength - at);
+      } catch (err) {
+        if ((err as { code?: string }).code === 'EAGAIN') {
+          // The socket is full: the guest waits for the primary to read, or for a takeover to
+          // take the channel away (then the whole batch goes to the main thread).
+          Atomics.wait(this.ctl, ctl.directOff, 0, 1);
+          if (Atomics.load(this.ctl, ctl.directOff) === 0) continue;
+          this.closeChannel();
+          return false;
+        }
+        // Broken (the primary is gone, or closed it): the main thread from now on. A batch cut
+        // in the middle never reached the compare: all of it is posted.
+        this.closeChannel();
+        post({ type: 'direct-output-failed', message: err instanceof Error ? err.message : String(err) });
+        return false;
+      }
+    }
+    return true;
+  }
+
+  // ---- the SVM output channel (COLO secondary; colo/output-channel.ts) ----
+  /** The connection the vCPU writes to, from the state restore after the primary connected. */
+  private channel: { socket: Socket; fd: number } | null = null;
+  /** Connected, not used before the next restore (an epoch boundary). */
+  private channelReady: Socket | null = null;
+  private channelListener: OutputListener | null = null;
+
+  async listenForOutputChannel(host: string, migrationId: Uint8Array): Promise<number> {
+    this.closeChannel();
+    Atomics.store(this.ctl, ctl.directOff, 0);
+    const l = await OutputListener.open(host, migrationId);
+    this.channelListener = l;
+    void l.accepted.then((s) => {
+      if (this.channelListener === l) this.channelListener = null;
+      if (s === null) return;
+      if (Atomics.load(this.ctl, ctl.directOff) !== 0) {
+        s.destroy();
+        return;
+      }
+      this.channelReady = s;
+      // Its end while the vCPU is paused (this loop runs only then): not used any more.
+      s.once('close', () => {
+        if (this.channelReady === s) this.channelReady = null;
+        if (this.channel?.socket === s) this.channel = null;
+      });
+    });
+    return l.port;
+  }
+
+  /** A state restore (the secondary's apply): a channel that connected meanwhile is used from now on. */
+  private takeChannel(): void {
+    const s = this.channelReady;
+    if (s === null || this.channel !== null) return;
+    this.channelReady = null;
+    const fd = (s as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
+    // libuv's handle has the descriptor on every Unix; without it, output stays on the main channel.
+    if (typeof fd === 'number' && fd > 0) this.channel = { socket: s, fd };
+    else s.destroy();
+  }
+
+  private closeChannel(): void {
+    this.channelListener?.close();
+    this.channelListener = null;
+    this.channelReady?.destroy();
+    this.channelReady = null;
+    this.channel?.socket.destroy();
+    this.channel = null;
   }
 
   markWrite(ptr: number, len: number): void {
@@ -188,6 +279,7 @@ class Vcpu {
       post({ type: 'error', message: `the guest has ${this.phase === 'exited' ? 'exited' : 'crashed'}; it cannot run` });
       return;
     }
+    if (Atomics.load(this.ctl, ctl.directOff) !== 0) this.closeChannel();
     if (this.phase === 'unwound') this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
     this.phase = 'running';
     this.clock.resume();
@@ -260,6 +352,7 @@ class Vcpu {
     this.nic.restore(s.nic);
     this.clock.restore(s.clock);
     this.serial.restore(s.serial);
+    this.takeChannel();
     for (const g of this.layout.globals) {
       (this.instance.exports[g.exportName] as WebAssembly.Global).value = globals[g.exportName];
     }
@@ -291,6 +384,12 @@ parentPort!.on('message', (m: WorkerRequest) => {
         return;
       case 'run':
         vcpu!.run();
+        return;
+      case 'output-channel':
+        vcpu!.listenForOutputChannel(m.host, m.migrationId).then(
+          (port) => post({ type: 'output-channel', port }),
+          (err: unknown) => post({ type: 'error', message: `cannot listen for the SVM output channel: ${err instanceof Error ? err.message : String(err)}` }),
+        );
         return;
       case 'save':
         post({ type: 'state', state: vcpu!.save() });

@@ -423,6 +423,15 @@ export class IncomingSession {
   }
   private readonly failureListeners = new Set<(err: Error) => void>();
 
+  /** The source's id for this migration (from its hello; set by prepare). */
+  migrationId: Uint8Array | null = null;
+
+  /** The address the source reached this node on: where further channels listen. */
+  get localHost(): string {
+    const host = this.channel.socket.localAddress ?? '127.0.0.1';
+    return host.startsWith('::ffff:') ? host.slice(7) : host;
+  }
+
   constructor(readonly channel: MainChannel, readonly opts: IncomingSessionOptions) {
     const m = opts.machine;
     this.ramPagesWord = opts.receivers?.ramPages ?? new SharedArrayBuffer(4);
@@ -447,6 +456,7 @@ export class IncomingSession {
    */
   async prepare(setup: Frame, channels: number, migrationId: string): Promise<{ channelPorts: number[]; disk: DiskMode }> {
     const m = this.opts.machine;
+    this.migrationId = parseMigrationId(migrationId);
     const info = applySetup(m, setup);
     this.publishRamSize();
     this.diskMode = chooseDiskMode(info.diskImage, m.disk);
@@ -458,10 +468,9 @@ export class IncomingSession {
         await spare.configure(parseMigrationId(migrationId), this.target, this.maybeNonZero);
       } else {
         if (spare !== null) void spare.destroy();
-        const host = this.channel.socket.localAddress ?? '127.0.0.1';
         this.receiver = await MultifdReceiver.start({
           memory: m.memory,
-          host: host.startsWith('::ffff:') ? host.slice(7) : host,
+          host: this.localHost,
           migrationId: parseMigrationId(migrationId),
           channels,
           pagesMax: this.pagesMax,

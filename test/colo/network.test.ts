@@ -59,6 +59,9 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assert.equal(det['checkpoints-timeout'], 0, `deterministic traffic: no timeout (${JSON.stringify(det)})`);
   assert.ok(det['checkpoints-periodic']! >= 3, `periodic checkpoints counted (${JSON.stringify(det)})`);
   assert.ok(det['compare-matched-bytes']! > 1000, 'replies were released because both guests produced them');
+  // The SVM's vCPU sends its output on its own channel (after the first apply).
+  assert.equal(det['svm-output-channel'] as unknown, 'direct', `SVM output on its own channel (${JSON.stringify(det)})`);
+  assert.ok(det['svm-output-channel-bytes']! > 1000, `SVM output came over it (${JSON.stringify(det)})`);
   assert.ok(det['mean-checkpoint-bytes']! > 0 && det['p99-pause-ms']! > 0, 'checkpoint sizes and pauses are measured');
 
   // No periodic checkpoints from now on: every checkpoint is the compare's.

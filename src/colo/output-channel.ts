@@ -1,0 +1,127 @@
+/**
+ * The SVM output channel (ARCHITECTURE §5 "Network"): one TCP connection, opened by the primary
+ * to the secondary, on which the secondary's vCPU thread writes the SVM's output itself
+ * (net-wire.ts encodeOutputFrames). SVM output then never passes through the secondary's main
+ * thread: one thread wake-up and one message less per batch on the path every reply waits for.
+ *
+ * Setup: the secondary's vCPU thread listens on the address the primary reached it on (port 0);
+ * the port goes in CHECKPOINT_READY. The primary connects and sends a hello: "COLOOUT1" and the
+ * migration's 16-byte id. The secondary keeps the first connection with the right hello and
+ * stops listening. From the next apply on (an epoch boundary: nothing of the old epoch can
+ * follow) the vCPU writes there. Until then, and whenever the channel cannot be had or breaks,
+ * SVM output goes on the main channel as coloNet frames, as before; the compare takes both.
+ *
+ * The secondary's end lives in the vCPU thread (vcpu-worker.ts), the one thread that writes to
+ * it: its socket is opened, written and closed there, so no other thread can close the file
+ * descriptor under a write (Node cannot hand a socket to another thread).
+ */
+import * as net from 'node:net';
+import { ChannelClosedError, StreamError, TimeoutError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
+
+const magic = Buffer.from('COLOOUT1', 'latin1');
+const helloBytes = magic.byteLength + 16;
+
+function hello(migrationId: Uint8Array): Buffer {
+  return Buffer.concat([magic, Buffer.from(migrationId)]);
+}
+
+/** The secondary's end: listens for the one connection of this COLO session. */
+export class OutputListener {
+  /** The connection, once a primary said the right hello; null if none came in time or closed. */
+  readonly accepted: Promise<net.Socket | null>;
+  private settle: (s: net.Socket | null) => void = () => undefined;
+  private timer: NodeJS.Timeout | null = null;
+  private done = false;
+
+  private constructor(private readonly server: net.Server, readonly port: number, migrationId: Uint8Array) {
+    this.accepted = new Promise((resolve) => (this.settle = resolve));
+    const want = hello(migrationId);
+    server.on('connection', (s) => this.onConnection(s, want));
+    server.on('error', () => this.finish(null));
+    // No channel in time: output stays on the main channel (the secondary's timers run only
+    // while its vCPU is paused, so this may fire late; nothing waits for it).
+    this.timer = setTimeout(() => this.finish(null), limits.coloOutputChannelTimeoutMs);
+  }
+
+  static async open(host: string, migrationId: Uint8Array): Promise<OutputListener> {
+    const server = net.createServer({ noDelay: true, pauseOnConnect: false });
+    await new Promise<void>((resolve, reject) => {
+      server.once('error', reject);
+      server.listen({ host, port: 0 }, () => {
+        server.removeListener('error', reject);
+        resolve();
+      });
+    });
+    const a = server.address();
+    if (a === null || typeof a === 'string') throw new Error('the SVM output channel listener has no port');
+    return new OutputListener(server, a.port, migrationId);
+  }
+
+  /** Stop listening (and drop the connection if nobody took it). */
+  close(): void {
+    this.finish(null);
+  }
+
+  private onConnection(s: net.Socket, want: Buffer): void {
+    if (this.done) {
+      s.destroy();
+      return;
+    }
+    s.setNoDelay(true);
+    let got = Buffer.alloc(0);
+    const timer = setTimeout(() => s.destroy(), limits.coloOutputChannelTimeoutMs);
+    const onData = (chunk: Buffer): void => {
+      got = Buffer.concat([got, chunk]);
+      if (got.byteLength < helloBytes) return;
+      clearTimeout(timer);
+      s.removeListener('data', onData);
+      s.pause();
+      // The primary sends nothing after its hello; more, or another id, is not our primary.
+      if (got.byteLength !== helloBytes || !got.equals(want) || this.done) {
+        s.destroy();
+        return;
+      }
+      this.finish(s);
+    };
+    s.on('data', onData);
+    s.on('error', () => s.destroy());
+  }
+
+  private finish(s: net.Socket | null): void {
+    if (this.done) {
+      s?.destroy();
+      return;
+    }
+    this.done = true;
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = null;
+    this.server.close();
+    this.settle(s);
+  }
+}
+
+/** The primary's end: connect and say hello. What arrives is read by the caller. */
+export async function connectOutputChannel(host: string, port: number, migrationId: Uint8Array): Promise<net.Socket> {
+  if (!Number.isInteger(port) || port <= 0 || port >= 65536) throw new StreamError('FRAME_INVALID', `CHECKPOINT_READY: bad output channel port ${port}`);
+  const timeoutMs = limits.coloOutputChannelTimeoutMs;
+  const s = await new Promise<net.Socket>((resolve, reject) => {
+    const c = net.connect({ host, port });
+    const timer = setTimeout(() => {
+      c.destroy();
+      reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting the SVM output channel to ${host}:${port}`));
+    }, timeoutMs);
+    c.once('connect', () => {
+      clearTimeout(timer);
+      c.removeAllListeners('error');
+      resolve(c);
+    });
+    c.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new ChannelClosedError(`cannot connect the SVM output channel to ${host}:${port}: ${errorMessage(err)}`, { cause: err }));
+    });
+  });
+  s.setNoDelay(true);
+  s.write(hello(migrationId));
+  return s;
+}
