@@ -176,6 +176,8 @@ export const limits = {
   coloNetBatchBytes: 1024 * 1024,
   /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */
   coloOutputChannelTimeoutMs: 5000,
+  /** COLO: a pause gives up the SVM output channel when the primary has read nothing from its full socket for this long. */
+  coloOutputChannelStuckMs: 100,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
 } as const;

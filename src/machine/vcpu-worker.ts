@@ -144,16 +144,22 @@ class Vcpu {
     }
     const b = encodeOutputFrames(Atomics.load(this.ctl, ctl.outEpoch), outs);
     let at = 0;
+    let fullSince: number | null = null;
     while (at < b.byteLength) {
       try {
         at += writeSync(ch.fd, b, at, b.byteLength - at);
+        fullSince = null;
       } catch (err) {
         if ((err as { code?: string }).code === 'EAGAIN') {
           // The socket is full: the guest waits for the primary to read, or for a takeover to
-          // take the channel away (then the whole batch goes to the main thread).
-          Atomics.wait(this.ctl, ctl.directOff, 0, 1);
-          if (Atomics.load(this.ctl, ctl.directOff) === 0) continue;
+          // take the channel away (then the whole batch goes to the main thread). A pause
+          // (a checkpoint, stop) does not wait for a primary that reads nothing for so long.
+          fullSince ??= Date.now();
+          const stuck = this.pauseRequested() && Date.now() - fullSince > limits.coloOutputChannelStuckMs;
+          if (!stuck) Atomics.wait(this.ctl, ctl.directOff, 0, 1);
+          if (!stuck && Atomics.load(this.ctl, ctl.directOff) === 0) continue;
           this.closeChannel();
+          if (stuck) post({ type: 'direct-output-failed', message: `the primary read nothing for ${limits.coloOutputChannelStuckMs} ms` });
           return false;
         }
         // Broken (the primary is gone, or closed it): the main thread from now on. A batch cut

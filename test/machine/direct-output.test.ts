@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { guests, waitFor } from '../framework/harness.js';
+import { guests, sleep, waitFor } from '../framework/harness.js';
 import { machineFor } from '../framework/machine.js';
 import { OutputFrameReader, decodeNetBatch } from '../../src/colo/net-wire.js';
 import type { NicOutput } from '../../src/net/nic.js';
@@ -122,4 +122,67 @@ test('machine: guest output goes on the output channel from the restore after it
   assert.match(failures[0]!, /EPIPE|ECONNRESET|broken pipe|reset/i);
   ping();
   await waitFor('the PONGs after the failure as output events', () => events.at(-1) === `${offsetOfLast()}:+PONG\r\n`, 5000);
+});
+
+test('machine: a pause does not wait for a primary that reads nothing: the vCPU gives up the full output channel and posts its output', async (t) => {
+  const { m, serialText } = await machineFor(t, guests.kv, []);
+  let eventBytes = 0;
+  const events: string[] = [];
+  m.on('output', (o: NicOutput) => {
+    if (o.kind !== 'out') return;
+    eventBytes += o.bytes.byteLength;
+    if (o.bytes.byteLength < 100) events.push(Buffer.from(o.bytes).toString('latin1'));
+  });
+  const failures: string[] = [];
+  m.on('direct-output-failed', (msg: string) => failures.push(msg));
+  const id = new Uint8Array(16).fill(3);
+  await m.cont();
+  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
+  let seq = 0;
+  const send = (s: string | Uint8Array): void => m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: typeof s === 'string' ? enc.encode(s) : s });
+  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  const big = 512 * 1024;
+  send(Buffer.concat([Buffer.from(`*3\r\n$3\r\nSET\r\n$3\r\nbig\r\n$${big}\r\n`), Buffer.alloc(big, 0x61), Buffer.from('\r\n')]));
+  await waitFor('+OK for the 512 KiB SET', () => events.includes('+OK\r\n'), 10000);
+
+  await m.pause();
+  const port = await m.openOutputChannel('127.0.0.1', id);
+  const primary = await connectOutputChannel('127.0.0.1', port, id);
+  t.after(() => primary.destroy());
+  primary.on('error', () => undefined);
+  let socketBytes = 0;
+  primary.on('data', (chunk: Buffer) => (socketBytes += chunk.byteLength));
+  await m.cont();
+  // Apply (restore the vCPU's own state) until a PONG goes to the channel instead of an event.
+  let epoch = 0;
+  await waitFor('output on the channel', async () => {
+    await m.pause();
+    await m.restoreVcpu(await m.saveVcpu());
+    m.setOutputEpoch(++epoch);
+    await m.cont();
+    const before = events.length;
+    const onSocket = socketBytes;
+    send('PING\r\n');
+    await waitFor('the PONG', () => events.length > before || socketBytes > onSocket, 5000);
+    return events.length === before;
+  }, 10000, 1);
+
+  // The primary stops reading; the guest answers 512 KiB GETs until the socket is full.
+  primary.pause();
+  for (let i = 0; i < 80; i++) send('GET big\r\n');
+  // Far more than the socket holds: the vCPU is soon stuck in a write (the failure below says so).
+  await sleep(500);
+  const started = performance.now();
+  await m.pause();
+  const ms = performance.now() - started;
+  assert.ok(ms < 2000, `the pause took ${ms.toFixed(0)} ms`);
+  assert.equal(failures.length, 1);
+  assert.match(failures[0]!, /read nothing for \d+ ms/);
+  await m.cont();
+  // The rest of the answers come as output events; the channel is closed.
+  send('PING\r\n');
+  await waitFor('a PONG as an output event after the GETs', () => events.at(-1) === '+PONG\r\n', 10000);
+  assert.ok(eventBytes > 5 * big, `GET answers posted after the channel was given up: ${eventBytes} bytes`);
+  primary.resume();
+  await waitFor('the vCPU to close the channel', () => primary.readableEnded || primary.destroyed, 5000);
 });
