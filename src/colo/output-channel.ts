@@ -16,7 +16,8 @@
  * descriptor under a write (Node cannot hand a socket to another thread).
  */
 import * as net from 'node:net';
-import { ChannelClosedError, StreamError, TimeoutError, errorMessage } from '../core/errors.js';
+import { StreamError } from '../core/errors.js';
+import { connectTo } from '../control/address.js';
 import { limits } from '../core/limits.js';
 
 const magic = Buffer.from('COLOOUT1', 'latin1');
@@ -104,23 +105,7 @@ export class OutputListener {
 /** The primary's end: connect and say hello. What arrives is read by the caller. */
 export async function connectOutputChannel(host: string, port: number, migrationId: Uint8Array): Promise<net.Socket> {
   if (!Number.isInteger(port) || port <= 0 || port >= 65536) throw new StreamError('FRAME_INVALID', `CHECKPOINT_READY: bad output channel port ${port}`);
-  const timeoutMs = limits.coloOutputChannelTimeoutMs;
-  const s = await new Promise<net.Socket>((resolve, reject) => {
-    const c = net.connect({ host, port });
-    const timer = setTimeout(() => {
-      c.destroy();
-      reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting the SVM output channel to ${host}:${port}`));
-    }, timeoutMs);
-    c.once('connect', () => {
-      clearTimeout(timer);
-      c.removeAllListeners('error');
-      resolve(c);
-    });
-    c.once('error', (err) => {
-      clearTimeout(timer);
-      reject(new ChannelClosedError(`cannot connect the SVM output channel to ${host}:${port}: ${errorMessage(err)}`, { cause: err }));
-    });
-  });
+  const s = await connectTo({ kind: 'tcp', host, port }, limits.coloOutputChannelTimeoutMs, `the secondary's SVM output channel at ${host}:${port}`);
   s.setNoDelay(true);
   s.write(hello(migrationId));
   return s;

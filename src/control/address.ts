@@ -168,10 +168,11 @@ async function removeStaleSocket(path: string, text: string): Promise<void> {
 /**
  * Connects to `address`; rejects with TimeoutError after `timeoutMs`, or with
  * ChannelClosedError when the peer refuses or is not there (the cause holds the system error).
+ * Messages name the other end `peer` (default: the address).
  */
-export function connectTo(addressIn: SocketAddress | string, timeoutMs: number): Promise<net.Socket> {
+export function connectTo(addressIn: SocketAddress | string, timeoutMs: number, peer?: string): Promise<net.Socket> {
   const address = toAddress(addressIn);
-  const text = formatAddress(address);
+  const text = peer ?? formatAddress(address);
   return new Promise<net.Socket>((resolve, reject) => {
     const socket =
       address.kind === 'unix'

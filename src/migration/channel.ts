@@ -2,6 +2,7 @@ import net from 'node:net';
 import { limits } from '../core/limits.js';
 import { ChannelClosedError, ColoError, StreamError, TimeoutError, errorMessage } from '../core/errors.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, frameTypeName, jsonPayload, parseJsonPayload, type Frame } from './stream.js';
+import { connectTo } from '../control/address.js';
 
 /**
  * The main migration channel: one TCP connection carrying frames both ways (the source's
@@ -40,23 +41,7 @@ export class MainChannel {
 
   /** @param peer how messages name the other end, e.g. "the destination at 10.0.0.2:4444". */
   static async connect(host: string, port: number, peer = `${host}:${port}`, timeoutMs = limits.migrationConnectTimeoutMs): Promise<MainChannel> {
-    const socket = await new Promise<net.Socket>((resolve, reject) => {
-      const s = net.connect({ host, port });
-      const timer = setTimeout(() => {
-        s.destroy();
-        reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting to ${peer}`));
-      }, timeoutMs);
-      s.once('connect', () => {
-        clearTimeout(timer);
-        s.removeAllListeners('error');
-        resolve(s);
-      });
-      s.once('error', (err) => {
-        clearTimeout(timer);
-        reject(new ChannelClosedError(`cannot connect to ${peer}: ${err.message}`, { cause: err }));
-      });
-    });
-    return new MainChannel(socket, peer);
+    return new MainChannel(await connectTo({ kind: 'tcp', host, port }, timeoutMs, peer), peer);
   }
 
   get closed(): boolean {
@@ -239,3 +224,4 @@ export class MainChannel {
     return this.closedPromise;
   }
 }
+
