@@ -1,7 +1,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Compare } from '../../src/colo/compare.js';
-import { decodeNetBatch, encodeInputs, encodeOutputs } from '../../src/colo/net-wire.js';
+import { OutputFrameReader, decodeNetBatch, encodeInputs, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
+import { limits } from '../../src/core/limits.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
 import { StreamError } from '../../src/core/errors.js';
 
@@ -151,4 +152,31 @@ test('compare: a connection older than the compare goes on from what its client 
   assert.equal(c2.svm(0, out(3, 104, 'next'), 1).trigger, 'mismatch');
   c2.pvm(out(3, 104, 'next'), 2);
   assert.equal(text(c2.checkpoint()), '3@100:late 3@104:next');
+});
+
+test('SVM output channel wire: length-prefixed batches come back whole from any split of the stream; an oversized length is a typed error', () => {
+  const a = encodeOutputFrames(3, [out(1, 0, '+OK\r\n'), { kind: 'close', conn: 1, offset: 5 }]);
+  const b = encodeOutputFrames(4, [out(2, 9, 'x'.repeat(3000))]);
+  const stream = Buffer.concat([a, b]);
+  for (const cut of [1, 3, 4, 7, a.byteLength, a.byteLength + 2, stream.byteLength - 1]) {
+    const r = new OutputFrameReader();
+    const frames = [...r.push(stream.subarray(0, cut)), ...r.push(stream.subarray(cut))];
+    assert.equal(r.partial, 0, `cut at ${cut}`);
+    assert.deepEqual(
+      frames.map((f) => {
+        const d = decodeNetBatch(f);
+        return d.type === 'output' ? `${d.epoch} ${d.events.length} ${d.events[0]!.conn}@${d.events[0]!.offset}` : d.type;
+      }),
+      ['3 2 1@0', '4 1 2@9'],
+      `cut at ${cut}`,
+    );
+  }
+  // Byte by byte: nothing until a batch is whole.
+  const r = new OutputFrameReader();
+  let n = 0;
+  for (let i = 0; i < a.byteLength; i++) n += r.push(a.subarray(i, i + 1)).length;
+  assert.equal(n, 1);
+  const huge = Buffer.alloc(8);
+  huge.writeUInt32BE(limits.frameBytesMax + 1, 0);
+  assert.throws(() => new OutputFrameReader().push(huge), (e: unknown) => e instanceof StreamError && /limit/.test(e.message));
 });
