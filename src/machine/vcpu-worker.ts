@@ -192,10 +192,14 @@ class Vcpu {
         return;
       }
       this.channelReady = s;
-      // Its end while the vCPU is paused (this loop runs only then): not used any more.
+      // Its end seen while the vCPU is paused (this loop runs only then): not used any more.
+      let why = 'closed by the primary';
+      s.on('error', (err) => (why = err.message));
       s.once('close', () => {
         if (this.channelReady === s) this.channelReady = null;
-        if (this.channel?.socket === s) this.channel = null;
+        if (this.channel?.socket !== s) return;
+        this.channel = null;
+        post({ type: 'direct-output-failed', message: why });
       });
     });
     return l.port;

@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests, sleep, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, runProgram, sleep, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, Incrementer, RespClient, countMissing } from '../framework/resp.js';
 import { IncrFlood, rssBytes } from '../framework/flood.js';
 import { rng } from '../framework/rng.js';
@@ -15,6 +15,8 @@ interface Pair {
   src: VmProcess;
   dst: VmProcess;
   port: number;
+  /** The secondary's migration port (the main channel's). */
+  migPort: number;
 }
 
 async function startPair(env: TestEnv, delayMs: number, multifd = false, beforeColo?: (port: number) => Promise<void>): Promise<Pair> {
@@ -33,7 +35,7 @@ async function startPair(env: TestEnv, delayMs: number, multifd = false, beforeC
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { timeoutMs: 10000 });
-  return { src, dst, port };
+  return { src, dst, port, migPort };
 }
 
 async function coloCounters(vm: VmProcess): Promise<Record<string, number>> {
@@ -109,6 +111,65 @@ test('colo/net: a client flooding the pair and reading no replies is pushed back
   assert.equal(after['checkpoints-timeout'], counters['checkpoints-timeout'], 'the secondary kept up: no timeout checkpoint');
   assert.equal(await src.qmp.execute('query-colo-status').then((r) => (r as { mode: string }).mode), 'primary');
   assertNoErrors(src, dst);
+});
+
+/** Established TCP connections of a process (ss), as local and peer ports. */
+async function tcpConnections(pid: number): Promise<{ local: number; peer: number }[]> {
+  const r = await runProgram('ss', ['-tnpH', 'state', 'established'], { timeoutMs: 5000 });
+  assert.equal(r.code, 0, `ss: ${r.stderr}`);
+  return r.stdout
+    .split('\n')
+    .filter((l) => l.includes(`pid=${pid},`))
+    .map((l) => {
+      const f = l.trim().split(/\s+/); // Recv-Q Send-Q Local:Port Peer:Port Process
+      return { local: Number(f[2]!.split(':').pop()), peer: Number(f[3]!.split(':').pop()) };
+    });
+}
+
+test('colo/net: the SVM output channel cut under load (ss -K): output goes on the main channel, the pair stays protected, a takeover has every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startPair(env, 200);
+  const { src, dst, port, migPort } = pair;
+  const writer = await AckedWriter.start(port, 'cut:');
+  env.onCleanup(() => writer.stop());
+  await waitFor('SVM output on its own channel', async () => {
+    const x = await coloCounters(src);
+    return (x['svm-output-channel'] as unknown) === 'direct' && x['svm-output-channel-bytes']! > 1000;
+  }, 10000, 50);
+  await waitFor('acknowledged writes', () => writer.acked.size >= 100, 10000);
+  // The primary's connections: clients (on the service port), the main channel (to the
+  // migration port), and the output channel.
+  const pid = src.child.pid!;
+  const conns = (await tcpConnections(pid)).filter((c) => c.local !== port && c.peer !== migPort);
+  assert.equal(conns.length, 1, `one output channel among the primary's connections: ${JSON.stringify(await tcpConnections(pid))}`);
+  const cut = await runProgram('ss', ['-K', 'dst', '127.0.0.1', 'dport', '=', String(conns[0]!.peer)], { timeoutMs: 5000 });
+  assert.equal(cut.code, 0, `ss -K: ${cut.stderr}`);
+  await waitFor('the primary to count SVM output on the main channel', async () => (await coloCounters(src))['svm-output-channel'] as unknown === 'main', 5000, 50);
+  await waitFor('the secondary to send its output on the main channel', () => dst.stderr.includes('the SVM output channel closed'), 5000);
+  const ackedAtCut = writer.acked.size;
+  const atCut = await coloCounters(src);
+  await waitFor('writes acknowledged after the cut', () => writer.acked.size >= ackedAtCut + 300, 15000);
+  const counters = await coloCounters(src);
+  // SVM output still reaches the compare, now on the main channel: replies are released as
+  // they match (those of a checkpoint's pause are released by it), not by timeout checkpoints
+  // (the batch the cut tore may cost one).
+  assert.ok(counters['compare-matched-bytes']! - atCut['compare-matched-bytes']! >= 250 * '+OK\r\n'.length, `replies matched after the cut (${JSON.stringify(atCut)} → ${JSON.stringify(counters)})`);
+  assert.ok(counters['checkpoints-timeout']! - atCut['checkpoints-timeout']! <= 1, `no timeout checkpoints after the cut (${JSON.stringify(atCut)} → ${JSON.stringify(counters)})`);
+  const mark = dst.qmp.eventCount;
+  await dst.waitEvent('RESUME', { after: mark, nth: 2, timeoutMs: 10000 });
+  assert.ok((await coloCounters(src))['checkpoints']! > counters['checkpoints']!, 'checkpoints go on');
+  assertNoErrors(src, dst);
+
+  // The secondary still holds everything: take over.
+  src.kill('SIGKILL');
+  await writer.ended();
+  const acked = new Map(writer.acked);
+  await dst.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  await dst.waitEvent('COLO_EXIT', { timeoutMs: 10000, where: (e) => e.data.mode === 'secondary' });
+  const c = await RespClient.whenServing(port, 'the secondary serving');
+  env.onCleanup(() => c.close());
+  assert.equal(await countMissing(c, acked), 0, `every write acknowledged by the primary is on the secondary (${acked.size} acked)`);
+  assertNoErrors(dst);
 });
 
 /**
