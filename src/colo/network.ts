@@ -19,7 +19,7 @@ import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
 import { OutputFrameReader, decodeNetBatch, encodeInputs, encodeOutputs } from './net-wire.js';
-import { OutputListener, connectOutputChannel } from './output-channel.js';
+import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
 
