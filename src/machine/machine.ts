@@ -53,7 +53,8 @@ const log = logger('machine');
 /**
  * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message),
  * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
- * 'direct-output-failed' (message: a write to the COLO output channel failed; output events again).
+ * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
+ * output events again).
  */
 export class Machine extends EventEmitter {
   readonly guest: InstrumentedGuest;
@@ -235,7 +236,6 @@ export class Machine extends EventEmitter {
     if (r.type === 'paused') this.state = next;
   }
 
-  /** Raise a flag of the control block and wake the vCPU to look at it. */
   /**
    * COLO secondary: the vCPU listens for the SVM output channel (colo/output-channel.ts) on
    * `host`; returns the port. Once the primary connected, the vCPU writes guest output there
@@ -265,6 +265,7 @@ export class Machine extends EventEmitter {
     Atomics.notify(this.ctl, ctl.directOff);
   }
 
+  /** Raise a flag of the control block and wake the vCPU to look at it. */
   private signal(slot: number): void {
     Atomics.store(this.ctl, slot, 1);
     Atomics.add(this.ctl, ctl.wake, 1);

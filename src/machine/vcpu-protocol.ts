@@ -85,7 +85,7 @@ export type WorkerReply =
   | { type: 'panicked'; message: string }
   | { type: 'out'; outs: NicOutput[]; credits: InputCredit[] | null }
   | { type: 'output-channel'; port: number }
-  /** A write to the SVM output channel failed: the vCPU closed it and posts its output again. */
+  /** The SVM output channel broke (a failed write, its end seen, a primary that reads nothing): the vCPU closed it and posts its output again. */
   | { type: 'direct-output-failed'; message: string }
   | { type: 'state'; state: VcpuState }
   | { type: 'restored'; connections: number[]; maxConnId: number }
