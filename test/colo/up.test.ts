@@ -30,7 +30,7 @@ for (const { transport, signal, boundMs, cause } of cases) {
     const env = new TestEnv(t);
     const causeRe = cause.replace(/[()]/g, '\\$&');
     const { sup, port, image, first, primary: p1, secondary: s1, clients } = await startProtectedPair(env, transport === 'multifd' ? ['--parallel-connections', '2'] : []);
-    const s1q = await qmpOf(s1);
+    const s1q = await qmpOf(s1, sup);
     clients.push(s1q);
 
     // 1. The primary dies or hangs.
@@ -51,7 +51,7 @@ for (const { transport, signal, boundMs, cause } of cases) {
     const second = await sup.line(new RegExp(`^pair: protected \\(primary pid ${s1}, secondary pid (\\d+)\\)$`), took.at + 1, 60000);
     assert.ok(sup.lines.slice(took.at + 1, second.at).includes('pair: re-protecting'), `re-protecting is reported: ${JSON.stringify(sup.lines)}`);
     const s2 = Number(second.m[1]);
-    const [p2q, s2q] = [s1q, await qmpOf(s2)];
+    const [p2q, s2q] = [s1q, await qmpOf(s2, sup)];
     clients.push(s2q);
     assert.equal((await p2q.execute<{ status: string }>('query-migrate')).status, 'colo', 'the new primary is in COLO');
     await checkpointAfterNow(s2q);
@@ -76,7 +76,7 @@ for (const { transport, signal, boundMs, cause } of cases) {
     const cont = await sup.line(new RegExp(`^pair: secondary died \\(${causeRe}\\); primary ${s1} continues unprotected$`), mark, 5000);
     const third = await sup.line(new RegExp(`^pair: protected \\(primary pid ${s1}, secondary pid (\\d+)\\)$`), cont.at + 1, 60000);
     assert.ok(sup.lines.slice(cont.at + 1, third.at).includes('pair: re-protecting'));
-    const s3q = await qmpOf(Number(third.m[1]));
+    const s3q = await qmpOf(Number(third.m[1]), sup);
     clients.push(s3q);
     assert.equal((await p2q.execute<{ status: string }>('query-migrate')).status, 'colo', 'the primary is in COLO with the third secondary');
     await w2.stop();
@@ -112,7 +112,7 @@ for (const { transport, signal, boundMs, cause } of cases) {
 test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date secondary is replaced, and a later failover loses nothing', async (t) => {
   const env = new TestEnv(t);
   const { sup, port, first, primary: p1, secondary: s1, clients } = await startProtectedPair(env);
-  const p1q = await qmpOf(p1);
+  const p1q = await qmpOf(p1, sup);
   clients.push(p1q);
   const w = await AckedWriter.start(port, 'k:');
   clients.push({ close: () => w.stop() });
@@ -128,7 +128,7 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
   await waitFor('200 writes acknowledged by the primary alone', () => w.acked.size >= afterBreak + 200, 20000);
   const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${p1}, secondary pid (\\d+)\\)$`), left.at + 1, 60000);
   const s2 = Number(again.m[1]);
-  const s2q = await qmpOf(s2);
+  const s2q = await qmpOf(s2, sup);
   clients.push(s2q);
   await checkpointAfterNow(s2q);
   // The writer's connection is older than this COLO session: it is answered on under it.

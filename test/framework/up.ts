@@ -100,8 +100,15 @@ export function pidAlive(pid: number): boolean {
 }
 
 /** The QMP socket a `colo run` child was given (from its command line). */
-export async function qmpOf(pid: number): Promise<QmpClient> {
-  const args = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+export async function qmpOf(pid: number, sup?: Supervisor): Promise<QmpClient> {
+  let args: string[];
+  try {
+    args = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  } catch (err) {
+    // Gone already: what colo up printed (and logged) says why.
+    const why = sup === undefined ? '' : `; colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+    throw new Error(`process ${pid} is gone (${(err as Error).message})${why}`);
+  }
   const i = args.indexOf('--qmp');
   assert.ok(i > 0, `process ${pid} has a --qmp option`);
   return QmpClient.connect(args[i + 1]!, { timeoutMs: 5000 });
