@@ -40,6 +40,10 @@ export function encodeInputs(events: readonly NicInput[]): Buffer[] {
 }
 
 export function encodeOutputs(epoch: number, events: readonly NicOutput[]): Buffer[] {
+  return outputBatches(epoch, events, false);
+}
+
+function outputBatches(epoch: number, events: readonly NicOutput[], lengthPrefix: boolean): Buffer[] {
   return encodeBatches(
     events,
     (ev) => (ev.kind === 'out' ? ev.bytes : null),
@@ -55,12 +59,14 @@ export function encodeOutputs(epoch: number, events: readonly NicOutput[]): Buff
       b.writeDoubleBE(ev.offset, at + 5);
       b.writeUInt32BE(len, at + 13);
     },
+    lengthPrefix,
   );
 }
 
 /**
  * Each payload is sized first and written into one buffer (no buffer per event, no concat):
- * this runs for every client request on both nodes. Every byte of it is written.
+ * this runs for every client request on both nodes. Every byte of it is written. With
+ * `lengthPrefix` each buffer starts with the payload's length (u32), as the output channel has it.
  */
 function encodeBatches<E>(
   events: readonly E[],
@@ -68,6 +74,7 @@ function encodeBatches<E>(
   headerBytes: number,
   writeHeader: (b: Buffer, count: number) => void,
   writeEntry: (b: Buffer, at: number, ev: E, len: number) => void,
+  lengthPrefix = false,
 ): Buffer[] {
   const out: Buffer[] = [];
   let i = 0;
@@ -80,7 +87,10 @@ function encodeBatches<E>(
       bytes += len + entryBytes;
       j++;
     }
-    const b = Buffer.allocUnsafe(headerBytes + bytes);
+    const prefix = lengthPrefix ? 4 : 0;
+    const whole = Buffer.allocUnsafe(prefix + headerBytes + bytes);
+    if (lengthPrefix) whole.writeUInt32BE(headerBytes + bytes, 0);
+    const b = whole.subarray(prefix);
     writeHeader(b, j - i);
     let at = headerBytes;
     for (let k = i; k < j; k++) {
@@ -91,7 +101,7 @@ function encodeBatches<E>(
       if (d !== null && len > 0) b.set(d, at + entryBytes);
       at += entryBytes + len;
     }
-    out.push(b);
+    out.push(whole);
     i = j;
   }
   return out;
@@ -102,17 +112,8 @@ function encodeBatches<E>(
  * each output batch after its length (u32), all in one buffer (one write).
  */
 export function encodeOutputFrames(epoch: number, events: readonly NicOutput[]): Buffer {
-  const parts = encodeOutputs(epoch, events);
-  let total = 0;
-  for (const p of parts) total += 4 + p.byteLength;
-  const b = Buffer.allocUnsafe(total);
-  let at = 0;
-  for (const p of parts) {
-    b.writeUInt32BE(p.byteLength, at);
-    b.set(p, at + 4);
-    at += 4 + p.byteLength;
-  }
-  return b;
+  const parts = outputBatches(epoch, events, true);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 
 /** Splits the output channel's byte stream back into output batches (decodeNetBatch each). */

@@ -46,7 +46,7 @@ export class OutputListener {
   }
 
   static async open(host: string, migrationId: Uint8Array): Promise<OutputListener> {
-    const server = net.createServer({ noDelay: true, pauseOnConnect: false });
+    const server = net.createServer({ noDelay: true });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
       server.listen({ host, port: 0 }, () => {

@@ -171,6 +171,11 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
       `cut at ${cut}`,
     );
   }
+  // Output above limits.coloNetBatchBytes is several batches, each after its length, in one buffer.
+  const many = Array.from({ length: 40 }, (_, i) => out(3, i * 65536, 'y'.repeat(65536)));
+  const big = new OutputFrameReader().push(encodeOutputFrames(9, many));
+  assert.ok(big.length >= 2);
+  assert.equal(big.map((f) => (decodeNetBatch(f) as { events: unknown[] }).events.length).reduce((x, y) => x + y, 0), 40);
   // Byte by byte: nothing until a batch is whole.
   const r = new OutputFrameReader();
   let n = 0;
