@@ -50,6 +50,12 @@ export class Compare {
   /** Bytes released because both guests agreed, and at checkpoints (for statistics). */
   matchedBytes = 0;
   checkpointReleasedBytes = 0;
+  /**
+   * What the compare adds to a reply's latency: per chunk released on a match, how long the
+   * PVM's output had waited for the SVM's (0 when the SVM's came first). Sum (ms) and count.
+   */
+  pvmWaitMsSum = 0;
+  matchedChunks = 0;
   /** SVM output of the next epoch, in arrival order, until checkpoint() starts that epoch. */
   private early: { out: NicOutput; at: number }[] = [];
   private earlyBytes = 0;
@@ -202,6 +208,8 @@ export class Compare {
           release.push({ kind: 'out', conn: id, offset: c.released, bytes: a.bytes.subarray(0, n) });
           c.released += n;
           this.matchedBytes += n;
+          this.matchedChunks += 1;
+          if (b.at > a.at) this.pvmWaitMsSum += b.at - a.at;
           this.heldBytes -= 2 * n;
           if (n === a.bytes.byteLength) c.pvm.shift();
           else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at };

@@ -132,6 +132,8 @@ export class ColoController implements DriverHost {
         'compare-matched-bytes': cmp.matchedBytes,
         'compare-checkpoint-released-bytes': cmp.checkpointReleasedBytes,
         'compare-held-bytes': cmp.held,
+        'compare-matched-chunks': cmp.matchedChunks,
+        'compare-pvm-wait-mean-ms': cmp.matchedChunks > 0 ? round3(cmp.pvmWaitMsSum / cmp.matchedChunks) : 0,
         'svm-output-channel': d.net.outputChannelOpen ? 'direct' : 'main',
         'svm-output-channel-bytes': d.net.outputChannelBytes,
       });

@@ -22,6 +22,10 @@ test('compare: releases only the common prefix of both guests, per connection, a
   assert.equal(c.held, 1);
   assert.equal(text(c.pvm(out(2, 0, 'xy'), 5).release), '2@0:x');
   assert.equal(c.matchedBytes, 10);
+  // The PVM's output waited 1 ms, then 2 ms (its rest, for the SVM's next output), then not
+  // at all (the SVM's came first), twice.
+  assert.equal(c.matchedChunks, 4);
+  assert.equal(c.pvmWaitMsSum, 3);
 });
 
 test('compare: a difference is a mismatch, reported once per epoch; the checkpoint releases the PVM output and drops the SVM output', () => {

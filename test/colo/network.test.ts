@@ -10,6 +10,7 @@ import { AckedWriter, Incrementer, RespClient, countMissing } from '../framework
 import { IncrFlood, rssBytes } from '../framework/flood.js';
 import { rng } from '../framework/rng.js';
 import { assertNoErrors } from '../migration/helpers.js';
+import { limits } from '../../src/core/limits.js';
 
 interface Pair {
   src: VmProcess;
@@ -61,6 +62,11 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assert.equal(det['checkpoints-timeout'], 0, `deterministic traffic: no timeout (${JSON.stringify(det)})`);
   assert.ok(det['checkpoints-periodic']! >= 3, `periodic checkpoints counted (${JSON.stringify(det)})`);
   assert.ok(det['compare-matched-bytes']! > 1000, 'replies were released because both guests produced them');
+  // Replies (a few bytes each) were matched one by one, and none waited anywhere near the
+  // compare's timeout for the SVM's copy (that would have been a timeout checkpoint).
+  assert.ok(det['compare-matched-chunks']! >= 200, `matched replies counted (${JSON.stringify(det)})`);
+  const wait = det['compare-pvm-wait-mean-ms']!;
+  assert.ok(wait >= 0 && wait < limits.coloCompareTimeoutMs, `mean wait for the SVM's copy measured (${JSON.stringify(det)})`);
   // The SVM's vCPU sends its output on its own channel (after the first apply).
   assert.equal(det['svm-output-channel'] as unknown, 'direct', `SVM output on its own channel (${JSON.stringify(det)})`);
   assert.ok(det['svm-output-channel-bytes']! > 1000, `SVM output came over it (${JSON.stringify(det)})`);
