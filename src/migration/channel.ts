@@ -224,4 +224,3 @@ export class MainChannel {
     return this.closedPromise;
   }
 }
-

@@ -456,7 +456,8 @@ export class IncomingSession {
    */
   async prepare(setup: Frame, channels: number, migrationId: string): Promise<{ channelPorts: number[]; disk: DiskMode }> {
     const m = this.opts.machine;
-    this.migrationId = parseMigrationId(migrationId);
+    const id = parseMigrationId(migrationId);
+    this.migrationId = id;
     const info = applySetup(m, setup);
     this.publishRamSize();
     this.diskMode = chooseDiskMode(info.diskImage, m.disk);
@@ -465,13 +466,13 @@ export class IncomingSession {
     if (channels > 0) {
       if (spare !== null && spare.channels === channels && spare.ramPages === this.ramPagesWord) {
         this.receiver = spare;
-        await spare.configure(parseMigrationId(migrationId), this.target, this.maybeNonZero);
+        await spare.configure(id, this.target, this.maybeNonZero);
       } else {
         if (spare !== null) void spare.destroy();
         this.receiver = await MultifdReceiver.start({
           memory: m.memory,
           host: this.localHost,
-          migrationId: parseMigrationId(migrationId),
+          migrationId: id,
           channels,
           pagesMax: this.pagesMax,
           ramPages: this.ramPagesWord,
