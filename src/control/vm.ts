@@ -124,9 +124,13 @@ export class Vm extends EventEmitter {
     if (wasRunning) await this.machine.pause('paused');
     const state = await this.machine.saveVcpu();
     if (wasRunning) await this.machine.cont();
+    // The tap (COLO's mirror) sees the event first: both flush at setImmediate, in the order
+    // they were scheduled, so the mirror leaves for the secondary before the PVM's vCPU is woken.
+    // Woken first, the vCPU (on the same core) ran its whole batch before the mirror was sent,
+    // and every reply then waited that much longer for the SVM's copy (docs/benchmarks.md).
     const fe = new FrontEnd(this.opts.net, (ev) => {
-      this.machine.injectInput(ev);
       this.inputTap?.(ev);
+      this.machine.injectInput(ev);
     }, { seq: state.nic.lastSeq, conn: maxConn(state) });
     // Connections the guest knows belong to a front end that no longer exists: the guest
     // sees them reset.
