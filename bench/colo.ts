@@ -11,6 +11,8 @@
  *    the first PING answered on the service address; COLO_BENCH_FAILOVERS (default 5) fresh pairs.
  *
  * Environment: COLO_BENCH_REDIS_N (requests per test, default 150000: ~250 checkpoints per COLO case, so the p99 pause is not just the worst one),
+ * COLO_BENCH_WARMUP (requests per test run untimed before each load, default 20000: the JIT
+ * has compiled the service's paths on both sides, and the first test is not its warm-up),
  * COLO_BENCH_FAILOVERS (default 5), COLO_BENCH_ROUNDS (default 2: rounds of unprotected, plain,
  * multifd 4 in turn; each setup's figures are its best round), COLO_BENCH_PARTS (load,failover; default both),
  * COLO_BENCH_PLACEMENTS (shared,two-host; default both: see Placement),
@@ -31,6 +33,7 @@ const guestRam = 256 * 1024 * 1024;
 const memory = '256M';
 const checkpointDelayMs = 100;
 const redisN = Number(process.env.COLO_BENCH_REDIS_N ?? 150000);
+const warmupN = Number(process.env.COLO_BENCH_WARMUP ?? 20000);
 const failovers = Number(process.env.COLO_BENCH_FAILOVERS ?? 5);
 const rounds = Math.max(1, Number(process.env.COLO_BENCH_ROUNDS ?? 2));
 const tests = ['SET', 'GET', 'INCR'];
@@ -214,6 +217,7 @@ async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
   const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], [], where.primary);
   try {
     await vm.waitSerial('kv ready');
+    if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
     const c0 = cpuSeconds(vm.child.pid)!;
     const v0 = vmTicks();
     const r = await redisBenchmark(port, redisN, where.client);
@@ -229,6 +233,7 @@ async function protectedLoad(dir: string, channels: number, where: Placement): P
   const { pvm, svm } = await startPair(dir, channels, port, where);
   try {
     await pvm.waitSerial('kv ready');
+    if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
     const mark = pvm.qmp.eventCount;
     const c0 = [cpuSeconds(pvm.child.pid)!, cpuSeconds(svm.child.pid)!];
     const v0 = vmTicks();
@@ -454,7 +459,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
     ]);
   }
   table(prow);
-  process.stdout.write('mean/p99/max ms: the primary\'s query-migrate x-colo counters (whole COLO session); events: STOP → RESUME timestamps of the primary\'s QMP events during the load only. PVM reply waits for SVM: per chunk the compare released on a match, how long the PVM\'s output had waited for the same bytes from the SVM (0 when the SVM\'s came first): the part of the added latency that is the secondary\'s path; the rest is the primary being slower. Goal for multifd: mean ≤ 5 ms, p99 ≤ 15 ms.\n\n');
+  process.stdout.write('mean/p99/max ms: the primary\'s query-migrate x-colo counters (whole COLO session, the warm-up included); events: STOP → RESUME timestamps of the primary\'s QMP events during the load only. PVM reply waits for SVM: per chunk the compare released on a match, how long the PVM\'s output had waited for the same bytes from the SVM (0 when the SVM\'s came first): the part of the added latency that is the secondary\'s path; the rest is the primary being slower. Goal for multifd: mean ≤ 5 ms, p99 ≤ 15 ms.\n\n');
 
   process.stdout.write('### Peak RSS (VmHWM at the end of the load) ÷ guest RAM\n\n');
   const rrow: (string | number)[][] = [['setup', 'primary MiB', 'primary ÷ RAM', 'secondary MiB', 'secondary ÷ RAM']];
