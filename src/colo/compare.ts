@@ -205,7 +205,7 @@ export class Compare {
             c.mismatched = true;
             break;
           }
-          release.push({ kind: 'out', conn: id, offset: c.released, bytes: a.bytes.subarray(0, n) });
+          release.push({ kind: 'out', conn: id, offset: c.released, bytes: n === a.bytes.byteLength ? a.bytes : a.bytes.subarray(0, n) });
           c.released += n;
           this.matchedBytes += n;
           this.matchedChunks += 1;
@@ -239,6 +239,13 @@ export class Compare {
   }
 }
 
+/** Below this many bytes a loop beats making two Buffer views and calling into C++ (most replies are this short). */
+const loopCompareBytesMax = 64;
+
 function sameBytes(a: Uint8Array, b: Uint8Array, n: number): boolean {
+  if (n <= loopCompareBytesMax) {
+    for (let i = 0; i < n; i++) if (a[i] !== b[i]) return false;
+    return true;
+  }
   return Buffer.from(a.buffer, a.byteOffset, n).equals(Buffer.from(b.buffer, b.byteOffset, n));
 }

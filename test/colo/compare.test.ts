@@ -99,6 +99,19 @@ test('compare: shut and close are compared like bytes; a closed connection is fo
   assert.equal(text(c.releaseAll()), '5@0:more');
 });
 
+test('compare: a difference in the last byte is a mismatch, for short chunks (compared in a loop) and long ones', () => {
+  for (const n of [1, 63, 64, 65, 200, 4096]) {
+    const c = new Compare({ timeoutMs: 100, heldBytesMax: 1 << 20 });
+    const same = 'r'.repeat(n);
+    c.pvm(out(1, 0, same), 0);
+    assert.equal(text(c.svm(0, out(1, 0, same), 0).release), `1@0:${same}`, `${n} equal bytes are released`);
+    const a = 'q'.repeat(n - 1);
+    c.pvm(out(1, n, `${a}x`), 0);
+    const r = c.svm(0, out(1, n, `${a}y`), 0);
+    assert.equal(`${text(r.release)}|${r.trigger}`, '|mismatch', `${n} bytes differing in the last one`);
+  }
+});
+
 test('compare: repeated bytes (offsets already held) are not held twice', () => {
   const c = new Compare(lim);
   c.pvm(out(1, 0, 'abc'), 0);
