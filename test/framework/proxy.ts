@@ -119,10 +119,10 @@ export class FaultProxy {
   /** Set once the fault's connection was cut (truncate). */
   cut = false;
 
-  private constructor(private readonly targetPort: number, private readonly opts: ProxyOptions) {}
+  private constructor(private readonly opts: ProxyOptions) {}
 
   static async start(targetPort: number, opts: ProxyOptions): Promise<FaultProxy> {
-    const p = new FaultProxy(targetPort, opts);
+    const p = new FaultProxy(opts);
     p.port = await p.listen(targetPort, 'main');
     return p;
   }
