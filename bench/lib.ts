@@ -4,24 +4,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QmpClient } from '../src/control/qmp-client.js';
+import type { QmpClient } from '../src/control/qmp-client.js';
+import { connectQmpWhenUp, waitFor } from '../test/framework/harness.js';
 
 export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const coloBin = path.join(root, 'dist/src/cli/main.js');
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-export async function waitFor<T>(what: string, check: () => T | undefined | false | Promise<T | undefined | false>, timeoutMs: number, everyMs = 20): Promise<T> {
-  const deadline = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await check();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await sleep(everyMs);
-  }
-}
+export { waitFor } from '../test/framework/harness.js';
 
 /** `argv` run through taskset on the CPU list `cpus` (e.g. "0"), or as it is without one. */
 export function pinnedArgv(argv: string[], cpus: string | undefined): string[] {
@@ -45,15 +34,7 @@ export class BenchVm {
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     let exited = false;
     child.once('exit', () => (exited = true));
-    const qmp = await waitFor(`the QMP socket of ${name}`, async () => {
-      if (exited) throw new Error(`${name} exited: ${stderr}`);
-      if (!fs.existsSync(qmpPath)) return undefined;
-      try {
-        return await QmpClient.connect(`unix:${qmpPath}`, { timeoutMs: 2000 });
-      } catch {
-        return undefined;
-      }
-    }, 30000, 25);
+    const qmp = await connectQmpWhenUp(qmpPath, name, () => (exited ? `exited: ${stderr}` : null));
     const vm = new BenchVm(name, child, qmp, serialPath);
     child.stderr!.on('data', (d: Buffer) => (vm.stderr += d.toString()));
     child.once('exit', () => (vm.exited = true));

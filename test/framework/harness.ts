@@ -38,6 +38,23 @@ export async function waitFor<T>(what: string, check: () => T | undefined | fals
   }
 }
 
+/**
+ * A QMP client for the `colo run` whose socket is `qmpPath`, once the socket exists and
+ * answers. `gone()` says why the process can no longer come up (it exited), or null.
+ */
+export async function connectQmpWhenUp(qmpPath: string, name: string, gone: () => string | null, timeoutMs = 30000): Promise<QmpClient> {
+  return waitFor(`the QMP socket of ${name}`, async () => {
+    const why = gone();
+    if (why !== null) throw new Error(`${name} ${why}`);
+    if (!fs.existsSync(qmpPath)) return undefined;
+    try {
+      return await QmpClient.connect(`unix:${qmpPath}`, { timeoutMs: 2000 });
+    } catch {
+      return undefined;
+    }
+  }, timeoutMs, 25);
+}
+
 export async function freePort(): Promise<number> {
   return new Promise((resolve, reject) => {
     const s = net.createServer();
@@ -295,15 +312,7 @@ export class TestEnv {
     const vm = new VmProcess(this, spec, child);
     this.vms.push(vm);
     if (spec.noQmp) return vm;
-    vm.qmp = await waitFor(`the QMP socket of ${spec.name}`, async () => {
-      if (!vm.alive) throw new Error(`${spec.name} exited with code ${vm.exitCode} before its QMP socket came up: ${vm.stderr.trim()}`);
-      if (!fs.existsSync(qmpPath)) return undefined;
-      try {
-        return await QmpClient.connect(`unix:${qmpPath}`, { timeoutMs: 2000 });
-      } catch {
-        return undefined;
-      }
-    }, 30000, 25);
+    vm.qmp = await connectQmpWhenUp(qmpPath, spec.name, () => (vm.alive ? null : `exited with code ${vm.exitCode} before its QMP socket came up: ${vm.stderr.trim()}`));
     return vm;
   }
 
