@@ -10,7 +10,7 @@ import { connectQmpWhenUp, waitFor } from '../test/framework/harness.js';
 export const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 export const coloBin = path.join(root, 'dist/src/cli/main.js');
 
-export { waitFor } from '../test/framework/harness.js';
+export { waitFor };
 
 /** `argv` run through taskset on the CPU list `cpus` (e.g. "0"), or as it is without one. */
 export function pinnedArgv(argv: string[], cpus: string | undefined): string[] {
