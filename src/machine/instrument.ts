@@ -23,20 +23,20 @@
  *   the host's asyncify stack and dirty log out to malloc. The host sets `colo$reserved`
  *   before `_start` (0, the default, changes nothing).
  *
- * `loadGuest` adds an on-disk cache because asyncify plus optimisation takes seconds.
+ * `loadGuest` adds an on-disk cache because asyncify plus optimisation takes seconds; the
+ * building itself (`instrumentGuest`, binaryen) is in instrument-build.ts, loaded only on a
+ * cache miss.
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { isDeepStrictEqual } from 'node:util';
 import { mkdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
-import binaryen from 'binaryen';
 import { GuestLoadError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import {
   coveredRanges,
   exportedMutableGlobals,
-  memoryToImport,
   parseGuest,
   readActiveDataSegments,
   readImports,
@@ -44,7 +44,6 @@ import {
   wasiModule,
   type ParsedGuest,
 } from './instrument-binary.js';
-import { instrumentFunctions } from './instrument-walk.js';
 
 /** One mutable global of the instrumented module, as the host copies it into a snapshot. */
 export interface GuestGlobal {
@@ -108,53 +107,14 @@ export const asyncifyExports = Object.freeze([
 /** Maximum pages of the imported memory. */
 export const importedMemoryMaximumPages = 65536;
 
-/** Features given to binaryen: what V8 11.3 accepts and colo-vm supports. Never Features.All. */
-const features =
-  binaryen.Features.MVP |
-  binaryen.Features.MutableGlobals |
-  binaryen.Features.SignExt |
-  binaryen.Features.BulkMemory |
-  // binaryen asserts that bulk-memory implies its memory.copy/fill subset.
-  binaryen.Features.BulkMemoryOpt |
-  binaryen.Features.NontrappingFPToInt |
-  binaryen.Features.Atomics;
-
-function sha256(bytes: Uint8Array): string {
+export function sha256(bytes: Uint8Array): string {
   return createHash('sha256').update(bytes).digest('hex');
 }
 
-function log2(n: number): number {
+export function log2(n: number): number {
   const s = Math.log2(n);
   if (!Number.isInteger(s)) throw new Error(`limits.pageBytes ${n} is not a power of two`);
   return s;
-}
-
-/** A name not yet used by any global or function of `m`. */
-function freshName(m: binaryen.Module, base: string): string {
-  let name = base;
-  for (let i = 1; m.getGlobal(name) !== 0 || m.getFunction(name) !== 0; i++) name = `${base}${i}`;
-  return name;
-}
-
-/** Runs `fn` with binaryen's process-wide settings set for instrumentation, restoring them after. */
-function withBinaryenSettings<T>(fn: () => T): T {
-  const saved = {
-    optimize: binaryen.getOptimizeLevel(),
-    shrink: binaryen.getShrinkLevel(),
-    debug: binaryen.getDebugInfo(),
-    asyncifyImports: binaryen.getPassArgument('asyncify-imports'),
-  };
-  try {
-    binaryen.setOptimizeLevel(2);
-    binaryen.setShrinkLevel(0);
-    binaryen.setDebugInfo(false);
-    return fn();
-  } finally {
-    binaryen.setOptimizeLevel(saved.optimize);
-    binaryen.setShrinkLevel(saved.shrink);
-    binaryen.setDebugInfo(saved.debug);
-    binaryen.setPassArgument('asyncify-imports', saved.asyncifyImports ?? '');
-  }
 }
 
 /** Validates with V8 and returns its error message, or null when the module is valid. */
@@ -185,111 +145,8 @@ export function checkGuest(original: Uint8Array): ParsedGuest {
   return parseGuest(original, allowedWasiImports);
 }
 
-/**
- * Instruments a WASI preview1 command module (see the file comment). Throws GuestLoadError
- * for a module colo-vm cannot run: GUEST_INVALID, GUEST_TOO_LARGE, GUEST_IMPORT,
- * GUEST_START_SECTION, GUEST_NO_START, GUEST_MEMORY, GUEST_FEATURE, GUEST_EXPORT.
- * Synchronous and CPU-bound (seconds for a large guest); `loadGuest` caches the result.
- */
-export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean } = {}): InstrumentedGuest {
-  const storeLog = opts.storeLog ?? false;
-  const parsed = checkGuest(original);
-  const prepared = memoryToImport(original, parsed, memoryImport.module, memoryImport.name, importedMemoryMaximumPages);
-  const blocking = parsed.wasiImports.filter((n) => blockingWasiImports.includes(n));
-
-  const wasm = withBinaryenSettings(() => {
-    let m: binaryen.Module;
-    try {
-      // binaryen.js's readBinary takes the features as a second argument (the typings lack it).
-      m = (binaryen.readBinary as (data: Uint8Array, features: number) => binaryen.Module)(prepared, features);
-    } catch (err) {
-      throw new GuestLoadError('GUEST_INVALID', `binaryen cannot read the guest module: ${errorMessage(err)}`);
-    }
-    try {
-      m.setFeatures(features);
-      if (m.getFunction('asyncify_start_unwind') !== 0 || m.getGlobal('__asyncify_state') !== 0) {
-        throw new GuestLoadError('GUEST_EXPORT', 'guest module is already asyncified; give colo-vm the original module');
-      }
-      const defined: number[] = [];
-      for (let i = 0; i < m.getNumFunctions(); i++) {
-        const f = m.getFunctionByIndex(i);
-        if (binaryen.getFunctionInfo(f).module === '') defined.push(f);
-      }
-      const memoryName = memoryInternalName(m);
-      const budget = freshName(m, 'colo$budget');
-      m.addGlobal(budget, binaryen.i32, true, m.i32.const(limits.preemptBudget));
-      const dirtylog = storeLog ? freshName(m, 'colo$dirtylog') : null;
-      if (dirtylog !== null) m.addGlobal(dirtylog, binaryen.i32, true, m.i32.const(0));
-      const reserved = freshName(m, 'colo$reserved');
-      m.addGlobal(reserved, binaryen.i32, true, m.i32.const(0));
-      const preempt = freshName(m, 'colo$preempt');
-      m.addFunctionImport(preempt, preemptImport.module, preemptImport.name, binaryen.none, binaryen.none);
-
-      instrumentFunctions(m, defined, {
-        budgetGlobal: budget,
-        budgetReset: limits.preemptBudget,
-        preemptFunction: preempt,
-        storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
-        memoryName,
-        reserved: { global: reserved, initialPages: parsed.memory.initialPages },
-      });
-
-      const asyncifyImports = [...blocking.map((n) => `${wasiModule}.${n}`), `${preemptImport.module}.${preemptImport.name}`];
-      binaryen.setPassArgument('asyncify-imports', asyncifyImports.join(','));
-      m.runPasses(['asyncify']);
-      // Export the host-facing globals before optimising, so that they survive even when the
-      // guest never reads them (a guest without stores does not use the dirty log).
-      m.addGlobalExport(budget, 'colo$budget');
-      m.addGlobalExport(reserved, 'colo$reserved');
-      if (dirtylog !== null) m.addGlobalExport(dirtylog, 'colo$dirtylog');
-      m.optimize();
-
-      // Export every mutable global under an index-based name (after optimisation, which may
-      // remove or reorder globals). The module imports no globals, so index i is global i.
-      for (let i = 0; i < m.getNumGlobals(); i++) {
-        const info = binaryen.getGlobalInfo(m.getGlobalByIndex(i));
-        if (info.mutable && !info.module) m.addGlobalExport(info.name, `colo$g${i}`);
-      }
-      for (const name of asyncifyExports) {
-        if (m.getExport(name) === 0) throw new Error(`asyncify did not export ${name}`);
-      }
-      if (!m.validate()) throw new Error('binaryen validation of the instrumented module failed (see stderr)');
-      // Keep the function names (a "name" section) so that guest traps name the function.
-      binaryen.setDebugInfo(true);
-      return m.emitBinary();
-    } catch (err) {
-      if (err instanceof GuestLoadError) throw err;
-      throw new GuestLoadError('GUEST_INSTRUMENT', `instrumenting the guest module failed: ${errorMessage(err)}`, { cause: err });
-    } finally {
-      m.dispose();
-    }
-  });
-
-  checkOutput(wasm, parsed);
-  const globals = instrumentedGlobals(wasm, storeLog);
-  return {
-    wasm,
-    moduleHash: sha256(original),
-    instrumentVersion,
-    memory: { initialPages: parsed.memory.initialPages, maximumPages: parsed.memory.maximumPages },
-    globals,
-    wasiImports: parsed.wasiImports,
-    dataSegments: parsed.dataSegments,
-    storeLog,
-  };
-}
-
-/** The internal name binaryen gave the (only, imported) memory, found through its `memory` export. */
-function memoryInternalName(m: binaryen.Module): string {
-  const exp = m.getExport('memory');
-  if (exp === 0) throw new Error('the prepared module does not export its memory as "memory"');
-  const info = binaryen.getExportInfo(exp);
-  if (info.kind !== binaryen.ExternalMemory) throw new Error('"memory" export is not a memory');
-  return info.value;
-}
-
 /** The mutable globals of an instrumented module as the host sees them (read from the binary). */
-function instrumentedGlobals(wasm: Uint8Array, storeLog: boolean): GuestGlobal[] {
+export function instrumentedGlobals(wasm: Uint8Array, storeLog: boolean): GuestGlobal[] {
   let globals: GuestGlobal[];
   try {
     globals = exportedMutableGlobals(wasm);
@@ -306,7 +163,7 @@ function instrumentedGlobals(wasm: Uint8Array, storeLog: boolean): GuestGlobal[]
 }
 
 /** Checks the instrumented module against what the host expects to link. */
-function checkOutput(wasm: Uint8Array, parsed: ParsedGuest): void {
+export function checkOutput(wasm: Uint8Array, parsed: ParsedGuest): void {
   const problem = v8Problem(wasm);
   if (problem !== null) throw new GuestLoadError('GUEST_INSTRUMENT', `the instrumented module does not validate in V8: ${problem}`);
   for (const imp of readImports(wasm)) {
@@ -494,6 +351,8 @@ export async function loadGuest(path: string, opts: { storeLog?: boolean; cacheD
     const hit = await readCacheEntry(dir, moduleHash, storeLog, parsed);
     if (hit !== null) return hit;
   }
+  // binaryen (about 0.5 s to load and 40 MB of heap for good) is loaded only to build.
+  const { instrumentGuest } = await import('./instrument-build.js');
   const g = instrumentGuest(original, { storeLog });
   for (const dir of dirs) {
     if (await writeCacheEntry(dir, g)) break;

@@ -13,11 +13,11 @@ import {
   asyncifyExports,
   blockingWasiImports,
   cacheDirs,
-  instrumentGuest,
   instrumentVersion,
   loadGuest,
   type InstrumentedGuest,
 } from '../../src/machine/instrument.js';
+import { instrumentGuest } from '../../src/machine/instrument-build.js';
 
 const features =
   binaryen.Features.MutableGlobals |
