@@ -351,7 +351,7 @@ export async function loadGuest(path: string, opts: { storeLog?: boolean; cacheD
     const hit = await readCacheEntry(dir, moduleHash, storeLog, parsed);
     if (hit !== null) return hit;
   }
-  // binaryen (about 0.5 s to load and 40 MB of heap for good) is loaded only to build.
+  // binaryen (about 0.5 s to load, its memory kept for good) is loaded only to build.
   const { instrumentGuest } = await import('./instrument-build.js');
   const g = instrumentGuest(original, { storeLog });
   for (const dir of dirs) {
