@@ -25,7 +25,7 @@ import {
 import { instrumentFunctions } from './instrument-walk.js';
 
 /** Features given to binaryen: what V8 11.3 accepts and colo-vm supports. Never Features.All. */
-const features =
+export const guestFeatures =
   binaryen.Features.MVP |
   binaryen.Features.MutableGlobals |
   binaryen.Features.SignExt |
@@ -79,12 +79,12 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
     let m: binaryen.Module;
     try {
       // binaryen.js's readBinary takes the features as a second argument (the typings lack it).
-      m = (binaryen.readBinary as (data: Uint8Array, features: number) => binaryen.Module)(prepared, features);
+      m = (binaryen.readBinary as (data: Uint8Array, features: number) => binaryen.Module)(prepared, guestFeatures);
     } catch (err) {
       throw new GuestLoadError('GUEST_INVALID', `binaryen cannot read the guest module: ${errorMessage(err)}`);
     }
     try {
-      m.setFeatures(features);
+      m.setFeatures(guestFeatures);
       if (m.getFunction('asyncify_start_unwind') !== 0 || m.getGlobal('__asyncify_state') !== 0) {
         throw new GuestLoadError('GUEST_EXPORT', 'guest module is already asyncified; give colo-vm the original module');
       }

@@ -17,15 +17,7 @@ import {
   loadGuest,
   type InstrumentedGuest,
 } from '../../src/machine/instrument.js';
-import { instrumentGuest } from '../../src/machine/instrument-build.js';
-
-const features =
-  binaryen.Features.MutableGlobals |
-  binaryen.Features.SignExt |
-  binaryen.Features.BulkMemory |
-  binaryen.Features.BulkMemoryOpt |
-  binaryen.Features.NontrappingFPToInt |
-  binaryen.Features.Atomics;
+import { guestFeatures as features, instrumentGuest } from '../../src/machine/instrument-build.js';
 
 /** Assembles a WAT module with binaryen. */
 function wat(text: string, feats: number = features): Uint8Array {
