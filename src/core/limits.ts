@@ -78,6 +78,11 @@ export const limits = {
   multifdEndWaitMs: 500,
   /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */
   ramGrowWaitMs: 10000,
+  /**
+   * A multifd receiver with the first packet of round n waits this long for round n-1's
+   * barrier (every other channel applied its pages of round n-1).
+   */
+  multifdRoundOrderWaitMs: 30000,
   /** Blocks read from the disk at once when a migration round scans it. */
   diskReadBlocksMax: 256,
   /** COLO periodic checkpoint interval default (QEMU's default is 20000 ms). */

@@ -50,6 +50,11 @@ export interface RecvWorkerData {
   pagesMax: number;
   /** Int32 slot 0: guest RAM size in 4 KiB pages, raised (and notified) by the main thread when it grows RAM. */
   ramPages: SharedArrayBuffer;
+  /**
+   * Int32 slot 0: the last round whose barrier passed (every channel of it delivered its
+   * SYNC, so all its pages are in place), raised (and notified) by the main thread.
+   */
+  roundsDone: SharedArrayBuffer;
   fl64: WebAssembly.Module;
   fl64Shared: WebAssembly.Module;
   /** Read through Node's user-buffer path (straight into place); false: 'data' events + copy. */
@@ -95,6 +100,7 @@ const staging = fl.buffer();
 const stagingView = new DataView(staging.buffer, staging.byteOffset, staging.byteLength);
 const ramSum = new Fl64Over(d.memory, d.fl64Shared);
 const ramPagesWord = new Int32Array(d.ramPages);
+const roundsDoneWord = new Int32Array(d.roundsDone);
 
 let config: RecvChannelConfig | null = null;
 /** Where pages go; module state so that the warm-up can point it at private buffers. */
@@ -210,6 +216,7 @@ function checkOrder(h: PacketHeader): void {
   expectPacket = (expectPacket + 1) >>> 0;
   if (currentRound === 0) {
     if (h.round < minRound) throw new StreamError('FRAME_ORDER', `packet ${h.packet} belongs to round ${h.round}, below round ${minRound} (replayed round)`);
+    waitForRound(h.round - 1);
     currentRound = h.round;
   } else if (h.round !== currentRound) {
     throw new StreamError('FRAME_ORDER', `packet ${h.packet} belongs to round ${h.round} where round ${currentRound} was in progress`);
@@ -298,6 +305,26 @@ function zeroRamPages(p: number, run: number, off: number, len: number): void {
     for (let k = 0; k < run; k++) maybeNonZero[p + k] = 0;
   }
   if (!isZeroBytes(ram, off, len)) ram.fill(0, off, off + len);
+}
+
+/**
+ * A page may travel in round n on one channel and again in round n+1 on another. The source
+ * starts round n+1 once it has written round n's SYNCs, not once they arrived, so this channel
+ * can hold round n+1 while another still applies round n: applying now could let the older
+ * copy land last. So the first packet of a round waits until the round before has passed its
+ * barrier (as QEMU's receive threads wait at each sync). In COLO the next checkpoint follows
+ * the barrier of the last anyway, so this never waits there.
+ */
+function waitForRound(round: number): void {
+  if (Atomics.load(roundsDoneWord, 0) >= round) return;
+  const deadline = performance.now() + limits.multifdRoundOrderWaitMs;
+  for (;;) {
+    const done = Atomics.load(roundsDoneWord, 0);
+    if (done >= round) return;
+    const left = deadline - performance.now();
+    if (left <= 0) throw new TimeoutError(`round ${round + 1} arrived but round ${round} did not pass its barrier within ${limits.multifdRoundOrderWaitMs} ms`);
+    Atomics.wait(roundsDoneWord, 0, done, left);
+  }
 }
 
 /** The main thread grows guest RAM when the source announces it (ramSize frame); wait for that. */

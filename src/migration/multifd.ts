@@ -274,6 +274,8 @@ export class MultifdReceiver {
 
   /** The RAM-size word the workers wait on (IncomingSession publishes guest RAM growth there). */
   ramPages: SharedArrayBuffer = new SharedArrayBuffer(4);
+  /** The last round whose barrier passed: a worker starts applying round n only after n-1 (multifd-recv-worker.ts waitForRound). */
+  private readonly roundsDone = new Int32Array(new SharedArrayBuffer(4));
 
   private constructor(readonly channels: number) {
   }
@@ -293,6 +295,7 @@ export class MultifdReceiver {
         host: opts.host,
         pagesMax: opts.pagesMax,
         ramPages: opts.ramPages,
+        roundsDone: r.roundsDone.buffer as SharedArrayBuffer,
         fl64: fl64Module(),
         fl64Shared: fl64SharedModule(),
         userBufferReads: process.env.COLO_MULTIFD_COPY_READS === undefined,
@@ -450,6 +453,10 @@ export class MultifdReceiver {
     if (s === undefined || s.channels < b.channels) return;
     this.synced.delete(b.round);
     this.barrierWaiter = null;
+    if (b.round > Atomics.load(this.roundsDone, 0)) {
+      Atomics.store(this.roundsDone, 0, b.round);
+      Atomics.notify(this.roundsDone, 0);
+    }
     b.resolve({ pages: s.pages, bytes: s.bytes });
   }
 

@@ -11,9 +11,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
-import { checkpointAfterNow, pidAlive, qmpOf, startProtectedPair, timeUntilServing, withTimeout } from '../framework/up.js';
+import { checkpointAfterNow, pidAlive, qmpOf, startProtectedPair, timeUntilServing } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
 
 const heartbeatMs = limits.upHeartbeatTimeoutMsDefault;

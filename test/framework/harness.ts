@@ -38,6 +38,13 @@ export async function waitFor<T>(what: string, check: () => T | undefined | fals
   }
 }
 
+/** `p`, or an error naming `what` after `ms`. */
+export async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const t = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms)));
+  return Promise.race([p, t]).finally(() => clearTimeout(timer));
+}
+
 /**
  * A QMP client for the `colo run` whose socket is `qmpPath`, once the socket exists and
  * answers. `gone()` says why the process can no longer come up (it exited), or null.

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import { type TestEnv, coloBin, freePort, guests, waitFor } from './harness.js';
+import { type TestEnv, coloBin, freePort, guests, waitFor, withTimeout } from './harness.js';
 import { RespClient } from './resp.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
@@ -68,12 +68,6 @@ export class Supervisor {
   waitExit(timeoutMs: number): Promise<void> {
     return withTimeout(this.exited, timeoutMs, 'colo up to exit');
   }
-}
-
-export async function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const t = new Promise<never>((_, reject) => (timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms)));
-  return Promise.race([p, t]).finally(() => clearTimeout(timer));
 }
 
 /** Processes whose command line mentions `dir`. */

@@ -14,6 +14,7 @@ import {
   encodeChannelHello,
   encodePacketHeader,
   multifdVersion,
+  PacketFlags,
   packetHeaderBytes,
   payloadBytesOf,
 } from '../../src/migration/multifd-format.js';
@@ -21,6 +22,8 @@ import { splitKnownZero } from '../../src/migration/zero.js';
 import { encodeZeroRanges, PageSink } from '../../src/migration/ram.js';
 import { FrameType } from '../../src/migration/stream.js';
 import { StreamError } from '../../src/core/errors.js';
+import { Fl64 } from '../../src/migration/checksum.js';
+import { waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 
 const pageBytes = 4096;
@@ -201,4 +204,58 @@ test('packet headers are checked against the limits before the payload is read',
   encodePacketHeader(b, 0, ok);
   b[20] = b[20]! ^ 1;
   assert.throws(() => decodePacketHeader(b, 0), (e: unknown) => e instanceof StreamError && e.code === 'FRAME_CHECKSUM');
+});
+
+test('a page sent again in the next round on another channel ends with the newer copy, whichever channel is late', async (t) => {
+  // The source starts round n+1 once it wrote round n's SYNCs, so one channel can carry round
+  // n+1 while another still holds round n. Here channel 0 brings round 2's copy of page 5
+  // before channel 1 brings round 1's: the receiver must not apply round 2 before round 1
+  // passed its barrier, or the older copy lands last.
+  const id = new Uint8Array(crypto.randomBytes(16));
+  const dst = memory();
+  const ramPages = new SharedArrayBuffer(4);
+  new Int32Array(ramPages)[0] = pages;
+  const receiver = await MultifdReceiver.start({ memory: dst, host: '127.0.0.1', migrationId: id, channels: 2, pagesMax: pages, ramPages, ramMaybeNonZero: null, target: { ram: true, cache: null, received: null } });
+  t.after(() => receiver.destroy());
+  const packetNo = [0, 0];
+  const packet = (channel: number, round: number, page: number | null, fill: number): Buffer => {
+    const nb = Buffer.alloc(page === null ? 0 : 4);
+    if (page !== null) nb.writeUInt32LE(page, 0);
+    const data = Buffer.alloc(page === null ? 0 : pageBytes, fill);
+    const sum = new Fl64(nb.byteLength + data.byteLength + 64);
+    sum.buffer().set(nb, 0);
+    sum.buffer().set(data, nb.byteLength);
+    const h = Buffer.alloc(packetHeaderBytes);
+    const normal = page === null ? 0 : 1;
+    encodePacketHeader(h, 0, {
+      flags: page === null ? PacketFlags.sync : 0, channel, packet: packetNo[channel]!++, round, normal, zero: 0,
+      payloadBytes: payloadBytesOf(normal, 0),
+      numbersChecksum: sum.sum(0, nb.byteLength), dataChecksum: sum.sum(nb.byteLength, data.byteLength),
+    });
+    return Buffer.concat([h, nb, data]);
+  };
+  const sockets = await Promise.all(
+    [0, 1].map(
+      (channel) =>
+        new Promise<net.Socket>((resolve, reject) => {
+          const s = net.connect({ host: '127.0.0.1', port: receiver.ports[channel]! }, () => s.write(encodeChannelHello({ version: multifdVersion, migrationId: id, channel, channels: 2 })));
+          s.once('data', (d: Buffer) => (decodeChannelAnswer(d) === ChannelStatus.accepted ? resolve(s) : reject(new Error(`channel ${channel} refused`))));
+          s.on('error', reject);
+        }),
+    ),
+  );
+  t.after(() => sockets.forEach((s) => s.destroy()));
+  const [a, b] = sockets as [net.Socket, net.Socket];
+  const page5 = (): number => Buffer.from(dst.buffer)[5 * pageBytes]!;
+  // Channel 0: its share of round 1 (page 6), then round 2's copy of page 5.
+  a.write(Buffer.concat([packet(0, 1, 6, 0x66), packet(0, 1, null, 0), packet(0, 2, 5, 0x22), packet(0, 2, null, 0)]));
+  const barrier1 = receiver.barrier(1, 2);
+  await waitFor('channel 0 to apply its page of round 1', () => Buffer.from(dst.buffer)[6 * pageBytes] === 0x66, 5000);
+  await new Promise((r) => setTimeout(r, 100)); // room for a wrong early apply of round 2
+  assert.equal(page5(), 0, 'round 2 is not applied before round 1 passed its barrier');
+  // Channel 1, late: round 1's (older) copy of page 5.
+  b.write(Buffer.concat([packet(1, 1, 5, 0x11), packet(1, 1, null, 0)]));
+  assert.deepEqual(await withTimeout(barrier1, 5000, 'the barrier of round 1'), { pages: 2, bytes: 2 * (2 * packetHeaderBytes) + 2 * payloadBytesOf(1, 0) });
+  await withTimeout(receiver.barrier(2, 1), 5000, 'the barrier of round 2');
+  assert.equal(page5(), 0x22, 'page 5 holds round 2\'s copy');
 });
