@@ -310,10 +310,17 @@ class Vcpu {
     }
     this.clock.pause();
     this.flushOutput();
-    if (this.exports.asyncify_get_state() === 1) {
+    const state = this.exports.asyncify_get_state();
+    if (state === 1) {
       this.exports.asyncify_stop_unwind();
       this.phase = 'unwound';
       post({ type: 'paused' });
+    } else if (state === 2) {
+      // Still rewinding: the saved call stack named calls the code does not make, so the
+      // state in RAM does not belong to it. Never report that as a guest that returned 0.
+      this.exports.asyncify_stop_rewind();
+      this.phase = 'panicked';
+      post({ type: 'panicked', message: 'the guest did not rewind to where it was paused: its saved call stack does not match its code and memory (inconsistent state)' });
     } else {
       this.phase = 'exited';
       post({ type: 'exited', code: 0 });

@@ -60,3 +60,26 @@ test('restore refuses a state with a bad field and leaves the machine unchanged'
   const after = await b.saveVcpu();
   assert.deepEqual(after, before, 'a refused restore changed nothing');
 });
+
+test('a guest whose saved call stack does not rewind is reported as crashed, not as exited', async (t) => {
+  // A state whose RAM does not match its unwound call stack (the asyncify buffer) makes the
+  // rewind miss its calls: _start then returns while still rewinding. That is a broken state,
+  // never a guest that finished with code 0.
+  const { m } = await machineFor(t, guests.memwalk, ['1M']);
+  await m.cont();
+  await new Promise((r) => setTimeout(r, 50));
+  await m.pause();
+  const base = m.layout.asyncifyBase;
+  const dv = new DataView(m.memory.buffer);
+  const current = dv.getUint32(base, true);
+  assert.ok(current > base + 8, 'the paused guest saved a call stack');
+  new Uint8Array(m.memory.buffer).fill(0x7f, base + 8, current);
+  const panicked = new Promise<string>((resolve) => m.once('panicked', resolve));
+  let exited: number | null = null;
+  m.once('shutdown', (code: number) => (exited = code));
+  await m.cont();
+  const message = await Promise.race([panicked, new Promise<string>((_, reject) => setTimeout(() => reject(new Error(`no panicked event within 5 s (exited: ${exited})`)), 5000))]);
+  assert.match(message, /did not rewind/);
+  assert.equal(m.runState, 'guest-panicked');
+  assert.equal(exited, null, 'no shutdown was reported');
+});
