@@ -18,7 +18,8 @@
  * behind with every reply released from then on. That secondary must never take over: it is
  * killed at once and a new one protects the primary again.
  *
- * A hung child (its QMP heartbeat goes unanswered) is fenced with SIGKILL when a partner can
+ * A hung child (its QMP heartbeat goes unanswered), or one whose guest crashed (GUEST_PANICKED:
+ * the process lives on, its guest does not), is fenced with SIGKILL when a partner can
  * carry on without it: a primary of a protected pair, or a secondary that is not taking over.
  * Its death runs the same failover as a crash. A hung node with no partner is only reported:
  * killing it would turn a stall into an outage.
@@ -58,6 +59,8 @@ export type PairEvent =
   | { type: 'coloExit'; node: number; mode: string; reason: string }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
   | { type: 'unresponsive'; node: number; ms: number }
+  /** The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing. */
+  | { type: 'crashed'; node: number; message: string }
   /** `node` answers its heartbeat again, after `ms` without. */
   | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
@@ -213,7 +216,10 @@ export class PairCore {
         break;
       }
       case 'unresponsive':
-        this.unresponsive(e.node, e.ms, out);
+        this.fence(e.node, `hung, no answer to QMP for ${e.ms} ms`, `has not answered QMP for ${e.ms} ms`, out);
+        break;
+      case 'crashed':
+        this.fence(e.node, `guest crashed: ${e.message}`, `reports that its guest crashed (${e.message})`, out);
         break;
       case 'coloExit': {
         // Only a node leaving COLO on its own matters; in a failover the supervisor asked for it.
@@ -373,7 +379,11 @@ export class PairCore {
     // A node that was already replaced (e.g. a killed secondary): nothing to do.
   }
 
-  private unresponsive(id: number, ms: number, out: PairAction[]): void {
+  /**
+   * A node that lives on but cannot serve (hung, or its guest crashed) is killed when a partner
+   * can carry on without it, so that its death runs the usual failover; `failure` names why.
+   */
+  private fence(id: number, failure: string, what: string, out: PairAction[]): void {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive || n.failure !== undefined || this.phase === 'stopping' || this.phase === 'stopped') return;
     // A secondary that is taking over (phase failover) is the only copy of the service now.
@@ -381,11 +391,11 @@ export class PairCore {
       (this.secondary?.id === id && this.phase !== 'failover') ||
       (this.primary?.id === id && this.phase === 'protected' && this.secondary?.alive === true);
     if (!fence) {
-      out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} has not answered QMP for ${ms} ms; left running: no partner can take over from it` });
+      out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} ${what}; left running: no partner can take over from it` });
       return;
     }
-    n.failure = `hung, no answer to QMP for ${ms} ms`;
-    out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} has not answered QMP for ${ms} ms: killing it (SIGKILL) so that it can never serve again` });
+    n.failure = failure;
+    out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} ${what}: killing it (SIGKILL) so that it can never serve again` });
     out.push({ type: 'kill', node: id, signal: 'SIGKILL' });
   }
 

@@ -262,6 +262,10 @@ class UpDriver {
           c.qmp = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: 2000 });
           c.qmp.on('event', (ev) => {
             if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+            if (ev.event === 'GUEST_PANICKED' && !c.exited) {
+              const info = ev.data.info as { message?: unknown } | undefined;
+              this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
+            }
           });
           break;
         } catch {

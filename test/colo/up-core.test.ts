@@ -153,6 +153,26 @@ test('colo up core: a hung secondary is killed and the primary continues', () =>
   assert.deepEqual(run(c, { type: 'continued', node: 1 })[0], 'pair: secondary died (killed: hung, no answer to QMP for 1500 ms); primary 101 continues unprotected');
 });
 
+test('colo up core: a node whose guest crashed is killed like a hung one, and its death is the usual failover', () => {
+  // The secondary's guest crashed (e.g. a state it could not resume): the process lives on
+  // and would count as protection it does not give.
+  const c = protectedPair();
+  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), ['kill 2 SIGKILL']);
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /secondary 102 reports that its guest crashed \(unreachable\): killing it/.test(a.msg)), JSON.stringify(out));
+  assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable' }), [], 'reported once');
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    'pair: secondary died (killed: guest crashed: unreachable); primary 101 continues unprotected',
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  // The primary's guest crashes while it has no partner: reported, left running.
+  const alone = c.step({ type: 'crashed', node: 1, message: 'out of bounds' });
+  assert.deepEqual(alone.filter((a) => a.type !== 'log'), []);
+  assert.ok(alone.some((a) => a.type === 'log' && /primary 101 reports that its guest crashed \(out of bounds\); left running/.test(a.msg)), JSON.stringify(alone));
+});
+
 test('colo up core: a hung node with no partner is reported, not killed; answering again is reported too', () => {
   const c = protectedPair();
   run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
