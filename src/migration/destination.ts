@@ -5,6 +5,7 @@ import { logger } from '../core/log.js';
 import { limits } from '../core/limits.js';
 import type { Machine } from '../machine/machine.js';
 import { MainChannel } from './channel.js';
+import { checkRamDigest } from './ram-digest.js';
 import { DestinationCore, type DestinationAction, type DestinationEvent, type FrameSummary } from './destination-core.js';
 import { parseMigrationId } from './multifd-format.js';
 import type { MigrationCapabilities } from './params.js';
@@ -169,8 +170,10 @@ export class IncomingMigration {
       }
       case 'restore': {
         assert(s !== null && s.device !== null, 'restore without device state');
-        await this.host.machine.restoreVcpu(s.device.vcpu);
-        this.host.machine.setRunState('paused');
+        const m = this.host.machine;
+        if (s.device.ramDigest !== undefined) checkRamDigest(m.memory, m.statePageRanges(), s.device.ramDigest, 'the incoming migration');
+        await m.restoreVcpu(s.device.vcpu);
+        m.setRunState('paused');
         log.info(`state loaded (${this.core.stats.dirtySyncCount} rounds, ${(this.stats.transferredBytes / 1048576).toFixed(1)} MiB); waiting for the source to switch over`);
         return { type: 'restored', now: now() };
       }

@@ -167,6 +167,8 @@ export function decodeDiskBlocks(frame: Frame, blockCount: number): { indices: U
 
 export interface DeviceBlob {
   vcpu: VcpuState;
+  /** COLO_VERIFY_RAM: the source's per-page sums of guest RAM (ram-digest.ts). */
+  ramDigest?: string;
 }
 
 export function encodeDeviceState(enc: FrameEncoder, blob: DeviceBlob): Buffer[] {
@@ -181,5 +183,8 @@ export function decodeDeviceState(frame: Frame): DeviceBlob {
     throw new StreamError('FRAME_INVALID', 'device state frame does not decode');
   }
   const r = v.record(value, 'device state');
-  return { vcpu: v.record(r.vcpu, 'device state.vcpu') as unknown as VcpuState };
+  const vcpu = v.record(r.vcpu, 'device state.vcpu') as unknown as VcpuState;
+  if (r.ramDigest === undefined) return { vcpu };
+  if (typeof r.ramDigest !== 'string') throw new StreamError('FRAME_INVALID', 'device state.ramDigest: expected a string');
+  return { vcpu, ramDigest: r.ramDigest };
 }

@@ -12,6 +12,7 @@ import { migrationIdHex, parseMigrationId } from './multifd-format.js';
 import { MultifdReceiver, MultifdSender, type FullRound, type PageTarget } from './multifd.js';
 import { encodeZeroRanges, fillRanges, mergePages, PageSink, pagesOf, pagesWrittenAtBoot, sendPagesPlain, zeroRangesPerFrameMax } from './ram.js';
 import { splitKnownZero } from './zero.js';
+import { ramDigest, ramDigestEnabled } from './ram-digest.js';
 import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
 import type { RoundResult } from './source-core.js';
 import type { MigrationCapabilities } from './params.js';
@@ -334,7 +335,9 @@ export class SourceSession {
 
   sendDeviceState(vcpu: VcpuState): number {
     const channel = this.requireChannel();
-    const frames = encodeDeviceState(channel.frames, { vcpu });
+    const m = this.opts.machine;
+    const blob = ramDigestEnabled() ? { vcpu, ramDigest: ramDigest(m.memory, m.statePageRanges()) } : { vcpu };
+    const frames = encodeDeviceState(channel.frames, blob);
     channel.write(frames);
     return frames.reduce((n, b) => n + b.byteLength, 0);
   }
