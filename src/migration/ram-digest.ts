@@ -1,5 +1,6 @@
 import { RestoreError } from '../core/errors.js';
 import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
 import { Fl64Over } from './checksum.js';
 
 /**
@@ -20,6 +21,8 @@ function pagesOf(ranges: readonly (readonly [number, number])[]): number[] {
   for (const [a, b] of ranges) for (let p = a; p < b; p++) out.push(p);
   return out;
 }
+
+const log = logger('migration');
 
 /** The fl64 of each page in `ranges`, 8 bytes each, in order, base64. */
 export function ramDigest(memory: WebAssembly.Memory, ranges: readonly (readonly [number, number])[]): string {
@@ -43,4 +46,5 @@ export function checkRamDigest(memory: WebAssembly.Memory, ranges: readonly (rea
   if (bad.length > 0) {
     throw new RestoreError('RAM_DIGEST', `${what}: guest RAM differs from the source's in ${bad.length} pages (4 KiB page numbers ${bad.slice(0, 16).join(', ')}${bad.length > 16 ? ', ...' : ''})`);
   }
+  log.debug(`${what}: guest RAM matches the source's sums (${pages.length} pages)`);
 }
