@@ -254,27 +254,18 @@ class UpDriver {
   }
 
   private async bringUp(c: Child): Promise<void> {
-    const deadline = Date.now() + limits.upChildStartTimeoutMs;
-    for (;;) {
-      if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`);
-      if (fs.existsSync(c.qmpPath)) {
-        try {
-          c.qmp = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: 2000 });
-          c.qmp.on('event', (ev) => {
-            if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
-            if (ev.event === 'GUEST_PANICKED' && !c.exited) {
-              const info = ev.data.info as { message?: unknown } | undefined;
-              this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
-            }
-          });
-          break;
-        } catch {
-          // not listening yet
-        }
+    c.qmp = await QmpClient.connectWhenUp(c.qmpPath, {
+      timeoutMs: limits.upChildStartTimeoutMs,
+      gone: () => (c.exited ? new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`) : null),
+      timedOut: () => new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`),
+    });
+    c.qmp.on('event', (ev) => {
+      if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+      if (ev.event === 'GUEST_PANICKED' && !c.exited) {
+        const info = ev.data.info as { message?: unknown } | undefined;
+        this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
       }
-      if (Date.now() > deadline) throw new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`);
-      await new Promise((r) => setTimeout(r, 25));
-    }
+    });
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
     if (c.role === 'secondary') await this.configure(c, false);
   }

@@ -13,6 +13,7 @@
  * future. Every wait has a timeout; a lost connection rejects all waits with
  * ChannelClosedError.
  */
+import fs from 'node:fs';
 import type * as net from 'node:net';
 import { ChannelClosedError, QmpCommandError, TimeoutError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
@@ -106,6 +107,32 @@ export class QmpClient {
     socket.on('data', (chunk: Buffer) => this.receive(chunk));
     socket.on('error', (err) => this.shutdown(new ChannelClosedError(`connection to ${this.address} failed: ${err.message}`, { cause: err })));
     socket.on('close', () => this.shutdown(new ChannelClosedError(`connection to ${this.address} closed`)));
+  }
+
+  /**
+   * The QMP client of a process that is starting: waits for its unix socket `path` to exist
+   * and answer, trying every `everyMs`. `gone()` returns the error to fail with once the
+   * process can no longer come up (it exited), else null; after `timeoutMs` it fails with
+   * `timedOut()`. Callers keep their own typed errors.
+   */
+  static async connectWhenUp(
+    path: string,
+    opts: { timeoutMs: number; gone: () => Error | null; timedOut: () => Error; everyMs?: number },
+  ): Promise<QmpClient> {
+    const deadline = Date.now() + opts.timeoutMs;
+    for (;;) {
+      const err = opts.gone();
+      if (err !== null) throw err;
+      if (fs.existsSync(path)) {
+        try {
+          return await QmpClient.connect(`unix:${path}`, { timeoutMs: 2000 });
+        } catch {
+          // created but not answering yet
+        }
+      }
+      if (Date.now() > deadline) throw opts.timedOut();
+      await new Promise((r) => setTimeout(r, opts.everyMs ?? 25));
+    }
   }
 
   /** Connects, reads the greeting and negotiates capabilities (with oob when offered). */

@@ -4,6 +4,7 @@ import type { TestContext } from 'node:test';
 import { test } from 'node:test';
 import { listenOn } from '../../src/control/address.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
+import { QmpServer } from '../../src/control/qmp-server.js';
 import { ChannelClosedError, QmpCommandError, TimeoutError } from '../../src/core/errors.js';
 import { deferred, startServer, tempDir, waitMs, within } from './helpers.js';
 
@@ -211,7 +212,6 @@ test('client: connect without oob when asked', async (t) => {
 });
 
 test('client and server over tcp (port 0 → the bound port)', async (t) => {
-  const { QmpServer } = await import('../../src/control/qmp-server.js');
   const { formatAddress } = await import('../../src/control/address.js');
   const server = new QmpServer({ version: '1.2.3' });
   t.after(() => within(server.close(), waitMs, 'server close'));
@@ -222,4 +222,28 @@ test('client and server over tcp (port 0 → the bound port)', async (t) => {
   assert.deepEqual(await c.execute('query-version'), { qemu: { major: 1, minor: 2, micro: 3 }, package: 'colo-vm 1.2.3' });
   server.emit('RESUME');
   assert.equal((await c.waitEvent('RESUME', {}, waitMs)).index, 0);
+});
+
+test('client: connectWhenUp waits for a socket that appears late, and fails with the caller\'s errors', async (t) => {
+  const dir = tempDir(t);
+  // Never appears: the caller's timeout error, after about timeoutMs.
+  const never = path.join(dir, 'never.qmp');
+  const t0 = Date.now();
+  await assert.rejects(
+    QmpClient.connectWhenUp(never, { timeoutMs: 150, gone: () => null, timedOut: () => new TimeoutError('no socket') }),
+    (err: unknown) => err instanceof TimeoutError && err.message === 'no socket',
+  );
+  assert.ok(Date.now() - t0 >= 150, 'it waited for the whole timeout');
+  // The process is gone: its error at once.
+  await assert.rejects(QmpClient.connectWhenUp(never, { timeoutMs: 5000, gone: () => new Error('exited with code 3'), timedOut: () => new Error('x') }), /exited with code 3/);
+  // A server that starts listening after the wait began.
+  const late = path.join(dir, 'late.qmp');
+  const waiting = QmpClient.connectWhenUp(late, { timeoutMs: waitMs, gone: () => null, timedOut: () => new Error('the late server never answered') });
+  await new Promise((r) => setTimeout(r, 100));
+  const server = new QmpServer({ version: '0.1.0' });
+  await server.listen(`unix:${late}`);
+  t.after(() => within(server.close(), waitMs, 'server close'));
+  const c = await within(waiting, waitMs, 'connectWhenUp to the late server');
+  t.after(() => c.close());
+  assert.deepEqual(await c.execute('query-version'), { qemu: { major: 0, minor: 1, micro: 0 }, package: 'colo-vm 0.1.0' });
 });

@@ -50,16 +50,14 @@ export async function withTimeout<T>(p: Promise<T>, ms: number, what: string): P
  * answers. `gone()` says why the process can no longer come up (it exited), or null.
  */
 export async function connectQmpWhenUp(qmpPath: string, name: string, gone: () => string | null, timeoutMs = 30000): Promise<QmpClient> {
-  return waitFor(`the QMP socket of ${name}`, async () => {
-    const why = gone();
-    if (why !== null) throw new Error(`${name} ${why}`);
-    if (!fs.existsSync(qmpPath)) return undefined;
-    try {
-      return await QmpClient.connect(`unix:${qmpPath}`, { timeoutMs: 2000 });
-    } catch {
-      return undefined;
-    }
-  }, timeoutMs, 25);
+  return QmpClient.connectWhenUp(qmpPath, {
+    timeoutMs,
+    gone: () => {
+      const why = gone();
+      return why === null ? null : new Error(`${name} ${why}`);
+    },
+    timedOut: () => new Error(`timed out after ${timeoutMs} ms waiting for the QMP socket of ${name}`),
+  });
 }
 
 export async function freePort(): Promise<number> {
