@@ -163,3 +163,23 @@ test('guest RAM that grows during the migration arrives whole (ramSize frames), 
   assert.ok(a.equals(b), 'source and target RAM are identical');
   assertNoErrors(src, dst);
 });
+
+test('COLO_VERIFY_RAM: the destination checks guest RAM page by page against the source\'s sums before it runs', async (t) => {
+  const env = new TestEnv(t);
+  const verify = { COLO_VERIFY_RAM: '1', COLO_LOG: 'debug' };
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '96M'], guestArgs: ['32M'], env: verify }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '96M', '--incoming', 'defer'], guestArgs: ['32M'], env: verify }),
+  ]);
+  await Promise.all([src.setMigration({ multifd: true }, { 'multifd-channels': 2 }), dst.setMigration({ multifd: true }, { 'multifd-channels': 2 })]);
+  await src.waitSerial('B', { count: 3 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  const checked = await waitFor('the destination to log its RAM check', () => /the incoming migration: guest RAM matches the source's sums \((\d+) pages\)/.exec(dst.stderr) ?? undefined, 5000);
+  // The 32 MiB region alone is 8192 pages: the check covered the guest's memory, not a part.
+  assert.ok(Number(checked[1]) > 8192, `pages checked: ${checked[1]}`);
+  await assertAdvancing(dst);
+  assertNoErrors(src, dst);
+});
