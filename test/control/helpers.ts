@@ -5,6 +5,7 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import type { TestContext } from 'node:test';
 import { QmpServer, type QmpServerOptions } from '../../src/control/qmp-server.js';
+import { withTimeout } from '../framework/harness.js';
 
 export const waitMs = 3000;
 
@@ -15,14 +16,8 @@ export function tempDir(t: TestContext): string {
   return dir;
 }
 
-/** Resolves with `promise`, or rejects if it takes longer than `ms`. */
-export function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
-  let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`test wait timed out after ${ms} ms: ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
+/** Resolves with `promise`, or rejects if it takes longer than `ms` (the harness's withTimeout). */
+export const within = withTimeout;
 
 export function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
