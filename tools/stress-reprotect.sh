@@ -8,7 +8,8 @@
 #   CYCLES=150 UP_ARGS="--parallel-connections 2" tools/stress-reprotect.sh
 #
 # Environment: CYCLES (default 40), PORT (default 7761), UP_ARGS (extra `colo up` options,
-# e.g. --parallel-connections 2), LOG (default: a file in a new temporary folder),
+# e.g. --parallel-connections 2), LOADS (parallel redis-benchmark loops, default 3), CLIENTS
+# (connections of each, default 4), LOG (default: a file in a new temporary folder),
 # COLO_LOG (debug also logs each passing check). Needs redis-benchmark (Debian redis-tools).
 # Exit status 1 when something was found (the log says what), 0 otherwise.
 set -u
@@ -20,13 +21,20 @@ LOG=${LOG:-$WORK/up.log}
 COLO_VERIFY_RAM=1 node dist/src/cli/main.js up examples/kv/kv.wasm --memory 256M --net "listen=127.0.0.1:$PORT" \
   --checkpoint-delay 300 ${UP_ARGS:-} --state-dir "$WORK/state" > "$LOG" 2>&1 &
 UP=$!
-(while kill -0 $UP 2>/dev/null; do redis-benchmark -h 127.0.0.1 -p "$PORT" -n 2000000 -c 4 -r 100000 -t set,incr -q > /dev/null 2>&1; sleep 0.05; done) &
+# LOADS loops of redis-benchmark: the more CPU contention, the likelier a channel lags.
+(
+  exec 2> /dev/null # no "Terminated" lines when the loops are stopped
+  for _ in $(seq 1 "${LOADS:-3}"); do
+    (while kill -0 $UP 2>/dev/null; do redis-benchmark -h 127.0.0.1 -p "$PORT" -n 2000000 -c "${CLIENTS:-4}" -r 100000 -t set,incr -q > /dev/null 2>&1; sleep 0.05; done) &
+  done
+  wait
+) &
 LOAD=$!
 cleanup() {
-  kill $UP 2>/dev/null # the load loop ends with it
-  pkill -P $LOAD 2>/dev/null
-  wait $UP $LOAD 2>/dev/null
-  pkill -P $LOAD 2>/dev/null
+  kill $UP 2>/dev/null # the load loops end with it
+  wait $UP 2>/dev/null
+  pkill -f "redis-benchmark -h 127.0.0.1 -p $PORT " 2>/dev/null
+  wait $LOAD 2>/dev/null
   echo "log: $LOG (the folder $WORK is kept for reading)"
 }
 trap cleanup EXIT
