@@ -48,7 +48,8 @@ export interface DirtyTracker {
 
 const pageBytes = limits.pageBytes;
 
-function* pagesOf(ranges: PageRanges): Generator<number> {
+/** The page numbers of `ranges`, in order. */
+export function* pagesInRanges(ranges: PageRanges): Generator<number> {
   for (const [a, b] of ranges) for (let p = a; p < b; p++) yield p;
 }
 
@@ -72,7 +73,7 @@ export class ShadowDirtyTracker implements DirtyTracker {
     const r = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
     const s = this.shadowBuf;
     const out: number[] = [];
-    for (const p of pagesOf(ranges)) {
+    for (const p of pagesInRanges(ranges)) {
       const off = p * pageBytes;
       if (r.compare(s, off, off + pageBytes, off, off + pageBytes) !== 0) {
         out.push(p);

@@ -1,6 +1,7 @@
 import { RestoreError } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
+import { pagesInRanges, type PageRanges } from '../machine/dirty.js';
 import { Fl64Over } from './checksum.js';
 
 /**
@@ -16,28 +17,26 @@ export function ramDigestEnabled(): boolean {
   return process.env.COLO_VERIFY_RAM === '1';
 }
 
-function pagesOf(ranges: readonly (readonly [number, number])[]): number[] {
-  const out: number[] = [];
-  for (const [a, b] of ranges) for (let p = a; p < b; p++) out.push(p);
+const log = logger('migration');
+
+/** The fl64 of each of `pages`, 8 bytes each, in order. */
+function pageSums(memory: WebAssembly.Memory, pages: readonly number[]): Buffer {
+  const sum = new Fl64Over(memory);
+  const out = Buffer.alloc(8 * pages.length);
+  pages.forEach((p, i) => out.writeBigUInt64LE(sum.sum(p * limits.pageBytes, limits.pageBytes), 8 * i));
   return out;
 }
 
-const log = logger('migration');
-
 /** The fl64 of each page in `ranges`, 8 bytes each, in order, base64. */
-export function ramDigest(memory: WebAssembly.Memory, ranges: readonly (readonly [number, number])[]): string {
-  const sum = new Fl64Over(memory);
-  const pages = pagesOf(ranges);
-  const out = Buffer.alloc(8 * pages.length);
-  pages.forEach((p, i) => out.writeBigUInt64LE(sum.sum(p * limits.pageBytes, limits.pageBytes), 8 * i));
-  return out.toString('base64');
+export function ramDigest(memory: WebAssembly.Memory, ranges: PageRanges): string {
+  return pageSums(memory, [...pagesInRanges(ranges)]).toString('base64');
 }
 
 /** Throws RestoreError RAM_DIGEST when the pages in `ranges` do not match `expected` (from ramDigest on the source). */
-export function checkRamDigest(memory: WebAssembly.Memory, ranges: readonly (readonly [number, number])[], expected: string, what: string): void {
+export function checkRamDigest(memory: WebAssembly.Memory, ranges: PageRanges, expected: string, what: string): void {
   const want = Buffer.from(expected, 'base64');
-  const have = Buffer.from(ramDigest(memory, ranges), 'base64');
-  const pages = pagesOf(ranges);
+  const pages = [...pagesInRanges(ranges)];
+  const have = pageSums(memory, pages);
   if (want.byteLength !== have.byteLength) {
     throw new RestoreError('RAM_DIGEST', `${what}: the source summed ${want.byteLength / 8} pages of RAM, this machine has ${pages.length}`);
   }
