@@ -1,6 +1,7 @@
 import zlib from 'node:zlib';
 import { limits } from '../core/limits.js';
 import { StreamError } from '../core/errors.js';
+import { Fl64 } from './checksum.js';
 
 /**
  * The multifd channel wire format (docs/migration-protocol.md, "Multifd channels"). Pure:
@@ -208,4 +209,33 @@ export function migrationIdHex(id: Uint8Array): string {
 export function parseMigrationId(hex: unknown): Uint8Array {
   if (typeof hex !== 'string' || !/^[0-9a-f]{32}$/.test(hex)) throw new StreamError('FRAME_INVALID', 'hello: migrationId must be 32 hex digits');
   return Uint8Array.from(Buffer.from(hex, 'hex'));
+}
+
+/**
+ * One whole packet in a new buffer: header, `numbers` (the first `normal` are the pages whose
+ * 4096 bytes each follow in `data`), data, with both fl64 sums. For tests and the receive
+ * worker's warm-up; the send worker builds packets in place in its staging memory.
+ */
+export function encodePacket(
+  h: { flags: number; channel: number; packet: number; round: number },
+  numbers: readonly number[],
+  normal: number,
+  data: Uint8Array,
+  fl64?: WebAssembly.Module,
+): Buffer {
+  const nb = Buffer.alloc(4 * numbers.length);
+  numbers.forEach((p, i) => nb.writeUInt32LE(p, 4 * i));
+  const sum = new Fl64(nb.byteLength + data.byteLength + 64, fl64);
+  sum.buffer().set(nb, 0);
+  sum.buffer().set(data, nb.byteLength);
+  const header = Buffer.alloc(packetHeaderBytes);
+  encodePacketHeader(header, 0, {
+    ...h,
+    normal,
+    zero: numbers.length - normal,
+    payloadBytes: payloadBytesOf(normal, numbers.length - normal),
+    numbersChecksum: sum.sum(0, nb.byteLength),
+    dataChecksum: sum.sum(nb.byteLength, data.byteLength),
+  });
+  return Buffer.concat([header, nb, data]);
 }

@@ -22,10 +22,9 @@ import {
   decodeChannelHello,
   decodePacketHeader,
   encodeChannelAnswer,
-  encodePacketHeader,
+  encodePacket,
   multifdVersion,
   packetHeaderBytes,
-  payloadBytesOf,
   slotBytes,
   slotDataOffset,
   type ChannelStatusCode,
@@ -514,20 +513,8 @@ function warmUp(): void {
       advance(n);
     }
   };
-  const packet = (packetNo: number, numbers: number[], normal: number, data: Buffer): Buffer => {
-    const nb = Buffer.alloc(4 * numbers.length);
-    numbers.forEach((p, i) => nb.writeUInt32LE(p, 4 * i));
-    const tmp = new Fl64(nb.byteLength + data.byteLength + 64, d.fl64);
-    tmp.buffer().set(nb, 0);
-    tmp.buffer().set(data, nb.byteLength);
-    const h = Buffer.alloc(packetHeaderBytes);
-    encodePacketHeader(h, 0, {
-      flags: 0, channel: 0, packet: packetNo, round: 1, normal, zero: numbers.length - normal,
-      payloadBytes: payloadBytesOf(normal, numbers.length - normal),
-      numbersChecksum: tmp.sum(0, nb.byteLength), dataChecksum: tmp.sum(nb.byteLength, data.byteLength),
-    });
-    return Buffer.concat([h, nb, data]);
-  };
+  const packet = (packetNo: number, numbers: number[], normal: number, data: Buffer): Buffer =>
+    encodePacket({ flags: 0, channel: 0, packet: packetNo, round: 1 }, numbers, normal, data, d.fl64);
   resetParser();
   const data = Buffer.alloc(64 * pageBytes, 7);
   const contiguous = packet(0, Array.from({ length: 96 }, (_, i) => i), 64, data);

@@ -12,6 +12,7 @@ import {
   decodeChannelAnswer,
   decodePacketHeader,
   encodeChannelHello,
+  encodePacket,
   encodePacketHeader,
   multifdVersion,
   PacketFlags,
@@ -22,7 +23,6 @@ import { splitKnownZero } from '../../src/migration/zero.js';
 import { encodeZeroRanges, PageSink } from '../../src/migration/ram.js';
 import { FrameType } from '../../src/migration/stream.js';
 import { StreamError } from '../../src/core/errors.js';
-import { Fl64 } from '../../src/migration/checksum.js';
 import { waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 
@@ -218,22 +218,10 @@ test('a page sent again in the next round on another channel ends with the newer
   const receiver = await MultifdReceiver.start({ memory: dst, host: '127.0.0.1', migrationId: id, channels: 2, pagesMax: pages, ramPages, ramMaybeNonZero: null, target: { ram: true, cache: null, received: null } });
   t.after(() => receiver.destroy());
   const packetNo = [0, 0];
-  const packet = (channel: number, round: number, page: number | null, fill: number): Buffer => {
-    const nb = Buffer.alloc(page === null ? 0 : 4);
-    if (page !== null) nb.writeUInt32LE(page, 0);
-    const data = Buffer.alloc(page === null ? 0 : pageBytes, fill);
-    const sum = new Fl64(nb.byteLength + data.byteLength + 64);
-    sum.buffer().set(nb, 0);
-    sum.buffer().set(data, nb.byteLength);
-    const h = Buffer.alloc(packetHeaderBytes);
-    const normal = page === null ? 0 : 1;
-    encodePacketHeader(h, 0, {
-      flags: page === null ? PacketFlags.sync : 0, channel, packet: packetNo[channel]!++, round, normal, zero: 0,
-      payloadBytes: payloadBytesOf(normal, 0),
-      numbersChecksum: sum.sum(0, nb.byteLength), dataChecksum: sum.sum(nb.byteLength, data.byteLength),
-    });
-    return Buffer.concat([h, nb, data]);
-  };
+  const packet = (channel: number, round: number, page: number | null, fill: number): Buffer =>
+    page === null
+      ? encodePacket({ flags: PacketFlags.sync, channel, packet: packetNo[channel]!++, round }, [], 0, Buffer.alloc(0))
+      : encodePacket({ flags: 0, channel, packet: packetNo[channel]!++, round }, [page], 1, Buffer.alloc(pageBytes, fill));
   const sockets = await Promise.all(
     [0, 1].map(
       (channel) =>
