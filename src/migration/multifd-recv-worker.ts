@@ -315,28 +315,25 @@ function zeroRamPages(p: number, run: number, off: number, len: number): void {
  * the barrier of the last anyway, so this never waits there.
  */
 function waitForRound(round: number): void {
-  if (Atomics.load(roundsDoneWord, 0) >= round) return;
-  const deadline = performance.now() + limits.multifdRoundOrderWaitMs;
+  waitForWord(roundsDoneWord, round, limits.multifdRoundOrderWaitMs, () => `round ${round + 1} arrived but round ${round} did not pass its barrier`);
+}
+
+/** Block until the main thread raised `word[0]` to at least `atLeast`; TimeoutError after `timeoutMs`. */
+function waitForWord(word: Int32Array, atLeast: number, timeoutMs: number, what: () => string): void {
+  const deadline = performance.now() + timeoutMs;
   for (;;) {
-    const done = Atomics.load(roundsDoneWord, 0);
-    if (done >= round) return;
+    const have = Atomics.load(word, 0);
+    if (have >= atLeast) return;
     const left = deadline - performance.now();
-    if (left <= 0) throw new TimeoutError(`round ${round + 1} arrived but round ${round} did not pass its barrier within ${limits.multifdRoundOrderWaitMs} ms`);
-    Atomics.wait(roundsDoneWord, 0, done, left);
+    if (left <= 0) throw new TimeoutError(`${what()} within ${timeoutMs} ms`);
+    Atomics.wait(word, 0, have, left);
   }
 }
 
 /** The main thread grows guest RAM when the source announces it (ramSize frame); wait for that. */
 function waitForRam(page: number): void {
   if ((page + 1) * pageBytes <= ram.byteLength) return;
-  const deadline = performance.now() + limits.ramGrowWaitMs;
-  for (;;) {
-    const have = Atomics.load(ramPagesWord, 0);
-    if (page < have) break;
-    const left = deadline - performance.now();
-    if (left <= 0) throw new TimeoutError(`page ${page} arrived but guest RAM did not grow to hold it within ${limits.ramGrowWaitMs} ms`);
-    Atomics.wait(ramPagesWord, 0, have, left);
-  }
+  waitForWord(ramPagesWord, page + 1, limits.ramGrowWaitMs, () => `page ${page} arrived but guest RAM did not grow to hold it`);
   ram = bufferOf(d.memory.buffer);
   if (target.cache !== null) cache = bufferOf(target.cache);
 }
