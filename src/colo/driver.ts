@@ -19,7 +19,7 @@ import {
 
 import { defaultDiskSink } from '../migration/disk-sync.js';
 import { PrimaryNet, SecondaryNet } from './network.js';
-import { checkRamDigest } from '../migration/ram-digest.js';
+import { checkDeviceRam } from '../migration/ram-digest.js';
 
 const log = logger('colo');
 
@@ -520,7 +520,7 @@ export class SecondaryDriver {
         copy(p);
       }
     }
-    if (device.ramDigest !== undefined) checkRamDigest(m.memory, m.statePageRanges(), device.ramDigest, 'the checkpoint');
+    checkDeviceRam(m, device, 'the checkpoint');
     const ownBlocks = m.disk?.dropLayer() ?? 0;
     this.applyDiskBlocks();
     await m.restoreVcpu(device.vcpu);

@@ -5,7 +5,7 @@ import { logger } from '../core/log.js';
 import { limits } from '../core/limits.js';
 import type { Machine } from '../machine/machine.js';
 import { MainChannel } from './channel.js';
-import { checkRamDigest } from './ram-digest.js';
+import { checkDeviceRam } from './ram-digest.js';
 import { DestinationCore, type DestinationAction, type DestinationEvent, type FrameSummary } from './destination-core.js';
 import { parseMigrationId } from './multifd-format.js';
 import type { MigrationCapabilities } from './params.js';
@@ -171,7 +171,7 @@ export class IncomingMigration {
       case 'restore': {
         assert(s !== null && s.device !== null, 'restore without device state');
         const m = this.host.machine;
-        if (s.device.ramDigest !== undefined) checkRamDigest(m.memory, m.statePageRanges(), s.device.ramDigest, 'the incoming migration');
+        checkDeviceRam(m, s.device, 'the incoming migration');
         await m.restoreVcpu(s.device.vcpu);
         m.setRunState('paused');
         log.info(`state loaded (${this.core.stats.dirtySyncCount} rounds, ${(this.stats.transferredBytes / 1048576).toFixed(1)} MiB); waiting for the source to switch over`);

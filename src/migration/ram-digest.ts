@@ -3,6 +3,7 @@ import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { pagesInRanges, type PageRanges } from '../machine/dirty.js';
 import { Fl64Over } from './checksum.js';
+import type { DeviceBlob } from './sections.js';
 
 /**
  * A checking aid, off by default: with `COLO_VERIFY_RAM=1` in a node's environment, the
@@ -46,4 +47,20 @@ export function checkRamDigest(memory: WebAssembly.Memory, ranges: PageRanges, e
     throw new RestoreError('RAM_DIGEST', `${what}: guest RAM differs from the source's in ${bad.length} pages (4 KiB page numbers ${bad.slice(0, 16).join(', ')}${bad.length > 16 ? ', ...' : ''})`);
   }
   log.debug(`${what}: guest RAM matches the source's sums (${pages.length} pages)`);
+}
+
+/** The machine a device state is built from or loaded into: its RAM and the pages of its state. */
+interface StateRam {
+  readonly memory: WebAssembly.Memory;
+  statePageRanges(): PageRanges;
+}
+
+/** The device state to send for `vcpu`: with the RAM sums when COLO_VERIFY_RAM is on. */
+export function deviceBlobOf(m: StateRam, vcpu: DeviceBlob['vcpu']): DeviceBlob {
+  return ramDigestEnabled() ? { vcpu, ramDigest: ramDigest(m.memory, m.statePageRanges()) } : { vcpu };
+}
+
+/** Before a loaded state runs: its RAM sums, if it carries them, must match this machine's RAM (RestoreError RAM_DIGEST). */
+export function checkDeviceRam(m: StateRam, blob: DeviceBlob, what: string): void {
+  if (blob.ramDigest !== undefined) checkRamDigest(m.memory, m.statePageRanges(), blob.ramDigest, what);
 }

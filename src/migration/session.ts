@@ -12,7 +12,7 @@ import { migrationIdHex, parseMigrationId } from './multifd-format.js';
 import { MultifdReceiver, MultifdSender, type FullRound, type PageTarget } from './multifd.js';
 import { encodeZeroRanges, fillRanges, mergePages, PageSink, pagesOf, pagesWrittenAtBoot, sendPagesPlain, zeroRangesPerFrameMax } from './ram.js';
 import { splitKnownZero } from './zero.js';
-import { ramDigest, ramDigestEnabled } from './ram-digest.js';
+import { deviceBlobOf } from './ram-digest.js';
 import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
 import type { RoundResult } from './source-core.js';
 import type { MigrationCapabilities } from './params.js';
@@ -335,9 +335,7 @@ export class SourceSession {
 
   sendDeviceState(vcpu: VcpuState): number {
     const channel = this.requireChannel();
-    const m = this.opts.machine;
-    const blob = ramDigestEnabled() ? { vcpu, ramDigest: ramDigest(m.memory, m.statePageRanges()) } : { vcpu };
-    const frames = encodeDeviceState(channel.frames, blob);
+    const frames = encodeDeviceState(channel.frames, deviceBlobOf(this.opts.machine, vcpu));
     channel.write(frames);
     return frames.reduce((n, b) => n + b.byteLength, 0);
   }

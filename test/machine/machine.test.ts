@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { guests, waitFor } from '../framework/harness.js';
+import { guests, waitFor, withTimeout } from '../framework/harness.js';
 import { machineFor } from '../framework/machine.js';
 
 test('a guest in a tight loop with no host calls pauses within 20 ms', async (t) => {
@@ -78,7 +78,7 @@ test('a guest whose saved call stack does not rewind is reported as crashed, not
   let exited: number | null = null;
   m.once('shutdown', (code: number) => (exited = code));
   await m.cont();
-  const message = await Promise.race([panicked, new Promise<string>((_, reject) => setTimeout(() => reject(new Error(`no panicked event within 5 s (exited: ${exited})`)), 5000))]);
+  const message = await withTimeout(panicked, 5000, 'a panicked event (none came; a shutdown instead would be the bug)');
   assert.match(message, /did not rewind/);
   assert.equal(m.runState, 'guest-panicked');
   assert.equal(exited, null, 'no shutdown was reported');
