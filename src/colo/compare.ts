@@ -9,7 +9,10 @@
  * is about to become the PVM. SVM output carries the checkpoint epoch it was produced in; output
  * of an older epoch is stale and ignored. Output of the next epoch can arrive before the
  * checkpoint that starts it is over on this side (it comes over its own channel, see
- * output-channel.ts): it waits and is compared from the checkpoint on.
+ * output-channel.ts): it waits and is compared from the checkpoint on. Likewise the PVM's: once
+ * a checkpoint has captured the PVM's state the PVM runs on (ARCHITECTURE §5 step 2), and its
+ * output from then on belongs to the next epoch (pvmNextEpoch()); it waits, held, for the
+ * checkpoint to be received and is compared from then on.
  */
 import type { NicOutput } from '../net/nic.js';
 
@@ -59,6 +62,9 @@ export class Compare {
   /** SVM output of the next epoch, in arrival order, until checkpoint() starts that epoch. */
   private early: { out: NicOutput; at: number }[] = [];
   private earlyBytes = 0;
+  /** PVM output produced after the checkpoint in flight captured the PVM (null: none in flight). */
+  private pvmEarly: { out: NicOutput; at: number }[] | null = null;
+  private pvmEarlyBytes = 0;
 
   /**
    * `delivered(conn)`: how many bytes of a connection's output its client has already
@@ -73,8 +79,13 @@ export class Compare {
     private readonly delivered: (conn: number) => number = () => 0,
   ) {}
 
-  /** Output of the PVM (always the current epoch: the PVM never rolls back). */
+  /** Output of the PVM (the current epoch, or the next one after pvmNextEpoch(): the PVM never rolls back). */
   pvm(out: NicOutput, now: number): CompareResult {
+    if (this.pvmEarly !== null) {
+      this.pvmEarly.push({ out, at: now });
+      this.pvmEarlyBytes += out.kind === 'out' ? out.bytes.byteLength : 0;
+      return { release: [], trigger: null };
+    }
     const c = this.conn(out.conn);
     this.push(c, c.pvm, out, now);
     return this.match(out.conn, c);
@@ -107,10 +118,19 @@ export class Compare {
   }
 
   /**
-   * A checkpoint: release all held PVM output, drop the SVM's, start the next epoch with the
-   * SVM output of it that came early (the PVM has none yet: nothing more is released here).
+   * The checkpoint in flight has captured the PVM, which runs on: its output from now on is the
+   * next epoch's (held until checkpoint(), then compared).
    */
-  checkpoint(): NicOutput[] {
+  pvmNextEpoch(): void {
+    this.pvmEarly ??= [];
+  }
+
+  /**
+   * A checkpoint: release all held PVM output of this epoch, drop the SVM's, start the next
+   * epoch with the output of it that came early from either side; what of that already matches
+   * is released too, after the rest.
+   */
+  checkpoint(): CompareResult {
     const release = this.drainPvm();
     this.epoch += 1;
     this.reported.clear();
@@ -121,17 +141,34 @@ export class Compare {
       const c = this.conn(e.out.conn);
       this.push(c, c.svm, e.out, e.at);
     }
-    return release;
+    let trigger: CompareTrigger | null = null;
+    for (const e of this.takePvmEarly()) {
+      const r = this.pvm(e.out, e.at);
+      release.push(...r.release);
+      trigger ??= r.trigger;
+    }
+    return { release, trigger };
   }
 
-  /** Failover on the primary: everything held is released; the compare is done. */
+  /** Failover on the primary: everything held is released, in order; the compare is done. */
   releaseAll(): NicOutput[] {
+    for (const e of this.takePvmEarly()) {
+      const c = this.conn(e.out.conn);
+      this.push(c, c.pvm, e.out, e.at);
+    }
     return this.drainPvm();
   }
 
-  /** Bytes held for comparison (both sides), and SVM output waiting for its epoch. */
+  /** Bytes held for comparison (both sides), and output waiting for its epoch. */
   get held(): number {
-    return this.heldBytes + this.earlyBytes;
+    return this.heldBytes + this.earlyBytes + this.pvmEarlyBytes;
+  }
+
+  private takePvmEarly(): { out: NicOutput; at: number }[] {
+    const xs = this.pvmEarly ?? [];
+    this.pvmEarly = null;
+    this.pvmEarlyBytes = 0;
+    return xs;
   }
 
   connectionCount(): number {

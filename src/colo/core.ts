@@ -76,6 +76,8 @@ export type PrimaryEvent =
   /** The compare asks for a checkpoint. */
   | { type: 'trigger'; reason: 'mismatch' | 'timeout' }
   | { type: 'vmPaused' }
+  /** The checkpoint's state (pages, disk blocks, device state) is copied: the PVM may run on while it travels. */
+  | { type: 'stateCaptured' }
   | { type: 'stateSent' }
   | { type: 'vmResumed' }
   | { type: 'protocolError'; message: string }
@@ -87,6 +89,7 @@ export type PrimaryAction =
   | { type: 'armTimer'; ms: number }
   | { type: 'armGrace' }
   | { type: 'pauseVm' }
+  /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
   | { type: 'sendState' }
   | { type: 'resumeVm' }
   /** VMSTATE_RECEIVED: the compare releases all held PVM output and starts a new epoch. */
@@ -104,7 +107,11 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   private reason: CheckpointReason = 'periodic';
   /** A trigger that came while no checkpoint could start and none in flight covers it. */
   private wanted: CheckpointReason | null = null;
-  /** The PVM runs again (it resumes at VMSTATE_RECEIVED, before VMSTATE_LOADED). */
+  /**
+   * The PVM was told to resume in the checkpoint in flight (at stateCaptured, or else at
+   * VMSTATE_RECEIVED), and it runs again (vmResumed): both before VMSTATE_LOADED, usually.
+   */
+  private resumeAsked = false;
   private pvmResumed = false;
 
   constructor(private readonly delayMs: () => number) {
@@ -126,19 +133,31 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         if (this.phase === 'running') return this.request(ev.reason);
         // Before the first checkpoint, or once the one in flight passed VMSTATE_RECEIVED (the
         // compare is in a new epoch), the trigger is about output the next checkpoint must
-        // cover. Between CHECKPOINT_REQUEST and VMSTATE_RECEIVED the checkpoint in flight covers it.
+        // cover. Between CHECKPOINT_REQUEST and VMSTATE_RECEIVED the checkpoint in flight covers it
+        // (output the PVM produces after stateCaptured is compared only from VMSTATE_RECEIVED on,
+        // and reported then if it differs or waits too long).
         if (this.phase === 'waitReady' || this.phase === 'resuming' || this.phase === 'awaitLoaded') this.wanted ??= ev.reason;
         return [];
       case 'vmPaused':
         if (this.phase !== 'pausing') return [];
         this.phase = 'sending';
+        this.resumeAsked = false;
+        this.pvmResumed = false;
         return [{ type: 'send', msg: 'VMSTATE_SEND' }, { type: 'sendState' }];
+      case 'stateCaptured':
+        // The checkpoint is a copy now: the PVM runs on while it travels. Whichever node dies
+        // before VMSTATE_RECEIVED, the survivor's state is the last checkpoint's or later and
+        // no output of the PVM after its pause has been released (the compare holds it for
+        // the next epoch), so nothing a client saw is lost.
+        if (this.phase !== 'sending' || this.resumeAsked) return [];
+        this.resumeAsked = true;
+        return [{ type: 'resumeVm' }];
       case 'stateSent':
         if (this.phase !== 'sending') return [];
         this.phase = 'awaitReceived';
         return [];
       case 'vmResumed':
-        if (this.phase === 'awaitLoaded') {
+        if (this.phase === 'sending' || this.phase === 'awaitReceived' || this.phase === 'awaitLoaded') {
           this.pvmResumed = true;
           return [];
         }
@@ -188,9 +207,11 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     if (expect('awaitReceived', 'VMSTATE_RECEIVED')) {
       // The secondary holds the whole checkpoint and its apply is one step a failover cannot
       // split: whichever node dies from here on, the survivor's state is this checkpoint's or
-      // later. So the PVM resumes now, while the SVM applies (QEMU waits for VMSTATE_LOADED).
+      // later. So a PVM that could not run on at stateCaptured (its state was sent from its
+      // RAM, not copied) resumes now, while the SVM applies (QEMU waits for VMSTATE_LOADED).
       this.phase = 'awaitLoaded';
-      this.pvmResumed = false;
+      if (this.resumeAsked) return [{ type: 'releaseHeld' }];
+      this.resumeAsked = true;
       return [{ type: 'releaseHeld' }, { type: 'resumeVm' }];
     }
     if (expect('awaitLoaded', 'VMSTATE_LOADED')) {

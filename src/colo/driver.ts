@@ -4,6 +4,7 @@ import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
 import { FrameType, parseJsonPayload, type Frame } from '../migration/stream.js';
 import type { Vm } from '../control/vm.js';
+import type { VcpuState } from '../machine/vcpu-protocol.js';
 import {
   PrimaryCore,
   SecondaryCore,
@@ -62,6 +63,8 @@ export class PrimaryDriver {
   private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
+  /** The PVM's vCPU state saved at the checkpoint's pause, for sendState. */
+  private pausedState: VcpuState | null = null;
   readonly stats = new CheckpointStats();
   readonly net: PrimaryNet;
 
@@ -182,7 +185,8 @@ export class PrimaryDriver {
           await this.ops.run(async () => {
             this.pauseStartedAt = performance.now();
             this.host.vm.frontEnd?.pauseReading();
-            await m.pause('colo');
+            // The vCPU state comes with the pause: one exchange with the vCPU thread less.
+            this.pausedState = await m.pauseAndSave('colo');
           });
           return { type: 'vmPaused' };
         });
@@ -190,26 +194,31 @@ export class PrimaryDriver {
       case 'sendState':
         this.task(async () => {
           const t0 = performance.now();
-          s.collectDirty();
+          // The PVM is paused: its vCPU state, then its dirty pages, disk blocks and device
+          // state are copied, and it runs on while the copy travels (stateCaptured). A
+          // checkpoint too large to copy is sent from guest RAM with the PVM still paused.
+          const vcpu = this.pausedState ?? (await m.saveVcpu());
+          this.pausedState = null;
           const t1 = performance.now();
-          // The vCPU state is read while the pages travel (the VM is paused: nothing changes).
-          let savedAt = 0;
-          const saving = m.saveVcpu().then((v) => {
-            savedAt = performance.now();
-            return v;
-          });
-          saving.catch(() => undefined);
-          const r = await s.sendRound('dirty', 0, true);
+          const captured = s.captureCheckpoint(vcpu);
           const t2 = performance.now();
-          const vcpu = await saving;
+          if (captured) {
+            this.net.pvmNextEpoch();
+            this.dispatch({ type: 'stateCaptured' });
+            // The PVM's pause ends before the copy travels: sending first would keep the
+            // resume (queued behind nothing else) waiting for this thread.
+            await this.ops.settled();
+          }
+          const r = await s.sendRound('dirty', 0, true);
+          const t3 = performance.now();
           s.sendColo({ msg: 'VMSTATE_SIZE' });
-          const deviceBytes = s.sendDeviceState(vcpu);
+          const deviceBytes = captured ? s.sendCapturedDeviceState() : s.sendDeviceState(vcpu);
           const bytes = r.bytes + deviceBytes;
           if (r.multifdBytes === undefined) this.stats.noteBytes(bytes);
           else r.multifdBytes.then((b) => this.stats.noteBytes(bytes + b), () => undefined);
           if (log.enabled('debug')) {
-            const t3 = performance.now();
-            log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages; collect ${(t1 - t0).toFixed(1)} ms, round ${(t2 - t1).toFixed(1)} ms, vCPU saved at +${(savedAt - t1).toFixed(1)} ms, device ${deviceBytes} bytes sent at +${(t3 - t1).toFixed(1)} ms`);
+            const t4 = performance.now();
+            log.debug(`primary: checkpoint ${r.round}: ${r.normalPages} pages, ${r.zeroPages} zero pages; vCPU state ready in ${(t1 - t0).toFixed(1)} ms, ${captured ? `copied in ${(t2 - t1).toFixed(1)} ms` : 'too large to copy'}, round ${(t3 - t2).toFixed(1)} ms, device ${deviceBytes} bytes sent at +${(t4 - t0).toFixed(1)} ms`);
           }
           return { type: 'stateSent' };
         });

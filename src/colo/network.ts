@@ -140,10 +140,21 @@ export class PrimaryNet {
     for (const out of batch.events) this.deliver(this.compare.svm(batch.epoch, out, now));
   }
 
-  /** VMSTATE_RECEIVED: the SVM is about to equal the PVM; release what the PVM produced. */
+  /**
+   * The checkpoint in flight captured the PVM's state and the PVM runs on before the secondary
+   * has it: what the PVM produces from now on belongs to the next epoch.
+   */
+  pvmNextEpoch(): void {
+    if (this.active) this.compare.pvmNextEpoch();
+  }
+
+  /**
+   * VMSTATE_RECEIVED: the SVM is about to equal the PVM at its pause; release what the PVM
+   * produced before it (and what of the next epoch both already produced alike).
+   */
   checkpoint(): void {
     if (!this.active) return;
-    for (const out of this.compare.checkpoint()) this.vm.frontEnd?.deliver(out);
+    this.deliver(this.compare.checkpoint());
   }
 
   /** Failover (or exit): release everything held, stop mirroring, output goes straight to the clients. */

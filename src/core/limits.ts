@@ -185,6 +185,13 @@ export const limits = {
   coloOutputChannelStuckMs: 100,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
+  /**
+   * COLO primary: a checkpoint of at most this many bytes of pages is copied in the pause and
+   * sent while the PVM runs on; a larger one is sent from guest RAM with the PVM paused until
+   * VMSTATE_RECEIVED. It also bounds the copy's resident size: once the pages it ever held
+   * reach this, it is replaced by a fresh one (ARCHITECTURE §5 step 2).
+   */
+  coloCheckpointCopyBytesMax: 64 * 1024 * 1024,
 } as const;
 
 export type Limits = typeof limits;

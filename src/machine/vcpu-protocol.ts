@@ -4,7 +4,7 @@ import type { WasiState } from './wasi-host.js';
 
 /** Int32 slots of the control block shared by the main thread and the vCPU. */
 export const ctl = {
-  /** Non-zero: the vCPU must reach a safe point and unwind. */
+  /** Non-zero: the vCPU must reach a safe point and unwind (2: and post its state with 'paused'). */
   pauseRequest: 0,
   /** Bumped (and notified) whenever input is posted or a pause is requested. */
   wake: 1,
@@ -76,7 +76,8 @@ export type WorkerRequest =
 export type WorkerReply =
   | { type: 'ready' }
   | { type: 'running' }
-  | { type: 'paused' }
+  /** `state`: the pause was asked for with the state (Machine.pauseAndSave), saved at the safe point. */
+  | { type: 'paused'; state?: VcpuState }
   /** A guest write found the host's filesystem full; the vCPU waits in the call. */
   | { type: 'io-error'; operation: 'write'; nospace: boolean; reason: string }
   /** The write that waited went through; the guest runs on. */

@@ -314,7 +314,7 @@ class Vcpu {
     if (state === 1) {
       this.exports.asyncify_stop_unwind();
       this.phase = 'unwound';
-      post({ type: 'paused' });
+      post(Atomics.load(this.ctl, ctl.pauseRequest) === 2 ? { type: 'paused', state: this.save() } : { type: 'paused' });
     } else if (state === 2) {
       // Still rewinding: the saved call stack named calls the code does not make, so the
       // state in RAM does not belong to it. Never report that as a guest that returned 0.

@@ -60,8 +60,20 @@ export class DiskSender {
     return this.disk.collectDirty();
   }
 
-  /** Send `blocks` as diskBlocks / diskZero frames; returns the count. */
-  async send(channel: MainChannel, blocks: readonly number[]): Promise<number> {
+  /**
+   * The contents of `blocks` now, in one buffer (a COLO checkpoint copies them while the guest
+   * is paused and sends them after it runs on). Null without a disk.
+   */
+  capture(blocks: readonly number[]): Buffer | null {
+    const disk = this.disk;
+    if (disk === null || blocks.length === 0) return null;
+    const out = Buffer.alloc(blocks.length * blockBytes);
+    for (let i = 0; i < blocks.length; i++) disk.readBlock(blocks[i]!, out.subarray(i * blockBytes, (i + 1) * blockBytes));
+    return out;
+  }
+
+  /** Send `blocks` as diskBlocks / diskZero frames (from `captured`, if given: see capture()); returns the count. */
+  async send(channel: MainChannel, blocks: readonly number[], captured: Buffer | null = null): Promise<number> {
     const disk = this.disk;
     if (disk === null || blocks.length === 0) return 0;
     const per = limits.pagesPerPacketMax;
@@ -82,8 +94,11 @@ export class DiskSender {
     };
     for (let i = 0; i < blocks.length; i++) {
       const b = blocks[i]!;
-      buf.fill(0);
-      disk.readBlock(b, buf);
+      if (captured !== null) captured.copy(buf, 0, i * blockBytes, (i + 1) * blockBytes);
+      else {
+        buf.fill(0);
+        disk.readBlock(b, buf);
+      }
       if (buf.equals(zeroBlock)) {
         zeros.push(b);
         if (zeros.length >= limits.multifdZeroPagesPerPacketMax) flushZero();

@@ -49,7 +49,11 @@ export interface FullRound {
 
 export type SendWorkerRequest =
   | { type: 'connect'; host: string; port: number; migrationId: Uint8Array; channel: number; channels: number }
-  | { type: 'round'; round: number; count: number; bytesPerSecond: number; full: FullRound | null }
+  /**
+   * `memory`: read the round's pages from this copy of guest RAM (same offsets; a COLO
+   * checkpoint captured while the guest was paused) instead of guest RAM.
+   */
+  | { type: 'round'; round: number; count: number; bytesPerSecond: number; full: FullRound | null; memory?: WebAssembly.Memory }
   | { type: 'close' };
 
 export type SendWorkerReply =
@@ -83,9 +87,11 @@ interface Source {
   full: FullRound | null;
 }
 
+/** Where this round's pages are read: guest RAM, or the copy the round came with. */
+let roundMemory: WebAssembly.Memory = d.memory;
 const guest: Source = {
   ram: bufferOf(d.memory.buffer),
-  refresh: () => bufferOf(d.memory.buffer),
+  refresh: () => bufferOf(roundMemory.buffer),
   list: new Uint32Array(d.list),
   control: new Int32Array(d.control),
   shadow: d.shadow === null ? null : bufferOf(d.shadow),
@@ -290,8 +296,12 @@ function send(slot: number, headBytes: number, dataBytes: number): void {
   });
 }
 
-async function runRound(round: number, count: number, bytesPerSecond: number, full: FullRound | null): Promise<void> {
+async function runRound(round: number, count: number, bytesPerSecond: number, full: FullRound | null, memory: WebAssembly.Memory): Promise<void> {
   guest.full = full;
+  if (memory !== roundMemory) {
+    roundMemory = memory;
+    guest.ram = guest.refresh();
+  }
   packetNormal = 0;
   packetZero = 0;
   let bytes = 0;
@@ -368,7 +378,7 @@ port.on('message', (m: SendWorkerRequest) => {
       (err) => fail(err),
     );
   } else if (m.type === 'round') {
-    runRound(m.round, m.count, m.bytesPerSecond, m.full).catch(fail);
+    runRound(m.round, m.count, m.bytesPerSecond, m.full, m.memory ?? d.memory).catch(fail);
   } else if (m.type === 'close') {
     closing = true;
     if (socket === null || socket.destroyed) {

@@ -180,7 +180,8 @@ export class MultifdSender {
    * resolves when each wrote its SYNC. The caller may go on (a COLO checkpoint sends roundEnd
    * and the device state meanwhile: the destination's barrier waits for the SYNCs anyway).
    */
-  async startRound(round: number, fill: ((list: Uint32Array) => number) | FullRound, bytesPerSecond: number): Promise<{ channels: number; done: Promise<MultifdRoundStats> }> {
+  /** `memory`: read the pages from this copy of guest RAM (same offsets) instead of guest RAM. */
+  async startRound(round: number, fill: ((list: Uint32Array) => number) | FullRound, bytesPerSecond: number, memory?: WebAssembly.Memory): Promise<{ channels: number; done: Promise<MultifdRoundStats> }> {
     await this.lastRound.catch(() => undefined);
     if (this.failure !== null) throw this.failure;
     const full = typeof fill === 'function' ? null : fill;
@@ -214,7 +215,7 @@ export class MultifdSender {
       this.roundWaiters.push(waiter);
     });
     const perChannel = bytesPerSecond > 0 ? bytesPerSecond / workers.length : 0;
-    for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full } satisfies SendWorkerRequest);
+    for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full, ...(memory !== undefined ? { memory } : {}) } satisfies SendWorkerRequest);
     this.lastRound = done;
     // A worker's failure also reaches the session through onFailure; whoever awaits done sees it too.
     done.catch(() => undefined);

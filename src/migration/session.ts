@@ -66,6 +66,13 @@ export class SourceSession {
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
   private roundInFlight = 0;
   private roundMainStart = 0;
+  /**
+   * A COLO checkpoint's state, copied while the guest was paused (captureCheckpoint()), for
+   * the next sendRound('dirty') and sendCapturedDeviceState().
+   */
+  private captured: { ramBytes: number; blocks: Buffer | null; device: DeviceBlob | null } | null = null;
+  /** The copy of guest RAM captured pages are kept in (same offsets), and how many pages it ever held. */
+  private copy: { memory: WebAssembly.Memory; pages: Uint8Array; held: number } | null = null;
 
   constructor(readonly opts: SourceSessionOptions) {
     this.bootPages = pagesWrittenAtBoot(opts.machine);
@@ -219,6 +226,58 @@ export class SourceSession {
   }
 
   /**
+   * COLO: collect what the guest dirtied and copy it (pages, disk blocks) together with the
+   * device state for `vcpu`, so that the guest may run on while sendRound('dirty') and
+   * sendCapturedDeviceState() send the copy. The guest must be paused. Returns false, having
+   * only collected, when the pages exceed limits.coloCheckpointCopyBytesMax: then send from
+   * guest RAM with the guest still paused, as a precopy round does.
+   */
+  captureCheckpoint(vcpu: VcpuState): boolean {
+    const m = this.opts.machine;
+    const { pages } = this.collectDirty();
+    const pageBytes = limits.pageBytes;
+    if (pages * pageBytes > limits.coloCheckpointCopyBytesMax) return false;
+    const ram = m.ram();
+    const wasmPages = ram.byteLength / limits.wasmPageBytes;
+    let copy = this.copy;
+    const list = this.pendingPages;
+    if (copy !== null) {
+      let fresh = 0;
+      for (const p of list) if (copy.pages[p] === 0) fresh++;
+      // The copy's resident size is every page it ever held: start a new one past the bound.
+      if ((copy.held + fresh) * pageBytes > limits.coloCheckpointCopyBytesMax) copy = null;
+    }
+    if (copy === null) {
+      copy = {
+        memory: new WebAssembly.Memory({ initial: wasmPages, maximum: m.maximumPages, shared: true }),
+        pages: new Uint8Array(pagesOf(m.maximumPages * limits.wasmPageBytes)),
+        held: 0,
+      };
+      this.copy = copy;
+    }
+    const have = copy.memory.buffer.byteLength / limits.wasmPageBytes;
+    if (have < wasmPages) copy.memory.grow(wasmPages - have);
+    const to = new Uint8Array(copy.memory.buffer);
+    // Runs of consecutive pages in one copy each.
+    for (let i = 0; i < list.length; ) {
+      let j = i + 1;
+      while (j < list.length && list[j] === list[j - 1]! + 1) j++;
+      const from = list[i]! * pageBytes;
+      const end = (list[j - 1]! + 1) * pageBytes;
+      to.set(ram.subarray(from, end), from);
+      for (let k = i; k < j; k++) {
+        if (copy.pages[list[k]!] === 0) {
+          copy.pages[list[k]!] = 1;
+          copy.held++;
+        }
+      }
+      i = j;
+    }
+    this.captured = { ramBytes: ram.byteLength, blocks: this.disk.capture(this.pendingBlocks), device: deviceBlobOf(m, vcpu) };
+    return true;
+  }
+
+  /**
    * Send one round: 'full' = every page of guest RAM and round 1's disk blocks (starts dirty
    * tracking), 'dirty' = what collectDirty() gathered. Ends with roundEnd on the main channel
    * after every multifd channel wrote its SYNC.
@@ -233,7 +292,10 @@ export class SourceSession {
     const m = this.opts.machine;
     const started = performance.now();
     const round = this.round + 1;
-    const ramBytes = m.ram().byteLength;
+    // A captured checkpoint is sent from its copy, as it was at the guest's pause.
+    const captured = kind === 'dirty' ? this.captured : null;
+    const source = captured !== null ? this.copy!.memory : m.memory;
+    const ramBytes = captured !== null ? captured.ramBytes : m.ram().byteLength;
     if (ramBytes !== this.announcedRamBytes) {
       channel.sendJson(FrameType.ramSize, { pages: ramBytes / limits.wasmPageBytes });
       this.announcedRamBytes = ramBytes;
@@ -285,10 +347,10 @@ export class SourceSession {
     let pendingMultifd: Promise<number> | undefined;
     if (this.multifd !== null) {
       let listCount = full === null ? 0 : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
-      const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond);
+      const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond, captured !== null ? source : undefined);
       roundChannels = handed.channels;
       // Disk blocks go on the main channel while the workers send pages.
-      const diskSent = this.disk.send(channel, blocks);
+      const diskSent = this.disk.send(channel, blocks, captured?.blocks ?? null);
       count = listCount + knownZeroPages;
       if (pipelined) {
         await diskSent;
@@ -305,11 +367,11 @@ export class SourceSession {
       const list = new Uint32Array(pagesOf(m.maximumPages * limits.wasmPageBytes));
       count = fill(list);
       const noteSent = tracker.kind === 'shadow' ? (p: number, d: Uint8Array | null) => tracker.noteSent(p, d) : null;
-      const r = await sendPagesPlain(channel, m.memory, list, count, noteSent, bytesPerSecond);
+      const r = await sendPagesPlain(channel, source, list, count, noteSent, bytesPerSecond);
       count += knownZeroPages;
       normalPages = r.normalPages;
       zeroPages = r.zeroPages + knownZeroPages;
-      await this.disk.send(channel, blocks);
+      await this.disk.send(channel, blocks, captured?.blocks ?? null);
     }
     channel.sendJson(FrameType.roundEnd, { round, pages: count, blocks: blocks.length, channels: roundChannels });
     this.round = round;
@@ -334,8 +396,20 @@ export class SourceSession {
   }
 
   sendDeviceState(vcpu: VcpuState): number {
+    return this.writeDeviceState(deviceBlobOf(this.opts.machine, vcpu));
+  }
+
+  /** The device state captureCheckpoint() took, after its round; ends the captured checkpoint. */
+  sendCapturedDeviceState(): number {
+    const device = this.captured?.device ?? null;
+    if (device === null) throw new MigrationError('CHECKPOINT_ORDER', 'no captured checkpoint to send the device state of');
+    this.captured = null;
+    return this.writeDeviceState(device);
+  }
+
+  private writeDeviceState(blob: DeviceBlob): number {
     const channel = this.requireChannel();
-    const frames = encodeDeviceState(channel.frames, deviceBlobOf(this.opts.machine, vcpu));
+    const frames = encodeDeviceState(channel.frames, blob);
     channel.write(frames);
     return frames.reduce((n, b) => n + b.byteLength, 0);
   }

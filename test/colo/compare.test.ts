@@ -35,7 +35,7 @@ test('compare: a difference is a mismatch, reported once per epoch; the checkpoi
   assert.equal(r.trigger, 'mismatch');
   assert.equal(text(r.release), '');
   assert.equal(c.pvm(out(1, 8, '!'), 1).trigger, null, 'reported once');
-  assert.equal(text(c.checkpoint()), '1@0:time 100 1@8:!');
+  assert.equal(text(c.checkpoint().release), '1@0:time 100 1@8:!');
   assert.equal(c.epoch, 1);
   // Stale SVM output (epoch 0) is ignored; the new epoch compares from the released offset.
   assert.equal(c.svm(0, out(1, 9, 'late'), 2).release.length, 0);
@@ -52,7 +52,7 @@ test('compare: SVM output of the next epoch that comes before the checkpoint wai
   // The SVM already runs from the checkpoint: its output is epoch 1 while the primary is in 0.
   assert.equal(c.svm(1, out(1, 5, ':2\r\n'), 1).release.length, 0);
   assert.equal(c.held, 5 + 4);
-  assert.equal(text(c.checkpoint()), '1@0:+OK\r\n');
+  assert.equal(text(c.checkpoint().release), '1@0:+OK\r\n');
   // An epoch further ahead cannot be: it is dropped like stale output.
   assert.equal(c.svm(3, out(1, 9, 'x'), 2).release.length, 0);
   assert.equal(c.held, 4);
@@ -71,6 +71,41 @@ test('compare: SVM output of the next epoch that comes before the checkpoint wai
   d.checkpoint();
   const r = d.pvm(out(1, 0, 'abcdefg'), 1);
   assert.equal(`${text(r.release)}|${r.trigger}`, '|mismatch');
+});
+
+test('compare: PVM output after the checkpoint captured the PVM waits for that checkpoint; then it is compared, and released or found different', () => {
+  const c = new Compare(lim);
+  c.pvm(out(1, 0, '+OK\r\n'), 0);
+  c.pvmNextEpoch();
+  // The PVM runs on while the checkpoint travels: its output is the next epoch's, held even
+  // though the SVM (still in this epoch) produced the same bytes at those offsets.
+  assert.equal(c.pvm(out(1, 5, ':1\r\n'), 1).release.length, 0);
+  assert.equal(c.svm(0, out(1, 0, '+OK\r\n:1\r\n'), 1).release.map((o) => (o.kind === 'out' ? o.offset : -1)).join(), '0');
+  assert.equal(c.held, 4 + 4);
+  // The SVM's copy of the new epoch came early too; at the checkpoint both match and go out,
+  // after nothing else (the PVM's held output of the old epoch was released on the match above).
+  c.svm(1, out(1, 5, ':1\r\n'), 2);
+  const r = c.checkpoint();
+  assert.equal(`${text(r.release)}|${r.trigger}`, '1@5::1\r\n|null');
+  assert.equal(c.held, 0);
+  // Further output is compared directly again.
+  c.pvm(out(1, 9, 'x'), 3);
+  assert.equal(text(c.svm(1, out(1, 9, 'x'), 3).release), '1@9:x');
+  // Early output of both sides that differs is a mismatch reported by the checkpoint.
+  c.pvm(out(2, 0, 'P'), 4);
+  c.pvmNextEpoch();
+  c.pvm(out(2, 1, 'time 1'), 5);
+  c.svm(2, out(2, 1, 'time 2'), 5);
+  const m = c.checkpoint();
+  assert.equal(`${text(m.release)}|${m.trigger}`, '2@0:P|mismatch');
+  // A failover releases the PVM's output of both epochs, in order.
+  const f = new Compare(lim);
+  f.pvm(out(1, 0, 'a'), 0);
+  f.pvmNextEpoch();
+  f.pvm(out(1, 1, 'b'), 1);
+  f.pvm({ kind: 'close', conn: 1, offset: 2 }, 1);
+  assert.equal(text(f.releaseAll()), '1@0:a 1@1:b 1@2:close');
+  assert.equal(f.held, 0);
 });
 
 test('compare: output waiting on one side past the timeout asks for a checkpoint; so does too much held output', () => {
@@ -168,7 +203,7 @@ test('compare: a connection older than the compare goes on from what its client 
   c2.pvm(out(3, 100, 'late'), 0);
   assert.equal(c2.svm(0, out(3, 104, 'next'), 1).trigger, 'mismatch');
   c2.pvm(out(3, 104, 'next'), 2);
-  assert.equal(text(c2.checkpoint()), '3@100:late 3@104:next');
+  assert.equal(text(c2.checkpoint().release), '3@100:late 3@104:next');
 });
 
 test('SVM output channel wire: length-prefixed batches come back whole from any split of the stream; an oversized length is a typed error', () => {

@@ -51,6 +51,41 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.equal(p.phase, 'running');
 });
 
+test('colo core: a captured checkpoint lets the PVM run on before the secondary has it; the messages stay in order', () => {
+  const p = new PrimaryCore(() => 300);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  p.step({ type: 'vmResumed' });
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  assert.deepEqual(types(p.step({ type: 'vmPaused' })), ['send VMSTATE_SEND', 'sendState']);
+  assert.deepEqual(types(p.step({ type: 'stateCaptured' })), ['resumeVm'], 'the PVM resumes as soon as its state is copied');
+  assert.deepEqual(types(p.step({ type: 'stateCaptured' })), [], 'once');
+  assert.deepEqual(types(p.step({ type: 'vmResumed' })), [], 'running again, but the checkpoint is still in flight');
+  assert.equal(p.phase, 'sending');
+  assert.deepEqual(types(p.step({ type: 'stateSent' })), []);
+  assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), ['releaseHeld'], 'no second resume');
+  assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone', 'armTimer']);
+  assert.equal(p.phase, 'running');
+  // The resume may still be under way at VMSTATE_LOADED: the timer waits for it.
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateCaptured' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone']);
+  assert.deepEqual(types(p.step({ type: 'vmResumed' })), ['armTimer']);
+  // A failover with the PVM already running again: the primary goes on alone.
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateCaptured' });
+  p.step({ type: 'vmResumed' });
+  assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(p.checkpoints, 2);
+});
+
 test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight', () => {
   const p = new PrimaryCore(() => 100);
   const kinds = (acts: { type: string; msg?: string }[]): string[] => acts.map((a) => (a.msg !== undefined ? `${a.type} ${a.msg}` : a.type));

@@ -78,6 +78,7 @@ const broken: [Broken, string, string, number?][] = [
   // A broken apply is one fault in ten, so this one needs more seeds.
   ['applyErrorAsStreamError', '5', 'a secondary that treats a broken apply as a broken stream (it then waits for ever to take over)', 300],
   ['runAfterBrokenApply', '1', 'a secondary that runs its guest on after a broken apply', 300],
+  ['sendLiveAfterResume', '3', 'a primary that lets the PVM run on after capturing a checkpoint but sends pages from live RAM'],
 ];
 for (const [kind, inv, what, n = 60] of broken) {
   test(`colo simulation: invariant ${inv} catches ${what}`, { skip: one !== undefined }, () => {

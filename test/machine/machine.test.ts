@@ -47,6 +47,25 @@ test('pause, save and restore into a new machine continues the guest exactly', a
   assert.notEqual(after, before, 'the restored guest kept incrementing its pages');
 });
 
+test('pauseAndSave stops the guest and returns the state saveVcpu then reads; the guest goes on from it', async (t) => {
+  const { m, serial } = await machineFor(t, guests.memwalk, ['1M']);
+  await m.cont();
+  await waitFor('memwalk passes', () => (fs.readFileSync(serial, 'latin1').match(/B/g)?.length ?? 0) >= 2, 10000);
+  const stops: string[] = [];
+  m.on('stop', () => stops.push('stop'));
+  const state = await m.pauseAndSave('paused');
+  assert.equal(m.running, false);
+  assert.deepEqual(stops, ['stop']);
+  assert.ok(state !== null, 'a state came with the pause');
+  assert.ok(state.started && !state.exited);
+  assert.deepEqual(state, await m.saveVcpu(), 'the same state as a separate save');
+  // Already paused: the state is read by a save.
+  assert.deepEqual(await m.pauseAndSave('paused'), state);
+  const passes = (fs.readFileSync(serial, 'latin1').match(/B/g) ?? []).length;
+  await m.cont();
+  await waitFor('memwalk to go on after the pause', () => (fs.readFileSync(serial, 'latin1').match(/B/g)?.length ?? 0) > passes, 10000);
+});
+
 test('restore refuses a state with a bad field and leaves the machine unchanged', async (t) => {
   const { m: a } = await machineFor(t, guests.memwalk, ['1M']);
   await a.cont();

@@ -47,7 +47,7 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -218,19 +218,31 @@ export class PrimaryNode implements Endpoint {
             const blocks = [...self.dirtyBlocks].sort((x, y) => x - y);
             self.dirtyPages.clear();
             self.dirtyBlocks.clear();
-            // The pages in several frames, read from RAM as they are sent (as sendRound does).
+            yield* sleep(w.ms(0.05, 2)); // saveVcpu
+            // captureCheckpoint: most checkpoints are copied (pages, blocks, device state) and
+            // the PVM runs on while the copy travels; one too large to copy is read from RAM
+            // as it is sent, the PVM paused until VMSTATE_RECEIVED (as sendRound does).
+            const captured = w.rnd() < 0.8;
+            const copy = captured
+              ? { ram: new Map(pages.map((p): [number, Val] => [p, g.ram[p]!])), disk: new Map(blocks.map((b): [number, Val] => [b, g.disk.read(b)])), dev: { ...g.device } }
+              : null;
+            const live = copy === null || self.broken === 'sendLiveAfterResume';
+            if (copy !== null) {
+              w.hook('P.stateCaptured');
+              self.dispatch({ type: 'stateCaptured' });
+            }
+            // The pages in several frames.
             const chunk = 1 + Math.floor(w.rnd() * 12);
             for (let i = 0; i < pages.length; i += chunk) {
               yield* sleep(w.ms(0.05, 1.5));
-              self.send({ k: 'pages', ck, pages: pages.slice(i, i + chunk).map((p): [number, Val] => [p, g.ram[p]!]) });
+              self.send({ k: 'pages', ck, pages: pages.slice(i, i + chunk).map((p): [number, Val] => [p, live ? g.ram[p]! : copy.ram.get(p)!]) });
             }
             if (blocks.length > 0) {
               yield* sleep(w.ms(0.05, 1.5));
-              self.send({ k: 'disk', ck, blocks: blocks.map((b): [number, Val] => [b, g.disk.read(b)]) });
+              self.send({ k: 'disk', ck, blocks: blocks.map((b): [number, Val] => [b, live ? g.disk.read(b) : copy.disk.get(b)!]) });
             }
-            yield* sleep(w.ms(0.05, 2)); // saveVcpu
             self.send({ k: 'colo', msg: 'VMSTATE_SIZE' });
-            self.send({ k: 'device', ck, dev: { ...g.device } });
+            self.send({ k: 'device', ck, dev: live ? { ...g.device } : copy.dev });
             return { type: 'stateSent' };
           })(),
         );

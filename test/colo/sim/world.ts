@@ -36,6 +36,7 @@ const hooks = [
   'P.recv.CHECKPOINT_REPLY',
   'P.vmPaused',
   'P.sendState',
+  'P.stateCaptured',
   'S.recv.VMSTATE_SEND',
   'S.frame.pages',
   'S.frame.disk',
