@@ -129,6 +129,8 @@ export class ColoController implements DriverHost {
         'pause-samples': sum.samples,
         'last-checkpoint-bytes': st.lastBytes,
         'mean-checkpoint-bytes': Math.round(sum.meanBytes),
+        'checkpoints-copied': st.copied,
+        'checkpoints-sent-from-ram': st.sentFromRam,
         'compare-matched-bytes': cmp.matchedBytes,
         'compare-checkpoint-released-bytes': cmp.checkpointReleasedBytes,
         'compare-held-bytes': cmp.held,

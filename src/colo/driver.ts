@@ -202,6 +202,8 @@ export class PrimaryDriver {
           const t1 = performance.now();
           const captured = s.captureCheckpoint(vcpu);
           const t2 = performance.now();
+          if (captured) this.stats.copied += 1;
+          else this.stats.sentFromRam += 1;
           if (captured) {
             this.net.pvmNextEpoch();
             this.dispatch({ type: 'stateCaptured' });
@@ -548,6 +550,9 @@ export class CheckpointStats {
   lastPauseMs = 0;
   maxPauseMs = 0;
   lastBytes = 0;
+  /** Checkpoints copied in the pause (the PVM ran on while they travelled), and sent from RAM with the PVM paused (too large to copy). */
+  copied = 0;
+  sentFromRam = 0;
   private totalBytes = 0;
   private sized = 0;
   private readonly pauses: number[] = [];

@@ -7,6 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, guests, memwalkRegion } from '../framework/harness.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
+import { limits } from '../../src/core/limits.js';
 
 for (const transport of ['plain', 'multifd'] as const) {
   for (const side of ['primary', 'secondary'] as const) {
@@ -42,6 +43,9 @@ for (const transport of ['plain', 'multifd'] as const) {
           await dst.waitEvent('RESUME', { after: mark, timeoutMs: 15000 });
         }
         await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+        // An 8 MiB walk is copied in each pause: the PVM ran on while its checkpoints travelled.
+        const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+        assert.ok(counters['checkpoints-copied']! >= 3 && counters['checkpoints-sent-from-ram'] === 0, `checkpoints copied in the pause (${JSON.stringify(counters)})`);
         if (midCheckpoint) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
 
         const survivor = side === 'primary' ? src : dst;
@@ -65,6 +69,39 @@ for (const transport of ['plain', 'multifd'] as const) {
     }
   }
 }
+
+test('colo: a checkpoint too large to copy goes from guest RAM with the PVM paused; the secondary takes over with the right memory', async (t) => {
+  // Each checkpoint carries the whole 80 MiB walk: above limits.coloCheckpointCopyBytesMax.
+  const env = new TestEnv(t);
+  const common = ['--memory', '128M'];
+  const guestArgs = ['80M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: common, guestArgs }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: [...common, '--incoming', 'defer'], guestArgs }),
+  ]);
+  const caps = { 'x-colo': true, multifd: true };
+  await Promise.all([src.setMigration(caps, { 'multifd-channels': 2, 'x-checkpoint-delay': 300 }), dst.setMigration(caps, { 'multifd-channels': 2 })]);
+  await src.waitSerial('B', { count: 2 });
+  const region = memwalkRegion(src.serial());
+  assert.ok(region, 'memwalk printed its region');
+  assert.ok(region.size > limits.coloCheckpointCopyBytesMax, 'the walk is larger than a checkpoint copy may be');
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 60000);
+  await dst.waitEvent('RESUME', { timeoutMs: 60000 });
+  for (let i = 0; i < 2; i++) await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 30000 });
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  assert.ok(counters['checkpoints-sent-from-ram']! >= 2 && counters['checkpoints-copied'] === 0, `checkpoints sent from RAM (${JSON.stringify(counters)})`);
+  await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+  const mark = dst.qmp.eventCount;
+  await dst.yankMigration();
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  assert.deepEqual((await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 })).data, { mode: 'secondary', reason: 'request' });
+  await assertAdvancing(dst, 2);
+  await src.stop();
+  assert.equal(await dst.memwalkCheck(region), null, 'the secondary memory passes the memwalk pattern check');
+  assertNoErrors(src, dst);
+});
 
 test('colo: the destination refuses COLO when its own x-colo is off; the source runs on', async (t) => {
   const env = new TestEnv(t);
