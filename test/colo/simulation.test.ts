@@ -78,16 +78,17 @@ const broken: [Broken, string, string, number?][] = [
   // A broken apply is one fault in ten, so this one needs more seeds.
   ['applyErrorAsStreamError', '5', 'a secondary that treats a broken apply as a broken stream (it then waits for ever to take over)', 300],
   ['runAfterBrokenApply', '1', 'a secondary that runs its guest on after a broken apply', 300],
-  ['sendLiveAfterResume', '3', 'a primary that lets the PVM run on after capturing a checkpoint but sends pages from live RAM'],
+  // The SVM then holds pages the PVM wrote after its pause: 3 at the apply, or 2 when the apply broke off half-way.
+  ['sendLiveAfterResume', '3|2', 'a primary that lets the PVM run on after capturing a checkpoint but sends pages from live RAM'],
 ];
 for (const [kind, inv, what, n = 60] of broken) {
-  test(`colo simulation: invariant ${inv} catches ${what}`, { skip: one !== undefined }, () => {
+  test(`colo simulation: invariant ${inv.replace('|', ' or ')} catches ${what}`, { skip: one !== undefined }, () => {
     let caught = 0;
     const other: string[] = [];
     for (let seed = 1; seed <= n; seed++) {
       const res = runSeed({ seed, broken: kind });
       if (res.violation === null) continue;
-      if (res.violation.inv === inv) caught += 1;
+      if (inv.split('|').includes(res.violation.inv)) caught += 1;
       else other.push(describeFailure(res));
     }
     assert.deepEqual(other, [], `the broken model ${kind} should violate only invariant ${inv}`);
