@@ -159,6 +159,11 @@ export class Compare {
     return this.drainPvm();
   }
 
+  /** Bytes of the PVM's output held for the next epoch (see pvmNextEpoch()). */
+  get pvmNextEpochBytes(): number {
+    return this.pvmEarlyBytes;
+  }
+
   /** Bytes held for comparison (both sides), and output waiting for its epoch. */
   get held(): number {
     return this.heldBytes + this.earlyBytes + this.pvmEarlyBytes;

@@ -53,6 +53,8 @@ export class PrimaryNet {
   );
   private active = false;
   private scan: NodeJS.Timeout | null = null;
+  /** Client input stopped: the PVM's output for the next epoch reached the held limit. */
+  private inputHeld = false;
   private readonly mirror: Batcher<NicInput>;
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
@@ -78,7 +80,18 @@ export class PrimaryNet {
 
   start(): void {
     this.active = true;
-    this.vm.outputSink = (out) => this.deliver(this.compare.pvm(out, performance.now()));
+    this.vm.outputSink = (out) => {
+      this.deliver(this.compare.pvm(out, performance.now()));
+      // The PVM runs on while a checkpoint travels and its output waits for it. A checkpoint
+      // that does not come through (a secondary that stopped answering, with no manager to
+      // declare it lost) must not let that output grow without bound: the clients are not
+      // read until the checkpoint is received, as they were not while the PVM was paused.
+      if (!this.inputHeld && this.compare.pvmNextEpochBytes > limits.coloCompareHeldBytesMax) {
+        this.inputHeld = true;
+        this.vm.frontEnd?.pauseReading();
+        log.info(`the PVM's output waiting for the checkpoint in flight passed ${limits.coloCompareHeldBytesMax} bytes: clients are not read until the secondary has it`);
+      }
+    };
     this.vm.inputTap = (ev) => this.mirror.push(ev);
     this.scan = setInterval(() => {
       const t = this.compare.check(performance.now());
@@ -155,6 +168,13 @@ export class PrimaryNet {
   checkpoint(): void {
     if (!this.active) return;
     this.deliver(this.compare.checkpoint());
+    this.releaseInput();
+  }
+
+  private releaseInput(): void {
+    if (!this.inputHeld) return;
+    this.inputHeld = false;
+    this.vm.frontEnd?.resumeReading();
   }
 
   /** Failover (or exit): release everything held, stop mirroring, output goes straight to the clients. */
@@ -169,6 +189,7 @@ export class PrimaryNet {
     this.vm.inputTap = null;
     this.vm.outputSink = null;
     for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
+    this.releaseInput();
   }
 
   private deliver(r: CompareResult): void {
