@@ -534,13 +534,13 @@ export class SecondaryDriver {
     checkDeviceRam(m, device, 'the checkpoint');
     const ownBlocks = m.disk?.dropLayer() ?? 0;
     this.applyDiskBlocks();
-    await m.restoreVcpu(device.vcpu);
-    s.device = null;
     // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.
     vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
     this.net.nextEpoch();
     m.setRunState('paused');
-    await m.cont();
+    // Load the state and run it in one exchange with the vCPU thread.
+    await m.restoreVcpu(device.vcpu, { run: true });
+    s.device = null;
     log.debug(`secondary: checkpoint applied (${copied} pages, ${own.length} own, ${ownBlocks} own disk blocks dropped) in ${(performance.now() - started).toFixed(1)} ms`);
   }
 }

@@ -299,14 +299,34 @@ export class Machine extends EventEmitter {
     return (r as Extract<WorkerReply, { type: 'state' }>).state;
   }
 
-  /** Load device and vCPU state into a paused machine; RAM must already hold the saved pages. */
-  async restoreVcpu(state: VcpuState): Promise<{ connections: number[]; maxConnId: number }> {
+  /**
+   * Load device and vCPU state into a paused machine; RAM must already hold the saved pages.
+   * `run`: and start the guest from it, in the same exchange with the vCPU (a COLO secondary's
+   * apply: the SVM runs that much sooner); it resolves once the guest runs.
+   */
+  async restoreVcpu(state: VcpuState, opts: { run?: boolean } = {}): Promise<{ connections: number[]; maxConnId: number }> {
     this.assertAlive();
     if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the machine must be paused to load a state');
-    this.worker.postMessage({ type: 'restore', state } satisfies WorkerRequest);
-    const r = await this.expect((x) => x.type === 'restored' || x.type === 'error', 'the vCPU to load the state', 10000);
-    if (r.type === 'error') throw new RestoreError(r.code ?? 'STATE_INVALID', r.message);
-    const ok = r as Extract<WorkerReply, { type: 'restored' }>;
+    const run = opts.run === true;
+    if (run) Atomics.store(this.ctl, ctl.pauseRequest, 0);
+    // With run the vCPU answers 'restored' and then 'running' (or why it could not run).
+    let restored: Extract<WorkerReply, { type: 'restored' }> | null = null;
+    const done = this.expect(
+      (x) => {
+        if (x.type === 'restored') {
+          restored = x;
+          return !run;
+        }
+        return x.type === 'error' || (run && restored !== null && (x.type === 'running' || x.type === 'exited' || x.type === 'panicked'));
+      },
+      run ? 'the vCPU to load the state and run' : 'the vCPU to load the state',
+      10000,
+    );
+    this.worker.postMessage({ type: 'restore', state, run } satisfies WorkerRequest);
+    const r = await done;
+    const ok = restored as Extract<WorkerReply, { type: 'restored' }> | null;
+    if (ok === null) throw new RestoreError(r.type === 'error' ? (r.code ?? 'STATE_INVALID') : 'STATE_INVALID', r.type === 'error' ? r.message : `unexpected ${r.type}`);
+    if (r.type === 'error') throw new MachineError('VM_DEAD', r.message);
     return { connections: ok.connections, maxConnId: ok.maxConnId };
   }
 

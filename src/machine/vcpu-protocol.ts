@@ -71,7 +71,8 @@ export type WorkerRequest =
   /** COLO secondary: listen for the SVM output channel (colo/output-channel.ts). */
   | { type: 'output-channel'; host: string; migrationId: Uint8Array }
   | { type: 'save' }
-  | { type: 'restore'; state: VcpuState };
+  /** `run`: start the guest right after ('restored', then 'running'). */
+  | { type: 'restore'; state: VcpuState; run?: boolean };
 
 export type WorkerReply =
   | { type: 'ready' }

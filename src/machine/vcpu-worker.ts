@@ -414,6 +414,7 @@ parentPort!.on('message', (m: WorkerRequest) => {
       case 'restore':
         vcpu!.restore(m.state);
         post({ type: 'restored', connections: vcpu!.connections(), maxConnId: vcpu!.maxConnId() });
+        if (m.run === true) vcpu!.run();
         return;
     }
   } catch (err) {

@@ -37,6 +37,20 @@ test('pause, save and restore into a new machine continues the guest exactly', a
   await b.restoreVcpu(state);
   assert.ok(Buffer.from(b.ram()).equals(ramA), 'restored RAM equals the saved RAM');
   await b.cont();
+  // The same state loaded and started in one exchange (a COLO secondary's apply) runs too.
+  const { m: c, serial: serialC } = await machineFor(t, guests.memwalk, ['1M']);
+  c.growRamTo(ramA.byteLength / 65536);
+  c.ram().set(ramA);
+  const resumes: string[] = [];
+  c.on('resume', () => resumes.push('resume'));
+  await c.restoreVcpu(state, { run: true });
+  assert.equal(c.running, true, 'running once restoreVcpu with run resolves');
+  assert.deepEqual(resumes, ['resume']);
+  await waitFor('memwalk restored and started at once to finish passes', () => (fs.readFileSync(serialC, 'latin1').match(/B/g)?.length ?? 0) >= 2, 10000);
+  await c.pause();
+  // A state the vCPU refuses is a RestoreError, and nothing runs.
+  await assert.rejects(c.restoreVcpu({ ...state, globals: { ...state.globals, bogus: 1 } }, { run: true }), /unknown global bogus/);
+  assert.equal(c.running, false);
   await waitFor('the restored memwalk to finish more passes', () => (fs.readFileSync(serialB, 'latin1').match(/B/g)?.length ?? 0) >= 2, 10000);
   await b.pause();
   const region = /memwalk start=0x([0-9a-f]+) size=(\d+)/.exec(fs.readFileSync(serialA, 'latin1'));
