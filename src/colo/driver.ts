@@ -202,9 +202,9 @@ export class PrimaryDriver {
           const t1 = performance.now();
           const captured = s.captureCheckpoint(vcpu);
           const t2 = performance.now();
-          if (captured) this.stats.copied += 1;
-          else this.stats.sentFromRam += 1;
-          if (captured) {
+          if (!captured) this.stats.sentFromRam += 1;
+          else {
+            this.stats.copied += 1;
             this.net.pvmNextEpoch();
             this.dispatch({ type: 'stateCaptured' });
             // The PVM's pause ends before the copy travels: sending first would keep the

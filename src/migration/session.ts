@@ -70,7 +70,7 @@ export class SourceSession {
    * A COLO checkpoint's state, copied while the guest was paused (captureCheckpoint()), for
    * the next sendRound('dirty') and sendCapturedDeviceState().
    */
-  private captured: { ramBytes: number; blocks: Buffer | null; device: DeviceBlob | null } | null = null;
+  private captured: { ramBytes: number; blocks: Buffer | null; device: DeviceBlob } | null = null;
   /** The copy of guest RAM captured pages are kept in (same offsets), and how many pages it ever held. */
   private copy: { memory: WebAssembly.Memory; pages: Uint8Array; held: number } | null = null;
 

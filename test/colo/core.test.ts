@@ -51,13 +51,20 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.equal(p.phase, 'running');
 });
 
-test('colo core: a captured checkpoint lets the PVM run on before the secondary has it; the messages stay in order', () => {
+/** A primary whose first checkpoint was just answered by CHECKPOINT_REPLY (the PVM is being paused). */
+function replied(): PrimaryCore {
   const p = new PrimaryCore(() => 300);
   p.step({ type: 'handoff' });
   p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
   p.step({ type: 'vmResumed' });
   p.step({ type: 'timer' });
   p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  assert.equal(p.phase, 'pausing');
+  return p;
+}
+
+test('colo core: a captured checkpoint lets the PVM run on before the secondary has it; the messages stay in order', () => {
+  const p = replied();
   assert.deepEqual(types(p.step({ type: 'vmPaused' })), ['send VMSTATE_SEND', 'sendState']);
   assert.deepEqual(types(p.step({ type: 'stateCaptured' })), ['resumeVm'], 'the PVM resumes as soon as its state is copied');
   assert.deepEqual(types(p.step({ type: 'stateCaptured' })), [], 'once');
@@ -172,12 +179,7 @@ test('colo core: a failover mid-checkpoint before the apply drops the checkpoint
   assert.deepEqual(types(s.step({ type: 'failoverDone' })), ['status', 'exit']);
   assert.equal(s.checkpoints, 0);
 
-  const p = new PrimaryCore(() => 300);
-  p.step({ type: 'handoff' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-  p.step({ type: 'vmResumed' });
-  p.step({ type: 'timer' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  const p = replied();
   assert.deepEqual(types(p.step({ type: 'linkLost', message: 'yanked' })), ['armGrace']);
   assert.deepEqual(types(p.step({ type: 'graceElapsed' })), ['failover']);
   assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), []);
