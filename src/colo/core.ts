@@ -292,6 +292,9 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         this.phase = 'replied';
         return [{ type: 'send', msg: 'CHECKPOINT_REPLY' }];
       case 'stateReceived':
+        // Frames the main channel still delivers after a channel broke may end a checkpoint
+        // whose pages did not all come (a multifd channel closed before its SYNC): never apply it.
+        if (this.linkLost) return [{ type: 'log', level: 'info', message: 'the rest of a checkpoint came after a COLO channel broke: dropped, not applied' }];
         if (this.phase !== 'receiving') return this.streamBroken('checkpoint state outside a checkpoint');
         this.phase = 'applying';
         return [{ type: 'send', msg: 'VMSTATE_RECEIVED' }, { type: 'apply' }];
@@ -322,7 +325,8 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
   }
 
   private onMessage(msg: ColoMessage): SecondaryAction[] {
-    if (this.finishing || this.pending !== null) return [];
+    // After a broken channel no checkpoint starts or goes on: the stream has a hole.
+    if (this.finishing || this.pending !== null || this.linkLost) return [];
     if (this.phase === 'running' && msg === 'CHECKPOINT_REQUEST') {
       this.phase = 'pausing';
       return [{ type: 'pauseVm' }];

@@ -358,8 +358,13 @@ export class SecondaryDriver {
         if (f.type === FrameType.deviceState) await this.dispatch({ type: 'stateReceived' });
       } catch (err) {
         if (this.finishing) return;
-        if (err instanceof ChannelClosedError || s.receiverFailure !== null) await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
-        else await this.dispatch({ type: 'protocolError', message: errorMessage(err) });
+        if (err instanceof ChannelClosedError || s.receiverFailure !== null) {
+          // A multifd channel that broke fails the barrier while the main channel still holds
+          // the rest of the checkpoint: nothing after the break is read (the core drops it too).
+          await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+          return;
+        }
+        await this.dispatch({ type: 'protocolError', message: errorMessage(err) });
         if (this.finishing) return;
       }
     }

@@ -165,6 +165,26 @@ test('colo core: an apply that breaks off leaves COLO for good; a failover that 
   }
 });
 
+test('colo core: the rest of a checkpoint that comes after a channel broke is never applied', () => {
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  s.step({ type: 'vmPaused' });
+  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  // A multifd channel closed before its SYNC: the barrier failed; the main channel still
+  // delivers VMSTATE_SIZE and the device blob.
+  s.step({ type: 'linkLost', message: 'multifd channel 1 closed' });
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'VMSTATE_SIZE' })), []);
+  const late = s.step({ type: 'stateReceived' });
+  assert.deepEqual(types(late), [], 'no VMSTATE_RECEIVED, no apply');
+  assert.equal(s.phase, 'receiving');
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), [], 'no new checkpoint either');
+  // The takeover drops the partial checkpoint.
+  assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(s.checkpoints, 0);
+});
+
 test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
   const s = new SecondaryCore();
   s.step({ type: 'handoff' });
