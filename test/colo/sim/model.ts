@@ -138,7 +138,9 @@ export type Wire =
   | { k: 'colo'; msg: ColoMessage }
   | { k: 'pages'; ck: number; pages: [number, Val][] }
   | { k: 'disk'; ck: number; blocks: [number, Val][] }
-  | { k: 'device'; ck: number; dev: Device };
+  | { k: 'device'; ck: number; dev: Device }
+  /** Where pages of checkpoint ck were lost with a broken multifd channel: the round barrier fails there. */
+  | { k: 'lost'; ck: number };
 
 export function showWire(w: Wire): string {
   switch (w.k) {
@@ -150,6 +152,8 @@ export function showWire(w: Wire): string {
       return `disk#${w.ck}[${w.blocks.map(([b]) => b).join(',')}]`;
     case 'device':
       return `device#${w.ck}`;
+    case 'lost':
+      return `(pages#${w.ck} lost)`;
   }
 }
 
@@ -168,10 +172,12 @@ export interface Endpoint {
  * break (linkLost) after a random delay, or never (a host that vanished silently); an end that
  * knows its channel is closed throws on send.
  */
+export type Drain = 'none' | 'drain' | 'pagesLost';
+
 export class Link {
   broken = false;
   private brokenAt = Infinity;
-  private drain = false;
+  private drain: Drain = 'none';
   readonly closed = [false, false];
   private readonly lastArrival = [0, 0];
   readonly ends: Endpoint[] = [];
@@ -189,27 +195,35 @@ export class Link {
     this.sim.at(
       t,
       () => {
-        if (this.broken && !(this.drain && sentAt < this.brokenAt)) return;
-        this.trace(`${from === 0 ? 'P→S' : 'S→P'} ${showWire(w)}`);
-        to.deliver(w);
+        if (this.broken && !(this.drain !== 'none' && sentAt < this.brokenAt)) return;
+        // A multifd channel broke: the checkpoint pages it carried are lost, and the round
+        // barrier fails where they were due; the main channel's frames behind them still arrive.
+        const lost = this.broken && this.drain === 'pagesLost' && w.k === 'pages';
+        const got: Wire = lost ? { k: 'lost', ck: w.ck } : w;
+        this.trace(`${from === 0 ? 'P→S' : 'S→P'} ${showWire(got)}`);
+        to.deliver(got);
       },
       to.owner,
     );
   }
 
-  /** The link breaks; `notice[i]` says whether end i learns of it (and when). */
-  break(reason: string, notice: [number | null, number | null], drain = false): void {
+  /**
+   * The link breaks; `notice[i]` says whether end i learns of it (and when). `drain`: what was
+   * in flight still arrives (the end learns of the break after it), or all of it but the pages
+   * (a multifd channel broke; the end may learn of it before the rest arrives).
+   */
+  break(reason: string, notice: [number | null, number | null], drain: Drain = 'none'): void {
     if (this.broken) return;
     this.broken = true;
     this.brokenAt = this.sim.now;
     this.drain = drain;
-    this.trace(`link breaks (${reason})${drain ? ', in-flight data drains' : ''}`);
+    this.trace(`link breaks (${reason})${drain === 'drain' ? ', in-flight data drains' : drain === 'pagesLost' ? ', in-flight pages are lost, the rest drains' : ''}`);
     for (const i of [0, 1] as const) {
       const d = notice[i];
       if (d === null) continue;
       const end = this.ends[i]!;
       // In drain mode an end sees the close only after the data sent towards it.
-      const t = drain ? Math.max(this.sim.now + d, this.lastArrival[1 - i]! + 0.01) : this.sim.now + d;
+      const t = drain === 'drain' ? Math.max(this.sim.now + d, this.lastArrival[1 - i]! + 0.01) : this.sim.now + d;
       this.sim.at(
         t,
         () => {
@@ -233,6 +247,6 @@ export class Link {
       this.sim.after(0, () => end.linkLost(reason), end.owner);
       return;
     }
-    this.break(reason, notice, true);
+    this.break(reason, notice, 'drain');
   }
 }

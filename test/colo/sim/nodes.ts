@@ -47,7 +47,7 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'readAfterBreak';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -243,6 +243,7 @@ export class PrimaryNode implements Endpoint {
             }
             self.send({ k: 'colo', msg: 'VMSTATE_SIZE' });
             self.send({ k: 'device', ck, dev: live ? { ...g.device } : copy.dev });
+            w.hook('P.stateSent');
             return { type: 'stateSent' };
           })(),
         );
@@ -304,6 +305,7 @@ export class SecondaryNode implements Endpoint {
   serving = false;
   deadline: number | null = null;
   sawRelaunch = false;
+  droppedAfterBreak = false;
   exits = 0;
   /** The next apply breaks off half-way (fault applyFails: a full disk). */
   failNextApply = false;
@@ -382,6 +384,8 @@ export class SecondaryNode implements Endpoint {
           yield* wait(this.dispatch({ type: 'message', msg: f.msg }));
           continue;
         }
+        // session.barrier: a multifd channel closed before its SYNC.
+        if (f.k === 'lost') throw new ChannelClosed(`the round barrier of checkpoint ${f.ck} failed: a multifd channel closed`);
         if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
         this.applyFrame(f);
         this.w.hook(`S.frame.${f.k}`);
@@ -389,8 +393,11 @@ export class SecondaryNode implements Endpoint {
       } catch (err) {
         if (this.finishing) return;
         const message = (err as Error).message;
-        if (err instanceof ChannelClosed) yield* settle(this.dispatch({ type: 'linkLost', message }));
-        else yield* settle(this.dispatch({ type: 'protocolError', message }));
+        if (err instanceof ChannelClosed) {
+          // As driver.ts: nothing after a broken channel is read.
+          yield* settle(this.dispatch({ type: 'linkLost', message }));
+          if (this.broken !== 'readAfterBreak') return;
+        } else yield* settle(this.dispatch({ type: 'protocolError', message }));
         if (this.finishing) return;
       }
     }
@@ -445,6 +452,7 @@ export class SecondaryNode implements Endpoint {
     const phase = this.core.phase;
     const actions = this.core.step(ev);
     if (this.core.failoverState === 'relaunch') this.sawRelaunch = true;
+    if (actions.some((a) => a.type === 'log' && a.message.includes('came after a COLO channel broke'))) this.droppedAfterBreak = true;
     this.w.trace(`S ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
     for (const a of actions) {
       let next: SecondaryEvent | null;

@@ -6,7 +6,7 @@
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
 import { rng } from '../../framework/rng.js';
-import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Val } from './model.js';
+import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Drain, type Val } from './model.js';
 import { PrimaryNode, SecondaryNode, type Broken, type World } from './nodes.js';
 import { Sim } from './runtime.js';
 
@@ -59,8 +59,11 @@ export interface Fault {
   /** After how long each end learns the link broke (null: never). */
   noticeP: number | null;
   noticeS: number | null;
-  /** A process exit: what was already sent still arrives. */
-  drain: boolean;
+  /**
+   * drain: a process exit, what was already sent still arrives; pagesLost: a multifd channel
+   * of the link broke, the pages in flight are lost and the rest still arrives.
+   */
+  drain: Drain;
   /** The management layer declares the peer lost on the survivor after this long (null: never). */
   hb: number | null;
   /** ... and says it twice. */
@@ -94,6 +97,8 @@ export interface RunStats {
   failoverS: boolean;
   /** A secondary's apply was made to break off. */
   abandoned: boolean;
+  /** The secondary's core dropped the rest of a checkpoint that came after a channel broke. */
+  droppedAfterBreak: boolean;
 }
 
 export interface RunResult {
@@ -158,7 +163,8 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
         hb = r() < 0.6 ? hbDelay() : null;
         break;
     }
-    out.push({ kind, trigger, delay, noticeP, noticeS, drain: kind !== 'breakLink' && r() < 0.5, hb, hbTwice: r() < 0.2 });
+    const drain: Drain = kind === 'breakLink' ? (r() < 0.35 ? 'pagesLost' : 'none') : r() < 0.5 ? 'drain' : 'none';
+    out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
   }
   return { delayMs, triggerMeanMs, faults: out };
 }
@@ -168,7 +174,7 @@ export function showScenario(s: Scenario): string {
     const when = 'hook' in x.trigger ? `at ${x.trigger.hook} #${x.trigger.nth}` : `at t=${x.trigger.time}`;
     const parts = [`${x.kind} ${when} +${x.delay}ms`];
     if (x.kind === 'stray') parts.push(`message ${x.msg}`);
-    else if (x.kind !== 'hbP') parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain ? ' drain' : ''}`);
+    else if (x.kind !== 'hbP') parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain !== 'none' ? ` ${x.drain}` : ''}`);
     if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' || x.kind === 'applyFails' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
     return parts.join(', ');
   });
@@ -193,7 +199,7 @@ class SimWorld implements World {
   endAt: number;
   /** The oldest compare trigger no VMSTATE_RECEIVED has answered yet. */
   triggerAt: number | null = null;
-  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false };
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
@@ -323,7 +329,7 @@ class SimWorld implements World {
         break;
       case 'breakLink':
         this.trace(`FAULT: the link breaks (${before})`);
-        link.break('the link broke', [f.noticeP, f.noticeS]);
+        link.break(f.drain === 'pagesLost' ? 'a multifd channel broke' : 'the link broke', [f.noticeP, f.noticeS], f.drain);
         hb(P, 'P');
         break;
       case 'stray':
@@ -425,6 +431,7 @@ class SimWorld implements World {
     }
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
+    if (S.droppedAfterBreak) this.stats.droppedAfterBreak = true;
   }
 }
 
