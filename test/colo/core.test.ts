@@ -122,14 +122,21 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
 });
 
-/** A secondary in the middle of applying its first checkpoint. */
-function applying(): SecondaryCore {
+/** A secondary receiving its first checkpoint (VMSTATE_SEND came). */
+function receiving(): SecondaryCore {
   const s = new SecondaryCore();
   s.step({ type: 'handoff' });
   s.step({ type: 'started' });
   s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
   s.step({ type: 'vmPaused' });
   s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  assert.equal(s.phase, 'receiving');
+  return s;
+}
+
+/** A secondary in the middle of applying its first checkpoint. */
+function applying(): SecondaryCore {
+  const s = receiving();
   s.step({ type: 'stateReceived' });
   assert.equal(s.phase, 'applying');
   return s;
@@ -166,12 +173,7 @@ test('colo core: an apply that breaks off leaves COLO for good; a failover that 
 });
 
 test('colo core: the rest of a checkpoint that comes after a channel broke is never applied', () => {
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
-  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
-  s.step({ type: 'vmPaused' });
-  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  const s = receiving();
   // A multifd channel closed before its SYNC: the barrier failed; the main channel still
   // delivers VMSTATE_SIZE and the device blob.
   s.step({ type: 'linkLost', message: 'multifd channel 1 closed' });
@@ -186,12 +188,7 @@ test('colo core: the rest of a checkpoint that comes after a channel broke is ne
 });
 
 test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
-  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
-  s.step({ type: 'vmPaused' });
-  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  const s = receiving();
   assert.deepEqual(types(s.step({ type: 'linkLost', message: 'yanked' })), [], 'a secondary does not arm a self-promotion');
   assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), ['failover']);
   // Late frames of the dropped checkpoint change nothing.
