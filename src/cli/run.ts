@@ -1,5 +1,8 @@
 import { ColoError, errorMessage } from '../core/errors.js';
 import { logger, setLogNode } from '../core/log.js';
+import { latencyTrace } from '../core/latency-trace.js';
+import fs from 'node:fs';
+import path from 'node:path';
 import { QmpServer } from '../control/qmp-server.js';
 import { registerCommands } from '../control/commands.js';
 import { Vm } from '../control/vm.js';
@@ -8,9 +11,24 @@ import { parseRunArgs } from './options.js';
 const log = logger('run');
 
 /** `colo run GUEST.wasm [options]`: one VM in this process, as one qemu-system process. */
+/** COLO_TRACE_DIR: the trace goes to DIR/trace-PID.json when the process exits. */
+function writeLatencyTraceAtExit(): void {
+  const dir = process.env.COLO_TRACE_DIR;
+  if (latencyTrace === null || dir === undefined) return;
+  const trace = latencyTrace;
+  process.on('exit', () => {
+    try {
+      fs.writeFileSync(path.join(dir, `trace-${process.pid}.json`), JSON.stringify(trace.data()));
+    } catch (err) {
+      process.stderr.write(`colo run: COLO_TRACE_DIR: the latency trace was not written: ${errorMessage(err)}\n`);
+    }
+  });
+}
+
 export async function runCommand(argv: string[]): Promise<number> {
   const opts = parseRunArgs(argv);
   if (opts.name !== null) setLogNode(opts.name);
+  writeLatencyTraceAtExit();
   let vm: Vm;
   try {
     vm = await Vm.create(opts);

@@ -21,6 +21,7 @@ import {
 import { defaultDiskSink } from '../migration/disk-sync.js';
 import { PrimaryNet, SecondaryNet } from './network.js';
 import { checkDeviceRam } from '../migration/ram-digest.js';
+import { latencyTrace } from '../core/latency-trace.js';
 
 const log = logger('colo');
 
@@ -114,12 +115,14 @@ export class PrimaryDriver {
         return;
       }
       log.debug(`primary: received ${msg}`);
+      latencyTrace?.event(`P<${msg}`);
       this.dispatch({ type: 'message', msg });
     }
   }
 
   dispatch(ev: PrimaryEvent): void {
     this.notePhase(ev);
+    if (latencyTrace !== null && (ev.type === 'vmPaused' || ev.type === 'stateCaptured' || ev.type === 'stateSent' || ev.type === 'vmResumed')) latencyTrace.event(`P:${ev.type}`);
     if (ev.type === 'vmResumed') this.pauseStartedAt = 0;
     for (const a of this.core.step(ev)) this.perform(a);
   }
@@ -164,6 +167,7 @@ export class PrimaryDriver {
         return;
       case 'send':
         log.debug(`primary: sending ${a.msg}`);
+        latencyTrace?.event(`P>${a.msg}`);
         try {
           s.sendColo({ msg: a.msg });
         } catch (err) {
@@ -345,6 +349,7 @@ export class SecondaryDriver {
         if (f.type === FrameType.colo) {
           const msg = messageOf(f);
           log.debug(`secondary: received ${msg}`);
+          latencyTrace?.event(`S<${msg}`);
           await this.dispatch({ type: 'message', msg });
           continue;
         }
@@ -468,6 +473,7 @@ export class SecondaryDriver {
         return null;
       case 'apply':
         await this.ops.run(async () => this.apply());
+        latencyTrace?.event('S:applied');
         return { type: 'applied' };
       case 'failover':
         this.net.stop();

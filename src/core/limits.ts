@@ -185,6 +185,9 @@ export const limits = {
   coloOutputChannelStuckMs: 100,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
+  /** Requests and events a latency trace (COLO_TRACE_DIR, core/latency-trace.ts) keeps: about 24 and 16 bytes each. */
+  latencyTraceRequestsMax: 2_000_000,
+  latencyTraceEventsMax: 1_000_000,
   /**
    * COLO primary: a checkpoint of at most this many bytes of pages is copied in the pause and
    * sent while the PVM runs on; a larger one is sent from guest RAM with the PVM paused until

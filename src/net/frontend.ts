@@ -1,6 +1,7 @@
 import net from 'node:net';
 import { EventEmitter } from 'node:events';
 import { limits } from '../core/limits.js';
+import { latencyTrace } from '../core/latency-trace.js';
 import { UsageError } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { NicInput, NicOutput } from './nic.js';
@@ -132,6 +133,7 @@ export class FrontEnd extends EventEmitter {
     if (this.readingPaused) socket.pause();
     this.input({ kind: 'open', conn: id });
     socket.on('data', (data: Buffer) => {
+      latencyTrace?.requestRead(id);
       c.inFlight += data.byteLength + limits.nicInputEventCharge;
       if (!c.inputHeld && c.inFlight > limits.nicConnectionInputWindowBytes) {
         c.inputHeld = true;
@@ -178,6 +180,7 @@ export class FrontEnd extends EventEmitter {
         const from = Math.max(0, c.outOffset - out.offset);
         if (out.offset > c.outOffset) return; // a gap: never write out of order
         c.socket.write(out.bytes.subarray(from));
+        latencyTrace?.replyWritten(out.conn);
         c.outOffset = end;
         if (!c.outputHeld && c.socket.writableLength > limits.nicClientOutputBufferedBytesMax) {
           c.outputHeld = true;

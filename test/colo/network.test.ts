@@ -11,6 +11,9 @@ import { IncrFlood, rssBytes } from '../framework/flood.js';
 import { rng } from '../framework/rng.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
+import { anatomy, readTraces } from '../../bench/latency-anatomy.js';
+import fs from 'node:fs';
+import path from 'node:path';
 
 interface Pair {
   src: VmProcess;
@@ -20,12 +23,12 @@ interface Pair {
   migPort: number;
 }
 
-async function startPair(env: TestEnv, delayMs: number, multifd = false, beforeColo?: (port: number) => Promise<void>): Promise<Pair> {
+async function startPair(env: TestEnv, delayMs: number, multifd = false, beforeColo?: (port: number) => Promise<void>, vmEnv?: Record<string, string>): Promise<Pair> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
   const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+    env.startVm({ name: 'src', guest: guests.kv, args: common, ...(vmEnv !== undefined ? { env: vmEnv } : {}) }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'], ...(vmEnv !== undefined ? { env: vmEnv } : {}) }),
   ]);
   const caps: Record<string, boolean> = multifd ? { 'x-colo': true, multifd: true } : { 'x-colo': true };
   const params: Record<string, number> = multifd ? { 'multifd-channels': 2 } : {};
@@ -93,6 +96,38 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assert.equal(after['checkpoints-periodic'], before['checkpoints-periodic'], 'no periodic checkpoint in the TIME phase');
   assert.ok(after['checkpoints-mismatch']! >= 1, `TIME replies differ between the guests (${JSON.stringify(after)})`);
   assert.equal(await c.command(['GET', 'after-time-4']), 'x');
+  assertNoErrors(src, dst);
+});
+
+test('colo/net: with COLO_TRACE_DIR both nodes trace requests and checkpoints, and latency-anatomy reads them in order', async (t) => {
+  const env = new TestEnv(t);
+  const dir = path.join(env.dir, 'trace');
+  fs.mkdirSync(dir);
+  const { src, dst, port } = await startPair(env, 100, false, undefined, { COLO_TRACE_DIR: dir });
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  const mark = dst.qmp.eventCount;
+  let sent = 0;
+  while (dst.qmp.eventCount - mark < 6 || sent < 300) {
+    assert.equal(await c.command(['SET', `trace-${sent}`, String(sent)]), 'OK');
+    sent += 1;
+    assert.ok(sent < 200000, 'three checkpoints (six events on the secondary) came during the load');
+  }
+  c.close();
+  // The traces are written when the processes exit.
+  await Promise.all([src.stop(), dst.stop()]);
+  const traces = readTraces(dir);
+  assert.equal(traces.length, 2, `one trace per node (${fs.readdirSync(dir).join(', ')})`);
+  const a = anatomy(traces);
+  assert.ok(a.requests >= sent - 1 && a.requests <= sent, `every request traced once: ${a.requests} of ${sent}`);
+  assert.ok(a.p50 > 0 && a.p50 <= a.p99 && a.p99 <= a.p999, `latencies measured (${JSON.stringify(a)})`);
+  assert.ok(a.checkpoints >= 3, `checkpoints traced: ${a.checkpoints}`);
+  assert.ok(a.slowest >= 1 && a.slowestInWindow <= a.slowest);
+  const order = a.timeline.map((x) => x.event);
+  const want = ['P>CHECKPOINT_REQUEST', 'S<CHECKPOINT_REQUEST', 'P<CHECKPOINT_REPLY', 'P:vmPaused', 'S<VMSTATE_SEND', 'P<VMSTATE_RECEIVED', 'S:applied', 'P<VMSTATE_LOADED'];
+  const seen = want.map((e) => order.indexOf(e));
+  assert.ok(seen.every((i) => i >= 0), `every step of a checkpoint is traced: ${order.join(', ')}`);
+  assert.deepEqual([...seen].sort((x, y) => x - y), seen, `in protocol order: ${order.join(', ')}`);
   assertNoErrors(src, dst);
 });
 
