@@ -13,7 +13,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { LatencyTraceData } from '../src/core/latency-trace.js';
-import { median, quantile, table } from './lib.js';
+import { median, quantileOfSorted, table } from './lib.js';
 
 export interface Anatomy {
   requests: number;
@@ -52,33 +52,18 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
     return [s, e ?? last] as const;
   });
   const within = (t: number): boolean => {
-    let lo = 0;
-    let hi = windows.length - 1;
-    let found = -1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >> 1;
-      if (windows[mid]![0] <= t) {
-        found = mid;
-        lo = mid + 1;
-      } else hi = mid - 1;
-    }
-    return found >= 0 && t <= windows[found]![1];
+    const i = lastAtOrBefore(starts, t);
+    return i >= 0 && t <= windows[i]![1];
   };
   const ms = lat.map((r) => r.ms).sort((a, b) => a - b);
-  const q = (x: number): number => (ms.length === 0 ? 0 : quantile(ms, x));
+  const q = (x: number): number => (ms.length === 0 ? 0 : quantileOfSorted(ms, x));
   const p99 = q(0.99);
   const slow = lat.filter((r) => r.ms >= p99);
   const offsets = new Map<string, number[]>();
   for (const e of events) {
-    let i = -1;
-    for (let lo = 0, hi = starts.length - 1; lo <= hi; ) {
-      const mid = (lo + hi) >> 1;
-      if (starts[mid]! <= e.at) {
-        i = mid;
-        lo = mid + 1;
-      } else hi = mid - 1;
-    }
-    if (i < 0 || (i + 1 < starts.length && e.at >= starts[i + 1]!)) continue;
+    // The checkpoint the event belongs to: the last one requested at or before it.
+    const i = lastAtOrBefore(starts, e.at);
+    if (i < 0) continue;
     const xs = offsets.get(e.name) ?? [];
     xs.push(e.at - starts[i]!);
     offsets.set(e.name, xs);
@@ -106,6 +91,19 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
       .sort((a, b) => a.ms - b.ms),
   };
+}
+
+/** Index of the last of the ascending `xs` that is ≤ `t` (-1: none). */
+function lastAtOrBefore(xs: readonly number[], t: number): number {
+  let found = -1;
+  for (let lo = 0, hi = xs.length - 1; lo <= hi; ) {
+    const mid = (lo + hi) >> 1;
+    if (xs[mid]! <= t) {
+      found = mid;
+      lo = mid + 1;
+    } else hi = mid - 1;
+  }
+  return found;
 }
 
 export function readTraces(dir: string): LatencyTraceData[] {

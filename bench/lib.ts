@@ -107,6 +107,10 @@ export function median(xs: number[]): number {
 }
 
 export function quantile(xs: number[], q: number): number {
-  const s = [...xs].sort((a, b) => a - b);
+  return quantileOfSorted([...xs].sort((a, b) => a - b), q);
+}
+
+/** quantile() of values already in ascending order (no copy, no sort). */
+export function quantileOfSorted(s: readonly number[], q: number): number {
   return s[Math.min(s.length - 1, Math.max(0, Math.ceil(q * s.length) - 1))]!;
 }

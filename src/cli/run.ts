@@ -10,7 +10,6 @@ import { parseRunArgs } from './options.js';
 
 const log = logger('run');
 
-/** `colo run GUEST.wasm [options]`: one VM in this process, as one qemu-system process. */
 /** COLO_TRACE_DIR: the trace goes to DIR/trace-PID.json when the process exits. */
 function writeLatencyTraceAtExit(): void {
   const dir = process.env.COLO_TRACE_DIR;
@@ -25,6 +24,7 @@ function writeLatencyTraceAtExit(): void {
   });
 }
 
+/** `colo run GUEST.wasm [options]`: one VM in this process, as one qemu-system process. */
 export async function runCommand(argv: string[]): Promise<number> {
   const opts = parseRunArgs(argv);
   if (opts.name !== null) setLogNode(opts.name);
