@@ -139,7 +139,9 @@ export class FrontEnd extends EventEmitter {
         c.inputHeld = true;
         socket.pause();
       }
-      this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data) });
+      // A view, not a copy: Node gives each read its own memory, and the input ring and the
+      // mirror copy the bytes anyway.
+      this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
     });
     socket.on('drain', () => {
       if (!c.outputHeld) return;
