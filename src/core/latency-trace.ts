@@ -1,11 +1,14 @@
 /**
  * An opt-in timing trace for latency analysis (`COLO_TRACE_DIR=DIR`): when each client request
- * was read and its reply written (the front end), and when each COLO protocol event happened
- * (both drivers). Times are milliseconds on one clock for every process of a host
+ * was read and its reply written (the front end), when each COLO protocol event happened
+ * (both drivers), when mirrored input and each guest's output passed (colo/network.ts:
+ * `P:mirror`, `S:mirrorIn`, `P:pvmOut`, `P:svmOut`, `P:svmMain`), and this thread's garbage
+ * collections (`gc`, `gc-end`). Times are milliseconds on one clock for every process of a host
  * (`performance.timeOrigin + performance.now()`), so the traces of a primary and a secondary
  * on one host line up. Read by `bench/latency-anatomy.ts`. Off (null) unless the variable is
  * set: the front end and the drivers pay one null check per request.
  */
+import { PerformanceObserver } from 'node:perf_hooks';
 import { limits } from './limits.js';
 
 export interface LatencyTraceData {
@@ -22,8 +25,11 @@ export function traceNow(): number {
 }
 
 export class LatencyTrace {
+  // Numbers only in `requests` and `times`: V8 keeps them unboxed (a mixed array would
+  // allocate a heap number per timestamp, and the trace would add to the collections it sees).
   private readonly requests: number[] = [];
-  private readonly events: (string | number)[] = [];
+  private readonly names: string[] = [];
+  private readonly times: number[] = [];
   private dropped = 0;
   /** Per connection: when its oldest unanswered request was read. */
   private readonly pending = new Map<number, number>();
@@ -49,15 +55,18 @@ export class LatencyTrace {
   }
 
   event(name: string, at = traceNow()): void {
-    if (this.events.length >= 2 * limits.latencyTraceEventsMax) {
+    if (this.names.length >= limits.latencyTraceEventsMax) {
       this.dropped += 1;
       return;
     }
-    this.events.push(name, at);
+    this.names.push(name);
+    this.times.push(at);
   }
 
   data(): LatencyTraceData {
-    return { requests: this.requests, events: this.events, dropped: this.dropped };
+    const events: (string | number)[] = [];
+    for (let i = 0; i < this.names.length; i++) events.push(this.names[i]!, this.times[i]!);
+    return { requests: this.requests, events, dropped: this.dropped };
   }
 }
 
@@ -66,3 +75,14 @@ export class LatencyTrace {
  * `COLO_TRACE_DIR/trace-PID.json` when the process exits (cli/run.ts).
  */
 export const latencyTrace: LatencyTrace | null = (process.env.COLO_TRACE_DIR ?? '') === '' ? null : new LatencyTrace();
+
+if (latencyTrace !== null) {
+  // Garbage collections of this thread: `gc` at the start, `gc-end` at the end.
+  const gc = new PerformanceObserver((list) => {
+    for (const e of list.getEntries()) {
+      latencyTrace.event('gc', performance.timeOrigin + e.startTime);
+      latencyTrace.event('gc-end', performance.timeOrigin + e.startTime + e.duration);
+    }
+  });
+  gc.observe({ entryTypes: ['gc'] });
+}
