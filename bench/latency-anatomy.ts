@@ -3,7 +3,11 @@
  * (`COLO_TRACE_DIR`, src/core/latency-trace.ts) and prints the server-side latency
  * percentiles, a checkpoint's timeline (median ms after CHECKPOINT_REQUEST of every event), and
  * how many of the slowest 1 % of requests began inside a checkpoint (CHECKPOINT_REQUEST to
- * VMSTATE_LOADED on the primary).
+ * VMSTATE_LOADED on the primary). For those slowest requests it also says whether they came in
+ * bursts (stalls: many slow requests begun within milliseconds of each other, the whole
+ * pipeline held up at once), what each one's reply waited for last (the PVM's output, the
+ * SVM's, or the release at a checkpoint), and how many overlapped a garbage collection on
+ * either node's main thread.
  *
  *   COLO_TRACE_DIR=/tmp/t colo up ...   (or any run of the nodes; the directory must exist)
  *   ... load, then stop the nodes ...
@@ -30,7 +34,21 @@ export interface Anatomy {
   slowestInWindow: number;
   /** Median ms after CHECKPOINT_REQUEST, per event name, in order. */
   timeline: { event: string; ms: number; n: number }[];
+  /**
+   * The slowest requests in bursts: a burst is a run of them each begun within
+   * `stallGapMs` of the one before. `inStalls`: how many are in bursts of `stallMin` or more.
+   */
+  stalls: { count: number; largest: number; inStalls: number };
+  /** What each slowest request's reply came right after (the last of these before it was written). */
+  waitedOn: { pvm: number; svm: number; checkpoint: number; unknown: number };
+  /** Garbage collections per node (the first trace with requests is the primary's). */
+  gc: { node: 'primary' | 'secondary'; count: number; ms: number; slowOverlapping: number }[];
 }
+
+/** Data-path events: not steps of a checkpoint, left out of its timeline. */
+const dataEvents = new Set(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'gc', 'gc-end']);
+const stallGapMs = 2;
+const stallMin = 10;
 
 const request = 'P>CHECKPOINT_REQUEST';
 const loaded = 'P<VMSTATE_LOADED';
@@ -61,6 +79,7 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
   const slow = lat.filter((r) => r.ms >= p99);
   const offsets = new Map<string, number[]>();
   for (const e of events) {
+    if (dataEvents.has(e.name)) continue;
     // The checkpoint the event belongs to: the last one requested at or before it.
     const i = lastAtOrBefore(starts, e.at);
     if (i < 0) continue;
@@ -86,11 +105,74 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
     windowShare: span > 0 ? Math.min(1, windowTime / span) : 0,
     slowest: slow.length,
     slowestInWindow: slow.filter((r) => within(r.start)).length,
+    stalls: stallsOf(slow.map((r) => r.start)),
+    waitedOn: waitedOn(slow, events),
+    gc: traces.map((t, i) => gcOf(t, i === traces.findIndex((x) => x.requests.length > 0) ? 'primary' : 'secondary', slow)),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
       .sort((a, b) => a.ms - b.ms),
   };
+}
+
+function stallsOf(starts: number[]): Anatomy['stalls'] {
+  const xs = [...starts].sort((a, b) => a - b);
+  let count = 0;
+  let largest = 0;
+  let inStalls = 0;
+  for (let i = 0; i < xs.length; ) {
+    let j = i + 1;
+    while (j < xs.length && xs[j]! - xs[j - 1]! <= stallGapMs) j++;
+    const n = j - i;
+    largest = Math.max(largest, n);
+    if (n >= stallMin) {
+      count += 1;
+      inStalls += n;
+    }
+    i = j;
+  }
+  return { count, largest, inStalls };
+}
+
+function waitedOn(slow: readonly { start: number; ms: number }[], events: readonly { name: string; at: number }[]): Anatomy['waitedOn'] {
+  const kinds: [keyof Anatomy['waitedOn'], number[]][] = [
+    ['pvm', events.filter((e) => e.name === 'P:pvmOut').map((e) => e.at)],
+    ['svm', events.filter((e) => e.name === 'P:svmOut' || e.name === 'P:svmMain').map((e) => e.at)],
+    ['checkpoint', events.filter((e) => e.name === 'P<VMSTATE_RECEIVED').map((e) => e.at)],
+  ];
+  const out = { pvm: 0, svm: 0, checkpoint: 0, unknown: 0 };
+  for (const r of slow) {
+    const reply = r.start + r.ms;
+    let best: keyof Anatomy['waitedOn'] = 'unknown';
+    let bestAt = r.start;
+    for (const [kind, ats] of kinds) {
+      const i = lastAtOrBefore(ats, reply);
+      if (i >= 0 && ats[i]! >= bestAt) {
+        best = kind;
+        bestAt = ats[i]!;
+      }
+    }
+    out[best] += 1;
+  }
+  return out;
+}
+
+function gcOf(t: LatencyTraceData, node: 'primary' | 'secondary', slow: readonly { start: number; ms: number }[]): Anatomy['gc'][number] {
+  const spans: [number, number][] = [];
+  for (let i = 0; i + 3 < t.events.length; i += 2) {
+    if (t.events[i] === 'gc' && t.events[i + 2] === 'gc-end') spans.push([Number(t.events[i + 1]), Number(t.events[i + 3])]);
+  }
+  spans.sort((a, b) => a[0] - b[0]);
+  const startsAt = spans.map((x) => x[0]);
+  let slowOverlapping = 0;
+  for (const r of slow) {
+    // A collection that began before the reply and ended after the request was read.
+    const i = lastAtOrBefore(startsAt, r.start + r.ms);
+    let hit = false;
+    for (let k = i; k >= 0 && !hit; k--) if (spans[k]![1] >= r.start) hit = true;
+    if (hit) slowOverlapping += 1;
+  }
+  return { node, count: spans.length, ms: spans.reduce((n, [a, b]) => n + (b - a), 0), slowOverlapping };
 }
 
 /** Index of the last of the ascending `xs` that is ≤ `t` (-1: none). */
@@ -127,6 +209,12 @@ function main(): void {
     [a.requests, f(a.p50), f(a.p90), f(a.p99), f(a.p999), a.checkpoints, `${(100 * a.windowShare).toFixed(1)} %`, `${a.slowestInWindow} of ${a.slowest}`],
   ]);
   table([['event', 'median ms after CHECKPOINT_REQUEST', 'n'], ...a.timeline.map((x) => [x.event, f(x.ms), x.n])]);
+  const w = a.waitedOn;
+  table([
+    ['slowest 1 %', 'in stalls (≥ 10 begun ≤ 2 ms apart)', 'stalls', 'largest', 'reply after PVM output', 'after SVM output', 'at a checkpoint', 'untraced'],
+    [a.slowest, a.stalls.inStalls, a.stalls.count, a.stalls.largest, w.pvm, w.svm, w.checkpoint, w.unknown],
+  ]);
+  table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
 }
 
 if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) main();

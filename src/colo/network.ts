@@ -12,6 +12,7 @@
 import type * as net from 'node:net';
 import { StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
+import { latencyTrace } from '../core/latency-trace.js';
 import { logger } from '../core/log.js';
 import type { Vm } from '../control/vm.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -69,6 +70,7 @@ export class PrimaryNet {
   ) {
     this.mirror = new Batcher((events) => {
       if (!this.active) return;
+      latencyTrace?.event('P:mirror');
       try {
         for (const p of encodeInputs(events)) this.session.sendColoNet(p);
       } catch (err) {
@@ -81,6 +83,7 @@ export class PrimaryNet {
   start(): void {
     this.active = true;
     this.vm.outputSink = (out) => {
+      latencyTrace?.event('P:pvmOut');
       this.deliver(this.compare.pvm(out, performance.now()));
       // The PVM runs on while a checkpoint travels and its output waits for it. A checkpoint
       // that does not come through (a secondary that stopped answering, with no manager to
@@ -125,6 +128,7 @@ export class PrimaryNet {
     const reader = new OutputFrameReader();
     s.on('data', (chunk: Buffer) => {
       this.outputChannelBytes += chunk.byteLength;
+      latencyTrace?.event('P:svmOut');
       try {
         for (const p of reader.push(chunk)) this.onPayload(p);
       } catch (err) {
@@ -142,6 +146,7 @@ export class PrimaryNet {
 
   /** A coloNet frame from the secondary: SVM output. */
   onFrame(f: Frame): void {
+    latencyTrace?.event('P:svmMain');
     this.onPayload(f.payload);
   }
 
@@ -246,6 +251,7 @@ export class SecondaryNet {
     const batch = decodeNetBatch(f.payload);
     if (batch.type !== 'input') throw new StreamError('FRAME_INVALID', 'coloNet: the primary sent output events');
     if (!this.active) return;
+    latencyTrace?.event('S:mirrorIn');
     // Input the loaded NIC state already has (sequence number ≤ its last) is dropped by the NIC.
     for (const ev of batch.events) this.vm.machine.injectInput(ev);
   }

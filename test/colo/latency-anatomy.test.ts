@@ -62,4 +62,58 @@ test('latency anatomy: percentiles, the checkpoint timeline, and the slowest req
   );
   // 10 ms of checkpoints in the 1,428 ms from the first request (at 101) to the last reply (at 1529).
   assert.ok(Math.abs(a.windowShare - 10 / 1428) < 1e-9, `window share ${a.windowShare}`);
+  // Nothing but single slow requests, and no data-path events: no stalls, nothing to attribute.
+  assert.deepEqual(a.stalls, { count: 0, largest: 3, inStalls: 0 });
+  assert.deepEqual(a.waitedOn, { pvm: 0, svm: 0, checkpoint: 0, unknown: 11 });
+  assert.deepEqual(a.gc, [
+    { node: 'primary', count: 0, ms: 0, slowOverlapping: 0 },
+    { node: 'secondary', count: 0, ms: 0, slowOverlapping: 0 },
+  ]);
+});
+
+test('latency anatomy: slow requests in a burst are a stall; each reply is put down to the output that came last before it, and collections to the requests they overlap', () => {
+  const primary = new LatencyTrace();
+  const secondary = new LatencyTrace();
+  primary.event('P>CHECKPOINT_REQUEST', 5000);
+  primary.event('P<VMSTATE_RECEIVED', 5004);
+  primary.event('P<VMSTATE_LOADED', 5006);
+  // 1,980 fast requests (about 0.5 ms), each answered after both guests' output (PVM's last).
+  for (let i = 0; i < 1980; i++) {
+    const start = 100 + 2 * i;
+    primary.requestRead(i, start);
+    secondary.event('S:mirrorIn', start + 0.1);
+    primary.event('P:svmOut', start + 0.4);
+    primary.event('P:pvmOut', start + 0.5 + i * 1e-5);
+    primary.replyWritten(i, start + 0.5 + i * 1e-5);
+  }
+  // A stall of 12 requests begun 1 ms apart at 10,000, answered when the SVM's output came
+  // (at 10,030) after the PVM's (10,020); a garbage collection on the primary from 10,001 to 10,003.
+  for (let k = 0; k < 12; k++) primary.requestRead(9000 + k, 10000 + k);
+  primary.event('gc', 10001);
+  primary.event('gc-end', 10003);
+  primary.event('P:pvmOut', 10020);
+  primary.event('P:svmOut', 10030);
+  for (let k = 0; k < 12; k++) primary.replyWritten(9000 + k, 10030);
+  // Eight lone slow ones, 50 ms apart, four released at the checkpoint (begun at 5001), four
+  // after the PVM's output on a secondary's collection.
+  secondary.event('gc', 20000);
+  secondary.event('gc-end', 20500);
+  for (let k = 0; k < 8; k++) {
+    const start = k < 4 ? 5001 - k * 0.001 : 20000 + 50 * k;
+    primary.requestRead(9100 + k, start);
+    if (k >= 4) primary.event('P:pvmOut', start + 30);
+    primary.replyWritten(9100 + k, k < 4 ? 5004 : start + 30);
+  }
+  const a = anatomy([primary.data(), secondary.data()]);
+  assert.equal(a.requests, 2000);
+  // The p99 is the slowest fast one: it and the twenty.
+  assert.equal(a.slowest, 21, `p99 ${a.p99}`);
+  assert.deepEqual(a.stalls, { count: 1, largest: 12, inStalls: 12 });
+  assert.deepEqual(a.waitedOn, { pvm: 5, svm: 12, checkpoint: 4, unknown: 0 });
+  assert.deepEqual(a.gc, [
+    { node: 'primary', count: 1, ms: 2, slowOverlapping: 4 },
+    { node: 'secondary', count: 1, ms: 500, slowOverlapping: 4 },
+  ]);
+  // The data-path events are not steps of the checkpoint.
+  assert.deepEqual(a.timeline.map((x) => x.event), ['P>CHECKPOINT_REQUEST', 'P<VMSTATE_RECEIVED', 'P<VMSTATE_LOADED']);
 });

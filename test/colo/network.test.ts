@@ -123,6 +123,10 @@ test('colo/net: with COLO_TRACE_DIR both nodes trace requests and checkpoints, a
   assert.ok(a.p50 > 0 && a.p50 <= a.p99 && a.p99 <= a.p999, `latencies measured (${JSON.stringify(a)})`);
   assert.ok(a.checkpoints >= 3, `checkpoints traced: ${a.checkpoints}`);
   assert.ok(a.slowest >= 1 && a.slowestInWindow <= a.slowest);
+  // The data path is traced too: every slow reply came right after one guest's output or a checkpoint.
+  assert.equal(a.waitedOn.unknown, 0, `every slow reply follows a traced output: ${JSON.stringify(a.waitedOn)}`);
+  assert.equal(a.waitedOn.pvm + a.waitedOn.svm + a.waitedOn.checkpoint, a.slowest);
+  assert.deepEqual(a.gc.map((g) => g.node), ['primary', 'secondary']);
   const order = a.timeline.map((x) => x.event);
   const want = ['P>CHECKPOINT_REQUEST', 'S<CHECKPOINT_REQUEST', 'P<CHECKPOINT_REPLY', 'P:vmPaused', 'S<VMSTATE_SEND', 'P<VMSTATE_RECEIVED', 'S:applied', 'P<VMSTATE_LOADED'];
   const seen = want.map((e) => order.indexOf(e));
