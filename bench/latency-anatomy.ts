@@ -77,6 +77,8 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
   const q = (x: number): number => (ms.length === 0 ? 0 : quantileOfSorted(ms, x));
   const p99 = q(0.99);
   const slow = lat.filter((r) => r.ms >= p99);
+  // The primary's front end is the one that traces requests.
+  const primaryTrace = traces.findIndex((t) => t.requests.length > 0);
   const offsets = new Map<string, number[]>();
   for (const e of events) {
     if (dataEvents.has(e.name)) continue;
@@ -107,7 +109,7 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
     slowestInWindow: slow.filter((r) => within(r.start)).length,
     stalls: stallsOf(slow.map((r) => r.start)),
     waitedOn: waitedOn(slow, events),
-    gc: traces.map((t, i) => gcOf(t, i === traces.findIndex((x) => x.requests.length > 0) ? 'primary' : 'secondary', slow)),
+    gc: traces.map((t, i) => gcOf(t, i === primaryTrace ? 'primary' : 'secondary', slow)),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -166,11 +168,10 @@ function gcOf(t: LatencyTraceData, node: 'primary' | 'secondary', slow: readonly
   const startsAt = spans.map((x) => x[0]);
   let slowOverlapping = 0;
   for (const r of slow) {
-    // A collection that began before the reply and ended after the request was read.
+    // The last collection begun before the reply, if it ended after the request was read (one
+    // thread's collections do not overlap, so no earlier one ends later).
     const i = lastAtOrBefore(startsAt, r.start + r.ms);
-    let hit = false;
-    for (let k = i; k >= 0 && !hit; k--) if (spans[k]![1] >= r.start) hit = true;
-    if (hit) slowOverlapping += 1;
+    if (i >= 0 && spans[i]![1] >= r.start) slowOverlapping += 1;
   }
   return { node, count: spans.length, ms: spans.reduce((n, [a, b]) => n + (b - a), 0), slowOverlapping };
 }
