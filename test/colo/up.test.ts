@@ -154,7 +154,7 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
   const acked = new Map(w.acked);
   assert.ok(acked.size >= afterBreak + 200);
   const missing = await countMissing(r, acked).catch((err: unknown) => {
-    throw new Error(`${err instanceof Error ? err.message : String(err)}; timeline: ${sup.timeline()}; stderr tail: ${sup.stderr.slice(-6000)}`);
+    throw new Error(`${err instanceof Error ? err.message : String(err)}; ${supervisorTail(sup)}`);
   });
   assert.equal(missing, 0, 'every acknowledged key, before and after the link broke, is on the node that took over');
   t.diagnostic(sup.timeline());
