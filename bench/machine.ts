@@ -41,7 +41,7 @@ function runOriginal(bytes: Uint8Array, args: string[]): { ms: number; out: stri
       throw new Error('the original module cannot unwind');
     },
     drainInput() {},
-    waitForInput() {},
+    waitForInput: () => false,
     waitForDiskSpace: () => false,
     diskWriteDone() {},
     output() {},

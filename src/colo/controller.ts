@@ -138,6 +138,8 @@ export class ColoController implements DriverHost {
         'compare-pvm-wait-mean-ms': cmp.matchedChunks > 0 ? round3(cmp.pvmWaitMsSum / cmp.matchedChunks) : 0,
         'svm-output-channel': d.net.outputChannelOpen ? 'direct' : 'main',
         'svm-output-channel-bytes': d.net.outputChannelBytes,
+        'mirror-channel': d.net.mirrorOnChannel ? 'direct' : 'main',
+        'mirror-channel-bytes': d.net.mirrorChannelBytes,
       });
     }
     return out;

@@ -5,7 +5,11 @@
  *
  *   input batch   u8 1, u32 count, count × (u8 kind, f64 seq, u32 conn, u32 len, len bytes)
  *   output batch  u8 2, u32 epoch, u32 count, count × (u8 kind, u32 conn, f64 offset, u32 len, len bytes)
+ *   mirror ready  u8 3, u32 0 (SVM output channel only: the SVM's vCPU reads input there now)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
+ *
+ * The SVM output channel (output-channel.ts) carries the same batches, each after its length
+ * (u32): output and the mirror-ready marker from the secondary's vCPU, input from the primary.
  */
 import { StreamError } from '../core/errors.js';
 import { limits } from '../core/limits.js';
@@ -13,15 +17,23 @@ import type { NicInput, NicOutput } from '../net/nic.js';
 
 const inputTag = 1;
 const outputTag = 2;
+const mirrorReadyTag = 3;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
-export type NetBatch = { type: 'input'; events: NicInput[] } | { type: 'output'; epoch: number; events: NicOutput[] };
+export type NetBatch =
+  | { type: 'input'; events: NicInput[] }
+  | { type: 'output'; epoch: number; events: NicOutput[] }
+  | { type: 'mirror-ready' };
 
 const entryBytes = 17;
 
 /** Split events into payloads of at most limits.coloNetBatchBytes (one event may exceed it alone). */
 export function encodeInputs(events: readonly NicInput[]): Buffer[] {
+  return inputBatches(events, false);
+}
+
+function inputBatches(events: readonly NicInput[], lengthPrefix: boolean): Buffer[] {
   return encodeBatches(
     events,
     (ev) => (ev.kind === 'data' ? ev.bytes : null),
@@ -36,6 +48,7 @@ export function encodeInputs(events: readonly NicInput[]): Buffer[] {
       b.writeUInt32BE(ev.conn, at + 9);
       b.writeUInt32BE(len, at + 13);
     },
+    lengthPrefix,
   );
 }
 
@@ -116,8 +129,25 @@ export function encodeOutputFrames(epoch: number, events: readonly NicOutput[]):
   return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
 }
 
-/** Splits the output channel's byte stream back into output batches (decodeNetBatch each). */
-export class OutputFrameReader {
+/** Mirrored input for the output channel, written by the primary: each batch after its length. */
+export function encodeInputFrames(events: readonly NicInput[]): Buffer {
+  const parts = inputBatches(events, true);
+  return parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+}
+
+/**
+ * The secondary's vCPU took the output channel and reads mirrored input from it from now on;
+ * the primary may move the mirror there (at a checkpoint's capture, see network.ts).
+ */
+export function encodeMirrorReady(): Buffer {
+  const b = Buffer.alloc(4 + 5);
+  b.writeUInt32BE(5, 0);
+  b.writeUInt8(mirrorReadyTag, 4);
+  return b;
+}
+
+/** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
+export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
 
   push(chunk: Buffer): Buffer[] {
@@ -127,6 +157,7 @@ export class OutputFrameReader {
     while (this.buf.byteLength - at >= 4) {
       const n = this.buf.readUInt32BE(at);
       if (n > limits.frameBytesMax) throw new StreamError('FRAME_TOO_LARGE', `SVM output channel: a ${n}-byte batch (limit ${limits.frameBytesMax})`);
+      if (n < 5) throw new StreamError('FRAME_INVALID', `SVM output channel: a ${n}-byte batch is too short`);
       if (this.buf.byteLength - at - 4 < n) break;
       frames.push(this.buf.subarray(at + 4, at + 4 + n));
       at += 4 + n;
@@ -147,6 +178,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   };
   if (payload.byteLength < 5) bad('too short');
   const tag = payload.readUInt8(0);
+  if (tag === mirrorReadyTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('mirror-ready carries data');
+    return { type: 'mirror-ready' };
+  }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;
   let epoch = 0;

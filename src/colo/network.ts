@@ -8,6 +8,14 @@
  * clients. Secondary: mirrored input goes to the SVM; SVM output goes back to the primary,
  * tagged with the checkpoint epoch it was produced in: written by the SVM's vCPU thread on the
  * output channel (output-channel.ts) once there is one, until then on the main channel.
+ *
+ * The mirror moves to the output channel too, where the SVM's vCPU reads it itself (the
+ * secondary's main thread is then off the path of every request). It moves at a checkpoint's
+ * capture, once the vCPU said it reads there (a mirror-ready batch): every input after the
+ * capture is numbered above the state's, so the SVM, restored to that state, takes the
+ * channel's input in order and drops what the state already has. Input never goes both ways
+ * at once. If the channel breaks, the mirror goes back to the main channel, and a checkpoint
+ * brings the SVM back in step (input lost on the way it never saw).
  */
 import type * as net from 'node:net';
 import { StreamError, errorMessage } from '../core/errors.js';
@@ -19,7 +27,7 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { OutputFrameReader, decodeNetBatch, encodeInputs, encodeOutputs } from './net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputs } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
@@ -60,6 +68,13 @@ export class PrimaryNet {
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
   outputChannelBytes = 0;
+  /**
+   * Where the mirror goes: the main channel ('main'); still there, but the SVM's vCPU reads the
+   * output channel ('ready': moved at the next capture); the output channel ('channel').
+   */
+  private mirrorRoute: 'main' | 'ready' | 'channel' = 'main';
+  /** Bytes of mirrored input sent over the output channel. */
+  mirrorChannelBytes = 0;
 
   constructor(
     private readonly vm: Vm,
@@ -71,6 +86,13 @@ export class PrimaryNet {
     this.mirror = new Batcher((events) => {
       if (!this.active) return;
       latencyTrace?.event('P:mirror');
+      const ch = this.outputChannel;
+      if (this.mirrorRoute === 'channel' && ch !== null) {
+        const b = encodeInputFrames(events);
+        this.mirrorChannelBytes += b.byteLength;
+        ch.write(b);
+        return;
+      }
       try {
         for (const p of encodeInputs(events)) this.session.sendColoNet(p);
       } catch (err) {
@@ -107,6 +129,11 @@ export class PrimaryNet {
     return this.outputChannel !== null;
   }
 
+  /** Whether mirrored input goes over the output channel. */
+  get mirrorOnChannel(): boolean {
+    return this.mirrorRoute === 'channel' && this.outputChannel !== null;
+  }
+
   /**
    * CHECKPOINT_READY named the secondary's output channel port: connect it. Without one (or if
    * it cannot be had) SVM output keeps coming on the main channel.
@@ -125,12 +152,12 @@ export class PrimaryNet {
       return;
     }
     this.outputChannel = s;
-    const reader = new OutputFrameReader();
+    const reader = new ChannelFrameReader();
     s.on('data', (chunk: Buffer) => {
       this.outputChannelBytes += chunk.byteLength;
       latencyTrace?.event('P:svmOut');
       try {
-        for (const p of reader.push(chunk)) this.onPayload(p);
+        for (const p of reader.push(chunk)) this.onPayload(p, true);
       } catch (err) {
         s.destroy();
         if (this.active) this.onBroken(err instanceof Error ? err : new Error(String(err)));
@@ -140,19 +167,32 @@ export class PrimaryNet {
     // says which (a failover, or nothing).
     s.on('error', (err) => log.debug(`SVM output channel: ${err.message}`));
     s.on('close', () => {
-      if (this.outputChannel === s) this.outputChannel = null;
+      if (this.outputChannel !== s) return;
+      this.outputChannel = null;
+      const carried = this.mirrorRoute === 'channel';
+      this.mirrorRoute = 'main';
+      if (carried && this.active) {
+        // Input in flight there is lost: the SVM may differ from now on without its output
+        // showing it yet. A checkpoint brings it back in step.
+        log.info('the SVM output channel closed; the mirror goes on the main channel, and a checkpoint resynchronises the SVM');
+        this.onTrigger('mismatch');
+      }
     });
   }
 
   /** A coloNet frame from the secondary: SVM output. */
   onFrame(f: Frame): void {
     latencyTrace?.event('P:svmMain');
-    this.onPayload(f.payload);
+    this.onPayload(f.payload, false);
   }
 
-  private onPayload(payload: Buffer): void {
+  private onPayload(payload: Buffer, onChannel: boolean): void {
     const batch = decodeNetBatch(payload);
-    if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', 'coloNet: the secondary sent input events');
+    if (batch.type === 'mirror-ready' && onChannel) {
+      if (this.mirrorRoute === 'main') this.mirrorRoute = 'ready';
+      return;
+    }
+    if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', `coloNet: the secondary sent a ${batch.type} batch`);
     if (!this.active) return;
     const now = performance.now();
     for (const out of batch.events) this.deliver(this.compare.svm(batch.epoch, out, now));
@@ -163,7 +203,14 @@ export class PrimaryNet {
    * has it: what the PVM produces from now on belongs to the next epoch.
    */
   pvmNextEpoch(): void {
-    if (this.active) this.compare.pvmNextEpoch();
+    if (!this.active) return;
+    this.compare.pvmNextEpoch();
+    if (this.mirrorRoute === 'ready' && this.outputChannel !== null) {
+      // Input numbered so far is in the state just captured: it still goes the old way (the
+      // restored SVM drops it); all later input goes on the channel.
+      this.mirror.flush();
+      this.mirrorRoute = 'channel';
+    }
   }
 
   /**
@@ -249,7 +296,7 @@ export class SecondaryNet {
   /** A coloNet frame from the primary: mirrored client input for the SVM. */
   onFrame(f: Frame): void {
     const batch = decodeNetBatch(f.payload);
-    if (batch.type !== 'input') throw new StreamError('FRAME_INVALID', 'coloNet: the primary sent output events');
+    if (batch.type !== 'input') throw new StreamError('FRAME_INVALID', `coloNet: the primary sent a ${batch.type} batch`);
     if (!this.active) return;
     latencyTrace?.event('S:mirrorIn');
     // Input the loaded NIC state already has (sequence number ≤ its last) is dropped by the NIC.

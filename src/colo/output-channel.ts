@@ -14,6 +14,10 @@
  * The secondary's end lives in the vCPU thread (vcpu-worker.ts), the one thread that writes to
  * it: its socket is opened, written and closed there, so no other thread can close the file
  * descriptor under a write (Node cannot hand a socket to another thread).
+ *
+ * The other way, the primary moves the mirror of client input here once the vCPU said it reads
+ * it (a mirror-ready batch), at a checkpoint's capture (network.ts): the vCPU reads it while
+ * the guest waits for input, and the secondary's main thread is off every request's path.
  */
 import * as net from 'node:net';
 import { StreamError } from '../core/errors.js';
@@ -78,7 +82,8 @@ export class OutputListener {
       clearTimeout(timer);
       s.removeListener('data', onData);
       s.pause();
-      // The primary sends nothing after its hello; more, or another id, is not our primary.
+      // The primary sends nothing after its hello until the vCPU says it reads input here;
+      // more, or another id, is not our primary.
       if (got.byteLength !== helloBytes || !got.equals(want) || this.done) {
         s.destroy();
         return;

@@ -279,6 +279,9 @@ export class Machine extends EventEmitter {
   stopDirectOutput(): void {
     Atomics.store(this.ctl, ctl.directOff, 1);
     Atomics.notify(this.ctl, ctl.directOff);
+    // A vCPU waiting for input on the channel (in its event loop) stops reading it now.
+    Atomics.add(this.ctl, ctl.wake, 1);
+    Atomics.notify(this.ctl, ctl.wake);
   }
 
   /** Raise a flag of the control block and wake the vCPU to look at it. */

@@ -1,15 +1,21 @@
 /**
  * The vCPU: one worker thread that runs the instrumented guest on the shared guest memory.
  *
- * It never needs its event loop while the guest runs: device input is pulled with
- * read from a shared ring (input-ring.ts) and waits are Atomics.wait on the control block. A pause request makes
- * the guest unwind (asyncify) at its next safe point; `_start` then returns, and the worker is
- * back in its event loop, answering save/restore/run messages.
+ * Device input is pulled from a shared ring (input-ring.ts) and waits are Atomics.wait on the
+ * control block, so the guest runs without the worker's event loop. A pause request makes the
+ * guest unwind (asyncify) at its next safe point; `_start` then returns, and the worker is back
+ * in its event loop, answering save/restore/run messages.
+ *
+ * One exception: a COLO secondary's vCPU that holds the SVM output channel also reads mirrored
+ * input from it (colo/output-channel.ts), and only the event loop sees a socket. There, a guest
+ * that waits for input unwinds too, and the vCPU waits in its event loop for the socket, the
+ * control block (Atomics.waitAsync) or the guest's timeout, then rewinds the guest. The guest's
+ * clock runs on through these waits: to the guest they are a blocking call, not a pause.
  */
 import { parentPort } from 'node:worker_threads';
 import { writeSync } from 'node:fs';
 import type { Socket } from 'node:net';
-import { encodeOutputFrames } from '../colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeMirrorReady, encodeOutputFrames } from '../colo/net-wire.js';
 import { OutputListener } from '../colo/output-channel.js';
 import { InputRingReader } from './input-ring.js';
 import { Nic, type NicInput, type NicOutput } from '../net/nic.js';
@@ -105,11 +111,18 @@ class Vcpu {
     this.input.read(this.enqueue);
   }
 
-  waitForInput(timeoutMs: number | null): void {
+  waitForInput(timeoutMs: number | null): boolean {
     this.flushOutput();
+    if (this.channel !== null && Atomics.load(this.ctl, ctl.directOff) !== 0) this.closeChannel();
+    if (this.channel !== null) {
+      // Input may come on the output channel: the guest unwinds and the event loop waits (run()).
+      this.inputWait = { timeoutMs };
+      return true;
+    }
     // Bounded so that a wake that raced with the drain costs latency, never a hang.
     const t = timeoutMs === null ? 100 : Math.min(timeoutMs, 100);
     Atomics.wait(this.ctl, ctl.wake, this.lastWake, t);
+    return false;
   }
 
   /**
@@ -142,7 +155,18 @@ class Vcpu {
       this.closeChannel();
       return false;
     }
-    const b = encodeOutputFrames(Atomics.load(this.ctl, ctl.outEpoch), outs);
+    return this.writeChannel(ch, encodeOutputFrames(Atomics.load(this.ctl, ctl.outEpoch), outs));
+  }
+
+  private writeChannel(ch: { socket: Socket; fd: number }, b: Buffer): boolean {
+    // The event loop reads the channel too (input waits), and a read that finds it broken
+    // destroys the socket and closes its descriptor before 'close' is emitted: never write to a
+    // descriptor that may since belong to something else.
+    if (ch.socket.destroyed) {
+      this.closeChannel();
+      post({ type: 'direct-output-failed', message: ch.socket.errored?.message ?? 'closed by the primary' });
+      return false;
+    }
     let at = 0;
     let fullSince: number | null = null;
     while (at < b.byteLength) {
@@ -178,6 +202,15 @@ class Vcpu {
   /** Connected, not used before the next restore (an epoch boundary). */
   private channelReady: Socket | null = null;
   private channelListener: OutputListener | null = null;
+  /** Mirrored input on the channel, split into batches. */
+  private channelReader = new ChannelFrameReader();
+  /** The guest unwound to wait for input in the event loop: its timeout (ms, null = none). */
+  private inputWait: { timeoutMs: number | null } | null = null;
+  /** Ends the event-loop wait in progress (a no-op when none is). */
+  private endWait: () => void = () => undefined;
+  private waitTimer: NodeJS.Timeout | null = null;
+  /** An Atomics.waitAsync on ctl.wake is pending (one at a time; it ends at the next notify). */
+  private wakeWaitPending = false;
 
   async listenForOutputChannel(host: string, migrationId: Uint8Array): Promise<number> {
     this.closeChannel();
@@ -200,6 +233,8 @@ class Vcpu {
         if (this.channel?.socket !== s) return;
         this.channel = null;
         post({ type: 'direct-output-failed', message: why });
+        // A guest waiting for input there waits on the ring from now on.
+        this.endWait();
       });
     });
     return l.port;
@@ -212,8 +247,47 @@ class Vcpu {
     this.channelReady = null;
     const fd = (s as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
     // libuv's handle has the descriptor on every Unix; without it, output stays on the main channel.
-    if (typeof fd === 'number' && fd > 0) this.channel = { socket: s, fd };
-    else s.destroy();
+    if (typeof fd !== 'number' || fd <= 0) {
+      s.destroy();
+      return;
+    }
+    const ch = { socket: s, fd };
+    this.channel = ch;
+    this.channelReader = new ChannelFrameReader();
+    // Read only in an input wait (readChannel): input taken in before a restore would be lost.
+    s.on('readable', () => {
+      if (this.channel === ch) this.endWait();
+    });
+    // Tell the primary it may send the mirror here (from its next checkpoint's capture on).
+    this.writeChannel(ch, encodeMirrorReady());
+  }
+
+  /**
+   * Move the mirrored input the channel holds into the NIC. Returns whether the guest has
+   * something new to look at (input, or a channel that broke and is gone).
+   */
+  private readChannel(): boolean {
+    const ch = this.channel;
+    if (ch === null) return false;
+    let any = false;
+    for (;;) {
+      const chunk = ch.socket.read() as Buffer | null;
+      if (chunk === null) return any;
+      any = true;
+      try {
+        for (const p of this.channelReader.push(chunk)) {
+          const b = decodeNetBatch(p);
+          if (b.type !== 'input') throw new Error(`the primary sent an ${b.type} batch`);
+          for (const ev of b.events) this.nic.enqueue(ev);
+        }
+      } catch (err) {
+        // Not our primary's mirror: output goes on the main channel, input comes on the ring
+        // (what is lost here the compare sees as a difference).
+        this.closeChannel();
+        post({ type: 'direct-output-failed', message: `bad mirrored input on the SVM output channel: ${err instanceof Error ? err.message : String(err)}` });
+        return true;
+      }
+    }
   }
 
   private closeChannel(): void {
@@ -290,27 +364,110 @@ class Vcpu {
       return;
     }
     if (Atomics.load(this.ctl, ctl.directOff) !== 0) this.closeChannel();
+    this.cancelWait();
     if (this.phase === 'unwound') this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
     this.phase = 'running';
     this.clock.resume();
     post({ type: 'running' });
-    try {
-      this.exports._start();
-    } catch (err) {
+    this.enter();
+  }
+
+  /** Run the guest (started, or rewinding) until it exits, crashes, pauses or waits in the event loop. */
+  private enter(): void {
+    for (;;) {
+      try {
+        this.exports._start();
+      } catch (err) {
+        this.inputWait = null;
+        this.clock.pause();
+        this.flushOutput();
+        if (err instanceof ProcExit) {
+          this.phase = 'exited';
+          post({ type: 'exited', code: err.code });
+        } else {
+          this.phase = 'panicked';
+          post({ type: 'panicked', message: err instanceof Error ? err.message : String(err) });
+        }
+        return;
+      }
+      const state = this.exports.asyncify_get_state();
+      if (state === 1 && this.inputWait !== null && !this.pauseRequested()) {
+        this.exports.asyncify_stop_unwind();
+        this.phase = 'unwound';
+        if (!this.inputNow()) {
+          this.waitInLoop(this.inputWait.timeoutMs);
+          return;
+        }
+        this.inputWait = null;
+        this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
+        this.phase = 'running';
+        continue;
+      }
+      this.inputWait = null;
       this.clock.pause();
       this.flushOutput();
-      if (err instanceof ProcExit) {
-        this.phase = 'exited';
-        post({ type: 'exited', code: err.code });
-      } else {
-        this.phase = 'panicked';
-        post({ type: 'panicked', message: err instanceof Error ? err.message : String(err) });
-      }
+      this.afterUnwind(state);
       return;
     }
-    this.clock.pause();
-    this.flushOutput();
-    const state = this.exports.asyncify_get_state();
+  }
+
+  /** Whether the guest, unwound to wait for input, has something to look at without waiting. */
+  private inputNow(): boolean {
+    if (this.channel === null) return true; // gone: the guest waits on the ring
+    if (Atomics.load(this.ctl, ctl.directOff) !== 0) {
+      // A takeover: this node's own front end feeds the ring from now on.
+      this.closeChannel();
+      return true;
+    }
+    if (Atomics.load(this.ctl, ctl.wake) !== this.lastWake) return true;
+    return this.readChannel();
+  }
+
+  /**
+   * Wait in the event loop for the channel's input, a wake (ring input, a pause, a takeover) or
+   * the guest's timeout, whichever comes first; then resume the guest, or report the pause.
+   */
+  private waitInLoop(timeoutMs: number | null): void {
+    let done = false;
+    const end = (): void => {
+      if (done) return;
+      done = true;
+      this.cancelWait();
+      if (this.phase !== 'unwound' || this.inputWait === null) return;
+      this.inputWait = null;
+      if (this.pauseRequested()) {
+        this.clock.pause();
+        post(Atomics.load(this.ctl, ctl.pauseRequest) === 2 ? { type: 'paused', state: this.save() } : { type: 'paused' });
+        return;
+      }
+      this.inputNow();
+      this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
+      this.phase = 'running';
+      this.enter();
+    };
+    this.endWait = end;
+    if (timeoutMs !== null) this.waitTimer = setTimeout(end, timeoutMs);
+    if (!this.wakeWaitPending) {
+      const w = waitAsync(this.ctl, ctl.wake, this.lastWake);
+      if (!w.async) {
+        setImmediate(end);
+        return;
+      }
+      this.wakeWaitPending = true;
+      void w.value.then(() => {
+        this.wakeWaitPending = false;
+        this.endWait();
+      });
+    }
+  }
+
+  private cancelWait(): void {
+    this.endWait = () => undefined;
+    if (this.waitTimer !== null) clearTimeout(this.waitTimer);
+    this.waitTimer = null;
+  }
+
+  private afterUnwind(state: number): void {
     if (state === 1) {
       this.exports.asyncify_stop_unwind();
       this.phase = 'unwound';
@@ -385,6 +542,11 @@ class Vcpu {
     return this.nic.maxConnId();
   }
 }
+
+/** Atomics.waitAsync (in Node since 16; this TypeScript lib does not declare it). */
+const waitAsync = (Atomics as unknown as {
+  waitAsync(a: Int32Array, index: number, value: number): { async: false; value: string } | { async: true; value: Promise<string> };
+}).waitAsync.bind(Atomics);
 
 function post(m: WorkerReply): void {
   parentPort!.postMessage(m);

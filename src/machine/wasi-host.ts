@@ -21,8 +21,12 @@ export interface VcpuHooks {
   startUnwind(): void;
   /** Move queued device input into the devices. */
   drainInput(): void;
-  /** Block until input arrives, a pause is requested, or the timeout (ms, null = none) passes. */
-  waitForInput(timeoutMs: number | null): void;
+  /**
+   * Block until input arrives, a pause is requested, or the timeout (ms, null = none) passes.
+   * True: the wait is done in the event loop instead: unwind the guest (the vCPU rewinds it
+   * after, and the call is made again).
+   */
+  waitForInput(timeoutMs: number | null): boolean;
   output(out: NicOutput): void;
   /** The host wrote guest memory (for the dirty log). */
   markWrite(ptr: number, len: number): void;
@@ -486,7 +490,10 @@ export class WasiHost {
         const left = deadlineNs - this.devices.clock.monotonicNs();
         timeoutMs = Math.max(0, Math.ceil(Number(left) / 1e6));
       }
-      this.vcpu.waitForInput(timeoutMs);
+      if (this.vcpu.waitForInput(timeoutMs)) {
+        this.vcpu.startUnwind();
+        return false;
+      }
     }
   }
 

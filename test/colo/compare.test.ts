@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Compare } from '../../src/colo/compare.js';
-import { OutputFrameReader, decodeNetBatch, encodeInputs, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
 import { limits } from '../../src/core/limits.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
 import { StreamError } from '../../src/core/errors.js';
@@ -175,7 +175,13 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   const bad = Buffer.from(p!);
   bad.writeUInt8(9, 5); // unknown kind of the first event
   assert.throws(() => decodeNetBatch(bad), /unknown input kind/);
-  assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 0])), /unknown batch type/);
+  assert.throws(() => decodeNetBatch(Buffer.from([4, 0, 0, 0, 0])), /unknown batch type/);
+  // The mirror-ready marker of the output channel: exactly a tag and a zero count.
+  const ready = encodeMirrorReady();
+  assert.equal(ready.readUInt32BE(0), ready.byteLength - 4);
+  assert.deepEqual(decodeNetBatch(ready.subarray(4)), { type: 'mirror-ready' });
+  assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 1])), /mirror-ready carries data/);
+  assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 0, 0])), /mirror-ready carries data/);
   // Large batches split below the frame limit.
   const many: NicInput[] = Array.from({ length: 40 }, (_, i) => ({ seq: i + 1, kind: 'data', conn: 1, bytes: new Uint8Array(64 * 1024) }));
   const parts = encodeInputs(many);
@@ -211,7 +217,7 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
   const b = encodeOutputFrames(4, [out(2, 9, 'x'.repeat(3000))]);
   const stream = Buffer.concat([a, b]);
   for (const cut of [1, 3, 4, 7, a.byteLength, a.byteLength + 2, stream.byteLength - 1]) {
-    const r = new OutputFrameReader();
+    const r = new ChannelFrameReader();
     const frames = [...r.push(stream.subarray(0, cut)), ...r.push(stream.subarray(cut))];
     assert.equal(r.partial, 0, `cut at ${cut}`);
     assert.deepEqual(
@@ -225,15 +231,27 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
   }
   // Output above limits.coloNetBatchBytes is several batches, each after its length, in one buffer.
   const many = Array.from({ length: 40 }, (_, i) => out(3, i * 65536, 'y'.repeat(65536)));
-  const big = new OutputFrameReader().push(encodeOutputFrames(9, many));
+  const big = new ChannelFrameReader().push(encodeOutputFrames(9, many));
   assert.ok(big.length >= 2);
   assert.equal(big.map((f) => (decodeNetBatch(f) as { events: unknown[] }).events.length).reduce((x, y) => x + y, 0), 40);
   // Byte by byte: nothing until a batch is whole.
-  const r = new OutputFrameReader();
+  const r = new ChannelFrameReader();
   let n = 0;
   for (let i = 0; i < a.byteLength; i++) n += r.push(a.subarray(i, i + 1)).length;
   assert.equal(n, 1);
   const huge = Buffer.alloc(8);
   huge.writeUInt32BE(limits.frameBytesMax + 1, 0);
-  assert.throws(() => new OutputFrameReader().push(huge), (e: unknown) => e instanceof StreamError && /limit/.test(e.message));
+  assert.throws(() => new ChannelFrameReader().push(huge), (e: unknown) => e instanceof StreamError && /limit/.test(e.message));
+  const tiny = Buffer.from([0, 0, 0, 1, 1]);
+  assert.throws(() => new ChannelFrameReader().push(tiny), (e: unknown) => e instanceof StreamError && /too short/.test(e.message));
+  // The other way: mirrored input, length-prefixed the same way, large input split in batches.
+  const inputs: NicInput[] = Array.from({ length: 40 }, (_, i) => ({ seq: i + 1, kind: 'data', conn: 2, bytes: new Uint8Array(65536).fill(i) }));
+  const back = new ChannelFrameReader().push(Buffer.concat([encodeMirrorReady(), encodeInputFrames(inputs)]));
+  assert.equal(decodeNetBatch(back[0]!).type, 'mirror-ready');
+  assert.ok(back.length >= 3);
+  const got = back.slice(1).flatMap((f) => {
+    const d = decodeNetBatch(f);
+    return d.type === 'input' ? d.events : [];
+  });
+  assert.deepEqual(got.map((e) => `${e.seq}:${e.kind === 'data' ? e.bytes[0] : '-'}`), inputs.map((e) => `${e.seq}:${e.seq - 1}`));
 });

@@ -73,6 +73,11 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   // The SVM's vCPU sends its output on its own channel (after the first apply).
   assert.equal(det['svm-output-channel'] as unknown, 'direct', `SVM output on its own channel (${JSON.stringify(det)})`);
   assert.ok(det['svm-output-channel-bytes']! > 1000, `SVM output came over it (${JSON.stringify(det)})`);
+  // The mirror goes there too (from a later checkpoint's capture on), read by the SVM's vCPU
+  // itself: the periodic checkpoints above crossed it with no mismatch, so the SVM took the
+  // channel's input in order and none twice.
+  assert.equal(det['mirror-channel'] as unknown, 'direct', `mirrored input on the output channel (${JSON.stringify(det)})`);
+  assert.ok(det['mirror-channel-bytes']! > 1000, `mirrored input went over it (${JSON.stringify(det)})`);
   assert.ok(det['mean-checkpoint-bytes']! > 0 && det['p99-pause-ms']! > 0, 'checkpoint sizes and pauses are measured');
 
   // No periodic checkpoints from now on: every checkpoint is the compare's.
@@ -171,7 +176,7 @@ async function tcpConnections(pid: number): Promise<{ local: number; peer: numbe
     });
 }
 
-test('colo/net: the SVM output channel cut under load (ss -K): output goes on the main channel, the pair stays protected, a takeover has every acknowledged write', async (t) => {
+test('colo/net: the SVM output channel cut under load (ss -K): output and mirror go on the main channel, the pair stays protected, a takeover has every acknowledged write', async (t) => {
   const env = new TestEnv(t);
   const pair = await startPair(env, 200);
   const { src, dst, port, migPort } = pair;
@@ -179,7 +184,7 @@ test('colo/net: the SVM output channel cut under load (ss -K): output goes on th
   env.onCleanup(() => writer.stop());
   await waitFor('SVM output on its own channel', async () => {
     const x = await coloCounters(src);
-    return (x['svm-output-channel'] as unknown) === 'direct' && x['svm-output-channel-bytes']! > 1000;
+    return (x['svm-output-channel'] as unknown) === 'direct' && x['svm-output-channel-bytes']! > 1000 && (x['mirror-channel'] as unknown) === 'direct';
   }, 10000, 50);
   await waitFor('acknowledged writes', () => writer.acked.size >= 100, 10000);
   // The primary's connections: clients (on the service port), the main channel (to the
@@ -190,6 +195,7 @@ test('colo/net: the SVM output channel cut under load (ss -K): output goes on th
   const cut = await runProgram('ss', ['-K', 'dst', '127.0.0.1', 'dport', '=', String(conns[0]!.peer)], { timeoutMs: 5000 });
   assert.equal(cut.code, 0, `ss -K: ${cut.stderr}`);
   await waitFor('the primary to count SVM output on the main channel', async () => (await coloCounters(src))['svm-output-channel'] as unknown === 'main', 5000, 50);
+  assert.equal((await coloCounters(src))['mirror-channel'] as unknown, 'main', 'the mirror is back on the main channel');
   await waitFor('the secondary to send its output on the main channel', () => dst.stderr.includes('the SVM output channel closed'), 5000);
   const ackedAtCut = writer.acked.size;
   const atCut = await coloCounters(src);

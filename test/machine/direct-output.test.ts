@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { guests, sleep, waitFor } from '../framework/harness.js';
 import { machineFor } from '../framework/machine.js';
-import { OutputFrameReader, decodeNetBatch } from '../../src/colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeOutputFrames } from '../../src/colo/net-wire.js';
 import type { NicOutput } from '../../src/net/nic.js';
 import { MachineError } from '../../src/machine/machine.js';
 import { connectOutputChannel } from '../../src/colo/output-channel.js';
@@ -27,7 +27,7 @@ test('machine: guest output goes on the output channel from the restore after it
   t.after(() => sockets.forEach((s) => s.destroy()));
   const onSocket: string[] = [];
   const read = (s: net.Socket): void => {
-    const reader = new OutputFrameReader();
+    const reader = new ChannelFrameReader();
     s.on('data', (chunk: Buffer) => {
       for (const p of reader.push(chunk)) {
         const b = decodeNetBatch(p);
@@ -188,4 +188,130 @@ test('machine: a pause does not wait for a primary that reads nothing: the vCPU 
   assert.ok(eventBytes > 5 * big, `GET answers posted after the channel was given up: ${eventBytes} bytes`);
   primary.resume();
   await waitFor('the vCPU to close the channel', () => primary.readableEnded || primary.destroyed, 5000);
+});
+
+test('machine: the vCPU reads mirrored input from the output channel after its mirror-ready: in order, stale input dropped, the guest clock running while it waits; a takeover stops it', async (t) => {
+  const { m, serialText } = await machineFor(t, guests.kv, []);
+  const events: string[] = [];
+  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
+  const failures: string[] = [];
+  m.on('direct-output-failed', (msg: string) => failures.push(msg));
+  const id = new Uint8Array(16).fill(5);
+  await m.cont();
+  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
+  let seq = 0;
+  const ring = (s: string): void => m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode(s) });
+  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  ring('PING\r\n');
+  await waitFor('a PONG as an output event', () => events.length >= 1, 5000);
+
+  await m.pause();
+  const port = await m.openOutputChannel('127.0.0.1', id);
+  await m.cont();
+  await m.pause(); // the vCPU thread accepts while it is paused
+  const primary = await connectOutputChannel('127.0.0.1', port, id);
+  t.after(() => primary.destroy());
+  primary.on('error', () => undefined);
+  const onSocket: string[] = [];
+  let mirrorReady = 0;
+  const reader = new ChannelFrameReader();
+  primary.on('data', (chunk: Buffer) => {
+    for (const p of reader.push(chunk)) {
+      const b = decodeNetBatch(p);
+      if (b.type === 'mirror-ready') mirrorReady++;
+      else if (b.type === 'output') for (const o of b.events) onSocket.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind);
+    }
+  });
+  await m.cont();
+  // The apply after it connected: the vCPU takes the channel and says it reads input there.
+  let epoch = 0;
+  await waitFor('mirror-ready from the vCPU', async () => {
+    await m.pause();
+    await m.restoreVcpu(await m.saveVcpu());
+    m.setOutputEpoch(++epoch);
+    await m.cont();
+    await sleep(20);
+    return mirrorReady > 0;
+  }, 10000, 1);
+  assert.equal(mirrorReady, 1, 'one mirror-ready per channel taken');
+
+  // Input on the channel, several commands in one batch: answered in order, on the channel.
+  const channel = (evs: { seq: number; s: string }[]): void => {
+    primary.write(encodeInputFrames(evs.map((e) => ({ seq: e.seq, kind: 'data' as const, conn: 1, bytes: enc.encode(e.s) }))));
+  };
+  channel([{ seq: ++seq, s: 'SET a 1\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'GET a\r\n' }]);
+  await waitFor('three answers on the channel', () => onSocket.length >= 3, 5000);
+  assert.deepEqual(onSocket, ['+OK\r\n', ':2\r\n', '$1\r\n2\r\n']);
+  // Input the NIC already has (a sequence number not above its last) is dropped; the next is taken.
+  channel([{ seq: seq - 1, s: 'INCR a\r\n' }, { seq: seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }]);
+  await waitFor('the answer to the new INCR', () => onSocket.length >= 4, 5000);
+  await sleep(100);
+  assert.deepEqual(onSocket.slice(3), [':3\r\n'], 'stale input dropped, new input taken once');
+
+  // The guest's clock runs while the vCPU waits for the channel in its event loop.
+  const time = async (): Promise<number> => {
+    const n = onSocket.length;
+    channel([{ seq: ++seq, s: 'TIME\r\n' }]);
+    await waitFor('a TIME answer', () => onSocket.length > n, 5000);
+    const parts = onSocket.at(-1)!.split('\r\n').filter((x) => /^\d+$/.test(x));
+    return Number(parts[0]) * 1000 + Number(parts[1]) / 1000;
+  };
+  const t0 = await time();
+  await sleep(400);
+  const t1 = await time();
+  assert.ok(t1 - t0 >= 350, `guest clock advanced ${(t1 - t0).toFixed(0)} ms over 400 ms of waiting for the channel`);
+
+  // Ring input still wakes the guest while it waits on the channel.
+  ring('PING\r\n');
+  await waitFor('the ring PING answered', () => onSocket.at(-1) === '+PONG\r\n', 5000);
+
+  // A takeover while the guest waits there: the vCPU closes the channel, and ring input is
+  // answered as output events again.
+  const eventsBefore = events.length;
+  m.stopDirectOutput();
+  await waitFor('the vCPU to close the channel', () => primary.readableEnded || primary.destroyed, 5000);
+  ring('PING\r\n');
+  await waitFor('a PONG as an output event after the takeover', () => events.length > eventsBefore, 5000);
+  assert.equal(events.at(-1), '+PONG\r\n');
+  assert.deepEqual(failures, []);
+});
+
+test('machine: bad mirrored input on the output channel closes it; the vCPU goes on with the ring and posts its output', async (t) => {
+  const { m, serialText } = await machineFor(t, guests.kv, []);
+  const events: string[] = [];
+  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
+  const failures: string[] = [];
+  m.on('direct-output-failed', (msg: string) => failures.push(msg));
+  const id = new Uint8Array(16).fill(6);
+  await m.cont();
+  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
+  let seq = 0;
+  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  await m.pause();
+  const port = await m.openOutputChannel('127.0.0.1', id);
+  await m.cont();
+  await m.pause();
+  const primary = await connectOutputChannel('127.0.0.1', port, id);
+  t.after(() => primary.destroy());
+  primary.on('error', () => undefined);
+  let ready = false;
+  const reader = new ChannelFrameReader();
+  primary.on('data', (chunk: Buffer) => {
+    for (const p of reader.push(chunk)) if (decodeNetBatch(p).type === 'mirror-ready') ready = true;
+  });
+  await m.cont();
+  await waitFor('mirror-ready from the vCPU', async () => {
+    await m.pause();
+    await m.restoreVcpu(await m.saveVcpu());
+    await m.cont();
+    await sleep(20);
+    return ready;
+  }, 10000, 1);
+  // An output batch where input belongs.
+  primary.write(encodeOutputFrames(1, [{ kind: 'out', conn: 1, offset: 0, bytes: enc.encode('x') }]));
+  await waitFor('the vCPU to report the bad input', () => failures.length > 0, 5000);
+  assert.match(failures[0]!, /bad mirrored input on the SVM output channel: the primary sent an output batch/);
+  await waitFor('the vCPU to close the channel', () => primary.readableEnded || primary.destroyed, 5000);
+  m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode('PING\r\n') });
+  await waitFor('a PONG as an output event', () => events.at(-1) === '+PONG\r\n', 5000);
 });

@@ -21,7 +21,9 @@ function host(memory: WebAssembly.Memory, writes: [number, number][]): (name: st
       throw new Error('not in this test');
     },
     drainInput() {},
-    waitForInput() {},
+    waitForInput() {
+      return false;
+    },
     waitForDiskSpace: () => false,
     diskWriteDone() {},
     output() {},
