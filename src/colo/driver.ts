@@ -522,6 +522,7 @@ export class SecondaryDriver {
     const device = s.device;
     if (device === null || this.cache === null || this.received === null) throw new Error('apply without a complete checkpoint');
     const started = performance.now();
+    latencyTrace?.event('S:applyStart');
     const ram = m.ram();
     const own = vm.migration.dirtyTracker().collect(ram, m.statePageRanges());
     const cache = new Uint8Array(this.cache);
@@ -549,6 +550,7 @@ export class SecondaryDriver {
     vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
     this.net.nextEpoch();
     m.setRunState('paused');
+    latencyTrace?.event('S:ramApplied');
     // Load the state and run it in one exchange with the vCPU thread.
     await m.restoreVcpu(device.vcpu, { run: true });
     s.device = null;
