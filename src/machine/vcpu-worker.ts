@@ -89,8 +89,10 @@ class Vcpu {
   }
 
   // ---- hooks used by the WASI host ----
-  finishRewind(): void {
-    if (this.exports.asyncify_get_state() === 2) this.exports.asyncify_stop_rewind();
+  finishRewind(): boolean {
+    if (this.exports.asyncify_get_state() !== 2) return false;
+    this.exports.asyncify_stop_rewind();
+    return true;
   }
 
   pauseRequested(): boolean {

@@ -14,8 +14,8 @@ import {
 
 /** What the WASI host needs from the vCPU that runs it. */
 export interface VcpuHooks {
-  /** True (once) when this call is the re-entry of an import during an asyncify rewind. */
-  finishRewind(): void;
+  /** At the start of every import: end an asyncify rewind; true when this call is its re-entry. */
+  finishRewind(): boolean | void;
   pauseRequested(): boolean;
   /** Begin unwinding the guest at this import (the import's return value is then ignored). */
   startUnwind(): void;
@@ -579,8 +579,18 @@ export class WasiHost {
   private pollNbytes = new Float64Array(0);
   private pollCount = 0;
 
+  /**
+   * The monotonic time a poll_oneoff that unwound (a pause, or a wait for input in the vCPU's
+   * event loop) took its relative timeouts from: its re-entry on the rewind keeps the same
+   * deadlines, or a guest that waits in the event loop would restart its timeout at every
+   * wake-up and never see it expire. Not part of the saved state: a restored guest's poll
+   * starts its timeouts again, as before.
+   */
+  private pollNow: bigint | null = null;
+
   private pollOneoff(inPtr: number, outPtr: number, n: number, nPtr: number): number {
-    this.vcpu.finishRewind();
+    const savedNow = this.vcpu.finishRewind() === true ? this.pollNow : null;
+    this.pollNow = null;
     if (n === 0) return errno.inval;
     if (n > limits.pollSubscriptionsMax) return errno.inval;
     if (!this.inBounds(inPtr, n * subscriptionBytes) || !this.inBounds(outPtr, n * eventBytes) || !this.inBounds(nPtr, 4)) {
@@ -607,7 +617,7 @@ export class WasiHost {
       userdata[2 * i + 1] = dv.getUint32(p + 4, true);
       const tag = dv.getUint8(p + 8);
       if (tag === eventtype.clock) {
-        if (deadline === null) now = this.devices.clock.monotonicNs();
+        if (deadline === null) now = savedNow ?? this.devices.clock.monotonicNs();
         const timeout = dv.getBigUint64(p + 24, true);
         const flags = dv.getUint16(p + 40, true);
         const id = dv.getUint32(p + 16, true);
@@ -637,7 +647,10 @@ export class WasiHost {
     }
     const hasClock = deadline !== null;
     const collect = (): boolean => this.pollCollect(n, hasClock);
-    if (!this.blockUntil(collect, deadline)) return unwinding;
+    if (!this.blockUntil(collect, deadline)) {
+      if (deadline !== null) this.pollNow = now;
+      return unwinding;
+    }
     // blockUntil returns after a collect that found events, or at the deadline.
     if (this.pollCount === 0) collect();
     const u8 = this.bytes();
@@ -708,6 +721,7 @@ export class WasiHost {
   }
 
   restore(raw: unknown): void {
+    this.pollNow = null;
     const s = v.record(raw, 'wasi');
     const fds = new Map<number, FdEntry>();
     for (const [i, x] of v.array(s.fds, 'wasi.fds', limits.nicConnectionsMax + 32).entries()) {

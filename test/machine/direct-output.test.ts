@@ -315,3 +315,55 @@ test('machine: bad mirrored input on the output channel closes it; the vCPU goes
   m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode('PING\r\n') });
   await waitFor('a PONG as an output event', () => events.at(-1) === '+PONG\r\n', 5000);
 });
+
+test('machine: a guest timer comes due while the vCPU waits for the output channel in its event loop', async (t) => {
+  const tick = new URL('../../../test/machine/fixtures/tick.wasm', import.meta.url).pathname;
+  const { m } = await machineFor(t, tick, []);
+  const events: string[] = [];
+  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
+  const failures: string[] = [];
+  m.on('direct-output-failed', (msg: string) => failures.push(msg));
+  const id = new Uint8Array(16).fill(8);
+  let seq = 0;
+  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  await m.cont();
+  // Waiting on the ring (Atomics.wait), the 40 ms timeout already ticks.
+  await waitFor('ticks as output events', () => events.filter((e) => e === 'tick\n').length >= 2, 5000);
+
+  await m.pause();
+  const port = await m.openOutputChannel('127.0.0.1', id);
+  await m.cont();
+  await m.pause();
+  const primary = await connectOutputChannel('127.0.0.1', port, id);
+  t.after(() => primary.destroy());
+  primary.on('error', () => undefined);
+  const onSocket: string[] = [];
+  let ready = false;
+  const reader = new ChannelFrameReader();
+  primary.on('data', (chunk: Buffer) => {
+    for (const p of reader.push(chunk)) {
+      const b = decodeNetBatch(p);
+      if (b.type === 'mirror-ready') ready = true;
+      else if (b.type === 'output') for (const o of b.events) if (o.kind === 'out') onSocket.push(Buffer.from(o.bytes).toString('latin1'));
+    }
+  });
+  await m.cont();
+  await waitFor('mirror-ready from the vCPU', async () => {
+    await m.pause();
+    await m.restoreVcpu(await m.saveVcpu());
+    await m.cont();
+    await sleep(20);
+    return ready;
+  }, 10000, 1);
+  // From now on the guest's waits are in the vCPU's event loop: its timeout must still fire,
+  // about every 40 ms of guest time (and the guest's clock runs through these waits).
+  const before = onSocket.filter((x) => x === 'tick\n').length;
+  await sleep(500);
+  const ticks = onSocket.filter((x) => x === 'tick\n').length - before;
+  t.diagnostic(`${ticks} ticks in 500 ms`);
+  assert.ok(ticks >= 6 && ticks <= 14, `${ticks} ticks on the channel in 500 ms (one per 40 ms expected; ${events.length} events, ${onSocket.length} on the socket)`);
+  // Input on the channel still wakes it before its timeout.
+  primary.write(encodeInputFrames([{ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode('hi') }]));
+  await waitFor('the echo on the channel', () => onSocket.includes('echo:hi'), 2000);
+  assert.deepEqual(failures, []);
+});
