@@ -11,7 +11,7 @@ import { guests, sleep, waitFor } from '../framework/harness.js';
 import { machineFor } from '../framework/machine.js';
 import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeOutputFrames } from '../../src/colo/net-wire.js';
 import type { NicOutput } from '../../src/net/nic.js';
-import { MachineError } from '../../src/machine/machine.js';
+import { MachineError, type Machine } from '../../src/machine/machine.js';
 import { connectOutputChannel } from '../../src/colo/output-channel.js';
 
 const enc = new TextEncoder();
@@ -190,21 +190,22 @@ test('machine: a pause does not wait for a primary that reads nothing: the vCPU 
   await waitFor('the vCPU to close the channel', () => primary.readableEnded || primary.destroyed, 5000);
 });
 
-test('machine: the vCPU reads mirrored input from the output channel after its mirror-ready: in order, stale input dropped, the guest clock running while it waits; a takeover stops it', async (t) => {
-  const { m, serialText } = await machineFor(t, guests.kv, []);
+/** Output events and direct-output failures of a machine, as text. */
+function watch(m: Machine): { events: string[]; failures: string[] } {
   const events: string[] = [];
-  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
   const failures: string[] = [];
+  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
   m.on('direct-output-failed', (msg: string) => failures.push(msg));
-  const id = new Uint8Array(16).fill(5);
-  await m.cont();
-  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
-  let seq = 0;
-  const ring = (s: string): void => m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode(s) });
-  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
-  ring('PING\r\n');
-  await waitFor('a PONG as an output event', () => events.length >= 1, 5000);
+  return { events, failures };
+}
 
+/**
+ * Give the running vCPU an output channel and play the primary's end of it: connect, then
+ * apply (restore the vCPU's own state) until the vCPU says mirror-ready, i.e. it reads input
+ * from the channel. The channel's output batches are collected as text.
+ */
+async function takeChannel(t: { after(fn: () => unknown): void }, m: Machine, idByte: number): Promise<{ primary: net.Socket; onSocket: string[]; mirrorReady: () => number; send(evs: { seq: number; s: string }[]): void }> {
+  const id = new Uint8Array(16).fill(idByte);
   await m.pause();
   const port = await m.openOutputChannel('127.0.0.1', id);
   await m.cont();
@@ -213,17 +214,16 @@ test('machine: the vCPU reads mirrored input from the output channel after its m
   t.after(() => primary.destroy());
   primary.on('error', () => undefined);
   const onSocket: string[] = [];
-  let mirrorReady = 0;
+  let ready = 0;
   const reader = new ChannelFrameReader();
   primary.on('data', (chunk: Buffer) => {
     for (const p of reader.push(chunk)) {
       const b = decodeNetBatch(p);
-      if (b.type === 'mirror-ready') mirrorReady++;
+      if (b.type === 'mirror-ready') ready++;
       else if (b.type === 'output') for (const o of b.events) onSocket.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind);
     }
   });
   await m.cont();
-  // The apply after it connected: the vCPU takes the channel and says it reads input there.
   let epoch = 0;
   await waitFor('mirror-ready from the vCPU', async () => {
     await m.pause();
@@ -231,19 +231,34 @@ test('machine: the vCPU reads mirrored input from the output channel after its m
     m.setOutputEpoch(++epoch);
     await m.cont();
     await sleep(20);
-    return mirrorReady > 0;
+    return ready > 0;
   }, 10000, 1);
-  assert.equal(mirrorReady, 1, 'one mirror-ready per channel taken');
-
-  // Input on the channel, several commands in one batch: answered in order, on the channel.
-  const channel = (evs: { seq: number; s: string }[]): void => {
+  const send = (evs: { seq: number; s: string }[]): void => {
     primary.write(encodeInputFrames(evs.map((e) => ({ seq: e.seq, kind: 'data' as const, conn: 1, bytes: enc.encode(e.s) }))));
   };
-  channel([{ seq: ++seq, s: 'SET a 1\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'GET a\r\n' }]);
+  return { primary, onSocket, mirrorReady: () => ready, send };
+}
+
+test('machine: the vCPU reads mirrored input from the output channel after its mirror-ready: in order, stale input dropped, the guest clock running while it waits; a takeover stops it', async (t) => {
+  const { m, serialText } = await machineFor(t, guests.kv, []);
+  const { events, failures } = watch(m);
+  await m.cont();
+  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
+  let seq = 0;
+  const ring = (s: string): void => m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode(s) });
+  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  ring('PING\r\n');
+  await waitFor('a PONG as an output event', () => events.length >= 1, 5000);
+
+  const { primary, onSocket, mirrorReady, send } = await takeChannel(t, m, 5);
+  assert.equal(mirrorReady(), 1, 'one mirror-ready per channel taken');
+
+  // Input on the channel, several commands in one batch: answered in order, on the channel.
+  send([{ seq: ++seq, s: 'SET a 1\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'GET a\r\n' }]);
   await waitFor('three answers on the channel', () => onSocket.length >= 3, 5000);
   assert.deepEqual(onSocket, ['+OK\r\n', ':2\r\n', '$1\r\n2\r\n']);
   // Input the NIC already has (a sequence number not above its last) is dropped; the next is taken.
-  channel([{ seq: seq - 1, s: 'INCR a\r\n' }, { seq: seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }]);
+  send([{ seq: seq - 1, s: 'INCR a\r\n' }, { seq: seq, s: 'INCR a\r\n' }, { seq: ++seq, s: 'INCR a\r\n' }]);
   await waitFor('the answer to the new INCR', () => onSocket.length >= 4, 5000);
   await sleep(100);
   assert.deepEqual(onSocket.slice(3), [':3\r\n'], 'stale input dropped, new input taken once');
@@ -251,7 +266,7 @@ test('machine: the vCPU reads mirrored input from the output channel after its m
   // The guest's clock runs while the vCPU waits for the channel in its event loop.
   const time = async (): Promise<number> => {
     const n = onSocket.length;
-    channel([{ seq: ++seq, s: 'TIME\r\n' }]);
+    send([{ seq: ++seq, s: 'TIME\r\n' }]);
     await waitFor('a TIME answer', () => onSocket.length > n, 5000);
     const parts = onSocket.at(-1)!.split('\r\n').filter((x) => /^\d+$/.test(x));
     return Number(parts[0]) * 1000 + Number(parts[1]) / 1000;
@@ -278,35 +293,12 @@ test('machine: the vCPU reads mirrored input from the output channel after its m
 
 test('machine: bad mirrored input on the output channel closes it; the vCPU goes on with the ring and posts its output', async (t) => {
   const { m, serialText } = await machineFor(t, guests.kv, []);
-  const events: string[] = [];
-  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
-  const failures: string[] = [];
-  m.on('direct-output-failed', (msg: string) => failures.push(msg));
-  const id = new Uint8Array(16).fill(6);
+  const { events, failures } = watch(m);
   await m.cont();
   await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
   let seq = 0;
   m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
-  await m.pause();
-  const port = await m.openOutputChannel('127.0.0.1', id);
-  await m.cont();
-  await m.pause();
-  const primary = await connectOutputChannel('127.0.0.1', port, id);
-  t.after(() => primary.destroy());
-  primary.on('error', () => undefined);
-  let ready = false;
-  const reader = new ChannelFrameReader();
-  primary.on('data', (chunk: Buffer) => {
-    for (const p of reader.push(chunk)) if (decodeNetBatch(p).type === 'mirror-ready') ready = true;
-  });
-  await m.cont();
-  await waitFor('mirror-ready from the vCPU', async () => {
-    await m.pause();
-    await m.restoreVcpu(await m.saveVcpu());
-    await m.cont();
-    await sleep(20);
-    return ready;
-  }, 10000, 1);
+  const { primary } = await takeChannel(t, m, 6);
   // An output batch where input belongs.
   primary.write(encodeOutputFrames(1, [{ kind: 'out', conn: 1, offset: 0, bytes: enc.encode('x') }]));
   await waitFor('the vCPU to report the bad input', () => failures.length > 0, 5000);
@@ -319,42 +311,13 @@ test('machine: bad mirrored input on the output channel closes it; the vCPU goes
 test('machine: a guest timer comes due while the vCPU waits for the output channel in its event loop', async (t) => {
   const tick = new URL('../../../test/machine/fixtures/tick.wasm', import.meta.url).pathname;
   const { m } = await machineFor(t, tick, []);
-  const events: string[] = [];
-  m.on('output', (o: NicOutput) => events.push(o.kind === 'out' ? Buffer.from(o.bytes).toString('latin1') : o.kind));
-  const failures: string[] = [];
-  m.on('direct-output-failed', (msg: string) => failures.push(msg));
-  const id = new Uint8Array(16).fill(8);
+  const { events, failures } = watch(m);
   let seq = 0;
   m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
   await m.cont();
   // Waiting on the ring (Atomics.wait), the 40 ms timeout already ticks.
   await waitFor('ticks as output events', () => events.filter((e) => e === 'tick\n').length >= 2, 5000);
-
-  await m.pause();
-  const port = await m.openOutputChannel('127.0.0.1', id);
-  await m.cont();
-  await m.pause();
-  const primary = await connectOutputChannel('127.0.0.1', port, id);
-  t.after(() => primary.destroy());
-  primary.on('error', () => undefined);
-  const onSocket: string[] = [];
-  let ready = false;
-  const reader = new ChannelFrameReader();
-  primary.on('data', (chunk: Buffer) => {
-    for (const p of reader.push(chunk)) {
-      const b = decodeNetBatch(p);
-      if (b.type === 'mirror-ready') ready = true;
-      else if (b.type === 'output') for (const o of b.events) if (o.kind === 'out') onSocket.push(Buffer.from(o.bytes).toString('latin1'));
-    }
-  });
-  await m.cont();
-  await waitFor('mirror-ready from the vCPU', async () => {
-    await m.pause();
-    await m.restoreVcpu(await m.saveVcpu());
-    await m.cont();
-    await sleep(20);
-    return ready;
-  }, 10000, 1);
+  const { onSocket, send } = await takeChannel(t, m, 8);
   // From now on the guest's waits are in the vCPU's event loop: its timeout must still fire,
   // about every 40 ms of guest time (and the guest's clock runs through these waits).
   const before = onSocket.filter((x) => x === 'tick\n').length;
@@ -363,7 +326,7 @@ test('machine: a guest timer comes due while the vCPU waits for the output chann
   t.diagnostic(`${ticks} ticks in 500 ms`);
   assert.ok(ticks >= 6 && ticks <= 14, `${ticks} ticks on the channel in 500 ms (one per 40 ms expected; ${events.length} events, ${onSocket.length} on the socket)`);
   // Input on the channel still wakes it before its timeout.
-  primary.write(encodeInputFrames([{ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode('hi') }]));
+  send([{ seq: ++seq, s: 'hi' }]);
   await waitFor('the echo on the channel', () => onSocket.includes('echo:hi'), 2000);
   assert.deepEqual(failures, []);
 });
