@@ -117,7 +117,7 @@ class Vcpu {
     this.flushOutput();
     if (this.channel !== null && Atomics.load(this.ctl, ctl.directOff) !== 0) this.closeChannel();
     if (this.channel !== null) {
-      // Input may come on the output channel: the guest unwinds and the event loop waits (run()).
+      // Input may come on the output channel: the guest unwinds and the event loop waits (enter()).
       this.inputWait = { timeoutMs };
       return true;
     }
@@ -439,7 +439,7 @@ class Vcpu {
       this.inputWait = null;
       if (this.pauseRequested()) {
         this.clock.pause();
-        post(Atomics.load(this.ctl, ctl.pauseRequest) === 2 ? { type: 'paused', state: this.save() } : { type: 'paused' });
+        this.postPaused();
         return;
       }
       this.inputNow();
@@ -473,7 +473,7 @@ class Vcpu {
     if (state === 1) {
       this.exports.asyncify_stop_unwind();
       this.phase = 'unwound';
-      post(Atomics.load(this.ctl, ctl.pauseRequest) === 2 ? { type: 'paused', state: this.save() } : { type: 'paused' });
+      this.postPaused();
     } else if (state === 2) {
       // Still rewinding: the saved call stack named calls the code does not make, so the
       // state in RAM does not belong to it. Never report that as a guest that returned 0.
@@ -484,6 +484,11 @@ class Vcpu {
       this.phase = 'exited';
       post({ type: 'exited', code: 0 });
     }
+  }
+
+  /** 'paused', with the state when the pause asked for it (Machine.pauseAndSave). */
+  private postPaused(): void {
+    post(Atomics.load(this.ctl, ctl.pauseRequest) === 2 ? { type: 'paused', state: this.save() } : { type: 'paused' });
   }
 
   save(): VcpuState {
