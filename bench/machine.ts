@@ -35,7 +35,7 @@ function table(rows: (string | number)[][]): void {
 function runOriginal(bytes: Uint8Array, args: string[]): { ms: number; out: string } {
   let out = '';
   const hooks: VcpuHooks = {
-    finishRewind() {},
+    finishRewind: () => false,
     pauseRequested: () => false,
     startUnwind() {
       throw new Error('the original module cannot unwind');

@@ -15,7 +15,7 @@ import {
 /** What the WASI host needs from the vCPU that runs it. */
 export interface VcpuHooks {
   /** At the start of every import: end an asyncify rewind; true when this call is its re-entry. */
-  finishRewind(): boolean | void;
+  finishRewind(): boolean;
   pauseRequested(): boolean;
   /** Begin unwinding the guest at this import (the import's return value is then ignored). */
   startUnwind(): void;
@@ -589,7 +589,7 @@ export class WasiHost {
   private pollNow: bigint | null = null;
 
   private pollOneoff(inPtr: number, outPtr: number, n: number, nPtr: number): number {
-    const savedNow = this.vcpu.finishRewind() === true ? this.pollNow : null;
+    const savedNow = this.vcpu.finishRewind() ? this.pollNow : null;
     this.pollNow = null;
     if (n === 0) return errno.inval;
     if (n > limits.pollSubscriptionsMax) return errno.inval;

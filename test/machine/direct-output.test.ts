@@ -16,6 +16,14 @@ import { connectOutputChannel } from '../../src/colo/output-channel.js';
 
 const enc = new TextEncoder();
 
+/** Pause, restore the vCPU's own state (what an apply does), set the output epoch, run. */
+async function applyOwnState(m: Machine, epoch: number): Promise<void> {
+  await m.pause();
+  await m.restoreVcpu(await m.saveVcpu());
+  m.setOutputEpoch(epoch);
+  await m.cont();
+}
+
 test('machine: guest output goes on the output channel from the restore after it connected, tagged with its epoch; back to output events when taken away or broken', async (t) => {
   const { m, serialText } = await machineFor(t, guests.kv, []);
   const events: string[] = [];
@@ -50,13 +58,7 @@ test('machine: guest output goes on the output channel from the restore after it
   assert.deepEqual(events, ['0:+PONG\r\n']);
   await assert.rejects(m.openOutputChannel('127.0.0.1', id), MachineError, 'only while the vCPU is paused');
 
-  /** Pause, restore the vCPU's own state (what an apply does), set the epoch, run. */
-  const apply = async (epoch: number): Promise<void> => {
-    await m.pause();
-    await m.restoreVcpu(await m.saveVcpu());
-    m.setOutputEpoch(epoch);
-    await m.cont();
-  };
+  const apply = (epoch: number): Promise<void> => applyOwnState(m, epoch);
   /** Apply until a PING's answer arrives on the channel (it connects while the vCPU is paused). */
   const applyUntilDirect = async (first: number): Promise<number> => {
     let epoch = first;
@@ -156,10 +158,7 @@ test('machine: a pause does not wait for a primary that reads nothing: the vCPU 
   // Apply (restore the vCPU's own state) until a PONG goes to the channel instead of an event.
   let epoch = 0;
   await waitFor('output on the channel', async () => {
-    await m.pause();
-    await m.restoreVcpu(await m.saveVcpu());
-    m.setOutputEpoch(++epoch);
-    await m.cont();
+    await applyOwnState(m, ++epoch);
     const before = events.length;
     const onSocket = socketBytes;
     send('PING\r\n');
@@ -226,10 +225,7 @@ async function takeChannel(t: { after(fn: () => unknown): void }, m: Machine, id
   await m.cont();
   let epoch = 0;
   await waitFor('mirror-ready from the vCPU', async () => {
-    await m.pause();
-    await m.restoreVcpu(await m.saveVcpu());
-    m.setOutputEpoch(++epoch);
-    await m.cont();
+    await applyOwnState(m, ++epoch);
     await sleep(20);
     return ready > 0;
   }, 10000, 1);

@@ -15,7 +15,7 @@ const realtime = 0;
 
 function host(memory: WebAssembly.Memory, writes: [number, number][]): (name: string, ...args: (number | bigint)[]) => number {
   const hooks: VcpuHooks = {
-    finishRewind() {},
+    finishRewind: () => false,
     pauseRequested: () => false,
     startUnwind() {
       throw new Error('not in this test');
