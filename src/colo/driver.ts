@@ -66,6 +66,8 @@ export class PrimaryDriver {
   private pauseStartedAt = 0;
   /** The PVM's vCPU state saved at the checkpoint's pause, for sendState. */
   private pausedState: VcpuState | null = null;
+  /** Settles once the last resumeVm has told the vCPU to run (or found it could not). */
+  private resumePosted: Promise<void> = Promise.resolve();
   readonly stats = new CheckpointStats();
   readonly net: PrimaryNet;
 
@@ -212,8 +214,9 @@ export class PrimaryDriver {
             this.net.pvmNextEpoch();
             this.dispatch({ type: 'stateCaptured' });
             // The PVM's pause ends before the copy travels: sending first would keep the
-            // resume (queued behind nothing else) waiting for this thread.
-            await this.ops.settled();
+            // resume waiting for this thread. The copy goes as soon as the vCPU has been told
+            // to run, not once it says it runs: that answer waits for this thread's next turn.
+            await this.resumePosted;
           }
           const r = await s.sendRound('dirty', 0, true);
           const t3 = performance.now();
@@ -234,17 +237,27 @@ export class PrimaryDriver {
         return;
       case 'checkpointDone':
         return;
-      case 'resumeVm':
+      case 'resumeVm': {
+        let posted = (): void => undefined;
+        this.resumePosted = new Promise<void>((resolve) => (posted = resolve));
         this.task(async () => {
           await this.ops.run(async () => {
             if (m.runState === 'finish-migrate') m.setRunState('paused');
-            if (!m.running) await m.cont();
+            try {
+              // cont() tells the vCPU to run before its first await.
+              const running = m.running ? null : m.cont();
+              posted();
+              await running;
+            } finally {
+              posted();
+            }
             this.host.vm.frontEnd?.resumeReading();
             if (this.pauseStartedAt > 0) this.stats.notePause(performance.now() - this.pauseStartedAt);
           });
           return { type: 'vmResumed' };
         });
         return;
+      }
       case 'failover':
         this.clearTimers();
         // Stop mirroring and release every held output: the PVM's output is all there is now.
