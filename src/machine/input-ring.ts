@@ -49,6 +49,7 @@ class Ring {
 
   protected copyOut(at: number, n: number): Uint8Array {
     const pos = at % this.capacity;
+    if (pos + n <= this.capacity) return this.bytes.slice(pos, pos + n);
     const out = new Uint8Array(n);
     const first = Math.min(n, this.capacity - pos);
     out.set(this.bytes.subarray(pos, pos + first), 0);
@@ -101,9 +102,10 @@ export class InputRingReader extends Ring {
     const head = Atomics.load(this.idx, 0);
     let tail = Atomics.load(this.idx, 1);
     let n = 0;
+    const { dv, u8 } = this.header();
     while (tail !== head) {
-      const h = this.copyOut(tail, recordHeaderBytes);
-      const dv = new DataView(h.buffer);
+      // The record header into the scratch (it may wrap around the end): no allocation.
+      for (let i = 0, pos = tail % this.capacity; i < recordHeaderBytes; i++, pos = pos + 1 === this.capacity ? 0 : pos + 1) u8[i] = this.bytes[pos]!;
       const len = dv.getUint32(0, true) + 4;
       const kind = kinds[dv.getUint8(4)];
       const seq = dv.getFloat64(5, true);

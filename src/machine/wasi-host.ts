@@ -67,6 +67,8 @@ const pollKinds = { clock: 0, badf: 1, writable: 2, listener: 3, conn: 4, always
  */
 export class WasiHost {
   private fds = new Map<number, FdEntry>();
+  private readonly iov = new Uint32Array(2 * limits.iovecsMax);
+  private iovCount = 0;
   private view!: DataView;
   private u8!: Uint8Array;
   private bufferLength = -1;
@@ -124,40 +126,52 @@ export class WasiHost {
     return ptr + len <= this.bufferLength;
   }
 
-  /** Read iovecs into (ptr, len) pairs, checking them against memory. */
-  private iovecs(iovs: number, count: number): [number, number][] | null {
-    if (count > limits.iovecsMax || !this.inBounds(iovs, count * 8)) return null;
+  /**
+   * Read iovecs into `iov` (ptr, len pairs; `iovCount` of them), checking them against memory.
+   * One scratch for every call, not an array per call: a request passes two or three of these
+   * calls, and what they allocated made the vCPU thread's collections (each one a stall of the
+   * guest). Valid until the next call; false: an iovec lies outside memory (or too many).
+   */
+  private iovecs(iovs: number, count: number): boolean {
+    if (count > limits.iovecsMax || !this.inBounds(iovs, count * 8)) return false;
     const dv = this.mem();
-    const out: [number, number][] = [];
+    const iov = this.iov;
     for (let i = 0; i < count; i++) {
       const ptr = dv.getUint32(iovs + i * 8, true);
       const len = dv.getUint32(iovs + i * 8 + 4, true);
-      if (!this.inBounds(ptr, len)) return null;
-      out.push([ptr, len]);
+      if (!this.inBounds(ptr, len)) return false;
+      iov[2 * i] = ptr;
+      iov[2 * i + 1] = len;
     }
-    return out;
+    this.iovCount = count;
+    return true;
   }
 
-  private gather(iovs: [number, number][]): Uint8Array {
-    let total = 0;
-    for (const [, len] of iovs) total += len;
-    const out = new Uint8Array(total);
+  /** The bytes the last iovecs() name, in one new array. */
+  private gather(): Uint8Array {
+    const iov = this.iov;
     const u8 = this.bytes();
+    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + iov[1]!);
+    const out = new Uint8Array(this.totalLen());
     let at = 0;
-    for (const [ptr, len] of iovs) {
+    for (let i = 0; i < this.iovCount; i++) {
+      const ptr = iov[2 * i]!;
+      const len = iov[2 * i + 1]!;
       out.set(u8.subarray(ptr, ptr + len), at);
       at += len;
     }
     return out;
   }
 
-  private scatter(iovs: [number, number][], data: Uint8Array): void {
+  /** `data` into the buffers the last iovecs() name, in order, as far as it goes. */
+  private scatter(data: Uint8Array): void {
+    const iov = this.iov;
     const u8 = this.bytes();
     let at = 0;
-    for (const [ptr, len] of iovs) {
-      if (at >= data.byteLength) break;
-      const n = Math.min(len, data.byteLength - at);
-      u8.set(data.subarray(at, at + n), ptr);
+    for (let i = 0; i < this.iovCount && at < data.byteLength; i++) {
+      const ptr = iov[2 * i]!;
+      const n = Math.min(iov[2 * i + 1]!, data.byteLength - at);
+      u8.set(at === 0 && n === data.byteLength ? data : data.subarray(at, at + n), ptr);
       this.vcpu.markWrite(ptr, n);
       at += n;
     }
@@ -173,9 +187,9 @@ export class WasiHost {
     this.vcpu.markWrite(ptr, 8);
   }
 
-  private totalLen(iovs: [number, number][]): number {
+  private totalLen(): number {
     let t = 0;
-    for (const [, l] of iovs) t += l;
+    for (let i = 0; i < this.iovCount; i++) t += this.iov[2 * i + 1]!;
     return t;
   }
 
@@ -266,16 +280,15 @@ export class WasiHost {
     this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (e.kind === 'stdout' || e.kind === 'stderr') {
-      const data = this.gather(iovs);
+      const data = this.gather();
       this.devices.serial.write(data);
       this.setU32(nPtr, data.byteLength);
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const r = this.diskWriteOrWait(this.gather(iovs), e.pos);
+      const r = this.diskWriteOrWait(this.gather(), e.pos);
       if (r === null) return 0; // unwinding; the call is made again on resume
       if (r.errno !== errno.success) return r.errno;
       e.pos += r.n;
@@ -290,17 +303,16 @@ export class WasiHost {
     this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (e.kind === 'stdin') {
       this.setU32(nPtr, 0);
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const data = new Uint8Array(this.totalLen(iovs));
+      const data = new Uint8Array(this.totalLen());
       const r = this.diskRead(data, e.pos);
       if (r.errno !== errno.success) return r.errno;
-      this.scatter(iovs, data.subarray(0, r.n));
+      this.scatter(data.subarray(0, r.n));
       e.pos += r.n;
       this.setU32(nPtr, r.n);
       return errno.success;
@@ -356,13 +368,12 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const data = new Uint8Array(this.totalLen(iovs));
+    const data = new Uint8Array(this.totalLen());
     const r = this.diskRead(data, Number(offset));
     if (r.errno !== errno.success) return r.errno;
-    this.scatter(iovs, data.subarray(0, r.n));
+    this.scatter(data.subarray(0, r.n));
     this.setU32(nPtr, r.n);
     return errno.success;
   }
@@ -372,10 +383,9 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const r = this.diskWriteOrWait(this.gather(iovs), Number(offset));
+    const r = this.diskWriteOrWait(this.gather(), Number(offset));
     if (r === null) return 0; // unwinding; the call is made again on resume
     if (r.errno !== errno.success) return r.errno;
     this.setU32(nPtr, r.n);
@@ -524,16 +534,15 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'conn') return errno.notsock;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     const nic = this.devices.nic;
-    const max = this.totalLen(iovs);
+    const max = this.totalLen();
     if (e.nonblock) this.vcpu.drainInput();
     else if (!this.blockUntil(() => nic.readReady(e.conn), null)) return unwinding;
     const r = nic.recv(e.conn, max, (flags & riflags.peek) !== 0);
     if (r === 'again') return errno.again;
     const data = r === 'eof' ? new Uint8Array(0) : r;
-    this.scatter(iovs, data);
+    this.scatter(data);
     this.setU32(nPtr, data.byteLength);
     if (roFlagsPtr >= 0 && this.inBounds(roFlagsPtr, 2)) {
       this.mem().setUint16(roFlagsPtr, 0, true);
@@ -546,10 +555,9 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'conn') return errno.notsock;
-    const iovs = this.iovecs(iovsPtr, iovsLen);
-    if (iovs === null || !this.inBounds(nPtr, 4)) return errno.fault;
-    if (this.totalLen(iovs) > limits.nicSendBytesMax) return errno.inval;
-    const data = this.gather(iovs);
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
+    if (this.totalLen() > limits.nicSendBytesMax) return errno.inval;
+    const data = this.gather();
     const out = this.devices.nic.send(e.conn, data);
     if (out === null) return errno.pipe;
     if (data.byteLength > 0) this.vcpu.output(out);

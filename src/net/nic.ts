@@ -144,7 +144,19 @@ export class Nic {
     const c = this.conns.get(conn);
     if (c === undefined || c.closed) return 'eof';
     if (c.rxBytes === 0) return c.eof ? 'eof' : 'again';
-    const out = new Uint8Array(Math.min(max, c.rxBytes));
+    const want = Math.min(max, c.rxBytes);
+    const first = c.rx[0]!;
+    if (first.byteLength === want) {
+      // The usual case (a request read whole): that chunk as it is, no copy. Its memory is
+      // the NIC's own (the input ring's reader gives each event a copy); the caller only reads it.
+      if (!peek) {
+        c.rx.shift();
+        c.rxBytes -= want;
+        this.consumed(c, want);
+      }
+      return first;
+    }
+    const out = new Uint8Array(want);
     let at = 0;
     let i = 0;
     while (at < out.byteLength) {
