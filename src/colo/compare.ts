@@ -19,7 +19,8 @@ import type { NicOutput } from '../net/nic.js';
 export type CompareTrigger = 'mismatch' | 'timeout';
 
 type Item =
-  | { kind: 'data'; bytes: Uint8Array; at: number }
+  /** `out`: the PVM's output these bytes are all of, released as it is when they match whole. */
+  | { kind: 'data'; bytes: Uint8Array; at: number; out: NicOutput | null }
   | { kind: 'shut' | 'close'; at: number };
 
 interface Conn {
@@ -40,9 +41,16 @@ export interface CompareLimits {
 
 export interface CompareResult {
   /** Output to write to the clients now, in order. */
-  release: NicOutput[];
+  release: readonly NicOutput[];
   trigger: CompareTrigger | null;
 }
+
+/**
+ * Nothing to release and no trigger: most calls (one per guest output event, two per request)
+ * end so, and one shared result keeps them from allocating (the primary's main thread is on
+ * the path of every request, and what it allocates it collects while every client waits).
+ */
+const nothing: CompareResult = Object.freeze({ release: Object.freeze([]) as readonly NicOutput[], trigger: null });
 
 export class Compare {
   epoch = 0;
@@ -84,7 +92,7 @@ export class Compare {
     if (this.pvmEarly !== null) {
       this.pvmEarly.push({ out, at: now });
       this.pvmEarlyBytes += out.kind === 'out' ? out.bytes.byteLength : 0;
-      return { release: [], trigger: null };
+      return nothing;
     }
     const c = this.conn(out.conn);
     this.push(c, c.pvm, out, now);
@@ -100,9 +108,9 @@ export class Compare {
         this.early.push({ out, at: now });
         this.earlyBytes += n;
       }
-      return { release: [], trigger: null };
+      return nothing;
     }
-    if (epoch !== this.epoch) return { release: [], trigger: null };
+    if (epoch !== this.epoch) return nothing;
     const c = this.conn(out.conn);
     this.push(c, c.svm, out, now);
     return this.match(out.conn, c);
@@ -144,7 +152,7 @@ export class Compare {
     let trigger: CompareTrigger | null = null;
     for (const e of this.takePvmEarly()) {
       const r = this.pvm(e.out, e.at);
-      release.push(...r.release);
+      for (let i = 0; i < r.release.length; i++) release.push(r.release[i]!);
       trigger ??= r.trigger;
     }
     return { release, trigger };
@@ -227,12 +235,12 @@ export class Compare {
       c.mismatched = true;
     }
     if (bytes.byteLength === 0) return;
-    side.push({ kind: 'data', bytes, at: now });
+    side.push({ kind: 'data', bytes, at: now, out: bytes === out.bytes ? out : null });
     this.heldBytes += bytes.byteLength;
   }
 
   private match(id: number, c: Conn): CompareResult {
-    const release: NicOutput[] = [];
+    let release: NicOutput[] | null = null;
     if (!c.mismatched) {
       while (c.pvm.length > 0 && c.svm.length > 0) {
         const a = c.pvm[0]!;
@@ -247,19 +255,22 @@ export class Compare {
             c.mismatched = true;
             break;
           }
-          release.push({ kind: 'out', conn: id, offset: c.released, bytes: n === a.bytes.byteLength ? a.bytes : a.bytes.subarray(0, n) });
+          const whole = n === a.bytes.byteLength;
+          (release ??= []).push(
+            whole && a.out !== null && a.out.offset === c.released ? a.out : { kind: 'out', conn: id, offset: c.released, bytes: whole ? a.bytes : a.bytes.subarray(0, n) },
+          );
           c.released += n;
           this.matchedBytes += n;
           this.matchedChunks += 1;
           if (b.at > a.at) this.pvmWaitMsSum += b.at - a.at;
           this.heldBytes -= 2 * n;
           if (n === a.bytes.byteLength) c.pvm.shift();
-          else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at };
+          else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at, out: null };
           if (n === b.bytes.byteLength) c.svm.shift();
-          else c.svm[0] = { kind: 'data', bytes: b.bytes.subarray(n), at: b.at };
+          else c.svm[0] = { kind: 'data', bytes: b.bytes.subarray(n), at: b.at, out: null };
           continue;
         }
-        release.push({ kind: a.kind as 'shut' | 'close', conn: id, offset: c.released });
+        (release ??= []).push({ kind: a.kind as 'shut' | 'close', conn: id, offset: c.released });
         c.pvm.shift();
         c.svm.shift();
         if (a.kind === 'close') {
@@ -271,7 +282,8 @@ export class Compare {
     let trigger: CompareTrigger | null = null;
     if (c.mismatched) trigger = this.report('mismatch');
     else if (this.heldBytes > this.lim.heldBytesMax) trigger = this.report('timeout');
-    return { release, trigger };
+    if (release === null && trigger === null) return nothing;
+    return { release: release ?? nothing.release, trigger };
   }
 
   private report(t: CompareTrigger): CompareTrigger | null {

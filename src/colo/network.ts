@@ -245,7 +245,10 @@ export class PrimaryNet {
   }
 
   private deliver(r: CompareResult): void {
-    for (const out of r.release) this.vm.frontEnd?.deliver(out);
+    // An index loop: the shared empty result is a frozen array, which for-of would walk with an
+    // iterator object per call.
+    const release = r.release;
+    for (let i = 0; i < release.length; i++) this.vm.frontEnd?.deliver(release[i]!);
     if (r.trigger !== null) this.onTrigger(r.trigger);
   }
 }

@@ -181,7 +181,7 @@ export class FrontEnd extends EventEmitter {
         if (end <= c.outOffset) return;
         const from = Math.max(0, c.outOffset - out.offset);
         if (out.offset > c.outOffset) return; // a gap: never write out of order
-        c.socket.write(out.bytes.subarray(from));
+        c.socket.write(from === 0 ? out.bytes : out.bytes.subarray(from));
         latencyTrace?.replyWritten(out.conn);
         c.outOffset = end;
         if (!c.outputHeld && c.socket.writableLength > limits.nicClientOutputBufferedBytesMax) {

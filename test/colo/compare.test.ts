@@ -8,7 +8,7 @@ import { StreamError } from '../../src/core/errors.js';
 
 const enc = new TextEncoder();
 const out = (conn: number, offset: number, s: string): NicOutput => ({ kind: 'out', conn, offset, bytes: enc.encode(s) });
-const text = (outs: NicOutput[]): string => outs.map((o) => (o.kind === 'out' ? `${o.conn}@${o.offset}:${Buffer.from(o.bytes).toString()}` : `${o.conn}@${o.offset}:${o.kind}`)).join(' ');
+const text = (outs: readonly NicOutput[]): string => outs.map((o) => (o.kind === 'out' ? `${o.conn}@${o.offset}:${Buffer.from(o.bytes).toString()}` : `${o.conn}@${o.offset}:${o.kind}`)).join(' ');
 const lim = { timeoutMs: 100, heldBytesMax: 1000 };
 
 test('compare: releases only the common prefix of both guests, per connection, at the right offsets', () => {
@@ -254,4 +254,28 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
     return d.type === 'input' ? d.events : [];
   });
   assert.deepEqual(got.map((e) => `${e.seq}:${e.kind === 'data' ? e.bytes[0] : '-'}`), inputs.map((e) => `${e.seq}:${e.seq - 1}`));
+});
+
+test('compare: a PVM output matched whole is released as it is; a part of one, or one at another offset, as a new output', () => {
+  const c = new Compare(lim);
+  const a = out(1, 0, 'abc');
+  assert.equal(c.pvm(a, 0).release.length, 0);
+  const r = c.svm(0, out(1, 0, 'abc'), 1).release;
+  assert.equal(r.length, 1);
+  assert.equal(r[0], a, 'the PVM output object itself');
+  // Only part of it matched: the release is that part, at its offset.
+  const b = out(1, 3, 'defg');
+  c.pvm(b, 2);
+  const r2 = c.svm(0, out(1, 3, 'de'), 3).release;
+  assert.notEqual(r2[0], b);
+  assert.equal(text(r2), '1@3:de');
+  assert.equal(text(c.svm(0, out(1, 5, 'fg'), 4).release), '1@5:fg');
+  // A repeat the PVM sent again (offset below what it produced) is trimmed: never the object.
+  const rep = out(1, 5, 'fgh');
+  c.pvm(rep, 5);
+  const r3 = c.svm(0, out(1, 7, 'h'), 6).release;
+  assert.notEqual(r3[0], rep);
+  assert.equal(text(r3), '1@7:h');
+  // Results with nothing in them do not share a mutable array with the caller.
+  assert.ok(Object.isFrozen(c.pvm(out(1, 8, 'i'), 7).release));
 });
