@@ -13,24 +13,29 @@ import { Serial } from '../../src/machine/devices/serial.js';
 const page = 65536;
 const realtime = 0;
 
-function host(memory: WebAssembly.Memory, writes: [number, number][]): (name: string, ...args: (number | bigint)[]) => number {
-  const hooks: VcpuHooks = {
+/** vCPU hooks that record the writes the host marks dirty and the output it emits. */
+function stubHooks(writes: [number, number][], outputs: Uint8Array[] = []): VcpuHooks {
+  return {
     finishRewind: () => false,
     pauseRequested: () => false,
     startUnwind() {
       throw new Error('not in this test');
     },
     drainInput() {},
-    waitForInput() {
-      return false;
-    },
+    waitForInput: () => false,
     waitForDiskSpace: () => false,
     diskWriteDone() {},
-    output() {},
+    output(out) {
+      if (out.kind === 'out') outputs.push(Uint8Array.from(out.bytes));
+    },
     markWrite(ptr, len) {
       writes.push([ptr, len]);
     },
   };
+}
+
+function host(memory: WebAssembly.Memory, writes: [number, number][]): (name: string, ...args: (number | bigint)[]) => number {
+  const hooks = stubHooks(writes);
   const clock = new Clock();
   clock.resume();
   const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic: new Nic(), disk: null }, ['guest'], []);
@@ -64,23 +69,7 @@ test('wasi host: sock_recv and sock_send scatter and gather across iovecs, and r
   const writes: [number, number][] = [];
   const outputs: Uint8Array[] = [];
   const nic = new Nic();
-  const hooks: VcpuHooks = {
-    finishRewind: () => false,
-    pauseRequested: () => false,
-    startUnwind() {
-      throw new Error('not in this test');
-    },
-    drainInput() {},
-    waitForInput: () => false,
-    waitForDiskSpace: () => false,
-    diskWriteDone() {},
-    output(out) {
-      if (out.kind === 'out') outputs.push(Uint8Array.from(out.bytes));
-    },
-    markWrite(ptr, len) {
-      writes.push([ptr, len]);
-    },
-  };
+  const hooks = stubHooks(writes, outputs);
   const clock = new Clock();
   clock.resume();
   const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic, disk: null }, ['guest'], []);
