@@ -264,7 +264,7 @@ export class Compare {
           this.matchedChunks += 1;
           if (b.at > a.at) this.pvmWaitMsSum += b.at - a.at;
           this.heldBytes -= 2 * n;
-          if (n === a.bytes.byteLength) c.pvm.shift();
+          if (whole) c.pvm.shift();
           else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at, out: null };
           if (n === b.bytes.byteLength) c.svm.shift();
           else c.svm[0] = { kind: 'data', bytes: b.bytes.subarray(n), at: b.at, out: null };

@@ -243,14 +243,14 @@ export class PrimaryDriver {
         this.task(async () => {
           await this.ops.run(async () => {
             if (m.runState === 'finish-migrate') m.setRunState('paused');
+            let running: Promise<void> | null = null;
             try {
               // cont() tells the vCPU to run before its first await.
-              const running = m.running ? null : m.cont();
-              posted();
-              await running;
+              running = m.running ? null : m.cont();
             } finally {
               posted();
             }
+            await running;
             this.host.vm.frontEnd?.resumeReading();
             if (this.pauseStartedAt > 0) this.stats.notePause(performance.now() - this.pauseStartedAt);
           });

@@ -147,8 +147,9 @@ export class Nic {
     const want = Math.min(max, c.rxBytes);
     const first = c.rx[0]!;
     if (first.byteLength === want) {
-      // The usual case (a request read whole): that chunk as it is, no copy. Its memory is
-      // the NIC's own (the input ring's reader gives each event a copy); the caller only reads it.
+      // The usual case (a request read whole): that chunk as it is, no copy. Nothing else
+      // writes its memory (the input ring's reader copies each event out; channel input is a
+      // view of a socket read's own buffer), and the caller only reads it.
       if (!peek) {
         c.rx.shift();
         c.rxBytes -= want;
