@@ -367,8 +367,8 @@ class Vcpu {
     }
     if (Atomics.load(this.ctl, ctl.directOff) !== 0) this.closeChannel();
     this.cancelWait();
-    if (this.phase === 'unwound') this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
-    this.phase = 'running';
+    if (this.phase === 'unwound') this.rewind();
+    else this.phase = 'running';
     this.clock.resume();
     post({ type: 'running' });
     this.enter();
@@ -401,8 +401,7 @@ class Vcpu {
           return;
         }
         this.inputWait = null;
-        this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
-        this.phase = 'running';
+        this.rewind();
         continue;
       }
       this.inputWait = null;
@@ -443,8 +442,7 @@ class Vcpu {
         return;
       }
       this.inputNow();
-      this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
-      this.phase = 'running';
+      this.rewind();
       this.enter();
     };
     this.endWait = end;
@@ -461,6 +459,12 @@ class Vcpu {
         this.endWait();
       });
     }
+  }
+
+  /** An unwound guest goes back to where it was on its next _start. */
+  private rewind(): void {
+    this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
+    this.phase = 'running';
   }
 
   private cancelWait(): void {
