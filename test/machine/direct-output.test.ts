@@ -198,6 +198,16 @@ function watch(m: Machine): { events: string[]; failures: string[] } {
   return { events, failures };
 }
 
+/** kv.wasm running and ready, with client connection 1 open (input sequence number `lastSeq`). */
+async function kvWithClient(t: Parameters<typeof machineFor>[0]): Promise<{ m: Machine; events: string[]; failures: string[]; lastSeq: number }> {
+  const { m, serialText } = await machineFor(t, guests.kv, []);
+  const { events, failures } = watch(m);
+  await m.cont();
+  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
+  m.injectInput({ seq: 1, kind: 'open', conn: 1 });
+  return { m, events, failures, lastSeq: 1 };
+}
+
 /**
  * Give the running vCPU an output channel and play the primary's end of it: connect, then
  * apply (restore the vCPU's own state) until the vCPU says mirror-ready, i.e. it reads input
@@ -236,13 +246,9 @@ async function takeChannel(t: { after(fn: () => unknown): void }, m: Machine, id
 }
 
 test('machine: the vCPU reads mirrored input from the output channel after its mirror-ready: in order, stale input dropped, the guest clock running while it waits; a takeover stops it', async (t) => {
-  const { m, serialText } = await machineFor(t, guests.kv, []);
-  const { events, failures } = watch(m);
-  await m.cont();
-  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
-  let seq = 0;
+  const { m, events, failures, lastSeq } = await kvWithClient(t);
+  let seq = lastSeq;
   const ring = (s: string): void => m.injectInput({ seq: ++seq, kind: 'data', conn: 1, bytes: enc.encode(s) });
-  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
   ring('PING\r\n');
   await waitFor('a PONG as an output event', () => events.length >= 1, 5000);
 
@@ -288,12 +294,8 @@ test('machine: the vCPU reads mirrored input from the output channel after its m
 });
 
 test('machine: bad mirrored input on the output channel closes it; the vCPU goes on with the ring and posts its output', async (t) => {
-  const { m, serialText } = await machineFor(t, guests.kv, []);
-  const { events, failures } = watch(m);
-  await m.cont();
-  await waitFor('kv ready on the serial', () => serialText().includes('kv ready'), 10000);
-  let seq = 0;
-  m.injectInput({ seq: ++seq, kind: 'open', conn: 1 });
+  const { m, events, failures, lastSeq } = await kvWithClient(t);
+  let seq = lastSeq;
   const { primary } = await takeChannel(t, m, 6);
   // An output batch where input belongs.
   primary.write(encodeOutputFrames(1, [{ kind: 'out', conn: 1, offset: 0, bytes: enc.encode('x') }]));
