@@ -49,6 +49,67 @@ type FdEntry =
   | { fd: number; kind: 'disk'; pos: number }
   | { fd: number; kind: 'conn'; conn: number; nonblock: boolean };
 
+/** What poll_oneoff needs to know of an fd: FdTable.pollCode. */
+const fdCodes = { none: 0, listener: 1, conn: 2, other: 3 } as const;
+
+/**
+ * The fd table, with a Map's methods over an array indexed by fd: fds are small numbers
+ * (allocFd takes the lowest free one, a restored table holds at most 0xffff), and poll_oneoff
+ * looks one up per subscription on every call, where a Map's hash lookup showed in profiles.
+ * values() goes in fd order. Beside the entries, typed arrays hold what poll needs per fd
+ * (its code, and the connection of a conn fd): the entries' shapes differ by kind, and
+ * reading `kind` of each made poll's loads polymorphic.
+ */
+class FdTable {
+  private slots: (FdEntry | undefined)[] = [];
+  private codes = new Uint8Array(16);
+  private connOfFd = new Int32Array(16);
+
+  get(fd: number): FdEntry | undefined {
+    return fd < this.slots.length ? this.slots[fd] : undefined;
+  }
+
+  has(fd: number): boolean {
+    return this.get(fd) !== undefined;
+  }
+
+  set(fd: number, e: FdEntry): void {
+    while (this.slots.length <= fd) this.slots.push(undefined);
+    if (this.codes.length <= fd) {
+      const size = Math.max(fd + 1, 2 * this.codes.length);
+      const codes = new Uint8Array(size);
+      codes.set(this.codes);
+      this.codes = codes;
+      const conns = new Int32Array(size);
+      conns.set(this.connOfFd);
+      this.connOfFd = conns;
+    }
+    this.slots[fd] = e;
+    this.codes[fd] = e.kind === 'listener' ? fdCodes.listener : e.kind === 'conn' ? fdCodes.conn : fdCodes.other;
+    this.connOfFd[fd] = e.kind === 'conn' ? e.conn : -1;
+  }
+
+  delete(fd: number): void {
+    if (fd >= this.slots.length) return;
+    this.slots[fd] = undefined;
+    this.codes[fd] = fdCodes.none;
+  }
+
+  /** fdCodes.none for a free fd. */
+  pollCode(fd: number): number {
+    return fd < this.slots.length ? this.codes[fd]! : fdCodes.none;
+  }
+
+  /** The connection of a conn fd (pollCode conn). */
+  pollConn(fd: number): number {
+    return this.connOfFd[fd]!;
+  }
+
+  *values(): IterableIterator<FdEntry> {
+    for (const e of this.slots) if (e !== undefined) yield e;
+  }
+}
+
 export interface WasiState {
   fds: FdEntry[];
 }
@@ -66,7 +127,7 @@ const pollKinds = { clock: 0, badf: 1, writable: 2, listener: 3, conn: 4, always
  * device input, or start an asyncify unwind when a pause is requested.
  */
 export class WasiHost {
-  private fds = new Map<number, FdEntry>();
+  private fds = new FdTable();
   private readonly iov = new Uint32Array(2 * limits.iovecsMax);
   private iovCount = 0;
   private view!: DataView;
@@ -482,15 +543,19 @@ export class WasiHost {
   /**
    * The blocking discipline shared by accept, recv and poll: try, and when the call would
    * block, admit one pending input event and try again; with nothing pending, either unwind
-   * for a pause or wait for input. Returns false when the guest is being unwound.
+   * for a pause or wait for input. Returns false when the guest is being unwound. `ready` is
+   * told whether the one thing that changed since its last (fruitless) call is the event just
+   * admitted (nic.lastAdmittedConn), so it may check only what that event can have made ready.
    */
-  private blockUntil(ready: () => boolean, deadlineNs: bigint | null): boolean {
+  private blockUntil(ready: (admitted: boolean) => boolean, deadlineNs: bigint | null): boolean {
     const nic = this.devices.nic;
+    let admitted = false;
     for (;;) {
       this.vcpu.drainInput();
-      if (ready()) return true;
+      if (ready(admitted)) return true;
       if (deadlineNs !== null && this.devices.clock.monotonicNs() >= deadlineNs) return true;
-      if (nic.admitOne()) continue;
+      admitted = nic.admitOne();
+      if (admitted) continue;
       if (this.vcpu.pauseRequested()) {
         this.vcpu.startUnwind();
         return false;
@@ -617,6 +682,7 @@ export class WasiHost {
     const kind = this.pollKind;
     const arg = this.pollArg;
     const userdata = this.pollUserdata;
+    const fds = this.fds;
     let deadline: bigint | null = null;
     let now = 0n;
     for (let i = 0; i < n; i++) {
@@ -641,26 +707,33 @@ export class WasiHost {
         if (deadline === null || d < deadline) deadline = d;
         continue;
       }
-      const e = this.fds.get(dv.getUint32(p + 16, true));
-      if (e === undefined) kind[i] = pollKinds.badf;
-      else if (tag === eventtype.fdWrite) kind[i] = pollKinds.writable;
-      else if (e.kind === 'listener') kind[i] = pollKinds.listener;
-      else if (e.kind === 'conn') {
+      const fd = dv.getUint32(p + 16, true);
+      const code = fds.pollCode(fd);
+      // arg: the connection for a conn subscription, else the event type it echoes (fd_read or fd_write).
+      if (code === fdCodes.none) {
+        kind[i] = pollKinds.badf;
+        arg[i] = tag;
+      } else if (tag === eventtype.fdWrite) {
+        kind[i] = pollKinds.writable;
+        arg[i] = tag;
+      } else if (code === fdCodes.listener) {
+        kind[i] = pollKinds.listener;
+        arg[i] = tag;
+      } else if (code === fdCodes.conn) {
         kind[i] = pollKinds.conn;
-        arg[i] = e.conn;
-      } else kind[i] = pollKinds.always;
-      // The event type echoes the subscription's (fd_read or fd_write).
-      if (tag === eventtype.fdWrite) arg[i] = tag;
-      else if (e?.kind !== 'conn') arg[i] = tag;
+        arg[i] = fds.pollConn(fd);
+      } else {
+        kind[i] = pollKinds.always;
+        arg[i] = tag;
+      }
     }
     const hasClock = deadline !== null;
-    const collect = (): boolean => this.pollCollect(n, hasClock);
-    if (!this.blockUntil(collect, deadline)) {
+    if (!this.blockUntil((admitted) => this.pollCollect(n, hasClock, admitted), deadline)) {
       if (deadline !== null) this.pollNow = now;
       return unwinding;
     }
     // blockUntil returns after a collect that found events, or at the deadline.
-    if (this.pollCount === 0) collect();
+    if (this.pollCount === 0) this.pollCollect(n, hasClock, false);
     const u8 = this.bytes();
     const count = this.pollCount;
     for (let j = 0; j < count; j++) {
@@ -681,13 +754,22 @@ export class WasiHost {
     return errno.success;
   }
 
-  /** Which of the call's `n` subscriptions are ready: indices into pollReady, nbytes into pollNbytes. */
-  private pollCollect(n: number, hasClock: boolean): boolean {
+  /**
+   * Which of the call's `n` subscriptions are ready: indices into pollReady, nbytes into
+   * pollNbytes, in subscription order. With `admitted`, the previous collect of this call found
+   * nothing and the only change since is the event just admitted: only subscriptions on its
+   * connection, listeners and clocks can have become ready, and only those are looked up (the
+   * NIC's map is not searched once per connection for every event admitted). The result is the
+   * same as a full collect's.
+   */
+  private pollCollect(n: number, hasClock: boolean, admitted: boolean): boolean {
     const nic = this.devices.nic;
     const kind = this.pollKind;
+    const arg = this.pollArg;
     const ready = this.pollReady;
     const nbytes = this.pollNbytes;
     const t = hasClock ? this.devices.clock.monotonicNs() : 0n;
+    const changed = admitted ? nic.lastAdmittedConn : -1;
     let count = 0;
     for (let i = 0; i < n; i++) {
       switch (kind[i]) {
@@ -696,9 +778,11 @@ export class WasiHost {
           nbytes[count] = 0;
           break;
         case pollKinds.conn: {
-          const conn = this.pollArg[i]!;
-          if (!nic.readReady(conn)) continue;
-          nbytes[count] = nic.readableBytes(conn);
+          const conn = arg[i]!;
+          if (admitted && conn !== changed) continue;
+          const bytes = nic.readableOrNotReady(conn);
+          if (bytes < 0) continue;
+          nbytes[count] = bytes;
           break;
         }
         case pollKinds.listener:
@@ -731,7 +815,7 @@ export class WasiHost {
   restore(raw: unknown): void {
     this.pollNow = null;
     const s = v.record(raw, 'wasi');
-    const fds = new Map<number, FdEntry>();
+    const fds = new FdTable();
     for (const [i, x] of v.array(s.fds, 'wasi.fds', limits.nicConnectionsMax + 32).entries()) {
       const e = v.record(x, `wasi.fds[${i}]`);
       const fd = v.uint(e.fd, `wasi.fds[${i}].fd`, 0xffff);

@@ -67,6 +67,12 @@ export class Nic {
   admittedSeq = 0;
   /** Credits due to the front end (flow control, see limits.nicConnectionInputWindowBytes); not part of the state. */
   private credits: InputCredit[] = [];
+  /**
+   * The connection of the event admitOne admitted last (-1 before any). Not part of the state:
+   * a poll that found nothing ready and then admits one event re-checks only this connection
+   * (and the listener, and clocks) instead of every subscription.
+   */
+  lastAdmittedConn = -1;
 
   /** Queue an input event; returns false for a stale (already seen) one. */
   enqueue(ev: NicInput): boolean {
@@ -86,6 +92,7 @@ export class Nic {
     const ev = this.pending.shift();
     if (ev === undefined) return false;
     this.admittedSeq = ev.seq;
+    this.lastAdmittedConn = ev.conn;
     switch (ev.kind) {
       case 'open': {
         if (this.conns.has(ev.conn)) return true;
@@ -133,6 +140,13 @@ export class Nic {
     const c = this.conns.get(conn);
     if (c === undefined) return true;
     return c.rxBytes > 0 || c.eof || c.closed;
+  }
+
+  /** For poll: -1 when `conn` is not readReady, else its readableBytes (one lookup for both). */
+  readableOrNotReady(conn: number): number {
+    const c = this.conns.get(conn);
+    if (c === undefined) return 0;
+    return c.rxBytes > 0 || c.eof || c.closed ? c.rxBytes : -1;
   }
 
   readableBytes(conn: number): number {

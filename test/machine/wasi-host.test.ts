@@ -140,3 +140,80 @@ test('wasi host: sock_recv and sock_send scatter and gather across iovecs, and r
   assert.equal(dv.getUint32(300, true), 4);
   assert.equal(text(4000, 4), 'abcd');
 });
+
+test('wasi host: poll_oneoff admits one event at a time and reports the ready subscriptions in order', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const nic = new Nic();
+  const clock = new Clock();
+  clock.resume();
+  const hooks: VcpuHooks = {
+    ...stubHooks([]),
+    waitForInput() {
+      throw new Error('poll_oneoff would wait: nothing ready and nothing pending');
+    },
+  };
+  const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic, disk: null }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: number[]) => number>;
+  const call = (name: string, ...args: number[]): number => imports[name]!(...args);
+  const dv = new DataView(memory.buffer);
+  const enc = (s: string): Uint8Array => new TextEncoder().encode(s);
+  const fdRead = 1;
+  const fdWrite = 2;
+  const subs = 1000;
+  const events = 4000;
+  /** Subscriptions [userdata, type, fd]; returns the events as [userdata, error, type, nbytes, flags]. */
+  const poll = (list: [number, number, number][]): number[][] => {
+    list.forEach(([ud, type, fd], i) => {
+      const p = subs + 48 * i;
+      for (let b = 0; b < 48; b += 4) dv.setUint32(p + b, 0, true);
+      dv.setUint32(p, ud, true);
+      dv.setUint8(p + 8, type);
+      dv.setUint32(p + 16, fd, true);
+    });
+    assert.equal(call('poll_oneoff', subs, events, list.length, 3000), 0);
+    const out: number[][] = [];
+    for (let j = 0; j < dv.getUint32(3000, true); j++) {
+      const p = events + 32 * j;
+      out.push([dv.getUint32(p, true), dv.getUint16(p + 8, true), dv.getUint8(p + 10), Number(dv.getBigUint64(p + 16, true)), dv.getUint16(p + 24, true)]);
+    }
+    return out;
+  };
+  const recv = (fd: number): void => {
+    dv.setUint32(200, 5000, true);
+    dv.setUint32(204, 64, true);
+    assert.equal(call('sock_recv', fd, 200, 1, 0, 300, 304), 0);
+  };
+
+  let seq = 1;
+  for (const conn of [1, 2]) nic.enqueue({ seq: seq++, kind: 'open', conn });
+  while (nic.admitOne());
+  assert.equal(call('sock_accept', 3, 0, 100), 0);
+  const fd1 = dv.getUint32(100, true);
+  assert.equal(call('sock_accept', 3, 0, 100), 0);
+  const fd2 = dv.getUint32(100, true);
+  const watch: [number, number, number][] = [[10, fdRead, 3], [11, fdRead, fd1], [12, fdRead, fd2]];
+
+  // Nothing ready: the first pending event is admitted, then the next; conn 2's data is what
+  // makes a subscription ready. Conn 1's event was admitted on the way (its data waits).
+  nic.enqueue({ seq: seq++, kind: 'data', conn: 1, bytes: enc('ab') });
+  nic.enqueue({ seq: seq++, kind: 'data', conn: 2, bytes: enc('xyz') });
+  nic.enqueue({ seq: seq++, kind: 'open', conn: 3 });
+  assert.deepEqual(poll(watch.slice(2)), [[12, 0, fdRead, 3, 0]]);
+  assert.equal(nic.admittedSeq, seq - 2, 'the open is still pending');
+  // Ready ones are found without admitting anything: both connections now.
+  assert.deepEqual(poll(watch), [[11, 0, fdRead, 2, 0], [12, 0, fdRead, 3, 0]]);
+  assert.equal(nic.admittedSeq, seq - 2);
+  recv(fd1);
+  recv(fd2);
+  // A new connection makes the listener ready.
+  assert.deepEqual(poll(watch), [[10, 0, fdRead, 1, 0]]);
+  assert.equal(call('sock_accept', 3, 0, 100), 0);
+  // The client of conn 1 closes: a hang-up with 0 bytes.
+  nic.enqueue({ seq: seq++, kind: 'close', conn: 1 });
+  assert.deepEqual(poll(watch), [[11, 0, fdRead, 0, 1 /* hangup */]]);
+  // A free fd and a write subscription are ready at once, in subscription order.
+  assert.deepEqual(poll([[12, fdRead, fd2], [20, fdRead, 77], [21, fdWrite, fd2]]), [[20, 8 /* EBADF */, fdRead, 0, 0], [21, 0, fdWrite, 65536, 0]]);
+  // A closed fd is free: EBADF.
+  assert.equal(call('fd_close', fd1), 0);
+  assert.deepEqual(poll([[11, fdRead, fd1]]), [[11, 8, fdRead, 0, 0]]);
+});
