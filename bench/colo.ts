@@ -432,7 +432,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   process.stdout.write('redis-benchmark itself runs on the same 2 cores and is not counted. VM idle and steal: shares of the whole VM\'s CPU time during the load (/proc/stat); steal is time the hypervisor gave to other VMs.\n\n');
 
   process.stdout.write('### Checkpoint pause (PVM stopped time) during the load\n\n');
-  const prow: (string | number)[][] = [['setup', 'checkpoints', 'periodic', 'mismatch', 'timeout', 'mean ms', 'p99 ms', 'max ms', 'mean MiB/ckpt', 'compare matched MiB', 'released by ckpt MiB', 'PVM reply waits for SVM, mean ms', 'events: n', 'events: mean ms', 'events: p99 ms', 'events: max ms', 'load s']];
+  const prow: (string | number)[][] = [['setup', 'checkpoints', 'periodic', 'mismatch', 'timeout', 'resync', 'mean ms', 'p99 ms', 'max ms', 'mean MiB/ckpt', 'compare matched MiB', 'released by ckpt MiB', 'PVM reply waits for SVM, mean ms', 'events: n', 'events: mean ms', 'events: p99 ms', 'events: max ms', 'load s']];
   for (const r of [...runs[1]!, ...runs[2]!]) {
     const c = r.colo;
     const e = r.eventPauses ?? [];
@@ -444,6 +444,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
       field(c, 'checkpoints-periodic', 0),
       field(c, 'checkpoints-mismatch', 0),
       field(c, 'checkpoints-timeout', 0),
+      field(c, 'checkpoints-resync', 0),
       field(c, 'mean-pause-ms'),
       field(c, 'p99-pause-ms'),
       field(c, 'max-pause-ms'),

@@ -122,6 +122,7 @@ export class ColoController implements DriverHost {
         'checkpoints-periodic': by.periodic,
         'checkpoints-mismatch': by.mismatch,
         'checkpoints-timeout': by.timeout,
+        'checkpoints-resync': by.resync,
         'last-pause-ms': round3(st.lastPauseMs),
         'max-pause-ms': round3(st.maxPauseMs),
         'mean-pause-ms': round3(sum.mean),

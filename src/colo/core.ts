@@ -28,7 +28,11 @@ export type ColoMode = 'primary' | 'secondary';
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 
 /** Why a checkpoint was taken: the periodic timer, or the compare (output differed, or waited too long). */
-export type CheckpointReason = 'periodic' | 'mismatch' | 'timeout';
+/**
+ * Why a checkpoint was taken: the timer, the compare (outputs differ, or one side's output
+ * waited too long), or a resynchronisation (mirrored input was lost with a broken channel).
+ */
+export type CheckpointReason = 'periodic' | 'mismatch' | 'timeout' | 'resync';
 
 /** Events common to both sides. */
 export type FailoverEvent =
@@ -73,8 +77,8 @@ export type PrimaryEvent =
   | { type: 'handoff' }
   | { type: 'message'; msg: ColoMessage }
   | { type: 'timer' }
-  /** The compare asks for a checkpoint. */
-  | { type: 'trigger'; reason: 'mismatch' | 'timeout' }
+  /** The compare, or the network after losing mirrored input, asks for a checkpoint. */
+  | { type: 'trigger'; reason: Exclude<CheckpointReason, 'periodic'> }
   | { type: 'vmPaused' }
   /** The checkpoint's state (pages, disk blocks, device state) is copied: the PVM may run on while it travels. */
   | { type: 'stateCaptured' }
@@ -102,7 +106,7 @@ export type PrimaryAction =
 
 export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   phase: PrimaryPhase = 'idle';
-  readonly checkpointsBy: Record<CheckpointReason, number> = { periodic: 0, mismatch: 0, timeout: 0 };
+  readonly checkpointsBy: Record<CheckpointReason, number> = { periodic: 0, mismatch: 0, timeout: 0, resync: 0 };
   /** Reason of the checkpoint in flight. */
   private reason: CheckpointReason = 'periodic';
   /** A trigger that came while no checkpoint could start and none in flight covers it. */
@@ -131,6 +135,13 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.request('periodic');
       case 'trigger':
         if (this.phase === 'running') return this.request(ev.reason);
+        if (ev.reason === 'resync') {
+          // Mirrored input was lost: the checkpoint in flight may have captured the PVM before
+          // it took that input, so the next checkpoint is needed whatever the phase, and it
+          // counts as this one (it also covers any compare trigger remembered).
+          if (this.phase !== 'idle' && this.phase !== 'failover' && this.phase !== 'done') this.wanted = 'resync';
+          return [];
+        }
         // Before the first checkpoint, or once the one in flight passed VMSTATE_RECEIVED (the
         // compare is in a new epoch), the trigger is about output the next checkpoint must
         // cover. Between CHECKPOINT_REQUEST and VMSTATE_RECEIVED the checkpoint in flight covers it

@@ -79,7 +79,7 @@ export class PrimaryNet {
   constructor(
     private readonly vm: Vm,
     private readonly session: SourceSession,
-    private readonly onTrigger: (reason: CompareTrigger) => void,
+    private readonly onTrigger: (reason: CompareTrigger | 'resync') => void,
     /** SVM output that cannot be decoded: the secondary is not one to compare with. */
     private readonly onBroken: (err: Error) => void,
   ) {
@@ -175,7 +175,7 @@ export class PrimaryNet {
         // Input in flight there is lost: the SVM may differ from now on without its output
         // showing it yet. A checkpoint brings it back in step.
         log.info('the SVM output channel closed; the mirror goes on the main channel, and a checkpoint resynchronises the SVM');
-        this.onTrigger('mismatch');
+        this.onTrigger('resync');
       }
     });
   }

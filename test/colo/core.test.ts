@@ -38,7 +38,7 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.deepEqual(note(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(sent, ['CHECKPOINT_READY', 'CHECKPOINT_REQUEST', 'CHECKPOINT_REPLY', 'VMSTATE_SEND', 'VMSTATE_SIZE', 'VMSTATE_RECEIVED', 'VMSTATE_LOADED']);
   assert.equal(p.checkpoints, 1);
-  assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0 });
+  assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 0 });
   assert.equal(s.checkpoints, 1);
   // The PVM resumes at VMSTATE_RECEIVED; when it runs before VMSTATE_LOADED comes, LOADED re-arms the timer.
   p.step({ type: 'timer' });
@@ -93,7 +93,7 @@ test('colo core: a captured checkpoint lets the PVM run on before the secondary 
   assert.equal(p.checkpoints, 2);
 });
 
-test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight', () => {
+test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight; a resync always takes the next', () => {
   const p = new PrimaryCore(() => 100);
   const kinds = (acts: { type: string; msg?: string }[]): string[] => acts.map((a) => (a.msg !== undefined ? `${a.type} ${a.msg}` : a.type));
   p.step({ type: 'handoff' });
@@ -110,16 +110,35 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
   // After VMSTATE_RECEIVED the compare is in a new epoch: this one needs the next checkpoint.
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), []);
   p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
-  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 0, timeout: 1 });
+  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 0, timeout: 1, resync: 0 });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST']);
   p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
   p.step({ type: 'vmPaused' });
   p.step({ type: 'stateSent' });
   p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
   p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
-  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 1, timeout: 1 });
+  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 1, timeout: 1, resync: 0 });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
+
+  // Lost mirrored input (resync) is not covered by the checkpoint in flight, even before
+  // VMSTATE_RECEIVED: the next one is taken, and counted as resync over a remembered trigger.
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'resync' })), []);
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'timeout' })), []);
+  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST']);
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 2, timeout: 1, resync: 1 });
+  assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['armTimer']);
+  assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'resync' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
 });
 
 /** A secondary receiving its first checkpoint (VMSTATE_SEND came). */

@@ -192,6 +192,7 @@ test('colo/net: the SVM output channel cut under load (ss -K): output and mirror
   const pid = src.child.pid!;
   const conns = (await tcpConnections(pid)).filter((c) => c.local !== port && c.peer !== migPort);
   assert.equal(conns.length, 1, `one output channel among the primary's connections: ${JSON.stringify(await tcpConnections(pid))}`);
+  const beforeCut = await coloCounters(src);
   const cut = await runProgram('ss', ['-K', 'dst', '127.0.0.1', 'dport', '=', String(conns[0]!.peer)], { timeoutMs: 5000 });
   assert.equal(cut.code, 0, `ss -K: ${cut.stderr}`);
   await waitFor('the primary to count SVM output on the main channel', async () => (await coloCounters(src))['svm-output-channel'] as unknown === 'main', 5000, 50);
@@ -206,6 +207,8 @@ test('colo/net: the SVM output channel cut under load (ss -K): output and mirror
   // (the batch the cut tore may cost one).
   assert.ok(counters['compare-matched-bytes']! - atCut['compare-matched-bytes']! >= 250 * '+OK\r\n'.length, `replies matched after the cut (${JSON.stringify(atCut)} → ${JSON.stringify(counters)})`);
   assert.ok(counters['checkpoints-timeout']! - atCut['checkpoints-timeout']! <= 1, `no timeout checkpoints after the cut (${JSON.stringify(atCut)} → ${JSON.stringify(counters)})`);
+  // The mirrored input the cut lost is made good by one checkpoint of its own reason.
+  assert.equal(counters['checkpoints-resync']! - beforeCut['checkpoints-resync']!, 1, `one resync checkpoint for the cut (${JSON.stringify(beforeCut)} → ${JSON.stringify(counters)})`);
   const mark = dst.qmp.eventCount;
   await dst.waitEvent('RESUME', { after: mark, nth: 2, timeoutMs: 10000 });
   assert.ok((await coloCounters(src))['checkpoints']! > counters['checkpoints']!, 'checkpoints go on');
