@@ -49,6 +49,9 @@ type FdEntry =
   | { fd: number; kind: 'disk'; pos: number }
   | { fd: number; kind: 'conn'; conn: number; nonblock: boolean };
 
+/** No connection: blockUntil's `changed` after a wait that admitted nothing (connection ids start at 1). */
+const noConn = -1;
+
 /** What poll_oneoff needs to know of an fd: FdTable.pollCode. */
 const fdCodes = { none: 0, listener: 1, conn: 2, other: 3 } as const;
 
@@ -544,18 +547,22 @@ export class WasiHost {
    * The blocking discipline shared by accept, recv and poll: try, and when the call would
    * block, admit one pending input event and try again; with nothing pending, either unwind
    * for a pause or wait for input. Returns false when the guest is being unwound. `ready` is
-   * told whether the one thing that changed since its last (fruitless) call is the event just
-   * admitted (nic.lastAdmittedConn), so it may check only what that event can have made ready.
+   * told what changed since its last (fruitless) call, so it may check only that: `all` on the
+   * first call; the connection of the event just admitted (listeners and clocks may have
+   * changed too); or noConn after a wait (time passed, input was queued, nothing admitted).
    */
-  private blockUntil(ready: (admitted: boolean) => boolean, deadlineNs: bigint | null): boolean {
+  private blockUntil(ready: (changed: number | 'all') => boolean, deadlineNs: bigint | null): boolean {
     const nic = this.devices.nic;
-    let admitted = false;
+    let changed: number | 'all' = 'all';
     for (;;) {
       this.vcpu.drainInput();
-      if (ready(admitted)) return true;
+      if (ready(changed)) return true;
       if (deadlineNs !== null && this.devices.clock.monotonicNs() >= deadlineNs) return true;
-      admitted = nic.admitOne();
-      if (admitted) continue;
+      if (nic.admitOne()) {
+        changed = nic.lastAdmittedConn;
+        continue;
+      }
+      changed = noConn;
       if (this.vcpu.pauseRequested()) {
         this.vcpu.startUnwind();
         return false;
@@ -643,7 +650,9 @@ export class WasiHost {
 
   // poll_oneoff runs for every request a server guest handles, over every connection it has:
   // its subscriptions are decoded once per call into these reused arrays, without BigInts
-  // except for clock deadlines, and readiness is computed into `pollReady`.
+  // except for clock deadlines, and readiness is computed into `pollReady`. Only the ready
+  // ones' userdata is read (into pollUserdata, before any event is written: the guest may pass
+  // overlapping buffers).
   private pollKind = new Uint8Array(0);
   private pollArg = new Int32Array(0);
   private pollUserdata = new Uint32Array(0);
@@ -681,14 +690,11 @@ export class WasiHost {
     const dv = this.mem();
     const kind = this.pollKind;
     const arg = this.pollArg;
-    const userdata = this.pollUserdata;
     const fds = this.fds;
     let deadline: bigint | null = null;
     let now = 0n;
     for (let i = 0; i < n; i++) {
       const p = inPtr + i * subscriptionBytes;
-      userdata[2 * i] = dv.getUint32(p, true);
-      userdata[2 * i + 1] = dv.getUint32(p + 4, true);
       const tag = dv.getUint8(p + 8);
       if (tag === eventtype.clock) {
         if (deadline === null) now = savedNow ?? this.devices.clock.monotonicNs();
@@ -728,20 +734,26 @@ export class WasiHost {
       }
     }
     const hasClock = deadline !== null;
-    if (!this.blockUntil((admitted) => this.pollCollect(n, hasClock, admitted), deadline)) {
+    if (!this.blockUntil((changed) => this.pollCollect(n, hasClock, changed), deadline)) {
       if (deadline !== null) this.pollNow = now;
       return unwinding;
     }
     // blockUntil returns after a collect that found events, or at the deadline.
-    if (this.pollCount === 0) this.pollCollect(n, hasClock, false);
+    if (this.pollCount === 0) this.pollCollect(n, hasClock, 'all');
     const u8 = this.bytes();
     const count = this.pollCount;
+    const userdata = this.pollUserdata;
+    for (let j = 0; j < count; j++) {
+      const sub = inPtr + this.pollReady[j]! * subscriptionBytes;
+      userdata[2 * j] = dv.getUint32(sub, true);
+      userdata[2 * j + 1] = dv.getUint32(sub + 4, true);
+    }
     for (let j = 0; j < count; j++) {
       const i = this.pollReady[j]!;
       const p = outPtr + j * eventBytes;
       u8.fill(0, p, p + eventBytes);
-      dv.setUint32(p, userdata[2 * i]!, true);
-      dv.setUint32(p + 4, userdata[2 * i + 1]!, true);
+      dv.setUint32(p, userdata[2 * j]!, true);
+      dv.setUint32(p + 4, userdata[2 * j + 1]!, true);
       const k = kind[i]!;
       const nbytes = this.pollNbytes[j]!;
       dv.setUint16(p + 8, k === pollKinds.badf ? errno.badf : 0, true);
@@ -756,20 +768,20 @@ export class WasiHost {
 
   /**
    * Which of the call's `n` subscriptions are ready: indices into pollReady, nbytes into
-   * pollNbytes, in subscription order. With `admitted`, the previous collect of this call found
-   * nothing and the only change since is the event just admitted: only subscriptions on its
-   * connection, listeners and clocks can have become ready, and only those are looked up (the
-   * NIC's map is not searched once per connection for every event admitted). The result is the
-   * same as a full collect's.
+   * pollNbytes, in subscription order. Unless `changed` is 'all', the previous collect of this
+   * call found nothing and the only change since is on that connection (an admitted event) or
+   * none (noConn): only subscriptions on it, listeners and clocks can have become ready, and
+   * only those are looked up (the NIC's map is not searched once per connection for every event
+   * admitted or every wake-up). The result is the same as a full collect's.
    */
-  private pollCollect(n: number, hasClock: boolean, admitted: boolean): boolean {
+  private pollCollect(n: number, hasClock: boolean, changed: number | 'all'): boolean {
     const nic = this.devices.nic;
     const kind = this.pollKind;
     const arg = this.pollArg;
     const ready = this.pollReady;
     const nbytes = this.pollNbytes;
     const t = hasClock ? this.devices.clock.monotonicNs() : 0n;
-    const changed = admitted ? nic.lastAdmittedConn : -1;
+    const all = changed === 'all';
     let count = 0;
     for (let i = 0; i < n; i++) {
       switch (kind[i]) {
@@ -779,7 +791,7 @@ export class WasiHost {
           break;
         case pollKinds.conn: {
           const conn = arg[i]!;
-          if (admitted && conn !== changed) continue;
+          if (!all && conn !== changed) continue;
           const bytes = nic.readableOrNotReady(conn);
           if (bytes < 0) continue;
           nbytes[count] = bytes;

@@ -146,10 +146,17 @@ test('wasi host: poll_oneoff admits one event at a time and reports the ready su
   const nic = new Nic();
   const clock = new Clock();
   clock.resume();
+  /** What arrives while poll_oneoff waits (once), or the wait is a test failure. */
+  let arrives: (() => void) | null = null;
+  let waits = 0;
   const hooks: VcpuHooks = {
     ...stubHooks([]),
     waitForInput() {
-      throw new Error('poll_oneoff would wait: nothing ready and nothing pending');
+      if (arrives === null) throw new Error('poll_oneoff would wait: nothing ready and nothing pending');
+      waits++;
+      arrives();
+      arrives = null;
+      return false;
     },
   };
   const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic, disk: null }, ['guest'], []);
@@ -160,8 +167,8 @@ test('wasi host: poll_oneoff admits one event at a time and reports the ready su
   const fdRead = 1;
   const fdWrite = 2;
   const subs = 1000;
-  const events = 4000;
   /** Subscriptions [userdata, type, fd]; returns the events as [userdata, error, type, nbytes, flags]. */
+  let events = 4000;
   const poll = (list: [number, number, number][]): number[][] => {
     list.forEach(([ud, type, fd], i) => {
       const p = subs + 48 * i;
@@ -211,8 +218,18 @@ test('wasi host: poll_oneoff admits one event at a time and reports the ready su
   // The client of conn 1 closes: a hang-up with 0 bytes.
   nic.enqueue({ seq: seq++, kind: 'close', conn: 1 });
   assert.deepEqual(poll(watch), [[11, 0, fdRead, 0, 1 /* hangup */]]);
+  // Nothing pending: poll waits, and what arrives meanwhile is admitted and found.
+  arrives = () => nic.enqueue({ seq: seq++, kind: 'data', conn: 2, bytes: enc('later') });
+  assert.deepEqual(poll(watch.slice(2)), [[12, 0, fdRead, 5, 0]]);
+  assert.equal(waits, 1);
+  recv(fd2);
   // A free fd and a write subscription are ready at once, in subscription order.
   assert.deepEqual(poll([[12, fdRead, fd2], [20, fdRead, 77], [21, fdWrite, fd2]]), [[20, 8 /* EBADF */, fdRead, 0, 0], [21, 0, fdWrite, 65536, 0]]);
+  // Events written over the subscriptions (in and out overlap): each event still carries its
+  // subscription's userdata.
+  events = subs + 24;
+  assert.deepEqual(poll([[30, fdRead, 77], [31, fdRead, 78], [32, fdRead, 79]]), [[30, 8, fdRead, 0, 0], [31, 8, fdRead, 0, 0], [32, 8, fdRead, 0, 0]]);
+  events = 4000;
   // A closed fd is free: EBADF.
   assert.equal(call('fd_close', fd1), 0);
   assert.deepEqual(poll([[11, fdRead, fd1]]), [[11, 8, fdRead, 0, 0]]);
