@@ -10,7 +10,7 @@ import type { InstrumentedGuest } from './instrument.js';
 import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker } from './dirty.js';
 import { InputRingWriter, createInputRing } from './input-ring.js';
 import { logger } from '../core/log.js';
-import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+import { ctl, decodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 
 /** QEMU's run states, as `query-status` reports them. */
 export type RunState =
@@ -411,7 +411,7 @@ export class Machine extends EventEmitter {
   private onWorkerMessage(m: WorkerReply): void {
     switch (m.type) {
       case 'out':
-        for (const out of m.outs) this.emit('output', out as NicOutput);
+        for (const out of decodeOutputBatch(m.outs)) this.emit('output', out);
         if (m.credits !== null) for (const c of m.credits) this.emit('credit', c);
         return;
       case 'direct-output-failed':

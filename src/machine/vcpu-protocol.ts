@@ -85,10 +85,56 @@ export type WorkerReply =
   | { type: 'io-resumed' }
   | { type: 'exited'; code: number }
   | { type: 'panicked'; message: string }
-  | { type: 'out'; outs: NicOutput[]; credits: InputCredit[] | null }
+  /** `outs`: an encodeOutputBatch. */
+  | { type: 'out'; outs: Uint8Array; credits: InputCredit[] | null }
   | { type: 'output-channel'; port: number }
   /** The SVM output channel broke (a failed write, its end seen, a primary that reads nothing): the vCPU closed it and posts its output again. */
   | { type: 'direct-output-failed'; message: string }
   | { type: 'state'; state: VcpuState }
   | { type: 'restored'; connections: number[]; maxConnId: number }
   | { type: 'error'; message: string; code?: string | undefined };
+
+const outputKinds = ['out', 'shut', 'close'] as const;
+const outputEntryBytes = 17;
+
+/**
+ * Guest output from the vCPU to the main thread as one byte buffer: per event u8 kind
+ * (0 out, 1 shut, 2 close), u32 conn, f64 offset, u32 length, and the bytes. A structured
+ * clone of the event objects cost the vCPU (and the main thread) a walk over every object and
+ * string; this is one copy. Both ends are our own code: decode asserts, it does not validate.
+ */
+export function encodeOutputBatch(outs: readonly NicOutput[]): Uint8Array {
+  let bytes = 0;
+  for (const o of outs) bytes += outputEntryBytes + (o.kind === 'out' ? o.bytes.byteLength : 0);
+  const b = new Uint8Array(bytes);
+  const dv = new DataView(b.buffer);
+  let at = 0;
+  for (const o of outs) {
+    const len = o.kind === 'out' ? o.bytes.byteLength : 0;
+    dv.setUint8(at, o.kind === 'out' ? 0 : o.kind === 'shut' ? 1 : 2);
+    dv.setUint32(at + 1, o.conn, true);
+    dv.setFloat64(at + 5, o.offset, true);
+    dv.setUint32(at + 13, len, true);
+    if (o.kind === 'out') b.set(o.bytes, at + outputEntryBytes);
+    at += outputEntryBytes + len;
+  }
+  return b;
+}
+
+/** The events of an encodeOutputBatch; their bytes are views of `b`. */
+export function decodeOutputBatch(b: Uint8Array): NicOutput[] {
+  const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  const outs: NicOutput[] = [];
+  let at = 0;
+  while (at < b.byteLength) {
+    const kind = outputKinds[dv.getUint8(at)];
+    const conn = dv.getUint32(at + 1, true);
+    const offset = dv.getFloat64(at + 5, true);
+    const len = dv.getUint32(at + 13, true);
+    at += outputEntryBytes;
+    if (kind === undefined || at + len > b.byteLength) throw new Error('bad output batch from the vCPU');
+    outs.push(kind === 'out' ? { kind, conn, offset, bytes: b.subarray(at, at + len) } : { kind, conn, offset });
+    at += len;
+  }
+  return outs;
+}

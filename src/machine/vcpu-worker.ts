@@ -24,7 +24,10 @@ import { Clock } from './devices/clock.js';
 import { Serial } from './devices/serial.js';
 import { WasiHost } from './wasi-host.js';
 import { ProcExit } from './wasi-abi.js';
-import { ctl, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+
+/** A credits-only 'out' message carries no events. */
+const noOutput = new Uint8Array(0);
 import { RestoreError } from '../core/errors.js';
 import * as v from '../core/validate.js';
 import { limits } from '../core/limits.js';
@@ -142,10 +145,10 @@ class Vcpu {
     if (this.pendingOut.length === 0 && credits === null) return;
     if (this.pendingOut.length > 0 && this.writeDirect(this.pendingOut)) {
       this.pendingOut = [];
-      if (credits !== null) post({ type: 'out', outs: [], credits });
+      if (credits !== null) post({ type: 'out', outs: noOutput, credits });
       return;
     }
-    post({ type: 'out', outs: this.pendingOut, credits });
+    post({ type: 'out', outs: encodeOutputBatch(this.pendingOut), credits });
     this.pendingOut = [];
   }
 
