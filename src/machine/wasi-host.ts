@@ -113,6 +113,20 @@ class FdTable {
   }
 }
 
+/** A copy field by field (an object spread makes V8 build a new hidden class per object). */
+function copyFdEntry(e: FdEntry): FdEntry {
+  switch (e.kind) {
+    case 'conn':
+      return { fd: e.fd, kind: e.kind, conn: e.conn, nonblock: e.nonblock };
+    case 'listener':
+      return { fd: e.fd, kind: e.kind, nonblock: e.nonblock };
+    case 'disk':
+      return { fd: e.fd, kind: e.kind, pos: e.pos };
+    default:
+      return { fd: e.fd, kind: e.kind };
+  }
+}
+
 export interface WasiState {
   fds: FdEntry[];
 }
@@ -821,7 +835,7 @@ export class WasiHost {
   }
 
   save(): WasiState {
-    return { fds: [...this.fds.values()].map((e) => ({ ...e })) };
+    return { fds: [...this.fds.values()].map(copyFdEntry) };
   }
 
   restore(raw: unknown): void {

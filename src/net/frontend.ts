@@ -8,8 +8,6 @@ import type { NicInput, NicOutput } from './nic.js';
 
 const log = logger('net');
 
-type DistributiveOmit<T, K extends PropertyKey> = T extends unknown ? Omit<T, K> : never;
-
 export interface ListenAddress {
   host: string;
   port: number;
@@ -112,10 +110,24 @@ export class FrontEnd extends EventEmitter {
     return a !== null && typeof a === 'object' ? a.port : this.address.port;
   }
 
-  private input(ev: DistributiveOmit<NicInput, 'seq'>): void {
-    const full = { ...ev, seq: this.nextSeq++ } as NicInput;
-    this.onInput(full);
-    this.emit('input', full);
+  /**
+   * Number an event and hand it on. Built as a literal with the fields in one order
+   * ({seq, kind, conn[, bytes]}, as the input ring and the mirror decode them): an object
+   * spread here (`{...ev, seq}`) made V8 create a new hidden class and descriptor array for
+   * every client request, old-space garbage that cost collections and left every site that
+   * read an event megamorphic.
+   */
+  private input(kind: 'open' | 'close', conn: number): void {
+    this.emitInput({ seq: this.nextSeq++, kind, conn });
+  }
+
+  private inputData(conn: number, bytes: Uint8Array): void {
+    this.emitInput({ seq: this.nextSeq++, kind: 'data', conn, bytes });
+  }
+
+  private emitInput(ev: NicInput): void {
+    this.onInput(ev);
+    this.emit('input', ev);
   }
 
   private accept(socket: net.Socket): void {
@@ -131,7 +143,7 @@ export class FrontEnd extends EventEmitter {
     this.conns.set(id, c);
     socket.setNoDelay(true);
     if (this.readingPaused) socket.pause();
-    this.input({ kind: 'open', conn: id });
+    this.input('open', id);
     socket.on('data', (data: Buffer) => {
       latencyTrace?.requestRead(id);
       c.inFlight += data.byteLength + limits.nicInputEventCharge;
@@ -141,7 +153,7 @@ export class FrontEnd extends EventEmitter {
       }
       // A view, not a copy: Node gives each read its own memory, and the input ring and the
       // mirror copy the bytes anyway.
-      this.input({ kind: 'data', conn: id, bytes: new Uint8Array(data.buffer, data.byteOffset, data.byteLength) });
+      this.inputData(id, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
     });
     socket.on('drain', () => {
       if (!c.outputHeld) return;
@@ -151,7 +163,7 @@ export class FrontEnd extends EventEmitter {
     const eof = (): void => {
       if (c.eofSent || c.ended) return;
       c.eofSent = true;
-      this.input({ kind: 'close', conn: id });
+      this.input('close', id);
     };
     socket.on('end', eof);
     socket.on('error', () => {
@@ -166,7 +178,7 @@ export class FrontEnd extends EventEmitter {
   /** Tell the guest that a connection it knows (from a restored state) is gone. */
   resetGuestConnection(conn: number): void {
     this.guestConns.add(conn);
-    this.input({ kind: 'close', conn });
+    this.input('close', conn);
   }
 
   /** Write guest output to its client. Output for an unknown (gone) connection is dropped. */

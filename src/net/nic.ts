@@ -254,7 +254,8 @@ export class Nic {
     return {
       lastSeq: this.lastSeq,
       admittedSeq: this.admittedSeq,
-      pending: this.pending.map((ev) => ({ ...ev })),
+      // Copied field by field: an object spread makes V8 build a new hidden class per object.
+      pending: this.pending.map((ev) => (ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn })),
       backlog: [...this.backlog],
       conns: [...this.conns.values()].map((c) => ({
         conn: c.conn,
