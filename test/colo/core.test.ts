@@ -96,6 +96,14 @@ test('colo core: a captured checkpoint lets the PVM run on before the secondary 
 test('colo core: compare triggers start a checkpoint when running, wait after VMSTATE_RECEIVED, fold into one in flight; a resync always takes the next', () => {
   const p = new PrimaryCore(() => 100);
   const kinds = (acts: { type: string; msg?: string }[]): string[] => acts.map((a) => (a.msg !== undefined ? `${a.type} ${a.msg}` : a.type));
+  /** The requested checkpoint, from CHECKPOINT_REPLY to VMSTATE_LOADED. */
+  const completeCheckpoint = (): void => {
+    p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+    p.step({ type: 'vmPaused' });
+    p.step({ type: 'stateSent' });
+    p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+    p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  };
   p.step({ type: 'handoff' });
   // Before the first checkpoint (SVM not yet ready): remembered.
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'timeout' })), []);
@@ -112,11 +120,7 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
   p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
   assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 0, timeout: 1, resync: 0 });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST']);
-  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
-  p.step({ type: 'vmPaused' });
-  p.step({ type: 'stateSent' });
-  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
-  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  completeCheckpoint();
   assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 1, timeout: 1, resync: 0 });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'mismatch' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
@@ -131,11 +135,7 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'timeout' })), []);
   p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['send CHECKPOINT_REQUEST']);
-  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
-  p.step({ type: 'vmPaused' });
-  p.step({ type: 'stateSent' });
-  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
-  p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  completeCheckpoint();
   assert.deepEqual(p.checkpointsBy, { periodic: 0, mismatch: 2, timeout: 1, resync: 1 });
   assert.deepEqual(kinds(p.step({ type: 'vmResumed' })), ['armTimer']);
   assert.deepEqual(kinds(p.step({ type: 'trigger', reason: 'resync' })), ['send CHECKPOINT_REQUEST'], 'running: at once');
