@@ -137,20 +137,17 @@ export class Nic {
 
   /** Readable: data queued, or EOF to report. */
   readReady(conn: number): boolean {
-    const c = this.conns.get(conn);
-    if (c === undefined) return true;
-    return c.rxBytes > 0 || c.eof || c.closed;
+    return this.readableOrNotReady(conn) >= 0;
   }
 
-  /** For poll: -1 when `conn` is not readReady, else its readableBytes (one lookup for both). */
+  /**
+   * -1 when `conn` is not readReady, else the bytes a read would find (0 for EOF, or for a
+   * connection the NIC does not know): poll needs both, for one lookup.
+   */
   readableOrNotReady(conn: number): number {
     const c = this.conns.get(conn);
     if (c === undefined) return 0;
     return c.rxBytes > 0 || c.eof || c.closed ? c.rxBytes : -1;
-  }
-
-  readableBytes(conn: number): number {
-    return this.conns.get(conn)?.rxBytes ?? 0;
   }
 
   /** Read up to `max` bytes: bytes, or 'eof', or 'again' when nothing is admitted yet. */
