@@ -674,6 +674,11 @@ export class WasiHost {
   private pollReady = new Int32Array(0);
   private pollNbytes = new Float64Array(0);
   private pollCount = 0;
+  /** The call's subscription count and whether it has a clock, for pollCollect. */
+  private pollN = 0;
+  private pollHasClock = false;
+  /** blockUntil's readiness check for poll, made once (a closure per call allocated per request). */
+  private readonly pollReadyCheck = (changed: number | 'all'): boolean => this.pollCollect(changed);
 
   /**
    * The monotonic time a poll_oneoff that unwound (a pause, or a wait for input in the vCPU's
@@ -747,13 +752,14 @@ export class WasiHost {
         arg[i] = tag;
       }
     }
-    const hasClock = deadline !== null;
-    if (!this.blockUntil((changed) => this.pollCollect(n, hasClock, changed), deadline)) {
+    this.pollN = n;
+    this.pollHasClock = deadline !== null;
+    if (!this.blockUntil(this.pollReadyCheck, deadline)) {
       if (deadline !== null) this.pollNow = now;
       return unwinding;
     }
     // blockUntil returns after a collect that found events, or at the deadline.
-    if (this.pollCount === 0) this.pollCollect(n, hasClock, 'all');
+    if (this.pollCount === 0) this.pollCollect('all');
     const u8 = this.bytes();
     const count = this.pollCount;
     const userdata = this.pollUserdata;
@@ -781,20 +787,21 @@ export class WasiHost {
   }
 
   /**
-   * Which of the call's `n` subscriptions are ready: indices into pollReady, nbytes into
+   * Which of the call's pollN subscriptions are ready: indices into pollReady, nbytes into
    * pollNbytes, in subscription order. Unless `changed` is 'all', the previous collect of this
    * call found nothing and the only change since is on that connection (an admitted event) or
    * none (noConn): only subscriptions on it, listeners and clocks can have become ready, and
    * only those are looked up (the NIC's map is not searched once per connection for every event
    * admitted or every wake-up). The result is the same as a full collect's.
    */
-  private pollCollect(n: number, hasClock: boolean, changed: number | 'all'): boolean {
+  private pollCollect(changed: number | 'all'): boolean {
+    const n = this.pollN;
     const nic = this.devices.nic;
     const kind = this.pollKind;
     const arg = this.pollArg;
     const ready = this.pollReady;
     const nbytes = this.pollNbytes;
-    const t = hasClock ? this.devices.clock.monotonicNs() : 0n;
+    const t = this.pollHasClock ? this.devices.clock.monotonicNs() : 0n;
     const all = changed === 'all';
     let count = 0;
     for (let i = 0; i < n; i++) {
