@@ -27,7 +27,6 @@ export type ColoMode = 'primary' | 'secondary';
 
 export type LogLevel = 'debug' | 'info' | 'warn' | 'error';
 
-/** Why a checkpoint was taken: the periodic timer, or the compare (output differed, or waited too long). */
 /**
  * Why a checkpoint was taken: the timer, the compare (outputs differ, or one side's output
  * waited too long), or a resynchronisation (mirrored input was lost with a broken channel).

@@ -25,12 +25,12 @@ import { Serial } from './devices/serial.js';
 import { WasiHost } from './wasi-host.js';
 import { ProcExit } from './wasi-abi.js';
 import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
-
-/** A credits-only 'out' message carries no events. */
-const noOutput = new Uint8Array(0);
 import { RestoreError } from '../core/errors.js';
 import * as v from '../core/validate.js';
 import { limits } from '../core/limits.js';
+
+/** A credits-only 'out' message carries no events. */
+const noOutput = new Uint8Array(0);
 
 interface AsyncifyExports {
   _start(): void;
