@@ -6,8 +6,9 @@
  * VMSTATE_LOADED on the primary). For those slowest requests it also says whether they came in
  * bursts (stalls: many slow requests begun within milliseconds of each other, the whole
  * pipeline held up at once), what each one's reply waited for last (the PVM's output, the
- * SVM's, or the release at a checkpoint), and how many overlapped a garbage collection on
- * either node's main thread.
+ * SVM's, or the release at a checkpoint), and how many overlapped a garbage collection of
+ * either node's main thread or vCPU thread. For each node's vCPU it prints how long the vCPU
+ * took to run after its main thread handed it input while it waited for some.
  *
  *   COLO_TRACE_DIR=/tmp/t colo up ...   (or any run of the nodes; the directory must exist)
  *   ... load, then stop the nodes ...
@@ -16,7 +17,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { LatencyTraceData } from '../src/core/latency-trace.js';
+import { vcpuTraceEvents, type LatencyTraceData } from '../src/core/latency-trace.js';
 import { median, quantileOfSorted, table } from './lib.js';
 
 export interface Anatomy {
@@ -41,12 +42,18 @@ export interface Anatomy {
   stalls: { count: number; largest: number; inStalls: number };
   /** What each slowest request's reply came right after (the last of these before it was written). */
   waitedOn: { pvm: number; svm: number; checkpoint: number; unknown: number };
-  /** Garbage collections per node (the first trace with requests is the primary's). */
-  gc: { node: 'primary' | 'secondary'; count: number; ms: number; slowOverlapping: number }[];
+  /** Garbage collections per node and thread (the first trace with requests is the primary's). */
+  gc: { node: string; count: number; ms: number; slowOverlapping: number }[];
+  /**
+   * Per node whose vCPU was traced: of the vCPU's waits for input, those the main thread
+   * ended by handing it input (`woken`), and how long from that hand-over until the vCPU ran
+   * (ms; the scheduler's delay, mostly).
+   */
+  vcpuWake: { node: string; waits: number; woken: number; p50: number; p90: number; p99: number; over1ms: number }[];
 }
 
 /** Data-path events: not steps of a checkpoint, left out of its timeline. */
-const dataEvents = new Set(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'gc', 'gc-end']);
+const dataEvents = new Set<string>(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'gc', 'gc-end', 'input:notify', ...vcpuTraceEvents]);
 const stallGapMs = 2;
 const stallMin = 10;
 
@@ -109,7 +116,16 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
     slowestInWindow: slow.filter((r) => within(r.start)).length,
     stalls: stallsOf(slow.map((r) => r.start)),
     waitedOn: waitedOn(slow, events),
-    gc: traces.map((t, i) => gcOf(t, i === primaryTrace ? 'primary' : 'secondary', slow)),
+    gc: traces.flatMap((t, i) => {
+      const node = i === primaryTrace ? 'primary' : 'secondary';
+      const rows = [gcOf(t, node, slow, 'gc', 'gc-end')];
+      if (t.events.includes('vcpu:gc')) rows.push(gcOf(t, `${node} vCPU`, slow, 'vcpu:gc', 'vcpu:gc-end'));
+      return rows;
+    }),
+    vcpuWake: traces.flatMap((t, i) => {
+      const w = vcpuWakeOf(t);
+      return w === null ? [] : [{ node: i === primaryTrace ? 'primary' : 'secondary', ...w }];
+    }),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -159,10 +175,10 @@ function waitedOn(slow: readonly { start: number; ms: number }[], events: readon
   return out;
 }
 
-function gcOf(t: LatencyTraceData, node: 'primary' | 'secondary', slow: readonly { start: number; ms: number }[]): Anatomy['gc'][number] {
+function gcOf(t: LatencyTraceData, node: string, slow: readonly { start: number; ms: number }[], begin: string, end: string): Anatomy['gc'][number] {
   const spans: [number, number][] = [];
   for (let i = 0; i + 3 < t.events.length; i += 2) {
-    if (t.events[i] === 'gc' && t.events[i + 2] === 'gc-end') spans.push([Number(t.events[i + 1]), Number(t.events[i + 3])]);
+    if (t.events[i] === begin && t.events[i + 2] === end) spans.push([Number(t.events[i + 1]), Number(t.events[i + 3])]);
   }
   spans.sort((a, b) => a[0] - b[0]);
   const startsAt = spans.map((x) => x[0]);
@@ -174,6 +190,40 @@ function gcOf(t: LatencyTraceData, node: 'primary' | 'secondary', slow: readonly
     if (i >= 0 && spans[i]![1] >= r.start) slowOverlapping += 1;
   }
   return { node, count: spans.length, ms: spans.reduce((n, [a, b]) => n + (b - a), 0), slowOverlapping };
+}
+
+/**
+ * The vCPU's wake-ups by input: from the first `input:notify` of the main thread during a
+ * `vcpu:wait` to its `vcpu:woken` (null: the trace has no vCPU events).
+ */
+function vcpuWakeOf(t: LatencyTraceData): Omit<Anatomy['vcpuWake'][number], 'node'> | null {
+  const evs: { name: string; at: number }[] = [];
+  for (let i = 0; i + 1 < t.events.length; i += 2) {
+    const name = String(t.events[i]);
+    if (name === 'vcpu:wait' || name === 'vcpu:woken' || name === 'input:notify') evs.push({ name, at: Number(t.events[i + 1]) });
+  }
+  // A stable sort: the vCPU's own events keep their order when two times are equal.
+  evs.sort((a, b) => a.at - b.at);
+  let waits = 0;
+  let waiting = false;
+  let notifiedAt: number | null = null;
+  const delays: number[] = [];
+  for (const e of evs) {
+    if (e.name === 'vcpu:wait') {
+      waits += 1;
+      waiting = true;
+      notifiedAt = null;
+    } else if (e.name === 'input:notify') {
+      if (waiting && notifiedAt === null) notifiedAt = e.at;
+    } else {
+      if (waiting && notifiedAt !== null) delays.push(e.at - notifiedAt);
+      waiting = false;
+    }
+  }
+  if (waits === 0) return null;
+  delays.sort((a, b) => a - b);
+  const q = (x: number): number => (delays.length === 0 ? 0 : quantileOfSorted(delays, x));
+  return { waits, woken: delays.length, p50: q(0.5), p90: q(0.9), p99: q(0.99), over1ms: delays.filter((d) => d > 1).length };
 }
 
 /** Index of the last of the ascending `xs` that is ≤ `t` (-1: none). */
@@ -216,6 +266,13 @@ function main(): void {
     [a.slowest, a.stalls.inStalls, a.stalls.count, a.stalls.largest, w.pvm, w.svm, w.checkpoint, w.unknown],
   ]);
   table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
+  if (a.vcpuWake.length > 0) {
+    const ms = (x: number): string => x.toFixed(3);
+    table([
+      ['node', 'vCPU waits for input', 'ended by input', 'input → vCPU running, p50 ms', 'p90 ms', 'p99 ms', '> 1 ms'],
+      ...a.vcpuWake.map((w) => [w.node, w.waits, w.woken, ms(w.p50), ms(w.p90), ms(w.p99), w.over1ms]),
+    ]);
+  }
 }
 
 if (process.argv[1] !== undefined && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) main();

@@ -10,6 +10,7 @@ import type { InstrumentedGuest } from './instrument.js';
 import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker } from './dirty.js';
 import { InputRingWriter, createInputRing } from './input-ring.js';
 import { logger } from '../core/log.js';
+import { SharedTraceLog, latencyTrace, vcpuTraceEvents } from '../core/latency-trace.js';
 import { ctl, decodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 
 /** QEMU's run states, as `query-status` reports them. */
@@ -87,6 +88,11 @@ export class Machine extends EventEmitter {
     const ctlBuffer = new SharedArrayBuffer(ctl.slots * 4);
     this.ctl = new Int32Array(ctlBuffer);
     const ring = createInputRing(limits.nicInputRingBytes);
+    let trace: SharedTraceLog | null = null;
+    if (latencyTrace !== null) {
+      trace = SharedTraceLog.create(limits.latencyTraceEventsMax);
+      latencyTrace.attach(trace, vcpuTraceEvents);
+    }
     this.input = new InputRingWriter(ring);
     this.worker = new Worker(new URL('./vcpu-worker.js', import.meta.url));
     this.worker.on('message', (m: WorkerReply) => this.onWorkerMessage(m));
@@ -105,6 +111,7 @@ export class Machine extends EventEmitter {
       env: cfg.env,
       serialFd,
       disk: disk?.spec ?? null,
+      trace: trace?.buffer ?? null,
     };
     this.worker.postMessage(init);
   }
@@ -350,6 +357,7 @@ export class Machine extends EventEmitter {
       this.pendingInput = n === this.pendingInput.length ? [] : this.pendingInput.slice(n);
       Atomics.add(this.ctl, ctl.wake, 1);
       Atomics.notify(this.ctl, ctl.wake);
+      latencyTrace?.event('input:notify');
     }
     const first = this.pendingInput[0];
     if (first === undefined) return;

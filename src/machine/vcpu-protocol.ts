@@ -66,6 +66,8 @@ export type WorkerRequest =
       env: string[];
       serialFd: number | null;
       disk: DiskSpec | null;
+      /** COLO_TRACE_DIR: the vCPU's trace (core/latency-trace.ts SharedTraceLog), else null. */
+      trace: SharedArrayBuffer | null;
     }
   | { type: 'run' }
   /** COLO secondary: listen for the SVM output channel (colo/output-channel.ts). */

@@ -28,6 +28,7 @@ import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerRe
 import { RestoreError } from '../core/errors.js';
 import * as v from '../core/validate.js';
 import { limits } from '../core/limits.js';
+import { SharedTraceLog, observeGc, vcpuTrace } from '../core/latency-trace.js';
 
 /** A credits-only 'out' message carries no events. */
 const noOutput = new Uint8Array(0);
@@ -64,12 +65,22 @@ class Vcpu {
   private ioReported = false;
 
   private readonly input: InputRingReader;
+  /** COLO_TRACE_DIR: this thread's trace, which the main thread writes with its own. */
+  private readonly trace: SharedTraceLog | null;
   private readonly enqueue = (ev: NicInput): void => {
     this.nic.enqueue(ev);
   };
 
   constructor(private readonly memory: WebAssembly.Memory, init: Extract<WorkerRequest, { type: 'init' }>) {
     this.input = new InputRingReader(init.inputRing);
+    const trace = init.trace === null ? null : new SharedTraceLog(init.trace);
+    this.trace = trace;
+    if (trace !== null) {
+      observeGc((start, end) => {
+        trace.record(vcpuTrace.gc, start);
+        trace.record(vcpuTrace.gcEnd, end);
+      });
+    }
     this.ctl = new Int32Array(init.ctl);
     this.layout = init.layout;
     this.serial = new Serial(init.serialFd);
@@ -113,7 +124,7 @@ class Vcpu {
 
   drainInput(): void {
     this.lastWake = Atomics.load(this.ctl, ctl.wake);
-    this.input.read(this.enqueue);
+    if (this.input.read(this.enqueue) > 0) this.trace?.record(vcpuTrace.input);
   }
 
   waitForInput(timeoutMs: number | null): boolean {
@@ -126,7 +137,9 @@ class Vcpu {
     }
     // Bounded so that a wake that raced with the drain costs latency, never a hang.
     const t = timeoutMs === null ? 100 : Math.min(timeoutMs, 100);
+    this.trace?.record(vcpuTrace.wait);
     Atomics.wait(this.ctl, ctl.wake, this.lastWake, t);
+    this.trace?.record(vcpuTrace.woken);
     return false;
   }
 
@@ -143,6 +156,7 @@ class Vcpu {
   flushOutput(): void {
     const credits = this.nic.takeCredits();
     if (this.pendingOut.length === 0 && credits === null) return;
+    if (this.pendingOut.length > 0) this.trace?.record(vcpuTrace.output);
     if (this.pendingOut.length > 0 && this.writeDirect(this.pendingOut)) {
       this.pendingOut = [];
       if (credits !== null) post({ type: 'out', outs: noOutput, credits });
@@ -433,9 +447,11 @@ class Vcpu {
    */
   private waitInLoop(timeoutMs: number | null): void {
     let done = false;
+    this.trace?.record(vcpuTrace.wait);
     const end = (): void => {
       if (done) return;
       done = true;
+      this.trace?.record(vcpuTrace.woken);
       this.cancelWait();
       if (this.phase !== 'unwound' || this.inputWait === null) return;
       this.inputWait = null;

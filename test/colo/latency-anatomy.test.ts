@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { LatencyTrace } from '../../src/core/latency-trace.js';
+import { LatencyTrace, SharedTraceLog, vcpuTrace, vcpuTraceEvents } from '../../src/core/latency-trace.js';
 import { anatomy } from '../../bench/latency-anatomy.js';
 
 test('latency trace: a request is the first input on a connection with no reply pending; the next reply ends it', () => {
@@ -117,3 +117,49 @@ test('latency anatomy: slow requests in a burst are a stall; each reply is put d
   // The data-path events are not steps of the checkpoint.
   assert.deepEqual(a.timeline.map((x) => x.event), ['P>CHECKPOINT_REQUEST', 'P<VMSTATE_RECEIVED', 'P<VMSTATE_LOADED']);
 });
+
+test("latency trace: a vCPU's shared log joins the main thread's trace, and the anatomy times each wake-up by input", () => {
+  const log = SharedTraceLog.create(8);
+  // The vCPU's side (in production another thread, over the same SharedArrayBuffer).
+  const vcpu = new SharedTraceLog(log.buffer);
+  const main = new LatencyTrace();
+  main.attach(log, vcpuTraceEvents);
+  // Woken by input: handed over at 10.5 (again at 10.7), running at 11.
+  vcpu.record(vcpuTrace.wait, 10);
+  main.event('input:notify', 10.5);
+  main.event('input:notify', 10.7);
+  vcpu.record(vcpuTrace.woken, 11);
+  // A timeout: no input came.
+  vcpu.record(vcpuTrace.wait, 20);
+  vcpu.record(vcpuTrace.woken, 20.1);
+  // Input handed over while the vCPU ran does not count; the next wait's does (2 ms).
+  main.event('input:notify', 29);
+  vcpu.record(vcpuTrace.wait, 30);
+  main.event('input:notify', 32);
+  vcpu.record(vcpuTrace.woken, 34);
+  vcpu.record(vcpuTrace.output, 35);
+  vcpu.record(vcpuTrace.wait, 40); // still waiting at the end
+  vcpu.record(vcpuTrace.input, 41); // the ninth event: beyond the log's eight, dropped
+  const d = main.data();
+  assert.equal(d.dropped, 1);
+  const names: string[] = [];
+  for (let i = 0; i < d.events.length; i += 2) names.push(String(d.events[i]));
+  assert.deepEqual(names, [
+    'input:notify', 'input:notify', 'input:notify', 'input:notify',
+    'vcpu:wait', 'vcpu:woken', 'vcpu:wait', 'vcpu:woken', 'vcpu:wait', 'vcpu:woken', 'vcpu:output', 'vcpu:wait',
+  ]);
+  // A second data() adds nothing twice.
+  assert.equal(main.data().events.length, d.events.length);
+  primaryWith(d);
+});
+
+function primaryWith(d: ReturnType<LatencyTrace['data']>): void {
+  const requests = new LatencyTrace();
+  requests.requestRead(1, 9);
+  requests.replyWritten(1, 12);
+  const merged = { requests: requests.data().requests, events: d.events, dropped: d.dropped };
+  const a = anatomy([merged]);
+  assert.deepEqual(a.vcpuWake, [{ node: 'primary', waits: 4, woken: 2, p50: 0.5, p90: 2, p99: 2, over1ms: 1 }]);
+  // None of it is a step of a checkpoint.
+  assert.deepEqual(a.timeline, []);
+}

@@ -131,7 +131,12 @@ test('colo/net: with COLO_TRACE_DIR both nodes trace requests and checkpoints, a
   // The data path is traced too: every slow reply came right after one guest's output or a checkpoint.
   assert.equal(a.waitedOn.unknown, 0, `every slow reply follows a traced output: ${JSON.stringify(a.waitedOn)}`);
   assert.equal(a.waitedOn.pvm + a.waitedOn.svm + a.waitedOn.checkpoint, a.slowest);
-  assert.deepEqual(a.gc.map((g) => g.node), ['primary', 'secondary']);
+  assert.deepEqual(a.gc.map((g) => g.node).filter((n) => !n.endsWith(' vCPU')), ['primary', 'secondary']);
+  // The primary's vCPU is traced too: between two requests of this one client it waits, and
+  // the next request ends the wait.
+  const wake = a.vcpuWake.find((w) => w.node === 'primary');
+  assert.ok(wake !== undefined && wake.woken >= sent / 2 && wake.woken <= wake.waits, `the PVM's vCPU woken by input: ${JSON.stringify(a.vcpuWake)}`);
+  assert.ok(wake.p50 > 0 && wake.p50 <= wake.p99, `wake-up delays measured: ${JSON.stringify(wake)}`);
   const order = a.timeline.map((x) => x.event);
   const want = ['P>CHECKPOINT_REQUEST', 'S<CHECKPOINT_REQUEST', 'P<CHECKPOINT_REPLY', 'P:vmPaused', 'S<VMSTATE_SEND', 'P<VMSTATE_RECEIVED', 'S:applied', 'P<VMSTATE_LOADED'];
   const seen = want.map((e) => order.indexOf(e));
