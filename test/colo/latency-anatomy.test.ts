@@ -119,6 +119,11 @@ test('latency anatomy: slow requests in a burst are a stall; each reply is put d
 });
 
 test("latency trace: a vCPU's shared log joins the main thread's trace, and the anatomy times each wake-up by input", () => {
+  // The codes the vCPU records name the events the anatomy reads.
+  assert.deepEqual(
+    Object.entries(vcpuTrace).map(([k, code]) => [k, vcpuTraceEvents[code]]),
+    [['wait', 'vcpu:wait'], ['woken', 'vcpu:woken'], ['input', 'vcpu:input'], ['output', 'vcpu:output'], ['gc', 'vcpu:gc'], ['gcEnd', 'vcpu:gc-end']],
+  );
   const log = SharedTraceLog.create(8);
   // The vCPU's side (in production another thread, over the same SharedArrayBuffer).
   const vcpu = new SharedTraceLog(log.buffer);
