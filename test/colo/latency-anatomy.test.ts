@@ -155,16 +155,9 @@ test("latency trace: a vCPU's shared log joins the main thread's trace, and the 
   ]);
   // A second data() adds nothing twice.
   assert.equal(main.data().events.length, d.events.length);
-  primaryWith(d);
-});
-
-function primaryWith(d: ReturnType<LatencyTrace['data']>): void {
-  const requests = new LatencyTrace();
-  requests.requestRead(1, 9);
-  requests.replyWritten(1, 12);
-  const merged = { requests: requests.data().requests, events: d.events, dropped: d.dropped };
-  const a = anatomy([merged]);
+  // With a request, so that this trace is the primary's.
+  const a = anatomy([{ ...d, requests: [1, 9, 12] }]);
   assert.deepEqual(a.vcpuWake, [{ node: 'primary', waits: 4, woken: 2, p50: 0.5, p90: 2, p99: 2, over1ms: 1 }]);
   // None of it is a step of a checkpoint.
   assert.deepEqual(a.timeline, []);
-}
+});
