@@ -8,7 +8,11 @@
  * pipeline held up at once), what each one's reply waited for last (the PVM's output, the
  * SVM's, or the release at a checkpoint), and how many overlapped a garbage collection of
  * either node's main thread or vCPU thread. For each node's vCPU it prints how long the vCPU
- * took to run after its main thread handed it input while it waited for some.
+ * took to run after its main thread handed it input while it waited for some. Of the replies
+ * the compare held more than 2 ms for the SVM's copy, it says why the copy was late: the PVM's
+ * output came inside a checkpoint (the SVM's copy comes only after the apply), the SVM's vCPU
+ * wrote it late, or the primary's main thread read it late (more than 0.5 ms after the SVM's
+ * vCPU wrote its last output before it).
  *
  *   COLO_TRACE_DIR=/tmp/t colo up ...   (or any run of the nodes; the directory must exist)
  *   ... load, then stop the nodes ...
@@ -50,17 +54,27 @@ export interface Anatomy {
    * (ms; the scheduler's delay, mostly).
    */
   vcpuWake: { node: string; waits: number; woken: number; p50: number; p90: number; p99: number; over1ms: number }[];
+  /**
+   * Replies the compare held more than `lateMs` for the SVM's copy (the chunks of them), in
+   * episodes (one per release: the chunks a read of the SVM's output matched), by why the copy
+   * was late. `untraced`: the secondary's vCPU was not traced, so its writes are unknown.
+   */
+  lateCopies: { lateMs: number; chunks: number; episodes: number; by: Record<LateCause, { episodes: number; chunks: number }> };
 }
 
+export type LateCause = 'checkpoint' | 'svmWroteLate' | 'primaryReadLate' | 'untraced';
+/** A copy that waited on the primary this long after the SVM's vCPU wrote it was read late. */
+const readLateMs = 0.5;
+
 /** Data-path events: not steps of a checkpoint, left out of its timeline. */
-const dataEvents = new Set<string>(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'gc', 'gc-end', 'input:notify', ...vcpuTraceEvents]);
+const dataEvents = new Set<string>(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'P:lateCopyFrom', 'P:lateCopyTo', 'gc', 'gc-end', 'input:notify', ...vcpuTraceEvents]);
 const stallGapMs = 2;
 const stallMin = 10;
 
 const request = 'P>CHECKPOINT_REQUEST';
 const loaded = 'P<VMSTATE_LOADED';
 
-export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
+export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatomy {
   const lat: { start: number; ms: number }[] = [];
   const events: { name: string; at: number }[] = [];
   for (const t of traces) {
@@ -126,6 +140,7 @@ export function anatomy(traces: readonly LatencyTraceData[]): Anatomy {
       const w = vcpuWakeOf(t);
       return w === null ? [] : [{ node: i === primaryTrace ? 'primary' : 'secondary', ...w }];
     }),
+    lateCopies: lateCopiesOf(traces, primaryTrace, within, lateMs),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -226,6 +241,57 @@ function vcpuWakeOf(t: LatencyTraceData): Omit<Anatomy['vcpuWake'][number], 'nod
   return { waits, woken: delays.length, p50: q(0.5), p90: q(0.9), p99: q(0.99), over1ms: delays.filter((d) => d > 1).length };
 }
 
+function lateCopiesOf(traces: readonly LatencyTraceData[], primaryTrace: number, inCheckpoint: (t: number) => boolean, lateMs: number): Anatomy['lateCopies'] {
+  // The pairs, read in the order they were recorded (P:lateCopyFrom, then P:lateCopyTo).
+  const late: { from: number; to: number }[] = [];
+  const p = traces[primaryTrace];
+  if (p !== undefined) {
+    for (let i = 0; i + 3 < p.events.length; i += 2) {
+      if (p.events[i] !== 'P:lateCopyFrom' || p.events[i + 2] !== 'P:lateCopyTo') continue;
+      const from = Number(p.events[i + 1]);
+      const to = Number(p.events[i + 3]);
+      if (to - from > lateMs) late.push({ from, to });
+    }
+  }
+  // The secondary's vCPU writes of SVM output (the trace without requests that has vCPU events).
+  const writes: number[] = [];
+  let svmTraced = false;
+  traces.forEach((t, i) => {
+    if (i === primaryTrace) return;
+    for (let j = 0; j + 1 < t.events.length; j += 2) {
+      if (t.events[j] === 'vcpu:wait') svmTraced = true;
+      if (t.events[j] === 'vcpu:output') writes.push(Number(t.events[j + 1]));
+    }
+  });
+  writes.sort((a, b) => a - b);
+  const by: Anatomy['lateCopies']['by'] = {
+    checkpoint: { episodes: 0, chunks: 0 },
+    svmWroteLate: { episodes: 0, chunks: 0 },
+    primaryReadLate: { episodes: 0, chunks: 0 },
+    untraced: { episodes: 0, chunks: 0 },
+  };
+  // An episode: the chunks one read of the SVM's output released (the same `to`).
+  const episodes = new Map<number, number[]>();
+  for (const l of late) {
+    const e = episodes.get(l.to) ?? [];
+    e.push(l.from);
+    episodes.set(l.to, e);
+  }
+  for (const [to, froms] of episodes) {
+    const from = Math.min(...froms);
+    let cause: LateCause;
+    if (inCheckpoint(from)) cause = 'checkpoint';
+    else if (!svmTraced) cause = 'untraced';
+    else {
+      const i = lastAtOrBefore(writes, to);
+      cause = i >= 0 && to - writes[i]! > readLateMs ? 'primaryReadLate' : 'svmWroteLate';
+    }
+    by[cause].episodes += 1;
+    by[cause].chunks += froms.length;
+  }
+  return { lateMs, chunks: late.length, episodes: episodes.size, by };
+}
+
 /** Index of the last of the ascending `xs` that is ≤ `t` (-1: none). */
 function lastAtOrBefore(xs: readonly number[], t: number): number {
   let found = -1;
@@ -266,6 +332,12 @@ function main(): void {
     [a.slowest, a.stalls.inStalls, a.stalls.count, a.stalls.largest, w.pvm, w.svm, w.checkpoint, w.unknown],
   ]);
   table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
+  const l = a.lateCopies;
+  const cell = (c: LateCause): string => `${l.by[c].episodes} / ${l.by[c].chunks}`;
+  table([
+    [`replies held > ${l.lateMs} ms for the SVM's copy`, 'episodes', 'in a checkpoint (episodes / replies)', 'the SVM wrote it late', 'the primary read it late', 'secondary untraced'],
+    [l.chunks, l.episodes, cell('checkpoint'), cell('svmWroteLate'), cell('primaryReadLate'), cell('untraced')],
+  ]);
   if (a.vcpuWake.length > 0) {
     const ms = (x: number): string => x.toFixed(3);
     table([

@@ -50,6 +50,9 @@ export interface CompareResult {
  * end so, and one shared result keeps them from allocating (the primary's main thread is on
  * the path of every request, and what it allocates it collects while every client waits).
  */
+/** A matched chunk whose SVM copy came this much later than the PVM's is reported to `lateCopy`. */
+export const lateCopyMs = 1;
+
 const nothing: CompareResult = Object.freeze({ release: Object.freeze([]) as readonly NicOutput[], trigger: null });
 
 export class Compare {
@@ -85,6 +88,12 @@ export class Compare {
   constructor(
     private readonly lim: CompareLimits,
     private readonly delivered: (conn: number) => number = () => 0,
+    /**
+     * Told of every chunk released on a match whose SVM copy came more than `lateCopyMs` after
+     * the PVM's: when each came (the `now` of pvm() and svm()). For the latency trace; null
+     * (the default) costs the hot path one comparison.
+     */
+    private readonly lateCopy: ((pvmAt: number, svmAt: number) => void) | null = null,
   ) {}
 
   /** Output of the PVM (the current epoch, or the next one after pvmNextEpoch(): the PVM never rolls back). */
@@ -262,7 +271,10 @@ export class Compare {
           c.released += n;
           this.matchedBytes += n;
           this.matchedChunks += 1;
-          if (b.at > a.at) this.pvmWaitMsSum += b.at - a.at;
+          if (b.at > a.at) {
+            this.pvmWaitMsSum += b.at - a.at;
+            if (this.lateCopy !== null && b.at - a.at > lateCopyMs) this.lateCopy(a.at, b.at);
+          }
           this.heldBytes -= 2 * n;
           if (whole) c.pvm.shift();
           else c.pvm[0] = { kind: 'data', bytes: a.bytes.subarray(n), at: a.at, out: null };

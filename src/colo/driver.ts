@@ -476,6 +476,7 @@ export class SecondaryDriver {
         return null;
       case 'pauseVm':
         await this.ops.run(async () => m.pause('colo'));
+        latencyTrace?.event('S:paused');
         return { type: 'vmPaused' };
       case 'closeLink':
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));

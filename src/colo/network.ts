@@ -59,6 +59,13 @@ export class PrimaryNet {
   readonly compare = new Compare(
     { timeoutMs: limits.coloCompareTimeoutMs, heldBytesMax: limits.coloCompareHeldBytesMax },
     (conn) => this.vm.frontEnd?.deliveredBytes(conn) ?? 0,
+    // Traced: a reply held back for the SVM's copy, as two events in a row (latency-anatomy).
+    latencyTrace === null
+      ? null
+      : (pvmAt, svmAt) => {
+          latencyTrace?.event('P:lateCopyFrom', performance.timeOrigin + pvmAt);
+          latencyTrace?.event('P:lateCopyTo', performance.timeOrigin + svmAt);
+        },
   );
   private active = false;
   private scan: NodeJS.Timeout | null = null;

@@ -2,7 +2,9 @@
  * An opt-in timing trace for latency analysis (`COLO_TRACE_DIR=DIR`): when each client request
  * was read and its reply written (the front end), when each COLO protocol event happened
  * (both drivers), when mirrored input and each guest's output passed (colo/network.ts:
- * `P:mirror`, `S:mirrorIn`, `P:pvmOut`, `P:svmOut`, `P:svmMain`), when the main thread handed
+ * `P:mirror`, `S:mirrorIn`, `P:pvmOut`, `P:svmOut`, `P:svmMain`), each reply the compare held
+ * more than 1 ms for the SVM's copy (`P:lateCopyFrom` at the PVM's output, then `P:lateCopyTo`
+ * at the SVM's, always in a row), when the main thread handed
  * client input to the vCPU (`input:notify`), the main thread's garbage collections (`gc`,
  * `gc-end`), and what the vCPU thread did: `vcpu:wait` for input, `vcpu:woken`, `vcpu:input`
  * taken from the ring, `vcpu:output` handed on, and its collections (`vcpu:gc`, `vcpu:gc-end`;

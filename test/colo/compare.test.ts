@@ -28,6 +28,26 @@ test('compare: releases only the common prefix of both guests, per connection, a
   assert.equal(c.pvmWaitMsSum, 3);
 });
 
+test('compare: a reply whose SVM copy came more than 1 ms after the PVM\'s is reported with both times; others are not', () => {
+  const late: [number, number][] = [];
+  const c = new Compare(lim, () => 0, (pvmAt, svmAt) => late.push([pvmAt, svmAt]));
+  c.pvm(out(1, 0, 'a'), 10);
+  c.svm(0, out(1, 0, 'a'), 13.5); // 3.5 ms late: reported
+  c.pvm(out(1, 1, 'b'), 20);
+  c.svm(0, out(1, 1, 'b'), 21); // 1 ms: not more than 1 ms
+  c.svm(0, out(1, 2, 'c'), 30);
+  c.pvm(out(1, 2, 'c'), 40); // the SVM's came first
+  c.pvm(out(2, 0, 'xy'), 50);
+  c.svm(0, out(2, 0, 'x'), 52); // a part of the PVM's chunk, 2 ms late
+  c.svm(0, out(2, 1, 'y'), 53);
+  assert.deepEqual(late, [
+    [10, 13.5],
+    [50, 52],
+    [50, 53],
+  ]);
+  assert.equal(c.matchedChunks, 5);
+});
+
 test('compare: a difference is a mismatch, reported once per epoch; the checkpoint releases the PVM output and drops the SVM output', () => {
   const c = new Compare(lim);
   c.pvm(out(1, 0, 'time 100'), 0);

@@ -161,3 +161,52 @@ test("latency trace: a vCPU's shared log joins the main thread's trace, and the 
   // None of it is a step of a checkpoint.
   assert.deepEqual(a.timeline, []);
 });
+
+test('latency anatomy: replies held for the SVM\'s copy are put down to a checkpoint, the SVM writing late, or the primary reading late', () => {
+  const primary = new LatencyTrace();
+  const secondary = new LatencyTrace();
+  primary.requestRead(1, 0);
+  primary.replyWritten(1, 1);
+  primary.event('P>CHECKPOINT_REQUEST', 100);
+  primary.event('P<VMSTATE_LOADED', 106);
+  const held = (from: number, to: number): void => {
+    primary.event('P:lateCopyFrom', from);
+    primary.event('P:lateCopyTo', to);
+  };
+  // In the checkpoint: two replies released by one read of the SVM's output.
+  held(103, 108);
+  held(104, 108);
+  // The SVM's vCPU wrote at 204.8, the primary read it at 205: the SVM was late.
+  secondary.event('vcpu:wait', 190);
+  secondary.event('vcpu:output', 204.8);
+  held(201, 205);
+  // The SVM wrote at 300.5, the primary read it only at 304: the primary was late (three replies).
+  secondary.event('vcpu:output', 300.5);
+  held(301, 304);
+  held(301.2, 304);
+  held(301.4, 304);
+  // Not more than 2 ms: not counted.
+  held(400, 401.5);
+  const a = anatomy([primary.data(), secondary.data()]);
+  assert.deepEqual(a.lateCopies, {
+    lateMs: 2,
+    chunks: 6,
+    episodes: 3,
+    by: {
+      checkpoint: { episodes: 1, chunks: 2 },
+      svmWroteLate: { episodes: 1, chunks: 1 },
+      primaryReadLate: { episodes: 1, chunks: 3 },
+      untraced: { episodes: 0, chunks: 0 },
+    },
+  });
+  // The pairs are data events, not steps of a checkpoint.
+  assert.deepEqual(a.timeline.map((x) => x.event), ['P>CHECKPOINT_REQUEST', 'P<VMSTATE_LOADED']);
+  // Without the secondary's vCPU events its writes are unknown.
+  const b = anatomy([primary.data(), new LatencyTrace().data()], 1);
+  assert.deepEqual(b.lateCopies.by, {
+    checkpoint: { episodes: 1, chunks: 2 },
+    svmWroteLate: { episodes: 0, chunks: 0 },
+    primaryReadLate: { episodes: 0, chunks: 0 },
+    untraced: { episodes: 3, chunks: 5 },
+  });
+});
