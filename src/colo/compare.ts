@@ -45,14 +45,14 @@ export interface CompareResult {
   trigger: CompareTrigger | null;
 }
 
+/** A matched chunk whose SVM copy came this much later than the PVM's is reported to `lateCopy`. */
+export const lateCopyMs = 1;
+
 /**
  * Nothing to release and no trigger: most calls (one per guest output event, two per request)
  * end so, and one shared result keeps them from allocating (the primary's main thread is on
  * the path of every request, and what it allocates it collects while every client waits).
  */
-/** A matched chunk whose SVM copy came this much later than the PVM's is reported to `lateCopy`. */
-export const lateCopyMs = 1;
-
 const nothing: CompareResult = Object.freeze({ release: Object.freeze([]) as readonly NicOutput[], trigger: null });
 
 export class Compare {
