@@ -12,7 +12,8 @@
  * the compare held more than 2 ms for the SVM's copy, it says why the copy was late: the PVM's
  * output came inside a checkpoint (the SVM's copy comes only after the apply), the SVM's vCPU
  * wrote it late, or the primary's main thread read it late (more than 0.5 ms after the SVM's
- * vCPU wrote its last output before it).
+ * vCPU wrote its last output before it). Last, the requests by how long after a
+ * CHECKPOINT_REQUEST they began: how a checkpoint holds up the requests that come right after it.
  *
  *   COLO_TRACE_DIR=/tmp/t colo up ...   (or any run of the nodes; the directory must exist)
  *   ... load, then stop the nodes ...
@@ -60,6 +61,13 @@ export interface Anatomy {
    * was late. `untraced`: the secondary's vCPU was not traced, so its writes are unknown.
    */
   lateCopies: { lateMs: number; chunks: number; episodes: number; by: Record<LateCause, { episodes: number; chunks: number }> };
+  /**
+   * Requests by when they began after the last CHECKPOINT_REQUEST (ms, bins from `sinceRequestEdges`;
+   * those begun before the first checkpoint are left out): how many, their mean latency, and how
+   * many of the slowest 1 % are among them. A checkpoint that holds the pipeline up shows as
+   * slow bins right after the request.
+   */
+  sinceRequest: { fromMs: number; toMs: number; requests: number; meanMs: number; slowest: number }[];
 }
 
 export type LateCause = 'checkpoint' | 'svmWroteLate' | 'primaryReadLate' | 'untraced';
@@ -70,6 +78,8 @@ const readLateMs = 0.5;
 const dataEvents = new Set<string>(['P:mirror', 'P:pvmOut', 'P:svmOut', 'P:svmMain', 'S:mirrorIn', 'P:lateCopyFrom', 'P:lateCopyTo', 'gc', 'gc-end', 'input:notify', ...vcpuTraceEvents]);
 const stallGapMs = 2;
 const stallMin = 10;
+/** Bin edges of `sinceRequest`, ms after CHECKPOINT_REQUEST (the last bin is open). */
+export const sinceRequestEdges = [0, 2, 5, 10, 25] as const;
 
 const request = 'P>CHECKPOINT_REQUEST';
 const loaded = 'P<VMSTATE_LOADED';
@@ -141,11 +151,26 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
       return w === null ? [] : [{ node: i === primaryTrace ? 'primary' : 'secondary', ...w }];
     }),
     lateCopies: lateCopiesOf(traces, primaryTrace, within, lateMs),
+    sinceRequest: sinceRequestOf(lat, starts, p99),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
       .sort((a, b) => a.ms - b.ms),
   };
+}
+
+function sinceRequestOf(lat: readonly { start: number; ms: number }[], requests: readonly number[], p99: number): Anatomy['sinceRequest'] {
+  const bins = sinceRequestEdges.map((fromMs, i) => ({ fromMs, toMs: sinceRequestEdges[i + 1] ?? Infinity, requests: 0, sum: 0, slowest: 0 }));
+  for (const r of lat) {
+    const i = lastAtOrBefore(requests, r.start);
+    if (i < 0) continue;
+    const since = r.start - requests[i]!;
+    const b = bins[lastAtOrBefore(sinceRequestEdges, since)]!;
+    b.requests += 1;
+    b.sum += r.ms;
+    if (r.ms >= p99) b.slowest += 1;
+  }
+  return bins.map(({ fromMs, toMs, requests: n, sum, slowest }) => ({ fromMs, toMs, requests: n, meanMs: n === 0 ? 0 : sum / n, slowest }));
 }
 
 function stallsOf(starts: number[]): Anatomy['stalls'] {
@@ -330,6 +355,17 @@ function main(): void {
   table([
     ['slowest 1 %', 'in stalls (≥ 10 begun ≤ 2 ms apart)', 'stalls', 'largest', 'reply after PVM output', 'after SVM output', 'at a checkpoint', 'untraced'],
     [a.slowest, a.stalls.inStalls, a.stalls.count, a.stalls.largest, w.pvm, w.svm, w.checkpoint, w.unknown],
+  ]);
+  const total = a.sinceRequest.reduce((n, b) => n + b.requests, 0);
+  table([
+    ['begun after CHECKPOINT_REQUEST, ms', 'requests', 'share', 'mean ms', 'of the slowest 1 %'],
+    ...a.sinceRequest.map((b) => [
+      b.toMs === Infinity ? `${b.fromMs}+` : `${b.fromMs}–${b.toMs}`,
+      b.requests,
+      `${total === 0 ? '0.0' : ((100 * b.requests) / total).toFixed(1)} %`,
+      f(b.meanMs),
+      b.slowest,
+    ]),
   ]);
   table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
   const l = a.lateCopies;

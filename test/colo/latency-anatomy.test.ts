@@ -69,6 +69,18 @@ test('latency anatomy: percentiles, the checkpoint timeline, and the slowest req
     { node: 'primary', count: 0, ms: 0, slowOverlapping: 0 },
     { node: 'secondary', count: 0, ms: 0, slowOverlapping: 0 },
   ]);
+  // By time since the last request: 101 and 201 in the first 2 ms, 102, 103, 202 and 204.5 in
+  // the next 3; the rest (the 990 fast ones, 150, 250, 1400, 1500) 25 ms or more after one.
+  assert.deepEqual(
+    a.sinceRequest.map((b) => [b.fromMs, b.toMs, b.requests, Number(b.meanMs.toFixed(4)), b.slowest]),
+    [
+      [0, 2, 2, 21.5, 2],
+      [2, 5, 4, 23, 4],
+      [5, 10, 0, 0, 0],
+      [10, 25, 0, 0, 0],
+      [25, Infinity, 994, Number(((990 + (989 * 990 * 1e-4) / 2 + 26 + 27 + 28 + 29) / 994).toFixed(4)), 5],
+    ],
+  );
 });
 
 test('latency anatomy: slow requests in a burst are a stall; each reply is put down to the output that came last before it, and collections to the requests they overlap', () => {
