@@ -68,6 +68,11 @@ export interface Anatomy {
    * slow bins right after the request.
    */
   sinceRequest: { fromMs: number; toMs: number; requests: number; meanMs: number; slowest: number }[];
+  /**
+   * The p99 of the requests begun `sinceRequestClearMs` or more after the last CHECKPOINT_REQUEST
+   * (or before the first): about what the p99 would be if checkpoints held up nothing.
+   */
+  p99ClearOfCheckpoints: number;
 }
 
 export type LateCause = 'checkpoint' | 'svmWroteLate' | 'primaryReadLate' | 'untraced';
@@ -80,6 +85,8 @@ const stallGapMs = 2;
 const stallMin = 10;
 /** Bin edges of `sinceRequest`, ms after CHECKPOINT_REQUEST (the last bin is open). */
 export const sinceRequestEdges = [0, 2, 5, 10, 25] as const;
+/** Requests begun this long after a CHECKPOINT_REQUEST are clear of its hold-up (`p99ClearOfCheckpoints`). */
+const sinceRequestClearMs = 5;
 
 const request = 'P>CHECKPOINT_REQUEST';
 const loaded = 'P<VMSTATE_LOADED';
@@ -152,6 +159,16 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
     }),
     lateCopies: lateCopiesOf(traces, primaryTrace, within, lateMs),
     sinceRequest: sinceRequestOf(lat, starts, p99),
+    p99ClearOfCheckpoints: (() => {
+      const clear = lat
+        .filter((r) => {
+          const i = lastAtOrBefore(starts, r.start);
+          return i < 0 || r.start - starts[i]! >= sinceRequestClearMs;
+        })
+        .map((r) => r.ms)
+        .sort((a, b) => a - b);
+      return clear.length === 0 ? 0 : quantileOfSorted(clear, 0.99);
+    })(),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -367,6 +384,7 @@ function main(): void {
       b.slowest,
     ]),
   ]);
+  process.stdout.write(`p99 of the requests begun ${sinceRequestClearMs} ms or more after a CHECKPOINT_REQUEST: ${f(a.p99ClearOfCheckpoints)} ms (all: ${f(a.p99)} ms)\n\n`);
   table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
   const l = a.lateCopies;
   const cell = (c: LateCause): string => `${l.by[c].episodes} / ${l.by[c].chunks}`;
