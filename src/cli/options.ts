@@ -53,6 +53,24 @@ export interface RunOptions {
   storeLog: boolean | null;
 }
 
+export const runUsage = `usage: colo run GUEST.wasm [options] [-- GUEST-ARGS...]
+  --memory SIZE, -m SIZE      guest RAM (examples: 256M, 1G; default ${Math.floor(limits.guestMemoryBytesDefault / 1048576)}M)
+  --drive file=PATH[,snapshot=on]
+                              the disk (fd 4 in the guest); snapshot=on: writes go to a
+                              temporary overlay and the image is never changed
+  --snapshot                  snapshot=on for the drive
+  --net listen=HOST:PORT      the NIC: the guest serves clients on this address (fd 3)
+  --serial file:PATH|stdio|none
+                              where the guest's stdout goes (default stdio)
+  --qmp unix:PATH|tcp:HOST:PORT
+                              the QMP monitor
+  -S                          start paused (QMP cont runs it)
+  --name NAME                 the VM's name, in its log lines
+  --incoming defer|tcp:HOST:PORT|file:PATH
+                              wait for an incoming migration (defer: until migrate-incoming)
+  --dirty-log store|shadow    how dirty pages are tracked (default store)
+`;
+
 const runFlags = new Set(['--memory', '-m', '--drive', '--snapshot', '--net', '--serial', '--qmp', '-S', '--name', '--incoming', '--dirty-log']);
 
 /** `colo run GUEST.wasm [options] [-- guest args...]` */
@@ -90,7 +108,7 @@ export function parseRunArgs(argv: string[]): RunOptions {
       positional.push(arg);
       continue;
     }
-    if (!runFlags.has(arg)) throw new UsageError('BAD_OPTION', `unknown option '${arg}' (see 'colo help run')`);
+    if (!runFlags.has(arg)) throw new UsageError('BAD_OPTION', `unknown option '${arg}' (see 'colo run --help')`);
     const needValue = (): string => {
       if (value !== undefined) return value;
       const next = argv[i + 1];

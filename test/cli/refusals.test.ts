@@ -74,6 +74,37 @@ test('bad options get one clear line and a non-zero exit', async () => {
   }
 });
 
+test("--help on every command prints that command's options to stdout and exits 0; colo help COMMAND the same", async () => {
+  const commands: [string, RegExp][] = [
+    ['run', /--incoming defer\|tcp:HOST:PORT\|file:PATH/],
+    ['migrate', /--parallel-connections N/],
+    ['up', /--checkpoint-delay MS/],
+    ['qmp', /COMMAND \[key=value \.\.\.\]/],
+    ['img', /--if-missing/],
+  ];
+  for (const [cmd, re] of commands) {
+    // Before, after and among other options; --help wins over a missing or bad argument.
+    for (const args of [[cmd, '--help'], [cmd, '-h'], [cmd, guests.spin, '--frobnicate', '--help'], ['help', cmd]]) {
+      const r = await colo(args);
+      assert.equal(r.code, 0, `colo ${args.join(' ')}: ${r.stderr}`);
+      assert.match(r.stdout, new RegExp(`^usage: colo ${cmd} `), `colo ${args.join(' ')}`);
+      assert.match(r.stdout, re, `colo ${args.join(' ')}`);
+      assert.equal(r.stderr, '', `colo ${args.join(' ')}`);
+    }
+  }
+  const all = await colo(['--help']);
+  assert.equal(all.code, 0);
+  for (const [cmd] of commands) assert.match(all.stdout, new RegExp(`\n  colo ${cmd} `), `colo --help names ${cmd}`);
+  const none = await colo(['help', 'frobnicate']);
+  assert.equal(none.code, 2);
+  assert.match(none.stderr, /no command 'frobnicate' \(commands: run, migrate, up, qmp, img\)/);
+  // After --, --help is the guest's: colo run goes on and fails on the missing module instead.
+  const guestArg = await colo(['run', '/nonexistent/guest.wasm', '--', '--help']);
+  assert.notEqual(guestArg.code, 0);
+  assert.equal(guestArg.stdout, '');
+  assert.match(guestArg.stderr, /nonexistent/);
+});
+
 test('corrupted, truncated and foreign state files are refused; nothing runs half-loaded', async (t) => {
   const env = new TestEnv(t);
   const state = env.file('mw.state');
