@@ -25,6 +25,9 @@ export class ColoController implements DriverHost {
       onDestinationHandoff: (session) => this.startSecondary(session),
       onDestinationSession: (session) => this.attachCache(session),
       yank: () => this.yank(),
+      checkpointDelaySet: () => {
+        if (this.driver instanceof PrimaryDriver) this.driver.dispatch({ type: 'delaySet' });
+      },
     };
   }
 

@@ -76,6 +76,8 @@ export type PrimaryEvent =
   | { type: 'handoff' }
   | { type: 'message'; msg: ColoMessage }
   | { type: 'timer' }
+  /** migrate-set-parameters changed x-checkpoint-delay (it takes effect at once, as in QEMU). */
+  | { type: 'delaySet' }
   /** The compare, or the network after losing mirrored input, asks for a checkpoint. */
   | { type: 'trigger'; reason: Exclude<CheckpointReason, 'periodic'> }
   | { type: 'vmPaused' }
@@ -90,6 +92,11 @@ export type PrimaryAction =
   | { type: 'status'; status: 'colo' | 'completed' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'armTimer'; ms: number }
+  /**
+   * The delay changed while the timer runs: it now fires `ms` after it was armed (at once if
+   * that time has passed), not after the old delay.
+   */
+  | { type: 'rearmTimer'; ms: number }
   | { type: 'armGrace' }
   | { type: 'pauseVm' }
   /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
@@ -132,6 +139,10 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       case 'timer':
         if (this.phase !== 'running') return [];
         return this.request('periodic');
+      case 'delaySet':
+        // Only 'running' waits on the timer; a checkpoint in flight arms it with the new delay
+        // when it ends (next()), and so does COLO's start.
+        return this.phase === 'running' ? [{ type: 'rearmTimer', ms: this.delayMs() }] : [];
       case 'trigger':
         if (this.phase === 'running') return this.request(ev.reason);
         if (ev.reason === 'resync') {

@@ -61,6 +61,8 @@ class VmOps {
 export class PrimaryDriver {
   readonly core: PrimaryCore;
   private timer: NodeJS.Timeout | null = null;
+  /** When the timer was armed (performance.now()): a new x-checkpoint-delay counts from there. */
+  private timerArmedAt = 0;
   private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
@@ -122,6 +124,15 @@ export class PrimaryDriver {
     }
   }
 
+  /** The periodic checkpoint's timer (replacing one that is armed). */
+  private setTimer(ms: number): void {
+    if (this.timer !== null) clearTimeout(this.timer);
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.dispatch({ type: 'timer' });
+    }, ms);
+  }
+
   dispatch(ev: PrimaryEvent): void {
     this.notePhase(ev);
     if (latencyTrace !== null && (ev.type === 'vmPaused' || ev.type === 'stateCaptured' || ev.type === 'stateSent' || ev.type === 'vmResumed')) latencyTrace.event(`P:${ev.type}`);
@@ -177,11 +188,11 @@ export class PrimaryDriver {
         }
         return;
       case 'armTimer':
-        if (this.timer !== null) clearTimeout(this.timer);
-        this.timer = setTimeout(() => {
-          this.timer = null;
-          this.dispatch({ type: 'timer' });
-        }, a.ms);
+        this.timerArmedAt = performance.now();
+        this.setTimer(a.ms);
+        return;
+      case 'rearmTimer':
+        this.setTimer(Math.max(0, this.timerArmedAt + a.ms - performance.now()));
         return;
       case 'armGrace':
         this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);

@@ -28,6 +28,8 @@ export interface ColoMigrationHooks {
   onDestinationSession?: (session: IncomingSession) => void;
   /** yank {type: migration} while COLO owns the session: close its channels (false: not in COLO). */
   yank?: () => boolean;
+  /** migrate-set-parameters changed x-checkpoint-delay: a primary in COLO applies it at once. */
+  checkpointDelaySet?: () => void;
 }
 
 function tcpTarget(uri: string): { host: string; port: number } {
@@ -90,6 +92,7 @@ export class MigrationControl {
     this.settings.setParameters(update);
     if (update['downtime-limit'] !== undefined) this.outgoing?.setDowntimeLimit(update['downtime-limit']);
     if (update['multifd-channels'] !== undefined) this.refreshSenders();
+    if (update['x-checkpoint-delay'] !== undefined) this.coloHooks.checkpointDelaySet?.();
   }
 
   /** Keep idle sender threads matching the settings (none when multifd is off or this VM cannot migrate out). */

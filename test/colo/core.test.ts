@@ -51,6 +51,34 @@ test('colo core: one checkpoint uses the seven messages in order on both sides',
   assert.equal(p.phase, 'running');
 });
 
+test('colo core: a new x-checkpoint-delay re-arms a running timer at once; in a checkpoint, or before the first, the next arming takes it', () => {
+  let delay = 20000;
+  const p = new PrimaryCore(() => delay);
+  p.step({ type: 'handoff' });
+  delay = 500;
+  assert.deepEqual(p.step({ type: 'delaySet' }), [], 'before COLO runs: no timer to re-arm');
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  assert.deepEqual(p.step({ type: 'vmResumed' }), [{ type: 'armTimer', ms: 500 }], 'the first arming has the delay set before it');
+  delay = 100;
+  assert.deepEqual(p.step({ type: 'delaySet' }), [{ type: 'rearmTimer', ms: 100 }]);
+  assert.equal(p.phase, 'running', 're-arming starts no checkpoint by itself');
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  delay = 60000;
+  assert.deepEqual(p.step({ type: 'delaySet' }), [], 'in a checkpoint: nothing until it ends');
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateCaptured' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'vmResumed' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  assert.deepEqual(
+    p.step({ type: 'message', msg: 'VMSTATE_LOADED' }).filter((a) => a.type !== 'checkpointDone'),
+    [{ type: 'armTimer', ms: 60000 }],
+    'the checkpoint in flight ends with the new delay',
+  );
+  assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 0 });
+});
+
 /** A primary whose first checkpoint was just answered by CHECKPOINT_REPLY (the PVM is being paused). */
 function replied(): PrimaryCore {
   const p = new PrimaryCore(() => 300);

@@ -82,7 +82,7 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
 
   // No periodic checkpoints from now on: every checkpoint is the compare's.
   await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 60000 });
-  await sleep(300); // a timer armed with the old delay fires at most once more
+  await sleep(300); // a checkpoint in flight ends first (the timer itself is re-armed at once)
   const before = await coloCounters(src);
   const c = await RespClient.connect(port);
   env.onCleanup(() => c.close());
@@ -101,6 +101,33 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assert.equal(after['checkpoints-periodic'], before['checkpoints-periodic'], 'no periodic checkpoint in the TIME phase');
   assert.ok(after['checkpoints-mismatch']! >= 1, `TIME replies differ between the guests (${JSON.stringify(after)})`);
   assert.equal(await c.command(['GET', 'after-time-4']), 'x');
+  assertNoErrors(src, dst);
+});
+
+test('colo/net: a new x-checkpoint-delay takes effect at once, in both directions', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst } = await startPair(env, 60000);
+  await sleep(500);
+  const start = await coloCounters(src);
+  assert.equal(start['checkpoints-periodic'], 0, `no periodic checkpoint within a minute's delay (${JSON.stringify(start)})`);
+  // Shorter: the timer, armed at COLO's start for 60 s, fires now (more than 200 ms have passed).
+  const mark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 200 });
+  const fast = await waitFor('three periodic checkpoints at the new 200 ms delay', async () => {
+    const x = await coloCounters(src);
+    return x['checkpoints-periodic']! >= 3 ? x : undefined;
+  }, 5000);
+  assert.ok(dst.qmp.eventCount > mark, 'the secondary paused and resumed for them');
+  // Longer again: after the checkpoint in flight, none for the next second.
+  await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 60000 });
+  await sleep(400);
+  const settled = await coloCounters(src);
+  await sleep(1000);
+  const later = await coloCounters(src);
+  assert.equal(later['checkpoints-periodic'], settled['checkpoints-periodic'], `no periodic checkpoint after the delay went back to 60 s (${JSON.stringify(later)})`);
+  assert.ok(settled['checkpoints-periodic']! >= fast['checkpoints-periodic']!);
+  const params = (await src.qmp.execute('query-migrate-parameters')) as Record<string, unknown>;
+  assert.equal(params['x-checkpoint-delay'], 60000);
   assertNoErrors(src, dst);
 });
 
