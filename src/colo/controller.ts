@@ -107,8 +107,10 @@ export class ColoController implements DriverHost {
 
   query(): Record<string, unknown> {
     // QEMU's fields; the checkpoint counters are in query-migrate's x-colo entry (counters()).
-    const d = this.driver;
-    const reason = this.reason !== 'none' ? this.reason : d !== null && this.active ? 'processing' : 'none';
+    // reason, as QEMU's: none while COLO runs (or never ran), processing while a failover is
+    // under way, and once COLO ended the COLO_EXIT reason (request or error).
+    const f = this.driver?.core.failoverState ?? 'none';
+    const reason = this.reason !== 'none' ? this.reason : f === 'require' || f === 'active' || f === 'relaunch' ? 'processing' : 'none';
     return { mode: this.mode, 'last-mode': this.lastMode, reason };
   }
 

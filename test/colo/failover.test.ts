@@ -46,6 +46,9 @@ for (const transport of ['plain', 'multifd'] as const) {
         // An 8 MiB walk is copied in each pause: the PVM ran on while its checkpoints travelled.
         const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
         assert.ok(counters['checkpoints-copied']! >= 3 && counters['checkpoints-sent-from-ram'] === 0, `checkpoints copied in the pause (${JSON.stringify(counters)})`);
+        // In COLO, as QEMU reports it: no failover yet, so no reason.
+        assert.deepEqual(await src.qmp.execute('query-colo-status'), { mode: 'primary', 'last-mode': 'primary', reason: 'none' });
+        assert.deepEqual(await dst.qmp.execute('query-colo-status'), { mode: 'secondary', 'last-mode': 'secondary', reason: 'none' });
         if (midCheckpoint) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
 
         const survivor = side === 'primary' ? src : dst;
