@@ -2,11 +2,12 @@
  * The seeded simulation of COLO (ARCHITECTURE §5, §7): the real PrimaryCore and SecondaryCore
  * from src/colo/core.ts, driven as driver.ts drives them, over a simulated channel and clock,
  * with model guests; crashes, link breaks and x-colo-lost-heartbeat injected at random times
- * (often mid-checkpoint). After every step: invariant 2 (no page of a checkpoint not fully
+ * (often mid-checkpoint), and x-checkpoint-delay changed at random times in some runs. After every step: invariant 2 (no page of a checkpoint not fully
  * received in SVM RAM), 3 (after an apply the SVM equals the PVM at its pause), 4 (one node
  * serves), 5 (the survivor of a failover runs, done and completed, in bounded time; a lost
  * heartbeat on a live secondary is carried out or refused), 1 as far as a secondary whose apply
- * broke off (a full disk) never runs or serves, and liveness before any fault.
+ * broke off (a full disk) never runs or serves, and liveness before any fault (checkpoints at the
+ * delay in effect: a shorter one set by management takes effect at once).
  *
  * COLO_SIM_SEED=n runs seed n alone (COLO_SIM_TRACE=1 prints its whole trace);
  * COLO_SIM_SEEDS=n runs n seeds (default 500).

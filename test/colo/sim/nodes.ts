@@ -73,6 +73,10 @@ export class PrimaryNode implements Endpoint {
   private epoch = 1;
   private sentCk = 0;
   private timer: Handle | null = null;
+  /** When the timer was last armed (a new x-checkpoint-delay counts from there, as in driver.ts). */
+  private timerArmedAt = 0;
+  /** x-checkpoint-delay, which management may change while COLO runs. */
+  private delayMs: number;
   private grace: Handle | null = null;
   private readonly ops: VmOps;
   /** Invariant 5: by this time the primary must have finished its failover. */
@@ -82,7 +86,8 @@ export class PrimaryNode implements Endpoint {
   compareStopped = false;
 
   constructor(private readonly w: World, delayMs: number, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
-    this.core = new PrimaryCore(() => delayMs);
+    this.delayMs = delayMs;
+    this.core = new PrimaryCore(() => this.delayMs);
     this.ops = new VmOps(w.sim, this.owner);
     this.guest = new Guest(w.sim, this.owner, () => w.rnd(), ram, device, new Disk(disk), {
       tag: () => ({ src: 'P', ck: this.epoch }),
@@ -106,6 +111,24 @@ export class PrimaryNode implements Endpoint {
 
   lostHeartbeat(): void {
     this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  private setTimer(ms: number): void {
+    this.timer?.cancel();
+    this.timer = this.w.sim.after(
+      ms,
+      () => {
+        this.timer = null;
+        this.dispatch({ type: 'timer' });
+      },
+      this.owner,
+    );
+  }
+
+  /** migrate-set-parameters x-checkpoint-delay (MigrationControl → ColoController → delaySet). */
+  setDelay(ms: number): void {
+    this.delayMs = ms;
+    this.dispatch({ type: 'delaySet' });
   }
 
   /** The compare reports a mismatch or an output timeout. */
@@ -190,15 +213,11 @@ export class PrimaryNode implements Endpoint {
         }
         return;
       case 'armTimer':
-        this.timer?.cancel();
-        this.timer = w.sim.after(
-          a.ms,
-          () => {
-            this.timer = null;
-            this.dispatch({ type: 'timer' });
-          },
-          this.owner,
-        );
+        this.timerArmedAt = w.sim.now;
+        this.setTimer(a.ms);
+        return;
+      case 'rearmTimer':
+        this.setTimer(Math.max(0, this.timerArmedAt + a.ms - w.sim.now));
         return;
       case 'armGrace':
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);

@@ -74,6 +74,8 @@ export interface Fault {
 
 export interface Scenario {
   delayMs: number;
+  /** Management sets a new x-checkpoint-delay on the primary at these times (none if absent). */
+  delayChanges?: { atMs: number; delayMs: number }[];
   /** Mean interval of the compare's checkpoint triggers (mismatch / timeout); null: none. */
   triggerMeanMs: number | null;
   faults: Fault[];
@@ -124,9 +126,12 @@ export interface RunOptions {
 
 function drawScenario(r: () => number, faults: boolean): Scenario {
   // Long delays too, so that a trigger the primary ignored would not hide behind the timer.
-  const delayMs = Math.round(r() < 0.7 ? 20 + r() * 100 : 300 + r() * 700);
+  const drawDelay = (): number => Math.round(r() < 0.7 ? 20 + r() * 100 : 300 + r() * 700);
+  const delayMs = drawDelay();
   const triggerMeanMs = r() < 0.6 ? Math.round(10 + r() * 190) : null;
-  if (!faults || r() < 0.1) return { delayMs, triggerMeanMs, faults: [] };
+  // Now and then management changes the delay, in any phase of a checkpoint.
+  const delayChanges = r() < 0.3 ? Array.from({ length: 1 + Math.floor(r() * 2) }, () => ({ atMs: Math.round(r() * 150000) / 100, delayMs: drawDelay() })).sort((a, b) => a.atMs - b.atMs) : [];
+  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [] };
   const n = r() < 0.65 ? 1 : 2;
   const out: Fault[] = [];
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
@@ -166,7 +171,7 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     const drain: Drain = kind === 'breakLink' ? (r() < 0.35 ? 'pagesLost' : 'none') : r() < 0.5 ? 'drain' : 'none';
     out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
   }
-  return { delayMs, triggerMeanMs, faults: out };
+  return { delayMs, delayChanges, triggerMeanMs, faults: out };
 }
 
 export function showScenario(s: Scenario): string {
@@ -178,7 +183,8 @@ export function showScenario(s: Scenario): string {
     if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' || x.kind === 'applyFails' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
     return parts.join(', ');
   });
-  return `x-checkpoint-delay=${s.delayMs}ms; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
+  const changes = (s.delayChanges ?? []).map((c) => `, then ${c.delayMs}ms at t=${c.atMs}`).join('');
+  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
 }
 
 class SimWorld implements World {
@@ -196,6 +202,9 @@ class SimWorld implements World {
   violation: Violation | null = null;
   faultFired = false;
   lastCheckpointAt = 0;
+  /** x-checkpoint-delay in effect, and when management last changed it. */
+  delayMs: number;
+  delayChangedAt = 0;
   endAt: number;
   /** The oldest compare trigger no VMSTATE_RECEIVED has answered yet. */
   triggerAt: number | null = null;
@@ -203,7 +212,9 @@ class SimWorld implements World {
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
-    this.endAt = Math.max(BASE_MS, 5 * scenario.delayMs + 500);
+    this.delayMs = scenario.delayMs;
+    const longest = Math.max(scenario.delayMs, ...(scenario.delayChanges ?? []).map((c) => c.delayMs));
+    this.endAt = Math.max(BASE_MS, 5 * longest + 500);
     this.link = new Link(this.sim, r, (s) => this.trace(s));
     // The state at COLO start: the initial migration made both sides equal.
     const ram: Val[] = [];
@@ -214,6 +225,18 @@ class SimWorld implements World {
     this.P = new PrimaryNode(this, scenario.delayMs, [...ram], { ...device }, [...disk], broken);
     this.S = new SecondaryNode(this, [...ram], { ...device }, [...disk], broken);
     this.link.ends.push(this.P, this.S);
+    for (const c of scenario.delayChanges ?? []) {
+      this.sim.at(
+        c.atMs,
+        () => {
+          this.trace(`management: x-checkpoint-delay ${this.delayMs} → ${c.delayMs} ms (P ${this.P.core.phase})`);
+          this.delayMs = c.delayMs;
+          this.delayChangedAt = this.sim.now;
+          this.P.setDelay(c.delayMs);
+        },
+        this.P.owner,
+      );
+    }
     this.pending = [...scenario.faults];
     for (const f of this.pending) if ('time' in f.trigger) this.sim.at(f.trigger.time + f.delay, () => this.fire(f));
     const mean = scenario.triggerMeanMs;
@@ -422,9 +445,11 @@ class SimWorld implements World {
         }
       }
     }
-    // Liveness: with no fault yet, checkpoints keep completing.
-    if (!this.faultFired && now - this.lastCheckpointAt > this.scenario.delayMs + LIVE_MS) {
-      this.violate('liveness', `no checkpoint completed since t=${this.lastCheckpointAt.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
+    // Liveness: with no fault yet, checkpoints keep completing, at the delay in effect: a new
+    // one counts from its change at the latest (a shorter one takes effect at once).
+    const since = Math.max(this.lastCheckpointAt, this.delayChangedAt);
+    if (!this.faultFired && now - since > this.delayMs + LIVE_MS) {
+      this.violate('liveness', `no checkpoint completed since t=${since.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms) with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
     }
     if (!this.faultFired && this.triggerAt !== null && now - this.triggerAt > TRIGGER_MS) {
       this.violate('liveness', `a compare trigger at t=${this.triggerAt.toFixed(3)} got no checkpoint (no VMSTATE_RECEIVED) by t=${now.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
