@@ -1,5 +1,6 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { spawn } from 'node:child_process';
 import { TestEnv, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
@@ -90,4 +91,15 @@ test('memwalk saved mid-pass resumes from the same page (pmemsave before and aft
   await dst.waitSerial('B', { count: 2, fromOffset: passes });
   const later = await dst.pmem(start, size);
   assert.ok(!later.equals(after), 'the restored guest runs on');
+  // memsave (what vCPU 0 sees at virtual addresses) is the same bytes: one vCPU, one linear memory.
+  await dst.qmp.execute('stop');
+  const file = env.file('mw.memsave');
+  await dst.qmp.execute('memsave', { val: start, size, filename: file });
+  const virt = fs.readFileSync(file);
+  assert.equal(virt.length, size);
+  assert.ok(virt.equals(await dst.pmem(start, size)), 'memsave equals pmemsave of a stopped guest');
+  await dst.qmp.execute('memsave', { val: start, size: 16, filename: file, 'cpu-index': 0 });
+  assert.ok(fs.readFileSync(file).equals(virt.subarray(0, 16)));
+  await assert.rejects(dst.qmp.execute('memsave', { val: start, size: 16, filename: file, 'cpu-index': 1 }), /Parameter 'cpu-index' expects a CPU number/);
+  await assert.rejects(dst.qmp.execute('memsave', { val: 0, size: 2 ** 40, filename: file }), /Invalid addr/);
 });
