@@ -158,17 +158,7 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
       return w === null ? [] : [{ node: i === primaryTrace ? 'primary' : 'secondary', ...w }];
     }),
     lateCopies: lateCopiesOf(traces, primaryTrace, within, lateMs),
-    sinceRequest: sinceRequestOf(lat, starts, p99),
-    p99ClearOfCheckpoints: (() => {
-      const clear = lat
-        .filter((r) => {
-          const i = lastAtOrBefore(starts, r.start);
-          return i < 0 || r.start - starts[i]! >= sinceRequestClearMs;
-        })
-        .map((r) => r.ms)
-        .sort((a, b) => a - b);
-      return clear.length === 0 ? 0 : quantileOfSorted(clear, 0.99);
-    })(),
+    ...sinceRequestOf(lat, starts, p99),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -176,18 +166,25 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
   };
 }
 
-function sinceRequestOf(lat: readonly { start: number; ms: number }[], requests: readonly number[], p99: number): Anatomy['sinceRequest'] {
+/** The requests by time since the last CHECKPOINT_REQUEST, and the p99 of those clear of one. */
+function sinceRequestOf(lat: readonly { start: number; ms: number }[], requests: readonly number[], p99: number): Pick<Anatomy, 'sinceRequest' | 'p99ClearOfCheckpoints'> {
   const bins = sinceRequestEdges.map((fromMs, i) => ({ fromMs, toMs: sinceRequestEdges[i + 1] ?? Infinity, requests: 0, sum: 0, slowest: 0 }));
+  const clear: number[] = [];
   for (const r of lat) {
     const i = lastAtOrBefore(requests, r.start);
+    const since = i < 0 ? Infinity : r.start - requests[i]!;
+    if (since >= sinceRequestClearMs) clear.push(r.ms);
     if (i < 0) continue;
-    const since = r.start - requests[i]!;
     const b = bins[lastAtOrBefore(sinceRequestEdges, since)]!;
     b.requests += 1;
     b.sum += r.ms;
     if (r.ms >= p99) b.slowest += 1;
   }
-  return bins.map(({ fromMs, toMs, requests: n, sum, slowest }) => ({ fromMs, toMs, requests: n, meanMs: n === 0 ? 0 : sum / n, slowest }));
+  clear.sort((a, b) => a - b);
+  return {
+    sinceRequest: bins.map(({ fromMs, toMs, requests: n, sum, slowest }) => ({ fromMs, toMs, requests: n, meanMs: n === 0 ? 0 : sum / n, slowest })),
+    p99ClearOfCheckpoints: clear.length === 0 ? 0 : quantileOfSorted(clear, 0.99),
+  };
 }
 
 function stallsOf(starts: number[]): Anatomy['stalls'] {
