@@ -35,6 +35,9 @@ export class ColoController implements DriverHost {
     log.info('the secondary loaded the state: entering COLO as the primary');
     this.mode = 'primary';
     this.lastMode = 'primary';
+    // A new COLO session (re-protection after a failover): no failover yet, as QEMU's
+    // failover_init_state at every COLO start.
+    this.reason = 'none';
     const d = new PrimaryDriver(this, session);
     this.driver = d;
     d.start();
@@ -57,6 +60,7 @@ export class ColoController implements DriverHost {
     log.info('the state is loaded: entering COLO as the secondary');
     this.mode = 'secondary';
     this.lastMode = 'secondary';
+    this.reason = 'none';
     const d = new SecondaryDriver(this, session, this.cache, null);
     this.cache = null;
     this.driver = d;

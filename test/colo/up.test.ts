@@ -54,6 +54,8 @@ for (const { transport, signal, boundMs, cause } of cases) {
     const [p2q, s2q] = [s1q, await qmpOf(s2, sup)];
     clients.push(s2q);
     assert.equal((await p2q.execute<{ status: string }>('query-migrate')).status, 'colo', 'the new primary is in COLO');
+    // Its failover is history: in the new COLO session there is none yet (as QEMU resets it).
+    assert.deepEqual(await p2q.execute('query-colo-status'), { mode: 'primary', 'last-mode': 'primary', reason: 'none' });
     await checkpointAfterNow(s2q);
 
     const r1 = await RespClient.connect(port);
