@@ -76,7 +76,10 @@ export type PrimaryEvent =
   | { type: 'handoff' }
   | { type: 'message'; msg: ColoMessage }
   | { type: 'timer' }
-  /** migrate-set-parameters changed x-checkpoint-delay (it takes effect at once, as in QEMU). */
+  /**
+   * migrate-set-parameters changed x-checkpoint-delay. As in QEMU (colo_checkpoint_delay_set):
+   * a checkpoint now, and the new delay from there.
+   */
   | { type: 'delaySet' }
   /** The compare, or the network after losing mirrored input, asks for a checkpoint. */
   | { type: 'trigger'; reason: Exclude<CheckpointReason, 'periodic'> }
@@ -92,11 +95,6 @@ export type PrimaryAction =
   | { type: 'status'; status: 'colo' | 'completed' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'armTimer'; ms: number }
-  /**
-   * The delay changed while the timer runs: it now fires `ms` after it was armed (at once if
-   * that time has passed), not after the old delay.
-   */
-  | { type: 'rearmTimer'; ms: number }
   | { type: 'armGrace' }
   | { type: 'pauseVm' }
   /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
@@ -140,9 +138,9 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         if (this.phase !== 'running') return [];
         return this.request('periodic');
       case 'delaySet':
-        // Only 'running' waits on the timer; a checkpoint in flight arms it with the new delay
-        // when it ends (next()), and so does COLO's start.
-        return this.phase === 'running' ? [{ type: 'rearmTimer', ms: this.delayMs() }] : [];
+        // Waiting on the timer: the checkpoint now (it re-arms with the new delay when it ends).
+        // A checkpoint in flight, or COLO's start, arms the timer with the new delay anyway.
+        return this.phase === 'running' ? this.request('periodic') : [];
       case 'trigger':
         if (this.phase === 'running') return this.request(ev.reason);
         if (ev.reason === 'resync') {

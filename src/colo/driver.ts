@@ -61,8 +61,6 @@ class VmOps {
 export class PrimaryDriver {
   readonly core: PrimaryCore;
   private timer: NodeJS.Timeout | null = null;
-  /** When the timer was armed (performance.now()): a new x-checkpoint-delay counts from there. */
-  private timerArmedAt = 0;
   private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
@@ -124,13 +122,15 @@ export class PrimaryDriver {
     }
   }
 
-  /** The periodic checkpoint's timer (replacing one that is armed). */
+  /** The periodic checkpoint's timer (replacing one that is armed), chained past setTimeout's limit. */
   private setTimer(ms: number): void {
     if (this.timer !== null) clearTimeout(this.timer);
+    const step = Math.min(ms, limits.timerMsMax);
     this.timer = setTimeout(() => {
       this.timer = null;
-      this.dispatch({ type: 'timer' });
-    }, ms);
+      if (ms > step) this.setTimer(ms - step);
+      else this.dispatch({ type: 'timer' });
+    }, step);
   }
 
   dispatch(ev: PrimaryEvent): void {
@@ -188,11 +188,7 @@ export class PrimaryDriver {
         }
         return;
       case 'armTimer':
-        this.timerArmedAt = performance.now();
         this.setTimer(a.ms);
-        return;
-      case 'rearmTimer':
-        this.setTimer(Math.max(0, this.timerArmedAt + a.ms - performance.now()));
         return;
       case 'armGrace':
         this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);

@@ -87,6 +87,10 @@ export const limits = {
   diskReadBlocksMax: 256,
   /** COLO periodic checkpoint interval default (QEMU's default is 20000 ms). */
   checkpointDelayMsDefault: 20000,
+  /** x-checkpoint-delay is a uint32 in QEMU (about 49.7 days). */
+  checkpointDelayMsMax: 2 ** 32 - 1,
+  /** The longest one setTimeout waits (Node turns a longer one into 1 ms); longer waits are chained. */
+  timerMsMax: 2 ** 31 - 1,
 
   /** Open guest connections at once. */
   nicConnectionsMax,

@@ -55,6 +55,8 @@ export class MigrationSettings {
     if (dl !== undefined && dl > limits.downtimeLimitMsMax) {
       throw new QmpCommandError('GenericError', `Parameter 'downtime-limit' expects an integer in the range of 0 to ${limits.downtimeLimitMsMax} milliseconds`);
     }
+    const cd = update['x-checkpoint-delay'];
+    if (cd !== undefined && cd > limits.checkpointDelayMsMax) throw new QmpCommandError('GenericError', "Parameter 'x-checkpoint-delay' expects uint32");
     for (const [k, v] of Object.entries(update) as [keyof MigrationParameters, number | undefined][]) {
       if (v !== undefined) this.parameters[k] = v;
     }

@@ -104,13 +104,13 @@ test('colo/net: deterministic kv traffic takes only periodic checkpoints; replie
   assertNoErrors(src, dst);
 });
 
-test('colo/net: a new x-checkpoint-delay takes effect at once, in both directions', async (t) => {
+test('colo/net: a new x-checkpoint-delay takes a checkpoint at once and then holds, as in QEMU; beyond uint32 it is refused', async (t) => {
   const env = new TestEnv(t);
   const { src, dst } = await startPair(env, 60000);
   await sleep(500);
   const start = await coloCounters(src);
   assert.equal(start['checkpoints-periodic'], 0, `no periodic checkpoint within a minute's delay (${JSON.stringify(start)})`);
-  // Shorter: the timer, armed at COLO's start for 60 s, fires now (more than 200 ms have passed).
+  // Shorter: a checkpoint now (the timer armed at COLO's start for 60 s has 59 s to go), then every 200 ms.
   const mark = dst.qmp.eventCount;
   await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 200 });
   const fast = await waitFor('three periodic checkpoints at the new 200 ms delay', async () => {
@@ -118,16 +118,23 @@ test('colo/net: a new x-checkpoint-delay takes effect at once, in both direction
     return x['checkpoints-periodic']! >= 3 ? x : undefined;
   }, 5000);
   assert.ok(dst.qmp.eventCount > mark, 'the secondary paused and resumed for them');
-  // Longer again: after the checkpoint in flight, none for the next second.
+  // Longer again: one checkpoint for the change, then none for the next second.
   await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 60000 });
   await sleep(400);
   const settled = await coloCounters(src);
+  assert.ok(settled['checkpoints-periodic']! >= fast['checkpoints-periodic']! + 1, `the change took a checkpoint (${JSON.stringify(settled)})`);
   await sleep(1000);
   const later = await coloCounters(src);
   assert.equal(later['checkpoints-periodic'], settled['checkpoints-periodic'], `no periodic checkpoint after the delay went back to 60 s (${JSON.stringify(later)})`);
-  assert.ok(settled['checkpoints-periodic']! >= fast['checkpoints-periodic']!);
+  // QEMU's x-checkpoint-delay is a uint32; its largest value is a valid (if idle) period.
+  await assert.rejects(src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 2 ** 32 }), /Parameter 'x-checkpoint-delay' expects uint32/);
+  await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 2 ** 32 - 1 });
+  await sleep(400);
+  const huge = await coloCounters(src);
+  await sleep(600);
+  assert.equal((await coloCounters(src))['checkpoints-periodic'], huge['checkpoints-periodic'], 'the longest delay is not taken for a short one (setTimeout would fire it after 1 ms)');
   const params = (await src.qmp.execute('query-migrate-parameters')) as Record<string, unknown>;
-  assert.equal(params['x-checkpoint-delay'], 60000);
+  assert.equal(params['x-checkpoint-delay'], 2 ** 32 - 1);
   assertNoErrors(src, dst);
 });
 

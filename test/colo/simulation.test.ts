@@ -97,6 +97,21 @@ for (const [kind, inv, what, n = 60] of broken) {
   });
 }
 
+test('colo simulation: a shorter x-checkpoint-delay takes effect at once; liveness catches a primary that waits for the timer armed with the old one', { skip: one !== undefined }, () => {
+  let caught = 0;
+  for (let seed = 1; seed <= 20; seed++) {
+    // A second-long period, shortened to 30 ms early in it; no faults.
+    const scenario: Scenario = { delayMs: 1000, delayChanges: [{ atMs: 80 + seed * 7, delayMs: 30 }], triggerMeanMs: null, faults: [] };
+    const res = runSeed({ seed, scenario });
+    if (res.violation !== null) assert.fail(describeFailure(res));
+    assert.ok(res.stats.checkpoints >= 10, `seed ${seed}: only ${res.stats.checkpoints} checkpoints at a 30 ms delay`);
+    const bad = runSeed({ seed, scenario, broken: 'ignoreDelaySet' });
+    if (bad.violation?.inv === 'liveness') caught += 1;
+    else assert.fail(`seed ${seed}: the broken model ignoreDelaySet gave ${bad.violation === null ? 'no violation' : describeFailure(bad)}`);
+  }
+  assert.equal(caught, 20);
+});
+
 test('colo simulation: a frame loop that reads on after a multifd channel broke still never applies the rest of that checkpoint (the core drops it)', { skip: one !== undefined }, () => {
   // The channel breaks just after the primary sent a checkpoint: the pages still in flight are
   // lost, the round barrier fails where they were due, and VMSTATE_SIZE and the device state

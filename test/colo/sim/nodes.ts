@@ -47,7 +47,7 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'readAfterBreak';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'readAfterBreak' | 'ignoreDelaySet';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -73,8 +73,6 @@ export class PrimaryNode implements Endpoint {
   private epoch = 1;
   private sentCk = 0;
   private timer: Handle | null = null;
-  /** When the timer was last armed (a new x-checkpoint-delay counts from there, as in driver.ts). */
-  private timerArmedAt = 0;
   /** x-checkpoint-delay, which management may change while COLO runs. */
   private delayMs: number;
   private grace: Handle | null = null;
@@ -128,7 +126,7 @@ export class PrimaryNode implements Endpoint {
   /** migrate-set-parameters x-checkpoint-delay (MigrationControl → ColoController → delaySet). */
   setDelay(ms: number): void {
     this.delayMs = ms;
-    this.dispatch({ type: 'delaySet' });
+    if (this.broken !== 'ignoreDelaySet') this.dispatch({ type: 'delaySet' });
   }
 
   /** The compare reports a mismatch or an output timeout. */
@@ -213,11 +211,7 @@ export class PrimaryNode implements Endpoint {
         }
         return;
       case 'armTimer':
-        this.timerArmedAt = w.sim.now;
         this.setTimer(a.ms);
-        return;
-      case 'rearmTimer':
-        this.setTimer(Math.max(0, this.timerArmedAt + a.ms - w.sim.now));
         return;
       case 'armGrace':
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
