@@ -69,8 +69,8 @@ export interface Anatomy {
    */
   sinceRequest: { fromMs: number; toMs: number; requests: number; meanMs: number; slowest: number }[];
   /**
-   * The p99 of the requests begun `sinceRequestClearMs` or more after the last CHECKPOINT_REQUEST
-   * (or before the first): about what the p99 would be if checkpoints held up nothing.
+   * The p99 of the requests begun outside every checkpoint window (CHECKPOINT_REQUEST to
+   * VMSTATE_LOADED): about what the p99 would be if checkpoints held up nothing.
    */
   p99ClearOfCheckpoints: number;
 }
@@ -85,8 +85,6 @@ const stallGapMs = 2;
 const stallMin = 10;
 /** Bin edges of `sinceRequest`, ms after CHECKPOINT_REQUEST (the last bin is open). */
 export const sinceRequestEdges = [0, 2, 5, 10, 25] as const;
-/** Requests begun this long after a CHECKPOINT_REQUEST are clear of its hold-up (`p99ClearOfCheckpoints`). */
-const sinceRequestClearMs = 5;
 
 const request = 'P>CHECKPOINT_REQUEST';
 const loaded = 'P<VMSTATE_LOADED';
@@ -158,7 +156,7 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
       return w === null ? [] : [{ node: i === primaryTrace ? 'primary' : 'secondary', ...w }];
     }),
     lateCopies: lateCopiesOf(traces, primaryTrace, within, lateMs),
-    ...sinceRequestOf(lat, starts, p99),
+    ...sinceRequestOf(lat, starts, p99, within),
     timeline: [...offsets]
       .map(([event, xs]) => ({ event, ms: median(xs), n: xs.length }))
       .filter((x) => x.n >= Math.max(1, windows.length / 2))
@@ -166,16 +164,20 @@ export function anatomy(traces: readonly LatencyTraceData[], lateMs = 2): Anatom
   };
 }
 
-/** The requests by time since the last CHECKPOINT_REQUEST, and the p99 of those clear of one. */
-function sinceRequestOf(lat: readonly { start: number; ms: number }[], requests: readonly number[], p99: number): Pick<Anatomy, 'sinceRequest' | 'p99ClearOfCheckpoints'> {
+/** The requests by time since the last CHECKPOINT_REQUEST, and the p99 of those begun outside every window. */
+function sinceRequestOf(
+  lat: readonly { start: number; ms: number }[],
+  requests: readonly number[],
+  p99: number,
+  inWindow: (t: number) => boolean,
+): Pick<Anatomy, 'sinceRequest' | 'p99ClearOfCheckpoints'> {
   const bins = sinceRequestEdges.map((fromMs, i) => ({ fromMs, toMs: sinceRequestEdges[i + 1] ?? Infinity, requests: 0, sum: 0, slowest: 0 }));
   const clear: number[] = [];
   for (const r of lat) {
+    if (!inWindow(r.start)) clear.push(r.ms);
     const i = lastAtOrBefore(requests, r.start);
-    const since = i < 0 ? Infinity : r.start - requests[i]!;
-    if (since >= sinceRequestClearMs) clear.push(r.ms);
     if (i < 0) continue;
-    const b = bins[lastAtOrBefore(sinceRequestEdges, since)]!;
+    const b = bins[lastAtOrBefore(sinceRequestEdges, r.start - requests[i]!)]!;
     b.requests += 1;
     b.sum += r.ms;
     if (r.ms >= p99) b.slowest += 1;
@@ -381,7 +383,7 @@ function main(): void {
       b.slowest,
     ]),
   ]);
-  process.stdout.write(`p99 of the requests begun ${sinceRequestClearMs} ms or more after a CHECKPOINT_REQUEST: ${f(a.p99ClearOfCheckpoints)} ms (all: ${f(a.p99)} ms)\n\n`);
+  process.stdout.write(`p99 of the requests begun outside every checkpoint window (CHECKPOINT_REQUEST to VMSTATE_LOADED): ${f(a.p99ClearOfCheckpoints)} ms (all: ${f(a.p99)} ms)\n\n`);
   table([['node', 'collections', 'ms in all', 'slowest 1 % overlapping one'], ...a.gc.map((g) => [g.node, g.count, f(g.ms), g.slowOverlapping])]);
   const l = a.lateCopies;
   const cell = (c: LateCause): string => `${l.by[c].episodes} / ${l.by[c].chunks}`;

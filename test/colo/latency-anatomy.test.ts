@@ -81,9 +81,40 @@ test('latency anatomy: percentiles, the checkpoint timeline, and the slowest req
       [25, Infinity, 994, Number(((990 + (989 * 990 * 1e-4) / 2 + 26 + 27 + 28 + 29) / 994).toFixed(4)), 5],
     ],
   );
-  // Without the six begun within 5 ms of a request: 994 requests, the four slow ones (26–29 ms)
-  // among them; their p99 (nearest rank, the 985th) is a fast one, begun at 1284.
+  // Without the six begun inside a window: 994 requests, the four slow ones (26–29 ms) among
+  // them; their p99 (nearest rank, the 985th) is a fast one, begun at 1284.
   assert.ok(Math.abs(a.p99ClearOfCheckpoints - (1 + 984e-4)) < 1e-9, `clear p99 ${a.p99ClearOfCheckpoints}`);
+});
+
+test('latency anatomy: the p99 clear of checkpoints leaves out the requests begun inside a window, however long it lasted', () => {
+  const primary = new LatencyTrace();
+  // One checkpoint whose window lasts 12 ms: [100, 112].
+  primary.event('P>CHECKPOINT_REQUEST', 100);
+  primary.event('P<VMSTATE_LOADED', 112);
+  for (let i = 0; i < 200; i++) {
+    primary.requestRead(i, 200 + i);
+    primary.replyWritten(i, 201 + i);
+  }
+  // Slow ones begun 1, 7 and 11 ms into the window, and one begun after it.
+  [101, 107, 111, 113].forEach((start, k) => {
+    primary.requestRead(1000 + k, start);
+    primary.replyWritten(1000 + k, start + 30 + k);
+  });
+  const a = anatomy([primary.data()]);
+  assert.equal(a.requests, 204);
+  // 201 requests outside the window, one of them slow (33 ms): the nearest-rank p99 (the 199th) is 1 ms.
+  assert.equal(a.p99ClearOfCheckpoints, 1);
+  assert.ok(a.p99 > 30, `all requests: the slow ones set the p99 (${a.p99})`);
+  assert.deepEqual(
+    a.sinceRequest.map((b) => [b.fromMs, b.requests]),
+    [
+      [0, 1],
+      [2, 0],
+      [5, 1],
+      [10, 2],
+      [25, 200],
+    ],
+  );
 });
 
 test('latency anatomy: slow requests in a burst are a stall; each reply is put down to the output that came last before it, and collections to the requests they overlap', () => {
