@@ -58,6 +58,12 @@ const nothing: CompareResult = Object.freeze({ release: Object.freeze([]) as rea
 export class Compare {
   epoch = 0;
   private conns = new Map<number, Conn>();
+  /**
+   * Connections whose close both guests produced in this epoch (ids are never reused): anything
+   * more of the SVM's for them is a repeat (a batch posted again after part of it was written to
+   * the output channel), not a new connection to hold output for.
+   */
+  private closed = new Set<number>();
   private heldBytes = 0;
   /** A trigger was reported in this epoch (report each kind once). */
   private reported = new Set<CompareTrigger>();
@@ -119,7 +125,7 @@ export class Compare {
       }
       return nothing;
     }
-    if (epoch !== this.epoch) return nothing;
+    if (epoch !== this.epoch || this.closed.has(out.conn)) return nothing;
     const c = this.conn(out.conn);
     this.push(c, c.svm, out, now);
     return this.match(out.conn, c);
@@ -151,6 +157,7 @@ export class Compare {
     const release = this.drainPvm();
     this.epoch += 1;
     this.reported.clear();
+    this.closed.clear();
     const early = this.early;
     this.early = [];
     this.earlyBytes = 0;
@@ -230,13 +237,16 @@ export class Compare {
   }
 
   private push(c: Conn, side: Item[], out: NicOutput, now: number): void {
+    // Offsets say where the output belongs: after what this side produced so far.
+    let end = c.released;
+    for (const it of side) if (it.kind === 'data') end += it.bytes.byteLength;
     if (out.kind !== 'out') {
+      // A shut or close after bytes this side never delivered (a hole) cannot be compared.
+      if (out.offset !== end) c.mismatched = true;
       side.push({ kind: out.kind, at: now });
       return;
     }
-    // Offsets say where the bytes belong; skip what this side already produced (a repeat).
-    let end = c.released;
-    for (const it of side) if (it.kind === 'data') end += it.bytes.byteLength;
+    // Skip what this side already produced (a repeat).
     let bytes = out.bytes;
     if (out.offset < end) bytes = bytes.subarray(Math.min(bytes.byteLength, end - out.offset));
     else if (out.offset > end) {
@@ -287,6 +297,7 @@ export class Compare {
         c.svm.shift();
         if (a.kind === 'close') {
           this.conns.delete(id);
+          this.closed.add(id);
           break;
         }
       }

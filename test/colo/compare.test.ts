@@ -154,6 +154,33 @@ test('compare: shut and close are compared like bytes; a closed connection is fo
   assert.equal(text(c.releaseAll()), '5@0:more');
 });
 
+test('compare: a shut or close after bytes that never came (a hole) is a mismatch, not a match', () => {
+  // The SVM diverged and wrote 20 bytes before closing; those bytes were lost (dropped early, or
+  // with a broken channel). Its close at offset 20 must not match the PVM's close at 0.
+  const c = new Compare(lim);
+  assert.equal(text(c.pvm({ kind: 'close', conn: 1, offset: 0 }, 0).release), '');
+  const r = c.svm(0, { kind: 'close', conn: 1, offset: 20 }, 0);
+  assert.equal(`${text(r.release)}|${r.trigger}`, '|mismatch');
+  // The same for a shut, and the checkpoint then releases the PVM's.
+  c.pvm({ kind: 'shut', conn: 2, offset: 0 }, 0);
+  assert.equal(text(c.svm(0, { kind: 'shut', conn: 2, offset: 4 }, 0).release), '');
+  assert.equal(text(c.checkpoint().release), '1@0:close 2@0:shut');
+});
+
+test('compare: the SVM\'s output for a connection both closed in this epoch is a repeat: not held, no timeout', () => {
+  const c = new Compare(lim);
+  c.pvm(out(3, 0, 'bye'), 0);
+  c.pvm({ kind: 'close', conn: 3, offset: 3 }, 0);
+  c.svm(0, out(3, 0, 'bye'), 0);
+  assert.equal(text(c.svm(0, { kind: 'close', conn: 3, offset: 3 }, 0).release), '3@3:close');
+  // A batch posted again after part of it reached the compare over the output channel.
+  assert.equal(text(c.svm(0, out(3, 0, 'bye'), 1).release), '');
+  assert.equal(text(c.svm(0, { kind: 'close', conn: 3, offset: 3 }, 1).release), '');
+  assert.equal(c.connectionCount(), 0, 'no connection held for the repeat');
+  assert.equal(c.held, 0);
+  assert.equal(c.check(1000), null, 'nothing waits, so no timeout');
+});
+
 test('compare: a difference in the last byte is a mismatch, for short chunks (compared in a loop) and long ones', () => {
   for (const n of [1, 63, 64, 65, 200, 4096]) {
     const c = new Compare({ timeoutMs: 100, heldBytesMax: 1 << 20 });
