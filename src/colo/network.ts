@@ -114,15 +114,7 @@ export class PrimaryNet {
     this.vm.outputSink = (out) => {
       latencyTrace?.event('P:pvmOut');
       this.deliver(this.compare.pvm(out, performance.now()));
-      // The PVM runs on while a checkpoint travels and its output waits for it. A checkpoint
-      // that does not come through (a secondary that stopped answering, with no manager to
-      // declare it lost) must not let that output grow without bound: the clients are not
-      // read until the checkpoint is received, as they were not while the PVM was paused.
-      if (!this.inputHeld && this.compare.pvmNextEpochBytes > limits.coloCompareHeldBytesMax) {
-        this.inputHeld = true;
-        this.vm.frontEnd?.pauseReading();
-        log.info(`the PVM's output waiting for the checkpoint in flight passed ${limits.coloCompareHeldBytesMax} bytes: clients are not read until the secondary has it`);
-      }
+      this.boundHeld();
     };
     this.vm.inputTap = (ev) => this.mirror.push(ev);
     this.scan = setInterval(() => {
@@ -203,6 +195,24 @@ export class PrimaryNet {
     if (!this.active) return;
     const now = performance.now();
     for (const out of batch.events) this.deliver(this.compare.svm(batch.epoch, out, now));
+    this.boundHeld();
+  }
+
+  /**
+   * Output held for the compare must not grow without bound when no checkpoint can release it:
+   * one that does not come through (a secondary that stopped answering, or whose apply hangs,
+   * with no manager to declare it lost), or a PVM stopped while the SVM runs on. Past the limit
+   * (where the compare also asks for a checkpoint) the clients are not read, as they were not
+   * while the PVM was paused; they are again once a checkpoint or matching output brought it
+   * down to half.
+   */
+  private boundHeld(): void {
+    const held = this.compare.held;
+    if (!this.inputHeld && held > limits.coloCompareHeldBytesMax) {
+      this.inputHeld = true;
+      this.vm.frontEnd?.pauseReading();
+      log.info(`output held for the compare passed ${limits.coloCompareHeldBytesMax} bytes: clients are not read until a checkpoint or the other guest's output releases it`);
+    } else if (this.inputHeld && held <= limits.coloCompareHeldBytesMax / 2) this.releaseInput();
   }
 
   /**
@@ -227,7 +237,7 @@ export class PrimaryNet {
   checkpoint(): void {
     if (!this.active) return;
     this.deliver(this.compare.checkpoint());
-    this.releaseInput();
+    this.boundHeld();
   }
 
   private releaseInput(): void {

@@ -1,6 +1,7 @@
 /**
- * PrimaryNet (colo/network.ts) alone, with a stand-in for the VM's front end: the PVM's output
- * held for a checkpoint in flight is bounded by stopping client input, not by memory.
+ * PrimaryNet (colo/network.ts) alone, with a stand-in for the VM's front end: output held for
+ * the compare (for a checkpoint in flight, or for the other guest) is bounded by stopping
+ * client input, not by memory.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -9,6 +10,8 @@ import { limits } from '../../src/core/limits.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicOutput } from '../../src/net/nic.js';
+import { encodeOutputs } from '../../src/colo/net-wire.js';
+import type { Frame } from '../../src/migration/stream.js';
 
 /** What PrimaryNet touches of a Vm: the output sink, the input tap and the front end. */
 function standIn(): { vm: Vm; calls: string[]; delivered: NicOutput[] } {
@@ -40,12 +43,42 @@ test('colo net: PVM output for the next epoch past the held limit stops client i
   sink({ kind: 'out', conn: 1, offset: 11 + 2 * half, bytes: new Uint8Array(1) });
   assert.deepEqual(calls, ['pauseReading'], 'once');
   assert.equal(delivered.length, 0, 'nothing released before the checkpoint is received');
-  // VMSTATE_RECEIVED: the old epoch's output goes out, the next epoch's waits for the SVM, and
-  // the clients are read again.
+  // VMSTATE_RECEIVED: the old epoch's output goes out, the next epoch's now waits for the SVM's
+  // copy, and still holds more than half the limit: clients are read again once that came.
   net.checkpoint();
-  assert.deepEqual(calls, ['pauseReading', 'resumeReading']);
+  assert.deepEqual(calls, ['pauseReading']);
   assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? [o.offset, o.bytes.byteLength] : o.kind)), [[0, 10]]);
+  for (const payload of encodeOutputs(1, [{ kind: 'out', conn: 1, offset: 10, bytes: new Uint8Array(half + 1) }])) net.onFrame({ payload } as Frame);
+  assert.deepEqual(calls, ['pauseReading'], "the SVM's copy of all but half + 1 of it");
+  for (const payload of encodeOutputs(1, [{ kind: 'out', conn: 1, offset: 11 + half, bytes: new Uint8Array(1) }])) net.onFrame({ payload } as Frame);
+  assert.deepEqual(calls, ['pauseReading', 'resumeReading'], 'half held: read again');
+  assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? [o.offset, o.bytes.byteLength] : o.kind)), [[0, 10], [10, half], [10 + half, 1], [11 + half, 1]]);
   // A failover releases the rest, in order.
   net.stop();
-  assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? o.offset : -1)), [0, 10, 10 + half, 11 + 2 * half]);
+  assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? o.offset : -1)), [0, 10, 10 + half, 11 + half, 12 + half, 11 + 2 * half]);
+});
+
+test('colo net: output held for the other guest past the limit stops client input; matching output that brings it to half resumes it', (t) => {
+  const { vm, calls, delivered } = standIn();
+  const net = new PrimaryNet(vm, {} as SourceSession, () => undefined, () => undefined);
+  net.start();
+  t.after(() => net.stop());
+  const sink = (vm as unknown as { outputSink: (o: NicOutput) => void }).outputSink;
+  const svm = (o: NicOutput): void => {
+    for (const payload of encodeOutputs(0, [o])) net.onFrame({ payload } as Frame);
+  };
+  const limit = limits.coloCompareHeldBytesMax;
+  // The SVM runs ahead of a PVM that produces nothing (stopped, say): its output piles up.
+  svm({ kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(limit / 2) });
+  assert.deepEqual(calls, []);
+  svm({ kind: 'out', conn: 1, offset: limit / 2, bytes: new Uint8Array(limit / 2 + 1) });
+  assert.deepEqual(calls, ['pauseReading'], 'past the limit: client input stops');
+  // The PVM catches up: what matches is released, and below half the clients are read again.
+  sink({ kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(limit / 4) });
+  assert.deepEqual(calls, ['pauseReading'], 'still above half');
+  sink({ kind: 'out', conn: 1, offset: limit / 4, bytes: new Uint8Array(limit / 4) });
+  assert.deepEqual(calls, ['pauseReading'], 'one byte above half');
+  sink({ kind: 'out', conn: 1, offset: limit / 2, bytes: new Uint8Array(1) });
+  assert.deepEqual(calls, ['pauseReading', 'resumeReading'], 'at half: read again');
+  assert.equal(delivered.reduce((n, o) => n + (o.kind === 'out' ? o.bytes.byteLength : 0), 0), limit / 2 + 1, 'what matched went to the client');
 });
