@@ -65,6 +65,8 @@ export class Compare {
    */
   private closed = new Set<number>();
   private heldBytes = 0;
+  /** When the current epoch began (checkpoint()'s `now`; -Infinity for the first). */
+  private epochBegan = Number.NEGATIVE_INFINITY;
   /** A trigger was reported in this epoch (report each kind once). */
   private reported = new Set<CompareTrigger>();
   /** Bytes released because both guests agreed, and at checkpoints (for statistics). */
@@ -131,10 +133,15 @@ export class Compare {
     return this.match(out.conn, c);
   }
 
-  /** Periodic scan: output held too long. */
+  /**
+   * Periodic scan: output held too long. Output that came before this epoch began (the PVM's
+   * during the checkpoint's transfer, the SVM's that came early) could not be matched before
+   * it, so its wait counts from there: a transfer longer than the timeout does not by itself
+   * ask for another checkpoint.
+   */
   check(now: number): CompareTrigger | null {
     for (const c of this.conns.values()) {
-      const oldest = Math.min(c.pvm[0]?.at ?? Infinity, c.svm[0]?.at ?? Infinity);
+      const oldest = Math.max(this.epochBegan, Math.min(c.pvm[0]?.at ?? Infinity, c.svm[0]?.at ?? Infinity));
       if (now - oldest > this.lim.timeoutMs) return this.report('timeout');
     }
     return null;
@@ -153,9 +160,10 @@ export class Compare {
    * epoch with the output of it that came early from either side; what of that already matches
    * is released too, after the rest.
    */
-  checkpoint(): CompareResult {
+  checkpoint(now: number): CompareResult {
     const release = this.drainPvm();
     this.epoch += 1;
+    this.epochBegan = now;
     this.reported.clear();
     this.closed.clear();
     const early = this.early;

@@ -236,7 +236,7 @@ export class PrimaryNet {
    */
   checkpoint(): void {
     if (!this.active) return;
-    this.deliver(this.compare.checkpoint());
+    this.deliver(this.compare.checkpoint(performance.now()));
     this.boundHeld();
   }
 
