@@ -59,7 +59,7 @@ async function main(argv: string[]): Promise<number> {
       return upCommand(rest);
     case 'help': {
       const topic = rest[0];
-      if (topic === undefined) break;
+      if (topic === undefined || topic === 'help' || topic === '--help' || topic === '-h') break;
       if (!Object.hasOwn(commandUsage, topic)) {
         process.stderr.write(`colo: no command '${topic}' (commands: ${Object.keys(commandUsage).join(', ')})\n`);
         return 2;

@@ -92,9 +92,11 @@ test("--help on every command prints that command's options to stdout and exits 
       assert.equal(r.stderr, '', `colo ${args.join(' ')}`);
     }
   }
-  const all = await colo(['--help']);
-  assert.equal(all.code, 0);
-  for (const [cmd] of commands) assert.match(all.stdout, new RegExp(`\n  colo ${cmd} `), `colo --help names ${cmd}`);
+  for (const args of [['--help'], ['-h'], ['help'], ['help', 'help'], ['help', '--help']]) {
+    const all = await colo(args);
+    assert.equal(all.code, 0, `colo ${args.join(' ')}`);
+    for (const [cmd] of commands) assert.match(all.stdout, new RegExp(`\n  colo ${cmd} `), `colo ${args.join(' ')} names ${cmd}`);
+  }
   const none = await colo(['help', 'frobnicate']);
   assert.equal(none.code, 2);
   assert.match(none.stderr, /no command 'frobnicate' \(commands: run, migrate, up, qmp, img\)/);
