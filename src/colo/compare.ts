@@ -30,6 +30,8 @@ interface Conn {
   svm: Item[];
   /** The guests differ on this connection: nothing more is compared until the checkpoint. */
   mismatched: boolean;
+  /** The SVM shut this connection in this epoch: another shut from it is a repeat. */
+  svmShut: boolean;
 }
 
 export interface CompareLimits {
@@ -60,8 +62,9 @@ export class Compare {
   private conns = new Map<number, Conn>();
   /**
    * Connections whose close both guests produced in this epoch (ids are never reused): anything
-   * more of the SVM's for them is a repeat (a batch posted again after part of it was written to
-   * the output channel), not a new connection to hold output for.
+   * more of the SVM's for them is a repeat (the vCPU posts a whole batch to the main thread when
+   * writing it to the output channel failed part-way, since what it wrote may not have been
+   * read), not a new connection to hold output for.
    */
   private closed = new Set<number>();
   private heldBytes = 0;
@@ -129,6 +132,10 @@ export class Compare {
     }
     if (epoch !== this.epoch || this.closed.has(out.conn)) return nothing;
     const c = this.conn(out.conn);
+    if (out.kind === 'shut') {
+      if (c.svmShut) return nothing;
+      c.svmShut = true;
+    }
     this.push(c, c.svm, out, now);
     return this.match(out.conn, c);
   }
@@ -229,6 +236,7 @@ export class Compare {
       c.pvm = [];
       c.svm = [];
       c.mismatched = false;
+      c.svmShut = false;
       if (closed) this.conns.delete(id);
     }
     this.heldBytes = 0;
@@ -238,7 +246,7 @@ export class Compare {
   private conn(id: number): Conn {
     let c = this.conns.get(id);
     if (c === undefined) {
-      c = { released: this.delivered(id), pvm: [], svm: [], mismatched: false };
+      c = { released: this.delivered(id), pvm: [], svm: [], mismatched: false, svmShut: false };
       this.conns.set(id, c);
     }
     return c;

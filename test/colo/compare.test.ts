@@ -193,6 +193,19 @@ test('compare: the SVM\'s output for a connection both closed in this epoch is a
   assert.equal(c.connectionCount(), 0, 'no connection held for the repeat');
   assert.equal(c.held, 0);
   assert.equal(c.check(1000), null, 'nothing waits, so no timeout');
+  // A repeated shut, whether the first was matched already or still waits, is not compared
+  // with what the PVM does next (its close).
+  c.pvm({ kind: 'shut', conn: 4, offset: 0 }, 0);
+  c.svm(0, { kind: 'shut', conn: 4, offset: 0 }, 0);
+  c.svm(0, { kind: 'shut', conn: 4, offset: 0 }, 1);
+  c.svm(0, { kind: 'shut', conn: 5, offset: 0 }, 1);
+  c.svm(0, { kind: 'shut', conn: 5, offset: 0 }, 1);
+  c.pvm({ kind: 'shut', conn: 5, offset: 0 }, 2);
+  c.pvm({ kind: 'close', conn: 4, offset: 0 }, 2);
+  c.pvm({ kind: 'close', conn: 5, offset: 0 }, 2);
+  const r4 = c.svm(0, { kind: 'close', conn: 4, offset: 0 }, 3);
+  const r5 = c.svm(0, { kind: 'close', conn: 5, offset: 0 }, 3);
+  assert.equal(`${text(r4.release)} ${text(r5.release)}|${r4.trigger}|${r5.trigger}`, '4@0:close 5@0:close|null|null');
 });
 
 test('compare: a difference in the last byte is a mismatch, for short chunks (compared in a loop) and long ones', () => {
