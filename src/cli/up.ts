@@ -205,23 +205,47 @@ class UpDriver {
     }
   }
 
+  /**
+   * A child that could not be started (its files, or the spawn itself, failed: a full or
+   * removed state folder, no more processes or descriptors): for the core it came up short and
+   * exited, so the rules for a failed start apply (a re-protection is tried again later)
+   * instead of the error escaping the supervisor and taking the serving child down with it.
+   */
+  private spawnFailed(id: number, why: string): void {
+    setImmediate(() => {
+      const c = this.children.get(id);
+      if (c !== undefined) c.exited = true;
+      this.dispatch({ type: 'startFailed', node: id, error: why });
+      this.dispatch({ type: 'exited', node: id, code: null, signal: null });
+    });
+  }
+
   private spawnChild(id: number, role: Role): void {
     const name = `vm${id}`;
     const qmpPath = path.join(this.stateDir, `${name}.qmp`);
-    fs.rmSync(qmpPath, { force: true });
     let disk: string | null = null;
     let ownDisk = false;
-    if (this.o.drive !== null) {
-      if (id === 1) {
-        disk = this.o.drive;
-      } else {
-        // Its own image of the same size: the initial migration copies the whole disk.
-        disk = path.join(this.stateDir, `${name}.img`);
-        ownDisk = true;
-        const fd = fs.openSync(disk, 'w');
-        fs.ftruncateSync(fd, fs.statSync(this.o.drive).size);
-        fs.closeSync(fd);
+    try {
+      fs.rmSync(qmpPath, { force: true });
+      if (this.o.drive !== null) {
+        if (id === 1) {
+          disk = this.o.drive;
+        } else {
+          // Its own image of the same size: the initial migration copies the whole disk.
+          disk = path.join(this.stateDir, `${name}.img`);
+          ownDisk = true;
+          const fd = fs.openSync(disk, 'w');
+          try {
+            fs.ftruncateSync(fd, fs.statSync(this.o.drive).size);
+          } finally {
+            fs.closeSync(fd);
+          }
+        }
       }
+    } catch (err) {
+      if (ownDisk && disk !== null) fs.rmSync(disk, { force: true });
+      this.spawnFailed(id, `its files could not be made ready: ${errorMessage(err)}`);
+      return;
     }
     const args = [mainJs, 'run', this.o.guestPath, '--name', name, '--memory', this.o.memory, '--net', `listen=${this.address}`];
     args.push('--qmp', `unix:${qmpPath}`, '--serial', `file:${path.join(this.stateDir, `${name}.serial`)}`);
@@ -233,14 +257,21 @@ class UpDriver {
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
     const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, heartbeat: null, exited: false };
     this.children.set(id, c);
-    proc.once('error', (err) => log.warn(`${name}: ${err.message}`));
     proc.once('exit', (code, signal) => {
+      if (c.exited) return;
       c.exited = true;
       void c.qmp?.close().catch(() => undefined);
       void c.heartbeat?.close().catch(() => undefined);
       this.dispatch({ type: 'exited', node: id, code, signal });
     });
-    if (proc.pid === undefined) return; // 'error' and 'exit' follow
+    if (proc.pid === undefined) {
+      // The process was never created: Node emits 'error', and no 'exit' follows.
+      proc.once('error', (err) => {
+        if (!c.exited) this.spawnFailed(id, `it could not be started: ${err.message}`);
+      });
+      return;
+    }
+    proc.once('error', (err) => log.warn(`${name}: ${err.message}`));
     this.dispatch({ type: 'spawned', node: id, pid: proc.pid });
     this.bringUp(c).then(
       () => {

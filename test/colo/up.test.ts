@@ -11,6 +11,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { TestEnv, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { checkpointAfterNow, pidAlive, qmpOf, startProtectedPair, timeUntilServing } from '../framework/up.js';
@@ -159,6 +160,31 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
     throw new Error(`${err instanceof Error ? err.message : String(err)}; ${supervisorTail(sup)}`);
   });
   assert.equal(missing, 0, 'every acknowledged key, before and after the link broke, is on the node that took over');
+  t.diagnostic(sup.timeline());
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
+});
+
+test('colo up/plain: a re-protection whose files cannot be made (the --drive image gone) is a failed attempt, retried; the primary serves on and the supervisor lives', async (t) => {
+  const env = new TestEnv(t);
+  const { sup, port, image, first, primary: p1, secondary: s1, clients } = await startProtectedPair(env);
+  // A new secondary needs an image the size of --drive: take it away, then kill the secondary.
+  const aside = `${image}.aside`;
+  fs.renameSync(image, aside);
+  process.kill(s1, 'SIGKILL');
+  const failed = await sup.line(/^pair: unprotected \(secondary \(node \d+\) exited before it was ready: killed: its files could not be made ready: .*ENOENT.*\)$/, first.at + 1, 15000);
+  assert.ok(sup.alive, `colo up lives on: ${supervisorTail(sup)}`);
+  assert.ok(pidAlive(p1), 'the primary was not taken down with it');
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'alone', '1']), 'OK', 'the primary serves alone');
+  // The image is back: a later attempt protects the pair again.
+  fs.renameSync(aside, image);
+  const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${p1}, secondary pid (\\d+)\\)$`), failed.at + 1, 60000);
+  const s2q = await qmpOf(Number(again.m[1]), sup);
+  clients.push(s2q);
+  await checkpointAfterNow(s2q);
+  assert.equal(await r.command(['GET', 'alone']), '1');
   t.diagnostic(sup.timeline());
   const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
   assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
