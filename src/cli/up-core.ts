@@ -386,10 +386,12 @@ export class PairCore {
   private fence(id: number, failure: string, what: string, out: PairAction[]): void {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive || n.failure !== undefined || this.phase === 'stopping' || this.phase === 'stopped') return;
-    // A secondary that is taking over (phase failover) is the only copy of the service now.
+    // A secondary that is taking over (phase failover) is the only copy of the service now;
+    // so is either node once the other is condemned already (both stalled at once, a host-wide
+    // pause: killing both would end the service for what may be a blip).
     const fence =
-      (this.secondary?.id === id && this.phase !== 'failover') ||
-      (this.primary?.id === id && this.phase === 'protected' && this.secondary?.alive === true);
+      (this.secondary?.id === id && this.phase !== 'failover' && this.primary?.failure === undefined) ||
+      (this.primary?.id === id && this.phase === 'protected' && this.secondary?.alive === true && this.secondary.failure === undefined);
     if (!fence) {
       out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} ${what}; left running: no partner can take over from it` });
       return;

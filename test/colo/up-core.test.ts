@@ -146,6 +146,25 @@ test('colo up core: a hung primary is killed (fenced) and the secondary takes ov
   ]);
 });
 
+test('colo up core: both nodes stalled at once: only the first reported is killed, the other is the service now', () => {
+  // A host-wide pause: both heartbeats time out together. The primary is fenced; the secondary,
+  // its only partner, is left running to take over.
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'unresponsive', node: 1, ms: 1000 }), ['kill 1 SIGKILL']);
+  const out = c.step({ type: 'unresponsive', node: 2, ms: 1000 });
+  assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), [], 'the secondary is not killed too');
+  assert.ok(out.some((a) => a.type === 'log' && /left running: no partner can take over/.test(a.msg)), JSON.stringify(out));
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  // The other order, and a secondary condemned for leaving COLO: the primary is spared.
+  const d = protectedPair();
+  assert.deepEqual(run(d, { type: 'unresponsive', node: 2, ms: 1000 }), ['kill 2 SIGKILL']);
+  assert.deepEqual(run(d, { type: 'unresponsive', node: 1, ms: 1000 }), []);
+  const e = protectedPair();
+  assert.deepEqual(run(e, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'error' }), ['kill 2 SIGKILL']);
+  assert.deepEqual(run(e, { type: 'unresponsive', node: 1, ms: 1000 }), []);
+  assert.deepEqual(run(e, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+});
+
 test('colo up core: a hung secondary is killed and the primary continues', () => {
   const c = protectedPair();
   assert.deepEqual(run(c, { type: 'unresponsive', node: 2, ms: 1500 }), ['kill 2 SIGKILL']);
