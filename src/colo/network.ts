@@ -210,7 +210,7 @@ export class PrimaryNet {
     const held = this.compare.held;
     if (!this.inputHeld && held > limits.coloCompareHeldBytesMax) {
       this.inputHeld = true;
-      this.vm.frontEnd?.pauseReading();
+      this.vm.frontEnd?.pauseReading('compare');
       log.info(`output held for the compare passed ${limits.coloCompareHeldBytesMax} bytes: clients are not read until a checkpoint or the other guest's output releases it`);
     } else if (this.inputHeld && held <= limits.coloCompareHeldBytesMax / 2) this.releaseInput();
   }
@@ -243,7 +243,7 @@ export class PrimaryNet {
   private releaseInput(): void {
     if (!this.inputHeld) return;
     this.inputHeld = false;
-    this.vm.frontEnd?.resumeReading();
+    this.vm.frontEnd?.resumeReading('compare');
   }
 
   /** Failover (or exit): release everything held, stop mirroring, output goes straight to the clients. */

@@ -6,6 +6,9 @@ import { UsageError } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { NicInput, NicOutput } from './nic.js';
 
+/** Why the front end stops reading its clients: the VM is paused (a switchover, a checkpoint), or the COLO compare holds too much output. */
+export type ReadingPause = 'vm' | 'compare';
+
 const log = logger('net');
 
 export interface ListenAddress {
@@ -56,7 +59,8 @@ export class FrontEnd extends EventEmitter {
   private conns = new Map<number, ClientConn>();
   private nextConn: number;
   private nextSeq: number;
-  private readingPaused = false;
+  /** Why client sockets are not read (a paused VM, the COLO compare's bound): read when none. */
+  private readonly readingPausedFor = new Set<ReadingPause>();
   /**
    * Connections the guest knows (told 'open', or known from a restored state) and has not
    * closed yet; a client may be gone from `conns` while its guest connection lives on.
@@ -142,7 +146,7 @@ export class FrontEnd extends EventEmitter {
     const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
     this.conns.set(id, c);
     socket.setNoDelay(true);
-    if (this.readingPaused) socket.pause();
+    if (this.readingPausedFor.size > 0) socket.pause();
     this.input('open', id);
     socket.on('data', (data: Buffer) => {
       latencyTrace?.requestRead(id);
@@ -230,17 +234,20 @@ export class FrontEnd extends EventEmitter {
   }
 
   private resumeIfFree(c: ClientConn): void {
-    if (!this.readingPaused && !c.inputHeld && !c.outputHeld) c.socket.resume();
+    if (this.readingPausedFor.size === 0 && !c.inputHeld && !c.outputHeld) c.socket.resume();
   }
 
-  /** Stop reading client sockets (a paused front end keeps its connections). */
-  pauseReading(): void {
-    this.readingPaused = true;
+  /**
+   * Stop reading client sockets (a paused front end keeps its connections) for `why`; they are
+   * read again once every reason was lifted by resumeReading.
+   */
+  pauseReading(why: ReadingPause = 'vm'): void {
+    this.readingPausedFor.add(why);
     for (const c of this.conns.values()) c.socket.pause();
   }
 
-  resumeReading(): void {
-    this.readingPaused = false;
+  resumeReading(why: ReadingPause = 'vm'): void {
+    if (!this.readingPausedFor.delete(why) || this.readingPausedFor.size > 0) return;
     for (const c of this.conns.values()) this.resumeIfFree(c);
   }
 
