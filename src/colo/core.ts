@@ -263,6 +263,8 @@ export type SecondaryPhase = 'idle' | 'starting' | 'running' | 'pausing' | 'repl
 export type SecondaryEvent =
   | { type: 'handoff' }
   | { type: 'started' }
+  /** The start action failed (the SVM could not be run, its channels set up): COLO never ran. */
+  | { type: 'startFailed'; message: string }
   | { type: 'message'; msg: ColoMessage }
   | { type: 'vmPaused' }
   /** Pages (after the barrier) and device blob of the checkpoint are all in. */
@@ -304,6 +306,19 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         if (this.phase !== 'starting') return [];
         this.phase = 'running';
         return this.afterRelaunch();
+      case 'startFailed': {
+        // No 'started' will come. The node holds the whole initial migration, a state the
+        // primary had, so it can still take over: it closes the link (the primary goes on
+        // alone) and waits for x-colo-lost-heartbeat, or carries out one that came meanwhile.
+        if (this.phase !== 'starting') return [];
+        this.phase = 'running';
+        const out: SecondaryAction[] = [{ type: 'log', level: 'warn', message: `COLO could not start on the secondary (${ev.message}); closing the link, waiting for x-colo-lost-heartbeat to take over` }];
+        if (!this.linkLost) {
+          this.linkLost = true;
+          out.push({ type: 'closeLink' });
+        }
+        return [...out, ...this.afterRelaunch()];
+      }
       case 'message':
         return this.onMessage(ev.msg);
       case 'vmPaused':

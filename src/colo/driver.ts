@@ -420,6 +420,8 @@ export class SecondaryDriver {
           // Whatever stopped it (a full disk, a device state the machine refuses), the guest
           // is now part old, part new.
           next = { type: 'applyFailed', message: errorMessage(err) };
+        } else if (a.type === 'start') {
+          next = { type: 'startFailed', message: errorMessage(err) };
         } else next = err instanceof ChannelClosedError || this.session.receiverFailure !== null ? { type: 'linkLost', message: errorMessage(err) } : { type: 'protocolError', message: errorMessage(err) };
       }
       if (next !== null) await this.process(next);

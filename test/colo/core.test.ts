@@ -199,6 +199,26 @@ test('colo core: a failover during the apply waits for it (relaunch), then runs'
   assert.equal(s.exitReason, 'request');
 });
 
+test('colo core: a COLO start that fails closes the link and leaves the secondary able to take over, also for a failover that waited for it', () => {
+  // Asked after the failed start.
+  const a = new SecondaryCore();
+  assert.deepEqual(types(a.step({ type: 'handoff' })), ['status', 'start']);
+  assert.deepEqual(types(a.step({ type: 'startFailed', message: 'the vCPU is gone' })), ['closeLink']);
+  assert.equal(a.phase, 'running');
+  assert.deepEqual(types(a.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.deepEqual(types(a.step({ type: 'failoverDone' })), ['status', 'exit']);
+  assert.equal(a.failoverState, 'completed');
+  // Asked while the start ran: it waited (relaunch), and runs once the start has failed.
+  const b = new SecondaryCore();
+  b.step({ type: 'handoff' });
+  assert.deepEqual(types(b.step({ type: 'lostHeartbeat' })), []);
+  assert.equal(b.failoverState, 'relaunch');
+  assert.deepEqual(types(b.step({ type: 'startFailed', message: 'the vCPU is gone' })), ['closeLink', 'failover']);
+  assert.equal(b.failoverState, 'active');
+  // Only a start in progress can fail.
+  assert.deepEqual(types(b.step({ type: 'startFailed', message: 'late' })), []);
+});
+
 test('colo core: an apply that breaks off leaves COLO for good; a failover that waited for it is refused, later ones too', () => {
   for (const waiting of [false, true]) {
     const s = applying();
