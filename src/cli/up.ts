@@ -459,9 +459,14 @@ class UpDriver {
     if (drive === null) return;
     const p = primary === null ? undefined : this.children.get(primary);
     try {
-      if (p?.disk != null && p.disk !== drive && fs.existsSync(p.disk)) {
-        fs.copyFileSync(p.disk, drive);
-        log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
+      if (p?.disk != null && p.disk !== drive) {
+        if (fs.existsSync(p.disk)) {
+          fs.copyFileSync(p.disk, drive);
+          log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
+        } else {
+          // Its image went with it (a double failure): say that the drive is older, not nothing.
+          log.warn(`the disk of vm${p.id} (the last primary) is gone with it: ${drive} keeps an older state`);
+        }
       }
       for (const c of this.children.values()) if (c.ownDisk && c.disk !== null) fs.rmSync(c.disk, { force: true });
     } catch (err) {
