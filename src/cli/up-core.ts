@@ -64,7 +64,8 @@ export type PairEvent =
   /** `node` answers its heartbeat again, after `ms` without. */
   | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
-  | { type: 'timer'; name: 'retry' | 'stopTimeout' };
+  /** `gen`: for 'stable', the protection it was armed for. */
+  | { type: 'timer'; name: 'retry' | 'stopTimeout' | 'stable'; gen?: number };
 
 export type PairAction =
   | { type: 'print'; line: string }
@@ -80,7 +81,7 @@ export type PairAction =
   | { type: 'kill'; node: number; signal: 'SIGTERM' | 'SIGKILL' }
   /** The disk image of a dead node is stale: remove it if the supervisor created it. */
   | { type: 'discardDisk'; node: number }
-  | { type: 'setTimer'; name: 'retry' | 'stopTimeout'; ms: number }
+  | { type: 'setTimer'; name: 'retry' | 'stopTimeout' | 'stable'; ms: number; gen?: number }
   /** Every child is gone; `primary` is the node that served last (its disk is the current one). */
   | { type: 'exit'; code: number; primary: number | null };
 
@@ -94,6 +95,8 @@ export interface PairConfig {
   retryDelayMs?: number;
   /** After giving up: the interval of the later attempts (default limits.upProtectRetryLaterMs). */
   retryLaterMs?: number;
+  /** A protection shorter than this is a failed attempt (default limits.upProtectStableMs; 0: none is). */
+  stableMs?: number;
   stopTimeoutMs?: number;
 }
 
@@ -105,18 +108,23 @@ export class PairCore {
   private readonly nodes = new Map<number, NodeInfo>();
   private nextId = 1;
   private failures = 0;
+  /** Protections so far, and whether the current (or last) one lasted stableMs. */
+  private protections = 0;
+  private stable = true;
   private exitCode = 0;
   /** What killed the node whose death started the current failover (`SIGKILL`, `exit code 1`). */
   private cause = '';
   private readonly attemptsMax: number;
   private readonly retryDelayMs: number;
   private readonly retryLaterMs: number;
+  private readonly stableMs: number;
   private readonly stopTimeoutMs: number;
 
   constructor(private readonly cfg: PairConfig) {
     this.attemptsMax = cfg.protectAttemptsMax ?? limits.upProtectAttemptsMax;
     this.retryDelayMs = cfg.retryDelayMs ?? limits.upProtectRetryDelayMs;
     this.retryLaterMs = cfg.retryLaterMs ?? limits.upProtectRetryLaterMs;
+    this.stableMs = cfg.stableMs ?? limits.upProtectStableMs;
     this.stopTimeoutMs = cfg.stopTimeoutMs ?? limits.upStopTimeoutMs;
   }
 
@@ -165,7 +173,15 @@ export class PairCore {
       case 'protected': {
         if (this.phase !== 'protecting') break;
         this.phase = 'protected';
-        this.failures = 0;
+        this.protections += 1;
+        // The failures count on until the protection has lasted stableMs.
+        if (this.stableMs === 0) {
+          this.stable = true;
+          this.failures = 0;
+        } else {
+          this.stable = false;
+          out.push({ type: 'setTimer', name: 'stable', ms: this.stableMs, gen: this.protections });
+        }
         out.push({ type: 'print', line: `pair: protected (primary pid ${this.primary!.pid}, secondary pid ${this.secondary!.pid})` });
         break;
       }
@@ -192,14 +208,14 @@ export class PairCore {
         this.secondary = null;
         this.phase = 'unprotected';
         out.push({ type: 'print', line: `pair: primary died (${this.cause}); secondary ${s.pid} took over on ${this.cfg.address}` });
-        this.reprotect(out);
+        this.afterFailover(out);
         break;
       }
       case 'continued': {
         if (this.phase !== 'failover' || this.primary?.id !== e.node) break;
         this.phase = 'unprotected';
         out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
-        this.reprotect(out);
+        this.afterFailover(out);
         break;
       }
       case 'failoverFailed': {
@@ -209,7 +225,7 @@ export class PairCore {
           out.push({ type: 'log', level: 'warn', msg: `x-colo-lost-heartbeat on the primary failed: ${e.error}` });
           this.phase = 'unprotected';
           out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
-          this.reprotect(out);
+          this.afterFailover(out);
         } else {
           this.lost(`the secondary could not take over: ${e.error}`, out);
         }
@@ -261,7 +277,12 @@ export class PairCore {
         this.stop(0, out);
         break;
       case 'timer':
-        if (e.name === 'retry') {
+        if (e.name === 'stable') {
+          if (e.gen === this.protections && this.phase === 'protected') {
+            this.stable = true;
+            this.failures = 0;
+          }
+        } else if (e.name === 'retry') {
           if (this.phase === 'unprotected' && this.secondary === null && this.primary?.alive === true) this.reprotect(out);
         } else if (this.phase === 'stopping') {
           for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
@@ -290,6 +311,22 @@ export class PairCore {
     this.phase = 'protecting';
     out.push({ type: 'log', level: 'info', msg: `protecting: migrating primary ${p.pid} into secondary ${s.pid} with x-colo` });
     out.push({ type: 'protect', primary: p.id, secondary: s.id });
+  }
+
+  /**
+   * A failover ended the protection: protect again at once, unless it had lasted less than
+   * stableMs; then it counts as a failed attempt and waits its turn (retry).
+   */
+  private afterFailover(out: PairAction[]): void {
+    if (this.stable) {
+      this.reprotect(out);
+      return;
+    }
+    this.failures++;
+    this.stable = true;
+    this.secondary = null; // dead (or now the primary): the retry starts a new one
+    out.push({ type: 'print', line: `pair: unprotected (the protection lasted less than ${this.stableMs / 1000} s: attempt ${this.failures} to protect it failed)` });
+    this.retry(out);
   }
 
   private reprotect(out: PairAction[]): void {

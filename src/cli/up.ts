@@ -189,7 +189,7 @@ class UpDriver {
         break;
       }
       case 'setTimer':
-        this.later(a.ms, () => this.dispatch({ type: 'timer', name: a.name }));
+        this.later(a.ms, () => this.dispatch(a.gen === undefined ? { type: 'timer', name: a.name } : { type: 'timer', name: a.name, gen: a.gen }));
         break;
       case 'exit':
         this.keepDisk(a.primary);

@@ -159,6 +159,12 @@ export const limits = {
    * tried again this often (a full disk freed, a port released), quietly.
    */
   upProtectRetryLaterMs: 60000,
+  /**
+   * colo up: a protection that ends (either node dies) sooner than this after it began counts
+   * as a failed attempt, so a child that dies at every start is retried with the growing pause,
+   * not at once: each attempt migrates all of RAM and disk and pauses the primary.
+   */
+  upProtectStableMs: 30000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */

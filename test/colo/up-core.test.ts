@@ -35,7 +35,7 @@ function show(a: PairAction): string {
 }
 
 function protectedPair(): PairCore {
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500 });
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
   assert.deepEqual(run(c, { type: 'start' }), ['pair: starting', 'spawn 1 primary', 'spawn 2 secondary']);
   run(c, { type: 'spawned', node: 1, pid: 101 });
   run(c, { type: 'spawned', node: 2, pid: 102 });
@@ -258,4 +258,40 @@ test('colo up core: a secondary that is taking over is never killed for a slow h
   assert.deepEqual(out.filter((a) => a.type !== 'log'), [], 'the only copy of the service is not killed');
   assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /no partner/.test(a.msg)), JSON.stringify(out));
   assert.deepEqual(run(c, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
+});
+
+test('colo up core: a protection that ends before it is stable counts as a failed attempt: the next waits its turn, and after too many, the slow retries', () => {
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 30000 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  run(c, { type: 'ready', node: 2 });
+  assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 102)']);
+  // The secondary dies at once: the primary goes on, the next attempt waits (100 ms × 1).
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    'pair: secondary died (SIGKILL); primary 101 continues unprotected',
+    'pair: unprotected (the protection lasted less than 30 s: attempt 1 to protect it failed)',
+    'timer retry 100',
+  ]);
+  // The first protection's stable timer, late, changes nothing now.
+  assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 1 }), []);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 3 secondary']);
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 103)']);
+  // Again at once: the second failure in a row gives up, and retries every retryLaterMs.
+  run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  const out = run(c, { type: 'continued', node: 1 });
+  assert.deepEqual(out.slice(1, 3), ['pair: unprotected (the protection lasted less than 30 s: attempt 2 to protect it failed)', `pair: unprotected (primary 101; gave up after 2 failed attempts to protect it; trying again every 60 s)`]);
+  assert.equal(out[3], 'timer retry 60000');
+  // A protection that lasts: its stable timer clears the count, and a later failover re-protects at once.
+  run(c, { type: 'timer', name: 'retry' });
+  run(c, { type: 'spawned', node: 4, pid: 104 });
+  run(c, { type: 'ready', node: 4 });
+  run(c, { type: 'protected' });
+  assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 3 }), []);
+  run(c, { type: 'exited', node: 4, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), ['pair: secondary died (SIGKILL); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 5 secondary']);
 });
