@@ -312,12 +312,7 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         // alone) and waits for x-colo-lost-heartbeat, or carries out one that came meanwhile.
         if (this.phase !== 'starting') return [];
         this.phase = 'running';
-        const out: SecondaryAction[] = [{ type: 'log', level: 'warn', message: `COLO could not start on the secondary (${ev.message}); closing the link, waiting for x-colo-lost-heartbeat to take over` }];
-        if (!this.linkLost) {
-          this.linkLost = true;
-          out.push({ type: 'closeLink' });
-        }
-        return [...out, ...this.afterRelaunch()];
+        return [...this.closeLinkOnce(`COLO could not start on the secondary (${ev.message}); closing the link, waiting for x-colo-lost-heartbeat to take over`), ...this.afterRelaunch()];
       }
       case 'message':
         return this.onMessage(ev.msg);
@@ -381,7 +376,12 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
    */
   private streamBroken(message: string): SecondaryAction[] {
     if (this.finishing) return [];
-    const log: SecondaryAction = { type: 'log', level: 'warn', message: `COLO stream from the primary is broken (${message}); closing it and waiting for x-colo-lost-heartbeat to take over` };
+    return this.closeLinkOnce(`COLO stream from the primary is broken (${message}); closing it and waiting for x-colo-lost-heartbeat to take over`);
+  }
+
+  /** Say why at warn level, and close the link unless it is lost already. */
+  private closeLinkOnce(why: string): SecondaryAction[] {
+    const log: SecondaryAction = { type: 'log', level: 'warn', message: why };
     if (this.linkLost) return [log];
     this.linkLost = true;
     return [log, { type: 'closeLink' }];
