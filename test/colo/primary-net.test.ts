@@ -3,7 +3,7 @@
  * the compare (for a checkpoint in flight, or for the other guest) is bounded by stopping
  * client input, not by memory.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { PrimaryNet } from '../../src/colo/network.js';
 import { limits } from '../../src/core/limits.js';
@@ -27,12 +27,21 @@ function standIn(): { vm: Vm; calls: string[]; delivered: NicOutput[] } {
   return { vm, calls, delivered };
 }
 
-test('colo net: PVM output for the next epoch past the held limit stops client input until the checkpoint is received', (t) => {
+/** A started PrimaryNet on a stand-in VM: the PVM's output sink and SVM output of an epoch, as on the main channel. */
+function startedNet(t: TestContext): { net: PrimaryNet; calls: string[]; delivered: NicOutput[]; pvm: (o: NicOutput) => void; svm: (epoch: number, o: NicOutput) => void } {
   const { vm, calls, delivered } = standIn();
   const net = new PrimaryNet(vm, {} as SourceSession, () => undefined, () => undefined);
   net.start();
   t.after(() => net.stop());
-  const sink = (vm as unknown as { outputSink: (o: NicOutput) => void }).outputSink;
+  const pvm = (vm as unknown as { outputSink: (o: NicOutput) => void }).outputSink;
+  const svm = (epoch: number, o: NicOutput): void => {
+    for (const payload of encodeOutputs(epoch, [o])) net.onFrame({ payload } as Frame);
+  };
+  return { net, calls, delivered, pvm, svm };
+}
+
+test('colo net: PVM output for the next epoch past the held limit stops client input until the checkpoint is received', (t) => {
+  const { net, calls, delivered, pvm: sink, svm } = startedNet(t);
   sink({ kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(10) });
   net.pvmNextEpoch();
   const half = Math.floor(limits.coloCompareHeldBytesMax / 2);
@@ -48,9 +57,9 @@ test('colo net: PVM output for the next epoch past the held limit stops client i
   net.checkpoint();
   assert.deepEqual(calls, ['pauseReading']);
   assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? [o.offset, o.bytes.byteLength] : o.kind)), [[0, 10]]);
-  for (const payload of encodeOutputs(1, [{ kind: 'out', conn: 1, offset: 10, bytes: new Uint8Array(half + 1) }])) net.onFrame({ payload } as Frame);
+  svm(1, { kind: 'out', conn: 1, offset: 10, bytes: new Uint8Array(half + 1) });
   assert.deepEqual(calls, ['pauseReading'], "the SVM's copy of all but half + 1 of it");
-  for (const payload of encodeOutputs(1, [{ kind: 'out', conn: 1, offset: 11 + half, bytes: new Uint8Array(1) }])) net.onFrame({ payload } as Frame);
+  svm(1, { kind: 'out', conn: 1, offset: 11 + half, bytes: new Uint8Array(1) });
   assert.deepEqual(calls, ['pauseReading', 'resumeReading'], 'half held: read again');
   assert.deepEqual(delivered.map((o) => (o.kind === 'out' ? [o.offset, o.bytes.byteLength] : o.kind)), [[0, 10], [10, half], [10 + half, 1], [11 + half, 1]]);
   // A failover releases the rest, in order.
@@ -59,19 +68,12 @@ test('colo net: PVM output for the next epoch past the held limit stops client i
 });
 
 test('colo net: output held for the other guest past the limit stops client input; matching output that brings it to half resumes it', (t) => {
-  const { vm, calls, delivered } = standIn();
-  const net = new PrimaryNet(vm, {} as SourceSession, () => undefined, () => undefined);
-  net.start();
-  t.after(() => net.stop());
-  const sink = (vm as unknown as { outputSink: (o: NicOutput) => void }).outputSink;
-  const svm = (o: NicOutput): void => {
-    for (const payload of encodeOutputs(0, [o])) net.onFrame({ payload } as Frame);
-  };
+  const { calls, delivered, pvm: sink, svm } = startedNet(t);
   const limit = limits.coloCompareHeldBytesMax;
   // The SVM runs ahead of a PVM that produces nothing (stopped, say): its output piles up.
-  svm({ kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(limit / 2) });
+  svm(0, { kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(limit / 2) });
   assert.deepEqual(calls, []);
-  svm({ kind: 'out', conn: 1, offset: limit / 2, bytes: new Uint8Array(limit / 2 + 1) });
+  svm(0, { kind: 'out', conn: 1, offset: limit / 2, bytes: new Uint8Array(limit / 2 + 1) });
   assert.deepEqual(calls, ['pauseReading'], 'past the limit: client input stops');
   // The PVM catches up: what matches is released, and below half the clients are read again.
   sink({ kind: 'out', conn: 1, offset: 0, bytes: new Uint8Array(limit / 4) });
