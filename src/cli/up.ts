@@ -262,6 +262,9 @@ class UpDriver {
       c.exited = true;
       void c.qmp?.close().catch(() => undefined);
       void c.heartbeat?.close().catch(() => undefined);
+      // A killed child leaves its socket file behind; nothing answers there any more. (Its
+      // serial file stays: it is the record of what the guest printed.)
+      fs.rmSync(qmpPath, { force: true });
       this.dispatch({ type: 'exited', node: id, code, signal });
     });
     if (proc.pid === undefined) {

@@ -12,6 +12,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import path from 'node:path';
 import { TestEnv, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { checkpointAfterNow, pidAlive, qmpOf, startProtectedPair, timeUntilServing } from '../framework/up.js';
@@ -152,6 +153,8 @@ test('colo up/plain: the COLO link breaks (yank on the primary): the out-of-date
   await timeUntilServing(port, performance.now(), 5000);
   await withTimeout(w.ended(), 5000, "the writer's connection to the dead primary to end");
   await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over on 127\\.0\\.0\\.1:${port}$`), again.at + 1, 5000);
+  assert.ok(!fs.existsSync(path.join(env.dir, 'vm1.qmp')), "the dead first primary's QMP socket file is removed");
+  assert.ok(fs.existsSync(path.join(env.dir, 'vm1.serial')), 'its serial output is kept');
   const r = await RespClient.connect(port);
   clients.push(r);
   const acked = new Map(w.acked);
