@@ -1,4 +1,5 @@
 import fs from 'node:fs';
+import os from 'node:os';
 import { limits } from '../core/limits.js';
 import { StreamError } from '../core/errors.js';
 import type { Disk } from '../block/disk.js';
@@ -23,23 +24,40 @@ const blockBytes = limits.diskBlockBytes;
 const zeroBlock = Buffer.alloc(blockBytes);
 
 export interface DiskIdentity {
+  /** This boot of this host: device and inode numbers name a file on one host only. */
+  host: string;
   dev: number;
   ino: number;
   snapshot: boolean;
 }
 
+let bootId: string | null = null;
+
+/** The kernel's random id of this boot (falls back to the host name where /proc lacks it). */
+function thisBoot(): string {
+  if (bootId === null) {
+    try {
+      bootId = `boot:${fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim()}`;
+    } catch {
+      bootId = `host:${os.hostname()}`;
+    }
+  }
+  return bootId;
+}
+
 export function diskIdentity(disk: Disk): DiskIdentity {
   const st = fs.fstatSync(disk.spec.imageFd);
-  return { dev: st.dev, ino: st.ino, snapshot: disk.spec.snapshot };
+  return { host: thisBoot(), dev: st.dev, ino: st.ino, snapshot: disk.spec.snapshot };
 }
 
 /** The destination's choice, from the source's identity (setup) and its own disk. */
 export function chooseDiskMode(source: unknown, disk: Disk | null): DiskMode {
   if (disk === null) return 'none';
   const s = source as Partial<DiskIdentity> | null | undefined;
-  if (s === null || s === undefined || typeof s.dev !== 'number' || typeof s.ino !== 'number') return 'full';
+  if (s === null || s === undefined || typeof s.host !== 'string' || typeof s.dev !== 'number' || typeof s.ino !== 'number') return 'full';
   const mine = diskIdentity(disk);
-  if (mine.dev !== s.dev || mine.ino !== s.ino) return 'full';
+  // Two hosts can have a file each with the same numbers: then the whole disk must travel.
+  if (mine.host !== s.host || mine.dev !== s.dev || mine.ino !== s.ino) return 'full';
   return s.snapshot === true ? 'overlay' : 'shared';
 }
 
