@@ -153,6 +153,12 @@ export class DestinationCore {
         return this.onFrame(ev.now, ev.frame);
       case 'prepared':
         if (this.phase !== 'preparing') return [];
+        if (this.handoffAgreed && ev.disk === 'shared') {
+          // The PVM writes on into the image while the SVM's checkpoints would carry no blocks:
+          // at a takeover the SVM would run on the primary's later, unreleased writes.
+          const refusal = 'COLO needs a disk of its own on the secondary (or both nodes with --snapshot): both nodes open the same image file';
+          return [{ type: 'reply', message: { kind: 'refuse', message: refusal } }, ...this.fail(ev.now, refusal, 'MIGRATION_REFUSED')];
+        }
         this.stats.setupTimeMs = ev.now - this.connectedAtMs;
         this.phase = 'rounds';
         return [{ type: 'reply', message: { kind: 'ready', channelPorts: ev.channelPorts, disk: ev.disk } }];
