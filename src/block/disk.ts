@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { limits } from '../core/limits.js';
-import { ColoError, RestoreError, UsageError } from '../core/errors.js';
+import { ColoError, RestoreError, UsageError, errorMessage } from '../core/errors.js';
 import * as v from '../core/validate.js';
 
 const blockBytes = limits.diskBlockBytes;
@@ -242,21 +242,32 @@ export class Disk {
     return n;
   }
 
-  /** Failover: the guest's own writes become the disk, and writes go there again. */
+  /**
+   * Failover: the guest's own writes become the disk, and writes go there again (vCPU paused).
+   * A block leaves the layer only once it is written, and the layer stays on until every block
+   * is: a write that fails (a full filesystem: the disk under it may be sparse) throws a
+   * DiskIoError and loses nothing, and a later call goes on where this one stopped.
+   */
   commitLayer(): number {
     const buf = Buffer.alloc(blockBytes);
     let n = 0;
     for (let b = 0; b < this.layer.length; b++) {
       if (this.layer[b] !== 1) continue;
       const len = this.blockLength(b);
-      readFull(this.spec.layerFd, buf.subarray(0, len), b * blockBytes);
+      try {
+        readFull(this.spec.layerFd, buf.subarray(0, len), b * blockBytes);
+        this.writeBlock(b, buf);
+      } catch (err) {
+        if (err instanceof DiskIoError) throw err;
+        const code = (err as NodeJS.ErrnoException).code;
+        throw new DiskIoError(code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO', `committing the guest's write of block ${b}: ${errorMessage(err)}`, { cause: err });
+      }
       this.layer[b] = 0;
-      this.writeBlock(b, buf);
       this.dirty[b] = 1;
       n++;
     }
     Atomics.store(this.layerCtl, 0, 0);
-    if (n > 0) fs.ftruncateSync(this.spec.layerFd, 0);
+    fs.ftruncateSync(this.spec.layerFd, 0);
     return n;
   }
 

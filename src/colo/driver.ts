@@ -19,6 +19,7 @@ import {
 } from './core.js';
 
 import { defaultDiskSink } from '../migration/disk-sync.js';
+import { DiskIoError, type Disk } from '../block/disk.js';
 import { PrimaryNet, SecondaryNet } from './network.js';
 import { checkDeviceRam } from '../migration/ram-digest.js';
 import { latencyTrace } from '../core/latency-trace.js';
@@ -511,7 +512,7 @@ export class SecondaryDriver {
             if (m.runState === 'colo' || m.runState === 'inmigrate') m.setRunState('paused');
             if (m.disk !== null) {
               if (m.running) await m.pause('paused');
-              const n = m.disk.commitLayer();
+              const n = await this.commitLayer(m.disk);
               log.info(`secondary: committed ${n} disk blocks the guest wrote since the last checkpoint`);
             }
             if (!m.running) await m.cont();
@@ -534,6 +535,33 @@ export class SecondaryDriver {
         log.info(`COLO ended on the secondary (${a.reason}); the VM runs here alone`);
         this.host.exited('secondary', a.reason);
         return null;
+    }
+  }
+
+  /**
+   * Takeover: the SVM's own writes since the last checkpoint become its disk. When the host
+   * cannot take them (a full filesystem under a sparse image), the VM waits in state io-error,
+   * as for a guest write (BLOCK_IO_ERROR, one warning), and the commit is tried again every
+   * limits.diskFullRetryMs: nothing written is lost, and the guest runs only on its whole disk.
+   */
+  private async commitLayer(disk: Disk): Promise<number> {
+    const vm = this.host.vm;
+    let since: number | null = null;
+    for (;;) {
+      try {
+        const n = disk.commitLayer();
+        if (since !== null) log.info(`secondary: the disk took the guest's writes after ${Date.now() - since} ms; the takeover goes on`);
+        return n;
+      } catch (err) {
+        if (!(err instanceof DiskIoError) || this.host.closing) throw err;
+        vm.event('BLOCK_IO_ERROR', { device: 'drive0', 'node-name': 'drive0', operation: 'write', action: 'stop', nospace: err.code === 'DISK_FULL', reason: err.message });
+        if (since === null) {
+          since = Date.now();
+          vm.machine.setRunState('io-error');
+          log.warn(`secondary: ${err.message}; the takeover waits in state io-error and tries again every ${limits.diskFullRetryMs} ms`);
+        }
+      }
+      await new Promise((resolve) => setTimeout(resolve, limits.diskFullRetryMs));
     }
   }
 

@@ -230,6 +230,62 @@ test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over;
   assert.deepEqual(pvm.errorLines(), []);
 });
 
+test('colo: the secondary takes over onto a full disk: it waits in io-error with its writes kept, and once there is room it serves every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const { image: svmImage, filler } = await imageOnSmallFs(env, 'svm.img');
+  const pvmDisk = env.image('pvm.img', 16 * 1024 * 1024);
+  // No checkpoint comes before the primary dies: the secondary's writes are all in its layer
+  // (in $TMPDIR), and the takeover must write them into its sparse image.
+  const { pvm, svm, port } = await coloPair(env, pvmDisk, svmImage, { delayMs: 20000 });
+  const writer = await AckedWriter.start(port, 'takeover-full:', (i) => `${i}:`.padEnd(2000, 't'));
+  env.onCleanup(() => writer.stop());
+  await waitFor('100 acknowledged writes', () => writer.acked.size >= 100, 20000);
+  pvm.kill('SIGKILL');
+  await pvm.waitExit(10000);
+  await writer.ended();
+  const acked = new Map(writer.acked);
+
+  // Fill the secondary's filesystem to the last byte.
+  const rest = path.join(path.dirname(svmImage), 'rest');
+  const fd = fs.openSync(rest, 'w');
+  try {
+    const chunk = Buffer.alloc(4096, 2);
+    for (;;) fs.writeSync(fd, chunk);
+  } catch (err) {
+    assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
+  } finally {
+    fs.closeSync(fd);
+  }
+
+  const mark = svm.qmp.eventCount;
+  await svm.qmp.execute('x-colo-lost-heartbeat', {}, { oob: true });
+  const ioError = await svm.waitEvent('BLOCK_IO_ERROR', { after: mark, timeoutMs: 10000 });
+  assert.equal(ioError.data.nospace, true);
+  assert.equal(await svm.status(), 'io-error');
+  await sleep(limits.diskFullRetryMs * 2.5);
+  assert.equal(await svm.status(), 'io-error', 'it keeps waiting while the disk is full');
+
+  fs.rmSync(filler);
+  fs.rmSync(rest);
+  const reader = await RespClient.whenServing(port, 'the secondary serving once its writes are on disk');
+  env.onCleanup(() => reader.close());
+  assert.equal(await countMissing(reader, acked), 0, 'every acknowledged write is on the node that took over');
+  assert.equal(await reader.command(['SET', 'after', 'takeover']), 'OK');
+  assert.equal(await svm.status(), 'running');
+  reader.close();
+  await svm.stop();
+
+  // Its image holds them: a fresh kv on it replays them.
+  const again = await env.startVm({ name: 'again', guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${svmImage}`] });
+  await again.waitSerial('kv ready');
+  const r2 = await RespClient.connect(port);
+  env.onCleanup(() => r2.close());
+  assert.equal(await countMissing(r2, acked), 0, "the secondary's image holds every acknowledged write");
+  assert.equal(await r2.command(['GET', 'after']), 'takeover');
+  assert.deepEqual(svm.errorLines(), []);
+  assert.match(svm.stderr, /warn .*the takeover waits in state io-error/);
+});
+
 test('colo up: the state folder with the secondary\'s disk fills up: the secondary is killed at once, the primary serves on and loses nothing', async (t) => {
   const env = new TestEnv(t);
   const stateDir = await env.tmpfs('small-fs', '2m');
