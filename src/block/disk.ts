@@ -75,16 +75,16 @@ export class Disk {
       fs.closeSync(imageFd);
       throw new UsageError('DRIVE_SIZE', `drive '${imagePath}' is ${sizeBytes} bytes, above the limit of ${limits.diskBytesMax}`);
     }
-    let overlayFd: number | null = null;
-    if (opts.snapshot) {
-      const overlayPath = path.join(os.tmpdir(), `colo-overlay-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
-      overlayFd = fs.openSync(overlayPath, 'w+');
-      fs.unlinkSync(overlayPath);
-    }
     const blocks = Math.ceil(sizeBytes / blockBytes);
-    const layerPath = path.join(os.tmpdir(), `colo-layer-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
-    const layerFd = fs.openSync(layerPath, 'w+');
-    fs.unlinkSync(layerPath);
+    let overlayFd: number | null = null;
+    let layerFd: number;
+    try {
+      if (opts.snapshot) overlayFd = openScratch('colo-overlay');
+      layerFd = openScratch('colo-layer');
+    } catch (err) {
+      for (const fd of [imageFd, overlayFd]) if (fd !== null) fs.closeSync(fd);
+      throw new UsageError('DRIVE_SCRATCH', `cannot make the scratch file for drive '${imagePath}' in ${os.tmpdir()} (TMPDIR): ${errorMessage(err)}`);
+    }
     return new Disk({
       layerFd,
       layerMap: new SharedArrayBuffer(Math.max(1, blocks)),
@@ -292,6 +292,14 @@ export class Disk {
     const blocks = v.array(s.blocks, 'disk.blocks', this.blockCount).map((b, i) => v.uint(b, `disk.blocks[${i}]`, this.blockCount - 1));
     return { blocks };
   }
+}
+
+/** An unnamed file in $TMPDIR (the snapshot overlay, the COLO layer): gone with the process. */
+function openScratch(prefix: string): number {
+  const p = path.join(os.tmpdir(), `${prefix}-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
+  const fd = fs.openSync(p, 'w+');
+  fs.unlinkSync(p);
+  return fd;
 }
 
 function readFull(fd: number, into: Uint8Array, position: number): void {

@@ -52,6 +52,18 @@ test('colo up on a service address that is in use: one clear line, no pair start
   assert.equal(r.stdout, '', 'no pair was started');
 });
 
+test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in one clear line', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('d.img', 1 << 20);
+  for (const extra of [[], ['--snapshot']]) {
+    const r = await runProgram(process.execPath, [coloBin, 'run', guests.spin, '--drive', `file=${image}`, ...extra], { timeoutMs: 30000, env: { TMPDIR: env.file('gone') } });
+    assert.notEqual(r.code, 0);
+    assert.match(r.stderr, /cannot make the scratch file for drive '.*d\.img' in .*gone \(TMPDIR\): ENOENT/);
+    assert.doesNotMatch(r.stderr, /internal error/);
+    assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+  }
+});
+
 test('bad options get one clear line and a non-zero exit', async () => {
   const cases: [string[], RegExp][] = [
     [['run', guests.spin, '--memory', 'banana'], /--memory: 'banana' is not a size/],

@@ -376,11 +376,11 @@ export function checkMemwalkPattern(region: Buffer): string | null {
 }
 
 /** Run a program to completion, with a timeout. */
-export function runProgram(cmd: string, args: string[], opts: { timeoutMs?: number; cwd?: string; input?: string } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
+export function runProgram(cmd: string, args: string[], opts: { timeoutMs?: number; cwd?: string; input?: string; env?: Record<string, string> } = {}): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve, reject) => {
     // No input: stdin is /dev/null, so a program that exits at once (mount) cannot make our
     // write to its stdin fail with EPIPE.
-    const child = spawn(cmd, args, { cwd: opts.cwd, stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+    const child = spawn(cmd, args, { cwd: opts.cwd, env: opts.env === undefined ? process.env : { ...process.env, ...opts.env }, stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
     child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
