@@ -270,6 +270,8 @@ export class MultifdReceiver {
   /** Channels that ended (clean EOF or an error), and whoever waits for all of them to. */
   private readonly endedChannels = new Set<number>();
   private endWaiters: (() => void)[] = [];
+  /** Each channel's last SYNC round: a channel that ended before the awaited round's SYNC fails the barrier. */
+  private readonly lastSync = new Map<number, number>();
   /** The first error that names a cause more precise than a closed connection. */
   private preciseFailure: Error | null = null;
 
@@ -381,6 +383,7 @@ export class MultifdReceiver {
         log.info(`multifd channel ${ch}: refused a connection (${m.status === 1 ? 'another migration' : `status ${m.status}`})`);
         return;
       case 'sync': {
+        this.lastSync.set(ch, m.round);
         const s = this.synced.get(m.round) ?? { channels: 0, pages: 0, bytes: 0 };
         s.channels++;
         s.pages += m.pages;
@@ -415,6 +418,7 @@ export class MultifdReceiver {
 
   private channelEnded(ch: number): void {
     this.endedChannels.add(ch);
+    this.checkBarrier();
     if (this.endedChannels.size < this.connectedCount) return;
     const waiters = this.endWaiters;
     this.endWaiters = [];
@@ -451,7 +455,17 @@ export class MultifdReceiver {
     const b = this.barrierWaiter;
     if (b === null) return;
     const s = this.synced.get(b.round) ?? (b.channels === 0 ? { channels: 0, pages: 0, bytes: 0 } : undefined);
-    if (s === undefined || s.channels < b.channels) return;
+    if (s === undefined || s.channels < b.channels) {
+      // A channel the round needs ended (cleanly, between packets) without its SYNC: the SYNC
+      // can never come, and waiting would hang the destination.
+      for (const ch of this.endedChannels) {
+        if (ch < b.channels && (this.lastSync.get(ch) ?? 0) < b.round) {
+          this.fail(new StreamError('STREAM_TRUNCATED', `multifd channel ${ch} ended before the end of round ${b.round}`));
+          return;
+        }
+      }
+      return;
+    }
     this.synced.delete(b.round);
     this.barrierWaiter = null;
     if (b.round > Atomics.load(this.roundsDone, 0)) {

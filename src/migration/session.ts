@@ -615,7 +615,16 @@ export class IncomingSession {
   /** The first `channels` multifd channels (all: -1) delivered SYNC(round); resolves with their pages and bytes. */
   async barrier(round: number, channels = -1): Promise<{ pages: number; bytes: number }> {
     if (this.receiver === null) return { pages: 0, bytes: 0 };
-    return this.receiver.barrier(round, channels);
+    // The SYNCs of a source that is gone never come: its main channel's end fails the wait.
+    let off: () => void = () => undefined;
+    const gone = new Promise<never>((_resolve, reject) => {
+      off = this.channel.onClose(reject);
+    });
+    try {
+      return await Promise.race([this.receiver.barrier(round, channels), gone]);
+    } finally {
+      off();
+    }
   }
 
   /**
@@ -656,6 +665,9 @@ export class IncomingSession {
 
   async destroy(): Promise<void> {
     this.channel.destroy();
-    await this.receiver?.destroy();
+    // The spare receivers started with the listener are this session's until prepare() takes
+    // them (or sets them aside): a migration that fails before that must end their threads too.
+    const spare = this.opts.receivers ?? null;
+    await Promise.all([this.receiver?.destroy(), spare !== this.receiver ? spare?.destroy() : undefined]);
   }
 }
