@@ -40,6 +40,8 @@ export interface IncomingOptions {
   onHandoff?: (session: IncomingSession, migration: IncomingMigration) => void;
   /** COLO hook, destination side: the session was created, before any frame was read (the RAM cache attaches here). */
   onSession?: (session: IncomingSession) => void;
+  /** How long a connected source may take to send its hello (default limits.migrationHandshakeTimeoutMs). */
+  helloTimeoutMs?: number;
 }
 
 /**
@@ -97,11 +99,24 @@ export class IncomingMigration {
 
   private async pump(session: IncomingSession): Promise<void> {
     await this.run({ type: 'connected', now: now() });
+    // The listener closed for this connection: a peer that never speaks (a stray client, a
+    // source that hung) must not hold the incoming VM for ever.
+    const helloMs = this.opts.helloTimeoutMs ?? limits.migrationHandshakeTimeoutMs;
+    let helloTimer: NodeJS.Timeout | null = setTimeout(() => {
+      helloTimer = null;
+      if (this.core.phase === 'hello') void this.run({ type: 'failure', now: now(), message: `${session.channel.peer} sent no hello within ${helloMs} ms`, code: 'HANDSHAKE_TIMEOUT' });
+    }, helloMs);
+    const stopHelloTimer = (): void => {
+      if (helloTimer !== null) clearTimeout(helloTimer);
+      helloTimer = null;
+    };
     while (!this.core.finished) {
       let f: Frame;
       try {
         f = await session.nextFrame();
+        stopHelloTimer();
       } catch (err) {
+        stopHelloTimer();
         if (this.core.finished) return;
         // A multifd channel's own error names the real cause (the source then closed the main
         // channel); it may still be on its way from the channel's worker.
