@@ -284,8 +284,10 @@ function finishPacket(h: PacketHeader): void {
   while (i < h.zero) {
     const at = numbersAt + 4 * (h.normal + i);
     const p = stagingView.getUint32(at, true);
+    // A run is the listed numbers that follow on one by one (at most zeroRunPages): each is
+    // checked, so a list out of order zeroes exactly the pages it names.
     let run = 1;
-    if (i + zeroRunPages <= h.zero && stagingView.getUint32(at + 4 * (zeroRunPages - 1), true) === p + zeroRunPages - 1) run = zeroRunPages;
+    while (run < zeroRunPages && i + run < h.zero && stagingView.getUint32(at + 4 * run, true) === p + run) run++;
     const off = p * pageBytes;
     const len = run * pageBytes;
     if (target.ram) zeroRamPages(p, run, off, len);
