@@ -288,6 +288,7 @@ export class DestinationCore {
   private checkHello(h: HelloInfo): string | null {
     if (h.version !== this.opts.version) return `the source speaks migration protocol version ${h.version}, this destination ${this.opts.version}`;
     const mine = this.opts.capabilities;
+    if (!Number.isInteger(h.channels) || h.channels < 0) return `the source names ${h.channels} multifd channels, not a whole number of 0 or more`;
     if (h.channels > 0 && mine.multifd !== true) {
       return `the source uses multifd (${h.channels} channels) but the capability multifd is off on the destination`;
     }

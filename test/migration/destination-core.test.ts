@@ -93,6 +93,8 @@ test('refusals: multifd or x-colo off on the destination, another protocol versi
     [{ multifd: true }, hello({ channels: 0 }), /multifd is off on the source/],
     [{ multifd: true }, hello({ capabilities: { multifd: true, 'x-colo': true } }), /x-colo is off on the destination/],
     [{ multifd: true }, hello({ version: 7 }), /version 7/],
+    [{ multifd: true }, hello({ channels: -1 }), /names -1 multifd channels, not a whole number/],
+    [{ multifd: true }, hello({ channels: 1.5 }), /names 1\.5 multifd channels/],
   ];
   for (const [caps, h, msg] of cases) {
     const c = core(caps);
@@ -125,6 +127,15 @@ test('COLO handoff after the state is loaded, only when the source asks for x-co
     ...rounds,
     [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']],
     [{ type: 'restored', now: 20 }, [{ type: 'reply', message: { kind: 'loaded' } }, 'handoff']],
+  ]);
+  // A secondary on the primary's own image (no snapshot) is refused before any round.
+  const shared = core({ multifd: true, 'x-colo': true }, true);
+  play(shared, [
+    [{ type: 'listening', now: 0, host: 'h', port: 1 }, ['status']],
+    [{ type: 'connected', now: 1 }, ['status']],
+    [hello({ capabilities: { multifd: true, 'x-colo': true } }), []],
+    [frame({ kind: 'setup' }), ['prepare']],
+    [{ type: 'prepared', now: 5, channelPorts: [1, 2], disk: 'shared' }, [{ type: 'reply', message: { kind: 'refuse', message: 'COLO needs a disk of its own on the secondary (or both nodes with --snapshot): both nodes open the same image file' } }, 'status', { type: 'fail', code: 'MIGRATION_REFUSED' }]],
   ]);
   const plain = core({ multifd: true, 'x-colo': true }, true);
   play(plain, [...opening, ...rounds, [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']], [{ type: 'restored', now: 20 }, ['reply']]]);
