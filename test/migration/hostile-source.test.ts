@@ -1,0 +1,197 @@
+/**
+ * A destination facing a source that breaks the protocol in ways a proxy cannot make: it
+ * vanishes inside a round's barrier, ends a multifd channel cleanly before its SYNC, never says
+ * hello, lists zero pages out of order, or is refused before its multifd channels are used.
+ * The real IncomingMigration runs in-process against a scripted source on loopback; each case
+ * must end the migration with a typed error (never wait for ever) and leave no thread behind.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import crypto from 'node:crypto';
+import { machineFor } from '../framework/machine.js';
+import { guests, waitFor } from '../framework/harness.js';
+import type { Machine } from '../../src/machine/machine.js';
+import { IncomingMigration } from '../../src/migration/destination.js';
+import { MultifdReceiver } from '../../src/migration/multifd.js';
+import { FrameDecoder, FrameEncoder, FrameType, encodePreamble, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
+import { setupOf } from '../../src/migration/sections.js';
+import { encodeChannelHello, encodePacket, multifdVersion } from '../../src/migration/multifd-format.js';
+import { fl64Module } from '../../src/migration/checksum.js';
+import { limits } from '../../src/core/limits.js';
+
+const pageBytes = limits.pageBytes;
+
+interface Dest {
+  inc: IncomingMigration;
+  port: number;
+  ended: string[];
+  receivers: MultifdReceiver | null;
+}
+
+async function destination(t: { after(fn: () => unknown): void }, m: Machine, opts: { channels: number; helloTimeoutMs?: number }): Promise<Dest> {
+  const ended: string[] = [];
+  const multifd = opts.channels > 0;
+  const receivers = multifd ? await MultifdReceiver.spawn({ memory: m.memory, host: '127.0.0.1', channels: opts.channels, pagesMax: (m.maximumPages * limits.wasmPageBytes) / pageBytes, ramPages: new SharedArrayBuffer(4) }) : null;
+  const inc = new IncomingMigration(
+    {
+      machine: m,
+      startRunning: async () => {
+        ended.push('ran');
+      },
+      event: () => undefined,
+      ended: (status, message) => ended.push(`${status}: ${message}`),
+    },
+    { host: '127.0.0.1', port: 0, capabilities: { multifd, 'x-colo': false, 'return-path': false, events: false }, receivers, ...(opts.helloTimeoutMs === undefined ? {} : { helloTimeoutMs: opts.helloTimeoutMs }) },
+  );
+  t.after(() => inc.close());
+  const { port } = await inc.listen();
+  return { inc, port, ended, receivers };
+}
+
+/** A source that writes frames by hand and reads the destination's replies. */
+class ScriptedSource {
+  private readonly enc = new FrameEncoder();
+  private readonly dec = new FrameDecoder();
+  private readonly replies: Frame[] = [];
+  readonly id = crypto.randomBytes(16);
+
+  private constructor(readonly socket: net.Socket) {
+    socket.on('data', (d: Buffer) => {
+      this.dec.push(d);
+      for (let f = this.dec.next(); f !== null; f = this.dec.next()) this.replies.push(f);
+    });
+    socket.on('error', () => undefined);
+    socket.write(encodePreamble());
+  }
+
+  static async connect(t: { after(fn: () => unknown): void }, port: number): Promise<ScriptedSource> {
+    const s = net.connect(port, '127.0.0.1');
+    t.after(() => s.destroy());
+    await new Promise<void>((resolve, reject) => {
+      s.once('connect', resolve);
+      s.once('error', reject);
+    });
+    return new ScriptedSource(s);
+  }
+
+  json(type: number, value: unknown): void {
+    for (const b of this.enc.json(type, value)) this.socket.write(b);
+  }
+
+  hello(channels: number): void {
+    this.json(FrameType.hello, { version: 1, migrationId: this.id.toString('hex'), channels, capabilities: { multifd: channels > 0 } });
+  }
+
+  async reply(): Promise<Record<string, unknown>> {
+    await waitFor("the destination's reply", () => this.replies.length > 0, 5000);
+    return parseJsonPayload(this.replies.shift()!);
+  }
+
+  /** A multifd channel, handshake done. */
+  async channel(t: { after(fn: () => unknown): void }, port: number, ch: number, channels: number): Promise<net.Socket> {
+    const c = net.connect(port, '127.0.0.1');
+    t.after(() => c.destroy());
+    c.on('error', () => undefined);
+    await new Promise<void>((resolve) => c.once('connect', resolve));
+    c.write(encodeChannelHello({ version: multifdVersion, migrationId: this.id, channel: ch, channels }));
+    return c;
+  }
+}
+
+const failedWith = (d: Dest, code: string) => waitFor(`the migration to fail with ${code}`, () => d.ended.find((e) => e.startsWith('failed: ') && e.endsWith(`[${code}]`)), 10000);
+
+test('a source that vanishes after a round end, before any SYNC: the barrier fails, the migration ends', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(1);
+  src.json(FrameType.setup, setupOf(m));
+  assert.equal((await src.reply()).kind, 'ready');
+  src.json(FrameType.roundEnd, { round: 1, pages: 0, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  src.socket.destroy();
+  await failedWith(d, 'CHANNEL_CLOSED');
+  assert.equal(d.inc.core.phase, 'failed');
+  assert.ok(!d.ended.includes('ran'));
+});
+
+test('a multifd channel that ends cleanly inside a round, before its SYNC: STREAM_TRUNCATED, not a wait for ever', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(1);
+  src.json(FrameType.setup, setupOf(m));
+  const ready = await src.reply();
+  const c = await src.channel(t, (ready.channelPorts as number[])[0]!, 0, 1);
+  c.write(encodePacket({ flags: 0, channel: 0, packet: 0, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
+  src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
+  c.end(); // a FIN at a packet boundary; the main channel stays open
+  await failedWith(d, 'STREAM_TRUNCATED');
+  assert.match(d.ended.join('\n'), /multifd channel 0 ended before the end of round 1/);
+});
+
+test('a peer that connects and never says hello is dropped after the hello timeout', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
+  const silent = net.connect(d.port, '127.0.0.1');
+  t.after(() => silent.destroy());
+  silent.on('error', () => undefined);
+  silent.resume(); // read (and drop) the preamble, so that the destination's close is seen
+  let closed = false;
+  silent.once('close', () => (closed = true));
+  await failedWith(d, 'HANDSHAKE_TIMEOUT');
+  assert.match(d.ended.join('\n'), /sent no hello within 300 ms/);
+  await waitFor('the silent connection to be closed by the destination', () => closed, 5000);
+});
+
+test('zero pages listed out of order: exactly the listed pages are zeroed', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(1);
+  src.json(FrameType.setup, setupOf(m));
+  const ready = await src.reply();
+  const c = await src.channel(t, (ready.channelPorts as number[])[0]!, 0, 1);
+  const fl = fl64Module();
+  const pages = m.ram().byteLength / pageBytes;
+  const [p, q] = [pages - 1, pages - 40];
+  // Round 1: data in pages q+1 and p.
+  c.write(encodePacket({ flags: 0, channel: 0, packet: 0, round: 1 }, [q + 1, p], 2, Buffer.alloc(2 * pageBytes, 0x55), fl));
+  c.write(encodePacket({ flags: 1, channel: 0, packet: 1, round: 1 }, [], 0, Buffer.alloc(0), fl));
+  src.json(FrameType.roundEnd, { round: 1, pages: 2, blocks: 0, channels: 1 });
+  // Round 2: sixteen zero pages, [q, p, q+2 .. q+15]: first and last are sixteen apart, but
+  // q+1 is not listed (it keeps its data) and p is (it is zeroed).
+  const zeros = [q, p, ...Array.from({ length: 14 }, (_, i) => q + 2 + i)];
+  c.write(encodePacket({ flags: 0, channel: 0, packet: 2, round: 2 }, zeros, 0, Buffer.alloc(0), fl));
+  c.write(encodePacket({ flags: 1, channel: 0, packet: 3, round: 2 }, [], 0, Buffer.alloc(0), fl));
+  src.json(FrameType.roundEnd, { round: 2, pages: 16, blocks: 0, channels: 1 });
+  await waitFor('round 2 to pass its barrier', () => (d.inc.core.stats.dirtySyncCount >= 2 ? true : undefined), 5000);
+  const ram = m.ram();
+  assert.equal(ram[p * pageBytes], 0, 'the listed page is zeroed');
+  assert.equal(ram[(q + 1) * pageBytes], 0x55, 'the page not listed keeps its data');
+});
+
+test('a source refused at setup: the spare multifd receivers end with the session', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 2 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(2);
+  src.json(FrameType.setup, { ...setupOf(m), moduleHash: 'ff'.repeat(32) });
+  const r = await src.reply();
+  assert.equal(r.kind, 'error');
+  await failedWith(d, 'STATE_WRONG_MODULE');
+  // The receivers' ports were announced nowhere, but their threads listened: they must be gone.
+  const ports = d.receivers!.ports;
+  assert.equal(ports.length, 2);
+  for (const port of ports) {
+    await waitFor(`multifd port ${port} to stop listening`, () => new Promise<boolean | undefined>((resolve) => {
+      const s = net.connect(port, '127.0.0.1');
+      s.once('connect', () => {
+        s.destroy();
+        resolve(undefined);
+      });
+      s.once('error', () => resolve(true));
+    }), 5000);
+  }
+});
