@@ -62,6 +62,8 @@ export type DestinationEvent =
   | { type: 'restored'; now: number }
   | { type: 'running'; now: number }
   | { type: 'failure'; now: number; message: string; code: string }
+  /** A migration channel failed (the main channel's or a multifd channel's error, not this side's own). */
+  | { type: 'channelFailure'; now: number; message: string; code: string }
   | { type: 'peerClosed'; now: number };
 
 export type ReplyMessage =
@@ -180,8 +182,13 @@ export class DestinationCore {
         return [{ type: 'reply', message: { kind: 'resumed' } }, this.status('completed'), { type: 'close' }];
       case 'failure':
         return this.fail(ev.now, ev.message, ev.code);
+      case 'channelFailure':
+        // After `go` the whole state is here and the source has let go of the guest: a channel
+        // that breaks now must not take down the only copy that is about to run.
+        if (this.phase === 'starting') return [];
+        return this.fail(ev.now, ev.message, ev.code);
       case 'peerClosed':
-        if (this.phase === 'listening') return [];
+        if (this.phase === 'listening' || this.phase === 'starting') return [];
         return this.fail(ev.now, `the source closed the connection during the ${this.phaseText()} phase`, 'CHANNEL_CLOSED');
     }
   }

@@ -93,7 +93,7 @@ export class IncomingMigration {
     this.session = new IncomingSession(channel, { machine: this.host.machine, capabilities: this.opts.capabilities, receivers: this.opts.receivers ?? null });
     log.info(`incoming migration from ${channel.peer.replace(/^the source at /, '')}`);
     this.opts.onSession?.(this.session);
-    this.session.onFailure((err) => void this.run(failure(err)));
+    this.session.onFailure((err) => void this.run(channelFailure(err)));
     void this.pump(this.session);
   }
 
@@ -122,9 +122,9 @@ export class IncomingMigration {
         // channel); it may still be on its way from the channel's worker.
         if (err instanceof ChannelClosedError && session.receiver !== null) await session.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
         if (this.core.finished) return;
-        if (session.receiverFailure !== null) await this.run(failure(session.receiverFailure));
+        if (session.receiverFailure !== null) await this.run(channelFailure(session.receiverFailure));
         else if (err instanceof ChannelClosedError) await this.run({ type: 'peerClosed', now: now() });
-        else await this.run(failure(err));
+        else await this.run(channelFailure(err));
         return;
       }
       this.currentFrame = f;
@@ -252,6 +252,11 @@ function now(): number {
 function failure(err: unknown): DestinationEvent {
   const code = err instanceof ColoError ? err.code : 'MIGRATION_FAILED';
   return { type: 'failure', now: now(), message: errorMessage(err), code };
+}
+
+function channelFailure(err: unknown): DestinationEvent {
+  const code = err instanceof ColoError ? err.code : 'MIGRATION_FAILED';
+  return { type: 'channelFailure', now: now(), message: errorMessage(err), code };
 }
 
 /** What the core needs to know about a frame, with counts read before anything is applied. */

@@ -56,6 +56,28 @@ test('happy path: hello, setup, rounds with barriers, device, end, restore, go, 
   assert.equal(c.stats.dirtySyncCount, 2);
 });
 
+test('a channel that breaks after `go` does not stop the VM from starting; before `go` it fails the migration', () => {
+  const c = core();
+  play(c, [
+    ...opening,
+    ...rounds,
+    [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']],
+    [{ type: 'restored', now: 20 }, ['reply']],
+    [frame({ kind: 'switchover', run: true }), [{ type: 'run', run: true }]],
+    [{ type: 'channelFailure', now: 21, message: 'multifd channel 1: connection reset', code: 'CHANNEL_CLOSED' }, []],
+    [{ type: 'peerClosed', now: 22 }, []],
+    [{ type: 'running', now: 30 }, ['reply', { type: 'status', status: 'completed' }, 'close']],
+  ]);
+  const early = core();
+  play(early, [
+    ...opening,
+    ...rounds,
+    [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']],
+    [{ type: 'restored', now: 20 }, ['reply']],
+    [{ type: 'channelFailure', now: 21, message: 'multifd channel 1: connection reset', code: 'CHANNEL_CLOSED' }, [{ type: 'status', status: 'failed' }, { type: 'fail', code: 'CHANNEL_CLOSED' }]],
+  ]);
+});
+
 test('a round whose pages do not add up fails (a dropped packet or frame)', () => {
   const c = core();
   play(c, [
