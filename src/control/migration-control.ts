@@ -207,8 +207,9 @@ export class MigrationControl {
         machine: this.vm.machine,
         startRunning: async (run) => {
           await this.vm.startFrontEnd();
-          // -S, or a guest that was paused on the source: stay paused until `cont`, as QEMU does.
-          if (this.vm.opts.startPaused || !run) return;
+          // -S (or `stop` while waiting), or a guest that was paused on the source: stay
+          // paused until `cont`, as QEMU does.
+          if (!this.vm.autostart || !run) return;
           await this.vm.machine.cont();
         },
         event: (name, data) => this.vm.event(name, data),

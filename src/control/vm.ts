@@ -33,6 +33,11 @@ export class Vm extends EventEmitter {
   outputSink: ((out: NicOutput) => void) | null = null;
   /** Sees every client input event after the guest got it (COLO's mirror on the primary). */
   inputTap: ((ev: NicInput) => void) | null = null;
+  /**
+   * QEMU's autostart: run the guest once it is ready (booted, or its incoming migration done).
+   * Off with -S, and turned off by `stop` while the VM waits for an incoming migration.
+   */
+  autostart: boolean;
   private quitting = false;
   /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
   private listenRetry: NodeJS.Timeout | null = null;
@@ -41,6 +46,7 @@ export class Vm extends EventEmitter {
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
+    this.autostart = !opts.startPaused;
     this.migration = new MigrationControl(this);
     this.colo = new ColoController(this);
     machine.on('stop', () => this.event('STOP'));
@@ -106,7 +112,7 @@ export class Vm extends EventEmitter {
     }
     if (inc === null || inc.startsWith('file:')) {
       await this.startFrontEnd();
-      if (!this.opts.startPaused) await this.machine.cont();
+      if (this.autostart) await this.machine.cont();
     }
   }
 
@@ -187,7 +193,19 @@ export class Vm extends EventEmitter {
     );
   }
 
+  /**
+   * QEMU's qmp_stop: waiting for an incoming migration, only autostart is cleared (the VM stays
+   * paused after it, as with -S); otherwise only a running vCPU is stopped. A VM that is not
+   * running keeps its state: postmigrate, shutdown, guest-panicked, internal-error, finish-migrate
+   * stay what they are, so `cont` and `migrate` go on refusing them. io-error is a running vCPU
+   * (it waits inside the guest's write) and becomes paused, as before.
+   */
   async stop(): Promise<void> {
+    if (this.machine.runState === 'inmigrate') {
+      this.autostart = false;
+      return;
+    }
+    if (!this.machine.running) return;
     await this.machine.pause('paused');
   }
 
