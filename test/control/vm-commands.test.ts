@@ -1,10 +1,13 @@
 /**
  * QMP commands of a `colo run` process (control/vm.ts, control/commands.ts) against real
- * processes: stop and the run states it must leave alone.
+ * processes: stop and the run states it must leave alone, pmemsave while other clients ask.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, guests } from '../framework/harness.js';
+import fs from 'node:fs';
+import { QmpClient } from '../../src/control/qmp-client.js';
+import { limits } from '../../src/core/limits.js';
+import { TestEnv, guests, runProgram, withTimeout } from '../framework/harness.js';
 import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 
 test('stop leaves a migrated-away source in postmigrate: cont and migrate stay refused, the guest never runs again', async (t) => {
@@ -53,4 +56,48 @@ test('stop on an --incoming defer VM only clears autostart: it stays inmigrate, 
   await dst.qmp.execute('cont');
   await dst.waitEvent('RESUME', { after: dstMark, timeoutMs: 5000 });
   await assertAdvancing(dst);
+});
+
+test('pmemsave writes guest memory byte for byte, and other clients are answered while it is in progress', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'vm', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['24M'] });
+  await vm.waitSerial('B', { count: 2 });
+  await vm.qmp.execute('stop');
+  const ramBytes = (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
+  // An odd start and length, over several chunks.
+  const addr = 4097;
+  const size = ramBytes - addr - 3;
+  assert.ok(size > 3 * limits.pmemsaveChunkBytes, `guest RAM of ${ramBytes} bytes spans several chunks`);
+  const expected = await vm.pmem(addr, size);
+
+  // Into a FIFO nobody reads yet: the pmemsave stays in progress, deterministically, until the
+  // test opens the reading end.
+  const fifo = env.file('ram.fifo');
+  const mk = await runProgram('mkfifo', [fifo], { timeoutMs: 5000 });
+  assert.equal(mk.code, 0, mk.stderr);
+  let saved = false;
+  const save = vm.qmp.execute('pmemsave', { val: addr, size, filename: fifo }, { timeoutMs: 30000 }).finally(() => (saved = true));
+  save.catch(() => undefined); // awaited below; a rejection before then must not be unhandled
+  const other = await QmpClient.connect(`unix:${vm.qmpPath}`);
+  env.onCleanup(() => other.close());
+  const status = await other.execute<{ status: string }>('query-status', {}, { timeoutMs: 5000 });
+  assert.equal(status.status, 'paused');
+  assert.equal(saved, false, 'query-status was answered while the pmemsave was still writing');
+
+  const chunks: Buffer[] = [];
+  const reader = fs.createReadStream(fifo);
+  env.onCleanup(() => {
+    reader.destroy();
+  });
+  const read = new Promise<Buffer>((resolve, reject) => {
+    reader.on('data', (c) => chunks.push(c as Buffer));
+    reader.once('end', () => resolve(Buffer.concat(chunks)));
+    reader.once('error', reject);
+  });
+  assert.deepEqual(await save, {});
+  const got = await withTimeout(read, 10000, 'the end of the pmemsave data in the FIFO');
+  assert.equal(got.length, size);
+  assert.ok(got.equals(expected), 'the FIFO received exactly the guest memory');
+  // Errors stay typed, with QEMU's wording.
+  await assert.rejects(vm.qmp.execute('pmemsave', { val: 0, size: 16, filename: env.file('no/such/dir/x') }), /writing to file '.*no\/such\/dir\/x' failed: ENOENT/);
 });
