@@ -17,7 +17,8 @@ export function registerCommands(qmp: QmpServer, vm: Vm): void {
   qmp.register({
     name: 'quit',
     handler: () => {
-      setImmediate(() => vm.quit(0));
+      // As QEMU: the reply, then SHUTDOWN (host-qmp-quit), then the process ends.
+      setImmediate(() => vm.quit(0, { guest: false, reason: 'host-qmp-quit' }));
       return {};
     },
   });

@@ -64,8 +64,7 @@ export class Vm extends EventEmitter {
     machine.on('credit', (c: InputCredit) => this.frontEnd?.credit(c.conn, c.bytes));
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
-      this.event('SHUTDOWN', { guest: true, reason: 'guest-shutdown' });
-      this.quit(code);
+      this.quit(code, { guest: true, reason: 'guest-shutdown' });
     });
     machine.on('panicked', (message: string) => {
       log.error(`guest crashed: ${message}`);
@@ -252,9 +251,14 @@ export class Vm extends EventEmitter {
     }
   }
 
-  quit(code = 0): void {
+  /**
+   * End the process with exit status `code`. `shutdown`: the data of QEMU's SHUTDOWN event,
+   * sent first (once, by the first quit).
+   */
+  quit(code = 0, shutdown?: { guest: boolean; reason: string }): void {
     if (this.quitting) return;
     this.quitting = true;
+    if (shutdown !== undefined) this.event('SHUTDOWN', shutdown);
     this.emit('quit', code);
   }
 

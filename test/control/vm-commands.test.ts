@@ -1,6 +1,7 @@
 /**
  * QMP commands of a `colo run` process (control/vm.ts, control/commands.ts) against real
- * processes: stop and the run states it must leave alone, pmemsave while other clients ask.
+ * processes: stop and the run states it must leave alone, pmemsave while other clients ask,
+ * quit's SHUTDOWN event.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -100,4 +101,20 @@ test('pmemsave writes guest memory byte for byte, and other clients are answered
   assert.ok(got.equals(expected), 'the FIFO received exactly the guest memory');
   // Errors stay typed, with QEMU's wording.
   await assert.rejects(vm.qmp.execute('pmemsave', { val: 0, size: 16, filename: env.file('no/such/dir/x') }), /writing to file '.*no\/such\/dir\/x' failed: ENOENT/);
+});
+
+test('quit: the reply, then SHUTDOWN {guest: false, reason: host-qmp-quit} to every client, then the process exits 0', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'vm', guest: guests.spin });
+  const other = await QmpClient.connect(`unix:${vm.qmpPath}`);
+  env.onCleanup(() => other.close());
+  const mark = vm.qmp.eventCount;
+  const otherMark = other.eventCount;
+  assert.deepEqual(await vm.qmp.execute('quit'), {});
+  for (const [c, after] of [[vm.qmp, mark], [other, otherMark]] as const) {
+    const ev = await c.waitEvent('SHUTDOWN', { after, timeoutMs: 5000 });
+    assert.deepEqual(ev.data, { guest: false, reason: 'host-qmp-quit' });
+  }
+  assert.equal(await vm.waitExit(10000), 0);
+  assert.equal(vm.eventsOf('SHUTDOWN', mark).length, 1);
 });
