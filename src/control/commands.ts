@@ -17,23 +17,24 @@ export function registerCommands(qmp: QmpServer, vm: Vm): void {
   qmp.register({
     name: 'quit',
     handler: () => {
-      setImmediate(() => vm.quit(0));
+      // As QEMU: the reply, then SHUTDOWN (host-qmp-quit), then the process ends.
+      setImmediate(() => vm.quit(0, { guest: false, reason: 'host-qmp-quit' }));
       return {};
     },
   });
   qmp.register({
     name: 'pmemsave',
     args: { val: 'uint', size: 'uint', filename: 'str' },
-    handler: ({ val, size, filename }) => vm.pmemsave(val, size, filename),
+    handler: async ({ val, size, filename }) => vm.pmemsave(val, size, filename),
   });
   // QEMU's memsave saves what a vCPU sees at virtual addresses. A WebAssembly guest has one
   // vCPU and one linear memory, so its virtual addresses are the guest RAM's.
   qmp.register({
     name: 'memsave',
     args: { val: 'uint', size: 'uint', filename: 'str', '*cpu-index': 'int' },
-    handler: (a) => {
+    handler: async (a) => {
       if (a['cpu-index'] !== undefined && a['cpu-index'] !== 0) throw new QmpCommandError('GenericError', "Parameter 'cpu-index' expects a CPU number");
-      vm.pmemsave(a.val, a.size, a.filename);
+      await vm.pmemsave(a.val, a.size, a.filename);
     },
   });
   qmp.register({

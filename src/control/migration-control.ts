@@ -184,11 +184,14 @@ export class MigrationControl {
 
   // ---- incoming ----
 
-  /** `--incoming tcp:...` at start, or `migrate-incoming` after `--incoming defer`. */
+  /**
+   * `--incoming tcp:...` at start, or `migrate-incoming` after `--incoming defer`. Changes
+   * nothing when it fails: receiver threads already started are ended, and no migration is
+   * recorded (query-migrate shows none).
+   */
   async startIncoming(uri: string, opts: { exitOnError?: boolean } = {}): Promise<void> {
     if (!uri.startsWith('tcp:')) throw new QmpCommandError('GenericError', `Invalid incoming migration URI '${uri}' (expected tcp:HOST:PORT)`);
     const target = tcpTarget(uri);
-    this.exitOnError = opts.exitOnError ?? true;
     const colo = this.settings.capabilities['x-colo'] ? this.coloHooks.onDestinationHandoff : undefined;
     // Receiver threads start listening now; the source's hello only configures them.
     let receivers: MultifdReceiver | null = null;
@@ -207,8 +210,9 @@ export class MigrationControl {
         machine: this.vm.machine,
         startRunning: async (run) => {
           await this.vm.startFrontEnd();
-          // -S, or a guest that was paused on the source: stay paused until `cont`, as QEMU does.
-          if (this.vm.opts.startPaused || !run) return;
+          // -S (or `stop` while waiting), or a guest that was paused on the source: stay
+          // paused until `cont`, as QEMU does.
+          if (!this.vm.autostart || !run) return;
           await this.vm.machine.cont();
         },
         event: (name, data) => this.vm.event(name, data),
@@ -223,10 +227,15 @@ export class MigrationControl {
         ...(colo === undefined || this.coloHooks.onDestinationSession === undefined ? {} : { onSession: this.coloHooks.onDestinationSession }),
       },
     );
+    try {
+      await m.listen();
+    } catch (err) {
+      // Not listening, so no session: close() ends the receiver threads.
+      await m.close().catch((e: unknown) => log.debug(`closing the incoming migration that could not listen: ${errorMessage(e)}`));
+      throw err;
+    }
+    this.exitOnError = opts.exitOnError ?? true;
     this.incoming = m;
-    this.stats = m.stats;
-    this.deferred = false;
-    await m.listen();
     this.stats = m.stats;
   }
 
@@ -234,7 +243,16 @@ export class MigrationControl {
   async migrateIncoming(uri: string, exitOnError: boolean | undefined): Promise<void> {
     if (this.vm.opts.incoming === null) throw new QmpCommandError('GenericError', "'-incoming' was not specified on the command line");
     if (!this.deferred) throw new QmpCommandError('GenericError', 'The incoming migration has already been started');
-    await this.startIncoming(uri, exitOnError === undefined ? {} : { exitOnError });
+    // Claimed before the first await (starting multifd receivers takes a while): a second
+    // migrate-incoming meanwhile, from another client, is refused. Given back when starting
+    // fails (say the port is in use), so that the command can be tried again.
+    this.deferred = false;
+    try {
+      await this.startIncoming(uri, exitOnError === undefined ? {} : { exitOnError });
+    } catch (err) {
+      this.deferred = true;
+      throw err;
+    }
   }
 
   private incomingEnded(status: 'failed' | 'cancelled', message: string): void {

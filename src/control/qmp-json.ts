@@ -333,3 +333,123 @@ export class LineBuffer {
     return rest;
   }
 }
+
+/**
+ * Splits QMP server input into messages the way QEMU's json-streamer does for a client that
+ * sends one value after the other: a message ends at a newline, as with LineBuffer, or as
+ * soon as the bracket that closes its top-level object or array arrives, so that a client
+ * that sends `{"execute": ...}` without a newline (QEMU's legacy Python client) is answered,
+ * and two objects back to back are two messages. Brackets inside strings ("..." and QEMU's
+ * '...', with backslash escapes) do not count. A newline always ends the message and resets
+ * the scan, so malformed input is cut and answered where it was before. The scan state is
+ * kept between chunks: every byte is looked at once. Bytes of a message beyond
+ * `lineBytesMax` are reported as lineTooLong as soon as they are seen.
+ */
+export class JsonMessageBuffer {
+  /** Received and not yet returned; the current message starts at `start` in chunks[0]. */
+  private chunks: Buffer[] = [];
+  private start = 0;
+  /** The next byte to scan: chunks[scanChunk][scanAt]. */
+  private scanChunk = 0;
+  private scanAt = 0;
+  private buffered = 0;
+  /** Bytes of the current message scanned so far. */
+  private messageBytes = 0;
+  private depth = 0;
+  /** The quote that opened the string the scan is in (0: not in a string). */
+  private quote = 0;
+  private escaped = false;
+
+  constructor(readonly lineBytesMax: number) {}
+
+  push(chunk: Uint8Array): void {
+    if (chunk.byteLength === 0) return;
+    this.chunks.push(Buffer.isBuffer(chunk) ? chunk : Buffer.from(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+    this.buffered += chunk.byteLength;
+  }
+
+  /** Bytes received and not yet returned as messages. */
+  get bufferedBytes(): number {
+    return this.buffered;
+  }
+
+  /** The next complete message, undefined when none is buffered yet, or lineTooLong. */
+  shift(): Buffer | undefined | typeof lineTooLong {
+    while (this.scanChunk < this.chunks.length) {
+      const chunk = this.chunks[this.scanChunk]!;
+      while (this.scanAt < chunk.byteLength) {
+        const at = this.scanAt++;
+        const c = chunk[at]!;
+        if (c === 0x0a) return this.cut(at, 1);
+        this.messageBytes++;
+        if (this.messageBytes > this.lineBytesMax) return lineTooLong;
+        if (this.quote !== 0) {
+          if (this.escaped) this.escaped = false;
+          else if (c === 0x5c) this.escaped = true;
+          else if (c === this.quote) this.quote = 0;
+        } else if (c === 0x22 || c === 0x27) {
+          this.quote = c;
+        } else if (c === 0x7b || c === 0x5b) {
+          this.depth++;
+        } else if ((c === 0x7d || c === 0x5d) && this.depth > 0) {
+          // A stray closing bracket at depth 0 stays in the message (a parse error at its newline).
+          this.depth--;
+          if (this.depth === 0) return this.cut(at + 1, 0);
+        }
+      }
+      this.scanChunk++;
+      this.scanAt = 0;
+    }
+    return undefined;
+  }
+
+  /** At end of input: the unterminated last message, if any (call after shift() returned undefined). */
+  takeRest(): Buffer | undefined | typeof lineTooLong {
+    if (this.buffered === 0) return undefined;
+    if (this.buffered > this.lineBytesMax) return lineTooLong;
+    const parts = this.chunks.map((c, i) => (i === 0 ? c.subarray(this.start) : c));
+    const rest = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+    this.chunks = [];
+    this.start = 0;
+    this.scanChunk = 0;
+    this.scanAt = 0;
+    this.resetScan();
+    this.buffered = 0;
+    return rest;
+  }
+
+  /**
+   * The message from `start` up to `end` in chunks[scanChunk] (exclusive); `skip` bytes after
+   * it (the newline) are dropped. The scan goes on after them.
+   */
+  private cut(end: number, skip: number): Buffer {
+    const last = this.scanChunk;
+    const parts: Buffer[] = [];
+    for (let i = 0; i <= last; i++) {
+      const c = this.chunks[i]!;
+      parts.push(c.subarray(i === 0 ? this.start : 0, i === last ? end : c.byteLength));
+    }
+    const message = parts.length === 1 ? parts[0]! : Buffer.concat(parts);
+    const next = end + skip;
+    this.buffered -= message.byteLength + skip;
+    const rest = this.chunks[last]!;
+    if (last > 0) this.chunks.splice(0, last);
+    if (next >= rest.byteLength) {
+      this.chunks.shift();
+      this.start = 0;
+    } else {
+      this.start = next;
+    }
+    this.scanChunk = 0;
+    this.scanAt = this.chunks.length === 0 ? 0 : this.start;
+    this.resetScan();
+    return message;
+  }
+
+  private resetScan(): void {
+    this.messageBytes = 0;
+    this.depth = 0;
+    this.quote = 0;
+    this.escaped = false;
+  }
+}

@@ -4,6 +4,8 @@
  * is in qmp-server.ts; tests can drive a session directly.
  *
  * Conventions follow QEMU's monitor/qmp.c and qapi/qmp-dispatch.c:
+ * - input is split as QEMU's json-streamer does: a message ends at a newline or where its
+ *   top-level object closes (clients that send no newline are answered);
  * - greeting first; only `qmp_capabilities` until negotiation ("Expecting capabilities
  *   negotiation with 'qmp_capabilities'", class CommandNotFound);
  * - `{"execute"|"exec-oob": name, "arguments"?: {...}, "id"?: any}`, other members refused;
@@ -15,7 +17,7 @@
 import { AssertionFailure } from '../core/assert.js';
 import { ColoError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
-import { JsonSyntaxError, LineBuffer, encodeQmpJson, lineTooLong, parseQmpJson } from './qmp-json.js';
+import { JsonMessageBuffer, JsonSyntaxError, encodeQmpJson, lineTooLong, parseQmpJson } from './qmp-json.js';
 import { checkSchema, validateArgs, type QmpArgsOf, type QmpArgsSchema } from './qmp-schema.js';
 
 export interface QmpCommandContext {
@@ -181,7 +183,8 @@ export class QmpSession {
   readonly clientId: number;
   private stateValue: QmpSessionState = 'negotiating';
   private oob = false;
-  private readonly lines: LineBuffer;
+  /** Input split into messages: at a newline, or where a top-level object closes (json-streamer). */
+  private readonly lines: JsonMessageBuffer;
   private readonly pendingMax: number;
   private readonly depthMax: number;
   private readonly queue: InbandItem[] = [];
@@ -196,7 +199,7 @@ export class QmpSession {
     private readonly options: QmpSessionOptions,
   ) {
     this.clientId = options.clientId;
-    this.lines = new LineBuffer(options.lineBytesMax ?? limits.qmpLineBytesMax);
+    this.lines = new JsonMessageBuffer(options.lineBytesMax ?? limits.qmpLineBytesMax);
     this.pendingMax = options.pendingCommandsMax ?? limits.qmpPendingCommandsMax;
     this.depthMax = options.jsonDepthMax ?? limits.qmpJsonDepthMax;
   }
@@ -295,8 +298,9 @@ export class QmpSession {
       return;
     }
     if (text.endsWith('\r')) text = text.slice(0, -1);
-    this.options.trace?.('in', text);
+    // Blank: an empty line, or the line end after an object that was already taken.
     if (text.trim() === '') return;
+    this.options.trace?.('in', text);
     let request: unknown;
     try {
       request = parseQmpJson(text, this.depthMax);

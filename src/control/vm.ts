@@ -33,6 +33,11 @@ export class Vm extends EventEmitter {
   outputSink: ((out: NicOutput) => void) | null = null;
   /** Sees every client input event after the guest got it (COLO's mirror on the primary). */
   inputTap: ((ev: NicInput) => void) | null = null;
+  /**
+   * QEMU's autostart: run the guest once it is ready (booted, or its incoming migration done).
+   * Off with -S, and turned off by `stop` while the VM waits for an incoming migration.
+   */
+  autostart: boolean;
   private quitting = false;
   /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
   private listenRetry: NodeJS.Timeout | null = null;
@@ -41,6 +46,7 @@ export class Vm extends EventEmitter {
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
+    this.autostart = !opts.startPaused;
     this.migration = new MigrationControl(this);
     this.colo = new ColoController(this);
     machine.on('stop', () => this.event('STOP'));
@@ -58,8 +64,7 @@ export class Vm extends EventEmitter {
     machine.on('credit', (c: InputCredit) => this.frontEnd?.credit(c.conn, c.bytes));
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
-      this.event('SHUTDOWN', { guest: true, reason: 'guest-shutdown' });
-      this.quit(code);
+      this.quit(code, { guest: true, reason: 'guest-shutdown' });
     });
     machine.on('panicked', (message: string) => {
       log.error(`guest crashed: ${message}`);
@@ -106,7 +111,7 @@ export class Vm extends EventEmitter {
     }
     if (inc === null || inc.startsWith('file:')) {
       await this.startFrontEnd();
-      if (!this.opts.startPaused) await this.machine.cont();
+      if (this.autostart) await this.machine.cont();
     }
   }
 
@@ -187,7 +192,19 @@ export class Vm extends EventEmitter {
     );
   }
 
+  /**
+   * QEMU's qmp_stop: waiting for an incoming migration, only autostart is cleared (the VM stays
+   * paused after it, as with -S); otherwise only a running vCPU is stopped. A VM that is not
+   * running keeps its state: postmigrate, shutdown, guest-panicked, internal-error, finish-migrate
+   * stay what they are, so `cont` and `migrate` go on refusing them. io-error is a running vCPU
+   * (it waits inside the guest's write) and becomes paused, as before.
+   */
   async stop(): Promise<void> {
+    if (this.machine.runState === 'inmigrate') {
+      this.autostart = false;
+      return;
+    }
+    if (!this.machine.running) return;
     await this.machine.pause('paused');
   }
 
@@ -201,22 +218,47 @@ export class Vm extends EventEmitter {
     await this.machine.cont();
   }
 
-  /** Guest memory [addr, addr+size) into a file (QMP pmemsave). */
-  pmemsave(addr: number, size: number, filename: string): void {
-    const ram = this.machine.ram();
-    if (addr < 0 || size < 0 || addr + size > ram.byteLength) {
-      throw new QmpCommandError('GenericError', `Invalid addr 0x${addr.toString(16)}/size ${size} specified (guest RAM is ${ram.byteLength} bytes)`);
+  /**
+   * Guest memory [addr, addr+size) into a file (QMP pmemsave). Written straight from guest RAM,
+   * limits.pmemsaveChunkBytes per write, with the writes off the main thread: no copy of the
+   * range, and other QMP clients (and the VM's own work) go on meanwhile. The reply comes
+   * once the file is complete. A running guest goes on writing its memory, as in QEMU.
+   */
+  async pmemsave(addr: number, size: number, filename: string): Promise<void> {
+    const ramBytes = this.machine.ram().byteLength;
+    if (addr < 0 || size < 0 || addr + size > ramBytes) {
+      throw new QmpCommandError('GenericError', `Invalid addr 0x${addr.toString(16)}/size ${size} specified (guest RAM is ${ramBytes} bytes)`);
     }
+    let file: fs.promises.FileHandle | null = null;
     try {
-      fs.writeFileSync(filename, ram.slice(addr, addr + size));
+      file = await fs.promises.open(filename, 'w');
+      let done = 0;
+      while (done < size) {
+        // A view fetched for each write: the guest may grow its memory between two writes
+        // (memory never shrinks, so the range stays inside it).
+        const chunk = this.machine.ram().subarray(addr + done, addr + Math.min(size, done + limits.pmemsaveChunkBytes));
+        const { bytesWritten } = await file.write(chunk);
+        // A short write goes on from where it ended; one that wrote nothing ends the loop.
+        if (bytesWritten === 0) throw new Error(`a write of ${chunk.byteLength} bytes at offset ${done} wrote nothing`);
+        done += bytesWritten;
+      }
+      await file.close();
+      file = null;
     } catch (err) {
       throw new QmpCommandError('GenericError', `writing to file '${filename}' failed: ${errorMessage(err)}`);
+    } finally {
+      await file?.close().catch(() => undefined);
     }
   }
 
-  quit(code = 0): void {
+  /**
+   * End the process with exit status `code`. `shutdown`: the data of QEMU's SHUTDOWN event,
+   * sent first (once, by the first quit).
+   */
+  quit(code = 0, shutdown?: { guest: boolean; reason: string }): void {
     if (this.quitting) return;
     this.quitting = true;
+    if (shutdown !== undefined) this.event('SHUTDOWN', shutdown);
     this.emit('quit', code);
   }
 

@@ -143,6 +143,11 @@ export const limits = {
   qmpClientEventLogMax: 100000,
   /** QMP client: default time allowed to connect, for a reply or for an event. */
   qmpTimeoutMsDefault: 10000,
+  /**
+   * pmemsave/memsave: guest RAM bytes handed to one file write. The writes run off the main
+   * thread, and other QMP clients are answered between them.
+   */
+  pmemsaveChunkBytes: 8 * 1024 * 1024,
 
   /** colo up: a child's QMP socket must answer within this time after it is started. */
   upChildStartTimeoutMs: 60000,

@@ -65,6 +65,27 @@ test('bad JSON gets a GenericError and the connection stays usable', async (t) =
   assert.ok('return' in reply);
 });
 
+test('a command without a newline is answered once its object closes (QEMU json-streamer); two back to back get two replies', async (t) => {
+  const { socketPath } = await startServer(t);
+  const c = await rawClient(t, socketPath);
+  await c.next();
+  // QEMU's legacy Python client sends json.dumps(cmd), no newline.
+  c.send('{"execute":"qmp_capabilities"}');
+  assert.equal(await c.rawLine(), '{"return": {}}\r\n');
+  c.send('{"execute":"query-version","id":1}{"execute": "query-commands", "id": "}"}');
+  assert.equal((await c.next()).id, 1);
+  assert.equal((await c.next()).id, '}');
+  // Split mid-object: nothing until the closing brace.
+  c.send('{"execute":"query-version",');
+  assert.ok(await c.silent(50), 'no reply before the object is complete');
+  c.send('"id":2}');
+  assert.equal((await c.next()).id, 2);
+  // A newline still ends malformed input with an error, and the connection goes on.
+  c.send('{"execute": \n{"execute":"query-version","id":3}\n');
+  assert.match(((await c.next()).error as { desc: string }).desc, /^JSON parse error, /);
+  assert.equal((await c.next()).id, 3);
+});
+
 test('request shape errors use QEMU wording and echo the id', async (t) => {
   const { socketPath } = await startServer(t);
   const c = await rawClient(t, socketPath);

@@ -1,7 +1,7 @@
 /** The QMP JSON dialect, the line splitter and argument schemas. */
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { JsonSyntaxError, LineBuffer, encodeQmpJson, lineTooLong, parseQmpJson } from '../../src/control/qmp-json.js';
+import { JsonMessageBuffer, JsonSyntaxError, LineBuffer, encodeQmpJson, lineTooLong, parseQmpJson } from '../../src/control/qmp-json.js';
 import { checkSchema, validateArgs, type QmpArgsOf } from '../../src/control/qmp-schema.js';
 import { versionTriple } from '../../src/control/version.js';
 
@@ -68,6 +68,43 @@ test('lines: split across chunks, limit checked before the newline arrives', () 
   assert.equal(lb.shift(), undefined);
   lb.push(Buffer.from('456'));
   assert.equal(lb.shift(), lineTooLong);
+});
+
+test('messages: a top-level object or array ends at its closing bracket, a newline ends anything, across chunks', () => {
+  const mb = new JsonMessageBuffer(64);
+  const all = (): string[] => {
+    const out: string[] = [];
+    for (let m = mb.shift(); m !== undefined; m = mb.shift()) {
+      assert.notEqual(m, lineTooLong);
+      out.push(String(m));
+    }
+    return out;
+  };
+  // No newline: answered as soon as the brace arrives, also split across chunks.
+  mb.push(Buffer.from('{"execute":'));
+  assert.deepEqual(all(), []);
+  mb.push(Buffer.from('"qmp_capabilities"}'));
+  assert.deepEqual(all(), ['{"execute":"qmp_capabilities"}']);
+  assert.equal(mb.bufferedBytes, 0);
+  // Back to back, with nesting; brackets and quotes inside strings (both quotes, escapes) do not count.
+  mb.push(Buffer.from(String.raw`{"a":[1,{"b":2}]}[3]{"s":"}]\\"}{'q':'}"\''}`));
+  assert.deepEqual(all(), ['{"a":[1,{"b":2}]}', '[3]', String.raw`{"s":"}]\\"}`, String.raw`{'q':'}"\''}`]);
+  // Newline-terminated input as before: the line end after an object is an empty message (ignored by the session).
+  mb.push(Buffer.from('{"x":1}\r\n'));
+  assert.deepEqual(all(), ['{"x":1}', '\r']);
+  // Malformed input: a newline ends the message and resets the scan; a stray bracket stays in its line.
+  mb.push(Buffer.from('{"execute": \n{"y":"\n}}\nnonsense\n'));
+  assert.deepEqual(all(), ['{"execute": ', '{"y":"', '}}', 'nonsense']);
+  // An unterminated scalar waits for its newline or the end of input.
+  mb.push(Buffer.from('{"z":1} 42'));
+  assert.deepEqual(all(), ['{"z":1}']);
+  assert.equal(String(mb.takeRest()), ' 42');
+  assert.equal(mb.takeRest(), undefined);
+  // The limit counts the bytes of one message, reported before its end arrives.
+  mb.push(Buffer.from('{"pad":"' + 'x'.repeat(40)));
+  assert.equal(mb.shift(), undefined);
+  mb.push(Buffer.from('x'.repeat(40)));
+  assert.equal(mb.shift(), lineTooLong);
 });
 
 test('schema: validation in schema order, depth first, QEMU names', () => {
