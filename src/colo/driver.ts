@@ -295,10 +295,10 @@ export class PrimaryDriver {
     }
   }
 
-  /** Process exit: no more timers. */
+  /** Process exit: no more timers; held output is dropped, never released (PrimaryNet.discard). */
   close(): void {
     this.clearTimers();
-    this.net.stop();
+    this.net.discard();
   }
 
   private clearTimers(): void {

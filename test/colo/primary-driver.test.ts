@@ -1,0 +1,169 @@
+/**
+ * The primary's driver (colo/driver.ts) on a stand-in migration session and VM: what reaches
+ * the clients, which events and log lines come out, when the process exits, fails over, or
+ * its guest can no longer run. The session answers as a secondary would when a test says so.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { EventEmitter } from 'node:events';
+import { PrimaryDriver, type DriverHost } from '../../src/colo/driver.js';
+import { ChannelClosedError } from '../../src/core/errors.js';
+import { FrameType, jsonPayload, type Frame } from '../../src/migration/stream.js';
+import type { Vm } from '../../src/control/vm.js';
+import type { Machine } from '../../src/machine/machine.js';
+import type { SourceSession } from '../../src/migration/session.js';
+import type { NicOutput } from '../../src/net/nic.js';
+import { waitFor } from '../framework/harness.js';
+
+/** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
+class FakeSession {
+  readonly sent: string[] = [];
+  readonly opts = { host: '127.0.0.1' };
+  readonly migrationId = null;
+  failed: Error | null = null;
+  private ending = false;
+  private readonly frames: Frame[] = [];
+  private waiter: { resolve: (f: Frame) => void; reject: (e: Error) => void } | null = null;
+  private readonly listeners: ((err: Error) => void)[] = [];
+
+  /** A COLO message from the secondary. */
+  push(msg: string): void {
+    const f: Frame = { type: FrameType.colo, flags: 0, seq: 0, payload: jsonPayload({ msg }) };
+    const w = this.waiter;
+    this.waiter = null;
+    if (w !== null) w.resolve(f);
+    else this.frames.push(f);
+  }
+
+  onFailure(l: (err: Error) => void): void {
+    this.listeners.push(l);
+  }
+  nextColo(): Promise<Frame> {
+    const f = this.frames.shift();
+    if (f !== undefined) return Promise.resolve(f);
+    if (this.failed !== null) return Promise.reject(this.failed);
+    return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
+  }
+  sendColo(v: { msg: string }): void {
+    this.check();
+    this.sent.push(v.msg);
+  }
+  sendColoNet(): void {
+    this.check();
+  }
+  captureCheckpoint(): boolean {
+    return true;
+  }
+  async sendRound(): Promise<{ bytes: number; round: number; normalPages: number; zeroPages: number }> {
+    await new Promise((r) => setTimeout(r, 1));
+    this.check();
+    return { bytes: 100, round: 1, normalPages: 1, zeroPages: 0 };
+  }
+  sendCapturedDeviceState(): number {
+    return 10;
+  }
+  sendDeviceState(): number {
+    return 10;
+  }
+  async destroy(err?: Error): Promise<void> {
+    if (err !== undefined && this.failed === null) {
+      this.failed = err;
+      for (const l of this.listeners) l(err);
+    }
+    this.ending = true;
+    const w = this.waiter;
+    this.waiter = null;
+    w?.reject(err ?? new ChannelClosedError('the channel was closed'));
+  }
+  private check(): void {
+    if (this.ending || this.failed !== null) throw new ChannelClosedError('the channel was closed');
+  }
+}
+
+/** A machine that pauses and runs at once (no guest). */
+class FakeMachine extends EventEmitter {
+  runState = 'finish-migrate';
+  running = false;
+  setRunState(s: string): void {
+    this.runState = s;
+  }
+  async pauseAndSave(next: string): Promise<object | null> {
+    this.running = false;
+    this.runState = next;
+    return {};
+  }
+  async saveVcpu(): Promise<object> {
+    return {};
+  }
+  async cont(): Promise<void> {
+    this.running = true;
+    this.runState = 'running';
+  }
+}
+
+interface Rig {
+  d: PrimaryDriver;
+  s: FakeSession;
+  host: DriverHost & { closing: boolean };
+  /** Output the clients received. */
+  delivered: NicOutput[];
+  /** QMP events (COLO_EXIT, MIGRATION) the driver raised through its host. */
+  events: string[];
+  /** Guest output, routed as Vm routes the machine's 'output' events. */
+  pvmOutput(out: NicOutput): void;
+}
+
+function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100000): Rig {
+  const delivered: NicOutput[] = [];
+  const events: string[] = [];
+  const frontEnd = { deliver: (o: NicOutput) => delivered.push(o), deliveredBytes: () => 0, pauseReading: () => undefined, resumeReading: () => undefined };
+  const vm = {
+    machine,
+    frontEnd,
+    outputSink: null as ((o: NicOutput) => void) | null,
+    inputTap: null,
+    migration: { settings: { parameters: { 'x-checkpoint-delay': delayMs } } },
+    event: (name: string, data?: Record<string, unknown>) => events.push(data === undefined ? name : `${name} ${JSON.stringify(data)}`),
+  };
+  const host = {
+    vm: vm as unknown as Vm,
+    closing: false,
+    setStatus: (status: string) => events.push(`MIGRATION ${status}`),
+    exited: (mode: string, reason: string) => events.push(`COLO_EXIT ${mode} ${reason}`),
+  };
+  const s = new FakeSession();
+  const d = new PrimaryDriver(host, s as unknown as SourceSession);
+  t.after(() => d.close());
+  return { d, s, host, delivered, events, pvmOutput: (out) => (vm.outputSink !== null ? vm.outputSink(out) : frontEnd.deliver(out)) };
+}
+
+/** COLO started: CHECKPOINT_READY came and the PVM runs. */
+async function started(r: Rig): Promise<void> {
+  r.d.start();
+  r.s.push('CHECKPOINT_READY');
+  await waitFor('the primary to run in COLO', () => r.d.core.phase === 'running', 10000, 2);
+}
+
+const reply = (bytes: string, offset = 0): NicOutput => ({ kind: 'out', conn: 1, offset, bytes: Buffer.from(bytes) });
+const text = (outs: NicOutput[]): string[] => outs.map((o) => (o.kind === 'out' ? Buffer.from(o.bytes).toString() : o.kind));
+
+test('colo primary: at process exit output held for the SVM is dropped, and so is what the PVM still produces; a failover releases it', async (t) => {
+  const exiting = rig(t);
+  await started(exiting);
+  exiting.pvmOutput(reply('PVM-only reply'));
+  assert.equal(exiting.d.net.compare.held, 14, 'held for the SVM');
+  exiting.host.closing = true;
+  exiting.d.close(); // vm.destroy → colo.close
+  exiting.pvmOutput(reply(' and more', 14)); // the machine runs until vm.destroy destroys it
+  assert.deepEqual(text(exiting.delivered), [], 'the client receives nothing the SVM did not produce');
+  assert.equal(exiting.d.net.compare.held, 0, 'nothing is held any more');
+
+  const failing = rig(t);
+  await started(failing);
+  failing.pvmOutput(reply('PVM-only reply'));
+  failing.d.lostHeartbeat();
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply'], 'the failover releases it: the PVM is all there is now');
+  failing.pvmOutput(reply(' and more', 14));
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'then the PVM serves directly');
+  await waitFor('COLO_EXIT after the failover', () => failing.events.includes('COLO_EXIT primary request'), 10000, 2);
+});
