@@ -69,6 +69,8 @@ export class Machine extends EventEmitter {
   private inputRetry: NodeJS.Timeout | null = null;
   private readonly serialFd: number | null;
   private state: RunState = 'prelaunch';
+  /** The vCPU's answer to the pause it was asked for, while it has not come. */
+  private pauseInFlight: Promise<WorkerReply> | null = null;
   private waiters: { accept: (m: WorkerReply) => boolean; resolve: (m: WorkerReply) => void; reject: (e: Error) => void }[] = [];
   private destroyed = false;
   private vcpuRunning = false;
@@ -245,6 +247,13 @@ export class Machine extends EventEmitter {
 
   private async pauseWith(next: RunState, save: boolean): Promise<VcpuState | null> {
     this.assertAlive();
+    const inFlight = this.pauseInFlight;
+    if (inFlight !== null) {
+      // A pause already waits for the vCPU (a QMP stop during a checkpoint's pause). The vCPU
+      // answers it once: this one shares that answer, then finds the vCPU stopped (and saves).
+      await inFlight.catch(() => undefined);
+      return this.pauseWith(next, save);
+    }
     if (!this.vcpuRunning) {
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
       return save && this.state !== 'shutdown' && this.state !== 'guest-panicked' ? this.saveVcpu() : null;
@@ -253,7 +262,13 @@ export class Machine extends EventEmitter {
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.
     if (save) this.flushInput();
     this.signal(ctl.pauseRequest, save ? 2 : 1);
-    const r = await done;
+    this.pauseInFlight = done;
+    let r: WorkerReply;
+    try {
+      r = await done;
+    } finally {
+      this.pauseInFlight = null;
+    }
     if (r.type !== 'paused') return null;
     this.state = next;
     return (r as Extract<WorkerReply, { type: 'paused' }>).state ?? null;

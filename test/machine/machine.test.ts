@@ -116,3 +116,27 @@ test('a guest whose saved call stack does not rewind is reported as crashed, not
   assert.equal(m.runState, 'guest-panicked');
   assert.equal(exited, null, 'no shutdown was reported');
 });
+
+test('two pauses at once (a QMP stop during a checkpoint\'s pause) share the vCPU\'s one answer; the one that saves gets the state, in either order', async (t) => {
+  const { m, serial } = await machineFor(t, guests.spin, []);
+  await m.cont();
+  await waitFor('spin to print its ready line', () => fs.readFileSync(serial, 'utf8').includes('spin ready'), 10000);
+  const stops: string[] = [];
+  m.on('stop', () => stops.push('stop'));
+  // Without sharing, the vCPU's one 'paused' answered the first and the second failed after
+  // limits.pauseTimeoutMs: a rejection here fails the test.
+  const [, colo] = await Promise.all([m.pause('paused'), m.pauseAndSave('colo')]);
+  assert.equal(m.running, false);
+  assert.ok(colo !== null, 'the checkpoint pause has the state');
+  assert.ok(colo.started && !colo.exited);
+  assert.equal(m.runState, 'colo', 'each pause sets its run state, in the order called');
+  assert.deepEqual(stops, ['stop'], 'one STOP');
+
+  await m.cont();
+  const [first] = await Promise.all([m.pauseAndSave('colo'), m.pause('paused')]);
+  assert.ok(first !== null, 'the checkpoint pause has the state');
+  assert.equal(m.runState, 'paused');
+  assert.deepEqual(stops, ['stop', 'stop']);
+  await m.cont();
+  assert.equal(m.running, true, 'the guest runs on');
+});
