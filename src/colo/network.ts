@@ -258,11 +258,12 @@ export class PrimaryNet {
   }
 
   /**
-   * Process exit: stop mirroring and drop what is held, and what the PVM still produces until
-   * the machine is gone, as QEMU drops colo-compare's queues at exit. None of it was produced
-   * by the SVM or covered by a checkpoint, and a supervisor takes any end of the primary for
-   * its death: the secondary takes over from the last checkpoint, which a reply released now
-   * could contradict (invariant 1). Only a failover (stop()) or a checkpoint releases.
+   * Process exit (or a PVM whose guest crashed): stop mirroring and drop what is held, and what
+   * the PVM still produces until the machine is gone, as QEMU drops colo-compare's queues at
+   * exit. None of it was produced by the SVM or covered by a checkpoint, and a supervisor
+   * takes any end of the primary for its death: the secondary takes over from the last
+   * checkpoint, which a reply released now could contradict (invariant 1). Only a failover
+   * (stop()) or a checkpoint releases.
    */
   discard(): void {
     if (!this.end()) return;

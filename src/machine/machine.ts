@@ -229,7 +229,8 @@ export class Machine extends EventEmitter {
     }
     Atomics.store(this.ctl, ctl.pauseRequest, 0);
     this.worker.postMessage({ type: 'run' } satisfies WorkerRequest);
-    await this.expect((r) => r.type === 'running' || r.type === 'error' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to start', 10000);
+    const r = await this.expect((x) => x.type === 'running' || x.type === 'error' || x.type === 'exited' || x.type === 'panicked', 'the vCPU to start', 10000);
+    if (r.type === 'error') throw new MachineError('VM_DEAD', r.message);
   }
 
   /** Pause at the next safe point; resolves once the vCPU is stopped. */
@@ -255,8 +256,10 @@ export class Machine extends EventEmitter {
       return this.pauseWith(next, save);
     }
     if (!this.vcpuRunning) {
+      // A guest that exited or crashed stays so (as QEMU's stop on a stopped VM changes nothing).
+      if (this.state === 'shutdown' || this.state === 'guest-panicked') return null;
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
-      return save && this.state !== 'shutdown' && this.state !== 'guest-panicked' ? this.saveVcpu() : null;
+      return save ? this.saveVcpu() : null;
     }
     const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.

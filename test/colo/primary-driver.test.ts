@@ -14,6 +14,7 @@ import type { Machine } from '../../src/machine/machine.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicOutput } from '../../src/net/nic.js';
 import { waitFor } from '../framework/harness.js';
+import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
 
 /** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
 class FakeSession {
@@ -44,9 +45,19 @@ class FakeSession {
     if (this.failed !== null) return Promise.reject(this.failed);
     return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
   }
+  /** Answer checkpoints as a secondary does. */
+  answering = false;
   sendColo(v: { msg: string }): void {
     this.check();
     this.sent.push(v.msg);
+    if (!this.answering) return;
+    if (v.msg === 'CHECKPOINT_REQUEST') setImmediate(() => this.push('CHECKPOINT_REPLY'));
+    if (v.msg === 'VMSTATE_SIZE') {
+      setImmediate(() => {
+        this.push('VMSTATE_RECEIVED');
+        this.push('VMSTATE_LOADED');
+      });
+    }
   }
   sendColoNet(): void {
     this.check();
@@ -144,6 +155,22 @@ async function started(r: Rig): Promise<void> {
   await waitFor('the primary to run in COLO', () => r.d.core.phase === 'running', 10000, 2);
 }
 
+/** Log lines (colo's logger writes them to stderr) written during the test. */
+function captureLog(t: TestContext): string[] {
+  const lines: string[] = [];
+  const write = process.stderr.write;
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
+    lines.push(...String(chunk).split('\n').filter((l) => l !== ''));
+    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
+  }) as typeof process.stderr.write;
+  t.after(() => {
+    process.stderr.write = write;
+  });
+  return lines;
+}
+
+const at = (level: string, lines: string[]): string[] => lines.filter((l) => l.split(' ')[2] === level);
+
 const reply = (bytes: string, offset = 0): NicOutput => ({ kind: 'out', conn: 1, offset, bytes: Buffer.from(bytes) });
 const text = (outs: NicOutput[]): string[] => outs.map((o) => (o.kind === 'out' ? Buffer.from(o.bytes).toString() : o.kind));
 
@@ -166,4 +193,36 @@ test('colo primary: at process exit output held for the SVM is dropped, and so i
   failing.pvmOutput(reply(' and more', 14));
   assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'then the PVM serves directly');
   await waitFor('COLO_EXIT after the failover', () => failing.events.includes('COLO_EXIT primary request'), 10000, 2);
+});
+
+test('colo primary: a guest crash ends COLO on the primary (one warn line, COLO_EXIT error), no checkpoint of the dead guest, held output dropped, the VM stays in guest-panicked', async (t) => {
+  const log = captureLog(t);
+  const { m } = await machineFor(t, trapGuest(t), []);
+  m.setRunState('finish-migrate'); // as the initial migration leaves the source
+  const r = rig(t, m, 1);
+  r.s.answering = true;
+  await started(r);
+  await waitFor('checkpoints of the running guest', () => r.d.core.checkpoints >= 2, 20000, 2);
+  r.pvmOutput(reply('PVM-only reply'));
+  m.ram()[trapFlagAddr] = 1;
+  await waitFor('COLO_EXIT after the guest crashed', () => r.events.some((e) => e.startsWith('COLO_EXIT')), 20000, 2);
+  const requests = r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length;
+  const checkpoints = r.d.core.checkpoints;
+  await new Promise((resolve) => setTimeout(resolve, 100)); // the timer (1 ms) would have fired by now
+  assert.equal(r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length, requests, 'no checkpoint is asked for any more');
+  assert.equal(r.d.core.checkpoints, checkpoints);
+  assert.equal(r.d.core.phase, 'done');
+  assert.deepEqual(r.events.filter((e) => e.startsWith('COLO_EXIT')), ['COLO_EXIT primary error'], 'one COLO_EXIT');
+  assert.equal(r.events.at(-2), 'MIGRATION completed');
+  assert.equal(m.runState, 'guest-panicked', 'the VM stays stopped, as QEMU\'s panic action pause');
+  assert.equal(m.running, false);
+  assert.deepEqual(text(r.delivered), [], 'output the SVM never produced is not released');
+  const warns = at('warn', log);
+  assert.equal(warns.length, 1, warns.join('\n'));
+  assert.match(warns[0]!, /COLO ended on the primary: its guest crashed \(.*unreachable.*\)/);
+  assert.deepEqual(at('error', log), []);
+  // Nothing brings it back: a heartbeat loss is no failover now.
+  r.d.lostHeartbeat();
+  assert.equal(r.d.core.phase, 'done');
+  assert.equal(m.runState, 'guest-panicked');
 });

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { guests, waitFor, withTimeout } from '../framework/harness.js';
-import { machineFor } from '../framework/machine.js';
+import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
 
 test('a guest in a tight loop with no host calls pauses within 20 ms', async (t) => {
   const { m, serial } = await machineFor(t, guests.spin, []);
@@ -139,4 +139,22 @@ test('two pauses at once (a QMP stop during a checkpoint\'s pause) share the vCP
   assert.deepEqual(stops, ['stop', 'stop']);
   await m.cont();
   assert.equal(m.running, true, 'the guest runs on');
+});
+
+test('a crashed guest stays in guest-panicked: a pause, with or without a save, returns no state and changes nothing; cont is refused', async (t) => {
+  const { m } = await machineFor(t, trapGuest(t), []);
+  const panicked = new Promise<string>((resolve) => m.once('panicked', resolve));
+  await m.cont();
+  m.ram()[trapFlagAddr] = 1;
+  assert.match(await withTimeout(panicked, 10000, 'the guest to trap'), /unreachable/);
+  assert.equal(m.runState, 'guest-panicked');
+  assert.equal(await m.pauseAndSave('colo'), null, 'no state of a dead guest (a COLO checkpoint of it)');
+  assert.equal(m.runState, 'guest-panicked', 'not overwritten by the pause');
+  await m.pause('paused');
+  assert.equal(m.runState, 'guest-panicked');
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+  // Even with a run state that says it may run, the vCPU's refusal is an error, not a start.
+  m.setRunState('paused');
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+  assert.equal(m.running, false);
 });
