@@ -91,6 +91,12 @@ export type PrimaryEvent =
   | { type: 'protocolError'; message: string }
   /** The PVM's guest crashed (GUEST_PANICKED, or its vCPU thread died): it will not run again. */
   | { type: 'guestCrashed'; message: string }
+  /**
+   * The process exits (the driver's close()): COLO ends here, silently. What fails from now on
+   * (the machine destroyed under a pause, the channels closed) is the exit, not a fault, and
+   * nothing is done any more: no timer, no failover, no COLO_EXIT.
+   */
+  | { type: 'close' }
   | FailoverEvent;
 
 export type PrimaryAction =
@@ -194,6 +200,9 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.startFailover('error', ev.message);
       case 'guestCrashed':
         return this.leave(ev.message);
+      case 'close':
+        this.phase = 'done';
+        return [];
       case 'lostHeartbeat':
         return this.startFailover('request', 'x-colo-lost-heartbeat: the secondary is declared lost');
       case 'linkLost':

@@ -168,7 +168,7 @@ export class PrimaryDriver {
       },
       (err: unknown) => {
         if (this.core.phase === 'failover' || this.core.phase === 'done') {
-          log.debug(`primary: ${errorMessage(err)} (during failover)`);
+          log.debug(`primary: ${errorMessage(err)} (${this.core.phase === 'failover' ? 'during failover' : 'COLO has ended'})`);
           return;
         }
         // The guest stopped for good under a pause or a resume (cont refuses it): not a COLO fault.
@@ -331,10 +331,13 @@ export class PrimaryDriver {
     return 'runnable';
   }
 
-  /** Process exit: no more timers; held output is dropped, never released (PrimaryNet.discard). */
+  /**
+   * Process exit: the core is done (nothing it is fed from now on acts: no timer, no warning,
+   * no COLO_EXIT); held output is dropped, never released (PrimaryNet.discard).
+   */
   close(): void {
+    this.dispatch({ type: 'close' });
     this.clearTimers();
-    this.host.vm.machine.off('panicked', this.onPanicked);
     this.net.discard();
   }
 

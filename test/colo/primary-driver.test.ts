@@ -10,7 +10,7 @@ import { PrimaryDriver, type DriverHost } from '../../src/colo/driver.js';
 import { ChannelClosedError } from '../../src/core/errors.js';
 import { FrameType, jsonPayload, type Frame } from '../../src/migration/stream.js';
 import type { Vm } from '../../src/control/vm.js';
-import type { Machine } from '../../src/machine/machine.js';
+import { MachineError } from '../../src/machine/machine.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicOutput } from '../../src/net/nic.js';
 import { waitFor } from '../framework/harness.js';
@@ -225,4 +225,63 @@ test('colo primary: a guest crash ends COLO on the primary (one warn line, COLO_
   r.d.lostHeartbeat();
   assert.equal(r.d.core.phase, 'done');
   assert.equal(m.runState, 'guest-panicked');
+});
+
+/** A machine whose pause and resume wait until the test settles them. */
+class SlowMachine extends FakeMachine {
+  pausing: { resolve: (s: object) => void; reject: (e: Error) => void } | null = null;
+  resuming: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  override pauseAndSave(): Promise<object | null> {
+    return new Promise((resolve, reject) => (this.pausing = { resolve, reject }));
+  }
+  override cont(): Promise<void> {
+    return new Promise<void>((resolve, reject) => (this.resuming = { resolve, reject })).then(() => {
+      this.running = true;
+      this.runState = 'running';
+    });
+  }
+}
+
+test('colo primary: closed mid-checkpoint (process exit), what fails or finishes afterwards is silent: no warning, no COLO_EXIT, no checkpoint', async (t) => {
+  const log = captureLog(t);
+  const destroyed = (): MachineError => new MachineError('VM_DESTROYED', 'the machine was destroyed');
+
+  // In the checkpoint's pause: vm.destroy closes COLO, then the channels, then the machine
+  // (which rejects the pause and any resume).
+  const m = new SlowMachine();
+  const r = rig(t, m, 1);
+  r.d.start();
+  r.s.push('CHECKPOINT_READY');
+  await waitFor('the resume at COLO start', () => m.resuming !== null, 10000, 2);
+  m.resuming!.resolve();
+  r.s.answering = true;
+  await waitFor('the checkpoint to pause the PVM', () => m.pausing !== null, 10000, 2);
+  r.host.closing = true;
+  r.d.close();
+  await r.s.destroy();
+  m.pausing!.reject(destroyed());
+  m.cont = () => Promise.reject(destroyed());
+
+  // Resuming at COLO start (the secondary has just answered): the resume completes after the
+  // close, with the session still open; a timer armed then would ask for a checkpoint.
+  const m2 = new SlowMachine();
+  const r2 = rig(t, m2, 1);
+  r2.d.start();
+  r2.s.push('CHECKPOINT_READY');
+  await waitFor('the resume at COLO start', () => m2.resuming !== null, 10000, 2);
+  r2.host.closing = true;
+  r2.d.close();
+  m2.resuming!.resolve();
+  const sent = [...r2.s.sent];
+
+  await new Promise((resolve) => setTimeout(resolve, 100)); // a 1 ms timer, or the failures' handling, would have acted by now
+  for (const x of [r, r2]) {
+    assert.equal(x.d.core.phase, 'done');
+    assert.equal(x.d.core.failoverState, 'none', 'no failover');
+    assert.deepEqual(x.events.filter((e) => e.startsWith('COLO_EXIT') || e === 'MIGRATION completed'), [], 'no COLO_EXIT at process exit');
+  }
+  assert.deepEqual(r2.s.sent, sent, 'nothing sent after close (no checkpoint timer)');
+  assert.deepEqual(at('warn', log), []);
+  assert.deepEqual(at('error', log), []);
+  assert.deepEqual(log.filter((l) => /COLO/.test(l)), [], 'not even an info line about COLO ending or a failover');
 });
