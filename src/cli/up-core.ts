@@ -251,6 +251,9 @@ export class PairCore {
           break;
         }
         if (this.primary?.id !== e.node || e.mode !== 'primary') break;
+        // A primary already condemned (its guest crashed, GUEST_PANICKED, then it leaves COLO)
+        // does not go on: its death comes, and its secondary takes over.
+        if (this.primary.failure !== undefined) break;
         const p = this.primary;
         const s = this.secondary!;
         out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });

@@ -198,6 +198,17 @@ export class Compare {
     return this.drainPvm();
   }
 
+  /** The primary's process exits: everything held is dropped; returns how many bytes (both sides) that was. */
+  dropAll(): number {
+    const bytes = this.held;
+    this.takePvmEarly();
+    this.early = [];
+    this.earlyBytes = 0;
+    this.conns.clear();
+    this.heldBytes = 0;
+    return bytes;
+  }
+
   /** Bytes of the PVM's output held for the next epoch (see pvmNextEpoch()). */
   get pvmNextEpochBytes(): number {
     return this.pvmEarlyBytes;

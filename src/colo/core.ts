@@ -89,6 +89,14 @@ export type PrimaryEvent =
   | { type: 'stateSent' }
   | { type: 'vmResumed' }
   | { type: 'protocolError'; message: string }
+  /** The PVM's guest crashed (GUEST_PANICKED, or its vCPU thread died): it will not run again. */
+  | { type: 'guestCrashed'; message: string }
+  /**
+   * The process exits (the driver's close()): COLO ends here, silently. What fails from now on
+   * (the machine destroyed under a pause, the channels closed) is the exit, not a fault, and
+   * nothing is done any more: no timer, no failover, no COLO_EXIT.
+   */
+  | { type: 'close' }
   | FailoverEvent;
 
 export type PrimaryAction =
@@ -106,6 +114,11 @@ export type PrimaryAction =
   /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
+  /**
+   * The guest crashed: stop timers, drop held output, stop mirroring, close the channels, leave
+   * the VM as it is, COLO_EXIT (reason error). Nothing is fed back.
+   */
+  | { type: 'leave' }
   | { type: 'log'; level: LogLevel; message: string };
 
 export class PrimaryCore extends FailoverBook<PrimaryPhase> {
@@ -185,6 +198,11 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.next();
       case 'protocolError':
         return this.startFailover('error', ev.message);
+      case 'guestCrashed':
+        return this.leave(ev.message);
+      case 'close':
+        this.phase = 'done';
+        return [];
       case 'lostHeartbeat':
         return this.startFailover('request', 'x-colo-lost-heartbeat: the secondary is declared lost');
       case 'linkLost':
@@ -253,6 +271,30 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     this.failoverState = 'active';
     this.exitReason = reason;
     return [{ type: 'log', level: reason === 'request' ? 'info' : 'warn', message: `COLO failover on the primary: ${message}` }, { type: 'failover', reason }];
+  }
+
+  /**
+   * The PVM's guest crashed. As with QEMU's default panic action the VM stays stopped in
+   * guest-panicked, and a guest that does not run has no state to checkpoint: the primary
+   * leaves COLO (reason error) instead of sending its dead guest into the healthy SVM. It does
+   * not fail over (there is nothing to run alone), and its held output is dropped, not
+   * released: the secondary keeps the last checkpoint and is the one to take over (its
+   * supervisor or an operator decides, with x-colo-lost-heartbeat), so a reply released now
+   * could be contradicted (invariant 1). A checkpoint in flight stays whole or is dropped there.
+   */
+  private leave(message: string): PrimaryAction[] {
+    if (this.finishing || this.phase === 'idle') return [];
+    this.phase = 'done';
+    this.exitReason = 'error';
+    return [
+      {
+        type: 'log',
+        level: 'warn',
+        message: `COLO ended on the primary: its guest crashed (${message}); the VM stays stopped, the output it held is dropped, and the secondary keeps the last checkpoint until a failover`,
+      },
+      { type: 'status', status: 'completed' },
+      { type: 'leave' },
+    ];
   }
 }
 

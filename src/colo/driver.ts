@@ -71,6 +71,12 @@ export class PrimaryDriver {
   private resumePosted: Promise<void> = Promise.resolve();
   readonly stats = new CheckpointStats();
   readonly net: PrimaryNet;
+  /**
+   * The guest crashed: COLO ends at once, not at the next checkpoint. Vm's own listener was
+   * added first, so GUEST_PANICKED goes out before this COLO_EXIT (colo up fences the primary
+   * on the first and must not take the second for a primary going on alone).
+   */
+  private readonly onPanicked = (message: string): void => this.dispatch({ type: 'guestCrashed', message });
 
   constructor(private readonly host: DriverHost, private readonly session: SourceSession) {
     this.core = new PrimaryCore(() => host.vm.migration.settings.parameters['x-checkpoint-delay']);
@@ -87,6 +93,7 @@ export class PrimaryDriver {
 
   start(): void {
     this.session.onFailure((err) => this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    this.host.vm.machine.on('panicked', this.onPanicked);
     // The compare and the mirror start with COLO: from here on PVM output waits for the SVM's.
     this.net.start();
     this.dispatch({ type: 'handoff' });
@@ -139,6 +146,7 @@ export class PrimaryDriver {
     if (latencyTrace !== null && (ev.type === 'vmPaused' || ev.type === 'stateCaptured' || ev.type === 'stateSent' || ev.type === 'vmResumed')) latencyTrace.event(`P:${ev.type}`);
     if (ev.type === 'vmResumed') this.pauseStartedAt = 0;
     for (const a of this.core.step(ev)) this.perform(a);
+    if (this.core.phase === 'done') this.host.vm.machine.off('panicked', this.onPanicked);
   }
 
   /** Where a checkpoint's pause goes (debug log): times since the pause started. */
@@ -160,7 +168,14 @@ export class PrimaryDriver {
       },
       (err: unknown) => {
         if (this.core.phase === 'failover' || this.core.phase === 'done') {
-          log.debug(`primary: ${errorMessage(err)} (during failover)`);
+          log.debug(`primary: ${errorMessage(err)} (${this.core.phase === 'failover' ? 'during failover' : 'COLO has ended'})`);
+          return;
+        }
+        // The guest stopped for good under a pause or a resume (cont refuses it): not a COLO fault.
+        const stopped = this.guestStopped();
+        if (stopped !== 'runnable') {
+          if (stopped !== null) this.dispatch(stopped);
+          else log.debug(`primary: ${errorMessage(err)} (the guest exited)`);
           return;
         }
         if (err instanceof ChannelClosedError || this.session.failed !== null) this.dispatch({ type: 'linkLost', message: errorMessage(err) });
@@ -202,7 +217,10 @@ export class PrimaryDriver {
             // The vCPU state comes with the pause: one exchange with the vCPU thread less.
             this.pausedState = await m.pauseAndSave('colo');
           });
-          return { type: 'vmPaused' };
+          if (this.pausedState !== null) return { type: 'vmPaused' };
+          // The vCPU stopped otherwise: its guest crashed (or exited: the process ends, close()).
+          const stopped = this.guestStopped();
+          return stopped === 'runnable' ? { type: 'protocolError', message: `the PVM did not pause (run state ${m.runState})` } : stopped;
         });
         return;
       case 'sendState':
@@ -292,13 +310,35 @@ export class PrimaryDriver {
         log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
         this.host.exited('primary', a.reason);
         return;
+      case 'leave':
+        this.clearTimers();
+        this.net.discard();
+        // The secondary sees the link break and waits for x-colo-lost-heartbeat.
+        void s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+        this.host.exited('primary', 'error');
+        return;
     }
   }
 
-  /** Process exit: no more timers. */
+  /**
+   * Whether the PVM's guest can still run: 'runnable'; guestCrashed when it crashed; null when
+   * it exited (the process is ending: vm.quit, then close()).
+   */
+  private guestStopped(): PrimaryEvent | 'runnable' | null {
+    const st = this.host.vm.machine.runState;
+    if (st === 'shutdown') return null;
+    if (st === 'guest-panicked' || st === 'internal-error') return { type: 'guestCrashed', message: `the guest is in state ${st}` };
+    return 'runnable';
+  }
+
+  /**
+   * Process exit: the core is done (nothing it is fed from now on acts: no timer, no warning,
+   * no COLO_EXIT); held output is dropped, never released (PrimaryNet.discard).
+   */
   close(): void {
+    this.dispatch({ type: 'close' });
     this.clearTimers();
-    this.net.stop();
+    this.net.discard();
   }
 
   private clearTimers(): void {

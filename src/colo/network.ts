@@ -246,9 +246,36 @@ export class PrimaryNet {
     this.vm.frontEnd?.resumeReading('compare');
   }
 
-  /** Failover (or exit): release everything held, stop mirroring, output goes straight to the clients. */
+  /**
+   * Failover: release everything held, stop mirroring; output goes straight to the clients
+   * (the PVM's is all there is now).
+   */
   stop(): void {
-    if (!this.active) return;
+    if (!this.end()) return;
+    this.vm.outputSink = null;
+    for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
+    this.releaseInput();
+  }
+
+  /**
+   * Process exit (or a PVM whose guest crashed): stop mirroring and drop what is held, and what
+   * the PVM still produces until the machine is gone, as QEMU drops colo-compare's queues at
+   * exit. None of it was produced by the SVM or covered by a checkpoint, and a supervisor
+   * takes any end of the primary for its death: the secondary takes over from the last
+   * checkpoint, which a reply released now could contradict (invariant 1). Only a failover
+   * (stop()) or a checkpoint releases.
+   */
+  discard(): void {
+    if (!this.end()) return;
+    this.vm.outputSink = () => undefined;
+    const dropped = this.compare.dropAll();
+    if (dropped > 0) log.debug(`dropped ${dropped} bytes of output held for the compare`);
+    this.releaseInput();
+  }
+
+  /** No more comparing or mirroring; false if that was so already. */
+  private end(): boolean {
+    if (!this.active) return false;
     this.active = false;
     this.outputChannel?.destroy();
     this.outputChannel = null;
@@ -256,9 +283,7 @@ export class PrimaryNet {
     this.scan = null;
     this.mirror.drop();
     this.vm.inputTap = null;
-    this.vm.outputSink = null;
-    for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
-    this.releaseInput();
+    return true;
   }
 
   private deliver(r: CompareResult): void {

@@ -69,6 +69,8 @@ export class Machine extends EventEmitter {
   private inputRetry: NodeJS.Timeout | null = null;
   private readonly serialFd: number | null;
   private state: RunState = 'prelaunch';
+  /** The vCPU's answer to the pause it was asked for, while it has not come. */
+  private pauseInFlight: Promise<WorkerReply> | null = null;
   private waiters: { accept: (m: WorkerReply) => boolean; resolve: (m: WorkerReply) => void; reject: (e: Error) => void }[] = [];
   private destroyed = false;
   private vcpuRunning = false;
@@ -227,7 +229,8 @@ export class Machine extends EventEmitter {
     }
     Atomics.store(this.ctl, ctl.pauseRequest, 0);
     this.worker.postMessage({ type: 'run' } satisfies WorkerRequest);
-    await this.expect((r) => r.type === 'running' || r.type === 'error' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to start', 10000);
+    const r = await this.expect((x) => x.type === 'running' || x.type === 'error' || x.type === 'exited' || x.type === 'panicked', 'the vCPU to start', 10000);
+    if (r.type === 'error') throw new MachineError('VM_DEAD', r.message);
   }
 
   /** Pause at the next safe point; resolves once the vCPU is stopped. */
@@ -245,15 +248,30 @@ export class Machine extends EventEmitter {
 
   private async pauseWith(next: RunState, save: boolean): Promise<VcpuState | null> {
     this.assertAlive();
+    const inFlight = this.pauseInFlight;
+    if (inFlight !== null) {
+      // A pause already waits for the vCPU (a QMP stop during a checkpoint's pause). The vCPU
+      // answers it once: this one shares that answer, then finds the vCPU stopped (and saves).
+      await inFlight.catch(() => undefined);
+      return this.pauseWith(next, save);
+    }
     if (!this.vcpuRunning) {
+      // A guest that exited or crashed stays so (as QEMU's stop on a stopped VM changes nothing).
+      if (this.state === 'shutdown' || this.state === 'guest-panicked') return null;
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
-      return save && this.state !== 'shutdown' && this.state !== 'guest-panicked' ? this.saveVcpu() : null;
+      return save ? this.saveVcpu() : null;
     }
     const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.
     if (save) this.flushInput();
     this.signal(ctl.pauseRequest, save ? 2 : 1);
-    const r = await done;
+    this.pauseInFlight = done;
+    let r: WorkerReply;
+    try {
+      r = await done;
+    } finally {
+      this.pauseInFlight = null;
+    }
     if (r.type !== 'paused') return null;
     this.state = next;
     return (r as Extract<WorkerReply, { type: 'paused' }>).state ?? null;

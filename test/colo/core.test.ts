@@ -284,3 +284,42 @@ test('colo core: a failover mid-checkpoint before the apply drops the checkpoint
   assert.deepEqual(types(sec.step({ type: 'lostHeartbeat' })), ['failover']);
   assert.equal(sec.exitReason, 'request');
 });
+
+test('colo core: a guest crash on the primary leaves COLO (status completed, leave), mid-checkpoint too; nothing after it acts, and a failover under way is not undone', () => {
+  const p = new PrimaryCore(() => 300);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  p.step({ type: 'vmResumed' });
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  const out = p.step({ type: 'guestCrashed', message: 'unreachable' });
+  assert.deepEqual(types(out), ['status', 'leave']);
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /its guest crashed \(unreachable\)/.test(a.message)), JSON.stringify(out));
+  assert.equal(p.phase, 'done');
+  assert.equal(p.exitReason, 'error');
+  for (const ev of [{ type: 'vmPaused' }, { type: 'timer' }, { type: 'message', msg: 'VMSTATE_RECEIVED' }, { type: 'protocolError', message: 'x' }, { type: 'lostHeartbeat' }, { type: 'guestCrashed', message: 'again' }] as const) {
+    assert.deepEqual(p.step(ev), [], ev.type);
+  }
+  const f = new PrimaryCore(() => 300);
+  f.step({ type: 'handoff' });
+  f.step({ type: 'lostHeartbeat' });
+  assert.deepEqual(f.step({ type: 'guestCrashed', message: 'unreachable' }), [], 'the failover finishes as it began');
+  assert.deepEqual(types(f.step({ type: 'failoverDone' })), ['status', 'exit']);
+});
+
+test('colo core: the primary closed at process exit is done at once and silent: nothing it is fed afterwards acts, not even a failover under way', () => {
+  const p = new PrimaryCore(() => 300);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  assert.deepEqual(p.step({ type: 'close' }), []);
+  assert.equal(p.phase, 'done');
+  for (const ev of [{ type: 'vmResumed' }, { type: 'timer' }, { type: 'protocolError', message: 'the machine was destroyed' }, { type: 'linkLost', message: 'closed' }, { type: 'graceElapsed' }, { type: 'failoverDone' }] as const) {
+    assert.deepEqual(p.step(ev), [], ev.type);
+  }
+  const f = new PrimaryCore(() => 300);
+  f.step({ type: 'handoff' });
+  f.step({ type: 'lostHeartbeat' });
+  assert.deepEqual(f.step({ type: 'close' }), []);
+  assert.deepEqual(f.step({ type: 'failoverDone' }), [], 'no COLO_EXIT at process exit');
+  assert.equal(f.exitReason, 'request', 'what was under way stays recorded');
+});

@@ -192,6 +192,14 @@ test('colo up core: a node whose guest crashed is killed like a hung one, and it
   assert.ok(alone.some((a) => a.type === 'log' && /primary 101 reports that its guest crashed \(out of bounds\); left running/.test(a.msg)), JSON.stringify(alone));
 });
 
+test('colo up core: a primary whose guest crashed is killed, and its COLO_EXIT that follows leaves the secondary to take over', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable' }), ['kill 1 SIGKILL']);
+  // The primary leaves COLO after its GUEST_PANICKED (colo/core.ts leave): not a primary going on alone.
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [], 'the secondary is not killed');
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+});
+
 test('colo up core: a hung node with no partner is reported, not killed; answering again is reported too', () => {
   const c = protectedPair();
   run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });

@@ -2,6 +2,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import binaryen from 'binaryen';
 import { loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
 
@@ -26,4 +27,28 @@ export async function machineFor(
     fs.rmSync(dir, { recursive: true, force: true });
   });
   return { m, serial, serialText: () => fs.readFileSync(serial, 'latin1') };
+}
+
+/** Byte of guest RAM that trapGuest waits on. */
+export const trapFlagAddr = 1024;
+
+/**
+ * A guest that spins until the byte at trapFlagAddr is set (by the test, in guest RAM), then
+ * traps (`unreachable`): a guest crash on cue. Written to a temporary file; returns its path.
+ */
+export function trapGuest(t: { after(fn: () => unknown): void }): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-trap-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const m = binaryen.parseText(`(module
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (loop $spin (br_if $spin (i32.eqz (i32.load8_u (i32.const ${trapFlagAddr})))))
+      unreachable))`);
+  try {
+    const file = path.join(dir, 'trap.wasm');
+    fs.writeFileSync(file, m.emitBinary());
+    return file;
+  } finally {
+    m.dispose();
+  }
 }

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { guests, waitFor, withTimeout } from '../framework/harness.js';
-import { machineFor } from '../framework/machine.js';
+import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
 
 test('a guest in a tight loop with no host calls pauses within 20 ms', async (t) => {
   const { m, serial } = await machineFor(t, guests.spin, []);
@@ -115,4 +115,46 @@ test('a guest whose saved call stack does not rewind is reported as crashed, not
   assert.match(message, /did not rewind/);
   assert.equal(m.runState, 'guest-panicked');
   assert.equal(exited, null, 'no shutdown was reported');
+});
+
+test('two pauses at once (a QMP stop during a checkpoint\'s pause) share the vCPU\'s one answer; the one that saves gets the state, in either order', async (t) => {
+  const { m, serial } = await machineFor(t, guests.spin, []);
+  await m.cont();
+  await waitFor('spin to print its ready line', () => fs.readFileSync(serial, 'utf8').includes('spin ready'), 10000);
+  const stops: string[] = [];
+  m.on('stop', () => stops.push('stop'));
+  // Without sharing, the vCPU's one 'paused' answered the first and the second failed after
+  // limits.pauseTimeoutMs: a rejection here fails the test.
+  const [, colo] = await Promise.all([m.pause('paused'), m.pauseAndSave('colo')]);
+  assert.equal(m.running, false);
+  assert.ok(colo !== null, 'the checkpoint pause has the state');
+  assert.ok(colo.started && !colo.exited);
+  assert.equal(m.runState, 'colo', 'each pause sets its run state, in the order called');
+  assert.deepEqual(stops, ['stop'], 'one STOP');
+
+  await m.cont();
+  const [first] = await Promise.all([m.pauseAndSave('colo'), m.pause('paused')]);
+  assert.ok(first !== null, 'the checkpoint pause has the state');
+  assert.equal(m.runState, 'paused');
+  assert.deepEqual(stops, ['stop', 'stop']);
+  await m.cont();
+  assert.equal(m.running, true, 'the guest runs on');
+});
+
+test('a crashed guest stays in guest-panicked: a pause, with or without a save, returns no state and changes nothing; cont is refused', async (t) => {
+  const { m } = await machineFor(t, trapGuest(t), []);
+  const panicked = new Promise<string>((resolve) => m.once('panicked', resolve));
+  await m.cont();
+  m.ram()[trapFlagAddr] = 1;
+  assert.match(await withTimeout(panicked, 10000, 'the guest to trap'), /unreachable/);
+  assert.equal(m.runState, 'guest-panicked');
+  assert.equal(await m.pauseAndSave('colo'), null, 'no state of a dead guest (a COLO checkpoint of it)');
+  assert.equal(m.runState, 'guest-panicked', 'not overwritten by the pause');
+  await m.pause('paused');
+  assert.equal(m.runState, 'guest-panicked');
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+  // Even with a run state that says it may run, the vCPU's refusal is an error, not a start.
+  m.setRunState('paused');
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+  assert.equal(m.running, false);
 });

@@ -1,0 +1,287 @@
+/**
+ * The primary's driver (colo/driver.ts) on a stand-in migration session and VM: what reaches
+ * the clients, which events and log lines come out, when the process exits, fails over, or
+ * its guest can no longer run. The session answers as a secondary would when a test says so.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { EventEmitter } from 'node:events';
+import { PrimaryDriver, type DriverHost } from '../../src/colo/driver.js';
+import { ChannelClosedError } from '../../src/core/errors.js';
+import { FrameType, jsonPayload, type Frame } from '../../src/migration/stream.js';
+import type { Vm } from '../../src/control/vm.js';
+import { MachineError } from '../../src/machine/machine.js';
+import type { SourceSession } from '../../src/migration/session.js';
+import type { NicOutput } from '../../src/net/nic.js';
+import { waitFor } from '../framework/harness.js';
+import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
+
+/** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
+class FakeSession {
+  readonly sent: string[] = [];
+  readonly opts = { host: '127.0.0.1' };
+  readonly migrationId = null;
+  failed: Error | null = null;
+  private ending = false;
+  private readonly frames: Frame[] = [];
+  private waiter: { resolve: (f: Frame) => void; reject: (e: Error) => void } | null = null;
+  private readonly listeners: ((err: Error) => void)[] = [];
+
+  /** A COLO message from the secondary. */
+  push(msg: string): void {
+    const f: Frame = { type: FrameType.colo, flags: 0, seq: 0, payload: jsonPayload({ msg }) };
+    const w = this.waiter;
+    this.waiter = null;
+    if (w !== null) w.resolve(f);
+    else this.frames.push(f);
+  }
+
+  onFailure(l: (err: Error) => void): void {
+    this.listeners.push(l);
+  }
+  nextColo(): Promise<Frame> {
+    const f = this.frames.shift();
+    if (f !== undefined) return Promise.resolve(f);
+    if (this.failed !== null) return Promise.reject(this.failed);
+    return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
+  }
+  /** Answer checkpoints as a secondary does. */
+  answering = false;
+  sendColo(v: { msg: string }): void {
+    this.check();
+    this.sent.push(v.msg);
+    if (!this.answering) return;
+    if (v.msg === 'CHECKPOINT_REQUEST') setImmediate(() => this.push('CHECKPOINT_REPLY'));
+    if (v.msg === 'VMSTATE_SIZE') {
+      setImmediate(() => {
+        this.push('VMSTATE_RECEIVED');
+        this.push('VMSTATE_LOADED');
+      });
+    }
+  }
+  sendColoNet(): void {
+    this.check();
+  }
+  captureCheckpoint(): boolean {
+    return true;
+  }
+  async sendRound(): Promise<{ bytes: number; round: number; normalPages: number; zeroPages: number }> {
+    await new Promise((r) => setTimeout(r, 1));
+    this.check();
+    return { bytes: 100, round: 1, normalPages: 1, zeroPages: 0 };
+  }
+  sendCapturedDeviceState(): number {
+    return 10;
+  }
+  sendDeviceState(): number {
+    return 10;
+  }
+  async destroy(err?: Error): Promise<void> {
+    if (err !== undefined && this.failed === null) {
+      this.failed = err;
+      for (const l of this.listeners) l(err);
+    }
+    this.ending = true;
+    const w = this.waiter;
+    this.waiter = null;
+    w?.reject(err ?? new ChannelClosedError('the channel was closed'));
+  }
+  private check(): void {
+    if (this.ending || this.failed !== null) throw new ChannelClosedError('the channel was closed');
+  }
+}
+
+/** A machine that pauses and runs at once (no guest). */
+class FakeMachine extends EventEmitter {
+  runState = 'finish-migrate';
+  running = false;
+  setRunState(s: string): void {
+    this.runState = s;
+  }
+  async pauseAndSave(next: string): Promise<object | null> {
+    this.running = false;
+    this.runState = next;
+    return {};
+  }
+  async saveVcpu(): Promise<object> {
+    return {};
+  }
+  async cont(): Promise<void> {
+    this.running = true;
+    this.runState = 'running';
+  }
+}
+
+interface Rig {
+  d: PrimaryDriver;
+  s: FakeSession;
+  host: DriverHost & { closing: boolean };
+  /** Output the clients received. */
+  delivered: NicOutput[];
+  /** QMP events (COLO_EXIT, MIGRATION) the driver raised through its host. */
+  events: string[];
+  /** Guest output, routed as Vm routes the machine's 'output' events. */
+  pvmOutput(out: NicOutput): void;
+}
+
+function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100000): Rig {
+  const delivered: NicOutput[] = [];
+  const events: string[] = [];
+  const frontEnd = { deliver: (o: NicOutput) => delivered.push(o), deliveredBytes: () => 0, pauseReading: () => undefined, resumeReading: () => undefined };
+  const vm = {
+    machine,
+    frontEnd,
+    outputSink: null as ((o: NicOutput) => void) | null,
+    inputTap: null,
+    migration: { settings: { parameters: { 'x-checkpoint-delay': delayMs } } },
+    event: (name: string, data?: Record<string, unknown>) => events.push(data === undefined ? name : `${name} ${JSON.stringify(data)}`),
+  };
+  const host = {
+    vm: vm as unknown as Vm,
+    closing: false,
+    setStatus: (status: string) => events.push(`MIGRATION ${status}`),
+    exited: (mode: string, reason: string) => events.push(`COLO_EXIT ${mode} ${reason}`),
+  };
+  const s = new FakeSession();
+  const d = new PrimaryDriver(host, s as unknown as SourceSession);
+  t.after(() => d.close());
+  return { d, s, host, delivered, events, pvmOutput: (out) => (vm.outputSink !== null ? vm.outputSink(out) : frontEnd.deliver(out)) };
+}
+
+/** COLO started: CHECKPOINT_READY came and the PVM runs. */
+async function started(r: Rig): Promise<void> {
+  r.d.start();
+  r.s.push('CHECKPOINT_READY');
+  await waitFor('the primary to run in COLO', () => r.d.core.phase === 'running', 10000, 2);
+}
+
+/** Log lines (colo's logger writes them to stderr) written during the test. */
+function captureLog(t: TestContext): string[] {
+  const lines: string[] = [];
+  const write = process.stderr.write;
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
+    lines.push(...String(chunk).split('\n').filter((l) => l !== ''));
+    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
+  }) as typeof process.stderr.write;
+  t.after(() => {
+    process.stderr.write = write;
+  });
+  return lines;
+}
+
+const at = (level: string, lines: string[]): string[] => lines.filter((l) => l.split(' ')[2] === level);
+
+const reply = (bytes: string, offset = 0): NicOutput => ({ kind: 'out', conn: 1, offset, bytes: Buffer.from(bytes) });
+const text = (outs: NicOutput[]): string[] => outs.map((o) => (o.kind === 'out' ? Buffer.from(o.bytes).toString() : o.kind));
+
+test('colo primary: at process exit output held for the SVM is dropped, and so is what the PVM still produces; a failover releases it', async (t) => {
+  const exiting = rig(t);
+  await started(exiting);
+  exiting.pvmOutput(reply('PVM-only reply'));
+  assert.equal(exiting.d.net.compare.held, 14, 'held for the SVM');
+  exiting.host.closing = true;
+  exiting.d.close(); // vm.destroy → colo.close
+  exiting.pvmOutput(reply(' and more', 14)); // the machine runs until vm.destroy destroys it
+  assert.deepEqual(text(exiting.delivered), [], 'the client receives nothing the SVM did not produce');
+  assert.equal(exiting.d.net.compare.held, 0, 'nothing is held any more');
+
+  const failing = rig(t);
+  await started(failing);
+  failing.pvmOutput(reply('PVM-only reply'));
+  failing.d.lostHeartbeat();
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply'], 'the failover releases it: the PVM is all there is now');
+  failing.pvmOutput(reply(' and more', 14));
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'then the PVM serves directly');
+  await waitFor('COLO_EXIT after the failover', () => failing.events.includes('COLO_EXIT primary request'), 10000, 2);
+});
+
+test('colo primary: a guest crash ends COLO on the primary (one warn line, COLO_EXIT error), no checkpoint of the dead guest, held output dropped, the VM stays in guest-panicked', async (t) => {
+  const log = captureLog(t);
+  const { m } = await machineFor(t, trapGuest(t), []);
+  m.setRunState('finish-migrate'); // as the initial migration leaves the source
+  const r = rig(t, m, 1);
+  r.s.answering = true;
+  await started(r);
+  await waitFor('checkpoints of the running guest', () => r.d.core.checkpoints >= 2, 20000, 2);
+  r.pvmOutput(reply('PVM-only reply'));
+  m.ram()[trapFlagAddr] = 1;
+  await waitFor('COLO_EXIT after the guest crashed', () => r.events.some((e) => e.startsWith('COLO_EXIT')), 20000, 2);
+  const requests = r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length;
+  const checkpoints = r.d.core.checkpoints;
+  await new Promise((resolve) => setTimeout(resolve, 100)); // the timer (1 ms) would have fired by now
+  assert.equal(r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length, requests, 'no checkpoint is asked for any more');
+  assert.equal(r.d.core.checkpoints, checkpoints);
+  assert.equal(r.d.core.phase, 'done');
+  assert.deepEqual(r.events.filter((e) => e.startsWith('COLO_EXIT')), ['COLO_EXIT primary error'], 'one COLO_EXIT');
+  assert.equal(r.events.at(-2), 'MIGRATION completed');
+  assert.equal(m.runState, 'guest-panicked', 'the VM stays stopped, as QEMU\'s panic action pause');
+  assert.equal(m.running, false);
+  assert.deepEqual(text(r.delivered), [], 'output the SVM never produced is not released');
+  const warns = at('warn', log);
+  assert.equal(warns.length, 1, warns.join('\n'));
+  assert.match(warns[0]!, /COLO ended on the primary: its guest crashed \(.*unreachable.*\)/);
+  assert.deepEqual(at('error', log), []);
+  // Nothing brings it back: a heartbeat loss is no failover now.
+  r.d.lostHeartbeat();
+  assert.equal(r.d.core.phase, 'done');
+  assert.equal(m.runState, 'guest-panicked');
+});
+
+/** A machine whose pause and resume wait until the test settles them. */
+class SlowMachine extends FakeMachine {
+  pausing: { resolve: (s: object) => void; reject: (e: Error) => void } | null = null;
+  resuming: { resolve: () => void; reject: (e: Error) => void } | null = null;
+  override pauseAndSave(): Promise<object | null> {
+    return new Promise((resolve, reject) => (this.pausing = { resolve, reject }));
+  }
+  override cont(): Promise<void> {
+    return new Promise<void>((resolve, reject) => (this.resuming = { resolve, reject })).then(() => {
+      this.running = true;
+      this.runState = 'running';
+    });
+  }
+}
+
+test('colo primary: closed mid-checkpoint (process exit), what fails or finishes afterwards is silent: no warning, no COLO_EXIT, no checkpoint', async (t) => {
+  const log = captureLog(t);
+  const destroyed = (): MachineError => new MachineError('VM_DESTROYED', 'the machine was destroyed');
+
+  // In the checkpoint's pause: vm.destroy closes COLO, then the channels, then the machine
+  // (which rejects the pause and any resume).
+  const m = new SlowMachine();
+  const r = rig(t, m, 1);
+  r.d.start();
+  r.s.push('CHECKPOINT_READY');
+  await waitFor('the resume at COLO start', () => m.resuming !== null, 10000, 2);
+  m.resuming!.resolve();
+  r.s.answering = true;
+  await waitFor('the checkpoint to pause the PVM', () => m.pausing !== null, 10000, 2);
+  r.host.closing = true;
+  r.d.close();
+  await r.s.destroy();
+  m.pausing!.reject(destroyed());
+  m.cont = () => Promise.reject(destroyed());
+
+  // Resuming at COLO start (the secondary has just answered): the resume completes after the
+  // close, with the session still open; a timer armed then would ask for a checkpoint.
+  const m2 = new SlowMachine();
+  const r2 = rig(t, m2, 1);
+  r2.d.start();
+  r2.s.push('CHECKPOINT_READY');
+  await waitFor('the resume at COLO start', () => m2.resuming !== null, 10000, 2);
+  r2.host.closing = true;
+  r2.d.close();
+  m2.resuming!.resolve();
+  const sent = [...r2.s.sent];
+
+  await new Promise((resolve) => setTimeout(resolve, 100)); // a 1 ms timer, or the failures' handling, would have acted by now
+  for (const x of [r, r2]) {
+    assert.equal(x.d.core.phase, 'done');
+    assert.equal(x.d.core.failoverState, 'none', 'no failover');
+    assert.deepEqual(x.events.filter((e) => e.startsWith('COLO_EXIT') || e === 'MIGRATION completed'), [], 'no COLO_EXIT at process exit');
+  }
+  assert.deepEqual(r2.s.sent, sent, 'nothing sent after close (no checkpoint timer)');
+  assert.deepEqual(at('warn', log), []);
+  assert.deepEqual(at('error', log), []);
+  assert.deepEqual(log.filter((l) => /COLO/.test(l)), [], 'not even an info line about COLO ending or a failover');
+});
