@@ -12,6 +12,11 @@ import { newStats, type MigrationStats, type MigrationStatus } from './status.js
  *   switchover: wait for the destination's `loaded` ──▶ go sent ──▶ completed (source paused,
  *   postmigrate) — or, for COLO, handoff: the session is handed over instead of completing.
  *
+ * The pause is bounded: limits.switchoverTimeoutMs runs from the moment the VM is paused to
+ * `go` (or the handoff), and covers writing the last round as well as the wait for `loaded`.
+ * A destination that stops reading (frozen, partitioned: a zero TCP window) blocks the last
+ * round's writes; when the bound expires the migration fails like any other failure.
+ *
  * Cancel or a failure before `go` tears the channels down and resumes the VM if the migration
  * paused it; the status becomes cancelled/failed only once the VM runs again, so a client that
  * sees either status can rely on a running source. After `go` nothing can be undone: the
@@ -50,6 +55,8 @@ export type SourceEvent =
   | { type: 'vmPauseFailed'; now: number; message: string }
   | { type: 'finalSent'; now: number; result: RoundResult }
   | { type: 'destinationLoaded'; now: number }
+  /** The switchover timer started at the pause expired. */
+  | { type: 'switchoverTimeout'; now: number }
   | { type: 'goSent'; now: number }
   | { type: 'destinationResumed'; now: number }
   | { type: 'resumedNoticeTimeout'; now: number }
@@ -70,8 +77,13 @@ export type SourceAction =
   | { type: 'pauseVm' }
   /** Collect again, send the last round, the device state and `end`; report finalSent. */
   | { type: 'sendFinal'; round: number }
-  /** Wait (bounded) for the destination's `loaded`. */
-  | { type: 'awaitLoaded'; timeoutMs: number }
+  /** Wait for the destination's `loaded` (the switchover timer bounds it). */
+  | { type: 'awaitLoaded' }
+  /**
+   * Start (timeoutMs) or stop (null) the bound on the switchover pause; when it expires,
+   * report switchoverTimeout. Started when the VM is paused for stop-and-copy.
+   */
+  | { type: 'switchoverTimer'; timeoutMs: number | null }
   /** Close the service front end and send `go`; report goSent. */
   | { type: 'switchover' }
   /** Wait (bounded) for `resumed`; report destinationResumed or resumedNoticeTimeout. */
@@ -106,6 +118,8 @@ export class SourceCore {
   private vmPausedByUs = false;
   private pausing = false;
   private pausedAtMs = 0;
+  /** The switchover timer runs (from the pause until go, the handoff or the end). */
+  private switchoverTimerOn = false;
   private goSentAtMs = 0;
   private lastCollectMs = 0;
   private endReason: 'cancel' | 'failure' | null = null;
@@ -151,7 +165,12 @@ export class SourceCore {
         if (this.phase !== 'stopping') return this.afterTeardownProgress(ev.now);
         this.pausedAtMs = ev.now;
         this.phase = 'device';
-        return [this.status('device'), { type: 'sendFinal', round: this.round + 1 }];
+        this.switchoverTimerOn = true;
+        return [
+          this.status('device'),
+          { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs },
+          { type: 'sendFinal', round: this.round + 1 },
+        ];
       case 'vmPauseFailed':
         this.pausing = false;
         this.vmPausedByUs = false;
@@ -162,19 +181,23 @@ export class SourceCore {
         this.account(ev.result);
         this.stats.remainingBytes = 0;
         this.phase = 'switchover';
-        return [{ type: 'awaitLoaded', timeoutMs: limits.switchoverTimeoutMs }];
+        return [{ type: 'awaitLoaded' }];
       case 'destinationLoaded':
         if (this.phase !== 'switchover') return [];
         if (this.handoff) {
           this.phase = 'handoff';
-          return [{ type: 'handoff' }];
+          return [...this.stopSwitchoverTimer(), { type: 'handoff' }];
         }
         this.phase = 'resuming-destination';
         return [{ type: 'switchover' }];
       case 'goSent':
         if (this.phase !== 'resuming-destination') return [];
         this.goSentAtMs = ev.now;
-        return [{ type: 'awaitResumed', timeoutMs: limits.resumedNoticeTimeoutMs }];
+        return [...this.stopSwitchoverTimer(), { type: 'awaitResumed', timeoutMs: limits.resumedNoticeTimeoutMs }];
+      case 'switchoverTimeout':
+        if (!this.switchoverTimerOn) return [];
+        this.switchoverTimerOn = false;
+        return this.stop('failure', this.switchoverTimeoutMessage(), ev.now);
       case 'destinationResumed':
       case 'resumedNoticeTimeout':
         if (this.phase !== 'resuming-destination' || this.goSentAtMs === 0) return [];
@@ -201,6 +224,23 @@ export class SourceCore {
         this.vmPausedByUs = false;
         return [{ type: 'log', level: 'error', message: `could not resume the VM after the migration ended: ${ev.message}` }, ...this.afterTeardownProgress(ev.now)];
     }
+  }
+
+  private stopSwitchoverTimer(): SourceAction[] {
+    if (!this.switchoverTimerOn) return [];
+    this.switchoverTimerOn = false;
+    return [{ type: 'switchoverTimer', timeoutMs: null }];
+  }
+
+  /** What the destination had not done when the switchover pause ran out. */
+  private switchoverTimeoutMessage(): string {
+    const what =
+      this.phase === 'device'
+        ? 'the destination did not take the last round (it stopped reading)'
+        : this.phase === 'switchover'
+          ? 'the destination did not confirm that it loaded the state'
+          : 'the service address was not released';
+    return `the switchover did not finish within switchoverTimeoutMs (${limits.switchoverTimeoutMs} ms) of pausing the VM: ${what} [SWITCHOVER_TIMEOUT]`;
   }
 
   private status(s: MigrationStatus): SourceAction {
@@ -262,7 +302,7 @@ export class SourceCore {
     this.endReason = reason;
     this.phase = 'tearing-down';
     if (reason === 'failure') this.stats.errorDesc = message;
-    const out: SourceAction[] = [];
+    const out: SourceAction[] = [...this.stopSwitchoverTimer()];
     if (reason === 'cancel') out.push(this.status('cancelling'));
     out.push({ type: 'teardown', reason, message });
     this.stats.endTimeMs = now;

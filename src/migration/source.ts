@@ -1,5 +1,6 @@
 import { assert } from '../core/assert.js';
 import { ChannelClosedError, ColoError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { DirtyTracker } from '../machine/dirty.js';
 import type { Machine } from '../machine/machine.js';
@@ -62,6 +63,8 @@ export class OutgoingMigration {
   readonly session: SourceSession;
   readonly finished: Promise<void>;
   private resolveFinished!: () => void;
+  /** The core's switchover timer (see SourceCore: it bounds the pause of stop-and-copy). */
+  private switchoverTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly host: SourceHost, private readonly opts: OutgoingOptions) {
     this.core = new SourceCore({ downtimeLimitMs: opts.downtimeLimitMs, handoff: opts.onHandoff !== undefined });
@@ -173,9 +176,21 @@ export class OutgoingMigration {
           return { type: 'finalSent', now: now(), result };
         });
         return;
+      case 'switchoverTimer':
+        if (this.switchoverTimer !== null) clearTimeout(this.switchoverTimer);
+        this.switchoverTimer = null;
+        if (a.timeoutMs !== null) {
+          this.switchoverTimer = setTimeout(() => {
+            this.switchoverTimer = null;
+            this.dispatch({ type: 'switchoverTimeout', now: now() });
+          }, a.timeoutMs);
+        }
+        return;
       case 'awaitLoaded':
         this.task(async () => {
-          await s.waitReply('loaded', a.timeoutMs, 'the destination to load the state');
+          // The switchover timer, started at the pause, ends the migration first; this bound
+          // only keeps the wait from outliving it.
+          await s.waitReply('loaded', limits.switchoverTimeoutMs, 'the destination to load the state');
           return { type: 'destinationLoaded', now: now() };
         });
         return;
