@@ -17,9 +17,14 @@ import { newStats, type MigrationStats, type MigrationStatus } from './status.js
  * A destination that stops reading (frozen, partitioned: a zero TCP window) blocks the last
  * round's writes; when the bound expires the migration fails like any other failure.
  *
- * Cancel or a failure before `go` tears the channels down and resumes the VM if the migration
- * paused it; the status becomes cancelled/failed only once the VM runs again, so a client that
- * sees either status can rely on a running source. After `go` nothing can be undone: the
+ * The run state that matters is the one at the switchover pause, as in QEMU: a VM the user
+ * stopped during the migration arrives paused (`go` says run: false), and stays paused here if
+ * the migration fails.
+ *
+ * Cancel or a failure before `go` tears the channels down and gives back the VM if the
+ * migration paused it (running again if it ran at the pause); the status becomes
+ * cancelled/failed only after that, so a client that sees either status can rely on a source
+ * as it was. After `go` nothing can be undone: the
  * destination may be running, so the source stays paused whatever happens to the channels.
  */
 export type SourcePhase =
@@ -47,11 +52,12 @@ export interface RoundResult {
 }
 
 export type SourceEvent =
-  | { type: 'start'; now: number; vmRunning: boolean; ramBytes: number }
+  | { type: 'start'; now: number; ramBytes: number }
   | { type: 'connected'; now: number }
   | { type: 'roundSent'; now: number; result: RoundResult }
   | { type: 'dirtyCollected'; now: number; pages: number; blocks: number }
-  | { type: 'vmPaused'; now: number }
+  /** The VM is paused for stop-and-copy; vmWasRunning: it ran until this pause (not stopped by the user). */
+  | { type: 'vmPaused'; now: number; vmWasRunning: boolean }
   | { type: 'vmPauseFailed'; now: number; message: string }
   | { type: 'finalSent'; now: number; result: RoundResult }
   | { type: 'destinationLoaded'; now: number }
@@ -84,16 +90,20 @@ export type SourceAction =
    * report switchoverTimeout. Started when the VM is paused for stop-and-copy.
    */
   | { type: 'switchoverTimer'; timeoutMs: number | null }
-  /** Close the service front end and send `go`; report goSent. */
-  | { type: 'switchover' }
+  /** Close the service front end and send `go` (the destination runs the guest if `run`); report goSent. */
+  | { type: 'switchover'; run: boolean }
   /** Wait (bounded) for `resumed`; report destinationResumed or resumedNoticeTimeout. */
   | { type: 'awaitResumed'; timeoutMs: number }
   /** Give the open session to the hook (COLO) instead of completing. */
   | { type: 'handoff' }
   /** Close every channel (with an abort frame when cancelling); report tornDown. */
   | { type: 'teardown'; reason: 'cancel' | 'failure'; message: string }
-  /** Continue the VM the migration paused; report vmResumed. */
-  | { type: 'resumeVm' }
+  /**
+   * Give back the VM the migration paused: it serves clients again and, if `run` (it ran
+   * when the migration paused it), runs; else it stays paused, as the user left it. Report
+   * vmResumed.
+   */
+  | { type: 'resumeVm'; run: boolean }
   /** Release the channels of a finished migration. */
   | { type: 'close' }
   | { type: 'pass'; pass: number }
@@ -113,6 +123,7 @@ export class SourceCore {
   private downtimeLimitMs: number;
   private readonly roundsMax: number;
   private readonly handoff: boolean;
+  /** The VM ran when the migration paused it (known once vmPaused arrived). */
   private vmWasRunning = false;
   /** The VM is paused because of this migration (or a pause is on its way). */
   private vmPausedByUs = false;
@@ -141,7 +152,6 @@ export class SourceCore {
       case 'start':
         if (this.phase !== 'idle') return [];
         this.stats = newStats(ev.now, ev.ramBytes);
-        this.vmWasRunning = ev.vmRunning;
         this.phase = 'setup';
         return [this.status('setup'), { type: 'connect' }];
       case 'setParameters':
@@ -162,6 +172,7 @@ export class SourceCore {
         return this.onDirtyCollected(ev);
       case 'vmPaused':
         this.pausing = false;
+        this.vmWasRunning = ev.vmWasRunning;
         if (this.phase !== 'stopping') return this.afterTeardownProgress(ev.now);
         this.pausedAtMs = ev.now;
         this.phase = 'device';
@@ -189,7 +200,7 @@ export class SourceCore {
           return [...this.stopSwitchoverTimer(), { type: 'handoff' }];
         }
         this.phase = 'resuming-destination';
-        return [{ type: 'switchover' }];
+        return [{ type: 'switchover', run: this.vmWasRunning }];
       case 'goSent':
         if (this.phase !== 'resuming-destination') return [];
         this.goSentAtMs = ev.now;
@@ -311,10 +322,10 @@ export class SourceCore {
 
   private afterTeardownProgress(now: number): SourceAction[] {
     if (this.phase !== 'tearing-down' || !this.tornDown || this.pausing) return [];
-    if (this.vmPausedByUs && this.vmWasRunning) {
+    if (this.vmPausedByUs) {
       if (this.resumeIssued) return [];
       this.resumeIssued = true;
-      return [{ type: 'resumeVm' }];
+      return [{ type: 'resumeVm', run: this.vmWasRunning }];
     }
     const reason = this.endReason!;
     this.phase = reason === 'cancel' ? 'cancelled' : 'failed';

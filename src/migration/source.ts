@@ -19,8 +19,11 @@ export interface SourceHost {
   readonly name: string;
   /** Stop-and-copy: stop reading client input, pause the vCPU. */
   pauseForSwitchover(): Promise<void>;
-  /** Undo a failed or cancelled migration: serve clients again (reopen the front end if closed), run. */
-  resumeAfterFailure(): Promise<void>;
+  /**
+   * Undo a failed or cancelled migration that paused the VM: serve clients again (reopen the
+   * front end if closed) and, if `run`, run; else leave it paused.
+   */
+  resumeAfterFailure(run: boolean): Promise<void>;
   /** Release the service address so that the destination can take it. */
   closeFrontEnd(): Promise<void>;
   /** `go` was sent: this VM must not run again (postmigrate). */
@@ -86,13 +89,9 @@ export class OutgoingMigration {
     return this.core.stats;
   }
 
-  /** The VM ran when the migration started: the destination runs it after the switchover. */
-  private vmWasRunning = true;
-
   start(): void {
-    this.vmWasRunning = this.host.machine.running;
     log.info(`migrating to ${this.opts.host}:${this.opts.port}${this.opts.channels > 0 ? ` with ${this.opts.channels} multifd channels` : ''}`);
-    this.dispatch({ type: 'start', now: now(), vmRunning: this.host.machine.running, ramBytes: this.host.machine.ram().byteLength });
+    this.dispatch({ type: 'start', now: now(), ramBytes: this.host.machine.ram().byteLength });
   }
 
   /** migrate_cancel: no-op once the migration cannot be undone. */
@@ -159,8 +158,11 @@ export class OutgoingMigration {
       case 'pauseVm':
         this.task(
           async () => {
+            // The run state at this pause is what the destination takes over (a `stop` during
+            // the migration is kept), and what a failed migration gives back.
+            const vmWasRunning = this.host.machine.running;
             await this.host.pauseForSwitchover();
-            return { type: 'vmPaused', now: now() };
+            return { type: 'vmPaused', now: now(), vmWasRunning };
           },
           (err) => ({ type: 'vmPauseFailed', now: now(), message: errorMessage(err) }),
         );
@@ -198,7 +200,7 @@ export class OutgoingMigration {
         this.task(async () => {
           await this.host.closeFrontEnd();
           if (this.core.phase !== 'resuming-destination') return null;
-          s.sendGo(this.vmWasRunning);
+          s.sendGo(a.run);
           this.host.markMigrated();
           return { type: 'goSent', now: now() };
         });
@@ -228,7 +230,7 @@ export class OutgoingMigration {
       case 'resumeVm':
         this.task(
           async () => {
-            await this.host.resumeAfterFailure();
+            await this.host.resumeAfterFailure(a.run);
             return { type: 'vmResumed', now: now() };
           },
           (err) => ({ type: 'vmResumeFailed', now: now(), message: errorMessage(err) }),

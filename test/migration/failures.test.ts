@@ -9,7 +9,7 @@ import net from 'node:net';
 import { TestEnv, guests, memwalkRegion, sleep, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
-import { assertAdvancing, assertNoErrors, memwalkPair, statuses } from './helpers.js';
+import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
 
@@ -162,7 +162,7 @@ class FrozenDestination {
  * the channel's own limits.mainChannelWriteBufferBytesMax), so the last round blocks. A
  * downtime limit far above the expected downtime makes round 1 the last precopy round.
  */
-async function sourceStuckInFinalRound(env: TestEnv): Promise<{ src: Awaited<ReturnType<TestEnv['startVm']>>; dest: FrozenDestination; mark: number; pausedAt: number }> {
+async function sourceStuckInFinalRound(env: TestEnv, opts: { stopWhileActive?: boolean } = {}): Promise<{ src: Awaited<ReturnType<TestEnv['startVm']>>; dest: FrozenDestination; mark: number; pausedAt: number }> {
   const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '192M'], guestArgs: ['128M'] });
   await src.setMigration({}, { 'max-bandwidth': 64 * 1024 * 1024, 'downtime-limit': 1_000_000 });
   await src.waitSerial('B', { count: 3 });
@@ -170,6 +170,11 @@ async function sourceStuckInFinalRound(env: TestEnv): Promise<{ src: Awaited<Ret
   const { dest, port } = await FrozenDestination.start(env);
   const mark = src.qmp.eventCount;
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  if (opts.stopWhileActive === true) {
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+    await src.qmp.execute('stop');
+    assert.equal(await src.migrationStatus(), 'active', 'stopped during round 1');
+  }
   await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
   const pausedAt = Date.now();
   assert.ok(dest.frozen, 'the destination froze at the end of round 1');
@@ -213,3 +218,37 @@ for (const how of ['migrate_cancel', 'yank'] as const) {
     assertNoErrors(src);
   });
 }
+
+test('regression: a migration that fails after the user stopped the VM during it leaves the VM paused', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dest } = await sourceStuckInFinalRound(env, { stopWhileActive: true });
+  await src.yankMigration();
+  await src.waitMigrationStatus('failed', 10000);
+  assert.equal(await src.status(), 'paused', 'the VM the user stopped stays stopped (and not in finish-migrate)');
+  await assertStill(src);
+  await dest.thaw();
+  await src.qmp.execute('cont');
+  await assertAdvancing(src);
+  assertNoErrors(src);
+});
+
+test('regression: a VM stopped during the migration arrives paused with its memory whole', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await src.qmp.execute('stop');
+  assert.equal(await src.migrationStatus(), 'active', 'stopped while the migration was active');
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(await src.status(), 'postmigrate');
+  assert.equal(await dst.status(), 'paused');
+  await assertStill(dst);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+  await dst.qmp.execute('cont');
+  await assertAdvancing(dst);
+  assertNoErrors(src, dst);
+});

@@ -28,7 +28,7 @@ function play(core: SourceCore, steps: Step[]): void {
   });
 }
 
-const start = (now = 0, vmRunning = true): SourceEvent => ({ type: 'start', now, vmRunning, ramBytes: 64 * mib });
+const start = (now = 0): SourceEvent => ({ type: 'start', now, ramBytes: 64 * mib });
 
 /** Through round 1 and a first dirty collection that does not fit: round 2 starts. */
 function intoRound2(now = 0): Step[] {
@@ -49,7 +49,7 @@ test('happy path: rounds until the rest fits the downtime limit, then stop-and-c
     [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
     // 1000 pages ≈ 4 MiB ≈ 6 ms: fits.
     [{ type: 'dirtyCollected', now: 201, pages: 1000, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 205 }, [{ type: 'status', status: 'device' }, { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, { type: 'sendFinal', round: 3 }]],
+    [{ type: 'vmPaused', now: 205, vmWasRunning: true }, [{ type: 'status', status: 'device' }, { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, { type: 'sendFinal', round: 3 }]],
     [{ type: 'finalSent', now: 215, result: round(3, 4 * mib, 10) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 230 }, ['switchover']],
     [{ type: 'goSent', now: 231 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'awaitResumed']],
@@ -104,7 +104,7 @@ test('cancel while the pause is in flight: the VM is resumed before cancelled', 
     [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
     [{ type: 'cancel', now: 202 }, [{ type: 'status', status: 'cancelling' }, 'teardown']],
     [{ type: 'tornDown', now: 203 }, []],
-    [{ type: 'vmPaused', now: 204 }, ['resumeVm']],
+    [{ type: 'vmPaused', now: 204, vmWasRunning: true }, ['resumeVm']],
     [{ type: 'vmResumed', now: 205 }, [{ type: 'status', status: 'cancelled' }]],
   ]);
 });
@@ -115,7 +115,7 @@ test('failure during device phase: teardown, resume, then failed with the error'
     ...intoRound2(),
     [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 204 }, [{ type: 'status', status: 'device' }, 'switchoverTimer', 'sendFinal']],
+    [{ type: 'vmPaused', now: 204, vmWasRunning: true }, [{ type: 'status', status: 'device' }, 'switchoverTimer', 'sendFinal']],
     [{ type: 'failure', now: 210, message: 'the destination closed the connection' }, [{ type: 'switchoverTimer', timeoutMs: null }, { type: 'teardown', reason: 'failure' }]],
     [{ type: 'tornDown', now: 211 }, ['resumeVm']],
     [{ type: 'vmResumed', now: 212 }, [{ type: 'status', status: 'failed' }]],
@@ -135,16 +135,48 @@ test('regression: a second failure after the migration failed does not start a n
   assert.equal(core.stats.errorDesc, 'refused');
 });
 
-test('a VM paused before the migration is not started by a failed one', () => {
+test('a VM paused before the migration is not started by a failed one (it is given back paused)', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(0, false), ['status', 'connect']],
+    [start(0), ['status', 'connect']],
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'failure', now: 53, message: 'x' }, ['switchoverTimer', 'teardown']],
-    [{ type: 'tornDown', now: 54 }, [{ type: 'status', status: 'failed' }]],
+    [{ type: 'tornDown', now: 54 }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 55 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+});
+
+test('regression: the run state is taken at the switchover pause, not at the start (a stop during the migration is kept)', () => {
+  // The VM ran when the migration started; the user stopped it while round 1 was sent.
+  const stopped: Step[] = [
+    [start(0), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
+  ];
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped,
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchover', run: false }]],
+  ]);
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped,
+    [{ type: 'failure', now: 53, message: 'yanked' }, ['switchoverTimer', 'teardown']],
+    [{ type: 'tornDown', now: 54 }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 55 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+  // A running VM: go says run, and a failure runs it again.
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped.slice(0, 4),
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchover', run: true }]],
+    [{ type: 'failure', now: 71, message: 'closed' }, ['switchoverTimer', 'teardown']],
+    [{ type: 'tornDown', now: 72 }, [{ type: 'resumeVm', run: true }]],
   ]);
 });
 
@@ -155,7 +187,7 @@ test('before go the switchover can be undone; after go the source stays paused w
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
   ];
@@ -182,7 +214,7 @@ test('a lost resumed notice still completes, with the downtime up to go', () => 
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
     [{ type: 'goSent', now: 75 }, ['switchoverTimer', 'awaitResumed']],
@@ -198,7 +230,7 @@ test('COLO handoff: the session is handed over instead of completing', () => {
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'handoff']],
     [{ type: 'cancel', now: 71 }, []],
@@ -226,7 +258,7 @@ function upToPause(): Step[] {
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, 'sendFinal']],
   ];
 }
 
