@@ -140,11 +140,11 @@ export class MigrationControl {
           this.vm.frontEnd?.pauseReading();
           await this.vm.machine.pause('finish-migrate');
         },
-        resumeAfterFailure: async () => {
+        resumeAfterFailure: async (run) => {
           if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
           if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
           else this.vm.frontEnd.resumeReading();
-          await this.vm.machine.cont();
+          if (run) await this.vm.machine.cont();
         },
         closeFrontEnd: async () => {
           const fe = this.vm.frontEnd;

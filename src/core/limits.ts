@@ -63,7 +63,9 @@ export const limits = {
   migrationHandshakeTimeoutMs: 30000,
   /**
    * The source's VM is paused from stop-and-copy until the destination confirms it loaded the
-   * state; past this the migration fails and the source runs again.
+   * state; this bounds the whole pause, from the moment the VM is paused (writing the last
+   * round included: a destination that stopped reading blocks it). Past this the migration
+   * fails, its channels are dropped and the source runs again.
    */
   switchoverTimeoutMs: 30000,
   /** After `go`, how long the source waits for the destination's `resumed` (for the downtime figure). */

@@ -420,8 +420,8 @@ export class SourceSession {
 
   /**
    * The switchover: the destination takes over (and runs the guest if `run`, i.e. the VM was
-   * running here when the migration started — as QEMU carries the run state); the source must
-   * not run after this.
+   * running here when stop-and-copy paused it — as QEMU carries the run state); the source
+   * must not run after this.
    */
   sendGo(run: boolean): void {
     this.requireChannel().sendJson(FrameType.switchover, { run });

@@ -12,9 +12,19 @@ import { newStats, type MigrationStats, type MigrationStatus } from './status.js
  *   switchover: wait for the destination's `loaded` ──▶ go sent ──▶ completed (source paused,
  *   postmigrate) — or, for COLO, handoff: the session is handed over instead of completing.
  *
- * Cancel or a failure before `go` tears the channels down and resumes the VM if the migration
- * paused it; the status becomes cancelled/failed only once the VM runs again, so a client that
- * sees either status can rely on a running source. After `go` nothing can be undone: the
+ * The pause is bounded: limits.switchoverTimeoutMs runs from the moment the VM is paused to
+ * `go` (or the handoff), and covers writing the last round as well as the wait for `loaded`.
+ * A destination that stops reading (frozen, partitioned: a zero TCP window) blocks the last
+ * round's writes; when the bound expires the migration fails like any other failure.
+ *
+ * The run state that matters is the one at the switchover pause, as in QEMU: a VM the user
+ * stopped during the migration arrives paused (`go` says run: false), and stays paused here if
+ * the migration fails.
+ *
+ * Cancel or a failure before `go` tears the channels down and gives back the VM if the
+ * migration paused it (running again if it ran at the pause); the status becomes
+ * cancelled/failed only after that, so a client that sees either status can rely on a source
+ * as it was. After `go` nothing can be undone: the
  * destination may be running, so the source stays paused whatever happens to the channels.
  */
 export type SourcePhase =
@@ -42,14 +52,17 @@ export interface RoundResult {
 }
 
 export type SourceEvent =
-  | { type: 'start'; now: number; vmRunning: boolean; ramBytes: number }
+  | { type: 'start'; now: number; ramBytes: number }
   | { type: 'connected'; now: number }
   | { type: 'roundSent'; now: number; result: RoundResult }
   | { type: 'dirtyCollected'; now: number; pages: number; blocks: number }
-  | { type: 'vmPaused'; now: number }
+  /** The VM is paused for stop-and-copy; vmWasRunning: it ran until this pause (not stopped by the user). */
+  | { type: 'vmPaused'; now: number; vmWasRunning: boolean }
   | { type: 'vmPauseFailed'; now: number; message: string }
   | { type: 'finalSent'; now: number; result: RoundResult }
   | { type: 'destinationLoaded'; now: number }
+  /** The switchover timer started at the pause expired. */
+  | { type: 'switchoverTimeout'; now: number }
   | { type: 'goSent'; now: number }
   | { type: 'destinationResumed'; now: number }
   | { type: 'resumedNoticeTimeout'; now: number }
@@ -70,18 +83,27 @@ export type SourceAction =
   | { type: 'pauseVm' }
   /** Collect again, send the last round, the device state and `end`; report finalSent. */
   | { type: 'sendFinal'; round: number }
-  /** Wait (bounded) for the destination's `loaded`. */
-  | { type: 'awaitLoaded'; timeoutMs: number }
-  /** Close the service front end and send `go`; report goSent. */
-  | { type: 'switchover' }
+  /** Wait for the destination's `loaded` (the switchover timer bounds it). */
+  | { type: 'awaitLoaded' }
+  /**
+   * Start (timeoutMs) or stop (null) the bound on the switchover pause; when it expires,
+   * report switchoverTimeout. Started when the VM is paused for stop-and-copy.
+   */
+  | { type: 'switchoverTimer'; timeoutMs: number | null }
+  /** Close the service front end and send `go` (the destination runs the guest if `run`); report goSent. */
+  | { type: 'switchover'; run: boolean }
   /** Wait (bounded) for `resumed`; report destinationResumed or resumedNoticeTimeout. */
   | { type: 'awaitResumed'; timeoutMs: number }
   /** Give the open session to the hook (COLO) instead of completing. */
   | { type: 'handoff' }
   /** Close every channel (with an abort frame when cancelling); report tornDown. */
   | { type: 'teardown'; reason: 'cancel' | 'failure'; message: string }
-  /** Continue the VM the migration paused; report vmResumed. */
-  | { type: 'resumeVm' }
+  /**
+   * Give back the VM the migration paused: it serves clients again and, if `run` (it ran
+   * when the migration paused it), runs; else it stays paused, as the user left it. Report
+   * vmResumed.
+   */
+  | { type: 'resumeVm'; run: boolean }
   /** Release the channels of a finished migration. */
   | { type: 'close' }
   | { type: 'pass'; pass: number }
@@ -101,11 +123,14 @@ export class SourceCore {
   private downtimeLimitMs: number;
   private readonly roundsMax: number;
   private readonly handoff: boolean;
+  /** The VM ran when the migration paused it (known once vmPaused arrived). */
   private vmWasRunning = false;
   /** The VM is paused because of this migration (or a pause is on its way). */
   private vmPausedByUs = false;
   private pausing = false;
   private pausedAtMs = 0;
+  /** The switchover timer runs (from the pause until go, the handoff or the end). */
+  private switchoverTimerOn = false;
   private goSentAtMs = 0;
   private lastCollectMs = 0;
   private endReason: 'cancel' | 'failure' | null = null;
@@ -127,7 +152,6 @@ export class SourceCore {
       case 'start':
         if (this.phase !== 'idle') return [];
         this.stats = newStats(ev.now, ev.ramBytes);
-        this.vmWasRunning = ev.vmRunning;
         this.phase = 'setup';
         return [this.status('setup'), { type: 'connect' }];
       case 'setParameters':
@@ -148,10 +172,16 @@ export class SourceCore {
         return this.onDirtyCollected(ev);
       case 'vmPaused':
         this.pausing = false;
+        this.vmWasRunning = ev.vmWasRunning;
         if (this.phase !== 'stopping') return this.afterTeardownProgress(ev.now);
         this.pausedAtMs = ev.now;
         this.phase = 'device';
-        return [this.status('device'), { type: 'sendFinal', round: this.round + 1 }];
+        this.switchoverTimerOn = true;
+        return [
+          this.status('device'),
+          { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs },
+          { type: 'sendFinal', round: this.round + 1 },
+        ];
       case 'vmPauseFailed':
         this.pausing = false;
         this.vmPausedByUs = false;
@@ -162,19 +192,23 @@ export class SourceCore {
         this.account(ev.result);
         this.stats.remainingBytes = 0;
         this.phase = 'switchover';
-        return [{ type: 'awaitLoaded', timeoutMs: limits.switchoverTimeoutMs }];
+        return [{ type: 'awaitLoaded' }];
       case 'destinationLoaded':
         if (this.phase !== 'switchover') return [];
         if (this.handoff) {
           this.phase = 'handoff';
-          return [{ type: 'handoff' }];
+          return [...this.stopSwitchoverTimer(), { type: 'handoff' }];
         }
         this.phase = 'resuming-destination';
-        return [{ type: 'switchover' }];
+        return [{ type: 'switchover', run: this.vmWasRunning }];
       case 'goSent':
         if (this.phase !== 'resuming-destination') return [];
         this.goSentAtMs = ev.now;
-        return [{ type: 'awaitResumed', timeoutMs: limits.resumedNoticeTimeoutMs }];
+        return [...this.stopSwitchoverTimer(), { type: 'awaitResumed', timeoutMs: limits.resumedNoticeTimeoutMs }];
+      case 'switchoverTimeout':
+        if (!this.switchoverTimerOn) return [];
+        this.switchoverTimerOn = false;
+        return this.stop('failure', this.switchoverTimeoutMessage(), ev.now);
       case 'destinationResumed':
       case 'resumedNoticeTimeout':
         if (this.phase !== 'resuming-destination' || this.goSentAtMs === 0) return [];
@@ -201,6 +235,23 @@ export class SourceCore {
         this.vmPausedByUs = false;
         return [{ type: 'log', level: 'error', message: `could not resume the VM after the migration ended: ${ev.message}` }, ...this.afterTeardownProgress(ev.now)];
     }
+  }
+
+  private stopSwitchoverTimer(): SourceAction[] {
+    if (!this.switchoverTimerOn) return [];
+    this.switchoverTimerOn = false;
+    return [{ type: 'switchoverTimer', timeoutMs: null }];
+  }
+
+  /** What the destination had not done when the switchover pause ran out. */
+  private switchoverTimeoutMessage(): string {
+    const what =
+      this.phase === 'device'
+        ? 'the destination did not take the last round (it stopped reading)'
+        : this.phase === 'switchover'
+          ? 'the destination did not confirm that it loaded the state'
+          : 'the service address was not released';
+    return `the switchover did not finish within switchoverTimeoutMs (${limits.switchoverTimeoutMs} ms) of pausing the VM: ${what} [SWITCHOVER_TIMEOUT]`;
   }
 
   private status(s: MigrationStatus): SourceAction {
@@ -262,7 +313,7 @@ export class SourceCore {
     this.endReason = reason;
     this.phase = 'tearing-down';
     if (reason === 'failure') this.stats.errorDesc = message;
-    const out: SourceAction[] = [];
+    const out: SourceAction[] = [...this.stopSwitchoverTimer()];
     if (reason === 'cancel') out.push(this.status('cancelling'));
     out.push({ type: 'teardown', reason, message });
     this.stats.endTimeMs = now;
@@ -271,10 +322,10 @@ export class SourceCore {
 
   private afterTeardownProgress(now: number): SourceAction[] {
     if (this.phase !== 'tearing-down' || !this.tornDown || this.pausing) return [];
-    if (this.vmPausedByUs && this.vmWasRunning) {
+    if (this.vmPausedByUs) {
       if (this.resumeIssued) return [];
       this.resumeIssued = true;
-      return [{ type: 'resumeVm' }];
+      return [{ type: 'resumeVm', run: this.vmWasRunning }];
     }
     const reason = this.endReason!;
     this.phase = reason === 'cancel' ? 'cancelled' : 'failed';

@@ -1,5 +1,6 @@
 import { assert } from '../core/assert.js';
 import { ChannelClosedError, ColoError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { DirtyTracker } from '../machine/dirty.js';
 import type { Machine } from '../machine/machine.js';
@@ -18,8 +19,11 @@ export interface SourceHost {
   readonly name: string;
   /** Stop-and-copy: stop reading client input, pause the vCPU. */
   pauseForSwitchover(): Promise<void>;
-  /** Undo a failed or cancelled migration: serve clients again (reopen the front end if closed), run. */
-  resumeAfterFailure(): Promise<void>;
+  /**
+   * Undo a failed or cancelled migration that paused the VM: serve clients again (reopen the
+   * front end if closed) and, if `run`, run; else leave it paused.
+   */
+  resumeAfterFailure(run: boolean): Promise<void>;
   /** Release the service address so that the destination can take it. */
   closeFrontEnd(): Promise<void>;
   /** `go` was sent: this VM must not run again (postmigrate). */
@@ -62,6 +66,8 @@ export class OutgoingMigration {
   readonly session: SourceSession;
   readonly finished: Promise<void>;
   private resolveFinished!: () => void;
+  /** The core's switchover timer (see SourceCore: it bounds the pause of stop-and-copy). */
+  private switchoverTimer: NodeJS.Timeout | null = null;
 
   constructor(private readonly host: SourceHost, private readonly opts: OutgoingOptions) {
     this.core = new SourceCore({ downtimeLimitMs: opts.downtimeLimitMs, handoff: opts.onHandoff !== undefined });
@@ -83,13 +89,9 @@ export class OutgoingMigration {
     return this.core.stats;
   }
 
-  /** The VM ran when the migration started: the destination runs it after the switchover. */
-  private vmWasRunning = true;
-
   start(): void {
-    this.vmWasRunning = this.host.machine.running;
     log.info(`migrating to ${this.opts.host}:${this.opts.port}${this.opts.channels > 0 ? ` with ${this.opts.channels} multifd channels` : ''}`);
-    this.dispatch({ type: 'start', now: now(), vmRunning: this.host.machine.running, ramBytes: this.host.machine.ram().byteLength });
+    this.dispatch({ type: 'start', now: now(), ramBytes: this.host.machine.ram().byteLength });
   }
 
   /** migrate_cancel: no-op once the migration cannot be undone. */
@@ -156,8 +158,11 @@ export class OutgoingMigration {
       case 'pauseVm':
         this.task(
           async () => {
+            // The run state at this pause is what the destination takes over (a `stop` during
+            // the migration is kept), and what a failed migration gives back.
+            const vmWasRunning = this.host.machine.running;
             await this.host.pauseForSwitchover();
-            return { type: 'vmPaused', now: now() };
+            return { type: 'vmPaused', now: now(), vmWasRunning };
           },
           (err) => ({ type: 'vmPauseFailed', now: now(), message: errorMessage(err) }),
         );
@@ -173,9 +178,21 @@ export class OutgoingMigration {
           return { type: 'finalSent', now: now(), result };
         });
         return;
+      case 'switchoverTimer':
+        if (this.switchoverTimer !== null) clearTimeout(this.switchoverTimer);
+        this.switchoverTimer = null;
+        if (a.timeoutMs !== null) {
+          this.switchoverTimer = setTimeout(() => {
+            this.switchoverTimer = null;
+            this.dispatch({ type: 'switchoverTimeout', now: now() });
+          }, a.timeoutMs);
+        }
+        return;
       case 'awaitLoaded':
         this.task(async () => {
-          await s.waitReply('loaded', a.timeoutMs, 'the destination to load the state');
+          // The switchover timer, started at the pause, ends the migration first; this bound
+          // only keeps the wait from outliving it.
+          await s.waitReply('loaded', limits.switchoverTimeoutMs, 'the destination to load the state');
           return { type: 'destinationLoaded', now: now() };
         });
         return;
@@ -183,7 +200,7 @@ export class OutgoingMigration {
         this.task(async () => {
           await this.host.closeFrontEnd();
           if (this.core.phase !== 'resuming-destination') return null;
-          s.sendGo(this.vmWasRunning);
+          s.sendGo(a.run);
           this.host.markMigrated();
           return { type: 'goSent', now: now() };
         });
@@ -213,7 +230,7 @@ export class OutgoingMigration {
       case 'resumeVm':
         this.task(
           async () => {
-            await this.host.resumeAfterFailure();
+            await this.host.resumeAfterFailure(a.run);
             return { type: 'vmResumed', now: now() };
           },
           (err) => ({ type: 'vmResumeFailed', now: now(), message: errorMessage(err) }),

@@ -5,8 +5,11 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, sleep } from '../framework/harness.js';
-import { assertAdvancing, assertNoErrors, memwalkPair, statuses } from './helpers.js';
+import net from 'node:net';
+import { TestEnv, guests, memwalkRegion, sleep, withTimeout } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
+import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
+import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
 
@@ -94,4 +97,158 @@ test('a destination without multifd refuses a multifd source: both say why in on
   assert.equal(await dst.waitExit(10000), 1);
   assert.match(dst.errorLines().join('\n'), /multifd is off on the destination \[MIGRATION_REFUSED\]/);
   assertNoErrors(src);
+});
+
+/**
+ * A destination that freezes after round 1: it answers the handshake (`ready`, no disk, no
+ * multifd) and reads the stream until round 1's roundEnd, then stops reading, as a frozen or
+ * partitioned host does (its TCP window closes). `thaw()` reads the rest until the source
+ * closes the connection and returns the type names of every frame received after the freeze.
+ */
+class FrozenDestination {
+  readonly server: net.Server;
+  socket: net.Socket | null = null;
+  frozen = false;
+  private readonly decoder = new FrameDecoder();
+  private readonly afterFreeze: string[] = [];
+  private closed!: Promise<void>;
+
+  private constructor() {
+    this.server = net.createServer((socket) => this.accept(socket));
+  }
+
+  static async start(env: TestEnv): Promise<{ dest: FrozenDestination; port: number }> {
+    const dest = new FrozenDestination();
+    await new Promise<void>((resolve) => dest.server.listen(0, '127.0.0.1', resolve));
+    env.onCleanup(() => {
+      dest.socket?.destroy();
+      dest.server.close();
+    });
+    const a = dest.server.address();
+    return { dest, port: typeof a === 'object' && a !== null ? a.port : 0 };
+  }
+
+  private accept(socket: net.Socket): void {
+    this.socket = socket;
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    socket.on('error', () => undefined);
+    const encoder = new FrameEncoder();
+    socket.write(encodePreamble());
+    socket.on('data', (chunk: Buffer) => {
+      this.decoder.push(chunk);
+      for (let f = this.decoder.next(); f !== null; f = this.decoder.next()) {
+        if (this.frozen) this.afterFreeze.push(frameTypeName(f.type));
+        else if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
+        else if (f.type === FrameType.roundEnd && parseJsonPayload(f).round === 1) {
+          this.frozen = true;
+          socket.pause();
+        }
+      }
+    });
+  }
+
+  async thaw(timeoutMs = 10000): Promise<string[]> {
+    assert.ok(this.socket !== null, 'the source connected');
+    this.socket.resume();
+    await withTimeout(this.closed, timeoutMs, 'the source to close the frozen connection');
+    return this.afterFreeze;
+  }
+}
+
+/**
+ * A source whose final round cannot be written: the destination froze after round 1. The
+ * guest region (128 MiB, all of it dirtied again during the slow round 1) is more than the
+ * socket buffers on both ends hold (kernel send and receive buffers, ≤ 4 + 32 MiB here, and
+ * the channel's own limits.mainChannelWriteBufferBytesMax), so the last round blocks. A
+ * downtime limit far above the expected downtime makes round 1 the last precopy round.
+ */
+async function sourceStuckInFinalRound(env: TestEnv, opts: { stopWhileActive?: boolean } = {}): Promise<{ src: Awaited<ReturnType<TestEnv['startVm']>>; dest: FrozenDestination; mark: number; pausedAt: number }> {
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '192M'], guestArgs: ['128M'] });
+  await src.setMigration({}, { 'max-bandwidth': 64 * 1024 * 1024, 'downtime-limit': 1_000_000 });
+  await src.waitSerial('B', { count: 3 });
+  assert.ok(memwalkRegion(src.serial()), 'memwalk printed its region');
+  const { dest, port } = await FrozenDestination.start(env);
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  if (opts.stopWhileActive === true) {
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+    await src.qmp.execute('stop');
+    assert.equal(await src.migrationStatus(), 'active', 'stopped during round 1');
+  }
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+  const pausedAt = Date.now();
+  assert.ok(dest.frozen, 'the destination froze at the end of round 1');
+  assert.equal(await src.status(), 'finish-migrate');
+  return { src, dest, mark, pausedAt };
+}
+
+test('regression: a destination that stops reading during stop-and-copy: the pause ends at switchoverTimeoutMs, failed, the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dest, mark, pausedAt } = await sourceStuckInFinalRound(env);
+  // The bound runs from the pause; the margin is for a loaded machine, not for the protocol.
+  const info = await src.waitMigrationStatus('failed', limits.switchoverTimeoutMs + 15000);
+  t.diagnostic(`failed ${Date.now() - pausedAt} ms after the pause: ${String(info['error-desc'])}`);
+  assert.match(String(info['error-desc']), /switchover did not finish within switchoverTimeoutMs \(30000 ms\) of pausing the VM: the destination did not take the last round .*\[SWITCHOVER_TIMEOUT\]/);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'failed']);
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  // The source was still writing the last round: neither the device state nor `end` left it.
+  const frames = await dest.thaw();
+  assert.ok(frames.length > 0, 'the last round had started');
+  assert.ok(frames.every((f) => f === 'ramPages' || f === 'ramZero'), `only pages of the last round after the freeze: ${[...new Set(frames)].join(', ')}`);
+  assertNoErrors(src);
+});
+
+for (const how of ['migrate_cancel', 'yank'] as const) {
+  test(`${how} while the last round is blocked on a frozen destination: the VM runs again at once`, async (t) => {
+    const env = new TestEnv(t);
+    const { src, dest, mark } = await sourceStuckInFinalRound(env);
+    await sleep(500); // the last round's writes are blocked by now
+    if (how === 'yank') await src.yankMigration();
+    else await src.qmp.execute('migrate_cancel');
+    const want = how === 'yank' ? 'failed' : 'cancelled';
+    // Far below switchoverTimeoutMs: neither waits for the blocked writes.
+    const info = await src.waitMigrationStatus(want, 10000);
+    if (how === 'yank') assert.match(String(info['error-desc']), /yanked/);
+    assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', ...(how === 'yank' ? [] : ['cancelling']), want]);
+    assert.equal(await src.status(), 'running');
+    await assertAdvancing(src);
+    const frames = await dest.thaw();
+    assert.ok(!frames.includes('end') && !frames.includes('deviceState'), `the last round was cut short: ${[...new Set(frames)].join(', ')}`);
+    assertNoErrors(src);
+  });
+}
+
+test('regression: a migration that fails after the user stopped the VM during it leaves the VM paused', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dest } = await sourceStuckInFinalRound(env, { stopWhileActive: true });
+  await src.yankMigration();
+  await src.waitMigrationStatus('failed', 10000);
+  assert.equal(await src.status(), 'paused', 'the VM the user stopped stays stopped (and not in finish-migrate)');
+  await assertStill(src);
+  await dest.thaw();
+  await src.qmp.execute('cont');
+  await assertAdvancing(src);
+  assertNoErrors(src);
+});
+
+test('regression: a VM stopped during the migration arrives paused with its memory whole', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await src.qmp.execute('stop');
+  assert.equal(await src.migrationStatus(), 'active', 'stopped while the migration was active');
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(await src.status(), 'postmigrate');
+  assert.equal(await dst.status(), 'paused');
+  await assertStill(dst);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+  await dst.qmp.execute('cont');
+  await assertAdvancing(dst);
+  assertNoErrors(src, dst);
 });

@@ -4,6 +4,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { limits } from '../../src/core/limits.js';
 import { SourceCore, type RoundResult, type SourceAction, type SourceEvent } from '../../src/migration/source-core.js';
 
 type Expect = (string | Partial<SourceAction>)[];
@@ -27,7 +28,7 @@ function play(core: SourceCore, steps: Step[]): void {
   });
 }
 
-const start = (now = 0, vmRunning = true): SourceEvent => ({ type: 'start', now, vmRunning, ramBytes: 64 * mib });
+const start = (now = 0): SourceEvent => ({ type: 'start', now, ramBytes: 64 * mib });
 
 /** Through round 1 and a first dirty collection that does not fit: round 2 starts. */
 function intoRound2(now = 0): Step[] {
@@ -48,10 +49,10 @@ test('happy path: rounds until the rest fits the downtime limit, then stop-and-c
     [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
     // 1000 pages ≈ 4 MiB ≈ 6 ms: fits.
     [{ type: 'dirtyCollected', now: 201, pages: 1000, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 205 }, [{ type: 'status', status: 'device' }, { type: 'sendFinal', round: 3 }]],
+    [{ type: 'vmPaused', now: 205, vmWasRunning: true }, [{ type: 'status', status: 'device' }, { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, { type: 'sendFinal', round: 3 }]],
     [{ type: 'finalSent', now: 215, result: round(3, 4 * mib, 10) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 230 }, ['switchover']],
-    [{ type: 'goSent', now: 231 }, ['awaitResumed']],
+    [{ type: 'goSent', now: 231 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'awaitResumed']],
     [{ type: 'destinationResumed', now: 240 }, [{ type: 'status', status: 'completed' }, 'close']],
   ]);
   assert.equal(core.phase, 'completed');
@@ -103,7 +104,7 @@ test('cancel while the pause is in flight: the VM is resumed before cancelled', 
     [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
     [{ type: 'cancel', now: 202 }, [{ type: 'status', status: 'cancelling' }, 'teardown']],
     [{ type: 'tornDown', now: 203 }, []],
-    [{ type: 'vmPaused', now: 204 }, ['resumeVm']],
+    [{ type: 'vmPaused', now: 204, vmWasRunning: true }, ['resumeVm']],
     [{ type: 'vmResumed', now: 205 }, [{ type: 'status', status: 'cancelled' }]],
   ]);
 });
@@ -114,8 +115,8 @@ test('failure during device phase: teardown, resume, then failed with the error'
     ...intoRound2(),
     [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 89) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 201, pages: 10, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 204 }, [{ type: 'status', status: 'device' }, 'sendFinal']],
-    [{ type: 'failure', now: 210, message: 'the destination closed the connection' }, [{ type: 'teardown', reason: 'failure' }]],
+    [{ type: 'vmPaused', now: 204, vmWasRunning: true }, [{ type: 'status', status: 'device' }, 'switchoverTimer', 'sendFinal']],
+    [{ type: 'failure', now: 210, message: 'the destination closed the connection' }, [{ type: 'switchoverTimer', timeoutMs: null }, { type: 'teardown', reason: 'failure' }]],
     [{ type: 'tornDown', now: 211 }, ['resumeVm']],
     [{ type: 'vmResumed', now: 212 }, [{ type: 'status', status: 'failed' }]],
   ]);
@@ -134,16 +135,48 @@ test('regression: a second failure after the migration failed does not start a n
   assert.equal(core.stats.errorDesc, 'refused');
 });
 
-test('a VM paused before the migration is not started by a failed one', () => {
+test('a VM paused before the migration is not started by a failed one (it is given back paused)', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(0, false), ['status', 'connect']],
+    [start(0), ['status', 'connect']],
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
-    [{ type: 'failure', now: 53, message: 'x' }, ['teardown']],
-    [{ type: 'tornDown', now: 54 }, [{ type: 'status', status: 'failed' }]],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'failure', now: 53, message: 'x' }, ['switchoverTimer', 'teardown']],
+    [{ type: 'tornDown', now: 54 }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 55 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+});
+
+test('regression: the run state is taken at the switchover pause, not at the start (a stop during the migration is kept)', () => {
+  // The VM ran when the migration started; the user stopped it while round 1 was sent.
+  const stopped: Step[] = [
+    [start(0), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
+  ];
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped,
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchover', run: false }]],
+  ]);
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped,
+    [{ type: 'failure', now: 53, message: 'yanked' }, ['switchoverTimer', 'teardown']],
+    [{ type: 'tornDown', now: 54 }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 55 }, [{ type: 'status', status: 'failed' }]],
+  ]);
+  // A running VM: go says run, and a failure runs it again.
+  play(new SourceCore({ downtimeLimitMs: 1000 }), [
+    ...stopped.slice(0, 4),
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchover', run: true }]],
+    [{ type: 'failure', now: 71, message: 'closed' }, ['switchoverTimer', 'teardown']],
+    [{ type: 'tornDown', now: 72 }, [{ type: 'resumeVm', run: true }]],
   ]);
 });
 
@@ -154,20 +187,20 @@ test('before go the switchover can be undone; after go the source stays paused w
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
   ];
   play(undo, [
     ...upToLoaded,
-    [{ type: 'failure', now: 71, message: 'closed while closing the front end' }, ['teardown']],
+    [{ type: 'failure', now: 71, message: 'closed while closing the front end' }, ['switchoverTimer', 'teardown']],
     [{ type: 'tornDown', now: 72 }, ['resumeVm']],
     [{ type: 'vmResumed', now: 73 }, [{ type: 'status', status: 'failed' }]],
   ]);
   const keep = new SourceCore({ downtimeLimitMs: 1000 });
   play(keep, [
     ...upToLoaded,
-    [{ type: 'goSent', now: 71 }, ['awaitResumed']],
+    [{ type: 'goSent', now: 71 }, ['switchoverTimer', 'awaitResumed']],
     [{ type: 'failure', now: 72, message: 'closed after go' }, ['log', { type: 'status', status: 'completed' }, 'close']],
     [{ type: 'cancel', now: 73 }, []],
   ]);
@@ -181,10 +214,10 @@ test('a lost resumed notice still completes, with the downtime up to go', () => 
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
-    [{ type: 'goSent', now: 75 }, ['awaitResumed']],
+    [{ type: 'goSent', now: 75 }, ['switchoverTimer', 'awaitResumed']],
     [{ type: 'resumedNoticeTimeout', now: 5075 }, [{ type: 'status', status: 'completed' }, 'close']],
   ]);
   assert.equal(core.stats.downtimeMs, 75 - 52);
@@ -197,9 +230,9 @@ test('COLO handoff: the session is handed over instead of completing', () => {
     [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
-    [{ type: 'vmPaused', now: 52 }, ['status', 'sendFinal']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
-    [{ type: 'destinationLoaded', now: 70 }, ['handoff']],
+    [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'handoff']],
     [{ type: 'cancel', now: 71 }, []],
   ]);
   assert.equal(core.phase, 'handoff');
@@ -216,4 +249,61 @@ test('a pause that fails fails the migration and leaves the VM as it was', () =>
     [{ type: 'tornDown', now: 53 }, [{ type: 'status', status: 'failed' }]],
   ]);
   assert.match(core.stats.errorDesc!, /could not be paused/);
+});
+
+/** Round 1, then stop-and-copy at once: the VM is paused at 52. */
+function upToPause(): Step[] {
+  return [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, 'sendFinal']],
+  ];
+}
+
+test('regression: a last round that never finishes writing (destination stopped reading) fails at the switchover timeout and resumes the VM', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  const expired = 52 + limits.switchoverTimeoutMs;
+  play(core, [
+    ...upToPause(),
+    // The timer started at the pause, not after the last round: sendFinal is still blocked.
+    [{ type: 'switchoverTimeout', now: expired }, [{ type: 'teardown', reason: 'failure' }]],
+    [{ type: 'tornDown', now: expired + 1 }, ['resumeVm']],
+    // The blocked write fails once its channel is gone: ignored.
+    [{ type: 'failure', now: expired + 2, message: 'closed' }, []],
+    [{ type: 'vmResumed', now: expired + 3 }, [{ type: 'status', status: 'failed' }]],
+    [{ type: 'switchoverTimeout', now: expired + 4 }, []],
+  ]);
+  assert.match(core.stats.errorDesc!, /^the switchover did not finish within switchoverTimeoutMs \(\d+ ms\) of pausing the VM: the destination did not take the last round .*\[SWITCHOVER_TIMEOUT\]$/);
+});
+
+test('the switchover timeout also covers the wait for loaded, and is off once go is sent', () => {
+  const waiting = new SourceCore({ downtimeLimitMs: 1000 });
+  play(waiting, [
+    ...upToPause(),
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'switchoverTimeout', now: 52 + limits.switchoverTimeoutMs }, ['teardown']],
+  ]);
+  assert.match(waiting.stats.errorDesc!, /did not confirm that it loaded the state/);
+  const gone = new SourceCore({ downtimeLimitMs: 1000 });
+  play(gone, [
+    ...upToPause(),
+    [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
+    [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
+    [{ type: 'goSent', now: 71 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'awaitResumed']],
+    // A late expiry (the timer fired while go was being sent) changes nothing.
+    [{ type: 'switchoverTimeout', now: 72 }, []],
+    [{ type: 'destinationResumed', now: 80 }, [{ type: 'status', status: 'completed' }, 'close']],
+  ]);
+});
+
+test('cancel during the last round stops the switchover timer', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  play(core, [
+    ...upToPause(),
+    [{ type: 'cancel', now: 60 }, [{ type: 'switchoverTimer', timeoutMs: null }, { type: 'status', status: 'cancelling' }, { type: 'teardown', reason: 'cancel' }]],
+    [{ type: 'tornDown', now: 61 }, ['resumeVm']],
+    [{ type: 'vmResumed', now: 62 }, [{ type: 'status', status: 'cancelled' }]],
+  ]);
 });
