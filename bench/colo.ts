@@ -249,6 +249,12 @@ async function protectedLoad(dir: string, channels: number, where: Placement): P
       fs.writeFileSync(path.join(os.tmpdir(), `colo-bench-${channels}-svm.log`), svm.stderr);
     }
     const eventPauses = pausesFromEvents(pvm.qmp.events, mark);
+    // A pair that stays in COLO but stops checkpointing would look cheap: at least half the
+    // checkpoints the timer asks for must have paused the PVM during the load.
+    const expected = r.wallMs / checkpointDelayMs;
+    if (eventPauses.length < expected / 2) {
+      throw new Error(`only ${eventPauses.length} checkpoint pauses during ${(r.wallMs / 1000).toFixed(1)} s of load at x-checkpoint-delay ${checkpointDelayMs} (about ${Math.round(expected)} expected): checkpoints stalled`);
+    }
     return { label: channels > 0 ? `COLO multifd ${channels}` : 'COLO plain', ...r, hwm, colo, eventPauses, cpu, vmCpu };
   } finally {
     await stopAll([pvm, svm]);
@@ -369,12 +375,17 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
     ? 'all processes unpinned on the shared cores'
     : `primary (or the lone VM) and redis-benchmark on CPU ${where.primary}, secondary on CPU ${where.secondary}`;
   process.stdout.write(`### Placement ${where.name}: kv.wasm (${memory} RAM, no disk) under redis-benchmark -n ${redisN} -c 50 -t set,get,incr; COLO at x-checkpoint-delay ${checkpointDelayMs}; ${pin}\n\n`);
-  // Rounds of the three setups in turn (unprotected, plain, multifd 4), so that a slow phase of
-  // this shared VM hits every setup; each setup's figure per test is its best round (the
-  // baseline gets the same treatment as COLO, so a neighbour's burst flatters neither).
+  // Rounds of the three setups in turn, so that a slow phase of this shared VM hits every
+  // setup; the order is reversed every other round (unprotected, plain, multifd 4; then
+  // multifd 4, plain, unprotected), so that a steady drift favours none. Each setup's figure
+  // per test is its best round (the baseline gets the same treatment as COLO, so a
+  // neighbour's burst flatters neither).
   const runs: LoadResult[][] = [[], [], []];
+  const setups = [() => unprotected(dir, where), () => protectedLoad(dir, 0, where), () => protectedLoad(dir, 4, where)];
   for (let round = 1; round <= rounds; round++) {
-    const r = [await unprotected(dir, where), await protectedLoad(dir, 0, where), await protectedLoad(dir, 4, where)];
+    const order = round % 2 === 1 ? [0, 1, 2] : [2, 1, 0];
+    const r: LoadResult[] = [];
+    for (const i of order) r[i] = await setups[i]!();
     r.forEach((x, i) => {
       x.label = `${x.label} (round ${round})`;
       runs[i]!.push(x);
@@ -402,7 +413,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   process.stdout.write('Ratios = COLO ÷ unprotected, same run (goals: ops/s ≥ 0.7, latency ≤ 1.5).\n\n');
 
   // Best against best flatters whichever side had the luckier round. Each COLO round against
-  // the baseline round just before it shares that moment of this VM; their median is steadier.
+  // the baseline run of the same round shares that moment of this VM; their median is steadier.
   // A round in which either side lost CPU to other VMs says more about the neighbours than
   // about COLO: it is marked, and the last columns leave it out.
   const rrows: (string | number)[][] = [['setup', 'test', 'ops/s ratio per round', 'median', 'p50 ratio per round', 'median', 'quiet rounds', 'ops/s median, quiet', 'p50 median, quiet']];
@@ -431,7 +442,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   table(crow);
   process.stdout.write('redis-benchmark itself runs on the same 2 cores and is not counted. VM idle and steal: shares of the whole VM\'s CPU time during the load (/proc/stat); steal is time the hypervisor gave to other VMs.\n\n');
 
-  process.stdout.write('### Checkpoint pause (PVM stopped time) during the load\n\n');
+  process.stdout.write('### Checkpoint pause (PVM stopped time): counters over the whole COLO session, events during the load\n\n');
   const prow: (string | number)[][] = [['setup', 'checkpoints', 'periodic', 'mismatch', 'timeout', 'resync', 'mean ms', 'p99 ms', 'max ms', 'mean MiB/ckpt', 'compare matched MiB', 'released by ckpt MiB', 'PVM reply waits for SVM, mean ms', 'events: n', 'events: mean ms', 'events: p99 ms', 'events: max ms', 'load s']];
   for (const r of [...runs[1]!, ...runs[2]!]) {
     const c = r.colo;
