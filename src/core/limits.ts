@@ -119,6 +119,12 @@ export const limits = {
   nicPendingEventsMax: nicConnectionsMax * (Math.ceil((nicConnectionInputWindowBytes + socketReadBytesMax) / nicInputEventCharge) + 3),
   /** Bytes of client input in flight from the main thread to the vCPU (a power of two; input beyond waits in the main thread). */
   nicInputRingBytes: 8 * 1024 * 1024,
+  /**
+   * A connection the guest closed keeps its socket until its unsent output went out and the
+   * client ended its side too, or this long at most (a client that neither reads nor closes
+   * would otherwise hold the socket, a slot of the listener, and the front end's close, for good).
+   */
+  nicClosedConnectionLingerMs: 10000,
   /** Bytes of one guest send (sock_send iovecs together). */
   nicSendBytesMax: 1024 * 1024,
 
