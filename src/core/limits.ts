@@ -125,7 +125,7 @@ export const limits = {
    * would otherwise hold the socket, a slot of the listener, and the front end's close, for good).
    */
   nicClosedConnectionLingerMs: 10000,
-  /** Bytes of one guest send (sock_send iovecs together). */
+  /** Bytes one guest send takes at most (sock_send iovecs together); a larger one is a short write. */
   nicSendBytesMax: 1024 * 1024,
 
   /** QMP: longest command line, and pending commands of one client. */
