@@ -99,7 +99,10 @@ export class FrontEnd extends EventEmitter {
 
   listen(): Promise<void> {
     return new Promise((resolve, reject) => {
-      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      // Half-open: a client's FIN ends only its input (the guest reads EOF); the guest's output
+      // still goes to it until the guest closes or shuts down its side (`printf ... | nc -N`).
+      // Without it Node ended our side at the client's FIN and dropped the replies after it.
+      const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (s) => this.accept(s));
       server.maxConnections = limits.nicConnectionsMax;
       const onError = (err: Error): void => {
         server.close();
@@ -181,6 +184,7 @@ export class FrontEnd extends EventEmitter {
       c.eofSent = true;
       this.input('close', id);
     };
+    // The client's FIN: the end of its input, not of the connection (allowHalfOpen).
     socket.on('end', eof);
     socket.on('error', () => {
       // A client that resets its connection is an ordinary event: the guest sees EOF.
