@@ -109,6 +109,15 @@ export const limits = {
   nicInputCreditBytes: 256 * 1024,
   /** Guest output a client has not read (bytes in its socket's buffer) before the front end stops reading that client's input. */
   nicClientOutputBufferedBytesMax: 256 * 1024,
+  /**
+   * Guest output a client has not read (bytes in its socket's buffer) above which its
+   * connection is reset. Nothing pushes back on the guest's sends, and a client that sends many
+   * requests and reads none of the replies would otherwise make the host queue every reply (the
+   * input window bounds the requests, not what they produce). Generous: far above what a reader
+   * that is merely slow leaves (the reading pause at nicClientOutputBufferedBytesMax stops its
+   * input first), and above kv's largest value.
+   */
+  nicClientOutputUnsentBytesMax: 96 * 1024 * 1024,
   /** A state's unread input bytes of one connection or one event (restore validation; the window keeps real ones far below). */
   nicConnectionInputBytesMax: 4 * 1024 * 1024,
   /**

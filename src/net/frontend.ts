@@ -50,7 +50,9 @@ interface ClientConn {
  * (what the guest has not consumed yet, as the vCPU's credits tell) exceeds
  * limits.nicConnectionInputWindowBytes, or while its client leaves more than
  * limits.nicClientOutputBufferedBytesMax of output unread; TCP then pushes back on the client.
- * Nothing is dropped, and other connections go on.
+ * Nothing is dropped, and other connections go on. Nothing pushes back on the guest's sends,
+ * though: what the input already accepted produces is written whole, and a client that leaves
+ * more than limits.nicClientOutputUnsentBytesMax of it unread is reset (resetUnread).
  *
  * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
  */
@@ -217,6 +219,10 @@ export class FrontEnd extends EventEmitter {
         c.socket.write(from === 0 ? out.bytes : out.bytes.subarray(from));
         latencyTrace?.replyWritten(out.conn);
         c.outOffset = end;
+        if (c.socket.writableLength > limits.nicClientOutputUnsentBytesMax) {
+          this.resetUnread(c);
+          return;
+        }
         if (!c.outputHeld && c.socket.writableLength > limits.nicClientOutputBufferedBytesMax) {
           c.outputHeld = true;
           c.socket.pause();
@@ -231,6 +237,17 @@ export class FrontEnd extends EventEmitter {
         this.closeAfterGuest(c);
         return;
     }
+  }
+
+  /**
+   * The client left more than limits.nicClientOutputUnsentBytesMax of output unread: reset it
+   * (RST), as the host cannot make the guest wait. Its further output is dropped; the guest reads
+   * EOF (the socket's 'close'), and the client keeps what it had received.
+   */
+  private resetUnread(c: ClientConn): void {
+    log.info(`connection ${c.id}: the client left ${c.socket.writableLength} bytes of output unread, above ${limits.nicClientOutputUnsentBytesMax}; the connection is reset`);
+    this.conns.delete(c.id);
+    c.socket.resetAndDestroy();
   }
 
   /**
