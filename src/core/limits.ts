@@ -109,6 +109,15 @@ export const limits = {
   nicInputCreditBytes: 256 * 1024,
   /** Guest output a client has not read (bytes in its socket's buffer) before the front end stops reading that client's input. */
   nicClientOutputBufferedBytesMax: 256 * 1024,
+  /**
+   * Guest output a client has not read (bytes in its socket's buffer) above which its
+   * connection is reset. Nothing pushes back on the guest's sends, and a client that sends many
+   * requests and reads none of the replies would otherwise make the host queue every reply (the
+   * input window bounds the requests, not what they produce). Generous: far above what a reader
+   * that is merely slow leaves (the reading pause at nicClientOutputBufferedBytesMax stops its
+   * input first), and above kv's largest value.
+   */
+  nicClientOutputUnsentBytesMax: 96 * 1024 * 1024,
   /** A state's unread input bytes of one connection or one event (restore validation; the window keeps real ones far below). */
   nicConnectionInputBytesMax: 4 * 1024 * 1024,
   /**
@@ -119,7 +128,13 @@ export const limits = {
   nicPendingEventsMax: nicConnectionsMax * (Math.ceil((nicConnectionInputWindowBytes + socketReadBytesMax) / nicInputEventCharge) + 3),
   /** Bytes of client input in flight from the main thread to the vCPU (a power of two; input beyond waits in the main thread). */
   nicInputRingBytes: 8 * 1024 * 1024,
-  /** Bytes of one guest send (sock_send iovecs together). */
+  /**
+   * A connection the guest closed keeps its socket until its unsent output went out and the
+   * client ended its side too, or this long at most (a client that neither reads nor closes
+   * would otherwise hold the socket, a slot of the listener, and the front end's close, for good).
+   */
+  nicClosedConnectionLingerMs: 10000,
+  /** Bytes one guest send takes at most (sock_send iovecs together); a larger one is a short write. */
   nicSendBytesMax: 1024 * 1024,
 
   /** QMP: longest command line, and pending commands of one client. */

@@ -75,6 +75,12 @@ export class Machine extends EventEmitter {
   private destroyed = false;
   private vcpuRunning = false;
   private pendingInput: NicInput[] = [];
+  /**
+   * A save is on its way from the vCPU: input is not written to the ring meanwhile, so that
+   * every event numbered is either in the state the vCPU saves (it drains the ring first) or
+   * still in pendingInput when the state arrives (withPendingInput adds it).
+   */
+  private savesInFlight = 0;
   /** The run state to go back to when a write that waited for disk space goes through. */
   private stateBeforeIoError: RunState = 'running';
   exitCode: number | null = null;
@@ -263,18 +269,54 @@ export class Machine extends EventEmitter {
     }
     const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.
-    if (save) this.flushInput();
+    if (save) this.holdInputForSave();
     this.signal(ctl.pauseRequest, save ? 2 : 1);
     this.pauseInFlight = done;
+    let state: VcpuState | null = null;
     let r: WorkerReply;
     try {
       r = await done;
+      const saved = r.type === 'paused' ? r.state : undefined;
+      if (saved !== undefined) state = this.withPendingInput(saved);
     } finally {
       this.pauseInFlight = null;
+      if (save) this.releaseInputAfterSave();
     }
     if (r.type !== 'paused') return null;
     this.state = next;
-    return (r as Extract<WorkerReply, { type: 'paused' }>).state ?? null;
+    return state;
+  }
+
+  /** Write what fits of the input to the ring, then hold the rest until the save's answer (releaseInputAfterSave, after withPendingInput). */
+  private holdInputForSave(): void {
+    this.flushInput();
+    this.savesInFlight++;
+  }
+
+  private releaseInputAfterSave(): void {
+    this.savesInFlight--;
+    this.flushInput();
+  }
+
+  /**
+   * The state with the input the ring had no room for: events read from clients (and, under
+   * COLO, mirrored) but not yet written to the vCPU. They belong to the state as pending input,
+   * as much as those in the ring do: a state without them loses them (a migration moved a
+   * stopped VM that kept reading its clients without the last megabytes of their requests).
+   * The live vCPU still gets them from pendingInput, after what the state has.
+   */
+  private withPendingInput(state: VcpuState): VcpuState {
+    const more = this.pendingInput;
+    if (more.length === 0) return state;
+    const nic = state.nic;
+    const pending = nic.pending.slice();
+    let lastSeq = nic.lastSeq;
+    for (const ev of more) {
+      if (ev.seq <= lastSeq) continue;
+      pending.push(ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn });
+      lastSeq = ev.seq;
+    }
+    return { ...state, nic: { ...nic, lastSeq, pending } };
   }
 
   /**
@@ -320,11 +362,18 @@ export class Machine extends EventEmitter {
   async saveVcpu(): Promise<VcpuState> {
     this.assertAlive();
     if (this.vcpuRunning) throw new MachineError('VM_RUNNING', 'the machine must be paused to save its state');
-    this.flushInput();
-    this.worker.postMessage({ type: 'save' } satisfies WorkerRequest);
-    const r = await this.expect((x) => x.type === 'state' || x.type === 'error', 'the vCPU state', 10000);
-    if (r.type === 'error') throw new MachineError('SAVE_FAILED', r.message);
-    return (r as Extract<WorkerReply, { type: 'state' }>).state;
+    this.holdInputForSave();
+    let r: WorkerReply;
+    let state: VcpuState | null = null;
+    try {
+      this.worker.postMessage({ type: 'save' } satisfies WorkerRequest);
+      r = await this.expect((x) => x.type === 'state' || x.type === 'error', 'the vCPU state', 10000);
+      if (r.type === 'state') state = this.withPendingInput(r.state);
+    } finally {
+      this.releaseInputAfterSave();
+    }
+    if (r.type === 'error' || state === null) throw new MachineError('SAVE_FAILED', r.type === 'error' ? r.message : `unexpected ${r.type}`);
+    return state;
   }
 
   /**
@@ -369,7 +418,7 @@ export class Machine extends EventEmitter {
   }
 
   private flushInput(): void {
-    if (this.pendingInput.length === 0 || this.destroyed) return;
+    if (this.pendingInput.length === 0 || this.destroyed || this.savesInFlight > 0) return;
     const n = this.input.write(this.pendingInput);
     if (n > 0) {
       this.pendingInput = n === this.pendingInput.length ? [] : this.pendingInput.slice(n);

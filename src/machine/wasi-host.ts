@@ -225,16 +225,16 @@ export class WasiHost {
     return true;
   }
 
-  /** The bytes the last iovecs() name, in one new array. */
-  private gather(): Uint8Array {
+  /** The bytes the last iovecs() name, in order, `max` at most, in one new array. */
+  private gather(max = Number.POSITIVE_INFINITY): Uint8Array {
     const iov = this.iov;
     const u8 = this.bytes();
-    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + iov[1]!);
-    const out = new Uint8Array(this.totalLen());
+    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, max));
+    const out = new Uint8Array(Math.min(this.totalLen(), max));
     let at = 0;
-    for (let i = 0; i < this.iovCount; i++) {
+    for (let i = 0; i < this.iovCount && at < out.byteLength; i++) {
       const ptr = iov[2 * i]!;
-      const len = iov[2 * i + 1]!;
+      const len = Math.min(iov[2 * i + 1]!, out.byteLength - at);
       out.set(u8.subarray(ptr, ptr + len), at);
       at += len;
     }
@@ -642,8 +642,9 @@ export class WasiHost {
     if (e === undefined) return errno.badf;
     if (e.kind !== 'conn') return errno.notsock;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
-    if (this.totalLen() > limits.nicSendBytesMax) return errno.inval;
-    const data = this.gather();
+    // A larger send is a short write, as a socket's send buffer makes it: the guest sends the
+    // rest in its next call (refusing it made kv drop the connection).
+    const data = this.gather(limits.nicSendBytesMax);
     const out = this.devices.nic.send(e.conn, data);
     if (out === null) return errno.pipe;
     if (data.byteLength > 0) this.vcpu.output(out);

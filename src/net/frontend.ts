@@ -50,7 +50,9 @@ interface ClientConn {
  * (what the guest has not consumed yet, as the vCPU's credits tell) exceeds
  * limits.nicConnectionInputWindowBytes, or while its client leaves more than
  * limits.nicClientOutputBufferedBytesMax of output unread; TCP then pushes back on the client.
- * Nothing is dropped, and other connections go on.
+ * Nothing is dropped, and other connections go on. Nothing pushes back on the guest's sends,
+ * though: what the input already accepted produces is written whole, and a client that leaves
+ * more than limits.nicClientOutputUnsentBytesMax of it unread is reset (resetUnread).
  *
  * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
  */
@@ -66,6 +68,12 @@ export class FrontEnd extends EventEmitter {
    * closed yet; a client may be gone from `conns` while its guest connection lives on.
    */
   private readonly guestConns = new Set<number>();
+  /**
+   * Every socket accepted and not closed yet: those of `conns`, and those of connections the
+   * guest closed that still send their last output or wait for the client's end (closeAfterGuest).
+   * close() destroys them all: the server's close waits for every connection it accepted.
+   */
+  private readonly sockets = new Set<net.Socket>();
 
   constructor(
     readonly address: ListenAddress,
@@ -73,6 +81,8 @@ export class FrontEnd extends EventEmitter {
     start: { seq: number; conn: number } = { seq: 0, conn: 0 },
     /** Connections the guest may know at once; beyond it new clients are refused (a state holds at most limits.nicConnectionsMax). */
     private readonly connectionsMax: number = limits.nicConnectionsMax,
+    /** How long the socket of a connection the guest closed may linger (limits.nicClosedConnectionLingerMs). */
+    private readonly closedLingerMs: number = limits.nicClosedConnectionLingerMs,
   ) {
     super();
     this.nextSeq = start.seq + 1;
@@ -91,7 +101,10 @@ export class FrontEnd extends EventEmitter {
 
   listen(): Promise<void> {
     return new Promise((resolve, reject) => {
-      const server = net.createServer({ noDelay: true }, (s) => this.accept(s));
+      // Half-open: a client's FIN ends only its input (the guest reads EOF); the guest's output
+      // still goes to it until the guest closes or shuts down its side (`printf ... | nc -N`).
+      // Without it Node ended our side at the client's FIN and dropped the replies after it.
+      const server = net.createServer({ noDelay: true, allowHalfOpen: true }, (s) => this.accept(s));
       server.maxConnections = limits.nicConnectionsMax;
       const onError = (err: Error): void => {
         server.close();
@@ -145,10 +158,14 @@ export class FrontEnd extends EventEmitter {
     this.guestConns.add(id);
     const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
     this.conns.set(id, c);
+    this.sockets.add(socket);
     socket.setNoDelay(true);
     if (this.readingPausedFor.size > 0) socket.pause();
     this.input('open', id);
     socket.on('data', (data: Buffer) => {
+      // The guest closed the connection: nobody reads what the client still sends (nor is it
+      // credited back, so it must not count against the window either).
+      if (c.ended) return;
       latencyTrace?.requestRead(id);
       c.inFlight += data.byteLength + limits.nicInputEventCharge;
       if (!c.inputHeld && c.inFlight > limits.nicConnectionInputWindowBytes) {
@@ -169,13 +186,15 @@ export class FrontEnd extends EventEmitter {
       c.eofSent = true;
       this.input('close', id);
     };
+    // The client's FIN: the end of its input, not of the connection (allowHalfOpen).
     socket.on('end', eof);
     socket.on('error', () => {
       // A client that resets its connection is an ordinary event: the guest sees EOF.
     });
     socket.on('close', () => {
       eof();
-      this.conns.delete(id);
+      this.sockets.delete(socket);
+      if (this.conns.get(id) === c) this.conns.delete(id);
     });
   }
 
@@ -200,6 +219,10 @@ export class FrontEnd extends EventEmitter {
         c.socket.write(from === 0 ? out.bytes : out.bytes.subarray(from));
         latencyTrace?.replyWritten(out.conn);
         c.outOffset = end;
+        if (c.socket.writableLength > limits.nicClientOutputUnsentBytesMax) {
+          this.resetUnread(c);
+          return;
+        }
         if (!c.outputHeld && c.socket.writableLength > limits.nicClientOutputBufferedBytesMax) {
           c.outputHeld = true;
           c.socket.pause();
@@ -210,11 +233,40 @@ export class FrontEnd extends EventEmitter {
         c.socket.end();
         return;
       case 'close':
-        c.ended = true;
         this.conns.delete(out.conn);
-        c.socket.end();
+        this.closeAfterGuest(c);
         return;
     }
+  }
+
+  /**
+   * The client left more than limits.nicClientOutputUnsentBytesMax of output unread: reset it
+   * (RST), as the host cannot make the guest wait. Its further output is dropped; the guest reads
+   * EOF (the socket's 'close'), and the client keeps what it had received.
+   */
+  private resetUnread(c: ClientConn): void {
+    log.info(`connection ${c.id}: the client left ${c.socket.writableLength} bytes of output unread, above ${limits.nicClientOutputUnsentBytesMax}; the connection is reset`);
+    this.conns.delete(c.id);
+    c.socket.resetAndDestroy();
+  }
+
+  /**
+   * The guest closed the connection. Its unsent output still goes out, then our FIN. The socket
+   * is read on (whatever the reasons to pause reading), and what it brings is dropped: only so
+   * is the client's FIN or reset noticed. It is destroyed once the client ended its side too and
+   * the output is out (the socket's own autoDestroy), or after closedLingerMs at most.
+   */
+  private closeAfterGuest(c: ClientConn): void {
+    c.ended = true;
+    const s = c.socket;
+    s.end();
+    s.resume();
+    if (s.destroyed) return;
+    const linger = setTimeout(() => {
+      log.debug(`connection ${c.id}: the client neither took the last output nor closed within ${this.closedLingerMs} ms of the guest's close; reset`);
+      s.destroy();
+    }, this.closedLingerMs);
+    s.once('close', () => clearTimeout(linger));
   }
 
   /** Bytes of the guest's output on `conn` written to its client so far (0 for an unknown connection). */
@@ -255,9 +307,15 @@ export class FrontEnd extends EventEmitter {
     return [...this.conns.keys()];
   }
 
-  /** Reset every client connection (the guest that served them is gone). */
+  /** Sockets accepted and not closed yet, lingering ones of connections the guest closed included. */
+  openSockets(): number {
+    return this.sockets.size;
+  }
+
+  /** Reset every client connection (the guest that served them is gone), the lingering ones too. */
   resetAll(): void {
-    for (const c of this.conns.values()) c.socket.destroy();
+    for (const s of this.sockets) s.destroy();
+    this.sockets.clear();
     this.conns.clear();
   }
 

@@ -1,0 +1,140 @@
+/**
+ * Connections the guest closed (src/net/frontend.ts closeAfterGuest): their socket ends once the
+ * client ends its side too, or after a bounded linger, and the front end's close resets them
+ * all. A client that keeps its side open after the guest closed held the front end's close for
+ * good: QMP quit answered but the VM lived on, and a migration failed at the switchover
+ * ('the service address was not released'). Real processes and sockets.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { FrontEnd } from '../../src/net/frontend.js';
+import type { NicInput } from '../../src/net/nic.js';
+import { TestEnv, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+
+/** A client that keeps its own side open after the server's FIN; what it received, whether it saw the FIN. */
+interface HalfOpenClient {
+  socket: net.Socket;
+  received: () => string;
+  ended: () => boolean;
+  closed: () => boolean;
+}
+
+function connectHalfOpen(port: number): Promise<HalfOpenClient> {
+  return new Promise((resolve, reject) => {
+    const socket = net.connect({ port, host: '127.0.0.1', allowHalfOpen: true });
+    let received = '';
+    let ended = false;
+    let closed = false;
+    socket.on('data', (d: Buffer) => (received += d.toString('latin1')));
+    socket.on('end', () => (ended = true));
+    socket.on('close', () => (closed = true));
+    socket.on('error', () => undefined);
+    socket.once('connect', () => resolve({ socket, received: () => received, ended: () => ended, closed: () => closed }));
+    socket.once('error', reject);
+  });
+}
+
+/** kv's QUIT: '+OK', then kv closes the connection; the client keeps its side open. */
+async function quitAndLinger(port: number, env: TestEnv, then?: (s: net.Socket) => void): Promise<HalfOpenClient> {
+  const c = await connectHalfOpen(port);
+  env.onCleanup(() => {
+    c.socket.destroy();
+  });
+  c.socket.write('QUIT\r\n');
+  then?.(c.socket);
+  await waitFor("kv's +OK and FIN after QUIT", () => c.received() === '+OK\r\n' && c.ended(), 10000);
+  return c;
+}
+
+test('a client the guest closed that keeps its side open holds up neither a migration nor quit; its input after the close is read and dropped', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+
+  await quitAndLinger(port, env);
+  // Another sends far more than the input window (and the kernel's buffers) after its QUIT:
+  // the front end must read it all (to notice the client's end), and hand none of it on.
+  const upload = Buffer.alloc(32 * 1024 * 1024, 0x61);
+  let uploaded = false;
+  await quitAndLinger(port, env, (s) => s.write(upload, () => (uploaded = true)));
+  await waitFor('the front end to take all 32 MiB a client sent after the guest closed its connection', () => uploaded, 20000);
+
+  const other = await RespClient.connect(port);
+  env.onCleanup(() => other.close());
+  assert.equal(await other.command(['SET', 'k', 'v']), 'OK');
+
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 20000);
+  await dst.waitMigrationStatus('completed', 10000);
+
+  const reader = await RespClient.whenServing(port, 'the target on the service address');
+  env.onCleanup(() => reader.close());
+  assert.equal(await reader.command(['GET', 'k']), 'v');
+  await quitAndLinger(port, env);
+  await withTimeout(dst.qmp.execute('quit'), 5000, 'the reply to quit');
+  assert.equal(await dst.waitExit(5000), 0);
+  await withTimeout(src.qmp.execute('quit'), 5000, 'the reply to quit on the source');
+  await src.waitExit(5000);
+  assert.deepEqual(src.errorLines(), []);
+  assert.deepEqual(dst.errorLines(), []);
+});
+
+test('front end: the socket of a connection the guest closed ends with the client, or after the linger; close() resets the rest', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 300);
+  await fe.listen();
+  const clients: net.Socket[] = [];
+  t.after(async () => {
+    for (const s of clients) s.destroy();
+    await fe.close();
+  });
+  const port = fe.boundPort();
+  const opens = (): number[] => events.filter((e) => e.kind === 'open').map((e) => e.conn);
+  const dataOf = (conn: number): string => events.flatMap((e) => (e.kind === 'data' && e.conn === conn ? [Buffer.from(e.bytes).toString()] : [])).join('');
+
+  // The guest replies and closes; the client keeps its side open and sends more.
+  const a = await connectHalfOpen(port);
+  clients.push(a.socket);
+  await waitFor('the open event', () => opens().length === 1, 5000);
+  const connA = opens()[0]!;
+  a.socket.write('before');
+  await waitFor('the input before the close', () => dataOf(connA) === 'before', 5000);
+  fe.deliver({ kind: 'out', conn: connA, offset: 0, bytes: Buffer.from('bye') });
+  fe.deliver({ kind: 'close', conn: connA, offset: 3 });
+  await waitFor("the guest's last output and FIN at the client", () => a.received() === 'bye' && a.ended(), 5000);
+  a.socket.write('after');
+  // Past the linger the socket is gone, though the client never ended its side.
+  await waitFor('the lingering socket to be destroyed', () => fe.openSockets() === 0, 5000);
+  assert.equal(dataOf(connA), 'before', 'input after the guest closed is dropped');
+  assert.equal(events.filter((e) => e.conn === connA && e.kind === 'data').length, 1);
+
+  // A client that ends its side after the guest closed: the socket goes at once.
+  const fe2 = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 1000, conn: 1000 }, 16, 60000);
+  await fe2.listen();
+  t.after(() => fe2.close());
+  const b = await connectHalfOpen(fe2.boundPort());
+  clients.push(b.socket);
+  await waitFor('the open event on the second front end', () => opens().length === 2, 5000);
+  fe2.deliver({ kind: 'close', conn: opens()[1]!, offset: 0 });
+  await waitFor('the FIN at the client', b.ended, 5000);
+  b.socket.end();
+  await waitFor("the socket to be closed on the client's end", () => fe2.openSockets() === 0, 5000);
+
+  // One that does not: close() resets it instead of waiting for the linger.
+  const c = await connectHalfOpen(fe2.boundPort());
+  clients.push(c.socket);
+  await waitFor('the third open event', () => opens().length === 3, 5000);
+  fe2.deliver({ kind: 'close', conn: opens()[2]!, offset: 0 });
+  await waitFor('the FIN at the third client', c.ended, 5000);
+  assert.equal(fe2.openSockets(), 1);
+  await withTimeout(fe2.close(), 5000, "the front end's close with a lingering socket");
+  assert.equal(fe2.openSockets(), 0);
+});
