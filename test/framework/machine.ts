@@ -52,3 +52,21 @@ export function trapGuest(t: { after(fn: () => unknown): void }): string {
     m.dispose();
   }
 }
+
+/**
+ * A guest built from WebAssembly text (`features`: binaryen feature flags beyond MVP), written
+ * to a temporary file; returns its path.
+ */
+export function watGuest(t: { after(fn: () => unknown): void }, name: string, text: string, features?: number): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-wat-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const m = binaryen.parseText(text);
+  try {
+    if (features !== undefined) m.setFeatures(features);
+    const file = path.join(dir, `${name}.wasm`);
+    fs.writeFileSync(file, m.emitBinary());
+    return file;
+  } finally {
+    m.dispose();
+  }
+}

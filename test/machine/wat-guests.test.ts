@@ -1,0 +1,39 @@
+/**
+ * Small guests written in WebAssembly text, each the shape of a bug found in review: what the
+ * host does with them (WASI calls, load refusals, pauses) on a real Machine.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { withTimeout } from '../framework/harness.js';
+import { machineFor, watGuest } from '../framework/machine.js';
+
+const GiB = 1024 * 1024 * 1024;
+
+test('WASI calls take their i32 arguments unsigned: pointers above 2 GiB work, a clock id of 2^32-1 is EINVAL', async (t) => {
+  const file = watGuest(t, 'big', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $rg (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $ct (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_res_get" (func $cr (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (i32.store (i32.const 0) (memory.grow (i32.const 33000)))
+      (i32.store (i32.const 4) (call $rg (i32.const 0x80001000) (i32.const 16)))
+      (i32.store (i32.const 8) (call $ct (i32.const 0) (i64.const 0) (i32.const 0x80002000)))
+      (i32.store (i32.const 12) (call $ct (i32.const -1) (i64.const 0) (i32.const 0x100)))
+      (i32.store (i32.const 16) (call $cr (i32.const -1) (i32.const 0x100)))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 3 * GiB });
+  const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit'), 0);
+  const w = new Int32Array(m.memory.buffer, 0, 5);
+  assert.notEqual(w[0], -1, 'memory.grow past 2 GiB succeeded');
+  assert.equal(w[1], 0, 'random_get at 0x80001000: success, not EFAULT');
+  assert.equal(w[2], 0, 'clock_time_get at 0x80002000: success, not EFAULT');
+  assert.equal(w[3], 28, 'clock_time_get with clock id 0xffffffff: EINVAL');
+  assert.equal(w[4], 28, 'clock_res_get with clock id 0xffffffff: EINVAL');
+  const random = new Uint8Array(m.memory.buffer, 0x80001000, 16);
+  assert.ok(random.some((b) => b !== 0), 'random_get wrote its 16 bytes at 0x80001000');
+  const ns = new DataView(m.memory.buffer).getBigUint64(0x80002000, true);
+  const now = BigInt(Date.now()) * 1_000_000n;
+  assert.ok(ns > now - 60_000_000_000n && ns <= now + 60_000_000_000n, `clock_time_get wrote the wall clock at 0x80002000 (${ns})`);
+});
