@@ -97,6 +97,20 @@ function feature(what: string, where: string): GuestLoadError {
   );
 }
 
+/**
+ * memory.atomic.wait traps on a memory that is not shared (a single-threaded wasm32-wasi
+ * guest's), but colo-vm always gives the guest a shared memory: there the wait would block the
+ * vCPU thread, with no other guest thread to wake it, and the machine could no longer be
+ * paused. (memory.atomic.notify is harmless: with no waiter it returns 0.)
+ */
+function atomicWait(instruction: string, where: string): GuestLoadError {
+  return new GuestLoadError(
+    'GUEST_FEATURE',
+    `guest module uses ${instruction} (${where}), which colo-vm does not support: the guest's memory is shared under ` +
+      'colo-vm, so the wait would block the vCPU for good (in the original unshared memory it traps); build the guest without threads',
+  );
+}
+
 /** A cursor over a byte range that throws GUEST_INVALID when it runs past its end. */
 export class ByteReader {
   pos: number;
@@ -569,6 +583,7 @@ function scanBody(r: ByteReader, types: FuncType[], where: string): void {
       }
       case 0xfe: {
         const sub = r.u32();
+        if (sub === 0x01 || sub === 0x02) throw atomicWait(sub === 0x01 ? 'memory.atomic.wait32' : 'memory.atomic.wait64', at);
         if (sub === 0x03) {
           if (r.u8() !== 0) throw invalid(`atomic.fence with a nonzero flag in ${at}`);
         } else if (sub <= 0x02 || (sub >= 0x10 && sub <= 0x4e)) {

@@ -4,8 +4,10 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import binaryen from 'binaryen';
 import { withTimeout } from '../framework/harness.js';
 import { machineFor, watGuest } from '../framework/machine.js';
+import { loadGuest } from '../../src/machine/instrument.js';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -36,4 +38,28 @@ test('WASI calls take their i32 arguments unsigned: pointers above 2 GiB work, a
   const ns = new DataView(m.memory.buffer).getBigUint64(0x80002000, true);
   const now = BigInt(Date.now()) * 1_000_000n;
   assert.ok(ns > now - 60_000_000_000n && ns <= now + 60_000_000_000n, `clock_time_get wrote the wall clock at 0x80002000 (${ns})`);
+});
+
+test('a guest using memory.atomic.wait is refused at load, naming the instruction; notify alone loads', async (t) => {
+  const atomics = binaryen.Features.MVP | binaryen.Features.Atomics;
+  // Under colo-vm the memory is shared, so this wait would block the vCPU for good (and no
+  // pause could stop it); in the original, unshared memory it traps.
+  for (const [name, wait] of [
+    ['memory.atomic.wait32', '(memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const -1))'],
+    ['memory.atomic.wait64', '(memory.atomic.wait64 (i32.const 0) (i64.const 0) (i64.const -1))'],
+  ] as const) {
+    const file = watGuest(t, 'wait', `(module (memory (export "memory") 1 1) (func (export "_start") (drop ${wait})))`, atomics);
+    await assert.rejects(loadGuest(file), (err: unknown) => {
+      assert.ok(err instanceof Error);
+      assert.equal(err.name, 'GuestLoadError');
+      assert.equal((err as { code?: string }).code, 'GUEST_FEATURE');
+      assert.ok(err.message.includes(name), `the message names ${name}: ${err.message}`);
+      return true;
+    });
+  }
+  const notify = watGuest(t, 'notify', `(module (memory (export "memory") 1 1) (func (export "_start") (drop (memory.atomic.notify (i32.const 0) (i32.const 1)))))`, atomics);
+  const { m } = await machineFor(t, notify, []);
+  const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
+  await m.cont();
+  assert.equal(await withTimeout(exited, 10000, 'the notify guest to exit'), 0);
 });
