@@ -11,6 +11,7 @@
  */
 import { GuestLoadError } from '../core/errors.js';
 import { concatBytes } from '../core/bytes.js';
+import { limits } from '../core/limits.js';
 
 /** The import module of every function a guest may import. */
 export const wasiModule = 'wasi_snapshot_preview1';
@@ -256,6 +257,7 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
   const dataSegments: { offset: number; size: number }[] = [];
   let importedFuncs = 0;
   let tables = 0;
+  let tableMin = 0;
 
   for (const s of sections) {
     const r = new ByteReader(bytes, s.start, s.end);
@@ -338,7 +340,7 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
         for (let i = 0; i < n; i++) {
           const et = r.u8();
           if (et !== 0x70) throw feature('reference types (a table of externref or typed references)', `table ${i}`);
-          readLimits(r, `table ${i}`);
+          tableMin = readLimits(r, `table ${i}`).min;
           tables++;
         }
         if (tables > 1) throw feature('reference types (more than one table)', 'table section');
@@ -380,12 +382,13 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
         for (let i = 0; i < n; i++) {
           const where = `element segment ${i}`;
           const flags = r.u32();
+          let offset: number | null = null;
           if (flags === 0) {
-            constExpr(r, where);
+            offset = constExpr(r, where);
           } else if (flags === 1 || flags === 2) {
             if (flags === 2) {
               if (r.u32() !== 0) throw feature('reference types (a segment for a second table)', where);
-              constExpr(r, where);
+              offset = constExpr(r, where);
             }
             if (r.u8() !== 0x00) throw feature('reference types (an element kind other than funcref)', where);
           } else {
@@ -393,6 +396,12 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
           }
           const count = r.u32();
           for (let j = 0; j < count; j++) r.u32();
+          if (offset !== null && (offset >>> 0) + count > tableMin) {
+            throw new GuestLoadError(
+              'GUEST_SEGMENT',
+              `guest module's ${where} (${count} entries at ${offset >>> 0}) lies outside its table of ${tableMin} entries; instantiating it would fail`,
+            );
+          }
         }
         break;
       }
@@ -421,7 +430,18 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
           }
           const size = r.u32();
           r.skip(size);
-          if (offset !== null) dataSegments.push({ offset: offset >>> 0, size });
+          if (offset === null) continue;
+          // The instrumented memory has the host's reserved pages right after the initial ones:
+          // a segment past the initial memory, which fails to instantiate in the original,
+          // would land there and be overwritten (or overwrite colo's state) without an error.
+          const memoryBytes = (memories[0]?.min ?? 0) * limits.wasmPageBytes;
+          if ((offset >>> 0) + size > memoryBytes) {
+            throw new GuestLoadError(
+              'GUEST_SEGMENT',
+              `guest module's ${where} ([${offset >>> 0}, ${(offset >>> 0) + size})) lies outside its initial memory of ${memoryBytes} bytes; instantiating it would fail`,
+            );
+          }
+          dataSegments.push({ offset: offset >>> 0, size });
         }
         break;
       }

@@ -66,7 +66,7 @@ function withBinaryenSettings<T>(fn: () => T): T {
 /**
  * Instruments a WASI preview1 command module (see instrument.ts's file comment). Throws GuestLoadError
  * for a module colo-vm cannot run: GUEST_INVALID, GUEST_TOO_LARGE, GUEST_IMPORT,
- * GUEST_START_SECTION, GUEST_NO_START, GUEST_MEMORY, GUEST_FEATURE, GUEST_EXPORT.
+ * GUEST_START_SECTION, GUEST_NO_START, GUEST_MEMORY, GUEST_FEATURE, GUEST_SEGMENT, GUEST_EXPORT.
  * Synchronous and CPU-bound (seconds for a large guest); `loadGuest` caches the result.
  */
 export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean } = {}): InstrumentedGuest {

@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import v8 from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { limits } from '../core/limits.js';
-import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
+import { ColoError, GuestLoadError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
 import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
@@ -148,11 +148,18 @@ export class Machine extends EventEmitter {
       serialFd = 1;
     }
     const m = new Machine(cfg, layout, memory, maxPages, disk, serialFd);
+    let r: WorkerReply;
     try {
-      await m.expect((r) => r.type === 'ready', 'the vCPU to load the guest', 30000);
+      r = await m.expect((x) => x.type === 'ready' || x.type === 'error', 'the vCPU to load the guest', 30000);
     } catch (err) {
       await m.destroy();
       throw err;
+    }
+    if (r.type === 'error') {
+      // Instantiating failed (a segment out of bounds, a trap while initialising): the guest
+      // cannot run at all, and the vCPU said why.
+      await m.destroy();
+      throw new GuestLoadError('GUEST_INSTANTIATE', `the guest module cannot be instantiated: ${r.message}`);
     }
     return m;
   }

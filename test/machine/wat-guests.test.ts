@@ -7,7 +7,8 @@ import assert from 'node:assert/strict';
 import binaryen from 'binaryen';
 import { withTimeout } from '../framework/harness.js';
 import { machineFor, watGuest } from '../framework/machine.js';
-import { loadGuest } from '../../src/machine/instrument.js';
+import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
+import { Machine } from '../../src/machine/machine.js';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -62,4 +63,42 @@ test('a guest using memory.atomic.wait is refused at load, naming the instructio
   const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
   await m.cont();
   assert.equal(await withTimeout(exited, 10000, 'the notify guest to exit'), 0);
+});
+
+test('segments outside the initial memory or table are refused at load, naming the segment; an instantiation failure is a prompt load error', async (t) => {
+  const cases = [
+    // Past the memory: the original fails to instantiate.
+    ['data segment 0 ([1048576, 1048577))', `(module (memory (export "memory") 1) (data (i32.const 1048576) "x") (func (export "_start")))`],
+    // In the pages colo-vm reserves after the initial memory: instantiating would "work" there.
+    ['data segment 0 ([70000, 70001))', `(module (memory (export "memory") 1) (data (i32.const 70000) "x") (func (export "_start")))`],
+    ['element segment 0 (1 entries at 5)', `(module (memory (export "memory") 1) (table 1 funcref) (elem (i32.const 5) $f) (func $f) (func (export "_start")))`],
+  ] as const;
+  for (const [what, text] of cases) {
+    const file = watGuest(t, 'segment', text);
+    await assert.rejects(withTimeout(machineFor(t, file, []), 20000, `the load of a guest with a bad ${what} to fail`), (err: unknown) => {
+      assert.ok(err instanceof Error);
+      assert.equal(err.name, 'GuestLoadError');
+      assert.equal((err as { code?: string }).code, 'GUEST_SEGMENT');
+      assert.ok(err.message.includes(what), `the message names ${what}: ${err.message}`);
+      return true;
+    });
+  }
+  // A module the vCPU cannot instantiate (here an instrumented-looking one whose data segment
+  // lies past the memory): the vCPU's error reply fails the create, with its reason.
+  const crafted = binaryen.parseText(`(module (import "env" "memory" (memory 1 65536 shared)) (export "memory" (memory 0))
+    (data (i32.const 0x1000000) "x") (func (export "_start")))`);
+  crafted.setFeatures(binaryen.Features.MVP | binaryen.Features.Atomics);
+  const wasm = crafted.emitBinary();
+  crafted.dispose();
+  const create = Machine.create({
+    guest: { wasm, moduleHash: 'crafted', instrumentVersion, memory: { initialPages: 1, maximumPages: null }, globals: [], wasiImports: [], dataSegments: [], storeLog: false },
+    memoryBytesMax: 64 * 1024 * 1024, args: ['guest'], env: [], serial: { kind: 'none' }, drive: null,
+  });
+  await assert.rejects(withTimeout(create, 20000, 'Machine.create of a module that cannot be instantiated to fail'), (err: unknown) => {
+    assert.ok(err instanceof Error);
+    assert.equal(err.name, 'GuestLoadError');
+    assert.equal((err as { code?: string }).code, 'GUEST_INSTANTIATE');
+    assert.match(err.message, /cannot be instantiated: .*data segment/i);
+    return true;
+  });
 });
