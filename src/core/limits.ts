@@ -132,6 +132,12 @@ export const limits = {
   guestArgsBytesMax: 64 * 1024,
   /** iovecs per fd_read/fd_write/sock_* call. */
   iovecsMax: 1024,
+  /**
+   * Bytes one fd_write, fd_pwrite, fd_read or fd_pread moves at most (the host copies them
+   * once). A larger call is short, as a real file's may be, and the guest makes another for
+   * the rest: the host never allocates more for one call, whatever the iovecs add up to.
+   */
+  fdIoBytesMax: 4 * 1024 * 1024,
   /** poll_oneoff subscriptions per call. */
   pollSubscriptionsMax: 4096,
 

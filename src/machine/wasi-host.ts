@@ -225,16 +225,16 @@ export class WasiHost {
     return true;
   }
 
-  /** The bytes the last iovecs() name, in one new array. */
-  private gather(): Uint8Array {
+  /** The bytes the last iovecs() name, in order, at most `bytesMax` of them, in one new array. */
+  private gather(bytesMax = Infinity): Uint8Array {
     const iov = this.iov;
     const u8 = this.bytes();
-    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + iov[1]!);
-    const out = new Uint8Array(this.totalLen());
+    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, bytesMax));
+    const out = new Uint8Array(Math.min(this.totalLen(), bytesMax));
     let at = 0;
-    for (let i = 0; i < this.iovCount; i++) {
+    for (let i = 0; i < this.iovCount && at < out.byteLength; i++) {
       const ptr = iov[2 * i]!;
-      const len = iov[2 * i + 1]!;
+      const len = Math.min(iov[2 * i + 1]!, out.byteLength - at);
       out.set(u8.subarray(ptr, ptr + len), at);
       at += len;
     }
@@ -370,14 +370,15 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
+    // At most limits.fdIoBytesMax: a longer write is short (the iovecs may name all of memory many times).
     if (e.kind === 'stdout' || e.kind === 'stderr') {
-      const data = this.gather();
+      const data = this.gather(limits.fdIoBytesMax);
       this.devices.serial.write(data);
       this.setU32(nPtr, data.byteLength);
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const r = this.diskWriteOrWait(this.gather(), e.pos);
+      const r = this.diskWriteOrWait(this.gather(limits.fdIoBytesMax), e.pos);
       if (r === null) return 0; // unwinding; the call is made again on resume
       if (r.errno !== errno.success) return r.errno;
       e.pos += r.n;
@@ -398,7 +399,7 @@ export class WasiHost {
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const data = new Uint8Array(this.totalLen());
+      const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
       const r = this.diskRead(data, e.pos);
       if (r.errno !== errno.success) return r.errno;
       this.scatter(data.subarray(0, r.n));
@@ -459,7 +460,7 @@ export class WasiHost {
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const data = new Uint8Array(this.totalLen());
+    const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
     const r = this.diskRead(data, Number(offset));
     if (r.errno !== errno.success) return r.errno;
     this.scatter(data.subarray(0, r.n));
@@ -474,7 +475,7 @@ export class WasiHost {
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const r = this.diskWriteOrWait(this.gather(), Number(offset));
+    const r = this.diskWriteOrWait(this.gather(limits.fdIoBytesMax), Number(offset));
     if (r === null) return 0; // unwinding; the call is made again on resume
     if (r.errno !== errno.success) return r.errno;
     this.setU32(nPtr, r.n);

@@ -10,7 +10,7 @@ export async function machineFor(
   t: { after(fn: () => unknown): void },
   guest: string,
   args: string[],
-  opts: { memoryBytes?: number; storeLog?: boolean } = {},
+  opts: { memoryBytes?: number; storeLog?: boolean; drive?: string } = {},
 ): Promise<{ m: Machine; serial: string; serialText(): string }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
   const serial = path.join(dir, 'serial');
@@ -20,7 +20,7 @@ export async function machineFor(
     args: ['guest', ...args],
     env: [],
     serial: { kind: 'file', path: serial },
-    drive: null,
+    drive: opts.drive === undefined ? null : { path: opts.drive, snapshot: false },
   });
   t.after(async () => {
     await m.destroy();

@@ -4,13 +4,25 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
 import binaryen from 'binaryen';
 import { withTimeout } from '../framework/harness.js';
 import { machineFor, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
+import { limits } from '../../src/core/limits.js';
 
 const GiB = 1024 * 1024 * 1024;
+
+/** The guest's exit code once it exits; a guest crash rejects, naming it. */
+function exitOf(m: Machine): Promise<number> {
+  return new Promise((resolve, reject) => {
+    m.once('shutdown', resolve);
+    m.once('panicked', (message: string) => reject(new Error(`the guest crashed: ${message}`)));
+  });
+}
 
 test('WASI calls take their i32 arguments unsigned: pointers above 2 GiB work, a clock id of 2^32-1 is EINVAL', async (t) => {
   const file = watGuest(t, 'big', `(module
@@ -25,7 +37,7 @@ test('WASI calls take their i32 arguments unsigned: pointers above 2 GiB work, a
       (i32.store (i32.const 12) (call $ct (i32.const -1) (i64.const 0) (i32.const 0x100)))
       (i32.store (i32.const 16) (call $cr (i32.const -1) (i32.const 0x100)))))`);
   const { m } = await machineFor(t, file, [], { memoryBytes: 3 * GiB });
-  const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
+  const exited = exitOf(m);
   await m.cont();
   assert.equal(await withTimeout(exited, 20000, 'the guest to exit'), 0);
   const w = new Int32Array(m.memory.buffer, 0, 5);
@@ -60,7 +72,7 @@ test('a guest using memory.atomic.wait is refused at load, naming the instructio
   }
   const notify = watGuest(t, 'notify', `(module (memory (export "memory") 1 1) (func (export "_start") (drop (memory.atomic.notify (i32.const 0) (i32.const 1)))))`, atomics);
   const { m } = await machineFor(t, notify, []);
-  const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
+  const exited = exitOf(m);
   await m.cont();
   assert.equal(await withTimeout(exited, 10000, 'the notify guest to exit'), 0);
 });
@@ -101,4 +113,70 @@ test('segments outside the initial memory or table are refused at load, naming t
     assert.match(err.message, /cannot be instantiated: .*data segment/i);
     return true;
   });
+});
+
+test('fd_write whose iovecs name far more than the guest has writes at most fdIoBytesMax: a short count, no huge host copy, no crash', async (t) => {
+  // 1024 iovecs of 64 MiB each over a 64 MiB guest: 64 GiB named. The host copied all of it
+  // (2 GiB of RSS for 32 iovecs; a RangeError that crashed the guest for 1024).
+  const iovecs = limits.iovecsMax;
+  const file = watGuest(t, 'bigwrite', `(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1024)
+    (func (export "_start") (local $i i32)
+      (loop $l
+        (i32.store (i32.add (i32.const 1024) (i32.mul (local.get $i) (i32.const 8))) (i32.const 0))
+        (i32.store (i32.add (i32.const 1028) (i32.mul (local.get $i) (i32.const 8))) (i32.const 67108864))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $l (i32.lt_u (local.get $i) (i32.const ${iovecs}))))
+      (i32.store (i32.const 0) (call $w (i32.const 1) (i32.const 1024) (i32.const ${iovecs}) (i32.const 8)))))`);
+  const { m, serial } = await machineFor(t, file, [], { memoryBytes: 128 * 1024 * 1024 });
+  const rssBefore = process.memoryUsage().rss;
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit (a panic instead is the bug)'), 0);
+  const rssGrowth = process.memoryUsage().rss - rssBefore;
+  const w = new Uint32Array(m.memory.buffer, 0, 4);
+  assert.equal(w[0], 0, 'fd_write succeeded');
+  assert.equal(w[2], limits.fdIoBytesMax, 'a short write of fdIoBytesMax bytes');
+  assert.equal(fs.statSync(serial).size, limits.fdIoBytesMax, 'the console got exactly those bytes');
+  assert.ok(rssGrowth < 1024 * 1024 * 1024, `RSS grew by ${(rssGrowth / 2 ** 20).toFixed(0)} MiB`);
+});
+
+test('a guest that writes a buffer larger than fdIoBytesMax to the disk, looping over short writes, ends with the whole buffer on disk', async (t) => {
+  const total = 3 * limits.fdIoBytesMax;
+  const words = total / 4;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(total + 1024 * 1024));
+  // Word k of the buffer (at 1 MiB) is k. [0]: an errno or 1 for no progress; [4]: calls made.
+  const file = watGuest(t, 'diskwrite', `(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") ${(total + 2 * 1024 * 1024) / 65536})
+    (func (export "_start") (local $k i32) (local $done i32) (local $r i32)
+      (loop $fill
+        (i32.store (i32.add (i32.const 0x100000) (i32.shl (local.get $k) (i32.const 2))) (local.get $k))
+        (local.set $k (i32.add (local.get $k) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $k) (i32.const ${words}))))
+      (loop $write
+        (i32.store (i32.const 16) (i32.add (i32.const 0x100000) (local.get $done)))
+        (i32.store (i32.const 20) (i32.sub (i32.const ${total}) (local.get $done)))
+        (local.set $r (call $w (i32.const 4) (i32.const 16) (i32.const 1) (i32.const 24)))
+        (if (local.get $r) (then (i32.store (i32.const 0) (local.get $r)) (return)))
+        (if (i32.eqz (i32.load (i32.const 24))) (then (i32.store (i32.const 0) (i32.const 1)) (return)))
+        (i32.store (i32.const 4) (i32.add (i32.load (i32.const 4)) (i32.const 1)))
+        (local.set $done (i32.add (local.get $done) (i32.load (i32.const 24))))
+        (br_if $write (i32.lt_u (local.get $done) (i32.const ${total}))))))`);
+  const { m } = await machineFor(t, file, [], { drive: image });
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 30000, 'the guest to write its buffer and exit'), 0);
+  const w = new Uint32Array(m.memory.buffer, 0, 2);
+  assert.equal(w[0], 0, 'every write succeeded and made progress');
+  assert.equal(w[1], 3, 'three short writes of fdIoBytesMax');
+  const disk = fs.readFileSync(image);
+  const got = new Uint32Array(disk.buffer, disk.byteOffset, words);
+  let bad = 0;
+  for (let k = 0; k < words; k++) if (got[k] !== k) bad++;
+  assert.equal(bad, 0, 'the disk holds the whole buffer');
 });
