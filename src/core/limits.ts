@@ -22,6 +22,14 @@ export const limits = {
   guestModuleBytesMax: 64 * 1024 * 1024,
   /** Bytes reserved after the guest's initial memory for the asyncify unwind stack. */
   asyncifyStackBytes: 64 * 1024,
+  /**
+   * The largest frame asyncify may save for one function (its locals and call index). The
+   * last this many bytes of the asyncify area are kept beyond the end the guest's unwind is
+   * allowed to reach: the frame that crosses that end is written there before its check traps
+   * (instrument-walk.ts, boundAsyncifyStack). A guest with a bigger frame is refused at load;
+   * wasi-libc guests such as kv.wasm save at most 192 bytes.
+   */
+  asyncifyFrameBytesMax: 4 * 1024,
   /** Loop back-edges and function entries between two preemption checks. */
   preemptBudget: 20000,
   /** A paused vCPU must reach a safe point within this time or the pause fails. */

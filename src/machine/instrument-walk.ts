@@ -356,3 +356,81 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
   }
   return stats;
 }
+
+/** What boundAsyncifyStack found in asyncify's output. */
+export interface AsyncifyStackStats {
+  /** Writes of asyncify's stack pointer that got a bounds check. */
+  pointerWrites: number;
+  /** The largest step by which asyncify moves its stack pointer (the biggest frame it saves). */
+  frameBytesMax: number;
+}
+
+/**
+ * binaryen's asyncify writes an unwound frame at its stack pointer and then moves the pointer
+ * past it, and checks the pointer against the end of its buffer only in asyncify_stop_unwind,
+ * after every frame was written: a call stack deeper than the buffer is written over whatever
+ * follows it (guest memory). This adds, after every write of the stack pointer
+ * (`data[0] = data[0] +/- step`), `if (data[0] > data[1]) unreachable`. A frame is then
+ * written at most `frameBytesMax` bytes past the end the host gives asyncify (the frame whose
+ * step crosses it), so the host keeps that much of its buffer beyond the end it announces,
+ * and an unwind too deep for the buffer traps in the guest instead of overwriting anything.
+ * Run on asyncify's output, before the module is optimised. Throws when asyncify writes its
+ * pointer in a form this does not know (a binaryen whose asyncify changed): the bound would
+ * not hold.
+ */
+export function boundAsyncifyStack(m: binaryen.Module, dataGlobal: string, memoryName: string): AsyncifyStackStats {
+  const stats: AsyncifyStackStats = { pointerWrites: 0, frameBytesMax: 0 };
+  const i32 = binaryen.i32;
+  const globalName = X.GlobalGet.getName as unknown as (e: Ref) => string;
+  const pointerOf = (e: Ref): boolean => E.getExpressionId(e) === E.GlobalGetId && globalName(e) === dataGlobal;
+  const check = (): Ref =>
+    m.if(
+      m.i32.gt_u(m.i32.load(0, 4, m.global.get(dataGlobal, i32), memoryName), m.i32.load(4, 4, m.global.get(dataGlobal, i32), memoryName)),
+      m.unreachable(),
+    );
+  /** The step of `data[0] = data[0] +/- step`, or null for another form. */
+  const stepOf = (value: Ref): number | null => {
+    if (E.getExpressionId(value) !== E.BinaryId) return null;
+    const op = X.Binary.getOp(value);
+    if (op !== E.AddInt32 && op !== E.SubInt32) return null;
+    const left = X.Binary.getLeft(value);
+    const right = X.Binary.getRight(value);
+    if (E.getExpressionId(left) !== E.LoadId || !pointerOf(X.Load.getPtr(left)) || X.Load.getOffset(left) !== 0) return null;
+    if (E.getExpressionId(right) !== E.ConstId) return null;
+    return Math.abs(X.Const.getValueI32(right));
+  };
+  for (let i = 0; i < m.getNumFunctions(); i++) {
+    const f = m.getFunctionByIndex(i);
+    const body = X.Function.getBody(f);
+    if (body === 0) continue;
+    const root: { e: Ref; id: number; kids: Ref[]; next: number } = { e: body, id: E.getExpressionId(body), kids: [], next: 0 };
+    root.kids = children(body, root.id);
+    const stack = [root];
+    let newBody = body;
+    while (stack.length > 0) {
+      const fr = stack[stack.length - 1]!;
+      if (fr.next < fr.kids.length) {
+        const c = fr.kids[fr.next++]!;
+        if (c !== 0) {
+          const id = E.getExpressionId(c);
+          stack.push({ e: c, id, kids: children(c, id), next: 0 });
+        }
+        continue;
+      }
+      stack.pop();
+      let out = fr.e;
+      if (fr.id === E.StoreId && pointerOf(X.Store.getPtr(fr.e))) {
+        const step = X.Store.getOffset(fr.e) === 0 ? stepOf(X.Store.getValue(fr.e)) : null;
+        if (step === null) throw new Error(`asyncify writes its data at an offset or in a form colo-vm does not bound: ${E.emitText(fr.e).slice(0, 200)}`);
+        stats.pointerWrites++;
+        stats.frameBytesMax = Math.max(stats.frameBytesMax, step);
+        out = m.block(null, [fr.e, check()], binaryen.none);
+      }
+      const parent = stack[stack.length - 1];
+      if (parent === undefined) newBody = out;
+      else if (out !== fr.e) setChild(parent.e, parent.id, parent.next - 1, out);
+    }
+    if (newBody !== body) X.Function.setBody(f, newBody);
+  }
+  return stats;
+}

@@ -268,7 +268,9 @@ export class Machine extends EventEmitter {
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
       return save ? this.saveVcpu() : null;
     }
-    const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
+    // 'error': the vCPU failed while stopping the guest (a bug); without it here the pause
+    // timed out and the machine went on saying it was running.
+    const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked' || r.type === 'error', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.
     if (save) this.flushInput();
     this.signal(ctl.pauseRequest, save ? 2 : 1);
@@ -278,6 +280,12 @@ export class Machine extends EventEmitter {
       r = await done;
     } finally {
       this.pauseInFlight = null;
+    }
+    if (r.type === 'error') {
+      this.vcpuRunning = false;
+      this.state = 'internal-error';
+      this.emit('panicked', r.message);
+      throw new MachineError('VCPU_FAILED', `the vCPU failed while pausing the guest: ${r.message}`);
     }
     if (r.type !== 'paused') return null;
     this.state = next;

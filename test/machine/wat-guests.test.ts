@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import binaryen from 'binaryen';
-import { withTimeout } from '../framework/harness.js';
+import { waitFor, withTimeout } from '../framework/harness.js';
 import { machineFor, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
@@ -179,4 +179,84 @@ test('a guest that writes a buffer larger than fdIoBytesMax to the disk, looping
   let bad = 0;
   for (let k = 0; k < words; k++) if (got[k] !== k) bad++;
   assert.equal(bad, 0, 'the disk holds the whole buffer');
+});
+
+/** A guest that grows its memory by 1 MiB, fills it with 0xAB, recurses `depth` calls deep and spins at the bottom ([28] = 1) until [16] is set. */
+function deepGuest(t: { after(fn: () => unknown): void }, depth: number): string {
+  return watGuest(t, `deep${depth}`, `(module (memory (export "memory") 1)
+    (global $sink (mut i32) (i32.const 0))
+    (func $rec (param $n i32) (result i32) (local $a i32) (local $b i32)
+      (local.set $a (i32.mul (local.get $n) (i32.const 3)))
+      (if (i32.eqz (local.get $n))
+        (then (i32.store (i32.const 28) (i32.const 1))
+              (loop $spin (global.set $sink (i32.add (global.get $sink) (i32.const 1))) (br_if $spin (i32.eqz (i32.load (i32.const 16)))))
+              (return (i32.const 1))))
+      (local.set $b (call $rec (i32.sub (local.get $n) (i32.const 1))))
+      (i32.add (local.get $a) (local.get $b)))
+    (func (export "_start") (local $base i32)
+      (local.set $base (i32.mul (memory.grow (i32.const 16)) (i32.const 65536)))
+      (i32.store (i32.const 24) (local.get $base))
+      (memory.fill (local.get $base) (i32.const 0xAB) (i32.const 1048576))
+      (i32.store (i32.const 20) (call $rec (i32.const ${depth})))))`);
+}
+
+test('pausing a guest whose call stack is too deep for the asyncify area writes nothing outside it and crashes the guest cleanly', async (t) => {
+  // 20000 frames of a few locals need several times the area (64 KiB): before, the unwind
+  // wrote the frames past it into guest memory, then trapped outside any handler, the pause
+  // timed out and the machine said it was running.
+  const { m } = await machineFor(t, deepGuest(t, 20000), []);
+  const panics: string[] = [];
+  m.on('panicked', (message: string) => panics.push(message));
+  await m.cont();
+  await waitFor('the guest to reach the bottom of its recursion', () => new Uint32Array(m.memory.buffer)[7] === 1, 20000);
+  const area = [m.layout.asyncifyBase, m.layout.asyncifyBase + m.layout.asyncifyBytes];
+  const before = Buffer.from(m.ram());
+  await m.pause(); // a timeout here (TimeoutError) is the bug
+  const after = Buffer.from(m.ram());
+  assert.equal(after.byteLength, before.byteLength);
+  assert.ok(before.subarray(0, area[0]).equals(after.subarray(0, area[0])), 'guest memory below the asyncify area unchanged');
+  let changed = 0;
+  for (let i = area[1]!; i < after.byteLength; i++) if (after[i] !== before[i]) changed++;
+  assert.equal(changed, 0, 'guest memory above the asyncify area (its grown heap) unchanged');
+  assert.equal(m.runState, 'guest-panicked');
+  assert.equal(m.running, false);
+  assert.equal(panics.length, 1);
+  assert.match(panics[0]!, /call stack is too deep to pause/);
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+});
+
+test('a guest function whose paused frame would exceed asyncifyFrameBytesMax is refused at load', async (t) => {
+  // Locals live across a call that may pause are all saved in the frame: 8 bytes each.
+  const count = limits.asyncifyFrameBytesMax / 8 + 16;
+  const locals = Array.from({ length: count }, (_, i) => `(local $l${i} i64)`).join(' ');
+  const sets = Array.from({ length: count }, (_, i) => `(local.set $l${i} (i64.load (i32.const ${i * 8})))`).join(' ');
+  let sum = '(i64.const 0)';
+  for (let i = 0; i < count; i++) sum = `(i64.add ${sum} (local.get $l${i}))`;
+  const file = watGuest(t, 'bigframe', `(module (memory (export "memory") 1)
+    (func $f (param $n i32) (result i64) ${locals} ${sets}
+      (if (local.get $n) (then (drop (call $f (i32.sub (local.get $n) (i32.const 1))))))
+      ${sum})
+    (func (export "_start") (i64.store (i32.const 0) (call $f (i32.const 3)))))`);
+  await assert.rejects(loadGuest(file), (err: unknown) => {
+    assert.ok(err instanceof Error);
+    assert.equal((err as { code?: string }).code, 'GUEST_FRAME');
+    assert.match(err.message, /asyncifyFrameBytesMax/);
+    return true;
+  });
+});
+
+test('a guest whose call stack fits the asyncify area pauses and resumes where it was', async (t) => {
+  const depth = 1000;
+  const { m } = await machineFor(t, deepGuest(t, depth), []);
+  await m.cont();
+  await waitFor('the guest to reach the bottom of its recursion', () => new Uint32Array(m.memory.buffer)[7] === 1, 20000);
+  await m.pause();
+  assert.equal(m.runState, 'paused');
+  new Uint32Array(m.memory.buffer)[4] = 1;
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to return from its recursion and exit'), 0);
+  let want = 1;
+  for (let n = 1; n <= depth; n++) want += 3 * n;
+  assert.equal(new Uint32Array(m.memory.buffer)[5], want, 'every frame came back with its locals');
 });
