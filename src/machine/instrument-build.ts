@@ -110,6 +110,7 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
         storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
         memoryName,
         reserved: { global: reserved, initialPages: parsed.memory.initialPages },
+        bulkBytesShift: log2(limits.preemptBulkBytesPerCount),
       });
 
       const asyncifyImports = [...blocking.map((n) => `${wasiModule}.${n}`), `${preemptImport.module}.${preemptImport.name}`];

@@ -5,6 +5,9 @@
  * - preemption: at the function entry and at the head of every loop body it inserts
  *   `budget -= 1; if (budget < 0) { budget = reset; call preempt() }` — all inline, so the
  *   fast path is a global load, a subtract, a global store, a compare and a branch;
+ *   memory.fill, memory.copy and memory.init also take their size (one count per
+ *   2^bulkBytesShift bytes) from the budget, so that the next check preempts a loop whose
+ *   iterations move megabytes;
  * - store logging (optional): after every store, atomic read-modify-write, compare-exchange,
  *   memory.fill, memory.copy and memory.init it writes 1 into a byte map at
  *   `dirtylog + (addr >>> pageShift)` for the first and the last byte written. The mark is
@@ -45,6 +48,12 @@ export interface WalkConfig {
    * of the mutable i32 global holding the reserved page count (0: no effect).
    */
   reserved: { global: string; initialPages: number };
+  /**
+   * log2 of the bytes of memory.fill/copy/init that count as one loop iteration against the
+   * budget: a loop whose body fills or copies megabytes reaches its next check with the budget
+   * spent, not 20000 iterations later.
+   */
+  bulkBytesShift: number;
 }
 
 /** Counts of what the walker changed, for tests and diagnostics. */
@@ -257,7 +266,28 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
         ], i32);
         return [out, below];
       }
-      if (log === null || E.getExpressionType(e) === binaryen.unreachable) return [e, below];
+      if (E.getExpressionType(e) === binaryen.unreachable) return [e, below];
+      if (id === E.MemoryFillId || id === E.MemoryCopyId || id === E.MemoryInitId) {
+        stats.bulk++;
+        const level = Math.max(...kidLevel.slice(1)) + 1;
+        const n = temp(i32, 'n', level);
+        const getSize = id === E.MemoryFillId ? X.MemoryFill.getSize : id === E.MemoryCopyId ? X.MemoryCopy.getSize : X.MemoryInit.getSize;
+        const setSize = id === E.MemoryFillId ? X.MemoryFill.setSize : id === E.MemoryCopyId ? X.MemoryCopy.setSize : X.MemoryInit.setSize;
+        setSize(e, m.local.tee(n, getSize(e), i32));
+        // Charged after the operation; the next loop or function-entry check preempts.
+        const charge = m.global.set(
+          cfg.budgetGlobal,
+          m.i32.sub(m.global.get(cfg.budgetGlobal, i32), m.i32.shr_u(m.local.get(n, i32), m.i32.const(cfg.bulkBytesShift))),
+        );
+        if (log === null) return [m.block(null, [e, charge], binaryen.none), Math.max(below, level)];
+        const d = temp(i32, 'd', level);
+        const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
+        const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
+        const dest = getDest(e);
+        setDest(e, m.local.get(d, i32));
+        return [m.block(null, [m.local.set(d, dest), e, markRange(d, n), charge], binaryen.none), Math.max(below, level)];
+      }
+      if (log === null) return [e, below];
       switch (id) {
         case E.StoreId: {
           stats.stores++;
@@ -290,23 +320,6 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
             ...marks(p, offset, bytes),
             m.local.get(r, type),
           ], type);
-          return [out, Math.max(below, level)];
-        }
-        case E.MemoryFillId:
-        case E.MemoryCopyId:
-        case E.MemoryInitId: {
-          stats.bulk++;
-          const level = Math.max(...kidLevel.slice(1)) + 1;
-          const d = temp(i32, 'd', level);
-          const n = temp(i32, 'n', level);
-          const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
-          const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
-          const getSize = id === E.MemoryFillId ? X.MemoryFill.getSize : id === E.MemoryCopyId ? X.MemoryCopy.getSize : X.MemoryInit.getSize;
-          const setSize = id === E.MemoryFillId ? X.MemoryFill.setSize : id === E.MemoryCopyId ? X.MemoryCopy.setSize : X.MemoryInit.setSize;
-          const dest = getDest(e);
-          setDest(e, m.local.get(d, i32));
-          setSize(e, m.local.tee(n, getSize(e), i32));
-          const out = m.block(null, [m.local.set(d, dest), e, markRange(d, n)], binaryen.none);
           return [out, Math.max(below, level)];
         }
         default:

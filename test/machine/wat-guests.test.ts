@@ -260,3 +260,20 @@ test('a guest whose call stack fits the asyncify area pauses and resumes where i
   for (let n = 1; n <= depth; n++) want += 3 * n;
   assert.equal(new Uint32Array(m.memory.buffer)[5], want, 'every frame came back with its locals');
 });
+
+test('a loop whose every iteration fills 64 MiB can be paused: bulk memory operations count against the preemption budget by size', async (t) => {
+  // The budget counted iterations only: 20000 fills of 64 MiB before the next preemption point.
+  const file = watGuest(t, 'fillloop', `(module (memory (export "memory") 1024)
+    (func (export "_start")
+      (loop $l (memory.fill (i32.const 0) (i32.const 0) (i32.const 67108864)) (br $l))))`);
+  for (const storeLog of [false, true]) {
+    const { m } = await machineFor(t, file, [], { storeLog, memoryBytes: 128 * 1024 * 1024 });
+    await m.cont();
+    await new Promise((r) => setTimeout(r, 100));
+    await m.pause(); // rejects with a TimeoutError after limits.pauseTimeoutMs without the charge
+    assert.equal(m.runState, 'paused', `storeLog ${storeLog}`);
+    await m.cont();
+    await m.pause();
+    assert.equal(m.runState, 'paused', `storeLog ${storeLog}, a second time`);
+  }
+});
