@@ -22,8 +22,18 @@ export const limits = {
   guestModuleBytesMax: 64 * 1024 * 1024,
   /** Bytes reserved after the guest's initial memory for the asyncify unwind stack. */
   asyncifyStackBytes: 64 * 1024,
+  /**
+   * The largest frame asyncify may save for one function (its locals and call index). The
+   * last this many bytes of the asyncify area are kept beyond the end the guest's unwind is
+   * allowed to reach: the frame that crosses that end is written there before its check traps
+   * (instrument-walk.ts, boundAsyncifyStack). A guest with a bigger frame is refused at load;
+   * wasi-libc guests such as kv.wasm save at most 192 bytes.
+   */
+  asyncifyFrameBytesMax: 4 * 1024,
   /** Loop back-edges and function entries between two preemption checks. */
   preemptBudget: 20000,
+  /** memory.fill/copy/init count one back-edge against preemptBudget per this many bytes (a power of two). */
+  preemptBulkBytesPerCount: 256,
   /** A paused vCPU must reach a safe point within this time or the pause fails. */
   pauseTimeoutMs: 5000,
 
@@ -147,6 +157,12 @@ export const limits = {
   guestArgsBytesMax: 64 * 1024,
   /** iovecs per fd_read/fd_write/sock_* call. */
   iovecsMax: 1024,
+  /**
+   * Bytes one fd_write, fd_pwrite, fd_read or fd_pread moves at most (the host copies them
+   * once). A larger call is short, as a real file's may be, and the guest makes another for
+   * the rest: the host never allocates more for one call, whatever the iovecs add up to.
+   */
+  fdIoBytesMax: 4 * 1024 * 1024,
   /** poll_oneoff subscriptions per call. */
   pollSubscriptionsMax: 4096,
 

@@ -11,6 +11,7 @@
  */
 import { GuestLoadError } from '../core/errors.js';
 import { concatBytes } from '../core/bytes.js';
+import { limits } from '../core/limits.js';
 
 /** The import module of every function a guest may import. */
 export const wasiModule = 'wasi_snapshot_preview1';
@@ -94,6 +95,20 @@ function feature(what: string, where: string): GuestLoadError {
     `guest module uses ${what} (${where}), which colo-vm does not support; build the guest for ` +
       'plain wasm32-wasi (MVP plus mutable-globals, sign-ext, bulk-memory, nontrapping-fptoint, atomics), ' +
       'e.g. without -msimd128, -mreference-types, -mmultivalue, -mtail-call or -fwasm-exceptions',
+  );
+}
+
+/**
+ * memory.atomic.wait traps on a memory that is not shared (a single-threaded wasm32-wasi
+ * guest's), but colo-vm always gives the guest a shared memory: there the wait would block the
+ * vCPU thread, with no other guest thread to wake it, and the machine could no longer be
+ * paused. (memory.atomic.notify is harmless: with no waiter it returns 0.)
+ */
+function atomicWait(instruction: string, where: string): GuestLoadError {
+  return new GuestLoadError(
+    'GUEST_FEATURE',
+    `guest module uses ${instruction} (${where}), which colo-vm does not support: the guest's memory is shared under ` +
+      'colo-vm, so the wait would block the vCPU for good (in the original unshared memory it traps); build the guest without threads',
   );
 }
 
@@ -242,6 +257,7 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
   const dataSegments: { offset: number; size: number }[] = [];
   let importedFuncs = 0;
   let tables = 0;
+  let tableMin = 0;
 
   for (const s of sections) {
     const r = new ByteReader(bytes, s.start, s.end);
@@ -324,7 +340,7 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
         for (let i = 0; i < n; i++) {
           const et = r.u8();
           if (et !== 0x70) throw feature('reference types (a table of externref or typed references)', `table ${i}`);
-          readLimits(r, `table ${i}`);
+          tableMin = readLimits(r, `table ${i}`).min;
           tables++;
         }
         if (tables > 1) throw feature('reference types (more than one table)', 'table section');
@@ -366,12 +382,13 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
         for (let i = 0; i < n; i++) {
           const where = `element segment ${i}`;
           const flags = r.u32();
+          let offset: number | null = null;
           if (flags === 0) {
-            constExpr(r, where);
+            offset = constExpr(r, where);
           } else if (flags === 1 || flags === 2) {
             if (flags === 2) {
               if (r.u32() !== 0) throw feature('reference types (a segment for a second table)', where);
-              constExpr(r, where);
+              offset = constExpr(r, where);
             }
             if (r.u8() !== 0x00) throw feature('reference types (an element kind other than funcref)', where);
           } else {
@@ -379,6 +396,12 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
           }
           const count = r.u32();
           for (let j = 0; j < count; j++) r.u32();
+          if (offset !== null && (offset >>> 0) + count > tableMin) {
+            throw new GuestLoadError(
+              'GUEST_SEGMENT',
+              `guest module's ${where} (${count} entries at ${offset >>> 0}) lies outside its table of ${tableMin} entries; instantiating it would fail`,
+            );
+          }
         }
         break;
       }
@@ -407,7 +430,18 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
           }
           const size = r.u32();
           r.skip(size);
-          if (offset !== null) dataSegments.push({ offset: offset >>> 0, size });
+          if (offset === null) continue;
+          // The instrumented memory has the host's reserved pages right after the initial ones:
+          // a segment past the initial memory, which fails to instantiate in the original,
+          // would land there and be overwritten (or overwrite colo's state) without an error.
+          const memoryBytes = (memories[0]?.min ?? 0) * limits.wasmPageBytes;
+          if ((offset >>> 0) + size > memoryBytes) {
+            throw new GuestLoadError(
+              'GUEST_SEGMENT',
+              `guest module's ${where} ([${offset >>> 0}, ${(offset >>> 0) + size})) lies outside its initial memory of ${memoryBytes} bytes; instantiating it would fail`,
+            );
+          }
+          dataSegments.push({ offset: offset >>> 0, size });
         }
         break;
       }
@@ -569,6 +603,7 @@ function scanBody(r: ByteReader, types: FuncType[], where: string): void {
       }
       case 0xfe: {
         const sub = r.u32();
+        if (sub === 0x01 || sub === 0x02) throw atomicWait(sub === 0x01 ? 'memory.atomic.wait32' : 'memory.atomic.wait64', at);
         if (sub === 0x03) {
           if (r.u8() !== 0) throw invalid(`atomic.fence with a nonzero flag in ${at}`);
         } else if (sub <= 0x02 || (sub >= 0x10 && sub <= 0x4e)) {

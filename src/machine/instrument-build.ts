@@ -22,7 +22,7 @@ import {
   sha256,
   type InstrumentedGuest,
 } from './instrument.js';
-import { instrumentFunctions } from './instrument-walk.js';
+import { boundAsyncifyStack, instrumentFunctions } from './instrument-walk.js';
 
 /** Features given to binaryen: what V8 11.3 accepts and colo-vm supports. Never Features.All. */
 export const guestFeatures =
@@ -66,7 +66,7 @@ function withBinaryenSettings<T>(fn: () => T): T {
 /**
  * Instruments a WASI preview1 command module (see instrument.ts's file comment). Throws GuestLoadError
  * for a module colo-vm cannot run: GUEST_INVALID, GUEST_TOO_LARGE, GUEST_IMPORT,
- * GUEST_START_SECTION, GUEST_NO_START, GUEST_MEMORY, GUEST_FEATURE, GUEST_EXPORT.
+ * GUEST_START_SECTION, GUEST_NO_START, GUEST_MEMORY, GUEST_FEATURE, GUEST_SEGMENT, GUEST_FRAME, GUEST_EXPORT.
  * Synchronous and CPU-bound (seconds for a large guest); `loadGuest` caches the result.
  */
 export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean } = {}): InstrumentedGuest {
@@ -110,11 +110,21 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
         storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
         memoryName,
         reserved: { global: reserved, initialPages: parsed.memory.initialPages },
+        bulkBytesShift: log2(limits.preemptBulkBytesPerCount),
       });
 
       const asyncifyImports = [...blocking.map((n) => `${wasiModule}.${n}`), `${preemptImport.module}.${preemptImport.name}`];
       binaryen.setPassArgument('asyncify-imports', asyncifyImports.join(','));
       m.runPasses(['asyncify']);
+      // Every move of asyncify's stack pointer is checked against the end of its buffer, so
+      // that an unwind deeper than the buffer traps instead of writing over guest memory.
+      const frames = boundAsyncifyStack(m, '__asyncify_data', memoryName);
+      if (frames.frameBytesMax > limits.asyncifyFrameBytesMax) {
+        throw new GuestLoadError(
+          'GUEST_FRAME',
+          `a function of the guest saves ${frames.frameBytesMax} bytes of locals when paused, more than limits.asyncifyFrameBytesMax (${limits.asyncifyFrameBytesMax} bytes)`,
+        );
+      }
       // Export the host-facing globals before optimising, so that they survive even when the
       // guest never reads them (a guest without stores does not use the dirty log).
       m.addGlobalExport(budget, 'colo$budget');

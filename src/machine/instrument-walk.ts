@@ -5,6 +5,9 @@
  * - preemption: at the function entry and at the head of every loop body it inserts
  *   `budget -= 1; if (budget < 0) { budget = reset; call preempt() }` — all inline, so the
  *   fast path is a global load, a subtract, a global store, a compare and a branch;
+ *   memory.fill, memory.copy and memory.init also take their size (one count per
+ *   2^bulkBytesShift bytes) from the budget, so that the next check preempts a loop whose
+ *   iterations move megabytes;
  * - store logging (optional): after every store, atomic read-modify-write, compare-exchange,
  *   memory.fill, memory.copy and memory.init it writes 1 into a byte map at
  *   `dirtylog + (addr >>> pageShift)` for the first and the last byte written. The mark is
@@ -45,6 +48,12 @@ export interface WalkConfig {
    * of the mutable i32 global holding the reserved page count (0: no effect).
    */
   reserved: { global: string; initialPages: number };
+  /**
+   * log2 of the bytes of memory.fill/copy/init that count as one loop iteration against the
+   * budget: a loop whose body fills or copies megabytes reaches its next check with the budget
+   * spent, not 20000 iterations later.
+   */
+  bulkBytesShift: number;
 }
 
 /** Counts of what the walker changed, for tests and diagnostics. */
@@ -257,7 +266,28 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
         ], i32);
         return [out, below];
       }
-      if (log === null || E.getExpressionType(e) === binaryen.unreachable) return [e, below];
+      if (E.getExpressionType(e) === binaryen.unreachable) return [e, below];
+      if (id === E.MemoryFillId || id === E.MemoryCopyId || id === E.MemoryInitId) {
+        stats.bulk++;
+        const level = Math.max(...kidLevel.slice(1)) + 1;
+        const n = temp(i32, 'n', level);
+        const getSize = id === E.MemoryFillId ? X.MemoryFill.getSize : id === E.MemoryCopyId ? X.MemoryCopy.getSize : X.MemoryInit.getSize;
+        const setSize = id === E.MemoryFillId ? X.MemoryFill.setSize : id === E.MemoryCopyId ? X.MemoryCopy.setSize : X.MemoryInit.setSize;
+        setSize(e, m.local.tee(n, getSize(e), i32));
+        // Charged after the operation; the next loop or function-entry check preempts.
+        const charge = m.global.set(
+          cfg.budgetGlobal,
+          m.i32.sub(m.global.get(cfg.budgetGlobal, i32), m.i32.shr_u(m.local.get(n, i32), m.i32.const(cfg.bulkBytesShift))),
+        );
+        if (log === null) return [m.block(null, [e, charge], binaryen.none), Math.max(below, level)];
+        const d = temp(i32, 'd', level);
+        const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
+        const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
+        const dest = getDest(e);
+        setDest(e, m.local.get(d, i32));
+        return [m.block(null, [m.local.set(d, dest), e, markRange(d, n), charge], binaryen.none), Math.max(below, level)];
+      }
+      if (log === null) return [e, below];
       switch (id) {
         case E.StoreId: {
           stats.stores++;
@@ -290,23 +320,6 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
             ...marks(p, offset, bytes),
             m.local.get(r, type),
           ], type);
-          return [out, Math.max(below, level)];
-        }
-        case E.MemoryFillId:
-        case E.MemoryCopyId:
-        case E.MemoryInitId: {
-          stats.bulk++;
-          const level = Math.max(...kidLevel.slice(1)) + 1;
-          const d = temp(i32, 'd', level);
-          const n = temp(i32, 'n', level);
-          const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
-          const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
-          const getSize = id === E.MemoryFillId ? X.MemoryFill.getSize : id === E.MemoryCopyId ? X.MemoryCopy.getSize : X.MemoryInit.getSize;
-          const setSize = id === E.MemoryFillId ? X.MemoryFill.setSize : id === E.MemoryCopyId ? X.MemoryCopy.setSize : X.MemoryInit.setSize;
-          const dest = getDest(e);
-          setDest(e, m.local.get(d, i32));
-          setSize(e, m.local.tee(n, getSize(e), i32));
-          const out = m.block(null, [m.local.set(d, dest), e, markRange(d, n)], binaryen.none);
           return [out, Math.max(below, level)];
         }
         default:
@@ -353,6 +366,84 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
     } else {
       X.Function.setBody(f, m.block(null, [check(), newBody], binaryen.auto));
     }
+  }
+  return stats;
+}
+
+/** What boundAsyncifyStack found in asyncify's output. */
+export interface AsyncifyStackStats {
+  /** Writes of asyncify's stack pointer that got a bounds check. */
+  pointerWrites: number;
+  /** The largest step by which asyncify moves its stack pointer (the biggest frame it saves). */
+  frameBytesMax: number;
+}
+
+/**
+ * binaryen's asyncify writes an unwound frame at its stack pointer and then moves the pointer
+ * past it, and checks the pointer against the end of its buffer only in asyncify_stop_unwind,
+ * after every frame was written: a call stack deeper than the buffer is written over whatever
+ * follows it (guest memory). This adds, after every write of the stack pointer
+ * (`data[0] = data[0] +/- step`), `if (data[0] > data[1]) unreachable`. A frame is then
+ * written at most `frameBytesMax` bytes past the end the host gives asyncify (the frame whose
+ * step crosses it), so the host keeps that much of its buffer beyond the end it announces,
+ * and an unwind too deep for the buffer traps in the guest instead of overwriting anything.
+ * Run on asyncify's output, before the module is optimised. Throws when asyncify writes its
+ * pointer in a form this does not know (a binaryen whose asyncify changed): the bound would
+ * not hold.
+ */
+export function boundAsyncifyStack(m: binaryen.Module, dataGlobal: string, memoryName: string): AsyncifyStackStats {
+  const stats: AsyncifyStackStats = { pointerWrites: 0, frameBytesMax: 0 };
+  const i32 = binaryen.i32;
+  const globalName = X.GlobalGet.getName as unknown as (e: Ref) => string;
+  const pointerOf = (e: Ref): boolean => E.getExpressionId(e) === E.GlobalGetId && globalName(e) === dataGlobal;
+  const check = (): Ref =>
+    m.if(
+      m.i32.gt_u(m.i32.load(0, 4, m.global.get(dataGlobal, i32), memoryName), m.i32.load(4, 4, m.global.get(dataGlobal, i32), memoryName)),
+      m.unreachable(),
+    );
+  /** The step of `data[0] = data[0] +/- step`, or null for another form. */
+  const stepOf = (value: Ref): number | null => {
+    if (E.getExpressionId(value) !== E.BinaryId) return null;
+    const op = X.Binary.getOp(value);
+    if (op !== E.AddInt32 && op !== E.SubInt32) return null;
+    const left = X.Binary.getLeft(value);
+    const right = X.Binary.getRight(value);
+    if (E.getExpressionId(left) !== E.LoadId || !pointerOf(X.Load.getPtr(left)) || X.Load.getOffset(left) !== 0) return null;
+    if (E.getExpressionId(right) !== E.ConstId) return null;
+    return Math.abs(X.Const.getValueI32(right));
+  };
+  for (let i = 0; i < m.getNumFunctions(); i++) {
+    const f = m.getFunctionByIndex(i);
+    const body = X.Function.getBody(f);
+    if (body === 0) continue;
+    const root: { e: Ref; id: number; kids: Ref[]; next: number } = { e: body, id: E.getExpressionId(body), kids: [], next: 0 };
+    root.kids = children(body, root.id);
+    const stack = [root];
+    let newBody = body;
+    while (stack.length > 0) {
+      const fr = stack[stack.length - 1]!;
+      if (fr.next < fr.kids.length) {
+        const c = fr.kids[fr.next++]!;
+        if (c !== 0) {
+          const id = E.getExpressionId(c);
+          stack.push({ e: c, id, kids: children(c, id), next: 0 });
+        }
+        continue;
+      }
+      stack.pop();
+      let out = fr.e;
+      if (fr.id === E.StoreId && pointerOf(X.Store.getPtr(fr.e))) {
+        const step = X.Store.getOffset(fr.e) === 0 ? stepOf(X.Store.getValue(fr.e)) : null;
+        if (step === null) throw new Error(`asyncify writes its data at an offset or in a form colo-vm does not bound: ${E.emitText(fr.e).slice(0, 200)}`);
+        stats.pointerWrites++;
+        stats.frameBytesMax = Math.max(stats.frameBytesMax, step);
+        out = m.block(null, [fr.e, check()], binaryen.none);
+      }
+      const parent = stack[stack.length - 1];
+      if (parent === undefined) newBody = out;
+      else if (out !== fr.e) setChild(parent.e, parent.id, parent.next - 1, out);
+    }
+    if (newBody !== body) X.Function.setBody(f, newBody);
   }
   return stats;
 }

@@ -94,7 +94,7 @@ export const blockingWasiImports: readonly string[] = Object.freeze([
 ]);
 
 /** Bump when the instrumented output changes; part of the cache key. */
-export const instrumentVersion = 3;
+export const instrumentVersion = 5;
 
 /** Import module and name of the preemption hook. */
 export const preemptImport = { module: 'colo', name: 'preempt' } as const;

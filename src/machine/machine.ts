@@ -3,7 +3,7 @@ import fs from 'node:fs';
 import v8 from 'node:v8';
 import { Worker } from 'node:worker_threads';
 import { limits } from '../core/limits.js';
-import { ColoError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
+import { ColoError, GuestLoadError, RestoreError, TimeoutError, UsageError } from '../core/errors.js';
 import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
@@ -154,11 +154,18 @@ export class Machine extends EventEmitter {
       serialFd = 1;
     }
     const m = new Machine(cfg, layout, memory, maxPages, disk, serialFd);
+    let r: WorkerReply;
     try {
-      await m.expect((r) => r.type === 'ready', 'the vCPU to load the guest', 30000);
+      r = await m.expect((x) => x.type === 'ready' || x.type === 'error', 'the vCPU to load the guest', 30000);
     } catch (err) {
       await m.destroy();
       throw err;
+    }
+    if (r.type === 'error') {
+      // Instantiating failed (a segment out of bounds, a trap while initialising): the guest
+      // cannot run at all, and the vCPU said why.
+      await m.destroy();
+      throw new GuestLoadError('GUEST_INSTANTIATE', `the guest module cannot be instantiated: ${r.message}`);
     }
     return m;
   }
@@ -267,7 +274,9 @@ export class Machine extends EventEmitter {
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
       return save ? this.saveVcpu() : null;
     }
-    const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
+    // 'error': the vCPU failed while stopping the guest (a bug); without it here the pause
+    // timed out and the machine went on saying it was running.
+    const done = this.expect((r) => r.type === 'paused' || r.type === 'exited' || r.type === 'panicked' || r.type === 'error', 'the vCPU to reach a safe point', limits.pauseTimeoutMs);
     // Input already numbered goes to the vCPU first: the state saved at the pause holds it.
     if (save) this.holdInputForSave();
     this.signal(ctl.pauseRequest, save ? 2 : 1);
@@ -281,6 +290,12 @@ export class Machine extends EventEmitter {
     } finally {
       this.pauseInFlight = null;
       if (save) this.releaseInputAfterSave();
+    }
+    if (r.type === 'error') {
+      this.vcpuRunning = false;
+      this.state = 'internal-error';
+      this.emit('panicked', r.message);
+      throw new MachineError('VCPU_FAILED', `the vCPU failed while pausing the guest: ${r.message}`);
     }
     if (r.type !== 'paused') return null;
     this.state = next;

@@ -118,7 +118,9 @@ class Vcpu {
     const p = this.layout.asyncifyBase;
     const dv = new DataView(this.memory.buffer);
     dv.setUint32(p, p + 8, true);
-    dv.setUint32(p + 4, p + this.layout.asyncifyBytes, true);
+    // The end asyncify checks every frame against; the frame that crosses it lands in the
+    // area's last asyncifyFrameBytesMax bytes before the check traps (boundAsyncifyStack).
+    dv.setUint32(p + 4, p + this.layout.asyncifyBytes - limits.asyncifyFrameBytesMax, true);
     this.exports.asyncify_start_unwind(p);
   }
 
@@ -405,7 +407,7 @@ class Vcpu {
           post({ type: 'exited', code: err.code });
         } else {
           this.phase = 'panicked';
-          post({ type: 'panicked', message: err instanceof Error ? err.message : String(err) });
+          post({ type: 'panicked', message: this.unwindFailure() ?? (err instanceof Error ? err.message : String(err)) });
         }
         return;
       }
@@ -492,9 +494,25 @@ class Vcpu {
     this.waitTimer = null;
   }
 
+  /**
+   * Why the guest trapped, when it trapped while unwinding: its call stack did not fit the
+   * asyncify area (the bounds check, or asyncify_stop_unwind's own, trapped). Null otherwise.
+   * Nothing past the area was written; the guest cannot be resumed (its frames are gone).
+   */
+  private unwindFailure(): string | null {
+    if (this.exports.asyncify_get_state() !== 1) return null;
+    return `the guest's call stack is too deep to pause: saving it needs more than the ${this.layout.asyncifyBytes - limits.asyncifyFrameBytesMax} bytes colo-vm reserves for it (limits.asyncifyStackBytes); the guest is stopped`;
+  }
+
   private afterUnwind(state: number): void {
     if (state === 1) {
-      this.exports.asyncify_stop_unwind();
+      try {
+        this.exports.asyncify_stop_unwind();
+      } catch (err) {
+        this.phase = 'panicked';
+        post({ type: 'panicked', message: this.unwindFailure() ?? (err instanceof Error ? err.message : String(err)) });
+        return;
+      }
       this.phase = 'unwound';
       this.postPaused();
     } else if (state === 2) {

@@ -225,12 +225,12 @@ export class WasiHost {
     return true;
   }
 
-  /** The bytes the last iovecs() name, in order, `max` at most, in one new array. */
-  private gather(max = Number.POSITIVE_INFINITY): Uint8Array {
+  /** The bytes the last iovecs() name, in order, at most `bytesMax` of them, in one new array. */
+  private gather(bytesMax = Infinity): Uint8Array {
     const iov = this.iov;
     const u8 = this.bytes();
-    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, max));
-    const out = new Uint8Array(Math.min(this.totalLen(), max));
+    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, bytesMax));
+    const out = new Uint8Array(Math.min(this.totalLen(), bytesMax));
     let at = 0;
     for (let i = 0; i < this.iovCount && at < out.byteLength; i++) {
       const ptr = iov[2 * i]!;
@@ -271,28 +271,39 @@ export class WasiHost {
     return t;
   }
 
-  /** The import table for `wasi_snapshot_preview1`. */
+  /**
+   * The import table for `wasi_snapshot_preview1`. Every i32 argument is unsigned in WASI
+   * (pointers, lengths, fds, ids, flags), but arrives from wasm as a signed number: each one is
+   * taken `>>> 0` here, or a pointer above 2 GiB would look negative (EFAULT for a valid
+   * address) and a clock id of 2^31 or more would pass an `id > 3` check.
+   */
   imports(): Record<string, (...args: never[]) => number | void> {
     const h = this;
     return {
-      args_sizes_get: (argcPtr: number, sizePtr: number) => h.sizes(h.argsBytes, argcPtr, sizePtr),
-      args_get: (argvPtr: number, bufPtr: number) => h.strings(h.argsBytes, argvPtr, bufPtr),
-      environ_sizes_get: (countPtr: number, sizePtr: number) => h.sizes(h.envBytes, countPtr, sizePtr),
-      environ_get: (envPtr: number, bufPtr: number) => h.strings(h.envBytes, envPtr, bufPtr),
-      clock_res_get: (id: number, resPtr: number) => {
+      args_sizes_get: (argcPtr: number, sizePtr: number) => h.sizes(h.argsBytes, argcPtr >>> 0, sizePtr >>> 0),
+      args_get: (argvPtr: number, bufPtr: number) => h.strings(h.argsBytes, argvPtr >>> 0, bufPtr >>> 0),
+      environ_sizes_get: (countPtr: number, sizePtr: number) => h.sizes(h.envBytes, countPtr >>> 0, sizePtr >>> 0),
+      environ_get: (envPtr: number, bufPtr: number) => h.strings(h.envBytes, envPtr >>> 0, bufPtr >>> 0),
+      clock_res_get: (rawId: number, rawResPtr: number) => {
+        const id = rawId >>> 0;
+        const resPtr = rawResPtr >>> 0;
         if (!h.inBounds(resPtr, 8)) return errno.fault;
         if (id > clockid.threadCputime) return errno.inval;
         h.setU64(resPtr, 1000n);
         return errno.success;
       },
-      clock_time_get: (id: number, _precision: bigint, timePtr: number) => {
+      clock_time_get: (rawId: number, _precision: bigint, rawTimePtr: number) => {
+        const id = rawId >>> 0;
+        const timePtr = rawTimePtr >>> 0;
         if (!h.inBounds(timePtr, 8)) return errno.fault;
         if (id === clockid.realtime) h.setU64(timePtr, h.devices.clock.realtimeNs());
         else if (id <= clockid.threadCputime) h.setU64(timePtr, h.devices.clock.monotonicNs());
         else return errno.inval;
         return errno.success;
       },
-      random_get: (ptr: number, len: number) => {
+      random_get: (rawPtr: number, rawLen: number) => {
+        const ptr = rawPtr >>> 0;
+        const len = rawLen >>> 0;
         if (!h.inBounds(ptr, len)) return errno.fault;
         const tmp = Buffer.alloc(len);
         randomFillSync(tmp);
@@ -300,29 +311,29 @@ export class WasiHost {
         h.vcpu.markWrite(ptr, len);
         return errno.success;
       },
-      fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd, iovsPtr, iovsLen, nPtr),
-      fd_read: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdRead(fd, iovsPtr, iovsLen, nPtr),
+      fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
+      fd_read: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdRead(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
       fd_pread: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPread(fd, iovsPtr, iovsLen, offset, nPtr),
+        h.fdPread(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
       fd_pwrite: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPwrite(fd, iovsPtr, iovsLen, offset, nPtr),
-      fd_sync: (fd: number) => h.fdSync(fd),
-      fd_datasync: (fd: number) => h.fdSync(fd),
-      fd_seek: (fd: number, offset: bigint, wh: number, newPtr: number) => h.fdSeek(fd, offset, wh, newPtr),
-      fd_tell: (fd: number, newPtr: number) => h.fdSeek(fd, 0n, whence.cur, newPtr),
-      fd_filestat_get: (fd: number, ptr: number) => h.fdFilestat(fd, ptr),
-      fd_fdstat_get: (fd: number, ptr: number) => h.fdFdstat(fd, ptr),
-      fd_fdstat_set_flags: (fd: number, flags: number) => h.fdSetFlags(fd, flags),
-      fd_close: (fd: number) => h.fdClose(fd),
+        h.fdPwrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
+      fd_sync: (fd: number) => h.fdSync(fd >>> 0),
+      fd_datasync: (fd: number) => h.fdSync(fd >>> 0),
+      fd_seek: (fd: number, offset: bigint, wh: number, newPtr: number) => h.fdSeek(fd >>> 0, offset, wh >>> 0, newPtr >>> 0),
+      fd_tell: (fd: number, newPtr: number) => h.fdSeek(fd >>> 0, 0n, whence.cur, newPtr >>> 0),
+      fd_filestat_get: (fd: number, ptr: number) => h.fdFilestat(fd >>> 0, ptr >>> 0),
+      fd_fdstat_get: (fd: number, ptr: number) => h.fdFdstat(fd >>> 0, ptr >>> 0),
+      fd_fdstat_set_flags: (fd: number, flags: number) => h.fdSetFlags(fd >>> 0, flags >>> 0),
+      fd_close: (fd: number) => h.fdClose(fd >>> 0),
       fd_prestat_get: () => errno.badf,
       fd_prestat_dir_name: () => errno.badf,
-      sock_accept: (fd: number, flags: number, fdPtr: number) => h.sockAccept(fd, flags, fdPtr),
+      sock_accept: (fd: number, flags: number, fdPtr: number) => h.sockAccept(fd >>> 0, flags >>> 0, fdPtr >>> 0),
       sock_recv: (fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number) =>
-        h.sockRecv(fd, iovsPtr, iovsLen, flags, nPtr, roFlagsPtr),
+        h.sockRecv(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, flags >>> 0, nPtr >>> 0, roFlagsPtr >>> 0),
       sock_send: (fd: number, iovsPtr: number, iovsLen: number, _flags: number, nPtr: number) =>
-        h.sockSend(fd, iovsPtr, iovsLen, nPtr),
-      sock_shutdown: (fd: number, how: number) => h.sockShutdown(fd, how),
-      poll_oneoff: (inPtr: number, outPtr: number, n: number, nPtr: number) => h.pollOneoff(inPtr, outPtr, n, nPtr),
+        h.sockSend(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
+      sock_shutdown: (fd: number, how: number) => h.sockShutdown(fd >>> 0, how >>> 0),
+      poll_oneoff: (inPtr: number, outPtr: number, n: number, nPtr: number) => h.pollOneoff(inPtr >>> 0, outPtr >>> 0, n >>> 0, nPtr >>> 0),
       sched_yield: () => {
         h.vcpu.finishRewind();
         if (h.vcpu.pauseRequested()) h.vcpu.startUnwind();
@@ -359,14 +370,15 @@ export class WasiHost {
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
+    // At most limits.fdIoBytesMax: a longer write is short (the iovecs may name all of memory many times).
     if (e.kind === 'stdout' || e.kind === 'stderr') {
-      const data = this.gather();
+      const data = this.gather(limits.fdIoBytesMax);
       this.devices.serial.write(data);
       this.setU32(nPtr, data.byteLength);
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const r = this.diskWriteOrWait(this.gather(), e.pos);
+      const r = this.diskWriteOrWait(this.gather(limits.fdIoBytesMax), e.pos);
       if (r === null) return 0; // unwinding; the call is made again on resume
       if (r.errno !== errno.success) return r.errno;
       e.pos += r.n;
@@ -387,7 +399,7 @@ export class WasiHost {
       return errno.success;
     }
     if (e.kind === 'disk') {
-      const data = new Uint8Array(this.totalLen());
+      const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
       const r = this.diskRead(data, e.pos);
       if (r.errno !== errno.success) return r.errno;
       this.scatter(data.subarray(0, r.n));
@@ -448,7 +460,7 @@ export class WasiHost {
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const data = new Uint8Array(this.totalLen());
+    const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
     const r = this.diskRead(data, Number(offset));
     if (r.errno !== errno.success) return r.errno;
     this.scatter(data.subarray(0, r.n));
@@ -463,7 +475,7 @@ export class WasiHost {
     if (e.kind !== 'disk') return e.kind === 'conn' || e.kind === 'listener' ? errno.spipe : errno.badf;
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
-    const r = this.diskWriteOrWait(this.gather(), Number(offset));
+    const r = this.diskWriteOrWait(this.gather(limits.fdIoBytesMax), Number(offset));
     if (r === null) return 0; // unwinding; the call is made again on resume
     if (r.errno !== errno.success) return r.errno;
     this.setU32(nPtr, r.n);

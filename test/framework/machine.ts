@@ -10,7 +10,7 @@ export async function machineFor(
   t: { after(fn: () => unknown): void },
   guest: string,
   args: string[],
-  opts: { memoryBytes?: number; storeLog?: boolean } = {},
+  opts: { memoryBytes?: number; storeLog?: boolean; drive?: string } = {},
 ): Promise<{ m: Machine; serial: string; serialText(): string }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
   const serial = path.join(dir, 'serial');
@@ -20,7 +20,7 @@ export async function machineFor(
     args: ['guest', ...args],
     env: [],
     serial: { kind: 'file', path: serial },
-    drive: null,
+    drive: opts.drive === undefined ? null : { path: opts.drive, snapshot: false },
   });
   t.after(async () => {
     await m.destroy();
@@ -46,6 +46,24 @@ export function trapGuest(t: { after(fn: () => unknown): void }): string {
       unreachable))`);
   try {
     const file = path.join(dir, 'trap.wasm');
+    fs.writeFileSync(file, m.emitBinary());
+    return file;
+  } finally {
+    m.dispose();
+  }
+}
+
+/**
+ * A guest built from WebAssembly text (`features`: binaryen feature flags beyond MVP), written
+ * to a temporary file; returns its path.
+ */
+export function watGuest(t: { after(fn: () => unknown): void }, name: string, text: string, features?: number): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-wat-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const m = binaryen.parseText(text);
+  try {
+    if (features !== undefined) m.setFeatures(features);
+    const file = path.join(dir, `${name}.wasm`);
     fs.writeFileSync(file, m.emitBinary());
     return file;
   } finally {

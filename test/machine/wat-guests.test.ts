@@ -1,0 +1,279 @@
+/**
+ * Small guests written in WebAssembly text, each the shape of a bug found in review: what the
+ * host does with them (WASI calls, load refusals, pauses) on a real Machine.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import binaryen from 'binaryen';
+import { waitFor, withTimeout } from '../framework/harness.js';
+import { machineFor, watGuest } from '../framework/machine.js';
+import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
+import { Machine } from '../../src/machine/machine.js';
+import { limits } from '../../src/core/limits.js';
+
+const GiB = 1024 * 1024 * 1024;
+
+/** The guest's exit code once it exits; a guest crash rejects, naming it. */
+function exitOf(m: Machine): Promise<number> {
+  return new Promise((resolve, reject) => {
+    m.once('shutdown', resolve);
+    m.once('panicked', (message: string) => reject(new Error(`the guest crashed: ${message}`)));
+  });
+}
+
+test('WASI calls take their i32 arguments unsigned: pointers above 2 GiB work, a clock id of 2^32-1 is EINVAL', async (t) => {
+  const file = watGuest(t, 'big', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $rg (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $ct (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_res_get" (func $cr (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (i32.store (i32.const 0) (memory.grow (i32.const 33000)))
+      (i32.store (i32.const 4) (call $rg (i32.const 0x80001000) (i32.const 16)))
+      (i32.store (i32.const 8) (call $ct (i32.const 0) (i64.const 0) (i32.const 0x80002000)))
+      (i32.store (i32.const 12) (call $ct (i32.const -1) (i64.const 0) (i32.const 0x100)))
+      (i32.store (i32.const 16) (call $cr (i32.const -1) (i32.const 0x100)))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 3 * GiB });
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit'), 0);
+  const w = new Int32Array(m.memory.buffer, 0, 5);
+  assert.notEqual(w[0], -1, 'memory.grow past 2 GiB succeeded');
+  assert.equal(w[1], 0, 'random_get at 0x80001000: success, not EFAULT');
+  assert.equal(w[2], 0, 'clock_time_get at 0x80002000: success, not EFAULT');
+  assert.equal(w[3], 28, 'clock_time_get with clock id 0xffffffff: EINVAL');
+  assert.equal(w[4], 28, 'clock_res_get with clock id 0xffffffff: EINVAL');
+  const random = new Uint8Array(m.memory.buffer, 0x80001000, 16);
+  assert.ok(random.some((b) => b !== 0), 'random_get wrote its 16 bytes at 0x80001000');
+  const ns = new DataView(m.memory.buffer).getBigUint64(0x80002000, true);
+  const now = BigInt(Date.now()) * 1_000_000n;
+  assert.ok(ns > now - 60_000_000_000n && ns <= now + 60_000_000_000n, `clock_time_get wrote the wall clock at 0x80002000 (${ns})`);
+});
+
+test('a guest using memory.atomic.wait is refused at load, naming the instruction; notify alone loads', async (t) => {
+  const atomics = binaryen.Features.MVP | binaryen.Features.Atomics;
+  // Under colo-vm the memory is shared, so this wait would block the vCPU for good (and no
+  // pause could stop it); in the original, unshared memory it traps.
+  for (const [name, wait] of [
+    ['memory.atomic.wait32', '(memory.atomic.wait32 (i32.const 0) (i32.const 0) (i64.const -1))'],
+    ['memory.atomic.wait64', '(memory.atomic.wait64 (i32.const 0) (i64.const 0) (i64.const -1))'],
+  ] as const) {
+    const file = watGuest(t, 'wait', `(module (memory (export "memory") 1 1) (func (export "_start") (drop ${wait})))`, atomics);
+    await assert.rejects(loadGuest(file), (err: unknown) => {
+      assert.ok(err instanceof Error);
+      assert.equal(err.name, 'GuestLoadError');
+      assert.equal((err as { code?: string }).code, 'GUEST_FEATURE');
+      assert.ok(err.message.includes(name), `the message names ${name}: ${err.message}`);
+      return true;
+    });
+  }
+  const notify = watGuest(t, 'notify', `(module (memory (export "memory") 1 1) (func (export "_start") (drop (memory.atomic.notify (i32.const 0) (i32.const 1)))))`, atomics);
+  const { m } = await machineFor(t, notify, []);
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 10000, 'the notify guest to exit'), 0);
+});
+
+test('segments outside the initial memory or table are refused at load, naming the segment; an instantiation failure is a prompt load error', async (t) => {
+  const cases = [
+    // Past the memory: the original fails to instantiate.
+    ['data segment 0 ([1048576, 1048577))', `(module (memory (export "memory") 1) (data (i32.const 1048576) "x") (func (export "_start")))`],
+    // In the pages colo-vm reserves after the initial memory: instantiating would "work" there.
+    ['data segment 0 ([70000, 70001))', `(module (memory (export "memory") 1) (data (i32.const 70000) "x") (func (export "_start")))`],
+    ['element segment 0 (1 entries at 5)', `(module (memory (export "memory") 1) (table 1 funcref) (elem (i32.const 5) $f) (func $f) (func (export "_start")))`],
+  ] as const;
+  for (const [what, text] of cases) {
+    const file = watGuest(t, 'segment', text);
+    await assert.rejects(withTimeout(machineFor(t, file, []), 20000, `the load of a guest with a bad ${what} to fail`), (err: unknown) => {
+      assert.ok(err instanceof Error);
+      assert.equal(err.name, 'GuestLoadError');
+      assert.equal((err as { code?: string }).code, 'GUEST_SEGMENT');
+      assert.ok(err.message.includes(what), `the message names ${what}: ${err.message}`);
+      return true;
+    });
+  }
+  // A module the vCPU cannot instantiate (here an instrumented-looking one whose data segment
+  // lies past the memory): the vCPU's error reply fails the create, with its reason.
+  const crafted = binaryen.parseText(`(module (import "env" "memory" (memory 1 65536 shared)) (export "memory" (memory 0))
+    (data (i32.const 0x1000000) "x") (func (export "_start")))`);
+  crafted.setFeatures(binaryen.Features.MVP | binaryen.Features.Atomics);
+  const wasm = crafted.emitBinary();
+  crafted.dispose();
+  const create = Machine.create({
+    guest: { wasm, moduleHash: 'crafted', instrumentVersion, memory: { initialPages: 1, maximumPages: null }, globals: [], wasiImports: [], dataSegments: [], storeLog: false },
+    memoryBytesMax: 64 * 1024 * 1024, args: ['guest'], env: [], serial: { kind: 'none' }, drive: null,
+  });
+  await assert.rejects(withTimeout(create, 20000, 'Machine.create of a module that cannot be instantiated to fail'), (err: unknown) => {
+    assert.ok(err instanceof Error);
+    assert.equal(err.name, 'GuestLoadError');
+    assert.equal((err as { code?: string }).code, 'GUEST_INSTANTIATE');
+    assert.match(err.message, /cannot be instantiated: .*data segment/i);
+    return true;
+  });
+});
+
+test('fd_write whose iovecs name far more than the guest has writes at most fdIoBytesMax: a short count, no huge host copy, no crash', async (t) => {
+  // 1024 iovecs of 64 MiB each over a 64 MiB guest: 64 GiB named. The host copied all of it
+  // (2 GiB of RSS for 32 iovecs; a RangeError that crashed the guest for 1024).
+  const iovecs = limits.iovecsMax;
+  const file = watGuest(t, 'bigwrite', `(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1024)
+    (func (export "_start") (local $i i32)
+      (loop $l
+        (i32.store (i32.add (i32.const 1024) (i32.mul (local.get $i) (i32.const 8))) (i32.const 0))
+        (i32.store (i32.add (i32.const 1028) (i32.mul (local.get $i) (i32.const 8))) (i32.const 67108864))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $l (i32.lt_u (local.get $i) (i32.const ${iovecs}))))
+      (i32.store (i32.const 0) (call $w (i32.const 1) (i32.const 1024) (i32.const ${iovecs}) (i32.const 8)))))`);
+  const { m, serial } = await machineFor(t, file, [], { memoryBytes: 128 * 1024 * 1024 });
+  const rssBefore = process.memoryUsage().rss;
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit (a panic instead is the bug)'), 0);
+  const rssGrowth = process.memoryUsage().rss - rssBefore;
+  const w = new Uint32Array(m.memory.buffer, 0, 4);
+  assert.equal(w[0], 0, 'fd_write succeeded');
+  assert.equal(w[2], limits.fdIoBytesMax, 'a short write of fdIoBytesMax bytes');
+  assert.equal(fs.statSync(serial).size, limits.fdIoBytesMax, 'the console got exactly those bytes');
+  assert.ok(rssGrowth < 1024 * 1024 * 1024, `RSS grew by ${(rssGrowth / 2 ** 20).toFixed(0)} MiB`);
+});
+
+test('a guest that writes a buffer larger than fdIoBytesMax to the disk, looping over short writes, ends with the whole buffer on disk', async (t) => {
+  const total = 3 * limits.fdIoBytesMax;
+  const words = total / 4;
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(total + 1024 * 1024));
+  // Word k of the buffer (at 1 MiB) is k. [0]: an errno or 1 for no progress; [4]: calls made.
+  const file = watGuest(t, 'diskwrite', `(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") ${(total + 2 * 1024 * 1024) / 65536})
+    (func (export "_start") (local $k i32) (local $done i32) (local $r i32)
+      (loop $fill
+        (i32.store (i32.add (i32.const 0x100000) (i32.shl (local.get $k) (i32.const 2))) (local.get $k))
+        (local.set $k (i32.add (local.get $k) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $k) (i32.const ${words}))))
+      (loop $write
+        (i32.store (i32.const 16) (i32.add (i32.const 0x100000) (local.get $done)))
+        (i32.store (i32.const 20) (i32.sub (i32.const ${total}) (local.get $done)))
+        (local.set $r (call $w (i32.const 4) (i32.const 16) (i32.const 1) (i32.const 24)))
+        (if (local.get $r) (then (i32.store (i32.const 0) (local.get $r)) (return)))
+        (if (i32.eqz (i32.load (i32.const 24))) (then (i32.store (i32.const 0) (i32.const 1)) (return)))
+        (i32.store (i32.const 4) (i32.add (i32.load (i32.const 4)) (i32.const 1)))
+        (local.set $done (i32.add (local.get $done) (i32.load (i32.const 24))))
+        (br_if $write (i32.lt_u (local.get $done) (i32.const ${total}))))))`);
+  const { m } = await machineFor(t, file, [], { drive: image });
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 30000, 'the guest to write its buffer and exit'), 0);
+  const w = new Uint32Array(m.memory.buffer, 0, 2);
+  assert.equal(w[0], 0, 'every write succeeded and made progress');
+  assert.equal(w[1], 3, 'three short writes of fdIoBytesMax');
+  const disk = fs.readFileSync(image);
+  const got = new Uint32Array(disk.buffer, disk.byteOffset, words);
+  let bad = 0;
+  for (let k = 0; k < words; k++) if (got[k] !== k) bad++;
+  assert.equal(bad, 0, 'the disk holds the whole buffer');
+});
+
+/** A guest that grows its memory by 1 MiB, fills it with 0xAB, recurses `depth` calls deep and spins at the bottom ([28] = 1) until [16] is set. */
+function deepGuest(t: { after(fn: () => unknown): void }, depth: number): string {
+  return watGuest(t, `deep${depth}`, `(module (memory (export "memory") 1)
+    (global $sink (mut i32) (i32.const 0))
+    (func $rec (param $n i32) (result i32) (local $a i32) (local $b i32)
+      (local.set $a (i32.mul (local.get $n) (i32.const 3)))
+      (if (i32.eqz (local.get $n))
+        (then (i32.store (i32.const 28) (i32.const 1))
+              (loop $spin (global.set $sink (i32.add (global.get $sink) (i32.const 1))) (br_if $spin (i32.eqz (i32.load (i32.const 16)))))
+              (return (i32.const 1))))
+      (local.set $b (call $rec (i32.sub (local.get $n) (i32.const 1))))
+      (i32.add (local.get $a) (local.get $b)))
+    (func (export "_start") (local $base i32)
+      (local.set $base (i32.mul (memory.grow (i32.const 16)) (i32.const 65536)))
+      (i32.store (i32.const 24) (local.get $base))
+      (memory.fill (local.get $base) (i32.const 0xAB) (i32.const 1048576))
+      (i32.store (i32.const 20) (call $rec (i32.const ${depth})))))`);
+}
+
+test('pausing a guest whose call stack is too deep for the asyncify area writes nothing outside it and crashes the guest cleanly', async (t) => {
+  // 20000 frames of a few locals need several times the area (64 KiB): before, the unwind
+  // wrote the frames past it into guest memory, then trapped outside any handler, the pause
+  // timed out and the machine said it was running.
+  const { m } = await machineFor(t, deepGuest(t, 20000), []);
+  const panics: string[] = [];
+  m.on('panicked', (message: string) => panics.push(message));
+  await m.cont();
+  await waitFor('the guest to reach the bottom of its recursion', () => new Uint32Array(m.memory.buffer)[7] === 1, 20000);
+  const area = [m.layout.asyncifyBase, m.layout.asyncifyBase + m.layout.asyncifyBytes];
+  const before = Buffer.from(m.ram());
+  await m.pause(); // a timeout here (TimeoutError) is the bug
+  const after = Buffer.from(m.ram());
+  assert.equal(after.byteLength, before.byteLength);
+  assert.ok(before.subarray(0, area[0]).equals(after.subarray(0, area[0])), 'guest memory below the asyncify area unchanged');
+  let changed = 0;
+  for (let i = area[1]!; i < after.byteLength; i++) if (after[i] !== before[i]) changed++;
+  assert.equal(changed, 0, 'guest memory above the asyncify area (its grown heap) unchanged');
+  assert.equal(m.runState, 'guest-panicked');
+  assert.equal(m.running, false);
+  assert.equal(panics.length, 1);
+  assert.match(panics[0]!, /call stack is too deep to pause/);
+  await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
+});
+
+test('a guest function whose paused frame would exceed asyncifyFrameBytesMax is refused at load', async (t) => {
+  // Locals live across a call that may pause are all saved in the frame: 8 bytes each.
+  const count = limits.asyncifyFrameBytesMax / 8 + 16;
+  const locals = Array.from({ length: count }, (_, i) => `(local $l${i} i64)`).join(' ');
+  const sets = Array.from({ length: count }, (_, i) => `(local.set $l${i} (i64.load (i32.const ${i * 8})))`).join(' ');
+  let sum = '(i64.const 0)';
+  for (let i = 0; i < count; i++) sum = `(i64.add ${sum} (local.get $l${i}))`;
+  const file = watGuest(t, 'bigframe', `(module (memory (export "memory") 1)
+    (func $f (param $n i32) (result i64) ${locals} ${sets}
+      (if (local.get $n) (then (drop (call $f (i32.sub (local.get $n) (i32.const 1))))))
+      ${sum})
+    (func (export "_start") (i64.store (i32.const 0) (call $f (i32.const 3)))))`);
+  await assert.rejects(loadGuest(file), (err: unknown) => {
+    assert.ok(err instanceof Error);
+    assert.equal((err as { code?: string }).code, 'GUEST_FRAME');
+    assert.match(err.message, /asyncifyFrameBytesMax/);
+    return true;
+  });
+});
+
+test('a guest whose call stack fits the asyncify area pauses and resumes where it was', async (t) => {
+  const depth = 1000;
+  const { m } = await machineFor(t, deepGuest(t, depth), []);
+  await m.cont();
+  await waitFor('the guest to reach the bottom of its recursion', () => new Uint32Array(m.memory.buffer)[7] === 1, 20000);
+  await m.pause();
+  assert.equal(m.runState, 'paused');
+  new Uint32Array(m.memory.buffer)[4] = 1;
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to return from its recursion and exit'), 0);
+  let want = 1;
+  for (let n = 1; n <= depth; n++) want += 3 * n;
+  assert.equal(new Uint32Array(m.memory.buffer)[5], want, 'every frame came back with its locals');
+});
+
+test('a loop whose every iteration fills 64 MiB can be paused: bulk memory operations count against the preemption budget by size', async (t) => {
+  // The budget counted iterations only: 20000 fills of 64 MiB before the next preemption point.
+  const file = watGuest(t, 'fillloop', `(module (memory (export "memory") 1024)
+    (func (export "_start")
+      (loop $l (memory.fill (i32.const 0) (i32.const 0) (i32.const 67108864)) (br $l))))`);
+  for (const storeLog of [false, true]) {
+    const { m } = await machineFor(t, file, [], { storeLog, memoryBytes: 128 * 1024 * 1024 });
+    await m.cont();
+    await new Promise((r) => setTimeout(r, 100));
+    await m.pause(); // rejects with a TimeoutError after limits.pauseTimeoutMs without the charge
+    assert.equal(m.runState, 'paused', `storeLog ${storeLog}`);
+    await m.cont();
+    await m.pause();
+    assert.equal(m.runState, 'paused', `storeLog ${storeLog}, a second time`);
+  }
+});
