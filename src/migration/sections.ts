@@ -16,6 +16,8 @@ const zeroPage = Buffer.alloc(pageBytes);
 
 export interface SetupInfo {
   moduleHash: string;
+  /** The guest instrumentation's version: a paused call stack resumes only under the same. */
+  instrumentVersion: number;
   memoryPages: number;
   reservedPages: number;
   storeLog: boolean;
@@ -26,6 +28,7 @@ export interface SetupInfo {
 export function setupOf(m: Machine, extra: Record<string, unknown> = {}): SetupInfo {
   return {
     moduleHash: m.guest.moduleHash,
+    instrumentVersion: m.guest.instrumentVersion,
     memoryPages: m.ramPages(),
     reservedPages: m.layout.reservedPages,
     storeLog: m.layout.storeLog,
@@ -40,6 +43,14 @@ export function applySetup(m: Machine, frame: Frame): SetupInfo {
   const moduleHash = typeof s.moduleHash === 'string' ? s.moduleHash : '';
   if (moduleHash !== m.guest.moduleHash) {
     throw new RestoreError('STATE_WRONG_MODULE', `the state belongs to guest module ${moduleHash.slice(0, 16) || '?'}…, not to this one (${m.guest.moduleHash.slice(0, 16)}…)`);
+  }
+  // The state's paused call stack is asyncify frames laid out by the instrumentation that
+  // made them (locals by index): another version would resume them with wrong locals.
+  if (s.instrumentVersion !== m.guest.instrumentVersion) {
+    throw new RestoreError(
+      'STATE_INSTRUMENT',
+      `the state was made by a build whose guest instrumentation is version ${typeof s.instrumentVersion === 'number' ? s.instrumentVersion : 'unknown'}, this one's is ${m.guest.instrumentVersion}: its paused guest cannot be resumed here`,
+    );
   }
   let memoryPages: number;
   let reservedPages: number;
@@ -61,7 +72,7 @@ export function applySetup(m: Machine, frame: Frame): SetupInfo {
     if (size !== m.disk.sizeBytes) throw new RestoreError('STATE_DISK', `the state's disk is ${String(size)} bytes, this drive is ${m.disk.sizeBytes}`);
   }
   m.growRamTo(memoryPages);
-  return { ...s, moduleHash, memoryPages, reservedPages, storeLog: m.layout.storeLog, disk: disk as SetupInfo['disk'] };
+  return { ...s, moduleHash, instrumentVersion: m.guest.instrumentVersion, memoryPages, reservedPages, storeLog: m.layout.storeLog, disk: disk as SetupInfo['disk'] };
 }
 
 export function isZeroPage(ram: Uint8Array, page: number): boolean {

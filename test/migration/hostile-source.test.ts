@@ -195,3 +195,22 @@ test('a source refused at setup: the spare multifd receivers end with the sessio
     }), 5000);
   }
 });
+
+test('a source whose guest instrumentation is another version is refused at setup: its paused call stack would resume with wrong locals', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 0 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(0);
+  src.json(FrameType.setup, { ...setupOf(m), instrumentVersion: m.guest.instrumentVersion - 1 });
+  const r = await src.reply();
+  assert.equal(r.kind, 'error');
+  assert.match(String(r.message), new RegExp(`guest instrumentation is version ${m.guest.instrumentVersion - 1}, this one's is ${m.guest.instrumentVersion}`));
+  await failedWith(d, 'STATE_INSTRUMENT');
+  const { instrumentVersion: _v, ...older } = setupOf(m);
+  const d2 = await destination(t, m, { channels: 0 });
+  const src2 = await ScriptedSource.connect(t, d2.port);
+  src2.hello(0);
+  src2.json(FrameType.setup, older);
+  assert.match(String((await src2.reply()).message), /version unknown/);
+  await failedWith(d2, 'STATE_INSTRUMENT');
+});
