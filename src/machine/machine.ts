@@ -270,7 +270,7 @@ export class Machine extends EventEmitter {
     }
     if (!this.vcpuRunning) {
       // A guest that exited or crashed stays so (as QEMU's stop on a stopped VM changes nothing).
-      if (this.state === 'shutdown' || this.state === 'guest-panicked') return null;
+      if (this.state === 'shutdown' || this.state === 'guest-panicked' || this.state === 'internal-error') return null;
       if (next !== 'paused' || this.state !== 'prelaunch') this.state = next;
       return save ? this.saveVcpu() : null;
     }
