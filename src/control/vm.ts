@@ -200,7 +200,10 @@ export class Vm extends EventEmitter {
    * (it waits inside the guest's write) and becomes paused, as before.
    */
   async stop(): Promise<void> {
-    if (this.machine.runState === 'inmigrate') {
+    // Until the incoming migration ends (its state loaded, waiting for the source's `go`, the
+    // run state is already paused), the VM is the destination's to start: only autostart.
+    const incoming = this.migration.incoming;
+    if (this.machine.runState === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
       this.autostart = false;
       return;
     }
