@@ -319,10 +319,32 @@ export class FrontEnd extends EventEmitter {
     this.conns.clear();
   }
 
+  /**
+   * Stop serving: the address is free when this resolves. Connections the guest still holds
+   * are reset. A socket of a connection the guest already closed still owes its client the
+   * last output if Node holds some of it: it goes on sending, within its linger (a switchover
+   * would otherwise cut off a reply the guest has sent and forgotten); the others are reset
+   * (what the kernel holds still goes out, then the FIN).
+   */
   async close(): Promise<void> {
-    this.resetAll();
+    const owing = new Set<net.Socket>();
+    for (const sock of this.sockets) if (!this.isLive(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
+    for (const sock of this.sockets) if (!owing.has(sock)) sock.destroy();
+    this.sockets.clear();
+    this.conns.clear();
     const s = this.server;
     this.server = null;
-    if (s !== null) await new Promise<void>((r) => s.close(() => r()));
+    if (s === null) return;
+    if (owing.size === 0) {
+      await new Promise<void>((r) => s.close(() => r()));
+      return;
+    }
+    // The listening socket closes at once; only the callback waits for the owing sockets.
+    s.close();
+  }
+
+  private isLive(sock: net.Socket): boolean {
+    for (const c of this.conns.values()) if (c.socket === sock) return true;
+    return false;
   }
 }

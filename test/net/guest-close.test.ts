@@ -138,3 +138,45 @@ test('front end: the socket of a connection the guest closed ends with the clien
   await withTimeout(fe2.close(), 5000, "the front end's close with a lingering socket");
   assert.equal(fe2.openSockets(), 0);
 });
+
+test('front end: close() frees the address at once, and the last output of a connection the guest closed still reaches its slow client', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
+  await fe.listen();
+  const port = fe.boundPort();
+  const slow = net.connect({ port, host: '127.0.0.1' });
+  slow.on('error', () => undefined);
+  slow.pause(); // reads nothing until the front end is closed
+  const live = net.connect({ port, host: '127.0.0.1' });
+  live.on('error', () => undefined);
+  let liveClosed = false;
+  live.on('close', () => (liveClosed = true));
+  t.after(() => {
+    slow.destroy();
+    live.destroy();
+  });
+  await waitFor('two open events', () => events.filter((e) => e.kind === 'open').length === 2, 5000);
+  const [connSlow] = events.filter((e) => e.kind === 'open').map((e) => e.conn);
+  // More than the kernel's buffers hold: part of it stays in Node's, as after a large reply.
+  const reply = Buffer.alloc(32 * 1024 * 1024);
+  for (let i = 0; i < reply.length; i += 4096) reply.writeUInt32BE(i, i);
+  fe.deliver({ kind: 'out', conn: connSlow!, offset: 0, bytes: reply });
+  fe.deliver({ kind: 'close', conn: connSlow!, offset: reply.length });
+  await withTimeout(fe.close(), 5000, "the front end's close");
+  // The address is free for the next owner (a takeover, the migration's destination).
+  const next = net.createServer();
+  await new Promise<void>((resolve, reject) => {
+    next.once('error', reject);
+    next.listen({ host: '127.0.0.1', port, exclusive: true }, resolve);
+  });
+  await new Promise<void>((resolve) => next.close(() => resolve()));
+  await waitFor('the live connection to be reset', () => liveClosed, 5000);
+  // The slow client now reads: the whole reply, then the FIN.
+  const got: Buffer[] = [];
+  let ended = false;
+  slow.on('data', (d: Buffer) => got.push(d));
+  slow.on('end', () => (ended = true));
+  slow.resume();
+  await waitFor("the slow client's whole reply and FIN", () => ended, 20000);
+  assert.ok(Buffer.concat(got).equals(reply), `the reply arrived whole (${Buffer.concat(got).length} of ${reply.length} bytes)`);
+});
