@@ -29,7 +29,8 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import { isDeepStrictEqual } from 'node:util';
-import { mkdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
+import { constants as fsConstants } from 'node:fs';
+import { mkdir, open, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { GuestLoadError, errorMessage } from '../core/errors.js';
@@ -245,8 +246,11 @@ async function readCacheEntry(dir: string, moduleHash: string, storeLog: boolean
   let wasm: Uint8Array;
   let meta: unknown;
   try {
-    wasm = new Uint8Array(await readFile(join(dir, `${key}.wasm`)));
-    meta = JSON.parse(await readFile(join(dir, `${key}.json`), 'utf8'));
+    const w = await readOwnFile(join(dir, `${key}.wasm`), limits.guestModuleBytesMax * 4);
+    const j = w === null ? null : await readOwnFile(join(dir, `${key}.json`), limits.guestModuleBytesMax);
+    if (w === null || j === null) return null;
+    wasm = new Uint8Array(w);
+    meta = JSON.parse(j.toString('utf8'));
   } catch {
     return null;
   }
@@ -272,6 +276,32 @@ async function readCacheEntry(dir: string, moduleHash: string, storeLog: boolean
 }
 
 /** Writes `data` to `path` atomically (temporary file in the same directory, then rename). */
+/**
+ * A cache file's bytes, or null unless it is a regular file (not a FIFO, device or symlink:
+ * a read of those could block or never end) of at most `maxBytes`, owned by this process's
+ * user and writable by nobody else. The hash in the metadata proves nothing about who wrote
+ * both files: an entry another user planted in a shared cache folder would run as the guest.
+ */
+async function readOwnFile(path: string, maxBytes: number): Promise<Buffer | null> {
+  let fh;
+  try {
+    fh = await open(path, fsConstants.O_RDONLY | fsConstants.O_NOFOLLOW | fsConstants.O_NONBLOCK);
+  } catch {
+    return null;
+  }
+  try {
+    const st = await fh.stat();
+    const uid = process.getuid?.();
+    if (!st.isFile() || st.size > maxBytes || (uid !== undefined && st.uid !== uid) || (st.mode & 0o022) !== 0) return null;
+    const data = await fh.readFile();
+    return data.byteLength > maxBytes ? null : data;
+  } catch {
+    return null;
+  } finally {
+    await fh.close().catch(() => undefined);
+  }
+}
+
 async function writeAtomic(path: string, data: Uint8Array | string): Promise<void> {
   const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
   try {
