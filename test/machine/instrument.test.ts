@@ -846,3 +846,37 @@ test('slowdown of instrumented code (printed, not asserted)', () => {
   }
   console.log(`# loop of ${n} iterations: ${results.join(', ')}`);
 });
+
+test("loadGuest trusts only cache files of this user's, writable by no one else, and regular: another's entry or a FIFO is replaced, not run or read", async (t) => {
+  const dir = await mkdtemp(join(tmpdir(), 'colo-instrument-'));
+  t.after(() => rm(dir, { recursive: true, force: true }));
+  const guestPath = join(dir, 'guest.wasm');
+  await writeFile(guestPath, wat(recursionWat(3, 12)));
+  const first = await loadGuest(guestPath);
+  const cacheDir = cacheDirs(guestPath)[0]!;
+  const wasmPath = join(cacheDir, `${first.moduleHash}-${first.instrumentVersion}-0.wasm`);
+  const jsonPath = wasmPath.replace(/\.wasm$/, '.json');
+  const { chown, chmod } = await import('node:fs/promises');
+  const { execFileSync } = await import('node:child_process');
+  const uid = process.getuid!();
+  const other = uid === 0 ? 65534 : uid; // as root (CI), the entry can be given to nobody
+
+  if (uid === 0) {
+    // An intact entry that another user wrote: not trusted, so rebuilt and rewritten as ours.
+    await chown(wasmPath, other, other);
+    await chown(jsonPath, other, other);
+    assert.deepEqual(await loadGuest(guestPath), first);
+    assert.equal((await stat(wasmPath)).uid, uid, "another user's entry was replaced by this user's");
+  }
+  // Writable by the group: anyone in it could have replaced the module.
+  await chmod(wasmPath, 0o664);
+  assert.deepEqual(await loadGuest(guestPath), first);
+  assert.equal((await stat(wasmPath)).mode & 0o022, 0, 'the group-writable entry was replaced');
+  // A FIFO where the module should be: a plain read would block for ever.
+  await rm(wasmPath);
+  execFileSync('mkfifo', [wasmPath]);
+  const loaded = await Promise.race([loadGuest(guestPath), new Promise<'hung'>((resolve) => setTimeout(() => resolve('hung'), 30000).unref())]);
+  assert.notEqual(loaded, 'hung', 'loadGuest did not hang on a FIFO in the cache');
+  assert.deepEqual(loaded, first);
+  assert.ok((await stat(wasmPath)).isFile(), 'the FIFO was replaced by the entry');
+});
