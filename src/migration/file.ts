@@ -17,11 +17,38 @@ export interface FileSaveStats {
   diskBlocks: number;
 }
 
+/**
+ * Where a state for `path` is written: the file a symbolic link names (the link stays), and
+ * the mode an existing file has. The state goes to a new file renamed over the old one, so the
+ * target must be a regular file or not exist yet: renaming over a device, a FIFO or a socket
+ * would replace it (as root, /dev/full or /dev/null) with a regular file.
+ */
+function stateTarget(path: string): { target: string; mode: number | null } {
+  let target = path;
+  let st: fs.Stats | null = null;
+  try {
+    st = fs.statSync(path);
+    target = fs.realpathSync(path);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw new MigrationError('FILE_OPEN', `cannot create '${path}': ${(err as Error).message}`);
+    if (fs.lstatSync(path, { throwIfNoEntry: false })?.isSymbolicLink() === true) {
+      throw new MigrationError('FILE_OPEN', `cannot create '${path}': it is a symbolic link to nothing`);
+    }
+  }
+  if (st !== null && !st.isFile()) {
+    throw new MigrationError('FILE_OPEN', `cannot write a state to '${path}': it is not a regular file (a state is written to a new file that then replaces it)`);
+  }
+  return { target, mode: st === null ? null : st.mode & 0o7777 };
+}
+
 export function saveMachineToFile(m: Machine, vcpu: Awaited<ReturnType<Machine['saveVcpu']>>, path: string): FileSaveStats {
-  const tmp = `${path}.tmp-${process.pid}`;
+  const { target, mode } = stateTarget(path);
+  const tmp = `${target}.tmp-${process.pid}`;
   let fd: number;
   try {
-    fd = fs.openSync(tmp, 'w');
+    fd = fs.openSync(tmp, 'w', 0o600);
+    // The replaced file's mode is kept (a file made private stays private).
+    if (mode !== null) fs.fchmodSync(fd, mode);
   } catch (err) {
     throw new MigrationError('FILE_OPEN', `cannot create '${path}': ${(err as Error).message}`);
   }
@@ -65,7 +92,7 @@ export function saveMachineToFile(m: Machine, vcpu: Awaited<ReturnType<Machine['
     write(enc.json(FrameType.end, { pages: pageCount, diskBlocks: blocks.length }));
     fs.fsyncSync(fd);
     fs.closeSync(fd);
-    fs.renameSync(tmp, path);
+    fs.renameSync(tmp, target);
     return { bytes, normalPages: normal, zeroPages: zero, diskBlocks: blocks.length };
   } catch (err) {
     try {

@@ -1,0 +1,40 @@
+/**
+ * `migrate uri=file:PATH` writes the state to a new file and renames it over PATH. So PATH must
+ * be a regular file or new: a device or a FIFO there is refused (renaming over it replaced it,
+ * as root even /dev/null), a symbolic link keeps pointing at the state, and an existing file
+ * keeps its mode.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { execFileSync } from 'node:child_process';
+import { TestEnv, guests } from '../framework/harness.js';
+
+test('migrate to file: a FIFO is refused and the VM runs on; a symlink stays a link to the state; a private file stays private', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '16M'] });
+
+  const fifo = env.file('state.fifo');
+  execFileSync('mkfifo', [fifo]);
+  await vm.qmp.execute('migrate', { uri: `file:${fifo}` });
+  const failed = await vm.waitMigrationStatus('failed', 10000);
+  assert.match(String(failed['error-desc']), /it is not a regular file/);
+  assert.ok(fs.statSync(fifo).isFIFO(), 'the FIFO is still a FIFO');
+  assert.equal(await vm.status(), 'running');
+
+  const real = env.file('real.state');
+  fs.writeFileSync(real, 'old', { mode: 0o600 });
+  fs.chmodSync(real, 0o600);
+  const link = env.file('link.state');
+  fs.symlinkSync(real, link);
+  await vm.qmp.execute('migrate', { uri: `file:${link}` });
+  await vm.waitMigrationStatus('completed', 20000);
+  assert.ok(fs.lstatSync(link).isSymbolicLink(), 'the link is still a link');
+  assert.ok(fs.statSync(real).size > 1000, 'the state is in the file the link names');
+  assert.equal(fs.statSync(real).mode & 0o777, 0o600, 'the replaced file kept its mode');
+  assert.deepEqual(vm.errorLines().filter((l) => !/migration failed/.test(l)), []);
+
+  // The state restores.
+  const restored = await env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '16M', '--incoming', `file:${link}`] });
+  assert.equal(await restored.status(), 'running');
+});
