@@ -1,5 +1,5 @@
 import fs from 'node:fs';
-import { UsageError } from '../core/errors.js';
+import { UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { parseSize } from './options.js';
 
@@ -20,12 +20,27 @@ export function imgCommand(argv: string[]): number {
   if (size % limits.diskBlockBytes !== 0 || size > limits.diskBytesMax) {
     throw new UsageError('BAD_OPTION', `SIZE must be a multiple of ${limits.diskBlockBytes} bytes and at most ${limits.diskBytesMax}`);
   }
-  if (fs.existsSync(file)) {
+  // lstat, not exists: a symbolic link to nothing is there too (open would refuse it).
+  if (fs.lstatSync(file, { throwIfNoEntry: false }) !== undefined) {
     if (ifMissing) return 0;
     throw new UsageError('BAD_OPTION', `'${file}' exists (use --if-missing to keep it)`);
   }
-  const fd = fs.openSync(file, 'wx');
-  fs.ftruncateSync(fd, size);
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'wx');
+  } catch (err) {
+    // Made meanwhile by another `--if-missing` run: that one is the image.
+    if (ifMissing && (err as NodeJS.ErrnoException).code === 'EEXIST') return 0;
+    throw new UsageError('IMG_CREATE', `cannot create '${file}': ${errorMessage(err)}`);
+  }
+  try {
+    fs.ftruncateSync(fd, size);
+  } catch (err) {
+    // No image of the wrong size is left behind (a later --if-missing would keep it).
+    fs.closeSync(fd);
+    fs.rmSync(file, { force: true });
+    throw new UsageError('IMG_CREATE', `cannot make '${file}' ${size} bytes long: ${errorMessage(err)}`);
+  }
   fs.closeSync(fd);
   process.stdout.write(`Formatting '${file}', fmt=raw size=${size}\n`);
   return 0;

@@ -64,6 +64,38 @@ test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in on
   }
 });
 
+test('colo img create: a folder that is not there, or a size the file cannot take, is one clear line and leaves no image', async (t) => {
+  const env = new TestEnv(t);
+  const r = await colo(['img', 'create', env.file('nodir/x.img'), '1M']);
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, /cannot create '.*nodir\/x\.img': ENOENT/);
+  assert.doesNotMatch(r.stderr, /internal error/);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+  // A file-size limit below the image size: ftruncate fails; no 0-byte image stays behind
+  // for a later --if-missing to keep.
+  const big = env.file('big.img');
+  const u = await runProgram('bash', ['-c', `ulimit -f 100 && exec "${process.execPath}" "${coloBin}" img create "${big}" 64M`], { timeoutMs: 30000 });
+  assert.notEqual(u.code, 0);
+  assert.match(u.stderr, /cannot make '.*big\.img' 67108864 bytes long/);
+  assert.ok(!fs.existsSync(big), 'no image of the wrong size is left');
+  // A symbolic link to nothing is something that exists: refused, or kept with --if-missing.
+  const dangling = env.file('dangling.img');
+  fs.symlinkSync(env.file('nowhere'), dangling);
+  const d = await colo(['img', 'create', dangling, '1M']);
+  assert.match(d.stderr, /exists \(use --if-missing/);
+  assert.equal((await colo(['img', 'create', '--if-missing', dangling, '1M'])).code, 0);
+});
+
+test('colo migrate with a --target-qmp that cannot be reached says so and exits, leaving the source as it was', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '16M'] });
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${vm.qmpPath}`, 'tcp:127.0.0.1:1', '--target-qmp', `unix:${env.file('none.qmp')}`], { timeoutMs: 20000 });
+  assert.notEqual(r.code, 0, `exited with ${r.code}`);
+  assert.match(r.stderr, /cannot connect to unix:.*none\.qmp/);
+  assert.equal(await vm.status(), 'running');
+  assert.equal(await vm.migrationStatus(), 'none');
+});
+
 test('bad options get one clear line and a non-zero exit', async () => {
   const cases: [string[], RegExp][] = [
     [['run', guests.spin, '--memory', 'banana'], /--memory: 'banana' is not a size/],
