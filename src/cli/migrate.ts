@@ -111,7 +111,14 @@ export function progressLine(info: Info, width = 24): string {
 export async function migrateCommand(argv: string[]): Promise<number> {
   const o = parseMigrateArgs(argv);
   const src = await QmpClient.connect(o.source);
-  const dst = o.target === null ? null : await QmpClient.connect(o.target);
+  let dst: QmpClient | null = null;
+  try {
+    dst = o.target === null ? null : await QmpClient.connect(o.target);
+  } catch (e) {
+    // Its open connection would keep this process alive (and hold one of the source's slots).
+    await src.close().catch(() => undefined);
+    throw e;
+  }
   const err = process.stderr;
   try {
     const caps = [{ capability: 'multifd', state: o.parallel }];
