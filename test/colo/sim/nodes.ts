@@ -41,13 +41,24 @@ export interface World {
   snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void;
   /** The secondary finished applying checkpoint ck (invariant 3 is checked now). */
   applied(ck: number): void;
+  /** The SVM wrote a page or a disk block of its own (kept until the next apply, committed at a takeover). */
+  svmWrote(what: 'page' | 'block', i: number, v: Val): void;
+  /** An SVM tick ended: its device state is its own from here on. */
+  svmTicked(device: Device): void;
+  /** The secondary starts serving after its failover: its state is checked now. */
+  takeover(): void;
+  /**
+   * The secondary's frame loop reads on after a broken channel (the core must still drop the
+   * rest of that checkpoint: the driver stopping there is one guard, the core the other).
+   */
+  readonly readOnAfterBreak: boolean;
   checkpointDone(): void;
   /** VMSTATE_RECEIVED on the primary: the compare released the held output. */
   released(): void;
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'readAfterBreak' | 'ignoreDelaySet';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'ignoreDelaySet';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -309,8 +320,6 @@ export class SecondaryNode implements Endpoint {
   private readonly ownDirty = new Set<number>();
   private readonly pendingBlocks = new Map<number, Val>();
   private device: { ck: number; dev: Device } | null = null;
-  /** The last checkpoint whose state (pages, blocks, device blob) arrived whole. */
-  fullyReceived = 0;
   appliedCk = 0;
   private readonly inbox: Wire[] = [];
   private frameWaiter: Signal<void> | null = null;
@@ -333,8 +342,12 @@ export class SecondaryNode implements Endpoint {
     this.cache = [...ram];
     this.guest = new Guest(w.sim, this.owner, () => w.rnd(), ram, device, new Disk(disk), {
       tag: () => ({ src: 'S', ck: -1 }),
-      page: (p) => this.ownDirty.add(p),
-      block: () => undefined,
+      page: (p) => {
+        this.ownDirty.add(p);
+        w.svmWrote('page', p, this.guest.ram[p]!);
+      },
+      block: (b) => w.svmWrote('block', b, this.guest.disk.read(b)),
+      ticked: () => w.svmTicked(this.guest.device),
     });
     this.chain = spawn(w.sim, this.owner, (function* () {})());
   }
@@ -409,7 +422,7 @@ export class SecondaryNode implements Endpoint {
         if (err instanceof ChannelClosed) {
           // As driver.ts: nothing after a broken channel is read.
           yield* settle(this.dispatch({ type: 'linkLost', message }));
-          if (this.broken !== 'readAfterBreak') return;
+          if (!this.w.readOnAfterBreak) return;
         } else yield* settle(this.dispatch({ type: 'protocolError', message }));
         if (this.finishing) return;
       }
@@ -431,7 +444,6 @@ export class SecondaryNode implements Endpoint {
         return;
       case 'device':
         this.device = { ck: f.ck, dev: { ...f.dev } };
-        this.fullyReceived = f.ck;
         return;
       case 'colo':
         return;
@@ -543,6 +555,7 @@ export class SecondaryNode implements Endpoint {
             if (self.broken !== 'takeoverPaused') g.start();
             self.serving = true; // startFrontEnd
             w.trace('S serves clients');
+            w.takeover();
           }),
         );
         return { type: 'failoverDone' };
