@@ -9,7 +9,8 @@
  * serves), 5 (the survivor of a failover runs, done and completed, in bounded time; a lost
  * heartbeat on a live secondary is carried out or refused), 1 as far as a secondary whose apply
  * broke off (a full disk) never runs or serves, and liveness before any fault (checkpoints at the
- * delay in effect: a shorter one set by management takes effect at once).
+ * delay in effect: a shorter one set by management takes effect at once; the PVM runs between
+ * any two checkpoints and at the end).
  *
  * COLO_SIM_SEED=n runs seed n alone (COLO_SIM_TRACE=1 prints its whole trace);
  * COLO_SIM_SEEDS=n runs n seeds (default 500).

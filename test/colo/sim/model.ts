@@ -87,6 +87,9 @@ export interface GuestHooks {
 export class Guest {
   running = false;
   private gen = 0;
+  /** Simulated time spent running before the current run (liveness: the PVM must run between checkpoints). */
+  private ranBeforeMs = 0;
+  private runningSince = 0;
 
   constructor(
     private readonly sim: Sim,
@@ -101,13 +104,20 @@ export class Guest {
   start(): void {
     if (this.running) return;
     this.running = true;
+    this.runningSince = this.sim.now;
     const gen = ++this.gen;
     this.sim.after(TICK_MS, () => this.tick(gen), this.owner);
   }
 
   stop(): void {
+    if (this.running) this.ranBeforeMs += this.sim.now - this.runningSince;
     this.running = false;
     this.gen += 1;
+  }
+
+  /** How long the guest has run so far, in simulated ms. */
+  get ranMs(): number {
+    return this.ranBeforeMs + (this.running ? this.sim.now - this.runningSince : 0);
   }
 
   private tick(gen: number): void {

@@ -235,6 +235,11 @@ class SimWorld implements World {
   violation: Violation | null = null;
   faultFired = false;
   lastCheckpointAt = 0;
+  /** When the PVM last paused for a checkpoint, and how long it had run by then. */
+  lastPauseAt = 0;
+  ranAtLastPause = 0;
+  /** The last step after which the PVM was running. */
+  pvmRunningAt = 0;
   /** x-checkpoint-delay in effect, and when management last changed it. */
   delayMs: number;
   delayChangedAt = 0;
@@ -378,6 +383,11 @@ class SimWorld implements World {
 
   snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void {
     this.snaps.set(ck, { ck, ram: [...ram], device: { ...device }, disk: [...disk] });
+    // Liveness: without faults the PVM runs between checkpoints (COLO start counts as one).
+    const ran = this.P.guest.ranMs;
+    if (!this.faultFired && ran <= this.ranAtLastPause) this.violate('liveness', `the PVM paused for checkpoint ${ck} without having run since ${ck === 1 ? 'COLO started' : `its pause for checkpoint ${ck - 1}`} (t=${this.lastPauseAt.toFixed(3)}), with no fault injected`);
+    this.lastPauseAt = this.sim.now;
+    this.ranAtLastPause = ran;
     this.snaps.delete(ck - 3);
   }
 
@@ -552,6 +562,10 @@ class SimWorld implements World {
     }
     if (!this.faultFired && this.triggerAt !== null && now - this.triggerAt > TRIGGER_MS) {
       this.violate('liveness', `a compare trigger at t=${this.triggerAt.toFixed(3)} got no checkpoint (no VMSTATE_RECEIVED) by t=${now.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
+    }
+    if (P.guest.running) this.pvmRunningAt = now;
+    if (final && !this.faultFired && now - this.pvmRunningAt > this.delayMs + LIVE_MS) {
+      this.violate('liveness', `at the end the PVM has not run since t=${this.pvmRunningAt.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms), with no fault injected`);
     }
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
