@@ -86,6 +86,8 @@ export interface GuestHooks {
  */
 export class Guest {
   running = false;
+  /** The guest panicked: it stays stopped for good (run state guest-panicked). */
+  crashed = false;
   private gen = 0;
   /** Simulated time spent running before the current run (liveness: the PVM must run between checkpoints). */
   private ranBeforeMs = 0;
@@ -102,7 +104,7 @@ export class Guest {
   ) {}
 
   start(): void {
-    if (this.running) return;
+    if (this.running || this.crashed) return;
     this.running = true;
     this.runningSince = this.sim.now;
     const gen = ++this.gen;
@@ -113,6 +115,11 @@ export class Guest {
     if (this.running) this.ranBeforeMs += this.sim.now - this.runningSince;
     this.running = false;
     this.gen += 1;
+  }
+
+  crash(): void {
+    this.stop();
+    this.crashed = true;
   }
 
   /** How long the guest has run so far, in simulated ms. */
