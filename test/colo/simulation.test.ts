@@ -1,13 +1,21 @@
 /**
  * The seeded simulation of COLO (ARCHITECTURE §5, §7): the real PrimaryCore and SecondaryCore
  * from src/colo/core.ts, driven as driver.ts drives them, over a simulated channel and clock,
- * with model guests; crashes, link breaks and x-colo-lost-heartbeat injected at random times
- * (often mid-checkpoint), and x-checkpoint-delay changed at random times in some runs. After every step: invariant 2 (no page of a checkpoint not fully
- * received in SVM RAM), 3 (after an apply the SVM equals the PVM at its pause), 4 (one node
- * serves), 5 (the survivor of a failover runs, done and completed, in bounded time; a lost
- * heartbeat on a live secondary is carried out or refused), 1 as far as a secondary whose apply
- * broke off (a full disk) never runs or serves, and liveness before any fault (checkpoints at the
- * delay in effect: a shorter one set by management takes effect at once).
+ * with model guests. Injected at random (often mid-checkpoint, sometimes during a failover):
+ * crashes, link breaks, x-colo-lost-heartbeat, broken applies, a panicking PVM guest, the
+ * primary's process exiting (close), a protocol error on the primary, a secondary whose start
+ * fails; compare triggers include resync; x-checkpoint-delay changes in some runs; the primary
+ * closes at the end of every run. After every step: invariant 2 (no page of a checkpoint not
+ * fully delivered to the secondary — the world decides that from the wire, not the node — in
+ * SVM RAM), 3 (after an apply the SVM equals the PVM at its pause; when it takes over it holds
+ * the last checkpoint it applied plus only its own writes since), 4 (one node serves; a
+ * secondary serves only after x-colo-lost-heartbeat), 5 (the survivor of a failover runs, done
+ * and completed, in bounded time; one COLO_EXIT per node; a lost heartbeat on a live secondary
+ * is carried out or refused; a failed start or a protocol error leaves the primary alone), 1 as
+ * far as a secondary whose apply broke off never runs or serves and a crashed PVM releases no
+ * held output; core.ts's outcomes for guestCrashed, close and startFailed; and liveness before
+ * any fault (checkpoints at the delay in effect, a shorter one taking effect at once; the PVM
+ * runs between any two checkpoints and at the end; lost mirrored input gets a checkpoint).
  *
  * COLO_SIM_SEED=n runs seed n alone (COLO_SIM_TRACE=1 prints its whole trace);
  * COLO_SIM_SEEDS=n runs n seeds (default 500).
@@ -122,8 +130,9 @@ test('colo simulation: a frame loop that reads on after a multifd channel broke 
       delayMs: 50,
       triggerMeanMs: null,
       faults: [{ kind: 'breakLink', trigger: { hook: 'P.stateSent', nth: 1 + (seed % 4) }, delay: 0.3, noticeP: 0.5, noticeS: 30, drain: 'pagesLost', hb: null, hbTwice: false }],
+      readOnAfterBreak: true,
     };
-    const res = runSeed({ seed, scenario, broken: 'readAfterBreak' });
+    const res = runSeed({ seed, scenario });
     if (res.violation !== null) assert.fail(describeFailure(res));
     if (res.stats.droppedAfterBreak) dropped += 1;
   }

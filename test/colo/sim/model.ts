@@ -74,6 +74,8 @@ export interface GuestHooks {
   tag(): { src: 'P' | 'S'; ck: number };
   page(p: number): void;
   block(b: number): void;
+  /** A tick ended (its device state, pages and block are written). */
+  ticked?(): void;
 }
 
 /**
@@ -84,7 +86,12 @@ export interface GuestHooks {
  */
 export class Guest {
   running = false;
+  /** The guest panicked: it stays stopped for good (run state guest-panicked). */
+  crashed = false;
   private gen = 0;
+  /** Simulated time spent running before the current run (liveness: the PVM must run between checkpoints). */
+  private ranBeforeMs = 0;
+  private runningSince = 0;
 
   constructor(
     private readonly sim: Sim,
@@ -97,15 +104,27 @@ export class Guest {
   ) {}
 
   start(): void {
-    if (this.running) return;
+    if (this.running || this.crashed) return;
     this.running = true;
+    this.runningSince = this.sim.now;
     const gen = ++this.gen;
     this.sim.after(TICK_MS, () => this.tick(gen), this.owner);
   }
 
   stop(): void {
+    if (this.running) this.ranBeforeMs += this.sim.now - this.runningSince;
     this.running = false;
     this.gen += 1;
+  }
+
+  crash(): void {
+    this.stop();
+    this.crashed = true;
+  }
+
+  /** How long the guest has run so far, in simulated ms. */
+  get ranMs(): number {
+    return this.ranBeforeMs + (this.running ? this.sim.now - this.runningSince : 0);
   }
 
   private tick(gen: number): void {
@@ -128,6 +147,7 @@ export class Guest {
       this.disk.write(b, { v: mix(h, this.disk.read(b).v), src: tag.src, ck: tag.ck });
       this.hooks.block(b);
     }
+    this.hooks.ticked?.();
     this.sim.after(TICK_MS, () => this.tick(gen), this.owner);
   }
 }
@@ -168,7 +188,9 @@ export interface Endpoint {
 /**
  * The main channel: in order per direction, each message with a random delay. A break loses
  * every message not yet delivered — or, when the break is a peer's process exiting (`drain`),
- * lets what was already sent arrive first, as TCP does before the FIN. Each end learns of a
+ * lets what was already sent arrive first, as TCP does before the FIN; when only a multifd
+ * channel broke (`pagesLost`), pages are lost from then on while the main channel carries the
+ * rest until an end closes it (that end reads nothing sent later). Each end learns of a
  * break (linkLost) after a random delay, or never (a host that vanished silently); an end that
  * knows its channel is closed throws on send.
  */
@@ -179,14 +201,23 @@ export class Link {
   private brokenAt = Infinity;
   private drain: Drain = 'none';
   readonly closed = [false, false];
+  /** When each end closed its channel (it reads nothing sent after that). */
+  private readonly closedAt = [Infinity, Infinity];
   private readonly lastArrival = [0, 0];
   readonly ends: Endpoint[] = [];
+  /**
+   * The world watching the wire: every frame sent, and every frame delivered (or lost with a
+   * multifd channel), so that it, not a node, knows which checkpoint arrived whole.
+   */
+  observer: { sent(from: 0 | 1, w: Wire): void; delivered(to: 0 | 1, w: Wire): void } | null = null;
 
   constructor(private readonly sim: Sim, private readonly rnd: () => number, private readonly trace: (s: string) => void) {}
 
   send(from: 0 | 1, w: Wire): void {
     if (this.closed[from]) throw new ChannelClosed('the COLO channel is closed');
-    if (this.broken) return;
+    // Only a multifd channel broke (pagesLost): the main channel carries on until an end closes it.
+    if (this.broken && this.drain !== 'pagesLost') return;
+    this.observer?.sent(from, w);
     const sentAt = this.sim.now;
     const delay = this.rnd() < 0.1 ? 2 + this.rnd() * 20 : 0.05 + this.rnd() * 1.5;
     const t = Math.max(this.sim.now + delay, this.lastArrival[from]!);
@@ -195,12 +226,13 @@ export class Link {
     this.sim.at(
       t,
       () => {
-        if (this.broken && !(this.drain !== 'none' && sentAt < this.brokenAt)) return;
+        if (this.broken && this.drain === 'pagesLost' ? sentAt >= this.closedAt[1 - from]! : this.broken && !(this.drain !== 'none' && sentAt < this.brokenAt)) return;
         // A multifd channel broke: the checkpoint pages it carried are lost, and the round
         // barrier fails where they were due; the main channel's frames behind them still arrive.
         const lost = this.broken && this.drain === 'pagesLost' && w.k === 'pages';
         const got: Wire = lost ? { k: 'lost', ck: w.ck } : w;
         this.trace(`${from === 0 ? 'P→S' : 'S→P'} ${showWire(got)}`);
+        this.observer?.delivered((1 - from) as 0 | 1, got);
         to.deliver(got);
       },
       to.owner,
@@ -227,7 +259,7 @@ export class Link {
       this.sim.at(
         t,
         () => {
-          this.closed[i] = true;
+          this.close(i);
           end.linkLost(reason);
         },
         end.owner,
@@ -235,9 +267,15 @@ export class Link {
     }
   }
 
+  private close(end: 0 | 1): void {
+    if (this.closed[end]) return;
+    this.closed[end] = true;
+    this.closedAt[end] = this.sim.now;
+  }
+
   /** A node closes its own channels (a failover): it sees it at once, the peer soon after. */
   destroy(from: 0 | 1, reason: string): void {
-    this.closed[from] = true;
+    this.close(from);
     const peer = 1 - from;
     const notice: [number | null, number | null] = [null, null];
     notice[from] = 0;

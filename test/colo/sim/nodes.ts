@@ -20,6 +20,8 @@ import { Signal, VmOps, settle, sleep, spawn, wait, type Co, type Handle, type O
 function switchVm(w: World, ops: VmOps, g: Guest, to: 'stop' | 'start'): ReturnType<VmOps['run']> {
   return ops.run(function* () {
     yield* sleep(w.ms(0.2, 4));
+    // As Machine: a panicked guest neither pauses nor resumes (pauseAndSave finds it stopped, cont refuses).
+    if (g.crashed) throw new Error('the guest is in state guest-panicked');
     if (to === 'stop') g.stop();
     else g.start();
   });
@@ -41,13 +43,28 @@ export interface World {
   snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void;
   /** The secondary finished applying checkpoint ck (invariant 3 is checked now). */
   applied(ck: number): void;
+  /** The SVM wrote a page or a disk block of its own (kept until the next apply, committed at a takeover). */
+  svmWrote(what: 'page' | 'block', i: number, v: Val): void;
+  /** An SVM tick ended: its device state is its own from here on. */
+  svmTicked(device: Device): void;
+  /** The secondary starts serving after its failover: its state is checked now. */
+  takeover(): void;
+  /**
+   * The secondary's frame loop reads on after a broken channel (the core must still drop the
+   * rest of that checkpoint: the driver stopping there is one guard, the core the other).
+   */
+  readonly readOnAfterBreak: boolean;
   checkpointDone(): void;
-  /** VMSTATE_RECEIVED on the primary: the compare released the held output. */
-  released(): void;
+  /** The primary armed its checkpoint timer. */
+  timerArmed(): void;
+  /** VMSTATE_RECEIVED on the primary: the compare released the held output of checkpoint ck. */
+  released(ck: number): void;
+  /** An expected outcome did not happen (invariant or check name, what). */
+  violate(inv: string, detail: string): void;
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'readAfterBreak' | 'ignoreDelaySet';
+export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'ignoreDelaySet';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -82,6 +99,10 @@ export class PrimaryNode implements Endpoint {
   exits = 0;
   /** The compare stopped (failover): no more triggers. */
   compareStopped = false;
+  /** The driver's close() ran (the process is exiting): the core must not act any more. */
+  closed = false;
+  /** The core left COLO after its guest crashed (action leave). */
+  left = false;
 
   constructor(private readonly w: World, delayMs: number, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
     this.delayMs = delayMs;
@@ -98,9 +119,9 @@ export class PrimaryNode implements Endpoint {
     return this.core.phase === 'failover' || this.core.phase === 'done';
   }
 
-  /** The primary node runs the service front end from the start, and after a failover. */
+  /** The primary node runs the service front end from the start, and after a failover (a panicked guest answers nobody). */
   get serving(): boolean {
-    return !this.owner.dead;
+    return !this.owner.dead && !this.guest.crashed;
   }
 
   start(): void {
@@ -129,8 +150,8 @@ export class PrimaryNode implements Endpoint {
     if (this.broken !== 'ignoreDelaySet') this.dispatch({ type: 'delaySet' });
   }
 
-  /** The compare reports a mismatch or an output timeout. */
-  trigger(reason: 'mismatch' | 'timeout'): void {
+  /** The compare reports a mismatch or an output timeout; the network, lost mirrored input (resync). */
+  trigger(reason: 'mismatch' | 'timeout' | 'resync'): void {
     if (this.compareStopped || this.broken === 'dropTriggers') return;
     this.dispatch({ type: 'trigger', reason });
   }
@@ -148,6 +169,23 @@ export class PrimaryNode implements Endpoint {
     this.dispatch({ type: 'linkLost', message: reason });
   }
 
+  /** The PVM's guest panics: Machine's 'panicked' event (driver.ts onPanicked). */
+  guestCrashed(): void {
+    this.guest.crash();
+    this.dispatch({ type: 'guestCrashed', message: 'simulated guest panic' });
+  }
+
+  /** driver.ts PrimaryDriver.close(): the process is exiting. */
+  close(): void {
+    this.closed = true;
+    this.dispatch({ type: 'close' });
+    this.timer?.cancel();
+    this.grace?.cancel();
+    this.timer = null;
+    this.grace = null;
+    this.compareStopped = true; // PrimaryNet.discard: held output dropped, no more triggers
+  }
+
   dispatch(ev: PrimaryEvent): void {
     if (this.owner.dead) return;
     const now = this.w.sim.now;
@@ -156,9 +194,26 @@ export class PrimaryNode implements Endpoint {
       this.deadline = Math.min(this.deadline ?? Infinity, now + bound);
     }
     const phase = this.core.phase;
+    const closedBefore = this.closed && ev.type !== 'close';
     const actions = this.core.step(ev);
     this.w.trace(`P ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
+    this.expect(ev, phase, actions, closedBefore);
     for (const a of actions) this.perform(a);
+  }
+
+  /** What core.ts promises for the events that end COLO on the primary. */
+  private expect(ev: PrimaryEvent, before: PrimaryCore['phase'], actions: readonly PrimaryAction[], closedBefore: boolean): void {
+    const c = this.core;
+    const has = (t: PrimaryAction['type']): boolean => actions.some((a) => a.type === t);
+    const active = before !== 'idle' && before !== 'failover' && before !== 'done';
+    if (closedBefore && actions.length > 0) this.w.violate('close', `after close the primary's core still acts: ${ev.type} → ${showActions(actions) || 'log'}`);
+    if (ev.type === 'close' && (c.phase !== 'done' || actions.length > 0)) this.w.violate('close', `close left the primary's core in phase ${c.phase} with actions [${showActions(actions)}]`);
+    if (ev.type === 'guestCrashed' && active && !closedBefore && (c.phase !== 'done' || c.exitReason !== 'error' || !has('leave') || has('failover'))) {
+      this.w.violate('crash', `after its guest crashed (phase ${before}) the primary must leave COLO (reason error) without a failover, but it is in phase ${c.phase}, reason ${c.exitReason}, actions [${showActions(actions)}]`);
+    }
+    if (ev.type === 'protocolError' && active && !closedBefore && (c.phase !== 'failover' || c.exitReason !== 'error' || !has('failover'))) {
+      this.w.violate('5', `after a protocol error (phase ${before}) the primary must fail over (reason error), but it is in phase ${c.phase}, reason ${c.exitReason}, actions [${showActions(actions)}]`);
+    }
   }
 
   /** driver.ts PrimaryDriver.task */
@@ -171,6 +226,11 @@ export class PrimaryNode implements Endpoint {
       }
       if (this.finishing) return;
       const message = s.error instanceof Error ? s.error.message : String(s.error);
+      // guestStopped(): the guest stopped for good under a pause or a resume.
+      if (this.guest.crashed) {
+        this.dispatch({ type: 'guestCrashed', message });
+        return;
+      }
       if (s.error instanceof ChannelClosed || this.w.link.closed[0]) this.dispatch({ type: 'linkLost', message });
       else this.dispatch({ type: 'protocolError', message });
     }, this.owner);
@@ -211,6 +271,7 @@ export class PrimaryNode implements Endpoint {
         }
         return;
       case 'armTimer':
+        w.timerArmed();
         this.setTimer(a.ms);
         return;
       case 'armGrace':
@@ -263,7 +324,7 @@ export class PrimaryNode implements Endpoint {
         return;
       case 'releaseHeld':
         w.hook('P.releaseHeld');
-        w.released();
+        w.released(this.sentCk);
         return;
       case 'checkpointDone':
         w.checkpointDone();
@@ -292,6 +353,17 @@ export class PrimaryNode implements Endpoint {
       case 'exit':
         this.exits += 1;
         return;
+      case 'leave':
+        // driver.ts: timers cleared, held output dropped (not released), channels closed, COLO_EXIT.
+        this.left = true;
+        this.timer?.cancel();
+        this.grace?.cancel();
+        this.timer = null;
+        this.grace = null;
+        this.compareStopped = true;
+        this.exits += 1;
+        w.link.destroy(0, 'the primary left COLO (its guest crashed)');
+        return;
     }
   }
 }
@@ -309,8 +381,6 @@ export class SecondaryNode implements Endpoint {
   private readonly ownDirty = new Set<number>();
   private readonly pendingBlocks = new Map<number, Val>();
   private device: { ck: number; dev: Device } | null = null;
-  /** The last checkpoint whose state (pages, blocks, device blob) arrived whole. */
-  fullyReceived = 0;
   appliedCk = 0;
   private readonly inbox: Wire[] = [];
   private frameWaiter: Signal<void> | null = null;
@@ -326,6 +396,10 @@ export class SecondaryNode implements Endpoint {
   abandoned = false;
   /** When x-colo-lost-heartbeat first reached this node (null: never). */
   heartbeatLostAt: number | null = null;
+  /** The start action fails (fault startFails): the SVM could not be run. */
+  failStart = false;
+  /** When the core was told the start failed (null: never). */
+  startFailedAt: number | null = null;
 
   constructor(private readonly w: World, ram: Val[], device: Device, disk: Val[], private readonly broken: Broken | null) {
     this.ops = new VmOps(w.sim, this.owner);
@@ -333,8 +407,12 @@ export class SecondaryNode implements Endpoint {
     this.cache = [...ram];
     this.guest = new Guest(w.sim, this.owner, () => w.rnd(), ram, device, new Disk(disk), {
       tag: () => ({ src: 'S', ck: -1 }),
-      page: (p) => this.ownDirty.add(p),
-      block: () => undefined,
+      page: (p) => {
+        this.ownDirty.add(p);
+        w.svmWrote('page', p, this.guest.ram[p]!);
+      },
+      block: (b) => w.svmWrote('block', b, this.guest.disk.read(b)),
+      ticked: () => w.svmTicked(this.guest.device),
     });
     this.chain = spawn(w.sim, this.owner, (function* () {})());
   }
@@ -409,7 +487,7 @@ export class SecondaryNode implements Endpoint {
         if (err instanceof ChannelClosed) {
           // As driver.ts: nothing after a broken channel is read.
           yield* settle(this.dispatch({ type: 'linkLost', message }));
-          if (this.broken !== 'readAfterBreak') return;
+          if (!this.w.readOnAfterBreak) return;
         } else yield* settle(this.dispatch({ type: 'protocolError', message }));
         if (this.finishing) return;
       }
@@ -431,7 +509,6 @@ export class SecondaryNode implements Endpoint {
         return;
       case 'device':
         this.device = { ck: f.ck, dev: { ...f.dev } };
-        this.fullyReceived = f.ck;
         return;
       case 'colo':
         return;
@@ -464,6 +541,11 @@ export class SecondaryNode implements Endpoint {
     }
     const phase = this.core.phase;
     const actions = this.core.step(ev);
+    if (ev.type === 'startFailed') this.startFailedAt ??= this.w.sim.now;
+    // A failover is right only if x-colo-lost-heartbeat came meanwhile (it waited for the start).
+    if (ev.type === 'startFailed' && phase === 'starting' && (this.core.phase === 'starting' || actions.some((a) => (a.type === 'failover' && this.heartbeatLostAt === null) || a.type === 'start'))) {
+      this.w.violate('start', `after its start failed the secondary must close the link and wait (phase ${this.core.phase}, actions [${showActions(actions)}])`);
+    }
     if (this.core.failoverState === 'relaunch') this.sawRelaunch = true;
     if (actions.some((a) => a.type === 'log' && a.message.includes('came after a COLO channel broke'))) this.droppedAfterBreak = true;
     this.w.trace(`S ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
@@ -476,6 +558,7 @@ export class SecondaryNode implements Endpoint {
         if (this.finishing) next = null;
         // applyErrorAsStreamError: the driver before it knew applyFailed.
         else if (a.type === 'apply' && this.broken !== 'applyErrorAsStreamError') next = { type: 'applyFailed', message };
+        else if (a.type === 'start') next = { type: 'startFailed', message };
         else next = err instanceof ChannelClosed ? { type: 'linkLost', message } : { type: 'protocolError', message };
       }
       if (next !== null) yield* this.process(next);
@@ -493,6 +576,7 @@ export class SecondaryNode implements Endpoint {
       case 'start': {
         w.hook('S.start');
         yield* sleep(w.ms(0.05, 2)); // await session.setPageTarget(...)
+        if (this.failStart) throw new Error('simulated: the COLO output channel could not be opened');
         this.ownDirty.clear();
         g.disk.beginLayer();
         try {
@@ -543,6 +627,7 @@ export class SecondaryNode implements Endpoint {
             if (self.broken !== 'takeoverPaused') g.start();
             self.serving = true; // startFrontEnd
             w.trace('S serves clients');
+            w.takeover();
           }),
         );
         return { type: 'failoverDone' };

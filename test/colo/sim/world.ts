@@ -1,12 +1,13 @@
 /**
  * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
  * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
- * 4 and 5 (and liveness before any fault) after every step.
+ * 4 and 5, the outcomes core.ts promises for the events that end COLO, and liveness before any
+ * fault, after every step; at the end the primary closes and must not act any more.
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
 import { rng } from '../../framework/rng.js';
-import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Drain, type Val } from './model.js';
+import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Drain, type Val, type Wire } from './model.js';
 import { PrimaryNode, SecondaryNode, type Broken, type World } from './nodes.js';
 import { Sim } from './runtime.js';
 
@@ -18,15 +19,22 @@ const BASE_MS = 1500;
 /** Without faults, a compare trigger must be answered (held output released) within this. */
 const TRIGGER_MS = 250;
 const HARD_STOP_MS = 30_000;
+/** After the primary closes at the end, what was in flight runs on for this long. */
+const END_TAIL_MS = 30;
 
 /**
  * crashP / crashS: a node's process dies; breakLink: the channel breaks, both nodes live;
  * hbP: x-colo-lost-heartbeat on the primary with the secondary alive; stray: the primary's
  * side of the channel emits a COLO message out of protocol order (a sender bug; only in
  * hand-written scenarios, never drawn at random); applyFails: the secondary's next apply breaks
- * off half-way (its disk is full), and management may then declare the primary lost to it.
+ * off half-way (its disk is full), and management may then declare the primary lost to it;
+ * panicP: the PVM's guest panics (management may then fence the primary and declare it lost to
+ * the secondary); closeP: the primary's process exits (the driver's close(), then the process
+ * is gone; a secondary's exit is crashS with drain, its driver tells the core nothing); protoP: a
+ * protocol error on the primary (e.g. a malformed frame from the secondary); startFails: the
+ * secondary's start action fails.
  */
-export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails';
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails';
 
 /** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
 const hooks = [
@@ -37,6 +45,7 @@ const hooks = [
   'P.vmPaused',
   'P.sendState',
   'P.stateCaptured',
+  'P.stateSent',
   'S.recv.VMSTATE_SEND',
   'S.frame.pages',
   'S.frame.disk',
@@ -44,13 +53,20 @@ const hooks = [
   'S.frame.device',
   'S.apply',
   'P.recv.VMSTATE_RECEIVED',
+  'P.releaseHeld',
   'S.applied',
   'P.recv.VMSTATE_LOADED',
   'P.vmResumed',
   'S.start',
   'S.started',
   'P.recv.CHECKPOINT_READY',
+  // During a failover.
+  'P.failover',
+  'S.failover',
 ] as const;
+
+/** Where a checkpoint's pages are on their way to the secondary. */
+const sendingHooks = ['P.stateCaptured', 'P.stateSent', 'S.frame.pages'] as const;
 
 export interface Fault {
   kind: FaultKind;
@@ -79,6 +95,15 @@ export interface Scenario {
   /** Mean interval of the compare's checkpoint triggers (mismatch / timeout); null: none. */
   triggerMeanMs: number | null;
   faults: Fault[];
+  /** The secondary's frame loop reads on after a broken channel (the core must drop the rest). */
+  readOnAfterBreak?: boolean;
+}
+
+interface Snapshot {
+  ck: number;
+  ram: Val[];
+  device: Device;
+  disk: Val[];
 }
 
 export interface Violation {
@@ -131,17 +156,22 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
   const triggerMeanMs = r() < 0.6 ? Math.round(10 + r() * 190) : null;
   // Now and then management changes the delay, in any phase of a checkpoint.
   const delayChanges = r() < 0.3 ? Array.from({ length: 1 + Math.floor(r() * 2) }, () => ({ atMs: Math.round(r() * 150000) / 100, delayMs: drawDelay() })).sort((a, b) => a.atMs - b.atMs) : [];
-  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [] };
+  // The driver stops reading at a broken channel; in some runs it does not, so that the core's
+  // own guard (never apply the rest of a checkpoint after a break) is under test too.
+  const readOnAfterBreak = r() < 0.3;
+  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [], readOnAfterBreak };
   const n = r() < 0.65 ? 1 : 2;
   const out: Fault[] = [];
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
   for (let i = 0; i < n; i++) {
     const x = r();
-    const kind: FaultKind = x < 0.27 ? 'crashP' : x < 0.5 ? 'crashS' : x < 0.72 ? 'breakLink' : x < 0.9 ? 'hbP' : 'applyFails';
+    const kind: FaultKind = x < 0.23 ? 'crashP' : x < 0.42 ? 'crashS' : x < 0.61 ? 'breakLink' : x < 0.75 ? 'hbP' : x < 0.84 ? 'applyFails' : x < 0.9 ? 'panicP' : x < 0.94 ? 'closeP' : x < 0.97 ? 'protoP' : 'startFails';
     let trigger: Fault['trigger'] = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
     let delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
     // Armed when an apply begins, so that it breaks that apply.
     if (kind === 'applyFails') [trigger, delay] = [{ hook: 'S.apply', nth: 1 + Math.floor(r() * 6) }, 0];
+    // Armed when the start begins, so that it fails.
+    if (kind === 'startFails') [trigger, delay] = [{ hook: 'S.start', nth: 1 }, 0];
     const soon = (): number => Math.round((r() < 0.3 ? 0.01 + r() : 0.1 + r() * 50) * 100) / 100;
     const notice = (): number | null => (r() < 0.8 ? soon() : null);
     let noticeP: number | null = null;
@@ -150,8 +180,13 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     const hbDelay = (): number => Math.round((r() < 0.35 ? r() * 4 : 5 + r() * 500) * 100) / 100;
     switch (kind) {
       case 'crashP':
+      case 'closeP':
         noticeS = notice();
         hb = r() < 0.85 ? hbDelay() : null;
+        break;
+      case 'panicP':
+        // Management fences the primary (colo up does on GUEST_PANICKED) and declares it lost to the secondary.
+        hb = r() < 0.7 ? hbDelay() : null;
         break;
       case 'crashS':
         noticeP = notice();
@@ -163,15 +198,20 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
         hb = r() < 0.4 ? hbDelay() : null;
         break;
       case 'hbP':
+      case 'protoP':
+      case 'startFails':
         break;
       case 'applyFails':
         hb = r() < 0.6 ? hbDelay() : null;
         break;
     }
     const drain: Drain = kind === 'breakLink' ? (r() < 0.35 ? 'pagesLost' : 'none') : r() < 0.5 ? 'drain' : 'none';
+    // A multifd channel that breaks matters while a checkpoint's pages are in flight: most such
+    // breaks land there.
+    if (drain === 'pagesLost' && r() < 0.7) [trigger, delay] = [{ hook: pick(sendingHooks), nth: 1 + Math.floor(r() * 6) }, Math.round(r() * 100) / 100];
     out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
   }
-  return { delayMs, delayChanges, triggerMeanMs, faults: out };
+  return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak };
 }
 
 export function showScenario(s: Scenario): string {
@@ -179,12 +219,13 @@ export function showScenario(s: Scenario): string {
     const when = 'hook' in x.trigger ? `at ${x.trigger.hook} #${x.trigger.nth}` : `at t=${x.trigger.time}`;
     const parts = [`${x.kind} ${when} +${x.delay}ms`];
     if (x.kind === 'stray') parts.push(`message ${x.msg}`);
-    else if (x.kind !== 'hbP') parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain !== 'none' ? ` ${x.drain}` : ''}`);
-    if (x.hb !== null) parts.push(`lostHeartbeat on ${x.kind === 'crashP' || x.kind === 'applyFails' ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
+    else if (['crashP', 'crashS', 'breakLink', 'closeP'].includes(x.kind)) parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain !== 'none' ? ` ${x.drain}` : ''}`);
+    if (x.hb !== null) parts.push(`${x.kind === 'panicP' ? 'fenced, ' : ''}lostHeartbeat on ${['crashP', 'applyFails', 'panicP', 'closeP'].includes(x.kind) ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
     return parts.join(', ');
   });
   const changes = (s.delayChanges ?? []).map((c) => `, then ${c.delayMs}ms at t=${c.atMs}`).join('');
-  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
+  const readOn = s.readOnAfterBreak === true ? '; the frame loop reads on after a break' : '';
+  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}${readOn}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
 }
 
 class SimWorld implements World {
@@ -196,18 +237,39 @@ class SimWorld implements World {
   readonly S: SecondaryNode;
   private readonly r: () => number;
   private readonly lines: string[] = [];
-  private readonly snaps = new Map<number, { ram: Val[]; device: Device; disk: Val[] }>();
+  private readonly snaps = new Map<number, Snapshot>();
+  /**
+   * What the secondary must hold at a takeover: the PVM at the pause of the last checkpoint it
+   * applied (COLO start's state before any), plus the SVM's own writes and ticks since.
+   */
+  private svmBase: Snapshot;
+  private readonly svmOwnPages = new Map<number, Val>();
+  private readonly svmOwnBlocks = new Map<number, Val>();
+  private svmOwnDevice: Device | null = null;
+  /** Frames of each checkpoint the primary sent, and how many of them the secondary got. */
+  private readonly frames = new Map<number, { sent: number; got: number }>();
+  /** The last checkpoint every frame of which the world delivered to the secondary (invariant 2). */
+  fullyDelivered = 0;
   private readonly hookCounts = new Map<string, number>();
+  private readonly panicTries = new Map<Fault, number>();
   private readonly pending: Fault[];
   violation: Violation | null = null;
   faultFired = false;
   lastCheckpointAt = 0;
+  /** When the PVM last paused for a checkpoint, and how long it had run by then. */
+  lastPauseAt = 0;
+  ranAtLastPause = 0;
+  /** The last step after which the PVM was running. */
+  pvmRunningAt = 0;
   /** x-checkpoint-delay in effect, and when management last changed it. */
   delayMs: number;
   delayChangedAt = 0;
   endAt: number;
   /** The oldest compare trigger no VMSTATE_RECEIVED has answered yet. */
   triggerAt: number | null = null;
+  /** The oldest resync trigger not yet answered by a checkpoint paused after it (resyncCk: that checkpoint). */
+  resyncAt: number | null = null;
+  resyncCk: number | null = null;
   stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
@@ -222,6 +284,11 @@ class SimWorld implements World {
     const disk: Val[] = [];
     for (let b = 0; b < BLOCKS; b++) disk.push({ v: mix(seed, 1000 + b), src: 'I', ck: 0 });
     const device: Device = { ticks: 0, acc: seed | 0 };
+    this.svmBase = { ck: 0, ram: [...ram], device: { ...device }, disk: [...disk] };
+    this.link.observer = {
+      sent: (from, f) => this.frameSent(from, f),
+      delivered: (to, f) => this.frameDelivered(to, f),
+    };
     this.P = new PrimaryNode(this, scenario.delayMs, [...ram], { ...device }, [...disk], broken);
     this.S = new SecondaryNode(this, [...ram], { ...device }, [...disk], broken);
     this.link.ends.push(this.P, this.S);
@@ -244,9 +311,11 @@ class SimWorld implements World {
       const next = (): void => {
         this.sim.after(-Math.log(1 - this.r()) * mean, () => {
           if (this.P.compareStopped) return;
-          const reason = this.r() < 0.7 ? 'mismatch' : 'timeout';
+          const x = this.r();
+          const reason = x < 0.6 ? 'mismatch' : x < 0.85 ? 'timeout' : 'resync';
           this.stats.triggers += 1;
           this.triggerAt ??= this.sim.now;
+          if (reason === 'resync' && !this.faultFired) this.resyncAt ??= this.sim.now;
           this.P.trigger(reason);
           next();
         }, this.P.owner);
@@ -255,8 +324,71 @@ class SimWorld implements World {
     }
   }
 
-  released(): void {
+  released(ck: number): void {
     this.triggerAt = null;
+    // Lost mirrored input is covered only by a checkpoint whose pause came after the loss.
+    if (this.resyncCk !== null && ck >= this.resyncCk) [this.resyncAt, this.resyncCk] = [null, null];
+    if (this.P.left || this.P.guest.crashed) this.violate('crash', `the primary released held output of checkpoint ${ck} after its guest crashed: the secondary, which keeps the last checkpoint, could contradict it`);
+  }
+
+  /** The primary armed its checkpoint timer: not while lost mirrored input waits for a checkpoint. */
+  timerArmed(): void {
+    if (!this.faultFired && this.resyncAt !== null && this.resyncCk === null) {
+      this.violate('liveness', `mirrored input was lost at t=${this.resyncAt.toFixed(3)} (resync) and no checkpoint paused since, but the primary armed its timer instead of checkpointing`);
+    }
+  }
+
+  get readOnAfterBreak(): boolean {
+    return this.scenario.readOnAfterBreak === true;
+  }
+
+  private frameSent(from: 0 | 1, f: Wire): void {
+    if (from !== 0 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
+    const n = this.frames.get(f.ck) ?? { sent: 0, got: 0 };
+    n.sent += 1;
+    this.frames.set(f.ck, n);
+    this.frames.delete(f.ck - 3);
+  }
+
+  /** A checkpoint is fully received once its device blob (its last frame) arrives after all the others. */
+  private frameDelivered(to: 0 | 1, f: Wire): void {
+    if (to !== 1 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
+    const n = this.frames.get(f.ck);
+    if (n === undefined) return;
+    n.got += 1;
+    if (f.k === 'device' && n.got === n.sent) this.fullyDelivered = Math.max(this.fullyDelivered, f.ck);
+  }
+
+  svmWrote(what: 'page' | 'block', i: number, v: Val): void {
+    (what === 'page' ? this.svmOwnPages : this.svmOwnBlocks).set(i, v);
+  }
+
+  svmTicked(device: Device): void {
+    this.svmOwnDevice = { ...device };
+  }
+
+  /**
+   * The secondary starts serving: every page, disk block and the device state must be those of
+   * the last checkpoint it applied, except what the SVM wrote itself since (a failover must
+   * not split an apply, nor keep anything of a checkpoint it dropped).
+   */
+  takeover(): void {
+    const g = this.S.guest;
+    const base = this.svmBase;
+    const bad: string[] = [];
+    for (let p = 0; p < PAGES; p++) {
+      const want = this.svmOwnPages.get(p) ?? base.ram[p]!;
+      if (!sameVal(g.ram[p]!, want)) bad.push(`page ${p}: SVM ${showVal(g.ram[p]!)}, want ${showVal(want)}`);
+    }
+    const disk = g.disk.view();
+    for (let b = 0; b < BLOCKS; b++) {
+      const want = this.svmOwnBlocks.get(b) ?? base.disk[b]!;
+      if (!sameVal(disk[b]!, want)) bad.push(`disk block ${b}: SVM ${showVal(disk[b]!)}, want ${showVal(want)}`);
+    }
+    const dev = this.svmOwnDevice ?? base.device;
+    if (g.device.ticks !== dev.ticks || g.device.acc !== dev.acc) bad.push(`device: SVM ${JSON.stringify(g.device)}, want ${JSON.stringify(dev)}`);
+    this.trace(`S takes over from checkpoint ${base.ck}${this.svmOwnDevice === null ? '' : ' plus its own writes'}`);
+    if (bad.length > 0) this.violate('3', `at the takeover the secondary's state is not checkpoint ${base.ck}'s plus its own writes since: ${bad.slice(0, 4).join('; ')}${bad.length > 4 ? ` (+${bad.length - 4})` : ''}`);
   }
 
   rnd(): number {
@@ -286,7 +418,13 @@ class SimWorld implements World {
   }
 
   snapshot(ck: number, ram: Val[], device: Device, disk: Val[]): void {
-    this.snaps.set(ck, { ram: [...ram], device: { ...device }, disk: [...disk] });
+    this.snaps.set(ck, { ck, ram: [...ram], device: { ...device }, disk: [...disk] });
+    // Liveness: without faults the PVM runs between checkpoints (COLO start counts as one).
+    const ran = this.P.guest.ranMs;
+    if (!this.faultFired && ran <= this.ranAtLastPause) this.violate('liveness', `the PVM paused for checkpoint ${ck} without having run since ${ck === 1 ? 'COLO started' : `its pause for checkpoint ${ck - 1}`} (t=${this.lastPauseAt.toFixed(3)}), with no fault injected`);
+    this.lastPauseAt = this.sim.now;
+    this.ranAtLastPause = ran;
+    if (this.resyncAt !== null) this.resyncCk ??= ck;
     this.snaps.delete(ck - 3);
   }
 
@@ -298,6 +436,14 @@ class SimWorld implements World {
       this.violate('3', `the secondary applied checkpoint ${ck}, which the primary never paused for`);
       return;
     }
+    if (ck > this.fullyDelivered) {
+      this.violate('2', `the secondary applied checkpoint ${ck}, but not every frame of it was delivered (fully delivered up to checkpoint ${this.fullyDelivered})`);
+      return;
+    }
+    this.svmBase = snap;
+    this.svmOwnPages.clear();
+    this.svmOwnBlocks.clear();
+    this.svmOwnDevice = null;
     const g = this.S.guest;
     const bad: string[] = [];
     for (let p = 0; p < PAGES; p++) if (!sameVal(g.ram[p]!, snap.ram[p]!)) bad.push(`page ${p}: SVM ${showVal(g.ram[p]!)} PVM ${showVal(snap.ram[p]!)}`);
@@ -373,6 +519,53 @@ class SimWorld implements World {
         // Management sees the pair break and (wrongly, here) declares the primary lost to it.
         hb(S, 'S');
         break;
+      case 'panicP': {
+        if (P.owner.dead || P.guest.crashed) return;
+        // A guest panics while it runs: wait for the PVM to run (for a while at most).
+        if (!P.guest.running) {
+          const tries = (this.panicTries.get(f) ?? 0) + 1;
+          this.panicTries.set(f, tries);
+          if (tries <= 200) sim.after(1, () => this.fire(f), P.owner);
+          return;
+        }
+        this.trace(`FAULT: the PVM's guest panics (${before})`);
+        P.guestCrashed();
+        if (f.hb !== null) {
+          sim.after(f.hb, () => {
+            this.trace('management: the primary is fenced (its process killed)');
+            P.owner.dead = true;
+            link.break('the primary was fenced', [null, 0.1], 'drain');
+          }, P.owner);
+          hb(S, 'S');
+        }
+        break;
+      }
+      case 'closeP':
+        if (P.owner.dead || P.closed) return;
+        this.trace(`FAULT: the primary's process exits (${before})`);
+        P.close();
+        // Its channels close as it exits (its own end sees that too), and the process is gone a
+        // little later: what it sent still arrives.
+        sim.after(this.ms(0, 1), () => link.destroy(0, 'the primary process is exiting'), P.owner);
+        sim.after(this.ms(1, 5), () => {
+          this.trace('the primary process is gone');
+          P.owner.dead = true;
+          P.guest.stop();
+          link.break('the primary exited', [null, f.noticeS], 'drain');
+          // Management declares it lost once it is gone.
+          hb(S, 'S');
+        }, P.owner);
+        break;
+      case 'protoP':
+        if (P.owner.dead) return;
+        this.trace(`FAULT: a protocol error on the primary (${before})`);
+        P.dispatch({ type: 'protocolError', message: 'simulated: a malformed frame from the secondary' });
+        break;
+      case 'startFails':
+        if (S.owner.dead || S.core.phase !== 'starting') return;
+        this.trace(`FAULT: the secondary's start will fail (${before})`);
+        S.failStart = true;
+        break;
     }
     this.faultFired = true;
     this.stats.faultsFired += 1;
@@ -389,16 +582,16 @@ class SimWorld implements World {
       const ram = S.guest.ram;
       for (let p = 0; p < PAGES; p++) {
         const v = ram[p]!;
-        if (v.src === 'P' && v.ck > S.fullyReceived) {
-          this.violate('2', `SVM RAM page ${p} holds ${showVal(v)} from checkpoint ${v.ck}, but the secondary has fully received only up to checkpoint ${S.fullyReceived}`);
+        if (v.src === 'P' && v.ck > this.fullyDelivered) {
+          this.violate('2', `SVM RAM page ${p} holds ${showVal(v)} from checkpoint ${v.ck}, but only checkpoints up to ${this.fullyDelivered} were fully delivered to the secondary`);
           return;
         }
       }
       const disk = S.guest.disk.base;
       for (let b = 0; b < BLOCKS; b++) {
         const v = disk[b]!;
-        if (v.src === 'P' && v.ck > S.fullyReceived) {
-          this.violate('2', `SVM disk block ${b} holds ${showVal(v)} from checkpoint ${v.ck}, but the secondary has fully received only up to checkpoint ${S.fullyReceived}`);
+        if (v.src === 'P' && v.ck > this.fullyDelivered) {
+          this.violate('2', `SVM disk block ${b} holds ${showVal(v)} from checkpoint ${v.ck}, but only checkpoints up to ${this.fullyDelivered} were fully delivered to the secondary`);
           return;
         }
       }
@@ -407,6 +600,25 @@ class SimWorld implements World {
     if (P.serving && S.serving) {
       this.violate('4', `both nodes serve clients (primary alive in phase ${P.core.phase}, secondary took over)`);
       return;
+    }
+    // A secondary never promotes itself (a broken link, a protocol error, a failed start, a
+    // crashed PVM may all be seen while the primary still serves): only x-colo-lost-heartbeat.
+    if (!S.owner.dead && S.serving && S.heartbeatLostAt === null) {
+      this.violate('4', `the secondary serves although no x-colo-lost-heartbeat reached it (primary ${P.owner.dead ? 'dead' : `in phase ${P.core.phase}`})`);
+      return;
+    }
+    for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
+      if (n.exits > 1) {
+        this.violate('5', `the ${name} emitted COLO_EXIT ${n.exits} times`);
+        return;
+      }
+    }
+    // A secondary whose start failed closes the link: the primary goes on alone after its grace.
+    if (S.startFailedAt !== null && !P.owner.dead && !P.closed && !P.guest.crashed && now > S.startFailedAt + this.graceMs + 10 + BOUND_MS) {
+      if (P.core.phase !== 'done' || P.core.failoverState !== 'completed') {
+        this.violate('5', `the secondary's start failed at t=${S.startFailedAt.toFixed(3)}, but at t=${now.toFixed(3)} the primary does not run alone (phase ${P.core.phase}, failover state ${P.core.failoverState})`);
+        return;
+      }
     }
     // A secondary whose apply broke off holds no checkpoint: running or serving from it would
     // contradict output the clients got (invariant 1). A lost heartbeat must be refused.
@@ -425,6 +637,9 @@ class SimWorld implements World {
     // Invariant 5: a failover leaves the survivor running, done, completed, within the bound.
     for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
       if (n.owner.dead || (name === 'secondary' && S.abandoned)) continue;
+      // A panicked PVM has nothing to run (its expected outcome is checked at guestCrashed);
+      // a closed primary is exiting.
+      if (name === 'primary' && (P.guest.crashed || P.closed)) continue;
       if (n.core.phase === 'failover' || n.core.phase === 'done') {
         if (name === 'primary') this.stats.failoverP = true;
         else this.stats.failoverS = true;
@@ -454,6 +669,13 @@ class SimWorld implements World {
     if (!this.faultFired && this.triggerAt !== null && now - this.triggerAt > TRIGGER_MS) {
       this.violate('liveness', `a compare trigger at t=${this.triggerAt.toFixed(3)} got no checkpoint (no VMSTATE_RECEIVED) by t=${now.toFixed(3)} with no fault injected (P ${P.core.phase}, S ${S.core.phase})`);
     }
+    if (!this.faultFired && this.resyncAt !== null && now - this.resyncAt > TRIGGER_MS) {
+      this.violate('liveness', `mirrored input was lost at t=${this.resyncAt.toFixed(3)} (resync), but by t=${now.toFixed(3)} no checkpoint paused after it was taken (P ${P.core.phase}, S ${S.core.phase})`);
+    }
+    if (P.guest.running) this.pvmRunningAt = now;
+    if (final && !this.faultFired && now - this.pvmRunningAt > this.delayMs + LIVE_MS) {
+      this.violate('liveness', `at the end the PVM has not run since t=${this.pvmRunningAt.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms), with no fault injected`);
+    }
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
     if (S.droppedAfterBreak) this.stats.droppedAfterBreak = true;
@@ -475,6 +697,15 @@ export function runSeed(opts: RunOptions): RunResult {
   if (w.violation === null) {
     w.sim.now = Math.max(w.sim.now, w.endAt);
     w.check(true);
+  }
+  // The primary's process exits at the end (unless it did already): its core must not act any
+  // more while what was in flight completes.
+  if (w.violation === null && !w.P.owner.dead && !w.P.closed) {
+    w.trace('end: the primary closes');
+    w.P.close();
+    w.link.destroy(0, 'the primary process is exiting');
+    const until = w.sim.now + END_TAIL_MS;
+    while (w.violation === null && w.sim.step(until));
   }
   w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
   return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
