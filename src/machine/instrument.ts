@@ -275,7 +275,6 @@ async function readCacheEntry(dir: string, moduleHash: string, storeLog: boolean
   };
 }
 
-/** Writes `data` to `path` atomically (temporary file in the same directory, then rename). */
 /**
  * A cache file's bytes, or null unless it is a regular file (not a FIFO, device or symlink:
  * a read of those could block or never end) of at most `maxBytes`, owned by this process's
@@ -302,10 +301,12 @@ async function readOwnFile(path: string, maxBytes: number): Promise<Buffer | nul
   }
 }
 
+/** Writes `data` to `path` atomically (temporary file in the same directory, then rename). */
 async function writeAtomic(path: string, data: Uint8Array | string): Promise<void> {
   const tmp = `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
   try {
-    await writeFile(tmp, data);
+    // 0644 whatever the umask (a umask of 002 made entries group-writable: never trusted).
+    await writeFile(tmp, data, { mode: 0o644, flag: 'wx' });
     await rename(tmp, path);
   } catch (err) {
     await unlink(tmp).catch(() => undefined);

@@ -852,10 +852,21 @@ test("loadGuest trusts only cache files of this user's, writable by no one else,
   t.after(() => rm(dir, { recursive: true, force: true }));
   const guestPath = join(dir, 'guest.wasm');
   await writeFile(guestPath, wat(recursionWat(3, 12)));
-  const first = await loadGuest(guestPath);
+  // Written under a umask of 002 (Fedora's, a user group's), the entry is still not writable
+  // by the group, so it is trusted: the next load is a hit.
+  const umask = process.umask(0o002);
+  let first;
+  try {
+    first = await loadGuest(guestPath);
+  } finally {
+    process.umask(umask);
+  }
   const cacheDir = cacheDirs(guestPath)[0]!;
   const wasmPath = join(cacheDir, `${first.moduleHash}-${first.instrumentVersion}-0.wasm`);
   const jsonPath = wasmPath.replace(/\.wasm$/, '.json');
+  const written = (await stat(wasmPath)).mtimeMs;
+  assert.deepEqual(await loadGuest(guestPath), first);
+  assert.equal((await stat(wasmPath)).mtimeMs, written, 'an entry written under umask 002 is a hit');
   const { chown, chmod } = await import('node:fs/promises');
   const { execFileSync } = await import('node:child_process');
   const uid = process.getuid!();
