@@ -149,7 +149,8 @@ export class MigrationControl {
         closeFrontEnd: async () => {
           const fe = this.vm.frontEnd;
           this.vm.frontEnd = null;
-          await fe?.close();
+          // This process lives on (postmigrate): replies of connections the guest closed may finish.
+          await fe?.close({ drainClosed: true });
         },
         markMigrated: () => this.vm.machine.setRunState('postmigrate'),
         event: (name, data) => this.vm.event(name, data),

@@ -312,23 +312,19 @@ export class FrontEnd extends EventEmitter {
     return this.sockets.size;
   }
 
-  /** Reset every client connection (the guest that served them is gone), the lingering ones too. */
-  resetAll(): void {
-    for (const s of this.sockets) s.destroy();
-    this.sockets.clear();
-    this.conns.clear();
-  }
-
   /**
-   * Stop serving: the address is free when this resolves. Connections the guest still holds
-   * are reset. A socket of a connection the guest already closed still owes its client the
-   * last output if Node holds some of it: it goes on sending, within its linger (a switchover
-   * would otherwise cut off a reply the guest has sent and forgotten); the others are reset
-   * (what the kernel holds still goes out, then the FIN).
+   * Stop serving; the address is free when this resolves. Every connection is reset, unless
+   * `drainClosed` (a migration's switchover, after which this process lives on): then a
+   * socket of a connection the guest already closed, which still owes its client output Node
+   * holds, goes on sending it within its linger (else the switchover would cut off a reply
+   * the guest sent and forgot); the others are reset (what the kernel holds still goes out,
+   * then the FIN). At process exit nothing lingers, as QEMU's quit.
    */
-  async close(): Promise<void> {
+  async close(opts: { drainClosed?: boolean } = {}): Promise<void> {
     const owing = new Set<net.Socket>();
-    for (const sock of this.sockets) if (!this.isLive(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
+    if (opts.drainClosed === true) {
+      for (const sock of this.sockets) if (!this.isLive(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
+    }
     for (const sock of this.sockets) if (!owing.has(sock)) sock.destroy();
     this.sockets.clear();
     this.conns.clear();

@@ -139,7 +139,7 @@ test('front end: the socket of a connection the guest closed ends with the clien
   assert.equal(fe2.openSockets(), 0);
 });
 
-test('front end: close() frees the address at once, and the last output of a connection the guest closed still reaches its slow client', async (t) => {
+test('front end: close at a switchover frees the address at once, and the last output of a connection the guest closed still reaches its slow client', async (t) => {
   const events: NicInput[] = [];
   const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
   await fe.listen();
@@ -162,7 +162,7 @@ test('front end: close() frees the address at once, and the last output of a con
   for (let i = 0; i < reply.length; i += 4096) reply.writeUInt32BE(i, i);
   fe.deliver({ kind: 'out', conn: connSlow!, offset: 0, bytes: reply });
   fe.deliver({ kind: 'close', conn: connSlow!, offset: reply.length });
-  await withTimeout(fe.close(), 5000, "the front end's close");
+  await withTimeout(fe.close({ drainClosed: true }), 5000, "the front end's close");
   // The address is free for the next owner (a takeover, the migration's destination).
   const next = net.createServer();
   await new Promise<void>((resolve, reject) => {
@@ -179,4 +179,24 @@ test('front end: close() frees the address at once, and the last output of a con
   slow.resume();
   await waitFor("the slow client's whole reply and FIN", () => ended, 20000);
   assert.ok(Buffer.concat(got).equals(reply), `the reply arrived whole (${Buffer.concat(got).length} of ${reply.length} bytes)`);
+});
+
+test('front end: close at process exit resets a closed connection that still owes output: nothing lingers to keep the process alive', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
+  await fe.listen();
+  const slow = net.connect({ port: fe.boundPort(), host: '127.0.0.1' });
+  slow.on('error', () => undefined);
+  slow.pause();
+  let closed = false;
+  slow.on('close', () => (closed = true));
+  t.after(() => slow.destroy());
+  await waitFor('the open event', () => events.some((e) => e.kind === 'open'), 5000);
+  const conn = events.find((e) => e.kind === 'open')!.conn;
+  fe.deliver({ kind: 'out', conn, offset: 0, bytes: Buffer.alloc(32 * 1024 * 1024, 1) });
+  fe.deliver({ kind: 'close', conn, offset: 32 * 1024 * 1024 });
+  await withTimeout(fe.close(), 5000, "the front end's close");
+  assert.equal(fe.openSockets(), 0);
+  slow.resume();
+  await waitFor('the slow client to see its connection end', () => closed, 10000);
 });
