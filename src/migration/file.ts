@@ -46,11 +46,21 @@ export function saveMachineToFile(m: Machine, vcpu: Awaited<ReturnType<Machine['
   const tmp = `${target}.tmp-${process.pid}`;
   let fd: number;
   try {
-    fd = fs.openSync(tmp, 'w', 0o600);
-    // The replaced file's mode is kept (a file made private stays private).
-    if (mode !== null) fs.fchmodSync(fd, mode);
+    // A stale one (a killed run; PIDs repeat in containers) goes: a new file, 0600, not one
+    // with the old file's mode or a link planted at that name.
+    fs.rmSync(tmp, { force: true });
+    fd = fs.openSync(tmp, 'wx', 0o600);
   } catch (err) {
     throw new MigrationError('FILE_OPEN', `cannot create '${path}': ${(err as Error).message}`);
+  }
+  if (mode !== null) {
+    // The replaced file's mode is kept (a file made private stays private), where the
+    // filesystem has modes at all (vfat refuses the change: the state is written anyway).
+    try {
+      fs.fchmodSync(fd, mode);
+    } catch {
+      // keep 0600
+    }
   }
   const enc = new FrameEncoder();
   let bytes = 0;
