@@ -21,7 +21,13 @@ export function imgCommand(argv: string[]): number {
     throw new UsageError('BAD_OPTION', `SIZE must be a multiple of ${limits.diskBlockBytes} bytes and at most ${limits.diskBytesMax}`);
   }
   // lstat, not exists: a symbolic link to nothing is there too (open would refuse it).
-  if (fs.lstatSync(file, { throwIfNoEntry: false }) !== undefined) {
+  let existing: fs.Stats | undefined;
+  try {
+    existing = fs.lstatSync(file, { throwIfNoEntry: false });
+  } catch (err) {
+    throw new UsageError('IMG_CREATE', `cannot create '${file}': ${errorMessage(err)}`);
+  }
+  if (existing !== undefined) {
     if (ifMissing) return 0;
     throw new UsageError('BAD_OPTION', `'${file}' exists (use --if-missing to keep it)`);
   }
