@@ -39,17 +39,28 @@ export class OutputListener {
   private timer: NodeJS.Timeout | null = null;
   private done = false;
 
-  private constructor(private readonly server: net.Server, readonly port: number, migrationId: Uint8Array) {
+  private constructor(private readonly server: net.Server, readonly port: number, migrationId: Uint8Array, private readonly timeoutMs: number) {
     this.accepted = new Promise((resolve) => (this.settle = resolve));
     const want = hello(migrationId);
     server.on('connection', (s) => this.onConnection(s, want));
     server.on('error', () => this.finish(null));
-    // No channel in time: output stays on the main channel (the secondary's timers run only
-    // while its vCPU is paused, so this may fire late; nothing waits for it).
-    this.timer = setTimeout(() => this.finish(null), limits.coloOutputChannelTimeoutMs);
+    // No channel in time: output stays on the main channel. This thread's event loop runs
+    // only while the vCPU is paused (the guest waits in Atomics.wait otherwise), so at the
+    // first checkpoint after a long wait the timer is due before the loop has even accepted
+    // the connection that was waiting in the kernel all along: it gives I/O its turns first.
+    this.timer = setTimeout(() => afterIo(() => {
+      this.timedOut = true;
+      if (this.handshaking === 0) this.finish(null);
+    }), timeoutMs);
   }
 
-  static async open(host: string, migrationId: Uint8Array): Promise<OutputListener> {
+  /** The time for a connection ran out; a handshake under way may still complete. */
+  private timedOut = false;
+
+  /** Connections accepted whose hello is not complete yet. */
+  private handshaking = 0;
+
+  static async open(host: string, migrationId: Uint8Array, timeoutMs: number = limits.coloOutputChannelTimeoutMs): Promise<OutputListener> {
     const server = net.createServer({ noDelay: true });
     await new Promise<void>((resolve, reject) => {
       server.once('error', reject);
@@ -60,7 +71,7 @@ export class OutputListener {
     });
     const a = server.address();
     if (a === null || typeof a === 'string') throw new Error('the SVM output channel listener has no port');
-    return new OutputListener(server, a.port, migrationId);
+    return new OutputListener(server, a.port, migrationId, timeoutMs);
   }
 
   /** Stop listening (and drop the connection if nobody took it). */
@@ -75,23 +86,41 @@ export class OutputListener {
     }
     s.setNoDelay(true);
     let got = Buffer.alloc(0);
-    const timer = setTimeout(() => s.destroy(), limits.coloOutputChannelTimeoutMs);
+    this.handshaking++;
+    let handshaking = true;
+    const ended = (): void => {
+      if (!handshaking) return;
+      handshaking = false;
+      this.handshaking--;
+      clearTimeout(timer);
+      // The listener's own time may have run out while this one was in its handshake.
+      if (this.timedOut && !this.done && this.handshaking === 0) this.finish(null);
+    };
+    // As the listener's: a hello that waited in the kernel while the thread could not run
+    // gets its reads before the time is judged.
+    const timer = setTimeout(() => afterIo(() => {
+      if (!handshaking) return;
+      s.destroy();
+      ended();
+    }), this.timeoutMs);
     const onData = (chunk: Buffer): void => {
       got = Buffer.concat([got, chunk]);
       if (got.byteLength < helloBytes) return;
-      clearTimeout(timer);
       s.removeListener('data', onData);
       s.pause();
       // The primary sends nothing after its hello until the vCPU says it reads input here;
       // more, or another id, is not our primary.
       if (got.byteLength !== helloBytes || !got.equals(want) || this.done) {
         s.destroy();
+        ended();
         return;
       }
       this.finish(s);
+      ended();
     };
     s.on('data', onData);
     s.on('error', () => s.destroy());
+    s.on('close', ended);
   }
 
   private finish(s: net.Socket | null): void {
@@ -105,6 +134,18 @@ export class OutputListener {
     this.server.close();
     this.settle(s);
   }
+}
+
+/**
+ * Run `fn` after the event loop has been through its I/O phase a few times: connections and
+ * data that were waiting in the kernel while the thread was blocked are handled first.
+ */
+function afterIo(fn: () => void, turns = 3): void {
+  if (turns === 0) {
+    fn();
+    return;
+  }
+  setImmediate(() => afterIo(fn, turns - 1));
 }
 
 /** The primary's end: connect and say hello. What arrives is read by the caller. */
