@@ -99,6 +99,16 @@ class ScriptedSource {
   }
 }
 
+/** A source past hello and setup, with its one multifd channel connected and greeted. */
+async function readyWithOneChannel(t: { after(fn: () => unknown): void }, d: Dest, m: Machine): Promise<{ src: ScriptedSource; channel: net.Socket }> {
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(1);
+  src.json(FrameType.setup, setupOf(m));
+  const ready = await src.reply();
+  assert.equal(ready.kind, 'ready');
+  return { src, channel: await src.channel(t, (ready.channelPorts as number[])[0]!, 0, 1) };
+}
+
 const failedWith = (d: Dest, code: string) => waitFor(`the migration to fail with ${code}`, () => d.ended.find((e) => e.startsWith('failed: ') && e.endsWith(`[${code}]`)), 10000);
 
 test('a source that vanishes after a round end, before any SYNC: the barrier fails, the migration ends', async (t) => {
@@ -119,11 +129,7 @@ test('a source that vanishes after a round end, before any SYNC: the barrier fai
 test('a multifd channel that ends cleanly inside a round, before its SYNC: STREAM_TRUNCATED, not a wait for ever', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 1 });
-  const src = await ScriptedSource.connect(t, d.port);
-  src.hello(1);
-  src.json(FrameType.setup, setupOf(m));
-  const ready = await src.reply();
-  const c = await src.channel(t, (ready.channelPorts as number[])[0]!, 0, 1);
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
   c.write(encodePacket({ flags: 0, channel: 0, packet: 0, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
   src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
   c.end(); // a FIN at a packet boundary; the main channel stays open
@@ -148,11 +154,7 @@ test('a peer that connects and never says hello is dropped after the hello timeo
 test('zero pages listed out of order: exactly the listed pages are zeroed', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 1 });
-  const src = await ScriptedSource.connect(t, d.port);
-  src.hello(1);
-  src.json(FrameType.setup, setupOf(m));
-  const ready = await src.reply();
-  const c = await src.channel(t, (ready.channelPorts as number[])[0]!, 0, 1);
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
   const fl = fl64Module();
   const pages = m.ram().byteLength / pageBytes;
   const [p, q] = [pages - 1, pages - 40];
