@@ -116,7 +116,12 @@ export class PrimaryNet {
       this.deliver(this.compare.pvm(out, performance.now()));
       this.boundHeld();
     };
+    // Input numbered since the initial migration's switchover pause goes first: what the
+    // state already holds the secondary drops by its number, the rest it needs.
+    const early = this.vm.inputBacklog ?? [];
+    this.vm.inputBacklog = null;
     this.vm.inputTap = (ev) => this.mirror.push(ev);
+    for (const ev of early) this.mirror.push(ev);
     this.scan = setInterval(() => {
       const t = this.compare.check(performance.now());
       if (t !== null) this.onTrigger(t);

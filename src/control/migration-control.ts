@@ -12,6 +12,7 @@ import { limits } from '../core/limits.js';
 import { busyStatuses, migrationInfo, newStats, type MigrationStats, type MigrationStatus } from '../migration/status.js';
 import { parseAddress } from './address.js';
 import type { Vm } from './vm.js';
+import type { NicInput } from '../net/nic.js';
 
 const log = logger('vm');
 
@@ -138,9 +139,20 @@ export class MigrationControl {
         name: this.vm.opts.name ?? 'colo',
         pauseForSwitchover: async () => {
           this.vm.frontEnd?.pauseReading();
+          if (colo !== undefined && this.vm.inputTap === null) {
+            // A paused front end still numbers a client's connect or reset: from here until
+            // the mirror starts, such input is kept for the secondary (PrimaryNet.start).
+            const backlog: NicInput[] = [];
+            this.vm.inputBacklog = backlog;
+            this.vm.inputTap = (ev) => backlog.push(ev);
+          }
           await this.vm.machine.pause('finish-migrate');
         },
         resumeAfterFailure: async (run) => {
+          if (this.vm.inputBacklog !== null) {
+            this.vm.inputBacklog = null;
+            this.vm.inputTap = null;
+          }
           if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
           if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
           else this.vm.frontEnd.resumeReading();

@@ -34,6 +34,12 @@ export class Vm extends EventEmitter {
   /** Sees every client input event after the guest got it (COLO's mirror on the primary). */
   inputTap: ((ev: NicInput) => void) | null = null;
   /**
+   * COLO start: the input numbered from the switchover pause of the initial migration on,
+   * until the mirror takes over the tap (PrimaryNet.start). Some of it is after the state's
+   * last save (a client that connects or resets meanwhile): the secondary must get it too.
+   */
+  inputBacklog: NicInput[] | null = null;
+  /**
    * QEMU's autostart: run the guest once it is ready (booted, or its incoming migration done).
    * Off with -S, and turned off by `stop` while the VM waits for an incoming migration.
    */

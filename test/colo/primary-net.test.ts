@@ -9,8 +9,8 @@ import { PrimaryNet } from '../../src/colo/network.js';
 import { limits } from '../../src/core/limits.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { SourceSession } from '../../src/migration/session.js';
-import type { NicOutput } from '../../src/net/nic.js';
-import { encodeOutputs } from '../../src/colo/net-wire.js';
+import type { NicInput, NicOutput } from '../../src/net/nic.js';
+import { decodeNetBatch, encodeOutputs } from '../../src/colo/net-wire.js';
 import type { Frame } from '../../src/migration/stream.js';
 
 /** What PrimaryNet touches of a Vm: the output sink, the input tap and the front end. */
@@ -83,4 +83,25 @@ test('colo net: output held for the other guest past the limit stops client inpu
   sink({ kind: 'out', conn: 1, offset: limit / 2, bytes: new Uint8Array(1) });
   assert.deepEqual(calls, ['pauseReading', 'resumeReading'], 'at half: read again');
   assert.equal(delivered.reduce((n, o) => n + (o.kind === 'out' ? o.bytes.byteLength : 0), 0), limit / 2 + 1, 'what matched went to the client');
+});
+
+test('colo net: input numbered since the initial migration paused the PVM (a client connecting or resetting meanwhile) is mirrored first at COLO start', async (t) => {
+  const { vm } = standIn();
+  const backlog: NicInput[] = [
+    { seq: 7, kind: 'open', conn: 3 },
+    { seq: 8, kind: 'close', conn: 3 },
+  ];
+  (vm as unknown as { inputBacklog: NicInput[] | null }).inputBacklog = backlog;
+  const sent: Buffer[] = [];
+  const net = new PrimaryNet(vm, { sendColoNet: (p: Buffer) => sent.push(Buffer.from(p)) } as unknown as SourceSession, () => undefined, () => undefined);
+  net.start();
+  t.after(() => net.stop());
+  (vm as unknown as { inputTap: (ev: NicInput) => void }).inputTap({ seq: 9, kind: 'open', conn: 4 });
+  await new Promise((resolve) => setImmediate(resolve));
+  const mirrored = sent.flatMap((p) => {
+    const b = decodeNetBatch(p);
+    return b.type === 'input' ? b.events.map((e) => e.seq) : [];
+  });
+  assert.deepEqual(mirrored, [7, 8, 9], 'the backlog, then the live input, in order');
+  assert.equal((vm as unknown as { inputBacklog: unknown }).inputBacklog, null, 'the backlog is taken once');
 });
