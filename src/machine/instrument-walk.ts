@@ -172,6 +172,40 @@ interface Frame {
 }
 
 /**
+ * Rewrite the tree under `body` bottom-up without recursion (bodies can be deeper than the JS
+ * stack): `finish` gets each expression after all its children were finished (their results
+ * in kidLevel, -1 for an absent child) and returns its replacement, which is put in its
+ * parent's place, and a number for its parent. Returns the new body.
+ */
+function rewritePostOrder(body: Ref, finish: (fr: Frame) => [Ref, number]): Ref {
+  const frame = (e: Ref, id: number): Frame => {
+    const kids = children(e, id);
+    return { e, id, kids, next: 0, kidLevel: kids.map(() => -1) };
+  };
+  const stack: Frame[] = [frame(body, E.getExpressionId(body))];
+  let newBody = body;
+  while (stack.length > 0) {
+    const fr = stack[stack.length - 1]!;
+    if (fr.next < fr.kids.length) {
+      const c = fr.kids[fr.next++]!;
+      if (c !== 0) stack.push(frame(c, E.getExpressionId(c)));
+      continue;
+    }
+    stack.pop();
+    const [out, level] = finish(fr);
+    const parent = stack[stack.length - 1];
+    if (parent === undefined) {
+      newBody = out;
+    } else {
+      const i = parent.next - 1;
+      parent.kidLevel[i] = level;
+      if (out !== fr.e) setChild(parent.e, parent.id, i, out);
+    }
+  }
+  return newBody;
+}
+
+/**
  * Instruments every defined function in `funcs` (FunctionRefs) of module `m` as described in
  * the file comment. Functions added later (asyncify's, the caller's helpers) are untouched.
  */
@@ -328,35 +362,7 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
     };
 
     const body = X.Function.getBody(f);
-    let newBody = body;
-    if (body !== 0) {
-      const root: Frame = { e: body, id: E.getExpressionId(body), kids: [], next: 0, kidLevel: [] };
-      root.kids = children(body, root.id);
-      root.kidLevel = root.kids.map(() => -1);
-      const stack: Frame[] = [root];
-      while (stack.length > 0) {
-        const fr = stack[stack.length - 1]!;
-        if (fr.next < fr.kids.length) {
-          const c = fr.kids[fr.next++]!;
-          if (c !== 0) {
-            const id = E.getExpressionId(c);
-            const kids = children(c, id);
-            stack.push({ e: c, id, kids, next: 0, kidLevel: kids.map(() => -1) });
-          }
-          continue;
-        }
-        stack.pop();
-        const [out, level] = finish(fr);
-        const parent = stack[stack.length - 1];
-        if (parent === undefined) {
-          newBody = out;
-        } else {
-          const i = parent.next - 1;
-          parent.kidLevel[i] = level;
-          if (out !== fr.e) setChild(parent.e, parent.id, i, out);
-        }
-      }
-    }
+    const newBody = body === 0 ? body : rewritePostOrder(body, finish);
     // A function without loops and calls cannot run long or recurse: it needs no entry check,
     // and without one asyncify leaves it alone (it cannot be unwound), which keeps small leaf
     // helpers such as qsort comparators fast.
@@ -416,33 +422,14 @@ export function boundAsyncifyStack(m: binaryen.Module, dataGlobal: string, memor
     const f = m.getFunctionByIndex(i);
     const body = X.Function.getBody(f);
     if (body === 0) continue;
-    const root: { e: Ref; id: number; kids: Ref[]; next: number } = { e: body, id: E.getExpressionId(body), kids: [], next: 0 };
-    root.kids = children(body, root.id);
-    const stack = [root];
-    let newBody = body;
-    while (stack.length > 0) {
-      const fr = stack[stack.length - 1]!;
-      if (fr.next < fr.kids.length) {
-        const c = fr.kids[fr.next++]!;
-        if (c !== 0) {
-          const id = E.getExpressionId(c);
-          stack.push({ e: c, id, kids: children(c, id), next: 0 });
-        }
-        continue;
-      }
-      stack.pop();
-      let out = fr.e;
-      if (fr.id === E.StoreId && pointerOf(X.Store.getPtr(fr.e))) {
-        const step = X.Store.getOffset(fr.e) === 0 ? stepOf(X.Store.getValue(fr.e)) : null;
-        if (step === null) throw new Error(`asyncify writes its data at an offset or in a form colo-vm does not bound: ${E.emitText(fr.e).slice(0, 200)}`);
-        stats.pointerWrites++;
-        stats.frameBytesMax = Math.max(stats.frameBytesMax, step);
-        out = m.block(null, [fr.e, check()], binaryen.none);
-      }
-      const parent = stack[stack.length - 1];
-      if (parent === undefined) newBody = out;
-      else if (out !== fr.e) setChild(parent.e, parent.id, parent.next - 1, out);
-    }
+    const newBody = rewritePostOrder(body, (fr) => {
+      if (fr.id !== E.StoreId || !pointerOf(X.Store.getPtr(fr.e))) return [fr.e, -1];
+      const step = X.Store.getOffset(fr.e) === 0 ? stepOf(X.Store.getValue(fr.e)) : null;
+      if (step === null) throw new Error(`asyncify writes its data at an offset or in a form colo-vm does not bound: ${E.emitText(fr.e).slice(0, 200)}`);
+      stats.pointerWrites++;
+      stats.frameBytesMax = Math.max(stats.frameBytesMax, step);
+      return [m.block(null, [fr.e, check()], binaryen.none), -1];
+    });
     if (newBody !== body) X.Function.setBody(f, newBody);
   }
   return stats;
