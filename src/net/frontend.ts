@@ -323,7 +323,8 @@ export class FrontEnd extends EventEmitter {
   async close(opts: { drainClosed?: boolean } = {}): Promise<void> {
     const owing = new Set<net.Socket>();
     if (opts.drainClosed === true) {
-      for (const sock of this.sockets) if (!this.isLive(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
+      const live = new Set([...this.conns.values()].map((c) => c.socket));
+      for (const sock of this.sockets) if (!live.has(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
     }
     for (const sock of this.sockets) if (!owing.has(sock)) sock.destroy();
     this.sockets.clear();
@@ -337,10 +338,5 @@ export class FrontEnd extends EventEmitter {
     }
     // The listening socket closes at once; only the callback waits for the owing sockets.
     s.close();
-  }
-
-  private isLive(sock: net.Socket): boolean {
-    for (const c of this.conns.values()) if (c.socket === sock) return true;
-    return false;
   }
 }
