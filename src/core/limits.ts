@@ -20,8 +20,14 @@ export const limits = {
   guestMemoryBytesDefault: 256 * 1024 * 1024,
   /** Largest guest module accepted. */
   guestModuleBytesMax: 64 * 1024 * 1024,
-  /** Bytes reserved after the guest's initial memory for the asyncify unwind stack. */
+  /** Bytes of colo's region at the top of guest memory (reserved-region.ts) for the asyncify unwind stack. */
   asyncifyStackBytes: 64 * 1024,
+  /**
+   * The longest wait for colo's reserved-region lock, which the vCPU holds while a memory.grow
+   * moves the region and the main thread while it reads the dirty map: both take microseconds,
+   * so running out of it means the other thread died holding the lock.
+   */
+  reservedRegionLockWaitMs: 5000,
   /**
    * The largest frame asyncify may save for one function (its locals and call index). The
    * last this many bytes of the asyncify area are kept beyond the end the guest's unwind is

@@ -124,27 +124,41 @@ function forMarked(map: Buffer, from: number, to: number, f: (i: number) => void
   }
 }
 
+/**
+ * Where the dirty byte map is now, read under the region lock: a fresh view of the memory, the
+ * map's address, and the asyncify area's pages ([first, last)), which the engine writes without
+ * marking the map. Both move when the guest grows its memory (reserved-region.ts).
+ */
+export interface LogPlace {
+  ram: Uint8Array;
+  logBase: number;
+  always: readonly [number, number];
+}
+
 export class LogDirtyTracker implements DirtyTracker {
   readonly kind = 'log';
   /** Pages written since boot, as far as collected (null: unknown). */
   private ever: Uint8Array | null;
+  /** The asyncify area's pages as of the last look; collect() reports them every time. */
+  private always: readonly [number, number];
 
   /**
-   * @param logBase guest address of the byte map (one byte per page).
-   * @param always pages reported by every collect(): the asyncify unwind buffer, which the
-   *   engine writes without marking the map.
+   * @param at where the map and the asyncify area are now; called only inside `locked`.
+   * @param locked runs its argument holding the region lock, so that the guest cannot move the
+   *   map (a memory.grow) while it is read and cleared.
    * @param history.sinceBoot the map has run since the machine booted (nobody cleared it and
    *   RAM holds nothing it did not see), so a page never marked was never written;
    *   history.pagesMax is the size of guest RAM's maximum in pages.
    */
   constructor(
-    private readonly logBase: number,
-    private readonly always: readonly [number, number] = [0, 0],
+    private readonly at: () => LogPlace,
+    private readonly locked: <T>(fn: () => T) => T = (fn) => fn(),
     history: { sinceBoot: boolean; pagesMax: number } = { sinceBoot: false, pagesMax: 0 },
   ) {
+    this.always = locked(() => at().always);
     // Shared: multifd sender threads read it to skip pages that were never written.
     this.ever = history.sinceBoot ? new Uint8Array(new SharedArrayBuffer(Math.max(1, history.pagesMax))) : null;
-    if (this.ever !== null) this.ever.fill(1, always[0], always[1]);
+    if (this.ever !== null) this.ever.fill(1, this.always[0], this.always[1]);
   }
 
   reset(ram: Uint8Array, ranges: PageRanges): void {
@@ -169,20 +183,30 @@ export class LogDirtyTracker implements DirtyTracker {
     this.ever = null;
   }
 
-  collect(ram: Uint8Array, ranges: PageRanges): Uint32Array {
+  /**
+   * `ranges` (the caller's statePageRanges) bound the pages reported; the map is read where it
+   * is now, not through `_ram`: a view taken before a grow would show the map's old place.
+   */
+  collect(_ram: Uint8Array, ranges: PageRanges): Uint32Array {
     const out: number[] = [];
-    const base = this.logBase;
-    const map = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
-    const [a0, a1] = this.always;
-    for (const [a, b] of ranges) {
-      // The always-reported pages are marked here, so that one ascending scan reports all.
-      for (let p = Math.max(a, a0); p < Math.min(b, a1); p++) ram[base + p] = 1;
-      forMarked(map, base + a, base + b, (i) => {
-        // Clear before the page is read by the sender: a write after this is marked again.
-        ram[i] = 0;
-        out.push(i - base);
-      });
-    }
+    this.locked(() => {
+      const { ram, logBase: base, always } = this.at();
+      this.always = always;
+      const map = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
+      const [a0, a1] = always;
+      const pagesNow = ram.byteLength / pageBytes;
+      for (const [a, b0] of ranges) {
+        const b = Math.min(b0, pagesNow);
+        // The always-reported pages are marked here, so that one ascending scan reports all.
+        for (let p = Math.max(a, a0); p < Math.min(b, a1); p++) ram[base + p] = 1;
+        if (b <= a) continue;
+        forMarked(map, base + a, base + b, (i) => {
+          // Clear before the page is read by the sender: a write after this is marked again.
+          ram[i] = 0;
+          out.push(i - base);
+        });
+      }
+    });
     if (this.ever !== null) for (const p of out) this.ever[p] = 1;
     return Uint32Array.from(out);
   }

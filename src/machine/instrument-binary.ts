@@ -431,7 +431,7 @@ export function parseGuest(bytes: Uint8Array, allowed: readonly string[]): Parse
           const size = r.u32();
           r.skip(size);
           if (offset === null) continue;
-          // The instrumented memory has the host's reserved pages right after the initial ones:
+          // At boot the host's reserved pages sit right after the initial ones (the top of memory):
           // a segment past the initial memory, which fails to instantiate in the original,
           // would land there and be overwritten (or overwrite colo's state) without an error.
           const memoryBytes = (memories[0]?.min ?? 0) * limits.wasmPageBytes;

@@ -13,6 +13,7 @@ import {
   blockingWasiImports,
   checkGuest,
   checkOutput,
+  growImport,
   importedMemoryMaximumPages,
   instrumentVersion,
   instrumentedGlobals,
@@ -102,6 +103,8 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
       m.addGlobal(reserved, binaryen.i32, true, m.i32.const(0));
       const preempt = freshName(m, 'colo$preempt');
       m.addFunctionImport(preempt, preemptImport.module, preemptImport.name, binaryen.none, binaryen.none);
+      const grow = freshName(m, 'colo$grow');
+      m.addFunctionImport(grow, growImport.module, growImport.name, binaryen.i32, binaryen.i32);
 
       instrumentFunctions(m, defined, {
         budgetGlobal: budget,
@@ -109,7 +112,7 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
         preemptFunction: preempt,
         storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
         memoryName,
-        reserved: { global: reserved, initialPages: parsed.memory.initialPages },
+        reserved: { global: reserved, growFunction: grow },
         bulkBytesShift: log2(limits.preemptBulkBytesPerCount),
       });
 

@@ -41,13 +41,13 @@ export interface WalkConfig {
   /** Internal name of the module's memory. */
   memoryName: string;
   /**
-   * Hiding of the host's reserved pages from `memory.size`: while the memory is exactly
-   * `initialPages + reserved` pages (the guest has not grown it yet), `memory.size` returns
-   * `initialPages`, so an allocator that claims "heap base .. memory.size" at its first use
-   * (wasi-libc's dlmalloc does) leaves the host's region alone. `global` is the internal name
-   * of the mutable i32 global holding the reserved page count (0: no effect).
+   * colo's region at the top of memory (reserved-region.ts), which the guest must not see:
+   * `memory.size` becomes `memory.size - global` (`global`: the internal name of the mutable
+   * i32 global holding the region's pages; 0, the default, changes nothing), and
+   * `memory.grow(n)` becomes a call of `growFunction` (`(i32) -> i32`, the host's colo.grow,
+   * which moves the region up and returns the guest's old size).
    */
-  reserved: { global: string; initialPages: number };
+  reserved: { global: string; growFunction: string };
   /**
    * log2 of the bytes of memory.fill/copy/init that count as one loop iteration against the
    * budget: a loop whose body fills or copies megabytes reaches its next check with the budget
@@ -64,6 +64,7 @@ export interface WalkStats {
   rmws: number;
   bulk: number;
   memorySizes: number;
+  memoryGrows: number;
   /** Functions left without an entry check (no loop, no call). */
   leaves: number;
 }
@@ -210,7 +211,7 @@ function rewritePostOrder(body: Ref, finish: (fr: Frame) => [Ref, number]): Ref 
  * the file comment. Functions added later (asyncify's, the caller's helpers) are untouched.
  */
 export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkConfig): WalkStats {
-  const stats: WalkStats = { functions: 0, loops: 0, stores: 0, rmws: 0, bulk: 0, memorySizes: 0, leaves: 0 };
+  const stats: WalkStats = { functions: 0, loops: 0, stores: 0, rmws: 0, bulk: 0, memorySizes: 0, memoryGrows: 0, leaves: 0 };
   const i32 = binaryen.i32;
   const mem = cfg.memoryName;
 
@@ -286,19 +287,12 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
         return [e, below];
       }
       if (id === E.MemorySizeId) {
-        // t = memory.size; t == initial + reserved ? t - reserved : t
         stats.memorySizes++;
-        const t = temp(i32, 's', 0);
-        const reserved = () => m.global.get(cfg.reserved.global, i32);
-        const out = m.block(null, [
-          m.local.set(t, e),
-          m.select(
-            m.i32.eq(m.local.get(t, i32), m.i32.add(reserved(), m.i32.const(cfg.reserved.initialPages))),
-            m.i32.sub(m.local.get(t, i32), reserved()),
-            m.local.get(t, i32),
-          ),
-        ], i32);
-        return [out, below];
+        return [m.i32.sub(e, m.global.get(cfg.reserved.global, i32)), below];
+      }
+      if (id === E.MemoryGrowId) {
+        stats.memoryGrows++;
+        return [m.call(cfg.reserved.growFunction, [X.MemoryGrow.getDelta(e)], i32), below];
       }
       if (E.getExpressionType(e) === binaryen.unreachable) return [e, below];
       if (id === E.MemoryFillId || id === E.MemoryCopyId || id === E.MemoryInitId) {

@@ -17,11 +17,11 @@
  * - exports every mutable global as `colo$g<index>` (the budget also as `colo$budget`, the
  *   dirty log base also as `colo$dirtylog`, the reserved page count also as `colo$reserved`);
  * - optionally (storeLog) marks in a byte map at `colo$dirtylog` every 4 KiB page it writes;
- * - makes `memory.size` hide the `colo$reserved` pages the host keeps right after the initial
- *   memory, for as long as the guest has not grown the memory: wasi-libc's dlmalloc takes
- *   everything from __heap_base to memory.size as its first heap, and would otherwise hand
- *   the host's asyncify stack and dirty log out to malloc. The host sets `colo$reserved`
- *   before `_start` (0, the default, changes nothing).
+ * - never sees colo's region, the `colo$reserved` pages at the top of its memory (the asyncify
+ *   stack and the dirty log; reserved-region.ts): `memory.size` returns the memory's size
+ *   minus them, and `memory.grow` calls the import `colo.grow: (i32) -> i32`, which moves the
+ *   region up past the new pages. The host sets `colo$reserved` before `_start` (0, the
+ *   default, changes nothing);
  *
  * `loadGuest` adds an on-disk cache because asyncify plus optimisation takes seconds; the
  * building itself (`instrumentGuest`, binaryen) is in instrument-build.ts, loaded only on a
@@ -95,10 +95,12 @@ export const blockingWasiImports: readonly string[] = Object.freeze([
 ]);
 
 /** Bump when the instrumented output changes; part of the cache key. */
-export const instrumentVersion = 5;
+export const instrumentVersion = 6;
 
 /** Import module and name of the preemption hook. */
 export const preemptImport = { module: 'colo', name: 'preempt' } as const;
+/** The host's memory.grow (reserved-region.ts), `(i32) -> i32`; never unwinds. */
+export const growImport = { module: 'colo', name: 'grow' } as const;
 /** Import module and name of the guest memory. */
 export const memoryImport = { module: 'env', name: 'memory' } as const;
 /** Export names of the asyncify control functions. */
@@ -174,6 +176,7 @@ export function checkOutput(wasm: Uint8Array, parsed: ParsedGuest): void {
       }
     } else if (
       !(imp.module === preemptImport.module && imp.name === preemptImport.name) &&
+      !(imp.module === growImport.module && imp.name === growImport.name) &&
       !(imp.module === wasiModule && parsed.wasiImports.includes(imp.name))
     ) {
       throw new GuestLoadError('GUEST_INSTRUMENT', `instrumented module imports an unexpected ${imp.module}.${imp.name}`);

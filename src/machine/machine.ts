@@ -7,7 +7,8 @@ import { ColoError, GuestLoadError, RestoreError, TimeoutError, UsageError } fro
 import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
-import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker } from './dirty.js';
+import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker, type LogPlace } from './dirty.js';
+import { RegionLock, regionAt, type ReservedRegion } from './reserved-region.js';
 import { InputRingWriter, createInputRing } from './input-ring.js';
 import { logger } from '../core/log.js';
 import { SharedTraceLog, latencyTrace, vcpuTraceEvents } from '../core/latency-trace.js';
@@ -192,15 +193,23 @@ export class Machine extends EventEmitter {
     return this.memory.buffer.byteLength / limits.wasmPageBytes;
   }
 
+  /** Where colo's region lies in guest memory now (it moves up when the guest grows memory). */
+  region(): ReservedRegion {
+    return regionAt(this.layout, this.memory.buffer.byteLength);
+  }
+
   /**
    * The 4 KiB pages that make up the machine state: all of guest memory including colo's
-   * asyncify region, but not the dirty byte map (it describes the state, it is not part of it).
+   * asyncify area, but not the dirty byte map (it describes the state, it is not part of it).
+   * For the memory's size now: a guest that grows its memory changes them.
    */
   statePageRanges(): [number, number][] {
-    const total = this.ram().byteLength / limits.pageBytes;
+    const bytes = this.memory.buffer.byteLength;
+    const total = bytes / limits.pageBytes;
     if (!this.layout.storeLog) return [[0, total]];
-    const logStart = Math.floor(this.layout.dirtyLogBase / limits.pageBytes);
-    const logEnd = Math.ceil((this.layout.dirtyLogBase + this.layout.dirtyLogBytes) / limits.pageBytes);
+    const r = regionAt(this.layout, bytes);
+    const logStart = Math.floor(r.dirtyLogBase / limits.pageBytes);
+    const logEnd = Math.ceil(r.dirtyLogEnd / limits.pageBytes);
     return [[0, logStart], [logEnd, total]].filter(([a, b]) => b! > a!) as [number, number][];
   }
 
@@ -211,10 +220,16 @@ export class Machine extends EventEmitter {
    */
   dirtyTracker(opts: { sinceBoot?: boolean } = {}): DirtyTracker {
     if (this.layout.storeLog) {
-      const first = Math.floor(this.layout.asyncifyBase / limits.pageBytes);
-      const last = Math.ceil((this.layout.asyncifyBase + this.layout.asyncifyBytes) / limits.pageBytes);
       const pagesMax = (this.maximumPages * limits.wasmPageBytes) / limits.pageBytes;
-      return new LogDirtyTracker(this.layout.dirtyLogBase, [first, last], { sinceBoot: opts.sinceBoot ?? false, pagesMax });
+      const lock = new RegionLock(this.ctl, ctl.regionLock);
+      const memory = this.memory;
+      const layout = this.layout;
+      const at = (): LogPlace => {
+        const ram = new Uint8Array(memory.buffer);
+        const r = regionAt(layout, ram.byteLength);
+        return { ram, logBase: r.dirtyLogBase, always: [Math.floor(r.asyncifyBase / limits.pageBytes), Math.ceil(r.asyncifyEnd / limits.pageBytes)] };
+      };
+      return new LogDirtyTracker(at, (fn) => lock.with(fn), { sinceBoot: opts.sinceBoot ?? false, pagesMax });
     }
     return new ShadowDirtyTracker(this.maximumPages * limits.wasmPageBytes);
   }
@@ -587,15 +602,12 @@ export function computeLayout(guest: InstrumentedGuest, maximumPages: number): G
   const asyncifyBytes = limits.asyncifyStackBytes;
   const dirtyLogBytes = guest.storeLog ? Math.ceil((maximumPages * limits.wasmPageBytes) / limits.pageBytes) : 0;
   const reservedPages = Math.ceil((asyncifyBytes + dirtyLogBytes) / limits.wasmPageBytes);
-  const base = guest.memory.initialPages * limits.wasmPageBytes;
   return {
     globals: guest.globals.map((g) => ({ exportName: g.exportName, type: g.type })),
     initialPages: guest.memory.initialPages,
     reservedPages,
-    asyncifyBase: base,
     asyncifyBytes,
     storeLog: guest.storeLog,
-    dirtyLogBase: base + asyncifyBytes,
     dirtyLogBytes,
     preemptBudget: limits.preemptBudget,
   };

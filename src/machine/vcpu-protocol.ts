@@ -14,6 +14,8 @@ export const ctl = {
   directOff: 3,
   /** COLO secondary: the checkpoint epoch output on the SVM output channel is tagged with. */
   outEpoch: 4,
+  /** The reserved-region lock (reserved-region.ts): 0 free, 1 held. */
+  regionLock: 5,
   slots: 6,
 } as const;
 
@@ -23,21 +25,17 @@ export interface GuestGlobalLayout {
 }
 
 /**
- * Where colo-vm keeps its own data inside guest memory: a region reserved just after the
- * guest's initial memory. The instrumented guest's memory.size does not count it until the
- * guest first grows memory (global colo$reserved), so an allocator that sizes its first heap
- * from memory.size (wasi-libc's does) leaves it alone, and later growth lands above it. It
- * holds the asyncify unwind stack and, with store logging, the dirty byte map (one byte per
- * 4 KiB page).
+ * Where colo-vm keeps its own data inside guest memory: a region of `reservedPages` at the top
+ * of the memory, which moves up when the guest grows it and which the guest never sees
+ * (reserved-region.ts; `regionAt` says where it is for a given memory size). It holds the
+ * asyncify unwind stack and, with store logging, the dirty byte map (one byte per 4 KiB page).
  */
 export interface GuestLayout {
   globals: GuestGlobalLayout[];
   initialPages: number;
   reservedPages: number;
-  asyncifyBase: number;
   asyncifyBytes: number;
   storeLog: boolean;
-  dirtyLogBase: number;
   dirtyLogBytes: number;
   preemptBudget: number;
 }

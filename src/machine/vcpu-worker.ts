@@ -26,6 +26,7 @@ import { WasiHost } from './wasi-host.js';
 import { ProcExit } from './wasi-abi.js';
 import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 import { RestoreError } from '../core/errors.js';
+import { RegionLock, growGuestMemory, regionAt, type ReservedRegion } from './reserved-region.js';
 import * as v from '../core/validate.js';
 import { limits } from '../core/limits.js';
 import { SharedTraceLog, observeGc, vcpuTrace } from '../core/latency-trace.js';
@@ -56,6 +57,8 @@ class Vcpu {
   private readonly layout: GuestLayout;
   private phase: Phase = 'fresh';
   private lastWake = 0;
+  private readonly logGlobal: WebAssembly.Global | null;
+  private readonly regionLock: RegionLock;
   private logU8: Uint8Array | null = null;
   private logBufferLength = -1;
   private pendingOut: NicOutput[] = [];
@@ -88,18 +91,38 @@ class Vcpu {
     this.host = new WasiHost(memory, this, { clock: this.clock, serial: this.serial, nic: this.nic, disk: this.disk }, init.args, init.env);
     this.instance = new WebAssembly.Instance(init.module, {
       env: { memory },
-      colo: { preempt: () => this.preempt() },
+      colo: { preempt: () => this.preempt(), grow: (delta: number) => this.grow(delta) },
       wasi_snapshot_preview1: this.host.imports() as unknown as WebAssembly.ModuleImports,
     });
     this.exports = this.instance.exports as unknown as AsyncifyExports;
     const budget = this.instance.exports['colo$budget'];
     if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
-    // The guest's memory.size hides colo's reserved region until the guest first grows
-    // memory, so wasi-libc's malloc never claims it (see instrument-walk.ts).
+    // The guest's memory.size leaves out colo's region at the top of memory (reserved-region.ts).
     const reserved = this.instance.exports['colo$reserved'];
     if (reserved instanceof WebAssembly.Global) reserved.value = init.layout.reservedPages;
     const log = this.instance.exports['colo$dirtylog'];
-    if (log instanceof WebAssembly.Global) log.value = init.layout.dirtyLogBase;
+    this.logGlobal = log instanceof WebAssembly.Global ? log : null;
+    this.regionLock = new RegionLock(this.ctl, ctl.regionLock);
+    this.placeRegion();
+  }
+
+  /** Where colo's region is now: the top of memory, however it got its size (a grow, a restore). */
+  private region(): ReservedRegion {
+    return regionAt(this.layout, this.memory.buffer.byteLength);
+  }
+
+  /** Points the guest's store log at the map's place for the memory's size now. */
+  private placeRegion(): void {
+    if (this.logGlobal !== null) this.logGlobal.value = this.region().dirtyLogBase;
+  }
+
+  /** The guest's memory.grow (colo.grow): the region moves up, the guest gets what it asked for. */
+  private grow(delta: number): number {
+    return this.regionLock.with(() => {
+      const r = growGuestMemory(this.memory, this.layout, delta);
+      this.placeRegion();
+      return r;
+    });
   }
 
   // ---- hooks used by the WASI host ----
@@ -115,7 +138,7 @@ class Vcpu {
 
   startUnwind(): void {
     this.flushOutput();
-    const p = this.layout.asyncifyBase;
+    const p = this.region().asyncifyBase;
     const dv = new DataView(this.memory.buffer);
     dv.setUint32(p, p + 8, true);
     // The end asyncify checks every frame against; the frame that crosses it lands in the
@@ -322,16 +345,17 @@ class Vcpu {
 
   markWrite(ptr: number, len: number): void {
     if (!this.layout.storeLog || len === 0) return;
-    // A cached view (see WasiHost.refresh): a new one only for a write beyond it.
-    if (ptr + len > this.logBufferLength || this.logU8!.byteLength !== this.logBufferLength) {
-      const buf = this.memory.buffer;
+    // A cached view, new when the memory has grown: the map sits at the top, past an old view.
+    const buf = this.memory.buffer;
+    if (buf.byteLength !== this.logBufferLength) {
       this.logU8 = new Uint8Array(buf);
       this.logBufferLength = buf.byteLength;
     }
     const u8 = this.logU8!;
     const first = ptr >>> 12;
     const last = (ptr + len - 1) >>> 12;
-    for (let p = first; p <= last; p++) u8[this.layout.dirtyLogBase + p] = 1;
+    const base = regionAt(this.layout, buf.byteLength).dirtyLogBase;
+    for (let p = first; p <= last; p++) u8[base + p] = 1;
   }
 
   waitForDiskSpace(reason: string): boolean {
@@ -484,7 +508,7 @@ class Vcpu {
 
   /** An unwound guest goes back to where it was on its next _start. */
   private rewind(): void {
-    this.exports.asyncify_start_rewind(this.layout.asyncifyBase);
+    this.exports.asyncify_start_rewind(this.region().asyncifyBase);
     this.phase = 'running';
   }
 
@@ -578,6 +602,7 @@ class Vcpu {
     for (const g of this.layout.globals) {
       (this.instance.exports[g.exportName] as WebAssembly.Global).value = globals[g.exportName];
     }
+    this.placeRegion(); // the memory's size says where the map is, whatever the state said
     this.phase = started ? 'unwound' : 'fresh';
   }
 

@@ -1,6 +1,7 @@
 import { limits } from '../core/limits.js';
 import { StreamError } from '../core/errors.js';
 import type { Machine } from '../machine/machine.js';
+import { regionAt } from '../machine/reserved-region.js';
 import type { MainChannel } from './channel.js';
 import { decodeIndexList, encodeIndexList, FrameType, frameTypeName, type Frame } from './stream.js';
 import type { PageTarget } from './multifd-recv-worker.js';
@@ -26,7 +27,10 @@ export function pagesWrittenAtBoot(m: Machine): Uint8Array {
     for (let p = first; p <= last; p++) map[p] = 1;
   };
   for (const seg of m.guest.dataSegments) mark(seg.offset, seg.size);
-  mark(m.layout.asyncifyBase, m.layout.asyncifyBytes + m.layout.dirtyLogBytes);
+  // colo's region where it was at boot (the top of the initial memory); it moves up only when
+  // the guest grows memory, and then leaves zeros behind.
+  const boot = regionAt(m.layout, (m.layout.initialPages + m.layout.reservedPages) * limits.wasmPageBytes);
+  mark(boot.base, boot.dirtyLogEnd - boot.base);
   return map;
 }
 

@@ -70,3 +70,52 @@ export function watGuest(t: { after(fn: () => unknown): void }, name: string, te
     m.dispose();
   }
 }
+
+/** Addresses of sizeHeapGuest's results (i32s). */
+export const sizeHeap = { passes: 16, bad: 20, badAddr: 24, grows: 28, regions: 64 } as const;
+
+/**
+ * A guest that takes its heap as AssemblyScript's allocator does: `memory.size` before and
+ * after each `memory.grow(pages)`, claiming everything between; it fills each claim with its
+ * own byte (0x41 + k), spinning `spin` iterations between grows, then checks every claim
+ * forever, counting passes. A byte that changed sets `bad` (sticky) and its address. Claim k
+ * is recorded as [start, end) at `regions + 8k`.
+ */
+export function sizeHeapGuest(t: { after(fn: () => unknown): void }, o: { grows: number; pages: number; spin: number }): string {
+  const r = sizeHeap;
+  return watGuest(t, 'size-heap', `(module
+    (memory (export "memory") 1)
+    (func $spin (param $n i32)
+      (loop $l
+        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
+        (br_if $l (i32.gt_s (local.get $n) (i32.const 0)))))
+    (func (export "_start") (local $k i32) (local $before i32) (local $after i32) (local $a i32) (local $end i32) (local $v i32)
+      (loop $grow
+        (local.set $before (i32.shl (memory.size) (i32.const 16)))
+        (if (i32.eq (memory.grow (i32.const ${o.pages})) (i32.const -1)) (then unreachable))
+        (local.set $after (i32.shl (memory.size) (i32.const 16)))
+        (i32.store (i32.add (i32.const ${r.regions}) (i32.shl (local.get $k) (i32.const 3))) (local.get $before))
+        (i32.store (i32.add (i32.const ${r.regions + 4}) (i32.shl (local.get $k) (i32.const 3))) (local.get $after))
+        (memory.fill (local.get $before) (i32.add (local.get $k) (i32.const 0x41)) (i32.sub (local.get $after) (local.get $before)))
+        (local.set $k (i32.add (local.get $k) (i32.const 1)))
+        (i32.store (i32.const ${r.grows}) (local.get $k))
+        (call $spin (i32.const ${o.spin}))
+        (br_if $grow (i32.lt_u (local.get $k) (i32.const ${o.grows}))))
+      (loop $pass
+        (local.set $k (i32.const 0))
+        (loop $claim
+          (local.set $a (i32.load (i32.add (i32.const ${r.regions}) (i32.shl (local.get $k) (i32.const 3)))))
+          (local.set $end (i32.load (i32.add (i32.const ${r.regions + 4}) (i32.shl (local.get $k) (i32.const 3)))))
+          (local.set $v (i32.mul (i32.add (local.get $k) (i32.const 0x41)) (i32.const 0x01010101)))
+          (loop $word
+            (if (i32.ne (i32.load (local.get $a)) (local.get $v))
+              (then
+                (i32.store (i32.const ${r.bad}) (i32.const 1))
+                (i32.store (i32.const ${r.badAddr}) (local.get $a))))
+            (local.set $a (i32.add (local.get $a) (i32.const 4)))
+            (br_if $word (i32.lt_u (local.get $a) (local.get $end))))
+          (local.set $k (i32.add (local.get $k) (i32.const 1)))
+          (br_if $claim (i32.lt_u (local.get $k) (i32.const ${o.grows}))))
+        (i32.store (i32.const ${r.passes}) (i32.add (i32.load (i32.const ${r.passes})) (i32.const 1)))
+        (br $pass))))`, binaryen.Features.MVP | binaryen.Features.BulkMemory | binaryen.Features.BulkMemoryOpt);
+}

@@ -18,7 +18,7 @@ test('property: neverWritten and writtenMap match an oracle of every write since
     const logBase = pages * pageBytes;
     const ram = new Uint8Array(new SharedArrayBuffer(logBase + pages));
     const always: [number, number] = [100, 116];
-    const log = new LogDirtyTracker(logBase, always, { sinceBoot: true, pagesMax: pages });
+    const log = new LogDirtyTracker(() => ({ ram, logBase, always }), undefined, { sinceBoot: true, pagesMax: pages });
     const ranges = [[0, pages]] as const;
     const ever = new Set<number>();
     for (let step = 0; step < 12; step++) {
@@ -52,7 +52,8 @@ test('a shadow tracker knows no history; a log tracker without sinceBoot neither
   const shadow = new ShadowDirtyTracker(16 * pageBytes);
   assert.equal(shadow.writtenMap(), null);
   assert.equal(shadow.neverWritten(3), false);
-  const log = new LogDirtyTracker(16 * pageBytes);
+  const ram = new Uint8Array(new SharedArrayBuffer(16 * pageBytes + 16));
+  const log = new LogDirtyTracker(() => ({ ram, logBase: 16 * pageBytes, always: [0, 0] }));
   assert.equal(log.writtenMap(), null);
   assert.equal(log.neverWritten(3), false);
 });

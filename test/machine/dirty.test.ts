@@ -15,7 +15,7 @@ test('property: both trackers report exactly the oracle\'s pages over random wri
     const logBase = pages * pageBytes;
     const ram = new Uint8Array(new SharedArrayBuffer(logBase + pages));
     const ranges = [[0, pages]] as const;
-    const log = new LogDirtyTracker(logBase);
+    const log = new LogDirtyTracker(() => ({ ram, logBase, always: [0, 0] }));
     const shadow = new ShadowDirtyTracker(ram.byteLength);
     log.reset(ram, ranges);
     shadow.reset(ram, ranges);

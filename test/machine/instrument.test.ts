@@ -18,6 +18,8 @@ import {
   type InstrumentedGuest,
 } from '../../src/machine/instrument.js';
 import { guestFeatures as features, instrumentGuest } from '../../src/machine/instrument-build.js';
+import { growGuestMemory, regionAt } from '../../src/machine/reserved-region.js';
+import type { GuestLayout } from '../../src/machine/vcpu-protocol.js';
 
 /** Assembles a WAT module with binaryen. */
 function wat(text: string, feats: number = features): Uint8Array {
@@ -33,6 +35,8 @@ function wat(text: string, feats: number = features): Uint8Array {
 
 const wasmPage = 65536;
 const reservePages = Math.ceil(limits.asyncifyStackBytes / wasmPage);
+/** The region of a host that keeps only the asyncify area there (no dirty log). */
+const testLayout = { reservedPages: reservePages, asyncifyBytes: limits.asyncifyStackBytes, dirtyLogBytes: 0, storeLog: false } as GuestLayout;
 
 interface Exports {
   _start(): void;
@@ -48,7 +52,7 @@ interface Exports {
 interface Ctx {
   ex: Exports;
   memory: WebAssembly.Memory;
-  /** Starts an unwind (the asyncify buffer lies right after the guest's initial memory). */
+  /** Starts an unwind (the asyncify buffer lies at the top of memory, reserved-region.ts). */
   unwind(): void;
 }
 
@@ -63,12 +67,11 @@ function runResumable(
   opts: {
     preemptUnwinds: boolean;
     wasi?: (ctx: () => Ctx) => Record<string, (...args: never[]) => unknown>;
-    /** Sets colo$reserved to the pages reserved after the initial memory. */
-    hideReserved?: boolean;
   },
 ): { memory: Uint8Array; unwinds: number; preempts: number; rewinds: number; exitCode: number | null } {
   const module = new WebAssembly.Module(g.wasm);
-  const dataAddr = g.memory.initialPages * wasmPage;
+  // colo's region at the top of memory: here only the asyncify area (this host keeps no log).
+  const asyncifyAt = (memory: WebAssembly.Memory) => regionAt(testLayout, memory.buffer.byteLength).asyncifyBase;
   let snapshot: { bytes: Uint8Array; globals: Map<string, number | bigint> } | null = null;
   let unwinds = 0;
   let preempts = 0;
@@ -91,6 +94,7 @@ function runResumable(
           preempts++;
           if (opts.preemptUnwinds) c.unwind();
         },
+        grow: (delta: number) => growGuestMemory(memory, testLayout, delta),
       },
       wasi_snapshot_preview1: wasi,
     });
@@ -99,6 +103,7 @@ function runResumable(
       ex,
       memory,
       unwind(): void {
+        const dataAddr = asyncifyAt(memory);
         const header = new Int32Array(memory.buffer, dataAddr, 2);
         header[0] = dataAddr + 8;
         header[1] = dataAddr + limits.asyncifyStackBytes;
@@ -111,8 +116,8 @@ function runResumable(
       if (snapshot.bytes.length > have) memory.grow((snapshot.bytes.length - have) / wasmPage);
       new Uint8Array(memory.buffer).set(snapshot.bytes);
       for (const [name, value] of snapshot.globals) (ex[name] as WebAssembly.Global).value = value;
-      ex.asyncify_start_rewind(dataAddr);
-    } else if (opts.hideReserved) {
+      ex.asyncify_start_rewind(asyncifyAt(memory));
+    } else {
       (ex['colo$reserved'] as WebAssembly.Global).value = reservePages;
     }
     let exitCode: number | null = null;
@@ -600,40 +605,39 @@ test('storeLog agrees with an oracle on random stores of every width, offset and
   assert.deepEqual([...marked].sort((a, b) => a - b), [...oracle].sort((a, b) => a - b));
 });
 
-test('colo$reserved hides the host region after the initial memory from wasi-libc malloc', async () => {
+test("a wasi-libc malloc never hands out colo's region at the top of memory, before or after it grows the memory", async () => {
   // A C guest (wasi-libc dlmalloc) that mallocs 8 x 20000 bytes. dlmalloc takes
-  // [__heap_base, memory.size) as its first heap, so pages the host adds for its asyncify
-  // stack and dirty log before the guest starts would be handed out by malloc.
+  // [__heap_base, memory.size) as its first heap and grows the memory for the rest, so colo's
+  // region must be outside memory.size and must move up when the memory grows.
   const original = new Uint8Array(await readFile(new URL('../../../test/machine/fixtures/heap-claim.wasm', import.meta.url)));
   const g = instrumentGuest(original);
   assert.ok(g.globals.some((x) => x.exportName === 'colo$reserved'));
   const module = new WebAssembly.Module(g.wasm);
-  const reservedStart = g.memory.initialPages * wasmPage;
-  const reservedEnd = reservedStart + reservePages * wasmPage;
-  const allocations = (reserved: number): number[] => {
-    const memory = new WebAssembly.Memory({ initial: g.memory.initialPages + reservePages, maximum: 1024, shared: true });
-    const instance = new WebAssembly.Instance(module, {
-      env: { memory },
-      colo: { preempt: () => undefined },
-      wasi_snapshot_preview1: {
-        proc_exit(code: number): never {
-          throw new Error(`proc_exit(${code})`);
-        },
+  const memory = new WebAssembly.Memory({ initial: g.memory.initialPages + reservePages, maximum: 1024, shared: true });
+  const sentinel = (m: WebAssembly.Memory) => new Uint8Array(m.buffer, regionAt(testLayout, m.buffer.byteLength).base, reservePages * wasmPage);
+  sentinel(memory).fill(0x5a); // the host's data; every move carries it along
+  let grows = 0;
+  const instance = new WebAssembly.Instance(module, {
+    env: { memory },
+    colo: {
+      preempt: () => undefined,
+      grow: (delta: number) => (grows++, growGuestMemory(memory, testLayout, delta)),
+    },
+    wasi_snapshot_preview1: {
+      proc_exit(code: number): never {
+        throw new Error(`proc_exit(${code})`);
       },
-    });
-    (instance.exports['colo$reserved'] as WebAssembly.Global).value = reserved;
-    (instance.exports['_start'] as () => void)();
-    const at = (instance.exports['results'] as () => number)();
-    return [...new Uint32Array(memory.buffer, at, 8)];
-  };
-  const overlaps = (ptrs: number[]) => ptrs.filter((p) => p < reservedEnd && p + 20000 > reservedStart);
-  // Without it, malloc hands out the host's pages...
-  assert.ok(overlaps(allocations(0)).length > 0, 'the hazard this guards against');
-  // ...with it, memory.size hides them until the guest grows the memory, and no allocation
-  // touches them.
-  const ptrs = allocations(reservePages);
+    },
+  });
+  (instance.exports['colo$reserved'] as WebAssembly.Global).value = reservePages;
+  (instance.exports['_start'] as () => void)();
+  const at = (instance.exports['results'] as () => number)();
+  const ptrs = [...new Uint32Array(memory.buffer, at, 8)];
+  assert.ok(grows > 0, 'the guest grew its memory (the case that moves the region)');
   assert.equal(new Set(ptrs).size, 8);
-  assert.deepEqual(overlaps(ptrs), []);
+  const base = regionAt(testLayout, memory.buffer.byteLength).base;
+  assert.deepEqual(ptrs.filter((p) => p + 20000 > base), [], `every allocation ends below the region at ${base}`);
+  assert.ok(sentinel(memory).every((b) => b === 0x5a), "colo's region holds what the host put there: no allocation wrote into it");
 });
 
 test('a real wasi-libc program paused at every preempt and resumed in fresh instances prints what it prints unpaused', async () => {
@@ -652,7 +656,6 @@ test('a real wasi-libc program paused at every preempt and resumed in fresh inst
     const out: string[] = [];
     const run = runResumable(g, {
       preemptUnwinds: true,
-      hideReserved: true,
       wasi: (ctx) => stdoutWasi(() => ctx().memory, out),
     });
     assert.ok(run.unwinds >= 20, `only ${run.unwinds} unwinds`);

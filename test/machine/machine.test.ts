@@ -102,7 +102,7 @@ test('a guest whose saved call stack does not rewind is reported as crashed, not
   await m.cont();
   await new Promise((r) => setTimeout(r, 50));
   await m.pause();
-  const base = m.layout.asyncifyBase;
+  const base = m.region().asyncifyBase;
   const dv = new DataView(m.memory.buffer);
   const current = dv.getUint32(base, true);
   assert.ok(current > base + 8, 'the paused guest saved a call stack');

@@ -9,7 +9,7 @@ import os from 'node:os';
 import path from 'node:path';
 import binaryen from 'binaryen';
 import { waitFor, withTimeout } from '../framework/harness.js';
-import { machineFor, watGuest } from '../framework/machine.js';
+import { machineFor, sizeHeap, sizeHeapGuest, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
 import { limits } from '../../src/core/limits.js';
@@ -209,15 +209,16 @@ test('pausing a guest whose call stack is too deep for the asyncify area writes 
   m.on('panicked', (message: string) => panics.push(message));
   await m.cont();
   await waitFor('the guest to reach the bottom of its recursion', () => new Uint32Array(m.memory.buffer)[7] === 1, 20000);
-  const area = [m.layout.asyncifyBase, m.layout.asyncifyBase + m.layout.asyncifyBytes];
+  // colo's region is the top of memory: the asyncify area, then the dirty log (not guest data).
+  const area = [m.region().asyncifyBase, m.region().asyncifyEnd];
   const before = Buffer.from(m.ram());
   await m.pause(); // a timeout here (TimeoutError) is the bug
   const after = Buffer.from(m.ram());
   assert.equal(after.byteLength, before.byteLength);
-  assert.ok(before.subarray(0, area[0]).equals(after.subarray(0, area[0])), 'guest memory below the asyncify area unchanged');
-  let changed = 0;
-  for (let i = area[1]!; i < after.byteLength; i++) if (after[i] !== before[i]) changed++;
-  assert.equal(changed, 0, 'guest memory above the asyncify area (its grown heap) unchanged');
+  assert.ok(before.subarray(0, area[0]).equals(after.subarray(0, area[0])), 'guest memory below the asyncify area (its data and grown heap) unchanged');
+  const heap = new Uint32Array(after.buffer, after.byteOffset)[6]!;
+  assert.ok(heap + 1048576 <= area[0]!, `the grown heap [${heap}, +1 MiB) lies below colo's region at ${area[0]}`);
+  assert.ok(after.subarray(heap, heap + 1048576).every((b) => b === 0xab), 'the grown heap holds what the guest filled it with');
   assert.equal(m.runState, 'guest-panicked');
   assert.equal(m.running, false);
   assert.equal(panics.length, 1);
@@ -275,5 +276,41 @@ test('a loop whose every iteration fills 64 MiB can be paused: bulk memory opera
     await m.cont();
     await m.pause();
     assert.equal(m.runState, 'paused', `storeLog ${storeLog}, a second time`);
+  }
+});
+
+test("a guest that takes its heap from memory.size around memory.grow (AssemblyScript's way) gets exactly its new pages: colo's region stays out of them through pauses", async (t) => {
+  // Before, the region sat above the initial memory and memory.size hid it only until the
+  // first grow: this guest's first claim took the asyncify area and the dirty log too, and
+  // the host's unwinds and log marks wrote into its data.
+  const o = { grows: 24, pages: 2, spin: 200000 };
+  const file = sizeHeapGuest(t, o);
+  for (const storeLog of [false, true]) {
+    const { m } = await machineFor(t, file, [], { storeLog });
+    const word = (addr: number) => new Uint32Array(m.memory.buffer)[addr / 4]!;
+    await m.cont();
+    // Pause and continue while it grows: each pause saves the guest's call stack in the region.
+    let pauses = 0;
+    await waitFor('the guest to finish growing, paused and continued on the way', async () => {
+      await m.pause();
+      pauses++;
+      await m.cont();
+      return word(sizeHeap.grows) === o.grows;
+    }, 20000, 2);
+    const passes = word(sizeHeap.passes);
+    await waitFor('the guest to check its claims three more times', () => word(sizeHeap.passes) >= passes + 3, 20000);
+    await m.pause();
+    assert.equal(word(sizeHeap.bad), 0, `storeLog ${storeLog}: the guest found a changed byte at ${word(sizeHeap.badAddr)} (after ${pauses} pauses)`);
+    // The claims are the guest's whole memory beyond its first page, one after the other,
+    // and colo's region starts where the last one ends.
+    const ram = m.ram();
+    for (let k = 0; k < o.grows; k++) {
+      const [start, end] = [word(sizeHeap.regions + 8 * k), word(sizeHeap.regions + 8 * k + 4)];
+      assert.deepEqual([start, end], [(1 + o.pages * k) * 65536, (1 + o.pages * (k + 1)) * 65536], `storeLog ${storeLog}: claim ${k}`);
+      assert.ok(ram.subarray(start, end).every((b) => b === 0x41 + k), `storeLog ${storeLog}: claim ${k} holds 0x${(0x41 + k).toString(16)} throughout`);
+    }
+    assert.equal(m.region().base, (1 + o.pages * o.grows) * 65536, `storeLog ${storeLog}: colo's region sits right above the guest's memory`);
+    assert.ok(pauses >= 3, `only ${pauses} pauses landed while the guest grew`);
+    await m.destroy();
   }
 });
