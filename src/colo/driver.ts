@@ -628,6 +628,13 @@ export class SecondaryDriver {
     for (const p of own) {
       if (p < pages && received[p] === 0) copy(p);
     }
+    // The SVM's dirty map is no page of its state, so no mark covers it; but when the
+    // checkpoint's guest is larger, those pages are the PVM's guest pages (which the cache
+    // holds). When it is smaller, the vCPU zeroes them with the rest above the new region.
+    const r = m.region();
+    for (let p = Math.floor(r.dirtyLogBase / pb); p < Math.min(pages, Math.ceil(r.dirtyLogEnd / pb)); p++) {
+      if (received[p] === 0) copy(p);
+    }
     for (let p = 0; p < pages; p++) {
       if (received[p] !== 0) {
         received[p] = 0;
@@ -637,6 +644,10 @@ export class SecondaryDriver {
     checkDeviceRam(m, device, 'the checkpoint');
     const ownBlocks = m.disk?.dropLayer() ?? 0;
     this.applyDiskBlocks();
+    // colo's region goes above the checkpoint's guest, whose size may differ from the SVM's:
+    // the dirty map is then read where the guest will mark it, not at its old place (now
+    // guest data, when the guest is larger).
+    m.placeRegionFor(device.vcpu.globals['colo$pages'] as number);
     // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.
     vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
     this.net.nextEpoch();

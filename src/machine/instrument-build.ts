@@ -99,8 +99,8 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
       m.addGlobal(budget, binaryen.i32, true, m.i32.const(limits.preemptBudget));
       const dirtylog = storeLog ? freshName(m, 'colo$dirtylog') : null;
       if (dirtylog !== null) m.addGlobal(dirtylog, binaryen.i32, true, m.i32.const(0));
-      const reserved = freshName(m, 'colo$reserved');
-      m.addGlobal(reserved, binaryen.i32, true, m.i32.const(0));
+      const pages = freshName(m, 'colo$pages');
+      m.addGlobal(pages, binaryen.i32, true, m.i32.const(parsed.memory.initialPages));
       const preempt = freshName(m, 'colo$preempt');
       m.addFunctionImport(preempt, preemptImport.module, preemptImport.name, binaryen.none, binaryen.none);
       const grow = freshName(m, 'colo$grow');
@@ -112,7 +112,7 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
         preemptFunction: preempt,
         storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
         memoryName,
-        reserved: { global: reserved, growFunction: grow },
+        reserved: { pagesGlobal: pages, growFunction: grow },
         bulkBytesShift: log2(limits.preemptBulkBytesPerCount),
       });
 
@@ -131,7 +131,7 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
       // Export the host-facing globals before optimising, so that they survive even when the
       // guest never reads them (a guest without stores does not use the dirty log).
       m.addGlobalExport(budget, 'colo$budget');
-      m.addGlobalExport(reserved, 'colo$reserved');
+      m.addGlobalExport(pages, 'colo$pages');
       if (dirtylog !== null) m.addGlobalExport(dirtylog, 'colo$dirtylog');
       m.optimize();
 

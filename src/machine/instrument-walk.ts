@@ -41,13 +41,13 @@ export interface WalkConfig {
   /** Internal name of the module's memory. */
   memoryName: string;
   /**
-   * colo's region at the top of memory (reserved-region.ts), which the guest must not see:
-   * `memory.size` becomes `memory.size - global` (`global`: the internal name of the mutable
-   * i32 global holding the region's pages; 0, the default, changes nothing), and
-   * `memory.grow(n)` becomes a call of `growFunction` (`(i32) -> i32`, the host's colo.grow,
-   * which moves the region up and returns the guest's old size).
+   * colo's region above the guest's pages (reserved-region.ts), which the guest must not see:
+   * `memory.size` becomes `global.get pagesGlobal` (the internal name of the mutable i32
+   * global holding the guest's size in pages), and `memory.grow(n)` becomes a call of
+   * `growFunction` (`(i32) -> i32`, the host's colo.grow, which moves the region up and
+   * returns the guest's old size).
    */
-  reserved: { global: string; growFunction: string };
+  reserved: { pagesGlobal: string; growFunction: string };
   /**
    * log2 of the bytes of memory.fill/copy/init that count as one loop iteration against the
    * budget: a loop whose body fills or copies megabytes reaches its next check with the budget
@@ -288,7 +288,7 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
       }
       if (id === E.MemorySizeId) {
         stats.memorySizes++;
-        return [m.i32.sub(e, m.global.get(cfg.reserved.global, i32)), below];
+        return [m.global.get(cfg.reserved.pagesGlobal, i32), below];
       }
       if (id === E.MemoryGrowId) {
         stats.memoryGrows++;

@@ -15,13 +15,12 @@
  *   `asyncify_stop_unwind()`, `asyncify_start_rewind(p)`, `asyncify_stop_rewind()` and
  *   `asyncify_get_state()`;
  * - exports every mutable global as `colo$g<index>` (the budget also as `colo$budget`, the
- *   dirty log base also as `colo$dirtylog`, the reserved page count also as `colo$reserved`);
+ *   dirty log base also as `colo$dirtylog`, the guest's size in pages also as `colo$pages`);
  * - optionally (storeLog) marks in a byte map at `colo$dirtylog` every 4 KiB page it writes;
- * - never sees colo's region, the `colo$reserved` pages at the top of its memory (the asyncify
- *   stack and the dirty log; reserved-region.ts): `memory.size` returns the memory's size
- *   minus them, and `memory.grow` calls the import `colo.grow: (i32) -> i32`, which moves the
- *   region up past the new pages. The host sets `colo$reserved` before `_start` (0, the
- *   default, changes nothing);
+ * - never sees colo's region, the pages right above its own that hold the asyncify stack and
+ *   the dirty log (reserved-region.ts): `memory.size` returns the global `colo$pages` (the
+ *   guest's size, initially its initial pages), and `memory.grow` calls the import
+ *   `colo.grow: (i32) -> i32`, which moves the region up past the new pages;
  *
  * `loadGuest` adds an on-disk cache because asyncify plus optimisation takes seconds; the
  * building itself (`instrumentGuest`, binaryen) is in instrument-build.ts, loaded only on a

@@ -8,7 +8,7 @@ import { Disk } from '../block/disk.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import type { InstrumentedGuest } from './instrument.js';
 import { LogDirtyTracker, ShadowDirtyTracker, type DirtyTracker, type LogPlace } from './dirty.js';
-import { RegionLock, regionAt, type ReservedRegion } from './reserved-region.js';
+import { RegionLock, regionAfterRestore, regionAt, type ReservedRegion } from './reserved-region.js';
 import { InputRingWriter, createInputRing } from './input-ring.js';
 import { logger } from '../core/log.js';
 import { SharedTraceLog, latencyTrace, vcpuTraceEvents } from '../core/latency-trace.js';
@@ -193,24 +193,44 @@ export class Machine extends EventEmitter {
     return this.memory.buffer.byteLength / limits.wasmPageBytes;
   }
 
-  /** Where colo's region lies in guest memory now (it moves up when the guest grows memory). */
-  region(): ReservedRegion {
-    return regionAt(this.layout, this.memory.buffer.byteLength);
+  /** The guest's own size in wasm pages (its memory.size; the memory also holds colo's region above it). */
+  guestPages(): number {
+    return Atomics.load(this.ctl, ctl.guestPages);
   }
 
   /**
-   * The 4 KiB pages that make up the machine state: all of guest memory including colo's
-   * asyncify area, but not the dirty byte map (it describes the state, it is not part of it).
-   * For the memory's size now: a guest that grows its memory changes them.
+   * A state whose guest has `pages` pages is being loaded into this memory (a COLO checkpoint,
+   * before dirty tracking starts afresh): colo's region moves above it now, as the vCPU's
+   * restore would, so that the dirty map is read where it will be (reserved-region.ts).
    */
-  statePageRanges(): [number, number][] {
-    const bytes = this.memory.buffer.byteLength;
-    const total = bytes / limits.pageBytes;
-    if (!this.layout.storeLog) return [[0, total]];
-    const r = regionAt(this.layout, bytes);
+  placeRegionFor(pages: number): void {
+    if (!Number.isInteger(pages) || pages < 0 || (pages + this.layout.reservedPages) * limits.wasmPageBytes > this.memory.buffer.byteLength) {
+      throw new RestoreError('STATE_MEMORY', `the state's guest size (${pages} pages) and colo's region do not fit this machine's ${this.ramPages()} pages of memory`);
+    }
+    new RegionLock(this.ctl, ctl.regionLock).with(() => {
+      regionAfterRestore(this.memory, this.layout, this.guestPages(), pages);
+      Atomics.store(this.ctl, ctl.guestPages, pages);
+    });
+  }
+
+  /** Where colo's region lies in guest memory now (it moves up when the guest grows). */
+  region(): ReservedRegion {
+    return regionAt(this.layout, this.guestPages());
+  }
+
+  /**
+   * The 4 KiB pages that make up the machine state: the guest's memory and colo's asyncify
+   * area, not the dirty byte map (it describes the state, it is not part of it) and not the
+   * zero pages above the region (reserved-region.ts). For the guest's size now (a guest that
+   * grows changes them), or for a guest of `guestPages` (a state about to be loaded).
+   */
+  statePageRanges(guestPages = this.guestPages()): [number, number][] {
+    const r = regionAt(this.layout, guestPages);
+    const end = r.end / limits.pageBytes;
+    if (!this.layout.storeLog) return [[0, end]];
     const logStart = Math.floor(r.dirtyLogBase / limits.pageBytes);
     const logEnd = Math.ceil(r.dirtyLogEnd / limits.pageBytes);
-    return [[0, logStart], [logEnd, total]].filter(([a, b]) => b! > a!) as [number, number][];
+    return [[0, logStart], [logEnd, end]].filter(([a, b]) => b! > a!) as [number, number][];
   }
 
   /**
@@ -223,10 +243,9 @@ export class Machine extends EventEmitter {
       const pagesMax = (this.maximumPages * limits.wasmPageBytes) / limits.pageBytes;
       const lock = new RegionLock(this.ctl, ctl.regionLock);
       const memory = this.memory;
-      const layout = this.layout;
       const at = (): LogPlace => {
         const ram = new Uint8Array(memory.buffer);
-        const r = regionAt(layout, ram.byteLength);
+        const r = this.region();
         return { ram, logBase: r.dirtyLogBase, always: [Math.floor(r.asyncifyBase / limits.pageBytes), Math.ceil(r.asyncifyEnd / limits.pageBytes)] };
       };
       return new LogDirtyTracker(at, (fn) => lock.with(fn), { sinceBoot: opts.sinceBoot ?? false, pagesMax });
@@ -234,10 +253,13 @@ export class Machine extends EventEmitter {
     return new ShadowDirtyTracker(this.maximumPages * limits.wasmPageBytes);
   }
 
-  /** Grow RAM to `pages` wasm pages (an incoming state may be larger than a fresh guest). */
+  /**
+   * Grow RAM to at least `pages` wasm pages (an incoming state may be larger than a fresh
+   * guest). A memory already larger stays so (a COLO secondary that ran ahead of its primary):
+   * the guest's size comes with the state, and pages above colo's region are zero.
+   */
   growRamTo(pages: number): void {
     const now = this.ramPages();
-    if (pages < now) throw new RestoreError('STATE_MEMORY', `the state has ${pages} memory pages, fewer than this guest's ${now}`);
     if (pages > this.maximumPages) {
       throw new RestoreError('STATE_MEMORY', `the state has ${pages * 64} KiB of memory, above this machine's maximum of ${this.maximumPages * 64} KiB (--memory)`);
     }

@@ -1,27 +1,35 @@
 /**
  * colo-vm's own region inside guest memory: the asyncify unwind area and, with store logging,
- * the dirty byte map (one byte per 4 KiB page). It is always the top `reservedPages` wasm pages
- * of the memory, and the instrumented guest never sees it:
+ * the dirty byte map (one byte per 4 KiB page). It lies right above the guest's own pages, and
+ * the instrumented guest never sees it:
  *
- * - `memory.size` returns the memory's size minus the region;
- * - `memory.grow(n)` calls the host (`colo.grow`), which grows the memory by n pages, moves the
- *   region up by n pages, zeroes the pages it leaves and returns the guest's old size. So the
- *   pages a guest gains are exactly the n it asked for, fresh and zero, whether it takes them
- *   from `memory.grow`'s result (wasi-libc's sbrk) or from `memory.size` before and after the
- *   grow (AssemblyScript's allocator).
+ * - the guest's size is the mutable global `colo$pages` (part of the state, as every mutable
+ *   global): `memory.size` returns it;
+ * - `memory.grow(n)` calls the host (`colo.grow`), which moves the region up by n pages
+ *   (growing the memory when it has no room), zeroes the pages it leaves, and returns the
+ *   guest's old size. So the pages a guest gains are exactly the n it asked for, fresh and
+ *   zero, whether it takes them from `memory.grow`'s result (wasi-libc's sbrk) or from
+ *   `memory.size` before and after (AssemblyScript's allocator).
  *
- * The region's place is therefore a function of the memory's size (`regionAt`), the same on
- * every node that holds the same memory: migration and COLO carry the memory size, never the
- * region's address. The main thread reads the dirty map while the guest may grow the memory
- * (the rounds of a live migration), so a move and a read of the map never overlap: both hold
- * the region lock (a slot of the vCPU control block).
+ * The memory may be larger than the guest and the region (a COLO secondary that ran ahead of
+ * its primary and grew more, then loaded a checkpoint of the smaller primary: a wasm memory
+ * cannot shrink). Those pages above the region are zero and belong to no one; the guest gets
+ * them, still zero, when it grows.
+ *
+ * The region's place is therefore a function of the guest's size (`regionAt`), which is in
+ * every state: migration and COLO carry no address for it. The vCPU mirrors the size into the
+ * control block for the main thread, which reads the dirty map while the guest may grow (the
+ * rounds of a live migration); a move and a read of the map never overlap: both hold the
+ * region lock (another slot of the control block).
  */
 import { limits } from '../core/limits.js';
 import type { GuestLayout } from './vcpu-protocol.js';
 
 const wasmPage = limits.wasmPageBytes;
+/** A wasm32 memory's largest size in pages. */
+const maxWasmPages = 65536;
 
-/** Where the region lies in a memory of `memoryBytes` (byte addresses; ends exclusive). */
+/** Where the region lies above a guest of `guestPages` wasm pages (byte addresses; ends exclusive). */
 export interface ReservedRegion {
   /** First byte of the region: the end of the guest's own memory. */
   base: number;
@@ -30,22 +38,20 @@ export interface ReservedRegion {
   /** The dirty byte map (empty without store logging). */
   dirtyLogBase: number;
   dirtyLogEnd: number;
+  /** The end of the region (base + reservedPages wasm pages): above it, memory is zero. */
+  end: number;
 }
 
-export function regionAt(layout: Pick<GuestLayout, 'reservedPages' | 'asyncifyBytes' | 'dirtyLogBytes'>, memoryBytes: number): ReservedRegion {
-  const base = memoryBytes - layout.reservedPages * wasmPage;
+export function regionAt(layout: Pick<GuestLayout, 'reservedPages' | 'asyncifyBytes' | 'dirtyLogBytes'>, guestPages: number): ReservedRegion {
+  const base = guestPages * wasmPage;
   return {
     base,
     asyncifyBase: base,
     asyncifyEnd: base + layout.asyncifyBytes,
     dirtyLogBase: base + layout.asyncifyBytes,
     dirtyLogEnd: base + layout.asyncifyBytes + layout.dirtyLogBytes,
+    end: base + layout.reservedPages * wasmPage,
   };
-}
-
-/** The guest's own size, in wasm pages, of a memory of `memoryBytes`. */
-export function guestPagesOf(layout: Pick<GuestLayout, 'reservedPages'>, memoryBytes: number): number {
-  return memoryBytes / wasmPage - layout.reservedPages;
 }
 
 /** A lock over one Int32Array slot: 0 free, 1 held. Held for microseconds; waits are bounded. */
@@ -77,32 +83,51 @@ export class RegionLock {
 }
 
 /**
- * The host side of the instrumented `memory.grow(delta)`: grows `memory` by `delta` pages and
- * moves colo's region (the top `layout.reservedPages` pages) to the new top, zeroing the pages
- * it leaves; with store logging, those pages are marked dirty in the moved map (they now hold
- * guest data, zeros, that a migration target may not have). Returns the guest's size before
- * the grow in pages, or -1 (the guest's memory.grow failure) when the memory cannot grow.
- * The caller holds the region lock. `delta` is the guest's i32, read as unsigned.
+ * The host side of the instrumented `memory.grow(delta)` for a guest of `guestPages`: moves
+ * colo's region (the `layout.reservedPages` pages above the guest) up by `delta` pages, growing
+ * `memory` when it has no room for that, and zeroes the pages the region leaves; with store
+ * logging, those pages are marked dirty in the moved map (they now hold guest data, zeros, that
+ * a migration target may not have). Returns the guest's new size in pages, or -1 (memory.grow's
+ * failure) when the memory cannot grow that far. The caller holds the region lock and sets
+ * `colo$pages` and `colo$dirtylog`. `delta` is the guest's i32, read as unsigned.
  */
-export function growGuestMemory(memory: WebAssembly.Memory, layout: GuestLayout, delta: number): number {
+export function growGuestMemory(memory: WebAssembly.Memory, layout: GuestLayout, guestPages: number, delta: number): number {
   const pages = delta >>> 0;
-  const before = memory.buffer.byteLength / wasmPage;
-  const guestBefore = before - layout.reservedPages;
-  if (pages === 0) return guestBefore;
-  try {
-    memory.grow(pages);
-  } catch {
-    return -1; // beyond the maximum, or the host has no memory for it: memory.grow's -1
-  }
+  if (pages === 0) return guestPages;
   const r = layout.reservedPages;
-  if (r === 0) return guestBefore;
-  const u8 = new Uint8Array(memory.buffer);
-  u8.copyWithin((guestBefore + pages) * wasmPage, guestBefore * wasmPage, before * wasmPage);
-  const freedEnd = (guestBefore + Math.min(pages, r)) * wasmPage;
-  u8.fill(0, guestBefore * wasmPage, freedEnd);
-  if (layout.storeLog) {
-    const log = regionAt(layout, u8.byteLength).dirtyLogBase;
-    u8.fill(1, log + (guestBefore * wasmPage) / limits.pageBytes, log + freedEnd / limits.pageBytes);
+  const need = guestPages + pages + r;
+  if (need > maxWasmPages) return -1;
+  const have = memory.buffer.byteLength / wasmPage;
+  if (need > have) {
+    try {
+      memory.grow(need - have);
+    } catch {
+      return -1; // beyond the maximum, or the host has no memory for it: memory.grow's -1
+    }
   }
-  return guestBefore;
+  if (r === 0) return guestPages + pages;
+  const u8 = new Uint8Array(memory.buffer);
+  u8.copyWithin((guestPages + pages) * wasmPage, guestPages * wasmPage, (guestPages + r) * wasmPage);
+  const freedEnd = (guestPages + Math.min(pages, r)) * wasmPage;
+  u8.fill(0, guestPages * wasmPage, freedEnd);
+  if (layout.storeLog) {
+    const log = regionAt(layout, guestPages + pages).dirtyLogBase;
+    u8.fill(1, log + (guestPages * wasmPage) / limits.pageBytes, log + freedEnd / limits.pageBytes);
+  }
+  return guestPages + pages;
+}
+
+/**
+ * A guest of `from` pages takes the size `to` from a state (a restore, a COLO checkpoint): the
+ * region is now above `to`. Zeroes what lay above the new region's end up to the old one's (a
+ * secondary that ran ahead of its primary wrote there: guest pages, or its region), so that
+ * memory above the region is zero again, and clears the map at its place (what lies there is
+ * no map of this state: the state's pages, or zeros; a restored machine starts its dirty
+ * tracking afresh). The caller holds the region lock.
+ */
+export function regionAfterRestore(memory: WebAssembly.Memory, layout: GuestLayout, from: number, to: number): void {
+  const u8 = new Uint8Array(memory.buffer);
+  const [was, now] = [regionAt(layout, from), regionAt(layout, to)];
+  if (was.end > now.end) u8.fill(0, now.end, was.end);
+  u8.fill(0, now.dirtyLogBase, now.dirtyLogEnd);
 }

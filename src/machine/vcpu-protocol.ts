@@ -16,7 +16,9 @@ export const ctl = {
   outEpoch: 4,
   /** The reserved-region lock (reserved-region.ts): 0 free, 1 held. */
   regionLock: 5,
-  slots: 6,
+  /** The guest's size in wasm pages (its `colo$pages`), which says where colo's region is; written by the vCPU. */
+  guestPages: 6,
+  slots: 7,
 } as const;
 
 export interface GuestGlobalLayout {
@@ -25,9 +27,9 @@ export interface GuestGlobalLayout {
 }
 
 /**
- * Where colo-vm keeps its own data inside guest memory: a region of `reservedPages` at the top
- * of the memory, which moves up when the guest grows it and which the guest never sees
- * (reserved-region.ts; `regionAt` says where it is for a given memory size). It holds the
+ * Where colo-vm keeps its own data inside guest memory: a region of `reservedPages` right above
+ * the guest's own pages, which moves up when the guest grows and which the guest never sees
+ * (reserved-region.ts; `regionAt` says where it is for a given guest size). It holds the
  * asyncify unwind stack and, with store logging, the dirty byte map (one byte per 4 KiB page).
  */
 export interface GuestLayout {

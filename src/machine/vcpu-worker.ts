@@ -26,7 +26,7 @@ import { WasiHost } from './wasi-host.js';
 import { ProcExit } from './wasi-abi.js';
 import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 import { RestoreError } from '../core/errors.js';
-import { RegionLock, growGuestMemory, regionAt, type ReservedRegion } from './reserved-region.js';
+import { RegionLock, growGuestMemory, regionAfterRestore, regionAt, type ReservedRegion } from './reserved-region.js';
 import * as v from '../core/validate.js';
 import { limits } from '../core/limits.js';
 import { SharedTraceLog, observeGc, vcpuTrace } from '../core/latency-trace.js';
@@ -57,6 +57,7 @@ class Vcpu {
   private readonly layout: GuestLayout;
   private phase: Phase = 'fresh';
   private lastWake = 0;
+  private readonly pagesGlobal: WebAssembly.Global;
   private readonly logGlobal: WebAssembly.Global | null;
   private readonly regionLock: RegionLock;
   private logU8: Uint8Array | null = null;
@@ -97,31 +98,41 @@ class Vcpu {
     this.exports = this.instance.exports as unknown as AsyncifyExports;
     const budget = this.instance.exports['colo$budget'];
     if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
-    // The guest's memory.size leaves out colo's region at the top of memory (reserved-region.ts).
-    const reserved = this.instance.exports['colo$reserved'];
-    if (reserved instanceof WebAssembly.Global) reserved.value = init.layout.reservedPages;
+    // The guest's size (memory.size) and, above it, colo's region (reserved-region.ts).
+    const pages = this.instance.exports['colo$pages'];
+    if (!(pages instanceof WebAssembly.Global)) throw new Error('the instrumented guest does not export colo$pages');
+    this.pagesGlobal = pages;
     const log = this.instance.exports['colo$dirtylog'];
     this.logGlobal = log instanceof WebAssembly.Global ? log : null;
     this.regionLock = new RegionLock(this.ctl, ctl.regionLock);
-    this.placeRegion();
+    this.setGuestPages(init.layout.initialPages);
   }
 
-  /** Where colo's region is now: the top of memory, however it got its size (a grow, a restore). */
+  /** The guest's size in wasm pages: colo's region lies right above. */
+  private guestPages(): number {
+    return this.pagesGlobal.value as number;
+  }
+
+  /** Where colo's region is now. */
   private region(): ReservedRegion {
-    return regionAt(this.layout, this.memory.buffer.byteLength);
+    return regionAt(this.layout, this.guestPages());
   }
 
-  /** Points the guest's store log at the map's place for the memory's size now. */
-  private placeRegion(): void {
-    if (this.logGlobal !== null) this.logGlobal.value = this.region().dirtyLogBase;
+  /** The guest's size is `pages`: memory.size, the store log's map and the main thread's copy follow. */
+  private setGuestPages(pages: number): void {
+    this.pagesGlobal.value = pages;
+    if (this.logGlobal !== null) this.logGlobal.value = regionAt(this.layout, pages).dirtyLogBase;
+    Atomics.store(this.ctl, ctl.guestPages, pages);
   }
 
   /** The guest's memory.grow (colo.grow): the region moves up, the guest gets what it asked for. */
   private grow(delta: number): number {
     return this.regionLock.with(() => {
-      const r = growGuestMemory(this.memory, this.layout, delta);
-      this.placeRegion();
-      return r;
+      const before = this.guestPages();
+      const after = growGuestMemory(this.memory, this.layout, before, delta);
+      if (after < 0) return -1;
+      this.setGuestPages(after);
+      return before;
     });
   }
 
@@ -345,7 +356,7 @@ class Vcpu {
 
   markWrite(ptr: number, len: number): void {
     if (!this.layout.storeLog || len === 0) return;
-    // A cached view, new when the memory has grown: the map sits at the top, past an old view.
+    // A cached view, new when the memory has grown (the map moved up, maybe past an old view).
     const buf = this.memory.buffer;
     if (buf.byteLength !== this.logBufferLength) {
       this.logU8 = new Uint8Array(buf);
@@ -354,7 +365,7 @@ class Vcpu {
     const u8 = this.logU8!;
     const first = ptr >>> 12;
     const last = (ptr + len - 1) >>> 12;
-    const base = regionAt(this.layout, buf.byteLength).dirtyLogBase;
+    const base = this.region().dirtyLogBase;
     for (let p = first; p <= last; p++) u8[base + p] = 1;
   }
 
@@ -589,6 +600,11 @@ class Vcpu {
     }
     const extra = Object.keys(globals).filter((k) => !this.layout.globals.some((g) => g.exportName === k));
     if (extra.length > 0) throw new RestoreError('STATE_INVALID', `vcpu.globals: unknown global ${extra[0]}`);
+    const pages = globals['colo$pages'];
+    const memoryPages = this.memory.buffer.byteLength / limits.wasmPageBytes;
+    if (typeof pages !== 'number' || !Number.isInteger(pages) || pages < 0 || pages + this.layout.reservedPages > memoryPages) {
+      throw new RestoreError('STATE_MEMORY', `vcpu.globals.colo$pages: the guest's size (${String(pages)} pages) and colo's region do not fit this machine's ${memoryPages} pages of memory`);
+    }
     // Validate every device before changing any.
     const probeNic = new Nic();
     probeNic.restore(s.nic);
@@ -599,10 +615,14 @@ class Vcpu {
     this.clock.restore(s.clock);
     this.serial.restore(s.serial);
     this.takeChannel();
+    const from = this.guestPages();
     for (const g of this.layout.globals) {
       (this.instance.exports[g.exportName] as WebAssembly.Global).value = globals[g.exportName];
     }
-    this.placeRegion(); // the memory's size says where the map is, whatever the state said
+    this.regionLock.with(() => {
+      regionAfterRestore(this.memory, this.layout, from, pages);
+      this.setGuestPages(pages); // the size says where the map is, whatever the state's colo$dirtylog said
+    });
     this.phase = started ? 'unwound' : 'fresh';
   }
 

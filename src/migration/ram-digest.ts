@@ -49,10 +49,11 @@ export function checkRamDigest(memory: WebAssembly.Memory, ranges: PageRanges, e
   log.debug(`${what}: guest RAM matches the source's sums (${pages.length} pages)`);
 }
 
-/** The machine a device state is built from or loaded into: its RAM and the pages of its state. */
+/** The machine a device state is built from or loaded into: its RAM and the pages of its state (for a guest of `guestPages`, default its own size). */
 interface StateRam {
   readonly memory: WebAssembly.Memory;
-  statePageRanges(): PageRanges;
+  readonly layout: { readonly reservedPages: number };
+  statePageRanges(guestPages?: number): PageRanges;
 }
 
 /** The device state to send for `vcpu`: with the RAM sums when COLO_VERIFY_RAM is on. */
@@ -62,5 +63,11 @@ export function deviceBlobOf(m: StateRam, vcpu: DeviceBlob['vcpu']): DeviceBlob 
 
 /** Before a loaded state runs: its RAM sums, if it carries them, must match this machine's RAM (RestoreError RAM_DIGEST). */
 export function checkDeviceRam(m: StateRam, blob: DeviceBlob, what: string): void {
-  if (blob.ramDigest !== undefined) checkRamDigest(m.memory, m.statePageRanges(), blob.ramDigest, what);
+  if (blob.ramDigest === undefined) return;
+  // The pages of the state's guest, which is not loaded yet: its size may differ from this
+  // machine's guest (reserved-region.ts).
+  // A size that does not fit the memory is refused by the restore itself.
+  const pages = (blob.vcpu as { globals?: Record<string, unknown> }).globals?.['colo$pages'];
+  const fits = typeof pages === 'number' && Number.isInteger(pages) && pages >= 0 && (pages + m.layout.reservedPages) * limits.wasmPageBytes <= m.memory.buffer.byteLength;
+  checkRamDigest(m.memory, m.statePageRanges(fits ? pages : undefined), blob.ramDigest, what);
 }

@@ -27,10 +27,10 @@ export function pagesWrittenAtBoot(m: Machine): Uint8Array {
     for (let p = first; p <= last; p++) map[p] = 1;
   };
   for (const seg of m.guest.dataSegments) mark(seg.offset, seg.size);
-  // colo's region where it was at boot (the top of the initial memory); it moves up only when
-  // the guest grows memory, and then leaves zeros behind.
-  const boot = regionAt(m.layout, (m.layout.initialPages + m.layout.reservedPages) * limits.wasmPageBytes);
-  mark(boot.base, boot.dirtyLogEnd - boot.base);
+  // colo's region where it was at boot (above the initial memory); it moves up only when the
+  // guest grows, and then leaves zeros behind.
+  const boot = regionAt(m.layout, m.layout.initialPages);
+  mark(boot.base, boot.end - boot.base);
   return map;
 }
 

@@ -72,23 +72,26 @@ export function watGuest(t: { after(fn: () => unknown): void }, name: string, te
 }
 
 /** Addresses of sizeHeapGuest's results (i32s). */
-export const sizeHeap = { passes: 16, bad: 20, badAddr: 24, grows: 28, regions: 64 } as const;
+export const sizeHeap = { passes: 16, bad: 20, badAddr: 24, grows: 28, clock: 40, regions: 64 } as const;
 
 /**
  * A guest that takes its heap as AssemblyScript's allocator does: `memory.size` before and
  * after each `memory.grow(pages)`, claiming everything between; it fills each claim with its
- * own byte (0x41 + k), spinning `spin` iterations between grows, then checks every claim
- * forever, counting passes. A byte that changed sets `bad` (sticky) and its address. Claim k
- * is recorded as [start, end) at `regions + 8k`.
+ * own byte (0x41 + k) and waits `paceMs` of its monotonic clock (spinning) before the next
+ * grow, then checks every claim forever, counting passes. A byte that changed sets `bad`
+ * (sticky) and its address. Claim k is recorded as [start, end) at `regions + 8k`.
  */
-export function sizeHeapGuest(t: { after(fn: () => unknown): void }, o: { grows: number; pages: number; spin: number }): string {
+export function sizeHeapGuest(t: { after(fn: () => unknown): void }, o: { grows: number; pages: number; paceMs: number }): string {
   const r = sizeHeap;
   return watGuest(t, 'size-heap', `(module
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
     (memory (export "memory") 1)
-    (func $spin (param $n i32)
-      (loop $l
-        (local.set $n (i32.sub (local.get $n) (i32.const 1)))
-        (br_if $l (i32.gt_s (local.get $n) (i32.const 0)))))
+    (func $now (result i64)
+      (drop (call $clock (i32.const 1) (i64.const 0) (i32.const ${r.clock})))
+      (i64.load (i32.const ${r.clock})))
+    (func $pace (local $until i64)
+      (local.set $until (i64.add (call $now) (i64.const ${o.paceMs * 1_000_000})))
+      (loop $l (br_if $l (i64.lt_u (call $now) (local.get $until)))))
     (func (export "_start") (local $k i32) (local $before i32) (local $after i32) (local $a i32) (local $end i32) (local $v i32)
       (loop $grow
         (local.set $before (i32.shl (memory.size) (i32.const 16)))
@@ -99,7 +102,7 @@ export function sizeHeapGuest(t: { after(fn: () => unknown): void }, o: { grows:
         (memory.fill (local.get $before) (i32.add (local.get $k) (i32.const 0x41)) (i32.sub (local.get $after) (local.get $before)))
         (local.set $k (i32.add (local.get $k) (i32.const 1)))
         (i32.store (i32.const ${r.grows}) (local.get $k))
-        (call $spin (i32.const ${o.spin}))
+        (call $pace)
         (br_if $grow (i32.lt_u (local.get $k) (i32.const ${o.grows}))))
       (loop $pass
         (local.set $k (i32.const 0))

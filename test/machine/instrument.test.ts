@@ -38,6 +38,16 @@ const reservePages = Math.ceil(limits.asyncifyStackBytes / wasmPage);
 /** The region of a host that keeps only the asyncify area there (no dirty log). */
 const testLayout = { reservedPages: reservePages, asyncifyBytes: limits.asyncifyStackBytes, dirtyLogBytes: 0, storeLog: false } as GuestLayout;
 
+/** colo.grow as the vCPU does it, for an instance of this test host (see reserved-region.ts). */
+function testGrow(ex: Record<string, unknown>, memory: WebAssembly.Memory, delta: number): number {
+  const pages = ex['colo$pages'] as WebAssembly.Global;
+  const before = pages.value as number;
+  const after = growGuestMemory(memory, testLayout, before, delta);
+  if (after < 0) return -1;
+  pages.value = after;
+  return before;
+}
+
 interface Exports {
   _start(): void;
   asyncify_start_unwind(p: number): void;
@@ -70,8 +80,8 @@ function runResumable(
   },
 ): { memory: Uint8Array; unwinds: number; preempts: number; rewinds: number; exitCode: number | null } {
   const module = new WebAssembly.Module(g.wasm);
-  // colo's region at the top of memory: here only the asyncify area (this host keeps no log).
-  const asyncifyAt = (memory: WebAssembly.Memory) => regionAt(testLayout, memory.buffer.byteLength).asyncifyBase;
+  // colo's region above the guest's pages: here only the asyncify area (this host keeps no log).
+  const asyncifyAt = (ex: Exports) => regionAt(testLayout, (ex['colo$pages'] as WebAssembly.Global).value as number).asyncifyBase;
   let snapshot: { bytes: Uint8Array; globals: Map<string, number | bigint> } | null = null;
   let unwinds = 0;
   let preempts = 0;
@@ -94,7 +104,7 @@ function runResumable(
           preempts++;
           if (opts.preemptUnwinds) c.unwind();
         },
-        grow: (delta: number) => growGuestMemory(memory, testLayout, delta),
+        grow: (delta: number) => testGrow(getCtx().ex, memory, delta),
       },
       wasi_snapshot_preview1: wasi,
     });
@@ -103,7 +113,7 @@ function runResumable(
       ex,
       memory,
       unwind(): void {
-        const dataAddr = asyncifyAt(memory);
+        const dataAddr = asyncifyAt(ex);
         const header = new Int32Array(memory.buffer, dataAddr, 2);
         header[0] = dataAddr + 8;
         header[1] = dataAddr + limits.asyncifyStackBytes;
@@ -116,9 +126,7 @@ function runResumable(
       if (snapshot.bytes.length > have) memory.grow((snapshot.bytes.length - have) / wasmPage);
       new Uint8Array(memory.buffer).set(snapshot.bytes);
       for (const [name, value] of snapshot.globals) (ex[name] as WebAssembly.Global).value = value;
-      ex.asyncify_start_rewind(asyncifyAt(memory));
-    } else {
-      (ex['colo$reserved'] as WebAssembly.Global).value = reservePages;
+      ex.asyncify_start_rewind(asyncifyAt(ex));
     }
     let exitCode: number | null = null;
     try {
@@ -274,9 +282,9 @@ test('instrumented module: imports, exports, globals, metadata', () => {
   for (const gl of g.globals) {
     assert.equal(exports.get(gl.exportName), 'global', gl.exportName);
     assert.equal(exports.get(`colo$g${gl.index}`), 'global', `colo$g${gl.index}`);
-    if (gl.exportName !== 'colo$budget' && gl.exportName !== 'colo$reserved') assert.equal(gl.exportName, `colo$g${gl.index}`);
+    if (gl.exportName !== 'colo$budget' && gl.exportName !== 'colo$pages') assert.equal(gl.exportName, `colo$g${gl.index}`);
   }
-  assert.ok(g.globals.some((x) => x.exportName === 'colo$reserved'));
+  assert.ok(g.globals.some((x) => x.exportName === 'colo$pages'));
   assert.equal(new Set(g.globals.map((x) => x.index)).size, g.globals.length);
 
   // A host can link it exactly as the brief says: shared memory it may also hand to threads.
@@ -611,17 +619,18 @@ test("a wasi-libc malloc never hands out colo's region at the top of memory, bef
   // region must be outside memory.size and must move up when the memory grows.
   const original = new Uint8Array(await readFile(new URL('../../../test/machine/fixtures/heap-claim.wasm', import.meta.url)));
   const g = instrumentGuest(original);
-  assert.ok(g.globals.some((x) => x.exportName === 'colo$reserved'));
+  assert.ok(g.globals.some((x) => x.exportName === 'colo$pages'));
   const module = new WebAssembly.Module(g.wasm);
   const memory = new WebAssembly.Memory({ initial: g.memory.initialPages + reservePages, maximum: 1024, shared: true });
-  const sentinel = (m: WebAssembly.Memory) => new Uint8Array(m.buffer, regionAt(testLayout, m.buffer.byteLength).base, reservePages * wasmPage);
-  sentinel(memory).fill(0x5a); // the host's data; every move carries it along
   let grows = 0;
-  const instance = new WebAssembly.Instance(module, {
+  let instance: WebAssembly.Instance | null = null;
+  const guestPages = () => (instance!.exports['colo$pages'] as WebAssembly.Global).value as number;
+  const sentinel = () => new Uint8Array(memory.buffer, regionAt(testLayout, guestPages()).base, reservePages * wasmPage);
+  instance = new WebAssembly.Instance(module, {
     env: { memory },
     colo: {
       preempt: () => undefined,
-      grow: (delta: number) => (grows++, growGuestMemory(memory, testLayout, delta)),
+      grow: (delta: number) => (grows++, testGrow(instance!.exports, memory, delta)),
     },
     wasi_snapshot_preview1: {
       proc_exit(code: number): never {
@@ -629,15 +638,16 @@ test("a wasi-libc malloc never hands out colo's region at the top of memory, bef
       },
     },
   });
-  (instance.exports['colo$reserved'] as WebAssembly.Global).value = reservePages;
+  assert.equal(guestPages(), g.memory.initialPages, "colo$pages starts at the guest's initial size");
+  sentinel().fill(0x5a); // the host's data; every move carries it along
   (instance.exports['_start'] as () => void)();
   const at = (instance.exports['results'] as () => number)();
   const ptrs = [...new Uint32Array(memory.buffer, at, 8)];
   assert.ok(grows > 0, 'the guest grew its memory (the case that moves the region)');
   assert.equal(new Set(ptrs).size, 8);
-  const base = regionAt(testLayout, memory.buffer.byteLength).base;
+  const base = regionAt(testLayout, guestPages()).base;
   assert.deepEqual(ptrs.filter((p) => p + 20000 > base), [], `every allocation ends below the region at ${base}`);
-  assert.ok(sentinel(memory).every((b) => b === 0x5a), "colo's region holds what the host put there: no allocation wrote into it");
+  assert.ok(sentinel().every((b) => b === 0x5a), "colo's region holds what the host put there: no allocation wrote into it");
 });
 
 test('a real wasi-libc program paused at every preempt and resumed in fresh instances prints what it prints unpaused', async () => {

@@ -87,6 +87,10 @@ test('restore refuses a state with a bad field and leaves the machine unchanged'
   await a.pause();
   const state = await a.saveVcpu();
   const { m: b } = await machineFor(t, guests.memwalk, ['1M']);
+  // A state whose guest (and colo's region above it) does not fit the memory: a restore
+  // always comes after RAM has grown to the state's size.
+  await assert.rejects(b.restoreVcpu(state), { name: 'RestoreError', code: 'STATE_MEMORY' });
+  b.growRamTo(a.ramPages());
   const before = await b.saveVcpu();
   await assert.rejects(b.restoreVcpu({ ...state, nic: { ...state.nic, backlog: [42] } }), /nic.backlog\[0\]: unknown connection 42/);
   await assert.rejects(b.restoreVcpu({ ...state, globals: { ...state.globals, bogus: 1 } }), /unknown global bogus/);

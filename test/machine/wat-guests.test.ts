@@ -283,7 +283,7 @@ test("a guest that takes its heap from memory.size around memory.grow (AssemblyS
   // Before, the region sat above the initial memory and memory.size hid it only until the
   // first grow: this guest's first claim took the asyncify area and the dirty log too, and
   // the host's unwinds and log marks wrote into its data.
-  const o = { grows: 24, pages: 2, spin: 200000 };
+  const o = { grows: 24, pages: 2, paceMs: 30 };
   const file = sizeHeapGuest(t, o);
   for (const storeLog of [false, true]) {
     const { m } = await machineFor(t, file, [], { storeLog });

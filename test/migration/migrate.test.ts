@@ -190,7 +190,7 @@ test("a guest growing its memory AssemblyScript's way during a live migration wi
   // source's migration rounds read and clear that log: a read of the old place would lose
   // marks or clear bytes of guest data.
   const env = new TestEnv(t);
-  const o = { grows: 40, pages: 2, spin: 1500000 };
+  const o = { grows: 40, pages: 2, paceMs: 60 };
   const guest = sizeHeapGuest(t, o);
   const common = ['--memory', '64M', '--dirty-log', 'store'];
   const [src, dst] = await Promise.all([
