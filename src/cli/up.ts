@@ -499,6 +499,9 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
   });
 }
 
+/** The signals that stop the pair (the children first, then the supervisor). */
+const stopSignals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+
 export async function upCommand(argv: string[]): Promise<number> {
   const o = parseUpArgs(argv);
   setLogNode('up');
@@ -515,8 +518,10 @@ export async function upCommand(argv: string[]): Promise<number> {
   }
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
+  // children have their own process group), and Node's default would end the supervisor
+  // without its 'exit' handler, leaving both children to run on, holding the address.
+  for (const sig of stopSignals) process.on(sig, onSignal);
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
   try {
@@ -525,8 +530,7 @@ export async function upCommand(argv: string[]): Promise<number> {
     if (o.stateDir === null) fs.rmSync(stateDir, { recursive: true, force: true });
     return code;
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    for (const sig of stopSignals) process.off(sig, onSignal);
     process.off('exit', onExit);
   }
 }
