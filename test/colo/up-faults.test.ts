@@ -1,10 +1,12 @@
 /**
  * `colo up` (real processes) when more goes wrong than one child: the supervisor itself is
- * sent SIGHUP (its terminal or ssh session closed).
+ * sent SIGHUP (its terminal or ssh session closed), and a double failure in which the
+ * secondary that is taking over dies too.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, waitFor } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+import { TestEnv, guests, waitFor } from '../framework/harness.js';
 import { pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
 
 function tail(pair: ProtectedPair): string {
@@ -22,4 +24,37 @@ test('colo up: SIGHUP stops the pair like SIGTERM: both children are gone and co
   assert.deepEqual(sup.lines.slice(-2), ['pair: stopping (SIGHUP)', 'pair: stopped'], tail(pair));
   await waitFor('both children to be gone', () => !pidAlive(primary) && !pidAlive(secondary), 5000);
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test('colo up: the primary dies and the secondary dies while taking over: the dead primary\'s disk, with every acknowledged write, becomes the --drive image', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, image, first, primary: p1, secondary: s2, clients } = pair;
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'before', '1']), 'OK');
+  // A first failover: vm2 serves now, on its own copy of the disk in the state folder.
+  process.kill(p1, 'SIGKILL');
+  const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), first.at + 1, 60000);
+  const s3 = Number(again.m[1]);
+  const r2 = await RespClient.connect(port);
+  clients.push(r2);
+  assert.equal(await r2.command(['SET', 'after', '2']), 'OK', 'acknowledged under COLO by vm2 and vm3');
+  // vm2 dies, and vm3 cannot finish taking over: it is stopped before, and killed during it.
+  process.kill(s3, 'SIGSTOP');
+  process.kill(s2, 'SIGKILL');
+  await waitFor(`colo up to start the takeover on ${s3}; ${tail(pair)}`, () => new RegExp(`primary ${s2} died \\(SIGKILL\\); secondary ${s3} takes over`).test(sup.stderr), 10000);
+  process.kill(s3, 'SIGKILL');
+  // (Its QMP connection may close before its exit is seen: either way the takeover failed.)
+  await sup.line(/^pair: failed \((secondary \d+ died \(SIGKILL\) while taking over|the secondary could not take over: .*)\)$/, again.at + 1, 15000);
+  await sup.waitExit(15000);
+  assert.equal(sup.exitCode, 1, tail(pair));
+  assert.doesNotMatch(sup.stderr, /is gone with it/, 'the last primary\'s disk was kept');
+  // The image now holds what vm2 wrote, also after the first failover.
+  const vm = await env.startVm({ name: 'check', guest: guests.kv, args: ['--memory', '256M', '--drive', `file=${image}`, '--net', `listen=127.0.0.1:${port}`] });
+  const c = await waitFor('the check VM to answer', async () => RespClient.connect(port, '127.0.0.1', 500).catch(() => undefined), 30000);
+  clients.push(c);
+  assert.equal(await c.command(['GET', 'before']), '1');
+  assert.equal(await c.command(['GET', 'after']), '2', 'the write acknowledged after the first failover is on the --drive image');
+  await vm.qmp.close();
 });
