@@ -437,20 +437,48 @@ class UpDriver {
     }
   }
 
-  /** x-colo-lost-heartbeat on the survivor; resolves once it left COLO (COLO_EXIT). */
+  /**
+   * x-colo-lost-heartbeat on the survivor; resolves once it left COLO (COLO_EXIT).
+   *
+   * A survivor that does not answer (stopped, starved) is the only copy of the service: as the
+   * core does not fence it (up-core.ts fence), it is asked again until it answers or dies, not
+   * given up on after upFailoverTimeoutMs, which would end the service for a stall. Said again
+   * while its failover runs, the command is accepted and changes nothing; once that is done it
+   * is refused, and query-colo-status tells that this node left COLO.
+   */
   private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
     const q = c.qmp!;
     const mark = q.eventCount;
-    try {
-      await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
-    } catch (err) {
-      // A primary whose channel broke leaves COLO by itself (reason error).
-      if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
-      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status');
-      if (st.mode === 'none' && st['last-mode'] === mode) return;
-      throw err;
+    const left = async (): Promise<boolean> => {
+      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
+      return st.mode === 'none' && st['last-mode'] === mode;
+    };
+    for (;;) {
+      try {
+        await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
+      } catch (err) {
+        if (err instanceof TimeoutError && !c.exited) continue; // no answer: ask again
+        // A primary whose channel broke leaves COLO by itself (reason error).
+        if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
+        if (await left()) return;
+        throw err;
+      }
+      try {
+        await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
+        return;
+      } catch (err) {
+        if (!(err instanceof TimeoutError) || c.exited) throw err;
+        // It accepted, but has not left COLO: stalled since (ask again), or a failover that
+        // does not end on a node that answers (give up).
+        try {
+          if (await left()) return;
+        } catch (probe) {
+          if (probe instanceof TimeoutError && !c.exited) continue;
+          throw probe;
+        }
+        throw err;
+      }
     }
-    await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
   }
 
   /**

@@ -1,12 +1,13 @@
 /**
  * `colo up` (real processes) when more goes wrong than one child: the supervisor itself is
- * sent SIGHUP (its terminal or ssh session closed), and a double failure in which the
- * secondary that is taking over dies too.
+ * sent SIGHUP (its terminal or ssh session closed); the secondary that is taking over dies
+ * too (a double failure), or hangs for longer than the failover timeout.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RespClient } from '../framework/resp.js';
-import { TestEnv, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, guests, sleep, waitFor } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
 import { pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
 
 function tail(pair: ProtectedPair): string {
@@ -57,4 +58,31 @@ test('colo up: the primary dies and the secondary dies while taking over: the de
   assert.equal(await c.command(['GET', 'before']), '1');
   assert.equal(await c.command(['GET', 'after']), '2', 'the write acknowledged after the first failover is on the --drive image');
   await vm.qmp.close();
+});
+
+test('colo up: a secondary that hangs while taking over is waited for, not killed: once it runs again it serves, with every write', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, first, primary: p1, secondary: s2, clients } = pair;
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK');
+  process.kill(s2, 'SIGSTOP');
+  // Whatever happens, the secondary must not stay stopped (the cleanup's SIGKILL works anyway).
+  env.onCleanup(() => {
+    if (pidAlive(s2)) process.kill(s2, 'SIGCONT');
+  });
+  process.kill(p1, 'SIGKILL');
+  await waitFor(`colo up to start the takeover on ${s2}; ${tail(pair)}`, () => new RegExp(`primary ${p1} died \\(SIGKILL\\); secondary ${s2} takes over`).test(sup.stderr), 10000);
+  // Longer than the failover timeout: the stall must not be taken for a failed takeover.
+  await sleep(limits.upFailoverTimeoutMs + 2000);
+  assert.ok(sup.alive, `colo up lives on; ${tail(pair)}`);
+  assert.ok(pidAlive(s2), `the stalled secondary was not killed; ${tail(pair)}`);
+  assert.ok(!sup.lines.some((l) => /^pair: failed/.test(l)), tail(pair));
+  process.kill(s2, 'SIGCONT');
+  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over on 127\\.0\\.0\\.1:${port}$`), first.at + 1, 10000);
+  const c = await waitFor('the service to answer again', async () => RespClient.connect(port, '127.0.0.1', 500).catch(() => undefined), 10000);
+  clients.push(c);
+  assert.equal(await c.command(['GET', 'k']), 'v');
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid \\d+\\)$`), first.at + 1, 60000);
 });
