@@ -141,11 +141,37 @@ class UpDriver {
   private readonly address: string;
   private finish!: (code: number) => void;
   private finished = false;
+  /** False once stdout broke (its reader went away): the lines are then only logged. */
+  private stdoutOpen = true;
   readonly done = new Promise<number>((r) => (this.finish = r));
 
   constructor(private readonly o: UpOptions, private readonly stateDir: string) {
     this.address = `${o.net.host}:${o.net.port}`;
     this.core = new PairCore({ address: this.address, stateDir });
+  }
+
+  /**
+   * stdout failed (EPIPE: the reader of a pipe, `| tee`, `| head`, went away). The pair goes on
+   * without it: an unhandled 'error' would end the supervisor, and its exit handler would kill
+   * both children, turning a lost log reader into a lost service.
+   */
+  stdoutFailed(err: Error): void {
+    if (!this.stdoutOpen) return;
+    this.stdoutOpen = false;
+    log.warn(`stdout is gone (${err.message}); the pair runs on, and its state lines go to the log`);
+  }
+
+  /** A state line on stdout; in the log instead once stdout failed (also the line whose write failed). */
+  private print(line: string): void {
+    if (!this.stdoutOpen) {
+      log.info(line);
+      return;
+    }
+    process.stdout.write(line + '\n', (err) => {
+      if (err === null || err === undefined) return;
+      this.stdoutFailed(err);
+      log.info(line);
+    });
   }
 
   dispatch(e: PairEvent): void {
@@ -155,7 +181,7 @@ class UpDriver {
   private perform(a: PairAction): void {
     switch (a.type) {
       case 'print':
-        process.stdout.write(a.line + '\n');
+        this.print(a.line);
         break;
       case 'log':
         log[a.level](a.msg);
@@ -550,6 +576,8 @@ export async function upCommand(argv: string[]): Promise<number> {
   // children have their own process group), and Node's default would end the supervisor
   // without its 'exit' handler, leaving both children to run on, holding the address.
   for (const sig of stopSignals) process.on(sig, onSignal);
+  // Left on after the supervisor finished: a write that fails late must not change its exit status.
+  process.stdout.on('error', (err: Error) => driver.stdoutFailed(err));
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
   try {

@@ -1,12 +1,14 @@
 /**
  * `colo up` (real processes) when more goes wrong than one child: the supervisor itself is
  * sent SIGHUP (its terminal or ssh session closed); the secondary that is taking over dies
- * too (a double failure), or hangs for longer than the failover timeout.
+ * too (a double failure), or hangs for longer than the failover timeout; the reader of its
+ * stdout goes away.
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { RespClient } from '../framework/resp.js';
-import { TestEnv, guests, sleep, waitFor } from '../framework/harness.js';
+import { spawn } from 'node:child_process';
+import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
 
@@ -85,4 +87,47 @@ test('colo up: a secondary that hangs while taking over is waited for, not kille
   clients.push(c);
   assert.equal(await c.command(['GET', 'k']), 'v');
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid \\d+\\)$`), first.at + 1, 60000);
+});
+
+test('colo up: its stdout reader goes away (EPIPE): the pair runs on and still fails over; the state lines go to the log', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '256M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const proc = spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: string | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  let alive = true;
+  void exited.then(() => (alive = false));
+  env.onCleanup(async () => {
+    if (alive) {
+      proc.kill('SIGTERM');
+      await withTimeout(exited, 10000, 'colo up to exit').catch(() => proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  // The reader takes the first line, then goes (as `colo up ... | head -1`).
+  const firstLine = await withTimeout(new Promise<string>((r) => proc.stdout.once('data', (d: Buffer) => r(d.toString()))), 30000, 'the first line of colo up');
+  assert.match(firstLine, /^pair: starting/);
+  proc.stdout.destroy();
+  const protectedLine = /up info up: pair: protected \(primary pid (\d+), secondary pid (\d+)\)/;
+  const m = await waitFor('the pair to be protected (in the log)', () => {
+    if (!alive) throw new Error(`colo up exited: ${stderr.slice(-3000)}`);
+    return protectedLine.exec(stderr) ?? undefined;
+  }, 90000);
+  assert.match(stderr, /up warn up: stdout is gone/);
+  const [p1, s1] = [Number(m[1]), Number(m[2])];
+  const r = await RespClient.connect(port);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK');
+  r.close();
+  process.kill(p1, 'SIGKILL');
+  await waitFor(`the takeover (in the log); stderr: ${stderr.slice(-2000)}`, () => new RegExp(`pair: primary died \\(SIGKILL\\); secondary ${s1} took over`).test(stderr), 15000);
+  const c = await RespClient.connect(port);
+  assert.equal(await c.command(['GET', 'k']), 'v');
+  c.close();
+  assert.ok(alive, 'colo up lives on');
+  proc.kill('SIGTERM');
+  const end = await withTimeout(exited, 15000, 'colo up to exit');
+  assert.deepEqual(end, { code: 0, signal: null });
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
