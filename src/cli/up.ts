@@ -11,7 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../control/qmp-client.js';
 import { checkGuest } from '../machine/instrument.js';
-import { PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
 import { parseKeyValues, parseSize } from './options.js';
@@ -189,18 +189,21 @@ class UpDriver {
       case 'spawn':
         this.spawnChild(a.node, a.role);
         break;
-      case 'protect':
-        this.protect(this.children.get(a.primary)!, this.children.get(a.secondary)!).then(
+      case 'protect': {
+        const p = this.children.get(a.primary)!;
+        const s = this.children.get(a.secondary)!;
+        this.protect(p, s).then(
           () => this.dispatch({ type: 'protected' }),
-          (err: unknown) => this.dispatch({ type: 'protectFailed', error: errorMessage(err) }),
+          (err: unknown) => void this.exitsFirst(err, p, s).then(() => this.dispatch({ type: 'protectFailed', error: errorMessage(err) })),
         );
         break;
+      }
       case 'takeover':
       case 'continueAlone': {
         const c = this.children.get(a.node)!;
         this.lostHeartbeat(c, a.type === 'takeover' ? 'secondary' : 'primary').then(
           () => this.dispatch(a.type === 'takeover' ? { type: 'tookOver', node: a.node } : { type: 'continued', node: a.node }),
-          (err: unknown) => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) }),
+          (err: unknown) => void this.exitsFirst(err, c).then(() => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) })),
         );
         break;
       }
@@ -307,10 +310,24 @@ class UpDriver {
         this.dispatch({ type: 'ready', node: id });
         void this.heartbeat(c);
       },
-      (err: unknown) => {
-        if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
-      },
+      (err: unknown) =>
+        void this.exitsFirst(err, c).then(() => {
+          if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
+        }),
     );
+  }
+
+  /**
+   * A command failed because the QMP connection of one of `cs` closed: a dying child closes it
+   * just before its exit is seen. Give that exit up to limits.upChildExitGraceMs to come
+   * first, so that the core hears of the death (`primary 123 died (SIGKILL) while the pair was
+   * protecting`, `secondary 456 died (SIGKILL) while taking over`) rather than of a failed
+   * command, which it would take for a live child (a failed protection attempt that kills the
+   * secondary, a lost service blamed on a closed connection).
+   */
+  private async exitsFirst(err: unknown, ...cs: Child[]): Promise<void> {
+    if (!(err instanceof ChannelClosedError)) return;
+    await Promise.all(cs.filter((c) => !c.exited && c.qmp?.closed !== false).map((c) => this.exitWithin(c, limits.upChildExitGraceMs)));
   }
 
   private async bringUp(c: Child): Promise<void> {
