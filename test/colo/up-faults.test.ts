@@ -2,9 +2,9 @@
  * `colo up` (real processes) when more goes wrong than one child: the supervisor itself is
  * sent SIGHUP (its terminal or ssh session closed); the secondary that is taking over dies
  * too (a double failure), or hangs for longer than the failover timeout; the reader of its
- * stdout goes away; the primary dies during the initial migration.
+ * stdout goes away; the primary dies, or the pair is stopped, during the initial migration.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { RespClient } from '../framework/resp.js';
 import { spawn } from 'node:child_process';
@@ -133,11 +133,11 @@ test('colo up: its stdout reader goes away (EPIPE): the pair runs on and still f
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
 
-test('colo up: the primary dies during the initial migration: the pair fails, and says so (not a failed protection attempt)', async (t) => {
+/** `colo up` on a 128 MiB drive of random data (the initial migration copies it all: it takes a while), once the migration started. */
+async function duringInitialMigration(t: TestContext): Promise<{ env: TestEnv; sup: Supervisor; primary: number; secondary: number }> {
   const env = new TestEnv(t);
   const port = await freePort();
-  // Random data: the initial migration copies the whole disk, which keeps it going a while.
-  const image = env.image('big.img', 64 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  const image = env.image('big.img', 128 * 1024 * 1024, (b) => crypto.randomFillSync(b));
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M', '--state-dir', env.dir];
   const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
   env.onCleanup(async () => {
@@ -151,12 +151,31 @@ test('colo up: the primary dies during the initial migration: the pair fails, an
     if (!sup.alive) throw new Error(`colo up exited: ${sup.stderr.slice(-3000)}`);
     return /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup.stderr) ?? undefined;
   }, 60000, 5);
-  const p1 = Number(m[1]);
+  // The secondary has the source's connection: data is on its way.
+  await waitFor('the secondary to accept the migration', () => / info migration: incoming migration from /.test(sup.stderr), 10000, 5);
+  await sleep(100);
+  return { env, sup, primary: Number(m[1]), secondary: Number(m[2]) };
+}
+
+test('colo up: the primary dies during the initial migration: the pair fails, and says so (not a failed protection attempt)', async (t) => {
+  const { env, sup, primary: p1 } = await duringInitialMigration(t);
   process.kill(p1, 'SIGKILL');
   await sup.waitExit(15000);
   const pairLines = sup.lines.slice(1);
   assert.ok(!pairLines.some((l) => /^pair: protected/.test(l)), `killed before the pair was protected (else the test proves nothing): ${sup.timeline()}`);
   assert.deepEqual(pairLines, [`pair: failed (primary ${p1} died (SIGKILL) while the pair was protecting)`, 'pair: stopped'], sup.stderr.slice(-3000));
   assert.equal(sup.exitCode, 1);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test('colo up: SIGTERM during the initial migration stops the pair without an error-level log line', async (t) => {
+  const { env, sup } = await duringInitialMigration(t);
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(15000);
+  const pairLines = sup.lines.slice(1);
+  assert.deepEqual(pairLines, ['pair: stopping (SIGTERM)', 'pair: stopped'], `stopped before the pair was protected (else the test proves nothing): ${sup.timeline()}`);
+  assert.equal(sup.exitCode, 0);
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'stopping is expected: the migration it breaks off logs no error, on either child');
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
