@@ -203,6 +203,9 @@ export class PairCore {
       case 'tookOver': {
         if (this.phase !== 'failover' || this.secondary?.id !== e.node) break;
         const s = this.secondary;
+        // The dead primary's disk was kept until now: had the takeover failed, it would have
+        // been the newest copy of the data (the drive the supervisor leaves behind).
+        if (this.primary !== null) out.push({ type: 'discardDisk', node: this.primary.id });
         s.role = 'primary';
         this.primary = s;
         this.secondary = null;
@@ -375,7 +378,9 @@ export class PairCore {
         this.phase = 'failover';
         this.cause = how;
         out.push({ type: 'log', level: 'warn', msg: `primary ${n.pid} died (${how}); secondary ${this.secondary.pid} takes over` });
-        out.push({ type: 'takeover', node: this.secondary.id }, { type: 'discardDisk', node: id });
+        // Its disk stays until the takeover succeeded (tookOver): if the secondary dies or
+        // fails too, that disk holds every acknowledged write, and becomes the --drive image.
+        out.push({ type: 'takeover', node: this.secondary.id });
       } else {
         this.lost(`primary ${n.pid} died (${how}) while the pair was ${this.phase}`, out);
       }

@@ -11,7 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { QmpClient } from '../control/qmp-client.js';
 import { checkGuest } from '../machine/instrument.js';
-import { PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
 import { parseKeyValues, parseSize } from './options.js';
@@ -141,11 +141,37 @@ class UpDriver {
   private readonly address: string;
   private finish!: (code: number) => void;
   private finished = false;
+  /** False once stdout broke (its reader went away): the lines are then only logged. */
+  private stdoutOpen = true;
   readonly done = new Promise<number>((r) => (this.finish = r));
 
   constructor(private readonly o: UpOptions, private readonly stateDir: string) {
     this.address = `${o.net.host}:${o.net.port}`;
     this.core = new PairCore({ address: this.address, stateDir });
+  }
+
+  /**
+   * stdout failed (EPIPE: the reader of a pipe, `| tee`, `| head`, went away). The pair goes on
+   * without it: an unhandled 'error' would end the supervisor, and its exit handler would kill
+   * both children, turning a lost log reader into a lost service.
+   */
+  stdoutFailed(err: Error): void {
+    if (!this.stdoutOpen) return;
+    this.stdoutOpen = false;
+    log.warn(`stdout is gone (${err.message}); the pair runs on, and its state lines go to the log`);
+  }
+
+  /** A state line on stdout; in the log instead once stdout failed (also the line whose write failed). */
+  private print(line: string): void {
+    if (!this.stdoutOpen) {
+      log.info(line);
+      return;
+    }
+    process.stdout.write(line + '\n', (err) => {
+      if (err === null || err === undefined) return;
+      this.stdoutFailed(err);
+      log.info(line);
+    });
   }
 
   dispatch(e: PairEvent): void {
@@ -155,7 +181,7 @@ class UpDriver {
   private perform(a: PairAction): void {
     switch (a.type) {
       case 'print':
-        process.stdout.write(a.line + '\n');
+        this.print(a.line);
         break;
       case 'log':
         log[a.level](a.msg);
@@ -163,18 +189,21 @@ class UpDriver {
       case 'spawn':
         this.spawnChild(a.node, a.role);
         break;
-      case 'protect':
-        this.protect(this.children.get(a.primary)!, this.children.get(a.secondary)!).then(
+      case 'protect': {
+        const p = this.children.get(a.primary)!;
+        const s = this.children.get(a.secondary)!;
+        this.protect(p, s).then(
           () => this.dispatch({ type: 'protected' }),
-          (err: unknown) => this.dispatch({ type: 'protectFailed', error: errorMessage(err) }),
+          (err: unknown) => void this.exitsFirst(err, p, s).then(() => this.dispatch({ type: 'protectFailed', error: errorMessage(err) })),
         );
         break;
+      }
       case 'takeover':
       case 'continueAlone': {
         const c = this.children.get(a.node)!;
         this.lostHeartbeat(c, a.type === 'takeover' ? 'secondary' : 'primary').then(
           () => this.dispatch(a.type === 'takeover' ? { type: 'tookOver', node: a.node } : { type: 'continued', node: a.node }),
-          (err: unknown) => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) }),
+          (err: unknown) => void this.exitsFirst(err, c).then(() => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) })),
         );
         break;
       }
@@ -281,10 +310,24 @@ class UpDriver {
         this.dispatch({ type: 'ready', node: id });
         void this.heartbeat(c);
       },
-      (err: unknown) => {
-        if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
-      },
+      (err: unknown) =>
+        void this.exitsFirst(err, c).then(() => {
+          if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
+        }),
     );
+  }
+
+  /**
+   * A command failed because the QMP connection of one of `cs` closed: a dying child closes it
+   * just before its exit is seen. Give that exit up to limits.upChildExitGraceMs to come
+   * first, so that the core hears of the death (`primary 123 died (SIGKILL) while the pair was
+   * protecting`, `secondary 456 died (SIGKILL) while taking over`) rather than of a failed
+   * command, which it would take for a live child (a failed protection attempt that kills the
+   * secondary, a lost service blamed on a closed connection).
+   */
+  private async exitsFirst(err: unknown, ...cs: Child[]): Promise<void> {
+    if (!(err instanceof ChannelClosedError)) return;
+    await Promise.all(cs.filter((c) => !c.exited && c.qmp?.closed !== false).map((c) => this.exitWithin(c, limits.upChildExitGraceMs)));
   }
 
   private async bringUp(c: Child): Promise<void> {
@@ -437,20 +480,48 @@ class UpDriver {
     }
   }
 
-  /** x-colo-lost-heartbeat on the survivor; resolves once it left COLO (COLO_EXIT). */
+  /**
+   * x-colo-lost-heartbeat on the survivor; resolves once it left COLO (COLO_EXIT).
+   *
+   * A survivor that does not answer (stopped, starved) is the only copy of the service: as the
+   * core does not fence it (up-core.ts fence), it is asked again until it answers or dies, not
+   * given up on after upFailoverTimeoutMs, which would end the service for a stall. Said again
+   * while its failover runs, the command is accepted and changes nothing; once that is done it
+   * is refused, and query-colo-status tells that this node left COLO.
+   */
   private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
     const q = c.qmp!;
     const mark = q.eventCount;
-    try {
-      await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
-    } catch (err) {
-      // A primary whose channel broke leaves COLO by itself (reason error).
-      if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
-      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status');
-      if (st.mode === 'none' && st['last-mode'] === mode) return;
-      throw err;
+    const left = async (): Promise<boolean> => {
+      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
+      return st.mode === 'none' && st['last-mode'] === mode;
+    };
+    for (;;) {
+      try {
+        await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
+      } catch (err) {
+        if (err instanceof TimeoutError && !c.exited) continue; // no answer: ask again
+        // A primary whose channel broke leaves COLO by itself (reason error).
+        if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
+        if (await left()) return;
+        throw err;
+      }
+      try {
+        await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
+        return;
+      } catch (err) {
+        if (!(err instanceof TimeoutError) || c.exited) throw err;
+        // It accepted, but has not left COLO: stalled since (ask again), or a failover that
+        // does not end on a node that answers (give up).
+        try {
+          if (await left()) return;
+        } catch (probe) {
+          if (probe instanceof TimeoutError && !c.exited) continue;
+          throw probe;
+        }
+        throw err;
+      }
     }
-    await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
   }
 
   /**
@@ -499,6 +570,9 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
   });
 }
 
+/** The signals that stop the pair (the children first, then the supervisor). */
+const stopSignals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
+
 export async function upCommand(argv: string[]): Promise<number> {
   const o = parseUpArgs(argv);
   setLogNode('up');
@@ -515,8 +589,12 @@ export async function upCommand(argv: string[]): Promise<number> {
   }
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
-  process.on('SIGINT', onSignal);
-  process.on('SIGTERM', onSignal);
+  // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
+  // children have their own process group), and Node's default would end the supervisor
+  // without its 'exit' handler, leaving both children to run on, holding the address.
+  for (const sig of stopSignals) process.on(sig, onSignal);
+  // Left on after the supervisor finished: a write that fails late must not change its exit status.
+  process.stdout.on('error', (err: Error) => driver.stdoutFailed(err));
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
   try {
@@ -525,8 +603,7 @@ export async function upCommand(argv: string[]): Promise<number> {
     if (o.stateDir === null) fs.rmSync(stateDir, { recursive: true, force: true });
     return code;
   } finally {
-    process.off('SIGINT', onSignal);
-    process.off('SIGTERM', onSignal);
+    for (const sig of stopSignals) process.off(sig, onSignal);
     process.off('exit', onExit);
   }
 }

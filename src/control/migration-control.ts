@@ -218,6 +218,7 @@ export class MigrationControl {
         ramPages: new SharedArrayBuffer(4),
       });
     }
+    const vm = this.vm;
     const m = new IncomingMigration(
       {
         machine: this.vm.machine,
@@ -230,6 +231,9 @@ export class MigrationControl {
         },
         event: (name, data) => this.vm.event(name, data),
         ended: (status, message) => this.incomingEnded(status, message),
+        get exiting() {
+          return vm.exiting;
+        },
       },
       {
         host: target.host,

@@ -45,6 +45,10 @@ export class Vm extends EventEmitter {
    */
   autostart: boolean;
   private quitting = false;
+  /** quit was called: the process is going away. */
+  get exiting(): boolean {
+    return this.quitting;
+  }
   /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
   private listenRetry: NodeJS.Timeout | null = null;
   /** Since when guest disk writes find the host filesystem full (null: they do not). */

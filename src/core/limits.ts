@@ -209,6 +209,11 @@ export const limits = {
    * not at once: each attempt migrates all of RAM and disk and pauses the primary.
    */
   upProtectStableMs: 30000,
+  /**
+   * colo up: a child whose QMP connection closed under a command is given this long for its
+   * exit to be seen before the command's failure is acted on (a dying child closes it first).
+   */
+  upChildExitGraceMs: 1000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */

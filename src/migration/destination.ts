@@ -25,6 +25,8 @@ export interface IncomingHost {
   event(name: string, data?: Record<string, unknown>): void;
   /** The migration ended without this VM running (failed or cancelled). */
   ended(status: 'failed' | 'cancelled', message: string): void;
+  /** The process is exiting (quit, SIGTERM): a migration that breaks off now is expected. */
+  readonly exiting?: boolean;
 }
 
 export interface IncomingOptions {
@@ -208,6 +210,9 @@ export class IncomingMigration {
       case 'fail':
         this.ended = true;
         if (a.status === 'cancelled') log.info(`incoming migration cancelled: ${a.message}`);
+        // This process is going away (its own end breaks the migration, or its source was
+        // stopped with it, as when colo up stops a pair that is being protected): no error.
+        else if (this.host.exiting === true) log.info(`incoming migration ended as this process exits: ${a.message} [${a.code}]`);
         else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {

@@ -48,9 +48,10 @@ function protectedPair(): PairCore {
 
 test('colo up core: the primary dies: the secondary takes over, a new secondary protects it again', () => {
   const c = protectedPair();
-  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
   assert.equal(c.phase, 'failover');
   assert.deepEqual(run(c, { type: 'tookOver', node: 2 }), [
+    'discardDisk 1',
     'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379',
     'pair: re-protecting',
     'spawn 3 secondary',
@@ -138,8 +139,9 @@ test('colo up core: a hung primary is killed (fenced) and the secondary takes ov
   // Reported once: a second report of the same stall does nothing more.
   assert.deepEqual(run(c, { type: 'unresponsive', node: 1, ms: 1000 }), []);
   assert.equal(c.phase, 'protected', 'the failover starts with its death, not before');
-  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
   assert.deepEqual(run(c, { type: 'tookOver', node: 2 }), [
+    'discardDisk 1',
     'pair: primary died (killed: hung, no answer to QMP for 1000 ms); secondary 102 took over on 127.0.0.1:6379',
     'pair: re-protecting',
     'spawn 3 secondary',
@@ -154,7 +156,7 @@ test('colo up core: both nodes stalled at once: only the first reported is kille
   const out = c.step({ type: 'unresponsive', node: 2, ms: 1000 });
   assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), [], 'the secondary is not killed too');
   assert.ok(out.some((a) => a.type === 'log' && /left running: no partner can take over/.test(a.msg)), JSON.stringify(out));
-  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
   // The other order, and a secondary condemned for leaving COLO: the primary is spared.
   const d = protectedPair();
   assert.deepEqual(run(d, { type: 'unresponsive', node: 2, ms: 1000 }), ['kill 2 SIGKILL']);
@@ -197,7 +199,7 @@ test('colo up core: a primary whose guest crashed is killed, and its COLO_EXIT t
   assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable' }), ['kill 1 SIGKILL']);
   // The primary leaves COLO after its GUEST_PANICKED (colo/core.ts leave): not a primary going on alone.
   assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [], 'the secondary is not killed');
-  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
 });
 
 test('colo up core: a hung node with no partner is reported, not killed; answering again is reported too', () => {
@@ -232,7 +234,7 @@ test('colo up core: a primary that leaves COLO by itself gets its out-of-date se
   assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
   // The primary dies now: the new secondary, which has everything, takes over.
-  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3', 'discardDisk 1']);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3']);
 });
 
 test('colo up core: a secondary that leaves COLO by itself is killed, and its death is a failover to the primary', () => {
@@ -255,7 +257,7 @@ test('colo up core: the COLO_EXIT of a failover the supervisor asked for changes
   const c2 = protectedPair();
   run(c2, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
   assert.deepEqual(run(c2, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'request' }), []);
-  assert.deepEqual(run(c2, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
+  assert.deepEqual(run(c2, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379']);
 });
 
 test('colo up core: a secondary that is taking over is never killed for a slow heartbeat', () => {
@@ -265,7 +267,7 @@ test('colo up core: a secondary that is taking over is never killed for a slow h
   const out = c.step({ type: 'unresponsive', node: 2, ms: 1000 });
   assert.deepEqual(out.filter((a) => a.type !== 'log'), [], 'the only copy of the service is not killed');
   assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /no partner/.test(a.msg)), JSON.stringify(out));
-  assert.deepEqual(run(c, { type: 'tookOver', node: 2 })[0], 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379');
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (SIGKILL); secondary 102 took over on 127.0.0.1:6379']);
 });
 
 test('colo up core: a protection that ends before it is stable counts as a failed attempt: the next waits its turn, and after too many, the slow retries', () => {
@@ -302,4 +304,27 @@ test('colo up core: a protection that ends before it is stable counts as a faile
   assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 3 }), []);
   run(c, { type: 'exited', node: 4, code: null, signal: 'SIGKILL' });
   assert.deepEqual(run(c, { type: 'continued', node: 1 }), ['pair: secondary died (SIGKILL); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 5 secondary']);
+});
+
+test('colo up core: the primary dies and its secondary dies while taking over: the dead primary is the last primary, and its disk was kept for the drive', () => {
+  // After a first failover the primary's disk is one of the supervisor's copies. It holds every
+  // acknowledged write: it may go only once the secondary has taken over.
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  run(c, { type: 'tookOver', node: 2 });
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  run(c, { type: 'ready', node: 3 });
+  run(c, { type: 'protected' });
+  const died = run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(died, ['takeover 3'], 'the dead primary keeps its disk while its secondary takes over');
+  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), [
+    'pair: failed (secondary 103 died (SIGKILL) while taking over)',
+    'pair: stopped',
+    'exit 1 primary 2',
+  ]);
+  // The same when the takeover fails without a death.
+  const d = protectedPair();
+  run(d, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  const failed = run(d, { type: 'failoverFailed', node: 2, error: 'boom' });
+  assert.ok(!failed.includes('discardDisk 1'), JSON.stringify(failed));
 });

@@ -1,0 +1,181 @@
+/**
+ * `colo up` (real processes) when more goes wrong than one child: the supervisor itself is
+ * sent SIGHUP (its terminal or ssh session closed); the secondary that is taking over dies
+ * too (a double failure), or hangs for longer than the failover timeout; the reader of its
+ * stdout goes away; the primary dies, or the pair is stopped, during the initial migration.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import { RespClient } from '../framework/resp.js';
+import { spawn } from 'node:child_process';
+import crypto from 'node:crypto';
+import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
+import { Supervisor, pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
+
+function tail(pair: ProtectedPair): string {
+  return `colo up printed: ${pair.sup.timeline()}; its stderr ends: ${pair.sup.stderr.slice(-2000)}`;
+}
+
+test('colo up: SIGHUP stops the pair like SIGTERM: both children are gone and colo up exits 0', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, primary, secondary } = pair;
+  sup.proc.kill('SIGHUP');
+  await sup.waitExit(15000);
+  assert.equal(sup.exitSignal, null, `colo up ended by its own exit, not by the signal; ${tail(pair)}`);
+  assert.equal(sup.exitCode, 0, tail(pair));
+  assert.deepEqual(sup.lines.slice(-2), ['pair: stopping (SIGHUP)', 'pair: stopped'], tail(pair));
+  await waitFor('both children to be gone', () => !pidAlive(primary) && !pidAlive(secondary), 5000);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test('colo up: the primary dies and the secondary dies while taking over: the dead primary\'s disk, with every acknowledged write, becomes the --drive image', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, image, first, primary: p1, secondary: s2, clients } = pair;
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'before', '1']), 'OK');
+  // A first failover: vm2 serves now, on its own copy of the disk in the state folder.
+  process.kill(p1, 'SIGKILL');
+  const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), first.at + 1, 60000);
+  const s3 = Number(again.m[1]);
+  const r2 = await RespClient.connect(port);
+  clients.push(r2);
+  assert.equal(await r2.command(['SET', 'after', '2']), 'OK', 'acknowledged under COLO by vm2 and vm3');
+  // vm2 dies, and vm3 cannot finish taking over: it is stopped before, and killed during it.
+  process.kill(s3, 'SIGSTOP');
+  process.kill(s2, 'SIGKILL');
+  await waitFor(`colo up to start the takeover on ${s3}; ${tail(pair)}`, () => new RegExp(`primary ${s2} died \\(SIGKILL\\); secondary ${s3} takes over`).test(sup.stderr), 10000);
+  process.kill(s3, 'SIGKILL');
+  // Its QMP connection closes just before its exit is seen: the line names the death all the same.
+  await sup.line(new RegExp(`^pair: failed \\(secondary ${s3} died \\(SIGKILL\\) while taking over\\)$`), again.at + 1, 15000);
+  await sup.waitExit(15000);
+  assert.equal(sup.exitCode, 1, tail(pair));
+  assert.doesNotMatch(sup.stderr, /is gone with it/, 'the last primary\'s disk was kept');
+  // The image now holds what vm2 wrote, also after the first failover.
+  const vm = await env.startVm({ name: 'check', guest: guests.kv, args: ['--memory', '256M', '--drive', `file=${image}`, '--net', `listen=127.0.0.1:${port}`] });
+  const c = await waitFor('the check VM to answer', async () => RespClient.connect(port, '127.0.0.1', 500).catch(() => undefined), 30000);
+  clients.push(c);
+  assert.equal(await c.command(['GET', 'before']), '1');
+  assert.equal(await c.command(['GET', 'after']), '2', 'the write acknowledged after the first failover is on the --drive image');
+  await vm.qmp.close();
+});
+
+test('colo up: a secondary that hangs while taking over is waited for, not killed: once it runs again it serves, with every write', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, first, primary: p1, secondary: s2, clients } = pair;
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK');
+  process.kill(s2, 'SIGSTOP');
+  // Whatever happens, the secondary must not stay stopped (the cleanup's SIGKILL works anyway).
+  env.onCleanup(() => {
+    if (pidAlive(s2)) process.kill(s2, 'SIGCONT');
+  });
+  process.kill(p1, 'SIGKILL');
+  await waitFor(`colo up to start the takeover on ${s2}; ${tail(pair)}`, () => new RegExp(`primary ${p1} died \\(SIGKILL\\); secondary ${s2} takes over`).test(sup.stderr), 10000);
+  // Longer than the failover timeout: the stall must not be taken for a failed takeover.
+  await sleep(limits.upFailoverTimeoutMs + 2000);
+  assert.ok(sup.alive, `colo up lives on; ${tail(pair)}`);
+  assert.ok(pidAlive(s2), `the stalled secondary was not killed; ${tail(pair)}`);
+  assert.ok(!sup.lines.some((l) => /^pair: failed/.test(l)), tail(pair));
+  process.kill(s2, 'SIGCONT');
+  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over on 127\\.0\\.0\\.1:${port}$`), first.at + 1, 10000);
+  const c = await waitFor('the service to answer again', async () => RespClient.connect(port, '127.0.0.1', 500).catch(() => undefined), 10000);
+  clients.push(c);
+  assert.equal(await c.command(['GET', 'k']), 'v');
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid \\d+\\)$`), first.at + 1, 60000);
+});
+
+test('colo up: its stdout reader goes away (EPIPE): the pair runs on and still fails over; the state lines go to the log', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '256M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const proc = spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  proc.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: string | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  let alive = true;
+  void exited.then(() => (alive = false));
+  env.onCleanup(async () => {
+    if (alive) {
+      proc.kill('SIGTERM');
+      await withTimeout(exited, 10000, 'colo up to exit').catch(() => proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  // The reader takes the first line, then goes (as `colo up ... | head -1`).
+  const firstLine = await withTimeout(new Promise<string>((r) => proc.stdout.once('data', (d: Buffer) => r(d.toString()))), 30000, 'the first line of colo up');
+  assert.match(firstLine, /^pair: starting/);
+  proc.stdout.destroy();
+  const protectedLine = /up info up: pair: protected \(primary pid (\d+), secondary pid (\d+)\)/;
+  const m = await waitFor('the pair to be protected (in the log)', () => {
+    if (!alive) throw new Error(`colo up exited: ${stderr.slice(-3000)}`);
+    return protectedLine.exec(stderr) ?? undefined;
+  }, 90000);
+  assert.match(stderr, /up warn up: stdout is gone/);
+  const [p1, s1] = [Number(m[1]), Number(m[2])];
+  const r = await RespClient.connect(port);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK');
+  r.close();
+  process.kill(p1, 'SIGKILL');
+  await waitFor(`the takeover (in the log); stderr: ${stderr.slice(-2000)}`, () => new RegExp(`pair: primary died \\(SIGKILL\\); secondary ${s1} took over`).test(stderr), 15000);
+  const c = await RespClient.connect(port);
+  assert.equal(await c.command(['GET', 'k']), 'v');
+  c.close();
+  assert.ok(alive, 'colo up lives on');
+  proc.kill('SIGTERM');
+  const end = await withTimeout(exited, 15000, 'colo up to exit');
+  assert.deepEqual(end, { code: 0, signal: null });
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+/** `colo up` on a 128 MiB drive of random data (the initial migration copies it all: it takes a while), once the migration started. */
+async function duringInitialMigration(t: TestContext): Promise<{ env: TestEnv; sup: Supervisor; primary: number; secondary: number }> {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('big.img', 128 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M', '--state-dir', env.dir];
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  env.onCleanup(async () => {
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const m = await waitFor('the initial migration to start', () => {
+    if (!sup.alive) throw new Error(`colo up exited: ${sup.stderr.slice(-3000)}`);
+    return /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup.stderr) ?? undefined;
+  }, 60000, 5);
+  // The secondary has the source's connection: data is on its way.
+  await waitFor('the secondary to accept the migration', () => / info migration: incoming migration from /.test(sup.stderr), 10000, 5);
+  await sleep(100);
+  return { env, sup, primary: Number(m[1]), secondary: Number(m[2]) };
+}
+
+test('colo up: the primary dies during the initial migration: the pair fails, and says so (not a failed protection attempt)', async (t) => {
+  const { env, sup, primary: p1 } = await duringInitialMigration(t);
+  process.kill(p1, 'SIGKILL');
+  await sup.waitExit(15000);
+  const pairLines = sup.lines.slice(1);
+  assert.ok(!pairLines.some((l) => /^pair: protected/.test(l)), `killed before the pair was protected (else the test proves nothing): ${sup.timeline()}`);
+  assert.deepEqual(pairLines, [`pair: failed (primary ${p1} died (SIGKILL) while the pair was protecting)`, 'pair: stopped'], sup.stderr.slice(-3000));
+  assert.equal(sup.exitCode, 1);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test('colo up: SIGTERM during the initial migration stops the pair without an error-level log line', async (t) => {
+  const { env, sup } = await duringInitialMigration(t);
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(15000);
+  const pairLines = sup.lines.slice(1);
+  assert.deepEqual(pairLines, ['pair: stopping (SIGTERM)', 'pair: stopped'], `stopped before the pair was protected (else the test proves nothing): ${sup.timeline()}`);
+  assert.equal(sup.exitCode, 0);
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'stopping is expected: the migration it breaks off logs no error, on either child');
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
