@@ -26,6 +26,11 @@ type Item =
 interface Conn {
   /** Offset of the first held byte (= bytes released so far on this connection). */
   released: number;
+  /**
+   * `released` is known. A connection whose client is gone (delivered() is null) has no offset
+   * to start from: it takes the one of the first output either guest produced for it.
+   */
+  anchored: boolean;
   pvm: Item[];
   svm: Item[];
   /** The guests differ on this connection: nothing more is compared until the checkpoint. */
@@ -94,11 +99,15 @@ export class Compare {
    * COLO started (the usual case when a pair is protected again after a failover, its clients
    * still connected) has output before the compare's time, delivered directly: the compare's
    * offsets go on from there. Without it they would restart at 0, and what the compare releases
-   * would land before what the client already has.
+   * would land before what the client already has. Null: the front end has no client for the
+   * connection (it reset or left, or it predates this front end) while the guests still hold
+   * it: its offsets go on from the first output the compare sees of it (both guests are at the
+   * same offset when an epoch begins), so its close, or output after what the guests sent before
+   * COLO, is no hole (a mismatch) but compared as any.
    */
   constructor(
     private readonly lim: CompareLimits,
-    private readonly delivered: (conn: number) => number = () => 0,
+    private readonly delivered: (conn: number) => number | null = () => 0,
     /**
      * Told of every chunk released on a match whose SVM copy came more than `lateCopyMs` after
      * the PVM's: when each came (the `now` of pvm() and svm()). For the latency trace; null
@@ -257,13 +266,18 @@ export class Compare {
   private conn(id: number): Conn {
     let c = this.conns.get(id);
     if (c === undefined) {
-      c = { released: this.delivered(id), pvm: [], svm: [], mismatched: false, svmShut: false };
+      const delivered = this.delivered(id);
+      c = { released: delivered ?? 0, anchored: delivered !== null, pvm: [], svm: [], mismatched: false, svmShut: false };
       this.conns.set(id, c);
     }
     return c;
   }
 
   private push(c: Conn, side: Item[], out: NicOutput, now: number): void {
+    if (!c.anchored) {
+      c.released = out.offset;
+      c.anchored = true;
+    }
     // Offsets say where the output belongs: after what this side produced so far.
     let end = c.released;
     for (const it of side) if (it.kind === 'data') end += it.bytes.byteLength;

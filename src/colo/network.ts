@@ -58,7 +58,7 @@ class Batcher<E> {
 export class PrimaryNet {
   readonly compare = new Compare(
     { timeoutMs: limits.coloCompareTimeoutMs, heldBytesMax: limits.coloCompareHeldBytesMax },
-    (conn) => this.vm.frontEnd?.deliveredBytes(conn) ?? 0,
+    (conn) => this.vm.frontEnd?.deliveredBytes(conn) ?? null,
     // Traced: a reply held back for the SVM's copy, as two events in a row (latency-anatomy).
     latencyTrace === null
       ? null

@@ -269,9 +269,12 @@ export class FrontEnd extends EventEmitter {
     s.once('close', () => clearTimeout(linger));
   }
 
-  /** Bytes of the guest's output on `conn` written to its client so far (0 for an unknown connection). */
-  deliveredBytes(conn: number): number {
-    return this.conns.get(conn)?.outOffset ?? 0;
+  /**
+   * Bytes of the guest's output on `conn` written to its client so far; null when there is no
+   * client for it (never had one here, or it left or was reset: the guest may still hold it).
+   */
+  deliveredBytes(conn: number): number | null {
+    return this.conns.get(conn)?.outOffset ?? null;
   }
 
   /** The guest consumed `bytes` of a connection's input (a vCPU credit): read on once half the window is free. */

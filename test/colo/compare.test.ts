@@ -353,3 +353,30 @@ test('compare: a PVM output matched whole is released as it is; a part of one, o
   // Results with nothing in them do not share a mutable array with the caller.
   assert.ok(Object.isFrozen(c.pvm(out(1, 8, 'i'), 7).release));
 });
+
+test('compare: a connection older than the compare whose client is gone goes on from its guests\' offsets: its close is no hole, no mismatch', () => {
+  // Connection 7 sent 500 bytes before COLO started; its client reset it since (the front end
+  // forgot it: null). The guests still hold it, and their offsets go on from 500.
+  const c = new Compare(lim, (conn) => (conn === 7 ? null : 0));
+  assert.equal(c.svm(0, out(7, 500, '-ERR\r\n'), 0).trigger, null);
+  const r = c.pvm(out(7, 500, '-ERR\r\n'), 1);
+  assert.equal(`${text(r.release)}|${r.trigger}`, '7@500:-ERR\r\n|null', 'matched at the guests\' offset');
+  c.pvm({ kind: 'close', conn: 7, offset: 506 }, 2);
+  const closed = c.svm(0, { kind: 'close', conn: 7, offset: 506 }, 3);
+  assert.equal(`${text(closed.release)}|${closed.trigger}`, '7@506:close|null', 'the close matches: nothing to check-point');
+  // A close as the first output (the usual case: the guest read the client's EOF and closed).
+  c.pvm({ kind: 'close', conn: 8, offset: 42 }, 4);
+  c.checkpoint(5); // a new epoch: the SVM's output must not have lost the anchor
+  const c2 = new Compare(lim, () => null);
+  assert.equal(c2.pvm({ kind: 'close', conn: 8, offset: 42 }, 4).trigger, null);
+  const r2 = c2.svm(0, { kind: 'close', conn: 8, offset: 42 }, 5);
+  assert.equal(`${text(r2.release)}|${r2.trigger}`, '8@42:close|null');
+  // The guests still differ there: a difference after the first output is a mismatch.
+  const c3 = new Compare(lim, () => null);
+  c3.pvm(out(9, 100, 'ab'), 0);
+  assert.equal(c3.svm(0, out(9, 100, 'ax'), 1).trigger, 'mismatch');
+  const c4 = new Compare(lim, () => null);
+  c4.pvm(out(9, 100, 'ab'), 0);
+  assert.equal(c4.svm(0, out(9, 101, 'b'), 1).trigger, 'mismatch', 'a gap in the SVM\'s output after the first one is still a hole');
+  assert.equal(text(c4.checkpoint(2).release), '9@100:ab', 'the checkpoint releases the PVM\'s at its offset');
+});

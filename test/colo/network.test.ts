@@ -435,3 +435,34 @@ for (const multifd of [false, true]) {
     assertNoErrors(pair.src, pair.dst);
   });
 }
+
+test('colo/net: clients connected before COLO starts that reset their connections under COLO cost no mismatch checkpoint', async (t) => {
+  const env = new TestEnv(t);
+  const pre: RespClient[] = [];
+  // No periodic checkpoint during the test: every one would be the compare's.
+  const pair = await startPair(env, 600000, false, async (port) => {
+    for (let i = 0; i < 4; i++) {
+      const c = await RespClient.connect(port);
+      env.onCleanup(() => c.close());
+      assert.equal(await c.command(['SET', `pre-${i}`, 'v'.repeat(100 + i)]), 'OK');
+      pre.push(c);
+    }
+  });
+  // One of them is still served under COLO: its replies come from both guests, at its offsets.
+  assert.equal(await pre[3]!.command(['GET', 'pre-0']), 'v'.repeat(100));
+  const before = await coloCounters(pair.src);
+  // The others leave with a reset. The front end forgets them; the guests read EOF and close,
+  // at the offsets they reached before COLO (their clients got those bytes directly).
+  for (const c of pre.slice(0, 3)) c.reset();
+  // The guests admit input in order: once a later client is answered they closed those.
+  const c = await RespClient.connect(pair.port);
+  env.onCleanup(() => c.close());
+  assert.equal(await c.command(['SET', 'after', 'x']), 'OK');
+  await sleep(500); // the SVM's copies of the closes reach the compare
+  assert.equal(await pre[3]!.command(['GET', 'after']), 'x');
+  const after = await coloCounters(pair.src);
+  assert.equal(after['checkpoints-mismatch'], before['checkpoints-mismatch'], `the guests' closes matched: no mismatch (${JSON.stringify(after)})`);
+  assert.equal(after['checkpoints-timeout'], before['checkpoints-timeout'], `nor a timeout (${JSON.stringify(after)})`);
+  assert.equal(after['compare-held-bytes'], 0, 'nothing is held');
+  assertNoErrors(pair.src, pair.dst);
+});

@@ -84,6 +84,11 @@ export class RespClient {
   close(): void {
     this.socket.destroy();
   }
+
+  /** Leave with a reset (RST), as a client that crashed or timed out does. */
+  reset(): void {
+    this.socket.resetAndDestroy();
+  }
 }
 
 function parse(b: Buffer, at: number): { value: RespValue; end: number } | null {
