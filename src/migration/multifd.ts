@@ -41,6 +41,8 @@ export class MultifdSender {
   private readonly failureListeners = new Set<(err: Error) => void>();
   private roundWaiters: ((r: SendWorkerReply) => void)[] = [];
   private closed = false;
+  /** connect()s waiting for their workers: destroy() ends them. */
+  private readonly closeListeners = new Set<() => void>();
   private readonly progress: ({ round: number; bytes: number } | undefined)[] = [];
 
   private constructor(readonly channels: number, pagesMax: number) {
@@ -99,7 +101,18 @@ export class MultifdSender {
       this.workers.map(
         (w, ch) =>
           new Promise<void>((resolve, reject) => {
+            // A worker ended by destroy() (a cancel while connecting) never answers.
+            if (this.closed) {
+              reject(new ChannelClosedError('the multifd channels were closed while connecting'));
+              return;
+            }
+            const onClosed = (): void => {
+              w.off('message', onMessage);
+              reject(new ChannelClosedError('the multifd channels were closed while connecting'));
+            };
+            this.closeListeners.add(onClosed);
             const onMessage = (m: SendWorkerReply): void => {
+              if (m.type === 'connected' || m.type === 'error') this.closeListeners.delete(onClosed);
               if (m.type === 'connected') {
                 w.off('message', onMessage);
                 resolve();
@@ -247,6 +260,8 @@ export class MultifdSender {
   /** Stop at once (the sockets die with the workers). */
   async destroy(): Promise<void> {
     this.closed = true;
+    for (const l of [...this.closeListeners]) l();
+    this.closeListeners.clear();
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

@@ -63,6 +63,8 @@ export class SourceSession {
   private failure: Error | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private ending = false;
+  /** abort()'s reason (a cancel), for a main channel that connects only after it. */
+  private abortReason: string | null = null;
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
   private roundInFlight = 0;
   private roundMainStart = 0;
@@ -117,6 +119,16 @@ export class SourceSession {
       this.multifd.onFailure((err) => this.fail(err));
     }
     const channel = await MainChannel.connect(this.opts.host, this.opts.port, `the destination at ${this.opts.host}:${this.opts.port}`);
+    if (this.ending) {
+      // Cancelled (or yanked, failed) while the connection was on its way: abort() and
+      // destroy() found no channel to close. Close this one, telling the destination of a
+      // cancel, or it would take the hello below and wait for rounds that never come.
+      if (this.abortReason !== null) {
+        channel.sendJson(FrameType.abort, { reason: this.abortReason });
+        void channel.close(1000);
+      } else channel.destroy();
+      throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
+    }
     this.channel = channel;
     channel.onClose((err) => this.fail(err));
     void this.pumpReplies(channel);
@@ -131,6 +143,7 @@ export class SourceSession {
     this.announcedRamBytes = m.ram().byteLength;
     channel.sendJson(FrameType.setup, setupOf(m, { diskImage: m.disk === null ? null : diskIdentity(m.disk) }));
     const ready = await this.waitReply('ready', limits.migrationHandshakeTimeoutMs, 'the destination to accept the setup');
+    if (this.ending) throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
     const mode = ready.disk;
     if (mode !== 'full' && mode !== 'overlay' && mode !== 'shared' && mode !== 'none') throw new StreamError('FRAME_INVALID', `ready: bad disk mode ${String(mode)}`);
     this.disk = new DiskSender(m.disk, mode);
@@ -450,6 +463,7 @@ export class SourceSession {
   /** Cancel: tell the destination (so it logs a cancel, not an error), then close. */
   async abort(reason: string): Promise<void> {
     this.ending = true;
+    this.abortReason = reason;
     try {
       this.channel?.sendJson(FrameType.abort, { reason });
     } catch {

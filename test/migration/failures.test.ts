@@ -33,6 +33,25 @@ for (const multifd of [false, true]) {
     assert.match(dst.stderr, /incoming migration cancelled: the source cancelled the migration/);
     assertNoErrors(src, dst);
   });
+
+  test(`regression: migrate_cancel while the main channel connects (${mode}): the destination is told, not left waiting for rounds`, async (t) => {
+    const env = new TestEnv(t);
+    const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd } });
+    const mark = src.qmp.eventCount;
+    const dstMark = dst.qmp.eventCount;
+    // Sent back to back: the cancel is handled before the connection to the destination is up.
+    await Promise.all([src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` }), src.qmp.execute('migrate_cancel')]);
+    await src.waitMigrationStatus('cancelled', 10000);
+    assert.deepEqual(statuses(src, mark), ['setup', 'cancelling', 'cancelled']);
+    assert.equal(await src.status(), 'running');
+    // Before the fix the connection came up after the cancel, said hello, and the target sat
+    // in status active for ever (its port taken, a later migration to it refused).
+    assert.equal(await dst.waitExit(10000), 1, 'the target learns of the cancel and exits');
+    assert.deepEqual(statuses(dst, dstMark), ['active', 'cancelled']);
+    assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+    await assertAdvancing(src);
+    assertNoErrors(src, dst);
+  });
 }
 
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
