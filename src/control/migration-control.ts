@@ -92,6 +92,7 @@ export class MigrationControl {
   setParameters(update: ParameterUpdate): void {
     this.settings.setParameters(update);
     if (update['downtime-limit'] !== undefined) this.outgoing?.setDowntimeLimit(update['downtime-limit']);
+    if (update['max-bandwidth'] !== undefined) this.outgoing?.setBandwidth(this.settings.parameters['max-bandwidth']);
     if (update['multifd-channels'] !== undefined) this.refreshSenders();
     if (update['x-checkpoint-delay'] !== undefined) this.coloHooks.checkpointDelaySet?.();
   }

@@ -30,6 +30,7 @@ import {
   slotDataOffset,
 } from './multifd-format.js';
 import { bufferOf, isZeroBytes, pageBytes, scanPages } from './zero.js';
+import { RateLimit } from './rate.js';
 
 export interface SendWorkerData {
   memory: WebAssembly.Memory;
@@ -54,6 +55,8 @@ export type SendWorkerRequest =
    * checkpoint captured while the guest was paused) instead of guest RAM.
    */
   | { type: 'round'; round: number; count: number; bytesPerSecond: number; full: FullRound | null; memory?: WebAssembly.Memory }
+  /** max-bandwidth changed during the round (this channel's share). */
+  | { type: 'rate'; bytesPerSecond: number }
   | { type: 'close' };
 
 export type SendWorkerReply =
@@ -131,6 +134,8 @@ const normals = new Uint32Array(batchPages);
 const zeros = new Uint32Array(zeroMax);
 let packetNormal = 0;
 let packetZero = 0;
+/** The throttle of the round being sent (null between rounds). */
+let roundLimit: RateLimit | null = null;
 
 function fail(err: unknown): void {
   if (failed || closing) return;
@@ -306,7 +311,8 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
   packetZero = 0;
   let bytes = 0;
   let packets = 0;
-  const started = performance.now();
+  const limit = new RateLimit(bytesPerSecond);
+  roundLimit = limit;
   for (;;) {
     if (failed) return;
     const slot = await takeSlot();
@@ -319,10 +325,7 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
     bytes += n[0] + n[1];
     packets++;
     if ((packets & 15) === 0) post({ type: 'progress', round, bytes });
-    if (bytesPerSecond > 0) {
-      const ahead = (bytes / bytesPerSecond) * 1000 - (performance.now() - started);
-      if (ahead > 1) await new Promise((r) => setTimeout(r, ahead));
-    }
+    await limit.pace(bytes);
   }
   const slot = await takeSlot();
   const base = slot * slotBytes;
@@ -337,6 +340,7 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
     numbersChecksum: fl.sum(base, 0),
     dataChecksum: fl.sum(base, 0),
   });
+  roundLimit = null;
   send(slot, packetHeaderBytes, 0);
   bytes += packetHeaderBytes;
   packets++;
@@ -379,6 +383,8 @@ port.on('message', (m: SendWorkerRequest) => {
     );
   } else if (m.type === 'round') {
     runRound(m.round, m.count, m.bytesPerSecond, m.full, m.memory ?? d.memory).catch(fail);
+  } else if (m.type === 'rate') {
+    roundLimit?.set(m.bytesPerSecond);
   } else if (m.type === 'close') {
     closing = true;
     if (socket === null || socket.destroyed) {

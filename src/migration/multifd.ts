@@ -227,12 +227,26 @@ export class MultifdSender {
       };
       this.roundWaiters.push(waiter);
     });
+    this.roundWorkers = workers;
     const perChannel = bytesPerSecond > 0 ? bytesPerSecond / workers.length : 0;
     for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full, ...(memory !== undefined ? { memory } : {}) } satisfies SendWorkerRequest);
     this.lastRound = done;
     // A worker's failure also reaches the session through onFailure; whoever awaits done sees it too.
     done.catch(() => undefined);
     return { channels: k, done };
+  }
+
+  /** The channels of the last round handed out. */
+  private roundWorkers: Worker[] = [];
+
+  /**
+   * max-bandwidth changed: the round being sent uses it from now on, shared among its
+   * channels (a worker that has finished the round ignores it; the next round is given its rate).
+   */
+  setBandwidth(bytesPerSecond: number): void {
+    if (this.closed || this.roundWorkers.length === 0) return;
+    const perChannel = bytesPerSecond > 0 ? bytesPerSecond / this.roundWorkers.length : 0;
+    for (const w of this.roundWorkers) w.postMessage({ type: 'rate', bytesPerSecond: perChannel } satisfies SendWorkerRequest);
   }
 
   /** End the connections after what was written (bounded), then stop the workers. */

@@ -12,6 +12,7 @@ import { migrationIdHex, parseMigrationId } from './multifd-format.js';
 import { MultifdReceiver, MultifdSender, type FullRound, type PageTarget } from './multifd.js';
 import { encodeZeroRanges, fillRanges, mergePages, PageSink, pagesOf, pagesWrittenAtBoot, sendPagesPlain, zeroRangesPerFrameMax } from './ram.js';
 import { splitKnownZero } from './zero.js';
+import { RateLimit } from './rate.js';
 import { deviceBlobOf } from './ram-digest.js';
 import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
 import type { RoundResult } from './source-core.js';
@@ -63,6 +64,8 @@ export class SourceSession {
   private failure: Error | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private ending = false;
+  /** The throttle of the pages of the round being sent on the main channel (no multifd). */
+  private plainLimit: RateLimit | null = null;
   /** abort()'s reason (a cancel), for a main channel that connects only after it. */
   private abortReason: string | null = null;
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
@@ -380,7 +383,14 @@ export class SourceSession {
       const list = new Uint32Array(pagesOf(m.maximumPages * limits.wasmPageBytes));
       count = fill(list);
       const noteSent = tracker.kind === 'shadow' ? (p: number, d: Uint8Array | null) => tracker.noteSent(p, d) : null;
-      const r = await sendPagesPlain(channel, source, list, count, noteSent, bytesPerSecond);
+      const limit = new RateLimit(bytesPerSecond);
+      this.plainLimit = limit;
+      let r: Awaited<ReturnType<typeof sendPagesPlain>>;
+      try {
+        r = await sendPagesPlain(channel, source, list, count, noteSent, limit);
+      } finally {
+        this.plainLimit = null;
+      }
       count += knownZeroPages;
       normalPages = r.normalPages;
       zeroPages = r.zeroPages + knownZeroPages;
@@ -400,6 +410,15 @@ export class SourceSession {
       durationMs: performance.now() - started,
       ...(pendingMultifd !== undefined ? { multifdBytes: pendingMultifd } : {}),
     };
+  }
+
+  /**
+   * max-bandwidth changed (bytes/s, 0 = no limit): the pages of the round being sent go at
+   * this rate from now on (the caller does not call it during an unthrottled round).
+   */
+  setBandwidth(bytesPerSecond: number): void {
+    this.plainLimit?.set(bytesPerSecond);
+    this.multifd?.setBandwidth(bytesPerSecond);
   }
 
   /** Bytes of the round being sent, so far (query-migrate shows progress inside a round). */
