@@ -63,7 +63,10 @@ export type SendWorkerReply =
   | { type: 'ready' }
   | { type: 'connected' }
   | { type: 'roundDone'; round: number; normal: number; zero: number; bytes: number; packets: number }
-  /** Bytes written so far in the current round (every 16 packets, for query-migrate's progress). */
+  /**
+   * Bytes written so far in the current round (every 16 packets, or 100 ms, for query-migrate's
+   * progress: a throttled channel takes seconds for 16 packets).
+   */
   | { type: 'progress'; round: number; bytes: number }
   | { type: 'error'; code: string; message: string }
   | { type: 'closed' };
@@ -134,6 +137,8 @@ const normals = new Uint32Array(batchPages);
 const zeros = new Uint32Array(zeroMax);
 let packetNormal = 0;
 let packetZero = 0;
+/** The longest a round's progress report waits (see SendWorkerReply 'progress'). */
+const progressEveryMs = 100;
 /** The throttle of the round being sent (null between rounds). */
 let roundLimit: RateLimit | null = null;
 
@@ -311,6 +316,7 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
   packetZero = 0;
   let bytes = 0;
   let packets = 0;
+  let progressAt = performance.now();
   const limit = new RateLimit(bytesPerSecond);
   roundLimit = limit;
   for (;;) {
@@ -324,7 +330,10 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
     send(slot, n[0], n[1]);
     bytes += n[0] + n[1];
     packets++;
-    if ((packets & 15) === 0) post({ type: 'progress', round, bytes });
+    if ((packets & 15) === 0 || performance.now() - progressAt >= progressEveryMs) {
+      progressAt = performance.now();
+      post({ type: 'progress', round, bytes });
+    }
     await limit.pace(bytes);
   }
   const slot = await takeSlot();

@@ -244,3 +244,22 @@ for (const multifd of [false, true]) {
     assertNoErrors(src, dst);
   });
 }
+
+test('regression: query-migrate counts the bytes of a throttled multifd round as they go, not 16 packets per channel at a time', async (t) => {
+  const env = new TestEnv(t);
+  const { src, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: { 'max-bandwidth': 1024 * 1024 } });
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  // About 2 MiB went out after 2 s; before the fix the count stayed 0 for 16 s (16 packets of
+  // 512 KiB per channel at 512 KiB/s each).
+  const ram = await waitFor('query-migrate to count 1 MiB sent', async () => {
+    const r = await src.qmp.execute<{ status: string; ram: { transferred: number; remaining: number; total: number } }>('query-migrate');
+    assert.equal(r.status, 'active');
+    return r.ram.transferred >= 1024 * 1024 ? r.ram : undefined;
+  }, 6000, 100);
+  assert.ok(ram.remaining < ram.total, `remaining ${ram.remaining} below total ${ram.total}`);
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', 10000);
+  assertNoErrors(src);
+});
