@@ -271,3 +271,24 @@ test('regression: a VM stopped during the migration arrives paused with its memo
   await assertAdvancing(dst);
   assertNoErrors(src, dst);
 });
+
+for (const multifd of [false, true]) {
+  test(`regression: quit on the source during stop-and-copy, the destination frozen (${multifd ? 'multifd' : 'plain'}): the process exits at once, no error line`, async (t) => {
+    const env = new TestEnv(t);
+    // 64 MiB dirtied during round 1: the last round is more than the socket buffers hold.
+    const { src, dst, port } = await memwalkPair(env, { region: '64M', memory: '128M', capabilities: { multifd }, parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 } });
+    env.onCleanup(() => dst.kill('SIGCONT'));
+    const mark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+    dst.kill('SIGSTOP');
+    await sleep(300);
+    assert.equal(await src.migrationStatus(), 'device', 'the last round is blocked');
+    await src.qmp.execute('quit');
+    // Before the fix a multifd source stayed until the switchover timeout (30 s), then started
+    // new multifd sender threads that kept it alive for good; both logged "could not resume".
+    assert.equal(await src.waitExit(10000), 0, 'the source exits promptly');
+    assert.match(src.stderr, / warn migration: migration failed: the VM is quitting/);
+    assertNoErrors(src);
+  });
+}
