@@ -137,6 +137,9 @@ export async function sendPagesPlain(
   };
   let ram = bufferOf(memory.buffer);
   for (let start = 0; start < count; start += batch) {
+    // A channel that ended while this waited (drain, max-bandwidth): stop before reading more
+    // pages (and before telling a shadow tracker that they were sent).
+    if (channel.error !== null) throw channel.error;
     const end = Math.min(start + batch, count);
     if ((list[end - 1]! + 1) * pageBytes > ram.byteLength) ram = bufferOf(memory.buffer);
     scanPages(

@@ -15,6 +15,11 @@ export class RateLimit {
     this.since = performance.now();
   }
 
+  /** The sender is going away (cancel, failure, quit): a wait in pace() ends now, and no other starts. */
+  stop(): void {
+    this.set(0);
+  }
+
   set(bytesPerSecond: number): void {
     this.bytesPerSecond = bytesPerSecond;
     this.since = performance.now();

@@ -483,6 +483,7 @@ export class SourceSession {
   async abort(reason: string): Promise<void> {
     this.ending = true;
     this.abortReason = reason;
+    this.plainLimit?.stop();
     try {
       this.channel?.sendJson(FrameType.abort, { reason });
     } catch {
@@ -501,6 +502,8 @@ export class SourceSession {
   async destroy(err?: Error): Promise<void> {
     if (err !== undefined) this.fail(err);
     this.ending = true;
+    // A round waiting for max-bandwidth would otherwise hold its timer (and the process) that long.
+    this.plainLimit?.stop();
     this.channel?.destroy();
     await this.multifd?.destroy();
   }

@@ -292,3 +292,19 @@ for (const multifd of [false, true]) {
     assertNoErrors(src);
   });
 }
+
+test('regression: quit on the source while a plain round waits for max-bandwidth: the process exits at once', async (t) => {
+  const env = new TestEnv(t);
+  // At 32 KiB/s the first 512 KiB frame of pages is followed by a 16 s wait.
+  const { src, port } = await memwalkPair(env, { parameters: { 'max-bandwidth': 32 * 1024 } });
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(500);
+  const quitAt = Date.now();
+  await src.qmp.execute('quit');
+  // Before the fix the wait's timer kept the process alive until it expired.
+  assert.equal(await src.waitExit(5000), 0, 'the source exits promptly');
+  t.diagnostic(`exited ${Date.now() - quitAt} ms after quit`);
+  assertNoErrors(src);
+});
