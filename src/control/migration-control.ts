@@ -1,4 +1,4 @@
-import { QmpCommandError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { DirtyTracker } from '../machine/dirty.js';
 import { saveMachineToFile } from '../migration/file.js';
@@ -58,6 +58,8 @@ export class MigrationControl {
   /** --incoming defer: waiting for migrate-incoming. */
   private deferred: boolean;
   private exitOnError = true;
+  /** close() ran: the VM is going away (no sender threads are started again). */
+  private closed = false;
 
   constructor(private readonly vm: Vm) {
     this.deferred = vm.opts.incoming === 'defer';
@@ -92,12 +94,15 @@ export class MigrationControl {
   setParameters(update: ParameterUpdate): void {
     this.settings.setParameters(update);
     if (update['downtime-limit'] !== undefined) this.outgoing?.setDowntimeLimit(update['downtime-limit']);
+    if (update['max-bandwidth'] !== undefined) this.outgoing?.setBandwidth(this.settings.parameters['max-bandwidth']);
     if (update['multifd-channels'] !== undefined) this.refreshSenders();
     if (update['x-checkpoint-delay'] !== undefined) this.coloHooks.checkpointDelaySet?.();
   }
 
   /** Keep idle sender threads matching the settings (none when multifd is off or this VM cannot migrate out). */
   private refreshSenders(): void {
+    // A migration that ends while the process quits must not start threads that keep it alive.
+    if (this.closed) return;
     const want = this.settings.capabilities.multifd && this.vm.opts.incoming === null ? this.settings.parameters['multifd-channels'] : 0;
     const have = this.senders;
     if (have !== null && have.channels === want && have.failed === null) return;
@@ -149,6 +154,8 @@ export class MigrationControl {
           await this.vm.machine.pause('finish-migrate');
         },
         resumeAfterFailure: async (run) => {
+          // The migration ended because the process quits (close()): the machine is going away.
+          if (this.closed) return;
           if (this.vm.inputBacklog !== null) {
             this.vm.inputBacklog = null;
             this.vm.inputTap = null;
@@ -363,10 +370,17 @@ export class MigrationControl {
   }
 
   async close(): Promise<void> {
+    this.closed = true;
     const senders = this.senders;
     this.senders = null;
     await senders?.destroy();
     await this.incoming?.close();
-    if (this.outgoing !== null && this.busy) await this.outgoing.session.destroy();
+    // With a reason, so that the migration ends now (status failed, its switchover timer and
+    // waits stopped) instead of when a timer of its own fires: that kept the quitting process
+    // alive for up to 30 s, and then the migration's end started new multifd sender threads
+    // that kept it alive for good.
+    // (A session COLO owns, after the hand-off, is COLO's to end: colo.close() came first.)
+    const out = this.outgoing;
+    if (out !== null && this.busy) await out.session.destroy(out.core.finished ? undefined : new ChannelClosedError('the VM is quitting'));
   }
 }

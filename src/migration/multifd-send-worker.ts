@@ -30,6 +30,7 @@ import {
   slotDataOffset,
 } from './multifd-format.js';
 import { bufferOf, isZeroBytes, pageBytes, scanPages } from './zero.js';
+import { RateLimit } from './rate.js';
 
 export interface SendWorkerData {
   memory: WebAssembly.Memory;
@@ -54,13 +55,18 @@ export type SendWorkerRequest =
    * checkpoint captured while the guest was paused) instead of guest RAM.
    */
   | { type: 'round'; round: number; count: number; bytesPerSecond: number; full: FullRound | null; memory?: WebAssembly.Memory }
+  /** max-bandwidth changed during the round (this channel's share). */
+  | { type: 'rate'; bytesPerSecond: number }
   | { type: 'close' };
 
 export type SendWorkerReply =
   | { type: 'ready' }
   | { type: 'connected' }
   | { type: 'roundDone'; round: number; normal: number; zero: number; bytes: number; packets: number }
-  /** Bytes written so far in the current round (every 16 packets, for query-migrate's progress). */
+  /**
+   * Bytes written so far in the current round (every 16 packets, or 100 ms, for query-migrate's
+   * progress: a throttled channel takes seconds for 16 packets).
+   */
   | { type: 'progress'; round: number; bytes: number }
   | { type: 'error'; code: string; message: string }
   | { type: 'closed' };
@@ -131,6 +137,10 @@ const normals = new Uint32Array(batchPages);
 const zeros = new Uint32Array(zeroMax);
 let packetNormal = 0;
 let packetZero = 0;
+/** The longest a round's progress report waits (see SendWorkerReply 'progress'). */
+const progressEveryMs = 100;
+/** The throttle of the round being sent (null between rounds). */
+let roundLimit: RateLimit | null = null;
 
 function fail(err: unknown): void {
   if (failed || closing) return;
@@ -306,7 +316,9 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
   packetZero = 0;
   let bytes = 0;
   let packets = 0;
-  const started = performance.now();
+  let progressAt = performance.now();
+  const limit = new RateLimit(bytesPerSecond);
+  roundLimit = limit;
   for (;;) {
     if (failed) return;
     const slot = await takeSlot();
@@ -318,11 +330,11 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
     send(slot, n[0], n[1]);
     bytes += n[0] + n[1];
     packets++;
-    if ((packets & 15) === 0) post({ type: 'progress', round, bytes });
-    if (bytesPerSecond > 0) {
-      const ahead = (bytes / bytesPerSecond) * 1000 - (performance.now() - started);
-      if (ahead > 1) await new Promise((r) => setTimeout(r, ahead));
+    if ((packets & 15) === 0 || performance.now() - progressAt >= progressEveryMs) {
+      progressAt = performance.now();
+      post({ type: 'progress', round, bytes });
     }
+    await limit.pace(bytes);
   }
   const slot = await takeSlot();
   const base = slot * slotBytes;
@@ -337,6 +349,7 @@ async function runRound(round: number, count: number, bytesPerSecond: number, fu
     numbersChecksum: fl.sum(base, 0),
     dataChecksum: fl.sum(base, 0),
   });
+  roundLimit = null;
   send(slot, packetHeaderBytes, 0);
   bytes += packetHeaderBytes;
   packets++;
@@ -379,6 +392,8 @@ port.on('message', (m: SendWorkerRequest) => {
     );
   } else if (m.type === 'round') {
     runRound(m.round, m.count, m.bytesPerSecond, m.full, m.memory ?? d.memory).catch(fail);
+  } else if (m.type === 'rate') {
+    roundLimit?.set(m.bytesPerSecond);
   } else if (m.type === 'close') {
     closing = true;
     if (socket === null || socket.destroyed) {

@@ -41,6 +41,8 @@ export class MultifdSender {
   private readonly failureListeners = new Set<(err: Error) => void>();
   private roundWaiters: ((r: SendWorkerReply) => void)[] = [];
   private closed = false;
+  /** connect()s waiting for their workers: destroy() ends them. */
+  private readonly closeListeners = new Set<() => void>();
   private readonly progress: ({ round: number; bytes: number } | undefined)[] = [];
 
   private constructor(readonly channels: number, pagesMax: number) {
@@ -99,7 +101,18 @@ export class MultifdSender {
       this.workers.map(
         (w, ch) =>
           new Promise<void>((resolve, reject) => {
+            // A worker ended by destroy() (a cancel while connecting) never answers.
+            if (this.closed) {
+              reject(new ChannelClosedError('the multifd channels were closed while connecting'));
+              return;
+            }
+            const onClosed = (): void => {
+              w.off('message', onMessage);
+              reject(new ChannelClosedError('the multifd channels were closed while connecting'));
+            };
+            this.closeListeners.add(onClosed);
             const onMessage = (m: SendWorkerReply): void => {
+              if (m.type === 'connected' || m.type === 'error') this.closeListeners.delete(onClosed);
               if (m.type === 'connected') {
                 w.off('message', onMessage);
                 resolve();
@@ -214,12 +227,26 @@ export class MultifdSender {
       };
       this.roundWaiters.push(waiter);
     });
+    this.roundWorkers = workers;
     const perChannel = bytesPerSecond > 0 ? bytesPerSecond / workers.length : 0;
     for (const w of workers) w.postMessage({ type: 'round', round, count, bytesPerSecond: perChannel, full, ...(memory !== undefined ? { memory } : {}) } satisfies SendWorkerRequest);
     this.lastRound = done;
     // A worker's failure also reaches the session through onFailure; whoever awaits done sees it too.
     done.catch(() => undefined);
     return { channels: k, done };
+  }
+
+  /** The channels of the last round handed out. */
+  private roundWorkers: Worker[] = [];
+
+  /**
+   * max-bandwidth changed: the round being sent uses it from now on, shared among its
+   * channels (a worker that has finished the round ignores it; the next round is given its rate).
+   */
+  setBandwidth(bytesPerSecond: number): void {
+    if (this.closed || this.roundWorkers.length === 0) return;
+    const perChannel = bytesPerSecond > 0 ? bytesPerSecond / this.roundWorkers.length : 0;
+    for (const w of this.roundWorkers) w.postMessage({ type: 'rate', bytesPerSecond: perChannel } satisfies SendWorkerRequest);
   }
 
   /** End the connections after what was written (bounded), then stop the workers. */
@@ -247,6 +274,8 @@ export class MultifdSender {
   /** Stop at once (the sockets die with the workers). */
   async destroy(): Promise<void> {
     this.closed = true;
+    for (const l of [...this.closeListeners]) l();
+    this.closeListeners.clear();
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

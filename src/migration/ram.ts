@@ -3,6 +3,7 @@ import { StreamError } from '../core/errors.js';
 import type { Machine } from '../machine/machine.js';
 import { regionAt } from '../machine/reserved-region.js';
 import type { MainChannel } from './channel.js';
+import { RateLimit } from './rate.js';
 import { decodeIndexList, encodeIndexList, FrameType, frameTypeName, type Frame } from './stream.js';
 import type { PageTarget } from './multifd-recv-worker.js';
 import { bufferOf, isZeroBytes, pageBytes, scanPages } from './zero.js';
@@ -111,11 +112,11 @@ export async function sendPagesPlain(
   list: Uint32Array,
   count: number,
   noteSent: ((page: number, data: Uint8Array | null) => void) | null,
-  bytesPerSecond = 0,
+  rate: RateLimit | number = 0,
 ): Promise<PageSendStats> {
   const stats: PageSendStats = { normalPages: 0, zeroPages: 0, bytes: 0 };
   const before = channel.bytesSent;
-  const started = performance.now();
+  const limit = typeof rate === 'number' ? new RateLimit(rate) : rate;
   const batch = limits.pagesPerPacketMax;
   const zeroBatch = limits.multifdZeroPagesPerPacketMax;
   let data = Buffer.allocUnsafe(batch * pageBytes);
@@ -136,6 +137,9 @@ export async function sendPagesPlain(
   };
   let ram = bufferOf(memory.buffer);
   for (let start = 0; start < count; start += batch) {
+    // A channel that ended while this waited (drain, max-bandwidth): stop before reading more
+    // pages (and before telling a shadow tracker that they were sent).
+    if (channel.error !== null) throw channel.error;
     const end = Math.min(start + batch, count);
     if ((list[end - 1]! + 1) * pageBytes > ram.byteLength) ram = bufferOf(memory.buffer);
     scanPages(
@@ -161,10 +165,7 @@ export async function sendPagesPlain(
       },
     );
     await channel.drain();
-    if (bytesPerSecond > 0) {
-      const ahead = ((channel.bytesSent - before) / bytesPerSecond) * 1000 - (performance.now() - started);
-      if (ahead > 1) await new Promise((r) => setTimeout(r, ahead));
-    }
+    await limit.pace(channel.bytesSent - before);
   }
   flushData();
   flushZero();

@@ -12,6 +12,7 @@ import { migrationIdHex, parseMigrationId } from './multifd-format.js';
 import { MultifdReceiver, MultifdSender, type FullRound, type PageTarget } from './multifd.js';
 import { encodeZeroRanges, fillRanges, mergePages, PageSink, pagesOf, pagesWrittenAtBoot, sendPagesPlain, zeroRangesPerFrameMax } from './ram.js';
 import { splitKnownZero } from './zero.js';
+import { RateLimit } from './rate.js';
 import { deviceBlobOf } from './ram-digest.js';
 import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
 import type { RoundResult } from './source-core.js';
@@ -63,6 +64,10 @@ export class SourceSession {
   private failure: Error | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private ending = false;
+  /** The throttle of the pages of the round being sent on the main channel (no multifd). */
+  private plainLimit: RateLimit | null = null;
+  /** abort()'s reason (a cancel), for a main channel that connects only after it. */
+  private abortReason: string | null = null;
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
   private roundInFlight = 0;
   private roundMainStart = 0;
@@ -117,6 +122,16 @@ export class SourceSession {
       this.multifd.onFailure((err) => this.fail(err));
     }
     const channel = await MainChannel.connect(this.opts.host, this.opts.port, `the destination at ${this.opts.host}:${this.opts.port}`);
+    if (this.ending) {
+      // Cancelled (or yanked, failed) while the connection was on its way: abort() and
+      // destroy() found no channel to close. Close this one, telling the destination of a
+      // cancel, or it would take the hello below and wait for rounds that never come.
+      if (this.abortReason !== null) {
+        channel.sendJson(FrameType.abort, { reason: this.abortReason });
+        void channel.close(1000);
+      } else channel.destroy();
+      throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
+    }
     this.channel = channel;
     channel.onClose((err) => this.fail(err));
     void this.pumpReplies(channel);
@@ -131,6 +146,7 @@ export class SourceSession {
     this.announcedRamBytes = m.ram().byteLength;
     channel.sendJson(FrameType.setup, setupOf(m, { diskImage: m.disk === null ? null : diskIdentity(m.disk) }));
     const ready = await this.waitReply('ready', limits.migrationHandshakeTimeoutMs, 'the destination to accept the setup');
+    if (this.ending) throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
     const mode = ready.disk;
     if (mode !== 'full' && mode !== 'overlay' && mode !== 'shared' && mode !== 'none') throw new StreamError('FRAME_INVALID', `ready: bad disk mode ${String(mode)}`);
     this.disk = new DiskSender(m.disk, mode);
@@ -367,7 +383,14 @@ export class SourceSession {
       const list = new Uint32Array(pagesOf(m.maximumPages * limits.wasmPageBytes));
       count = fill(list);
       const noteSent = tracker.kind === 'shadow' ? (p: number, d: Uint8Array | null) => tracker.noteSent(p, d) : null;
-      const r = await sendPagesPlain(channel, source, list, count, noteSent, bytesPerSecond);
+      const limit = new RateLimit(bytesPerSecond);
+      this.plainLimit = limit;
+      let r: Awaited<ReturnType<typeof sendPagesPlain>>;
+      try {
+        r = await sendPagesPlain(channel, source, list, count, noteSent, limit);
+      } finally {
+        this.plainLimit = null;
+      }
       count += knownZeroPages;
       normalPages = r.normalPages;
       zeroPages = r.zeroPages + knownZeroPages;
@@ -387,6 +410,15 @@ export class SourceSession {
       durationMs: performance.now() - started,
       ...(pendingMultifd !== undefined ? { multifdBytes: pendingMultifd } : {}),
     };
+  }
+
+  /**
+   * max-bandwidth changed (bytes/s, 0 = no limit): the pages of the round being sent go at
+   * this rate from now on (the caller does not call it during an unthrottled round).
+   */
+  setBandwidth(bytesPerSecond: number): void {
+    this.plainLimit?.set(bytesPerSecond);
+    this.multifd?.setBandwidth(bytesPerSecond);
   }
 
   /** Bytes of the round being sent, so far (query-migrate shows progress inside a round). */
@@ -450,6 +482,8 @@ export class SourceSession {
   /** Cancel: tell the destination (so it logs a cancel, not an error), then close. */
   async abort(reason: string): Promise<void> {
     this.ending = true;
+    this.abortReason = reason;
+    this.plainLimit?.stop();
     try {
       this.channel?.sendJson(FrameType.abort, { reason });
     } catch {
@@ -468,6 +502,8 @@ export class SourceSession {
   async destroy(err?: Error): Promise<void> {
     if (err !== undefined) this.fail(err);
     this.ending = true;
+    // A round waiting for max-bandwidth would otherwise hold its timer (and the process) that long.
+    this.plainLimit?.stop();
     this.channel?.destroy();
     await this.multifd?.destroy();
   }

@@ -184,7 +184,12 @@ export class SourceCore {
         ];
       case 'vmPauseFailed':
         this.pausing = false;
-        this.vmPausedByUs = false;
+        // The vCPU did not stop (or died): it is not started again (run: false), but the
+        // resume still gives back the front end, whose reading the pause had stopped.
+        this.vmWasRunning = false;
+        // A cancel or failure while the pause was in flight is tearing down already; its end
+        // waited for this answer.
+        if (this.phase !== 'stopping') return this.afterTeardownProgress(ev.now);
         return this.stop('failure', `the VM could not be paused for stop-and-copy: ${ev.message}`, ev.now);
       case 'finalSent':
         if (this.phase !== 'device') return [];

@@ -38,7 +38,7 @@ export interface OutgoingOptions {
   channels: number;
   capabilities: MigrationCapabilities;
   downtimeLimitMs: number;
-  /** Bytes per second allowed (0 = no limit); read at the start of every round. */
+  /** Bytes per second allowed (0 = no limit); read at the start of every round (a change during one: setBandwidth). */
   bandwidth: () => number;
   /** Multifd sender threads started ahead of time (see MultifdSender.spawn). */
   senders?: MultifdSender | null;
@@ -102,6 +102,11 @@ export class OutgoingMigration {
   /** yank: close every channel at once; the migration fails (unless it already completed). */
   yank(): void {
     void this.session.destroy(new ChannelClosedError('the migration channels were yanked'));
+  }
+
+  /** migrate-set-parameters max-bandwidth: a throttled round in flight takes it at once (the next rounds read it anyway). */
+  setBandwidth(bytesPerSecond: number): void {
+    if (this.core.phase === 'active') this.session.setBandwidth(bytesPerSecond);
   }
 
   setDowntimeLimit(ms: number): void {

@@ -33,6 +33,25 @@ for (const multifd of [false, true]) {
     assert.match(dst.stderr, /incoming migration cancelled: the source cancelled the migration/);
     assertNoErrors(src, dst);
   });
+
+  test(`regression: migrate_cancel while the main channel connects (${mode}): the destination is told, not left waiting for rounds`, async (t) => {
+    const env = new TestEnv(t);
+    const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd } });
+    const mark = src.qmp.eventCount;
+    const dstMark = dst.qmp.eventCount;
+    // Sent back to back: the cancel is handled before the connection to the destination is up.
+    await Promise.all([src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` }), src.qmp.execute('migrate_cancel')]);
+    await src.waitMigrationStatus('cancelled', 10000);
+    assert.deepEqual(statuses(src, mark), ['setup', 'cancelling', 'cancelled']);
+    assert.equal(await src.status(), 'running');
+    // Before the fix the connection came up after the cancel, said hello, and the target sat
+    // in status active for ever (its port taken, a later migration to it refused).
+    assert.equal(await dst.waitExit(10000), 1, 'the target learns of the cancel and exits');
+    assert.deepEqual(statuses(dst, dstMark), ['active', 'cancelled']);
+    assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+    await assertAdvancing(src);
+    assertNoErrors(src, dst);
+  });
 }
 
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
@@ -251,4 +270,41 @@ test('regression: a VM stopped during the migration arrives paused with its memo
   await dst.qmp.execute('cont');
   await assertAdvancing(dst);
   assertNoErrors(src, dst);
+});
+
+for (const multifd of [false, true]) {
+  test(`regression: quit on the source during stop-and-copy, the destination frozen (${multifd ? 'multifd' : 'plain'}): the process exits at once, no error line`, async (t) => {
+    const env = new TestEnv(t);
+    // 64 MiB dirtied during round 1: the last round is more than the socket buffers hold.
+    const { src, dst, port } = await memwalkPair(env, { region: '64M', memory: '128M', capabilities: { multifd }, parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 } });
+    env.onCleanup(() => dst.kill('SIGCONT'));
+    const mark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+    dst.kill('SIGSTOP');
+    await sleep(300);
+    assert.equal(await src.migrationStatus(), 'device', 'the last round is blocked');
+    await src.qmp.execute('quit');
+    // Before the fix a multifd source stayed until the switchover timeout (30 s), then started
+    // new multifd sender threads that kept it alive for good; both logged "could not resume".
+    assert.equal(await src.waitExit(10000), 0, 'the source exits promptly');
+    assert.match(src.stderr, / warn migration: migration failed: the VM is quitting/);
+    assertNoErrors(src);
+  });
+}
+
+test('regression: quit on the source while a plain round waits for max-bandwidth: the process exits at once', async (t) => {
+  const env = new TestEnv(t);
+  // At 32 KiB/s the first 512 KiB frame of pages is followed by a 16 s wait.
+  const { src, port } = await memwalkPair(env, { parameters: { 'max-bandwidth': 32 * 1024 } });
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(500);
+  const quitAt = Date.now();
+  await src.qmp.execute('quit');
+  // Before the fix the wait's timer kept the process alive until it expired.
+  assert.equal(await src.waitExit(5000), 0, 'the source exits promptly');
+  t.diagnostic(`exited ${Date.now() - quitAt} ms after quit`);
+  assertNoErrors(src);
 });

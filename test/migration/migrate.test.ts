@@ -222,3 +222,44 @@ test("a guest growing its memory AssemblyScript's way during a live migration wi
   }
   assertNoErrors(src, dst);
 });
+
+for (const multifd of [false, true]) {
+  test(`regression: max-bandwidth raised during a throttled round (${multifd ? 'multifd' : 'plain'}) takes effect at once, not at the round's end`, async (t) => {
+    const env = new TestEnv(t);
+    // Round 1 of the 32 MiB region alone takes about 32 s at 1 MiB/s.
+    const { src, dst, port, region } = await memwalkPair(env, { capabilities: { multifd }, parameters: { 'max-bandwidth': 1024 * 1024 } });
+    const mark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+    await new Promise((r) => setTimeout(r, 500));
+    const raisedAt = Date.now();
+    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+    // Before the fix the rest of round 1 still went at 1 MiB/s.
+    await src.waitMigrationStatus('completed', 15000);
+    t.diagnostic(`completed ${Date.now() - raisedAt} ms after the limit was lifted`);
+    assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+    await dst.waitMigrationStatus('completed', 10000);
+    await assertAdvancing(dst);
+    assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+    assertNoErrors(src, dst);
+  });
+}
+
+test('regression: query-migrate counts the bytes of a throttled multifd round as they go, not 16 packets per channel at a time', async (t) => {
+  const env = new TestEnv(t);
+  const { src, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: { 'max-bandwidth': 1024 * 1024 } });
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  // About 2 MiB went out after 2 s; before the fix the count stayed 0 for 16 s (16 packets of
+  // 512 KiB per channel at 512 KiB/s each).
+  const ram = await waitFor('query-migrate to count 1 MiB sent', async () => {
+    const r = await src.qmp.execute<{ status: string; ram: { transferred: number; remaining: number; total: number } }>('query-migrate');
+    assert.equal(r.status, 'active');
+    return r.ram.transferred >= 1024 * 1024 ? r.ram : undefined;
+  }, 6000, 100);
+  assert.ok(ram.remaining < ram.total, `remaining ${ram.remaining} below total ${ram.total}`);
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', 10000);
+  assertNoErrors(src);
+});

@@ -246,9 +246,27 @@ test('a pause that fails fails the migration and leaves the VM as it was', () =>
     [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
     [{ type: 'vmPauseFailed', now: 52, message: 'timeout' }, ['teardown']],
-    [{ type: 'tornDown', now: 53 }, [{ type: 'status', status: 'failed' }]],
+    // Not started (its vCPU did not stop), but its front end reads clients again.
+    [{ type: 'tornDown', now: 53 }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 54 }, [{ type: 'status', status: 'failed' }]],
   ]);
   assert.match(core.stats.errorDesc!, /could not be paused/);
+});
+
+test('regression: a cancel while the pause is in flight, and the pause fails after the teardown: cancelled, not stuck in cancelling', () => {
+  const core = new SourceCore({ downtimeLimitMs: 1000 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    [{ type: 'cancel', now: 52 }, [{ type: 'status', status: 'cancelling' }, 'teardown']],
+    [{ type: 'tornDown', now: 53 }, []],
+    // Before the fix: no action, and the status stayed cancelling (busy) for good.
+    [{ type: 'vmPauseFailed', now: 5052, message: 'timeout' }, [{ type: 'resumeVm', run: false }]],
+    [{ type: 'vmResumed', now: 5053 }, [{ type: 'status', status: 'cancelled' }]],
+  ]);
+  assert.equal(core.phase, 'cancelled');
 });
 
 /** Round 1, then stop-and-copy at once: the VM is paused at 52. */
