@@ -276,11 +276,8 @@ export class PrimaryDriver {
             } finally {
               posted();
             }
-            // Clients are read again as soon as the vCPU has been told to run: what they send
-            // now is input of the next epoch (the checkpoint's state was captured, or sent).
-            // Waiting for the vCPU's answer kept them unread while this thread sent the state.
-            this.host.vm.frontEnd?.resumeReading();
             await running;
+            this.host.vm.frontEnd?.resumeReading();
             if (this.pauseStartedAt > 0) this.stats.notePause(performance.now() - this.pauseStartedAt);
           });
           return { type: 'vmResumed' };

@@ -570,12 +570,9 @@ export class WasiHost {
   }
 
   /**
-   * The blocking discipline shared by accept, recv and poll: unwind for a pause, if one is
-   * asked for (this is a safe point, also when the call would not block: a guest under load
-   * always finds something ready, and would otherwise run to its next budget check, thousands
-   * of loop iterations away); else try, and when the call would block, admit one pending input
-   * event and try again; with nothing pending, wait for input. Returns false when the guest is
-   * being unwound. `ready` is
+   * The blocking discipline shared by accept, recv and poll: try, and when the call would
+   * block, admit one pending input event and try again; with nothing pending, either unwind
+   * for a pause or wait for input. Returns false when the guest is being unwound. `ready` is
    * told what changed since its last (fruitless) call, so it may check only that: `all` on the
    * first call; the connection of the event just admitted (listeners and clocks may have
    * changed too); or noConn after a wait (time passed, input was queued, nothing admitted).
@@ -585,10 +582,6 @@ export class WasiHost {
     let changed: number | 'all' = 'all';
     for (;;) {
       this.vcpu.drainInput();
-      if (this.vcpu.pauseRequested()) {
-        this.vcpu.startUnwind();
-        return false;
-      }
       if (ready(changed)) return true;
       if (deadlineNs !== null && this.devices.clock.monotonicNs() >= deadlineNs) return true;
       if (nic.admitOne()) {
@@ -596,6 +589,10 @@ export class WasiHost {
         continue;
       }
       changed = noConn;
+      if (this.vcpu.pauseRequested()) {
+        this.vcpu.startUnwind();
+        return false;
+      }
       let timeoutMs: number | null = null;
       if (deadlineNs !== null) {
         const left = deadlineNs - this.devices.clock.monotonicNs();
