@@ -58,6 +58,8 @@ class Vcpu {
   private phase: Phase = 'fresh';
   private lastWake = 0;
   private readonly pagesGlobal: WebAssembly.Global;
+  /** Where the dirty map is (with the guest's size, setGuestPages): markWrite runs on every host write. */
+  private dirtyLogBase = 0;
   private readonly logGlobal: WebAssembly.Global | null;
   private readonly regionLock: RegionLock;
   private logU8: Uint8Array | null = null;
@@ -121,7 +123,8 @@ class Vcpu {
   /** The guest's size is `pages`: memory.size, the store log's map and the main thread's copy follow. */
   private setGuestPages(pages: number): void {
     this.pagesGlobal.value = pages;
-    if (this.logGlobal !== null) this.logGlobal.value = regionAt(this.layout, pages).dirtyLogBase;
+    this.dirtyLogBase = regionAt(this.layout, pages).dirtyLogBase;
+    if (this.logGlobal !== null) this.logGlobal.value = this.dirtyLogBase;
     Atomics.store(this.ctl, ctl.guestPages, pages);
   }
 
@@ -365,7 +368,7 @@ class Vcpu {
     const u8 = this.logU8!;
     const first = ptr >>> 12;
     const last = (ptr + len - 1) >>> 12;
-    const base = this.region().dirtyLogBase;
+    const base = this.dirtyLogBase;
     for (let p = first; p <= last; p++) u8[base + p] = 1;
   }
 
