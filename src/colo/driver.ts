@@ -648,8 +648,14 @@ export class SecondaryDriver {
     // the dirty map is then read where the guest will mark it, not at its old place (now
     // guest data, when the guest is larger).
     m.placeRegionFor(device.vcpu.globals['colo$pages'] as number);
-    // The copy wrote RAM behind the guest's back: those writes are not the SVM's own.
-    vm.migration.dirtyTracker().reset(m.ram(), m.statePageRanges());
+    // The copy wrote RAM behind the guest's back: those writes are not the SVM's own. So did
+    // placeRegionFor, above the new region (zeros where an SVM ahead had grown): a shadow
+    // tracker must see those zeros too, or it keeps the SVM's old bytes there, and when the
+    // guest grows back and writes the same bytes (it replays), it finds no change: the page
+    // is neither copied at the next apply nor sent by a migration from here after a takeover.
+    const [zeroedFrom, zeroedTo] = [m.region().end / pb, r.end / pb];
+    const tracked: [number, number][] = zeroedFrom < zeroedTo ? [...m.statePageRanges(), [zeroedFrom, zeroedTo]] : m.statePageRanges();
+    vm.migration.dirtyTracker().reset(m.ram(), tracked);
     this.net.nextEpoch();
     m.setRunState('paused');
     latencyTrace?.event('S:ramApplied');

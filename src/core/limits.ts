@@ -20,7 +20,7 @@ export const limits = {
   guestMemoryBytesDefault: 256 * 1024 * 1024,
   /** Largest guest module accepted. */
   guestModuleBytesMax: 64 * 1024 * 1024,
-  /** Bytes of colo's region at the top of guest memory (reserved-region.ts) for the asyncify unwind stack. */
+  /** Bytes of colo's region (right above the guest's pages, reserved-region.ts) for the asyncify unwind stack. */
   asyncifyStackBytes: 64 * 1024,
   /**
    * The longest wait for colo's reserved-region lock, which the vCPU holds while a memory.grow

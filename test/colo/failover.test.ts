@@ -226,3 +226,59 @@ test('colo: a secondary that ran ahead of its primary and grew more loads the sm
   // fewer than this guest's 83", and the secondary dropped out of COLO.
   await growingGuestUnderColo(t, true);
 });
+
+test('colo with the shadow tracker: a secondary that ran ahead takes over right after loading a smaller checkpoint; as a primary it then sends every page its guest writes again', async (t) => {
+  // The apply zeroes what the ahead secondary had written above the checkpoint's region; its
+  // shadow tracker kept the old bytes there. The guest, replaying, grew back and wrote the
+  // same bytes: no change for the shadow, so, as the new primary, it never sent those pages
+  // ("the checkpoint: guest RAM differs from the source's in 16 pages" on the new secondary).
+  const env = new TestEnv(t);
+  const o = { grows: 12, pages: 2, paceMs: 700 };
+  const guest = sizeHeapGuest(t, o);
+  const common = ['--memory', '64M', '--dirty-log', 'shadow'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
+  const words = async (vm: typeof src) => new Uint32Array(new Uint8Array(await vm.pmem(0, 64)).buffer);
+  const grows = async (vm: typeof src) => (await words(vm))[sizeHeap.grows / 4]!;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const primaryGrows = await grows(src);
+  src.child.kill('SIGSTOP');
+  try {
+    await waitFor('the secondary to grow twice more than the stopped primary', async () => (await grows(dst)) >= primaryGrows + 2, 20000, 10);
+  } finally {
+    src.child.kill('SIGCONT');
+  }
+  // The next checkpoint is the primary's smaller guest; the secondary takes over at once.
+  await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+  const mark = dst.qmp.eventCount;
+  await dst.yankMigration();
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+  await src.stop();
+  assert.ok((await grows(dst)) < o.grows - 2, 'the guest has growing left to do');
+
+  // COLO again, the old secondary now the primary, while its guest grows back.
+  const third = await env.startVm({ name: 'third', guest, args: [...common, '--incoming', 'defer'] });
+  await Promise.all([dst.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), third.setMigration({ 'x-colo': true })]);
+  await dst.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await third.listenIncoming()}` });
+  await dst.waitMigrationStatus('colo', 30000);
+  await third.waitEvent('RESUME', { timeoutMs: 30000 });
+  await waitFor('the guest to finish growing', async () => (await grows(dst)) === o.grows, 60000, 20);
+  for (let i = 0; i < 3; i++) await third.waitEvent('RESUME', { after: third.qmp.eventCount, timeoutMs: 15000 });
+  assert.equal(await third.migrationStatus(), 'colo', 'the new secondary applies every checkpoint');
+  const mark3 = third.qmp.eventCount;
+  await third.yankMigration();
+  await third.qmp.execute('x-colo-lost-heartbeat');
+  await third.waitEvent('COLO_EXIT', { after: mark3, timeoutMs: 10000 });
+  await dst.stop();
+  const passes = (await words(third))[sizeHeap.passes / 4]!;
+  await waitFor('the new secondary guest to check its claims twice more', async () => (await words(third))[sizeHeap.passes / 4]! >= passes + 2, 20000, 20);
+  const w = await words(third);
+  assert.equal(w[sizeHeap.bad / 4], 0, `the guest found a changed byte at ${w[sizeHeap.badAddr / 4]}`);
+  assertNoErrors(src, dst, third);
+});
