@@ -64,16 +64,22 @@ export class ShadowDirtyTracker implements DirtyTracker {
     this.shadowBuf = Buffer.from(this.shadow);
   }
 
+  // `ranges` may reach past `ram`: the guest grew its memory after the caller took the view
+  // (a live migration's rounds). Those pages are left to the next call, with a view that has them.
+
   reset(ram: Uint8Array, ranges: PageRanges): void {
     const r = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
-    for (const [a, b] of ranges) r.copy(this.shadowBuf, a * pageBytes, a * pageBytes, b * pageBytes);
+    const end = r.byteLength;
+    for (const [a, b] of ranges) if (a * pageBytes < end) r.copy(this.shadowBuf, a * pageBytes, a * pageBytes, Math.min(end, b * pageBytes));
   }
 
   collect(ram: Uint8Array, ranges: PageRanges): Uint32Array {
     const r = Buffer.from(ram.buffer, ram.byteOffset, ram.byteLength);
     const s = this.shadowBuf;
     const out: number[] = [];
+    const pagesInView = Math.floor(r.byteLength / pageBytes);
     for (const p of pagesInRanges(ranges)) {
+      if (p >= pagesInView) break; // ranges ascend
       const off = p * pageBytes;
       if (r.compare(s, off, off + pageBytes, off, off + pageBytes) !== 0) {
         out.push(p);

@@ -79,3 +79,17 @@ test('on a real guest the store log and the shadow compare agree', async (t) => 
     t.diagnostic(`interval ${i}: shadow ${fromShadow.size} pages, log ${fromLog.size} pages`);
   }
 });
+
+test('a shadow tracker given ranges past its view (the guest grew after the view was taken) compares what the view holds and reports the rest next time', () => {
+  const pages = 8;
+  const memory = new Uint8Array(new SharedArrayBuffer(pages * pageBytes));
+  const shadow = new ShadowDirtyTracker(memory.byteLength);
+  const small = memory.subarray(0, 4 * pageBytes); // the view from before the grow
+  const ranges = [[0, pages]] as const;
+  shadow.reset(small, ranges);
+  memory[2 * pageBytes] = 1;
+  memory[6 * pageBytes] = 1;
+  // Before: a RangeError at the first page past the view, which failed the migration.
+  assert.deepEqual([...shadow.collect(small, ranges)], [2], 'the changed page inside the view');
+  assert.deepEqual([...shadow.collect(memory, ranges)], [6], 'the changed page past the old view, with a view that has it');
+});
