@@ -66,6 +66,8 @@ export class Machine extends EventEmitter {
   readonly maximumPages: number;
   private readonly worker: Worker;
   private readonly ctl: Int32Array;
+  /** Held while the dirty map is read or colo's region moved (reserved-region.ts); the vCPU's grow takes it too. */
+  private readonly regionLock: RegionLock;
   private readonly input: InputRingWriter;
   private inputRetry: NodeJS.Timeout | null = null;
   private readonly serialFd: number | null;
@@ -96,6 +98,7 @@ export class Machine extends EventEmitter {
     this.serialFd = serialFd;
     const ctlBuffer = new SharedArrayBuffer(ctl.slots * 4);
     this.ctl = new Int32Array(ctlBuffer);
+    this.regionLock = new RegionLock(this.ctl, ctl.regionLock);
     const ring = createInputRing(limits.nicInputRingBytes);
     let trace: SharedTraceLog | null = null;
     if (latencyTrace !== null) {
@@ -207,7 +210,7 @@ export class Machine extends EventEmitter {
     if (!Number.isInteger(pages) || pages < 0 || (pages + this.layout.reservedPages) * limits.wasmPageBytes > this.memory.buffer.byteLength) {
       throw new RestoreError('STATE_MEMORY', `the state's guest size (${pages} pages) and colo's region do not fit this machine's ${this.ramPages()} pages of memory`);
     }
-    new RegionLock(this.ctl, ctl.regionLock).with(() => {
+    this.regionLock.with(() => {
       regionAfterRestore(this.memory, this.layout, this.guestPages(), pages);
       Atomics.store(this.ctl, ctl.guestPages, pages);
     });
@@ -241,7 +244,7 @@ export class Machine extends EventEmitter {
   dirtyTracker(opts: { sinceBoot?: boolean } = {}): DirtyTracker {
     if (this.layout.storeLog) {
       const pagesMax = (this.maximumPages * limits.wasmPageBytes) / limits.pageBytes;
-      const lock = new RegionLock(this.ctl, ctl.regionLock);
+      const lock = this.regionLock;
       const memory = this.memory;
       const at = (): LogPlace => {
         const ram = new Uint8Array(memory.buffer);
