@@ -74,6 +74,23 @@ export function watGuest(t: { after(fn: () => unknown): void }, name: string, te
 /** Addresses of sizeHeapGuest's results (i32s). */
 export const sizeHeap = { passes: 16, bad: 20, badAddr: 24, grows: 28, clock: 40, regions: 64 } as const;
 
+/** sizeHeapGuest's result words of a VM process (index: address / 4), read with QMP pmemsave. */
+export async function sizeHeapWords(vm: { pmem(addr: number, size: number): Promise<Buffer> }): Promise<Uint32Array> {
+  return new Uint32Array(new Uint8Array(await vm.pmem(0, 64)).buffer);
+}
+
+/**
+ * What is wrong with sizeHeapGuest's claims in `ram` (its memory from address 0), which lie one
+ * after another from wasm page 1: the first one that does not hold its byte throughout, or null.
+ */
+export function sizeHeapClaimProblem(ram: Uint8Array, o: { grows: number; pages: number }): string | null {
+  for (let k = 0; k < o.grows; k++) {
+    const start = (1 + o.pages * k) * 65536;
+    if (!ram.subarray(start, start + o.pages * 65536).every((b) => b === 0x41 + k)) return `claim ${k} does not hold 0x${(0x41 + k).toString(16)} throughout`;
+  }
+  return null;
+}
+
 /**
  * A guest that takes its heap as AssemblyScript's allocator does: `memory.size` before and
  * after each `memory.grow(pages)`, claiming everything between; it fills each claim with its
