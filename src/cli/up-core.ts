@@ -16,7 +16,8 @@
  * A primary that leaves COLO by itself (COLO_EXIT while the pair is protected: its link to the
  * secondary broke, or the stream was corrupt) serves on alone, and its secondary's state falls
  * behind with every reply released from then on. That secondary must never take over: it is
- * killed at once and a new one protects the primary again.
+ * killed at once and a new one protects the primary again, at once after a protection that
+ * lasted stableMs, else after the pause of a failed attempt (as after a failover).
  *
  * A hung child (its QMP heartbeat goes unanswered), or one whose guest crashed (GUEST_PANICKED:
  * the process lives on, its guest does not), is fenced with SIGKILL when a partner can
@@ -211,14 +212,14 @@ export class PairCore {
         this.secondary = null;
         this.phase = 'unprotected';
         out.push({ type: 'print', line: `pair: primary died (${this.cause}); secondary ${s.pid} took over on ${this.cfg.address}` });
-        this.afterFailover(out);
+        this.afterProtectionEnded(out);
         break;
       }
       case 'continued': {
         if (this.phase !== 'failover' || this.primary?.id !== e.node) break;
         this.phase = 'unprotected';
         out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
-        this.afterFailover(out);
+        this.afterProtectionEnded(out);
         break;
       }
       case 'failoverFailed': {
@@ -228,7 +229,7 @@ export class PairCore {
           out.push({ type: 'log', level: 'warn', msg: `x-colo-lost-heartbeat on the primary failed: ${e.error}` });
           this.phase = 'unprotected';
           out.push({ type: 'print', line: `pair: secondary died (${this.cause}); primary ${this.primary.pid} continues unprotected` });
-          this.afterFailover(out);
+          this.afterProtectionEnded(out);
         } else {
           this.lost(`the secondary could not take over: ${e.error}`, out);
         }
@@ -266,7 +267,9 @@ export class PairCore {
         // Its exit, when it comes, is that of a replaced node.
         this.secondary = null;
         this.phase = 'unprotected';
-        this.reprotect(out);
+        // As after a failover: a cause that persists (the secondary refuses every state, the
+        // link breaks at every checkpoint) would otherwise start secondaries without a pause.
+        this.afterProtectionEnded(out);
         break;
       }
       case 'responsive': {
@@ -320,10 +323,11 @@ export class PairCore {
   }
 
   /**
-   * A failover ended the protection: protect again at once, unless it had lasted less than
-   * stableMs; then it counts as a failed attempt and waits its turn (retry).
+   * A failover, or the primary leaving COLO by itself, ended the protection: protect again at
+   * once, unless it had lasted less than stableMs; then it counts as a failed attempt and waits
+   * its turn (retry).
    */
-  private afterFailover(out: PairAction[]): void {
+  private afterProtectionEnded(out: PairAction[]): void {
     if (this.stable) {
       this.reprotect(out);
       return;
@@ -345,20 +349,16 @@ export class PairCore {
   /**
    * After a failed attempt (the secondary is gone): try again soon, with a growing pause; after
    * attemptsMax failures in a row, say so once and keep trying every retryLaterMs, so that a
-   * cause that goes away (a full disk freed) ends with the pair protected again.
+   * cause that goes away (a full disk freed) ends with the pair protected again. Each wait is
+   * one line: the pair is unprotected, and when the next attempt comes.
    */
   private retry(out: PairAction[]): void {
-    if (this.failures >= this.attemptsMax) {
-      if (this.failures === this.attemptsMax) {
-        out.push({
-          type: 'print',
-          line: `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it; trying again every ${this.retryLaterMs / 1000} s)`,
-        });
-      }
-      out.push({ type: 'setTimer', name: 'retry', ms: this.retryLaterMs });
-      return;
-    }
-    out.push({ type: 'setTimer', name: 'retry', ms: this.retryDelayMs * this.failures });
+    const ms = this.failures >= this.attemptsMax ? this.retryLaterMs : this.retryDelayMs * this.failures;
+    const line =
+      this.failures === this.attemptsMax
+        ? `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it; trying again every ${ms / 1000} s)`
+        : `pair: unprotected (primary ${this.primary!.pid}; next protection attempt in ${ms / 1000} s)`;
+    out.push({ type: 'print', line }, { type: 'setTimer', name: 'retry', ms });
   }
 
   private exited(id: number, code: number | null, signal: string | null, out: PairAction[]): void {

@@ -204,9 +204,10 @@ export const limits = {
    */
   upProtectRetryLaterMs: 60000,
   /**
-   * colo up: a protection that ends (either node dies) sooner than this after it began counts
-   * as a failed attempt, so a child that dies at every start is retried with the growing pause,
-   * not at once: each attempt migrates all of RAM and disk and pauses the primary.
+   * colo up: a protection that ends (either node dies, or the primary leaves COLO by itself)
+   * sooner than this after it began counts as a failed attempt, so a child that dies at every
+   * start, or a link that breaks at every checkpoint, is retried with the growing pause, not at
+   * once: each attempt migrates all of RAM and disk and pauses the primary.
    */
   upProtectStableMs: 30000,
   /**

@@ -81,7 +81,7 @@ test('colo up core: a failed protection kills the secondary and retries; after t
   run(c, { type: 'spawned', node: 3, pid: 103 });
   run(c, { type: 'ready', node: 3 });
   assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
-  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['discardDisk 3', 'timer retry 100']);
+  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['discardDisk 3', 'pair: unprotected (primary 101; next protection attempt in 0.1 s)', 'timer retry 100']);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 4 secondary']);
   run(c, { type: 'spawned', node: 4, pid: 104 });
   // This one dies before it is ready: the second failure, and the last allowed.
@@ -92,12 +92,12 @@ test('colo up core: a failed protection kills the secondary and retries; after t
     'timer retry 60000',
   ]);
   assert.equal(c.phase, 'unprotected');
-  // Later attempts are quiet about giving up; one that succeeds protects the pair again.
+  // Later attempts do not say again that it gave up; one that succeeds protects the pair again.
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 5 secondary']);
   run(c, { type: 'spawned', node: 5, pid: 105 });
   assert.deepEqual(run(c, { type: 'ready', node: 5 }), ['protect 1->5']);
   assert.deepEqual(run(c, { type: 'protectFailed', error: 'still full' }), ['pair: unprotected (attempt 3 to protect it failed: still full)', 'kill 5 SIGKILL']);
-  assert.deepEqual(run(c, { type: 'exited', node: 5, code: null, signal: 'SIGKILL' }), ['discardDisk 5', 'timer retry 60000']);
+  assert.deepEqual(run(c, { type: 'exited', node: 5, code: null, signal: 'SIGKILL' }), ['discardDisk 5', 'pair: unprotected (primary 101; next protection attempt in 60 s)', 'timer retry 60000']);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 6 secondary']);
   run(c, { type: 'spawned', node: 6, pid: 106 });
   run(c, { type: 'ready', node: 6 });
@@ -283,6 +283,7 @@ test('colo up core: a protection that ends before it is stable counts as a faile
   assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
     'pair: secondary died (SIGKILL); primary 101 continues unprotected',
     'pair: unprotected (the protection lasted less than 30 s: attempt 1 to protect it failed)',
+    'pair: unprotected (primary 101; next protection attempt in 0.1 s)',
     'timer retry 100',
   ]);
   // The first protection's stable timer, late, changes nothing now.
@@ -327,4 +328,65 @@ test('colo up core: the primary dies and its secondary dies while taking over: t
   run(d, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
   const failed = run(d, { type: 'failoverFailed', node: 2, error: 'boom' });
   assert.ok(!failed.includes('discardDisk 1'), JSON.stringify(failed));
+});
+
+/**
+ * The primary leaves COLO by itself (its link to the secondary broke, a checkpoint failed, the
+ * secondary refused the state) right after each protection, for a cause that persists. Each
+ * time, the delay before the next secondary is started: 0 when the core spawns it at once.
+ */
+function delaysAfterPrimaryColoExits(c: PairCore, cycles: number): { delays: number[]; lines: string[] } {
+  const delays: number[] = [];
+  const lines: string[] = [];
+  for (let i = 0; i < cycles; i++) {
+    const p = c.primary!.id;
+    assert.equal(c.phase, 'protected', `cycle ${i}: protected`);
+    const out = run(c, { type: 'coloExit', node: p, mode: 'primary', reason: 'error' });
+    lines.push(...out.filter((l) => l.startsWith('pair: ')));
+    let spawned = out.find((l) => / secondary$/.test(l) && l.startsWith('spawn '));
+    if (spawned === undefined) {
+      const timer = out.find((l) => l.startsWith('timer retry '));
+      assert.ok(timer !== undefined, `cycle ${i}: a new secondary at once or a retry timer: ${JSON.stringify(out)}`);
+      delays.push(Number(timer.split(' ')[2]));
+      const later = run(c, { type: 'timer', name: 'retry' });
+      lines.push(...later.filter((l) => l.startsWith('pair: ')));
+      spawned = later.find((l) => l.startsWith('spawn '));
+      assert.ok(spawned !== undefined, `cycle ${i}: the retry starts a secondary: ${JSON.stringify(later)}`);
+    } else {
+      delays.push(0);
+    }
+    const s = Number(spawned.split(' ')[1]);
+    run(c, { type: 'spawned', node: s, pid: 100 + s });
+    assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${p}->${s}`]);
+    run(c, { type: 'protected' });
+    // The killed, out-of-date secondary's exit comes late: that of a replaced node.
+    assert.deepEqual(run(c, { type: 'exited', node: s - 1, code: null, signal: 'SIGKILL' }), []);
+  }
+  return { delays, lines };
+}
+
+test('colo up core: a primary that leaves COLO by itself right after every protection is re-protected with the growing pause, not at once each time', () => {
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, retryLaterMs: 5000, stopTimeoutMs: 500, stableMs: 30000 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  run(c, { type: 'ready', node: 2 });
+  run(c, { type: 'protected' });
+  const { delays, lines } = delaysAfterPrimaryColoExits(c, 5);
+  // 100 ms × 1, × 2, then attemptsMax (3) failures in a row: every retryLaterMs.
+  assert.deepEqual(delays, [100, 200, 5000, 5000, 5000], `the pause before each new secondary; printed: ${JSON.stringify(lines)}`);
+  // While it waits, the pair says so, and when the next attempt comes.
+  assert.deepEqual(lines.slice(0, 3), [
+    'pair: primary 101 left COLO (reason error); it continues unprotected',
+    'pair: unprotected (the protection lasted less than 30 s: attempt 1 to protect it failed)',
+    'pair: unprotected (primary 101; next protection attempt in 0.1 s)',
+  ]);
+  assert.ok(lines.includes('pair: unprotected (primary 101; gave up after 3 failed attempts to protect it; trying again every 5 s)'), JSON.stringify(lines));
+  assert.ok(lines.includes('pair: unprotected (primary 101; next protection attempt in 5 s)'), JSON.stringify(lines));
+  // A protection that lasts clears the count: the next COLO exit re-protects at once, the one
+  // right after it waits the first pause again.
+  const gen = 6; // the protections so far: the first and five re-protections
+  assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen }), []);
+  assert.deepEqual(delaysAfterPrimaryColoExits(c, 2).delays, [0, 100]);
 });
