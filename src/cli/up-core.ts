@@ -38,6 +38,8 @@ export interface NodeInfo {
   alive: boolean;
   /** Why the driver gave up on it (startFailed), for the message about its death. */
   failure?: string;
+  /** How its process ended (`SIGKILL`, `exit code 1`, `killed: ...`), once it did. */
+  ended?: string;
 }
 
 export type PairEvent =
@@ -173,6 +175,17 @@ export class PairCore {
         break;
       case 'protected': {
         if (this.phase !== 'protecting') break;
+        const s = this.secondary!;
+        if (!s.alive) {
+          // It died right after it entered COLO: the driver saw both in status colo (the
+          // secondary's event was in its QMP log already), but its exit came first and was taken
+          // for the end of a failing migration. The primary is in COLO with no partner: tell it
+          // to go on alone now, as after a death while protected, rather than report a
+          // protection that is not there. It ended at once: a failed attempt.
+          this.stable = this.stableMs === 0;
+          this.secondaryDied(s, out);
+          break;
+        }
         this.phase = 'protected';
         this.protections += 1;
         // The failures count on until the protection has lasted stableMs.
@@ -366,6 +379,7 @@ export class PairCore {
     if (n === undefined || !n.alive) return;
     n.alive = false;
     const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : `exit code ${code}`;
+    n.ended = how;
     if (this.phase === 'stopping') {
       if (this.living.length === 0) {
         this.phase = 'stopped';
@@ -389,17 +403,16 @@ export class PairCore {
     if (this.secondary?.id === id) {
       switch (this.phase) {
         case 'protected':
-          this.phase = 'failover';
-          this.cause = how;
-          out.push({ type: 'log', level: 'warn', msg: `secondary ${n.pid} died (${how}); primary ${this.primary!.pid} continues alone` });
-          out.push({ type: 'continueAlone', node: this.primary!.id }, { type: 'discardDisk', node: id });
+          this.secondaryDied(n, out);
+          out.push({ type: 'discardDisk', node: id });
           break;
         case 'failover':
           // It was taking over.
           this.lost(`secondary ${n.pid} died (${how}) while taking over`, out);
           break;
         case 'protecting':
-          // The migration fails on the primary; protectFailed follows and retries.
+          // The migration fails on the primary; protectFailed follows and retries (or, had it
+          // reached COLO before it died, protected follows, and the primary goes on alone).
           out.push({ type: 'log', level: 'warn', msg: `secondary ${n.pid} died (${how}) during the initial migration` });
           out.push({ type: 'discardDisk', node: id });
           break;
@@ -422,6 +435,14 @@ export class PairCore {
       return;
     }
     // A node that was already replaced (e.g. a killed secondary): nothing to do.
+  }
+
+  /** The secondary `n` of a protected pair is dead: its primary continues alone. */
+  private secondaryDied(n: NodeInfo, out: PairAction[]): void {
+    this.phase = 'failover';
+    this.cause = n.ended!;
+    out.push({ type: 'log', level: 'warn', msg: `secondary ${n.pid} died (${this.cause}); primary ${this.primary!.pid} continues alone` });
+    out.push({ type: 'continueAlone', node: this.primary!.id });
   }
 
   /**

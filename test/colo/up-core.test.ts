@@ -390,3 +390,29 @@ test('colo up core: a primary that leaves COLO by itself right after every prote
   assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen }), []);
   assert.deepEqual(delaysAfterPrimaryColoExits(c, 2).delays, [0, 100]);
 });
+
+test('colo up core: a secondary that dies right after it entered COLO, before the supervisor saw the protection complete: the primary is told to go on alone, and it is a failed attempt', () => {
+  // protect() saw the primary in status colo and the secondary's MIGRATION colo event (already
+  // in its QMP log), but the secondary's exit was handled first, while the pair was protecting.
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 30000 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGSEGV' }), ['discardDisk 2']);
+  const out = run(c, { type: 'protected' });
+  assert.ok(!out.some((l) => l.startsWith('pair: protected')), `a dead secondary protects nothing: ${JSON.stringify(out)}`);
+  // The primary is in COLO with no partner: at once x-colo-lost-heartbeat, as after a death while protected.
+  assert.ok(out.includes('continueAlone 1'), JSON.stringify(out));
+  assert.equal(c.phase, 'failover');
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    'pair: secondary died (SIGSEGV); primary 101 continues unprotected',
+    'pair: unprotected (the protection lasted less than 30 s: attempt 1 to protect it failed)',
+    'pair: unprotected (primary 101; next protection attempt in 0.1 s)',
+    'timer retry 100',
+  ]);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 3 secondary']);
+  // Its primary dies now: no secondary in COLO, the service is lost (not a takeover by the dead one).
+  assert.match(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' })[0]!, /^pair: failed \(primary 101 died \(SIGKILL\) while the pair was reprotecting\)$/);
+});
