@@ -416,3 +416,19 @@ test('colo up core: a secondary that dies right after it entered COLO, before th
   // Its primary dies now: no secondary in COLO, the service is lost (not a takeover by the dead one).
   assert.match(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' })[0]!, /^pair: failed \(primary 101 died \(SIGKILL\) while the pair was reprotecting\)$/);
 });
+
+test('colo up core: a secondary that dies at every start, before it is ready, is retried with the same growing pause as any failed attempt', () => {
+  const c = protectedPair(); // retryDelayMs 100, protectAttemptsMax 2, retryLaterMs 60000 (default)
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }).slice(-1), ['spawn 3 secondary'], 'the first re-protection after a failover comes at once');
+  const delays: number[] = [];
+  for (let s = 3; s <= 6; s++) {
+    run(c, { type: 'spawned', node: s, pid: 100 + s });
+    const out = run(c, { type: 'exited', node: s, code: 1, signal: null });
+    const timer = out.find((l) => l.startsWith('timer retry '));
+    assert.ok(timer !== undefined && !out.some((l) => l.startsWith('spawn ')), `node ${s}: no new secondary before a pause: ${JSON.stringify(out)}`);
+    delays.push(Number(timer.split(' ')[2]));
+    assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', `spawn ${s + 1} secondary`]);
+  }
+  assert.deepEqual(delays, [100, 60000, 60000, 60000]);
+});
