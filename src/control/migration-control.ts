@@ -382,5 +382,7 @@ export class MigrationControl {
     // (A session COLO owns, after the hand-off, is COLO's to end: colo.close() came first.)
     const out = this.outgoing;
     if (out !== null && this.busy) await out.session.destroy(out.core.finished ? undefined : new ChannelClosedError('the VM is quitting'));
+    // A cancelled migration's channel may still be open for its abort frame (SourceSession.abort): the exit does not wait for it.
+    else if (out !== null && out.core.phase === 'cancelled') await out.session.destroy();
   }
 }

@@ -84,6 +84,14 @@ export const limits = {
    * fails, its channels are dropped and the source runs again.
    */
   switchoverTimeoutMs: 30000,
+  /**
+   * A cancelled migration's main channel stays open this long, in the background, for the
+   * abort frame queued behind the rest of the stream: a destination that reads slowly, or not
+   * for a while (the channel is stalled), still reads up to it and logs a cancel, not a
+   * truncated stream. It closes as soon as the destination does; the cancel itself (status
+   * cancelled, the VM running again) does not wait for it, nor does the process's exit.
+   */
+  migrationAbortDeliveryMs: 30000,
   /** After `go`, how long the source waits for the destination's `resumed` (for the downtime figure). */
   resumedNoticeTimeoutMs: 5000,
   /** Frames the destination's main channel has received but not yet applied, in bytes, before it stops reading. */

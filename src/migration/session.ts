@@ -479,17 +479,28 @@ export class SourceSession {
     return new Promise((resolve, reject) => (this.coloWaiter = { resolve, reject }));
   }
 
-  /** Cancel: tell the destination (so it logs a cancel, not an error), then close. */
+  /**
+   * Cancel: tell the destination (so it logs a cancel, not an error), then close. The abort
+   * frame goes behind whatever of the stream is still queued (a plain channel holds up to
+   * limits.mainChannelWriteBufferBytesMax of pages, and the kernel more): dropped after a
+   * short bound, as before, the queue went with it when the destination read slowly or had
+   * stopped reading for a moment, and the destination saw a stream cut inside a frame, which
+   * is what a crashed source looks like (STREAM_TRUNCATED, an error). So the channel is
+   * closed in the background, bounded by limits.migrationAbortDeliveryMs: it ends when the
+   * destination, having read up to the abort, closes its end. destroy() drops it at once.
+   */
   async abort(reason: string): Promise<void> {
     this.ending = true;
     this.abortReason = reason;
     this.plainLimit?.stop();
+    const channel = this.channel;
     try {
-      this.channel?.sendJson(FrameType.abort, { reason });
+      channel?.sendJson(FrameType.abort, { reason });
     } catch {
       // closing anyway
     }
-    await Promise.all([this.channel?.close(1000), this.multifd?.destroy()]);
+    if (channel !== null) void channel.close(limits.migrationAbortDeliveryMs);
+    await this.multifd?.destroy();
   }
 
   /** Close after everything was written (a finished migration). */

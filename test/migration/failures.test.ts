@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { TestEnv, guests, memwalkRegion, sleep, withTimeout } from '../framework/harness.js';
+import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
@@ -53,6 +53,47 @@ for (const multifd of [false, true]) {
     assertNoErrors(src, dst);
   });
 }
+
+/** A plain migration cancelled while its destination does not read (SIGSTOP): the stream fills the socket buffers. */
+async function cancelWhileStalled(env: TestEnv): Promise<{ src: VmProcess; dst: VmProcess; dstMark: number }> {
+  // No max-bandwidth: the stream fills the socket buffers as soon as the destination stops reading.
+  const { src, dst, port } = await memwalkPair(env, { region: '64M', memory: '128M' });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(100);
+  dst.kill('SIGSTOP');
+  await sleep(500);
+  assert.equal(await src.migrationStatus(), 'active', 'the migration waits for the stopped destination');
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', 10000);
+  assert.equal(await src.status(), 'running');
+  return { src, dst, dstMark };
+}
+
+test('regression: migrate_cancel while the plain channel is stalled (the destination not reading for a while): the destination reads up to the abort and logs a cancel, not an error', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, dstMark } = await cancelWhileStalled(env);
+  // Longer than the bound the source used to give the channel before dropping it (1 s).
+  await sleep(2000);
+  dst.kill('SIGCONT');
+  assert.equal(await dst.waitExit(15000), 1, 'the target exits non-zero');
+  assert.match(dst.stderr, / info migration: incoming migration cancelled: the source cancelled the migration/);
+  assert.deepEqual(statuses(dst, dstMark), ['active', 'cancelled']);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+  await assertAdvancing(src);
+  assertNoErrors(src, dst);
+});
+
+test('quit on the source right after migrate_cancel, the destination still not reading: the channel kept open for the abort does not hold the exit', async (t) => {
+  const env = new TestEnv(t);
+  const { src } = await cancelWhileStalled(env);
+  await src.qmp.execute('quit');
+  assert.equal(await src.waitExit(5000), 0, 'the source exits promptly');
+  assertNoErrors(src);
+});
 
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
   const env = new TestEnv(t);
@@ -156,7 +197,11 @@ class FrozenDestination {
     socket.on('data', (chunk: Buffer) => {
       this.decoder.push(chunk);
       for (let f = this.decoder.next(); f !== null; f = this.decoder.next()) {
-        if (this.frozen) this.afterFreeze.push(frameTypeName(f.type));
+        if (this.frozen) {
+          this.afterFreeze.push(frameTypeName(f.type));
+          // As a real destination: the source's abort ends the migration, and the connection.
+          if (f.type === FrameType.abort) socket.end();
+        }
         else if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
         else if (f.type === FrameType.roundEnd && parseJsonPayload(f).round === 1) {
           this.frozen = true;
@@ -234,6 +279,8 @@ for (const how of ['migrate_cancel', 'yank'] as const) {
     await assertAdvancing(src);
     const frames = await dest.thaw();
     assert.ok(!frames.includes('end') && !frames.includes('deviceState'), `the last round was cut short: ${[...new Set(frames)].join(', ')}`);
+    // A cancel is said to the destination, behind what was queued: it reads up to it.
+    if (how === 'migrate_cancel') assert.equal(frames.at(-1), 'abort', `the stream ends with the abort frame: ${[...new Set(frames)].join(', ')}`);
     assertNoErrors(src);
   });
 }
