@@ -100,6 +100,13 @@ export const limits = {
   mainChannelWriteBufferBytesMax: 4 * 1024 * 1024,
   /** Page ranges in one ramZeroRanges frame. */
   ramZeroRangesPerFrameMax: 65536,
+  /**
+   * A destination whose source's stream ended early (closed, or cut inside a frame) reports it
+   * this long after: a process stopped together with its source (colo up stopping a pair,
+   * Ctrl-C to a process group) may see the stream end before its own stop arrives, and by then
+   * it has begun to exit and logs the ending at info level, not as a failure.
+   */
+  incomingBreakReportDelayMs: 250,
   /** When the main channel closes, the destination waits this long for the multifd channels to report how they ended. */
   multifdEndWaitMs: 500,
   /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */

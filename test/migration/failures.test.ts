@@ -131,6 +131,25 @@ test('the source killed mid-migration: the destination reports failed clearly an
   assert.ok(statuses(dst, dstMark).includes('failed'));
 });
 
+test('regression: the source killed and the destination stopped a moment later (a pair stopped together): the destination sees its stream end first, and still logs no error', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(300);
+  src.kill('SIGKILL');
+  // The destination has seen the stream end (its status is failed) before its own stop comes:
+  // the order in which a supervisor's stop of both processes can reach it.
+  await dst.waitEvent('MIGRATION', { after: dstMark, where: (e) => e.data.status === 'failed', timeoutMs: 10000 });
+  dst.kill('SIGTERM');
+  assert.equal(await dst.waitExit(10000), 0, 'the destination exits as it was told to');
+  assert.match(dst.stderr, / info migration: incoming migration ended as this process exits: .*\[(CHANNEL_CLOSED|STREAM_TRUNCATED)\]/);
+  assertNoErrors(dst);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+});
+
 test('yank on the source mid-migration: failed, the source runs on', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { parameters: slow });
