@@ -137,6 +137,8 @@ test('colo: a broken link: the primary goes on alone (reason error), the seconda
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { nth: 2, timeoutMs: 15000 });
+  // COLO's checkpoints stop and run both VMs: cont is not the user's to give there.
+  for (const vm of [src, dst]) await assert.rejects(vm.qmp.execute('cont'), /the VM is in COLO: its checkpoints stop and run it/);
   await src.yankMigration();
   const pe = await src.waitEvent('COLO_EXIT', { after: srcMark, timeoutMs: 10000 });
   assert.deepEqual(pe.data, { mode: 'primary', reason: 'error' });

@@ -307,6 +307,9 @@ for (const how of ['migrate_cancel', 'yank'] as const) {
 test('regression: a migration that fails after the user stopped the VM during it leaves the VM paused', async (t) => {
   const env = new TestEnv(t);
   const { src, dest } = await sourceStuckInFinalRound(env, { stopWhileActive: true });
+  // Stop-and-copy has the VM (finish-migrate): cont is refused there, as QEMU's.
+  await assert.rejects(src.qmp.execute('cont'), /Migration is not finalized yet/);
+  assert.equal(await src.status(), 'finish-migrate');
   await src.yankMigration();
   await src.waitMigrationStatus('failed', 10000);
   assert.equal(await src.status(), 'paused', 'the VM the user stopped stays stopped (and not in finish-migrate)');
@@ -335,6 +338,37 @@ test('regression: a VM stopped during the migration arrives paused with its memo
   assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
   await dst.qmp.execute('cont');
   await assertAdvancing(dst);
+  assertNoErrors(src, dst);
+});
+
+test('stop and then cont during an outgoing migration (as QEMU): the guest runs again, the rounds send what it dirties, and the destination runs it with its memory whole', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await src.qmp.execute('stop');
+  assert.equal(await src.status(), 'paused');
+  await src.qmp.execute('cont');
+  assert.equal(await src.status(), 'running');
+  // The guest runs while round 1 (32 MiB at 8 MiB/s) is still on its way.
+  await assertAdvancing(src, 2);
+  assert.equal(await src.migrationStatus(), 'active', 'the guest ran again during the migration');
+  // At full speed the rounds catch up with the running guest.
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  const info = await src.waitMigrationStatus('completed', 60000);
+  assert.ok(statuses(src, mark).every((st) => st !== 'failed' && st !== 'cancelled'), `statuses: ${statuses(src, mark).join(', ')}`);
+  // Round 1 held the walk once; what the guest dirtied after cont went again in the rounds after.
+  const ram = info.ram as { normal: number; 'dirty-sync-count': number };
+  const regionPages = region.size / 4096;
+  assert.ok(ram['dirty-sync-count'] >= 1 && ram.normal > regionPages * 1.25, `pages dirtied after cont were sent again: ${JSON.stringify(ram)} (the walk is ${regionPages} pages)`);
+  await dst.waitMigrationStatus('completed', 10000);
+  // The VM ran at the switchover: the destination runs it.
+  await dst.waitEvent('RESUME', { after: dstMark, timeoutMs: 10000 });
+  await assertAdvancing(dst);
+  assert.equal(await src.status(), 'postmigrate');
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
   assertNoErrors(src, dst);
 });
 
