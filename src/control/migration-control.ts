@@ -142,29 +142,34 @@ export class MigrationControl {
         machine: this.vm.machine,
         tracker: this.dirtyTracker(),
         name: this.vm.opts.name ?? 'colo',
-        pauseForSwitchover: async () => {
-          this.vm.frontEnd?.pauseReading();
-          if (colo !== undefined && this.vm.inputTap === null) {
-            // A paused front end still numbers a client's connect or reset: from here until
-            // the mirror starts, such input is kept for the secondary (PrimaryNet.start).
-            const backlog: NicInput[] = [];
-            this.vm.inputBacklog = backlog;
-            this.vm.inputTap = (ev) => backlog.push(ev);
-          }
-          await this.vm.machine.pause('finish-migrate');
-        },
-        resumeAfterFailure: async (run) => {
-          // The migration ended because the process quits (close()): the machine is going away.
-          if (this.closed) return;
-          if (this.vm.inputBacklog !== null) {
-            this.vm.inputBacklog = null;
-            this.vm.inputTap = null;
-          }
-          if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
-          if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
-          else this.vm.frontEnd.resumeReading();
-          if (run) await this.vm.machine.cont();
-        },
+        // Both one at a time with the user's stop and cont (Vm.runStateOp).
+        pauseForSwitchover: () =>
+          this.vm.runStateOp(async () => {
+            const wasRunning = this.vm.machine.running;
+            this.vm.frontEnd?.pauseReading();
+            if (colo !== undefined && this.vm.inputTap === null) {
+              // A paused front end still numbers a client's connect or reset: from here until
+              // the mirror starts, such input is kept for the secondary (PrimaryNet.start).
+              const backlog: NicInput[] = [];
+              this.vm.inputBacklog = backlog;
+              this.vm.inputTap = (ev) => backlog.push(ev);
+            }
+            await this.vm.machine.pause('finish-migrate');
+            return wasRunning;
+          }),
+        resumeAfterFailure: (run) =>
+          this.vm.runStateOp(async () => {
+            // The migration ended because the process quits (close()): the machine is going away.
+            if (this.closed) return;
+            if (this.vm.inputBacklog !== null) {
+              this.vm.inputBacklog = null;
+              this.vm.inputTap = null;
+            }
+            if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
+            if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
+            else this.vm.frontEnd.resumeReading();
+            if (run) await this.vm.machine.cont();
+          }),
         closeFrontEnd: async () => {
           const fe = this.vm.frontEnd;
           this.vm.frontEnd = null;
@@ -195,6 +200,22 @@ export class MigrationControl {
       // A failed or cancelled migration leaves the VM running here: be ready for the next.
       if (this.outgoing === m && (m.stats.status === 'failed' || m.stats.status === 'cancelled')) this.refreshSenders();
     });
+  }
+
+  /**
+   * `cont` while a migration is under way, beyond what the run state refuses (inmigrate,
+   * finish-migrate: Vm.cont). As QEMU: an outgoing precopy migration does not keep the VM from
+   * running again after a `stop` — its rounds go on and send what the guest dirties, and the
+   * switchover pause takes the VM as it finds it (running: the destination runs it). Refused:
+   * a destination until the source's `go` (the source's VM is the one that runs), and a VM in
+   * COLO, whose checkpoints stop and run it themselves (QEMU refuses cont in a checkpoint).
+   */
+  refuseCont(): void {
+    if (!this.busy || this.stats === null) return;
+    if (this.stats.status === 'colo') {
+      throw new QmpCommandError('GenericError', 'the VM is in COLO: its checkpoints stop and run it (cont is refused until COLO ends)');
+    }
+    if (this.incoming !== null) throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
   }
 
   /** migrate_cancel: cancels an outgoing migration; no effect otherwise (as QEMU). */
@@ -304,11 +325,16 @@ export class MigrationControl {
 
   private async runFile(info: MigrationStats, path: string): Promise<void> {
     const m = this.vm.machine;
-    const wasRunning = m.running;
+    let wasRunning = false;
     try {
       info.setupTimeMs = performance.now() - info.startTimeMs;
       this.setStatus(info, 'active');
-      await m.pause('finish-migrate');
+      // One at a time with the user's stop and cont (Vm.runStateOp).
+      wasRunning = await this.vm.runStateOp(async () => {
+        const running = m.running;
+        await m.pause('finish-migrate');
+        return running;
+      });
       const stoppedAt = performance.now();
       this.setStatus(info, 'device');
       const vcpu = await m.saveVcpu();
@@ -327,14 +353,16 @@ export class MigrationControl {
       info.errorDesc = describeError(err);
       info.endTimeMs = performance.now();
       log.warn(`migration to ${path} failed: ${info.errorDesc}`);
-      if (m.runState === 'finish-migrate') m.setRunState('paused');
-      if (wasRunning) {
-        try {
-          await m.cont();
-        } catch (e) {
-          log.error(`could not resume the VM after a failed migration: ${errorMessage(e)}`);
+      await this.vm.runStateOp(async () => {
+        if (m.runState === 'finish-migrate') m.setRunState('paused');
+        if (wasRunning) {
+          try {
+            await m.cont();
+          } catch (e) {
+            log.error(`could not resume the VM after a failed migration: ${errorMessage(e)}`);
+          }
         }
-      }
+      });
       this.setStatus(info, 'failed');
     }
   }
@@ -382,5 +410,7 @@ export class MigrationControl {
     // (A session COLO owns, after the hand-off, is COLO's to end: colo.close() came first.)
     const out = this.outgoing;
     if (out !== null && this.busy) await out.session.destroy(out.core.finished ? undefined : new ChannelClosedError('the VM is quitting'));
+    // A cancelled migration's channel may still be open for its abort frame (SourceSession.abort): the exit does not wait for it.
+    else if (out !== null && out.core.phase === 'cancelled') await out.session.destroy();
   }
 }

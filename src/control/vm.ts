@@ -49,6 +49,8 @@ export class Vm extends EventEmitter {
   get exiting(): boolean {
     return this.quitting;
   }
+  /** The tail of the run-state operations (runStateOp). */
+  private runStateTail: Promise<unknown> = Promise.resolve();
   /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
   private listenRetry: NodeJS.Timeout | null = null;
   /** Since when guest disk writes find the host filesystem full (null: they do not). */
@@ -210,25 +212,49 @@ export class Vm extends EventEmitter {
    * (it waits inside the guest's write) and becomes paused, as before.
    */
   async stop(): Promise<void> {
-    // Until the incoming migration ends (its state loaded, waiting for the source's `go`, the
-    // run state is already paused), the VM is the destination's to start: only autostart.
-    const incoming = this.migration.incoming;
-    if (this.machine.runState === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
-      this.autostart = false;
-      return;
-    }
-    if (!this.machine.running) return;
-    await this.machine.pause('paused');
+    await this.runStateOp(async () => {
+      // Until the incoming migration ends (its state loaded, waiting for the source's `go`, the
+      // run state is already paused), the VM is the destination's to start: only autostart.
+      const incoming = this.migration.incoming;
+      if (this.machine.runState === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
+        this.autostart = false;
+        return;
+      }
+      if (!this.machine.running) return;
+      await this.machine.pause('paused');
+    });
   }
 
+  /**
+   * QEMU's qmp_cont. During an outgoing migration too (QEMU allows `stop` and then `cont` in
+   * its rounds): the guest runs again and the rounds send what it dirties. Refused: waiting
+   * for or loading an incoming migration, stop-and-copy and the switchover (finish-migrate,
+   * QEMU's "Migration is not finalized yet"), a VM that must not or cannot run again, and
+   * what MigrationControl.refuseCont refuses (a destination before `go`, COLO).
+   */
   async cont(): Promise<void> {
-    const s = this.machine.runState;
-    if (s === 'inmigrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
-    if (s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked' || s === 'internal-error') {
-      throw new QmpCommandError('GenericError', `the VM cannot run in state ${s}`);
-    }
-    if (this.migration.busy) throw new QmpCommandError('GenericError', 'a migration is in progress');
-    await this.machine.cont();
+    await this.runStateOp(async () => {
+      const s = this.machine.runState;
+      if (s === 'inmigrate' || s === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
+      if (s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked' || s === 'internal-error') {
+        throw new QmpCommandError('GenericError', `the VM cannot run in state ${s}`);
+      }
+      this.migration.refuseCont();
+      await this.machine.cont();
+    });
+  }
+
+  /**
+   * Runs the run-state operations of the user (stop, cont) and of a migration (the pause of
+   * stop-and-copy, the resume after a failed or cancelled one) one at a time. A `cont` whose
+   * vCPU has not yet answered must not meet a switchover pause that found it stopped: the
+   * pause would take the VM for a paused one (the destination would not run it) and the vCPU
+   * would then run on through the last round and the device state.
+   */
+  runStateOp<T>(fn: () => Promise<T>): Promise<T> {
+    const next = this.runStateTail.then(fn);
+    this.runStateTail = next.catch(() => undefined);
+    return next;
   }
 
   /**

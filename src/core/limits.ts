@@ -84,6 +84,14 @@ export const limits = {
    * fails, its channels are dropped and the source runs again.
    */
   switchoverTimeoutMs: 30000,
+  /**
+   * A cancelled migration's main channel stays open this long, in the background, for the
+   * abort frame queued behind the rest of the stream: a destination that reads slowly, or not
+   * for a while (the channel is stalled), still reads up to it and logs a cancel, not a
+   * truncated stream. It closes as soon as the destination does; the cancel itself (status
+   * cancelled, the VM running again) does not wait for it, nor does the process's exit.
+   */
+  migrationAbortDeliveryMs: 30000,
   /** After `go`, how long the source waits for the destination's `resumed` (for the downtime figure). */
   resumedNoticeTimeoutMs: 5000,
   /** Frames the destination's main channel has received but not yet applied, in bytes, before it stops reading. */
@@ -92,6 +100,13 @@ export const limits = {
   mainChannelWriteBufferBytesMax: 4 * 1024 * 1024,
   /** Page ranges in one ramZeroRanges frame. */
   ramZeroRangesPerFrameMax: 65536,
+  /**
+   * A destination whose source's stream ended early (closed, or cut inside a frame) reports it
+   * this long after: a process stopped together with its source (colo up stopping a pair,
+   * Ctrl-C to a process group) may see the stream end before its own stop arrives, and by then
+   * it has begun to exit and logs the ending at info level, not as a failure.
+   */
+  incomingBreakReportDelayMs: 250,
   /** When the main channel closes, the destination waits this long for the multifd channels to report how they ended. */
   multifdEndWaitMs: 500,
   /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */

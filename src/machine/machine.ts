@@ -202,6 +202,17 @@ export class Machine extends EventEmitter {
   }
 
   /**
+   * The memory a state of this machine needs, in wasm pages: the guest's own pages and colo's
+   * region right above them. The memory may be larger (reserved-region.ts: a COLO secondary
+   * that ran ahead of its primary); what lies above is zero and not part of the state, so a
+   * migration announces this size, not the memory's, and a target with a smaller --memory
+   * that holds the guest takes it.
+   */
+  statePages(): number {
+    return this.guestPages() + this.layout.reservedPages;
+  }
+
+  /**
    * A state whose guest has `pages` pages is being loaded into this memory (a COLO checkpoint,
    * before dirty tracking starts afresh): colo's region moves above it now, as the vCPU's
    * restore would, so that the dirty map is read where it will be (reserved-region.ts).

@@ -209,11 +209,6 @@ export class IncomingMigration {
         return null;
       case 'fail':
         this.ended = true;
-        if (a.status === 'cancelled') log.info(`incoming migration cancelled: ${a.message}`);
-        // This process is going away (its own end breaks the migration, or its source was
-        // stopped with it, as when colo up stops a pair that is being protected): no error.
-        else if (this.host.exiting === true) log.info(`incoming migration ended as this process exits: ${a.message} [${a.code}]`);
-        else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
             s?.reply({ kind: 'error', message: a.message });
@@ -228,12 +223,42 @@ export class IncomingMigration {
           await s.channel.flush().catch(() => undefined);
           await s.destroy();
         }
+        if (a.status === 'cancelled') log.info(`incoming migration cancelled: ${a.message}`);
+        // This process is going away (its own end breaks the migration, or its source was
+        // stopped with it, as when colo up stops a pair that is being protected): no error.
+        else if (await this.exitingAfter(a.code)) log.info(`incoming migration ended as this process exits: ${a.message} [${a.code}]`);
+        else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
         this.host.ended(a.status, a.code === 'MIGRATION_CANCELLED' ? a.message : `${a.message} [${a.code}]`);
         return null;
     }
   }
 
   private multifdBytes = 0;
+  /** close() was called: the process is exiting. */
+  private closing = false;
+  /** Ends exitingAfter's wait early (close()). */
+  private wakeExitWait: (() => void) | null = null;
+
+  /**
+   * Whether the migration ended because this process exits. A stream that ended early
+   * (CHANNEL_CLOSED, STREAM_TRUNCATED) may be the first sign of a stop that takes both ends:
+   * the source, stopped a moment earlier, closed it before this process's own stop arrived
+   * (or before its handler ran). Such an ending is judged limits.incomingBreakReportDelayMs
+   * later, or at close(), whichever comes first; any other failure at once.
+   */
+  private async exitingAfter(code: string): Promise<boolean> {
+    const exiting = (): boolean => this.closing || this.host.exiting === true;
+    if (exiting() || (code !== 'CHANNEL_CLOSED' && code !== 'STREAM_TRUNCATED')) return exiting();
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => this.wakeExitWait?.(), limits.incomingBreakReportDelayMs);
+      this.wakeExitWait = () => {
+        this.wakeExitWait = null;
+        clearTimeout(timer);
+        resolve();
+      };
+    });
+    return exiting();
+  }
 
   /** yank: drop the channels; the migration fails (the VM never ran). */
   yank(): void {
@@ -243,6 +268,8 @@ export class IncomingMigration {
   /** Stop listening / drop a running migration (process exit). */
   async close(): Promise<void> {
     this.ended = true;
+    this.closing = true;
+    this.wakeExitWait?.();
     await new Promise<void>((r) => (this.server === null ? r() : this.server.close(() => r())));
     this.server = null;
     if (this.session !== null) await this.session.destroy();

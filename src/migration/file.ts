@@ -79,9 +79,11 @@ export function saveMachineToFile(m: Machine, vcpu: Awaited<ReturnType<Machine['
   try {
     write([encodePreamble()]);
     write(enc.json(FrameType.hello, { kind: 'file', createdAt: new Date().toISOString() }));
-    write(enc.json(FrameType.setup, setupOf(m)));
+    const setup = setupOf(m);
+    write(enc.json(FrameType.setup, setup));
     const ram = m.ram();
-    const pageCount = ram.byteLength / limits.pageBytes;
+    // The state's memory: above it (a memory larger than the guest and colo's region) all is zero.
+    const pageCount = (setup.memoryPages * limits.wasmPageBytes) / limits.pageBytes;
     let normal = 0;
     let zero = 0;
     const batch = 4096;

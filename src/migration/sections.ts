@@ -18,6 +18,11 @@ export interface SetupInfo {
   moduleHash: string;
   /** The guest instrumentation's version: a paused call stack resumes only under the same. */
   instrumentVersion: number;
+  /**
+   * The memory the state needs (wasm pages): the guest's and colo's region above it
+   * (Machine.statePages). Older sources sent their whole memory, which may be larger; both
+   * are taken, if the target's --memory holds them.
+   */
   memoryPages: number;
   reservedPages: number;
   storeLog: boolean;
@@ -29,7 +34,7 @@ export function setupOf(m: Machine, extra: Record<string, unknown> = {}): SetupI
   return {
     moduleHash: m.guest.moduleHash,
     instrumentVersion: m.guest.instrumentVersion,
-    memoryPages: m.ramPages(),
+    memoryPages: m.statePages(),
     reservedPages: m.layout.reservedPages,
     storeLog: m.layout.storeLog,
     disk: m.disk === null ? null : { sizeBytes: m.disk.sizeBytes },

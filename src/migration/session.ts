@@ -143,8 +143,10 @@ export class SourceSession {
       source: this.opts.name,
     };
     channel.sendJson(FrameType.hello, hello);
-    this.announcedRamBytes = m.ram().byteLength;
-    channel.sendJson(FrameType.setup, setupOf(m, { diskImage: m.disk === null ? null : diskIdentity(m.disk) }));
+    // The size announced is the one the setup carries (read once: the guest may grow meanwhile).
+    const setup = setupOf(m, { diskImage: m.disk === null ? null : diskIdentity(m.disk) });
+    this.announcedRamBytes = setup.memoryPages * limits.wasmPageBytes;
+    channel.sendJson(FrameType.setup, setup);
     const ready = await this.waitReply('ready', limits.migrationHandshakeTimeoutMs, 'the destination to accept the setup');
     if (this.ending) throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
     const mode = ready.disk;
@@ -289,7 +291,7 @@ export class SourceSession {
       }
       i = j;
     }
-    this.captured = { ramBytes: ram.byteLength, blocks: this.disk.capture(this.pendingBlocks), device: deviceBlobOf(m, vcpu) };
+    this.captured = { ramBytes: m.statePages() * limits.wasmPageBytes, blocks: this.disk.capture(this.pendingBlocks), device: deviceBlobOf(m, vcpu) };
     return true;
   }
 
@@ -311,7 +313,8 @@ export class SourceSession {
     // A captured checkpoint is sent from its copy, as it was at the guest's pause.
     const captured = kind === 'dirty' ? this.captured : null;
     const source = captured !== null ? this.copy!.memory : m.memory;
-    const ramBytes = captured !== null ? captured.ramBytes : m.ram().byteLength;
+    // The state's memory (Machine.statePages), not the memory's size: above it all is zero.
+    const ramBytes = captured !== null ? captured.ramBytes : m.statePages() * limits.wasmPageBytes;
     if (ramBytes !== this.announcedRamBytes) {
       channel.sendJson(FrameType.ramSize, { pages: ramBytes / limits.wasmPageBytes });
       this.announcedRamBytes = ramBytes;
@@ -479,17 +482,28 @@ export class SourceSession {
     return new Promise((resolve, reject) => (this.coloWaiter = { resolve, reject }));
   }
 
-  /** Cancel: tell the destination (so it logs a cancel, not an error), then close. */
+  /**
+   * Cancel: tell the destination (so it logs a cancel, not an error), then close. The abort
+   * frame goes behind whatever of the stream is still queued (a plain channel holds up to
+   * limits.mainChannelWriteBufferBytesMax of pages, and the kernel more): dropped after a
+   * short bound, as before, the queue went with it when the destination read slowly or had
+   * stopped reading for a moment, and the destination saw a stream cut inside a frame, which
+   * is what a crashed source looks like (STREAM_TRUNCATED, an error). So the channel is
+   * closed in the background, bounded by limits.migrationAbortDeliveryMs: it ends when the
+   * destination, having read up to the abort, closes its end. destroy() drops it at once.
+   */
   async abort(reason: string): Promise<void> {
     this.ending = true;
     this.abortReason = reason;
     this.plainLimit?.stop();
+    const channel = this.channel;
     try {
-      this.channel?.sendJson(FrameType.abort, { reason });
+      channel?.sendJson(FrameType.abort, { reason });
     } catch {
       // closing anyway
     }
-    await Promise.all([this.channel?.close(1000), this.multifd?.destroy()]);
+    if (channel !== null) void channel.close(limits.migrationAbortDeliveryMs);
+    await this.multifd?.destroy();
   }
 
   /** Close after everything was written (a finished migration). */

@@ -17,8 +17,12 @@ export interface SourceHost {
   readonly machine: Machine;
   readonly tracker: DirtyTracker;
   readonly name: string;
-  /** Stop-and-copy: stop reading client input, pause the vCPU. */
-  pauseForSwitchover(): Promise<void>;
+  /**
+   * Stop-and-copy: stop reading client input, pause the vCPU. Resolves with whether the VM ran
+   * until this pause (read together with the pause, so that a `cont` or `stop` of the user
+   * comes wholly before or after it).
+   */
+  pauseForSwitchover(): Promise<boolean>;
   /**
    * Undo a failed or cancelled migration that paused the VM: serve clients again (reopen the
    * front end if closed) and, if `run`, run; else leave it paused.
@@ -164,9 +168,9 @@ export class OutgoingMigration {
         this.task(
           async () => {
             // The run state at this pause is what the destination takes over (a `stop` during
-            // the migration is kept), and what a failed migration gives back.
-            const vmWasRunning = this.host.machine.running;
-            await this.host.pauseForSwitchover();
+            // the migration is kept, and so is a `cont` after it), and what a failed migration
+            // gives back.
+            const vmWasRunning = await this.host.pauseForSwitchover();
             return { type: 'vmPaused', now: now(), vmWasRunning };
           },
           (err) => ({ type: 'vmPauseFailed', now: now(), message: errorMessage(err) }),

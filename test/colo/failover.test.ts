@@ -137,6 +137,8 @@ test('colo: a broken link: the primary goes on alone (reason error), the seconda
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { nth: 2, timeoutMs: 15000 });
+  // COLO's checkpoints stop and run both VMs: cont is not the user's to give there.
+  for (const vm of [src, dst]) await assert.rejects(vm.qmp.execute('cont'), /the VM is in COLO: its checkpoints stop and run it/);
   await src.yankMigration();
   const pe = await src.waitEvent('COLO_EXIT', { after: srcMark, timeoutMs: 10000 });
   assert.deepEqual(pe.data, { mode: 'primary', reason: 'error' });
@@ -276,3 +278,71 @@ test('colo with the shadow tracker: a secondary that ran ahead takes over right 
   assert.equal(w[sizeHeap.bad / 4], 0, `the guest found a changed byte at ${w[sizeHeap.badAddr / 4]}`);
   assertNoErrors(src, dst, third);
 });
+
+for (const via of ['tcp', 'file'] as const) {
+  test(`a node whose memory is larger than its guest and colo's region (a secondary that ran ahead, then took over) migrates (${via}) to a target with a smaller --memory that holds the guest`, async (t) => {
+    // Before, the setup announced the whole memory: "the state has … KiB of memory, above this
+    // machine's maximum" [STATE_MEMORY], although everything above the region is zero.
+    const env = new TestEnv(t);
+    const o = { grows: 16, pages: 2, paceMs: 600 };
+    const ahead = 4;
+    const guest = sizeHeapGuest(t, o);
+    // The shadow tracker: colo's region (the asyncify area only) does not depend on --memory.
+    const shadow = ['--dirty-log', 'shadow'];
+    const [src, dst] = await Promise.all([
+      env.startVm({ name: 'src', guest, args: ['--memory', '64M', ...shadow] }),
+      env.startVm({ name: 'dst', guest, args: ['--memory', '64M', ...shadow, '--incoming', 'defer'] }),
+    ]);
+    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
+    const grows = async (vm: typeof src) => (await sizeHeapWords(vm))[sizeHeap.grows / 4]!;
+    const memoryBytes = async (vm: typeof src) => (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
+    await src.waitMigrationStatus('colo', 30000);
+    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+    const primaryGrows = await grows(src);
+    src.child.kill('SIGSTOP');
+    try {
+      await waitFor(`the secondary to grow ${ahead} times more than the stopped primary`, async () => (await grows(dst)) >= primaryGrows + ahead, 30000, 10);
+    } finally {
+      src.child.kill('SIGCONT');
+    }
+    // The next checkpoint is the primary's smaller guest; the secondary takes over at once and is
+    // stopped before its guest grows back into the memory it has above its region.
+    await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+    const mark = dst.qmp.eventCount;
+    await dst.yankMigration();
+    await dst.qmp.execute('x-colo-lost-heartbeat');
+    await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+    await dst.qmp.execute('stop');
+    await src.stop();
+    const g = await grows(dst);
+    const reservedPages = Math.ceil(limits.asyncifyStackBytes / limits.wasmPageBytes);
+    const stateBytes = (1 + g * o.pages + reservedPages) * limits.wasmPageBytes;
+    const dstMemory = await memoryBytes(dst);
+    t.diagnostic(`guest after ${g} grows; the state needs ${stateBytes} bytes, the memory is ${dstMemory}`);
+    assert.ok(dstMemory > stateBytes, `the survivor's memory (${dstMemory} bytes) is larger than its guest and colo's region (${stateBytes}); else the test proves nothing`);
+
+    // A target whose --memory holds the guest and the region, and not the survivor's whole memory.
+    const target = ['--memory', String(stateBytes), ...shadow];
+    let third: typeof src;
+    if (via === 'tcp') {
+      third = await env.startVm({ name: 'third', guest, args: [...target, '--incoming', 'defer'] });
+      await dst.setMigration({ 'x-colo': false }); // a plain migration this time
+      await dst.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await third.listenIncoming()}` });
+      await dst.waitMigrationStatus('completed', 30000);
+      await third.waitMigrationStatus('completed', 10000);
+    } else {
+      const file = env.file('survivor.state');
+      await dst.qmp.execute('migrate', { uri: `file:${file}` });
+      await dst.waitMigrationStatus('completed', 30000);
+      third = await env.startVm({ name: 'third', guest, args: [...target, '-S', '--incoming', `file:${file}`] });
+    }
+    assert.equal(await third.status(), 'paused', 'the guest was stopped on the source: it arrives paused');
+    assert.equal(await memoryBytes(third), stateBytes);
+    const guestBytes = (1 + g * o.pages) * limits.wasmPageBytes;
+    const [a, b] = [await dst.pmem(0, guestBytes), await third.pmem(0, guestBytes)];
+    assert.ok(a.equals(b), 'the target guest memory equals the source guest memory');
+    assert.equal(sizeHeapClaimProblem(b, { grows: g, pages: o.pages }), null, 'the claims on the target');
+    assertNoErrors(dst, third);
+  });
+}

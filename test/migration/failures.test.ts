@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { TestEnv, guests, memwalkRegion, sleep, withTimeout } from '../framework/harness.js';
+import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
@@ -54,6 +54,47 @@ for (const multifd of [false, true]) {
   });
 }
 
+/** A plain migration cancelled while its destination does not read (SIGSTOP): the stream fills the socket buffers. */
+async function cancelWhileStalled(env: TestEnv): Promise<{ src: VmProcess; dst: VmProcess; dstMark: number }> {
+  // No max-bandwidth: the stream fills the socket buffers as soon as the destination stops reading.
+  const { src, dst, port } = await memwalkPair(env, { region: '64M', memory: '128M' });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(100);
+  dst.kill('SIGSTOP');
+  await sleep(500);
+  assert.equal(await src.migrationStatus(), 'active', 'the migration waits for the stopped destination');
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', 10000);
+  assert.equal(await src.status(), 'running');
+  return { src, dst, dstMark };
+}
+
+test('regression: migrate_cancel while the plain channel is stalled (the destination not reading for a while): the destination reads up to the abort and logs a cancel, not an error', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, dstMark } = await cancelWhileStalled(env);
+  // Longer than the bound the source used to give the channel before dropping it (1 s).
+  await sleep(2000);
+  dst.kill('SIGCONT');
+  assert.equal(await dst.waitExit(15000), 1, 'the target exits non-zero');
+  assert.match(dst.stderr, / info migration: incoming migration cancelled: the source cancelled the migration/);
+  assert.deepEqual(statuses(dst, dstMark), ['active', 'cancelled']);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
+  await assertAdvancing(src);
+  assertNoErrors(src, dst);
+});
+
+test('quit on the source right after migrate_cancel, the destination still not reading: the channel kept open for the abort does not hold the exit', async (t) => {
+  const env = new TestEnv(t);
+  const { src } = await cancelWhileStalled(env);
+  await src.qmp.execute('quit');
+  assert.equal(await src.waitExit(5000), 0, 'the source exits promptly');
+  assertNoErrors(src);
+});
+
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: slow });
@@ -88,6 +129,25 @@ test('the source killed mid-migration: the destination reports failed clearly an
   assert.doesNotMatch(dst.stderr, /\n\s+at /, 'no stack trace');
   assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
   assert.ok(statuses(dst, dstMark).includes('failed'));
+});
+
+test('regression: the source killed and the destination stopped a moment later (a pair stopped together): the destination sees its stream end first, and still logs no error', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await sleep(300);
+  src.kill('SIGKILL');
+  // The destination has seen the stream end (its status is failed) before its own stop comes:
+  // the order in which a supervisor's stop of both processes can reach it.
+  await dst.waitEvent('MIGRATION', { after: dstMark, where: (e) => e.data.status === 'failed', timeoutMs: 10000 });
+  dst.kill('SIGTERM');
+  assert.equal(await dst.waitExit(10000), 0, 'the destination exits as it was told to');
+  assert.match(dst.stderr, / info migration: incoming migration ended as this process exits: .*\[(CHANNEL_CLOSED|STREAM_TRUNCATED)\]/);
+  assertNoErrors(dst);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the target never ran');
 });
 
 test('yank on the source mid-migration: failed, the source runs on', async (t) => {
@@ -156,7 +216,11 @@ class FrozenDestination {
     socket.on('data', (chunk: Buffer) => {
       this.decoder.push(chunk);
       for (let f = this.decoder.next(); f !== null; f = this.decoder.next()) {
-        if (this.frozen) this.afterFreeze.push(frameTypeName(f.type));
+        if (this.frozen) {
+          this.afterFreeze.push(frameTypeName(f.type));
+          // As a real destination: the source's abort ends the migration, and the connection.
+          if (f.type === FrameType.abort) socket.end();
+        }
         else if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
         else if (f.type === FrameType.roundEnd && parseJsonPayload(f).round === 1) {
           this.frozen = true;
@@ -234,6 +298,8 @@ for (const how of ['migrate_cancel', 'yank'] as const) {
     await assertAdvancing(src);
     const frames = await dest.thaw();
     assert.ok(!frames.includes('end') && !frames.includes('deviceState'), `the last round was cut short: ${[...new Set(frames)].join(', ')}`);
+    // A cancel is said to the destination, behind what was queued: it reads up to it.
+    if (how === 'migrate_cancel') assert.equal(frames.at(-1), 'abort', `the stream ends with the abort frame: ${[...new Set(frames)].join(', ')}`);
     assertNoErrors(src);
   });
 }
@@ -241,6 +307,9 @@ for (const how of ['migrate_cancel', 'yank'] as const) {
 test('regression: a migration that fails after the user stopped the VM during it leaves the VM paused', async (t) => {
   const env = new TestEnv(t);
   const { src, dest } = await sourceStuckInFinalRound(env, { stopWhileActive: true });
+  // Stop-and-copy has the VM (finish-migrate): cont is refused there, as QEMU's.
+  await assert.rejects(src.qmp.execute('cont'), /Migration is not finalized yet/);
+  assert.equal(await src.status(), 'finish-migrate');
   await src.yankMigration();
   await src.waitMigrationStatus('failed', 10000);
   assert.equal(await src.status(), 'paused', 'the VM the user stopped stays stopped (and not in finish-migrate)');
@@ -269,6 +338,37 @@ test('regression: a VM stopped during the migration arrives paused with its memo
   assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
   await dst.qmp.execute('cont');
   await assertAdvancing(dst);
+  assertNoErrors(src, dst);
+});
+
+test('stop and then cont during an outgoing migration (as QEMU): the guest runs again, the rounds send what it dirties, and the destination runs it with its memory whole', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  await src.qmp.execute('stop');
+  assert.equal(await src.status(), 'paused');
+  await src.qmp.execute('cont');
+  assert.equal(await src.status(), 'running');
+  // The guest runs while round 1 (32 MiB at 8 MiB/s) is still on its way.
+  await assertAdvancing(src, 2);
+  assert.equal(await src.migrationStatus(), 'active', 'the guest ran again during the migration');
+  // At full speed the rounds catch up with the running guest.
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  const info = await src.waitMigrationStatus('completed', 60000);
+  assert.ok(statuses(src, mark).every((st) => st !== 'failed' && st !== 'cancelled'), `statuses: ${statuses(src, mark).join(', ')}`);
+  // Round 1 held the walk once; what the guest dirtied after cont went again in the rounds after.
+  const ram = info.ram as { normal: number; 'dirty-sync-count': number };
+  const regionPages = region.size / 4096;
+  assert.ok(ram['dirty-sync-count'] >= 1 && ram.normal > regionPages * 1.25, `pages dirtied after cont were sent again: ${JSON.stringify(ram)} (the walk is ${regionPages} pages)`);
+  await dst.waitMigrationStatus('completed', 10000);
+  // The VM ran at the switchover: the destination runs it.
+  await dst.waitEvent('RESUME', { after: dstMark, timeoutMs: 10000 });
+  await assertAdvancing(dst);
+  assert.equal(await src.status(), 'postmigrate');
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
   assertNoErrors(src, dst);
 });
 
