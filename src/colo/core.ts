@@ -110,6 +110,7 @@ export type PrimaryAction =
   | { type: 'resumeVm' }
   /** VMSTATE_RECEIVED: the compare releases all held PVM output and starts a new epoch. */
   | { type: 'releaseHeld' }
+  /** VMSTATE_LOADED: the SVM runs the checkpoint's state (the compare waits for its output from now on). */
   | { type: 'checkpointDone'; reason: CheckpointReason }
   /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }

@@ -241,8 +241,17 @@ export class PrimaryNet {
    */
   checkpoint(): void {
     if (!this.active) return;
-    this.deliver(this.compare.checkpoint(performance.now()));
+    this.deliver(this.compare.checkpoint());
     this.boundHeld();
+  }
+
+  /**
+   * VMSTATE_LOADED: the SVM runs the checkpoint's state. Output of the new epoch waits for the
+   * other guest's from now on, not from VMSTATE_RECEIVED: a slow apply is no timeout.
+   */
+  svmResumed(): void {
+    if (!this.active) return;
+    this.compare.svmResumed(performance.now());
   }
 
   private releaseInput(): void {

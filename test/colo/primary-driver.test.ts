@@ -13,7 +13,8 @@ import type { Vm } from '../../src/control/vm.js';
 import { MachineError } from '../../src/machine/machine.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicOutput } from '../../src/net/nic.js';
-import { waitFor } from '../framework/harness.js';
+import { sleep, waitFor } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
 import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
 
 /** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
@@ -284,4 +285,43 @@ test('colo primary: closed mid-checkpoint (process exit), what fails or finishes
   assert.deepEqual(at('warn', log), []);
   assert.deepEqual(at('error', log), []);
   assert.deepEqual(log.filter((l) => /COLO/.test(l)), [], 'not even an info line about COLO ending or a failover');
+});
+
+/** Start a checkpoint (a new x-checkpoint-delay takes one at once) and bring it to VMSTATE_RECEIVED, as an answering secondary would. */
+async function toReceived(r: Rig): Promise<void> {
+  const requests = r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length;
+  r.d.dispatch({ type: 'delaySet' });
+  await waitFor('CHECKPOINT_REQUEST', () => r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length === requests + 1, 10000, 2);
+  r.s.push('CHECKPOINT_REPLY');
+  await waitFor('the checkpoint to be sent', () => r.d.core.phase === 'awaitReceived', 10000, 2);
+  r.s.push('VMSTATE_RECEIVED');
+  await waitFor('VMSTATE_RECEIVED to be taken', () => r.d.core.phase === 'awaitLoaded', 10000, 2);
+}
+
+test('colo primary: PVM output of a new epoch waits for the SVM from VMSTATE_LOADED on: an apply longer than the compare timeout takes no timeout checkpoint', async (t) => {
+  const r = rig(t);
+  await started(r);
+  await toReceived(r);
+  // The SVM applies the checkpoint for longer than the compare's timeout; meanwhile the PVM,
+  // running on, answers a request. The SVM cannot answer before it runs.
+  r.pvmOutput(reply('+OK\r\n'));
+  await sleep(limits.coloCompareTimeoutMs + 3 * limits.coloCompareScanMs);
+  r.s.push('VMSTATE_LOADED');
+  const loadedAt = performance.now();
+  await waitFor('VMSTATE_LOADED to be taken', () => r.d.core.checkpoints === 1, 10000, 2);
+  assert.deepEqual(r.d.core.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 0 });
+  assert.equal(r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length, 1, 'no checkpoint asked for by the apply\'s length');
+  assert.equal(r.d.core.phase, 'running');
+  assert.equal(r.d.net.compare.held, 5, 'the reply still waits for the SVM\'s copy');
+  // The SVM runs now but never answers: past the timeout from here, the compare asks.
+  await waitFor('a timeout checkpoint', () => r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length === 2, 10000, 2);
+  const waited = performance.now() - loadedAt;
+  assert.ok(waited >= limits.coloCompareTimeoutMs, `the timeout counts from VMSTATE_LOADED (asked after ${waited.toFixed(0)} ms)`);
+  r.s.push('CHECKPOINT_REPLY');
+  await waitFor('the checkpoint to be sent', () => r.d.core.phase === 'awaitReceived', 10000, 2);
+  r.s.push('VMSTATE_RECEIVED');
+  r.s.push('VMSTATE_LOADED');
+  await waitFor('the timeout checkpoint to complete', () => r.d.core.checkpoints === 2, 10000, 2);
+  assert.deepEqual(r.d.core.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 1, resync: 0 });
+  assert.deepEqual(text(r.delivered), ['+OK\r\n'], 'the checkpoint released the reply');
 });
