@@ -253,8 +253,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       return [{ type: 'releaseHeld' }, { type: 'resumeVm' }];
     }
     if (expect('awaitLoaded', 'VMSTATE_LOADED')) {
-      this.checkpoints += 1;
-      this.checkpointsBy[this.reason] += 1;
+      this.countCheckpoint();
       const done: PrimaryAction = { type: 'checkpointDone', reason: this.reason };
       if (!this.pvmResumed) {
         this.phase = 'resuming';
@@ -266,8 +265,23 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
   }
 
+  private countCheckpoint(): void {
+    this.checkpoints += 1;
+    this.checkpointsBy[this.reason] += 1;
+  }
+
+  /**
+   * COLO ends before VMSTATE_LOADED came, after VMSTATE_RECEIVED: the checkpoint happened all
+   * the same (the secondary holds all of it and applies it, a failover waits for that apply;
+   * the primary released the output it covers), so it counts, as on the secondary.
+   */
+  private countCutCheckpoint(): void {
+    if (this.phase === 'awaitLoaded') this.countCheckpoint();
+  }
+
   private startFailover(reason: ExitReason, message: string): PrimaryAction[] {
     if (this.finishing || this.phase === 'idle') return [];
+    this.countCutCheckpoint();
     this.phase = 'failover';
     this.failoverState = 'active';
     this.exitReason = reason;
@@ -285,6 +299,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
    */
   private leave(message: string): PrimaryAction[] {
     if (this.finishing || this.phase === 'idle') return [];
+    this.countCutCheckpoint();
     this.phase = 'done';
     this.exitReason = 'error';
     return [
