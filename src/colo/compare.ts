@@ -73,8 +73,12 @@ export class Compare {
    */
   private closed = new Set<number>();
   private heldBytes = 0;
-  /** When the current epoch began (checkpoint()'s `now`; -Infinity for the first). */
-  private epochBegan = Number.NEGATIVE_INFINITY;
+  /**
+   * When the SVM began to run the current epoch's state (svmResumed()'s `now`; -Infinity for the
+   * first epoch, whose state both guests run from COLO's start; +Infinity from checkpoint() until
+   * svmResumed(): the SVM is still applying the checkpoint, so nothing waits for it yet).
+   */
+  private svmRunsSince = Number.NEGATIVE_INFINITY;
   /** A trigger was reported in this epoch (report each kind once). */
   private reported = new Set<CompareTrigger>();
   /** Bytes released because both guests agreed, and at checkpoints (for statistics). */
@@ -150,14 +154,14 @@ export class Compare {
   }
 
   /**
-   * Periodic scan: output held too long. Output that came before this epoch began (the PVM's
-   * during the checkpoint's transfer, the SVM's that came early) could not be matched before
-   * it, so its wait counts from there: a transfer longer than the timeout does not by itself
-   * ask for another checkpoint.
+   * Periodic scan: output held too long. Output of this epoch that came before the SVM ran its
+   * state (the PVM's during the checkpoint's transfer and the SVM's apply, the SVM's that came
+   * early) could not be matched before, so its wait counts from there: neither a transfer nor
+   * an apply longer than the timeout asks by itself for another checkpoint.
    */
   check(now: number): CompareTrigger | null {
     for (const c of this.conns.values()) {
-      const oldest = Math.max(this.epochBegan, Math.min(c.pvm[0]?.at ?? Infinity, c.svm[0]?.at ?? Infinity));
+      const oldest = Math.max(this.svmRunsSince, Math.min(c.pvm[0]?.at ?? Infinity, c.svm[0]?.at ?? Infinity));
       if (now - oldest > this.lim.timeoutMs) return this.report('timeout');
     }
     return null;
@@ -172,14 +176,15 @@ export class Compare {
   }
 
   /**
-   * A checkpoint: release all held PVM output of this epoch, drop the SVM's, start the next
-   * epoch with the output of it that came early from either side; what of that already matches
-   * is released too, after the rest.
+   * A checkpoint (VMSTATE_RECEIVED): release all held PVM output of this epoch, drop the SVM's,
+   * start the next epoch with the output of it that came early from either side; what of that
+   * already matches is released too, after the rest. Its output waits for the SVM's from
+   * svmResumed() on.
    */
-  checkpoint(now: number): CompareResult {
+  checkpoint(): CompareResult {
     const release = this.drainPvm();
     this.epoch += 1;
-    this.epochBegan = now;
+    this.svmRunsSince = Number.POSITIVE_INFINITY;
     this.reported.clear();
     this.closed.clear();
     const early = this.early;
@@ -196,6 +201,15 @@ export class Compare {
       trigger ??= r.trigger;
     }
     return { release, trigger };
+  }
+
+  /**
+   * VMSTATE_LOADED: the SVM has applied the checkpoint and runs its state. Output of this epoch
+   * waits for the other guest's from now on (or from when it came, if later): before, the SVM
+   * could not produce it, however long its apply took.
+   */
+  svmResumed(now: number): void {
+    this.svmRunsSince = now;
   }
 
   /** Failover on the primary: everything held is released, in order; the compare is done. */

@@ -110,6 +110,7 @@ export type PrimaryAction =
   | { type: 'resumeVm' }
   /** VMSTATE_RECEIVED: the compare releases all held PVM output and starts a new epoch. */
   | { type: 'releaseHeld' }
+  /** VMSTATE_LOADED: the SVM runs the checkpoint's state (the compare waits for its output from now on). */
   | { type: 'checkpointDone'; reason: CheckpointReason }
   /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
   | { type: 'failover'; reason: ExitReason }
@@ -252,8 +253,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       return [{ type: 'releaseHeld' }, { type: 'resumeVm' }];
     }
     if (expect('awaitLoaded', 'VMSTATE_LOADED')) {
-      this.checkpoints += 1;
-      this.checkpointsBy[this.reason] += 1;
+      this.countCheckpoint();
       const done: PrimaryAction = { type: 'checkpointDone', reason: this.reason };
       if (!this.pvmResumed) {
         this.phase = 'resuming';
@@ -265,8 +265,23 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
   }
 
+  private countCheckpoint(): void {
+    this.checkpoints += 1;
+    this.checkpointsBy[this.reason] += 1;
+  }
+
+  /**
+   * COLO ends before VMSTATE_LOADED came, after VMSTATE_RECEIVED: the checkpoint happened all
+   * the same (the secondary holds all of it and applies it, a failover waits for that apply;
+   * the primary released the output it covers), so it counts, as on the secondary.
+   */
+  private countCutCheckpoint(): void {
+    if (this.phase === 'awaitLoaded') this.countCheckpoint();
+  }
+
   private startFailover(reason: ExitReason, message: string): PrimaryAction[] {
     if (this.finishing || this.phase === 'idle') return [];
+    this.countCutCheckpoint();
     this.phase = 'failover';
     this.failoverState = 'active';
     this.exitReason = reason;
@@ -284,6 +299,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
    */
   private leave(message: string): PrimaryAction[] {
     if (this.finishing || this.phase === 'idle') return [];
+    this.countCutCheckpoint();
     this.phase = 'done';
     this.exitReason = 'error';
     return [

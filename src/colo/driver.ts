@@ -262,6 +262,8 @@ export class PrimaryDriver {
         this.net.checkpoint();
         return;
       case 'checkpointDone':
+        // VMSTATE_LOADED: the SVM runs the checkpoint; the compare's timeout counts from here.
+        this.net.svmResumed();
         return;
       case 'resumeVm': {
         let posted = (): void => undefined;

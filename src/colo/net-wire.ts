@@ -6,6 +6,8 @@
  *   input batch   u8 1, u32 count, count × (u8 kind, f64 seq, u32 conn, u32 len, len bytes)
  *   output batch  u8 2, u32 epoch, u32 count, count × (u8 kind, u32 conn, f64 offset, u32 len, len bytes)
  *   mirror ready  u8 3, u32 0 (SVM output channel only: the SVM's vCPU reads input there now)
+ *   output moved  u8 4, u32 0 (main channel only: the SVM output channel broke on the secondary;
+ *                 SVM output goes on the main channel from here on, after what it still delivers)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
  *
  * The SVM output channel (output-channel.ts) carries the same batches, each after its length
@@ -18,13 +20,15 @@ import type { NicInput, NicOutput } from '../net/nic.js';
 const inputTag = 1;
 const outputTag = 2;
 const mirrorReadyTag = 3;
+const outputMovedTag = 4;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
 export type NetBatch =
   | { type: 'input'; events: NicInput[] }
   | { type: 'output'; epoch: number; events: NicOutput[] }
-  | { type: 'mirror-ready' };
+  | { type: 'mirror-ready' }
+  | { type: 'output-moved' };
 
 const entryBytes = 17;
 
@@ -146,6 +150,17 @@ export function encodeMirrorReady(): Buffer {
   return b;
 }
 
+/**
+ * The secondary's vCPU gave up the SVM output channel (it broke, or the primary read nothing
+ * for too long): its output comes on the main channel from after this batch on, and comes
+ * after whatever the output channel still delivers (see network.ts). A coloNet payload.
+ */
+export function encodeOutputMoved(): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(outputMovedTag, 0);
+  return b;
+}
+
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
 export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
@@ -181,6 +196,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   if (tag === mirrorReadyTag) {
     if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('mirror-ready carries data');
     return { type: 'mirror-ready' };
+  }
+  if (tag === outputMovedTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('output-moved carries data');
+    return { type: 'output-moved' };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;

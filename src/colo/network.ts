@@ -16,6 +16,12 @@
  * channel's input in order and drops what the state already has. Input never goes both ways
  * at once. If the channel breaks, the mirror goes back to the main channel, and a checkpoint
  * brings the SVM back in step (input lost on the way it never saw).
+ *
+ * SVM output that goes on the main channel after the channel broke on the secondary follows an
+ * output-moved batch there. It is newer than what the channel may still deliver (written
+ * before the break, not read yet), so the primary compares it only once it has read the
+ * channel to its end: the two ways reach the compare in the order the SVM produced them, and
+ * a break costs no mismatch.
  */
 import type * as net from 'node:net';
 import { StreamError, errorMessage } from '../core/errors.js';
@@ -27,7 +33,7 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputs } from './net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputMoved, encodeOutputs } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
@@ -82,6 +88,15 @@ export class PrimaryNet {
   private mirrorRoute: 'main' | 'ready' | 'channel' = 'main';
   /** Bytes of mirrored input sent over the output channel. */
   mirrorChannelBytes = 0;
+  /**
+   * SVM output that came on the main channel after an output-moved batch, while the output
+   * channel is still open here: it waits, in arrival order, for the channel's end (null: the
+   * output has not moved, or the channel has ended).
+   */
+  private moved: { epoch: number; events: NicOutput[]; at: number }[] | null = null;
+  private movedBytes = 0;
+  /** Ends the wait for the output channel's end after limits.coloOutputChannelDrainMs. */
+  private drainTimer: NodeJS.Timeout | null = null;
 
   constructor(
     private readonly vm: Vm,
@@ -181,7 +196,39 @@ export class PrimaryNet {
         log.info('the SVM output channel closed; the mirror goes on the main channel, and a checkpoint resynchronises the SVM');
         this.onTrigger('resync');
       }
+      // All the channel delivered has been compared: what came on the main channel since the
+      // secondary moved its output there is next.
+      this.compareMoved();
     });
+  }
+
+  /**
+   * The secondary's output comes on the main channel from now on (its vCPU gave up the output
+   * channel). Until the channel ends here, what it still delivers is older: later output on
+   * the main channel waits for that end, which normally follows at once (the secondary closed
+   * its side), else for at most limits.coloOutputChannelDrainMs, when this side closes it.
+   */
+  private outputMoved(): void {
+    const s = this.outputChannel;
+    if (!this.active || s === null || this.moved !== null) return;
+    this.moved = [];
+    this.drainTimer = setTimeout(() => {
+      this.drainTimer = null;
+      log.info(`the SVM output channel did not end within ${limits.coloOutputChannelDrainMs} ms after the secondary moved its output to the main channel: closed`);
+      s.destroy();
+    }, limits.coloOutputChannelDrainMs);
+  }
+
+  /** The output channel ended: compare the SVM output that waited for it, in arrival order. */
+  private compareMoved(): void {
+    const moved = this.moved;
+    this.moved = null;
+    this.movedBytes = 0;
+    if (this.drainTimer !== null) clearTimeout(this.drainTimer);
+    this.drainTimer = null;
+    if (moved === null || !this.active) return;
+    for (const b of moved) for (const out of b.events) this.deliver(this.compare.svm(b.epoch, out, b.at));
+    this.boundHeld();
   }
 
   /** A coloNet frame from the secondary: SVM output. */
@@ -196,9 +243,21 @@ export class PrimaryNet {
       if (this.mirrorRoute === 'main') this.mirrorRoute = 'ready';
       return;
     }
+    if (batch.type === 'output-moved' && !onChannel) {
+      this.outputMoved();
+      return;
+    }
     if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', `coloNet: the secondary sent a ${batch.type} batch`);
     if (!this.active) return;
     const now = performance.now();
+    if (!onChannel && this.moved !== null) {
+      this.moved.push({ epoch: batch.epoch, events: batch.events, at: now });
+      for (const out of batch.events) if (out.kind === 'out') this.movedBytes += out.bytes.byteLength;
+      // Bounded as the compare's own held output: past the limit the channel's rest is not waited for.
+      if (this.movedBytes > limits.coloCompareHeldBytesMax) this.outputChannel?.destroy();
+      this.boundHeld();
+      return;
+    }
     for (const out of batch.events) this.deliver(this.compare.svm(batch.epoch, out, now));
     this.boundHeld();
   }
@@ -212,7 +271,7 @@ export class PrimaryNet {
    * down to half.
    */
   private boundHeld(): void {
-    const held = this.compare.held;
+    const held = this.compare.held + this.movedBytes;
     if (!this.inputHeld && held > limits.coloCompareHeldBytesMax) {
       this.inputHeld = true;
       this.vm.frontEnd?.pauseReading('compare');
@@ -241,8 +300,17 @@ export class PrimaryNet {
    */
   checkpoint(): void {
     if (!this.active) return;
-    this.deliver(this.compare.checkpoint(performance.now()));
+    this.deliver(this.compare.checkpoint());
     this.boundHeld();
+  }
+
+  /**
+   * VMSTATE_LOADED: the SVM runs the checkpoint's state. Output of the new epoch waits for the
+   * other guest's from now on, not from VMSTATE_RECEIVED: a slow apply is no timeout.
+   */
+  svmResumed(): void {
+    if (!this.active) return;
+    this.compare.svmResumed(performance.now());
   }
 
   private releaseInput(): void {
@@ -284,6 +352,7 @@ export class PrimaryNet {
     this.active = false;
     this.outputChannel?.destroy();
     this.outputChannel = null;
+    this.compareMoved();
     if (this.scan !== null) clearInterval(this.scan);
     this.scan = null;
     this.mirror.drop();
@@ -308,6 +377,16 @@ export class SecondaryNet {
   private readonly onDirectFailed = (message: string): void => {
     // The primary closed it, or is gone (then the main channel breaks too and a failover follows).
     log.info(`the SVM output channel closed (${message}); SVM output goes on the main channel`);
+    if (!this.active) return;
+    // The vCPU posts its output from now on (starting with the batch the break tore, whole).
+    // The primary may not have read all the channel carried yet: it is told, so that it
+    // compares what comes here after what the channel still delivers.
+    this.outputs.flush();
+    try {
+      this.session.sendColoNet(encodeOutputMoved());
+    } catch (err) {
+      log.debug(`sending output-moved: ${errorMessage(err)}`);
+    }
   };
 
   constructor(private readonly vm: Vm, private readonly session: IncomingSession) {

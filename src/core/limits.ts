@@ -258,6 +258,12 @@ export const limits = {
   coloOutputChannelTimeoutMs: 5000,
   /** COLO: a pause gives up the SVM output channel when the primary has read nothing from its full socket for this long. */
   coloOutputChannelStuckMs: 100,
+  /**
+   * COLO: once the secondary said its output moved to the main channel, the primary waits at
+   * most this long for the end of the SVM output channel (what it still delivers is older)
+   * before it closes the channel itself and compares what came on the main channel.
+   */
+  coloOutputChannelDrainMs: 1000,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
   /** Requests and events a latency trace (COLO_TRACE_DIR, core/latency-trace.ts) keeps: about 24 and 16 bytes each. */

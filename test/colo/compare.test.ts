@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Compare } from '../../src/colo/compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputMoved, encodeOutputs } from '../../src/colo/net-wire.js';
 import { limits } from '../../src/core/limits.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
 import { StreamError } from '../../src/core/errors.js';
@@ -55,7 +55,7 @@ test('compare: a difference is a mismatch, reported once per epoch; the checkpoi
   assert.equal(r.trigger, 'mismatch');
   assert.equal(text(r.release), '');
   assert.equal(c.pvm(out(1, 8, '!'), 1).trigger, null, 'reported once');
-  assert.equal(text(c.checkpoint(0).release), '1@0:time 100 1@8:!');
+  assert.equal(text(c.checkpoint().release), '1@0:time 100 1@8:!');
   assert.equal(c.epoch, 1);
   // Stale SVM output (epoch 0) is ignored; the new epoch compares from the released offset.
   assert.equal(c.svm(0, out(1, 9, 'late'), 2).release.length, 0);
@@ -72,7 +72,7 @@ test('compare: SVM output of the next epoch that comes before the checkpoint wai
   // The SVM already runs from the checkpoint: its output is epoch 1 while the primary is in 0.
   assert.equal(c.svm(1, out(1, 5, ':2\r\n'), 1).release.length, 0);
   assert.equal(c.held, 5 + 4);
-  assert.equal(text(c.checkpoint(0).release), '1@0:+OK\r\n');
+  assert.equal(text(c.checkpoint().release), '1@0:+OK\r\n');
   // An epoch further ahead cannot be: it is dropped like stale output.
   assert.equal(c.svm(3, out(1, 9, 'x'), 2).release.length, 0);
   assert.equal(c.held, 4);
@@ -80,7 +80,7 @@ test('compare: SVM output of the next epoch that comes before the checkpoint wai
   assert.equal(c.held, 0);
   // Early output that differs from the PVM's is a mismatch of the new epoch.
   c.svm(2, out(1, 9, 'a'), 3);
-  c.checkpoint(0);
+  c.checkpoint();
   assert.equal(c.pvm(out(1, 9, 'b'), 4).trigger, 'mismatch');
   // Early output beyond the held limit is dropped; the hole is a mismatch once compared.
   const d = new Compare({ timeoutMs: 100, heldBytesMax: 4 });
@@ -88,7 +88,7 @@ test('compare: SVM output of the next epoch that comes before the checkpoint wai
   d.svm(1, out(1, 3, 'def'), 0);
   d.svm(1, out(1, 6, 'g'), 0);
   assert.equal(d.held, 4);
-  d.checkpoint(0);
+  d.checkpoint();
   const r = d.pvm(out(1, 0, 'abcdefg'), 1);
   assert.equal(`${text(r.release)}|${r.trigger}`, '|mismatch');
 });
@@ -105,7 +105,7 @@ test('compare: PVM output after the checkpoint captured the PVM waits for that c
   // The SVM's copy of the new epoch came early too; at the checkpoint both match and go out,
   // after nothing else (the PVM's held output of the old epoch was released on the match above).
   c.svm(1, out(1, 5, ':1\r\n'), 2);
-  const r = c.checkpoint(0);
+  const r = c.checkpoint();
   assert.equal(`${text(r.release)}|${r.trigger}`, '1@5::1\r\n|null');
   assert.equal(c.held, 0);
   // Further output is compared directly again.
@@ -116,7 +116,7 @@ test('compare: PVM output after the checkpoint captured the PVM waits for that c
   c.pvmNextEpoch();
   c.pvm(out(2, 1, 'time 1'), 5);
   c.svm(2, out(2, 1, 'time 2'), 5);
-  const m = c.checkpoint(0);
+  const m = c.checkpoint();
   assert.equal(`${text(m.release)}|${m.trigger}`, '2@0:P|mismatch');
   // A failover releases the PVM's output of both epochs, in order.
   const f = new Compare(lim);
@@ -134,7 +134,7 @@ test('compare: output waiting on one side past the timeout asks for a checkpoint
   assert.equal(c.check(1050), null);
   assert.equal(c.check(1101), 'timeout');
   assert.equal(c.check(1200), null, 'reported once per epoch');
-  c.checkpoint(0);
+  c.checkpoint();
   assert.equal(c.check(5000), null, 'nothing held after the checkpoint');
   const big = 'x'.repeat(600);
   c.svm(1, out(3, 0, big), 0);
@@ -146,13 +146,39 @@ test('compare: output that came during a long checkpoint waits from the epoch it
   c.pvm(out(1, 0, 'a'), 0);
   c.svm(0, out(1, 0, 'a'), 0);
   // The checkpoint captures the PVM at 10 ms and its transfer takes 500 ms (5 × the timeout);
-  // the PVM runs on and answers a request at 20 ms; the SVM gets the state at 510 ms.
+  // the PVM runs on and answers a request at 20 ms; the SVM gets the state at 510 ms and runs
+  // it at 515 ms.
   c.pvmNextEpoch();
   c.pvm(out(1, 1, 'b'), 20);
   assert.equal(c.check(400), null, 'waiting for the checkpoint, not for the SVM');
-  c.checkpoint(510);
-  assert.equal(c.check(560), null, 'the SVM could not have answered before 510');
-  assert.equal(c.check(611), 'timeout', 'but it had 100 ms from there');
+  c.checkpoint();
+  c.svmResumed(515);
+  assert.equal(c.check(610), null, 'the SVM could not have answered before 515');
+  assert.equal(c.check(616), 'timeout', 'but it had 100 ms from there');
+});
+
+test('compare: output of a new epoch waits for the SVM from when it runs the checkpoint (VMSTATE_LOADED), not from VMSTATE_RECEIVED: a slow apply asks for no checkpoint', () => {
+  const c = new Compare(lim);
+  // VMSTATE_RECEIVED at 0: the PVM runs on and answers at 10 ms, while the SVM applies the
+  // checkpoint (RAM from the cache, device state, disk) until 400 ms, 4 × the timeout.
+  c.checkpoint();
+  c.pvm(out(1, 0, 'a'), 10);
+  assert.equal(c.check(300), null, 'the SVM is still applying: it could not have answered');
+  assert.equal(c.check(390), null);
+  c.svmResumed(400);
+  assert.equal(c.check(500), null, 'the SVM has had 100 ms since it runs');
+  assert.equal(c.check(501), 'timeout', 'past that it is a timeout');
+  // Output that comes after the SVM runs waits from when it came.
+  c.checkpoint();
+  c.svmResumed(600);
+  c.pvm(out(1, 1, 'b'), 700);
+  assert.equal(c.check(800), null);
+  assert.equal(c.check(801), 'timeout');
+  // Matching output of the new epoch is released at once, before the SVM's resume is known
+  // here (its output can overtake VMSTATE_LOADED).
+  c.checkpoint();
+  c.pvm(out(1, 2, 'c'), 900);
+  assert.equal(text(c.svm(3, out(1, 2, 'c'), 901).release), '1@2:c');
 });
 
 test('compare: shut and close are compared like bytes; a closed connection is forgotten once both closed', () => {
@@ -178,7 +204,7 @@ test('compare: a shut or close after bytes that never came (a hole) is a mismatc
   // The same for a shut, and the checkpoint then releases the PVM's.
   c.pvm({ kind: 'shut', conn: 2, offset: 0 }, 0);
   assert.equal(text(c.svm(0, { kind: 'shut', conn: 2, offset: 4 }, 0).release), '');
-  assert.equal(text(c.checkpoint(0).release), '1@0:close 2@0:shut');
+  assert.equal(text(c.checkpoint().release), '1@0:close 2@0:shut');
 });
 
 test('compare: the SVM\'s output for a connection both closed in this epoch is a repeat: not held, no timeout', () => {
@@ -249,13 +275,17 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   const bad = Buffer.from(p!);
   bad.writeUInt8(9, 5); // unknown kind of the first event
   assert.throws(() => decodeNetBatch(bad), /unknown input kind/);
-  assert.throws(() => decodeNetBatch(Buffer.from([4, 0, 0, 0, 0])), /unknown batch type/);
+  assert.throws(() => decodeNetBatch(Buffer.from([5, 0, 0, 0, 0])), /unknown batch type/);
   // The mirror-ready marker of the output channel: exactly a tag and a zero count.
   const ready = encodeMirrorReady();
   assert.equal(ready.readUInt32BE(0), ready.byteLength - 4);
   assert.deepEqual(decodeNetBatch(ready.subarray(4)), { type: 'mirror-ready' });
   assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 1])), /mirror-ready carries data/);
   assert.throws(() => decodeNetBatch(Buffer.from([3, 0, 0, 0, 0, 0])), /mirror-ready carries data/);
+  // The output-moved marker of the main channel: likewise.
+  assert.deepEqual(decodeNetBatch(encodeOutputMoved()), { type: 'output-moved' });
+  assert.throws(() => decodeNetBatch(Buffer.from([4, 0, 0, 0, 1])), /output-moved carries data/);
+  assert.throws(() => decodeNetBatch(Buffer.from([4, 0, 0, 0, 0, 0])), /output-moved carries data/);
   // Large batches split below the frame limit.
   const many: NicInput[] = Array.from({ length: 40 }, (_, i) => ({ seq: i + 1, kind: 'data', conn: 1, bytes: new Uint8Array(64 * 1024) }));
   const parts = encodeInputs(many);
@@ -283,7 +313,7 @@ test('compare: a connection older than the compare goes on from what its client 
   c2.pvm(out(3, 100, 'late'), 0);
   assert.equal(c2.svm(0, out(3, 104, 'next'), 1).trigger, 'mismatch');
   c2.pvm(out(3, 104, 'next'), 2);
-  assert.equal(text(c2.checkpoint(0).release), '3@100:late 3@104:next');
+  assert.equal(text(c2.checkpoint().release), '3@100:late 3@104:next');
 });
 
 test('SVM output channel wire: length-prefixed batches come back whole from any split of the stream; an oversized length is a typed error', () => {
@@ -366,7 +396,7 @@ test('compare: a connection older than the compare whose client is gone goes on 
   assert.equal(`${text(closed.release)}|${closed.trigger}`, '7@506:close|null', 'the close matches: nothing to check-point');
   // A close as the first output (the usual case: the guest read the client's EOF and closed).
   c.pvm({ kind: 'close', conn: 8, offset: 42 }, 4);
-  c.checkpoint(5); // a new epoch: the SVM's output must not have lost the anchor
+  c.checkpoint(); // a new epoch: the SVM's output must not have lost the anchor
   const c2 = new Compare(lim, () => null);
   assert.equal(c2.pvm({ kind: 'close', conn: 8, offset: 42 }, 4).trigger, null);
   const r2 = c2.svm(0, { kind: 'close', conn: 8, offset: 42 }, 5);
@@ -378,5 +408,5 @@ test('compare: a connection older than the compare whose client is gone goes on 
   const c4 = new Compare(lim, () => null);
   c4.pvm(out(9, 100, 'ab'), 0);
   assert.equal(c4.svm(0, out(9, 101, 'b'), 1).trigger, 'mismatch', 'a gap in the SVM\'s output after the first one is still a hole');
-  assert.equal(text(c4.checkpoint(2).release), '9@100:ab', 'the checkpoint releases the PVM\'s at its offset');
+  assert.equal(text(c4.checkpoint().release), '9@100:ab', 'the checkpoint releases the PVM\'s at its offset');
 });

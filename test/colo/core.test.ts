@@ -323,3 +323,55 @@ test('colo core: the primary closed at process exit is done at once and silent: 
   assert.deepEqual(f.step({ type: 'failoverDone' }), [], 'no COLO_EXIT at process exit');
   assert.equal(f.exitReason, 'request', 'what was under way stays recorded');
 });
+
+test('colo core: a checkpoint cut off by a failover after VMSTATE_RECEIVED is counted on both sides (the secondary applies it, the primary released its output); one cut off before is not', () => {
+  /** A primary whose checkpoint (asked for by `reason`) the secondary has whole: VMSTATE_RECEIVED came. */
+  const received = (reason: 'periodic' | 'mismatch'): PrimaryCore => {
+    const p = new PrimaryCore(() => 300);
+    p.step({ type: 'handoff' });
+    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+    p.step({ type: 'vmResumed' });
+    p.step(reason === 'periodic' ? { type: 'timer' } : { type: 'trigger', reason });
+    p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+    p.step({ type: 'vmPaused' });
+    p.step({ type: 'stateSent' });
+    assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' })), ['releaseHeld', 'resumeVm']);
+    return p;
+  };
+  const none = { periodic: 0, mismatch: 0, timeout: 0, resync: 0 };
+
+  // x-colo-lost-heartbeat on the primary while the secondary applies; the secondary, told so
+  // too, finishes the apply first (relaunch).
+  const p = received('periodic');
+  assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(p.checkpoints, 1);
+  assert.deepEqual(p.checkpointsBy, { ...none, periodic: 1 });
+  assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), [], 'the failover is under way');
+  assert.equal(p.checkpoints, 1, 'counted once');
+  const s = applying();
+  s.step({ type: 'lostHeartbeat' });
+  s.step({ type: 'applied' });
+  assert.equal(s.checkpoints, 1);
+
+  // The link breaks and no heartbeat comes: the failover after the grace period counts it too,
+  // as does a protocol error, by the reason it was asked for.
+  const g = received('mismatch');
+  g.step({ type: 'linkLost', message: 'closed' });
+  assert.equal(g.checkpoints, 0, 'not before the failover: VMSTATE_LOADED may still come');
+  g.step({ type: 'graceElapsed' });
+  assert.deepEqual([g.checkpoints, g.checkpointsBy], [1, { ...none, mismatch: 1 }]);
+  const e = received('periodic');
+  e.step({ type: 'protocolError', message: 'bad frame' });
+  assert.deepEqual([e.checkpoints, e.checkpointsBy], [1, { ...none, periodic: 1 }]);
+  // A PVM whose guest crashes then leaves COLO; the secondary applies that checkpoint all the same.
+  const c = received('periodic');
+  assert.deepEqual(types(c.step({ type: 'guestCrashed', message: 'unreachable' })), ['status', 'leave']);
+  assert.deepEqual([c.checkpoints, c.checkpointsBy], [1, { ...none, periodic: 1 }]);
+
+  // Before VMSTATE_RECEIVED the secondary drops the checkpoint and the primary released nothing of it.
+  const b = replied();
+  b.step({ type: 'vmPaused' });
+  b.step({ type: 'stateSent' });
+  b.step({ type: 'lostHeartbeat' });
+  assert.deepEqual([b.checkpoints, b.checkpointsBy], [0, none]);
+});

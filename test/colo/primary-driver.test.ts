@@ -7,13 +7,16 @@ import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { EventEmitter } from 'node:events';
 import { PrimaryDriver, type DriverHost } from '../../src/colo/driver.js';
+import { ColoController } from '../../src/colo/controller.js';
 import { ChannelClosedError } from '../../src/core/errors.js';
 import { FrameType, jsonPayload, type Frame } from '../../src/migration/stream.js';
 import type { Vm } from '../../src/control/vm.js';
 import { MachineError } from '../../src/machine/machine.js';
 import type { SourceSession } from '../../src/migration/session.js';
+import type { OutgoingMigration } from '../../src/migration/source.js';
 import type { NicOutput } from '../../src/net/nic.js';
-import { waitFor } from '../framework/harness.js';
+import { sleep, waitFor } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
 import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
 
 /** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
@@ -124,7 +127,8 @@ interface Rig {
   pvmOutput(out: NicOutput): void;
 }
 
-function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100000): Rig {
+/** What the driver (and ColoController) use of a Vm, with clients that record what they receive. */
+function standInVm(machine: unknown, delayMs: number): Pick<Rig, 'delivered' | 'events' | 'pvmOutput'> & { vm: Vm } {
   const delivered: NicOutput[] = [];
   const events: string[] = [];
   const frontEnd = { deliver: (o: NicOutput) => delivered.push(o), deliveredBytes: () => 0, pauseReading: () => undefined, resumeReading: () => undefined };
@@ -133,11 +137,16 @@ function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100
     frontEnd,
     outputSink: null as ((o: NicOutput) => void) | null,
     inputTap: null,
-    migration: { settings: { parameters: { 'x-checkpoint-delay': delayMs } } },
+    migration: { settings: { parameters: { 'x-checkpoint-delay': delayMs } }, stats: null },
     event: (name: string, data?: Record<string, unknown>) => events.push(data === undefined ? name : `${name} ${JSON.stringify(data)}`),
   };
+  return { vm: vm as unknown as Vm, delivered, events, pvmOutput: (out) => (vm.outputSink !== null ? vm.outputSink(out) : frontEnd.deliver(out)) };
+}
+
+function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100000): Rig {
+  const { vm, delivered, events, pvmOutput } = standInVm(machine, delayMs);
   const host = {
-    vm: vm as unknown as Vm,
+    vm,
     closing: false,
     setStatus: (status: string) => events.push(`MIGRATION ${status}`),
     exited: (mode: string, reason: string) => events.push(`COLO_EXIT ${mode} ${reason}`),
@@ -145,7 +154,26 @@ function rig(t: TestContext, machine: unknown = new FakeMachine(), delayMs = 100
   const s = new FakeSession();
   const d = new PrimaryDriver(host, s as unknown as SourceSession);
   t.after(() => d.close());
-  return { d, s, host, delivered, events, pvmOutput: (out) => (vm.outputSink !== null ? vm.outputSink(out) : frontEnd.deliver(out)) };
+  return { d, s, host, delivered, events, pvmOutput };
+}
+
+/**
+ * As rig, but COLO starts as in a VM process: through the ColoController's hand-off hook, so
+ * its counters() (query-migrate's x-colo entry) report on the driver. CHECKPOINT_READY came.
+ */
+async function controllerRig(t: TestContext): Promise<Rig & { colo: ColoController }> {
+  const { vm, delivered, events, pvmOutput } = standInVm(new FakeMachine(), 100000);
+  const colo = new ColoController(vm);
+  t.after(() => colo.close());
+  const s = new FakeSession();
+  const handoff = vm.migration.coloHooks.onSourceHandoff;
+  assert.ok(handoff !== undefined, 'the controller installed its hand-off hook');
+  handoff(s as unknown as SourceSession, {} as OutgoingMigration);
+  // The controller keeps its driver to itself; the test waits on the driver's phases.
+  const d = (colo as unknown as { driver: PrimaryDriver }).driver;
+  s.push('CHECKPOINT_READY');
+  await waitFor('the primary to run in COLO', () => d.core.phase === 'running', 10000, 2);
+  return { d, s, host: colo, delivered, events, pvmOutput, colo };
 }
 
 /** COLO started: CHECKPOINT_READY came and the PVM runs. */
@@ -284,4 +312,73 @@ test('colo primary: closed mid-checkpoint (process exit), what fails or finishes
   assert.deepEqual(at('warn', log), []);
   assert.deepEqual(at('error', log), []);
   assert.deepEqual(log.filter((l) => /COLO/.test(l)), [], 'not even an info line about COLO ending or a failover');
+});
+
+/** Start a checkpoint (a new x-checkpoint-delay takes one at once) and bring it to VMSTATE_RECEIVED, as an answering secondary would. */
+async function toReceived(r: Rig): Promise<void> {
+  const requests = r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length;
+  r.d.dispatch({ type: 'delaySet' });
+  await waitFor('CHECKPOINT_REQUEST', () => r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length === requests + 1, 10000, 2);
+  r.s.push('CHECKPOINT_REPLY');
+  await waitFor('the checkpoint to be sent', () => r.d.core.phase === 'awaitReceived', 10000, 2);
+  r.s.push('VMSTATE_RECEIVED');
+  await waitFor('VMSTATE_RECEIVED to be taken', () => r.d.core.phase === 'awaitLoaded', 10000, 2);
+}
+
+test('colo primary: PVM output of a new epoch waits for the SVM from VMSTATE_LOADED on: an apply longer than the compare timeout takes no timeout checkpoint', async (t) => {
+  const r = rig(t);
+  await started(r);
+  await toReceived(r);
+  // The SVM applies the checkpoint for longer than the compare's timeout; meanwhile the PVM,
+  // running on, answers a request. The SVM cannot answer before it runs.
+  r.pvmOutput(reply('+OK\r\n'));
+  await sleep(limits.coloCompareTimeoutMs + 3 * limits.coloCompareScanMs);
+  r.s.push('VMSTATE_LOADED');
+  const loadedAt = performance.now();
+  await waitFor('VMSTATE_LOADED to be taken', () => r.d.core.checkpoints === 1, 10000, 2);
+  assert.deepEqual(r.d.core.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 0 });
+  assert.equal(r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length, 1, 'no checkpoint asked for by the apply\'s length');
+  assert.equal(r.d.core.phase, 'running');
+  assert.equal(r.d.net.compare.held, 5, 'the reply still waits for the SVM\'s copy');
+  // The SVM runs now but never answers: past the timeout from here, the compare asks.
+  await waitFor('a timeout checkpoint', () => r.s.sent.filter((x) => x === 'CHECKPOINT_REQUEST').length === 2, 10000, 2);
+  const waited = performance.now() - loadedAt;
+  assert.ok(waited >= limits.coloCompareTimeoutMs, `the timeout counts from VMSTATE_LOADED (asked after ${waited.toFixed(0)} ms)`);
+  r.s.push('CHECKPOINT_REPLY');
+  await waitFor('the checkpoint to be sent', () => r.d.core.phase === 'awaitReceived', 10000, 2);
+  r.s.push('VMSTATE_RECEIVED');
+  r.s.push('VMSTATE_LOADED');
+  await waitFor('the timeout checkpoint to complete', () => r.d.core.checkpoints === 2, 10000, 2);
+  assert.deepEqual(r.d.core.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 1, resync: 0 });
+  assert.deepEqual(text(r.delivered), ['+OK\r\n'], 'the checkpoint released the reply');
+});
+
+test('colo primary: a checkpoint that a failover cuts off after VMSTATE_RECEIVED is in query-migrate\'s x-colo counters, with its pause and size', async (t) => {
+  const r = await controllerRig(t);
+  r.pvmOutput(reply('+OK\r\n'));
+  await toReceived(r);
+  assert.deepEqual(text(r.delivered), ['+OK\r\n'], 'VMSTATE_RECEIVED released the output the checkpoint covers');
+  // The secondary is declared lost while it applies; VMSTATE_LOADED never comes.
+  r.colo.lostHeartbeat();
+  await waitFor('COLO_EXIT after the failover', () => r.events.includes('COLO_EXIT {"mode":"primary","reason":"request"}'), 10000, 2);
+  const x = r.colo.counters();
+  const pick = (keys: string[]): Record<string, unknown> => Object.fromEntries(keys.map((k) => [k, x[k]]));
+  assert.deepEqual(
+    pick(['checkpoints', 'checkpoints-periodic', 'checkpoints-mismatch', 'checkpoints-timeout', 'checkpoints-resync', 'pause-samples', 'checkpoints-copied', 'checkpoints-sent-from-ram', 'last-checkpoint-bytes', 'mean-checkpoint-bytes', 'compare-checkpoint-released-bytes', 'failover-state']),
+    {
+      checkpoints: 1,
+      'checkpoints-periodic': 1,
+      'checkpoints-mismatch': 0,
+      'checkpoints-timeout': 0,
+      'checkpoints-resync': 0,
+      'pause-samples': 1,
+      'checkpoints-copied': 1,
+      'checkpoints-sent-from-ram': 0,
+      'last-checkpoint-bytes': 110, // the stand-in session's round (100) and device state (10)
+      'mean-checkpoint-bytes': 110,
+      'compare-checkpoint-released-bytes': 5,
+      'failover-state': 'completed',
+    },
+  );
+  assert.equal(x['last-pause-ms'], x['max-pause-ms'], 'its pause is the last and the longest');
 });

@@ -1,7 +1,8 @@
 /**
  * PrimaryNet (colo/network.ts) alone, with a stand-in for the VM's front end: output held for
  * the compare (for a checkpoint in flight, or for the other guest) is bounded by stopping
- * client input, not by memory.
+ * client input, not by memory. And PrimaryNet with SecondaryNet over a real SVM output channel
+ * (the secondary's vCPU played by the test): the channel breaking costs no mismatch.
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
@@ -10,8 +11,14 @@ import { limits } from '../../src/core/limits.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
-import { decodeNetBatch, encodeOutputs } from '../../src/colo/net-wire.js';
+import { decodeNetBatch, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
 import type { Frame } from '../../src/migration/stream.js';
+import { EventEmitter } from 'node:events';
+import type { Socket } from 'node:net';
+import { SecondaryNet } from '../../src/colo/network.js';
+import { OutputListener } from '../../src/colo/output-channel.js';
+import type { IncomingSession } from '../../src/migration/session.js';
+import { waitFor, withTimeout } from '../framework/harness.js';
 
 /** What PrimaryNet touches of a Vm: the output sink, the input tap and the front end. */
 function standIn(): { vm: Vm; calls: string[]; delivered: NicOutput[] } {
@@ -104,4 +111,113 @@ test('colo net: input numbered since the initial migration paused the PVM (a cli
   });
   assert.deepEqual(mirrored, [7, 8, 9], 'the backlog, then the live input, in order');
   assert.equal((vm as unknown as { inputBacklog: unknown }).inputBacklog, null, 'the backlog is taken once');
+});
+
+/**
+ * PrimaryNet and SecondaryNet with a real SVM output channel between them; the test plays the
+ * secondary's vCPU (it holds the channel's socket and says when it broke) and the main channel
+ * (in order, straight from one to the other). PVM output 'Z' then 'A' waits for the SVM's.
+ */
+async function pairWithChannel(t: TestContext): Promise<{
+  primary: PrimaryNet;
+  /** The secondary's vCPU end of the output channel. */
+  ch: Socket;
+  triggers: string[];
+  delivered: NicOutput[];
+  /** The vCPU gave up the channel: 'direct-output-failed', then its output goes to the main thread. */
+  channelBroke(): void;
+  pvmOutput(o: NicOutput): void;
+  svmOutput(o: NicOutput): void;
+  /** SVM output events that went on the main channel. */
+  mainOutputs(): number;
+}> {
+  const id = new Uint8Array(16).fill(5);
+  const triggers: string[] = [];
+  const { vm: pvmVm, delivered } = standIn();
+  const primary = new PrimaryNet(pvmVm, { opts: { host: '127.0.0.1' }, migrationId: id } as unknown as SourceSession, (reason) => triggers.push(reason), (err) => triggers.push(`broken: ${err.message}`));
+  primary.start();
+  t.after(() => primary.stop());
+  const vcpu: { listener: OutputListener | null } = { listener: null };
+  const machine = Object.assign(new EventEmitter(), {
+    setOutputEpoch: () => undefined,
+    stopDirectOutput: () => undefined,
+    openOutputChannel: async (host: string, migrationId: Uint8Array) => {
+      vcpu.listener = await OutputListener.open(host, migrationId);
+      return vcpu.listener.port;
+    },
+  });
+  const svmVm = { machine, outputSink: null as ((o: NicOutput) => void) | null } as unknown as Vm;
+  let mainOutputs = 0;
+  const secondary = new SecondaryNet(svmVm, {
+    migrationId: id,
+    localHost: '127.0.0.1',
+    sendColoNet: (p: Uint8Array) => {
+      const b = decodeNetBatch(Buffer.from(p));
+      if (b.type === 'output') mainOutputs += b.events.length;
+      primary.onFrame({ payload: Buffer.from(p) } as Frame);
+    },
+  } as unknown as IncomingSession);
+  t.after(() => secondary.stop());
+  const port = await secondary.start();
+  const listener = vcpu.listener;
+  assert.ok(port !== null && listener !== null, 'the vCPU listens for the output channel');
+  t.after(() => listener.close());
+  await primary.openOutputChannel(port);
+  const ch: Socket | null = await withTimeout(listener.accepted, 5000, 'the output channel to be accepted');
+  assert.ok(ch !== null, 'the primary connected the output channel');
+  t.after(() => ch.destroy());
+  assert.equal(primary.outputChannelOpen, true);
+  const pvmSink = (pvmVm as unknown as { outputSink: (o: NicOutput) => void }).outputSink;
+  pvmSink(reply(0, 'Z'));
+  pvmSink(reply(1, 'A'));
+  return {
+    primary,
+    ch,
+    triggers,
+    delivered,
+    channelBroke: () => machine.emit('direct-output-failed', 'write EPIPE'),
+    pvmOutput: pvmSink,
+    svmOutput: (o) => (svmVm as unknown as { outputSink: (o: NicOutput) => void }).outputSink(o),
+    mainOutputs: () => mainOutputs,
+  };
+}
+
+const reply = (offset: number, s: string): NicOutput => ({ kind: 'out', conn: 1, offset, bytes: Buffer.from(s) });
+const shown = (outs: NicOutput[]): string[] => outs.map((o) => (o.kind === 'out' ? `${o.offset}:${Buffer.from(o.bytes).toString()}` : o.kind));
+
+test('colo net: SVM output that goes on the main channel after the output channel broke is compared after what the broken channel still delivers: no mismatch', async (t) => {
+  const p = await pairWithChannel(t);
+  // The SVM's vCPU wrote 'Z' on the output channel, then the channel broke under its next
+  // batch, 'A', which it hands to the main thread for the main channel. The primary reads the
+  // main channel first ('Z' still waits in the channel's socket, or is on the way).
+  p.channelBroke();
+  p.svmOutput(reply(1, 'A'));
+  await waitFor("the SVM's 'A' on the main channel", () => p.mainOutputs() === 1, 5000, 2);
+  assert.deepEqual([p.triggers, shown(p.delivered)], [[], []], "'A' waits for the channel's rest");
+  p.ch.end(encodeOutputFrames(0, [reply(0, 'Z')]));
+  await waitFor('the primary to read the broken output channel to its end', () => !p.primary.outputChannelOpen, 5000, 2);
+  assert.deepEqual(p.triggers, [], 'no checkpoint asked for');
+  assert.deepEqual(shown(p.delivered), ['0:Z', '1:A'], 'both replies matched and released, in order');
+  // Output on the main channel from now on is compared as it comes.
+  p.pvmOutput(reply(2, 'B'));
+  p.svmOutput(reply(2, 'B'));
+  await waitFor("the SVM's 'B' compared", () => p.delivered.length === 3, 5000, 2);
+  assert.deepEqual([p.triggers, shown(p.delivered)], [[], ['0:Z', '1:A', '2:B']]);
+});
+
+test('colo net: an output channel that does not end after the secondary moved its output is closed by the primary after a bound; what waited is compared then', async (t) => {
+  const p = await pairWithChannel(t);
+  p.ch.write(encodeOutputFrames(0, [reply(0, 'Z')]));
+  await waitFor("the SVM's 'Z' from the output channel", () => p.delivered.length === 1, 5000, 2);
+  // The secondary moved its output to the main channel, but its side of the channel does not
+  // end (a FIN lost on the way, say).
+  const movedAt = performance.now();
+  p.channelBroke();
+  p.svmOutput(reply(1, 'A'));
+  await waitFor('the primary to close the output channel itself', () => !p.primary.outputChannelOpen, 10000, 5);
+  const waited = performance.now() - movedAt;
+  assert.ok(waited >= limits.coloOutputChannelDrainMs - 1, `it waited for the channel's end (${waited.toFixed(0)} ms)`);
+  assert.deepEqual(shown(p.delivered), ['0:Z', '1:A'], "the SVM's 'A' was compared then");
+  // The timeout for the PVM's 'A' (coloCompareTimeoutMs) ran out while it waited.
+  assert.deepEqual(p.triggers, ['timeout']);
 });
