@@ -60,6 +60,12 @@ export class MigrationControl {
   private exitOnError = true;
   /** close() ran: the VM is going away (no sender threads are started again). */
   private closed = false;
+  /**
+   * Cancelled migrations whose main channel may still be open in the background for their
+   * abort frame (SourceSession.abort, up to limits.migrationAbortDeliveryMs). A later migration
+   * replaces `outgoing`, so close() finds them here: an exit must not wait for them.
+   */
+  private readonly aborting = new Set<SourceSession>();
 
   constructor(private readonly vm: Vm) {
     this.deferred = vm.opts.incoming === 'defer';
@@ -197,9 +203,21 @@ export class MigrationControl {
     m.start();
     this.stats = m.stats; // start() made the core's stats object
     void m.finished.then(() => {
+      if (m.stats.status === 'cancelled') this.noteAborting(m.session);
       // A failed or cancelled migration leaves the VM running here: be ready for the next.
       if (this.outgoing === m && (m.stats.status === 'failed' || m.stats.status === 'cancelled')) this.refreshSenders();
     });
+  }
+
+  /** A cancelled migration's session, whose channel close() drops if it is still open then. */
+  private noteAborting(session: SourceSession): void {
+    if (this.closed) {
+      void session.destroy();
+      return;
+    }
+    this.aborting.add(session);
+    // By then its channel has closed, or been dropped (MainChannel.close's bound).
+    setTimeout(() => this.aborting.delete(session), limits.migrationAbortDeliveryMs + 1000).unref();
   }
 
   /**
@@ -412,5 +430,9 @@ export class MigrationControl {
     if (out !== null && this.busy) await out.session.destroy(out.core.finished ? undefined : new ChannelClosedError('the VM is quitting'));
     // A cancelled migration's channel may still be open for its abort frame (SourceSession.abort): the exit does not wait for it.
     else if (out !== null && out.core.phase === 'cancelled') await out.session.destroy();
+    // So may those of migrations cancelled before the last one (which replaced them).
+    const aborting = [...this.aborting];
+    this.aborting.clear();
+    await Promise.all(aborting.map((s) => s.destroy()));
   }
 }

@@ -95,6 +95,20 @@ test('quit on the source right after migrate_cancel, the destination still not r
   assertNoErrors(src);
 });
 
+test('regression: a migration started after a cancelled one whose channel is still open for its abort (the destination not reading): quit does not wait for the old channel', async (t) => {
+  const env = new TestEnv(t);
+  const { src } = await cancelWhileStalled(env);
+  // A second migration (to a file: it completes at once) replaces the cancelled one.
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `file:${env.file('after-cancel.state')}` });
+  await src.waitMigrationStatus('completed', 20000);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+  await src.qmp.execute('quit');
+  // The cancelled migration's channel waited limits.migrationAbortDeliveryMs (30 s) for the stopped destination.
+  assert.equal(await src.waitExit(5000), 0, 'the source exits promptly');
+  assertNoErrors(src);
+});
+
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: slow });
