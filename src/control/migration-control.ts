@@ -221,12 +221,12 @@ export class MigrationControl {
   }
 
   /**
-   * `cont` while a migration is under way, beyond what the run state refuses (inmigrate,
-   * finish-migrate: Vm.cont). As QEMU: an outgoing precopy migration does not keep the VM from
-   * running again after a `stop` — its rounds go on and send what the guest dirties, and the
-   * switchover pause takes the VM as it finds it (running: the destination runs it). Refused:
-   * a destination until the source's `go` (the source's VM is the one that runs), and a VM in
-   * COLO, whose checkpoints stop and run it themselves (QEMU refuses cont in a checkpoint).
+   * `cont` while a migration is under way, beyond what Vm.cont handles (finish-migrate refused;
+   * a destination until the source's `go` only sets autostart). As QEMU: an outgoing precopy
+   * migration does not keep the VM from running again after a `stop` — its rounds go on and
+   * send what the guest dirties, and the switchover pause takes the VM as it finds it
+   * (running: the destination runs it). Refused: a VM in COLO, whose checkpoints stop and run
+   * it themselves (QEMU refuses cont in a checkpoint), and a destination still busy otherwise.
    */
   refuseCont(): void {
     if (!this.busy || this.stats === null) return;

@@ -227,15 +227,23 @@ export class Vm extends EventEmitter {
 
   /**
    * QEMU's qmp_cont. During an outgoing migration too (QEMU allows `stop` and then `cont` in
-   * its rounds): the guest runs again and the rounds send what it dirties. Refused: waiting
-   * for or loading an incoming migration, stop-and-copy and the switchover (finish-migrate,
-   * QEMU's "Migration is not finalized yet"), a VM that must not or cannot run again, and
-   * what MigrationControl.refuseCont refuses (a destination before `go`, COLO).
+   * its rounds): the guest runs again and the rounds send what it dirties. Waiting for or
+   * loading an incoming migration (until the source's `go`), it only sets autostart, as
+   * QEMU's in inmigrate: the guest runs once it arrives (if it ran on the source), the undoing
+   * of a `stop` or -S there. Refused: stop-and-copy and the switchover (finish-migrate, QEMU's
+   * "Migration is not finalized yet"), a VM that must not or cannot run again, and what
+   * MigrationControl.refuseCont refuses (COLO).
    */
   async cont(): Promise<void> {
     await this.runStateOp(async () => {
       const s = this.machine.runState;
-      if (s === 'inmigrate' || s === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
+      if (s === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
+      // The same test as stop's: the VM is the incoming migration's to start.
+      const incoming = this.migration.incoming;
+      if (s === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
+        this.autostart = true;
+        return;
+      }
       if (s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked' || s === 'internal-error') {
         throw new QmpCommandError('GenericError', `the VM cannot run in state ${s}`);
       }

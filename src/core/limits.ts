@@ -109,6 +109,13 @@ export const limits = {
   incomingBreakReportDelayMs: 250,
   /** When the main channel closes, the destination waits this long for the multifd channels to report how they ended. */
   multifdEndWaitMs: 500,
+  /**
+   * A multifd channel that closed or was cut inside a packet is what a cancel looks like as
+   * well as a crash: a cancelling source drops its multifd channels at once and says why on
+   * the main channel (the abort frame). The destination looks this long on the main channel
+   * for that abort (or its end) before it reports the channel's break as the failure.
+   */
+  multifdBreakAbortWaitMs: 2000,
   /** A multifd receiver waits this long for guest RAM to grow to a page it was sent. */
   ramGrowWaitMs: 10000,
   /**

@@ -95,7 +95,8 @@ export class IncomingMigration {
     this.session = new IncomingSession(channel, { machine: this.host.machine, capabilities: this.opts.capabilities, receivers: this.opts.receivers ?? null });
     log.info(`incoming migration from ${channel.peer.replace(/^the source at /, '')}`);
     this.opts.onSession?.(this.session);
-    this.session.onFailure((err) => void this.run(channelFailure(err)));
+    const session = this.session;
+    this.session.onFailure((err) => void this.multifdFailed(session, err));
     void this.pump(this.session);
   }
 
@@ -180,7 +181,16 @@ export class IncomingMigration {
         return null;
       case 'barrier': {
         assert(s !== null, 'barrier without a session');
-        const r = await s.barrier(a.round, a.channels);
+        let r: { pages: number; bytes: number };
+        try {
+          r = await s.barrier(a.round, a.channels);
+        } catch (err) {
+          // A cancel cuts the multifd channels and closes the main channel behind its abort
+          // frame, which waits unread while this barrier holds the pump.
+          const reason = await this.abortBehind(s, err);
+          if (reason !== null) return { type: 'frame', now: now(), frame: { kind: 'abort', reason } };
+          throw err;
+        }
         this.multifdBytes += r.bytes;
         this.stats.transferredBytes = s.channel.bytesReceived + this.multifdBytes;
         return { type: 'barrierDone', now: now(), round: a.round, multifdPages: r.pages, bytes: 0 };
@@ -233,6 +243,60 @@ export class IncomingMigration {
     }
   }
 
+  /**
+   * A multifd channel failed. One that closed or was cut inside a packet may be a cancel: the
+   * source drops its multifd channels at once, and its abort frame comes on the main channel,
+   * which the pump reads (a destination that was not reading for a while may see the cut
+   * first). So such a break is reported only if the main channel stays open
+   * limits.multifdBreakAbortWaitMs; once it ends, the pump reads up to its end and reports the
+   * cancel, or the channel's error (a crashed source). Any other error is reported at once.
+   */
+  private async multifdFailed(s: IncomingSession, err: Error): Promise<void> {
+    if (isBreak(err) && !this.core.finished && !s.channel.closed) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(done, limits.multifdBreakAbortWaitMs);
+        const off = s.channel.onClose(done);
+        function done(): void {
+          clearTimeout(timer);
+          off();
+          resolve();
+        }
+      });
+    }
+    if (isBreak(err) && s.channel.closed) return; // the pump reports how the stream ended
+    await this.run(channelFailure(err));
+  }
+
+  /**
+   * The barrier failed with a broken channel (a multifd channel's, or the main channel's end):
+   * with the pump held by the barrier, read on along the main channel (bounded by
+   * limits.multifdBreakAbortWaitMs) for the abort frame of a cancel. Returns its reason, or
+   * null (the stream ended without one, the time ran out, or the error is not a break).
+   */
+  private async abortBehind(s: IncomingSession, err: unknown): Promise<string | null> {
+    if (!isBreak(err)) return null;
+    const deadline = performance.now() + limits.multifdBreakAbortWaitMs;
+    for (;;) {
+      const left = deadline - performance.now();
+      if (left <= 0 || this.core.finished) return null;
+      let f: Frame;
+      try {
+        f = await s.channel.next(left, 'the abort frame of a cancel');
+      } catch {
+        return null;
+      }
+      // What precedes the abort belongs to a round that is not completed: dropped, unapplied.
+      if (f.type === FrameType.abort) {
+        try {
+          const summary = summarize(f);
+          return summary.kind === 'abort' ? summary.reason : '';
+        } catch {
+          return '';
+        }
+      }
+    }
+  }
+
   private multifdBytes = 0;
   /** close() was called: the process is exiting. */
   private closing = false;
@@ -275,6 +339,11 @@ export class IncomingMigration {
     if (this.session !== null) await this.session.destroy();
     else await this.opts.receivers?.destroy();
   }
+}
+
+/** A channel that closed or was cut inside a frame or packet: a crash and a cancel both look so. */
+function isBreak(err: unknown): boolean {
+  return err instanceof ColoError && (err.code === 'CHANNEL_CLOSED' || err.code === 'STREAM_TRUNCATED');
 }
 
 function now(): number {

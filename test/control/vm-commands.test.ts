@@ -38,14 +38,19 @@ test('stop leaves a migrated-away source in postmigrate: cont and migrate stay r
   assert.equal(src.eventsOf('RESUME', mark).length, 1, 'the only RESUME is the cont before the migration');
 });
 
-test('stop on an --incoming defer VM only clears autostart: it stays inmigrate, cont is refused, and the migrated guest arrives paused', async (t) => {
+test('stop and cont on an --incoming defer VM only clear and set autostart (as QEMU in inmigrate): it stays inmigrate, the last one decides, and after stop the migrated guest arrives paused', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { region: '8M', memory: '32M' });
   const dstMark = dst.qmp.eventCount;
   assert.deepEqual(await dst.qmp.execute('stop'), {});
   assert.equal(await dst.status(), 'inmigrate');
-  await assert.rejects(dst.qmp.execute('cont'), /Migration is not finalized yet/);
+  // QEMU's qmp_cont in inmigrate sets autostart; it used to be refused ("Migration is not finalized yet").
+  assert.deepEqual(await dst.qmp.execute('cont'), {});
+  assert.equal(await dst.status(), 'inmigrate');
+  assert.deepEqual(await dst.qmp.execute('stop'), {});
+  assert.equal(await dst.status(), 'inmigrate');
   assert.equal(dst.serial(), '', 'no fresh guest ran on the destination');
+  assert.equal(dst.eventsOf('RESUME', dstMark).length + dst.eventsOf('STOP', dstMark).length, 0, 'no run-state change while waiting');
 
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('completed');
@@ -57,6 +62,28 @@ test('stop on an --incoming defer VM only clears autostart: it stays inmigrate, 
   await dst.qmp.execute('cont');
   await dst.waitEvent('RESUME', { after: dstMark, timeoutMs: 5000 });
   await assertAdvancing(dst);
+});
+
+test('cont on a -S destination while its incoming migration loads sets autostart (as QEMU): the migrated guest runs on arrival, no cont after', async (t) => {
+  const env = new TestEnv(t);
+  // Slowed: the migration is surely still loading when cont comes.
+  const { src, dst, port } = await memwalkPair(env, { region: '8M', memory: '32M', dstArgs: ['-S'], parameters: { 'max-bandwidth': 4 * 1024 * 1024 } });
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await dst.waitEvent('MIGRATION', { after: dstMark, where: (e) => e.data.status === 'active', timeoutMs: 10000 });
+  assert.equal(await dst.status(), 'inmigrate');
+  assert.deepEqual(await dst.qmp.execute('cont'), {});
+  assert.equal(await dst.status(), 'inmigrate', 'cont does not start a half-loaded guest');
+  assert.equal(await dst.migrationStatus(), 'active', 'cont came while the migration was loading');
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0);
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 10000);
+  await dst.waitEvent('RESUME', { after: dstMark, timeoutMs: 5000 });
+  assert.equal(await dst.status(), 'running');
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 1);
+  await assertAdvancing(dst);
+  assert.equal(await src.status(), 'postmigrate');
 });
 
 test('pmemsave writes guest memory byte for byte, and other clients are answered while it is in progress', async (t) => {

@@ -137,6 +137,59 @@ test('a multifd channel that ends cleanly inside a round, before its SYNC: STREA
   assert.match(d.ended.join('\n'), /multifd channel 0 ended before the end of round 1/);
 });
 
+/** Round 1's first packet on channel `c`, cut inside its page data (a channel dropped mid-packet). */
+function cutPacket(c: net.Socket): void {
+  const packet = encodePacket({ flags: 0, channel: 0, packet: 0, round: 1 }, [10, 11], 2, Buffer.alloc(2 * pageBytes, 0x55), fl64Module());
+  c.end(packet.subarray(0, packet.byteLength - pageBytes));
+}
+
+const cancelled = (d: Dest) => waitFor('the migration to end as cancelled', () => d.ended.find((e) => e.startsWith('cancelled: ')), 10000);
+
+test('regression: a cancel while the destination waits in a round barrier (a multifd source cut mid-packet, its abort queued on the main channel before its end): cancelled, not CHANNEL_CLOSED', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 2, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  // As SourceSession.abort: the abort and the end on the main channel, the multifd channel dropped.
+  src.json(FrameType.abort, { reason: 'cancelled on the source' });
+  src.socket.end();
+  cutPacket(c);
+  assert.equal(await cancelled(d), 'cancelled: the source cancelled the migration (cancelled on the source)');
+  assert.equal(d.inc.core.phase, 'cancelled');
+  assert.ok(!d.ended.includes('ran'));
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
+test('regression: a cancel whose cut multifd channel the destination sees before the abort on the main channel: cancelled, not STREAM_TRUNCATED', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  cutPacket(c);
+  await waitFor('the multifd receiver to see the cut', () => d.inc.session?.receiverFailure ?? undefined, 5000);
+  await new Promise((r) => setTimeout(r, 200)); // the main channel says why a moment later
+  assert.equal(d.inc.core.phase, 'rounds', 'the cut alone does not end the migration at once');
+  src.json(FrameType.abort, { reason: 'cancelled on the source' });
+  src.socket.end();
+  assert.equal(await cancelled(d), 'cancelled: the source cancelled the migration (cancelled on the source)');
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
+test('a source that crashes in a round barrier (a multifd channel cut mid-packet, the main channel closed without an abort): failed', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 2, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  cutPacket(c);
+  src.socket.destroy();
+  // The barrier sees the main channel's end or the channel's cut first: either names a break.
+  const e = await waitFor('the migration to end', () => d.ended[0], 10000);
+  assert.match(e, /^failed: .*\[(CHANNEL_CLOSED|STREAM_TRUNCATED)\]$/);
+  assert.equal(d.inc.core.phase, 'failed');
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
 test('a peer that connects and never says hello is dropped after the hello timeout', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
