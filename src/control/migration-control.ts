@@ -271,9 +271,14 @@ export class MigrationControl {
         startRunning: async (run) => {
           await this.vm.startFrontEnd();
           // -S (or `stop` while waiting), or a guest that was paused on the source: stay
-          // paused until `cont`, as QEMU does.
-          if (!this.vm.autostart || !run) return;
-          await this.vm.machine.cont();
+          // paused until `cont`, as QEMU does. One at a time with the user's stop and cont
+          // (Vm.runStateOp): a `stop` that came while the vCPU was being started found it
+          // not running and the migration not finished, cleared only autostart, and the
+          // guest ran all the same.
+          await this.vm.runStateOp(async () => {
+            if (!this.vm.autostart || !run) return;
+            await this.vm.machine.cont();
+          });
         },
         event: (name, data) => this.vm.event(name, data),
         ended: (status, message) => this.incomingEnded(status, message),
