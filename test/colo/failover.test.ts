@@ -178,7 +178,6 @@ async function growingGuestUnderColo(t: TestContext, svmAhead: boolean): Promise
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
   const port = await dst.listenIncoming();
-  const grows = async (vm: typeof src) => (await sizeHeapWords(vm))[sizeHeap.grows / 4]!;
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { timeoutMs: 30000 });
@@ -224,6 +223,37 @@ test('colo: a secondary that ran ahead of its primary and grew more loads the sm
   await growingGuestUnderColo(t, true);
 });
 
+type TestVm = Awaited<ReturnType<TestEnv['startVm']>>;
+
+/** Its growing-heap guest's grow count (sizeHeapGuest). */
+async function grows(vm: TestVm): Promise<number> {
+  return (await sizeHeapWords(vm))[sizeHeap.grows / 4]!;
+}
+
+/**
+ * COLO from `src` to `dst` (x-colo set on both); then the primary is frozen until the
+ * secondary's guest has grown `ahead` times more, and the secondary takes over right after
+ * loading the next (smaller) checkpoint: yank, x-colo-lost-heartbeat, COLO_EXIT.
+ */
+async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number): Promise<void> {
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const primaryGrows = await grows(src);
+  src.child.kill('SIGSTOP');
+  try {
+    await waitFor(`the secondary to grow ${ahead} times more than the stopped primary`, async () => (await grows(dst)) >= primaryGrows + ahead, 30000, 10);
+  } finally {
+    src.child.kill('SIGCONT');
+  }
+  // The next checkpoint is the primary's smaller guest; the secondary takes over at once.
+  await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+  const mark = dst.qmp.eventCount;
+  await dst.yankMigration();
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+}
+
 test('colo with the shadow tracker: a secondary that ran ahead takes over right after loading a smaller checkpoint; as a primary it then sends every page its guest writes again', async (t) => {
   // The apply zeroes what the ahead secondary had written above the checkpoint's region; its
   // shadow tracker kept the old bytes there. The guest, replaying, grew back and wrote the
@@ -238,23 +268,7 @@ test('colo with the shadow tracker: a secondary that ran ahead takes over right 
     env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
-  const grows = async (vm: typeof src) => (await sizeHeapWords(vm))[sizeHeap.grows / 4]!;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
-  const primaryGrows = await grows(src);
-  src.child.kill('SIGSTOP');
-  try {
-    await waitFor('the secondary to grow twice more than the stopped primary', async () => (await grows(dst)) >= primaryGrows + 2, 20000, 10);
-  } finally {
-    src.child.kill('SIGCONT');
-  }
-  // The next checkpoint is the primary's smaller guest; the secondary takes over at once.
-  await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
-  const mark = dst.qmp.eventCount;
-  await dst.yankMigration();
-  await dst.qmp.execute('x-colo-lost-heartbeat');
-  await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+  await secondaryAheadTakesOver(src, dst, 2);
   await src.stop();
   assert.ok((await grows(dst)) < o.grows - 2, 'the guest has growing left to do');
 
@@ -294,25 +308,9 @@ for (const via of ['tcp', 'file'] as const) {
       env.startVm({ name: 'dst', guest, args: ['--memory', '64M', ...shadow, '--incoming', 'defer'] }),
     ]);
     await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
-    const grows = async (vm: typeof src) => (await sizeHeapWords(vm))[sizeHeap.grows / 4]!;
     const memoryBytes = async (vm: typeof src) => (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
-    await src.waitMigrationStatus('colo', 30000);
-    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
-    const primaryGrows = await grows(src);
-    src.child.kill('SIGSTOP');
-    try {
-      await waitFor(`the secondary to grow ${ahead} times more than the stopped primary`, async () => (await grows(dst)) >= primaryGrows + ahead, 30000, 10);
-    } finally {
-      src.child.kill('SIGCONT');
-    }
-    // The next checkpoint is the primary's smaller guest; the secondary takes over at once and is
-    // stopped before its guest grows back into the memory it has above its region.
-    await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
-    const mark = dst.qmp.eventCount;
-    await dst.yankMigration();
-    await dst.qmp.execute('x-colo-lost-heartbeat');
-    await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 });
+    await secondaryAheadTakesOver(src, dst, ahead);
+    // Stopped before its guest grows back into the memory it has above its region.
     await dst.qmp.execute('stop');
     await src.stop();
     const g = await grows(dst);

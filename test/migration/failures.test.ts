@@ -3,7 +3,7 @@
  * every case the source guest keeps running and the destination never runs a half-loaded
  * guest. The migrations are slowed with max-bandwidth so that they are surely in flight.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
@@ -352,7 +352,8 @@ test('regression: a migration that fails after the user stopped the VM during it
   assertNoErrors(src);
 });
 
-test('regression: a VM stopped during the migration arrives paused with its memory whole', async (t) => {
+/** A slow memwalk migration, and the source VM stopped once it is active. */
+async function stoppedDuringMigration(t: TestContext) {
   const env = new TestEnv(t);
   const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
   const mark = src.qmp.eventCount;
@@ -360,6 +361,11 @@ test('regression: a VM stopped during the migration arrives paused with its memo
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
   await src.qmp.execute('stop');
+  return { src, dst, region, mark, dstMark };
+}
+
+test('regression: a VM stopped during the migration arrives paused with its memory whole', async (t) => {
+  const { src, dst, region, mark, dstMark } = await stoppedDuringMigration(t);
   assert.equal(await src.migrationStatus(), 'active', 'stopped while the migration was active');
   await src.waitMigrationStatus('completed', 60000);
   await dst.waitMigrationStatus('completed', 10000);
@@ -374,13 +380,7 @@ test('regression: a VM stopped during the migration arrives paused with its memo
 });
 
 test('stop and then cont during an outgoing migration (as QEMU): the guest runs again, the rounds send what it dirties, and the destination runs it with its memory whole', async (t) => {
-  const env = new TestEnv(t);
-  const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
-  await src.qmp.execute('stop');
+  const { src, dst, region, mark, dstMark } = await stoppedDuringMigration(t);
   assert.equal(await src.status(), 'paused');
   await src.qmp.execute('cont');
   assert.equal(await src.status(), 'running');
