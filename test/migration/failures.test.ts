@@ -9,7 +9,7 @@ import net from 'node:net';
 import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
-import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
+import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
 
@@ -18,10 +18,7 @@ for (const multifd of [false, true]) {
   test(`cancel in mid-migration (${mode}): cancelling → cancelled, the source runs on, the target exits`, async (t) => {
     const env = new TestEnv(t);
     const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd }, parameters: slow });
-    const mark = src.qmp.eventCount;
-    const dstMark = dst.qmp.eventCount;
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+    const { mark, dstMark } = await migrateUntilActive(src, port, dst);
     await sleep(300);
     await src.qmp.execute('migrate_cancel');
     await src.waitMigrationStatus('cancelled', 10000);
@@ -61,10 +58,7 @@ async function cancelWhileStalled(env: TestEnv, multifd = false): Promise<{ src:
   // would otherwise reach stop-and-copy before the stop).
   const { src, dst, port } = await memwalkPair(env, { region: '64M', memory: '128M', capabilities: { multifd }, parameters: { 'downtime-limit': 1 } });
   env.onCleanup(() => dst.kill('SIGCONT'));
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark, dstMark } = await migrateUntilActive(src, port, dst);
   await sleep(100);
   dst.kill('SIGSTOP');
   await sleep(500);
@@ -130,9 +124,7 @@ test('regression: a migration started after a cancelled one whose channel is sti
 test('the destination killed mid-migration: the source reports failed and runs on', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: slow });
-  const mark = src.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark } = await migrateUntilActive(src, port);
   await sleep(300);
   dst.kill('SIGKILL');
   const info = await src.waitMigrationStatus('failed', 15000);
@@ -148,10 +140,7 @@ test('the destination killed mid-migration: the source reports failed and runs o
 test('the source killed mid-migration: the destination reports failed clearly and exits non-zero', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: slow });
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark, dstMark } = await migrateUntilActive(src, port, dst);
   await sleep(300);
   src.kill('SIGKILL');
   assert.equal(await dst.waitExit(15000), 1);
@@ -166,10 +155,7 @@ test('the source killed mid-migration: the destination reports failed clearly an
 test('regression: the source killed and the destination stopped a moment later (a pair stopped together): the destination sees its stream end first, and still logs no error', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { parameters: slow });
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark, dstMark } = await migrateUntilActive(src, port, dst);
   await sleep(300);
   src.kill('SIGKILL');
   // The destination has seen the stream end (its status is failed) before its own stop comes:
@@ -185,9 +171,7 @@ test('regression: the source killed and the destination stopped a moment later (
 test('yank on the source mid-migration: failed, the source runs on', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { parameters: slow });
-  const mark = src.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark } = await migrateUntilActive(src, port);
   await src.yankMigration();
   const info = await src.waitMigrationStatus('failed', 10000);
   assert.match(String(info['error-desc']), /yanked/);
@@ -356,10 +340,7 @@ test('regression: a migration that fails after the user stopped the VM during it
 async function stoppedDuringMigration(t: TestContext) {
   const env = new TestEnv(t);
   const { src, dst, port, region } = await memwalkPair(env, { parameters: slow });
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark, dstMark } = await migrateUntilActive(src, port, dst);
   await src.qmp.execute('stop');
   return { src, dst, region, mark, dstMark };
 }
@@ -429,9 +410,7 @@ test('regression: quit on the source while a plain round waits for max-bandwidth
   const env = new TestEnv(t);
   // At 32 KiB/s the first 512 KiB frame of pages is followed by a 16 s wait.
   const { src, port } = await memwalkPair(env, { parameters: { 'max-bandwidth': 32 * 1024 } });
-  const mark = src.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark } = await migrateUntilActive(src, port);
   await sleep(500);
   const quitAt = Date.now();
   await src.qmp.execute('quit');

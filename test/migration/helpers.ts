@@ -32,6 +32,18 @@ export async function memwalkPair(env: TestEnv, o: PairOptions = {}): Promise<{ 
 }
 
 /** The MIGRATION statuses a VM reported since event index `after`. */
+/**
+ * `migrate` from src to 127.0.0.1:port, resolved once the source's migration is active. The
+ * event counts before it (`dst`'s too, if given) are for waits and checks after.
+ */
+export async function migrateUntilActive(src: VmProcess, port: number, dst?: VmProcess): Promise<{ mark: number; dstMark: number }> {
+  const mark = src.qmp.eventCount;
+  const dstMark = dst?.qmp.eventCount ?? 0;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  return { mark, dstMark };
+}
+
 export function statuses(vm: VmProcess, after = 0): string[] {
   return vm.eventsOf('MIGRATION', after).map((e) => String(e.data.status));
 }

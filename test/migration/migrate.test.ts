@@ -9,7 +9,7 @@ import fs from 'node:fs';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords } from '../framework/machine.js';
-import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, statuses } from './helpers.js';
+import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
 
 for (const channels of [0, 2, 4]) {
   const name = channels === 0 ? 'plain' : `multifd ${channels} channels`;
@@ -222,9 +222,7 @@ for (const multifd of [false, true]) {
     const env = new TestEnv(t);
     // Round 1 of the 32 MiB region alone takes about 32 s at 1 MiB/s.
     const { src, dst, port, region } = await memwalkPair(env, { capabilities: { multifd }, parameters: { 'max-bandwidth': 1024 * 1024 } });
-    const mark = src.qmp.eventCount;
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+    const { mark } = await migrateUntilActive(src, port);
     await new Promise((r) => setTimeout(r, 500));
     const raisedAt = Date.now();
     await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
@@ -242,9 +240,7 @@ for (const multifd of [false, true]) {
 test('regression: query-migrate counts the bytes of a throttled multifd round as they go, not 16 packets per channel at a time', async (t) => {
   const env = new TestEnv(t);
   const { src, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: { 'max-bandwidth': 1024 * 1024 } });
-  const mark = src.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active' });
+  const { mark } = await migrateUntilActive(src, port);
   // About 2 MiB went out after 2 s; before the fix the count stayed 0 for 16 s (16 packets of
   // 512 KiB per channel at 512 KiB/s each).
   const ram = await waitFor('query-migrate to count 1 MiB sent', async () => {
