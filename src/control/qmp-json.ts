@@ -11,9 +11,27 @@ export class JsonSyntaxError extends Error {
   override name = 'JsonSyntaxError';
 }
 
+/**
+ * An integer literal beyond 2^53, kept as written: QEMU parses such integers (int64, uint64)
+ * exactly and echoes an `id` byte for byte, where a double would come back as another number
+ * (9007199254740993 as 9007199254740992) and the client would never see its reply.
+ * encodeQmpJson writes it back as it was read.
+ */
+export class QmpExactInteger {
+  constructor(readonly text: string) {}
+  toNumber(): number {
+    return Number(this.text);
+  }
+}
+
+export interface ParseOptions {
+  /** Integer literals beyond the safe range come back as QmpExactInteger (default: numbers). */
+  exactIntegers?: boolean;
+}
+
 /** Parses one QMP JSON text. Throws JsonSyntaxError whose message fits after "JSON parse error, ". */
-export function parseQmpJson(text: string, depthMax: number): unknown {
-  const parser = new Parser(text, depthMax);
+export function parseQmpJson(text: string, depthMax: number, options: ParseOptions = {}): unknown {
+  const parser = new Parser(text, depthMax, options.exactIntegers === true);
   parser.skipSpace();
   const value = parser.value(0);
   parser.skipSpace();
@@ -26,6 +44,7 @@ class Parser {
   constructor(
     private readonly text: string,
     private readonly depthMax: number,
+    private readonly exactIntegers: boolean,
   ) {}
 
   fail(what: string): never {
@@ -188,7 +207,7 @@ class Parser {
     }
   }
 
-  private number(): number {
+  private number(): number | QmpExactInteger {
     const m = /^-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?/.exec(this.text.slice(this.at, this.at + 400));
     if (m === null) this.fail('invalid number');
     const n = Number(m[0]);
@@ -196,6 +215,7 @@ class Parser {
     this.at += m[0].length;
     const next = this.text[this.at];
     if (next !== undefined && /[0-9A-Za-z_.]/.test(next)) this.fail('invalid number');
+    if (this.exactIntegers && !Number.isSafeInteger(n) && /^-?[0-9]+$/.test(m[0])) return new QmpExactInteger(m[0]);
     return n;
   }
 }
@@ -231,6 +251,10 @@ function encode(value: unknown, out: string[], depth: number): void {
     case 'object': {
       if (value === null) {
         out.push('null');
+        return;
+      }
+      if (value instanceof QmpExactInteger) {
+        out.push(value.text);
         return;
       }
       if (Array.isArray(value)) {
@@ -452,4 +476,18 @@ export class JsonMessageBuffer {
     this.quote = 0;
     this.escaped = false;
   }
+}
+
+/** `value` with every QmpExactInteger in it turned into a number (command arguments). */
+export function toPlainNumbers(value: unknown): unknown {
+  if (value instanceof QmpExactInteger) return value.toNumber();
+  if (Array.isArray(value)) return value.map(toPlainNumbers);
+  if (value !== null && typeof value === 'object') {
+    const out: Record<string, unknown> = {};
+    for (const [k, v] of Object.entries(value)) {
+      Object.defineProperty(out, k, { value: toPlainNumbers(v), enumerable: true, writable: true, configurable: true });
+    }
+    return out;
+  }
+  return value;
 }

@@ -17,7 +17,7 @@
 import { AssertionFailure } from '../core/assert.js';
 import { ColoError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
-import { JsonMessageBuffer, JsonSyntaxError, encodeQmpJson, lineTooLong, parseQmpJson } from './qmp-json.js';
+import { JsonMessageBuffer, JsonSyntaxError, encodeQmpJson, lineTooLong, parseQmpJson, QmpExactInteger, toPlainNumbers } from './qmp-json.js';
 import { checkSchema, validateArgs, type QmpArgsOf, type QmpArgsSchema } from './qmp-schema.js';
 
 export interface QmpCommandContext {
@@ -165,7 +165,7 @@ type InbandItem = { readonly request: unknown } | { readonly parseError: string 
 const utf8 = new TextDecoder('utf-8', { fatal: true });
 
 function isObject(v: unknown): v is Record<string, unknown> {
-  return v !== null && typeof v === 'object' && !Array.isArray(v);
+  return v !== null && typeof v === 'object' && !Array.isArray(v) && !(v instanceof QmpExactInteger);
 }
 
 /** QEMU's qmp_is_oob(): exec-oob without execute is dispatched at once, not queued. */
@@ -303,7 +303,8 @@ export class QmpSession {
     this.options.trace?.('in', text);
     let request: unknown;
     try {
-      request = parseQmpJson(text, this.depthMax);
+      // Exact integers: an `id` beyond 2^53 is echoed as sent; arguments get numbers (execute).
+      request = parseQmpJson(text, this.depthMax, { exactIntegers: true });
     } catch (err) {
       if (!(err instanceof JsonSyntaxError)) throw err;
       this.enqueue({ parseError: err.message });
@@ -381,7 +382,7 @@ export class QmpSession {
     if (execKey === undefined) return errorOutcome('GenericError', "QMP input lacks member 'execute'");
     const name = request[execKey] as string;
     const oob = execKey === 'exec-oob';
-    const args = (request.arguments ?? {}) as Record<string, unknown>;
+    const args = toPlainNumbers(request.arguments ?? {}) as Record<string, unknown>;
 
     if (this.stateValue === 'negotiating') {
       if (name !== 'qmp_capabilities') return errorOutcome('CommandNotFound', negotiationDesc);

@@ -157,10 +157,13 @@ function validateValue(type: QmpType, value: unknown, full: string): string | un
         return typeof value === 'boolean' ? undefined : wrongType(full, 'boolean');
       case 'number':
         return typeof value === 'number' ? undefined : wrongType(full, 'number');
+      // QEMU's int64 and uint64: any integer in their range, beyond 2^53 too (libvirt's
+      // "unlimited" max-bandwidth is INT64_MAX >> 20 << 20). JSON numbers are doubles here, in
+      // which INT64_MAX and UINT64_MAX round up to 2^63 and 2^64: those bounds are admitted.
       case 'int':
-        return Number.isSafeInteger(value) ? undefined : wrongType(full, 'integer');
+        return Number.isInteger(value) && Math.abs(value as number) <= 2 ** 63 ? undefined : wrongType(full, 'integer');
       case 'uint':
-        if (!Number.isSafeInteger(value)) return wrongType(full, 'integer');
+        if (!Number.isInteger(value) || Math.abs(value as number) > 2 ** 64) return wrongType(full, 'integer');
         return (value as number) >= 0 ? undefined : `Parameter '${full}' expects a non-negative integer`;
       case 'object':
         return isObject(value) ? undefined : wrongType(full, 'object');

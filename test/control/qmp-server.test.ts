@@ -340,3 +340,54 @@ test('close() ends every client and the listener; the socket file is removed', a
   assert.equal(fs.existsSync(socketPath), false);
   assert.equal(server.emit('SHUTDOWN'), 0);
 });
+
+test('an integer id beyond 2^53 is echoed byte for byte, as QEMU does (a double would come back as another number)', async (t) => {
+  const { socketPath } = await startServer(t, {}, (s) => s.register({ name: 'echo-n', args: { n: 'int' }, handler: ({ n }) => ({ n }) }));
+  const c = await rawClient(t, socketPath);
+  await c.negotiate();
+  c.send('{"execute": "query-version", "id": 9007199254740993}\n');
+  assert.match(await c.rawLine(), /, "id": 9007199254740993\}\r\n$/);
+  c.send('{"execute": "no-such", "id": [18446744073709551615, -9223372036854775808, 1.5]}\n');
+  assert.equal(
+    await c.rawLine(),
+    '{"error": {"class": "CommandNotFound", "desc": "The command no-such has not been found"}, "id": [18446744073709551615, -9223372036854775808, 1.5]}\r\n',
+  );
+  // In arguments such an integer is a number for the handler.
+  c.send('{"execute": "echo-n", "arguments": {"n": 9007199254740993}, "id": 1}\n');
+  assert.equal(await c.rawLine(), '{"return": {"n": 9007199254740992}, "id": 1}\r\n');
+  // Not an object, however large.
+  c.send('{"execute": "echo-n", "arguments": 99999999999999999999, "id": 2}\n');
+  assert.equal(await c.rawLine(), '{"error": {"class": "GenericError", "desc": "QMP input member \'arguments\' must be an object"}, "id": 2}\r\n');
+  c.send('99999999999999999999\n');
+  assert.equal(await c.rawLine(), '{"error": {"class": "GenericError", "desc": "QMP input must be a JSON object"}}\r\n');
+});
+
+test('int and uint arguments take QEMU\'s int64 and uint64 ranges, beyond 2^53 too (libvirt\'s unlimited max-bandwidth)', async (t) => {
+  const seen: unknown[] = [];
+  const { socketPath } = await startServer(t, {}, (s) =>
+    s.register({
+      name: 'set',
+      args: { '*i': 'int', '*u': 'uint' },
+      handler: (args) => {
+        seen.push(args);
+      },
+    }),
+  );
+  const c = await rawClient(t, socketPath);
+  await c.negotiate();
+  for (const args of ['{"u": 9223372036853727232}', '{"u": 18446744073709551615}', '{"i": 9223372036854775807}', '{"i": -9223372036854775808}']) {
+    c.send(`{"execute": "set", "arguments": ${args}}\n`);
+    assert.equal(await c.rawLine(), '{"return": {}}\r\n', args);
+  }
+  assert.deepEqual(seen, [{ u: 9223372036853727232 }, { u: 2 ** 64 }, { i: 2 ** 63 }, { i: -(2 ** 63) }]);
+  const refused: [string, string][] = [
+    ['{"i": 1e30}', "Invalid parameter type for 'i', expected: integer"],
+    ['{"u": 1e30}', "Invalid parameter type for 'u', expected: integer"],
+    ['{"i": 1.5}', "Invalid parameter type for 'i', expected: integer"],
+  ];
+  for (const [args, desc] of refused) {
+    c.send(`{"execute": "set", "arguments": ${args}}\n`);
+    assert.deepEqual(JSON.parse(await c.rawLine()), { error: { class: 'GenericError', desc } }, args);
+  }
+  assert.equal(seen.length, 4);
+});
