@@ -192,6 +192,7 @@ export class IncomingMigration {
           throw err;
         }
         this.multifdBytes += r.bytes;
+        this.stats.multifdBytes = this.multifdBytes;
         this.stats.transferredBytes = s.channel.bytesReceived + this.multifdBytes;
         return { type: 'barrierDone', now: now(), round: a.round, multifdPages: r.pages, bytes: 0 };
       }

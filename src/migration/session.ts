@@ -411,6 +411,7 @@ export class SourceSession {
       zeroPages,
       diskBlocks: blocks.length,
       durationMs: performance.now() - started,
+      multifdChannelBytes: multifdBytes,
       ...(pendingMultifd !== undefined ? { multifdBytes: pendingMultifd } : {}),
     };
   }

@@ -49,6 +49,8 @@ export interface RoundResult {
   zeroPages: number;
   diskBlocks: number;
   durationMs: number;
+  /** Of `bytes`, those the multifd channels carried (0 without multifd, or not known yet). */
+  multifdChannelBytes: number;
 }
 
 export type SourceEvent =
@@ -194,7 +196,7 @@ export class SourceCore {
       case 'finalSent':
         if (this.phase !== 'device') return [];
         this.round += 1;
-        this.account(ev.result);
+        this.account(ev.result, true);
         this.stats.remainingBytes = 0;
         this.phase = 'switchover';
         return [{ type: 'awaitLoaded' }];
@@ -264,14 +266,20 @@ export class SourceCore {
     return { type: 'status', status: s };
   }
 
-  private account(r: RoundResult): void {
+  /** `final`: the round of stop-and-copy, sent while the VM is paused (QEMU's downtime-bytes). */
+  private account(r: RoundResult, final = false): void {
     const s = this.stats;
     s.transferredBytes += r.bytes;
+    s.multifdBytes += r.multifdChannelBytes;
+    if (final) s.downtimeBytes += r.bytes;
     s.normalPages += r.normalPages;
     s.zeroPages += r.zeroPages;
     s.diskBlocks += r.diskBlocks;
     // A round too small to measure the link keeps the estimate — unless there is none yet.
-    if (r.durationMs > 0 && (r.bytes >= limits.bandwidthSampleBytesMin || s.bandwidthBytesPerMs === 0)) s.bandwidthBytesPerMs = r.bytes / r.durationMs;
+    if (r.durationMs > 0 && (r.bytes >= limits.bandwidthSampleBytesMin || s.bandwidthBytesPerMs === 0)) {
+      s.bandwidthBytesPerMs = r.bytes / r.durationMs;
+      s.pagesPerSecond = (r.normalPages * 1000) / r.durationMs;
+    }
   }
 
   private onDirtyCollected(ev: Extract<SourceEvent, { type: 'dirtyCollected' }>): SourceAction[] {

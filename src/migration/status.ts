@@ -29,6 +29,12 @@ export interface MigrationStats {
   downtimeMs: number | null;
   expectedDowntimeMs: number | null;
   transferredBytes: number;
+  /** Of transferredBytes, those the multifd channels carried (QEMU's multifd-bytes). */
+  multifdBytes: number;
+  /** Of transferredBytes, those sent while the VM was stopped for the switchover (downtime-bytes). */
+  downtimeBytes: number;
+  /** Pages sent per second in the last round that measured the link (pages-per-second). */
+  pagesPerSecond: number;
   totalBytes: number;
   remainingBytes: number;
   normalPages: number;
@@ -52,6 +58,9 @@ export function newStats(startTimeMs: number, totalBytes: number): MigrationStat
     downtimeMs: null,
     expectedDowntimeMs: null,
     transferredBytes: 0,
+    multifdBytes: 0,
+    downtimeBytes: 0,
+    pagesPerSecond: 0,
     totalBytes,
     remainingBytes: totalBytes,
     normalPages: 0,
@@ -91,6 +100,15 @@ export function migrationInfo(m: MigrationStats, nowMs: number): Record<string, 
     mbps: m.bandwidthBytesPerMs > 0 ? (m.bandwidthBytesPerMs * 1000 * 8) / 1e6 : (m.transferredBytes * 8) / 1e6 / seconds,
     'dirty-pages-rate': Math.round(m.dirtyPagesRate),
     'page-size': limits.pageBytes,
+    // The rest of QEMU's MigrationStats, which it always sends (clients that decode the reply
+    // into fixed types need them). No postcopy here: those are 0.
+    'multifd-bytes': m.multifdBytes,
+    'pages-per-second': Math.round(m.pagesPerSecond),
+    'precopy-bytes': m.transferredBytes - m.downtimeBytes,
+    'downtime-bytes': m.downtimeBytes,
+    'postcopy-bytes': 0,
+    'postcopy-requests': 0,
+    'dirty-sync-missed-zero-copy': 0,
   };
   out.disk = { transferred: m.diskBlocks * limits.diskBlockBytes, blocks: m.diskBlocks };
   return out;

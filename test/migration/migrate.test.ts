@@ -31,6 +31,12 @@ for (const channels of [0, 2, 4]) {
     // The guest dirtied its whole region during round 1, so later rounds resent it.
     assert.ok(ram.normal! > regionPages, `${ram.normal} normal pages sent for a ${regionPages}-page region: rounds after the first had no dirty pages`);
     assert.ok(typeof info.downtime === 'number' && typeof info['total-time'] === 'number' && typeof info['setup-time'] === 'number');
+    // QEMU's split of the bytes: on the multifd channels, and before / during the pause.
+    assert.equal(ram['precopy-bytes']! + ram['downtime-bytes']!, ram.transferred, `precopy + downtime bytes = transferred: ${JSON.stringify(ram)}`);
+    assert.ok(ram['downtime-bytes']! > 0 && ram['pages-per-second']! > 0, `downtime-bytes and pages-per-second: ${JSON.stringify(ram)}`);
+    if (channels === 0) assert.equal(ram['multifd-bytes'], 0);
+    // The pages go on the multifd channels; the main channel carries the frames around them.
+    else assert.ok(ram['multifd-bytes']! > regionPages * 4096 && ram['multifd-bytes']! < ram.transferred!, `multifd-bytes: ${JSON.stringify(ram)}`);
     t.diagnostic(`total ${String(info['total-time'])} ms, downtime ${String(info.downtime)} ms, ${ram['dirty-sync-count']} dirty syncs, ${ram.normal} pages, ${ram.duplicate} zero pages`);
 
     await dst.waitEvent('RESUME');

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { limits } from '../../src/core/limits.js';
 import { SourceCore, type RoundResult, type SourceAction, type SourceEvent } from '../../src/migration/source-core.js';
+import { migrationInfo } from '../../src/migration/status.js';
 
 type Expect = (string | Partial<SourceAction>)[];
 type Step = [SourceEvent, Expect];
@@ -13,7 +14,7 @@ type Step = [SourceEvent, Expect];
 const mib = 1024 * 1024;
 
 function round(r: number, bytes: number, durationMs: number): RoundResult {
-  return { round: r, bytes, normalPages: Math.floor(bytes / 4096), zeroPages: 0, diskBlocks: 0, durationMs };
+  return { round: r, bytes, normalPages: Math.floor(bytes / 4096), zeroPages: 0, diskBlocks: 0, durationMs, multifdChannelBytes: 0 };
 }
 
 function play(core: SourceCore, steps: Step[]): void {
@@ -60,6 +61,14 @@ test('happy path: rounds until the rest fits the downtime limit, then stop-and-c
   assert.equal(core.stats.setupTimeMs, 10);
   assert.equal(core.stats.transferredBytes, 132 * mib);
   assert.equal(core.stats.dirtySyncCount, 2);
+  // query-migrate's split of the bytes, as QEMU's: rounds 1-2 before the pause, round 3 in it.
+  const ram = migrationInfo(core.stats, 240).ram as Record<string, number>;
+  assert.equal(ram['precopy-bytes'], 128 * mib);
+  assert.equal(ram['downtime-bytes'], 4 * mib);
+  assert.equal(ram['multifd-bytes'], 0);
+  assert.equal(ram['postcopy-bytes'], 0);
+  // The last round that measured the link: 1024 pages in 10 ms.
+  assert.equal(ram['pages-per-second'], 102400);
   assert.ok(core.stats.expectedDowntimeMs! < 30);
 });
 
