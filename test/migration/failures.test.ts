@@ -425,6 +425,22 @@ test('regression: a migration that fails after the user stopped the VM during it
   assertNoErrors(src);
 });
 
+test('stop during the switchover (finish-migrate) changes nothing, as QEMU\'s: a migration that fails then runs the VM again, as it ran at the pause', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dest, mark } = await sourceStuckInFinalRound(env);
+  // QEMU's qmp_stop → vm_stop acts only on a running VM; its failure path then restarts the
+  // VM from the run state recorded at the completion pause (vm_old_state).
+  await src.qmp.execute('stop');
+  assert.equal(await src.status(), 'finish-migrate', 'stop leaves the switchover\'s state');
+  assert.equal(src.eventsOf('STOP', mark).length, 1, 'only the switchover\'s own STOP');
+  await src.yankMigration();
+  await src.waitMigrationStatus('failed', 10000);
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  await dest.thaw();
+  assertNoErrors(src);
+});
+
 /** A slow memwalk migration, and the source VM stopped once it is active. */
 async function stoppedDuringMigration(t: TestContext) {
   const env = new TestEnv(t);
