@@ -216,8 +216,10 @@ export class MigrationControl {
       return;
     }
     this.aborting.add(session);
-    // By then its channel has closed, or been dropped (MainChannel.close's bound).
-    setTimeout(() => this.aborting.delete(session), limits.migrationAbortDeliveryMs + 1000).unref();
+    // By then its channel has closed, or been dropped (MainChannel.close's bound), also one
+    // that connected only after the cancel (SourceSession.connect), up to
+    // limits.migrationConnectTimeoutMs after the start.
+    setTimeout(() => this.aborting.delete(session), limits.migrationConnectTimeoutMs + limits.migrationAbortDeliveryMs + 1000).unref();
   }
 
   /**

@@ -68,6 +68,8 @@ export class SourceSession {
   private plainLimit: RateLimit | null = null;
   /** abort()'s reason (a cancel), for a main channel that connects only after it. */
   private abortReason: string | null = null;
+  /** destroy() ran: a main channel that connects after it is dropped at once. */
+  private dropped = false;
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
   private roundInFlight = 0;
   private roundMainStart = 0;
@@ -125,10 +127,15 @@ export class SourceSession {
     if (this.ending) {
       // Cancelled (or yanked, failed) while the connection was on its way: abort() and
       // destroy() found no channel to close. Close this one, telling the destination of a
-      // cancel, or it would take the hello below and wait for rounds that never come.
-      if (this.abortReason !== null) {
+      // cancel, or it would take the hello below and wait for rounds that never come. It is
+      // closed in the background as abort() closes its channel, and kept as the session's
+      // channel, so that destroy() (the process quitting: MigrationControl.close) drops it:
+      // closed where nothing kept it, it held the process's exit for the close's bound when
+      // the destination did not close its end. After destroy() it is dropped at once.
+      if (this.abortReason !== null && !this.dropped) {
+        this.channel = channel;
         channel.sendJson(FrameType.abort, { reason: this.abortReason });
-        void channel.close(1000);
+        void channel.close(limits.migrationAbortDeliveryMs);
       } else channel.destroy();
       throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
     }
@@ -517,6 +524,7 @@ export class SourceSession {
   async destroy(err?: Error): Promise<void> {
     if (err !== undefined) this.fail(err);
     this.ending = true;
+    this.dropped = true;
     // A round waiting for max-bandwidth would otherwise hold its timer (and the process) that long.
     this.plainLimit?.stop();
     this.channel?.destroy();

@@ -98,6 +98,104 @@ test('quit on the source right after migrate_cancel, the destination still not r
   assertNoErrors(src);
 });
 
+/**
+ * Runs `commands` on a QMP connection of their own, written to the socket in one write (the
+ * capabilities negotiation first); resolves with their replies, in order.
+ */
+async function executeInOneWrite(qmpPath: string, commands: Record<string, unknown>[]): Promise<unknown[]> {
+  const socket = net.connect({ path: qmpPath });
+  socket.on('error', () => undefined);
+  try {
+    const lines: Record<string, unknown>[] = [];
+    let buffered = '';
+    let wake: () => void = () => undefined;
+    socket.on('data', (chunk: Buffer) => {
+      buffered += chunk.toString('utf8');
+      for (let nl = buffered.indexOf('\n'); nl >= 0; nl = buffered.indexOf('\n')) {
+        const line = JSON.parse(buffered.slice(0, nl)) as Record<string, unknown>;
+        buffered = buffered.slice(nl + 1);
+        if (!('event' in line)) lines.push(line);
+        wake();
+      }
+    });
+    const replies = async (n: number, what: string): Promise<Record<string, unknown>[]> => {
+      await withTimeout(
+        new Promise<void>((resolve) => {
+          wake = () => {
+            if (lines.length >= n) resolve();
+          };
+          wake();
+        }),
+        10000,
+        what,
+      );
+      return lines.splice(0, n);
+    };
+    await replies(1, 'the QMP greeting');
+    socket.write('{"execute":"qmp_capabilities"}\n');
+    await replies(1, 'the reply to qmp_capabilities');
+    socket.write(commands.map((c) => JSON.stringify(c) + '\n').join(''));
+    return await replies(commands.length, `the replies to ${commands.map((c) => String(c.execute)).join(', ')}`);
+  } finally {
+    socket.destroy();
+  }
+}
+
+test('regression: quit right after a migrate_cancel that came while the main channel connected, the destination not closing its end: the late channel does not hold the exit', async (t) => {
+  const env = new TestEnv(t);
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '96M'], guestArgs: ['32M'] });
+  await src.waitSerial('B', { count: 3 });
+  // A destination that accepts and reads, but never answers nor closes its end (a busy or
+  // stalled host): the source's close, after its abort frame, waits for it.
+  const frames: string[] = [];
+  const sockets: net.Socket[] = [];
+  let sawAbort!: () => void;
+  const abortSeen = new Promise<void>((r) => (sawAbort = r));
+  // allowHalfOpen: the source's FIN does not end this side too.
+  const server = net.createServer({ allowHalfOpen: true }, (socket) => {
+    sockets.push(socket);
+    socket.on('error', () => undefined);
+    const decoder = new FrameDecoder();
+    socket.on('data', (chunk: Buffer) => {
+      decoder.push(chunk);
+      for (let f = decoder.next(); f !== null; f = decoder.next()) {
+        frames.push(frameTypeName(f.type));
+        if (f.type === FrameType.abort) sawAbort();
+      }
+    });
+  });
+  env.onCleanup(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const a = server.address();
+  const port = typeof a === 'object' && a !== null ? a.port : 0;
+  const mark = src.qmp.eventCount;
+  // In one write: the server runs both before it next polls for I/O, so the cancel is
+  // handled before the connection is up. (Sent as two writes they were sometimes read apart,
+  // and the connection came up between them.)
+  const replies = await executeInOneWrite(src.qmpPath, [
+    { execute: 'migrate', arguments: { uri: `tcp:127.0.0.1:${port}` } },
+    { execute: 'migrate_cancel' },
+  ]);
+  assert.deepEqual(replies, [{ return: {} }, { return: {} }]);
+  await src.waitMigrationStatus('cancelled', 10000);
+  assert.deepEqual(statuses(src, mark), ['setup', 'cancelling', 'cancelled']);
+  await withTimeout(abortSeen, 10000, 'the abort frame at the destination');
+  // Only the abort: the connection came up after the cancel (no hello, no setup).
+  assert.deepEqual(frames, ['abort']);
+  const quitAt = Date.now();
+  await src.qmp.execute('quit');
+  // Before the fix the connection, closed where nothing kept it, held the process for its
+  // close's 1 s bound (the destination never closing its end).
+  assert.equal(await src.waitExit(5000), 0, 'the source exits');
+  const ms = Date.now() - quitAt;
+  t.diagnostic(`exited ${ms} ms after quit`);
+  assert.ok(ms < 500, `the source exits promptly after quit (took ${ms} ms)`);
+  assertNoErrors(src);
+});
+
 test('regression: a migration started after a cancelled one whose channel is still open for its abort (the destination not reading): quit does not wait for the old channel', async (t) => {
   const env = new TestEnv(t);
   const { src } = await cancelWhileStalled(env);
@@ -324,6 +422,22 @@ test('regression: a migration that fails after the user stopped the VM during it
   await dest.thaw();
   await src.qmp.execute('cont');
   await assertAdvancing(src);
+  assertNoErrors(src);
+});
+
+test('stop during the switchover (finish-migrate) changes nothing, as QEMU\'s: a migration that fails then runs the VM again, as it ran at the pause', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dest, mark } = await sourceStuckInFinalRound(env);
+  // QEMU's qmp_stop → vm_stop acts only on a running VM; its failure path then restarts the
+  // VM from the run state recorded at the completion pause (vm_old_state).
+  await src.qmp.execute('stop');
+  assert.equal(await src.status(), 'finish-migrate', 'stop leaves the switchover\'s state');
+  assert.equal(src.eventsOf('STOP', mark).length, 1, 'only the switchover\'s own STOP');
+  await src.yankMigration();
+  await src.waitMigrationStatus('failed', 10000);
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  await dest.thaw();
   assertNoErrors(src);
 });
 
