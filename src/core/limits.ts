@@ -85,10 +85,10 @@ export const limits = {
    */
   switchoverTimeoutMs: 30000,
   /**
-   * A cancelled migration's main channel (also one that connected only after the cancel) stays
-   * open this long, in the background, for the abort frame queued behind the rest of the stream: a destination that reads slowly, or not
-   * for a while (the channel is stalled), still reads up to it and logs a cancel, not a
-   * truncated stream. It closes as soon as the destination does; the cancel itself (status
+   * A cancelled migration's main channel (also one that connected only after the cancel)
+   * stays open this long, in the background, for the abort frame queued behind the rest of the
+   * stream: a destination that reads slowly, or not for a while (the channel is stalled),
+   * still reads up to it and logs a cancel, not a truncated stream. It closes as soon as the destination does; the cancel itself (status
    * cancelled, the VM running again) does not wait for it, nor does the process's exit.
    */
   migrationAbortDeliveryMs: 30000,
