@@ -348,8 +348,7 @@ export class PairCore {
     this.failures++;
     this.stable = true;
     this.secondary = null; // dead (or now the primary): the retry starts a new one
-    out.push({ type: 'print', line: `pair: unprotected (the protection lasted less than ${this.stableMs / 1000} s: attempt ${this.failures} to protect it failed)` });
-    this.retry(out);
+    this.retry(out, `the protection lasted less than ${this.stableMs / 1000} s: attempt ${this.failures} to protect it failed`);
   }
 
   private reprotect(out: PairAction[]): void {
@@ -365,12 +364,13 @@ export class PairCore {
    * cause that goes away (a full disk freed) ends with the pair protected again. Each wait is
    * one line: the pair is unprotected, and when the next attempt comes.
    */
-  private retry(out: PairAction[]): void {
+  private retry(out: PairAction[], why?: string): void {
     const ms = this.failures >= this.attemptsMax ? this.retryLaterMs : this.retryDelayMs * this.failures;
+    const because = why === undefined ? '' : `${why}; `;
     const line =
       this.failures === this.attemptsMax
-        ? `pair: unprotected (primary ${this.primary!.pid}; gave up after ${this.failures} failed attempts to protect it; trying again every ${ms / 1000} s)`
-        : `pair: unprotected (primary ${this.primary!.pid}; next protection attempt in ${ms / 1000} s)`;
+        ? `pair: unprotected (primary ${this.primary!.pid}; ${because}gave up after ${this.failures} failed attempts to protect it; trying again every ${ms / 1000} s)`
+        : `pair: unprotected (primary ${this.primary!.pid}; ${because}next protection attempt in ${ms / 1000} s)`;
     out.push({ type: 'print', line }, { type: 'setTimer', name: 'retry', ms });
   }
 
