@@ -172,9 +172,17 @@ export class MigrationControl {
               this.vm.inputTap = null;
             }
             if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
-            if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
-            else this.vm.frontEnd.resumeReading();
-            if (run) await this.vm.machine.cont();
+            try {
+              if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
+              else this.vm.frontEnd.resumeReading();
+              if (run) await this.vm.machine.cont();
+            } catch (err) {
+              // The process began to quit meanwhile (colo up stopping a pair: its secondary's
+              // end failed the migration a moment before this process's own stop came) and
+              // destroyed the machine under the resume: expected, not an error.
+              if (!this.closed) throw err;
+              log.debug(`the VM was not resumed after the migration: the process is quitting (${errorMessage(err)})`);
+            }
           }),
         closeFrontEnd: async () => {
           const fe = this.vm.frontEnd;

@@ -313,7 +313,7 @@ export class IncomingMigration {
    */
   private async exitingAfter(code: string): Promise<boolean> {
     const exiting = (): boolean => this.closing || this.host.exiting === true;
-    if (exiting() || (code !== 'CHANNEL_CLOSED' && code !== 'STREAM_TRUNCATED')) return exiting();
+    if (exiting() || !isBreakCode(code)) return exiting();
     await new Promise<void>((resolve) => {
       const timer = setTimeout(() => this.wakeExitWait?.(), limits.incomingBreakReportDelayMs);
       this.wakeExitWait = () => {
@@ -344,7 +344,11 @@ export class IncomingMigration {
 
 /** A channel that closed or was cut inside a frame or packet: a crash and a cancel both look so. */
 function isBreak(err: unknown): boolean {
-  return err instanceof ColoError && (err.code === 'CHANNEL_CLOSED' || err.code === 'STREAM_TRUNCATED');
+  return err instanceof ColoError && isBreakCode(err.code);
+}
+
+function isBreakCode(code: string): boolean {
+  return code === 'CHANNEL_CLOSED' || code === 'STREAM_TRUNCATED';
 }
 
 function now(): number {

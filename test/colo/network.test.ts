@@ -173,10 +173,13 @@ test('colo/net: with COLO_TRACE_DIR both nodes trace requests and checkpoints, a
   assert.ok(wake.p50 > 0 && wake.p50 <= wake.p99, `wake-up delays measured: ${JSON.stringify(wake)}`);
   const order = a.timeline.map((x) => x.event);
   // Two causal chains: the secondary sends VMSTATE_RECEIVED and then applies, so the primary's
-  // receipt of it and the end of the apply may come in either order.
+  // receipt of it and the end of the apply may come in either order. The apply's end and the
+  // primary's receipt of VMSTATE_LOADED are one loopback hop apart, which is less than the two
+  // processes' clocks may differ (each trace is on its own performance.timeOrigin): their
+  // medians are not compared (a CI run saw them swapped).
   for (const want of [
     ['P>CHECKPOINT_REQUEST', 'S<CHECKPOINT_REQUEST', 'S:paused', 'P<CHECKPOINT_REPLY', 'P:vmPaused', 'S<VMSTATE_SEND', 'P<VMSTATE_RECEIVED', 'P<VMSTATE_LOADED'],
-    ['S<VMSTATE_SEND', 'S:applied', 'P<VMSTATE_LOADED'],
+    ['S<VMSTATE_SEND', 'S:applied'],
   ]) {
     const seen = want.map((e) => order.indexOf(e));
     assert.ok(seen.every((i) => i >= 0), `every step of a checkpoint is traced: ${order.join(', ')}`);
