@@ -43,6 +43,16 @@ function intoRound2(now = 0): Step[] {
   ];
 }
 
+/** One round whose dirty rest fits at once: the VM is to be paused for stop-and-copy (now 51). */
+function toPause(): Step[] {
+  return [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+  ];
+}
+
 test('happy path: rounds until the rest fits the downtime limit, then stop-and-copy and switchover', () => {
   const core = new SourceCore({ downtimeLimitMs: 30 });
   play(core, [
@@ -147,10 +157,7 @@ test('regression: a second failure after the migration failed does not start a n
 test('a VM paused before the migration is not started by a failed one (it is given back paused)', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(0), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'failure', now: 53, message: 'x' }, ['switchoverTimer', 'teardown']],
     [{ type: 'tornDown', now: 54 }, [{ type: 'resumeVm', run: false }]],
@@ -161,10 +168,7 @@ test('a VM paused before the migration is not started by a failed one (it is giv
 test('regression: the run state is taken at the switchover pause, not at the start (a stop during the migration is kept)', () => {
   // The VM ran when the migration started; the user stopped it while round 1 was sent.
   const stopped: Step[] = [
-    [start(0), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: false }, ['status', 'switchoverTimer', 'sendFinal']],
   ];
   play(new SourceCore({ downtimeLimitMs: 1000 }), [
@@ -180,7 +184,7 @@ test('regression: the run state is taken at the switchover pause, not at the sta
   ]);
   // A running VM: go says run, and a failure runs it again.
   play(new SourceCore({ downtimeLimitMs: 1000 }), [
-    ...stopped.slice(0, 4),
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchover', run: true }]],
@@ -192,10 +196,7 @@ test('regression: the run state is taken at the switchover pause, not at the sta
 test('before go the switchover can be undone; after go the source stays paused whatever happens', () => {
   const undo = new SourceCore({ downtimeLimitMs: 1000 });
   const upToLoaded: Step[] = [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
@@ -219,10 +220,7 @@ test('before go the switchover can be undone; after go the source stays paused w
 test('a lost resumed notice still completes, with the downtime up to go', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, ['switchover']],
@@ -235,10 +233,7 @@ test('a lost resumed notice still completes, with the downtime up to go', () => 
 test('COLO handoff: the session is handed over instead of completing', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000, handoff: true });
   play(core, [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', 'switchoverTimer', 'sendFinal']],
     [{ type: 'finalSent', now: 60, result: round(2, 4096, 1) }, ['awaitLoaded']],
     [{ type: 'destinationLoaded', now: 70 }, [{ type: 'switchoverTimer', timeoutMs: null }, 'handoff']],
@@ -250,10 +245,7 @@ test('COLO handoff: the session is handed over instead of completing', () => {
 test('a pause that fails fails the migration and leaves the VM as it was', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPauseFailed', now: 52, message: 'timeout' }, ['teardown']],
     // Not started (its vCPU did not stop), but its front end reads clients again.
     [{ type: 'tornDown', now: 53 }, [{ type: 'resumeVm', run: false }]],
@@ -265,10 +257,7 @@ test('a pause that fails fails the migration and leaves the VM as it was', () =>
 test('regression: a cancel while the pause is in flight, and the pause fails after the teardown: cancelled, not stuck in cancelling', () => {
   const core = new SourceCore({ downtimeLimitMs: 1000 });
   play(core, [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'cancel', now: 52 }, [{ type: 'status', status: 'cancelling' }, 'teardown']],
     [{ type: 'tornDown', now: 53 }, []],
     // Before the fix: no action, and the status stayed cancelling (busy) for good.
@@ -281,10 +270,7 @@ test('regression: a cancel while the pause is in flight, and the pause fails aft
 /** Round 1, then stop-and-copy at once: the VM is paused at 52. */
 function upToPause(): Step[] {
   return [
-    [start(), ['status', 'connect']],
-    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
-    [{ type: 'roundSent', now: 50, result: round(1, 64 * mib, 49) }, ['collectDirty']],
-    [{ type: 'dirtyCollected', now: 51, pages: 0, blocks: 0 }, ['log', 'pauseVm']],
+    ...toPause(),
     [{ type: 'vmPaused', now: 52, vmWasRunning: true }, ['status', { type: 'switchoverTimer', timeoutMs: limits.switchoverTimeoutMs }, 'sendFinal']],
   ];
 }
