@@ -213,10 +213,7 @@ export class Vm extends EventEmitter {
    */
   async stop(): Promise<void> {
     await this.runStateOp(async () => {
-      // Until the incoming migration ends (its state loaded, waiting for the source's `go`, the
-      // run state is already paused), the VM is the destination's to start: only autostart.
-      const incoming = this.migration.incoming;
-      if (this.machine.runState === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
+      if (this.incomingStartsIt()) {
         this.autostart = false;
         return;
       }
@@ -238,9 +235,7 @@ export class Vm extends EventEmitter {
     await this.runStateOp(async () => {
       const s = this.machine.runState;
       if (s === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
-      // The same test as stop's: the VM is the incoming migration's to start.
-      const incoming = this.migration.incoming;
-      if (s === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running)) {
+      if (this.incomingStartsIt()) {
         this.autostart = true;
         return;
       }
@@ -250,6 +245,16 @@ export class Vm extends EventEmitter {
       this.migration.refuseCont();
       await this.machine.cont();
     });
+  }
+
+  /**
+   * Until the incoming migration ends (its state loaded, waiting for the source's `go`, the run
+   * state is already paused), the VM is the destination's to start: `stop` and `cont` only
+   * clear or set autostart.
+   */
+  private incomingStartsIt(): boolean {
+    const incoming = this.migration.incoming;
+    return this.machine.runState === 'inmigrate' || (incoming !== null && !incoming.core.finished && !this.machine.running);
   }
 
   /**
