@@ -134,8 +134,7 @@ export class SourceSession {
       // the destination did not close its end. After destroy() it is dropped at once.
       if (this.abortReason !== null && !this.dropped) {
         this.channel = channel;
-        channel.sendJson(FrameType.abort, { reason: this.abortReason });
-        void channel.close(limits.migrationAbortDeliveryMs);
+        deliverAbort(channel, this.abortReason);
       } else channel.destroy();
       throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
     }
@@ -504,13 +503,7 @@ export class SourceSession {
     this.ending = true;
     this.abortReason = reason;
     this.plainLimit?.stop();
-    const channel = this.channel;
-    try {
-      channel?.sendJson(FrameType.abort, { reason });
-    } catch {
-      // closing anyway
-    }
-    if (channel !== null) void channel.close(limits.migrationAbortDeliveryMs);
+    if (this.channel !== null) deliverAbort(this.channel, reason);
     await this.multifd?.destroy();
   }
 
@@ -530,6 +523,20 @@ export class SourceSession {
     this.channel?.destroy();
     await this.multifd?.destroy();
   }
+}
+
+/**
+ * A cancel's abort frame, behind whatever of the stream is still queued, and the channel
+ * closed in the background: it ends when the destination, having read up to the abort, closes
+ * its end, or after limits.migrationAbortDeliveryMs (SourceSession.abort).
+ */
+function deliverAbort(channel: MainChannel, reason: string): void {
+  try {
+    channel.sendJson(FrameType.abort, { reason });
+  } catch {
+    // closing anyway
+  }
+  void channel.close(limits.migrationAbortDeliveryMs);
 }
 
 /** Options of the destination's transport. */
