@@ -64,7 +64,18 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'ignoreDelaySet';
+export type Broken =
+  | 'writeThrough'
+  | 'noOwnDirty'
+  | 'selfPromote'
+  | 'takeoverPaused'
+  | 'dropTriggers'
+  | 'applyErrorAsStreamError'
+  | 'runAfterBrokenApply'
+  | 'sendLiveAfterResume'
+  | 'ignoreDelaySet'
+  /** The compare releases the held output once the checkpoint is sent, not at VMSTATE_RECEIVED. */
+  | 'releaseAtSend';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -97,6 +108,8 @@ export class PrimaryNode implements Endpoint {
   /** Invariant 5: by this time the primary must have finished its failover. */
   deadline: number | null = null;
   exits = 0;
+  /** The event that started this node's failover (its COLO_EXIT reason depends on it). */
+  private failoverCause: PrimaryEvent['type'] | null = null;
   /** The compare stopped (failover): no more triggers. */
   compareStopped = false;
   /** The driver's close() ran (the process is exiting): the core must not act any more. */
@@ -214,6 +227,17 @@ export class PrimaryNode implements Endpoint {
     if (ev.type === 'protocolError' && active && !closedBefore && (c.phase !== 'failover' || c.exitReason !== 'error' || !has('failover'))) {
       this.w.violate('5', `after a protocol error (phase ${before}) the primary must fail over (reason error), but it is in phase ${c.phase}, reason ${c.exitReason}, actions [${showActions(actions)}]`);
     }
+    if (has('failover')) {
+      this.failoverCause = ev.type;
+      // A broken link alone waits for x-colo-lost-heartbeat for the grace period (docs/migration-protocol.md).
+      if (ev.type === 'linkLost') this.w.violate('grace', `the primary failed over as soon as its link broke (phase ${before}), without waiting ${this.w.graceMs} ms for x-colo-lost-heartbeat`);
+    }
+    // COLO_EXIT's reason, as QEMU's: request after a failover x-colo-lost-heartbeat asked for, error otherwise.
+    for (const a of actions) {
+      if (a.type !== 'exit') continue;
+      const want = this.failoverCause === 'lostHeartbeat' ? 'request' : 'error';
+      if (a.reason !== want) this.w.violate('exit', `the primary's COLO_EXIT has reason ${a.reason} after a failover started by ${this.failoverCause ?? 'nothing'} (want ${want})`);
+    }
   }
 
   /** driver.ts PrimaryDriver.task */
@@ -318,6 +342,7 @@ export class PrimaryNode implements Endpoint {
             self.send({ k: 'colo', msg: 'VMSTATE_SIZE' });
             self.send({ k: 'device', ck, dev: live ? { ...g.device } : copy.dev });
             w.hook('P.stateSent');
+            if (self.broken === 'releaseAtSend') w.released(ck);
             return { type: 'stateSent' };
           })(),
         );
@@ -633,6 +658,8 @@ export class SecondaryNode implements Endpoint {
         return { type: 'failoverDone' };
       case 'exit':
         this.exits += 1;
+        // A secondary fails over only when x-colo-lost-heartbeat asks it to: QEMU's reason request.
+        if (a.reason !== 'request') w.violate('exit', `the secondary's COLO_EXIT after its takeover has reason ${a.reason}, not request`);
         return null;
       case 'abandon':
         // driver.ts: the guest stays stopped for good (run state internal-error).

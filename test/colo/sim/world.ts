@@ -1,8 +1,9 @@
 /**
  * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
  * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
- * 4 and 5, the outcomes core.ts promises for the events that end COLO, and liveness before any
- * fault, after every step; at the end the primary closes and must not act any more.
+ * 4 and 5, 1 at a takeover (no output released from a checkpoint the survivor lacks), the
+ * outcomes core.ts promises for the events that end COLO, and liveness before any fault, after
+ * every step; at the end the primary closes and must not act any more.
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
@@ -250,6 +251,8 @@ class SimWorld implements World {
   private readonly frames = new Map<number, { sent: number; got: number }>();
   /** The last checkpoint every frame of which the world delivered to the secondary (invariant 2). */
   fullyDelivered = 0;
+  /** The last checkpoint whose held output the primary released to clients (invariant 1). */
+  private releasedCk = 0;
   private readonly hookCounts = new Map<string, number>();
   private readonly panicTries = new Map<Fault, number>();
   private readonly pending: Fault[];
@@ -326,6 +329,10 @@ class SimWorld implements World {
 
   released(ck: number): void {
     this.triggerAt = null;
+    this.releasedCk = Math.max(this.releasedCk, ck);
+    // Invariant 1: a secondary that serves already must hold this checkpoint (its failover
+    // waited for the apply that VMSTATE_RECEIVED announced).
+    if (this.S.serving && this.svmBase.ck < ck) this.violate('1', `the primary released the held output of checkpoint ${ck} while the secondary serves from checkpoint ${this.svmBase.ck}: clients saw output its state contradicts`);
     // Lost mirrored input is covered only by a checkpoint whose pause came after the loss.
     if (this.resyncCk !== null && ck >= this.resyncCk) [this.resyncAt, this.resyncCk] = [null, null];
     if (this.P.left || this.P.guest.crashed) this.violate('crash', `the primary released held output of checkpoint ${ck} after its guest crashed: the secondary, which keeps the last checkpoint, could contradict it`);
@@ -388,6 +395,12 @@ class SimWorld implements World {
     const dev = this.svmOwnDevice ?? base.device;
     if (g.device.ticks !== dev.ticks || g.device.acc !== dev.acc) bad.push(`device: SVM ${JSON.stringify(g.device)}, want ${JSON.stringify(dev)}`);
     this.trace(`S takes over from checkpoint ${base.ck}${this.svmOwnDevice === null ? '' : ' plus its own writes'}`);
+    // Invariant 1: clients got the PVM's output up to the pause of every checkpoint whose held
+    // output the primary released; a survivor from an older one would contradict it.
+    if (base.ck < this.releasedCk) {
+      this.violate('1', `the secondary takes over from checkpoint ${base.ck}, but the primary released the held output of checkpoint ${this.releasedCk} to clients`);
+      return;
+    }
     if (bad.length > 0) this.violate('3', `at the takeover the secondary's state is not checkpoint ${base.ck}'s plus its own writes since: ${bad.slice(0, 4).join('; ')}${bad.length > 4 ? ` (+${bad.length - 4})` : ''}`);
   }
 
