@@ -75,7 +75,9 @@ export type Broken =
   | 'sendLiveAfterResume'
   | 'ignoreDelaySet'
   /** The compare releases the held output once the checkpoint is sent, not at VMSTATE_RECEIVED. */
-  | 'releaseAtSend';
+  | 'releaseAtSend'
+  /** The secondary's frame loop does not wait at a round's sync for the pages still on the multifd channels. */
+  | 'noBarrier';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -331,10 +333,14 @@ export class PrimaryNode implements Endpoint {
             }
             // The pages in several frames.
             const chunk = 1 + Math.floor(w.rnd() * 12);
+            let frames = 0;
             for (let i = 0; i < pages.length; i += chunk) {
               yield* sleep(w.ms(0.05, 1.5));
               self.send({ k: 'pages', ck, pages: pages.slice(i, i + chunk).map((p): [number, Val] => [p, live ? g.ram[p]! : copy.ram.get(p)!]) });
+              frames += 1;
             }
+            // With multifd the pages went on their channels: the round's sync tells how many.
+            if (w.link.multifd > 0) self.send({ k: 'sync', ck, frames });
             if (blocks.length > 0) {
               yield* sleep(w.ms(0.05, 1.5));
               self.send({ k: 'disk', ck, blocks: blocks.map((b): [number, Val] => [b, live ? g.disk.read(b) : copy.disk.get(b)!]) });
@@ -409,6 +415,10 @@ export class SecondaryNode implements Endpoint {
   appliedCk = 0;
   private readonly inbox: Wire[] = [];
   private frameWaiter: Signal<void> | null = null;
+  /** Page frames of each checkpoint the multifd channels delivered (the round barrier counts them). */
+  private readonly multifdFrames = new Map<number, number>();
+  /** A round's sync had to wait for pages still on the multifd channels. */
+  barrierWaited = false;
   private chain: Signal<void>;
   serving = false;
   deadline: number | null = null;
@@ -460,6 +470,30 @@ export class SecondaryNode implements Endpoint {
     this.wakePump();
   }
 
+  /** A multifd receive worker: the pages go into the cache whatever the frame loop does. */
+  deliverPages(f: Wire & { k: 'pages' }): void {
+    this.applyFrame(f);
+    this.multifdFrames.set(f.ck, (this.multifdFrames.get(f.ck) ?? 0) + 1);
+    this.multifdFrames.delete(f.ck - 3);
+    this.w.hook('S.frame.pages');
+    this.wakePump();
+  }
+
+  multifdLost(): void {
+    this.wakePump();
+  }
+
+  /** session.barrier: every page frame of checkpoint ck is in, or a channel broke. */
+  private *barrier(ck: number, frames: number): Co<void> {
+    for (;;) {
+      if ((this.multifdFrames.get(ck) ?? 0) >= frames) return;
+      if (this.w.link.multifdBroken || this.w.link.closed[1]) throw new ChannelClosed(`the round barrier of checkpoint ${ck} failed: a multifd channel closed`);
+      this.barrierWaited = true;
+      this.frameWaiter = new Signal<void>(this.w.sim);
+      yield* settle(this.frameWaiter);
+    }
+  }
+
   linkLost(reason: string): void {
     this.wakePump();
     void this.dispatch({ type: 'linkLost', message: reason });
@@ -503,6 +537,10 @@ export class SecondaryNode implements Endpoint {
         // session.barrier: a multifd channel closed before its SYNC.
         if (f.k === 'lost') throw new ChannelClosed(`the round barrier of checkpoint ${f.ck} failed: a multifd channel closed`);
         if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
+        if (f.k === 'sync') {
+          if (this.broken !== 'noBarrier') yield* this.barrier(f.ck, f.frames);
+          continue;
+        }
         this.applyFrame(f);
         this.w.hook(`S.frame.${f.k}`);
         if (f.k === 'device') yield* wait(this.dispatch({ type: 'stateReceived' }));

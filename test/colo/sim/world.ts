@@ -98,6 +98,8 @@ export interface Scenario {
   faults: Fault[];
   /** The secondary's frame loop reads on after a broken channel (the core must drop the rest). */
   readOnAfterBreak?: boolean;
+  /** Checkpoint pages go on this many multifd channels (none if absent or 0). */
+  multifd?: number;
 }
 
 interface Snapshot {
@@ -127,6 +129,8 @@ export interface RunStats {
   abandoned: boolean;
   /** The secondary's core dropped the rest of a checkpoint that came after a channel broke. */
   droppedAfterBreak: boolean;
+  /** Pages on multifd channels came after the main channel's sync: the round barrier waited. */
+  barrierWaited: boolean;
 }
 
 export interface RunResult {
@@ -160,7 +164,9 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
   // The driver stops reading at a broken channel; in some runs it does not, so that the core's
   // own guard (never apply the rest of a checkpoint after a break) is under test too.
   const readOnAfterBreak = r() < 0.3;
-  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [], readOnAfterBreak };
+  // Pages on multifd channels, which they may reach after the main channel's frames behind them.
+  const multifd = r() < 0.4 ? 1 + Math.floor(r() * 4) : 0;
+  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [], readOnAfterBreak, multifd };
   const n = r() < 0.65 ? 1 : 2;
   const out: Fault[] = [];
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
@@ -212,7 +218,7 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     if (drain === 'pagesLost' && r() < 0.7) [trigger, delay] = [{ hook: pick(sendingHooks), nth: 1 + Math.floor(r() * 6) }, Math.round(r() * 100) / 100];
     out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
   }
-  return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak };
+  return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak, multifd };
 }
 
 export function showScenario(s: Scenario): string {
@@ -226,7 +232,8 @@ export function showScenario(s: Scenario): string {
   });
   const changes = (s.delayChanges ?? []).map((c) => `, then ${c.delayMs}ms at t=${c.atMs}`).join('');
   const readOn = s.readOnAfterBreak === true ? '; the frame loop reads on after a break' : '';
-  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}${readOn}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
+  const multifd = (s.multifd ?? 0) > 0 ? `; pages on ${s.multifd} multifd channels` : '';
+  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}${readOn}${multifd}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
 }
 
 class SimWorld implements World {
@@ -248,7 +255,7 @@ class SimWorld implements World {
   private readonly svmOwnBlocks = new Map<number, Val>();
   private svmOwnDevice: Device | null = null;
   /** Frames of each checkpoint the primary sent, and how many of them the secondary got. */
-  private readonly frames = new Map<number, { sent: number; got: number }>();
+  private readonly frames = new Map<number, { sent: number; got: number; device: boolean }>();
   /** The last checkpoint every frame of which the world delivered to the secondary (invariant 2). */
   fullyDelivered = 0;
   /** The last checkpoint whose held output the primary released to clients (invariant 1). */
@@ -273,7 +280,7 @@ class SimWorld implements World {
   /** The oldest resync trigger not yet answered by a checkpoint paused after it (resyncCk: that checkpoint). */
   resyncAt: number | null = null;
   resyncCk: number | null = null;
-  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false };
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false, barrierWaited: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
@@ -281,6 +288,7 @@ class SimWorld implements World {
     const longest = Math.max(scenario.delayMs, ...(scenario.delayChanges ?? []).map((c) => c.delayMs));
     this.endAt = Math.max(BASE_MS, 5 * longest + 500);
     this.link = new Link(this.sim, r, (s) => this.trace(s));
+    this.link.multifd = scenario.multifd ?? 0;
     // The state at COLO start: the initial migration made both sides equal.
     const ram: Val[] = [];
     for (let p = 0; p < PAGES; p++) ram.push({ v: mix(seed, p), src: 'I', ck: 0 });
@@ -351,19 +359,23 @@ class SimWorld implements World {
 
   private frameSent(from: 0 | 1, f: Wire): void {
     if (from !== 0 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
-    const n = this.frames.get(f.ck) ?? { sent: 0, got: 0 };
+    const n = this.frames.get(f.ck) ?? { sent: 0, got: 0, device: false };
     n.sent += 1;
     this.frames.set(f.ck, n);
     this.frames.delete(f.ck - 3);
   }
 
-  /** A checkpoint is fully received once its device blob (its last frame) arrives after all the others. */
+  /**
+   * A checkpoint is fully received once its device blob (the last frame sent) and every frame
+   * sent before it arrived, in whatever order (pages on multifd channels may come after it).
+   */
   private frameDelivered(to: 0 | 1, f: Wire): void {
     if (to !== 1 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
     const n = this.frames.get(f.ck);
     if (n === undefined) return;
     n.got += 1;
-    if (f.k === 'device' && n.got === n.sent) this.fullyDelivered = Math.max(this.fullyDelivered, f.ck);
+    if (f.k === 'device') n.device = true;
+    if (n.device && n.got === n.sent) this.fullyDelivered = Math.max(this.fullyDelivered, f.ck);
   }
 
   svmWrote(what: 'page' | 'block', i: number, v: Val): void {
@@ -692,6 +704,7 @@ class SimWorld implements World {
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
     if (S.droppedAfterBreak) this.stats.droppedAfterBreak = true;
+    if (S.barrierWaited) this.stats.barrierWaited = true;
   }
 }
 
