@@ -84,6 +84,17 @@ function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   return ev.type === 'message' ? `message ${ev.msg}` : ev.type === 'linkLost' || ev.type === 'protocolError' ? `${ev.type} (${ev.message})` : ev.type;
 }
 
+/** core.step, and a violation that says so when it throws (the run stops there, the seed printed). */
+function stepCore<E extends PrimaryEvent | SecondaryEvent, A>(w: World, who: string, core: { phase: string; step(ev: E): A[] }, ev: E): A[] {
+  const phase = core.phase;
+  try {
+    return core.step(ev);
+  } catch (err) {
+    w.violate('throw', `the ${who}'s core threw on ${showEvent(ev)} in phase ${phase}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    throw err;
+  }
+}
+
 function showActions(as: readonly (PrimaryAction | SecondaryAction)[]): string {
   return as
     .filter((a) => a.type !== 'log')
@@ -210,7 +221,7 @@ export class PrimaryNode implements Endpoint {
     }
     const phase = this.core.phase;
     const closedBefore = this.closed && ev.type !== 'close';
-    const actions = this.core.step(ev);
+    const actions = stepCore(this.w, 'primary', this.core, ev);
     this.w.trace(`P ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
     this.expect(ev, phase, actions, closedBefore);
     for (const a of actions) this.perform(a);
@@ -603,7 +614,7 @@ export class SecondaryNode implements Endpoint {
       this.deadline = Math.min(this.deadline ?? Infinity, this.w.sim.now + this.w.boundMs);
     }
     const phase = this.core.phase;
-    const actions = this.core.step(ev);
+    const actions = stepCore(this.w, 'secondary', this.core, ev);
     if (ev.type === 'startFailed') this.startFailedAt ??= this.w.sim.now;
     // A failover is right only if x-colo-lost-heartbeat came meanwhile (it waited for the start).
     if (ev.type === 'startFailed' && phase === 'starting' && (this.core.phase === 'starting' || actions.some((a) => (a.type === 'failover' && this.heartbeatLostAt === null) || a.type === 'start'))) {

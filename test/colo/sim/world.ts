@@ -713,6 +713,18 @@ export function runSeed(opts: RunOptions): RunResult {
   const drawn = drawScenario(r, opts.faults ?? true);
   const scenario = opts.scenario ?? drawn;
   const w = new SimWorld(opts.seed, scenario, opts.broken ?? null, opts.fullTrace ?? false, r);
+  try {
+    run(w);
+  } catch (err) {
+    // An exception (from a core, or the simulation itself) fails the seed like a violation, so
+    // that the failure names the seed and the scenario.
+    w.violate('throw', `the simulation threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+  }
+  w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
+  return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
+}
+
+function run(w: SimWorld): void {
   w.P.start();
   w.S.start();
   w.check(false);
@@ -733,8 +745,6 @@ export function runSeed(opts: RunOptions): RunResult {
     const until = w.sim.now + END_TAIL_MS;
     while (w.violation === null && w.sim.step(until));
   }
-  w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
-  return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
 }
 
 export function describeFailure(res: RunResult): string {
