@@ -66,6 +66,9 @@ const hooks = [
   'S.failover',
 ] as const;
 
+/** Points COLO passes once (its start): a fault tied to a later pass of them would never fire. */
+const onceHooks: readonly string[] = ['S.start', 'S.started', 'P.recv.CHECKPOINT_READY'];
+
 /** Where a checkpoint's pages are on their way to the secondary. */
 const sendingHooks = ['P.stateCaptured', 'P.stateSent', 'S.frame.pages'] as const;
 
@@ -174,6 +177,7 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     const x = r();
     const kind: FaultKind = x < 0.23 ? 'crashP' : x < 0.42 ? 'crashS' : x < 0.61 ? 'breakLink' : x < 0.75 ? 'hbP' : x < 0.84 ? 'applyFails' : x < 0.9 ? 'panicP' : x < 0.94 ? 'closeP' : x < 0.97 ? 'protoP' : 'startFails';
     let trigger: Fault['trigger'] = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
+    if ('hook' in trigger && onceHooks.includes(trigger.hook)) trigger.nth = 1;
     let delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
     // Armed when an apply begins, so that it breaks that apply.
     if (kind === 'applyFails') [trigger, delay] = [{ hook: 'S.apply', nth: 1 + Math.floor(r() * 6) }, 0];
