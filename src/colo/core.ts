@@ -469,10 +469,12 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
   private startFailover(reason: ExitReason, message: string): SecondaryAction[] {
     if (this.finishing || this.phase === 'idle') return [];
     if (this.phase === 'applying' || this.phase === 'starting') {
-      // The apply (or the start) is one step a failover cannot split: finish it first.
+      // The apply (or the start) is one step a failover cannot split: finish it first. As
+      // QEMU's states: a failover that came during the apply was picked up and put off until
+      // it ends (relaunch); one that came before COLO's loop runs waits for it (require).
       if (this.pending === null) this.pending = { reason, message };
       else if (reason === 'request') this.pending.reason = 'request';
-      this.failoverState = 'relaunch';
+      this.failoverState = this.phase === 'applying' ? 'relaunch' : 'require';
       return [{ type: 'log', level: 'info', message: `COLO failover requested during the ${this.phase === 'applying' ? 'apply' : 'start'}; it runs when that finishes` }];
     }
     this.phase = 'failover';

@@ -208,15 +208,24 @@ test('colo core: a COLO start that fails closes the link and leaves the secondar
   assert.deepEqual(types(a.step({ type: 'lostHeartbeat' })), ['failover']);
   assert.deepEqual(types(a.step({ type: 'failoverDone' })), ['status', 'exit']);
   assert.equal(a.failoverState, 'completed');
-  // Asked while the start ran: it waited (relaunch), and runs once the start has failed.
+  // Asked while the start ran: it waited (require, as QEMU's before its COLO thread picks the
+  // request up: no apply is under way to relaunch after), and runs once the start has failed.
   const b = new SecondaryCore();
   b.step({ type: 'handoff' });
   assert.deepEqual(types(b.step({ type: 'lostHeartbeat' })), []);
-  assert.equal(b.failoverState, 'relaunch');
+  assert.equal(b.failoverState, 'require');
   assert.deepEqual(types(b.step({ type: 'startFailed', message: 'the vCPU is gone' })), ['closeLink', 'failover']);
   assert.equal(b.failoverState, 'active');
   // Only a start in progress can fail.
   assert.deepEqual(types(b.step({ type: 'startFailed', message: 'late' })), []);
+  // Asked while a start ran that then succeeds: require, then active once it is started.
+  const c = new SecondaryCore();
+  c.step({ type: 'handoff' });
+  c.step({ type: 'lostHeartbeat' });
+  assert.equal(c.failoverState, 'require');
+  assert.deepEqual(types(c.step({ type: 'started' })), ['failover']);
+  assert.equal(c.failoverState, 'active');
+  assert.equal(c.exitReason, 'request');
 });
 
 test('colo core: an apply that breaks off leaves COLO for good; a failover that waited for it is refused, later ones too', () => {

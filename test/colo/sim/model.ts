@@ -1,6 +1,7 @@
 /**
  * The simulated world's parts: the model guest (RAM pages, device state, disk blocks), its disk
- * with the secondary's overlay layer, and the main COLO channel between the two nodes.
+ * with the secondary's overlay layer, and the COLO channels between the two nodes (the main one,
+ * and multifd channels for checkpoint pages in some runs).
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import type { Owner, Sim } from './runtime.js';
@@ -160,7 +161,12 @@ export type Wire =
   | { k: 'disk'; ck: number; blocks: [number, Val][] }
   | { k: 'device'; ck: number; dev: Device }
   /** Where pages of checkpoint ck were lost with a broken multifd channel: the round barrier fails there. */
-  | { k: 'lost'; ck: number };
+  | { k: 'lost'; ck: number }
+  /**
+   * With multifd channels: on the main channel after the pages of checkpoint ck, which went as
+   * `frames` frames on the multifd channels (the round's barrier: the secondary waits for them).
+   */
+  | { k: 'sync'; ck: number; frames: number };
 
 export function showWire(w: Wire): string {
   switch (w.k) {
@@ -174,6 +180,8 @@ export function showWire(w: Wire): string {
       return `device#${w.ck}`;
     case 'lost':
       return `(pages#${w.ck} lost)`;
+    case 'sync':
+      return `sync#${w.ck}(${w.frames} frames)`;
   }
 }
 
@@ -182,6 +190,10 @@ export class ChannelClosed extends Error {}
 export interface Endpoint {
   readonly owner: Owner;
   deliver(w: Wire): void;
+  /** Checkpoint pages from a multifd channel (the receive workers write them into the cache). */
+  deliverPages?(w: Wire & { k: 'pages' }): void;
+  /** The multifd channels broke: a round barrier waiting for their pages fails. */
+  multifdLost?(): void;
   linkLost(reason: string): void;
 }
 
@@ -193,6 +205,12 @@ export interface Endpoint {
  * rest until an end closes it (that end reads nothing sent later). Each end learns of a
  * break (linkLost) after a random delay, or never (a host that vanished silently); an end that
  * knows its channel is closed throws on send.
+ *
+ * With multifd channels (`multifd` > 0) the primary's checkpoint pages go on those, one frame
+ * per channel in turn, each channel in order but each with its own delays: so pages overtake
+ * each other across channels and the main channel's frames (a sync, VMSTATE_SIZE, the device
+ * state) may arrive before them. A `pagesLost` break then loses every page frame not yet
+ * delivered and fails the secondary's round barrier.
  */
 export type Drain = 'none' | 'drain' | 'pagesLost';
 
@@ -205,6 +223,12 @@ export class Link {
   private readonly closedAt = [Infinity, Infinity];
   private readonly lastArrival = [0, 0];
   readonly ends: Endpoint[] = [];
+  /** Multifd channels for checkpoint pages (0: pages go on the main channel). */
+  multifd = 0;
+  private readonly multifdArrival: number[] = [];
+  private nextChannel = 0;
+  /** The multifd channels broke (a pagesLost break): no page frame arrives any more. */
+  multifdBroken = false;
   /**
    * The world watching the wire: every frame sent, and every frame delivered (or lost with a
    * multifd channel), so that it, not a node, knows which checkpoint arrived whole.
@@ -215,12 +239,15 @@ export class Link {
 
   send(from: 0 | 1, w: Wire): void {
     if (this.closed[from]) throw new ChannelClosed('the COLO channel is closed');
+    if (from === 0 && w.k === 'pages' && this.multifd > 0) {
+      this.sendPages(w);
+      return;
+    }
     // Only a multifd channel broke (pagesLost): the main channel carries on until an end closes it.
     if (this.broken && this.drain !== 'pagesLost') return;
     this.observer?.sent(from, w);
     const sentAt = this.sim.now;
-    const delay = this.rnd() < 0.1 ? 2 + this.rnd() * 20 : 0.05 + this.rnd() * 1.5;
-    const t = Math.max(this.sim.now + delay, this.lastArrival[from]!);
+    const t = Math.max(this.sim.now + this.delay(), this.lastArrival[from]!);
     this.lastArrival[from] = t;
     const to = this.ends[1 - from]!;
     this.sim.at(
@@ -239,6 +266,33 @@ export class Link {
     );
   }
 
+  private delay(): number {
+    return this.rnd() < 0.1 ? 2 + this.rnd() * 20 : 0.05 + this.rnd() * 1.5;
+  }
+
+  /** Checkpoint pages on the next multifd channel: in order on it, in any order with the others. */
+  private sendPages(w: Wire & { k: 'pages' }): void {
+    if (this.broken && this.drain !== 'pagesLost') return;
+    this.observer?.sent(0, w);
+    const ch = this.nextChannel;
+    this.nextChannel = (ch + 1) % this.multifd;
+    const sentAt = this.sim.now;
+    const t = Math.max(this.sim.now + this.delay(), this.multifdArrival[ch] ?? 0);
+    this.multifdArrival[ch] = t;
+    const to = this.ends[1]!;
+    this.sim.at(
+      t,
+      () => {
+        // The secondary closed its channels, or they broke (in a process exit what was sent before still arrives).
+        if (this.closed[1] || this.multifdBroken || (this.broken && !(this.drain === 'drain' && sentAt < this.brokenAt))) return;
+        this.trace(`P→S multifd ${ch}: ${showWire(w)}`);
+        this.observer?.delivered(1, w);
+        to.deliverPages?.(w);
+      },
+      to.owner,
+    );
+  }
+
   /**
    * The link breaks; `notice[i]` says whether end i learns of it (and when). `drain`: what was
    * in flight still arrives (the end learns of the break after it), or all of it but the pages
@@ -250,6 +304,12 @@ export class Link {
     this.brokenAt = this.sim.now;
     this.drain = drain;
     this.trace(`link breaks (${reason})${drain === 'drain' ? ', in-flight data drains' : drain === 'pagesLost' ? ', in-flight pages are lost, the rest drains' : ''}`);
+    if (drain === 'pagesLost' && this.multifd > 0) {
+      // A multifd channel's receive fails at once: the barrier waiting for its pages gives up.
+      this.multifdBroken = true;
+      const s = this.ends[1]!;
+      this.sim.after(0, () => s.multifdLost?.(), s.owner);
+    }
     for (const i of [0, 1] as const) {
       const d = notice[i];
       if (d === null) continue;

@@ -64,11 +64,35 @@ export interface World {
 }
 
 /** Deliberately broken drivers, to show the checks can fail. */
-export type Broken = 'writeThrough' | 'noOwnDirty' | 'selfPromote' | 'takeoverPaused' | 'dropTriggers' | 'applyErrorAsStreamError' | 'runAfterBrokenApply' | 'sendLiveAfterResume' | 'ignoreDelaySet';
+export type Broken =
+  | 'writeThrough'
+  | 'noOwnDirty'
+  | 'selfPromote'
+  | 'takeoverPaused'
+  | 'dropTriggers'
+  | 'applyErrorAsStreamError'
+  | 'runAfterBrokenApply'
+  | 'sendLiveAfterResume'
+  | 'ignoreDelaySet'
+  /** The compare releases the held output once the checkpoint is sent, not at VMSTATE_RECEIVED. */
+  | 'releaseAtSend'
+  /** The secondary's frame loop does not wait at a round's sync for the pages still on the multifd channels. */
+  | 'noBarrier';
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
   return ev.type === 'message' ? `message ${ev.msg}` : ev.type === 'linkLost' || ev.type === 'protocolError' ? `${ev.type} (${ev.message})` : ev.type;
+}
+
+/** core.step, and a violation that says so when it throws (the run stops there, the seed printed). */
+function stepCore<E extends PrimaryEvent | SecondaryEvent, A>(w: World, who: string, core: { phase: string; step(ev: E): A[] }, ev: E): A[] {
+  const phase = core.phase;
+  try {
+    return core.step(ev);
+  } catch (err) {
+    w.violate('throw', `the ${who}'s core threw on ${showEvent(ev)} in phase ${phase}: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+    throw err;
+  }
 }
 
 function showActions(as: readonly (PrimaryAction | SecondaryAction)[]): string {
@@ -97,6 +121,8 @@ export class PrimaryNode implements Endpoint {
   /** Invariant 5: by this time the primary must have finished its failover. */
   deadline: number | null = null;
   exits = 0;
+  /** The event that started this node's failover (its COLO_EXIT reason depends on it). */
+  private failoverCause: PrimaryEvent['type'] | null = null;
   /** The compare stopped (failover): no more triggers. */
   compareStopped = false;
   /** The driver's close() ran (the process is exiting): the core must not act any more. */
@@ -195,7 +221,7 @@ export class PrimaryNode implements Endpoint {
     }
     const phase = this.core.phase;
     const closedBefore = this.closed && ev.type !== 'close';
-    const actions = this.core.step(ev);
+    const actions = stepCore(this.w, 'primary', this.core, ev);
     this.w.trace(`P ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
     this.expect(ev, phase, actions, closedBefore);
     for (const a of actions) this.perform(a);
@@ -213,6 +239,17 @@ export class PrimaryNode implements Endpoint {
     }
     if (ev.type === 'protocolError' && active && !closedBefore && (c.phase !== 'failover' || c.exitReason !== 'error' || !has('failover'))) {
       this.w.violate('5', `after a protocol error (phase ${before}) the primary must fail over (reason error), but it is in phase ${c.phase}, reason ${c.exitReason}, actions [${showActions(actions)}]`);
+    }
+    if (has('failover')) {
+      this.failoverCause = ev.type;
+      // A broken link alone waits for x-colo-lost-heartbeat for the grace period (docs/migration-protocol.md).
+      if (ev.type === 'linkLost') this.w.violate('grace', `the primary failed over as soon as its link broke (phase ${before}), without waiting ${this.w.graceMs} ms for x-colo-lost-heartbeat`);
+    }
+    // COLO_EXIT's reason, as QEMU's: request after a failover x-colo-lost-heartbeat asked for, error otherwise.
+    for (const a of actions) {
+      if (a.type !== 'exit') continue;
+      const want = this.failoverCause === 'lostHeartbeat' ? 'request' : 'error';
+      if (a.reason !== want) this.w.violate('exit', `the primary's COLO_EXIT has reason ${a.reason} after a failover started by ${this.failoverCause ?? 'nothing'} (want ${want})`);
     }
   }
 
@@ -307,10 +344,14 @@ export class PrimaryNode implements Endpoint {
             }
             // The pages in several frames.
             const chunk = 1 + Math.floor(w.rnd() * 12);
+            let frames = 0;
             for (let i = 0; i < pages.length; i += chunk) {
               yield* sleep(w.ms(0.05, 1.5));
               self.send({ k: 'pages', ck, pages: pages.slice(i, i + chunk).map((p): [number, Val] => [p, live ? g.ram[p]! : copy.ram.get(p)!]) });
+              frames += 1;
             }
+            // With multifd the pages went on their channels: the round's sync tells how many.
+            if (w.link.multifd > 0) self.send({ k: 'sync', ck, frames });
             if (blocks.length > 0) {
               yield* sleep(w.ms(0.05, 1.5));
               self.send({ k: 'disk', ck, blocks: blocks.map((b): [number, Val] => [b, live ? g.disk.read(b) : copy.disk.get(b)!]) });
@@ -318,6 +359,7 @@ export class PrimaryNode implements Endpoint {
             self.send({ k: 'colo', msg: 'VMSTATE_SIZE' });
             self.send({ k: 'device', ck, dev: live ? { ...g.device } : copy.dev });
             w.hook('P.stateSent');
+            if (self.broken === 'releaseAtSend') w.released(ck);
             return { type: 'stateSent' };
           })(),
         );
@@ -384,6 +426,10 @@ export class SecondaryNode implements Endpoint {
   appliedCk = 0;
   private readonly inbox: Wire[] = [];
   private frameWaiter: Signal<void> | null = null;
+  /** Page frames of each checkpoint the multifd channels delivered (the round barrier counts them). */
+  private readonly multifdFrames = new Map<number, number>();
+  /** A round's sync had to wait for pages still on the multifd channels. */
+  barrierWaited = false;
   private chain: Signal<void>;
   serving = false;
   deadline: number | null = null;
@@ -435,6 +481,30 @@ export class SecondaryNode implements Endpoint {
     this.wakePump();
   }
 
+  /** A multifd receive worker: the pages go into the cache whatever the frame loop does. */
+  deliverPages(f: Wire & { k: 'pages' }): void {
+    this.applyFrame(f);
+    this.multifdFrames.set(f.ck, (this.multifdFrames.get(f.ck) ?? 0) + 1);
+    this.multifdFrames.delete(f.ck - 3);
+    this.w.hook('S.frame.pages');
+    this.wakePump();
+  }
+
+  multifdLost(): void {
+    this.wakePump();
+  }
+
+  /** session.barrier: every page frame of checkpoint ck is in, or a channel broke. */
+  private *barrier(ck: number, frames: number): Co<void> {
+    for (;;) {
+      if ((this.multifdFrames.get(ck) ?? 0) >= frames) return;
+      if (this.w.link.multifdBroken || this.w.link.closed[1]) throw new ChannelClosed(`the round barrier of checkpoint ${ck} failed: a multifd channel closed`);
+      this.barrierWaited = true;
+      this.frameWaiter = new Signal<void>(this.w.sim);
+      yield* settle(this.frameWaiter);
+    }
+  }
+
   linkLost(reason: string): void {
     this.wakePump();
     void this.dispatch({ type: 'linkLost', message: reason });
@@ -478,6 +548,10 @@ export class SecondaryNode implements Endpoint {
         // session.barrier: a multifd channel closed before its SYNC.
         if (f.k === 'lost') throw new ChannelClosed(`the round barrier of checkpoint ${f.ck} failed: a multifd channel closed`);
         if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
+        if (f.k === 'sync') {
+          if (this.broken !== 'noBarrier') yield* this.barrier(f.ck, f.frames);
+          continue;
+        }
         this.applyFrame(f);
         this.w.hook(`S.frame.${f.k}`);
         if (f.k === 'device') yield* wait(this.dispatch({ type: 'stateReceived' }));
@@ -540,7 +614,7 @@ export class SecondaryNode implements Endpoint {
       this.deadline = Math.min(this.deadline ?? Infinity, this.w.sim.now + this.w.boundMs);
     }
     const phase = this.core.phase;
-    const actions = this.core.step(ev);
+    const actions = stepCore(this.w, 'secondary', this.core, ev);
     if (ev.type === 'startFailed') this.startFailedAt ??= this.w.sim.now;
     // A failover is right only if x-colo-lost-heartbeat came meanwhile (it waited for the start).
     if (ev.type === 'startFailed' && phase === 'starting' && (this.core.phase === 'starting' || actions.some((a) => (a.type === 'failover' && this.heartbeatLostAt === null) || a.type === 'start'))) {
@@ -633,6 +707,8 @@ export class SecondaryNode implements Endpoint {
         return { type: 'failoverDone' };
       case 'exit':
         this.exits += 1;
+        // A secondary fails over only when x-colo-lost-heartbeat asks it to: QEMU's reason request.
+        if (a.reason !== 'request') w.violate('exit', `the secondary's COLO_EXIT after its takeover has reason ${a.reason}, not request`);
         return null;
       case 'abandon':
         // driver.ts: the guest stays stopped for good (run state internal-error).

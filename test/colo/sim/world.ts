@@ -1,8 +1,9 @@
 /**
  * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
  * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
- * 4 and 5, the outcomes core.ts promises for the events that end COLO, and liveness before any
- * fault, after every step; at the end the primary closes and must not act any more.
+ * 4 and 5, 1 at a takeover (no output released from a checkpoint the survivor lacks), the
+ * outcomes core.ts promises for the events that end COLO, and liveness before any fault, after
+ * every step; at the end the primary closes and must not act any more.
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
@@ -65,6 +66,9 @@ const hooks = [
   'S.failover',
 ] as const;
 
+/** Points COLO passes once (its start): a fault tied to a later pass of them would never fire. */
+const onceHooks: readonly string[] = ['S.start', 'S.started', 'P.recv.CHECKPOINT_READY'];
+
 /** Where a checkpoint's pages are on their way to the secondary. */
 const sendingHooks = ['P.stateCaptured', 'P.stateSent', 'S.frame.pages'] as const;
 
@@ -97,6 +101,8 @@ export interface Scenario {
   faults: Fault[];
   /** The secondary's frame loop reads on after a broken channel (the core must drop the rest). */
   readOnAfterBreak?: boolean;
+  /** Checkpoint pages go on this many multifd channels (none if absent or 0). */
+  multifd?: number;
 }
 
 interface Snapshot {
@@ -126,6 +132,8 @@ export interface RunStats {
   abandoned: boolean;
   /** The secondary's core dropped the rest of a checkpoint that came after a channel broke. */
   droppedAfterBreak: boolean;
+  /** Pages on multifd channels came after the main channel's sync: the round barrier waited. */
+  barrierWaited: boolean;
 }
 
 export interface RunResult {
@@ -159,7 +167,9 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
   // The driver stops reading at a broken channel; in some runs it does not, so that the core's
   // own guard (never apply the rest of a checkpoint after a break) is under test too.
   const readOnAfterBreak = r() < 0.3;
-  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [], readOnAfterBreak };
+  // Pages on multifd channels, which they may reach after the main channel's frames behind them.
+  const multifd = r() < 0.4 ? 1 + Math.floor(r() * 4) : 0;
+  if (!faults || r() < 0.1) return { delayMs, delayChanges, triggerMeanMs, faults: [], readOnAfterBreak, multifd };
   const n = r() < 0.65 ? 1 : 2;
   const out: Fault[] = [];
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
@@ -167,6 +177,7 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     const x = r();
     const kind: FaultKind = x < 0.23 ? 'crashP' : x < 0.42 ? 'crashS' : x < 0.61 ? 'breakLink' : x < 0.75 ? 'hbP' : x < 0.84 ? 'applyFails' : x < 0.9 ? 'panicP' : x < 0.94 ? 'closeP' : x < 0.97 ? 'protoP' : 'startFails';
     let trigger: Fault['trigger'] = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
+    if ('hook' in trigger && onceHooks.includes(trigger.hook)) trigger.nth = 1;
     let delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
     // Armed when an apply begins, so that it breaks that apply.
     if (kind === 'applyFails') [trigger, delay] = [{ hook: 'S.apply', nth: 1 + Math.floor(r() * 6) }, 0];
@@ -211,7 +222,7 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
     if (drain === 'pagesLost' && r() < 0.7) [trigger, delay] = [{ hook: pick(sendingHooks), nth: 1 + Math.floor(r() * 6) }, Math.round(r() * 100) / 100];
     out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
   }
-  return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak };
+  return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak, multifd };
 }
 
 export function showScenario(s: Scenario): string {
@@ -225,7 +236,8 @@ export function showScenario(s: Scenario): string {
   });
   const changes = (s.delayChanges ?? []).map((c) => `, then ${c.delayMs}ms at t=${c.atMs}`).join('');
   const readOn = s.readOnAfterBreak === true ? '; the frame loop reads on after a break' : '';
-  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}${readOn}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
+  const multifd = (s.multifd ?? 0) > 0 ? `; pages on ${s.multifd} multifd channels` : '';
+  return `x-checkpoint-delay=${s.delayMs}ms${changes}; compare triggers ${s.triggerMeanMs === null ? 'none' : `every ~${s.triggerMeanMs}ms`}${readOn}${multifd}; faults: ${f.length === 0 ? 'none' : f.join(' | ')}`;
 }
 
 class SimWorld implements World {
@@ -247,9 +259,11 @@ class SimWorld implements World {
   private readonly svmOwnBlocks = new Map<number, Val>();
   private svmOwnDevice: Device | null = null;
   /** Frames of each checkpoint the primary sent, and how many of them the secondary got. */
-  private readonly frames = new Map<number, { sent: number; got: number }>();
+  private readonly frames = new Map<number, { sent: number; got: number; device: boolean }>();
   /** The last checkpoint every frame of which the world delivered to the secondary (invariant 2). */
   fullyDelivered = 0;
+  /** The last checkpoint whose held output the primary released to clients (invariant 1). */
+  private releasedCk = 0;
   private readonly hookCounts = new Map<string, number>();
   private readonly panicTries = new Map<Fault, number>();
   private readonly pending: Fault[];
@@ -270,7 +284,7 @@ class SimWorld implements World {
   /** The oldest resync trigger not yet answered by a checkpoint paused after it (resyncCk: that checkpoint). */
   resyncAt: number | null = null;
   resyncCk: number | null = null;
-  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false };
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false, barrierWaited: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
@@ -278,6 +292,7 @@ class SimWorld implements World {
     const longest = Math.max(scenario.delayMs, ...(scenario.delayChanges ?? []).map((c) => c.delayMs));
     this.endAt = Math.max(BASE_MS, 5 * longest + 500);
     this.link = new Link(this.sim, r, (s) => this.trace(s));
+    this.link.multifd = scenario.multifd ?? 0;
     // The state at COLO start: the initial migration made both sides equal.
     const ram: Val[] = [];
     for (let p = 0; p < PAGES; p++) ram.push({ v: mix(seed, p), src: 'I', ck: 0 });
@@ -326,6 +341,10 @@ class SimWorld implements World {
 
   released(ck: number): void {
     this.triggerAt = null;
+    this.releasedCk = Math.max(this.releasedCk, ck);
+    // Invariant 1: a secondary that serves already must hold this checkpoint (its failover
+    // waited for the apply that VMSTATE_RECEIVED announced).
+    if (this.S.serving && this.svmBase.ck < ck) this.violate('1', `the primary released the held output of checkpoint ${ck} while the secondary serves from checkpoint ${this.svmBase.ck}: clients saw output its state contradicts`);
     // Lost mirrored input is covered only by a checkpoint whose pause came after the loss.
     if (this.resyncCk !== null && ck >= this.resyncCk) [this.resyncAt, this.resyncCk] = [null, null];
     if (this.P.left || this.P.guest.crashed) this.violate('crash', `the primary released held output of checkpoint ${ck} after its guest crashed: the secondary, which keeps the last checkpoint, could contradict it`);
@@ -344,19 +363,23 @@ class SimWorld implements World {
 
   private frameSent(from: 0 | 1, f: Wire): void {
     if (from !== 0 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
-    const n = this.frames.get(f.ck) ?? { sent: 0, got: 0 };
+    const n = this.frames.get(f.ck) ?? { sent: 0, got: 0, device: false };
     n.sent += 1;
     this.frames.set(f.ck, n);
     this.frames.delete(f.ck - 3);
   }
 
-  /** A checkpoint is fully received once its device blob (its last frame) arrives after all the others. */
+  /**
+   * A checkpoint is fully received once its device blob (the last frame sent) and every frame
+   * sent before it arrived, in whatever order (pages on multifd channels may come after it).
+   */
   private frameDelivered(to: 0 | 1, f: Wire): void {
     if (to !== 1 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
     const n = this.frames.get(f.ck);
     if (n === undefined) return;
     n.got += 1;
-    if (f.k === 'device' && n.got === n.sent) this.fullyDelivered = Math.max(this.fullyDelivered, f.ck);
+    if (f.k === 'device') n.device = true;
+    if (n.device && n.got === n.sent) this.fullyDelivered = Math.max(this.fullyDelivered, f.ck);
   }
 
   svmWrote(what: 'page' | 'block', i: number, v: Val): void {
@@ -388,6 +411,12 @@ class SimWorld implements World {
     const dev = this.svmOwnDevice ?? base.device;
     if (g.device.ticks !== dev.ticks || g.device.acc !== dev.acc) bad.push(`device: SVM ${JSON.stringify(g.device)}, want ${JSON.stringify(dev)}`);
     this.trace(`S takes over from checkpoint ${base.ck}${this.svmOwnDevice === null ? '' : ' plus its own writes'}`);
+    // Invariant 1: clients got the PVM's output up to the pause of every checkpoint whose held
+    // output the primary released; a survivor from an older one would contradict it.
+    if (base.ck < this.releasedCk) {
+      this.violate('1', `the secondary takes over from checkpoint ${base.ck}, but the primary released the held output of checkpoint ${this.releasedCk} to clients`);
+      return;
+    }
     if (bad.length > 0) this.violate('3', `at the takeover the secondary's state is not checkpoint ${base.ck}'s plus its own writes since: ${bad.slice(0, 4).join('; ')}${bad.length > 4 ? ` (+${bad.length - 4})` : ''}`);
   }
 
@@ -679,6 +708,7 @@ class SimWorld implements World {
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
     if (S.droppedAfterBreak) this.stats.droppedAfterBreak = true;
+    if (S.barrierWaited) this.stats.barrierWaited = true;
   }
 }
 
@@ -687,6 +717,18 @@ export function runSeed(opts: RunOptions): RunResult {
   const drawn = drawScenario(r, opts.faults ?? true);
   const scenario = opts.scenario ?? drawn;
   const w = new SimWorld(opts.seed, scenario, opts.broken ?? null, opts.fullTrace ?? false, r);
+  try {
+    run(w);
+  } catch (err) {
+    // An exception (from a core, or the simulation itself) fails the seed like a violation, so
+    // that the failure names the seed and the scenario.
+    w.violate('throw', `the simulation threw: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
+  }
+  w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
+  return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
+}
+
+function run(w: SimWorld): void {
   w.P.start();
   w.S.start();
   w.check(false);
@@ -707,8 +749,6 @@ export function runSeed(opts: RunOptions): RunResult {
     const until = w.sim.now + END_TAIL_MS;
     while (w.violation === null && w.sim.step(until));
   }
-  w.stats.triggered = w.P.core.checkpointsBy.mismatch + w.P.core.checkpointsBy.timeout;
-  return { seed: opts.seed, scenario: showScenario(scenario), violation: w.violation, endMs: w.sim.now, steps: w.sim.steps, trace: w.traceLines, stats: w.stats };
 }
 
 export function describeFailure(res: RunResult): string {
