@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import binaryen from 'binaryen';
 import { GuestLoadError } from '../../src/core/errors.js';
 import { limits } from '../../src/core/limits.js';
+import { withTimeout } from '../framework/harness.js';
 import {
   allowedWasiImports,
   asyncifyExports,
@@ -368,7 +369,7 @@ test('preemption: an infinite loop in a worker reaches colo.preempt and pauses; 
     const seen = view.getInt32(64, true);
     assert.ok(seen >= 5 * (limits.preemptBudget - 1), `loop counter ${seen} shows the shared memory is the guest's`);
     Atomics.store(counts, 1, 1);
-    const result = await done;
+    const result = await withTimeout(done, 20000, "the worker's guest to unwind at colo.preempt and post its state");
     assert.equal(result.state, 1, 'the guest unwound at colo.preempt');
     const preempts = Atomics.load(counts, 0);
     assert.ok(preempts >= 6);
