@@ -289,6 +289,13 @@ test('colo/net: the SVM output channel cut under load (ss -K): output and mirror
 const seeds = Number(process.env.COLO_KV_SEEDS ?? 20);
 const onlySeed = process.env.COLO_KV_SEED === undefined ? null : Number(process.env.COLO_KV_SEED);
 
+/** The seeds to run; a COLO_KV_SEEDS or COLO_KV_SEED that names none fails the test instead of passing it with nothing run. */
+function seedList(): number[] {
+  const list = onlySeed !== null ? [onlySeed] : Array.from({ length: seeds }, (_, i) => i + 1);
+  assert.ok(list.length > 0 && list.every((s) => Number.isInteger(s) && s >= 0), `no seeds to run (COLO_KV_SEEDS=${String(process.env.COLO_KV_SEEDS)}, COLO_KV_SEED=${String(process.env.COLO_KV_SEED)})`);
+  return list;
+}
+
 async function killDuringLoad(env: TestEnv, pair: Pair, seed: number, victim: 'src' | 'dst'): Promise<{ acked: Map<string, string>; counter: number; writer: AckedWriter; inc: Incrementer }> {
   const r = rng(seed * 7919 + (victim === 'src' ? 1 : 2));
   const writer = await AckedWriter.start(pair.port, `s${seed}:`);
@@ -324,7 +331,7 @@ async function killDuringLoad(env: TestEnv, pair: Pair, seed: number, victim: 's
 }
 
 test(`colo/net: the primary SIGKILLed under kv load (${onlySeed ?? seeds} seeds): the secondary has every acknowledged write`, async (t) => {
-  for (const seed of onlySeed !== null ? [onlySeed] : Array.from({ length: seeds }, (_, i) => i + 1)) {
+  for (const seed of seedList()) {
     await t.test(`seed ${seed}`, async (tt) => {
       const env = new TestEnv(tt);
       const pair = await startPair(env, 100, seed % 2 === 0);
@@ -346,7 +353,7 @@ test(`colo/net: the primary SIGKILLed under kv load (${onlySeed ?? seeds} seeds)
 });
 
 test(`colo/net: the secondary SIGKILLed under kv load (${onlySeed ?? seeds} seeds): the primary keeps serving, nothing lost`, async (t) => {
-  for (const seed of onlySeed !== null ? [onlySeed] : Array.from({ length: seeds }, (_, i) => i + 1)) {
+  for (const seed of seedList()) {
     await t.test(`seed ${seed}`, async (tt) => {
       const env = new TestEnv(tt);
       const pair = await startPair(env, 100, seed % 2 === 1);
