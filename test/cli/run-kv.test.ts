@@ -35,6 +35,8 @@ test('migrate to a file under load, restore in a new process: every acknowledged
 
   // Background load from a real client, and our own writer that records what was acknowledged.
   const bench = spawn('redis-benchmark', ['-p', String(port), '-q', '-n', '200000', '-t', 'set,incr,lpush', '-r', '1000'], { stdio: 'ignore' });
+  let benchError: Error | null = null;
+  bench.once('error', (err) => (benchError = err));
   env.onCleanup(() => {
     bench.kill('SIGKILL');
   });
@@ -42,6 +44,9 @@ test('migrate to a file under load, restore in a new process: every acknowledged
   env.onCleanup(() => writer.stop());
   const acked = writer.acked;
   await waitFor('some acknowledged writes', () => acked.size >= 200, 20000);
+  // The migration is under load only if the load is there: a missing or failed redis-benchmark fails the test.
+  assert.equal(benchError, null, 'redis-benchmark started');
+  assert.ok(bench.exitCode === null && bench.signalCode === null, `redis-benchmark still loads the VM when the migration starts (it exited with ${bench.exitCode ?? bench.signalCode})`);
   await src.qmp.execute('migrate', { uri: `file:${stateFile}` });
   await src.waitMigrationStatus('completed', 60000);
   assert.equal(await src.status(), 'postmigrate');

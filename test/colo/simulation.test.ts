@@ -35,6 +35,7 @@ const count = Number(process.env['COLO_SIM_SEEDS'] ?? 500);
 const seeds = one !== undefined ? [Number(one)] : Array.from({ length: count }, (_, i) => i + 1);
 
 test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.length} seeds with crashes, link breaks, lost heartbeats and broken applies`, (t) => {
+  assert.ok(seeds.length > 0 && seeds.every((s) => Number.isInteger(s) && s >= 0), `no seeds to run (COLO_SIM_SEEDS=${String(process.env['COLO_SIM_SEEDS'])}, COLO_SIM_SEED=${String(one)})`);
   const started = performance.now();
   const failures: RunResult[] = [];
   let checkpoints = 0;

@@ -2,6 +2,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { QmpCommandError } from '../../src/core/errors.js';
 import { deferred, rawClient, sleep, startServer, waitMs, within } from './helpers.js';
+import { waitFor } from '../framework/harness.js';
 
 const negotiationError = {
   error: { class: 'CommandNotFound', desc: "Expecting capabilities negotiation with 'qmp_capabilities'" },
@@ -301,7 +302,7 @@ test('client limit: one client too many gets an error and is closed', async (t) 
   await within(c.closed, waitMs, 'refused client closed');
   assert.equal(server.clientCount, 2);
   await a.close();
-  await sleep(20);
+  await waitFor("the server to count the first client's close", () => server.clientCount === 1, waitMs, 5);
   const d = await rawClient(t, socketPath);
   assert.ok('QMP' in (await d.next()));
 });

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { QmpDispatcher, QmpSession } from '../../src/control/qmp-protocol.js';
 import { deferred, within } from './helpers.js';
+import { waitFor } from '../framework/harness.js';
 
 interface Harness {
   session: QmpSession;
@@ -116,13 +117,7 @@ test('session: end of input flushes an unterminated last line, answers, then end
   h.session.endOfInput();
   const lines = await h.lines(3);
   assert.match(lines[2]!, /"id": 5\}\r\n$/);
-  await within(
-    (async () => {
-      while (!h.ended()) await new Promise((r) => setTimeout(r, 1));
-    })(),
-    2000,
-    'end',
-  );
+  await waitFor('the session to end its output', h.ended, 2000, 1);
   assert.equal(h.session.state, 'closed');
 });
 

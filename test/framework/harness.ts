@@ -248,6 +248,29 @@ export class VmProcess {
   }
 }
 
+/** Processes whose command line names a unix socket in `dir` (the QMP sockets of a test's `colo run` processes, `colo up`'s children included). */
+export function pidsUsing(dir: string): number[] {
+  const out: number[] = [];
+  for (const e of fs.readdirSync('/proc')) {
+    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
+    try {
+      if (fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(`unix:${dir}/`)) out.push(Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return out;
+}
+
+export function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
 /** A test's temporary folder and the processes it started. */
 export class TestEnv {
   readonly dir: string;
@@ -338,6 +361,17 @@ export class TestEnv {
         await fn();
       } catch (err) {
         first ??= err;
+      }
+    }
+    // Anything still running with a socket in the test folder was started by the test, if not
+    // directly (a `colo up` a refusal test expected to exit at once, killed by runProgram's
+    // timeout, leaves its children): it must not outlive the test.
+    for (const pid of pidsUsing(this.dir)) {
+      process.stderr.write(`[${this.dir}] killing process ${pid}, left running by the test\n`);
+      try {
+        process.kill(pid, 'SIGKILL');
+      } catch {
+        // gone meanwhile
       }
     }
     if (process.env.COLO_KEEP_TEST_DIR === undefined) fs.rmSync(this.dir, { recursive: true, force: true });

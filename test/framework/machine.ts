@@ -13,6 +13,12 @@ export async function machineFor(
   opts: { memoryBytes?: number; storeLog?: boolean; drive?: string } = {},
 ): Promise<{ m: Machine; serial: string; serialText(): string }> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-machine-'));
+  // Registered before the create: a guest that fails to load leaves no folder behind either.
+  let made: Machine | undefined;
+  t.after(async () => {
+    await made?.destroy();
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
   const serial = path.join(dir, 'serial');
   const m = await Machine.create({
     guest: await loadGuest(guest, { storeLog: opts.storeLog ?? false }),
@@ -22,10 +28,7 @@ export async function machineFor(
     serial: { kind: 'file', path: serial },
     drive: opts.drive === undefined ? null : { path: opts.drive, snapshot: false },
   });
-  t.after(async () => {
-    await m.destroy();
-    fs.rmSync(dir, { recursive: true, force: true });
-  });
+  made = m;
   return { m, serial, serialText: () => fs.readFileSync(serial, 'latin1') };
 }
 

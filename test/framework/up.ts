@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
-import { type TestEnv, coloBin, freePort, guests, waitFor, withTimeout } from './harness.js';
+import { type TestEnv, coloBin, freePort, guests, pidAlive, pidsUsing, waitFor, withTimeout } from './harness.js';
 import { RespClient } from './resp.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
@@ -70,28 +70,7 @@ export class Supervisor {
   }
 }
 
-/** Processes whose command line mentions `dir`. */
-export function pidsUsing(dir: string): number[] {
-  const out: number[] = [];
-  for (const e of fs.readdirSync('/proc')) {
-    if (!/^\d+$/.test(e) || Number(e) === process.pid) continue;
-    try {
-      if (fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').includes(`unix:${dir}/`)) out.push(Number(e));
-    } catch {
-      // gone meanwhile
-    }
-  }
-  return out;
-}
-
-export function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch {
-    return false;
-  }
-}
+export { pidAlive, pidsUsing } from './harness.js';
 
 /** The QMP socket a `colo run` child was given (from its command line). */
 export async function qmpOf(pid: number, sup?: Supervisor): Promise<QmpClient> {

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import binaryen from 'binaryen';
 import { GuestLoadError } from '../../src/core/errors.js';
 import { limits } from '../../src/core/limits.js';
+import { withTimeout } from '../framework/harness.js';
 import {
   allowedWasiImports,
   asyncifyExports,
@@ -368,7 +369,7 @@ test('preemption: an infinite loop in a worker reaches colo.preempt and pauses; 
     const seen = view.getInt32(64, true);
     assert.ok(seen >= 5 * (limits.preemptBudget - 1), `loop counter ${seen} shows the shared memory is the guest's`);
     Atomics.store(counts, 1, 1);
-    const result = await done;
+    const result = await withTimeout(done, 20000, "the worker's guest to unwind at colo.preempt and post its state");
     assert.equal(result.state, 1, 'the guest unwound at colo.preempt');
     const preempts = Atomics.load(counts, 0);
     assert.ok(preempts >= 6);
@@ -883,15 +884,16 @@ test("loadGuest trusts only cache files of this user's, writable by no one else,
   const { chown, chmod } = await import('node:fs/promises');
   const { execFileSync } = await import('node:child_process');
   const uid = process.getuid!();
-  const other = uid === 0 ? 65534 : uid; // as root (CI), the entry can be given to nobody
+  // Only root (as CI) can give the entry to another user: without it the check below would
+  // not run, and the test would pass without it.
+  assert.equal(uid, 0, 'this test runs as root (as the tmpfs tests do), to give a cache entry to nobody');
+  const other = 65534;
 
-  if (uid === 0) {
-    // An intact entry that another user wrote: not trusted, so rebuilt and rewritten as ours.
-    await chown(wasmPath, other, other);
-    await chown(jsonPath, other, other);
-    assert.deepEqual(await loadGuest(guestPath), first);
-    assert.equal((await stat(wasmPath)).uid, uid, "another user's entry was replaced by this user's");
-  }
+  // An intact entry that another user wrote: not trusted, so rebuilt and rewritten as ours.
+  await chown(wasmPath, other, other);
+  await chown(jsonPath, other, other);
+  assert.deepEqual(await loadGuest(guestPath), first);
+  assert.equal((await stat(wasmPath)).uid, uid, "another user's entry was replaced by this user's");
   // Writable by the group: anyone in it could have replaced the module.
   await chmod(wasmPath, 0o664);
   assert.deepEqual(await loadGuest(guestPath), first);

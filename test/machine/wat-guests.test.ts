@@ -106,6 +106,8 @@ test('segments outside the initial memory or table are refused at load, naming t
     guest: { wasm, moduleHash: 'crafted', instrumentVersion, memory: { initialPages: 1, maximumPages: null }, globals: [], wasiImports: [], dataSegments: [], storeLog: false },
     memoryBytesMax: 64 * 1024 * 1024, args: ['guest'], env: [], serial: { kind: 'none' }, drive: null,
   });
+  // Should the create succeed after all (the test then fails), its vCPU thread must not keep the test file running.
+  t.after(() => create.then((m) => m.destroy(), () => undefined));
   await assert.rejects(withTimeout(create, 20000, 'Machine.create of a module that cannot be instantiated to fail'), (err: unknown) => {
     assert.ok(err instanceof Error);
     assert.equal(err.name, 'GuestLoadError');

@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import crypto from 'node:crypto';
 import { machineFor } from '../framework/machine.js';
-import { guests, waitFor } from '../framework/harness.js';
+import { guests, waitFor, withTimeout } from '../framework/harness.js';
 import type { Machine } from '../../src/machine/machine.js';
 import { IncomingMigration } from '../../src/migration/destination.js';
 import { MultifdReceiver } from '../../src/migration/multifd.js';
@@ -68,10 +68,10 @@ class ScriptedSource {
   static async connect(t: { after(fn: () => unknown): void }, port: number): Promise<ScriptedSource> {
     const s = net.connect(port, '127.0.0.1');
     t.after(() => s.destroy());
-    await new Promise<void>((resolve, reject) => {
+    await withTimeout(new Promise<void>((resolve, reject) => {
       s.once('connect', resolve);
       s.once('error', reject);
-    });
+    }), 5000, 'the scripted source to connect');
     return new ScriptedSource(s);
   }
 
@@ -92,8 +92,11 @@ class ScriptedSource {
   async channel(t: { after(fn: () => unknown): void }, port: number, ch: number, channels: number): Promise<net.Socket> {
     const c = net.connect(port, '127.0.0.1');
     t.after(() => c.destroy());
+    await withTimeout(new Promise<void>((resolve, reject) => {
+      c.once('connect', resolve);
+      c.once('error', reject);
+    }), 5000, `multifd channel ${ch} to connect`);
     c.on('error', () => undefined);
-    await new Promise<void>((resolve) => c.once('connect', resolve));
     c.write(encodeChannelHello({ version: multifdVersion, migrationId: this.id, channel: ch, channels }));
     return c;
   }

@@ -160,13 +160,14 @@ test('a channel of another migration is refused; the right one is still accepted
   const receiver = await MultifdReceiver.start({ memory: memory(), host: '127.0.0.1', migrationId: id, channels: 1, pagesMax: pages, ramPages, ramMaybeNonZero: null, target: { ram: true, cache: null, received: null } });
   t.after(() => receiver.destroy());
   const other = new Uint8Array(crypto.randomBytes(16));
-  const status = await new Promise<number>((resolve, reject) => {
-    const s = net.connect({ host: '127.0.0.1', port: receiver.ports[0]! }, () => s.write(encodeChannelHello({ version: multifdVersion, migrationId: other, channel: 0, channels: 1 })));
+  const s = net.connect({ host: '127.0.0.1', port: receiver.ports[0]! }, () => s.write(encodeChannelHello({ version: multifdVersion, migrationId: other, channel: 0, channels: 1 })));
+  t.after(() => s.destroy());
+  const status = await withTimeout(new Promise<number>((resolve, reject) => {
     let got = Buffer.alloc(0);
     s.on('data', (d: Buffer) => (got = Buffer.concat([got, d])));
     s.on('close', () => (got.byteLength >= 16 ? resolve(decodeChannelAnswer(got)) : reject(new Error('no answer'))));
     s.on('error', reject);
-  });
+  }), 5000, "the receiver's answer to a channel of another migration, and its close");
   assert.equal(status, ChannelStatus.wrongMigration);
   await assert.rejects(
     MultifdSender.connect({ memory: memory(), host: '127.0.0.1', ports: receiver.ports, migrationId: other, pagesMax: pages, shadow: null }),
@@ -180,7 +181,7 @@ test('a channel of another migration is refused; the right one is still accepted
     return 1;
   }, 0);
   assert.equal(sent.channels, 1);
-  const got = await barrier;
+  const got = await withTimeout(barrier, 5000, 'the barrier of round 1 on the accepted channel');
   assert.equal(got.pages, 1, 'the accepted channel carried the round');
   // An empty round wakes no channel; its barrier (0 channels) passes at once.
   assert.equal((await good.sendRound(2, () => 0, 0)).channels, 0);
@@ -222,17 +223,19 @@ test('a page sent again in the next round on another channel ends with the newer
     page === null
       ? encodePacket({ flags: PacketFlags.sync, channel, packet: packetNo[channel]!++, round }, [], 0, Buffer.alloc(0))
       : encodePacket({ flags: 0, channel, packet: packetNo[channel]!++, round }, [page], 1, Buffer.alloc(pageBytes, fill));
-  const sockets = await Promise.all(
+  const connected: net.Socket[] = [];
+  t.after(() => connected.forEach((s) => s.destroy()));
+  const sockets = await withTimeout(Promise.all(
     [0, 1].map(
       (channel) =>
         new Promise<net.Socket>((resolve, reject) => {
           const s = net.connect({ host: '127.0.0.1', port: receiver.ports[channel]! }, () => s.write(encodeChannelHello({ version: multifdVersion, migrationId: id, channel, channels: 2 })));
+          connected.push(s);
           s.once('data', (d: Buffer) => (decodeChannelAnswer(d) === ChannelStatus.accepted ? resolve(s) : reject(new Error(`channel ${channel} refused`))));
           s.on('error', reject);
         }),
     ),
-  );
-  t.after(() => sockets.forEach((s) => s.destroy()));
+  ), 5000, "the receiver's answers to both channels' hellos");
   const [a, b] = sockets as [net.Socket, net.Socket];
   const page5 = (): number => Buffer.from(dst.buffer)[5 * pageBytes]!;
   // Channel 0: its share of round 1 (page 6), then round 2's copy of page 5.

@@ -143,6 +143,7 @@ test('front end: close at a switchover frees the address at once, and the last o
   const events: NicInput[] = [];
   const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
   await fe.listen();
+  t.after(() => fe.close());
   const port = fe.boundPort();
   const slow = net.connect({ port, host: '127.0.0.1' });
   slow.on('error', () => undefined);
@@ -185,6 +186,7 @@ test('front end: close at process exit resets a closed connection that still owe
   const events: NicInput[] = [];
   const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
   await fe.listen();
+  t.after(() => fe.close());
   const slow = net.connect({ port: fe.boundPort(), host: '127.0.0.1' });
   slow.on('error', () => undefined);
   slow.pause();

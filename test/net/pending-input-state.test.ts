@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
 import { limits } from '../../src/core/limits.js';
-import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 
 /** Bytes sent to local port `port` that no process has read yet (rx_queue of /proc/net/tcp), or null with no such socket. */
@@ -65,7 +65,7 @@ test('a stopped VM that read more client input than its input ring holds saves a
     written.push(new Promise((resolve) => s.write(b, () => resolve())));
   }
   assert.ok(total > limits.nicInputRingBytes, `${total} bytes sent: more than the input ring's ${limits.nicInputRingBytes}`);
-  await Promise.all(written);
+  await withTimeout(Promise.all(written), 20000, "the stopped VM's front end to take every client's SETs (their writes to flush)");
   // The front end hands each read on as it makes it, before the QMP command below is read.
   await waitFor('the stopped VM to have read every byte its clients sent', () => unreadOnPort(port) === 0, 20000);
 
