@@ -4,6 +4,8 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { execFileSync } from 'node:child_process';
+import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
 import { Disk, DiskIoError } from '../../src/block/disk.js';
 
 function image(t: { after(fn: () => void): void }, bytes: number): string {
@@ -78,4 +80,21 @@ test('COLO layer: the guest\'s own writes are dropped at an apply and committed 
   assert.equal(fs.readFileSync(p).subarray(9000, 9004).toString(), 'kept', 'a takeover commits the own writes');
   d.write(Buffer.from('base'), 12000);
   assert.equal(fs.readFileSync(p).subarray(12000, 12004).toString(), 'base', 'after the commit writes go to the disk');
+});
+
+test('a drive that is no image file (a directory in snapshot mode, a FIFO) is refused in one line, without hanging', async (t) => {
+  const env = new TestEnv(t);
+  const dir = env.file('a-dir');
+  fs.mkdirSync(dir);
+  const fifo = env.file('a-fifo');
+  execFileSync('mkfifo', [fifo]);
+  for (const [drive, why] of [[`file=${dir},snapshot=on`, /it is a directory/], [`file=${fifo},snapshot=on`, /not a regular file/], [`file=${fifo}`, /not a regular file/]] as const) {
+    // Before, the directory ran with a one-block disk whose every read failed, and the FIFO
+    // blocked the open for good (the timeout's failure says so).
+    const r = await runProgram(process.execPath, [coloBin, 'run', guests.spin, '--drive', drive], { timeoutMs: 15000 });
+    assert.equal(r.code, 1, `--drive ${drive}: ${r.stderr}`);
+    assert.match(r.stderr, new RegExp(`cannot open drive '.*': ${why.source} \\(the drive is a raw image file`), drive);
+    assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+    assert.doesNotMatch(r.stdout, /spin ready/, 'the guest never ran');
+  }
 });
