@@ -424,6 +424,9 @@ export class WasiHost {
   private diskWrite(data: Uint8Array, offset: number): { errno: number; n: number; reason?: string } {
     const disk = this.devices.disk;
     if (disk === null) return { errno: errno.badf, n: 0 };
+    // POSIX write at the end of a medium: as many bytes as there is room for (a short write),
+    // and EFBIG only when none fits.
+    if (offset < disk.sizeBytes && offset + data.byteLength > disk.sizeBytes) data = data.subarray(0, disk.sizeBytes - offset);
     try {
       return { errno: errno.success, n: disk.write(data, offset) };
     } catch (err) {

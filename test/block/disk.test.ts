@@ -7,6 +7,10 @@ import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
 import { Disk, DiskIoError } from '../../src/block/disk.js';
+import { WasiHost, diskFd, type VcpuHooks } from '../../src/machine/wasi-host.js';
+import { Clock } from '../../src/machine/devices/clock.js';
+import { Serial } from '../../src/machine/devices/serial.js';
+import { Nic } from '../../src/net/nic.js';
 
 function image(t: { after(fn: () => void): void }, bytes: number): string {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
@@ -97,4 +101,44 @@ test('a drive that is no image file (a directory in snapshot mode, a FIFO) is re
     assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
     assert.doesNotMatch(r.stdout, /spin ready/, 'the guest never ran');
   }
+});
+
+test('a guest write that runs past the end of the disk is short (POSIX): the bytes that fit are written, EFBIG only when none does', (t) => {
+  const p = image(t, 8192 + 100); // the last block is short
+  const original = fs.readFileSync(p);
+  const d = Disk.open(p, { snapshot: false });
+  t.after(() => d.close());
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const noop = (): void => undefined;
+  const hooks: VcpuHooks = {
+    finishRewind: () => false, pauseRequested: () => false, startUnwind: noop, drainInput: noop,
+    waitForInput: () => false, waitForDiskSpace: () => false, diskWriteDone: noop, output: noop, markWrite: noop,
+  };
+  const clock = new Clock();
+  clock.resume();
+  const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic: new Nic(), disk: d }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: (number | bigint)[]) => number>;
+  const dv = new DataView(memory.buffer);
+  const u8 = new Uint8Array(memory.buffer);
+  const [iov, nPtr, buf] = [0, 16, 64];
+  u8.fill(0x5a, buf, buf + 300);
+  dv.setUint32(iov, buf, true);
+  dv.setUint32(iov + 4, 300, true);
+  const size = 8192 + 100;
+  // pwrite of 300 bytes 40 before the end: 40 written.
+  dv.setUint32(nPtr, 0xffffffff, true);
+  assert.equal(imports.fd_pwrite!(diskFd, iov, 1, BigInt(size - 40), nPtr), 0, 'a straddling pwrite succeeds');
+  assert.equal(dv.getUint32(nPtr, true), 40, 'it writes the 40 bytes that fit');
+  const after = fs.readFileSync(p);
+  assert.equal(after.byteLength, size, 'the image does not grow');
+  assert.deepEqual(after.subarray(size - 40), Buffer.alloc(40, 0x5a));
+  assert.deepEqual(after.subarray(0, size - 40), original.subarray(0, size - 40), 'nothing else changed');
+  // At the end: nothing fits.
+  assert.equal(imports.fd_pwrite!(diskFd, iov, 1, BigInt(size), nPtr), 22 /* EFBIG */);
+  // fd_write from a position near the end: short, and the position moves by what was written.
+  dv.setBigUint64(nPtr, 0n, true);
+  assert.equal(imports.fd_seek!(diskFd, BigInt(size - 10), 0 /* set */, nPtr), 0);
+  assert.equal(imports.fd_write!(diskFd, iov, 1, nPtr), 0);
+  assert.equal(dv.getUint32(nPtr, true), 10);
+  assert.equal(imports.fd_write!(diskFd, iov, 1, nPtr), 22 /* EFBIG */, 'the next write, at the end, fits nothing');
 });
