@@ -5,7 +5,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { execFileSync } from 'node:child_process';
-import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
+import { TestEnv, coloBin, guests, runProgram, sleep, waitFor } from '../framework/harness.js';
+import { machineFor, watGuest } from '../framework/machine.js';
+import { limits } from '../../src/core/limits.js';
 import { Disk, DiskIoError } from '../../src/block/disk.js';
 import { WasiHost, diskFd, type VcpuHooks } from '../../src/machine/wasi-host.js';
 import { Clock } from '../../src/machine/devices/clock.js';
@@ -142,3 +144,41 @@ test('a guest write that runs past the end of the disk is short (POSIX): the byt
   assert.equal(dv.getUint32(nPtr, true), 10);
   assert.equal(imports.fd_write!(diskFd, iov, 1, nPtr), 22 /* EFBIG */, 'the next write, at the end, fits nothing');
 });
+
+for (const call of ['fd_pwrite', 'fd_pread'] as const) {
+  test(`a guest looping over 1 MiB ${call} calls on its disk pauses at once, not 20000 calls later`, async (t) => {
+    const diskBytes = 32 * 1024 * 1024;
+    const chunk = 1024 * 1024;
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+    t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const img = path.join(dir, 'd.img');
+    fs.writeFileSync(img, Buffer.alloc(diskBytes, 1));
+    // [0]: calls made. Each loop iteration is one back-edge against the preemption budget;
+    // before, nothing else counted, so a pause waited for 20000 calls (20-80 GB of I/O).
+    const guest = watGuest(t, call, `(module
+      (import "wasi_snapshot_preview1" "${call}" (func $io (param i32 i32 i32 i64 i32) (result i32)))
+      (memory (export "memory") ${(chunk + 65536) / 65536})
+      (func (export "_start") (local $off i64)
+        (i32.store (i32.const 16) (i32.const 65536))
+        (i32.store (i32.const 20) (i32.const ${chunk}))
+        (loop $io
+          (drop (call $io (i32.const 4) (i32.const 16) (i32.const 1) (local.get $off) (i32.const 24)))
+          (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+          (local.set $off (i64.rem_u (i64.add (local.get $off) (i64.const ${chunk})) (i64.const ${diskBytes})))
+          (br $io))))`);
+    const { m } = await machineFor(t, guest, [], { drive: img });
+    const calls = (): number => new Int32Array(m.memory.buffer, 0, 1)[0]!;
+    for (let round = 0; round < 3; round++) {
+      await m.cont();
+      const from = calls();
+      await waitFor(`the guest to make 20 ${call} calls`, () => calls() >= from + 20, 20000, 5);
+      const t0 = performance.now();
+      await m.pause(); // fails after limits.pauseTimeoutMs: 'waiting for the vCPU to reach a safe point'
+      const ms = performance.now() - t0;
+      assert.ok(ms < limits.pauseTimeoutMs / 2, `the pause took ${ms.toFixed(0)} ms`);
+      const at = calls();
+      await sleep(100);
+      assert.equal(calls(), at, 'the paused guest makes no call');
+    }
+  });
+}
