@@ -66,11 +66,19 @@ export class Disk {
   static open(imagePath: string, opts: { snapshot: boolean }): Disk {
     let imageFd: number;
     try {
-      imageFd = fs.openSync(imagePath, opts.snapshot ? 'r' : 'r+');
+      // Non-blocking: a FIFO would otherwise block the open (and the process) until a writer came.
+      imageFd = fs.openSync(imagePath, (opts.snapshot ? fs.constants.O_RDONLY : fs.constants.O_RDWR) | fs.constants.O_NONBLOCK);
     } catch (err) {
       throw new UsageError('DRIVE_OPEN', `cannot open drive '${imagePath}': ${(err as Error).message}`);
     }
-    const sizeBytes = fs.fstatSync(imageFd).size;
+    const st = fs.fstatSync(imageFd);
+    if (!st.isFile()) {
+      // A directory opens read-only (snapshot mode) and a device's size reads as 0: every
+      // guest access would fail or find no disk. The drive is a raw image file.
+      fs.closeSync(imageFd);
+      throw new UsageError('DRIVE_OPEN', `cannot open drive '${imagePath}': ${st.isDirectory() ? 'it is a directory' : 'not a regular file'} (the drive is a raw image file: colo img create)`);
+    }
+    const sizeBytes = st.size;
     if (sizeBytes > limits.diskBytesMax) {
       fs.closeSync(imageFd);
       throw new UsageError('DRIVE_SIZE', `drive '${imagePath}' is ${sizeBytes} bytes, above the limit of ${limits.diskBytesMax}`);

@@ -144,6 +144,8 @@ class UpDriver {
   /** False once stdout broke (its reader went away): the lines are then only logged. */
   private stdoutOpen = true;
   readonly done = new Promise<number>((r) => (this.finish = r));
+  /** The last primary's disk, left in the state folder because it could not become the --drive image. */
+  keptDisk: string | null = null;
 
   constructor(private readonly o: UpOptions, private readonly stateDir: string) {
     this.address = `${o.net.host}:${o.net.port}`;
@@ -229,7 +231,8 @@ class UpDriver {
           void c.qmp?.close().catch(() => undefined);
           void c.heartbeat?.close().catch(() => undefined);
         }
-        this.finish(a.code);
+        // The drive does not hold the last state: not a clean stop.
+        this.finish(this.keptDisk !== null && a.code === 0 ? 1 : a.code);
         break;
     }
   }
@@ -532,19 +535,27 @@ class UpDriver {
     const drive = this.o.drive;
     if (drive === null) return;
     const p = primary === null ? undefined : this.children.get(primary);
-    try {
-      if (p?.disk != null && p.disk !== drive) {
-        if (fs.existsSync(p.disk)) {
+    if (p?.disk != null && p.disk !== drive) {
+      if (fs.existsSync(p.disk)) {
+        try {
           fs.copyFileSync(p.disk, drive);
           log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
-        } else {
-          // Its image went with it (a double failure): say that the drive is older, not nothing.
-          log.warn(`the disk of vm${p.id} (the last primary) is gone with it: ${drive} keeps an older state`);
+        } catch (err) {
+          // The drive may now be cut short (a full filesystem): the copy is the only whole
+          // disk, with every acknowledged write, so it stays, and so does the state folder.
+          this.keptDisk = p.disk;
+          log.error(`could not copy the last primary's disk to ${drive}: ${errorMessage(err)}; it stays at ${p.disk}`);
+          return;
         }
+      } else {
+        // Its image went with it (a double failure): say that the drive is older, not nothing.
+        log.warn(`the disk of vm${p.id} (the last primary) is gone with it: ${drive} keeps an older state`);
       }
+    }
+    try {
       for (const c of this.children.values()) if (c.ownDisk && c.disk !== null) fs.rmSync(c.disk, { force: true });
     } catch (err) {
-      log.error(`could not copy the last primary's disk to ${drive}: ${errorMessage(err)}`);
+      log.warn(`could not remove the secondaries' disk copies: ${errorMessage(err)}`);
     }
   }
 
@@ -600,7 +611,7 @@ export async function upCommand(argv: string[]): Promise<number> {
   try {
     driver.dispatch({ type: 'start' });
     const code = await driver.done;
-    if (o.stateDir === null) fs.rmSync(stateDir, { recursive: true, force: true });
+    if (o.stateDir === null && driver.keptDisk === null) fs.rmSync(stateDir, { recursive: true, force: true });
     return code;
   } finally {
     for (const sig of stopSignals) process.off(sig, onSignal);

@@ -38,7 +38,7 @@ export const limits = {
   asyncifyFrameBytesMax: 4 * 1024,
   /** Loop back-edges and function entries between two preemption checks. */
   preemptBudget: 20000,
-  /** memory.fill/copy/init count one back-edge against preemptBudget per this many bytes (a power of two). */
+  /** memory.fill/copy/init, and the bytes a WASI call moves, count one back-edge against preemptBudget per this many bytes (a power of two). */
   preemptBulkBytesPerCount: 256,
   /** A paused vCPU must reach a safe point within this time or the pause fails. */
   pauseTimeoutMs: 5000,

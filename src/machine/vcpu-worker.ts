@@ -58,6 +58,8 @@ class Vcpu {
   private phase: Phase = 'fresh';
   private lastWake = 0;
   private readonly pagesGlobal: WebAssembly.Global;
+  /** colo$budget: the preemption checks count it down (null: the guest has none). */
+  private readonly budget: WebAssembly.Global | null;
   /** Where the dirty map is (with the guest's size, setGuestPages): markWrite runs on every host write. */
   private dirtyLogBase = 0;
   private readonly logGlobal: WebAssembly.Global | null;
@@ -99,7 +101,9 @@ class Vcpu {
     });
     this.exports = this.instance.exports as unknown as AsyncifyExports;
     const budget = this.instance.exports['colo$budget'];
-    if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
+    // Without it the guest has no loop (no preemption check at all): its calls are bounded in number.
+    this.budget = budget instanceof WebAssembly.Global ? budget : null;
+    if (this.budget !== null) this.budget.value = init.layout.preemptBudget;
     // The guest's size (memory.size) and, above it, colo's region (reserved-region.ts).
     const pages = this.instance.exports['colo$pages'];
     if (!(pages instanceof WebAssembly.Global)) throw new Error('the instrumented guest does not export colo$pages');
@@ -398,6 +402,13 @@ class Vcpu {
       if (left <= 0) return true;
       Atomics.wait(this.ctl, ctl.wake, seen, left);
     }
+  }
+
+  chargeBytes(bytes: number): void {
+    const budget = this.budget;
+    if (budget === null || bytes < limits.preemptBulkBytesPerCount) return;
+    // Floored at -2^31 (an i32): a charge larger than the budget only preempts sooner.
+    budget.value = Math.max((budget.value as number) - Math.floor(bytes / limits.preemptBulkBytesPerCount), -0x80000000);
   }
 
   diskWriteDone(): void {

@@ -38,6 +38,13 @@ export interface VcpuHooks {
   waitForDiskSpace(reason: string): boolean;
   /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
   diskWriteDone(): void;
+  /**
+   * The call moved `bytes` between guest memory and a device: they count against the
+   * preemption budget as memory.copy's do, so that the guest's next loop or function-entry
+   * check preempts a loop whose calls move megabytes (a pause waits for that check).
+   * Optional: a host without preemption (a benchmark's stub) leaves it out.
+   */
+  chargeBytes?(bytes: number): void;
 }
 
 export const nicFd = 3;
@@ -229,8 +236,13 @@ export class WasiHost {
   private gather(bytesMax = Infinity): Uint8Array {
     const iov = this.iov;
     const u8 = this.bytes();
-    if (this.iovCount === 1) return u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, bytesMax));
+    if (this.iovCount === 1) {
+      const one = u8.slice(iov[0]!, iov[0]! + Math.min(iov[1]!, bytesMax));
+      this.vcpu.chargeBytes?.(one.byteLength);
+      return one;
+    }
     const out = new Uint8Array(Math.min(this.totalLen(), bytesMax));
+    this.vcpu.chargeBytes?.(out.byteLength);
     let at = 0;
     for (let i = 0; i < this.iovCount && at < out.byteLength; i++) {
       const ptr = iov[2 * i]!;
@@ -400,6 +412,7 @@ export class WasiHost {
     }
     if (e.kind === 'disk') {
       const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
+      this.vcpu.chargeBytes?.(data.byteLength);
       const r = this.diskRead(data, e.pos);
       if (r.errno !== errno.success) return r.errno;
       this.scatter(data.subarray(0, r.n));
@@ -424,6 +437,9 @@ export class WasiHost {
   private diskWrite(data: Uint8Array, offset: number): { errno: number; n: number; reason?: string } {
     const disk = this.devices.disk;
     if (disk === null) return { errno: errno.badf, n: 0 };
+    // POSIX write at the end of a medium: as many bytes as there is room for (a short write),
+    // and EFBIG only when none fits.
+    if (offset < disk.sizeBytes && offset + data.byteLength > disk.sizeBytes) data = data.subarray(0, disk.sizeBytes - offset);
     try {
       return { errno: errno.success, n: disk.write(data, offset) };
     } catch (err) {
@@ -461,6 +477,7 @@ export class WasiHost {
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
     const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
+    this.vcpu.chargeBytes?.(data.byteLength);
     const r = this.diskRead(data, Number(offset));
     if (r.errno !== errno.success) return r.errno;
     this.scatter(data.subarray(0, r.n));

@@ -253,14 +253,17 @@ export class SourceSession {
    * COLO: collect what the guest dirtied and copy it (pages, disk blocks) together with the
    * device state for `vcpu`, so that the guest may run on while sendRound('dirty') and
    * sendCapturedDeviceState() send the copy. The guest must be paused. Returns false, having
-   * only collected, when the pages exceed limits.coloCheckpointCopyBytesMax: then send from
-   * guest RAM with the guest still paused, as a precopy round does.
+   * only collected, when the pages or the disk blocks exceed limits.coloCheckpointCopyBytesMax:
+   * then send from guest RAM and the disk with the guest still paused, as a precopy round does.
    */
   captureCheckpoint(vcpu: VcpuState): boolean {
     const m = this.opts.machine;
-    const { pages } = this.collectDirty();
+    const { pages, blocks } = this.collectDirty();
     const pageBytes = limits.pageBytes;
     if (pages * pageBytes > limits.coloCheckpointCopyBytesMax) return false;
+    // The blocks' copy is one buffer per checkpoint: a guest writing its disk fast would make
+    // it as large as the disk (up to limits.diskBytesMax).
+    if (blocks * limits.diskBlockBytes > limits.coloCheckpointCopyBytesMax) return false;
     const ram = m.ram();
     const wasmPages = ram.byteLength / limits.wasmPageBytes;
     let copy = this.copy;

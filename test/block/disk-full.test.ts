@@ -12,10 +12,11 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { TestEnv, type VmProcess, freePort, guests, sleep, waitFor } from '../framework/harness.js';
+import { spawn } from 'node:child_process';
+import { TestEnv, type VmProcess, coloBin, freePort, guests, sleep, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { limits } from '../../src/core/limits.js';
-import { startProtectedPair } from '../framework/up.js';
+import { Supervisor, pidAlive, pidsUsing, startProtectedPair } from '../framework/up.js';
 
 /** A pair of kv.wasm in COLO (x-checkpoint-delay `delayMs`), each on its own drive image. */
 async function coloPair(env: TestEnv, pvmDrive: string, svmDrive: string, opts: { delayMs: number; svmEnv?: Record<string, string> }): Promise<{ pvm: VmProcess; svm: VmProcess; port: number }> {
@@ -327,4 +328,51 @@ test('colo: the secondary\'s own writes go to a layer in $TMPDIR that each check
   t.diagnostic(`${writer.acked.size} writes, ${JSON.stringify(stats['x-colo'])}`);
   assert.deepEqual(pvm.errorLines(), []);
   assert.deepEqual(svm.errorLines(), []);
+});
+
+test('colo up: when the last primary\'s disk cannot be copied back to a full --drive filesystem, the copy is kept (with its state folder) and named, and colo up exits 1', async (t) => {
+  const env = new TestEnv(t);
+  // The drive on a small filesystem; the state folder (no --state-dir: a temporary one) elsewhere.
+  const { image } = await imageOnSmallFs(env, 'kv.img');
+  const tmp = env.file('tmp');
+  fs.mkdirSync(tmp);
+  const port = await freePort();
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M', '--checkpoint-delay', '200'];
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, TMPDIR: tmp } }));
+  const clients: { close(): unknown }[] = [];
+  env.onCleanup(async () => {
+    for (const c of clients) await c.close();
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of [...sup.pids, ...pidsUsing(env.dir)]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [p1, s2] = [Number(first.m[1]), Number(first.m[2])];
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'before', '1']), 'OK');
+  // A failover: vm2 serves now, on its own (sparse, 16 MiB) copy of the disk in the state folder.
+  process.kill(p1, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), first.at + 1, 60000);
+  const r2 = await RespClient.connect(port);
+  clients.push(r2);
+  assert.equal(await r2.command(['SET', 'after', '2']), 'OK');
+  await r2.close();
+  // Stopping copies vm2's disk to the drive, whose 2 MiB filesystem cannot take it.
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(15000);
+  const why = `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-2000)}`;
+  assert.equal(sup.exitCode, 1, `the drive does not hold the last state: not a clean stop; ${why}`);
+  const kept = /error .*could not copy the last primary's disk to .*kv\.img: ENOSPC.*; it stays at (\S+)$/m.exec(sup.stderr);
+  assert.ok(kept !== null, `one error line naming the copy that was kept; ${why}`);
+  assert.ok(fs.existsSync(kept[1]!), `the last primary's disk is still at ${kept[1]} (before, the temporary state folder was removed with it)`);
+  // That copy holds the writes from before and after the failover.
+  const vm = await env.startVm({ name: 'check', guest: guests.kv, args: ['--memory', '256M', '--drive', `file=${kept[1]!}`, '--net', `listen=127.0.0.1:${port}`] });
+  const c = await waitFor('the check VM to answer', async () => RespClient.connect(port, '127.0.0.1', 500).catch(() => undefined), 30000);
+  clients.push(c);
+  assert.equal(await c.command(['GET', 'before']), '1');
+  assert.equal(await c.command(['GET', 'after']), '2', 'the write acknowledged after the failover is on the kept disk');
+  await vm.qmp.close();
 });

@@ -8,6 +8,8 @@ import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertNoErrors } from '../migration/helpers.js';
+import { watGuest } from '../framework/machine.js';
+import { limits } from '../../src/core/limits.js';
 
 test('colo: kv writes acknowledged before a checkpoint survive the primary, RAM and disk', async (t) => {
   const env = new TestEnv(t);
@@ -76,4 +78,43 @@ test('colo: a secondary on the primary\'s own image (no --snapshot) is refused; 
   assert.equal(await c.command(['SET', 'after', '2']), 'OK', 'the primary serves on');
   assert.equal(await c.command(['GET', 'before']), '1');
   assertNoErrors(src);
+});
+
+test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from the disk with the PVM paused, not copied into one buffer the size of what the guest wrote', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 128 * 1024 * 1024;
+  const chunk = 1024 * 1024;
+  // Writes its whole disk over and over, 1 MiB per fd_pwrite: every checkpoint interval dirties
+  // more blocks than limits.coloCheckpointCopyBytesMax (about 25 MB/s is enough).
+  const guest = watGuest(t, 'diskloop', `(module
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (memory (export "memory") ${(chunk + 65536) / 65536})
+    (func (export "_start") (local $i i32) (local $off i64)
+      (loop $fill
+        (i32.store8 (i32.add (i32.const 65536) (local.get $i)) (i32.const 0x5a))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $i) (i32.const ${chunk}))))
+      (i32.store (i32.const 16) (i32.const 65536))
+      (i32.store (i32.const 20) (i32.const ${chunk}))
+      (loop $write
+        (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (local.get $off) (i32.const 24)))
+        (local.set $off (i64.rem_u (i64.add (local.get $off) (i64.const ${chunk})) (i64.const ${diskBytes})))
+        (br $write))))`);
+  const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
+    env.startVm({ name: 'dst', guest, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 4000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 60000);
+  await dst.waitEvent('RESUME', { timeoutMs: 60000 });
+  for (let i = 0; i < 2; i++) await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 30000 });
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  t.diagnostic(JSON.stringify(counters));
+  assert.ok(counters['checkpoints-sent-from-ram']! >= 2, `checkpoints of more than ${limits.coloCheckpointCopyBytesMax} bytes of disk blocks are sent from the disk (${JSON.stringify(counters)})`);
+  assert.equal(counters['checkpoints-copied'], 0, `none is copied (${JSON.stringify(counters)})`);
+  assert.ok(counters['mean-checkpoint-bytes']! > limits.coloCheckpointCopyBytesMax, `the checkpoints did carry that much (${JSON.stringify(counters)})`);
+  assertNoErrors(src, dst);
 });
