@@ -74,6 +74,14 @@ export class FrontEnd extends EventEmitter {
    * close() destroys them all: the server's close waits for every connection it accepted.
    */
   private readonly sockets = new Set<net.Socket>();
+  /**
+   * close() was called. The sockets it destroys still say so later ('close', and what they
+   * had read): none of it is input any more. A front end started after this one (a failed
+   * switchover's resume) numbers from the guest's state and resets every connection the guest
+   * knows; late events numbered here would take those numbers first, and the NIC would drop
+   * the new front end's events, a new client's open among them, as stale.
+   */
+  private closed = false;
 
   constructor(
     readonly address: ListenAddress,
@@ -143,6 +151,7 @@ export class FrontEnd extends EventEmitter {
   }
 
   private emitInput(ev: NicInput): void {
+    if (this.closed) return;
     this.onInput(ev);
     this.emit('input', ev);
   }
@@ -324,6 +333,7 @@ export class FrontEnd extends EventEmitter {
    * then the FIN). At process exit nothing lingers, as QEMU's quit.
    */
   async close(opts: { drainClosed?: boolean } = {}): Promise<void> {
+    this.closed = true;
     const owing = new Set<net.Socket>();
     if (opts.drainClosed === true) {
       const live = new Set([...this.conns.values()].map((c) => c.socket));
