@@ -38,6 +38,8 @@ interface ClientConn {
   /** Reading stopped: too much input in flight, or too much output the client has not read. */
   inputHeld: boolean;
   outputHeld: boolean;
+  /** The front end reset the client (resetUnread): input it had not taken in is dropped, as a kernel's abort drops it. */
+  aborted: boolean;
 }
 
 /**
@@ -165,13 +167,13 @@ export class FrontEnd extends EventEmitter {
     }
     const id = this.nextConn++;
     this.guestConns.add(id);
-    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
+    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false, aborted: false };
     this.conns.set(id, c);
     this.sockets.add(socket);
     socket.setNoDelay(true);
     if (this.readingPausedFor.size > 0) socket.pause();
     this.input('open', id);
-    socket.on('data', (data: Buffer) => {
+    const read = (data: Buffer): void => {
       // The guest closed the connection: nobody reads what the client still sends (nor is it
       // credited back, so it must not count against the window either).
       if (c.ended) return;
@@ -184,7 +186,8 @@ export class FrontEnd extends EventEmitter {
       // A view, not a copy: Node gives each read its own memory, and the input ring and the
       // mirror copy the bytes anyway.
       this.inputData(id, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
-    });
+    };
+    socket.on('data', read);
     socket.on('drain', () => {
       if (!c.outputHeld) return;
       c.outputHeld = false;
@@ -201,6 +204,10 @@ export class FrontEnd extends EventEmitter {
       // A client that resets its connection is an ordinary event: the guest sees EOF.
     });
     socket.on('close', () => {
+      // A client that sends and then resets while its socket is not read (a paused VM, a
+      // checkpoint, a full window): what Node read before the reset is its input, as a
+      // kernel's socket gives it before ECONNRESET; read while flowing, it was the guest's.
+      if (!c.aborted) for (let data = socket.read() as Buffer | null; data !== null; data = socket.read() as Buffer | null) read(data);
       eof();
       this.sockets.delete(socket);
       if (this.conns.get(id) === c) this.conns.delete(id);
@@ -256,6 +263,7 @@ export class FrontEnd extends EventEmitter {
   private resetUnread(c: ClientConn): void {
     log.info(`connection ${c.id}: the client left ${c.socket.writableLength} bytes of output unread, above ${limits.nicClientOutputUnsentBytesMax}; the connection is reset`);
     this.conns.delete(c.id);
+    c.aborted = true;
     c.socket.resetAndDestroy();
   }
 
