@@ -56,7 +56,7 @@ interface ClientConn {
  * though: what the input already accepted produces is written whole, and a client that leaves
  * more than limits.nicClientOutputUnsentBytesMax of it unread is reset (resetUnread).
  *
- * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
+ * Events: 'input' (NicInput) for every event produced, 'listening'.
  */
 export class FrontEnd extends EventEmitter {
   private server: net.Server | null = null;
@@ -123,7 +123,11 @@ export class FrontEnd extends EventEmitter {
       server.once('error', onError);
       server.listen({ host: this.address.host, port: this.address.port, exclusive: true }, () => {
         server.off('error', onError);
-        server.on('error', (err) => this.emit('error', err));
+        // Once listening, an error is a failed accept (a client's connection that broke before
+        // it was taken, as Linux's accept reports it, or no memory for one): the server listens
+        // on. Emitted as 'error' with nobody listening, it ended the process, the surviving VM's
+        // too.
+        server.on('error', (err) => log.info(`accepting a client on ${this.address.host}:${this.boundPort()} failed: ${err.message}; listening on`));
         this.server = server;
         this.emit('listening');
         resolve();

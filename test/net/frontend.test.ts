@@ -105,3 +105,28 @@ test('front end: a closed front end numbers no more input; the one started after
   assert.ok(nic.isKnown(next.connectionIds()[0]!), "the guest knows the new client's connection");
   assert.equal(nic.lastSeq, fromSeq + 3, 'two resets and one open were numbered after the state');
 });
+
+test('front end: a failed accept (the listening server reports an error) does not end the process; the next client is served', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev));
+  await fe.listen();
+  const clients: net.Socket[] = [];
+  t.after(async () => {
+    for (const s of clients) s.destroy();
+    await fe.close();
+  });
+  // What libuv hands Node's server for an accept that failed with other than EAGAIN or
+  // ECONNABORTED (Linux reports a pending connection's network error there, e.g. EPROTO).
+  const server = (fe as unknown as { server: net.Server }).server;
+  const err = Object.assign(new Error('accept EPROTO'), { code: 'EPROTO', syscall: 'accept' });
+  let thrown: unknown = null;
+  try {
+    server.emit('error', err);
+  } catch (e) {
+    thrown = e;
+  }
+  assert.equal(thrown, null, `the error escaped the front end (an uncaught exception ends the VM): ${String(thrown)}`);
+  clients.push((await connect(fe.boundPort())).socket);
+  await waitFor('the next client to be opened', () => events.some((e) => e.kind === 'open'), 5000);
+  assert.equal(server.listening, true);
+});
