@@ -122,7 +122,7 @@ export class Vm extends EventEmitter {
       if (inc.startsWith('tcp:')) await this.migration.startIncoming(inc);
     }
     if (inc === null || inc.startsWith('file:')) {
-      await this.startFrontEnd();
+      await this.startFrontEnd({ firstOwner: true });
       if (this.autostart) await this.machine.cont();
     }
   }
@@ -132,8 +132,10 @@ export class Vm extends EventEmitter {
    * secondary taking over: it holds the only copy of the service), an address still in use
    * after the short retry does not fail: the guest runs on and the front end keeps trying in
    * the background, every limits.netTakeoverListenRetryMs, until it listens or the VM goes.
+   * With `firstOwner` (boot) nobody hands the address over: one in use is taken, and that is
+   * said at once, as QEMU does, not after the short retry that waits for a previous owner.
    */
-  async startFrontEnd(opts: { untilFree?: boolean } = {}): Promise<void> {
+  async startFrontEnd(opts: { untilFree?: boolean; firstOwner?: boolean } = {}): Promise<void> {
     if (this.opts.net === null || this.frontEnd !== null || this.listenRetry !== null) return;
     // The NIC state (numbering, known connections) is read from a stopped vCPU; a guest that
     // is already running (a COLO secondary taking over) is stopped for that moment.
@@ -155,7 +157,8 @@ export class Vm extends EventEmitter {
     for (const ev of state.nic.pending) if (ev.kind === 'open') fe.resetGuestConnection(ev.conn);
     const where = `${this.opts.net.host}:${this.opts.net.port}`;
     try {
-      await listenWithRetry(fe);
+      if (opts.firstOwner === true) await fe.listen();
+      else await listenWithRetry(fe);
     } catch (err) {
       if (opts.untilFree !== true || !addressInUse(err)) throw err;
       log.warn(`${errorMessage(err)}; the guest runs on, and the front end tries again every ${limits.netTakeoverListenRetryMs} ms until the address is free`);

@@ -38,6 +38,8 @@ interface ClientConn {
   /** Reading stopped: too much input in flight, or too much output the client has not read. */
   inputHeld: boolean;
   outputHeld: boolean;
+  /** The front end reset the client (resetUnread): input it had not taken in is dropped, as a kernel's abort drops it. */
+  aborted: boolean;
 }
 
 /**
@@ -54,7 +56,7 @@ interface ClientConn {
  * though: what the input already accepted produces is written whole, and a client that leaves
  * more than limits.nicClientOutputUnsentBytesMax of it unread is reset (resetUnread).
  *
- * Events: 'input' (NicInput) for every event produced, 'listening', 'error'.
+ * Events: 'input' (NicInput) for every event produced, 'listening'.
  */
 export class FrontEnd extends EventEmitter {
   private server: net.Server | null = null;
@@ -74,6 +76,14 @@ export class FrontEnd extends EventEmitter {
    * close() destroys them all: the server's close waits for every connection it accepted.
    */
   private readonly sockets = new Set<net.Socket>();
+  /**
+   * close() was called. The sockets it destroys still say so later ('close', and what they
+   * had read): none of it is input any more. A front end started after this one (a failed
+   * switchover's resume) numbers from the guest's state and resets every connection the guest
+   * knows; late events numbered here would take those numbers first, and the NIC would drop
+   * the new front end's events, a new client's open among them, as stale.
+   */
+  private closed = false;
 
   constructor(
     readonly address: ListenAddress,
@@ -113,7 +123,11 @@ export class FrontEnd extends EventEmitter {
       server.once('error', onError);
       server.listen({ host: this.address.host, port: this.address.port, exclusive: true }, () => {
         server.off('error', onError);
-        server.on('error', (err) => this.emit('error', err));
+        // Once listening, an error is a failed accept (a client's connection that broke before
+        // it was taken, as Linux's accept reports it, or no memory for one): the server listens
+        // on. Emitted as 'error' with nobody listening, it ended the process, the surviving VM's
+        // too.
+        server.on('error', (err) => log.info(`accepting a client on ${this.address.host}:${this.boundPort()} failed: ${err.message}; listening on`));
         this.server = server;
         this.emit('listening');
         resolve();
@@ -143,6 +157,7 @@ export class FrontEnd extends EventEmitter {
   }
 
   private emitInput(ev: NicInput): void {
+    if (this.closed) return;
     this.onInput(ev);
     this.emit('input', ev);
   }
@@ -156,13 +171,13 @@ export class FrontEnd extends EventEmitter {
     }
     const id = this.nextConn++;
     this.guestConns.add(id);
-    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false };
+    const c: ClientConn = { id, socket, outOffset: 0, ended: false, eofSent: false, inFlight: 0, inputHeld: false, outputHeld: false, aborted: false };
     this.conns.set(id, c);
     this.sockets.add(socket);
     socket.setNoDelay(true);
     if (this.readingPausedFor.size > 0) socket.pause();
     this.input('open', id);
-    socket.on('data', (data: Buffer) => {
+    const read = (data: Buffer): void => {
       // The guest closed the connection: nobody reads what the client still sends (nor is it
       // credited back, so it must not count against the window either).
       if (c.ended) return;
@@ -175,7 +190,8 @@ export class FrontEnd extends EventEmitter {
       // A view, not a copy: Node gives each read its own memory, and the input ring and the
       // mirror copy the bytes anyway.
       this.inputData(id, new Uint8Array(data.buffer, data.byteOffset, data.byteLength));
-    });
+    };
+    socket.on('data', read);
     socket.on('drain', () => {
       if (!c.outputHeld) return;
       c.outputHeld = false;
@@ -192,6 +208,10 @@ export class FrontEnd extends EventEmitter {
       // A client that resets its connection is an ordinary event: the guest sees EOF.
     });
     socket.on('close', () => {
+      // A client that sends and then resets while its socket is not read (a paused VM, a
+      // checkpoint, a full window): what Node read before the reset is its input, as a
+      // kernel's socket gives it before ECONNRESET; read while flowing, it was the guest's.
+      if (!c.aborted) for (let data = socket.read() as Buffer | null; data !== null; data = socket.read() as Buffer | null) read(data);
       eof();
       this.sockets.delete(socket);
       if (this.conns.get(id) === c) this.conns.delete(id);
@@ -247,6 +267,7 @@ export class FrontEnd extends EventEmitter {
   private resetUnread(c: ClientConn): void {
     log.info(`connection ${c.id}: the client left ${c.socket.writableLength} bytes of output unread, above ${limits.nicClientOutputUnsentBytesMax}; the connection is reset`);
     this.conns.delete(c.id);
+    c.aborted = true;
     c.socket.resetAndDestroy();
   }
 
@@ -324,6 +345,7 @@ export class FrontEnd extends EventEmitter {
    * then the FIN). At process exit nothing lingers, as QEMU's quit.
    */
   async close(opts: { drainClosed?: boolean } = {}): Promise<void> {
+    this.closed = true;
     const owing = new Set<net.Socket>();
     if (opts.drainClosed === true) {
       const live = new Set([...this.conns.values()].map((c) => c.socket));

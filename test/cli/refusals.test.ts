@@ -223,3 +223,19 @@ test('bad QMP input gets QEMU-style errors and the connection stays usable', asy
   assert.equal(st.id, 'x');
   assert.equal(st.return.status, 'running');
 });
+
+test('colo run on a service address that is in use: a typed, clear error at once, not after the retry that waits for a migration source', async (t) => {
+  const env = new TestEnv(t);
+  const taken = net.createServer();
+  await new Promise<void>((resolve) => taken.listen(0, '127.0.0.1', resolve));
+  env.onCleanup(() => new Promise<void>((resolve) => taken.close(() => resolve())));
+  const port = (taken.address() as net.AddressInfo).port;
+  const t0 = Date.now();
+  const r = await colo(['run', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--serial', 'none']);
+  const ms = Date.now() - t0;
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, new RegExp(`cannot listen on 127\\.0\\.0\\.1:${port}: .*EADDRINUSE`));
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+  // Nobody hands a booting VM its address: the 5 s retry for a previous owner is not for it.
+  assert.ok(ms < 4000, `refused after ${ms} ms`);
+});
