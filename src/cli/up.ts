@@ -14,6 +14,7 @@ import { checkGuest } from '../machine/instrument.js';
 import { ChannelClosedError, PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
+import { formatListen, parseListen } from '../net/frontend.js';
 import { parseKeyValues, parseSize } from './options.js';
 import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
 
@@ -76,9 +77,10 @@ export function parseUpArgs(argv: string[]): UpOptions {
       case '--net': {
         const kv = parseKeyValues(next(), '--net');
         const listen = kv.get('listen');
-        const m = listen === undefined ? null : /^(.+):(\d+)$/.exec(listen);
-        if (m === null || kv.size !== 1) throw new UsageError('BAD_OPTION', '--net: expected listen=HOST:PORT');
-        net = { host: m[1]!, port: intArg(m[2], '--net listen port', 1, 65535) };
+        if (listen === undefined || kv.size !== 1) throw new UsageError('BAD_OPTION', '--net: expected listen=HOST:PORT');
+        // As colo run reads it (an IPv6 host in brackets): both children get it back as given.
+        const a = parseListen(listen);
+        net = { host: a.host, port: intArg(String(a.port), '--net listen port', 1, 65535) };
         break;
       }
       case '--memory':
@@ -148,7 +150,7 @@ class UpDriver {
   keptDisk: string | null = null;
 
   constructor(private readonly o: UpOptions, private readonly stateDir: string) {
-    this.address = `${o.net.host}:${o.net.port}`;
+    this.address = formatListen(o.net);
     this.core = new PairCore({ address: this.address, stateDir });
   }
 
@@ -575,7 +577,7 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
     const server = net.createServer();
     server.once('error', (err: NodeJS.ErrnoException) => {
       const why = err.code === 'EADDRINUSE' ? 'it is in use (another service, or a colo up still running?)' : err.message;
-      reject(new UsageError('BAD_OPTION', `--net listen=${host}:${port}: cannot listen there: ${why}`));
+      reject(new UsageError('BAD_OPTION', `--net listen=${formatListen({ host, port })}: cannot listen there: ${why}`));
     });
     server.listen({ host, port, exclusive: true }, () => server.close(() => resolve()));
   });

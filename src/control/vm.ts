@@ -5,7 +5,7 @@ import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
 import { Machine, type IoErrorReport, type RunState } from '../machine/machine.js';
-import { FrontEnd } from '../net/frontend.js';
+import { FrontEnd, formatListen } from '../net/frontend.js';
 import type { InputCredit, NicInput, NicOutput } from '../net/nic.js';
 import type { RunOptions } from '../cli/options.js';
 import { loadMachineFromFile } from '../migration/file.js';
@@ -155,7 +155,7 @@ export class Vm extends EventEmitter {
     // sees them reset.
     for (const c of state.nic.conns) fe.resetGuestConnection(c.conn);
     for (const ev of state.nic.pending) if (ev.kind === 'open') fe.resetGuestConnection(ev.conn);
-    const where = `${this.opts.net.host}:${this.opts.net.port}`;
+    const where = formatListen(this.opts.net);
     try {
       if (opts.firstOwner === true) await fe.listen();
       else await listenWithRetry(fe);
@@ -166,7 +166,7 @@ export class Vm extends EventEmitter {
       return;
     }
     this.frontEnd = fe;
-    log.info(`serving guest NIC on ${this.opts.net.host}:${fe.boundPort()}`);
+    log.info(`serving guest NIC on ${formatListen({ host: this.opts.net.host, port: fe.boundPort() })}`);
   }
 
   private retryListen(fe: FrontEnd, where: string): void {

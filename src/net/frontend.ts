@@ -24,6 +24,11 @@ export function parseListen(spec: string): ListenAddress {
   return { host: (m[1] ?? m[2])!, port };
 }
 
+/** HOST:PORT as parseListen reads it back: an IPv6 host in brackets. */
+export function formatListen(a: ListenAddress): string {
+  return `${a.host.includes(':') ? `[${a.host}]` : a.host}:${a.port}`;
+}
+
 interface ClientConn {
   id: number;
   socket: net.Socket;
@@ -127,7 +132,7 @@ export class FrontEnd extends EventEmitter {
         // it was taken, as Linux's accept reports it, or no memory for one): the server listens
         // on. Emitted as 'error' with nobody listening, it ended the process, the surviving VM's
         // too.
-        server.on('error', (err) => log.info(`accepting a client on ${this.address.host}:${this.boundPort()} failed: ${err.message}; listening on`));
+        server.on('error', (err) => log.info(`accepting a client on ${formatListen({ host: this.address.host, port: this.boundPort() })} failed: ${err.message}; listening on`));
         this.server = server;
         this.emit('listening');
         resolve();

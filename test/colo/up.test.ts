@@ -192,3 +192,31 @@ test('colo up/plain: a re-protection whose files cannot be made (the --drive ima
   const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
   assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
 });
+
+test('colo up on an IPv6 address (listen=[::1]:PORT): the pair is protected and serves there, and the secondary takes over on the same address', async (t) => {
+  const env = new TestEnv(t);
+  // colo up read HOST:PORT with a pattern of its own: [::1] was looked up as a host name, and
+  // ::1:PORT passed it but reached the children without brackets, which refused it.
+  const { sup, port, first, primary, secondary, clients } = await startProtectedPair(env, [], '::1');
+  const c = await RespClient.connect(port, '::1');
+  clients.push(c);
+  assert.equal(await c.command(['SET', 'k6', 'v6']), 'OK');
+  const sq = await qmpOf(secondary, sup);
+  clients.push(sq);
+  await checkpointAfterNow(sq);
+  process.kill(primary, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${secondary} took over on \\[::1\\]:${port}$`), first.at + 1, 10000);
+  const deadline = performance.now() + 5000;
+  let after: RespClient | null = null;
+  while (after === null) {
+    after = await RespClient.connect(port, '::1', 500).catch(() => null);
+    if (after === null) {
+      assert.ok(performance.now() < deadline, `the secondary to answer on [::1]:${port} within 5 s`);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+  }
+  clients.push(after);
+  assert.equal(await after.command(['GET', 'k6']), 'v6', 'the write acknowledged by the primary is on the secondary that took over');
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'no error-level log lines from colo up or its children');
+});

@@ -127,14 +127,14 @@ export interface ProtectedPair {
 
 /**
  * Starts `colo up` on kv.wasm (256M, a drive, --checkpoint-delay 200, state in env.dir, plus
- * `extraArgs`) and waits for the pair to be protected. At cleanup: the clients, then SIGTERM to
+ * `extraArgs`; serving on `host`) and waits for the pair to be protected. At cleanup: the clients, then SIGTERM to
  * the supervisor, then SIGKILL to anything it left behind (also when it was killed itself; its
  * children have their QMP sockets in the state folder).
  */
-export async function startProtectedPair(env: TestEnv, extraArgs: string[] = []): Promise<ProtectedPair> {
+export async function startProtectedPair(env: TestEnv, extraArgs: string[] = [], host = '127.0.0.1'): Promise<ProtectedPair> {
   const port = await freePort();
   const image = env.image('kv.img', 8 * 1024 * 1024);
-  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M'];
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=${host.includes(':') ? `[${host}]` : host}:${port}`, '--drive', `file=${image}`, '--memory', '256M'];
   args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extraArgs);
   const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
   const clients: { close(): unknown }[] = [];
