@@ -168,28 +168,43 @@ async function removeStaleSocket(path: string, text: string): Promise<void> {
 /**
  * Connects to `address`; rejects with TimeoutError after `timeoutMs`, or with
  * ChannelClosedError when the peer refuses or is not there (the cause holds the system error).
- * Messages name the other end `peer` (default: the address).
+ * Messages name the other end `peer` (default: the address). `signal` gives the connect up at
+ * once (ChannelClosedError): a connect still pending (a peer that drops SYNs, or whose accept
+ * queue is full) holds the socket and the timer, and with them the process, until the timeout.
  */
-export function connectTo(addressIn: SocketAddress | string, timeoutMs: number, peer?: string): Promise<net.Socket> {
+export function connectTo(addressIn: SocketAddress | string, timeoutMs: number, peer?: string, signal?: AbortSignal): Promise<net.Socket> {
   const address = toAddress(addressIn);
   const text = peer ?? formatAddress(address);
+  if (signal?.aborted === true) return Promise.reject(new ChannelClosedError(`connecting to ${text} was given up`));
   return new Promise<net.Socket>((resolve, reject) => {
     const socket =
       address.kind === 'unix'
         ? net.connect({ path: address.path })
         : net.connect({ host: address.host === '' ? 'localhost' : address.host, port: address.port });
+    const settle = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    };
     const timer = setTimeout(() => {
+      settle();
       socket.destroy();
       reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting to ${text}`));
     }, timeoutMs);
+    const onAbort = (): void => {
+      settle();
+      socket.off('error', onError);
+      socket.destroy();
+      reject(new ChannelClosedError(`connecting to ${text} was given up`));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
     socket.once('connect', () => {
-      clearTimeout(timer);
+      settle();
       if (address.kind === 'tcp') socket.setNoDelay(true);
       socket.off('error', onError);
       resolve(socket);
     });
     const onError = (err: Error): void => {
-      clearTimeout(timer);
+      settle();
       socket.destroy();
       reject(new ChannelClosedError(`cannot connect to ${text}: ${err.message}`, { cause: err }));
     };

@@ -1,0 +1,77 @@
+/** `colo run`'s process lifecycle: quit and signals end the process promptly and cleanly. */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
+import { TestEnv, guests, sleep, withTimeout } from '../framework/harness.js';
+import { assertNoErrors, statuses } from '../migration/helpers.js';
+
+/**
+ * A TCP port on loopback whose connects stay pending: a listener in a stopped process
+ * (SIGSTOP, it never accepts) with a backlog of 1 and its accept queue filled. Linux drops
+ * the SYNs of further connects, which retry for minutes. Checked: a probe does not connect.
+ */
+async function portThatNeverConnects(env: TestEnv): Promise<number> {
+  const child = spawn(
+    process.execPath,
+    ['-e', `const s = require('net').createServer(); s.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => console.log(s.address().port));`],
+    { stdio: ['ignore', 'pipe', 'inherit'] },
+  );
+  const sockets: net.Socket[] = [];
+  env.onCleanup(() => {
+    for (const s of sockets) s.destroy();
+    child.kill('SIGKILL');
+  });
+  const port = await withTimeout(
+    new Promise<number>((resolve) => child.stdout!.once('data', (d: Buffer) => resolve(Number(String(d).trim())))),
+    10000,
+    'the never-accepting listener to print its port',
+  );
+  child.kill('SIGSTOP');
+  const connect = (): { socket: net.Socket; connected: Promise<boolean> } => {
+    const socket = net.connect(port, '127.0.0.1');
+    sockets.push(socket);
+    socket.on('error', () => undefined);
+    return { socket, connected: new Promise((resolve) => socket.once('connect', () => resolve(true))) };
+  };
+  // A backlog of 1 takes two connections (Linux: full when more than the backlog wait).
+  for (let i = 0; i < 2; i++) await withTimeout(connect().connected, 5000, `filler connection ${i + 1} to the stopped listener`);
+  const probe = connect();
+  const r = await Promise.race([probe.connected, sleep(300).then(() => false)]);
+  probe.socket.destroy();
+  assert.equal(r, false, 'a connect to the full listener stays pending (the test needs that)');
+  return port;
+}
+
+const endings = [
+  { how: 'quit', cancelFirst: false },
+  { how: 'quit', cancelFirst: true },
+  { how: 'SIGTERM', cancelFirst: false },
+] as const;
+
+for (const { how, cancelFirst } of endings) {
+  test(`regression: ${how} while an outgoing migration's connect is still pending${cancelFirst ? ' (after migrate_cancel)' : ''}: the process exits at once`, async (t) => {
+    const env = new TestEnv(t);
+    const port = await portThatNeverConnects(env);
+    const src = await env.startVm({ name: 'src', guest: guests.spin });
+    const mark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await sleep(200);
+    assert.equal(await src.migrationStatus(), 'setup', 'the migration waits for its connect');
+    if (cancelFirst) {
+      await src.qmp.execute('migrate_cancel');
+      await src.waitMigrationStatus('cancelled', 5000);
+      assert.deepEqual(statuses(src, mark), ['setup', 'cancelling', 'cancelled']);
+    }
+    const quitAt = Date.now();
+    if (how === 'quit') await src.qmp.execute('quit');
+    else src.kill('SIGTERM');
+    // Before the fix the pending connect (its socket and its timer) held the process until
+    // its timeout, limits.migrationConnectTimeoutMs (10 s).
+    assert.equal(await src.waitExit(15000), 0, 'the source exits with status 0');
+    const ms = Date.now() - quitAt;
+    t.diagnostic(`exited ${ms} ms after ${how}`);
+    assert.ok(ms < 2000, `the source exits promptly after ${how} (took ${ms} ms)`);
+    assertNoErrors(src);
+  });
+}
