@@ -6,6 +6,7 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as nodePath from 'node:path';
 import { ChannelClosedError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 
 export type SocketAddress =
@@ -97,7 +98,7 @@ export async function listenOn(addressIn: SocketAddress | string, options: net.S
   const server = net.createServer(options);
   await new Promise<void>((resolve, reject) => {
     const onError = (err: Error): void => {
-      reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: ${err.message}`));
+      reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: ${address.kind === 'unix' ? unixListenFailure(address.path, err) : err.message}`));
     };
     server.once('error', onError);
     const done = (): void => {
@@ -135,6 +136,18 @@ export async function listenOn(addressIn: SocketAddress | string, options: net.S
       return closing;
     },
   };
+}
+
+/**
+ * Why a unix socket could not be bound. libuv reports a missing directory as EACCES
+ * ("permission denied", nodejs/node#35538): say that the directory is not there instead.
+ */
+function unixListenFailure(path: string, err: Error): string {
+  if ((err as NodeJS.ErrnoException).code === 'EACCES') {
+    const dir = nodePath.dirname(path);
+    if (!fs.existsSync(dir)) return `the directory ${dir} does not exist`;
+  }
+  return err.message;
 }
 
 async function removeStaleSocket(path: string, text: string): Promise<void> {

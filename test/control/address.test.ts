@@ -85,6 +85,13 @@ test('address: unix listen replaces a stale socket, refuses a live one or a plai
     message: `cannot listen on unix:${plain}: the path exists and is not a socket`,
   });
   assert.equal(fs.readFileSync(plain, 'utf8'), 'keep me');
+
+  // libuv reports a missing directory as EACCES, 'permission denied': the message says what is wrong.
+  const missing = path.join(dir, 'gone', 'q.qmp');
+  await assert.rejects(listenOn(`unix:${missing}`), {
+    name: 'UsageError',
+    message: `cannot listen on unix:${missing}: the directory ${path.join(dir, 'gone')} does not exist`,
+  });
 });
 
 test('address: tcp listen on port 0 reports the bound port; connect refused is ChannelClosedError', async (t) => {
