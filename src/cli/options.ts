@@ -1,5 +1,6 @@
 import { limits } from '../core/limits.js';
-import { UsageError } from '../core/errors.js';
+import { UsageError, errorMessage } from '../core/errors.js';
+import { parseAddress } from '../control/address.js';
 
 /** Parse a size like 256M, 1G, 65536, 64K (binary units, as QEMU's -m). */
 export function parseSize(text: string, what: string): number {
@@ -162,7 +163,14 @@ export function parseRunArgs(argv: string[]): RunOptions {
       }
       case '--qmp': {
         const q = needValue();
-        if (!/^(unix:.+|tcp:.+:\d+)$/.test(q)) throw new UsageError('BAD_OPTION', `--qmp: expected unix:PATH or tcp:HOST:PORT, got '${q}'`);
+        // The parser the monitor listens with (control/address.ts): QEMU's ',server,nowait'
+        // is accepted, and a bad port or an over-long socket path is a usage error here, not
+        // a failure after the guest was loaded.
+        try {
+          parseAddress(q);
+        } catch (err) {
+          throw new UsageError('BAD_OPTION', `--qmp: ${errorMessage(err)}`);
+        }
         o.qmp = q;
         break;
       }
@@ -174,8 +182,15 @@ export function parseRunArgs(argv: string[]): RunOptions {
         break;
       case '--incoming': {
         const inc = needValue();
-        if (!(inc === 'defer' || /^file:.+/.test(inc) || /^tcp:.+:\d+$/.test(inc))) {
+        if (!(inc === 'defer' || /^file:.+/.test(inc) || inc.startsWith('tcp:'))) {
           throw new UsageError('BAD_OPTION', `--incoming: expected defer, tcp:HOST:PORT or file:PATH, got '${inc}'`);
+        }
+        if (inc.startsWith('tcp:')) {
+          try {
+            parseAddress(inc);
+          } catch (err) {
+            throw new UsageError('BAD_OPTION', `--incoming: ${errorMessage(err)}`);
+          }
         }
         o.incoming = inc;
         break;

@@ -3,7 +3,8 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
-import { TestEnv, guests, sleep, withTimeout } from '../framework/harness.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
+import { TestEnv, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { assertNoErrors, statuses } from '../migration/helpers.js';
 
 /**
@@ -75,3 +76,25 @@ for (const { how, cancelFirst } of endings) {
     assertNoErrors(src);
   });
 }
+
+test("regression: --qmp tcp:HOST:PORT,server,nowait (QEMU's chardev suffixes) is accepted, as for unix:PATH", async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const vm = await env.startVm({ name: 'vm', guest: guests.spin, noQmp: true, args: ['--qmp', `tcp:127.0.0.1:${port},server,nowait`] });
+  // Before, options.ts refused it ("--qmp: expected unix:PATH or tcp:HOST:PORT") though the
+  // monitor's own address parser takes it.
+  const qmp = await waitFor(
+    'the QMP monitor on the tcp port',
+    async () => {
+      if (!vm.alive) throw new Error(`vm exited with code ${vm.exitCode}: ${vm.stderr.trim()}`);
+      return QmpClient.connect(`tcp:127.0.0.1:${port}`, { timeoutMs: 2000 }).catch(() => undefined);
+    },
+    15000,
+    50,
+  );
+  env.onCleanup(() => qmp.close());
+  const status = await qmp.execute<{ status: string }>('query-status');
+  assert.equal(status.status, 'running');
+  await qmp.execute('quit');
+  assert.equal(await vm.waitExit(10000), 0);
+});

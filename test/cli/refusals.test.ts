@@ -104,6 +104,10 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['run', guests.spin, '--drive', 'snapshot=on'], /file=PATH/],
     [['run', guests.spin, '--net', 'listen=nowhere'], /bad listen address/],
     [['run', guests.spin, '--incoming', 'ftp:x'], /--incoming/],
+    // Refused when parsed, as a usage error (status 2), not after the guest was loaded (status 1).
+    [['run', guests.spin, '--qmp', 'tcp:127.0.0.1:99999'], /^colo: --qmp: bad address 'tcp:127\.0\.0\.1:99999': port '99999' is not a number/],
+    [['run', guests.spin, '--qmp', `unix:/tmp/${'a'.repeat(120)}`], /^colo: --qmp: .*longer than the 107 a unix socket allows/],
+    [['run', guests.spin, '--incoming', 'tcp:127.0.0.1:99999'], /^colo: --incoming: bad address .*port '99999'/],
     [['run'], /missing the guest module/],
     [['run', '/nonexistent/guest.wasm'], /nonexistent/],
     [['frobnicate'], /unknown command 'frobnicate'/],
