@@ -35,3 +35,33 @@ test('colo migrate --parallel --target-qmp migrates a running guest to a --incom
   await assertAdvancing(dst);
   assertNoErrors(src, dst);
 });
+
+test('colo migrate: a source that is not there is a failure (status 1, as colo qmp), a bad address a usage error (status 2); one line each', async (t) => {
+  const env = new TestEnv(t);
+  const gone = env.file('gone.qmp');
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${gone}`, 'tcp:127.0.0.1:4444'], { timeoutMs: 20000 });
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /^colo migrate: cannot connect to unix:.*gone\.qmp: connect ENOENT/);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one line: ${r.stderr}`);
+  for (const args of [['unix:', 'tcp:127.0.0.1:4444'], [`unix:${gone}`, 'tcp:127.0.0.1:99999'], [`unix:${gone}`, 'tcp:127.0.0.1:4444', '--target-qmp', 'nowhere']]) {
+    const u = await runProgram(process.execPath, [coloBin, 'migrate', ...args], { timeoutMs: 20000 });
+    assert.equal(u.code, 2, `colo migrate ${args.join(' ')}: ${u.stderr}`);
+    assert.match(u.stderr, /^colo: bad address/, `colo migrate ${args.join(' ')}`);
+    assert.equal(u.stderr.trim().split('\n').length, 1, `one line: ${u.stderr}`);
+  }
+});
+
+test('colo migrate to a destination that refuses: the progress ends in failed, one line says why, status 1, the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['16M'] });
+  await src.waitSerial('B', { count: 3 });
+  const port = await freePort(); // nothing listens there
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${src.qmpPath}`, `tcp:127.0.0.1:${port}`], { timeoutMs: 30000 });
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /migrate: \[\.+\]   0%  failed /);
+  assert.match(r.stderr, new RegExp(`colo migrate: migration failed: cannot connect to the destination at 127\\.0\\.0\\.1:${port}: connect ECONNREFUSED`));
+  assert.equal(r.stdout, '');
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  assertNoErrors(src);
+});
