@@ -150,9 +150,12 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     await src.execute('migrate', { uri: o.uri });
     let cancelled = false;
     const onSigint = (): void => {
+      // A second Ctrl-C ends this process at once (the default action), as it would have
+      // without the handler: the cancel is sent, and the source may be slow to answer.
+      process.off('SIGINT', onSigint);
       if (cancelled) return;
       cancelled = true;
-      err.write('\nmigrate: cancelling\n');
+      err.write('\nmigrate: cancelling (Ctrl-C again to stop waiting)\n');
       void src.execute('migrate_cancel').catch(() => undefined);
     };
     process.on('SIGINT', onSigint);
