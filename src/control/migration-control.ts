@@ -180,7 +180,7 @@ export class MigrationControl {
               // The process began to quit meanwhile (colo up stopping a pair: its secondary's
               // end failed the migration a moment before this process's own stop came) and
               // destroyed the machine under the resume: expected, not an error.
-              if (!this.closed) throw err;
+              if (!this.closed && !this.vm.exiting) throw err;
               log.debug(`the VM was not resumed after the migration: the process is quitting (${errorMessage(err)})`);
             }
           }),

@@ -1,10 +1,11 @@
 /** `colo run`'s process lifecycle: quit and signals end the process promptly and cleanly. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { QmpClient } from '../../src/control/qmp-client.js';
-import { TestEnv, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
+import { TestEnv, freePort, guests, runProgram, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { assertNoErrors, statuses } from '../migration/helpers.js';
 
 /**
@@ -97,4 +98,38 @@ test("regression: --qmp tcp:HOST:PORT,server,nowait (QEMU's chardev suffixes) is
   assert.equal(status.status, 'running');
   await qmp.execute('quit');
   assert.equal(await vm.waitExit(10000), 0);
+});
+
+test('regression: SIGTERM while colo run loads its --incoming file: the load ends, then the process quits cleanly (status 0, QMP socket removed)', async (t) => {
+  const env = new TestEnv(t);
+  // A saved state, fed through a FIFO: the load (synchronous reads, as a large file's that
+  // takes seconds) waits for the writer, so the signal comes in the middle of the boot.
+  const src = await env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '4M'] });
+  const state = env.file('spin.state');
+  await src.qmp.execute('migrate', { uri: `file:${state}` });
+  await src.waitMigrationStatus('completed', 15000);
+  await src.stop();
+  const fifo = env.file('state.fifo');
+  const mk = await runProgram('mkfifo', [fifo], { timeoutMs: 5000 });
+  assert.equal(mk.code, 0, mk.stderr);
+  const qmpPath = env.file('dst.qmp');
+  const vm = await env.startVm({ name: 'dst', guest: guests.spin, noQmp: true, args: ['--memory', '4M', '--qmp', `unix:${qmpPath}`, '--incoming', `file:${fifo}`] });
+  await waitFor('the QMP socket of dst (then it opens the FIFO and waits)', () => {
+    if (!vm.alive) throw new Error(`dst exited with code ${vm.exitCode}: ${vm.stderr}`);
+    return fs.existsSync(qmpPath);
+  }, 15000);
+  await sleep(200);
+  vm.kill('SIGTERM');
+  await sleep(300);
+  // Before the fix the signal came before colo run handled signals: the process died at
+  // once (status 143), its QMP socket file left behind.
+  assert.ok(vm.alive, `the process goes on with its load: exited with code ${vm.exitCode}, signal ${vm.exitSignal}`);
+  const writer = spawn('sh', ['-c', 'cat "$1" > "$2"', 'sh', state, fifo], { stdio: 'ignore' });
+  env.onCleanup(() => {
+    writer.kill('SIGKILL');
+  });
+  assert.equal(await vm.waitExit(15000), 0, `exits with status 0: ${vm.stderr}`);
+  assert.match(vm.stderr, /SIGTERM received, quitting/);
+  assert.equal(fs.existsSync(qmpPath), false, 'the QMP socket file is removed');
+  assertNoErrors(vm);
 });
