@@ -307,8 +307,11 @@ export class MigrationControl {
     );
     try {
       await m.listen();
+      // The process quit while the receiver threads started or this listened: close() found
+      // no incoming migration, and this one, listening, kept the process alive for good.
+      if (this.closed) throw new ChannelClosedError('the VM is quitting');
     } catch (err) {
-      // Not listening, so no session: close() ends the receiver threads.
+      // No session: close() ends the receiver threads (and stops listening).
       await m.close().catch((e: unknown) => log.debug(`closing the incoming migration that could not listen: ${errorMessage(e)}`));
       throw err;
     }

@@ -133,3 +133,23 @@ test('regression: SIGTERM while colo run loads its --incoming file: the load end
   assert.equal(fs.existsSync(qmpPath), false, 'the QMP socket file is removed');
   assertNoErrors(vm);
 });
+
+test('regression: quit while migrate-incoming starts its multifd receiver threads: the process exits', async (t) => {
+  const env = new TestEnv(t);
+  const vm = await env.startVm({ name: 'dst', guest: guests.spin, args: ['--incoming', 'defer'] });
+  await vm.setMigration({ multifd: true }, { 'multifd-channels': 4 });
+  // A second client: QMP runs one client's commands one at a time.
+  const other = await QmpClient.connect(`unix:${vm.qmpPath}`, { timeoutMs: 5000 });
+  env.onCleanup(() => other.close());
+  const incoming = vm.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' }).then(
+    () => 'started',
+    (err: unknown) => `failed: ${String(err)}`,
+  );
+  await sleep(10);
+  await other.execute('quit');
+  // Before the fix the migration, listening once its threads were up, came after the quit's
+  // close() and kept the process alive for good.
+  assert.equal(await vm.waitExit(8000), 0, `exits with status 0: ${vm.stderr}`);
+  t.diagnostic(`migrate-incoming: ${await incoming}`);
+  assertNoErrors(vm);
+});
