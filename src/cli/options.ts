@@ -147,6 +147,8 @@ export function parseRunArgs(argv: string[]): RunOptions {
         for (const k of kv.keys()) if (k !== 'listen') throw new UsageError('BAD_OPTION', `--net: unknown property '${k}'`);
         const listen = kv.get('listen');
         if (listen === undefined) throw new UsageError('BAD_OPTION', `--net: 'listen=HOST:PORT' is required`);
+        // QEMU makes a second NIC of a second -netdev; one is all there is here.
+        if (o.net !== null) throw new UsageError('BAD_OPTION', '--net: only one NIC is supported');
         const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(listen);
         if (m === null || Number(m[3]) > 65535) throw new UsageError('BAD_OPTION', `--net: bad listen address '${listen}' (expected HOST:PORT)`);
         o.net = { host: (m[1] ?? m[2])!, port: Number(m[3]) };
@@ -171,6 +173,8 @@ export function parseRunArgs(argv: string[]): RunOptions {
         } catch (err) {
           throw new UsageError('BAD_OPTION', `--qmp: ${errorMessage(err)}`);
         }
+        // QEMU opens a monitor for each -qmp; the first one was dropped without a word.
+        if (o.qmp !== null) throw new UsageError('BAD_OPTION', '--qmp: only one QMP monitor is supported');
         o.qmp = q;
         break;
       }

@@ -108,6 +108,9 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['run', guests.spin, '--qmp', 'tcp:127.0.0.1:99999'], /^colo: --qmp: bad address 'tcp:127\.0\.0\.1:99999': port '99999' is not a number/],
     [['run', guests.spin, '--qmp', `unix:/tmp/${'a'.repeat(120)}`], /^colo: --qmp: .*longer than the 107 a unix socket allows/],
     [['run', guests.spin, '--incoming', 'tcp:127.0.0.1:99999'], /^colo: --incoming: bad address .*port '99999'/],
+    // QEMU opens a monitor (a NIC) for each; one of two was silently dropped.
+    [['run', guests.spin, '--qmp', 'unix:/tmp/a.qmp', '--qmp', 'unix:/tmp/b.qmp'], /^colo: --qmp: only one QMP monitor is supported/],
+    [['run', guests.spin, '--net', 'listen=127.0.0.1:1', '--net', 'listen=127.0.0.1:2'], /^colo: --net: only one NIC is supported/],
     [['run'], /missing the guest module/],
     [['run', '/nonexistent/guest.wasm'], /nonexistent/],
     [['frobnicate'], /unknown command 'frobnicate'/],
