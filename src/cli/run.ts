@@ -52,10 +52,13 @@ export async function runCommand(argv: string[]): Promise<number> {
   // signal then ended the process at once, exit status 143, its QMP socket file left behind.
   const onSignal = (sig: string): void => {
     log.info(`${sig} received, quitting`);
-    vm.quit(0);
+    // QEMU's SHUTDOWN event of a signal (qemu_system_killed): management sees why it went.
+    vm.quit(0, { guest: false, reason: 'host-signal' });
   };
   process.once('SIGINT', () => onSignal('SIGINT'));
   process.once('SIGTERM', () => onSignal('SIGTERM'));
+  // As QEMU's (os_setup_signal_handling): the terminal or ssh session that started it closing.
+  process.once('SIGHUP', () => onSignal('SIGHUP'));
   try {
     if (opts.qmp !== null) {
       qmp = new QmpServer();

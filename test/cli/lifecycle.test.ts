@@ -153,3 +153,20 @@ test('regression: quit while migrate-incoming starts its multifd receiver thread
   t.diagnostic(`migrate-incoming: ${await incoming}`);
   assertNoErrors(vm);
 });
+
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
+  test(`${sig} ends colo run as QEMU's does: SHUTDOWN event, status 0, its QMP socket file removed`, async (t) => {
+    const env = new TestEnv(t);
+    const vm = await env.startVm({ name: 'vm', guest: guests.spin });
+    assert.equal(await vm.status(), 'running');
+    const mark = vm.qmp.eventCount;
+    vm.kill(sig);
+    // Before, SIGHUP (the terminal closing) killed the process: status null, the socket file left.
+    assert.equal(await vm.waitExit(8000), 0, `exits with status 0 (signal ${vm.exitSignal}): ${vm.stderr}`);
+    assert.match(vm.stderr, new RegExp(`${sig} received, quitting`));
+    assert.equal(fs.existsSync(vm.qmpPath), false, 'the QMP socket file is removed');
+    // Before, no SHUTDOWN event came (QEMU's is {guest: false, reason: host-signal}).
+    assert.deepEqual(vm.eventsOf('SHUTDOWN', mark).map((e) => e.data), [{ guest: false, reason: 'host-signal' }]);
+    assertNoErrors(vm);
+  });
+}
