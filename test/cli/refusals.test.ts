@@ -67,15 +67,16 @@ test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in on
 test('colo img create: a folder that is not there, or a size the file cannot take, is one clear line and leaves no image', async (t) => {
   const env = new TestEnv(t);
   const r = await colo(['img', 'create', env.file('nodir/x.img'), '1M']);
-  assert.notEqual(r.code, 0);
-  assert.match(r.stderr, /cannot create '.*nodir\/x\.img': ENOENT/);
+  // A failure, not a usage error (status 2 before): status 1, as qemu-img's.
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /^colo img: cannot create '.*nodir\/x\.img': ENOENT/);
   assert.doesNotMatch(r.stderr, /internal error/);
   assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
   // A file-size limit below the image size: ftruncate fails; no 0-byte image stays behind
   // for a later --if-missing to keep.
   const big = env.file('big.img');
   const u = await runProgram('bash', ['-c', `ulimit -f 100 && exec "${process.execPath}" "${coloBin}" img create "${big}" 64M`], { timeoutMs: 30000 });
-  assert.notEqual(u.code, 0);
+  assert.equal(u.code, 1, u.stderr);
   assert.match(u.stderr, /cannot make '.*big\.img' 67108864 bytes long/);
   assert.ok(!fs.existsSync(big), 'no image of the wrong size is left');
   // A symbolic link to nothing is something that exists: refused, or kept with --if-missing.
