@@ -8,6 +8,12 @@ export const imgUsage = `usage: colo img create [--if-missing] FILE SIZE
   --if-missing                leave FILE as it is if it exists
 `;
 
+/** A failure to make the image (not a usage error): one line, status 1, as qemu-img's. */
+function failed(message: string): number {
+  process.stderr.write(`colo img: ${message}\n`);
+  return 1;
+}
+
 /** `colo img create [--if-missing] FILE SIZE`: a raw disk image, as `qemu-img create -f raw`. */
 export function imgCommand(argv: string[]): number {
   const [sub, ...rest] = argv;
@@ -25,7 +31,7 @@ export function imgCommand(argv: string[]): number {
   try {
     existing = fs.lstatSync(file, { throwIfNoEntry: false });
   } catch (err) {
-    throw new UsageError('IMG_CREATE', `cannot create '${file}': ${errorMessage(err)}`);
+    return failed(`cannot create '${file}': ${errorMessage(err)}`);
   }
   if (existing !== undefined) {
     if (ifMissing) return 0;
@@ -37,7 +43,7 @@ export function imgCommand(argv: string[]): number {
   } catch (err) {
     // Made meanwhile by another `--if-missing` run: that one is the image.
     if (ifMissing && (err as NodeJS.ErrnoException).code === 'EEXIST') return 0;
-    throw new UsageError('IMG_CREATE', `cannot create '${file}': ${errorMessage(err)}`);
+    return failed(`cannot create '${file}': ${errorMessage(err)}`);
   }
   try {
     fs.ftruncateSync(fd, size);
@@ -45,7 +51,7 @@ export function imgCommand(argv: string[]): number {
     // No image of the wrong size is left behind (a later --if-missing would keep it).
     fs.closeSync(fd);
     fs.rmSync(file, { force: true });
-    throw new UsageError('IMG_CREATE', `cannot make '${file}' ${size} bytes long: ${errorMessage(err)}`);
+    return failed(`cannot make '${file}' ${size} bytes long: ${errorMessage(err)}`);
   }
   fs.closeSync(fd);
   process.stdout.write(`Formatting '${file}', fmt=raw size=${size}\n`);

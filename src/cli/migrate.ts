@@ -1,4 +1,5 @@
 import { QmpClient } from '../control/qmp-client.js';
+import { parseAddress } from '../control/address.js';
 import { UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 
@@ -78,7 +79,11 @@ export function parseMigrateArgs(argv: string[]): MigrateOptions {
   if (positional.length !== 2) throw new UsageError('BAD_OPTION', migrateUsage.trimEnd());
   o.source = positional[0]!;
   o.uri = positional[1]!;
-  if (!/^tcp:.+:\d+$/.test(o.uri)) throw new UsageError('BAD_OPTION', `the target must be tcp:HOST:PORT, got '${o.uri}'`);
+  if (!o.uri.startsWith('tcp:')) throw new UsageError('BAD_OPTION', `the target must be tcp:HOST:PORT, got '${o.uri}'`);
+  // Bad addresses are usage errors (status 2) here; a VM that cannot be reached is a failure (1).
+  parseAddress(o.uri);
+  parseAddress(o.source);
+  if (o.target !== null) parseAddress(o.target);
   return o;
 }
 
@@ -110,16 +115,24 @@ export function progressLine(info: Info, width = 24): string {
 
 export async function migrateCommand(argv: string[]): Promise<number> {
   const o = parseMigrateArgs(argv);
-  const src = await QmpClient.connect(o.source);
+  const err = process.stderr;
+  let src: QmpClient;
+  try {
+    src = await QmpClient.connect(o.source);
+  } catch (e) {
+    // A VM that is not there (or not answering) is not a usage error: status 1, as colo qmp.
+    err.write(`colo migrate: ${errorMessage(e)}\n`);
+    return 1;
+  }
   let dst: QmpClient | null = null;
   try {
     dst = o.target === null ? null : await QmpClient.connect(o.target);
   } catch (e) {
     // Its open connection would keep this process alive (and hold one of the source's slots).
     await src.close().catch(() => undefined);
-    throw e;
+    err.write(`colo migrate: ${errorMessage(e)}\n`);
+    return 1;
   }
-  const err = process.stderr;
   try {
     const caps = [{ capability: 'multifd', state: o.parallel }];
     await src.execute('migrate-set-capabilities', { capabilities: caps });
@@ -137,9 +150,12 @@ export async function migrateCommand(argv: string[]): Promise<number> {
     await src.execute('migrate', { uri: o.uri });
     let cancelled = false;
     const onSigint = (): void => {
+      // A second Ctrl-C ends this process at once (the default action), as it would have
+      // without the handler: the cancel is sent, and the source may be slow to answer.
+      process.off('SIGINT', onSigint);
       if (cancelled) return;
       cancelled = true;
-      err.write('\nmigrate: cancelling\n');
+      err.write('\nmigrate: cancelling (Ctrl-C again to stop waiting)\n');
       void src.execute('migrate_cancel').catch(() => undefined);
     };
     process.on('SIGINT', onSigint);

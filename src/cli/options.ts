@@ -1,5 +1,6 @@
 import { limits } from '../core/limits.js';
-import { UsageError } from '../core/errors.js';
+import { UsageError, errorMessage } from '../core/errors.js';
+import { parseAddress } from '../control/address.js';
 
 /** Parse a size like 256M, 1G, 65536, 64K (binary units, as QEMU's -m). */
 export function parseSize(text: string, what: string): number {
@@ -146,6 +147,8 @@ export function parseRunArgs(argv: string[]): RunOptions {
         for (const k of kv.keys()) if (k !== 'listen') throw new UsageError('BAD_OPTION', `--net: unknown property '${k}'`);
         const listen = kv.get('listen');
         if (listen === undefined) throw new UsageError('BAD_OPTION', `--net: 'listen=HOST:PORT' is required`);
+        // QEMU makes a second NIC of a second -netdev; one is all there is here.
+        if (o.net !== null) throw new UsageError('BAD_OPTION', '--net: only one NIC is supported');
         const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(listen);
         if (m === null || Number(m[3]) > 65535) throw new UsageError('BAD_OPTION', `--net: bad listen address '${listen}' (expected HOST:PORT)`);
         o.net = { host: (m[1] ?? m[2])!, port: Number(m[3]) };
@@ -162,7 +165,16 @@ export function parseRunArgs(argv: string[]): RunOptions {
       }
       case '--qmp': {
         const q = needValue();
-        if (!/^(unix:.+|tcp:.+:\d+)$/.test(q)) throw new UsageError('BAD_OPTION', `--qmp: expected unix:PATH or tcp:HOST:PORT, got '${q}'`);
+        // The parser the monitor listens with (control/address.ts): QEMU's ',server,nowait'
+        // is accepted, and a bad port or an over-long socket path is a usage error here, not
+        // a failure after the guest was loaded.
+        try {
+          parseAddress(q);
+        } catch (err) {
+          throw new UsageError('BAD_OPTION', `--qmp: ${errorMessage(err)}`);
+        }
+        // QEMU opens a monitor for each -qmp; the first one was dropped without a word.
+        if (o.qmp !== null) throw new UsageError('BAD_OPTION', '--qmp: only one QMP monitor is supported');
         o.qmp = q;
         break;
       }
@@ -174,8 +186,15 @@ export function parseRunArgs(argv: string[]): RunOptions {
         break;
       case '--incoming': {
         const inc = needValue();
-        if (!(inc === 'defer' || /^file:.+/.test(inc) || /^tcp:.+:\d+$/.test(inc))) {
+        if (!(inc === 'defer' || /^file:.+/.test(inc) || inc.startsWith('tcp:'))) {
           throw new UsageError('BAD_OPTION', `--incoming: expected defer, tcp:HOST:PORT or file:PATH, got '${inc}'`);
+        }
+        if (inc.startsWith('tcp:')) {
+          try {
+            parseAddress(inc);
+          } catch (err) {
+            throw new UsageError('BAD_OPTION', `--incoming: ${errorMessage(err)}`);
+          }
         }
         o.incoming = inc;
         break;

@@ -48,6 +48,17 @@ export async function runCommand(argv: string[]): Promise<number> {
     resolveExit(code);
   };
   vm.on('quit', (code: number) => void shutdown(code));
+  // Before the monitor listens and the VM boots (a --incoming file: load takes seconds): a
+  // signal then ended the process at once, exit status 143, its QMP socket file left behind.
+  const onSignal = (sig: string): void => {
+    log.info(`${sig} received, quitting`);
+    // QEMU's SHUTDOWN event of a signal (qemu_system_killed): management sees why it went.
+    vm.quit(0, { guest: false, reason: 'host-signal' });
+  };
+  process.once('SIGINT', () => onSignal('SIGINT'));
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  // As QEMU's (os_setup_signal_handling): the terminal or ssh session that started it closing.
+  process.once('SIGHUP', () => onSignal('SIGHUP'));
   try {
     if (opts.qmp !== null) {
       qmp = new QmpServer();
@@ -57,15 +68,15 @@ export async function runCommand(argv: string[]): Promise<number> {
     }
     await vm.boot();
   } catch (err) {
+    // A quit (a signal, QMP quit) during the boot destroys the machine under it: its own
+    // shutdown ends the process, with its own status.
+    if (vm.exiting) {
+      log.debug(`the boot ended by the quit: ${errorMessage(err)}`);
+      return exited;
+    }
     process.stderr.write(`colo run: ${errorMessage(err)}\n`);
     await shutdown(1);
     return exited;
   }
-  const onSignal = (sig: string): void => {
-    log.info(`${sig} received, quitting`);
-    vm.quit(0);
-  };
-  process.once('SIGINT', () => onSignal('SIGINT'));
-  process.once('SIGTERM', () => onSignal('SIGTERM'));
   return exited;
 }

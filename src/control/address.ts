@@ -6,6 +6,7 @@
  */
 import * as fs from 'node:fs';
 import * as net from 'node:net';
+import * as nodePath from 'node:path';
 import { ChannelClosedError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 
 export type SocketAddress =
@@ -97,7 +98,7 @@ export async function listenOn(addressIn: SocketAddress | string, options: net.S
   const server = net.createServer(options);
   await new Promise<void>((resolve, reject) => {
     const onError = (err: Error): void => {
-      reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: ${err.message}`));
+      reject(new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: ${address.kind === 'unix' ? unixListenFailure(address.path, err) : err.message}`));
     };
     server.once('error', onError);
     const done = (): void => {
@@ -137,6 +138,18 @@ export async function listenOn(addressIn: SocketAddress | string, options: net.S
   };
 }
 
+/**
+ * Why a unix socket could not be bound. libuv reports a missing directory as EACCES
+ * ("permission denied", nodejs/node#35538): say that the directory is not there instead.
+ */
+function unixListenFailure(path: string, err: Error): string {
+  if ((err as NodeJS.ErrnoException).code === 'EACCES') {
+    const dir = nodePath.dirname(path);
+    if (!fs.existsSync(dir)) return `the directory ${dir} does not exist`;
+  }
+  return err.message;
+}
+
 async function removeStaleSocket(path: string, text: string): Promise<void> {
   let stat: fs.Stats;
   try {
@@ -168,28 +181,43 @@ async function removeStaleSocket(path: string, text: string): Promise<void> {
 /**
  * Connects to `address`; rejects with TimeoutError after `timeoutMs`, or with
  * ChannelClosedError when the peer refuses or is not there (the cause holds the system error).
- * Messages name the other end `peer` (default: the address).
+ * Messages name the other end `peer` (default: the address). `signal` gives the connect up at
+ * once (ChannelClosedError): a connect still pending (a peer that drops SYNs, or whose accept
+ * queue is full) holds the socket and the timer, and with them the process, until the timeout.
  */
-export function connectTo(addressIn: SocketAddress | string, timeoutMs: number, peer?: string): Promise<net.Socket> {
+export function connectTo(addressIn: SocketAddress | string, timeoutMs: number, peer?: string, signal?: AbortSignal): Promise<net.Socket> {
   const address = toAddress(addressIn);
   const text = peer ?? formatAddress(address);
+  if (signal?.aborted === true) return Promise.reject(new ChannelClosedError(`connecting to ${text} was given up`));
   return new Promise<net.Socket>((resolve, reject) => {
     const socket =
       address.kind === 'unix'
         ? net.connect({ path: address.path })
         : net.connect({ host: address.host === '' ? 'localhost' : address.host, port: address.port });
+    const settle = (): void => {
+      clearTimeout(timer);
+      signal?.removeEventListener('abort', onAbort);
+    };
     const timer = setTimeout(() => {
+      settle();
       socket.destroy();
       reject(new TimeoutError(`timed out after ${timeoutMs} ms connecting to ${text}`));
     }, timeoutMs);
+    const onAbort = (): void => {
+      settle();
+      socket.off('error', onError);
+      socket.destroy();
+      reject(new ChannelClosedError(`connecting to ${text} was given up`));
+    };
+    signal?.addEventListener('abort', onAbort, { once: true });
     socket.once('connect', () => {
-      clearTimeout(timer);
+      settle();
       if (address.kind === 'tcp') socket.setNoDelay(true);
       socket.off('error', onError);
       resolve(socket);
     });
     const onError = (err: Error): void => {
-      clearTimeout(timer);
+      settle();
       socket.destroy();
       reject(new ChannelClosedError(`cannot connect to ${text}: ${err.message}`, { cause: err }));
     };

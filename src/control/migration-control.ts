@@ -180,7 +180,7 @@ export class MigrationControl {
               // The process began to quit meanwhile (colo up stopping a pair: its secondary's
               // end failed the migration a moment before this process's own stop came) and
               // destroyed the machine under the resume: expected, not an error.
-              if (!this.closed) throw err;
+              if (!this.closed && !this.vm.exiting) throw err;
               log.debug(`the VM was not resumed after the migration: the process is quitting (${errorMessage(err)})`);
             }
           }),
@@ -307,8 +307,11 @@ export class MigrationControl {
     );
     try {
       await m.listen();
+      // The process quit while the receiver threads started or this listened: close() found
+      // no incoming migration, and this one, listening, kept the process alive for good.
+      if (this.closed) throw new ChannelClosedError('the VM is quitting');
     } catch (err) {
-      // Not listening, so no session: close() ends the receiver threads.
+      // No session: close() ends the receiver threads (and stops listening).
       await m.close().catch((e: unknown) => log.debug(`closing the incoming migration that could not listen: ${errorMessage(e)}`));
       throw err;
     }

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
-import { ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
@@ -158,12 +158,18 @@ export class Vm extends EventEmitter {
     const where = formatListen(this.opts.net);
     try {
       if (opts.firstOwner === true) await fe.listen();
-      else await listenWithRetry(fe);
+      else await listenWithRetry(fe, () => this.quitting);
     } catch (err) {
-      if (opts.untilFree !== true || !addressInUse(err)) throw err;
+      if (this.quitting || opts.untilFree !== true || !addressInUse(err)) throw err;
       log.warn(`${errorMessage(err)}; the guest runs on, and the front end tries again every ${limits.netTakeoverListenRetryMs} ms until the address is free`);
       this.retryListen(fe, where);
       return;
+    }
+    if (this.quitting) {
+      // The process quit while this listened (the boot's start, a migration's resume):
+      // destroy() found no front end to close, and this one would keep the process alive.
+      await fe.close();
+      throw new ChannelClosedError('the VM is quitting');
     }
     this.frontEnd = fe;
     log.info(`serving guest NIC on ${formatListen({ host: this.opts.net.host, port: fe.boundPort() })}`);
@@ -339,15 +345,18 @@ function addressInUse(err: unknown): boolean {
   return err instanceof ColoError && /EADDRINUSE/.test(err.message);
 }
 
-/** The previous owner of the address (a migration source) may still be closing it. */
-async function listenWithRetry(fe: FrontEnd): Promise<void> {
+/**
+ * The previous owner of the address (a migration source) may still be closing it. `quitting`:
+ * the VM is going away; the retries stop (they held the exit for up to their 5 s).
+ */
+async function listenWithRetry(fe: FrontEnd, quitting: () => boolean): Promise<void> {
   const deadline = Date.now() + 5000;
   for (;;) {
     try {
       await fe.listen();
       return;
     } catch (err) {
-      if (Date.now() > deadline || !addressInUse(err)) throw err;
+      if (Date.now() > deadline || !addressInUse(err) || quitting()) throw err;
       // A SIGKILLed primary on this host frees the address when the kernel reaps it, a few
       // ms to tens of ms later: retry often, the service is down meanwhile.
       await new Promise((r) => setTimeout(r, 5));

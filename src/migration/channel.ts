@@ -40,8 +40,8 @@ export class MainChannel {
   }
 
   /** @param peer how messages name the other end, e.g. "the destination at 10.0.0.2:4444". */
-  static async connect(host: string, port: number, peer = `${host}:${port}`, timeoutMs = limits.migrationConnectTimeoutMs): Promise<MainChannel> {
-    return new MainChannel(await connectTo({ kind: 'tcp', host, port }, timeoutMs, peer), peer);
+  static async connect(host: string, port: number, peer = `${host}:${port}`, timeoutMs = limits.migrationConnectTimeoutMs, signal?: AbortSignal): Promise<MainChannel> {
+    return new MainChannel(await connectTo({ kind: 'tcp', host, port }, timeoutMs, peer, signal), peer);
   }
 
   get closed(): boolean {

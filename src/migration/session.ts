@@ -70,6 +70,8 @@ export class SourceSession {
   private abortReason: string | null = null;
   /** destroy() ran: a main channel that connects after it is dropped at once. */
   private dropped = false;
+  /** Aborted by destroy(): a main channel still connecting is given up at once. */
+  private readonly connecting = new AbortController();
   /** The round being sent (0: none) and where the main channel's byte count stood at its start. */
   private roundInFlight = 0;
   private roundMainStart = 0;
@@ -123,7 +125,14 @@ export class SourceSession {
       if (given !== null && given !== this.multifd) void given.destroy();
       this.multifd.onFailure((err) => this.fail(err));
     }
-    const channel = await MainChannel.connect(this.opts.host, this.opts.port, `the destination at ${this.opts.host}:${this.opts.port}`);
+    let channel: MainChannel;
+    try {
+      channel = await MainChannel.connect(this.opts.host, this.opts.port, `the destination at ${this.opts.host}:${this.opts.port}`, undefined, this.connecting.signal);
+    } catch (err) {
+      // Given up by destroy() (the process quitting, a yank): its reason is the migration's.
+      if (this.dropped) throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
+      throw err;
+    }
     if (this.ending) {
       // Cancelled (or yanked, failed) while the connection was on its way: abort() and
       // destroy() found no channel to close. Close this one, telling the destination of a
@@ -521,6 +530,9 @@ export class SourceSession {
     if (err !== undefined) this.fail(err);
     this.ending = true;
     this.dropped = true;
+    // A connect still pending (a destination that drops SYNs, or whose accept queue is full)
+    // held its socket and timer, and the quitting process, for limits.migrationConnectTimeoutMs.
+    this.connecting.abort();
     // A round waiting for max-bandwidth would otherwise hold its timer (and the process) that long.
     this.plainLimit?.stop();
     this.channel?.destroy();

@@ -67,15 +67,16 @@ test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in on
 test('colo img create: a folder that is not there, or a size the file cannot take, is one clear line and leaves no image', async (t) => {
   const env = new TestEnv(t);
   const r = await colo(['img', 'create', env.file('nodir/x.img'), '1M']);
-  assert.notEqual(r.code, 0);
-  assert.match(r.stderr, /cannot create '.*nodir\/x\.img': ENOENT/);
+  // A failure, not a usage error (status 2 before): status 1, as qemu-img's.
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /^colo img: cannot create '.*nodir\/x\.img': ENOENT/);
   assert.doesNotMatch(r.stderr, /internal error/);
   assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
   // A file-size limit below the image size: ftruncate fails; no 0-byte image stays behind
   // for a later --if-missing to keep.
   const big = env.file('big.img');
   const u = await runProgram('bash', ['-c', `ulimit -f 100 && exec "${process.execPath}" "${coloBin}" img create "${big}" 64M`], { timeoutMs: 30000 });
-  assert.notEqual(u.code, 0);
+  assert.equal(u.code, 1, u.stderr);
   assert.match(u.stderr, /cannot make '.*big\.img' 67108864 bytes long/);
   assert.ok(!fs.existsSync(big), 'no image of the wrong size is left');
   // A symbolic link to nothing is something that exists: refused, or kept with --if-missing.
@@ -104,6 +105,13 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['run', guests.spin, '--drive', 'snapshot=on'], /file=PATH/],
     [['run', guests.spin, '--net', 'listen=nowhere'], /bad listen address/],
     [['run', guests.spin, '--incoming', 'ftp:x'], /--incoming/],
+    // Refused when parsed, as a usage error (status 2), not after the guest was loaded (status 1).
+    [['run', guests.spin, '--qmp', 'tcp:127.0.0.1:99999'], /^colo: --qmp: bad address 'tcp:127\.0\.0\.1:99999': port '99999' is not a number/],
+    [['run', guests.spin, '--qmp', `unix:/tmp/${'a'.repeat(120)}`], /^colo: --qmp: .*longer than the 107 a unix socket allows/],
+    [['run', guests.spin, '--incoming', 'tcp:127.0.0.1:99999'], /^colo: --incoming: bad address .*port '99999'/],
+    // QEMU opens a monitor (a NIC) for each; one of two was silently dropped.
+    [['run', guests.spin, '--qmp', 'unix:/tmp/a.qmp', '--qmp', 'unix:/tmp/b.qmp'], /^colo: --qmp: only one QMP monitor is supported/],
+    [['run', guests.spin, '--net', 'listen=127.0.0.1:1', '--net', 'listen=127.0.0.1:2'], /^colo: --net: only one NIC is supported/],
     [['run'], /missing the guest module/],
     [['run', '/nonexistent/guest.wasm'], /nonexistent/],
     [['frobnicate'], /unknown command 'frobnicate'/],

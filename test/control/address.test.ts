@@ -1,12 +1,12 @@
 import assert from 'node:assert/strict';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { test } from 'node:test';
 import { connectTo, formatAddress, listenOn, parseAddress } from '../../src/control/address.js';
 import { ChannelClosedError, UsageError } from '../../src/core/errors.js';
-import { tempDir, waitMs, within } from './helpers.js';
+import { sleep, tempDir, waitMs, within } from './helpers.js';
 
 test('address: parse unix and tcp forms', () => {
   assert.deepEqual(parseAddress('unix:/tmp/x.qmp'), { kind: 'unix', path: '/tmp/x.qmp' });
@@ -85,6 +85,13 @@ test('address: unix listen replaces a stale socket, refuses a live one or a plai
     message: `cannot listen on unix:${plain}: the path exists and is not a socket`,
   });
   assert.equal(fs.readFileSync(plain, 'utf8'), 'keep me');
+
+  // libuv reports a missing directory as EACCES, 'permission denied': the message says what is wrong.
+  const missing = path.join(dir, 'gone', 'q.qmp');
+  await assert.rejects(listenOn(`unix:${missing}`), {
+    name: 'UsageError',
+    message: `cannot listen on unix:${missing}: the directory ${path.join(dir, 'gone')} does not exist`,
+  });
 });
 
 test('address: tcp listen on port 0 reports the bound port; connect refused is ChannelClosedError', async (t) => {
@@ -104,4 +111,35 @@ test('address: tcp listen on port 0 reports the bound port; connect refused is C
     assert.match(err.message, new RegExp(`^cannot connect to tcp:127.0.0.1:${port}: .*ECONNREFUSED`));
     return true;
   });
+});
+
+test('address: an aborted connect gives up at once (ChannelClosedError)', async (t) => {
+  // A listener that never accepts, its accept queue full (backlog 1, two connections
+  // waiting): a further connect stays pending on loopback.
+  const child = spawn(process.execPath, ['-e', `const s = require('net').createServer(); s.listen({ port: 0, host: '127.0.0.1', backlog: 1 }, () => console.log(s.address().port));`], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const fillers: net.Socket[] = [];
+  t.after(() => {
+    for (const s of fillers) s.destroy();
+    child.kill('SIGKILL');
+  });
+  const port = await within(new Promise<number>((resolve) => child.stdout!.once('data', (d: Buffer) => resolve(Number(String(d).trim())))), 10000, 'the listener to print its port');
+  child.kill('SIGSTOP');
+  for (let i = 0; i < 2; i++) {
+    const s = net.connect(port, '127.0.0.1');
+    fillers.push(s);
+    s.on('error', () => undefined);
+    await within(new Promise((resolve) => s.once('connect', resolve)), 5000, `filler connection ${i + 1}`);
+  }
+  const ac = new AbortController();
+  const startedAt = Date.now();
+  const pending = connectTo(`tcp:127.0.0.1:${port}`, 10000, 'the slow peer', ac.signal);
+  const early = await Promise.race([pending.then(() => 'connected', () => 'failed'), sleep(300).then(() => 'pending')]);
+  assert.equal(early, 'pending', 'the connect is still pending (the test needs that)');
+  ac.abort();
+  await assert.rejects(within(pending, 1000, 'the aborted connect to reject'), (err: unknown) => err instanceof ChannelClosedError && /connecting to the slow peer was given up/.test(err.message));
+  assert.ok(Date.now() - startedAt < 2000, 'given up long before the 10 s timeout');
+  // An already aborted signal: refused before any socket is made.
+  await assert.rejects(connectTo(`tcp:127.0.0.1:${port}`, 10000, undefined, ac.signal), ChannelClosedError);
 });

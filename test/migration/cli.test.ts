@@ -1,8 +1,10 @@
 /** `colo migrate`: flags → capabilities/parameters, progress, exit status. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import net from 'node:net';
+import { spawn } from 'node:child_process';
 import { parseMigrateArgs, progressLine } from '../../src/cli/migrate.js';
-import { TestEnv, coloBin, freePort, guests, runProgram } from '../framework/harness.js';
+import { TestEnv, coloBin, freePort, guests, runProgram, waitFor, withTimeout } from '../framework/harness.js';
 import { assertAdvancing, assertNoErrors } from './helpers.js';
 
 test('colo migrate parses virsh-style flags', () => {
@@ -34,4 +36,72 @@ test('colo migrate --parallel --target-qmp migrates a running guest to a --incom
   assert.ok(caps.some((c) => c.capability === 'multifd' && c.state));
   await assertAdvancing(dst);
   assertNoErrors(src, dst);
+});
+
+test('colo migrate: a source that is not there is a failure (status 1, as colo qmp), a bad address a usage error (status 2); one line each', async (t) => {
+  const env = new TestEnv(t);
+  const gone = env.file('gone.qmp');
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${gone}`, 'tcp:127.0.0.1:4444'], { timeoutMs: 20000 });
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /^colo migrate: cannot connect to unix:.*gone\.qmp: connect ENOENT/);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one line: ${r.stderr}`);
+  for (const args of [['unix:', 'tcp:127.0.0.1:4444'], [`unix:${gone}`, 'tcp:127.0.0.1:99999'], [`unix:${gone}`, 'tcp:127.0.0.1:4444', '--target-qmp', 'nowhere']]) {
+    const u = await runProgram(process.execPath, [coloBin, 'migrate', ...args], { timeoutMs: 20000 });
+    assert.equal(u.code, 2, `colo migrate ${args.join(' ')}: ${u.stderr}`);
+    assert.match(u.stderr, /^colo: bad address/, `colo migrate ${args.join(' ')}`);
+    assert.equal(u.stderr.trim().split('\n').length, 1, `one line: ${u.stderr}`);
+  }
+});
+
+test('colo migrate to a destination that refuses: the progress ends in failed, one line says why, status 1, the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['16M'] });
+  await src.waitSerial('B', { count: 3 });
+  const port = await freePort(); // nothing listens there
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${src.qmpPath}`, `tcp:127.0.0.1:${port}`], { timeoutMs: 30000 });
+  assert.equal(r.code, 1, r.stderr);
+  assert.match(r.stderr, /migrate: \[\.+\]   0%  failed /);
+  assert.match(r.stderr, new RegExp(`colo migrate: migration failed: cannot connect to the destination at 127\\.0\\.0\\.1:${port}: connect ECONNREFUSED`));
+  assert.equal(r.stdout, '');
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  assertNoErrors(src);
+});
+
+test('regression: colo migrate: a second Ctrl-C ends it at once when the source is slow to answer the cancel', async (t) => {
+  const env = new TestEnv(t);
+  const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['16M'] });
+  env.onCleanup(() => src.kill('SIGCONT'));
+  // A destination that takes the connection and never answers: the migration stays in setup.
+  const sockets: net.Socket[] = [];
+  const server = net.createServer((s) => {
+    sockets.push(s);
+    s.on('error', () => undefined);
+    s.resume();
+  });
+  env.onCleanup(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const port = (server.address() as net.AddressInfo).port;
+  const child = spawn(process.execPath, [coloBin, 'migrate', `unix:${src.qmpPath}`, `tcp:127.0.0.1:${port}`], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stderr = '';
+  child.stderr.on('data', (d: Buffer) => (stderr += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((resolve) => child.once('exit', (code, signal) => resolve({ code, signal })));
+  env.onCleanup(() => {
+    child.kill('SIGKILL');
+  });
+  // The first progress line comes after `migrate` was sent: the Ctrl-C handler is in place.
+  await waitFor('the first progress line of colo migrate', () => /migrate: \[/.test(stderr), 15000);
+  // The source stops answering QMP: the cancel and the progress queries wait (up to 10 s each).
+  src.kill('SIGSTOP');
+  child.kill('SIGINT');
+  await waitFor("colo migrate's 'cancelling' line", () => /migrate: cancelling/.test(stderr), 5000);
+  const secondAt = Date.now();
+  child.kill('SIGINT');
+  const end = await withTimeout(exited, 5000, 'colo migrate to end after the second Ctrl-C');
+  const ms = Date.now() - secondAt;
+  assert.equal(end.signal, 'SIGINT', `ended by the second Ctrl-C (code ${end.code}): ${stderr}`);
+  assert.ok(ms < 2000, `ended promptly (took ${ms} ms)`);
 });
