@@ -74,6 +74,12 @@ export class PrimaryNet {
         },
   );
   private active = false;
+  /**
+   * Aborted when COLO ends here: an output channel still connecting (a secondary that stopped
+   * answering) would hold its socket and timer, and a quitting process, for
+   * limits.coloOutputChannelTimeoutMs.
+   */
+  private readonly ending = new AbortController();
   private scan: NodeJS.Timeout | null = null;
   /** Client input stopped: the PVM's output for the next epoch reached the held limit. */
   private inputHeld = false;
@@ -161,7 +167,7 @@ export class PrimaryNet {
     if (port === undefined || !this.active) return;
     let s: net.Socket;
     try {
-      s = await connectOutputChannel(this.session.opts.host, Number(port), this.session.migrationId);
+      s = await connectOutputChannel(this.session.opts.host, Number(port), this.session.migrationId, this.ending.signal);
     } catch (err) {
       if (this.active && this.session.failed === null) log.warn(`${errorMessage(err)}; SVM output comes on the main channel`);
       return;
@@ -350,6 +356,7 @@ export class PrimaryNet {
   private end(): boolean {
     if (!this.active) return false;
     this.active = false;
+    this.ending.abort();
     this.outputChannel?.destroy();
     this.outputChannel = null;
     this.compareMoved();

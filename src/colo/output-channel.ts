@@ -149,9 +149,9 @@ function afterIo(fn: () => void, turns = 3): void {
 }
 
 /** The primary's end: connect and say hello. What arrives is read by the caller. */
-export async function connectOutputChannel(host: string, port: number, migrationId: Uint8Array): Promise<net.Socket> {
+export async function connectOutputChannel(host: string, port: number, migrationId: Uint8Array, signal?: AbortSignal): Promise<net.Socket> {
   if (!Number.isInteger(port) || port <= 0 || port >= 65536) throw new StreamError('FRAME_INVALID', `CHECKPOINT_READY: bad output channel port ${port}`);
-  const s = await connectTo({ kind: 'tcp', host, port }, limits.coloOutputChannelTimeoutMs, `the secondary's SVM output channel at ${host}:${port}`);
+  const s = await connectTo({ kind: 'tcp', host, port }, limits.coloOutputChannelTimeoutMs, `the secondary's SVM output channel at ${host}:${port}`, signal);
   s.setNoDelay(true);
   s.write(hello(migrationId));
   return s;
