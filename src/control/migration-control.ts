@@ -187,7 +187,9 @@ export class MigrationControl {
         closeFrontEnd: async () => {
           const fe = this.vm.frontEnd;
           this.vm.frontEnd = null;
-          // This process lives on (postmigrate): replies of connections the guest closed may finish.
+          // This process lives on (postmigrate): replies of connections the guest closed may
+          // finish, unless it quits first.
+          if (fe !== null) this.vm.drainingFrontEnd = fe;
           await fe?.close({ drainClosed: true });
         },
         markMigrated: () => this.vm.machine.setRunState('postmigrate'),

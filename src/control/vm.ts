@@ -22,6 +22,11 @@ export type { MigrationStatus } from '../migration/status.js';
  */
 export class Vm extends EventEmitter {
   frontEnd: FrontEnd | null = null;
+  /**
+   * The front end a switchover closed with its last replies still going out to slow clients
+   * (FrontEnd.close's drainClosed): at exit they are reset, not waited for.
+   */
+  drainingFrontEnd: FrontEnd | null = null;
   /** Migration settings, the current or last migration, query-migrate (migration-control.ts). */
   readonly migration: MigrationControl;
   /** COLO (colo/): hooks into the migration, failover, query-colo-status. */
@@ -330,6 +335,8 @@ export class Vm extends EventEmitter {
     await this.migration.close().catch((err: unknown) => log.debug(`closing the migration: ${errorMessage(err)}`));
     await this.frontEnd?.close();
     this.frontEnd = null;
+    await this.drainingFrontEnd?.close();
+    this.drainingFrontEnd = null;
     await this.machine.destroy();
   }
 }

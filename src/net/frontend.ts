@@ -347,7 +347,8 @@ export class FrontEnd extends EventEmitter {
    * socket of a connection the guest already closed, which still owes its client output Node
    * holds, goes on sending it within its linger (else the switchover would cut off a reply
    * the guest sent and forgot); the others are reset (what the kernel holds still goes out,
-   * then the FIN). At process exit nothing lingers, as QEMU's quit.
+   * then the FIN). At process exit nothing lingers, as QEMU's quit: a later close() without
+   * `drainClosed` resets the sockets still draining.
    */
   async close(opts: { drainClosed?: boolean } = {}): Promise<void> {
     this.closed = true;
@@ -356,8 +357,12 @@ export class FrontEnd extends EventEmitter {
       const live = new Set([...this.conns.values()].map((c) => c.socket));
       for (const sock of this.sockets) if (!live.has(sock) && !sock.destroyed && sock.writableLength > 0) owing.add(sock);
     }
-    for (const sock of this.sockets) if (!owing.has(sock)) sock.destroy();
-    this.sockets.clear();
+    // The draining ones stay in `sockets` (their 'close' takes them out) for a later close().
+    for (const sock of this.sockets) {
+      if (owing.has(sock)) continue;
+      sock.destroy();
+      this.sockets.delete(sock);
+    }
     this.conns.clear();
     const s = this.server;
     this.server = null;

@@ -202,3 +202,65 @@ test('front end: close at process exit resets a closed connection that still owe
   slow.resume();
   await waitFor('the slow client to see its connection end', () => closed, 10000);
 });
+
+test('a migration source whose switchover left a slow client draining its last reply quits at once: the draining socket is reset, not waited for', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+  const other = await RespClient.connect(port);
+  env.onCleanup(() => other.close());
+  assert.equal(await other.command(['SET', 'v', 'v'.repeat(512 * 1024)]), 'OK');
+  // 16 MiB of replies, then kv closes the connection: more than the kernel's buffers take, so
+  // the rest waits in the source's front end for a client that reads nothing.
+  const slow = await connectHalfOpen(port);
+  env.onCleanup(() => {
+    slow.socket.destroy();
+  });
+  slow.socket.pause();
+  slow.socket.write('GET v\r\n'.repeat(32) + 'QUIT\r\n');
+  // kv takes input in arrival order: its answer to this comes after it closed the slow one.
+  assert.equal(await other.command(['PING']), 'PONG');
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 20000);
+  assert.equal(slow.closed(), false, 'the slow client is still being sent its last reply after the switchover');
+  // QEMU's quit does not wait for clients: it used to wait here for the linger (10 s).
+  const quitAt = performance.now();
+  await withTimeout(src.qmp.execute('quit'), 5000, 'the reply to quit on the source');
+  await src.waitExit(3000);
+  const ms = performance.now() - quitAt;
+  assert.ok(ms < 3000, `the source exited ${ms.toFixed(0)} ms after quit`);
+  slow.socket.resume();
+  // The source's kernel sends what it holds, then its FIN (the client keeps its side open).
+  await waitFor("the slow client's connection to end with the source", () => slow.ended() || slow.closed(), 5000);
+  assert.deepEqual(src.errorLines(), []);
+  assert.deepEqual(dst.errorLines(), []);
+});
+
+test('front end: after a close at a switchover, a close at exit resets the sockets still draining', async (t) => {
+  const events: NicInput[] = [];
+  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
+  await fe.listen();
+  t.after(() => fe.close());
+  const slow = net.connect({ port: fe.boundPort(), host: '127.0.0.1' });
+  slow.on('error', () => undefined);
+  slow.pause();
+  let closed = false;
+  slow.on('close', () => (closed = true));
+  t.after(() => slow.destroy());
+  await waitFor('the open event', () => events.some((e) => e.kind === 'open'), 5000);
+  const conn = events.find((e) => e.kind === 'open')!.conn;
+  fe.deliver({ kind: 'out', conn, offset: 0, bytes: Buffer.alloc(32 * 1024 * 1024, 1) });
+  fe.deliver({ kind: 'close', conn, offset: 32 * 1024 * 1024 });
+  await withTimeout(fe.close({ drainClosed: true }), 5000, "the front end's close at the switchover");
+  assert.equal(fe.openSockets(), 1, 'the closed connection drains on');
+  await withTimeout(fe.close(), 5000, "the front end's close at exit");
+  assert.equal(fe.openSockets(), 0);
+  slow.resume();
+  await waitFor('the slow client to see its connection end', () => closed, 5000);
+});
