@@ -204,6 +204,20 @@ test('a peer that connects and never says hello is dropped after the hello timeo
   await waitFor('the silent connection to be closed by the destination', () => closed, 5000);
 });
 
+test('a source that says hello and then nothing is dropped after the handshake timeout, as one that never says hello', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
+  const src = await ScriptedSource.connect(t, d.port);
+  let closed = false;
+  src.socket.once('close', () => (closed = true));
+  src.hello(0);
+  await failedWith(d, 'HANDSHAKE_TIMEOUT');
+  assert.match(d.ended.join('\n'), /sent a hello but no setup within 300 ms/);
+  assert.equal(d.inc.core.phase, 'failed');
+  assert.equal((await src.reply()).kind, 'error', 'the source is told why');
+  await waitFor('the connection to be closed by the destination', () => closed, 5000);
+});
+
 test('zero pages listed out of order: exactly the listed pages are zeroed', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 1 });
