@@ -151,7 +151,12 @@ export async function loadMachineFromFile(m: Machine, path: string): Promise<voi
   let vcpu: ReturnType<typeof decodeDeviceState>['vcpu'] | null = null;
   try {
     for (;;) {
-      const n = fs.readSync(fd, chunk, 0, chunk.byteLength, null);
+      let n: number;
+      try {
+        n = fs.readSync(fd, chunk, 0, chunk.byteLength, null);
+      } catch (err) {
+        throw new MigrationError('FILE_READ', `cannot read '${path}': ${(err as Error).message}`);
+      }
       if (n === 0) break;
       dec.push(Buffer.from(chunk.subarray(0, n)));
       for (let f = dec.next(); f !== null; f = dec.next()) {
