@@ -7,14 +7,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
 import crypto from 'node:crypto';
 import { machineFor } from '../framework/machine.js';
-import { guests, waitFor } from '../framework/harness.js';
+import { TestEnv, guests, waitFor } from '../framework/harness.js';
 import type { Machine } from '../../src/machine/machine.js';
 import { IncomingMigration } from '../../src/migration/destination.js';
 import { MultifdReceiver } from '../../src/migration/multifd.js';
-import { FrameDecoder, FrameEncoder, FrameType, encodePreamble, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
+import { FrameDecoder, FrameEncoder, FrameType, encodeIndexList, encodePreamble, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
 import { setupOf } from '../../src/migration/sections.js';
 import { encodeChannelHello, encodePacket, multifdVersion } from '../../src/migration/multifd-format.js';
 import { fl64Module } from '../../src/migration/checksum.js';
@@ -77,6 +78,10 @@ class ScriptedSource {
 
   json(type: number, value: unknown): void {
     for (const b of this.enc.json(type, value)) this.socket.write(b);
+  }
+
+  frame(type: number, parts: Uint8Array[]): void {
+    for (const b of this.enc.frame(type, parts)) this.socket.write(b);
   }
 
   hello(channels: number): void {
@@ -282,4 +287,31 @@ test('a source whose guest instrumentation is another version is refused at setu
   src2.json(FrameType.setup, older);
   assert.match(String((await src2.reply()).message), /version unknown/);
   await failedWith(d2, 'STATE_INSTRUMENT');
+});
+
+test('disk blocks the destination cannot store (its filesystem is full): a typed DISK_FULL naming the image, told to the source too', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await env.tmpfs('small-fs', '1m');
+  const image = `${mnt}/dst.img`;
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 8 * 1024 * 1024); // sparse: each block written takes room
+  const { m } = await machineFor(t, guests.spin, [], { drive: image });
+  const d = await destination(t, m, { channels: 0 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(0);
+  src.json(FrameType.setup, setupOf(m));
+  const ready = await src.reply();
+  assert.deepEqual([ready.kind, ready.disk], ['ready', 'full']);
+  const per = limits.pagesPerPacketMax;
+  // 8 MiB of data blocks for a 1 MiB filesystem.
+  for (let first = 0; first < 2048; first += per) {
+    const blocks = Array.from({ length: per }, (_, i) => first + i);
+    src.frame(FrameType.diskBlocks, [encodeIndexList(blocks), Buffer.alloc(per * limits.diskBlockBytes, 0x5a)]);
+  }
+  const e = await failedWith(d, 'DISK_FULL');
+  assert.match(e, new RegExp(`cannot store disk block \\d+ in '${image}': ENOSPC`));
+  const r = await src.reply();
+  assert.equal(r.kind, 'error');
+  assert.match(String(r.message), /cannot store disk block \d+ in .*ENOSPC/);
+  assert.ok(!d.ended.includes('ran'));
 });
