@@ -199,6 +199,12 @@ export class IncomingMigration {
           // frame, which waits unread while this barrier holds the pump.
           const reason = await this.abortBehind(s, err);
           if (reason !== null) return { type: 'frame', now: now(), frame: { kind: 'abort', reason } };
+          // No cancel: as when the pump finds the main channel closed, a multifd channel's own
+          // error names the real cause, and it may still be on its way from the channel's worker.
+          if (isBreak(err) && s.receiver !== null) {
+            await s.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
+            if (s.receiverFailure !== null) throw s.receiverFailure;
+          }
           throw err;
         }
         this.multifdBytes += r.bytes;

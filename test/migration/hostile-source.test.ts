@@ -195,6 +195,22 @@ test('a source that crashes in a round barrier (a multifd channel cut mid-packet
   assert.equal(d.ended.length, 1, d.ended.join('\n'));
 });
 
+test('a multifd channel whose error comes just after the main channel closed, with the destination in a round barrier: the channel\'s error, not CHANNEL_CLOSED', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  src.socket.end();
+  // The channel's verdict on its packet (numbered 1 where 0 was due) follows the main
+  // channel's end, as one that was on its way from the worker does.
+  await new Promise((r) => setTimeout(r, 100));
+  c.write(encodePacket({ flags: 0, channel: 0, packet: 1, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
+  const e = await waitFor('the migration to end', () => d.ended[0], 10000);
+  assert.match(e, /^failed: multifd channel 0: packet number 1 where 0 was expected .*\[FRAME_ORDER\]$/);
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
 test('a peer that connects and never says hello is dropped after the hello timeout', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
