@@ -211,6 +211,22 @@ test('a multifd channel whose error comes just after the main channel closed, wi
   assert.equal(d.ended.length, 1, d.ended.join('\n'));
 });
 
+test('a multifd channel that fails inside a round the destination waits for: its own error at once, not \'ended before the end of round\' after the wait for an abort', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  const sent = performance.now();
+  c.write(encodePacket({ flags: 0, channel: 1, packet: 0, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
+  const e = await waitFor('the migration to end', () => d.ended[0], 10000);
+  const tookMs = performance.now() - sent;
+  assert.match(e, /^failed: multifd channel 0: packet 0 names channel 1 \[FRAME_INVALID\]$/);
+  // A corrupt packet is no cancel: nothing to look for on the main channel, which stays open.
+  assert.ok(tookMs < limits.multifdBreakAbortWaitMs, `failed after ${Math.round(tookMs)} ms, not after the ${limits.multifdBreakAbortWaitMs} ms wait for an abort`);
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
 test('a peer that connects and never says hello is dropped after the hello timeout', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
