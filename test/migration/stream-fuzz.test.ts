@@ -186,6 +186,8 @@ async function recordMigration(env: TestEnv): Promise<Buffer> {
   env.onCleanup(() => new Promise<void>((resolve) => relay.close(() => resolve())));
   await new Promise<void>((resolve) => relay.listen(0, '127.0.0.1', resolve));
   const relayPort = (relay.address() as net.AddressInfo).port;
+  // Paused, so that every run records the same frames (a running guest makes the rounds vary).
+  await src.qmp.execute('stop');
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${relayPort}` });
   await src.waitMigrationStatus('completed');
   await dst.waitMigrationStatus('completed');
