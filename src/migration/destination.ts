@@ -42,7 +42,7 @@ export interface IncomingOptions {
   onHandoff?: (session: IncomingSession, migration: IncomingMigration) => void;
   /** COLO hook, destination side: the session was created, before any frame was read (the RAM cache attaches here). */
   onSession?: (session: IncomingSession) => void;
-  /** How long a connected source may take to send its hello (default limits.migrationHandshakeTimeoutMs). */
+  /** How long a connected source may take to send its hello and setup (default limits.migrationHandshakeTimeoutMs). */
   helloTimeoutMs?: number;
 }
 
@@ -103,42 +103,52 @@ export class IncomingMigration {
   private async pump(session: IncomingSession): Promise<void> {
     await this.run({ type: 'connected', now: now() });
     // The listener closed for this connection: a peer that never speaks (a stray client, a
-    // source that hung) must not hold the incoming VM for ever.
+    // source that hung) must not hold the incoming VM for ever, nor one that stops after its
+    // hello (a source sends its setup right behind it, and gives up itself when no `ready`
+    // comes within the same bound).
     const helloMs = this.opts.helloTimeoutMs ?? limits.migrationHandshakeTimeoutMs;
+    const inHandshake = (): boolean => this.core.phase === 'hello' || this.core.phase === 'setup';
     let helloTimer: NodeJS.Timeout | null = setTimeout(() => {
       helloTimer = null;
-      if (this.core.phase === 'hello') void this.run({ type: 'failure', now: now(), message: `${session.channel.peer} sent no hello within ${helloMs} ms`, code: 'HANDSHAKE_TIMEOUT' });
+      if (!inHandshake()) return;
+      const missing = this.core.phase === 'hello' ? 'no hello' : 'a hello but no setup';
+      void this.run({ type: 'failure', now: now(), message: `${session.channel.peer} sent ${missing} within ${helloMs} ms`, code: 'HANDSHAKE_TIMEOUT' });
     }, helloMs);
     const stopHelloTimer = (): void => {
       if (helloTimer !== null) clearTimeout(helloTimer);
       helloTimer = null;
     };
-    while (!this.core.finished) {
-      let f: Frame;
-      try {
-        f = await session.nextFrame();
-        stopHelloTimer();
-      } catch (err) {
-        stopHelloTimer();
-        if (this.core.finished) return;
-        // A multifd channel's own error names the real cause (the source then closed the main
-        // channel); it may still be on its way from the channel's worker.
-        if (err instanceof ChannelClosedError && session.receiver !== null) await session.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
-        if (this.core.finished) return;
-        if (session.receiverFailure !== null) await this.run(channelFailure(session.receiverFailure));
-        else if (err instanceof ChannelClosedError) await this.run({ type: 'peerClosed', now: now() });
-        else await this.run(channelFailure(err));
-        return;
+    try {
+      while (!this.core.finished) {
+        let f: Frame;
+        try {
+          f = await session.nextFrame();
+          // The hello only: the setup must follow within the same bound.
+          if (f.type !== FrameType.hello) stopHelloTimer();
+        } catch (err) {
+          if (this.core.finished) return;
+          // A multifd channel's own error names the real cause (the source then closed the main
+          // channel); it may still be on its way from the channel's worker.
+          if (err instanceof ChannelClosedError && session.receiver !== null) await session.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
+          if (this.core.finished) return;
+          if (session.receiverFailure !== null) await this.run(channelFailure(session.receiverFailure));
+          else if (err instanceof ChannelClosedError) await this.run({ type: 'peerClosed', now: now() });
+          else await this.run(channelFailure(err));
+          return;
+        }
+        this.currentFrame = f;
+        let summary: FrameSummary;
+        try {
+          summary = summarize(f);
+        } catch (err) {
+          await this.run(failure(err));
+          return;
+        }
+        await this.run({ type: 'frame', now: now(), frame: summary });
       }
-      this.currentFrame = f;
-      let summary: FrameSummary;
-      try {
-        summary = summarize(f);
-      } catch (err) {
-        await this.run(failure(err));
-        return;
-      }
-      await this.run({ type: 'frame', now: now(), frame: summary });
+    } finally {
+      // A refused hello ends the migration with the timer still set.
+      stopHelloTimer();
     }
   }
 
@@ -189,6 +199,12 @@ export class IncomingMigration {
           // frame, which waits unread while this barrier holds the pump.
           const reason = await this.abortBehind(s, err);
           if (reason !== null) return { type: 'frame', now: now(), frame: { kind: 'abort', reason } };
+          // No cancel: as when the pump finds the main channel closed, a multifd channel's own
+          // error names the real cause, and it may still be on its way from the channel's worker.
+          if (isBreak(err) && s.receiver !== null) {
+            await s.receiver.whenChannelsEnded(limits.multifdEndWaitMs);
+            if (s.receiverFailure !== null) throw s.receiverFailure;
+          }
           throw err;
         }
         this.multifdBytes += r.bytes;

@@ -1,7 +1,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import { limits } from '../core/limits.js';
-import { StreamError } from '../core/errors.js';
+import { ColoError, MigrationError, StreamError, errorMessage } from '../core/errors.js';
 import type { Disk } from '../block/disk.js';
 import type { MainChannel } from './channel.js';
 import { decodeIndexList, encodeIndexList, FrameType, type Frame } from './stream.js';
@@ -140,15 +140,31 @@ export type DiskBlockSink = (block: number, data: Uint8Array | null) => void;
 export function defaultDiskSink(disk: Disk): DiskBlockSink {
   const current = Buffer.alloc(blockBytes);
   return (block, data) => {
-    if (data === null) {
-      // A zero block: write only where the disk does not already read zeros.
-      current.fill(0);
-      disk.readBlock(block, current);
-      if (!current.equals(zeroBlock)) disk.writeBlock(block, zeroBlock);
-      return;
+    try {
+      if (data === null) {
+        // A zero block: write only where the disk does not already read zeros.
+        current.fill(0);
+        disk.readBlock(block, current);
+        if (!current.equals(zeroBlock)) disk.writeBlock(block, zeroBlock);
+        return;
+      }
+      disk.writeBlock(block, data);
+    } catch (err) {
+      throw storeError(disk, block, err);
     }
-    disk.writeBlock(block, data);
   };
+}
+
+/**
+ * A received block this host could not store (its filesystem is full, an I/O error): a
+ * typed error naming the file, not the bare errno message ("ENOSPC: no space left on
+ * device, write"), which said neither what was written nor where.
+ */
+function storeError(disk: Disk, block: number, err: unknown): ColoError {
+  if (err instanceof ColoError) return err;
+  const where = disk.spec.snapshot ? `the snapshot overlay of '${disk.spec.imagePath}'` : `'${disk.spec.imagePath}'`;
+  const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO';
+  return new MigrationError(code, `cannot store disk block ${block} in ${where}: ${errorMessage(err)}`, { cause: err });
 }
 
 /** Apply a diskBlocks or diskZero frame through `sink`; returns the count. */

@@ -3,6 +3,7 @@ import { limits } from '../core/limits.js';
 import { ColoError, MigrationError, StreamError } from '../core/errors.js';
 import type { Machine } from '../machine/machine.js';
 import { applySetup, applyPagesFrame, decodeDeviceState, decodeDiskBlocks, encodeDeviceState, encodeDiskBlocks, encodePages, setupOf } from './sections.js';
+import { defaultDiskSink } from './disk-sync.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from './stream.js';
 
 /**
@@ -151,7 +152,12 @@ export async function loadMachineFromFile(m: Machine, path: string): Promise<voi
   let vcpu: ReturnType<typeof decodeDeviceState>['vcpu'] | null = null;
   try {
     for (;;) {
-      const n = fs.readSync(fd, chunk, 0, chunk.byteLength, null);
+      let n: number;
+      try {
+        n = fs.readSync(fd, chunk, 0, chunk.byteLength, null);
+      } catch (err) {
+        throw new MigrationError('FILE_READ', `cannot read '${path}': ${(err as Error).message}`);
+      }
       if (n === 0) break;
       dec.push(Buffer.from(chunk.subarray(0, n)));
       for (let f = dec.next(); f !== null; f = dec.next()) {
@@ -175,7 +181,8 @@ export async function loadMachineFromFile(m: Machine, path: string): Promise<voi
             } else if (f.type === FrameType.diskBlocks) {
               if (m.disk === null) unexpected();
               const { indices, data } = decodeDiskBlocks(f, m.disk!.blockCount);
-              indices.forEach((b, i) => m.disk!.writeBlock(b, data.subarray(i * limits.diskBlockBytes, (i + 1) * limits.diskBlockBytes)));
+              const store = defaultDiskSink(m.disk!);
+              indices.forEach((b, i) => store(b, data.subarray(i * limits.diskBlockBytes, (i + 1) * limits.diskBlockBytes)));
               blocksSeen += indices.length;
             } else if (f.type === FrameType.deviceState) {
               vcpu = decodeDeviceState(f).vcpu;

@@ -436,8 +436,11 @@ export class MultifdReceiver {
       case 'error': {
         const err = workerError(m);
         if (m.code !== 'CHANNEL_CLOSED') this.preciseFailure ??= err;
-        this.channelEnded(ch);
+        // Failed first: the barrier a channel's end checks would otherwise fail with its own
+        // 'ended before the end of round' (a break, which the destination then holds as a
+        // possible cancel) in place of this error.
         this.fail(err);
+        this.channelEnded(ch);
         return;
       }
       default:

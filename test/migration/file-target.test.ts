@@ -9,6 +9,9 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { execFileSync } from 'node:child_process';
 import { TestEnv, guests } from '../framework/harness.js';
+import { machineFor } from '../framework/machine.js';
+import { ColoError } from '../../src/core/errors.js';
+import { loadMachineFromFile, saveMachineToFile } from '../../src/migration/file.js';
 
 test('migrate to file: a FIFO is refused and the VM runs on; a symlink stays a link to the state; a private file stays private', async (t) => {
   const env = new TestEnv(t);
@@ -37,4 +40,26 @@ test('migrate to file: a FIFO is refused and the VM runs on; a symlink stays a l
   // The state restores.
   const restored = await env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '16M', '--incoming', `file:${link}`] });
   assert.equal(await restored.status(), 'running');
+});
+
+test('--incoming file: a directory, a truncated state and another guest\'s state are refused with a typed error naming the file', async (t) => {
+  const env = new TestEnv(t);
+  const { m: src } = await machineFor(t, guests.spin, []);
+  const state = env.file('spin.state');
+  saveMachineToFile(src, await src.saveVcpu(), state);
+  const refusal = async (guest: string, file: string): Promise<ColoError> => {
+    const { m } = await machineFor(t, guest, []);
+    const err = await loadMachineFromFile(m, file).then(() => null, (e: unknown) => e);
+    assert.ok(err instanceof ColoError, `a typed error for ${file}: ${String(err)}`);
+    return err;
+  };
+  const dir = await refusal(guests.spin, env.dir);
+  assert.equal(dir.code, 'FILE_READ');
+  assert.match(dir.message, new RegExp(`cannot read '${env.dir}': EISDIR`));
+  const cut = env.file('cut.state');
+  fs.writeFileSync(cut, fs.readFileSync(state).subarray(0, 4000));
+  const truncated = await refusal(guests.spin, cut);
+  assert.equal(truncated.code, 'STREAM_TRUNCATED');
+  assert.match(truncated.message, /cut\.state' is truncated/);
+  assert.equal((await refusal(guests.memwalk, state)).code, 'STATE_WRONG_MODULE');
 });

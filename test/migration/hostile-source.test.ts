@@ -7,14 +7,15 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import net from 'node:net';
 import crypto from 'node:crypto';
 import { machineFor } from '../framework/machine.js';
-import { guests, waitFor, withTimeout } from '../framework/harness.js';
+import { TestEnv, guests, waitFor, withTimeout } from '../framework/harness.js';
 import type { Machine } from '../../src/machine/machine.js';
 import { IncomingMigration } from '../../src/migration/destination.js';
 import { MultifdReceiver } from '../../src/migration/multifd.js';
-import { FrameDecoder, FrameEncoder, FrameType, encodePreamble, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
+import { FrameDecoder, FrameEncoder, FrameType, encodeIndexList, encodePreamble, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
 import { setupOf } from '../../src/migration/sections.js';
 import { encodeChannelHello, encodePacket, multifdVersion } from '../../src/migration/multifd-format.js';
 import { fl64Module } from '../../src/migration/checksum.js';
@@ -77,6 +78,10 @@ class ScriptedSource {
 
   json(type: number, value: unknown): void {
     for (const b of this.enc.json(type, value)) this.socket.write(b);
+  }
+
+  frame(type: number, parts: Uint8Array[]): void {
+    for (const b of this.enc.frame(type, parts)) this.socket.write(b);
   }
 
   hello(channels: number): void {
@@ -193,6 +198,38 @@ test('a source that crashes in a round barrier (a multifd channel cut mid-packet
   assert.equal(d.ended.length, 1, d.ended.join('\n'));
 });
 
+test('a multifd channel whose error comes just after the main channel closed, with the destination in a round barrier: the channel\'s error, not CHANNEL_CLOSED', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  src.socket.end();
+  // The channel's verdict on its packet (numbered 1 where 0 was due) follows the main
+  // channel's end, as one that was on its way from the worker does.
+  await new Promise((r) => setTimeout(r, 100));
+  c.write(encodePacket({ flags: 0, channel: 0, packet: 1, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
+  const e = await waitFor('the migration to end', () => d.ended[0], 10000);
+  assert.match(e, /^failed: multifd channel 0: packet number 1 where 0 was expected .*\[FRAME_ORDER\]$/);
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
+test('a multifd channel that fails inside a round the destination waits for: its own error at once, not \'ended before the end of round\' after the wait for an abort', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 1 });
+  const { src, channel: c } = await readyWithOneChannel(t, d, m);
+  src.json(FrameType.roundEnd, { round: 1, pages: 1, blocks: 0, channels: 1 });
+  await waitFor('the destination to wait in the barrier', () => (d.inc.core.phase === 'barrier' ? true : undefined), 5000);
+  const sent = performance.now();
+  c.write(encodePacket({ flags: 0, channel: 1, packet: 0, round: 1 }, [10], 1, Buffer.alloc(pageBytes, 0x55), fl64Module()));
+  const e = await waitFor('the migration to end', () => d.ended[0], 10000);
+  const tookMs = performance.now() - sent;
+  assert.match(e, /^failed: multifd channel 0: packet 0 names channel 1 \[FRAME_INVALID\]$/);
+  // A corrupt packet is no cancel: nothing to look for on the main channel, which stays open.
+  assert.ok(tookMs < limits.multifdBreakAbortWaitMs, `failed after ${Math.round(tookMs)} ms, not after the ${limits.multifdBreakAbortWaitMs} ms wait for an abort`);
+  assert.equal(d.ended.length, 1, d.ended.join('\n'));
+});
+
 test('a peer that connects and never says hello is dropped after the hello timeout', async (t) => {
   const { m } = await machineFor(t, guests.spin, []);
   const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
@@ -205,6 +242,20 @@ test('a peer that connects and never says hello is dropped after the hello timeo
   await failedWith(d, 'HANDSHAKE_TIMEOUT');
   assert.match(d.ended.join('\n'), /sent no hello within 300 ms/);
   await waitFor('the silent connection to be closed by the destination', () => closed, 5000);
+});
+
+test('a source that says hello and then nothing is dropped after the handshake timeout, as one that never says hello', async (t) => {
+  const { m } = await machineFor(t, guests.spin, []);
+  const d = await destination(t, m, { channels: 0, helloTimeoutMs: 300 });
+  const src = await ScriptedSource.connect(t, d.port);
+  let closed = false;
+  src.socket.once('close', () => (closed = true));
+  src.hello(0);
+  await failedWith(d, 'HANDSHAKE_TIMEOUT');
+  assert.match(d.ended.join('\n'), /sent a hello but no setup within 300 ms/);
+  assert.equal(d.inc.core.phase, 'failed');
+  assert.equal((await src.reply()).kind, 'error', 'the source is told why');
+  await waitFor('the connection to be closed by the destination', () => closed, 5000);
 });
 
 test('zero pages listed out of order: exactly the listed pages are zeroed', async (t) => {
@@ -271,4 +322,31 @@ test('a source whose guest instrumentation is another version is refused at setu
   src2.json(FrameType.setup, older);
   assert.match(String((await src2.reply()).message), /version unknown/);
   await failedWith(d2, 'STATE_INSTRUMENT');
+});
+
+test('disk blocks the destination cannot store (its filesystem is full): a typed DISK_FULL naming the image, told to the source too', async (t) => {
+  const env = new TestEnv(t);
+  const mnt = await env.tmpfs('small-fs', '1m');
+  const image = `${mnt}/dst.img`;
+  fs.writeFileSync(image, '');
+  fs.truncateSync(image, 8 * 1024 * 1024); // sparse: each block written takes room
+  const { m } = await machineFor(t, guests.spin, [], { drive: image });
+  const d = await destination(t, m, { channels: 0 });
+  const src = await ScriptedSource.connect(t, d.port);
+  src.hello(0);
+  src.json(FrameType.setup, setupOf(m));
+  const ready = await src.reply();
+  assert.deepEqual([ready.kind, ready.disk], ['ready', 'full']);
+  const per = limits.pagesPerPacketMax;
+  // 8 MiB of data blocks for a 1 MiB filesystem.
+  for (let first = 0; first < 2048; first += per) {
+    const blocks = Array.from({ length: per }, (_, i) => first + i);
+    src.frame(FrameType.diskBlocks, [encodeIndexList(blocks), Buffer.alloc(per * limits.diskBlockBytes, 0x5a)]);
+  }
+  const e = await failedWith(d, 'DISK_FULL');
+  assert.match(e, new RegExp(`cannot store disk block \\d+ in '${image}': ENOSPC`));
+  const r = await src.reply();
+  assert.equal(r.kind, 'error');
+  assert.match(String(r.message), /cannot store disk block \d+ in .*ENOSPC/);
+  assert.ok(!d.ended.includes('ran'));
 });
