@@ -275,7 +275,10 @@ export class WasiHost {
    * The import table for `wasi_snapshot_preview1`. Every i32 argument is unsigned in WASI
    * (pointers, lengths, fds, ids, flags), but arrives from wasm as a signed number: each one is
    * taken `>>> 0` here, or a pointer above 2 GiB would look negative (EFAULT for a valid
-   * address) and a clock id of 2^31 or more would pass an `id > 3` check.
+   * address) and a clock id of 2^31 or more would pass an `id > 3` check. The offset of
+   * fd_pread and fd_pwrite is a u64 (WASI's filesize) that arrives as a signed BigInt: taken
+   * unsigned too, or an offset of 2^63 or more looked negative, passed the bound check and
+   * went to the disk as a negative position (a write there landed at the image's start).
    */
   imports(): Record<string, (...args: never[]) => number | void> {
     const h = this;
@@ -314,9 +317,9 @@ export class WasiHost {
       fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
       fd_read: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdRead(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
       fd_pread: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPread(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
+        h.fdPread(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, BigInt.asUintN(64, offset), nPtr >>> 0),
       fd_pwrite: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPwrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
+        h.fdPwrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, BigInt.asUintN(64, offset), nPtr >>> 0),
       fd_sync: (fd: number) => h.fdSync(fd >>> 0),
       fd_datasync: (fd: number) => h.fdSync(fd >>> 0),
       fd_seek: (fd: number, offset: bigint, wh: number, newPtr: number) => h.fdSeek(fd >>> 0, offset, wh >>> 0, newPtr >>> 0),

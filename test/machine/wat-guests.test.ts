@@ -181,6 +181,36 @@ test('a guest that writes a buffer larger than fdIoBytesMax to the disk, looping
   assert.equal(bad, 0, 'the disk holds the whole buffer');
 });
 
+test('fd_pread and fd_pwrite take their offset unsigned: one of 2^63 or more is EINVAL and leaves the disk alone, not a write at its start', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(1024 * 1024, 0x11));
+  // [200], [208], [216]: errnos of pwrite at 2^64-4096, pwrite at 2^64-1, pread at 2^64-4096;
+  // [204], [212], [220]: the counts (left at 0x5a5a5a5a unless written).
+  const file = watGuest(t, 'bigoffset', `(module
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_pread" (func $pr (param i32 i32 i32 i64 i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 100) "EVILEVIL")
+    (func (export "_start")
+      (memory.fill (i32.const 200) (i32.const 0x5a) (i32.const 24))
+      (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 8))
+      (i32.store (i32.const 200) (call $pw (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -4096) (i32.const 204)))
+      (i32.store (i32.const 208) (call $pw (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -1) (i32.const 212)))
+      (i32.store (i32.const 0) (i32.const 300))
+      (i32.store (i32.const 216) (call $pr (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -4096) (i32.const 220)))))`);
+  const { m } = await machineFor(t, file, [], { drive: image });
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit'), 0);
+  const w = new Uint32Array(m.memory.buffer, 200, 6);
+  assert.deepEqual([...w], [28, 0x5a5a5a5a, 28, 0x5a5a5a5a, 28, 0x5a5a5a5a], 'EINVAL for each, no count written');
+  const disk = fs.readFileSync(image);
+  assert.equal(disk.byteLength, 1024 * 1024, 'the image kept its size');
+  assert.equal(disk.findIndex((b) => b !== 0x11), -1, 'the image is unchanged');
+});
+
 /** A guest that grows its memory by 1 MiB, fills it with 0xAB, recurses `depth` calls deep and spins at the bottom ([28] = 1) until [16] is set. */
 function deepGuest(t: { after(fn: () => unknown): void }, depth: number): string {
   return watGuest(t, `deep${depth}`, `(module (memory (export "memory") 1)
