@@ -53,7 +53,8 @@ export interface IoErrorReport {
 const log = logger('machine');
 
 /**
- * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message),
+ * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message;
+ * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
  * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
  * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
  * output events again).
@@ -346,6 +347,7 @@ export class Machine extends EventEmitter {
       this.vcpuRunning = false;
       this.state = 'internal-error';
       this.emit('panicked', r.message);
+      this.emit('stop');
       throw new MachineError('VCPU_FAILED', `the vCPU failed while pausing the guest: ${r.message}`);
     }
     if (r.type !== 'paused') return null;
@@ -593,6 +595,9 @@ export class Machine extends EventEmitter {
         this.vcpuRunning = false;
         this.state = 'guest-panicked';
         this.emit('panicked', m.message);
+        // QEMU's panic action pause: GUEST_PANICKED, then the vm_stop's STOP (a client that
+        // follows the run state by its events saw the crashed VM as running).
+        this.emit('stop');
         break;
       default:
         break;
@@ -605,10 +610,13 @@ export class Machine extends EventEmitter {
   }
 
   private onWorkerFailure(err: Error): void {
+    const wasRunning = this.vcpuRunning;
     this.vcpuRunning = false;
     this.state = 'internal-error';
     for (const w of this.waiters.splice(0)) w.reject(err);
     this.emit('panicked', err.message);
+    // QEMU's vm_stop(RUN_STATE_INTERNAL_ERROR) says STOP, for a VM that was running.
+    if (wasRunning) this.emit('stop');
   }
 }
 
