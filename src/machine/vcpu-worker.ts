@@ -505,7 +505,10 @@ class Vcpu {
       this.enter();
     };
     this.endWait = end;
-    if (timeoutMs !== null) this.waitTimer = setTimeout(end, timeoutMs);
+    // A longer timer would fire after 1 ms (with a warning each time): a guest's poll with a
+    // huge timeout (Rust's sleep(Duration::MAX)) spun here. At timerMsMax the guest is rewound
+    // and its poll, which keeps its deadline, waits again.
+    if (timeoutMs !== null) this.waitTimer = setTimeout(end, Math.min(timeoutMs, limits.timerMsMax));
     if (!this.wakeWaitPending) {
       const w = waitAsync(this.ctl, ctl.wake, this.lastWake);
       if (!w.async) {
