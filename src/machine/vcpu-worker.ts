@@ -58,6 +58,8 @@ class Vcpu {
   private phase: Phase = 'fresh';
   private lastWake = 0;
   private readonly pagesGlobal: WebAssembly.Global;
+  /** The guest's preemption budget (instrument.ts): at 0, its next loop back-edge or call preempts. */
+  private readonly budgetGlobal: WebAssembly.Global | null;
   /** Where the dirty map is (with the guest's size, setGuestPages): markWrite runs on every host write. */
   private dirtyLogBase = 0;
   private readonly logGlobal: WebAssembly.Global | null;
@@ -99,7 +101,8 @@ class Vcpu {
     });
     this.exports = this.instance.exports as unknown as AsyncifyExports;
     const budget = this.instance.exports['colo$budget'];
-    if (budget instanceof WebAssembly.Global) budget.value = init.layout.preemptBudget;
+    this.budgetGlobal = budget instanceof WebAssembly.Global ? budget : null;
+    if (this.budgetGlobal !== null) this.budgetGlobal.value = init.layout.preemptBudget;
     // The guest's size (memory.size) and, above it, colo's region (reserved-region.ts).
     const pages = this.instance.exports['colo$pages'];
     if (!(pages instanceof WebAssembly.Global)) throw new Error('the instrumented guest does not export colo$pages');
@@ -370,6 +373,10 @@ class Vcpu {
     const last = (ptr + len - 1) >>> 12;
     const base = this.dirtyLogBase;
     for (let p = first; p <= last; p++) u8[base + p] = 1;
+  }
+
+  preemptSoon(): void {
+    if (this.budgetGlobal !== null && this.pauseRequested()) this.budgetGlobal.value = 0;
   }
 
   waitForDiskSpace(reason: string): boolean {

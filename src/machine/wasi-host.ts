@@ -38,6 +38,12 @@ export interface VcpuHooks {
   waitForDiskSpace(reason: string): boolean;
   /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
   diskWriteDone(): void;
+  /**
+   * A host call that may have taken long (disk I/O, fsync, a large random_get) returns: when
+   * a pause waits, the guest reaches a safe point at its next loop or call, not only after
+   * limits.preemptBudget more of them (a loop over such calls never made a pause in time).
+   */
+  preemptSoon?(): void;
 }
 
 export const nicFd = 3;
@@ -312,6 +318,7 @@ export class WasiHost {
         randomFillSync(tmp);
         h.bytes().set(tmp, ptr);
         h.vcpu.markWrite(ptr, len);
+        h.vcpu.preemptSoon?.();
         return errno.success;
       },
       fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
@@ -421,6 +428,8 @@ export class WasiHost {
       return { errno: errno.success, n: disk.read(into, offset) };
     } catch {
       return { errno: errno.io, n: 0 };
+    } finally {
+      this.vcpu.preemptSoon?.();
     }
   }
 
@@ -433,6 +442,8 @@ export class WasiHost {
       if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
       if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0, reason: (err as Error).message };
       return { errno: errno.io, n: 0 };
+    } finally {
+      this.vcpu.preemptSoon?.();
     }
   }
 
@@ -493,6 +504,8 @@ export class WasiHost {
         this.devices.disk?.sync();
       } catch {
         return errno.io;
+      } finally {
+        this.vcpu.preemptSoon?.();
       }
     }
     return errno.success;

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import binaryen from 'binaryen';
-import { waitFor, withTimeout } from '../framework/harness.js';
+import { sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { machineFor, sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
@@ -290,6 +290,47 @@ test('a guest whose call stack fits the asyncify area pauses and resumes where i
   let want = 1;
   for (let n = 1; n <= depth; n++) want += 3 * n;
   assert.equal(new Uint32Array(m.memory.buffer)[5], want, 'every frame came back with its locals');
+});
+
+test('a guest that loops over slow host calls (random_get, disk writes and fsyncs) pauses after the call under way, not after limits.preemptBudget more', async (t) => {
+  // One loop back-edge per call: with the budget alone, the pause came after 20000 calls (the
+  // pause timed out). [0] counts the calls.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(8 * 1024 * 1024));
+  const bytes = 16 * 1024 * 1024;
+  const file = watGuest(t, 'slowcalls', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $r (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_sync" (func $sync (param i32) (result i32)))
+    (memory (export "memory") ${bytes / 65536 + 1})
+    (func (export "_start")
+      (i32.store (i32.const 16) (i32.const 65536)) (i32.store (i32.const 20) (i32.const 4194304))
+      (loop $l
+        (drop (call $r (i32.const 65536) (i32.const ${bytes})))
+        (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (i64.const 0) (i32.const 24)))
+        (drop (call $sync (i32.const 4)))
+        (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+        (br $l))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 64 * 1024 * 1024, drive: image });
+  const calls = (): number => new Uint32Array(m.memory.buffer, 0, 1)[0]!;
+  await m.cont();
+  await waitFor('the first round of calls to return', () => calls() >= 1, 20000, 1);
+  const t0 = performance.now();
+  const seen = calls();
+  await waitFor('the next round to return', () => calls() > seen, 20000, 1);
+  const roundMs = performance.now() - t0;
+  for (let i = 0; i < 3; i++) {
+    const p0 = performance.now();
+    await m.pause();
+    const pauseMs = performance.now() - p0;
+    t.diagnostic(`pause in ${pauseMs.toFixed(0)} ms (a round of calls takes ${roundMs.toFixed(0)} ms)`);
+    assert.equal(m.runState, 'paused');
+    assert.ok(pauseMs < Math.max(1000, 3 * roundMs), `the pause took ${pauseMs.toFixed(0)} ms; a round of calls takes ${roundMs.toFixed(0)} ms`);
+    await m.cont();
+    await sleep(20 + i * 30);
+  }
 });
 
 test('a loop whose every iteration fills 64 MiB can be paused: bulk memory operations count against the preemption budget by size', async (t) => {
