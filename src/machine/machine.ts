@@ -339,6 +339,14 @@ export class Machine extends EventEmitter {
       r = await done;
       const saved = r.type === 'paused' ? r.state : undefined;
       if (saved !== undefined) state = this.withPendingInput(saved);
+    } catch (err) {
+      // No safe point in time (a host call that takes long: an fsync of a slow disk, a huge
+      // random_get): the pause failed, so the guest runs on, as the error says. Left standing,
+      // the request stopped it once the call returned, with nobody waiting: a QMP stop that
+      // failed, or a migration that failed and resumed the VM, left it stopped for good while
+      // query-status said running. A vCPU that saw the request already pauses anyway ('paused').
+      if (err instanceof TimeoutError) Atomics.store(this.ctl, ctl.pauseRequest, 0);
+      throw err;
     } finally {
       this.pauseInFlight = null;
       if (save) this.releaseInputAfterSave();
@@ -569,6 +577,8 @@ export class Machine extends EventEmitter {
         this.vcpuRunning = false;
         // A guest stopped by a disk error already said STOP (QEMU sends none for io-error → paused).
         if (this.state !== 'io-error') this.emit('stop');
+        // The answer to a pause that timed out, which the vCPU saw before it was withdrawn.
+        if (this.pauseInFlight === null && (this.state === 'running' || this.state === 'io-error')) this.state = 'paused';
         break;
       case 'io-error':
         if (this.state !== 'io-error') {

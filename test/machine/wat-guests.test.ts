@@ -333,6 +333,48 @@ test('a guest that loops over slow host calls (random_get, disk writes and fsync
   }
 });
 
+test('a pause that times out (the guest is in a long host call) leaves the guest running, as its error says: it does not stop later with nobody waiting and query-status saying running', async (t) => {
+  // Each call fills 128 MiB with random bytes (about 0.3-1 s): no safe point meanwhile. The
+  // pause timeout is lowered for this test so that a pause lands inside one call.
+  const tunable = limits as unknown as { pauseTimeoutMs: number };
+  const timeoutMs = tunable.pauseTimeoutMs;
+  t.after(() => (tunable.pauseTimeoutMs = timeoutMs));
+  const bytes = 128 * 1024 * 1024;
+  const file = watGuest(t, 'slowcall', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $r (param i32 i32) (result i32)))
+    (memory (export "memory") ${bytes / 65536 + 1})
+    (func (export "_start")
+      (loop $l
+        (drop (call $r (i32.const 65536) (i32.const ${bytes})))
+        (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+        (br $l))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 256 * 1024 * 1024 });
+  const calls = (): number => new Uint32Array(m.memory.buffer, 0, 1)[0]!;
+  const stops: string[] = [];
+  m.on('stop', () => stops.push('stop'));
+  await m.cont();
+  await waitFor('the first call to return', () => calls() >= 1, 20000, 1);
+  // Right after a call returned: the next one is under way.
+  const start = performance.now();
+  const seen = calls();
+  await waitFor('the next call to return', () => calls() > seen, 20000, 1);
+  const callMs = performance.now() - start;
+  tunable.pauseTimeoutMs = Math.max(1, Math.min(50, callMs / 4));
+  await assert.rejects(m.pause(), { name: 'TimeoutError' }, 'the pause finds no safe point in time');
+  tunable.pauseTimeoutMs = timeoutMs;
+  assert.equal(m.runState, 'running');
+  const after = calls();
+  await waitFor('the guest to make two more calls', () => calls() >= after + 2, Math.max(5000, 10 * callMs), 5);
+  assert.equal(m.running, true, 'the vCPU runs');
+  assert.equal(m.runState, 'running');
+  assert.deepEqual(stops, [], 'no STOP');
+  // A pause with time enough still works.
+  await m.pause();
+  assert.equal(m.running, false);
+  assert.equal(m.runState, 'paused');
+  assert.deepEqual(stops, ['stop']);
+});
+
 test('a loop whose every iteration fills 64 MiB can be paused: bulk memory operations count against the preemption budget by size', async (t) => {
   // The budget counted iterations only: 20000 fills of 64 MiB before the next preemption point.
   const file = watGuest(t, 'fillloop', `(module (memory (export "memory") 1024)
