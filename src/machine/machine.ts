@@ -145,7 +145,17 @@ export class Machine extends EventEmitter {
         `the guest needs ${(initial * limits.wasmPageBytes) / 1048576} MiB of memory at start, above the --memory maximum of ${(maxPages * limits.wasmPageBytes) / 1048576} MiB`,
       );
     }
-    const memory = new WebAssembly.Memory({ initial, maximum: maxPages, shared: true });
+    let memory: WebAssembly.Memory;
+    try {
+      memory = new WebAssembly.Memory({ initial, maximum: maxPages, shared: true });
+    } catch (err) {
+      // V8 reserves the maximum at once: a host that limits address space (ulimit -v, a
+      // container's overcommit policy) refuses it, as QEMU's "cannot set up guest memory".
+      throw new MachineError(
+        'MEMORY_ALLOC',
+        `cannot set up guest memory: reserving ${(maxPages * limits.wasmPageBytes) / 1048576} MiB (--memory) failed: ${(err as Error).message}`,
+      );
+    }
     const disk = cfg.drive === null ? null : Disk.open(cfg.drive.path, { snapshot: cfg.drive.snapshot });
     let serialFd: number | null = null;
     if (cfg.serial.kind === 'file') {
