@@ -379,6 +379,15 @@ class Vcpu {
     if (this.budgetGlobal !== null && this.pauseRequested()) this.budgetGlobal.value = 0;
   }
 
+  waitForConsole(): boolean {
+    // The guest's network output so far goes out meanwhile.
+    this.flushOutput();
+    const seen = Atomics.load(this.ctl, ctl.wake);
+    if (this.pauseRequested()) return false;
+    Atomics.wait(this.ctl, ctl.wake, seen, limits.serialFullRetryMs);
+    return !this.pauseRequested();
+  }
+
   waitForDiskSpace(reason: string): boolean {
     this.diskFull = true;
     if (!this.ioReported) {

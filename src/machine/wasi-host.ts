@@ -39,6 +39,12 @@ export interface VcpuHooks {
   /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
   diskWriteDone(): void;
   /**
+   * The console takes nothing for now (its pipe is full): wait a little for it (true), or
+   * false when a pause is requested (the caller unwinds, and writes again when rewound).
+   * Without it the host tries again at once.
+   */
+  waitForConsole?(): boolean;
+  /**
    * A host call that may have taken long (disk I/O, fsync, a large random_get) returns: when
    * a pause waits, the guest reaches a safe point at its next loop or call, not only after
    * limits.preemptBudget more of them (a loop over such calls never made a pause in time).
@@ -157,6 +163,8 @@ export class WasiHost {
   private u8!: Uint8Array;
   private bufferLength = -1;
   private readonly argsBytes: Uint8Array[];
+  /** Serial.write's wait for a full console. */
+  private readonly consoleWait = (): boolean => this.vcpu.waitForConsole?.() ?? true;
   private readonly envBytes: Uint8Array[];
 
   constructor(
@@ -383,8 +391,13 @@ export class WasiHost {
     // At most limits.fdIoBytesMax: a longer write is short (the iovecs may name all of memory many times).
     if (e.kind === 'stdout' || e.kind === 'stderr') {
       const data = this.gather(limits.fdIoBytesMax);
-      this.devices.serial.write(data);
-      this.setU32(nPtr, data.byteLength);
+      const n = this.devices.serial.write(data, this.consoleWait);
+      if (n === 0 && data.byteLength > 0) {
+        // A pause came while the console took nothing: the call is made again on resume.
+        this.vcpu.startUnwind();
+        return unwinding;
+      }
+      this.setU32(nPtr, n);
       return errno.success;
     }
     if (e.kind === 'disk') {
