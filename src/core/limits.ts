@@ -52,6 +52,11 @@ export const limits = {
    * io-error) and is tried again this often, or at once on `cont`.
    */
   diskFullRetryMs: 1000,
+  /**
+   * A guest console write whose stdout takes nothing for now (a pipe nobody reads) waits in
+   * its call, trying again this often (a pause ends the wait).
+   */
+  serialFullRetryMs: 5,
 
   /** Largest single frame of a migration stream or state file. */
   frameBytesMax: 8 * 1024 * 1024,

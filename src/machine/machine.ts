@@ -53,7 +53,8 @@ export interface IoErrorReport {
 const log = logger('machine');
 
 /**
- * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message),
+ * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message;
+ * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
  * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
  * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
  * output events again).
@@ -144,7 +145,17 @@ export class Machine extends EventEmitter {
         `the guest needs ${(initial * limits.wasmPageBytes) / 1048576} MiB of memory at start, above the --memory maximum of ${(maxPages * limits.wasmPageBytes) / 1048576} MiB`,
       );
     }
-    const memory = new WebAssembly.Memory({ initial, maximum: maxPages, shared: true });
+    let memory: WebAssembly.Memory;
+    try {
+      memory = new WebAssembly.Memory({ initial, maximum: maxPages, shared: true });
+    } catch (err) {
+      // V8 reserves the maximum at once: a host that limits address space (ulimit -v, a
+      // container's overcommit policy) refuses it, as QEMU's "cannot set up guest memory".
+      throw new MachineError(
+        'MEMORY_ALLOC',
+        `cannot set up guest memory: reserving ${(maxPages * limits.wasmPageBytes) / 1048576} MiB (--memory) failed: ${(err as Error).message}`,
+      );
+    }
     const disk = cfg.drive === null ? null : Disk.open(cfg.drive.path, { snapshot: cfg.drive.snapshot });
     let serialFd: number | null = null;
     if (cfg.serial.kind === 'file') {
@@ -338,6 +349,14 @@ export class Machine extends EventEmitter {
       r = await done;
       const saved = r.type === 'paused' ? r.state : undefined;
       if (saved !== undefined) state = this.withPendingInput(saved);
+    } catch (err) {
+      // No safe point in time (a host call that takes long: an fsync of a slow disk, a huge
+      // random_get): the pause failed, so the guest runs on, as the error says. Left standing,
+      // the request stopped it once the call returned, with nobody waiting: a QMP stop that
+      // failed, or a migration that failed and resumed the VM, left it stopped for good while
+      // query-status said running. A vCPU that saw the request already pauses anyway ('paused').
+      if (err instanceof TimeoutError) Atomics.store(this.ctl, ctl.pauseRequest, 0);
+      throw err;
     } finally {
       this.pauseInFlight = null;
       if (save) this.releaseInputAfterSave();
@@ -346,6 +365,7 @@ export class Machine extends EventEmitter {
       this.vcpuRunning = false;
       this.state = 'internal-error';
       this.emit('panicked', r.message);
+      this.emit('stop');
       throw new MachineError('VCPU_FAILED', `the vCPU failed while pausing the guest: ${r.message}`);
     }
     if (r.type !== 'paused') return null;
@@ -567,6 +587,8 @@ export class Machine extends EventEmitter {
         this.vcpuRunning = false;
         // A guest stopped by a disk error already said STOP (QEMU sends none for io-error → paused).
         if (this.state !== 'io-error') this.emit('stop');
+        // The answer to a pause that timed out, which the vCPU saw before it was withdrawn.
+        if (this.pauseInFlight === null && (this.state === 'running' || this.state === 'io-error')) this.state = 'paused';
         break;
       case 'io-error':
         if (this.state !== 'io-error') {
@@ -593,6 +615,9 @@ export class Machine extends EventEmitter {
         this.vcpuRunning = false;
         this.state = 'guest-panicked';
         this.emit('panicked', m.message);
+        // QEMU's panic action pause: GUEST_PANICKED, then the vm_stop's STOP (a client that
+        // follows the run state by its events saw the crashed VM as running).
+        this.emit('stop');
         break;
       default:
         break;
@@ -605,10 +630,13 @@ export class Machine extends EventEmitter {
   }
 
   private onWorkerFailure(err: Error): void {
+    const wasRunning = this.vcpuRunning;
     this.vcpuRunning = false;
     this.state = 'internal-error';
     for (const w of this.waiters.splice(0)) w.reject(err);
     this.emit('panicked', err.message);
+    // QEMU's vm_stop(RUN_STATE_INTERNAL_ERROR) says STOP, for a VM that was running.
+    if (wasRunning) this.emit('stop');
   }
 }
 

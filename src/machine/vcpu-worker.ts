@@ -58,7 +58,7 @@ class Vcpu {
   private phase: Phase = 'fresh';
   private lastWake = 0;
   private readonly pagesGlobal: WebAssembly.Global;
-  /** colo$budget: the preemption checks count it down (null: the guest has none). */
+  /** colo$budget (instrument.ts): the preemption checks count it down; at 0 the next loop back-edge or call preempts (null: the guest has none). */
   private readonly budget: WebAssembly.Global | null;
   /** Where the dirty map is (with the guest's size, setGuestPages): markWrite runs on every host write. */
   private dirtyLogBase = 0;
@@ -376,6 +376,19 @@ class Vcpu {
     for (let p = first; p <= last; p++) u8[base + p] = 1;
   }
 
+  preemptSoon(): void {
+    if (this.budget !== null && this.pauseRequested()) this.budget.value = 0;
+  }
+
+  waitForConsole(): boolean {
+    // The guest's network output so far goes out meanwhile.
+    this.flushOutput();
+    const seen = Atomics.load(this.ctl, ctl.wake);
+    if (this.pauseRequested()) return false;
+    Atomics.wait(this.ctl, ctl.wake, seen, limits.serialFullRetryMs);
+    return !this.pauseRequested();
+  }
+
   waitForDiskSpace(reason: string): boolean {
     this.diskFull = true;
     if (!this.ioReported) {
@@ -516,7 +529,10 @@ class Vcpu {
       this.enter();
     };
     this.endWait = end;
-    if (timeoutMs !== null) this.waitTimer = setTimeout(end, timeoutMs);
+    // A longer timer would fire after 1 ms (with a warning each time): a guest's poll with a
+    // huge timeout (Rust's sleep(Duration::MAX)) spun here. At timerMsMax the guest is rewound
+    // and its poll, which keeps its deadline, waits again.
+    if (timeoutMs !== null) this.waitTimer = setTimeout(end, Math.min(timeoutMs, limits.timerMsMax));
     if (!this.wakeWaitPending) {
       const w = waitAsync(this.ctl, ctl.wake, this.lastWake);
       if (!w.async) {

@@ -45,6 +45,18 @@ export interface VcpuHooks {
    * Optional: a host without preemption (a benchmark's stub) leaves it out.
    */
   chargeBytes?(bytes: number): void;
+  /**
+   * The console takes nothing for now (its pipe is full): wait a little for it (true), or
+   * false when a pause is requested (the caller unwinds, and writes again when rewound).
+   * Without it the host tries again at once.
+   */
+  waitForConsole?(): boolean;
+  /**
+   * A host call that may have taken long (disk I/O, fsync, a large random_get) returns: when
+   * a pause waits, the guest reaches a safe point at its next loop or call, not only after
+   * limits.preemptBudget more of them (a loop over such calls never made a pause in time).
+   */
+  preemptSoon?(): void;
 }
 
 export const nicFd = 3;
@@ -158,6 +170,8 @@ export class WasiHost {
   private u8!: Uint8Array;
   private bufferLength = -1;
   private readonly argsBytes: Uint8Array[];
+  /** Serial.write's wait for a full console. */
+  private readonly consoleWait = (): boolean => this.vcpu.waitForConsole?.() ?? true;
   private readonly envBytes: Uint8Array[];
 
   constructor(
@@ -287,7 +301,10 @@ export class WasiHost {
    * The import table for `wasi_snapshot_preview1`. Every i32 argument is unsigned in WASI
    * (pointers, lengths, fds, ids, flags), but arrives from wasm as a signed number: each one is
    * taken `>>> 0` here, or a pointer above 2 GiB would look negative (EFAULT for a valid
-   * address) and a clock id of 2^31 or more would pass an `id > 3` check.
+   * address) and a clock id of 2^31 or more would pass an `id > 3` check. The offset of
+   * fd_pread and fd_pwrite is a u64 (WASI's filesize) that arrives as a signed BigInt: taken
+   * unsigned too, or an offset of 2^63 or more looked negative, passed the bound check and
+   * went to the disk as a negative position (a write there landed at the image's start).
    */
   imports(): Record<string, (...args: never[]) => number | void> {
     const h = this;
@@ -321,14 +338,15 @@ export class WasiHost {
         randomFillSync(tmp);
         h.bytes().set(tmp, ptr);
         h.vcpu.markWrite(ptr, len);
+        h.vcpu.preemptSoon?.();
         return errno.success;
       },
       fd_write: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdWrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
       fd_read: (fd: number, iovsPtr: number, iovsLen: number, nPtr: number) => h.fdRead(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, nPtr >>> 0),
       fd_pread: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPread(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
+        h.fdPread(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, BigInt.asUintN(64, offset), nPtr >>> 0),
       fd_pwrite: (fd: number, iovsPtr: number, iovsLen: number, offset: bigint, nPtr: number) =>
-        h.fdPwrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, offset, nPtr >>> 0),
+        h.fdPwrite(fd >>> 0, iovsPtr >>> 0, iovsLen >>> 0, BigInt.asUintN(64, offset), nPtr >>> 0),
       fd_sync: (fd: number) => h.fdSync(fd >>> 0),
       fd_datasync: (fd: number) => h.fdSync(fd >>> 0),
       fd_seek: (fd: number, offset: bigint, wh: number, newPtr: number) => h.fdSeek(fd >>> 0, offset, wh >>> 0, newPtr >>> 0),
@@ -385,8 +403,13 @@ export class WasiHost {
     // At most limits.fdIoBytesMax: a longer write is short (the iovecs may name all of memory many times).
     if (e.kind === 'stdout' || e.kind === 'stderr') {
       const data = this.gather(limits.fdIoBytesMax);
-      this.devices.serial.write(data);
-      this.setU32(nPtr, data.byteLength);
+      const n = this.devices.serial.write(data, this.consoleWait);
+      if (n === 0 && data.byteLength > 0) {
+        // A pause came while the console took nothing: the call is made again on resume.
+        this.vcpu.startUnwind();
+        return unwinding;
+      }
+      this.setU32(nPtr, n);
       return errno.success;
     }
     if (e.kind === 'disk') {
@@ -431,6 +454,8 @@ export class WasiHost {
       return { errno: errno.success, n: disk.read(into, offset) };
     } catch {
       return { errno: errno.io, n: 0 };
+    } finally {
+      this.vcpu.preemptSoon?.();
     }
   }
 
@@ -446,6 +471,8 @@ export class WasiHost {
       if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
       if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0, reason: (err as Error).message };
       return { errno: errno.io, n: 0 };
+    } finally {
+      this.vcpu.preemptSoon?.();
     }
   }
 
@@ -507,6 +534,8 @@ export class WasiHost {
         this.devices.disk?.sync();
       } catch {
         return errno.io;
+      } finally {
+        this.vcpu.preemptSoon?.();
       }
     }
     return errno.success;

@@ -4,6 +4,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import binaryen from 'binaryen';
 import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
+import { loadGuest } from '../../src/machine/instrument.js';
 
 async function colo(args: string[], cwd?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return runProgram(process.execPath, [coloBin, ...args], { timeoutMs: 30000, ...(cwd === undefined ? {} : { cwd }) });
@@ -37,6 +38,17 @@ test('a guest importing anything outside WASI is refused at load, naming the imp
   assert.match(u.stderr, /env\.foo/);
   assert.equal(u.stderr.trim().split('\n').length, 1, `one clear line, got: ${u.stderr}`);
   assert.equal(u.stdout, '', 'no pair was started');
+});
+
+test('guest memory the host cannot reserve (an address-space limit) is one clear line and exit status 1, not an internal error', async (t) => {
+  const env = new TestEnv(t);
+  // Instrumented here first: binaryen does not start in the child's address space.
+  await loadGuest(guests.spin, { storeLog: true });
+  // The memory's maximum is reserved at once (4 GiB and guard pages); Node itself runs in 3 GiB.
+  const r = await runProgram('bash', ['-c', 'ulimit -v 3500000 && exec "$0" "$@"', process.execPath, coloBin, 'run', guests.spin, '--memory', '4095M', '--serial', `file:${env.file('serial')}`], { timeoutMs: 30000 });
+  assert.equal(r.code, 1, `exit status 1; stderr: ${r.stderr}`);
+  assert.match(r.stderr, /^colo run: cannot set up guest memory: reserving 4095 MiB \(--memory\) failed: /);
+  assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
 });
 
 test('colo up on a service address that is in use: one clear line, no pair started', async (t) => {

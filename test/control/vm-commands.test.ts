@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { QmpClient } from '../../src/control/qmp-client.js';
 import { limits } from '../../src/core/limits.js';
-import { TestEnv, guests, runProgram, withTimeout } from '../framework/harness.js';
+import { TestEnv, guests, runProgram, sleep, waitFor, withTimeout } from '../framework/harness.js';
+import { watGuest } from '../framework/machine.js';
 import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 
 test('stop leaves a migrated-away source in postmigrate: cont and migrate stay refused, the guest never runs again', async (t) => {
@@ -144,4 +145,41 @@ test('quit: the reply, then SHUTDOWN {guest: false, reason: host-qmp-quit} to ev
   }
   assert.equal(await vm.waitExit(10000), 0);
   assert.equal(vm.eventsOf('SHUTDOWN', mark).length, 1);
+});
+
+test('a guest writing to --serial stdio that nobody reads waits quietly in its write: stop pauses it at once, and after cont and a reader the output goes on whole', async (t) => {
+  const env = new TestEnv(t);
+  // Writes 4 KiB of 'A' to stdout in a loop.
+  const guest = watGuest(t, 'console', `(module
+    (import "wasi_snapshot_preview1" "fd_write" (func $w (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (memory.fill (i32.const 4096) (i32.const 65) (i32.const 4096))
+      (i32.store (i32.const 0) (i32.const 4096)) (i32.store (i32.const 4) (i32.const 4096))
+      (loop $l (drop (call $w (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 16))) (br $l))))`);
+  const vm = await env.startVm({ name: 'vm', guest, args: ['--serial', 'stdio'] });
+  await waitFor('the guest to write to stdout', () => vm.stdout.length > 0, 10000);
+  // Nobody reads the process's stdout from now on: the pipe fills.
+  vm.child.stdout!.pause();
+  await sleep(500);
+  // The vCPU spun on EAGAIN: a whole core, and no safe point for a pause.
+  const ticks = (): number => {
+    const f = fs.readFileSync(`/proc/${vm.child.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+    return Number(f[11]) + Number(f[12]);
+  };
+  const t0 = ticks();
+  await sleep(1000);
+  const used = ticks() - t0;
+  t.diagnostic(`${used} clock ticks of CPU in 1 s with stdout full`);
+  assert.ok(used < 30, `the process used ${used} clock ticks of CPU in 1 s while its stdout was full`);
+  const p0 = performance.now();
+  await vm.qmp.execute('stop');
+  const pauseMs = performance.now() - p0;
+  assert.ok(pauseMs < 1000, `stop took ${pauseMs.toFixed(0)} ms`);
+  assert.equal(await vm.status(), 'paused');
+  await vm.qmp.execute('cont');
+  const before = vm.stdout.length;
+  vm.child.stdout!.resume();
+  await waitFor('more output once stdout is read', () => vm.stdout.length > before + 1024 * 1024, 10000);
+  assert.match(vm.stdout, /^A+$/, 'the output holds only the bytes the guest wrote');
 });

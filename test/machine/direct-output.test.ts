@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { guests, sleep, waitFor } from '../framework/harness.js';
-import { machineFor } from '../framework/machine.js';
+import { machineFor, watGuest } from '../framework/machine.js';
 import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeOutputFrames } from '../../src/colo/net-wire.js';
 import type { NicOutput } from '../../src/net/nic.js';
 import { MachineError, type Machine } from '../../src/machine/machine.js';
@@ -326,5 +326,52 @@ test('machine: a guest timer comes due while the vCPU waits for the output chann
   // Input on the channel still wakes it before its timeout.
   send([{ seq: ++seq, s: 'hi' }]);
   await waitFor('the echo on the channel', () => onSocket.includes('echo:hi'), 2000);
+  assert.deepEqual(failures, []);
+});
+
+test('machine: a guest poll with a timeout beyond a timer\'s range waits quietly in the event loop for the channel: no 1 ms timer loop, and input still wakes it', async (t) => {
+  // Accepts on fd 3, then polls its connection and a monotonic clock of 2^64-1 ns (what Rust's
+  // sleep(Duration::MAX) asks for); [8] counts the polls that returned, [12] the last event's type.
+  const file = watGuest(t, 'forever', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $acc (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $acc (i32.const 3) (i32.const 0) (i32.const 0)))
+      (i32.store8 (i32.const 1024) (i32.const 1))
+      (i32.store (i32.const 1032) (i32.load (i32.const 0)))
+      (i32.store (i32.const 1080) (i32.const 1))
+      (i64.store (i32.const 1088) (i64.const -1))
+      (i32.store (i32.const 16) (i32.const 512)) (i32.store (i32.const 20) (i32.const 256))
+      (loop $l
+        (drop (call $poll (i32.const 1016) (i32.const 2048) (i32.const 2) (i32.const 4)))
+        (i32.store (i32.const 12) (i32.load8_u (i32.const 2058)))
+        (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 24) (i32.const 28)))
+        (i32.store (i32.const 8) (i32.add (i32.load (i32.const 8)) (i32.const 1)))
+        (br $l))))`);
+  const { m } = await machineFor(t, file, []);
+  const { failures } = watch(m);
+  m.injectInput({ seq: 1, kind: 'open', conn: 1 });
+  await m.cont();
+  const { send } = await takeChannel(t, m, 9);
+  const word = (i: number): number => new Uint32Array(m.memory.buffer, 0, 4)[i]!;
+  // The process's own CPU time while the guest waits: the 1 ms timer loop (each turn a
+  // rewind and unwind of the guest, and a TimeoutOverflowWarning printed) took 230-700 ms of
+  // every 1000. The quietest of a few windows is taken: the teardown of earlier tests' machines
+  // costs CPU in this process for a while too, but not in every window.
+  const windows: number[] = [];
+  for (let k = 0; k < 16 && !(windows.length > 0 && Math.min(...windows) < 15); k++) {
+    const c0 = process.cpuUsage();
+    await sleep(250);
+    const c = process.cpuUsage(c0);
+    windows.push((c.user + c.system) / 1000);
+  }
+  t.diagnostic(`ms of CPU per 250 ms of waiting: ${windows.map((x) => x.toFixed(0)).join(' ')}`);
+  assert.ok(Math.min(...windows) < 15, `the process used at least ${Math.min(...windows).toFixed(0)} ms of CPU in each 250 ms while the guest waited`);
+  assert.equal(word(2), 0, 'the poll has not returned (its timeout is far away)');
+  send([{ seq: 2, s: 'hi' }]);
+  await waitFor('the poll to return for the input on the channel', () => word(2) === 1, 5000);
+  assert.equal(word(3), 1, 'an fd_read event');
   assert.deepEqual(failures, []);
 });

@@ -148,10 +148,14 @@ test('two pauses at once (a QMP stop during a checkpoint\'s pause) share the vCP
 test('a crashed guest stays in guest-panicked: a pause, with or without a save, returns no state and changes nothing; cont is refused', async (t) => {
   const { m } = await machineFor(t, trapGuest(t), []);
   const panicked = new Promise<string>((resolve) => m.once('panicked', resolve));
+  const events: string[] = [];
+  for (const e of ['resume', 'stop', 'panicked']) m.on(e, () => events.push(e));
   await m.cont();
   m.ram()[trapFlagAddr] = 1;
   assert.match(await withTimeout(panicked, 10000, 'the guest to trap'), /unreachable/);
   assert.equal(m.runState, 'guest-panicked');
+  // QEMU's panic action pause: GUEST_PANICKED, then STOP (vm_stop); the VM is not running.
+  assert.deepEqual(events, ['resume', 'panicked', 'stop']);
   assert.equal(await m.pauseAndSave('colo'), null, 'no state of a dead guest (a COLO checkpoint of it)');
   assert.equal(m.runState, 'guest-panicked', 'not overwritten by the pause');
   await m.pause('paused');
@@ -161,4 +165,5 @@ test('a crashed guest stays in guest-panicked: a pause, with or without a save, 
   m.setRunState('paused');
   await assert.rejects(m.cont(), { name: 'MachineError', code: 'VM_DEAD' });
   assert.equal(m.running, false);
+  assert.deepEqual(events, ['resume', 'panicked', 'stop'], 'no more run-state events after the crash');
 });

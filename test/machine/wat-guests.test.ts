@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import binaryen from 'binaryen';
-import { waitFor, withTimeout } from '../framework/harness.js';
+import { sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { machineFor, sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
@@ -183,6 +183,36 @@ test('a guest that writes a buffer larger than fdIoBytesMax to the disk, looping
   assert.equal(bad, 0, 'the disk holds the whole buffer');
 });
 
+test('fd_pread and fd_pwrite take their offset unsigned: one of 2^63 or more is EINVAL and leaves the disk alone, not a write at its start', async (t) => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(1024 * 1024, 0x11));
+  // [200], [208], [216]: errnos of pwrite at 2^64-4096, pwrite at 2^64-1, pread at 2^64-4096;
+  // [204], [212], [220]: the counts (left at 0x5a5a5a5a unless written).
+  const file = watGuest(t, 'bigoffset', `(module
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_pread" (func $pr (param i32 i32 i32 i64 i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 100) "EVILEVIL")
+    (func (export "_start")
+      (memory.fill (i32.const 200) (i32.const 0x5a) (i32.const 24))
+      (i32.store (i32.const 0) (i32.const 100)) (i32.store (i32.const 4) (i32.const 8))
+      (i32.store (i32.const 200) (call $pw (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -4096) (i32.const 204)))
+      (i32.store (i32.const 208) (call $pw (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -1) (i32.const 212)))
+      (i32.store (i32.const 0) (i32.const 300))
+      (i32.store (i32.const 216) (call $pr (i32.const 4) (i32.const 0) (i32.const 1) (i64.const -4096) (i32.const 220)))))`);
+  const { m } = await machineFor(t, file, [], { drive: image });
+  const exited = exitOf(m);
+  await m.cont();
+  assert.equal(await withTimeout(exited, 20000, 'the guest to exit'), 0);
+  const w = new Uint32Array(m.memory.buffer, 200, 6);
+  assert.deepEqual([...w], [28, 0x5a5a5a5a, 28, 0x5a5a5a5a, 28, 0x5a5a5a5a], 'EINVAL for each, no count written');
+  const disk = fs.readFileSync(image);
+  assert.equal(disk.byteLength, 1024 * 1024, 'the image kept its size');
+  assert.equal(disk.findIndex((b) => b !== 0x11), -1, 'the image is unchanged');
+});
+
 /** A guest that grows its memory by 1 MiB, fills it with 0xAB, recurses `depth` calls deep and spins at the bottom ([28] = 1) until [16] is set. */
 function deepGuest(t: { after(fn: () => unknown): void }, depth: number): string {
   return watGuest(t, `deep${depth}`, `(module (memory (export "memory") 1)
@@ -262,6 +292,89 @@ test('a guest whose call stack fits the asyncify area pauses and resumes where i
   let want = 1;
   for (let n = 1; n <= depth; n++) want += 3 * n;
   assert.equal(new Uint32Array(m.memory.buffer)[5], want, 'every frame came back with its locals');
+});
+
+test('a guest that loops over slow host calls (random_get, disk writes and fsyncs) pauses after the call under way, not after limits.preemptBudget more', async (t) => {
+  // One loop back-edge per call: with the budget alone, the pause came after 20000 calls (the
+  // pause timed out). [0] counts the calls.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-disk-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const image = path.join(dir, 'd.img');
+  fs.writeFileSync(image, Buffer.alloc(8 * 1024 * 1024));
+  const bytes = 16 * 1024 * 1024;
+  const file = watGuest(t, 'slowcalls', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $r (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "fd_sync" (func $sync (param i32) (result i32)))
+    (memory (export "memory") ${bytes / 65536 + 1})
+    (func (export "_start")
+      (i32.store (i32.const 16) (i32.const 65536)) (i32.store (i32.const 20) (i32.const 4194304))
+      (loop $l
+        (drop (call $r (i32.const 65536) (i32.const ${bytes})))
+        (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (i64.const 0) (i32.const 24)))
+        (drop (call $sync (i32.const 4)))
+        (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+        (br $l))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 64 * 1024 * 1024, drive: image });
+  const calls = (): number => new Uint32Array(m.memory.buffer, 0, 1)[0]!;
+  await m.cont();
+  await waitFor('the first round of calls to return', () => calls() >= 1, 20000, 1);
+  const t0 = performance.now();
+  const seen = calls();
+  await waitFor('the next round to return', () => calls() > seen, 20000, 1);
+  const roundMs = performance.now() - t0;
+  for (let i = 0; i < 3; i++) {
+    const p0 = performance.now();
+    await m.pause();
+    const pauseMs = performance.now() - p0;
+    t.diagnostic(`pause in ${pauseMs.toFixed(0)} ms (a round of calls takes ${roundMs.toFixed(0)} ms)`);
+    assert.equal(m.runState, 'paused');
+    assert.ok(pauseMs < Math.max(1000, 3 * roundMs), `the pause took ${pauseMs.toFixed(0)} ms; a round of calls takes ${roundMs.toFixed(0)} ms`);
+    await m.cont();
+    await sleep(20 + i * 30);
+  }
+});
+
+test('a pause that times out (the guest is in a long host call) leaves the guest running, as its error says: it does not stop later with nobody waiting and query-status saying running', async (t) => {
+  // Each call fills 128 MiB with random bytes (about 0.3-1 s): no safe point meanwhile. The
+  // pause timeout is lowered for this test so that a pause lands inside one call.
+  const tunable = limits as unknown as { pauseTimeoutMs: number };
+  const timeoutMs = tunable.pauseTimeoutMs;
+  t.after(() => (tunable.pauseTimeoutMs = timeoutMs));
+  const bytes = 128 * 1024 * 1024;
+  const file = watGuest(t, 'slowcall', `(module
+    (import "wasi_snapshot_preview1" "random_get" (func $r (param i32 i32) (result i32)))
+    (memory (export "memory") ${bytes / 65536 + 1})
+    (func (export "_start")
+      (loop $l
+        (drop (call $r (i32.const 65536) (i32.const ${bytes})))
+        (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 1)))
+        (br $l))))`);
+  const { m } = await machineFor(t, file, [], { memoryBytes: 256 * 1024 * 1024 });
+  const calls = (): number => new Uint32Array(m.memory.buffer, 0, 1)[0]!;
+  const stops: string[] = [];
+  m.on('stop', () => stops.push('stop'));
+  await m.cont();
+  await waitFor('the first call to return', () => calls() >= 1, 20000, 1);
+  // Right after a call returned: the next one is under way.
+  const start = performance.now();
+  const seen = calls();
+  await waitFor('the next call to return', () => calls() > seen, 20000, 1);
+  const callMs = performance.now() - start;
+  tunable.pauseTimeoutMs = Math.max(1, Math.min(50, callMs / 4));
+  await assert.rejects(m.pause(), { name: 'TimeoutError' }, 'the pause finds no safe point in time');
+  tunable.pauseTimeoutMs = timeoutMs;
+  assert.equal(m.runState, 'running');
+  const after = calls();
+  await waitFor('the guest to make two more calls', () => calls() >= after + 2, Math.max(5000, 10 * callMs), 5);
+  assert.equal(m.running, true, 'the vCPU runs');
+  assert.equal(m.runState, 'running');
+  assert.deepEqual(stops, [], 'no STOP');
+  // A pause with time enough still works.
+  await m.pause();
+  assert.equal(m.running, false);
+  assert.equal(m.runState, 'paused');
+  assert.deepEqual(stops, ['stop']);
 });
 
 test('a loop whose every iteration fills 64 MiB can be paused: bulk memory operations count against the preemption budget by size', async (t) => {
