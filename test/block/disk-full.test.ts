@@ -221,7 +221,7 @@ test('colo: the secondary\'s disk fills up: it leaves COLO and never takes over;
   assert.equal(await svm.migrationStatus(), 'failed');
   const svmErrors = svm.errorLines();
   assert.equal(svmErrors.length, 1, `one error line on the secondary: ${svmErrors.join(' | ')}`);
-  assert.match(svmErrors[0]!, /could not be applied \(ENOSPC.*will not take over/);
+  assert.match(svmErrors[0]!, /could not be applied \(cannot store disk block \d+ in .*ENOSPC.*will not take over/);
 
   await writer.stop();
   const reader = await RespClient.connect(port);
@@ -297,7 +297,7 @@ test('colo up: the state folder with the secondary\'s disk fills up: the seconda
   assert.equal(Number(gone.m[1]), pair.primary);
   // Not the primary going on alone after its grace period, with replies held until then.
   assert.ok(!pair.sup.lines.some((l) => /left COLO/.test(l) && l.startsWith(`pair: primary ${pair.primary}`)), pair.sup.timeline());
-  assert.match(pair.sup.stderr, /could not be applied \(ENOSPC/);
+  assert.match(pair.sup.stderr, /could not be applied \(cannot store disk block \d+ in .*ENOSPC/);
   const n = writer.acked.size;
   t.diagnostic(`the secondary gave up after ${n} acknowledged writes; ${pair.sup.timeline()}`);
   await waitFor('200 more acknowledged writes on the primary', () => writer.acked.size >= n + 200, 20000);
