@@ -71,7 +71,7 @@ export const runUsage = `usage: colo run GUEST.wasm [options] [-- GUEST-ARGS...]
   --snapshot                  snapshot=on for the drive
   --net listen=HOST:PORT      the NIC: the guest serves clients on this address (fd 3)
   --serial file:PATH|stdio|none
-                              where the guest's stdout goes (default stdio)
+                              where the guest's stdout and stderr go (default stdio)
   --qmp unix:PATH|tcp:HOST:PORT
                               the QMP monitor
   -S                          start paused (QMP cont runs it)
