@@ -20,3 +20,31 @@ if ! "$CC" --target=wasm32-wasi -O2 -o "$probe/p.wasm" "$probe/p.c" 2>"$probe/er
 fi
 rm -rf "$probe"
 trap - EXIT
+
+# wasi_build OUT.wasm CLANG-ARGS... : builds OUT.wasm from the .c files among CLANG-ARGS.
+# Compiled with every flag, linked without the -O ones: after an optimized link clang runs
+# `wasm-opt` when one is on PATH (binaryen's, which `npm run` puts there from node_modules,
+# or Debian's binaryen package), and its output uses post-MVP instructions (sign extension)
+# that check-wasm.mjs refuses, so `npm run guests` failed. The link itself takes no -O: the
+# result is the same module a plain `clang -O2 ... -o OUT.wasm` gives without a wasm-opt.
+wasi_build() {
+  local out="$1"
+  shift
+  local compile=() link=() srcs=() objs=() a dir i=0
+  for a in "$@"; do
+    case "$a" in
+      *.c) srcs+=("$a") ;;
+      -O*) compile+=("$a") ;;
+      -Wl,*) link+=("$a") ;;
+      *) compile+=("$a") && link+=("$a") ;;
+    esac
+  done
+  dir="$(mktemp -d)"
+  for a in "${srcs[@]}"; do
+    i=$((i + 1))
+    "$CC" "${compile[@]}" -c -o "$dir/$i.o" "$a" || { rm -rf "$dir"; return 1; }
+    objs+=("$dir/$i.o")
+  done
+  "$CC" "${link[@]}" -o "$out" "${objs[@]}" || { rm -rf "$dir"; return 1; }
+  rm -rf "$dir"
+}

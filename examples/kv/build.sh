@@ -11,7 +11,7 @@ source "$here/../../tools/wasi-cc.sh"
 # --strip-debug keeps the function-name section (3-4 KB) so traps are readable.
 # A 1 MiB stack instead of wasm-ld's 64 KiB default leaves room for the
 # recursive sorted-set code.
-"$CC" --target=wasm32-wasi -O2 -Wall -Wextra -Werror \
+wasi_build "$here/kv.wasm" --target=wasm32-wasi -O2 -Wall -Wextra -Werror \
   -Wl,--strip-debug -Wl,-z,stack-size=1048576 \
-  -o "$here/kv.wasm" "$here"/*.c
+  "$here"/*.c
 node "$here/../../test/guests/check-wasm.mjs" "$here/kv.wasm"

@@ -12,6 +12,15 @@ export function parseSize(text: string, what: string): number {
   return n;
 }
 
+/** `--memory SIZE` of `colo run` and `colo up`: a size between one wasm page and limits.guestMemoryBytesMax. */
+export function parseMemory(text: string): number {
+  const n = parseSize(text, '--memory');
+  if (n < limits.wasmPageBytes || n > limits.guestMemoryBytesMax) {
+    throw new UsageError('BAD_OPTION', `--memory: must be between 64K and ${Math.floor(limits.guestMemoryBytesMax / 1048576)}M`);
+  }
+  return n;
+}
+
 /** Parse QEMU-style `key=value,key=value` (a bare first word goes to `implied`). */
 export function parseKeyValues(text: string, what: string, implied?: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -62,7 +71,7 @@ export const runUsage = `usage: colo run GUEST.wasm [options] [-- GUEST-ARGS...]
   --snapshot                  snapshot=on for the drive
   --net listen=HOST:PORT      the NIC: the guest serves clients on this address (fd 3)
   --serial file:PATH|stdio|none
-                              where the guest's stdout goes (default stdio)
+                              where the guest's stdout and stderr go (default stdio)
   --qmp unix:PATH|tcp:HOST:PORT
                               the QMP monitor
   -S                          start paused (QMP cont runs it)
@@ -119,14 +128,9 @@ export function parseRunArgs(argv: string[]): RunOptions {
     };
     switch (arg) {
       case '--memory':
-      case '-m': {
-        const n = parseSize(needValue(), '--memory');
-        if (n < limits.wasmPageBytes || n > limits.guestMemoryBytesMax) {
-          throw new UsageError('BAD_OPTION', `--memory: must be between 64K and ${Math.floor(limits.guestMemoryBytesMax / 1048576)}M`);
-        }
-        o.memoryBytes = n;
+      case '-m':
+        o.memoryBytes = parseMemory(needValue());
         break;
-      }
       case '--drive': {
         const kv = parseKeyValues(needValue(), '--drive');
         const file = kv.get('file');

@@ -15,7 +15,7 @@ import { ChannelClosedError, PairError, QmpCommandError, TimeoutError, UsageErro
 import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
 import { formatListen, parseListen } from '../net/frontend.js';
-import { parseKeyValues, parseSize } from './options.js';
+import { parseKeyValues, parseMemory } from './options.js';
 import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
 
 const log = logger('up');
@@ -86,7 +86,8 @@ export function parseUpArgs(argv: string[]): UpOptions {
       case '--memory':
       case '-m':
         o.memory = next();
-        parseSize(o.memory, '--memory');
+        // Checked as colo run checks it: a size the children refuse started a pair that failed.
+        parseMemory(o.memory);
         break;
       case '--drive': {
         const kv = parseKeyValues(next(), '--drive', 'file');

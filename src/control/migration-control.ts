@@ -263,7 +263,13 @@ export class MigrationControl {
   async startIncoming(uri: string, opts: { exitOnError?: boolean } = {}): Promise<void> {
     if (!uri.startsWith('tcp:')) throw new QmpCommandError('GenericError', `Invalid incoming migration URI '${uri}' (expected tcp:HOST:PORT)`);
     const target = tcpTarget(uri);
-    const colo = this.settings.capabilities['x-colo'] ? this.coloHooks.onDestinationHandoff : undefined;
+    // x-colo is read when the source connects, not now: a destination that listens can still be
+    // configured (refuseIfBusy), so the capability set after `--incoming tcp:` must count.
+    // Without that the hello passed (the capability is on), no hand-off followed, and the
+    // secondary failed on the first COLO frame while the primary believed it was in COLO.
+    const caps = this.settings.capabilities;
+    const colo = this.coloHooks.onDestinationHandoff;
+    const coloSession = this.coloHooks.onDestinationSession;
     // Receiver threads start listening now; the source's hello only configures them.
     let receivers: MultifdReceiver | null = null;
     if (this.settings.capabilities.multifd) {
@@ -303,8 +309,16 @@ export class MigrationControl {
         port: target.port,
         capabilities: this.settings.capabilities,
         receivers,
+        // The core hands over only when the hello asks for x-colo, which it accepts only with
+        // this side's x-colo on.
         ...(colo === undefined ? {} : { onHandoff: colo }),
-        ...(colo === undefined || this.coloHooks.onDestinationSession === undefined ? {} : { onSession: this.coloHooks.onDestinationSession }),
+        ...(colo === undefined || coloSession === undefined
+          ? {}
+          : {
+              onSession: (session: IncomingSession) => {
+                if (caps['x-colo']) coloSession(session);
+              },
+            }),
       },
     );
     try {

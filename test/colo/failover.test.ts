@@ -5,7 +5,7 @@
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, guests, memwalkRegion, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, waitFor } from '../framework/harness.js';
 import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords } from '../framework/machine.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
@@ -122,6 +122,27 @@ test('colo: the destination refuses COLO when its own x-colo is off; the source 
   await assertAdvancing(src, 2);
   await assert.rejects(src.qmp.execute('x-colo-lost-heartbeat'), /not in COLO mode/);
   assert.deepEqual(await src.qmp.execute('query-colo-status'), { mode: 'none', 'last-mode': 'none', reason: 'none' });
+});
+
+test('colo: x-colo set on a destination already listening (--incoming tcp:) counts: it enters COLO as the secondary', async (t) => {
+  // The README's order: the secondary listens from its command line, x-colo comes after.
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', `tcp:127.0.0.1:${port}`], guestArgs: ['8M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  // The first RESUME starts the SVM; two more are two checkpoints applied.
+  await dst.waitEvent('RESUME', { nth: 3, timeoutMs: 15000 });
+  assert.equal(await dst.migrationStatus(), 'colo');
+  assert.deepEqual(await dst.qmp.execute('query-colo-status'), { mode: 'secondary', 'last-mode': 'secondary', reason: 'none' });
+  assert.deepEqual(await src.qmp.execute('query-colo-status'), { mode: 'primary', 'last-mode': 'primary', reason: 'none' });
+  await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+  assertNoErrors(src, dst);
 });
 
 test('colo: a broken link: the primary goes on alone (reason error), the secondary waits for x-colo-lost-heartbeat', async (t) => {

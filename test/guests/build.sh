@@ -8,7 +8,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 source "$here/../../tools/wasi-cc.sh"
 
 CFLAGS=(--target=wasm32-wasi -O2 -Wall -Wextra -Werror -Wl,--strip-debug)
-"$CC" "${CFLAGS[@]}" -o "$here/memwalk.wasm" "$here/memwalk/memwalk.c"
-"$CC" "${CFLAGS[@]}" -o "$here/spin.wasm" "$here/spin/spin.c"
-"$CC" "${CFLAGS[@]}" -o "$here/fill.wasm" "$here/fill/fill.c"
+wasi_build "$here/memwalk.wasm" "${CFLAGS[@]}" "$here/memwalk/memwalk.c"
+wasi_build "$here/spin.wasm" "${CFLAGS[@]}" "$here/spin/spin.c"
+wasi_build "$here/fill.wasm" "${CFLAGS[@]}" "$here/fill/fill.c"
 node "$here/check-wasm.mjs" "$here/memwalk.wasm" "$here/spin.wasm" "$here/fill.wasm"
