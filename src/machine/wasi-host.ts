@@ -370,7 +370,8 @@ export class WasiHost {
         return errno.success;
       },
       proc_exit: (code: number) => {
-        throw new ProcExit(code);
+        // WASI's exitcode is a u32: 4294967295, not -1 (the process's status is its low byte either way).
+        throw new ProcExit(code >>> 0);
       },
     };
   }
@@ -443,7 +444,7 @@ export class WasiHost {
       this.setU32(nPtr, r.n);
       return errno.success;
     }
-    if (e.kind === 'conn') return this.sockRecv(fd, iovsPtr, iovsLen, 0, nPtr, -1);
+    if (e.kind === 'conn') return this.sockRecv(fd, iovsPtr, iovsLen, 0, nPtr, null);
     return errno.badf;
   }
 
@@ -673,12 +674,14 @@ export class WasiHost {
     return errno.success;
   }
 
-  private sockRecv(fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number): number {
+  /** `roFlagsPtr` null: fd_read's, which has none. */
+  private sockRecv(fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number | null): number {
     this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'conn') return errno.notsock;
-    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
+    // Every pointer before anything is consumed: a bad ro_flags pointer was skipped after the data was taken.
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4) || (roFlagsPtr !== null && !this.inBounds(roFlagsPtr, 2))) return errno.fault;
     const nic = this.devices.nic;
     const max = this.totalLen();
     if (e.nonblock) this.vcpu.drainInput();
@@ -688,7 +691,7 @@ export class WasiHost {
     const data = r === 'eof' ? new Uint8Array(0) : r;
     this.scatter(data);
     this.setU32(nPtr, data.byteLength);
-    if (roFlagsPtr >= 0 && this.inBounds(roFlagsPtr, 2)) {
+    if (roFlagsPtr !== null) {
       this.mem().setUint16(roFlagsPtr, 0, true);
       this.vcpu.markWrite(roFlagsPtr, 2);
     }
@@ -779,6 +782,8 @@ export class WasiHost {
         const timeout = dv.getBigUint64(p + 24, true);
         const flags = dv.getUint16(p + 40, true);
         const id = dv.getUint32(p + 16, true);
+        // A clock the host does not have: EINVAL, as clock_time_get's (it waited on the monotonic one).
+        if (id > clockid.threadCputime) return errno.inval;
         // Absolute realtime deadlines are converted to our monotonic clock.
         let d: bigint;
         if ((flags & subclockflagsAbstime) !== 0) {
@@ -791,6 +796,8 @@ export class WasiHost {
         if (deadline === null || d < deadline) deadline = d;
         continue;
       }
+      // Neither clock, fd_read nor fd_write: EINVAL for the call (an event with the unknown tag was written back).
+      if (tag !== eventtype.fdRead && tag !== eventtype.fdWrite) return errno.inval;
       const fd = dv.getUint32(p + 16, true);
       const code = fds.pollCode(fd);
       // arg: the connection for a conn subscription, else the event type it echoes (fd_read or fd_write).
