@@ -131,6 +131,7 @@ export class Machine extends EventEmitter {
 
   /** Load the guest into a new machine, paused before its first instruction (`prelaunch`). */
   static async create(cfg: MachineConfig): Promise<Machine> {
+    checkGuestArgs(cfg.args, cfg.env);
     const maximumPages = Math.floor(cfg.memoryBytesMax / limits.wasmPageBytes);
     if (maximumPages < 1 || cfg.memoryBytesMax > limits.guestMemoryBytesMax) {
       throw new UsageError('MEMORY_SIZE', `--memory must be between 64K and ${limits.guestMemoryBytesMax} bytes`);
@@ -675,4 +676,20 @@ export function computeLayout(guest: InstrumentedGuest, maximumPages: number): G
     dirtyLogBytes,
     preemptBudget: limits.preemptBudget,
   };
+}
+
+/**
+ * The guest's argv and environ as args_get and environ_get hand them over (each string with
+ * its NUL) at most limits.guestArgsBytesMax together: a usage error at start, not a guest that
+ * copies megabytes out of every args_get (the limit was never checked).
+ */
+export function checkGuestArgs(args: readonly string[], env: readonly string[]): void {
+  let bytes = 0;
+  for (const s of [...args, ...env]) bytes += Buffer.byteLength(s) + 1;
+  if (bytes > limits.guestArgsBytesMax) {
+    throw new UsageError(
+      'GUEST_ARGS',
+      `the guest's arguments and environment are ${bytes} bytes (${args.length} arguments, ${env.length} variables, with their NULs), above the limit of ${limits.guestArgsBytesMax}`,
+    );
+  }
 }
