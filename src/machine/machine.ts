@@ -43,9 +43,14 @@ export interface MachineConfig {
 
 export class MachineError extends ColoError {}
 
-/** A guest disk write the host could not do; the guest waits in it (state io-error). */
+/**
+ * A guest disk access the host could not do. action stop: a write waits for space (state
+ * io-error); report: the guest was given EIO and runs on (QEMU's rerror=report, and
+ * werror=enospc's for any error but ENOSPC).
+ */
 export interface IoErrorReport {
-  operation: 'write';
+  operation: 'read' | 'write';
+  action: 'stop' | 'report';
   nospace: boolean;
   reason: string;
 }
@@ -55,7 +60,7 @@ const log = logger('machine');
 /**
  * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message;
  * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
- * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
+ * 'io-error' (IoErrorReport: a disk write waits for space on the host, or a disk access failed), 'io-resumed',
  * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
  * output events again).
  */
@@ -592,12 +597,16 @@ export class Machine extends EventEmitter {
         if (this.pauseInFlight === null && (this.state === 'running' || this.state === 'io-error')) this.state = 'paused';
         break;
       case 'io-error':
+        if (m.action === 'report') {
+          this.emit('io-error', { operation: m.operation, action: m.action, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
+          return;
+        }
         if (this.state !== 'io-error') {
           this.stateBeforeIoError = this.state;
           this.state = 'io-error';
           this.emit('stop');
         }
-        this.emit('io-error', { operation: m.operation, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
+        this.emit('io-error', { operation: m.operation, action: m.action, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
         break;
       case 'io-resumed':
         if (this.state === 'io-error') {

@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import { limits } from '../core/limits.js';
-import { RestoreError } from '../core/errors.js';
+import { RestoreError, errorMessage } from '../core/errors.js';
 import * as v from '../core/validate.js';
 import type { Nic, NicOutput } from '../net/nic.js';
 import type { Disk } from '../block/disk.js';
@@ -38,6 +38,12 @@ export interface VcpuHooks {
   waitForDiskSpace(reason: string): boolean;
   /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
   diskWriteDone(): void;
+  /**
+   * A disk read, write or sync failed on the host other than a write for want of space: the
+   * guest gets EIO and runs on, and the VM reports it (QEMU's rerror=report, and werror=enospc
+   * for any other error: BLOCK_IO_ERROR with action report). Optional: a benchmark's stub.
+   */
+  reportIoError?(operation: 'read' | 'write', nospace: boolean, reason: string): void;
   /**
    * The call moved `bytes` between guest memory and a device: they count against the
    * preemption budget as memory.copy's do, so that the guest's next loop or function-entry
@@ -453,7 +459,8 @@ export class WasiHost {
     if (disk === null) return { errno: errno.badf, n: 0 };
     try {
       return { errno: errno.success, n: disk.read(into, offset) };
-    } catch {
+    } catch (err) {
+      this.vcpu.reportIoError?.('read', false, errorMessage(err));
       return { errno: errno.io, n: 0 };
     } finally {
       this.vcpu.preemptSoon?.();
@@ -471,6 +478,7 @@ export class WasiHost {
     } catch (err) {
       if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
       if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0, reason: (err as Error).message };
+      this.vcpu.reportIoError?.('write', false, errorMessage(err));
       return { errno: errno.io, n: 0 };
     } finally {
       this.vcpu.preemptSoon?.();
@@ -533,7 +541,9 @@ export class WasiHost {
     if (e.kind === 'disk') {
       try {
         this.devices.disk?.sync();
-      } catch {
+      } catch (err) {
+        // A failed flush is a write error to QEMU too (operation write).
+        this.vcpu.reportIoError?.('write', (err as NodeJS.ErrnoException).code === 'ENOSPC', errorMessage(err));
         return errno.io;
       } finally {
         this.vcpu.preemptSoon?.();

@@ -5,7 +5,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { WasiHost, type VcpuHooks } from '../../src/machine/wasi-host.js';
+import { WasiHost, diskFd, type VcpuHooks } from '../../src/machine/wasi-host.js';
+import type { Disk } from '../../src/block/disk.js';
 import { Nic } from '../../src/net/nic.js';
 import { Clock } from '../../src/machine/devices/clock.js';
 import { Serial } from '../../src/machine/devices/serial.js';
@@ -335,4 +336,80 @@ test('wasi host: proc_exit reports the exit code as WASI\'s u32', () => {
       return true;
     });
   }
+});
+
+test('wasi host: a disk read, write or sync that fails on the host (not for space) is EIO to the guest and reported, each one', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const clock = new Clock();
+  clock.resume();
+  const reports: [string, boolean, string][] = [];
+  let waitedForSpace = 0;
+  const hooks: VcpuHooks = {
+    ...stubHooks([]),
+    waitForDiskSpace() {
+      waitedForSpace++;
+      return true;
+    },
+    reportIoError(operation, nospace, reason) {
+      reports.push([operation, nospace, reason]);
+    },
+  };
+  const fail = (code: string): never => {
+    throw Object.assign(new Error(`${code}: injected, ${code === 'ENOSPC' ? 'write' : 'read'}`), { code });
+  };
+  /** The next error each operation throws (null: it works). */
+  const next: { read: string | null; write: string | null; sync: string | null } = { read: null, write: null, sync: null };
+  const disk = {
+    sizeBytes: 65536,
+    read(into: Uint8Array) {
+      if (next.read !== null) fail(next.read);
+      into.fill(7);
+      return into.byteLength;
+    },
+    write(data: Uint8Array) {
+      const code = next.write;
+      if (code !== null) {
+        if (code === 'ENOSPC') next.write = null; // room again at the retry
+        fail(code);
+      }
+      return data.byteLength;
+    },
+    sync() {
+      if (next.sync !== null) fail(next.sync);
+    },
+  } as unknown as Disk;
+  const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic: new Nic(), disk }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: (number | bigint)[]) => number>;
+  const dv = new DataView(memory.buffer);
+  dv.setUint32(0, 100, true);
+  dv.setUint32(4, 16, true);
+  const pread = (): number => imports['fd_pread']!(diskFd, 0, 1, 0n, 8);
+  const pwrite = (): number => imports['fd_pwrite']!(diskFd, 0, 1, 0n, 8);
+
+  next.read = 'EIO';
+  assert.equal(pread(), 29 /* EIO */);
+  assert.equal(imports['fd_read']!(diskFd, 0, 1, 8), 29);
+  next.write = 'EIO';
+  assert.equal(pwrite(), 29);
+  next.write = 'EROFS';
+  assert.equal(imports['fd_write']!(diskFd, 0, 1, 8), 29);
+  next.sync = 'EIO';
+  assert.equal(imports['fd_sync']!(diskFd), 29);
+  assert.deepEqual(reports.map(([op, nospace, reason]) => [op, nospace, reason.split(':')[0]]), [
+    ['read', false, 'EIO'], ['read', false, 'EIO'], ['write', false, 'EIO'], ['write', false, 'EROFS'], ['write', false, 'EIO'],
+  ]);
+  assert.match(reports[0]![2], /injected/, 'the reason is the host error');
+  assert.equal(waitedForSpace, 0);
+  // A full filesystem is not reported so: the write waits for space (werror=enospc), and goes through.
+  reports.length = 0;
+  next.read = next.write = next.sync = null;
+  next.write = 'ENOSPC';
+  assert.equal(pwrite(), 0);
+  assert.equal(dv.getUint32(8, true), 16);
+  assert.equal(waitedForSpace, 1);
+  assert.deepEqual(reports, []);
+  // Working calls report nothing.
+  assert.equal(pread(), 0);
+  assert.equal(imports['fd_sync']!(diskFd), 0);
+  assert.deepEqual(reports, []);
 });
