@@ -166,13 +166,13 @@ export class Machine extends EventEmitter {
     let serialFd: number | null = null;
     if (cfg.serial.kind === 'file') {
       try {
-        serialFd = fs.openSync(cfg.serial.path, 'a');
+        serialFd = openSerialFile(cfg.serial.path);
       } catch (err) {
         disk?.close();
         throw new UsageError('SERIAL_OPEN', `cannot open serial file '${cfg.serial.path}': ${(err as Error).message}`);
       }
     } else if (cfg.serial.kind === 'stdio') {
-      serialFd = 1;
+      serialFd = nonBlockingStdout();
     }
     const m = new Machine(cfg, layout, memory, maxPages, disk, serialFd);
     let r: WorkerReply;
@@ -700,5 +700,38 @@ export function checkGuestArgs(args: readonly string[], env: readonly string[]):
       'GUEST_ARGS',
       `the guest's arguments and environment are ${bytes} bytes (${args.length} arguments, ${env.length} variables, with their NULs), above the limit of ${limits.guestArgsBytesMax}`,
     );
+  }
+}
+
+/**
+ * The serial console's fd is non-blocking, so that a console that takes nothing (a FIFO or a
+ * terminal nobody reads) is Serial.write's EAGAIN and its wait, which lets a pause through: a
+ * blocking write(2) held the vCPU, and every stop, checkpoint and migration timed out. A FIFO
+ * without a reader is opened read-write (Linux allows it; the open neither fails nor blocks,
+ * as a write-only one would, the whole process until a reader came): the output waits in the
+ * pipe for one.
+ */
+function openSerialFile(file: string): number {
+  const c = fs.constants;
+  try {
+    return fs.openSync(file, c.O_WRONLY | c.O_APPEND | c.O_CREAT | c.O_NONBLOCK, 0o666);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw err;
+    return fs.openSync(file, c.O_RDWR | c.O_NONBLOCK);
+  }
+}
+
+/**
+ * The host's stdout for --serial stdio, non-blocking (see openSerialFile): a terminal or a pipe
+ * is opened again (a file description of our own: the flag does not change the shell's), a
+ * file or a socket (non-blocking already when it is Node's pipe) is used as it is.
+ */
+function nonBlockingStdout(): number {
+  try {
+    const st = fs.fstatSync(1);
+    if (!st.isFIFO() && !st.isCharacterDevice()) return 1;
+    return fs.openSync('/proc/self/fd/1', fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_NONBLOCK);
+  } catch {
+    return 1; // no /proc, or a pipe with no reader left: writes fail or go as before
   }
 }
