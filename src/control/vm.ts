@@ -60,6 +60,9 @@ export class Vm extends EventEmitter {
   private listenRetry: NodeJS.Timeout | null = null;
   /** Since when guest disk writes find the host filesystem full (null: they do not). */
   private diskFullSince: number | null = null;
+  /** Disk errors reported to the guest (action report): when one was last logged, and how many since. */
+  private diskErrorLoggedAt: number | null = null;
+  private diskErrorsUnlogged = 0;
 
   private constructor(readonly opts: RunOptions, readonly machine: Machine) {
     super();
@@ -204,10 +207,16 @@ export class Vm extends EventEmitter {
   /**
    * QEMU's werror=enospc: the guest waits inside the write (machine state io-error), which is
    * tried again every limits.diskFullRetryMs or at `cont`. One warning for the whole time the
-   * filesystem is full; BLOCK_IO_ERROR for each report (one per stop of the guest).
+   * filesystem is full; BLOCK_IO_ERROR for each report (one per stop of the guest). Any other
+   * error (and every read error: rerror=report) reaches the guest as EIO: BLOCK_IO_ERROR with
+   * action report for each, as QEMU's, and a rate-limited warning.
    */
   private onIoError(r: IoErrorReport): void {
-    this.event('BLOCK_IO_ERROR', { device: 'drive0', 'node-name': 'drive0', operation: r.operation, action: 'stop', nospace: r.nospace, reason: r.reason });
+    this.event('BLOCK_IO_ERROR', { device: 'drive0', 'node-name': 'drive0', operation: r.operation, action: r.action, nospace: r.nospace, reason: r.reason });
+    if (r.action === 'report') {
+      this.logDiskError(r);
+      return;
+    }
     if (this.diskFullSince !== null) {
       log.debug(`guest disk write still waiting for space: ${r.reason}`);
       return;
@@ -216,6 +225,23 @@ export class Vm extends EventEmitter {
     log.warn(
       `guest disk write failed: ${r.reason}; the guest is stopped in it (state io-error) and it is tried again every ${limits.diskFullRetryMs} ms or at cont`,
     );
+  }
+
+  /**
+   * A disk error the guest was given (EIO): a warning, at most one per
+   * limits.diskErrorLogIntervalMs (a guest may retry in a loop), counting the ones in between.
+   */
+  private logDiskError(r: IoErrorReport): void {
+    const now = Date.now();
+    if (this.diskErrorLoggedAt !== null && now - this.diskErrorLoggedAt < limits.diskErrorLogIntervalMs) {
+      this.diskErrorsUnlogged++;
+      log.debug(`guest disk ${r.operation} failed: ${r.reason}`);
+      return;
+    }
+    const more = this.diskErrorsUnlogged > 0 ? ` (and ${this.diskErrorsUnlogged} more since the last warning)` : '';
+    this.diskErrorLoggedAt = now;
+    this.diskErrorsUnlogged = 0;
+    log.warn(`guest disk ${r.operation} failed: ${r.reason}; the guest was given EIO and runs on${more}`);
   }
 
   /**

@@ -57,6 +57,12 @@ export const limits = {
    * its call, trying again this often (a pause ends the wait).
    */
   serialFullRetryMs: 5,
+  /**
+   * A guest disk read or write that fails on the host other than for space (EIO to the guest,
+   * BLOCK_IO_ERROR action report for each) is logged at most once per this time, with a count
+   * of those in between: a guest that retries in a loop must not flood the log.
+   */
+  diskErrorLogIntervalMs: 10_000,
 
   /** Largest single frame of a migration stream or state file. */
   frameBytesMax: 8 * 1024 * 1024,

@@ -43,9 +43,14 @@ export interface MachineConfig {
 
 export class MachineError extends ColoError {}
 
-/** A guest disk write the host could not do; the guest waits in it (state io-error). */
+/**
+ * A guest disk access the host could not do. action stop: a write waits for space (state
+ * io-error); report: the guest was given EIO and runs on (QEMU's rerror=report, and
+ * werror=enospc's for any error but ENOSPC).
+ */
 export interface IoErrorReport {
-  operation: 'write';
+  operation: 'read' | 'write';
+  action: 'stop' | 'report';
   nospace: boolean;
   reason: string;
 }
@@ -55,7 +60,7 @@ const log = logger('machine');
 /**
  * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message;
  * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
- * 'io-error' (IoErrorReport: a disk write waits for space on the host), 'io-resumed',
+ * 'io-error' (IoErrorReport: a disk write waits for space on the host, or a disk access failed), 'io-resumed',
  * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
  * output events again).
  */
@@ -131,6 +136,7 @@ export class Machine extends EventEmitter {
 
   /** Load the guest into a new machine, paused before its first instruction (`prelaunch`). */
   static async create(cfg: MachineConfig): Promise<Machine> {
+    checkGuestArgs(cfg.args, cfg.env);
     const maximumPages = Math.floor(cfg.memoryBytesMax / limits.wasmPageBytes);
     if (maximumPages < 1 || cfg.memoryBytesMax > limits.guestMemoryBytesMax) {
       throw new UsageError('MEMORY_SIZE', `--memory must be between 64K and ${limits.guestMemoryBytesMax} bytes`);
@@ -160,13 +166,13 @@ export class Machine extends EventEmitter {
     let serialFd: number | null = null;
     if (cfg.serial.kind === 'file') {
       try {
-        serialFd = fs.openSync(cfg.serial.path, 'a');
+        serialFd = openSerialFile(cfg.serial.path);
       } catch (err) {
         disk?.close();
         throw new UsageError('SERIAL_OPEN', `cannot open serial file '${cfg.serial.path}': ${(err as Error).message}`);
       }
     } else if (cfg.serial.kind === 'stdio') {
-      serialFd = 1;
+      serialFd = nonBlockingStdout();
     }
     const m = new Machine(cfg, layout, memory, maxPages, disk, serialFd);
     let r: WorkerReply;
@@ -591,12 +597,16 @@ export class Machine extends EventEmitter {
         if (this.pauseInFlight === null && (this.state === 'running' || this.state === 'io-error')) this.state = 'paused';
         break;
       case 'io-error':
+        if (m.action === 'report') {
+          this.emit('io-error', { operation: m.operation, action: m.action, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
+          return;
+        }
         if (this.state !== 'io-error') {
           this.stateBeforeIoError = this.state;
           this.state = 'io-error';
           this.emit('stop');
         }
-        this.emit('io-error', { operation: m.operation, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
+        this.emit('io-error', { operation: m.operation, action: m.action, nospace: m.nospace, reason: m.reason } satisfies IoErrorReport);
         break;
       case 'io-resumed':
         if (this.state === 'io-error') {
@@ -675,4 +685,53 @@ export function computeLayout(guest: InstrumentedGuest, maximumPages: number): G
     dirtyLogBytes,
     preemptBudget: limits.preemptBudget,
   };
+}
+
+/**
+ * The guest's argv and environ as args_get and environ_get hand them over (each string with
+ * its NUL) at most limits.guestArgsBytesMax together: a usage error at start, not a guest that
+ * copies megabytes out of every args_get (the limit was never checked).
+ */
+export function checkGuestArgs(args: readonly string[], env: readonly string[]): void {
+  let bytes = 0;
+  for (const s of [...args, ...env]) bytes += Buffer.byteLength(s) + 1;
+  if (bytes > limits.guestArgsBytesMax) {
+    throw new UsageError(
+      'GUEST_ARGS',
+      `the guest's arguments and environment are ${bytes} bytes (${args.length} arguments, ${env.length} variables, with their NULs), above the limit of ${limits.guestArgsBytesMax}`,
+    );
+  }
+}
+
+/**
+ * The serial console's fd is non-blocking, so that a console that takes nothing (a FIFO or a
+ * terminal nobody reads) is Serial.write's EAGAIN and its wait, which lets a pause through: a
+ * blocking write(2) held the vCPU, and every stop, checkpoint and migration timed out. A FIFO
+ * without a reader is opened read-write (Linux allows it; the open neither fails nor blocks,
+ * as a write-only one would, the whole process until a reader came): the output waits in the
+ * pipe for one.
+ */
+function openSerialFile(file: string): number {
+  const c = fs.constants;
+  try {
+    return fs.openSync(file, c.O_WRONLY | c.O_APPEND | c.O_CREAT | c.O_NONBLOCK, 0o666);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENXIO') throw err;
+    return fs.openSync(file, c.O_RDWR | c.O_NONBLOCK);
+  }
+}
+
+/**
+ * The host's stdout for --serial stdio, non-blocking (see openSerialFile): a terminal or a pipe
+ * is opened again (a file description of our own: the flag does not change the shell's), a
+ * file or a socket (non-blocking already when it is Node's pipe) is used as it is.
+ */
+function nonBlockingStdout(): number {
+  try {
+    const st = fs.fstatSync(1);
+    if (!st.isFIFO() && !st.isCharacterDevice()) return 1;
+    return fs.openSync('/proc/self/fd/1', fs.constants.O_WRONLY | fs.constants.O_APPEND | fs.constants.O_NONBLOCK);
+  } catch {
+    return 1; // no /proc, or a pipe with no reader left: writes fail or go as before
+  }
 }

@@ -81,8 +81,11 @@ export type WorkerReply =
   | { type: 'running' }
   /** `state`: the pause was asked for with the state (Machine.pauseAndSave), saved at the safe point. */
   | { type: 'paused'; state?: VcpuState }
-  /** A guest write found the host's filesystem full; the vCPU waits in the call. */
-  | { type: 'io-error'; operation: 'write'; nospace: boolean; reason: string }
+  /**
+   * A guest disk access failed on the host. action stop: a write found the filesystem full and
+   * the vCPU waits in the call (werror=enospc); report: the guest was given EIO and runs on.
+   */
+  | { type: 'io-error'; operation: 'read' | 'write'; action: 'stop' | 'report'; nospace: boolean; reason: string }
   /** The write that waited went through; the guest runs on. */
   | { type: 'io-resumed' }
   | { type: 'exited'; code: number }

@@ -397,7 +397,7 @@ class Vcpu {
       this.clock.pause();
       this.flushOutput();
       Atomics.store(this.ctl, ctl.retryIo, 0);
-      post({ type: 'io-error', operation: 'write', nospace: true, reason });
+      post({ type: 'io-error', operation: 'write', action: 'stop', nospace: true, reason });
     }
     const deadline = Date.now() + limits.diskFullRetryMs;
     for (;;) {
@@ -415,6 +415,10 @@ class Vcpu {
       if (left <= 0) return true;
       Atomics.wait(this.ctl, ctl.wake, seen, left);
     }
+  }
+
+  reportIoError(operation: 'read' | 'write', nospace: boolean, reason: string): void {
+    post({ type: 'io-error', operation, action: 'report', nospace, reason });
   }
 
   chargeBytes(bytes: number): void {

@@ -1,6 +1,6 @@
 import { randomFillSync } from 'node:crypto';
 import { limits } from '../core/limits.js';
-import { RestoreError } from '../core/errors.js';
+import { RestoreError, errorMessage } from '../core/errors.js';
 import * as v from '../core/validate.js';
 import type { Nic, NicOutput } from '../net/nic.js';
 import type { Disk } from '../block/disk.js';
@@ -38,6 +38,12 @@ export interface VcpuHooks {
   waitForDiskSpace(reason: string): boolean;
   /** A disk write went through (ends an io-error, if there was one; cheap otherwise). */
   diskWriteDone(): void;
+  /**
+   * A disk read, write or sync failed on the host other than a write for want of space: the
+   * guest gets EIO and runs on, and the VM reports it (QEMU's rerror=report, and werror=enospc
+   * for any other error: BLOCK_IO_ERROR with action report). Optional: a benchmark's stub.
+   */
+  reportIoError?(operation: 'read' | 'write', nospace: boolean, reason: string): void;
   /**
    * The call moved `bytes` between guest memory and a device: they count against the
    * preemption budget as memory.copy's do, so that the guest's next loop or function-entry
@@ -370,7 +376,8 @@ export class WasiHost {
         return errno.success;
       },
       proc_exit: (code: number) => {
-        throw new ProcExit(code);
+        // WASI's exitcode is a u32: 4294967295, not -1 (the process's status is its low byte either way).
+        throw new ProcExit(code >>> 0);
       },
     };
   }
@@ -443,7 +450,7 @@ export class WasiHost {
       this.setU32(nPtr, r.n);
       return errno.success;
     }
-    if (e.kind === 'conn') return this.sockRecv(fd, iovsPtr, iovsLen, 0, nPtr, -1);
+    if (e.kind === 'conn') return this.sockRecv(fd, iovsPtr, iovsLen, 0, nPtr, null);
     return errno.badf;
   }
 
@@ -452,7 +459,8 @@ export class WasiHost {
     if (disk === null) return { errno: errno.badf, n: 0 };
     try {
       return { errno: errno.success, n: disk.read(into, offset) };
-    } catch {
+    } catch (err) {
+      this.vcpu.reportIoError?.('read', false, errorMessage(err));
       return { errno: errno.io, n: 0 };
     } finally {
       this.vcpu.preemptSoon?.();
@@ -470,6 +478,7 @@ export class WasiHost {
     } catch (err) {
       if (err instanceof DiskIoError) return { errno: errno.fbig, n: 0 };
       if ((err as NodeJS.ErrnoException).code === 'ENOSPC') return { errno: errno.nospc, n: 0, reason: (err as Error).message };
+      this.vcpu.reportIoError?.('write', false, errorMessage(err));
       return { errno: errno.io, n: 0 };
     } finally {
       this.vcpu.preemptSoon?.();
@@ -532,7 +541,9 @@ export class WasiHost {
     if (e.kind === 'disk') {
       try {
         this.devices.disk?.sync();
-      } catch {
+      } catch (err) {
+        // A failed flush is a write error to QEMU too (operation write).
+        this.vcpu.reportIoError?.('write', (err as NodeJS.ErrnoException).code === 'ENOSPC', errorMessage(err));
         return errno.io;
       } finally {
         this.vcpu.preemptSoon?.();
@@ -673,12 +684,14 @@ export class WasiHost {
     return errno.success;
   }
 
-  private sockRecv(fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number): number {
+  /** `roFlagsPtr` null: fd_read's, which has none. */
+  private sockRecv(fd: number, iovsPtr: number, iovsLen: number, flags: number, nPtr: number, roFlagsPtr: number | null): number {
     this.vcpu.finishRewind();
     const e = this.fds.get(fd);
     if (e === undefined) return errno.badf;
     if (e.kind !== 'conn') return errno.notsock;
-    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
+    // Every pointer before anything is consumed: a bad ro_flags pointer was skipped after the data was taken.
+    if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4) || (roFlagsPtr !== null && !this.inBounds(roFlagsPtr, 2))) return errno.fault;
     const nic = this.devices.nic;
     const max = this.totalLen();
     if (e.nonblock) this.vcpu.drainInput();
@@ -688,7 +701,7 @@ export class WasiHost {
     const data = r === 'eof' ? new Uint8Array(0) : r;
     this.scatter(data);
     this.setU32(nPtr, data.byteLength);
-    if (roFlagsPtr >= 0 && this.inBounds(roFlagsPtr, 2)) {
+    if (roFlagsPtr !== null) {
       this.mem().setUint16(roFlagsPtr, 0, true);
       this.vcpu.markWrite(roFlagsPtr, 2);
     }
@@ -779,6 +792,8 @@ export class WasiHost {
         const timeout = dv.getBigUint64(p + 24, true);
         const flags = dv.getUint16(p + 40, true);
         const id = dv.getUint32(p + 16, true);
+        // A clock the host does not have: EINVAL, as clock_time_get's (it waited on the monotonic one).
+        if (id > clockid.threadCputime) return errno.inval;
         // Absolute realtime deadlines are converted to our monotonic clock.
         let d: bigint;
         if ((flags & subclockflagsAbstime) !== 0) {
@@ -791,6 +806,8 @@ export class WasiHost {
         if (deadline === null || d < deadline) deadline = d;
         continue;
       }
+      // Neither clock, fd_read nor fd_write: EINVAL for the call (an event with the unknown tag was written back).
+      if (tag !== eventtype.fdRead && tag !== eventtype.fdWrite) return errno.inval;
       const fd = dv.getUint32(p + 16, true);
       const code = fds.pollCode(fd);
       // arg: the connection for a conn subscription, else the event type it echoes (fd_read or fd_write).

@@ -5,10 +5,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { WasiHost, type VcpuHooks } from '../../src/machine/wasi-host.js';
+import { WasiHost, diskFd, type VcpuHooks } from '../../src/machine/wasi-host.js';
+import type { Disk } from '../../src/block/disk.js';
 import { Nic } from '../../src/net/nic.js';
 import { Clock } from '../../src/machine/devices/clock.js';
 import { Serial } from '../../src/machine/devices/serial.js';
+import { ProcExit } from '../../src/machine/wasi-abi.js';
 
 const page = 65536;
 const realtime = 0;
@@ -233,4 +235,181 @@ test('wasi host: poll_oneoff admits one event at a time and reports the ready su
   // A closed fd is free: EBADF.
   assert.equal(call('fd_close', fd1), 0);
   assert.deepEqual(poll([[11, fdRead, fd1]]), [[11, 8, fdRead, 0, 0]]);
+});
+
+test('wasi host: poll_oneoff refuses an unknown event tag and an unknown clock with EINVAL, waiting for nothing and writing no event', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const clock = new Clock();
+  clock.resume();
+  const hooks: VcpuHooks = {
+    ...stubHooks([]),
+    waitForInput() {
+      throw new Error('poll_oneoff waited instead of refusing the subscription');
+    },
+  };
+  const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic: new Nic(), disk: null }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: number[]) => number>;
+  const dv = new DataView(memory.buffer);
+  const subs = 1000;
+  const events = 4000;
+  const sub = (i: number, ud: number, tag: number, idOrFd: number, timeoutNs = 0n): void => {
+    const p = subs + 48 * i;
+    for (let b = 0; b < 48; b += 4) dv.setUint32(p + b, 0, true);
+    dv.setUint32(p, ud, true);
+    dv.setUint8(p + 8, tag);
+    dv.setUint32(p + 16, idOrFd, true);
+    dv.setBigUint64(p + 24, timeoutNs, true);
+  };
+  const poll = (n: number): number => {
+    dv.setUint32(3000, 0xdead, true);
+    dv.setUint32(events, 0xbeef, true);
+    return imports['poll_oneoff']!(subs, events, n, 3000);
+  };
+  // Tag 3 (no such event type) on the listener fd: it was echoed back as a ready event.
+  sub(0, 7, 3, 3);
+  assert.equal(poll(1), 28 /* EINVAL */);
+  assert.equal(dv.getUint32(3000, true), 0xdead, 'no event count written');
+  assert.equal(dv.getUint32(events, true), 0xbeef, 'no event written');
+  // After a valid subscription too.
+  sub(0, 8, 2 /* fd_write */, 1);
+  sub(1, 9, 0xff, 1);
+  assert.equal(poll(2), 28);
+  assert.equal(dv.getUint32(3000, true), 0xdead);
+  // Clock id 4 (none such): it was waited on as the monotonic clock (here 1 s, and the hook throws).
+  sub(0, 10, 0 /* clock */, 4, 1_000_000_000n);
+  assert.equal(poll(1), 28);
+  assert.equal(dv.getUint32(3000, true), 0xdead);
+  sub(0, 10, 0, 0x80000000, 0n);
+  assert.equal(poll(1), 28);
+  // The clocks there are still work: an expired monotonic timeout is an event.
+  sub(0, 11, 0, 1 /* monotonic */, 0n);
+  assert.equal(poll(1), 0);
+  assert.equal(dv.getUint32(3000, true), 1);
+  assert.equal(dv.getUint32(events, true), 11);
+});
+
+test('wasi host: sock_recv with ro_flags outside memory is EFAULT before it takes any data', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const nic = new Nic();
+  const clock = new Clock();
+  clock.resume();
+  const h = new WasiHost(memory, stubHooks([]), { clock, serial: new Serial(null), nic, disk: null }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: number[]) => number>;
+  const call = (name: string, ...args: number[]): number => imports[name]!(...args);
+  const dv = new DataView(memory.buffer);
+  const u8 = new Uint8Array(memory.buffer);
+  nic.enqueue({ seq: 1, kind: 'open', conn: 5 });
+  nic.enqueue({ seq: 2, kind: 'data', conn: 5, bytes: new TextEncoder().encode('hello') });
+  while (nic.admitOne());
+  assert.equal(call('sock_accept', 3, 0, 100), 0);
+  const fd = dv.getUint32(100, true);
+  dv.setUint32(200, 1000, true);
+  dv.setUint32(204, 16, true);
+  dv.setUint32(300, 0xdead, true);
+  for (const roFlags of [page - 1, page, 0xffffffff]) {
+    assert.equal(call('sock_recv', fd, 200, 1, 0, 300, roFlags), 21 /* EFAULT */, `ro_flags at ${roFlags}`);
+    assert.equal(dv.getUint32(300, true), 0xdead, 'no count written');
+    assert.equal(u8[1000], 0, 'no data copied');
+  }
+  // The data is still there for a good call, which writes ro_flags 0.
+  dv.setUint16(304, 0xffff, true);
+  assert.equal(call('sock_recv', fd, 200, 1, 0, 300, 304), 0);
+  assert.equal(dv.getUint32(300, true), 5);
+  assert.equal(new TextDecoder().decode(u8.subarray(1000, 1005)), 'hello');
+  assert.equal(dv.getUint16(304, true), 0);
+  // fd_read on the connection has no ro_flags at all: it works.
+  nic.enqueue({ seq: 3, kind: 'data', conn: 5, bytes: new TextEncoder().encode('again') });
+  nic.admitOne();
+  assert.equal(call('fd_read', fd, 200, 1, 300), 0);
+  assert.equal(dv.getUint32(300, true), 5);
+});
+
+test('wasi host: proc_exit reports the exit code as WASI\'s u32', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1 });
+  const clock = new Clock();
+  const h = new WasiHost(memory, stubHooks([]), { clock, serial: new Serial(null), nic: new Nic(), disk: null }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: number[]) => number>;
+  for (const [raw, code] of [[-1, 4294967295], [-2147483648, 2147483648], [3, 3]] as const) {
+    assert.throws(() => imports['proc_exit']!(raw), (err: unknown) => {
+      assert.ok(err instanceof ProcExit);
+      assert.equal(err.code, code);
+      return true;
+    });
+  }
+});
+
+test('wasi host: a disk read, write or sync that fails on the host (not for space) is EIO to the guest and reported, each one', () => {
+  const memory = new WebAssembly.Memory({ initial: 1, maximum: 1, shared: true });
+  const clock = new Clock();
+  clock.resume();
+  const reports: [string, boolean, string][] = [];
+  let waitedForSpace = 0;
+  const hooks: VcpuHooks = {
+    ...stubHooks([]),
+    waitForDiskSpace() {
+      waitedForSpace++;
+      return true;
+    },
+    reportIoError(operation, nospace, reason) {
+      reports.push([operation, nospace, reason]);
+    },
+  };
+  const fail = (code: string): never => {
+    throw Object.assign(new Error(`${code}: injected, ${code === 'ENOSPC' ? 'write' : 'read'}`), { code });
+  };
+  /** The next error each operation throws (null: it works). */
+  const next: { read: string | null; write: string | null; sync: string | null } = { read: null, write: null, sync: null };
+  const disk = {
+    sizeBytes: 65536,
+    read(into: Uint8Array) {
+      if (next.read !== null) fail(next.read);
+      into.fill(7);
+      return into.byteLength;
+    },
+    write(data: Uint8Array) {
+      const code = next.write;
+      if (code !== null) {
+        if (code === 'ENOSPC') next.write = null; // room again at the retry
+        fail(code);
+      }
+      return data.byteLength;
+    },
+    sync() {
+      if (next.sync !== null) fail(next.sync);
+    },
+  } as unknown as Disk;
+  const h = new WasiHost(memory, hooks, { clock, serial: new Serial(null), nic: new Nic(), disk }, ['guest'], []);
+  const imports = h.imports() as unknown as Record<string, (...a: (number | bigint)[]) => number>;
+  const dv = new DataView(memory.buffer);
+  dv.setUint32(0, 100, true);
+  dv.setUint32(4, 16, true);
+  const pread = (): number => imports['fd_pread']!(diskFd, 0, 1, 0n, 8);
+  const pwrite = (): number => imports['fd_pwrite']!(diskFd, 0, 1, 0n, 8);
+
+  next.read = 'EIO';
+  assert.equal(pread(), 29 /* EIO */);
+  assert.equal(imports['fd_read']!(diskFd, 0, 1, 8), 29);
+  next.write = 'EIO';
+  assert.equal(pwrite(), 29);
+  next.write = 'EROFS';
+  assert.equal(imports['fd_write']!(diskFd, 0, 1, 8), 29);
+  next.sync = 'EIO';
+  assert.equal(imports['fd_sync']!(diskFd), 29);
+  assert.deepEqual(reports.map(([op, nospace, reason]) => [op, nospace, reason.split(':')[0]]), [
+    ['read', false, 'EIO'], ['read', false, 'EIO'], ['write', false, 'EIO'], ['write', false, 'EROFS'], ['write', false, 'EIO'],
+  ]);
+  assert.match(reports[0]![2], /injected/, 'the reason is the host error');
+  assert.equal(waitedForSpace, 0);
+  // A full filesystem is not reported so: the write waits for space (werror=enospc), and goes through.
+  reports.length = 0;
+  next.read = next.write = next.sync = null;
+  next.write = 'ENOSPC';
+  assert.equal(pwrite(), 0);
+  assert.equal(dv.getUint32(8, true), 16);
+  assert.equal(waitedForSpace, 1);
+  assert.deepEqual(reports, []);
+  // Working calls report nothing.
+  assert.equal(pread(), 0);
+  assert.equal(imports['fd_sync']!(diskFd), 0);
+  assert.deepEqual(reports, []);
 });

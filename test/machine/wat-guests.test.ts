@@ -13,6 +13,7 @@ import { machineFor, sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, watGuest } f
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
 import { limits } from '../../src/core/limits.js';
+import { UsageError } from '../../src/core/errors.js';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -428,4 +429,26 @@ test("a guest that takes its heap from memory.size around memory.grow (AssemblyS
     assert.ok(pauses >= 3, `only ${pauses} pauses landed while the guest grew`);
     await m.destroy();
   }
+});
+
+test('guest arguments and environment above limits.guestArgsBytesMax are a usage error at create; at the limit the guest sees them whole', async (t) => {
+  // Prints its argv[1]'s length: args_sizes_get's buffer size minus argv[0] "guest\0".
+  const file = watGuest(t, 'args', `(module
+    (import "wasi_snapshot_preview1" "args_sizes_get" (func $s (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $x (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $s (i32.const 0) (i32.const 4)))
+      (call $x (i32.sub (i32.load (i32.const 4)) (i32.const 6)))))`);
+  const room = limits.guestArgsBytesMax - 'guest\0'.length - 1; // argv[1] and its NUL fill the limit
+  await assert.rejects(withTimeout(machineFor(t, file, ['x'.repeat(room + 1)]), 20000, 'the create with too large arguments to fail'), (err: unknown) => {
+    assert.ok(err instanceof UsageError, String(err));
+    assert.equal(err.code, 'GUEST_ARGS');
+    assert.match(err.message, new RegExp(`${limits.guestArgsBytesMax + 1} bytes .*above the limit of ${limits.guestArgsBytesMax}`));
+    return true;
+  });
+  const { m } = await machineFor(t, file, ['x'.repeat(room)]);
+  const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
+  await m.cont();
+  assert.equal(await withTimeout(exited, 10000, 'the guest to exit'), room + 1, 'argv[1] reaches the guest whole');
 });
