@@ -282,6 +282,35 @@ for (const multifd of [false, true]) {
   });
 }
 
+test('regression: max-bandwidth lifted while a throttled multifd round sends its disk blocks: the pages after them go unthrottled', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 8 * 1024 * 1024;
+  const srcDisk = env.image('src.img', diskBytes, (b) => b.fill(0x5a));
+  const dstDisk = env.image('dst.img', diskBytes);
+  // Round 1: 8 MiB of disk blocks first, then the 16 MiB region's pages: 24 s at 1 MiB/s.
+  const { src, dst, port, region } = await memwalkPair(env, {
+    region: '16M',
+    memory: '64M',
+    capabilities: { multifd: true },
+    parameters: { 'max-bandwidth': 1024 * 1024 },
+    srcArgs: ['--drive', `file=${srcDisk}`],
+    dstArgs: ['--drive', `file=${dstDisk}`],
+  });
+  const { mark } = await migrateUntilActive(src, port);
+  await new Promise((r) => setTimeout(r, 500));
+  const liftedAt = Date.now();
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  // Before the fix the pages still went at the 1 MiB/s the round started with: 16 s.
+  await src.waitMigrationStatus('completed', 8000);
+  t.diagnostic(`completed ${Date.now() - liftedAt} ms after the limit was lifted`);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(env.hashFile(dstDisk), env.hashFile(srcDisk), 'the target disk equals the source disk');
+  await assertAdvancing(dst);
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+  assertNoErrors(src, dst);
+});
+
 test('regression: query-migrate counts the bytes of a throttled multifd round as they go, not 16 packets per channel at a time', async (t) => {
   const env = new TestEnv(t);
   const { src, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: { 'max-bandwidth': 1024 * 1024 } });
