@@ -4,6 +4,7 @@ import { limits } from '../core/limits.js';
 import { ColoError, MigrationError, StreamError, errorMessage } from '../core/errors.js';
 import type { Disk } from '../block/disk.js';
 import type { MainChannel } from './channel.js';
+import type { RateLimit } from './rate.js';
 import { decodeIndexList, encodeIndexList, FrameType, type Frame } from './stream.js';
 
 /**
@@ -90,8 +91,12 @@ export class DiskSender {
     return out;
   }
 
-  /** Send `blocks` as diskBlocks / diskZero frames (from `captured`, if given: see capture()); returns the count. */
-  async send(channel: MainChannel, blocks: readonly number[], captured: Buffer | null = null): Promise<number> {
+  /**
+   * Send `blocks` as diskBlocks / diskZero frames (from `captured`, if given: see capture());
+   * returns the count. `limit`: max-bandwidth, counting the channel's bytes from `limitBase`
+   * on (the round's pages on the main channel share it).
+   */
+  async send(channel: MainChannel, blocks: readonly number[], captured: Buffer | null = null, limit: RateLimit | null = null, limitBase = channel.bytesSent): Promise<number> {
     const disk = this.disk;
     if (disk === null || blocks.length === 0) return 0;
     const per = limits.pagesPerPacketMax;
@@ -123,7 +128,13 @@ export class DiskSender {
       } else {
         buf.copy(dataBuf, data.length * blockBytes);
         data.push(b);
-        if (data.length === per) flushData();
+        if (data.length === per) {
+          flushData();
+          if (limit !== null) {
+            await channel.drain();
+            await limit.pace(channel.bytesSent - limitBase);
+          }
+        }
       }
       if (i % limits.diskReadBlocksMax === limits.diskReadBlocksMax - 1) await channel.drain();
     }

@@ -64,7 +64,9 @@ export class SourceSession {
   private failure: Error | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private ending = false;
-  /** The throttle of the pages of the round being sent on the main channel (no multifd). */
+  /** With multifd, the rate for a round's pages once its disk blocks went first (sendRound): max-bandwidth, as last set. */
+  private blocksFirstRate = 0;
+  /** The throttle of the round being sent on the main channel: its pages (no multifd) and disk blocks. */
   private plainLimit: RateLimit | null = null;
   /** abort()'s reason (a cancel), for a main channel that connects only after it. */
   private abortReason: string | null = null;
@@ -384,10 +386,28 @@ export class SourceSession {
     let pendingMultifd: Promise<number> | undefined;
     if (this.multifd !== null) {
       let listCount = full === null ? 0 : full.ranges.reduce((n, [a, b]) => n + (b - a), 0);
-      const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), bytesPerSecond, captured !== null ? source : undefined);
+      // Throttled, the disk blocks go first, within max-bandwidth, and the pages after them:
+      // sent beside the workers' pages (each channel paced to its share) they went unpaced,
+      // and the round took the bandwidth and the disk's bytes on top. Under a limit the link
+      // is the bottleneck, so the round takes as long either way.
+      let blocksFirst = false;
+      if (bytesPerSecond > 0 && blocks.length > 0 && !pipelined) {
+        const limit = new RateLimit(bytesPerSecond);
+        this.plainLimit = limit;
+        this.blocksFirstRate = bytesPerSecond;
+        try {
+          await this.disk.send(channel, blocks, captured?.blocks ?? null, limit, mainBefore);
+        } finally {
+          this.plainLimit = null;
+        }
+        blocksFirst = true;
+      }
+      // A max-bandwidth set while the blocks went (setBandwidth) is the pages' rate.
+      const pagesRate = blocksFirst ? this.blocksFirstRate : bytesPerSecond;
+      const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), pagesRate, captured !== null ? source : undefined);
       roundChannels = handed.channels;
       // Disk blocks go on the main channel while the workers send pages.
-      const diskSent = this.disk.send(channel, blocks, captured?.blocks ?? null);
+      const diskSent = blocksFirst ? Promise.resolve(blocks.length) : this.disk.send(channel, blocks, captured?.blocks ?? null);
       count = listCount + knownZeroPages;
       if (pipelined) {
         await diskSent;
@@ -409,13 +429,14 @@ export class SourceSession {
       let r: Awaited<ReturnType<typeof sendPagesPlain>>;
       try {
         r = await sendPagesPlain(channel, source, list, count, noteSent, limit);
+        // The disk blocks are part of the round's bytes under max-bandwidth, as the pages are.
+        await this.disk.send(channel, blocks, captured?.blocks ?? null, limit, mainBefore);
       } finally {
         this.plainLimit = null;
       }
       count += knownZeroPages;
       normalPages = r.normalPages;
       zeroPages = r.zeroPages + knownZeroPages;
-      await this.disk.send(channel, blocks, captured?.blocks ?? null);
     }
     channel.sendJson(FrameType.roundEnd, { round, pages: count, blocks: blocks.length, channels: roundChannels });
     this.round = round;
@@ -439,6 +460,7 @@ export class SourceSession {
    * this rate from now on (the caller does not call it during an unthrottled round).
    */
   setBandwidth(bytesPerSecond: number): void {
+    this.blocksFirstRate = bytesPerSecond;
     this.plainLimit?.set(bytesPerSecond);
     this.multifd?.setBandwidth(bytesPerSecond);
   }

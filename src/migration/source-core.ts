@@ -298,10 +298,17 @@ export class SourceCore {
       this.phase = 'stopping';
       this.vmPausedByUs = true;
       this.pausing = true;
-      const why = s.expectedDowntimeMs <= this.downtimeLimitMs
-        ? `${ev.pages} dirty pages fit in the downtime limit (${s.expectedDowntimeMs.toFixed(1)} ms expected)`
-        : `round limit of ${this.roundsMax} reached with ${ev.pages} dirty pages (${s.expectedDowntimeMs.toFixed(1)} ms expected)`;
-      return [{ type: 'log', level: 'debug', message: `stop-and-copy after round ${this.round}: ${why}` }, { type: 'pauseVm' }];
+      if (s.expectedDowntimeMs <= this.downtimeLimitMs) {
+        const why = `${ev.pages} dirty pages fit in the downtime limit (${s.expectedDowntimeMs.toFixed(1)} ms expected)`;
+        return [{ type: 'log', level: 'debug', message: `stop-and-copy after round ${this.round}: ${why}` }, { type: 'pauseVm' }];
+      }
+      // Unlike QEMU, which goes on iterating for ever, the switchover is forced: the guest
+      // dirties faster than the link carries. The pause will exceed the user's downtime-limit,
+      // which a debug line left unexplained.
+      const message =
+        `stop-and-copy forced after ${this.roundsMax} rounds (limits.precopyRoundsMax): the guest dirties memory faster than the link carries it; ` +
+        `${ev.pages} dirty pages, ${s.expectedDowntimeMs.toFixed(0)} ms of downtime expected, above downtime-limit (${this.downtimeLimitMs} ms)`;
+      return [{ type: 'log', level: 'warn', message }, { type: 'pauseVm' }];
     }
     this.round += 1;
     return [{ type: 'pass', pass: this.round }, { type: 'sendRound', round: this.round, full: false }];

@@ -270,6 +270,33 @@ test('yank on the source mid-migration: failed, the source runs on', async (t) =
   assertNoErrors(src);
 });
 
+test("migrate with QEMU's arguments colo-vm does not support (resume, blk, inc): refused with the reason, nothing starts", async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await memwalkPair(env, { region: '8M', memory: '32M' });
+  const uri = `tcp:127.0.0.1:${port}`;
+  const refusal = async (args: Record<string, unknown>): Promise<string> => {
+    try {
+      await src.qmp.execute('migrate', { uri, ...args });
+    } catch (err) {
+      return (err as Error).message;
+    }
+    return 'accepted';
+  };
+  assert.match(await refusal({ resume: true }), /postcopy recovery \(resume\) is not supported/);
+  // Before, the argument check answered "Parameter 'blk' is unexpected", which did not say why.
+  assert.match(await refusal({ blk: true }), /block migration \(blk\) is not supported by colo-vm: the disk always travels with the migration/);
+  assert.match(await refusal({ inc: true }), /block migration \(inc\) is not supported by colo-vm/);
+  assert.equal(await src.migrationStatus(), 'none', 'no migration was started');
+  assert.equal(await src.status(), 'running');
+  // What QEMU accepts as off (or ignores, detach) still migrates.
+  const mark = src.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri, blk: false, inc: false, resume: false, detach: true });
+  await src.waitMigrationStatus('completed', 20000);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+  await dst.waitMigrationStatus('completed', 10000);
+  assertNoErrors(src, dst);
+});
+
 test('a destination without multifd refuses a multifd source: both say why in one line', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port } = await memwalkPair(env, { region: '8M', memory: '32M' });

@@ -243,6 +243,74 @@ for (const multifd of [false, true]) {
   });
 }
 
+for (const multifd of [false, true]) {
+  test(`regression: max-bandwidth also paces the disk blocks of a round (${multifd ? 'multifd' : 'plain'}), not only its pages`, async (t) => {
+    const env = new TestEnv(t);
+    const diskBytes = 16 * 1024 * 1024;
+    const srcDisk = env.image('src.img', diskBytes, (b) => b.fill(0xa5));
+    const dstDisk = env.image('dst.img', diskBytes);
+    const bandwidth = 8 * 1024 * 1024;
+    const { src, dst, port } = await memwalkPair(env, {
+      region: '4M',
+      memory: '32M',
+      capabilities: { multifd },
+      parameters: { 'max-bandwidth': bandwidth },
+      srcArgs: ['--drive', `file=${srcDisk}`],
+      dstArgs: ['--drive', `file=${dstDisk}`],
+    });
+    const { mark } = await migrateUntilActive(src, port);
+    const activeAt = performance.now();
+    // Round 1 is about 20 MiB (the 4 MiB region, boot's pages, 16 MiB of disk): 2.5 s at 8 MiB/s.
+    // Before the fix the disk's 16 MiB went at once, beside (multifd) or after (plain) the pages.
+    let worst = 0;
+    let sent = 0;
+    while (performance.now() - activeAt < 2000) {
+      const r = await src.qmp.execute<{ status: string; ram: { transferred: number } }>('query-migrate');
+      assert.equal(r.status, 'active', 'round 1 is still being sent');
+      sent = r.ram.transferred;
+      worst = Math.max(worst, sent - (bandwidth * (performance.now() - activeAt)) / 1000);
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    t.diagnostic(`${(sent / 1048576).toFixed(1)} MiB sent in 2 s; at most ${(worst / 1048576).toFixed(1)} MiB ahead of max-bandwidth`);
+    assert.ok(worst < 3 * 1024 * 1024, `the migration ran ${(worst / 1048576).toFixed(1)} MiB ahead of max-bandwidth (8 MiB/s)`);
+    await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+    await src.waitMigrationStatus('completed', 20000);
+    assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+    await dst.waitMigrationStatus('completed', 10000);
+    assert.equal(env.hashFile(dstDisk), env.hashFile(srcDisk), 'the target disk equals the source disk');
+    assertNoErrors(src, dst);
+  });
+}
+
+test('regression: max-bandwidth lifted while a throttled multifd round sends its disk blocks: the pages after them go unthrottled', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 8 * 1024 * 1024;
+  const srcDisk = env.image('src.img', diskBytes, (b) => b.fill(0x5a));
+  const dstDisk = env.image('dst.img', diskBytes);
+  // Round 1: 8 MiB of disk blocks first, then the 16 MiB region's pages: 24 s at 1 MiB/s.
+  const { src, dst, port, region } = await memwalkPair(env, {
+    region: '16M',
+    memory: '64M',
+    capabilities: { multifd: true },
+    parameters: { 'max-bandwidth': 1024 * 1024 },
+    srcArgs: ['--drive', `file=${srcDisk}`],
+    dstArgs: ['--drive', `file=${dstDisk}`],
+  });
+  const { mark } = await migrateUntilActive(src, port);
+  await new Promise((r) => setTimeout(r, 500));
+  const liftedAt = Date.now();
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  // Before the fix the pages still went at the 1 MiB/s the round started with: 16 s.
+  await src.waitMigrationStatus('completed', 8000);
+  t.diagnostic(`completed ${Date.now() - liftedAt} ms after the limit was lifted`);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active', 'device', 'completed']);
+  await dst.waitMigrationStatus('completed', 10000);
+  assert.equal(env.hashFile(dstDisk), env.hashFile(srcDisk), 'the target disk equals the source disk');
+  await assertAdvancing(dst);
+  assert.equal(await dst.memwalkCheck(region), null, 'the target memory passes the memwalk pattern check');
+  assertNoErrors(src, dst);
+});
+
 test('regression: query-migrate counts the bytes of a throttled multifd round as they go, not 16 packets per channel at a time', async (t) => {
   const env = new TestEnv(t);
   const { src, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: { 'max-bandwidth': 1024 * 1024 } });
