@@ -364,6 +364,8 @@ export class SecondaryDriver {
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
   readonly net: SecondaryNet;
+  /** The SVM's guest crashed: seen at once, in the phase it crashed in (not behind the frame loop). */
+  private readonly onPanicked = (message: string): void => void this.dispatch({ type: 'guestCrashed', message }, true);
 
   constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
     this.cache = cache;
@@ -373,6 +375,7 @@ export class SecondaryDriver {
 
   start(): void {
     this.session.onFailure((err) => void this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    this.host.vm.machine.on('panicked', this.onPanicked);
     void this.dispatch({ type: 'handoff' });
   }
 
@@ -382,6 +385,7 @@ export class SecondaryDriver {
 
   /** Process exit: nothing more goes to the primary. */
   close(): void {
+    this.host.vm.machine.off('panicked', this.onPanicked);
     this.net.stop();
   }
 
@@ -451,7 +455,10 @@ export class SecondaryDriver {
   }
 
   private async process(ev: SecondaryEvent): Promise<void> {
-    for (const a of this.core.step(ev)) {
+    const actions = this.core.step(ev);
+    // COLO is over here (a takeover, or this node left): a crash from now on is the VM's own.
+    if (this.core.phase === 'done' || this.core.phase === 'failover') this.host.vm.machine.off('panicked', this.onPanicked);
+    for (const a of actions) {
       let next: SecondaryEvent | null;
       try {
         next = await this.perform(a);
@@ -532,6 +539,9 @@ export class SecondaryDriver {
         return { type: 'vmPaused' };
       case 'closeLink':
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+        return null;
+      case 'askCheckpoint':
+        this.net.svmCrashed();
         return null;
       case 'beginCheckpoint':
         // The received map was emptied by the last apply; a blob can only be this checkpoint's.

@@ -84,7 +84,10 @@ export class Vm extends EventEmitter {
       this.quit(code, { guest: true, reason: 'guest-shutdown' });
     });
     machine.on('panicked', (message: string) => {
-      log.error(`guest crashed: ${message}`);
+      // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it
+      // (colo/core.ts says so, once for a streak of them).
+      if (this.colo.mode === 'secondary') log.debug(`guest crashed: ${message}`);
+      else log.error(`guest crashed: ${message}`);
       this.event('GUEST_PANICKED', { action: 'pause', info: { type: 'wasm-trap', message } });
     });
   }

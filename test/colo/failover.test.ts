@@ -5,8 +5,8 @@
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, guests, memwalkRegion, waitFor } from '../framework/harness.js';
-import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords } from '../framework/machine.js';
+import { TestEnv, guests, memwalkRegion, sleep, waitFor } from '../framework/harness.js';
+import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords, watGuest } from '../framework/machine.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
 
@@ -344,3 +344,67 @@ for (const via of ['tcp', 'file'] as const) {
     assertNoErrors(dst, third);
   });
 }
+
+/**
+ * A guest whose run diverges on a COLO secondary: it counts its turns (u32 at 96) and traps
+ * when it has more than one argument — only the secondary is given one — from `fromMs` to
+ * `toMs` after its first turn (wall clock, the start kept at 200: the secondary's checkpoints
+ * hold the primary's start). A trap only the secondary takes, for a while.
+ */
+function divergingTrapGuest(t: { after(fn: () => unknown): void }, fromMs: number, toMs: number): string {
+  const ns = (ms: number): string => String(BigInt(ms) * 1000000n);
+  const since = '(i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200)))';
+  return watGuest(t, 'diverging-trap', `(module
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "args_sizes_get" (func $argsz (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (loop $turn
+        (drop (call $clock (i32.const 0) (i64.const 0) (i32.const 64)))
+        (if (i64.eqz (i64.load (i32.const 200))) (then (i64.store (i32.const 200) (i64.load (i32.const 64)))))
+        (drop (call $argsz (i32.const 80) (i32.const 84)))
+        (if (i32.and (i32.ge_u (i32.load (i32.const 80)) (i32.const 2))
+              (i32.and (i64.ge_u ${since} (i64.const ${ns(fromMs)})) (i64.lt_u ${since} (i64.const ${ns(toMs)}))))
+          (then unreachable))
+        (i32.store (i32.const 96) (i32.add (i32.load (i32.const 96)) (i32.const 1)))
+        (br $turn))))`);
+}
+
+test('colo: a guest crash only the secondary takes is replaced by a checkpoint at once, not after x-checkpoint-delay; the secondary can then take over', async (t) => {
+  const env = new TestEnv(t);
+  const guest = divergingTrapGuest(t, 1500, 1800);
+  // -S: the guest's first turn is at COLO start on both nodes, so the secondary is in COLO when it traps.
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: ['-S'] }),
+    env.startVm({ name: 'dst', guest, args: ['--incoming', 'defer'], guestArgs: ['diverge'] }),
+  ]);
+  // A periodic checkpoint would come only after a minute: the one that replaces the crashed SVM is asked for.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  const panicked = await dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 });
+  assert.deepEqual(panicked.data, { action: 'pause', info: { type: 'wasm-trap', message: 'unreachable' } });
+  const turns = async (vm: typeof src): Promise<number> => (await vm.pmem(96, 4)).readUInt32LE(0);
+  await waitFor('the secondary to run again after its guest crashed (a checkpoint replacing it)', async () => (await dst.status()) === 'running' && (await sleep(500), (await dst.status()) === 'running'), 15000, 100);
+  const before = await turns(dst);
+  await waitFor('the secondary\'s guest to turn on', async () => (await turns(dst)) > before, 10000, 50);
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  assert.ok(counters['checkpoints-resync']! >= 1 && counters['checkpoints-periodic'] === 0, `resync checkpoints replaced the crashed SVM (${JSON.stringify(counters)})`);
+  assert.equal(await src.migrationStatus(), 'colo', 'the pair stays in COLO');
+  assert.deepEqual(await dst.qmp.execute('query-colo-status'), { mode: 'secondary', 'last-mode': 'secondary', reason: 'none' });
+  // Said once at warn however many times it crashed; no error line on either node.
+  const warns = dst.stderr.split('\n').filter((l) => / warn .*the SVM's guest crashed/.test(l));
+  assert.equal(warns.length, 1, dst.stderr);
+  assertNoErrors(src, dst);
+  // The secondary holds the primary's state again: it takes over and runs.
+  const mark = dst.qmp.eventCount;
+  await dst.yankMigration();
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  assert.deepEqual((await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 })).data, { mode: 'secondary', reason: 'request' });
+  assert.equal(await dst.status(), 'running');
+  const after = await turns(dst);
+  await waitFor('the survivor\'s guest to turn on', async () => (await turns(dst)) > after, 10000, 50);
+  await src.stop();
+  assertNoErrors(src, dst);
+});
