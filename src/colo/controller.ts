@@ -96,6 +96,15 @@ export class ColoController implements DriverHost {
     this.driver.lostHeartbeat();
   }
 
+  /**
+   * `cont` while in COLO (Vm.cont, after its own checks): the driver runs it between its
+   * checkpoints. null when COLO does not run here (or fails over: the failover runs the VM).
+   */
+  cont(): Promise<void> | null {
+    if (this.driver === null || !this.active) return null;
+    return this.driver.cont();
+  }
+
   /** yank {type: migration} while in COLO: close the channels. Returns false when not in COLO. */
   yank(): boolean {
     if (this.driver === null || this.driver.core.phase === 'done') return false;

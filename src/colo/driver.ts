@@ -1,4 +1,4 @@
-import { ChannelClosedError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -102,6 +102,20 @@ export class PrimaryDriver {
 
   lostHeartbeat(): void {
     this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /**
+   * The user's cont (after a stop), in turn with the checkpoints' pauses and resumes. As QEMU's
+   * qmp_cont: refused only while a checkpoint holds the PVM (run state colo), or before COLO's
+   * first resume (finish-migrate: the initial migration's switchover).
+   */
+  cont(): Promise<void> {
+    const m = this.host.vm.machine;
+    return this.ops.run(async () => {
+      if (m.runState === 'colo') throw new QmpCommandError('GenericError', 'COLO checkpoint in progress');
+      if (m.runState === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
+      if (!m.running) await m.cont();
+    });
   }
 
   yank(): void {
@@ -381,6 +395,20 @@ export class SecondaryDriver {
 
   lostHeartbeat(): void {
     void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /**
+   * The user's cont (after a stop), in turn with the checkpoints' pauses and applies. Refused
+   * while a checkpoint holds the SVM (run state colo, as QEMU's qmp_cont), and outside the
+   * phase where the SVM runs between checkpoints (its start sets up the tracking of its own
+   * writes before it may run).
+   */
+  cont(): Promise<void> {
+    const m = this.host.vm.machine;
+    return this.ops.run(async () => {
+      if (m.runState === 'colo' || this.core.phase !== 'running') throw new QmpCommandError('GenericError', 'COLO checkpoint in progress');
+      if (!m.running) await m.cont();
+    });
   }
 
   /** Process exit: nothing more goes to the primary. */
