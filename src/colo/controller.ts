@@ -67,6 +67,11 @@ export class ColoController implements DriverHost {
     d.start();
   }
 
+  /** A COLO secondary before any failover: a crash of its guest is COLO's to handle (and say). */
+  get secondaryInColo(): boolean {
+    return this.mode === 'secondary' && this.active;
+  }
+
   private get active(): boolean {
     const d = this.driver;
     return d !== null && d.core.phase !== 'done' && d.core.phase !== 'failover';

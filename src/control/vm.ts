@@ -86,7 +86,7 @@ export class Vm extends EventEmitter {
     machine.on('panicked', (message: string) => {
       // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it
       // (colo/core.ts says so, once for a streak of them).
-      if (this.colo.mode === 'secondary') log.debug(`guest crashed: ${message}`);
+      if (this.colo.secondaryInColo) log.debug(`guest crashed: ${message}`);
       else log.error(`guest crashed: ${message}`);
       this.event('GUEST_PANICKED', { action: 'pause', info: { type: 'wasm-trap', message } });
     });
