@@ -67,6 +67,11 @@ export class ColoController implements DriverHost {
     d.start();
   }
 
+  /** A COLO secondary before any failover: a crash of its guest is COLO's to handle (and say). */
+  get secondaryInColo(): boolean {
+    return this.mode === 'secondary' && this.active;
+  }
+
   private get active(): boolean {
     const d = this.driver;
     return d !== null && d.core.phase !== 'done' && d.core.phase !== 'failover';
@@ -94,6 +99,15 @@ export class ColoController implements DriverHost {
       throw new QmpCommandError('GenericError', 'VM is not in COLO mode');
     }
     this.driver.lostHeartbeat();
+  }
+
+  /**
+   * `cont` while in COLO (Vm.cont, after its own checks): the driver runs it between its
+   * checkpoints. null when COLO does not run here (or fails over: the failover runs the VM).
+   */
+  cont(): Promise<void> | null {
+    if (this.driver === null || !this.active) return null;
+    return this.driver.cont();
   }
 
   /** yank {type: migration} while in COLO: close the channels. Returns false when not in COLO. */

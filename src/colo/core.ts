@@ -331,6 +331,8 @@ export type SecondaryEvent =
   /** The apply broke off half-way (a full disk, a device state the machine refuses). */
   | { type: 'applyFailed'; message: string }
   | { type: 'protocolError'; message: string }
+  /** The SVM's guest crashed (GUEST_PANICKED): a trap the PVM did not take. */
+  | { type: 'guestCrashed'; message: string }
   | FailoverEvent;
 
 export type SecondaryAction =
@@ -341,6 +343,8 @@ export type SecondaryAction =
   | { type: 'pauseVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
+  /** Tell the primary the SVM crashed: it takes a checkpoint at once (a resync). */
+  | { type: 'askCheckpoint' }
   /** Close the channels (the stream from the primary cannot be trusted); feed nothing back. */
   | { type: 'closeLink' }
   /** Close the channels, drop any partial checkpoint, run the SVM alone, start its front end, then feed failoverDone. */
@@ -353,6 +357,10 @@ export type SecondaryAction =
 export class SecondaryCore extends FailoverBook<SecondaryPhase> {
   phase: SecondaryPhase = 'idle';
   private pending: { reason: ExitReason; message: string } | null = null;
+  /** SVM crashes in a row (each right after the checkpoint that replaced the last), and whether one came since the last apply. */
+  private crashStreak = 0;
+  private crashedSinceApply = false;
+  private crashedInApply = false;
 
   step(ev: SecondaryEvent): SecondaryAction[] {
     switch (ev.type) {
@@ -385,17 +393,21 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         if (this.phase !== 'receiving') return this.streamBroken('checkpoint state outside a checkpoint');
         this.phase = 'applying';
         return [{ type: 'send', msg: 'VMSTATE_RECEIVED' }, { type: 'apply' }];
-      case 'applied':
+      case 'applied': {
         if (this.phase !== 'applying') return [];
         this.checkpoints += 1;
         this.phase = 'running';
-        if (this.pending !== null) return this.afterRelaunch();
-        return [{ type: 'send', msg: 'VMSTATE_LOADED' }];
+        const streak = this.crashStreakEnded();
+        if (this.pending !== null) return [...streak, ...this.afterRelaunch()];
+        return [...streak, { type: 'send', msg: 'VMSTATE_LOADED' }];
+      }
       case 'applyFailed':
         if (this.phase !== 'applying') return [];
         return this.applyFailed(ev.message);
       case 'protocolError':
         return this.streamBroken(ev.message);
+      case 'guestCrashed':
+        return this.guestCrashed(ev.message);
       case 'lostHeartbeat':
         return this.startFailover('request', 'x-colo-lost-heartbeat: the primary is declared lost');
       case 'linkLost':
@@ -424,6 +436,44 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     }
     if (this.phase === 'receiving' && msg === 'VMSTATE_SIZE') return [];
     return this.streamBroken(`unexpected COLO message ${msg} in phase ${this.phase}`);
+  }
+
+  /**
+   * The SVM's guest crashed: its run diverged from the PVM's (a trap only it took). Its state
+   * is not the PVM's any more, and a dead guest cannot take over, so the primary is asked for a
+   * checkpoint now (QEMU's next checkpoint restarts a stopped SVM the same way; waiting for the
+   * periodic one left this node unable to take over for up to x-checkpoint-delay). A crash
+   * while the checkpoint in flight pauses it needs none: that checkpoint replaces it. With the
+   * link lost or a failover waiting, no checkpoint can come.
+   */
+  private guestCrashed(message: string): SecondaryAction[] {
+    if (this.finishing || this.phase === 'idle') return [];
+    if (this.linkLost || this.pending !== null) {
+      return [{ type: 'log', level: 'warn', message: `the SVM's guest crashed (${message}) and no checkpoint can replace it now (${this.linkLost ? 'the link to the primary is lost' : 'a failover waits'}): this node cannot take over` }];
+    }
+    // A guest that crashes again right after each checkpoint (a trap its state leads to only
+    // here) is said once, not once per checkpoint; the streak's end is said at info.
+    // The apply's own run crashed: that is after the apply (applied comes next).
+    if (this.phase === 'applying') this.crashedInApply = true;
+    else this.crashedSinceApply = true;
+    this.crashStreak += 1;
+    const level = this.crashStreak === 1 ? 'warn' : 'debug';
+    if (this.phase === 'pausing') return [{ type: 'log', level, message: `the SVM's guest crashed (${message}); the checkpoint in flight replaces it` }];
+    return [
+      { type: 'log', level, message: `the SVM's guest crashed (${message})${this.crashStreak > 1 ? ` again (${this.crashStreak} in a row)` : ''}; asking the primary for a checkpoint to replace it` },
+      { type: 'askCheckpoint' },
+    ];
+  }
+
+  /** At an apply: the SVM ran the last checkpoint without crashing, after a streak of crashes. */
+  private crashStreakEnded(): SecondaryAction[] {
+    const ended = !this.crashedSinceApply && this.crashStreak > 0;
+    const n = this.crashStreak;
+    this.crashedSinceApply = this.crashedInApply;
+    this.crashedInApply = false;
+    if (!ended) return [];
+    this.crashStreak = 0;
+    return [{ type: 'log', level: 'info', message: `the SVM ran a checkpoint without crashing, after ${n} crash${n === 1 ? '' : 'es'}` }];
   }
 
   /**

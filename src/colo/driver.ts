@@ -1,4 +1,4 @@
-import { ChannelClosedError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, QmpCommandError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -102,6 +102,20 @@ export class PrimaryDriver {
 
   lostHeartbeat(): void {
     this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /**
+   * The user's cont (after a stop), in turn with the checkpoints' pauses and resumes. As QEMU's
+   * qmp_cont: refused only while a checkpoint holds the PVM (run state colo), or before COLO's
+   * first resume (finish-migrate: the initial migration's switchover).
+   */
+  cont(): Promise<void> {
+    const m = this.host.vm.machine;
+    return this.ops.run(async () => {
+      if (m.runState === 'colo') throw new QmpCommandError('GenericError', 'COLO checkpoint in progress');
+      if (m.runState === 'finish-migrate') throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
+      if (!m.running) await m.cont();
+    });
   }
 
   yank(): void {
@@ -364,6 +378,8 @@ export class SecondaryDriver {
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
   readonly net: SecondaryNet;
+  /** The SVM's guest crashed: seen at once, in the phase it crashed in (not behind the frame loop). */
+  private readonly onPanicked = (message: string): void => void this.dispatch({ type: 'guestCrashed', message }, true);
 
   constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
     this.cache = cache;
@@ -373,6 +389,7 @@ export class SecondaryDriver {
 
   start(): void {
     this.session.onFailure((err) => void this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    this.host.vm.machine.on('panicked', this.onPanicked);
     void this.dispatch({ type: 'handoff' });
   }
 
@@ -380,8 +397,23 @@ export class SecondaryDriver {
     void this.dispatch({ type: 'lostHeartbeat' });
   }
 
+  /**
+   * The user's cont (after a stop), in turn with the checkpoints' pauses and applies. Refused
+   * while a checkpoint holds the SVM (run state colo, as QEMU's qmp_cont), and outside the
+   * phase where the SVM runs between checkpoints (its start sets up the tracking of its own
+   * writes before it may run).
+   */
+  cont(): Promise<void> {
+    const m = this.host.vm.machine;
+    return this.ops.run(async () => {
+      if (m.runState === 'colo' || this.core.phase !== 'running') throw new QmpCommandError('GenericError', 'COLO checkpoint in progress');
+      if (!m.running) await m.cont();
+    });
+  }
+
   /** Process exit: nothing more goes to the primary. */
   close(): void {
+    this.host.vm.machine.off('panicked', this.onPanicked);
     this.net.stop();
   }
 
@@ -451,7 +483,10 @@ export class SecondaryDriver {
   }
 
   private async process(ev: SecondaryEvent): Promise<void> {
-    for (const a of this.core.step(ev)) {
+    const actions = this.core.step(ev);
+    // COLO is over here (a takeover, or this node left): a crash from now on is the VM's own.
+    if (this.core.phase === 'done' || this.core.phase === 'failover') this.host.vm.machine.off('panicked', this.onPanicked);
+    for (const a of actions) {
       let next: SecondaryEvent | null;
       try {
         next = await this.perform(a);
@@ -532,6 +567,9 @@ export class SecondaryDriver {
         return { type: 'vmPaused' };
       case 'closeLink':
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
+        return null;
+      case 'askCheckpoint':
+        this.net.svmCrashed();
         return null;
       case 'beginCheckpoint':
         // The received map was emptied by the last apply; a blob can only be this checkpoint's.

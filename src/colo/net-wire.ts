@@ -8,6 +8,7 @@
  *   mirror ready  u8 3, u32 0 (SVM output channel only: the SVM's vCPU reads input there now)
  *   output moved  u8 4, u32 0 (main channel only: the SVM output channel broke on the secondary;
  *                 SVM output goes on the main channel from here on, after what it still delivers)
+ *   svm crashed   u8 5, u32 0 (main channel only: the SVM's guest crashed; a checkpoint replaces it)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
  *
  * The SVM output channel (output-channel.ts) carries the same batches, each after its length
@@ -21,6 +22,7 @@ const inputTag = 1;
 const outputTag = 2;
 const mirrorReadyTag = 3;
 const outputMovedTag = 4;
+const svmCrashedTag = 5;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
@@ -28,7 +30,8 @@ export type NetBatch =
   | { type: 'input'; events: NicInput[] }
   | { type: 'output'; epoch: number; events: NicOutput[] }
   | { type: 'mirror-ready' }
-  | { type: 'output-moved' };
+  | { type: 'output-moved' }
+  | { type: 'svm-crashed' };
 
 const entryBytes = 17;
 
@@ -161,6 +164,18 @@ export function encodeOutputMoved(): Buffer {
   return b;
 }
 
+/**
+ * The SVM's guest crashed (a trap only the secondary took: its run diverged from the PVM's).
+ * The primary takes a checkpoint at once, which replaces the dead SVM with the PVM's state,
+ * instead of leaving the secondary unable to take over until the next periodic one. A
+ * coloNet payload, on the main channel.
+ */
+export function encodeSvmCrashed(): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(svmCrashedTag, 0);
+  return b;
+}
+
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
 export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
@@ -200,6 +215,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   if (tag === outputMovedTag) {
     if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('output-moved carries data');
     return { type: 'output-moved' };
+  }
+  if (tag === svmCrashedTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('svm-crashed carries data');
+    return { type: 'svm-crashed' };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;

@@ -33,7 +33,7 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputMoved, encodeOutputs } from './net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
@@ -253,6 +253,12 @@ export class PrimaryNet {
       this.outputMoved();
       return;
     }
+    if (batch.type === 'svm-crashed' && !onChannel) {
+      if (!this.active) return;
+      log.debug('the SVM\'s guest crashed on the secondary: a checkpoint replaces it');
+      this.onTrigger('resync');
+      return;
+    }
     if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', `coloNet: the secondary sent a ${batch.type} batch`);
     if (!this.active) return;
     const now = performance.now();
@@ -426,6 +432,16 @@ export class SecondaryNet {
     } catch (err) {
       log.warn(`${errorMessage(err)}; SVM output goes on the main channel`);
       return null;
+    }
+  }
+
+  /** The SVM's guest crashed: ask the primary for a checkpoint (on the main channel). */
+  svmCrashed(): void {
+    if (!this.active) return;
+    try {
+      this.session.sendColoNet(encodeSvmCrashed());
+    } catch (err) {
+      log.debug(`sending svm-crashed: ${errorMessage(err)}`);
     }
   }
 

@@ -237,13 +237,14 @@ export class MigrationControl {
    * a destination until the source's `go` only sets autostart). As QEMU: an outgoing precopy
    * migration does not keep the VM from running again after a `stop` — its rounds go on and
    * send what the guest dirties, and the switchover pause takes the VM as it finds it
-   * (running: the destination runs it). Refused: a VM in COLO, whose checkpoints stop and run
-   * it themselves (QEMU refuses cont in a checkpoint), and a destination still busy otherwise.
+   * (running: the destination runs it). Refused: a VM whose COLO failover runs (the failover
+   * runs it; in COLO before that, ColoController.cont answers), and a destination still busy
+   * otherwise.
    */
   refuseCont(): void {
     if (!this.busy || this.stats === null) return;
     if (this.stats.status === 'colo') {
-      throw new QmpCommandError('GenericError', 'the VM is in COLO: its checkpoints stop and run it (cont is refused until COLO ends)');
+      throw new QmpCommandError('GenericError', 'the VM is in a COLO failover, which runs it');
     }
     if (this.incoming !== null) throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
   }

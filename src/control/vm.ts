@@ -87,7 +87,10 @@ export class Vm extends EventEmitter {
       this.quit(code, { guest: true, reason: 'guest-shutdown' });
     });
     machine.on('panicked', (message: string) => {
-      log.error(`guest crashed: ${message}`);
+      // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it
+      // (colo/core.ts says so, once for a streak of them).
+      if (this.colo.secondaryInColo) log.debug(`guest crashed: ${message}`);
+      else log.error(`guest crashed: ${message}`);
       this.event('GUEST_PANICKED', { action: 'pause', info: { type: 'wasm-trap', message } });
     });
   }
@@ -263,7 +266,7 @@ export class Vm extends EventEmitter {
   }
 
   /**
-   * QEMU's qmp_cont. During an outgoing migration too (QEMU allows `stop` and then `cont` in
+   * QEMU's qmp_cont. In COLO it runs between the checkpoints (ColoController.cont). During an outgoing migration too (QEMU allows `stop` and then `cont` in
    * its rounds): the guest runs again and the rounds send what it dirties. Waiting for or
    * loading an incoming migration (until the source's `go`), it only sets autostart, as
    * QEMU's in inmigrate: the guest runs once it arrives (if it ran on the source), the undoing
@@ -282,6 +285,8 @@ export class Vm extends EventEmitter {
       if (s === 'postmigrate' || s === 'shutdown' || s === 'guest-panicked' || s === 'internal-error') {
         throw new QmpCommandError('GenericError', `the VM cannot run in state ${s}`);
       }
+      const colo = this.colo.cont();
+      if (colo !== null) return colo;
       this.migration.refuseCont();
       await this.machine.cont();
     });

@@ -384,3 +384,49 @@ test('colo core: a checkpoint cut off by a failover after VMSTATE_RECEIVED is co
   b.step({ type: 'lostHeartbeat' });
   assert.deepEqual([b.checkpoints, b.checkpointsBy], [0, none]);
 });
+
+test('colo core: an SVM crash asks the primary for a checkpoint at once (not the next periodic one); a streak of them is said once; none mid-pause, none once the link is lost', () => {
+  const logs = (as: readonly SecondaryAction[]): string[] => as.flatMap((a) => (a.type === 'log' ? [`${a.level}: ${a.message}`] : []));
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  const first = s.step({ type: 'guestCrashed', message: 'unreachable' });
+  assert.deepEqual(types(first), ['askCheckpoint'], 'the primary is asked for a checkpoint');
+  assert.deepEqual(logs(first).map((l) => l.split(':')[0]), ['warn']);
+  assert.equal(s.phase, 'running', 'nothing else changes: the checkpoint comes as any other');
+  // The checkpoint that replaces it.
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
+  s.step({ type: 'vmPaused' });
+  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  s.step({ type: 'stateReceived' });
+  // Its state crashes again as soon as it runs (the apply's own run): asked again, at debug.
+  const again = s.step({ type: 'guestCrashed', message: 'unreachable' });
+  assert.deepEqual(types(again), ['askCheckpoint']);
+  assert.deepEqual(logs(again).map((l) => l.split(':')[0]), ['debug'], 'a streak is said once');
+  assert.deepEqual(logs(s.step({ type: 'applied' })), [], 'that apply ran a state that crashed: the streak goes on');
+  const checkpoint = (): SecondaryAction[] => {
+    s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+    s.step({ type: 'vmPaused' });
+    s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+    s.step({ type: 'stateReceived' });
+    return s.step({ type: 'applied' });
+  };
+  assert.deepEqual(logs(checkpoint()), [], 'it replaced a state that crashed');
+  // That one ran until the checkpoint after it: the streak's end is said.
+  assert.deepEqual(logs(checkpoint()), ['info: the SVM ran a checkpoint without crashing, after 2 crashes']);
+  assert.deepEqual(logs(checkpoint()), [], 'once');
+  // A crash while the checkpoint in flight pauses it: that checkpoint replaces it.
+  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  const midPause = s.step({ type: 'guestCrashed', message: 'unreachable' });
+  assert.deepEqual(types(midPause), []);
+  assert.deepEqual(logs(midPause).map((l) => l.split(':')[0]), ['warn'], 'a new streak');
+  // With the link lost no checkpoint can come: said, nothing asked.
+  const lost = receiving();
+  lost.step({ type: 'linkLost', message: 'yanked' });
+  const late = lost.step({ type: 'guestCrashed', message: 'unreachable' });
+  assert.deepEqual(types(late), []);
+  assert.match(logs(late)[0]!, /^warn: .*link to the primary is lost.*cannot take over/);
+  // After a takeover the crash is the VM's own: COLO says nothing.
+  lost.step({ type: 'lostHeartbeat' });
+  assert.deepEqual(lost.step({ type: 'guestCrashed', message: 'unreachable' }), []);
+});

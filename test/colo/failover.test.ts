@@ -5,9 +5,9 @@
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests, memwalkRegion, waitFor } from '../framework/harness.js';
-import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords } from '../framework/machine.js';
-import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
+import { TestEnv, freePort, guests, memwalkRegion, sleep, waitFor } from '../framework/harness.js';
+import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords, watGuest } from '../framework/machine.js';
+import { assertAdvancing, assertNoErrors, assertStill } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
 
 for (const transport of ['plain', 'multifd'] as const) {
@@ -158,8 +158,8 @@ test('colo: a broken link: the primary goes on alone (reason error), the seconda
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { nth: 2, timeoutMs: 15000 });
-  // COLO's checkpoints stop and run both VMs: cont is not the user's to give there.
-  for (const vm of [src, dst]) await assert.rejects(vm.qmp.execute('cont'), /the VM is in COLO: its checkpoints stop and run it/);
+  // cont of a running VM in COLO changes nothing; only a checkpoint that holds it refuses it (QEMU's text).
+  for (const vm of [src, dst]) await vm.qmp.execute('cont').catch((err: Error) => assert.match(err.message, /^COLO checkpoint in progress$/));
   await src.yankMigration();
   const pe = await src.waitEvent('COLO_EXIT', { after: srcMark, timeoutMs: 10000 });
   assert.deepEqual(pe.data, { mode: 'primary', reason: 'error' });
@@ -365,3 +365,98 @@ for (const via of ['tcp', 'file'] as const) {
     assertNoErrors(dst, third);
   });
 }
+
+/**
+ * A guest whose run diverges on a COLO secondary: it counts its turns (u32 at 96) and traps
+ * when it has more than one argument — only the secondary is given one — from `fromMs` to
+ * `toMs` after its first turn (wall clock, the start kept at 200: the secondary's checkpoints
+ * hold the primary's start). A trap only the secondary takes, for a while.
+ */
+function divergingTrapGuest(t: { after(fn: () => unknown): void }, fromMs: number, toMs: number): string {
+  const ns = (ms: number): string => String(BigInt(ms) * 1000000n);
+  const since = '(i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200)))';
+  return watGuest(t, 'diverging-trap', `(module
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "args_sizes_get" (func $argsz (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (loop $turn
+        (drop (call $clock (i32.const 0) (i64.const 0) (i32.const 64)))
+        (if (i64.eqz (i64.load (i32.const 200))) (then (i64.store (i32.const 200) (i64.load (i32.const 64)))))
+        (drop (call $argsz (i32.const 80) (i32.const 84)))
+        (if (i32.and (i32.ge_u (i32.load (i32.const 80)) (i32.const 2))
+              (i32.and (i64.ge_u ${since} (i64.const ${ns(fromMs)})) (i64.lt_u ${since} (i64.const ${ns(toMs)}))))
+          (then unreachable))
+        (i32.store (i32.const 96) (i32.add (i32.load (i32.const 96)) (i32.const 1)))
+        (br $turn))))`);
+}
+
+test('colo: a guest crash only the secondary takes is replaced by a checkpoint at once, not after x-checkpoint-delay; the secondary can then take over', async (t) => {
+  const env = new TestEnv(t);
+  const guest = divergingTrapGuest(t, 1500, 1800);
+  // -S: the guest's first turn is at COLO start on both nodes, so the secondary is in COLO when it traps.
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: ['-S'] }),
+    env.startVm({ name: 'dst', guest, args: ['--incoming', 'defer'], guestArgs: ['diverge'] }),
+  ]);
+  // A periodic checkpoint would come only after a minute: the one that replaces the crashed SVM is asked for.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  const panicked = await dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 });
+  assert.deepEqual(panicked.data, { action: 'pause', info: { type: 'wasm-trap', message: 'unreachable' } });
+  const turns = async (vm: typeof src): Promise<number> => (await vm.pmem(96, 4)).readUInt32LE(0);
+  await waitFor('the secondary to run again after its guest crashed (a checkpoint replacing it)', async () => (await dst.status()) === 'running' && (await sleep(500), (await dst.status()) === 'running'), 15000, 100);
+  const before = await turns(dst);
+  await waitFor('the secondary\'s guest to turn on', async () => (await turns(dst)) > before, 10000, 50);
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  assert.ok(counters['checkpoints-resync']! >= 1 && counters['checkpoints-periodic'] === 0, `resync checkpoints replaced the crashed SVM (${JSON.stringify(counters)})`);
+  assert.equal(await src.migrationStatus(), 'colo', 'the pair stays in COLO');
+  assert.deepEqual(await dst.qmp.execute('query-colo-status'), { mode: 'secondary', 'last-mode': 'secondary', reason: 'none' });
+  // Said once at warn however many times it crashed; no error line on either node.
+  const warns = dst.stderr.split('\n').filter((l) => / warn .*the SVM's guest crashed/.test(l));
+  assert.equal(warns.length, 1, dst.stderr);
+  assertNoErrors(src, dst);
+  // The secondary holds the primary's state again: it takes over and runs.
+  const mark = dst.qmp.eventCount;
+  await dst.yankMigration();
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  assert.deepEqual((await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 })).data, { mode: 'secondary', reason: 'request' });
+  assert.equal(await dst.status(), 'running');
+  const after = await turns(dst);
+  await waitFor('the survivor\'s guest to turn on', async () => (await turns(dst)) > after, 10000, 50);
+  await src.stop();
+  assertNoErrors(src, dst);
+});
+
+test('colo: stop and then cont on either node in COLO run the VM again at once, as QEMU\'s (not only at the next checkpoint); the pair stays in COLO', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+  ]);
+  // The first periodic checkpoint comes after a minute: a cont refused now would leave the VM stopped that long.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await waitFor('the primary to run in COLO', async () => (await src.status()) === 'running', 10000);
+  for (const vm of [src, dst]) {
+    await vm.qmp.execute('stop');
+    assert.equal(await vm.status(), 'paused', `${vm.spec.name}: stop pauses it`);
+    await assertStill(vm, 300);
+    await vm.qmp.execute('cont');
+    assert.equal(await vm.status(), 'running', `${vm.spec.name}: cont runs it again`);
+    await assertAdvancing(vm, 1);
+  }
+  for (const vm of [src, dst]) assert.equal(await vm.migrationStatus(), 'colo', `${vm.spec.name} stays in COLO`);
+  // The checkpoints go on with both running.
+  const before = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'].checkpoints!;
+  await src.qmp.execute('migrate-set-parameters', { 'x-checkpoint-delay': 200 });
+  await waitFor('two more checkpoints', async () => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'].checkpoints! >= before + 2, 15000);
+  await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
+  assertNoErrors(src, dst);
+});

@@ -382,3 +382,25 @@ test('colo primary: a checkpoint that a failover cuts off after VMSTATE_RECEIVED
   );
   assert.equal(x['last-pause-ms'], x['max-pause-ms'], 'its pause is the last and the longest');
 });
+
+test('colo primary: cont runs a PVM the user stopped, in turn with the checkpoints; refused, with QEMU\'s texts, while a checkpoint holds it and before COLO first ran it', async (t) => {
+  const m = new FakeMachine();
+  const r = rig(t, m);
+  r.d.start();
+  await assert.rejects(r.d.cont(), { name: 'QmpCommandError', message: 'Migration is not finalized yet' });
+  assert.equal(m.running, false, 'the switchover\'s pause is COLO\'s to end');
+  r.s.push('CHECKPOINT_READY');
+  await waitFor('the primary to run in COLO', () => r.d.core.phase === 'running', 10000, 2);
+  // A user stop, then cont: runs at once.
+  m.running = false;
+  m.runState = 'paused';
+  await r.d.cont();
+  assert.equal(m.running, true);
+  assert.equal(m.runState, 'running');
+  // A checkpoint holds it (run state colo): refused, left paused.
+  m.running = false;
+  m.runState = 'colo';
+  await assert.rejects(r.d.cont(), { name: 'QmpCommandError', message: 'COLO checkpoint in progress' });
+  assert.equal(m.running, false);
+  assert.equal(m.runState, 'colo');
+});
