@@ -287,7 +287,10 @@ export class MigrationControl {
       {
         machine: this.vm.machine,
         startRunning: async (run) => {
-          await this.vm.startFrontEnd();
+          // After `go` the source has let go of the guest: a --net address that cannot be
+          // listened on (still held by the source's slow close, or by another process) must
+          // not lose it. The guest runs on and the front end keeps trying (Vm.startFrontEnd).
+          await this.vm.startFrontEnd({ untilFree: true });
           // -S (or `stop` while waiting), or a guest that was paused on the source: stay
           // paused until `cont`, as QEMU does. One at a time with the user's stop and cont
           // (Vm.runStateOp): a `stop` that came while the vCPU was being started found it

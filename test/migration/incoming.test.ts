@@ -6,8 +6,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { QmpClient } from '../../src/control/qmp-client.js';
-import { TestEnv, guests, memwalkRegion, type VmProcess } from '../framework/harness.js';
-import { assertAdvancing, assertNoErrors } from './helpers.js';
+import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
+import { assertAdvancing, assertNoErrors, statuses } from './helpers.js';
 
 /** A running memwalk source and a --incoming defer destination, both with multifd on (its receivers take a while to start). */
 async function pair(env: TestEnv): Promise<{ src: VmProcess; dst: VmProcess }> {
@@ -71,5 +72,50 @@ test('a migrate-incoming that cannot listen (port in use) changes nothing: query
   assert.equal(await listeningPort(dst), port);
   await assert.rejects(dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' }), /The incoming migration has already been started/);
   await migrateInto(src, dst, port);
+  assertNoErrors(src, dst);
+});
+
+test('after go, a --net address held by another process does not lose the guest: the destination completes and runs, warns, and serves once the address is free', async (t) => {
+  const env = new TestEnv(t);
+  // A third process holds the destination's service address (in QEMU the NIC backend is
+  // opened at start; here it opens after `go`, when the source has already let go of the guest).
+  const holder = net.createServer((s) => s.destroy());
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  let holderOpen = true;
+  const closeHolder = (): Promise<void> => {
+    if (!holderOpen) return Promise.resolve();
+    holderOpen = false;
+    return new Promise<void>((resolve) => holder.close(() => resolve()));
+  };
+  env.onCleanup(closeHolder);
+  const heldPort = (holder.address() as net.AddressInfo).port;
+  const srcPort = await freePort();
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${srcPort}`, '--memory', '64M'] }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${heldPort}`, '--memory', '64M', '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+  const writer = await AckedWriter.start(srcPort, 'held:');
+  env.onCleanup(() => writer.stop());
+  await waitFor('100 acknowledged writes on the source', () => writer.acked.size >= 100, 20000);
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await writer.ended(); // the switchover resets the connection
+  const acked = new Map(writer.acked);
+  // The short retry for a source that is slow to free the address (5 s), then the guest runs.
+  await dst.waitMigrationStatus('completed', 20000);
+  assert.equal(await dst.status(), 'running', 'the destination runs the guest without its service address');
+  assert.equal(dst.alive, true);
+  assert.match(dst.stderr, / warn .*cannot listen on 127\.0\.0\.1:\d+: .*EADDRINUSE.*the guest runs on, and the front end tries again every \d+ ms until the address is free/);
+  assert.deepEqual(statuses(dst), ['setup', 'active', 'completed']);
+  // The holder goes: the destination takes the address within a retry period.
+  const freedAt = performance.now();
+  await closeHolder();
+  const c = await RespClient.whenServing(heldPort, 'the destination serving once the address is free', 5000);
+  env.onCleanup(() => c.close());
+  t.diagnostic(`served ${(performance.now() - freedAt).toFixed(0)} ms after the address was freed`);
+  assert.equal(await countMissing(c, acked), 0, 'every acknowledged write is on the destination');
+  assert.match(dst.stderr, / info .*serving guest NIC on 127\.0\.0\.1:\d+ \(the address is free again\)/);
   assertNoErrors(src, dst);
 });
