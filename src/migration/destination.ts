@@ -341,9 +341,14 @@ export class IncomingMigration {
     return exiting();
   }
 
-  /** yank: drop the channels; the migration fails (the VM never ran). */
+  /**
+   * yank: drop the channels; the migration fails (the VM never ran). As a broken channel: after
+   * `go` the whole state is here and the source has let go of the guest, so a yank then (while
+   * the front end waits for its address) must not fail the only copy (QEMU's yank after the
+   * load finds only channels it is done with).
+   */
   yank(): void {
-    void this.run({ type: 'failure', now: now(), message: 'the migration channels were yanked', code: 'CHANNEL_CLOSED' });
+    void this.run({ type: 'channelFailure', now: now(), message: 'the migration channels were yanked', code: 'CHANNEL_CLOSED' });
   }
 
   /** Stop listening / drop a running migration (process exit). */

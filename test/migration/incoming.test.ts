@@ -75,7 +75,8 @@ test('a migrate-incoming that cannot listen (port in use) changes nothing: query
   assertNoErrors(src, dst);
 });
 
-test('after go, a --net address held by another process does not lose the guest: the destination completes and runs, warns, and serves once the address is free', async (t) => {
+for (const yankAfterGo of [false, true]) {
+test(`after go, a --net address held by another process does not lose the guest: the destination completes and runs, warns, and serves once the address is free${yankAfterGo ? ' (a yank on the destination while it waits for the address)' : ''}`, async (t) => {
   const env = new TestEnv(t);
   // A third process holds the destination's service address (in QEMU the NIC backend is
   // opened at start; here it opens after `go`, when the source has already let go of the guest).
@@ -100,6 +101,12 @@ test('after go, a --net address held by another process does not lose the guest:
   env.onCleanup(() => writer.stop());
   await waitFor('100 acknowledged writes on the source', () => writer.acked.size >= 100, 20000);
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  if (yankAfterGo) {
+    // `go` is out (the source is postmigrate); the destination retries the address for 5 s.
+    await waitFor('the source to send go (run state postmigrate)', async () => (await src.status()) === 'postmigrate', 30000, 50);
+    assert.equal(await dst.migrationStatus(), 'active', 'the destination is still starting');
+    await dst.yankMigration();
+  }
   await src.waitMigrationStatus('completed', 30000);
   await writer.ended(); // the switchover resets the connection
   const acked = new Map(writer.acked);
@@ -119,3 +126,4 @@ test('after go, a --net address held by another process does not lose the guest:
   assert.match(dst.stderr, / info .*serving guest NIC on 127\.0\.0\.1:\d+ \(the address is free again\)/);
   assertNoErrors(src, dst);
 });
+}
