@@ -234,8 +234,13 @@ export class IncomingMigration {
         log.info('incoming migration completed; the VM runs here now');
         void s?.close().catch(() => undefined);
         return null;
-      case 'fail':
+      case 'fail': {
         this.ended = true;
+        // The state may have been loaded (run state paused) without the source's `go`: the
+        // source runs the guest on, or may. Back to inmigrate, as QEMU's failed destination,
+        // so that `cont` (exit-on-error=false) only sets autostart: never two running copies.
+        const m = this.host.machine;
+        if (m.runState === 'paused' && !m.running) m.setRunState('inmigrate');
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
             s?.reply({ kind: 'error', message: a.message });
@@ -257,6 +262,7 @@ export class IncomingMigration {
         else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
         this.host.ended(a.status, a.code === 'MIGRATION_CANCELLED' ? a.message : `${a.message} [${a.code}]`);
         return null;
+      }
     }
   }
 

@@ -6,9 +6,10 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { QmpClient } from '../../src/control/qmp-client.js';
-import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, waitFor, withTimeout, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
-import { assertAdvancing, assertNoErrors, statuses } from './helpers.js';
+import { FrameDecoder, FrameType } from '../../src/migration/stream.js';
+import { assertAdvancing, assertNoErrors, assertStill, statuses } from './helpers.js';
 
 /** A running memwalk source and a --incoming defer destination, both with multifd on (its receivers take a while to start). */
 async function pair(env: TestEnv): Promise<{ src: VmProcess; dst: VmProcess }> {
@@ -127,3 +128,58 @@ test(`after go, a --net address held by another process does not lose the guest:
   assertNoErrors(src, dst);
 });
 }
+
+/**
+ * A proxy on the main channel that forwards the stream until the source's `go` and then cuts
+ * both connections instead: the destination has loaded the whole state but is never told to run.
+ */
+async function cutAtGo(env: TestEnv, target: number): Promise<{ port: number; cut: Promise<void> }> {
+  let onCut!: () => void;
+  const cut = new Promise<void>((resolve) => (onCut = resolve));
+  const sockets = new Set<net.Socket>();
+  const server = net.createServer((from) => {
+    const to = net.connect(target, '127.0.0.1');
+    for (const s of [from, to]) {
+      sockets.add(s);
+      s.on('error', () => undefined);
+    }
+    const dec = new FrameDecoder();
+    from.on('data', (d: Buffer) => {
+      dec.push(d);
+      for (let f = dec.next(); f !== null; f = dec.next()) {
+        if (f.type !== FrameType.switchover) continue;
+        from.destroy();
+        to.destroy();
+        onCut();
+        return;
+      }
+      to.write(d);
+    });
+    to.on('data', (d: Buffer) => from.write(d));
+    from.on('end', () => to.end());
+    to.on('end', () => from.end());
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  env.onCleanup(() => {
+    for (const s of sockets) s.destroy();
+    return new Promise<void>((resolve) => server.close(() => resolve()));
+  });
+  return { port: (server.address() as net.AddressInfo).port, cut };
+}
+
+test('exit-on-error=false: a migration that breaks after the state was loaded but before go leaves the destination unable to run (inmigrate; cont only sets autostart), as QEMU', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst } = await pair(env);
+  await dst.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0', 'exit-on-error': false });
+  const proxy = await cutAtGo(env, await listeningPort(dst));
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await withTimeout(proxy.cut, 30000, "the source's go, which the proxy cuts");
+  const info = await dst.waitMigrationStatus('failed', 10000);
+  assert.match(String(info['error-desc']), /CHANNEL_CLOSED/);
+  assert.equal(dst.alive, true, 'exit-on-error=false keeps the destination');
+  // The guest's other copy may be running (a source that did not get to send go runs on).
+  await dst.qmp.execute('cont');
+  await assertStill(dst, 500);
+  assert.equal(dst.eventsOf('RESUME').length, 0, 'the destination never ran the guest');
+  assert.equal(await dst.status(), 'inmigrate', 'the loaded state never became a runnable VM');
+});
