@@ -173,7 +173,9 @@ export class MigrationControl {
             }
             if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
             try {
-              if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
+              // The VM runs on here: an address it cannot take back (another process took it,
+              // or it never had it: closeFrontEnd stopped its retries) must not keep it paused.
+              if (this.vm.frontEnd === null) await this.vm.startFrontEnd({ untilFree: true });
               else this.vm.frontEnd.resumeReading();
               if (run) await this.vm.machine.cont();
             } catch (err) {
@@ -185,6 +187,7 @@ export class MigrationControl {
             }
           }),
         closeFrontEnd: async () => {
+          this.vm.stopListenRetry();
           const fe = this.vm.frontEnd;
           this.vm.frontEnd = null;
           // This process lives on (postmigrate): replies of connections the guest closed may

@@ -186,6 +186,18 @@ export class Vm extends EventEmitter {
     log.info(`serving guest NIC on ${formatListen({ host: this.opts.net.host, port: fe.boundPort() })}`);
   }
 
+  /**
+   * The VM gives its address up (an outgoing migration's switchover) while its front end still
+   * waits for it (startFrontEnd untilFree): the retries stop, or the migrated-away VM would take
+   * the address from its destination once it is free.
+   */
+  stopListenRetry(): void {
+    if (this.listenRetry === null) return;
+    clearTimeout(this.listenRetry);
+    this.listenRetry = null;
+    log.info(`no longer waiting for the service address ${this.opts.net === null ? '' : formatListen(this.opts.net)}`);
+  }
+
   /** `lastError`: what the last try said; a new reason is warned about once, not every retry. */
   private retryListen(fe: FrontEnd, where: string, lastError: string): void {
     this.listenRetry = setTimeout(() => {

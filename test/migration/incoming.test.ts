@@ -9,6 +9,7 @@ import { QmpClient } from '../../src/control/qmp-client.js';
 import { TestEnv, freePort, guests, memwalkRegion, waitFor, withTimeout, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { FrameDecoder, FrameType } from '../../src/migration/stream.js';
+import { limits } from '../../src/core/limits.js';
 import { assertAdvancing, assertNoErrors, assertStill, statuses } from './helpers.js';
 
 /** A running memwalk source and a --incoming defer destination, both with multifd on (its receivers take a while to start). */
@@ -182,4 +183,48 @@ test('exit-on-error=false: a migration that breaks after the state was loaded bu
   await assertStill(dst, 500);
   assert.equal(dst.eventsOf('RESUME').length, 0, 'the destination never ran the guest');
   assert.equal(await dst.status(), 'inmigrate', 'the loaded state never became a runnable VM');
+});
+
+test('a destination still waiting for its --net address that migrates on gives the address up: once free, the migrated-away VM does not take it', async (t) => {
+  const env = new TestEnv(t);
+  const holder = net.createServer((s) => s.destroy());
+  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
+  let holderOpen = true;
+  const closeHolder = (): Promise<void> => {
+    if (!holderOpen) return Promise.resolve();
+    holderOpen = false;
+    return new Promise<void>((resolve) => holder.close(() => resolve()));
+  };
+  env.onCleanup(closeHolder);
+  const heldPort = (holder.address() as net.AddressInfo).port;
+  const [aPort, cPort] = [await freePort(), await freePort()];
+  const [a, b, c] = await Promise.all([
+    env.startVm({ name: 'a', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${aPort}`, '--memory', '64M'] }),
+    env.startVm({ name: 'b', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${heldPort}`, '--memory', '64M', '--incoming', 'defer'] }),
+    env.startVm({ name: 'c', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${cPort}`, '--memory', '64M', '--incoming', 'defer'] }),
+  ]);
+  await a.waitSerial('kv ready');
+  const writer = await AckedWriter.start(aPort, 'on:');
+  env.onCleanup(() => writer.stop());
+  await waitFor('50 acknowledged writes on a', () => writer.acked.size >= 50, 20000);
+  await a.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await b.listenIncoming()}` });
+  await a.waitMigrationStatus('completed', 30000);
+  await writer.ended();
+  const acked = new Map(writer.acked);
+  await b.waitMigrationStatus('completed', 20000);
+  await waitFor('b to report that it keeps trying its address', () => /tries again every \d+ ms until the address is free/.test(b.stderr), 5000);
+  // b runs the guest without its address, and migrates on.
+  await b.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await c.listenIncoming()}` });
+  await b.waitMigrationStatus('completed', 30000);
+  await c.waitMigrationStatus('completed', 10000);
+  assert.equal(await b.status(), 'postmigrate');
+  await closeHolder();
+  // Past two retry periods: a b that still tried would have taken the address by now.
+  await new Promise((r) => setTimeout(r, 2 * limits.netTakeoverListenRetryMs + 500));
+  await assert.rejects(RespClient.connect(heldPort, '127.0.0.1', 2000), /ECONNREFUSED/, 'nobody listens on the address b gave up');
+  assert.doesNotMatch(b.stderr, /the address is free again/);
+  const client = await RespClient.whenServing(cPort, 'c serving', 5000);
+  env.onCleanup(() => client.close());
+  assert.equal(await countMissing(client, acked), 0, 'every acknowledged write is on c');
+  assertNoErrors(a, b, c);
 });
