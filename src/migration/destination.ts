@@ -222,6 +222,7 @@ export class IncomingMigration {
         return { type: 'restored', now: now() };
       }
       case 'run':
+        this.goReceived = true;
         await this.host.startRunning(a.run);
         return { type: 'running', now: now() };
       case 'handoff':
@@ -239,8 +240,9 @@ export class IncomingMigration {
         // The state may have been loaded (run state paused) without the source's `go`: the
         // source runs the guest on, or may. Back to inmigrate, as QEMU's failed destination,
         // so that `cont` (exit-on-error=false) only sets autostart: never two running copies.
+        // (After `go` this is the only copy: a `cont` may still run it.)
         const m = this.host.machine;
-        if (m.runState === 'paused' && !m.running) m.setRunState('inmigrate');
+        if (!this.goReceived && m.runState === 'paused' && !m.running) m.setRunState('inmigrate');
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
             s?.reply({ kind: 'error', message: a.message });
@@ -321,6 +323,8 @@ export class IncomingMigration {
   }
 
   private multifdBytes = 0;
+  /** The source said `go`: from then on the guest's only copy is here. */
+  private goReceived = false;
   /** close() was called: the process is exiting. */
   private closing = false;
   /** Ends exitingAfter's wait early (close()). */
