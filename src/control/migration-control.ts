@@ -173,7 +173,9 @@ export class MigrationControl {
             }
             if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
             try {
-              if (this.vm.frontEnd === null) await this.vm.startFrontEnd();
+              // The VM runs on here: an address it cannot take back (another process took it,
+              // or it never had it: closeFrontEnd stopped its retries) must not keep it paused.
+              if (this.vm.frontEnd === null) await this.vm.startFrontEnd({ untilFree: true });
               else this.vm.frontEnd.resumeReading();
               if (run) await this.vm.machine.cont();
             } catch (err) {
@@ -185,6 +187,7 @@ export class MigrationControl {
             }
           }),
         closeFrontEnd: async () => {
+          this.vm.stopListenRetry();
           const fe = this.vm.frontEnd;
           this.vm.frontEnd = null;
           // This process lives on (postmigrate): replies of connections the guest closed may
@@ -288,7 +291,10 @@ export class MigrationControl {
       {
         machine: this.vm.machine,
         startRunning: async (run) => {
-          await this.vm.startFrontEnd();
+          // After `go` the source has let go of the guest: a --net address that cannot be
+          // listened on (still held by the source's slow close, or by another process) must
+          // not lose it. The guest runs on and the front end keeps trying (Vm.startFrontEnd).
+          await this.vm.startFrontEnd({ untilFree: true });
           // -S (or `stop` while waiting), or a guest that was paused on the source: stay
           // paused until `cont`, as QEMU does. One at a time with the user's stop and cont
           // (Vm.runStateOp): a `stop` that came while the vCPU was being started found it

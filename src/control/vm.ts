@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
-import { ChannelClosedError, ColoError, MigrationError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoError, MigrationError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
@@ -140,9 +140,11 @@ export class Vm extends EventEmitter {
 
   /**
    * Listen on the --net address and attach it to the guest NIC. With `untilFree` (a COLO
-   * secondary taking over: it holds the only copy of the service), an address still in use
-   * after the short retry does not fail: the guest runs on and the front end keeps trying in
-   * the background, every limits.netTakeoverListenRetryMs, until it listens or the VM goes.
+   * secondary taking over, or a migration destination after the source's `go`: either holds
+   * the only copy of the guest), an address that cannot be listened on after the short retry
+   * (still in use, or any other refusal) does not fail: the guest runs on and the front end
+   * keeps trying in the background, every limits.netTakeoverListenRetryMs, until it listens or
+   * the VM goes. QEMU's destination likewise never fails a completed migration for a NIC backend.
    * With `firstOwner` (boot) nobody hands the address over: one in use is taken, and that is
    * said at once, as QEMU does, not after the short retry that waits for a previous owner.
    */
@@ -171,9 +173,10 @@ export class Vm extends EventEmitter {
       if (opts.firstOwner === true) await fe.listen();
       else await listenWithRetry(fe, () => this.quitting);
     } catch (err) {
-      if (this.quitting || opts.untilFree !== true || !addressInUse(err)) throw err;
-      log.warn(`${errorMessage(err)}; the guest runs on, and the front end tries again every ${limits.netTakeoverListenRetryMs} ms until the address is free`);
-      this.retryListen(fe, where);
+      if (this.quitting || opts.untilFree !== true || !(err instanceof UsageError && err.code === 'NET_LISTEN')) throw err;
+      const until = addressInUse(err) ? 'until the address is free' : 'until it can listen';
+      log.warn(`${errorMessage(err)}; the guest runs on, and the front end tries again every ${limits.netTakeoverListenRetryMs} ms ${until}`);
+      this.retryListen(fe, where, errorMessage(err));
       return;
     }
     if (this.quitting) {
@@ -186,7 +189,20 @@ export class Vm extends EventEmitter {
     log.info(`serving guest NIC on ${formatListen({ host: this.opts.net.host, port: fe.boundPort() })}`);
   }
 
-  private retryListen(fe: FrontEnd, where: string): void {
+  /**
+   * The VM gives its address up (an outgoing migration's switchover) while its front end still
+   * waits for it (startFrontEnd untilFree): the retries stop, or the migrated-away VM would take
+   * the address from its destination once it is free.
+   */
+  stopListenRetry(): void {
+    if (this.listenRetry === null) return;
+    clearTimeout(this.listenRetry);
+    this.listenRetry = null;
+    log.info(`no longer waiting for the service address ${this.opts.net === null ? '' : formatListen(this.opts.net)}`);
+  }
+
+  /** `lastError`: what the last try said; a new reason is warned about once, not every retry. */
+  private retryListen(fe: FrontEnd, where: string, lastError: string): void {
     this.listenRetry = setTimeout(() => {
       fe.listen().then(
         () => {
@@ -200,8 +216,9 @@ export class Vm extends EventEmitter {
         },
         (err: unknown) => {
           if (this.listenRetry === null) return; // destroyed meanwhile
-          if (!addressInUse(err)) log.warn(`still cannot listen on ${where}: ${errorMessage(err)}`);
-          this.retryListen(fe, where);
+          const message = errorMessage(err);
+          if (message !== lastError && !addressInUse(err)) log.warn(`still cannot listen on ${where}: ${message}`);
+          this.retryListen(fe, where, message);
         },
       );
     }, limits.netTakeoverListenRetryMs);

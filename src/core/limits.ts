@@ -118,6 +118,15 @@ export const limits = {
    * it has begun to exit and logs the ending at info level, not as a failure.
    */
   incomingBreakReportDelayMs: 250,
+  /**
+   * A connection to a multifd receiver's port must send its channel hello within this time (a
+   * source sends it right behind its connect); one that does not is closed. Connections still
+   * without a hello are at most multifdPendingConnectionsMax per port: a new one past that
+   * closes the oldest, so stray or idle peers on the network can neither exhaust the process's
+   * file descriptors nor keep the source's own channel out for long.
+   */
+  multifdHelloTimeoutMs: 10000,
+  multifdPendingConnectionsMax: 8,
   /** When the main channel closes, the destination waits this long for the multifd channels to report how they ended. */
   multifdEndWaitMs: 500,
   /**

@@ -62,7 +62,7 @@ export type DestinationEvent =
   | { type: 'restored'; now: number }
   | { type: 'running'; now: number }
   | { type: 'failure'; now: number; message: string; code: string }
-  /** A migration channel failed (the main channel's or a multifd channel's error, not this side's own). */
+  /** A migration channel failed or was yanked (the main channel's or a multifd channel's error, not this side's own). */
   | { type: 'channelFailure'; now: number; message: string; code: string }
   | { type: 'peerClosed'; now: number };
 

@@ -222,6 +222,7 @@ export class IncomingMigration {
         return { type: 'restored', now: now() };
       }
       case 'run':
+        this.goReceived = true;
         await this.host.startRunning(a.run);
         return { type: 'running', now: now() };
       case 'handoff':
@@ -234,8 +235,14 @@ export class IncomingMigration {
         log.info('incoming migration completed; the VM runs here now');
         void s?.close().catch(() => undefined);
         return null;
-      case 'fail':
+      case 'fail': {
         this.ended = true;
+        // The state may have been loaded (run state paused) without the source's `go`: the
+        // source runs the guest on, or may. Back to inmigrate, as QEMU's failed destination,
+        // so that `cont` (exit-on-error=false) only sets autostart: never two running copies.
+        // (After `go` this is the only copy: a `cont` may still run it.)
+        const m = this.host.machine;
+        if (!this.goReceived && m.runState === 'paused' && !m.running) m.setRunState('inmigrate');
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
             s?.reply({ kind: 'error', message: a.message });
@@ -257,6 +264,7 @@ export class IncomingMigration {
         else log.error(`incoming migration failed: ${a.message} [${a.code}]`);
         this.host.ended(a.status, a.code === 'MIGRATION_CANCELLED' ? a.message : `${a.message} [${a.code}]`);
         return null;
+      }
     }
   }
 
@@ -315,6 +323,8 @@ export class IncomingMigration {
   }
 
   private multifdBytes = 0;
+  /** The source said `go`: from then on the guest's only copy is here. */
+  private goReceived = false;
   /** close() was called: the process is exiting. */
   private closing = false;
   /** Ends exitingAfter's wait early (close()). */
@@ -341,9 +351,14 @@ export class IncomingMigration {
     return exiting();
   }
 
-  /** yank: drop the channels; the migration fails (the VM never ran). */
+  /**
+   * yank: drop the channels; the migration fails (the VM never ran). As a broken channel: after
+   * `go` the whole state is here and the source has let go of the guest, so a yank then (while
+   * the front end waits for its address) must not fail the only copy (QEMU's yank after the
+   * load finds only channels it is done with).
+   */
   yank(): void {
-    void this.run({ type: 'failure', now: now(), message: 'the migration channels were yanked', code: 'CHANNEL_CLOSED' });
+    void this.run({ type: 'channelFailure', now: now(), message: 'the migration channels were yanked', code: 'CHANNEL_CLOSED' });
   }
 
   /** Stop listening / drop a running migration (process exit). */

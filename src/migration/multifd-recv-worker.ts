@@ -58,6 +58,10 @@ export interface RecvWorkerData {
   fl64Shared: WebAssembly.Module;
   /** Read through Node's user-buffer path (straight into place); false: 'data' events + copy. */
   userBufferReads: boolean;
+  /** A connection that has not sent its whole hello within this time is closed (limits.multifdHelloTimeoutMs). */
+  helloTimeoutMs: number;
+  /** Connections without their hello at most; a new one past this closes the oldest (limits.multifdPendingConnectionsMax). */
+  pendingConnectionsMax: number;
 }
 
 /** Which migration and channel this worker serves; sent once the source said hello. */
@@ -88,6 +92,8 @@ export type RecvWorkerReply =
   | { type: 'targetSet'; id: number }
   | { type: 'eof' }
   | { type: 'error'; code: string; message: string }
+  /** A connection that was not (yet) a channel was closed: no hello in time, or too many such. */
+  | { type: 'dropped'; level: 'info' | 'warn'; message: string }
   | { type: 'closed' };
 
 const d = workerData as RecvWorkerData;
@@ -112,6 +118,10 @@ let sumRam = (offset: number, length: number): bigint => ramSum.sum(offset, leng
 
 let server: net.Server | null = null;
 let channelSocket: net.Socket | null = null;
+/** Accepted connections still reading their hello, oldest first. */
+const pending = new Set<Connection>();
+/** Since pending last was empty, a connection was dropped to make room (said once per such time). */
+let pendingOverflowSaid = false;
 let closing = false;
 let failed = false;
 
@@ -396,6 +406,45 @@ class Connection {
   socket: net.Socket | null = null;
   readonly hello = Buffer.alloc(channelHelloBytes);
   helloFilled = 0;
+  private helloTimer: NodeJS.Timeout | null = null;
+
+  /**
+   * Bound the wait for the hello: the connection is closed after d.helloTimeoutMs, and at most
+   * d.pendingConnectionsMax wait at once (the oldest is closed for a new one: a source that
+   * connects now is not kept out by idle peers).
+   */
+  private awaitHello(s: net.Socket): void {
+    if (pending.size >= d.pendingConnectionsMax) {
+      const oldest = pending.values().next().value as Connection;
+      oldest.drop();
+      if (!pendingOverflowSaid) {
+        pendingOverflowSaid = true;
+        post({ type: 'dropped', level: 'warn', message: `more than ${d.pendingConnectionsMax} connections without a channel hello: the oldest are closed` });
+      }
+    }
+    pending.add(this);
+    const peer = `${s.remoteAddress ?? '?'}:${s.remotePort ?? '?'}`;
+    this.helloTimer = setTimeout(() => {
+      this.helloTimer = null;
+      this.drop();
+      post({ type: 'dropped', level: 'info', message: `closed a connection from ${peer} that sent no channel hello within ${d.helloTimeoutMs} ms` });
+    }, d.helloTimeoutMs);
+    this.helloTimer.unref();
+    s.once('close', () => this.helloDone());
+  }
+
+  /** The hello is complete (or the connection gone): no longer bounded as a pending one. */
+  helloDone(): void {
+    if (this.helloTimer !== null) clearTimeout(this.helloTimer);
+    this.helloTimer = null;
+    pending.delete(this);
+    if (pending.size === 0) pendingOverflowSaid = false;
+  }
+
+  drop(): void {
+    this.helloDone();
+    this.socket?.destroy();
+  }
 
   /** Where the next read lands (user-buffer mode). */
   buffer(): Uint8Array {
@@ -408,6 +457,7 @@ class Connection {
     if (this.socket !== channelSocket) {
       this.helloFilled += n;
       if (this.helloFilled < channelHelloBytes) return true;
+      this.helloDone();
       if (!checkHello(this.socket, this.hello)) return false;
       adopt(this.socket);
       return true;
@@ -431,6 +481,7 @@ class Connection {
       this.helloFilled += n;
       at = n;
       if (this.helloFilled < channelHelloBytes) return;
+      this.helloDone();
       if (!checkHello(s, this.hello)) return;
       adopt(s);
     }
@@ -458,6 +509,7 @@ class Connection {
       else if (!closing && !failed) post({ type: 'eof' });
     });
     if (!userBuffer) s.on('data', (chunk: Buffer) => this.onChunk(chunk));
+    this.awaitHello(s);
   }
 }
 
@@ -487,7 +539,10 @@ function listen(): void {
         conn.attach(socket, true);
       };
     } else {
-      srv.on('connection', (s) => new Connection().attach(s, false));
+      srv.on('connection', (s) => {
+        if (closing || failed) s.destroy();
+        else new Connection().attach(s, false);
+      });
     }
     const a = srv.address();
     post({ type: 'listening', port: typeof a === 'object' && a !== null ? a.port : 0 });
@@ -541,6 +596,7 @@ port.on('message', (m: RecvWorkerRequest) => {
   } else if (m.type === 'close') {
     closing = true;
     server?.close();
+    for (const c of [...pending]) c.drop();
     const s = channelSocket;
     if (s === null || s.destroyed) {
       post({ type: 'closed' });

@@ -317,7 +317,17 @@ export class MultifdReceiver {
    * source said which migration it is. Spawned when the destination starts listening, so
    * that thread start-up is not part of the migration.
    */
-  static async spawn(opts: { memory: WebAssembly.Memory; host: string; channels: number; pagesMax: number; ramPages: SharedArrayBuffer }): Promise<MultifdReceiver> {
+  static async spawn(opts: {
+    memory: WebAssembly.Memory;
+    host: string;
+    channels: number;
+    pagesMax: number;
+    ramPages: SharedArrayBuffer;
+    /** Default limits.multifdHelloTimeoutMs. */
+    helloTimeoutMs?: number;
+    /** Default limits.multifdPendingConnectionsMax. */
+    pendingConnectionsMax?: number;
+  }): Promise<MultifdReceiver> {
     const r = new MultifdReceiver(opts.channels);
     r.ramPages = opts.ramPages;
     const listening: Promise<number>[] = [];
@@ -331,6 +341,8 @@ export class MultifdReceiver {
         fl64: fl64Module(),
         fl64Shared: fl64SharedModule(),
         userBufferReads: process.env.COLO_MULTIFD_COPY_READS === undefined,
+        helloTimeoutMs: opts.helloTimeoutMs ?? limits.multifdHelloTimeoutMs,
+        pendingConnectionsMax: opts.pendingConnectionsMax ?? limits.multifdPendingConnectionsMax,
       };
       const w = new Worker(new URL('./multifd-recv-worker.js', import.meta.url), { workerData: data });
       r.workers.push(w);
@@ -388,6 +400,8 @@ export class MultifdReceiver {
     ramPages: SharedArrayBuffer;
     ramMaybeNonZero: SharedArrayBuffer | null;
     target: PageTarget;
+    helloTimeoutMs?: number;
+    pendingConnectionsMax?: number;
   }): Promise<MultifdReceiver> {
     const r = await MultifdReceiver.spawn(opts);
     await r.configure(opts.migrationId, opts.target, opts.ramMaybeNonZero);
@@ -410,6 +424,10 @@ export class MultifdReceiver {
         return;
       case 'refused':
         log.info(`multifd channel ${ch}: refused a connection (${m.status === 1 ? 'another migration' : `status ${m.status}`})`);
+        return;
+      case 'dropped':
+        // Not the migration's failure: a peer that is not (yet) one of its channels.
+        log[m.level](`multifd channel ${ch}: ${m.message}`);
         return;
       case 'sync': {
         this.lastSync.set(ch, m.round);

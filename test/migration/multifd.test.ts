@@ -250,3 +250,67 @@ test('a page sent again in the next round on another channel ends with the newer
   await withTimeout(receiver.barrier(2, 1), 5000, 'the barrier of round 2');
   assert.equal(page5(), 0x22, 'page 5 holds round 2\'s copy');
 });
+
+/** Connect to `port`; resolves once connected, with a promise of the connection's close (the receiver closing it). */
+async function idleConnection(t: { after(fn: () => unknown): void }, port: number): Promise<{ socket: net.Socket; closed: Promise<void>; isClosed: () => boolean }> {
+  const socket = net.connect({ host: '127.0.0.1', port });
+  t.after(() => socket.destroy());
+  let closedFlag = false;
+  const closed = new Promise<void>((resolve) => socket.once('close', () => {
+    closedFlag = true;
+    resolve();
+  }));
+  socket.on('error', () => undefined);
+  await withTimeout(new Promise<void>((resolve) => socket.once('connect', () => resolve())), 5000, `connecting to the multifd port ${port}`);
+  return { socket, closed, isClosed: () => closedFlag };
+}
+
+for (const copyReads of [false, true]) {
+  test(`a connection to a multifd port that never sends its hello is closed after the hello timeout, also one that sent part of it (${copyReads ? "'data' event reads" : 'user-buffer reads'})`, async (t) => {
+    const saved = process.env.COLO_MULTIFD_COPY_READS;
+    if (copyReads) process.env.COLO_MULTIFD_COPY_READS = '1';
+    let receiver: MultifdReceiver;
+    try {
+      receiver = await MultifdReceiver.spawn({ memory: memory(), host: '127.0.0.1', channels: 1, pagesMax: pages, ramPages: new SharedArrayBuffer(4), helloTimeoutMs: 300 });
+    } finally {
+      if (saved === undefined) delete process.env.COLO_MULTIFD_COPY_READS;
+      else process.env.COLO_MULTIFD_COPY_READS = saved;
+    }
+    t.after(() => receiver.destroy());
+    const silent = await idleConnection(t, receiver.ports[0]!);
+    const partial = await idleConnection(t, receiver.ports[0]!);
+    partial.socket.write(Buffer.alloc(5));
+    const start = performance.now();
+    await withTimeout(Promise.all([silent.closed, partial.closed]), 5000, 'the receiver to close connections that sent no (whole) hello within its 300 ms hello timeout');
+    const ms = performance.now() - start;
+    assert.ok(ms >= 200, `closed by the hello timeout, not at once: ${ms.toFixed(0)} ms`);
+  });
+}
+
+test('idle connections past the cap on a multifd port close the oldest: the source\'s channel is still accepted and carries its round', async (t) => {
+  const id = new Uint8Array(crypto.randomBytes(16));
+  const ramPages = new SharedArrayBuffer(4);
+  new Int32Array(ramPages)[0] = pages;
+  const receiver = await MultifdReceiver.start({
+    memory: memory(), host: '127.0.0.1', migrationId: id, channels: 1, pagesMax: pages, ramPages, ramMaybeNonZero: null,
+    target: { ram: true, cache: null, received: null }, helloTimeoutMs: 60000, pendingConnectionsMax: 2,
+  });
+  t.after(() => receiver.destroy());
+  const idle: Awaited<ReturnType<typeof idleConnection>>[] = [];
+  for (let i = 0; i < 3; i++) idle.push(await idleConnection(t, receiver.ports[0]!));
+  await waitFor('the receiver to close one of three idle connections (cap 2)', () => idle.filter((c) => c.isClosed()).length === 1, 5000);
+  // The source's channel comes on top of two idle ones: another is closed for it.
+  const sender = await withTimeout(
+    MultifdSender.connect({ memory: memory(), host: '127.0.0.1', ports: receiver.ports, migrationId: id, pagesMax: pages, shadow: null }),
+    5000,
+    "the source's channel to be accepted past the idle connections",
+  );
+  t.after(() => sender.destroy());
+  await waitFor('the receiver to close a second idle connection for the channel', () => idle.filter((c) => c.isClosed()).length === 2, 5000);
+  const barrier = receiver.barrier(1, 1);
+  await sender.sendRound(1, (l) => {
+    l[0] = 5;
+    return 1;
+  }, 0);
+  assert.equal((await withTimeout(barrier, 5000, 'the barrier of round 1 on the accepted channel')).pages, 1);
+});
