@@ -288,6 +288,13 @@ export const limits = {
    * reach this, it is replaced by a fresh one (ARCHITECTURE §5 step 2).
    */
   coloCheckpointCopyBytesMax: 64 * 1024 * 1024,
+  /**
+   * COLO secondary: disk blocks of the checkpoint in flight (they reach the disk only in its
+   * apply) held in memory, in bytes of blocks (a zero block counts as a whole one). Blocks
+   * beyond wait in an unlinked staging file in $TMPDIR that every apply empties, so a guest
+   * that rewrites a large disk between two checkpoints does not need that much memory here.
+   */
+  coloCheckpointDiskHeldBytesMax: 64 * 1024 * 1024,
 } as const;
 
 export type Limits = typeof limits;
