@@ -264,6 +264,12 @@ export const limits = {
   coloCompareScanMs: 50,
   /** COLO compare: held output bytes (both guests, all connections) above which a checkpoint is asked for. */
   coloCompareHeldBytesMax: 64 * 1024 * 1024,
+  /**
+   * COLO compare: connections both guests closed in one checkpoint interval (their ids are
+   * remembered until the next checkpoint) at which a checkpoint is asked for: with a long
+   * x-checkpoint-delay, connection churn would otherwise grow that set without end.
+   */
+  coloCompareClosedConnectionsMax: 65536,
   /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
   coloNetBatchBytes: 1024 * 1024,
   /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */
