@@ -52,22 +52,10 @@ export class CheckpointBlocks {
       return;
     }
     const staged = (this.staged ??= new Uint8Array(this.blockCount));
+    // A block that could not be staged fails the checkpoint's stream: it is never applied.
+    if (data !== null) this.stage(block, data);
     if (staged[block] === Staged.none) this.stagedCount += 1;
-    if (data === null) {
-      staged[block] = Staged.zero;
-      return;
-    }
-    const fd = this.stagingFd();
-    try {
-      let done = 0;
-      while (done < data.byteLength) done += fs.writeSync(fd, data, done, data.byteLength - done, block * blockBytes + done);
-    } catch (err) {
-      staged[block] = Staged.none;
-      this.stagedCount -= 1;
-      const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO';
-      throw new MigrationError(code, `cannot stage disk block ${block} of the checkpoint in ${os.tmpdir()} (TMPDIR): ${errorMessage(err)}`, { cause: err });
-    }
-    staged[block] = Staged.data;
+    staged[block] = data === null ? Staged.zero : Staged.data;
   }
 
   /** Write every block through `write`, then forget them all (also when a write throws). */
@@ -112,6 +100,17 @@ export class CheckpointBlocks {
         // already closed
       }
       this.fd = null;
+    }
+  }
+
+  private stage(block: number, data: Uint8Array): void {
+    const fd = this.stagingFd();
+    try {
+      let done = 0;
+      while (done < data.byteLength) done += fs.writeSync(fd, data, done, data.byteLength - done, block * blockBytes + done);
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO';
+      throw new MigrationError(code, `cannot stage disk block ${block} of the checkpoint in ${os.tmpdir()} (TMPDIR): ${errorMessage(err)}`, { cause: err });
     }
   }
 

@@ -6,6 +6,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { CheckpointBlocks } from '../../src/colo/checkpoint-blocks.js';
 import { limits } from '../../src/core/limits.js';
+import { MigrationError } from '../../src/core/errors.js';
 
 const bb = limits.diskBlockBytes;
 
@@ -82,5 +83,24 @@ test('checkpoint blocks: a write the apply could not make still empties it (the 
     throw new Error('disk full');
   }), /disk full/);
   assert.equal(blocks.count, 0);
+  blocks.close();
+});
+
+test('checkpoint blocks: a staging file that cannot be made is a typed error naming $TMPDIR, and the blocks held so far stay', (t) => {
+  const saved = process.env.TMPDIR;
+  t.after(() => {
+    if (saved === undefined) delete process.env.TMPDIR;
+    else process.env.TMPDIR = saved;
+  });
+  process.env.TMPDIR = '/nonexistent-colo-tmpdir';
+  const blocks = new CheckpointBlocks(16, bb);
+  blocks.put(0, block(1));
+  assert.throws(() => blocks.put(1, block(2)), (err: unknown) => {
+    assert.ok(err instanceof MigrationError);
+    assert.equal(err.code, 'DISK_IO');
+    assert.match(err.message, /cannot make the staging file for the checkpoint's disk blocks in \/nonexistent-colo-tmpdir \(TMPDIR\): ENOENT/);
+    return true;
+  });
+  assert.equal(blocks.count, 1);
   blocks.close();
 });
