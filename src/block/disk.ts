@@ -302,15 +302,15 @@ export class Disk {
   }
 }
 
-/** An unnamed file in $TMPDIR (the snapshot overlay, the COLO layer): gone with the process. */
-function openScratch(prefix: string): number {
+/** An unnamed file in $TMPDIR (the snapshot overlay, the COLO layer and staging file): gone with the process. */
+export function openScratch(prefix: string): number {
   const p = path.join(os.tmpdir(), `${prefix}-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);
   const fd = fs.openSync(p, 'w+');
   fs.unlinkSync(p);
   return fd;
 }
 
-function readFull(fd: number, into: Uint8Array, position: number): void {
+export function readFull(fd: number, into: Uint8Array, position: number): void {
   let done = 0;
   while (done < into.byteLength) {
     const n = fs.readSync(fd, into, done, into.byteLength - done, position + done);

@@ -14,6 +14,7 @@
  * output from then on belongs to the next epoch (pvmNextEpoch()); it waits, held, for the
  * checkpoint to be received and is compared from then on.
  */
+import { limits } from '../core/limits.js';
 import type { NicOutput } from '../net/nic.js';
 
 export type CompareTrigger = 'mismatch' | 'timeout';
@@ -44,6 +45,12 @@ export interface CompareLimits {
   timeoutMs: number;
   /** Held bytes (both sides, all connections) above this ask for a checkpoint. */
   heldBytesMax: number;
+  /**
+   * Connections closed in one epoch (remembered until the next checkpoint) at which a
+   * checkpoint is asked for; the oldest are forgotten beyond (default
+   * limits.coloCompareClosedConnectionsMax).
+   */
+  closedConnectionsMax?: number;
 }
 
 export interface CompareResult {
@@ -69,10 +76,13 @@ export class Compare {
    * Connections whose close both guests produced in this epoch (ids are never reused): anything
    * more of the SVM's for them is a repeat (the vCPU posts a whole batch to the main thread when
    * writing it to the output channel failed part-way, since what it wrote may not have been
-   * read), not a new connection to hold output for.
+   * read), not a new connection to hold output for. Bounded (closedConnectionsMax): at the
+   * bound a checkpoint, which empties it, is asked for; a repeat of a connection forgotten
+   * beyond it would only be SVM output nothing matches, which asks for one too.
    */
   private closed = new Set<number>();
   private heldBytes = 0;
+  private readonly closedMax: number;
   /**
    * When the SVM began to run the current epoch's state (svmResumed()'s `now`; -Infinity for the
    * first epoch, whose state both guests run from COLO's start; +Infinity from checkpoint() until
@@ -118,7 +128,9 @@ export class Compare {
      * (the default) costs the hot path one comparison.
      */
     private readonly lateCopy: ((pvmAt: number, svmAt: number) => void) | null = null,
-  ) {}
+  ) {
+    this.closedMax = lim.closedConnectionsMax ?? limits.coloCompareClosedConnectionsMax;
+  }
 
   /** Output of the PVM (the current epoch, or the next one after pvmNextEpoch(): the PVM never rolls back). */
   pvm(out: NicOutput, now: number): CompareResult {
@@ -353,13 +365,14 @@ export class Compare {
         if (a.kind === 'close') {
           this.conns.delete(id);
           this.closed.add(id);
+          if (this.closed.size > this.closedMax) this.closed.delete(this.closed.values().next().value!);
           break;
         }
       }
     }
     let trigger: CompareTrigger | null = null;
     if (c.mismatched) trigger = this.report('mismatch');
-    else if (this.heldBytes > this.lim.heldBytesMax) trigger = this.report('timeout');
+    else if (this.heldBytes > this.lim.heldBytesMax || this.closed.size >= this.closedMax) trigger = this.report('timeout');
     if (release === null && trigger === null) return nothing;
     return { release: release ?? nothing.release, trigger };
   }

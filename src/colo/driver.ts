@@ -21,6 +21,7 @@ import {
 import { defaultDiskSink } from '../migration/disk-sync.js';
 import { DiskIoError, type Disk } from '../block/disk.js';
 import { PrimaryNet, SecondaryNet } from './network.js';
+import { CheckpointBlocks } from './checkpoint-blocks.js';
 import { checkDeviceRam } from '../migration/ram-digest.js';
 import { latencyTrace } from '../core/latency-trace.js';
 
@@ -372,8 +373,8 @@ export class SecondaryDriver {
   private readonly ops = new VmOps();
   private cache: SharedArrayBuffer | null = null;
   private received: SharedArrayBuffer | null = null;
-  /** Disk blocks of the checkpoint in flight (null: a zero block), written only by the apply. */
-  private readonly pendingBlocks = new Map<number, Uint8Array | null>();
+  /** Disk blocks of the checkpoint in flight, written only by the apply (null: no disk). */
+  private pendingBlocks: CheckpointBlocks | null = null;
   private applyDiskBlocks: () => void = () => undefined;
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
@@ -415,6 +416,7 @@ export class SecondaryDriver {
   close(): void {
     this.host.vm.machine.off('panicked', this.onPanicked);
     this.net.stop();
+    this.pendingBlocks?.close();
   }
 
   yank(): void {
@@ -527,15 +529,14 @@ export class SecondaryDriver {
         }
         this.received ??= new SharedArrayBuffer(Math.ceil((m.maximumPages * limits.wasmPageBytes) / limits.pageBytes));
         await s.setPageTarget({ ram: false, cache: this.cache, received: this.received });
-        // Disk blocks of a checkpoint wait in memory like its pages wait in the cache: they
-        // reach the disk only in the apply, so a failover mid-checkpoint leaves none behind.
+        // Disk blocks of a checkpoint wait (in memory up to a bound, then in a staging file)
+        // like its pages wait in the cache: they reach the disk only in the apply, so a
+        // failover mid-checkpoint leaves none behind.
         if (m.disk !== null) {
           const write = defaultDiskSink(m.disk);
-          this.applyDiskBlocks = () => {
-            for (const [block, data] of this.pendingBlocks) write(block, data);
-            this.pendingBlocks.clear();
-          };
-          s.setDiskSink((block, data) => this.pendingBlocks.set(block, data === null ? null : Uint8Array.from(data)));
+          const pending = (this.pendingBlocks ??= new CheckpointBlocks(m.disk.blockCount));
+          this.applyDiskBlocks = () => pending.apply(write);
+          s.setDiskSink((block, data) => pending.put(block, data));
         }
         const tracker = vm.migration.dirtyTracker();
         tracker.reset(m.ram(), m.statePageRanges());
@@ -585,7 +586,7 @@ export class SecondaryDriver {
         // The partial checkpoint (pages in the cache, disk blocks in memory, device blob) is
         // dropped: nothing of it reached guest RAM or the disk.
         s.device = null;
-        this.pendingBlocks.clear();
+        this.pendingBlocks?.clear();
         await this.ops.settled();
         try {
           await this.ops.run(async () => {
@@ -605,7 +606,7 @@ export class SecondaryDriver {
         return { type: 'failoverDone' };
       case 'abandon':
         this.net.stop();
-        this.pendingBlocks.clear();
+        this.pendingBlocks?.clear();
         s.device = null;
         // Not a state to run from: cont is refused from now on (vm.cont).
         m.setRunState('internal-error');

@@ -279,6 +279,12 @@ export const limits = {
   coloCompareScanMs: 50,
   /** COLO compare: held output bytes (both guests, all connections) above which a checkpoint is asked for. */
   coloCompareHeldBytesMax: 64 * 1024 * 1024,
+  /**
+   * COLO compare: connections both guests closed in one checkpoint interval (their ids are
+   * remembered until the next checkpoint) at which a checkpoint is asked for: with a long
+   * x-checkpoint-delay, connection churn would otherwise grow that set without end.
+   */
+  coloCompareClosedConnectionsMax: 65536,
   /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
   coloNetBatchBytes: 1024 * 1024,
   /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */
@@ -303,6 +309,13 @@ export const limits = {
    * reach this, it is replaced by a fresh one (ARCHITECTURE §5 step 2).
    */
   coloCheckpointCopyBytesMax: 64 * 1024 * 1024,
+  /**
+   * COLO secondary: disk blocks of the checkpoint in flight (they reach the disk only in its
+   * apply) held in memory, in bytes of blocks (a zero block counts as a whole one). Blocks
+   * beyond wait in an unlinked staging file in $TMPDIR that every apply empties, so a guest
+   * that rewrites a large disk between two checkpoints does not need that much memory here.
+   */
+  coloCheckpointDiskHeldBytesMax: 64 * 1024 * 1024,
 } as const;
 
 export type Limits = typeof limits;

@@ -97,13 +97,13 @@ export class InputRingWriter extends Ring {
 }
 
 export class InputRingReader extends Ring {
-  /** Take every complete record written so far. */
-  read(into: (ev: NicInput) => void): number {
+  /** Take the complete records written so far, `max` at most (the rest stay for a later read). */
+  read(into: (ev: NicInput) => void, max = Infinity): number {
     const head = Atomics.load(this.idx, 0);
     let tail = Atomics.load(this.idx, 1);
     let n = 0;
     const { dv, u8 } = this.header();
-    while (tail !== head) {
+    while (tail !== head && n < max) {
       // The record header into the scratch (it may wrap around the end): no allocation.
       for (let i = 0, pos = tail % this.capacity; i < recordHeaderBytes; i++, pos = pos + 1 === this.capacity ? 0 : pos + 1) u8[i] = this.bytes[pos]!;
       const len = dv.getUint32(0, true) + 4;

@@ -75,6 +75,8 @@ class Vcpu {
   private readonly input: InputRingReader;
   /** COLO_TRACE_DIR: this thread's trace, which the main thread writes with its own. */
   private readonly trace: SharedTraceLog | null;
+  /** Ring input a save took in that the NIC had no room for: it is in the state, and drainInput gives it to the NIC first. */
+  private overflow: NicInput[] = [];
   private readonly enqueue = (ev: NicInput): void => {
     this.nic.enqueue(ev);
   };
@@ -167,7 +169,20 @@ class Vcpu {
 
   drainInput(): void {
     this.lastWake = Atomics.load(this.ctl, ctl.wake);
-    if (this.input.read(this.enqueue) > 0) this.trace?.record(vcpuTrace.input);
+    // No more than the NIC's queue takes: a COLO secondary that lags its primary (its mirrored
+    // input is not windowed by its own guest) leaves the rest in the ring and its main thread,
+    // as a paused one does, rather than overflowing the queue.
+    let room = this.nic.pendingRoom();
+    let n = 0;
+    if (this.overflow.length > 0) {
+      const k = Math.min(room, this.overflow.length);
+      for (let i = 0; i < k; i++) this.nic.enqueue(this.overflow[i]!);
+      this.overflow.splice(0, k);
+      room -= k;
+      n += k;
+    }
+    if (this.overflow.length === 0) n += this.input.read(this.enqueue, room);
+    if (n > 0) this.trace?.record(vcpuTrace.input);
   }
 
   waitForInput(timeoutMs: number | null): boolean {
@@ -602,7 +617,16 @@ class Vcpu {
   }
 
   save(): VcpuState {
-    this.drainInput(); // input that reached the port belongs to the state (pending, not admitted)
+    // Input that reached the port belongs to the state (pending, not admitted), also what the
+    // NIC's queue had no room for.
+    this.drainInput();
+    this.input.read((ev) => this.overflow.push(ev));
+    const nic = this.nic.save();
+    for (const ev of this.overflow) {
+      if (ev.seq <= nic.lastSeq) continue;
+      nic.pending.push(ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn });
+      nic.lastSeq = ev.seq;
+    }
     const globals: Record<string, number | bigint> = {};
     for (const g of this.layout.globals) {
       const x = this.instance.exports[g.exportName];
@@ -616,7 +640,7 @@ class Vcpu {
       memoryPages: this.memory.buffer.byteLength / 65536,
       clock: this.clock.save(),
       serial: this.serial.save(),
-      nic: this.nic.save(),
+      nic,
       wasi: this.host.save(),
     };
   }

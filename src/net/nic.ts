@@ -83,6 +83,15 @@ export class Nic {
     return true;
   }
 
+  /**
+   * Events enqueue may still take. The front end's windows keep a primary's (or a lone VM's)
+   * queue below the bound; a COLO secondary's mirrored input is not windowed by its own guest,
+   * so a secondary that lags its primary leaves the rest in the input ring (drainInput).
+   */
+  pendingRoom(): number {
+    return limits.nicPendingEventsMax - this.pending.length;
+  }
+
   hasPending(): boolean {
     return this.pending.length > 0;
   }

@@ -414,3 +414,29 @@ test('compare: a connection older than the compare whose client is gone goes on 
   assert.equal(c4.svm(0, out(9, 101, 'b'), 1).trigger, 'mismatch', 'a gap in the SVM\'s output after the first one is still a hole');
   assert.equal(text(c4.checkpoint().release), '9@100:ab', 'the checkpoint releases the PVM\'s at its offset');
 });
+
+test('compare: connections closed in one epoch are remembered up to a bound, at which a checkpoint is asked for, and the bound holds until it comes', () => {
+  const c = new Compare({ ...lim, closedConnectionsMax: 4 });
+  const churn = (conn: number): string | null => {
+    c.pvm(out(conn, 0, 'bye'), 0);
+    c.svm(c.epoch, out(conn, 0, 'bye'), 0);
+    c.pvm({ kind: 'close', conn, offset: 3 }, 0);
+    const r = c.svm(c.epoch, { kind: 'close', conn, offset: 3 }, 0);
+    assert.equal(text(r.release), `${conn}@3:close`, `connection ${conn} closes on a match`);
+    return r.trigger;
+  };
+  for (let conn = 1; conn <= 3; conn++) assert.equal(churn(conn), null, `${conn} closed connections ask for nothing`);
+  assert.equal(churn(4), 'timeout', 'the fourth closed connection of the epoch asks for a checkpoint');
+  // Until it comes, more churn asks again for nothing, and the oldest closed ids are forgotten:
+  // a repeat of the SVM's for one is output held for a connection nobody serves (unmatched).
+  for (let conn = 5; conn <= 8; conn++) assert.equal(churn(conn), null);
+  c.svm(0, out(1, 0, 'bye'), 1);
+  assert.equal(c.connectionCount(), 1, 'connection 1 was forgotten: its repeat is held');
+  assert.equal(c.svm(0, out(8, 0, 'bye'), 1).release.length, 0, 'a repeat for a recently closed connection is dropped');
+  assert.equal(c.connectionCount(), 1);
+  // The checkpoint forgets them all; the next epoch counts from nothing.
+  c.checkpoint();
+  c.svmResumed(0);
+  for (let conn = 9; conn <= 11; conn++) assert.equal(churn(conn), null);
+  assert.equal(churn(12), 'timeout');
+});

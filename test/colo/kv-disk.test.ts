@@ -5,10 +5,12 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { watGuest } from '../framework/machine.js';
+import { rssBytes } from '../framework/flood.js';
 import { limits } from '../../src/core/limits.js';
 
 test('colo: kv writes acknowledged before a checkpoint survive the primary, RAM and disk', async (t) => {
@@ -116,5 +118,66 @@ test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from th
   assert.ok(counters['checkpoints-sent-from-ram']! >= 2, `checkpoints of more than ${limits.coloCheckpointCopyBytesMax} bytes of disk blocks are sent from the disk (${JSON.stringify(counters)})`);
   assert.equal(counters['checkpoints-copied'], 0, `none is copied (${JSON.stringify(counters)})`);
   assert.ok(counters['mean-checkpoint-bytes']! > limits.coloCheckpointCopyBytesMax, `the checkpoints did carry that much (${JSON.stringify(counters)})`);
+  assertNoErrors(src, dst);
+});
+
+/** Peak resident bytes of process `pid` since resetPeakRss (VmHWM). */
+function peakRssBytes(pid: number): number {
+  const m = /VmHWM:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  assert.ok(m !== null, `no VmHWM for process ${pid}`);
+  return Number(m[1]) * 1024;
+}
+
+/** Start the peak (VmHWM) over from the current resident size. */
+function resetPeakRss(pid: number): void {
+  fs.writeFileSync(`/proc/${pid}/clear_refs`, '5');
+}
+
+test('colo: a guest that rewrites a large disk between checkpoints does not make the secondary hold that much of it in memory', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 384 * 1024 * 1024;
+  const chunk = 1024 * 1024;
+  // Writes its whole disk over and over, 1 MiB per fd_pwrite: a checkpoint interval of a few
+  // seconds dirties most of it.
+  const guest = watGuest(t, 'diskloop', `(module
+    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
+    (memory (export "memory") ${(chunk + 65536) / 65536})
+    (func (export "_start") (local $i i32) (local $off i64)
+      (loop $fill
+        (i32.store8 (i32.add (i32.const 65536) (local.get $i)) (i32.const 0x5a))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br_if $fill (i32.lt_u (local.get $i) (i32.const ${chunk}))))
+      (i32.store (i32.const 16) (i32.const 65536))
+      (i32.store (i32.const 20) (i32.const ${chunk}))
+      (loop $write
+        (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (local.get $off) (i32.const 24)))
+        (local.set $off (i64.rem_u (i64.add (local.get $off) (i64.const ${chunk})) (i64.const ${diskBytes})))
+        (br $write))))`);
+  const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
+    env.startVm({ name: 'dst', guest, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  // The guest dirties its disk faster than pre-copy sends it: a generous downtime limit lets
+  // the initial migration switch over after its first round.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000, 'downtime-limit': 600000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 60000);
+  await dst.waitEvent('RESUME', { timeoutMs: 60000 });
+  // From here on only checkpoints: the initial migration's peak does not count.
+  const pid = dst.child.pid!;
+  resetPeakRss(pid);
+  const before = rssBytes(pid);
+  for (let i = 0; i < 2; i++) await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 60000 });
+  const grew = peakRssBytes(pid) - before;
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  const mib = (n: number): string => `${(n / 1048576).toFixed(0)} MiB`;
+  t.diagnostic(`secondary peak RSS grew ${mib(grew)} over ${mib(before)}; ${JSON.stringify(counters)}`);
+  const bound = limits.coloCheckpointDiskHeldBytesMax;
+  assert.ok(counters['mean-checkpoint-bytes']! > 3 * bound, `the checkpoints carried far more than the secondary may hold (${JSON.stringify(counters)})`);
+  // What it holds, plus what the main channel may queue unread, plus slack for the collector.
+  const allowed = bound + limits.mainChannelQueueBytesMax + 64 * 1024 * 1024;
+  assert.ok(grew < allowed, `the secondary's peak RSS grew ${mib(grew)} in checkpoints of ${mib(counters['mean-checkpoint-bytes']!)} (allowed ${mib(allowed)})`);
   assertNoErrors(src, dst);
 });

@@ -1,0 +1,40 @@
+/**
+ * The NIC's pending queue is bounded (limits.nicPendingEventsMax). On a lone VM or a primary the
+ * front end's windows keep it below that; a COLO secondary's mirrored input is not windowed by
+ * its own guest, so one that lags its primary (here: a guest that only polls a non-blocking
+ * listener, admitting nothing) got more than the queue holds, and the vCPU's assertion killed
+ * the guest. The rest now waits in the input ring and the main thread, as for a paused guest.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { machineFor, watGuest } from '../framework/machine.js';
+import { sleep } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
+
+test('machine: input beyond the NIC queue\'s bound for a guest that admits none waits in the ring instead of killing the guest', async (t) => {
+  // fd 3 (the listener) non-blocking, then sock_accept on it for ever: every call takes the
+  // input that reached the vCPU and admits none of it (nothing is ever accepted).
+  const guest = watGuest(t, 'acceptspin', `(module
+    (import "wasi_snapshot_preview1" "fd_fdstat_set_flags" (func $setfl (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $setfl (i32.const 3) (i32.const 4)))
+      (loop $spin
+        (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+        (br $spin))))`);
+  const { m } = await machineFor(t, guest, []);
+  const panics: string[] = [];
+  m.on('panicked', (msg: string) => panics.push(msg));
+  await m.cont();
+  const total = limits.nicPendingEventsMax + 20000;
+  const one = new Uint8Array([0x61]);
+  m.injectInput({ seq: 1, kind: 'open', conn: 1 });
+  for (let seq = 2; seq <= total; seq++) m.injectInput({ seq, kind: 'data', conn: 1, bytes: one });
+  // The ring passes it to the vCPU in pieces; give it time to pass all of it (or to die).
+  for (let i = 0; i < 40 && panics.length === 0; i++) await sleep(250);
+  assert.deepEqual(panics, [], 'the guest lives');
+  assert.equal(m.runState, 'running');
+  await m.pause('paused');
+  assert.equal(m.runState, 'paused', 'and pauses as asked');
+});
