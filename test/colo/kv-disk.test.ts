@@ -3,7 +3,7 @@
  * completed checkpoint must be on the secondary after the primary dies — in its RAM and on
  * its disk (disk blocks travel in the checkpoint and are applied with it).
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
@@ -82,13 +82,12 @@ test('colo: a secondary on the primary\'s own image (no --snapshot) is refused; 
   assertNoErrors(src);
 });
 
-test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from the disk with the PVM paused, not copied into one buffer the size of what the guest wrote', async (t) => {
-  const env = new TestEnv(t);
-  const diskBytes = 128 * 1024 * 1024;
-  const chunk = 1024 * 1024;
-  // Writes its whole disk over and over, 1 MiB per fd_pwrite: every checkpoint interval dirties
-  // more blocks than limits.coloCheckpointCopyBytesMax (about 25 MB/s is enough).
-  const guest = watGuest(t, 'diskloop', `(module
+/**
+ * A guest that writes its whole disk (`diskBytes`) over and over, `chunk` bytes of 0x5a per
+ * fd_pwrite, as fast as it can.
+ */
+function diskRewriter(t: TestContext, diskBytes: number, chunk: number): string {
+  return watGuest(t, 'diskloop', `(module
     (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
     (memory (export "memory") ${(chunk + 65536) / 65536})
     (func (export "_start") (local $i i32) (local $off i64)
@@ -102,6 +101,15 @@ test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from th
         (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (local.get $off) (i32.const 24)))
         (local.set $off (i64.rem_u (i64.add (local.get $off) (i64.const ${chunk})) (i64.const ${diskBytes})))
         (br $write))))`);
+}
+
+test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from the disk with the PVM paused, not copied into one buffer the size of what the guest wrote', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 128 * 1024 * 1024;
+  const chunk = 1024 * 1024;
+  // Writes its whole disk over and over, 1 MiB per fd_pwrite: every checkpoint interval dirties
+  // more blocks than limits.coloCheckpointCopyBytesMax (about 25 MB/s is enough).
+  const guest = diskRewriter(t, diskBytes, chunk);
   const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
@@ -139,20 +147,7 @@ test('colo: a guest that rewrites a large disk between checkpoints does not make
   const chunk = 1024 * 1024;
   // Writes its whole disk over and over, 1 MiB per fd_pwrite: a checkpoint interval of a few
   // seconds dirties most of it.
-  const guest = watGuest(t, 'diskloop', `(module
-    (import "wasi_snapshot_preview1" "fd_pwrite" (func $pw (param i32 i32 i32 i64 i32) (result i32)))
-    (memory (export "memory") ${(chunk + 65536) / 65536})
-    (func (export "_start") (local $i i32) (local $off i64)
-      (loop $fill
-        (i32.store8 (i32.add (i32.const 65536) (local.get $i)) (i32.const 0x5a))
-        (local.set $i (i32.add (local.get $i) (i32.const 1)))
-        (br_if $fill (i32.lt_u (local.get $i) (i32.const ${chunk}))))
-      (i32.store (i32.const 16) (i32.const 65536))
-      (i32.store (i32.const 20) (i32.const ${chunk}))
-      (loop $write
-        (drop (call $pw (i32.const 4) (i32.const 16) (i32.const 1) (local.get $off) (i32.const 24)))
-        (local.set $off (i64.rem_u (i64.add (local.get $off) (i64.const ${chunk})) (i64.const ${diskBytes})))
-        (br $write))))`);
+  const guest = diskRewriter(t, diskBytes, chunk);
   const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),

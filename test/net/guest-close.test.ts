@@ -182,7 +182,11 @@ test('front end: close at a switchover frees the address at once, and the last o
   assert.ok(Buffer.concat(got).equals(reply), `the reply arrived whole (${Buffer.concat(got).length} of ${reply.length} bytes)`);
 });
 
-test('front end: close at process exit resets a closed connection that still owes output: nothing lingers to keep the process alive', async (t) => {
+/**
+ * A front end with one client that reads nothing, whose connection the guest closed after
+ * 32 MiB of output: most of it waits in the front end's socket.
+ */
+async function closedOwingOutput(t: { after(fn: () => unknown): void }): Promise<{ fe: FrontEnd; slow: net.Socket; closed: () => boolean }> {
   const events: NicInput[] = [];
   const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
   await fe.listen();
@@ -197,10 +201,15 @@ test('front end: close at process exit resets a closed connection that still owe
   const conn = events.find((e) => e.kind === 'open')!.conn;
   fe.deliver({ kind: 'out', conn, offset: 0, bytes: Buffer.alloc(32 * 1024 * 1024, 1) });
   fe.deliver({ kind: 'close', conn, offset: 32 * 1024 * 1024 });
+  return { fe, slow, closed: () => closed };
+}
+
+test('front end: close at process exit resets a closed connection that still owes output: nothing lingers to keep the process alive', async (t) => {
+  const { fe, slow, closed } = await closedOwingOutput(t);
   await withTimeout(fe.close(), 5000, "the front end's close");
   assert.equal(fe.openSockets(), 0);
   slow.resume();
-  await waitFor('the slow client to see its connection end', () => closed, 10000);
+  await waitFor('the slow client to see its connection end', closed, 10000);
 });
 
 test('a migration source whose switchover left a slow client draining its last reply quits at once: the draining socket is reset, not waited for', async (t) => {
@@ -243,24 +252,11 @@ test('a migration source whose switchover left a slow client draining its last r
 });
 
 test('front end: after a close at a switchover, a close at exit resets the sockets still draining', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 20000);
-  await fe.listen();
-  t.after(() => fe.close());
-  const slow = net.connect({ port: fe.boundPort(), host: '127.0.0.1' });
-  slow.on('error', () => undefined);
-  slow.pause();
-  let closed = false;
-  slow.on('close', () => (closed = true));
-  t.after(() => slow.destroy());
-  await waitFor('the open event', () => events.some((e) => e.kind === 'open'), 5000);
-  const conn = events.find((e) => e.kind === 'open')!.conn;
-  fe.deliver({ kind: 'out', conn, offset: 0, bytes: Buffer.alloc(32 * 1024 * 1024, 1) });
-  fe.deliver({ kind: 'close', conn, offset: 32 * 1024 * 1024 });
+  const { fe, slow, closed } = await closedOwingOutput(t);
   await withTimeout(fe.close({ drainClosed: true }), 5000, "the front end's close at the switchover");
   assert.equal(fe.openSockets(), 1, 'the closed connection drains on');
   await withTimeout(fe.close(), 5000, "the front end's close at exit");
   assert.equal(fe.openSockets(), 0);
   slow.resume();
-  await waitFor('the slow client to see its connection end', () => closed, 5000);
+  await waitFor('the slow client to see its connection end', closed, 5000);
 });
