@@ -621,12 +621,7 @@ class Vcpu {
     // NIC's queue had no room for.
     this.drainInput();
     this.input.read((ev) => this.overflow.push(ev));
-    const nic = this.nic.save();
-    for (const ev of this.overflow) {
-      if (ev.seq <= nic.lastSeq) continue;
-      nic.pending.push(ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn });
-      nic.lastSeq = ev.seq;
-    }
+    const nic = this.nic.save(this.overflow);
     const globals: Record<string, number | bigint> = {};
     for (const g of this.layout.globals) {
       const x = this.instance.exports[g.exportName];

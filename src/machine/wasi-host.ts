@@ -442,7 +442,6 @@ export class WasiHost {
     }
     if (e.kind === 'disk') {
       const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
-      this.vcpu.chargeBytes?.(data.byteLength);
       const r = this.diskRead(data, e.pos);
       if (r.errno !== errno.success) return r.errno;
       this.scatter(data.subarray(0, r.n));
@@ -457,6 +456,8 @@ export class WasiHost {
   private diskRead(into: Uint8Array, offset: number): { errno: number; n: number } {
     const disk = this.devices.disk;
     if (disk === null) return { errno: errno.badf, n: 0 };
+    // The bytes it moves count against the preemption budget (writes are charged in gather).
+    this.vcpu.chargeBytes?.(into.byteLength);
     try {
       return { errno: errno.success, n: disk.read(into, offset) };
     } catch (err) {
@@ -513,7 +514,6 @@ export class WasiHost {
     if (!this.iovecs(iovsPtr, iovsLen) || !this.inBounds(nPtr, 4)) return errno.fault;
     if (offset > BigInt(Number.MAX_SAFE_INTEGER)) return errno.inval;
     const data = new Uint8Array(Math.min(this.totalLen(), limits.fdIoBytesMax));
-    this.vcpu.chargeBytes?.(data.byteLength);
     const r = this.diskRead(data, Number(offset));
     if (r.errno !== errno.success) return r.errno;
     this.scatter(data.subarray(0, r.n));

@@ -256,12 +256,22 @@ export class Nic {
     return max;
   }
 
-  save(): NicState {
+  /**
+   * `beyond`: input that reached this NIC but found its queue full (the vCPU's overflow, in
+   * order): it belongs to the state's pending input after the queue's own.
+   */
+  save(beyond: readonly NicInput[] = []): NicState {
+    let lastSeq = this.lastSeq;
+    const pending = this.pending.map(savedInput);
+    for (const ev of beyond) {
+      if (ev.seq <= lastSeq) continue;
+      pending.push(savedInput(ev));
+      lastSeq = ev.seq;
+    }
     return {
-      lastSeq: this.lastSeq,
+      lastSeq,
       admittedSeq: this.admittedSeq,
-      // Copied field by field: an object spread makes V8 build a new hidden class per object.
-      pending: this.pending.map((ev) => (ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn })),
+      pending,
       backlog: [...this.backlog],
       conns: [...this.conns.values()].map((c) => ({
         conn: c.conn,
@@ -318,4 +328,9 @@ export class Nic {
     this.backlog = backlog;
     this.credits = [];
   }
+}
+
+/** A pending event as a state holds it: copied field by field (an object spread makes V8 build a new hidden class per object). */
+function savedInput(ev: NicInput): NicInput {
+  return ev.kind === 'data' ? { seq: ev.seq, kind: ev.kind, conn: ev.conn, bytes: ev.bytes } : { seq: ev.seq, kind: ev.kind, conn: ev.conn };
 }
