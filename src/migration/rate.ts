@@ -15,6 +15,11 @@ export class RateLimit {
     this.since = performance.now();
   }
 
+  /** The rate now (bytes per second, 0: no limit), as last set. */
+  get rate(): number {
+    return this.bytesPerSecond;
+  }
+
   /** The sender is going away (cancel, failure, quit): a wait in pace() ends now, and no other starts. */
   stop(): void {
     this.set(0);

@@ -64,8 +64,6 @@ export class SourceSession {
   private failure: Error | null = null;
   private readonly failureListeners = new Set<(err: Error) => void>();
   private ending = false;
-  /** With multifd, the rate for a round's pages once its disk blocks went first (sendRound): max-bandwidth, as last set. */
-  private blocksFirstRate = 0;
   /** The throttle of the round being sent on the main channel: its pages (no multifd) and disk blocks. */
   private plainLimit: RateLimit | null = null;
   /** abort()'s reason (a cancel), for a main channel that connects only after it. */
@@ -391,19 +389,19 @@ export class SourceSession {
       // and the round took the bandwidth and the disk's bytes on top. Under a limit the link
       // is the bottleneck, so the round takes as long either way.
       let blocksFirst = false;
+      let pagesRate = bytesPerSecond;
       if (bytesPerSecond > 0 && blocks.length > 0 && !pipelined) {
         const limit = new RateLimit(bytesPerSecond);
         this.plainLimit = limit;
-        this.blocksFirstRate = bytesPerSecond;
         try {
           await this.disk.send(channel, blocks, captured?.blocks ?? null, limit, mainBefore);
         } finally {
           this.plainLimit = null;
         }
         blocksFirst = true;
+        // A max-bandwidth set while the blocks went (setBandwidth) is the pages' rate.
+        pagesRate = limit.rate;
       }
-      // A max-bandwidth set while the blocks went (setBandwidth) is the pages' rate.
-      const pagesRate = blocksFirst ? this.blocksFirstRate : bytesPerSecond;
       const handed = await this.multifd.startRound(round, full ?? ((list) => (listCount = fill(list))), pagesRate, captured !== null ? source : undefined);
       roundChannels = handed.channels;
       // Disk blocks go on the main channel while the workers send pages.
@@ -460,7 +458,6 @@ export class SourceSession {
    * this rate from now on (the caller does not call it during an unthrottled round).
    */
   setBandwidth(bytesPerSecond: number): void {
-    this.blocksFirstRate = bytesPerSecond;
     this.plainLimit?.set(bytesPerSecond);
     this.multifd?.setBandwidth(bytesPerSecond);
   }
