@@ -77,11 +77,8 @@ test('a migrate-incoming that cannot listen (port in use) changes nothing: query
   assertNoErrors(src, dst);
 });
 
-for (const yankAfterGo of [false, true]) {
-test(`after go, a --net address held by another process does not lose the guest: the destination completes and runs, warns, and serves once the address is free${yankAfterGo ? ' (a yank on the destination while it waits for the address)' : ''}`, async (t) => {
-  const env = new TestEnv(t);
-  // A third process holds the destination's service address (in QEMU the NIC backend is
-  // opened at start; here it opens after `go`, when the source has already let go of the guest).
+/** A third process's listener on a fresh loopback port (it drops whoever connects); closeHolder frees the port (once; also at cleanup). */
+async function holdAddress(env: TestEnv): Promise<{ heldPort: number; closeHolder: () => Promise<void> }> {
   const holder = net.createServer((s) => s.destroy());
   await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
   let holderOpen = true;
@@ -91,7 +88,15 @@ test(`after go, a --net address held by another process does not lose the guest:
     return new Promise<void>((resolve) => holder.close(() => resolve()));
   };
   env.onCleanup(closeHolder);
-  const heldPort = (holder.address() as net.AddressInfo).port;
+  return { heldPort: (holder.address() as net.AddressInfo).port, closeHolder };
+}
+
+for (const yankAfterGo of [false, true]) {
+test(`after go, a --net address held by another process does not lose the guest: the destination completes and runs, warns, and serves once the address is free${yankAfterGo ? ' (a yank on the destination while it waits for the address)' : ''}`, async (t) => {
+  const env = new TestEnv(t);
+  // A third process holds the destination's service address (in QEMU the NIC backend is
+  // opened at start; here it opens after `go`, when the source has already let go of the guest).
+  const { heldPort, closeHolder } = await holdAddress(env);
   const srcPort = await freePort();
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${srcPort}`, '--memory', '64M'] }),
@@ -187,16 +192,7 @@ test('exit-on-error=false: a migration that breaks after the state was loaded bu
 
 test('a destination still waiting for its --net address that migrates on gives the address up: once free, the migrated-away VM does not take it', async (t) => {
   const env = new TestEnv(t);
-  const holder = net.createServer((s) => s.destroy());
-  await new Promise<void>((resolve) => holder.listen(0, '127.0.0.1', resolve));
-  let holderOpen = true;
-  const closeHolder = (): Promise<void> => {
-    if (!holderOpen) return Promise.resolve();
-    holderOpen = false;
-    return new Promise<void>((resolve) => holder.close(() => resolve()));
-  };
-  env.onCleanup(closeHolder);
-  const heldPort = (holder.address() as net.AddressInfo).port;
+  const { heldPort, closeHolder } = await holdAddress(env);
   const [aPort, cPort] = [await freePort(), await freePort()];
   const [a, b, c] = await Promise.all([
     env.startVm({ name: 'a', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${aPort}`, '--memory', '64M'] }),

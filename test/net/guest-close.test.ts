@@ -10,7 +10,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { FrontEnd } from '../../src/net/frontend.js';
 import type { NicInput } from '../../src/net/nic.js';
-import { TestEnv, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
+import { TestEnv, type VmProcess, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 
 /** A client that keeps its own side open after the server's FIN; what it received, whether it saw the FIN. */
@@ -48,8 +48,8 @@ async function quitAndLinger(port: number, env: TestEnv, then?: (s: net.Socket) 
   return c;
 }
 
-test('a client the guest closed that keeps its side open holds up neither a migration nor quit; its input after the close is read and dropped', async (t) => {
-  const env = new TestEnv(t);
+/** A kv source serving on a fresh port and a kv destination listening for its migration (64M each). */
+async function kvSourceAndTarget(env: TestEnv): Promise<{ port: number; src: VmProcess; dst: VmProcess; migPort: number }> {
   const port = await freePort();
   const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
   const [src, dst] = await Promise.all([
@@ -57,7 +57,12 @@ test('a client the guest closed that keeps its side open holds up neither a migr
     env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
   ]);
   await src.waitSerial('kv ready');
-  const migPort = await dst.listenIncoming();
+  return { port, src, dst, migPort: await dst.listenIncoming() };
+}
+
+test('a client the guest closed that keeps its side open holds up neither a migration nor quit; its input after the close is read and dropped', async (t) => {
+  const env = new TestEnv(t);
+  const { port, src, dst, migPort } = await kvSourceAndTarget(env);
 
   await quitAndLinger(port, env);
   // Another sends far more than the input window (and the kernel's buffers) after its QUIT:
@@ -214,14 +219,7 @@ test('front end: close at process exit resets a closed connection that still owe
 
 test('a migration source whose switchover left a slow client draining its last reply quits at once: the draining socket is reset, not waited for', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await src.waitSerial('kv ready');
-  const migPort = await dst.listenIncoming();
+  const { port, src, dst, migPort } = await kvSourceAndTarget(env);
   const other = await RespClient.connect(port);
   env.onCleanup(() => other.close());
   assert.equal(await other.command(['SET', 'v', 'v'.repeat(512 * 1024)]), 'OK');
