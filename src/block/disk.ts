@@ -322,7 +322,7 @@ export function readFull(fd: number, into: Uint8Array, position: number): void {
   }
 }
 
-function writeFull(fd: number, data: Uint8Array, position: number): void {
+export function writeFull(fd: number, data: Uint8Array, position: number): void {
   let done = 0;
   while (done < data.byteLength) {
     done += fs.writeSync(fd, data, done, data.byteLength - done, position + done);

@@ -2,7 +2,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import { MigrationError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
-import { openScratch, readFull } from '../block/disk.js';
+import { openScratch, readFull, writeFull } from '../block/disk.js';
 import type { DiskBlockSink } from '../migration/disk-sync.js';
 
 const blockBytes = limits.diskBlockBytes;
@@ -106,8 +106,7 @@ export class CheckpointBlocks {
   private stage(block: number, data: Uint8Array): void {
     const fd = this.stagingFd();
     try {
-      let done = 0;
-      while (done < data.byteLength) done += fs.writeSync(fd, data, done, data.byteLength - done, block * blockBytes + done);
+      writeFull(fd, data, block * blockBytes);
     } catch (err) {
       const code = (err as NodeJS.ErrnoException).code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO';
       throw new MigrationError(code, `cannot stage disk block ${block} of the checkpoint in ${os.tmpdir()} (TMPDIR): ${errorMessage(err)}`, { cause: err });
