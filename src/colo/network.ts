@@ -83,6 +83,8 @@ export class PrimaryNet {
   private scan: NodeJS.Timeout | null = null;
   /** Client input stopped: the PVM's output for the next epoch reached the held limit. */
   private inputHeld = false;
+  /** Client input stopped: the secondary left too much mirrored input unread (boundMirror). */
+  private mirrorHeld = false;
   private readonly mirror: Batcher<NicInput>;
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
@@ -119,6 +121,7 @@ export class PrimaryNet {
         const b = encodeInputFrames(events);
         this.mirrorChannelBytes += b.byteLength;
         ch.write(b);
+        this.boundMirror();
         return;
       }
       try {
@@ -127,6 +130,7 @@ export class PrimaryNet {
         // The channel is gone: the failover path handles it (the PVM already has the input).
         log.debug(`mirroring input: ${errorMessage(err)}`);
       }
+      this.boundMirror();
     });
   }
 
@@ -146,6 +150,8 @@ export class PrimaryNet {
     this.scan = setInterval(() => {
       const t = this.compare.check(performance.now());
       if (t !== null) this.onTrigger(t);
+      // The main channel has no drain event of the mirror's own: whether the secondary caught up is looked at here.
+      if (this.mirrorHeld) this.boundMirror();
     }, limits.coloCompareScanMs);
   }
 
@@ -191,6 +197,7 @@ export class PrimaryNet {
     // Its end is the secondary's end or its switch back to the main channel: the main channel
     // says which (a failover, or nothing).
     s.on('error', (err) => log.debug(`SVM output channel: ${err.message}`));
+    s.on('drain', () => this.boundMirror());
     s.on('close', () => {
       if (this.outputChannel !== s) return;
       this.outputChannel = null;
@@ -331,6 +338,40 @@ export class PrimaryNet {
     this.vm.frontEnd?.resumeReading('compare');
   }
 
+  private releaseMirror(): void {
+    if (!this.mirrorHeld) return;
+    this.mirrorHeld = false;
+    this.vm.frontEnd?.resumeReading('mirror');
+  }
+
+  /** Mirrored input written here that the secondary has not read yet (what its socket still holds). */
+  private mirrorUnsent(): number {
+    const ch = this.outputChannel;
+    return this.mirrorRoute === 'channel' && ch !== null ? ch.writableLength : this.session.mainUnsentBytes;
+  }
+
+  /**
+   * The mirror must not grow the primary's memory without bound: the PVM takes its input as it
+   * comes, but a secondary that hangs, or whose SVM reads no input (its NIC queue is full, its
+   * vCPU stops reading the output channel), leaves it in the socket. Past
+   * limits.coloMirrorUnsentBytesMax the clients are not read, and a checkpoint is asked for (it
+   * brings an SVM that fell behind up to the PVM, which reads its input); they are read again
+   * once the secondary took half of it.
+   */
+  private boundMirror(): void {
+    if (!this.active) return;
+    const unsent = this.mirrorUnsent();
+    if (!this.mirrorHeld && unsent > limits.coloMirrorUnsentBytesMax) {
+      this.mirrorHeld = true;
+      this.vm.frontEnd?.pauseReading('mirror');
+      log.info(`the secondary has ${unsent} bytes of mirrored input unread, above ${limits.coloMirrorUnsentBytesMax}: clients are not read until it has taken half of them`);
+      this.onTrigger('resync');
+    } else if (this.mirrorHeld && unsent <= limits.coloMirrorUnsentBytesMax / 2) {
+      this.releaseMirror();
+      log.info('the secondary caught up with the mirrored input: clients are read again');
+    }
+  }
+
   /**
    * Failover: release everything held, stop mirroring; output goes straight to the clients
    * (the PVM's is all there is now).
@@ -340,6 +381,7 @@ export class PrimaryNet {
     this.vm.outputSink = null;
     for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
     this.releaseInput();
+    this.releaseMirror();
   }
 
   /**
@@ -356,6 +398,7 @@ export class PrimaryNet {
     const dropped = this.compare.dropAll();
     if (dropped > 0) log.debug(`dropped ${dropped} bytes of output held for the compare`);
     this.releaseInput();
+    this.releaseMirror();
   }
 
   /** No more comparing or mirroring; false if that was so already. */

@@ -285,6 +285,13 @@ export const limits = {
    * x-checkpoint-delay, connection churn would otherwise grow that set without end.
    */
   coloCompareClosedConnectionsMax: 65536,
+  /**
+   * COLO: mirrored input the primary has written and the secondary has not read (its socket's
+   * unsent bytes, on the output channel or the main channel) above which the clients are not
+   * read until it is down to half: a secondary that hangs, or whose SVM reads no input, must not
+   * grow the primary's memory by what the clients send (the PVM goes on taking it).
+   */
+  coloMirrorUnsentBytesMax: 16 * 1024 * 1024,
   /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
   coloNetBatchBytes: 1024 * 1024,
   /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */

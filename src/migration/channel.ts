@@ -90,6 +90,11 @@ export class MainChannel {
     return this.encoder;
   }
 
+  /** Bytes written and not yet handed to the kernel. */
+  get unsentBytes(): number {
+    return this.socket.writableLength;
+  }
+
   /** Resolves when fewer than `bytes` are waiting in the socket's buffer. */
   async drain(bytes: number = limits.mainChannelWriteBufferBytesMax): Promise<void> {
     while (this.socket.writableLength > bytes) {

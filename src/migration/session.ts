@@ -512,6 +512,11 @@ export class SourceSession {
     this.requireChannel().sendFrame(FrameType.coloNet, [payload]);
   }
 
+  /** Bytes queued on the main channel that the kernel has not taken yet (0 without a channel). */
+  get mainUnsentBytes(): number {
+    return this.channel?.unsentBytes ?? 0;
+  }
+
   /** COLO: the next colo or coloNet frame from the destination. */
   nextColo(): Promise<Frame> {
     const f = this.coloFrames.shift();

@@ -6,8 +6,12 @@ import { UsageError } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import type { NicInput, NicOutput } from './nic.js';
 
-/** Why the front end stops reading its clients: the VM is paused (a switchover, a checkpoint), or the COLO compare holds too much output. */
-export type ReadingPause = 'vm' | 'compare';
+/**
+ * Why the front end stops reading its clients: the VM is paused (a switchover, a checkpoint),
+ * the COLO compare holds too much output, or the COLO secondary is too far behind in reading
+ * the mirrored input.
+ */
+export type ReadingPause = 'vm' | 'compare' | 'mirror';
 
 const log = logger('net');
 

@@ -7,7 +7,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests, runProgram, sleep, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, Incrementer, RespClient, countMissing } from '../framework/resp.js';
-import { IncrFlood, rssBytes } from '../framework/flood.js';
+import { IncrFlood, rssBytes, setCommand } from '../framework/flood.js';
 import { rng } from '../framework/rng.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
@@ -214,6 +214,31 @@ test('colo/net: a client flooding the pair and reading no replies is pushed back
   assert.equal(after['checkpoints-mismatch'], counters['checkpoints-mismatch'], 'the guests stayed in step: no mismatch checkpoint');
   assert.equal(after['checkpoints-timeout'], counters['checkpoints-timeout'], 'the secondary kept up: no timeout checkpoint');
   assert.equal(await src.qmp.execute('query-colo-status').then((r) => (r as { mode: string }).mode), 'primary');
+  assertNoErrors(src, dst);
+});
+
+test('colo/net: a secondary that reads no mirrored input (SIGSTOP) while a client floods: the primary stops reading its clients instead of growing, and serves on once it reads again', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await startPair(env, 100);
+  const mib = 1024 * 1024;
+  const before = rssBytes(src.child.pid!);
+  dst.kill('SIGSTOP');
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  // Big SETs: the replies (held for the SVM's copy) are tiny, so only a bound on the mirror
+  // itself stops what the PVM reads from piling up in the primary for the secondary.
+  const flood = await IncrFlood.start(env, port, 1024 * mib, setCommand('big', 4096));
+  const growth = rssBytes(src.child.pid!) - before;
+  t.diagnostic(`flood stalled after ${(flood.written / mib).toFixed(1)} MiB; primary RSS grew ${(growth / mib).toFixed(1)} MiB`);
+  assert.ok(flood.written < 4 * limits.coloMirrorUnsentBytesMax, `the primary read ${(flood.written / mib).toFixed(1)} MiB from the client for a secondary that reads none of it`);
+  assert.ok(growth < 160 * mib, `primary memory grew by ${(growth / mib).toFixed(1)} MiB`);
+  assert.match(src.stderr, / info colo: the secondary has \d+ bytes of mirrored input unread, above \d+: clients are not read/);
+  dst.kill('SIGCONT');
+  await flood.readAllReplies(60000);
+  assert.match(src.stderr, / info colo: the secondary caught up with the mirrored input: clients are read again/);
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  assert.equal(await c.command(['GET', 'big']), 'v'.repeat(4096));
+  assert.equal(await src.qmp.execute('query-colo-status').then((r) => (r as { mode: string }).mode), 'primary', 'still protected');
   assertNoErrors(src, dst);
 });
 
