@@ -274,6 +274,13 @@ export class Disk {
       this.dirty[b] = 1;
       n++;
     }
+    // The guest synced these writes (and the checkpoints' blocks under them) when they went to
+    // the layer, a scratch file: they are durable only now.
+    try {
+      this.sync();
+    } catch (err) {
+      throw new DiskIoError('DISK_IO', `flushing the guest's committed writes to the disk: ${errorMessage(err)}`, { cause: err });
+    }
     Atomics.store(this.layerCtl, 0, 0);
     fs.ftruncateSync(this.spec.layerFd, 0);
     return n;
