@@ -129,6 +129,7 @@ class Vcpu {
   /** The guest's size is `pages`: memory.size, the store log's map and the main thread's copy follow. */
   private setGuestPages(pages: number): void {
     this.pagesGlobal.value = pages;
+    this.host.setGuestBytes(pages * limits.wasmPageBytes);
     this.dirtyLogBase = regionAt(this.layout, pages).dirtyLogBase;
     if (this.logGlobal !== null) this.logGlobal.value = this.dirtyLogBase;
     Atomics.store(this.ctl, ctl.guestPages, pages);

@@ -496,3 +496,39 @@ test('mutable float globals holding Infinity, NaN or -0 (an AssemblyScript guest
   assert.ok(Number.isNaN(dv.getFloat64(24, true)), 'the NaN stays a NaN');
   assert.equal(dv.getFloat32(32, true), -Infinity);
 });
+
+test("a WASI call whose pointer lies past the guest's memory (in colo's region above it) is EFAULT, as in the original, and clears no dirty mark", async (t) => {
+  // The host checked pointers against the whole shared memory, which also holds colo's
+  // asyncify area and dirty map above the guest: environ_sizes_get's zero count cleared the
+  // map's marks of pages 0-3, and page 0, just written, escaped the next checkpoint.
+  const file = watGuest(t, 'region-pointers', `(module
+    (import "wasi_snapshot_preview1" "environ_sizes_get" (func $es (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "random_get" (func $rg (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (i32.store (i32.const 32) (i32.const 7))
+      ;; Results in page 2, so that nothing after the first call writes page 0.
+      (i32.store (i32.const 8192) (call $es (i32.load (i32.const 64)) (i32.const 12288)))
+      (i32.store (i32.const 8196) (call $rg (i32.const 65536) (i32.const 16)))
+      (i32.store (i32.const 8200) (call $rg (i32.const 65520) (i32.const 17)))
+      (i32.store (i32.const 8204) (call $rg (i32.const 65520) (i32.const 16)))
+      (drop (memory.grow (i32.const 1)))
+      (i32.store (i32.const 8208) (call $rg (i32.const 65536) (i32.const 16)))
+      (i32.store (i32.const 8212) (i32.const 1))
+      (loop $wait (br_if $wait (i32.eqz (i32.load (i32.const 8216)))))))`);
+  const { m } = await machineFor(t, file, [], { storeLog: true });
+  const tracker = m.dirtyTracker();
+  new Uint32Array(m.memory.buffer)[16] = m.region().dirtyLogBase; // the guest's pointer at 64
+  tracker.reset(m.ram(), m.statePageRanges());
+  await m.cont();
+  const w = (addr: number) => new Uint32Array(m.memory.buffer)[addr / 4]!;
+  await waitFor('the guest to make its calls', () => w(8212) === 1, 10000);
+  await m.pause();
+  const efault = 21;
+  assert.equal(w(8192), efault, 'environ_sizes_get into the dirty map: EFAULT');
+  assert.equal(w(8196), efault, 'random_get just past the guest: EFAULT');
+  assert.equal(w(8200), efault, "random_get across the guest's end: EFAULT");
+  assert.equal(w(8204), 0, "random_get up to the guest's end: success");
+  assert.equal(w(8208), 0, 'random_get into the page the guest grew: success');
+  assert.ok(tracker.collect(m.ram(), m.statePageRanges()).includes(0), 'page 0, which the guest wrote, is reported dirty');
+});
