@@ -690,6 +690,22 @@ function refused(bytes: Uint8Array, code: string, pattern: RegExp, not?: RegExp)
 
 const commandTail = `(func $_start) (export "_start" (func $_start))`;
 
+test("a valid guest with a custom section binaryen cannot read (a stale name section) loads and runs, as in V8", () => {
+  // Custom sections are not validated (the spec says to ignore a malformed name section), and
+  // V8 runs such a module; binaryen refused to read it, and the load failed with
+  // "binaryen cannot read the guest module: [object Object]".
+  const original = wat(recursionWat(3, 50));
+  const name = new TextEncoder().encode('name');
+  // A function-names subsection whose count promises more than it holds.
+  const payload = [name.length, ...name, 1, 5, 0xff, 0xff, 0xff, 0xff, 0x0f];
+  const bytes = new Uint8Array([...original, 0, payload.length, ...payload]);
+  assert.ok(WebAssembly.validate(bytes), 'V8 accepts the module');
+  const reference = runOriginal(bytes);
+  const run = runResumable(instrumentGuest(bytes), { preemptUnwinds: true });
+  assert.equal(readI64(run.memory, 16), readI64(reference, 16));
+  assert.equal(readI64(run.memory, 24), readI64(reference, 24));
+});
+
 test('refuses modules colo-vm cannot run, naming the problem', () => {
   refused(new TextEncoder().encode('#!/bin/sh\necho not wasm\n'), 'GUEST_INVALID', /not a WebAssembly module/);
   refused(new Uint8Array([0, 0x61, 0x73, 0x6d, 1, 0, 0, 0, 1, 5, 0xff]), 'GUEST_INVALID', /not valid WebAssembly/);
