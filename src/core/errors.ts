@@ -49,5 +49,8 @@ export class TimeoutError extends ColoError {
 
 export function errorMessage(err: unknown): string {
   if (err instanceof Error) return err.message;
+  // binaryen.js throws plain objects with a message ("[object Object]" otherwise).
+  const message = typeof err === 'object' && err !== null ? (err as { message?: unknown }).message : undefined;
+  if (typeof message === 'string') return message;
   return String(err);
 }

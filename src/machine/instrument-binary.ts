@@ -709,6 +709,17 @@ export function memoryToImport(
   return concatBytes(parts);
 }
 
+/**
+ * The module without its custom sections. They carry no semantics and are not validated (a
+ * malformed name section is to be ignored, and V8 does); binaryen refuses to read some that
+ * V8 accepts (a stale name section), so the build reads the module again without them.
+ */
+export function withoutCustomSections(bytes: Uint8Array): Uint8Array {
+  const parts: Uint8Array[] = [bytes.subarray(0, 8)];
+  for (const s of readSections(bytes)) if (s.id !== 0) parts.push(bytes.subarray(s.headerStart, s.end));
+  return concatBytes(parts);
+}
+
 /** Reads the imports of an (instrumented) module: used to check the final output. */
 export function readImports(bytes: Uint8Array): { module: string; name: string; kind: number; shared?: boolean; min?: number; max?: number | null }[] {
   const out: { module: string; name: string; kind: number; shared?: boolean; min?: number; max?: number | null }[] = [];

@@ -7,7 +7,7 @@
 import binaryen from 'binaryen';
 import { GuestLoadError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
-import { memoryToImport, wasiModule } from './instrument-binary.js';
+import { memoryToImport, wasiModule, withoutCustomSections } from './instrument-binary.js';
 import {
   asyncifyExports,
   blockingWasiImports,
@@ -77,12 +77,19 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
   const blocking = parsed.wasiImports.filter((n) => blockingWasiImports.includes(n));
 
   const wasm = withBinaryenSettings(() => {
+    // binaryen.js's readBinary takes the features as a second argument (the typings lack it).
+    const read = (bytes: Uint8Array) => (binaryen.readBinary as (data: Uint8Array, features: number) => binaryen.Module)(bytes, guestFeatures);
     let m: binaryen.Module;
     try {
-      // binaryen.js's readBinary takes the features as a second argument (the typings lack it).
-      m = (binaryen.readBinary as (data: Uint8Array, features: number) => binaryen.Module)(prepared, guestFeatures);
-    } catch (err) {
-      throw new GuestLoadError('GUEST_INVALID', `binaryen cannot read the guest module: ${errorMessage(err)}`);
+      m = read(prepared);
+    } catch {
+      // V8 accepted the module: a custom section binaryen cannot parse (a stale name section)
+      // is no reason to refuse it. Without them, guest traps name no functions.
+      try {
+        m = read(withoutCustomSections(prepared));
+      } catch (err) {
+        throw new GuestLoadError('GUEST_INVALID', `binaryen cannot read the guest module: ${errorMessage(err)}`);
+      }
     }
     try {
       m.setFeatures(guestFeatures);

@@ -143,7 +143,16 @@ export function checkGuest(original: Uint8Array): ParsedGuest {
   }
   readSections(original); // magic and version first: the clearest message for a non-wasm file
   const problem = v8Problem(original);
-  if (problem !== null) throw new GuestLoadError('GUEST_INVALID', `guest module is not valid WebAssembly: ${problem}`);
+  if (problem !== null) {
+    // V8 11.3 has memory64 and multi-memory behind flags and calls such a module invalid,
+    // with advice to enable the flag: name the proposal colo-vm does not support instead.
+    try {
+      parseGuest(original, allowedWasiImports);
+    } catch (err) {
+      if (err instanceof GuestLoadError && (err.code === 'GUEST_FEATURE' || err.code === 'GUEST_MEMORY')) throw err;
+    }
+    throw new GuestLoadError('GUEST_INVALID', `guest module is not valid WebAssembly: ${problem}`);
+  }
   return parseGuest(original, allowedWasiImports);
 }
 

@@ -45,12 +45,41 @@ export interface GuestLayout {
 export interface VcpuState {
   started: boolean;
   exited: boolean;
+  /**
+   * Every mutable global by export name: an i32 as a number; an i64 as a bigint; an f32 or f64
+   * as a bigint of its bits (floatGlobalBits), since the state travels as JSON, where a
+   * number that is Infinity or NaN becomes null and -0 becomes 0. (A NaN's payload is lost
+   * anyway: V8 canonicalises it when it hands the global's value to JS.)
+   */
   globals: Record<string, number | bigint>;
   memoryPages: number;
   clock: { monotonicNs: bigint };
   serial: { bytesWritten: number };
   nic: NicState;
   wasi: WasiState;
+}
+
+const floatBits = new DataView(new ArrayBuffer(8));
+
+/** The bits of an f32 or f64 global's value, as VcpuState.globals holds them. */
+export function floatGlobalBits(type: 'f32' | 'f64', value: number): bigint {
+  if (type === 'f32') {
+    floatBits.setFloat32(0, value, true);
+    return BigInt(floatBits.getUint32(0, true));
+  }
+  floatBits.setFloat64(0, value, true);
+  return floatBits.getBigUint64(0, true);
+}
+
+/** The value of an f32 or f64 global from its bits (floatGlobalBits), or null when they do not fit the type. */
+export function floatGlobalValue(type: 'f32' | 'f64', bits: bigint): number | null {
+  if (bits < 0n || bits >= (type === 'f32' ? 1n << 32n : 1n << 64n)) return null;
+  if (type === 'f32') {
+    floatBits.setUint32(0, Number(bits), true);
+    return floatBits.getFloat32(0, true);
+  }
+  floatBits.setBigUint64(0, bits, true);
+  return floatBits.getFloat64(0, true);
 }
 
 export type WorkerRequest =

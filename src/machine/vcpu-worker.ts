@@ -24,7 +24,7 @@ import { Clock } from './devices/clock.js';
 import { Serial } from './devices/serial.js';
 import { WasiHost } from './wasi-host.js';
 import { ProcExit } from './wasi-abi.js';
-import { ctl, encodeOutputBatch, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
+import { ctl, encodeOutputBatch, floatGlobalBits, floatGlobalValue, type GuestLayout, type VcpuState, type WorkerReply, type WorkerRequest } from './vcpu-protocol.js';
 import { RestoreError } from '../core/errors.js';
 import { RegionLock, growGuestMemory, regionAfterRestore, regionAt, type ReservedRegion } from './reserved-region.js';
 import * as v from '../core/validate.js';
@@ -129,6 +129,7 @@ class Vcpu {
   /** The guest's size is `pages`: memory.size, the store log's map and the main thread's copy follow. */
   private setGuestPages(pages: number): void {
     this.pagesGlobal.value = pages;
+    this.host.setGuestBytes(pages * limits.wasmPageBytes);
     this.dirtyLogBase = regionAt(this.layout, pages).dirtyLogBase;
     if (this.logGlobal !== null) this.logGlobal.value = this.dirtyLogBase;
     Atomics.store(this.ctl, ctl.guestPages, pages);
@@ -626,7 +627,7 @@ class Vcpu {
     for (const g of this.layout.globals) {
       const x = this.instance.exports[g.exportName];
       if (!(x instanceof WebAssembly.Global)) throw new Error(`global export ${g.exportName} missing`);
-      globals[g.exportName] = x.value as number | bigint;
+      globals[g.exportName] = g.type === 'f32' || g.type === 'f64' ? floatGlobalBits(g.type, x.value as number) : (x.value as number | bigint);
     }
     return {
       started: this.phase !== 'fresh',
@@ -645,11 +646,15 @@ class Vcpu {
     const started = v.bool(s.started, 'vcpu.started');
     if (v.bool(s.exited, 'vcpu.exited')) throw new RestoreError('STATE_EXITED', 'the saved guest had exited; there is nothing to resume');
     const globals = v.record(s.globals, 'vcpu.globals');
+    const values: Record<string, number | bigint> = {};
     for (const g of this.layout.globals) {
       const val = globals[g.exportName];
-      if (g.type === 'i64' ? typeof val !== 'bigint' : typeof val !== 'number') {
+      // A float is its bits (floatGlobalBits); a number too, as a state of an older colo-vm has it.
+      const value = (g.type === 'f32' || g.type === 'f64') && typeof val === 'bigint' ? floatGlobalValue(g.type, val) : val;
+      if (g.type === 'i64' ? typeof value !== 'bigint' : typeof value !== 'number') {
         throw new RestoreError('STATE_INVALID', `vcpu.globals.${g.exportName}: expected a ${g.type}`);
       }
+      values[g.exportName] = value as number | bigint;
     }
     const extra = Object.keys(globals).filter((k) => !this.layout.globals.some((g) => g.exportName === k));
     if (extra.length > 0) throw new RestoreError('STATE_INVALID', `vcpu.globals: unknown global ${extra[0]}`);
@@ -670,7 +675,7 @@ class Vcpu {
     this.takeChannel();
     const from = this.guestPages();
     for (const g of this.layout.globals) {
-      (this.instance.exports[g.exportName] as WebAssembly.Global).value = globals[g.exportName];
+      (this.instance.exports[g.exportName] as WebAssembly.Global).value = values[g.exportName];
     }
     this.regionLock.with(() => {
       regionAfterRestore(this.memory, this.layout, from, pages);

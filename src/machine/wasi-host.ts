@@ -175,6 +175,12 @@ export class WasiHost {
   private view!: DataView;
   private u8!: Uint8Array;
   private bufferLength = -1;
+  /**
+   * The end of the guest's own memory (its memory.size): above it lies colo's region (the
+   * asyncify area and the dirty map, reserved-region.ts), which a guest pointer must not
+   * reach. Infinity until the vCPU says (a host of tests and benchmarks has no region).
+   */
+  private guestBytes = Infinity;
   private readonly argsBytes: Uint8Array[];
   /** Serial.write's wait for a full console. */
   private readonly consoleWait = (): boolean => this.vcpu.waitForConsole?.() ?? true;
@@ -222,8 +228,15 @@ export class WasiHost {
     return this.u8;
   }
 
+  /** The guest's memory now ends at `bytes` (it grew, or a state was restored): see guestBytes. */
+  setGuestBytes(bytes: number): void {
+    this.guestBytes = bytes;
+  }
+
   private inBounds(ptr: number, len: number): boolean {
-    if (ptr < 0 || len < 0) return false;
+    // EFAULT past the guest's own memory, as in the original module (a wild pointer there
+    // overwrote colo's region: zeros into the dirty map lost pages from a checkpoint).
+    if (ptr < 0 || len < 0 || ptr + len > this.guestBytes) return false;
     // A memory that is not shared detaches its old buffer when it grows (the view's length
     // drops to 0): that too needs a new view.
     if (ptr + len <= this.bufferLength && this.u8.byteLength === this.bufferLength) return true;

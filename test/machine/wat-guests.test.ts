@@ -14,6 +14,8 @@ import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
 import { Machine } from '../../src/machine/machine.js';
 import { limits } from '../../src/core/limits.js';
 import { UsageError } from '../../src/core/errors.js';
+import { decodeStateJson, encodeStateJson } from '../../src/core/bytes.js';
+import type { VcpuState } from '../../src/machine/vcpu-protocol.js';
 
 const GiB = 1024 * 1024 * 1024;
 
@@ -451,4 +453,82 @@ test('guest arguments and environment above limits.guestArgsBytesMax are a usage
   const exited = new Promise<number>((resolve) => m.once('shutdown', resolve));
   await m.cont();
   assert.equal(await withTimeout(exited, 10000, 'the guest to exit'), room + 1, 'argv[1] reaches the guest whole');
+});
+
+test('mutable float globals holding Infinity, NaN or -0 (an AssemblyScript guest\'s module-level variables) survive the state codec of migration and COLO', async (t) => {
+  // The device state travels as JSON (core/bytes.ts): a global's Infinity or NaN became null,
+  // which the target refused (STATE_INVALID: no migration, no COLO checkpoint), and -0 became +0.
+  const file = watGuest(t, 'float-globals', `(module
+    (memory (export "memory") 1)
+    (global $inf (mut f64) (f64.const 0))
+    (global $nz (mut f64) (f64.const 0))
+    (global $nan (mut f64) (f64.const 0))
+    (global $f (mut f32) (f32.const 0))
+    (func (export "_start")
+      (global.set $inf (f64.div (f64.const 1) (f64.load (i32.const 64))))
+      (global.set $nz (f64.neg (f64.load (i32.const 64))))
+      (global.set $nan (f64.reinterpret_i64 (i64.const 0x7ff8000000abcdef)))
+      (global.set $f (f32.div (f32.const -1) (f32.load (i32.const 64))))
+      (i32.store (i32.const 0) (i32.const 1))
+      (loop $wait (br_if $wait (i32.eqz (i32.load (i32.const 4)))))
+      (f64.store (i32.const 8) (global.get $inf))
+      (f64.store (i32.const 16) (global.get $nz))
+      (f64.store (i32.const 24) (global.get $nan))
+      (f32.store (i32.const 32) (global.get $f))))`);
+  const { m: a } = await machineFor(t, file, []);
+  await a.cont();
+  await waitFor('the guest to set its globals', () => new Uint32Array(a.memory.buffer)[0] === 1, 10000);
+  await a.pause();
+  const state = decodeStateJson(encodeStateJson({ vcpu: await a.saveVcpu() })) as { vcpu: VcpuState };
+  const ram = Buffer.from(a.ram());
+  const { m: b } = await machineFor(t, file, []);
+  b.growRamTo(ram.byteLength / 65536);
+  b.ram().set(ram);
+  await b.restoreVcpu(state.vcpu); // refused (STATE_INVALID) was the bug
+  new Uint32Array(b.memory.buffer)[1] = 1;
+  const exited = exitOf(b);
+  await b.cont();
+  assert.equal(await withTimeout(exited, 10000, 'the restored guest to exit'), 0);
+  const dv = new DataView(b.memory.buffer);
+  assert.equal(dv.getFloat64(8, true), Infinity);
+  assert.ok(Object.is(dv.getFloat64(16, true), -0), '-0 stays -0');
+  // Not its payload: V8 hands a global's value to JS as a number, and canonicalises NaNs on the way.
+  assert.ok(Number.isNaN(dv.getFloat64(24, true)), 'the NaN stays a NaN');
+  assert.equal(dv.getFloat32(32, true), -Infinity);
+});
+
+test("a WASI call whose pointer lies past the guest's memory (in colo's region above it) is EFAULT, as in the original, and clears no dirty mark", async (t) => {
+  // The host checked pointers against the whole shared memory, which also holds colo's
+  // asyncify area and dirty map above the guest: environ_sizes_get's zero count cleared the
+  // map's marks of pages 0-3, and page 0, just written, escaped the next checkpoint.
+  const file = watGuest(t, 'region-pointers', `(module
+    (import "wasi_snapshot_preview1" "environ_sizes_get" (func $es (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "random_get" (func $rg (param i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (i32.store (i32.const 32) (i32.const 7))
+      ;; Results in page 2, so that nothing after the first call writes page 0.
+      (i32.store (i32.const 8192) (call $es (i32.load (i32.const 64)) (i32.const 12288)))
+      (i32.store (i32.const 8196) (call $rg (i32.const 65536) (i32.const 16)))
+      (i32.store (i32.const 8200) (call $rg (i32.const 65520) (i32.const 17)))
+      (i32.store (i32.const 8204) (call $rg (i32.const 65520) (i32.const 16)))
+      (drop (memory.grow (i32.const 1)))
+      (i32.store (i32.const 8208) (call $rg (i32.const 65536) (i32.const 16)))
+      (i32.store (i32.const 8212) (i32.const 1))
+      (loop $wait (br_if $wait (i32.eqz (i32.load (i32.const 8216)))))))`);
+  const { m } = await machineFor(t, file, [], { storeLog: true });
+  const tracker = m.dirtyTracker();
+  new Uint32Array(m.memory.buffer)[16] = m.region().dirtyLogBase; // the guest's pointer at 64
+  tracker.reset(m.ram(), m.statePageRanges());
+  await m.cont();
+  const w = (addr: number) => new Uint32Array(m.memory.buffer)[addr / 4]!;
+  await waitFor('the guest to make its calls', () => w(8212) === 1, 10000);
+  await m.pause();
+  const efault = 21;
+  assert.equal(w(8192), efault, 'environ_sizes_get into the dirty map: EFAULT');
+  assert.equal(w(8196), efault, 'random_get just past the guest: EFAULT');
+  assert.equal(w(8200), efault, "random_get across the guest's end: EFAULT");
+  assert.equal(w(8204), 0, "random_get up to the guest's end: success");
+  assert.equal(w(8208), 0, 'random_get into the page the guest grew: success');
+  assert.ok(tracker.collect(m.ram(), m.statePageRanges()).includes(0), 'page 0, which the guest wrote, is reported dirty');
 });
