@@ -48,7 +48,7 @@ test('bad JSON gets a GenericError and the connection stays usable', async (t) =
   const { socketPath } = await startServer(t);
   const c = await rawClient(t, socketPath);
   await c.negotiate();
-  for (const bad of ['{"execute": ', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}']) {
+  for (const bad of ['{"execute": ', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}', '{"execute": "pmemsave", "arguments": {"val": 0, "size": 1, "filename": "/tmp/\\udc80"}}']) {
     c.send(bad + '\n');
     const reply = await c.next();
     assert.deepEqual(Object.keys(reply), ['error'], bad);
