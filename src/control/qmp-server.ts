@@ -38,8 +38,27 @@ export interface QmpTimestamp {
   microseconds: number;
 }
 
+/** Wall-clock ms = this + performance.now(): the monotonic clock, for microseconds. */
+let wallClockOffsetMs = performance.timeOrigin;
+
+/**
+ * The wall clock in ms with a fraction. Date.now() has whole ms only; the monotonic clock has
+ * the fraction but does not follow the wall clock when that is stepped (NTP's first sync after
+ * boot, an administrator's `date`) or while the host is suspended: event timestamps, QEMU's
+ * g_get_real_time(), would then be off by that much for the rest of the process's life. So the
+ * monotonic clock is re-anchored whenever it parts from Date.now() by more than a ms.
+ */
+function wallClockMs(): number {
+  const mono = performance.now();
+  const wall = Date.now();
+  const ms = wallClockOffsetMs + mono;
+  if (ms >= wall - 1 && ms < wall + 2) return ms;
+  wallClockOffsetMs = wall - mono;
+  return wall;
+}
+
 /** Wall-clock time as QMP event timestamps carry it. */
-export function qmpTimestamp(nowMs: number = performance.timeOrigin + performance.now()): QmpTimestamp {
+export function qmpTimestamp(nowMs: number = wallClockMs()): QmpTimestamp {
   const us = Math.floor(nowMs * 1000);
   return { seconds: Math.floor(us / 1_000_000), microseconds: us % 1_000_000 };
 }

@@ -272,6 +272,28 @@ test('events reach every negotiated client with a timestamp, never a negotiating
   assert.equal(server.clientCount, 3);
 });
 
+test('event timestamps follow the wall clock when it is stepped (NTP, date, a host suspend), as QEMU\'s g_get_real_time', async (t) => {
+  const { server, socketPath } = await startServer(t);
+  const c = await rawClient(t, socketPath);
+  await c.negotiate();
+  const realNow = Date.now;
+  t.after(() => {
+    Date.now = realNow;
+  });
+  const stampMs = async (): Promise<number> => {
+    assert.equal(server.emit('STOP'), 1);
+    const ts = (await c.next()).timestamp as { seconds: number; microseconds: number };
+    return ts.seconds * 1000 + ts.microseconds / 1000;
+  };
+  for (const stepMs of [3_600_000, -86_400_000, 0]) {
+    Date.now = () => realNow() + stepMs;
+    const before = Date.now();
+    const ms = await stampMs();
+    const after = Date.now();
+    assert.ok(ms >= before - 1 && ms <= after + 1, `clock stepped by ${stepMs} ms: timestamp ${ms} within [${before}, ${after}]`);
+  }
+});
+
 test('a line longer than the limit is an error and the client is closed; others carry on', async (t) => {
   const { socketPath } = await startServer(t, { lineBytesMax: 1000 });
   const victim = await rawClient(t, socketPath);
