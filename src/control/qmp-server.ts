@@ -13,10 +13,13 @@
  */
 import type { Duplex } from 'node:stream';
 import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
 import { formatAddress, listenOn, toAddress, type Listener, type SocketAddress } from './address.js';
 import { QmpDispatcher, QmpSession, qmpLine, type QmpCommandSpec } from './qmp-protocol.js';
 import type { QmpArgsSchema } from './qmp-schema.js';
 import { coloVersion, versionTriple } from './version.js';
+
+const log = logger('qmp');
 
 export type { QmpCommandContext, QmpCommandSpec } from './qmp-protocol.js';
 export type { QmpArgsSchema, QmpArgsOf, QmpType } from './qmp-schema.js';
@@ -153,6 +156,8 @@ export class QmpServer {
           if (stream.destroyed || !stream.writable) return;
           stream.write(line);
           if (stream.writableLength > outputBytesMax) {
+            // Said in the log: the client (a management tool) only sees its connection go.
+            log.warn(`QMP client ${clientId} disconnected: it left more than ${outputBytesMax} bytes of replies and events unread`);
             trace?.(clientId, 'out', `-- disconnected: more than ${outputBytesMax} bytes of output unread`);
             session.shutdown();
             stream.destroy();
