@@ -78,6 +78,20 @@ interface EventWaiter {
   readonly timer: NodeJS.Timeout;
 }
 
+const loneSurrogate = /[\ud800-\udbff](?![\udc00-\udfff])|(?<![\ud800-\udbff])[\udc00-\udfff]/;
+
+/**
+ * A JSON.stringify replacer: a string with a lone surrogate (not text: no UTF-8 for it) is an
+ * error here. A server refuses it (QEMU's and ours) with a parse error that carries no id, and
+ * the command would only fail at its timeout.
+ */
+function refuseLoneSurrogates(key: string, value: unknown): unknown {
+  for (const s of [key, value]) {
+    if (typeof s === 'string' && loneSurrogate.test(s)) throw new TypeError(`the string ${JSON.stringify(s)} has a lone surrogate`);
+  }
+  return value;
+}
+
 function isObject(v: unknown): v is Record<string, unknown> {
   return v !== null && typeof v === 'object' && !Array.isArray(v);
 }
@@ -219,7 +233,7 @@ export class QmpClient {
     request.id = id;
     let line: string;
     try {
-      line = JSON.stringify(request) + '\n';
+      line = JSON.stringify(request, refuseLoneSurrogates) + '\n';
     } catch (err) {
       return Promise.reject(new TypeError(`cannot encode the arguments of ${name}: ${errorMessage(err)}`));
     }

@@ -193,10 +193,23 @@ class Parser {
           out += '\t';
           break;
         case 'u': {
-          const hex = t.slice(this.at, this.at + 4);
-          if (!/^[0-9A-Fa-f]{4}$/.test(hex)) this.fail('invalid \\u escape in a string');
-          out += String.fromCharCode(parseInt(hex, 16));
+          const unit = this.hex4(this.at);
+          const escapeAt = this.at - 2;
           this.at += 4;
+          if (unit >= 0xd800 && unit <= 0xdfff) {
+            // Only a leading surrogate followed by an escaped trailing one is a character. A lone
+            // one cannot be encoded as UTF-8: QEMU refuses it, where a JS string would carry it on
+            // and turn it into U+FFFD in a file name or a URI (a file written under another name).
+            const trailing = unit <= 0xdbff && t.startsWith('\\u', this.at) ? this.hex4(this.at + 2, true) : -1;
+            if (trailing < 0xdc00 || trailing > 0xdfff) {
+              this.at = escapeAt;
+              this.fail(`${t.slice(escapeAt, escapeAt + 6)} is not a valid Unicode character`);
+            }
+            out += String.fromCharCode(unit, trailing);
+            this.at += 6;
+            break;
+          }
+          out += String.fromCharCode(unit);
           break;
         }
         default:
@@ -205,6 +218,14 @@ class Parser {
       }
       runStart = this.at;
     }
+  }
+
+  /** The 4 hex digits at `at` (a \u escape's); -1 if they are not when `lenient`, else a syntax error. */
+  private hex4(at: number, lenient = false): number {
+    const hex = this.text.slice(at, at + 4);
+    if (/^[0-9A-Fa-f]{4}$/.test(hex)) return parseInt(hex, 16);
+    if (lenient) return -1;
+    this.fail('invalid \\u escape in a string');
   }
 
   private number(): number | QmpExactInteger {

@@ -13,10 +13,13 @@
  */
 import type { Duplex } from 'node:stream';
 import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
 import { formatAddress, listenOn, toAddress, type Listener, type SocketAddress } from './address.js';
 import { QmpDispatcher, QmpSession, qmpLine, type QmpCommandSpec } from './qmp-protocol.js';
 import type { QmpArgsSchema } from './qmp-schema.js';
 import { coloVersion, versionTriple } from './version.js';
+
+const log = logger('qmp');
 
 export type { QmpCommandContext, QmpCommandSpec } from './qmp-protocol.js';
 export type { QmpArgsSchema, QmpArgsOf, QmpType } from './qmp-schema.js';
@@ -38,8 +41,27 @@ export interface QmpTimestamp {
   microseconds: number;
 }
 
+/** Wall-clock ms = this + performance.now(): the monotonic clock, for microseconds. */
+let wallClockOffsetMs = performance.timeOrigin;
+
+/**
+ * The wall clock in ms with a fraction. Date.now() has whole ms only; the monotonic clock has
+ * the fraction but does not follow the wall clock when that is stepped (NTP's first sync after
+ * boot, an administrator's `date`) or while the host is suspended: event timestamps, QEMU's
+ * g_get_real_time(), would then be off by that much for the rest of the process's life. So the
+ * monotonic clock is re-anchored whenever it parts from Date.now() by more than a ms.
+ */
+function wallClockMs(): number {
+  const mono = performance.now();
+  const wall = Date.now();
+  const ms = wallClockOffsetMs + mono;
+  if (ms >= wall - 1 && ms < wall + 2) return ms;
+  wallClockOffsetMs = wall - mono;
+  return wall;
+}
+
 /** Wall-clock time as QMP event timestamps carry it. */
-export function qmpTimestamp(nowMs: number = performance.timeOrigin + performance.now()): QmpTimestamp {
+export function qmpTimestamp(nowMs: number = wallClockMs()): QmpTimestamp {
   const us = Math.floor(nowMs * 1000);
   return { seconds: Math.floor(us / 1_000_000), microseconds: us % 1_000_000 };
 }
@@ -134,6 +156,8 @@ export class QmpServer {
           if (stream.destroyed || !stream.writable) return;
           stream.write(line);
           if (stream.writableLength > outputBytesMax) {
+            // Said in the log: the client (a management tool) only sees its connection go.
+            log.warn(`QMP client ${clientId} disconnected: it left more than ${outputBytesMax} bytes of replies and events unread`);
             trace?.(clientId, 'out', `-- disconnected: more than ${outputBytesMax} bytes of output unread`);
             session.shutdown();
             stream.destroy();

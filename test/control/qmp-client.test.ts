@@ -18,6 +18,7 @@ test('client: connect negotiates oob, execute returns values and rejects with Qm
   const lines: string[] = [];
   const { address } = await startServer(t, { trace: (_id, dir, line) => lines.push(`${dir} ${line}`) }, (s) => {
     s.register({ name: 'add', args: { a: 'int', b: 'int' }, handler: ({ a, b }) => a + b });
+    s.register({ name: 'echo', args: { '*s': 'str' }, handler: ({ s }) => s });
     s.register({
       name: 'fail',
       handler: () => {
@@ -42,6 +43,11 @@ test('client: connect negotiates oob, execute returns values and rejects with Qm
     message: "Invalid parameter type for 'a', expected: integer",
   });
   await assert.rejects(c.execute('nope'), { errorClass: 'CommandNotFound', message: 'The command nope has not been found' });
+  // A lone surrogate cannot be sent (the server would answer a parse error without an id, and
+  // the command would time out): refused at once. A pair is one character and goes through.
+  await assert.rejects(within(c.execute('echo', { s: 'a\ud800' }), 1000, 'a lone surrogate to be refused'), (err: unknown) => err instanceof TypeError && /cannot encode the arguments of echo: the string "a\\ud800" has a lone surrogate/.test(err.message));
+  await assert.rejects(within(c.execute('echo', { ['\udc00']: 1 }), 1000, 'a lone surrogate key to be refused'), TypeError);
+  assert.equal(await c.execute('echo', { s: 'a\ud83d\ude00\u00e9' }), 'a\u{1F600}\u00e9');
   // exactly what went over the wire
   assert.deepEqual(lines.slice(0, 4), [
     'out {"QMP": {"version": {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "colo-vm 0.1.0"}, "capabilities": ["oob"]}}',

@@ -48,7 +48,7 @@ test('bad JSON gets a GenericError and the connection stays usable', async (t) =
   const { socketPath } = await startServer(t);
   const c = await rawClient(t, socketPath);
   await c.negotiate();
-  for (const bad of ['{"execute": ', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}']) {
+  for (const bad of ['{"execute": ', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}', '{"execute": "pmemsave", "arguments": {"val": 0, "size": 1, "filename": "/tmp/\\udc80"}}']) {
     c.send(bad + '\n');
     const reply = await c.next();
     assert.deepEqual(Object.keys(reply), ['error'], bad);
@@ -270,6 +270,60 @@ test('events reach every negotiated client with a timestamp, never a negotiating
   }
   assert.ok(await late.silent(50), 'a client that has not negotiated gets no events');
   assert.equal(server.clientCount, 3);
+});
+
+test('event timestamps follow the wall clock when it is stepped (NTP, date, a host suspend), as QEMU\'s g_get_real_time', async (t) => {
+  const { server, socketPath } = await startServer(t);
+  const c = await rawClient(t, socketPath);
+  await c.negotiate();
+  const realNow = Date.now;
+  t.after(() => {
+    Date.now = realNow;
+  });
+  const stampMs = async (): Promise<number> => {
+    assert.equal(server.emit('STOP'), 1);
+    const ts = (await c.next()).timestamp as { seconds: number; microseconds: number };
+    return ts.seconds * 1000 + ts.microseconds / 1000;
+  };
+  for (const stepMs of [3_600_000, -86_400_000, 0]) {
+    Date.now = () => realNow() + stepMs;
+    const before = Date.now();
+    const ms = await stampMs();
+    const after = Date.now();
+    assert.ok(ms >= before - 1 && ms <= after + 1, `clock stepped by ${stepMs} ms: timestamp ${ms} within [${before}, ${after}]`);
+  }
+});
+
+test('a client that never reads is dropped once its unread output passes the bound, and the log says so; the others get every event', async (t) => {
+  const outputBytesMax = 64 * 1024;
+  const { server, socketPath } = await startServer(t, { outputBytesMax });
+  const stuck = await rawClient(t, socketPath);
+  const reader = await rawClient(t, socketPath);
+  await stuck.negotiate();
+  await reader.negotiate();
+  const logged: string[] = [];
+  const write = process.stderr.write;
+  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
+    logged.push(String(chunk));
+    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
+  }) as typeof process.stderr.write;
+  t.after(() => {
+    process.stderr.write = write;
+  });
+  stuck.socket.pause();
+  const data = { pad: 'x'.repeat(1000) };
+  const events = 4000; // about 4 MB: far beyond the bound and the socket buffers
+  for (let i = 0; i < events; i++) {
+    server.emit('TEST', data);
+    if (i % 32 === 31) await sleep(1); // the reader reads (its LineClient keeps every line), as a live client does
+  }
+  await waitFor('the client that does not read to be dropped', () => server.clientCount === 1, waitMs);
+  stuck.socket.resume();
+  await within(stuck.closed, waitMs, 'the dropped client to see its connection end');
+  assert.ok(stuck.raw.length < events * 1000, `the dropped client got ${stuck.raw.length} bytes, not all events`);
+  for (let i = 0; i < events; i++) assert.equal((await reader.next()).event, 'TEST', `event ${i} of the reader`);
+  const warning = logged.filter((l) => / warn qmp: QMP client 1 disconnected: it left more than 65536 bytes of replies and events unread/.test(l));
+  assert.equal(warning.length, 1, `one warning names the dropped client; logged: ${JSON.stringify(logged)}`);
 });
 
 test('a line longer than the limit is an error and the client is closed; others carry on', async (t) => {

@@ -8,6 +8,8 @@ import { versionTriple } from '../../src/control/version.js';
 test('json: parses standard JSON like JSON.parse', () => {
   const samples = ['{}', '[]', '{"a": [1, -2.5e3, true, false, null, "x\\n\\u00e9\\ud83d\\ude00"]}', ' 0 ', '"\\/\\b\\f\\r\\t"'];
   for (const text of samples) assert.deepEqual(parseQmpJson(text, 10), JSON.parse(text), text);
+  // A surrogate pair given as two escapes is one character, in either case of hex digits.
+  assert.equal(parseQmpJson('"\\uD83D\\uDE00\\u00e9"', 10), '\u{1F600}\u00e9');
 });
 
 test('json: QEMU extensions and refusals', () => {
@@ -34,6 +36,14 @@ test('json: QEMU extensions and refusals', () => {
     ['{} {}', /^unexpected text after the value/],
     ['', /^expecting a value but the input ended/],
     ['{1: 2}', /^expecting a string key/],
+    // Lone surrogates (QEMU: "... is not a valid Unicode character"); a JS string would carry them
+    // on into a file name or URI, where they become U+FFFD.
+    ['"\\ud800"', /^\\ud800 is not a valid Unicode character at offset 1/],
+    ['"a\\uDE00"', /^\\uDE00 is not a valid Unicode character at offset 2/],
+    ['"\\ud83d\\u0041"', /^\\ud83d is not a valid Unicode character/],
+    ['"\\ud83dx"', /^\\ud83d is not a valid Unicode character/],
+    ['"\\ud83d\\ud83d\\ude00"', /^\\ud83d is not a valid Unicode character at offset 1/],
+    ['"\\ud83d\\u12"', /^\\ud83d is not a valid Unicode character/],
   ];
   for (const [text, message] of bad) {
     assert.throws(() => parseQmpJson(text, 2), (err: unknown) => err instanceof JsonSyntaxError && message.test(err.message), text);
