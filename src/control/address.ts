@@ -165,8 +165,14 @@ async function removeStaleSocket(path: string, text: string): Promise<void> {
     const probe = await connectTo({ kind: 'unix', path }, 1000);
     probe.destroy();
     live = true;
-  } catch {
-    // ECONNREFUSED (or a probe timeout): nobody serves it, so it is stale.
+  } catch (err) {
+    // Only ECONNREFUSED says nobody is bound to it (ENOENT: it went meanwhile). Anything else
+    // (EAGAIN: a full accept queue, a timeout) is a process that is there but does not accept,
+    // one that hangs: unlinking its socket would take its address from it.
+    const code = ((err as Error).cause as NodeJS.ErrnoException | undefined)?.code;
+    if (code !== 'ECONNREFUSED' && code !== 'ENOENT') {
+      throw new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: a process is bound to it and does not accept connections (${errorMessage(err)})`);
+    }
   }
   if (live) throw new UsageError('ADDRESS_UNAVAILABLE', `cannot listen on ${text}: another process is listening on it`);
   try {

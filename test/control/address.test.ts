@@ -94,6 +94,43 @@ test('address: unix listen replaces a stale socket, refuses a live one or a plai
   });
 });
 
+test('address: a unix socket whose listener hangs with a full accept queue is live, not stale: it is not taken over', async (t) => {
+  const dir = tempDir(t);
+  const sock = path.join(dir, 'hung.qmp');
+  // A listener with a queue of one that stops (SIGSTOP) before it accepts anything more.
+  const child = spawn(process.execPath, ['-e', `require('net').createServer().listen({ path: ${JSON.stringify(sock)}, backlog: 1 }, () => console.log('up'))`], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.after(() => {
+    child.kill('SIGKILL');
+  });
+  await within(new Promise<void>((resolve) => child.stdout!.once('data', () => resolve())), waitMs, 'the hung listener to listen');
+  child.kill('SIGSTOP');
+  // Fill its queue: connects that stay pending (a unix connect to a full queue fails with EAGAIN).
+  const held: net.Socket[] = [];
+  t.after(() => {
+    for (const s of held) s.destroy();
+  });
+  let full = false;
+  for (let i = 0; i < 16 && !full; i++) {
+    const s = net.connect({ path: sock });
+    held.push(s);
+    full = await new Promise<boolean>((resolve) => {
+      s.once('connect', () => resolve(false));
+      s.once('error', (err: NodeJS.ErrnoException) => resolve(err.code === 'EAGAIN'));
+    });
+  }
+  assert.ok(full, 'the hung listener\'s accept queue filled up');
+  const err = await listenOn(`unix:${sock}`).then(
+    async (l) => {
+      await l.close(); // taken over: give it back so that the test ends
+      return null;
+    },
+    (e: unknown) => e,
+  );
+  assert.ok(err instanceof UsageError, `the socket of a live (hung) process was taken over: ${String(err)}`);
+  assert.ok(err.message.startsWith(`cannot listen on unix:${sock}: a process is bound to it and does not accept connections`), err.message);
+  assert.ok(fs.lstatSync(sock).isSocket(), 'the live process keeps its socket file');
+});
+
 test('address: tcp listen on port 0 reports the bound port; connect refused is ChannelClosedError', async (t) => {
   const listener = await listenOn('tcp:127.0.0.1:0');
   t.after(() => listener.close());
