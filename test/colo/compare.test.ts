@@ -234,6 +234,24 @@ test('compare: the SVM\'s output for a connection both closed in this epoch is a
   assert.equal(`${text(r4.release)} ${text(r5.release)}|${r4.trigger}|${r5.trigger}`, '4@0:close 5@0:close|null|null');
 });
 
+test('compare: a batch the SVM repeated that came before the checkpoint of its epoch holds no second shut: no mismatch with the PVM\'s close', () => {
+  // The SVM applied checkpoint 1 and sent its reply and shut twice (the output channel broke
+  // part-way through the batch), all before the primary's VMSTATE_RECEIVED.
+  const c = new Compare(lim);
+  c.svm(1, out(1, 0, 'bye'), 0);
+  c.svm(1, { kind: 'shut', conn: 1, offset: 3 }, 0);
+  c.svm(1, out(1, 0, 'bye'), 1);
+  c.svm(1, { kind: 'shut', conn: 1, offset: 3 }, 1);
+  c.svm(1, { kind: 'close', conn: 1, offset: 3 }, 2);
+  assert.equal(text(c.checkpoint().release), '');
+  c.pvm(out(1, 0, 'bye'), 3);
+  c.pvm({ kind: 'shut', conn: 1, offset: 3 }, 3);
+  const r = c.pvm({ kind: 'close', conn: 1, offset: 3 }, 3);
+  assert.equal(`${text(r.release)}|${r.trigger}`, '1@3:close|null');
+  assert.equal(c.connectionCount(), 0);
+  assert.equal(c.held, 0);
+});
+
 test('compare: a difference in the last byte is a mismatch, for short chunks (compared in a loop) and long ones', () => {
   for (const n of [1, 63, 64, 65, 200, 4096]) {
     const c = new Compare({ timeoutMs: 100, heldBytesMax: 1 << 20 });
