@@ -382,6 +382,33 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
   assert.deepEqual(got.map((e) => `${e.seq}:${e.kind === 'data' ? e.bytes[0] : '-'}`), inputs.map((e) => `${e.seq}:${e.seq - 1}`));
 });
 
+test('SVM output channel wire: a large batch read in many chunks is joined once, not copied again at every chunk', (t) => {
+  // A 1 MiB reply is one batch; a socket hands it over in chunks (16 KiB here). Copying what
+  // came so far at every chunk cost the primary's main thread O(size²): 12 ms per such reply,
+  // 3 s for a batch of frameBytesMax, with every client waiting.
+  const batch = encodeOutputFrames(1, [out(1, 0, 'z'.repeat(1 << 20))]);
+  const concat = Buffer.concat;
+  let copied = 0;
+  Buffer.concat = (list: readonly Uint8Array[], totalLength?: number): Buffer<ArrayBuffer> => {
+    const b = concat(list, totalLength);
+    copied += b.byteLength;
+    return b;
+  };
+  t.after(() => (Buffer.concat = concat));
+  const r = new ChannelFrameReader();
+  const frames: Buffer[] = [];
+  for (let at = 0; at < batch.byteLength; at += 16384) {
+    frames.push(...r.push(batch.subarray(at, at + 16384)));
+    if (at + 16384 < batch.byteLength) assert.equal(r.partial, at + 16384, 'what came so far is held');
+  }
+  Buffer.concat = concat;
+  assert.equal(frames.length, 1);
+  assert.equal(r.partial, 0);
+  const d = decodeNetBatch(frames[0]!);
+  assert.ok(d.type === 'output' && d.events.length === 1 && d.events[0]!.kind === 'out' && d.events[0]!.bytes.byteLength === 1 << 20);
+  assert.ok(copied <= batch.byteLength, `${copied} bytes copied for a ${batch.byteLength}-byte batch`);
+});
+
 test('compare: a PVM output matched whole is released as it is; a part of one, or one at another offset, as a new output', () => {
   const c = new Compare(lim);
   const a = out(1, 0, 'abc');
