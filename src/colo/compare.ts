@@ -157,12 +157,18 @@ export class Compare {
     }
     if (epoch !== this.epoch || this.closed.has(out.conn)) return nothing;
     const c = this.conn(out.conn);
+    if (!this.pushSvm(c, out, now)) return nothing;
+    return this.match(out.conn, c);
+  }
+
+  /** Hold SVM output; false for a shut the SVM already produced in this epoch (a repeat). */
+  private pushSvm(c: Conn, out: NicOutput, now: number): boolean {
     if (out.kind === 'shut') {
-      if (c.svmShut) return nothing;
+      if (c.svmShut) return false;
       c.svmShut = true;
     }
     this.push(c, c.svm, out, now);
-    return this.match(out.conn, c);
+    return true;
   }
 
   /**
@@ -202,10 +208,8 @@ export class Compare {
     const early = this.early;
     this.early = [];
     this.earlyBytes = 0;
-    for (const e of early) {
-      const c = this.conn(e.out.conn);
-      this.push(c, c.svm, e.out, e.at);
-    }
+    // Through the same check as svm()'s: a repeated batch (see `closed`) can come early too.
+    for (const e of early) this.pushSvm(this.conn(e.out.conn), e.out, e.at);
     let trigger: CompareTrigger | null = null;
     for (const e of this.takePvmEarly()) {
       const r = this.pvm(e.out, e.at);

@@ -234,6 +234,24 @@ test('compare: the SVM\'s output for a connection both closed in this epoch is a
   assert.equal(`${text(r4.release)} ${text(r5.release)}|${r4.trigger}|${r5.trigger}`, '4@0:close 5@0:close|null|null');
 });
 
+test('compare: a batch the SVM repeated that came before the checkpoint of its epoch holds no second shut: no mismatch with the PVM\'s close', () => {
+  // The SVM applied checkpoint 1 and sent its reply and shut twice (the output channel broke
+  // part-way through the batch), all before the primary's VMSTATE_RECEIVED.
+  const c = new Compare(lim);
+  c.svm(1, out(1, 0, 'bye'), 0);
+  c.svm(1, { kind: 'shut', conn: 1, offset: 3 }, 0);
+  c.svm(1, out(1, 0, 'bye'), 1);
+  c.svm(1, { kind: 'shut', conn: 1, offset: 3 }, 1);
+  c.svm(1, { kind: 'close', conn: 1, offset: 3 }, 2);
+  assert.equal(text(c.checkpoint().release), '');
+  c.pvm(out(1, 0, 'bye'), 3);
+  c.pvm({ kind: 'shut', conn: 1, offset: 3 }, 3);
+  const r = c.pvm({ kind: 'close', conn: 1, offset: 3 }, 3);
+  assert.equal(`${text(r.release)}|${r.trigger}`, '1@3:close|null');
+  assert.equal(c.connectionCount(), 0);
+  assert.equal(c.held, 0);
+});
+
 test('compare: a difference in the last byte is a mismatch, for short chunks (compared in a loop) and long ones', () => {
   for (const n of [1, 63, 64, 65, 200, 4096]) {
     const c = new Compare({ timeoutMs: 100, heldBytesMax: 1 << 20 });
@@ -362,6 +380,33 @@ test('SVM output channel wire: length-prefixed batches come back whole from any 
     return d.type === 'input' ? d.events : [];
   });
   assert.deepEqual(got.map((e) => `${e.seq}:${e.kind === 'data' ? e.bytes[0] : '-'}`), inputs.map((e) => `${e.seq}:${e.seq - 1}`));
+});
+
+test('SVM output channel wire: a large batch read in many chunks is joined once, not copied again at every chunk', (t) => {
+  // A 1 MiB reply is one batch; a socket hands it over in chunks (16 KiB here). Copying what
+  // came so far at every chunk cost the primary's main thread O(size²): 12 ms per such reply,
+  // 3 s for a batch of frameBytesMax, with every client waiting.
+  const batch = encodeOutputFrames(1, [out(1, 0, 'z'.repeat(1 << 20))]);
+  const concat = Buffer.concat;
+  let copied = 0;
+  Buffer.concat = (list: readonly Uint8Array[], totalLength?: number): Buffer<ArrayBuffer> => {
+    const b = concat(list, totalLength);
+    copied += b.byteLength;
+    return b;
+  };
+  t.after(() => (Buffer.concat = concat));
+  const r = new ChannelFrameReader();
+  const frames: Buffer[] = [];
+  for (let at = 0; at < batch.byteLength; at += 16384) {
+    frames.push(...r.push(batch.subarray(at, at + 16384)));
+    if (at + 16384 < batch.byteLength) assert.equal(r.partial, at + 16384, 'what came so far is held');
+  }
+  Buffer.concat = concat;
+  assert.equal(frames.length, 1);
+  assert.equal(r.partial, 0);
+  const d = decodeNetBatch(frames[0]!);
+  assert.ok(d.type === 'output' && d.events.length === 1 && d.events[0]!.kind === 'out' && d.events[0]!.bytes.byteLength === 1 << 20);
+  assert.ok(copied <= batch.byteLength, `${copied} bytes copied for a ${batch.byteLength}-byte batch`);
 });
 
 test('compare: a PVM output matched whole is released as it is; a part of one, or one at another offset, as a new output', () => {
