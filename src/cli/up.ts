@@ -344,6 +344,8 @@ class UpDriver {
     });
     c.qmp.on('event', (ev) => {
       if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+      // The guest's own exit (QEMU's SHUTDOWN with guest: true; a quit or a signal has guest: false).
+      if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
         this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });

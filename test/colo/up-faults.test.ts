@@ -9,9 +9,11 @@ import assert from 'node:assert/strict';
 import { RespClient } from '../framework/resp.js';
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
+import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { Supervisor, pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
+import { watGuest } from '../framework/machine.js';
 
 function tail(pair: ProtectedPair): string {
   return `colo up printed: ${pair.sup.timeline()}; its stderr ends: ${pair.sup.stderr.slice(-2000)}`;
@@ -177,5 +179,40 @@ test('colo up: SIGTERM during the initial migration stops the pair without an er
   assert.equal(sup.exitCode, 0);
   const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
   assert.deepEqual(errors, [], 'stopping is expected: the migration it breaks off logs no error, on either child');
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test("colo up: the primary's guest exits by itself (a client asks it to): the pair stops with the guest's exit status, no failover, no error", async (t) => {
+  const env = new TestEnv(t);
+  // Accepts one client, then exits with status 3 (both replicas do: the secondary runs the same input).
+  const guest = watGuest(t, 'exit-on-connect', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      (call $exit (i32.const 3))))`);
+  const port = await freePort();
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  env.onCleanup(async () => {
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 60000);
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await sup.waitExit(15000);
+  const what = `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-2000)}`;
+  assert.deepEqual(sup.lines.slice(first.at + 1).filter((l) => !/^pair: secondary died/.test(l)), ['pair: stopping (the guest exited)', 'pair: stopped'], what);
+  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what}`);
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'a guest that ends is no failure');
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
