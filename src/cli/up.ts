@@ -586,6 +586,59 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
   });
 }
 
+/**
+ * The state folder: made (a new one under the system's temporary directory by default) and
+ * checked before any child starts. A folder that cannot be made or written is refused with the
+ * reason (it was an internal error with a stack trace, or a primary that died at start). So is
+ * a --state-dir that holds a disk image of an earlier run (`vmN.img`): each new secondary's
+ * image is made empty there, and a leftover one may be the only copy of the newest disk (the
+ * copy back to --drive failed, or the supervisor was killed after a failover). So is one where
+ * a child of another `colo up` still answers on its QMP socket.
+ */
+async function prepareStateDir(dir: string | null, drive: string | null): Promise<string> {
+  const what = dir === null ? `a state folder under ${os.tmpdir()}` : `--state-dir ${dir}`;
+  let made: string;
+  let entries: string[];
+  try {
+    if (dir === null) {
+      made = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-up-'));
+    } else {
+      fs.mkdirSync(dir, { recursive: true });
+      made = dir;
+    }
+    fs.accessSync(made, fs.constants.W_OK | fs.constants.X_OK);
+    entries = fs.readdirSync(made);
+  } catch (err) {
+    throw new UsageError('STATE_DIR', `${what}: cannot use it: ${errorMessage(err)}`);
+  }
+  const images = entries.filter((f) => /^vm\d+\.img$/.test(f)).sort();
+  if (drive !== null && images.some((f) => path.join(made, f) === drive)) {
+    throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
+  }
+  if (images.length > 0) {
+    throw new UsageError(
+      'STATE_DIR',
+      `${what} holds the disk image${images.length > 1 ? 's' : ''} of an earlier colo up (${images.join(', ')}): one may be the newest copy of the guest's disk (a copy back to --drive that failed, or a colo up that was killed); move ${images.length > 1 ? 'them' : 'it'} away first`,
+    );
+  }
+  for (const f of entries.filter((e) => /^vm\d+\.qmp$/.test(e))) {
+    const socketPath = path.join(made, f);
+    const answers = await new Promise<boolean>((resolve) => {
+      const sock = net.connect(socketPath, () => {
+        sock.destroy();
+        resolve(true);
+      });
+      sock.once('error', () => resolve(false));
+      sock.setTimeout(limits.qmpTimeoutMsDefault, () => {
+        sock.destroy();
+        resolve(false);
+      });
+    });
+    if (answers) throw new UsageError('STATE_DIR', `${what}: ${f} answers: a child of another colo up still runs there`);
+  }
+  return made;
+}
+
 /** The signals that stop the pair (the children first, then the supervisor). */
 const stopSignals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
 
@@ -596,13 +649,7 @@ export async function upCommand(argv: string[]): Promise<number> {
   // Refuse a bad guest once, here, rather than as two children that die at start.
   checkGuest(fs.readFileSync(o.guestPath));
   await checkAddressFree(o.net.host, o.net.port);
-  let stateDir: string;
-  if (o.stateDir !== null) {
-    fs.mkdirSync(o.stateDir, { recursive: true });
-    stateDir = o.stateDir;
-  } else {
-    stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-up-'));
-  }
+  const stateDir = await prepareStateDir(o.stateDir, o.drive);
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
   // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
