@@ -404,7 +404,9 @@ export class PairCore {
         // fails too, that disk holds every acknowledged write, and becomes the --drive image.
         out.push({ type: 'takeover', node: this.secondary.id });
       } else {
-        this.lost(`primary ${n.pid} died (${how}) while the pair was ${this.phase}`, out);
+        // A phase name reads as a state, except failover (its secondary had just died).
+        const was = this.phase === 'failover' ? 'failing over to it' : this.phase;
+        this.lost(`primary ${n.pid} died (${how}) while the pair was ${was}`, out);
       }
       return;
     }

@@ -445,3 +445,11 @@ test('colo up core: the guest of the primary exits by itself: the pair stops wit
   assert.deepEqual(run(d, { type: 'continued', node: 1 }), [], 'no re-protection of a guest that is gone');
   assert.deepEqual(run(d, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
 });
+
+test('colo up core: both children die, the secondary first: the line says the pair was failing over to the primary (not "was failover")', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  const out = run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.equal(out[0], 'pair: failed (primary 101 died (SIGKILL) while the pair was failing over to it)');
+  assert.deepEqual(out.slice(1), ['pair: stopped', 'exit 1 primary 1']);
+});
