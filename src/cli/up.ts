@@ -29,6 +29,8 @@ export interface UpOptions {
   checkpointDelayMs: number;
   /** A child whose heartbeat (query-status) is this late is hung; 0: no heartbeat. */
   heartbeatTimeoutMs: number;
+  /** A protection whose initial migration moves no byte for this long is a failed attempt. */
+  protectTimeoutMs: number;
   stateDir: string | null;
   guestArgs: string[];
 }
@@ -41,6 +43,8 @@ export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [option
   --heartbeat-timeout MS      a child that does not answer QMP for this long is hung, and is
                               killed when its partner can take over (default
                               ${limits.upHeartbeatTimeoutMsDefault}; 0: no heartbeat)
+  --protect-timeout MS        an initial migration into COLO that moves nothing for this
+                              long is a failed attempt (default ${limits.upProtectTimeoutMs})
   --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
                               folder under the system's temporary directory)
 `;
@@ -54,7 +58,7 @@ function intArg(v: string | undefined, flag: string, min: number, max: number): 
 export function parseUpArgs(argv: string[]): UpOptions {
   let guestPath: string | null = null;
   let net: UpOptions['net'] | null = null;
-  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, heartbeatTimeoutMs: limits.upHeartbeatTimeoutMsDefault as number, stateDir: null as string | null };
+  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, heartbeatTimeoutMs: limits.upHeartbeatTimeoutMsDefault as number, protectTimeoutMs: limits.upProtectTimeoutMs as number, stateDir: null as string | null };
   let guestArgs: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i]!;
@@ -108,6 +112,9 @@ export function parseUpArgs(argv: string[]): UpOptions {
         o.heartbeatTimeoutMs = ms;
         break;
       }
+      case '--protect-timeout':
+        o.protectTimeoutMs = intArg(next(), a, 1, 24 * 3600 * 1000);
+        break;
       case '--state-dir':
         o.stateDir = path.resolve(next());
         break;
@@ -448,7 +455,11 @@ class UpDriver {
   private async protect(p: Child, s: Child): Promise<void> {
     const pq = p.qmp!;
     const sq = s.qmp!;
-    const deadline = Date.now() + limits.upProtectTimeoutMs;
+    // A deadline on progress, not on the whole migration: it carries all of RAM and the disk,
+    // and a large --drive takes longer than any fixed bound (it never got protected).
+    const timeoutMs = this.o.protectTimeoutMs;
+    let deadline = Date.now() + timeoutMs;
+    let transferred = -1;
     await this.configure(p, true);
     const sMark = sq.eventCount;
     await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
@@ -458,15 +469,21 @@ class UpDriver {
     try {
       await pq.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
       for (;;) {
-        const r = await pq.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+        const r = await pq.execute<{ status?: string; 'error-desc'?: string; ram?: { transferred?: number } }>('query-migrate');
         if (r.status === 'colo') break;
         if (r.status === 'failed' || r.status === 'cancelled' || r.status === 'completed') {
           throw new PairError('PROTECT_FAILED', `the migration into vm${s.id} ended in ${r.status}${r['error-desc'] !== undefined ? `: ${r['error-desc']}` : ''}`);
         }
-        if (Date.now() > deadline) throw new PairError('PROTECT_TIMEOUT', `timed out after ${limits.upProtectTimeoutMs} ms waiting for migration status colo on vm${p.id} (status ${r.status ?? 'none'})`);
+        const now = r.ram?.transferred ?? 0;
+        if (now !== transferred) {
+          transferred = now;
+          deadline = Date.now() + timeoutMs;
+        } else if (Date.now() > deadline) {
+          throw new PairError('PROTECT_TIMEOUT', `the migration into vm${s.id} moved nothing for ${timeoutMs} ms (status ${r.status ?? 'none'}, ${transferred} bytes sent)`);
+        }
         await new Promise((r2) => setTimeout(r2, 50));
       }
-      await sq.waitEvent('MIGRATION', { after: sMark, where: (ev) => ev.data.status === 'colo', timeoutMs: Math.max(1, deadline - Date.now()) });
+      await sq.waitEvent('MIGRATION', { after: sMark, where: (ev) => ev.data.status === 'colo', timeoutMs });
     } catch (err) {
       // Leave the primary running alone: cancel what is left of the migration.
       if (!p.exited && !pq.closed) {

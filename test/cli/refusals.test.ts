@@ -173,6 +173,7 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['frobnicate'], /unknown command 'frobnicate'/],
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', '50'], /--heartbeat-timeout: expected 0 \(off\) or at least 200 ms/],
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', 'soon'], /--heartbeat-timeout: expected an integer/],
+    [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--protect-timeout', '0'], /--protect-timeout: expected an integer between 1 and/],
     // Refused as colo run refuses it, not by both children of a pair that then failed.
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--memory', '8G'], /^colo: --memory: must be between 64K and 4095M/],
   ];
