@@ -20,7 +20,8 @@ usage:
                                                live-migrate a VM, with a progress bar
   colo up GUEST.wasm --net listen=HOST:PORT [--memory SIZE] [--drive file=PATH]
                       [--parallel-connections N] [--checkpoint-delay MS]
-                      [--heartbeat-timeout MS] [--state-dir DIR] [-- GUEST-ARGS...]
+                      [--heartbeat-timeout MS] [--protect-timeout MS] [--state-dir DIR]
+                      [-- GUEST-ARGS...]
                                                a protected pair (primary + secondary) with
                                                automatic failover and re-protection
   colo qmp ADDRESS COMMAND [key=value ...]     run one QMP command (qmp-shell style)

@@ -64,6 +64,8 @@ export type PairEvent =
   | { type: 'unresponsive'; node: number; ms: number }
   /** The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing. */
   | { type: 'crashed'; node: number; message: string }
+  /** The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with the guest's exit status. */
+  | { type: 'guestShutdown'; node: number }
   /** `node` answers its heartbeat again, after `ms` without. */
   | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
@@ -115,6 +117,8 @@ export class PairCore {
   private protections = 0;
   private stable = true;
   private exitCode = 0;
+  /** The node whose guest exited by itself and so stopped the pair: its exit status is the pair's. */
+  private guestExitNode: number | null = null;
   /** What killed the node whose death started the current failover (`SIGKILL`, `exit code 1`). */
   private cause = '';
   private readonly attemptsMax: number;
@@ -254,6 +258,9 @@ export class PairCore {
       case 'crashed':
         this.fence(e.node, `guest crashed: ${e.message}`, `reports that its guest crashed (${e.message})`, out);
         break;
+      case 'guestShutdown':
+        this.guestShutdown(e.node, out);
+        break;
       case 'coloExit': {
         // Only a node leaving COLO on its own matters; in a failover the supervisor asked for it.
         if (this.phase !== 'protected') break;
@@ -381,6 +388,7 @@ export class PairCore {
     const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : `exit code ${code}`;
     n.ended = how;
     if (this.phase === 'stopping') {
+      if (id === this.guestExitNode && code !== null) this.exitCode = code;
       if (this.living.length === 0) {
         this.phase = 'stopped';
         out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code: this.exitCode, primary: this.primary?.id ?? null });
@@ -396,7 +404,9 @@ export class PairCore {
         // fails too, that disk holds every acknowledged write, and becomes the --drive image.
         out.push({ type: 'takeover', node: this.secondary.id });
       } else {
-        this.lost(`primary ${n.pid} died (${how}) while the pair was ${this.phase}`, out);
+        // A phase name reads as a state, except failover (its secondary had just died).
+        const was = this.phase === 'failover' ? 'failing over to it' : this.phase;
+        this.lost(`primary ${n.pid} died (${how}) while the pair was ${was}`, out);
       }
       return;
     }
@@ -465,6 +475,29 @@ export class PairCore {
     n.failure = failure;
     out.push({ type: 'log', level: 'warn', msg: `${this.describe(id)} ${what}: killing it (SIGKILL) so that it can never serve again` });
     out.push({ type: 'kill', node: id, signal: 'SIGKILL' });
+  }
+
+  /**
+   * The guest of the node that serves exited by itself (a poweroff, a batch job that ended):
+   * the service ends by the guest's will, not by a failure. Its partner must not take over (it
+   * would run the guest's last moments again, or report the service lost), so the pair stops,
+   * with the guest's exit status, as QEMU's COLO shuts both nodes down on a guest shutdown.
+   * A secondary's guest exiting is only that node's end (the primary's guest goes on, or exits
+   * too): its death is the usual failover.
+   */
+  private guestShutdown(id: number, out: PairAction[]): void {
+    const n = this.nodes.get(id);
+    if (n === undefined || !n.alive || this.phase === 'stopping' || this.phase === 'stopped') return;
+    // Only the primary: a secondary taking over whose guest exits dies while taking over, and
+    // the dead primary's disk, at the last checkpoint, is then the one kept.
+    if (this.primary?.id !== id) {
+      out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)} exited by itself` });
+      return;
+    }
+    out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)}, which serves, exited by itself: stopping the pair` });
+    out.push({ type: 'print', line: `pair: stopping (the guest exited)` });
+    this.guestExitNode = id;
+    this.stop(0, out);
   }
 
   /** The service cannot go on: stop whatever is left and exit with an error. */

@@ -29,6 +29,8 @@ export interface UpOptions {
   checkpointDelayMs: number;
   /** A child whose heartbeat (query-status) is this late is hung; 0: no heartbeat. */
   heartbeatTimeoutMs: number;
+  /** A protection whose initial migration moves no byte for this long is a failed attempt. */
+  protectTimeoutMs: number;
   stateDir: string | null;
   guestArgs: string[];
 }
@@ -41,6 +43,8 @@ export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [option
   --heartbeat-timeout MS      a child that does not answer QMP for this long is hung, and is
                               killed when its partner can take over (default
                               ${limits.upHeartbeatTimeoutMsDefault}; 0: no heartbeat)
+  --protect-timeout MS        an initial migration into COLO that moves nothing for this
+                              long is a failed attempt (default ${limits.upProtectTimeoutMs})
   --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
                               folder under the system's temporary directory)
 `;
@@ -54,7 +58,7 @@ function intArg(v: string | undefined, flag: string, min: number, max: number): 
 export function parseUpArgs(argv: string[]): UpOptions {
   let guestPath: string | null = null;
   let net: UpOptions['net'] | null = null;
-  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, heartbeatTimeoutMs: limits.upHeartbeatTimeoutMsDefault as number, stateDir: null as string | null };
+  const o = { memory: '256M', drive: null as string | null, channels: null as number | null, checkpointDelayMs: limits.upCheckpointDelayMsDefault as number, heartbeatTimeoutMs: limits.upHeartbeatTimeoutMsDefault as number, protectTimeoutMs: limits.upProtectTimeoutMs as number, stateDir: null as string | null };
   let guestArgs: string[] = [];
   for (let i = 0; i < argv.length; i++) {
     let a = argv[i]!;
@@ -108,6 +112,9 @@ export function parseUpArgs(argv: string[]): UpOptions {
         o.heartbeatTimeoutMs = ms;
         break;
       }
+      case '--protect-timeout':
+        o.protectTimeoutMs = intArg(next(), a, 1, 24 * 3600 * 1000);
+        break;
       case '--state-dir':
         o.stateDir = path.resolve(next());
         break;
@@ -344,6 +351,8 @@ class UpDriver {
     });
     c.qmp.on('event', (ev) => {
       if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+      // The guest's own exit (QEMU's SHUTDOWN with guest: true; a quit or a signal has guest: false).
+      if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
         this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
@@ -446,7 +455,11 @@ class UpDriver {
   private async protect(p: Child, s: Child): Promise<void> {
     const pq = p.qmp!;
     const sq = s.qmp!;
-    const deadline = Date.now() + limits.upProtectTimeoutMs;
+    // A deadline on progress, not on the whole migration: it carries all of RAM and the disk,
+    // and a large --drive takes longer than any fixed bound (it never got protected).
+    const timeoutMs = this.o.protectTimeoutMs;
+    let deadline = Date.now() + timeoutMs;
+    let transferred = -1;
     await this.configure(p, true);
     const sMark = sq.eventCount;
     await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
@@ -456,15 +469,21 @@ class UpDriver {
     try {
       await pq.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
       for (;;) {
-        const r = await pq.execute<{ status?: string; 'error-desc'?: string }>('query-migrate');
+        const r = await pq.execute<{ status?: string; 'error-desc'?: string; ram?: { transferred?: number } }>('query-migrate');
         if (r.status === 'colo') break;
         if (r.status === 'failed' || r.status === 'cancelled' || r.status === 'completed') {
           throw new PairError('PROTECT_FAILED', `the migration into vm${s.id} ended in ${r.status}${r['error-desc'] !== undefined ? `: ${r['error-desc']}` : ''}`);
         }
-        if (Date.now() > deadline) throw new PairError('PROTECT_TIMEOUT', `timed out after ${limits.upProtectTimeoutMs} ms waiting for migration status colo on vm${p.id} (status ${r.status ?? 'none'})`);
+        const now = r.ram?.transferred ?? 0;
+        if (now !== transferred) {
+          transferred = now;
+          deadline = Date.now() + timeoutMs;
+        } else if (Date.now() > deadline) {
+          throw new PairError('PROTECT_TIMEOUT', `the migration into vm${s.id} moved nothing for ${timeoutMs} ms (status ${r.status ?? 'none'}, ${transferred} bytes sent)`);
+        }
         await new Promise((r2) => setTimeout(r2, 50));
       }
-      await sq.waitEvent('MIGRATION', { after: sMark, where: (ev) => ev.data.status === 'colo', timeoutMs: Math.max(1, deadline - Date.now()) });
+      await sq.waitEvent('MIGRATION', { after: sMark, where: (ev) => ev.data.status === 'colo', timeoutMs });
     } catch (err) {
       // Leave the primary running alone: cancel what is left of the migration.
       if (!p.exited && !pq.closed) {
@@ -584,6 +603,59 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
   });
 }
 
+/**
+ * The state folder: made (a new one under the system's temporary directory by default) and
+ * checked before any child starts. A folder that cannot be made or written is refused with the
+ * reason (it was an internal error with a stack trace, or a primary that died at start). So is
+ * a --state-dir that holds a disk image of an earlier run (`vmN.img`): each new secondary's
+ * image is made empty there, and a leftover one may be the only copy of the newest disk (the
+ * copy back to --drive failed, or the supervisor was killed after a failover). So is one where
+ * a child of another `colo up` still answers on its QMP socket.
+ */
+async function prepareStateDir(dir: string | null, drive: string | null): Promise<string> {
+  const what = dir === null ? `a state folder under ${os.tmpdir()}` : `--state-dir ${dir}`;
+  let made: string;
+  let entries: string[];
+  try {
+    if (dir === null) {
+      made = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-up-'));
+    } else {
+      fs.mkdirSync(dir, { recursive: true });
+      made = dir;
+    }
+    fs.accessSync(made, fs.constants.W_OK | fs.constants.X_OK);
+    entries = fs.readdirSync(made);
+  } catch (err) {
+    throw new UsageError('STATE_DIR', `${what}: cannot use it: ${errorMessage(err)}`);
+  }
+  const images = entries.filter((f) => /^vm\d+\.img$/.test(f)).sort();
+  if (drive !== null && images.some((f) => path.join(made, f) === drive)) {
+    throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
+  }
+  if (images.length > 0) {
+    throw new UsageError(
+      'STATE_DIR',
+      `${what} holds the disk image${images.length > 1 ? 's' : ''} of an earlier colo up (${images.join(', ')}): one may be the newest copy of the guest's disk (a copy back to --drive that failed, or a colo up that was killed); move ${images.length > 1 ? 'them' : 'it'} away first`,
+    );
+  }
+  for (const f of entries.filter((e) => /^vm\d+\.qmp$/.test(e))) {
+    const socketPath = path.join(made, f);
+    const answers = await new Promise<boolean>((resolve) => {
+      const sock = net.connect(socketPath, () => {
+        sock.destroy();
+        resolve(true);
+      });
+      sock.once('error', () => resolve(false));
+      sock.setTimeout(limits.qmpTimeoutMsDefault, () => {
+        sock.destroy();
+        resolve(false);
+      });
+    });
+    if (answers) throw new UsageError('STATE_DIR', `${what}: ${f} answers: a child of another colo up still runs there`);
+  }
+  return made;
+}
+
 /** The signals that stop the pair (the children first, then the supervisor). */
 const stopSignals: readonly NodeJS.Signals[] = ['SIGINT', 'SIGTERM', 'SIGHUP'];
 
@@ -594,13 +666,7 @@ export async function upCommand(argv: string[]): Promise<number> {
   // Refuse a bad guest once, here, rather than as two children that die at start.
   checkGuest(fs.readFileSync(o.guestPath));
   await checkAddressFree(o.net.host, o.net.port);
-  let stateDir: string;
-  if (o.stateDir !== null) {
-    fs.mkdirSync(o.stateDir, { recursive: true });
-    stateDir = o.stateDir;
-  } else {
-    stateDir = fs.mkdtempSync(path.join(os.tmpdir(), 'colo-up-'));
-  }
+  const stateDir = await prepareStateDir(o.stateDir, o.drive);
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
   // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the

@@ -232,7 +232,7 @@ export const limits = {
 
   /** colo up: a child's QMP socket must answer within this time after it is started. */
   upChildStartTimeoutMs: 60000,
-  /** colo up: the initial migration into COLO (protecting the pair) must reach status colo within this time. */
+  /** colo up: default for --protect-timeout: the initial migration into COLO (protecting the pair) that moves no byte for this long is a failed attempt. */
   upProtectTimeoutMs: 120000,
   /** colo up: x-colo-lost-heartbeat and its COLO_EXIT on a survivor. */
   upFailoverTimeoutMs: 10000,

@@ -2,8 +2,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
+import path from 'node:path';
 import binaryen from 'binaryen';
-import { TestEnv, coloBin, guests, runProgram } from '../framework/harness.js';
+import { TestEnv, coloBin, freePort, guests, pidAlive, pidsUsing, runProgram } from '../framework/harness.js';
 import { loadGuest } from '../../src/machine/instrument.js';
 
 async function colo(args: string[], cwd?: string): Promise<{ code: number | null; stdout: string; stderr: string }> {
@@ -62,6 +63,49 @@ test('colo up on a service address that is in use: one clear line, no pair start
   assert.match(r.stderr, new RegExp(`--net listen=127\\.0\\.0\\.1:${port}: cannot listen there: it is in use`));
   assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
   assert.equal(r.stdout, '', 'no pair was started');
+});
+
+test("colo up on a state folder it cannot use, or that holds an earlier run's disk image or a running child's QMP socket: one clear line, nothing overwritten, no pair started", async (t) => {
+  const env = new TestEnv(t);
+  // Without the checks a pair would start here: whatever it left is killed.
+  env.onCleanup(() => {
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const port = await freePort();
+  const up = (stateDir: string[], extra: string[] = [], environment?: Record<string, string>) =>
+    runProgram(process.execPath, [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', ...stateDir, ...extra], { timeoutMs: 15000, ...(environment === undefined ? {} : { env: environment }) });
+  const refused = (r: { code: number | null; stdout: string; stderr: string }, re: RegExp): void => {
+    assert.equal(r.code, 2, r.stderr);
+    assert.match(r.stderr.trim(), re);
+    assert.doesNotMatch(r.stderr, /internal error/);
+    assert.equal(r.stderr.trim().split('\n').length, 1, `one clear line, got: ${r.stderr}`);
+    assert.equal(r.stdout, '', 'no pair was started');
+  };
+  // Not a folder, and a default state folder under a $TMPDIR that is gone (both were internal errors, exit 70).
+  const plain = env.file('plain');
+  fs.writeFileSync(plain, 'x');
+  refused(await up(['--state-dir', path.join(plain, 'sub')]), /^colo: --state-dir .*plain\/sub: cannot use it: ENOTDIR/);
+  refused(await up([], [], { TMPDIR: env.file('gone') }), /^colo: a state folder under .*gone: cannot use it: ENOENT/);
+  // A disk image an earlier run left (a copy back to --drive that failed names it as the one to keep):
+  // the first secondary's empty image would have replaced it.
+  const image = env.image('kv.img', 1 << 20);
+  const earlier = env.file('earlier');
+  fs.mkdirSync(earlier);
+  fs.writeFileSync(path.join(earlier, 'vm2.img'), 'the newest disk');
+  refused(await up(['--state-dir', earlier], ['--drive', `file=${image}`]), /^colo: --state-dir .*earlier holds the disk image of an earlier colo up \(vm2\.img\): .*move it away first$/);
+  assert.equal(fs.readFileSync(path.join(earlier, 'vm2.img'), 'utf8'), 'the newest disk', 'the earlier image is untouched');
+  // The --drive itself under such a name, in the state folder.
+  const inside = env.file('inside');
+  fs.mkdirSync(inside);
+  fs.copyFileSync(image, path.join(inside, 'vm2.img'));
+  refused(await up(['--state-dir', inside], ['--drive', `file=${path.join(inside, 'vm2.img')}`]), /^colo: --drive .*inside\/vm2\.img is in --state-dir .* rename it$/);
+  // A child of another colo up answers there (on another address): its sockets would be taken over.
+  const busy = env.file('busy');
+  fs.mkdirSync(busy);
+  const other = net.createServer((s) => s.destroy());
+  await new Promise<void>((resolve) => other.listen(path.join(busy, 'vm1.qmp'), resolve));
+  env.onCleanup(() => new Promise<void>((resolve) => other.close(() => resolve())));
+  refused(await up(['--state-dir', busy]), /^colo: --state-dir .*busy: vm1\.qmp answers: a child of another colo up still runs there$/);
 });
 
 test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in one clear line', async (t) => {
@@ -129,6 +173,7 @@ test('bad options get one clear line and a non-zero exit', async () => {
     [['frobnicate'], /unknown command 'frobnicate'/],
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', '50'], /--heartbeat-timeout: expected 0 \(off\) or at least 200 ms/],
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--heartbeat-timeout', 'soon'], /--heartbeat-timeout: expected an integer/],
+    [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--protect-timeout', '0'], /--protect-timeout: expected an integer between 1 and/],
     // Refused as colo run refuses it, not by both children of a pair that then failed.
     [['up', guests.spin, '--net', 'listen=127.0.0.1:1', '--memory', '8G'], /^colo: --memory: must be between 64K and 4095M/],
   ];

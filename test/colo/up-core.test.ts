@@ -429,3 +429,27 @@ test('colo up core: a secondary that dies at every start, before it is ready, is
   }
   assert.deepEqual(delays, [100, 60000, 60000, 60000]);
 });
+
+test('colo up core: the guest of the primary exits by itself: the pair stops with its exit status, whichever child is seen to go first, and nobody takes over', () => {
+  // Its exit seen first: the secondary, its guest about to exit too, is stopped, not told to take over.
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'kill 1 SIGTERM', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), []);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: 3, signal: null }), ['pair: stopped', 'exit 3 primary 1']);
+
+  // The secondary's guest exited first (it runs the same input), and its death began a failover.
+  const d = protectedPair();
+  assert.deepEqual(run(d, { type: 'guestShutdown', node: 2 }), [], "a secondary's guest alone does not stop the pair");
+  assert.deepEqual(run(d, { type: 'exited', node: 2, code: 0, signal: null }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(d, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(d, { type: 'continued', node: 1 }), [], 'no re-protection of a guest that is gone');
+  assert.deepEqual(run(d, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
+});
+
+test('colo up core: both children die, the secondary first: the line says the pair was failing over to the primary (not "was failover")', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  const out = run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.equal(out[0], 'pair: failed (primary 101 died (SIGKILL) while the pair was failing over to it)');
+  assert.deepEqual(out.slice(1), ['pair: stopped', 'exit 1 primary 1']);
+});

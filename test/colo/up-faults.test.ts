@@ -9,9 +9,11 @@ import assert from 'node:assert/strict';
 import { RespClient } from '../framework/resp.js';
 import { spawn } from 'node:child_process';
 import crypto from 'node:crypto';
+import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { Supervisor, pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
+import { watGuest } from '../framework/machine.js';
 
 function tail(pair: ProtectedPair): string {
   return `colo up printed: ${pair.sup.timeline()}; its stderr ends: ${pair.sup.stderr.slice(-2000)}`;
@@ -178,4 +180,88 @@ test('colo up: SIGTERM during the initial migration stops the pair without an er
   const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
   assert.deepEqual(errors, [], 'stopping is expected: the migration it breaks off logs no error, on either child');
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test("colo up: the primary's guest exits by itself (a client asks it to): the pair stops with the guest's exit status, no failover, no error", async (t) => {
+  const env = new TestEnv(t);
+  // Accepts one client, then exits with status 3 (both replicas do: the secondary runs the same input).
+  const guest = watGuest(t, 'exit-on-connect', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      (call $exit (i32.const 3))))`);
+  const port = await freePort();
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  env.onCleanup(async () => {
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 60000);
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await sup.waitExit(15000);
+  const what = `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-2000)}`;
+  assert.deepEqual(sup.lines.slice(first.at + 1).filter((l) => !/^pair: secondary died/.test(l)), ['pair: stopping (the guest exited)', 'pair: stopped'], what);
+  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what}`);
+  const errors = sup.stderr.split('\n').filter((l) => / error /.test(l));
+  assert.deepEqual(errors, [], 'a guest that ends is no failure');
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test('colo up: an initial migration longer than --protect-timeout that keeps moving is not cut off; one that stops moving (its secondary stopped) is a failed attempt', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  // All of it travels at the protection (random: nothing to skip), for longer than the timeout.
+  const image = env.image('big.img', 384 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  const timeoutMs = 500;
+  // No heartbeat: the stopped secondary must stall the migration, not be fenced for it.
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M', '--state-dir', env.dir];
+  args.push('--protect-timeout', String(timeoutMs), '--heartbeat-timeout', '0');
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  env.onCleanup(async () => {
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+    if (sup.alive) {
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+  });
+  const what = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-2500)}`;
+  const first = await sup.line(/^pair: (protected \(primary pid (\d+), secondary pid (\d+)\)|unprotected .*)$/, 0, 90000);
+  assert.match(first.m[0], /^pair: protected/, `the long migration was not given up on; ${what()}`);
+  // It did last longer than the timeout (else this proves nothing).
+  const times = [...sup.stderr.matchAll(/^(\S+) up info up: protecting: migrating/gm)].map((m) => Date.parse(m[1]!));
+  const loaded = /^(\S+) vm2 info migration: state loaded/m.exec(sup.stderr);
+  assert.ok(times.length === 1 && loaded !== null, what());
+  const tookMs = Date.parse(loaded[1]!) - times[0]!;
+  t.diagnostic(`the initial migration took ${tookMs} ms (--protect-timeout ${timeoutMs})`);
+  assert.ok(tookMs > 2 * timeoutMs, `the migration took ${tookMs} ms, not well above the timeout: the test proves nothing; ${what()}`);
+
+  // The secondary dies; the next one is stopped once data flows to it: the migration stalls.
+  const [p1, s1] = [Number(first.m[2]), Number(first.m[3])];
+  process.kill(s1, 'SIGKILL');
+  const migrations = (): RegExpMatchArray[] => [...sup.stderr.matchAll(/protecting: migrating primary \d+ into secondary (\d+)/g)];
+  await waitFor(`the re-protection's migration to start; ${what()}`, () => migrations().length >= 2, 60000, 5);
+  const s2 = Number(migrations()[1]![1]);
+  await waitFor('the new secondary to accept the migration', () => (sup.stderr.match(/ info migration: incoming migration from /g) ?? []).length >= 2, 10000, 5);
+  process.kill(s2, 'SIGSTOP');
+  env.onCleanup(() => {
+    if (pidAlive(s2)) process.kill(s2, 'SIGKILL');
+  });
+  // (Attempt 2: the first protection, ended at once by the kill, counts as failed.)
+  const failed = await sup.line(/^pair: unprotected \(attempt \d+ to protect it failed: (.*)\)$/, first.at + 1, 30000);
+  assert.match(failed.m[1]!, new RegExp(`the migration into vm\\d+ moved nothing for ${timeoutMs} ms`), what());
+  await waitFor(`the stalled secondary ${s2} to be killed`, () => !pidAlive(s2), 5000);
+  assert.ok(pidAlive(p1), 'the primary serves on');
+  const r = await RespClient.connect(port);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK', 'the primary answers');
+  r.close();
 });
