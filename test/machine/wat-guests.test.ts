@@ -11,6 +11,7 @@ import binaryen from 'binaryen';
 import { sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { machineFor, sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, watGuest } from '../framework/machine.js';
 import { instrumentVersion, loadGuest } from '../../src/machine/instrument.js';
+import { boundsCheckLoads } from '../../src/machine/instrument-build.js';
 import { Machine } from '../../src/machine/machine.js';
 import { limits } from '../../src/core/limits.js';
 import { UsageError } from '../../src/core/errors.js';
@@ -531,4 +532,149 @@ test("a WASI call whose pointer lies past the guest's memory (in colo's region a
   assert.equal(w(8204), 0, "random_get up to the guest's end: success");
   assert.equal(w(8208), 0, 'random_get into the page the guest grew: success');
   assert.ok(tracker.collect(m.ram(), m.statePageRanges()).includes(0), 'page 0, which the guest wrote, is reported dirty');
+});
+
+/** Cases of oobGuest: each accesses memory past the guest's end `e` (memory.size × 64 KiB). */
+const oobCases = [
+  ['i32.store8 at e', '(i32.store8 (local.get $e) (i32.const 0xee))'],
+  ['i32.store across e', '(i32.store (i32.sub (local.get $e) (i32.const 3)) (i32.const -1))'],
+  ['i64.store at e by its offset', '(i64.store offset=8 (i32.sub (local.get $e) (i32.const 8)) (i64.const -1))'],
+  ['i32.store whose address wraps past 2^32', '(i32.store offset=4 (i32.const -4) (i32.const -1))'],
+  ['memory.fill across e', '(memory.fill (i32.sub (local.get $e) (i32.const 1)) (i32.const 0xee) (i32.const 2))'],
+  ['memory.fill of 0 bytes past e', '(memory.fill (i32.add (local.get $e) (i32.const 1)) (i32.const 0xee) (i32.const 0))'],
+  ['memory.fill whose end wraps past 2^32', '(memory.fill (i32.const -1) (i32.const 0xee) (i32.const 2))'],
+  ['memory.copy to across e', '(memory.copy (i32.sub (local.get $e) (i32.const 1)) (i32.const 24) (i32.const 2))'],
+  ['memory.copy from across e', '(memory.copy (i32.const 24) (i32.sub (local.get $e) (i32.const 1)) (i32.const 2))'],
+  ['memory.init across e', '(memory.init $seg (i32.sub (local.get $e) (i32.const 1)) (i32.const 0) (i32.const 2))'],
+  ['i32.atomic.rmw.add at e', '(drop (i32.atomic.rmw.add (local.get $e) (i32.const 1)))'],
+  ['i32.atomic.rmw.cmpxchg at e', '(drop (i32.atomic.rmw.cmpxchg (local.get $e) (i32.const 0) (i32.const -1)))'],
+  ['i32.load across e', '(i32.store (i32.const 24) (i32.load (i32.sub (local.get $e) (i32.const 2))))'],
+  ['i32.load8_u at e', '(i32.store (i32.const 24) (i32.load8_u (local.get $e)))'],
+] as const;
+/** Loads are checked only with boundsCheckLoads (instrument-build.ts: its cost); the last two cases are loads. */
+const oobCasesChecked = boundsCheckLoads ? oobCases.length : oobCases.length - 2;
+
+/**
+ * A guest that reads its case from address 4 (bit 8: memory.grow(1) first), uses its last bytes
+ * with every kind of access (all in bounds), sets the word at 8, counts at 16 until the word at
+ * 0 is set, then makes the case's access past its end, and sets the word at 20 if that did not trap.
+ */
+function oobGuest(t: { after(fn: () => unknown): void }): string {
+  const cases = oobCases.map(([, op], i) => `(if (i32.eq (local.get $case) (i32.const ${i})) (then ${op}))`).join('\n      ');
+  return watGuest(t, 'oob', `(module
+    (memory (export "memory") 1)
+    (data $seg "\\5a\\5b")
+    (func (export "_start") (local $e i32) (local $case i32)
+      (local.set $case (i32.load (i32.const 4)))
+      (if (i32.and (local.get $case) (i32.const 0x100)) (then (drop (memory.grow (i32.const 1)))))
+      (local.set $case (i32.and (local.get $case) (i32.const 0xff)))
+      (local.set $e (i32.mul (memory.size) (i32.const 65536)))
+      (drop (i32.atomic.rmw.add (i32.sub (local.get $e) (i32.const 20)) (i32.const 7)))
+      (memory.fill (i32.sub (local.get $e) (i32.const 16)) (i32.const 0x66) (i32.const 4))
+      (memory.fill (local.get $e) (i32.const 0) (i32.const 0))
+      (memory.copy (i32.sub (local.get $e) (i32.const 12)) (i32.sub (local.get $e) (i32.const 16)) (i32.const 4))
+      (memory.copy (local.get $e) (local.get $e) (i32.const 0))
+      (i32.store (i32.sub (local.get $e) (i32.const 8)) (i32.const 0x11223344))
+      (i32.store offset=4 (i32.sub (local.get $e) (i32.const 8)) (i32.const 0x55667788))
+      (memory.init $seg (i32.sub (local.get $e) (i32.const 2)) (i32.const 0) (i32.const 2))
+      (i32.store (i32.const 12) (i32.load (i32.sub (local.get $e) (i32.const 4))))
+      (i32.store (i32.const 8) (i32.const 1))
+      (loop $wait
+        (i32.store (i32.const 16) (i32.add (i32.load (i32.const 16)) (i32.const 1)))
+        (br_if $wait (i32.eqz (i32.load (i32.const 0)))))
+      ${cases}
+      (i32.store (i32.const 20) (i32.const 1))))`, binaryen.Features.MVP | binaryen.Features.BulkMemory | binaryen.Features.Atomics);
+}
+
+/** The trap message of the original module (run without colo) for case `c`. */
+function originalTrap(file: string, c: number): string {
+  const instance = new WebAssembly.Instance(new WebAssembly.Module(fs.readFileSync(file)));
+  const words = new Uint32Array((instance.exports['memory'] as WebAssembly.Memory).buffer);
+  words[0] = 1;
+  words[1] = c;
+  try {
+    (instance.exports['_start'] as () => void)();
+  } catch (err) {
+    assert.ok(err instanceof WebAssembly.RuntimeError, String(err));
+    return err.message;
+  }
+  assert.fail(`case ${c}: the original module did not trap`);
+}
+
+test("guest stores, atomics and bulk operations past the guest's memory trap as in the original, not in colo's region above it; up to its last byte they work", async (t) => {
+  // The instrumented guest's memory goes on above its memory.size (colo's asyncify area and
+  // dirty map): these accesses succeeded there, so a buggy guest could overwrite a paused
+  // call stack or clear the dirty marks of pages it wrote (pages missing from a checkpoint).
+  const file = oobGuest(t);
+  const failures: string[] = [];
+  for (const [i, [what]] of oobCases.slice(0, oobCasesChecked).entries()) {
+    for (const grown of [false, true]) {
+      const c = i | (grown ? 0x100 : 0);
+      const storeLog = (i + (grown ? 1 : 0)) % 2 === 0;
+      const label = `${what}${grown ? ' after memory.grow' : ''} (storeLog ${storeLog})`;
+      const expected = originalTrap(file, c);
+      const { m } = await machineFor(t, file, [], { storeLog });
+      try {
+        const w = (addr: number) => new Uint32Array(m.memory.buffer)[addr / 4]!;
+        new Uint32Array(m.memory.buffer)[1] = c;
+        const panicked = new Promise<string>((resolve, reject) => {
+          m.once('panicked', resolve);
+          m.once('shutdown', () => reject(new Error(`${label}: the access did not trap (the guest ran on and exited)`)));
+        });
+        panicked.catch(() => undefined); // awaited below, unless an earlier step fails
+        await m.cont();
+        await waitFor(`${label}: the guest to use its last bytes`, () => w(8) === 1, 10000);
+        // A pause saves the guest's call stack in colo's region; the guest resumes from it.
+        await m.pause();
+        const e = m.region().base;
+        assert.equal(e, (grown ? 2 : 1) * 65536, label);
+        assert.deepEqual([...m.ram().subarray(e - 20, e)], [7, 0, 0, 0, ...Array(8).fill(0x66), 0x44, 0x33, 0x22, 0x11, 0x88, 0x77, 0x5a, 0x5b], `${label}: the last bytes`);
+        assert.equal(w(12), 0x5b5a7788, `${label}: the load of the last word`);
+        const count = w(16);
+        await m.cont();
+        await waitFor(`${label}: the guest to run on after the pause`, () => w(16) !== count, 10000);
+        const low = Buffer.from(m.ram().subarray(20, 64));
+        const high = Buffer.from(m.ram().subarray(e - 32, m.region().end));
+        new Uint32Array(m.memory.buffer)[0] = 1;
+        const message = await withTimeout(panicked, 10000, `${label}: the guest to trap`);
+        assert.equal(message, expected, `${label}: the trap the original gives`);
+        assert.equal(m.runState, 'guest-panicked', label);
+        assert.ok(Buffer.from(m.ram().subarray(20, 64)).equals(low), `${label}: the guest's own memory unchanged`);
+        assert.ok(Buffer.from(m.ram().subarray(e - 32, m.region().end)).equals(high), `${label}: the guest's last bytes and colo's region (asyncify area, dirty map) unchanged`);
+      } catch (err) {
+        failures.push(err instanceof Error ? err.message : String(err));
+      } finally {
+        await m.destroy();
+      }
+    }
+  }
+  assert.deepEqual(failures, [], 'every case traps as in the original, with colo\'s region intact');
+});
+
+test("a store or bulk operation whose own operands grow the memory reaches the new pages: the bounds check follows the operands, as the original's does", async (t) => {
+  // The original evaluates every operand, then checks the access: the call below grows the
+  // memory first, so each access past the old end lands in the new page.
+  const file = watGuest(t, 'oob-order', `(module
+    (memory (export "memory") 1)
+    (func $grow (param $v i32) (result i32) (drop (memory.grow (i32.const 1))) (local.get $v))
+    (func (export "_start")
+      (i32.store (i32.const 65536) (call $grow (i32.const 0x01020304)))
+      (i64.store (i32.const 131072) (i64.extend_i32_u (call $grow (i32.const 7))))
+      (drop (i32.atomic.rmw.add (i32.const 196608) (call $grow (i32.const 9))))
+      (memory.fill (i32.const 262144) (i32.const 0x5a) (call $grow (i32.const 16)))
+      (memory.copy (i32.const 327680) (i32.const 262144) (call $grow (i32.const 16)))))`, binaryen.Features.MVP | binaryen.Features.BulkMemory | binaryen.Features.Atomics | binaryen.Features.SignExt);
+  for (const storeLog of [false, true]) {
+    const { m } = await machineFor(t, file, [], { storeLog });
+    const exited = exitOf(m);
+    await m.cont();
+    assert.equal(await withTimeout(exited, 10000, 'the guest to exit'), 0, `storeLog ${storeLog}`);
+    assert.equal(m.region().base, 6 * 65536, `storeLog ${storeLog}: the guest grew 5 pages`);
+    const dv = new DataView(m.memory.buffer);
+    assert.equal(dv.getUint32(65536, true), 0x01020304, `storeLog ${storeLog}: the store`);
+    assert.equal(dv.getBigUint64(131072, true), 7n, `storeLog ${storeLog}: the i64 store`);
+    assert.equal(dv.getUint32(196608, true), 9, `storeLog ${storeLog}: the atomic add`);
+    assert.ok(m.ram().subarray(262144, 262160).every((b) => b === 0x5a), `storeLog ${storeLog}: the fill`);
+    assert.ok(m.ram().subarray(327680, 327696).every((b) => b === 0x5a), `storeLog ${storeLog}: the copy`);
+    await m.destroy();
+  }
 });
