@@ -364,51 +364,80 @@ class UpDriver {
 
   /**
    * Asks `c` query-status every limits.upHeartbeatIntervalMs on a QMP connection of its own.
-   * A reply later than the heartbeat timeout makes the child `unresponsive` (once per stall; the
-   * core decides whether to fence it), a reply after that `responsive` again. Ends when the
-   * child exits or the supervisor finishes.
+   * A child that has not answered for the heartbeat timeout (a late reply, or no connection: one
+   * that cannot be made, or that the child dropped) is `unresponsive` (once per stall; the core
+   * decides whether to fence it), and `responsive` again once it answers. A connection that
+   * goes away while the child lives (the server dropped a client that left its output unread)
+   * is made again, every interval, for as long as the child lives: a child that is not fenced
+   * for a stall must still be watched after it, or a later hang goes unnoticed and nothing
+   * fails over. Ends when the child exits or the supervisor finishes.
    */
   private async heartbeat(c: Child): Promise<void> {
     const timeoutMs = this.o.heartbeatTimeoutMs;
     if (timeoutMs === 0) return;
     const live = (): boolean => !c.exited && !this.finished;
-    let hb: QmpClient;
-    const connecting = performance.now();
-    try {
-      hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: Math.max(timeoutMs, limits.qmpTimeoutMsDefault), oob: false });
-    } catch (err) {
-      if (live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - connecting) });
-      log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
-      return;
-    }
-    c.heartbeat = hb;
-    if (!live()) {
-      void hb.close().catch(() => undefined);
-      return;
-    }
+    /** When the first request of the current run without an answer was made; null: it answers. */
     let stalledSince: number | null = null;
+    let reported = false;
+    /** Whether the child's refusal of the connection was said (once per run of refusals). */
+    let refusalSaid = false;
+    const answered = (): void => {
+      if (reported && live()) this.dispatch({ type: 'responsive', node: c.id, ms: Math.round(performance.now() - stalledSince!) });
+      stalledSince = null;
+      reported = false;
+    };
+    /** `timedOut`: a request of the stall went unanswered for timeoutMs (timers may fire a little early by performance.now()). */
+    const unanswered = (since: number, timedOut: boolean): void => {
+      stalledSince ??= since;
+      if (!reported && live() && (timedOut || performance.now() - stalledSince >= timeoutMs)) {
+        reported = true;
+        this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+      }
+    };
     while (live()) {
       const sent = performance.now();
-      try {
-        await hb.execute('query-status', {}, { timeoutMs });
-        if (stalledSince !== null && live()) this.dispatch({ type: 'responsive', node: c.id, ms: Math.round(performance.now() - stalledSince) });
-        stalledSince = null;
-      } catch (err) {
-        if (!live()) return;
-        if (!(err instanceof TimeoutError)) {
-          // The connection went away. A dying child closes it before its exit is seen: give
-          // the exit the heartbeat's time to arrive. A child that lives on without its QMP
-          // socket cannot be supervised.
-          log.debug(`vm${c.id}: heartbeat connection lost: ${errorMessage(err)}`);
-          const gone = await this.exitWithin(c, timeoutMs);
-          if (!gone && live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - sent) });
+      let hb = c.heartbeat;
+      if (hb === null || hb.closed) {
+        try {
+          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false });
+        } catch (err) {
+          if (!live()) return;
+          if (err instanceof QmpCommandError) {
+            // It answered, with a refusal (too many QMP clients): its main loop runs, so it is
+            // not hung, but it cannot be watched until it takes the connection.
+            if (!refusalSaid) log.warn(`vm${c.id} refuses the heartbeat's QMP connection (${err.message}); trying again every ${limits.upHeartbeatIntervalMs} ms`);
+            refusalSaid = true;
+            answered();
+          } else {
+            log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
+            unanswered(sent, err instanceof TimeoutError);
+          }
+          await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+          continue;
+        }
+        if (!live()) {
+          void hb.close().catch(() => undefined);
           return;
         }
-        if (stalledSince === null) {
-          stalledSince = sent;
-          this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+        if (refusalSaid) log.info(`vm${c.id} took the heartbeat's QMP connection`);
+        refusalSaid = false;
+        c.heartbeat = hb;
+      }
+      try {
+        await hb.execute('query-status', {}, { timeoutMs });
+        answered();
+      } catch (err) {
+        if (!live()) return;
+        if (err instanceof TimeoutError) {
+          unanswered(sent, true);
+          continue; // ask again at once: the next reply tells when it is back
         }
-        continue; // ask again at once: the next reply tells when it is back
+        // The connection went away: a dying child closes it before its exit is seen (its exit
+        // ends this loop), a living one had it dropped. Make it again; until then, it does not answer.
+        log.debug(`vm${c.id}: heartbeat connection lost: ${errorMessage(err)}`);
+        void hb.close().catch(() => undefined);
+        if (c.heartbeat === hb) c.heartbeat = null;
+        unanswered(sent, false);
       }
       await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
     }
