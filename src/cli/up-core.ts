@@ -269,6 +269,7 @@ export class PairCore {
           // Killing it now lets its exit run the usual failover, at once, instead of the
           // primary's holding replies for the grace period before it goes on alone.
           const s = this.secondary;
+          if (s.failure !== undefined) break; // condemned already (also told twice: by its event, and by a catch-up after a lost QMP connection)
           out.push({ type: 'log', level: 'warn', msg: `secondary ${s.pid} left COLO by itself (reason ${e.reason}); killing it` });
           s.failure = `left COLO (reason ${e.reason})`;
           out.push({ type: 'kill', node: s.id, signal: 'SIGKILL' });

@@ -136,7 +136,10 @@ interface Child {
   readonly disk: string | null;
   /** Whether the supervisor created the disk (and may remove it). */
   readonly ownDisk: boolean;
+  /** The driver's QMP connection (commands, and the events the supervisor acts on). */
   qmp: QmpClient | null;
+  /** The driver's connection being made again (the child dropped the last one while it lives). */
+  reconnecting: Promise<QmpClient | null> | null;
   /** The heartbeat's own QMP connection (never queued behind the driver's commands). */
   heartbeat: QmpClient | null;
   exited: boolean;
@@ -297,7 +300,7 @@ class UpDriver {
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
-    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, heartbeat: null, exited: false };
+    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
     this.children.set(id, c);
     proc.once('exit', (code, signal) => {
       if (c.exited) return;
@@ -349,7 +352,17 @@ class UpDriver {
       gone: () => (c.exited ? new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`) : null),
       timedOut: () => new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`),
     });
-    c.qmp.on('event', (ev) => {
+    this.watchControl(c, c.qmp);
+    if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
+    if (c.role === 'secondary') await this.configure(c.qmp, false);
+  }
+
+  /** The events the supervisor acts on, from the driver's connection `q`; a loss of `q` while `c` lives makes it again. */
+  private watchControl(c: Child, q: QmpClient): void {
+    q.on('close', () => {
+      if (!c.exited && !this.finished && c.qmp === q) void this.reconnectControl(c);
+    });
+    q.on('event', (ev) => {
       if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
       // The guest's own exit (QEMU's SHUTDOWN with guest: true; a quit or a signal has guest: false).
       if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
@@ -358,57 +371,159 @@ class UpDriver {
         this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
       }
     });
-    if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
-    if (c.role === 'secondary') await this.configure(c, false);
+  }
+
+  /**
+   * The driver's connection to `c` closed. A dying child closes it just before its exit is seen
+   * (given limits.upChildExitGraceMs); a living one dropped it (a client that left its output
+   * unread). Without it the supervisor would never hear of `c` again (its COLO_EXIT, a crash),
+   * could not protect a primary again (every attempt failing at once) nor have a secondary take
+   * over (a lost service): it is made again, every limits.upHeartbeatIntervalMs for as long as
+   * `c` lives (a hung child is the heartbeat's to fence). Resolves with the new connection, or
+   * null once `c` exited or the supervisor finished.
+   */
+  private reconnectControl(c: Child): Promise<QmpClient | null> {
+    c.reconnecting ??= (async (): Promise<QmpClient | null> => {
+      if (await this.exitWithin(c, limits.upChildExitGraceMs)) return null;
+      let said = false;
+      while (!c.exited && !this.finished) {
+        try {
+          const q = await QmpClient.connect(`unix:${c.qmpPath}`);
+          if (c.exited || this.finished) {
+            void q.close().catch(() => undefined);
+            return null;
+          }
+          c.qmp = q;
+          this.watchControl(c, q);
+          log.info(`vm${c.id}: its QMP connection closed while it runs; connected again`);
+          void this.catchUp(c, q);
+          return q;
+        } catch (err) {
+          if (!said) log.warn(`vm${c.id}: its QMP connection closed while it runs, and cannot be made again yet (${errorMessage(err)}); trying every ${limits.upHeartbeatIntervalMs} ms`);
+          said = true;
+        }
+        await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+      }
+      return null;
+    })().finally(() => {
+      c.reconnecting = null;
+    });
+    return c.reconnecting;
+  }
+
+  /**
+   * The driver's connection to `c`: the current one, or the one being made again (waited for
+   * at most `withinMs`, when given: a protection attempt does not wait for a hung child).
+   */
+  private async control(c: Child, withinMs?: number): Promise<QmpClient> {
+    const q = c.qmp!;
+    if (!q.closed) return q;
+    const reconnecting = this.reconnectControl(c);
+    const again =
+      withinMs === undefined
+        ? await reconnecting
+        : await Promise.race([reconnecting, new Promise<undefined>((resolve) => this.later(withinMs, () => resolve(undefined)))]);
+    if (again === undefined) throw new TimeoutError(`the QMP connection to vm${c.id} closed, and was not made again within ${withinMs} ms`);
+    if (again === null) throw new ChannelClosedError(`the QMP connection to vm${c.id} closed`);
+    return again;
+  }
+
+  /**
+   * Events sent while the driver's connection was down are lost. Of those the supervisor acts
+   * on, a COLO_EXIT shows in query-colo-status (the node is out of COLO while the pair is
+   * protected), a GUEST_PANICKED in query-status; a guest's SHUTDOWN is followed by the exit.
+   */
+  private async catchUp(c: Child, q: QmpClient): Promise<void> {
+    try {
+      const run = await q.execute<{ status?: string }>('query-status');
+      if (run.status === 'guest-panicked' && !c.exited) this.dispatch({ type: 'crashed', node: c.id, message: 'its guest crashed while the supervisor was not connected' });
+      if (this.core.phase !== 'protected') return;
+      const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status');
+      // Protected before and after the question: both nodes were in COLO (a protection takes seconds, not one reply).
+      if (st.mode === 'none' && !c.exited && this.core.phase === 'protected') {
+        this.dispatch({ type: 'coloExit', node: c.id, mode: String(st['last-mode']), reason: String(st.reason) });
+      }
+    } catch (err) {
+      log.debug(`vm${c.id}: catching up after the QMP connection came back: ${errorMessage(err)}`);
+    }
   }
 
   /**
    * Asks `c` query-status every limits.upHeartbeatIntervalMs on a QMP connection of its own.
-   * A reply later than the heartbeat timeout makes the child `unresponsive` (once per stall; the
-   * core decides whether to fence it), a reply after that `responsive` again. Ends when the
-   * child exits or the supervisor finishes.
+   * A child that has not answered for the heartbeat timeout (a late reply, or no connection: one
+   * that cannot be made, or that the child dropped) is `unresponsive` (once per stall; the core
+   * decides whether to fence it), and `responsive` again once it answers. A connection that
+   * goes away while the child lives (the server dropped a client that left its output unread)
+   * is made again, every interval, for as long as the child lives: a child that is not fenced
+   * for a stall must still be watched after it, or a later hang goes unnoticed and nothing
+   * fails over. Ends when the child exits or the supervisor finishes.
    */
   private async heartbeat(c: Child): Promise<void> {
     const timeoutMs = this.o.heartbeatTimeoutMs;
     if (timeoutMs === 0) return;
     const live = (): boolean => !c.exited && !this.finished;
-    let hb: QmpClient;
-    const connecting = performance.now();
-    try {
-      hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs: Math.max(timeoutMs, limits.qmpTimeoutMsDefault), oob: false });
-    } catch (err) {
-      if (live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - connecting) });
-      log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
-      return;
-    }
-    c.heartbeat = hb;
-    if (!live()) {
-      void hb.close().catch(() => undefined);
-      return;
-    }
+    /** When the first request of the current run without an answer was made; null: it answers. */
     let stalledSince: number | null = null;
+    let reported = false;
+    /** Whether the child's refusal of the connection was said (once per run of refusals). */
+    let refusalSaid = false;
+    const answered = (): void => {
+      if (reported && live()) this.dispatch({ type: 'responsive', node: c.id, ms: Math.round(performance.now() - stalledSince!) });
+      stalledSince = null;
+      reported = false;
+    };
+    /** `timedOut`: a request of the stall went unanswered for timeoutMs (timers may fire a little early by performance.now()). */
+    const unanswered = (since: number, timedOut: boolean): void => {
+      stalledSince ??= since;
+      if (!reported && live() && (timedOut || performance.now() - stalledSince >= timeoutMs)) {
+        reported = true;
+        this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+      }
+    };
     while (live()) {
       const sent = performance.now();
-      try {
-        await hb.execute('query-status', {}, { timeoutMs });
-        if (stalledSince !== null && live()) this.dispatch({ type: 'responsive', node: c.id, ms: Math.round(performance.now() - stalledSince) });
-        stalledSince = null;
-      } catch (err) {
-        if (!live()) return;
-        if (!(err instanceof TimeoutError)) {
-          // The connection went away. A dying child closes it before its exit is seen: give
-          // the exit the heartbeat's time to arrive. A child that lives on without its QMP
-          // socket cannot be supervised.
-          log.debug(`vm${c.id}: heartbeat connection lost: ${errorMessage(err)}`);
-          const gone = await this.exitWithin(c, timeoutMs);
-          if (!gone && live()) this.dispatch({ type: 'unresponsive', node: c.id, ms: Math.round(performance.now() - sent) });
+      let hb = c.heartbeat;
+      if (hb === null || hb.closed) {
+        try {
+          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false });
+        } catch (err) {
+          if (!live()) return;
+          if (err instanceof QmpCommandError) {
+            // It answered, with a refusal (too many QMP clients): its main loop runs, so it is
+            // not hung, but it cannot be watched until it takes the connection.
+            if (!refusalSaid) log.warn(`vm${c.id} refuses the heartbeat's QMP connection (${err.message}); trying again every ${limits.upHeartbeatIntervalMs} ms`);
+            refusalSaid = true;
+            answered();
+          } else {
+            log.debug(`vm${c.id}: no heartbeat connection: ${errorMessage(err)}`);
+            unanswered(sent, err instanceof TimeoutError);
+          }
+          await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+          continue;
+        }
+        if (!live()) {
+          void hb.close().catch(() => undefined);
           return;
         }
-        if (stalledSince === null) {
-          stalledSince = sent;
-          this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
+        if (refusalSaid) log.info(`vm${c.id} took the heartbeat's QMP connection`);
+        refusalSaid = false;
+        c.heartbeat = hb;
+      }
+      try {
+        await hb.execute('query-status', {}, { timeoutMs });
+        answered();
+      } catch (err) {
+        if (!live()) return;
+        if (err instanceof TimeoutError) {
+          unanswered(sent, true);
+          continue; // ask again at once: the next reply tells when it is back
         }
-        continue; // ask again at once: the next reply tells when it is back
+        // The connection went away: a dying child closes it before its exit is seen (its exit
+        // ends this loop), a living one had it dropped. Make it again; until then, it does not answer.
+        log.debug(`vm${c.id}: heartbeat connection lost: ${errorMessage(err)}`);
+        void hb.close().catch(() => undefined);
+        if (c.heartbeat === hb) c.heartbeat = null;
+        unanswered(sent, false);
       }
       await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
     }
@@ -442,8 +557,7 @@ class UpDriver {
   }
 
   /** Capabilities and parameters for COLO (the primary also gets x-checkpoint-delay). */
-  private async configure(c: Child, primary: boolean): Promise<void> {
-    const qmp = c.qmp!;
+  private async configure(qmp: QmpClient, primary: boolean): Promise<void> {
     const caps = [{ capability: 'x-colo', state: true }, { capability: 'multifd', state: this.o.channels !== null }];
     await qmp.execute('migrate-set-capabilities', { capabilities: caps });
     const params: Record<string, number> = {};
@@ -453,14 +567,14 @@ class UpDriver {
   }
 
   private async protect(p: Child, s: Child): Promise<void> {
-    const pq = p.qmp!;
-    const sq = s.qmp!;
+    const pq = await this.control(p, limits.qmpTimeoutMsDefault);
+    const sq = await this.control(s, limits.qmpTimeoutMsDefault);
     // A deadline on progress, not on the whole migration: it carries all of RAM and the disk,
     // and a large --drive takes longer than any fixed bound (it never got protected).
     const timeoutMs = this.o.protectTimeoutMs;
     let deadline = Date.now() + timeoutMs;
     let transferred = -1;
-    await this.configure(p, true);
+    await this.configure(pq, true);
     const sMark = sq.eventCount;
     await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
     const info = await sq.execute<{ 'socket-address'?: { port: string }[] }>('query-migrate');
@@ -515,17 +629,31 @@ class UpDriver {
    * is refused, and query-colo-status tells that this node left COLO.
    */
   private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
-    const q = c.qmp!;
-    const mark = q.eventCount;
+    let q = await this.control(c);
+    let mark = q.eventCount;
     const left = async (): Promise<boolean> => {
       const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
       return st.mode === 'none' && st['last-mode'] === mode;
+    };
+    // The connection closed under a command while `c` lives (it dropped the supervisor): go on
+    // on a new one. A COLO_EXIT sent meanwhile is lost: whether it left COLO is asked instead.
+    const reconnected = async (err: unknown): Promise<boolean> => {
+      if (!(err instanceof ChannelClosedError) || c.exited) return false;
+      const again = await this.reconnectControl(c);
+      if (again === null) return false;
+      q = again;
+      mark = q.eventCount;
+      return true;
     };
     for (;;) {
       try {
         await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
       } catch (err) {
         if (err instanceof TimeoutError && !c.exited) continue; // no answer: ask again
+        if (await reconnected(err)) {
+          if (await left().catch(() => false)) return;
+          continue;
+        }
         // A primary whose channel broke leaves COLO by itself (reason error).
         if (!(err instanceof QmpCommandError && /not in COLO mode/.test(err.message))) throw err;
         if (await left()) return;
@@ -535,6 +663,10 @@ class UpDriver {
         await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
         return;
       } catch (err) {
+        if (await reconnected(err)) {
+          if (await left().catch(() => false)) return;
+          continue;
+        }
         if (!(err instanceof TimeoutError) || c.exited) throw err;
         // It accepted, but has not left COLO: stalled since (ask again), or a failover that
         // does not end on a node that answers (give up).
@@ -542,6 +674,7 @@ class UpDriver {
           if (await left()) return;
         } catch (probe) {
           if (probe instanceof TimeoutError && !c.exited) continue;
+          if (await reconnected(probe)) continue;
           throw probe;
         }
         throw err;
