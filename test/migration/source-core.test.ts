@@ -93,6 +93,18 @@ test('stop-and-copy is forced after roundsMax rounds, with a warning that the pa
   assert.ok(core.stats.expectedDowntimeMs! > 1);
 });
 
+test('regression: the forced stop-and-copy warning names a rest of disk blocks (not "0 dirty pages")', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30, roundsMax: 2 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: { ...round(2, 64 * mib, 89), normalPages: 0, diskBlocks: 16384 } }, ['collectDirty']],
+  ]);
+  const [warn, pause] = core.step({ type: 'dirtyCollected', now: 201, pages: 0, blocks: 16384 });
+  assert.equal(pause?.type, 'pauseVm');
+  assert.ok(warn?.type === 'log' && warn.level === 'warn', `a warning: ${JSON.stringify(warn)}`);
+  assert.match(warn.message, /: the guest dirties memory and disk faster than the link carries it; 0 dirty pages and 16384 dirty disk blocks, 89 ms of downtime expected/);
+});
+
 test('a rest that fits the downtime limit at the last round allowed is no forced switchover (no warning)', () => {
   const core = new SourceCore({ downtimeLimitMs: 30, roundsMax: 2 });
   play(core, [
