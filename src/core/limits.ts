@@ -82,7 +82,10 @@ export const limits = {
   downtimeLimitMsDefault: 300,
   /** Largest downtime-limit accepted (QEMU's bound: 2000 s). */
   downtimeLimitMsMax: 2000 * 1000,
-  /** A round must move at least this many bytes for its rate to update the bandwidth estimate. */
+  /**
+   * A dirty round that moves at least this many bytes measures the link (its rate is the
+   * bandwidth estimate); until one did, the fastest round stands for it (SourceCore.sample).
+   */
   bandwidthSampleBytesMin: 1024 * 1024,
   /** Connecting a migration channel (main or multifd), TCP connect plus handshake. */
   migrationConnectTimeoutMs: 10000,

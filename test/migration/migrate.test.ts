@@ -122,6 +122,36 @@ test('--snapshot on both sides with one shared image: the image is unchanged, th
   assertNoErrors(src, dst);
 });
 
+test('regression: an idle guest with a drive converges in a few rounds, without a forced stop-and-copy', async (t) => {
+  // kv.wasm waiting in accept, a 64 MiB drive, 2 multifd channels, as `colo up` migrates it.
+  // Round 1 puts some 100 KB on the wire (the drive is zero) in 100-600 ms of reading, and
+  // every round after it 16 zero pages (the asyncify area, reported dirty every round).
+  // Before, the rest was priced at 16 x 4 KiB at round 1's rate (about 0.5 MB/s): 30 rounds,
+  // then "stop-and-copy forced after 30 rounds ...". 20 ms of downtime-limit keeps that
+  // failing on a fast host too (it needed round 1 above 3 MB/s to fit).
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const srcDisk = env.image('src.img', 64 * 1024 * 1024);
+  const dstDisk = env.image('dst.img', 64 * 1024 * 1024);
+  const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${srcDisk}`] }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ multifd: true }, { 'downtime-limit': 20 }), dst.setMigration({ multifd: true })]);
+  await src.waitSerial('kv ready');
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  const info = await src.waitMigrationStatus('completed', 60000);
+  await dst.waitMigrationStatus('completed', 10000);
+  const syncs = (info.ram as Record<string, number>)['dirty-sync-count']!;
+  t.diagnostic(`${syncs} dirty syncs, downtime ${String(info.downtime)} ms`);
+  assert.ok(syncs <= 3, `an idle guest took ${syncs} pre-copy rounds`);
+  assert.doesNotMatch(src.stderr, /stop-and-copy forced/);
+  await Promise.all([src.stop(), dst.stop()]);
+  assertNoErrors(src, dst);
+});
+
 test('a guest paused on the source arrives paused with identical memory; cont runs it', async (t) => {
   const env = new TestEnv(t);
   const { src, dst, port, region } = await memwalkPair(env, { region: '16M', memory: '64M', capabilities: { multifd: true } });

@@ -93,6 +93,18 @@ test('stop-and-copy is forced after roundsMax rounds, with a warning that the pa
   assert.ok(core.stats.expectedDowntimeMs! > 1);
 });
 
+test('regression: the forced stop-and-copy warning names a rest of disk blocks (not "0 dirty pages")', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30, roundsMax: 2 });
+  play(core, [
+    ...intoRound2(),
+    [{ type: 'roundSent', now: 200, result: { ...round(2, 64 * mib, 89), normalPages: 0, diskBlocks: 16384 } }, ['collectDirty']],
+  ]);
+  const [warn, pause] = core.step({ type: 'dirtyCollected', now: 201, pages: 0, blocks: 16384 });
+  assert.equal(pause?.type, 'pauseVm');
+  assert.ok(warn?.type === 'log' && warn.level === 'warn', `a warning: ${JSON.stringify(warn)}`);
+  assert.match(warn.message, /: the guest dirties memory and disk faster than the link carries it; 0 dirty pages and 16384 dirty disk blocks, 89 ms of downtime expected/);
+});
+
 test('a rest that fits the downtime limit at the last round allowed is no forced switchover (no warning)', () => {
   const core = new SourceCore({ downtimeLimitMs: 30, roundsMax: 2 });
   play(core, [
@@ -110,6 +122,63 @@ test('a downtime-limit raised mid-migration applies at the next decision', () =>
     [{ type: 'roundSent', now: 200, result: round(2, 64 * mib, 100) }, ['collectDirty']],
     [{ type: 'dirtyCollected', now: 201, pages: 16384, blocks: 0 }, ['log', 'pauseVm']],
   ]);
+});
+
+/** Round 1 of a mostly empty guest: few bytes on the wire, most of its time spent reading pages and blocks. */
+function scanRound(bytes: number, normalPages: number, zeroPages: number, diskBlocks: number, durationMs: number): RoundResult {
+  return { round: 1, bytes, normalPages, zeroPages, diskBlocks, durationMs, multifdChannelBytes: 0 };
+}
+
+test('regression: an idle guest with a drive converges in 2 rounds (the rest of 16 zero pages is priced at what it costs on the wire)', () => {
+  // What `colo up` showed: round 1 of kv.wasm waiting in accept, 64 MiB drive, 2 multifd
+  // channels: 7 pages, 293 zero pages, 16384 zero blocks, about 100 KB in 600 ms. The rounds
+  // after it carry the asyncify area only (16 pages, reported dirty every round, zero).
+  // Before: the rest was priced at 16 x 4 KiB at round 1's 167 bytes/ms, 393 ms above the
+  // 300 ms limit, rounds 2..30 were too small to replace that rate, and stop-and-copy was
+  // forced after 30 rounds with a warning.
+  const core = new SourceCore({ downtimeLimitMs: 300 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 601, result: scanRound(100_000, 7, 293, 16384, 600) }, ['collectDirty']],
+    // Nothing is known yet of what a dirty page costs: a full page each, 393 ms: one more round.
+    [{ type: 'dirtyCollected', now: 602, pages: 16, blocks: 0 }, ['pass', { type: 'sendRound', round: 2, full: false }]],
+    [{ type: 'roundSent', now: 606, result: { round: 2, bytes: 400, normalPages: 0, zeroPages: 16, diskBlocks: 0, durationMs: 4, multifdChannelBytes: 0 } }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 607, pages: 16, blocks: 0 }, [{ type: 'log', level: 'debug' }, 'pauseVm']],
+  ]);
+  assert.equal(core.stats.dirtySyncCount, 2);
+  assert.ok(core.stats.expectedDowntimeMs! < 5, `16 zero pages (400 bytes) at 167 bytes/ms: ${core.stats.expectedDowntimeMs} ms expected`);
+});
+
+test('regression: a round 1 that read a large, mostly empty drive is not taken for the link once a dirty round went faster', () => {
+  // A 1 GiB drive with 2 MiB of data: 10 s of reading for 3 MiB on the wire (315 bytes/ms).
+  // The guest then dirties 50 pages (non-zero) a round; round 2 moves them in 2 ms. Before,
+  // round 1's rate stood (round 2 was below bandwidthSampleBytesMin): 50 pages = 650 ms.
+  const core = new SourceCore({ downtimeLimitMs: 300 });
+  play(core, [
+    [start(), ['status', 'connect']],
+    [{ type: 'connected', now: 1 }, ['status', 'pass', 'sendRound']],
+    [{ type: 'roundSent', now: 10_001, result: scanRound(3 * mib, 300, 0, 262144, 10_000) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 10_002, pages: 50, blocks: 0 }, ['pass', { type: 'sendRound', round: 2 }]],
+    [{ type: 'roundSent', now: 10_004, result: round(2, 50 * 4096 + 1000, 2) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 10_005, pages: 50, blocks: 0 }, [{ type: 'log', level: 'debug' }, 'pauseVm']],
+  ]);
+  assert.ok(core.stats.expectedDowntimeMs! < 5, `${core.stats.expectedDowntimeMs} ms expected`);
+});
+
+test('a busy guest: a dirty round that measured the link sets the rate; a small fast round after it does not raise it', () => {
+  const core = new SourceCore({ downtimeLimitMs: 30 });
+  play(core, [
+    ...intoRound2(),
+    // The link turned out slower than round 1 showed: 16 MiB in 400 ms (41943 bytes/ms).
+    [{ type: 'roundSent', now: 600, result: round(2, 16 * mib, 400) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 601, pages: 4096, blocks: 0 }, ['pass', { type: 'sendRound', round: 3 }]],
+    // 64 KiB queued in a tenth of a millisecond measures the socket's buffer, not the link.
+    [{ type: 'roundSent', now: 602, result: round(3, 64 * 1024, 0.1) }, ['collectDirty']],
+    [{ type: 'dirtyCollected', now: 603, pages: 4096, blocks: 0 }, ['pass', { type: 'sendRound', round: 4 }]],
+  ]);
+  assert.equal(core.stats.bandwidthBytesPerMs, (16 * mib) / 400);
+  assert.ok(Math.abs(core.stats.expectedDowntimeMs! - 400) < 1, `4096 full pages at 41943 bytes/ms: ${core.stats.expectedDowntimeMs} ms expected`);
 });
 
 test('cancel while active: cancelling, teardown, then cancelled (the VM never paused)', () => {
