@@ -89,11 +89,7 @@ async function runInstrumented(args: string[]): Promise<{ ms: number; out: strin
   }
 }
 
-/**
- * The CPU-bound guest, instrumented ÷ original, measured in the same run. Alone (the other
- * parts take minutes): node -e "import('./dist/bench/machine.js').then((b) => b.cpuSpeed())"
- */
-export async function cpuSpeed(): Promise<void> {
+async function cpuSpeed(): Promise<void> {
   const bytes = fs.readFileSync(cpuGuest);
   const args = ['2'];
   const raw: number[] = [];

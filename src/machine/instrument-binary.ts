@@ -753,7 +753,7 @@ export interface ExportedGlobal {
 }
 
 /** Globals that are exported under their own name as well as `colo$g<index>`. */
-export const namedGlobals: readonly string[] = ['colo$budget', 'colo$dirtylog', 'colo$pages', 'colo$end'];
+export const namedGlobals: readonly string[] = ['colo$budget', 'colo$dirtylog', 'colo$pages'];
 
 /**
  * Lists every mutable, non-imported global of an instrumented module with its export name:

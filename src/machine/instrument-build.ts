@@ -36,15 +36,6 @@ export const guestFeatures =
   binaryen.Features.NontrappingFPToInt |
   binaryen.Features.Atomics;
 
-/**
- * Whether loads get a bounds check as stores do (instrument-walk.ts). Off: checking them too
- * took the CPU-bound bench guest from about 1.5 to about 1.7 times the original (stores,
- * atomics and bulk operations alone: about 1.55). So a load past the guest's end reads colo's
- * region (zeros, its paused call stack, the dirty map) where the original traps; it changes
- * nothing there. memory.copy's source is checked (a bulk operation).
- */
-export const boundsCheckLoads = false;
-
 /** A name not yet used by any global or function of `m`. */
 function freshName(m: binaryen.Module, base: string): string {
   let name = base;
@@ -117,8 +108,6 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
       if (dirtylog !== null) m.addGlobal(dirtylog, binaryen.i32, true, m.i32.const(0));
       const pages = freshName(m, 'colo$pages');
       m.addGlobal(pages, binaryen.i32, true, m.i32.const(parsed.memory.initialPages));
-      const end = freshName(m, 'colo$end');
-      m.addGlobal(end, binaryen.i32, true, m.i32.const((parsed.memory.initialPages * limits.wasmPageBytes) | 0));
       const preempt = freshName(m, 'colo$preempt');
       m.addFunctionImport(preempt, preemptImport.module, preemptImport.name, binaryen.none, binaryen.none);
       const grow = freshName(m, 'colo$grow');
@@ -131,7 +120,6 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
         storeLog: dirtylog === null ? null : { logGlobal: dirtylog, pageShift: log2(limits.pageBytes) },
         memoryName,
         reserved: { pagesGlobal: pages, growFunction: grow },
-        bounds: { endGlobal: end, initialBytes: parsed.memory.initialPages * limits.wasmPageBytes, loads: boundsCheckLoads },
         bulkBytesShift: log2(limits.preemptBulkBytesPerCount),
       });
 
@@ -151,7 +139,6 @@ export function instrumentGuest(original: Uint8Array, opts: { storeLog?: boolean
       // guest never reads them (a guest without stores does not use the dirty log).
       m.addGlobalExport(budget, 'colo$budget');
       m.addGlobalExport(pages, 'colo$pages');
-      m.addGlobalExport(end, 'colo$end');
       if (dirtylog !== null) m.addGlobalExport(dirtylog, 'colo$dirtylog');
       m.optimize();
 

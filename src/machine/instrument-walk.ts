@@ -13,16 +13,7 @@
  *   `dirtylog + (addr >>> pageShift)` for the first and the last byte written. The mark is
  *   written AFTER the store, so a host that harvests (reads and clears) the map while the
  *   guest runs never loses a write: a page whose mark it cleared is either already written
- *   or will be marked again;
- * - bounds: the memory goes on above the guest's memory.size (colo's region, reserved-region.ts),
- *   so before every store, atomic read-modify-write and compare-exchange, memory.fill,
- *   memory.copy (both ranges) and memory.init, and optionally every load, once its operands
- *   are evaluated, it compares the last byte the access touches with the guest's size in
- *   bytes and traps, with the engine's own "memory access out of bounds", when it lies past
- *   it, as the original module does. An address
- *   whose computation wraps past 2^32 passes the compare but lies past any wasm32 memory: the
- *   engine traps it. Accesses at constant addresses inside the initial memory get no check
- *   (the guest's memory never becomes smaller than that).
+ *   or will be marked again.
  *
  * binaryen's own `log-execution` and `instrument-memory` passes were not used: the first
  * also logs at every return and function exit (twice the checks), and the second calls its
@@ -58,13 +49,6 @@ export interface WalkConfig {
    */
   reserved: { pagesGlobal: string; growFunction: string };
   /**
-   * The bounds checks: `endGlobal` is the internal name of the mutable i32 global holding the
-   * guest's size in bytes (read unsigned; the host keeps it equal to pagesGlobal × 64 KiB),
-   * `initialBytes` the size of the original's initial memory; `loads` whether loads are
-   * checked too.
-   */
-  bounds: { endGlobal: string; initialBytes: number; loads: boolean };
-  /**
    * log2 of the bytes of memory.fill/copy/init that count as one loop iteration against the
    * budget: a loop whose body fills or copies megabytes reaches its next check with the budget
    * spent, not 20000 iterations later.
@@ -81,8 +65,6 @@ export interface WalkStats {
   bulk: number;
   memorySizes: number;
   memoryGrows: number;
-  /** Loads, stores and atomics given a bounds check (bulk operations always get one). */
-  boundsChecks: number;
   /** Functions left without an entry check (no loop, no call). */
   leaves: number;
 }
@@ -229,7 +211,7 @@ function rewritePostOrder(body: Ref, finish: (fr: Frame) => [Ref, number]): Ref 
  * the file comment. Functions added later (asyncify's, the caller's helpers) are untouched.
  */
 export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkConfig): WalkStats {
-  const stats: WalkStats = { functions: 0, loops: 0, stores: 0, rmws: 0, bulk: 0, memorySizes: 0, memoryGrows: 0, boundsChecks: 0, leaves: 0 };
+  const stats: WalkStats = { functions: 0, loops: 0, stores: 0, rmws: 0, bulk: 0, memorySizes: 0, memoryGrows: 0, leaves: 0 };
   const i32 = binaryen.i32;
   const mem = cfg.memoryName;
 
@@ -259,30 +241,6 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
     };
 
     const log = cfg.storeLog;
-    const end = cfg.bounds.endGlobal;
-    /** Traps with the engine's "memory access out of bounds": a load at 2^32 lies past any wasm32 memory. */
-    const outOfBounds = (): Ref => m.drop(m.i32.load8_u(1, 1, m.i32.const(-1), mem));
-    /**
-     * The check of an access of `bytes` bytes at `local p + offset` (see the file comment), or
-     * null when `ptr`, the address operand, is a constant that puts it inside the initial memory.
-     */
-    const bound = (ptr: Ref, p: number, offset: number, bytes: number): Ref | null => {
-      if (E.getExpressionId(ptr) === E.ConstId && (X.Const.getValueI32(ptr) >>> 0) + (offset >>> 0) + bytes <= cfg.bounds.initialBytes) return null;
-      stats.boundsChecks++;
-      return m.if(
-        m.i32.ge_u(m.i32.add(m.local.get(p, i32), m.i32.const((offset + bytes - 1) | 0)), m.global.get(end, i32)),
-        outOfBounds(),
-      );
-    };
-    /** Traps when [local a, local a + local n) does not lie inside the guest's memory (n may be 0). */
-    const boundRange = (a: number, n: number): Ref =>
-      m.if(
-        m.i64.gt_u(
-          m.i64.add(m.i64.extend_u(m.local.get(a, i32)), m.i64.extend_u(m.local.get(n, i32))),
-          m.i64.extend_u(m.global.get(end, i32)),
-        ),
-        outOfBounds(),
-      );
     /** `map[addr >>> shift] = 1` where `addr` is an i32 expression. */
     const mark = (addr: Ref): Ref =>
       m.i32.store8(
@@ -339,63 +297,36 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
       if (E.getExpressionType(e) === binaryen.unreachable) return [e, below];
       if (id === E.MemoryFillId || id === E.MemoryCopyId || id === E.MemoryInitId) {
         stats.bulk++;
-        // d lives across the other operands, s across the size: above their temps.
         const level = Math.max(...kidLevel.slice(1)) + 1;
-        const [d, n] = [temp(i32, 'd', level), temp(i32, 'n', level)];
+        const n = temp(i32, 'n', level);
         const getSize = id === E.MemoryFillId ? X.MemoryFill.getSize : id === E.MemoryCopyId ? X.MemoryCopy.getSize : X.MemoryInit.getSize;
         const setSize = id === E.MemoryFillId ? X.MemoryFill.setSize : id === E.MemoryCopyId ? X.MemoryCopy.setSize : X.MemoryInit.setSize;
-        const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
-        const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
-        // The operands are evaluated in place, in their order; the checks come after the last.
-        setDest(e, m.local.tee(d, getDest(e), i32));
-        const checks = [boundRange(d, n)];
-        if (id === E.MemoryCopyId) {
-          const s = temp(i32, 's', level);
-          X.MemoryCopy.setSource(e, m.local.tee(s, X.MemoryCopy.getSource(e), i32));
-          checks.push(boundRange(s, n));
-        }
-        setSize(e, m.block(null, [m.local.set(n, getSize(e)), ...checks, m.local.get(n, i32)], i32));
+        setSize(e, m.local.tee(n, getSize(e), i32));
         // Charged after the operation; the next loop or function-entry check preempts.
         const charge = m.global.set(
           cfg.budgetGlobal,
           m.i32.sub(m.global.get(cfg.budgetGlobal, i32), m.i32.shr_u(m.local.get(n, i32), m.i32.const(cfg.bulkBytesShift))),
         );
-        const after = log === null ? [charge] : [markRange(d, n), charge];
-        return [m.block(null, [e, ...after], binaryen.none), Math.max(below, level)];
+        if (log === null) return [m.block(null, [e, charge], binaryen.none), Math.max(below, level)];
+        const d = temp(i32, 'd', level);
+        const getDest = id === E.MemoryFillId ? X.MemoryFill.getDest : id === E.MemoryCopyId ? X.MemoryCopy.getDest : X.MemoryInit.getDest;
+        const setDest = id === E.MemoryFillId ? X.MemoryFill.setDest : id === E.MemoryCopyId ? X.MemoryCopy.setDest : X.MemoryInit.setDest;
+        const dest = getDest(e);
+        setDest(e, m.local.get(d, i32));
+        return [m.block(null, [m.local.set(d, dest), e, markRange(d, n), charge], binaryen.none), Math.max(below, level)];
       }
+      if (log === null) return [e, below];
       switch (id) {
-        case E.LoadId: {
-          if (!cfg.bounds.loads) return [e, below];
-          const level = kidLevel[0]! + 1;
-          const p = temp(i32, 'p', level);
-          const ptr = X.Load.getPtr(e);
-          const check = bound(ptr, p, X.Load.getOffset(e), X.Load.getBytes(e));
-          if (check === null) return [e, below];
-          X.Load.setPtr(e, m.local.get(p, i32));
-          return [m.block(null, [m.local.set(p, ptr), check, e], E.getExpressionType(e)), Math.max(below, level)];
-        }
         case E.StoreId: {
           stats.stores++;
-          // p lives across the value: above its temps.
           const level = kidLevel[1]! + 1;
           const p = temp(i32, 'p', level);
           const ptr = X.Store.getPtr(e);
-          const check = bound(ptr, p, X.Store.getOffset(e), X.Store.getBytes(e));
-          if (check === null && log === null) return [e, below];
           X.Store.setPtr(e, m.local.get(p, i32));
-          // The value goes to a temp too, so that the check follows its evaluation.
-          const checked: Ref[] = [];
-          if (check !== null) {
-            const type = X.Store.getValueType(e);
-            const v = temp(type, 'v', level);
-            checked.push(m.local.set(v, X.Store.getValue(e)), check);
-            X.Store.setValue(e, m.local.get(v, type));
-          }
           const out = m.block(null, [
             m.local.set(p, ptr),
-            ...checked,
             e,
-            ...(log === null ? [] : marks(p, X.Store.getOffset(e), X.Store.getBytes(e))),
+            ...marks(p, X.Store.getOffset(e), X.Store.getBytes(e)),
           ], binaryen.none);
           return [out, Math.max(below, level)];
         }
@@ -405,30 +336,14 @@ export function instrumentFunctions(m: binaryen.Module, funcs: Ref[], cfg: WalkC
           const type = E.getExpressionType(e);
           const level = Math.max(...kidLevel.slice(1)) + 1;
           const p = temp(i32, 'p', level);
+          const r = temp(type, 'r', level);
           const isRmw = id === E.AtomicRMWId;
           const ptr = isRmw ? X.AtomicRMW.getPtr(e) : X.AtomicCmpxchg.getPtr(e);
+          (isRmw ? X.AtomicRMW.setPtr : X.AtomicCmpxchg.setPtr)(e, m.local.get(p, i32));
           const offset = isRmw ? X.AtomicRMW.getOffset(e) : X.AtomicCmpxchg.getOffset(e);
           const bytes = isRmw ? X.AtomicRMW.getBytes(e) : X.AtomicCmpxchg.getBytes(e);
-          const check = bound(ptr, p, offset, bytes);
-          if (check === null && log === null) return [e, below];
-          (isRmw ? X.AtomicRMW.setPtr : X.AtomicCmpxchg.setPtr)(e, m.local.get(p, i32));
-          // The value operands go to temps too, so that the check follows their evaluation.
-          const operands: Ref[] = [];
-          if (isRmw) {
-            const x = temp(type, 'x', level);
-            operands.push(m.local.set(x, X.AtomicRMW.getValue(e)));
-            X.AtomicRMW.setValue(e, m.local.get(x, type));
-          } else {
-            const [x, y] = [temp(type, 'x', level), temp(type, 'y', level)];
-            operands.push(m.local.set(x, X.AtomicCmpxchg.getExpected(e)), m.local.set(y, X.AtomicCmpxchg.getReplacement(e)));
-            X.AtomicCmpxchg.setExpected(e, m.local.get(x, type));
-            X.AtomicCmpxchg.setReplacement(e, m.local.get(y, type));
-          }
-          const head = [m.local.set(p, ptr), ...operands, ...(check === null ? [] : [check])];
-          if (log === null) return [m.block(null, [...head, e], type), Math.max(below, level)];
-          const r = temp(type, 'r', level);
           const out = m.block(null, [
-            ...head,
+            m.local.set(p, ptr),
             m.local.set(r, e),
             ...marks(p, offset, bytes),
             m.local.get(r, type),

@@ -20,9 +20,7 @@
  * - never sees colo's region, the pages right above its own that hold the asyncify stack and
  *   the dirty log (reserved-region.ts): `memory.size` returns the global `colo$pages` (the
  *   guest's size, initially its initial pages), and `memory.grow` calls the import
- *   `colo.grow: (i32) -> i32`, which moves the region up past the new pages; and its loads,
- *   stores and bulk operations past its size trap, as in the original, against the global
- *   `colo$end` (the guest's size in bytes, exported as such);
+ *   `colo.grow: (i32) -> i32`, which moves the region up past the new pages;
  *
  * `loadGuest` adds an on-disk cache because asyncify plus optimisation takes seconds; the
  * building itself (`instrumentGuest`, binaryen) is in instrument-build.ts, loaded only on a
@@ -96,7 +94,7 @@ export const blockingWasiImports: readonly string[] = Object.freeze([
 ]);
 
 /** Bump when the instrumented output changes; part of the cache key. */
-export const instrumentVersion = 7;
+export const instrumentVersion = 6;
 
 /** Import module and name of the preemption hook. */
 export const preemptImport = { module: 'colo', name: 'preempt' } as const;

@@ -4,9 +4,7 @@
  * the instrumented guest never sees it:
  *
  * - the guest's size is the mutable global `colo$pages` (part of the state, as every mutable
- *   global): `memory.size` returns it; `colo$end` holds it in bytes, and the guest's stores,
- *   atomics and bulk operations that reach past it trap, as in the original (instrument-walk.ts);
- *   its loads there read the region;
+ *   global): `memory.size` returns it;
  * - `memory.grow(n)` calls the host (`colo.grow`), which moves the region up by n pages
  *   (growing the memory when it has no room), zeroes the pages it leaves, and returns the
  *   guest's old size. So the pages a guest gains are exactly the n it asked for, fresh and
@@ -91,7 +89,7 @@ export class RegionLock {
  * logging, those pages are marked dirty in the moved map (they now hold guest data, zeros, that
  * a migration target may not have). Returns the guest's new size in pages, or -1 (memory.grow's
  * failure) when the memory cannot grow that far. The caller holds the region lock and sets
- * `colo$pages`, `colo$end` and `colo$dirtylog`. `delta` is the guest's i32, read as unsigned.
+ * `colo$pages` and `colo$dirtylog`. `delta` is the guest's i32, read as unsigned.
  */
 export function growGuestMemory(memory: WebAssembly.Memory, layout: GuestLayout, guestPages: number, delta: number): number {
   const pages = delta >>> 0;

@@ -58,8 +58,6 @@ class Vcpu {
   private phase: Phase = 'fresh';
   private lastWake = 0;
   private readonly pagesGlobal: WebAssembly.Global;
-  /** colo$end: the guest's size in bytes, which its accesses are checked against (instrument-walk.ts). */
-  private readonly endGlobal: WebAssembly.Global;
   /** colo$budget (instrument.ts): the preemption checks count it down; at 0 the next loop back-edge or call preempts (null: the guest has none). */
   private readonly budget: WebAssembly.Global | null;
   /** Where the dirty map is (with the guest's size, setGuestPages): markWrite runs on every host write. */
@@ -112,9 +110,6 @@ class Vcpu {
     const pages = this.instance.exports['colo$pages'];
     if (!(pages instanceof WebAssembly.Global)) throw new Error('the instrumented guest does not export colo$pages');
     this.pagesGlobal = pages;
-    const end = this.instance.exports['colo$end'];
-    if (!(end instanceof WebAssembly.Global)) throw new Error('the instrumented guest does not export colo$end');
-    this.endGlobal = end;
     const log = this.instance.exports['colo$dirtylog'];
     this.logGlobal = log instanceof WebAssembly.Global ? log : null;
     this.regionLock = new RegionLock(this.ctl, ctl.regionLock);
@@ -134,7 +129,6 @@ class Vcpu {
   /** The guest's size is `pages`: memory.size, the store log's map and the main thread's copy follow. */
   private setGuestPages(pages: number): void {
     this.pagesGlobal.value = pages;
-    this.endGlobal.value = pages * limits.wasmPageBytes; // an i32, read unsigned
     this.host.setGuestBytes(pages * limits.wasmPageBytes);
     this.dirtyLogBase = regionAt(this.layout, pages).dirtyLogBase;
     if (this.logGlobal !== null) this.logGlobal.value = this.dirtyLogBase;
