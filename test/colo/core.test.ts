@@ -386,17 +386,20 @@ test('colo core: a checkpoint cut off by a failover after VMSTATE_RECEIVED is co
   assert.deepEqual([b.checkpoints, b.checkpointsBy], [0, none]);
 });
 
+/** One whole checkpoint on a running secondary, from CHECKPOINT_REQUEST to the apply; the apply's actions. */
+function wholeCheckpoint(s: SecondaryCore): SecondaryAction[] {
+  s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  s.step({ type: 'vmPaused' });
+  s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  s.step({ type: 'stateReceived' });
+  return s.step({ type: 'applied' });
+}
+
 test('colo core: an SVM state that crashes after every checkpoint asks for limits.coloSvmCrashCheckpointsMax of them, then waits for the periodic one; the streak\'s end asks again', () => {
   const s = new SecondaryCore();
   s.step({ type: 'handoff' });
   s.step({ type: 'started' });
-  const checkpoint = (): SecondaryAction[] => {
-    s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
-    s.step({ type: 'vmPaused' });
-    s.step({ type: 'message', msg: 'VMSTATE_SEND' });
-    s.step({ type: 'stateReceived' });
-    return s.step({ type: 'applied' });
-  };
+  const checkpoint = (): SecondaryAction[] => wholeCheckpoint(s);
   const max = limits.coloSvmCrashCheckpointsMax;
   const asked: boolean[] = [];
   const warns: string[] = [];
@@ -433,13 +436,7 @@ test('colo core: an SVM crash asks the primary for a checkpoint at once (not the
   assert.deepEqual(types(again), ['askCheckpoint']);
   assert.deepEqual(logs(again).map((l) => l.split(':')[0]), ['debug'], 'a streak is said once');
   assert.deepEqual(logs(s.step({ type: 'applied' })), [], 'that apply ran a state that crashed: the streak goes on');
-  const checkpoint = (): SecondaryAction[] => {
-    s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
-    s.step({ type: 'vmPaused' });
-    s.step({ type: 'message', msg: 'VMSTATE_SEND' });
-    s.step({ type: 'stateReceived' });
-    return s.step({ type: 'applied' });
-  };
+  const checkpoint = (): SecondaryAction[] => wholeCheckpoint(s);
   assert.deepEqual(logs(checkpoint()), [], 'it replaced a state that crashed');
   // That one ran until the checkpoint after it: the streak's end is said.
   assert.deepEqual(logs(checkpoint()), ['info: the SVM ran a checkpoint without crashing, after 2 crashes']);

@@ -12,7 +12,7 @@ import crypto from 'node:crypto';
 import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
-import { Supervisor, pidAlive, pidsUsing, startProtectedPair, type ProtectedPair } from '../framework/up.js';
+import { Supervisor, pidAlive, pidsUsing, spawnSupervisor, startProtectedPair, type ProtectedPair } from '../framework/up.js';
 import { watGuest } from '../framework/machine.js';
 
 function tail(pair: ProtectedPair): string {
@@ -141,14 +141,7 @@ async function duringInitialMigration(t: TestContext): Promise<{ env: TestEnv; s
   const port = await freePort();
   const image = env.image('big.img', 128 * 1024 * 1024, (b) => crypto.randomFillSync(b));
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '256M', '--state-dir', env.dir];
-  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
-  env.onCleanup(async () => {
-    if (sup.alive) {
-      sup.proc.kill('SIGTERM');
-      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
-    }
-    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
-  });
+  const sup = spawnSupervisor(env, args);
   const m = await waitFor('the initial migration to start', () => {
     if (!sup.alive) throw new Error(`colo up exited: ${sup.stderr.slice(-3000)}`);
     return /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup.stderr) ?? undefined;
@@ -194,14 +187,7 @@ test("colo up: the primary's guest exits by itself (a client asks it to): the pa
       (call $exit (i32.const 3))))`);
   const port = await freePort();
   const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--checkpoint-delay', '200', '--state-dir', env.dir];
-  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
-  env.onCleanup(async () => {
-    if (sup.alive) {
-      sup.proc.kill('SIGTERM');
-      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
-    }
-    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
-  });
+  const sup = spawnSupervisor(env, args);
   const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 60000);
   const client = net.connect(port, '127.0.0.1');
   client.on('error', () => undefined);

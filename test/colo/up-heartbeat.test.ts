@@ -11,11 +11,10 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, pidAlive, pidsUsing, sleep, waitFor } from '../framework/harness.js';
-import { Supervisor } from '../framework/up.js';
+import { spawnSupervisor } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
@@ -96,17 +95,8 @@ class QmpProxy {
 async function pairBehindProxy(env: TestEnv, cutOnFirst: string | null, node: 'vm1' | 'vm2' = 'vm1') {
   const port = await freePort();
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir];
-  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
   let proxy: QmpProxy | null = null;
-  env.onCleanup(async () => {
-    if (sup.alive) {
-      sup.proc.kill('SIGCONT');
-      sup.proc.kill('SIGTERM');
-      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
-    }
-    for (const pid of [...sup.pids, ...pidsUsing(env.dir)]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
-    proxy?.close();
-  });
+  const sup = spawnSupervisor(env, args, () => proxy?.close());
   // Stop the supervisor once it started the child, before the child's QMP socket is up.
   await waitFor(`colo up to start ${node}`, () => {
     if (!sup.alive) throw new Error(`colo up exited: ${sup.stderr.slice(-2000)}`);

@@ -126,6 +126,26 @@ export interface ProtectedPair {
 }
 
 /**
+ * Spawns `node ARGS` (a `colo up` command line) in env.dir. At cleanup: SIGTERM to the
+ * supervisor (after SIGCONT, should a test have stopped it) and up to 10 s for it to stop its
+ * children, SIGKILL to it after that, then SIGKILL to anything it left behind (its children have
+ * their QMP sockets in the state folder, env.dir); then `after`.
+ */
+export function spawnSupervisor(env: TestEnv, args: string[], after?: () => void): Supervisor {
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  env.onCleanup(async () => {
+    if (sup.alive) {
+      sup.proc.kill('SIGCONT');
+      sup.proc.kill('SIGTERM');
+      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
+    }
+    for (const pid of [...sup.pids, ...pidsUsing(env.dir)]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+    after?.();
+  });
+  return sup;
+}
+
+/**
  * Starts `colo up` on kv.wasm (256M, a drive, --checkpoint-delay 200, state in env.dir, plus
  * `extraArgs`; serving on `host`) and waits for the pair to be protected. At cleanup: the clients, then SIGTERM to
  * the supervisor, then SIGKILL to anything it left behind (also when it was killed itself; its
@@ -136,15 +156,10 @@ export async function startProtectedPair(env: TestEnv, extraArgs: string[] = [],
   const image = env.image('kv.img', 8 * 1024 * 1024);
   const args = [coloBin, 'up', guests.kv, '--net', `listen=${host.includes(':') ? `[${host}]` : host}:${port}`, '--drive', `file=${image}`, '--memory', '256M'];
   args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extraArgs);
-  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+  const sup = spawnSupervisor(env, args);
   const clients: { close(): unknown }[] = [];
   env.onCleanup(async () => {
     for (const c of clients) await c.close();
-    if (sup.alive) {
-      sup.proc.kill('SIGTERM');
-      await sup.waitExit(10000).catch(() => sup.proc.kill('SIGKILL'));
-    }
-    for (const pid of [...sup.pids, ...pidsUsing(env.dir)]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
   });
   const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
   return { sup, port, image, first, primary: Number(first.m[1]), secondary: Number(first.m[2]), clients };
