@@ -3,7 +3,6 @@
  * (primary.ts, secondary.ts) perform the actions on the migration session and the machine
  * and feed every result back as an event.
  */
-import { limits } from '../core/limits.js';
 
 /** The seven COLO control messages, in the order one checkpoint uses them. */
 export const coloMessages = [
@@ -460,13 +459,6 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     this.crashStreak += 1;
     const level = this.crashStreak === 1 ? 'warn' : 'debug';
     if (this.phase === 'pausing') return [{ type: 'log', level, message: `the SVM's guest crashed (${message}); the checkpoint in flight replaces it` }];
-    // A state that crashes here every time would have the PVM paused for a checkpoint after
-    // every one: past the bound the periodic checkpoint replaces it, said once.
-    const max = limits.coloSvmCrashCheckpointsMax;
-    if (this.crashStreak > max) {
-      if (this.crashStreak > max + 1) return [{ type: 'log', level: 'debug', message: `the SVM's guest crashed (${message}) again (${this.crashStreak} in a row); the periodic checkpoint replaces it` }];
-      return [{ type: 'log', level: 'warn', message: `the SVM's guest crashed (${message}) ${this.crashStreak} times in a row, each time right after a checkpoint: no more checkpoints are asked for it, the periodic one replaces it (this node cannot take over until one runs)` }];
-    }
     return [
       { type: 'log', level, message: `the SVM's guest crashed (${message})${this.crashStreak > 1 ? ` again (${this.crashStreak} in a row)` : ''}; asking the primary for a checkpoint to replace it` },
       { type: 'askCheckpoint' },

@@ -276,13 +276,6 @@ export const limits = {
   /** colo up: default x-checkpoint-delay (shorter than QEMU's 20 s: a pair on one host checkpoints cheaply). */
   upCheckpointDelayMsDefault: 1000,
 
-  /**
-   * COLO secondary: SVM guest crashes in a row (each right after the checkpoint that replaced
-   * the last) that ask the primary for a checkpoint at once; later ones wait for the periodic
-   * checkpoint, so that a state that always crashes on the secondary does not pause the PVM
-   * after every checkpoint.
-   */
-  coloSvmCrashCheckpointsMax: 8,
   /** COLO compare: output that waited this long on one side asks for a checkpoint (QEMU's compare_timeout, 3000 ms there). */
   coloCompareTimeoutMs: 300,
   /** COLO compare: how often held output is scanned for the timeout. */

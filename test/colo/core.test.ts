@@ -4,7 +4,6 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { limits } from '../../src/core/limits.js';
 import { PrimaryCore, SecondaryCore, type PrimaryAction, type SecondaryAction } from '../../src/colo/core.js';
 
 const types = (as: readonly (PrimaryAction | SecondaryAction)[]): string[] => as.filter((a) => a.type !== 'log').map((a) => (a.type === 'send' ? `send ${a.msg}` : a.type));
@@ -394,28 +393,6 @@ function wholeCheckpoint(s: SecondaryCore): SecondaryAction[] {
   s.step({ type: 'stateReceived' });
   return s.step({ type: 'applied' });
 }
-
-test('colo core: an SVM state that crashes after every checkpoint asks for limits.coloSvmCrashCheckpointsMax of them, then waits for the periodic one; the streak\'s end asks again', () => {
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
-  const checkpoint = (): SecondaryAction[] => wholeCheckpoint(s);
-  const max = limits.coloSvmCrashCheckpointsMax;
-  const asked: boolean[] = [];
-  const warns: string[] = [];
-  for (let i = 0; i < max + 5; i++) {
-    const out = s.step({ type: 'guestCrashed', message: 'unreachable' });
-    asked.push(out.some((a) => a.type === 'askCheckpoint'));
-    for (const a of out) if (a.type === 'log' && a.level === 'warn') warns.push(a.message);
-    checkpoint(); // the asked one, or the periodic one
-  }
-  assert.deepEqual(asked, [...Array<boolean>(max).fill(true), ...Array<boolean>(5).fill(false)]);
-  assert.equal(warns.length, 2, `the first crash and the bound are said at warn, nothing more: ${JSON.stringify(warns)}`);
-  assert.match(warns[1]!, new RegExp(`crashed \\(unreachable\\) ${max + 1} times in a row, each time right after a checkpoint: no more checkpoints are asked for it`));
-  // A checkpoint the SVM runs to the next one without crashing ends the streak: the next crash asks again.
-  checkpoint();
-  assert.deepEqual(types(s.step({ type: 'guestCrashed', message: 'unreachable' })), ['askCheckpoint']);
-});
 
 test('colo core: an SVM crash asks the primary for a checkpoint at once (not the next periodic one); a streak of them is said once; none mid-pause, none once the link is lost', () => {
   const logs = (as: readonly SecondaryAction[]): string[] => as.flatMap((a) => (a.type === 'log' ? [`${a.level}: ${a.message}`] : []));
