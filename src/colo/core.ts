@@ -83,6 +83,13 @@ export type PrimaryEvent =
   | { type: 'delaySet' }
   /** The compare, or the network after losing mirrored input, asks for a checkpoint. */
   | { type: 'trigger'; reason: Exclude<CheckpointReason, 'periodic'> }
+  /**
+   * The secondary says its SVM crashed: a resync checkpoint replaces it, at once unless the
+   * last one for a crash was asked for less than gapMs before `at` (ms, the driver's clock).
+   */
+  | { type: 'svmCrashed'; at: number; gapMs: number }
+  /** The wait armed by armCrashTimer ended (`at`: now, the driver's clock). */
+  | { type: 'crashTimer'; at: number }
   | { type: 'vmPaused' }
   /** The checkpoint's state (pages, disk blocks, device state) is copied: the PVM may run on while it travels. */
   | { type: 'stateCaptured' }
@@ -103,6 +110,8 @@ export type PrimaryAction =
   | { type: 'status'; status: 'colo' | 'completed' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'armTimer'; ms: number }
+  /** Feed crashTimer after ms (one at a time; cleared with the other timers). */
+  | { type: 'armCrashTimer'; ms: number }
   | { type: 'armGrace' }
   | { type: 'pauseVm' }
   /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
@@ -135,6 +144,14 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
    */
   private resumeAsked = false;
   private pvmResumed = false;
+  /**
+   * When the last resync for an SVM crash was asked for, and whether the next one waits for its
+   * gap (armCrashTimer). A state that crashes the SVM each time it runs would otherwise be
+   * checkpointed back to back, the PVM paused most of the time; a crash now and then is
+   * replaced at once.
+   */
+  private crashResyncAt: number | null = null;
+  private crashResyncDue = false;
 
   constructor(private readonly delayMs: () => number) {
     super();
@@ -171,6 +188,18 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         // and reported then if it differs or waits too long).
         if (this.phase === 'waitReady' || this.phase === 'resuming' || this.phase === 'awaitLoaded') this.wanted ??= ev.reason;
         return [];
+      case 'svmCrashed': {
+        if (this.phase === 'idle' || this.finishing) return [];
+        const wait = this.crashResyncAt === null ? 0 : this.crashResyncAt + ev.gapMs - ev.at;
+        if (wait <= 0) return this.crashResync(ev.at);
+        if (this.crashResyncDue) return [];
+        this.crashResyncDue = true;
+        return [{ type: 'armCrashTimer', ms: Math.ceil(wait) }];
+      }
+      case 'crashTimer':
+        // A checkpoint asked for since (crashResyncDue cleared) replaced the crashed SVM already.
+        if (!this.crashResyncDue || this.finishing) return [];
+        return this.crashResync(ev.at);
       case 'vmPaused':
         if (this.phase !== 'pausing') return [];
         this.phase = 'sending';
@@ -225,7 +254,15 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     return [{ type: 'armTimer', ms: this.delayMs() }];
   }
 
+  private crashResync(at: number): PrimaryAction[] {
+    this.crashResyncAt = at;
+    this.crashResyncDue = false;
+    return this.step({ type: 'trigger', reason: 'resync' });
+  }
+
   private request(reason: CheckpointReason): PrimaryAction[] {
+    // Any checkpoint from here on replaces an SVM that crashed before it.
+    this.crashResyncDue = false;
     this.phase = 'requested';
     this.reason = reason;
     return [{ type: 'send', msg: 'CHECKPOINT_REQUEST' }];

@@ -63,6 +63,7 @@ class VmOps {
 export class PrimaryDriver {
   readonly core: PrimaryCore;
   private timer: NodeJS.Timeout | null = null;
+  private crashTimer: NodeJS.Timeout | null = null;
   private grace: NodeJS.Timeout | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
@@ -85,6 +86,11 @@ export class PrimaryDriver {
       host.vm,
       session,
       (reason) => {
+        if (reason === 'svm-crashed') {
+          const gapMs = Math.max(limits.coloSvmCrashResyncGapMinMs, limits.coloSvmCrashResyncGapPauses * this.stats.lastPauseMs);
+          this.dispatch({ type: 'svmCrashed', at: performance.now(), gapMs });
+          return;
+        }
         log.debug(`primary: the compare asks for a checkpoint (${reason})`);
         this.dispatch({ type: 'trigger', reason });
       },
@@ -220,6 +226,12 @@ export class PrimaryDriver {
         return;
       case 'armTimer':
         this.setTimer(a.ms);
+        return;
+      case 'armCrashTimer':
+        this.crashTimer ??= setTimeout(() => {
+          this.crashTimer = null;
+          this.dispatch({ type: 'crashTimer', at: performance.now() });
+        }, a.ms);
         return;
       case 'armGrace':
         this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
@@ -360,8 +372,10 @@ export class PrimaryDriver {
 
   private clearTimers(): void {
     if (this.timer !== null) clearTimeout(this.timer);
+    if (this.crashTimer !== null) clearTimeout(this.crashTimer);
     if (this.grace !== null) clearTimeout(this.grace);
     this.timer = null;
+    this.crashTimer = null;
     this.grace = null;
   }
 }

@@ -109,7 +109,7 @@ export class PrimaryNet {
   constructor(
     private readonly vm: Vm,
     private readonly session: SourceSession,
-    private readonly onTrigger: (reason: CompareTrigger | 'resync') => void,
+    private readonly onTrigger: (reason: CompareTrigger | 'resync' | 'svm-crashed') => void,
     /** SVM output that cannot be decoded: the secondary is not one to compare with. */
     private readonly onBroken: (err: Error) => void,
   ) {
@@ -263,7 +263,7 @@ export class PrimaryNet {
     if (batch.type === 'svm-crashed' && !onChannel) {
       if (!this.active) return;
       log.debug('the SVM\'s guest crashed on the secondary: a checkpoint replaces it');
-      this.onTrigger('resync');
+      this.onTrigger('svm-crashed');
       return;
     }
     if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', `coloNet: the secondary sent a ${batch.type} batch`);

@@ -276,6 +276,14 @@ export const limits = {
   /** colo up: default x-checkpoint-delay (shorter than QEMU's 20 s: a pair on one host checkpoints cheaply). */
   upCheckpointDelayMsDefault: 1000,
 
+  /**
+   * COLO: resync checkpoints for SVM crashes come no closer than this (ms) after the last one,
+   * nor closer than coloSvmCrashResyncGapPauses times the last checkpoint's pause: a state that
+   * crashes the SVM whenever it runs (a trap only the secondary takes, for a while) would
+   * otherwise keep the PVM paused most of the time. The SVM waits crashed that long, at most.
+   */
+  coloSvmCrashResyncGapMinMs: 10,
+  coloSvmCrashResyncGapPauses: 4,
   /** COLO compare: output that waited this long on one side asks for a checkpoint (QEMU's compare_timeout, 3000 ms there). */
   coloCompareTimeoutMs: 300,
   /** COLO compare: how often held output is scanned for the timeout. */

@@ -433,3 +433,41 @@ test('colo core: an SVM crash asks the primary for a checkpoint at once (not the
   lost.step({ type: 'lostHeartbeat' });
   assert.deepEqual(lost.step({ type: 'guestCrashed', message: 'unreachable' }), []);
 });
+
+test('colo core: SVM crashes are replaced by resync checkpoints at once, but no closer together than their gap; any checkpoint asked for since covers a waiting one', () => {
+  const p = new PrimaryCore(() => 60000);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  assert.deepEqual(types(p.step({ type: 'vmResumed' })), ['armTimer']);
+  /** The checkpoint asked for, from CHECKPOINT_REPLY to VMSTATE_LOADED (the PVM resumed before it). */
+  const complete = (): PrimaryAction[] => {
+    p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+    p.step({ type: 'vmPaused' });
+    p.step({ type: 'stateSent' });
+    p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+    p.step({ type: 'vmResumed' });
+    return p.step({ type: 'message', msg: 'VMSTATE_LOADED' });
+  };
+  // The first crash: a checkpoint at once.
+  assert.deepEqual(types(p.step({ type: 'svmCrashed', at: 1000, gapMs: 20 })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(types(complete()), ['checkpointDone', 'armTimer']);
+  // The state crashes the SVM again 6 ms after the last crash's request: the next waits out the gap.
+  assert.deepEqual(p.step({ type: 'svmCrashed', at: 1006, gapMs: 20 }), [{ type: 'armCrashTimer', ms: 14 }]);
+  assert.deepEqual(p.step({ type: 'svmCrashed', at: 1010, gapMs: 20 }), [], 'one wait at a time');
+  assert.equal(p.phase, 'running', 'the PVM runs during the gap');
+  assert.deepEqual(types(p.step({ type: 'crashTimer', at: 1020 })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(types(complete()), ['checkpointDone', 'armTimer']);
+  // A crash that waits, then a periodic checkpoint: that one replaces the SVM, the wait ends with nothing.
+  assert.deepEqual(types(p.step({ type: 'svmCrashed', at: 1030, gapMs: 20 })), ['armCrashTimer']);
+  assert.deepEqual(types(p.step({ type: 'timer' })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(types(p.step({ type: 'crashTimer', at: 1040 })), [], 'the checkpoint in flight covers it');
+  assert.deepEqual(types(complete()), ['checkpointDone', 'armTimer']);
+  // Past the gap: at once again.
+  assert.deepEqual(types(p.step({ type: 'svmCrashed', at: 1500, gapMs: 20 })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(types(complete()), ['checkpointDone', 'armTimer']);
+  assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 3 });
+  // A wait cut by a failover does nothing.
+  assert.deepEqual(types(p.step({ type: 'svmCrashed', at: 1505, gapMs: 20 })), ['armCrashTimer']);
+  assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.deepEqual(types(p.step({ type: 'crashTimer', at: 1520 })), []);
+});

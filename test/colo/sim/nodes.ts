@@ -311,6 +311,8 @@ export class PrimaryNode implements Endpoint {
         w.timerArmed();
         this.setTimer(a.ms);
         return;
+      case 'armCrashTimer':
+        throw new Error('armCrashTimer: the simulated SVM never crashes, so nothing asks for a crash resync');
       case 'armGrace':
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
         return;
