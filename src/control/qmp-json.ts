@@ -385,8 +385,10 @@ export class LineBuffer {
  * soon as the bracket that closes its top-level object or array arrives, so that a client
  * that sends `{"execute": ...}` without a newline (QEMU's legacy Python client) is answered,
  * and two objects back to back are two messages. Brackets inside strings ("..." and QEMU's
- * '...', with backslash escapes) do not count. A newline always ends the message and resets
- * the scan, so malformed input is cut and answered where it was before. The scan state is
+ * '...', with backslash escapes) do not count. A newline inside an open object or array is
+ * white space, so a pretty-printed command spanning lines is one message (QEMU's lexer takes
+ * it as white space too); a newline anywhere else (top level, inside a string) ends the
+ * message and resets the scan, so malformed input is cut and answered there. The scan state is
  * kept between chunks: every byte is looked at once. Bytes of a message beyond
  * `lineBytesMax` are reported as lineTooLong as soon as they are seen.
  */
@@ -425,7 +427,9 @@ export class JsonMessageBuffer {
       while (this.scanAt < chunk.byteLength) {
         const at = this.scanAt++;
         const c = chunk[at]!;
-        if (c === 0x0a) return this.cut(at, 1);
+        // A newline inside an object or array is white space (a message may span lines, as in
+        // QEMU); elsewhere, and inside a string (where QEMU's lexer refuses it), it ends the message.
+        if (c === 0x0a && (this.depth === 0 || this.quote !== 0)) return this.cut(at, 1);
         this.messageBytes++;
         if (this.messageBytes > this.lineBytesMax) return lineTooLong;
         if (this.quote !== 0) {

@@ -48,7 +48,7 @@ test('bad JSON gets a GenericError and the connection stays usable', async (t) =
   const { socketPath } = await startServer(t);
   const c = await rawClient(t, socketPath);
   await c.negotiate();
-  for (const bad of ['{"execute": ', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}', '{"execute": "pmemsave", "arguments": {"val": 0, "size": 1, "filename": "/tmp/\\udc80"}}']) {
+  for (const bad of ['{"execute": "query-', 'nonsense', '{"execute": "x",}', '{"a": 1, "a": 2}', '{"execute": "pmemsave", "arguments": {"val": 0, "size": 1, "filename": "/tmp/\\udc80"}}']) {
     c.send(bad + '\n');
     const reply = await c.next();
     assert.deepEqual(Object.keys(reply), ['error'], bad);
@@ -81,8 +81,11 @@ test('a command without a newline is answered once its object closes (QEMU json-
   assert.ok(await c.silent(50), 'no reply before the object is complete');
   c.send('"id":2}');
   assert.equal((await c.next()).id, 2);
-  // A newline still ends malformed input with an error, and the connection goes on.
-  c.send('{"execute": \n{"execute":"query-version","id":3}\n');
+  // A command spread over lines (pretty-printed JSON) is one command, as in QEMU.
+  c.send('{\n  "execute": "query-version",\n  "id": 4\n}\n');
+  assert.equal((await c.next()).id, 4);
+  // A newline inside a string still ends malformed input with an error, and the connection goes on.
+  c.send('{"execute": "query-\n{"execute":"query-version","id":3}\n');
   assert.match(((await c.next()).error as { desc: string }).desc, /^JSON parse error, /);
   assert.equal((await c.next()).id, 3);
 });

@@ -102,9 +102,13 @@ test('messages: a top-level object or array ends at its closing bracket, a newli
   // Newline-terminated input as before: the line end after an object is an empty message (ignored by the session).
   mb.push(Buffer.from('{"x":1}\r\n'));
   assert.deepEqual(all(), ['{"x":1}', '\r']);
-  // Malformed input: a newline ends the message and resets the scan; a stray bracket stays in its line.
-  mb.push(Buffer.from('{"execute": \n{"y":"\n}}\nnonsense\n'));
-  assert.deepEqual(all(), ['{"execute": ', '{"y":"', '}}', 'nonsense']);
+  // Inside an object or array a newline is white space: a pretty-printed command is one message.
+  mb.push(Buffer.from('{\n  "execute": "migrate",\n  "arguments": [\n    1\n  ]\n}\n'));
+  assert.deepEqual(all(), ['{\n  "execute": "migrate",\n  "arguments": [\n    1\n  ]\n}', '']);
+  // Malformed input: a newline inside a string or at the top level ends the message and resets
+  // the scan; a stray bracket stays in its line.
+  mb.push(Buffer.from('{"y":"\n}}\nnonsense\n'));
+  assert.deepEqual(all(), ['{"y":"', '}}', 'nonsense']);
   // An unterminated scalar waits for its newline or the end of input.
   mb.push(Buffer.from('{"z":1} 42'));
   assert.deepEqual(all(), ['{"z":1}']);
