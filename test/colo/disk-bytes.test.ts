@@ -69,7 +69,7 @@ function missing(log: Map<string, string>, acked: ReadonlyMap<string, string>): 
 /** 2 KiB values: a checkpoint carries many disk blocks, and the SVM's own writes fill its layer. */
 const value = (prefix: string) => (i: number): string => `${prefix}${i}:`.padEnd(2048, String.fromCharCode(97 + (i % 26)));
 
-test('colo up: the disk image after a takeover mid-checkpoint, on a secondary made while the guest wrote, holds every acknowledged write and no torn record', async (t) => {
+test('colo up: the disk image after takeovers (between and mid-checkpoint, on a secondary made while the guest wrote) and a secondary lost mid-checkpoint holds every acknowledged write and no torn record', async (t) => {
   const env = new TestEnv(t);
   const port = await freePort();
   const image = env.image('kv.img', 64 * 1024 * 1024);
@@ -110,12 +110,22 @@ test('colo up: the disk image after a takeover mid-checkpoint, on a secondary ma
   process.kill(s1, 'SIGKILL');
   await withTimeout(w2.ended(), 10000, 'the writer to the second dead primary to end');
   for (const [k, v] of w2.acked) acked.set(k, v);
-  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over`), second.at + 1, 15000);
+  const took = await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s2} took over`), second.at + 1, 15000);
   await timeUntilServing(port, performance.now(), 10000);
 
-  // 3. A few writes on the survivor, then a clean stop: its disk becomes the --drive image.
+  // 3. Protected again, the secondary dies inside a checkpoint: the primary goes on alone.
   const w3 = await write('c:');
-  await waitFor('50 acknowledged writes on the survivor', () => w3.acked.size >= 50, 30000);
+  const third = await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), took.at + 1, 90000);
+  const s3 = Number(third.m[1]);
+  const s3q = await qmpOf(s3, sup);
+  closers.push(s3q);
+  await s3q.waitEvent('RESUME', { after: s3q.eventCount, nth: 2, timeoutMs: 20000 });
+  await s3q.waitEvent('STOP', { after: s3q.eventCount, timeoutMs: 20000 });
+  process.kill(s3, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: secondary died \\(SIGKILL\\); primary ${s2} continues unprotected$`), third.at + 1, 15000);
+  const more = w3.acked.size + 50;
+  await waitFor('50 writes acknowledged by the primary alone', () => w3.acked.size >= more, 30000);
+  // 4. A clean stop: the last primary's disk becomes the --drive image.
   await w3.stop();
   for (const [k, v] of w3.acked) acked.set(k, v);
   for (const c of closers) await c.close();
