@@ -309,6 +309,22 @@ export class Disk {
   }
 }
 
+/**
+ * Copy a disk image over another (colo up's last primary's disk back to --drive) and flush the
+ * copy to stable storage before returning: the caller then removes the source, which may be
+ * the only durable copy of what the guest synced (fd_sync) on it. Without the flush a host
+ * crash soon after leaves the drive old or torn and the source gone.
+ */
+export function copyImage(from: string, to: string): void {
+  fs.copyFileSync(from, to);
+  const fd = fs.openSync(to, 'r+');
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
 /** An unnamed file in $TMPDIR (the snapshot overlay, the COLO layer and staging file): gone with the process. */
 export function openScratch(prefix: string): number {
   const p = path.join(os.tmpdir(), `${prefix}-${process.pid}-${Date.now()}-${Math.random().toString(16).slice(2)}`);

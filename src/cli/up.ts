@@ -16,6 +16,7 @@ import { limits } from '../core/limits.js';
 import { logger, setLogNode } from '../core/log.js';
 import { formatListen, parseListen } from '../net/frontend.js';
 import { parseKeyValues, parseMemory } from './options.js';
+import { copyImage } from '../block/disk.js';
 import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
 
 const log = logger('up');
@@ -693,7 +694,7 @@ class UpDriver {
     if (p?.disk != null && p.disk !== drive) {
       if (fs.existsSync(p.disk)) {
         try {
-          fs.copyFileSync(p.disk, drive);
+          copyImage(p.disk, drive);
           log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
         } catch (err) {
           // The drive may now be cut short (a full filesystem): the copy is the only whole

@@ -1,4 +1,4 @@
-import { test } from 'node:test';
+import { mock, test } from 'node:test';
 import assert from 'node:assert/strict';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -8,7 +8,7 @@ import { execFileSync } from 'node:child_process';
 import { TestEnv, coloBin, guests, runProgram, sleep, waitFor } from '../framework/harness.js';
 import { machineFor, watGuest } from '../framework/machine.js';
 import { limits } from '../../src/core/limits.js';
-import { Disk, DiskIoError } from '../../src/block/disk.js';
+import { Disk, DiskIoError, copyImage } from '../../src/block/disk.js';
 import { WasiHost, diskFd, type VcpuHooks } from '../../src/machine/wasi-host.js';
 import { Clock } from '../../src/machine/devices/clock.js';
 import { Serial } from '../../src/machine/devices/serial.js';
@@ -182,3 +182,19 @@ for (const call of ['fd_pwrite', 'fd_pread'] as const) {
     }
   });
 }
+
+test('copyImage (colo up\'s copy back to --drive) flushes the copy before it returns: the source is removed next', (t) => {
+  const from = image(t, 3 * 4096 + 100);
+  const to = path.join(path.dirname(from), 'drive.img');
+  fs.writeFileSync(to, Buffer.alloc(16));
+  const synced: string[] = [];
+  const real = fs.fsyncSync;
+  const fsync = mock.method(fs, 'fsyncSync', (fd: number) => {
+    synced.push(fs.readlinkSync(`/proc/self/fd/${fd}`));
+    real(fd);
+  });
+  t.after(() => fsync.mock.restore());
+  copyImage(from, to);
+  assert.equal(sha(to), sha(from), 'the drive holds the copy');
+  assert.ok(synced.includes(to), `the copy was flushed (fsync of ${to}; fsyncs seen: ${JSON.stringify(synced)})`);
+});
