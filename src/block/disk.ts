@@ -258,7 +258,7 @@ export class Disk {
    */
   commitLayer(): number {
     const buf = Buffer.alloc(blockBytes);
-    let n = 0;
+    const written: number[] = [];
     for (let b = 0; b < this.layer.length; b++) {
       if (this.layer[b] !== 1) continue;
       const len = this.blockLength(b);
@@ -270,20 +270,25 @@ export class Disk {
         const code = (err as NodeJS.ErrnoException).code;
         throw new DiskIoError(code === 'ENOSPC' ? 'DISK_FULL' : 'DISK_IO', `committing the guest's write of block ${b}: ${errorMessage(err)}`, { cause: err });
       }
-      this.layer[b] = 0;
-      this.dirty[b] = 1;
-      n++;
+      written.push(b);
     }
     // The guest synced these writes (and the checkpoints' blocks under them) when they went to
-    // the layer, a scratch file: they are durable only now.
+    // the layer, a scratch file: they are durable only now. The blocks leave the layer only once
+    // the flush succeeded: after a failed fsync the kernel may have dropped the pages it could
+    // not write and reports the error once, so a retry must write them all again, not just
+    // flush (which would then succeed with the writes lost).
     try {
       this.sync();
     } catch (err) {
       throw new DiskIoError('DISK_IO', `flushing the guest's committed writes to the disk: ${errorMessage(err)}`, { cause: err });
     }
+    for (const b of written) {
+      this.layer[b] = 0;
+      this.dirty[b] = 1;
+    }
     Atomics.store(this.layerCtl, 0, 0);
     fs.ftruncateSync(this.spec.layerFd, 0);
-    return n;
+    return written.length;
   }
 
   close(): void {

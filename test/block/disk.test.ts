@@ -198,3 +198,38 @@ test('copyImage (colo up\'s copy back to --drive) flushes the copy before it ret
   assert.equal(sha(to), sha(from), 'the drive holds the copy');
   assert.ok(synced.includes(to), `the copy was flushed (fsync of ${to}; fsyncs seen: ${JSON.stringify(synced)})`);
 });
+
+test('COLO layer: a takeover\'s commit whose flush fails writes every block again when it is retried, not only flushes', (t) => {
+  const p = image(t, 16384);
+  const d = Disk.open(p, { snapshot: false });
+  t.after(() => d.close());
+  d.beginLayer();
+  d.write(Buffer.from('first'), 100);
+  d.write(Buffer.from('second'), 9000);
+  const imageWrites: number[] = [];
+  const realWrite = fs.writeSync;
+  const write = mock.method(fs, 'writeSync', (fd: number, ...rest: unknown[]) => {
+    if (fd === d.spec.imageFd) imageWrites.push(rest[3] as number);
+    return (realWrite as (...a: unknown[]) => number)(fd, ...rest);
+  });
+  t.after(() => write.mock.restore());
+  let failures = 1;
+  const realSync = fs.fsyncSync;
+  const fsync = mock.method(fs, 'fsyncSync', (fd: number) => {
+    if (fd === d.spec.imageFd && failures > 0) {
+      failures--;
+      throw Object.assign(new Error('EIO: i/o error, fsync'), { code: 'EIO' });
+    }
+    realSync(fd);
+  });
+  t.after(() => fsync.mock.restore());
+  assert.throws(() => d.commitLayer(), (e: unknown) => e instanceof DiskIoError && e.code === 'DISK_IO' && /flushing/.test(e.message));
+  assert.deepEqual(imageWrites, [0, 8192], 'the first attempt wrote both blocks');
+  imageWrites.length = 0;
+  // Before, the blocks had left the layer at the failed attempt: the retry wrote nothing,
+  // flushed, and reported 0 blocks committed.
+  assert.equal(d.commitLayer(), 2, 'the retry commits both blocks');
+  assert.deepEqual(imageWrites, [0, 8192], 'the retry wrote both blocks again before its flush');
+  assert.equal(fs.readFileSync(p).subarray(100, 105).toString(), 'first');
+  assert.equal(fs.readFileSync(p).subarray(9000, 9006).toString(), 'second');
+});
