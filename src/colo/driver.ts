@@ -64,6 +64,10 @@ export class PrimaryDriver {
   readonly core: PrimaryCore;
   private timer: NodeJS.Timeout | null = null;
   private grace: NodeJS.Timeout | null = null;
+  /** Watches the checkpoint in flight for a stall (limits.coloCheckpointStallMs). */
+  private watchdog: NodeJS.Timeout | null = null;
+  /** The session's progress count when last seen to change, and when. */
+  private still: { progress: number; since: number } | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
   /** The PVM's vCPU state saved at the checkpoint's pause, for sendState. */
@@ -98,7 +102,35 @@ export class PrimaryDriver {
     // The compare and the mirror start with COLO: from here on PVM output waits for the SVM's.
     this.net.start();
     this.dispatch({ type: 'handoff' });
+    this.watchdog = setInterval(() => this.watchCheckpoint(), limits.coloCheckpointStallMs / 10);
     void this.pump();
+  }
+
+  /**
+   * A checkpoint waits on the network in these phases (the PVM's own pause and resume are
+   * local): for the secondary's CHECKPOINT_READY, CHECKPOINT_REPLY, VMSTATE_RECEIVED or
+   * VMSTATE_LOADED, or for its own channels to take the state. One stalled connection (a
+   * multifd channel whose SYNC never arrives, a main channel that carries nothing) held the
+   * checkpoint, and the clients' output, for good: nothing else ends such a wait while both
+   * processes answer QMP. So when nothing moves for limits.coloCheckpointStallMs, the channels
+   * are dropped as by a yank, and the link counts as lost.
+   */
+  private watchCheckpoint(): void {
+    const phase = this.core.phase;
+    if (phase !== 'waitReady' && phase !== 'requested' && phase !== 'sending' && phase !== 'awaitReceived' && phase !== 'awaitLoaded') {
+      this.still = null;
+      return;
+    }
+    const progress = this.session.progress();
+    const now = performance.now();
+    if (this.still === null || this.still.progress !== progress) {
+      this.still = { progress, since: now };
+      return;
+    }
+    if (now - this.still.since < limits.coloCheckpointStallMs || this.session.failed !== null) return;
+    const message = `nothing moved between the nodes for ${limits.coloCheckpointStallMs} ms while a checkpoint waited (phase ${phase}): a COLO channel stalled`;
+    log.warn(`primary: ${message}; dropping the COLO channels`);
+    void this.session.destroy(new ChannelClosedError(message));
   }
 
   lostHeartbeat(): void {
@@ -361,8 +393,10 @@ export class PrimaryDriver {
   private clearTimers(): void {
     if (this.timer !== null) clearTimeout(this.timer);
     if (this.grace !== null) clearTimeout(this.grace);
+    if (this.watchdog !== null) clearInterval(this.watchdog);
     this.timer = null;
     this.grace = null;
+    this.watchdog = null;
   }
 }
 
