@@ -1,4 +1,4 @@
-import { ChannelClosedError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -37,6 +37,21 @@ export interface DriverHost {
   readonly closing: boolean;
   setStatus(status: 'colo' | 'completed' | 'failed'): void;
   exited(mode: ColoMode, reason: ExitReason): void;
+}
+
+/**
+ * A failure of the primary's stream that is damage, not a cut: a frame or packet that fails its
+ * checksum, comes out of order or does not parse. A stream that merely ended (a closed or reset
+ * connection, one cut inside a frame or before its round's SYNC) is a lost link.
+ */
+function corruptStream(err: unknown): boolean {
+  return err instanceof StreamError && err.code !== 'STREAM_TRUNCATED';
+}
+
+/** What a failure of the secondary's channels is: a lost link, or a stream that cannot be trusted. */
+function channelFailure(err: unknown): SecondaryEvent {
+  if (corruptStream(err)) return { type: 'protocolError', message: `${errorMessage(err)} [${(err as StreamError).code}]`, corrupt: true };
+  return { type: 'linkLost', message: errorMessage(err) };
 }
 
 function messageOf(f: Frame): ColoMessage {
@@ -423,7 +438,8 @@ export class SecondaryDriver {
   }
 
   start(): void {
-    this.session.onFailure((err) => void this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    // At once, as a lost link: nothing after the failure may complete a checkpoint.
+    this.session.onFailure((err) => void this.dispatch(channelFailure(err), true));
     this.host.vm.machine.on('panicked', this.onPanicked);
     void this.dispatch({ type: 'handoff' });
   }
@@ -468,7 +484,7 @@ export class SecondaryDriver {
       try {
         f = await s.nextFrame();
       } catch (err) {
-        await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        await this.dispatch(channelFailure(err), true);
         return;
       }
       if (this.finishing) return;
@@ -497,7 +513,8 @@ export class SecondaryDriver {
         if (err instanceof ChannelClosedError || s.receiverFailure !== null) {
           // A multifd channel that broke fails the barrier while the main channel still holds
           // the rest of the checkpoint: nothing after the break is read (the core drops it too).
-          await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+          // A corrupt packet there is the stream's damage, not a lost link.
+          await this.dispatch(channelFailure(s.receiverFailure ?? err), true);
           return;
         }
         await this.dispatch({ type: 'protocolError', message: errorMessage(err) });

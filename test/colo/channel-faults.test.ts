@@ -96,6 +96,27 @@ for (const link of ['multifd1', 'main'] as const) {
   });
 }
 
+for (const link of ['multifd0', 'main'] as const) {
+  test(`colo/channel: one byte flipped on the ${link} channel: the secondary names the corruption as an error and closes the link; the primary serves on alone`, async (t) => {
+    const env = new TestEnv(t);
+    const pair = await protectedPair(env);
+    const { src, dst, proxy } = pair;
+    const coloThreads = threads(src);
+    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
+    await dst.waitEvent('RESUME', { after: marks.dst, timeoutMs: 10000 });
+    proxy.corrupt(link);
+    const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: linkLossGraceMs + 10000 });
+    assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+    // A damaged stream is a fault, not a connection that closed: one error line, with its code.
+    const lines = dst.errorLines();
+    assert.equal(lines.length, 1, `one error line on the secondary:\n${dst.stderr}`);
+    assert.match(lines[0]!, /COLO stream from the primary is broken \(.*checksum mismatch.*\[FRAME_CHECKSUM\]\)/);
+    assert.doesNotMatch(dst.stderr, /COLO channel closed/, 'not reported as a closed channel');
+    await survivesAndReprotects(env, pair, marks, coloThreads);
+    assertNoErrors(src);
+  });
+}
+
 for (const when of ['between', 'inside'] as const) {
   test(`colo/channel: one multifd channel reset ${when} checkpoints: the primary serves on alone after its grace, the secondary applied nothing of a cut checkpoint`, async (t) => {
     const env = new TestEnv(t);
