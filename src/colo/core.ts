@@ -367,7 +367,8 @@ export type SecondaryEvent =
   | { type: 'applied' }
   /** The apply broke off half-way (a full disk, a device state the machine refuses). */
   | { type: 'applyFailed'; message: string }
-  | { type: 'protocolError'; message: string }
+  /** The primary's stream cannot be trusted; `corrupt`: it arrived damaged (a checksum, a packet out of order), a fault to log as an error. */
+  | { type: 'protocolError'; message: string; corrupt?: boolean }
   /** The SVM's guest crashed (GUEST_PANICKED): a trap the PVM did not take. */
   | { type: 'guestCrashed'; message: string }
   | FailoverEvent;
@@ -442,7 +443,7 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         if (this.phase !== 'applying') return [];
         return this.applyFailed(ev.message);
       case 'protocolError':
-        return this.streamBroken(ev.message);
+        return this.streamBroken(ev.message, ev.corrupt === true ? 'error' : 'warn');
       case 'guestCrashed':
         return this.guestCrashed(ev.message);
       case 'lostHeartbeat':
@@ -519,14 +520,16 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
    * it closes the channels (the primary sees the link break and goes on alone) and waits for
    * x-colo-lost-heartbeat. Nothing of a partial checkpoint was applied.
    */
-  private streamBroken(message: string): SecondaryAction[] {
-    if (this.finishing) return [];
-    return this.closeLinkOnce(`COLO stream from the primary is broken (${message}); closing it and waiting for x-colo-lost-heartbeat to take over`);
+  private streamBroken(message: string, level: 'warn' | 'error' = 'warn'): SecondaryAction[] {
+    // Once the link is lost the stream has ended: what is said of it after (the same channel
+    // failure seen again by the frame loop) is not a fault of its own.
+    if (this.finishing || this.linkLost) return [];
+    return this.closeLinkOnce(`COLO stream from the primary is broken (${message}); closing it and waiting for x-colo-lost-heartbeat to take over`, level);
   }
 
-  /** Say why at warn level, and close the link unless it is lost already. */
-  private closeLinkOnce(why: string): SecondaryAction[] {
-    const log: SecondaryAction = { type: 'log', level: 'warn', message: why };
+  /** Say why (at warn level unless told), and close the link unless it is lost already. */
+  private closeLinkOnce(why: string, level: 'warn' | 'error' = 'warn'): SecondaryAction[] {
+    const log: SecondaryAction = { type: 'log', level, message: why };
     if (this.linkLost) return [log];
     this.linkLost = true;
     return [log, { type: 'closeLink' }];

@@ -1,4 +1,4 @@
-import { ChannelClosedError, QmpCommandError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -39,6 +39,21 @@ export interface DriverHost {
   exited(mode: ColoMode, reason: ExitReason): void;
 }
 
+/**
+ * A failure of the primary's stream that is damage, not a cut: a frame or packet that fails its
+ * checksum, comes out of order or does not parse. A stream that merely ended (a closed or reset
+ * connection, one cut inside a frame or before its round's SYNC) is a lost link.
+ */
+function corruptStream(err: unknown): boolean {
+  return err instanceof StreamError && err.code !== 'STREAM_TRUNCATED';
+}
+
+/** What a failure of the secondary's channels is: a lost link, or a stream that cannot be trusted. */
+function channelFailure(err: unknown): SecondaryEvent {
+  if (corruptStream(err)) return { type: 'protocolError', message: `${errorMessage(err)} [${(err as StreamError).code}]`, corrupt: true };
+  return { type: 'linkLost', message: errorMessage(err) };
+}
+
 function messageOf(f: Frame): ColoMessage {
   const r = parseJsonPayload(f);
   if (!isColoMessage(r.msg)) throw new ChannelClosedError(`unknown COLO message ${String(r.msg)}`);
@@ -65,6 +80,10 @@ export class PrimaryDriver {
   private timer: NodeJS.Timeout | null = null;
   private crashTimer: NodeJS.Timeout | null = null;
   private grace: NodeJS.Timeout | null = null;
+  /** Watches the checkpoint in flight for a stall (limits.coloCheckpointStallMs). */
+  private watchdog: NodeJS.Timeout | null = null;
+  /** The session's progress count when last seen to change, and when. */
+  private still: { progress: number; since: number } | null = null;
   private readonly ops = new VmOps();
   private pauseStartedAt = 0;
   /** The PVM's vCPU state saved at the checkpoint's pause, for sendState. */
@@ -104,7 +123,35 @@ export class PrimaryDriver {
     // The compare and the mirror start with COLO: from here on PVM output waits for the SVM's.
     this.net.start();
     this.dispatch({ type: 'handoff' });
+    this.watchdog = setInterval(() => this.watchCheckpoint(), limits.coloCheckpointStallMs / 10);
     void this.pump();
+  }
+
+  /**
+   * A checkpoint waits on the network in these phases (the PVM's own pause and resume are
+   * local): for the secondary's CHECKPOINT_READY, CHECKPOINT_REPLY, VMSTATE_RECEIVED or
+   * VMSTATE_LOADED, or for its own channels to take the state. One stalled connection (a
+   * multifd channel whose SYNC never arrives, a main channel that carries nothing) held the
+   * checkpoint, and the clients' output, for good: nothing else ends such a wait while both
+   * processes answer QMP. So when nothing moves for limits.coloCheckpointStallMs, the channels
+   * are dropped as by a yank, and the link counts as lost.
+   */
+  private watchCheckpoint(): void {
+    const phase = this.core.phase;
+    if (phase !== 'waitReady' && phase !== 'requested' && phase !== 'sending' && phase !== 'awaitReceived' && phase !== 'awaitLoaded') {
+      this.still = null;
+      return;
+    }
+    const progress = this.session.progress();
+    const now = performance.now();
+    if (this.still === null || this.still.progress !== progress) {
+      this.still = { progress, since: now };
+      return;
+    }
+    if (now - this.still.since < limits.coloCheckpointStallMs || this.session.failed !== null) return;
+    const message = `nothing moved between the nodes for ${limits.coloCheckpointStallMs} ms while a checkpoint waited (phase ${phase}): a COLO channel stalled`;
+    log.warn(`primary: ${message}; dropping the COLO channels`);
+    void this.session.destroy(new ChannelClosedError(message));
   }
 
   lostHeartbeat(): void {
@@ -374,9 +421,11 @@ export class PrimaryDriver {
     if (this.timer !== null) clearTimeout(this.timer);
     if (this.crashTimer !== null) clearTimeout(this.crashTimer);
     if (this.grace !== null) clearTimeout(this.grace);
+    if (this.watchdog !== null) clearInterval(this.watchdog);
     this.timer = null;
     this.crashTimer = null;
     this.grace = null;
+    this.watchdog = null;
   }
 }
 
@@ -403,7 +452,8 @@ export class SecondaryDriver {
   }
 
   start(): void {
-    this.session.onFailure((err) => void this.dispatch({ type: 'linkLost', message: errorMessage(err) }));
+    // At once, as a lost link: nothing after the failure may complete a checkpoint.
+    this.session.onFailure((err) => void this.dispatch(channelFailure(err), true));
     this.host.vm.machine.on('panicked', this.onPanicked);
     void this.dispatch({ type: 'handoff' });
   }
@@ -448,7 +498,7 @@ export class SecondaryDriver {
       try {
         f = await s.nextFrame();
       } catch (err) {
-        await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+        await this.dispatch(channelFailure(err), true);
         return;
       }
       if (this.finishing) return;
@@ -477,7 +527,8 @@ export class SecondaryDriver {
         if (err instanceof ChannelClosedError || s.receiverFailure !== null) {
           // A multifd channel that broke fails the barrier while the main channel still holds
           // the rest of the checkpoint: nothing after the break is read (the core drops it too).
-          await this.dispatch({ type: 'linkLost', message: errorMessage(err) });
+          // A corrupt packet there is the stream's damage, not a lost link.
+          await this.dispatch(channelFailure(s.receiverFailure ?? err), true);
           return;
         }
         await this.dispatch({ type: 'protocolError', message: errorMessage(err) });

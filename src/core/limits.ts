@@ -315,6 +315,17 @@ export const limits = {
    * before it closes the channel itself and compares what came on the main channel.
    */
   coloOutputChannelDrainMs: 1000,
+  /**
+   * COLO primary: a checkpoint in flight (from CHECKPOINT_REQUEST to VMSTATE_LOADED) during
+   * which nothing moves between the nodes for this long — no byte of the main channel or of a
+   * multifd channel taken by the network, none received from the secondary — is stuck: one of
+   * its connections stalled (a silent path, a peer that stopped reading), and its round's
+   * barrier or reply would never come while client output stays held. The channels are then
+   * dropped as by a yank and the link counts as lost (the grace, then the primary goes on
+   * alone). Far above a checkpoint's steps that move nothing (the SVM's pause, bounded by
+   * pauseTimeoutMs; the apply).
+   */
+  coloCheckpointStallMs: 10000,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
   /** Requests and events a latency trace (COLO_TRACE_DIR, core/latency-trace.ts) keeps: about 24 and 16 bytes each. */

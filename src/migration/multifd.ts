@@ -151,10 +151,18 @@ export class MultifdSender {
     this.failureListeners.add(listener);
   }
 
+  /** Grows with every report of packets written (progress, round done): a stalled channel stops it. */
+  activity = 0;
+
   private onMessage(ch: number, m: SendWorkerReply): void {
     if (m.type === 'error') this.fail(workerError(m));
-    else if (m.type === 'roundDone') for (const w of this.roundWaiters) w(m);
-    else if (m.type === 'progress') this.progress[ch] = { round: m.round, bytes: m.bytes };
+    else if (m.type === 'roundDone') {
+      this.activity++;
+      for (const w of this.roundWaiters) w(m);
+    } else if (m.type === 'progress') {
+      this.activity++;
+      this.progress[ch] = { round: m.round, bytes: m.bytes };
+    }
   }
 
   /** Bytes the channels reported written so far in `round` (progress, not exact). */
@@ -212,7 +220,7 @@ export class MultifdSender {
       const waiter = (m: SendWorkerReply): void => {
         if (m.type === 'error') {
           this.roundWaiters = this.roundWaiters.filter((w) => w !== waiter);
-          reject(this.failure ?? new MigrationError('MULTIFD_WORKER', m.message));
+          reject(this.failure ?? workerError(m));
           return;
         }
         if (m.type !== 'roundDone' || m.round !== round) return;
@@ -276,6 +284,8 @@ export class MultifdSender {
     this.closed = true;
     for (const l of [...this.closeListeners]) l();
     this.closeListeners.clear();
+    // A round still being sent (a channel stalled) ends with the channels, not never.
+    for (const w of this.roundWaiters) w({ type: 'error', code: 'CHANNEL_CLOSED', message: 'the multifd channels were closed' });
     await Promise.all(this.workers.map((w) => w.terminate()));
   }
 }

@@ -512,6 +512,17 @@ export class SourceSession {
     this.requireChannel().sendFrame(FrameType.coloNet, [payload]);
   }
 
+  /**
+   * A count that grows whenever something moves between the nodes: bytes of the main channel
+   * the kernel took, bytes received from the destination, packets the multifd channels wrote.
+   * COLO's checkpoint watchdog compares it over time (limits.coloCheckpointStallMs).
+   */
+  progress(): number {
+    const c = this.channel;
+    const main = c === null ? 0 : c.bytesSent - c.unsentBytes + c.bytesReceived;
+    return main + (this.multifd?.activity ?? 0);
+  }
+
   /** Bytes queued on the main channel that the kernel has not taken yet (0 without a channel). */
   get mainUnsentBytes(): number {
     return this.channel?.unsentBytes ?? 0;

@@ -65,6 +65,9 @@ class FakeSession {
   sendColoNet(): void {
     this.check();
   }
+  progress(): number {
+    return this.sent.length;
+  }
   captureCheckpoint(): boolean {
     return true;
   }

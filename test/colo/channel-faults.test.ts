@@ -1,0 +1,136 @@
+/**
+ * One connection of a COLO pair fails while the others live (a proxy in front of the
+ * secondary carries them all): a multifd channel reset between checkpoints or inside one,
+ * stalled so that its round's barrier never passes, or corrupted; the SVM output channel closed
+ * alone; the main channel closed alone. The primary must serve on (after its grace), the
+ * secondary must never hold a half-applied checkpoint, every wait must end, and the primary can
+ * be protected again afterwards.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { TestEnv, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { ChannelProxy } from '../framework/channel-proxy.js';
+import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
+import { limits } from '../../src/core/limits.js';
+import { linkLossGraceMs } from '../../src/colo/driver.js';
+
+const channels = 4;
+const caps = { 'x-colo': true, multifd: true };
+
+/** Threads of a process (main, vCPU, multifd workers, libuv's pool, V8's). */
+function threads(vm: VmProcess): number {
+  return fs.readdirSync(`/proc/${vm.child.pid}/task`).length;
+}
+
+async function protectedPair(env: TestEnv): Promise<{ src: VmProcess; dst: VmProcess; proxy: ChannelProxy; region: { start: number; size: number } }> {
+  const common = ['--memory', '32M'];
+  const guestArgs = ['4M'];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: common, guestArgs }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: [...common, '--incoming', 'defer'], guestArgs }),
+  ]);
+  await Promise.all([src.setMigration(caps, { 'multifd-channels': channels, 'x-checkpoint-delay': 100 }), dst.setMigration(caps, { 'multifd-channels': channels })]);
+  await src.waitSerial('B', { count: 2 });
+  const region = memwalkRegion(src.serial());
+  assert.ok(region, 'memwalk printed its region');
+  const proxy = await ChannelProxy.start(await dst.listenIncoming());
+  env.onCleanup(() => proxy.close());
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { nth: 3, timeoutMs: 15000 });
+  for (let i = 0; i < channels; i++) await proxy.established(`multifd${i}`);
+  return { src, dst, proxy, region };
+}
+
+/**
+ * After the fault the primary has left COLO by itself and serves on; the secondary, told to take
+ * over, holds the last whole checkpoint (the memwalk pattern); the primary's multifd workers are
+ * gone; and the primary can be protected again by a new secondary.
+ */
+async function survivesAndReprotects(env: TestEnv, pair: { src: VmProcess; dst: VmProcess; region: { start: number; size: number } }, marks: { src: number; dst: number }, coloThreads: number): Promise<void> {
+  const { src, dst, region } = pair;
+  await assertAdvancing(src, 2);
+  assert.equal(await src.status(), 'running');
+  // The multifd senders ended with COLO (a failover leaves no worker thread behind).
+  await waitFor(`the primary's ${channels} multifd workers to end (threads ${threads(src)}, ${coloThreads} in COLO)`, () => threads(src) <= coloThreads - channels, 10000);
+  const mark = dst.qmp.eventCount;
+  await dst.qmp.execute('x-colo-lost-heartbeat');
+  assert.deepEqual((await dst.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 10000 })).data, { mode: 'secondary', reason: 'request' });
+  assert.equal(await dst.memwalkCheck(region), null, 'the secondary holds a whole checkpoint: nothing of the broken one reached its RAM');
+  assert.equal(dst.eventsOf('COLO_EXIT', marks.dst).length, 1, 'the secondary left COLO only when told');
+  await dst.stop();
+  // Protected again by a new secondary, straight (no proxy).
+  const dst2 = await env.startVm({ name: 'dst2', guest: guests.memwalk, args: ['--memory', '32M', '--incoming', 'defer'], guestArgs: ['4M'] });
+  await dst2.setMigration(caps, { 'multifd-channels': channels });
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst2.listenIncoming()}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst2.waitEvent('RESUME', { nth: 3, timeoutMs: 15000 });
+  await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst2, 1)]);
+  const m2 = dst2.qmp.eventCount;
+  await dst2.yankMigration();
+  await dst2.qmp.execute('x-colo-lost-heartbeat');
+  await dst2.waitEvent('COLO_EXIT', { after: m2, timeoutMs: 10000 });
+  assert.equal(await dst2.memwalkCheck(region), null, 'the new secondary holds the primary\'s memory');
+}
+
+for (const link of ['multifd1', 'main'] as const) {
+  test(`colo/channel: the ${link} channel stalls (no byte forwarded, the connection kept): the checkpoint is given up within its bound and the primary serves on alone, then is protected again`, async (t) => {
+    const env = new TestEnv(t);
+    const pair = await protectedPair(env);
+    const { src, dst, proxy } = pair;
+    const coloThreads = threads(src);
+    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
+    await dst.waitEvent('RESUME', { after: marks.dst, timeoutMs: 10000 });
+    proxy.stall(link);
+    const stalledAt = performance.now();
+    // Before the bound, the stalled checkpoint held the pair (and the clients' output) for good.
+    const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: limits.coloCheckpointStallMs + linkLossGraceMs + 10000 });
+    assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+    const tookMs = performance.now() - stalledAt;
+    assert.ok(tookMs >= limits.coloCheckpointStallMs - 1000, `not given up before the bound (${Math.round(tookMs)} ms)`);
+    assert.match(src.stderr, / warn colo: primary: nothing moved between the nodes for \d+ ms while a checkpoint waited/);
+    assert.equal(await src.migrationStatus(), 'completed');
+    await survivesAndReprotects(env, pair, marks, coloThreads);
+    assertNoErrors(src, dst);
+  });
+}
+
+for (const link of ['multifd0', 'main'] as const) {
+  test(`colo/channel: one byte flipped on the ${link} channel: the secondary names the corruption as an error and closes the link; the primary serves on alone`, async (t) => {
+    const env = new TestEnv(t);
+    const pair = await protectedPair(env);
+    const { src, dst, proxy } = pair;
+    const coloThreads = threads(src);
+    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
+    await dst.waitEvent('RESUME', { after: marks.dst, timeoutMs: 10000 });
+    proxy.corrupt(link);
+    const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: linkLossGraceMs + 10000 });
+    assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+    // A damaged stream is a fault, not a connection that closed: one error line, with its code.
+    const lines = dst.errorLines();
+    assert.equal(lines.length, 1, `one error line on the secondary:\n${dst.stderr}`);
+    assert.match(lines[0]!, /COLO stream from the primary is broken \(.*checksum mismatch.*\[FRAME_CHECKSUM\]\)/);
+    assert.doesNotMatch(dst.stderr, /COLO channel closed/, 'not reported as a closed channel');
+    await survivesAndReprotects(env, pair, marks, coloThreads);
+    assertNoErrors(src);
+  });
+}
+
+for (const when of ['between', 'inside'] as const) {
+  test(`colo/channel: one multifd channel reset ${when} checkpoints: the primary serves on alone after its grace, the secondary applied nothing of a cut checkpoint`, async (t) => {
+    const env = new TestEnv(t);
+    const pair = await protectedPair(env);
+    const { src, dst, proxy } = pair;
+    const coloThreads = threads(src);
+    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
+    await dst.waitEvent(when === 'inside' ? 'STOP' : 'RESUME', { after: marks.dst, timeoutMs: 10000 });
+    proxy.reset('multifd2');
+    const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: linkLossGraceMs + 10000 });
+    assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+    assert.match(src.stderr, / info colo: COLO channel closed \(multifd channel 2/);
+    assert.match(dst.stderr, / info colo: COLO channel closed \(/);
+    await survivesAndReprotects(env, pair, marks, coloThreads);
+    assertNoErrors(src, dst);
+  });
+}
