@@ -460,3 +460,28 @@ test('colo: stop and then cont on either node in COLO run the VM again at once, 
   await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
   assertNoErrors(src, dst);
 });
+
+test('colo: migrate_cancel on the primary in COLO is refused with the way out, not answered {} while COLO goes on; on the secondary it changes nothing, as QEMU', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  // A script that cancels and then waits for status cancelled must learn at once that it will not come.
+  await assert.rejects(src.qmp.execute('migrate_cancel'), /COLO.*x-colo-lost-heartbeat/);
+  await assert.rejects(src.qmp.execute('migrate-cancel'), /COLO.*x-colo-lost-heartbeat/);
+  // QEMU's migrate_cancel acts on the outgoing migration only: the secondary has none.
+  assert.deepEqual(await dst.qmp.execute('migrate_cancel'), {});
+  const checkpoints = async (): Promise<number> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'].checkpoints!;
+  const before = await checkpoints();
+  await waitFor('two more checkpoints after the refused cancel', async () => (await checkpoints()) >= before + 2, 15000);
+  for (const vm of [src, dst]) assert.equal(await vm.migrationStatus(), 'colo', `${vm.spec.name} stays in COLO`);
+  assert.deepEqual(src.eventsOf('MIGRATION').map((e) => e.data?.status).filter((s) => s === 'cancelling' || s === 'cancelled'), []);
+  assertNoErrors(src, dst);
+});
