@@ -698,7 +698,9 @@ export class SecondaryDriver {
     const tracked: [number, number][] = zeroedFrom < zeroedTo ? [...m.statePageRanges(), [zeroedFrom, zeroedTo]] : m.statePageRanges();
     vm.migration.dirtyTracker().reset(m.ram(), tracked);
     this.net.nextEpoch();
-    m.setRunState('paused');
+    // The run state stays colo until the SVM runs (as QEMU's, whose secondary is in colo from
+    // its checkpoint's stop to vm_start): paused here told a manager polling query-status
+    // that someone had stopped the SVM.
     latencyTrace?.event('S:ramApplied');
     // Load the state and run it in one exchange with the vCPU thread.
     await m.restoreVcpu(device.vcpu, { run: true });

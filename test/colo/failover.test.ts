@@ -485,3 +485,30 @@ test('colo: migrate_cancel on the primary in COLO is refused with the way out, n
   assert.deepEqual(src.eventsOf('MIGRATION').map((e) => e.data?.status).filter((s) => s === 'cancelling' || s === 'cancelled'), []);
   assertNoErrors(src, dst);
 });
+
+test("colo: the secondary's query-status says colo, as QEMU's, all through a checkpoint (its apply too): never paused, which a manager would take for a stop to undo", async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  // Every 8 MiB checkpoint's apply copies the walk into guest RAM: sampled through ten of them.
+  const seen = new Map<string, number>();
+  const mark = dst.qmp.eventCount;
+  await waitFor('ten checkpoints applied on the secondary', async () => {
+    const s = await dst.qmp.execute<{ status: string; running: boolean }>('query-status');
+    const key = `${s.status}/${s.running}`;
+    seen.set(key, (seen.get(key) ?? 0) + 1);
+    return dst.eventsOf('RESUME', mark).length >= 10;
+  }, 60000, 2);
+  const states = [...seen.keys()].sort();
+  assert.ok(states.every((k) => k === 'running/true' || k === 'colo/false'), `the secondary's run states in COLO: ${JSON.stringify([...seen])}`);
+  assert.ok(seen.has('colo/false'), `a checkpoint was seen (${JSON.stringify([...seen])})`);
+  assertNoErrors(src, dst);
+});
