@@ -512,3 +512,32 @@ test("colo: the secondary's query-status says colo, as QEMU's, all through a che
   assert.ok(seen.has('colo/false'), `a checkpoint was seen (${JSON.stringify([...seen])})`);
   assertNoErrors(src, dst);
 });
+
+test('colo: quit on the secondary in the middle of its checkpoints ends it quietly: no error that it lost its copy of the primary, no wait for x-colo-lost-heartbeat, no COLO_EXIT', async (t) => {
+  // Back-to-back checkpoints (x-checkpoint-delay 0) of an 8 MiB walk: the quit lands in a pause
+  // or an apply, which the exit's destroyed machine fails.
+  for (let round = 0; round < 2; round++) {
+    const env = new TestEnv(t);
+    const [src, dst] = await Promise.all([
+      env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+      env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+    ]);
+    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 0 }), dst.setMigration({ 'x-colo': true })]);
+    await src.waitSerial('B', { count: 2 });
+    const port = await dst.listenIncoming();
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitMigrationStatus('colo', 30000);
+    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+    for (let i = 0; i < 2 + round; i++) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+    const mark = dst.qmp.eventCount;
+    assert.deepEqual(await dst.qmp.execute('quit'), {});
+    assert.equal(await dst.waitExit(10000), 0, 'the secondary exits with status 0');
+    const said = dst.stderr.split('\n').filter((l) => / (warn|error) /.test(l) || /x-colo-lost-heartbeat/.test(l));
+    assert.deepEqual(said, [], `round ${round}: the quitting secondary said:\n${dst.stderr}`);
+    assert.deepEqual(dst.eventsOf('COLO_EXIT', mark), [], 'no COLO_EXIT from a secondary that quits');
+    // The primary sees its secondary gone and goes on alone, as after any loss of the link.
+    assert.deepEqual((await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 })).data, { mode: 'primary', reason: 'error' });
+    await assertAdvancing(src, 1);
+    await env.cleanup();
+  }
+});
