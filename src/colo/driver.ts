@@ -441,6 +441,8 @@ export class SecondaryDriver {
   private applyDiskBlocks: () => void = () => undefined;
   /** Run serially: frame-loop events wait for their actions (a checkpoint's pages must not outrun beginCheckpoint). */
   private chain: Promise<void> = Promise.resolve();
+  /** close() ran: the process exits. */
+  private closed = false;
   readonly net: SecondaryNet;
   /** The SVM's guest crashed: seen at once, in the phase it crashed in (not behind the frame loop). */
   private readonly onPanicked = (message: string): void => void this.dispatch({ type: 'guestCrashed', message }, true);
@@ -476,8 +478,14 @@ export class SecondaryDriver {
     });
   }
 
-  /** Process exit: nothing more goes to the primary. */
+  /**
+   * Process exit: nothing more goes to the primary, and nothing fed to the core from now on
+   * acts (as the primary's close): a pause or an apply that the exit's destroyed machine fails,
+   * or the channels it closes, are the exit, not a broken checkpoint or link (no error that this
+   * node lost its copy of the primary, no wait for x-colo-lost-heartbeat, no COLO_EXIT).
+   */
   close(): void {
+    this.closed = true;
     this.host.vm.machine.off('panicked', this.onPanicked);
     this.net.stop();
     this.pendingBlocks?.close();
@@ -550,6 +558,10 @@ export class SecondaryDriver {
   }
 
   private async process(ev: SecondaryEvent): Promise<void> {
+    if (this.closed) {
+      log.debug(`secondary: ${ev.type} ${'message' in ev ? `(${ev.message}) ` : ''}after close (the process exits)`);
+      return;
+    }
     const actions = this.core.step(ev);
     // COLO is over here (a takeover, or this node left): a crash from now on is the VM's own.
     if (this.core.phase === 'done' || this.core.phase === 'failover') this.host.vm.machine.off('panicked', this.onPanicked);
@@ -558,8 +570,8 @@ export class SecondaryDriver {
       try {
         next = await this.perform(a);
       } catch (err) {
-        if (this.finishing) {
-          log.debug(`secondary: ${errorMessage(err)} (during failover)`);
+        if (this.finishing || this.closed) {
+          log.debug(`secondary: ${errorMessage(err)} (${this.closed ? 'the process exits' : 'during failover'})`);
           next = null;
         } else if (a.type === 'apply') {
           // Whatever stopped it (a full disk, a device state the machine refuses), the guest
@@ -763,7 +775,9 @@ export class SecondaryDriver {
     const tracked: [number, number][] = zeroedFrom < zeroedTo ? [...m.statePageRanges(), [zeroedFrom, zeroedTo]] : m.statePageRanges();
     vm.migration.dirtyTracker().reset(m.ram(), tracked);
     this.net.nextEpoch();
-    m.setRunState('paused');
+    // The run state stays colo until the SVM runs (as QEMU's, whose secondary is in colo from
+    // its checkpoint's stop to vm_start): paused here told a manager polling query-status
+    // that someone had stopped the SVM.
     latencyTrace?.event('S:ramApplied');
     // Load the state and run it in one exchange with the vCPU thread.
     await m.restoreVcpu(device.vcpu, { run: true });

@@ -252,9 +252,18 @@ export class MigrationControl {
     if (this.incoming !== null) throw new QmpCommandError('GenericError', 'Migration is not finalized yet');
   }
 
-  /** migrate_cancel: cancels an outgoing migration; no effect otherwise (as QEMU). */
+  /**
+   * migrate_cancel: cancels an outgoing migration; no effect otherwise (as QEMU). A primary in
+   * COLO refuses it: its migration cannot be undone, and answering {} while COLO went on left
+   * a script waiting for status cancelled for good. (QEMU's breaks COLO off and then waits for
+   * an x-colo-lost-heartbeat that it refuses, the migration no longer being in COLO.)
+   */
   cancel(): void {
-    this.outgoing?.cancel();
+    const out = this.outgoing;
+    if (out !== null && this.stats === out.stats && this.stats.status === 'colo') {
+      throw new QmpCommandError('GenericError', 'The migration is in COLO and cannot be cancelled: x-colo-lost-heartbeat ends COLO on this node, which runs on unprotected');
+    }
+    out?.cancel();
   }
 
   // ---- incoming ----

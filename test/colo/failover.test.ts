@@ -460,3 +460,84 @@ test('colo: stop and then cont on either node in COLO run the VM again at once, 
   await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
   assertNoErrors(src, dst);
 });
+
+test('colo: migrate_cancel on the primary in COLO is refused with the way out, not answered {} while COLO goes on; on the secondary it changes nothing, as QEMU', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  // A script that cancels and then waits for status cancelled must learn at once that it will not come.
+  await assert.rejects(src.qmp.execute('migrate_cancel'), /COLO.*x-colo-lost-heartbeat/);
+  await assert.rejects(src.qmp.execute('migrate-cancel'), /COLO.*x-colo-lost-heartbeat/);
+  // QEMU's migrate_cancel acts on the outgoing migration only: the secondary has none.
+  assert.deepEqual(await dst.qmp.execute('migrate_cancel'), {});
+  const checkpoints = async (): Promise<number> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'].checkpoints!;
+  const before = await checkpoints();
+  await waitFor('two more checkpoints after the refused cancel', async () => (await checkpoints()) >= before + 2, 15000);
+  for (const vm of [src, dst]) assert.equal(await vm.migrationStatus(), 'colo', `${vm.spec.name} stays in COLO`);
+  assert.deepEqual(src.eventsOf('MIGRATION').map((e) => e.data?.status).filter((s) => s === 'cancelling' || s === 'cancelled'), []);
+  assertNoErrors(src, dst);
+});
+
+test("colo: the secondary's query-status says colo, as QEMU's, all through a checkpoint (its apply too): never paused, which a manager would take for a stop to undo", async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  // Every 8 MiB checkpoint's apply copies the walk into guest RAM: sampled through ten of them.
+  const seen = new Map<string, number>();
+  const mark = dst.qmp.eventCount;
+  await waitFor('ten checkpoints applied on the secondary', async () => {
+    const s = await dst.qmp.execute<{ status: string; running: boolean }>('query-status');
+    const key = `${s.status}/${s.running}`;
+    seen.set(key, (seen.get(key) ?? 0) + 1);
+    return dst.eventsOf('RESUME', mark).length >= 10;
+  }, 60000, 2);
+  const states = [...seen.keys()].sort();
+  assert.ok(states.every((k) => k === 'running/true' || k === 'colo/false'), `the secondary's run states in COLO: ${JSON.stringify([...seen])}`);
+  assert.ok(seen.has('colo/false'), `a checkpoint was seen (${JSON.stringify([...seen])})`);
+  assertNoErrors(src, dst);
+});
+
+test('colo: quit on the secondary in the middle of its checkpoints ends it quietly: no error that it lost its copy of the primary, no wait for x-colo-lost-heartbeat, no COLO_EXIT', async (t) => {
+  // Back-to-back checkpoints (x-checkpoint-delay 0) of an 8 MiB walk: the quit lands in a pause
+  // or an apply, which the exit's destroyed machine fails.
+  for (let round = 0; round < 2; round++) {
+    const env = new TestEnv(t);
+    const [src, dst] = await Promise.all([
+      env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
+      env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
+    ]);
+    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 0 }), dst.setMigration({ 'x-colo': true })]);
+    await src.waitSerial('B', { count: 2 });
+    const port = await dst.listenIncoming();
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitMigrationStatus('colo', 30000);
+    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+    for (let i = 0; i < 2 + round; i++) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+    const mark = dst.qmp.eventCount;
+    assert.deepEqual(await dst.qmp.execute('quit'), {});
+    assert.equal(await dst.waitExit(10000), 0, 'the secondary exits with status 0');
+    const said = dst.stderr.split('\n').filter((l) => / (warn|error) /.test(l) || /x-colo-lost-heartbeat/.test(l));
+    assert.deepEqual(said, [], `round ${round}: the quitting secondary said:\n${dst.stderr}`);
+    assert.deepEqual(dst.eventsOf('COLO_EXIT', mark), [], 'no COLO_EXIT from a secondary that quits');
+    // The primary sees its secondary gone and goes on alone, as after any loss of the link.
+    assert.deepEqual((await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 })).data, { mode: 'primary', reason: 'error' });
+    await assertAdvancing(src, 1);
+    await env.cleanup();
+  }
+});
