@@ -369,8 +369,14 @@ export class PrimaryDriver {
           await this.ops.settled();
           try {
             await this.ops.run(async () => {
+              // A VM the user stopped (and no checkpoint resumed since) stays stopped when the
+              // primary goes on alone by itself (its link broke): an operator may have stopped it
+              // to fence it while the secondary takes over. x-colo-lost-heartbeat runs it, as
+              // QEMU's failover does.
+              const keepStopped = a.reason === 'error' && m.runState === 'paused';
               if (m.runState === 'finish-migrate' || m.runState === 'colo') m.setRunState('paused');
-              if (!m.running) await m.cont();
+              if (keepStopped) log.info('primary: the VM stays stopped, as the user left it (stop); cont runs it');
+              else if (!m.running) await m.cont();
               const vm = this.host.vm;
               if (vm.frontEnd === null) await vm.startFrontEnd();
               else vm.frontEnd.resumeReading();

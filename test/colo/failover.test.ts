@@ -430,6 +430,33 @@ test('colo: a guest crash only the secondary takes is replaced by a checkpoint a
   assertNoErrors(src, dst);
 });
 
+test('colo: a primary the user stopped stays stopped when it goes on alone after its link broke (fencing); cont runs it', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const port = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await waitFor('the primary to run in COLO', async () => (await src.status()) === 'running', 10000);
+  // The operator stops the primary, then the secondary goes away: the primary's link breaks and,
+  // after its grace period, it leaves COLO by itself (reason error).
+  await src.qmp.execute('stop');
+  const mark = src.qmp.eventCount;
+  dst.child.kill('SIGKILL');
+  assert.deepEqual((await src.waitEvent('COLO_EXIT', { after: mark, timeoutMs: 15000 })).data, { mode: 'primary', reason: 'error' });
+  // Before, the failover ran the VM again.
+  assert.equal(await src.status(), 'paused', 'the user\'s stop holds');
+  await assertStill(src, 300);
+  await src.qmp.execute('cont');
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src, 1);
+  assertNoErrors(src);
+});
+
 test('colo: stop and then cont on either node in COLO run the VM again at once, as QEMU\'s (not only at the next checkpoint); the pair stays in COLO', async (t) => {
   const env = new TestEnv(t);
   const [src, dst] = await Promise.all([
