@@ -44,6 +44,13 @@ export interface NodeInfo {
 
 export type PairEvent =
   | { type: 'start' }
+  /**
+   * Instead of start: a new supervisor takes over the children of one that died (colo up run
+   * again on its --state-dir). The driver has settled what they are: a primary, with its
+   * secondary when they are still a protected pair (else it runs alone). `nextId`: above every
+   * node id the folder has seen.
+   */
+  | { type: 'adopt'; primary: { id: number; pid: number }; secondary: { id: number; pid: number } | null; nextId: number }
   /** The driver started the process of `node`. */
   | { type: 'spawned'; node: number; pid: number }
   /** `node` answers QMP and is configured (capabilities set; a secondary waits for migrate-incoming). */
@@ -153,6 +160,29 @@ export class PairCore {
         this.phase = 'starting';
         out.push({ type: 'print', line: this.cfg.stateDir === undefined ? 'pair: starting' : `pair: starting (state in ${this.cfg.stateDir})` });
         out.push({ type: 'spawn', node: this.primary.id, role: 'primary' }, { type: 'spawn', node: this.secondary.id, role: 'secondary' });
+        break;
+      }
+      case 'adopt': {
+        if (this.nodes.size > 0) break;
+        this.nextId = e.nextId;
+        const adopt = (a: { id: number; pid: number }, role: Role): NodeInfo => {
+          const n: NodeInfo = { id: a.id, role, pid: a.pid, ready: true, alive: true };
+          this.nodes.set(n.id, n);
+          this.nextId = Math.max(this.nextId, n.id + 1);
+          return n;
+        };
+        this.primary = adopt(e.primary, 'primary');
+        const where = this.cfg.stateDir === undefined ? '' : ` (state in ${this.cfg.stateDir})`;
+        if (e.secondary !== null) {
+          this.secondary = adopt(e.secondary, 'secondary');
+          this.phase = 'protected';
+          this.protections += 1;
+          out.push({ type: 'print', line: `pair: adopted${where}: protected (primary pid ${this.primary.pid}, secondary pid ${this.secondary.pid})` });
+        } else {
+          this.phase = 'unprotected';
+          out.push({ type: 'print', line: `pair: adopted${where}: primary ${this.primary.pid} runs unprotected` });
+          this.reprotect(out);
+        }
         break;
       }
       case 'spawned': {
@@ -386,7 +416,8 @@ export class PairCore {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive) return;
     n.alive = false;
-    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : `exit code ${code}`;
+    // Neither known: a process that was never started, or one this supervisor adopted (not its child).
+    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exited';
     n.ended = how;
     if (this.phase === 'stopping') {
       if (id === this.guestExitNode && code !== null) this.exitCode = code;

@@ -132,7 +132,11 @@ export function parseUpArgs(argv: string[]): UpOptions {
 interface Child {
   readonly id: number;
   readonly role: Role;
-  readonly proc: ChildProcess;
+  /** Null for a child adopted from a supervisor that died (not this process's child: its exit is polled). */
+  readonly proc: ChildProcess | null;
+  pid: number | null;
+  /** Called once, when the process ended (exitWithin). */
+  readonly exitListeners: Set<() => void>;
   readonly qmpPath: string;
   readonly disk: string | null;
   /** Whether the supervisor created the disk (and may remove it). */
@@ -147,6 +151,32 @@ interface Child {
 }
 
 const mainJs = fileURLToPath(new URL('./main.js', import.meta.url));
+
+/** A child's pid file, next to its QMP socket (vmN.pid). */
+function pidFile(qmpPath: string): string {
+  return qmpPath.replace(/\.qmp$/, '.pid');
+}
+
+/** Whether a process `pid` exists (EPERM: it does, another user's). */
+function pidAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
+
+/** Send `signal` to `c` unless it ended (its own child process, or an adopted one by pid). */
+function signalChild(c: Child, signal: NodeJS.Signals): void {
+  if (c.exited) return;
+  try {
+    if (c.proc !== null) c.proc.kill(signal);
+    else if (c.pid !== null) process.kill(c.pid, signal);
+  } catch (err) {
+    log.debug(`vm${c.id}: ${signal}: ${errorMessage(err)}`);
+  }
+}
 
 class UpDriver {
   private readonly core: PairCore;
@@ -225,7 +255,7 @@ class UpDriver {
       }
       case 'kill': {
         const c = this.children.get(a.node);
-        if (c !== undefined && !c.exited) c.proc.kill(a.signal);
+        if (c !== undefined) signalChild(c, a.signal);
         break;
       }
       case 'discardDisk': {
@@ -301,18 +331,17 @@ class UpDriver {
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
-    const c: Child = { id, role, proc, qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
+    const c: Child = { id, role, proc, pid: proc.pid ?? null, exitListeners: new Set(), qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
     this.children.set(id, c);
-    proc.once('exit', (code, signal) => {
-      if (c.exited) return;
-      c.exited = true;
-      void c.qmp?.close().catch(() => undefined);
-      void c.heartbeat?.close().catch(() => undefined);
-      // A killed child leaves its socket file behind; nothing answers there any more. (Its
-      // serial file stays: it is the record of what the guest printed.)
-      fs.rmSync(qmpPath, { force: true });
-      this.dispatch({ type: 'exited', node: id, code, signal });
-    });
+    proc.once('exit', (code, signal) => this.childExited(c, code, signal));
+    if (proc.pid !== undefined) {
+      // For a supervisor that takes over from this one, should it die (adoptChildren).
+      try {
+        fs.writeFileSync(pidFile(qmpPath), `${proc.pid}\n`);
+      } catch (err) {
+        log.warn(`vm${id}: its pid file could not be written (${errorMessage(err)}): a colo up started after this one dies cannot adopt it`);
+      }
+    }
     if (proc.pid === undefined) {
       // The process was never created: Node emits 'error', and no 'exit' follows.
       proc.once('error', (err) => {
@@ -332,6 +361,117 @@ class UpDriver {
           if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
         }),
     );
+  }
+
+  /** `c`'s process ended (its 'exit', or, adopted, its pid gone): once. */
+  private childExited(c: Child, code: number | null, signal: NodeJS.Signals | null): void {
+    if (c.exited) return;
+    c.exited = true;
+    void c.qmp?.close().catch(() => undefined);
+    void c.heartbeat?.close().catch(() => undefined);
+    // A killed child leaves its socket file behind; nothing answers there any more. (Its
+    // serial file stays: it is the record of what the guest printed.)
+    fs.rmSync(c.qmpPath, { force: true });
+    fs.rmSync(pidFile(c.qmpPath), { force: true });
+    for (const l of [...c.exitListeners]) l();
+    c.exitListeners.clear();
+    this.dispatch({ type: 'exited', node: c.id, code, signal });
+  }
+
+  /**
+   * Take over the children of a colo up that died (`live`: the QMP sockets that answer in its
+   * --state-dir). Each must have its pid file. What they are settles what is done: a protected
+   * pair (a primary and a secondary in COLO) is supervised as it is; a primary whose secondary
+   * died meanwhile, or a secondary whose primary died (the failover nobody ran), is told
+   * x-colo-lost-heartbeat and runs alone, then is protected again; a secondary still in its
+   * initial migration is killed (it protects nothing yet). Anything else is refused, the
+   * children left as they are.
+   */
+  async adopt(live: { id: number; qmpPath: string }[], nextId: number): Promise<void> {
+    const found: { c: Child; mode: string; status: string }[] = [];
+    const fail = (why: string): never => {
+      for (const f of found) void f.c.qmp?.close().catch(() => undefined);
+      throw new UsageError('STATE_DIR', `${this.stateDir}: cannot adopt the children of the colo up that ran there: ${why}; they are left running`);
+    };
+    for (const { id, qmpPath } of live) {
+      let pid: number;
+      try {
+        pid = Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
+      } catch (err) {
+        return fail(`vm${id} answers on its QMP socket but its pid file cannot be read (${errorMessage(err)})`);
+      }
+      if (!Number.isSafeInteger(pid) || pid <= 0 || !pidAlive(pid)) return fail(`vm${id}'s pid file names no living process`);
+      let q: QmpClient;
+      let mode: string;
+      let status: string;
+      try {
+        q = await QmpClient.connect(`unix:${qmpPath}`);
+        mode = String((await q.execute<{ mode?: string }>('query-colo-status')).mode);
+        status = String((await q.execute<{ status?: string }>('query-status')).status);
+      } catch (err) {
+        return fail(`vm${id} does not answer QMP (${errorMessage(err)})`);
+      }
+      const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
+      const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
+      const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false };
+      found.push({ c, mode, status });
+    }
+    const inColo = (m: string): Child[] => found.filter((f) => f.mode === m).map((f) => f.c);
+    const alone = found.filter((f) => f.mode === 'none' && f.status !== 'inmigrate').map((f) => f.c);
+    const incoming = found.filter((f) => f.mode === 'none' && f.status === 'inmigrate').map((f) => f.c);
+    const [ps, ss] = [inColo('primary'), inColo('secondary')];
+    const describe = found.map((f) => `vm${f.c.id} (pid ${f.c.pid}): COLO mode ${f.mode}, status ${f.status}`).join('; ');
+    if (ps.length + ss.length + alone.length === 0) fail(`none of them serves (${describe})`);
+    if (ps.length > 1 || ss.length > 1 || alone.length > 1 || (alone.length === 1 && ps.length + ss.length > 0)) fail(`they are no pair this supervisor can tell apart (${describe})`);
+    for (const f of found) {
+      this.children.set(f.c.id, f.c);
+      this.watchControl(f.c, f.c.qmp!);
+      this.pollExit(f.c);
+    }
+    for (const c of incoming) {
+      log.info(`vm${c.id} (pid ${c.pid}) was still in its initial migration: killing it`);
+      signalChild(c, 'SIGKILL');
+    }
+    let primary: Child;
+    let secondary: Child | null = null;
+    if (ps.length === 1 && ss.length === 1) {
+      primary = ps[0]!;
+      secondary = ss[0]!;
+    } else if (ss.length === 1 || ps.length === 1) {
+      // Its partner died while no supervisor watched: the failover it waits for, now.
+      const c = (ss[0] ?? ps[0])!;
+      log.warn(`vm${c.id} (pid ${c.pid}) is in COLO without its partner (it died while no supervisor ran): x-colo-lost-heartbeat, it runs alone`);
+      try {
+        await this.lostHeartbeat(c, c.role);
+      } catch (err) {
+        // Not this supervisor's to end: the children stay as they are (the exit kills only its own).
+        this.finished = true;
+        this.children.clear();
+        for (const t of this.timers) clearTimeout(t);
+        this.timers.clear();
+        return fail(`x-colo-lost-heartbeat on vm${c.id} failed (${errorMessage(err)})`);
+      }
+      primary = c;
+    } else {
+      primary = alone[0]!;
+    }
+    for (const c of [primary, secondary]) if (c !== null) void this.heartbeat(c);
+    this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
+    // One that ended while it was being looked at: its exit came before the core knew it.
+    for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /** An adopted child is not this process's: its end shows as its pid gone (reaped by its new parent). */
+  private pollExit(c: Child): void {
+    const poll = (): void => {
+      if (c.exited || this.finished) return;
+      if (!pidAlive(c.pid!)) {
+        this.childExited(c, null, null);
+        return;
+      }
+      this.later(limits.upAdoptedExitPollMs, poll);
+    };
+    this.later(limits.upAdoptedExitPollMs, poll);
   }
 
   /**
@@ -540,10 +680,10 @@ class UpDriver {
         resolve(true);
       };
       const t = this.later(ms, () => {
-        c.proc.off('exit', onExit);
+        c.exitListeners.delete(onExit);
         resolve(c.exited);
       });
-      c.proc.once('exit', onExit);
+      c.exitListeners.add(onExit);
     });
   }
 
@@ -717,7 +857,7 @@ class UpDriver {
 
   /** SIGKILL every child still running (the supervisor itself is going away). */
   killAll(): void {
-    for (const c of this.children.values()) if (!c.exited) c.proc.kill('SIGKILL');
+    for (const c of this.children.values()) signalChild(c, 'SIGKILL');
   }
 }
 
@@ -737,16 +877,32 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
   });
 }
 
+/** What prepareStateDir found: the folder, and the children of a colo up that died there (to adopt). */
+interface StateDir {
+  dir: string;
+  live: { id: number; qmpPath: string }[];
+  /** Above every vmN file the folder holds: new children never reuse a name. */
+  nextId: number;
+}
+
+/** The supervisor's own pid file in its state folder: one colo up per folder. */
+const supervisorPidFile = 'up.pid';
+
 /**
  * The state folder: made (a new one under the system's temporary directory by default) and
  * checked before any child starts. A folder that cannot be made or written is refused with the
  * reason (it was an internal error with a stack trace, or a primary that died at start). So is
- * a --state-dir that holds a disk image of an earlier run (`vmN.img`): each new secondary's
- * image is made empty there, and a leftover one may be the only copy of the newest disk (the
- * copy back to --drive failed, or the supervisor was killed after a failover). So is one where
- * a child of another `colo up` still answers on its QMP socket.
+ * one that another living colo up supervises (its up.pid).
+ *
+ * A --state-dir where children of an earlier colo up still answer on their QMP sockets is that
+ * supervisor's, dead (SIGKILLed, crashed): its children are adopted (UpDriver.adopt), so that
+ * running the same colo up again restores the automatic failover without stopping the
+ * service. Without such children, a folder that holds a disk image of an earlier run
+ * (`vmN.img`) is refused: each new secondary's image is made empty there, and a leftover one
+ * may be the only copy of the newest disk (the copy back to --drive failed, or the supervisor
+ * was killed after a failover).
  */
-async function prepareStateDir(dir: string | null, drive: string | null): Promise<string> {
+async function prepareStateDir(dir: string | null, drive: string | null): Promise<StateDir> {
   const what = dir === null ? `a state folder under ${os.tmpdir()}` : `--state-dir ${dir}`;
   let made: string;
   let entries: string[];
@@ -762,16 +918,17 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
   } catch (err) {
     throw new UsageError('STATE_DIR', `${what}: cannot use it: ${errorMessage(err)}`);
   }
+  if (entries.includes(supervisorPidFile)) {
+    const pid = Number(fs.readFileSync(path.join(made, supervisorPidFile), 'utf8').trim());
+    if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) {
+      throw new UsageError('STATE_DIR', `${what}: colo up ${pid} supervises the pair there`);
+    }
+  }
   const images = entries.filter((f) => /^vm\d+\.img$/.test(f)).sort();
   if (drive !== null && images.some((f) => path.join(made, f) === drive)) {
     throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
   }
-  if (images.length > 0) {
-    throw new UsageError(
-      'STATE_DIR',
-      `${what} holds the disk image${images.length > 1 ? 's' : ''} of an earlier colo up (${images.join(', ')}): one may be the newest copy of the guest's disk (a copy back to --drive that failed, or a colo up that was killed); move ${images.length > 1 ? 'them' : 'it'} away first`,
-    );
-  }
+  const live: StateDir['live'] = [];
   for (const f of entries.filter((e) => /^vm\d+\.qmp$/.test(e))) {
     const socketPath = path.join(made, f);
     const answers = await new Promise<boolean>((resolve) => {
@@ -785,9 +942,26 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
         resolve(false);
       });
     });
-    if (answers) throw new UsageError('STATE_DIR', `${what}: ${f} answers: a child of another colo up still runs there`);
+    if (answers) live.push({ id: Number(/\d+/.exec(f)![0]), qmpPath: socketPath });
   }
-  return made;
+  if (live.length === 0 && images.length > 0) {
+    throw new UsageError(
+      'STATE_DIR',
+      `${what} holds the disk image${images.length > 1 ? 's' : ''} of an earlier colo up (${images.join(', ')}): one may be the newest copy of the guest's disk (a copy back to --drive that failed, or a colo up that was killed); move ${images.length > 1 ? 'them' : 'it'} away first`,
+    );
+  }
+  const ids = entries.flatMap((e) => /^vm(\d+)\./.exec(e)?.[1] ?? []).map(Number);
+  return { dir: made, live, nextId: Math.max(0, ...ids) + 1 };
+}
+
+/** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */
+function isColoUp(pid: number): boolean {
+  try {
+    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    return argv.includes('up');
+  } catch {
+    return false;
+  }
 }
 
 /** The signals that stop the pair (the children first, then the supervisor). */
@@ -799,8 +973,10 @@ export async function upCommand(argv: string[]): Promise<number> {
   if (!fs.existsSync(o.guestPath)) throw new UsageError('BAD_OPTION', `'${o.guestPath}' does not exist`);
   // Refuse a bad guest once, here, rather than as two children that die at start.
   checkGuest(fs.readFileSync(o.guestPath));
-  await checkAddressFree(o.net.host, o.net.port);
-  const stateDir = await prepareStateDir(o.stateDir, o.drive);
+  const state = await prepareStateDir(o.stateDir, o.drive);
+  const stateDir = state.dir;
+  // Adopted children serve on the address already.
+  if (state.live.length === 0) await checkAddressFree(o.net.host, o.net.port);
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
   // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
@@ -811,9 +987,18 @@ export async function upCommand(argv: string[]): Promise<number> {
   process.stdout.on('error', (err: Error) => driver.stdoutFailed(err));
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
+  const pidPath = path.join(stateDir, supervisorPidFile);
   try {
-    driver.dispatch({ type: 'start' });
+    try {
+      fs.writeFileSync(pidPath, `${process.pid}\n`);
+      if (state.live.length > 0) await driver.adopt(state.live, state.nextId);
+      else driver.dispatch({ type: 'start' });
+    } catch (err) {
+      fs.rmSync(pidPath, { force: true });
+      throw err;
+    }
     const code = await driver.done;
+    fs.rmSync(pidPath, { force: true });
     if (o.stateDir === null && driver.keptDisk === null) fs.rmSync(stateDir, { recursive: true, force: true });
     return code;
   } finally {

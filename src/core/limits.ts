@@ -260,6 +260,11 @@ export const limits = {
    * exit to be seen before the command's failure is acted on (a dying child closes it first).
    */
   upChildExitGraceMs: 1000,
+  /**
+   * colo up: how often the pid of a child adopted from a supervisor that died is checked (it is
+   * not this process's child, so no exit event comes): the delay a failover adds for it.
+   */
+  upAdoptedExitPollMs: 50,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */

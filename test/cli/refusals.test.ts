@@ -99,13 +99,14 @@ test("colo up on a state folder it cannot use, or that holds an earlier run's di
   fs.mkdirSync(inside);
   fs.copyFileSync(image, path.join(inside, 'vm2.img'));
   refused(await up(['--state-dir', inside], ['--drive', `file=${path.join(inside, 'vm2.img')}`]), /^colo: --drive .*inside\/vm2\.img is in --state-dir .* rename it$/);
-  // A child of another colo up answers there (on another address): its sockets would be taken over.
+  // Something answers on a child's socket there, with no pid file: not a child this colo up can
+  // adopt (one of a colo up that died has its vmN.pid), and its socket must not be taken over.
   const busy = env.file('busy');
   fs.mkdirSync(busy);
   const other = net.createServer((s) => s.destroy());
   await new Promise<void>((resolve) => other.listen(path.join(busy, 'vm1.qmp'), resolve));
   env.onCleanup(() => new Promise<void>((resolve) => other.close(() => resolve())));
-  refused(await up(['--state-dir', busy]), /^colo: --state-dir .*busy: vm1\.qmp answers: a child of another colo up still runs there$/);
+  refused(await up(['--state-dir', busy]), /^colo: .*busy: cannot adopt the children of the colo up that ran there: vm1 answers on its QMP socket but its pid file cannot be read \(ENOENT.*\); they are left running$/);
 });
 
 test('a drive whose scratch files cannot be made ($TMPDIR gone) is refused in one clear line', async (t) => {

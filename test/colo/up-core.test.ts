@@ -455,3 +455,19 @@ test('colo up core: both children die, the secondary first: the line says the pa
   assert.equal(out[0], 'pair: failed (primary 101 died (SIGKILL) while the pair was failing over to it)');
   assert.deepEqual(out.slice(1), ['pair: stopped', 'exit 1 primary 1']);
 });
+
+test('adopting the children of a supervisor that died: a protected pair is supervised as it is; a lone primary is protected again, with ids the folder never had', () => {
+  const c = new PairCore({ address: '127.0.0.1:6379', stateDir: '/s', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
+  assert.deepEqual(run(c, { type: 'adopt', primary: { id: 4, pid: 404 }, secondary: { id: 5, pid: 505 }, nextId: 7 }), ['pair: adopted (state in /s): protected (primary pid 404, secondary pid 505)']);
+  assert.equal(c.phase, 'protected');
+  assert.deepEqual(run(c, { type: 'adopt', primary: { id: 1, pid: 1 }, secondary: null, nextId: 1 }), [], 'once');
+  // The adopted primary dies (its exit is polled: no code, no signal): the usual failover.
+  assert.deepEqual(run(c, { type: 'exited', node: 4, code: null, signal: null }), ['takeover 5']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exited); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
+
+  const lone = new PairCore({ address: '127.0.0.1:6379', stateDir: '/s', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
+  assert.deepEqual(run(lone, { type: 'adopt', primary: { id: 2, pid: 202 }, secondary: null, nextId: 3 }), ['pair: adopted (state in /s): primary 202 runs unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
+  run(lone, { type: 'spawned', node: 3, pid: 303 });
+  assert.deepEqual(run(lone, { type: 'ready', node: 3 }), ['protect 2->3'], 'the adopted primary is ready');
+  assert.deepEqual(run(lone, { type: 'protected' }), ['pair: protected (primary pid 202, secondary pid 303)']);
+});

@@ -1,0 +1,98 @@
+/**
+ * A `colo up` that dies (SIGKILL, a crash) leaves its children running: the pair stays in COLO
+ * but nothing fails over any more. Run again on the same --state-dir, colo up adopts them
+ * (real processes): a protected pair is supervised as it is; a pair whose primary died while no
+ * supervisor ran gets the failover it missed. One supervisor per state folder.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import path from 'node:path';
+import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+import { pidAlive, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+
+async function upArgs(env: TestEnv): Promise<{ args: string[]; port: number }> {
+  const port = await freePort();
+  const image = env.image('kv.img', 8 * 1024 * 1024);
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
+  args.push('--checkpoint-delay', '200', '--state-dir', env.dir);
+  return { args, port };
+}
+
+async function command(port: number, argv: string[]): Promise<string | number | null> {
+  const c = await RespClient.connect(port, '127.0.0.1', 5000);
+  try {
+    return (await c.command(argv, 5000)) as string | number | null;
+  } finally {
+    c.close();
+  }
+}
+
+test('colo up killed, then run again on its --state-dir: it adopts the protected pair (one supervisor per folder), fails over when the adopted primary dies, and stops the adopted children', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'before', 'one']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  assert.ok(pidAlive(primary) && pidAlive(secondary), 'the children live on without their supervisor');
+  assert.equal(await command(port, ['GET', 'before']), 'one', 'the service goes on');
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
+  assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary], sup2.timeline());
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(sup2.proc.pid));
+
+  // A second supervisor for the same folder is refused; the pair is not touched.
+  const r = await runProgram(process.execPath, args, { timeoutMs: 30000 });
+  assert.notEqual(r.code, 0);
+  assert.match(r.stderr, new RegExp(`colo up ${sup2.proc.pid} supervises the pair there`));
+  assert.ok(pidAlive(primary) && pidAlive(secondary));
+
+  // The adopted primary dies: the adopted secondary takes over, every acknowledged write is there.
+  assert.equal(await command(port, ['SET', 'adopted', 'two']), 'OK');
+  const killedAt = performance.now();
+  process.kill(primary, 'SIGKILL');
+  const took = await sup2.line(new RegExp(`^pair: primary died \\(.*\\); secondary ${secondary} took over`), adopted.at, 15000);
+  const servingMs = await timeUntilServing(port, killedAt, 10000);
+  assert.ok(servingMs < 2000, `the service answered again ${servingMs.toFixed(0)} ms after the primary's SIGKILL`);
+  assert.equal(await command(port, ['GET', 'before']), 'one');
+  assert.equal(await command(port, ['GET', 'adopted']), 'two');
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, took.at, 90000);
+  assert.equal(Number(again.m.at(1)), secondary, 'protected again, with a new secondary');
+  const newSecondary = Number(again.m.at(2));
+  assert.ok(fs.existsSync(path.join(env.dir, 'vm3.qmp')), 'the new secondary has a name the folder never had (vm3)');
+
+  // SIGTERM stops the adopted primary and the new secondary, and removes the supervisor's pid file.
+  sup2.proc.kill('SIGTERM');
+  await sup2.line(/^pair: stopped$/, again.at, 20000);
+  await sup2.waitExit(10000);
+  assert.equal(sup2.exitCode, 0, sup2.stderr.slice(-2000));
+  await waitFor('the children to be gone', () => !pidAlive(secondary) && !pidAlive(newSecondary), 10000);
+  assert.ok(!fs.existsSync(path.join(env.dir, 'up.pid')));
+});
+
+test('colo up run again after its primary died while no supervisor ran: the adopted secondary gets the failover it missed, serves every acknowledged write, and is protected again', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary), 10000);
+  // The secondary waits for x-colo-lost-heartbeat: nothing serves.
+  await assert.rejects(command(port, ['GET', 'k']));
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.match(sup2.stderr, /in COLO without its partner/);
+  assert.doesNotMatch(sup2.stderr, / error /, sup2.stderr.slice(-3000));
+});
