@@ -191,6 +191,30 @@ class UpDriver {
 
   dispatch(e: PairEvent): void {
     for (const a of this.core.step(e)) this.perform(a);
+    this.forgetReplaced();
+  }
+
+  /**
+   * Drops the children the core forgot (dead, and neither primary nor secondary): each holds
+   * its process handle and its two closed QMP clients with their event logs (a STOP and a
+   * RESUME per checkpoint), which a supervisor that re-protects for years would otherwise keep
+   * for every secondary it ever started. Operations still running on one (a protection whose
+   * secondary died) hold their own references.
+   */
+  private forgetReplaced(): void {
+    for (const c of this.children.values()) {
+      if (!c.exited || this.core.node(c.id) !== undefined) continue;
+      this.children.delete(c.id);
+      // Its disk was discarded when it was replaced (a replaced node's disk is never the
+      // newest); keepDisk, which would remove a leftover at exit, no longer sees it.
+      if (c.ownDisk && c.disk !== null) {
+        try {
+          fs.rmSync(c.disk, { force: true });
+        } catch (err) {
+          log.warn(`could not remove the disk copy of vm${c.id}: ${errorMessage(err)}`);
+        }
+      }
+    }
   }
 
   private perform(a: PairAction): void {
