@@ -375,6 +375,7 @@ class UpDriver {
       timeoutMs: limits.upChildStartTimeoutMs,
       gone: () => (c.exited ? new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`) : null),
       timedOut: () => new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`),
+      eventLogMax: limits.upQmpEventLogMax,
     });
     this.watchControl(c, c.qmp);
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
@@ -412,7 +413,7 @@ class UpDriver {
       let said = false;
       while (!c.exited && !this.finished) {
         try {
-          const q = await QmpClient.connect(`unix:${c.qmpPath}`);
+          const q = await QmpClient.connect(`unix:${c.qmpPath}`, { eventLogMax: limits.upQmpEventLogMax });
           if (c.exited || this.finished) {
             void q.close().catch(() => undefined);
             return null;
@@ -509,7 +510,7 @@ class UpDriver {
       let hb = c.heartbeat;
       if (hb === null || hb.closed) {
         try {
-          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false });
+          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false, eventLogMax: 0 });
         } catch (err) {
           if (!live()) return;
           if (err instanceof QmpCommandError) {
