@@ -116,7 +116,11 @@ export class PairCore {
   phase: PairPhase = 'starting';
   primary: NodeInfo | null = null;
   secondary: NodeInfo | null = null;
-  /** Every node ever started, by id (dead ones too, until they exited). */
+  /**
+   * The nodes that live, and the dead primary and secondary: a dead node that is neither is
+   * forgotten (forgetReplaced), so that a pair that lives for years through many failovers
+   * keeps a few entries, not one per secondary it ever started.
+   */
   private readonly nodes = new Map<number, NodeInfo>();
   private nextId = 1;
   private failures = 0;
@@ -349,7 +353,17 @@ export class PairCore {
         }
         break;
     }
+    this.forgetReplaced();
     return out;
+  }
+
+  /**
+   * Forgets the dead nodes that are neither the primary nor the secondary: no event about them
+   * changes anything any more, and their disk copies were discarded when they were replaced.
+   * The driver forgets its handles to their processes with them (node() is undefined).
+   */
+  private forgetReplaced(): void {
+    for (const n of this.nodes.values()) if (!n.alive && n !== this.primary && n !== this.secondary) this.nodes.delete(n.id);
   }
 
   private add(role: Role): NodeInfo {

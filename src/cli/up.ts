@@ -222,6 +222,30 @@ class UpDriver {
 
   dispatch(e: PairEvent): void {
     for (const a of this.core.step(e)) this.perform(a);
+    this.forgetReplaced();
+  }
+
+  /**
+   * Drops the children the core forgot (dead, and neither primary nor secondary): each holds
+   * its process handle and its two closed QMP clients with their event logs (a STOP and a
+   * RESUME per checkpoint), which a supervisor that re-protects for years would otherwise keep
+   * for every secondary it ever started. Operations still running on one (a protection whose
+   * secondary died) hold their own references.
+   */
+  private forgetReplaced(): void {
+    for (const c of this.children.values()) {
+      if (!c.exited || this.core.node(c.id) !== undefined) continue;
+      this.children.delete(c.id);
+      // Its disk was discarded when it was replaced (a replaced node's disk is never the
+      // newest); keepDisk, which would remove a leftover at exit, no longer sees it.
+      if (c.ownDisk && c.disk !== null) {
+        try {
+          fs.rmSync(c.disk, { force: true });
+        } catch (err) {
+          log.warn(`could not remove the disk copy of vm${c.id}: ${errorMessage(err)}`);
+        }
+      }
+    }
   }
 
   private perform(a: PairAction): void {
@@ -492,6 +516,7 @@ class UpDriver {
       timeoutMs: limits.upChildStartTimeoutMs,
       gone: () => (c.exited ? new PairError('CHILD_EXITED', `vm${c.id} exited before its QMP socket came up`) : null),
       timedOut: () => new PairError('CHILD_START_TIMEOUT', `timed out after ${limits.upChildStartTimeoutMs} ms waiting for the QMP socket of vm${c.id}`),
+      eventLogMax: limits.upQmpEventLogMax,
     });
     this.watchControl(c, c.qmp);
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
@@ -529,7 +554,7 @@ class UpDriver {
       let said = false;
       while (!c.exited && !this.finished) {
         try {
-          const q = await QmpClient.connect(`unix:${c.qmpPath}`);
+          const q = await QmpClient.connect(`unix:${c.qmpPath}`, { eventLogMax: limits.upQmpEventLogMax });
           if (c.exited || this.finished) {
             void q.close().catch(() => undefined);
             return null;
@@ -626,7 +651,7 @@ class UpDriver {
       let hb = c.heartbeat;
       if (hb === null || hb.closed) {
         try {
-          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false });
+          hb = await QmpClient.connect(`unix:${c.qmpPath}`, { timeoutMs, oob: false, eventLogMax: 0 });
         } catch (err) {
           if (!live()) return;
           if (err instanceof QmpCommandError) {

@@ -8,8 +8,8 @@
  *   await qmp.waitEvent('RESUME', { nth: 3 });     // the 3rd RESUME since connect
  *   await qmp.close();
  *
- * Every event received since connect is kept in a log (bounded by
- * limits.qmpClientEventLogMax) with its index, so a wait can look at the past as well as the
+ * Every event received since connect is kept in a log (bounded by the eventLogMax option,
+ * default limits.qmpClientEventLogMax) with its index, so a wait can look at the past as well as the
  * future. Every wait has a timeout; a lost connection rejects all waits with
  * ChannelClosedError.
  */
@@ -39,6 +39,12 @@ export interface QmpConnectOptions {
   timeoutMs?: number;
   /** Negotiate out-of-band execution when the server offers it (default true). */
   oob?: boolean;
+  /**
+   * Events kept in the log for waitEvent (default limits.qmpClientEventLogMax): a client that
+   * lives long and waits only for events after a command it just sent keeps a few, one that
+   * never waits (a heartbeat) 0. A VM sends a STOP and a RESUME per COLO checkpoint.
+   */
+  eventLogMax?: number;
 }
 
 export interface QmpExecuteOptions {
@@ -114,7 +120,7 @@ export class QmpClient {
   private onGreeting: ((greeting: unknown) => void) | undefined;
   private readonly closedPromise: Promise<void>;
 
-  private constructor(socket: net.Socket, address: string) {
+  private constructor(socket: net.Socket, address: string, private readonly eventLogMax: number) {
     this.socket = socket;
     this.address = address;
     this.closedPromise = new Promise<void>((resolve) => socket.once('close', () => resolve()));
@@ -131,7 +137,7 @@ export class QmpClient {
    */
   static async connectWhenUp(
     path: string,
-    opts: { timeoutMs: number; gone: () => Error | null; timedOut: () => Error; everyMs?: number },
+    opts: { timeoutMs: number; gone: () => Error | null; timedOut: () => Error; everyMs?: number; eventLogMax?: number },
   ): Promise<QmpClient> {
     const deadline = Date.now() + opts.timeoutMs;
     for (;;) {
@@ -139,7 +145,7 @@ export class QmpClient {
       if (err !== null) throw err;
       if (fs.existsSync(path)) {
         try {
-          return await QmpClient.connect(`unix:${path}`, { timeoutMs: 2000 });
+          return await QmpClient.connect(`unix:${path}`, { timeoutMs: 2000, ...(opts.eventLogMax === undefined ? {} : { eventLogMax: opts.eventLogMax }) });
         } catch {
           // created but not answering yet
         }
@@ -156,7 +162,7 @@ export class QmpClient {
     const timeoutMs = options.timeoutMs ?? limits.qmpTimeoutMsDefault;
     const deadline = Date.now() + timeoutMs;
     const socket = await connectTo(address, timeoutMs);
-    const client = new QmpClient(socket, text);
+    const client = new QmpClient(socket, text, options.eventLogMax ?? limits.qmpClientEventLogMax);
     try {
       const greeting = await client.readGreeting(Math.max(1, deadline - Date.now()), timeoutMs);
       const enableOob = greeting.capabilities.includes('oob') && options.oob !== false;
@@ -395,7 +401,7 @@ export class QmpClient {
       timestamp: { seconds: Number(ts.seconds ?? 0), microseconds: Number(ts.microseconds ?? 0) },
     };
     this.log.push(event);
-    const max = limits.qmpClientEventLogMax;
+    const max = this.eventLogMax;
     if (this.log.length > max + Math.ceil(max / 8)) {
       const drop = this.log.length - max;
       this.log.splice(0, drop);

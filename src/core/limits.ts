@@ -225,6 +225,13 @@ export const limits = {
   qmpOutputBytesMax: 16 * 1024 * 1024,
   /** QMP client: events kept in its log for waitEvent (older ones are dropped first). */
   qmpClientEventLogMax: 100000,
+  /**
+   * colo up: events its QMP connection to a child keeps. It waits only for events that follow
+   * a command it just sent; a child sends a STOP and a RESUME per checkpoint, which would fill
+   * qmpClientEventLogMax (megabytes per child) on a pair that runs for hours. Its heartbeat
+   * connection keeps none.
+   */
+  upQmpEventLogMax: 1000,
   /** QMP client: default time allowed to connect, for a reply or for an event. */
   qmpTimeoutMsDefault: 10000,
   /**

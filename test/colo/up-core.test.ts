@@ -471,3 +471,59 @@ test('adopting the children of a supervisor that died: a protected pair is super
   assert.deepEqual(run(lone, { type: 'ready', node: 3 }), ['protect 2->3'], 'the adopted primary is ready');
   assert.deepEqual(run(lone, { type: 'protected' }), ['pair: protected (primary pid 202, secondary pid 303)']);
 });
+
+test('colo up core: a pair that fails over and is re-protected 60 times keeps only its living nodes and the dead ones it may still need', () => {
+  const c = protectedPair();
+  let primary = 1;
+  let secondary = 2;
+  let next = 3;
+  /** Nodes the core still knows of, among every id it ever gave. */
+  const known = (): number[] => Array.from({ length: next }, (_, i) => i).filter((id) => c.node(id) !== undefined);
+  const reprotect = (): void => {
+    const s = next++;
+    run(c, { type: 'spawned', node: s, pid: 100 + s });
+    assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${primary}->${s}`]);
+    run(c, { type: 'protected' });
+    assert.equal(c.phase, 'protected');
+    secondary = s;
+  };
+  for (let cycle = 0; cycle < 60; cycle++) {
+    switch (cycle % 4) {
+      case 0: // the primary dies: its disk stays until the takeover is done, so it is kept until then
+        run(c, { type: 'exited', node: primary, code: null, signal: 'SIGKILL' });
+        assert.ok(c.node(primary) !== undefined, 'the dead primary is known until its secondary took over');
+        run(c, { type: 'tookOver', node: secondary });
+        primary = secondary;
+        break;
+      case 1: // the secondary dies
+        run(c, { type: 'exited', node: secondary, code: null, signal: 'SIGKILL' });
+        run(c, { type: 'continued', node: primary });
+        break;
+      case 2: { // the primary leaves COLO by itself: its secondary is killed (and exits later)
+        run(c, { type: 'coloExit', node: primary, mode: 'primary', reason: 'error' });
+        const late = next; // the re-protection's secondary is spawned before the old one exits
+        run(c, { type: 'exited', node: secondary, code: null, signal: 'SIGKILL' });
+        assert.equal(c.node(late)?.role, 'secondary');
+        break;
+      }
+      case 3: { // a protection attempt fails, and its secondary is killed
+        run(c, { type: 'exited', node: secondary, code: null, signal: 'SIGKILL' });
+        run(c, { type: 'continued', node: primary });
+        const s = next++;
+        run(c, { type: 'spawned', node: s, pid: 100 + s });
+        run(c, { type: 'ready', node: s });
+        assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', `kill ${s} SIGKILL`]);
+        run(c, { type: 'exited', node: s, code: null, signal: 'SIGKILL' });
+        assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', `spawn ${next} secondary`]);
+        break;
+      }
+    }
+    reprotect();
+    assert.deepEqual(known(), [primary, secondary].sort((a, b) => a - b), `after cycle ${cycle + 1}, only the primary and the secondary are known`);
+  }
+  assert.equal(next - 1, 2 + 60 + 15, `the pair went through a node per cycle, and one more per failed attempt`);
+  // Stopping still works: both exit, the last primary's disk is the one kept.
+  run(c, { type: 'signal', signal: 'SIGTERM' });
+  run(c, { type: 'exited', node: secondary, code: 0, signal: null });
+  assert.deepEqual(run(c, { type: 'exited', node: primary, code: 0, signal: null }), ['pair: stopped', `exit 0 primary ${primary}`]);
+});

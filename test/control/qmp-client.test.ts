@@ -114,6 +114,25 @@ test('client: waitEvent finds past and future events, counts, "after now", filte
   assert.equal(seen.length, 7, 'no callback after unsubscribing');
 });
 
+test('client: eventLogMax bounds the log (0: none kept); waits for events after now and the count still work', async (t) => {
+  const { server, address } = await startServer(t);
+  const kept = await QmpClient.connect(address, { timeoutMs: waitMs, eventLogMax: 10 });
+  t.after(() => kept.close());
+  const none = await QmpClient.connect(address, { timeoutMs: waitMs, eventLogMax: 0 });
+  t.after(() => none.close());
+  const mark = none.eventCount;
+  const waited = none.waitEvent('SHUTDOWN', { after: mark, timeoutMs: waitMs });
+  for (let i = 0; i < 500; i++) server.emit(i % 2 === 0 ? 'STOP' : 'RESUME');
+  server.emit('SHUTDOWN');
+  await kept.waitEvent('SHUTDOWN', { timeoutMs: waitMs });
+  assert.equal((await waited).index, 500, 'a wait set up before the event resolves with it');
+  assert.equal(none.eventCount, 501);
+  assert.equal(none.events.length, 0, 'a client with eventLogMax 0 keeps no events');
+  assert.equal(kept.eventCount, 501);
+  assert.ok(kept.events.length >= 10 && kept.events.length <= 10 + 2, `the log keeps the last 10 (and at most an eighth more): ${kept.events.length}`);
+  assert.equal(kept.events.at(-1)!.event, 'SHUTDOWN');
+});
+
 test('client: waitEvent and execute time out with a message that says what was awaited', async (t) => {
   const { server, address } = await startServer(t, {}, (s) => s.register({ name: 'hang', handler: () => new Promise(() => {}) }));
   const c = await client(t, address);

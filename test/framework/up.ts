@@ -129,10 +129,10 @@ export interface ProtectedPair {
  * Spawns `node ARGS` (a `colo up` command line) in env.dir. At cleanup: SIGTERM to the
  * supervisor (after SIGCONT, should a test have stopped it) and up to 10 s for it to stop its
  * children, SIGKILL to it after that, then SIGKILL to anything it left behind (its children have
- * their QMP sockets in the state folder, env.dir); then `after`.
+ * their QMP sockets in the state folder, env.dir); then `after`. `extraEnv`: more environment for it (and so for its children).
  */
-export function spawnSupervisor(env: TestEnv, args: string[], after?: () => void): Supervisor {
-  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'] }));
+export function spawnSupervisor(env: TestEnv, args: string[], after?: () => void, extraEnv?: Record<string, string>): Supervisor {
+  const sup = new Supervisor(spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, ...extraEnv } }));
   env.onCleanup(async () => {
     if (sup.alive) {
       sup.proc.kill('SIGCONT');
