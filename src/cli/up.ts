@@ -233,6 +233,8 @@ class UpDriver {
    * secondary died) hold their own references.
    */
   private forgetReplaced(): void {
+    // Before start or adopt the core knows no node: children being adopted are not replaced ones.
+    if (this.core.primary === null) return;
     for (const c of this.children.values()) {
       if (!c.exited || this.core.node(c.id) !== undefined) continue;
       this.children.delete(c.id);
