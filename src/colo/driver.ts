@@ -106,6 +106,19 @@ export class PrimaryDriver {
   }
 
   /**
+   * The PVM's guest exited by itself (proc_exit), and the process is about to end: no
+   * checkpoint starts any more, and this resolves once the output it left in the compare (its
+   * last replies) is released by the SVM's copy (the SVM's guest makes the same way to the
+   * same exit) or limits.coloGuestExitDrainMs passed. Without the wait those replies, which a
+   * VM without COLO sends, were dropped at the exit.
+   */
+  guestExited(): Promise<void> {
+    this.dispatch({ type: 'guestExited' });
+    if (this.core.phase === 'done' || this.core.phase === 'failover') return Promise.resolve();
+    return this.net.pvmOutputSettled(limits.coloGuestExitDrainMs);
+  }
+
+  /**
    * The user's cont (after a stop), in turn with the checkpoints' pauses and resumes. As QEMU's
    * qmp_cont: refused only while a checkpoint holds the PVM (run state colo), or before COLO's
    * first resume (finish-migrate: the initial migration's switchover).
@@ -396,6 +409,12 @@ export class SecondaryDriver {
 
   lostHeartbeat(): void {
     void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /** The SVM's guest exited by itself: its output batched so far goes to the primary before the process ends. */
+  guestExited(): Promise<void> {
+    this.net.flush();
+    return Promise.resolve();
   }
 
   /**
