@@ -393,7 +393,12 @@ export class SecondaryDriver {
   private chain: Promise<void> = Promise.resolve();
   readonly net: SecondaryNet;
   /** The SVM's guest crashed: seen at once, in the phase it crashed in (not behind the frame loop). */
-  private readonly onPanicked = (message: string): void => void this.dispatch({ type: 'guestCrashed', message }, true);
+  private readonly onPanicked = (message: string): void => {
+    this.lastCrash = message;
+    void this.dispatch({ type: 'guestCrashed', message }, true);
+  };
+  /** What the SVM's guest's last crash said (for a takeover refused because of it). */
+  private lastCrash = '';
 
   constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
     this.cache = cache;
@@ -407,7 +412,18 @@ export class SecondaryDriver {
     void this.dispatch({ type: 'handoff' });
   }
 
+  /**
+   * x-colo-lost-heartbeat. Refused while the SVM's guest lies crashed with no checkpoint to
+   * replace it (the primary's crashed too, or is gone; a checkpoint cut off by this failover
+   * does not count): taken over, it would serve nothing, while COLO_EXIT (reason request) and
+   * the log said it runs alone, and a supervisor took the service for saved. One whose apply is
+   * under way is taken: the apply replaces the crashed guest, and the failover waits for it.
+   */
   lostHeartbeat(): void {
+    const st = this.host.vm.machine.runState;
+    if ((st === 'guest-panicked' || st === 'internal-error') && this.core.phase !== 'applying' && this.core.failoverState === 'none') {
+      throw new QmpCommandError('GenericError', `the secondary's guest crashed (${this.lastCrash || st}) and no checkpoint has replaced it: this node cannot take over`);
+    }
     void this.dispatch({ type: 'lostHeartbeat' });
   }
 

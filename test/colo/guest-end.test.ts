@@ -1,5 +1,6 @@
 /**
- * The guest's own life under COLO: a guest that ends (proc_exit) while a pair protects it.
+ * The guest's own end under COLO: a guest that exits (proc_exit), or crashes on both nodes,
+ * while a pair protects it.
  */
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
@@ -81,4 +82,42 @@ test('colo: a guest that answers its client and exits at once under COLO: the cl
   assert.equal(answer, 'bye\n', 'the client got the answer the guest sent before it exited');
   assert.equal(await dst.waitExit(10000), 7, 'the secondary exits with the guest\'s status');
   assertNoErrors(alone, src, dst);
+});
+
+test("colo: a guest that crashes on both nodes (the same input makes both trap): the secondary refuses x-colo-lost-heartbeat, naming why; it never says it runs alone", async (t) => {
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'trap-on-connect', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      unreachable))`);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await Promise.all([src.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 }), dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 })]);
+  // The primary leaves COLO (its guest crashed); the secondary's crash has no checkpoint to replace it.
+  await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 });
+  src.child.kill('SIGKILL');
+  await src.waitExit(10000);
+  const mark = dst.qmp.eventCount;
+  await assert.rejects(dst.qmp.execute('x-colo-lost-heartbeat'), /guest crashed .*cannot take over/);
+  await sleep(300);
+  assert.deepEqual(dst.qmp.events.filter((e) => e.index >= mark && e.event === 'COLO_EXIT').map((e) => e.event), [], 'no COLO_EXIT: it did not take over');
+  assert.equal(await dst.status(), 'guest-panicked');
+  assert.ok(!/runs here alone/.test(dst.stderr), dst.stderr);
+  assertNoErrors(dst);
 });
