@@ -5,7 +5,7 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { TestEnv, freePort, sleep, withTimeout } from '../framework/harness.js';
+import { TestEnv, freePort, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { watGuest } from '../framework/machine.js';
 import { assertNoErrors } from '../migration/helpers.js';
@@ -120,4 +120,53 @@ test("colo: a guest that crashes on both nodes (the same input makes both trap):
   assert.equal(await dst.status(), 'guest-panicked');
   assert.ok(!/runs here alone/.test(dst.stderr), dst.stderr);
   assertNoErrors(dst);
+});
+
+test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: the secondary, restored at every checkpoint, wakes with the primary: its ticks match', async (t) => {
+  // Sleeps 1.2 s (poll_oneoff, a relative monotonic timeout), then sends "tick" to its client.
+  // A secondary restored from each checkpoint (every 400 ms) started that sleep again from
+  // the restore and never woke: every tick waited for the next checkpoint (or the compare's
+  // timeout) to release it, and a secondary that took over slept up to 1.2 s too long.
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'slow-tick', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "tick\\n")
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 1200000000))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 5))
+      (loop $sleep
+        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+        (br $sleep))))`);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 400 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  let got = '';
+  client.on('data', (d) => (got += d.toString()));
+  await waitFor('four ticks', () => got.split('tick\n').length - 1 >= 4, 30000, 20);
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  assert.ok(counters['checkpoints-periodic']! >= 6, `periodic checkpoints ran meanwhile (${JSON.stringify(counters)})`);
+  assert.equal(counters['checkpoints-timeout'], 0, `no tick waited for the secondary's beyond the compare's timeout (${JSON.stringify(counters)})`);
+  // (A checkpoint that starts in the few ms between the two guests' ticks releases that one.)
+  assert.ok(counters['compare-matched-bytes']! >= 10, `ticks released because both guests sent them (${JSON.stringify(counters)})`);
+  assertNoErrors(src, dst);
 });
