@@ -85,7 +85,11 @@ export class Vm extends EventEmitter {
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
       // Under COLO its last output may still wait for the other guest's copy (colo/driver.ts).
-      void this.colo.guestExited().then(() => this.quit(code, { guest: true, reason: 'guest-shutdown' }));
+      // Whatever that wait meets, the process ends: a guest's exit never leaves it running.
+      void Promise.resolve()
+        .then(() => this.colo.guestExited())
+        .catch((err: unknown) => log.warn(`the guest's last output under COLO: ${errorMessage(err)}`))
+        .finally(() => this.quit(code, { guest: true, reason: 'guest-shutdown' }));
     });
     machine.on('panicked', (message: string) => {
       // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it
