@@ -253,6 +253,13 @@ export class Compare {
     return this.pvmEarlyBytes;
   }
 
+  /** Whether any of the PVM's output (bytes, a shut or a close) waits for the SVM's or a checkpoint. */
+  get holdsPvmOutput(): boolean {
+    if (this.pvmEarly !== null && this.pvmEarly.length > 0) return true;
+    for (const c of this.conns.values()) if (c.pvm.length > 0) return true;
+    return false;
+  }
+
   /** Bytes held for comparison (both sides), and output waiting for its epoch. */
   get held(): number {
     return this.heldBytes + this.earlyBytes + this.pvmEarlyBytes;

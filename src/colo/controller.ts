@@ -110,6 +110,15 @@ export class ColoController implements DriverHost {
     return this.driver.cont();
   }
 
+  /**
+   * The guest exited by itself (proc_exit): resolves when the process may end (the drivers'
+   * guestExited: a primary first lets the SVM's copy release the guest's last output). Never rejects.
+   */
+  guestExited(): Promise<void> {
+    if (this.driver === null || !this.active) return Promise.resolve();
+    return this.driver.guestExited();
+  }
+
   /** yank {type: migration} while in COLO: close the channels. Returns false when not in COLO. */
   yank(): boolean {
     if (this.driver === null || this.driver.core.phase === 'done') return false;

@@ -99,6 +99,12 @@ export type PrimaryEvent =
   /** The PVM's guest crashed (GUEST_PANICKED, or its vCPU thread died): it will not run again. */
   | { type: 'guestCrashed'; message: string }
   /**
+   * The PVM's guest exited by itself (proc_exit): no checkpoint starts any more (its pause
+   * would find no guest, and would pause the SVM before it produced the output the compare
+   * waits for); one in flight goes on. The process ends soon after (close).
+   */
+  | { type: 'guestExited' }
+  /**
    * The process exits (the driver's close()): COLO ends here, silently. What fails from now on
    * (the machine destroyed under a pause, the channels closed) is the exit, not a fault, and
    * nothing is done any more: no timer, no failover, no COLO_EXIT.
@@ -152,6 +158,8 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
    */
   private crashResyncAt: number | null = null;
   private crashResyncDue = false;
+  /** The PVM's guest exited: no checkpoint is requested any more. */
+  private guestExited = false;
 
   constructor(private readonly delayMs: () => number) {
     super();
@@ -230,6 +238,9 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.startFailover('error', ev.message);
       case 'guestCrashed':
         return this.leave(ev.message);
+      case 'guestExited':
+        this.guestExited = true;
+        return [];
       case 'close':
         this.phase = 'done';
         return [];
@@ -261,6 +272,10 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   }
 
   private request(reason: CheckpointReason): PrimaryAction[] {
+    if (this.guestExited) {
+      this.phase = 'running';
+      return [];
+    }
     // Any checkpoint from here on replaces an SVM that crashed before it.
     this.crashResyncDue = false;
     this.phase = 'requested';

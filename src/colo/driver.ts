@@ -159,6 +159,19 @@ export class PrimaryDriver {
   }
 
   /**
+   * The PVM's guest exited by itself (proc_exit), and the process is about to end: no
+   * checkpoint starts any more, and this resolves once the output it left in the compare (its
+   * last replies) is released by the SVM's copy (the SVM's guest makes the same way to the
+   * same exit) or limits.coloGuestExitDrainMs passed. Without the wait those replies, which a
+   * VM without COLO sends, were dropped at the exit.
+   */
+  guestExited(): Promise<void> {
+    this.dispatch({ type: 'guestExited' });
+    if (this.core.phase === 'done' || this.core.phase === 'failover') return Promise.resolve();
+    return this.net.pvmOutputSettled(limits.coloGuestExitDrainMs);
+  }
+
+  /**
    * The user's cont (after a stop), in turn with the checkpoints' pauses and resumes. As QEMU's
    * qmp_cont: refused only while a checkpoint holds the PVM (run state colo), or before COLO's
    * first resume (finish-migrate: the initial migration's switchover).
@@ -451,7 +464,12 @@ export class SecondaryDriver {
   private closed = false;
   readonly net: SecondaryNet;
   /** The SVM's guest crashed: seen at once, in the phase it crashed in (not behind the frame loop). */
-  private readonly onPanicked = (message: string): void => void this.dispatch({ type: 'guestCrashed', message }, true);
+  private readonly onPanicked = (message: string): void => {
+    this.lastCrash = message;
+    void this.dispatch({ type: 'guestCrashed', message }, true);
+  };
+  /** What the SVM's guest's last crash said (for a takeover refused because of it). */
+  private lastCrash = '';
 
   constructor(private readonly host: DriverHost, private readonly session: IncomingSession, cache: SharedArrayBuffer | null, received: SharedArrayBuffer | null) {
     this.cache = cache;
@@ -466,8 +484,25 @@ export class SecondaryDriver {
     void this.dispatch({ type: 'handoff' });
   }
 
+  /**
+   * x-colo-lost-heartbeat. Refused while the SVM's guest lies crashed with no checkpoint to
+   * replace it (the primary's crashed too, or is gone; a checkpoint cut off by this failover
+   * does not count): taken over, it would serve nothing, while COLO_EXIT (reason request) and
+   * the log said it runs alone, and a supervisor took the service for saved. One whose apply is
+   * under way is taken: the apply replaces the crashed guest, and the failover waits for it.
+   */
   lostHeartbeat(): void {
+    const st = this.host.vm.machine.runState;
+    if ((st === 'guest-panicked' || st === 'internal-error') && this.core.phase !== 'applying' && this.core.failoverState === 'none') {
+      throw new QmpCommandError('GenericError', `the secondary's guest crashed (${this.lastCrash || st}) and no checkpoint has replaced it: this node cannot take over`);
+    }
     void this.dispatch({ type: 'lostHeartbeat' });
+  }
+
+  /** The SVM's guest exited by itself: its output batched so far goes to the primary before the process ends. */
+  guestExited(): Promise<void> {
+    this.net.flush();
+    return Promise.resolve();
   }
 
   /**

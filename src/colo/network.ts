@@ -105,6 +105,8 @@ export class PrimaryNet {
   private movedBytes = 0;
   /** Ends the wait for the output channel's end after limits.coloOutputChannelDrainMs. */
   private drainTimer: NodeJS.Timeout | null = null;
+  /** A wait for the PVM's held output to be matched (pvmOutputSettled): its end. */
+  private settledWait: (() => void) | null = null;
 
   constructor(
     private readonly vm: Vm,
@@ -153,6 +155,33 @@ export class PrimaryNet {
       // The main channel has no drain event of the mirror's own: whether the secondary caught up is looked at here.
       if (this.mirrorHeld) this.boundMirror();
     }, limits.coloCompareScanMs);
+  }
+
+  /**
+   * The PVM's guest exited: resolves once the compare holds none of its output (the SVM's
+   * copy came and released it, or a checkpoint in flight did), COLO ended here, or `ms`
+   * passed, whichever comes first. Never rejects.
+   */
+  pvmOutputSettled(ms: number): Promise<void> {
+    if (!this.active || !this.compare.holdsPvmOutput) return Promise.resolve();
+    this.settledWait?.();
+    return new Promise<void>((resolve) => {
+      // Released output ends it at once (deliver); the scan covers releases that go elsewhere.
+      const scan = setInterval(() => {
+        if (!this.compare.holdsPvmOutput) end();
+      }, limits.coloCompareScanMs);
+      const timer = setTimeout(() => {
+        log.info(`the guest exited; ${this.compare.held} bytes of its output held for the compare were not matched by the SVM's within ${ms} ms: dropped`);
+        end();
+      }, ms);
+      const end = (): void => {
+        clearInterval(scan);
+        clearTimeout(timer);
+        if (this.settledWait === end) this.settledWait = null;
+        resolve();
+      };
+      this.settledWait = end;
+    });
   }
 
   /** Whether SVM output comes over its own channel. */
@@ -411,6 +440,7 @@ export class PrimaryNet {
     this.compareMoved();
     if (this.scan !== null) clearInterval(this.scan);
     this.scan = null;
+    this.settledWait?.();
     this.mirror.drop();
     this.vm.inputTap = null;
     return true;
@@ -422,6 +452,8 @@ export class PrimaryNet {
     const release = r.release;
     for (let i = 0; i < release.length; i++) this.vm.frontEnd?.deliver(release[i]!);
     if (r.trigger !== null) this.onTrigger(r.trigger);
+    // The guest exited and its process waits for this: it may end at once.
+    if (this.settledWait !== null && release.length > 0 && !this.compare.holdsPvmOutput) this.settledWait();
   }
 }
 
@@ -476,6 +508,11 @@ export class SecondaryNet {
       log.warn(`${errorMessage(err)}; SVM output goes on the main channel`);
       return null;
     }
+  }
+
+  /** Send the SVM output batched so far now (its guest exited: the process ends before the batch's turn). */
+  flush(): void {
+    this.outputs.flush();
   }
 
   /** The SVM's guest crashed: ask the primary for a checkpoint (on the main channel). */

@@ -84,7 +84,12 @@ export class Vm extends EventEmitter {
     machine.on('credit', (c: InputCredit) => this.frontEnd?.credit(c.conn, c.bytes));
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
-      this.quit(code, { guest: true, reason: 'guest-shutdown' });
+      // Under COLO its last output may still wait for the other guest's copy (colo/driver.ts).
+      // Whatever that wait meets, the process ends: a guest's exit never leaves it running.
+      void Promise.resolve()
+        .then(() => this.colo.guestExited())
+        .catch((err: unknown) => log.warn(`the guest's last output under COLO: ${errorMessage(err)}`))
+        .finally(() => this.quit(code, { guest: true, reason: 'guest-shutdown' }));
     });
     machine.on('panicked', (message: string) => {
       // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it

@@ -338,6 +338,13 @@ export const limits = {
    * pauseTimeoutMs; the apply).
    */
   coloCheckpointStallMs: 10000,
+  /**
+   * COLO primary whose guest exited by itself (proc_exit): how long its process waits, before
+   * SHUTDOWN and its exit, for the SVM's copy of the output the compare still holds (the
+   * guest's last replies, which the SVM's guest produces too on its way to the same exit).
+   * What is not matched by then is dropped, as at any exit of the primary.
+   */
+  coloGuestExitDrainMs: 1000,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
   /** Requests and events a latency trace (COLO_TRACE_DIR, core/latency-trace.ts) keeps: about 24 and 16 bytes each. */

@@ -154,6 +154,12 @@ function copyFdEntry(e: FdEntry): FdEntry {
 
 export interface WasiState {
   fds: FdEntry[];
+  /**
+   * The guest is unwound inside poll_oneoff: the monotonic time (the clock device's, saved
+   * with it) its relative timeouts count from. Absent otherwise, and in states of an older
+   * colo-vm (that guest's poll starts its timeouts again).
+   */
+  pollNow?: bigint;
 }
 
 /** Returned by a blocking import when it began an unwind; the value is ignored by asyncify. */
@@ -769,8 +775,10 @@ export class WasiHost {
    * The monotonic time a poll_oneoff that unwound (a pause, or a wait for input in the vCPU's
    * event loop) took its relative timeouts from: its re-entry on the rewind keeps the same
    * deadlines, or a guest that waits in the event loop would restart its timeout at every
-   * wake-up and never see it expire. Not part of the saved state: a restored guest's poll
-   * starts its timeouts again, as before.
+   * wake-up and never see it expire. Part of the saved state (WasiState.pollNow): a guest
+   * restored elsewhere (a migration's target, a COLO secondary at every checkpoint) wakes at
+   * the same guest time as it would have here; without it, it slept its whole timeout again
+   * from the restore, and a secondary restored more often than that never woke up at all.
    */
   private pollNow: bigint | null = null;
 
@@ -931,12 +939,14 @@ export class WasiHost {
   }
 
   save(): WasiState {
-    return { fds: [...this.fds.values()].map(copyFdEntry) };
+    const fds = [...this.fds.values()].map(copyFdEntry);
+    return this.pollNow === null ? { fds } : { fds, pollNow: this.pollNow };
   }
 
   restore(raw: unknown): void {
-    this.pollNow = null;
     const s = v.record(raw, 'wasi');
+    const pollNow = s.pollNow === undefined ? null : v.bigintValue(s.pollNow, 'wasi.pollNow');
+    if (pollNow !== null && pollNow < 0n) throw new RestoreError('STATE_INVALID', 'wasi.pollNow: expected a time of the guest clock (not negative)');
     const fds = new FdTable();
     for (const [i, x] of v.array(s.fds, 'wasi.fds', limits.nicConnectionsMax + 32).entries()) {
       const e = v.record(x, `wasi.fds[${i}]`);
@@ -962,5 +972,6 @@ export class WasiHost {
       }
     }
     this.fds = fds;
+    this.pollNow = pollNow;
   }
 }

@@ -316,6 +316,30 @@ test('colo core: a guest crash on the primary leaves COLO (status completed, lea
   assert.deepEqual(types(f.step({ type: 'failoverDone' })), ['status', 'exit']);
 });
 
+test('colo core: once the PVM\'s guest exited no checkpoint starts (timer, compare trigger, new delay, one remembered), and the one in flight finishes', () => {
+  const p = new PrimaryCore(() => 300);
+  p.step({ type: 'handoff' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+  p.step({ type: 'vmResumed' });
+  p.step({ type: 'timer' });
+  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  p.step({ type: 'vmPaused' });
+  p.step({ type: 'stateCaptured' });
+  p.step({ type: 'stateSent' });
+  p.step({ type: 'message', msg: 'VMSTATE_RECEIVED' });
+  p.step({ type: 'trigger', reason: 'mismatch' }); // remembered for after the checkpoint
+  assert.deepEqual(p.step({ type: 'guestExited' }), []);
+  p.step({ type: 'vmResumed' });
+  assert.deepEqual(types(p.step({ type: 'message', msg: 'VMSTATE_LOADED' })), ['checkpointDone'], 'the checkpoint in flight ends; the remembered trigger starts none');
+  assert.equal(p.checkpoints, 1);
+  for (const ev of [{ type: 'timer' }, { type: 'trigger', reason: 'timeout' }, { type: 'trigger', reason: 'resync' }, { type: 'delaySet' }] as const) {
+    assert.deepEqual(p.step(ev), [], ev.type);
+    assert.equal(p.phase, 'running');
+  }
+  // A failover still runs (the process may live on a while, for the SVM's copy of the last output).
+  assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
+});
+
 test('colo core: the primary closed at process exit is done at once and silent: nothing it is fed afterwards acts, not even a failover under way', () => {
   const p = new PrimaryCore(() => 300);
   p.step({ type: 'handoff' });

@@ -532,3 +532,39 @@ test("a WASI call whose pointer lies past the guest's memory (in colo's region a
   assert.equal(w(8208), 0, 'random_get into the page the guest grew: success');
   assert.ok(tracker.collect(m.ram(), m.statePageRanges()).includes(0), 'page 0, which the guest wrote, is reported dirty');
 });
+
+test("a guest asleep in poll_oneoff that is saved and restored elsewhere (a migration, a COLO checkpoint's apply) wakes at its deadline, not a whole timeout after the restore", async (t) => {
+  // The relative timeout's start lived only in the vCPU that unwound (WasiHost.pollNow): a
+  // restored guest slept its whole timeout again from the restore. A COLO secondary, restored
+  // at every checkpoint, then never woke from a sleep longer than x-checkpoint-delay, and one
+  // that took over slept up to a whole timeout too long.
+  const file = watGuest(t, 'sleeper', `(module
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $ct (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $ct (i32.const 1) (i64.const 0) (i32.const 0)))
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 1000000000))
+      (i32.store (i32.const 24) (call $poll (i32.const 256) (i32.const 512) (i32.const 1) (i32.const 600)))
+      (drop (call $ct (i32.const 1) (i64.const 0) (i32.const 8)))
+      (i32.store (i32.const 16) (i32.const 1))))`);
+  const { m: a } = await machineFor(t, file, []);
+  await a.cont();
+  await sleep(600);
+  await a.pause();
+  const state = decodeStateJson(encodeStateJson({ vcpu: await a.saveVcpu() })) as { vcpu: VcpuState };
+  const ram = Buffer.from(a.ram());
+  assert.equal(new Uint32Array(a.memory.buffer)[4], 0, 'still asleep when saved');
+  const { m: b } = await machineFor(t, file, []);
+  b.growRamTo(ram.byteLength / 65536);
+  b.ram().set(ram);
+  await b.restoreVcpu(state.vcpu);
+  const exited = exitOf(b);
+  await b.cont();
+  assert.equal(await withTimeout(exited, 10000, 'the restored guest to wake and exit'), 0);
+  const dv = new DataView(b.memory.buffer);
+  assert.equal(dv.getUint32(24, true), 0, 'poll_oneoff succeeded');
+  const sleptMs = Number(dv.getBigUint64(8, true) - dv.getBigUint64(0, true)) / 1e6;
+  assert.ok(sleptMs >= 1000 && sleptMs < 1300, `the guest slept ${sleptMs.toFixed(0)} ms of its own time for a 1000 ms timeout`);
+});

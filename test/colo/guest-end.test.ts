@@ -1,0 +1,172 @@
+/**
+ * The guest's own end under COLO: a guest that exits (proc_exit), or crashes on both nodes,
+ * while a pair protects it.
+ */
+import { test, type TestContext } from 'node:test';
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { TestEnv, freePort, sleep, waitFor, withTimeout } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
+import { watGuest } from '../framework/machine.js';
+import { assertNoErrors } from '../migration/helpers.js';
+
+/** Accepts one client, reads what it sends, answers "bye\n" and exits with status 7 at once. */
+function byeGuest(t: TestContext): string {
+  return watGuest(t, 'bye', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "bye\\n")
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 4))
+      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+      (call $exit (i32.const 7))))`);
+}
+
+/** Connect, send `x`, and collect what comes back until the connection ends (reset included). */
+function ask(port: number): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(port, '127.0.0.1');
+    let got = '';
+    s.on('connect', () => s.write('x'));
+    s.on('data', (d) => (got += d.toString()));
+    s.on('error', () => resolve(got));
+    s.on('close', () => resolve(got));
+    setTimeout(() => {
+      s.destroy();
+      reject(new Error(`no end of the connection within 20 s (got '${got}')`));
+    }, 20000).unref();
+  });
+}
+
+test('colo: a guest that answers its client and exits at once under COLO: the client gets the answer, as without COLO; both nodes exit with its status', async (t) => {
+  const env = new TestEnv(t);
+  const guest = byeGuest(t);
+  // Without COLO the client gets the answer.
+  const alonePort = await freePort();
+  const alone = await env.startVm({ name: 'alone', guest, args: ['--memory', '16M', '--net', `listen=127.0.0.1:${alonePort}`] });
+  assert.equal(await withTimeout(ask(alonePort), 25000, 'the answer without COLO'), 'bye\n');
+  assert.equal(await alone.waitExit(10000), 7);
+
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 10000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  // The secondary lags (stopped for longer than the compare's timeout): the primary's guest
+  // answers and exits well before the SVM's copy of the answer comes.
+  dst.child.kill('SIGSTOP');
+  let answer: string;
+  try {
+    const asked = ask(port);
+    await sleep(limits.coloCompareTimeoutMs + 100);
+    dst.child.kill('SIGCONT');
+    answer = await withTimeout(asked, 25000, 'the answer');
+  } finally {
+    dst.child.kill('SIGCONT');
+  }
+  assert.equal(await src.waitExit(10000), 7, 'the primary exits with the guest\'s status');
+  assert.equal(answer, 'bye\n', 'the client got the answer the guest sent before it exited');
+  assert.equal(await dst.waitExit(10000), 7, 'the secondary exits with the guest\'s status');
+  assertNoErrors(alone, src, dst);
+});
+
+test("colo: a guest that crashes on both nodes (the same input makes both trap): the secondary refuses x-colo-lost-heartbeat, naming why; it never says it runs alone", async (t) => {
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'trap-on-connect', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      unreachable))`);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await Promise.all([src.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 }), dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 })]);
+  // The primary leaves COLO (its guest crashed); the secondary's crash has no checkpoint to replace it.
+  await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 });
+  src.child.kill('SIGKILL');
+  await src.waitExit(10000);
+  const mark = dst.qmp.eventCount;
+  await assert.rejects(dst.qmp.execute('x-colo-lost-heartbeat'), /guest crashed .*cannot take over/);
+  await sleep(300);
+  assert.deepEqual(dst.qmp.events.filter((e) => e.index >= mark && e.event === 'COLO_EXIT').map((e) => e.event), [], 'no COLO_EXIT: it did not take over');
+  assert.equal(await dst.status(), 'guest-panicked');
+  assert.ok(!/runs here alone/.test(dst.stderr), dst.stderr);
+  assertNoErrors(dst);
+});
+
+test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: the secondary, restored at every checkpoint, wakes with the primary: its ticks match', async (t) => {
+  // Sleeps 1.2 s (poll_oneoff, a relative monotonic timeout), then sends "tick" to its client.
+  // A secondary restored from each checkpoint (every 400 ms) started that sleep again from
+  // the restore and never woke: every tick waited for the next checkpoint (or the compare's
+  // timeout) to release it, and a secondary that took over slept up to 1.2 s too long.
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'slow-tick', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "tick\\n")
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 1200000000))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 5))
+      (loop $sleep
+        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+        (br $sleep))))`);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 400 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  let got = '';
+  client.on('data', (d) => (got += d.toString()));
+  await waitFor('four ticks', () => got.split('tick\n').length - 1 >= 4, 30000, 20);
+  const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
+  assert.ok(counters['checkpoints-periodic']! >= 6, `periodic checkpoints ran meanwhile (${JSON.stringify(counters)})`);
+  assert.equal(counters['checkpoints-timeout'], 0, `no tick waited for the secondary's beyond the compare's timeout (${JSON.stringify(counters)})`);
+  // (A checkpoint that starts in the few ms between the two guests' ticks releases that one.)
+  assert.ok(counters['compare-matched-bytes']! >= 10, `ticks released because both guests sent them (${JSON.stringify(counters)})`);
+  assertNoErrors(src, dst);
+});
