@@ -82,7 +82,9 @@ test('colo up: the disk image after takeovers (between and mid-checkpoint, on a 
   const [p1, s1] = [Number(first.m[1]), Number(first.m[2])];
   const acked = new Map<string, string>();
   const write = async (prefix: string): Promise<AckedWriter> => {
-    const w = await AckedWriter.start(port, prefix, value(prefix));
+    // Paced: at full speed on a fast host the three writers filled kv's log on the 64 MiB
+    // drive (about 40,000 records of 2 KiB) and every later SET got "ERR disk full".
+    const w = await AckedWriter.start(port, prefix, value(prefix), 2);
     closers.push({ close: () => w.stop() });
     return w;
   };
@@ -124,7 +126,9 @@ test('colo up: the disk image after takeovers (between and mid-checkpoint, on a 
   process.kill(s3, 'SIGKILL');
   await sup.line(new RegExp(`^pair: secondary died \\(SIGKILL\\); primary ${s2} continues unprotected$`), third.at + 1, 15000);
   const more = w3.acked.size + 50;
-  await waitFor('50 writes acknowledged by the primary alone', () => w3.acked.size >= more, 30000);
+  await waitFor('50 writes acknowledged by the primary alone', () => w3.acked.size >= more, 30000).catch((err: unknown) => {
+    throw new Error(`${(err as Error).message} (acknowledged: ${w3.acked.size}, wanted ${more}; the writer ${w3.endedBy === null ? 'waits' : `ended: ${w3.endedBy}`}, last refusal ${w3.refused}); colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-4000)}`);
+  });
   // 4. A clean stop: the last primary's disk becomes the --drive image.
   await w3.stop();
   for (const [k, v] of w3.acked) acked.set(k, v);
@@ -134,6 +138,7 @@ test('colo up: the disk image after takeovers (between and mid-checkpoint, on a 
   assert.equal(sup.exitCode, 0, sup.stderr.slice(-3000));
   for (const pid of sup.pids) assert.ok(!pidAlive(pid), `process ${pid} is gone`);
 
+  for (const w of [w1, w2, w3]) assert.equal(w.refused, null, 'every SET was answered OK (a refusal: the drive filled, the test wrote too much)');
   const log = readKvLog(image);
   t.diagnostic(`${acked.size} acknowledged (${w1.acked.size} + ${w2.acked.size} + ${w3.acked.size}); ${log.records} records on the image; ${sup.timeline()}`);
   assert.equal(log.error, null, 'the committed log on the image is whole');

@@ -160,23 +160,32 @@ abstract class ClientLoop {
 /** SETs unique keys and records the ones acknowledged with OK. */
 export class AckedWriter extends ClientLoop {
   readonly acked = new Map<string, string>();
+  /** Why the loop ended by itself (the command's error), for a test's failure message. */
+  endedBy: string | null = null;
+  /** The last answer other than OK. */
+  refused: string | null = null;
 
-  private constructor(client: RespClient, prefix: string, valueOf: (i: number) => string) {
+  private constructor(client: RespClient, prefix: string, valueOf: (i: number) => string, paceMs: number) {
     super(client);
     this.begin(async (i) => {
       const key = `${prefix}${i}`;
       const value = valueOf(i);
+      if (paceMs > 0 && i > 0) await new Promise((r) => setTimeout(r, paceMs));
       try {
-        if ((await client.command(['SET', key, value])) === 'OK') this.acked.set(key, value);
+        const r = await client.command(['SET', key, value]);
+        if (r === 'OK') this.acked.set(key, value);
+        else this.refused = `SET ${key}: ${JSON.stringify(r)}`;
         return true;
-      } catch {
+      } catch (err) {
+        this.endedBy = `SET ${key}: ${(err as Error).message}`;
         return false;
       }
     });
   }
 
-  static async start(port: number, prefix: string, valueOf: (i: number) => string = (i) => `value-${i}`): Promise<AckedWriter> {
-    return new AckedWriter(await RespClient.connect(port), prefix, valueOf);
+  /** `paceMs`: a pause before each SET after the first (a test whose guest's disk must not fill). */
+  static async start(port: number, prefix: string, valueOf: (i: number) => string = (i) => `value-${i}`, paceMs = 0): Promise<AckedWriter> {
+    return new AckedWriter(await RespClient.connect(port), prefix, valueOf, paceMs);
   }
 }
 
