@@ -430,17 +430,27 @@ test('colo: a guest crash only the secondary takes is replaced by a checkpoint a
   assertNoErrors(src, dst);
 });
 
-test('colo: a primary the user stopped stays stopped when it goes on alone after its link broke (fencing); cont runs it', async (t) => {
-  const env = new TestEnv(t);
+/**
+ * A memwalk pair (64M, 4M walked) in COLO at `delayMs`: the primary in status colo, the
+ * secondary resumed (its first RESUME), the primary's guest past two rounds before the migrate.
+ */
+async function memwalkPairInColo(env: TestEnv, delayMs: number): Promise<[TestVm, TestVm]> {
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
     env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
   ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': delayMs }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('B', { count: 2 });
   const port = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
   await src.waitMigrationStatus('colo', 30000);
   await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  return [src, dst];
+}
+
+test('colo: a primary the user stopped stays stopped when it goes on alone after its link broke (fencing); cont runs it', async (t) => {
+  const env = new TestEnv(t);
+  const [src, dst] = await memwalkPairInColo(env, 60000);
   await waitFor('the primary to run in COLO', async () => (await src.status()) === 'running', 10000);
   // The operator stops the primary, then the secondary goes away: the primary's link breaks and,
   // after its grace period, it leaves COLO by itself (reason error).
@@ -459,17 +469,8 @@ test('colo: a primary the user stopped stays stopped when it goes on alone after
 
 test('colo: stop and then cont on either node in COLO run the VM again at once, as QEMU\'s (not only at the next checkpoint); the pair stays in COLO', async (t) => {
   const env = new TestEnv(t);
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
-  ]);
   // The first periodic checkpoint comes after a minute: a cont refused now would leave the VM stopped that long.
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('B', { count: 2 });
-  const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const [src, dst] = await memwalkPairInColo(env, 60000);
   await waitFor('the primary to run in COLO', async () => (await src.status()) === 'running', 10000);
   for (const vm of [src, dst]) {
     await vm.qmp.execute('stop');
@@ -490,16 +491,7 @@ test('colo: stop and then cont on either node in COLO run the VM again at once, 
 
 test('colo: migrate_cancel on the primary in COLO is refused with the way out, not answered {} while COLO goes on; on the secondary it changes nothing, as QEMU', async (t) => {
   const env = new TestEnv(t);
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('B', { count: 2 });
-  const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const [src, dst] = await memwalkPairInColo(env, 200);
   // A script that cancels and then waits for status cancelled must learn at once that it will not come.
   await assert.rejects(src.qmp.execute('migrate_cancel'), /COLO.*x-colo-lost-heartbeat/);
   await assert.rejects(src.qmp.execute('migrate-cancel'), /COLO.*x-colo-lost-heartbeat/);

@@ -11,6 +11,24 @@ import { watGuest } from '../framework/machine.js';
 import { assertNoErrors } from '../migration/helpers.js';
 
 /** Accepts one client, reads what it sends, answers "bye\n" and exits with status 7 at once. */
+/** A pair of `guest` (16M, serving on a fresh port) in COLO at `delayMs`: the primary in status colo, the secondary resumed. */
+async function pairInColo(env: TestEnv, guest: string, delayMs: number): Promise<{ port: number; src: TestVm; dst: TestVm }> {
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': delayMs }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  return { port, src, dst };
+}
+
+type TestVm = Awaited<ReturnType<TestEnv['startVm']>>;
+
 function byeGuest(t: TestContext): string {
   return watGuest(t, 'bye', `(module
     (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
@@ -55,17 +73,7 @@ test('colo: a guest that answers its client and exits at once under COLO: the cl
   assert.equal(await withTimeout(ask(alonePort), 25000, 'the answer without COLO'), 'bye\n');
   assert.equal(await alone.waitExit(10000), 7);
 
-  const port = await freePort();
-  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 10000 }), dst.setMigration({ 'x-colo': true })]);
-  const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const { port, src, dst } = await pairInColo(env, guest, 10000);
   // The secondary lags (stopped for longer than the compare's timeout): the primary's guest
   // answers and exits well before the SVM's copy of the answer comes.
   dst.child.kill('SIGSTOP');
@@ -92,17 +100,7 @@ test("colo: a guest that crashes on both nodes (the same input makes both trap):
     (func (export "_start")
       (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
       unreachable))`);
-  const port = await freePort();
-  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
-  const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const { port, src, dst } = await pairInColo(env, guest, 60000);
   const client = net.connect(port, '127.0.0.1');
   client.on('error', () => undefined);
   env.onCleanup(() => {
@@ -144,17 +142,7 @@ test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: 
         (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
         (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
         (br $sleep))))`);
-  const port = await freePort();
-  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 400 }), dst.setMigration({ 'x-colo': true })]);
-  const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const { port, src, dst } = await pairInColo(env, guest, 400);
   const client = net.connect(port, '127.0.0.1');
   client.on('error', () => undefined);
   env.onCleanup(() => {
