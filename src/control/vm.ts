@@ -56,8 +56,9 @@ export class Vm extends EventEmitter {
   }
   /** The tail of the run-state operations (runStateOp). */
   private runStateTail: Promise<unknown> = Promise.resolve();
-  /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree). */
+  /** A takeover's front end waiting for its address to be free (startFrontEnd untilFree), and its timer. */
   private listenRetry: NodeJS.Timeout | null = null;
+  private retryingFrontEnd: FrontEnd | null = null;
   /** Since when guest disk writes find the host filesystem full (null: they do not). */
   private diskFullSince: number | null = null;
   /** Disk errors reported to the guest (action report): when one was last logged, and how many since. */
@@ -82,6 +83,7 @@ export class Vm extends EventEmitter {
       else this.frontEnd?.deliver(out);
     });
     machine.on('credit', (c: InputCredit) => this.frontEnd?.credit(c.conn, c.bytes));
+    machine.on('listener-closed', () => this.onGuestListenerClosed());
     machine.on('shutdown', (code: number) => {
       log.info(`guest exited with code ${code}`);
       // Under COLO its last output may still wait for the other guest's copy (colo/driver.ts).
@@ -174,6 +176,14 @@ export class Vm extends EventEmitter {
     for (const c of state.nic.conns) fe.resetGuestConnection(c.conn);
     for (const ev of state.nic.pending) if (ev.kind === 'open') fe.resetGuestConnection(ev.conn);
     const where = formatListen(this.opts.net);
+    if (state.nic.listening === false) {
+      // The guest closed its listening socket before (on this node, or on the one whose state
+      // this is): it accepts nothing, so nothing listens; a client is refused as by a real server.
+      fe.stopListening();
+      this.frontEnd = fe;
+      log.info(`the guest closed its listening socket: not listening on ${where}`);
+      return;
+    }
     try {
       if (opts.firstOwner === true) await fe.listen();
       else await listenWithRetry(fe, () => this.quitting);
@@ -203,19 +213,23 @@ export class Vm extends EventEmitter {
     if (this.listenRetry === null) return;
     clearTimeout(this.listenRetry);
     this.listenRetry = null;
+    this.retryingFrontEnd = null;
     log.info(`no longer waiting for the service address ${this.opts.net === null ? '' : formatListen(this.opts.net)}`);
   }
 
   /** `lastError`: what the last try said; a new reason is warned about once, not every retry. */
   private retryListen(fe: FrontEnd, where: string, lastError: string): void {
+    this.retryingFrontEnd = fe;
     this.listenRetry = setTimeout(() => {
       fe.listen().then(
         () => {
           if (this.listenRetry === null) {
-            void fe.close(); // destroyed meanwhile
+            // Destroyed meanwhile; or the guest closed its listener, and fe serves on unlistening.
+            if (this.frontEnd !== fe) void fe.close();
             return;
           }
           this.listenRetry = null;
+          this.retryingFrontEnd = null;
           this.frontEnd = fe;
           log.info(`serving guest NIC on ${where} (the address is free again)`);
         },
@@ -227,6 +241,26 @@ export class Vm extends EventEmitter {
         },
       );
     }, limits.netTakeoverListenRetryMs);
+  }
+
+  /**
+   * The guest closed its listening socket (fd 3), for good: the front end stops listening (a
+   * new client is refused). One that still waits for its address (a takeover's) stops waiting
+   * and serves the connections it has.
+   */
+  private onGuestListenerClosed(): void {
+    if (this.frontEnd !== null) {
+      this.frontEnd.stopListening();
+      return;
+    }
+    const fe = this.retryingFrontEnd;
+    if (fe === null || this.listenRetry === null) return;
+    clearTimeout(this.listenRetry);
+    this.listenRetry = null;
+    this.retryingFrontEnd = null;
+    fe.stopListening();
+    this.frontEnd = fe;
+    log.info(`the guest closed its listening socket: no longer waiting for ${this.opts.net === null ? '' : formatListen(this.opts.net)}`);
   }
 
   /**
@@ -384,6 +418,7 @@ export class Vm extends EventEmitter {
   async destroy(): Promise<void> {
     if (this.listenRetry !== null) clearTimeout(this.listenRetry);
     this.listenRetry = null;
+    this.retryingFrontEnd = null;
     this.colo.close();
     await this.migration.close().catch((err: unknown) => log.debug(`closing the migration: ${errorMessage(err)}`));
     await this.frontEnd?.close();

@@ -62,7 +62,7 @@ const log = logger('machine');
  * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
  * 'io-error' (IoErrorReport: a disk write waits for space on the host, or a disk access failed), 'io-resumed',
  * 'direct-output-failed' (message: the COLO output channel broke or was closed by the primary;
- * output events again).
+ * output events again), 'listener-closed' (the guest closed its listening socket, fd 3).
  */
 export class Machine extends EventEmitter {
   readonly guest: InstrumentedGuest;
@@ -583,6 +583,9 @@ export class Machine extends EventEmitter {
         return;
       case 'direct-output-failed':
         this.emit('direct-output-failed', m.message);
+        return;
+      case 'listener-closed':
+        this.emit('listener-closed');
         return;
       case 'running':
         this.vcpuRunning = true;

@@ -122,6 +122,8 @@ export type WorkerReply =
   /** `outs`: an encodeOutputBatch. */
   | { type: 'out'; outs: Uint8Array; credits: InputCredit[] | null }
   | { type: 'output-channel'; port: number }
+  /** The guest closed its listening socket (fd 3): its front end stops listening. */
+  | { type: 'listener-closed' }
   /** The SVM output channel broke (a failed write, its end seen, a primary that reads nothing): the vCPU closed it and posts its output again. */
   | { type: 'direct-output-failed'; message: string }
   | { type: 'state'; state: VcpuState }

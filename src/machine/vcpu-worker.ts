@@ -207,6 +207,10 @@ class Vcpu {
    * is large): one message per batch instead of one per send. On a COLO secondary with an SVM
    * output channel the vCPU writes the batch to the primary itself (writeDirect).
    */
+  listenerClosed(): void {
+    post({ type: 'listener-closed' });
+  }
+
   output(out: NicOutput): void {
     this.pendingOut.push(out);
     if (this.pendingOut.length >= 64) this.flushOutput();

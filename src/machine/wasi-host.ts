@@ -28,6 +28,11 @@ export interface VcpuHooks {
    */
   waitForInput(timeoutMs: number | null): boolean;
   output(out: NicOutput): void;
+  /**
+   * The guest closed its listening socket (fd 3): the front end stops listening, so that new
+   * clients are refused as a real server's are. Optional: a benchmark's stub.
+   */
+  listenerClosed?(): void;
   /** The host wrote guest memory (for the dirty log). */
   markWrite(ptr: number, len: number): void;
   /**
@@ -634,6 +639,10 @@ export class WasiHost {
     if (e.kind === 'conn') {
       const out = this.devices.nic.close(e.conn);
       if (out !== null) this.vcpu.output(out);
+    } else if (e.kind === 'listener') {
+      // The only listener (fd 3: WASI preview1 has no fd_renumber here, nor a way to open one).
+      for (const out of this.devices.nic.closeListener()) this.vcpu.output(out);
+      this.vcpu.listenerClosed?.();
     }
     return errno.success;
   }
@@ -661,6 +670,7 @@ export class WasiHost {
       if (ready(changed)) return true;
       if (deadlineNs !== null && this.devices.clock.monotonicNs() >= deadlineNs) return true;
       if (nic.admitOne()) {
+        if (!nic.listening) this.refuseOpened();
         changed = nic.lastAdmittedConn;
         continue;
       }
@@ -679,6 +689,12 @@ export class WasiHost {
         return false;
       }
     }
+  }
+
+  /** Clients that connected after the guest closed its listener are closed (Nic.takeRefused). */
+  private refuseOpened(): void {
+    const outs = this.devices.nic.takeRefused();
+    if (outs !== null) for (const out of outs) this.vcpu.output(out);
   }
 
   private sockAccept(fd: number, _flags: number, fdPtr: number): number {

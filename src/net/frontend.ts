@@ -93,6 +93,11 @@ export class FrontEnd extends EventEmitter {
    * the new front end's events, a new client's open among them, as stale.
    */
   private closed = false;
+  /**
+   * The guest closed its listening socket (stopListening): nothing accepts any more, so the
+   * address is not listened on (new clients are refused); connections go on.
+   */
+  private guestListenerClosed = false;
 
   constructor(
     readonly address: ListenAddress,
@@ -119,6 +124,7 @@ export class FrontEnd extends EventEmitter {
   }
 
   listen(): Promise<void> {
+    if (this.guestListenerClosed) return Promise.resolve();
     return new Promise((resolve, reject) => {
       // Half-open: a client's FIN ends only its input (the guest reads EOF); the guest's output
       // still goes to it until the guest closes or shuts down its side (`printf ... | nc -N`).
@@ -132,6 +138,12 @@ export class FrontEnd extends EventEmitter {
       server.once('error', onError);
       server.listen({ host: this.address.host, port: this.address.port, exclusive: true }, () => {
         server.off('error', onError);
+        if (this.guestListenerClosed) {
+          // The guest closed its listener while this listened (a takeover's retry).
+          server.close();
+          resolve();
+          return;
+        }
         // Once listening, an error is a failed accept (a client's connection that broke before
         // it was taken, as Linux's accept reports it, or no memory for one): the server listens
         // on. Emitted as 'error' with nobody listening, it ended the process, the surviving VM's
@@ -142,6 +154,26 @@ export class FrontEnd extends EventEmitter {
         resolve();
       });
     });
+  }
+
+  /**
+   * The guest closed its listening socket, and cannot open another (WASI preview1): stop
+   * listening, so that a new client is refused (ECONNREFUSED) as a real server's is, instead
+   * of waiting for an accept that never comes. Connections already accepted go on.
+   */
+  stopListening(): void {
+    this.guestListenerClosed = true;
+    const s = this.server;
+    if (s === null) return;
+    this.server = null;
+    // The listening socket closes at once; the callback would wait for every connection.
+    s.close();
+    log.info(`the guest closed its listening socket: no longer listening on ${formatListen(this.address)}; ${this.conns.size} connection(s) go on`);
+  }
+
+  /** The guest closed its listening socket (stopListening): this front end does not listen. */
+  get listenerClosed(): boolean {
+    return this.guestListenerClosed;
   }
 
   /** The port actually bound (for port 0). */
@@ -172,6 +204,10 @@ export class FrontEnd extends EventEmitter {
   }
 
   private accept(socket: net.Socket): void {
+    if (this.guestListenerClosed) {
+      socket.destroy();
+      return;
+    }
     if (this.guestConns.size >= this.connectionsMax) {
       // Like a server out of file descriptors: the client is reset, the guest never hears of it.
       log.debug(`refused a client: the guest has ${this.guestConns.size} connections open`);

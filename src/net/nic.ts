@@ -53,6 +53,8 @@ export interface NicState {
   admittedSeq: number;
   pending: NicInput[];
   backlog: number[];
+  /** The guest has its listening socket (fd 3); false once it closed it. Absent in states of an older colo-vm: true. */
+  listening?: boolean;
   conns: {
     conn: number; rx: Uint8Array; eof: boolean; accepted: boolean; outOffset: number; shutWr: boolean; closed: boolean;
   }[];
@@ -73,6 +75,14 @@ export class Nic {
    * (and the listener, and clocks) instead of every subscription.
    */
   lastAdmittedConn = -1;
+  /**
+   * The guest has its listening socket. Once it closed it (WASI preview1 cannot open another)
+   * nothing accepts: a client queued for accept, or whose open is admitted later, is closed at
+   * once (takeRefused), as a kernel resets a closed listener's queue.
+   */
+  listening = true;
+  /** Connections opened after the listener closed, not yet reported as closed (takeRefused); not part of the state. */
+  private refused: number[] = [];
 
   /** Queue an input event; returns false for a stale (already seen) one. */
   enqueue(ev: NicInput): boolean {
@@ -105,6 +115,10 @@ export class Nic {
     switch (ev.kind) {
       case 'open': {
         if (this.conns.has(ev.conn)) return true;
+        if (!this.listening) {
+          this.refused.push(ev.conn);
+          return true;
+        }
         this.conns.set(ev.conn, {
           conn: ev.conn, rx: [], rxBytes: 0, eof: false, accepted: false, outOffset: 0, shutWr: false, closed: false, unreported: 0,
         });
@@ -129,6 +143,28 @@ export class Nic {
         return true;
       }
     }
+  }
+
+  /**
+   * The guest closed its listening socket: the connections it had not accepted are closed
+   * (their 'close' outputs); those it accepted go on.
+   */
+  closeListener(): NicOutput[] {
+    this.listening = false;
+    const outs: NicOutput[] = [];
+    for (const conn of [...this.backlog]) {
+      const out = this.close(conn);
+      if (out !== null) outs.push(out);
+    }
+    return outs;
+  }
+
+  /** 'close' outputs for the connections opened since the listener closed (none while it is open). */
+  takeRefused(): NicOutput[] | null {
+    if (this.refused.length === 0) return null;
+    const outs: NicOutput[] = this.refused.map((conn) => ({ kind: 'close', conn, offset: 0 }));
+    this.refused = [];
+    return outs;
   }
 
   acceptReady(): boolean {
@@ -273,6 +309,7 @@ export class Nic {
       admittedSeq: this.admittedSeq,
       pending,
       backlog: [...this.backlog],
+      listening: this.listening,
       conns: [...this.conns.values()].map((c) => ({
         conn: c.conn,
         rx: concatBytes(c.rx),
@@ -321,8 +358,12 @@ export class Nic {
       if (!conns.has(conn)) throw new RestoreError('STATE_INVALID', `nic.backlog[${i}]: unknown connection ${conn}`);
       return conn;
     });
+    const listening = s.listening === undefined ? true : v.bool(s.listening, 'nic.listening');
+    if (!listening && backlog.length > 0) throw new RestoreError('STATE_INVALID', 'nic.backlog: connections wait for accept on a closed listener');
     this.lastSeq = lastSeq;
     this.admittedSeq = admittedSeq;
+    this.listening = listening;
+    this.refused = [];
     this.pending = pending;
     this.conns = conns;
     this.backlog = backlog;

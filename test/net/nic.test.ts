@@ -91,3 +91,33 @@ test('save/restore round-trips and restore validates', () => {
   assert.throws(() => new Nic().restore({ ...nic.save(), lastSeq: -1 }), /nic.lastSeq/);
   assert.throws(() => new Nic().restore({ ...nic.save(), pending: [{ seq: 9, kind: 'bogus', conn: 1 }] }), /nic.pending\[0\]/);
 });
+
+test('a closed listener: the unaccepted connections close, a later open is refused, accepted ones go on; the state keeps it', () => {
+  const nic = new Nic();
+  nic.enqueue({ seq: 1, kind: 'open', conn: 1 });
+  nic.enqueue({ seq: 2, kind: 'open', conn: 2 });
+  nic.enqueue({ seq: 3, kind: 'open', conn: 3 });
+  nic.enqueue({ seq: 4, kind: 'data', conn: 3, bytes: enc('x') });
+  nic.admitOne();
+  nic.admitOne();
+  assert.equal(nic.accept(), 1);
+  assert.deepEqual(nic.closeListener(), [{ kind: 'close', conn: 2, offset: 0 }], 'the queued connection is closed');
+  assert.equal(nic.acceptReady(), false);
+  assert.equal(nic.takeRefused(), null);
+  nic.admitOne();
+  assert.deepEqual(nic.takeRefused(), [{ kind: 'close', conn: 3, offset: 0 }], 'an open admitted after the close is refused');
+  assert.equal(nic.admitOne(), true, "the refused connection's data is admitted and dropped");
+  assert.equal(nic.isKnown(3), false);
+  assert.equal(nic.send(1, enc('ok'))?.kind, 'out', 'the accepted connection goes on');
+  const saved = nic.save();
+  assert.equal(saved.listening, false);
+  const restored = new Nic();
+  restored.restore(saved);
+  assert.equal(restored.listening, false, 'the closed listener travels in the state');
+  const old: Record<string, unknown> = { ...nic.save() };
+  delete old.listening;
+  const fromOld = new Nic();
+  fromOld.restore(old);
+  assert.equal(fromOld.listening, true, "an older colo-vm's state (no field) listens");
+  assert.throws(() => new Nic().restore({ ...saved, backlog: [1] }), /nic\.backlog: connections wait for accept on a closed listener/);
+});
