@@ -431,7 +431,7 @@ class UpDriver {
       let mode: string;
       let status: string;
       try {
-        q = await QmpClient.connect(`unix:${qmpPath}`);
+        q = await QmpClient.connect(`unix:${qmpPath}`, { eventLogMax: limits.upQmpEventLogMax });
         mode = String((await q.execute<{ mode?: string }>('query-colo-status')).mode);
         status = String((await q.execute<{ status?: string }>('query-status')).status);
       } catch (err) {

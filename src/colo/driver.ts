@@ -382,6 +382,12 @@ export class PrimaryDriver {
           await this.ops.settled();
           try {
             await this.ops.run(async () => {
+              // Its guest exited by itself (the process waits for its last output, which the
+              // failover released): there is nothing to run, and the process ends.
+              if (this.guestStopped() === null) {
+                log.debug('primary: its guest exited: nothing to resume after the failover (the process ends)');
+                return;
+              }
               // A VM the user stopped (and no checkpoint resumed since) stays stopped when the
               // primary goes on alone by itself (its link broke): an operator may have stopped it
               // to fence it while the secondary takes over. x-colo-lost-heartbeat runs it, as

@@ -14,6 +14,17 @@ function parseLevel(s: string | undefined): LogLevel {
   return s === 'debug' || s === 'info' || s === 'warn' || s === 'error' ? s : 'info';
 }
 
+/**
+ * Whether stderr still takes lines. Its reader may go away (`2>&1 | tee log`, and tee is
+ * killed; colo up's children share its stderr, and outlive it when it dies): an unhandled
+ * 'error' (EPIPE) would end the process at its next line, turning a lost log reader into a
+ * lost VM, or both of a pair. The lines are dropped from then on; the process goes on.
+ */
+let stderrOpen = true;
+process.stderr.on('error', () => {
+  stderrOpen = false;
+});
+
 export function setLogNode(name: string): void {
   nodeName = name;
 }
@@ -33,7 +44,7 @@ export interface Logger {
 
 export function logger(component: string): Logger {
   const at = (level: LogLevel) => (msg: string): void => {
-    if (order[level] < order[threshold]) return;
+    if (order[level] < order[threshold] || !stderrOpen) return;
     process.stderr.write(`${new Date().toISOString()} ${nodeName} ${level} ${component}: ${msg}\n`);
   };
   return { debug: at('debug'), info: at('info'), warn: at('warn'), error: at('error'), enabled: (level) => order[level] >= order[threshold] };

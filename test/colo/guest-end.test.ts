@@ -158,3 +158,23 @@ test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: 
   assert.ok(counters['compare-matched-bytes']! >= 10, `ticks released because both guests sent them (${JSON.stringify(counters)})`);
   assertNoErrors(src, dst);
 });
+
+test("colo: x-colo-lost-heartbeat on a primary whose guest exited and waits for the SVM's copy of its last answer: the client gets it, the process exits with the guest's status, no error that it could not resume", async (t) => {
+  const env = new TestEnv(t);
+  const guest = byeGuest(t);
+  const { port, src, dst } = await pairInColo(env, guest, 10000);
+  // The secondary never sends its copy of the answer: the primary's exit waits for it
+  // (limits.coloGuestExitDrainMs), and the operator fails over to the primary meanwhile.
+  dst.child.kill('SIGSTOP');
+  try {
+    const asked = ask(port);
+    await waitFor("the primary's guest to exit", async () => (await src.qmp.execute<{ status: string }>('query-status')).status === 'shutdown' || undefined, 5000, 10);
+    // Its answer may not come: the failover releases the answer, and the process exits at once.
+    await src.qmp.execute('x-colo-lost-heartbeat').catch((err: unknown) => assert.equal((err as { code?: string }).code, 'CHANNEL_CLOSED', String(err)));
+    assert.equal(await withTimeout(asked, 25000, 'the answer'), 'bye\n', 'the failover released the answer the guest sent before it exited');
+    assert.equal(await src.waitExit(10000), 7, "the primary exits with the guest's status");
+  } finally {
+    dst.child.kill('SIGCONT');
+  }
+  assertNoErrors(src);
+});

@@ -251,3 +251,51 @@ test('colo up: an initial migration longer than --protect-timeout that keeps mov
   assert.equal(await r.command(['SET', 'k', 'v']), 'OK', 'the primary answers');
   r.close();
 });
+
+test('colo up: the reader of the stderr it shares with its children goes away (EPIPE): the supervisor and the children live on, and a failover still happens', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  // Its stderr, which the children inherit, is a pipe whose reader is killed (as `colo up ... 2>&1 | tee log` once tee is gone).
+  const reader = spawn('cat', [], { stdio: ['pipe', 'ignore', 'ignore'] });
+  const proc = spawn(process.execPath, args, { cwd: env.dir, stdio: ['ignore', 'pipe', reader.stdin] });
+  reader.stdin.destroy();
+  let out = '';
+  proc.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  const exited = new Promise<{ code: number | null; signal: string | null }>((r) => proc.once('exit', (code, signal) => r({ code, signal })));
+  let alive = true;
+  void exited.then(() => (alive = false));
+  env.onCleanup(async () => {
+    reader.kill('SIGKILL');
+    if (alive) {
+      proc.kill('SIGTERM');
+      await withTimeout(exited, 10000, 'colo up to exit').catch(() => proc.kill('SIGKILL'));
+    }
+    for (const pid of pidsUsing(env.dir)) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  const line = (re: RegExp, ms: number): Promise<RegExpExecArray> =>
+    waitFor(`colo up to print ${re} (printed: ${out})`, () => {
+      const m = re.exec(out);
+      if (m !== null) return m;
+      if (!alive) throw new Error(`colo up exited; it printed: ${out}`);
+      return undefined;
+    }, ms);
+  const p = await line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/m, 90000);
+  reader.kill('SIGKILL');
+  await new Promise((r) => reader.once('exit', r));
+  const r = await RespClient.connect(port);
+  assert.equal(await r.command(['SET', 'k', 'v']), 'OK');
+  r.close();
+  // Its death makes every process of the pair log: colo up, and the secondary that takes over.
+  const [p1, s1] = [Number(p[1]), Number(p[2])];
+  out = '';
+  process.kill(p1, 'SIGKILL');
+  await line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${s1} took over`, 'm'), 15000);
+  const c = await RespClient.connect(port);
+  assert.equal(await c.command(['GET', 'k']), 'v', 'the secondary took over and serves');
+  c.close();
+  await line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/m, 90000);
+  assert.ok(alive && pidAlive(s1), 'colo up and the serving child live on');
+  proc.kill('SIGTERM');
+  assert.deepEqual(await withTimeout(exited, 15000, 'colo up to exit'), { code: 0, signal: null });
+});

@@ -56,6 +56,29 @@ function countObjects(snapshotPath: string, names: readonly string[]): { counts:
   return { counts, events };
 }
 
+/** The supervisor `pid`'s own heap snapshot (NODE_OPTIONS=--heapsnapshot-signal=SIGUSR2), written to its working folder `dir`, counted. */
+async function heapCounts(dir: string, pid: number): Promise<{ counts: Map<string, number>; events: number }> {
+  const before = new Set(fs.readdirSync(dir));
+  process.kill(pid, 'SIGUSR2');
+  const file = await waitFor(
+    'the supervisor to write its heap snapshot',
+    () => {
+      const f = fs.readdirSync(dir).find((n) => n.endsWith('.heapsnapshot') && !before.has(n));
+      if (f === undefined) return undefined;
+      // Written at once, in one go: whole once it parses.
+      try {
+        return { path: path.join(dir, f), ...countObjects(path.join(dir, f), ['ChildProcess', 'QmpClient']) };
+      } catch {
+        return undefined;
+      }
+    },
+    30000,
+    200,
+  );
+  fs.rmSync(file.path, { force: true });
+  return file;
+}
+
 test('colo up: after 4 failovers and re-protections the supervisor holds the process handles and QMP clients of its 2 living children only, and a bounded log of their events', async (t) => {
   const env = new TestEnv(t);
   const port = await freePort();
@@ -76,25 +99,7 @@ test('colo up: after 4 failovers and re-protections the supervisor holds the pro
   const [primary, secondary] = [Number(at.m[1]), Number(at.m[2])];
   // Checkpoints every 10 ms for a while: each child sends a STOP and a RESUME per checkpoint.
   await sleep(15000);
-  // Its own heap snapshot (NODE_OPTIONS): written to its working folder, the state folder.
-  const before = new Set(fs.readdirSync(env.dir));
-  process.kill(sup.proc.pid!, 'SIGUSR2');
-  const file = await waitFor(
-    'the supervisor to write its heap snapshot',
-    () => {
-      const f = fs.readdirSync(env.dir).find((n) => n.endsWith('.heapsnapshot') && !before.has(n));
-      if (f === undefined) return undefined;
-      // Written at once, in one go: whole once it parses.
-      try {
-        return { path: path.join(env.dir, f), ...countObjects(path.join(env.dir, f), ['ChildProcess', 'QmpClient']) };
-      } catch {
-        return undefined;
-      }
-    },
-    30000,
-    200,
-  );
-  fs.rmSync(file.path, { force: true });
+  const file = await heapCounts(env.dir, sup.proc.pid!);
   t.diagnostic(`supervisor after 4 cycles: ${JSON.stringify([...file.counts])}, ${file.events} QMP events`);
   assert.equal(file.counts.get('ChildProcess'), 2, `one process handle per living child (primary ${primary}, secondary ${secondary}); colo up printed: ${sup.timeline()}`);
   assert.equal(file.counts.get('QmpClient'), 4, 'two QMP clients per living child (commands and events; heartbeat)');
@@ -106,4 +111,30 @@ test('colo up: after 4 failovers and re-protections the supervisor holds the pro
   assert.ok(sup.alive, 'colo up runs on');
   const images = fs.readdirSync(env.dir).filter((n) => /^vm\d+\.img$/.test(n));
   assert.ok(images.length <= 2, `only the living children's disk copies are left: ${images.join(', ')}`);
+});
+
+test('colo up run again on the --state-dir of one that died: the QMP connections to the children it adopted keep a bounded log of their events too', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('kv.img', 8 * 1024 * 1024);
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
+  args.push('--checkpoint-delay', '10', '--heartbeat-timeout', '10000', '--state-dir', env.dir);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const sup2 = spawnSupervisor(env, args, undefined, { NODE_OPTIONS: '--heapsnapshot-signal=SIGUSR2' });
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
+  assert.deepEqual([adopted.m[1], adopted.m[2]], [p1.m[1], p1.m[2]], sup2.timeline());
+  // Checkpoints every 10 ms for a while: each adopted child sends a STOP and a RESUME per checkpoint.
+  await sleep(20000);
+  const file = await heapCounts(env.dir, sup2.proc.pid!);
+  t.diagnostic(`adopting supervisor after 20 s: ${JSON.stringify([...file.counts])}, ${file.events} QMP events`);
+  assert.equal(file.counts.get('QmpClient'), 4, 'two QMP clients per adopted child (commands and events; heartbeat)');
+  const eventsMax = 2 * Math.ceil(limits.upQmpEventLogMax * 1.125);
+  assert.ok(file.events <= eventsMax, `the supervisor keeps at most ${eventsMax} QMP events of its adopted children, not ${file.events}`);
+  assert.ok(sup2.alive, 'colo up runs on');
+  sup2.proc.kill('SIGTERM');
+  await sup2.line(/^pair: stopped$/, adopted.at, 20000);
+  await sup2.waitExit(10000);
 });
