@@ -769,7 +769,10 @@ class UpDriver {
     } catch (err) {
       // Leave the primary running alone: cancel what is left of the migration.
       if (!p.exited && !pq.closed) {
-        await pq.execute('migrate_cancel').catch(() => undefined);
+        // A primary that reached COLO refuses migrate_cancel: it goes on alone instead.
+        await pq.execute('migrate_cancel').catch(async (e: unknown) => {
+          if (e instanceof QmpCommandError && /COLO/.test(e.message)) await pq.execute('x-colo-lost-heartbeat').catch(() => undefined);
+        });
         await this.waitSettled(pq).catch(() => undefined);
       }
       throw err;
