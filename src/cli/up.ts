@@ -413,16 +413,16 @@ class UpDriver {
    * initial migration is killed (it protects nothing yet). Anything else is refused, the
    * children left as they are.
    */
-  async adopt(live: { id: number; qmpPath: string }[], nextId: number): Promise<void> {
+  async adopt(live: { id: number; qmpPath: string; pid: number | null }[], nextId: number): Promise<void> {
     const found: { c: Child; mode: string; status: string }[] = [];
     const fail = (why: string): never => {
       for (const f of found) void f.c.qmp?.close().catch(() => undefined);
       throw new UsageError('STATE_DIR', `${this.stateDir}: cannot adopt the children of the colo up that ran there: ${why}; they are left running`);
     };
-    for (const { id, qmpPath } of live) {
+    for (const { id, qmpPath, pid: known } of live) {
       let pid: number;
       try {
-        pid = Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
+        pid = known ?? Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
       } catch (err) {
         return fail(`vm${id} answers on its QMP socket but its pid file cannot be read (${errorMessage(err)})`);
       }
@@ -907,7 +907,8 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
 /** What prepareStateDir found: the folder, and the children of a colo up that died there (to adopt). */
 interface StateDir {
   dir: string;
-  live: { id: number; qmpPath: string }[];
+  /** `pid`: its process, when found by its command line (else its pid file tells). */
+  live: { id: number; qmpPath: string; pid: number | null }[];
   /** Above every vmN file the folder holds: new children never reuse a name. */
   nextId: number;
 }
@@ -956,9 +957,8 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
     throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
   }
   const live: StateDir['live'] = [];
-  for (const f of entries.filter((e) => /^vm\d+\.qmp$/.test(e))) {
-    const socketPath = path.join(made, f);
-    const answers = await new Promise<boolean>((resolve) => {
+  const answers = (socketPath: string): Promise<boolean> =>
+    new Promise<boolean>((resolve) => {
       const sock = net.connect(socketPath, () => {
         sock.destroy();
         resolve(true);
@@ -969,7 +969,30 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
         resolve(false);
       });
     });
-    if (answers) live.push({ id: Number(/\d+/.exec(f)![0]), qmpPath: socketPath });
+  // A child is known by its socket, or by its process: one the dead supervisor had just
+  // started (a secondary it was re-protecting with, the pair it was starting) has no socket
+  // that answers yet, maybe no pid file. Taken for absent, it would boot on unsupervised.
+  const running = childrenIn(made);
+  const childIds = [...new Set([...entries.flatMap((e) => /^vm(\d+)\.qmp$/.exec(e)?.[1] ?? []).map(Number), ...running.keys()])].sort((x, y) => x - y);
+  for (const id of childIds) {
+    const socketPath = path.join(made, `vm${id}.qmp`);
+    const pid = running.get(id);
+    if (pid === undefined) {
+      if (await answers(socketPath)) live.push({ id, qmpPath: socketPath, pid: null });
+      continue;
+    }
+    const deadline = Date.now() + limits.upChildStartTimeoutMs;
+    for (;;) {
+      if (await answers(socketPath)) {
+        live.push({ id, qmpPath: socketPath, pid });
+        break;
+      }
+      if (!pidAlive(pid)) break;
+      if (Date.now() > deadline) {
+        throw new UsageError('STATE_DIR', `${what}: vm${id} (pid ${pid}), started by the colo up that ran there, has not answered on its QMP socket for ${limits.upChildStartTimeoutMs} ms; it is left running`);
+      }
+      await new Promise((r) => setTimeout(r, limits.upAdoptedExitPollMs));
+    }
   }
   if (live.length === 0 && images.length > 0) {
     throw new UsageError(
@@ -978,7 +1001,33 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
     );
   }
   const ids = entries.flatMap((e) => /^vm(\d+)\./.exec(e)?.[1] ?? []).map(Number);
-  return { dir: made, live, nextId: Math.max(0, ...ids) + 1 };
+  return { dir: made, live, nextId: Math.max(0, ...ids, ...running.keys()) + 1 };
+}
+
+/**
+ * The `colo run` processes whose QMP socket is in `dir` (children of a colo up there, also
+ * ones it had only just started), by node id (vmN): found by their command lines, as a child
+ * killed with its supervisor before its pid file was written has none. Empty without /proc.
+ */
+function childrenIn(dir: string): Map<number, number> {
+  const found = new Map<number, number>();
+  let procs: string[];
+  try {
+    procs = fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e) && Number(e) !== process.pid);
+  } catch {
+    return found;
+  }
+  for (const e of procs) {
+    try {
+      const argv = fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+      const i = argv.indexOf('--qmp');
+      const m = i > 0 && argv.includes('run') ? /^unix:(.*)\/vm(\d+)\.qmp$/.exec(argv[i + 1] ?? '') : null;
+      if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */

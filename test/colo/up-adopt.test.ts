@@ -10,7 +10,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
-import { pidAlive, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 
 async function upArgs(env: TestEnv): Promise<{ args: string[]; port: number }> {
   const port = await freePort();
@@ -95,4 +95,28 @@ test('colo up run again after its primary died while no supervisor ran: the adop
   await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
   assert.match(sup2.stderr, /in COLO without its partner/);
   assert.doesNotMatch(sup2.stderr, / error /, sup2.stderr.slice(-3000));
+});
+
+test('colo up killed while it re-protects (a new secondary booting), run again at once: that secondary is not left running orphaned, and the pair ends protected with every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  process.kill(primary, 'SIGKILL');
+  await sup1.line(/^pair: re-protecting$/, p1.at, 15000);
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  // Killed right after it spawned the new secondary (maybe before it wrote its pid file).
+  const booting = await waitFor('the new secondary to run', () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), secondary);
+  const newSecondary = Number(again.m.at(2));
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await waitFor(`the secondary sup1 was booting (pid ${booting}) to be gone or supervised; colo run processes: ${pidsUsing(env.dir).join(', ')}`, () => !pidAlive(booting) || booting === newSecondary || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [secondary, newSecondary].sort(), 'the pair is the only colo run left in the folder');
 });
