@@ -946,12 +946,80 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
   } catch (err) {
     throw new UsageError('STATE_DIR', `${what}: cannot use it: ${errorMessage(err)}`);
   }
-  if (entries.includes(supervisorPidFile)) {
-    const pid = Number(fs.readFileSync(path.join(made, supervisorPidFile), 'utf8').trim());
-    if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) {
-      throw new UsageError('STATE_DIR', `${what}: colo up ${pid} supervises the pair there`);
-    }
+  lockStateDir(made, what);
+  try {
+    // Read again: a colo up that held the folder until now may have changed it.
+    return await inspectStateDir(made, what, fs.readdirSync(made), drive);
+  } catch (err) {
+    fs.rmSync(path.join(made, supervisorPidFile), { force: true });
+    throw err;
   }
+}
+
+/**
+ * Makes `dir` this supervisor's: its up.pid, created only where there is none (two colo up
+ * started at once on one folder: one goes on, the other is refused), before the folder is
+ * looked at. One of a colo up that died is taken away first; of two supervisors that both
+ * found it stale, the one whose rename fails looks again and finds the other's.
+ */
+function lockStateDir(dir: string, what: string): void {
+  const file = path.join(dir, supervisorPidFile);
+  const mine = `${file}.${process.pid}`;
+  const refuse = (pid: number | null): never => {
+    throw new UsageError('STATE_DIR', `${what}: colo up ${pid ?? '(starting)'} supervises the pair there`);
+  };
+  try {
+    // Made whole, then linked: a reader never sees an empty up.pid (it would take it for stale).
+    fs.writeFileSync(mine, `${process.pid}\n`);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        fs.linkSync(mine, file);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 3) throw err;
+      }
+      let held: string;
+      try {
+        held = fs.readFileSync(file, 'utf8');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      const pid = Number(held.trim());
+      const valid = Number.isSafeInteger(pid) && pid > 0;
+      if (valid && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) refuse(pid);
+      // Stale: the up.pid of a colo up that died.
+      const stale = `${file}.stale.${process.pid}`;
+      try {
+        fs.renameSync(file, stale);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      const took = fs.readFileSync(stale, 'utf8');
+      if (took !== held) {
+        // A colo up that started meanwhile made it: given back, and this one refused.
+        try {
+          fs.linkSync(stale, file);
+        } catch {
+          // a third one holds the folder now
+        }
+        fs.rmSync(stale, { force: true });
+        const other = Number(took.trim());
+        refuse(Number.isSafeInteger(other) && other > 0 ? other : null);
+      }
+      fs.rmSync(stale, { force: true });
+    }
+  } catch (err) {
+    if (err instanceof UsageError) throw err;
+    throw new UsageError('STATE_DIR', `${what}: cannot make its ${supervisorPidFile}: ${errorMessage(err)}`);
+  } finally {
+    fs.rmSync(mine, { force: true });
+  }
+}
+
+/** prepareStateDir, once the folder is this supervisor's. */
+async function inspectStateDir(made: string, what: string, entries: string[], drive: string | null): Promise<StateDir> {
   const images = entries.filter((f) => /^vm\d+\.img$/.test(f)).sort();
   if (drive !== null && images.some((f) => path.join(made, f) === drive)) {
     throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
@@ -1051,8 +1119,6 @@ export async function upCommand(argv: string[]): Promise<number> {
   checkGuest(fs.readFileSync(o.guestPath));
   const state = await prepareStateDir(o.stateDir, o.drive);
   const stateDir = state.dir;
-  // Adopted children serve on the address already.
-  if (state.live.length === 0) await checkAddressFree(o.net.host, o.net.port);
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
   // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
@@ -1063,10 +1129,12 @@ export async function upCommand(argv: string[]): Promise<number> {
   process.stdout.on('error', (err: Error) => driver.stdoutFailed(err));
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
+  // Made by prepareStateDir: the folder is this supervisor's from before it was looked at.
   const pidPath = path.join(stateDir, supervisorPidFile);
   try {
     try {
-      fs.writeFileSync(pidPath, `${process.pid}\n`);
+      // Adopted children serve on the address already.
+      if (state.live.length === 0) await checkAddressFree(o.net.host, o.net.port);
       if (state.live.length > 0) await driver.adopt(state.live, state.nextId);
       else driver.dispatch({ type: 'start' });
     } catch (err) {

@@ -97,8 +97,11 @@ test('colo up run again after its primary died while no supervisor ran: the adop
   assert.doesNotMatch(sup2.stderr, / error /, sup2.stderr.slice(-3000));
 });
 
-test('colo up killed while it re-protects (a new secondary booting), run again at once: that secondary is not left running orphaned, and the pair ends protected with every acknowledged write', async (t) => {
-  const env = new TestEnv(t);
+/**
+ * A pair whose supervisor was SIGKILLed right after it started re-protecting (a new secondary
+ * booting, maybe without its pid file yet), after its primary died with `k` acknowledged.
+ */
+async function killedWhileReprotecting(env: TestEnv): Promise<{ args: string[]; port: number; survivor: number; booting: number }> {
   const { args, port } = await upArgs(env);
   const sup1 = spawnSupervisor(env, args);
   const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
@@ -108,15 +111,34 @@ test('colo up killed while it re-protects (a new secondary booting), run again a
   await sup1.line(/^pair: re-protecting$/, p1.at, 15000);
   sup1.proc.kill('SIGKILL');
   await sup1.waitExit(10000);
-  // Killed right after it spawned the new secondary (maybe before it wrote its pid file).
   const booting = await waitFor('the new secondary to run', () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
+  return { args, port, survivor: secondary, booting };
+}
 
+test('colo up killed while it re-protects (a new secondary booting), run again at once: that secondary is not left running orphaned, and the pair ends protected with every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, survivor, booting } = await killedWhileReprotecting(env);
   const sup2 = spawnSupervisor(env, args);
-  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
   const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
-  assert.equal(Number(again.m.at(1)), secondary);
+  assert.equal(Number(again.m.at(1)), survivor);
   const newSecondary = Number(again.m.at(2));
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
   await waitFor(`the secondary sup1 was booting (pid ${booting}) to be gone or supervised; colo run processes: ${pidsUsing(env.dir).join(', ')}`, () => !pidAlive(booting) || booting === newSecondary || undefined, 10000);
-  assert.deepEqual(pidsUsing(env.dir).sort(), [secondary, newSecondary].sort(), 'the pair is the only colo run left in the folder');
+  assert.deepEqual(pidsUsing(env.dir).sort(), [survivor, newSecondary].sort(), 'the pair is the only colo run left in the folder');
+});
+
+test('two colo up started at once on the folder of one that died: one adopts the children, the other is refused and touches nothing', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, survivor } = await killedWhileReprotecting(env);
+  const [a, b] = [spawnSupervisor(env, args), spawnSupervisor(env, args)];
+  await waitFor('one of the two to exit', () => !a.alive || !b.alive || undefined, 30000);
+  const [refused, running] = a.alive ? [b, a] : [a, b];
+  assert.notEqual(refused.exitCode, 0);
+  assert.match(refused.stderr, new RegExp(`colo up ${running.proc.pid} supervises the pair there`), refused.stderr);
+  assert.deepEqual(refused.lines, [], 'the refused one printed no state');
+  const adopted = await running.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
+  await running.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(running.proc.pid));
 });
