@@ -157,13 +157,22 @@ function pidFile(qmpPath: string): string {
   return qmpPath.replace(/\.qmp$/, '.pid');
 }
 
-/** Whether a process `pid` exists (EPERM: it does, another user's). */
+/**
+ * Whether a process `pid` exists (EPERM: it does, another user's) and has not ended. A zombie
+ * has ended: an adopted child that dies is reaped by init, not by this supervisor, and an init
+ * that reaps late (every 2 s in some containers) or never would hold up its failover as long.
+ */
 function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2));
+  } catch {
+    return true; // no /proc: what kill says
   }
 }
 

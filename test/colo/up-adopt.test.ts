@@ -142,3 +142,29 @@ test('two colo up started at once on the folder of one that died: one adopts the
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
   assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(running.proc.pid));
 });
+
+test('an adopted child that dies is seen at once, also while init has not reaped it yet: the adopted secondary, then the adopted primary', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
+
+  // Neither is this supervisor's child: their ends show only as their pids going (or zombies).
+  let killedAt = performance.now();
+  process.kill(secondary, 'SIGKILL');
+  const alone = await sup2.line(new RegExp(`^pair: secondary died \\(.*\\); primary ${primary} continues unprotected$`), adopted.at, 15000);
+  const aloneMs = performance.now() - killedAt;
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, alone.at, 90000);
+  killedAt = performance.now();
+  process.kill(primary, 'SIGKILL');
+  await sup2.line(new RegExp(`^pair: primary died \\(.*\\); secondary ${again.m.at(2)} took over`), again.at, 15000);
+  const tookMs = performance.now() - killedAt;
+  assert.ok(aloneMs < 700 && tookMs < 700, `the deaths were acted on after ${aloneMs.toFixed(0)} ms and ${tookMs.toFixed(0)} ms`);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+});
