@@ -12,11 +12,11 @@ import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../fram
 import { RespClient } from '../framework/resp.js';
 import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 
-async function upArgs(env: TestEnv): Promise<{ args: string[]; port: number }> {
+async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
   const port = await freePort();
   const image = env.image('kv.img', 8 * 1024 * 1024);
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
-  args.push('--checkpoint-delay', '200', '--state-dir', env.dir);
+  args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extra);
   return { args, port };
 }
 
@@ -167,4 +167,26 @@ test('an adopted child that dies is seen at once, also while init has not reaped
   const tookMs = performance.now() - killedAt;
   assert.ok(aloneMs < 700 && tookMs < 700, `the deaths were acted on after ${aloneMs.toFixed(0)} ms and ${tookMs.toFixed(0)} ms`);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+});
+
+test('colo up (multifd) killed during the initial migration into COLO, run again: the half-migrated secondary is killed, the primary protected again with a new one, nothing left behind', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env, ['--parallel-connections', '2']);
+  const sup1 = spawnSupervisor(env, args);
+  const m = await waitFor('the initial migration to start', () => /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup1.stderr) ?? undefined, 90000);
+  const [primary, secondary] = [Number(m[1]), Number(m[2])];
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK', 'the primary serves alone');
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): (.*)$/, 0, 30000);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), primary, sup2.timeline());
+  const newSecondary = Number(again.m.at(2));
+  assert.notEqual(newSecondary, secondary);
+  await waitFor('the half-migrated secondary to be gone', () => !pidAlive(secondary) || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [primary, newSecondary].sort());
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  assert.deepEqual(fs.readdirSync(env.dir).filter((f) => /^vm2\./.test(f) && f !== 'vm2.serial'), [], 'the killed secondary left no socket, pid file or disk');
 });
