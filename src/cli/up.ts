@@ -446,6 +446,11 @@ class UpDriver {
       } catch (err) {
         return fail(`vm${id} does not answer QMP (${errorMessage(err)})`);
       }
+      const differs = this.differs(pid, id);
+      if (differs !== null) {
+        void q.close().catch(() => undefined);
+        return fail(`vm${id} (pid ${pid}) runs with ${differs}: run colo up with the options the pair was started with`);
+      }
       const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
       const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
       const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false };
@@ -494,6 +499,44 @@ class UpDriver {
     this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
     // One that ended while it was being looked at: its exit came before the core knew it.
     for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /**
+   * How the command line of the adopted child `pid` (vm`id`) differs from what this supervisor
+   * would start (another guest, --memory, --net or --drive: its new secondaries could never be
+   * migrated into, or would serve elsewhere); null when it does not (or /proc cannot tell).
+   */
+  private differs(pid: number, id: number): string | null {
+    let argv: string[];
+    try {
+      argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    } catch {
+      return null;
+    }
+    const opt = (name: string): string | null => {
+      const i = argv.indexOf(name);
+      return i < 0 || i + 1 >= argv.length ? null : argv[i + 1]!;
+    };
+    const guest = argv[argv.indexOf('run') + 1];
+    if (guest !== this.o.guestPath) return `the guest ${guest}, this colo up has ${this.o.guestPath}`;
+    const memory = opt('--memory');
+    const bytes = (m: string | null): number | null => {
+      try {
+        return m === null ? null : parseMemory(m);
+      } catch {
+        return null;
+      }
+    };
+    if (bytes(memory) === null || bytes(memory) !== bytes(this.o.memory)) return `--memory ${memory}, this colo up has --memory ${this.o.memory}`;
+    if (opt('--net') !== `listen=${this.address}`) return `--net ${opt('--net')}, this colo up has --net listen=${this.address}`;
+    const img = path.join(this.stateDir, `vm${id}.img`);
+    const drive = opt('--drive');
+    const want = this.o.drive === null ? null : `file=${fs.existsSync(img) ? img : this.o.drive}`;
+    if (drive !== want) return `${drive === null ? 'no --drive' : `--drive ${drive}`}, this colo up has ${this.o.drive === null ? 'none' : `--drive file=${this.o.drive}`}`;
+    const dash = argv.indexOf('--');
+    const args = dash < 0 ? [] : argv.slice(dash + 1, argv[argv.length - 1] === '' ? -1 : undefined);
+    if (JSON.stringify(args) !== JSON.stringify(this.o.guestArgs)) return `the guest arguments ${JSON.stringify(args)}, this colo up has ${JSON.stringify(this.o.guestArgs)}`;
+    return null;
   }
 
   /** An adopted child is not this process's: its end shows as its pid gone (reaped by its new parent). */

@@ -190,3 +190,33 @@ test('colo up (multifd) killed during the initial migration into COLO, run again
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
   assert.deepEqual(fs.readdirSync(env.dir).filter((f) => /^vm2\./.test(f) && f !== 'vm2.serial'), [], 'the killed secondary left no socket, pid file or disk');
 });
+
+test('colo up run again with other options than the pair it would adopt (--memory, --net, --drive) is refused in one line, and the pair runs on untouched; with the same options it adopts it', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const other = await freePort();
+  const variants: [string[], RegExp][] = [
+    [args.map((a) => (a === '64M' ? '128M' : a)), /runs with --memory 64M, this colo up has --memory 128M/],
+    [args.map((a) => (a === `listen=127.0.0.1:${port}` ? `listen=127.0.0.1:${other}` : a)), new RegExp(`runs with --net listen=127\\.0\\.0\\.1:${port}, this colo up has --net listen=127\\.0\\.0\\.1:${other}`)],
+    [args.filter((a, i) => a !== '--drive' && args[i - 1] !== '--drive'), /runs with --drive file=.*, this colo up has none/],
+  ];
+  for (const [argv, why] of variants) {
+    const r = await runProgram(process.execPath, argv, { timeoutMs: 30000, cwd: env.dir });
+    assert.notEqual(r.code, 0, r.stderr);
+    assert.match(r.stderr, why);
+    assert.match(r.stderr, /cannot adopt the children of the colo up that ran there: .*; they are left running/);
+    assert.equal(r.stdout, '');
+    assert.ok(pidAlive(primary) && pidAlive(secondary), 'the pair is untouched');
+    assert.ok(!fs.existsSync(path.join(env.dir, 'up.pid')), 'the refused colo up leaves no up.pid');
+  }
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
+  assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary]);
+});
