@@ -220,3 +220,24 @@ test('colo up run again with other options than the pair it would adopt (--memor
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
   assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary]);
 });
+
+test('colo up killed with the reader of its log (its stderr pipe closed): the children it leaves live on without their log, and are adopted', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  // The children write their log to the stderr they inherited: nobody reads it any more.
+  sup1.proc.stderr!.destroy();
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok(pidAlive(secondary), 'the secondary lives on after its partner died (it logged that, to a closed pipe)');
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+});
