@@ -241,3 +241,24 @@ test('colo up killed with the reader of its log (its stderr pipe closed): the ch
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
   await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
 });
+
+test('colo up (no --drive) killed while its children boot, run again at once: it waits for them and adopts them (the booting secondary replaced), no second pair, nothing orphaned', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const noDrive = args.filter((a, i) => a !== '--drive' && args[i - 1] !== '--drive');
+  const sup1 = spawnSupervisor(env, noDrive);
+  await sup1.line(/^pair: starting/, 0, 30000);
+  const booted = await waitFor('both children to run', () => (pidsUsing(env.dir).length === 2 ? pidsUsing(env.dir) : undefined), 10000);
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  assert.ok(!fs.existsSync(path.join(env.dir, 'vm1.qmp')) || !fs.existsSync(path.join(env.dir, 'vm2.qmp')), 'killed while they booted');
+  const sup2 = spawnSupervisor(env, noDrive);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): primary (\d+) runs unprotected$/, 0, 90000);
+  const primary = Number(adopted.m.at(1));
+  assert.ok(booted.includes(primary), `the adopted primary is one sup1 started (${booted.join(', ')}): ${sup2.timeline()}`);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), primary);
+  assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
+  await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [primary, Number(again.m.at(2))].sort());
+});
