@@ -157,13 +157,22 @@ function pidFile(qmpPath: string): string {
   return qmpPath.replace(/\.qmp$/, '.pid');
 }
 
-/** Whether a process `pid` exists (EPERM: it does, another user's). */
+/**
+ * Whether a process `pid` exists (EPERM: it does, another user's) and has not ended. A zombie
+ * has ended: an adopted child that dies is reaped by init, not by this supervisor, and an init
+ * that reaps late (every 2 s in some containers) or never would hold up its failover as long.
+ */
 function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
-    return true;
   } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
+    if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
+  }
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2));
+  } catch {
+    return true; // no /proc: what kill says
   }
 }
 
@@ -413,16 +422,16 @@ class UpDriver {
    * initial migration is killed (it protects nothing yet). Anything else is refused, the
    * children left as they are.
    */
-  async adopt(live: { id: number; qmpPath: string }[], nextId: number): Promise<void> {
+  async adopt(live: { id: number; qmpPath: string; pid: number | null }[], nextId: number): Promise<void> {
     const found: { c: Child; mode: string; status: string }[] = [];
     const fail = (why: string): never => {
       for (const f of found) void f.c.qmp?.close().catch(() => undefined);
       throw new UsageError('STATE_DIR', `${this.stateDir}: cannot adopt the children of the colo up that ran there: ${why}; they are left running`);
     };
-    for (const { id, qmpPath } of live) {
+    for (const { id, qmpPath, pid: known } of live) {
       let pid: number;
       try {
-        pid = Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
+        pid = known ?? Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
       } catch (err) {
         return fail(`vm${id} answers on its QMP socket but its pid file cannot be read (${errorMessage(err)})`);
       }
@@ -436,6 +445,11 @@ class UpDriver {
         status = String((await q.execute<{ status?: string }>('query-status')).status);
       } catch (err) {
         return fail(`vm${id} does not answer QMP (${errorMessage(err)})`);
+      }
+      const differs = this.differs(pid, id);
+      if (differs !== null) {
+        void q.close().catch(() => undefined);
+        return fail(`vm${id} (pid ${pid}) runs with ${differs}: run colo up with the options the pair was started with`);
       }
       const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
       const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
@@ -485,6 +499,44 @@ class UpDriver {
     this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
     // One that ended while it was being looked at: its exit came before the core knew it.
     for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /**
+   * How the command line of the adopted child `pid` (vm`id`) differs from what this supervisor
+   * would start (another guest, --memory, --net or --drive: its new secondaries could never be
+   * migrated into, or would serve elsewhere); null when it does not (or /proc cannot tell).
+   */
+  private differs(pid: number, id: number): string | null {
+    let argv: string[];
+    try {
+      argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+    } catch {
+      return null;
+    }
+    const opt = (name: string): string | null => {
+      const i = argv.indexOf(name);
+      return i < 0 || i + 1 >= argv.length ? null : argv[i + 1]!;
+    };
+    const guest = argv[argv.indexOf('run') + 1];
+    if (guest !== this.o.guestPath) return `the guest ${guest}, this colo up has ${this.o.guestPath}`;
+    const memory = opt('--memory');
+    const bytes = (m: string | null): number | null => {
+      try {
+        return m === null ? null : parseMemory(m);
+      } catch {
+        return null;
+      }
+    };
+    if (bytes(memory) === null || bytes(memory) !== bytes(this.o.memory)) return `--memory ${memory}, this colo up has --memory ${this.o.memory}`;
+    if (opt('--net') !== `listen=${this.address}`) return `--net ${opt('--net')}, this colo up has --net listen=${this.address}`;
+    const img = path.join(this.stateDir, `vm${id}.img`);
+    const drive = opt('--drive');
+    const want = this.o.drive === null ? null : `file=${fs.existsSync(img) ? img : this.o.drive}`;
+    if (drive !== want) return `${drive === null ? 'no --drive' : `--drive ${drive}`}, this colo up has ${this.o.drive === null ? 'none' : `--drive file=${this.o.drive}`}`;
+    const dash = argv.indexOf('--');
+    const args = dash < 0 ? [] : argv.slice(dash + 1, argv[argv.length - 1] === '' ? -1 : undefined);
+    if (JSON.stringify(args) !== JSON.stringify(this.o.guestArgs)) return `the guest arguments ${JSON.stringify(args)}, this colo up has ${JSON.stringify(this.o.guestArgs)}`;
+    return null;
   }
 
   /** An adopted child is not this process's: its end shows as its pid gone (reaped by its new parent). */
@@ -910,7 +962,8 @@ async function checkAddressFree(host: string, port: number): Promise<void> {
 /** What prepareStateDir found: the folder, and the children of a colo up that died there (to adopt). */
 interface StateDir {
   dir: string;
-  live: { id: number; qmpPath: string }[];
+  /** `pid`: its process, when found by its command line (else its pid file tells). */
+  live: { id: number; qmpPath: string; pid: number | null }[];
   /** Above every vmN file the folder holds: new children never reuse a name. */
   nextId: number;
 }
@@ -948,20 +1001,87 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
   } catch (err) {
     throw new UsageError('STATE_DIR', `${what}: cannot use it: ${errorMessage(err)}`);
   }
-  if (entries.includes(supervisorPidFile)) {
-    const pid = Number(fs.readFileSync(path.join(made, supervisorPidFile), 'utf8').trim());
-    if (Number.isSafeInteger(pid) && pid > 0 && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) {
-      throw new UsageError('STATE_DIR', `${what}: colo up ${pid} supervises the pair there`);
-    }
+  lockStateDir(made, what);
+  try {
+    // Read again: a colo up that held the folder until now may have changed it.
+    return await inspectStateDir(made, what, fs.readdirSync(made), drive);
+  } catch (err) {
+    fs.rmSync(path.join(made, supervisorPidFile), { force: true });
+    throw err;
   }
+}
+
+/**
+ * Makes `dir` this supervisor's: its up.pid, created only where there is none (two colo up
+ * started at once on one folder: one goes on, the other is refused), before the folder is
+ * looked at. One of a colo up that died is taken away first; of two supervisors that both
+ * found it stale, the one whose rename fails looks again and finds the other's.
+ */
+function lockStateDir(dir: string, what: string): void {
+  const file = path.join(dir, supervisorPidFile);
+  const mine = `${file}.${process.pid}`;
+  const refuse = (pid: number | null): never => {
+    throw new UsageError('STATE_DIR', `${what}: colo up ${pid ?? '(starting)'} supervises the pair there`);
+  };
+  try {
+    // Made whole, then linked: a reader never sees an empty up.pid (it would take it for stale).
+    fs.writeFileSync(mine, `${process.pid}\n`);
+    for (let attempt = 0; ; attempt++) {
+      try {
+        fs.linkSync(mine, file);
+        return;
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 3) throw err;
+      }
+      let held: string;
+      try {
+        held = fs.readFileSync(file, 'utf8');
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      const pid = Number(held.trim());
+      const valid = Number.isSafeInteger(pid) && pid > 0;
+      if (valid && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) refuse(pid);
+      // Stale: the up.pid of a colo up that died.
+      const stale = `${file}.stale.${process.pid}`;
+      try {
+        fs.renameSync(file, stale);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
+        throw err;
+      }
+      const took = fs.readFileSync(stale, 'utf8');
+      if (took !== held) {
+        // A colo up that started meanwhile made it: given back, and this one refused.
+        try {
+          fs.linkSync(stale, file);
+        } catch {
+          // a third one holds the folder now
+        }
+        fs.rmSync(stale, { force: true });
+        const other = Number(took.trim());
+        refuse(Number.isSafeInteger(other) && other > 0 ? other : null);
+      }
+      fs.rmSync(stale, { force: true });
+    }
+  } catch (err) {
+    if (err instanceof UsageError) throw err;
+    throw new UsageError('STATE_DIR', `${what}: cannot make its ${supervisorPidFile}: ${errorMessage(err)}`);
+  } finally {
+    fs.rmSync(mine, { force: true });
+  }
+}
+
+/** prepareStateDir, once the folder is this supervisor's. */
+async function inspectStateDir(made: string, what: string, entries: string[], drive: string | null): Promise<StateDir> {
   const images = entries.filter((f) => /^vm\d+\.img$/.test(f)).sort();
   if (drive !== null && images.some((f) => path.join(made, f) === drive)) {
     throw new UsageError('STATE_DIR', `--drive ${drive} is in ${what} under a name colo up gives the secondaries' disks (vmN.img): a secondary's empty image would replace it; rename it`);
   }
   const live: StateDir['live'] = [];
-  for (const f of entries.filter((e) => /^vm\d+\.qmp$/.test(e))) {
-    const socketPath = path.join(made, f);
-    const answers = await new Promise<boolean>((resolve) => {
+  const answers = (socketPath: string): Promise<boolean> =>
+    new Promise<boolean>((resolve) => {
       const sock = net.connect(socketPath, () => {
         sock.destroy();
         resolve(true);
@@ -972,7 +1092,30 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
         resolve(false);
       });
     });
-    if (answers) live.push({ id: Number(/\d+/.exec(f)![0]), qmpPath: socketPath });
+  // A child is known by its socket, or by its process: one the dead supervisor had just
+  // started (a secondary it was re-protecting with, the pair it was starting) has no socket
+  // that answers yet, maybe no pid file. Taken for absent, it would boot on unsupervised.
+  const running = childrenIn(made);
+  const childIds = [...new Set([...entries.flatMap((e) => /^vm(\d+)\.qmp$/.exec(e)?.[1] ?? []).map(Number), ...running.keys()])].sort((x, y) => x - y);
+  for (const id of childIds) {
+    const socketPath = path.join(made, `vm${id}.qmp`);
+    const pid = running.get(id);
+    if (pid === undefined) {
+      if (await answers(socketPath)) live.push({ id, qmpPath: socketPath, pid: null });
+      continue;
+    }
+    const deadline = Date.now() + limits.upChildStartTimeoutMs;
+    for (;;) {
+      if (await answers(socketPath)) {
+        live.push({ id, qmpPath: socketPath, pid });
+        break;
+      }
+      if (!pidAlive(pid)) break;
+      if (Date.now() > deadline) {
+        throw new UsageError('STATE_DIR', `${what}: vm${id} (pid ${pid}), started by the colo up that ran there, has not answered on its QMP socket for ${limits.upChildStartTimeoutMs} ms; it is left running`);
+      }
+      await new Promise((r) => setTimeout(r, limits.upAdoptedExitPollMs));
+    }
   }
   if (live.length === 0 && images.length > 0) {
     throw new UsageError(
@@ -981,7 +1124,33 @@ async function prepareStateDir(dir: string | null, drive: string | null): Promis
     );
   }
   const ids = entries.flatMap((e) => /^vm(\d+)\./.exec(e)?.[1] ?? []).map(Number);
-  return { dir: made, live, nextId: Math.max(0, ...ids) + 1 };
+  return { dir: made, live, nextId: Math.max(0, ...ids, ...running.keys()) + 1 };
+}
+
+/**
+ * The `colo run` processes whose QMP socket is in `dir` (children of a colo up there, also
+ * ones it had only just started), by node id (vmN): found by their command lines, as a child
+ * killed with its supervisor before its pid file was written has none. Empty without /proc.
+ */
+function childrenIn(dir: string): Map<number, number> {
+  const found = new Map<number, number>();
+  let procs: string[];
+  try {
+    procs = fs.readdirSync('/proc').filter((e) => /^\d+$/.test(e) && Number(e) !== process.pid);
+  } catch {
+    return found;
+  }
+  for (const e of procs) {
+    try {
+      const argv = fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
+      const i = argv.indexOf('--qmp');
+      const m = i > 0 && argv.includes('run') ? /^unix:(.*)\/vm(\d+)\.qmp$/.exec(argv[i + 1] ?? '') : null;
+      if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
+    } catch {
+      // gone meanwhile
+    }
+  }
+  return found;
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */
@@ -1005,8 +1174,6 @@ export async function upCommand(argv: string[]): Promise<number> {
   checkGuest(fs.readFileSync(o.guestPath));
   const state = await prepareStateDir(o.stateDir, o.drive);
   const stateDir = state.dir;
-  // Adopted children serve on the address already.
-  if (state.live.length === 0) await checkAddressFree(o.net.host, o.net.port);
   const driver = new UpDriver(o, stateDir);
   const onSignal = (sig: NodeJS.Signals): void => driver.dispatch({ type: 'signal', signal: sig });
   // SIGHUP too: the terminal or ssh session closing sends it to the supervisor only (the
@@ -1017,10 +1184,12 @@ export async function upCommand(argv: string[]): Promise<number> {
   process.stdout.on('error', (err: Error) => driver.stdoutFailed(err));
   const onExit = (): void => driver.killAll();
   process.on('exit', onExit);
+  // Made by prepareStateDir: the folder is this supervisor's from before it was looked at.
   const pidPath = path.join(stateDir, supervisorPidFile);
   try {
     try {
-      fs.writeFileSync(pidPath, `${process.pid}\n`);
+      // Adopted children serve on the address already.
+      if (state.live.length === 0) await checkAddressFree(o.net.host, o.net.port);
       if (state.live.length > 0) await driver.adopt(state.live, state.nextId);
       else driver.dispatch({ type: 'start' });
     } catch (err) {

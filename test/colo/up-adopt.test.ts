@@ -10,13 +10,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
-import { pidAlive, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 
-async function upArgs(env: TestEnv): Promise<{ args: string[]; port: number }> {
+async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
   const port = await freePort();
   const image = env.image('kv.img', 8 * 1024 * 1024);
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
-  args.push('--checkpoint-delay', '200', '--state-dir', env.dir);
+  args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extra);
   return { args, port };
 }
 
@@ -95,4 +95,170 @@ test('colo up run again after its primary died while no supervisor ran: the adop
   await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
   assert.match(sup2.stderr, /in COLO without its partner/);
   assert.doesNotMatch(sup2.stderr, / error /, sup2.stderr.slice(-3000));
+});
+
+/**
+ * A pair whose supervisor was SIGKILLed right after it started re-protecting (a new secondary
+ * booting, maybe without its pid file yet), after its primary died with `k` acknowledged.
+ */
+async function killedWhileReprotecting(env: TestEnv): Promise<{ args: string[]; port: number; survivor: number; booting: number }> {
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  process.kill(primary, 'SIGKILL');
+  await sup1.line(/^pair: re-protecting$/, p1.at, 15000);
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const booting = await waitFor('the new secondary to run', () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
+  return { args, port, survivor: secondary, booting };
+}
+
+test('colo up killed while it re-protects (a new secondary booting), run again at once: that secondary is not left running orphaned, and the pair ends protected with every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, survivor, booting } = await killedWhileReprotecting(env);
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), survivor);
+  const newSecondary = Number(again.m.at(2));
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await waitFor(`the secondary sup1 was booting (pid ${booting}) to be gone or supervised; colo run processes: ${pidsUsing(env.dir).join(', ')}`, () => !pidAlive(booting) || booting === newSecondary || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [survivor, newSecondary].sort(), 'the pair is the only colo run left in the folder');
+});
+
+test('two colo up started at once on the folder of one that died: one adopts the children, the other is refused and touches nothing', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, survivor } = await killedWhileReprotecting(env);
+  const [a, b] = [spawnSupervisor(env, args), spawnSupervisor(env, args)];
+  await waitFor('one of the two to exit', () => !a.alive || !b.alive || undefined, 30000);
+  const [refused, running] = a.alive ? [b, a] : [a, b];
+  assert.notEqual(refused.exitCode, 0);
+  assert.match(refused.stderr, new RegExp(`colo up ${running.proc.pid} supervises the pair there`), refused.stderr);
+  assert.deepEqual(refused.lines, [], 'the refused one printed no state');
+  const adopted = await running.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
+  await running.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(running.proc.pid));
+});
+
+test('an adopted child that dies is seen at once, also while init has not reaped it yet: the adopted secondary, then the adopted primary', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
+
+  // Neither is this supervisor's child: their ends show only as their pids going (or zombies).
+  let killedAt = performance.now();
+  process.kill(secondary, 'SIGKILL');
+  const alone = await sup2.line(new RegExp(`^pair: secondary died \\(.*\\); primary ${primary} continues unprotected$`), adopted.at, 15000);
+  const aloneMs = performance.now() - killedAt;
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, alone.at, 90000);
+  killedAt = performance.now();
+  process.kill(primary, 'SIGKILL');
+  await sup2.line(new RegExp(`^pair: primary died \\(.*\\); secondary ${again.m.at(2)} took over`), again.at, 15000);
+  const tookMs = performance.now() - killedAt;
+  assert.ok(aloneMs < 700 && tookMs < 700, `the deaths were acted on after ${aloneMs.toFixed(0)} ms and ${tookMs.toFixed(0)} ms`);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+});
+
+test('colo up (multifd) killed during the initial migration into COLO, run again: the half-migrated secondary is killed, the primary protected again with a new one, nothing left behind', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env, ['--parallel-connections', '2']);
+  const sup1 = spawnSupervisor(env, args);
+  const m = await waitFor('the initial migration to start', () => /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup1.stderr) ?? undefined, 90000);
+  const [primary, secondary] = [Number(m[1]), Number(m[2])];
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK', 'the primary serves alone');
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): (.*)$/, 0, 30000);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), primary, sup2.timeline());
+  const newSecondary = Number(again.m.at(2));
+  assert.notEqual(newSecondary, secondary);
+  await waitFor('the half-migrated secondary to be gone', () => !pidAlive(secondary) || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [primary, newSecondary].sort());
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  assert.deepEqual(fs.readdirSync(env.dir).filter((f) => /^vm2\./.test(f) && f !== 'vm2.serial'), [], 'the killed secondary left no socket, pid file or disk');
+});
+
+test('colo up run again with other options than the pair it would adopt (--memory, --net, --drive) is refused in one line, and the pair runs on untouched; with the same options it adopts it', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const other = await freePort();
+  const variants: [string[], RegExp][] = [
+    [args.map((a) => (a === '64M' ? '128M' : a)), /runs with --memory 64M, this colo up has --memory 128M/],
+    [args.map((a) => (a === `listen=127.0.0.1:${port}` ? `listen=127.0.0.1:${other}` : a)), new RegExp(`runs with --net listen=127\\.0\\.0\\.1:${port}, this colo up has --net listen=127\\.0\\.0\\.1:${other}`)],
+    [args.filter((a, i) => a !== '--drive' && args[i - 1] !== '--drive'), /runs with --drive file=.*, this colo up has none/],
+  ];
+  for (const [argv, why] of variants) {
+    const r = await runProgram(process.execPath, argv, { timeoutMs: 30000, cwd: env.dir });
+    assert.notEqual(r.code, 0, r.stderr);
+    assert.match(r.stderr, why);
+    assert.match(r.stderr, /cannot adopt the children of the colo up that ran there: .*; they are left running/);
+    assert.equal(r.stdout, '');
+    assert.ok(pidAlive(primary) && pidAlive(secondary), 'the pair is untouched');
+    assert.ok(!fs.existsSync(path.join(env.dir, 'up.pid')), 'the refused colo up leaves no up.pid');
+  }
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
+  assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary]);
+});
+
+test('colo up killed with the reader of its log (its stderr pipe closed): the children it leaves live on without their log, and are adopted', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  // The children write their log to the stderr they inherited: nobody reads it any more.
+  sup1.proc.stderr!.destroy();
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  await new Promise((r) => setTimeout(r, 500));
+  assert.ok(pidAlive(secondary), 'the secondary lives on after its partner died (it logged that, to a closed pipe)');
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+});
+
+test('colo up (no --drive) killed while its children boot, run again at once: it waits for them and adopts them (the booting secondary replaced), no second pair, nothing orphaned', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const noDrive = args.filter((a, i) => a !== '--drive' && args[i - 1] !== '--drive');
+  const sup1 = spawnSupervisor(env, noDrive);
+  await sup1.line(/^pair: starting/, 0, 30000);
+  const booted = await waitFor('both children to run', () => (pidsUsing(env.dir).length === 2 ? pidsUsing(env.dir) : undefined), 10000);
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  assert.ok(!fs.existsSync(path.join(env.dir, 'vm1.qmp')) || !fs.existsSync(path.join(env.dir, 'vm2.qmp')), 'killed while they booted');
+  const sup2 = spawnSupervisor(env, noDrive);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): primary (\d+) runs unprotected$/, 0, 90000);
+  const primary = Number(adopted.m.at(1));
+  assert.ok(booted.includes(primary), `the adopted primary is one sup1 started (${booted.join(', ')}): ${sup2.timeline()}`);
+  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  assert.equal(Number(again.m.at(1)), primary);
+  assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
+  await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
+  assert.deepEqual(pidsUsing(env.dir).sort(), [primary, Number(again.m.at(2))].sort());
 });
