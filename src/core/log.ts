@@ -42,17 +42,6 @@ export interface Logger {
   enabled(level: LogLevel): boolean;
 }
 
-/**
- * False once stderr failed (EPIPE: the reader of its pipe went away). The children of a colo up
- * inherit its stderr: when the supervisor dies with the reader of its log (`colo up ... 2>&1 |
- * tee` killed as a process group), an unhandled 'error' on their next line would end both
- * nodes of the pair it left running, instead of their log only.
- */
-let stderrOpen = true;
-process.stderr.on('error', () => {
-  stderrOpen = false;
-});
-
 export function logger(component: string): Logger {
   const at = (level: LogLevel) => (msg: string): void => {
     if (order[level] < order[threshold] || !stderrOpen) return;
