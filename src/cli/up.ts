@@ -507,12 +507,8 @@ class UpDriver {
    * migrated into, or would serve elsewhere); null when it does not (or /proc cannot tell).
    */
   private differs(pid: number, id: number): string | null {
-    let argv: string[];
-    try {
-      argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    } catch {
-      return null;
-    }
+    const argv = commandLine(pid);
+    if (argv === null) return null;
     const opt = (name: string): string | null => {
       const i = argv.indexOf(name);
       return i < 0 || i + 1 >= argv.length ? null : argv[i + 1]!;
@@ -1141,25 +1137,26 @@ function childrenIn(dir: string): Map<number, number> {
     return found;
   }
   for (const e of procs) {
-    try {
-      const argv = fs.readFileSync(`/proc/${e}/cmdline`, 'utf8').split('\0');
-      const i = argv.indexOf('--qmp');
-      const m = i > 0 && argv.includes('run') ? /^unix:(.*)\/vm(\d+)\.qmp$/.exec(argv[i + 1] ?? '') : null;
-      if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
-    } catch {
-      // gone meanwhile
-    }
+    const argv = commandLine(Number(e)); // null: gone meanwhile
+    if (argv === null) continue;
+    const i = argv.indexOf('--qmp');
+    const m = i > 0 && argv.includes('run') ? /^unix:(.*)\/vm(\d+)\.qmp$/.exec(argv[i + 1] ?? '') : null;
+    if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
   }
   return found;
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */
 function isColoUp(pid: number): boolean {
+  return commandLine(pid)?.includes('up') ?? false;
+}
+
+/** The command line of process `pid` (/proc), or null when it cannot be read (gone, no /proc). */
+function commandLine(pid: number): string[] | null {
   try {
-    const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
-    return argv.includes('up');
+    return fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
   } catch {
-    return false;
+    return null;
   }
 }
 
