@@ -104,6 +104,19 @@ async function echo(c: Client, text: string): Promise<void> {
   assert.equal(c.received().slice(before), text);
 }
 
+/** The listen-close guest on a source and an `--incoming defer` destination, both on one `--net` address. */
+async function sourceAndDestination(t: TestContext): Promise<{ env: TestEnv; port: number; src: VmProcess; dst: VmProcess }> {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const guest = listenCloseGuest(t);
+  const common = ['--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  return { env, port, src, dst };
+}
+
 /** The guest closes fd 3 through client `a` (which it accepted); `queued` connected before and was never accepted. */
 async function closeListener(vm: VmProcess, port: number, env: TestEnv): Promise<{ a: Client; queued: Client }> {
   const a = await connect(port);
@@ -129,14 +142,7 @@ test('a guest that closes its listening socket: new clients are refused, the que
 });
 
 test('a guest that closed its listening socket does not listen after a migration', async (t) => {
-  const env = new TestEnv(t);
-  const port = await freePort();
-  const guest = listenCloseGuest(t);
-  const common = ['--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const { env, port, src, dst } = await sourceAndDestination(t);
   await closeListener(src, port, env);
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
@@ -148,14 +154,7 @@ test('a guest that closed its listening socket does not listen after a migration
 });
 
 test('a guest that closed its listening socket under COLO: the primary refuses clients, and so does the secondary after a takeover', async (t) => {
-  const env = new TestEnv(t);
-  const port = await freePort();
-  const guest = listenCloseGuest(t);
-  const common = ['--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const { env, port, src, dst } = await sourceAndDestination(t);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 300 }), dst.setMigration({ 'x-colo': true })]);
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
