@@ -21,6 +21,10 @@ test('shell: values are JSON when they parse, else strings', () => {
   assert.deepEqual(parseShellValue('[1,"a",{"b":null}]'), [1, 'a', { b: null }]);
   assert.equal(parseShellValue('{not json'), '{not json');
   assert.throws(() => parseShellValue('12345678901234567890'), UsageError);
+  // Nested too: JSON.parse would send 9007199254740992 for it, silently.
+  assert.throws(() => parseShellValue('[1, 9007199254740993]'), /the integer 9007199254740993 is too large to be sent exactly/);
+  assert.throws(() => parseShellValue('{"a": {"b": -9007199254740993}}'), /the integer -9007199254740993 is too large/);
+  assert.deepEqual(parseShellValue('[9007199254740991, 1e300, 9007199254740993.5]'), [9007199254740991, 1e300, 9007199254740993.5]);
 });
 
 test('shell: commands, nested keys and JSON arguments', () => {
@@ -60,6 +64,7 @@ test('shell: syntax errors are UsageErrors with qmp-shell wording', () => {
     [['uri=x'], "expected a QMP command name first, got 'uri=x'"],
     [['{"execute":'], 'the request is not valid JSON: '],
     [['{"arguments":{}}'], 'a JSON request needs an "execute" member with the command name'],
+    [['{"execute":"pmemsave","arguments":{"val":18446744073709551615,"size":1,"filename":"/f"}}'], 'the integer 18446744073709551615 is too large to be sent exactly'],
   ];
   for (const [words, message] of cases) {
     assert.throws(
