@@ -140,9 +140,26 @@ export function parseShellCommand(words: readonly string[]): ShellCommand {
   return { execute: first, arguments: args };
 }
 
-/** A reply value as printed by `colo qmp`: indented JSON. */
+/**
+ * A reply value as printed by `colo qmp`: indented JSON (JSON.stringify's layout), with an
+ * integer beyond 2^53 (a QmpExactInteger: the client reads replies so) written as the server
+ * sent it, not as the nearest double.
+ */
 export function formatReply(value: unknown): string {
-  return JSON.stringify(value === undefined ? {} : value, null, 2);
+  return formatJson(value === undefined ? {} : value, '');
+}
+
+function formatJson(v: unknown, indent: string): string {
+  if (v instanceof QmpExactInteger) return v.text;
+  if (v === null || typeof v !== 'object') return JSON.stringify(v) ?? 'null';
+  const inner = indent + '  ';
+  if (Array.isArray(v)) {
+    if (v.length === 0) return '[]';
+    return `[\n${v.map((x) => inner + formatJson(x, inner)).join(',\n')}\n${indent}]`;
+  }
+  const entries = Object.entries(v as Record<string, unknown>).filter(([, x]) => x !== undefined);
+  if (entries.length === 0) return '{}';
+  return `{\n${entries.map(([k, x]) => `${inner}${JSON.stringify(k)}: ${formatJson(x, inner)}`).join(',\n')}\n${indent}}`;
 }
 
 export interface TextSink {
@@ -180,7 +197,7 @@ export async function runQmpCommand(
   const timing = options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs };
   let client: QmpClient;
   try {
-    client = await QmpClient.connect(address, timing);
+    client = await QmpClient.connect(address, { ...timing, exactIntegers: true });
   } catch (e) {
     if (e instanceof QmpCommandError) err.write(`error: ${e.errorClass}: ${e.message}\n`);
     else err.write(`error: ${errorMessage(e)}\n`);
