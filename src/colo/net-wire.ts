@@ -9,6 +9,9 @@
  *   output moved  u8 4, u32 0 (main channel only: the SVM output channel broke on the secondary;
  *                 SVM output goes on the main channel from here on, after what it still delivers)
  *   svm crashed   u8 5, u32 0 (main channel only: the SVM's guest crashed; a checkpoint replaces it)
+ *   input held    u8 6, u32 0 (main channel only: the SVM left too much mirrored input untaken on
+ *                 the secondary; the primary stops reading its clients and takes a checkpoint)
+ *   input free    u8 7, u32 0 (main channel only: that input is down to half; clients are read again)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
  *
  * The SVM output channel (output-channel.ts) carries the same batches, each after its length
@@ -23,6 +26,8 @@ const outputTag = 2;
 const mirrorReadyTag = 3;
 const outputMovedTag = 4;
 const svmCrashedTag = 5;
+const inputHeldTag = 6;
+const inputFreeTag = 7;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
@@ -31,7 +36,9 @@ export type NetBatch =
   | { type: 'output'; epoch: number; events: NicOutput[] }
   | { type: 'mirror-ready' }
   | { type: 'output-moved' }
-  | { type: 'svm-crashed' };
+  | { type: 'svm-crashed' }
+  | { type: 'input-held' }
+  | { type: 'input-free' };
 
 const entryBytes = 17;
 
@@ -176,6 +183,18 @@ export function encodeSvmCrashed(): Buffer {
   return b;
 }
 
+/**
+ * The secondary's SVM has more mirrored input untaken than limits.coloSvmInputPendingBytesMax
+ * ('held'), or is down to half of it again ('free'): back-pressure on the primary's clients,
+ * since the secondary reads the main channel on (checkpoints come on it). A coloNet payload,
+ * on the main channel.
+ */
+export function encodeInputPressure(held: boolean): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(held ? inputHeldTag : inputFreeTag, 0);
+  return b;
+}
+
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
 export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
@@ -242,6 +261,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   if (tag === svmCrashedTag) {
     if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('svm-crashed carries data');
     return { type: 'svm-crashed' };
+  }
+  if (tag === inputHeldTag || tag === inputFreeTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('input-held/free carries data');
+    return { type: tag === inputHeldTag ? 'input-held' : 'input-free' };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;

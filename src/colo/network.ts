@@ -33,7 +33,7 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputPressure, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
@@ -85,6 +85,8 @@ export class PrimaryNet {
   private inputHeld = false;
   /** Client input stopped: the secondary left too much mirrored input unread (boundMirror). */
   private mirrorHeld = false;
+  /** Client input stopped: the secondary's SVM left too much mirrored input untaken (an input-held batch). */
+  private svmInputHeld = false;
   private readonly mirror: Batcher<NicInput>;
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
@@ -295,6 +297,10 @@ export class PrimaryNet {
       this.onTrigger('svm-crashed');
       return;
     }
+    if ((batch.type === 'input-held' || batch.type === 'input-free') && !onChannel) {
+      this.svmInputPressure(batch.type === 'input-held');
+      return;
+    }
     if (batch.type !== 'output') throw new StreamError('FRAME_INVALID', `coloNet: the secondary sent a ${batch.type} batch`);
     if (!this.active) return;
     const now = performance.now();
@@ -367,6 +373,33 @@ export class PrimaryNet {
     this.vm.frontEnd?.resumeReading('compare');
   }
 
+  /**
+   * The secondary reads the main channel on whatever its SVM takes (checkpoints come on it),
+   * so a PVM that takes input faster than the SVM would pile the difference up in the
+   * secondary's memory, out of boundMirror's sight. It says when that passed
+   * limits.coloSvmInputPendingBytesMax: the clients are not read, and a checkpoint (which
+   * brings the SVM up to the PVM, the input before it dropped) is asked for; they are read
+   * again once it says it is down to half.
+   */
+  private svmInputPressure(held: boolean): void {
+    if (!this.active) return;
+    if (held && !this.svmInputHeld) {
+      this.svmInputHeld = true;
+      this.vm.frontEnd?.pauseReading('svm-input');
+      log.info(`the SVM has more than ${limits.coloSvmInputPendingBytesMax} bytes of mirrored input untaken on the secondary: clients are not read until it has taken half of them`);
+      this.onTrigger('resync');
+    } else if (!held && this.svmInputHeld) {
+      this.releaseSvmInput();
+      log.info('the SVM took the mirrored input left on the secondary: clients are read again');
+    }
+  }
+
+  private releaseSvmInput(): void {
+    if (!this.svmInputHeld) return;
+    this.svmInputHeld = false;
+    this.vm.frontEnd?.resumeReading('svm-input');
+  }
+
   private releaseMirror(): void {
     if (!this.mirrorHeld) return;
     this.mirrorHeld = false;
@@ -411,6 +444,7 @@ export class PrimaryNet {
     for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
     this.releaseInput();
     this.releaseMirror();
+    this.releaseSvmInput();
   }
 
   /**
@@ -428,6 +462,7 @@ export class PrimaryNet {
     if (dropped > 0) log.debug(`dropped ${dropped} bytes of output held for the compare`);
     this.releaseInput();
     this.releaseMirror();
+    this.releaseSvmInput();
   }
 
   /** No more comparing or mirroring; false if that was so already. */
@@ -462,6 +497,12 @@ export class SecondaryNet {
   epoch = 0;
   private active = false;
   private readonly outputs: Batcher<NicOutput>;
+  /**
+   * The primary was told the SVM has too much mirrored input untaken (input-held): looks every
+   * limits.coloCompareScanMs whether it is down to half (the SVM took it, or an apply dropped
+   * what the checkpoint's state had), to say input-free.
+   */
+  private inputHeld: NodeJS.Timeout | null = null;
   private readonly onDirectFailed = (message: string): void => {
     // The primary closed it, or is gone (then the main channel breaks too and a failover follows).
     log.info(`the SVM output channel closed (${message}); SVM output goes on the main channel`);
@@ -533,6 +574,45 @@ export class SecondaryNet {
     latencyTrace?.event('S:mirrorIn');
     // Input the loaded NIC state already has (sequence number ≤ its last) is dropped by the NIC.
     for (const ev of batch.events) this.vm.machine.injectInput(ev);
+    this.boundInput();
+  }
+
+  /**
+   * Mirrored input waits in this process until the SVM takes it, and this channel is read on
+   * regardless (checkpoints come on it): an SVM that takes input slower than the PVM, or not at
+   * all, must not grow the secondary's memory by what the clients send. Past
+   * limits.coloSvmInputPendingBytesMax the primary is told to stop reading its clients (and
+   * takes a checkpoint); what it had already sent still comes, and none of it is dropped.
+   */
+  private boundInput(): void {
+    if (this.inputHeld !== null || this.vm.machine.pendingInputBytes <= limits.coloSvmInputPendingBytesMax) return;
+    if (!this.sendPressure(true)) return;
+    log.info(`the SVM has ${this.vm.machine.pendingInputBytes} bytes of mirrored input untaken, above ${limits.coloSvmInputPendingBytesMax}: the primary stops reading its clients until it has taken half of them`);
+    this.inputHeld = setInterval(() => {
+      if (!this.active) {
+        this.endInputHeld();
+        return;
+      }
+      if (this.vm.machine.pendingInputBytes > limits.coloSvmInputPendingBytesMax / 2) return;
+      this.endInputHeld();
+      this.sendPressure(false);
+    }, limits.coloCompareScanMs);
+  }
+
+  private endInputHeld(): void {
+    if (this.inputHeld !== null) clearInterval(this.inputHeld);
+    this.inputHeld = null;
+  }
+
+  private sendPressure(held: boolean): boolean {
+    try {
+      this.session.sendColoNet(encodeInputPressure(held));
+      return true;
+    } catch (err) {
+      // The channel is gone: a failover follows, which ends the primary's hold too.
+      log.debug(`sending input-${held ? 'held' : 'free'}: ${errorMessage(err)}`);
+      return false;
+    }
   }
 
   /**
@@ -549,6 +629,7 @@ export class SecondaryNet {
   /** Takeover: SVM output goes to this node's own front end. */
   stop(): void {
     this.active = false;
+    this.endInputHeld();
     this.outputs.drop();
     this.vm.outputSink = null;
     this.vm.machine.off('direct-output-failed', this.onDirectFailed);

@@ -18,6 +18,7 @@ import type * as net from 'node:net';
 import { ChannelClosedError, QmpCommandError, TimeoutError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { connectTo, formatAddress, toAddress, type SocketAddress } from './address.js';
+import { parseQmpJson } from './qmp-json.js';
 import { LineBuffer, lineTooLong } from './qmp-json.js';
 
 export interface QmpGreeting {
@@ -45,6 +46,12 @@ export interface QmpConnectOptions {
    * never waits (a heartbeat) 0. A VM sends a STOP and a RESUME per COLO checkpoint.
    */
   eventLogMax?: number;
+  /**
+   * Integers beyond 2^53 in replies and events come back as QmpExactInteger, as the server
+   * wrote them (QEMU's int64/uint64: addresses, byte counters), instead of as the nearest
+   * double (default false: numbers). `colo qmp` prints them so.
+   */
+  exactIntegers?: boolean;
 }
 
 export interface QmpExecuteOptions {
@@ -120,7 +127,12 @@ export class QmpClient {
   private onGreeting: ((greeting: unknown) => void) | undefined;
   private readonly closedPromise: Promise<void>;
 
-  private constructor(socket: net.Socket, address: string, private readonly eventLogMax: number) {
+  private constructor(
+    socket: net.Socket,
+    address: string,
+    private readonly eventLogMax: number,
+    private readonly exactIntegers = false,
+  ) {
     this.socket = socket;
     this.address = address;
     this.closedPromise = new Promise<void>((resolve) => socket.once('close', () => resolve()));
@@ -162,7 +174,7 @@ export class QmpClient {
     const timeoutMs = options.timeoutMs ?? limits.qmpTimeoutMsDefault;
     const deadline = Date.now() + timeoutMs;
     const socket = await connectTo(address, timeoutMs);
-    const client = new QmpClient(socket, text, options.eventLogMax ?? limits.qmpClientEventLogMax);
+    const client = new QmpClient(socket, text, options.eventLogMax ?? limits.qmpClientEventLogMax, options.exactIntegers === true);
     try {
       const greeting = await client.readGreeting(Math.max(1, deadline - Date.now()), timeoutMs);
       const enableOob = greeting.capabilities.includes('oob') && options.oob !== false;
@@ -357,7 +369,7 @@ export class QmpClient {
       if (text === '') continue;
       let message: unknown;
       try {
-        message = JSON.parse(text);
+        message = this.exactIntegers ? parseQmpJson(text, limits.qmpJsonDepthMax, { exactIntegers: true }) : JSON.parse(text);
       } catch (err) {
         this.fail(`${this.address} sent a line that is not JSON: ${errorMessage(err)}`);
         return;

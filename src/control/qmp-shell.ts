@@ -12,7 +12,9 @@
  * build nested objects: `a.b=1 a.c=x` → {"a": {"b": 1, "c": "x"}}.
  */
 import { ColoError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
+import { limits } from '../core/limits.js';
 import { parseAddress } from './address.js';
+import { QmpExactInteger, parseQmpJson } from './qmp-json.js';
 import { QmpClient } from './qmp-client.js';
 
 export interface ShellCommand {
@@ -39,14 +41,36 @@ export function parseShellValue(text: string): unknown {
   } catch {
     return text;
   }
-  if (typeof value === 'number') {
-    // Keep what JSON numbers cannot carry exactly as text rather than send something else.
-    if (!Number.isFinite(value)) return text;
-    if (/^-?[0-9]+$/.test(text.trim()) && !Number.isSafeInteger(value)) {
-      throw syntax(`the integer ${text} is too large to be sent exactly (the limit is ${Number.MAX_SAFE_INTEGER})`);
-    }
-  }
+  // Keep what JSON numbers cannot carry exactly as text rather than send something else.
+  if (typeof value === 'number' && !Number.isFinite(value)) return text;
+  refuseInexactIntegers(text);
   return value;
+}
+
+/**
+ * JSON.parse turns an integer beyond 2^53 into a neighbouring double (9007199254740993 into
+ * 9007199254740992), anywhere in a value: in an object or array too (a QEMU address or byte
+ * count in a JSON argument or a whole request), sending another number than the one written.
+ * Such a number is a UsageError instead.
+ */
+function refuseInexactIntegers(text: string): void {
+  let exact: unknown;
+  try {
+    exact = parseQmpJson(text, limits.qmpJsonDepthMax, { exactIntegers: true });
+  } catch {
+    return; // JSON.parse took it; a dialect difference, not a number (JSON.parse's value is sent)
+  }
+  const find = (v: unknown): QmpExactInteger | null => {
+    if (v instanceof QmpExactInteger) return v;
+    if (v === null || typeof v !== 'object') return null;
+    for (const x of Object.values(v)) {
+      const hit = find(x);
+      if (hit !== null) return hit;
+    }
+    return null;
+  };
+  const hit = find(exact);
+  if (hit !== null) throw syntax(`the integer ${hit.text} is too large to be sent exactly (the limit is ${Number.MAX_SAFE_INTEGER})`);
 }
 
 /** Sets `value` at the dotted `key` of `target`, with qmp-shell's errors for conflicts. */
@@ -91,6 +115,7 @@ export function parseShellCommand(words: readonly string[]): ShellCommand {
     } catch (err) {
       throw syntax(`the request is not valid JSON: ${errorMessage(err)}`);
     }
+    refuseInexactIntegers(first);
     if (!isObject(request) || typeof request.execute !== 'string') {
       throw syntax('a JSON request needs an "execute" member with the command name');
     }
@@ -115,9 +140,26 @@ export function parseShellCommand(words: readonly string[]): ShellCommand {
   return { execute: first, arguments: args };
 }
 
-/** A reply value as printed by `colo qmp`: indented JSON. */
+/**
+ * A reply value as printed by `colo qmp`: indented JSON (JSON.stringify's layout), with an
+ * integer beyond 2^53 (a QmpExactInteger: the client reads replies so) written as the server
+ * sent it, not as the nearest double.
+ */
 export function formatReply(value: unknown): string {
-  return JSON.stringify(value === undefined ? {} : value, null, 2);
+  return formatJson(value === undefined ? {} : value, '');
+}
+
+function formatJson(v: unknown, indent: string): string {
+  if (v instanceof QmpExactInteger) return v.text;
+  if (v === null || typeof v !== 'object') return JSON.stringify(v) ?? 'null';
+  const inner = indent + '  ';
+  if (Array.isArray(v)) {
+    if (v.length === 0) return '[]';
+    return `[\n${v.map((x) => inner + formatJson(x, inner)).join(',\n')}\n${indent}]`;
+  }
+  const entries = Object.entries(v as Record<string, unknown>).filter(([, x]) => x !== undefined);
+  if (entries.length === 0) return '{}';
+  return `{\n${entries.map(([k, x]) => `${inner}${JSON.stringify(k)}: ${formatJson(x, inner)}`).join(',\n')}\n${indent}}`;
 }
 
 export interface TextSink {
@@ -155,7 +197,7 @@ export async function runQmpCommand(
   const timing = options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs };
   let client: QmpClient;
   try {
-    client = await QmpClient.connect(address, timing);
+    client = await QmpClient.connect(address, { ...timing, exactIntegers: true });
   } catch (e) {
     if (e instanceof QmpCommandError) err.write(`error: ${e.errorClass}: ${e.message}\n`);
     else err.write(`error: ${errorMessage(e)}\n`);

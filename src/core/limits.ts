@@ -315,6 +315,14 @@ export const limits = {
    * grow the primary's memory by what the clients send (the PVM goes on taking it).
    */
   coloMirrorUnsentBytesMax: 16 * 1024 * 1024,
+  /**
+   * COLO: mirrored input the secondary read from the main channel that its SVM has not taken
+   * yet (Machine.pendingInputBytes; the input ring's own bytes aside) above which the secondary
+   * tells the primary to stop reading its clients until it is down to half: the main channel
+   * is read on (checkpoints come on it), so the primary's coloMirrorUnsentBytesMax does not see
+   * an SVM that falls behind a PVM taking input faster.
+   */
+  coloSvmInputPendingBytesMax: 16 * 1024 * 1024,
   /** COLO: mirrored input or SVM output bytes per coloNet frame (below frameBytesMax). */
   coloNetBatchBytes: 1024 * 1024,
   /** COLO: how long the secondary waits for the primary to open the SVM output channel (and for its hello). */

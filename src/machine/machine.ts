@@ -57,6 +57,11 @@ export interface IoErrorReport {
 
 const log = logger('machine');
 
+/** What one input event waiting in the main thread counts (Machine.pendingInputBytes). */
+function inputCharge(ev: NicInput): number {
+  return limits.nicInputEventCharge + (ev.kind === 'data' ? ev.bytes.byteLength : 0);
+}
+
 /**
  * Events: 'stop', 'resume', 'output' (NicOutput), 'shutdown' (exit code), 'panicked' (message;
  * then 'stop', as QEMU's GUEST_PANICKED is followed by STOP),
@@ -84,6 +89,8 @@ export class Machine extends EventEmitter {
   private destroyed = false;
   private vcpuRunning = false;
   private pendingInput: NicInput[] = [];
+  /** What pendingInput holds: data bytes plus limits.nicInputEventCharge per event (pendingInputBytes). */
+  private pendingInputCharge = 0;
   /**
    * A save is on its way from the vCPU: input is not written to the ring meanwhile, so that
    * every event numbered is either in the state the vCPU saves (it drains the ring first) or
@@ -496,6 +503,7 @@ export class Machine extends EventEmitter {
     const ok = restored as Extract<WorkerReply, { type: 'restored' }> | null;
     if (ok === null) throw new RestoreError(r.type === 'error' ? (r.code ?? 'STATE_INVALID') : 'STATE_INVALID', r.type === 'error' ? r.message : `unexpected ${r.type}`);
     if (r.type === 'error') throw new MachineError('VM_DEAD', r.message);
+    this.dropInputBefore(state.nic.lastSeq);
     return { connections: ok.connections, maxConnId: ok.maxConnId };
   }
 
@@ -506,13 +514,36 @@ export class Machine extends EventEmitter {
   injectInput(ev: NicInput): void {
     if (this.destroyed) return;
     this.pendingInput.push(ev);
+    this.pendingInputCharge += inputCharge(ev);
     if (this.pendingInput.length === 1) setImmediate(() => this.flushInput());
+  }
+
+  /**
+   * Input injected that the vCPU has not taken into its ring yet (a guest that reads nothing,
+   * or a paused one, leaves it here), as data bytes plus limits.nicInputEventCharge per event.
+   * Nothing here bounds it: whoever injects does (a front end's windows, a COLO secondary's
+   * SecondaryNet).
+   */
+  get pendingInputBytes(): number {
+    return this.pendingInputCharge;
+  }
+
+  /**
+   * Input still waiting here that a state just loaded already has (numbered up to its
+   * lastSeq): the NIC would drop it anyway, once the ring had carried it there. A COLO
+   * secondary whose SVM fell behind its mirror sheds that backlog at the checkpoint's apply.
+   */
+  private dropInputBefore(lastSeq: number): void {
+    let k = 0;
+    while (k < this.pendingInput.length && this.pendingInput[k]!.seq <= lastSeq) this.pendingInputCharge -= inputCharge(this.pendingInput[k++]!);
+    if (k > 0) this.pendingInput = this.pendingInput.slice(k);
   }
 
   private flushInput(): void {
     if (this.pendingInput.length === 0 || this.destroyed || this.savesInFlight > 0) return;
     const n = this.input.write(this.pendingInput);
     if (n > 0) {
+      for (let i = 0; i < n; i++) this.pendingInputCharge -= inputCharge(this.pendingInput[i]!);
       this.pendingInput = n === this.pendingInput.length ? [] : this.pendingInput.slice(n);
       Atomics.add(this.ctl, ctl.wake, 1);
       Atomics.notify(this.ctl, ctl.wake);
@@ -524,6 +555,7 @@ export class Machine extends EventEmitter {
       // Cannot happen with socket-sized chunks; never let it block the input behind it.
       log.error(`dropping a ${first.kind} input event that does not fit the input ring (${limits.nicInputRingBytes} bytes)`);
       this.pendingInput.shift();
+      this.pendingInputCharge -= inputCharge(first);
       this.flushInput();
       return;
     }

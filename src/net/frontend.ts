@@ -11,7 +11,7 @@ import type { NicInput, NicOutput } from './nic.js';
  * the COLO compare holds too much output, or the COLO secondary is too far behind in reading
  * the mirrored input.
  */
-export type ReadingPause = 'vm' | 'compare' | 'mirror';
+export type ReadingPause = 'vm' | 'compare' | 'mirror' | 'svm-input';
 
 const log = logger('net');
 

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Compare } from '../../src/colo/compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from '../../src/colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputPressure, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from '../../src/colo/net-wire.js';
 import { limits } from '../../src/core/limits.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
 import { StreamError } from '../../src/core/errors.js';
@@ -293,7 +293,11 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   const bad = Buffer.from(p!);
   bad.writeUInt8(9, 5); // unknown kind of the first event
   assert.throws(() => decodeNetBatch(bad), /unknown input kind/);
-  assert.throws(() => decodeNetBatch(Buffer.from([6, 0, 0, 0, 0])), /unknown batch type/);
+  assert.throws(() => decodeNetBatch(Buffer.from([8, 0, 0, 0, 0])), /unknown batch type/);
+  // The secondary's back-pressure on the mirror: a tag and a zero count, nothing more.
+  assert.deepEqual(decodeNetBatch(encodeInputPressure(true)), { type: 'input-held' });
+  assert.deepEqual(decodeNetBatch(encodeInputPressure(false)), { type: 'input-free' });
+  assert.throws(() => decodeNetBatch(Buffer.from([6, 0, 0, 0, 1])), /input-held\/free carries data/);
   // The mirror-ready marker of the output channel: exactly a tag and a zero count.
   const ready = encodeMirrorReady();
   assert.equal(ready.readUInt32BE(0), ready.byteLength - 4);

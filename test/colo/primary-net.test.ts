@@ -221,3 +221,50 @@ test('colo net: an output channel that does not end after the secondary moved it
   // The timeout for the PVM's 'A' (coloCompareTimeoutMs) ran out while it waited.
   assert.deepEqual(p.triggers, ['timeout']);
 });
+
+test('colo net: an SVM that takes no mirrored input stops the primary reading its clients once the secondary holds coloSvmInputPendingBytesMax of it, and none of it is dropped', async (t) => {
+  const triggers: string[] = [];
+  const { vm: pvmVm, calls } = standIn();
+  let secondary: SecondaryNet | null = null;
+  const primary = new PrimaryNet(pvmVm, { mainUnsentBytes: 0, sendColoNet: (p: Uint8Array) => secondary?.onFrame({ payload: Buffer.from(p) } as Frame) } as unknown as SourceSession, (reason) => triggers.push(reason), (err) => triggers.push(`broken: ${err.message}`));
+  // The SVM's machine: what was injected and not taken yet counts, as Machine.pendingInputBytes.
+  const injected: NicInput[] = [];
+  let taken = 0;
+  const charge = (ev: NicInput): number => limits.nicInputEventCharge + (ev.kind === 'data' ? ev.bytes.byteLength : 0);
+  const machine = Object.defineProperty(
+    Object.assign(new EventEmitter(), { setOutputEpoch: () => undefined, stopDirectOutput: () => undefined, injectInput: (ev: NicInput) => injected.push(ev) }),
+    'pendingInputBytes',
+    { get: () => injected.slice(taken).reduce((n, ev) => n + charge(ev), 0) },
+  );
+  const sent: string[] = [];
+  secondary = new SecondaryNet({ machine, outputSink: null } as unknown as Vm, {
+    migrationId: null,
+    sendColoNet: (p: Uint8Array) => {
+      sent.push(decodeNetBatch(Buffer.from(p)).type);
+      primary.onFrame({ payload: Buffer.from(p) } as Frame);
+    },
+  } as unknown as IncomingSession);
+  assert.equal(await secondary.start(), null, 'no output channel: the mirror comes on the main channel');
+  primary.start();
+  t.after(() => {
+    primary.stop();
+    secondary?.stop();
+  });
+  const tap = (pvmVm as unknown as { inputTap: (ev: NicInput) => void }).inputTap;
+  const chunk = 256 * 1024;
+  const chunks = Math.ceil((limits.coloSvmInputPendingBytesMax * 1.5) / chunk);
+  tap({ seq: 1, kind: 'open', conn: 1 });
+  for (let i = 0; i < chunks; i++) tap({ seq: 2 + i, kind: 'data', conn: 1, bytes: new Uint8Array(chunk).fill(i & 0xff) });
+  await waitFor('the mirror to reach the secondary', () => injected.length === chunks + 1, 5000, 2);
+  assert.deepEqual(injected.map((ev) => ev.seq), Array.from({ length: chunks + 1 }, (_, i) => i + 1), 'every event, in order');
+  assert.deepEqual(sent, ['input-held'], 'the secondary said so, once');
+  assert.deepEqual(calls, ['pauseReading'], "the primary stopped reading its clients");
+  assert.deepEqual(triggers, ['resync'], 'and asked for a checkpoint');
+  // The SVM takes some of it: still above half.
+  taken = Math.floor(chunks / 4);
+  await new Promise((resolve) => setTimeout(resolve, 3 * limits.coloCompareScanMs));
+  assert.deepEqual([sent, calls], [['input-held'], ['pauseReading']], 'above half: still held');
+  taken = chunks;
+  await waitFor('the primary to read its clients again', () => calls.length === 2, 5000, 2);
+  assert.deepEqual([sent, calls, triggers], [['input-held', 'input-free'], ['pauseReading', 'resumeReading'], ['resync']]);
+});

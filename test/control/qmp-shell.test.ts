@@ -3,6 +3,7 @@ import * as path from 'node:path';
 import { test } from 'node:test';
 import { formatReply, parseShellCommand, parseShellValue, runQmpCommand } from '../../src/control/qmp-shell.js';
 import { QmpCommandError, UsageError } from '../../src/core/errors.js';
+import { QmpExactInteger } from '../../src/control/qmp-json.js';
 import { startServer, tempDir } from './helpers.js';
 
 test('shell: values are JSON when they parse, else strings', () => {
@@ -21,6 +22,10 @@ test('shell: values are JSON when they parse, else strings', () => {
   assert.deepEqual(parseShellValue('[1,"a",{"b":null}]'), [1, 'a', { b: null }]);
   assert.equal(parseShellValue('{not json'), '{not json');
   assert.throws(() => parseShellValue('12345678901234567890'), UsageError);
+  // Nested too: JSON.parse would send 9007199254740992 for it, silently.
+  assert.throws(() => parseShellValue('[1, 9007199254740993]'), /the integer 9007199254740993 is too large to be sent exactly/);
+  assert.throws(() => parseShellValue('{"a": {"b": -9007199254740993}}'), /the integer -9007199254740993 is too large/);
+  assert.deepEqual(parseShellValue('[9007199254740991, 1e300, 9007199254740993.5]'), [9007199254740991, 1e300, 9007199254740993.5]);
 });
 
 test('shell: commands, nested keys and JSON arguments', () => {
@@ -60,6 +65,7 @@ test('shell: syntax errors are UsageErrors with qmp-shell wording', () => {
     [['uri=x'], "expected a QMP command name first, got 'uri=x'"],
     [['{"execute":'], 'the request is not valid JSON: '],
     [['{"arguments":{}}'], 'a JSON request needs an "execute" member with the command name'],
+    [['{"execute":"pmemsave","arguments":{"val":18446744073709551615,"size":1,"filename":"/f"}}'], 'the integer 18446744073709551615 is too large to be sent exactly'],
   ];
   for (const [words, message] of cases) {
     assert.throws(
@@ -77,6 +83,9 @@ test('shell: formatReply is indented JSON', () => {
   assert.equal(formatReply({ status: 'running', running: true }), '{\n  "status": "running",\n  "running": true\n}');
   assert.equal(formatReply({}), '{}');
   assert.equal(formatReply(undefined), '{}');
+  const sample = { a: [], b: {}, c: [1, 'x', null, { d: [true, -0.5e-7] }], 'e"f': '\u00e9\n' };
+  assert.equal(formatReply(sample), JSON.stringify(sample, null, 2), "JSON.stringify's layout");
+  assert.equal(formatReply([new QmpExactInteger('18446744073709551615')]), '[\n  18446744073709551615\n]');
 });
 
 class Sink {
@@ -89,6 +98,8 @@ class Sink {
 test('shell: runQmpCommand prints the reply or the error and returns an exit code', async (t) => {
   const { address } = await startServer(t, {}, (s) => {
     s.register({ name: 'query-status', handler: () => ({ status: 'running', running: true }) });
+    // QEMU's uint64 and int64 beyond 2^53, as QEMU writes them (a reply of pmemsave's kind, a byte counter).
+    s.register({ name: 'query-big', handler: () => ({ addr: new QmpExactInteger('18446744073709551615'), bytes: [new QmpExactInteger('-9007199254740993'), 1] }) });
     s.register({
       name: 'migrate',
       args: { uri: 'str' },
@@ -101,6 +112,9 @@ test('shell: runQmpCommand prints the reply or the error and returns an exit cod
   const err = new Sink();
   assert.equal(await runQmpCommand(address, ['query-status'], out, { err, timeoutMs: 3000 }), 0);
   assert.equal(out.text, '{\n  "status": "running",\n  "running": true\n}\n');
+  const big = new Sink();
+  assert.equal(await runQmpCommand(address, ['query-big'], big, { err, timeoutMs: 3000 }), 0);
+  assert.equal(big.text, '{\n  "addr": 18446744073709551615,\n  "bytes": [\n    -9007199254740993,\n    1\n  ]\n}\n', 'printed as the server sent them, not rounded');
   assert.equal(await runQmpCommand(address, ['migrate', 'uri=tcp:h:1'], out, { err }), 0);
   assert.equal(out.text.endsWith('}\n{}\n'), true);
   assert.equal(err.text, '');
