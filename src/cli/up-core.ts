@@ -130,6 +130,11 @@ export class PairCore {
   private exitCode = 0;
   /** The node whose guest exited by itself and so stopped the pair: its exit status is the pair's. */
   private guestExitNode: number | null = null;
+  /**
+   * A COLO_EXIT of the pair's nodes that came while the protection was completing (protect()
+   * saw both in status colo, but 'protected' was not stepped yet): acted on at 'protected'.
+   */
+  private exitWhileProtecting: Extract<PairEvent, { type: 'coloExit' }> | null = null;
   /** What killed the node whose death started the current failover (`SIGKILL`, `exit code 1`). */
   private cause = '';
   private readonly attemptsMax: number;
@@ -221,6 +226,7 @@ export class PairCore {
           // to go on alone now, as after a death while protected, rather than report a
           // protection that is not there. It ended at once: a failed attempt.
           this.stable = this.stableMs === 0;
+          this.exitWhileProtecting = null;
           this.secondaryDied(s, out);
           break;
         }
@@ -235,10 +241,15 @@ export class PairCore {
           out.push({ type: 'setTimer', name: 'stable', ms: this.stableMs, gen: this.protections });
         }
         out.push({ type: 'print', line: `pair: protected (primary pid ${this.primary!.pid}, secondary pid ${this.secondary!.pid})` });
+        // A node that left COLO meanwhile: as if it left now (its secondary is out of date, or it is one).
+        const early = this.exitWhileProtecting;
+        this.exitWhileProtecting = null;
+        if (early !== null) out.push(...this.step(early));
         break;
       }
       case 'protectFailed': {
         if (this.phase !== 'protecting') break;
+        this.exitWhileProtecting = null;
         this.failures++;
         out.push({ type: 'print', line: `pair: unprotected (attempt ${this.failures} to protect it failed: ${e.error})` });
         this.phase = 'unprotected';
@@ -297,6 +308,8 @@ export class PairCore {
         break;
       case 'coloExit': {
         // Only a node leaving COLO on its own matters; in a failover the supervisor asked for it.
+        // One that comes before the driver reports the protection complete waits for that report.
+        if (this.phase === 'protecting' && (e.node === this.primary?.id || e.node === this.secondary?.id)) this.exitWhileProtecting ??= e;
         if (this.phase !== 'protected') break;
         if (this.secondary?.id === e.node && e.mode === 'secondary') {
           // It gave up (its apply broke off: colo/core.ts applyFailed) and can never take over.
@@ -383,6 +396,7 @@ export class PairCore {
     const s = this.secondary;
     if (p === null || s === null || !p.ready || !s.ready) return;
     this.phase = 'protecting';
+    this.exitWhileProtecting = null;
     out.push({ type: 'log', level: 'info', msg: `protecting: migrating primary ${p.pid} into secondary ${s.pid} with x-colo` });
     out.push({ type: 'protect', primary: p.id, secondary: s.id });
   }

@@ -104,3 +104,21 @@ test('checkpoint blocks: a staging file that cannot be made is a typed error nam
   assert.equal(blocks.count, 1);
   blocks.close();
 });
+
+test('checkpoint blocks: a block held in memory is a copy of the frame\'s buffer; a staged block sent again as zero is applied as zero', () => {
+  const blocks = new CheckpointBlocks(16, 2 * bb);
+  // The receive loop reuses its buffer for the next frame before the apply.
+  const frame = block(0x21);
+  blocks.put(0, frame);
+  frame.fill(0x22);
+  blocks.put(1, frame);
+  frame.fill(0x23);
+  // Staged with data, then zeroed by the guest before the checkpoint was sent: its file copy is stale.
+  blocks.put(2, block(0x24));
+  blocks.put(2, null);
+  assert.equal(blocks.stagedBlocks, 1);
+  const r = recorder();
+  blocks.apply(r.write);
+  assert.deepEqual([...new Map(r.seen).entries()].sort((a, b) => a[0] - b[0]), [[0, 0x21], [1, 0x22], [2, 0]]);
+  blocks.close();
+});

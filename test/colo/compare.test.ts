@@ -489,3 +489,31 @@ test('compare: connections closed in one epoch are remembered up to a bound, at 
   for (let conn = 9; conn <= 11; conn++) assert.equal(churn(conn), null);
   assert.equal(churn(12), 'timeout');
 });
+
+test('compare: a checkpoint forgets the connections whose close it released, and what the SVM did on the others: its shut in the next epoch is compared, not a repeat', () => {
+  const c = new Compare(lim);
+  // The SVM shut a connection the PVM had not shut yet; the checkpoint replaces the SVM's state.
+  c.pvm(out(1, 0, 'ab'), 0);
+  assert.equal(text(c.svm(0, out(1, 0, 'ab'), 0).release), '1@0:ab');
+  c.svm(0, { kind: 'shut', conn: 1, offset: 2 }, 1);
+  // Another connection the PVM closed: the checkpoint releases the close.
+  c.pvm({ kind: 'close', conn: 2, offset: 0 }, 1);
+  assert.equal(text(c.checkpoint().release), '2@0:close');
+  assert.equal(c.connectionCount(), 1, 'a connection closed at a checkpoint is not held for ever');
+  c.svmResumed(2);
+  // In the new epoch both guests shut connection 1: it goes out at once, no timeout waits for it.
+  c.pvm({ kind: 'shut', conn: 1, offset: 2 }, 3);
+  assert.equal(text(c.svm(1, { kind: 'shut', conn: 1, offset: 2 }, 3).release), '1@2:shut');
+  assert.equal(c.check(3 + lim.timeoutMs + 1), null);
+});
+
+test('compare: PVM output held for the next epoch counts as held output (an exiting guest waits for it)', () => {
+  const c = new Compare(lim);
+  assert.equal(c.holdsPvmOutput, false);
+  c.pvmNextEpoch();
+  c.pvm(out(1, 0, 'last reply'), 0);
+  assert.equal(c.holdsPvmOutput, true, 'the checkpoint in flight releases it: the process must not exit before');
+  c.svm(1, out(1, 0, 'last reply'), 1);
+  assert.equal(text(c.checkpoint().release), '1@0:last reply');
+  assert.equal(c.holdsPvmOutput, false);
+});

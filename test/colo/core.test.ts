@@ -262,6 +262,38 @@ test('colo core: the rest of a checkpoint that comes after a channel broke is ne
   assert.equal(s.checkpoints, 0);
 });
 
+test('colo core: after a protocol error mid-checkpoint the secondary applies none of it; after a channel broke it starts no checkpoint', () => {
+  // A corrupt page on a multifd channel: the link is closed, but the main channel's frames
+  // queued behind it still end the checkpoint. It holds a page that cannot be trusted.
+  const s = receiving();
+  assert.deepEqual(types(s.step({ type: 'protocolError', message: 'bad page checksum', corrupt: true })), ['closeLink']);
+  assert.deepEqual(types(s.step({ type: 'stateReceived' })), [], 'no VMSTATE_RECEIVED, no apply of a corrupt checkpoint');
+  assert.equal(s.phase, 'receiving');
+  assert.deepEqual(types(s.step({ type: 'protocolError', message: 'the same failure, seen again' })), [], 'the link is closed once');
+  assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(s.checkpoints, 0);
+
+  // Between checkpoints a multifd channel breaks; the main channel still brings a
+  // CHECKPOINT_REQUEST. Pausing the SVM for a checkpoint that cannot arrive whole would leave
+  // the only copy that can take over stopped.
+  const r = new SecondaryCore();
+  r.step({ type: 'handoff' });
+  r.step({ type: 'started' });
+  assert.deepEqual(types(r.step({ type: 'linkLost', message: 'multifd channel 1 closed' })), []);
+  assert.deepEqual(types(r.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), [], 'no pauseVm');
+  assert.equal(r.phase, 'running');
+  assert.deepEqual(types(r.step({ type: 'lostHeartbeat' })), ['failover']);
+
+  // Checkpoint state (pages, device blob) without VMSTATE_SEND: the SVM runs, and the cache may
+  // hold a part of something. It is a broken stream, never applied.
+  const u = new SecondaryCore();
+  u.step({ type: 'handoff' });
+  u.step({ type: 'started' });
+  assert.deepEqual(types(u.step({ type: 'stateReceived' })), ['closeLink'], 'no VMSTATE_RECEIVED, no apply');
+  assert.equal(u.phase, 'running');
+  assert.equal(u.checkpoints, 0);
+});
+
 test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
   const s = receiving();
   assert.deepEqual(types(s.step({ type: 'linkLost', message: 'yanked' })), [], 'a secondary does not arm a self-promotion');

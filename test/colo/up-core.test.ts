@@ -127,7 +127,11 @@ test('colo up core: the primary dies while unprotected: the service is lost, exi
 test('colo up core: a signal stops both children; a death while stopping is no failover', () => {
   const c = protectedPair();
   assert.deepEqual(run(c, { type: 'signal', signal: 'SIGINT' }), ['pair: stopping (SIGINT)', 'kill 1 SIGTERM', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
+  // A second Ctrl-C does not wait for the stop timeout: what is left is killed for good.
+  assert.deepEqual(run(c, { type: 'signal', signal: 'SIGINT' }), ['kill 1 SIGKILL', 'kill 2 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), []);
+  // So does the stop timeout, for a child that ignores SIGTERM.
+  assert.deepEqual(run(c, { type: 'timer', name: 'stopTimeout' }), ['kill 2 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
 });
 
@@ -293,6 +297,8 @@ test('colo up core: a protection that ends before it is stable counts as a faile
   run(c, { type: 'spawned', node: 3, pid: 103 });
   assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
   assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 103)']);
+  // The first protection's stable timer, if it fires only now, is not this protection's.
+  assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 1 }), []);
   // Again at once: the second failure in a row gives up, and retries every retryLaterMs.
   run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
   const out = run(c, { type: 'continued', node: 1 });
@@ -526,4 +532,71 @@ test('colo up core: a pair that fails over and is re-protected 60 times keeps on
   run(c, { type: 'signal', signal: 'SIGTERM' });
   run(c, { type: 'exited', node: secondary, code: 0, signal: null });
   assert.deepEqual(run(c, { type: 'exited', node: primary, code: 0, signal: null }), ['pair: stopped', `exit 0 primary ${primary}`]);
+});
+
+test('colo up core: late news of an attempt that ended changes nothing: a protection after its failure, a retry timer while a secondary boots', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(c, { type: 'continued', node: 1 });
+  run(c, { type: 'spawned', node: 3, pid: 103 });
+  // A retry timer left from earlier fires while the new secondary boots: no second secondary.
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), []);
+  assert.equal(c.phase, 'reprotecting');
+  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
+  // The migration's status colo, seen after it was declared failed: the secondary is being killed.
+  assert.deepEqual(run(c, { type: 'protected' }), []);
+  assert.equal(c.phase, 'unprotected');
+  assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['discardDisk 3', 'pair: unprotected (primary 101; next protection attempt in 0.1 s)', 'timer retry 100']);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 4 secondary']);
+});
+
+test('colo up core: a COLO_EXIT that comes while the protection completes is acted on once the pair is protected: the out-of-date secondary is replaced', () => {
+  // protect() saw both in status colo; the primary's link broke (or its stream was corrupt) at
+  // once and its COLO_EXIT was handled before 'protected'. Ignored, the pair would say it is
+  // protected while its secondary falls behind: a later death of the primary would hand the
+  // service to a secondary that lacks every reply released since.
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 30000 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), []);
+  const out = run(c, { type: 'protected' });
+  assert.ok(out.includes('kill 2 SIGKILL') && out.includes('discardDisk 2'), `the secondary is killed: ${JSON.stringify(out)}`);
+  assert.equal(c.phase, 'unprotected');
+  assert.equal(c.secondary, null);
+  assert.ok(out.includes('timer retry 100'), `a failed attempt, retried after its pause: ${JSON.stringify(out)}`);
+  // Its exit is that of a replaced node; the retry protects the primary again.
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), []);
+  assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 3 secondary']);
+
+  // The secondary's COLO_EXIT (its first apply broke off) likewise: it is killed, and its death
+  // is the failover to the primary.
+  const d = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 0 });
+  run(d, { type: 'start' });
+  run(d, { type: 'spawned', node: 1, pid: 101 });
+  run(d, { type: 'spawned', node: 2, pid: 102 });
+  run(d, { type: 'ready', node: 1 });
+  run(d, { type: 'ready', node: 2 });
+  assert.deepEqual(run(d, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'error' }), []);
+  assert.deepEqual(run(d, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 102)', 'kill 2 SIGKILL']);
+  assert.deepEqual(run(d, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+
+  // A protection that fails forgets a COLO_EXIT seen during it (the primary leaves COLO when
+  // the supervisor cancels it): the next protection starts clean.
+  const f = protectedPair();
+  run(f, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'continued', node: 1 });
+  run(f, { type: 'spawned', node: 3, pid: 103 });
+  run(f, { type: 'ready', node: 3 });
+  run(f, { type: 'coloExit', node: 1, mode: 'primary', reason: 'request' });
+  run(f, { type: 'protectFailed', error: 'cancelled' });
+  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'timer', name: 'retry' });
+  run(f, { type: 'spawned', node: 4, pid: 104 });
+  run(f, { type: 'ready', node: 4 });
+  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+  assert.equal(f.phase, 'protected');
 });

@@ -1,6 +1,7 @@
 /** DestinationCore scenarios: the main channel's grammar, round counts, switchover, refusals. */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { limits } from '../../src/core/limits.js';
 import { DestinationCore, type DestinationAction, type DestinationEvent, type FrameSummary, type HelloInfo } from '../../src/migration/destination-core.js';
 
 type Step = [DestinationEvent, (string | Partial<DestinationAction>)[]];
@@ -52,7 +53,10 @@ test('happy path: hello, setup, rounds with barriers, device, end, restore, go, 
     [frame({ kind: 'switchover', run: true }), [{ type: 'run', run: true }]],
     [{ type: 'running', now: 30 }, [{ type: 'reply', message: { kind: 'resumed' } }, { type: 'status', status: 'completed' }, 'close']],
     [{ type: 'peerClosed', now: 31 }, []],
+    // A late abort frame does not turn a completed migration (a running VM) into a cancelled one.
+    [frame({ kind: 'abort', reason: 'late' }), []],
   ]);
+  assert.equal(c.phase, 'completed');
   assert.equal(c.stats.dirtySyncCount, 2);
 });
 
@@ -98,6 +102,8 @@ test('frames out of order are refused before they are applied', () => {
     ['pages after the device state', [...opening, ...rounds, [frame({ kind: 'pages', count: 1 }), ['status', { type: 'fail', code: 'FRAME_ORDER' }]]]],
     ['end with other totals', [...opening, ...rounds, [frame({ kind: 'end', rounds: 2, pages: 106, blocks: 3 }), ['status', 'fail']]]],
     ['a disk count that does not match', [...opening, [frame({ kind: 'disk', count: 2 }), ['apply']], [frame({ kind: 'roundEnd', round: 1, pages: 0, blocks: 3, channels: 0 }), ['status', 'fail']]]],
+    ['device state inside an unfinished round', [...opening, ...rounds.slice(0, 4), [frame({ kind: 'pages', count: 1 }), ['apply']], [frame({ kind: 'deviceState' }), ['status', { type: 'fail', code: 'STREAM_INCOMPLETE' }]]]],
+    ['a round on more multifd channels than were set up', [...opening, [frame({ kind: 'roundEnd', round: 1, pages: 0, blocks: 0, channels: 3 }), ['status', { type: 'fail', code: 'STREAM_INCOMPLETE' }]]]],
   ] as [string, Step[]][]) {
     const c = core();
     try {
@@ -162,4 +168,26 @@ test('COLO handoff after the state is loaded, only when the source asks for x-co
   const plain = core({ multifd: true, 'x-colo': true }, true);
   play(plain, [...opening, ...rounds, [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']], [{ type: 'restored', now: 20 }, ['reply']]]);
   assert.equal(plain.phase, 'loaded');
+});
+
+test('a late barrier of an earlier round does not end the round whose SYNCs are still awaited', () => {
+  const c = core();
+  play(c, [
+    ...opening,
+    ...rounds.slice(0, 4),
+    [frame({ kind: 'roundEnd', round: 2, pages: 5, blocks: 0, channels: 2 }), [{ type: 'barrier', round: 2 }]],
+    // Round 1's barrier reported again (a stale completion): round 2's pages may still be on the wire.
+    [{ type: 'barrierDone', now: 10, round: 1, multifdPages: 5, bytes: 0 }, []],
+    [frame({ kind: 'deviceState' }), ['status', { type: 'fail', code: 'FRAME_ORDER' }]],
+  ]);
+  assert.equal(c.stats.dirtySyncCount, 1, 'only round 1 is complete');
+});
+
+test('a source that asks for more multifd channels than limits.multifdChannelsMax is refused before any is set up', () => {
+  const c = core();
+  play(c, [
+    ...opening.slice(0, 2),
+    [hello({ channels: limits.multifdChannelsMax + 1 }), ['reply', 'status', { type: 'fail', code: 'MIGRATION_REFUSED' }]],
+  ]);
+  assert.match(c.stats.errorDesc!, /more than the \d+ allowed/);
 });

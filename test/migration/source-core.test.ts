@@ -295,6 +295,15 @@ test('before go the switchover can be undone; after go the source stays paused w
     [{ type: 'cancel', now: 73 }, []],
   ]);
   assert.equal(keep.stats.downtimeMs, 71 - 52);
+  // migrate_cancel after go, while the destination's resumed notice is awaited: the destination
+  // may run the guest already, so the source neither tears down nor resumes (two would run).
+  const late = new SourceCore({ downtimeLimitMs: 1000 });
+  play(late, [
+    ...upToLoaded,
+    [{ type: 'goSent', now: 71 }, ['switchoverTimer', 'awaitResumed']],
+    [{ type: 'cancel', now: 72 }, []],
+    [{ type: 'destinationResumed', now: 73 }, [{ type: 'status', status: 'completed' }, 'close']],
+  ]);
 });
 
 test('a lost resumed notice still completes, with the downtime up to go', () => {
