@@ -9,6 +9,8 @@
  *   output moved  u8 4, u32 0 (main channel only: the SVM output channel broke on the secondary;
  *                 SVM output goes on the main channel from here on, after what it still delivers)
  *   svm crashed   u8 5, u32 0 (main channel only: the SVM's guest crashed; a checkpoint replaces it)
+ *   channel dropped  u8 6, u32 0 (primary → secondary, main channel only: the primary gave the SVM
+ *                 output channel up, it delivered nothing; output and mirror go on the main channel)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
  *
  * The SVM output channel (output-channel.ts) carries the same batches, each after its length
@@ -23,6 +25,7 @@ const outputTag = 2;
 const mirrorReadyTag = 3;
 const outputMovedTag = 4;
 const svmCrashedTag = 5;
+const channelDroppedTag = 6;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
@@ -31,7 +34,8 @@ export type NetBatch =
   | { type: 'output'; epoch: number; events: NicOutput[] }
   | { type: 'mirror-ready' }
   | { type: 'output-moved' }
-  | { type: 'svm-crashed' };
+  | { type: 'svm-crashed' }
+  | { type: 'channel-dropped' };
 
 const entryBytes = 17;
 
@@ -176,6 +180,18 @@ export function encodeSvmCrashed(): Buffer {
   return b;
 }
 
+/**
+ * The primary gave the SVM output channel up (it closed its end): it delivered nothing through
+ * several compare timeouts, a path that went silent, whose close the secondary may never see.
+ * The secondary's vCPU stops writing and reading there; output goes on the main channel, where
+ * the mirror comes too. A coloNet payload, primary to secondary, on the main channel.
+ */
+export function encodeChannelDropped(): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(channelDroppedTag, 0);
+  return b;
+}
+
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
 export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
@@ -242,6 +258,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   if (tag === svmCrashedTag) {
     if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('svm-crashed carries data');
     return { type: 'svm-crashed' };
+  }
+  if (tag === channelDroppedTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('channel-dropped carries data');
+    return { type: 'channel-dropped' };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;
