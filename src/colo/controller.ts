@@ -171,6 +171,7 @@ export class ColoController implements DriverHost {
         'compare-pvm-wait-mean-ms': cmp.matchedChunks > 0 ? round3(cmp.pvmWaitMsSum / cmp.matchedChunks) : 0,
         'svm-output-channel': d.net.outputChannelOpen ? 'direct' : 'main',
         'svm-output-channel-bytes': d.net.outputChannelBytes,
+        'svm-output-channel-stalls': d.net.outputChannelStalls,
         'mirror-channel': d.net.mirrorOnChannel ? 'direct' : 'main',
         'mirror-channel-bytes': d.net.mirrorChannelBytes,
       });

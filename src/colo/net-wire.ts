@@ -12,6 +12,8 @@
  *   input held    u8 6, u32 0 (main channel only: the SVM left too much mirrored input untaken on
  *                 the secondary; the primary stops reading its clients and takes a checkpoint)
  *   input free    u8 7, u32 0 (main channel only: that input is down to half; clients are read again)
+ *   channel dropped  u8 8, u32 0 (primary → secondary, main channel only: the primary gave the SVM
+ *                 output channel up, it delivered nothing; output and mirror go on the main channel)
  *   kind          input: 0 open, 1 data, 2 close; output: 0 out, 1 shut, 2 close
  *
  * The SVM output channel (output-channel.ts) carries the same batches, each after its length
@@ -28,6 +30,7 @@ const outputMovedTag = 4;
 const svmCrashedTag = 5;
 const inputHeldTag = 6;
 const inputFreeTag = 7;
+const channelDroppedTag = 8;
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
@@ -38,7 +41,8 @@ export type NetBatch =
   | { type: 'output-moved' }
   | { type: 'svm-crashed' }
   | { type: 'input-held' }
-  | { type: 'input-free' };
+  | { type: 'input-free' }
+  | { type: 'channel-dropped' };
 
 const entryBytes = 17;
 
@@ -195,6 +199,18 @@ export function encodeInputPressure(held: boolean): Buffer {
   return b;
 }
 
+/**
+ * The primary gave the SVM output channel up (it closed its end): it delivered nothing through
+ * several compare timeouts, a path that went silent, whose close the secondary may never see.
+ * The secondary's vCPU stops writing and reading there; output goes on the main channel, where
+ * the mirror comes too. A coloNet payload, primary to secondary, on the main channel.
+ */
+export function encodeChannelDropped(): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(channelDroppedTag, 0);
+  return b;
+}
+
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
 export class ChannelFrameReader {
   private buf: Buffer = Buffer.alloc(0);
@@ -265,6 +281,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   if (tag === inputHeldTag || tag === inputFreeTag) {
     if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('input-held/free carries data');
     return { type: tag === inputHeldTag ? 'input-held' : 'input-free' };
+  }
+  if (tag === channelDroppedTag) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('channel-dropped carries data');
+    return { type: 'channel-dropped' };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;

@@ -33,7 +33,7 @@ import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputPressure, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeChannelDropped, encodeInputFrames, encodeInputPressure, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
@@ -91,6 +91,11 @@ export class PrimaryNet {
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
   outputChannelBytes = 0;
+  /** Output channels given up because they delivered nothing (silentChannel). */
+  outputChannelStalls = 0;
+  /** outputChannelBytes at the last compare timeout, and the timeouts since through which it stayed so. */
+  private silentMark = -1;
+  private silentTimeouts = 0;
   /**
    * Where the mirror goes: the main channel ('main'); still there, but the SVM's vCPU reads the
    * output channel ('ready': moved at the next capture); the output channel ('channel').
@@ -153,7 +158,7 @@ export class PrimaryNet {
     for (const ev of early) this.mirror.push(ev);
     this.scan = setInterval(() => {
       const t = this.compare.check(performance.now());
-      if (t !== null) this.onTrigger(t);
+      if (t !== null) this.triggered(t);
       // The main channel has no drain event of the mirror's own: whether the secondary caught up is looked at here.
       if (this.mirrorHeld) this.boundMirror();
     }, limits.coloCompareScanMs);
@@ -229,21 +234,60 @@ export class PrimaryNet {
     // says which (a failover, or nothing).
     s.on('error', (err) => log.debug(`SVM output channel: ${err.message}`));
     s.on('drain', () => this.boundMirror());
-    s.on('close', () => {
-      if (this.outputChannel !== s) return;
-      this.outputChannel = null;
-      const carried = this.mirrorRoute === 'channel';
-      this.mirrorRoute = 'main';
-      if (carried && this.active) {
-        // Input in flight there is lost: the SVM may differ from now on without its output
-        // showing it yet. A checkpoint brings it back in step.
-        log.info('the SVM output channel closed; the mirror goes on the main channel, and a checkpoint resynchronises the SVM');
-        this.onTrigger('resync');
-      }
-      // All the channel delivered has been compared: what came on the main channel since the
-      // secondary moved its output there is next.
-      this.compareMoved();
-    });
+    s.on('close', () => this.channelEnded(s, false));
+  }
+
+  /** The output channel ended (or was given up: `silent`); the mirror goes on the main channel. */
+  private channelEnded(s: net.Socket, silent: boolean): void {
+    if (this.outputChannel !== s) return;
+    this.outputChannel = null;
+    const carried = this.mirrorRoute === 'channel';
+    this.mirrorRoute = 'main';
+    if ((carried || silent) && this.active) {
+      // Input in flight there is lost (and output, if it went silent): the SVM may differ from
+      // now on without its output showing it yet. A checkpoint brings it back in step.
+      if (!silent) log.info('the SVM output channel closed; the mirror goes on the main channel, and a checkpoint resynchronises the SVM');
+      this.onTrigger('resync');
+    }
+    // All the channel delivered has been compared: what came on the main channel since the
+    // secondary moved its output there is next.
+    this.compareMoved();
+  }
+
+  private triggered(t: CompareTrigger): void {
+    this.onTrigger(t);
+    if (t === 'timeout') this.silentChannel();
+  }
+
+  /**
+   * A compare timeout (a checkpoint follows). While the output channel carries the SVM's output
+   * (its vCPU's mirror-ready came there first), nothing at all on it through
+   * limits.coloOutputChannelSilentTimeouts timeouts in a row is a channel that went silent (a
+   * path that forwards nothing but stays open): every request would wait for a timeout
+   * checkpoint, for good. The primary gives it up: it tells the secondary on the main channel
+   * (before any mirrored input goes there: input batched now follows), closes its end, and compares what comes on the main
+   * channel from now on; a checkpoint makes good what was lost on the channel. An SVM that
+   * truly produced nothing meanwhile only loses the channel, not its protection.
+   */
+  private silentChannel(): void {
+    const s = this.outputChannel;
+    if (s === null || !this.active) return;
+    if (this.outputChannelBytes !== this.silentMark) {
+      this.silentMark = this.outputChannelBytes;
+      this.silentTimeouts = 0;
+      return;
+    }
+    this.silentTimeouts += 1;
+    if (this.silentTimeouts < limits.coloOutputChannelSilentTimeouts) return;
+    this.outputChannelStalls += 1;
+    log.warn(`the SVM output channel delivered nothing through ${this.silentTimeouts} compare timeouts in a row (a silent network path?): given up; SVM output and the mirror go on the main channel`);
+    try {
+      this.session.sendColoNet(encodeChannelDropped());
+    } catch (err) {
+      log.debug(`sending channel-dropped: ${errorMessage(err)}`);
+    }
+    this.channelEnded(s, true);
+    s.destroy();
   }
 
   /**
@@ -486,7 +530,7 @@ export class PrimaryNet {
     // iterator object per call.
     const release = r.release;
     for (let i = 0; i < release.length; i++) this.vm.frontEnd?.deliver(release[i]!);
-    if (r.trigger !== null) this.onTrigger(r.trigger);
+    if (r.trigger !== null) this.triggered(r.trigger);
     // The guest exited and its process waits for this: it may end at once.
     if (this.settledWait !== null && release.length > 0 && !this.compare.holdsPvmOutput) this.settledWait();
   }
@@ -569,6 +613,16 @@ export class SecondaryNet {
   /** A coloNet frame from the primary: mirrored client input for the SVM. */
   onFrame(f: Frame): void {
     const batch = decodeNetBatch(f.payload);
+    if (batch.type === 'channel-dropped') {
+      if (!this.active) return;
+      // The primary closed its end already (what the channel still carries it does not read),
+      // and mirrored input comes here after this: the vCPU leaves the channel at its next
+      // write or input wait, and posts its output.
+      log.info('the primary gave the SVM output channel up (it delivered nothing); SVM output goes on the main channel');
+      this.outputs.flush();
+      this.vm.machine.stopDirectOutput();
+      return;
+    }
     if (batch.type !== 'input') throw new StreamError('FRAME_INVALID', `coloNet: the primary sent a ${batch.type} batch`);
     if (!this.active) return;
     latencyTrace?.event('S:mirrorIn');

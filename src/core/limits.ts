@@ -330,6 +330,14 @@ export const limits = {
   /** COLO: a pause gives up the SVM output channel when the primary has read nothing from its full socket for this long. */
   coloOutputChannelStuckMs: 100,
   /**
+   * COLO primary: compare timeouts in a row (each one checkpoint) through which the SVM output
+   * channel delivered not one byte, after which the primary gives it up: a silent path (open,
+   * forwarding nothing) that light traffic never fills to coloOutputChannelStuckMs, and whose
+   * close the secondary would never see, otherwise held every request until a timeout
+   * checkpoint, for good. Output and mirror then go on the main channel, as after a break.
+   */
+  coloOutputChannelSilentTimeouts: 3,
+  /**
    * COLO: once the secondary said its output moved to the main channel, the primary waits at
    * most this long for the end of the SVM output channel (what it still delivers is older)
    * before it closes the channel itself and compares what came on the main channel.

@@ -9,7 +9,8 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { TestEnv, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
@@ -134,3 +135,63 @@ for (const when of ['between', 'inside'] as const) {
     assertNoErrors(src, dst);
   });
 }
+
+test('colo/channel: the SVM output channel stalls (open, forwarding nothing): the primary notices within a few compare timeouts, both sides go back to the main channel, and requests are fast again', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  // Periodic checkpoints far apart: a request that waits for one shows.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('kv ready');
+  const proxy = await ChannelProxy.start(await dst.listenIncoming());
+  env.onCleanup(() => proxy.close());
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  const client = await RespClient.connect(port);
+  env.onCleanup(() => client.close());
+  const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
+  let i = 0;
+  await waitFor('SVM output and the mirror on the output channel', async () => {
+    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+    i++;
+    const x = await counters();
+    return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
+  }, 20000, 0);
+  await proxy.established('output');
+  const atStall = await counters();
+  proxy.stall('output');
+  const stalledAt = performance.now();
+  // Sequential requests: each one the stalled channel holds waits for a timeout checkpoint.
+  while (performance.now() - stalledAt < 8000) {
+    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+    i++;
+    if ((await counters())['svm-output-channel'] === 'main') break;
+  }
+  const tookMs = performance.now() - stalledAt;
+  const x = await counters();
+  assert.equal(x['svm-output-channel'], 'main', `the primary gave the stalled output channel up (after ${Math.round(tookMs)} ms, ${JSON.stringify(x)})`);
+  assert.equal(x['mirror-channel'], 'main');
+  assert.equal(x['svm-output-channel-stalls'], 1, JSON.stringify(x));
+  // Within a few timeout checkpoints (the first one of them sets the mark).
+  const timeouts = (x['checkpoints-timeout'] as number) - (atStall['checkpoints-timeout'] as number);
+  assert.ok(timeouts <= limits.coloOutputChannelSilentTimeouts + 2, `given up after ${timeouts} timeout checkpoints, ${Math.round(tookMs)} ms`);
+  assert.equal(src.stderr.match(/ warn colo: the SVM output channel delivered nothing/g)?.length, 1, src.stderr);
+  await waitFor('the secondary to take its output off the channel', () => / info colo: the primary gave the SVM output channel up/.test(dst.stderr), 5000);
+  // Served at the speed of the main channel again, not one request per timeout checkpoint.
+  const before = await counters();
+  const t0 = performance.now();
+  for (let k = 0; k < 100; k++, i++) assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+  const meanMs = (performance.now() - t0) / 100;
+  const after = await counters();
+  assert.ok(meanMs < 50, `requests after the give-up take ${meanMs.toFixed(1)} ms each`);
+  assert.equal((after['checkpoints-resync'] as number) - (atStall['checkpoints-resync'] as number), 1, `one resync checkpoint makes good what the channel lost (${JSON.stringify(after)})`);
+  assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
+  // Nothing lost: every value is there.
+  for (const k of [0, Math.floor(i / 2), i - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+  assert.equal(await src.migrationStatus(), 'colo');
+  assertNoErrors(src, dst);
+});

@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Compare } from '../../src/colo/compare.js';
-import { ChannelFrameReader, decodeNetBatch, encodeInputFrames, encodeInputPressure, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from '../../src/colo/net-wire.js';
+import { ChannelFrameReader, decodeNetBatch, encodeChannelDropped, encodeInputFrames, encodeInputPressure, encodeInputs, encodeMirrorReady, encodeOutputFrames, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from '../../src/colo/net-wire.js';
 import { limits } from '../../src/core/limits.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
 import { StreamError } from '../../src/core/errors.js';
@@ -293,7 +293,7 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   const bad = Buffer.from(p!);
   bad.writeUInt8(9, 5); // unknown kind of the first event
   assert.throws(() => decodeNetBatch(bad), /unknown input kind/);
-  assert.throws(() => decodeNetBatch(Buffer.from([8, 0, 0, 0, 0])), /unknown batch type/);
+  assert.throws(() => decodeNetBatch(Buffer.from([9, 0, 0, 0, 0])), /unknown batch type/);
   // The secondary's back-pressure on the mirror: a tag and a zero count, nothing more.
   assert.deepEqual(decodeNetBatch(encodeInputPressure(true)), { type: 'input-held' });
   assert.deepEqual(decodeNetBatch(encodeInputPressure(false)), { type: 'input-free' });
@@ -312,6 +312,10 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   assert.deepEqual(decodeNetBatch(encodeSvmCrashed()), { type: 'svm-crashed' });
   assert.throws(() => decodeNetBatch(Buffer.from([5, 0, 0, 0, 1])), /svm-crashed carries data/);
   assert.throws(() => decodeNetBatch(Buffer.from([5, 0, 0, 0, 0, 0])), /svm-crashed carries data/);
+  // The primary gave the output channel up (main channel): likewise.
+  assert.deepEqual(decodeNetBatch(encodeChannelDropped()), { type: 'channel-dropped' });
+  assert.throws(() => decodeNetBatch(Buffer.from([8, 0, 0, 0, 1])), /channel-dropped carries data/);
+  assert.throws(() => decodeNetBatch(Buffer.from([8, 0, 0, 0, 0, 0])), /channel-dropped carries data/);
   // Large batches split below the frame limit.
   const many: NicInput[] = Array.from({ length: 40 }, (_, i) => ({ seq: i + 1, kind: 'data', conn: 1, bytes: new Uint8Array(64 * 1024) }));
   const parts = encodeInputs(many);

@@ -11,7 +11,7 @@ import { limits } from '../../src/core/limits.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { SourceSession } from '../../src/migration/session.js';
 import type { NicInput, NicOutput } from '../../src/net/nic.js';
-import { decodeNetBatch, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
+import { decodeNetBatch, encodeMirrorReady, encodeOutputFrames, encodeOutputs } from '../../src/colo/net-wire.js';
 import type { Frame } from '../../src/migration/stream.js';
 import { EventEmitter } from 'node:events';
 import type { Socket } from 'node:net';
@@ -130,17 +130,21 @@ async function pairWithChannel(t: TestContext): Promise<{
   svmOutput(o: NicOutput): void;
   /** SVM output events that went on the main channel. */
   mainOutputs(): number;
+  /** The secondary's machine was told to stop using the output channel (stopDirectOutput). */
+  directStops(): number;
 }> {
   const id = new Uint8Array(16).fill(5);
   const triggers: string[] = [];
   const { vm: pvmVm, delivered } = standIn();
-  const primary = new PrimaryNet(pvmVm, { opts: { host: '127.0.0.1' }, migrationId: id } as unknown as SourceSession, (reason) => triggers.push(reason), (err) => triggers.push(`broken: ${err.message}`));
+  let toSecondary: (p: Uint8Array) => void = () => undefined;
+  const primarySession = { opts: { host: '127.0.0.1' }, migrationId: id, sendColoNet: (p: Uint8Array) => toSecondary(p) };
+  const primary = new PrimaryNet(pvmVm, primarySession as unknown as SourceSession, (reason) => triggers.push(reason), (err) => triggers.push(`broken: ${err.message}`));
   primary.start();
   t.after(() => primary.stop());
   const vcpu: { listener: OutputListener | null } = { listener: null };
   const machine = Object.assign(new EventEmitter(), {
     setOutputEpoch: () => undefined,
-    stopDirectOutput: () => undefined,
+    stopDirectOutput: () => void directStops++,
     openOutputChannel: async (host: string, migrationId: Uint8Array) => {
       vcpu.listener = await OutputListener.open(host, migrationId);
       return vcpu.listener.port;
@@ -148,6 +152,7 @@ async function pairWithChannel(t: TestContext): Promise<{
   });
   const svmVm = { machine, outputSink: null as ((o: NicOutput) => void) | null } as unknown as Vm;
   let mainOutputs = 0;
+  let directStops = 0;
   const secondary = new SecondaryNet(svmVm, {
     migrationId: id,
     localHost: '127.0.0.1',
@@ -157,6 +162,7 @@ async function pairWithChannel(t: TestContext): Promise<{
       primary.onFrame({ payload: Buffer.from(p) } as Frame);
     },
   } as unknown as IncomingSession);
+  toSecondary = (p) => secondary.onFrame({ payload: Buffer.from(p) } as Frame);
   t.after(() => secondary.stop());
   const port = await secondary.start();
   const listener = vcpu.listener;
@@ -179,6 +185,8 @@ async function pairWithChannel(t: TestContext): Promise<{
     pvmOutput: pvmSink,
     svmOutput: (o) => (svmVm as unknown as { outputSink: (o: NicOutput) => void }).outputSink(o),
     mainOutputs: () => mainOutputs,
+    // secondary.stop() (at the test's end) stops it too: counted only before.
+    directStops: () => directStops,
   };
 }
 
@@ -267,4 +275,52 @@ test('colo net: an SVM that takes no mirrored input stops the primary reading it
   taken = chunks;
   await waitFor('the primary to read its clients again', () => calls.length === 2, 5000, 2);
   assert.deepEqual([sent, calls, triggers], [['input-held', 'input-free'], ['pauseReading', 'resumeReading'], ['resync']]);
+});
+
+/**
+ * One compare timeout of the current epoch, then the checkpoint it asks for: the PVM's 'A'
+ * (offset `at`) waits for an SVM copy that does not come.
+ */
+async function timeoutCheckpoint(p: Awaited<ReturnType<typeof pairWithChannel>>, at: number): Promise<void> {
+  const n = p.triggers.filter((x) => x === 'timeout').length;
+  p.pvmOutput(reply(at, 'A'));
+  await waitFor(`compare timeout ${n + 1}`, () => p.triggers.filter((x) => x === 'timeout').length > n, 5000, 5);
+  p.primary.pvmNextEpoch();
+  p.primary.checkpoint();
+  p.primary.svmResumed();
+}
+
+test('colo net: an output channel that delivers nothing through several compare timeouts in a row is given up; the secondary is told on the main channel; one that delivers is kept', async (t) => {
+  const p = await pairWithChannel(t);
+  // The vCPU took the channel (its mirror-ready): SVM output comes there from now on.
+  p.ch.write(encodeMirrorReady());
+  await waitFor('the mirror-ready marker', () => p.primary.outputChannelBytes > 0, 5000, 2);
+  // A channel that delivers something between timeouts (an SVM that is only slow) is kept.
+  let at = 2;
+  for (let i = 0; i <= limits.coloOutputChannelSilentTimeouts; i++) {
+    await timeoutCheckpoint(p, at++);
+    p.ch.write(encodeOutputFrames(i + 1, [reply(1000 + i, 'late')]));
+    const bytes = p.primary.outputChannelBytes;
+    await waitFor('the SVM output on the channel', () => p.primary.outputChannelBytes > bytes, 5000, 2);
+  }
+  assert.equal(p.primary.outputChannelOpen, true, 'a channel that delivers is kept');
+  assert.equal(p.primary.outputChannelStalls, 0);
+  // Silent from now on (a path that forwards nothing): given up at the limit, not before.
+  for (let i = 0; i <= limits.coloOutputChannelSilentTimeouts; i++) {
+    assert.equal(p.primary.outputChannelOpen, true, `kept through ${i} silent timeouts`);
+    await timeoutCheckpoint(p, at++);
+  }
+  assert.equal(p.primary.outputChannelOpen, false, 'the silent channel is given up');
+  assert.equal(p.primary.outputChannelStalls, 1);
+  assert.equal(p.primary.mirrorOnChannel, false, 'the mirror goes on the main channel');
+  assert.deepEqual(p.triggers.slice(-2), ['timeout', 'resync'], 'a checkpoint makes good what the channel lost');
+  assert.equal(p.directStops(), 1, 'the secondary was told to give the channel up');
+  // The primary's end is closed: the secondary's sees it (on a path that still forwards).
+  p.ch.resume();
+  await waitFor("the channel's end on the secondary's side", () => p.ch.readableEnded, 5000, 2);
+  // SVM output on the main channel (of the epoch after the checkpoints so far) is compared as it comes.
+  const before = p.delivered.length;
+  p.pvmOutput(reply(at, 'B'));
+  for (const payload of encodeOutputs(at - 2, [reply(at, 'B')])) p.primary.onFrame({ payload } as Frame);
+  await waitFor("the SVM's 'B' compared", () => p.delivered.length === before + 1, 5000, 2);
 });

@@ -68,7 +68,7 @@ export class ChannelProxy {
     l.upstream.resetAndDestroy();
   }
 
-  /** Stop forwarding either way; the connection stays open (a silent path). */
+  /** Stop forwarding either way, a close included; the connection stays open (a silent path). */
   stall(name: LinkName): void {
     const l = this.link(name);
     l.stalled = true;
@@ -112,8 +112,9 @@ export class ChannelProxy {
       if (link.stalled) return;
       to.write(this.maybeCorrupt(link, dir, chunk));
     });
-    from.on('end', () => to.end());
-    from.on('close', () => to.destroy());
+    // A silent path forwards no FIN or reset either: the other end never learns of a close.
+    from.on('end', () => link.stalled || to.end());
+    from.on('close', () => link.stalled || to.destroy());
   }
 
   private maybeCorrupt(link: Link, dir: 'down' | 'up', chunk: Buffer): Buffer {
@@ -153,8 +154,8 @@ export class ChannelProxy {
         for (const u of out) to.write(await this.rewrite(u));
       });
     });
-    from.on('end', () => void chain.then(() => to.end()));
-    from.on('close', () => void chain.then(() => to.destroy()));
+    from.on('end', () => void chain.then(() => link.stalled || to.end()));
+    from.on('close', () => void chain.then(() => link.stalled || to.destroy()));
   }
 
   private async rewrite(u: Buffer): Promise<Buffer> {
