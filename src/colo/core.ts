@@ -4,7 +4,11 @@
  * and feed every result back as an event.
  */
 
-/** The seven COLO control messages, in the order one checkpoint uses them. */
+/**
+ * The COLO control messages: QEMU's seven, in the order one checkpoint uses them, then ours.
+ * CHECKPOINT_ABANDONED (P → S, in place of VMSTATE_SEND): the PVM's guest exited before its
+ * pause, so the checkpoint cannot be taken; the SVM, paused for it, runs on (to the same exit).
+ */
 export const coloMessages = [
   'CHECKPOINT_READY',
   'CHECKPOINT_REQUEST',
@@ -13,6 +17,7 @@ export const coloMessages = [
   'VMSTATE_SIZE',
   'VMSTATE_RECEIVED',
   'VMSTATE_LOADED',
+  'CHECKPOINT_ABANDONED',
 ] as const;
 export type ColoMessage = (typeof coloMessages)[number];
 
@@ -99,9 +104,12 @@ export type PrimaryEvent =
   /** The PVM's guest crashed (GUEST_PANICKED, or its vCPU thread died): it will not run again. */
   | { type: 'guestCrashed'; message: string }
   /**
-   * The PVM's guest exited by itself (proc_exit): no checkpoint starts any more (its pause
-   * would find no guest, and would pause the SVM before it produced the output the compare
-   * waits for); one in flight goes on. The process ends soon after (close).
+   * The PVM's guest exited by itself (proc_exit; also fed by a pause that found no guest): no
+   * checkpoint starts any more (its pause would find no guest, and would pause the SVM before
+   * it produced the output the compare waits for). One past the PVM's pause goes on; one
+   * before it (requested, or pausing) cannot be taken and is abandoned (CHECKPOINT_ABANDONED),
+   * so the SVM runs on and its copy of the guest's last output releases the PVM's. The process
+   * ends soon after (close).
    */
   | { type: 'guestExited' }
   /**
@@ -240,7 +248,8 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.leave(ev.message);
       case 'guestExited':
         this.guestExited = true;
-        return [];
+        // The pause asked for finds no guest (CHECKPOINT_REPLY came before the exit was seen).
+        return this.phase === 'pausing' ? this.abandon() : [];
       case 'close':
         this.phase = 'done';
         return [];
@@ -291,6 +300,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       return [{ type: 'resumeVm' }];
     }
     if (expect('requested', 'CHECKPOINT_REPLY')) {
+      if (this.guestExited) return this.abandon();
       this.phase = 'pausing';
       return [{ type: 'pauseVm' }];
     }
@@ -315,6 +325,21 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       return [done, ...this.next()];
     }
     return this.startFailover('error', `unexpected COLO message ${msg} in phase ${this.phase}`);
+  }
+
+  /**
+   * The checkpoint asked for cannot be taken: the PVM's guest exited before its pause. The
+   * secondary, whose SVM waits paused for VMSTATE_SEND, is told so and runs the SVM on: it
+   * makes the same way to the same exit, and its copy of the guest's last output releases the
+   * PVM's, which the compare holds (left paused, it never came and that output was dropped at
+   * the exit). Nothing of the checkpoint was sent, and none starts any more.
+   */
+  private abandon(): PrimaryAction[] {
+    this.phase = 'running';
+    return [
+      { type: 'log', level: 'info', message: "COLO: the guest exited before the checkpoint's pause: checkpoint abandoned; the SVM runs on to its own end" },
+      { type: 'send', msg: 'CHECKPOINT_ABANDONED' },
+    ];
   }
 
   private countCheckpoint(): void {
@@ -394,6 +419,8 @@ export type SecondaryAction =
   | { type: 'start' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'pauseVm' }
+  /** The checkpoint the SVM was paused for was abandoned: run it on (unless it stopped for good or by the user). */
+  | { type: 'resumeVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
   /** Tell the primary the SVM crashed: it takes a checkpoint at once (a resync). */
@@ -486,6 +513,11 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     if (this.phase === 'replied' && msg === 'VMSTATE_SEND') {
       this.phase = 'receiving';
       return [{ type: 'beginCheckpoint' }];
+    }
+    if (this.phase === 'replied' && msg === 'CHECKPOINT_ABANDONED') {
+      // The PVM's guest exited before its pause: the SVM's state is still the one to compare.
+      this.phase = 'running';
+      return [{ type: 'log', level: 'info', message: "COLO: the primary's guest exited before the checkpoint's pause: checkpoint abandoned; the SVM runs on" }, { type: 'resumeVm' }];
     }
     if (this.phase === 'receiving' && msg === 'VMSTATE_SIZE') return [];
     return this.streamBroken(`unexpected COLO message ${msg} in phase ${this.phase}`);

@@ -305,9 +305,10 @@ export class PrimaryDriver {
             this.pausedState = await m.pauseAndSave('colo');
           });
           if (this.pausedState !== null) return { type: 'vmPaused' };
-          // The vCPU stopped otherwise: its guest crashed (or exited: the process ends, close()).
+          // The vCPU stopped otherwise: its guest crashed, or exited (the checkpoint is abandoned, the process ends).
           const stopped = this.guestStopped();
-          return stopped === 'runnable' ? { type: 'protocolError', message: `the PVM did not pause (run state ${m.runState})` } : stopped;
+          if (stopped === 'runnable') return { type: 'protocolError', message: `the PVM did not pause (run state ${m.runState})` };
+          return stopped ?? { type: 'guestExited' };
         });
         return;
       case 'sendState':
@@ -690,6 +691,15 @@ export class SecondaryDriver {
         await this.ops.run(async () => m.pause('colo'));
         latencyTrace?.event('S:paused');
         return { type: 'vmPaused' };
+      case 'resumeVm':
+        // Only what the checkpoint paused: a guest that exited or crashed meanwhile stays so,
+        // and one the user stopped during the pause (run state paused) stays stopped.
+        await this.ops.run(async () => {
+          if (m.runState !== 'colo') return;
+          m.setRunState('paused');
+          await m.cont();
+        });
+        return null;
       case 'closeLink':
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
         return null;

@@ -372,6 +372,43 @@ test('colo core: once the PVM\'s guest exited no checkpoint starts (timer, compa
   assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
 });
 
+test("colo core: the PVM's guest exits before the checkpoint's pause: the checkpoint is abandoned (CHECKPOINT_ABANDONED), the SVM runs on, none starts again", () => {
+  const running = (): { p: PrimaryCore; s: SecondaryCore } => {
+    const p = new PrimaryCore(() => 300);
+    const s = new SecondaryCore();
+    p.step({ type: 'handoff' });
+    s.step({ type: 'handoff' });
+    s.step({ type: 'started' });
+    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+    p.step({ type: 'vmResumed' });
+    assert.deepEqual(types(p.step({ type: 'timer' })), ['send CHECKPOINT_REQUEST']);
+    assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
+    assert.deepEqual(types(s.step({ type: 'vmPaused' })), ['send CHECKPOINT_REPLY']);
+    return { p, s };
+  };
+  // The exit is seen before CHECKPOINT_REPLY: no pause is asked for.
+  const a = running();
+  assert.deepEqual(a.p.step({ type: 'guestExited' }), []);
+  assert.deepEqual(types(a.p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' })), ['send CHECKPOINT_ABANDONED']);
+  assert.equal(a.p.phase, 'running');
+  assert.deepEqual(types(a.s.step({ type: 'message', msg: 'CHECKPOINT_ABANDONED' })), ['resumeVm'], 'the SVM runs on to its own end');
+  assert.equal(a.s.phase, 'running');
+  // The pause was asked for and finds no guest (fed by the exit, and again by the pause).
+  const b = running();
+  assert.deepEqual(types(b.p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' })), ['pauseVm']);
+  assert.deepEqual(types(b.p.step({ type: 'guestExited' })), ['send CHECKPOINT_ABANDONED']);
+  assert.deepEqual(b.p.step({ type: 'guestExited' }), [], 'abandoned once');
+  assert.deepEqual(b.p.step({ type: 'vmPaused' }), [], 'a late pause result changes nothing');
+  for (const ev of [{ type: 'timer' }, { type: 'trigger', reason: 'mismatch' }, { type: 'delaySet' }] as const) assert.deepEqual(b.p.step(ev), [], ev.type);
+  assert.equal(b.p.phase, 'running');
+  assert.equal(b.p.checkpoints, 0);
+  // The secondary takes CHECKPOINT_ABANDONED only for a checkpoint it paused for.
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_ABANDONED' })), ['closeLink']);
+});
+
 test('colo core: the primary closed at process exit is done at once and silent: nothing it is fed afterwards acts, not even a failover under way', () => {
   const p = new PrimaryCore(() => 300);
   p.step({ type: 'handoff' });

@@ -675,6 +675,10 @@ export class SecondaryNode implements Endpoint {
         yield* wait(switchVm(w, this.ops, g, 'stop'));
         w.hook('S.vmPaused');
         return { type: 'vmPaused' };
+      case 'resumeVm':
+        // CHECKPOINT_ABANDONED: the simulated PVM's guest never exits, so this does not come.
+        yield* wait(switchVm(w, this.ops, g, 'start'));
+        return null;
       case 'beginCheckpoint':
         this.device = null;
         return null;
