@@ -696,6 +696,22 @@ class UpDriver {
         this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
       }
     };
+    /** Since when its guest has been crashed (a secondary's is left to the primary's checkpoints, up-core.ts); null: it is not. */
+    let crashedSince: number | null = null;
+    let crashSaid = false;
+    const crashedFor = (crashed: boolean): void => {
+      if (!crashed) {
+        crashedSince = null;
+        crashSaid = false;
+        return;
+      }
+      crashedSince ??= performance.now();
+      const ms = performance.now() - crashedSince;
+      if (!crashSaid && live() && ms >= limits.upSecondaryCrashedMs) {
+        crashSaid = true;
+        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, stuck: true });
+      }
+    };
     while (live()) {
       const sent = performance.now();
       let hb = c.heartbeat;
@@ -726,8 +742,9 @@ class UpDriver {
         c.heartbeat = hb;
       }
       try {
-        await hb.execute('query-status', {}, { timeoutMs });
+        const st = await hb.execute<{ status?: string }>('query-status', {}, { timeoutMs });
         answered();
+        crashedFor(st.status === 'guest-panicked');
       } catch (err) {
         if (!live()) return;
         if (err instanceof TimeoutError) {

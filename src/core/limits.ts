@@ -272,6 +272,12 @@ export const limits = {
    * not this process's child, so no exit event comes): the delay a failover adds for it.
    */
   upAdoptedExitPollMs: 50,
+  /**
+   * colo up: a COLO secondary whose guest crashed is left to the primary, whose checkpoint
+   * replaces its state within coloSvmCrashResyncGapPauses pauses; one whose heartbeat still
+   * finds it crashed after this long was not replaced, and is fenced (killed and replaced).
+   */
+  upSecondaryCrashedMs: 5000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */
