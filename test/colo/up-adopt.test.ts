@@ -109,9 +109,11 @@ async function killedWhileReprotecting(env: TestEnv): Promise<{ args: string[]; 
   assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
   process.kill(primary, 'SIGKILL');
   await sup1.line(/^pair: re-protecting$/, p1.at, 15000);
+  // The line is written before the new secondary is spawned (its disk image made first): a
+  // SIGKILL at once, on a loaded host, could come before the spawn, and no secondary would boot.
+  const booting = await waitFor(`the new secondary to run; colo up printed: ${sup1.timeline()}`, () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
   sup1.proc.kill('SIGKILL');
   await sup1.waitExit(10000);
-  const booting = await waitFor('the new secondary to run', () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
   return { args, port, survivor: secondary, booting };
 }
 
