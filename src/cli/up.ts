@@ -1038,7 +1038,8 @@ function lockStateDir(dir: string, what: string): void {
   };
   try {
     // Made whole, then linked: a reader never sees an empty up.pid (it would take it for stale).
-    fs.writeFileSync(mine, `${process.pid}\n`);
+    // With its start time: a pid the system gave again to another colo up is not this one.
+    fs.writeFileSync(mine, `${[process.pid, startTime(process.pid)].filter((v) => v !== null).join(' ')}\n`);
     for (let attempt = 0; ; attempt++) {
       try {
         fs.linkSync(mine, file);
@@ -1053,9 +1054,12 @@ function lockStateDir(dir: string, what: string): void {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw err;
       }
-      const pid = Number(held.trim());
+      const [pidText, started] = held.trim().split(/\s+/);
+      const pid = Number(pidText);
       const valid = Number.isSafeInteger(pid) && pid > 0;
-      if (valid && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) refuse(pid);
+      // Without a start time (no /proc, or an up.pid of an older colo up) the pid alone tells.
+      const same = started === undefined || startTime(pid) === null || startTime(pid) === started;
+      if (valid && pid !== process.pid && pidAlive(pid) && same && isColoUp(pid)) refuse(pid);
       // Stale: the up.pid of a colo up that died.
       const stale = `${file}.stale.${process.pid}`;
       try {
@@ -1073,7 +1077,7 @@ function lockStateDir(dir: string, what: string): void {
           // a third one holds the folder now
         }
         fs.rmSync(stale, { force: true });
-        const other = Number(took.trim());
+        const other = Number(took.trim().split(/\s+/)[0]);
         refuse(Number.isSafeInteger(other) && other > 0 ? other : null);
       }
       fs.rmSync(stale, { force: true });
@@ -1161,6 +1165,20 @@ function childrenIn(dir: string): Map<number, number> {
     if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
   }
   return found;
+}
+
+/**
+ * When process `pid` started (/proc/PID/stat field 22, clock ticks since boot), or null when it
+ * cannot be read (gone, no /proc): with the pid, it names one process, not whoever got the pid again.
+ */
+function startTime(pid: number): string | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // After the command name in parentheses (which may hold spaces) come fields 3 (state) on.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+  } catch {
+    return null;
+  }
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */

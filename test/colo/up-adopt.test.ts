@@ -6,7 +6,9 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
@@ -18,6 +20,12 @@ async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: strin
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
   args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extra);
   return { args, port };
+}
+
+/** Process `pid`'s start time, /proc/PID/stat field 22. */
+function startTime(pid: number): string {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]!;
 }
 
 async function command(port: number, argv: string[]): Promise<string | number | null> {
@@ -44,7 +52,7 @@ test('colo up killed, then run again on its --state-dir: it adopts the protected
   const sup2 = spawnSupervisor(env, args);
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
   assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary], sup2.timeline());
-  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(sup2.proc.pid));
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), `${sup2.proc.pid} ${startTime(sup2.proc.pid!)}`, 'its pid and start time');
 
   // A second supervisor for the same folder is refused; the pair is not touched.
   const r = await runProgram(process.execPath, args, { timeoutMs: 30000 });
@@ -142,7 +150,7 @@ test('two colo up started at once on the folder of one that died: one adopts the
   const adopted = await running.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
   await running.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
-  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(running.proc.pid));
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), `${running.proc.pid} ${startTime(running.proc.pid!)}`);
 });
 
 test('an adopted child that dies is seen at once, also while init has not reaped it yet: the adopted secondary, then the adopted primary', async (t) => {
@@ -263,4 +271,35 @@ test('colo up (no --drive) killed while its children boot, run again at once: it
   assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
   await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
   assert.deepEqual(pidsUsing(env.dir).sort(), [primary, Number(again.m.at(2))].sort());
+});
+
+test('up.pid names a process by its pid and start time: a live colo up there is refused; a pid the system gave again to another colo up (another start time) is stale', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  // Another live colo up, as /proc tells it (its command line says up), cheap: it runs nothing.
+  const other = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)', 'up'], { stdio: 'ignore' });
+  env.onCleanup(() => {
+    other.kill('SIGKILL');
+  });
+  await waitFor('the other process to run', () => (other.pid !== undefined && pidAlive(other.pid)) || undefined, 5000);
+  const pid = other.pid!;
+  const upPid = path.join(env.dir, 'up.pid');
+  // The service address is held here: a run that takes the folder stops at that next check,
+  // before it starts anything.
+  const holder = net.createServer();
+  await new Promise<void>((r) => holder.listen({ host: '127.0.0.1', port }, r));
+  env.onCleanup(() => new Promise<void>((r) => holder.close(() => r())));
+  // It holds the folder: refused.
+  fs.writeFileSync(upPid, `${pid} ${startTime(pid)}\n`);
+  const refused = await runProgram(process.execPath, args, { timeoutMs: 30000 });
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, new RegExp(`colo up ${pid} supervises the pair there`), refused.stderr);
+  assert.equal(fs.readFileSync(upPid, 'utf8'), `${pid} ${startTime(pid)}\n`, 'its up.pid is left alone');
+  // The up.pid of one that died, whose pid the other got since: the folder is taken.
+  fs.writeFileSync(upPid, `${pid} ${Number(startTime(pid)) - 1}\n`);
+  const taken = await runProgram(process.execPath, args, { timeoutMs: 30000 });
+  assert.notEqual(taken.code, 0);
+  assert.doesNotMatch(taken.stderr, /supervises the pair there/, taken.stderr);
+  assert.match(taken.stderr, /cannot listen there/, taken.stderr);
+  assert.ok(!fs.existsSync(upPid), 'the stale up.pid was taken, then removed with the run');
 });
