@@ -482,7 +482,7 @@ class UpDriver {
       const c = (ss[0] ?? ps[0])!;
       log.warn(`vm${c.id} (pid ${c.pid}) is in COLO without its partner (it died while no supervisor ran): x-colo-lost-heartbeat, it runs alone`);
       try {
-        await this.lostHeartbeat(c, c.role);
+        await this.lostHeartbeat(c, c.role, limits.upAdoptFailoverMs);
       } catch (err) {
         // Not this supervisor's to end: the children stay as they are (the exit kills only its own).
         this.finished = true;
@@ -863,8 +863,19 @@ class UpDriver {
    * given up on after upFailoverTimeoutMs, which would end the service for a stall. Said again
    * while its failover runs, the command is accepted and changes nothing; once that is done it
    * is refused, and query-colo-status tells that this node left COLO.
+   *
+   * `withinMs`: no more asking after that long (adopt: the children are not this supervisor's
+   * yet, and a run of colo up that hangs before it says anything helps nobody); the stall is
+   * then a PairError ADOPT_FAILOVER_TIMEOUT.
    */
-  private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
+  private async lostHeartbeat(c: Child, mode: Role, withinMs?: number): Promise<void> {
+    const deadline = withinMs === undefined ? Infinity : performance.now() + withinMs;
+    /** Whether to ask again after no answer; throws once past the deadline. */
+    const askAgain = (): boolean => {
+      if (c.exited) return false;
+      if (performance.now() < deadline) return true;
+      throw new PairError('ADOPT_FAILOVER_TIMEOUT', `vm${c.id} (pid ${c.pid}) has not carried out x-colo-lost-heartbeat for ${withinMs} ms (stopped, or hung?)`);
+    };
     let q = await this.control(c);
     let mark = q.eventCount;
     const left = async (): Promise<boolean> => {
@@ -885,7 +896,7 @@ class UpDriver {
       try {
         await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
       } catch (err) {
-        if (err instanceof TimeoutError && !c.exited) continue; // no answer: ask again
+        if (err instanceof TimeoutError && askAgain()) continue; // no answer: ask again
         if (await reconnected(err)) {
           if (await left().catch(() => false)) return;
           continue;
@@ -909,7 +920,7 @@ class UpDriver {
         try {
           if (await left()) return;
         } catch (probe) {
-          if (probe instanceof TimeoutError && !c.exited) continue;
+          if (probe instanceof TimeoutError && askAgain()) continue;
           if (await reconnected(probe)) continue;
           throw probe;
         }

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { limits } from '../../src/core/limits.js';
 
 async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
   const port = await freePort();
@@ -271,6 +272,66 @@ test('colo up (no --drive) killed while its children boot, run again at once: it
   assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
   await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
   assert.deepEqual(pidsUsing(env.dir).sort(), [primary, Number(again.m.at(2))].sort());
+});
+
+test('colo up adopting a secondary whose primary died, which stalls (SIGSTOP) when told x-colo-lost-heartbeat: the adoption is given up after limits.upAdoptFailoverMs with the reason, the children left running; a later run adopts it', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  env.onCleanup(() => {
+    if (pidAlive(secondary)) process.kill(secondary, 'SIGCONT');
+  });
+  // The secondary's QMP socket, behind a relay that stops the secondary the moment it is told
+  // x-colo-lost-heartbeat (then passes the command on): a stall at that very point.
+  const sock = path.join(env.dir, 'vm2.qmp');
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.on('data', (d: Buffer) => {
+      if (d.includes('x-colo-lost-heartbeat') && pidAlive(secondary)) process.kill(secondary, 'SIGSTOP');
+      to.write(d);
+    });
+    to.pipe(from);
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  const closeRelay = async (): Promise<void> => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  };
+  env.onCleanup(closeRelay);
+
+  const startedAt = performance.now();
+  const sup2 = spawnSupervisor(env, args);
+  await sup2.waitExit(limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs);
+  const tookMs = performance.now() - startedAt;
+  assert.notEqual(sup2.exitCode, 0, sup2.stderr.slice(-3000));
+  assert.match(sup2.stderr, new RegExp(`cannot adopt the children of the colo up that ran there: x-colo-lost-heartbeat on vm2 failed \\(vm2 \\(pid ${secondary}\\) has not carried out x-colo-lost-heartbeat for ${limits.upAdoptFailoverMs} ms \\(stopped, or hung\\?\\)\\); they are left running`), sup2.stderr.slice(-3000));
+  assert.ok(tookMs >= limits.upAdoptFailoverMs, `given up after ${tookMs.toFixed(0)} ms`);
+  assert.deepEqual(sup2.lines, [], 'it printed no state');
+  assert.ok(pidAlive(secondary), 'the stalled secondary is left running');
+  assert.ok(!fs.existsSync(path.join(env.dir, 'up.pid')));
+
+  // It runs again: the next colo up adopts it (it carried out the failover it was told).
+  process.kill(secondary, 'SIGCONT');
+  await closeRelay();
+  fs.rmSync(sock, { force: true });
+  fs.renameSync(real, sock);
+  const sup3 = spawnSupervisor(env, args);
+  const adopted = await sup3.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup3.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
 });
 
 test('up.pid names a process by its pid and start time: a live colo up there is refused; a pid the system gave again to another colo up (another start time) is stale', async (t) => {
