@@ -495,10 +495,32 @@ class UpDriver {
     } else {
       primary = alone[0]!;
     }
+    // A protected pair keeps checkpointing as the earlier run set it until its next
+    // re-protection (whose configure sets every parameter): this run's delay from now on. The
+    // multifd channels cannot change under COLO; they do at the next re-protection.
+    if (secondary !== null) await this.adoptCheckpointDelay(primary);
     for (const c of [primary, secondary]) if (c !== null) void this.heartbeat(c);
     this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
     // One that ended while it was being looked at: its exit came before the core knew it.
     for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /**
+   * The adopted primary `c` of a protected pair checkpoints every --checkpoint-delay of this
+   * run (x-checkpoint-delay, set under COLO: it takes a checkpoint at once and holds from there).
+   * A primary that does not take it is only said: the pair is protected all the same.
+   */
+  private async adoptCheckpointDelay(c: Child): Promise<void> {
+    try {
+      const q = c.qmp!;
+      const params = await q.execute<{ 'x-checkpoint-delay'?: number }>('query-migrate-parameters');
+      const was = params['x-checkpoint-delay'];
+      if (was === this.o.checkpointDelayMs) return;
+      await q.execute('migrate-set-parameters', { 'x-checkpoint-delay': this.o.checkpointDelayMs });
+      log.info(`vm${c.id} (pid ${c.pid}): x-checkpoint-delay ${was} ms, now ${this.o.checkpointDelayMs} ms (--checkpoint-delay of this colo up)`);
+    } catch (err) {
+      log.warn(`vm${c.id} (pid ${c.pid}): x-checkpoint-delay could not be set to ${this.o.checkpointDelayMs} ms (${errorMessage(err)}); it keeps the earlier colo up's until the next re-protection`);
+    }
   }
 
   /**

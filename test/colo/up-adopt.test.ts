@@ -12,7 +12,7 @@ import net from 'node:net';
 import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
-import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { pidAlive, pidsUsing, qmpOf, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
 
 async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
@@ -363,4 +363,26 @@ test('up.pid names a process by its pid and start time: a live colo up there is 
   assert.doesNotMatch(taken.stderr, /supervises the pair there/, taken.stderr);
   assert.match(taken.stderr, /cannot listen there/, taken.stderr);
   assert.ok(!fs.existsSync(upPid), 'the stale up.pid was taken, then removed with the run');
+});
+
+test('colo up run again with another --checkpoint-delay adopts the protected pair and its primary checkpoints with the new delay from then on', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const primary = Number(p1.m.at(1));
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const sup2 = spawnSupervisor(env, args.map((a) => (a === '200' ? '700' : a)));
+  await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
+  const q = await qmpOf(primary, sup2);
+  try {
+    const params = await q.execute<{ 'x-checkpoint-delay': number }>('query-migrate-parameters');
+    assert.equal(params['x-checkpoint-delay'], 700, `the adopted primary has this run's delay; ${sup2.stderr.slice(-2000)}`);
+  } finally {
+    await q.close();
+  }
+  assert.match(sup2.stderr, /x-checkpoint-delay 200 ms, now 700 ms/);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
 });
