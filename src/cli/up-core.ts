@@ -22,6 +22,8 @@
  * A hung child (its QMP heartbeat goes unanswered), or one whose guest crashed (GUEST_PANICKED:
  * the process lives on, its guest does not), is fenced with SIGKILL when a partner can
  * carry on without it: a primary of a protected pair, or a secondary that is not taking over.
+ * A secondary in COLO whose guest crashed is the exception: the primary's checkpoint replaces
+ * its state; it is fenced only if it stays crashed (limits.upSecondaryCrashedMs).
  * Its death runs the same failover as a crash. A hung node with no partner is only reported:
  * killing it would turn a stall into an outage.
  */
@@ -40,6 +42,8 @@ export interface NodeInfo {
   failure?: string;
   /** How its process ended (`SIGKILL`, `exit code 1`, `killed: ...`), once it did. */
   ended?: string;
+  /** Guest crashes of a secondary in COLO left to the primary's checkpoints (the first is said at info). */
+  crashes?: number;
 }
 
 export type PairEvent =
@@ -69,8 +73,11 @@ export type PairEvent =
   | { type: 'coloExit'; node: number; mode: string; reason: string }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
   | { type: 'unresponsive'; node: number; ms: number }
-  /** The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing. */
-  | { type: 'crashed'; node: number; message: string }
+  /**
+   * The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing.
+   * `stuck`: it is still crashed limits.upSecondaryCrashedMs later (no checkpoint replaced it).
+   */
+  | { type: 'crashed'; node: number; message: string; stuck?: boolean }
   /** The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with the guest's exit status. */
   | { type: 'guestShutdown'; node: number }
   /** `node` answers its heartbeat again, after `ms` without. */
@@ -300,9 +307,25 @@ export class PairCore {
       case 'unresponsive':
         this.fence(e.node, `hung, no answer to QMP for ${e.ms} ms`, `has not answered QMP for ${e.ms} ms`, out);
         break;
-      case 'crashed':
+      case 'crashed': {
+        const n = this.nodes.get(e.node);
+        // A secondary in COLO whose guest crashed (a trap only it took) is the primary's to
+        // mend: its next checkpoint, asked for at once (colo/core.ts svmCrashed), replaces the
+        // SVM's state, and the secondary can take over again. Killing it would only trade that
+        // checkpoint for a whole new migration, and leave the pair unprotected meanwhile. One
+        // that stays crashed (no checkpoint came: `stuck`) is fenced like a hung one.
+        if (e.stuck !== true && n?.alive === true && n.failure === undefined && this.secondary === n && (this.phase === 'protected' || this.phase === 'protecting')) {
+          n.crashes = (n.crashes ?? 0) + 1;
+          out.push({
+            type: 'log',
+            level: n.crashes === 1 ? 'info' : 'debug',
+            msg: `${this.describe(e.node)} reports that its guest crashed (${e.message}); left running: the primary's checkpoint replaces its state`,
+          });
+          break;
+        }
         this.fence(e.node, `guest crashed: ${e.message}`, `reports that its guest crashed (${e.message})`, out);
         break;
+      }
       case 'guestShutdown':
         this.guestShutdown(e.node, out);
         break;

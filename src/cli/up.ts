@@ -482,7 +482,7 @@ class UpDriver {
       const c = (ss[0] ?? ps[0])!;
       log.warn(`vm${c.id} (pid ${c.pid}) is in COLO without its partner (it died while no supervisor ran): x-colo-lost-heartbeat, it runs alone`);
       try {
-        await this.lostHeartbeat(c, c.role);
+        await this.lostHeartbeat(c, c.role, limits.upAdoptFailoverMs);
       } catch (err) {
         // Not this supervisor's to end: the children stay as they are (the exit kills only its own).
         this.finished = true;
@@ -495,10 +495,32 @@ class UpDriver {
     } else {
       primary = alone[0]!;
     }
+    // A protected pair keeps checkpointing as the earlier run set it until its next
+    // re-protection (whose configure sets every parameter): this run's delay from now on. The
+    // multifd channels cannot change under COLO; they do at the next re-protection.
+    if (secondary !== null) await this.adoptCheckpointDelay(primary);
     for (const c of [primary, secondary]) if (c !== null) void this.heartbeat(c);
     this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
     // One that ended while it was being looked at: its exit came before the core knew it.
     for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /**
+   * The adopted primary `c` of a protected pair checkpoints every --checkpoint-delay of this
+   * run (x-checkpoint-delay, set under COLO: it takes a checkpoint at once and holds from there).
+   * A primary that does not take it is only said: the pair is protected all the same.
+   */
+  private async adoptCheckpointDelay(c: Child): Promise<void> {
+    try {
+      const q = c.qmp!;
+      const params = await q.execute<{ 'x-checkpoint-delay'?: number }>('query-migrate-parameters');
+      const was = params['x-checkpoint-delay'];
+      if (was === this.o.checkpointDelayMs) return;
+      await q.execute('migrate-set-parameters', { 'x-checkpoint-delay': this.o.checkpointDelayMs });
+      log.info(`vm${c.id} (pid ${c.pid}): x-checkpoint-delay ${was} ms, now ${this.o.checkpointDelayMs} ms (--checkpoint-delay of this colo up)`);
+    } catch (err) {
+      log.warn(`vm${c.id} (pid ${c.pid}): x-checkpoint-delay could not be set to ${this.o.checkpointDelayMs} ms (${errorMessage(err)}); it keeps the earlier colo up's until the next re-protection`);
+    }
   }
 
   /**
@@ -696,6 +718,22 @@ class UpDriver {
         this.dispatch({ type: 'unresponsive', node: c.id, ms: timeoutMs });
       }
     };
+    /** Since when its guest has been crashed (a secondary's is left to the primary's checkpoints, up-core.ts); null: it is not. */
+    let crashedSince: number | null = null;
+    let crashSaid = false;
+    const crashedFor = (crashed: boolean): void => {
+      if (!crashed) {
+        crashedSince = null;
+        crashSaid = false;
+        return;
+      }
+      crashedSince ??= performance.now();
+      const ms = performance.now() - crashedSince;
+      if (!crashSaid && live() && ms >= limits.upSecondaryCrashedMs) {
+        crashSaid = true;
+        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, stuck: true });
+      }
+    };
     while (live()) {
       const sent = performance.now();
       let hb = c.heartbeat;
@@ -726,8 +764,9 @@ class UpDriver {
         c.heartbeat = hb;
       }
       try {
-        await hb.execute('query-status', {}, { timeoutMs });
+        const st = await hb.execute<{ status?: string }>('query-status', {}, { timeoutMs });
         answered();
+        crashedFor(st.status === 'guest-panicked');
       } catch (err) {
         if (!live()) return;
         if (err instanceof TimeoutError) {
@@ -846,8 +885,19 @@ class UpDriver {
    * given up on after upFailoverTimeoutMs, which would end the service for a stall. Said again
    * while its failover runs, the command is accepted and changes nothing; once that is done it
    * is refused, and query-colo-status tells that this node left COLO.
+   *
+   * `withinMs`: no more asking after that long (adopt: the children are not this supervisor's
+   * yet, and a run of colo up that hangs before it says anything helps nobody); the stall is
+   * then a PairError ADOPT_FAILOVER_TIMEOUT.
    */
-  private async lostHeartbeat(c: Child, mode: Role): Promise<void> {
+  private async lostHeartbeat(c: Child, mode: Role, withinMs?: number): Promise<void> {
+    const deadline = withinMs === undefined ? Infinity : performance.now() + withinMs;
+    /** Whether to ask again after no answer; throws once past the deadline. */
+    const askAgain = (): boolean => {
+      if (c.exited) return false;
+      if (performance.now() < deadline) return true;
+      throw new PairError('ADOPT_FAILOVER_TIMEOUT', `vm${c.id} (pid ${c.pid}) has not carried out x-colo-lost-heartbeat for ${withinMs} ms (stopped, or hung?)`);
+    };
     let q = await this.control(c);
     let mark = q.eventCount;
     const left = async (): Promise<boolean> => {
@@ -868,7 +918,7 @@ class UpDriver {
       try {
         await q.execute('x-colo-lost-heartbeat', {}, { oob: q.oobEnabled, timeoutMs: limits.upFailoverTimeoutMs });
       } catch (err) {
-        if (err instanceof TimeoutError && !c.exited) continue; // no answer: ask again
+        if (err instanceof TimeoutError && askAgain()) continue; // no answer: ask again
         if (await reconnected(err)) {
           if (await left().catch(() => false)) return;
           continue;
@@ -892,7 +942,7 @@ class UpDriver {
         try {
           if (await left()) return;
         } catch (probe) {
-          if (probe instanceof TimeoutError && !c.exited) continue;
+          if (probe instanceof TimeoutError && askAgain()) continue;
           if (await reconnected(probe)) continue;
           throw probe;
         }
@@ -1021,7 +1071,8 @@ function lockStateDir(dir: string, what: string): void {
   };
   try {
     // Made whole, then linked: a reader never sees an empty up.pid (it would take it for stale).
-    fs.writeFileSync(mine, `${process.pid}\n`);
+    // With its start time: a pid the system gave again to another colo up is not this one.
+    fs.writeFileSync(mine, `${[process.pid, startTime(process.pid)].filter((v) => v !== null).join(' ')}\n`);
     for (let attempt = 0; ; attempt++) {
       try {
         fs.linkSync(mine, file);
@@ -1036,9 +1087,12 @@ function lockStateDir(dir: string, what: string): void {
         if ((err as NodeJS.ErrnoException).code === 'ENOENT') continue;
         throw err;
       }
-      const pid = Number(held.trim());
+      const [pidText, started] = held.trim().split(/\s+/);
+      const pid = Number(pidText);
       const valid = Number.isSafeInteger(pid) && pid > 0;
-      if (valid && pid !== process.pid && pidAlive(pid) && isColoUp(pid)) refuse(pid);
+      // Without a start time (no /proc, or an up.pid of an older colo up) the pid alone tells.
+      const same = started === undefined || startTime(pid) === null || startTime(pid) === started;
+      if (valid && pid !== process.pid && pidAlive(pid) && same && isColoUp(pid)) refuse(pid);
       // Stale: the up.pid of a colo up that died.
       const stale = `${file}.stale.${process.pid}`;
       try {
@@ -1056,7 +1110,7 @@ function lockStateDir(dir: string, what: string): void {
           // a third one holds the folder now
         }
         fs.rmSync(stale, { force: true });
-        const other = Number(took.trim());
+        const other = Number(took.trim().split(/\s+/)[0]);
         refuse(Number.isSafeInteger(other) && other > 0 ? other : null);
       }
       fs.rmSync(stale, { force: true });
@@ -1144,6 +1198,20 @@ function childrenIn(dir: string): Map<number, number> {
     if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
   }
   return found;
+}
+
+/**
+ * When process `pid` started (/proc/PID/stat field 22, clock ticks since boot), or null when it
+ * cannot be read (gone, no /proc): with the pid, it names one process, not whoever got the pid again.
+ */
+function startTime(pid: number): string | null {
+  try {
+    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // After the command name in parentheses (which may hold spaces) come fields 3 (state) on.
+    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
+  } catch {
+    return null;
+  }
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */

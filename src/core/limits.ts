@@ -272,6 +272,19 @@ export const limits = {
    * not this process's child, so no exit event comes): the delay a failover adds for it.
    */
   upAdoptedExitPollMs: 50,
+  /**
+   * colo up: a COLO secondary whose guest crashed is left to the primary, whose checkpoint
+   * replaces its state within coloSvmCrashResyncGapPauses pauses; one whose heartbeat still
+   * finds it crashed after this long was not replaced, and is fenced (killed and replaced).
+   */
+  upSecondaryCrashedMs: 5000,
+  /**
+   * colo up, adopting a child whose partner died while no supervisor ran: how long it is asked
+   * x-colo-lost-heartbeat (each time for upFailoverTimeoutMs) while it does not answer (stopped,
+   * hung). After that the adoption is refused, the children left as they are, so that the run
+   * of colo up ends with the reason instead of hanging before it supervises anything.
+   */
+  upAdoptFailoverMs: 20000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */

@@ -6,11 +6,14 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
-import { pidAlive, pidsUsing, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { pidAlive, pidsUsing, qmpOf, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { limits } from '../../src/core/limits.js';
 
 async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
   const port = await freePort();
@@ -18,6 +21,12 @@ async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: strin
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
   args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extra);
   return { args, port };
+}
+
+/** Process `pid`'s start time, /proc/PID/stat field 22. */
+function startTime(pid: number): string {
+  const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19]!;
 }
 
 async function command(port: number, argv: string[]): Promise<string | number | null> {
@@ -44,7 +53,7 @@ test('colo up killed, then run again on its --state-dir: it adopts the protected
   const sup2 = spawnSupervisor(env, args);
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
   assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary], sup2.timeline());
-  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(sup2.proc.pid));
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), `${sup2.proc.pid} ${startTime(sup2.proc.pid!)}`, 'its pid and start time');
 
   // A second supervisor for the same folder is refused; the pair is not touched.
   const r = await runProgram(process.execPath, args, { timeoutMs: 30000 });
@@ -109,9 +118,11 @@ async function killedWhileReprotecting(env: TestEnv): Promise<{ args: string[]; 
   assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
   process.kill(primary, 'SIGKILL');
   await sup1.line(/^pair: re-protecting$/, p1.at, 15000);
+  // The line is written before the new secondary is spawned (its disk image made first): a
+  // SIGKILL at once, on a loaded host, could come before the spawn, and no secondary would boot.
+  const booting = await waitFor(`the new secondary to run; colo up printed: ${sup1.timeline()}`, () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
   sup1.proc.kill('SIGKILL');
   await sup1.waitExit(10000);
-  const booting = await waitFor('the new secondary to run', () => pidsUsing(env.dir).find((p) => p !== secondary), 10000);
   return { args, port, survivor: secondary, booting };
 }
 
@@ -140,7 +151,7 @@ test('two colo up started at once on the folder of one that died: one adopts the
   const adopted = await running.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
   await running.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
-  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), String(running.proc.pid));
+  assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), `${running.proc.pid} ${startTime(running.proc.pid!)}`);
 });
 
 test('an adopted child that dies is seen at once, also while init has not reaped it yet: the adopted secondary, then the adopted primary', async (t) => {
@@ -261,4 +272,117 @@ test('colo up (no --drive) killed while its children boot, run again at once: it
   assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
   await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
   assert.deepEqual(pidsUsing(env.dir).sort(), [primary, Number(again.m.at(2))].sort());
+});
+
+test('colo up adopting a secondary whose primary died, which stalls (SIGSTOP) when told x-colo-lost-heartbeat: the adoption is given up after limits.upAdoptFailoverMs with the reason, the children left running; a later run adopts it', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  env.onCleanup(() => {
+    if (pidAlive(secondary)) process.kill(secondary, 'SIGCONT');
+  });
+  // The secondary's QMP socket, behind a relay that stops the secondary the moment it is told
+  // x-colo-lost-heartbeat (then passes the command on): a stall at that very point.
+  const sock = path.join(env.dir, 'vm2.qmp');
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.on('data', (d: Buffer) => {
+      if (d.includes('x-colo-lost-heartbeat') && pidAlive(secondary)) process.kill(secondary, 'SIGSTOP');
+      to.write(d);
+    });
+    to.pipe(from);
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  const closeRelay = async (): Promise<void> => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  };
+  env.onCleanup(closeRelay);
+
+  const startedAt = performance.now();
+  const sup2 = spawnSupervisor(env, args);
+  await sup2.waitExit(limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs);
+  const tookMs = performance.now() - startedAt;
+  assert.notEqual(sup2.exitCode, 0, sup2.stderr.slice(-3000));
+  assert.match(sup2.stderr, new RegExp(`cannot adopt the children of the colo up that ran there: x-colo-lost-heartbeat on vm2 failed \\(vm2 \\(pid ${secondary}\\) has not carried out x-colo-lost-heartbeat for ${limits.upAdoptFailoverMs} ms \\(stopped, or hung\\?\\)\\); they are left running`), sup2.stderr.slice(-3000));
+  assert.ok(tookMs >= limits.upAdoptFailoverMs, `given up after ${tookMs.toFixed(0)} ms`);
+  assert.deepEqual(sup2.lines, [], 'it printed no state');
+  assert.ok(pidAlive(secondary), 'the stalled secondary is left running');
+  assert.ok(!fs.existsSync(path.join(env.dir, 'up.pid')));
+
+  // It runs again: the next colo up adopts it (it carried out the failover it was told).
+  process.kill(secondary, 'SIGCONT');
+  await closeRelay();
+  fs.rmSync(sock, { force: true });
+  fs.renameSync(real, sock);
+  const sup3 = spawnSupervisor(env, args);
+  const adopted = await sup3.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup3.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+});
+
+test('up.pid names a process by its pid and start time: a live colo up there is refused; a pid the system gave again to another colo up (another start time) is stale', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  // Another live colo up, as /proc tells it (its command line says up), cheap: it runs nothing.
+  const other = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)', 'up'], { stdio: 'ignore' });
+  env.onCleanup(() => {
+    other.kill('SIGKILL');
+  });
+  await waitFor('the other process to run', () => (other.pid !== undefined && pidAlive(other.pid)) || undefined, 5000);
+  const pid = other.pid!;
+  const upPid = path.join(env.dir, 'up.pid');
+  // The service address is held here: a run that takes the folder stops at that next check,
+  // before it starts anything.
+  const holder = net.createServer();
+  await new Promise<void>((r) => holder.listen({ host: '127.0.0.1', port }, r));
+  env.onCleanup(() => new Promise<void>((r) => holder.close(() => r())));
+  // It holds the folder: refused.
+  fs.writeFileSync(upPid, `${pid} ${startTime(pid)}\n`);
+  const refused = await runProgram(process.execPath, args, { timeoutMs: 30000 });
+  assert.notEqual(refused.code, 0);
+  assert.match(refused.stderr, new RegExp(`colo up ${pid} supervises the pair there`), refused.stderr);
+  assert.equal(fs.readFileSync(upPid, 'utf8'), `${pid} ${startTime(pid)}\n`, 'its up.pid is left alone');
+  // The up.pid of one that died, whose pid the other got since: the folder is taken.
+  fs.writeFileSync(upPid, `${pid} ${Number(startTime(pid)) - 1}\n`);
+  const taken = await runProgram(process.execPath, args, { timeoutMs: 30000 });
+  assert.notEqual(taken.code, 0);
+  assert.doesNotMatch(taken.stderr, /supervises the pair there/, taken.stderr);
+  assert.match(taken.stderr, /cannot listen there/, taken.stderr);
+  assert.ok(!fs.existsSync(upPid), 'the stale up.pid was taken, then removed with the run');
+});
+
+test('colo up run again with another --checkpoint-delay adopts the protected pair and its primary checkpoints with the new delay from then on', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port } = await upArgs(env);
+  const sup1 = spawnSupervisor(env, args);
+  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const primary = Number(p1.m.at(1));
+  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
+  sup1.proc.kill('SIGKILL');
+  await sup1.waitExit(10000);
+  const sup2 = spawnSupervisor(env, args.map((a) => (a === '200' ? '700' : a)));
+  await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
+  const q = await qmpOf(primary, sup2);
+  try {
+    const params = await q.execute<{ 'x-checkpoint-delay': number }>('query-migrate-parameters');
+    assert.equal(params['x-checkpoint-delay'], 700, `the adopted primary has this run's delay; ${sup2.stderr.slice(-2000)}`);
+  } finally {
+    await q.close();
+  }
+  assert.match(sup2.stderr, /x-checkpoint-delay 200 ms, now 700 ms/);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
 });

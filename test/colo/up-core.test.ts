@@ -178,11 +178,18 @@ test('colo up core: a hung secondary is killed and the primary continues', () =>
   assert.deepEqual(run(c, { type: 'continued', node: 1 })[0], 'pair: secondary died (killed: hung, no answer to QMP for 1500 ms); primary 101 continues unprotected');
 });
 
-test('colo up core: a node whose guest crashed is killed like a hung one, and its death is the usual failover', () => {
-  // The secondary's guest crashed (e.g. a state it could not resume): the process lives on
-  // and would count as protection it does not give.
+test('colo up core: a secondary in COLO whose guest crashed is left to the primary\'s checkpoint (said once at info); one that stays crashed is killed like a hung one, and its death is the usual failover', () => {
   const c = protectedPair();
-  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  // A trap only the SVM took: the primary's resync checkpoint replaces its state.
+  const first = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  assert.deepEqual(first.filter((a) => a.type !== 'log'), [], JSON.stringify(first));
+  assert.ok(first.some((a) => a.type === 'log' && a.level === 'info' && /secondary 102 reports that its guest crashed \(unreachable\); left running: the primary's checkpoint replaces its state/.test(a.msg)), JSON.stringify(first));
+  const again = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  assert.deepEqual(again.map((a) => (a.type === 'log' ? a.level : show(a))), ['debug'], 'a streak is said once');
+  assert.equal(c.phase, 'protected');
+  // Still crashed after limits.upSecondaryCrashedMs (the process lives on and would count as
+  // protection it does not give): fenced.
+  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable', stuck: true });
   assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), ['kill 2 SIGKILL']);
   assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /secondary 102 reports that its guest crashed \(unreachable\): killing it/.test(a.msg)), JSON.stringify(out));
   assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable' }), [], 'reported once');

@@ -299,3 +299,63 @@ test('colo up: the reader of the stderr it shares with its children goes away (E
   proc.kill('SIGTERM');
   assert.deepEqual(await withTimeout(exited, 15000, 'colo up to exit'), { code: 0, signal: null });
 });
+
+/**
+ * A guest that turns every 10 ms (u32 turns at 96) and traps when the wall clock moved more
+ * than `gapMs` between two of its turns: a node whose process was stopped that long crashes,
+ * one that ran on does not. Under COLO only the stopped secondary takes that trap: its
+ * checkpoints hold the primary's last turn.
+ */
+function stallTrapGuest(t: TestContext, gapMs: number): string {
+  return watGuest(t, 'stall-trap', `(module
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      ;; a clock subscription at 1024: 10 ms relative on the monotonic clock
+      (i32.store8 (i32.const 1032) (i32.const 0))
+      (i32.store (i32.const 1040) (i32.const 1))
+      (i64.store (i32.const 1048) (i64.const 10000000))
+      (loop $turn
+        (drop (call $clock (i32.const 0) (i64.const 0) (i32.const 64)))
+        (if (i32.and (i64.ne (i64.load (i32.const 200)) (i64.const 0))
+              (i64.gt_u (i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200))) (i64.const ${BigInt(gapMs) * 1000000n})))
+          (then unreachable))
+        (i64.store (i32.const 200) (i64.load (i32.const 64)))
+        (i32.store (i32.const 96) (i32.add (i32.load (i32.const 96)) (i32.const 1)))
+        (drop (call $poll (i32.const 1024) (i32.const 2048) (i32.const 1) (i32.const 2100)))
+        (br $turn))))`);
+}
+
+test('colo up: a guest crash only the secondary takes is replaced by the primary\'s checkpoint: the secondary is not killed nor replaced, and takes over later', async (t) => {
+  const env = new TestEnv(t);
+  const guest = stallTrapGuest(t, 1500);
+  const port = await freePort();
+  // No heartbeat fencing of the stopped secondary; checkpoints far apart (the crash is not
+  // covered by a periodic one that happens to come while it is stopped).
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '5000', '--heartbeat-timeout', '60000', '--state-dir', env.dir];
+  const sup = spawnSupervisor(env, args);
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(first.m[1]), Number(first.m[2])];
+  const log = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+  env.onCleanup(() => {
+    if (pidAlive(secondary)) process.kill(secondary, 'SIGCONT');
+  });
+  // Its process stopped for longer than the guest allows between turns: the SVM traps once it runs again.
+  for (let i = 0; i < 3 && !/the SVM's guest crashed/.test(sup.stderr); i++) {
+    process.kill(secondary, 'SIGSTOP');
+    await sleep(2500);
+    process.kill(secondary, 'SIGCONT');
+    await waitFor(`the secondary's guest to crash; ${log()}`, () => /the SVM's guest crashed/.test(sup.stderr) || undefined, 3000).catch(() => undefined);
+  }
+  assert.match(sup.stderr, /the SVM's guest crashed \(unreachable\)/, log());
+  // Time for a kill and its failover, had there been one.
+  await sleep(3000);
+  assert.ok(pidAlive(secondary), `the secondary was not killed; ${log()}`);
+  assert.deepEqual(sup.lines.slice(first.at + 1), [], `no failover nor re-protection; ${log()}`);
+  // The secondary holds the primary's state again: it takes over.
+  process.kill(primary, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${secondary} took over on 127\\.0\\.0\\.1:${port}$`), first.at + 1, 15000);
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${secondary}, secondary pid \\d+\\)$`), first.at + 1, 60000);
+  assert.doesNotMatch(sup.stderr, / error /, log());
+});
