@@ -113,7 +113,8 @@ export class Vm extends EventEmitter {
       args: [opts.name ?? opts.guestPath.replace(/^.*\//, '').replace(/\.wasm$/, ''), ...opts.guestArgs],
       env: [],
       serial: opts.serial,
-      drive: opts.drive,
+      // QEMU's -incoming: the image is inactive, unlocked, until the migration activates it.
+      drive: opts.drive === null ? null : { ...opts.drive, lock: opts.incoming === null ? 'now' : 'deferred' },
     });
     return new Vm(opts, machine);
   }

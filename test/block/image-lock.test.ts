@@ -1,0 +1,86 @@
+/**
+ * Disk image locking (block/image-lock.ts), with real `colo run` processes: as QEMU's, a
+ * read-write VM has the image to itself, snapshot=on users share it, and a lock whose holder
+ * is gone (SIGKILL) does not block the next opener.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { TestEnv, freePort, guests } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+
+test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
+  const env = new TestEnv(t);
+  const [port, port2] = [await freePort(), await freePort()];
+  const image = env.image('x.img', 8 * 1024 * 1024);
+  const a = await env.startVm({ name: 'a', guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`] });
+  await a.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  for (let i = 0; i < 50; i++) assert.equal(await c.command(['SET', `k${i}`, `v${i}`]), 'OK');
+  const hash = env.hashFile(image);
+  for (const extra of [[], ['--snapshot']]) {
+    const b = await env.startVm({ name: `b${extra.length}`, guest: guests.kv, noQmp: true, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port2}`, '--drive', `file=${image}`, ...extra] });
+    assert.equal(await b.waitExit(30000), 1, `the second VM exits with status 1: ${b.stderr}`);
+    const want = extra.length === 0 ? 'write' : 'read';
+    assert.match(b.stderr, new RegExp(`Failed to get "${want}" lock on drive '.*x\\.img': process ${a.child.pid} writes it`));
+    assert.equal(b.stderr.trim().split('\n').length, 1, `one clear line, got: ${b.stderr}`);
+  }
+  assert.equal(env.hashFile(image), hash, 'the refused VMs did not write the image');
+  assert.equal(await c.command(['GET', 'k49']), 'v49', 'the first VM serves on');
+  c.close();
+  await a.stop();
+  // Released on quit: the image opens again.
+  const again = await env.startVm({ name: 'again', guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`] });
+  await again.waitSerial('kv ready');
+  const r = await RespClient.whenServing(port, 'the VM opened after the holder quit');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'k0']), 'v0');
+  r.close();
+  await again.stop();
+});
+
+test('image lock: two snapshot=on VMs share one image; a read-write VM is refused while they run', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('base.img', 4 * 1024 * 1024);
+  const hash = env.hashFile(image);
+  const ports = [await freePort(), await freePort(), await freePort()];
+  const readers = await Promise.all(
+    [0, 1].map((i) => env.startVm({ name: `r${i}`, guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${ports[i]}`, '--drive', `file=${image}`, '--snapshot'] })),
+  );
+  for (const r of readers) await r.waitSerial('kv ready');
+  for (const [i, port] of ports.slice(0, 2).entries()) {
+    const c = await RespClient.connect(port);
+    env.onCleanup(() => c.close());
+    assert.equal(await c.command(['SET', 'who', `r${i}`]), 'OK');
+    assert.equal(await c.command(['GET', 'who']), `r${i}`);
+    c.close();
+  }
+  const w = await env.startVm({ name: 'w', guest: guests.kv, noQmp: true, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${ports[2]}`, '--drive', `file=${image}`] });
+  assert.equal(await w.waitExit(30000), 1, `the writer exits with status 1: ${w.stderr}`);
+  assert.match(w.stderr, new RegExp(`Failed to get "write" lock on drive '.*base\\.img': process (${readers.map((r) => r.child.pid).join('|')}) reads it \\(snapshot=on\\)`));
+  await Promise.all(readers.map((r) => r.stop()));
+  assert.equal(env.hashFile(image), hash, 'the shared image is unchanged');
+});
+
+test('image lock: the lock of a VM killed with SIGKILL does not block the next read-write VM, which finds the acknowledged data', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('k.img', 8 * 1024 * 1024);
+  const args = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+  const a = await env.startVm({ name: 'a', guest: guests.kv, args });
+  await a.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  assert.equal(await c.command(['SET', 'before', 'kill']), 'OK');
+  c.close();
+  a.kill('SIGKILL');
+  await a.waitExit(10000);
+  const b = await env.startVm({ name: 'b', guest: guests.kv, args });
+  await b.waitSerial('kv ready');
+  const r = await RespClient.whenServing(port, 'the VM opened after the SIGKILL');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'before']), 'kill');
+  r.close();
+  await b.stop();
+  assert.deepEqual(b.errorLines(), []);
+});
