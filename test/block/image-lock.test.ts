@@ -7,6 +7,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
+import { startProtectedPair } from '../framework/up.js';
+import fs from 'node:fs';
+import path from 'node:path';
 
 test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
   const env = new TestEnv(t);
@@ -83,4 +86,25 @@ test('image lock: the lock of a VM killed with SIGKILL does not block the next r
   r.close();
   await b.stop();
   assert.deepEqual(b.errorLines(), []);
+});
+
+test('image lock: colo up does not copy the last primary\'s disk over a --drive image another VM opened after the failover; the copy stays in the state folder', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, image, first, primary: p1, secondary: s2, clients } = pair;
+  process.kill(p1, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), first.at + 1, 90000);
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'after', 'failover']), 'OK', 'vm2 writes its own copy of the disk');
+  // vm1's lock went with it: another VM opens the drive image read-write.
+  const other = await env.startVm({ name: 'other', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  const hash = env.hashFile(image);
+  await r.close();
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(30000);
+  assert.match(sup.stderr, new RegExp(`could not copy the last primary's disk to .*kv\\.img: Failed to get "write" lock .*process ${other.child.pid} writes it.*; it stays at .*vm2\\.img`));
+  assert.equal(env.hashFile(image), hash, 'the other VM\'s image was not overwritten');
+  assert.ok(fs.existsSync(path.join(env.dir, 'vm2.img')), 'the last primary\'s disk is kept');
+  await other.stop();
 });
