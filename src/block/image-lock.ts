@@ -73,6 +73,15 @@ function code(err: unknown): string | undefined {
   return (err as NodeJS.ErrnoException).code;
 }
 
+/**
+ * No lock entry can be made (a read-only directory or filesystem, a full one): as QEMU, whose
+ * locks need no room, the image opens all the same (a full disk must still open to recover).
+ */
+function cannotMake(err: unknown): boolean {
+  const c = code(err);
+  return c === 'EACCES' || c === 'EROFS' || c === 'EPERM' || c === 'ENOSPC' || c === 'EDQUOT';
+}
+
 function refused(imagePath: string, holder: { pid: number } | null, wanted: ImageLockMode, heldAs: ImageLockMode): ImageLockError {
   const pid = holder?.pid ?? 0;
   const who = holder === null ? 'another process' : `process ${pid}`;
@@ -167,11 +176,11 @@ export function lockImage(imagePath: string, mode: ImageLockMode): ImageLock | n
     try {
       fs.mkdirSync(dir);
     } catch (err) {
-      const c = code(err);
-      if (c === 'EACCES' || c === 'EROFS' || c === 'EPERM') {
+      if (cannotMake(err)) {
         log.warn(`drive '${imagePath}' is not locked: cannot make ${dir}: ${errorMessage(err)}`);
         return null;
       }
+      const c = code(err);
       if (c !== 'EEXIST') throw new UsageError('DRIVE_OPEN', `cannot lock drive '${imagePath}': ${errorMessage(err)}`);
     }
     try {
@@ -189,6 +198,10 @@ export function lockImage(imagePath: string, mode: ImageLockMode): ImageLock | n
       // The last holder removed the directory between our mkdir and our entry: again.
       if (code(err) === 'ENOENT') continue;
       if (err instanceof ImageLockError) throw err;
+      if (cannotMake(err)) {
+        log.warn(`drive '${imagePath}' is not locked: cannot make its entry in ${dir}: ${errorMessage(err)}`);
+        return null;
+      }
       throw new UsageError('DRIVE_OPEN', `cannot lock drive '${imagePath}': ${errorMessage(err)}`);
     }
   }

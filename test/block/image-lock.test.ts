@@ -8,6 +8,7 @@ import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
+import { Disk } from '../../src/block/disk.js';
 import fs from 'node:fs';
 import path from 'node:path';
 
@@ -107,4 +108,21 @@ test('image lock: colo up does not copy the last primary\'s disk over a --drive 
   assert.equal(env.hashFile(image), hash, 'the other VM\'s image was not overwritten');
   assert.ok(fs.existsSync(path.join(env.dir, 'vm2.img')), 'the last primary\'s disk is kept');
   await other.stop();
+});
+
+test('image lock: an image on a filesystem with no room for the lock entry (a full disk) opens all the same, unlocked, as QEMU\'s', async (t) => {
+  const env = new TestEnv(t);
+  // Two inodes: the root and the image; the lock directory cannot be made (ENOSPC).
+  const mnt = await env.tmpfs('full', '1m,nr_inodes=2');
+  const image = path.join(mnt, 'full.img');
+  fs.writeFileSync(image, Buffer.alloc(64 * 1024, 7));
+  assert.throws(() => fs.mkdirSync(path.join(mnt, 'probe')), /ENOSPC/, 'the filesystem has no inode left');
+  const d = Disk.open(image, { snapshot: false });
+  try {
+    const b = Buffer.alloc(16);
+    d.read(b, 0);
+    assert.deepEqual([...b], Array(16).fill(7));
+  } finally {
+    d.close();
+  }
 });
