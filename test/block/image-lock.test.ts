@@ -126,3 +126,22 @@ test('image lock: an image on a filesystem with no room for the lock entry (a fu
     d.close();
   }
 });
+
+test('image lock: an incoming migration whose destination image another VM writes is refused before a block is written; the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const [srcDisk, dstDisk] = [env.image('src.img', 4 * 1024 * 1024, (b) => b.fill(0x5a, 0, 1 << 20)), env.image('dst.img', 4 * 1024 * 1024)];
+  const holder = await env.startVm({ name: 'holder', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${dstDisk}`] });
+  const hash = env.hashFile(dstDisk);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
+    // Opened unlocked, as QEMU's inactive image of -incoming: it starts.
+    env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  const info = await src.waitMigrationStatus('failed', 30000);
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it`));
+  assert.equal(await src.status(), 'running', 'the source runs on');
+  assert.equal(env.hashFile(dstDisk), hash, 'the holder\'s image got no block of the migration');
+  await Promise.all([src.stop(), holder.stop(), dst.alive ? dst.stop() : Promise.resolve()]);
+});
