@@ -114,7 +114,8 @@ export class Vm extends EventEmitter {
       env: [],
       serial: opts.serial,
       // QEMU's -incoming: the image is inactive, unlocked, until the migration activates it.
-      drive: opts.drive === null ? null : { ...opts.drive, lock: opts.incoming === null ? 'now' : 'deferred' },
+      // A state loaded from a file has no source to hand the image over: locked at once.
+      drive: opts.drive === null ? null : { ...opts.drive, lock: opts.incoming === null || opts.incoming.startsWith('file:') ? 'now' : 'deferred' },
     });
     return new Vm(opts, machine);
   }

@@ -145,3 +145,19 @@ test('image lock: an incoming migration whose destination image another VM write
   assert.equal(env.hashFile(dstDisk), hash, 'the holder\'s image got no block of the migration');
   await Promise.all([src.stop(), holder.stop(), dst.alive ? dst.stop() : Promise.resolve()]);
 });
+
+test('image lock: a VM restored from a file (--incoming file:) holds its image: a second read-write VM is refused', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('f.img', 4 * 1024 * 1024);
+  const saved = env.file('state.bin');
+  const a = await env.startVm({ name: 'a', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  await a.qmp.execute('stop');
+  await a.qmp.execute('migrate', { uri: `file:${saved}` });
+  await a.waitMigrationStatus('completed', 30000);
+  await a.stop();
+  const restored = await env.startVm({ name: 'restored', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`, '--incoming', `file:${saved}`] });
+  const b = await env.startVm({ name: 'b', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await b.waitExit(30000), 1, `the second VM exits with status 1: ${b.stderr}`);
+  assert.match(b.stderr, new RegExp(`Failed to get "write" lock on drive '.*f\\.img': process ${restored.child.pid} writes it`));
+  await restored.stop();
+});
