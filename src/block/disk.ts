@@ -4,6 +4,7 @@ import path from 'node:path';
 import { limits } from '../core/limits.js';
 import { ColoError, RestoreError, UsageError, errorMessage } from '../core/errors.js';
 import * as v from '../core/validate.js';
+import { lockImage, type ImageLock } from './image-lock.js';
 
 const blockBytes = limits.diskBlockBytes;
 
@@ -53,6 +54,9 @@ export class Disk {
   private readonly layer: Uint8Array;
   private readonly layerCtl: Int32Array;
   private readonly scratch = Buffer.alloc(blockBytes);
+  /** This process's lock on the image (main thread only; null: not taken, or not possible). */
+  private lock: ImageLock | null = null;
+  private lockPending = false;
 
   private constructor(spec: DiskSpec) {
     this.spec = spec;
@@ -62,8 +66,13 @@ export class Disk {
     this.layerCtl = new Int32Array(spec.layerCtl);
   }
 
-  /** Open an image (main thread). */
-  static open(imagePath: string, opts: { snapshot: boolean }): Disk {
+  /**
+   * Open an image (main thread) and lock it (image-lock.ts): read-write excludes every other
+   * user, snapshot mode shares it with other snapshot users. `lock: 'deferred'` (a read-write
+   * incoming migration's destination, as QEMU's inactive image) opens it without the lock
+   * until activate().
+   */
+  static open(imagePath: string, opts: { snapshot: boolean; lock?: 'now' | 'deferred' }): Disk {
     let imageFd: number;
     try {
       // Non-blocking: a FIFO would otherwise block the open (and the process) until a writer came.
@@ -83,6 +92,16 @@ export class Disk {
       fs.closeSync(imageFd);
       throw new UsageError('DRIVE_SIZE', `drive '${imagePath}' is ${sizeBytes} bytes, above the limit of ${limits.diskBytesMax}`);
     }
+    const deferred = opts.lock === 'deferred' && !opts.snapshot;
+    let lock: ImageLock | null = null;
+    if (!deferred) {
+      try {
+        lock = lockImage(imagePath, opts.snapshot ? 'read' : 'write');
+      } catch (err) {
+        fs.closeSync(imageFd);
+        throw err;
+      }
+    }
     const blocks = Math.ceil(sizeBytes / blockBytes);
     let overlayFd: number | null = null;
     let layerFd: number;
@@ -91,9 +110,10 @@ export class Disk {
       layerFd = openScratch('colo-layer');
     } catch (err) {
       for (const fd of [imageFd, overlayFd]) if (fd !== null) fs.closeSync(fd);
+      lock?.release();
       throw new UsageError('DRIVE_SCRATCH', `cannot make the scratch file for drive '${imagePath}' in ${os.tmpdir()} (TMPDIR): ${errorMessage(err)}`);
     }
-    return new Disk({
+    const disk = new Disk({
       layerFd,
       layerMap: new SharedArrayBuffer(Math.max(1, blocks)),
       layerCtl: new SharedArrayBuffer(4),
@@ -105,6 +125,24 @@ export class Disk {
       presentMap: new SharedArrayBuffer(Math.max(1, blocks)),
       dirtyMap: new SharedArrayBuffer(Math.max(1, blocks)),
     });
+    disk.lock = lock;
+    disk.lockPending = deferred;
+    return disk;
+  }
+
+  /**
+   * Take the write lock deferred at open (an incoming migration that is about to write the
+   * image); throws ImageLockError if another live process holds the image. Idempotent.
+   */
+  activate(): void {
+    if (!this.lockPending) return;
+    this.lock = lockImage(this.spec.imagePath, 'write');
+    this.lockPending = false;
+  }
+
+  /** True while the image is opened without its lock (deferred, see open()). */
+  get inactive(): boolean {
+    return this.lockPending;
   }
 
   /** Attach to a disk opened by another thread of this process. */
@@ -292,6 +330,9 @@ export class Disk {
   }
 
   close(): void {
+    this.lock?.release();
+    this.lock = null;
+    this.lockPending = false;
     for (const fd of [this.spec.imageFd, this.spec.overlayFd, this.spec.layerFd]) {
       if (fd === null) continue;
       try {

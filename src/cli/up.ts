@@ -17,6 +17,7 @@ import { logger, setLogNode } from '../core/log.js';
 import { formatListen, parseListen } from '../net/frontend.js';
 import { parseKeyValues, parseMemory } from './options.js';
 import { copyImage } from '../block/disk.js';
+import { lockImage, type ImageLock } from '../block/image-lock.js';
 import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
 
 const log = logger('up');
@@ -961,7 +962,11 @@ class UpDriver {
     const p = primary === null ? undefined : this.children.get(primary);
     if (p?.disk != null && p.disk !== drive) {
       if (fs.existsSync(p.disk)) {
+        // The drive's own VM (vm1) is gone: another process may have opened the image since
+        // (its lock was free). Copying over it would corrupt that VM's disk: keep the copy.
+        let lock: ImageLock | null = null;
         try {
+          lock = lockImage(drive, 'write');
           copyImage(p.disk, drive);
           log.info(`the disk of vm${p.id} (the last primary) is now ${drive}`);
         } catch (err) {
@@ -970,6 +975,8 @@ class UpDriver {
           this.keptDisk = p.disk;
           log.error(`could not copy the last primary's disk to ${drive}: ${errorMessage(err)}; it stays at ${p.disk}`);
           return;
+        } finally {
+          lock?.release();
         }
       } else {
         // Its image went with it (a double failure): say that the drive is older, not nothing.

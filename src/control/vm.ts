@@ -113,7 +113,9 @@ export class Vm extends EventEmitter {
       args: [opts.name ?? opts.guestPath.replace(/^.*\//, '').replace(/\.wasm$/, ''), ...opts.guestArgs],
       env: [],
       serial: opts.serial,
-      drive: opts.drive,
+      // QEMU's -incoming: the image is inactive, unlocked, until the migration activates it.
+      // A state loaded from a file has no source to hand the image over: locked at once.
+      drive: opts.drive === null ? null : { ...opts.drive, lock: opts.incoming === null || opts.incoming.startsWith('file:') ? 'now' : 'deferred' },
     });
     return new Vm(opts, machine);
   }

@@ -24,6 +24,19 @@ export class MigrationError extends ColoError {}
 export class ColoProtocolError extends ColoError {}
 /** `colo up`: a supervised pair that could not be started, protected or failed over. */
 export class PairError extends ColoError {}
+/**
+ * A disk image that another live process holds (QEMU's 'Failed to get "write" lock'): names
+ * the image and the holder's pid, so the user knows which VM to stop.
+ */
+export class ImageLockError extends ColoError {
+  constructor(
+    readonly imagePath: string,
+    readonly holderPid: number,
+    message: string,
+  ) {
+    super('DRIVE_LOCKED', message);
+  }
+}
 /** A command-line option that cannot be honoured. */
 export class UsageError extends ColoError {}
 /** A QMP command that failed; `errorClass` is QEMU's error class name. */

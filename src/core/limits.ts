@@ -45,6 +45,8 @@ export const limits = {
 
   /** Disk block size (replication and migration unit). */
   diskBlockBytes: 4096,
+  /** Stale lock entries (of dead processes) one open of a disk image removes at most. */
+  diskLockStaleEntriesMax: 1024,
   /** Largest disk image. */
   diskBytesMax: 16 * 1024 * 1024 * 1024,
   /**

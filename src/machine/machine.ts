@@ -38,7 +38,8 @@ export interface MachineConfig {
   args: string[];
   env: string[];
   serial: SerialTarget;
-  drive: { path: string; snapshot: boolean } | null;
+  /** lock 'deferred': an incoming migration's destination, locked when it activates (Disk.activate). */
+  drive: { path: string; snapshot: boolean; lock?: 'now' | 'deferred' } | null;
 }
 
 export class MachineError extends ColoError {}
@@ -169,7 +170,7 @@ export class Machine extends EventEmitter {
         `cannot set up guest memory: reserving ${(maxPages * limits.wasmPageBytes) / 1048576} MiB (--memory) failed: ${(err as Error).message}`,
       );
     }
-    const disk = cfg.drive === null ? null : Disk.open(cfg.drive.path, { snapshot: cfg.drive.snapshot });
+    const disk = cfg.drive === null ? null : Disk.open(cfg.drive.path, { snapshot: cfg.drive.snapshot, lock: cfg.drive.lock });
     let serialFd: number | null = null;
     if (cfg.serial.kind === 'file') {
       try {

@@ -652,6 +652,10 @@ export class IncomingSession {
     const info = applySetup(m, setup);
     this.publishRamSize();
     this.diskMode = chooseDiskMode(info.diskImage, m.disk);
+    // The image opened unlocked (QEMU's inactive image of -incoming): this destination writes
+    // it from now on, so it takes the write lock now (ImageLockError: another live process
+    // uses it). 'shared': the source's image itself, which the source holds while it lives.
+    if (this.diskMode !== 'shared') m.disk?.activate();
     const ports: number[] = [];
     const spare = this.opts.receivers ?? null;
     if (channels > 0) {

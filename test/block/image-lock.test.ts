@@ -1,0 +1,163 @@
+/**
+ * Disk image locking (block/image-lock.ts), with real `colo run` processes: as QEMU's, a
+ * read-write VM has the image to itself, snapshot=on users share it, and a lock whose holder
+ * is gone (SIGKILL) does not block the next opener.
+ */
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { TestEnv, freePort, guests } from '../framework/harness.js';
+import { RespClient } from '../framework/resp.js';
+import { startProtectedPair } from '../framework/up.js';
+import { Disk } from '../../src/block/disk.js';
+import fs from 'node:fs';
+import path from 'node:path';
+
+test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
+  const env = new TestEnv(t);
+  const [port, port2] = [await freePort(), await freePort()];
+  const image = env.image('x.img', 8 * 1024 * 1024);
+  const a = await env.startVm({ name: 'a', guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`] });
+  await a.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  for (let i = 0; i < 50; i++) assert.equal(await c.command(['SET', `k${i}`, `v${i}`]), 'OK');
+  const hash = env.hashFile(image);
+  for (const extra of [[], ['--snapshot']]) {
+    const b = await env.startVm({ name: `b${extra.length}`, guest: guests.kv, noQmp: true, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port2}`, '--drive', `file=${image}`, ...extra] });
+    assert.equal(await b.waitExit(30000), 1, `the second VM exits with status 1: ${b.stderr}`);
+    const want = extra.length === 0 ? 'write' : 'read';
+    assert.match(b.stderr, new RegExp(`Failed to get "${want}" lock on drive '.*x\\.img': process ${a.child.pid} writes it`));
+    assert.equal(b.stderr.trim().split('\n').length, 1, `one clear line, got: ${b.stderr}`);
+  }
+  assert.equal(env.hashFile(image), hash, 'the refused VMs did not write the image');
+  assert.equal(await c.command(['GET', 'k49']), 'v49', 'the first VM serves on');
+  c.close();
+  await a.stop();
+  // Released on quit: the image opens again.
+  const again = await env.startVm({ name: 'again', guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`] });
+  await again.waitSerial('kv ready');
+  const r = await RespClient.whenServing(port, 'the VM opened after the holder quit');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'k0']), 'v0');
+  r.close();
+  await again.stop();
+});
+
+test('image lock: two snapshot=on VMs share one image; a read-write VM is refused while they run', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('base.img', 4 * 1024 * 1024);
+  const hash = env.hashFile(image);
+  const ports = [await freePort(), await freePort(), await freePort()];
+  const readers = await Promise.all(
+    [0, 1].map((i) => env.startVm({ name: `r${i}`, guest: guests.kv, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${ports[i]}`, '--drive', `file=${image}`, '--snapshot'] })),
+  );
+  for (const r of readers) await r.waitSerial('kv ready');
+  for (const [i, port] of ports.slice(0, 2).entries()) {
+    const c = await RespClient.connect(port);
+    env.onCleanup(() => c.close());
+    assert.equal(await c.command(['SET', 'who', `r${i}`]), 'OK');
+    assert.equal(await c.command(['GET', 'who']), `r${i}`);
+    c.close();
+  }
+  const w = await env.startVm({ name: 'w', guest: guests.kv, noQmp: true, args: ['--memory', '64M', '--net', `listen=127.0.0.1:${ports[2]}`, '--drive', `file=${image}`] });
+  assert.equal(await w.waitExit(30000), 1, `the writer exits with status 1: ${w.stderr}`);
+  assert.match(w.stderr, new RegExp(`Failed to get "write" lock on drive '.*base\\.img': process (${readers.map((r) => r.child.pid).join('|')}) reads it \\(snapshot=on\\)`));
+  await Promise.all(readers.map((r) => r.stop()));
+  assert.equal(env.hashFile(image), hash, 'the shared image is unchanged');
+});
+
+test('image lock: the lock of a VM killed with SIGKILL does not block the next read-write VM, which finds the acknowledged data', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('k.img', 8 * 1024 * 1024);
+  const args = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+  const a = await env.startVm({ name: 'a', guest: guests.kv, args });
+  await a.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  assert.equal(await c.command(['SET', 'before', 'kill']), 'OK');
+  c.close();
+  a.kill('SIGKILL');
+  await a.waitExit(10000);
+  const b = await env.startVm({ name: 'b', guest: guests.kv, args });
+  await b.waitSerial('kv ready');
+  const r = await RespClient.whenServing(port, 'the VM opened after the SIGKILL');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'before']), 'kill');
+  r.close();
+  await b.stop();
+  assert.deepEqual(b.errorLines(), []);
+});
+
+test('image lock: colo up does not copy the last primary\'s disk over a --drive image another VM opened after the failover; the copy stays in the state folder', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, port, image, first, primary: p1, secondary: s2, clients } = pair;
+  process.kill(p1, 'SIGKILL');
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${s2}, secondary pid (\\d+)\\)$`), first.at + 1, 90000);
+  const r = await RespClient.connect(port);
+  clients.push(r);
+  assert.equal(await r.command(['SET', 'after', 'failover']), 'OK', 'vm2 writes its own copy of the disk');
+  // vm1's lock went with it: another VM opens the drive image read-write.
+  const other = await env.startVm({ name: 'other', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  const hash = env.hashFile(image);
+  await r.close();
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(30000);
+  assert.match(sup.stderr, new RegExp(`could not copy the last primary's disk to .*kv\\.img: Failed to get "write" lock .*process ${other.child.pid} writes it.*; it stays at .*vm2\\.img`));
+  assert.equal(env.hashFile(image), hash, 'the other VM\'s image was not overwritten');
+  assert.ok(fs.existsSync(path.join(env.dir, 'vm2.img')), 'the last primary\'s disk is kept');
+  await other.stop();
+});
+
+test('image lock: an image on a filesystem with no room for the lock entry (a full disk) opens all the same, unlocked, as QEMU\'s', async (t) => {
+  const env = new TestEnv(t);
+  // Two inodes: the root and the image; the lock directory cannot be made (ENOSPC).
+  const mnt = await env.tmpfs('full', '1m,nr_inodes=2');
+  const image = path.join(mnt, 'full.img');
+  fs.writeFileSync(image, Buffer.alloc(64 * 1024, 7));
+  assert.throws(() => fs.mkdirSync(path.join(mnt, 'probe')), /ENOSPC/, 'the filesystem has no inode left');
+  const d = Disk.open(image, { snapshot: false });
+  try {
+    const b = Buffer.alloc(16);
+    d.read(b, 0);
+    assert.deepEqual([...b], Array(16).fill(7));
+  } finally {
+    d.close();
+  }
+});
+
+test('image lock: an incoming migration whose destination image another VM writes is refused before a block is written; the source runs on', async (t) => {
+  const env = new TestEnv(t);
+  const [srcDisk, dstDisk] = [env.image('src.img', 4 * 1024 * 1024, (b) => b.fill(0x5a, 0, 1 << 20)), env.image('dst.img', 4 * 1024 * 1024)];
+  const holder = await env.startVm({ name: 'holder', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${dstDisk}`] });
+  const hash = env.hashFile(dstDisk);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
+    // Opened unlocked, as QEMU's inactive image of -incoming: it starts.
+    env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
+  ]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  const info = await src.waitMigrationStatus('failed', 30000);
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it`));
+  assert.equal(await src.status(), 'running', 'the source runs on');
+  assert.equal(env.hashFile(dstDisk), hash, 'the holder\'s image got no block of the migration');
+  await Promise.all([src.stop(), holder.stop(), dst.alive ? dst.stop() : Promise.resolve()]);
+});
+
+test('image lock: a VM restored from a file (--incoming file:) holds its image: a second read-write VM is refused', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('f.img', 4 * 1024 * 1024);
+  const saved = env.file('state.bin');
+  const a = await env.startVm({ name: 'a', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  await a.qmp.execute('stop');
+  await a.qmp.execute('migrate', { uri: `file:${saved}` });
+  await a.waitMigrationStatus('completed', 30000);
+  await a.stop();
+  const restored = await env.startVm({ name: 'restored', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`, '--incoming', `file:${saved}`] });
+  const b = await env.startVm({ name: 'b', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await b.waitExit(30000), 1, `the second VM exits with status 1: ${b.stderr}`);
+  assert.match(b.stderr, new RegExp(`Failed to get "write" lock on drive '.*f\\.img': process ${restored.child.pid} writes it`));
+  await restored.stop();
+});
