@@ -47,6 +47,8 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
   let triggered = 0;
   let abandoned = 0;
   let overtaken = 0;
+  let damaged = 0;
+  let multifdOnly = 0;
   for (const seed of seeds) {
     const res = runSeed({ seed, fullTrace: one !== undefined && process.env['COLO_SIM_TRACE'] === '1' });
     if (one !== undefined && process.env['COLO_SIM_TRACE'] === '1') console.log(`${res.scenario}\n${res.trace.join('\n')}`);
@@ -60,9 +62,11 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
     triggered += res.stats.triggered;
     if (res.stats.abandoned) abandoned += 1;
     if (res.stats.barrierWaited) overtaken += 1;
+    if (res.stats.damaged) damaged += 1;
+    if (res.stats.multifdOnly) multifdOnly += 1;
   }
   const ms = performance.now() - started;
-  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}; a broken apply in ${abandoned}; multifd pages overtaken by the main channel in ${overtaken}`);
+  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}; a broken apply in ${abandoned}; multifd pages overtaken by the main channel in ${overtaken}; a damaged checkpoint frame in ${damaged}; the multifd channels alone broke in ${multifdOnly}`);
   if (failures.length > 0) {
     assert.fail(`${failures.length} of ${seeds.length} seeds failed (seeds ${failures.map((f) => f.seed).slice(0, 20).join(', ')})\n\n${describeFailure(failures[0]!)}`);
   }
@@ -74,6 +78,8 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
     assert.ok(triggered > 0, 'no checkpoint was asked for by the compare');
     assert.ok(abandoned >= seeds.length / 50, `only ${abandoned} seeds broke an apply off`);
     assert.ok(overtaken >= seeds.length / 10, `only in ${overtaken} seeds did the main channel overtake pages on the multifd channels`);
+    assert.ok(damaged >= seeds.length / 25, `only in ${damaged} seeds did a damaged checkpoint frame reach the secondary`);
+    assert.ok(multifdOnly >= seeds.length / 60, `only in ${multifdOnly} seeds did the multifd channels alone break`);
   }
 });
 
