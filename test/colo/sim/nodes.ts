@@ -77,7 +77,11 @@ export type Broken =
   /** The compare releases the held output once the checkpoint is sent, not at VMSTATE_RECEIVED. */
   | 'releaseAtSend'
   /** The secondary's frame loop does not wait at a round's sync for the pages still on the multifd channels. */
-  | 'noBarrier';
+  | 'noBarrier'
+  /** The secondary's frame loop skips a frame whose payload does not parse and reads on. */
+  | 'skipDamaged'
+  /** The secondary does not close the link after a broken apply (the primary waits for VMSTATE_LOADED). */
+  | 'keepLinkAfterBrokenApply';
 
 /** A damaged stream (driver.ts: a StreamError other than STREAM_TRUNCATED). */
 class CorruptStream extends Error {}
@@ -561,7 +565,10 @@ export class SecondaryNode implements Endpoint {
         // session.barrier: a multifd channel closed before its SYNC.
         if (f.k === 'lost') throw new ChannelClosed(`the round barrier of checkpoint ${f.ck} failed: a multifd channel closed`);
         // A frame that passed its checksum but does not parse: a protocol error; the loop reads on (as driver.ts).
-        if (f.k === 'corrupt') throw new Error(`malformed ${f.was}`);
+        if (f.k === 'corrupt') {
+          if (this.broken === 'skipDamaged') continue;
+          throw new Error(`malformed ${f.was}`);
+        }
         if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
         if (f.k === 'sync') {
           if (this.broken !== 'noBarrier') yield* this.barrier(f.ck, f.frames);
@@ -709,6 +716,7 @@ export class SecondaryNode implements Endpoint {
         w.hook('S.applied');
         return { type: 'applied' };
       case 'closeLink':
+        if (this.broken === 'keepLinkAfterBrokenApply' && this.core.phase === 'done') return null;
         w.link.destroy(1, 'the secondary closed the COLO channels (protocol error)');
         return null;
       case 'failover':

@@ -2,8 +2,8 @@
  * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
  * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
  * 4 and 5, 1 at a takeover (no output released from a checkpoint the survivor lacks), the
- * outcomes core.ts promises for the events that end COLO, and liveness before any fault, after
- * every step; at the end the primary closes and must not act any more.
+ * outcomes core.ts promises for the events that end COLO, and liveness before any fault and
+ * after the last one, after every step; at the end the primary closes and must not act any more.
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
