@@ -646,8 +646,8 @@ export class SecondaryNode implements Endpoint {
     // After a channel broke no checkpoint starts (the stream has a hole): an SVM paused for one
     // would answer CHECKPOINT_REPLY on a main channel that may live on, and the primary would
     // pause its PVM for a checkpoint that cannot complete.
-    if (this.knowsLinkBroken && actions.some((a) => a.type === 'pauseVm')) {
-      this.w.violate('hole', `the secondary pauses its SVM for a checkpoint (${showEvent(ev)} in phase ${phase}) after it knew a COLO channel broke`);
+    if (this.knowsLinkBroken && actions.some((a) => a.type === 'pauseVm' || (a.type === 'send' && a.msg === 'CHECKPOINT_REPLY'))) {
+      this.w.violate('hole', `the secondary ${actions.some((a) => a.type === 'pauseVm') ? 'pauses its SVM for' : 'answers'} a checkpoint (${showEvent(ev)} in phase ${phase}) after it knew a COLO channel broke`);
     }
     if (ev.type === 'linkLost' || actions.some((a) => a.type === 'closeLink')) this.knowsLinkBroken = true;
     if (this.core.failoverState === 'relaunch') this.sawRelaunch = true;
@@ -704,7 +704,8 @@ export class SecondaryNode implements Endpoint {
         w.hook('S.vmPaused');
         return { type: 'vmPaused' };
       case 'resumeVm':
-        // CHECKPOINT_ABANDONED: the simulated PVM's guest never exits, so this does not come.
+        // A pause whose checkpoint a broken channel cut off (CHECKPOINT_ABANDONED does not come:
+        // the simulated PVM's guest never exits).
         yield* wait(switchVm(w, this.ops, g, 'start'));
         return null;
       case 'beginCheckpoint':
