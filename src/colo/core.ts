@@ -419,7 +419,7 @@ export type SecondaryAction =
   | { type: 'start' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'pauseVm' }
-  /** The checkpoint the SVM was paused for was abandoned: run it on (unless it stopped for good or by the user). */
+  /** The checkpoint the SVM was paused for was abandoned, or cut off by a broken channel: run it on (unless it stopped for good or by the user). */
   | { type: 'resumeVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
