@@ -419,7 +419,7 @@ export type SecondaryAction =
   | { type: 'start' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'pauseVm' }
-  /** The checkpoint the SVM was paused for was abandoned: run it on (unless it stopped for good or by the user). */
+  /** The checkpoint the SVM was paused for was abandoned, or cut off by a broken channel: run it on (unless it stopped for good or by the user). */
   | { type: 'resumeVm' }
   | { type: 'beginCheckpoint' }
   | { type: 'apply' }
@@ -464,6 +464,13 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         return this.onMessage(ev.msg);
       case 'vmPaused':
         if (this.phase !== 'pausing') return [];
+        if (this.linkLost) {
+          // A channel broke during the pause (the main one may live on: a multifd channel
+          // broke). No checkpoint can arrive whole, so none is answered: a reply would make the
+          // primary pause its PVM for nothing, and the SVM, which can take over, runs on.
+          this.phase = 'running';
+          return [{ type: 'log', level: 'info', message: 'COLO: a channel broke while the SVM paused for a checkpoint: not answered; the SVM runs on' }, { type: 'resumeVm' }];
+        }
         this.phase = 'replied';
         return [{ type: 'send', msg: 'CHECKPOINT_REPLY' }];
       case 'stateReceived':

@@ -294,6 +294,23 @@ test('colo core: after a protocol error mid-checkpoint the secondary applies non
   assert.equal(u.checkpoints, 0);
 });
 
+test('colo core: a channel that breaks while the SVM pauses for a checkpoint: no CHECKPOINT_REPLY, the SVM runs on', () => {
+  // A multifd channel breaks after CHECKPOINT_REQUEST came, before the SVM's pause ends; the
+  // main channel lives. A reply would make the primary pause its PVM for a checkpoint that cannot
+  // arrive whole (one it cannot copy stays paused until the grace period ends), and the SVM,
+  // the copy that can take over, would stay stopped.
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
+  assert.deepEqual(types(s.step({ type: 'linkLost', message: 'multifd channel 1 closed' })), []);
+  assert.deepEqual(types(s.step({ type: 'vmPaused' })), ['resumeVm'], 'no CHECKPOINT_REPLY');
+  assert.equal(s.phase, 'running');
+  assert.deepEqual(types(s.step({ type: 'message', msg: 'VMSTATE_SEND' })), [], 'no checkpoint starts');
+  assert.deepEqual(types(s.step({ type: 'lostHeartbeat' })), ['failover']);
+  assert.equal(s.checkpoints, 0);
+});
+
 test('colo core: a failover mid-checkpoint before the apply drops the checkpoint; a broken link waits for the heartbeat', () => {
   const s = receiving();
   assert.deepEqual(types(s.step({ type: 'linkLost', message: 'yanked' })), [], 'a secondary does not arm a self-promotion');

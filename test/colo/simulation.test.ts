@@ -4,7 +4,9 @@
  * with model guests. Injected at random (often mid-checkpoint, sometimes during a failover):
  * crashes, link breaks, x-colo-lost-heartbeat, broken applies, a panicking PVM guest, the
  * primary's process exiting (close), a protocol error on the primary, a secondary whose start
- * fails; compare triggers include resync; x-checkpoint-delay changes in some runs; in some runs
+ * fails, a main-channel frame that arrives damaged (bad checksum: the frame loop stops; bad
+ * payload: it reads on), the multifd channels alone breaking while the main channel lives on,
+ * a network stall; compare triggers include resync; x-checkpoint-delay changes in some runs; in some runs
  * the pages go on multifd channels, so that they reach the secondary in any order with each
  * other and with the main channel's frames (each channel in order, as TCP); the primary
  * closes at the end of every run. After every step: invariant 2 (no page of a checkpoint not
@@ -20,7 +22,10 @@
  * x-colo-lost-heartbeat asked for, error otherwise); a primary whose link broke waits the
  * grace period for that command; core.ts's outcomes for guestCrashed, close and startFailed;
  * and liveness before any fault (checkpoints at the delay in effect, a shorter one taking effect at once; the PVM
- * runs between any two checkpoints and at the end; lost mirrored input gets a checkpoint).
+ * runs between any two checkpoints and at the end; lost mirrored input gets a checkpoint), and
+ * after the last fault (a live primary fails over or completes checkpoints again within the
+ * grace period plus the delay: the pair never waits for ever); no checkpoint starts on a
+ * secondary that knew a channel broke.
  *
  * COLO_SIM_SEED=n runs seed n alone (COLO_SIM_TRACE=1 prints its whole trace);
  * COLO_SIM_SEEDS=n runs n seeds (default 500).
@@ -47,6 +52,8 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
   let triggered = 0;
   let abandoned = 0;
   let overtaken = 0;
+  let damaged = 0;
+  let multifdOnly = 0;
   for (const seed of seeds) {
     const res = runSeed({ seed, fullTrace: one !== undefined && process.env['COLO_SIM_TRACE'] === '1' });
     if (one !== undefined && process.env['COLO_SIM_TRACE'] === '1') console.log(`${res.scenario}\n${res.trace.join('\n')}`);
@@ -60,9 +67,11 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
     triggered += res.stats.triggered;
     if (res.stats.abandoned) abandoned += 1;
     if (res.stats.barrierWaited) overtaken += 1;
+    if (res.stats.damaged) damaged += 1;
+    if (res.stats.multifdOnly) multifdOnly += 1;
   }
   const ms = performance.now() - started;
-  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}; a broken apply in ${abandoned}; multifd pages overtaken by the main channel in ${overtaken}`);
+  t.diagnostic(`${seeds.length} seeds, ${steps} steps in ${ms.toFixed(0)} ms; ${checkpoints} checkpoints (${triggered} asked for by the compare); faults mid-checkpoint in ${mid} seeds; failover on the primary in ${foP}, on the secondary in ${foS}; failover during the apply (relaunch) in ${relaunch}; a broken apply in ${abandoned}; multifd pages overtaken by the main channel in ${overtaken}; a damaged checkpoint frame in ${damaged}; the multifd channels alone broke in ${multifdOnly}`);
   if (failures.length > 0) {
     assert.fail(`${failures.length} of ${seeds.length} seeds failed (seeds ${failures.map((f) => f.seed).slice(0, 20).join(', ')})\n\n${describeFailure(failures[0]!)}`);
   }
@@ -74,6 +83,8 @@ test(`colo simulation: invariants 1 (a broken apply), 2, 3, 4, 5 on ${seeds.leng
     assert.ok(triggered > 0, 'no checkpoint was asked for by the compare');
     assert.ok(abandoned >= seeds.length / 50, `only ${abandoned} seeds broke an apply off`);
     assert.ok(overtaken >= seeds.length / 10, `only in ${overtaken} seeds did the main channel overtake pages on the multifd channels`);
+    assert.ok(damaged >= seeds.length / 25, `only in ${damaged} seeds did a damaged checkpoint frame reach the secondary`);
+    assert.ok(multifdOnly >= seeds.length / 60, `only in ${multifdOnly} seeds did the multifd channels alone break`);
   }
 });
 
@@ -100,6 +111,11 @@ const broken: [Broken, string, string, number?][] = [
   ['sendLiveAfterResume', '3|2', 'a primary that lets the PVM run on after capturing a checkpoint but sends pages from live RAM'],
   // Pages on the multifd channels come after the main channel's sync and device state.
   ['noBarrier', '2', "a secondary that applies a checkpoint without waiting at the round's sync for pages still on the multifd channels"],
+  // A damaged frame is one fault in fifteen. A skipped checkpoint frame leaves the checkpoint
+  // incomplete (2); a skipped CHECKPOINT_REQUEST leaves the primary waiting for ever (liveness).
+  ['skipDamaged', '2|liveness', 'a secondary whose frame loop skips a frame that does not parse and reads on', 300],
+  // Liveness after faults: the primary must fail over or checkpoint again, never wait for ever.
+  ['keepLinkAfterBrokenApply', 'liveness', 'a secondary that keeps the link open after a broken apply (the primary waits for VMSTATE_LOADED for ever)', 300],
 ];
 for (const [kind, inv, what, n = 60] of broken) {
   test(`colo simulation: invariant ${inv.replace('|', ' or ')} catches ${what}`, { skip: one !== undefined }, () => {

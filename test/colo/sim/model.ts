@@ -166,7 +166,14 @@ export type Wire =
    * With multifd channels: on the main channel after the pages of checkpoint ck, which went as
    * `frames` frames on the multifd channels (the round's barrier: the secondary waits for them).
    */
-  | { k: 'sync'; ck: number; frames: number };
+  | { k: 'sync'; ck: number; frames: number }
+  /**
+   * A main-channel frame that arrived damaged (a bit flip the link layer missed, a sender bug):
+   * `checksum` — its frame checksum fails, so reading the stream fails (StreamError); otherwise
+   * it passes the checksum but its payload does not parse (the frame loop's handler throws).
+   * `ck`: the checkpoint it belonged to (null: a COLO message).
+   */
+  | { k: 'corrupt'; ck: number | null; checksum: boolean; was: string };
 
 export function showWire(w: Wire): string {
   switch (w.k) {
@@ -182,6 +189,8 @@ export function showWire(w: Wire): string {
       return `(pages#${w.ck} lost)`;
     case 'sync':
       return `sync#${w.ck}(${w.frames} frames)`;
+    case 'corrupt':
+      return `(${w.was} corrupt: ${w.checksum ? 'bad checksum' : 'bad payload'})`;
   }
 }
 
@@ -192,8 +201,8 @@ export interface Endpoint {
   deliver(w: Wire): void;
   /** Checkpoint pages from a multifd channel (the receive workers write them into the cache). */
   deliverPages?(w: Wire & { k: 'pages' }): void;
-  /** The multifd channels broke: a round barrier waiting for their pages fails. */
-  multifdLost?(): void;
+  /** The multifd channels broke: a round barrier waiting for their pages fails (and the receiver reports it). */
+  multifdLost?(reason?: string): void;
   linkLost(reason: string): void;
 }
 
@@ -229,6 +238,12 @@ export class Link {
   private nextChannel = 0;
   /** The multifd channels broke (a pagesLost break): no page frame arrives any more. */
   multifdBroken = false;
+  /** The primary saw its multifd channels close (a break of them alone): its next page send fails. */
+  private multifdClosedOnP = false;
+  /** The next frame from the primary that arrives on the main channel (one in flight, or the next sent) is damaged (null: none). */
+  corruptNext: { checksum: boolean } | null = null;
+  /** Until then nothing arrives (a stalled network: TCP retransmits, both ends live, nobody learns of it). */
+  private stalledUntil = 0;
   /**
    * The world watching the wire: every frame sent, and every frame delivered (or lost with a
    * multifd channel), so that it, not a node, knows which checkpoint arrived whole.
@@ -247,7 +262,7 @@ export class Link {
     if (this.broken && this.drain !== 'pagesLost') return;
     this.observer?.sent(from, w);
     const sentAt = this.sim.now;
-    const t = Math.max(this.sim.now + this.delay(), this.lastArrival[from]!);
+    const t = Math.max(this.sim.now + this.delay(), this.lastArrival[from]!, this.stalledUntil);
     this.lastArrival[from] = t;
     const to = this.ends[1 - from]!;
     this.sim.at(
@@ -257,7 +272,10 @@ export class Link {
         // A multifd channel broke: the checkpoint pages it carried are lost, and the round
         // barrier fails where they were due; the main channel's frames behind them still arrive.
         const lost = this.broken && this.drain === 'pagesLost' && w.k === 'pages';
-        const got: Wire = lost ? { k: 'lost', ck: w.ck } : w;
+        const corrupt = from === 0 && !lost ? this.corruptNext : null;
+        this.corruptNext = corrupt === null ? this.corruptNext : null;
+        const ck = 'ck' in w ? w.ck : null;
+        const got: Wire = lost ? { k: 'lost', ck: w.ck } : corrupt !== null ? { k: 'corrupt', ck, checksum: corrupt.checksum, was: showWire(w) } : w;
         this.trace(`${from === 0 ? 'P→S' : 'S→P'} ${showWire(got)}`);
         this.observer?.delivered((1 - from) as 0 | 1, got);
         to.deliver(got);
@@ -272,12 +290,13 @@ export class Link {
 
   /** Checkpoint pages on the next multifd channel: in order on it, in any order with the others. */
   private sendPages(w: Wire & { k: 'pages' }): void {
+    if (this.multifdClosedOnP) throw new ChannelClosed('a multifd channel is closed');
     if (this.broken && this.drain !== 'pagesLost') return;
     this.observer?.sent(0, w);
     const ch = this.nextChannel;
     this.nextChannel = (ch + 1) % this.multifd;
     const sentAt = this.sim.now;
-    const t = Math.max(this.sim.now + this.delay(), this.multifdArrival[ch] ?? 0);
+    const t = Math.max(this.sim.now + this.delay(), this.multifdArrival[ch] ?? 0, this.stalledUntil);
     this.multifdArrival[ch] = t;
     const to = this.ends[1]!;
     this.sim.at(
@@ -325,6 +344,35 @@ export class Link {
         end.owner,
       );
     }
+  }
+
+  /**
+   * The multifd channels alone break (a receive worker refused a packet and closed its socket,
+   * or a connection was reset) while the main channel lives on, both ways: the secondary's
+   * receiver fails at once (its round barrier too), the primary sees the close after
+   * `noticeP` (its next page send fails). Neither end's main channel closes for it.
+   */
+  breakMultifd(reason: string, noticeP: number): void {
+    if (this.broken || this.multifdBroken || this.multifd === 0) return;
+    this.multifdBroken = true;
+    this.trace(`multifd channels break (${reason}); the main channel lives`);
+    const s = this.ends[1]!;
+    this.sim.after(0, () => s.multifdLost?.(reason), s.owner);
+    const p = this.ends[0]!;
+    this.sim.after(
+      noticeP,
+      () => {
+        this.multifdClosedOnP = true;
+        p.linkLost(reason);
+      },
+      p.owner,
+    );
+  }
+
+  /** The network stalls for `ms`: every frame sent until it ends arrives after it, in order. */
+  stall(ms: number): void {
+    this.stalledUntil = Math.max(this.stalledUntil, this.sim.now + ms);
+    this.trace(`the network stalls until t=${this.stalledUntil.toFixed(3)}`);
   }
 
   private close(end: 0 | 1): void {

@@ -77,7 +77,14 @@ export type Broken =
   /** The compare releases the held output once the checkpoint is sent, not at VMSTATE_RECEIVED. */
   | 'releaseAtSend'
   /** The secondary's frame loop does not wait at a round's sync for the pages still on the multifd channels. */
-  | 'noBarrier';
+  | 'noBarrier'
+  /** The secondary's frame loop skips a frame whose payload does not parse and reads on. */
+  | 'skipDamaged'
+  /** The secondary does not close the link after a broken apply (the primary waits for VMSTATE_LOADED). */
+  | 'keepLinkAfterBrokenApply';
+
+/** A damaged stream (driver.ts: a StreamError other than STREAM_TRUNCATED). */
+class CorruptStream extends Error {}
 
 function showEvent(ev: PrimaryEvent | SecondaryEvent): string {
   if (ev.type === 'trigger') return `trigger (${ev.reason})`;
@@ -437,6 +444,8 @@ export class SecondaryNode implements Endpoint {
   deadline: number | null = null;
   sawRelaunch = false;
   droppedAfterBreak = false;
+  /** The core was told a channel broke, or closed the link itself. */
+  private knowsLinkBroken = false;
   exits = 0;
   /** The next apply breaks off half-way (fault applyFails: a full disk). */
   failNextApply = false;
@@ -492,8 +501,10 @@ export class SecondaryNode implements Endpoint {
     this.wakePump();
   }
 
-  multifdLost(): void {
+  /** driver.ts SecondaryDriver.start: session.onFailure reports a multifd receiver's failure at once, as a lost link. */
+  multifdLost(reason = 'a multifd channel closed'): void {
     this.wakePump();
+    void this.dispatch({ type: 'linkLost', message: reason });
   }
 
   /** session.barrier: every page frame of checkpoint ck is in, or a channel broke. */
@@ -523,6 +534,8 @@ export class SecondaryNode implements Endpoint {
   private *nextFrame(): Co<Wire> {
     for (;;) {
       const f = this.inbox.shift();
+      // A frame whose checksum fails: reading the stream fails (StreamError, not a closed channel).
+      if (f?.k === 'corrupt' && f.checksum) throw new CorruptStream(`frame checksum mismatch in ${f.was}`);
       if (f !== undefined) return f;
       if (this.w.link.closed[1]) throw new ChannelClosed('the COLO channel is closed');
       this.frameWaiter = new Signal<void>(this.w.sim);
@@ -537,7 +550,9 @@ export class SecondaryNode implements Endpoint {
       try {
         f = yield* this.nextFrame();
       } catch (err) {
-        yield* settle(this.dispatch({ type: 'linkLost', message: (err as Error).message }));
+        // driver.ts channelFailure: a damaged stream is a protocol error (corrupt), an ended one a lost link.
+        const message = (err as Error).message;
+        yield* settle(this.dispatch(err instanceof CorruptStream ? { type: 'protocolError', message, corrupt: true } : { type: 'linkLost', message }, true));
         return;
       }
       if (this.finishing) return;
@@ -549,6 +564,11 @@ export class SecondaryNode implements Endpoint {
         }
         // session.barrier: a multifd channel closed before its SYNC.
         if (f.k === 'lost') throw new ChannelClosed(`the round barrier of checkpoint ${f.ck} failed: a multifd channel closed`);
+        // A frame that passed its checksum but does not parse: a protocol error; the loop reads on (as driver.ts).
+        if (f.k === 'corrupt') {
+          if (this.broken === 'skipDamaged') continue;
+          throw new Error(`malformed ${f.was}`);
+        }
         if (this.core.phase !== 'receiving') throw new Error(`frame ${f.k} outside a checkpoint`);
         if (f.k === 'sync') {
           if (this.broken !== 'noBarrier') yield* this.barrier(f.ck, f.frames);
@@ -587,6 +607,7 @@ export class SecondaryNode implements Endpoint {
         this.device = { ck: f.ck, dev: { ...f.dev } };
         return;
       case 'colo':
+      case 'corrupt':
         return;
     }
   }
@@ -622,6 +643,13 @@ export class SecondaryNode implements Endpoint {
     if (ev.type === 'startFailed' && phase === 'starting' && (this.core.phase === 'starting' || actions.some((a) => (a.type === 'failover' && this.heartbeatLostAt === null) || a.type === 'start'))) {
       this.w.violate('start', `after its start failed the secondary must close the link and wait (phase ${this.core.phase}, actions [${showActions(actions)}])`);
     }
+    // After a channel broke no checkpoint starts (the stream has a hole): an SVM paused for one
+    // would answer CHECKPOINT_REPLY on a main channel that may live on, and the primary would
+    // pause its PVM for a checkpoint that cannot complete.
+    if (this.knowsLinkBroken && actions.some((a) => a.type === 'pauseVm' || (a.type === 'send' && a.msg === 'CHECKPOINT_REPLY'))) {
+      this.w.violate('hole', `the secondary ${actions.some((a) => a.type === 'pauseVm') ? 'pauses its SVM for' : 'answers'} a checkpoint (${showEvent(ev)} in phase ${phase}) after it knew a COLO channel broke`);
+    }
+    if (ev.type === 'linkLost' || actions.some((a) => a.type === 'closeLink')) this.knowsLinkBroken = true;
     if (this.core.failoverState === 'relaunch') this.sawRelaunch = true;
     if (actions.some((a) => a.type === 'log' && a.message.includes('came after a COLO channel broke'))) this.droppedAfterBreak = true;
     this.w.trace(`S ${showEvent(ev)} [${phase}→${this.core.phase}] → ${showActions(actions)}`);
@@ -676,7 +704,8 @@ export class SecondaryNode implements Endpoint {
         w.hook('S.vmPaused');
         return { type: 'vmPaused' };
       case 'resumeVm':
-        // CHECKPOINT_ABANDONED: the simulated PVM's guest never exits, so this does not come.
+        // A pause whose checkpoint a broken channel cut off (CHECKPOINT_ABANDONED does not come:
+        // the simulated PVM's guest never exits).
         yield* wait(switchVm(w, this.ops, g, 'start'));
         return null;
       case 'beginCheckpoint':
@@ -688,6 +717,7 @@ export class SecondaryNode implements Endpoint {
         w.hook('S.applied');
         return { type: 'applied' };
       case 'closeLink':
+        if (this.broken === 'keepLinkAfterBrokenApply' && this.core.phase === 'done') return null;
         w.link.destroy(1, 'the secondary closed the COLO channels (protocol error)');
         return null;
       case 'failover':

@@ -2,8 +2,8 @@
  * One seeded run of the COLO simulation: builds the two nodes and the link, draws a fault
  * scenario from the seed, runs the event queue and checks ARCHITECTURE §7's invariants 2, 3,
  * 4 and 5, 1 at a takeover (no output released from a checkpoint the survivor lacks), the
- * outcomes core.ts promises for the events that end COLO, and liveness before any fault, after
- * every step; at the end the primary closes and must not act any more.
+ * outcomes core.ts promises for the events that end COLO, and liveness before any fault and
+ * after the last one, after every step; at the end the primary closes and must not act any more.
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
@@ -14,6 +14,12 @@ import { Sim } from './runtime.js';
 
 /** After a failover starts (or the heartbeat is declared lost) it must be done within this. */
 const BOUND_MS = 500;
+/**
+ * After the last fault, a live primary still in COLO must complete a checkpoint within the
+ * grace period plus this (the longest notice of a break) plus x-checkpoint-delay + LIVE_MS, or
+ * have failed over: the pair reaches a decided state, it never waits for ever.
+ */
+const SETTLE_MS = 100;
 /** Without faults, a checkpoint must complete within x-checkpoint-delay + this. */
 const LIVE_MS = 400;
 const BASE_MS = 1500;
@@ -33,9 +39,12 @@ const END_TAIL_MS = 30;
  * the secondary); closeP: the primary's process exits (the driver's close(), then the process
  * is gone; a secondary's exit is crashS with drain, its driver tells the core nothing); protoP: a
  * protocol error on the primary (e.g. a malformed frame from the secondary); startFails: the
- * secondary's start action fails.
+ * secondary's start action fails; corrupt: the next frame the primary sends on the main channel
+ * arrives damaged (its checksum fails, or its payload does not parse); mfdBreak: the multifd
+ * channels alone break, the main channel lives on both ways (runs without multifd draw
+ * corrupt instead); stall: the network delivers nothing for a while, then everything, in order.
  */
-export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails';
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails' | 'corrupt' | 'mfdBreak' | 'stall';
 
 /** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
 const hooks = [
@@ -90,6 +99,10 @@ export interface Fault {
   hbTwice: boolean;
   /** stray: the message. */
   msg?: ColoMessage;
+  /** corrupt: the frame's checksum fails (else its payload does not parse). */
+  checksum?: boolean;
+  /** stall: how long. */
+  stallMs?: number;
 }
 
 export interface Scenario {
@@ -134,6 +147,10 @@ export interface RunStats {
   droppedAfterBreak: boolean;
   /** Pages on multifd channels came after the main channel's sync: the round barrier waited. */
   barrierWaited: boolean;
+  /** A damaged frame of a checkpoint reached the secondary. */
+  damaged: boolean;
+  /** The multifd channels alone broke. */
+  multifdOnly: boolean;
 }
 
 export interface RunResult {
@@ -175,7 +192,9 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
   const pick = <T>(xs: readonly T[]): T => xs[Math.floor(r() * xs.length)]!;
   for (let i = 0; i < n; i++) {
     const x = r();
-    const kind: FaultKind = x < 0.23 ? 'crashP' : x < 0.42 ? 'crashS' : x < 0.61 ? 'breakLink' : x < 0.75 ? 'hbP' : x < 0.84 ? 'applyFails' : x < 0.9 ? 'panicP' : x < 0.94 ? 'closeP' : x < 0.97 ? 'protoP' : 'startFails';
+    let kind: FaultKind =
+      x < 0.2 ? 'crashP' : x < 0.36 ? 'crashS' : x < 0.5 ? 'breakLink' : x < 0.6 ? 'hbP' : x < 0.69 ? 'applyFails' : x < 0.74 ? 'panicP' : x < 0.78 ? 'closeP' : x < 0.8 ? 'protoP' : x < 0.83 ? 'startFails' : x < 0.9 ? 'corrupt' : x < 0.98 ? 'mfdBreak' : 'stall';
+    if (kind === 'mfdBreak' && multifd === 0) kind = 'corrupt';
     let trigger: Fault['trigger'] = r() < 0.75 ? { hook: pick(hooks), nth: 1 + Math.floor(r() * 6) } : { time: Math.round(r() * 1500 * 100) / 100 };
     if ('hook' in trigger && onceHooks.includes(trigger.hook)) trigger.nth = 1;
     let delay = r() < 0.4 ? 0 : Math.round(r() * 1500) / 100;
@@ -217,10 +236,15 @@ function drawScenario(r: () => number, faults: boolean): Scenario {
         break;
     }
     const drain: Drain = kind === 'breakLink' ? (r() < 0.35 ? 'pagesLost' : 'none') : r() < 0.5 ? 'drain' : 'none';
-    // A multifd channel that breaks matters while a checkpoint's pages are in flight: most such
-    // breaks land there.
-    if (drain === 'pagesLost' && r() < 0.7) [trigger, delay] = [{ hook: pick(sendingHooks), nth: 1 + Math.floor(r() * 6) }, Math.round(r() * 100) / 100];
-    out.push({ kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 });
+    // A multifd channel that breaks, or a damaged frame, matters most while a checkpoint's pages
+    // are in flight: most such faults land there.
+    if ((drain === 'pagesLost' || kind === 'corrupt') && r() < 0.7) [trigger, delay] = [{ hook: pick(sendingHooks), nth: 1 + Math.floor(r() * 6) }, Math.round(r() * 100) / 100];
+    // The primary sees its multifd sockets close (the receiver closes them when it fails).
+    if (kind === 'mfdBreak') noticeP = soon();
+    const f: Fault = { kind, trigger, delay, noticeP, noticeS, drain, hb, hbTwice: r() < 0.2 };
+    if (kind === 'corrupt') f.checksum = r() < 0.5;
+    if (kind === 'stall') f.stallMs = Math.round(20 + r() * 1500);
+    out.push(f);
   }
   return { delayMs, delayChanges, triggerMeanMs, faults: out, readOnAfterBreak, multifd };
 }
@@ -230,6 +254,9 @@ export function showScenario(s: Scenario): string {
     const when = 'hook' in x.trigger ? `at ${x.trigger.hook} #${x.trigger.nth}` : `at t=${x.trigger.time}`;
     const parts = [`${x.kind} ${when} +${x.delay}ms`];
     if (x.kind === 'stray') parts.push(`message ${x.msg}`);
+    else if (x.kind === 'corrupt') parts.push(x.checksum === true ? 'bad checksum' : 'bad payload');
+    else if (x.kind === 'stall') parts.push(`for ${x.stallMs}ms`);
+    else if (x.kind === 'mfdBreak') parts.push(`notice P:${x.noticeP}`);
     else if (['crashP', 'crashS', 'breakLink', 'closeP'].includes(x.kind)) parts.push(`notice P:${x.noticeP ?? 'never'} S:${x.noticeS ?? 'never'}${x.drain !== 'none' ? ` ${x.drain}` : ''}`);
     if (x.hb !== null) parts.push(`${x.kind === 'panicP' ? 'fenced, ' : ''}lostHeartbeat on ${['crashP', 'applyFails', 'panicP', 'closeP'].includes(x.kind) ? 'S' : 'P'} +${x.hb}ms${x.hbTwice ? ' (twice)' : ''}`);
     return parts.join(', ');
@@ -269,6 +296,10 @@ class SimWorld implements World {
   private readonly pending: Fault[];
   violation: Violation | null = null;
   faultFired = false;
+  /** When the last fault (or x-colo-lost-heartbeat) took effect: liveness after faults counts from it. */
+  lastFaultAt = 0;
+  /** The longest x-checkpoint-delay of the run. */
+  private readonly longestDelayMs: number;
   lastCheckpointAt = 0;
   /** When the PVM last paused for a checkpoint, and how long it had run by then. */
   lastPauseAt = 0;
@@ -284,12 +315,13 @@ class SimWorld implements World {
   /** The oldest resync trigger not yet answered by a checkpoint paused after it (resyncCk: that checkpoint). */
   resyncAt: number | null = null;
   resyncCk: number | null = null;
-  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false, barrierWaited: false };
+  stats: RunStats = { triggers: 0, triggered: 0, checkpoints: 0, faultsFired: 0, midCheckpointFaults: 0, relaunch: false, failoverP: false, failoverS: false, abandoned: false, droppedAfterBreak: false, barrierWaited: false, damaged: false, multifdOnly: false };
 
   constructor(seed: number, readonly scenario: Scenario, broken: Broken | null, private readonly fullTrace: boolean, r: () => number) {
     this.r = r;
     this.delayMs = scenario.delayMs;
     const longest = Math.max(scenario.delayMs, ...(scenario.delayChanges ?? []).map((c) => c.delayMs));
+    this.longestDelayMs = longest;
     this.endAt = Math.max(BASE_MS, 5 * longest + 500);
     this.link = new Link(this.sim, r, (s) => this.trace(s));
     this.link.multifd = scenario.multifd ?? 0;
@@ -374,6 +406,7 @@ class SimWorld implements World {
    * sent before it arrived, in whatever order (pages on multifd channels may come after it).
    */
   private frameDelivered(to: 0 | 1, f: Wire): void {
+    if (to === 1 && f.k === 'corrupt' && f.ck !== null) this.stats.damaged = true;
     if (to !== 1 || (f.k !== 'pages' && f.k !== 'disk' && f.k !== 'device')) return;
     const n = this.frames.get(f.ck);
     if (n === undefined) return;
@@ -488,7 +521,7 @@ class SimWorld implements World {
   }
 
   private extendEnd(): void {
-    this.endAt = Math.max(this.endAt, this.sim.now + this.graceMs + 600 + BOUND_MS + 100);
+    this.endAt = Math.max(this.endAt, this.sim.now + this.graceMs + 600 + BOUND_MS + 100, this.lastFaultAt + this.graceMs + SETTLE_MS + this.longestDelayMs + LIVE_MS + 50);
   }
 
   private fire(f: Fault): void {
@@ -502,6 +535,7 @@ class SimWorld implements World {
       const h = f.hb;
       const say = (): void => {
         this.trace(`management: x-colo-lost-heartbeat on ${who}`);
+        this.lastFaultAt = Math.max(this.lastFaultAt, sim.now);
         this.extendEnd();
         node.lostHeartbeat();
       };
@@ -595,7 +629,23 @@ class SimWorld implements World {
         this.trace(`FAULT: the secondary's start will fail (${before})`);
         S.failStart = true;
         break;
+      case 'corrupt':
+        if (P.owner.dead || link.broken) return;
+        this.trace(`FAULT: the primary's next frame on the main channel arrives damaged (${f.checksum === true ? 'its checksum fails' : 'its payload does not parse'}) (${before})`);
+        link.corruptNext = { checksum: f.checksum === true };
+        break;
+      case 'mfdBreak':
+        if (link.broken || link.multifdBroken || link.multifd === 0) return;
+        this.trace(`FAULT: the multifd channels break, the main channel lives (${before})`);
+        link.breakMultifd('a multifd channel was reset', f.noticeP ?? 0.1);
+        this.stats.multifdOnly = true;
+        break;
+      case 'stall':
+        this.trace(`FAULT: the network stalls for ${f.stallMs} ms (${before})`);
+        link.stall(f.stallMs ?? 100);
+        break;
     }
+    this.lastFaultAt = Math.max(this.lastFaultAt, sim.now + (f.kind === 'stall' ? (f.stallMs ?? 100) : 0));
     this.faultFired = true;
     this.stats.faultsFired += 1;
     if (mid) this.stats.midCheckpointFaults += 1;
@@ -701,9 +751,20 @@ class SimWorld implements World {
     if (!this.faultFired && this.resyncAt !== null && now - this.resyncAt > TRIGGER_MS) {
       this.violate('liveness', `mirrored input was lost at t=${this.resyncAt.toFixed(3)} (resync), but by t=${now.toFixed(3)} no checkpoint paused after it was taken (P ${P.core.phase}, S ${S.core.phase})`);
     }
+    // Liveness after faults: a live primary that has not failed over keeps completing
+    // checkpoints once the faults are past (the grace period for a broken link included): the
+    // pair never waits for ever (a failover completed, or COLO going on).
+    const pLive = !P.owner.dead && !P.closed && !P.guest.crashed && !P.left;
+    if (this.faultFired && pLive && P.core.phase !== 'failover' && P.core.phase !== 'done') {
+      const after = Math.max(this.lastCheckpointAt, this.delayChangedAt, this.lastFaultAt + this.graceMs + SETTLE_MS);
+      if (now - after > this.delayMs + LIVE_MS) {
+        this.violate('liveness', `the last fault was at t=${this.lastFaultAt.toFixed(3)}, but by t=${now.toFixed(3)} the primary has neither failed over nor completed a checkpoint since t=${after.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms; P ${P.core.phase}, S ${S.owner.dead ? 'dead' : S.core.phase})`);
+        return;
+      }
+    }
     if (P.guest.running) this.pvmRunningAt = now;
-    if (final && !this.faultFired && now - this.pvmRunningAt > this.delayMs + LIVE_MS) {
-      this.violate('liveness', `at the end the PVM has not run since t=${this.pvmRunningAt.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms), with no fault injected`);
+    if (final && (!this.faultFired || (pLive && now - this.lastFaultAt > this.graceMs + SETTLE_MS)) && now - this.pvmRunningAt > this.delayMs + LIVE_MS) {
+      this.violate('liveness', `at the end the PVM has not run since t=${this.pvmRunningAt.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms)${this.faultFired ? `, the last fault at t=${this.lastFaultAt.toFixed(3)}` : ', with no fault injected'}`);
     }
     if (final && !this.faultFired && this.stats.checkpoints < 3) this.violate('liveness', `only ${this.stats.checkpoints} checkpoints completed in ${now.toFixed(0)} ms without faults`);
     if (S.sawRelaunch) this.stats.relaunch = true;
