@@ -72,6 +72,32 @@ function slowByeGuest(t: TestContext): string {
       (call $exit (i32.const 7))))`);
 }
 
+/**
+ * As byeGuest, with `iterations` of a compute loop (preemption checks only: stopped time does
+ * not count) between the question and the answer.
+ */
+function computeByeGuest(t: TestContext, iterations: number): string {
+  return watGuest(t, 'compute-bye', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "bye\\n")
+    (func (export "_start") (local $i i64)
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (loop $compute
+        (local.set $i (i64.add (local.get $i) (i64.const 1)))
+        (br_if $compute (i64.lt_u (local.get $i) (i64.const ${iterations}))))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 4))
+      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+      (call $exit (i32.const 7))))`);
+}
+
 /** Connect, send `x`, and collect what comes back until the connection ends (reset included). */
 function ask(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -245,4 +271,30 @@ test('colo: a guest that answers and exits at once, checkpoints every 5 ms (an e
     assert.equal(await dst.waitExit(10000), 7, `run ${run}: the secondary exits with the guest's status\n${dst.stderr}`);
     assertNoErrors(src, dst);
   }
+});
+
+test("colo: the SVM's guest exits before the PVM's (the primary lags, here stopped): the pair ends with the guest's status on both nodes, the client gets the answer, no failover, no warning", async (t) => {
+  // The guest computes about 4 s between the question and the answer. The primary is stopped
+  // while the secondary's copy finishes, answers and exits; once running again, the PVM needs
+  // seconds more for the same exit. Without a word from the secondary the primary took its
+  // process's end for a lost link and, after linkLossGraceMs, failed over (reason error, a warning).
+  const env = new TestEnv(t);
+  const guest = computeByeGuest(t, 1_000_000_000);
+  const { port, src, dst } = await pairInColo(env, guest, 60000);
+  const asked = ask(port);
+  let answer: string;
+  try {
+    await sleep(300);
+    src.child.kill('SIGSTOP');
+    assert.equal(await dst.waitExit(20000), 7, "the secondary exits with the guest's status");
+  } finally {
+    src.child.kill('SIGCONT');
+  }
+  answer = await withTimeout(asked, 25000, 'the answer');
+  assert.equal(answer, 'bye\n', 'the client got the answer both guests sent before they exited');
+  assert.equal(await src.waitExit(20000), 7, `the primary exits with the guest's status\n${src.stderr}`);
+  assert.deepEqual(src.qmp.events.filter((e) => e.event === 'COLO_EXIT').map((e) => e.data), [], `no failover on the primary\n${src.stderr}`);
+  assert.ok(!/ warn /.test(src.stderr) && !/ warn /.test(dst.stderr), `no warning:\n${src.stderr}\n${dst.stderr}`);
+  assert.match(src.stderr, /the secondary's guest exited \(its process ends\)/, 'the primary knew why the link ended');
+  assertNoErrors(src, dst);
 });
