@@ -518,9 +518,20 @@ export class SecondaryDriver {
    * process ends, then GUEST_EXITED (the primary waits for its own guest's exit, instead of
    * taking this process's end for a lost secondary). Never rejects.
    */
-  guestExited(): Promise<void> {
+  async guestExited(): Promise<void> {
     this.net.flush();
-    return this.dispatch({ type: 'guestExited' }, true).catch((err: unknown) => log.debug(`secondary: telling the primary the guest exited: ${errorMessage(err)}`));
+    try {
+      await this.dispatch({ type: 'guestExited' }, true);
+      // The start or an apply ran the guest to its exit: the core tells the primary when that
+      // step ends (after VMSTATE_LOADED), and the process must not end before.
+      if (this.core.phase === 'starting' || this.core.phase === 'applying') {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([this.chain, new Promise<void>((resolve) => (timer = setTimeout(resolve, limits.coloGuestExitDrainMs)))]);
+        clearTimeout(timer);
+      }
+    } catch (err) {
+      log.debug(`secondary: telling the primary the guest exited: ${errorMessage(err)}`);
+    }
   }
 
   /**

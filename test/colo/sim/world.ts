@@ -33,9 +33,11 @@ const END_TAIL_MS = 30;
  * the secondary); closeP: the primary's process exits (the driver's close(), then the process
  * is gone; a secondary's exit is crashS with drain, its driver tells the core nothing); protoP: a
  * protocol error on the primary (e.g. a malformed frame from the secondary); startFails: the
- * secondary's start action fails.
+ * secondary's start action fails; exitS: the SVM's guest exits by itself (GUEST_EXITED, then its
+ * process ends; the simulated PVM's guest never exits, so the primary's wait for it ends in a
+ * failover; only in hand-written scenarios).
  */
-export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails';
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails' | 'exitS';
 
 /** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
 const hooks = [
@@ -590,6 +592,28 @@ class SimWorld implements World {
         this.trace(`FAULT: a protocol error on the primary (${before})`);
         P.dispatch({ type: 'protocolError', message: 'simulated: a malformed frame from the secondary' });
         break;
+      case 'exitS':
+        // The SVM's guest exits by itself (the simulated PVM's never does: the runs diverge);
+        // only a guest that runs can (not one a checkpoint holds paused).
+        if (S.owner.dead || !S.guest.running) return;
+        this.trace(`FAULT: the SVM's guest exits (${before})`);
+        S.guestExited();
+        {
+          // As driver.ts: the process ends once a start or an apply that ran the guest is over.
+          const gone = (): void => {
+            if (S.core.phase === 'starting' || S.core.phase === 'applying') {
+              sim.after(1, gone, S.owner);
+              return;
+            }
+            sim.after(this.ms(0, 2), () => {
+              this.trace('the secondary process is gone');
+              S.owner.dead = true;
+              link.break('the secondary exited', [f.noticeP, null], 'drain');
+            }, S.owner);
+          };
+          gone();
+        }
+        break;
       case 'startFails':
         if (S.owner.dead || S.core.phase !== 'starting') return;
         this.trace(`FAULT: the secondary's start will fail (${before})`);
@@ -667,8 +691,9 @@ class SimWorld implements World {
     for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
       if (n.owner.dead || (name === 'secondary' && S.abandoned)) continue;
       // A panicked PVM has nothing to run (its expected outcome is checked at guestCrashed);
-      // a closed primary is exiting.
+      // a closed primary, or a secondary whose guest exited, is exiting.
       if (name === 'primary' && (P.guest.crashed || P.closed)) continue;
+      if (name === 'secondary' && S.exited) continue;
       if (n.core.phase === 'failover' || n.core.phase === 'done') {
         if (name === 'primary') this.stats.failoverP = true;
         else this.stats.failoverS = true;
