@@ -298,3 +298,60 @@ test("colo: the SVM's guest exits before the PVM's (the primary lags, here stopp
   assert.match(src.stderr, /the secondary's guest exited \(its process ends\)/, 'the primary knew why the link ended');
   assertNoErrors(src, dst);
 });
+
+test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: here the guest exits only when given an argument, which only the secondary's has): the primary goes on unprotected after limits.coloSvmExitWaitMs, saying why", async (t) => {
+  // Answers "bye\n", then exits (status 7) if it has an argument, else sleeps on for good.
+  // (WASI args are the process's own, not part of the migrated state.)
+  const guest = watGuest(t, 'bye-if-arg', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "bye\\n")
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 4))
+      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+      (drop (call $argsSizes (i32.const 64) (i32.const 68)))
+      (if (i32.gt_u (i32.load (i32.const 64)) (i32.const 1)) (then (call $exit (i32.const 7))))
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 100000000))
+      (loop $sleep
+        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        (br $sleep))))`);
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'], guestArgs: ['exit'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  let got = '';
+  client.on('data', (d) => (got += d.toString()));
+  client.write('x');
+  assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
+  await waitFor('the answer', () => got === 'bye\n' || undefined, 10000, 10);
+  const exit = await src.waitEvent('COLO_EXIT', { timeoutMs: limits.coloSvmExitWaitMs + 10000 });
+  assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+  assert.match(src.stderr, /the secondary's guest exited \d+ ms ago and this one has not: the two runs diverged; going on unprotected/);
+  assert.doesNotMatch(src.stderr, /the link to the secondary broke/, 'not taken for a lost link');
+  assert.equal(await src.status(), 'running', 'the primary runs on, unprotected');
+  assertNoErrors(src, dst);
+});
