@@ -8,6 +8,9 @@
  * The COLO control messages: QEMU's seven, in the order one checkpoint uses them, then ours.
  * CHECKPOINT_ABANDONED (P → S, in place of VMSTATE_SEND): the PVM's guest exited before its
  * pause, so the checkpoint cannot be taken; the SVM, paused for it, runs on (to the same exit).
+ * GUEST_EXITED (S → P, after the SVM's last output): the SVM's guest exited by itself and the
+ * secondary's process ends; the primary waits (bounded) for its own guest's exit instead of
+ * taking the end of the link for a lost secondary.
  */
 export const coloMessages = [
   'CHECKPOINT_READY',
@@ -18,6 +21,7 @@ export const coloMessages = [
   'VMSTATE_RECEIVED',
   'VMSTATE_LOADED',
   'CHECKPOINT_ABANDONED',
+  'GUEST_EXITED',
 ] as const;
 export type ColoMessage = (typeof coloMessages)[number];
 
@@ -113,6 +117,11 @@ export type PrimaryEvent =
    */
   | { type: 'guestExited' }
   /**
+   * The wait armed by armExitWait ended (`ms` long): the secondary's guest exited (GUEST_EXITED)
+   * and this one has not.
+   */
+  | { type: 'exitWaitElapsed'; ms: number }
+  /**
    * The process exits (the driver's close()): COLO ends here, silently. What fails from now on
    * (the machine destroyed under a pause, the channels closed) is the exit, not a fault, and
    * nothing is done any more: no timer, no failover, no COLO_EXIT.
@@ -127,6 +136,8 @@ export type PrimaryAction =
   /** Feed crashTimer after ms (one at a time; cleared with the other timers). */
   | { type: 'armCrashTimer'; ms: number }
   | { type: 'armGrace' }
+  /** Feed exitWaitElapsed after limits.coloSvmExitWaitMs (cleared with the other timers). */
+  | { type: 'armExitWait' }
   | { type: 'pauseVm' }
   /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
   | { type: 'sendState' }
@@ -168,6 +179,8 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   private crashResyncDue = false;
   /** The PVM's guest exited: no checkpoint is requested any more. */
   private guestExited = false;
+  /** The SVM's guest exited (GUEST_EXITED): the secondary's process ends, and no checkpoint starts. */
+  private svmExited = false;
 
   constructor(private readonly delayMs: () => number) {
     super();
@@ -250,6 +263,11 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         this.guestExited = true;
         // The pause asked for finds no guest (CHECKPOINT_REPLY came before the exit was seen).
         return this.phase === 'pausing' ? this.abandon() : [];
+      case 'exitWaitElapsed':
+        // A deterministic guest makes the same way to the same exit on both nodes: this one
+        // did not, so the runs diverged, and the secondary, gone, protects nothing.
+        if (this.finishing || this.guestExited) return [];
+        return this.startFailover('error', `the secondary's guest exited ${ev.ms} ms ago and this one has not: the two runs diverged; going on unprotected`);
       case 'close':
         this.phase = 'done';
         return [];
@@ -258,6 +276,9 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       case 'linkLost':
         if (this.finishing || this.linkLost) return [];
         this.linkLost = true;
+        // The secondary said its guest exited: its process ended, as expected. The wait for this
+        // guest's exit (armExitWait) bounds what follows, not the grace of a lost link.
+        if (this.svmExited) return [{ type: 'log', level: 'debug', message: `COLO channel closed (${ev.message}) after the secondary's guest exited` }];
         return [{ type: 'log', level: 'info', message: `COLO channel closed (${ev.message}); waiting for x-colo-lost-heartbeat` }, { type: 'armGrace' }];
       case 'graceElapsed':
         return this.startFailover('error', 'the link to the secondary broke');
@@ -281,7 +302,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   }
 
   private request(reason: CheckpointReason): PrimaryAction[] {
-    if (this.guestExited) {
+    if (this.guestExited || this.svmExited) {
       this.phase = 'running';
       return [];
     }
@@ -295,6 +316,7 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
   private onMessage(msg: ColoMessage): PrimaryAction[] {
     if (this.finishing) return [];
     const expect = (phase: PrimaryPhase, want: ColoMessage): boolean => this.phase === phase && msg === want;
+    if (msg === 'GUEST_EXITED' && (this.phase === 'running' || this.phase === 'resuming' || this.phase === 'requested')) return this.svmGuestExited();
     if (expect('waitReady', 'CHECKPOINT_READY')) {
       this.phase = 'resuming';
       return [{ type: 'resumeVm' }];
@@ -340,6 +362,22 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
       { type: 'log', level: 'info', message: "COLO: the guest exited before the checkpoint's pause: checkpoint abandoned; the SVM runs on to its own end" },
       { type: 'send', msg: 'CHECKPOINT_ABANDONED' },
     ];
+  }
+
+  /**
+   * GUEST_EXITED: the SVM's guest exited by itself, after its last output (which releases the
+   * PVM's), and the secondary's process ends. It can come between checkpoints, or in place of
+   * CHECKPOINT_REPLY (the SVM's pause found its guest exited): that checkpoint is not taken,
+   * none starts any more, and the PVM is not paused for a node that is gone. This guest, on
+   * the same way, exits too; if it does not within limits.coloSvmExitWaitMs, the runs diverged
+   * (exitWaitElapsed).
+   */
+  private svmGuestExited(): PrimaryAction[] {
+    this.svmExited = true;
+    this.wanted = null;
+    if (this.phase === 'requested') this.phase = 'running';
+    if (this.guestExited) return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited too" }];
+    return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited (its process ends): no checkpoint starts any more; waiting for this guest's own exit" }, { type: 'armExitWait' }];
   }
 
   private countCheckpoint(): void {
@@ -411,6 +449,11 @@ export type SecondaryEvent =
   | { type: 'protocolError'; message: string; corrupt?: boolean }
   /** The SVM's guest crashed (GUEST_PANICKED): a trap the PVM did not take. */
   | { type: 'guestCrashed'; message: string }
+  /**
+   * The SVM's guest exited by itself (proc_exit; also fed by a checkpoint's pause that found
+   * it exited), its output batched so far sent: the process ends soon after.
+   */
+  | { type: 'guestExited' }
   | FailoverEvent;
 
 export type SecondaryAction =
@@ -441,6 +484,8 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
   private crashStreak = 0;
   private crashedSinceApply = false;
   private crashedInApply = false;
+  /** The SVM's guest exited while the start or an apply ran it: the primary is told when that ends. */
+  private exitedInStep = false;
 
   step(ev: SecondaryEvent): SecondaryAction[] {
     switch (ev.type) {
@@ -451,6 +496,7 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
       case 'started':
         if (this.phase !== 'starting') return [];
         this.phase = 'running';
+        if (this.pending === null && this.exitedInStep) return this.guestExited();
         return this.afterRelaunch();
       case 'startFailed': {
         // No 'started' will come. The node holds the whole initial migration, a state the
@@ -486,6 +532,7 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         this.phase = 'running';
         const streak = this.crashStreakEnded();
         if (this.pending !== null) return [...streak, ...this.afterRelaunch()];
+        if (this.exitedInStep) return [...streak, { type: 'send', msg: 'VMSTATE_LOADED' }, ...this.guestExited()];
         return [...streak, { type: 'send', msg: 'VMSTATE_LOADED' }];
       }
       case 'applyFailed':
@@ -495,6 +542,12 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         return this.streamBroken(ev.message, ev.corrupt === true ? 'error' : 'warn');
       case 'guestCrashed':
         return this.guestCrashed(ev.message);
+      case 'guestExited':
+        if (this.phase === 'starting' || this.phase === 'applying') {
+          this.exitedInStep = true;
+          return [];
+        }
+        return this.guestExited();
       case 'lostHeartbeat':
         return this.startFailover('request', 'x-colo-lost-heartbeat: the primary is declared lost');
       case 'linkLost':
@@ -554,6 +607,23 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     return [
       { type: 'log', level, message: `the SVM's guest crashed (${message})${this.crashStreak > 1 ? ` again (${this.crashStreak} in a row)` : ''}; asking the primary for a checkpoint to replace it` },
       { type: 'askCheckpoint' },
+    ];
+  }
+
+  /**
+   * The SVM's guest exited by itself, and the process ends: the primary is told (GUEST_EXITED,
+   * after the SVM's last output, in place of CHECKPOINT_REPLY if a checkpoint's pause found the
+   * guest exited), so that it waits for its own guest's exit instead of taking the end of the
+   * link for a lost secondary. COLO ends here, silently, as on a primary whose guest exited.
+   * After a takeover, or with the link lost or a failover waiting, the exit is the VM's own.
+   */
+  private guestExited(): SecondaryAction[] {
+    this.exitedInStep = false;
+    if (this.finishing || this.phase === 'idle' || this.linkLost || this.pending !== null) return [];
+    this.phase = 'done';
+    return [
+      { type: 'log', level: 'info', message: "COLO: the SVM's guest exited; telling the primary (the process ends)" },
+      { type: 'send', msg: 'GUEST_EXITED' },
     ];
   }
 

@@ -80,6 +80,8 @@ export class PrimaryDriver {
   private timer: NodeJS.Timeout | null = null;
   private crashTimer: NodeJS.Timeout | null = null;
   private grace: NodeJS.Timeout | null = null;
+  /** The wait for this guest's exit after the SVM's (limits.coloSvmExitWaitMs). */
+  private exitWait: NodeJS.Timeout | null = null;
   /** Watches the checkpoint in flight for a stall (limits.coloCheckpointStallMs). */
   private watchdog: NodeJS.Timeout | null = null;
   /** The session's progress count when last seen to change, and when. */
@@ -296,6 +298,9 @@ export class PrimaryDriver {
       case 'armGrace':
         this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
         return;
+      case 'armExitWait':
+        this.exitWait ??= setTimeout(() => this.dispatch({ type: 'exitWaitElapsed', ms: limits.coloSvmExitWaitMs }), limits.coloSvmExitWaitMs);
+        return;
       case 'pauseVm':
         this.task(async () => {
           await this.ops.run(async () => {
@@ -447,10 +452,12 @@ export class PrimaryDriver {
     if (this.timer !== null) clearTimeout(this.timer);
     if (this.crashTimer !== null) clearTimeout(this.crashTimer);
     if (this.grace !== null) clearTimeout(this.grace);
+    if (this.exitWait !== null) clearTimeout(this.exitWait);
     if (this.watchdog !== null) clearInterval(this.watchdog);
     this.timer = null;
     this.crashTimer = null;
     this.grace = null;
+    this.exitWait = null;
     this.watchdog = null;
   }
 }
@@ -506,10 +513,25 @@ export class SecondaryDriver {
     void this.dispatch({ type: 'lostHeartbeat' });
   }
 
-  /** The SVM's guest exited by itself: its output batched so far goes to the primary before the process ends. */
-  guestExited(): Promise<void> {
+  /**
+   * The SVM's guest exited by itself: its output batched so far goes to the primary before the
+   * process ends, then GUEST_EXITED (the primary waits for its own guest's exit, instead of
+   * taking this process's end for a lost secondary). Never rejects.
+   */
+  async guestExited(): Promise<void> {
     this.net.flush();
-    return Promise.resolve();
+    try {
+      await this.dispatch({ type: 'guestExited' }, true);
+      // The start or an apply ran the guest to its exit: the core tells the primary when that
+      // step ends (after VMSTATE_LOADED), and the process must not end before.
+      if (this.core.phase === 'starting' || this.core.phase === 'applying') {
+        let timer: NodeJS.Timeout | undefined;
+        await Promise.race([this.chain, new Promise<void>((resolve) => (timer = setTimeout(resolve, limits.coloGuestExitDrainMs)))]);
+        clearTimeout(timer);
+      }
+    } catch (err) {
+      log.debug(`secondary: telling the primary the guest exited: ${errorMessage(err)}`);
+    }
   }
 
   /**
@@ -690,6 +712,8 @@ export class SecondaryDriver {
       case 'pauseVm':
         await this.ops.run(async () => m.pause('colo'));
         latencyTrace?.event('S:paused');
+        // The pause found the guest exited: no reply, the primary is told that instead.
+        if (m.runState === 'shutdown') return { type: 'guestExited' };
         return { type: 'vmPaused' };
       case 'resumeVm':
         // Only what the checkpoint paused: a guest that exited or crashed meanwhile stays so,

@@ -376,6 +376,13 @@ export const limits = {
    * What is not matched by then is dropped, as at any exit of the primary.
    */
   coloGuestExitDrainMs: 1000,
+  /**
+   * COLO primary told by the secondary that the SVM's guest exited (GUEST_EXITED): how long it
+   * waits for its own guest's exit (the same run, behind: a PVM slowed by its host, or stopped
+   * a while) before it takes the pair for diverged and goes on unprotected (COLO_EXIT, reason
+   * error). Clients' output the SVM's copy did not match waits for the end of that wait.
+   */
+  coloSvmExitWaitMs: 10000,
   /** COLO: checkpoint pause times kept for mean/p99 in query-migrate. */
   coloPauseSamplesMax: 10000,
   /** Requests and events a latency trace (COLO_TRACE_DIR, core/latency-trace.ts) keeps: about 24 and 16 bytes each. */

@@ -581,3 +581,64 @@ test('colo core: SVM crashes are replaced by resync checkpoints at once, but no 
   assert.deepEqual(types(p.step({ type: 'lostHeartbeat' })), ['failover']);
   assert.deepEqual(types(p.step({ type: 'crashTimer', at: 1520 })), []);
 });
+
+test("colo core: the SVM's guest exits first (GUEST_EXITED): the primary starts no checkpoint, waits for its own guest's exit (not the link's grace), and fails over only if it does not come", () => {
+  const running = (): { p: PrimaryCore; s: SecondaryCore } => {
+    const p = new PrimaryCore(() => 300);
+    const s = new SecondaryCore();
+    p.step({ type: 'handoff' });
+    s.step({ type: 'handoff' });
+    s.step({ type: 'started' });
+    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
+    p.step({ type: 'vmResumed' });
+    return { p, s };
+  };
+  // Between checkpoints: the secondary tells, and ends silently.
+  const a = running();
+  assert.deepEqual(types(a.s.step({ type: 'guestExited' })), ['send GUEST_EXITED']);
+  assert.equal(a.s.phase, 'done');
+  assert.deepEqual(a.s.step({ type: 'linkLost', message: 'closed' }), [], 'its own exit closes the link: nothing more');
+  assert.deepEqual(types(a.p.step({ type: 'message', msg: 'GUEST_EXITED' })), ['armExitWait']);
+  assert.deepEqual(types(a.p.step({ type: 'linkLost', message: 'the destination closed the connection' })), [], 'the end of its process is no lost secondary: no grace, no failover');
+  for (const ev of [{ type: 'timer' }, { type: 'trigger', reason: 'timeout' }, { type: 'trigger', reason: 'resync' }, { type: 'delaySet' }] as const) assert.deepEqual(a.p.step(ev), [], ev.type);
+  assert.deepEqual(a.p.step({ type: 'guestExited' }), [], 'its own guest exits too: the process ends');
+  assert.deepEqual(a.p.step({ type: 'exitWaitElapsed', ms: 10000 }), [], 'a late wait changes nothing');
+  assert.equal(a.p.exitReason, null);
+  // The PVM's guest does not exit: the runs diverged; the primary goes on unprotected, saying so.
+  const b = running();
+  b.p.step({ type: 'message', msg: 'GUEST_EXITED' });
+  const out = b.p.step({ type: 'exitWaitElapsed', ms: 10000 });
+  assert.deepEqual(types(out), ['failover']);
+  assert.ok(out.some((x) => x.type === 'log' && x.level === 'warn' && /secondary's guest exited 10000 ms ago and this one has not: the two runs diverged/.test(x.message)), JSON.stringify(out));
+  assert.equal(b.p.exitReason, 'error');
+  // The SVM's pause for a checkpoint finds its guest exited: GUEST_EXITED in place of the reply;
+  // the PVM is not paused for a node that is gone.
+  const c = running();
+  assert.deepEqual(types(c.p.step({ type: 'timer' })), ['send CHECKPOINT_REQUEST']);
+  assert.deepEqual(types(c.s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
+  assert.deepEqual(types(c.s.step({ type: 'guestExited' })), ['send GUEST_EXITED']);
+  assert.deepEqual(c.s.step({ type: 'vmPaused' }), [], 'no reply after it');
+  assert.deepEqual(types(c.p.step({ type: 'message', msg: 'GUEST_EXITED' })), ['armExitWait']);
+  assert.equal(c.p.phase, 'running');
+  assert.equal(c.p.checkpoints, 0);
+  // The guest exits as soon as an apply runs it: VMSTATE_LOADED first, then GUEST_EXITED.
+  const d = running();
+  d.p.step({ type: 'timer' });
+  d.s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
+  d.s.step({ type: 'vmPaused' });
+  d.s.step({ type: 'message', msg: 'VMSTATE_SEND' });
+  d.s.step({ type: 'stateReceived' });
+  assert.deepEqual(d.s.step({ type: 'guestExited' }), []);
+  assert.deepEqual(types(d.s.step({ type: 'applied' })), ['send VMSTATE_LOADED', 'send GUEST_EXITED']);
+  assert.equal(d.s.checkpoints, 1);
+  // After a takeover the exit is the VM's own: nothing is sent.
+  const e = running();
+  e.s.step({ type: 'lostHeartbeat' });
+  e.s.step({ type: 'failoverDone' });
+  assert.deepEqual(e.s.step({ type: 'guestExited' }), []);
+  // GUEST_EXITED in the middle of a checkpoint the secondary replied to cannot be: a protocol error.
+  const f = running();
+  f.p.step({ type: 'timer' });
+  f.p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  assert.deepEqual(types(f.p.step({ type: 'message', msg: 'GUEST_EXITED' })), ['failover']);
+});

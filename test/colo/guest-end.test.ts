@@ -72,6 +72,32 @@ function slowByeGuest(t: TestContext): string {
       (call $exit (i32.const 7))))`);
 }
 
+/**
+ * As byeGuest, with `iterations` of a compute loop (preemption checks only: stopped time does
+ * not count) between the question and the answer.
+ */
+function computeByeGuest(t: TestContext, iterations: number): string {
+  return watGuest(t, 'compute-bye', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "bye\\n")
+    (func (export "_start") (local $i i64)
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (loop $compute
+        (local.set $i (i64.add (local.get $i) (i64.const 1)))
+        (br_if $compute (i64.lt_u (local.get $i) (i64.const ${iterations}))))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 4))
+      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+      (call $exit (i32.const 7))))`);
+}
+
 /** Connect, send `x`, and collect what comes back until the connection ends (reset included). */
 function ask(port: number): Promise<string> {
   return new Promise((resolve, reject) => {
@@ -245,4 +271,87 @@ test('colo: a guest that answers and exits at once, checkpoints every 5 ms (an e
     assert.equal(await dst.waitExit(10000), 7, `run ${run}: the secondary exits with the guest's status\n${dst.stderr}`);
     assertNoErrors(src, dst);
   }
+});
+
+test("colo: the SVM's guest exits before the PVM's (the primary lags, here stopped): the pair ends with the guest's status on both nodes, the client gets the answer, no failover, no warning", async (t) => {
+  // The guest computes about 4 s between the question and the answer. The primary is stopped
+  // while the secondary's copy finishes, answers and exits; once running again, the PVM needs
+  // seconds more for the same exit. Without a word from the secondary the primary took its
+  // process's end for a lost link and, after linkLossGraceMs, failed over (reason error, a warning).
+  const env = new TestEnv(t);
+  const guest = computeByeGuest(t, 1_000_000_000);
+  const { port, src, dst } = await pairInColo(env, guest, 60000);
+  const asked = ask(port);
+  let answer: string;
+  try {
+    await sleep(300);
+    src.child.kill('SIGSTOP');
+    assert.equal(await dst.waitExit(20000), 7, "the secondary exits with the guest's status");
+  } finally {
+    src.child.kill('SIGCONT');
+  }
+  answer = await withTimeout(asked, 25000, 'the answer');
+  assert.equal(answer, 'bye\n', 'the client got the answer both guests sent before they exited');
+  assert.equal(await src.waitExit(20000), 7, `the primary exits with the guest's status\n${src.stderr}`);
+  assert.deepEqual(src.qmp.events.filter((e) => e.event === 'COLO_EXIT').map((e) => e.data), [], `no failover on the primary\n${src.stderr}`);
+  assert.ok(!/ warn /.test(src.stderr) && !/ warn /.test(dst.stderr), `no warning:\n${src.stderr}\n${dst.stderr}`);
+  assert.match(src.stderr, /the secondary's guest exited \(its process ends\)/, 'the primary knew why the link ended');
+  assertNoErrors(src, dst);
+});
+
+test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: here the guest exits only when given an argument, which only the secondary's has): the primary goes on unprotected after limits.coloSvmExitWaitMs, saying why", async (t) => {
+  // Answers "bye\n", then exits (status 7) if it has an argument, else sleeps on for good.
+  // (WASI args are the process's own, not part of the migrated state.)
+  const guest = watGuest(t, 'bye-if-arg', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 512) "bye\\n")
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (i32.store (i32.const 48) (i32.const 512))
+      (i32.store (i32.const 52) (i32.const 4))
+      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+      (drop (call $argsSizes (i32.const 64) (i32.const 68)))
+      (if (i32.gt_u (i32.load (i32.const 64)) (i32.const 1)) (then (call $exit (i32.const 7))))
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 100000000))
+      (loop $sleep
+        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        (br $sleep))))`);
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest, args: common }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'], guestArgs: ['exit'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('colo', 30000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  let got = '';
+  client.on('data', (d) => (got += d.toString()));
+  client.write('x');
+  assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
+  await waitFor('the answer', () => got === 'bye\n' || undefined, 10000, 10);
+  const exit = await src.waitEvent('COLO_EXIT', { timeoutMs: limits.coloSvmExitWaitMs + 10000 });
+  assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
+  assert.match(src.stderr, /the secondary's guest exited \d+ ms ago and this one has not: the two runs diverged; going on unprotected/);
+  assert.doesNotMatch(src.stderr, /the link to the secondary broke/, 'not taken for a lost link');
+  assert.equal(await src.status(), 'running', 'the primary runs on, unprotected');
+  assertNoErrors(src, dst);
 });

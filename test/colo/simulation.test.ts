@@ -194,6 +194,25 @@ for (const [name, todo, scenario] of found) {
   });
 }
 
+test("colo simulation: the SVM's guest exits by itself (between checkpoints, in place of a checkpoint's reply, in an apply's run): the primary waits for its own guest, not the link's grace, then fails over for the divergence", { skip: one !== undefined }, () => {
+  const at: { hook: string; nth: number }[] = [
+    { hook: 'P.recv.VMSTATE_LOADED', nth: 1 },
+    { hook: 'S.recv.CHECKPOINT_REQUEST', nth: 1 },
+    { hook: 'S.applied', nth: 1 },
+  ];
+  let fired = 0;
+  for (let seed = 1; seed <= 30; seed++) {
+    const scenario: Scenario = { delayMs: 40, triggerMeanMs: null, faults: [{ ...none, kind: 'exitS', trigger: at[seed % at.length]!, delay: 0, noticeP: 0.5 }] };
+    const res = runSeed({ seed, scenario });
+    if (res.violation !== null) assert.fail(describeFailure(res));
+    const tail = res.trace.join('\n');
+    if (!tail.includes("FAULT: the SVM's guest exits")) continue;
+    fired += 1;
+    assert.match(tail, /P exitWaitElapsed.*→ .*failover\(error\)/, `seed ${seed}: the primary's wait for its guest ended in a failover\n${tail}`);
+  }
+  assert.ok(fired >= 20, `the SVM's guest exited in only ${fired} of 30 runs`);
+});
+
 test('colo simulation: invariant 1 catches a primary that releases held output once the checkpoint is sent, before the secondary has it', { skip: one !== undefined }, () => {
   // The primary dies just after sending a checkpoint: what was in flight is lost, and the
   // secondary takes over from the checkpoint before.

@@ -13,6 +13,7 @@ import {
   type SecondaryAction,
   type SecondaryEvent,
 } from '../../../src/colo/core.js';
+import { limits } from '../../../src/core/limits.js';
 import { ChannelClosed, Disk, Guest, type Device, type Endpoint, type Link, type Val, type Wire } from './model.js';
 import { Signal, VmOps, settle, sleep, spawn, wait, type Co, type Handle, type Owner, type Sim } from './runtime.js';
 
@@ -124,6 +125,11 @@ export class PrimaryNode implements Endpoint {
   /** x-checkpoint-delay, which management may change while COLO runs. */
   private delayMs: number;
   private grace: Handle | null = null;
+  /** The wait for the PVM's exit after GUEST_EXITED (driver.ts armExitWait). */
+  private exitWait: Handle | null = null;
+  /** When GUEST_EXITED came (null: it did not). */
+  /** When GUEST_EXITED reached the primary (the wait for its own guest's exit began). */
+  svmExitedAt: number | null = null;
   private readonly ops: VmOps;
   /** Invariant 5: by this time the primary must have finished its failover. */
   deadline: number | null = null;
@@ -195,6 +201,7 @@ export class PrimaryNode implements Endpoint {
       return;
     }
     this.w.hook(`P.recv.${f.msg}`);
+    if (f.msg === 'GUEST_EXITED') this.svmExitedAt ??= this.w.sim.now;
     this.dispatch({ type: 'message', msg: f.msg });
   }
 
@@ -214,15 +221,20 @@ export class PrimaryNode implements Endpoint {
     this.dispatch({ type: 'close' });
     this.timer?.cancel();
     this.grace?.cancel();
+    this.exitWait?.cancel();
     this.timer = null;
     this.grace = null;
+    this.exitWait = null;
     this.compareStopped = true; // PrimaryNet.discard: held output dropped, no more triggers
   }
 
   dispatch(ev: PrimaryEvent): void {
     if (this.owner.dead) return;
     const now = this.w.sim.now;
-    const bound = (ev.type === 'linkLost' ? this.w.graceMs : 0) + this.w.boundMs;
+    // After GUEST_EXITED the end of the link is the secondary's exit: the wait for the PVM's own
+    // exit bounds what follows (the simulated PVM's guest never exits: a failover at its end).
+    const exitDue = this.svmExitedAt === null ? null : this.svmExitedAt + limits.coloSvmExitWaitMs - now;
+    const bound = (ev.type === 'linkLost' ? (exitDue ?? this.w.graceMs) : 0) + this.w.boundMs;
     if (ev.type === 'lostHeartbeat' || ev.type === 'linkLost' || ev.type === 'protocolError' || ev.type === 'graceElapsed') {
       this.deadline = Math.min(this.deadline ?? Infinity, now + bound);
     }
@@ -250,6 +262,7 @@ export class PrimaryNode implements Endpoint {
     if (has('failover')) {
       this.failoverCause = ev.type;
       // A broken link alone waits for x-colo-lost-heartbeat for the grace period (docs/migration-protocol.md).
+      if (ev.type === 'graceElapsed' && this.svmExitedAt !== null) this.w.violate('svmExit', `the primary failed over for a lost link (phase ${before}) after the secondary said its guest exited`);
       if (ev.type === 'linkLost') this.w.violate('grace', `the primary failed over as soon as its link broke (phase ${before}), without waiting ${this.w.graceMs} ms for x-colo-lost-heartbeat`);
     }
     // COLO_EXIT's reason, as QEMU's: request after a failover x-colo-lost-heartbeat asked for, error otherwise.
@@ -323,6 +336,9 @@ export class PrimaryNode implements Endpoint {
       case 'armGrace':
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
         return;
+      case 'armExitWait':
+        this.exitWait ??= w.sim.after(limits.coloSvmExitWaitMs, () => this.dispatch({ type: 'exitWaitElapsed', ms: limits.coloSvmExitWaitMs }), this.owner);
+        return;
       case 'pauseVm':
         this.switchTask('stop', 'P.vmPaused', 'vmPaused');
         return;
@@ -386,8 +402,10 @@ export class PrimaryNode implements Endpoint {
       case 'failover':
         this.timer?.cancel();
         this.grace?.cancel();
+        this.exitWait?.cancel();
         this.timer = null;
         this.grace = null;
+        this.exitWait = null;
         this.compareStopped = true;
         w.hook('P.failover');
         spawn(
@@ -451,6 +469,8 @@ export class SecondaryNode implements Endpoint {
   failNextApply = false;
   /** The core gave this node up after a broken apply (action abandon). */
   abandoned = false;
+  /** Its guest exited by itself: the process is ending. */
+  exited = false;
   /** When x-colo-lost-heartbeat first reached this node (null: never). */
   heartbeatLostAt: number | null = null;
   /** The start action fails (fault startFails): the SVM could not be run. */
@@ -516,6 +536,13 @@ export class SecondaryNode implements Endpoint {
       this.frameWaiter = new Signal<void>(this.w.sim);
       yield* settle(this.frameWaiter);
     }
+  }
+
+  /** The SVM's guest exits by itself: driver.ts SecondaryDriver.guestExited (the process then ends). */
+  guestExited(): void {
+    this.exited = true;
+    this.guest.stop();
+    void this.dispatch({ type: 'guestExited' }, true);
   }
 
   linkLost(reason: string): void {

@@ -7,6 +7,7 @@
  */
 import type { ColoMessage } from '../../../src/colo/core.js';
 import { linkLossGraceMs } from '../../../src/colo/driver.js';
+import { limits } from '../../../src/core/limits.js';
 import { rng } from '../../framework/rng.js';
 import { BLOCKS, Link, PAGES, mix, sameVal, showVal, type Device, type Drain, type Val, type Wire } from './model.js';
 import { PrimaryNode, SecondaryNode, type Broken, type World } from './nodes.js';
@@ -42,9 +43,12 @@ const END_TAIL_MS = 30;
  * secondary's start action fails; corrupt: the next frame the primary sends on the main channel
  * arrives damaged (its checksum fails, or its payload does not parse); mfdBreak: the multifd
  * channels alone break, the main channel lives on both ways (runs without multifd draw
- * corrupt instead); stall: the network delivers nothing for a while, then everything, in order.
+ * corrupt instead); stall: the network delivers nothing for a while, then everything, in order;
+ * exitS: the SVM's guest exits by itself (GUEST_EXITED, then its process ends; the simulated
+ * PVM's guest never exits, so the primary's wait for it ends in a failover; only in
+ * hand-written scenarios).
  */
-export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails' | 'corrupt' | 'mfdBreak' | 'stall';
+export type FaultKind = 'crashP' | 'crashS' | 'breakLink' | 'hbP' | 'stray' | 'applyFails' | 'panicP' | 'closeP' | 'protoP' | 'startFails' | 'corrupt' | 'mfdBreak' | 'stall' | 'exitS';
 
 /** Protocol points a fault can be tied to, so that many land mid-checkpoint. */
 const hooks = [
@@ -624,6 +628,28 @@ class SimWorld implements World {
         this.trace(`FAULT: a protocol error on the primary (${before})`);
         P.dispatch({ type: 'protocolError', message: 'simulated: a malformed frame from the secondary' });
         break;
+      case 'exitS':
+        // The SVM's guest exits by itself (the simulated PVM's never does: the runs diverge);
+        // only a guest that runs can (not one a checkpoint holds paused).
+        if (S.owner.dead || !S.guest.running) return;
+        this.trace(`FAULT: the SVM's guest exits (${before})`);
+        S.guestExited();
+        {
+          // As driver.ts: the process ends once a start or an apply that ran the guest is over.
+          const gone = (): void => {
+            if (S.core.phase === 'starting' || S.core.phase === 'applying') {
+              sim.after(1, gone, S.owner);
+              return;
+            }
+            sim.after(this.ms(0, 2), () => {
+              this.trace('the secondary process is gone');
+              S.owner.dead = true;
+              link.break('the secondary exited', [f.noticeP, null], 'drain');
+            }, S.owner);
+          };
+          gone();
+        }
+        break;
       case 'startFails':
         if (S.owner.dead || S.core.phase !== 'starting') return;
         this.trace(`FAULT: the secondary's start will fail (${before})`);
@@ -717,8 +743,9 @@ class SimWorld implements World {
     for (const [name, n] of [['primary', P], ['secondary', S]] as const) {
       if (n.owner.dead || (name === 'secondary' && S.abandoned)) continue;
       // A panicked PVM has nothing to run (its expected outcome is checked at guestCrashed);
-      // a closed primary is exiting.
+      // a closed primary, or a secondary whose guest exited, is exiting.
       if (name === 'primary' && (P.guest.crashed || P.closed)) continue;
+      if (name === 'secondary' && S.exited) continue;
       if (n.core.phase === 'failover' || n.core.phase === 'done') {
         if (name === 'primary') this.stats.failoverP = true;
         else this.stats.failoverS = true;
@@ -756,7 +783,9 @@ class SimWorld implements World {
     // pair never waits for ever (a failover completed, or COLO going on).
     const pLive = !P.owner.dead && !P.closed && !P.guest.crashed && !P.left;
     if (this.faultFired && pLive && P.core.phase !== 'failover' && P.core.phase !== 'done') {
-      const after = Math.max(this.lastCheckpointAt, this.delayChangedAt, this.lastFaultAt + this.graceMs + SETTLE_MS);
+      // After GUEST_EXITED the primary waits limits.coloSvmExitWaitMs for its own guest's exit, not the grace.
+      const waitEnd = P.svmExitedAt === null ? 0 : P.svmExitedAt + limits.coloSvmExitWaitMs + SETTLE_MS;
+      const after = Math.max(this.lastCheckpointAt, this.delayChangedAt, this.lastFaultAt + this.graceMs + SETTLE_MS, waitEnd);
       if (now - after > this.delayMs + LIVE_MS) {
         this.violate('liveness', `the last fault was at t=${this.lastFaultAt.toFixed(3)}, but by t=${now.toFixed(3)} the primary has neither failed over nor completed a checkpoint since t=${after.toFixed(3)} (x-checkpoint-delay ${this.delayMs} ms; P ${P.core.phase}, S ${S.owner.dead ? 'dead' : S.core.phase})`);
         return;
