@@ -431,13 +431,13 @@ test('colo: a guest crash only the secondary takes is replaced by a checkpoint a
 });
 
 /**
- * A memwalk pair (64M, 4M walked) in COLO at `delayMs`: the primary in status colo, the
+ * A memwalk pair (64M, `walk` walked) in COLO at `delayMs`: the primary in status colo, the
  * secondary resumed (its first RESUME), the primary's guest past two rounds before the migrate.
  */
-async function memwalkPairInColo(env: TestEnv, delayMs: number): Promise<[TestVm, TestVm]> {
+async function memwalkPairInColo(env: TestEnv, delayMs: number, walk = '4M'): Promise<[TestVm, TestVm]> {
   const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: [walk] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: [walk] }),
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': delayMs }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('B', { count: 2 });
@@ -507,16 +507,7 @@ test('colo: migrate_cancel on the primary in COLO is refused with the way out, n
 
 test("colo: the secondary's query-status says colo, as QEMU's, all through a checkpoint (its apply too): never paused, which a manager would take for a stop to undo", async (t) => {
   const env = new TestEnv(t);
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('B', { count: 2 });
-  const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const [src, dst] = await memwalkPairInColo(env, 100, '8M');
   // Every 8 MiB checkpoint's apply copies the walk into guest RAM: sampled through ten of them.
   const seen = new Map<string, number>();
   const mark = dst.qmp.eventCount;
@@ -537,16 +528,7 @@ test('colo: quit on the secondary in the middle of its checkpoints ends it quiet
   // or an apply, which the exit's destroyed machine fails.
   for (let round = 0; round < 2; round++) {
     const env = new TestEnv(t);
-    const [src, dst] = await Promise.all([
-      env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
-      env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
-    ]);
-    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 0 }), dst.setMigration({ 'x-colo': true })]);
-    await src.waitSerial('B', { count: 2 });
-    const port = await dst.listenIncoming();
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    await src.waitMigrationStatus('colo', 30000);
-    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+    const [src, dst] = await memwalkPairInColo(env, 0, '8M');
     for (let i = 0; i < 2 + round; i++) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
     const mark = dst.qmp.eventCount;
     assert.deepEqual(await dst.qmp.execute('quit'), {});
