@@ -379,6 +379,14 @@ export class TestEnv {
   }
 }
 
+/** A lone kv.wasm VM (named kv, 64M) serving on a free port of 127.0.0.1, once it printed `kv ready`. */
+export async function startKvVm(env: TestEnv): Promise<{ vm: VmProcess; port: number }> {
+  const port = await freePort();
+  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
+  await vm.waitSerial('kv ready');
+  return { vm, port };
+}
+
 /** memwalk prints `memwalk start=0x<hex> size=<n>` once. */
 export function memwalkRegion(serial: string): { start: number; size: number } | undefined {
   const m = /memwalk start=0x([0-9a-f]+) size=(\d+)/.exec(serial);
