@@ -212,6 +212,17 @@ export class VmProcess {
     return port;
   }
 
+  /**
+   * `migrate` to tcp:127.0.0.1:`port` (where `target` listens), then wait for migration status
+   * colo here and for `target`'s first RESUME since it connected (its SVM started), each within
+   * `timeoutMs`.
+   */
+  async migrateIntoColo(target: VmProcess, port: number, timeoutMs = 30000): Promise<void> {
+    await this.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await this.waitMigrationStatus('colo', timeoutMs);
+    await target.waitEvent('RESUME', { timeoutMs });
+  }
+
   /** yank the migration channels (QMP yank, instance type migration). */
   async yankMigration(): Promise<void> {
     await this.qmp.execute('yank', { instances: [{ type: 'migration' }] });
