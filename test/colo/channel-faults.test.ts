@@ -45,6 +45,19 @@ async function protectedPair(env: TestEnv): Promise<{ src: VmProcess; dst: VmPro
 }
 
 /**
+ * protectedPair, with its primary's thread count in COLO and the event counts of both nodes
+ * now, once the secondary's next `event` has come (RESUME: between checkpoints; STOP: inside one).
+ */
+async function pairBeforeFault(env: TestEnv, event: 'RESUME' | 'STOP' = 'RESUME'): Promise<Awaited<ReturnType<typeof protectedPair>> & { coloThreads: number; marks: { src: number; dst: number } }> {
+  const pair = await protectedPair(env);
+  const { src, dst } = pair;
+  const coloThreads = threads(src);
+  const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
+  await dst.waitEvent(event, { after: marks.dst, timeoutMs: 10000 });
+  return { ...pair, coloThreads, marks };
+}
+
+/**
  * After the fault the primary has left COLO by itself and serves on; the secondary, told to take
  * over, holds the last whole checkpoint (the memwalk pattern); the primary's multifd workers are
  * gone; and the primary can be protected again by a new secondary.
@@ -78,11 +91,8 @@ async function survivesAndReprotects(env: TestEnv, pair: { src: VmProcess; dst: 
 for (const link of ['multifd1', 'main'] as const) {
   test(`colo/channel: the ${link} channel stalls (no byte forwarded, the connection kept): the checkpoint is given up within its bound and the primary serves on alone, then is protected again`, async (t) => {
     const env = new TestEnv(t);
-    const pair = await protectedPair(env);
-    const { src, dst, proxy } = pair;
-    const coloThreads = threads(src);
-    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
-    await dst.waitEvent('RESUME', { after: marks.dst, timeoutMs: 10000 });
+    const pair = await pairBeforeFault(env);
+    const { src, dst, proxy, coloThreads, marks } = pair;
     proxy.stall(link);
     const stalledAt = performance.now();
     // Before the bound, the stalled checkpoint held the pair (and the clients' output) for good.
@@ -100,11 +110,8 @@ for (const link of ['multifd1', 'main'] as const) {
 for (const link of ['multifd0', 'main'] as const) {
   test(`colo/channel: one byte flipped on the ${link} channel: the secondary names the corruption as an error and closes the link; the primary serves on alone`, async (t) => {
     const env = new TestEnv(t);
-    const pair = await protectedPair(env);
-    const { src, dst, proxy } = pair;
-    const coloThreads = threads(src);
-    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
-    await dst.waitEvent('RESUME', { after: marks.dst, timeoutMs: 10000 });
+    const pair = await pairBeforeFault(env);
+    const { src, dst, proxy, coloThreads, marks } = pair;
     proxy.corrupt(link);
     const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: linkLossGraceMs + 10000 });
     assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
@@ -121,11 +128,8 @@ for (const link of ['multifd0', 'main'] as const) {
 for (const when of ['between', 'inside'] as const) {
   test(`colo/channel: one multifd channel reset ${when} checkpoints: the primary serves on alone after its grace, the secondary applied nothing of a cut checkpoint`, async (t) => {
     const env = new TestEnv(t);
-    const pair = await protectedPair(env);
-    const { src, dst, proxy } = pair;
-    const coloThreads = threads(src);
-    const marks = { src: src.qmp.eventCount, dst: dst.qmp.eventCount };
-    await dst.waitEvent(when === 'inside' ? 'STOP' : 'RESUME', { after: marks.dst, timeoutMs: 10000 });
+    const pair = await pairBeforeFault(env, when === 'inside' ? 'STOP' : 'RESUME');
+    const { src, dst, proxy, coloThreads, marks } = pair;
     proxy.reset('multifd2');
     const exit = await src.waitEvent('COLO_EXIT', { after: marks.src, timeoutMs: linkLossGraceMs + 10000 });
     assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });

@@ -344,12 +344,7 @@ test('colo core: a failover mid-checkpoint before the apply drops the checkpoint
 });
 
 test('colo core: a guest crash on the primary leaves COLO (status completed, leave), mid-checkpoint too; nothing after it acts, and a failover under way is not undone', () => {
-  const p = new PrimaryCore(() => 300);
-  p.step({ type: 'handoff' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-  p.step({ type: 'vmResumed' });
-  p.step({ type: 'timer' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  const p = replied();
   const out = p.step({ type: 'guestCrashed', message: 'unreachable' });
   assert.deepEqual(types(out), ['status', 'leave']);
   assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /its guest crashed \(unreachable\)/.test(a.message)), JSON.stringify(out));
@@ -366,12 +361,7 @@ test('colo core: a guest crash on the primary leaves COLO (status completed, lea
 });
 
 test('colo core: once the PVM\'s guest exited no checkpoint starts (timer, compare trigger, new delay, one remembered), and the one in flight finishes', () => {
-  const p = new PrimaryCore(() => 300);
-  p.step({ type: 'handoff' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-  p.step({ type: 'vmResumed' });
-  p.step({ type: 'timer' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
+  const p = replied();
   p.step({ type: 'vmPaused' });
   p.step({ type: 'stateCaptured' });
   p.step({ type: 'stateSent' });

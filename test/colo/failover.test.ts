@@ -32,9 +32,7 @@ for (const transport of ['plain', 'multifd'] as const) {
         assert.ok(region, 'memwalk printed its region');
         const port = await dst.listenIncoming();
 
-        await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-        await src.waitMigrationStatus('colo', 30000);
-        await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+        await src.migrateIntoColo(dst, port);
         assert.equal(await dst.migrationStatus(), 'colo');
         await Promise.all([assertAdvancing(src, 1), assertAdvancing(dst, 1)]);
 
@@ -90,9 +88,7 @@ test('colo: a checkpoint too large to copy goes from guest RAM with the PVM paus
   assert.ok(region, 'memwalk printed its region');
   assert.ok(region.size > limits.coloCheckpointCopyBytesMax, 'the walk is larger than a checkpoint copy may be');
   const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 60000);
-  await dst.waitEvent('RESUME', { timeoutMs: 60000 });
+  await src.migrateIntoColo(dst, port, 60000);
   for (let i = 0; i < 2; i++) await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 30000 });
   const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
   assert.ok(counters['checkpoints-sent-from-ram']! >= 2 && counters['checkpoints-copied'] === 0, `checkpoints sent from RAM (${JSON.stringify(counters)})`);
@@ -199,9 +195,7 @@ async function growingGuestUnderColo(t: TestContext, svmAhead: boolean): Promise
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
   const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await src.migrateIntoColo(dst, port);
   const atColo = await grows(src);
   t.diagnostic(`grows at COLO start: ${atColo}`);
   assert.ok(atColo < o.grows - 8, `the guest grows under COLO (${atColo} of ${o.grows} grows done when COLO began)`);
@@ -257,9 +251,7 @@ async function grows(vm: TestVm): Promise<number> {
  * loading the next (smaller) checkpoint: yank, x-colo-lost-heartbeat, COLO_EXIT.
  */
 async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number): Promise<void> {
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await dst.listenIncoming()}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await src.migrateIntoColo(dst, await dst.listenIncoming());
   const primaryGrows = await grows(src);
   src.child.kill('SIGSTOP');
   try {
@@ -296,9 +288,7 @@ test('colo with the shadow tracker: a secondary that ran ahead takes over right 
   // COLO again, the old secondary now the primary, while its guest grows back.
   const third = await env.startVm({ name: 'third', guest, args: [...common, '--incoming', 'defer'] });
   await Promise.all([dst.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), third.setMigration({ 'x-colo': true })]);
-  await dst.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${await third.listenIncoming()}` });
-  await dst.waitMigrationStatus('colo', 30000);
-  await third.waitEvent('RESUME', { timeoutMs: 30000 });
+  await dst.migrateIntoColo(third, await third.listenIncoming());
   await waitFor('the guest to finish growing', async () => (await grows(dst)) === o.grows, 60000, 20);
   for (let i = 0; i < 3; i++) await third.waitEvent('RESUME', { after: third.qmp.eventCount, timeoutMs: 15000 });
   assert.equal(await third.migrationStatus(), 'colo', 'the new secondary applies every checkpoint');
@@ -431,20 +421,18 @@ test('colo: a guest crash only the secondary takes is replaced by a checkpoint a
 });
 
 /**
- * A memwalk pair (64M, 4M walked) in COLO at `delayMs`: the primary in status colo, the
+ * A memwalk pair (64M, `walk` walked) in COLO at `delayMs`: the primary in status colo, the
  * secondary resumed (its first RESUME), the primary's guest past two rounds before the migrate.
  */
-async function memwalkPairInColo(env: TestEnv, delayMs: number): Promise<[TestVm, TestVm]> {
+async function memwalkPairInColo(env: TestEnv, delayMs: number, walk = '4M'): Promise<[TestVm, TestVm]> {
   const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['4M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['4M'] }),
+    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: [walk] }),
+    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: [walk] }),
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': delayMs }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('B', { count: 2 });
   const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await src.migrateIntoColo(dst, port);
   return [src, dst];
 }
 
@@ -507,16 +495,7 @@ test('colo: migrate_cancel on the primary in COLO is refused with the way out, n
 
 test("colo: the secondary's query-status says colo, as QEMU's, all through a checkpoint (its apply too): never paused, which a manager would take for a stop to undo", async (t) => {
   const env = new TestEnv(t);
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
-    env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('B', { count: 2 });
-  const port = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  const [src, dst] = await memwalkPairInColo(env, 100, '8M');
   // Every 8 MiB checkpoint's apply copies the walk into guest RAM: sampled through ten of them.
   const seen = new Map<string, number>();
   const mark = dst.qmp.eventCount;
@@ -537,16 +516,7 @@ test('colo: quit on the secondary in the middle of its checkpoints ends it quiet
   // or an apply, which the exit's destroyed machine fails.
   for (let round = 0; round < 2; round++) {
     const env = new TestEnv(t);
-    const [src, dst] = await Promise.all([
-      env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '64M'], guestArgs: ['8M'] }),
-      env.startVm({ name: 'dst', guest: guests.memwalk, args: ['--memory', '64M', '--incoming', 'defer'], guestArgs: ['8M'] }),
-    ]);
-    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 0 }), dst.setMigration({ 'x-colo': true })]);
-    await src.waitSerial('B', { count: 2 });
-    const port = await dst.listenIncoming();
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
-    await src.waitMigrationStatus('colo', 30000);
-    await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+    const [src, dst] = await memwalkPairInColo(env, 0, '8M');
     for (let i = 0; i < 2 + round; i++) await dst.waitEvent('STOP', { after: dst.qmp.eventCount, timeoutMs: 15000 });
     const mark = dst.qmp.eventCount;
     assert.deepEqual(await dst.qmp.execute('quit'), {});

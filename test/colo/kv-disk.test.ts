@@ -6,7 +6,7 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, guests, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { watGuest } from '../framework/machine.js';
@@ -103,18 +103,25 @@ function diskRewriter(t: TestContext, diskBytes: number, chunk: number): string 
         (br $write))))`);
 }
 
-test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from the disk with the PVM paused, not copied into one buffer the size of what the guest wrote', async (t) => {
-  const env = new TestEnv(t);
-  const diskBytes = 128 * 1024 * 1024;
-  const chunk = 1024 * 1024;
-  // Writes its whole disk over and over, 1 MiB per fd_pwrite: every checkpoint interval dirties
-  // more blocks than limits.coloCheckpointCopyBytesMax (about 25 MB/s is enough).
-  const guest = diskRewriter(t, diskBytes, chunk);
+/**
+ * A source and a `--incoming defer` destination (64M) of diskRewriter (1 MiB per fd_pwrite),
+ * each on its own zeroed image of `diskBytes`.
+ */
+async function rewriterPair(t: TestContext, env: TestEnv, diskBytes: number): Promise<[VmProcess, VmProcess]> {
+  const guest = diskRewriter(t, diskBytes, 1024 * 1024);
   const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
-  const [src, dst] = await Promise.all([
+  return Promise.all([
     env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
     env.startVm({ name: 'dst', guest, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
   ]);
+}
+
+test('colo: a checkpoint whose disk blocks exceed the copy bound is sent from the disk with the PVM paused, not copied into one buffer the size of what the guest wrote', async (t) => {
+  const env = new TestEnv(t);
+  const diskBytes = 128 * 1024 * 1024;
+  // Writes its whole disk over and over, 1 MiB per fd_pwrite: every checkpoint interval dirties
+  // more blocks than limits.coloCheckpointCopyBytesMax (about 25 MB/s is enough).
+  const [src, dst] = await rewriterPair(t, env, diskBytes);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 4000 }), dst.setMigration({ 'x-colo': true })]);
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
@@ -144,15 +151,9 @@ function resetPeakRss(pid: number): void {
 test('colo: a guest that rewrites a large disk between checkpoints does not make the secondary hold that much of it in memory', async (t) => {
   const env = new TestEnv(t);
   const diskBytes = 384 * 1024 * 1024;
-  const chunk = 1024 * 1024;
   // Writes its whole disk over and over, 1 MiB per fd_pwrite: a checkpoint interval of a few
   // seconds dirties most of it.
-  const guest = diskRewriter(t, diskBytes, chunk);
-  const [srcDisk, dstDisk] = [env.image('src.img', diskBytes), env.image('dst.img', diskBytes)];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: ['--memory', '64M', '--drive', `file=${srcDisk}`] }),
-    env.startVm({ name: 'dst', guest, args: ['--memory', '64M', '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await rewriterPair(t, env, diskBytes);
   // The guest dirties its disk faster than pre-copy sends it: a generous downtime limit lets
   // the initial migration switch over after its first round.
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000, 'downtime-limit': 600000 }), dst.setMigration({ 'x-colo': true })]);

@@ -10,17 +10,19 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
-import { TestEnv, coloBin, freePort, guests, runProgram, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, runProgram, waitFor } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
-import { pidAlive, pidsUsing, qmpOf, spawnSupervisor, timeUntilServing } from '../framework/up.js';
+import { type Supervisor, kvUpArgs, pidAlive, pidsUsing, protectedLine, qmpOf, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
 
-async function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
-  const port = await freePort();
-  const image = env.image('kv.img', 8 * 1024 * 1024);
-  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
-  args.push('--checkpoint-delay', '200', '--state-dir', env.dir, ...extra);
-  return { args, port };
+/** The `colo up` command line of these tests (kv.wasm, 64M, an 8 MiB drive, --checkpoint-delay 200), then `extra`. */
+function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
+  return kvUpArgs(env, '64M', 200, extra);
+}
+
+/** `colo up`'s line for a pair it adopted whose primary `pid` runs alone (its partner died, or it took over). */
+function adoptedAlone(pid: number): RegExp {
+  return new RegExp(`^pair: adopted \\(state in .*\\): primary ${pid} runs unprotected$`);
 }
 
 /** Process `pid`'s start time, /proc/PID/stat field 22. */
@@ -38,15 +40,36 @@ async function command(port: number, argv: string[]): Promise<string | number | 
   }
 }
 
-test('colo up killed, then run again on its --state-dir: it adopts the protected pair (one supervisor per folder), fails over when the adopted primary dies, and stops the adopted children', async (t) => {
-  const env = new TestEnv(t);
+/**
+ * A protected pair (upArgs) whose colo up (`sup1`) was SIGKILLed after `key` was set to
+ * `value`, acknowledged: its children run on, unsupervised.
+ */
+async function orphanedPair(env: TestEnv, key = 'k', value = 'acknowledged'): Promise<{ args: string[]; port: number; sup1: Supervisor; primary: number; secondary: number }> {
   const { args, port } = await upArgs(env);
   const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const p1 = await sup1.line(protectedLine, 0, 90000);
   const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'before', 'one']), 'OK');
+  assert.equal(await command(port, ['SET', key, value]), 'OK');
   sup1.proc.kill('SIGKILL');
   await sup1.waitExit(10000);
+  return { args, port, sup1, primary, secondary };
+}
+
+/**
+ * A colo up run on `args` adopts the pair whose primary `survivor` runs alone, serves `k` as
+ * acknowledged, and protects it again.
+ */
+async function adoptsAlone(env: TestEnv, args: string[], port: number, survivor: number): Promise<Supervisor> {
+  const sup = spawnSupervisor(env, args);
+  const adopted = await sup.line(adoptedAlone(survivor), 0, 30000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup.line(protectedLine, adopted.at, 90000);
+  return sup;
+}
+
+test('colo up killed, then run again on its --state-dir: it adopts the protected pair (one supervisor per folder), fails over when the adopted primary dies, and stops the adopted children', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, primary, secondary } = await orphanedPair(env, 'before', 'one');
   assert.ok(pidAlive(primary) && pidAlive(secondary), 'the children live on without their supervisor');
   assert.equal(await command(port, ['GET', 'before']), 'one', 'the service goes on');
 
@@ -70,7 +93,7 @@ test('colo up killed, then run again on its --state-dir: it adopts the protected
   assert.ok(servingMs < 2000, `the service answered again ${servingMs.toFixed(0)} ms after the primary's SIGKILL`);
   assert.equal(await command(port, ['GET', 'before']), 'one');
   assert.equal(await command(port, ['GET', 'adopted']), 'two');
-  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, took.at, 90000);
+  const again = await sup2.line(protectedLine, took.at, 90000);
   assert.equal(Number(again.m.at(1)), secondary, 'protected again, with a new secondary');
   const newSecondary = Number(again.m.at(2));
   assert.ok(fs.existsSync(path.join(env.dir, 'vm3.qmp')), 'the new secondary has a name the folder never had (vm3)');
@@ -86,22 +109,13 @@ test('colo up killed, then run again on its --state-dir: it adopts the protected
 
 test('colo up run again after its primary died while no supervisor ran: the adopted secondary gets the failover it missed, serves every acknowledged write, and is protected again', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, primary, secondary } = await orphanedPair(env);
   process.kill(primary, 'SIGKILL');
   await waitFor('the primary to be gone', () => !pidAlive(primary), 10000);
   // The secondary waits for x-colo-lost-heartbeat: nothing serves.
   await assert.rejects(command(port, ['GET', 'k']));
 
-  const sup2 = spawnSupervisor(env, args);
-  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
-  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
-  await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  const sup2 = await adoptsAlone(env, args, port, secondary);
   assert.match(sup2.stderr, /in COLO without its partner/);
   assert.doesNotMatch(sup2.stderr, / error /, sup2.stderr.slice(-3000));
 });
@@ -113,7 +127,7 @@ test('colo up run again after its primary died while no supervisor ran: the adop
 async function killedWhileReprotecting(env: TestEnv): Promise<{ args: string[]; port: number; survivor: number; booting: number }> {
   const { args, port } = await upArgs(env);
   const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const p1 = await sup1.line(protectedLine, 0, 90000);
   const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
   assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
   process.kill(primary, 'SIGKILL');
@@ -130,8 +144,8 @@ test('colo up killed while it re-protects (a new secondary booting), run again a
   const env = new TestEnv(t);
   const { args, port, survivor, booting } = await killedWhileReprotecting(env);
   const sup2 = spawnSupervisor(env, args);
-  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
-  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  const adopted = await sup2.line(adoptedAlone(survivor), 0, 30000);
+  const again = await sup2.line(protectedLine, adopted.at, 90000);
   assert.equal(Number(again.m.at(1)), survivor);
   const newSecondary = Number(again.m.at(2));
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
@@ -148,21 +162,15 @@ test('two colo up started at once on the folder of one that died: one adopts the
   assert.notEqual(refused.exitCode, 0);
   assert.match(refused.stderr, new RegExp(`colo up ${running.proc.pid} supervises the pair there`), refused.stderr);
   assert.deepEqual(refused.lines, [], 'the refused one printed no state');
-  const adopted = await running.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${survivor} runs unprotected$`), 0, 30000);
-  await running.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  const adopted = await running.line(adoptedAlone(survivor), 0, 30000);
+  await running.line(protectedLine, adopted.at, 90000);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
   assert.equal(fs.readFileSync(path.join(env.dir, 'up.pid'), 'utf8').trim(), `${running.proc.pid} ${startTime(running.proc.pid!)}`);
 });
 
 test('an adopted child that dies is seen at once, also while init has not reaped it yet: the adopted secondary, then the adopted primary', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, primary, secondary } = await orphanedPair(env);
   const sup2 = spawnSupervisor(env, args);
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
 
@@ -171,7 +179,7 @@ test('an adopted child that dies is seen at once, also while init has not reaped
   process.kill(secondary, 'SIGKILL');
   const alone = await sup2.line(new RegExp(`^pair: secondary died \\(.*\\); primary ${primary} continues unprotected$`), adopted.at, 15000);
   const aloneMs = performance.now() - killedAt;
-  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, alone.at, 90000);
+  const again = await sup2.line(protectedLine, alone.at, 90000);
   killedAt = performance.now();
   process.kill(primary, 'SIGKILL');
   await sup2.line(new RegExp(`^pair: primary died \\(.*\\); secondary ${again.m.at(2)} took over`), again.at, 15000);
@@ -192,7 +200,7 @@ test('colo up (multifd) killed during the initial migration into COLO, run again
 
   const sup2 = spawnSupervisor(env, args);
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): (.*)$/, 0, 30000);
-  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  const again = await sup2.line(protectedLine, adopted.at, 90000);
   assert.equal(Number(again.m.at(1)), primary, sup2.timeline());
   const newSecondary = Number(again.m.at(2));
   assert.notEqual(newSecondary, secondary);
@@ -204,13 +212,7 @@ test('colo up (multifd) killed during the initial migration into COLO, run again
 
 test('colo up run again with other options than the pair it would adopt (--memory, --net, --drive) is refused in one line, and the pair runs on untouched; with the same options it adopts it', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, primary, secondary } = await orphanedPair(env);
   const other = await freePort();
   const variants: [string[], RegExp][] = [
     [args.map((a) => (a === '64M' ? '128M' : a)), /runs with --memory 64M, this colo up has --memory 128M/],
@@ -234,23 +236,14 @@ test('colo up run again with other options than the pair it would adopt (--memor
 
 test('colo up killed with the reader of its log (its stderr pipe closed): the children it leaves live on without their log, and are adopted', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, sup1, primary, secondary } = await orphanedPair(env);
   // The children write their log to the stderr they inherited: nobody reads it any more.
   sup1.proc.stderr!.destroy();
   process.kill(primary, 'SIGKILL');
   await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
   await new Promise((r) => setTimeout(r, 500));
   assert.ok(pidAlive(secondary), 'the secondary lives on after its partner died (it logged that, to a closed pipe)');
-  const sup2 = spawnSupervisor(env, args);
-  const adopted = await sup2.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
-  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
-  await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  await adoptsAlone(env, args, port, secondary);
 });
 
 test('colo up (no --drive) killed while its children boot, run again at once: it waits for them and adopts them (the booting secondary replaced), no second pair, nothing orphaned', async (t) => {
@@ -267,7 +260,7 @@ test('colo up (no --drive) killed while its children boot, run again at once: it
   const adopted = await sup2.line(/^pair: adopted \(state in .*\): primary (\d+) runs unprotected$/, 0, 90000);
   const primary = Number(adopted.m.at(1));
   assert.ok(booted.includes(primary), `the adopted primary is one sup1 started (${booted.join(', ')}): ${sup2.timeline()}`);
-  const again = await sup2.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  const again = await sup2.line(protectedLine, adopted.at, 90000);
   assert.equal(Number(again.m.at(1)), primary);
   assert.equal(await command(port, ['SET', 'k', 'v']), 'OK');
   await waitFor('only the pair to run', () => pidsUsing(env.dir).length === 2 || undefined, 10000);
@@ -276,13 +269,7 @@ test('colo up (no --drive) killed while its children boot, run again at once: it
 
 test('colo up adopting a secondary whose primary died, which stalls (SIGSTOP) when told x-colo-lost-heartbeat: the adoption is given up after limits.upAdoptFailoverMs with the reason, the children left running; a later run adopts it', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const [primary, secondary] = [Number(p1.m.at(1)), Number(p1.m.at(2))];
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, primary, secondary } = await orphanedPair(env);
   process.kill(primary, 'SIGKILL');
   await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
   env.onCleanup(() => {
@@ -328,10 +315,7 @@ test('colo up adopting a secondary whose primary died, which stalls (SIGSTOP) wh
   await closeRelay();
   fs.rmSync(sock, { force: true });
   fs.renameSync(real, sock);
-  const sup3 = spawnSupervisor(env, args);
-  const adopted = await sup3.line(new RegExp(`^pair: adopted \\(state in .*\\): primary ${secondary} runs unprotected$`), 0, 30000);
-  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
-  await sup3.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, adopted.at, 90000);
+  await adoptsAlone(env, args, port, secondary);
 });
 
 test('up.pid names a process by its pid and start time: a live colo up there is refused; a pid the system gave again to another colo up (another start time) is stale', async (t) => {
@@ -367,13 +351,7 @@ test('up.pid names a process by its pid and start time: a live colo up there is 
 
 test('colo up run again with another --checkpoint-delay adopts the protected pair and its primary checkpoints with the new delay from then on', async (t) => {
   const env = new TestEnv(t);
-  const { args, port } = await upArgs(env);
-  const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
-  const primary = Number(p1.m.at(1));
-  assert.equal(await command(port, ['SET', 'k', 'acknowledged']), 'OK');
-  sup1.proc.kill('SIGKILL');
-  await sup1.waitExit(10000);
+  const { args, port, primary } = await orphanedPair(env);
   const sup2 = spawnSupervisor(env, args.map((a) => (a === '200' ? '700' : a)));
   await sup2.line(/^pair: adopted \(state in .*\): protected/, 0, 30000);
   const q = await qmpOf(primary, sup2);

@@ -10,9 +10,9 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import path from 'node:path';
-import { coloBin, freePort, guests, sleep, waitFor } from '../framework/harness.js';
+import { sleep, waitFor } from '../framework/harness.js';
 import { TestEnv } from '../framework/harness.js';
-import { spawnSupervisor } from '../framework/up.js';
+import { kvUpArgs, protectedLine, spawnSupervisor } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
 
 /**
@@ -79,22 +79,25 @@ async function heapCounts(dir: string, pid: number): Promise<{ counts: Map<strin
   return file;
 }
 
+/**
+ * The `colo up` of these tests: kv.wasm, 64M, checkpoints every 10 ms (many events), a
+ * heartbeat timeout well above the time a heap snapshot stops the supervisor for.
+ */
+function leakArgs(env: TestEnv): Promise<{ args: string[] }> {
+  return kvUpArgs(env, '64M', 10, ['--heartbeat-timeout', '10000']);
+}
+
 test('colo up: after 4 failovers and re-protections the supervisor holds the process handles and QMP clients of its 2 living children only, and a bounded log of their events', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const image = env.image('kv.img', 8 * 1024 * 1024);
-  // A heartbeat timeout well above the time the heap snapshot stops the supervisor for.
-  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
-  args.push('--checkpoint-delay', '10', '--heartbeat-timeout', '10000', '--state-dir', env.dir);
+  const { args } = await leakArgs(env);
   const sup = spawnSupervisor(env, args, undefined, { NODE_OPTIONS: '--heapsnapshot-signal=SIGUSR2' });
-  const protectedRe = /^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/;
-  let at = await sup.line(protectedRe, 0, 90000);
+  let at = await sup.line(protectedLine, 0, 90000);
   // Each protection ends before it is stable (30 s): failed attempts, retried after 1, 2, 3 s
   // (a fifth in a row would wait 60 s). Both kinds of failover: the secondary dies, the primary dies.
   for (let cycle = 1; cycle <= 4; cycle++) {
     const victim = Number(at.m[cycle % 2 === 1 ? 2 : 1]);
     process.kill(victim, 'SIGKILL');
-    at = await sup.line(protectedRe, at.at + 1, 60000);
+    at = await sup.line(protectedLine, at.at + 1, 60000);
   }
   const [primary, secondary] = [Number(at.m[1]), Number(at.m[2])];
   // Checkpoints every 10 ms for a while: each child sends a STOP and a RESUME per checkpoint.
@@ -115,12 +118,9 @@ test('colo up: after 4 failovers and re-protections the supervisor holds the pro
 
 test('colo up run again on the --state-dir of one that died: the QMP connections to the children it adopted keep a bounded log of their events too', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const image = env.image('kv.img', 8 * 1024 * 1024);
-  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M'];
-  args.push('--checkpoint-delay', '10', '--heartbeat-timeout', '10000', '--state-dir', env.dir);
+  const { args } = await leakArgs(env);
   const sup1 = spawnSupervisor(env, args);
-  const p1 = await sup1.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const p1 = await sup1.line(protectedLine, 0, 90000);
   sup1.proc.kill('SIGKILL');
   await sup1.waitExit(10000);
   const sup2 = spawnSupervisor(env, args, undefined, { NODE_OPTIONS: '--heapsnapshot-signal=SIGUSR2' });

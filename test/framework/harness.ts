@@ -212,6 +212,17 @@ export class VmProcess {
     return port;
   }
 
+  /**
+   * `migrate` to tcp:127.0.0.1:`port` (where `target` listens), then wait for migration status
+   * colo here and for `target`'s first RESUME since it connected (its SVM started), each within
+   * `timeoutMs`.
+   */
+  async migrateIntoColo(target: VmProcess, port: number, timeoutMs = 30000): Promise<void> {
+    await this.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await this.waitMigrationStatus('colo', timeoutMs);
+    await target.waitEvent('RESUME', { timeoutMs });
+  }
+
   /** yank the migration channels (QMP yank, instance type migration). */
   async yankMigration(): Promise<void> {
     await this.qmp.execute('yank', { instances: [{ type: 'migration' }] });
@@ -377,6 +388,14 @@ export class TestEnv {
     if (process.env.COLO_KEEP_TEST_DIR === undefined) fs.rmSync(this.dir, { recursive: true, force: true });
     if (first !== null) throw first;
   }
+}
+
+/** A lone kv.wasm VM (named kv, 64M) serving on a free port of 127.0.0.1, once it printed `kv ready`. */
+export async function startKvVm(env: TestEnv): Promise<{ vm: VmProcess; port: number }> {
+  const port = await freePort();
+  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
+  await vm.waitSerial('kv ready');
+  return { vm, port };
 }
 
 /** memwalk prints `memwalk start=0x<hex> size=<n>` once. */

@@ -111,6 +111,22 @@ export async function timeUntilServing(port: number, since: number, timeoutMs: n
   }
 }
 
+/** The line `colo up` prints when the pair is protected: the primary's pid, then the secondary's. */
+export const protectedLine = /^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/;
+
+/**
+ * A `colo up` command line (for `node`) of kv.wasm serving on a free port of 127.0.0.1, with an
+ * 8 MiB --drive (kv.img in env.dir), `--memory memory`, `--checkpoint-delay checkpointDelayMs`
+ * and its state in env.dir, then `extraArgs`.
+ */
+export async function kvUpArgs(env: TestEnv, memory: string, checkpointDelayMs: number, extraArgs: string[] = []): Promise<{ args: string[]; port: number; image: string }> {
+  const port = await freePort();
+  const image = env.image('kv.img', 8 * 1024 * 1024);
+  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', memory];
+  args.push('--checkpoint-delay', String(checkpointDelayMs), '--state-dir', env.dir, ...extraArgs);
+  return { args, port, image };
+}
+
 /** A `colo up` of kv.wasm that reached `pair: protected`, with what the test must close. */
 export interface ProtectedPair {
   sup: Supervisor;

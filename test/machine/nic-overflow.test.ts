@@ -5,16 +5,18 @@
  * listener, admitting nothing) got more than the queue holds, and the vCPU's assertion killed
  * the guest. The rest now waits in the input ring and the main thread, as for a paused guest.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { machineFor, watGuest } from '../framework/machine.js';
 import { sleep } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 
-test('machine: input beyond the NIC queue\'s bound for a guest that admits none waits in the ring instead of killing the guest', async (t) => {
-  // fd 3 (the listener) non-blocking, then sock_accept on it for ever: every call takes the
-  // input that reached the vCPU and admits none of it (nothing is ever accepted).
-  const guest = watGuest(t, 'acceptspin', `(module
+/**
+ * fd 3 (the listener) non-blocking, then sock_accept on it for ever: every call takes the
+ * input that reached the vCPU and admits none of it (nothing is ever accepted).
+ */
+function acceptSpinGuest(t: TestContext, name: string): string {
+  return watGuest(t, name, `(module
     (import "wasi_snapshot_preview1" "fd_fdstat_set_flags" (func $setfl (param i32 i32) (result i32)))
     (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
     (memory (export "memory") 1)
@@ -23,6 +25,10 @@ test('machine: input beyond the NIC queue\'s bound for a guest that admits none 
       (loop $spin
         (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
         (br $spin))))`);
+}
+
+test('machine: input beyond the NIC queue\'s bound for a guest that admits none waits in the ring instead of killing the guest', async (t) => {
+  const guest = acceptSpinGuest(t, 'acceptspin');
   const { m } = await machineFor(t, guest, []);
   const panics: string[] = [];
   m.on('panicked', (msg: string) => panics.push(msg));
@@ -40,15 +46,7 @@ test('machine: input beyond the NIC queue\'s bound for a guest that admits none 
 });
 
 test('machine: input waiting in the main thread is counted, and what a state loaded already has is dropped there at once (a COLO secondary\'s apply sheds its backlog)', async (t) => {
-  const guest = watGuest(t, 'acceptspin2', `(module
-    (import "wasi_snapshot_preview1" "fd_fdstat_set_flags" (func $setfl (param i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (memory (export "memory") 1)
-    (func (export "_start")
-      (drop (call $setfl (i32.const 3) (i32.const 4)))
-      (loop $spin
-        (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
-        (br $spin))))`);
+  const guest = acceptSpinGuest(t, 'acceptspin2');
   const { m } = await machineFor(t, guest, []);
   await m.cont();
   await m.pause('paused');

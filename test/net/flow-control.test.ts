@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests } from '../framework/harness.js';
+import { TestEnv, startKvVm } from '../framework/harness.js';
 import { IncrFlood, rssBytes } from '../framework/flood.js';
 import { RespClient } from '../framework/resp.js';
 
@@ -14,9 +14,7 @@ const mib = 1024 * 1024;
 
 test('a client that floods commands and reads no replies is pushed back; every command is answered, others are served', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
-  await vm.waitSerial('kv ready');
+  const { vm, port } = await startKvVm(env);
   const pid = vm.child.pid!;
   const other = await RespClient.connect(port);
   env.onCleanup(() => other.close());

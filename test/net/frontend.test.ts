@@ -4,6 +4,7 @@ import net from 'node:net';
 import { FrontEnd } from '../../src/net/frontend.js';
 import { Nic, type NicInput } from '../../src/net/nic.js';
 import { waitFor } from '../framework/harness.js';
+import { listeningFrontEnd } from '../framework/front-end.js';
 
 /** A client connection, and whether it has ended (closed or reset by the front end). */
 function connect(port: number): Promise<{ socket: net.Socket; closed: () => boolean }> {
@@ -18,16 +19,8 @@ function connect(port: number): Promise<{ socket: net.Socket; closed: () => bool
 }
 
 test('front end: at most connectionsMax guest connections; a client gone is counted until the guest closes it', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 3);
-  await fe.listen();
-  const clients: net.Socket[] = [];
-  t.after(async () => {
-    for (const s of clients) s.destroy();
-    await fe.close();
-  });
+  const { fe, events, clients, opens } = await listeningFrontEnd(t, 3);
   const port = fe.boundPort();
-  const opens = (): number[] => events.filter((e) => e.kind === 'open').map((e) => e.conn);
 
   for (let i = 0; i < 3; i++) clients.push((await connect(port)).socket);
   await waitFor('three open events', () => opens().length === 3, 5000);
@@ -107,14 +100,7 @@ test('front end: a closed front end numbers no more input; the one started after
 });
 
 test('front end: a failed accept (the listening server reports an error) does not end the process; the next client is served', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev));
-  await fe.listen();
-  const clients: net.Socket[] = [];
-  t.after(async () => {
-    for (const s of clients) s.destroy();
-    await fe.close();
-  });
+  const { fe, events, clients } = await listeningFrontEnd(t);
   // What libuv hands Node's server for an accept that failed with other than EAGAIN or
   // ECONNABORTED (Linux reports a pending connection's network error there, e.g. EPROTO).
   const server = (fe as unknown as { server: net.Server }).server;

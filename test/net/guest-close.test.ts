@@ -12,6 +12,7 @@ import { FrontEnd } from '../../src/net/frontend.js';
 import type { NicInput } from '../../src/net/nic.js';
 import { TestEnv, type VmProcess, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
+import { listeningFrontEnd } from '../framework/front-end.js';
 
 /** A client that keeps its own side open after the server's FIN; what it received, whether it saw the FIN. */
 interface HalfOpenClient {
@@ -93,16 +94,8 @@ test('a client the guest closed that keeps its side open holds up neither a migr
 });
 
 test('front end: the socket of a connection the guest closed ends with the client, or after the linger; close() resets the rest', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev), { seq: 0, conn: 0 }, 16, 300);
-  await fe.listen();
-  const clients: net.Socket[] = [];
-  t.after(async () => {
-    for (const s of clients) s.destroy();
-    await fe.close();
-  });
+  const { fe, events, clients, opens } = await listeningFrontEnd(t, 16, 300);
   const port = fe.boundPort();
-  const opens = (): number[] => events.filter((e) => e.kind === 'open').map((e) => e.conn);
   const dataOf = (conn: number): string => events.flatMap((e) => (e.kind === 'data' && e.conn === conn ? [Buffer.from(e.bytes).toString()] : [])).join('');
 
   // The guest replies and closes; the client keeps its side open and sends more.

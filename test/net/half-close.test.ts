@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
-import { TestEnv, freePort, guests, withTimeout } from '../framework/harness.js';
+import { TestEnv, withTimeout, startKvVm } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 
 /** Send `request`, half-close, and collect everything until the server closes. */
@@ -26,9 +26,7 @@ function halfCloseExchange(port: number, request: string): Promise<string> {
 
 test('a client that sends its requests and half-closes receives every reply, every time', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
-  await vm.waitSerial('kv ready');
+  const { vm, port } = await startKvVm(env);
   for (let i = 0; i < 5; i++) {
     const reply = await withTimeout(halfCloseExchange(port, `SET a hello${i}\r\nGET a\r\nPING\r\n`), 10000, `the replies to half-closed client ${i}`);
     assert.equal(reply, `+OK\r\n$6\r\nhello${i}\r\n+PONG\r\n`, `half-closed client ${i}`);

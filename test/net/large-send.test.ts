@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { limits } from '../../src/core/limits.js';
-import { TestEnv, freePort, guests } from '../framework/harness.js';
+import { TestEnv, startKvVm } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 
 /** `bytes` of text that differs along its length (a repeated or shifted piece shows). */
@@ -19,9 +19,7 @@ function valueOf(tag: string, bytes: number): string {
 
 test('kv answers a GET of a value over the send limit, and 20 pipelined GETs of 100 kB, whole and in order', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
-  await vm.waitSerial('kv ready');
+  const { vm, port } = await startKvVm(env);
   const client = await RespClient.connect(port);
   env.onCleanup(() => client.close());
 

@@ -157,9 +157,7 @@ test('a guest that closed its listening socket under COLO: the primary refuses c
   const { env, port, src, dst } = await sourceAndDestination(t);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 300 }), dst.setMigration({ 'x-colo': true })]);
   const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 30000 });
+  await src.migrateIntoColo(dst, migPort);
   const { a, queued } = await closeListener(src, port, env);
   await waitFor('the client queued for accept to be closed', () => queued.ended(), 10000);
   assert.equal(await probe(port), 'refused', "a new client of the COLO primary is refused");

@@ -3,7 +3,7 @@
  * COLO compare's bound on held output): lifting one reason must not lift the other. Real
  * client sockets on loopback.
  */
-import { test } from 'node:test';
+import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { FrontEnd } from '../../src/net/frontend.js';
@@ -11,14 +11,24 @@ import type { NicInput } from '../../src/net/nic.js';
 import { waitFor } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 
-test('front end: client input is read only once every reason to pause reading was lifted', async (t) => {
+/**
+ * A front end on a free port of 127.0.0.1 whose guest input goes to `events`, and one client of
+ * it (`setUp` runs on its socket at once), once its open came; both are closed after the test.
+ */
+async function frontEndWithClient(t: TestContext, setUp?: (client: net.Socket) => void): Promise<{ fe: FrontEnd; events: NicInput[]; client: net.Socket }> {
   const events: NicInput[] = [];
   const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev));
   await fe.listen();
   t.after(() => fe.close());
   const client = net.connect(fe.boundPort(), '127.0.0.1');
+  setUp?.(client);
   t.after(() => client.destroy());
   await waitFor('the connection to open', () => events.some((e) => e.kind === 'open'), 5000);
+  return { fe, events, client };
+}
+
+test('front end: client input is read only once every reason to pause reading was lifted', async (t) => {
+  const { fe, events, client } = await frontEndWithClient(t);
   const data = (): string => events.flatMap((e) => (e.kind === 'data' ? [Buffer.from(e.bytes).toString()] : [])).join('');
 
   fe.pauseReading('vm');
@@ -47,14 +57,7 @@ test('front end: client input is read only once every reason to pause reading wa
 });
 
 test('front end: a client that sends and resets while it is not read: the guest gets its input, then EOF', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev));
-  await fe.listen();
-  t.after(() => fe.close());
-  const client = net.connect(fe.boundPort(), '127.0.0.1');
-  client.on('error', () => undefined);
-  t.after(() => client.destroy());
-  await waitFor('the connection to open', () => events.some((e) => e.kind === 'open'), 5000);
+  const { fe, events, client } = await frontEndWithClient(t, (c) => c.on('error', () => undefined));
   const conn = events[0]!.conn;
   // A checkpoint (or a switchover) stops reading; the client sends a request and resets.
   fe.pauseReading('vm');
@@ -71,15 +74,10 @@ test('front end: a client that sends and resets while it is not read: the guest 
 });
 
 test('front end: a client the front end resets for leaving its output unread: what it sent and was not taken in is dropped, the guest reads EOF', async (t) => {
-  const events: NicInput[] = [];
-  const fe = new FrontEnd({ host: '127.0.0.1', port: 0 }, (ev) => events.push(ev));
-  await fe.listen();
-  t.after(() => fe.close());
-  const client = net.connect(fe.boundPort(), '127.0.0.1');
-  client.on('error', () => undefined);
-  client.pause(); // reads no output
-  t.after(() => client.destroy());
-  await waitFor('the connection to open', () => events.some((e) => e.kind === 'open'), 5000);
+  const { fe, events, client } = await frontEndWithClient(t, (c) => {
+    c.on('error', () => undefined);
+    c.pause(); // reads no output
+  });
   const conn = events[0]!.conn;
   // Output the client does not read stops the front end reading it; then it sends a request.
   // (More than the kernel's buffers on loopback take, so that most of it stays in Node's.)

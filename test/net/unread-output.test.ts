@@ -8,7 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import net from 'node:net';
 import { limits } from '../../src/core/limits.js';
-import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, waitFor, startKvVm } from '../framework/harness.js';
 import { rssBytes } from '../framework/flood.js';
 import { RespClient } from '../framework/resp.js';
 
@@ -16,9 +16,7 @@ const mib = 1024 * 1024;
 
 test('a client that reads no replies to GETs of a large value is reset past the unread-output bound; the VM stays small, others are served, the client got a correct prefix', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const vm = await env.startVm({ name: 'kv', guest: guests.kv, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'] });
-  await vm.waitSerial('kv ready');
+  const { vm, port } = await startKvVm(env);
   const pid = vm.child.pid!;
   const other = await RespClient.connect(port);
   env.onCleanup(() => other.close());
