@@ -607,3 +607,38 @@ test('colo up core: a COLO_EXIT that comes while the protection completes is act
   assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
   assert.equal(f.phase, 'protected');
 });
+
+test('colo up core: a primary whose guest crashes while the protection completes is fenced once the pair is protected: the secondary takes over, and is not killed for the COLO_EXIT that followed the crash', () => {
+  // protect() saw both in status colo; the PVM's guest crashed meanwhile (GUEST_PANICKED, then
+  // its COLO_EXIT, reason error). Left as it was ("no partner" at 'protecting'), the pair would
+  // report itself protected with a dead primary, and the replayed COLO_EXIT would even kill the
+  // secondary, the only copy of the service.
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 0 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable' }), [], 'no partner yet: not killed now');
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), []);
+  const out = run(c, { type: 'protected' });
+  assert.ok(out.includes('kill 1 SIGKILL'), `the crashed primary is fenced: ${JSON.stringify(out)}`);
+  assert.ok(!out.includes('kill 2 SIGKILL'), `the secondary is not killed: ${JSON.stringify(out)}`);
+  assert.equal(c.secondary?.id, 2);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (killed: guest crashed: unreachable); secondary 102 took over on 127.0.0.1:6379']);
+
+  // A crash of a protection that fails is forgotten: the next protection starts clean.
+  const f = protectedPair();
+  run(f, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'continued', node: 1 });
+  run(f, { type: 'spawned', node: 3, pid: 103 });
+  run(f, { type: 'ready', node: 3 });
+  run(f, { type: 'crashed', node: 1, message: 'unreachable' });
+  run(f, { type: 'protectFailed', error: 'cancelled' });
+  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'timer', name: 'retry' });
+  run(f, { type: 'spawned', node: 4, pid: 104 });
+  run(f, { type: 'ready', node: 4 });
+  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+});
