@@ -23,7 +23,8 @@
  * the process lives on, its guest does not), is fenced with SIGKILL when a partner can
  * carry on without it: a primary of a protected pair, or a secondary that is not taking over.
  * A secondary in COLO whose guest crashed is the exception: the primary's checkpoint replaces
- * its state; it is fenced only if it stays crashed (limits.upSecondaryCrashedMs).
+ * its state; it is fenced only if it stays crashed (limits.upSecondaryCrashedMs), or crashes
+ * again and again (limits.upSecondaryCrashesMax within upSecondaryCrashWindowMs).
  * A primary whose guest crashed while the protection completed (no partner in COLO yet) is
  * fenced once the pair is protected, as a COLO_EXIT of that moment is acted on then.
  * Its death runs the same failover as a crash. A hung node with no partner is only reported:
@@ -46,6 +47,8 @@ export interface NodeInfo {
   ended?: string;
   /** Guest crashes of a secondary in COLO left to the primary's checkpoints (the first is said at info). */
   crashes?: number;
+  /** When its latest crashes came (`at` of the events, within limits.upSecondaryCrashWindowMs; at most upSecondaryCrashesMax). */
+  crashedAt?: number[];
 }
 
 export type PairEvent =
@@ -78,8 +81,9 @@ export type PairEvent =
   /**
    * The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing.
    * `stuck`: it is still crashed limits.upSecondaryCrashedMs later (no checkpoint replaced it).
+   * `at`: when (ms on the driver's monotonic clock), to count a secondary's repeated crashes.
    */
-  | { type: 'crashed'; node: number; message: string; stuck?: boolean }
+  | { type: 'crashed'; node: number; message: string; at: number; stuck?: boolean }
   /** The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with the guest's exit status. */
   | { type: 'guestShutdown'; node: number }
   /** `node` answers its heartbeat again, after `ms` without. */
@@ -335,7 +339,17 @@ export class PairCore {
         // SVM's state, and the secondary can take over again. Killing it would only trade that
         // checkpoint for a whole new migration, and leave the pair unprotected meanwhile. One
         // that stays crashed (no checkpoint came: `stuck`) is fenced like a hung one.
+        // One that crashes again and again (limits.upSecondaryCrashesMax) is replaced instead.
         if (e.stuck !== true && n?.alive === true && n.failure === undefined && this.secondary === n && (this.phase === 'protected' || this.phase === 'protecting')) {
+          const windowMs = limits.upSecondaryCrashWindowMs;
+          const recent = (n.crashedAt ?? []).filter((at) => at > e.at - windowMs);
+          recent.push(e.at);
+          n.crashedAt = recent.slice(-limits.upSecondaryCrashesMax);
+          if (recent.length >= limits.upSecondaryCrashesMax) {
+            const what = `guest crashed ${recent.length} times within ${windowMs / 1000} s`;
+            this.fence(e.node, `${what}: ${e.message}`, `reports that its ${what} (last: ${e.message}); a new secondary replaces it`, out);
+            break;
+          }
           n.crashes = (n.crashes ?? 0) + 1;
           out.push({
             type: 'log',

@@ -606,7 +606,7 @@ class UpDriver {
       if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
-        this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
+        this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details'), at: performance.now() });
       }
     });
   }
@@ -674,7 +674,7 @@ class UpDriver {
   private async catchUp(c: Child, q: QmpClient): Promise<void> {
     try {
       const run = await q.execute<{ status?: string }>('query-status');
-      if (run.status === 'guest-panicked' && !c.exited) this.dispatch({ type: 'crashed', node: c.id, message: 'its guest crashed while the supervisor was not connected' });
+      if (run.status === 'guest-panicked' && !c.exited) this.dispatch({ type: 'crashed', node: c.id, message: 'its guest crashed while the supervisor was not connected', at: performance.now() });
       if (this.core.phase !== 'protected') return;
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status');
       // Protected before and after the question: both nodes were in COLO (a protection takes seconds, not one reply).
@@ -731,7 +731,7 @@ class UpDriver {
       const ms = performance.now() - crashedSince;
       if (!crashSaid && live() && ms >= limits.upSecondaryCrashedMs) {
         crashSaid = true;
-        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, stuck: true });
+        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, at: performance.now(), stuck: true });
       }
     };
     while (live()) {
