@@ -274,8 +274,9 @@ export const limits = {
   upAdoptedExitPollMs: 50,
   /**
    * colo up: a COLO secondary whose guest crashed is left to the primary, whose checkpoint
-   * replaces its state within coloSvmCrashResyncGapPauses pauses; one whose heartbeat still
-   * finds it crashed after this long was not replaced, and is fenced (killed and replaced).
+   * replaces its state within coloSvmCrashResyncGapPauses pauses; one that its heartbeat (or,
+   * with the heartbeat off, the crash watch) still finds crashed after this long was not
+   * replaced, and is fenced (killed and replaced).
    */
   upSecondaryCrashedMs: 5000,
   /**
