@@ -882,6 +882,7 @@ class UpDriver {
     let transferred = -1;
     await this.configure(pq, true);
     const sMark = sq.eventCount;
+    const pMark = pq.eventCount;
     await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
     const info = await sq.execute<{ 'socket-address'?: { port: string }[] }>('query-migrate');
     const port = Number(info['socket-address']?.[0]?.port);
@@ -891,6 +892,11 @@ class UpDriver {
       for (;;) {
         const r = await pq.execute<{ status?: string; 'error-desc'?: string; ram?: { transferred?: number } }>('query-migrate');
         if (r.status === 'colo') break;
+        // It reached COLO and left it already, between two questions (its guest crashed, its
+        // link broke): the protection happened, and its secondary may hold the only good state.
+        // The core acts on what ended it (the crash or COLO_EXIT it saw meanwhile) once it is
+        // told the pair is protected; a failed attempt would kill that secondary.
+        if (r.status === 'completed' && pq.events.some((ev) => ev.index >= pMark && ev.event === 'MIGRATION' && ev.data.status === 'colo')) break;
         if (r.status === 'failed' || r.status === 'cancelled' || r.status === 'completed') {
           throw new PairError('PROTECT_FAILED', `the migration into vm${s.id} ended in ${r.status}${r['error-desc'] !== undefined ? `: ${r['error-desc']}` : ''}`);
         }

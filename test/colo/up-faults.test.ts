@@ -392,3 +392,39 @@ test('colo up --heartbeat-timeout 0: a secondary whose guest stays crashed (no c
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${primary}, secondary pid \\d+\\)$`), first.at + 1, 60000);
   assert.ok(pidAlive(primary), log());
 });
+
+test('colo up: a primary whose guest crashes as the pair enters COLO, before colo up saw the protection complete: the secondary takes over (it is not killed as a failed attempt)', async (t) => {
+  const env = new TestEnv(t);
+  const guest = stallTrapGuest(t, 1500, 4000);
+  const port = await freePort();
+  // A drive of random data: the initial migration lasts long enough to stop colo up during it.
+  const image = env.image('big.img', 128 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M', '--checkpoint-delay', '20000', '--heartbeat-timeout', '0', '--state-dir', env.dir];
+  const sup = spawnSupervisor(env, args);
+  const log = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+  const m = await waitFor(`the initial migration to start; ${log()}`, () => /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup.stderr) ?? undefined, 60000, 5);
+  const [primary, secondary] = [Number(m[1]), Number(m[2])];
+  // Data is on its way; colo up is stopped before it can see the primary in status colo.
+  await waitFor('the secondary to accept the migration', () => / info migration: incoming migration from /.test(sup.stderr), 10000, 5);
+  sup.proc.kill('SIGSTOP');
+  env.onCleanup(() => {
+    for (const pid of [primary, secondary]) if (pidAlive(pid)) process.kill(pid, 'SIGCONT');
+    if (sup.alive) sup.proc.kill('SIGCONT');
+  });
+  await waitFor('the pair to enter COLO', () => /entering COLO as the secondary/.test(sup.stderr) || undefined, 60000).catch((err: unknown) => {
+    throw new Error(`${String(err)}; ${log()}`);
+  });
+  await sleep(300);
+  // The primary, stopped 2.5 s, traps as it runs again: it leaves COLO (status completed).
+  process.kill(primary, 'SIGSTOP');
+  await sleep(2500);
+  process.kill(primary, 'SIGCONT');
+  await waitFor(`the primary's guest to crash; ${log()}`, () => /COLO ended on the primary: its guest crashed/.test(sup.stderr) || undefined, 5000);
+  sup.proc.kill('SIGCONT');
+  await sup.line(new RegExp(`^pair: primary died \\(killed: guest crashed: unreachable\\); secondary ${secondary} took over on 127\\.0\\.0\\.1:${port}$`), 0, 20000).catch((err: unknown) => {
+    throw new Error(`${String(err)}; ${log()}`);
+  });
+  assert.ok(!pidAlive(primary), 'the crashed primary was fenced');
+  assert.ok(!sup.lines.some((l) => /^pair: unprotected \(attempt \d+ to protect it failed/.test(l)), `not a failed protection attempt; ${log()}`);
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${secondary}, secondary pid \\d+\\)$`), 0, 90000);
+});
