@@ -23,7 +23,10 @@
  * the process lives on, its guest does not), is fenced with SIGKILL when a partner can
  * carry on without it: a primary of a protected pair, or a secondary that is not taking over.
  * A secondary in COLO whose guest crashed is the exception: the primary's checkpoint replaces
- * its state; it is fenced only if it stays crashed (limits.upSecondaryCrashedMs).
+ * its state; it is fenced only if it stays crashed (limits.upSecondaryCrashedMs), or crashes
+ * again and again (limits.upSecondaryCrashesMax within upSecondaryCrashWindowMs).
+ * A primary whose guest crashed while the protection completed (no partner in COLO yet) is
+ * fenced once the pair is protected, as a COLO_EXIT of that moment is acted on then.
  * Its death runs the same failover as a crash. A hung node with no partner is only reported:
  * killing it would turn a stall into an outage.
  */
@@ -44,6 +47,8 @@ export interface NodeInfo {
   ended?: string;
   /** Guest crashes of a secondary in COLO left to the primary's checkpoints (the first is said at info). */
   crashes?: number;
+  /** When its latest crashes came (`at` of the events, within limits.upSecondaryCrashWindowMs; at most upSecondaryCrashesMax). */
+  crashedAt?: number[];
 }
 
 export type PairEvent =
@@ -76,8 +81,9 @@ export type PairEvent =
   /**
    * The guest of `node` crashed (GUEST_PANICKED): the process lives on, but serves nothing.
    * `stuck`: it is still crashed limits.upSecondaryCrashedMs later (no checkpoint replaced it).
+   * `at`: when (ms on the driver's monotonic clock), to count a secondary's repeated crashes.
    */
-  | { type: 'crashed'; node: number; message: string; stuck?: boolean }
+  | { type: 'crashed'; node: number; message: string; at: number; stuck?: boolean }
   /** The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with the guest's exit status. */
   | { type: 'guestShutdown'; node: number }
   /** `node` answers its heartbeat again, after `ms` without. */
@@ -142,6 +148,12 @@ export class PairCore {
    * saw both in status colo, but 'protected' was not stepped yet): acted on at 'protected'.
    */
   private exitWhileProtecting: Extract<PairEvent, { type: 'coloExit' }> | null = null;
+  /**
+   * Likewise a crash of the primary's guest (GUEST_PANICKED) while the protection completes:
+   * with no partner in COLO yet it could not be fenced, and nothing would ask again once the
+   * secondary is; acted on at 'protected', before its COLO_EXIT (which it explains).
+   */
+  private crashWhileProtecting: Extract<PairEvent, { type: 'crashed' }> | null = null;
   /** What killed the node whose death started the current failover (`SIGKILL`, `exit code 1`). */
   private cause = '';
   private readonly attemptsMax: number;
@@ -234,6 +246,7 @@ export class PairCore {
           // protection that is not there. It ended at once: a failed attempt.
           this.stable = this.stableMs === 0;
           this.exitWhileProtecting = null;
+          this.crashWhileProtecting = null;
           this.secondaryDied(s, out);
           break;
         }
@@ -248,7 +261,13 @@ export class PairCore {
           out.push({ type: 'setTimer', name: 'stable', ms: this.stableMs, gen: this.protections });
         }
         out.push({ type: 'print', line: `pair: protected (primary pid ${this.primary!.pid}, secondary pid ${this.secondary!.pid})` });
-        // A node that left COLO meanwhile: as if it left now (its secondary is out of date, or it is one).
+        // A primary whose guest crashed meanwhile: fenced now, so that the secondary takes over.
+        const crash = this.crashWhileProtecting;
+        this.crashWhileProtecting = null;
+        if (crash !== null) out.push(...this.step(crash));
+        // A node that left COLO meanwhile: as if it left now (its secondary is out of date, or it
+        // is one). After a crash of the primary it is the crash's COLO_EXIT: the fenced primary's
+        // failure makes it change nothing.
         const early = this.exitWhileProtecting;
         this.exitWhileProtecting = null;
         if (early !== null) out.push(...this.step(early));
@@ -257,6 +276,7 @@ export class PairCore {
       case 'protectFailed': {
         if (this.phase !== 'protecting') break;
         this.exitWhileProtecting = null;
+        this.crashWhileProtecting = null;
         this.failures++;
         out.push({ type: 'print', line: `pair: unprotected (attempt ${this.failures} to protect it failed: ${e.error})` });
         this.phase = 'unprotected';
@@ -309,12 +329,27 @@ export class PairCore {
         break;
       case 'crashed': {
         const n = this.nodes.get(e.node);
+        if (this.phase === 'protecting' && n?.alive === true && n === this.primary) {
+          this.crashWhileProtecting ??= e;
+          out.push({ type: 'log', level: 'warn', msg: `${this.describe(e.node)} reports that its guest crashed (${e.message}) while the pair is protecting: it is fenced if the secondary reaches COLO` });
+          break;
+        }
         // A secondary in COLO whose guest crashed (a trap only it took) is the primary's to
         // mend: its next checkpoint, asked for at once (colo/core.ts svmCrashed), replaces the
         // SVM's state, and the secondary can take over again. Killing it would only trade that
         // checkpoint for a whole new migration, and leave the pair unprotected meanwhile. One
         // that stays crashed (no checkpoint came: `stuck`) is fenced like a hung one.
+        // One that crashes again and again (limits.upSecondaryCrashesMax) is replaced instead.
         if (e.stuck !== true && n?.alive === true && n.failure === undefined && this.secondary === n && (this.phase === 'protected' || this.phase === 'protecting')) {
+          const windowMs = limits.upSecondaryCrashWindowMs;
+          const recent = (n.crashedAt ?? []).filter((at) => at > e.at - windowMs);
+          recent.push(e.at);
+          n.crashedAt = recent.slice(-limits.upSecondaryCrashesMax);
+          if (recent.length >= limits.upSecondaryCrashesMax) {
+            const what = `guest crashed ${recent.length} times within ${windowMs / 1000} s`;
+            this.fence(e.node, `${what}: ${e.message}`, `reports that its ${what} (last: ${e.message}); a new secondary replaces it`, out);
+            break;
+          }
           n.crashes = (n.crashes ?? 0) + 1;
           out.push({
             type: 'log',
@@ -420,6 +455,7 @@ export class PairCore {
     if (p === null || s === null || !p.ready || !s.ready) return;
     this.phase = 'protecting';
     this.exitWhileProtecting = null;
+    this.crashWhileProtecting = null;
     out.push({ type: 'log', level: 'info', msg: `protecting: migrating primary ${p.pid} into secondary ${s.pid} with x-colo` });
     out.push({ type: 'protect', primary: p.id, secondary: s.id });
   }

@@ -192,6 +192,8 @@ class UpDriver {
   private readonly core: PairCore;
   private readonly children = new Map<number, Child>();
   private readonly timers = new Set<NodeJS.Timeout>();
+  /** With the heartbeat off: the children whose crashed guest is being watched (watchCrash), and since when each has been crashed. */
+  private readonly crashWatched = new Map<number, number>();
   private readonly address: string;
   private finish!: (code: number) => void;
   private finished = false;
@@ -607,7 +609,7 @@ class UpDriver {
       if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
-        this.dispatch({ type: 'crashed', node: c.id, message: String(info?.message ?? 'no details') });
+        this.guestCrashed(c, String(info?.message ?? 'no details'));
       }
     });
   }
@@ -675,7 +677,7 @@ class UpDriver {
   private async catchUp(c: Child, q: QmpClient): Promise<void> {
     try {
       const run = await q.execute<{ status?: string }>('query-status');
-      if (run.status === 'guest-panicked' && !c.exited) this.dispatch({ type: 'crashed', node: c.id, message: 'its guest crashed while the supervisor was not connected' });
+      if (run.status === 'guest-panicked' && !c.exited) this.guestCrashed(c, 'its guest crashed while the supervisor was not connected');
       if (this.core.phase !== 'protected') return;
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status');
       // Protected before and after the question: both nodes were in COLO (a protection takes seconds, not one reply).
@@ -684,6 +686,55 @@ class UpDriver {
       }
     } catch (err) {
       log.debug(`vm${c.id}: catching up after the QMP connection came back: ${errorMessage(err)}`);
+    }
+  }
+
+  /** The guest of `c` crashed (GUEST_PANICKED, or found so by a catch-up). */
+  private guestCrashed(c: Child, message: string): void {
+    const at = performance.now();
+    this.dispatch({ type: 'crashed', node: c.id, message, at });
+    if (this.o.heartbeatTimeoutMs !== 0 || c.exited || this.finished) return;
+    const watched = this.crashWatched.has(c.id);
+    this.crashWatched.set(c.id, at);
+    if (!watched) void this.watchCrash(c);
+  }
+
+  /**
+   * With the heartbeat off (--heartbeat-timeout 0) nothing else would ever look at a crashed
+   * child again, and a secondary in COLO left to the primary's resync (up-core.ts) would stay
+   * crashed for ever when none comes, counting as protection it does not give. So, from its
+   * crash on, `c` is asked query-status every limits.upHeartbeatIntervalMs on the driver's
+   * connection, until its guest runs again (a checkpoint replaced it), it exits, or it has been
+   * crashed for limits.upSecondaryCrashedMs since its last crash: then it is `stuck`, as the
+   * heartbeat would say. A child that does not answer is not judged: the heartbeat is off.
+   */
+  private async watchCrash(c: Child): Promise<void> {
+    try {
+      while (!c.exited && !this.finished) {
+        await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+        const q = c.qmp;
+        if (c.exited || this.finished || q === null || q.closed) continue;
+        let status: string | undefined;
+        const asked = performance.now();
+        try {
+          status = (await q.execute<{ status?: string }>('query-status')).status;
+        } catch (err) {
+          log.debug(`vm${c.id}: query-status for its crashed guest: ${errorMessage(err)}`);
+          continue;
+        }
+        // Running again; unless it crashed again meanwhile (its event came after this question).
+        if (status !== 'guest-panicked') {
+          if (this.crashWatched.get(c.id)! < asked) return;
+          continue;
+        }
+        const ms = performance.now() - this.crashWatched.get(c.id)!;
+        if (ms >= limits.upSecondaryCrashedMs && !c.exited && !this.finished) {
+          this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, at: performance.now(), stuck: true });
+          return;
+        }
+      }
+    } finally {
+      this.crashWatched.delete(c.id);
     }
   }
 
@@ -732,7 +783,7 @@ class UpDriver {
       const ms = performance.now() - crashedSince;
       if (!crashSaid && live() && ms >= limits.upSecondaryCrashedMs) {
         crashSaid = true;
-        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, stuck: true });
+        this.dispatch({ type: 'crashed', node: c.id, message: `its guest has stayed crashed for ${Math.round(ms)} ms, not replaced by a checkpoint`, at: performance.now(), stuck: true });
       }
     };
     while (live()) {
@@ -832,6 +883,7 @@ class UpDriver {
     let transferred = -1;
     await this.configure(pq, true);
     const sMark = sq.eventCount;
+    const pMark = pq.eventCount;
     await sq.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
     const info = await sq.execute<{ 'socket-address'?: { port: string }[] }>('query-migrate');
     const port = Number(info['socket-address']?.[0]?.port);
@@ -841,6 +893,11 @@ class UpDriver {
       for (;;) {
         const r = await pq.execute<{ status?: string; 'error-desc'?: string; ram?: { transferred?: number } }>('query-migrate');
         if (r.status === 'colo') break;
+        // It reached COLO and left it already, between two questions (its guest crashed, its
+        // link broke): the protection happened, and its secondary may hold the only good state.
+        // The core acts on what ended it (the crash or COLO_EXIT it saw meanwhile) once it is
+        // told the pair is protected; a failed attempt would kill that secondary.
+        if (r.status === 'completed' && pq.events.some((ev) => ev.index >= pMark && ev.event === 'MIGRATION' && ev.data.status === 'colo')) break;
         if (r.status === 'failed' || r.status === 'cancelled' || r.status === 'completed') {
           throw new PairError('PROTECT_FAILED', `the migration into vm${s.id} ended in ${r.status}${r['error-desc'] !== undefined ? `: ${r['error-desc']}` : ''}`);
         }

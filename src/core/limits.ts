@@ -276,10 +276,24 @@ export const limits = {
   upAdoptedExitPollMs: 50,
   /**
    * colo up: a COLO secondary whose guest crashed is left to the primary, whose checkpoint
-   * replaces its state within coloSvmCrashResyncGapPauses pauses; one whose heartbeat still
-   * finds it crashed after this long was not replaced, and is fenced (killed and replaced).
+   * replaces its state within coloSvmCrashResyncGapPauses pauses; one that its heartbeat (or,
+   * with the heartbeat off, the crash watch) still finds crashed after this long was not
+   * replaced, and is fenced (killed and replaced).
    */
   upSecondaryCrashedMs: 5000,
+  /**
+   * colo up: a COLO secondary whose guest crashed this many times within
+   * upSecondaryCrashWindowMs is replaced (killed; a new one gets a fresh migration) instead of
+   * resynced again: a state that crashes only the SVM whenever it runs (a divergence) would
+   * otherwise cost the primary a resync checkpoint's pause every few pauses for ever, while the
+   * pair reports protection from a secondary that is crashed most of the time. A new secondary
+   * drops whatever the old one held apart from the checkpoints (its RAM cache, its disk copy,
+   * its host-side device state); one that crashes the same way ends its protection early, and
+   * the failed-attempt rules (upProtectStableMs, upProtectAttemptsMax) pace the next ones.
+   * Occasional crashes (fewer, or further apart) are left to the resync.
+   */
+  upSecondaryCrashesMax: 10,
+  upSecondaryCrashWindowMs: 60000,
   /**
    * colo up, adopting a child whose partner died while no supervisor ran: how long it is asked
    * x-colo-lost-heartbeat (each time for upFailoverTimeoutMs) while it does not answer (stopped,

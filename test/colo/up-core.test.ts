@@ -5,6 +5,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { PairCore, type PairAction, type PairEvent } from '../../src/cli/up-core.js';
+import { limits } from '../../src/core/limits.js';
 
 /** Actions as short strings, logs left out. */
 function run(core: PairCore, e: PairEvent): string[] {
@@ -181,18 +182,18 @@ test('colo up core: a hung secondary is killed and the primary continues', () =>
 test('colo up core: a secondary in COLO whose guest crashed is left to the primary\'s checkpoint (said once at info); one that stays crashed is killed like a hung one, and its death is the usual failover', () => {
   const c = protectedPair();
   // A trap only the SVM took: the primary's resync checkpoint replaces its state.
-  const first = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  const first = c.step({ type: 'crashed', node: 2, message: 'unreachable', at: 0 });
   assert.deepEqual(first.filter((a) => a.type !== 'log'), [], JSON.stringify(first));
   assert.ok(first.some((a) => a.type === 'log' && a.level === 'info' && /secondary 102 reports that its guest crashed \(unreachable\); left running: the primary's checkpoint replaces its state/.test(a.msg)), JSON.stringify(first));
-  const again = c.step({ type: 'crashed', node: 2, message: 'unreachable' });
+  const again = c.step({ type: 'crashed', node: 2, message: 'unreachable', at: 0 });
   assert.deepEqual(again.map((a) => (a.type === 'log' ? a.level : show(a))), ['debug'], 'a streak is said once');
   assert.equal(c.phase, 'protected');
   // Still crashed after limits.upSecondaryCrashedMs (the process lives on and would count as
   // protection it does not give): fenced.
-  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable', stuck: true });
+  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable', at: 0, stuck: true });
   assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), ['kill 2 SIGKILL']);
   assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && /secondary 102 reports that its guest crashed \(unreachable\): killing it/.test(a.msg)), JSON.stringify(out));
-  assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable' }), [], 'reported once');
+  assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable', at: 0 }), [], 'reported once');
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
   assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
     'pair: secondary died (killed: guest crashed: unreachable); primary 101 continues unprotected',
@@ -200,14 +201,14 @@ test('colo up core: a secondary in COLO whose guest crashed is left to the prima
     'spawn 3 secondary',
   ]);
   // The primary's guest crashes while it has no partner: reported, left running.
-  const alone = c.step({ type: 'crashed', node: 1, message: 'out of bounds' });
+  const alone = c.step({ type: 'crashed', node: 1, message: 'out of bounds', at: 0 });
   assert.deepEqual(alone.filter((a) => a.type !== 'log'), []);
   assert.ok(alone.some((a) => a.type === 'log' && /primary 101 reports that its guest crashed \(out of bounds\); left running/.test(a.msg)), JSON.stringify(alone));
 });
 
 test('colo up core: a primary whose guest crashed is killed, and its COLO_EXIT that follows leaves the secondary to take over', () => {
   const c = protectedPair();
-  assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable' }), ['kill 1 SIGKILL']);
+  assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable', at: 0 }), ['kill 1 SIGKILL']);
   // The primary leaves COLO after its GUEST_PANICKED (colo/core.ts leave): not a primary going on alone.
   assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [], 'the secondary is not killed');
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
@@ -606,4 +607,61 @@ test('colo up core: a COLO_EXIT that comes while the protection completes is act
   run(f, { type: 'ready', node: 4 });
   assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
   assert.equal(f.phase, 'protected');
+});
+
+test('colo up core: a primary whose guest crashes while the protection completes is fenced once the pair is protected: the secondary takes over, and is not killed for the COLO_EXIT that followed the crash', () => {
+  // protect() saw both in status colo; the PVM's guest crashed meanwhile (GUEST_PANICKED, then
+  // its COLO_EXIT, reason error). Left as it was ("no partner" at 'protecting'), the pair would
+  // report itself protected with a dead primary, and the replayed COLO_EXIT would even kill the
+  // secondary, the only copy of the service.
+  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 0 });
+  run(c, { type: 'start' });
+  run(c, { type: 'spawned', node: 1, pid: 101 });
+  run(c, { type: 'spawned', node: 2, pid: 102 });
+  run(c, { type: 'ready', node: 1 });
+  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable', at: 0 }), [], 'no partner yet: not killed now');
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), []);
+  const out = run(c, { type: 'protected' });
+  assert.ok(out.includes('kill 1 SIGKILL'), `the crashed primary is fenced: ${JSON.stringify(out)}`);
+  assert.ok(!out.includes('kill 2 SIGKILL'), `the secondary is not killed: ${JSON.stringify(out)}`);
+  assert.equal(c.secondary?.id, 2);
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (killed: guest crashed: unreachable); secondary 102 took over on 127.0.0.1:6379']);
+
+  // A crash of a protection that fails is forgotten: the next protection starts clean.
+  const f = protectedPair();
+  run(f, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'continued', node: 1 });
+  run(f, { type: 'spawned', node: 3, pid: 103 });
+  run(f, { type: 'ready', node: 3 });
+  run(f, { type: 'crashed', node: 1, message: 'unreachable', at: 0 });
+  run(f, { type: 'protectFailed', error: 'cancelled' });
+  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'timer', name: 'retry' });
+  run(f, { type: 'spawned', node: 4, pid: 104 });
+  run(f, { type: 'ready', node: 4 });
+  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+});
+
+test('colo up core: a secondary whose guest crashes again and again (upSecondaryCrashesMax within upSecondaryCrashWindowMs) is replaced, not resynced for ever; crashes far apart are not', () => {
+  const c = protectedPair();
+  const max = limits.upSecondaryCrashesMax;
+  const windowMs = limits.upSecondaryCrashWindowMs;
+  // Crashes spread wider than the window: each is left to the primary's checkpoint.
+  for (let i = 0; i < 2 * max; i++) assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable', at: i * (windowMs / (max - 1) + 1) }), [], `crash ${i + 1}, far apart`);
+  assert.equal(c.phase, 'protected');
+  // Then a burst (a state that crashes only the SVM, every time it runs): the last one of
+  // upSecondaryCrashesMax within the window fences it, and its death is the usual failover.
+  const t0 = 10 * windowMs;
+  for (let i = 0; i < max - 1; i++) assert.deepEqual(run(c, { type: 'crashed', node: 2, message: 'unreachable', at: t0 + i * 10 }), [], `crash ${i + 1} of the burst`);
+  const out = c.step({ type: 'crashed', node: 2, message: 'unreachable', at: t0 + max * 10 });
+  assert.deepEqual(out.filter((a) => a.type !== 'log').map(show), ['kill 2 SIGKILL'], JSON.stringify(out));
+  assert.ok(out.some((a) => a.type === 'log' && a.level === 'warn' && new RegExp(`secondary 102 reports that its guest crashed ${max} times within ${windowMs / 1000} s`).test(a.msg)), JSON.stringify(out));
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }), [
+    `pair: secondary died (killed: guest crashed ${max} times within ${windowMs / 1000} s: unreachable); primary 101 continues unprotected`,
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
 });

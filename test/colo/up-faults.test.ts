@@ -306,8 +306,10 @@ test('colo up: the reader of the stderr it shares with its children goes away (E
  * one that ran on does not. Under COLO only the stopped secondary takes that trap: its
  * checkpoints hold the primary's last turn.
  */
-function stallTrapGuest(t: TestContext, gapMs: number): string {
-  return watGuest(t, 'stall-trap', `(module
+function stallTrapGuest(t: TestContext, gapMs: number, gapMsMax?: number): string {
+  // With gapMsMax: a gap longer than that is no trap (a node stopped for longer runs on).
+  const below = gapMsMax === undefined ? '(i32.const 1)' : `(i64.le_u (i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200))) (i64.const ${BigInt(gapMsMax) * 1000000n}))`;
+  return watGuest(t, gapMsMax === undefined ? 'stall-trap' : 'stall-band-trap', `(module
     (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
     (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
     (memory (export "memory") 1)
@@ -318,8 +320,8 @@ function stallTrapGuest(t: TestContext, gapMs: number): string {
       (i64.store (i32.const 1048) (i64.const 10000000))
       (loop $turn
         (drop (call $clock (i32.const 0) (i64.const 0) (i32.const 64)))
-        (if (i32.and (i64.ne (i64.load (i32.const 200)) (i64.const 0))
-              (i64.gt_u (i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200))) (i64.const ${BigInt(gapMs) * 1000000n})))
+        (if (i32.and (i32.and (i64.ne (i64.load (i32.const 200)) (i64.const 0))
+              (i64.gt_u (i64.sub (i64.load (i32.const 64)) (i64.load (i32.const 200))) (i64.const ${BigInt(gapMs) * 1000000n}))) ${below})
           (then unreachable))
         (i64.store (i32.const 200) (i64.load (i32.const 64)))
         (i32.store (i32.const 96) (i32.add (i32.load (i32.const 96)) (i32.const 1)))
@@ -358,4 +360,71 @@ test('colo up: a guest crash only the secondary takes is replaced by the primary
   await sup.line(new RegExp(`^pair: primary died \\(SIGKILL\\); secondary ${secondary} took over on 127\\.0\\.0\\.1:${port}$`), first.at + 1, 15000);
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${secondary}, secondary pid \\d+\\)$`), first.at + 1, 60000);
   assert.doesNotMatch(sup.stderr, / error /, log());
+});
+
+test('colo up --heartbeat-timeout 0: a secondary whose guest stays crashed (no checkpoint comes) is still killed after upSecondaryCrashedMs, and replaced', async (t) => {
+  const env = new TestEnv(t);
+  // Traps after a stop of 1.5 to 4 s: the secondary stopped 2.5 s crashes; the primary, stopped
+  // for longer (so that no resync checkpoint comes), runs on.
+  const guest = stallTrapGuest(t, 1500, 4000);
+  const port = await freePort();
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '20000', '--heartbeat-timeout', '0', '--state-dir', env.dir];
+  const sup = spawnSupervisor(env, args);
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 90000);
+  const [primary, secondary] = [Number(first.m[1]), Number(first.m[2])];
+  const log = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+  env.onCleanup(() => {
+    for (const pid of [primary, secondary]) if (pidAlive(pid)) process.kill(pid, 'SIGCONT');
+  });
+  process.kill(secondary, 'SIGSTOP');
+  await sleep(2500);
+  process.kill(primary, 'SIGSTOP');
+  process.kill(secondary, 'SIGCONT');
+  await waitFor(`the secondary's guest to crash; ${log()}`, () => /reports that its guest crashed \(unreachable\); left running/.test(sup.stderr) || undefined, 5000);
+  const crashedAt = performance.now();
+  // No heartbeat, no checkpoint (the primary is stopped): only the crash watch can fence it.
+  await waitFor(`the crashed secondary ${secondary} to be killed; ${log()}`, () => !pidAlive(secondary), limits.upSecondaryCrashedMs + 5000);
+  const tookMs = performance.now() - crashedAt;
+  assert.ok(tookMs >= limits.upSecondaryCrashedMs - 500, `killed after ${tookMs} ms, not left to the resync for upSecondaryCrashedMs; ${log()}`);
+  assert.match(sup.stderr, /its guest has stayed crashed for \d+ ms, not replaced by a checkpoint\): killing it/, log());
+  process.kill(primary, 'SIGCONT');
+  await sup.line(new RegExp(`^pair: secondary died \\(killed: guest crashed: its guest has stayed crashed for \\d+ ms, not replaced by a checkpoint\\); primary ${primary} continues unprotected$`), first.at + 1, 15000);
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${primary}, secondary pid \\d+\\)$`), first.at + 1, 60000);
+  assert.ok(pidAlive(primary), log());
+});
+
+test('colo up: a primary whose guest crashes as the pair enters COLO, before colo up saw the protection complete: the secondary takes over (it is not killed as a failed attempt)', async (t) => {
+  const env = new TestEnv(t);
+  const guest = stallTrapGuest(t, 1500, 4000);
+  const port = await freePort();
+  // A drive of random data: the initial migration lasts long enough to stop colo up during it.
+  const image = env.image('big.img', 128 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M', '--checkpoint-delay', '20000', '--heartbeat-timeout', '0', '--state-dir', env.dir];
+  const sup = spawnSupervisor(env, args);
+  const log = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+  const m = await waitFor(`the initial migration to start; ${log()}`, () => /protecting: migrating primary (\d+) into secondary (\d+)/.exec(sup.stderr) ?? undefined, 60000, 5);
+  const [primary, secondary] = [Number(m[1]), Number(m[2])];
+  // Data is on its way; colo up is stopped before it can see the primary in status colo.
+  await waitFor('the secondary to accept the migration', () => / info migration: incoming migration from /.test(sup.stderr), 10000, 5);
+  sup.proc.kill('SIGSTOP');
+  env.onCleanup(() => {
+    for (const pid of [primary, secondary]) if (pidAlive(pid)) process.kill(pid, 'SIGCONT');
+    if (sup.alive) sup.proc.kill('SIGCONT');
+  });
+  await waitFor('the pair to enter COLO', () => /entering COLO as the secondary/.test(sup.stderr) || undefined, 60000).catch((err: unknown) => {
+    throw new Error(`${String(err)}; ${log()}`);
+  });
+  await sleep(300);
+  // The primary, stopped 2.5 s, traps as it runs again: it leaves COLO (status completed).
+  process.kill(primary, 'SIGSTOP');
+  await sleep(2500);
+  process.kill(primary, 'SIGCONT');
+  await waitFor(`the primary's guest to crash; ${log()}`, () => /COLO ended on the primary: its guest crashed/.test(sup.stderr) || undefined, 5000);
+  sup.proc.kill('SIGCONT');
+  await sup.line(new RegExp(`^pair: primary died \\(killed: guest crashed: unreachable\\); secondary ${secondary} took over on 127\\.0\\.0\\.1:${port}$`), 0, 20000).catch((err: unknown) => {
+    throw new Error(`${String(err)}; ${log()}`);
+  });
+  assert.ok(!pidAlive(primary), 'the crashed primary was fenced');
+  assert.ok(!sup.lines.some((l) => /^pair: unprotected \(attempt \d+ to protect it failed/.test(l)), `not a failed protection attempt; ${log()}`);
+  await sup.line(new RegExp(`^pair: protected \\(primary pid ${secondary}, secondary pid \\d+\\)$`), 0, 90000);
 });
