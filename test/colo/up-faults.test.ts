@@ -206,8 +206,9 @@ test("colo up: the primary's guest exits by itself (a client asks it to): the pa
 test('colo up: an initial migration longer than --protect-timeout that keeps moving is not cut off; one that stops moving (its secondary stopped) is a failed attempt', async (t) => {
   const env = new TestEnv(t);
   const port = await freePort();
-  // All of it travels at the protection (random: nothing to skip), for longer than the timeout.
-  const image = env.image('big.img', 384 * 1024 * 1024, (b) => crypto.randomFillSync(b));
+  // All of it travels at the protection (random: nothing to skip), for longer than the timeout:
+  // 1 GiB, as 384 MiB went over in 833 ms on a quiet CI machine (under 2 × the timeout).
+  const image = env.image('big.img', 1024 * 1024 * 1024, (b) => crypto.randomFillSync(b));
   const timeoutMs = 500;
   // No heartbeat: the stopped secondary must stall the migration, not be fenced for it.
   const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`, '--memory', '64M', '--state-dir', env.dir];
