@@ -3,6 +3,7 @@ import path from 'node:path';
 import { limits } from '../core/limits.js';
 import { ImageLockError, UsageError, errorMessage } from '../core/errors.js';
 import { logger } from '../core/log.js';
+import { procEnded, procStat } from '../core/proc.js';
 
 const log = logger('disk');
 
@@ -31,19 +32,11 @@ export interface ImageLock {
 const held = new Set<HeldLock>();
 let exitHooked = false;
 
-/** This process's start time in clock ticks since boot, or null where /proc has no such pid. */
+/** When process `pid` started (clock ticks since boot), or null where /proc has no such live pid. */
 function startTimeOf(pid: number): string | null {
-  let stat: string;
-  try {
-    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-  } catch {
-    return null;
-  }
-  // "PID (COMM) STATE ...": COMM may hold spaces and parentheses, so split after the last ')'.
-  const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' ');
+  const st = procStat(pid);
   // A zombie (killed, not yet reaped by its parent) holds nothing any more.
-  if (fields[0] === 'Z' || fields[0] === 'X') return null;
-  return fields[19] ?? null;
+  return st === null || procEnded(st.state) ? null : st.startTime;
 }
 
 const me = `${process.pid}:${startTimeOf(process.pid) ?? '0'}`;

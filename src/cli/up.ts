@@ -17,6 +17,7 @@ import { logger, setLogNode } from '../core/log.js';
 import { formatListen, parseListen } from '../net/frontend.js';
 import { parseKeyValues, parseMemory } from './options.js';
 import { copyImage } from '../block/disk.js';
+import { procEnded, procStat } from '../core/proc.js';
 import { lockImage, type ImageLock } from '../block/image-lock.js';
 import { PairCore, type PairAction, type PairEvent, type Role } from './up-core.js';
 
@@ -169,12 +170,8 @@ function pidAlive(pid: number): boolean {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code !== 'EPERM') return false;
   }
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return !/^[ZX]/.test(stat.slice(stat.lastIndexOf(')') + 2));
-  } catch {
-    return true; // no /proc: what kill says
-  }
+  const st = procStat(pid);
+  return st === null || !procEnded(st.state); // no /proc: what kill says
 }
 
 /** Send `signal` to `c` unless it ended (its own child process, or an adopted one by pid). */
@@ -1136,7 +1133,7 @@ function lockStateDir(dir: string, what: string): void {
   try {
     // Made whole, then linked: a reader never sees an empty up.pid (it would take it for stale).
     // With its start time: a pid the system gave again to another colo up is not this one.
-    fs.writeFileSync(mine, `${[process.pid, startTime(process.pid)].filter((v) => v !== null).join(' ')}\n`);
+    fs.writeFileSync(mine, `${[process.pid, procStat(process.pid)?.startTime ?? null].filter((v) => v !== null).join(' ')}\n`);
     for (let attempt = 0; ; attempt++) {
       try {
         fs.linkSync(mine, file);
@@ -1155,7 +1152,8 @@ function lockStateDir(dir: string, what: string): void {
       const pid = Number(pidText);
       const valid = Number.isSafeInteger(pid) && pid > 0;
       // Without a start time (no /proc, or an up.pid of an older colo up) the pid alone tells.
-      const same = started === undefined || startTime(pid) === null || startTime(pid) === started;
+      const startedNow = procStat(pid)?.startTime ?? null;
+      const same = started === undefined || startedNow === null || startedNow === started;
       if (valid && pid !== process.pid && pidAlive(pid) && same && isColoUp(pid)) refuse(pid);
       // Stale: the up.pid of a colo up that died.
       const stale = `${file}.stale.${process.pid}`;
@@ -1262,20 +1260,6 @@ function childrenIn(dir: string): Map<number, number> {
     if (m !== null && m[1] === dir) found.set(Number(m[2]), Number(e));
   }
   return found;
-}
-
-/**
- * When process `pid` started (/proc/PID/stat field 22, clock ticks since boot), or null when it
- * cannot be read (gone, no /proc): with the pid, it names one process, not whoever got the pid again.
- */
-function startTime(pid: number): string | null {
-  try {
-    const stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
-    // After the command name in parentheses (which may hold spaces) come fields 3 (state) on.
-    return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19] ?? null;
-  } catch {
-    return null;
-  }
 }
 
 /** Whether process `pid` is a colo up (its command line), not an unrelated one that reused the pid. */
