@@ -31,12 +31,16 @@ import { logger } from '../core/log.js';
 import type { Vm } from '../control/vm.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
 import type { Frame } from '../migration/stream.js';
+import type { ReadingPause } from '../net/frontend.js';
 import type { NicInput, NicOutput } from '../net/nic.js';
 import { Compare, type CompareResult, type CompareTrigger } from './compare.js';
 import { ChannelFrameReader, decodeNetBatch, encodeChannelDropped, encodeInputFrames, encodeInputPressure, encodeInputs, encodeOutputMoved, encodeOutputs, encodeSvmCrashed } from './net-wire.js';
 import { connectOutputChannel } from './output-channel.js';
 
 const log = logger('colo');
+
+/** The primary's reasons to stop reading its clients (the front end's 'vm' is the VM's own). */
+type Hold = Exclude<ReadingPause, 'vm'>;
 
 /** Collects events and flushes them once per event-loop turn. */
 class Batcher<E> {
@@ -81,12 +85,13 @@ export class PrimaryNet {
    */
   private readonly ending = new AbortController();
   private scan: NodeJS.Timeout | null = null;
-  /** Client input stopped: the PVM's output for the next epoch reached the held limit. */
-  private inputHeld = false;
-  /** Client input stopped: the secondary left too much mirrored input unread (boundMirror). */
-  private mirrorHeld = false;
-  /** Client input stopped: the secondary's SVM left too much mirrored input untaken (an input-held batch). */
-  private svmInputHeld = false;
+  /**
+   * Why client input is stopped (each a front-end reading pause): 'compare', the PVM's output
+   * for the next epoch reached the held limit (boundHeld); 'mirror', the secondary left too much
+   * mirrored input unread (boundMirror); 'svm-input', the secondary's SVM left too much
+   * mirrored input untaken (an input-held batch).
+   */
+  private readonly holds = new Set<Hold>();
   private readonly mirror: Batcher<NicInput>;
   private outputChannel: net.Socket | null = null;
   /** Bytes that came over the SVM output channel. */
@@ -160,7 +165,7 @@ export class PrimaryNet {
       const t = this.compare.check(performance.now());
       if (t !== null) this.triggered(t);
       // The main channel has no drain event of the mirror's own: whether the secondary caught up is looked at here.
-      if (this.mirrorHeld) this.boundMirror();
+      if (this.holds.has('mirror')) this.boundMirror();
     }, limits.coloCompareScanMs);
   }
 
@@ -370,11 +375,10 @@ export class PrimaryNet {
    */
   private boundHeld(): void {
     const held = this.compare.held + this.movedBytes;
-    if (!this.inputHeld && held > limits.coloCompareHeldBytesMax) {
-      this.inputHeld = true;
-      this.vm.frontEnd?.pauseReading('compare');
+    if (!this.holds.has('compare') && held > limits.coloCompareHeldBytesMax) {
+      this.hold('compare');
       log.info(`output held for the compare passed ${limits.coloCompareHeldBytesMax} bytes: clients are not read until a checkpoint or the other guest's output releases it`);
-    } else if (this.inputHeld && held <= limits.coloCompareHeldBytesMax / 2) this.releaseInput();
+    } else if (this.holds.has('compare') && held <= limits.coloCompareHeldBytesMax / 2) this.release('compare');
   }
 
   /**
@@ -411,10 +415,18 @@ export class PrimaryNet {
     this.compare.svmResumed(performance.now());
   }
 
-  private releaseInput(): void {
-    if (!this.inputHeld) return;
-    this.inputHeld = false;
-    this.vm.frontEnd?.resumeReading('compare');
+  private hold(why: Hold): void {
+    this.holds.add(why);
+    this.vm.frontEnd?.pauseReading(why);
+  }
+
+  private release(why: Hold): void {
+    if (!this.holds.delete(why)) return;
+    this.vm.frontEnd?.resumeReading(why);
+  }
+
+  private releaseHolds(): void {
+    for (const why of [...this.holds]) this.release(why);
   }
 
   /**
@@ -427,27 +439,14 @@ export class PrimaryNet {
    */
   private svmInputPressure(held: boolean): void {
     if (!this.active) return;
-    if (held && !this.svmInputHeld) {
-      this.svmInputHeld = true;
-      this.vm.frontEnd?.pauseReading('svm-input');
+    if (held && !this.holds.has('svm-input')) {
+      this.hold('svm-input');
       log.info(`the SVM has more than ${limits.coloSvmInputPendingBytesMax} bytes of mirrored input untaken on the secondary: clients are not read until it has taken half of them`);
       this.onTrigger('resync');
-    } else if (!held && this.svmInputHeld) {
-      this.releaseSvmInput();
+    } else if (!held && this.holds.has('svm-input')) {
+      this.release('svm-input');
       log.info('the SVM took the mirrored input left on the secondary: clients are read again');
     }
-  }
-
-  private releaseSvmInput(): void {
-    if (!this.svmInputHeld) return;
-    this.svmInputHeld = false;
-    this.vm.frontEnd?.resumeReading('svm-input');
-  }
-
-  private releaseMirror(): void {
-    if (!this.mirrorHeld) return;
-    this.mirrorHeld = false;
-    this.vm.frontEnd?.resumeReading('mirror');
   }
 
   /** Mirrored input written here that the secondary has not read yet (what its socket still holds). */
@@ -467,13 +466,12 @@ export class PrimaryNet {
   private boundMirror(): void {
     if (!this.active) return;
     const unsent = this.mirrorUnsent();
-    if (!this.mirrorHeld && unsent > limits.coloMirrorUnsentBytesMax) {
-      this.mirrorHeld = true;
-      this.vm.frontEnd?.pauseReading('mirror');
+    if (!this.holds.has('mirror') && unsent > limits.coloMirrorUnsentBytesMax) {
+      this.hold('mirror');
       log.info(`the secondary has ${unsent} bytes of mirrored input unread, above ${limits.coloMirrorUnsentBytesMax}: clients are not read until it has taken half of them`);
       this.onTrigger('resync');
-    } else if (this.mirrorHeld && unsent <= limits.coloMirrorUnsentBytesMax / 2) {
-      this.releaseMirror();
+    } else if (this.holds.has('mirror') && unsent <= limits.coloMirrorUnsentBytesMax / 2) {
+      this.release('mirror');
       log.info('the secondary caught up with the mirrored input: clients are read again');
     }
   }
@@ -486,9 +484,7 @@ export class PrimaryNet {
     if (!this.end()) return;
     this.vm.outputSink = null;
     for (const out of this.compare.releaseAll()) this.vm.frontEnd?.deliver(out);
-    this.releaseInput();
-    this.releaseMirror();
-    this.releaseSvmInput();
+    this.releaseHolds();
   }
 
   /**
@@ -504,9 +500,7 @@ export class PrimaryNet {
     this.vm.outputSink = () => undefined;
     const dropped = this.compare.dropAll();
     if (dropped > 0) log.debug(`dropped ${dropped} bytes of output held for the compare`);
-    this.releaseInput();
-    this.releaseMirror();
-    this.releaseSvmInput();
+    this.releaseHolds();
   }
 
   /** No more comparing or mirroring; false if that was so already. */
