@@ -38,6 +38,8 @@ export interface HelloInfo {
   migrationId: string;
   channels: number;
   capabilities: Partial<Record<CapabilityName, boolean>>;
+  /** With `x-colo`: the version of COLO's messages the source speaks (stream.ts coloWireVersion). */
+  colo?: number;
 }
 
 export type FrameSummary =
@@ -96,6 +98,8 @@ export interface DestinationCoreOptions {
   capabilities: Partial<Record<CapabilityName, boolean>>;
   /** Stream/multifd version this build speaks. */
   version: number;
+  /** The version of COLO's messages this build speaks: a COLO source must name the same. */
+  coloVersion: number;
   /** COLO: when the source asks for x-colo, hand the session over once the state is loaded instead of waiting for `go`. */
   handoff?: boolean;
 }
@@ -305,6 +309,10 @@ export class DestinationCore {
     if (h.channels > limits.multifdChannelsMax) return `the source asks for ${h.channels} multifd channels, more than the ${limits.multifdChannelsMax} allowed`;
     if (h.capabilities['x-colo'] === true && mine['x-colo'] !== true) {
       return 'the source asks for COLO but the capability x-colo is off on the destination';
+    }
+    if (h.capabilities['x-colo'] === true && h.colo !== this.opts.coloVersion) {
+      if (h.colo === undefined) return `the source asks for COLO but does not say which COLO protocol version it speaks (this destination: ${this.opts.coloVersion})`;
+      return `the source speaks COLO protocol version ${h.colo}, this destination ${this.opts.coloVersion}`;
     }
     return null;
   }

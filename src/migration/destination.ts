@@ -12,7 +12,7 @@ import type { MigrationCapabilities } from './params.js';
 import type { MultifdReceiver } from './multifd.js';
 import { IncomingSession } from './session.js';
 import type { MigrationStats } from './status.js';
-import { FrameType, frameTypeName, parseJsonPayload, streamVersion, type Frame } from './stream.js';
+import { coloWireVersion, FrameType, frameTypeName, parseJsonPayload, streamVersion, type Frame } from './stream.js';
 import { decodeZeroRanges } from './ram.js';
 
 const log = logger('migration');
@@ -60,7 +60,7 @@ export class IncomingMigration {
   private ended = false;
 
   constructor(private readonly host: IncomingHost, private readonly opts: IncomingOptions) {
-    this.core = new DestinationCore({ capabilities: opts.capabilities, version: streamVersion, handoff: opts.onHandoff !== undefined });
+    this.core = new DestinationCore({ capabilities: opts.capabilities, version: streamVersion, coloVersion: coloWireVersion, handoff: opts.onHandoff !== undefined });
   }
 
   get stats(): MigrationStats {
@@ -405,7 +405,9 @@ function summarize(f: Frame): FrameSummary {
       if (typeof h.version !== 'number' || typeof h.migrationId !== 'string' || typeof h.channels !== 'number' || caps === null || typeof caps !== 'object') {
         throw new StreamError('FRAME_INVALID', 'hello frame is missing version, migrationId, channels or capabilities');
       }
-      return { kind: 'hello', hello: { version: h.version, migrationId: h.migrationId, channels: h.channels, capabilities: caps as Partial<MigrationCapabilities> } };
+      if (h.colo !== undefined && !Number.isInteger(h.colo)) throw new StreamError('FRAME_INVALID', `hello frame: colo must be a whole number, not ${JSON.stringify(h.colo)}`);
+      const colo = h.colo === undefined ? {} : { colo: h.colo as number };
+      return { kind: 'hello', hello: { version: h.version, migrationId: h.migrationId, channels: h.channels, capabilities: caps as Partial<MigrationCapabilities>, ...colo } };
     }
     case FrameType.setup:
       return { kind: 'setup' };

@@ -17,7 +17,7 @@ import { deviceBlobOf } from './ram-digest.js';
 import { applySetup, decodeDeviceState, encodeDeviceState, setupOf, type DeviceBlob } from './sections.js';
 import type { RoundResult } from './source-core.js';
 import type { MigrationCapabilities } from './params.js';
-import { FrameType, frameTypeName, jsonPayload, parseJsonPayload, streamVersion, type Frame } from './stream.js';
+import { coloWireVersion, FrameType, frameTypeName, jsonPayload, parseJsonPayload, streamVersion, type Frame } from './stream.js';
 import type { HelloInfo, ReplyMessage } from './destination-core.js';
 
 /**
@@ -155,6 +155,7 @@ export class SourceSession {
       migrationId: migrationIdHex(this.migrationId),
       channels: this.opts.channels,
       capabilities: { ...this.opts.capabilities },
+      ...(this.opts.capabilities['x-colo'] === true ? { colo: coloWireVersion } : {}),
       source: this.opts.name,
     };
     channel.sendJson(FrameType.hello, hello);

@@ -14,6 +14,15 @@ import { StreamError } from '../core/errors.js';
  */
 export const streamMagic = Buffer.from('COLOVM\r\n', 'latin1');
 export const streamVersion = 1;
+/**
+ * The version of COLO's messages on this stream (`colo` and `coloNet` frames: their names, tags
+ * and fields, docs/migration-protocol.md §9). A source with `x-colo` names it in its hello and a
+ * destination with another refuses the migration, so two builds that disagree on a message are
+ * stopped before COLO starts rather than misreading each other in the middle of it. Bump it with
+ * any change to those messages; state files carry no COLO frames and keep `streamVersion`.
+ * 2: GUEST_EXITED, CHECKPOINT_ABANDONED; coloNet tags 6–8 (input held, input free, channel dropped).
+ */
+export const coloWireVersion = 2;
 export const preambleBytes = 12;
 export const frameHeaderBytes = 16;
 

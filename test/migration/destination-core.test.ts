@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { limits } from '../../src/core/limits.js';
 import { DestinationCore, type DestinationAction, type DestinationEvent, type FrameSummary, type HelloInfo } from '../../src/migration/destination-core.js';
+import { coloWireVersion } from '../../src/migration/stream.js';
 
 type Step = [DestinationEvent, (string | Partial<DestinationAction>)[]];
 
@@ -21,7 +22,7 @@ const hello = (o: Partial<HelloInfo> = {}): DestinationEvent =>
   frame({ kind: 'hello', hello: { version: 1, migrationId: 'ab'.repeat(16), channels: 2, capabilities: { multifd: true }, ...o } });
 
 function core(caps: Record<string, boolean> = { multifd: true }, handoff = false): DestinationCore {
-  return new DestinationCore({ capabilities: caps, version: 1, handoff });
+  return new DestinationCore({ capabilities: caps, version: 1, coloVersion: coloWireVersion, handoff });
 }
 
 const opening: Step[] = [
@@ -115,12 +116,16 @@ test('frames out of order are refused before they are applied', () => {
   }
 });
 
-test('refusals: multifd or x-colo off on the destination, another protocol version', () => {
+test('refusals: multifd or x-colo off on the destination, another protocol version, another COLO version', () => {
   const cases: [Record<string, boolean>, DestinationEvent, RegExp][] = [
     [{}, hello(), /multifd is off on the destination/],
     [{ multifd: true }, hello({ channels: 0 }), /multifd is off on the source/],
     [{ multifd: true }, hello({ capabilities: { multifd: true, 'x-colo': true } }), /x-colo is off on the destination/],
     [{ multifd: true }, hello({ version: 7 }), /version 7/],
+    // COLO's messages (colo, coloNet frames) have their own version: a pair of two builds that
+    // disagree on them is refused before the migration, not misread in the middle of COLO.
+    [{ multifd: true, 'x-colo': true }, hello({ capabilities: { multifd: true, 'x-colo': true }, colo: coloWireVersion - 1 }), new RegExp(`COLO protocol version ${coloWireVersion - 1}, this destination ${coloWireVersion}`)],
+    [{ multifd: true, 'x-colo': true }, hello({ capabilities: { multifd: true, 'x-colo': true } }), /does not say which COLO protocol version/],
     [{ multifd: true }, hello({ channels: -1 }), /names -1 multifd channels, not a whole number/],
     [{ multifd: true }, hello({ channels: 1.5 }), /names 1\.5 multifd channels/],
   ];
@@ -149,7 +154,7 @@ test('COLO handoff after the state is loaded, only when the source asks for x-co
   play(c, [
     [{ type: 'listening', now: 0, host: 'h', port: 1 }, ['status']],
     [{ type: 'connected', now: 1 }, ['status']],
-    [hello({ capabilities: { multifd: true, 'x-colo': true } }), []],
+    [hello({ capabilities: { multifd: true, 'x-colo': true }, colo: coloWireVersion }), []],
     [frame({ kind: 'setup' }), ['prepare']],
     [{ type: 'prepared', now: 5, channelPorts: [1, 2], disk: 'none' }, ['reply']],
     ...rounds,
@@ -161,7 +166,7 @@ test('COLO handoff after the state is loaded, only when the source asks for x-co
   play(shared, [
     [{ type: 'listening', now: 0, host: 'h', port: 1 }, ['status']],
     [{ type: 'connected', now: 1 }, ['status']],
-    [hello({ capabilities: { multifd: true, 'x-colo': true } }), []],
+    [hello({ capabilities: { multifd: true, 'x-colo': true }, colo: coloWireVersion }), []],
     [frame({ kind: 'setup' }), ['prepare']],
     [{ type: 'prepared', now: 5, channelPorts: [1, 2], disk: 'shared' }, [{ type: 'reply', message: { kind: 'refuse', message: 'COLO needs a disk of its own on the secondary (or both nodes with --snapshot): both nodes open the same image file' } }, 'status', { type: 'fail', code: 'MIGRATION_REFUSED' }]],
   ]);
