@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
-import { assertAdvancing, memwalkPair } from '../migration/helpers.js';
+import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
 import { Disk } from '../../src/block/disk.js';
@@ -253,3 +253,40 @@ for (const how of ['cancel', 'failure'] as const) {
     assert.deepEqual(src.errorLines(), []);
   });
 }
+
+test('image lock: a destination that cannot take the shared image at the switchover (another VM took it) fails the migration with DRIVE_LOCKED and never runs; the source stays paused until cont takes its image back', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('shared.img', 4 * 1024 * 1024);
+  const { src, dst, port } = await memwalkPair(env, {
+    region: '64M',
+    memory: '128M',
+    parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 },
+    srcArgs: ['--drive', `file=${image}`],
+    dstArgs: ['--drive', `file=${image}`],
+  });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+  dst.kill('SIGSTOP');
+  await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) === null, 10000);
+  const intruder = await env.startVm({ name: 'intruder', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(writeLockPid(image), intruder.child.pid);
+  dst.kill('SIGCONT');
+  const info = await src.waitMigrationStatus('failed', 30000);
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*shared\\.img': process ${intruder.child.pid} writes it`));
+  await waitFor('the destination to log why it failed', () => /incoming migration failed: Failed to get "write" lock.* \[DRIVE_LOCKED\]/.test(dst.stderr), 10000);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+  await waitFor('the source to come out of the switchover', async () => (await src.status()) === 'paused', 10000);
+  await assertStill(src);
+  assert.equal(writeLockPid(image), intruder.child.pid, 'the other VM keeps the image');
+  await assert.rejects(src.qmp.execute('cont'), /Failed to get "write" lock/, 'cont refused while another VM holds the image');
+  await intruder.stop();
+  await src.qmp.execute('cont');
+  assert.equal(await src.status(), 'running');
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+  await assertAdvancing(src);
+  await src.stop();
+  if (dst.alive) await dst.stop();
+});
