@@ -140,6 +140,20 @@ export class Disk {
     this.lockPending = false;
   }
 
+  /**
+   * Give the write lock up while keeping the image open (QEMU's inactivation of the source's
+   * image at a switchover onto the same file): the destination takes it (activate()) before it
+   * runs, and a migration that fails gives it back here with activate(). No flush: both ends
+   * share one file on one host (disk-sync.ts 'shared'), so the destination reads through the
+   * same page cache. A no-op for snapshot users (read locks are shared) and unlocked images.
+   */
+  inactivate(): void {
+    if (this.lock === null || this.lock.mode !== 'write') return;
+    this.lock.release();
+    this.lock = null;
+    this.lockPending = true;
+  }
+
   /** True while the image is opened without its lock (deferred, see open()). */
   get inactive(): boolean {
     return this.lockPending;
@@ -148,6 +162,10 @@ export class Disk {
   /** Attach to a disk opened by another thread of this process. */
   static attach(spec: DiskSpec): Disk {
     return new Disk(spec);
+  }
+
+  get imagePath(): string {
+    return this.spec.imagePath;
   }
 
   get sizeBytes(): number {

@@ -1,6 +1,6 @@
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
-import { ChannelClosedError, ColoError, MigrationError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoError, ImageLockError, MigrationError, QmpCommandError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import { loadGuest } from '../machine/instrument.js';
@@ -346,8 +346,35 @@ export class Vm extends EventEmitter {
       const colo = this.colo.cont();
       if (colo !== null) return colo;
       this.migration.refuseCont();
+      const disk = this.machine.disk;
+      if (disk?.inactive === true) {
+        try {
+          disk.activate();
+        } catch (err) {
+          if (err instanceof ImageLockError) throw new QmpCommandError('GenericError', err.message);
+          throw err;
+        }
+      }
       await this.machine.cont();
     });
+  }
+
+  /**
+   * Take back the image's write lock that a migration onto the same image file let go
+   * (Disk.inactivate); true if this VM holds its image (or has none to take back). Another
+   * process holding it now: false, with one error line naming it.
+   */
+  activateDisk(when: string): boolean {
+    const disk = this.machine.disk;
+    if (disk === null || !disk.inactive) return true;
+    try {
+      disk.activate();
+      return true;
+    } catch (err) {
+      if (!(err instanceof ImageLockError)) throw err;
+      log.error(`the VM stays paused ${when}: ${err.message} [${err.code}]`);
+      return false;
+    }
   }
 
   /**

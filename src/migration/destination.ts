@@ -216,6 +216,10 @@ export class IncomingMigration {
         assert(s !== null && s.device !== null, 'restore without device state');
         const m = this.host.machine;
         checkDeviceRam(m, s.device, 'the incoming migration');
+        // The source's own image file (no --snapshot): the source let it go at stop-and-copy;
+        // it is taken here, before `loaded`, so that this VM never runs without it. Another
+        // process holding it fails the migration (ImageLockError): the source runs on.
+        if (s.diskMode === 'shared') m.disk?.activate();
         await m.restoreVcpu(s.device.vcpu);
         m.setRunState('paused');
         log.info(`state loaded (${this.core.stats.dirtySyncCount} rounds, ${(this.stats.transferredBytes / 1048576).toFixed(1)} MiB); waiting for the source to switch over`);
@@ -243,6 +247,9 @@ export class IncomingMigration {
         // (After `go` this is the only copy: a `cont` may still run it.)
         const m = this.host.machine;
         if (!this.goReceived && m.runState === 'paused' && !m.running) m.setRunState('inmigrate');
+        // The shared image taken at the restore goes back to the source, which takes it again
+        // to run on (inactive again, as QEMU's image of a failed incoming migration).
+        if (!this.goReceived && s?.diskMode === 'shared') m.disk?.inactivate();
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
             s?.reply({ kind: 'error', message: a.message });

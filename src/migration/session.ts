@@ -655,7 +655,8 @@ export class IncomingSession {
     this.diskMode = chooseDiskMode(info.diskImage, m.disk);
     // The image opened unlocked (QEMU's inactive image of -incoming): this destination writes
     // it from now on, so it takes the write lock now (ImageLockError: another live process
-    // uses it). 'shared': the source's image itself, which the source holds while it lives.
+    // uses it). 'shared': the source's image itself, which the source holds until
+    // stop-and-copy; taken when the state is loaded (IncomingMigration's restore).
     if (this.diskMode !== 'shared') m.disk?.activate();
     const ports: number[] = [];
     const spare = this.opts.receivers ?? null;

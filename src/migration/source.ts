@@ -178,6 +178,13 @@ export class OutgoingMigration {
         return;
       case 'sendFinal':
         this.task(async () => {
+          // One image file for both ends (no --snapshot): the guest is paused and writes no
+          // more, so the image is let go here, before the destination can load the state and
+          // take it (before it runs). A failure before `go` takes it back (resumeAfterFailure).
+          if (s.disk.mode === 'shared' && this.host.machine.disk !== null) {
+            this.host.machine.disk.inactivate();
+            log.info(`drive '${this.host.machine.disk.imagePath}' released for the destination, which opens the same image`);
+          }
           s.collectDirty();
           const result = await s.sendRound('dirty', 0);
           assert(result.round === a.round, `session round ${result.round} differs from core round ${a.round}`);

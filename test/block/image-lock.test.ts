@@ -5,7 +5,8 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests } from '../framework/harness.js';
+import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
 import { Disk } from '../../src/block/disk.js';
@@ -160,4 +161,132 @@ test('image lock: a VM restored from a file (--incoming file:) holds its image: 
   assert.equal(await b.waitExit(30000), 1, `the second VM exits with status 1: ${b.stderr}`);
   assert.match(b.stderr, new RegExp(`Failed to get "write" lock on drive '.*f\\.img': process ${restored.child.pid} writes it`));
   await restored.stop();
+});
+
+/** The pid holding the write lock of `image` (its `.NAME.colo-lock/write` entry), or null. */
+function writeLockPid(image: string): number | null {
+  try {
+    return Number(fs.readlinkSync(path.join(path.dirname(image), `.${path.basename(image)}.colo-lock`, 'write')).split(':')[0]);
+  } catch {
+    return null;
+  }
+}
+
+test('image lock: a live migration on one shared image (no --snapshot) hands the write lock over: the destination runs with it and the data, a third VM is refused after the source quits', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('shared.img', 8 * 1024 * 1024);
+  const args = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...args, '--incoming', 'defer'] }),
+  ]);
+  await src.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  for (let i = 0; i < 20; i++) assert.equal(await c.command(['SET', `k${i}`, `v${i}`]), 'OK');
+  c.close();
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds the image before the migration');
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 30000);
+  assert.equal(await dst.status(), 'running', 'the destination runs');
+  assert.equal(writeLockPid(image), dst.child.pid, 'the destination holds the image once it runs');
+  await src.stop();
+  assert.equal(writeLockPid(image), dst.child.pid, 'the source quitting leaves the destination\'s lock alone');
+  const r = await RespClient.whenServing(port, 'the destination after the switchover');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'k19']), 'v19', 'the destination has the data the source wrote');
+  assert.equal(await r.command(['SET', 'after', 'migration']), 'OK');
+  r.close();
+  const third = await env.startVm({ name: 'third', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await third.waitExit(30000), 1, `a third read-write VM is refused: ${third.stderr}`);
+  assert.match(third.stderr, new RegExp(`Failed to get "write" lock on drive '.*shared\\.img': process ${dst.child.pid} writes it`));
+  await dst.stop();
+  assert.equal(writeLockPid(image), null, 'released on quit');
+  assert.deepEqual([...src.errorLines(), ...dst.errorLines()], []);
+});
+
+for (const how of ['cancel', 'failure'] as const) {
+  test(`image lock: a migration on one shared image ${how === 'cancel' ? 'cancelled' : 'failed (the destination killed)'} after the source let the image go: the source takes its lock back and runs on; the destination never ran`, async (t) => {
+    const env = new TestEnv(t);
+    const image = env.image('shared.img', 4 * 1024 * 1024);
+    // 64 MiB dirtied during round 1: the last round is more than the socket buffers hold, so
+    // a destination stopped at stop-and-copy keeps the source waiting before `go`.
+    const { src, dst, port } = await memwalkPair(env, {
+      region: '64M',
+      memory: '128M',
+      parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 },
+      srcArgs: ['--drive', `file=${image}`],
+      dstArgs: ['--drive', `file=${image}`],
+    });
+    env.onCleanup(() => dst.kill('SIGCONT'));
+    assert.equal(writeLockPid(image), src.child.pid);
+    const mark = src.qmp.eventCount;
+    const dstMark = dst.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+    dst.kill('SIGSTOP');
+    await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) !== src.child.pid, 10000);
+    assert.equal(writeLockPid(image), null, 'nobody holds the image during the switchover');
+    if (how === 'cancel') {
+      await src.qmp.execute('migrate_cancel');
+      await src.waitMigrationStatus('cancelled', 15000);
+    } else {
+      dst.kill('SIGKILL');
+      await src.waitMigrationStatus('failed', 15000);
+    }
+    await waitFor('the source to run again', async () => (await src.status()) === 'running', 10000);
+    assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+    await assertAdvancing(src);
+    if (how === 'cancel') {
+      dst.kill('SIGCONT');
+      assert.equal(await dst.waitExit(15000), 1, 'the destination exits non-zero');
+      assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+    }
+    assert.equal(writeLockPid(image), src.child.pid, 'the destination\'s end leaves the source\'s lock alone');
+    const other = await env.startVm({ name: 'other', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+    assert.equal(await other.waitExit(30000), 1, `another read-write VM is refused: ${other.stderr}`);
+    assert.match(other.stderr, new RegExp(`process ${src.child.pid} writes it`));
+    await src.stop();
+    assert.deepEqual(src.errorLines(), []);
+  });
+}
+
+test('image lock: a destination that cannot take the shared image at the switchover (another VM took it) fails the migration with DRIVE_LOCKED and never runs; the source stays paused until cont takes its image back', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('shared.img', 4 * 1024 * 1024);
+  const { src, dst, port } = await memwalkPair(env, {
+    region: '64M',
+    memory: '128M',
+    parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 },
+    srcArgs: ['--drive', `file=${image}`],
+    dstArgs: ['--drive', `file=${image}`],
+  });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
+  dst.kill('SIGSTOP');
+  await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) === null, 10000);
+  const intruder = await env.startVm({ name: 'intruder', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(writeLockPid(image), intruder.child.pid);
+  dst.kill('SIGCONT');
+  const info = await src.waitMigrationStatus('failed', 30000);
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*shared\\.img': process ${intruder.child.pid} writes it`));
+  await waitFor('the destination to log why it failed', () => /incoming migration failed: Failed to get "write" lock.* \[DRIVE_LOCKED\]/.test(dst.stderr), 10000);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+  await waitFor('the source to come out of the switchover', async () => (await src.status()) === 'paused', 10000);
+  await assertStill(src);
+  assert.equal(writeLockPid(image), intruder.child.pid, 'the other VM keeps the image');
+  await assert.rejects(src.qmp.execute('cont'), /Failed to get "write" lock/, 'cont refused while another VM holds the image');
+  await intruder.stop();
+  await src.qmp.execute('cont');
+  assert.equal(await src.status(), 'running');
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+  await assertAdvancing(src);
+  await src.stop();
+  if (dst.alive) await dst.stop();
 });
