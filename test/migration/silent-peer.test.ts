@@ -86,3 +86,23 @@ for (const multifd of [false, true]) {
     assertNoErrors(src);
   });
 }
+
+test('silent/source frozen (SIGSTOP) mid-migration: yank on the destination ends its incoming migration at once; it never runs the half-loaded guest', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, port } = await memwalkPair(env, { capabilities: { multifd: true }, parameters: slow });
+  const { dstMark } = await migrateUntilActive(src, port, dst);
+  src.kill('SIGSTOP');
+  env.onCleanup(() => src.kill('SIGCONT'));
+  await sleep(1000);
+  assert.equal(await dst.migrationStatus(), 'active', 'the destination waits for the frozen source');
+  await dst.yankMigration();
+  assert.equal(await dst.waitExit(10000), 1, 'the destination ends its migration and exits non-zero');
+  assert.ok(dst.eventsOf('MIGRATION', dstMark).some((e) => e.data.status === 'failed'), `statuses: ${dst.eventsOf('MIGRATION', dstMark).map((e) => String(e.data.status)).join(', ')}`);
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+  src.kill('SIGCONT');
+  // The source learns of the end when it runs again, and runs on.
+  await src.waitMigrationStatus('failed', 15000);
+  assert.equal(await src.status(), 'running');
+  await assertAdvancing(src);
+  assertNoErrors(src);
+});
