@@ -101,6 +101,16 @@ export class SourceSession {
     if (this.failure !== null || this.ending) return;
     this.failure = err;
     for (const l of this.failureListeners) l(err);
+    this.endWaits(err);
+  }
+
+  /**
+   * A wait for the destination's answer ends with the migration. A cancel or a drop (yank,
+   * quit) does not go through fail() (the session is ending): before, a handshake waiting on
+   * a frozen destination for `ready` kept its timer, and the quitting process, for
+   * limits.migrationHandshakeTimeoutMs.
+   */
+  private endWaits(err: Error): void {
     this.replyWaiter?.reject(err);
     this.replyWaiter = null;
     this.coloWaiter?.reject(err);
@@ -551,6 +561,7 @@ export class SourceSession {
     this.ending = true;
     this.abortReason = reason;
     this.plainLimit?.stop();
+    this.endWaits(new ChannelClosedError(`the migration was ${reason}`));
     if (this.channel !== null) deliverAbort(this.channel, reason);
     await this.multifd?.destroy();
   }
@@ -571,6 +582,7 @@ export class SourceSession {
     this.connecting.abort();
     // A round waiting for max-bandwidth would otherwise hold its timer (and the process) that long.
     this.plainLimit?.stop();
+    this.endWaits(this.failure ?? new ChannelClosedError('the migration channels were dropped'));
     this.channel?.destroy();
     await this.multifd?.destroy();
   }
