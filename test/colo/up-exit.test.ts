@@ -89,3 +89,54 @@ test("colo up: the secondary's guest exits before the primary's (the primary lag
   assert.doesNotMatch(sup.stderr, / (warn|error) /, 'a guest that ends is no failure');
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
+
+test("colo up: only the secondary's guest exits (the runs diverged: here the secondary's clock jumped): the primary goes on after limits.coloSvmExitWaitMs, and is protected again with a new secondary", async (t) => {
+  // Accepts a client, reads, sleeps 1 s, and exits (status 7) if the realtime clock moved more
+  // than 2.5 s meanwhile (a node stopped that long), else sleeps on for good.
+  const guest = watGuest(t, 'up-exit-if-late', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func $sleep
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 1000000000))
+      (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable))))
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 128)))
+      (call $sleep)
+      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 136)))
+      (if (i64.gt_u (i64.sub (i64.load (i32.const 136)) (i64.load (i32.const 128))) (i64.const 2500000000)) (then (call $exit (i32.const 7))))
+      (loop $forever (call $sleep) (br $forever))))`);
+  const { env, sup, port, first, primary, secondary } = await upPair(t, guest);
+  env.onCleanup(() => {
+    if (pidAlive(secondary)) process.kill(secondary, 'SIGCONT');
+  });
+  void ask(env, port);
+  await sleep(300);
+  process.kill(secondary, 'SIGSTOP');
+  await sleep(3000);
+  process.kill(secondary, 'SIGCONT');
+  await waitFor(`the secondary's guest to exit; ${what(sup)}`, () => !pidAlive(secondary), 20000);
+  const exitedAt = performance.now();
+  const again = await sup.line(new RegExp(`^pair: protected \\(primary pid ${primary}, secondary pid (\\d+)\\)$`), first.at + 1, limits.coloSvmExitWaitMs + 60000);
+  t.diagnostic(`unprotected for ${Math.round(performance.now() - exitedAt)} ms (limits.coloSvmExitWaitMs ${limits.coloSvmExitWaitMs})`);
+  const lines = sup.lines.slice(first.at + 1, again.at).filter((l) => !/^pair: unprotected \(primary \d+; the protection lasted less than/.test(l));
+  assert.deepEqual(
+    lines,
+    [
+      `pair: the guest of secondary ${secondary} exited (exit code 7); waiting up to ${limits.coloSvmExitWaitMs / 1000} s for the guest of primary ${primary} to exit too`,
+      `pair: the guests diverged (the secondary's exited, the primary's runs on); primary ${primary} continues unprotected`,
+      'pair: re-protecting',
+    ],
+    what(sup),
+  );
+  assert.ok(pidAlive(primary) && sup.alive, `the primary serves on under colo up; ${what(sup)}`);
+  assert.doesNotMatch(sup.stderr, / error /, 'a divergence is no error');
+});
