@@ -368,7 +368,7 @@ class UpDriver {
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
     const c: Child = { id, role, proc, pid: proc.pid ?? null, exitListeners: new Set(), qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
     this.children.set(id, c);
-    proc.once('exit', (code, signal) => this.childExited(c, code, signal));
+    proc.once('exit', (code, signal) => void this.eventsRead(c).then(() => this.childExited(c, code, signal)));
     if (proc.pid !== undefined) {
       // For a supervisor that takes over from this one, should it die (adoptChildren).
       try {
@@ -396,6 +396,27 @@ class UpDriver {
           if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
         }),
     );
+  }
+
+  /**
+   * Resolves once the QMP events `c` sent before its exit were read: its connection closes
+   * (end of stream) after the last of them, but the exit can be seen first. A guest's SHUTDOWN
+   * among them makes its end the guest's, not a death (a secondary's: no failover). Waits at
+   * most limits.upChildExitGraceMs.
+   */
+  private eventsRead(c: Child): Promise<void> {
+    const q = c.qmp;
+    if (q === null || q.closed || this.finished) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(t);
+        this.timers.delete(t);
+        off();
+        resolve();
+      };
+      const t = this.later(limits.upChildExitGraceMs, done);
+      const off = q.on('close', done);
+    });
   }
 
   /** `c`'s process ended (its 'exit', or, adopted, its pid gone): once. */
