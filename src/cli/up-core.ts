@@ -656,7 +656,9 @@ export class PairCore {
     out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)}, which serves, exited by itself: stopping the pair` });
     out.push({ type: 'print', line: `pair: stopping (the guest exited)` });
     this.guestExitNode = id;
-    this.stop(0, out);
+    // Not told SIGTERM: its process is ending by itself, and a signal that meets its teardown
+    // (its handler gone) kills it, losing the guest's exit status. stopTimeout still kills it.
+    this.stop(0, out, id);
   }
 
   /** The service cannot go on: stop whatever is left and exit with an error. */
@@ -666,7 +668,7 @@ export class PairCore {
     this.stop(1, out);
   }
 
-  private stop(code: number, out: PairAction[]): void {
+  private stop(code: number, out: PairAction[], ending?: number): void {
     this.phase = 'stopping';
     this.exitCode = code;
     const living = this.living;
@@ -675,7 +677,7 @@ export class PairCore {
       out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code, primary: this.primary?.id ?? null });
       return;
     }
-    for (const n of living) out.push({ type: 'kill', node: n.id, signal: 'SIGTERM' });
+    for (const n of living) if (n.id !== ending) out.push({ type: 'kill', node: n.id, signal: 'SIGTERM' });
     out.push({ type: 'setTimer', name: 'stopTimeout', ms: this.stopTimeoutMs });
   }
 }
