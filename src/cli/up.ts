@@ -50,6 +50,12 @@ export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [option
                               long is a failed attempt (default ${limits.upProtectTimeoutMs})
   --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
                               folder under the system's temporary directory)
+
+The guest's own exit (proc_exit, or a return from _start) on the primary ends the pair, as a
+guest shutdown ends QEMU's COLO: the secondary is stopped too, never takes over, and colo up
+exits with the guest's exit status. A secondary whose guest exits first is no failure: the
+primary runs on to its own guest's exit, for at most ${limits.coloSvmExitWaitMs / 1000} s; if it does not exit by then,
+the two runs diverged: the primary goes on unprotected and is protected again.
 `;
 
 function intArg(v: string | undefined, flag: string, min: number, max: number): number {

@@ -37,6 +37,35 @@ function computeByeGuest(t: TestContext, iterations: number): string {
       (call $exit (i32.const 7))))`);
 }
 
+/**
+ * Accepts a client, reads, sleeps 1 s, and exits (status 7) if the realtime clock moved more
+ * than 2.5 s meanwhile (its node was stopped that long), else sleeps on for good: stopping one
+ * node makes the two runs diverge.
+ */
+function exitIfLateGuest(t: TestContext): string {
+  return watGuest(t, 'up-exit-if-late', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func $sleep
+      (i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const 1000000000))
+      (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable))))
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 128)))
+      (call $sleep)
+      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 136)))
+      (if (i64.gt_u (i64.sub (i64.load (i32.const 136)) (i64.load (i32.const 128))) (i64.const 2500000000)) (then (call $exit (i32.const 7))))
+      (loop $forever (call $sleep) (br $forever))))`);
+}
+
 /** Connect, send `x`, and collect what comes back until the connection ends. */
 function ask(env: TestEnv, port: number): Promise<string> {
   return new Promise((resolve) => {
@@ -91,29 +120,7 @@ test("colo up: the secondary's guest exits before the primary's (the primary lag
 });
 
 test("colo up: only the secondary's guest exits (the runs diverged: here the secondary's clock jumped): the primary goes on after limits.coloSvmExitWaitMs, and is protected again with a new secondary", async (t) => {
-  // Accepts a client, reads, sleeps 1 s, and exits (status 7) if the realtime clock moved more
-  // than 2.5 s meanwhile (a node stopped that long), else sleeps on for good.
-  const guest = watGuest(t, 'up-exit-if-late', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "clock_time_get" (func $clock (param i32 i64 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (func $sleep
-      (i32.store (i32.const 272) (i32.const 1))
-      (i64.store (i32.const 280) (i64.const 1000000000))
-      (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable))))
-    (func (export "_start")
-      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 16) (i32.const 1024))
-      (i32.store (i32.const 20) (i32.const 256))
-      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
-      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 128)))
-      (call $sleep)
-      (drop (call $clock (i32.const 0) (i64.const 1) (i32.const 136)))
-      (if (i64.gt_u (i64.sub (i64.load (i32.const 136)) (i64.load (i32.const 128))) (i64.const 2500000000)) (then (call $exit (i32.const 7))))
-      (loop $forever (call $sleep) (br $forever))))`);
+  const guest = exitIfLateGuest(t);
   const { env, sup, port, first, primary, secondary } = await upPair(t, guest);
   env.onCleanup(() => {
     if (pidAlive(secondary)) process.kill(secondary, 'SIGCONT');
@@ -139,4 +146,22 @@ test("colo up: only the secondary's guest exits (the runs diverged: here the sec
   );
   assert.ok(pidAlive(primary) && sup.alive, `the primary serves on under colo up; ${what(sup)}`);
   assert.doesNotMatch(sup.stderr, / error /, 'a divergence is no error');
+});
+
+test("colo up: only the primary's guest exits (the runs diverged: here the primary's clock jumped): the pair stops with the guest's status, as QEMU's on a guest shutdown of the primary; the secondary does not take over", async (t) => {
+  const { env, sup, port, first, primary, secondary } = await upPair(t, exitIfLateGuest(t));
+  env.onCleanup(() => {
+    if (pidAlive(primary)) process.kill(primary, 'SIGCONT');
+  });
+  void ask(env, port);
+  await sleep(300);
+  process.kill(primary, 'SIGSTOP');
+  await sleep(3000);
+  process.kill(primary, 'SIGCONT');
+  await sup.waitExit(30000);
+  assert.deepEqual(sup.lines.slice(first.at + 1), ['pair: stopping (the guest exited)', 'pair: stopped'], what(sup));
+  assert.equal(sup.exitCode, 7, `the guest's exit status; ${what(sup)}`);
+  assert.ok(!pidAlive(secondary), 'the secondary was stopped');
+  assert.doesNotMatch(sup.stderr, / error /, 'a guest that ends is no failure');
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
