@@ -49,6 +49,8 @@ export interface NodeInfo {
   crashes?: number;
   /** When its latest crashes came (`at` of the events, within limits.upSecondaryCrashWindowMs; at most upSecondaryCrashesMax). */
   crashedAt?: number[];
+  /** Its guest exited by itself (SHUTDOWN, guest: true): its process's end is that exit, not a failure. */
+  guestExited?: boolean;
 }
 
 export type PairEvent =
@@ -90,7 +92,7 @@ export type PairEvent =
   | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
   /** `gen`: for 'stable', the protection it was armed for. */
-  | { type: 'timer'; name: 'retry' | 'stopTimeout' | 'stable'; gen?: number };
+  | { type: 'timer'; name: 'retry' | 'stopTimeout' | 'stable' | 'svmExit'; gen?: number };
 
 export type PairAction =
   | { type: 'print'; line: string }
@@ -106,7 +108,7 @@ export type PairAction =
   | { type: 'kill'; node: number; signal: 'SIGTERM' | 'SIGKILL' }
   /** The disk image of a dead node is stale: remove it if the supervisor created it. */
   | { type: 'discardDisk'; node: number }
-  | { type: 'setTimer'; name: 'retry' | 'stopTimeout' | 'stable'; ms: number; gen?: number }
+  | { type: 'setTimer'; name: 'retry' | 'stopTimeout' | 'stable' | 'svmExit'; ms: number; gen?: number }
   /** Every child is gone; `primary` is the node that served last (its disk is the current one). */
   | { type: 'exit'; code: number; primary: number | null };
 
@@ -386,6 +388,16 @@ export class PairCore {
         if (this.primary.failure !== undefined) break;
         const p = this.primary;
         const s = this.secondary!;
+        if (!s.alive && s.guestExited === true) {
+          // The secondary's guest exited and the primary's did not (colo/core.ts, after
+          // limits.coloSvmExitWaitMs): the runs diverged; the primary serves on, alone.
+          out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO (reason ${e.reason}): its guest did not exit as the secondary's did; the runs diverged` });
+          out.push({ type: 'print', line: `pair: the guests diverged (the secondary's exited, the primary's runs on); primary ${p.pid} continues unprotected` });
+          this.secondary = null;
+          this.phase = 'unprotected';
+          this.afterProtectionEnded(out);
+          break;
+        }
         out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });
         out.push({ type: 'print', line: `pair: primary ${p.pid} left COLO (reason ${e.reason}); it continues unprotected` });
         s.failure = `out of date: primary ${p.pid} left COLO`;
@@ -416,6 +428,14 @@ export class PairCore {
           if (e.gen === this.protections && this.phase === 'protected') {
             this.stable = true;
             this.failures = 0;
+          }
+        } else if (e.name === 'svmExit') {
+          // The primary neither exited nor left COLO after the secondary's guest exited (its
+          // COLO_EXIT lost?): the secondary is gone all the same; the usual failover.
+          const s = this.secondary;
+          if (e.gen === this.protections && this.phase === 'protected' && s !== null && !s.alive && s.guestExited === true) {
+            out.push({ type: 'log', level: 'warn', msg: `primary ${this.primary!.pid} neither exited nor left COLO within ${limits.upSvmGuestExitWaitMs} ms of the secondary's guest exit` });
+            this.secondaryDied(s, out);
           }
         } else if (e.name === 'retry') {
           if (this.phase === 'unprotected' && this.secondary === null && this.primary?.alive === true) this.reprotect(out);
@@ -532,7 +552,8 @@ export class PairCore {
     if (this.secondary?.id === id) {
       switch (this.phase) {
         case 'protected':
-          this.secondaryDied(n, out);
+          if (n.guestExited === true && n.failure === undefined) this.svmGuestEnded(n, out);
+          else this.secondaryDied(n, out);
           out.push({ type: 'discardDisk', node: id });
           break;
         case 'failover':
@@ -575,6 +596,24 @@ export class PairCore {
   }
 
   /**
+   * The secondary `n` of a protected pair ended because its guest exited by itself: no death.
+   * Its primary was told (GUEST_EXITED) and waits for its own guest's exit, the same run
+   * behind (colo/core.ts): then the pair stops with the guest's status (guestShutdown).
+   * Should its guest not exit within limits.coloSvmExitWaitMs, the runs diverged: it leaves
+   * COLO by itself (coloExit) and is protected again. Telling it to go on alone now (as after a
+   * death) would protect again a guest about to exit, or release its output uncompared.
+   */
+  private svmGuestEnded(n: NodeInfo, out: PairAction[]): void {
+    const p = this.primary!;
+    out.push({ type: 'log', level: 'info', msg: `secondary ${n.pid} ended as its guest exited (${n.ended}); primary ${p.pid} runs on to its own guest's exit` });
+    out.push({
+      type: 'print',
+      line: `pair: the guest of secondary ${n.pid} exited (${n.ended}); waiting up to ${limits.coloSvmExitWaitMs / 1000} s for the guest of primary ${p.pid} to exit too`,
+    });
+    out.push({ type: 'setTimer', name: 'svmExit', ms: limits.upSvmGuestExitWaitMs, gen: this.protections });
+  }
+
+  /**
    * A node that lives on but cannot serve (hung, or its guest crashed) is killed when a partner
    * can carry on without it, so that its death runs the usual failover; `failure` names why.
    */
@@ -610,13 +649,16 @@ export class PairCore {
     // Only the primary: a secondary taking over whose guest exits dies while taking over, and
     // the dead primary's disk, at the last checkpoint, is then the one kept.
     if (this.primary?.id !== id) {
+      n.guestExited = true;
       out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)} exited by itself` });
       return;
     }
     out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)}, which serves, exited by itself: stopping the pair` });
     out.push({ type: 'print', line: `pair: stopping (the guest exited)` });
     this.guestExitNode = id;
-    this.stop(0, out);
+    // Not told SIGTERM: its process is ending by itself, and a signal that meets its teardown
+    // (its handler gone) kills it, losing the guest's exit status. stopTimeout still kills it.
+    this.stop(0, out, id);
   }
 
   /** The service cannot go on: stop whatever is left and exit with an error. */
@@ -626,7 +668,7 @@ export class PairCore {
     this.stop(1, out);
   }
 
-  private stop(code: number, out: PairAction[]): void {
+  private stop(code: number, out: PairAction[], ending?: number): void {
     this.phase = 'stopping';
     this.exitCode = code;
     const living = this.living;
@@ -635,7 +677,7 @@ export class PairCore {
       out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code, primary: this.primary?.id ?? null });
       return;
     }
-    for (const n of living) out.push({ type: 'kill', node: n.id, signal: 'SIGTERM' });
+    for (const n of living) if (n.id !== ending) out.push({ type: 'kill', node: n.id, signal: 'SIGTERM' });
     out.push({ type: 'setTimer', name: 'stopTimeout', ms: this.stopTimeoutMs });
   }
 }

@@ -50,6 +50,12 @@ export const upUsage = `usage: colo up GUEST.wasm --net listen=HOST:PORT [option
                               long is a failed attempt (default ${limits.upProtectTimeoutMs})
   --state-dir DIR             QMP sockets, serial files and secondary disks (default: a new
                               folder under the system's temporary directory)
+
+The guest's own exit (proc_exit, or a return from _start) on the primary ends the pair, as a
+guest shutdown ends QEMU's COLO: the secondary is stopped too, never takes over, and colo up
+exits with the guest's exit status. A secondary whose guest exits first is no failure: the
+primary runs on to its own guest's exit, for at most ${limits.coloSvmExitWaitMs / 1000} s; if it does not exit by then,
+the two runs diverged: the primary goes on unprotected and is protected again.
 `;
 
 function intArg(v: string | undefined, flag: string, min: number, max: number): number {
@@ -368,7 +374,7 @@ class UpDriver {
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
     const c: Child = { id, role, proc, pid: proc.pid ?? null, exitListeners: new Set(), qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
     this.children.set(id, c);
-    proc.once('exit', (code, signal) => this.childExited(c, code, signal));
+    proc.once('exit', (code, signal) => void this.eventsRead(c).then(() => this.childExited(c, code, signal)));
     if (proc.pid !== undefined) {
       // For a supervisor that takes over from this one, should it die (adoptChildren).
       try {
@@ -396,6 +402,27 @@ class UpDriver {
           if (!c.exited) this.dispatch({ type: 'startFailed', node: id, error: errorMessage(err) });
         }),
     );
+  }
+
+  /**
+   * Resolves once the QMP events `c` sent before its exit were read: its connection closes
+   * (end of stream) after the last of them, but the exit can be seen first. A guest's SHUTDOWN
+   * among them makes its end the guest's, not a death (a secondary's: no failover). Waits at
+   * most limits.upChildExitGraceMs.
+   */
+  private eventsRead(c: Child): Promise<void> {
+    const q = c.qmp;
+    if (q === null || q.closed || this.finished) return Promise.resolve();
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(t);
+        this.timers.delete(t);
+        off();
+        resolve();
+      };
+      const t = this.later(limits.upChildExitGraceMs, done);
+      const off = q.on('close', done);
+    });
   }
 
   /** `c`'s process ended (its 'exit', or, adopted, its pid gone): once. */

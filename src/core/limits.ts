@@ -303,6 +303,12 @@ export const limits = {
   upAdoptFailoverMs: 20000,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
+  /**
+   * colo up: after the secondary's guest exited (its process ended), how long the primary may
+   * neither exit nor leave COLO (it waits coloSvmExitWaitMs for its own guest's exit, then
+   * coloGuestExitDrainMs for its last output) before the secondary is taken for dead.
+   */
+  upSvmGuestExitWaitMs: 15000,
   /** A COLO secondary that took over while its service address was still in use tries to listen again this often. */
   netTakeoverListenRetryMs: 1000,
   /** colo up: how often each child is asked `query-status` on a QMP connection of its own (the heartbeat). */

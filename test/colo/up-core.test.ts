@@ -449,17 +449,42 @@ test('colo up core: a secondary that dies at every start, before it is ready, is
 test('colo up core: the guest of the primary exits by itself: the pair stops with its exit status, whichever child is seen to go first, and nobody takes over', () => {
   // Its exit seen first: the secondary, its guest about to exit too, is stopped, not told to take over.
   const c = protectedPair();
-  assert.deepEqual(run(c, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'kill 1 SIGTERM', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
+  // The primary is not sent SIGTERM: its process ends by itself, and a signal meeting its end would lose the status.
+  assert.deepEqual(run(c, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), []);
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: 3, signal: null }), ['pair: stopped', 'exit 3 primary 1']);
 
-  // The secondary's guest exited first (it runs the same input), and its death began a failover.
+  // The secondary's guest exited first (it runs the same input): its end is no death; the
+  // primary is not told to go on alone, but waits for its own guest's exit (colo/core.ts).
   const d = protectedPair();
   assert.deepEqual(run(d, { type: 'guestShutdown', node: 2 }), [], "a secondary's guest alone does not stop the pair");
-  assert.deepEqual(run(d, { type: 'exited', node: 2, code: 0, signal: null }), ['continueAlone 1', 'discardDisk 2']);
-  assert.deepEqual(run(d, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
-  assert.deepEqual(run(d, { type: 'continued', node: 1 }), [], 'no re-protection of a guest that is gone');
-  assert.deepEqual(run(d, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
+  assert.deepEqual(run(d, { type: 'exited', node: 2, code: 3, signal: null }), [
+    `pair: the guest of secondary 102 exited (exit code 3); waiting up to ${limits.coloSvmExitWaitMs / 1000} s for the guest of primary 101 to exit too`,
+    `timer svmExit ${limits.upSvmGuestExitWaitMs}`,
+    'discardDisk 2',
+  ]);
+  assert.deepEqual(run(d, { type: 'guestShutdown', node: 1 }), ['pair: stopping (the guest exited)', 'timer stopTimeout 500']);
+  assert.deepEqual(run(d, { type: 'timer', name: 'svmExit', gen: 1 }), [], 'the wait ends with the stop');
+  assert.deepEqual(run(d, { type: 'exited', node: 1, code: 3, signal: null }), ['pair: stopped', 'exit 3 primary 1']);
+});
+
+test("colo up core: only the secondary's guest exits (the runs diverged): the primary, leaving COLO after its wait, is protected again; a primary that says nothing is taken as after a death", () => {
+  const c = protectedPair();
+  run(c, { type: 'guestShutdown', node: 2 });
+  run(c, { type: 'exited', node: 2, code: 3, signal: null });
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [
+    "pair: the guests diverged (the secondary's exited, the primary's runs on); primary 101 continues unprotected",
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  assert.deepEqual(run(c, { type: 'timer', name: 'svmExit', gen: 1 }), [], 'the wait of an ended protection does nothing');
+
+  // Its COLO_EXIT never heard: after upSvmGuestExitWaitMs, the failover of a dead secondary.
+  const d = protectedPair();
+  run(d, { type: 'guestShutdown', node: 2 });
+  run(d, { type: 'exited', node: 2, code: 3, signal: null });
+  assert.deepEqual(run(d, { type: 'timer', name: 'svmExit', gen: 1 }), ['continueAlone 1']);
+  assert.deepEqual(run(d, { type: 'continued', node: 1 }), ['pair: secondary died (exit code 3); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
 });
 
 test('colo up core: both children die, the secondary first: the line says the pair was failing over to the primary (not "was failover")', () => {
