@@ -60,11 +60,12 @@ function byeGuestWat(t: TestContext, name: string, parts: { imports?: string; lo
 
 const pollImport = '(import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))';
 
-/** A relative clock subscription of `ns` at 256, and a poll_oneoff on it (a safe point). */
+/** Writes a subscription at 256 to a relative timeout of `ns` (the fields it needs: the rest are zero). */
 function sleepWat(ns: number): string {
   return `(i32.store (i32.const 272) (i32.const 1))
       (i64.store (i32.const 280) (i64.const ${ns}))`;
 }
+/** poll_oneoff on sleepWat's subscription (a safe point): the sleep itself. */
 const pollWat = '(if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))';
 
 /** Accepts one client, reads what it sends, answers "bye\n" and exits with status 7 at once. */
@@ -88,6 +89,18 @@ function computeByeGuest(t: TestContext, iterations: number): string {
         (local.set $i (i64.add (local.get $i) (i64.const 1)))
         (br_if $compute (i64.lt_u (local.get $i) (i64.const ${iterations}))))`,
   });
+}
+
+/** A client of `port` (its errors ignored), destroyed at cleanup; `got()`: what it received so far. */
+function openClient(env: TestEnv, port: number): { socket: net.Socket; got: () => string } {
+  const socket = net.connect(port, '127.0.0.1');
+  socket.on('error', () => undefined);
+  env.onCleanup(() => {
+    socket.destroy();
+  });
+  let got = '';
+  socket.on('data', (d) => (got += d.toString()));
+  return { socket, got: () => got };
 }
 
 /** Connect, send `x`, and collect what comes back until the connection ends (reset included). */
@@ -143,11 +156,7 @@ test("colo: a guest that crashes on both nodes (the same input makes both trap):
       (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
       unreachable))`);
   const { port, src, dst } = await pairInColo(env, guest, 60000);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
+  openClient(env, port);
   await Promise.all([src.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 }), dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 })]);
   // The primary leaves COLO (its guest crashed); the secondary's crash has no checkpoint to replace it.
   await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 });
@@ -171,28 +180,21 @@ test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: 
   const guest = watGuest(t, 'slow-tick', `(module
     (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
     (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    ${pollImport}
     (memory (export "memory") 1)
     (data (i32.const 512) "tick\\n")
     (func (export "_start")
       (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 272) (i32.const 1))
-      (i64.store (i32.const 280) (i64.const 1200000000))
+      ${sleepWat(1_200_000_000)}
       (i32.store (i32.const 48) (i32.const 512))
       (i32.store (i32.const 52) (i32.const 5))
       (loop $sleep
-        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        ${pollWat}
         (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
         (br $sleep))))`);
   const { port, src, dst } = await pairInColo(env, guest, 400);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
-  let got = '';
-  client.on('data', (d) => (got += d.toString()));
-  await waitFor('four ticks', () => got.split('tick\n').length - 1 >= 4, 30000, 20);
+  const { got } = openClient(env, port);
+  await waitFor('four ticks', () => got().split('tick\n').length - 1 >= 4, 30000, 20);
   const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
   assert.ok(counters['checkpoints-periodic']! >= 6, `periodic checkpoints ran meanwhile (${JSON.stringify(counters)})`);
   assert.equal(counters['checkpoints-timeout'], 0, `no tick waited for the secondary's beyond the compare's timeout (${JSON.stringify(counters)})`);
@@ -306,16 +308,10 @@ test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: h
   });
   const env = new TestEnv(t);
   const { port, src, dst } = await pairInColo(env, guest, 60000, ['exit']);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
-  let got = '';
-  client.on('data', (d) => (got += d.toString()));
-  client.write('x');
+  const client = openClient(env, port);
+  client.socket.write('x');
   assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
-  await waitFor('the answer', () => got === 'bye\n' || undefined, 10000, 10);
+  await waitFor('the answer', () => client.got() === 'bye\n' || undefined, 10000, 10);
   const exit = await src.waitEvent('COLO_EXIT', { timeoutMs: limits.coloSvmExitWaitMs + 10000 });
   assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
   assert.match(src.stderr, /the secondary's guest exited \d+ ms ago and this one has not: the two runs diverged; going on unprotected/);
