@@ -31,18 +31,27 @@ const svmCrashedTag = 5;
 const inputHeldTag = 6;
 const inputFreeTag = 7;
 const channelDroppedTag = 8;
+/** The batches that are one marker (u8 tag, u32 0), by tag. */
+const markers = new Map<number, MarkerBatch['type']>([
+  [mirrorReadyTag, 'mirror-ready'],
+  [outputMovedTag, 'output-moved'],
+  [svmCrashedTag, 'svm-crashed'],
+  [inputHeldTag, 'input-held'],
+  [inputFreeTag, 'input-free'],
+  [channelDroppedTag, 'channel-dropped'],
+]);
 const inputKinds = ['open', 'data', 'close'] as const;
 const outputKinds = ['out', 'shut', 'close'] as const;
 
-export type NetBatch =
-  | { type: 'input'; events: NicInput[] }
-  | { type: 'output'; epoch: number; events: NicOutput[] }
+type MarkerBatch =
   | { type: 'mirror-ready' }
   | { type: 'output-moved' }
   | { type: 'svm-crashed' }
   | { type: 'input-held' }
   | { type: 'input-free' }
   | { type: 'channel-dropped' };
+
+export type NetBatch = { type: 'input'; events: NicInput[] } | { type: 'output'; epoch: number; events: NicOutput[] } | MarkerBatch;
 
 const entryBytes = 17;
 
@@ -52,22 +61,10 @@ export function encodeInputs(events: readonly NicInput[]): Buffer[] {
 }
 
 function inputBatches(events: readonly NicInput[], lengthPrefix: boolean): Buffer[] {
-  return encodeBatches(
-    events,
-    (ev) => (ev.kind === 'data' ? ev.bytes : null),
-    5,
-    (b, count) => {
-      b.writeUInt8(inputTag, 0);
-      b.writeUInt32BE(count, 1);
-    },
-    (b, at, ev, len) => {
-      b.writeUInt8(inputKinds.indexOf(ev.kind), at);
-      b.writeDoubleBE(ev.seq, at + 1);
-      b.writeUInt32BE(ev.conn, at + 9);
-      b.writeUInt32BE(len, at + 13);
-    },
-    lengthPrefix,
-  );
+  return encodeBatches(events, inputTag, [], inputKinds, (ev) => (ev.kind === 'data' ? ev.bytes : null), (b, at, ev) => {
+    b.writeDoubleBE(ev.seq, at);
+    b.writeUInt32BE(ev.conn, at + 8);
+  }, lengthPrefix);
 }
 
 export function encodeOutputs(epoch: number, events: readonly NicOutput[]): Buffer[] {
@@ -75,38 +72,30 @@ export function encodeOutputs(epoch: number, events: readonly NicOutput[]): Buff
 }
 
 function outputBatches(epoch: number, events: readonly NicOutput[], lengthPrefix: boolean): Buffer[] {
-  return encodeBatches(
-    events,
-    (ev) => (ev.kind === 'out' ? ev.bytes : null),
-    9,
-    (b, count) => {
-      b.writeUInt8(outputTag, 0);
-      b.writeUInt32BE(epoch, 1);
-      b.writeUInt32BE(count, 5);
-    },
-    (b, at, ev, len) => {
-      b.writeUInt8(outputKinds.indexOf(ev.kind), at);
-      b.writeUInt32BE(ev.conn, at + 1);
-      b.writeDoubleBE(ev.offset, at + 5);
-      b.writeUInt32BE(len, at + 13);
-    },
-    lengthPrefix,
-  );
+  return encodeBatches(events, outputTag, [epoch], outputKinds, (ev) => (ev.kind === 'out' ? ev.bytes : null), (b, at, ev) => {
+    b.writeUInt32BE(ev.conn, at);
+    b.writeDoubleBE(ev.offset, at + 4);
+  }, lengthPrefix);
 }
 
 /**
+ * Batches of `tag`: u8 tag, the u32 `header` words, u32 count, then each event as u8 kind (its
+ * index in `kinds`), the 12 bytes `writeFields` writes, u32 len and its `data`.
+ *
  * Each payload is sized first and written into one buffer (no buffer per event, no concat):
  * this runs for every client request on both nodes. Every byte of it is written. With
  * `lengthPrefix` each buffer starts with the payload's length (u32), as the output channel has it.
  */
-function encodeBatches<E>(
+function encodeBatches<E extends { kind: string }>(
   events: readonly E[],
+  tag: number,
+  header: readonly number[],
+  kinds: readonly string[],
   data: (ev: E) => Uint8Array | null,
-  headerBytes: number,
-  writeHeader: (b: Buffer, count: number) => void,
-  writeEntry: (b: Buffer, at: number, ev: E, len: number) => void,
-  lengthPrefix = false,
+  writeFields: (b: Buffer, at: number, ev: E) => void,
+  lengthPrefix: boolean,
 ): Buffer[] {
+  const headerBytes = 1 + 4 * header.length + 4;
   const out: Buffer[] = [];
   let i = 0;
   while (i < events.length) {
@@ -122,13 +111,17 @@ function encodeBatches<E>(
     const whole = Buffer.allocUnsafe(prefix + headerBytes + bytes);
     if (lengthPrefix) whole.writeUInt32BE(headerBytes + bytes, 0);
     const b = whole.subarray(prefix);
-    writeHeader(b, j - i);
+    b.writeUInt8(tag, 0);
+    for (let w = 0; w < header.length; w++) b.writeUInt32BE(header[w]!, 1 + 4 * w);
+    b.writeUInt32BE(j - i, headerBytes - 4);
     let at = headerBytes;
     for (let k = i; k < j; k++) {
       const ev = events[k]!;
       const d = data(ev);
       const len = d?.byteLength ?? 0;
-      writeEntry(b, at, ev, len);
+      b.writeUInt8(kinds.indexOf(ev.kind), at);
+      writeFields(b, at + 1, ev);
+      b.writeUInt32BE(len, at + 13);
       if (d !== null && len > 0) b.set(d, at + entryBytes);
       at += entryBytes + len;
     }
@@ -160,7 +153,14 @@ export function encodeInputFrames(events: readonly NicInput[]): Buffer {
 export function encodeMirrorReady(): Buffer {
   const b = Buffer.alloc(4 + 5);
   b.writeUInt32BE(5, 0);
-  b.writeUInt8(mirrorReadyTag, 4);
+  marker(mirrorReadyTag).copy(b, 4);
+  return b;
+}
+
+/** A marker batch: its tag and a u32 0. */
+function marker(tag: number): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt8(tag, 0);
   return b;
 }
 
@@ -170,9 +170,7 @@ export function encodeMirrorReady(): Buffer {
  * after whatever the output channel still delivers (see network.ts). A coloNet payload.
  */
 export function encodeOutputMoved(): Buffer {
-  const b = Buffer.alloc(5);
-  b.writeUInt8(outputMovedTag, 0);
-  return b;
+  return marker(outputMovedTag);
 }
 
 /**
@@ -182,9 +180,7 @@ export function encodeOutputMoved(): Buffer {
  * coloNet payload, on the main channel.
  */
 export function encodeSvmCrashed(): Buffer {
-  const b = Buffer.alloc(5);
-  b.writeUInt8(svmCrashedTag, 0);
-  return b;
+  return marker(svmCrashedTag);
 }
 
 /**
@@ -194,9 +190,7 @@ export function encodeSvmCrashed(): Buffer {
  * on the main channel.
  */
 export function encodeInputPressure(held: boolean): Buffer {
-  const b = Buffer.alloc(5);
-  b.writeUInt8(held ? inputHeldTag : inputFreeTag, 0);
-  return b;
+  return marker(held ? inputHeldTag : inputFreeTag);
 }
 
 /**
@@ -206,9 +200,7 @@ export function encodeInputPressure(held: boolean): Buffer {
  * the mirror comes too. A coloNet payload, primary to secondary, on the main channel.
  */
 export function encodeChannelDropped(): Buffer {
-  const b = Buffer.alloc(5);
-  b.writeUInt8(channelDroppedTag, 0);
-  return b;
+  return marker(channelDroppedTag);
 }
 
 /** Splits the output channel's byte stream (either way) back into batches (decodeNetBatch each). */
@@ -266,25 +258,10 @@ export function decodeNetBatch(payload: Buffer): NetBatch {
   };
   if (payload.byteLength < 5) bad('too short');
   const tag = payload.readUInt8(0);
-  if (tag === mirrorReadyTag) {
-    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('mirror-ready carries data');
-    return { type: 'mirror-ready' };
-  }
-  if (tag === outputMovedTag) {
-    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('output-moved carries data');
-    return { type: 'output-moved' };
-  }
-  if (tag === svmCrashedTag) {
-    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('svm-crashed carries data');
-    return { type: 'svm-crashed' };
-  }
-  if (tag === inputHeldTag || tag === inputFreeTag) {
-    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('input-held/free carries data');
-    return { type: tag === inputHeldTag ? 'input-held' : 'input-free' };
-  }
-  if (tag === channelDroppedTag) {
-    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad('channel-dropped carries data');
-    return { type: 'channel-dropped' };
+  const markerType = markers.get(tag);
+  if (markerType !== undefined) {
+    if (payload.byteLength !== 5 || payload.readUInt32BE(1) !== 0) bad(`${markerType} carries data`);
+    return { type: markerType };
   }
   if (tag !== inputTag && tag !== outputTag) bad(`unknown batch type ${tag}`);
   let at = 1;

@@ -297,7 +297,7 @@ test('coloNet wire: input and output batches round-trip; corrupt payloads give a
   // The secondary's back-pressure on the mirror: a tag and a zero count, nothing more.
   assert.deepEqual(decodeNetBatch(encodeInputPressure(true)), { type: 'input-held' });
   assert.deepEqual(decodeNetBatch(encodeInputPressure(false)), { type: 'input-free' });
-  assert.throws(() => decodeNetBatch(Buffer.from([6, 0, 0, 0, 1])), /input-held\/free carries data/);
+  assert.throws(() => decodeNetBatch(Buffer.from([6, 0, 0, 0, 1])), /input-held carries data/);
   // The mirror-ready marker of the output channel: exactly a tag and a zero count.
   const ready = encodeMirrorReady();
   assert.equal(ready.readUInt32BE(0), ready.byteLength - 4);

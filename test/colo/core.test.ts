@@ -78,12 +78,27 @@ test('colo core: a new x-checkpoint-delay takes a checkpoint at once when the ti
   assert.deepEqual(p.checkpointsBy, { periodic: 1, mismatch: 0, timeout: 0, resync: 0 });
 });
 
-/** A primary whose first checkpoint was just answered by CHECKPOINT_REPLY (the PVM is being paused). */
-function replied(): PrimaryCore {
-  const p = new PrimaryCore(() => 300);
+/** A primary in COLO between checkpoints: CHECKPOINT_READY came, its PVM resumed, the timer armed. */
+function runningPrimary(delayMs = 300): PrimaryCore {
+  const p = new PrimaryCore(() => delayMs);
   p.step({ type: 'handoff' });
   p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-  p.step({ type: 'vmResumed' });
+  assert.deepEqual(types(p.step({ type: 'vmResumed' })), ['armTimer']);
+  return p;
+}
+
+/** A secondary in COLO between checkpoints: its start done, its SVM running. */
+function runningSecondary(): SecondaryCore {
+  const s = new SecondaryCore();
+  s.step({ type: 'handoff' });
+  s.step({ type: 'started' });
+  assert.equal(s.phase, 'running');
+  return s;
+}
+
+/** A primary whose first checkpoint was just answered by CHECKPOINT_REPLY (the PVM is being paused). */
+function replied(): PrimaryCore {
+  const p = runningPrimary();
   p.step({ type: 'timer' });
   p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
   assert.equal(p.phase, 'pausing');
@@ -170,9 +185,7 @@ test('colo core: compare triggers start a checkpoint when running, wait after VM
 
 /** A secondary receiving its first checkpoint (VMSTATE_SEND came). */
 function receiving(): SecondaryCore {
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
+  const s = runningSecondary();
   s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' });
   s.step({ type: 'vmPaused' });
   s.step({ type: 'message', msg: 'VMSTATE_SEND' });
@@ -276,9 +289,7 @@ test('colo core: after a protocol error mid-checkpoint the secondary applies non
   // Between checkpoints a multifd channel breaks; the main channel still brings a
   // CHECKPOINT_REQUEST. Pausing the SVM for a checkpoint that cannot arrive whole would leave
   // the only copy that can take over stopped.
-  const r = new SecondaryCore();
-  r.step({ type: 'handoff' });
-  r.step({ type: 'started' });
+  const r = runningSecondary();
   assert.deepEqual(types(r.step({ type: 'linkLost', message: 'multifd channel 1 closed' })), []);
   assert.deepEqual(types(r.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), [], 'no pauseVm');
   assert.equal(r.phase, 'running');
@@ -286,9 +297,7 @@ test('colo core: after a protocol error mid-checkpoint the secondary applies non
 
   // Checkpoint state (pages, device blob) without VMSTATE_SEND: the SVM runs, and the cache may
   // hold a part of something. It is a broken stream, never applied.
-  const u = new SecondaryCore();
-  u.step({ type: 'handoff' });
-  u.step({ type: 'started' });
+  const u = runningSecondary();
   assert.deepEqual(types(u.step({ type: 'stateReceived' })), ['closeLink'], 'no VMSTATE_RECEIVED, no apply');
   assert.equal(u.phase, 'running');
   assert.equal(u.checkpoints, 0);
@@ -299,9 +308,7 @@ test('colo core: a channel that breaks while the SVM pauses for a checkpoint: no
   // main channel lives. A reply would make the primary pause its PVM for a checkpoint that cannot
   // arrive whole (one it cannot copy stays paused until the grace period ends), and the SVM,
   // the copy that can take over, would stay stopped.
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
+  const s = runningSecondary();
   assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
   assert.deepEqual(types(s.step({ type: 'linkLost', message: 'multifd channel 1 closed' })), []);
   assert.deepEqual(types(s.step({ type: 'vmPaused' })), ['resumeVm'], 'no CHECKPOINT_REPLY');
@@ -333,9 +340,7 @@ test('colo core: a failover mid-checkpoint before the apply drops the checkpoint
   assert.equal(q.exitReason, 'error');
   // On the secondary a protocol error closes the link but never promotes it (invariant 4):
   // the primary may still serve. x-colo-lost-heartbeat does.
-  const sec = new SecondaryCore();
-  sec.step({ type: 'handoff' });
-  sec.step({ type: 'started' });
+  const sec = runningSecondary();
   assert.deepEqual(types(sec.step({ type: 'message', msg: 'VMSTATE_SEND' })), ['closeLink']);
   assert.equal(sec.phase, 'running');
   assert.deepEqual(types(sec.step({ type: 'linkLost', message: 'closed' })), []);
@@ -381,13 +386,8 @@ test('colo core: once the PVM\'s guest exited no checkpoint starts (timer, compa
 
 test("colo core: the PVM's guest exits before the checkpoint's pause: the checkpoint is abandoned (CHECKPOINT_ABANDONED), the SVM runs on, none starts again", () => {
   const running = (): { p: PrimaryCore; s: SecondaryCore } => {
-    const p = new PrimaryCore(() => 300);
-    const s = new SecondaryCore();
-    p.step({ type: 'handoff' });
-    s.step({ type: 'handoff' });
-    s.step({ type: 'started' });
-    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-    p.step({ type: 'vmResumed' });
+    const p = runningPrimary();
+    const s = runningSecondary();
     assert.deepEqual(types(p.step({ type: 'timer' })), ['send CHECKPOINT_REQUEST']);
     assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_REQUEST' })), ['pauseVm']);
     assert.deepEqual(types(s.step({ type: 'vmPaused' })), ['send CHECKPOINT_REPLY']);
@@ -410,9 +410,7 @@ test("colo core: the PVM's guest exits before the checkpoint's pause: the checkp
   assert.equal(b.p.phase, 'running');
   assert.equal(b.p.checkpoints, 0);
   // The secondary takes CHECKPOINT_ABANDONED only for a checkpoint it paused for.
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
+  const s = runningSecondary();
   assert.deepEqual(types(s.step({ type: 'message', msg: 'CHECKPOINT_ABANDONED' })), ['closeLink']);
 });
 
@@ -436,10 +434,7 @@ test('colo core: the primary closed at process exit is done at once and silent: 
 test('colo core: a checkpoint cut off by a failover after VMSTATE_RECEIVED is counted on both sides (the secondary applies it, the primary released its output); one cut off before is not', () => {
   /** A primary whose checkpoint (asked for by `reason`) the secondary has whole: VMSTATE_RECEIVED came. */
   const received = (reason: 'periodic' | 'mismatch'): PrimaryCore => {
-    const p = new PrimaryCore(() => 300);
-    p.step({ type: 'handoff' });
-    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-    p.step({ type: 'vmResumed' });
+    const p = runningPrimary();
     p.step(reason === 'periodic' ? { type: 'timer' } : { type: 'trigger', reason });
     p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
     p.step({ type: 'vmPaused' });
@@ -496,9 +491,7 @@ function wholeCheckpoint(s: SecondaryCore): SecondaryAction[] {
 
 test('colo core: an SVM crash asks the primary for a checkpoint at once (not the next periodic one); a streak of them is said once; none mid-pause, none once the link is lost', () => {
   const logs = (as: readonly SecondaryAction[]): string[] => as.flatMap((a) => (a.type === 'log' ? [`${a.level}: ${a.message}`] : []));
-  const s = new SecondaryCore();
-  s.step({ type: 'handoff' });
-  s.step({ type: 'started' });
+  const s = runningSecondary();
   const first = s.step({ type: 'guestCrashed', message: 'unreachable' });
   assert.deepEqual(types(first), ['askCheckpoint'], 'the primary is asked for a checkpoint');
   assert.deepEqual(logs(first).map((l) => l.split(':')[0]), ['warn']);
@@ -535,10 +528,7 @@ test('colo core: an SVM crash asks the primary for a checkpoint at once (not the
 });
 
 test('colo core: SVM crashes are replaced by resync checkpoints at once, but no closer together than their gap; any checkpoint asked for since covers a waiting one', () => {
-  const p = new PrimaryCore(() => 60000);
-  p.step({ type: 'handoff' });
-  p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-  assert.deepEqual(types(p.step({ type: 'vmResumed' })), ['armTimer']);
+  const p = runningPrimary(60000);
   /** The checkpoint asked for, from CHECKPOINT_REPLY to VMSTATE_LOADED (the PVM resumed before it). */
   const complete = (): PrimaryAction[] => {
     p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
@@ -574,13 +564,8 @@ test('colo core: SVM crashes are replaced by resync checkpoints at once, but no 
 
 test("colo core: the SVM's guest exits first (GUEST_EXITED): the primary starts no checkpoint, waits for its own guest's exit (not the link's grace), and fails over only if it does not come", () => {
   const running = (): { p: PrimaryCore; s: SecondaryCore } => {
-    const p = new PrimaryCore(() => 300);
-    const s = new SecondaryCore();
-    p.step({ type: 'handoff' });
-    s.step({ type: 'handoff' });
-    s.step({ type: 'started' });
-    p.step({ type: 'message', msg: 'CHECKPOINT_READY' });
-    p.step({ type: 'vmResumed' });
+    const p = runningPrimary();
+    const s = runningSecondary();
     return { p, s };
   };
   // Between checkpoints: the secondary tells, and ends silently.

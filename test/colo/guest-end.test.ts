@@ -10,14 +10,16 @@ import { limits } from '../../src/core/limits.js';
 import { watGuest } from '../framework/machine.js';
 import { assertNoErrors } from '../migration/helpers.js';
 
-/** Accepts one client, reads what it sends, answers "bye\n" and exits with status 7 at once. */
-/** A pair of `guest` (16M, serving on a fresh port) in COLO at `delayMs`: the primary in status colo, the secondary resumed. */
-async function pairInColo(env: TestEnv, guest: string, delayMs: number): Promise<{ port: number; src: TestVm; dst: TestVm }> {
+/**
+ * A pair of `guest` (16M, serving on a fresh port) in COLO at `delayMs`: the primary in status
+ * colo, the secondary resumed. `dstGuestArgs`: WASI arguments of the secondary's guest alone.
+ */
+async function pairInColo(env: TestEnv, guest: string, delayMs: number, dstGuestArgs?: string[]): Promise<{ port: number; src: TestVm; dst: TestVm }> {
   const port = await freePort();
   const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
+    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'], ...(dstGuestArgs !== undefined ? { guestArgs: dstGuestArgs } : {}) }),
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': delayMs }), dst.setMigration({ 'x-colo': true })]);
   const migPort = await dst.listenIncoming();
@@ -29,47 +31,51 @@ async function pairInColo(env: TestEnv, guest: string, delayMs: number): Promise
 
 type TestVm = Awaited<ReturnType<TestEnv['startVm']>>;
 
-function byeGuest(t: TestContext): string {
-  return watGuest(t, 'bye', `(module
+/**
+ * A guest that accepts one client, reads what it sends, runs `beforeAnswer`, answers "bye\n",
+ * then runs `afterAnswer` (by default: exits with status 7 at once). `imports`: what those two
+ * call beyond sock_accept/recv/send and proc_exit; `locals`: _start's locals. The poll_oneoff
+ * subscription, for a sleep, is at 256 (its timeout at 280); the argument sizes at 64.
+ */
+function byeGuestWat(t: TestContext, name: string, parts: { imports?: string; locals?: string; beforeAnswer?: string; afterAnswer?: string }): string {
+  return watGuest(t, name, `(module
     (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
     (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
     (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
+    ${parts.imports ?? ''}
     (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
     (memory (export "memory") 1)
     (data (i32.const 512) "bye\\n")
-    (func (export "_start")
+    (func (export "_start") ${parts.locals ?? ''}
       (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
       (i32.store (i32.const 16) (i32.const 1024))
       (i32.store (i32.const 20) (i32.const 256))
       (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      ${parts.beforeAnswer ?? ''}
       (i32.store (i32.const 48) (i32.const 512))
       (i32.store (i32.const 52) (i32.const 4))
       (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
-      (call $exit (i32.const 7))))`);
+      ${parts.afterAnswer ?? '(call $exit (i32.const 7))'}))`);
+}
+
+const pollImport = '(import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))';
+
+/** Writes a subscription at 256 to a relative timeout of `ns` (the fields it needs: the rest are zero). */
+function sleepWat(ns: number): string {
+  return `(i32.store (i32.const 272) (i32.const 1))
+      (i64.store (i32.const 280) (i64.const ${ns}))`;
+}
+/** poll_oneoff on sleepWat's subscription (a safe point): the sleep itself. */
+const pollWat = '(if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))';
+
+/** Accepts one client, reads what it sends, answers "bye\n" and exits with status 7 at once. */
+function byeGuest(t: TestContext): string {
+  return byeGuestWat(t, 'bye', {});
 }
 
 /** As byeGuest, with a sleep of 300 ms (poll_oneoff, a safe point) between the question and the answer. */
 function slowByeGuest(t: TestContext): string {
-  return watGuest(t, 'slow-bye', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (data (i32.const 512) "bye\\n")
-    (func (export "_start")
-      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 16) (i32.const 1024))
-      (i32.store (i32.const 20) (i32.const 256))
-      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
-      (i32.store (i32.const 272) (i32.const 1))
-      (i64.store (i32.const 280) (i64.const 300000000))
-      (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
-      (i32.store (i32.const 48) (i32.const 512))
-      (i32.store (i32.const 52) (i32.const 4))
-      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
-      (call $exit (i32.const 7))))`);
+  return byeGuestWat(t, 'slow-bye', { imports: pollImport, beforeAnswer: `${sleepWat(300_000_000)}\n      ${pollWat}` });
 }
 
 /**
@@ -77,25 +83,24 @@ function slowByeGuest(t: TestContext): string {
  * not count) between the question and the answer.
  */
 function computeByeGuest(t: TestContext, iterations: number): string {
-  return watGuest(t, 'compute-bye', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (data (i32.const 512) "bye\\n")
-    (func (export "_start") (local $i i64)
-      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 16) (i32.const 1024))
-      (i32.store (i32.const 20) (i32.const 256))
-      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
-      (loop $compute
+  return byeGuestWat(t, 'compute-bye', {
+    locals: '(local $i i64)',
+    beforeAnswer: `(loop $compute
         (local.set $i (i64.add (local.get $i) (i64.const 1)))
-        (br_if $compute (i64.lt_u (local.get $i) (i64.const ${iterations}))))
-      (i32.store (i32.const 48) (i32.const 512))
-      (i32.store (i32.const 52) (i32.const 4))
-      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
-      (call $exit (i32.const 7))))`);
+        (br_if $compute (i64.lt_u (local.get $i) (i64.const ${iterations}))))`,
+  });
+}
+
+/** A client of `port` (its errors ignored), destroyed at cleanup; `got()`: what it received so far. */
+function openClient(env: TestEnv, port: number): { socket: net.Socket; got: () => string } {
+  const socket = net.connect(port, '127.0.0.1');
+  socket.on('error', () => undefined);
+  env.onCleanup(() => {
+    socket.destroy();
+  });
+  let got = '';
+  socket.on('data', (d) => (got += d.toString()));
+  return { socket, got: () => got };
 }
 
 /** Connect, send `x`, and collect what comes back until the connection ends (reset included). */
@@ -151,11 +156,7 @@ test("colo: a guest that crashes on both nodes (the same input makes both trap):
       (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
       unreachable))`);
   const { port, src, dst } = await pairInColo(env, guest, 60000);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
+  openClient(env, port);
   await Promise.all([src.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 }), dst.waitEvent('GUEST_PANICKED', { timeoutMs: 20000 })]);
   // The primary leaves COLO (its guest crashed); the secondary's crash has no checkpoint to replace it.
   await src.waitEvent('COLO_EXIT', { timeoutMs: 10000 });
@@ -179,28 +180,21 @@ test('colo: a guest that sleeps longer than x-checkpoint-delay between replies: 
   const guest = watGuest(t, 'slow-tick', `(module
     (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
     (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+    ${pollImport}
     (memory (export "memory") 1)
     (data (i32.const 512) "tick\\n")
     (func (export "_start")
       (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 272) (i32.const 1))
-      (i64.store (i32.const 280) (i64.const 1200000000))
+      ${sleepWat(1_200_000_000)}
       (i32.store (i32.const 48) (i32.const 512))
       (i32.store (i32.const 52) (i32.const 5))
       (loop $sleep
-        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
+        ${pollWat}
         (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
         (br $sleep))))`);
   const { port, src, dst } = await pairInColo(env, guest, 400);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
-  let got = '';
-  client.on('data', (d) => (got += d.toString()));
-  await waitFor('four ticks', () => got.split('tick\n').length - 1 >= 4, 30000, 20);
+  const { got } = openClient(env, port);
+  await waitFor('four ticks', () => got().split('tick\n').length - 1 >= 4, 30000, 20);
   const counters = ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, number> })['x-colo'];
   assert.ok(counters['checkpoints-periodic']! >= 6, `periodic checkpoints ran meanwhile (${JSON.stringify(counters)})`);
   assert.equal(counters['checkpoints-timeout'], 0, `no tick waited for the secondary's beyond the compare's timeout (${JSON.stringify(counters)})`);
@@ -302,52 +296,22 @@ test("colo: the SVM's guest exits before the PVM's (the primary lags, here stopp
 test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: here the guest exits only when given an argument, which only the secondary's has): the primary goes on unprotected after limits.coloSvmExitWaitMs, saying why", async (t) => {
   // Answers "bye\n", then exits (status 7) if it has an argument, else sleeps on for good.
   // (WASI args are the process's own, not part of the migrated state.)
-  const guest = watGuest(t, 'bye-if-arg', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "sock_send" (func $send (param i32 i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (data (i32.const 512) "bye\\n")
-    (func (export "_start")
-      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
-      (i32.store (i32.const 16) (i32.const 1024))
-      (i32.store (i32.const 20) (i32.const 256))
-      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
-      (i32.store (i32.const 48) (i32.const 512))
-      (i32.store (i32.const 52) (i32.const 4))
-      (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
-      (drop (call $argsSizes (i32.const 64) (i32.const 68)))
+  const guest = byeGuestWat(t, 'bye-if-arg', {
+    imports: `(import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
+    ${pollImport}`,
+    afterAnswer: `(drop (call $argsSizes (i32.const 64) (i32.const 68)))
       (if (i32.gt_u (i32.load (i32.const 64)) (i32.const 1)) (then (call $exit (i32.const 7))))
-      (i32.store (i32.const 272) (i32.const 1))
-      (i64.store (i32.const 280) (i64.const 100000000))
+      ${sleepWat(100_000_000)}
       (loop $sleep
-        (if (call $poll (i32.const 256) (i32.const 320) (i32.const 1) (i32.const 360)) (then (unreachable)))
-        (br $sleep))))`);
-  const env = new TestEnv(t);
-  const port = await freePort();
-  const common = ['--memory', '16M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest, args: common }),
-    env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'], guestArgs: ['exit'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 60000 }), dst.setMigration({ 'x-colo': true })]);
-  const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  await src.waitMigrationStatus('colo', 30000);
-  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
+        ${pollWat}
+        (br $sleep))`,
   });
-  let got = '';
-  client.on('data', (d) => (got += d.toString()));
-  client.write('x');
+  const env = new TestEnv(t);
+  const { port, src, dst } = await pairInColo(env, guest, 60000, ['exit']);
+  const client = openClient(env, port);
+  client.socket.write('x');
   assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
-  await waitFor('the answer', () => got === 'bye\n' || undefined, 10000, 10);
+  await waitFor('the answer', () => client.got() === 'bye\n' || undefined, 10000, 10);
   const exit = await src.waitEvent('COLO_EXIT', { timeoutMs: limits.coloSvmExitWaitMs + 10000 });
   assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
   assert.match(src.stderr, /the secondary's guest exited \d+ ms ago and this one has not: the two runs diverged; going on unprotected/);

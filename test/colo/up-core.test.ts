@@ -4,7 +4,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { PairCore, type PairAction, type PairEvent } from '../../src/cli/up-core.js';
+import { PairCore, type PairAction, type PairConfig, type PairEvent } from '../../src/cli/up-core.js';
 import { limits } from '../../src/core/limits.js';
 
 /** Actions as short strings, logs left out. */
@@ -35,16 +35,58 @@ function show(a: PairAction): string {
   }
 }
 
-function protectedPair(): PairCore {
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
+/** The configuration of most tests: two protection attempts, 100 ms apart, no stable period. */
+function pairCore(cfg: Partial<PairConfig> = {}): PairCore {
+  return new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0, ...cfg });
+}
+
+/**
+ * A pair started with `cfg`: nodes 1 and 2 (pids 101, 102) spawned and ready (`readyFirst`
+ * first), the protection of 1 by 2 asked for.
+ */
+function protecting(cfg: Partial<PairConfig> = {}, readyFirst: 1 | 2 = 1): PairCore {
+  const c = pairCore(cfg);
   assert.deepEqual(run(c, { type: 'start' }), ['pair: starting', 'spawn 1 primary', 'spawn 2 secondary']);
   run(c, { type: 'spawned', node: 1, pid: 101 });
   run(c, { type: 'spawned', node: 2, pid: 102 });
-  assert.deepEqual(run(c, { type: 'ready', node: 2 }), []);
-  assert.deepEqual(run(c, { type: 'ready', node: 1 }), ['protect 1->2']);
+  assert.deepEqual(run(c, { type: 'ready', node: readyFirst }), []);
+  assert.deepEqual(run(c, { type: 'ready', node: readyFirst === 1 ? 2 : 1 }), ['protect 1->2']);
+  assert.equal(c.phase, 'protecting');
+  return c;
+}
+
+function protectedPair(): PairCore {
+  const c = protecting({}, 2);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 102)']);
   assert.equal(c.phase, 'protected');
   return c;
+}
+
+/** Secondary `s` (pid 100 + s) spawned and ready: the core asks for the protection of `primary` by it. */
+function secondaryReady(c: PairCore, primary: number, s: number): void {
+  run(c, { type: 'spawned', node: s, pid: 100 + s });
+  assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${primary}->${s}`]);
+}
+
+/** A protected pair whose secondary died: primary 1 re-protected by node 3, asked for. */
+function reprotectingBy3(): PairCore {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
+  assert.deepEqual(run(c, { type: 'continued', node: 1 }).slice(-1), ['spawn 3 secondary']);
+  secondaryReady(c, 1, 3);
+  return c;
+}
+
+/** What a protection attempt saw (`e`) before it failed is forgotten: the next protection starts clean. */
+function assertFailedProtectionForgets(e: PairEvent): void {
+  const f = reprotectingBy3();
+  run(f, e);
+  assert.deepEqual(run(f, { type: 'protectFailed', error: 'cancelled' }), ['pair: unprotected (attempt 1 to protect it failed: cancelled)', 'kill 3 SIGKILL']);
+  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  run(f, { type: 'timer', name: 'retry' });
+  secondaryReady(f, 1, 4);
+  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+  assert.equal(f.phase, 'protected');
 }
 
 test('colo up core: the primary dies: the secondary takes over, a new secondary protects it again', () => {
@@ -57,8 +99,7 @@ test('colo up core: the primary dies: the secondary takes over, a new secondary 
     'pair: re-protecting',
     'spawn 3 secondary',
   ]);
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 2->3']);
+  secondaryReady(c, 2, 3);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 102, secondary pid 103)']);
 });
 
@@ -70,17 +111,12 @@ test('colo up core: the secondary dies: the primary continues, then is protected
     'pair: re-protecting',
     'spawn 3 secondary',
   ]);
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  secondaryReady(c, 1, 3);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
 });
 
 test('colo up core: a failed protection kills the secondary and retries; after too many it says so and retries slowly until protected', () => {
-  const c = protectedPair();
-  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
-  run(c, { type: 'continued', node: 1 });
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  run(c, { type: 'ready', node: 3 });
+  const c = reprotectingBy3();
   assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' }), ['discardDisk 3', 'pair: unprotected (primary 101; next protection attempt in 0.1 s)', 'timer retry 100']);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 4 secondary']);
@@ -95,13 +131,11 @@ test('colo up core: a failed protection kills the secondary and retries; after t
   assert.equal(c.phase, 'unprotected');
   // Later attempts do not say again that it gave up; one that succeeds protects the pair again.
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 5 secondary']);
-  run(c, { type: 'spawned', node: 5, pid: 105 });
-  assert.deepEqual(run(c, { type: 'ready', node: 5 }), ['protect 1->5']);
+  secondaryReady(c, 1, 5);
   assert.deepEqual(run(c, { type: 'protectFailed', error: 'still full' }), ['pair: unprotected (attempt 3 to protect it failed: still full)', 'kill 5 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 5, code: null, signal: 'SIGKILL' }), ['discardDisk 5', 'pair: unprotected (primary 101; next protection attempt in 60 s)', 'timer retry 60000']);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 6 secondary']);
-  run(c, { type: 'spawned', node: 6, pid: 106 });
-  run(c, { type: 'ready', node: 6 });
+  secondaryReady(c, 1, 6);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 106)']);
   assert.equal(c.phase, 'protected');
   // The next failure starts a new count.
@@ -242,8 +276,7 @@ test('colo up core: a primary that leaves COLO by itself gets its out-of-date se
   assert.equal(c.secondary?.id, 3, 'the out-of-date secondary can no longer be told to take over');
   // Its death is that of a replaced node: no failover.
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), []);
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  secondaryReady(c, 1, 3);
   assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
   // The primary dies now: the new secondary, which has everything, takes over.
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3']);
@@ -285,12 +318,7 @@ test('colo up core: a secondary that is taking over is never killed for a slow h
 });
 
 test('colo up core: a protection that ends before it is stable counts as a failed attempt: the next waits its turn, and after too many, the slow retries', () => {
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 30000 });
-  run(c, { type: 'start' });
-  run(c, { type: 'spawned', node: 1, pid: 101 });
-  run(c, { type: 'spawned', node: 2, pid: 102 });
-  run(c, { type: 'ready', node: 1 });
-  run(c, { type: 'ready', node: 2 });
+  const c = protecting({ stableMs: 30000 });
   assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 102)']);
   // The secondary dies at once: the primary goes on, the next attempt waits (100 ms × 1).
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
@@ -302,8 +330,7 @@ test('colo up core: a protection that ends before it is stable counts as a faile
   // The first protection's stable timer, late, changes nothing now.
   assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 1 }), []);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 3 secondary']);
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  assert.deepEqual(run(c, { type: 'ready', node: 3 }), ['protect 1->3']);
+  secondaryReady(c, 1, 3);
   assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 103)']);
   // The first protection's stable timer, if it fires only now, is not this protection's.
   assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 1 }), []);
@@ -314,8 +341,7 @@ test('colo up core: a protection that ends before it is stable counts as a faile
   assert.equal(out[2], 'timer retry 60000');
   // A protection that lasts: its stable timer clears the count, and a later failover re-protects at once.
   run(c, { type: 'timer', name: 'retry' });
-  run(c, { type: 'spawned', node: 4, pid: 104 });
-  run(c, { type: 'ready', node: 4 });
+  secondaryReady(c, 1, 4);
   run(c, { type: 'protected' });
   assert.deepEqual(run(c, { type: 'timer', name: 'stable', gen: 3 }), []);
   run(c, { type: 'exited', node: 4, code: null, signal: 'SIGKILL' });
@@ -328,8 +354,7 @@ test('colo up core: the primary dies and its secondary dies while taking over: t
   const c = protectedPair();
   run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
   run(c, { type: 'tookOver', node: 2 });
-  run(c, { type: 'spawned', node: 3, pid: 103 });
-  run(c, { type: 'ready', node: 3 });
+  secondaryReady(c, 2, 3);
   run(c, { type: 'protected' });
   const died = run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
   assert.deepEqual(died, ['takeover 3'], 'the dead primary keeps its disk while its secondary takes over');
@@ -371,8 +396,7 @@ function delaysAfterPrimaryColoExits(c: PairCore, cycles: number): { delays: num
       delays.push(0);
     }
     const s = Number(spawned.split(' ')[1]);
-    run(c, { type: 'spawned', node: s, pid: 100 + s });
-    assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${p}->${s}`]);
+    secondaryReady(c, p, s);
     run(c, { type: 'protected' });
     // The killed, out-of-date secondary's exit comes late: that of a replaced node.
     assert.deepEqual(run(c, { type: 'exited', node: s - 1, code: null, signal: 'SIGKILL' }), []);
@@ -381,12 +405,7 @@ function delaysAfterPrimaryColoExits(c: PairCore, cycles: number): { delays: num
 }
 
 test('colo up core: a primary that leaves COLO by itself right after every protection is re-protected with the growing pause, not at once each time', () => {
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, retryLaterMs: 5000, stopTimeoutMs: 500, stableMs: 30000 });
-  run(c, { type: 'start' });
-  run(c, { type: 'spawned', node: 1, pid: 101 });
-  run(c, { type: 'spawned', node: 2, pid: 102 });
-  run(c, { type: 'ready', node: 1 });
-  run(c, { type: 'ready', node: 2 });
+  const c = protecting({ protectAttemptsMax: 3, retryLaterMs: 5000, stableMs: 30000 });
   run(c, { type: 'protected' });
   const { delays, lines } = delaysAfterPrimaryColoExits(c, 5);
   // 100 ms × 1, × 2, then attemptsMax (3) failures in a row: every retryLaterMs.
@@ -408,12 +427,7 @@ test('colo up core: a primary that leaves COLO by itself right after every prote
 test('colo up core: a secondary that dies right after it entered COLO, before the supervisor saw the protection complete: the primary is told to go on alone, and it is a failed attempt', () => {
   // protect() saw the primary in status colo and the secondary's MIGRATION colo event (already
   // in its QMP log), but the secondary's exit was handled first, while the pair was protecting.
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 30000 });
-  run(c, { type: 'start' });
-  run(c, { type: 'spawned', node: 1, pid: 101 });
-  run(c, { type: 'spawned', node: 2, pid: 102 });
-  run(c, { type: 'ready', node: 1 });
-  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  const c = protecting({ protectAttemptsMax: 3, stableMs: 30000 });
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGSEGV' }), ['discardDisk 2']);
   const out = run(c, { type: 'protected' });
   assert.ok(!out.some((l) => l.startsWith('pair: protected')), `a dead secondary protects nothing: ${JSON.stringify(out)}`);
@@ -496,7 +510,7 @@ test('colo up core: both children die, the secondary first: the line says the pa
 });
 
 test('adopting the children of a supervisor that died: a protected pair is supervised as it is; a lone primary is protected again, with ids the folder never had', () => {
-  const c = new PairCore({ address: '127.0.0.1:6379', stateDir: '/s', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
+  const c = pairCore({ stateDir: '/s' });
   assert.deepEqual(run(c, { type: 'adopt', primary: { id: 4, pid: 404 }, secondary: { id: 5, pid: 505 }, nextId: 7 }), ['pair: adopted (state in /s): protected (primary pid 404, secondary pid 505)']);
   assert.equal(c.phase, 'protected');
   assert.deepEqual(run(c, { type: 'adopt', primary: { id: 1, pid: 1 }, secondary: null, nextId: 1 }), [], 'once');
@@ -504,7 +518,7 @@ test('adopting the children of a supervisor that died: a protected pair is super
   assert.deepEqual(run(c, { type: 'exited', node: 4, code: null, signal: null }), ['takeover 5']);
   assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exited); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
 
-  const lone = new PairCore({ address: '127.0.0.1:6379', stateDir: '/s', retryDelayMs: 100, protectAttemptsMax: 2, stopTimeoutMs: 500, stableMs: 0 });
+  const lone = pairCore({ stateDir: '/s' });
   assert.deepEqual(run(lone, { type: 'adopt', primary: { id: 2, pid: 202 }, secondary: null, nextId: 3 }), ['pair: adopted (state in /s): primary 202 runs unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
   run(lone, { type: 'spawned', node: 3, pid: 303 });
   assert.deepEqual(run(lone, { type: 'ready', node: 3 }), ['protect 2->3'], 'the adopted primary is ready');
@@ -520,8 +534,7 @@ test('colo up core: a pair that fails over and is re-protected 60 times keeps on
   const known = (): number[] => Array.from({ length: next }, (_, i) => i).filter((id) => c.node(id) !== undefined);
   const reprotect = (): void => {
     const s = next++;
-    run(c, { type: 'spawned', node: s, pid: 100 + s });
-    assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${primary}->${s}`]);
+    secondaryReady(c, primary, s);
     run(c, { type: 'protected' });
     assert.equal(c.phase, 'protected');
     secondary = s;
@@ -549,8 +562,7 @@ test('colo up core: a pair that fails over and is re-protected 60 times keeps on
         run(c, { type: 'exited', node: secondary, code: null, signal: 'SIGKILL' });
         run(c, { type: 'continued', node: primary });
         const s = next++;
-        run(c, { type: 'spawned', node: s, pid: 100 + s });
-        run(c, { type: 'ready', node: s });
+        secondaryReady(c, primary, s);
         assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', `kill ${s} SIGKILL`]);
         run(c, { type: 'exited', node: s, code: null, signal: 'SIGKILL' });
         assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', `spawn ${next} secondary`]);
@@ -589,12 +601,7 @@ test('colo up core: a COLO_EXIT that comes while the protection completes is act
   // once and its COLO_EXIT was handled before 'protected'. Ignored, the pair would say it is
   // protected while its secondary falls behind: a later death of the primary would hand the
   // service to a secondary that lacks every reply released since.
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 30000 });
-  run(c, { type: 'start' });
-  run(c, { type: 'spawned', node: 1, pid: 101 });
-  run(c, { type: 'spawned', node: 2, pid: 102 });
-  run(c, { type: 'ready', node: 1 });
-  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  const c = protecting({ protectAttemptsMax: 3, stableMs: 30000 });
   assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), []);
   const out = run(c, { type: 'protected' });
   assert.ok(out.includes('kill 2 SIGKILL') && out.includes('discardDisk 2'), `the secondary is killed: ${JSON.stringify(out)}`);
@@ -607,31 +614,14 @@ test('colo up core: a COLO_EXIT that comes while the protection completes is act
 
   // The secondary's COLO_EXIT (its first apply broke off) likewise: it is killed, and its death
   // is the failover to the primary.
-  const d = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 0 });
-  run(d, { type: 'start' });
-  run(d, { type: 'spawned', node: 1, pid: 101 });
-  run(d, { type: 'spawned', node: 2, pid: 102 });
-  run(d, { type: 'ready', node: 1 });
-  run(d, { type: 'ready', node: 2 });
+  const d = protecting({ protectAttemptsMax: 3 });
   assert.deepEqual(run(d, { type: 'coloExit', node: 2, mode: 'secondary', reason: 'error' }), []);
   assert.deepEqual(run(d, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 102)', 'kill 2 SIGKILL']);
   assert.deepEqual(run(d, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 2']);
 
   // A protection that fails forgets a COLO_EXIT seen during it (the primary leaves COLO when
   // the supervisor cancels it): the next protection starts clean.
-  const f = protectedPair();
-  run(f, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
-  run(f, { type: 'continued', node: 1 });
-  run(f, { type: 'spawned', node: 3, pid: 103 });
-  run(f, { type: 'ready', node: 3 });
-  run(f, { type: 'coloExit', node: 1, mode: 'primary', reason: 'request' });
-  run(f, { type: 'protectFailed', error: 'cancelled' });
-  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
-  run(f, { type: 'timer', name: 'retry' });
-  run(f, { type: 'spawned', node: 4, pid: 104 });
-  run(f, { type: 'ready', node: 4 });
-  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
-  assert.equal(f.phase, 'protected');
+  assertFailedProtectionForgets({ type: 'coloExit', node: 1, mode: 'primary', reason: 'request' });
 });
 
 test('colo up core: a primary whose guest crashes while the protection completes is fenced once the pair is protected: the secondary takes over, and is not killed for the COLO_EXIT that followed the crash', () => {
@@ -639,12 +629,7 @@ test('colo up core: a primary whose guest crashes while the protection completes
   // its COLO_EXIT, reason error). Left as it was ("no partner" at 'protecting'), the pair would
   // report itself protected with a dead primary, and the replayed COLO_EXIT would even kill the
   // secondary, the only copy of the service.
-  const c = new PairCore({ address: '127.0.0.1:6379', retryDelayMs: 100, protectAttemptsMax: 3, stopTimeoutMs: 500, stableMs: 0 });
-  run(c, { type: 'start' });
-  run(c, { type: 'spawned', node: 1, pid: 101 });
-  run(c, { type: 'spawned', node: 2, pid: 102 });
-  run(c, { type: 'ready', node: 1 });
-  assert.deepEqual(run(c, { type: 'ready', node: 2 }), ['protect 1->2']);
+  const c = protecting({ protectAttemptsMax: 3 });
   assert.deepEqual(run(c, { type: 'crashed', node: 1, message: 'unreachable', at: 0 }), [], 'no partner yet: not killed now');
   assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), []);
   const out = run(c, { type: 'protected' });
@@ -655,18 +640,7 @@ test('colo up core: a primary whose guest crashes while the protection completes
   assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (killed: guest crashed: unreachable); secondary 102 took over on 127.0.0.1:6379']);
 
   // A crash of a protection that fails is forgotten: the next protection starts clean.
-  const f = protectedPair();
-  run(f, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
-  run(f, { type: 'continued', node: 1 });
-  run(f, { type: 'spawned', node: 3, pid: 103 });
-  run(f, { type: 'ready', node: 3 });
-  run(f, { type: 'crashed', node: 1, message: 'unreachable', at: 0 });
-  run(f, { type: 'protectFailed', error: 'cancelled' });
-  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
-  run(f, { type: 'timer', name: 'retry' });
-  run(f, { type: 'spawned', node: 4, pid: 104 });
-  run(f, { type: 'ready', node: 4 });
-  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+  assertFailedProtectionForgets({ type: 'crashed', node: 1, message: 'unreachable', at: 0 });
 });
 
 test('colo up core: a secondary whose guest crashes again and again (upSecondaryCrashesMax within upSecondaryCrashWindowMs) is replaced, not resynced for ever; crashes far apart are not', () => {

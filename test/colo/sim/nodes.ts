@@ -219,13 +219,21 @@ export class PrimaryNode implements Endpoint {
   close(): void {
     this.closed = true;
     this.dispatch({ type: 'close' });
+    this.clearTimersAndDiscard();
+  }
+
+  /**
+   * driver.ts clearTimers and PrimaryNet.discard (held output dropped, no more triggers): at
+   * close, failover and leave.
+   */
+  private clearTimersAndDiscard(): void {
     this.timer?.cancel();
     this.grace?.cancel();
     this.exitWait?.cancel();
     this.timer = null;
     this.grace = null;
     this.exitWait = null;
-    this.compareStopped = true; // PrimaryNet.discard: held output dropped, no more triggers
+    this.compareStopped = true;
   }
 
   dispatch(ev: PrimaryEvent): void {
@@ -400,13 +408,7 @@ export class PrimaryNode implements Endpoint {
         this.switchTask('start', 'P.vmResumed', 'vmResumed');
         return;
       case 'failover':
-        this.timer?.cancel();
-        this.grace?.cancel();
-        this.exitWait?.cancel();
-        this.timer = null;
-        this.grace = null;
-        this.exitWait = null;
-        this.compareStopped = true;
+        this.clearTimersAndDiscard();
         w.hook('P.failover');
         spawn(
           w.sim,
@@ -425,11 +427,7 @@ export class PrimaryNode implements Endpoint {
       case 'leave':
         // driver.ts: timers cleared, held output dropped (not released), channels closed, COLO_EXIT.
         this.left = true;
-        this.timer?.cancel();
-        this.grace?.cancel();
-        this.timer = null;
-        this.grace = null;
-        this.compareStopped = true;
+        this.clearTimersAndDiscard();
         this.exits += 1;
         w.link.destroy(0, 'the primary left COLO (its guest crashed)');
         return;
