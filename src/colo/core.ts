@@ -138,6 +138,12 @@ export type PrimaryAction =
   | { type: 'armGrace' }
   /** Feed exitWaitElapsed after limits.coloSvmExitWaitMs (cleared with the other timers). */
   | { type: 'armExitWait' }
+  /**
+   * The SVM is gone for good (its guest exited): stop mirroring, release all held output and
+   * let the PVM's through uncompared from now on. No secondary is left that a release could
+   * contradict, and holding it would stall every client until exitWaitElapsed.
+   */
+  | { type: 'uncompared' }
   | { type: 'pauseVm' }
   /** Collect and send the checkpoint; feed stateCaptured if the state was copied before it is sent, then stateSent. */
   | { type: 'sendState' }
@@ -370,14 +376,20 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
    * CHECKPOINT_REPLY (the SVM's pause found its guest exited): that checkpoint is not taken,
    * none starts any more, and the PVM is not paused for a node that is gone. This guest, on
    * the same way, exits too; if it does not within limits.coloSvmExitWaitMs, the runs diverged
-   * (exitWaitElapsed).
+   * (exitWaitElapsed). Meanwhile its output is released uncompared: with the SVM gone no
+   * takeover can contradict it, and a diverged PVM's output would otherwise wait that long for
+   * a copy that never comes.
    */
   private svmGuestExited(): PrimaryAction[] {
     this.svmExited = true;
     this.wanted = null;
     if (this.phase === 'requested') this.phase = 'running';
     if (this.guestExited) return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited too" }];
-    return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited (its process ends): no checkpoint starts any more; waiting for this guest's own exit" }, { type: 'armExitWait' }];
+    return [
+      { type: 'log', level: 'info', message: "COLO: the secondary's guest exited (its process ends): no checkpoint starts any more, this guest's output goes to its clients uncompared; waiting for this guest's own exit" },
+      { type: 'uncompared' },
+      { type: 'armExitWait' },
+    ];
   }
 
   private countCheckpoint(): void {

@@ -298,6 +298,11 @@ export class PrimaryDriver {
       case 'armGrace':
         this.grace ??= setTimeout(() => this.dispatch({ type: 'graceElapsed' }), linkLossGraceMs);
         return;
+      case 'uncompared':
+        // net.stop(): what the failover does to the network, with COLO still on until this
+        // guest's exit or exitWaitElapsed.
+        this.net.stop();
+        return;
       case 'armExitWait':
         this.exitWait ??= setTimeout(() => this.dispatch({ type: 'exitWaitElapsed', ms: limits.coloSvmExitWaitMs }), limits.coloSvmExitWaitMs);
         return;

@@ -293,14 +293,21 @@ test("colo: the SVM's guest exits before the PVM's (the primary lags, here stopp
   assertNoErrors(src, dst);
 });
 
-test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: here the guest exits only when given an argument, which only the secondary's has): the primary goes on unprotected after limits.coloSvmExitWaitMs, saying why", async (t) => {
-  // Answers "bye\n", then exits (status 7) if it has an argument, else sleeps on for good.
+test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: here the guest exits only when given an argument, which only the secondary's has): the PVM's further answers reach the client at once, uncompared, and the primary goes on unprotected after limits.coloSvmExitWaitMs, saying why", async (t) => {
+  // Answers "bye\n", then exits (status 7) if it has an argument, else answers "bye\n" to
+  // whatever comes next, and sleeps on for good once its client has closed.
   // (WASI args are the process's own, not part of the migrated state.)
   const guest = byeGuestWat(t, 'bye-if-arg', {
     imports: `(import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
     ${pollImport}`,
     afterAnswer: `(drop (call $argsSizes (i32.const 64) (i32.const 68)))
       (if (i32.gt_u (i32.load (i32.const 64)) (i32.const 1)) (then (call $exit (i32.const 7))))
+      (loop $serve
+        (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+        (if (i32.load (i32.const 32))
+          (then
+            (drop (call $send (i32.load (i32.const 0)) (i32.const 48) (i32.const 1) (i32.const 0) (i32.const 56)))
+            (br $serve))))
       ${sleepWat(100_000_000)}
       (loop $sleep
         ${pollWat}
@@ -312,6 +319,11 @@ test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: h
   client.socket.write('x');
   assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
   await waitFor('the answer', () => client.got() === 'bye\n' || undefined, 10000, 10);
+  // Only the PVM answers now: with the SVM gone its output goes out uncompared, not held for
+  // limits.coloSvmExitWaitMs waiting for a copy that never comes.
+  client.socket.write('y');
+  await waitFor("the PVM's second answer", () => client.got() === 'bye\nbye\n' || undefined, 3000, 10);
+  assert.deepEqual(src.qmp.events.filter((e) => e.event === 'COLO_EXIT'), [], 'it came before the failover for the divergence');
   const exit = await src.waitEvent('COLO_EXIT', { timeoutMs: limits.coloSvmExitWaitMs + 10000 });
   assert.deepEqual(exit.data, { mode: 'primary', reason: 'error' });
   assert.match(src.stderr, /the secondary's guest exited \d+ ms ago and this one has not: the two runs diverged; going on unprotected/);

@@ -344,6 +344,9 @@ export class PrimaryNode implements Endpoint {
       case 'armGrace':
         this.grace ??= w.sim.after(w.graceMs, () => this.dispatch({ type: 'graceElapsed' }), this.owner);
         return;
+      case 'uncompared':
+        this.compareStopped = true;
+        return;
       case 'armExitWait':
         this.exitWait ??= w.sim.after(limits.coloSvmExitWaitMs, () => this.dispatch({ type: 'exitWaitElapsed', ms: limits.coloSvmExitWaitMs }), this.owner);
         return;
