@@ -384,7 +384,10 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     this.svmExited = true;
     this.wanted = null;
     if (this.phase === 'requested') this.phase = 'running';
-    if (this.guestExited) return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited too" }];
+    // This guest exited first and its process waits for its last output's copy: an SVM that
+    // answered otherwise (the runs diverged at the end) sends none, and that output was dropped
+    // after limits.coloGuestExitDrainMs. With the SVM gone nothing can contradict it: released.
+    if (this.guestExited) return [{ type: 'log', level: 'info', message: "COLO: the secondary's guest exited too" }, { type: 'uncompared' }];
     return [
       { type: 'log', level: 'info', message: "COLO: the secondary's guest exited (its process ends): no checkpoint starts any more, this guest's output goes to its clients uncompared; waiting for this guest's own exit" },
       { type: 'uncompared' },

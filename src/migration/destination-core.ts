@@ -69,7 +69,8 @@ export type DestinationEvent =
   | { type: 'peerClosed'; now: number };
 
 export type ReplyMessage =
-  | { kind: 'ready'; channelPorts: number[]; disk: string }
+  /** `colo`: with a COLO source, the version of COLO's messages this destination speaks (checked by the source too). */
+  | { kind: 'ready'; channelPorts: number[]; disk: string; colo?: number }
   | { kind: 'refuse'; message: string }
   | { kind: 'loaded' }
   | { kind: 'resumed' }
@@ -111,6 +112,8 @@ export class DestinationCore {
   private channels = 0;
   private migrationId = '';
   private handoffAgreed = false;
+  /** The source asked for x-colo (and named this build's COLO version): `ready` names it back. */
+  private coloAsked = false;
   private rounds = 0;
   private roundPages = 0;
   private roundBlocks = 0;
@@ -167,7 +170,9 @@ export class DestinationCore {
         }
         this.stats.setupTimeMs = ev.now - this.connectedAtMs;
         this.phase = 'rounds';
-        return [{ type: 'reply', message: { kind: 'ready', channelPorts: ev.channelPorts, disk: ev.disk } }];
+        // A COLO source checks the version named here: a destination of an older build, which
+        // does not check the hello's, names none, and the source refuses it (session.ts).
+        return [{ type: 'reply', message: { kind: 'ready', channelPorts: ev.channelPorts, disk: ev.disk, ...(this.coloAsked ? { colo: this.opts.coloVersion } : {}) } }];
       case 'barrierDone':
         return this.onBarrierDone(ev);
       case 'restored':
@@ -213,7 +218,8 @@ export class DestinationCore {
         }
         this.channels = f.hello.channels;
         this.migrationId = f.hello.migrationId;
-        this.handoffAgreed = this.opts.handoff === true && f.hello.capabilities['x-colo'] === true;
+        this.coloAsked = f.hello.capabilities['x-colo'] === true;
+        this.handoffAgreed = this.opts.handoff === true && this.coloAsked;
         this.phase = 'setup';
         return [];
       }

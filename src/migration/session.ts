@@ -175,6 +175,12 @@ export class SourceSession {
     channel.sendJson(FrameType.setup, setup);
     const ready = await this.waitReply('ready', limits.migrationHandshakeTimeoutMs, 'the destination to accept the setup');
     if (this.ending) throw this.failure ?? new ChannelClosedError('the migration ended while connecting');
+    // The destination checked the COLO version of the hello; one of an older build did not
+    // (it ignores the field) and names none here: it would misread COLO's newer messages.
+    if (this.opts.capabilities['x-colo'] === true && ready.colo !== coloWireVersion) {
+      const theirs = typeof ready.colo === 'number' ? `COLO protocol version ${ready.colo}` : 'no COLO protocol version (an older build)';
+      throw new MigrationError('COLO_VERSION_MISMATCH', `the destination speaks ${theirs}, this source ${coloWireVersion}`);
+    }
     const mode = ready.disk;
     if (mode !== 'full' && mode !== 'overlay' && mode !== 'shared' && mode !== 'none') throw new StreamError('FRAME_INVALID', `ready: bad disk mode ${String(mode)}`);
     this.disk = new DiskSender(m.disk, mode);

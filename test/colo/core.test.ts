@@ -612,6 +612,12 @@ test("colo core: the SVM's guest exits first (GUEST_EXITED): the primary starts 
   e.s.step({ type: 'lostHeartbeat' });
   e.s.step({ type: 'failoverDone' });
   assert.deepEqual(e.s.step({ type: 'guestExited' }), []);
+  // The PVM's guest exited first and its process waits for its last output's copy: GUEST_EXITED
+  // releases whatever is held (a copy that differed, the runs diverged at the end, never would).
+  const g = running();
+  assert.deepEqual(g.p.step({ type: 'guestExited' }), []);
+  assert.deepEqual(types(g.p.step({ type: 'message', msg: 'GUEST_EXITED' })), ['uncompared']);
+  assert.deepEqual(g.p.step({ type: 'exitWaitElapsed', ms: 10000 }), []);
   // GUEST_EXITED in the middle of a checkpoint the secondary replied to cannot be: a protocol error.
   const f = running();
   f.p.step({ type: 'timer' });

@@ -331,3 +331,27 @@ test("colo: the SVM's guest exits and the PVM's does not (their runs diverged: h
   assert.equal(await src.status(), 'running', 'the primary runs on, unprotected');
   assertNoErrors(src, dst);
 });
+
+test("colo: the PVM's guest answers and exits first, the SVM's answers otherwise and exits (their runs diverged at the end: here the secondary's guest has an argument): the client gets the PVM's answer once GUEST_EXITED comes, not nothing after limits.coloGuestExitDrainMs", async (t) => {
+  // Answers "bye\n" and exits (status 7); given an argument, it sleeps 200 ms first and answers
+  // "byf\n": the PVM's answer waits in the compare for a copy that differs.
+  const guest = byeGuestWat(t, 'byf-if-arg', {
+    imports: `(import "wasi_snapshot_preview1" "args_sizes_get" (func $argsSizes (param i32 i32) (result i32)))
+    ${pollImport}`,
+    beforeAnswer: `(drop (call $argsSizes (i32.const 64) (i32.const 68)))
+      (if (i32.gt_u (i32.load (i32.const 64)) (i32.const 1))
+        (then
+          ${sleepWat(200_000_000)}
+          ${pollWat}
+          (i32.store8 (i32.const 514) (i32.const 102))))`,
+  });
+  const env = new TestEnv(t);
+  const { port, src, dst } = await pairInColo(env, guest, 60000, ['diverge']);
+  const asked = ask(port);
+  assert.equal(await dst.waitExit(20000), 7, "the secondary exits with its guest's status");
+  assert.equal(await src.waitExit(20000), 7, `the primary exits with its guest's status\n${src.stderr}`);
+  assert.equal(await withTimeout(asked, 10000, 'the answer'), 'bye\n', `the client got the PVM's answer: the SVM is gone, nothing can contradict it\n${src.stderr}`);
+  assert.doesNotMatch(src.stderr, /were not matched by the SVM's within/, 'nothing dropped');
+  assert.match(src.stderr, /the secondary's guest exited too/, 'the PVM exited first');
+  assertNoErrors(src, dst);
+});

@@ -156,7 +156,8 @@ test('COLO handoff after the state is loaded, only when the source asks for x-co
     [{ type: 'connected', now: 1 }, ['status']],
     [hello({ capabilities: { multifd: true, 'x-colo': true }, colo: coloWireVersion }), []],
     [frame({ kind: 'setup' }), ['prepare']],
-    [{ type: 'prepared', now: 5, channelPorts: [1, 2], disk: 'none' }, ['reply']],
+    // `ready` names the COLO version back: the source refuses a destination that names none (an older build).
+    [{ type: 'prepared', now: 5, channelPorts: [1, 2], disk: 'none' }, [{ type: 'reply', message: { kind: 'ready', channelPorts: [1, 2], disk: 'none', colo: coloWireVersion } }]],
     ...rounds,
     [frame({ kind: 'end', rounds: 2, pages: 105, blocks: 3 }), ['restore']],
     [{ type: 'restored', now: 20 }, [{ type: 'reply', message: { kind: 'loaded' } }, 'handoff']],

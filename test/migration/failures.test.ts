@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
-import { encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
+import { coloWireVersion, encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
@@ -551,3 +551,62 @@ test('regression: quit on the source while a plain round waits for max-bandwidth
   t.diagnostic(`exited ${Date.now() - quitAt} ms after quit`);
   assertNoErrors(src);
 });
+
+/**
+ * A destination of a build from before COLO's messages had a version: it ignores the hello's
+ * `colo` and answers `ready` naming none (or, `colo` given, another version). It records the
+ * frames it reads after `ready`.
+ */
+async function olderColoDestination(env: TestEnv, colo?: number): Promise<{ port: number; afterReady: string[]; closed: Promise<void> }> {
+  const afterReady: string[] = [];
+  const sockets: net.Socket[] = [];
+  let closedNow!: () => void;
+  const closed = new Promise<void>((r) => (closedNow = r));
+  const server = net.createServer((socket) => {
+    sockets.push(socket);
+    socket.on('error', () => undefined);
+    socket.once('close', () => closedNow());
+    const decoder = new FrameDecoder();
+    const encoder = new FrameEncoder();
+    let ready = false;
+    socket.write(encodePreamble());
+    socket.on('data', (chunk: Buffer) => {
+      decoder.push(chunk);
+      for (let f = decoder.next(); f !== null; f = decoder.next()) {
+        if (ready) afterReady.push(frameTypeName(f.type));
+        else if (f.type === FrameType.setup) {
+          ready = true;
+          for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none', ...(colo === undefined ? {} : { colo }) })) socket.write(b);
+        }
+      }
+    });
+  });
+  env.onCleanup(() => {
+    for (const s of sockets) s.destroy();
+    server.close();
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const a = server.address();
+  return { port: typeof a === 'object' && a !== null ? a.port : 0, afterReady, closed };
+}
+
+for (const colo of [undefined, coloWireVersion + 1]) {
+  test(`a COLO source refuses a destination that ${colo === undefined ? 'names no COLO protocol version in its ready (an older build, which does not check the hello\'s)' : 'names another COLO protocol version in its ready'}: failed before a page is sent, the source runs on`, async (t) => {
+    const env = new TestEnv(t);
+    const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '32M'], guestArgs: ['8M'] });
+    await src.waitSerial('B', { count: 1 });
+    await src.setMigration({ 'x-colo': true });
+    const dest = await olderColoDestination(env, colo);
+    const mark = src.qmp.eventCount;
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${dest.port}` });
+    const info = await src.waitMigrationStatus('failed', 10000);
+    const theirs = colo === undefined ? 'no COLO protocol version \\(an older build\\)' : `COLO protocol version ${colo}`;
+    assert.match(String(info['error-desc']), new RegExp(`the destination speaks ${theirs}, this source ${coloWireVersion} \\[COLO_VERSION_MISMATCH\\]`));
+    assert.deepEqual(statuses(src, mark), ['setup', 'failed']);
+    await withTimeout(dest.closed, 10000, 'the source to close the connection');
+    assert.deepEqual(dest.afterReady.filter((f) => f !== 'abort'), [], 'no round, no COLO frame after ready');
+    assert.equal(await src.status(), 'running');
+    await assertAdvancing(src);
+    assertNoErrors(src);
+  });
+}
