@@ -252,7 +252,7 @@ export class IncomingMigration {
         if (!this.goReceived && s?.diskMode === 'shared') m.disk?.inactivate();
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
-            s?.reply({ kind: 'error', message: a.message });
+            s?.reply({ kind: 'error', message: a.message, code: a.code });
           } catch {
             // the channel is gone
           }
