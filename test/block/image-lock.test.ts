@@ -381,7 +381,7 @@ for (const letGo of [true, false]) {
       await assertStill(src);
       const lines = src.errorLines();
       assert.equal(lines.length, 1, `one error line: ${lines.join('\n')}`);
-      assert.match(lines[0]!, new RegExp(`the VM stays paused .*Failed to get "write" lock on drive '.*shared\\.img': process ${process.pid} writes it.*\\[DRIVE_LOCKED\\]`));
+      assert.match(lines[0]!, new RegExp(`the VM stays paused after the cancelled migration: Failed to get "write" lock on drive '.*shared\\.img': process ${process.pid} writes it.*\\[DRIVE_LOCKED\\]`));
       dest.release();
       await src.qmp.execute('cont');
       assert.equal(await src.status(), 'running');
