@@ -145,7 +145,7 @@ test('image lock: an incoming migration whose destination image another VM write
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
   const info = await src.waitMigrationStatus('failed', 30000);
-  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it`));
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it.* \\[DRIVE_LOCKED\\]$`));
   assert.equal(await src.status(), 'running', 'the source runs on');
   assert.equal(env.hashFile(dstDisk), hash, 'the holder\'s image got no block of the migration');
   await Promise.all([src.stop(), holder.stop(), dst.alive ? dst.stop() : Promise.resolve()]);
