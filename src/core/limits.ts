@@ -55,6 +55,12 @@ export const limits = {
    */
   diskLockHandbackWaitMs: 3000,
   diskLockHandbackRetryMs: 20,
+  /**
+   * A destination that cannot take the source's shared image at its restore looks this long on
+   * the main channel for a cancel's abort frame (the source takes its image back only after
+   * sending it) before it reports the lock as the failure.
+   */
+  diskLockAbortWaitMs: 500,
   /** Largest disk image. */
   diskBytesMax: 16 * 1024 * 1024 * 1024,
   /**

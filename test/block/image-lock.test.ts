@@ -391,3 +391,37 @@ for (const letGo of [true, false]) {
     await src.stop();
   });
 }
+
+test('image lock: migrate_cancel after the source sent the whole state to a frozen destination: the source takes its image back, and the destination, reading on, logs the cancel, not the lock it could not take', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('shared.img', 4 * 1024 * 1024);
+  // A small guest: the whole stream fits in the socket buffers while the destination is frozen.
+  const { src, dst, port } = await memwalkPair(env, {
+    region: '1M',
+    memory: '16M',
+    parameters: { 'downtime-limit': 1_000_000 },
+    srcArgs: ['--drive', `file=${image}`],
+    dstArgs: ['--drive', `file=${image}`],
+  });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active', timeoutMs: 30000 });
+  dst.kill('SIGSTOP');
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 30000 });
+  await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) === null, 10000);
+  await new Promise((r) => setTimeout(r, 500)); // the last round, device state and end are sent
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', limits.diskLockHandbackWaitMs + 10000);
+  assert.equal(await src.status(), 'running');
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+  dst.kill('SIGCONT');
+  assert.equal(await dst.waitExit(15000), 1, 'the destination exits non-zero');
+  assert.match(dst.stderr, /incoming migration cancelled: the source cancelled the migration/);
+  assert.deepEqual(dst.errorLines(), [], 'the destination logs the cancel, not an error');
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+  await assertAdvancing(src);
+  await src.stop();
+  assert.deepEqual(src.errorLines(), []);
+});
