@@ -396,10 +396,11 @@ test('image lock: migrate_cancel after the source sent the whole state to a froz
   const env = new TestEnv(t);
   const image = env.image('shared.img', 4 * 1024 * 1024);
   // A small guest: the whole stream fits in the socket buffers while the destination is frozen.
+  // Round 1 throttled (the last round is not): the freeze lands well before round 1 ends.
   const { src, dst, port } = await memwalkPair(env, {
     region: '1M',
     memory: '16M',
-    parameters: { 'downtime-limit': 1_000_000 },
+    parameters: { 'max-bandwidth': 2 * 1024 * 1024, 'downtime-limit': 1_000_000 },
     srcArgs: ['--drive', `file=${image}`],
     dstArgs: ['--drive', `file=${image}`],
   });
