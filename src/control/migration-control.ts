@@ -163,7 +163,7 @@ export class MigrationControl {
             await this.vm.machine.pause('finish-migrate');
             return wasRunning;
           }),
-        resumeAfterFailure: (run) =>
+        resumeAfterFailure: (run, reason) =>
           this.vm.runStateOp(async () => {
             // The migration ended because the process quits (close()): the machine is going away.
             if (this.closed) return;
@@ -173,9 +173,10 @@ export class MigrationControl {
             }
             if (this.vm.machine.runState === 'finish-migrate') this.vm.machine.setRunState('paused');
             // The image let go at stop-and-copy (one image for both ends) comes back before the
-            // guest may run; a process that took it meanwhile keeps this VM paused (QEMU's cont
-            // after a failed inactivation): `cont` tries again.
-            if (!this.vm.activateDisk('after the failed migration')) run = false;
+            // guest may run (the destination, which took it before `loaded`, may still be letting
+            // it go: a short bounded retry); a process that keeps it keeps this VM paused (QEMU's
+            // cont after a failed inactivation): `cont` tries again.
+            if (!(await this.vm.activateDisk(reason === 'cancel' ? 'after the cancelled migration' : 'after the failed migration', () => this.closed || this.vm.exiting))) run = false;
             try {
               // The VM runs on here: an address it cannot take back (another process took it,
               // or it never had it: closeFrontEnd stopped its retries) must not keep it paused.

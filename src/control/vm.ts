@@ -361,19 +361,30 @@ export class Vm extends EventEmitter {
 
   /**
    * Take back the image's write lock that a migration onto the same image file let go
-   * (Disk.inactivate); true if this VM holds its image (or has none to take back). Another
-   * process holding it now: false, with one error line naming it.
+   * (Disk.inactivate); true if this VM holds its image (or has none to take back). The
+   * destination may hold it still: it took it at its restore and lets it go once it sees the
+   * abort or the channel close, a moment after this side's failure or cancel. So a held lock is
+   * tried again every limits.diskLockHandbackRetryMs for up to limits.diskLockHandbackWaitMs;
+   * still held then (another process keeps it): false, with one error line naming it.
+   * `gone`: the VM is going away, stop trying.
    */
-  activateDisk(when: string): boolean {
+  async activateDisk(when: string, gone: () => boolean = () => false): Promise<boolean> {
     const disk = this.machine.disk;
     if (disk === null || !disk.inactive) return true;
-    try {
-      disk.activate();
-      return true;
-    } catch (err) {
-      if (!(err instanceof ImageLockError)) throw err;
-      log.error(`the VM stays paused ${when}: ${err.message} [${err.code}]`);
-      return false;
+    const deadline = performance.now() + limits.diskLockHandbackWaitMs;
+    for (;;) {
+      try {
+        disk.activate();
+        return true;
+      } catch (err) {
+        if (!(err instanceof ImageLockError)) throw err;
+        if (gone()) return false;
+        if (performance.now() >= deadline) {
+          log.error(`the VM stays paused ${when}: ${err.message} [${err.code}] (tried for ${limits.diskLockHandbackWaitMs} ms; cont tries again)`);
+          return false;
+        }
+      }
+      await new Promise((r) => setTimeout(r, limits.diskLockHandbackRetryMs));
     }
   }
 

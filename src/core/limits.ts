@@ -47,6 +47,20 @@ export const limits = {
   diskBlockBytes: 4096,
   /** Stale lock entries (of dead processes) one open of a disk image removes at most. */
   diskLockStaleEntriesMax: 1024,
+  /**
+   * A migration onto the source's own image that fails or is cancelled after the destination
+   * took the image's lock but before `go`: how long the source tries to take it back (the
+   * destination lets it go once it sees the abort or the channel close), every
+   * diskLockHandbackRetryMs, before it stays paused with an error (cont tries again).
+   */
+  diskLockHandbackWaitMs: 3000,
+  diskLockHandbackRetryMs: 20,
+  /**
+   * A destination that cannot take the source's shared image at its restore looks this long on
+   * the main channel for a cancel's abort frame (the source takes its image back only after
+   * sending it) before it reports the lock as the failure.
+   */
+  diskLockAbortWaitMs: 500,
   /** Largest disk image. */
   diskBytesMax: 16 * 1024 * 1024 * 1024,
   /**

@@ -74,7 +74,8 @@ export type ReplyMessage =
   | { kind: 'refuse'; message: string }
   | { kind: 'loaded' }
   | { kind: 'resumed' }
-  | { kind: 'error'; message: string };
+  /** `code`: the failure's stable code (absent from older destinations: DESTINATION_FAILED on the source). */
+  | { kind: 'error'; message: string; code?: string };
 
 export type DestinationAction =
   | { type: 'status'; status: MigrationStatus }

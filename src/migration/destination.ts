@@ -1,6 +1,6 @@
 import net from 'node:net';
 import { assert } from '../core/assert.js';
-import { ChannelClosedError, ColoError, StreamError, UsageError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoError, ImageLockError, StreamError, UsageError, errorMessage } from '../core/errors.js';
 import { logger } from '../core/log.js';
 import { limits } from '../core/limits.js';
 import type { Machine } from '../machine/machine.js';
@@ -219,7 +219,17 @@ export class IncomingMigration {
         // The source's own image file (no --snapshot): the source let it go at stop-and-copy;
         // it is taken here, before `loaded`, so that this VM never runs without it. Another
         // process holding it fails the migration (ImageLockError): the source runs on.
-        if (s.diskMode === 'shared') m.disk?.activate();
+        if (s.diskMode === 'shared') {
+          try {
+            m.disk?.activate();
+          } catch (err) {
+            // A cancel that came after the source sent `end` but before this read it: the
+            // source, torn down, took its image back behind its abort frame. That is the cause.
+            const reason = err instanceof ImageLockError ? await this.abortAhead(s, limits.diskLockAbortWaitMs) : null;
+            if (reason !== null) return { type: 'frame', now: now(), frame: { kind: 'abort', reason } };
+            throw err;
+          }
+        }
         await m.restoreVcpu(s.device.vcpu);
         m.setRunState('paused');
         log.info(`state loaded (${this.core.stats.dirtySyncCount} rounds, ${(this.stats.transferredBytes / 1048576).toFixed(1)} MiB); waiting for the source to switch over`);
@@ -252,7 +262,7 @@ export class IncomingMigration {
         if (!this.goReceived && s?.diskMode === 'shared') m.disk?.inactivate();
         if (a.status === 'failed' && a.code !== 'CHANNEL_CLOSED' && a.code !== 'MIGRATION_REFUSED') {
           try {
-            s?.reply({ kind: 'error', message: a.message });
+            s?.reply({ kind: 'error', message: a.message, code: a.code });
           } catch {
             // the channel is gone
           }
@@ -307,7 +317,12 @@ export class IncomingMigration {
    */
   private async abortBehind(s: IncomingSession, err: unknown): Promise<string | null> {
     if (!isBreak(err)) return null;
-    const deadline = performance.now() + limits.multifdBreakAbortWaitMs;
+    return this.abortAhead(s, limits.multifdBreakAbortWaitMs);
+  }
+
+  /** Read on along the main channel for up to `waitMs` for a cancel's abort frame: its reason, or null. */
+  private async abortAhead(s: IncomingSession, waitMs: number): Promise<string | null> {
+    const deadline = performance.now() + waitMs;
     for (;;) {
       const left = deadline - performance.now();
       if (left <= 0 || this.core.finished) return null;

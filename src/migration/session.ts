@@ -214,7 +214,9 @@ export class SourceSession {
         const r = parseJsonPayload(f);
         const kind = r.kind;
         if (kind === 'refuse') throw new MigrationError('DESTINATION_REFUSED', `the destination refused the migration: ${String(r.message)}`);
-        if (kind === 'error') throw new MigrationError('DESTINATION_FAILED', `the destination failed: ${String(r.message)}`);
+        // The destination's own code (DRIVE_LOCKED, DISK_FULL, ...) is the cause error-desc names;
+        // an older destination sends none, and anything that is not a code is not taken.
+        if (kind === 'error') throw new MigrationError(peerCode(r.code) ?? 'DESTINATION_FAILED', `the destination failed: ${String(r.message)}`);
         if (kind !== 'ready' && kind !== 'loaded' && kind !== 'resumed') throw new StreamError('FRAME_INVALID', `unknown reply ${String(kind)}`);
         if (this.replyWaiter !== null && this.replyWaiter.kind === kind) {
           const w = this.replyWaiter;
@@ -592,6 +594,11 @@ export class SourceSession {
     this.channel?.destroy();
     await this.multifd?.destroy();
   }
+}
+
+/** A stable error code sent by the peer (upper case, digits and _), or null. */
+function peerCode(x: unknown): string | null {
+  return typeof x === 'string' && /^[A-Z][A-Z0-9_]{0,63}$/.test(x) ? x : null;
 }
 
 /**

@@ -103,9 +103,9 @@ export type SourceAction =
   /**
    * Give back the VM the migration paused: it serves clients again and, if `run` (it ran
    * when the migration paused it), runs; else it stays paused, as the user left it. Report
-   * vmResumed.
+   * vmResumed. `reason`: how the migration ended (for what the VM logs).
    */
-  | { type: 'resumeVm'; run: boolean }
+  | { type: 'resumeVm'; run: boolean; reason: 'cancel' | 'failure' }
   /** Release the channels of a finished migration. */
   | { type: 'close' }
   | { type: 'pass'; pass: number }
@@ -378,7 +378,7 @@ export class SourceCore {
     if (this.vmPausedByUs) {
       if (this.resumeIssued) return [];
       this.resumeIssued = true;
-      return [{ type: 'resumeVm', run: this.vmWasRunning }];
+      return [{ type: 'resumeVm', run: this.vmWasRunning, reason: this.endReason! }];
     }
     const reason = this.endReason!;
     this.phase = reason === 'cancel' ? 'cancelled' : 'failed';

@@ -25,9 +25,9 @@ export interface SourceHost {
   pauseForSwitchover(): Promise<boolean>;
   /**
    * Undo a failed or cancelled migration that paused the VM: serve clients again (reopen the
-   * front end if closed) and, if `run`, run; else leave it paused.
+   * front end if closed) and, if `run`, run; else leave it paused. `reason`: how it ended.
    */
-  resumeAfterFailure(run: boolean): Promise<void>;
+  resumeAfterFailure(run: boolean, reason: 'cancel' | 'failure'): Promise<void>;
   /** Release the service address so that the destination can take it. */
   closeFrontEnd(): Promise<void>;
   /** `go` was sent: this VM must not run again (postmigrate). */
@@ -246,7 +246,7 @@ export class OutgoingMigration {
       case 'resumeVm':
         this.task(
           async () => {
-            await this.host.resumeAfterFailure(a.run);
+            await this.host.resumeAfterFailure(a.run, a.reason);
             return { type: 'vmResumed', now: now() };
           },
           (err) => ({ type: 'vmResumeFailed', now: now(), message: errorMessage(err) }),

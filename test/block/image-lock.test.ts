@@ -5,13 +5,17 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
 import { Disk } from '../../src/block/disk.js';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
+import { limits } from '../../src/core/limits.js';
+import { lockImage, type ImageLock } from '../../src/block/image-lock.js';
+import { encodePreamble, FrameDecoder, FrameEncoder, FrameType } from '../../src/migration/stream.js';
 
 test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
   const env = new TestEnv(t);
@@ -141,7 +145,7 @@ test('image lock: an incoming migration whose destination image another VM write
   const migPort = await dst.listenIncoming();
   await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
   const info = await src.waitMigrationStatus('failed', 30000);
-  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it`));
+  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*dst\\.img': process ${holder.child.pid} writes it.* \\[DRIVE_LOCKED\\]$`));
   assert.equal(await src.status(), 'running', 'the source runs on');
   assert.equal(env.hashFile(dstDisk), hash, 'the holder\'s image got no block of the migration');
   await Promise.all([src.stop(), holder.stop(), dst.alive ? dst.stop() : Promise.resolve()]);
@@ -275,7 +279,8 @@ test('image lock: a destination that cannot take the shared image at the switcho
   assert.equal(writeLockPid(image), intruder.child.pid);
   dst.kill('SIGCONT');
   const info = await src.waitMigrationStatus('failed', 30000);
-  assert.match(String(info['error-desc']), new RegExp(`Failed to get "write" lock on drive '.*shared\\.img': process ${intruder.child.pid} writes it`));
+  // The destination's code travels with its error reply: error-desc names the real cause.
+  assert.match(String(info['error-desc']), new RegExp(`^the destination failed: Failed to get "write" lock on drive '.*shared\\.img': process ${intruder.child.pid} writes it.* \\[DRIVE_LOCKED\\]$`));
   await waitFor('the destination to log why it failed', () => /incoming migration failed: Failed to get "write" lock.* \[DRIVE_LOCKED\]/.test(dst.stderr), 10000);
   assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
   await waitFor('the source to come out of the switchover', async () => (await src.status()) === 'paused', 10000);
@@ -289,4 +294,135 @@ test('image lock: a destination that cannot take the shared image at the switcho
   await assertAdvancing(src);
   await src.stop();
   if (dst.alive) await dst.stop();
+});
+
+/**
+ * A destination on the source's own image that takes the image's write lock (in this test
+ * process) once the whole state has arrived (`end`), as a real destination does at its restore,
+ * and then does not answer `loaded`: the moment between the lock and `go` held open. The
+ * source's abort frame ends the connection.
+ */
+class LockingDestination {
+  lock: ImageLock | null = null;
+  readonly locked: Promise<void>;
+  private resolveLocked!: () => void;
+  private socket: net.Socket | null = null;
+
+  private constructor(private readonly image: string, readonly server: net.Server) {
+    this.locked = new Promise((r) => (this.resolveLocked = r));
+  }
+
+  static async start(env: TestEnv, image: string): Promise<{ dest: LockingDestination; port: number }> {
+    const server = net.createServer();
+    const dest = new LockingDestination(image, server);
+    server.on('connection', (s) => dest.accept(s));
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    env.onCleanup(() => {
+      dest.release();
+      dest.socket?.destroy();
+      server.close();
+    });
+    const a = server.address();
+    return { dest, port: typeof a === 'object' && a !== null ? a.port : 0 };
+  }
+
+  release(): void {
+    this.lock?.release();
+    this.lock = null;
+  }
+
+  private accept(socket: net.Socket): void {
+    this.socket = socket;
+    socket.on('error', () => undefined);
+    const decoder = new FrameDecoder();
+    const encoder = new FrameEncoder();
+    socket.write(encodePreamble());
+    socket.on('data', (chunk: Buffer) => {
+      decoder.push(chunk);
+      for (let f = decoder.next(); f !== null; f = decoder.next()) {
+        if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'shared' })) socket.write(b);
+        else if (f.type === FrameType.end) {
+          this.lock = lockImage(this.image, 'write');
+          this.resolveLocked();
+        } else if (f.type === FrameType.abort) socket.end();
+      }
+    });
+  }
+}
+
+for (const letGo of [true, false]) {
+  test(`image lock: migrate_cancel after the destination took the shared image but before \`go\`: ${letGo ? 'the destination lets it go a moment later and the source takes it back and runs on' : 'a destination that keeps it holds the source paused only limits.diskLockHandbackWaitMs, with one error line; cont then takes it'}`, async (t) => {
+    const env = new TestEnv(t);
+    const image = env.image('shared.img', 4 * 1024 * 1024);
+    const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '32M', '--drive', `file=${image}`], guestArgs: ['8M'] });
+    await src.setMigration({}, { 'downtime-limit': 1_000_000 });
+    await src.waitSerial('B', { count: 3 });
+    const { dest, port } = await LockingDestination.start(env, image);
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    await withTimeout(dest.locked, 30000, 'the destination to receive the whole state and take the image');
+    assert.equal(writeLockPid(image), process.pid, 'the destination holds the image');
+    assert.equal(await src.status(), 'finish-migrate');
+    const cancelledAt = Date.now();
+    await src.qmp.execute('migrate_cancel');
+    if (letGo) {
+      // As a real destination that reads the abort (or sees the channel close) a moment later.
+      await new Promise((r) => setTimeout(r, Math.min(300, limits.diskLockHandbackWaitMs / 4)));
+      dest.release();
+      await src.waitMigrationStatus('cancelled', limits.diskLockHandbackWaitMs + 10000);
+      await waitFor('the source to run again', async () => (await src.status()) === 'running', 10000);
+      assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+      await assertAdvancing(src);
+      assert.deepEqual(src.errorLines(), []);
+    } else {
+      await src.waitMigrationStatus('cancelled', limits.diskLockHandbackWaitMs + 10000);
+      const waited = Date.now() - cancelledAt;
+      assert.ok(waited >= limits.diskLockHandbackWaitMs, `the source tried ${waited} ms, not limits.diskLockHandbackWaitMs (${limits.diskLockHandbackWaitMs} ms)`);
+      assert.equal(await src.status(), 'paused');
+      await assertStill(src);
+      const lines = src.errorLines();
+      assert.equal(lines.length, 1, `one error line: ${lines.join('\n')}`);
+      assert.match(lines[0]!, new RegExp(`the VM stays paused after the cancelled migration: Failed to get "write" lock on drive '.*shared\\.img': process ${process.pid} writes it.*\\[DRIVE_LOCKED\\]`));
+      dest.release();
+      await src.qmp.execute('cont');
+      assert.equal(await src.status(), 'running');
+      assert.equal(writeLockPid(image), src.child.pid, 'cont took the image back');
+      await assertAdvancing(src);
+    }
+    await src.stop();
+  });
+}
+
+test('image lock: migrate_cancel after the source sent the whole state to a frozen destination: the source takes its image back, and the destination, reading on, logs the cancel, not the lock it could not take', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('shared.img', 4 * 1024 * 1024);
+  // A small guest: the whole stream fits in the socket buffers while the destination is frozen.
+  // Round 1 throttled (the last round is not): the freeze lands well before round 1 ends.
+  const { src, dst, port } = await memwalkPair(env, {
+    region: '1M',
+    memory: '16M',
+    parameters: { 'max-bandwidth': 2 * 1024 * 1024, 'downtime-limit': 1_000_000 },
+    srcArgs: ['--drive', `file=${image}`],
+    dstArgs: ['--drive', `file=${image}`],
+  });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active', timeoutMs: 30000 });
+  dst.kill('SIGSTOP');
+  await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 30000 });
+  await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) === null, 10000);
+  await new Promise((r) => setTimeout(r, 500)); // the last round, device state and end are sent
+  await src.qmp.execute('migrate_cancel');
+  await src.waitMigrationStatus('cancelled', limits.diskLockHandbackWaitMs + 10000);
+  assert.equal(await src.status(), 'running');
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image again');
+  dst.kill('SIGCONT');
+  assert.equal(await dst.waitExit(15000), 1, 'the destination exits non-zero');
+  assert.match(dst.stderr, /incoming migration cancelled: the source cancelled the migration/);
+  assert.deepEqual(dst.errorLines(), [], 'the destination logs the cancel, not an error');
+  assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+  await assertAdvancing(src);
+  await src.stop();
+  assert.deepEqual(src.errorLines(), []);
 });

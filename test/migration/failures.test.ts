@@ -610,3 +610,51 @@ for (const colo of [undefined, coloWireVersion + 1]) {
     assertNoErrors(src);
   });
 }
+
+/**
+ * A destination that answers the handshake and then fails with an `error` reply carrying
+ * `code` (absent: an older destination's reply, which has none).
+ */
+async function failingDestination(env: TestEnv, code: unknown): Promise<number> {
+  const server = net.createServer((socket) => {
+    socket.on('error', () => undefined);
+    const decoder = new FrameDecoder();
+    const encoder = new FrameEncoder();
+    socket.write(encodePreamble());
+    socket.on('data', (chunk: Buffer) => {
+      decoder.push(chunk);
+      for (let f = decoder.next(); f !== null; f = decoder.next()) {
+        if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
+        else if (f.type === FrameType.roundEnd) {
+          for (const b of encoder.json(FrameType.reply, { kind: 'error', message: 'the disk is full', ...(code === undefined ? {} : { code }) })) socket.write(b);
+          socket.end();
+          return;
+        }
+      }
+    });
+    env.onCleanup(() => {
+      socket.destroy();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  env.onCleanup(() => {
+    server.close();
+  });
+  const a = server.address();
+  return typeof a === 'object' && a !== null ? a.port : 0;
+}
+
+for (const [code, shown] of [['DISK_FULL', 'DISK_FULL'], [undefined, 'DESTINATION_FAILED'], ['not a code] [X', 'DESTINATION_FAILED'], [42, 'DESTINATION_FAILED']] as const) {
+  test(`the destination's error reply ${code === undefined ? 'without a code (an older destination)' : `with code ${JSON.stringify(code)}`}: error-desc on the source ends in [${shown}]`, async (t) => {
+    const env = new TestEnv(t);
+    const src = await env.startVm({ name: 'src', guest: guests.memwalk, args: ['--memory', '32M'], guestArgs: ['8M'] });
+    await src.waitSerial('B', { count: 2 });
+    const port = await failingDestination(env, code);
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    const info = await src.waitMigrationStatus('failed', 15000);
+    assert.equal(String(info['error-desc']), `the destination failed: the disk is full [${shown}]`);
+    assert.equal(await src.status(), 'running');
+    await assertAdvancing(src);
+    assertNoErrors(src);
+  });
+}
