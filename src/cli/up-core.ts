@@ -649,6 +649,7 @@ export class PairCore {
     // Only the primary: a secondary taking over whose guest exits dies while taking over, and
     // the dead primary's disk, at the last checkpoint, is then the one kept.
     if (this.primary?.id !== id) {
+      if (n.guestExited === true) return; // heard on both QMP connections (the driver's and the heartbeat's)
       n.guestExited = true;
       out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)} exited by itself` });
       return;
