@@ -393,9 +393,13 @@ export class PairCore {
           // limits.coloSvmExitWaitMs): the runs diverged; the primary serves on, alone.
           out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO (reason ${e.reason}): its guest did not exit as the secondary's did; the runs diverged` });
           out.push({ type: 'print', line: `pair: the guests diverged (the secondary's exited, the primary's runs on); primary ${p.pid} continues unprotected` });
+          // The guests' doing, not a failure of the protection (it held until the secondary's
+          // guest exited): no failed attempt, no pause. Each divergence takes a new protection
+          // plus coloSvmExitWaitMs, so even a guest that diverges every time loops no faster.
           this.secondary = null;
           this.phase = 'unprotected';
-          this.afterProtectionEnded(out);
+          this.stable = true;
+          this.reprotect(out);
           break;
         }
         out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });

@@ -501,6 +501,21 @@ test("colo up core: only the secondary's guest exits (the runs diverged): the pr
   assert.deepEqual(run(d, { type: 'continued', node: 1 }), ['pair: secondary died (exit code 3); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
 });
 
+test("colo up core: a divergence (only the secondary's guest exited) before the protection was stable is no failed attempt: protected again at once, the failures not counted", () => {
+  const c = protecting({ stableMs: 30000 }, 2);
+  assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 102)']);
+  run(c, { type: 'guestShutdown', node: 2 });
+  run(c, { type: 'exited', node: 2, code: 3, signal: null });
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [
+    "pair: the guests diverged (the secondary's exited, the primary's runs on); primary 101 continues unprotected",
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  // A failure later counts as the first: the next attempt comes after the first pause.
+  secondaryReady(c, 1, 3);
+  assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
+});
+
 test('colo up core: both children die, the secondary first: the line says the pair was failing over to the primary (not "was failover")', () => {
   const c = protectedPair();
   run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
