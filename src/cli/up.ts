@@ -653,7 +653,9 @@ class UpDriver {
    * taken for a death fails the pair over (or fails it: its partner's guest exits too).
    */
   private watchGuestShutdown(c: Child, ev: QmpEvent): void {
-    if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
+    if (ev.event !== 'SHUTDOWN' || ev.data.guest !== true || c.exited) return;
+    const code = ev.data['exit-code'];
+    this.dispatch(typeof code === 'number' && Number.isInteger(code) ? { type: 'guestShutdown', node: c.id, code } : { type: 'guestShutdown', node: c.id });
   }
 
   /**
