@@ -368,6 +368,10 @@ class UpDriver {
     args.push('--qmp', `unix:${qmpPath}`, '--serial', `file:${path.join(this.stateDir, `${name}.serial`)}`);
     if (disk !== null) args.push('--drive', `file=${disk}`);
     if (role === 'secondary') args.push('--incoming', 'defer');
+    // The primary's guest waits (-S) until the driver's connection watches it (bringUp: cont),
+    // as libvirt starts QEMU: a guest that exits at once (a short job) sent its SHUTDOWN to no
+    // one, and its end was taken for a death ('pair: failed', status 1).
+    else args.push('-S');
     if (this.o.guestArgs.length > 0) args.push('--', ...this.o.guestArgs);
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
@@ -629,6 +633,7 @@ class UpDriver {
     this.watchControl(c, c.qmp);
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
     if (c.role === 'secondary') await this.configure(c.qmp, false);
+    else await c.qmp.execute('cont');
   }
 
   /** The events the supervisor acts on, from the driver's connection `q`; a loss of `q` while `c` lives makes it again. */

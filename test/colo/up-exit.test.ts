@@ -166,3 +166,18 @@ test("colo up: only the primary's guest exits (the runs diverged: here the prima
   assert.doesNotMatch(sup.stderr, / error /, 'a guest that ends is no failure');
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
+
+test("colo up: a guest that exits at once, before colo up connected to the primary (a short batch job): the pair stops with the guest's status, not 'pair: failed' with status 1", async (t) => {
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'up-exit-at-once', `(module
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start") (call $exit (i32.const 5))))`);
+  const port = await freePort();
+  const sup = spawnSupervisor(env, [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--state-dir', env.dir]);
+  await sup.waitExit(30000);
+  assert.deepEqual(sup.lines.slice(1), ['pair: stopping (the guest exited)', 'pair: stopped'], what(sup));
+  assert.equal(sup.exitCode, 5, `the guest's exit status; ${what(sup)}`);
+  assert.doesNotMatch(sup.stderr, / error /, 'a guest that ends is no failure');
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
