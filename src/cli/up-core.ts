@@ -86,8 +86,11 @@ export type PairEvent =
    * `at`: when (ms on the driver's monotonic clock), to count a secondary's repeated crashes.
    */
   | { type: 'crashed'; node: number; message: string; at: number; stuck?: boolean }
-  /** The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with the guest's exit status. */
-  | { type: 'guestShutdown'; node: number }
+  /**
+   * The guest of `node` exited by itself (SHUTDOWN, guest: true): its process ends next, with
+   * the guest's exit status; `code`: that status, when the event said it (its exit-code).
+   */
+  | { type: 'guestShutdown'; node: number; code?: number }
   /** `node` answers its heartbeat again, after `ms` without. */
   | { type: 'responsive'; node: number; ms: number }
   | { type: 'signal'; signal: string }
@@ -145,6 +148,8 @@ export class PairCore {
   private exitCode = 0;
   /** The node whose guest exited by itself and so stopped the pair: its exit status is the pair's. */
   private guestExitNode: number | null = null;
+  /** The exit status its SHUTDOWN said: the pair's, should its process be killed (stopTimeout) before it ends. */
+  private guestExitCode: number | null = null;
   /**
    * A COLO_EXIT of the pair's nodes that came while the protection was completing (protect()
    * saw both in status colo, but 'protected' was not stepped yet): acted on at 'protected'.
@@ -364,7 +369,7 @@ export class PairCore {
         break;
       }
       case 'guestShutdown':
-        this.guestShutdown(e.node, out);
+        this.guestShutdown(e.node, e.code ?? null, out);
         break;
       case 'coloExit': {
         // Only a node leaving COLO on its own matters; in a failover the supervisor asked for it.
@@ -393,9 +398,13 @@ export class PairCore {
           // limits.coloSvmExitWaitMs): the runs diverged; the primary serves on, alone.
           out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO (reason ${e.reason}): its guest did not exit as the secondary's did; the runs diverged` });
           out.push({ type: 'print', line: `pair: the guests diverged (the secondary's exited, the primary's runs on); primary ${p.pid} continues unprotected` });
+          // The guests' doing, not a failure of the protection (it held until the secondary's
+          // guest exited): no failed attempt, no pause. Each divergence takes a new protection
+          // plus coloSvmExitWaitMs, so even a guest that diverges every time loops no faster.
           this.secondary = null;
           this.phase = 'unprotected';
-          this.afterProtectionEnded(out);
+          this.stable = true;
+          this.reprotect(out);
           break;
         }
         out.push({ type: 'log', level: 'warn', msg: `primary ${p.pid} left COLO by itself (reason ${e.reason}); secondary ${s.pid} falls behind it: killing it` });
@@ -527,7 +536,19 @@ export class PairCore {
     const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exited';
     n.ended = how;
     if (this.phase === 'stopping') {
-      if (id === this.guestExitNode && code !== null) this.exitCode = code;
+      if (id === this.guestExitNode) {
+        // Its process's status is the guest's; killed (stopTimeout) or adopted (no status
+        // seen), the one its SHUTDOWN said; else unknown, and no success claimed: 1.
+        if (code !== null) {
+          this.exitCode = code;
+        } else {
+          this.exitCode = this.guestExitCode ?? 1;
+          if (signal !== null) {
+            const status = this.guestExitCode === null ? 'its status is unknown: colo up exits 1' : `colo up exits with the guest's status (${this.guestExitCode})`;
+            out.push({ type: 'log', level: 'warn', msg: `primary ${n.pid} did not end by itself after its guest exited: ended by ${signal}; ${status}` });
+          }
+        }
+      }
       if (this.living.length === 0) {
         this.phase = 'stopped';
         out.push({ type: 'print', line: 'pair: stopped' }, { type: 'exit', code: this.exitCode, primary: this.primary?.id ?? null });
@@ -643,12 +664,13 @@ export class PairCore {
    * A secondary's guest exiting is only that node's end (the primary's guest goes on, or exits
    * too): its death is the usual failover.
    */
-  private guestShutdown(id: number, out: PairAction[]): void {
+  private guestShutdown(id: number, code: number | null, out: PairAction[]): void {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive || this.phase === 'stopping' || this.phase === 'stopped') return;
     // Only the primary: a secondary taking over whose guest exits dies while taking over, and
     // the dead primary's disk, at the last checkpoint, is then the one kept.
     if (this.primary?.id !== id) {
+      if (n.guestExited === true) return; // heard on both QMP connections (the driver's and the heartbeat's)
       n.guestExited = true;
       out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)} exited by itself` });
       return;
@@ -656,6 +678,7 @@ export class PairCore {
     out.push({ type: 'log', level: 'info', msg: `the guest of ${this.describe(id)}, which serves, exited by itself: stopping the pair` });
     out.push({ type: 'print', line: `pair: stopping (the guest exited)` });
     this.guestExitNode = id;
+    this.guestExitCode = code;
     // Not told SIGTERM: its process is ending by itself, and a signal that meets its teardown
     // (its handler gone) kills it, losing the guest's exit status. stopTimeout still kills it.
     this.stop(0, out, id);

@@ -9,7 +9,7 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { QmpClient } from '../control/qmp-client.js';
+import { QmpClient, type QmpEvent } from '../control/qmp-client.js';
 import { checkGuest } from '../machine/instrument.js';
 import { ChannelClosedError, PairError, QmpCommandError, TimeoutError, UsageError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
@@ -368,6 +368,10 @@ class UpDriver {
     args.push('--qmp', `unix:${qmpPath}`, '--serial', `file:${path.join(this.stateDir, `${name}.serial`)}`);
     if (disk !== null) args.push('--drive', `file=${disk}`);
     if (role === 'secondary') args.push('--incoming', 'defer');
+    // The primary's guest waits (-S) until the driver's connection watches it (bringUp: cont),
+    // as libvirt starts QEMU: a guest that exits at once (a short job) sent its SHUTDOWN to no
+    // one, and its end was taken for a death ('pair: failed', status 1).
+    else args.push('-S');
     if (this.o.guestArgs.length > 0) args.push('--', ...this.o.guestArgs);
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
@@ -405,23 +409,32 @@ class UpDriver {
   }
 
   /**
-   * Resolves once the QMP events `c` sent before its exit were read: its connection closes
+   * Resolves once the QMP events `c` sent before its exit were read: its connections close
    * (end of stream) after the last of them, but the exit can be seen first. A guest's SHUTDOWN
    * among them makes its end the guest's, not a death (a secondary's: no failover). Waits at
    * most limits.upChildExitGraceMs.
    */
   private eventsRead(c: Child): Promise<void> {
-    const q = c.qmp;
-    if (q === null || q.closed || this.finished) return Promise.resolve();
+    // Both connections: the driver's may be down (being made again) when the SHUTDOWN comes.
+    const open = [c.qmp, c.heartbeat].filter((q): q is QmpClient => q !== null && !q.closed);
+    if (open.length === 0 || this.finished) return Promise.resolve();
     return new Promise<void>((resolve) => {
+      let left = open.length;
+      const offs: (() => void)[] = [];
       const done = (): void => {
         clearTimeout(t);
         this.timers.delete(t);
-        off();
+        for (const off of offs) off();
         resolve();
       };
       const t = this.later(limits.upChildExitGraceMs, done);
-      const off = q.on('close', done);
+      for (const q of open) {
+        offs.push(
+          q.on('close', () => {
+            if (--left === 0) done();
+          }),
+        );
+      }
     });
   }
 
@@ -620,6 +633,7 @@ class UpDriver {
     this.watchControl(c, c.qmp);
     if (c.exited) throw new PairError('CHILD_EXITED', `vm${c.id} exited`);
     if (c.role === 'secondary') await this.configure(c.qmp, false);
+    else await c.qmp.execute('cont');
   }
 
   /** The events the supervisor acts on, from the driver's connection `q`; a loss of `q` while `c` lives makes it again. */
@@ -629,13 +643,24 @@ class UpDriver {
     });
     q.on('event', (ev) => {
       if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
-      // The guest's own exit (QEMU's SHUTDOWN with guest: true; a quit or a signal has guest: false).
-      if (ev.event === 'SHUTDOWN' && ev.data.guest === true && !c.exited) this.dispatch({ type: 'guestShutdown', node: c.id });
+      this.watchGuestShutdown(c, ev);
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
         this.guestCrashed(c, String(info?.message ?? 'no details'));
       }
     });
+  }
+
+  /**
+   * The guest's own exit (QEMU's SHUTDOWN with guest: true; a quit or a signal has guest:
+   * false), heard on the driver's connection or the heartbeat's: the driver's may be being made
+   * again when it comes (it is sent once, to the clients connected then), and a guest's end
+   * taken for a death fails the pair over (or fails it: its partner's guest exits too).
+   */
+  private watchGuestShutdown(c: Child, ev: QmpEvent): void {
+    if (ev.event !== 'SHUTDOWN' || ev.data.guest !== true || c.exited) return;
+    const code = ev.data['exit-code'];
+    this.dispatch(typeof code === 'number' && Number.isInteger(code) ? { type: 'guestShutdown', node: c.id, code } : { type: 'guestShutdown', node: c.id });
   }
 
   /**
@@ -838,6 +863,7 @@ class UpDriver {
         if (refusalSaid) log.info(`vm${c.id} took the heartbeat's QMP connection`);
         refusalSaid = false;
         c.heartbeat = hb;
+        hb.on('event', (ev) => this.watchGuestShutdown(c, ev));
       }
       try {
         const st = await hb.execute<{ status?: string }>('query-status', {}, { timeoutMs });

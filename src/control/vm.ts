@@ -91,7 +91,7 @@ export class Vm extends EventEmitter {
       void Promise.resolve()
         .then(() => this.colo.guestExited())
         .catch((err: unknown) => log.warn(`the guest's last output under COLO: ${errorMessage(err)}`))
-        .finally(() => this.quit(code, { guest: true, reason: 'guest-shutdown' }));
+        .finally(() => this.quit(code, { guest: true, reason: 'guest-shutdown', 'exit-code': code }));
     });
     machine.on('panicked', (message: string) => {
       // A COLO secondary's crash is not the service's: the primary's checkpoint replaces it
@@ -446,9 +446,11 @@ export class Vm extends EventEmitter {
 
   /**
    * End the process with exit status `code`. `shutdown`: the data of QEMU's SHUTDOWN event,
-   * sent first (once, by the first quit).
+   * sent first (once, by the first quit). A guest's own exit adds `exit-code` (ours: QEMU's
+   * guests have no exit status), so that a supervisor knows it even if it never sees the
+   * process's (colo up kills one that does not end in time).
    */
-  quit(code = 0, shutdown?: { guest: boolean; reason: string }): void {
+  quit(code = 0, shutdown?: { guest: boolean; reason: string; 'exit-code'?: number }): void {
     if (this.quitting) return;
     this.quitting = true;
     if (shutdown !== undefined) this.event('SHUTDOWN', shutdown);

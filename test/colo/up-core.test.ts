@@ -482,6 +482,29 @@ test('colo up core: the guest of the primary exits by itself: the pair stops wit
   assert.deepEqual(run(d, { type: 'exited', node: 1, code: 3, signal: null }), ['pair: stopped', 'exit 3 primary 1']);
 });
 
+test("colo up core: a primary whose guest exited but whose process does not end within the stop timeout is killed: the pair exits with the status its SHUTDOWN said, not 0", () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'guestShutdown', node: 1, code: 3 }), ['pair: stopping (the guest exited)', 'kill 2 SIGTERM', 'timer stopTimeout 500']);
+  assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), []);
+  assert.deepEqual(run(c, { type: 'timer', name: 'stopTimeout' }), ['kill 1 SIGKILL']);
+  const acts = c.step({ type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(acts.filter((a) => a.type !== 'log').map(show), ['pair: stopped', 'exit 3 primary 1']);
+  assert.ok(acts.some((a) => a.type === 'log' && a.level === 'warn' && /ended by SIGKILL/.test(a.msg)), 'the kill is said');
+
+  // A SHUTDOWN without the status (not ours): unknown, so no success is claimed.
+  const d = protectedPair();
+  run(d, { type: 'guestShutdown', node: 1 });
+  run(d, { type: 'exited', node: 2, code: 0, signal: null });
+  run(d, { type: 'timer', name: 'stopTimeout' });
+  assert.deepEqual(run(d, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['pair: stopped', 'exit 1 primary 1']);
+
+  // Its own exit status wins over what the event said.
+  const e = protectedPair();
+  run(e, { type: 'guestShutdown', node: 1, code: 3 });
+  run(e, { type: 'exited', node: 2, code: 0, signal: null });
+  assert.deepEqual(run(e, { type: 'exited', node: 1, code: 4, signal: null }), ['pair: stopped', 'exit 4 primary 1']);
+});
+
 test("colo up core: only the secondary's guest exits (the runs diverged): the primary, leaving COLO after its wait, is protected again; a primary that says nothing is taken as after a death", () => {
   const c = protectedPair();
   run(c, { type: 'guestShutdown', node: 2 });
@@ -499,6 +522,21 @@ test("colo up core: only the secondary's guest exits (the runs diverged): the pr
   run(d, { type: 'exited', node: 2, code: 3, signal: null });
   assert.deepEqual(run(d, { type: 'timer', name: 'svmExit', gen: 1 }), ['continueAlone 1']);
   assert.deepEqual(run(d, { type: 'continued', node: 1 }), ['pair: secondary died (exit code 3); primary 101 continues unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
+});
+
+test("colo up core: a divergence (only the secondary's guest exited) before the protection was stable is no failed attempt: protected again at once, the failures not counted", () => {
+  const c = protecting({ stableMs: 30000 }, 2);
+  assert.deepEqual(run(c, { type: 'protected' }), ['timer stable 30000', 'pair: protected (primary pid 101, secondary pid 102)']);
+  run(c, { type: 'guestShutdown', node: 2 });
+  run(c, { type: 'exited', node: 2, code: 3, signal: null });
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' }), [
+    "pair: the guests diverged (the secondary's exited, the primary's runs on); primary 101 continues unprotected",
+    'pair: re-protecting',
+    'spawn 3 secondary',
+  ]);
+  // A failure later counts as the first: the next attempt comes after the first pause.
+  secondaryReady(c, 1, 3);
+  assert.deepEqual(run(c, { type: 'protectFailed', error: 'boom' }), ['pair: unprotected (attempt 1 to protect it failed: boom)', 'kill 3 SIGKILL']);
 });
 
 test('colo up core: both children die, the secondary first: the line says the pair was failing over to the primary (not "was failover")', () => {

@@ -16,6 +16,7 @@ import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, pidAlive, pidsUsing, sleep, waitFor } from '../framework/harness.js';
 import { spawnSupervisor } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
+import { watGuest } from '../framework/machine.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
 const heartbeatMs = limits.upHeartbeatTimeoutMsDefault;
@@ -92,9 +93,9 @@ class QmpProxy {
 }
 
 /** `colo up` on kv.wasm whose connections to `node` (vm1 the first primary, vm2 the first secondary) pass a QmpProxy; resolves once protected. */
-async function pairBehindProxy(env: TestEnv, cutOnFirst: string | null, node: 'vm1' | 'vm2' = 'vm1') {
+async function pairBehindProxy(env: TestEnv, cutOnFirst: string | null, node: 'vm1' | 'vm2' = 'vm1', guest = guests.kv) {
   const port = await freePort();
-  const args = [coloBin, 'up', guests.kv, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir];
   let proxy: QmpProxy | null = null;
   const sup = spawnSupervisor(env, args, () => proxy?.close());
   // Stop the supervisor once it started the child, before the child's QMP socket is up.
@@ -201,4 +202,30 @@ test('colo up: the driver\'s QMP connection to the primary is down while the pri
   const left = await sup.line(new RegExp(`^pair: primary ${primary} left COLO \\(reason error\\); it continues unprotected$`), first.at + 1, 10000);
   await waitFor(`the out-of-date secondary ${secondary} to be killed; ${what()}`, () => !pidAlive(secondary), 5000);
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${primary}, secondary pid \\d+\\)$`), left.at + 1, 60000);
+});
+
+test("colo up: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on the heartbeat's connection), and the pair stops with the guest's status instead of failing over", async (t) => {
+  const env = new TestEnv(t);
+  // Accepts one client, then exits with status 3 (both replicas do).
+  const guest = watGuest(t, 'hb-exit-on-connect', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      (call $exit (i32.const 3))))`);
+  const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest);
+  // The supervisor cannot make its driver's connection to the primary again until it exits.
+  proxy.refuseControl = true;
+  proxy.cut(proxy.controls[0]!);
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await sup.waitExit(20000);
+  const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
+  assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
+  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
