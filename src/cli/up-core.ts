@@ -28,7 +28,8 @@
  * A primary whose guest crashed while the protection completed (no partner in COLO yet) is
  * fenced once the pair is protected, as a COLO_EXIT of that moment is acted on then.
  * Its death runs the same failover as a crash. A hung node with no partner is only reported:
- * killing it would turn a stall into an outage.
+ * killing it would turn a stall into an outage. A crashed primary with no partner in COLO is
+ * the end of the service (its guest does not come back, a crashed VM cannot be migrated).
  */
 import { limits } from '../core/limits.js';
 
@@ -51,6 +52,8 @@ export interface NodeInfo {
   crashedAt?: number[];
   /** Its guest exited by itself (SHUTDOWN, guest: true): its process's end is that exit, not a failure. */
   guestExited?: boolean;
+  /** Its guest crashed (GUEST_PANICKED) while it was the primary: it has no good state to protect. */
+  guestCrashed?: string;
 }
 
 export type PairEvent =
@@ -336,6 +339,15 @@ export class PairCore {
         break;
       case 'crashed': {
         const n = this.nodes.get(e.node);
+        if (n?.alive === true && n === this.primary) n.guestCrashed ??= e.message;
+        // A primary with no partner in COLO: nothing holds the guest's state but its crashed
+        // self (a guest does not come back from a crash, and a crashed VM cannot be migrated):
+        // the service is lost. Before, it was left running and a new secondary tried to
+        // protect it every retry period, for ever, each attempt refused.
+        if (n?.alive === true && n === this.primary && n.failure === undefined && (this.phase === 'unprotected' || this.phase === 'reprotecting')) {
+          this.lost(`the guest of ${this.describe(e.node)} crashed (${e.message}) and no partner can take over`, out);
+          break;
+        }
         if (this.phase === 'protecting' && n?.alive === true && n === this.primary) {
           this.crashWhileProtecting ??= e;
           out.push({ type: 'log', level: 'warn', msg: `${this.describe(e.node)} reports that its guest crashed (${e.message}) while the pair is protecting: it is fenced if the secondary reaches COLO` });
@@ -506,6 +518,12 @@ export class PairCore {
   }
 
   private reprotect(out: PairAction[]): void {
+    // Its guest crashed while a protection was under way, which then failed: no secondary took over.
+    const crashed = this.primary?.guestCrashed;
+    if (crashed !== undefined) {
+      this.lost(`the guest of ${this.describe(this.primary!.id)} crashed (${crashed}) and no partner can take over`, out);
+      return;
+    }
     this.secondary = this.add('secondary');
     this.phase = 'reprotecting';
     out.push({ type: 'print', line: 'pair: re-protecting' });

@@ -234,10 +234,18 @@ test('colo up core: a secondary in COLO whose guest crashed is left to the prima
     'pair: re-protecting',
     'spawn 3 secondary',
   ]);
-  // The primary's guest crashes while it has no partner: reported, left running.
+  // The primary's guest crashes while it has no partner in COLO (a new secondary is starting):
+  // nothing holds the guest's state but its crashed self, the service is lost. Before, it was
+  // left running, and a new secondary tried to protect it every retry period, for ever.
   const alone = c.step({ type: 'crashed', node: 1, message: 'out of bounds', at: 0 });
-  assert.deepEqual(alone.filter((a) => a.type !== 'log'), []);
-  assert.ok(alone.some((a) => a.type === 'log' && /primary 101 reports that its guest crashed \(out of bounds\); left running/.test(a.msg)), JSON.stringify(alone));
+  assert.deepEqual(alone.filter((a) => a.type !== 'log').map(show), [
+    'pair: failed (the guest of primary 101 crashed (out of bounds) and no partner can take over)',
+    'kill 1 SIGTERM',
+    'kill 3 SIGTERM',
+    'timer stopTimeout 500',
+  ]);
+  assert.ok(alone.some((a) => a.type === 'log' && a.level === 'error' && /the service is lost/.test(a.msg)), JSON.stringify(alone));
+  assert.equal(c.phase, 'stopping');
 });
 
 test('colo up core: a primary whose guest crashed is killed, and its COLO_EXIT that follows leaves the secondary to take over', () => {
@@ -677,8 +685,15 @@ test('colo up core: a primary whose guest crashes while the protection completes
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 2']);
   assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).slice(0, 2), ['discardDisk 1', 'pair: primary died (killed: guest crashed: unreachable); secondary 102 took over on 127.0.0.1:6379']);
 
-  // A crash of a protection that fails is forgotten: the next protection starts clean.
-  assertFailedProtectionForgets({ type: 'crashed', node: 1, message: 'unreachable', at: 0 });
+  // A protection that fails after its primary's guest crashed leaves nothing to protect (a
+  // guest does not come back from a crash): the retry ends the pair, the service lost. Before,
+  // a new secondary tried every retry period, for ever, each attempt refused.
+  const f = reprotectingBy3();
+  assert.deepEqual(run(f, { type: 'crashed', node: 1, message: 'unreachable', at: 0 }), []);
+  assert.deepEqual(run(f, { type: 'protectFailed', error: 'cannot migrate a VM in state guest-panicked' }).slice(-1), ['kill 3 SIGKILL']);
+  run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(run(f, { type: 'timer', name: 'retry' }), ['pair: failed (the guest of primary 101 crashed (unreachable) and no partner can take over)', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
+  assert.equal(f.phase, 'stopping');
 });
 
 test('colo up core: a secondary whose guest crashes again and again (upSecondaryCrashesMax within upSecondaryCrashWindowMs) is replaced, not resynced for ever; crashes far apart are not', () => {

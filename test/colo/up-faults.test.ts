@@ -430,3 +430,41 @@ test('colo up: a primary whose guest crashes as the pair enters COLO, before col
   assert.ok(!sup.lines.some((l) => /^pair: unprotected \(attempt \d+ to protect it failed/.test(l)), `not a failed protection attempt; ${log()}`);
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${secondary}, secondary pid \\d+\\)$`), 0, 90000);
 });
+
+test('colo up: the primary\'s guest crashes while it has no partner in COLO (a new secondary is being made): the service is lost, colo up says so and exits 1, instead of trying to protect a crashed VM for ever', async (t) => {
+  const env = new TestEnv(t);
+  // Accepts one client, reads a byte, traps.
+  const guest = watGuest(t, 'up-trap-on-read', `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "sock_recv" (func $recv (param i32 i32 i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (if (call $accept (i32.const 3) (i32.const 0) (i32.const 0)) (then (unreachable)))
+      (i32.store (i32.const 16) (i32.const 1024))
+      (i32.store (i32.const 20) (i32.const 256))
+      (drop (call $recv (i32.load (i32.const 0)) (i32.const 16) (i32.const 1) (i32.const 0) (i32.const 32) (i32.const 36)))
+      unreachable))`);
+  const port = await freePort();
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--checkpoint-delay', '60000', '--state-dir', env.dir];
+  const sup = spawnSupervisor(env, args);
+  const first = await sup.line(/^pair: protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 60000);
+  const [primary, secondary] = [Number(first.m[1]), Number(first.m[2])];
+  const log = (): string => `colo up printed: ${sup.timeline()}; its stderr ends: ${sup.stderr.slice(-3000)}`;
+  process.kill(secondary, 'SIGKILL');
+  const died = await sup.line(new RegExp(`^pair: secondary died \\(SIGKILL\\); primary ${primary} continues unprotected$`), first.at + 1, 15000);
+  // The trap reaches the primary alone: the new secondary is still starting or migrating.
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  client.write('c');
+  const failed = await sup.line(new RegExp(`^pair: failed \\(the guest of primary ${primary} crashed \\((.*)\\) and no partner can take over\\)$`), died.at + 1, 30000).catch((err: unknown) => {
+    throw new Error(`${(err as Error).message}; ${log()}`);
+  });
+  assert.match(failed.m[1]!, /unreachable/, log());
+  await sup.waitExit(15000);
+  assert.equal(sup.exitCode, 1, `the service was lost; ${log()}`);
+  assert.ok(!sup.lines.slice(died.at + 1).some((l) => /^pair: protected/.test(l)), `the crashed primary was never reported protected; ${log()}`);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
