@@ -7,7 +7,7 @@ import { spawn } from 'node:child_process';
 import { QmpClient } from '../../src/control/qmp-client.js';
 import { TestEnv, freePort, guests, runProgram, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { assertNoErrors, statuses } from '../migration/helpers.js';
-import { watGuest } from '../framework/machine.js';
+import { exitOnConnectGuest } from '../framework/machine.js';
 
 /**
  * A TCP port on loopback whose connects stay pending: a listener in a stopped process
@@ -175,13 +175,7 @@ for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP'] as const) {
 test("a guest's own exit: SHUTDOWN {guest: true, reason: guest-shutdown} with its exit-code, then the process exits with that status", async (t) => {
   const env = new TestEnv(t);
   // Accepts one client, then exits with status 5.
-  const guest = watGuest(t, 'exit5-on-connect', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (func (export "_start")
-      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
-      (call $exit (i32.const 5))))`);
+  const guest = exitOnConnectGuest(t, 5);
   const port = await freePort();
   const vm = await env.startVm({ name: 'vm', guest, args: ['--net', `listen=127.0.0.1:${port}`, '--memory', '16M'] });
   const mark = vm.qmp.eventCount;

@@ -13,7 +13,7 @@ import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { Supervisor, pidAlive, pidsUsing, spawnSupervisor, startProtectedPair, type ProtectedPair } from '../framework/up.js';
-import { watGuest } from '../framework/machine.js';
+import { exitOnConnectGuest, watGuest } from '../framework/machine.js';
 
 function tail(pair: ProtectedPair): string {
   return `colo up printed: ${pair.sup.timeline()}; its stderr ends: ${pair.sup.stderr.slice(-2000)}`;
@@ -178,13 +178,7 @@ test('colo up: SIGTERM during the initial migration stops the pair without an er
 test("colo up: the primary's guest exits by itself (a client asks it to): the pair stops with the guest's exit status, no failover, no error", async (t) => {
   const env = new TestEnv(t);
   // Accepts one client, then exits with status 3 (both replicas do: the secondary runs the same input).
-  const guest = watGuest(t, 'exit-on-connect', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (func (export "_start")
-      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
-      (call $exit (i32.const 3))))`);
+  const guest = exitOnConnectGuest(t, 3);
   const port = await freePort();
   const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '16M', '--checkpoint-delay', '200', '--state-dir', env.dir];
   const sup = spawnSupervisor(env, args);

@@ -16,7 +16,7 @@ import net from 'node:net';
 import { TestEnv, coloBin, freePort, guests, pidAlive, pidsUsing, sleep, waitFor } from '../framework/harness.js';
 import { spawnSupervisor } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
-import { watGuest } from '../framework/machine.js';
+import { exitOnConnectGuest } from '../framework/machine.js';
 import { QmpClient } from '../../src/control/qmp-client.js';
 
 const heartbeatMs = limits.upHeartbeatTimeoutMsDefault;
@@ -207,13 +207,7 @@ test('colo up: the driver\'s QMP connection to the primary is down while the pri
 test("colo up: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on the heartbeat's connection), and the pair stops with the guest's status instead of failing over", async (t) => {
   const env = new TestEnv(t);
   // Accepts one client, then exits with status 3 (both replicas do).
-  const guest = watGuest(t, 'hb-exit-on-connect', `(module
-    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
-    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
-    (memory (export "memory") 1)
-    (func (export "_start")
-      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
-      (call $exit (i32.const 3))))`);
+  const guest = exitOnConnectGuest(t, 3);
   const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest);
   // The supervisor cannot make its driver's connection to the primary again until it exits.
   proxy.refuseControl = true;

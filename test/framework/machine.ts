@@ -74,6 +74,17 @@ export function watGuest(t: { after(fn: () => unknown): void }, name: string, te
   }
 }
 
+/** A guest that accepts one client (on its --net listener) and exits with status `code` at once. */
+export function exitOnConnectGuest(t: { after(fn: () => unknown): void }, code: number): string {
+  return watGuest(t, `exit${code}-on-connect`, `(module
+    (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+    (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+    (memory (export "memory") 1)
+    (func (export "_start")
+      (drop (call $accept (i32.const 3) (i32.const 0) (i32.const 64)))
+      (call $exit (i32.const ${code}))))`);
+}
+
 /** Addresses of sizeHeapGuest's results (i32s). */
 export const sizeHeap = { passes: 16, bad: 20, badAddr: 24, grows: 28, clock: 40, regions: 64 } as const;
 
