@@ -52,7 +52,8 @@ function holderAlive(h: { pid: number; start: string } | null): boolean {
   return startTimeOf(h.pid) === h.start;
 }
 
-function lockDirOf(imagePath: string): string {
+/** The lock directory of `imagePath` (tests look at its `write` entry). */
+export function lockDirOf(imagePath: string): string {
   let real = imagePath;
   try {
     real = fs.realpathSync(imagePath);
@@ -113,9 +114,13 @@ function removeStaleReaders(dir: string, imagePath: string, wanted: ImageLockMod
   }
 }
 
-/** The writer's entry: null if there is none (stale ones are removed). */
-function liveWriter(dir: string, imagePath: string): { pid: number; start: string } | null {
-  for (let attempt = 0; attempt < 3; attempt++) {
+/**
+ * The writer's entry: null if there is none (stale ones are removed). An entry that is stale
+ * again after limits.diskLockStaleTakeoversMax takeovers (other openers keep putting dead
+ * processes' entries back) is an ImageLockError, not an endless loop.
+ */
+function liveWriter(dir: string, imagePath: string, wanted: ImageLockMode): { pid: number; start: string } | null {
+  for (let attempt = 0; attempt < limits.diskLockStaleTakeoversMax; attempt++) {
     let target: string;
     try {
       target = fs.readlinkSync(path.join(dir, 'write'));
@@ -128,7 +133,11 @@ function liveWriter(dir: string, imagePath: string): { pid: number; start: strin
     log.info(`taking over the lock of drive '${imagePath}' left by process ${holder!.pid}, which is gone`);
     removeStaleWriter(dir, target);
   }
-  return liveWriter(dir, imagePath);
+  throw new ImageLockError(
+    imagePath,
+    0,
+    `Failed to get "${wanted}" lock on drive '${imagePath}': its write entry in ${dir} was a dead process's again after ${limits.diskLockStaleTakeoversMax} takeovers (other processes keep putting such entries back)`,
+  );
 }
 
 class HeldLock implements ImageLock {
@@ -209,7 +218,7 @@ function lockWrite(imagePath: string, dir: string): HeldLock {
       break;
     } catch (err) {
       if (code(err) !== 'EEXIST') throw err;
-      const holder = liveWriter(dir, imagePath);
+      const holder = liveWriter(dir, imagePath, 'write');
       if (holder !== null) throw refused(imagePath, holder, 'write', 'write');
       if (attempt >= 3) throw refused(imagePath, null, 'write', 'write');
     }
@@ -228,7 +237,7 @@ function lockRead(imagePath: string, dir: string): HeldLock {
   const entry = path.join(dir, name);
   fs.closeSync(fs.openSync(entry, 'wx'));
   try {
-    const writer = liveWriter(dir, imagePath);
+    const writer = liveWriter(dir, imagePath, 'read');
     if (writer !== null) throw refused(imagePath, writer, 'read', 'write');
   } catch (err) {
     fs.rmSync(entry, { force: true });

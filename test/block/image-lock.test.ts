@@ -14,7 +14,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { limits } from '../../src/core/limits.js';
-import { lockImage, type ImageLock } from '../../src/block/image-lock.js';
+import { lockDirOf, lockImage, type ImageLock } from '../../src/block/image-lock.js';
+import { ImageLockError } from '../../src/core/errors.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType } from '../../src/migration/stream.js';
 
 test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
@@ -167,10 +168,10 @@ test('image lock: a VM restored from a file (--incoming file:) holds its image: 
   await restored.stop();
 });
 
-/** The pid holding the write lock of `image` (its `.NAME.colo-lock/write` entry), or null. */
+/** The pid holding the write lock of `image` (the `write` entry of its lock directory), or null. */
 function writeLockPid(image: string): number | null {
   try {
-    return Number(fs.readlinkSync(path.join(path.dirname(image), `.${path.basename(image)}.colo-lock`, 'write')).split(':')[0]);
+    return Number(fs.readlinkSync(path.join(lockDirOf(image), 'write')).split(':')[0]);
   } catch {
     return null;
   }
@@ -425,4 +426,23 @@ test('image lock: migrate_cancel after the source sent the whole state to a froz
   await assertAdvancing(src);
   await src.stop();
   assert.deepEqual(src.errorLines(), []);
+});
+
+test('image lock: a write entry that keeps coming back stale ends in DRIVE_LOCKED after limits.diskLockStaleTakeoversMax takeovers, not in an endless loop', (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('loop.img', 64 * 1024);
+  const first = lockImage(image, 'write');
+  assert.notEqual(first, null);
+  // As if another opener kept putting a dead process's entry back: every read of it is stale.
+  const readlink = fs.readlinkSync;
+  t.mock.method(fs, 'readlinkSync', (p: fs.PathLike) => (String(p).startsWith(lockDirOf(image)) ? '999999999:1' : readlink(p)));
+  try {
+    assert.throws(
+      () => lockImage(image, 'write'),
+      (err: unknown) => err instanceof ImageLockError && err.code === 'DRIVE_LOCKED' && err.message.includes(`after ${limits.diskLockStaleTakeoversMax} takeovers`),
+    );
+  } finally {
+    t.mock.restoreAll();
+    first!.release();
+  }
 });
