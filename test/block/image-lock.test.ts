@@ -116,7 +116,7 @@ test('image lock: colo up does not copy the last primary\'s disk over a --drive 
   await other.stop();
 });
 
-test('image lock: an image on a filesystem with no room for the lock entry (a full disk) opens all the same, unlocked, as QEMU\'s', async (t) => {
+test('image lock: an image on a full filesystem (no inode left) opens and is locked: as QEMU\'s, the lock needs no room next to the image', async (t) => {
   const env = new TestEnv(t);
   // Two inodes: the root and the image; the lock directory cannot be made (ENOSPC).
   const mnt = await env.tmpfs('full', '1m,nr_inodes=2');
@@ -125,6 +125,7 @@ test('image lock: an image on a filesystem with no room for the lock entry (a fu
   assert.throws(() => fs.mkdirSync(path.join(mnt, 'probe')), /ENOSPC/, 'the filesystem has no inode left');
   const d = Disk.open(image, { snapshot: false });
   try {
+    assert.equal(writeLockPid(image), process.pid, 'the image is locked all the same');
     const b = Buffer.alloc(16);
     d.read(b, 0);
     assert.deepEqual([...b], Array(16).fill(7));
@@ -426,6 +427,45 @@ test('image lock: migrate_cancel after the source sent the whole state to a froz
   await assertAdvancing(src);
   await src.stop();
   assert.deepEqual(src.errorLines(), []);
+});
+
+test('image lock: two hard links of one image are one image: a VM on the second name is refused while a VM writes through the first (QEMU locks the inode)', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('h.img', 4 * 1024 * 1024);
+  fs.mkdirSync(env.file('other'));
+  const link = env.file('other/h-link.img');
+  fs.linkSync(image, link);
+  const a = await env.startVm({ name: 'a', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  for (const extra of [[], ['--snapshot']]) {
+    const b = await env.startVm({ name: `b${extra.length}`, guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${link}`, ...extra] });
+    assert.equal(await b.waitExit(30000), 1, `the VM on the second name exits with status 1: ${b.stderr}`);
+    assert.match(b.stderr, new RegExp(`Failed to get "${extra.length === 0 ? 'write' : 'read'}" lock on drive '.*h-link\\.img': process ${a.child.pid} writes it`));
+  }
+  await a.stop();
+  assert.equal(writeLockPid(image), null, 'released on quit');
+});
+
+test('image lock: a live migration between two hard links of one image hands over the one lock: a third VM on the source\'s name is refused while the destination runs', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('src.img', 4 * 1024 * 1024);
+  fs.mkdirSync(env.file('dst'));
+  const link = env.file('dst/dst.img');
+  fs.linkSync(image, link);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] }),
+    env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${link}`, '--incoming', 'defer'] }),
+  ]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 30000);
+  assert.equal(await dst.status(), 'running');
+  assert.equal(writeLockPid(link), dst.child.pid, 'the destination holds the image');
+  await src.stop();
+  const third = await env.startVm({ name: 'third', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await third.waitExit(30000), 1, `a VM on the source's name is refused: ${third.stderr}`);
+  assert.match(third.stderr, new RegExp(`Failed to get "write" lock on drive '.*src\\.img': process ${dst.child.pid} writes it`));
+  await dst.stop();
 });
 
 test('image lock: a write entry that keeps coming back stale ends in DRIVE_LOCKED after limits.diskLockStaleTakeoversMax takeovers, not in an endless loop', (t) => {
