@@ -468,6 +468,39 @@ test('image lock: a live migration between two hard links of one image hands ove
   await dst.stop();
 });
 
+test('image lock: an incoming --snapshot destination on the image a running VM writes starts (inactive, unlocked, as QEMU\'s) and takes its read lock at the switchover; it runs on the data, the image unchanged by it', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('s.img', 8 * 1024 * 1024);
+  const args = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+  const src = await env.startVm({ name: 'src', guest: guests.kv, args });
+  await src.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  for (let i = 0; i < 20; i++) assert.equal(await c.command(['SET', `k${i}`, `v${i}`]), 'OK');
+  c.close();
+  const dst = await env.startVm({ name: 'dst', guest: guests.kv, args: [...args, '--snapshot', '--incoming', 'defer'] });
+  assert.equal(writeLockPid(image), src.child.pid, 'the source keeps the image until the switchover');
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 30000);
+  assert.equal(await dst.status(), 'running');
+  await src.stop();
+  const hash = env.hashFile(image);
+  const r = await RespClient.whenServing(port, 'the snapshot destination after the switchover');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'k19']), 'v19', 'the destination has the data the source wrote');
+  assert.equal(await r.command(['SET', 'after', 'migration']), 'OK');
+  r.close();
+  const w = await env.startVm({ name: 'w', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await w.waitExit(30000), 1, `a read-write VM is refused while the snapshot destination reads the image: ${w.stderr}`);
+  assert.match(w.stderr, new RegExp(`Failed to get "write" lock on drive '.*s\\.img': process ${dst.child.pid} reads it`));
+  await dst.stop();
+  assert.equal(env.hashFile(image), hash, 'the snapshot destination did not write the image');
+  assert.deepEqual([...src.errorLines(), ...dst.errorLines()], []);
+});
+
 test('image lock: a write entry that keeps coming back stale ends in DRIVE_LOCKED after limits.diskLockStaleTakeoversMax takeovers, not in an endless loop', (t) => {
   const env = new TestEnv(t);
   const image = env.image('loop.img', 64 * 1024);
@@ -484,5 +517,26 @@ test('image lock: a write entry that keeps coming back stale ends in DRIVE_LOCKE
   } finally {
     t.mock.restoreAll();
     first!.release();
+  }
+});
+
+test('image lock: a --snapshot incoming destination\'s read lock is taken at activate and given back at inactivate (a migration failed before `go`), so that the source can write again', (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('inact.img', 64 * 1024);
+  const d = Disk.open(image, { snapshot: true, lock: 'deferred' });
+  try {
+    assert.equal(d.inactive, true);
+    const w = lockImage(image, 'write');
+    assert.notEqual(w, null, 'an inactive destination holds no lock');
+    assert.throws(() => d.activate(), (err: unknown) => err instanceof ImageLockError && /Failed to get "read" lock/.test(err.message));
+    w!.release();
+    d.activate();
+    assert.throws(() => lockImage(image, 'write'), /reads it \(snapshot=on\)/, 'the active destination reads the image');
+    d.inactivate();
+    const back = lockImage(image, 'write');
+    assert.notEqual(back, null, 'the source takes its image back');
+    back!.release();
+  } finally {
+    d.close();
   }
 });
