@@ -68,9 +68,9 @@ export class Disk {
 
   /**
    * Open an image (main thread) and lock it (image-lock.ts): read-write excludes every other
-   * user, snapshot mode shares it with other snapshot users. `lock: 'deferred'` (a read-write
-   * incoming migration's destination, as QEMU's inactive image) opens it without the lock
-   * until activate().
+   * user, snapshot mode shares it with other snapshot users. `lock: 'deferred'` (an incoming
+   * migration's destination, as QEMU's inactive image, --snapshot or not) opens it without the
+   * lock until activate().
    */
   static open(imagePath: string, opts: { snapshot: boolean; lock?: 'now' | 'deferred' }): Disk {
     let imageFd: number;
@@ -92,7 +92,7 @@ export class Disk {
       fs.closeSync(imageFd);
       throw new UsageError('DRIVE_SIZE', `drive '${imagePath}' is ${sizeBytes} bytes, above the limit of ${limits.diskBytesMax}`);
     }
-    const deferred = opts.lock === 'deferred' && !opts.snapshot;
+    const deferred = opts.lock === 'deferred';
     let lock: ImageLock | null = null;
     if (!deferred) {
       try {
@@ -131,12 +131,13 @@ export class Disk {
   }
 
   /**
-   * Take the write lock deferred at open (an incoming migration that is about to write the
-   * image); throws ImageLockError if another live process holds the image. Idempotent.
+   * Take the lock deferred at open (an incoming migration that is about to use the image): the
+   * write lock, or in snapshot mode the shared read lock; throws ImageLockError if another live
+   * process holds the image (a writer, or for the write lock any user). Idempotent.
    */
   activate(): void {
     if (!this.lockPending) return;
-    this.lock = lockImage(this.spec.imagePath, 'write');
+    this.lock = lockImage(this.spec.imagePath, this.spec.snapshot ? 'read' : 'write');
     this.lockPending = false;
   }
 
@@ -145,10 +146,11 @@ export class Disk {
    * image at a switchover onto the same file): the destination takes it (activate()) before it
    * runs, and a migration that fails gives it back here with activate(). No flush: both ends
    * share one file on one host (disk-sync.ts 'shared'), so the destination reads through the
-   * same page cache. A no-op for snapshot users (read locks are shared) and unlocked images.
+   * same page cache. A snapshot destination on the source's image gives its read lock back
+   * the same way when the migration fails before `go`. A no-op for unlocked images.
    */
   inactivate(): void {
-    if (this.lock === null || this.lock.mode !== 'write') return;
+    if (this.lock === null) return;
     this.lock.release();
     this.lock = null;
     this.lockPending = true;

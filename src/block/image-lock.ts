@@ -10,7 +10,8 @@ const log = logger('disk');
 /**
  * Disk image locking, as QEMU's (OFD locks on the image): one writer excludes every other
  * user, readers (snapshot=on) share the image with each other. Node has no fcntl locks, so the
- * lock is a directory next to the image (`.NAME.colo-lock`, of the image's real path):
+ * lock is a directory per image file (inode), `LOCK_ROOT/DEV-INO` in one place on the host: as
+ * QEMU's locks, it is one lock whatever name (hard link, symlink, a rename) the file is opened by:
  *   write                        a symlink to "PID:START", made atomically (EEXIST if held);
  *   read-PID-START-RANDOM        an empty file per reader.
  * START is the holder's start time (/proc/PID/stat field 22): an entry whose process is gone
@@ -52,14 +53,28 @@ function holderAlive(h: { pid: number; start: string } | null): boolean {
   return startTimeOf(h.pid) === h.start;
 }
 
-function lockDirOf(imagePath: string): string {
-  let real = imagePath;
+/**
+ * Where the lock directories are: one place for the host, so that every name of one file finds
+ * one lock (hard links may be in different directories). A tmpfs: gone at reboot, as the
+ * processes its entries name.
+ */
+export const lockRoot = fs.existsSync('/dev/shm') ? '/dev/shm/colo-vm-locks' : '/tmp/colo-vm-locks';
+
+/** The lock directory of the file `imagePath` names (tests look at its `write` entry). */
+export function lockDirOf(imagePath: string): string {
+  const st = fs.statSync(imagePath);
+  return path.join(lockRoot, `${st.dev}-${st.ino}`);
+}
+
+/** Make lockRoot, shared by every user of the host (sticky, as /tmp). */
+function makeLockRoot(): void {
   try {
-    real = fs.realpathSync(imagePath);
-  } catch {
-    // opened already, so it exists; keep the path as given if realpath fails
+    fs.mkdirSync(lockRoot);
+  } catch (err) {
+    if (code(err) === 'EEXIST') return;
+    throw err;
   }
-  return path.join(path.dirname(real), `.${path.basename(real)}.colo-lock`);
+  fs.chmodSync(lockRoot, 0o1777);
 }
 
 function code(err: unknown): string | undefined {
@@ -113,9 +128,13 @@ function removeStaleReaders(dir: string, imagePath: string, wanted: ImageLockMod
   }
 }
 
-/** The writer's entry: null if there is none (stale ones are removed). */
-function liveWriter(dir: string, imagePath: string): { pid: number; start: string } | null {
-  for (let attempt = 0; attempt < 3; attempt++) {
+/**
+ * The writer's entry: null if there is none (stale ones are removed). An entry that is stale
+ * again after limits.diskLockStaleTakeoversMax takeovers (other openers keep putting dead
+ * processes' entries back) is an ImageLockError, not an endless loop.
+ */
+function liveWriter(dir: string, imagePath: string, wanted: ImageLockMode): { pid: number; start: string } | null {
+  for (let attempt = 0; attempt < limits.diskLockStaleTakeoversMax; attempt++) {
     let target: string;
     try {
       target = fs.readlinkSync(path.join(dir, 'write'));
@@ -128,7 +147,11 @@ function liveWriter(dir: string, imagePath: string): { pid: number; start: strin
     log.info(`taking over the lock of drive '${imagePath}' left by process ${holder!.pid}, which is gone`);
     removeStaleWriter(dir, target);
   }
-  return liveWriter(dir, imagePath);
+  throw new ImageLockError(
+    imagePath,
+    0,
+    `Failed to get "${wanted}" lock on drive '${imagePath}': its write entry in ${dir} was a dead process's again after ${limits.diskLockStaleTakeoversMax} takeovers (other processes keep putting such entries back)`,
+  );
 }
 
 class HeldLock implements ImageLock {
@@ -160,13 +183,19 @@ class HeldLock implements ImageLock {
 }
 
 /**
- * Lock `imagePath` for this process. Returns null where no lock can be made next to the image
- * (a read-only directory or filesystem: as QEMU, the image opens all the same, with a warning).
+ * Lock `imagePath` for this process. Returns null where no lock can be made in lockRoot (not
+ * writable, or full: as QEMU, the image opens all the same, with a warning).
  */
 export function lockImage(imagePath: string, mode: ImageLockMode): ImageLock | null {
-  const dir = lockDirOf(imagePath);
+  let dir: string;
+  try {
+    dir = lockDirOf(imagePath);
+  } catch (err) {
+    throw new UsageError('DRIVE_OPEN', `cannot lock drive '${imagePath}': ${errorMessage(err)}`);
+  }
   for (let attempt = 0; attempt < 5; attempt++) {
     try {
+      makeLockRoot();
       fs.mkdirSync(dir);
     } catch (err) {
       if (cannotMake(err)) {
@@ -209,7 +238,7 @@ function lockWrite(imagePath: string, dir: string): HeldLock {
       break;
     } catch (err) {
       if (code(err) !== 'EEXIST') throw err;
-      const holder = liveWriter(dir, imagePath);
+      const holder = liveWriter(dir, imagePath, 'write');
       if (holder !== null) throw refused(imagePath, holder, 'write', 'write');
       if (attempt >= 3) throw refused(imagePath, null, 'write', 'write');
     }
@@ -228,7 +257,7 @@ function lockRead(imagePath: string, dir: string): HeldLock {
   const entry = path.join(dir, name);
   fs.closeSync(fs.openSync(entry, 'wx'));
   try {
-    const writer = liveWriter(dir, imagePath);
+    const writer = liveWriter(dir, imagePath, 'read');
     if (writer !== null) throw refused(imagePath, writer, 'read', 'write');
   } catch (err) {
     fs.rmSync(entry, { force: true });

@@ -47,6 +47,8 @@ export const limits = {
   diskBlockBytes: 4096,
   /** Stale lock entries (of dead processes) one open of a disk image removes at most. */
   diskLockStaleEntriesMax: 1024,
+  /** Times one open of a disk image takes over a dead writer's lock entry before DRIVE_LOCKED. */
+  diskLockStaleTakeoversMax: 16,
   /**
    * A migration onto the source's own image that fails or is cancelled after the destination
    * took the image's lock but before `go`: how long the source tries to take it back (the

@@ -216,8 +216,9 @@ export class IncomingMigration {
         assert(s !== null && s.device !== null, 'restore without device state');
         const m = this.host.machine;
         checkDeviceRam(m, s.device, 'the incoming migration');
-        // The source's own image file (no --snapshot): the source let it go at stop-and-copy;
-        // it is taken here, before `loaded`, so that this VM never runs without it. Another
+        // The source's own image file (the source has no --snapshot): the source let it go at
+        // stop-and-copy; it is taken here (write, or read for a --snapshot destination), before
+        // `loaded`, so that this VM never runs without it. Another
         // process holding it fails the migration (ImageLockError): the source runs on.
         if (s.diskMode === 'shared') {
           try {

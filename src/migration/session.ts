@@ -678,9 +678,9 @@ export class IncomingSession {
     const info = applySetup(m, setup);
     this.publishRamSize();
     this.diskMode = chooseDiskMode(info.diskImage, m.disk);
-    // The image opened unlocked (QEMU's inactive image of -incoming): this destination writes
-    // it from now on, so it takes the write lock now (ImageLockError: another live process
-    // uses it). 'shared': the source's image itself, which the source holds until
+    // The image opened unlocked (QEMU's inactive image of -incoming): this destination uses
+    // it from now on, so it takes its lock now, write or (--snapshot) read (ImageLockError:
+    // another live process uses it). 'shared': the source's image itself, which the source holds until
     // stop-and-copy; taken when the state is loaded (IncomingMigration's restore).
     if (this.diskMode !== 'shared') m.disk?.activate();
     const ports: number[] = [];

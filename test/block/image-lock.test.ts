@@ -14,7 +14,8 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { limits } from '../../src/core/limits.js';
-import { lockImage, type ImageLock } from '../../src/block/image-lock.js';
+import { lockDirOf, lockImage, type ImageLock } from '../../src/block/image-lock.js';
+import { ImageLockError } from '../../src/core/errors.js';
 import { encodePreamble, FrameDecoder, FrameEncoder, FrameType } from '../../src/migration/stream.js';
 
 test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
@@ -115,7 +116,7 @@ test('image lock: colo up does not copy the last primary\'s disk over a --drive 
   await other.stop();
 });
 
-test('image lock: an image on a filesystem with no room for the lock entry (a full disk) opens all the same, unlocked, as QEMU\'s', async (t) => {
+test('image lock: an image on a full filesystem (no inode left) opens and is locked: as QEMU\'s, the lock needs no room next to the image', async (t) => {
   const env = new TestEnv(t);
   // Two inodes: the root and the image; the lock directory cannot be made (ENOSPC).
   const mnt = await env.tmpfs('full', '1m,nr_inodes=2');
@@ -124,6 +125,7 @@ test('image lock: an image on a filesystem with no room for the lock entry (a fu
   assert.throws(() => fs.mkdirSync(path.join(mnt, 'probe')), /ENOSPC/, 'the filesystem has no inode left');
   const d = Disk.open(image, { snapshot: false });
   try {
+    assert.equal(writeLockPid(image), process.pid, 'the image is locked all the same');
     const b = Buffer.alloc(16);
     d.read(b, 0);
     assert.deepEqual([...b], Array(16).fill(7));
@@ -167,10 +169,10 @@ test('image lock: a VM restored from a file (--incoming file:) holds its image: 
   await restored.stop();
 });
 
-/** The pid holding the write lock of `image` (its `.NAME.colo-lock/write` entry), or null. */
+/** The pid holding the write lock of `image` (the `write` entry of its lock directory), or null. */
 function writeLockPid(image: string): number | null {
   try {
-    return Number(fs.readlinkSync(path.join(path.dirname(image), `.${path.basename(image)}.colo-lock`, 'write')).split(':')[0]);
+    return Number(fs.readlinkSync(path.join(lockDirOf(image), 'write')).split(':')[0]);
   } catch {
     return null;
   }
@@ -425,4 +427,116 @@ test('image lock: migrate_cancel after the source sent the whole state to a froz
   await assertAdvancing(src);
   await src.stop();
   assert.deepEqual(src.errorLines(), []);
+});
+
+test('image lock: two hard links of one image are one image: a VM on the second name is refused while a VM writes through the first (QEMU locks the inode)', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('h.img', 4 * 1024 * 1024);
+  fs.mkdirSync(env.file('other'));
+  const link = env.file('other/h-link.img');
+  fs.linkSync(image, link);
+  const a = await env.startVm({ name: 'a', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  for (const extra of [[], ['--snapshot']]) {
+    const b = await env.startVm({ name: `b${extra.length}`, guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${link}`, ...extra] });
+    assert.equal(await b.waitExit(30000), 1, `the VM on the second name exits with status 1: ${b.stderr}`);
+    assert.match(b.stderr, new RegExp(`Failed to get "${extra.length === 0 ? 'write' : 'read'}" lock on drive '.*h-link\\.img': process ${a.child.pid} writes it`));
+  }
+  await a.stop();
+  assert.equal(writeLockPid(image), null, 'released on quit');
+});
+
+test('image lock: a live migration between two hard links of one image hands over the one lock: a third VM on the source\'s name is refused while the destination runs', async (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('src.img', 4 * 1024 * 1024);
+  fs.mkdirSync(env.file('dst'));
+  const link = env.file('dst/dst.img');
+  fs.linkSync(image, link);
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${image}`] }),
+    env.startVm({ name: 'dst', guest: guests.spin, args: ['--memory', '64M', '--drive', `file=${link}`, '--incoming', 'defer'] }),
+  ]);
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 30000);
+  assert.equal(await dst.status(), 'running');
+  assert.equal(writeLockPid(link), dst.child.pid, 'the destination holds the image');
+  await src.stop();
+  const third = await env.startVm({ name: 'third', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await third.waitExit(30000), 1, `a VM on the source's name is refused: ${third.stderr}`);
+  assert.match(third.stderr, new RegExp(`Failed to get "write" lock on drive '.*src\\.img': process ${dst.child.pid} writes it`));
+  await dst.stop();
+});
+
+test('image lock: an incoming --snapshot destination on the image a running VM writes starts (inactive, unlocked, as QEMU\'s) and takes its read lock at the switchover; it runs on the data, the image unchanged by it', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const image = env.image('s.img', 8 * 1024 * 1024);
+  const args = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+  const src = await env.startVm({ name: 'src', guest: guests.kv, args });
+  await src.waitSerial('kv ready');
+  const c = await RespClient.connect(port);
+  env.onCleanup(() => c.close());
+  for (let i = 0; i < 20; i++) assert.equal(await c.command(['SET', `k${i}`, `v${i}`]), 'OK');
+  c.close();
+  const dst = await env.startVm({ name: 'dst', guest: guests.kv, args: [...args, '--snapshot', '--incoming', 'defer'] });
+  assert.equal(writeLockPid(image), src.child.pid, 'the source keeps the image until the switchover');
+  const migPort = await dst.listenIncoming();
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+  await src.waitMigrationStatus('completed', 30000);
+  await dst.waitMigrationStatus('completed', 30000);
+  assert.equal(await dst.status(), 'running');
+  await src.stop();
+  const hash = env.hashFile(image);
+  const r = await RespClient.whenServing(port, 'the snapshot destination after the switchover');
+  env.onCleanup(() => r.close());
+  assert.equal(await r.command(['GET', 'k19']), 'v19', 'the destination has the data the source wrote');
+  assert.equal(await r.command(['SET', 'after', 'migration']), 'OK');
+  r.close();
+  const w = await env.startVm({ name: 'w', guest: guests.spin, noQmp: true, args: ['--memory', '64M', '--drive', `file=${image}`] });
+  assert.equal(await w.waitExit(30000), 1, `a read-write VM is refused while the snapshot destination reads the image: ${w.stderr}`);
+  assert.match(w.stderr, new RegExp(`Failed to get "write" lock on drive '.*s\\.img': process ${dst.child.pid} reads it`));
+  await dst.stop();
+  assert.equal(env.hashFile(image), hash, 'the snapshot destination did not write the image');
+  assert.deepEqual([...src.errorLines(), ...dst.errorLines()], []);
+});
+
+test('image lock: a write entry that keeps coming back stale ends in DRIVE_LOCKED after limits.diskLockStaleTakeoversMax takeovers, not in an endless loop', (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('loop.img', 64 * 1024);
+  const first = lockImage(image, 'write');
+  assert.notEqual(first, null);
+  // As if another opener kept putting a dead process's entry back: every read of it is stale.
+  const readlink = fs.readlinkSync;
+  t.mock.method(fs, 'readlinkSync', (p: fs.PathLike) => (String(p).startsWith(lockDirOf(image)) ? '999999999:1' : readlink(p)));
+  try {
+    assert.throws(
+      () => lockImage(image, 'write'),
+      (err: unknown) => err instanceof ImageLockError && err.code === 'DRIVE_LOCKED' && err.message.includes(`after ${limits.diskLockStaleTakeoversMax} takeovers`),
+    );
+  } finally {
+    t.mock.restoreAll();
+    first!.release();
+  }
+});
+
+test('image lock: a --snapshot incoming destination\'s read lock is taken at activate and given back at inactivate (a migration failed before `go`), so that the source can write again', (t) => {
+  const env = new TestEnv(t);
+  const image = env.image('inact.img', 64 * 1024);
+  const d = Disk.open(image, { snapshot: true, lock: 'deferred' });
+  try {
+    assert.equal(d.inactive, true);
+    const w = lockImage(image, 'write');
+    assert.notEqual(w, null, 'an inactive destination holds no lock');
+    assert.throws(() => d.activate(), (err: unknown) => err instanceof ImageLockError && /Failed to get "read" lock/.test(err.message));
+    w!.release();
+    d.activate();
+    assert.throws(() => lockImage(image, 'write'), /reads it \(snapshot=on\)/, 'the active destination reads the image');
+    d.inactivate();
+    const back = lockImage(image, 'write');
+    assert.notEqual(back, null, 'the source takes its image back');
+    back!.release();
+  } finally {
+    d.close();
+  }
 });

@@ -56,31 +56,33 @@ test('colo: kv writes acknowledged before a checkpoint survive the primary, RAM 
   assertNoErrors(dst, again);
 });
 
-test('colo: a secondary on the primary\'s own image (no --snapshot) is refused; the primary serves on, its image untouched by the secondary', async (t) => {
-  const env = new TestEnv(t);
-  const port = await freePort();
-  const image = env.image('one.img', 8 * 1024 * 1024);
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('kv ready');
-  const c = await RespClient.connect(port);
-  env.onCleanup(() => c.close());
-  assert.equal(await c.command(['SET', 'before', '1']), 'OK');
-  const migPort = await dst.listenIncoming();
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
-  const info = await src.waitMigrationStatus('failed', 10000);
-  assert.match(String(info['error-desc']), /the destination refused the migration: COLO needs a disk of its own on the secondary \(or both nodes with --snapshot\): both nodes open the same image file \[DESTINATION_REFUSED\]/);
-  assert.equal(await src.status(), 'running');
-  assert.equal(await dst.waitExit(10000), 1);
-  assert.match(dst.errorLines().join('\n'), /COLO needs a disk of its own on the secondary.*\[MIGRATION_REFUSED\]/);
-  assert.equal(await c.command(['SET', 'after', '2']), 'OK', 'the primary serves on');
-  assert.equal(await c.command(['GET', 'before']), '1');
-  assertNoErrors(src);
-});
+for (const extra of [[], ['--snapshot']]) {
+  test(`colo: a secondary on the primary\'s own image (${extra.length === 0 ? 'no --snapshot' : '--snapshot on the secondary only: it starts, inactive, as QEMU\'s'}) is refused; the primary serves on, its image untouched by the secondary`, async (t) => {
+    const env = new TestEnv(t);
+    const port = await freePort();
+    const image = env.image('one.img', 8 * 1024 * 1024);
+    const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
+    const [src, dst] = await Promise.all([
+      env.startVm({ name: 'src', guest: guests.kv, args: common }),
+      env.startVm({ name: 'dst', guest: guests.kv, args: [...common, ...extra, '--incoming', 'defer'] }),
+    ]);
+    await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
+    await src.waitSerial('kv ready');
+    const c = await RespClient.connect(port);
+    env.onCleanup(() => c.close());
+    assert.equal(await c.command(['SET', 'before', '1']), 'OK');
+    const migPort = await dst.listenIncoming();
+    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${migPort}` });
+    const info = await src.waitMigrationStatus('failed', 10000);
+    assert.match(String(info['error-desc']), /the destination refused the migration: COLO needs a disk of its own on the secondary \(or both nodes with --snapshot\): both nodes open the same image file \[DESTINATION_REFUSED\]/);
+    assert.equal(await src.status(), 'running');
+    assert.equal(await dst.waitExit(10000), 1);
+    assert.match(dst.errorLines().join('\n'), /COLO needs a disk of its own on the secondary.*\[MIGRATION_REFUSED\]/);
+    assert.equal(await c.command(['SET', 'after', '2']), 'OK', 'the primary serves on');
+    assert.equal(await c.command(['GET', 'before']), '1');
+    assertNoErrors(src);
+  });
+}
 
 /**
  * A guest that writes its whole disk (`diskBytes`) over and over, `chunk` bytes of 0x5a per
