@@ -11,12 +11,12 @@ import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
 import { Disk } from '../../src/block/disk.js';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { limits } from '../../src/core/limits.js';
 import { lockDirOf, lockImage, type ImageLock } from '../../src/block/image-lock.js';
 import { ImageLockError } from '../../src/core/errors.js';
-import { encodePreamble, FrameDecoder, FrameEncoder, FrameType } from '../../src/migration/stream.js';
+import { FrameType } from '../../src/migration/stream.js';
+import { fakeDestination, plainReady } from '../framework/fake-destination.js';
 
 test('image lock: a second read-write VM (or a snapshot reader) on an image a VM writes is refused, naming the holder; the first VM\'s data intact', async (t) => {
   const env = new TestEnv(t);
@@ -308,47 +308,28 @@ class LockingDestination {
   lock: ImageLock | null = null;
   readonly locked: Promise<void>;
   private resolveLocked!: () => void;
-  private socket: net.Socket | null = null;
 
-  private constructor(private readonly image: string, readonly server: net.Server) {
+  private constructor(private readonly image: string) {
     this.locked = new Promise((r) => (this.resolveLocked = r));
   }
 
   static async start(env: TestEnv, image: string): Promise<{ dest: LockingDestination; port: number }> {
-    const server = net.createServer();
-    const dest = new LockingDestination(image, server);
-    server.on('connection', (s) => dest.accept(s));
-    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-    env.onCleanup(() => {
-      dest.release();
-      dest.socket?.destroy();
-      server.close();
+    const dest = new LockingDestination(image);
+    // Registered first, so run after the fake's own cleanup (last in, first out).
+    env.onCleanup(() => dest.release());
+    const { port } = await fakeDestination(env, (f, c) => {
+      if (f.type === FrameType.setup) c.reply(plainReady({ disk: 'shared' }));
+      else if (f.type === FrameType.end) {
+        dest.lock = lockImage(dest.image, 'write');
+        dest.resolveLocked();
+      } else if (f.type === FrameType.abort) c.socket.end();
     });
-    const a = server.address();
-    return { dest, port: typeof a === 'object' && a !== null ? a.port : 0 };
+    return { dest, port };
   }
 
   release(): void {
     this.lock?.release();
     this.lock = null;
-  }
-
-  private accept(socket: net.Socket): void {
-    this.socket = socket;
-    socket.on('error', () => undefined);
-    const decoder = new FrameDecoder();
-    const encoder = new FrameEncoder();
-    socket.write(encodePreamble());
-    socket.on('data', (chunk: Buffer) => {
-      decoder.push(chunk);
-      for (let f = decoder.next(); f !== null; f = decoder.next()) {
-        if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'shared' })) socket.write(b);
-        else if (f.type === FrameType.end) {
-          this.lock = lockImage(this.image, 'write');
-          this.resolveLocked();
-        } else if (f.type === FrameType.abort) socket.end();
-      }
-    });
   }
 }
 

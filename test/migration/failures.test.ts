@@ -8,7 +8,8 @@ import assert from 'node:assert/strict';
 import net from 'node:net';
 import { TestEnv, guests, memwalkRegion, sleep, withTimeout, type VmProcess } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
-import { coloWireVersion, encodePreamble, FrameDecoder, FrameEncoder, FrameType, frameTypeName, parseJsonPayload } from '../../src/migration/stream.js';
+import { coloWireVersion, FrameDecoder, FrameType, frameTypeName, parseJsonPayload, type Frame } from '../../src/migration/stream.js';
+import { fakeDestination, plainReady, type FakeConnection } from '../framework/fake-destination.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
@@ -317,49 +318,34 @@ test('a destination without multifd refuses a multifd source: both say why in on
  * closes the connection and returns the type names of every frame received after the freeze.
  */
 class FrozenDestination {
-  readonly server: net.Server;
   socket: net.Socket | null = null;
   frozen = false;
-  private readonly decoder = new FrameDecoder();
   private readonly afterFreeze: string[] = [];
   private closed!: Promise<void>;
 
-  private constructor() {
-    this.server = net.createServer((socket) => this.accept(socket));
-  }
-
   static async start(env: TestEnv): Promise<{ dest: FrozenDestination; port: number }> {
     const dest = new FrozenDestination();
-    await new Promise<void>((resolve) => dest.server.listen(0, '127.0.0.1', resolve));
-    env.onCleanup(() => {
-      dest.socket?.destroy();
-      dest.server.close();
-    });
-    const a = dest.server.address();
-    return { dest, port: typeof a === 'object' && a !== null ? a.port : 0 };
+    const { port } = await fakeDestination(
+      env,
+      (f, c) => dest.onFrame(f, c),
+      (c) => {
+        dest.socket = c.socket;
+        dest.closed = new Promise((resolve) => c.socket.once('close', () => resolve()));
+      },
+    );
+    return { dest, port };
   }
 
-  private accept(socket: net.Socket): void {
-    this.socket = socket;
-    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
-    socket.on('error', () => undefined);
-    const encoder = new FrameEncoder();
-    socket.write(encodePreamble());
-    socket.on('data', (chunk: Buffer) => {
-      this.decoder.push(chunk);
-      for (let f = this.decoder.next(); f !== null; f = this.decoder.next()) {
-        if (this.frozen) {
-          this.afterFreeze.push(frameTypeName(f.type));
-          // As a real destination: the source's abort ends the migration, and the connection.
-          if (f.type === FrameType.abort) socket.end();
-        }
-        else if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
-        else if (f.type === FrameType.roundEnd && parseJsonPayload(f).round === 1) {
-          this.frozen = true;
-          socket.pause();
-        }
-      }
-    });
+  private onFrame(f: Frame, c: FakeConnection): void {
+    if (this.frozen) {
+      this.afterFreeze.push(frameTypeName(f.type));
+      // As a real destination: the source's abort ends the migration, and the connection.
+      if (f.type === FrameType.abort) c.socket.end();
+    } else if (f.type === FrameType.setup) c.reply(plainReady());
+    else if (f.type === FrameType.roundEnd && parseJsonPayload(f).round === 1) {
+      this.frozen = true;
+      c.socket.pause();
+    }
   }
 
   async thaw(timeoutMs = 10000): Promise<string[]> {
@@ -559,35 +545,21 @@ test('regression: quit on the source while a plain round waits for max-bandwidth
  */
 async function olderColoDestination(env: TestEnv, colo?: number): Promise<{ port: number; afterReady: string[]; closed: Promise<void> }> {
   const afterReady: string[] = [];
-  const sockets: net.Socket[] = [];
   let closedNow!: () => void;
   const closed = new Promise<void>((r) => (closedNow = r));
-  const server = net.createServer((socket) => {
-    sockets.push(socket);
-    socket.on('error', () => undefined);
-    socket.once('close', () => closedNow());
-    const decoder = new FrameDecoder();
-    const encoder = new FrameEncoder();
-    let ready = false;
-    socket.write(encodePreamble());
-    socket.on('data', (chunk: Buffer) => {
-      decoder.push(chunk);
-      for (let f = decoder.next(); f !== null; f = decoder.next()) {
-        if (ready) afterReady.push(frameTypeName(f.type));
-        else if (f.type === FrameType.setup) {
-          ready = true;
-          for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none', ...(colo === undefined ? {} : { colo }) })) socket.write(b);
-        }
+  let ready = false;
+  const { port } = await fakeDestination(
+    env,
+    (f, c) => {
+      if (ready) afterReady.push(frameTypeName(f.type));
+      else if (f.type === FrameType.setup) {
+        ready = true;
+        c.reply(plainReady(colo === undefined ? {} : { colo }));
       }
-    });
-  });
-  env.onCleanup(() => {
-    for (const s of sockets) s.destroy();
-    server.close();
-  });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  const a = server.address();
-  return { port: typeof a === 'object' && a !== null ? a.port : 0, afterReady, closed };
+    },
+    (c) => c.socket.once('close', () => closedNow()),
+  );
+  return { port, afterReady, closed };
 }
 
 for (const colo of [undefined, coloWireVersion + 1]) {
@@ -616,32 +588,14 @@ for (const colo of [undefined, coloWireVersion + 1]) {
  * `code` (absent: an older destination's reply, which has none).
  */
 async function failingDestination(env: TestEnv, code: unknown): Promise<number> {
-  const server = net.createServer((socket) => {
-    socket.on('error', () => undefined);
-    const decoder = new FrameDecoder();
-    const encoder = new FrameEncoder();
-    socket.write(encodePreamble());
-    socket.on('data', (chunk: Buffer) => {
-      decoder.push(chunk);
-      for (let f = decoder.next(); f !== null; f = decoder.next()) {
-        if (f.type === FrameType.setup) for (const b of encoder.json(FrameType.reply, { kind: 'ready', channelPorts: [], disk: 'none' })) socket.write(b);
-        else if (f.type === FrameType.roundEnd) {
-          for (const b of encoder.json(FrameType.reply, { kind: 'error', message: 'the disk is full', ...(code === undefined ? {} : { code }) })) socket.write(b);
-          socket.end();
-          return;
-        }
-      }
-    });
-    env.onCleanup(() => {
-      socket.destroy();
-    });
+  const { port } = await fakeDestination(env, (f, c) => {
+    if (f.type === FrameType.setup) c.reply(plainReady());
+    else if (f.type === FrameType.roundEnd) {
+      c.reply({ kind: 'error', message: 'the disk is full', ...(code === undefined ? {} : { code }) });
+      c.socket.end();
+    }
   });
-  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
-  env.onCleanup(() => {
-    server.close();
-  });
-  const a = server.address();
-  return typeof a === 'object' && a !== null ? a.port : 0;
+  return port;
 }
 
 for (const [code, shown] of [['DISK_FULL', 'DISK_FULL'], [undefined, 'DESTINATION_FAILED'], ['not a code] [X', 'DESTINATION_FAILED'], [42, 'DESTINATION_FAILED']] as const) {
