@@ -199,15 +199,7 @@ async function growingGuestUnderColo(t: TestContext, svmAhead: boolean): Promise
   const atColo = await grows(src);
   t.diagnostic(`grows at COLO start: ${atColo}`);
   assert.ok(atColo < o.grows - 8, `the guest grows under COLO (${atColo} of ${o.grows} grows done when COLO began)`);
-  if (svmAhead) {
-    const primaryGrows = await grows(src);
-    src.child.kill('SIGSTOP');
-    try {
-      await waitFor('the secondary to grow three times more than the stopped primary', async () => (await grows(dst)) >= primaryGrows + 3, 20000, 10);
-    } finally {
-      src.child.kill('SIGCONT');
-    }
-  }
+  if (svmAhead) await secondaryRunsAhead(src, dst, 3, o.grows);
   await waitFor('the primary guest to finish growing and check its claims', async () => {
     const w = await sizeHeapWords(src);
     return w[sizeHeap.grows / 4] === o.grows && w[sizeHeap.passes / 4]! >= 1;
@@ -246,16 +238,15 @@ async function grows(vm: TestVm): Promise<number> {
 }
 
 /**
- * COLO from `src` to `dst` (x-colo set on both); then the primary is frozen until the
- * secondary's guest has grown `ahead` times more, and the secondary takes over right after
- * loading the next (smaller) checkpoint: yank, x-colo-lost-heartbeat, COLO_EXIT. `growsMax`:
- * how many times the guest grows in all.
+ * The primary (in COLO with `dst`) is stopped until the secondary's guest has grown `ahead`
+ * times more, then runs again; `growsMax`: how many times the guest grows in all. No
+ * checkpoint while it is stopped: one in flight would keep the secondary paused (status colo)
+ * until the primary runs again, its guest not growing. Checkpoints are held off meanwhile
+ * (x-checkpoint-delay set high starts at most one more: in flight, or at once), and set back
+ * after, which brings the next at once. Returns the secondary's QMP event count from before
+ * that next checkpoint.
  */
-async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number, growsMax: number): Promise<void> {
-  await src.migrateIntoColo(dst, await dst.listenIncoming());
-  // No checkpoint while the primary is stopped: one in flight would keep the secondary paused
-  // (status colo) until the primary runs again, its guest not growing. The new delay starts at
-  // most one more checkpoint (in flight, or at once); the next one comes when it is set back.
+async function secondaryRunsAhead(src: TestVm, dst: TestVm, ahead: number, growsMax: number): Promise<number> {
   const delayMs = (await src.qmp.execute<Record<string, number>>('query-migrate-parameters'))['x-checkpoint-delay']!;
   await src.setMigration({}, { 'x-checkpoint-delay': 3600000 });
   for (let attempt = 1; ; attempt++) {
@@ -275,9 +266,20 @@ async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number, 
       src.child.kill('SIGCONT');
     }
   }
-  // The next checkpoint (at once, with the delay set back) is the primary's smaller guest; the secondary takes over at once.
   const resumes = dst.qmp.eventCount;
   await src.setMigration({}, { 'x-checkpoint-delay': delayMs });
+  return resumes;
+}
+
+/**
+ * COLO from `src` to `dst` (x-colo set on both); then the secondary runs `ahead` grows ahead
+ * (secondaryRunsAhead), and takes over right after loading the next (smaller) checkpoint:
+ * yank, x-colo-lost-heartbeat, COLO_EXIT.
+ */
+async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number, growsMax: number): Promise<void> {
+  await src.migrateIntoColo(dst, await dst.listenIncoming());
+  const resumes = await secondaryRunsAhead(src, dst, ahead, growsMax);
+  // The next checkpoint (at once) is the primary's smaller guest; the secondary takes over at once.
   await dst.waitEvent('RESUME', { after: resumes, timeoutMs: 15000 });
   const mark = dst.qmp.eventCount;
   await dst.yankMigration();
