@@ -199,15 +199,7 @@ async function growingGuestUnderColo(t: TestContext, svmAhead: boolean): Promise
   const atColo = await grows(src);
   t.diagnostic(`grows at COLO start: ${atColo}`);
   assert.ok(atColo < o.grows - 8, `the guest grows under COLO (${atColo} of ${o.grows} grows done when COLO began)`);
-  if (svmAhead) {
-    const primaryGrows = await grows(src);
-    src.child.kill('SIGSTOP');
-    try {
-      await waitFor('the secondary to grow three times more than the stopped primary', async () => (await grows(dst)) >= primaryGrows + 3, 20000, 10);
-    } finally {
-      src.child.kill('SIGCONT');
-    }
-  }
+  if (svmAhead) await secondaryRunsAhead(src, dst, 3, o.grows);
   await waitFor('the primary guest to finish growing and check its claims', async () => {
     const w = await sizeHeapWords(src);
     return w[sizeHeap.grows / 4] === o.grows && w[sizeHeap.passes / 4]! >= 1;
@@ -246,21 +238,49 @@ async function grows(vm: TestVm): Promise<number> {
 }
 
 /**
- * COLO from `src` to `dst` (x-colo set on both); then the primary is frozen until the
- * secondary's guest has grown `ahead` times more, and the secondary takes over right after
- * loading the next (smaller) checkpoint: yank, x-colo-lost-heartbeat, COLO_EXIT.
+ * The primary (in COLO with `dst`) is stopped until the secondary's guest has grown `ahead`
+ * times more, then runs again; `growsMax`: how many times the guest grows in all. No
+ * checkpoint while it is stopped: one in flight would keep the secondary paused (status colo)
+ * until the primary runs again, its guest not growing. Checkpoints are held off meanwhile
+ * (x-checkpoint-delay set high starts at most one more: in flight, or at once), and set back
+ * after, which brings the next at once. Returns the secondary's QMP event count from before
+ * that next checkpoint.
  */
-async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number): Promise<void> {
-  await src.migrateIntoColo(dst, await dst.listenIncoming());
-  const primaryGrows = await grows(src);
-  src.child.kill('SIGSTOP');
-  try {
-    await waitFor(`the secondary to grow ${ahead} times more than the stopped primary`, async () => (await grows(dst)) >= primaryGrows + ahead, 30000, 10);
-  } finally {
-    src.child.kill('SIGCONT');
+async function secondaryRunsAhead(src: TestVm, dst: TestVm, ahead: number, growsMax: number): Promise<number> {
+  const delayMs = (await src.qmp.execute<Record<string, number>>('query-migrate-parameters'))['x-checkpoint-delay']!;
+  await src.setMigration({}, { 'x-checkpoint-delay': 3600000 });
+  for (let attempt = 1; ; attempt++) {
+    await waitFor('the secondary to run, between checkpoints', async () => (await dst.status()) === 'running', 15000, 10);
+    const primaryGrows = await grows(src);
+    assert.ok(primaryGrows + ahead <= growsMax, `the primary's guest grew ${primaryGrows} of ${growsMax} times before it was stopped: the secondary cannot grow ${ahead} times more (the processes took too long to start); else the test proves nothing`);
+    src.child.kill('SIGSTOP');
+    try {
+      const outcome = await waitFor(`the secondary to grow ${ahead} times more than the stopped primary (${primaryGrows})`, async () => {
+        if ((await grows(dst)) >= primaryGrows + ahead) return 'ahead';
+        return (await dst.status()) === 'colo' ? 'in a checkpoint' : undefined;
+      }, 30000, 10);
+      if (outcome === 'ahead') break;
+      // The last checkpoint came after all, between the status and the stop: let it end.
+      assert.ok(attempt < 3, `the secondary was in a checkpoint each time the primary was stopped (${attempt} times)`);
+    } finally {
+      src.child.kill('SIGCONT');
+    }
   }
-  // The next checkpoint is the primary's smaller guest; the secondary takes over at once.
-  await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 15000 });
+  const resumes = dst.qmp.eventCount;
+  await src.setMigration({}, { 'x-checkpoint-delay': delayMs });
+  return resumes;
+}
+
+/**
+ * COLO from `src` to `dst` (x-colo set on both); then the secondary runs `ahead` grows ahead
+ * (secondaryRunsAhead), and takes over right after loading the next (smaller) checkpoint:
+ * yank, x-colo-lost-heartbeat, COLO_EXIT.
+ */
+async function secondaryAheadTakesOver(src: TestVm, dst: TestVm, ahead: number, growsMax: number): Promise<void> {
+  await src.migrateIntoColo(dst, await dst.listenIncoming());
+  const resumes = await secondaryRunsAhead(src, dst, ahead, growsMax);
+  // The next checkpoint (at once) is the primary's smaller guest; the secondary takes over at once.
+  await dst.waitEvent('RESUME', { after: resumes, timeoutMs: 15000 });
   const mark = dst.qmp.eventCount;
   await dst.yankMigration();
   await dst.qmp.execute('x-colo-lost-heartbeat');
@@ -273,7 +293,7 @@ test('colo with the shadow tracker: a secondary that ran ahead takes over right 
   // same bytes: no change for the shadow, so, as the new primary, it never sent those pages
   // ("the checkpoint: guest RAM differs from the source's in 16 pages" on the new secondary).
   const env = new TestEnv(t);
-  const o = { grows: 12, pages: 2, paceMs: 700 };
+  const o = { grows: 20, pages: 2, paceMs: 700 };
   const guest = sizeHeapGuest(t, o);
   const common = ['--memory', '64M', '--dirty-log', 'shadow'];
   const [src, dst] = await Promise.all([
@@ -281,7 +301,7 @@ test('colo with the shadow tracker: a secondary that ran ahead takes over right 
     env.startVm({ name: 'dst', guest, args: [...common, '--incoming', 'defer'] }),
   ]);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
-  await secondaryAheadTakesOver(src, dst, 2);
+  await secondaryAheadTakesOver(src, dst, 2, o.grows);
   await src.stop();
   assert.ok((await grows(dst)) < o.grows - 2, 'the guest has growing left to do');
 
@@ -309,8 +329,10 @@ for (const via of ['tcp', 'file'] as const) {
     // Before, the setup announced the whole memory: "the state has … KiB of memory, above this
     // machine's maximum" [STATE_MEMORY], although everything above the region is zero.
     const env = new TestEnv(t);
-    const o = { grows: 16, pages: 2, paceMs: 600 };
-    const ahead = 4;
+    // Room to grow: the primary's guest grows on while the processes start and migrate (seconds
+    // under load); the secondary's lead is time to stop it before it grows back (ahead × paceMs).
+    const o = { grows: 40, pages: 2, paceMs: 600 };
+    const ahead = 6;
     const guest = sizeHeapGuest(t, o);
     // The shadow tracker: colo's region (the asyncify area only) does not depend on --memory.
     const shadow = ['--dirty-log', 'shadow'];
@@ -320,7 +342,7 @@ for (const via of ['tcp', 'file'] as const) {
     ]);
     await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 100 }), dst.setMigration({ 'x-colo': true })]);
     const memoryBytes = async (vm: typeof src) => (await vm.qmp.execute<{ 'base-memory': number }>('query-memory-size-summary'))['base-memory'];
-    await secondaryAheadTakesOver(src, dst, ahead);
+    await secondaryAheadTakesOver(src, dst, ahead, o.grows);
     // Stopped before its guest grows back into the memory it has above its region.
     await dst.qmp.execute('stop');
     await src.stop();

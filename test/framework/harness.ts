@@ -46,10 +46,18 @@ export async function withTimeout<T>(p: Promise<T>, ms: number, what: string): P
 }
 
 /**
+ * How long a `colo run` may take to open its QMP socket. A guest not yet in the
+ * instrumentation cache is instrumented first: about 6 s of CPU for fill.wasm, and a test
+ * starts two such processes at once; on 2 cores at load 20 that took over 30 s. A process that
+ * exits is reported at once (`gone`), so only a real hang waits this long.
+ */
+export const qmpUpTimeoutMs = 120000;
+
+/**
  * A QMP client for the `colo run` whose socket is `qmpPath`, once the socket exists and
  * answers. `gone()` says why the process can no longer come up (it exited), or null.
  */
-export async function connectQmpWhenUp(qmpPath: string, name: string, gone: () => string | null, timeoutMs = 30000): Promise<QmpClient> {
+export async function connectQmpWhenUp(qmpPath: string, name: string, gone: () => string | null, timeoutMs = qmpUpTimeoutMs): Promise<QmpClient> {
   return QmpClient.connectWhenUp(qmpPath, {
     timeoutMs,
     gone: () => {
