@@ -5,7 +5,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests, waitFor, withTimeout } from '../framework/harness.js';
+import { TestEnv, freePort, guests, waitFor, withTimeout, type VmProcess } from '../framework/harness.js';
 import { assertAdvancing, assertStill, memwalkPair } from '../migration/helpers.js';
 import { RespClient } from '../framework/resp.js';
 import { startProtectedPair } from '../framework/up.js';
@@ -178,6 +178,27 @@ function writeLockPid(image: string): number | null {
   }
 }
 
+/**
+ * A memwalk source and a `--incoming` destination on one image file (no --snapshot), the
+ * destination thawed at cleanup (tests freeze it); the migration is started, round 1 throttled
+ * to `bandwidth` bytes/s, with a downtime limit that makes round 1 the last precopy round.
+ */
+async function migrateOnSharedImage(env: TestEnv, image: string, o: { region: string; memory: string; bandwidth: number }): Promise<{ src: VmProcess; dst: VmProcess; mark: number; dstMark: number }> {
+  const { src, dst, port } = await memwalkPair(env, {
+    region: o.region,
+    memory: o.memory,
+    parameters: { 'max-bandwidth': o.bandwidth, 'downtime-limit': 1_000_000 },
+    srcArgs: ['--drive', `file=${image}`],
+    dstArgs: ['--drive', `file=${image}`],
+  });
+  env.onCleanup(() => dst.kill('SIGCONT'));
+  assert.equal(writeLockPid(image), src.child.pid, 'the source holds its image');
+  const mark = src.qmp.eventCount;
+  const dstMark = dst.qmp.eventCount;
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  return { src, dst, mark, dstMark };
+}
+
 test('image lock: a live migration on one shared image (no --snapshot) hands the write lock over: the destination runs with it and the data, a third VM is refused after the source quits', async (t) => {
   const env = new TestEnv(t);
   const port = await freePort();
@@ -220,18 +241,7 @@ for (const how of ['cancel', 'failure'] as const) {
     const image = env.image('shared.img', 4 * 1024 * 1024);
     // 64 MiB dirtied during round 1: the last round is more than the socket buffers hold, so
     // a destination stopped at stop-and-copy keeps the source waiting before `go`.
-    const { src, dst, port } = await memwalkPair(env, {
-      region: '64M',
-      memory: '128M',
-      parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 },
-      srcArgs: ['--drive', `file=${image}`],
-      dstArgs: ['--drive', `file=${image}`],
-    });
-    env.onCleanup(() => dst.kill('SIGCONT'));
-    assert.equal(writeLockPid(image), src.child.pid);
-    const mark = src.qmp.eventCount;
-    const dstMark = dst.qmp.eventCount;
-    await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+    const { src, dst, mark, dstMark } = await migrateOnSharedImage(env, image, { region: '64M', memory: '128M', bandwidth: 32 * 1024 * 1024 });
     await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
     dst.kill('SIGSTOP');
     await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) !== src.child.pid, 10000);
@@ -263,17 +273,7 @@ for (const how of ['cancel', 'failure'] as const) {
 test('image lock: a destination that cannot take the shared image at the switchover (another VM took it) fails the migration with DRIVE_LOCKED and never runs; the source stays paused until cont takes its image back', async (t) => {
   const env = new TestEnv(t);
   const image = env.image('shared.img', 4 * 1024 * 1024);
-  const { src, dst, port } = await memwalkPair(env, {
-    region: '64M',
-    memory: '128M',
-    parameters: { 'max-bandwidth': 32 * 1024 * 1024, 'downtime-limit': 1_000_000 },
-    srcArgs: ['--drive', `file=${image}`],
-    dstArgs: ['--drive', `file=${image}`],
-  });
-  env.onCleanup(() => dst.kill('SIGCONT'));
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  const { src, dst, mark, dstMark } = await migrateOnSharedImage(env, image, { region: '64M', memory: '128M', bandwidth: 32 * 1024 * 1024 });
   await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 60000 });
   dst.kill('SIGSTOP');
   await waitFor('the source to let the image go at stop-and-copy', () => writeLockPid(image) === null, 10000);
@@ -380,17 +380,7 @@ test('image lock: migrate_cancel after the source sent the whole state to a froz
   const image = env.image('shared.img', 4 * 1024 * 1024);
   // A small guest: the whole stream fits in the socket buffers while the destination is frozen.
   // Round 1 throttled (the last round is not): the freeze lands well before round 1 ends.
-  const { src, dst, port } = await memwalkPair(env, {
-    region: '1M',
-    memory: '16M',
-    parameters: { 'max-bandwidth': 2 * 1024 * 1024, 'downtime-limit': 1_000_000 },
-    srcArgs: ['--drive', `file=${image}`],
-    dstArgs: ['--drive', `file=${image}`],
-  });
-  env.onCleanup(() => dst.kill('SIGCONT'));
-  const mark = src.qmp.eventCount;
-  const dstMark = dst.qmp.eventCount;
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${port}` });
+  const { src, dst, mark, dstMark } = await migrateOnSharedImage(env, image, { region: '1M', memory: '16M', bandwidth: 2 * 1024 * 1024 });
   await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'active', timeoutMs: 30000 });
   dst.kill('SIGSTOP');
   await src.waitEvent('MIGRATION', { after: mark, where: (e) => e.data.status === 'device', timeoutMs: 30000 });
