@@ -142,7 +142,7 @@ export class Disk {
   }
 
   /**
-   * Give the write lock up while keeping the image open (QEMU's inactivation of the source's
+   * Give the lock up while keeping the image open (QEMU's inactivation of the source's
    * image at a switchover onto the same file): the destination takes it (activate()) before it
    * runs, and a migration that fails gives it back here with activate(). No flush: both ends
    * share one file on one host (disk-sync.ts 'shared'), so the destination reads through the

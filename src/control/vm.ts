@@ -360,7 +360,7 @@ export class Vm extends EventEmitter {
   }
 
   /**
-   * Take back the image's write lock that a migration onto the same image file let go
+   * Take back the image's lock (write, or read in snapshot mode) that a migration onto the same image file let go
    * (Disk.inactivate); true if this VM holds its image (or has none to take back). The
    * destination may hold it still: it took it at its restore and lets it go once it sees the
    * abort or the channel close, a moment after this side's failure or cancel. So a held lock is
