@@ -7,6 +7,10 @@
  *    multifd 4: ops/s and p50/p99 latency ratios, the checkpoint pause (PVM stopped time)
  *    from the primary's `query-migrate` `x-colo` counters and, independently, from its
  *    STOP/RESUME event timestamps, and the peak RSS (VmHWM) of each node ÷ guest RAM;
+ *    The lock-step floor, in the same rounds: one lone VM, then two, behind a native
+ *    mirroring proxy (bench/lockstep-proxy.c) that sends a reply only when every VM produced
+ *    it: what waiting for two copies costs on this machine with none of COLO's machinery
+ *    (floorTable);
  * 2. failover: SIGKILL the primary, `x-colo-lost-heartbeat` to the secondary at once, time to
  *    the first PING answered on the service address; COLO_BENCH_FAILOVERS (default 5) fresh pairs.
  *
@@ -16,11 +20,12 @@
  * COLO_BENCH_FAILOVERS (default 5), COLO_BENCH_ROUNDS (default 2: rounds of unprotected, plain,
  * multifd 4 in turn; each setup's figures are its best round), COLO_BENCH_PARTS (load,failover; default both),
  * COLO_BENCH_PLACEMENTS (shared,two-host; default both: see Placement),
+ * COLO_BENCH_FLOOR=0 (leave the lock-step floor out; it needs a C compiler, `cc`),
  * COLO_BENCH_DEBUG=1 (keep the stderr of both nodes of each load case in
  * $TMPDIR/colo-bench-CHANNELS-{pvm,svm}.log; with COLO_LOG=debug it has a per-checkpoint
  * breakdown of the pause).
  */
-import { spawn } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import net from 'node:net';
 import os from 'node:os';
@@ -37,6 +42,8 @@ const warmupN = Number(process.env.COLO_BENCH_WARMUP ?? 20000);
 const failovers = Number(process.env.COLO_BENCH_FAILOVERS ?? 5);
 const rounds = Math.max(1, Number(process.env.COLO_BENCH_ROUNDS ?? 2));
 const tests = ['SET', 'GET', 'INCR'];
+/** COLO_BENCH_FLOOR=0 leaves out the lock-step floor's two setups (floorTable). */
+const withFloor = process.env.COLO_BENCH_FLOOR !== '0';
 /** A round in which the VM lost more than this share of its CPU to other VMs (steal) is noisy. */
 const noisySteal = 0.02;
 
@@ -77,6 +84,8 @@ interface LoadResult {
   cpu: [number, number | undefined];
   /** Share of the VM's CPU time the hypervisor gave to others during the load (steal), and the share idle. */
   vmCpu: { steal: number; idle: number };
+  /** The lock-step floor: releases whose lines differed between its two VMs (floorTable). */
+  differingLines?: number;
 }
 
 /** The whole VM's CPU counters (/proc/stat line `cpu`, ticks): total, idle, steal. */
@@ -225,6 +234,82 @@ async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
     return { label: 'unprotected', ...r, hwm: [vmHwm(vm.child.pid)!, undefined], cpu: [cpu, undefined], vmCpu: vmShare(v0) };
   } finally {
     await vm.stop();
+  }
+}
+
+let proxyBin: string | undefined;
+
+/** bench/lockstep-proxy.c, built once per run with the host's C compiler. */
+function buildProxy(dir: string): string {
+  if (proxyBin !== undefined && proxyBin.startsWith(dir)) return proxyBin;
+  const out = path.join(dir, 'lockstep-proxy');
+  const cc = spawnSync('cc', ['-O2', '-Wall', '-o', out, path.join(root, 'bench/lockstep-proxy.c')], { encoding: 'utf8' });
+  if (cc.status !== 0) throw new Error(`cc could not build bench/lockstep-proxy.c (COLO_BENCH_FLOOR=0 leaves the floor out): ${cc.error?.message ?? ''}${cc.stderr}`);
+  proxyBin = out;
+  return out;
+}
+
+/** The lock-step floor's proxy (bench/lockstep-proxy.c) in a process of its own. */
+async function startProxy(dir: string, backendPorts: number[], cpus: string | undefined): Promise<{ port: number; stop(): Promise<Record<string, number>> }> {
+  const [cmd, ...argv] = pinnedArgv([buildProxy(dir), '0', ...backendPorts.map(String)], cpus);
+  const child = spawn(cmd!, argv, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.on('data', (d: Buffer) => (out += d.toString()));
+  child.stderr.on('data', (d: Buffer) => (err += d.toString()));
+  let exited = false;
+  child.once('exit', () => (exited = true));
+  try {
+    const port = await waitFor('the lock-step proxy to listen', () => {
+      if (exited) throw new Error(`the lock-step proxy exited: ${err}`);
+      const m = /^ready (\d+)$/m.exec(out);
+      return m === null ? undefined : Number(m[1]);
+    }, 10000, 10);
+    return {
+      port,
+      async stop() {
+        child.kill('SIGTERM');
+        await waitFor('the lock-step proxy to exit', () => exited, 5000).catch(() => child.kill('SIGKILL'));
+        const line = out.trim().split('\n').pop() ?? '';
+        return line.startsWith('{') ? (JSON.parse(line) as Record<string, number>) : {};
+      },
+    };
+  } catch (e) {
+    child.kill('SIGKILL');
+    throw e;
+  }
+}
+
+/**
+ * The lock-step floor: one or two lone, unprotected VMs behind the mirroring proxy (native). With two,
+ * every reply waits for both VMs' copies, which any lock-stepping system must do; with one,
+ * the same proxy's hop without the second VM. Their ratio bounds what lock-step alone costs on
+ * this machine, whatever the implementation (see docs/benchmarks.md, session 30).
+ */
+async function lockstepFloor(dir: string, copies: 1 | 2, where: Placement): Promise<LoadResult> {
+  const ports = copies === 1 ? [await freePort()] : [await freePort(), await freePort()];
+  const cpus = [where.primary, where.secondary];
+  const started = await Promise.allSettled(ports.map((p, i) => BenchVm.start(dir, `floor${i}`, kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${p}`], [], cpus[i])));
+  const vms = started.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+  let proxy: Awaited<ReturnType<typeof startProxy>> | undefined;
+  try {
+    for (const r of started) if (r.status === 'rejected') throw r.reason;
+    for (const vm of vms) await vm.waitSerial('kv ready');
+    proxy = await startProxy(dir, ports, where.primary);
+    if (warmupN > 0) await redisBenchmark(proxy.port, warmupN, where.client);
+    const c0 = vms.map((vm) => cpuSeconds(vm.child.pid)!);
+    const v0 = vmTicks();
+    const r = await redisBenchmark(proxy.port, redisN, where.client);
+    const cpu = vms.map((vm, i) => cpuSeconds(vm.child.pid)! - c0[i]!);
+    const vmCpu = vmShare(v0);
+    const counters = await proxy.stop();
+    proxy = undefined;
+    if ((counters.releasedBytes ?? 0) === 0) throw new Error(`the lock-step proxy released no reply bytes: ${JSON.stringify(counters)}`);
+    const hwm: [number, number | undefined] = [vmHwm(vms[0]!.child.pid)!, vms[1] === undefined ? undefined : vmHwm(vms[1].child.pid)];
+    return { label: copies === 1 ? 'one lone VM behind the proxy' : 'lock-step floor (two lone VMs)', ...r, hwm, cpu: [cpu[0]!, cpu[1]], vmCpu, differingLines: counters.mismatches };
+  } finally {
+    await proxy?.stop();
+    await stopAll(vms);
   }
 }
 
@@ -380,10 +465,12 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   // multifd 4, plain, unprotected), so that a steady drift favours none. Each setup's figure
   // per test is its best round (the baseline gets the same treatment as COLO, so a
   // neighbour's burst flatters neither).
-  const runs: LoadResult[][] = [[], [], []];
   const setups = [() => unprotected(dir, where), () => protectedLoad(dir, 0, where), () => protectedLoad(dir, 4, where)];
+  if (withFloor) setups.push(() => lockstepFloor(dir, 1, where), () => lockstepFloor(dir, 2, where));
+  const runs: LoadResult[][] = setups.map(() => []);
   for (let round = 1; round <= rounds; round++) {
-    const order = round % 2 === 1 ? [0, 1, 2] : [2, 1, 0];
+    const forward = setups.map((_, i) => i);
+    const order = round % 2 === 1 ? forward : forward.reverse();
     const r: LoadResult[] = [];
     for (const i of order) r[i] = await setups[i]!();
     r.forEach((x, i) => {
@@ -398,7 +485,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   };
   const base = best(runs[0]!, `unprotected (best of ${rounds})`);
   const results = [base, best(runs[1]!, `COLO plain (best of ${rounds})`), best(runs[2]!, `COLO multifd 4 (best of ${rounds})`)];
-  const all = [...runs[0]!, ...runs[1]!, ...runs[2]!];
+  const all = runs.flat();
   process.stdout.write(`ops/s per round: ${all.map((r) => `${r.label}: ${tests.map((t) => `${t} ${Math.round(r.rows.get(t)!.rps)}`).join(' ')}`).join('; ')}\n\n`);
 
   const rows: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ratio', 'p50 ratio', 'p99 ratio']];
@@ -411,6 +498,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   }
   table(rows);
   process.stdout.write('Ratios = COLO ÷ unprotected, same run (goals: ops/s ≥ 0.7, latency ≤ 1.5).\n\n');
+  if (withFloor) floorTable(base, best(runs[3]!, `one lone VM behind the proxy (best of ${rounds})`), best(runs[4]!, `lock-step floor (best of ${rounds})`), results.slice(1), runs);
 
   // Best against best flatters whichever side had the luckier round. Each COLO round against
   // the baseline run of the same round shares that moment of this VM; their median is steadier.
@@ -480,6 +568,29 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
     rrow.push([r.label, mib(p), f2(p / guestRam), mib(s), s === undefined ? 'n/a' : f2(s / guestRam)]);
   }
   table(rrow);
+}
+
+/**
+ * What lock-step alone costs here: the floor (two lone VMs behind the mirroring proxy, every
+ * reply waiting for both) against one lone VM behind the same proxy. A proxy's hop adds about
+ * the same to both, so floor ÷ proxied lone is at most what floor ÷ lone would be without the
+ * hop: a lower bound on the ratio any lock-stepping system can reach on this machine.
+ */
+function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, colo: LoadResult[], runs: LoadResult[][]): void {
+  process.stdout.write('### The lock-step floor: two lone VMs behind a mirroring proxy, no COLO\n\n');
+  const rows: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ÷ unprotected', 'p50 ÷ unprotected', 'p99 ÷ unprotected', 'ops/s ÷ proxied', 'p50 ÷ proxied', 'p99 ÷ proxied']];
+  for (const r of [proxied, floor, ...colo]) {
+    for (const t of tests) {
+      const x = r.rows.get(t)!;
+      const b = base.rows.get(t)!;
+      const q = proxied.rows.get(t)!;
+      rows.push([r.label, t, Math.round(x.rps), f2(x.p50), f2(x.p99), f2(x.rps / b.rps), f2(x.p50 / b.p50), f2(x.p99 / b.p99), f2(x.rps / q.rps), f2(x.p50 / q.p50), f2(x.p99 / q.p99)]);
+    }
+  }
+  table(rows);
+  const perRound = tests.map((t) => `${t} ${runs[4]!.map((x, i) => f2(x.rows.get(t)!.p99 / runs[3]![i]!.rows.get(t)!.p99)).join(' ')}`).join('; ');
+  process.stdout.write(`p99 of the floor ÷ p99 of the proxied lone VM, per round: ${perRound}. Releases whose lines differed between the two VMs, per round: ${runs[4]!.map((x) => x.differingLines ?? 'n/a').join(' ')} (INCR on one key: each VM gets the 50 connections' requests in its own order, where COLO gives the secondary the primary's order; the timing is the same).\n`);
+  process.stdout.write('The floor mirrors every client byte to both VMs and sends a reply byte only when both produced it (the proxy: bench/lockstep-proxy.c, native; no checkpoints, no state transfer). Its ratio to one lone VM behind the same proxy is what waiting for two copies costs on this machine, whatever the implementation; the issue\'s goals (ops/s ≥ 0.7, p99 ≤ 1.5) are below the floor where its ratios are.\n\n');
 }
 
 async function failoverTable(dir: string): Promise<void> {
