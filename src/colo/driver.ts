@@ -748,8 +748,7 @@ export class SecondaryDriver {
         await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
         // The partial checkpoint (pages in the cache, disk blocks in memory, device blob) is
         // dropped: nothing of it reached guest RAM or the disk.
-        s.device = null;
-        this.pendingBlocks?.clear();
+        this.dropCheckpointState();
         await this.ops.settled();
         try {
           await this.ops.run(async () => {
@@ -769,8 +768,8 @@ export class SecondaryDriver {
         return { type: 'failoverDone' };
       case 'abandon':
         this.net.stop();
-        this.pendingBlocks?.clear();
-        s.device = null;
+        // (closeLink, just before, destroyed the channels)
+        this.dropCheckpointState();
         // Not a state to run from: cont is refused from now on (vm.cont).
         m.setRunState('internal-error');
         this.host.exited('secondary', 'error');
@@ -780,6 +779,22 @@ export class SecondaryDriver {
         this.host.exited('secondary', a.reason);
         return null;
     }
+  }
+
+  /**
+   * COLO ended on this node (its channels destroyed): what only a checkpoint uses goes. The
+   * partial checkpoint is dropped, and the RAM cache (as large as guest RAM), its received map
+   * and the staging file are freed: a survivor running alone must not keep twice its guest's
+   * memory for good.
+   */
+  private dropCheckpointState(): void {
+    this.session.device = null;
+    this.pendingBlocks?.close();
+    this.pendingBlocks = null;
+    this.applyDiskBlocks = () => undefined;
+    this.cache = null;
+    this.received = null;
+    this.session.dropPageTarget();
   }
 
   /**

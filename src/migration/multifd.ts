@@ -305,6 +305,8 @@ export class MultifdReceiver {
   private targetId = 0;
   private targetAcks = new Map<number, { left: number; resolve: () => void }>();
   private closed = false;
+  /** A worker thread exited: it answers nothing any more. */
+  private workersGone = false;
   private connectedCount = 0;
   /** Channels that ended (clean EOF or an error), and whoever waits for all of them to. */
   private readonly endedChannels = new Set<number>();
@@ -368,6 +370,8 @@ export class MultifdReceiver {
       w.on('message', (m: RecvWorkerReply) => r.onMessage(ch, m));
       w.on('error', (err) => r.fail(new MigrationError('MULTIFD_WORKER', `multifd receiver ${ch} crashed: ${err.message}`)));
       w.on('exit', () => {
+        r.workersGone = true;
+        r.endTargets();
         if (!r.closed) r.fail(new MigrationError('MULTIFD_WORKER', `multifd receiver ${ch} exited`));
       });
     }
@@ -556,8 +560,14 @@ export class MultifdReceiver {
     });
   }
 
-  /** Redirect received pages (COLO hook); resolves once every worker applies it. */
+  /**
+   * Redirect received pages (COLO hook); resolves once every worker applies it, or once the
+   * workers are ended (destroy, close, one exited): no page comes from them any more, and a
+   * thread that is gone never answers (the secondary's COLO start, and a takeover that waits
+   * for it, hung on a yank at the hand-off).
+   */
   setTarget(target: PageTarget): Promise<void> {
+    if (this.closed || this.workersGone) return Promise.resolve();
     const id = ++this.targetId;
     return new Promise((resolve) => {
       this.targetAcks.set(id, { left: this.workers.length, resolve });
@@ -565,9 +575,16 @@ export class MultifdReceiver {
     });
   }
 
+  /** The workers are ended (or one is): what waits for their answer to setTarget settles. */
+  private endTargets(): void {
+    for (const a of this.targetAcks.values()) a.resolve();
+    this.targetAcks.clear();
+  }
+
   async close(timeoutMs = 2000): Promise<void> {
     if (this.closed) return;
     this.closed = true;
+    this.endTargets();
     const b = this.barrierWaiter;
     this.barrierWaiter = null;
     b?.reject(new ChannelClosedError('the multifd channels were closed'));
@@ -591,6 +608,7 @@ export class MultifdReceiver {
 
   async destroy(): Promise<void> {
     this.closed = true;
+    this.endTargets();
     const b = this.barrierWaiter;
     this.barrierWaiter = null;
     b?.reject(new ChannelClosedError('the multifd channels were closed'));

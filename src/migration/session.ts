@@ -785,6 +785,17 @@ export class IncomingSession {
     await this.receiver?.setTarget(target);
   }
 
+  /**
+   * COLO has ended here (a takeover, or a secondary that left), its channels destroyed: no page
+   * comes any more, so the session lets go of the RAM cache and the received map (the cache is
+   * as large as guest RAM). A page frame still applied would go nowhere, never into guest RAM
+   * (invariant 2). No receiver is asked: its threads are gone with the channels.
+   */
+  dropPageTarget(): void {
+    this.target = { ram: false, cache: null, received: null };
+    this.pageSink.setTarget(this.target);
+  }
+
   /** COLO: where received disk blocks go (null: the machine's disk). */
   setDiskSink(sink: DiskBlockSink | null): void {
     const disk = this.opts.machine.disk;

@@ -153,6 +153,21 @@ test('COLO hook: pages redirected into a cache, recorded in the received map, gu
   assert.deepEqual([...rec.keys()].filter((i) => rec[i] === 1), [10, 11, 12, 15]);
 });
 
+test('COLO hook: redirecting pages settles once the receiver is destroyed (a yank at the hand-off must not hang the secondary\'s start, nor a takeover waiting for it)', async (t) => {
+  const id = new Uint8Array(crypto.randomBytes(16));
+  const ramPages = new SharedArrayBuffer(4);
+  new Int32Array(ramPages)[0] = pages;
+  const target = (): PageTarget => ({ ram: false, cache: new SharedArrayBuffer(pages * pageBytes), received: new SharedArrayBuffer(pages) });
+  const receiver = await MultifdReceiver.start({ memory: memory(), host: '127.0.0.1', migrationId: id, channels: 2, pagesMax: pages, ramPages, ramMaybeNonZero: null, target: { ram: true, cache: null, received: null } });
+  t.after(() => receiver.destroy());
+  // Asked while the threads are being ended: they may never answer.
+  const inFlight = receiver.setTarget(target());
+  await receiver.destroy();
+  await withTimeout(inFlight, 3000, 'a page target asked for while the receiver was destroyed to settle');
+  // Asked after: no thread is left to answer.
+  await withTimeout(receiver.setTarget(target()), 3000, 'a page target asked for after the receiver was destroyed to settle');
+});
+
 test('a channel of another migration is refused; the right one is still accepted', async (t) => {
   const id = new Uint8Array(crypto.randomBytes(16));
   const ramPages = new SharedArrayBuffer(4);
