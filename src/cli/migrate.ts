@@ -166,7 +166,9 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       for (;;) {
         info = await src.execute<Info>('query-migrate');
         const s = info.status ?? 'none';
-        const ended = s === 'completed' || s === 'failed' || s === 'cancelled';
+        // 'colo' (x-colo on): the migration never completes; the pair runs in lock-step from
+        // here, and waiting on would poll for ever.
+        const ended = s === 'completed' || s === 'failed' || s === 'cancelled' || s === 'colo';
         if (!o.quiet) {
           if (tty) err.write(`\r${progressLine(info)}\x1b[K`);
           else if (ended || Date.now() - lastLine >= 1000) {
@@ -185,6 +187,10 @@ export async function migrateCommand(argv: string[]): Promise<number> {
       process.stdout.write(
         `migration completed in ${info['total-time'] ?? '?'} ms, downtime ${info.downtime ?? '?'} ms, ${gib(info.ram?.transferred ?? 0)} transferred\n`,
       );
+      return 0;
+    }
+    if (info.status === 'colo') {
+      process.stdout.write(`migration entered COLO in ${info['total-time'] ?? '?'} ms: the destination is the secondary, checkpointed from now on\n`);
       return 0;
     }
     err.write(`colo migrate: migration ${info.status ?? 'ended'}${info['error-desc'] === undefined ? '' : `: ${info['error-desc']}`}\n`);

@@ -388,7 +388,8 @@ export class LineBuffer {
  * '...', with backslash escapes) do not count. A newline inside an open object or array is
  * white space, so a pretty-printed command spanning lines is one message (QEMU's lexer takes
  * it as white space too); a newline anywhere else (top level, inside a string) ends the
- * message and resets the scan, so malformed input is cut and answered there. The scan state is
+ * message and resets the scan, so malformed input is cut and answered there; so does a control
+ * byte (not tab or CR) or 0xFE/0xFF, anywhere (QEMU's documented parser reset). The scan state is
  * kept between chunks: every byte is looked at once. Bytes of a message beyond
  * `lineBytesMax` are reported as lineTooLong as soon as they are seen.
  */
@@ -432,6 +433,11 @@ export class JsonMessageBuffer {
         if (c === 0x0a && (this.depth === 0 || this.quote !== 0)) return this.cut(at, 1);
         this.messageBytes++;
         if (this.messageBytes > this.lineBytesMax) return lineTooLong;
+        // A control byte other than tab, CR and LF, or 0xFE/0xFF (never in UTF-8), is a lexical
+        // error anywhere, in a string too: QEMU's lexer answers it and resets, and its QMP spec
+        // tells clients to send one to get an unclosed object's parser back to a known state.
+        // It ends the message, which fails to parse and is answered; the scan starts afresh.
+        if ((c < 0x20 && c !== 0x09 && c !== 0x0a && c !== 0x0d) || c >= 0xfe) return this.cut(at + 1, 0);
         if (this.quote !== 0) {
           if (this.escaped) this.escaped = false;
           else if (c === 0x5c) this.escaped = true;

@@ -86,6 +86,26 @@ test('session: parse errors are answered in order with the in-band queue', async
   assert.match(lines[3]!, /^\{"error": \{"class": "GenericError", "desc": "JSON parse error, [^"]+"\}\}\r\n$/);
 });
 
+test('session: a control byte or 0xFF resets the parser after an unclosed object, as QEMU documents (qmp-spec "Forcing the JSON parser into known-good state")', async () => {
+  const h = harness(new QmpDispatcher());
+  h.session.start();
+  h.feed('{"execute":"qmp_capabilities"}\n');
+  await h.lines(2);
+  // An unclosed brace: what follows is part of it, as in QEMU, until the client forces a reset.
+  h.feed('{"execute": "qmp_capabilities"\n{"execute":"query-commands"}\n');
+  await new Promise((r) => setTimeout(r, 10));
+  assert.equal(h.out.length, 2, 'the unclosed object swallows the next command');
+  h.feed('\x01{"execute":"query-commands","id":1}\n');
+  const lines = await h.lines(4);
+  assert.match(lines[2]!, /^\{"error": \{"class": "GenericError", "desc": "JSON parse error, [^"]+"\}\}\r\n$/);
+  assert.equal(lines[3], '{"return": [{"name": "qmp_capabilities"}, {"name": "query-commands"}], "id": 1}\r\n');
+  // 0xFF, the byte QEMU's spec names for older servers, inside an unclosed string too.
+  h.session.receive(Buffer.concat([Buffer.from('{"execute": "x'), Buffer.from([0xff]), Buffer.from('{"execute":"query-commands","id":2}\n')]));
+  const more = await h.lines(6);
+  assert.match(more[4]!, /^\{"error": \{"class": "GenericError", "desc": "JSON parse error, [^"]+"\}\}\r\n$/);
+  assert.equal(more[5], '{"return": [{"name": "qmp_capabilities"}, {"name": "query-commands"}], "id": 2}\r\n');
+});
+
 test('session: a full in-band queue stops reading until it drains', async () => {
   const d = new QmpDispatcher();
   const gate = deferred();

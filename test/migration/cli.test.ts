@@ -105,3 +105,23 @@ test('regression: colo migrate: a second Ctrl-C ends it at once when the source 
   assert.equal(end.signal, 'SIGINT', `ended by the second Ctrl-C (code ${end.code}): ${stderr}`);
   assert.ok(ms < 2000, `ended promptly (took ${ms} ms)`);
 });
+
+test('colo migrate of a source with x-colo on: the migration enters COLO and the command says so and ends (status 0), the pair stays in COLO', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, {}), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('kv ready');
+  const incoming = await dst.listenIncoming();
+  // It used to poll query-migrate for ever: 'colo' never ends as completed, failed or cancelled do.
+  const r = await runProgram(process.execPath, [coloBin, 'migrate', `unix:${src.qmpPath}`, `tcp:127.0.0.1:${incoming}`, '--quiet'], { timeoutMs: 30000 });
+  assert.equal(r.code, 0, r.stderr);
+  assert.match(r.stdout, /^migration entered COLO in \d+ ms/);
+  assert.equal(await src.migrationStatus(), 'colo');
+  assert.equal(await dst.migrationStatus(), 'colo');
+  assertNoErrors(src, dst);
+});
