@@ -4,7 +4,7 @@
  * (COLO_VERIFY_RAM=1), the primary and the secondary SIGKILLed in turn at random points of the
  * checkpoint cycle. Each time the pair must be protected again, with no RAM difference, no
  * crashed or exited guest, no error-level log line, and what a client saw acknowledged (an INCR
- * counter, SET values) still there on the node that serves.
+ * counter, SET values) still there on the node that serves, and at the end in the --drive image.
  *
  * Kills come before the protection has lasted limits.upProtectStableMs, so each one is a
  * failed attempt: the pauses grow (1 s, 2 s, ...), and the run stays below
@@ -13,7 +13,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { TestEnv, waitFor, withTimeout } from '../framework/harness.js';
+import { TestEnv, guests, waitFor, withTimeout } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { rng } from '../framework/rng.js';
 import { type Supervisor, checkpointAfterNow, kvUpArgs, pidAlive, protectedLine, qmpOf, spawnSupervisor } from '../framework/up.js';
@@ -126,7 +126,7 @@ for (const { transport, extra } of [
     const seed = Math.floor(Math.random() * 2 ** 31);
     const random = rng(seed);
     t.diagnostic(`${transport}: seed ${seed}`);
-    const { args, port } = await kvUpArgs(env, '256M', 200, extra);
+    const { args, port, image } = await kvUpArgs(env, '256M', 200, extra);
     const sup = spawnSupervisor(env, args, undefined, { COLO_VERIFY_RAM: '1' });
     let last = await sup.line(protectedLine, 0, 90000);
 
@@ -186,6 +186,16 @@ for (const { transport, extra } of [
     await sup.waitExit(15000);
     assert.equal(sup.exitCode, 0, fail('colo up exits 0 on SIGTERM'));
     assert.deepEqual(findings(sup), [], fail('no RAM difference, crashed or exited guest, or error-level line'));
+
+    // The last primary's disk is back in the --drive image: a fresh kv replays every acknowledged write.
+    const again = await env.startVm({ name: 'again', guest: guests.kv, args: ['--memory', '256M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`] });
+    await again.waitSerial('kv ready');
+    const replay = await RespClient.whenServing(port, 'kv on the --drive image');
+    env.onCleanup(() => replay.close());
+    const counter = await replay.command(['GET', 'stress:counter'], 10000);
+    assert.ok(Number(counter) >= client.counter, `the --drive image holds the counter at ${String(counter)}, at least the ${client.counter} acknowledged`);
+    assert.deepEqual((await missingKeys(replay, client.acked)).slice(0, 10), [], `the --drive image holds every acknowledged SET (of ${client.acked.size})`);
+    assert.deepEqual(again.errorLines(), []);
     t.diagnostic(`${transport}: ${kills} kills in ${((performance.now() - started) / 1000).toFixed(1)} s, ${client.acked.size} SETs, counter ${client.counter}, ${client.reconnects} connections, ${load.runs()} redis-benchmark runs`);
   });
 }
