@@ -153,9 +153,12 @@ for (const { transport, extra } of [
       });
       const survivor = who === 'primary' ? secondary : primary;
       assert.equal(Number(last.m[1]), survivor, fail(`the ${who}'s partner ${survivor} is the primary after kill ${k + 1}`));
+      // A secondary that fails a checkpoint (a RAM difference) dies: the wait says what the log says.
       const sq = await qmpOf(Number(last.m[2]), sup);
       try {
         await checkpointAfterNow(sq);
+      } catch (err) {
+        throw new Error(fail(`kill ${k + 1} (the ${who}): no checkpoint applied on the new secondary: ${(err as Error).message}; findings: ${JSON.stringify(findings(sup))}`));
       } finally {
         sq.close();
       }
