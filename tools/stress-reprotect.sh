@@ -3,6 +3,8 @@
 # by page (COLO_VERIFY_RAM=1). Runs `colo up` on kv.wasm under redis-benchmark SET/INCR load,
 # then, each cycle: SIGKILL the primary, wait for the pair to be protected again, SIGKILL the
 # secondary, wait again. Stops at the first RAM difference, crashed guest or guest exit.
+# A short form of it (4 kills, plain and multifd, with a --drive) runs in npm test:
+# test/colo/up-stress.test.ts.
 #
 #   npm run build && tools/stress-reprotect.sh
 #   CYCLES=150 UP_ARGS="--parallel-connections 2" tools/stress-reprotect.sh
