@@ -110,6 +110,18 @@ export const limits = {
   /** The destination answers the source's hello and setup within this time. */
   migrationHandshakeTimeoutMs: 30000,
   /**
+   * The source's pre-copy (status active) during which nothing moves for this long — no byte of
+   * the main channel taken by the kernel or received, no packet written by a multifd channel —
+   * has stalled: a destination host gone silent (no FIN, no RST), one channel's path that
+   * forwards nothing. It fails (MIGRATION_STALLED), its channels dropped, the VM running on;
+   * without it only migrate_cancel or yank ended it (QEMU waits for good). Far above any quiet
+   * moment of a healthy migration under CPU load; under max-bandwidth the wait for one paced
+   * write (migrationStallPacedWrites of them) counts on top (OutgoingMigration.watchActive).
+   */
+  migrationStallMs: 20000,
+  /** Paced writes (of pagesPerPacketMax pages per channel) a throttled migration may wait for, beyond migrationStallMs. */
+  migrationStallPacedWrites: 2,
+  /**
    * The source's VM is paused from stop-and-copy until the destination confirms it loaded the
    * state; this bounds the whole pause, from the moment the VM is paused (writing the last
    * round included: a destination that stopped reading blocks it). Past this the migration
