@@ -379,6 +379,13 @@ export const limits = {
    */
   coloMirrorUnsentBytesMax: 16 * 1024 * 1024,
   /**
+   * COLO primary: clients held by coloMirrorUnsentBytesMax while the mirror goes on the SVM
+   * output channel, and the secondary took not one byte of it for this long: that direction
+   * of the channel stalled (a silent path one way); the channel is given up, the mirror goes on
+   * the main channel (PrimaryNet.watchMirrorChannel). Far above an SVM's checkpoint pause.
+   */
+  coloMirrorChannelStuckMs: 5000,
+  /**
    * COLO: mirrored input the secondary read from the main channel that its SVM has not taken
    * yet (Machine.pendingInputBytes; the input ring's own bytes aside) above which the secondary
    * tells the primary to stop reading its clients until it is down to half: the main channel
