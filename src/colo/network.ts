@@ -101,6 +101,8 @@ export class PrimaryNet {
   /** outputChannelBytes at the last compare timeout, and the timeouts since through which it stayed so. */
   private silentMark = -1;
   private silentTimeouts = 0;
+  /** While the mirror is held on the output channel: its unsent bytes at their last fall, and when (watchMirrorChannel). */
+  private mirrorStuck: { unsent: number; since: number } | null = null;
   /**
    * Where the mirror goes: the main channel ('main'); still there, but the SVM's vCPU reads the
    * output channel ('ready': moved at the next capture); the output channel ('channel').
@@ -166,6 +168,7 @@ export class PrimaryNet {
       if (t !== null) this.triggered(t);
       // The main channel has no drain event of the mirror's own: whether the secondary caught up is looked at here.
       if (this.holds.has('mirror')) this.boundMirror();
+      this.watchMirrorChannel();
     }, limits.coloCompareScanMs);
   }
 
@@ -284,8 +287,41 @@ export class PrimaryNet {
     }
     this.silentTimeouts += 1;
     if (this.silentTimeouts < limits.coloOutputChannelSilentTimeouts) return;
-    this.outputChannelStalls += 1;
     log.warn(`the SVM output channel delivered nothing through ${this.silentTimeouts} compare timeouts in a row (a silent network path?): given up; SVM output and the mirror go on the main channel`);
+    this.giveUpChannel(s);
+  }
+
+  /**
+   * The mirror's direction of the output channel alone can stall (a path that forwards only
+   * the other way): SVM output that comes by itself keeps the channel from looking silent, and
+   * bulk input fills the socket past limits.coloMirrorUnsentBytesMax, which holds the clients
+   * until the secondary takes half of it, which it never does: the clients waited for good,
+   * through every checkpoint. Held so, with not one byte taken for
+   * limits.coloMirrorChannelStuckMs, the channel is given up as a silent one is; the mirror goes
+   * on the main channel (the hold then looks at that), and a checkpoint makes good what the
+   * channel kept.
+   */
+  private watchMirrorChannel(): void {
+    const s = this.outputChannel;
+    if (s === null || !this.active || this.mirrorRoute !== 'channel' || !this.holds.has('mirror')) {
+      this.mirrorStuck = null;
+      return;
+    }
+    const unsent = s.writableLength;
+    const now = performance.now();
+    if (this.mirrorStuck === null || unsent < this.mirrorStuck.unsent) {
+      this.mirrorStuck = { unsent, since: now };
+      return;
+    }
+    if (now - this.mirrorStuck.since < limits.coloMirrorChannelStuckMs) return;
+    this.mirrorStuck = null;
+    log.warn(`the secondary took no byte of the ${unsent} bytes of mirrored input on the SVM output channel for ${limits.coloMirrorChannelStuckMs} ms (a silent network path?): given up; SVM output and the mirror go on the main channel`);
+    this.giveUpChannel(s);
+  }
+
+  /** Give the output channel up (silent, or stuck one way): tell the secondary on the main channel, then close it. */
+  private giveUpChannel(s: net.Socket): void {
+    this.outputChannelStalls += 1;
     try {
       this.session.sendColoNet(encodeChannelDropped());
     } catch (err) {
@@ -293,6 +329,8 @@ export class PrimaryNet {
     }
     this.channelEnded(s, true);
     s.destroy();
+    // The hold looks at the main channel's unsent bytes from now on.
+    this.boundMirror();
   }
 
   /**

@@ -110,6 +110,18 @@ export const limits = {
   /** The destination answers the source's hello and setup within this time. */
   migrationHandshakeTimeoutMs: 30000,
   /**
+   * The source's pre-copy (status active) during which nothing moves for this long — no byte of
+   * the main channel taken by the kernel or received, no packet written by a multifd channel —
+   * has stalled: a destination host gone silent (no FIN, no RST), one channel's path that
+   * forwards nothing. It fails (MIGRATION_STALLED), its channels dropped, the VM running on;
+   * without it only migrate_cancel or yank ended it (QEMU waits for good). Far above any quiet
+   * moment of a healthy migration under CPU load; under max-bandwidth the wait for one paced
+   * write (migrationStallPacedWrites of them) counts on top (OutgoingMigration.watchActive).
+   */
+  migrationStallMs: 20000,
+  /** Paced writes (of pagesPerPacketMax pages per channel) a throttled migration may wait for, beyond migrationStallMs. */
+  migrationStallPacedWrites: 2,
+  /**
    * The source's VM is paused from stop-and-copy until the destination confirms it loaded the
    * state; this bounds the whole pause, from the moment the VM is paused (writing the last
    * round included: a destination that stopped reading blocks it). Past this the migration
@@ -366,6 +378,13 @@ export const limits = {
    * grow the primary's memory by what the clients send (the PVM goes on taking it).
    */
   coloMirrorUnsentBytesMax: 16 * 1024 * 1024,
+  /**
+   * COLO primary: clients held by coloMirrorUnsentBytesMax while the mirror goes on the SVM
+   * output channel, and the secondary took not one byte of it for this long: that direction
+   * of the channel stalled (a silent path one way); the channel is given up, the mirror goes on
+   * the main channel (PrimaryNet.watchMirrorChannel). Far above an SVM's checkpoint pause.
+   */
+  coloMirrorChannelStuckMs: 5000,
   /**
    * COLO: mirrored input the secondary read from the main channel that its SVM has not taken
    * yet (Machine.pendingInputBytes; the input ring's own bytes aside) above which the secondary

@@ -1,5 +1,5 @@
 import { assert } from '../core/assert.js';
-import { ChannelClosedError, ColoError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoError, MigrationError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { DirtyTracker } from '../machine/dirty.js';
@@ -72,6 +72,10 @@ export class OutgoingMigration {
   private resolveFinished!: () => void;
   /** The core's switchover timer (see SourceCore: it bounds the pause of stop-and-copy). */
   private switchoverTimer: NodeJS.Timeout | null = null;
+  /** Watches the pre-copy for a stall (limits.migrationStallMs). */
+  private watchdog: NodeJS.Timeout | null = null;
+  /** The session's progress count when last seen to change, and when. */
+  private still: { progress: number; since: number } | null = null;
 
   constructor(private readonly host: SourceHost, private readonly opts: OutgoingOptions) {
     this.core = new SourceCore({ downtimeLimitMs: opts.downtimeLimitMs, handoff: opts.onHandoff !== undefined });
@@ -86,6 +90,7 @@ export class OutgoingMigration {
       senders: opts.senders ?? null,
     });
     this.finished = new Promise((r) => (this.resolveFinished = r));
+    void this.finished.then(() => this.stopWatchdog());
     this.session.onFailure((err) => this.dispatch({ type: 'failure', now: now(), message: describeError(err) }));
   }
 
@@ -96,6 +101,43 @@ export class OutgoingMigration {
   start(): void {
     log.info(`migrating to ${this.opts.host}:${this.opts.port}${this.opts.channels > 0 ? ` with ${this.opts.channels} multifd channels` : ''}`);
     this.dispatch({ type: 'start', now: now(), ramBytes: this.host.machine.ram().byteLength });
+    this.watchdog = setInterval(() => this.watchActive(), limits.migrationStallMs / 10);
+    // It only watches: the migration's own channels and tasks are what keep the process up.
+    this.watchdog.unref();
+  }
+
+  /**
+   * A pre-copy sends without waiting for an answer, so a destination gone silent (its host
+   * gone without FIN or RST, one channel's path forwarding nothing) left the migration active
+   * for good, the source's channels holding their buffers: only migrate_cancel or yank ended
+   * it. When nothing moves for limits.migrationStallMs (plus, under max-bandwidth, the wait
+   * for a few paced writes: a slow migration is not a stalled one), it fails with
+   * MIGRATION_STALLED and the VM runs on. The setup and the switchover have their own bounds;
+   * a COLO checkpoint has coloCheckpointStallMs.
+   */
+  private watchActive(): void {
+    if (this.core.phase !== 'active' || this.session.failed !== null) {
+      this.still = null;
+      return;
+    }
+    const progress = this.session.progress();
+    const at = now();
+    if (this.still === null || this.still.progress !== progress) {
+      this.still = { progress, since: at };
+      return;
+    }
+    const bandwidth = this.opts.bandwidth();
+    const pacedMs = bandwidth > 0 ? (limits.migrationStallPacedWrites * Math.max(1, this.opts.channels) * limits.pagesPerPacketMax * limits.pageBytes * 1000) / bandwidth : 0;
+    const boundMs = limits.migrationStallMs + pacedMs;
+    if (at - this.still.since < boundMs) return;
+    const message = `nothing moved to or from the destination for ${Math.round(at - this.still.since)} ms (limits.migrationStallMs): a migration channel stalled`;
+    void this.session.destroy(new MigrationError('MIGRATION_STALLED', message));
+  }
+
+  private stopWatchdog(): void {
+    if (this.watchdog !== null) clearInterval(this.watchdog);
+    this.watchdog = null;
+    this.still = null;
   }
 
   /** migrate_cancel: no-op once the migration cannot be undone. */
@@ -110,6 +152,8 @@ export class OutgoingMigration {
 
   /** migrate-set-parameters max-bandwidth: a throttled round in flight takes it at once (the next rounds read it anyway). */
   setBandwidth(bytesPerSecond: number): void {
+    // A rate just lowered may hold the next paced write longer than the stall bound counted.
+    this.still = null;
     if (this.core.phase === 'active') this.session.setBandwidth(bytesPerSecond);
   }
 

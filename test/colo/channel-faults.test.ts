@@ -9,6 +9,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
+import net from 'node:net';
 import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
@@ -196,6 +197,116 @@ test('colo/channel: the SVM output channel stalls (open, forwarding nothing): th
   assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
   // Nothing lost: every value is there.
   for (const k of [0, Math.floor(i / 2), i - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+  assert.equal(await src.migrationStatus(), 'colo');
+  assertNoErrors(src, dst);
+});
+
+test('colo/channel: only the mirror direction of the output channel stalls (primary → secondary forwards nothing, SVM output still flows back): the primary notices within a few compare timeouts, the mirror goes back to the main channel, and requests are fast again', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  // Periodic checkpoints far apart: a request that waits for one shows.
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('kv ready');
+  const proxy = await ChannelProxy.start(await dst.listenIncoming());
+  env.onCleanup(() => proxy.close());
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  const client = await RespClient.connect(port);
+  env.onCleanup(() => client.close());
+  const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
+  let i = 0;
+  await waitFor('SVM output and the mirror on the output channel', async () => {
+    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+    i++;
+    const x = await counters();
+    return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
+  }, 20000, 0);
+  await proxy.established('output');
+  const atStall = await counters();
+  proxy.stall('output', 'down');
+  const stalledAt = performance.now();
+  // Sequential requests: each one whose mirror the stalled direction holds waits for a timeout checkpoint.
+  while (performance.now() - stalledAt < 20000) {
+    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 15000), 'OK');
+    i++;
+    const x = await counters();
+    if (x['mirror-channel'] === 'main') break;
+  }
+  const tookMs = performance.now() - stalledAt;
+  const x = await counters();
+  assert.equal(x['mirror-channel'], 'main', `the primary gave the stalled mirror direction up (after ${Math.round(tookMs)} ms, ${JSON.stringify(x)})`);
+  const timeouts = (x['checkpoints-timeout'] as number) - (atStall['checkpoints-timeout'] as number);
+  assert.ok(timeouts <= limits.coloOutputChannelSilentTimeouts + 2, `given up after ${timeouts} timeout checkpoints, ${Math.round(tookMs)} ms`);
+  // Served at the speed of the main channel again, not one request per timeout checkpoint.
+  const before = await counters();
+  const t0 = performance.now();
+  for (let k = 0; k < 100; k++, i++) assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+  const meanMs = (performance.now() - t0) / 100;
+  const after = await counters();
+  assert.ok(meanMs < 50, `requests after the give-up take ${meanMs.toFixed(1)} ms each`);
+  assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
+  for (const k of [0, Math.floor(i / 2), i - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+  assert.equal(await src.migrationStatus(), 'colo');
+  assertNoErrors(src, dst);
+});
+
+test('colo/channel: only the mirror direction of the output channel stalls under bulk input (more than coloMirrorUnsentBytesMax queued): the clients are not held for good; the mirror goes back to the main channel and every request is answered', async (t) => {
+  const env = new TestEnv(t);
+  const port = await freePort();
+  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
+  const [src, dst] = await Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: common }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
+  ]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 1000 }), dst.setMigration({ 'x-colo': true })]);
+  await src.waitSerial('kv ready');
+  const proxy = await ChannelProxy.start(await dst.listenIncoming());
+  env.onCleanup(() => proxy.close());
+  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
+  await src.waitMigrationStatus('colo', 30000);
+  const client = await RespClient.connect(port);
+  env.onCleanup(() => client.close());
+  const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
+  let i = 0;
+  await waitFor('SVM output and the mirror on the output channel', async () => {
+    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+    i++;
+    const x = await counters();
+    return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
+  }, 20000, 0);
+  await proxy.established('output');
+  proxy.stall('output', 'down');
+  // Pipelined SETs of one key, far more than the mirror's bound plus what the kernel buffers.
+  const value = 'x'.repeat(512 * 1024);
+  const requests = 96;
+  const bulk = net.connect({ host: '127.0.0.1', port });
+  env.onCleanup(() => void bulk.destroy());
+  let replies = '';
+  bulk.on('data', (c: Buffer) => (replies += c.toString('latin1')));
+  bulk.on('error', () => undefined);
+  await new Promise<void>((resolve, reject) => {
+    bulk.once('connect', resolve);
+    bulk.once('error', reject);
+  });
+  const req = `*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$${value.length}\r\n${value}\r\n`;
+  for (let k = 0; k < requests; k++) bulk.write(req);
+  const answered = (): number => replies.split('+OK\r\n').length - 1;
+  await waitFor(`every bulk SET to be answered (${answered()} of ${requests} so far)`, () => answered() === requests, 60000).catch(async (err: unknown) => {
+    t.diagnostic(JSON.stringify(await counters()));
+    throw err;
+  });
+  const x = await counters();
+  assert.equal(x['mirror-channel'], 'main', JSON.stringify(x));
+  assert.equal(x['svm-output-channel-stalls'], 1, JSON.stringify(x));
+  assert.ok((x['checkpoints-resync'] as number) >= 1, `a resync checkpoint makes good what the channel kept (${JSON.stringify(x)})`);
+  assert.equal(src.stderr.match(/ warn colo: the secondary took no byte of the \d+ bytes of mirrored input/g)?.length, 1, src.stderr);
+  assert.equal(await client.command(['STRLEN', 'bulk'], 10000), value.length);
+  assert.equal(await client.command(['GET', `k${i - 1}`], 10000), `v${i - 1}`);
   assert.equal(await src.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
 });

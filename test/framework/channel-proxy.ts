@@ -22,6 +22,8 @@ interface Link {
   client: net.Socket;
   upstream: net.Socket;
   stalled: boolean;
+  /** Stalled one way only (down: source → destination; up: back), or null for both ways. */
+  stalledDir: 'down' | 'up' | null;
   /** Flip a byte of the next chunk in this direction. */
   corrupt: 'down' | 'up' | null;
   /** Bytes forwarded source → destination (down) and back (up). */
@@ -68,12 +70,20 @@ export class ChannelProxy {
     l.upstream.resetAndDestroy();
   }
 
-  /** Stop forwarding either way, a close included; the connection stays open (a silent path). */
-  stall(name: LinkName): void {
+  /**
+   * Stop forwarding either way (or only `dir`: down, source → destination; up, back), a close
+   * included; the connection stays open (a silent path).
+   */
+  stall(name: LinkName, dir?: 'down' | 'up'): void {
     const l = this.link(name);
     l.stalled = true;
-    l.client.pause();
-    l.upstream.pause();
+    l.stalledDir = dir ?? null;
+    if (dir !== 'up') l.client.pause();
+    if (dir !== 'down') l.upstream.pause();
+  }
+
+  private stalledOn(link: Link, dir: 'down' | 'up'): boolean {
+    return link.stalled && (link.stalledDir === null || link.stalledDir === dir);
   }
 
   /** Flip one byte of the next chunk going down (source → destination) or up. */
@@ -94,7 +104,7 @@ export class ChannelProxy {
       client.setNoDelay(true);
       const upstream = this.track(net.connect({ host: '127.0.0.1', port: targetPort }));
       upstream.setNoDelay(true);
-      const link: Link = { client, upstream, stalled: false, corrupt: null, down: 0, up: 0 };
+      const link: Link = { client, upstream, stalled: false, stalledDir: null, corrupt: null, down: 0, up: 0 };
       // The first connection of a name is the pair's (a later one is a retry: also tracked).
       this.links.set(name, link);
       this.pipe(link, client, upstream, 'down');
@@ -109,12 +119,12 @@ export class ChannelProxy {
 
   private pipe(link: Link, from: net.Socket, to: net.Socket, dir: 'down' | 'up'): void {
     from.on('data', (chunk: Buffer) => {
-      if (link.stalled) return;
+      if (this.stalledOn(link, dir)) return;
       to.write(this.maybeCorrupt(link, dir, chunk));
     });
     // A silent path forwards no FIN or reset either: the other end never learns of a close.
-    from.on('end', () => link.stalled || to.end());
-    from.on('close', () => link.stalled || to.destroy());
+    from.on('end', () => this.stalledOn(link, dir) || to.end());
+    from.on('close', () => this.stalledOn(link, dir) || to.destroy());
   }
 
   private maybeCorrupt(link: Link, dir: 'down' | 'up', chunk: Buffer): Buffer {
@@ -134,7 +144,7 @@ export class ChannelProxy {
     let prefixLeft = preambleBytes;
     let chain = Promise.resolve();
     from.on('data', (chunk: Buffer) => {
-      if (link.stalled) return;
+      if (this.stalledOn(link, 'up')) return;
       link.up += chunk.byteLength;
       buf = Buffer.concat([buf, chunk]);
       const out: Buffer[] = [];
@@ -154,8 +164,8 @@ export class ChannelProxy {
         for (const u of out) to.write(await this.rewrite(u));
       });
     });
-    from.on('end', () => void chain.then(() => link.stalled || to.end()));
-    from.on('close', () => void chain.then(() => link.stalled || to.destroy()));
+    from.on('end', () => void chain.then(() => this.stalledOn(link, 'up') || to.end()));
+    from.on('close', () => void chain.then(() => this.stalledOn(link, 'up') || to.destroy()));
   }
 
   private async rewrite(u: Buffer): Promise<Buffer> {

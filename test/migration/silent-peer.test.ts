@@ -8,6 +8,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { TestEnv, guests, sleep, type VmProcess } from '../framework/harness.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
+import { limits } from '../../src/core/limits.js';
 import { assertAdvancing, assertNoErrors, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
 
 const slow = { 'max-bandwidth': 8 * 1024 * 1024 };
@@ -105,4 +106,50 @@ test('silent/source frozen (SIGSTOP) mid-migration: yank on the destination ends
   assert.equal(await src.status(), 'running');
   await assertAdvancing(src);
   assertNoErrors(src);
+});
+
+for (const link of ['multifd1', 'main'] as const) {
+  test(`silent/stall (${link}): the ${link} channel stalls mid-migration and nobody cancels: the migration fails on its own within limits.migrationStallMs (MIGRATION_STALLED, one warning), the source runs on${link === 'multifd1' ? ', and a migration to a fresh destination succeeds' : ''}`, async (t) => {
+    const env = new TestEnv(t);
+    const capabilities = { multifd: link !== 'main' };
+    const { src, dst, port, region } = await memwalkPair(env, { capabilities, parameters: { ...slow, 'multifd-channels': 4 } });
+    const proxy = await ChannelProxy.start(port);
+    env.onCleanup(() => proxy.close());
+    const { mark, dstMark } = await migrateUntilActive(src, proxy.port, dst);
+    await proxy.established(link);
+    proxy.stall(link);
+    const at = performance.now();
+    await src.waitMigrationStatus('failed', limits.migrationStallMs + 15000);
+    const tookMs = performance.now() - at;
+    t.diagnostic(`failed ${Math.round(tookMs)} ms after the stall`);
+    assert.ok(tookMs >= limits.migrationStallMs - 1000, `not given up before the bound (${Math.round(tookMs)} ms)`);
+    assert.deepEqual(statuses(src, mark), ['setup', 'active', 'failed']);
+    const info = await src.qmp.execute<Record<string, unknown>>('query-migrate');
+    assert.match(String(info['error-desc']), /stalled.*\[MIGRATION_STALLED\]/);
+    assert.equal(await src.status(), 'running');
+    await assertAdvancing(src);
+    const warnings = src.stderr.split('\n').filter((l) => / warn /.test(l));
+    assert.equal(warnings.length, 1, `one warning line:\n${src.stderr}`);
+    assert.match(warnings[0]!, /migration failed: .*stalled/);
+    assertNoErrors(src);
+    assert.equal(dst.eventsOf('RESUME', dstMark).length, 0, 'the destination never ran');
+    if (link === 'multifd1') await migratesToFreshDestination(env, src, region, capabilities);
+  });
+}
+
+test('silent/stall: a migration throttled so low that one paced packet waits longer than limits.migrationStallMs is slow, not stalled: it stays active, and completes once max-bandwidth is lifted', async (t) => {
+  const env = new TestEnv(t);
+  const capabilities = { multifd: true };
+  // 4 channels of 16 KiB/s each: a channel waits 32 s after each 512 KiB packet.
+  const bandwidth = 64 * 1024;
+  const { src, dst, port, region } = await memwalkPair(env, { capabilities, parameters: { 'max-bandwidth': bandwidth, 'multifd-channels': 4 } });
+  const { mark } = await migrateUntilActive(src, port, dst);
+  await sleep(limits.migrationStallMs + 5000);
+  assert.deepEqual(statuses(src, mark), ['setup', 'active'], 'the slow migration is still active');
+  await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+  await src.waitMigrationStatus('completed', 60000);
+  await dst.waitEvent('RESUME', { timeoutMs: 10000 });
+  await assertAdvancing(dst, 1, 30000);
+  assert.equal(await dst.memwalkCheck(region), null, 'the destination holds the memwalk pattern');
+  assertNoErrors(src, dst);
 });
