@@ -1008,9 +1008,18 @@ class UpDriver {
     };
     let q = await this.control(c);
     let mark = q.eventCount;
+    // A secondary that left COLO with reason error did not take over (its takeover broke off,
+    // or its apply did before): it serves nothing, whatever its exit from COLO says.
+    const checkReason = (reason: unknown): void => {
+      if (mode === 'secondary' && reason === 'error') {
+        throw new PairError('TAKEOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error: it did not take over (its log says why)`);
+      }
+    };
     const left = async (): Promise<boolean> => {
-      const st = await q.execute<{ mode?: string; 'last-mode'?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
-      return st.mode === 'none' && st['last-mode'] === mode;
+      const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
+      if (st.mode !== 'none' || st['last-mode'] !== mode) return false;
+      checkReason(st.reason);
+      return true;
     };
     // The connection closed under a command while `c` lives (it dropped the supervisor): go on
     // on a new one. A COLO_EXIT sent meanwhile is lost: whether it left COLO is asked instead.
@@ -1037,7 +1046,8 @@ class UpDriver {
         throw err;
       }
       try {
-        await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
+        const exit = await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
+        checkReason(exit.data?.reason);
         return;
       } catch (err) {
         if (await reconnected(err)) {

@@ -460,6 +460,8 @@ export type SecondaryEvent =
   | { type: 'applied' }
   /** The apply broke off half-way (a full disk, a device state the machine refuses). */
   | { type: 'applyFailed'; message: string }
+  /** The takeover broke off (the SVM could not be run, its front end not started): this node does not serve. */
+  | { type: 'takeoverFailed'; message: string }
   /** The primary's stream cannot be trusted; `corrupt`: it arrived damaged (a checksum, a packet out of order), a fault to log as an error. */
   | { type: 'protocolError'; message: string; corrupt?: boolean }
   /** The SVM's guest crashed (GUEST_PANICKED): a trap the PVM did not take. */
@@ -575,7 +577,26 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
         return [];
       case 'failoverDone':
         return this.completeFailover();
+      case 'takeoverFailed':
+        return this.takeoverFailed(ev.message);
     }
+  }
+
+  /**
+   * The takeover broke off: the VM does not serve here, and saying it does (status completed,
+   * COLO_EXIT reason request) made a supervisor take the service for saved. As QEMU's COLO
+   * ended by an error: status failed, COLO_EXIT reason error; the guest is kept stopped.
+   */
+  private takeoverFailed(message: string): SecondaryAction[] {
+    if (this.phase !== 'failover') return [];
+    this.phase = 'done';
+    this.failoverState = 'completed';
+    this.exitReason = 'error';
+    return [
+      { type: 'log', level: 'error', message: `the secondary could not take over (${message}): the VM does not serve here; COLO ended with reason error` },
+      { type: 'status', status: 'failed' },
+      { type: 'abandon' },
+    ];
   }
 
   private onMessage(msg: ColoMessage): SecondaryAction[] {

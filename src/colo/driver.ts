@@ -762,20 +762,29 @@ export class SecondaryDriver {
             await vm.startFrontEnd({ untilFree: true });
           });
         } catch (err) {
-          if (this.host.closing) log.debug(`the secondary did not take over (shutting down): ${errorMessage(err)}`);
-          else log.error(`the secondary could not take over: ${errorMessage(err)}`);
+          // The guest exited (in the relaunched apply's run, or under this takeover) or the
+          // process is ending: the VM's own end, as on a primary whose guest exited, no error.
+          if (this.host.closing || vm.exiting || m.runState === 'shutdown') {
+            log.debug(`the secondary did not take over (${m.runState === 'shutdown' ? 'its guest exited' : 'shutting down'}): ${errorMessage(err)}`);
+            return { type: 'failoverDone' };
+          }
+          // A crashed guest, a vCPU or front end that failed: nothing serves here (the core says it, once).
+          return { type: 'takeoverFailed', message: errorMessage(err) };
         }
         return { type: 'failoverDone' };
       case 'abandon':
         this.net.stop();
         // (closeLink, just before, destroyed the channels)
         this.dropCheckpointState();
-        // Not a state to run from: cont is refused from now on (vm.cont).
+        // Not a state to run from: cont is refused from now on (vm.cont). A vCPU a failed
+        // takeover left running is stopped.
+        if (m.running) await m.pause('internal-error').catch((err: unknown) => log.debug(`stopping the guest: ${errorMessage(err)}`));
         m.setRunState('internal-error');
         this.host.exited('secondary', 'error');
         return null;
       case 'exit':
-        log.info(`COLO ended on the secondary (${a.reason}); the VM runs here alone`);
+        if (m.runState === 'shutdown') log.info(`COLO ended on the secondary (${a.reason}); its guest exited (the process ends)`);
+        else log.info(`COLO ended on the secondary (${a.reason}); the VM runs here alone`);
         this.host.exited('secondary', a.reason);
         return null;
     }

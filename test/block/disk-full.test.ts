@@ -263,6 +263,10 @@ test('colo: the secondary takes over onto a full disk: it waits in io-error with
   const ioError = await svm.waitEvent('BLOCK_IO_ERROR', { after: mark, timeoutMs: 10000 });
   assert.equal(ioError.data.nospace, true);
   assert.equal(await svm.status(), 'io-error');
+  // cont cannot run the guest before its disk holds its writes: refused while the failover
+  // runs (the migration is still in status colo; the takeover runs the VM itself).
+  await assert.rejects(svm.qmp.execute('cont'), /the VM is in a COLO failover, which runs it/);
+  assert.equal(await svm.status(), 'io-error', 'cont did not run the guest before its disk commit');
   await sleep(limits.diskFullRetryMs * 2.5);
   assert.equal(await svm.status(), 'io-error', 'it keeps waiting while the disk is full');
 

@@ -364,3 +364,46 @@ test('colo up run again with another --checkpoint-delay adopts the protected pai
   assert.match(sup2.stderr, /x-checkpoint-delay 200 ms, now 700 ms/);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
 });
+
+test('colo up adopting a secondary whose primary died, whose takeover fails (COLO_EXIT reason error): not adopted as a primary that serves; the failure is said with its reason', async (t) => {
+  const env = new TestEnv(t);
+  const { args, primary, secondary } = await orphanedPair(env);
+  env.onCleanup(() => {
+    if (pidAlive(secondary)) process.kill(secondary, 'SIGKILL');
+  });
+  process.kill(primary, 'SIGKILL');
+  await waitFor('the primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  // The secondary's QMP socket, behind a relay that makes its exit from COLO one that failed
+  // (reason error, as a takeover whose guest cannot run says it; a real one needs a guest that
+  // crashes in the very apply a failover waits for).
+  const sock = path.join(env.dir, 'vm2.qmp');
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.pipe(to);
+    let partial = '';
+    to.on('data', (d: Buffer) => {
+      const lines = (partial + d.toString('utf8')).split('\n');
+      partial = lines.pop()!;
+      for (const l of lines) from.write(`${l.replace(/"reason":\s*"request"/g, '"reason":"error"')}\n`);
+    });
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  env.onCleanup(async () => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  });
+
+  const sup2 = spawnSupervisor(env, args);
+  const exited = sup2.waitExit(limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs).then(() => 'exited');
+  const adopted = sup2.line(adoptedAlone(secondary), 0, limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs).then(() => 'adopted', () => 'no line');
+  assert.equal(await Promise.race([exited, adopted]), 'exited', `a secondary that did not take over was adopted as the serving primary\n${sup2.timeline()}`);
+  assert.notEqual(sup2.exitCode, 0, sup2.stderr.slice(-3000));
+  assert.match(sup2.stderr, new RegExp(`x-colo-lost-heartbeat on vm2 failed \\(vm2 \\(pid ${secondary}\\) left COLO with reason error: it did not take over`), sup2.stderr.slice(-3000));
+  assert.deepEqual(sup2.lines, [], 'it printed no state');
+});
