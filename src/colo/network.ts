@@ -103,6 +103,8 @@ export class PrimaryNet {
   private silentTimeouts = 0;
   /** While the mirror is held on the output channel: its unsent bytes at their last fall, and when (watchMirrorChannel). */
   private mirrorStuck: { unsent: number; since: number } | null = null;
+  /** Whether the mirror hold was taken on the output channel (its release then may be the channel's end, not a catch-up). */
+  private mirrorHeldOnChannel = false;
   /**
    * Where the mirror goes: the main channel ('main'); still there, but the SVM's vCPU reads the
    * output channel ('ready': moved at the next capture); the output channel ('channel').
@@ -506,11 +508,17 @@ export class PrimaryNet {
     const unsent = this.mirrorUnsent();
     if (!this.holds.has('mirror') && unsent > limits.coloMirrorUnsentBytesMax) {
       this.hold('mirror');
+      this.mirrorHeldOnChannel = this.mirrorRoute === 'channel';
       log.info(`the secondary has ${unsent} bytes of mirrored input unread, above ${limits.coloMirrorUnsentBytesMax}: clients are not read until it has taken half of them`);
       this.onTrigger('resync');
     } else if (this.holds.has('mirror') && unsent <= limits.coloMirrorUnsentBytesMax / 2) {
       this.release('mirror');
-      log.info('the secondary caught up with the mirrored input: clients are read again');
+      if (this.mirrorHeldOnChannel && this.mirrorRoute !== 'channel') {
+        // The input left on the channel was dropped with it, not taken: a checkpoint makes it good.
+        log.info(`the mirror moved to the main channel (the SVM output channel is gone), which has ${unsent} bytes of it unread: clients are read again`);
+      } else {
+        log.info('the secondary caught up with the mirrored input: clients are read again');
+      }
     }
   }
 

@@ -38,6 +38,8 @@ export interface QmpEvent {
 export interface QmpConnectOptions {
   /** For connecting, the greeting and negotiation together (default limits.qmpTimeoutMsDefault). */
   timeoutMs?: number;
+  /** For the greeting alone, within timeoutMs (default: timeoutMs). */
+  greetingTimeoutMs?: number;
   /** Negotiate out-of-band execution when the server offers it (default true). */
   oob?: boolean;
   /**
@@ -125,6 +127,8 @@ export class QmpClient {
   private readonly closeListeners = new Set<(err: ChannelClosedError) => void>();
   private closeError: ChannelClosedError | undefined;
   private onGreeting: ((greeting: unknown) => void) | undefined;
+  /** Whether a byte other than whitespace came: the first says whether this can be QMP at all. */
+  private spoken = false;
   private readonly closedPromise: Promise<void>;
 
   private constructor(
@@ -176,7 +180,8 @@ export class QmpClient {
     const socket = await connectTo(address, timeoutMs);
     const client = new QmpClient(socket, text, options.eventLogMax ?? limits.qmpClientEventLogMax, options.exactIntegers === true);
     try {
-      const greeting = await client.readGreeting(Math.max(1, deadline - Date.now()), timeoutMs);
+      const greetingMs = Math.min(options.greetingTimeoutMs ?? timeoutMs, timeoutMs);
+      const greeting = await client.readGreeting(Math.max(1, Math.min(greetingMs, deadline - Date.now())), greetingMs);
       const enableOob = greeting.capabilities.includes('oob') && options.oob !== false;
       try {
         await client.execute('qmp_capabilities', enableOob ? { enable: ['oob'] } : undefined, {
@@ -198,7 +203,7 @@ export class QmpClient {
     return new Promise<QmpGreeting>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.onGreeting = undefined;
-        reject(new TimeoutError(`timed out after ${totalMs} ms waiting for the QMP greeting from ${this.address}`));
+        reject(new TimeoutError(`no QMP greeting from ${this.address} within ${totalMs} ms (is it a QMP socket?)`));
       }, waitMs);
       const fail = (err: Error): void => {
         clearTimeout(timer);
@@ -357,6 +362,7 @@ export class QmpClient {
 
   private receive(chunk: Buffer): void {
     if (this.closeError !== undefined) return;
+    if (!this.spoken && this.onGreeting !== undefined && !this.mayBeGreeting(chunk)) return;
     this.lines.push(chunk);
     for (;;) {
       const line = this.lines.shift();
@@ -371,12 +377,28 @@ export class QmpClient {
       try {
         message = this.exactIntegers ? parseQmpJson(text, limits.qmpJsonDepthMax, { exactIntegers: true }) : JSON.parse(text);
       } catch (err) {
-        this.fail(`${this.address} sent a line that is not JSON: ${errorMessage(err)}`);
+        const what = this.onGreeting !== undefined ? 'is not a QMP server: its first line is not JSON' : 'sent a line that is not JSON';
+        this.fail(`${this.address} ${what}: ${errorMessage(err)}`);
         return;
       }
       this.dispatch(message);
       if (this.closeError !== undefined) return;
     }
+  }
+
+  /**
+   * A greeting is a JSON object: a peer whose first byte (past whitespace) is anything else is
+   * not QMP, and says so now, not at the greeting's timeout (it may send no newline ever: a
+   * binary protocol, a banner). Fails the connection and returns false then.
+   */
+  private mayBeGreeting(chunk: Buffer): boolean {
+    const i = chunk.findIndex((b) => b !== 0x20 && b !== 0x09 && b !== 0x0a && b !== 0x0d);
+    if (i < 0) return true;
+    this.spoken = true;
+    if (chunk[i] === 0x7b) return true; // '{'
+    const preview = JSON.stringify(chunk.subarray(i, i + 32).toString('latin1'));
+    this.fail(`${this.address} is not a QMP server: it sent ${preview} instead of a greeting`);
+    return false;
   }
 
   private dispatch(message: unknown): void {

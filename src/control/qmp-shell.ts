@@ -169,7 +169,7 @@ export interface TextSink {
 export interface RunQmpOptions {
   /** Where errors go (default: `out`). */
   err?: TextSink;
-  /** Connect and reply timeout each (default limits.qmpTimeoutMsDefault). */
+  /** Connect and reply timeout each (default limits.qmpTimeoutMsDefault); the greeting has limits.qmpShellGreetingTimeoutMs of it. */
   timeoutMs?: number;
 }
 
@@ -197,7 +197,7 @@ export async function runQmpCommand(
   const timing = options.timeoutMs === undefined ? {} : { timeoutMs: options.timeoutMs };
   let client: QmpClient;
   try {
-    client = await QmpClient.connect(address, { ...timing, exactIntegers: true });
+    client = await QmpClient.connect(address, { ...timing, greetingTimeoutMs: limits.qmpShellGreetingTimeoutMs, exactIntegers: true });
   } catch (e) {
     if (e instanceof QmpCommandError) err.write(`error: ${e.errorClass}: ${e.message}\n`);
     else err.write(`error: ${errorMessage(e)}\n`);

@@ -265,6 +265,12 @@ export const limits = {
   /** QMP client: default time allowed to connect, for a reply or for an event. */
   qmpTimeoutMsDefault: 10000,
   /**
+   * `colo qmp`: time allowed for the greeting, which a QMP server (QEMU's, ours) sends as soon
+   * as it accepts. A port that is not QMP's and says nothing (a guest's own service) fails after
+   * this, not after qmpTimeoutMsDefault.
+   */
+  qmpShellGreetingTimeoutMs: 3000,
+  /**
    * pmemsave/memsave: guest RAM bytes handed to one file write. The writes run off the main
    * thread, and other QMP clients are answered between them.
    */

@@ -83,6 +83,8 @@ export class Machine extends EventEmitter {
   private readonly input: InputRingWriter;
   private inputRetry: NodeJS.Timeout | null = null;
   private readonly serialFd: number | null;
+  /** --serial's target, for its log lines. */
+  private readonly serialName: string;
   private state: RunState = 'prelaunch';
   /** The vCPU's answer to the pause it was asked for, while it has not come. */
   private pauseInFlight: Promise<WorkerReply> | null = null;
@@ -110,6 +112,7 @@ export class Machine extends EventEmitter {
     this.maximumPages = maximumPages;
     this.disk = disk;
     this.serialFd = serialFd;
+    this.serialName = cfg.serial.kind === 'file' ? `file:${cfg.serial.path}` : cfg.serial.kind;
     const ctlBuffer = new SharedArrayBuffer(ctl.slots * 4);
     this.ctl = new Int32Array(ctlBuffer);
     this.regionLock = new RegionLock(this.ctl, ctl.regionLock);
@@ -619,6 +622,10 @@ export class Machine extends EventEmitter {
         return;
       case 'listener-closed':
         this.emit('listener-closed');
+        return;
+      case 'serial':
+        if (m.report.failing) log.warn(`writes to the serial console (${this.serialName}) fail: ${m.report.message}; the guest's console output is dropped until they work again`);
+        else log.info(`writes to the serial console (${this.serialName}) work again; ${m.report.droppedBytes} bytes of console output were dropped`);
         return;
       case 'running':
         this.vcpuRunning = true;

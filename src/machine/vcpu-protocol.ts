@@ -1,6 +1,7 @@
 import type { InputCredit, NicOutput, NicState } from '../net/nic.js';
 import type { DiskSpec } from '../block/disk.js';
 import type { WasiState } from './wasi-host.js';
+import type { SerialReport } from './devices/serial.js';
 
 /** Int32 slots of the control block shared by the main thread and the vCPU. */
 export const ctl = {
@@ -124,6 +125,8 @@ export type WorkerReply =
   | { type: 'output-channel'; port: number }
   /** The guest closed its listening socket (fd 3): its front end stops listening. */
   | { type: 'listener-closed' }
+  /** A write to the serial console failed (the first of a streak; its output is dropped), or worked again. */
+  | { type: 'serial'; report: SerialReport }
   /** The SVM output channel broke (a failed write, its end seen, a primary that reads nothing): the vCPU closed it and posts its output again. */
   | { type: 'direct-output-failed'; message: string }
   | { type: 'state'; state: VcpuState }

@@ -93,7 +93,7 @@ class Vcpu {
     }
     this.ctl = new Int32Array(init.ctl);
     this.layout = init.layout;
-    this.serial = new Serial(init.serialFd);
+    this.serial = new Serial(init.serialFd, (report) => post({ type: 'serial', report }));
     this.disk = init.disk === null ? null : Disk.attach(init.disk as DiskSpec);
     this.host = new WasiHost(memory, this, { clock: this.clock, serial: this.serial, nic: this.nic, disk: this.disk }, init.args, init.env);
     this.instance = new WebAssembly.Instance(init.module, {

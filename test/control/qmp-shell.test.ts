@@ -4,7 +4,9 @@ import { test } from 'node:test';
 import { formatReply, parseShellCommand, parseShellValue, runQmpCommand } from '../../src/control/qmp-shell.js';
 import { QmpCommandError, UsageError } from '../../src/core/errors.js';
 import { QmpExactInteger } from '../../src/control/qmp-json.js';
-import { startServer, tempDir } from './helpers.js';
+import { formatAddress, listenOn } from '../../src/control/address.js';
+import { limits } from '../../src/core/limits.js';
+import { startServer, tempDir, within } from './helpers.js';
 
 test('shell: values are JSON when they parse, else strings', () => {
   assert.equal(parseShellValue('42'), 42);
@@ -139,4 +141,47 @@ test('shell: runQmpCommand prints the reply or the error and returns an exit cod
   const missing = path.join(tempDir(t), 'none.qmp');
   assert.equal(await runQmpCommand(`unix:${missing}`, ['query-status'], nobody), 1);
   assert.match(nobody.text, new RegExp(`^error: cannot connect to unix:${missing}: .*ENOENT`));
+});
+
+/**
+ * `colo qmp` at a port that is not QMP's (the guest's own service): a peer that sends something
+ * else than a greeting, even with no newline, fails at once; a silent one after the greeting's
+ * own timeout, not after the whole command's (qmpTimeoutMsDefault).
+ */
+test('shell: runQmpCommand at a port that is not QMP fails at once, or after the greeting timeout, and says so', async (t) => {
+  const peer = await listenOn('tcp:127.0.0.1:0');
+  const address = formatAddress(peer.address);
+  const sockets: import('node:net').Socket[] = [];
+  let say: string | null = null;
+  peer.server.on('connection', (s) => {
+    sockets.push(s);
+    s.on('error', () => undefined);
+    if (say !== null) s.write(say);
+  });
+  t.after(async () => {
+    for (const s of sockets) s.destroy();
+    await peer.close();
+  });
+  const cases: Array<{ say: string | null; expect: RegExp; withinMs: number }> = [
+    // A banner with no newline (a RESP reply, a binary protocol): no waiting for a line.
+    { say: '+OK', expect: new RegExp(`^error: ${address} is not a QMP server: it sent "\\+OK" instead of a greeting\n$`), withinMs: 1000 },
+    { say: '\x00\x01binary', expect: /is not a QMP server: it sent "\\u0000\\u0001binary" instead of a greeting\n$/, withinMs: 1000 },
+    { say: 'SSH-2.0-OpenSSH\r\n', expect: /is not a QMP server: it sent "SSH-2\.0-OpenSSH\\r\\n" instead/, withinMs: 1000 },
+    { say: '{"hello": 1}\n', expect: /is not a QMP server: its first line is not a greeting\n$/, withinMs: 1000 },
+    { say: '{oops\n', expect: /is not a QMP server: its first line is not JSON: /, withinMs: 1000 },
+    // Says nothing at all: only the greeting's timeout tells.
+    { say: null, expect: new RegExp(`^error: no QMP greeting from ${address} within ${limits.qmpShellGreetingTimeoutMs} ms \\(is it a QMP socket\\?\\)\n$`), withinMs: limits.qmpShellGreetingTimeoutMs + 1500 },
+  ];
+  for (const c of cases) {
+    say = c.say;
+    const out = new Sink();
+    const err = new Sink();
+    const t0 = performance.now();
+    const code = await within(runQmpCommand(address, ['query-status'], out, { err }), limits.qmpTimeoutMsDefault + 5000, `colo qmp at a peer that says ${JSON.stringify(c.say)}`);
+    const ms = performance.now() - t0;
+    assert.equal(code, 1);
+    assert.equal(out.text, '');
+    assert.match(err.text, c.expect);
+    assert.ok(ms < c.withinMs, `failing took ${ms.toFixed(0)} ms for a peer that says ${JSON.stringify(c.say)} (at most ${c.withinMs})`);
+  }
 });

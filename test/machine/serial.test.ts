@@ -115,3 +115,25 @@ test('--serial stdio on a terminal nobody reads (Node leaves a TTY stdout blocki
   await waitFor('more output once the terminal is read', () => out > before + 1024 * 1024, 20000);
   assert.match(tail, /^A+$/, 'the terminal shows the bytes the guest wrote');
 });
+
+test('--serial file: on a full filesystem: the guest runs on, and one warning says its console output is dropped, once per streak of failed writes', async (t) => {
+  const env = new TestEnv(t);
+  const guest = watGuest(t, 'console', consoleGuest);
+  const mnt = await env.tmpfs('small', '256k');
+  const file = `${mnt}/console`;
+  const vm = await env.startVm({ name: 'vm', guest, args: ['--serial', `file:${file}`] });
+  const warnings = (): string[] => vm.stderr.split('\n').filter((l) => / warn machine: writes to the serial console \(file:.*\) fail: .*dropped/.test(l));
+  await waitFor('a warning that the serial console writes fail', () => warnings().length > 0, 10000);
+  // The guest goes on writing into the full filesystem: no warning per write.
+  await sleep(500);
+  assert.equal(warnings().length, 1, `one warning for the streak: ${warnings().join('\n')}`);
+  assert.equal(await vm.status(), 'running');
+  // Room again: the writes work (said once), then fill it again: a new streak, a new warning.
+  fs.truncateSync(file, 0);
+  await waitFor('a line that the serial console writes work again', () => / info machine: writes to the serial console \(file:.*\) work again; \d+ bytes/.test(vm.stderr), 10000);
+  await waitFor('a second warning once the filesystem is full again', () => warnings().length === 2, 10000);
+  await sleep(300);
+  assert.equal(warnings().length, 2);
+  assert.equal(await vm.status(), 'running');
+  assert.equal(vm.alive, true);
+});
