@@ -154,6 +154,77 @@ function liveWriter(dir: string, imagePath: string, wanted: ImageLockMode): { pi
   );
 }
 
+/**
+ * Whether the entry `name` of `dir` is a gone process's: its write entry's target (to remove it
+ * as a takeover does), true for a dead reader's or a leftover `stale-` entry, false for a live
+ * one's and for anything this protocol did not write.
+ */
+function deadEntry(dir: string, name: string): string | boolean {
+  if (name === 'write') {
+    const target = fs.readlinkSync(path.join(dir, name));
+    return holderAlive(parseHolder(target)) ? false : target;
+  }
+  if (name.startsWith('read-')) return !holderAlive(parseHolder(name.slice('read-'.length).split('-').slice(0, 2).join(':')));
+  // A takeover's entry set aside (stale-PID-RANDOM) whose maker died before removing it: dead
+  // if its maker is gone and the holder it names too (a live one's is being put back).
+  const aside = /^stale-(\d+)-[0-9a-f]+$/.exec(name);
+  if (aside === null) return false;
+  const maker = procStat(Number(aside[1]));
+  if (maker !== null && !procEnded(maker.state)) return false;
+  return !holderAlive(parseHolder(fs.readlinkSync(path.join(dir, name))));
+}
+
+/**
+ * Remove `dir` if every entry in it is a gone process's and it has not changed for
+ * limits.diskLockSweepIdleMs. Entries go one by one, the write entry as a takeover removes it
+ * (put back if another opener replaced it), and the directory last with rmdir: an entry made
+ * meanwhile keeps it (ENOTEMPTY), and an opener that finds it gone makes it again (ENOENT).
+ */
+function sweepDir(dir: string): boolean {
+  const st = fs.lstatSync(dir);
+  if (!st.isDirectory() || Date.now() - st.mtimeMs < limits.diskLockSweepIdleMs) return false;
+  const names = fs.readdirSync(dir);
+  if (names.length > limits.diskLockStaleEntriesMax) return false;
+  const dead: [string, string | boolean][] = [];
+  for (const name of names) {
+    const d = deadEntry(dir, name);
+    if (d === false) return false;
+    dead.push([name, d]);
+  }
+  for (const [name, d] of dead) {
+    if (typeof d === 'string') removeStaleWriter(dir, d);
+    else fs.rmSync(path.join(dir, name), { force: true });
+  }
+  fs.rmdirSync(dir);
+  return true;
+}
+
+/**
+ * A holder that is SIGKILLed (or dies before its exit listener) leaves its lock directory; only
+ * an opener of the same inode takes it over, so those of deleted images stayed for good. Each
+ * lock taken sweeps limits.diskLockSweepDirsMax other directories, from a random place.
+ */
+function sweepDeadLocks(own: string): void {
+  let names: string[];
+  try {
+    names = fs.readdirSync(lockRoot);
+  } catch {
+    return;
+  }
+  const start = Math.floor(Math.random() * names.length);
+  let removed = 0;
+  for (let i = 0; i < Math.min(names.length, limits.diskLockSweepDirsMax); i++) {
+    const dir = path.join(lockRoot, names[(start + i) % names.length]!);
+    if (dir === own) continue;
+    try {
+      if (sweepDir(dir)) removed++;
+    } catch {
+      // Changed under us (another sweeper, a new entry), or another user's: left alone.
+    }
+  }
+  if (removed > 0) log.debug(`removed ${removed} lock directories of processes that are gone`);
+}
+
 class HeldLock implements ImageLock {
   private released = false;
   constructor(
@@ -208,6 +279,7 @@ export function lockImage(imagePath: string, mode: ImageLockMode): ImageLock | n
     try {
       const lock = mode === 'write' ? lockWrite(imagePath, dir) : lockRead(imagePath, dir);
       held.add(lock);
+      sweepDeadLocks(dir);
       if (!exitHooked) {
         exitHooked = true;
         // A crash (an uncaught exception) or process.exit() ends the process without close().

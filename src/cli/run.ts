@@ -29,7 +29,23 @@ export async function runCommand(argv: string[]): Promise<number> {
   const opts = parseRunArgs(argv);
   if (opts.name !== null) setLogNode(opts.name);
   writeLatencyTraceAtExit();
-  let vm: Vm;
+  // Handled from the start: a signal during the start-up (instrumenting a guest not in the
+  // cache takes seconds) got the default action, status 130 or 143, no line said why, and one
+  // that came while the machine was made left its image's lock entry. Such a signal is taken
+  // when the machine is made (not in the middle of a synchronous instrumenting), and ends it
+  // before the monitor listens and the guest boots, as a signal afterwards does.
+  let vm: Vm | null = null;
+  let signalled = false;
+  const onSignal = (sig: string): void => {
+    log.info(`${sig} received, quitting`);
+    signalled = true;
+    // QEMU's SHUTDOWN event of a signal (qemu_system_killed): management sees why it went.
+    vm?.quit(0, { guest: false, reason: 'host-signal' });
+  };
+  process.once('SIGINT', () => onSignal('SIGINT'));
+  process.once('SIGTERM', () => onSignal('SIGTERM'));
+  // As QEMU's (os_setup_signal_handling): the terminal or ssh session that started it closing.
+  process.once('SIGHUP', () => onSignal('SIGHUP'));
   try {
     vm = await Vm.create(opts);
   } catch (err) {
@@ -42,23 +58,18 @@ export async function runCommand(argv: string[]): Promise<number> {
   let qmp: QmpServer | null = null;
   let resolveExit!: (code: number) => void;
   const exited = new Promise<number>((r) => (resolveExit = r));
+  const made = vm;
   const shutdown = async (code: number): Promise<void> => {
     await qmp?.close();
-    await vm.destroy();
+    await made.destroy();
     resolveExit(code);
   };
   vm.on('quit', (code: number) => void shutdown(code));
-  // Before the monitor listens and the VM boots (a --incoming file: load takes seconds): a
-  // signal then ended the process at once, exit status 143, its QMP socket file left behind.
-  const onSignal = (sig: string): void => {
-    log.info(`${sig} received, quitting`);
-    // QEMU's SHUTDOWN event of a signal (qemu_system_killed): management sees why it went.
+  if (signalled) {
+    // The signal came during the start-up: the machine (and its image lock) goes at once.
     vm.quit(0, { guest: false, reason: 'host-signal' });
-  };
-  process.once('SIGINT', () => onSignal('SIGINT'));
-  process.once('SIGTERM', () => onSignal('SIGTERM'));
-  // As QEMU's (os_setup_signal_handling): the terminal or ssh session that started it closing.
-  process.once('SIGHUP', () => onSignal('SIGHUP'));
+    return exited;
+  }
   try {
     if (opts.qmp !== null) {
       qmp = new QmpServer();

@@ -50,6 +50,14 @@ export const limits = {
   /** Times one open of a disk image takes over a dead writer's lock entry before DRIVE_LOCKED. */
   diskLockStaleTakeoversMax: 16,
   /**
+   * Other images' lock directories one lock taken looks at (from a random place in the lock
+   * root), removing those whose holders are all gone: the directories of SIGKILLed holders of
+   * since deleted images, which no later opener of that inode takes over, do not pile up.
+   */
+  diskLockSweepDirsMax: 16,
+  /** A lock directory changed this recently is not swept (an opener may be making its entry). */
+  diskLockSweepIdleMs: 10_000,
+  /**
    * A migration onto the source's own image that fails or is cancelled after the destination
    * took the image's lock but before `go`: how long the source tries to take it back (the
    * destination lets it go once it sees the abort or the channel close), every

@@ -34,6 +34,7 @@ import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { GuestLoadError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
+import { logger } from '../core/log.js';
 import {
   coveredRanges,
   exportedMutableGlobals,
@@ -393,6 +394,8 @@ export async function loadGuest(path: string, opts: { storeLog?: boolean; cacheD
     const hit = await readCacheEntry(dir, moduleHash, storeLog, parsed);
     if (hit !== null) return hit;
   }
+  // Seconds (a minute on a loaded host) in which the process answers no signal: say why.
+  logger('guest').debug(`instrumenting ${path} (not in the cache ${dirs.join(' or ')})`);
   // binaryen (about 0.5 s to load, its memory kept for good) is loaded only to build.
   const { instrumentGuest } = await import('./instrument-build.js');
   const g = instrumentGuest(original, { storeLog });

@@ -511,3 +511,79 @@ test('image lock: a --snapshot incoming destination\'s read lock is taken at act
     d.close();
   }
 });
+
+test('image lock: the lock directories of SIGKILLed holders of deleted images are swept by later opens (a bounded number each); a live holder\'s lock survives every sweep', async (t) => {
+  const env = new TestEnv(t);
+  const backdate = (dir: string): void => {
+    const old = new Date(Date.now() - limits.diskLockSweepIdleMs - 60_000);
+    fs.utimesSync(dir, old, old);
+  };
+  // Every image made first: a deleted image's inode, reused for one made later, would be
+  // that one's lock directory.
+  const liveImage = env.image('live.img', 64 * 1024);
+  const openerImage = env.image('opener.img', 64 * 1024);
+  const scratch = env.image('scratch.img', 64 * 1024);
+  const goneImages = ['gone0', 'gone1'].map((name) => env.image(`${name}.img`, 64 * 1024));
+  // Two holders SIGKILLed (no exit listener runs), their images deleted: no opener of those
+  // inodes will ever take their entries over.
+  const deadDirs: string[] = [];
+  for (const [i, image] of goneImages.entries()) {
+    const name = `gone${i}`;
+    const vm = await env.startVm({ name, guest: guests.spin, args: ['--memory', '16M', '--drive', `file=${image}`] });
+    const dir = lockDirOf(image);
+    assert.equal(writeLockPid(image), vm.child.pid, `${name} holds its image`);
+    vm.kill('SIGKILL');
+    await vm.waitExit(10000);
+    fs.rmSync(image);
+    assert.equal(fs.readlinkSync(path.join(dir, 'write')).split(':')[0], String(vm.child.pid), `${name}'s entry is left behind`);
+    backdate(dir);
+    deadDirs.push(dir);
+  }
+  // A pid that is alive but another process than the one that made the entry (pid reuse).
+  const reused = path.join(path.dirname(deadDirs[0]!), `0-${process.pid}${Date.now()}`);
+  fs.mkdirSync(reused);
+  fs.symlinkSync(`${process.pid}:1`, path.join(reused, 'write'));
+  backdate(reused);
+  deadDirs.push(reused);
+  env.onCleanup(() => fs.rmSync(reused, { recursive: true, force: true }));
+  const live = await env.startVm({ name: 'live', guest: guests.spin, args: ['--memory', '16M', '--drive', `file=${liveImage}`] });
+  const liveDir = lockDirOf(liveImage);
+  backdate(liveDir);
+  // A real VM's open sweeps; the lock root is shared with every VM of the host, so more opens
+  // (each looks at limits.diskLockSweepDirsMax directories) until the dead ones are gone.
+  const opener = await env.startVm({ name: 'opener', guest: guests.spin, args: ['--memory', '16M', '--drive', `file=${openerImage}`] });
+  for (let round = 0; round < 2000 && deadDirs.some((d) => fs.existsSync(d)); round++) {
+    lockImage(scratch, 'write')!.release();
+    assert.equal(writeLockPid(liveImage), live.child.pid, `the live holder keeps its lock (round ${round})`);
+    backdate(liveDir);
+  }
+  assert.deepEqual(deadDirs.filter((d) => fs.existsSync(d)), [], 'the dead holders\' directories are swept');
+  assert.equal(writeLockPid(liveImage), live.child.pid, 'the live holder keeps its lock');
+  const second = await env.startVm({ name: 'second', guest: guests.spin, noQmp: true, args: ['--memory', '16M', '--drive', `file=${liveImage}`] });
+  assert.equal(await second.waitExit(30000), 1, `a second writer is still refused: ${second.stderr}`);
+  assert.match(second.stderr, new RegExp(`process ${live.child.pid} writes it`));
+  await Promise.all([live.stop(), opener.stop()]);
+  assert.equal(fs.existsSync(liveDir), false, 'the live holder removes its own directory on quit');
+});
+
+test('image lock: sweeps leave a live reader\'s directory and one just made (an opener between its mkdir and its entry) alone', (t) => {
+  const env = new TestEnv(t);
+  const [readImage, scratch] = [env.image('r.img', 64 * 1024), env.image('scratch.img', 64 * 1024)];
+  const reader = lockImage(readImage, 'read');
+  assert.notEqual(reader, null);
+  const readDir = lockDirOf(readImage);
+  const old = new Date(Date.now() - limits.diskLockSweepIdleMs - 60_000);
+  fs.utimesSync(readDir, old, old);
+  const fresh = path.join(path.dirname(readDir), `0-fresh${process.pid}${Date.now()}`);
+  fs.mkdirSync(fresh);
+  env.onCleanup(() => fs.rmSync(fresh, { recursive: true, force: true }));
+  try {
+    // Enough rounds that every directory of the shared root is looked at, many times over.
+    const rounds = Math.ceil((fs.readdirSync(path.dirname(readDir)).length / limits.diskLockSweepDirsMax) * 20);
+    for (let i = 0; i < rounds; i++) lockImage(scratch, 'write')!.release();
+    assert.ok(fs.existsSync(fresh), 'the directory just made is not swept');
+    assert.throws(() => lockImage(readImage, 'write'), /reads it \(snapshot=on\)/, 'the live reader still holds the image');
+  } finally {
+    reader!.release();
+  }
+});

@@ -8,6 +8,7 @@ import { QmpClient } from '../../src/control/qmp-client.js';
 import { TestEnv, freePort, guests, runProgram, sleep, waitFor, withTimeout } from '../framework/harness.js';
 import { assertNoErrors, statuses } from '../migration/helpers.js';
 import { exitOnConnectGuest } from '../framework/machine.js';
+import { lockDirOf } from '../../src/block/image-lock.js';
 
 /**
  * A TCP port on loopback whose connects stay pending: a listener in a stopped process
@@ -187,4 +188,36 @@ test("a guest's own exit: SHUTDOWN {guest: true, reason: guest-shutdown} with it
   assert.equal(await vm.waitExit(8000), 5, `exits with the guest's status: ${vm.stderr}`);
   // colo up stops a pair with it even if it has to kill a primary that does not end in time.
   assert.deepEqual(vm.eventsOf('SHUTDOWN', mark).map((e) => e.data), [{ guest: true, reason: 'guest-shutdown', 'exit-code': 5 }]);
+});
+
+test('regression: SIGINT while colo run instruments a guest not in the cache: one info line, then a clean quit (status 0) with no lock entry and no QMP socket left', async (t) => {
+  const env = new TestEnv(t);
+  // A cold cache: the guest's own .colo-cache is in the fresh test folder, and so is the
+  // fallback (os.tmpdir(), from TMPDIR).
+  const guest = env.file('spin.wasm');
+  fs.copyFileSync(guests.spin, guest);
+  fs.mkdirSync(env.file('tmp'));
+  const image = env.file('early.img');
+  fs.writeFileSync(image, Buffer.alloc(64 * 1024));
+  const lockDir = lockDirOf(image);
+  const qmpPath = env.file('early.qmp');
+  const vm = await env.startVm({
+    name: 'early',
+    guest,
+    noQmp: true,
+    env: { TMPDIR: env.file('tmp'), COLO_LOG: 'debug' },
+    args: ['--memory', '16M', '--qmp', `unix:${qmpPath}`, '--drive', `file=${image}`],
+  });
+  await waitFor('colo run to start instrumenting the guest', () => {
+    if (!vm.alive) throw new Error(`exited with code ${vm.exitCode} before instrumenting: ${vm.stderr}`);
+    return /instrumenting .*spin\.wasm \(not in the cache/.test(vm.stderr);
+  }, 15000);
+  vm.kill('SIGINT');
+  // Before the fix no handler was set yet: the process died of the signal (status null), no line.
+  assert.equal(await vm.waitExit(120000), 0, `exits with status 0 (signal ${vm.exitSignal}): ${vm.stderr}`);
+  assert.equal(vm.stderr.match(/SIGINT received, quitting/g)?.length, 1, `one line says why: ${vm.stderr}`);
+  assert.equal(fs.existsSync(qmpPath), false, 'no QMP socket file is left');
+  assert.equal(fs.existsSync(lockDir), false, `no lock entry of the image is left in ${lockDir}`);
+  assert.ok(!/kv ready|machine started/.test(vm.stderr), 'the guest never ran');
+  assertNoErrors(vm);
 });
