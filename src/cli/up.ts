@@ -156,6 +156,8 @@ interface Child {
   /** The heartbeat's own QMP connection (never queued behind the driver's commands). */
   heartbeat: QmpClient | null;
   exited: boolean;
+  /** The supervisor sent it a signal (signalChild): its QMP connection closing is expected. */
+  signalled: boolean;
 }
 
 const mainJs = fileURLToPath(new URL('./main.js', import.meta.url));
@@ -183,6 +185,7 @@ function pidAlive(pid: number): boolean {
 /** Send `signal` to `c` unless it ended (its own child process, or an adopted one by pid). */
 function signalChild(c: Child, signal: NodeJS.Signals): void {
   if (c.exited) return;
+  c.signalled = true;
   try {
     if (c.proc !== null) c.proc.kill(signal);
     else if (c.pid !== null) process.kill(c.pid, signal);
@@ -376,7 +379,7 @@ class UpDriver {
     // Its own process group: a terminal's Ctrl-C reaches the supervisor only, which stops the
     // children itself (else a child could exit first and be taken for a failure).
     const proc = spawn(process.execPath, args, { stdio: ['ignore', 'ignore', 'inherit'], detached: true });
-    const c: Child = { id, role, proc, pid: proc.pid ?? null, exitListeners: new Set(), qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false };
+    const c: Child = { id, role, proc, pid: proc.pid ?? null, exitListeners: new Set(), qmpPath, disk, ownDisk, qmp: null, reconnecting: null, heartbeat: null, exited: false, signalled: false };
     this.children.set(id, c);
     proc.once('exit', (code, signal) => void this.eventsRead(c).then(() => this.childExited(c, code, signal)));
     if (proc.pid !== undefined) {
@@ -493,7 +496,7 @@ class UpDriver {
       }
       const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
       const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
-      const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false };
+      const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false, signalled: false };
       found.push({ c, mode, status });
     }
     const inColo = (m: string): Child[] => found.filter((f) => f.mode === m).map((f) => f.c);
@@ -689,7 +692,11 @@ class UpDriver {
           void this.catchUp(c, q);
           return q;
         } catch (err) {
-          if (!said) log.warn(`vm${c.id}: its QMP connection closed while it runs, and cannot be made again yet (${errorMessage(err)}); trying every ${limits.upHeartbeatIntervalMs} ms`);
+          // A child this supervisor is stopping (a signal sent: the pair's stop, a fencing)
+          // removes its socket before it exits: expected, no warning.
+          const line = `vm${c.id}: its QMP connection closed while it runs, and cannot be made again yet (${errorMessage(err)}); trying every ${limits.upHeartbeatIntervalMs} ms`;
+          if (!said && c.signalled) log.debug(line);
+          else if (!said) log.warn(line);
           said = true;
         }
         await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
