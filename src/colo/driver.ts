@@ -1,4 +1,4 @@
-import { ChannelClosedError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoProtocolError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -395,10 +395,13 @@ export class PrimaryDriver {
             await this.ops.run(async () => {
               // Its guest exited by itself (the process waits for its last output, which the
               // failover released): there is nothing to run, and the process ends.
-              if (this.guestStopped() === null) {
+              const stopped = this.guestStopped();
+              if (stopped === null) {
                 log.debug('primary: its guest exited: nothing to resume after the failover (the process ends)');
                 return;
               }
+              // Its guest crashed (under the checkpoint the failover waited for, or since): it will not run.
+              if (stopped !== 'runnable') throw new ColoProtocolError('COLO_RESUME_FAILED', stopped.type === 'guestCrashed' ? stopped.message : 'the guest cannot run');
               // A VM the user stopped (and no checkpoint resumed since) stays stopped when the
               // primary goes on alone by itself (its link broke): an operator may have stopped it
               // to fence it while the secondary takes over. x-colo-lost-heartbeat runs it, as
@@ -412,15 +415,32 @@ export class PrimaryDriver {
               else vm.frontEnd.resumeReading();
             });
           } catch (err) {
-            if (this.host.closing) log.debug(`the primary did not resume after the failover (shutting down): ${errorMessage(err)}`);
-            else log.error(`the primary could not resume after the failover: ${errorMessage(err)}`);
+            // The process is ending, or the guest exited meanwhile: the VM's own end, no error.
+            if (this.host.closing || this.host.vm.exiting || m.runState === 'shutdown') {
+              log.debug(`the primary did not resume after the failover (${m.runState === 'shutdown' ? 'its guest exited' : 'shutting down'}): ${errorMessage(err)}`);
+            } else {
+              // A crashed guest, a vCPU or front end that failed: nothing serves here (the core says it, once).
+              this.dispatch({ type: 'resumeFailed', message: errorMessage(err) });
+              return;
+            }
           }
           this.dispatch({ type: 'failoverDone' });
         })();
         return;
       case 'exit':
-        log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
+        if (m.runState === 'shutdown') log.info(`COLO ended on the primary (${a.reason}); its guest exited (the process ends)`);
+        else log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
         this.host.exited('primary', a.reason);
+        return;
+      case 'abandon':
+        // (the failover stopped the compare and closed the channels already)
+        // Not a state to run from: cont is refused from now on (vm.cont). A vCPU the failed
+        // resume left running (its front end failed) is stopped; a crashed guest keeps its state.
+        void (async () => {
+          if (m.running) await m.pause('internal-error').catch((err: unknown) => log.debug(`stopping the guest: ${errorMessage(err)}`));
+          if (m.runState !== 'guest-panicked') m.setRunState('internal-error');
+          this.host.exited('primary', 'error');
+        })();
         return;
       case 'leave':
         this.clearTimers();

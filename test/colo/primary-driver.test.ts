@@ -412,3 +412,106 @@ test('colo primary: cont runs a PVM the user stopped, in turn with the checkpoin
   assert.equal(m.running, false);
   assert.equal(m.runState, 'colo');
 });
+
+/** A machine that can be stopped, and whose cont throws what the test says. */
+class FailingMachine extends FakeMachine {
+  contFails: Error | null = null;
+  async pause(next = 'paused'): Promise<void> {
+    this.running = false;
+    this.runState = next;
+  }
+  override async cont(): Promise<void> {
+    if (this.contFails !== null) throw this.contFails;
+    await super.cont();
+  }
+}
+
+const coloExits = (r: Rig): string[] => r.events.filter((e) => e.startsWith('COLO_EXIT'));
+
+test('colo primary: a failover whose PVM cannot run (cont fails) says so: status failed, COLO_EXIT reason error, one error line naming the cause, not that the VM runs unprotected', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  // Paused by a checkpoint when the secondary is declared lost; its vCPU then refuses to run.
+  m.running = false;
+  m.runState = 'colo';
+  m.contFails = new MachineError('VM_DEAD', 'the vCPU thread died');
+  r.d.lostHeartbeat();
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.ok(r.events.includes('MIGRATION failed') && !r.events.includes('MIGRATION completed'), r.events.join('\n'));
+  assert.equal(r.d.core.exitReason, 'error');
+  assert.equal(m.running, false);
+  assert.equal(m.runState, 'internal-error', 'not a state cont runs from');
+  const errors = at('error', log);
+  assert.equal(errors.length, 1, log.join('\n'));
+  assert.match(errors[0]!, /could not go on alone after the failover \(the vCPU thread died\)/);
+  assert.ok(!log.some((l) => /runs unprotected/.test(l)), log.join('\n'));
+});
+
+test('colo primary: a failover that finds its guest crashed (while it waited for the checkpoint in flight) ends COLO with reason error; the guest stays in guest-panicked', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  r.d.lostHeartbeat();
+  // The crash comes after the failover started (the core ignores it then) and before it resumes the PVM.
+  m.running = false;
+  m.runState = 'guest-panicked';
+  m.emit('panicked', 'unreachable executed');
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.ok(r.events.includes('MIGRATION failed'), r.events.join('\n'));
+  assert.equal(m.runState, 'guest-panicked');
+  const errors = at('error', log);
+  assert.equal(errors.length, 1, log.join('\n'));
+  assert.match(errors[0]!, /the guest is in state guest-panicked/);
+});
+
+test('colo primary: a failover whose front end cannot start leaves the guest stopped and COLO ended with reason error', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  Object.assign(r.host.vm, {
+    frontEnd: null,
+    startFrontEnd: async () => {
+      throw new Error('listen EADDRINUSE: address already in use 127.0.0.1:5555');
+    },
+  });
+  r.d.lostHeartbeat();
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.equal(m.running, false, 'the guest does not run on where nothing serves it');
+  assert.equal(m.runState, 'internal-error');
+  assert.equal(at('error', log).length, 1, log.join('\n'));
+});
+
+test('colo primary: a failover whose guest exited meanwhile, or that the process exit cuts off, logs no error and says nothing of running unprotected', async (t) => {
+  const log = captureLog(t);
+  const exited = new FailingMachine();
+  const r = rig(t, exited);
+  await started(r);
+  exited.running = false;
+  exited.runState = 'colo';
+  // The guest exits while the failover waits; its cont then finds it so.
+  exited.contFails = new MachineError('VM_DEAD', 'the guest is in state shutdown and cannot run');
+  r.d.lostHeartbeat();
+  exited.runState = 'shutdown';
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary request']);
+  assert.ok(!log.some((l) => /runs unprotected/.test(l)), log.join('\n'));
+
+  const closing = new FailingMachine();
+  const r2 = rig(t, closing);
+  await started(r2);
+  closing.running = false;
+  closing.runState = 'colo';
+  closing.contFails = new MachineError('VM_DESTROYED', 'the machine was destroyed');
+  r2.host.closing = true;
+  r2.d.lostHeartbeat();
+  await waitFor('the failover to end', () => r2.d.core.phase === 'done', 10000, 2);
+  assert.deepEqual(at('error', log), []);
+  assert.deepEqual(at('warn', log).filter((l) => !/COLO failover on the primary/.test(l)), []);
+});
