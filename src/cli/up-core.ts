@@ -78,7 +78,8 @@ export type PairEvent =
   | { type: 'tookOver'; node: number }
   /** The primary `node` left COLO after its secondary died. */
   | { type: 'continued'; node: number }
-  | { type: 'failoverFailed'; node: number; error: string }
+  /** `guestDead`: the primary left COLO, but its failover could not run its guest (it serves nothing). */
+  | { type: 'failoverFailed'; node: number; error: string; guestDead?: boolean }
   /** `node` sent COLO_EXIT (also the ones the supervisor asked for with x-colo-lost-heartbeat). */
   | { type: 'coloExit'; node: number; mode: string; reason: string }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
@@ -323,7 +324,11 @@ export class PairCore {
       }
       case 'failoverFailed': {
         if (this.phase !== 'failover') break;
-        if (this.primary?.id === e.node) {
+        if (this.primary?.id === e.node && e.guestDead === true) {
+          // Its secondary is dead and its own guest does not run: nothing serves (its disk, the
+          // newest copy of the data, is the one kept).
+          this.lost(`primary ${this.primary.pid} could not go on alone after its secondary died (${this.cause}): ${e.error}`, out);
+        } else if (this.primary?.id === e.node) {
           // The primary still serves, whatever it said: go on and protect it again.
           out.push({ type: 'log', level: 'warn', msg: `x-colo-lost-heartbeat on the primary failed: ${e.error}` });
           this.phase = 'unprotected';

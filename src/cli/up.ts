@@ -290,7 +290,10 @@ class UpDriver {
         const c = this.children.get(a.node)!;
         this.lostHeartbeat(c, a.type === 'takeover' ? 'secondary' : 'primary').then(
           () => this.dispatch(a.type === 'takeover' ? { type: 'tookOver', node: a.node } : { type: 'continued', node: a.node }),
-          (err: unknown) => void this.exitsFirst(err, c).then(() => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) })),
+          (err: unknown) =>
+            void this.exitsFirst(err, c).then(() =>
+              this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err), ...(err instanceof PairError && err.code === 'FAILOVER_FAILED' ? { guestDead: true } : {}) }),
+            ),
         );
         break;
       }
@@ -1009,16 +1012,23 @@ class UpDriver {
     let q = await this.control(c);
     let mark = q.eventCount;
     // A secondary that left COLO with reason error did not take over (its takeover broke off,
-    // or its apply did before): it serves nothing, whatever its exit from COLO says.
-    const checkReason = (reason: unknown): void => {
-      if (mode === 'secondary' && reason === 'error') {
+    // or its apply did before): it serves nothing, whatever its exit from COLO says. A primary
+    // leaves with reason error also when it went on alone by itself (its link broke): whether
+    // its guest runs tells a failover that could not run it (colo/core.ts resumeFailed).
+    const checkReason = async (reason: unknown): Promise<void> => {
+      if (reason !== 'error') return;
+      if (mode === 'secondary') {
         throw new PairError('TAKEOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error: it did not take over (its log says why)`);
+      }
+      const run = await q.execute<{ status?: string }>('query-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
+      if (run.status === 'internal-error' || run.status === 'guest-panicked') {
+        throw new PairError('FAILOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error and its guest does not run (state ${run.status}): it could not go on alone (its log says why)`);
       }
     };
     const left = async (): Promise<boolean> => {
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
       if (st.mode !== 'none' || st['last-mode'] !== mode) return false;
-      checkReason(st.reason);
+      await checkReason(st.reason);
       return true;
     };
     // The connection closed under a command while `c` lives (it dropped the supervisor): go on
@@ -1047,7 +1057,7 @@ class UpDriver {
       }
       try {
         const exit = await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
-        checkReason(exit.data?.reason);
+        await checkReason(exit.data?.reason);
         return;
       } catch (err) {
         if (await reconnected(err)) {
