@@ -157,7 +157,10 @@ export type PrimaryAction =
   | { type: 'releaseHeld' }
   /** VMSTATE_LOADED: the SVM runs the checkpoint's state (the compare waits for its output from now on). */
   | { type: 'checkpointDone'; reason: CheckpointReason }
-  /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
+  /**
+   * Close the channels, make sure the PVM runs, then stop mirroring and release held output, and
+   * feed failoverDone; feed resumeFailed if the PVM cannot run.
+   */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
   /**
@@ -166,8 +169,8 @@ export type PrimaryAction =
    */
   | { type: 'leave' }
   /**
-   * The failover could not run the PVM: keep the guest stopped (not in a state to run from),
-   * COLO_EXIT (reason error). Nothing is fed back.
+   * The failover could not run the PVM: drop held output, keep the guest stopped (not in a
+   * state to run from), COLO_EXIT (reason error). Nothing is fed back.
    */
   | { type: 'abandon' }
   | { type: 'log'; level: LogLevel; message: string };

@@ -220,10 +220,11 @@ test('colo primary: at process exit output held for the SVM is dropped, and so i
   await started(failing);
   failing.pvmOutput(reply('PVM-only reply'));
   failing.d.lostHeartbeat();
-  assert.deepEqual(text(failing.delivered), ['PVM-only reply'], 'the failover releases it: the PVM is all there is now');
-  failing.pvmOutput(reply(' and more', 14));
-  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'then the PVM serves directly');
+  failing.pvmOutput(reply(' and more', 14)); // before the failover has resumed the PVM: after the held reply
   await waitFor('COLO_EXIT after the failover', () => failing.events.includes('COLO_EXIT primary request'), 10000, 2);
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'the failover releases it, in order, once the PVM runs on: it is all there is now');
+  failing.pvmOutput(reply(' and yet more', 23));
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more', ' and yet more'], 'then the PVM serves directly');
 });
 
 test('colo primary: a guest crash ends COLO on the primary (one warn line, COLO_EXIT error), no checkpoint of the dead guest, held output dropped, the VM stays in guest-panicked', async (t) => {
@@ -437,9 +438,12 @@ test('colo primary: a failover whose PVM cannot run (cont fails) says so: status
   m.running = false;
   m.runState = 'colo';
   m.contFails = new MachineError('VM_DEAD', 'the vCPU thread died');
+  r.pvmOutput(reply('PVM-only reply'));
   r.d.lostHeartbeat();
   await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
   assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.deepEqual(text(r.delivered), [], 'output held for the SVM is dropped: a secondary alive after all may still take over from its last checkpoint');
+  assert.equal(r.d.net.compare.held, 0);
   assert.ok(r.events.includes('MIGRATION failed') && !r.events.includes('MIGRATION completed'), r.events.join('\n'));
   assert.equal(r.d.core.exitReason, 'error');
   assert.equal(m.running, false);
@@ -514,4 +518,21 @@ test('colo primary: a failover whose guest exited meanwhile, or that the process
   await waitFor('the failover to end', () => r2.d.core.phase === 'done', 10000, 2);
   assert.deepEqual(at('error', log), []);
   assert.deepEqual(at('warn', log).filter((l) => !/COLO failover on the primary/.test(l)), []);
+});
+
+test('colo primary: a guest that exits by itself while a failover runs: its last output, held for the SVM, reaches the clients before the process ends', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  r.pvmOutput(reply('last reply'));
+  r.d.lostHeartbeat();
+  // proc_exit: the process waits for what guestExited says, then ends (close).
+  m.running = false;
+  m.runState = 'shutdown';
+  await r.d.guestExited();
+  r.host.closing = true;
+  r.d.close();
+  assert.deepEqual(text(r.delivered), ['last reply']);
+  assert.deepEqual(at('error', log), []);
 });
