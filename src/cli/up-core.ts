@@ -81,7 +81,8 @@ export type PairEvent =
   /** `guestDead`: the primary left COLO, but its failover could not run its guest (it serves nothing). */
   | { type: 'failoverFailed'; node: number; error: string; guestDead?: boolean }
   /** `node` sent COLO_EXIT (also the ones the supervisor asked for with x-colo-lost-heartbeat). */
-  | { type: 'coloExit'; node: number; mode: string; reason: string }
+  /** `guestDead`: a primary whose guest does not run (its failover could not run it). */
+  | { type: 'coloExit'; node: number; mode: string; reason: string; guestDead?: boolean }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
   | { type: 'unresponsive'; node: number; ms: number }
   /**
@@ -410,6 +411,13 @@ export class PairCore {
         if (this.primary.failure !== undefined) break;
         const p = this.primary;
         const s = this.secondary!;
+        if (e.guestDead === true && s.alive && s.failure === undefined) {
+          // It failed over by itself (its link broke) and could not run its guest: it serves
+          // nothing, and it dropped the output it held, so the secondary, at the last
+          // checkpoint, takes over (its death brings the takeover).
+          this.fence(p.id, `left COLO (reason ${e.reason}) and its guest does not run`, `left COLO by itself (reason ${e.reason}) and its guest does not run`, out);
+          break;
+        }
         if (!s.alive && s.guestExited === true) {
           // The secondary's guest exited and the primary's did not (colo/core.ts, after
           // limits.coloSvmExitWaitMs): the runs diverged; the primary serves on, alone.

@@ -191,6 +191,11 @@ function signalChild(c: Child, signal: NodeJS.Signals): void {
   }
 }
 
+/** A run state the guest does not run again from (a failover that could not run it leaves one). */
+function guestDead(status: string | undefined): boolean {
+  return status === 'internal-error' || status === 'guest-panicked';
+}
+
 class UpDriver {
   private readonly core: PairCore;
   private readonly children = new Map<number, Child>();
@@ -645,7 +650,20 @@ class UpDriver {
       if (!c.exited && !this.finished && c.qmp === q) void this.reconnectControl(c);
     });
     q.on('event', (ev) => {
-      if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+      if (ev.event === 'COLO_EXIT' && !c.exited) {
+        const [mode, reason] = [String(ev.data.mode), String(ev.data.reason)];
+        if (mode !== 'primary' || reason !== 'error') this.dispatch({ type: 'coloExit', node: c.id, mode, reason });
+        else {
+          // A primary that went on alone by itself, or one whose failover could not run its
+          // guest (colo/core.ts resumeFailed): its run state tells them apart.
+          void q.execute<{ status?: string }>('query-status', {}, { timeoutMs: limits.upFailoverTimeoutMs }).then(
+            (run) => run.status,
+            () => undefined,
+          ).then((status) => {
+            if (!c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode, reason, ...(guestDead(status) ? { guestDead: true } : {}) });
+          });
+        }
+      }
       this.watchGuestShutdown(c, ev);
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
@@ -734,7 +752,7 @@ class UpDriver {
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status');
       // Protected before and after the question: both nodes were in COLO (a protection takes seconds, not one reply).
       if (st.mode === 'none' && !c.exited && this.core.phase === 'protected') {
-        this.dispatch({ type: 'coloExit', node: c.id, mode: String(st['last-mode']), reason: String(st.reason) });
+        this.dispatch({ type: 'coloExit', node: c.id, mode: String(st['last-mode']), reason: String(st.reason), ...(guestDead(run.status) ? { guestDead: true } : {}) });
       }
     } catch (err) {
       log.debug(`vm${c.id}: catching up after the QMP connection came back: ${errorMessage(err)}`);
@@ -1021,7 +1039,7 @@ class UpDriver {
         throw new PairError('TAKEOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error: it did not take over (its log says why)`);
       }
       const run = await q.execute<{ status?: string }>('query-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
-      if (run.status === 'internal-error' || run.status === 'guest-panicked') {
+      if (guestDead(run.status)) {
         throw new PairError('FAILOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error and its guest does not run (state ${run.status}): it could not go on alone (its log says why)`);
       }
     };

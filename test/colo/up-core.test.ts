@@ -732,3 +732,16 @@ test('colo up core: the secondary dies and the primary\'s failover cannot run it
   run(d, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
   assert.deepEqual(run(d, { type: 'failoverFailed', node: 1, error: 'boom' })[0], 'pair: secondary died (SIGKILL); primary 101 continues unprotected');
 });
+
+test('colo up core: a primary that left COLO by itself and whose guest does not run (guestDead) is fenced, and its living secondary takes over; one whose guest runs goes on as before', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error', guestDead: true }), ['kill 1 SIGKILL']);
+  assert.equal(c.phase, 'protected');
+  const died = run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.ok(died.includes('takeover 2'), JSON.stringify(died));
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).filter((l) => l.startsWith('pair: '))[0], 'pair: primary died (killed: left COLO (reason error) and its guest does not run); secondary 102 took over on 127.0.0.1:6379');
+
+  const d = protectedPair();
+  const out = run(d, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' });
+  assert.ok(out.includes('pair: primary 101 left COLO (reason error); it continues unprotected') && out.includes('kill 2 SIGKILL'), JSON.stringify(out));
+});
