@@ -78,9 +78,11 @@ export type PairEvent =
   | { type: 'tookOver'; node: number }
   /** The primary `node` left COLO after its secondary died. */
   | { type: 'continued'; node: number }
-  | { type: 'failoverFailed'; node: number; error: string }
+  /** `guestDead`: the primary left COLO, but its failover could not run its guest (it serves nothing). */
+  | { type: 'failoverFailed'; node: number; error: string; guestDead?: boolean }
   /** `node` sent COLO_EXIT (also the ones the supervisor asked for with x-colo-lost-heartbeat). */
-  | { type: 'coloExit'; node: number; mode: string; reason: string }
+  /** `guestDead`: a primary whose guest does not run (its failover could not run it). */
+  | { type: 'coloExit'; node: number; mode: string; reason: string; guestDead?: boolean }
   /** `node` has not answered its heartbeat (query-status) for `ms`. */
   | { type: 'unresponsive'; node: number; ms: number }
   /**
@@ -323,7 +325,11 @@ export class PairCore {
       }
       case 'failoverFailed': {
         if (this.phase !== 'failover') break;
-        if (this.primary?.id === e.node) {
+        if (this.primary?.id === e.node && e.guestDead === true) {
+          // Its secondary is dead and its own guest does not run: nothing serves (its disk, the
+          // newest copy of the data, is the one kept).
+          this.lost(`primary ${this.primary.pid} could not go on alone after its secondary died (${this.cause}): ${e.error}`, out);
+        } else if (this.primary?.id === e.node) {
           // The primary still serves, whatever it said: go on and protect it again.
           out.push({ type: 'log', level: 'warn', msg: `x-colo-lost-heartbeat on the primary failed: ${e.error}` });
           this.phase = 'unprotected';
@@ -405,6 +411,13 @@ export class PairCore {
         if (this.primary.failure !== undefined) break;
         const p = this.primary;
         const s = this.secondary!;
+        if (e.guestDead === true && s.alive && s.failure === undefined) {
+          // It failed over by itself (its link broke) and could not run its guest: it serves
+          // nothing, and it dropped the output it held, so the secondary, at the last
+          // checkpoint, takes over (its death brings the takeover).
+          this.fence(p.id, `left COLO (reason ${e.reason}) and its guest does not run`, `left COLO by itself (reason ${e.reason}) and its guest does not run`, out);
+          break;
+        }
         if (!s.alive && s.guestExited === true) {
           // The secondary's guest exited and the primary's did not (colo/core.ts, after
           // limits.coloSvmExitWaitMs): the runs diverged; the primary serves on, alone.

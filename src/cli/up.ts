@@ -194,6 +194,11 @@ function signalChild(c: Child, signal: NodeJS.Signals): void {
   }
 }
 
+/** A run state the guest does not run again from (a failover that could not run it leaves one). */
+function guestDead(status: string | undefined): boolean {
+  return status === 'internal-error' || status === 'guest-panicked';
+}
+
 class UpDriver {
   private readonly core: PairCore;
   private readonly children = new Map<number, Child>();
@@ -293,7 +298,10 @@ class UpDriver {
         const c = this.children.get(a.node)!;
         this.lostHeartbeat(c, a.type === 'takeover' ? 'secondary' : 'primary').then(
           () => this.dispatch(a.type === 'takeover' ? { type: 'tookOver', node: a.node } : { type: 'continued', node: a.node }),
-          (err: unknown) => void this.exitsFirst(err, c).then(() => this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err) })),
+          (err: unknown) =>
+            void this.exitsFirst(err, c).then(() =>
+              this.dispatch({ type: 'failoverFailed', node: a.node, error: errorMessage(err), ...(err instanceof PairError && err.code === 'FAILOVER_FAILED' ? { guestDead: true } : {}) }),
+            ),
         );
         break;
       }
@@ -645,7 +653,20 @@ class UpDriver {
       if (!c.exited && !this.finished && c.qmp === q) void this.reconnectControl(c);
     });
     q.on('event', (ev) => {
-      if (ev.event === 'COLO_EXIT' && !c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode: String(ev.data.mode), reason: String(ev.data.reason) });
+      if (ev.event === 'COLO_EXIT' && !c.exited) {
+        const [mode, reason] = [String(ev.data.mode), String(ev.data.reason)];
+        if (mode !== 'primary' || reason !== 'error') this.dispatch({ type: 'coloExit', node: c.id, mode, reason });
+        else {
+          // A primary that went on alone by itself, or one whose failover could not run its
+          // guest (colo/core.ts resumeFailed): its run state tells them apart.
+          void q.execute<{ status?: string }>('query-status', {}, { timeoutMs: limits.upFailoverTimeoutMs }).then(
+            (run) => run.status,
+            () => undefined,
+          ).then((status) => {
+            if (!c.exited) this.dispatch({ type: 'coloExit', node: c.id, mode, reason, ...(guestDead(status) ? { guestDead: true } : {}) });
+          });
+        }
+      }
       this.watchGuestShutdown(c, ev);
       if (ev.event === 'GUEST_PANICKED' && !c.exited) {
         const info = ev.data.info as { message?: unknown } | undefined;
@@ -738,7 +759,7 @@ class UpDriver {
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status');
       // Protected before and after the question: both nodes were in COLO (a protection takes seconds, not one reply).
       if (st.mode === 'none' && !c.exited && this.core.phase === 'protected') {
-        this.dispatch({ type: 'coloExit', node: c.id, mode: String(st['last-mode']), reason: String(st.reason) });
+        this.dispatch({ type: 'coloExit', node: c.id, mode: String(st['last-mode']), reason: String(st.reason), ...(guestDead(run.status) ? { guestDead: true } : {}) });
       }
     } catch (err) {
       log.debug(`vm${c.id}: catching up after the QMP connection came back: ${errorMessage(err)}`);
@@ -1016,16 +1037,23 @@ class UpDriver {
     let q = await this.control(c);
     let mark = q.eventCount;
     // A secondary that left COLO with reason error did not take over (its takeover broke off,
-    // or its apply did before): it serves nothing, whatever its exit from COLO says.
-    const checkReason = (reason: unknown): void => {
-      if (mode === 'secondary' && reason === 'error') {
+    // or its apply did before): it serves nothing, whatever its exit from COLO says. A primary
+    // leaves with reason error also when it went on alone by itself (its link broke): whether
+    // its guest runs tells a failover that could not run it (colo/core.ts resumeFailed).
+    const checkReason = async (reason: unknown): Promise<void> => {
+      if (reason !== 'error') return;
+      if (mode === 'secondary') {
         throw new PairError('TAKEOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error: it did not take over (its log says why)`);
+      }
+      const run = await q.execute<{ status?: string }>('query-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
+      if (guestDead(run.status)) {
+        throw new PairError('FAILOVER_FAILED', `vm${c.id} (pid ${c.pid}) left COLO with reason error and its guest does not run (state ${run.status}): it could not go on alone (its log says why)`);
       }
     };
     const left = async (): Promise<boolean> => {
       const st = await q.execute<{ mode?: string; 'last-mode'?: string; reason?: string }>('query-colo-status', {}, { timeoutMs: limits.upFailoverTimeoutMs });
       if (st.mode !== 'none' || st['last-mode'] !== mode) return false;
-      checkReason(st.reason);
+      await checkReason(st.reason);
       return true;
     };
     // The connection closed under a command while `c` lives (it dropped the supervisor): go on
@@ -1054,7 +1082,7 @@ class UpDriver {
       }
       try {
         const exit = await q.waitEvent('COLO_EXIT', { after: mark, timeoutMs: limits.upFailoverTimeoutMs });
-        checkReason(exit.data?.reason);
+        await checkReason(exit.data?.reason);
         return;
       } catch (err) {
         if (await reconnected(err)) {

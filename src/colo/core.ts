@@ -127,10 +127,15 @@ export type PrimaryEvent =
    * nothing is done any more: no timer, no failover, no COLO_EXIT.
    */
   | { type: 'close' }
+  /**
+   * The failover could not run the PVM on (a crashed guest, a vCPU or a front end that
+   * failed): nothing serves here any more.
+   */
+  | { type: 'resumeFailed'; message: string }
   | FailoverEvent;
 
 export type PrimaryAction =
-  | { type: 'status'; status: 'colo' | 'completed' }
+  | { type: 'status'; status: 'colo' | 'completed' | 'failed' }
   | { type: 'send'; msg: ColoMessage }
   | { type: 'armTimer'; ms: number }
   /** Feed crashTimer after ms (one at a time; cleared with the other timers). */
@@ -152,7 +157,10 @@ export type PrimaryAction =
   | { type: 'releaseHeld' }
   /** VMSTATE_LOADED: the SVM runs the checkpoint's state (the compare waits for its output from now on). */
   | { type: 'checkpointDone'; reason: CheckpointReason }
-  /** Stop mirroring, release held output, close the channels, make sure the PVM runs, then feed failoverDone. */
+  /**
+   * Close the channels, make sure the PVM runs, then stop mirroring and release held output, and
+   * feed failoverDone; feed resumeFailed if the PVM cannot run.
+   */
   | { type: 'failover'; reason: ExitReason }
   | { type: 'exit'; reason: ExitReason }
   /**
@@ -160,6 +168,11 @@ export type PrimaryAction =
    * the VM as it is, COLO_EXIT (reason error). Nothing is fed back.
    */
   | { type: 'leave' }
+  /**
+   * The failover could not run the PVM: drop held output, keep the guest stopped (not in a
+   * state to run from), COLO_EXIT (reason error). Nothing is fed back.
+   */
+  | { type: 'abandon' }
   | { type: 'log'; level: LogLevel; message: string };
 
 export class PrimaryCore extends FailoverBook<PrimaryPhase> {
@@ -290,7 +303,26 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
         return this.startFailover('error', 'the link to the secondary broke');
       case 'failoverDone':
         return this.completeFailover();
+      case 'resumeFailed':
+        return this.resumeFailed(ev.message);
     }
+  }
+
+  /**
+   * The failover could not run the PVM on: the VM does not serve, and saying it goes on
+   * unprotected (status completed, COLO_EXIT reason request) made a supervisor take it for a
+   * survivor. As QEMU's COLO ended by an error: status failed, COLO_EXIT reason error.
+   */
+  private resumeFailed(message: string): PrimaryAction[] {
+    if (this.phase !== 'failover') return [];
+    this.phase = 'done';
+    this.failoverState = 'completed';
+    this.exitReason = 'error';
+    return [
+      { type: 'log', level: 'error', message: `the primary could not go on alone after the failover (${message}): the VM does not run; COLO ended with reason error` },
+      { type: 'status', status: 'failed' },
+      { type: 'abandon' },
+    ];
   }
 
   /** Running again after a checkpoint (or COLO start): a remembered trigger, or the timer. */

@@ -1,4 +1,4 @@
-import { ChannelClosedError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
+import { ChannelClosedError, ColoProtocolError, QmpCommandError, StreamError, errorMessage } from '../core/errors.js';
 import { limits } from '../core/limits.js';
 import { logger } from '../core/log.js';
 import type { IncomingSession, SourceSession } from '../migration/session.js';
@@ -60,6 +60,14 @@ function messageOf(f: Frame): ColoMessage {
   return r.msg;
 }
 
+/** `p` settled, or `ms` passed; never rejects. */
+function boundedWait(p: Promise<void>, ms: number): Promise<void> {
+  let timer: NodeJS.Timeout | null = null;
+  return Promise.race([p.catch(() => undefined), new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]).finally(() => {
+    if (timer !== null) clearTimeout(timer);
+  });
+}
+
 /** Runs VM operations one after the other (a failover waits for the one in flight). */
 class VmOps {
   private tail: Promise<void> = Promise.resolve();
@@ -87,6 +95,8 @@ export class PrimaryDriver {
   /** The session's progress count when last seen to change, and when. */
   private still: { progress: number; since: number } | null = null;
   private readonly ops = new VmOps();
+  /** The failover under way (the 'failover' action): settles when it is done (never rejects). */
+  private failing: Promise<void> | null = null;
   private pauseStartedAt = 0;
   /** The PVM's vCPU state saved at the checkpoint's pause, for sendState. */
   private pausedState: VcpuState | null = null;
@@ -169,6 +179,8 @@ export class PrimaryDriver {
    */
   guestExited(): Promise<void> {
     this.dispatch({ type: 'guestExited' });
+    // A failover under way releases the held output once it finds the guest exited: waited for.
+    if (this.core.phase === 'failover' && this.failing !== null) return boundedWait(this.failing, limits.coloGuestExitDrainMs);
     if (this.core.phase === 'done' || this.core.phase === 'failover') return Promise.resolve();
     return this.net.pvmOutputSettled(limits.coloGuestExitDrainMs);
   }
@@ -386,19 +398,26 @@ export class PrimaryDriver {
       }
       case 'failover':
         this.clearTimers();
-        // Stop mirroring and release every held output: the PVM's output is all there is now.
-        this.net.stop();
-        void (async () => {
+        // The output held for the compare is released (net.stop) once the PVM runs on: the PVM's
+        // output is all there is from then on. A PVM that cannot run drops it instead (abandon):
+        // a secondary that is not dead after all may still take over from its last checkpoint,
+        // which released replies could contradict (invariant 1). Until then the compare goes on
+        // holding (its triggers do nothing now), so what the resumed PVM sends comes after it.
+        this.failing = (async () => {
           await s.destroy().catch((err: unknown) => log.debug(`closing the COLO channels: ${errorMessage(err)}`));
           await this.ops.settled();
           try {
             await this.ops.run(async () => {
               // Its guest exited by itself (the process waits for its last output, which the
               // failover released): there is nothing to run, and the process ends.
-              if (this.guestStopped() === null) {
+              const stopped = this.guestStopped();
+              if (stopped === null) {
                 log.debug('primary: its guest exited: nothing to resume after the failover (the process ends)');
+                this.net.stop();
                 return;
               }
+              // Its guest crashed (under the checkpoint the failover waited for, or since): it will not run.
+              if (stopped !== 'runnable') throw new ColoProtocolError('COLO_RESUME_FAILED', stopped.type === 'guestCrashed' ? stopped.message : 'the guest cannot run');
               // A VM the user stopped (and no checkpoint resumed since) stays stopped when the
               // primary goes on alone by itself (its link broke): an operator may have stopped it
               // to fence it while the secondary takes over. x-colo-lost-heartbeat runs it, as
@@ -410,17 +429,39 @@ export class PrimaryDriver {
               const vm = this.host.vm;
               if (vm.frontEnd === null) await vm.startFrontEnd();
               else vm.frontEnd.resumeReading();
+              this.net.stop();
             });
           } catch (err) {
-            if (this.host.closing) log.debug(`the primary did not resume after the failover (shutting down): ${errorMessage(err)}`);
-            else log.error(`the primary could not resume after the failover: ${errorMessage(err)}`);
+            // The process is ending, or the guest exited meanwhile: the VM's own end, no error.
+            if (this.host.closing || this.host.vm.exiting || m.runState === 'shutdown') {
+              log.debug(`the primary did not resume after the failover (${m.runState === 'shutdown' ? 'its guest exited' : 'shutting down'}): ${errorMessage(err)}`);
+              // Its guest's last output goes out, as a VM without COLO sends it (after close(), nothing does).
+              this.net.stop();
+            } else {
+              // A crashed guest, a vCPU or front end that failed: nothing serves here (the core says it, once).
+              this.dispatch({ type: 'resumeFailed', message: errorMessage(err) });
+              return;
+            }
           }
           this.dispatch({ type: 'failoverDone' });
         })();
         return;
       case 'exit':
-        log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
+        if (m.runState === 'shutdown') log.info(`COLO ended on the primary (${a.reason}); its guest exited (the process ends)`);
+        else log.info(`COLO ended on the primary (${a.reason}); the VM runs unprotected`);
         this.host.exited('primary', a.reason);
+        return;
+      case 'abandon':
+        // (the failover closed the channels already) The output held for the compare is
+        // dropped, as for a guest crash in COLO (leave): this PVM's state does not go on.
+        this.net.discard();
+        // Not a state to run from: cont is refused from now on (vm.cont). A vCPU the failed
+        // resume left running (its front end failed) is stopped; a crashed guest keeps its state.
+        void (async () => {
+          if (m.running) await m.pause('internal-error').catch((err: unknown) => log.debug(`stopping the guest: ${errorMessage(err)}`));
+          if (m.runState !== 'guest-panicked') m.setRunState('internal-error');
+          this.host.exited('primary', 'error');
+        })();
         return;
       case 'leave':
         this.clearTimers();

@@ -624,3 +624,22 @@ test("colo core: the SVM's guest exits first (GUEST_EXITED): the primary starts 
   f.p.step({ type: 'message', msg: 'CHECKPOINT_REPLY' });
   assert.deepEqual(types(f.p.step({ type: 'message', msg: 'GUEST_EXITED' })), ['failover']);
 });
+
+test('colo core: a primary failover that cannot run the PVM ends COLO with reason error and status failed (abandon), once; a finished failover is not undone by it', () => {
+  const p = runningPrimary();
+  assert.deepEqual(types(p.step({ type: 'resumeFailed', message: 'x' })), [], 'no failover under way: nothing to fail');
+  assert.deepEqual(types(p.step({ type: 'graceElapsed' })), ['failover']);
+  const out = p.step({ type: 'resumeFailed', message: 'the vCPU thread died' });
+  assert.deepEqual(out.filter((a) => a.type === 'log').map((a) => (a as { level: string }).level), ['error']);
+  assert.deepEqual(out.filter((a) => a.type !== 'log'), [{ type: 'status', status: 'failed' }, { type: 'abandon' }]);
+  assert.equal(p.phase, 'done');
+  assert.equal(p.exitReason, 'error');
+  assert.deepEqual(types(p.step({ type: 'failoverDone' })), []);
+  assert.deepEqual(types(p.step({ type: 'resumeFailed', message: 'again' })), []);
+
+  const q = runningPrimary();
+  q.step({ type: 'lostHeartbeat' });
+  assert.deepEqual(types(q.step({ type: 'failoverDone' })), ['status', 'exit']);
+  assert.deepEqual(types(q.step({ type: 'resumeFailed', message: 'late' })), []);
+  assert.equal(q.exitReason, 'request');
+});

@@ -220,10 +220,11 @@ test('colo primary: at process exit output held for the SVM is dropped, and so i
   await started(failing);
   failing.pvmOutput(reply('PVM-only reply'));
   failing.d.lostHeartbeat();
-  assert.deepEqual(text(failing.delivered), ['PVM-only reply'], 'the failover releases it: the PVM is all there is now');
-  failing.pvmOutput(reply(' and more', 14));
-  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'then the PVM serves directly');
+  failing.pvmOutput(reply(' and more', 14)); // before the failover has resumed the PVM: after the held reply
   await waitFor('COLO_EXIT after the failover', () => failing.events.includes('COLO_EXIT primary request'), 10000, 2);
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more'], 'the failover releases it, in order, once the PVM runs on: it is all there is now');
+  failing.pvmOutput(reply(' and yet more', 23));
+  assert.deepEqual(text(failing.delivered), ['PVM-only reply', ' and more', ' and yet more'], 'then the PVM serves directly');
 });
 
 test('colo primary: a guest crash ends COLO on the primary (one warn line, COLO_EXIT error), no checkpoint of the dead guest, held output dropped, the VM stays in guest-panicked', async (t) => {
@@ -411,4 +412,127 @@ test('colo primary: cont runs a PVM the user stopped, in turn with the checkpoin
   await assert.rejects(r.d.cont(), { name: 'QmpCommandError', message: 'COLO checkpoint in progress' });
   assert.equal(m.running, false);
   assert.equal(m.runState, 'colo');
+});
+
+/** A machine that can be stopped, and whose cont throws what the test says. */
+class FailingMachine extends FakeMachine {
+  contFails: Error | null = null;
+  async pause(next = 'paused'): Promise<void> {
+    this.running = false;
+    this.runState = next;
+  }
+  override async cont(): Promise<void> {
+    if (this.contFails !== null) throw this.contFails;
+    await super.cont();
+  }
+}
+
+const coloExits = (r: Rig): string[] => r.events.filter((e) => e.startsWith('COLO_EXIT'));
+
+test('colo primary: a failover whose PVM cannot run (cont fails) says so: status failed, COLO_EXIT reason error, one error line naming the cause, not that the VM runs unprotected', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  // Paused by a checkpoint when the secondary is declared lost; its vCPU then refuses to run.
+  m.running = false;
+  m.runState = 'colo';
+  m.contFails = new MachineError('VM_DEAD', 'the vCPU thread died');
+  r.pvmOutput(reply('PVM-only reply'));
+  r.d.lostHeartbeat();
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.deepEqual(text(r.delivered), [], 'output held for the SVM is dropped: a secondary alive after all may still take over from its last checkpoint');
+  assert.equal(r.d.net.compare.held, 0);
+  assert.ok(r.events.includes('MIGRATION failed') && !r.events.includes('MIGRATION completed'), r.events.join('\n'));
+  assert.equal(r.d.core.exitReason, 'error');
+  assert.equal(m.running, false);
+  assert.equal(m.runState, 'internal-error', 'not a state cont runs from');
+  const errors = at('error', log);
+  assert.equal(errors.length, 1, log.join('\n'));
+  assert.match(errors[0]!, /could not go on alone after the failover \(the vCPU thread died\)/);
+  assert.ok(!log.some((l) => /runs unprotected/.test(l)), log.join('\n'));
+});
+
+test('colo primary: a failover that finds its guest crashed (while it waited for the checkpoint in flight) ends COLO with reason error; the guest stays in guest-panicked', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  r.d.lostHeartbeat();
+  // The crash comes after the failover started (the core ignores it then) and before it resumes the PVM.
+  m.running = false;
+  m.runState = 'guest-panicked';
+  m.emit('panicked', 'unreachable executed');
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.ok(r.events.includes('MIGRATION failed'), r.events.join('\n'));
+  assert.equal(m.runState, 'guest-panicked');
+  const errors = at('error', log);
+  assert.equal(errors.length, 1, log.join('\n'));
+  assert.match(errors[0]!, /the guest is in state guest-panicked/);
+});
+
+test('colo primary: a failover whose front end cannot start leaves the guest stopped and COLO ended with reason error', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  Object.assign(r.host.vm, {
+    frontEnd: null,
+    startFrontEnd: async () => {
+      throw new Error('listen EADDRINUSE: address already in use 127.0.0.1:5555');
+    },
+  });
+  r.d.lostHeartbeat();
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary error']);
+  assert.equal(m.running, false, 'the guest does not run on where nothing serves it');
+  assert.equal(m.runState, 'internal-error');
+  assert.equal(at('error', log).length, 1, log.join('\n'));
+});
+
+test('colo primary: a failover whose guest exited meanwhile, or that the process exit cuts off, logs no error and says nothing of running unprotected', async (t) => {
+  const log = captureLog(t);
+  const exited = new FailingMachine();
+  const r = rig(t, exited);
+  await started(r);
+  exited.running = false;
+  exited.runState = 'colo';
+  // The guest exits while the failover waits; its cont then finds it so.
+  exited.contFails = new MachineError('VM_DEAD', 'the guest is in state shutdown and cannot run');
+  r.d.lostHeartbeat();
+  exited.runState = 'shutdown';
+  await waitFor('COLO to end on the primary', () => coloExits(r).length > 0, 10000, 2);
+  assert.deepEqual(coloExits(r), ['COLO_EXIT primary request']);
+  assert.ok(!log.some((l) => /runs unprotected/.test(l)), log.join('\n'));
+
+  const closing = new FailingMachine();
+  const r2 = rig(t, closing);
+  await started(r2);
+  closing.running = false;
+  closing.runState = 'colo';
+  closing.contFails = new MachineError('VM_DESTROYED', 'the machine was destroyed');
+  r2.host.closing = true;
+  r2.d.lostHeartbeat();
+  await waitFor('the failover to end', () => r2.d.core.phase === 'done', 10000, 2);
+  assert.deepEqual(at('error', log), []);
+  assert.deepEqual(at('warn', log).filter((l) => !/COLO failover on the primary/.test(l)), []);
+});
+
+test('colo primary: a guest that exits by itself while a failover runs: its last output, held for the SVM, reaches the clients before the process ends', async (t) => {
+  const log = captureLog(t);
+  const m = new FailingMachine();
+  const r = rig(t, m);
+  await started(r);
+  r.pvmOutput(reply('last reply'));
+  r.d.lostHeartbeat();
+  // proc_exit: the process waits for what guestExited says, then ends (close).
+  m.running = false;
+  m.runState = 'shutdown';
+  await r.d.guestExited();
+  r.host.closing = true;
+  r.d.close();
+  assert.deepEqual(text(r.delivered), ['last reply']);
+  assert.deepEqual(at('error', log), []);
 });

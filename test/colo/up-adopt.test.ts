@@ -14,6 +14,7 @@ import { TestEnv, freePort, runProgram, waitFor } from '../framework/harness.js'
 import { RespClient } from '../framework/resp.js';
 import { type Supervisor, kvUpArgs, pidAlive, pidsUsing, protectedLine, qmpOf, spawnSupervisor, timeUntilServing } from '../framework/up.js';
 import { limits } from '../../src/core/limits.js';
+import { QmpClient } from '../../src/control/qmp-client.js';
 
 /** The `colo up` command line of these tests (kv.wasm, 64M, an 8 MiB drive, --checkpoint-delay 200), then `extra`. */
 function upArgs(env: TestEnv, extra: string[] = []): Promise<{ args: string[]; port: number }> {
@@ -406,4 +407,108 @@ test('colo up adopting a secondary whose primary died, whose takeover fails (COL
   assert.notEqual(sup2.exitCode, 0, sup2.stderr.slice(-3000));
   assert.match(sup2.stderr, new RegExp(`x-colo-lost-heartbeat on vm2 failed \\(vm2 \\(pid ${secondary}\\) left COLO with reason error: it did not take over`), sup2.stderr.slice(-3000));
   assert.deepEqual(sup2.lines, [], 'it printed no state');
+});
+
+test('colo up whose secondary dies, and whose primary cannot go on alone (COLO_EXIT reason error, its guest in internal-error): the service is said lost, not "primary continues unprotected"', async (t) => {
+  const env = new TestEnv(t);
+  const { args, primary, secondary } = await orphanedPair(env);
+  env.onCleanup(() => {
+    for (const pid of [primary, secondary]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  // The primary's QMP socket, behind a relay that makes its failover one that could not run
+  // its guest (reason error, run state internal-error, as colo/core.ts resumeFailed leaves it;
+  // a real one needs a guest that crashes in the very checkpoint a failover waits for).
+  const sock = path.join(env.dir, 'vm1.qmp');
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
+  let failedOver = false;
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.pipe(to);
+    let partial = '';
+    to.on('data', (d: Buffer) => {
+      const lines = (partial + d.toString('utf8')).split('\n');
+      partial = lines.pop()!;
+      for (let l of lines) {
+        if (/"COLO_EXIT"/.test(l)) failedOver = true;
+        l = l.replace(/"reason":\s*"request"/g, '"reason":"error"');
+        if (failedOver) l = l.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
+        from.write(`${l}\n`);
+      }
+    });
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  env.onCleanup(async () => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  });
+
+  const sup2 = spawnSupervisor(env, args);
+  await sup2.line(/^pair: adopted .*: protected/, 0, 30000);
+  process.kill(secondary, 'SIGKILL');
+  await sup2.waitExit(3 * limits.upFailoverTimeoutMs + 20000);
+  assert.ok(failedOver, `the primary left COLO\n${sup2.timeline()}`);
+  assert.equal(sup2.exitCode, 1, sup2.stderr.slice(-3000));
+  assert.ok(!sup2.lines.some((l) => /continues unprotected/.test(l)), sup2.timeline());
+  assert.ok(
+    sup2.lines.some((l) => new RegExp(`^pair: failed \\(primary ${primary} could not go on alone after its secondary died .*its guest does not run \\(state internal-error\\)`).test(l)),
+    sup2.timeline(),
+  );
+  assert.match(sup2.stderr, /the service is lost/);
+});
+
+test('colo up whose primary leaves COLO by itself (its link broke) and cannot run its guest (internal-error): the primary is fenced and the secondary takes over, serving every acknowledged write', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, primary, secondary } = await orphanedPair(env);
+  env.onCleanup(() => {
+    for (const pid of [primary, secondary]) if (pidAlive(pid)) process.kill(pid, 'SIGKILL');
+  });
+  // The primary's QMP socket behind a relay that, once it left COLO, says its guest does not
+  // run (as colo/core.ts resumeFailed leaves it; a real one needs a guest that crashes in the
+  // very checkpoint its failover waits for).
+  const sock = path.join(env.dir, 'vm1.qmp');
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
+  let failedOver = false;
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.pipe(to);
+    let partial = '';
+    to.on('data', (d: Buffer) => {
+      const lines = (partial + d.toString('utf8')).split('\n');
+      partial = lines.pop()!;
+      for (let l of lines) {
+        if (/"COLO_EXIT"/.test(l)) failedOver = true;
+        if (failedOver) l = l.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
+        from.write(`${l}\n`);
+      }
+    });
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  env.onCleanup(async () => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  });
+
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted .*: protected/, 0, 30000);
+  const direct = await QmpClient.connect(`unix:${real}`, { timeoutMs: 5000 });
+  env.onCleanup(() => direct.close());
+  await direct.execute('yank', { instances: [{ type: 'migration' }] });
+  const took = await sup2.line(new RegExp(`^pair: primary died \\(killed: left COLO \\(reason error\\) and its guest does not run\\); secondary ${secondary} took over`), adopted.at + 1, 30000);
+  assert.ok(failedOver);
+  assert.ok(!sup2.lines.some((l) => /continues unprotected/.test(l)), sup2.timeline());
+  await waitFor('the fenced primary to be gone', () => !pidAlive(primary) || undefined, 10000);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  await sup2.line(protectedLine, took.at + 1, 90000);
+  sup2.proc.kill('SIGTERM');
+  await sup2.waitExit(20000);
 });

@@ -717,3 +717,31 @@ test('colo up core: a secondary whose guest crashes again and again (upSecondary
     'spawn 3 secondary',
   ]);
 });
+
+test('colo up core: the secondary dies and the primary\'s failover cannot run its guest (guestDead): the service is lost, the primary\'s disk kept for the drive; a refused x-colo-lost-heartbeat alone is not', () => {
+  const c = protectedPair();
+  run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  const failed = c.step({ type: 'failoverFailed', node: 1, error: 'vm1 left COLO with reason error and its guest does not run (state internal-error)', guestDead: true });
+  assert.deepEqual(failed.filter((a) => a.type !== 'log').map(show), ['pair: failed (primary 101 could not go on alone after its secondary died (SIGKILL): vm1 left COLO with reason error and its guest does not run (state internal-error))', 'kill 1 SIGTERM', 'timer stopTimeout 500']);
+  assert.ok(failed.some((a) => a.type === 'log' && a.level === 'error' && /the service is lost/.test(a.msg)), JSON.stringify(failed));
+  assert.ok(!failed.some((a) => a.type === 'print' && /continues unprotected/.test(a.line)));
+  assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), ['pair: stopped', 'exit 1 primary 1']);
+
+  // x-colo-lost-heartbeat refused (its guest runs): the primary goes on, as before.
+  const d = protectedPair();
+  run(d, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' });
+  assert.deepEqual(run(d, { type: 'failoverFailed', node: 1, error: 'boom' })[0], 'pair: secondary died (SIGKILL); primary 101 continues unprotected');
+});
+
+test('colo up core: a primary that left COLO by itself and whose guest does not run (guestDead) is fenced, and its living secondary takes over; one whose guest runs goes on as before', () => {
+  const c = protectedPair();
+  assert.deepEqual(run(c, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error', guestDead: true }), ['kill 1 SIGKILL']);
+  assert.equal(c.phase, 'protected');
+  const died = run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' });
+  assert.ok(died.includes('takeover 2'), JSON.stringify(died));
+  assert.deepEqual(run(c, { type: 'tookOver', node: 2 }).filter((l) => l.startsWith('pair: '))[0], 'pair: primary died (killed: left COLO (reason error) and its guest does not run); secondary 102 took over on 127.0.0.1:6379');
+
+  const d = protectedPair();
+  const out = run(d, { type: 'coloExit', node: 1, mode: 'primary', reason: 'error' });
+  assert.ok(out.includes('pair: primary 101 left COLO (reason error); it continues unprotected') && out.includes('kill 2 SIGKILL'), JSON.stringify(out));
+});
