@@ -572,9 +572,10 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
 
 /**
  * What lock-step alone costs here: the floor (two lone VMs behind the mirroring proxy, every
- * reply waiting for both) against one lone VM behind the same proxy. A proxy's hop adds about
- * the same to both, so floor ÷ proxied lone is at most what floor ÷ lone would be without the
- * hop: a lower bound on the ratio any lock-stepping system can reach on this machine.
+ * reply waiting for both) against one lone VM behind the same proxy. If the proxy's hop adds
+ * about the same to both, floor ÷ proxied lone is at most what it would be without the hop: an
+ * estimate from below of the latency ratio of waiting for two copies on this machine. (Not of
+ * ops/s: the floor's second VM runs a front end of its own, which COLO's secondary does not.)
  */
 function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, colo: LoadResult[], runs: LoadResult[][]): void {
   process.stdout.write('### The lock-step floor: two lone VMs behind a mirroring proxy, no COLO\n\n');
@@ -590,7 +591,7 @@ function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, co
   table(rows);
   const perRound = tests.map((t) => `${t} ${runs[4]!.map((x, i) => f2(x.rows.get(t)!.p99 / runs[3]![i]!.rows.get(t)!.p99)).join(' ')}`).join('; ');
   process.stdout.write(`p99 of the floor ÷ p99 of the proxied lone VM, per round: ${perRound}. Releases whose lines differed between the two VMs, per round: ${runs[4]!.map((x) => x.differingLines ?? 'n/a').join(' ')} (INCR on one key: each VM gets the 50 connections' requests in its own order, where COLO gives the secondary the primary's order; the timing is the same).\n`);
-  process.stdout.write('The floor mirrors every client byte to both VMs and sends a reply byte only when both produced it (the proxy: bench/lockstep-proxy.c, native; no checkpoints, no state transfer). Its ratio to one lone VM behind the same proxy is what waiting for two copies costs on this machine, whatever the implementation; the issue\'s goals (ops/s ≥ 0.7, p99 ≤ 1.5) are below the floor where its ratios are.\n\n');
+  process.stdout.write('The floor mirrors every client byte to both VMs and sends a reply byte only when both produced it (the proxy: bench/lockstep-proxy.c, native; no checkpoints, no state transfer). Its ratio to one lone VM behind the same proxy prices waiting for the later of two copies on this machine, the proxy\'s hop cancelled out (if the hop adds about the same to both, the ratio without it would be higher still): what any lock-stepping system pays before checkpoints, a compare or a mirror of its own. Its ops/s is no floor for COLO, whose secondary takes batched input and runs no front end of its own.\n\n');
 }
 
 async function failoverTable(dir: string): Promise<void> {
