@@ -60,6 +60,38 @@ async function orphanedPair(env: TestEnv, key = 'k', value = 'acknowledged'): Pr
  * A colo up run on `args` adopts the pair whose primary `survivor` runs alone, serves `k` as
  * acknowledged, and protects it again.
  */
+/**
+ * A relay in front of a child's QMP socket (`sock`, moved to `real`): what the child sends goes
+ * through `rewrite` line by line, so a test can make it say what a rare failure would (its
+ * COLO_EXIT's reason, its run state). Closed at cleanup.
+ */
+async function qmpRelay(env: TestEnv, sock: string, real: string, rewrite: (line: string) => string): Promise<void> {
+  const relayed = new Set<net.Socket>();
+  const relay = net.createServer((from) => {
+    const to = net.connect(real);
+    relayed.add(from).add(to);
+    from.pipe(to);
+    let partial = '';
+    to.on('data', (d: Buffer) => {
+      const lines = (partial + d.toString('utf8')).split('\n');
+      partial = lines.pop()!;
+      for (const l of lines) from.write(`${rewrite(l)}\n`);
+    });
+    from.on('error', () => to.destroy()).on('close', () => to.destroy());
+    to.on('error', () => from.destroy()).on('close', () => from.destroy());
+  });
+  await new Promise<void>((r) => relay.listen(sock, r));
+  env.onCleanup(async () => {
+    for (const s of relayed) s.destroy();
+    await new Promise<void>((r) => relay.close(() => r()));
+  });
+}
+
+/** A QMP line as a VM whose guest does not run (internal-error) would send it. */
+function failedGuest(line: string): string {
+  return line.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
+}
+
 async function adoptsAlone(env: TestEnv, args: string[], port: number, survivor: number): Promise<Supervisor> {
   const sup = spawnSupervisor(env, args);
   const adopted = await sup.line(adoptedAlone(survivor), 0, 30000);
@@ -380,25 +412,7 @@ test('colo up adopting a secondary whose primary died, whose takeover fails (COL
   const sock = path.join(env.dir, 'vm2.qmp');
   const real = `${sock}.real`;
   fs.renameSync(sock, real);
-  const relayed = new Set<net.Socket>();
-  const relay = net.createServer((from) => {
-    const to = net.connect(real);
-    relayed.add(from).add(to);
-    from.pipe(to);
-    let partial = '';
-    to.on('data', (d: Buffer) => {
-      const lines = (partial + d.toString('utf8')).split('\n');
-      partial = lines.pop()!;
-      for (const l of lines) from.write(`${l.replace(/"reason":\s*"request"/g, '"reason":"error"')}\n`);
-    });
-    from.on('error', () => to.destroy()).on('close', () => to.destroy());
-    to.on('error', () => from.destroy()).on('close', () => from.destroy());
-  });
-  await new Promise<void>((r) => relay.listen(sock, r));
-  env.onCleanup(async () => {
-    for (const s of relayed) s.destroy();
-    await new Promise<void>((r) => relay.close(() => r()));
-  });
+  await qmpRelay(env, sock, real, (l) => l.replace(/"reason":\s*"request"/g, '"reason":"error"'));
 
   const sup2 = spawnSupervisor(env, args);
   const exited = sup2.waitExit(limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs).then(() => 'exited');
@@ -422,29 +436,10 @@ test('colo up whose secondary dies, and whose primary cannot go on alone (COLO_E
   const real = `${sock}.real`;
   fs.renameSync(sock, real);
   let failedOver = false;
-  const relayed = new Set<net.Socket>();
-  const relay = net.createServer((from) => {
-    const to = net.connect(real);
-    relayed.add(from).add(to);
-    from.pipe(to);
-    let partial = '';
-    to.on('data', (d: Buffer) => {
-      const lines = (partial + d.toString('utf8')).split('\n');
-      partial = lines.pop()!;
-      for (let l of lines) {
-        if (/"COLO_EXIT"/.test(l)) failedOver = true;
-        l = l.replace(/"reason":\s*"request"/g, '"reason":"error"');
-        if (failedOver) l = l.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
-        from.write(`${l}\n`);
-      }
-    });
-    from.on('error', () => to.destroy()).on('close', () => to.destroy());
-    to.on('error', () => from.destroy()).on('close', () => from.destroy());
-  });
-  await new Promise<void>((r) => relay.listen(sock, r));
-  env.onCleanup(async () => {
-    for (const s of relayed) s.destroy();
-    await new Promise<void>((r) => relay.close(() => r()));
+  await qmpRelay(env, sock, real, (l) => {
+    if (/"COLO_EXIT"/.test(l)) failedOver = true;
+    const line = l.replace(/"reason":\s*"request"/g, '"reason":"error"');
+    return failedOver ? failedGuest(line) : line;
   });
 
   const sup2 = spawnSupervisor(env, args);
@@ -474,28 +469,9 @@ test('colo up whose primary leaves COLO by itself (its link broke) and cannot ru
   const real = `${sock}.real`;
   fs.renameSync(sock, real);
   let failedOver = false;
-  const relayed = new Set<net.Socket>();
-  const relay = net.createServer((from) => {
-    const to = net.connect(real);
-    relayed.add(from).add(to);
-    from.pipe(to);
-    let partial = '';
-    to.on('data', (d: Buffer) => {
-      const lines = (partial + d.toString('utf8')).split('\n');
-      partial = lines.pop()!;
-      for (let l of lines) {
-        if (/"COLO_EXIT"/.test(l)) failedOver = true;
-        if (failedOver) l = l.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
-        from.write(`${l}\n`);
-      }
-    });
-    from.on('error', () => to.destroy()).on('close', () => to.destroy());
-    to.on('error', () => from.destroy()).on('close', () => from.destroy());
-  });
-  await new Promise<void>((r) => relay.listen(sock, r));
-  env.onCleanup(async () => {
-    for (const s of relayed) s.destroy();
-    await new Promise<void>((r) => relay.close(() => r()));
+  await qmpRelay(env, sock, real, (l) => {
+    if (/"COLO_EXIT"/.test(l)) failedOver = true;
+    return failedOver ? failedGuest(l) : l;
   });
 
   const sup2 = spawnSupervisor(env, args);
