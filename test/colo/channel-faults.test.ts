@@ -141,16 +141,19 @@ for (const when of ['between', 'inside'] as const) {
   });
 }
 
-test('colo/channel: the SVM output channel stalls (open, forwarding nothing): the primary notices within a few compare timeouts, both sides go back to the main channel, and requests are fast again', async (t) => {
-  const env = new TestEnv(t);
+/**
+ * A kv pair in COLO through a ChannelProxy, at `checkpointDelayMs`, written to (SET k0 v0, …)
+ * until SVM output and the mirror both go on the output channel; `sets`: how many SETs that
+ * took (k0 … k(sets-1) hold v0 …); `port`: the service address's.
+ */
+async function kvPairOnOutputChannel(env: TestEnv, checkpointDelayMs: number): Promise<{ src: VmProcess; dst: VmProcess; proxy: ChannelProxy; client: RespClient; counters: () => Promise<Record<string, unknown>>; sets: number; port: number }> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
   const [src, dst] = await Promise.all([
     env.startVm({ name: 'src', guest: guests.kv, args: common }),
     env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
   ]);
-  // Periodic checkpoints far apart: a request that waits for one shows.
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000 }), dst.setMigration({ 'x-colo': true })]);
+  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': checkpointDelayMs }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('kv ready');
   const proxy = await ChannelProxy.start(await dst.listenIncoming());
   env.onCleanup(() => proxy.close());
@@ -159,14 +162,22 @@ test('colo/channel: the SVM output channel stalls (open, forwarding nothing): th
   const client = await RespClient.connect(port);
   env.onCleanup(() => client.close());
   const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
-  let i = 0;
+  let sets = 0;
   await waitFor('SVM output and the mirror on the output channel', async () => {
-    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-    i++;
+    assert.equal(await client.command(['SET', `k${sets}`, `v${sets}`], 10000), 'OK');
+    sets++;
     const x = await counters();
     return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
   }, 20000, 0);
   await proxy.established('output');
+  return { src, dst, proxy, client, counters, sets, port };
+}
+
+test('colo/channel: the SVM output channel stalls (open, forwarding nothing): the primary notices within a few compare timeouts, both sides go back to the main channel, and requests are fast again', async (t) => {
+  const env = new TestEnv(t);
+  // Periodic checkpoints far apart: a request that waits for one shows.
+  const { src, dst, proxy, client, counters, sets } = await kvPairOnOutputChannel(env, 5000);
+  let i = sets;
   const atStall = await counters();
   proxy.stall('output');
   const stalledAt = performance.now();
@@ -257,29 +268,8 @@ test('colo/channel: only the mirror direction of the output channel stalls (prim
 
 test('colo/channel: only the mirror direction of the output channel stalls under bulk input (more than coloMirrorUnsentBytesMax queued): the clients are not held for good; the mirror goes back to the main channel and every request is answered', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 1000 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('kv ready');
-  const proxy = await ChannelProxy.start(await dst.listenIncoming());
-  env.onCleanup(() => proxy.close());
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  const client = await RespClient.connect(port);
-  env.onCleanup(() => client.close());
-  const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
-  let i = 0;
-  await waitFor('SVM output and the mirror on the output channel', async () => {
-    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-    i++;
-    const x = await counters();
-    return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
-  }, 20000, 0);
-  await proxy.established('output');
+  const { src, dst, proxy, client, counters, sets, port } = await kvPairOnOutputChannel(env, 1000);
+  let i = sets;
   proxy.stall('output', 'down');
   // Pipelined SETs of one key, far more than the mirror's bound plus what the kernel buffers.
   const value = 'x'.repeat(512 * 1024);
