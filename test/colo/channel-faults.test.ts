@@ -214,30 +214,9 @@ test('colo/channel: the SVM output channel stalls (open, forwarding nothing): th
 
 test('colo/channel: only the mirror direction of the output channel stalls (primary → secondary forwards nothing, SVM output still flows back): the primary notices within a few compare timeouts, the mirror goes back to the main channel, and requests are fast again', async (t) => {
   const env = new TestEnv(t);
-  const port = await freePort();
-  const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
   // Periodic checkpoints far apart: a request that waits for one shows.
-  await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 5000 }), dst.setMigration({ 'x-colo': true })]);
-  await src.waitSerial('kv ready');
-  const proxy = await ChannelProxy.start(await dst.listenIncoming());
-  env.onCleanup(() => proxy.close());
-  await src.qmp.execute('migrate', { uri: `tcp:127.0.0.1:${proxy.port}` });
-  await src.waitMigrationStatus('colo', 30000);
-  const client = await RespClient.connect(port);
-  env.onCleanup(() => client.close());
-  const counters = async (): Promise<Record<string, unknown>> => ((await src.qmp.execute('query-migrate')) as { 'x-colo': Record<string, unknown> })['x-colo'];
-  let i = 0;
-  await waitFor('SVM output and the mirror on the output channel', async () => {
-    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-    i++;
-    const x = await counters();
-    return x['svm-output-channel'] === 'direct' && x['mirror-channel'] === 'direct';
-  }, 20000, 0);
-  await proxy.established('output');
+  const { src, dst, proxy, client, counters, sets } = await kvPairOnOutputChannel(env, 5000);
+  let i = sets;
   const atStall = await counters();
   proxy.stall('output', 'down');
   const stalledAt = performance.now();
