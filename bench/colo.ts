@@ -313,6 +313,36 @@ async function lockstepFloor(dir: string, copies: 1 | 2, where: Placement): Prom
   }
 }
 
+/**
+ * The lock-step floor in one process (bench/lockstep-vm.ts): the lone VM's own front end feeds
+ * a second vCPU the same input and writes a reply byte only once both copies produced it. No
+ * hop, no mirror socket, no checkpoint: what is left of lock-step when every part of COLO that
+ * an implementation could make cheaper is gone. In two-host the second vCPU's thread has the
+ * secondary's CPU, the rest of the process the primary's.
+ */
+async function inProcessFloor(dir: string, where: Placement): Promise<LoadResult> {
+  const port = await freePort();
+  const vm = await BenchVm.start(dir, 'floor-inproc', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], [], where.primary, {
+    bin: path.join(root, 'dist/bench/lockstep-vm.js'),
+    env: { SECOND_VCPU_CPUS: where.secondary ?? '' },
+  });
+  try {
+    await vm.waitSerial('kv ready');
+    if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
+    const c0 = cpuSeconds(vm.child.pid)!;
+    const v0 = vmTicks();
+    const r = await redisBenchmark(port, redisN, where.client);
+    const cpu = cpuSeconds(vm.child.pid)! - c0;
+    const vmCpu = vmShare(v0);
+    const hwm = vmHwm(vm.child.pid)!;
+    await vm.stop();
+    const differed = /(\d+) released chunks differed/.exec(vm.stderr);
+    return { label: 'lock-step floor in one process', ...r, hwm: [hwm, undefined], cpu: [cpu, undefined], vmCpu, differingLines: differed === null ? undefined : Number(differed[1]) };
+  } finally {
+    await vm.stop();
+  }
+}
+
 async function protectedLoad(dir: string, channels: number, where: Placement): Promise<LoadResult> {
   const port = await freePort();
   const { pvm, svm } = await startPair(dir, channels, port, where);
@@ -466,7 +496,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   // per test is its best round (the baseline gets the same treatment as COLO, so a
   // neighbour's burst flatters neither).
   const setups = [() => unprotected(dir, where), () => protectedLoad(dir, 0, where), () => protectedLoad(dir, 4, where)];
-  if (withFloor) setups.push(() => lockstepFloor(dir, 1, where), () => lockstepFloor(dir, 2, where));
+  if (withFloor) setups.push(() => lockstepFloor(dir, 1, where), () => lockstepFloor(dir, 2, where), () => inProcessFloor(dir, where));
   const runs: LoadResult[][] = setups.map(() => []);
   for (let round = 1; round <= rounds; round++) {
     const forward = setups.map((_, i) => i);
@@ -498,7 +528,7 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   }
   table(rows);
   process.stdout.write('Ratios = COLO ÷ unprotected, same run (goals: ops/s ≥ 0.7, latency ≤ 1.5).\n\n');
-  if (withFloor) floorTable(base, best(runs[3]!, `one lone VM behind the proxy (best of ${rounds})`), best(runs[4]!, `lock-step floor (best of ${rounds})`), results.slice(1), runs);
+  if (withFloor) floorTable(base, best(runs[3]!, `one lone VM behind the proxy (best of ${rounds})`), best(runs[4]!, `lock-step floor (best of ${rounds})`), best(runs[5]!, `lock-step floor in one process (best of ${rounds})`), results.slice(1), runs);
 
   // Best against best flatters whichever side had the luckier round. Each COLO round against
   // the baseline run of the same round shares that moment of this VM; their median is steadier.
@@ -577,10 +607,10 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
  * estimate from below of the latency ratio of waiting for two copies on this machine. (Not of
  * ops/s: the floor's second VM runs a front end of its own, which COLO's secondary does not.)
  */
-function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, colo: LoadResult[], runs: LoadResult[][]): void {
-  process.stdout.write('### The lock-step floor: two lone VMs behind a mirroring proxy, no COLO\n\n');
+function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, inProcess: LoadResult, colo: LoadResult[], runs: LoadResult[][]): void {
+  process.stdout.write('### The lock-step floor: two lone VMs behind a mirroring proxy, and two vCPUs behind one front end; no COLO\n\n');
   const rows: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ÷ unprotected', 'p50 ÷ unprotected', 'p99 ÷ unprotected', 'ops/s ÷ proxied', 'p50 ÷ proxied', 'p99 ÷ proxied']];
-  for (const r of [proxied, floor, ...colo]) {
+  for (const r of [proxied, floor, inProcess, ...colo]) {
     for (const t of tests) {
       const x = r.rows.get(t)!;
       const b = base.rows.get(t)!;
@@ -591,6 +621,9 @@ function floorTable(base: LoadResult, proxied: LoadResult, floor: LoadResult, co
   table(rows);
   const perRound = tests.map((t) => `${t} ${runs[4]!.map((x, i) => f2(x.rows.get(t)!.p99 / runs[3]![i]!.rows.get(t)!.p99)).join(' ')}`).join('; ');
   process.stdout.write(`p99 of the floor ÷ p99 of the proxied lone VM, per round: ${perRound}. Releases whose lines differed between the two VMs, per round: ${runs[4]!.map((x) => x.differingLines ?? 'n/a').join(' ')} (INCR on one key: each VM gets the 50 connections' requests in its own order, where COLO gives the secondary the primary's order; the timing is the same).\n`);
+  const inRound = tests.map((t) => `${t} ${runs[5]!.map((x, i) => f2(x.rows.get(t)!.p99 / runs[0]![i]!.rows.get(t)!.p99)).join(' ')}`).join('; ');
+  process.stdout.write(`p99 of the floor in one process ÷ p99 of the unprotected VM, per round: ${inRound}. Released chunks that differed between its two copies, per round: ${runs[5]!.map((x) => x.differingLines ?? 'n/a').join(' ')}.\n`);
+  process.stdout.write('The floor in one process (bench/lockstep-vm.ts) is the lone VM with a second vCPU: its own front end gives both copies every input event and writes a reply byte only once both produced it. No hop, no socket between the copies, no checkpoint: ÷ unprotected, it is what waiting for a second copy costs on this machine when nothing else of COLO is left.\n');
   process.stdout.write('The floor mirrors every client byte to both VMs and sends a reply byte only when both produced it (the proxy: bench/lockstep-proxy.c, native; no checkpoints, no state transfer). Its ratio to one lone VM behind the same proxy prices waiting for the later of two copies on this machine, the proxy\'s hop cancelled out (if the hop adds about the same to both, the ratio without it would be higher still): what any lock-stepping system pays before checkpoints, a compare or a mirror of its own. Its ops/s is no floor for COLO, whose secondary takes batched input and runs no front end of its own.\n\n');
 }
 

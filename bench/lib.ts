@@ -23,13 +23,17 @@ export class BenchVm {
   private constructor(readonly name: string, readonly child: ChildProcess, readonly qmp: QmpClient, readonly serialPath: string) {}
 
   /** `cpus`: a CPU list for taskset (e.g. "0"): the process and all its threads run only there. */
-  static async start(dir: string, name: string, guest: string, args: string[], guestArgs: string[], cpus?: string): Promise<BenchVm> {
+  /**
+   * `how.bin`: another program that takes `colo run`'s argv (bench/lockstep-vm.ts), with
+   * `how.env` added to the environment.
+   */
+  static async start(dir: string, name: string, guest: string, args: string[], guestArgs: string[], cpus?: string, how: { bin?: string; env?: Record<string, string> } = {}): Promise<BenchVm> {
     const qmpPath = path.join(dir, `${name}.qmp`);
     const serialPath = path.join(dir, `${name}.serial`);
     fs.rmSync(serialPath, { force: true });
-    const argv = [process.execPath, coloBin, 'run', guest, '--name', name, '--serial', `file:${serialPath}`, '--qmp', `unix:${qmpPath}`, ...args, '--', ...guestArgs];
+    const argv = [process.execPath, how.bin ?? coloBin, 'run', guest, '--name', name, '--serial', `file:${serialPath}`, '--qmp', `unix:${qmpPath}`, ...args, '--', ...guestArgs];
     const [cmd, ...rest] = pinnedArgv(argv, cpus);
-    const child = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'] });
+    const child = spawn(cmd!, rest, { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, ...how.env } });
     let stderr = '';
     child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
     let exited = false;
