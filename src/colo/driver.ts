@@ -14,6 +14,7 @@ import {
   type ExitReason,
   type PrimaryAction,
   type PrimaryEvent,
+  type PrimaryPhase,
   type SecondaryAction,
   type SecondaryEvent,
 } from './core.js';
@@ -67,6 +68,9 @@ function boundedWait(p: Promise<void>, ms: number): Promise<void> {
     if (timer !== null) clearTimeout(timer);
   });
 }
+
+/** The primary's phases from a checkpoint's request to VMSTATE_LOADED: the SVM is paused for it (or applying it). */
+const checkpointPhases: ReadonlySet<PrimaryPhase> = new Set<PrimaryPhase>(['requested', 'pausing', 'sending', 'awaitReceived', 'awaitLoaded']);
 
 /** Runs VM operations one after the other (a failover waits for the one in flight). */
 class VmOps {
@@ -126,6 +130,7 @@ export class PrimaryDriver {
         this.dispatch({ type: 'trigger', reason });
       },
       (err) => this.dispatch({ type: 'protocolError', message: errorMessage(err) }),
+      () => checkpointPhases.has(this.core.phase),
     );
   }
 
