@@ -823,9 +823,10 @@ export class SecondaryDriver {
         // (closeLink, just before, destroyed the channels)
         this.dropCheckpointState();
         // Not a state to run from: cont is refused from now on (vm.cont). A vCPU a failed
-        // takeover left running is stopped.
+        // takeover left running is stopped; a crashed guest keeps saying so (query-status), as
+        // on the primary.
         if (m.running) await m.pause('internal-error').catch((err: unknown) => log.debug(`stopping the guest: ${errorMessage(err)}`));
-        m.setRunState('internal-error');
+        if (m.runState !== 'guest-panicked') m.setRunState('internal-error');
         this.host.exited('secondary', 'error');
         return null;
       case 'exit':
