@@ -14,6 +14,7 @@ import {
   type ExitReason,
   type PrimaryAction,
   type PrimaryEvent,
+  type PrimaryPhase,
   type SecondaryAction,
   type SecondaryEvent,
 } from './core.js';
@@ -67,6 +68,9 @@ function boundedWait(p: Promise<void>, ms: number): Promise<void> {
     if (timer !== null) clearTimeout(timer);
   });
 }
+
+/** The primary's phases from a checkpoint's request to VMSTATE_LOADED: the SVM is paused for it (or applying it). */
+const checkpointPhases: ReadonlySet<PrimaryPhase> = new Set<PrimaryPhase>(['requested', 'pausing', 'sending', 'awaitReceived', 'awaitLoaded']);
 
 /** Runs VM operations one after the other (a failover waits for the one in flight). */
 class VmOps {
@@ -126,6 +130,7 @@ export class PrimaryDriver {
         this.dispatch({ type: 'trigger', reason });
       },
       (err) => this.dispatch({ type: 'protocolError', message: errorMessage(err) }),
+      () => checkpointPhases.has(this.core.phase),
     );
   }
 
@@ -818,9 +823,10 @@ export class SecondaryDriver {
         // (closeLink, just before, destroyed the channels)
         this.dropCheckpointState();
         // Not a state to run from: cont is refused from now on (vm.cont). A vCPU a failed
-        // takeover left running is stopped.
+        // takeover left running is stopped; a crashed guest keeps saying so (query-status), as
+        // on the primary.
         if (m.running) await m.pause('internal-error').catch((err: unknown) => log.debug(`stopping the guest: ${errorMessage(err)}`));
-        m.setRunState('internal-error');
+        if (m.runState !== 'guest-panicked') m.setRunState('internal-error');
         this.host.exited('secondary', 'error');
         return null;
       case 'exit':

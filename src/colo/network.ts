@@ -101,8 +101,11 @@ export class PrimaryNet {
   /** outputChannelBytes at the last compare timeout, and the timeouts since through which it stayed so. */
   private silentMark = -1;
   private silentTimeouts = 0;
-  /** While the mirror is held on the output channel: its unsent bytes at their last fall, and when (watchMirrorChannel). */
-  private mirrorStuck: { unsent: number; since: number } | null = null;
+  /**
+   * While the mirror is held on the output channel: its unsent bytes at their last fall, the
+   * time since then outside checkpoints (stuckMs), and when last looked at (watchMirrorChannel).
+   */
+  private mirrorStuck: { unsent: number; stuckMs: number; at: number } | null = null;
   /** Whether the mirror hold was taken on the output channel (its release then may be the channel's end, not a catch-up). */
   private mirrorHeldOnChannel = false;
   /**
@@ -130,6 +133,8 @@ export class PrimaryNet {
     private readonly onTrigger: (reason: CompareTrigger | 'resync' | 'svm-crashed') => void,
     /** SVM output that cannot be decoded: the secondary is not one to compare with. */
     private readonly onBroken: (err: Error) => void,
+    /** Whether a checkpoint is under way (from its request to VMSTATE_LOADED): the SVM is paused for it. */
+    private readonly checkpointing: () => boolean = () => false,
   ) {
     this.mirror = new Batcher((events) => {
       if (!this.active) return;
@@ -301,7 +306,9 @@ export class PrimaryNet {
    * through every checkpoint. Held so, with not one byte taken for
    * limits.coloMirrorChannelStuckMs, the channel is given up as a silent one is; the mirror goes
    * on the main channel (the hold then looks at that), and a checkpoint makes good what the
-   * channel kept.
+   * channel kept. The time of checkpoints does not count: the SVM paused for one reads nothing
+   * (its vCPU reads the channel only while the guest waits for input), and the hold asks for
+   * one, which a slow path back or a large state can keep for longer than the bound.
    */
   private watchMirrorChannel(): void {
     const s = this.outputChannel;
@@ -311,13 +318,16 @@ export class PrimaryNet {
     }
     const unsent = s.writableLength;
     const now = performance.now();
-    if (this.mirrorStuck === null || unsent < this.mirrorStuck.unsent) {
-      this.mirrorStuck = { unsent, since: now };
+    const st = this.mirrorStuck;
+    if (st === null || unsent < st.unsent) {
+      this.mirrorStuck = { unsent, stuckMs: 0, at: now };
       return;
     }
-    if (now - this.mirrorStuck.since < limits.coloMirrorChannelStuckMs) return;
+    if (!this.checkpointing()) st.stuckMs += now - st.at;
+    st.at = now;
+    if (st.stuckMs < limits.coloMirrorChannelStuckMs) return;
     this.mirrorStuck = null;
-    log.warn(`the secondary took no byte of the ${unsent} bytes of mirrored input on the SVM output channel for ${limits.coloMirrorChannelStuckMs} ms (a silent network path?): given up; SVM output and the mirror go on the main channel`);
+    log.warn(`the secondary took no byte of the ${unsent} bytes of mirrored input on the SVM output channel for ${limits.coloMirrorChannelStuckMs} ms of its SVM running (a silent network path?): given up; SVM output and the mirror go on the main channel`);
     this.giveUpChannel(s);
   }
 

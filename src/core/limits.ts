@@ -396,7 +396,8 @@ export const limits = {
    * COLO primary: clients held by coloMirrorUnsentBytesMax while the mirror goes on the SVM
    * output channel, and the secondary took not one byte of it for this long: that direction
    * of the channel stalled (a silent path one way); the channel is given up, the mirror goes on
-   * the main channel (PrimaryNet.watchMirrorChannel). Far above an SVM's checkpoint pause.
+   * the main channel (PrimaryNet.watchMirrorChannel). Checkpoints (the SVM paused, reading
+   * nothing) do not count.
    */
   coloMirrorChannelStuckMs: 5000,
   /**

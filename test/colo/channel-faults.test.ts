@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
-import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, sleep, waitFor, type VmProcess } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
@@ -279,6 +279,61 @@ test('colo/channel: only the mirror direction of the output channel stalls under
   assert.match(afterGiveUp.match(/ info colo: .*clients are read again/)?.[0] ?? '', /the mirror moved to the main channel \(the SVM output channel is gone\)/, src.stderr);
   assert.equal(await client.command(['STRLEN', 'bulk'], 10000), value.length);
   assert.equal(await client.command(['GET', `k${i - 1}`], 10000), `v${i - 1}`);
+  assert.equal(await src.migrationStatus(), 'colo');
+  assertNoErrors(src, dst);
+});
+
+test('colo/channel: a checkpoint that takes longer than coloMirrorChannelStuckMs while bulk input is held on the output channel does not give the channel up: the SVM, paused for the checkpoint, does not read it, and the path is healthy', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, proxy, counters, port } = await kvPairOnOutputChannel(env, 1000);
+  // The secondary's answers on the main channel are slow for a while (a congested path back):
+  // the next checkpoint's CHECKPOINT_REPLY waits, the SVM stays paused for it, and the PVM runs on.
+  // Between checkpoints (the last one's VMSTATE_LOADED through), so the next one is held.
+  await dst.waitEvent('RESUME', { after: dst.qmp.eventCount, timeoutMs: 10000 });
+  await sleep(100);
+  const mark = dst.qmp.eventCount;
+  const release = proxy.hold('main', 'up');
+  let released = false;
+  env.onCleanup(() => {
+    if (!released) release();
+  });
+  const stop = await dst.waitEvent('STOP', { after: mark, timeoutMs: 10000 });
+  const pausedAt = performance.now();
+  assert.ok(stop, 'the SVM paused for the checkpoint');
+  // Bulk input meanwhile, far more than coloMirrorUnsentBytesMax: the mirror on the output channel is held.
+  const value = 'x'.repeat(512 * 1024);
+  const requests = 96;
+  const bulk = net.connect({ host: '127.0.0.1', port });
+  env.onCleanup(() => void bulk.destroy());
+  let replies = '';
+  bulk.on('data', (c: Buffer) => (replies += c.toString('latin1')));
+  bulk.on('error', () => undefined);
+  await new Promise<void>((resolve, reject) => {
+    bulk.once('connect', resolve);
+    bulk.once('error', reject);
+  });
+  const req = `*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$${value.length}\r\n${value}\r\n`;
+  for (let k = 0; k < requests; k++) bulk.write(req);
+  await waitFor('the mirror on the output channel to be held', () => / info colo: the secondary has \d+ bytes of mirrored input unread/.test(src.stderr), 5000).catch(async (err: unknown) => {
+    t.diagnostic(JSON.stringify(await counters()));
+    t.diagnostic(src.stderr.slice(-3000));
+    t.diagnostic(dst.stderr.slice(-3000));
+    throw err;
+  });
+  // Longer than coloMirrorChannelStuckMs, shorter than coloCheckpointStallMs (which would fail the checkpoint over).
+  assert.ok(limits.coloMirrorChannelStuckMs + 2000 < limits.coloCheckpointStallMs);
+  await sleep(Math.max(0, pausedAt + limits.coloMirrorChannelStuckMs + 2000 - performance.now()));
+  released = true;
+  release();
+  const answered = (): number => replies.split('+OK\r\n').length - 1;
+  await waitFor(`every bulk SET to be answered (${answered()} of ${requests} so far)`, () => answered() === requests, 60000).catch(async (err: unknown) => {
+    t.diagnostic(JSON.stringify(await counters()));
+    throw err;
+  });
+  const x = await counters();
+  assert.equal(x['svm-output-channel-stalls'], 0, `the healthy output channel was given up (${JSON.stringify(x)})`);
+  assert.equal(x['mirror-channel'], 'direct', JSON.stringify(x));
+  assert.doesNotMatch(src.stderr, / warn colo: the secondary took no byte/);
   assert.equal(await src.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
 });

@@ -117,7 +117,8 @@ test('colo secondary: a takeover whose guest cannot run (cont fails) says so: st
   assert.deepEqual(coloExits(r), ['COLO_EXIT {"mode":"secondary","reason":"error"}']);
   assert.ok(r.events.includes('MIGRATION {"status":"failed"}') && !r.events.includes('MIGRATION {"status":"completed"}'), r.events.join('\n'));
   assert.deepEqual(r.colo.query(), { mode: 'none', 'last-mode': 'secondary', reason: 'error' });
-  assert.notEqual(m.runState, 'running');
+  // As on a primary whose failover finds its guest crashed: query-status says what happened to it.
+  assert.equal(m.runState, 'guest-panicked');
   assert.equal(m.running, false);
   assert.equal(r.serving(), false);
   const errors = log.filter((l) => / error /.test(l));

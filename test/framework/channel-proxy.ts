@@ -26,6 +26,8 @@ interface Link {
   stalledDir: 'down' | 'up' | null;
   /** Flip a byte of the next chunk in this direction. */
   corrupt: 'down' | 'up' | null;
+  /** Directions held for a while (hold): not read until released. */
+  held: Set<'down' | 'up'>;
   /** Bytes forwarded source → destination (down) and back (up). */
   down: number;
   up: number;
@@ -82,6 +84,21 @@ export class ChannelProxy {
     if (dir !== 'down') l.upstream.pause();
   }
 
+  /**
+   * Stop forwarding `dir` (down: source → destination; up: back) for a while, losing nothing:
+   * what comes waits (TCP's window closes) until the returned function is called (a slow path).
+   */
+  hold(name: LinkName, dir: 'down' | 'up'): () => void {
+    const l = this.link(name);
+    const [from, to] = dir === 'down' ? [l.client, l.upstream] : [l.upstream, l.client];
+    l.held.add(dir);
+    from.pause();
+    return () => {
+      l.held.delete(dir);
+      if (!this.stalledOn(l, dir) && !to.writableNeedDrain) from.resume();
+    };
+  }
+
   private stalledOn(link: Link, dir: 'down' | 'up'): boolean {
     return link.stalled && (link.stalledDir === null || link.stalledDir === dir);
   }
@@ -104,7 +121,7 @@ export class ChannelProxy {
       client.setNoDelay(true);
       const upstream = this.track(net.connect({ host: '127.0.0.1', port: targetPort }));
       upstream.setNoDelay(true);
-      const link: Link = { client, upstream, stalled: false, stalledDir: null, corrupt: null, down: 0, up: 0 };
+      const link: Link = { client, upstream, stalled: false, stalledDir: null, corrupt: null, held: new Set(), down: 0, up: 0 };
       // The first connection of a name is the pair's (a later one is a retry: also tracked).
       this.links.set(name, link);
       this.pipe(link, client, upstream, 'down');
@@ -120,7 +137,14 @@ export class ChannelProxy {
   private pipe(link: Link, from: net.Socket, to: net.Socket, dir: 'down' | 'up'): void {
     from.on('data', (chunk: Buffer) => {
       if (this.stalledOn(link, dir)) return;
-      to.write(this.maybeCorrupt(link, dir, chunk));
+      // As a network path: what the receiver does not take holds the sender back (TCP's window),
+      // instead of piling up here.
+      if (!to.write(this.maybeCorrupt(link, dir, chunk))) {
+        from.pause();
+        to.once('drain', () => {
+          if (!this.stalledOn(link, dir) && !link.held.has(dir)) from.resume();
+        });
+      }
     });
     // A silent path forwards no FIN or reset either: the other end never learns of a close.
     from.on('end', () => this.stalledOn(link, dir) || to.end());
