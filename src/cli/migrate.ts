@@ -116,9 +116,12 @@ export function progressLine(info: Info, width = 24): string {
 export async function migrateCommand(argv: string[]): Promise<number> {
   const o = parseMigrateArgs(argv);
   const err = process.stderr;
+  // As colo qmp: a port that accepts and says nothing (not QMP: a guest's own service) fails
+  // after limits.qmpShellGreetingTimeoutMs, not after the whole connect timeout.
+  const connectOptions = { greetingTimeoutMs: limits.qmpShellGreetingTimeoutMs };
   let src: QmpClient;
   try {
-    src = await QmpClient.connect(o.source);
+    src = await QmpClient.connect(o.source, connectOptions);
   } catch (e) {
     // A VM that is not there (or not answering) is not a usage error: status 1, as colo qmp.
     err.write(`colo migrate: ${errorMessage(e)}\n`);
@@ -126,7 +129,7 @@ export async function migrateCommand(argv: string[]): Promise<number> {
   }
   let dst: QmpClient | null = null;
   try {
-    dst = o.target === null ? null : await QmpClient.connect(o.target);
+    dst = o.target === null ? null : await QmpClient.connect(o.target, connectOptions);
   } catch (e) {
     // Its open connection would keep this process alive (and hold one of the source's slots).
     await src.close().catch(() => undefined);

@@ -827,7 +827,7 @@ class UpDriver {
    */
   private async heartbeat(c: Child): Promise<void> {
     const timeoutMs = this.o.heartbeatTimeoutMs;
-    if (timeoutMs === 0) return;
+    if (timeoutMs === 0) return this.listenOnly(c);
     const live = (): boolean => !c.exited && !this.finished;
     /** When the first request of the current run without an answer was made; null: it answers. */
     let stalledSince: number | null = null;
@@ -911,6 +911,44 @@ class UpDriver {
         unanswered(sent, false);
       }
       await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+    }
+  }
+
+  /**
+   * With the heartbeat off (--heartbeat-timeout 0): the heartbeat's second QMP connection to
+   * `c` all the same, on which nothing is asked and nothing judged. A guest's SHUTDOWN is sent
+   * once, to the clients connected then: while the driver's connection is being made again
+   * (limits.upChildExitGraceMs at least) it would be heard by no one, and the guest's end taken
+   * for a death (a failover whose survivor's guest exits too: 'pair: failed', status 1). Made
+   * again every limits.upHeartbeatIntervalMs after it goes away, for as long as `c` lives.
+   */
+  private async listenOnly(c: Child): Promise<void> {
+    const live = (): boolean => !c.exited && !this.finished;
+    while (live()) {
+      let q = c.heartbeat;
+      if (q === null || q.closed) {
+        try {
+          q = await QmpClient.connect(`unix:${c.qmpPath}`, { oob: false, eventLogMax: 0 });
+        } catch (err) {
+          if (!live()) return;
+          log.debug(`vm${c.id}: no second QMP connection for its events: ${errorMessage(err)}`);
+          await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
+          continue;
+        }
+        if (!live()) {
+          void q.close().catch(() => undefined);
+          return;
+        }
+        c.heartbeat = q;
+        q.on('event', (ev) => this.watchGuestShutdown(c, ev));
+      }
+      const open = q;
+      await new Promise<void>((resolve) => {
+        if (open.closed) resolve();
+        else open.on('close', () => resolve());
+      });
+      if (c.heartbeat === open) c.heartbeat = null;
+      if (live()) await new Promise<void>((resolve) => this.later(limits.upHeartbeatIntervalMs, resolve));
     }
   }
 

@@ -403,6 +403,7 @@ export class PrimaryDriver {
       }
       case 'failover':
         this.clearTimers();
+        this.net.detach();
         // The output held for the compare is released (net.stop) once the PVM runs on: the PVM's
         // output is all there is from then on. A PVM that cannot run drops it instead (abandon):
         // a secondary that is not dead after all may still take over from its last checkpoint,

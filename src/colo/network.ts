@@ -229,7 +229,7 @@ export class PrimaryNet {
       if (this.active && this.session.failed === null) log.warn(`${errorMessage(err)}; SVM output comes on the main channel`);
       return;
     }
-    if (!this.active) {
+    if (!this.active || this.ending.signal.aborted) {
       s.destroy();
       return;
     }
@@ -559,19 +559,34 @@ export class PrimaryNet {
     this.releaseHolds();
   }
 
-  /** No more comparing or mirroring; false if that was so already. */
-  private end(): boolean {
-    if (!this.active) return false;
-    this.active = false;
+  /**
+   * A failover began: the secondary is gone for good, but the output held for the compare
+   * waits for the PVM to run on (stop) or to be dropped (discard), which can take a checkpoint
+   * in flight's end. Meanwhile nothing goes to the secondary any more: no mirroring (each batch
+   * a write to closed channels), no compare scan (its triggers do nothing now), no output
+   * channel (nor one still connecting). The compare goes on holding what the PVM sends.
+   */
+  detach(): void {
+    if (!this.active) return;
     this.ending.abort();
     this.outputChannel?.destroy();
     this.outputChannel = null;
-    this.compareMoved();
+    // The SVM output that waited for that channel's end is dropped with it (end: compareMoved).
+    if (this.drainTimer !== null) clearTimeout(this.drainTimer);
+    this.drainTimer = null;
     if (this.scan !== null) clearInterval(this.scan);
     this.scan = null;
-    this.settledWait?.();
     this.mirror.drop();
     this.vm.inputTap = null;
+  }
+
+  /** No more comparing or mirroring; false if that was so already. */
+  private end(): boolean {
+    if (!this.active) return false;
+    this.detach();
+    this.active = false;
+    this.compareMoved();
+    this.settledWait?.();
     return true;
   }
 

@@ -273,7 +273,7 @@ export const limits = {
   /** QMP client: default time allowed to connect, for a reply or for an event. */
   qmpTimeoutMsDefault: 10000,
   /**
-   * `colo qmp`: time allowed for the greeting, which a QMP server (QEMU's, ours) sends as soon
+   * `colo qmp`, `colo migrate`: time allowed for the greeting, which a QMP server (QEMU's, ours) sends as soon
    * as it accepts. A port that is not QMP's and says nothing (a guest's own service) fails after
    * this, not after qmpTimeoutMsDefault.
    */

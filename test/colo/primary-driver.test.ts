@@ -536,3 +536,51 @@ test('colo primary: a guest that exits by itself while a failover runs: its last
   assert.deepEqual(text(r.delivered), ['last reply']);
   assert.deepEqual(at('error', log), []);
 });
+
+test('colo primary: once a failover begins nothing goes to the secondary any more while it waits (no mirrored input written to the closed channels, no compare scan); the held output is still released once the PVM runs', async (t) => {
+  const log = captureLog(t);
+  /** A PVM whose cont waits until the test lets it (a failover that waits, as for a checkpoint in flight). */
+  class SlowCont extends FakeMachine {
+    gate: Promise<void> | null = null;
+    override async cont(): Promise<void> {
+      if (this.gate !== null) await this.gate;
+      await super.cont();
+    }
+  }
+  const m = new SlowCont();
+  const r = rig(t, m);
+  await started(r);
+  let letRun!: () => void;
+  m.gate = new Promise<void>((resolve) => (letRun = resolve));
+  t.after(() => letRun());
+  m.running = false;
+  m.runState = 'colo';
+  let mirrorWrites = 0;
+  r.s.sendColoNet = () => {
+    mirrorWrites += 1;
+    throw new ChannelClosedError('the channel was closed');
+  };
+  const compare = r.d.net.compare;
+  let scans = 0;
+  const check = compare.check.bind(compare);
+  compare.check = (now: number) => {
+    scans += 1;
+    return check(now);
+  };
+  r.pvmOutput(reply('PVM-only reply'));
+  r.d.lostHeartbeat();
+  assert.equal(r.d.core.phase, 'failover');
+  // Clients still send while the failover waits: the VM's input tap, as the front end calls it.
+  const vm = r.host.vm as unknown as { inputTap: ((ev: unknown) => void) | null };
+  for (let i = 0; i < 3; i++) {
+    vm.inputTap?.({ seq: 100 + i, kind: 'data', conn: 1, bytes: Buffer.from('x') });
+    await sleep(limits.coloCompareScanMs * 2);
+  }
+  assert.equal(mirrorWrites, 0, 'no mirrored input is written to the closed channels');
+  assert.equal(scans, 0, 'the compare is not scanned any more (its triggers would do nothing)');
+  assert.equal(compare.held, 14, 'the PVM output stays held until the PVM runs on');
+  assert.deepEqual(log.filter((l) => /mirroring input/.test(l)), []);
+  letRun();
+  await waitFor('COLO_EXIT after the failover', () => r.events.includes('COLO_EXIT primary request'), 10000, 2);
+  assert.deepEqual(text(r.delivered), ['PVM-only reply'], 'released once the PVM runs');
+});

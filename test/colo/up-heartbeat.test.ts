@@ -93,9 +93,9 @@ class QmpProxy {
 }
 
 /** `colo up` on kv.wasm whose connections to `node` (vm1 the first primary, vm2 the first secondary) pass a QmpProxy; resolves once protected. */
-async function pairBehindProxy(env: TestEnv, cutOnFirst: string | null, node: 'vm1' | 'vm2' = 'vm1', guest = guests.kv) {
+async function pairBehindProxy(env: TestEnv, cutOnFirst: string | null, node: 'vm1' | 'vm2' = 'vm1', guest = guests.kv, extraArgs: string[] = []) {
   const port = await freePort();
-  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir];
+  const args = [coloBin, 'up', guest, '--net', `listen=127.0.0.1:${port}`, '--memory', '64M', '--checkpoint-delay', '200', '--state-dir', env.dir, ...extraArgs];
   let proxy: QmpProxy | null = null;
   const sup = spawnSupervisor(env, args, () => proxy?.close());
   // Stop the supervisor once it started the child, before the child's QMP socket is up.
@@ -221,5 +221,27 @@ test("colo up: the driver's QMP connection to the primary is down when its guest
   const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
   assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
   assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
+test("colo up --heartbeat-timeout 0: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on a second connection that only listens), and the pair stops with the guest's status instead of failing over", async (t) => {
+  const env = new TestEnv(t);
+  // Accepts one client, then exits with status 3 (both replicas do).
+  const guest = exitOnConnectGuest(t, 3);
+  const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest, ['--heartbeat-timeout', '0']);
+  assert.equal(proxy.heartbeats.length, 0, `no heartbeat: nothing asks query-status; ${what()}`);
+  // The supervisor cannot make its driver's connection to the primary again until it exits.
+  proxy.refuseControl = true;
+  proxy.cut(proxy.controls[0]!);
+  const client = net.connect(port, '127.0.0.1');
+  client.on('error', () => undefined);
+  env.onCleanup(() => {
+    client.destroy();
+  });
+  await sup.waitExit(20000);
+  const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
+  assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
+  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
+  assert.equal(proxy.heartbeats.length, 0, `still no heartbeat; ${what()}`);
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });

@@ -5,6 +5,7 @@ import net from 'node:net';
 import { spawn } from 'node:child_process';
 import { parseMigrateArgs, progressLine } from '../../src/cli/migrate.js';
 import { TestEnv, coloBin, freePort, guests, runProgram, waitFor, withTimeout } from '../framework/harness.js';
+import { limits } from '../../src/core/limits.js';
 import { assertAdvancing, assertNoErrors } from './helpers.js';
 
 test('colo migrate parses virsh-style flags', () => {
@@ -124,4 +125,47 @@ test('colo migrate of a source with x-colo on: the migration enters COLO and the
   assert.equal(await src.migrationStatus(), 'colo');
   assert.equal(await dst.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
+});
+
+test('colo migrate at a port that accepts and never greets (not QMP): fails after limits.qmpShellGreetingTimeoutMs, as colo qmp, with one line and status 1; for the source and for --target-qmp', async (t) => {
+  const sockets: net.Socket[] = [];
+  const listen = async (onConnection: (s: net.Socket) => void): Promise<net.Server> => {
+    const server = net.createServer((s) => {
+      sockets.push(s);
+      s.on('error', () => undefined);
+      onConnection(s);
+    });
+    await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+    t.after(() => new Promise<void>((resolve) => server.close(() => resolve())));
+    return server;
+  };
+  t.after(() => {
+    for (const s of sockets) s.destroy();
+  });
+  const port = (server: net.Server): number => (server.address() as net.AddressInfo).port;
+  const silent = await listen(() => undefined);
+  // A source that is QMP (greets, answers every command), for the --target-qmp case.
+  const qmp = await listen((s) => {
+    s.write('{"QMP": {"version": {"qemu": {"micro": 0, "minor": 0, "major": 9}, "package": ""}, "capabilities": ["oob"]}}\r\n');
+    let buffered = '';
+    s.on('data', (d: Buffer) => {
+      buffered += d.toString();
+      const lines = buffered.split('\n');
+      buffered = lines.pop()!;
+      for (const line of lines) {
+        if (line.trim() === '') continue;
+        const id = (JSON.parse(line) as { id?: unknown }).id;
+        s.write(`${JSON.stringify(id === undefined ? { return: {} } : { return: {}, id })}\r\n`);
+      }
+    });
+  });
+  const boundMs = limits.qmpShellGreetingTimeoutMs + 2000;
+  for (const args of [[`tcp:127.0.0.1:${port(silent)}`, 'tcp:127.0.0.1:4444'], [`tcp:127.0.0.1:${port(qmp)}`, 'tcp:127.0.0.1:4444', '--target-qmp', `tcp:127.0.0.1:${port(silent)}`]]) {
+    const t0 = performance.now();
+    const r = await runProgram(process.execPath, [coloBin, 'migrate', ...args], { timeoutMs: limits.qmpTimeoutMsDefault + 10000 });
+    const ms = performance.now() - t0;
+    assert.equal(r.code, 1, `colo migrate ${args.join(' ')}: ${r.stderr}`);
+    assert.equal(r.stderr, `colo migrate: no QMP greeting from tcp:127.0.0.1:${port(silent)} within ${limits.qmpShellGreetingTimeoutMs} ms (is it a QMP socket?)\n`);
+    assert.ok(ms < boundMs, `colo migrate ${args.join(' ')} took ${ms.toFixed(0)} ms to fail (at most ${boundMs})`);
+  }
 });
