@@ -563,8 +563,10 @@ export class PairCore {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive) return;
     n.alive = false;
-    // Neither known: a process that was never started, or one this supervisor adopted (not its child).
-    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exited';
+    // Neither known: a process that was never started, or one this supervisor adopted (not its
+    // child: init reaps it, and its status, SIGKILL or a crash, is not seen). Not "exited": that
+    // reads as a clean end, of a process that may well have been killed.
+    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exit status unknown';
     n.ended = how;
     if (this.phase === 'stopping') {
       if (id === this.guestExitNode) {

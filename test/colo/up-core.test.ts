@@ -562,7 +562,7 @@ test('adopting the children of a supervisor that died: a protected pair is super
   assert.deepEqual(run(c, { type: 'adopt', primary: { id: 1, pid: 1 }, secondary: null, nextId: 1 }), [], 'once');
   // The adopted primary dies (its exit is polled: no code, no signal): the usual failover.
   assert.deepEqual(run(c, { type: 'exited', node: 4, code: null, signal: null }), ['takeover 5']);
-  assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exited); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exit status unknown); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
 
   const lone = pairCore({ stateDir: '/s' });
   assert.deepEqual(run(lone, { type: 'adopt', primary: { id: 2, pid: 202 }, secondary: null, nextId: 3 }), ['pair: adopted (state in /s): primary 202 runs unprotected', 'pair: re-protecting', 'spawn 3 secondary']);
