@@ -474,7 +474,12 @@ export class PairCore {
         } else if (e.name === 'retry') {
           if (this.phase === 'unprotected' && this.secondary === null && this.primary?.alive === true) this.reprotect(out);
         } else if (this.phase === 'stopping') {
-          for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+          for (const n of this.living) {
+            // Said: a node that ignored SIGTERM (stopped, hung) is no clean stop, though the pair still ends
+            // (a primary whose guest exited has its own line when it ends: see exited).
+            if (n.id !== this.guestExitNode) out.push({ type: 'log', level: 'warn', msg: `${this.describe(n.id)} did not stop within ${this.stopTimeoutMs} ms of SIGTERM (stopped or hung): killing it (SIGKILL)` });
+            out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+          }
         }
         break;
     }
