@@ -474,7 +474,12 @@ export class PairCore {
         } else if (e.name === 'retry') {
           if (this.phase === 'unprotected' && this.secondary === null && this.primary?.alive === true) this.reprotect(out);
         } else if (this.phase === 'stopping') {
-          for (const n of this.living) out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+          for (const n of this.living) {
+            // Said: a node that ignored SIGTERM (stopped, hung) is no clean stop, though the pair still ends
+            // (a primary whose guest exited has its own line when it ends: see exited).
+            if (n.id !== this.guestExitNode) out.push({ type: 'log', level: 'warn', msg: `${this.describe(n.id)} did not stop within ${this.stopTimeoutMs} ms of SIGTERM (stopped or hung): killing it (SIGKILL)` });
+            out.push({ type: 'kill', node: n.id, signal: 'SIGKILL' });
+          }
         }
         break;
     }
@@ -563,8 +568,10 @@ export class PairCore {
     const n = this.nodes.get(id);
     if (n === undefined || !n.alive) return;
     n.alive = false;
-    // Neither known: a process that was never started, or one this supervisor adopted (not its child).
-    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exited';
+    // Neither known: a process that was never started, or one this supervisor adopted (not its
+    // child: init reaps it, and its status, SIGKILL or a crash, is not seen). Not "exited": that
+    // reads as a clean end, of a process that may well have been killed.
+    const how = n.failure !== undefined ? `killed: ${n.failure}` : signal !== null ? signal : code !== null ? `exit code ${code}` : 'exit status unknown';
     n.ended = how;
     if (this.phase === 'stopping') {
       if (id === this.guestExitNode) {

@@ -165,8 +165,10 @@ test('colo up core: a signal stops both children; a death while stopping is no f
   // A second Ctrl-C does not wait for the stop timeout: what is left is killed for good.
   assert.deepEqual(run(c, { type: 'signal', signal: 'SIGINT' }), ['kill 1 SIGKILL', 'kill 2 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: 0, signal: null }), []);
-  // So does the stop timeout, for a child that ignores SIGTERM.
-  assert.deepEqual(run(c, { type: 'timer', name: 'stopTimeout' }), ['kill 2 SIGKILL']);
+  // So does the stop timeout, for a child that ignores SIGTERM, and says so (no silent SIGKILL).
+  const killed = c.step({ type: 'timer', name: 'stopTimeout' });
+  assert.deepEqual(killed.filter((a) => a.type !== 'log').map(show), ['kill 2 SIGKILL']);
+  assert.ok(killed.some((a) => a.type === 'log' && a.level === 'warn' && /^secondary 102 did not stop within 500 ms of SIGTERM \(stopped or hung\): killing it \(SIGKILL\)$/.test(a.msg)), JSON.stringify(killed));
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: 0, signal: null }), ['pair: stopped', 'exit 0 primary 1']);
 });
 
@@ -562,7 +564,7 @@ test('adopting the children of a supervisor that died: a protected pair is super
   assert.deepEqual(run(c, { type: 'adopt', primary: { id: 1, pid: 1 }, secondary: null, nextId: 1 }), [], 'once');
   // The adopted primary dies (its exit is polled: no code, no signal): the usual failover.
   assert.deepEqual(run(c, { type: 'exited', node: 4, code: null, signal: null }), ['takeover 5']);
-  assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exited); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
+  assert.deepEqual(run(c, { type: 'tookOver', node: 5 }), ['discardDisk 4', 'pair: primary died (exit status unknown); secondary 505 took over on 127.0.0.1:6379', 'pair: re-protecting', 'spawn 7 secondary']);
 
   const lone = pairCore({ stateDir: '/s' });
   assert.deepEqual(run(lone, { type: 'adopt', primary: { id: 2, pid: 202 }, secondary: null, nextId: 3 }), ['pair: adopted (state in /s): primary 202 runs unprotected', 'pair: re-protecting', 'spawn 3 secondary']);

@@ -32,6 +32,22 @@ test('colo up: SIGHUP stops the pair like SIGTERM: both children are gone and co
   assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
 });
 
+test('colo up: SIGTERM while the primary is stopped (SIGSTOP): it is killed after the stop timeout, and the log says so (no silent SIGKILL)', async (t) => {
+  const env = new TestEnv(t);
+  const pair = await startProtectedPair(env);
+  const { sup, primary, secondary } = pair;
+  // Frozen, then the pair is stopped at once (before the heartbeat would fence it).
+  process.kill(primary, 'SIGSTOP');
+  sup.proc.kill('SIGTERM');
+  await sup.waitExit(limits.upStopTimeoutMs + 10000);
+  assert.equal(sup.exitCode, 0, tail(pair));
+  assert.deepEqual(sup.lines.slice(-2), ['pair: stopping (SIGTERM)', 'pair: stopped'], tail(pair));
+  assert.match(sup.stderr, new RegExp(` warn up: primary ${primary} did not stop within ${limits.upStopTimeoutMs} ms of SIGTERM \\(stopped or hung\\): killing it \\(SIGKILL\\)`), tail(pair));
+  assert.doesNotMatch(sup.stderr, new RegExp(`secondary ${secondary} did not stop`), 'the secondary stopped by itself');
+  await waitFor('both children to be gone', () => !pidAlive(primary) && !pidAlive(secondary), 5000);
+  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
+});
+
 test('colo up: the primary dies and the secondary dies while taking over: the dead primary\'s disk, with every acknowledged write, becomes the --drive image', async (t) => {
   const env = new TestEnv(t);
   const pair = await startProtectedPair(env);
