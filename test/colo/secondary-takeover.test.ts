@@ -14,6 +14,7 @@ import { MachineError } from '../../src/machine/machine.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { IncomingSession } from '../../src/migration/session.js';
 import { waitFor } from '../framework/harness.js';
+import { captureLog } from '../framework/log.js';
 
 /** What the driver uses of an IncomingSession before any checkpoint. */
 class FakeSession {
@@ -83,20 +84,6 @@ function rig(t: TestContext, m: FakeMachine, frontEnd: () => Promise<void> = asy
   d.core.phase = 'running';
   t.after(() => colo.close());
   return { d, m, colo, events, serving: () => serving };
-}
-
-/** Log lines written during the test. */
-function captureLog(t: TestContext): string[] {
-  const lines: string[] = [];
-  const write = process.stderr.write;
-  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
-    lines.push(...String(chunk).split('\n').filter((l) => l !== ''));
-    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
-  }) as typeof process.stderr.write;
-  t.after(() => {
-    process.stderr.write = write;
-  });
-  return lines;
 }
 
 const coloExits = (r: Rig): string[] => r.events.filter((e) => e.startsWith('COLO_EXIT'));
