@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
-import { TestEnv, freePort, guests, memwalkRegion, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, startKvSourceAndTarget, waitFor, type VmProcess } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
@@ -149,10 +149,7 @@ for (const when of ['between', 'inside'] as const) {
 async function kvPairOnOutputChannel(env: TestEnv, checkpointDelayMs: number): Promise<{ src: VmProcess; dst: VmProcess; proxy: ChannelProxy; client: RespClient; counters: () => Promise<Record<string, unknown>>; sets: number; port: number }> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': checkpointDelayMs }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('kv ready');
   const proxy = await ChannelProxy.start(await dst.listenIncoming());
