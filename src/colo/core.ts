@@ -75,6 +75,19 @@ abstract class FailoverBook<Phase extends string> {
     this.failoverState = 'completed';
     return [{ type: 'status', status: 'completed' }, { type: 'exit', reason: this.exitReason ?? 'error' }];
   }
+
+  /**
+   * The failover could not run the node on: the VM does not serve, and saying it does (status
+   * completed, COLO_EXIT reason request) made a supervisor take it for a survivor. As QEMU's
+   * COLO ended by an error: status failed, COLO_EXIT reason error (abandon), `message` logged.
+   */
+  protected failoverFailed(message: string): [{ type: 'log'; level: 'error'; message: string }, { type: 'status'; status: 'failed' }, { type: 'abandon' }] | [] {
+    if (this.phase !== 'failover') return [];
+    this.phase = 'done';
+    this.failoverState = 'completed';
+    this.exitReason = 'error';
+    return [{ type: 'log', level: 'error', message }, { type: 'status', status: 'failed' }, { type: 'abandon' }];
+  }
 }
 
 // ---------------------------------------------------------------- primary
@@ -308,21 +321,9 @@ export class PrimaryCore extends FailoverBook<PrimaryPhase> {
     }
   }
 
-  /**
-   * The failover could not run the PVM on: the VM does not serve, and saying it goes on
-   * unprotected (status completed, COLO_EXIT reason request) made a supervisor take it for a
-   * survivor. As QEMU's COLO ended by an error: status failed, COLO_EXIT reason error.
-   */
+  /** The failover could not run the PVM on: saying it goes on unprotected would be a lie (failoverFailed). */
   private resumeFailed(message: string): PrimaryAction[] {
-    if (this.phase !== 'failover') return [];
-    this.phase = 'done';
-    this.failoverState = 'completed';
-    this.exitReason = 'error';
-    return [
-      { type: 'log', level: 'error', message: `the primary could not go on alone after the failover (${message}): the VM does not run; COLO ended with reason error` },
-      { type: 'status', status: 'failed' },
-      { type: 'abandon' },
-    ];
+    return this.failoverFailed(`the primary could not go on alone after the failover (${message}): the VM does not run; COLO ended with reason error`);
   }
 
   /** Running again after a checkpoint (or COLO start): a remembered trigger, or the timer. */
@@ -614,21 +615,9 @@ export class SecondaryCore extends FailoverBook<SecondaryPhase> {
     }
   }
 
-  /**
-   * The takeover broke off: the VM does not serve here, and saying it does (status completed,
-   * COLO_EXIT reason request) made a supervisor take the service for saved. As QEMU's COLO
-   * ended by an error: status failed, COLO_EXIT reason error; the guest is kept stopped.
-   */
+  /** The takeover broke off: the guest is kept stopped and nothing serves here (failoverFailed). */
   private takeoverFailed(message: string): SecondaryAction[] {
-    if (this.phase !== 'failover') return [];
-    this.phase = 'done';
-    this.failoverState = 'completed';
-    this.exitReason = 'error';
-    return [
-      { type: 'log', level: 'error', message: `the secondary could not take over (${message}): the VM does not serve here; COLO ended with reason error` },
-      { type: 'status', status: 'failed' },
-      { type: 'abandon' },
-    ];
+    return this.failoverFailed(`the secondary could not take over (${message}): the VM does not serve here; COLO ended with reason error`);
   }
 
   private onMessage(msg: ColoMessage): SecondaryAction[] {

@@ -10,7 +10,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import net from 'node:net';
-import { TestEnv, freePort, guests, memwalkRegion, sleep, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, memwalkRegion, sleep, startKvSourceAndTarget, waitFor, type VmProcess } from '../framework/harness.js';
 import { RespClient } from '../framework/resp.js';
 import { ChannelProxy } from '../framework/channel-proxy.js';
 import { assertAdvancing, assertNoErrors } from '../migration/helpers.js';
@@ -149,10 +149,7 @@ for (const when of ['between', 'inside'] as const) {
 async function kvPairOnOutputChannel(env: TestEnv, checkpointDelayMs: number): Promise<{ src: VmProcess; dst: VmProcess; proxy: ChannelProxy; client: RespClient; counters: () => Promise<Record<string, unknown>>; sets: number; port: number }> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common);
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': checkpointDelayMs }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('kv ready');
   const proxy = await ChannelProxy.start(await dst.listenIncoming());
@@ -173,41 +170,70 @@ async function kvPairOnOutputChannel(env: TestEnv, checkpointDelayMs: number): P
   return { src, dst, proxy, client, counters, sets, port };
 }
 
+type OutputChannelPair = Awaited<ReturnType<typeof kvPairOnOutputChannel>>;
+
+/**
+ * Sequential SETs from key `i` on (each one the stalled channel holds waits for a timeout
+ * checkpoint) until the primary moves `channel` back to the main channel, for `forMs` at most:
+ * it must, within a few timeout checkpoints after `atStall` (the first of them sets the mark).
+ * The counters then, and the next key.
+ */
+async function setsUntilGivenUp(
+  pair: OutputChannelPair,
+  i: number,
+  atStall: Record<string, unknown>,
+  o: { channel: 'svm-output-channel' | 'mirror-channel'; what: string; forMs: number; commandTimeoutMs: number },
+): Promise<{ x: Record<string, unknown>; i: number }> {
+  const stalledAt = performance.now();
+  while (performance.now() - stalledAt < o.forMs) {
+    assert.equal(await pair.client.command(['SET', `k${i}`, `v${i}`], o.commandTimeoutMs), 'OK');
+    i++;
+    if ((await pair.counters())[o.channel] === 'main') break;
+  }
+  const tookMs = performance.now() - stalledAt;
+  const x = await pair.counters();
+  assert.equal(x[o.channel], 'main', `the primary gave ${o.what} up (after ${Math.round(tookMs)} ms, ${JSON.stringify(x)})`);
+  const timeouts = (x['checkpoints-timeout'] as number) - (atStall['checkpoints-timeout'] as number);
+  assert.ok(timeouts <= limits.coloOutputChannelSilentTimeouts + 2, `given up after ${timeouts} timeout checkpoints, ${Math.round(tookMs)} ms`);
+  return { x, i };
+}
+
+/**
+ * 100 sequential SETs from key `i` on, after the give-up: served at the speed of the main
+ * channel again, not one request per timeout checkpoint. The counters after them, and the next key.
+ */
+async function servedFastAgain(pair: OutputChannelPair, i: number): Promise<{ after: Record<string, unknown>; i: number }> {
+  const before = await pair.counters();
+  const t0 = performance.now();
+  for (let k = 0; k < 100; k++, i++) assert.equal(await pair.client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
+  const meanMs = (performance.now() - t0) / 100;
+  const after = await pair.counters();
+  assert.ok(meanMs < 50, `requests after the give-up take ${meanMs.toFixed(1)} ms each`);
+  assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
+  return { after, i };
+}
+
+/** Nothing lost: the first, middle and last of the `n` keys set hold their values. */
+async function assertValuesKept(client: RespClient, n: number): Promise<void> {
+  for (const k of [0, Math.floor(n / 2), n - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+}
+
 test('colo/channel: the SVM output channel stalls (open, forwarding nothing): the primary notices within a few compare timeouts, both sides go back to the main channel, and requests are fast again', async (t) => {
   const env = new TestEnv(t);
   // Periodic checkpoints far apart: a request that waits for one shows.
-  const { src, dst, proxy, client, counters, sets } = await kvPairOnOutputChannel(env, 5000);
-  let i = sets;
+  const pair = await kvPairOnOutputChannel(env, 5000);
+  const { src, dst, proxy, client, counters } = pair;
   const atStall = await counters();
   proxy.stall('output');
-  const stalledAt = performance.now();
-  // Sequential requests: each one the stalled channel holds waits for a timeout checkpoint.
-  while (performance.now() - stalledAt < 8000) {
-    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-    i++;
-    if ((await counters())['svm-output-channel'] === 'main') break;
-  }
-  const tookMs = performance.now() - stalledAt;
-  const x = await counters();
-  assert.equal(x['svm-output-channel'], 'main', `the primary gave the stalled output channel up (after ${Math.round(tookMs)} ms, ${JSON.stringify(x)})`);
+  const stalled = await setsUntilGivenUp(pair, pair.sets, atStall, { channel: 'svm-output-channel', what: 'the stalled output channel', forMs: 8000, commandTimeoutMs: 10000 });
+  const x = stalled.x;
   assert.equal(x['mirror-channel'], 'main');
   assert.equal(x['svm-output-channel-stalls'], 1, JSON.stringify(x));
-  // Within a few timeout checkpoints (the first one of them sets the mark).
-  const timeouts = (x['checkpoints-timeout'] as number) - (atStall['checkpoints-timeout'] as number);
-  assert.ok(timeouts <= limits.coloOutputChannelSilentTimeouts + 2, `given up after ${timeouts} timeout checkpoints, ${Math.round(tookMs)} ms`);
   assert.equal(src.stderr.match(/ warn colo: the SVM output channel delivered nothing/g)?.length, 1, src.stderr);
   await waitFor('the secondary to take its output off the channel', () => / info colo: the primary gave the SVM output channel up/.test(dst.stderr), 5000);
-  // Served at the speed of the main channel again, not one request per timeout checkpoint.
-  const before = await counters();
-  const t0 = performance.now();
-  for (let k = 0; k < 100; k++, i++) assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-  const meanMs = (performance.now() - t0) / 100;
-  const after = await counters();
-  assert.ok(meanMs < 50, `requests after the give-up take ${meanMs.toFixed(1)} ms each`);
+  const { after, i } = await servedFastAgain(pair, stalled.i);
   assert.equal((after['checkpoints-resync'] as number) - (atStall['checkpoints-resync'] as number), 1, `one resync checkpoint makes good what the channel lost (${JSON.stringify(after)})`);
-  assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
-  // Nothing lost: every value is there.
-  for (const k of [0, Math.floor(i / 2), i - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+  await assertValuesKept(client, i);
   assert.equal(await src.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
 });
@@ -215,32 +241,14 @@ test('colo/channel: the SVM output channel stalls (open, forwarding nothing): th
 test('colo/channel: only the mirror direction of the output channel stalls (primary → secondary forwards nothing, SVM output still flows back): the primary notices within a few compare timeouts, the mirror goes back to the main channel, and requests are fast again', async (t) => {
   const env = new TestEnv(t);
   // Periodic checkpoints far apart: a request that waits for one shows.
-  const { src, dst, proxy, client, counters, sets } = await kvPairOnOutputChannel(env, 5000);
-  let i = sets;
+  const pair = await kvPairOnOutputChannel(env, 5000);
+  const { src, dst, proxy, client, counters } = pair;
   const atStall = await counters();
   proxy.stall('output', 'down');
-  const stalledAt = performance.now();
-  // Sequential requests: each one whose mirror the stalled direction holds waits for a timeout checkpoint.
-  while (performance.now() - stalledAt < 20000) {
-    assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 15000), 'OK');
-    i++;
-    const x = await counters();
-    if (x['mirror-channel'] === 'main') break;
-  }
-  const tookMs = performance.now() - stalledAt;
-  const x = await counters();
-  assert.equal(x['mirror-channel'], 'main', `the primary gave the stalled mirror direction up (after ${Math.round(tookMs)} ms, ${JSON.stringify(x)})`);
-  const timeouts = (x['checkpoints-timeout'] as number) - (atStall['checkpoints-timeout'] as number);
-  assert.ok(timeouts <= limits.coloOutputChannelSilentTimeouts + 2, `given up after ${timeouts} timeout checkpoints, ${Math.round(tookMs)} ms`);
-  // Served at the speed of the main channel again, not one request per timeout checkpoint.
-  const before = await counters();
-  const t0 = performance.now();
-  for (let k = 0; k < 100; k++, i++) assert.equal(await client.command(['SET', `k${i}`, `v${i}`], 10000), 'OK');
-  const meanMs = (performance.now() - t0) / 100;
-  const after = await counters();
-  assert.ok(meanMs < 50, `requests after the give-up take ${meanMs.toFixed(1)} ms each`);
-  assert.ok((after['checkpoints-timeout'] as number) - (before['checkpoints-timeout'] as number) <= 1, `no timeout checkpoints after the give-up (${JSON.stringify(before)} → ${JSON.stringify(after)})`);
-  for (const k of [0, Math.floor(i / 2), i - 1]) assert.equal(await client.command(['GET', `k${k}`], 10000), `v${k}`);
+  // Each request whose mirror the stalled direction holds waits for a timeout checkpoint.
+  const stalled = await setsUntilGivenUp(pair, pair.sets, atStall, { channel: 'mirror-channel', what: 'the stalled mirror direction', forMs: 20000, commandTimeoutMs: 15000 });
+  const { i } = await servedFastAgain(pair, stalled.i);
+  await assertValuesKept(client, i);
   assert.equal(await src.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
 });

@@ -6,7 +6,7 @@
 import { test, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { TestEnv, freePort, guests, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, guests, startKvSourceAndTarget, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { watGuest } from '../framework/machine.js';
@@ -18,10 +18,7 @@ test('colo: kv writes acknowledged before a checkpoint survive the primary, RAM 
   const port = await freePort();
   const [srcDisk, dstDisk] = [env.image('src.img', 8 * 1024 * 1024), env.image('dst.img', 8 * 1024 * 1024)];
   const common = ['--memory', '256M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${srcDisk}`] }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common, { src: ['--drive', `file=${srcDisk}`], dst: ['--drive', `file=${dstDisk}`] });
   await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
   await src.waitSerial('kv ready');
   const migPort = await dst.listenIncoming();
@@ -62,10 +59,7 @@ for (const extra of [[], ['--snapshot']]) {
     const port = await freePort();
     const image = env.image('one.img', 8 * 1024 * 1024);
     const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`, '--drive', `file=${image}`];
-    const [src, dst] = await Promise.all([
-      env.startVm({ name: 'src', guest: guests.kv, args: common }),
-      env.startVm({ name: 'dst', guest: guests.kv, args: [...common, ...extra, '--incoming', 'defer'] }),
-    ]);
+    const [src, dst] = await startKvSourceAndTarget(env, common, { dst: extra });
     await Promise.all([src.setMigration({ 'x-colo': true }, { 'x-checkpoint-delay': 200 }), dst.setMigration({ 'x-colo': true })]);
     await src.waitSerial('kv ready');
     const c = await RespClient.connect(port);

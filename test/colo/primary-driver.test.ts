@@ -18,6 +18,7 @@ import type { NicOutput } from '../../src/net/nic.js';
 import { sleep, waitFor } from '../framework/harness.js';
 import { limits } from '../../src/core/limits.js';
 import { machineFor, trapFlagAddr, trapGuest } from '../framework/machine.js';
+import { captureLog } from '../framework/log.js';
 
 /** What the driver uses of a SourceSession; `sent` records the COLO messages it sent. */
 class FakeSession {
@@ -184,20 +185,6 @@ async function started(r: Rig): Promise<void> {
   r.d.start();
   r.s.push('CHECKPOINT_READY');
   await waitFor('the primary to run in COLO', () => r.d.core.phase === 'running', 10000, 2);
-}
-
-/** Log lines (colo's logger writes them to stderr) written during the test. */
-function captureLog(t: TestContext): string[] {
-  const lines: string[] = [];
-  const write = process.stderr.write;
-  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
-    lines.push(...String(chunk).split('\n').filter((l) => l !== ''));
-    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
-  }) as typeof process.stderr.write;
-  t.after(() => {
-    process.stderr.write = write;
-  });
-  return lines;
 }
 
 const at = (level: string, lines: string[]): string[] => lines.filter((l) => l.split(' ')[2] === level);

@@ -14,6 +14,7 @@ import { MachineError } from '../../src/machine/machine.js';
 import type { Vm } from '../../src/control/vm.js';
 import type { IncomingSession } from '../../src/migration/session.js';
 import { waitFor } from '../framework/harness.js';
+import { captureLog } from '../framework/log.js';
 
 /** What the driver uses of an IncomingSession before any checkpoint. */
 class FakeSession {
@@ -85,34 +86,28 @@ function rig(t: TestContext, m: FakeMachine, frontEnd: () => Promise<void> = asy
   return { d, m, colo, events, serving: () => serving };
 }
 
-/** Log lines written during the test. */
-function captureLog(t: TestContext): string[] {
-  const lines: string[] = [];
-  const write = process.stderr.write;
-  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
-    lines.push(...String(chunk).split('\n').filter((l) => l !== ''));
-    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
-  }) as typeof process.stderr.write;
-  t.after(() => {
-    process.stderr.write = write;
-  });
-  return lines;
-}
-
 const coloExits = (r: Rig): string[] => r.events.filter((e) => e.startsWith('COLO_EXIT'));
 
-test('colo secondary: a takeover whose guest cannot run (cont fails) says so: status failed, COLO_EXIT reason error, one error line naming the cause, not that the VM runs alone', async (t) => {
-  const log = captureLog(t);
+/**
+ * A failover requested during an apply, now run: the guest stopped in state `runState` in the
+ * relaunched apply's own run, so cont fails; lostHeartbeat's crash check is past.
+ */
+function takeoverAfterApply(t: TestContext, runState: string): { r: Rig; m: FakeMachine } {
   const m = new FakeMachine();
-  // The guest crashed in the relaunched apply's own run (the failover waited for that apply).
   m.running = false;
-  m.runState = 'guest-panicked';
-  m.contFails = new MachineError('VM_DEAD', 'the guest is in state guest-panicked and cannot run');
+  m.runState = runState;
+  m.contFails = new MachineError('VM_DEAD', `the guest is in state ${runState} and cannot run`);
   const r = rig(t, m);
-  // As a failover requested during the apply, now run: lostHeartbeat's crash check is past.
   r.d.core.phase = 'applying';
   r.d.lostHeartbeat();
   void r.d.dispatch({ type: 'applied' });
+  return { r, m };
+}
+
+test('colo secondary: a takeover whose guest cannot run (cont fails) says so: status failed, COLO_EXIT reason error, one error line naming the cause, not that the VM runs alone', async (t) => {
+  const log = captureLog(t);
+  // The guest crashed in the relaunched apply's own run (the failover waited for that apply).
+  const { r, m } = takeoverAfterApply(t, 'guest-panicked');
   await waitFor('COLO to end on the secondary', () => coloExits(r).length > 0, 10000, 2);
   assert.deepEqual(coloExits(r), ['COLO_EXIT {"mode":"secondary","reason":"error"}']);
   assert.ok(r.events.includes('MIGRATION {"status":"failed"}') && !r.events.includes('MIGRATION {"status":"completed"}'), r.events.join('\n'));
@@ -156,14 +151,7 @@ test('colo secondary: a clean takeover still completes: COLO_EXIT reason request
 
 test('colo secondary: the guest exited in the relaunched apply\'s run: the takeover that finds it exited logs no error', async (t) => {
   const log = captureLog(t);
-  const m = new FakeMachine();
-  m.running = false;
-  m.runState = 'shutdown';
-  m.contFails = new MachineError('VM_DEAD', 'the guest is in state shutdown and cannot run');
-  const r = rig(t, m);
-  r.d.core.phase = 'applying';
-  r.d.lostHeartbeat();
-  void r.d.dispatch({ type: 'applied' });
+  const { r } = takeoverAfterApply(t, 'shutdown');
   await waitFor('the failover to end', () => r.d.core.phase === 'done', 10000, 2);
   assert.deepEqual(log.filter((l) => / (warn|error) /.test(l)), []);
   assert.ok(!log.some((l) => /runs here alone/.test(l)), log.join('\n'));

@@ -6,7 +6,7 @@
  */
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { TestEnv, freePort, guests, waitFor, type VmProcess } from '../framework/harness.js';
+import { TestEnv, freePort, startKvSourceAndTarget, waitFor, type VmProcess } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { assertNoErrors } from '../migration/helpers.js';
 import { limits } from '../../src/core/limits.js';
@@ -15,10 +15,7 @@ import { linkLossGraceMs } from '../../src/colo/driver.js';
 async function kvPair(env: TestEnv, multifd: boolean): Promise<{ src: VmProcess; dst: VmProcess; port: number }> {
   const port = await freePort();
   const common = ['--memory', '64M', '--net', `listen=127.0.0.1:${port}`];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common);
   const caps: Record<string, boolean> = multifd ? { 'x-colo': true, multifd: true } : { 'x-colo': true };
   const params: Record<string, number> = multifd ? { 'multifd-channels': 2 } : {};
   await Promise.all([src.setMigration(caps, { ...params, 'x-checkpoint-delay': 200 }), dst.setMigration(caps, params)]);

@@ -57,15 +57,14 @@ async function orphanedPair(env: TestEnv, key = 'k', value = 'acknowledged'): Pr
 }
 
 /**
- * A colo up run on `args` adopts the pair whose primary `survivor` runs alone, serves `k` as
- * acknowledged, and protects it again.
+ * A relay in front of child `vm`'s QMP socket (moved aside to the path returned): what the
+ * child sends goes through `rewrite` line by line, so a test can make it say what a rare
+ * failure would (its COLO_EXIT's reason, its run state). Closed at cleanup.
  */
-/**
- * A relay in front of a child's QMP socket (`sock`, moved to `real`): what the child sends goes
- * through `rewrite` line by line, so a test can make it say what a rare failure would (its
- * COLO_EXIT's reason, its run state). Closed at cleanup.
- */
-async function qmpRelay(env: TestEnv, sock: string, real: string, rewrite: (line: string) => string): Promise<void> {
+async function qmpRelay(env: TestEnv, vm: 'vm1' | 'vm2', rewrite: (line: string) => string): Promise<string> {
+  const sock = path.join(env.dir, `${vm}.qmp`);
+  const real = `${sock}.real`;
+  fs.renameSync(sock, real);
   const relayed = new Set<net.Socket>();
   const relay = net.createServer((from) => {
     const to = net.connect(real);
@@ -85,6 +84,7 @@ async function qmpRelay(env: TestEnv, sock: string, real: string, rewrite: (line
     for (const s of relayed) s.destroy();
     await new Promise<void>((r) => relay.close(() => r()));
   });
+  return real;
 }
 
 /** A QMP line as a VM whose guest does not run (internal-error) would send it. */
@@ -92,6 +92,24 @@ function failedGuest(line: string): string {
   return line.replace(/"status":\s*"running"/g, '"status":"internal-error"').replace(/"running":\s*true/g, '"running":false');
 }
 
+/**
+ * A rewrite for qmpRelay: every line through `also`, and from the child's COLO_EXIT on, as a
+ * VM whose guest does not run says it (failedGuest); `left()`: whether COLO_EXIT came.
+ */
+function failedAfterColoExit(also: (line: string) => string = (l) => l): { rewrite: (line: string) => string; left: () => boolean } {
+  let left = false;
+  const rewrite = (l: string): string => {
+    if (/"COLO_EXIT"/.test(l)) left = true;
+    const line = also(l);
+    return left ? failedGuest(line) : line;
+  };
+  return { rewrite, left: () => left };
+}
+
+/**
+ * A colo up run on `args` adopts the pair whose primary `survivor` runs alone, serves `k` as
+ * acknowledged, and protects it again.
+ */
 async function adoptsAlone(env: TestEnv, args: string[], port: number, survivor: number): Promise<Supervisor> {
   const sup = spawnSupervisor(env, args);
   const adopted = await sup.line(adoptedAlone(survivor), 0, 30000);
@@ -410,10 +428,7 @@ test('colo up adopting a secondary whose primary died, whose takeover fails (COL
   // The secondary's QMP socket, behind a relay that makes its exit from COLO one that failed
   // (reason error, as a takeover whose guest cannot run says it; a real one needs a guest that
   // crashes in the very apply a failover waits for).
-  const sock = path.join(env.dir, 'vm2.qmp');
-  const real = `${sock}.real`;
-  fs.renameSync(sock, real);
-  await qmpRelay(env, sock, real, (l) => l.replace(/"reason":\s*"request"/g, '"reason":"error"'));
+  await qmpRelay(env, 'vm2', (l) => l.replace(/"reason":\s*"request"/g, '"reason":"error"'));
 
   const sup2 = spawnSupervisor(env, args);
   const exited = sup2.waitExit(limits.upAdoptFailoverMs + 3 * limits.upFailoverTimeoutMs).then(() => 'exited');
@@ -433,21 +448,14 @@ test('colo up whose secondary dies, and whose primary cannot go on alone (COLO_E
   // The primary's QMP socket, behind a relay that makes its failover one that could not run
   // its guest (reason error, run state internal-error, as colo/core.ts resumeFailed leaves it;
   // a real one needs a guest that crashes in the very checkpoint a failover waits for).
-  const sock = path.join(env.dir, 'vm1.qmp');
-  const real = `${sock}.real`;
-  fs.renameSync(sock, real);
-  let failedOver = false;
-  await qmpRelay(env, sock, real, (l) => {
-    if (/"COLO_EXIT"/.test(l)) failedOver = true;
-    const line = l.replace(/"reason":\s*"request"/g, '"reason":"error"');
-    return failedOver ? failedGuest(line) : line;
-  });
+  const primaryExit = failedAfterColoExit((l) => l.replace(/"reason":\s*"request"/g, '"reason":"error"'));
+  await qmpRelay(env, 'vm1', primaryExit.rewrite);
 
   const sup2 = spawnSupervisor(env, args);
   await sup2.line(/^pair: adopted .*: protected/, 0, 30000);
   process.kill(secondary, 'SIGKILL');
   await sup2.waitExit(3 * limits.upFailoverTimeoutMs + 20000);
-  assert.ok(failedOver, `the primary left COLO\n${sup2.timeline()}`);
+  assert.ok(primaryExit.left(), `the primary left COLO\n${sup2.timeline()}`);
   assert.equal(sup2.exitCode, 1, sup2.stderr.slice(-3000));
   assert.ok(!sup2.lines.some((l) => /continues unprotected/.test(l)), sup2.timeline());
   assert.ok(
@@ -466,14 +474,8 @@ test('colo up whose primary leaves COLO by itself (its link broke) and cannot ru
   // The primary's QMP socket behind a relay that, once it left COLO, says its guest does not
   // run (as colo/core.ts resumeFailed leaves it; a real one needs a guest that crashes in the
   // very checkpoint its failover waits for).
-  const sock = path.join(env.dir, 'vm1.qmp');
-  const real = `${sock}.real`;
-  fs.renameSync(sock, real);
-  let failedOver = false;
-  await qmpRelay(env, sock, real, (l) => {
-    if (/"COLO_EXIT"/.test(l)) failedOver = true;
-    return failedOver ? failedGuest(l) : l;
-  });
+  const primaryExit = failedAfterColoExit();
+  const real = await qmpRelay(env, 'vm1', primaryExit.rewrite);
 
   const sup2 = spawnSupervisor(env, args);
   const adopted = await sup2.line(/^pair: adopted .*: protected/, 0, 30000);
@@ -481,7 +483,7 @@ test('colo up whose primary leaves COLO by itself (its link broke) and cannot ru
   env.onCleanup(() => direct.close());
   await direct.execute('yank', { instances: [{ type: 'migration' }] });
   const took = await sup2.line(new RegExp(`^pair: primary died \\(killed: left COLO \\(reason error\\) and its guest does not run\\); secondary ${secondary} took over`), adopted.at + 1, 30000);
-  assert.ok(failedOver);
+  assert.ok(primaryExit.left());
   assert.ok(!sup2.lines.some((l) => /continues unprotected/.test(l)), sup2.timeline());
   await waitFor('the fenced primary to be gone', () => !pidAlive(primary) || undefined, 10000);
   assert.equal(await command(port, ['GET', 'k']), 'acknowledged');

@@ -68,6 +68,12 @@ function secondaryReady(c: PairCore, primary: number, s: number): void {
   assert.deepEqual(run(c, { type: 'ready', node: s }), [`protect ${primary}->${s}`]);
 }
 
+/** Secondary `s` spawned and ready, and the protection of `primary` by it done: the pair says it is protected. */
+function protectedBy(c: PairCore, primary: number, s: number): void {
+  secondaryReady(c, primary, s);
+  assert.deepEqual(run(c, { type: 'protected' }), [`pair: protected (primary pid ${100 + primary}, secondary pid ${100 + s})`]);
+}
+
 /** A protected pair whose secondary died: primary 1 re-protected by node 3, asked for. */
 function reprotectingBy3(): PairCore {
   const c = protectedPair();
@@ -84,8 +90,7 @@ function assertFailedProtectionForgets(e: PairEvent): void {
   assert.deepEqual(run(f, { type: 'protectFailed', error: 'cancelled' }), ['pair: unprotected (attempt 1 to protect it failed: cancelled)', 'kill 3 SIGKILL']);
   run(f, { type: 'exited', node: 3, code: null, signal: 'SIGKILL' });
   run(f, { type: 'timer', name: 'retry' });
-  secondaryReady(f, 1, 4);
-  assert.deepEqual(run(f, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 104)']);
+  protectedBy(f, 1, 4);
   assert.equal(f.phase, 'protected');
 }
 
@@ -99,8 +104,7 @@ test('colo up core: the primary dies: the secondary takes over, a new secondary 
     'pair: re-protecting',
     'spawn 3 secondary',
   ]);
-  secondaryReady(c, 2, 3);
-  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 102, secondary pid 103)']);
+  protectedBy(c, 2, 3);
 });
 
 test('colo up core: the secondary dies: the primary continues, then is protected again', () => {
@@ -111,8 +115,7 @@ test('colo up core: the secondary dies: the primary continues, then is protected
     'pair: re-protecting',
     'spawn 3 secondary',
   ]);
-  secondaryReady(c, 1, 3);
-  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
+  protectedBy(c, 1, 3);
 });
 
 test('colo up core: a failed protection kills the secondary and retries; after too many it says so and retries slowly until protected', () => {
@@ -135,8 +138,7 @@ test('colo up core: a failed protection kills the secondary and retries; after t
   assert.deepEqual(run(c, { type: 'protectFailed', error: 'still full' }), ['pair: unprotected (attempt 3 to protect it failed: still full)', 'kill 5 SIGKILL']);
   assert.deepEqual(run(c, { type: 'exited', node: 5, code: null, signal: 'SIGKILL' }), ['discardDisk 5', 'pair: unprotected (primary 101; next protection attempt in 60 s)', 'timer retry 60000']);
   assert.deepEqual(run(c, { type: 'timer', name: 'retry' }), ['pair: re-protecting', 'spawn 6 secondary']);
-  secondaryReady(c, 1, 6);
-  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 106)']);
+  protectedBy(c, 1, 6);
   assert.equal(c.phase, 'protected');
   // The next failure starts a new count.
   assert.deepEqual(run(c, { type: 'exited', node: 6, code: null, signal: 'SIGKILL' }), ['continueAlone 1', 'discardDisk 6']);
@@ -286,8 +288,7 @@ test('colo up core: a primary that leaves COLO by itself gets its out-of-date se
   assert.equal(c.secondary?.id, 3, 'the out-of-date secondary can no longer be told to take over');
   // Its death is that of a replaced node: no failover.
   assert.deepEqual(run(c, { type: 'exited', node: 2, code: null, signal: 'SIGKILL' }), []);
-  secondaryReady(c, 1, 3);
-  assert.deepEqual(run(c, { type: 'protected' }), ['pair: protected (primary pid 101, secondary pid 103)']);
+  protectedBy(c, 1, 3);
   // The primary dies now: the new secondary, which has everything, takes over.
   assert.deepEqual(run(c, { type: 'exited', node: 1, code: null, signal: 'SIGKILL' }), ['takeover 3']);
 });

@@ -3,6 +3,7 @@ import { test } from 'node:test';
 import { QmpCommandError } from '../../src/core/errors.js';
 import { deferred, rawClient, sleep, startServer, waitMs, within } from './helpers.js';
 import { waitFor } from '../framework/harness.js';
+import { captureLog } from '../framework/log.js';
 
 const negotiationError = {
   error: { class: 'CommandNotFound', desc: "Expecting capabilities negotiation with 'qmp_capabilities'" },
@@ -304,15 +305,7 @@ test('a client that never reads is dropped once its unread output passes the bou
   const reader = await rawClient(t, socketPath);
   await stuck.negotiate();
   await reader.negotiate();
-  const logged: string[] = [];
-  const write = process.stderr.write;
-  process.stderr.write = ((chunk: string | Uint8Array, ...rest: unknown[]): boolean => {
-    logged.push(String(chunk));
-    return (write as (c: string | Uint8Array, ...r: unknown[]) => boolean).call(process.stderr, chunk, ...rest);
-  }) as typeof process.stderr.write;
-  t.after(() => {
-    process.stderr.write = write;
-  });
+  const logged = captureLog(t);
   stuck.socket.pause();
   const data = { pad: 'x'.repeat(1000) };
   const events = 4000; // about 4 MB: far beyond the bound and the socket buffers

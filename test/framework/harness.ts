@@ -406,6 +406,18 @@ export async function startKvVm(env: TestEnv): Promise<{ vm: VmProcess; port: nu
   return { vm, port };
 }
 
+/**
+ * Two kv.wasm VMs started at once on the same `args`: `src` (`o.src` added) and `dst` (`o.dst`
+ * added), which waits for an incoming migration (--incoming defer); `o.env` for both.
+ */
+export async function startKvSourceAndTarget(env: TestEnv, args: string[], o: { src?: string[]; dst?: string[]; env?: Record<string, string> } = {}): Promise<[VmProcess, VmProcess]> {
+  const vmEnv = o.env === undefined ? {} : { env: o.env };
+  return Promise.all([
+    env.startVm({ name: 'src', guest: guests.kv, args: [...args, ...(o.src ?? [])], ...vmEnv }),
+    env.startVm({ name: 'dst', guest: guests.kv, args: [...args, ...(o.dst ?? []), '--incoming', 'defer'], ...vmEnv }),
+  ]);
+}
+
 /** memwalk prints `memwalk start=0x<hex> size=<n>` once. */
 export function memwalkRegion(serial: string): { start: number; size: number } | undefined {
   const m = /memwalk start=0x([0-9a-f]+) size=(\d+)/.exec(serial);

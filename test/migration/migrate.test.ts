@@ -6,7 +6,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
-import { TestEnv, freePort, guests, waitFor } from '../framework/harness.js';
+import { TestEnv, freePort, guests, startKvSourceAndTarget, waitFor } from '../framework/harness.js';
 import { AckedWriter, RespClient, countMissing } from '../framework/resp.js';
 import { sizeHeap, sizeHeapClaimProblem, sizeHeapGuest, sizeHeapWords } from '../framework/machine.js';
 import { assertAdvancing, assertNoErrors, assertStill, memwalkPair, migrateUntilActive, statuses } from './helpers.js';
@@ -55,13 +55,10 @@ test('kv.wasm migrated while a client writes: every acknowledged key reads back 
   const srcDisk = env.image('src.img', 16 * 1024 * 1024);
   const dstDisk = env.image('dst.img', 16 * 1024 * 1024);
   const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '256M'];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${srcDisk}`] }),
-    // -S: the target stays paused after the switchover, so that both disks can be compared
-    // before it runs. A SET the source had received but not yet answered travels in the NIC
-    // state and the target executes it once it runs: after that the disks may differ by design.
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer', '-S'] }),
-  ]);
+  // -S: the target stays paused after the switchover, so that both disks can be compared
+  // before it runs. A SET the source had received but not yet answered travels in the NIC
+  // state and the target executes it once it runs: after that the disks may differ by design.
+  const [src, dst] = await startKvSourceAndTarget(env, common, { src: ['--drive', `file=${srcDisk}`], dst: ['--drive', `file=${dstDisk}`, '-S'] });
   await Promise.all([src.setMigration({ multifd: true }), dst.setMigration({ multifd: true })]);
   await src.waitSerial('kv ready');
   const migPort = await dst.listenIncoming();
@@ -97,10 +94,7 @@ test('--snapshot on both sides with one shared image: the image is unchanged, th
   const image = env.image('shared.img', 16 * 1024 * 1024, (b) => b.fill(0x5a, 0, 1 << 20));
   const hash = env.hashFile(image);
   const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '256M', '--drive', `file=${image}`, '--snapshot'];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: common }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common);
   await src.waitSerial('kv ready');
   const c = await RespClient.connect(port);
   for (let i = 0; i < 300; i++) assert.equal(await c.command(['SET', `s:${i}`, `value ${i}`]), 'OK');
@@ -134,10 +128,7 @@ test('regression: an idle guest with a drive converges in a few rounds, without 
   const srcDisk = env.image('src.img', 64 * 1024 * 1024);
   const dstDisk = env.image('dst.img', 64 * 1024 * 1024);
   const common = ['--net', `listen=127.0.0.1:${port}`, '--memory', '64M'];
-  const [src, dst] = await Promise.all([
-    env.startVm({ name: 'src', guest: guests.kv, args: [...common, '--drive', `file=${srcDisk}`] }),
-    env.startVm({ name: 'dst', guest: guests.kv, args: [...common, '--drive', `file=${dstDisk}`, '--incoming', 'defer'] }),
-  ]);
+  const [src, dst] = await startKvSourceAndTarget(env, common, { src: ['--drive', `file=${srcDisk}`], dst: ['--drive', `file=${dstDisk}`] });
   await Promise.all([src.setMigration({ multifd: true }, { 'downtime-limit': 20 }), dst.setMigration({ multifd: true })]);
   await src.waitSerial('kv ready');
   const migPort = await dst.listenIncoming();
