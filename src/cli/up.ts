@@ -474,46 +474,35 @@ class UpDriver {
    * children left as they are.
    */
   async adopt(live: { id: number; qmpPath: string; pid: number | null }[], nextId: number): Promise<void> {
-    const found: { c: Child; mode: string; status: string }[] = [];
+    // Children that are no pair yet may be one a moment later (a re-protection's switchover
+    // into COLO): looked at again for limits.upAdoptSettleMs before the refusal.
+    const settleBy = performance.now() + limits.upAdoptSettleMs;
+    let found: { c: Child; mode: string; status: string }[] = [];
     const fail = (why: string): never => {
       for (const f of found) void f.c.qmp?.close().catch(() => undefined);
       throw new UsageError('STATE_DIR', `${this.stateDir}: cannot adopt the children of the colo up that ran there: ${why}; they are left running`);
     };
-    for (const { id, qmpPath, pid: known } of live) {
-      let pid: number;
-      try {
-        pid = known ?? Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
-      } catch (err) {
-        return fail(`vm${id} answers on its QMP socket but its pid file cannot be read (${errorMessage(err)})`);
-      }
-      if (!Number.isSafeInteger(pid) || pid <= 0 || !pidAlive(pid)) return fail(`vm${id}'s pid file names no living process`);
-      let q: QmpClient;
-      let mode: string;
-      let status: string;
-      try {
-        q = await QmpClient.connect(`unix:${qmpPath}`, { eventLogMax: limits.upQmpEventLogMax });
-        mode = String((await q.execute<{ mode?: string }>('query-colo-status')).mode);
-        status = String((await q.execute<{ status?: string }>('query-status')).status);
-      } catch (err) {
-        return fail(`vm${id} does not answer QMP (${errorMessage(err)})`);
-      }
-      const differs = this.differs(pid, id);
-      if (differs !== null) {
-        void q.close().catch(() => undefined);
-        return fail(`vm${id} (pid ${pid}) runs with ${differs}: run colo up with the options the pair was started with`);
-      }
-      const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
-      const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
-      const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false, signalled: false };
-      found.push({ c, mode, status });
+    let ps: Child[];
+    let ss: Child[];
+    let alone: Child[];
+    let incoming: Child[];
+    for (;;) {
+      found = await this.lookAt(live, fail);
+      const inColo = (m: string): Child[] => found.filter((f) => f.mode === m).map((f) => f.c);
+      alone = found.filter((f) => f.mode === 'none' && f.status !== 'inmigrate').map((f) => f.c);
+      incoming = found.filter((f) => f.mode === 'none' && f.status === 'inmigrate').map((f) => f.c);
+      [ps, ss] = [inColo('primary'), inColo('secondary')];
+      const describe = found.map((f) => `vm${f.c.id} (pid ${f.c.pid}): COLO mode ${f.mode}, status ${f.status}`).join('; ');
+      let refusal: string | null = null;
+      if (ps.length + ss.length + alone.length === 0) refusal = `none of them serves (${describe})`;
+      else if (ps.length > 1 || ss.length > 1 || alone.length > 1 || (alone.length === 1 && ps.length + ss.length > 0)) refusal = `they are no pair this supervisor can tell apart (${describe})`;
+      if (refusal === null) break;
+      if (performance.now() >= settleBy) fail(refusal);
+      log.debug(`the children are no pair yet (${describe}): looking again in ${limits.upAdoptLookAgainMs} ms`);
+      for (const f of found) await f.c.qmp?.close().catch(() => undefined);
+      found = [];
+      await new Promise<void>((resolve) => setTimeout(resolve, limits.upAdoptLookAgainMs));
     }
-    const inColo = (m: string): Child[] => found.filter((f) => f.mode === m).map((f) => f.c);
-    const alone = found.filter((f) => f.mode === 'none' && f.status !== 'inmigrate').map((f) => f.c);
-    const incoming = found.filter((f) => f.mode === 'none' && f.status === 'inmigrate').map((f) => f.c);
-    const [ps, ss] = [inColo('primary'), inColo('secondary')];
-    const describe = found.map((f) => `vm${f.c.id} (pid ${f.c.pid}): COLO mode ${f.mode}, status ${f.status}`).join('; ');
-    if (ps.length + ss.length + alone.length === 0) fail(`none of them serves (${describe})`);
-    if (ps.length > 1 || ss.length > 1 || alone.length > 1 || (alone.length === 1 && ps.length + ss.length > 0)) fail(`they are no pair this supervisor can tell apart (${describe})`);
     for (const f of found) {
       this.children.set(f.c.id, f.c);
       this.watchControl(f.c, f.c.qmp!);
@@ -554,6 +543,47 @@ class UpDriver {
     this.dispatch({ type: 'adopt', primary: { id: primary.id, pid: primary.pid! }, secondary: secondary === null ? null : { id: secondary.id, pid: secondary.pid! }, nextId });
     // One that ended while it was being looked at: its exit came before the core knew it.
     for (const c of [primary, secondary]) if (c !== null && c.exited) this.dispatch({ type: 'exited', node: c.id, code: null, signal: null });
+  }
+
+  /**
+   * adopt's look at the children answering in the state folder: each one's pid, QMP
+   * connection, COLO mode and run state. What cannot be looked at ends the adoption (`fail`).
+   */
+  private async lookAt(live: { id: number; qmpPath: string; pid: number | null }[], fail: (why: string) => never): Promise<{ c: Child; mode: string; status: string }[]> {
+    const found: { c: Child; mode: string; status: string }[] = [];
+    const failHere = (why: string): never => {
+      for (const f of found) void f.c.qmp?.close().catch(() => undefined);
+      return fail(why);
+    };
+    for (const { id, qmpPath, pid: known } of live) {
+      let pid: number;
+      try {
+        pid = known ?? Number(fs.readFileSync(pidFile(qmpPath), 'utf8').trim());
+      } catch (err) {
+        return failHere(`vm${id} answers on its QMP socket but its pid file cannot be read (${errorMessage(err)})`);
+      }
+      if (!Number.isSafeInteger(pid) || pid <= 0 || !pidAlive(pid)) return failHere(`vm${id}'s pid file names no living process`);
+      let q: QmpClient;
+      let mode: string;
+      let status: string;
+      try {
+        q = await QmpClient.connect(`unix:${qmpPath}`, { eventLogMax: limits.upQmpEventLogMax });
+        mode = String((await q.execute<{ mode?: string }>('query-colo-status')).mode);
+        status = String((await q.execute<{ status?: string }>('query-status')).status);
+      } catch (err) {
+        return failHere(`vm${id} does not answer QMP (${errorMessage(err)})`);
+      }
+      const differs = this.differs(pid, id);
+      if (differs !== null) {
+        void q.close().catch(() => undefined);
+        return failHere(`vm${id} (pid ${pid}) runs with ${differs}: run colo up with the options the pair was started with`);
+      }
+      const disk = this.o.drive === null ? null : fs.existsSync(path.join(this.stateDir, `vm${id}.img`)) ? path.join(this.stateDir, `vm${id}.img`) : this.o.drive;
+      const role: Role = mode === 'secondary' || status === 'inmigrate' ? 'secondary' : 'primary';
+      const c: Child = { id, role, proc: null, pid, exitListeners: new Set(), qmpPath, disk, ownDisk: disk !== this.o.drive, qmp: q, reconnecting: null, heartbeat: null, exited: false, signalled: false };
+      found.push({ c, mode, status });
+    }
+    return found;
   }
 
   /**

@@ -343,6 +343,15 @@ export const limits = {
    * of colo up ends with the reason instead of hanging before it supervises anything.
    */
   upAdoptFailoverMs: 20000,
+  /**
+   * colo up, adopting children that are no pair it can tell apart (a primary still in the
+   * switchover of a re-protection, `finish-migrate` and COLO mode none, next to a secondary
+   * already in COLO): it looks again every upAdoptLookAgainMs for this long before it refuses.
+   * A colo up restarted (by hand or by a service manager) in that moment was refused with
+   * status 2 for a state that passes within milliseconds.
+   */
+  upAdoptSettleMs: 5000,
+  upAdoptLookAgainMs: 200,
   /** colo up: after SIGTERM, children that have not exited within this time are SIGKILLed. */
   upStopTimeoutMs: 5000,
   /**

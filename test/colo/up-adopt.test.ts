@@ -491,3 +491,26 @@ test('colo up whose primary leaves COLO by itself (its link broke) and cannot ru
   sup2.proc.kill('SIGTERM');
   await sup2.waitExit(20000);
 });
+
+test('colo up run again just as a re-protection switches into COLO (the primary in finish-migrate, COLO mode none; the secondary in COLO already): it looks again, and adopts the protected pair instead of refusing it', async (t) => {
+  const env = new TestEnv(t);
+  const { args, port, primary, secondary } = await orphanedPair(env);
+  // The primary's first two looks say what a primary in its switchover says (a chaos run caught
+  // colo up restarted in that moment refused with status 2 for a state gone milliseconds later).
+  let modes = 0;
+  let states = 0;
+  await qmpRelay(env, 'vm1', (l) => {
+    if (/"return"/.test(l) && /"last-mode"/.test(l) && modes++ < 2) return l.replace(/"mode":\s*"primary"/, '"mode":"none"');
+    if (/"return"/.test(l) && /"singlestep"/.test(l) && states++ < 2) return l.replace(/"status":\s*"running"/, '"status":"finish-migrate"').replace(/"running":\s*true/, '"running":false');
+    return l;
+  });
+  const sup2 = spawnSupervisor(env, args);
+  const adopted = await sup2.line(/^pair: adopted \(state in .*\): protected \(primary pid (\d+), secondary pid (\d+)\)$/, 0, 30000);
+  assert.deepEqual([Number(adopted.m.at(1)), Number(adopted.m.at(2))], [primary, secondary], sup2.timeline());
+  assert.ok(modes >= 3 && states >= 3, `the primary was looked at again (${modes} COLO modes, ${states} run states read)`);
+  assert.equal(await command(port, ['GET', 'k']), 'acknowledged');
+  sup2.proc.kill('SIGTERM');
+  await sup2.line(/^pair: stopped$/, adopted.at, 20000);
+  await sup2.waitExit(10000);
+  assert.equal(sup2.exitCode, 0, sup2.stderr.slice(-2000));
+});
