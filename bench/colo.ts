@@ -44,6 +44,12 @@ const rounds = Math.max(1, Number(process.env.COLO_BENCH_ROUNDS ?? 2));
 const tests = ['SET', 'GET', 'INCR'];
 /** COLO_BENCH_FLOOR=0 leaves out the lock-step floor's two setups (floorTable). */
 const withFloor = process.env.COLO_BENCH_FLOOR !== '0';
+/**
+ * COLO_BENCH_ON_DEMAND=1 adds COLO plain with x-checkpoint-delay onDemandDelayMs: checkpoints
+ * only on a mismatch or a timeout (none for kv), to price the periodic ones.
+ */
+const onDemandOnly = process.env.COLO_BENCH_ON_DEMAND === '1';
+const onDemandDelayMs = 3600000;
 /** A round in which the VM lost more than this share of its CPU to other VMs (steal) is noisy. */
 const noisySteal = 0.02;
 
@@ -174,7 +180,7 @@ interface Pair {
 }
 
 /** Primary and secondary kv.wasm on the same service address, in COLO state. */
-async function startPair(dir: string, channels: number, port: number, where: Placement = placementsKnown.shared!): Promise<Pair> {
+async function startPair(dir: string, channels: number, port: number, where: Placement = placementsKnown.shared!, delayMs = checkpointDelayMs): Promise<Pair> {
   const common = ['--memory', memory, '--net', `listen=127.0.0.1:${port}`];
   const started = await Promise.allSettled([
     BenchVm.start(dir, 'pvm', kvGuest, common, [], where.primary),
@@ -186,7 +192,7 @@ async function startPair(dir: string, channels: number, port: number, where: Pla
     const [pvm, svm] = vms as [BenchVm, BenchVm];
     const caps: Record<string, boolean> = channels > 0 ? { 'x-colo': true, multifd: true } : { 'x-colo': true };
     const params: Record<string, number> = channels > 0 ? { 'multifd-channels': channels } : {};
-    await Promise.all([pvm.setMigration(caps, { ...params, 'x-checkpoint-delay': checkpointDelayMs }), svm.setMigration(caps, params)]);
+    await Promise.all([pvm.setMigration(caps, { ...params, 'x-checkpoint-delay': delayMs }), svm.setMigration(caps, params)]);
     await pvm.waitSerial('kv ready');
     await svm.qmp.execute('migrate-incoming', { uri: 'tcp:127.0.0.1:0' });
     const where = await svm.migrationInfo();
@@ -343,9 +349,13 @@ async function inProcessFloor(dir: string, where: Placement): Promise<LoadResult
   }
 }
 
-async function protectedLoad(dir: string, channels: number, where: Placement): Promise<LoadResult> {
+/**
+ * COLO under the load. `delayMs` other than checkpointDelayMs (COLO_BENCH_ON_DEMAND): the pair
+ * with no periodic checkpoint in the load, which prices the checkpoints against the rest.
+ */
+async function protectedLoad(dir: string, channels: number, where: Placement, delayMs = checkpointDelayMs): Promise<LoadResult> {
   const port = await freePort();
-  const { pvm, svm } = await startPair(dir, channels, port, where);
+  const { pvm, svm } = await startPair(dir, channels, port, where, delayMs);
   try {
     await pvm.waitSerial('kv ready');
     if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
@@ -366,11 +376,12 @@ async function protectedLoad(dir: string, channels: number, where: Placement): P
     const eventPauses = pausesFromEvents(pvm.qmp.events, mark);
     // A pair that stays in COLO but stops checkpointing would look cheap: at least half the
     // checkpoints the timer asks for must have paused the PVM during the load.
-    const expected = r.wallMs / checkpointDelayMs;
-    if (eventPauses.length < expected / 2) {
+    const expected = r.wallMs / delayMs;
+    if (delayMs === checkpointDelayMs && eventPauses.length < expected / 2) {
       throw new Error(`only ${eventPauses.length} checkpoint pauses during ${(r.wallMs / 1000).toFixed(1)} s of load at x-checkpoint-delay ${checkpointDelayMs} (about ${Math.round(expected)} expected): checkpoints stalled`);
     }
-    return { label: channels > 0 ? `COLO multifd ${channels}` : 'COLO plain', ...r, hwm, colo, eventPauses, cpu, vmCpu };
+    const label = channels > 0 ? `COLO multifd ${channels}` : 'COLO plain';
+    return { label: delayMs === checkpointDelayMs ? label : `${label}, no periodic checkpoint`, ...r, hwm, colo, eventPauses, cpu, vmCpu };
   } finally {
     await stopAll([pvm, svm]);
   }
@@ -497,6 +508,8 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   // neighbour's burst flatters neither).
   const setups = [() => unprotected(dir, where), () => protectedLoad(dir, 0, where), () => protectedLoad(dir, 4, where)];
   if (withFloor) setups.push(() => lockstepFloor(dir, 1, where), () => lockstepFloor(dir, 2, where), () => inProcessFloor(dir, where));
+  const onDemand = setups.length;
+  if (onDemandOnly) setups.push(() => protectedLoad(dir, 0, where, onDemandDelayMs));
   const runs: LoadResult[][] = setups.map(() => []);
   for (let round = 1; round <= rounds; round++) {
     const forward = setups.map((_, i) => i);
@@ -529,6 +542,17 @@ async function loadTables(dir: string, where: Placement): Promise<void> {
   table(rows);
   process.stdout.write('Ratios = COLO ÷ unprotected, same run (goals: ops/s ≥ 0.7, latency ≤ 1.5).\n\n');
   if (withFloor) floorTable(base, best(runs[3]!, `one lone VM behind the proxy (best of ${rounds})`), best(runs[4]!, `lock-step floor (best of ${rounds})`), best(runs[5]!, `lock-step floor in one process (best of ${rounds})`), results.slice(1), runs);
+  if (onDemandOnly) {
+    const od = best(runs[onDemand]!, `COLO plain, no periodic checkpoint (best of ${rounds})`);
+    const orow: (string | number)[][] = [['setup', 'test', 'ops/s', 'p50 ms', 'p99 ms', 'ops/s ÷ unprotected', 'p50 ÷ unprotected', 'p99 ÷ unprotected', 'checkpoints in the whole session']];
+    for (const t of tests) {
+      const x = od.rows.get(t)!;
+      const b = base.rows.get(t)!;
+      orow.push([od.label, t, Math.round(x.rps), f2(x.p50), f2(x.p99), f2(x.rps / b.rps), f2(x.p50 / b.p50), f2(x.p99 / b.p99), runs[onDemand]!.map((r) => field(r.colo, 'checkpoints', 0)).join(' ')]);
+    }
+    table(orow);
+    process.stdout.write(`COLO plain at x-checkpoint-delay ${onDemandDelayMs} (COLO_BENCH_ON_DEMAND=1): checkpoints only on a mismatch or a compare timeout. Against COLO plain at ${checkpointDelayMs}, it prices the periodic checkpoints; against the floor in one process, the second process and its sockets.\n\n`);
+  }
 
   // Best against best flatters whichever side had the luckier round. Each COLO round against
   // the baseline run of the same round shares that moment of this VM; their median is steadier.
