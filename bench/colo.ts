@@ -231,9 +231,8 @@ function pausesFromEvents(events: readonly QmpEvent[], from: number): number[] {
   return out;
 }
 
-async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
-  const port = await freePort();
-  const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], [], where.primary);
+/** The load against one process serving on `port` (a lone VM, or the floor in one process); it is stopped after. */
+async function loneLoad(vm: BenchVm, port: number, where: Placement, label: string): Promise<LoadResult> {
   try {
     await vm.waitSerial('kv ready');
     if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
@@ -241,10 +240,18 @@ async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
     const v0 = vmTicks();
     const r = await redisBenchmark(port, redisN, where.client);
     const cpu = cpuSeconds(vm.child.pid)! - c0;
-    return { label: 'unprotected', ...r, hwm: [vmHwm(vm.child.pid)!, undefined], cpu: [cpu, undefined], vmCpu: vmShare(v0) };
+    const vmCpu = vmShare(v0);
+    const hwm = vmHwm(vm.child.pid)!;
+    return { label, ...r, hwm: [hwm, undefined], cpu: [cpu, undefined], vmCpu };
   } finally {
     await vm.stop();
   }
+}
+
+async function unprotected(dir: string, where: Placement): Promise<LoadResult> {
+  const port = await freePort();
+  const vm = await BenchVm.start(dir, 'solo', kvGuest, ['--memory', memory, '--net', `listen=127.0.0.1:${port}`], [], where.primary);
+  return loneLoad(vm, port, where, 'unprotected');
 }
 
 let proxyBin: string | undefined;
@@ -336,21 +343,10 @@ async function inProcessFloor(dir: string, where: Placement): Promise<LoadResult
     bin: path.join(root, 'dist/bench/lockstep-vm.js'),
     env: { SECOND_VCPU_CPUS: where.secondary ?? '' },
   });
-  try {
-    await vm.waitSerial('kv ready');
-    if (warmupN > 0) await redisBenchmark(port, warmupN, where.client);
-    const c0 = cpuSeconds(vm.child.pid)!;
-    const v0 = vmTicks();
-    const r = await redisBenchmark(port, redisN, where.client);
-    const cpu = cpuSeconds(vm.child.pid)! - c0;
-    const vmCpu = vmShare(v0);
-    const hwm = vmHwm(vm.child.pid)!;
-    await vm.stop();
-    const differed = /(\d+) released chunks differed/.exec(vm.stderr);
-    return { label: 'lock-step floor in one process', ...r, hwm: [hwm, undefined], cpu: [cpu, undefined], vmCpu, differingLines: differed === null ? undefined : Number(differed[1]) };
-  } finally {
-    await vm.stop();
-  }
+  const r = await loneLoad(vm, port, where, 'lock-step floor in one process');
+  // Said by the process at its quit (loneLoad stops it).
+  const differed = /(\d+) released chunks differed/.exec(vm.stderr);
+  return { ...r, differingLines: differed === null ? undefined : Number(differed[1]) };
 }
 
 /**

@@ -125,7 +125,6 @@ async function main(argv: string[]): Promise<number> {
   const exited = new Promise<number>((r) => (resolveExit = r));
   const qmp = new QmpServer();
   registerCommands(qmp, vm);
-  // query-lockstep: how many released bytes differed between the copies.
   vm.on('qmp-event', (name: string, data?: Record<string, unknown>) => qmp.emit(name, data));
   vm.on('quit', (code: number) => {
     void (async () => {

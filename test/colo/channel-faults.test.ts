@@ -253,13 +253,13 @@ test('colo/channel: only the mirror direction of the output channel stalls (prim
   assertNoErrors(src, dst);
 });
 
-test('colo/channel: only the mirror direction of the output channel stalls under bulk input (more than coloMirrorUnsentBytesMax queued): the clients are not held for good; the mirror goes back to the main channel and every request is answered', async (t) => {
-  const env = new TestEnv(t);
-  const { src, dst, proxy, client, counters, sets, port } = await kvPairOnOutputChannel(env, 1000);
-  let i = sets;
-  proxy.stall('output', 'down');
-  // Pipelined SETs of one key, far more than the mirror's bound plus what the kernel buffers.
-  const value = 'x'.repeat(512 * 1024);
+/**
+ * 96 pipelined SETs of one key ('bulk'), 512 KiB each, on a connection of their own: far more
+ * than coloMirrorUnsentBytesMax plus what the kernel buffers. `allAnswered` waits (60 s) for
+ * every +OK, `onTimeout` first on a timeout.
+ */
+async function bulkSets(env: TestEnv, port: number): Promise<{ valueBytes: number; allAnswered: (onTimeout: () => Promise<void>) => Promise<void> }> {
+  const valueBytes = 512 * 1024;
   const requests = 96;
   const bulk = net.connect({ host: '127.0.0.1', port });
   env.onCleanup(() => void bulk.destroy());
@@ -270,13 +270,30 @@ test('colo/channel: only the mirror direction of the output channel stalls under
     bulk.once('connect', resolve);
     bulk.once('error', reject);
   });
-  const req = `*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$${value.length}\r\n${value}\r\n`;
+  const req = `*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$${valueBytes}\r\n${'x'.repeat(valueBytes)}\r\n`;
   for (let k = 0; k < requests; k++) bulk.write(req);
   const answered = (): number => replies.split('+OK\r\n').length - 1;
-  await waitFor(`every bulk SET to be answered (${answered()} of ${requests} so far)`, () => answered() === requests, 60000).catch(async (err: unknown) => {
-    t.diagnostic(JSON.stringify(await counters()));
-    throw err;
-  });
+  return {
+    valueBytes,
+    allAnswered: (onTimeout) =>
+      waitFor(`every bulk SET to be answered (${answered()} of ${requests} so far)`, () => answered() === requests, 60000).then(
+        () => undefined,
+        async (err: unknown) => {
+          await onTimeout();
+          throw err;
+        },
+      ),
+  };
+}
+
+test('colo/channel: only the mirror direction of the output channel stalls under bulk input (more than coloMirrorUnsentBytesMax queued): the clients are not held for good; the mirror goes back to the main channel and every request is answered', async (t) => {
+  const env = new TestEnv(t);
+  const { src, dst, proxy, client, counters, sets, port } = await kvPairOnOutputChannel(env, 1000);
+  let i = sets;
+  proxy.stall('output', 'down');
+  // Pipelined SETs of one key, far more than the mirror's bound plus what the kernel buffers.
+  const bulk = await bulkSets(env, port);
+  await bulk.allAnswered(async () => t.diagnostic(JSON.stringify(await counters())));
   const x = await counters();
   assert.equal(x['mirror-channel'], 'main', JSON.stringify(x));
   assert.equal(x['svm-output-channel-stalls'], 1, JSON.stringify(x));
@@ -285,7 +302,7 @@ test('colo/channel: only the mirror direction of the output channel stalls under
   // The hold ends because the mirror left the channel, not because the secondary took its input.
   const afterGiveUp = src.stderr.slice(src.stderr.search(/ warn colo: the secondary took no byte/));
   assert.match(afterGiveUp.match(/ info colo: .*clients are read again/)?.[0] ?? '', /the mirror moved to the main channel \(the SVM output channel is gone\)/, src.stderr);
-  assert.equal(await client.command(['STRLEN', 'bulk'], 10000), value.length);
+  assert.equal(await client.command(['STRLEN', 'bulk'], 10000), bulk.valueBytes);
   assert.equal(await client.command(['GET', `k${i - 1}`], 10000), `v${i - 1}`);
   assert.equal(await src.migrationStatus(), 'colo');
   assertNoErrors(src, dst);
@@ -309,19 +326,7 @@ test('colo/channel: a checkpoint that takes longer than coloMirrorChannelStuckMs
   const pausedAt = performance.now();
   assert.ok(stop, 'the SVM paused for the checkpoint');
   // Bulk input meanwhile, far more than coloMirrorUnsentBytesMax: the mirror on the output channel is held.
-  const value = 'x'.repeat(512 * 1024);
-  const requests = 96;
-  const bulk = net.connect({ host: '127.0.0.1', port });
-  env.onCleanup(() => void bulk.destroy());
-  let replies = '';
-  bulk.on('data', (c: Buffer) => (replies += c.toString('latin1')));
-  bulk.on('error', () => undefined);
-  await new Promise<void>((resolve, reject) => {
-    bulk.once('connect', resolve);
-    bulk.once('error', reject);
-  });
-  const req = `*3\r\n$3\r\nSET\r\n$4\r\nbulk\r\n$${value.length}\r\n${value}\r\n`;
-  for (let k = 0; k < requests; k++) bulk.write(req);
+  const bulk = await bulkSets(env, port);
   await waitFor('the mirror on the output channel to be held', () => / info colo: the secondary has \d+ bytes of mirrored input unread/.test(src.stderr), 5000).catch(async (err: unknown) => {
     t.diagnostic(JSON.stringify(await counters()));
     t.diagnostic(src.stderr.slice(-3000));
@@ -333,11 +338,7 @@ test('colo/channel: a checkpoint that takes longer than coloMirrorChannelStuckMs
   await sleep(Math.max(0, pausedAt + limits.coloMirrorChannelStuckMs + 2000 - performance.now()));
   released = true;
   release();
-  const answered = (): number => replies.split('+OK\r\n').length - 1;
-  await waitFor(`every bulk SET to be answered (${answered()} of ${requests} so far)`, () => answered() === requests, 60000).catch(async (err: unknown) => {
-    t.diagnostic(JSON.stringify(await counters()));
-    throw err;
-  });
+  await bulk.allAnswered(async () => t.diagnostic(JSON.stringify(await counters())));
   const x = await counters();
   assert.equal(x['svm-output-channel-stalls'], 0, `the healthy output channel was given up (${JSON.stringify(x)})`);
   assert.equal(x['mirror-channel'], 'direct', JSON.stringify(x));

@@ -204,44 +204,29 @@ test('colo up: the driver\'s QMP connection to the primary is down while the pri
   await sup.line(new RegExp(`^pair: protected \\(primary pid ${primary}, secondary pid \\d+\\)$`), left.at + 1, 60000);
 });
 
-test("colo up: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on the heartbeat's connection), and the pair stops with the guest's status instead of failing over", async (t) => {
-  const env = new TestEnv(t);
-  // Accepts one client, then exits with status 3 (both replicas do).
-  const guest = exitOnConnectGuest(t, 3);
-  const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest);
-  // The supervisor cannot make its driver's connection to the primary again until it exits.
-  proxy.refuseControl = true;
-  proxy.cut(proxy.controls[0]!);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
+for (const heartbeat of [true, false]) {
+  const name = heartbeat
+    ? "colo up: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on the heartbeat's connection), and the pair stops with the guest's status instead of failing over"
+    : "colo up --heartbeat-timeout 0: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on a second connection that only listens), and the pair stops with the guest's status instead of failing over";
+  test(name, async (t) => {
+    const env = new TestEnv(t);
+    // Accepts one client, then exits with status 3 (both replicas do).
+    const guest = exitOnConnectGuest(t, 3);
+    const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest, heartbeat ? [] : ['--heartbeat-timeout', '0']);
+    if (!heartbeat) assert.equal(proxy.heartbeats.length, 0, `no heartbeat: nothing asks query-status; ${what()}`);
+    // The supervisor cannot make its driver's connection to the primary again until it exits.
+    proxy.refuseControl = true;
+    proxy.cut(proxy.controls[0]!);
+    const client = net.connect(port, '127.0.0.1');
+    client.on('error', () => undefined);
+    env.onCleanup(() => {
+      client.destroy();
+    });
+    await sup.waitExit(20000);
+    const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
+    assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
+    assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
+    if (!heartbeat) assert.equal(proxy.heartbeats.length, 0, `still no heartbeat; ${what()}`);
+    assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
   });
-  await sup.waitExit(20000);
-  const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
-  assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
-  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
-  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
-});
-
-test("colo up --heartbeat-timeout 0: the driver's QMP connection to the primary is down when its guest exits by itself: the guest's SHUTDOWN is still heard (on a second connection that only listens), and the pair stops with the guest's status instead of failing over", async (t) => {
-  const env = new TestEnv(t);
-  // Accepts one client, then exits with status 3 (both replicas do).
-  const guest = exitOnConnectGuest(t, 3);
-  const { sup, port, proxy, first, what } = await pairBehindProxy(env, null, 'vm1', guest, ['--heartbeat-timeout', '0']);
-  assert.equal(proxy.heartbeats.length, 0, `no heartbeat: nothing asks query-status; ${what()}`);
-  // The supervisor cannot make its driver's connection to the primary again until it exits.
-  proxy.refuseControl = true;
-  proxy.cut(proxy.controls[0]!);
-  const client = net.connect(port, '127.0.0.1');
-  client.on('error', () => undefined);
-  env.onCleanup(() => {
-    client.destroy();
-  });
-  await sup.waitExit(20000);
-  const lines = sup.lines.slice(first.at + 1).filter((l) => !/^pair: the guest of secondary \d+ exited \(exit code 3\)/.test(l));
-  assert.deepEqual(lines, ['pair: stopping (the guest exited)', 'pair: stopped'], what());
-  assert.equal(sup.exitCode, 3, `the guest's exit status; ${what()}`);
-  assert.equal(proxy.heartbeats.length, 0, `still no heartbeat; ${what()}`);
-  assert.deepEqual(pidsUsing(env.dir), [], 'no process of the pair is left');
-});
+}
