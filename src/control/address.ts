@@ -112,15 +112,25 @@ export async function listenOn(addressIn: SocketAddress | string, options: net.S
 
   let bound: SocketAddress = address;
   if (address.kind === 'unix') {
-    const ours = fs.statSync(address.path);
-    server.once('close', () => {
-      try {
-        const now = fs.lstatSync(address.path);
-        if (now.ino === ours.ino && now.dev === ours.dev) fs.unlinkSync(address.path);
-      } catch {
-        // Already gone (libuv unlinks it too): nothing to clean up.
-      }
-    });
+    // Moved away or replaced between the bind and here (a proxy put in front of it, a
+    // supervisor's relay): not a failure to listen, the socket is just no longer ours to remove.
+    let ours: fs.Stats | null = null;
+    try {
+      ours = fs.statSync(address.path);
+    } catch {
+      // Nothing of ours at the path to remove at close.
+    }
+    if (ours !== null) {
+      const mine = ours;
+      server.once('close', () => {
+        try {
+          const now = fs.lstatSync(address.path);
+          if (now.ino === mine.ino && now.dev === mine.dev) fs.unlinkSync(address.path);
+        } catch {
+          // Already gone (libuv unlinks it too): nothing to clean up.
+        }
+      });
+    }
   } else {
     const info = server.address();
     if (info !== null && typeof info === 'object') bound = { kind: 'tcp', host: address.host, port: info.port };

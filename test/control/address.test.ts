@@ -3,6 +3,7 @@ import { spawn, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
+import { createRequire, syncBuiltinESMExports } from 'node:module';
 import { test } from 'node:test';
 import { connectTo, formatAddress, listenOn, parseAddress } from '../../src/control/address.js';
 import { ChannelClosedError, UsageError } from '../../src/core/errors.js';
@@ -179,4 +180,40 @@ test('address: an aborted connect gives up at once (ChannelClosedError)', async 
   assert.ok(Date.now() - startedAt < 2000, 'given up long before the 10 s timeout');
   // An already aborted signal: refused before any socket is made.
   await assert.rejects(connectTo(`tcp:127.0.0.1:${port}`, 10000, undefined, ac.signal), ChannelClosedError);
+});
+
+test('address: a unix socket moved away between its bind and the listener looking at it (a proxy put in front) is no failure to listen: the process goes on, and close leaves the moved socket alone', async (t) => {
+  const dir = tempDir(t);
+  const sock = path.join(dir, 'moved.sock');
+  const moved = path.join(dir, 'behind-proxy.sock');
+  // The window between the bind and the stat, made certain: the socket is moved away there.
+  const cjsFs = createRequire(import.meta.url)('node:fs') as { statSync: typeof fs.statSync };
+  const real = cjsFs.statSync;
+  let movedAway = false;
+  cjsFs.statSync = ((p: fs.PathLike, ...rest: unknown[]) => {
+    if (p === sock && !movedAway) {
+      movedAway = true;
+      fs.renameSync(sock, moved);
+    }
+    return (real as (...a: unknown[]) => unknown)(p, ...rest);
+  }) as typeof fs.statSync;
+  syncBuiltinESMExports();
+  let l: Awaited<ReturnType<typeof listenOn>>;
+  try {
+    l = await listenOn({ kind: 'unix', path: sock });
+  } finally {
+    cjsFs.statSync = real;
+    syncBuiltinESMExports();
+  }
+  assert.ok(movedAway, 'the listener looked at its socket after the bind');
+  try {
+    // Still listening, reached where the socket was moved to.
+    const c = net.connect(moved);
+    c.setTimeout(5000, () => c.destroy(new Error('timed out connecting through the moved socket')));
+    await new Promise<void>((resolve, reject) => c.once('connect', resolve).once('error', reject));
+    c.destroy();
+  } finally {
+    await l.close();
+  }
+  assert.ok(fs.existsSync(moved), 'close does not remove a socket that is not at its path any more');
 });
